@@ -1,0 +1,20 @@
+// Compile-time limits, in one place.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace ef::limits {
+
+// A safetensors JSON header larger than this is rejected before it is read (HF's own cap).
+inline constexpr uint64_t kMaxSafetensorsHeaderBytes = 100ull << 20;
+inline constexpr int kMaxTensorRank = 8;
+inline constexpr int kMaxLayers = 1024;
+inline constexpr int kMaxExperts = 4096;
+inline constexpr int kMaxTopK = 64;
+inline constexpr int kMaxVocab = 1 << 22;
+
+static_assert(kMaxTopK <= kMaxExperts);
+static_assert(kMaxSafetensorsHeaderBytes < (1ull << 32));
+
+}  // namespace ef::limits
