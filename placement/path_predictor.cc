@@ -1,0 +1,517 @@
+#include "placement/path_predictor.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <thread>
+
+#include "placement/trace_inputs.h"
+#include "runtime/core/logging.h"
+
+namespace ef::placement {
+namespace {
+
+constexpr int kPosFeatures = 4;
+constexpr int kUnknownRow = 0;  // token not seen in training (or not recorded)
+constexpr int kNoneRow = 1;     // no previous token (start of sequence)
+
+// Portable deterministic random numbers (std distributions differ between standard libraries).
+class Rng {
+ public:
+  explicit Rng(uint64_t seed) : state_(seed * 0x9E3779B97F4A7C15ull + 0x632BE59BD9B4E019ull) {}
+  uint64_t Next() {  // splitmix64
+    uint64_t z = (state_ += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  }
+  double Uniform() { return static_cast<double>(Next() >> 11) * (1.0 / 9007199254740992.0); }
+  double Normal() {
+    double u1 = std::max(Uniform(), 1e-300), u2 = Uniform();
+    return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
+  }
+  size_t Below(size_t n) { return static_cast<size_t>(Next() % n); }
+
+ private:
+  uint64_t state_;
+};
+
+inline float Sigmoid(float z) { return 1.f / (1.f + std::exp(-z)); }
+
+// Top-k recall of prediction p (num_experts values) against the true experts.
+double RecallAtK(const float* p, int num_experts, const int16_t* truth, int k) {
+  std::vector<int> idx(num_experts);
+  std::iota(idx.begin(), idx.end(), 0);
+  std::partial_sort(idx.begin(), idx.begin() + k, idx.end(),
+                    [p](int a, int b) { return p[a] != p[b] ? p[a] > p[b] : a < b; });
+  int hit = 0;
+  for (int j = 0; j < k; ++j)
+    for (int i = 0; i < k; ++i) hit += idx[i] == truth[j];
+  return static_cast<double>(hit) / k;
+}
+
+}  // namespace
+
+struct PathPredictor::Example {
+  int tok = kUnknownRow;
+  int prev = kNoneRow;
+  std::vector<int> ctx;
+  float pos[kPosFeatures] = {};
+  const int16_t* experts = nullptr;  // [layer * top_k + j], training only
+};
+
+PathPredictor::PathPredictor(int num_layers, int num_experts, int top_k, const PathPredictorOptions& options,
+                             int vocab_rows)
+    : num_layers_(num_layers), num_experts_(num_experts), top_k_(top_k), options_(options), vocab_rows_(vocab_rows) {
+  const size_t d = options_.embed_dim, H = options_.hidden, V = vocab_rows_;
+  const size_t out = static_cast<size_t>(num_layers_) * num_experts_;
+  off_tok_ = 0;
+  off_prev_ = off_tok_ + V * d;
+  off_ctx_ = off_prev_ + V * d;
+  off_w1_ = off_ctx_ + V * d;
+  off_b1_ = off_w1_ + H * input_dim();
+  off_w2_ = off_b1_ + H;
+  off_b2_ = off_w2_ + out * H;
+  size_ = off_b2_ + out;
+  params_.assign(size_, 0.f);
+  popularity_.assign(out, 0.f);
+  trust_.assign(num_layers_, 1.f);
+}
+
+int PathPredictor::input_dim() const { return 3 * options_.embed_dim + kPosFeatures; }
+
+int PathPredictor::TokenIndex(int64_t token) const {
+  auto it = token_index_.find(token);
+  return it == token_index_.end() ? kUnknownRow : it->second;
+}
+
+PathPredictor::Example PathPredictor::MakeExample(const PredictorInput& in) const {
+  Example ex;
+  ex.tok = in.token < 0 ? kUnknownRow : TokenIndex(in.token);
+  const auto& c = in.context;
+  if (!c.empty()) ex.prev = c.back() < 0 ? kUnknownRow : TokenIndex(c.back());
+  for (int i = 0; i < options_.context_window && static_cast<size_t>(i) + 2 <= c.size(); ++i) {
+    int32_t t = c[c.size() - 2 - i];
+    ex.ctx.push_back(t < 0 ? kUnknownRow : TokenIndex(t));
+  }
+  const double pos = static_cast<double>(std::max<int64_t>(in.pos, 0));
+  ex.pos[0] = pos == 0 ? 1.f : 0.f;
+  ex.pos[1] = static_cast<float>(std::min(pos, 1024.0) / 1024.0);
+  ex.pos[2] = static_cast<float>(std::log1p(pos) / std::log1p(4096.0));
+  ex.pos[3] = static_cast<float>(1.0 / (1.0 + pos));
+  return ex;
+}
+
+void PathPredictor::Forward(const Example& ex, const float* P, float* x, float* h, float* z) const {
+  const int d = options_.embed_dim, H = options_.hidden, D = input_dim();
+  const int out = num_layers_ * num_experts_;
+  const float* te = P + off_tok_ + static_cast<size_t>(ex.tok) * d;
+  const float* pe = P + off_prev_ + static_cast<size_t>(ex.prev) * d;
+  for (int i = 0; i < d; ++i) {
+    x[i] = te[i];
+    x[d + i] = pe[i];
+    x[2 * d + i] = 0.f;
+  }
+  if (!ex.ctx.empty()) {
+    const float inv = 1.f / static_cast<float>(ex.ctx.size());
+    for (int r : ex.ctx) {
+      const float* ce = P + off_ctx_ + static_cast<size_t>(r) * d;
+      for (int i = 0; i < d; ++i) x[2 * d + i] += ce[i] * inv;
+    }
+  }
+  for (int i = 0; i < kPosFeatures; ++i) x[3 * d + i] = ex.pos[i];
+  const float* w1 = P + off_w1_;
+  const float* b1 = P + off_b1_;
+  for (int j = 0; j < H; ++j) {
+    const float* w = w1 + static_cast<size_t>(j) * D;
+    float s = b1[j];
+    for (int i = 0; i < D; ++i) s += w[i] * x[i];
+    h[j] = s > 0.f ? s : 0.f;
+  }
+  const float* w2 = P + off_w2_;
+  const float* b2 = P + off_b2_;
+  for (int o = 0; o < out; ++o) {
+    const float* w = w2 + static_cast<size_t>(o) * H;
+    float s = b2[o];
+    for (int j = 0; j < H; ++j) s += w[j] * h[j];
+    z[o] = s;
+  }
+}
+
+StatusOr<RoutingForecast> PathPredictor::Predict(std::span<const PredictorInput> batch) const {
+  RoutingForecast f(static_cast<int>(batch.size()), num_layers_, num_experts_);
+  std::vector<float> x(input_dim()), h(options_.hidden), z(static_cast<size_t>(num_layers_) * num_experts_);
+  for (size_t t = 0; t < batch.size(); ++t) {
+    Example ex = MakeExample(batch[t]);
+    Forward(ex, params_.data(), x.data(), h.data(), z.data());
+    for (int l = 0; l < num_layers_; ++l) {
+      float* row = f.row(static_cast<int>(t), l);
+      const float a = trust_[l];
+      for (int e = 0; e < num_experts_; ++e) {
+        const size_t o = static_cast<size_t>(l) * num_experts_ + e;
+        row[e] = a * Sigmoid(z[o]) + (1.f - a) * popularity_[o];
+      }
+    }
+  }
+  return f;
+}
+
+// Mini-batch gradient computation and Adam, split over a fixed number of threads.
+class PathPredictor::Trainer {
+ public:
+  explicit Trainer(PathPredictor* p) : p_(p), m_(p->size_, 0.f), v_(p->size_, 0.f) {
+    const int threads = std::max(1, p->options_.num_threads);
+    grads_.assign(threads, std::vector<float>(p->size_, 0.f));
+    losses_.assign(threads, 0.0);
+  }
+
+  // One Adam step on `batch`; returns the summed BCE over the batch's outputs.
+  double Step(const std::vector<Example>& batch) {
+    const int threads = static_cast<int>(grads_.size());
+    const size_t n = batch.size();
+    const float inv_b = 1.f / static_cast<float>(n);
+    auto work = [&](int t) {
+      std::vector<float>& g = grads_[t];
+      std::fill(g.begin(), g.end(), 0.f);
+      losses_[t] = 0.0;
+      const size_t lo = n * t / threads, hi = n * (t + 1) / threads;
+      for (size_t i = lo; i < hi; ++i) losses_[t] += Backward(batch[i], inv_b, g.data());
+    };
+    if (threads == 1) {
+      work(0);
+    } else {
+      std::vector<std::thread> pool;
+      for (int t = 1; t < threads; ++t) pool.emplace_back(work, t);
+      work(0);
+      for (auto& th : pool) th.join();
+    }
+    double loss = 0;
+    for (int t = 0; t < threads; ++t) loss += losses_[t];
+    for (int t = 1; t < threads; ++t)
+      for (size_t i = 0; i < p_->size_; ++i) grads_[0][i] += grads_[t][i];
+    Adam(grads_[0]);
+    return loss;
+  }
+
+ private:
+  double Backward(const Example& ex, float inv_b, float* g) {
+    const PathPredictor& P = *p_;
+    const int d = P.options_.embed_dim, H = P.options_.hidden, D = P.input_dim();
+    const int L = P.num_layers_, E = P.num_experts_, K = P.top_k_, out = L * E;
+    x_.resize(D);
+    h_.resize(H);
+    z_.resize(out);
+    dh_.assign(H, 0.f);
+    dx_.assign(D, 0.f);
+    y_.assign(out, 0.f);
+    for (int l = 0; l < L; ++l)
+      for (int j = 0; j < K; ++j) y_[static_cast<size_t>(l) * E + ex.experts[l * K + j]] = 1.f;
+    const float* params = P.params_.data();
+    P.Forward(ex, params, x_.data(), h_.data(), z_.data());
+    double loss = 0;
+    const float* w2 = params + P.off_w2_;
+    float* gw2 = g + P.off_w2_;
+    float* gb2 = g + P.off_b2_;
+    for (int o = 0; o < out; ++o) {
+      const float z = z_[o], y = y_[o];
+      // Stable BCE with logits: max(z,0) - z*y + log(1 + exp(-|z|)).
+      loss += std::max(z, 0.f) - z * y + std::log1p(std::exp(-std::fabs(z)));
+      const float dz = (Sigmoid(z) - y) * inv_b;
+      gb2[o] += dz;
+      const float* w = w2 + static_cast<size_t>(o) * H;
+      float* gw = gw2 + static_cast<size_t>(o) * H;
+      for (int j = 0; j < H; ++j) {
+        gw[j] += dz * h_[j];
+        dh_[j] += dz * w[j];
+      }
+    }
+    const float* w1 = params + P.off_w1_;
+    float* gw1 = g + P.off_w1_;
+    float* gb1 = g + P.off_b1_;
+    for (int j = 0; j < H; ++j) {
+      if (h_[j] <= 0.f) continue;
+      const float dh = dh_[j];
+      gb1[j] += dh;
+      const float* w = w1 + static_cast<size_t>(j) * D;
+      float* gw = gw1 + static_cast<size_t>(j) * D;
+      for (int i = 0; i < D; ++i) {
+        gw[i] += dh * x_[i];
+        dx_[i] += dh * w[i];
+      }
+    }
+    float* gt = g + P.off_tok_ + static_cast<size_t>(ex.tok) * d;
+    float* gp = g + P.off_prev_ + static_cast<size_t>(ex.prev) * d;
+    for (int i = 0; i < d; ++i) {
+      gt[i] += dx_[i];
+      gp[i] += dx_[d + i];
+    }
+    if (!ex.ctx.empty()) {
+      const float inv = 1.f / static_cast<float>(ex.ctx.size());
+      for (int r : ex.ctx) {
+        float* gc = g + P.off_ctx_ + static_cast<size_t>(r) * d;
+        for (int i = 0; i < d; ++i) gc[i] += dx_[2 * d + i] * inv;
+      }
+    }
+    return loss;
+  }
+
+  void Adam(const std::vector<float>& g) {
+    constexpr float b1 = 0.9f, b2 = 0.999f, eps = 1e-8f;
+    ++step_;
+    const float lr = static_cast<float>(p_->options_.learning_rate);
+    const float wd = static_cast<float>(p_->options_.weight_decay);
+    const float c1 = 1.f / (1.f - std::pow(b1, static_cast<float>(step_)));
+    const float c2 = 1.f / (1.f - std::pow(b2, static_cast<float>(step_)));
+    float* w = p_->params_.data();
+    for (size_t i = 0; i < p_->size_; ++i) {
+      const float gi = g[i] + wd * w[i];
+      m_[i] = b1 * m_[i] + (1.f - b1) * gi;
+      v_[i] = b2 * v_[i] + (1.f - b2) * gi * gi;
+      w[i] -= lr * (m_[i] * c1) / (std::sqrt(v_[i] * c2) + eps);
+    }
+  }
+
+  PathPredictor* p_;
+  std::vector<float> m_, v_;
+  std::vector<std::vector<float>> grads_;
+  std::vector<double> losses_;
+  int64_t step_ = 0;
+  // Per-call scratch; Backward runs on several threads, so these are thread_local below.
+  static thread_local std::vector<float> x_, h_, z_, dh_, dx_, y_;
+};
+
+thread_local std::vector<float> PathPredictor::Trainer::x_, PathPredictor::Trainer::h_, PathPredictor::Trainer::z_,
+    PathPredictor::Trainer::dh_, PathPredictor::Trainer::dx_, PathPredictor::Trainer::y_;
+
+StatusOr<std::unique_ptr<PathPredictor>> PathPredictor::Train(
+    const RoutingTrace& train, const RoutingTrace& val, const PathPredictorOptions& options,
+    const std::function<void(const PathEpochReport&)>& on_epoch) {
+  if (train.tokens.empty()) return InvalidArgument("cannot train a path predictor on an empty trace");
+  if (!val.tokens.empty())
+    EF_RETURN_IF_ERROR(CheckTraceShape(val, train.num_layers(), train.num_experts(), train.top_k()));
+  if (options.embed_dim < 1 || options.hidden < 1 || options.context_window < 0 || options.epochs < 1 ||
+      options.batch_size < 1 || !(options.learning_rate > 0) || options.token_dropout < 0 ||
+      options.token_dropout >= 1 || options.num_threads < 1 || options.num_threads > 64)
+    return InvalidArgument("path predictor options out of range");
+  const int L = train.num_layers(), E = train.num_experts(), K = train.top_k();
+
+  // Vocabulary: the token ids of the training split, in increasing order.
+  std::vector<int32_t> vocab;
+  for (const auto& t : train.tokens)
+    if (t.token >= 0) vocab.push_back(static_cast<int32_t>(t.token));
+  std::sort(vocab.begin(), vocab.end());
+  vocab.erase(std::unique(vocab.begin(), vocab.end()), vocab.end());
+  std::unique_ptr<PathPredictor> p(new PathPredictor(L, E, K, options, static_cast<int>(vocab.size()) + 2));
+  p->vocab_ = vocab;
+  for (size_t r = 0; r < vocab.size(); ++r) p->token_index_[vocab[r]] = static_cast<int>(r) + 2;
+
+  // Popularity (the blend target and the output bias initialisation).
+  std::vector<double> counts(static_cast<size_t>(L) * E, 0.0);
+  for (const auto& t : train.tokens)
+    for (int l = 0; l < L; ++l)
+      for (int j = 0; j < K; ++j) counts[static_cast<size_t>(l) * E + t.experts[l * K + j]] += 1.0;
+  const double n_train = static_cast<double>(train.tokens.size());
+  for (size_t o = 0; o < counts.size(); ++o)
+    p->popularity_[o] = static_cast<float>((counts[o] + static_cast<double>(K) / E) / (n_train + 1.0));
+
+  // Initialisation.
+  Rng rng(options.seed);
+  const int H = options.hidden, D = p->input_dim();
+  for (size_t i = p->off_tok_; i < p->off_w1_; ++i) p->params_[i] = static_cast<float>(0.1 * rng.Normal());
+  const double s1 = std::sqrt(2.0 / D), s2 = std::sqrt(1.0 / H);
+  for (size_t i = p->off_w1_; i < p->off_b1_; ++i) p->params_[i] = static_cast<float>(s1 * rng.Normal());
+  for (size_t i = p->off_w2_; i < p->off_b2_; ++i) p->params_[i] = static_cast<float>(0.5 * s2 * rng.Normal());
+  for (size_t o = 0; o < p->popularity_.size(); ++o) {
+    const double f = std::clamp(static_cast<double>(p->popularity_[o]), 1e-4, 1.0 - 1e-4);
+    p->params_[p->off_b2_ + o] = static_cast<float>(std::log(f / (1.0 - f)));
+  }
+
+  // Examples.
+  TraceInputs train_in(train), val_in(val);
+  std::vector<Example> train_ex, val_ex;
+  for (size_t i = 0; i < train.tokens.size(); ++i) {
+    train_ex.push_back(p->MakeExample(train_in.inputs()[i]));
+    train_ex.back().experts = train.tokens[i].experts.data();
+  }
+  for (size_t i = 0; i < val.tokens.size(); ++i) {
+    val_ex.push_back(p->MakeExample(val_in.inputs()[i]));
+    val_ex.back().experts = val.tokens[i].experts.data();
+  }
+
+  // Validation: mean BCE per output, and per-layer top-k recall of sigmoid(z) and of popularity.
+  const size_t out = static_cast<size_t>(L) * E;
+  std::vector<float> x(D), h(H), z(out), prob(out);
+  auto evaluate = [&](std::vector<double>* per_layer_z, const std::vector<float>* trust) {
+    double loss = 0;
+    per_layer_z->assign(L, 0.0);
+    for (const Example& ex : val_ex) {
+      p->Forward(ex, p->params_.data(), x.data(), h.data(), z.data());
+      std::vector<float> y(out, 0.f);
+      for (int l = 0; l < L; ++l)
+        for (int j = 0; j < K; ++j) y[static_cast<size_t>(l) * E + ex.experts[l * K + j]] = 1.f;
+      for (size_t o = 0; o < out; ++o) {
+        loss += std::max(z[o], 0.f) - z[o] * y[o] + std::log1p(std::exp(-std::fabs(z[o])));
+        const float a = trust ? (*trust)[o / E] : 1.f;
+        prob[o] = a * Sigmoid(z[o]) + (1.f - a) * p->popularity_[o];
+      }
+      for (int l = 0; l < L; ++l)
+        (*per_layer_z)[l] += RecallAtK(prob.data() + static_cast<size_t>(l) * E, E, ex.experts + l * K, K);
+    }
+    for (double& r : *per_layer_z) r /= std::max<size_t>(val_ex.size(), 1);
+    return loss / std::max<double>(1.0, static_cast<double>(val_ex.size() * out));
+  };
+
+  Trainer trainer(p.get());
+  std::vector<size_t> order(train_ex.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::vector<float> best_params = p->params_;
+  double best_recall = -1, best_loss = 1e300;
+  int since_best = 0;
+  for (int epoch = 1; epoch <= options.epochs; ++epoch) {
+    for (size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[rng.Below(i)]);
+    double loss = 0;
+    std::vector<Example> batch;
+    for (size_t b = 0; b < order.size(); b += options.batch_size) {
+      batch.clear();
+      for (size_t i = b; i < std::min(order.size(), b + options.batch_size); ++i) {
+        Example ex = train_ex[order[i]];
+        // Token dropout, drawn here (one thread) so results do not depend on the thread count.
+        if (rng.Uniform() < options.token_dropout) ex.tok = kUnknownRow;
+        if (ex.prev != kNoneRow && rng.Uniform() < options.token_dropout) ex.prev = kUnknownRow;
+        for (int& c : ex.ctx)
+          if (rng.Uniform() < options.token_dropout) c = kUnknownRow;
+        batch.push_back(std::move(ex));
+      }
+      loss += trainer.Step(batch);
+    }
+    PathEpochReport rep;
+    rep.epoch = epoch;
+    rep.train_loss = loss / static_cast<double>(train_ex.size() * out);
+    if (!val_ex.empty()) {
+      std::vector<double> per_layer;
+      rep.val_loss = evaluate(&per_layer, nullptr);
+      rep.val_recall = std::accumulate(per_layer.begin(), per_layer.end(), 0.0) / L;
+      if (rep.val_recall > best_recall + 1e-9 || (rep.val_recall > best_recall - 1e-9 && rep.val_loss < best_loss)) {
+        best_recall = rep.val_recall;
+        best_loss = rep.val_loss;
+        best_params = p->params_;
+        since_best = 0;
+        rep.best = true;
+      } else {
+        ++since_best;
+      }
+    } else {
+      best_params = p->params_;
+      rep.best = true;
+    }
+    EF_LOG(INFO, PLACE, "path predictor epoch %d: train loss %.5f val loss %.5f val recall %.4f", epoch, rep.train_loss,
+           rep.val_loss, rep.val_recall);
+    if (on_epoch) on_epoch(rep);
+    if (!val_ex.empty() && since_best >= options.patience) break;
+  }
+  p->params_ = best_params;
+
+  // Per-layer trust a_l: the blend of network and popularity with the best validation recall
+  // (ties go to the network).
+  if (!val_ex.empty()) {
+    std::vector<float> best_trust(L, 1.f);
+    std::vector<double> best_layer(L, -1.0);
+    for (int step = 10; step >= 0; --step) {
+      std::vector<float> trust(L, static_cast<float>(step) / 10.f);
+      std::vector<double> per_layer;
+      evaluate(&per_layer, &trust);
+      for (int l = 0; l < L; ++l)
+        if (per_layer[l] > best_layer[l] + 1e-9) {
+          best_layer[l] = per_layer[l];
+          best_trust[l] = trust[l];
+        }
+    }
+    p->trust_ = best_trust;
+  }
+  return p;
+}
+
+void PathPredictor::ToFile(PredictorFile* file, const std::string& prefix) const {
+  const int64_t V = vocab_rows_, d = options_.embed_dim, H = options_.hidden, D = input_dim();
+  const int64_t out = static_cast<int64_t>(num_layers_) * num_experts_;
+  auto slice = [&](size_t a, size_t b) { return std::vector<float>(params_.begin() + a, params_.begin() + b); };
+  file->tensors[prefix + "tok_emb"] = PredictorTensor::F32({V, d}, slice(off_tok_, off_prev_));
+  file->tensors[prefix + "prev_emb"] = PredictorTensor::F32({V, d}, slice(off_prev_, off_ctx_));
+  file->tensors[prefix + "ctx_emb"] = PredictorTensor::F32({V, d}, slice(off_ctx_, off_w1_));
+  file->tensors[prefix + "w1"] = PredictorTensor::F32({H, D}, slice(off_w1_, off_b1_));
+  file->tensors[prefix + "b1"] = PredictorTensor::F32({H}, slice(off_b1_, off_w2_));
+  file->tensors[prefix + "w2"] = PredictorTensor::F32({out, H}, slice(off_w2_, off_b2_));
+  file->tensors[prefix + "b2"] = PredictorTensor::F32({out}, slice(off_b2_, size_));
+  file->tensors[prefix + "vocab"] = PredictorTensor::I32({V - 2}, vocab_);
+  file->tensors[prefix + "popularity"] = PredictorTensor::F32({num_layers_, num_experts_}, popularity_);
+  file->tensors[prefix + "trust"] = PredictorTensor::F32({num_layers_}, trust_);
+  auto& m = file->metadata;
+  m[prefix + "embed_dim"] = std::to_string(options_.embed_dim);
+  m[prefix + "hidden"] = std::to_string(options_.hidden);
+  m[prefix + "context_window"] = std::to_string(options_.context_window);
+  m[prefix + "pos_features"] = std::to_string(kPosFeatures);
+  m[prefix + "epochs"] = std::to_string(options_.epochs);
+  m[prefix + "batch_size"] = std::to_string(options_.batch_size);
+  m[prefix + "learning_rate"] = std::to_string(options_.learning_rate);
+  m[prefix + "weight_decay"] = std::to_string(options_.weight_decay);
+  m[prefix + "token_dropout"] = std::to_string(options_.token_dropout);
+  m[prefix + "patience"] = std::to_string(options_.patience);
+  m[prefix + "seed"] = std::to_string(options_.seed);
+  m[prefix + "num_threads"] = std::to_string(options_.num_threads);
+}
+
+StatusOr<std::unique_ptr<PathPredictor>> PathPredictor::FromFile(const PredictorFile& file, const std::string& prefix,
+                                                                 int num_layers, int num_experts, int top_k,
+                                                                 const std::string& path) {
+  PathPredictorOptions o;
+  EF_ASSIGN_OR_RETURN(int64_t d, file.MetaInt(prefix + "embed_dim", path));
+  EF_ASSIGN_OR_RETURN(int64_t H, file.MetaInt(prefix + "hidden", path));
+  EF_ASSIGN_OR_RETURN(int64_t C, file.MetaInt(prefix + "context_window", path));
+  EF_ASSIGN_OR_RETURN(int64_t pf, file.MetaInt(prefix + "pos_features", path));
+  if (d < 1 || d > 4096 || H < 1 || H > 65536 || C < 0 || C > 4096)
+    return InvalidArgument("predictor file " + path + ": path predictor sizes out of range");
+  if (pf != kPosFeatures)
+    return InvalidArgument("predictor file " + path + ": " + std::to_string(pf) +
+                           " position features, this build uses " + std::to_string(kPosFeatures));
+  o.embed_dim = static_cast<int>(d);
+  o.hidden = static_cast<int>(H);
+  o.context_window = static_cast<int>(C);
+  // Training hyper-parameters are informational; absent or odd values keep the defaults.
+  if (auto v = file.MetaInt(prefix + "epochs", path); v.ok()) o.epochs = static_cast<int>(*v);
+  if (auto v = file.MetaInt(prefix + "seed", path); v.ok()) o.seed = static_cast<uint64_t>(*v);
+  if (auto v = file.MetaDouble(prefix + "learning_rate", path); v.ok()) o.learning_rate = *v;
+  auto vit = file.tensors.find(prefix + "vocab");
+  if (vit == file.tensors.end() || vit->second.dtype != "I32" || vit->second.shape.size() != 1)
+    return InvalidArgument("predictor file " + path + ": tensor \"" + prefix +
+                           "vocab\" missing or not a 1-D I32 tensor");
+  const int64_t V = vit->second.shape[0] + 2;
+  std::unique_ptr<PathPredictor> p(new PathPredictor(num_layers, num_experts, top_k, o, static_cast<int>(V)));
+  const int64_t D = p->input_dim(), out = static_cast<int64_t>(num_layers) * num_experts;
+  struct Block {
+    const char* name;
+    std::vector<int64_t> shape;
+    size_t offset;
+  };
+  for (const Block& b :
+       {Block{"tok_emb", {V, d}, p->off_tok_}, Block{"prev_emb", {V, d}, p->off_prev_},
+        Block{"ctx_emb", {V, d}, p->off_ctx_}, Block{"w1", {H, D}, p->off_w1_}, Block{"b1", {H}, p->off_b1_},
+        Block{"w2", {out, H}, p->off_w2_}, Block{"b2", {out}, p->off_b2_}}) {
+    EF_ASSIGN_OR_RETURN(const PredictorTensor* t, file.Tensor(prefix + b.name, "F32", b.shape, path));
+    std::copy(t->f32.begin(), t->f32.end(), p->params_.begin() + b.offset);
+  }
+  EF_ASSIGN_OR_RETURN(const PredictorTensor* pop,
+                      file.Tensor(prefix + "popularity", "F32", {num_layers, num_experts}, path));
+  EF_ASSIGN_OR_RETURN(const PredictorTensor* trust, file.Tensor(prefix + "trust", "F32", {num_layers}, path));
+  p->popularity_ = pop->f32;
+  p->trust_ = trust->f32;
+  p->vocab_ = vit->second.i32;
+  for (size_t r = 0; r < p->vocab_.size(); ++r) {
+    if (!p->token_index_.emplace(p->vocab_[r], static_cast<int>(r) + 2).second)
+      return InvalidArgument("predictor file " + path + ": duplicate token id in the vocabulary");
+  }
+  for (float v : p->params_)
+    if (!std::isfinite(v)) return InvalidArgument("predictor file " + path + ": non-finite parameter");
+  return p;
+}
+
+}  // namespace ef::placement
