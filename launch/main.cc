@@ -6,9 +6,10 @@
 #include "runtime/core/build_info.h"
 
 int main(int argc, char** argv) {
-  CLI::App app{"ExpertFlow: a Mixture-of-Experts inference and serving runtime.\n"
-               "Run `expertflow <command> --help` for the options of a command.",
-               "expertflow"};
+  CLI::App app{
+      "ExpertFlow: a Mixture-of-Experts inference and serving runtime.\n"
+      "Run `expertflow <command> --help` for the options of a command.",
+      "expertflow"};
   app.set_version_flag("--version", std::string(EF_VERSION_STRING " (" EF_GIT_SHA ")"));
   app.require_subcommand(1);
   using ef::launch::Command;

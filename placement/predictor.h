@@ -20,9 +20,9 @@ namespace ef::placement {
 struct PredictorInput {
   int64_t seq = 0;
   int64_t pos = 0;
-  int64_t token = -1;                  // token id, -1 when unknown
-  std::span<const int32_t> context;    // preceding token ids of the sequence (may be empty)
-  std::span<const float> embedding;    // the served model's input embedding of `token` (may be empty)
+  int64_t token = -1;                // token id, -1 when unknown
+  std::span<const int32_t> context;  // preceding token ids of the sequence (may be empty)
+  std::span<const float> embedding;  // the served model's input embedding of `token` (may be empty)
 };
 
 class Predictor {

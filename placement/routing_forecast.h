@@ -18,7 +18,9 @@ struct RoutingForecast {
 
   RoutingForecast() = default;
   RoutingForecast(int tokens, int layers, int experts)
-      : num_tokens(tokens), num_layers(layers), num_experts(experts),
+      : num_tokens(tokens),
+        num_layers(layers),
+        num_experts(experts),
         prob(static_cast<size_t>(tokens) * layers * experts, 0.f) {}
 
   float* row(int token, int layer) {

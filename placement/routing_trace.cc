@@ -30,8 +30,9 @@ StatusOr<TraceHeader> ParseHeader(const json& j, const std::string& path) {
       return LineError(path, 1, std::string("header field \"") + key + "\" missing or not an integer");
     int64_t v = j[key].get<int64_t>();
     if (v < 1 || v > max)
-      return LineError(path, 1, std::string("header field \"") + key + "\" = " + std::to_string(v) +
-                                    " out of range [1, " + std::to_string(max) + "]");
+      return LineError(path, 1,
+                       std::string("header field \"") + key + "\" = " + std::to_string(v) + " out of range [1, " +
+                           std::to_string(max) + "]");
     *field = static_cast<int>(v);
   }
   if (h.top_k > h.num_experts) return LineError(path, 1, "header top_k exceeds num_experts");
@@ -61,21 +62,22 @@ Status ParseToken(const json& j, const TraceHeader& h, const std::string& path, 
     return LineError(path, line_no, "\"experts\" missing or not an array");
   const json& ex = j["experts"];
   if (ex.size() != static_cast<size_t>(h.num_layers))
-    return LineError(path, line_no,
-                     "\"experts\" has " + std::to_string(ex.size()) + " layers, header says " +
-                         std::to_string(h.num_layers));
+    return LineError(
+        path, line_no,
+        "\"experts\" has " + std::to_string(ex.size()) + " layers, header says " + std::to_string(h.num_layers));
   out->experts.assign(static_cast<size_t>(h.num_layers) * h.top_k, 0);
   for (int l = 0; l < h.num_layers; ++l) {
     const json& row = ex[l];
     if (!row.is_array() || row.size() != static_cast<size_t>(h.top_k))
-      return LineError(path, line_no, "layer " + std::to_string(l) + " does not list top_k=" +
-                                          std::to_string(h.top_k) + " experts");
+      return LineError(path, line_no,
+                       "layer " + std::to_string(l) + " does not list top_k=" + std::to_string(h.top_k) + " experts");
     for (int k = 0; k < h.top_k; ++k) {
       if (!row[k].is_number_integer()) return LineError(path, line_no, "expert id is not an integer");
       int64_t e = row[k].get<int64_t>();
       if (e < 0 || e >= h.num_experts)
-        return LineError(path, line_no, "expert id " + std::to_string(e) + " at layer " + std::to_string(l) +
-                                            " out of range [0, " + std::to_string(h.num_experts) + ")");
+        return LineError(path, line_no,
+                         "expert id " + std::to_string(e) + " at layer " + std::to_string(l) + " out of range [0, " +
+                             std::to_string(h.num_experts) + ")");
       out->experts[static_cast<size_t>(l) * h.top_k + k] = static_cast<int16_t>(e);
     }
   }
@@ -141,9 +143,15 @@ Status WriteRoutingTrace(const RoutingTrace& trace, const std::string& path) {
   std::ofstream out(path);
   if (!out) return InvalidArgument("cannot write routing trace " + path);
   const auto& h = trace.header;
-  json header = {{"format", "moe-routing-trace"}, {"version", 1},           {"model", h.model},
-                 {"num_layers", h.num_layers},    {"num_experts", h.num_experts}, {"top_k", h.top_k},
-                 {"phase", h.phase},              {"dataset", h.dataset},   {"source", h.source}};
+  json header = {{"format", "moe-routing-trace"},
+                 {"version", 1},
+                 {"model", h.model},
+                 {"num_layers", h.num_layers},
+                 {"num_experts", h.num_experts},
+                 {"top_k", h.top_k},
+                 {"phase", h.phase},
+                 {"dataset", h.dataset},
+                 {"source", h.source}};
   out << header.dump() << "\n";
   for (const auto& t : trace.tokens) {
     json j;

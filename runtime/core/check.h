@@ -8,14 +8,16 @@ namespace ef::detail {
 [[noreturn]] void CheckFailed(const char* expr, const char* file, int line, const char* msg);
 }  // namespace ef::detail
 
-#define EF_CHECK(cond)                                                              \
-  do {                                                                              \
-    if (!(cond)) [[unlikely]] ::ef::detail::CheckFailed(#cond, __FILE__, __LINE__, ""); \
+#define EF_CHECK(cond)                                          \
+  do {                                                          \
+    if (!(cond)) [[unlikely]]                                   \
+      ::ef::detail::CheckFailed(#cond, __FILE__, __LINE__, ""); \
   } while (0)
 
-#define EF_CHECK_MSG(cond, msg)                                                      \
-  do {                                                                               \
-    if (!(cond)) [[unlikely]] ::ef::detail::CheckFailed(#cond, __FILE__, __LINE__, msg); \
+#define EF_CHECK_MSG(cond, msg)                                  \
+  do {                                                           \
+    if (!(cond)) [[unlikely]]                                    \
+      ::ef::detail::CheckFailed(#cond, __FILE__, __LINE__, msg); \
   } while (0)
 
 #ifdef NDEBUG

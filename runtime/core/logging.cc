@@ -62,11 +62,16 @@ struct SubsysFilter {
 
 const char* LevelName(Level l) {
   switch (l) {
-    case Level::kError: return "ERROR";
-    case Level::kWarn: return "WARN";
-    case Level::kInfo: return "INFO";
-    case Level::kDebug: return "DEBUG";
-    case Level::kTrace: return "TRACE";
+    case Level::kError:
+      return "ERROR";
+    case Level::kWarn:
+      return "WARN";
+    case Level::kInfo:
+      return "INFO";
+    case Level::kDebug:
+      return "DEBUG";
+    case Level::kTrace:
+      return "TRACE";
   }
   return "?";
 }

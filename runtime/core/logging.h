@@ -28,9 +28,9 @@ namespace ef {
 std::string LogPrefix();
 }
 
-#define EF_LOG(LEVEL, SUBSYS, ...)                                                            \
-  do {                                                                                        \
-    if (::ef::log::Enabled(::ef::log::k##LEVEL##_EF, #SUBSYS))                          \
+#define EF_LOG(LEVEL, SUBSYS, ...)                                                          \
+  do {                                                                                      \
+    if (::ef::log::Enabled(::ef::log::k##LEVEL##_EF, #SUBSYS))                              \
       ::ef::log::Write(::ef::log::k##LEVEL##_EF, #SUBSYS, __FILE__, __LINE__, __VA_ARGS__); \
   } while (0)
 

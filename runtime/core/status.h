@@ -16,16 +16,16 @@ namespace ef {
 
 enum class StatusCode {
   kOk = 0,
-  kInvalidArgument,   // the caller (user input, config, file contents) is wrong
-  kNotFound,          // a named thing (file, tensor, key) is absent
-  kOutOfRange,        // an index or size past a bound
+  kInvalidArgument,  // the caller (user input, config, file contents) is wrong
+  kNotFound,         // a named thing (file, tensor, key) is absent
+  kOutOfRange,       // an index or size past a bound
   kFailedPrecondition,
-  kUnimplemented,     // valid request the runtime does not support (e.g. model type)
-  kResourceExhausted, // out of memory / budget
-  kDeadlineExceeded,  // a wait timed out (names the peer)
-  kUnavailable,       // a peer died or a device is missing
-  kInternal,          // a bug or a foreign library error
-  kDataLoss,          // truncated or corrupt file
+  kUnimplemented,      // valid request the runtime does not support (e.g. model type)
+  kResourceExhausted,  // out of memory / budget
+  kDeadlineExceeded,   // a wait timed out (names the peer)
+  kUnavailable,        // a peer died or a device is missing
+  kInternal,           // a bug or a foreign library error
+  kDataLoss,           // truncated or corrupt file
 };
 
 const char* StatusCodeName(StatusCode code);
@@ -86,9 +86,18 @@ class [[nodiscard]] StatusOr {
   const Status& status() const& { return status_; }
   Status status() && { return std::move(status_); }
 
-  T& value() & { CheckOk(); return *value_; }
-  const T& value() const& { CheckOk(); return *value_; }
-  T&& value() && { CheckOk(); return std::move(*value_); }
+  T& value() & {
+    CheckOk();
+    return *value_;
+  }
+  const T& value() const& {
+    CheckOk();
+    return *value_;
+  }
+  T&& value() && {
+    CheckOk();
+    return std::move(*value_);
+  }
   T& operator*() & { return value(); }
   const T& operator*() const& { return value(); }
   T&& operator*() && { return std::move(*this).value(); }
@@ -114,18 +123,17 @@ void StatusOr<T>::CheckOk() const {
 #define EF_STATUS_CONCAT_(a, b) EF_STATUS_CONCAT_INNER_(a, b)
 
 // Returns the Status of `expr` from the enclosing function if it is an error.
-#define EF_RETURN_IF_ERROR(expr)                                   \
-  do {                                                             \
-    ::ef::Status ef_status_ = (expr);                              \
-    if (!ef_status_.ok()) {                                        \
-      ef_status_.AddTrace(__FILE__, __LINE__);                     \
-      return ef_status_;                                           \
-    }                                                              \
+#define EF_RETURN_IF_ERROR(expr)               \
+  do {                                         \
+    ::ef::Status ef_status_ = (expr);          \
+    if (!ef_status_.ok()) {                    \
+      ef_status_.AddTrace(__FILE__, __LINE__); \
+      return ef_status_;                       \
+    }                                          \
   } while (0)
 
 // `EF_ASSIGN_OR_RETURN(auto x, MakeX());` declares x from a StatusOr or returns its error.
-#define EF_ASSIGN_OR_RETURN(lhs, expr) \
-  EF_ASSIGN_OR_RETURN_IMPL_(EF_STATUS_CONCAT_(ef_statusor_, __LINE__), lhs, expr)
+#define EF_ASSIGN_OR_RETURN(lhs, expr) EF_ASSIGN_OR_RETURN_IMPL_(EF_STATUS_CONCAT_(ef_statusor_, __LINE__), lhs, expr)
 #define EF_ASSIGN_OR_RETURN_IMPL_(tmp, lhs, expr) \
   auto tmp = (expr);                              \
   if (!tmp.ok()) {                                \

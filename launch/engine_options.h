@@ -1,0 +1,38 @@
+// Command-line flags shared by every command that loads a model.
+#pragma once
+
+#include <CLI/CLI.hpp>
+#include <string>
+
+#include "runtime/engine/engine.h"
+
+namespace ef::launch {
+
+inline constexpr const char* kDefaultModelDir = "models/tiny-code-moe";
+
+struct ModelFlags {
+  std::string dir = kDefaultModelDir;
+  std::string backend = "auto";
+  int device = 0;
+  int max_seq_len = 0;
+
+  void Register(CLI::App* app) {
+    app->add_option("--model,-m", dir, "Hugging Face checkpoint directory (config.json, *.safetensors)")
+        ->capture_default_str();
+    app->add_option("--backend", backend, "compute backend: auto (cuda when a GPU is visible), cuda or cpu")
+        ->check(CLI::IsMember({"auto", "cuda", "cpu"}))
+        ->capture_default_str();
+    app->add_option("--device", device, "GPU index for the cuda backend")->capture_default_str();
+    app->add_option("--max-seq-len", max_seq_len, "KV-cache capacity per sequence (0: the model's maximum)")
+        ->check(CLI::NonNegativeNumber);
+  }
+  runtime::EngineOptions ToEngineOptions() const {
+    runtime::EngineOptions e;
+    e.backend = backend;
+    e.device = device;
+    e.max_seq_len = max_seq_len;
+    return e;
+  }
+};
+
+}  // namespace ef::launch

@@ -1,0 +1,118 @@
+// Backend: the operations the engine needs, on memory the backend owns.
+//
+// The engine orchestrates; a backend computes. Every pointer an op takes is backend memory
+// (host memory for the CPU backend, device memory for CUDA) unless its name says Host.
+// Activations are fp32; weights may be F32, F16 or BF16 and are converted on use with fp32
+// accumulation. Ops are enqueued in order on the backend's compute stream; results are visible
+// to the host after CopyToHost (which synchronises). The CPU backend is the reference every other
+// backend is tested against. Not thread-safe: one engine drives one backend.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "runtime/core/dtype.h"
+#include "runtime/core/status.h"
+
+namespace ef::runtime {
+
+// A 2-D weight [rows, cols] (row-major, as in PyTorch's Linear: y = x W^T) or a 1-D vector
+// (rows = 1). `data` is backend memory; Weight does not own it.
+struct Weight {
+  DType dtype = DType::kF32;
+  const void* data = nullptr;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  size_t nbytes() const { return static_cast<size_t>(rows * cols) * DTypeSize(dtype); }
+  bool empty() const { return data == nullptr; }
+};
+
+class Backend;
+
+// Owns backend memory; frees it on destruction.
+class Buffer {
+ public:
+  Buffer() = default;
+  Buffer(Backend* backend, void* ptr, size_t bytes) : backend_(backend), ptr_(ptr), bytes_(bytes) {}
+  ~Buffer();
+  Buffer(Buffer&& o) noexcept { *this = std::move(o); }
+  Buffer& operator=(Buffer&& o) noexcept;
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+
+  void* data() const { return ptr_; }
+  float* f32() const { return static_cast<float*>(ptr_); }
+  int32_t* i32() const { return static_cast<int32_t*>(ptr_); }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  Backend* backend_ = nullptr;
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+enum class BackendKind { kCpu, kCuda };
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual BackendKind kind() const = 0;
+  virtual std::string name() const = 0;  // "cpu", "cuda:0 (NVIDIA H200)", ...
+
+  // --- memory ---
+  // Allocates zero-initialised memory; ResourceExhausted (naming the budget) when it cannot.
+  virtual StatusOr<Buffer> Allocate(size_t bytes) = 0;
+  virtual void Free(void* ptr, size_t bytes) = 0;
+  virtual void CopyToDevice(void* dst, const void* host_src, size_t bytes) = 0;
+  // Waits for all enqueued work, then copies.
+  virtual void CopyToHost(void* host_dst, const void* src, size_t bytes) = 0;
+  virtual void CopyOnDevice(void* dst, const void* src, size_t bytes) = 0;
+  virtual void Synchronize() = 0;
+  // Makes a checkpoint tensor (host bytes) usable by ops. CPU: the same bytes, no copy.
+  // CUDA: a device copy that the backend owns until it is destroyed.
+  virtual StatusOr<Weight> UploadWeight(DType dtype, const void* host_data, int64_t rows, int64_t cols) = 0;
+  // Bytes of backend memory in use (weights + buffers), for accounting.
+  virtual size_t bytes_in_use() const = 0;
+
+  // --- ops (enqueued in order) ---
+  // out[i, :] = table[ids[i], :]
+  virtual void Embed(const int32_t* ids, int n, const Weight& table, float* out) = 0;
+  // out = x / rms(x) * w over rows of length dim (w has dim elements). out may alias x.
+  virtual void RmsNorm(const float* x, int64_t rows, int dim, const Weight& w, float eps, float* out) = 0;
+  // y[m, n] = x[m, k] . w[n, k]^T (+ bias[n]) (+ y if accumulate).
+  virtual void Gemm(const float* x, int64_t m, const Weight& w, const Weight* bias, float* y, bool accumulate) = 0;
+  // Rotary embedding (rotate-half convention) in place on x[rows, num_heads * head_dim] at positions[rows].
+  virtual void Rope(float* x, const int32_t* positions, int64_t rows, int num_heads, int head_dim, float theta) = 0;
+  // Causal attention of one sequence: q[n_new, heads*hd] are the last n_new of n_total positions
+  // whose keys/values are k[n_total, kv_heads*hd], v[...]. out[n_new, heads*hd].
+  virtual void Attention(const float* q, int n_new, const float* k, const float* v, int n_total, int num_heads,
+                         int num_kv_heads, int head_dim, float* out) = 0;
+  // out[i] = silu(gate[i]) * up[i]
+  virtual void SiluMul(const float* gate, const float* up, float* out, int64_t n) = 0;
+  // y[i] += x[i]
+  virtual void Add(float* y, const float* x, int64_t n) = 0;
+  // x[i] = clamp(x[i], -c, c)
+  virtual void Clamp(float* x, int64_t n, float c) = 0;
+  // Router: softmax over each row of logits[rows, num_experts], top-k (highest first, ties to the
+  // lower id), weights renormalised to sum 1 when `renormalize`.
+  virtual void RouterTopK(const float* logits, int64_t rows, int num_experts, int k, bool renormalize, int32_t* ids,
+                          float* weights) = 0;
+  // dst[i, :] = src[idx[i], :]
+  virtual void GatherRows(const float* src, const int32_t* idx, int64_t n, int dim, float* dst) = 0;
+  // dst[idx[i], :] += scale[i] * src[i, :]   (idx distinct within one call)
+  virtual void ScatterAddRows(const float* src, const int32_t* idx, const float* scale, int64_t n, int dim,
+                              float* dst) = 0;
+  // dst[i, :] += sigmoid(gate_logit[i]) * src[i, :]   (Qwen2-MoE shared expert)
+  virtual void AddSigmoidGated(const float* src, const float* gate_logit, int64_t rows, int dim, float* dst) = 0;
+};
+
+StatusOr<std::unique_ptr<Backend>> MakeCpuBackend();
+// "cpu", "cuda" or "auto" (cuda when built with it and a GPU is visible, else cpu).
+StatusOr<std::unique_ptr<Backend>> MakeBackend(const std::string& name, int device = 0);
+// Defined by the CUDA backend when compiled in; the CPU build provides a stub that says why.
+StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(int device);
+bool CudaDeviceAvailable();
+
+}  // namespace ef::runtime

@@ -1,0 +1,225 @@
+#include "runtime/backend/cpu/cpu_backend.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+namespace ef::runtime {
+namespace {
+
+// Dot product with 8 independent accumulators so the compiler vectorises without -ffast-math.
+inline float Dot(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Row r of a weight as fp32: the stored row itself for F32, else converted into scratch.
+inline const float* WeightRow(const Weight& w, int64_t r, float* scratch) {
+  const size_t esz = DTypeSize(w.dtype);
+  const auto* p = static_cast<const std::byte*>(w.data) + static_cast<size_t>(r * w.cols) * esz;
+  if (w.dtype == DType::kF32) return reinterpret_cast<const float*>(p);
+  ConvertToF32(w.dtype, p, scratch, static_cast<size_t>(w.cols));
+  return scratch;
+}
+
+inline float VectorElement(const Weight& w, int64_t i) {
+  float v;
+  ConvertToF32(w.dtype, static_cast<const std::byte*>(w.data) + static_cast<size_t>(i) * DTypeSize(w.dtype), &v, 1);
+  return v;
+}
+
+}  // namespace
+
+std::string CpuBackend::name() const { return "cpu (" + std::to_string(pool_->num_threads()) + " threads)"; }
+
+StatusOr<Buffer> CpuBackend::Allocate(size_t bytes) {
+  size_t padded = (std::max<size_t>(bytes, 1) + 63) / 64 * 64;
+  void* p = std::aligned_alloc(64, padded);
+  if (!p) return ResourceExhausted("cpu backend: cannot allocate " + std::to_string(bytes) + " bytes of host memory");
+  std::memset(p, 0, padded);
+  bytes_in_use_ += padded;
+  return Buffer(this, p, bytes);
+}
+
+void CpuBackend::Free(void* ptr, size_t bytes) {
+  std::free(ptr);
+  bytes_in_use_ -= (std::max<size_t>(bytes, 1) + 63) / 64 * 64;
+}
+
+void CpuBackend::CopyToDevice(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
+void CpuBackend::CopyToHost(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
+void CpuBackend::CopyOnDevice(void* dst, const void* src, size_t bytes) { std::memmove(dst, src, bytes); }
+
+StatusOr<Weight> CpuBackend::UploadWeight(DType dtype, const void* host_data, int64_t rows, int64_t cols) {
+  if (!IsFloatWeight(dtype))
+    return InvalidArgument(std::string("cpu backend: weights must be F32, F16 or BF16, got ") + DTypeName(dtype));
+  return Weight{dtype, host_data, rows, cols};
+}
+
+void CpuBackend::Embed(const int32_t* ids, int n, const Weight& table, float* out) {
+  for (int i = 0; i < n; ++i) {
+    const size_t esz = DTypeSize(table.dtype);
+    ConvertToF32(table.dtype,
+                 static_cast<const std::byte*>(table.data) + static_cast<size_t>(ids[i]) * table.cols * esz,
+                 out + static_cast<size_t>(i) * table.cols, static_cast<size_t>(table.cols));
+  }
+}
+
+void CpuBackend::RmsNorm(const float* x, int64_t rows, int dim, const Weight& w, float eps, float* out) {
+  std::vector<float> wf(dim);
+  ConvertToF32(w.dtype, w.data, wf.data(), dim);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * dim;
+    float* yr = out + r * dim;
+    double ss = 0;
+    for (int i = 0; i < dim; ++i) ss += static_cast<double>(xr[i]) * xr[i];
+    float inv = 1.0f / std::sqrt(static_cast<float>(ss / dim) + eps);
+    for (int i = 0; i < dim; ++i) yr[i] = (xr[i] * inv) * wf[i];
+  }
+}
+
+void CpuBackend::Gemm(const float* x, int64_t m, const Weight& w, const Weight* bias, float* y, bool accumulate) {
+  const int64_t n = w.rows, k = w.cols;
+  // Each worker owns a block of output columns (weight rows): every weight byte is read once
+  // per call, which is what bounds decode; x rows stay in cache.
+  pool_->ParallelFor(
+      n,
+      [&](int64_t begin, int64_t end) {
+        std::vector<float> scratch(w.dtype == DType::kF32 ? 0 : static_cast<size_t>(k));
+        for (int64_t j = begin; j < end; ++j) {
+          const float* wr = WeightRow(w, j, scratch.data());
+          const float b = bias && !bias->empty() ? VectorElement(*bias, j) : 0.f;
+          for (int64_t i = 0; i < m; ++i) {
+            float v = Dot(x + i * k, wr, k) + b;
+            float& dst = y[i * n + j];
+            dst = accumulate ? dst + v : v;
+          }
+        }
+      },
+      /*min_chunk=*/16);
+}
+
+void CpuBackend::Rope(float* x, const int32_t* positions, int64_t rows, int num_heads, int head_dim, float theta) {
+  const int half = head_dim / 2;
+  std::vector<float> inv_freq(half);
+  for (int i = 0; i < half; ++i)
+    inv_freq[i] = 1.0f / std::pow(theta, static_cast<float>(2 * i) / static_cast<float>(head_dim));
+  std::vector<float> cs(half), sn(half);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int i = 0; i < half; ++i) {
+      float a = static_cast<float>(positions[r]) * inv_freq[i];
+      cs[i] = std::cos(a);
+      sn[i] = std::sin(a);
+    }
+    for (int h = 0; h < num_heads; ++h) {
+      float* v = x + (r * num_heads + h) * head_dim;
+      for (int i = 0; i < half; ++i) {
+        float a = v[i], b = v[i + half];
+        v[i] = a * cs[i] - b * sn[i];
+        v[i + half] = b * cs[i] + a * sn[i];
+      }
+    }
+  }
+}
+
+void CpuBackend::Attention(const float* q, int n_new, const float* k, const float* v, int n_total, int num_heads,
+                           int num_kv_heads, int head_dim, float* out) {
+  const int group = num_heads / num_kv_heads;
+  const int q_stride = num_heads * head_dim, kv_stride = num_kv_heads * head_dim;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  const int offset = n_total - n_new;
+  pool_->ParallelFor(static_cast<int64_t>(num_heads) * n_new, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(n_total);
+    for (int64_t job = begin; job < end; ++job) {
+      const int h = static_cast<int>(job / n_new), i = static_cast<int>(job % n_new);
+      const int kvh = h / group;
+      const float* qi = q + static_cast<int64_t>(i) * q_stride + h * head_dim;
+      const int visible = offset + i + 1;  // causal: positions 0..offset+i
+      float mx = -INFINITY;
+      for (int t = 0; t < visible; ++t) {
+        scores[t] = Dot(qi, k + static_cast<int64_t>(t) * kv_stride + kvh * head_dim, head_dim) * scale;
+        mx = std::max(mx, scores[t]);
+      }
+      float sum = 0;
+      for (int t = 0; t < visible; ++t) sum += (scores[t] = std::exp(scores[t] - mx));
+      float* o = out + static_cast<int64_t>(i) * q_stride + h * head_dim;
+      std::fill(o, o + head_dim, 0.f);
+      for (int t = 0; t < visible; ++t) {
+        const float p = scores[t] / sum;
+        const float* vt = v + static_cast<int64_t>(t) * kv_stride + kvh * head_dim;
+        for (int d = 0; d < head_dim; ++d) o[d] += p * vt[d];
+      }
+    }
+  });
+}
+
+void CpuBackend::SiluMul(const float* gate, const float* up, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    float g = gate[i];
+    out[i] = g / (1.0f + std::exp(-g)) * up[i];
+  }
+}
+
+void CpuBackend::Add(float* y, const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += x[i];
+}
+
+void CpuBackend::Clamp(float* x, int64_t n, float c) {
+  for (int64_t i = 0; i < n; ++i) x[i] = std::clamp(x[i], -c, c);
+}
+
+void CpuBackend::RouterTopK(const float* logits, int64_t rows, int num_experts, int k, bool renormalize, int32_t* ids,
+                            float* weights) {
+  std::vector<float> p(num_experts);
+  std::vector<int> order(num_experts);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* l = logits + r * num_experts;
+    float mx = *std::max_element(l, l + num_experts);
+    float sum = 0;
+    for (int e = 0; e < num_experts; ++e) sum += (p[e] = std::exp(l[e] - mx));
+    for (int e = 0; e < num_experts; ++e) p[e] /= sum;
+    std::iota(order.begin(), order.end(), 0);
+    std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                      [&](int a, int b) { return p[a] != p[b] ? p[a] > p[b] : a < b; });
+    float top = 0;
+    for (int j = 0; j < k; ++j) top += p[order[j]];
+    for (int j = 0; j < k; ++j) {
+      ids[r * k + j] = order[j];
+      weights[r * k + j] = renormalize ? p[order[j]] / top : p[order[j]];
+    }
+  }
+}
+
+void CpuBackend::GatherRows(const float* src, const int32_t* idx, int64_t n, int dim, float* dst) {
+  for (int64_t i = 0; i < n; ++i)
+    std::memcpy(dst + i * dim, src + static_cast<int64_t>(idx[i]) * dim, sizeof(float) * dim);
+}
+
+void CpuBackend::ScatterAddRows(const float* src, const int32_t* idx, const float* scale, int64_t n, int dim,
+                                float* dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    float* d = dst + static_cast<int64_t>(idx[i]) * dim;
+    const float* s = src + i * dim;
+    const float c = scale[i];
+    for (int j = 0; j < dim; ++j) d[j] += c * s[j];
+  }
+}
+
+void CpuBackend::AddSigmoidGated(const float* src, const float* gate_logit, int64_t rows, int dim, float* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float g = 1.0f / (1.0f + std::exp(-gate_logit[r]));
+    for (int j = 0; j < dim; ++j) dst[r * dim + j] += g * src[r * dim + j];
+  }
+}
+
+StatusOr<std::unique_ptr<Backend>> MakeCpuBackend() { return std::unique_ptr<Backend>(std::make_unique<CpuBackend>()); }
+
+}  // namespace ef::runtime

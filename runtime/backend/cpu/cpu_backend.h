@@ -1,0 +1,49 @@
+// The CPU backend: the reference implementation of every op (fp32 math, weights converted on
+// use), parallelised over the process thread pool (EF_NUM_THREADS).
+#pragma once
+
+#include <atomic>
+
+#include "runtime/backend/backend.h"
+#include "runtime/core/thread_pool.h"
+
+namespace ef::runtime {
+
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(ThreadPool* pool = &ThreadPool::Default()) : pool_(pool) {}
+
+  BackendKind kind() const override { return BackendKind::kCpu; }
+  std::string name() const override;
+
+  StatusOr<Buffer> Allocate(size_t bytes) override;
+  void Free(void* ptr, size_t bytes) override;
+  void CopyToDevice(void* dst, const void* host_src, size_t bytes) override;
+  void CopyToHost(void* host_dst, const void* src, size_t bytes) override;
+  void CopyOnDevice(void* dst, const void* src, size_t bytes) override;
+  void Synchronize() override {}
+  StatusOr<Weight> UploadWeight(DType dtype, const void* host_data, int64_t rows, int64_t cols) override;
+  size_t bytes_in_use() const override { return bytes_in_use_.load(); }
+
+  void Embed(const int32_t* ids, int n, const Weight& table, float* out) override;
+  void RmsNorm(const float* x, int64_t rows, int dim, const Weight& w, float eps, float* out) override;
+  void Gemm(const float* x, int64_t m, const Weight& w, const Weight* bias, float* y, bool accumulate) override;
+  void Rope(float* x, const int32_t* positions, int64_t rows, int num_heads, int head_dim, float theta) override;
+  void Attention(const float* q, int n_new, const float* k, const float* v, int n_total, int num_heads,
+                 int num_kv_heads, int head_dim, float* out) override;
+  void SiluMul(const float* gate, const float* up, float* out, int64_t n) override;
+  void Add(float* y, const float* x, int64_t n) override;
+  void Clamp(float* x, int64_t n, float c) override;
+  void RouterTopK(const float* logits, int64_t rows, int num_experts, int k, bool renormalize, int32_t* ids,
+                  float* weights) override;
+  void GatherRows(const float* src, const int32_t* idx, int64_t n, int dim, float* dst) override;
+  void ScatterAddRows(const float* src, const int32_t* idx, const float* scale, int64_t n, int dim,
+                      float* dst) override;
+  void AddSigmoidGated(const float* src, const float* gate_logit, int64_t rows, int dim, float* dst) override;
+
+ private:
+  ThreadPool* pool_;
+  std::atomic<size_t> bytes_in_use_{0};
+};
+
+}  // namespace ef::runtime

@@ -1,0 +1,297 @@
+#include "runtime/engine/engine.h"
+
+#include <algorithm>
+#include <numeric>
+
+#include "runtime/core/check.h"
+#include "runtime/core/logging.h"
+
+namespace ef::runtime {
+namespace {
+// Scratch slots: each holds one activation buffer reused across layers and calls.
+enum ScratchSlot {
+  kResid,
+  kNormed,
+  kQ,
+  kK,
+  kV,
+  kAttn,
+  kTmp,
+  kMoeOut,
+  kRouterLogits,
+  kRouterIds,
+  kRouterW,
+  kGathered,
+  kGate,
+  kUp,
+  kExpertOut,
+  kPerm,
+  kScale,
+  kPositions,
+  kTokens,
+  kFinal,
+  kLogits,
+  kSharedGate,
+  kNumSlots
+};
+}  // namespace
+
+Engine::~Engine() {
+  // Buffers free through the backend: release them before it goes.
+  seqs_.clear();
+  scratch_.clear();
+  resident_.reset();
+  weights_.reset();
+  backend_.reset();
+}
+
+StatusOr<std::unique_ptr<Engine>> Engine::Create(const std::string& model_dir, const EngineOptions& options) {
+  auto e = std::unique_ptr<Engine>(new Engine());
+  EF_ASSIGN_OR_RETURN(e->backend_, MakeBackend(options.backend, options.device));
+  EF_ASSIGN_OR_RETURN(e->weights_, ModelWeights::Load(model_dir, e->backend_.get()));
+  EF_ASSIGN_OR_RETURN(e->resident_, ResidentExpertSource::Create(*e->weights_, e->backend_.get()));
+  e->expert_source_ = e->resident_.get();
+  e->max_seq_len_ = options.max_seq_len > 0 ? options.max_seq_len : e->config().max_position_embeddings;
+  e->scratch_.resize(kNumSlots);
+  EF_LOG(INFO, ENGINE, "engine ready on %s, kv capacity %d tokens per sequence", e->backend_->name().c_str(),
+         e->max_seq_len_);
+  return e;
+}
+
+float* Engine::Scratch(int slot, size_t floats) {
+  Buffer& b = scratch_[slot];
+  const size_t bytes = std::max<size_t>(floats, 1) * sizeof(float);
+  if (b.bytes() < bytes) {
+    auto nb = backend_->Allocate(bytes + bytes / 2);
+    EF_CHECK_MSG(nb.ok(), "scratch allocation failed");
+    b = std::move(nb).value();
+  }
+  return b.f32();
+}
+
+Status Engine::AddSequence(int64_t seq) {
+  if (seqs_.count(seq)) return InvalidArgument("sequence " + std::to_string(seq) + " already exists");
+  Sequence s;
+  const ModelConfig& c = config();
+  const size_t bytes = static_cast<size_t>(max_seq_len_) * c.kv_dim() * sizeof(float);
+  for (int l = 0; l < c.num_layers; ++l) {
+    EF_ASSIGN_OR_RETURN(Buffer k, backend_->Allocate(bytes));
+    EF_ASSIGN_OR_RETURN(Buffer v, backend_->Allocate(bytes));
+    s.k.push_back(std::move(k));
+    s.v.push_back(std::move(v));
+  }
+  seqs_.emplace(seq, std::move(s));
+  return Status::Ok();
+}
+
+void Engine::RemoveSequence(int64_t seq) { seqs_.erase(seq); }
+
+int Engine::SequenceLength(int64_t seq) const {
+  auto it = seqs_.find(seq);
+  return it == seqs_.end() ? 0 : it->second.length;
+}
+
+Status Engine::Mlp(const ExpertWeights& w, int64_t rows, const float* x, float* out) {
+  const int64_t inter = w.gate.rows;
+  float* g = Scratch(kGate, static_cast<size_t>(rows * inter));
+  float* u = Scratch(kUp, static_cast<size_t>(rows * inter));
+  backend_->Gemm(x, rows, w.gate, nullptr, g, false);
+  backend_->Gemm(x, rows, w.up, nullptr, u, false);
+  backend_->SiluMul(g, u, g, rows * inter);
+  backend_->Gemm(g, rows, w.down, nullptr, out, false);
+  return Status::Ok();
+}
+
+Status Engine::Attention(int layer, std::span<const SeqChunk> batch, const int32_t* positions_dev, int64_t T) {
+  const ModelConfig& c = config();
+  const LayerWeights& L = weights_->layer(layer);
+  const int qd = c.q_dim(), kvd = c.kv_dim();
+  float* h = Scratch(kNormed, T * c.hidden_size);
+  float* q = Scratch(kQ, T * qd);
+  float* k = Scratch(kK, T * kvd);
+  float* v = Scratch(kV, T * kvd);
+  backend_->Gemm(h, T, L.q, c.qkv_bias ? &L.q_bias : nullptr, q, false);
+  backend_->Gemm(h, T, L.k, c.qkv_bias ? &L.k_bias : nullptr, k, false);
+  backend_->Gemm(h, T, L.v, c.qkv_bias ? &L.v_bias : nullptr, v, false);
+  if (c.clip_qkv > 0) {
+    backend_->Clamp(q, T * qd, c.clip_qkv);
+    backend_->Clamp(k, T * kvd, c.clip_qkv);
+    backend_->Clamp(v, T * kvd, c.clip_qkv);
+  }
+  if (c.qk_norm == QkNorm::kFull) {
+    backend_->RmsNorm(q, T, qd, L.q_norm, c.rms_norm_eps, q);
+    backend_->RmsNorm(k, T, kvd, L.k_norm, c.rms_norm_eps, k);
+  } else if (c.qk_norm == QkNorm::kPerHead) {
+    backend_->RmsNorm(q, T * c.num_heads, c.head_dim, L.q_norm, c.rms_norm_eps, q);
+    backend_->RmsNorm(k, T * c.num_kv_heads, c.head_dim, L.k_norm, c.rms_norm_eps, k);
+  }
+  backend_->Rope(q, positions_dev, T, c.num_heads, c.head_dim, c.rope_theta);
+  backend_->Rope(k, positions_dev, T, c.num_kv_heads, c.head_dim, c.rope_theta);
+  float* attn = Scratch(kAttn, T * qd);
+  int64_t row = 0;
+  for (const SeqChunk& chunk : batch) {
+    Sequence& s = seqs_.at(chunk.seq);
+    const int n = static_cast<int>(chunk.tokens.size());
+    float* kc = s.k[layer].f32() + static_cast<size_t>(s.length) * kvd;
+    float* vc = s.v[layer].f32() + static_cast<size_t>(s.length) * kvd;
+    backend_->CopyOnDevice(kc, k + row * kvd, sizeof(float) * n * kvd);
+    backend_->CopyOnDevice(vc, v + row * kvd, sizeof(float) * n * kvd);
+    backend_->Attention(q + row * qd, n, s.k[layer].f32(), s.v[layer].f32(), s.length + n, c.num_heads, c.num_kv_heads,
+                        c.head_dim, attn + row * qd);
+    row += n;
+  }
+  float* o = Scratch(kTmp, T * c.hidden_size);
+  backend_->Gemm(attn, T, L.o, nullptr, o, false);
+  backend_->Add(Scratch(kResid, T * c.hidden_size), o, T * c.hidden_size);
+  return Status::Ok();
+}
+
+Status Engine::MoeBlock(int layer, int64_t T, const float* h, float* out, const std::vector<int64_t>& row_seq,
+                        const std::vector<int32_t>& row_pos, const std::vector<int32_t>& row_tok) {
+  const ModelConfig& c = config();
+  const LayerWeights& L = weights_->layer(layer);
+  const int E = c.num_experts, K = c.top_k, H = c.hidden_size;
+  float* logits = Scratch(kRouterLogits, T * E);
+  backend_->Gemm(h, T, L.router, nullptr, logits, false);
+  int32_t* ids_dev = reinterpret_cast<int32_t*>(Scratch(kRouterIds, T * K));
+  float* w_dev = Scratch(kRouterW, T * K);
+  backend_->RouterTopK(logits, T, E, K, c.norm_topk_prob, ids_dev, w_dev);
+  std::vector<int32_t> ids(static_cast<size_t>(T * K));
+  std::vector<float> wts(static_cast<size_t>(T * K));
+  backend_->CopyToHost(ids.data(), ids_dev, ids.size() * sizeof(int32_t));
+  backend_->CopyToHost(wts.data(), w_dev, wts.size() * sizeof(float));
+
+  LayerRouting routing{layer, c.MoeLayerIndex(layer), static_cast<int>(T), K, ids, wts, row_seq, row_pos, row_tok};
+  for (auto& hook : hooks_) EF_RETURN_IF_ERROR(hook(routing));
+
+  // Group token rows by expert (counting sort): perm lists rows of expert 0, then 1, ...
+  std::vector<int32_t> count(E + 1, 0);
+  for (int32_t e : ids) {
+    if (e < 0 || e >= E) return Internal("routing chose expert " + std::to_string(e) + " out of range");
+    ++count[e + 1];
+  }
+  std::vector<int32_t> offset(E + 1, 0);
+  for (int e = 0; e < E; ++e) offset[e + 1] = offset[e] + count[e + 1];
+  std::vector<int32_t> perm(ids.size()), cursor(offset.begin(), offset.end() - 1);
+  std::vector<float> scale(ids.size());
+  for (int64_t t = 0; t < T; ++t) {
+    for (int j = 0; j < K; ++j) {
+      int32_t e = ids[t * K + j];
+      perm[cursor[e]] = static_cast<int32_t>(t);
+      scale[cursor[e]++] = wts[t * K + j];
+    }
+  }
+  int32_t* perm_dev = reinterpret_cast<int32_t*>(Scratch(kPerm, perm.size()));
+  float* scale_dev = Scratch(kScale, scale.size());
+  backend_->CopyToDevice(perm_dev, perm.data(), perm.size() * sizeof(int32_t));
+  backend_->CopyToDevice(scale_dev, scale.data(), scale.size() * sizeof(float));
+
+  std::vector<int32_t> active;
+  for (int e = 0; e < E; ++e)
+    if (offset[e + 1] > offset[e]) active.push_back(e);
+  expert_source_->OnRouting(layer, active);
+
+  float* xe = Scratch(kGathered, perm.size() * H);
+  float* ye = Scratch(kExpertOut, perm.size() * H);
+  backend_->GatherRows(h, perm_dev, static_cast<int64_t>(perm.size()), H, xe);
+  for (int32_t e : active) {
+    const int64_t begin = offset[e], n = offset[e + 1] - offset[e];
+    EF_ASSIGN_OR_RETURN(ExpertWeights w, expert_source_->Acquire(layer, e));
+    Status st = Mlp(w, n, xe + begin * H, ye + begin * H);
+    expert_source_->Release(layer, e);
+    EF_RETURN_IF_ERROR(st);
+    backend_->ScatterAddRows(ye + begin * H, perm_dev + begin, scale_dev + begin, n, H, out);
+  }
+  if (!L.shared_expert.gate.empty()) {
+    float* s = Scratch(kExpertOut, std::max<size_t>(perm.size(), T) * H);
+    EF_RETURN_IF_ERROR(Mlp(L.shared_expert, T, h, s));
+    float* gl = Scratch(kSharedGate, T);
+    backend_->Gemm(h, T, L.shared_expert_gate, nullptr, gl, false);
+    backend_->AddSigmoidGated(s, gl, T, H, out);
+  }
+  return Status::Ok();
+}
+
+Status Engine::Forward(std::span<const SeqChunk> batch, ForwardResult* result) {
+  const ModelConfig& c = config();
+  const int H = c.hidden_size;
+  int64_t T = 0;
+  std::vector<int64_t> row_seq;
+  std::vector<int32_t> row_pos, row_tok;
+  for (const SeqChunk& chunk : batch) {
+    auto it = seqs_.find(chunk.seq);
+    if (it == seqs_.end()) return InvalidArgument("sequence " + std::to_string(chunk.seq) + " was not added");
+    if (chunk.tokens.empty()) return InvalidArgument("empty chunk for sequence " + std::to_string(chunk.seq));
+    const int len = it->second.length;
+    if (len + static_cast<int64_t>(chunk.tokens.size()) > max_seq_len_)
+      return OutOfRange("sequence " + std::to_string(chunk.seq) + " would grow to " +
+                        std::to_string(len + chunk.tokens.size()) + " tokens, past the context limit of " +
+                        std::to_string(max_seq_len_));
+    for (size_t i = 0; i < chunk.tokens.size(); ++i) {
+      int32_t tok = chunk.tokens[i];
+      if (tok < 0 || tok >= c.vocab_size)
+        return InvalidArgument("token id " + std::to_string(tok) + " is outside the vocabulary of " +
+                               std::to_string(c.vocab_size));
+      row_seq.push_back(chunk.seq);
+      row_pos.push_back(len + static_cast<int32_t>(i));
+      row_tok.push_back(tok);
+    }
+    T += static_cast<int64_t>(chunk.tokens.size());
+  }
+  if (T == 0) return InvalidArgument("empty batch");
+
+  int32_t* tokens_dev = reinterpret_cast<int32_t*>(Scratch(kTokens, T));
+  int32_t* pos_dev = reinterpret_cast<int32_t*>(Scratch(kPositions, T));
+  backend_->CopyToDevice(tokens_dev, row_tok.data(), T * sizeof(int32_t));
+  backend_->CopyToDevice(pos_dev, row_pos.data(), T * sizeof(int32_t));
+  float* x = Scratch(kResid, T * H);
+  backend_->Embed(tokens_dev, static_cast<int>(T), weights_->embed(), x);
+
+  for (int l = 0; l < c.num_layers; ++l) {
+    const LayerWeights& L = weights_->layer(l);
+    float* h = Scratch(kNormed, T * H);
+    backend_->RmsNorm(x, T, H, L.input_norm, c.rms_norm_eps, h);
+    EF_RETURN_IF_ERROR(Attention(l, batch, pos_dev, T));
+    x = Scratch(kResid, T * H);
+    h = Scratch(kNormed, T * H);
+    backend_->RmsNorm(x, T, H, L.post_attention_norm, c.rms_norm_eps, h);
+    float* out = Scratch(kMoeOut, T * H);
+    if (c.IsMoeLayer(l)) {
+      if (zeros_.size() < static_cast<size_t>(T * H)) zeros_.assign(static_cast<size_t>(T * H), 0.f);
+      backend_->CopyToDevice(out, zeros_.data(), sizeof(float) * T * H);
+      EF_RETURN_IF_ERROR(MoeBlock(l, T, h, out, row_seq, row_pos, row_tok));
+    } else {
+      EF_RETURN_IF_ERROR(Mlp(L.dense_mlp, T, h, out));
+    }
+    backend_->Add(x, out, T * H);
+  }
+  for (const SeqChunk& chunk : batch) seqs_.at(chunk.seq).length += static_cast<int>(chunk.tokens.size());
+
+  // Final norm and LM head on the rows whose logits are wanted.
+  std::vector<int32_t> rows;
+  result->row_offset.clear();
+  int64_t row = 0;
+  for (const SeqChunk& chunk : batch) {
+    result->row_offset.push_back(static_cast<int>(rows.size()));
+    const int64_t n = static_cast<int64_t>(chunk.tokens.size());
+    if (chunk.all_logits) {
+      for (int64_t i = 0; i < n; ++i) rows.push_back(static_cast<int32_t>(row + i));
+    } else {
+      rows.push_back(static_cast<int32_t>(row + n - 1));
+    }
+    row += n;
+  }
+  const int64_t R = static_cast<int64_t>(rows.size());
+  int32_t* rows_dev = reinterpret_cast<int32_t*>(Scratch(kPerm, R));
+  backend_->CopyToDevice(rows_dev, rows.data(), R * sizeof(int32_t));
+  float* fin = Scratch(kFinal, R * H);
+  backend_->GatherRows(x, rows_dev, R, H, fin);
+  backend_->RmsNorm(fin, R, H, weights_->final_norm(), c.rms_norm_eps, fin);
+  float* logits = Scratch(kLogits, R * c.vocab_size);
+  backend_->Gemm(fin, R, weights_->lm_head(), nullptr, logits, false);
+  result->logits.resize(static_cast<size_t>(R) * c.vocab_size);
+  backend_->CopyToHost(result->logits.data(), logits, result->logits.size() * sizeof(float));
+  return Status::Ok();
+}
+
+}  // namespace ef::runtime

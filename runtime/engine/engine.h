@@ -1,0 +1,108 @@
+// Engine: the forward pass of an MoE decoder over a backend, with a per-sequence KV cache.
+//
+// One Forward() call runs a batch of chunks; each chunk appends tokens to one sequence (a whole
+// prompt for prefill, one token for decode, or anything between), so prefill and decode mix
+// freely and sequences of different lengths batch together. Per layer: attention over each
+// sequence's cache, then the MoE block: router top-k (the truth) -> routing hooks (observers,
+// overrides) -> the ExpertSource is told the layer's experts -> per expert: gather its tokens,
+// gate/up GEMMs, SiLU*up, down GEMM, weighted scatter-add.
+//
+// Not thread-safe: one thread drives an engine.
+#pragma once
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "runtime/backend/backend.h"
+#include "runtime/engine/expert_source.h"
+#include "runtime/engine/model_weights.h"
+
+namespace ef::runtime {
+
+struct EngineOptions {
+  std::string backend = "cpu";  // cpu | cuda | auto
+  int device = 0;
+  int max_seq_len = 0;  // KV capacity per sequence; 0: the model's max_position_embeddings
+};
+
+// One chunk of a batch: tokens appended to sequence `seq`.
+struct SeqChunk {
+  int64_t seq = 0;
+  std::span<const int32_t> tokens;
+  bool all_logits = false;  // logits for every token (score) or only the last (generate)
+};
+
+// A layer's routing, on the host, for the hooks. Rows follow the batch's token order.
+struct LayerRouting {
+  int layer = 0;      // decoder layer index
+  int moe_layer = 0;  // index among MoE layers
+  int num_tokens = 0;
+  int top_k = 0;
+  std::span<int32_t> ids;        // [num_tokens * top_k], mutable: an override may rewrite it
+  std::span<float> weights;      // [num_tokens * top_k]
+  std::span<const int64_t> seq;  // sequence of each token row
+  std::span<const int32_t> pos;  // position of each token row
+  std::span<const int32_t> token_ids;
+};
+
+using RoutingHook = std::function<Status(LayerRouting&)>;
+
+struct ForwardResult {
+  // Logits, row-major [rows][vocab]: per chunk, all its tokens or its last one.
+  std::vector<float> logits;
+  std::vector<int> row_offset;  // first row of each chunk
+};
+
+class Engine {
+ public:
+  static StatusOr<std::unique_ptr<Engine>> Create(const std::string& model_dir, const EngineOptions& options);
+  ~Engine();
+
+  const ModelConfig& config() const { return weights_->config(); }
+  const ModelWeights& weights() const { return *weights_; }
+  Backend& backend() { return *backend_; }
+  int max_seq_len() const { return max_seq_len_; }
+
+  // Replaces where expert weights come from (default: all resident). The engine keeps a pointer;
+  // the caller keeps it alive.
+  void SetExpertSource(ExpertSource* source) { expert_source_ = source ? source : resident_.get(); }
+  // Hooks run in order after each MoE layer's router (observers, trace recorders, overrides).
+  void AddRoutingHook(RoutingHook hook) { hooks_.push_back(std::move(hook)); }
+  void ClearRoutingHooks() { hooks_.clear(); }
+
+  // Starts an empty sequence (error if it exists).
+  Status AddSequence(int64_t seq);
+  void RemoveSequence(int64_t seq);
+  bool HasSequence(int64_t seq) const { return seqs_.count(seq) != 0; }
+  int SequenceLength(int64_t seq) const;
+
+  Status Forward(std::span<const SeqChunk> batch, ForwardResult* result);
+
+ private:
+  struct Sequence {
+    int length = 0;
+    std::vector<Buffer> k, v;  // per layer [max_seq_len, kv_dim]
+  };
+  Engine() = default;
+  float* Scratch(int slot, size_t floats);
+  Status Attention(int layer, std::span<const SeqChunk> batch, const int32_t* positions_dev, int64_t T);
+  Status MoeBlock(int layer, int64_t T, const float* h, float* out, const std::vector<int64_t>& row_seq,
+                  const std::vector<int32_t>& row_pos, const std::vector<int32_t>& row_tok);
+  Status Mlp(const ExpertWeights& w, int64_t rows, const float* x, float* out);
+
+  std::unique_ptr<Backend> backend_;
+  std::unique_ptr<ModelWeights> weights_;
+  std::unique_ptr<ResidentExpertSource> resident_;
+  ExpertSource* expert_source_ = nullptr;
+  std::vector<RoutingHook> hooks_;
+  std::map<int64_t, Sequence> seqs_;
+  int max_seq_len_ = 0;
+  std::vector<Buffer> scratch_;
+  std::vector<float> zeros_;  // host zeros to clear the MoE output
+};
+
+}  // namespace ef::runtime

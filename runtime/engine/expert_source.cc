@@ -1,0 +1,28 @@
+#include "runtime/engine/expert_source.h"
+
+namespace ef::runtime {
+
+StatusOr<std::unique_ptr<ResidentExpertSource>> ResidentExpertSource::Create(const ModelWeights& model,
+                                                                             Backend* backend) {
+  auto src = std::make_unique<ResidentExpertSource>();
+  const ModelConfig& c = model.config();
+  src->num_experts_ = c.num_experts;
+  src->experts_.resize(static_cast<size_t>(c.num_layers) * c.num_experts);
+  for (int l = 0; l < c.num_layers; ++l) {
+    if (!c.IsMoeLayer(l)) continue;
+    for (int e = 0; e < c.num_experts; ++e) {
+      const ExpertWeights& h = model.host_expert(l, e);
+      ExpertWeights& d = src->experts_[static_cast<size_t>(l) * c.num_experts + e];
+      EF_ASSIGN_OR_RETURN(d.gate, backend->UploadWeight(h.gate.dtype, h.gate.data, h.gate.rows, h.gate.cols));
+      EF_ASSIGN_OR_RETURN(d.up, backend->UploadWeight(h.up.dtype, h.up.data, h.up.rows, h.up.cols));
+      EF_ASSIGN_OR_RETURN(d.down, backend->UploadWeight(h.down.dtype, h.down.data, h.down.rows, h.down.cols));
+    }
+  }
+  return src;
+}
+
+StatusOr<ExpertWeights> ResidentExpertSource::Acquire(int layer, int expert) {
+  return experts_[static_cast<size_t>(layer) * num_experts_ + expert];
+}
+
+}  // namespace ef::runtime

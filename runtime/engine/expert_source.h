@@ -1,0 +1,37 @@
+// ExpertSource: where the engine gets the weights of an expert it is about to compute.
+//
+// The engine calls OnRouting() with a layer's true routing as soon as the router has run (so a
+// cache can correct its prefetches and load misses at high priority while hits compute), then
+// Acquire()/Release() around each expert's GEMMs. Acquired weights stay valid (pinned) until
+// Release. ResidentExpertSource keeps every expert usable by the backend (no cache); the expert
+// cache (cache/) provides a bounded-memory implementation.
+#pragma once
+
+#include <memory>
+#include <span>
+
+#include "runtime/engine/model_weights.h"
+
+namespace ef::runtime {
+
+class ExpertSource {
+ public:
+  virtual ~ExpertSource() = default;
+  // The experts `layer` will compute in this step, in the order the engine will acquire them.
+  virtual void OnRouting(int layer, std::span<const int32_t> experts) {}
+  virtual StatusOr<ExpertWeights> Acquire(int layer, int expert) = 0;
+  virtual void Release(int layer, int expert) {}
+};
+
+// Every routed expert uploaded to the backend once (CPU: the checkpoint mapping, no copy).
+class ResidentExpertSource final : public ExpertSource {
+ public:
+  static StatusOr<std::unique_ptr<ResidentExpertSource>> Create(const ModelWeights& model, Backend* backend);
+  StatusOr<ExpertWeights> Acquire(int layer, int expert) override;
+
+ private:
+  int num_experts_ = 0;
+  std::vector<ExpertWeights> experts_;
+};
+
+}  // namespace ef::runtime

@@ -1,0 +1,36 @@
+// A Hugging Face checkpoint directory's weights: one model.safetensors, or the shards listed in
+// model.safetensors.index.json. Every shard is mapped and validated at Open; tensors are looked
+// up by name across shards without copying.
+//
+// Thread-safe after Open (immutable).
+#pragma once
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "runtime/model/safetensors_file.h"
+
+namespace ef::runtime {
+
+class Checkpoint {
+ public:
+  // dir holds model.safetensors or model.safetensors.index.json (the index wins when both exist).
+  static StatusOr<std::unique_ptr<Checkpoint>> Open(const std::string& dir);
+
+  const std::string& dir() const { return dir_; }
+  // The tensor, or a NotFound error naming it and the checkpoint.
+  StatusOr<const TensorView*> Get(const std::string& name) const;
+  const TensorView* Find(const std::string& name) const;
+  bool Has(const std::string& name) const { return Find(name) != nullptr; }
+  size_t num_tensors() const { return index_.size(); }
+  const std::vector<std::unique_ptr<SafetensorsFile>>& files() const { return files_; }
+
+ private:
+  std::string dir_;
+  std::vector<std::unique_ptr<SafetensorsFile>> files_;
+  std::map<std::string, const TensorView*> index_;
+};
+
+}  // namespace ef::runtime
