@@ -40,6 +40,7 @@ Engine::~Engine() {
   // Buffers free through the backend: release them before it goes.
   seqs_.clear();
   scratch_.clear();
+  local_moe_.reset();
   resident_.reset();
   weights_.reset();
   backend_.reset();
@@ -50,7 +51,10 @@ StatusOr<std::unique_ptr<Engine>> Engine::Create(const std::string& model_dir, c
   EF_ASSIGN_OR_RETURN(e->backend_, MakeBackend(options.backend, options.device));
   EF_ASSIGN_OR_RETURN(e->weights_, ModelWeights::Load(model_dir, e->backend_.get()));
   EF_ASSIGN_OR_RETURN(e->resident_, ResidentExpertSource::Create(*e->weights_, e->backend_.get()));
-  e->expert_source_ = e->resident_.get();
+  e->local_moe_ =
+      std::make_unique<LocalMoeExecutor>(e->backend_.get(), e->config().hidden_size, e->config().num_experts);
+  e->local_moe_->set_expert_source(e->resident_.get());
+  e->moe_executor_ = e->local_moe_.get();
   e->max_seq_len_ = options.max_seq_len > 0 ? options.max_seq_len : e->config().max_position_embeddings;
   e->scratch_.resize(kNumSlots);
   EF_LOG(INFO, ENGINE, "engine ready on %s, kv capacity %d tokens per sequence", e->backend_->name().c_str(),
@@ -164,46 +168,9 @@ Status Engine::MoeBlock(int layer, int64_t T, const float* h, float* out, const 
   LayerRouting routing{layer, c.MoeLayerIndex(layer), static_cast<int>(T), K, ids, wts, row_seq, row_pos, row_tok};
   for (auto& hook : hooks_) EF_RETURN_IF_ERROR(hook(routing));
 
-  // Group token rows by expert (counting sort): perm lists rows of expert 0, then 1, ...
-  std::vector<int32_t> count(E + 1, 0);
-  for (int32_t e : ids) {
-    if (e < 0 || e >= E) return Internal("routing chose expert " + std::to_string(e) + " out of range");
-    ++count[e + 1];
-  }
-  std::vector<int32_t> offset(E + 1, 0);
-  for (int e = 0; e < E; ++e) offset[e + 1] = offset[e] + count[e + 1];
-  std::vector<int32_t> perm(ids.size()), cursor(offset.begin(), offset.end() - 1);
-  std::vector<float> scale(ids.size());
-  for (int64_t t = 0; t < T; ++t) {
-    for (int j = 0; j < K; ++j) {
-      int32_t e = ids[t * K + j];
-      perm[cursor[e]] = static_cast<int32_t>(t);
-      scale[cursor[e]++] = wts[t * K + j];
-    }
-  }
-  int32_t* perm_dev = reinterpret_cast<int32_t*>(Scratch(kPerm, perm.size()));
-  float* scale_dev = Scratch(kScale, scale.size());
-  backend_->CopyToDevice(perm_dev, perm.data(), perm.size() * sizeof(int32_t));
-  backend_->CopyToDevice(scale_dev, scale.data(), scale.size() * sizeof(float));
-
-  std::vector<int32_t> active;
-  for (int e = 0; e < E; ++e)
-    if (offset[e + 1] > offset[e]) active.push_back(e);
-  expert_source_->OnRouting(layer, active);
-
-  float* xe = Scratch(kGathered, perm.size() * H);
-  float* ye = Scratch(kExpertOut, perm.size() * H);
-  backend_->GatherRows(h, perm_dev, static_cast<int64_t>(perm.size()), H, xe);
-  for (int32_t e : active) {
-    const int64_t begin = offset[e], n = offset[e + 1] - offset[e];
-    EF_ASSIGN_OR_RETURN(ExpertWeights w, expert_source_->Acquire(layer, e));
-    Status st = Mlp(w, n, xe + begin * H, ye + begin * H);
-    expert_source_->Release(layer, e);
-    EF_RETURN_IF_ERROR(st);
-    backend_->ScatterAddRows(ye + begin * H, perm_dev + begin, scale_dev + begin, n, H, out);
-  }
+  EF_RETURN_IF_ERROR(moe_executor_->Run(layer, T, K, h, ids, wts, out));
   if (!L.shared_expert.gate.empty()) {
-    float* s = Scratch(kExpertOut, std::max<size_t>(perm.size(), T) * H);
+    float* s = Scratch(kExpertOut, static_cast<size_t>(T) * H);
     EF_RETURN_IF_ERROR(Mlp(L.shared_expert, T, h, s));
     float* gl = Scratch(kSharedGate, T);
     backend_->Gemm(h, T, L.shared_expert_gate, nullptr, gl, false);

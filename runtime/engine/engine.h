@@ -20,6 +20,7 @@
 #include "runtime/backend/backend.h"
 #include "runtime/engine/expert_source.h"
 #include "runtime/engine/model_weights.h"
+#include "runtime/engine/moe_executor.h"
 
 namespace ef::runtime {
 
@@ -69,7 +70,11 @@ class Engine {
 
   // Replaces where expert weights come from (default: all resident). The engine keeps a pointer;
   // the caller keeps it alive.
-  void SetExpertSource(ExpertSource* source) { expert_source_ = source ? source : resident_.get(); }
+  void SetExpertSource(ExpertSource* source) { local_moe_->set_expert_source(source ? source : resident_.get()); }
+  // Replaces how routed experts are computed (default: all on this process). nullptr restores
+  // the local executor. The caller keeps it alive.
+  void SetMoeExecutor(MoeExecutor* executor) { moe_executor_ = executor ? executor : local_moe_.get(); }
+  LocalMoeExecutor& local_moe() { return *local_moe_; }
   // Hooks run in order after each MoE layer's router (observers, trace recorders, overrides).
   void AddRoutingHook(RoutingHook hook) { hooks_.push_back(std::move(hook)); }
   void ClearRoutingHooks() { hooks_.clear(); }
@@ -97,7 +102,8 @@ class Engine {
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<ModelWeights> weights_;
   std::unique_ptr<ResidentExpertSource> resident_;
-  ExpertSource* expert_source_ = nullptr;
+  std::unique_ptr<LocalMoeExecutor> local_moe_;
+  MoeExecutor* moe_executor_ = nullptr;
   std::vector<RoutingHook> hooks_;
   std::map<int64_t, Sequence> seqs_;
   int max_seq_len_ = 0;

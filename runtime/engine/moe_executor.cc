@@ -1,0 +1,117 @@
+#include "runtime/engine/moe_executor.h"
+
+#include "runtime/core/check.h"
+
+namespace ef::runtime {
+namespace {
+enum Slot { kPerm, kScale, kGathered, kExpertOut, kGate, kUp, kZero };
+}
+
+float* LocalMoeExecutor::Scratch(int slot, size_t floats) {
+  Buffer& b = scratch_[slot];
+  const size_t bytes = std::max<size_t>(floats, 1) * sizeof(float);
+  if (b.bytes() < bytes) {
+    auto nb = backend_->Allocate(bytes + bytes / 2);
+    EF_CHECK_MSG(nb.ok(), "moe scratch allocation failed");
+    b = std::move(nb).value();
+  }
+  return b.f32();
+}
+
+Status LocalMoeExecutor::Mlp(const ExpertWeights& w, int64_t rows, const float* x, float* out) {
+  const int64_t inter = w.gate.rows;
+  float* g = Scratch(kGate, static_cast<size_t>(rows * inter));
+  float* u = Scratch(kUp, static_cast<size_t>(rows * inter));
+  backend_->Gemm(x, rows, w.gate, nullptr, g, false);
+  backend_->Gemm(x, rows, w.up, nullptr, u, false);
+  backend_->SiluMul(g, u, g, rows * inter);
+  backend_->Gemm(g, rows, w.down, nullptr, out, false);
+  return Status::Ok();
+}
+
+Status LocalMoeExecutor::Run(int layer, int64_t T, int top_k, const float* h, std::span<const int32_t> ids,
+                             std::span<const float> weights, float* out) {
+  const int E = num_experts_, H = hidden_;
+  // Counting sort of (token, slot) pairs by expert: perm lists the token rows of expert 0, then 1...
+  std::vector<int32_t> offset(E + 1, 0);
+  for (int32_t e : ids) {
+    if (e < 0 || e >= E) return Internal("routing chose expert " + std::to_string(e) + " out of range");
+    ++offset[e + 1];
+  }
+  for (int e = 0; e < E; ++e) offset[e + 1] += offset[e];
+  std::vector<int32_t> perm(ids.size()), cursor(offset.begin(), offset.end() - 1);
+  std::vector<float> scale(ids.size());
+  for (int64_t t = 0; t < T; ++t) {
+    for (int j = 0; j < top_k; ++j) {
+      const int32_t e = ids[t * top_k + j];
+      perm[cursor[e]] = static_cast<int32_t>(t);
+      scale[cursor[e]++] = weights[t * top_k + j];
+    }
+  }
+  const int64_t n = static_cast<int64_t>(perm.size());
+  int32_t* perm_dev = reinterpret_cast<int32_t*>(Scratch(kPerm, perm.size()));
+  float* scale_dev = Scratch(kScale, scale.size());
+  backend_->CopyToDevice(perm_dev, perm.data(), perm.size() * sizeof(int32_t));
+  backend_->CopyToDevice(scale_dev, scale.data(), scale.size() * sizeof(float));
+
+  std::vector<int32_t> active;
+  for (int e = 0; e < E; ++e)
+    if (offset[e + 1] > offset[e]) active.push_back(e);
+  source_->OnRouting(layer, active);
+
+  float* xe = Scratch(kGathered, static_cast<size_t>(n) * H);
+  float* ye = Scratch(kExpertOut, static_cast<size_t>(n) * H);
+  backend_->GatherRows(h, perm_dev, n, H, xe);
+  for (int32_t e : active) {
+    const int64_t begin = offset[e], cnt = offset[e + 1] - offset[e];
+    EF_ASSIGN_OR_RETURN(ExpertWeights w, source_->Acquire(layer, e));
+    Status st = Mlp(w, cnt, xe + begin * H, ye + begin * H);
+    source_->Release(layer, e);
+    EF_RETURN_IF_ERROR(st);
+    // Tokens are distinct within one expert, so the scatter has no conflicts.
+    backend_->ScatterAddRows(ye + begin * H, perm_dev + begin, scale_dev + begin, cnt, H, out);
+  }
+  return Status::Ok();
+}
+
+Status LocalMoeExecutor::ComputeRows(int layer, int64_t n, const float* x, std::span<const int32_t> expert,
+                                     std::span<const float> scale, float* y) {
+  const int E = num_experts_, H = hidden_;
+  std::vector<int32_t> offset(E + 1, 0);
+  for (int32_t e : expert) {
+    if (e < 0 || e >= E) return InvalidArgument("row names expert " + std::to_string(e) + " out of range");
+    ++offset[e + 1];
+  }
+  for (int e = 0; e < E; ++e) offset[e + 1] += offset[e];
+  std::vector<int32_t> perm(n), cursor(offset.begin(), offset.end() - 1);
+  std::vector<float> sc(n);
+  for (int64_t i = 0; i < n; ++i) {
+    perm[cursor[expert[i]]] = static_cast<int32_t>(i);
+    sc[cursor[expert[i]]++] = scale[i];
+  }
+  int32_t* perm_dev = reinterpret_cast<int32_t*>(Scratch(kPerm, perm.size()));
+  float* scale_dev = Scratch(kScale, sc.size());
+  backend_->CopyToDevice(perm_dev, perm.data(), perm.size() * sizeof(int32_t));
+  backend_->CopyToDevice(scale_dev, sc.data(), sc.size() * sizeof(float));
+  std::vector<int32_t> active;
+  for (int e = 0; e < E; ++e)
+    if (offset[e + 1] > offset[e]) active.push_back(e);
+  source_->OnRouting(layer, active);
+  float* xe = Scratch(kGathered, static_cast<size_t>(n) * H);
+  float* ye = Scratch(kExpertOut, static_cast<size_t>(n) * H);
+  backend_->GatherRows(x, perm_dev, n, H, xe);
+  // y starts at zero; each row receives exactly one scaled expert output.
+  std::vector<float> zeros(static_cast<size_t>(n) * H, 0.f);
+  backend_->CopyToDevice(y, zeros.data(), zeros.size() * sizeof(float));
+  for (int32_t e : active) {
+    const int64_t begin = offset[e], cnt = offset[e + 1] - offset[e];
+    EF_ASSIGN_OR_RETURN(ExpertWeights w, source_->Acquire(layer, e));
+    Status st = Mlp(w, cnt, xe + begin * H, ye + begin * H);
+    source_->Release(layer, e);
+    EF_RETURN_IF_ERROR(st);
+    backend_->ScatterAddRows(ye + begin * H, perm_dev + begin, scale_dev + begin, cnt, H, y);
+  }
+  return Status::Ok();
+}
+
+}  // namespace ef::runtime

@@ -1,0 +1,54 @@
+// MoeExecutor: computes a MoE layer's routed experts for a batch once the router has decided.
+//
+// The engine runs attention, the router and the routing hooks, then hands the executor the
+// normalised hidden states and the routing; the executor adds sum_j w_j * expert_j(h) of every
+// token into `out`. LocalMoeExecutor computes every expert on this process's backend; the
+// expert-parallel executor (comm/) sends rows to the ranks that compute their experts and uses
+// LocalMoeExecutor::ComputeRows on what it receives.
+#pragma once
+
+#include <span>
+#include <vector>
+
+#include "runtime/backend/backend.h"
+#include "runtime/engine/expert_source.h"
+
+namespace ef::runtime {
+
+class MoeExecutor {
+ public:
+  virtual ~MoeExecutor() = default;
+  // h, out: backend memory [T, hidden]; ids, weights: host [T * top_k]. out is accumulated into.
+  virtual Status Run(int layer, int64_t T, int top_k, const float* h, std::span<const int32_t> ids,
+                     std::span<const float> weights, float* out) = 0;
+};
+
+class LocalMoeExecutor final : public MoeExecutor {
+ public:
+  LocalMoeExecutor(Backend* backend, int hidden_size, int num_experts)
+      : backend_(backend), hidden_(hidden_size), num_experts_(num_experts) {}
+
+  void set_expert_source(ExpertSource* source) { source_ = source; }
+  ExpertSource* expert_source() const { return source_; }
+
+  Status Run(int layer, int64_t T, int top_k, const float* h, std::span<const int32_t> ids,
+             std::span<const float> weights, float* out) override;
+
+  // Row-wise: y[i] = scale[i] * expert[i](x[i]) for n rows (x, y backend memory; expert and
+  // scale host). Rows are grouped by expert internally; each expert is acquired once.
+  Status ComputeRows(int layer, int64_t n, const float* x, std::span<const int32_t> expert,
+                     std::span<const float> scale, float* y);
+
+ private:
+  // Grouped core: perm/offsets on the host, rows of x gathered by perm.
+  float* Scratch(int slot, size_t floats);
+  Status Mlp(const ExpertWeights& w, int64_t rows, const float* x, float* out);
+
+  Backend* backend_;
+  int hidden_;
+  int num_experts_;
+  ExpertSource* source_ = nullptr;
+  std::vector<Buffer> scratch_ = std::vector<Buffer>(8);
+};
+
+}  // namespace ef::runtime
