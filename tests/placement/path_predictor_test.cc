@@ -1,0 +1,167 @@
+// Predictors: a planted rule is learned, files round-trip exactly, bad files are rejected,
+// and on the shared tiny-code-moe trace the path predictor beats both baselines.
+#include "placement/path_predictor.h"
+
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <set>
+
+#include "placement/affinity_predictor.h"
+#include "placement/frequency_predictor.h"
+#include "placement/hybrid_predictor.h"
+#include "placement/predictor_eval.h"
+#include "placement/predictor_file.h"
+#include "placement/predictor_io.h"
+#include "placement/trace_inputs.h"
+#include "tests/placement/predictor_test_util.h"
+
+namespace ef::placement {
+namespace {
+
+RoutingTrace Seqs(const RoutingTrace& t, int64_t lo, int64_t hi) {
+  return t.Filter([&](int64_t s) { return s >= lo && s <= hi; });
+}
+
+PathPredictorOptions SmallOptions() {
+  PathPredictorOptions o;
+  o.embed_dim = 16;
+  o.hidden = 64;
+  o.epochs = 25;
+  o.seed = 7;
+  return o;
+}
+
+TEST(PathPredictorTest, LearnsAPlantedRule) {
+  RoutingTrace all = testing::PlantedTrace(40, 32, 4, 8, 60, 1);
+  auto p = PathPredictor::Train(Seqs(all, 0, 27), Seqs(all, 28, 31), SmallOptions(), nullptr);
+  ASSERT_TRUE(p.ok()) << p.status().ToString();
+  auto m = EvaluatePredictor(**p, Seqs(all, 32, 39), EvalMode::kAPriori);
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  EXPECT_GT(m->recall, 0.95);
+  for (double r : m->per_layer_recall) EXPECT_GT(r, 0.95);
+  // The frequency baseline cannot know the rule.
+  auto f = FrequencyPredictor::Fit(Seqs(all, 0, 31));
+  ASSERT_TRUE(f.ok());
+  auto fm = EvaluatePredictor(**f, Seqs(all, 32, 39), EvalMode::kAPriori);
+  ASSERT_TRUE(fm.ok());
+  EXPECT_LT(fm->recall, 0.6);
+}
+
+TEST(PathPredictorTest, TrainingIsDeterministic) {
+  RoutingTrace all = testing::PlantedTrace(12, 16, 3, 8, 30, 2);
+  PathPredictorOptions o = SmallOptions();
+  o.epochs = 3;
+  auto a = PathPredictor::Train(Seqs(all, 0, 9), Seqs(all, 10, 11), o, nullptr);
+  auto b = PathPredictor::Train(Seqs(all, 0, 9), Seqs(all, 10, 11), o, nullptr);
+  ASSERT_TRUE(a.ok() && b.ok());
+  TraceInputs in(all);
+  EXPECT_EQ((*a)->Predict(in.inputs())->prob, (*b)->Predict(in.inputs())->prob);
+}
+
+TEST(PredictorFileTest, RoundTripGivesIdenticalForecasts) {
+  RoutingTrace all = testing::PlantedTrace(12, 16, 3, 8, 30, 3);
+  PathPredictorOptions o = SmallOptions();
+  o.epochs = 3;
+  auto path = PathPredictor::Train(Seqs(all, 0, 9), Seqs(all, 10, 11), o, nullptr);
+  ASSERT_TRUE(path.ok());
+  auto aff = AffinityPredictor::Fit(Seqs(all, 0, 9));
+  auto freq = FrequencyPredictor::Fit(Seqs(all, 0, 9));
+  ASSERT_TRUE(aff.ok() && freq.ok());
+  PredictorInfo info{"", 3, 8, 2, "synthetic", "t.jsonl", {0, 1, 2, 3, 4, 5, 6, 7, 8, 9}};
+  TraceInputs in(all);
+  auto dir = testing::TempDir("roundtrip");
+  std::vector<const Predictor*> ps = {path->get(), aff->get(), freq->get()};
+  for (const Predictor* p : ps) {
+    std::string file = (dir / (p->name() + ".safetensors")).string();
+    ASSERT_TRUE(SavePredictor(*p, info, file).ok());
+    auto loaded = LoadPredictor(file);
+    ASSERT_TRUE(loaded.ok()) << loaded.status().ToString();
+    EXPECT_EQ(loaded->info.kind, p->name());
+    EXPECT_EQ(loaded->info.train_seqs, info.train_seqs);
+    EXPECT_EQ(p->Predict(in.inputs())->prob, loaded->predictor->Predict(in.inputs())->prob) << p->name();
+  }
+}
+
+TEST(PredictorFileTest, RejectsMalformedAndMismatchedFiles) {
+  auto dir = testing::TempDir("badfiles");
+  testing::WriteText(dir / "garbage.safetensors", "this is not a safetensors file at all");
+  auto g = LoadPredictor((dir / "garbage.safetensors").string());
+  ASSERT_FALSE(g.ok());
+  EXPECT_NE(g.status().message().find("not a valid safetensors"), std::string::npos) << g.status().message();
+  EXPECT_FALSE(LoadPredictor((dir / "missing.safetensors").string()).ok());
+
+  // A valid file with a tensor that contradicts the declared shape.
+  RoutingTrace all = testing::PlantedTrace(4, 8, 3, 8, 10, 4);
+  auto freq = FrequencyPredictor::Fit(all);
+  ASSERT_TRUE(freq.ok());
+  PredictorFile file;
+  (*freq)->ToFile(&file, "");
+  file.metadata = {{"format", "expertflow-predictor"},
+                   {"format_version", "1"},
+                   {"kind", "frequency"},
+                   {"num_layers", "4"},
+                   {"num_experts", "8"},
+                   {"top_k", "2"},
+                   {"decay", "1"}};
+  ASSERT_TRUE(WritePredictorFile(file, (dir / "shape.safetensors").string()).ok());
+  auto s = LoadPredictor((dir / "shape.safetensors").string());
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.status().message().find("shape"), std::string::npos) << s.status().message();
+
+  // Truncated file.
+  PredictorInfo info{"", 3, 8, 2, "synthetic", "", {0}};
+  std::string good = (dir / "good.safetensors").string();
+  ASSERT_TRUE(SavePredictor(**freq, info, good).ok());
+  auto size = std::filesystem::file_size(good);
+  std::filesystem::resize_file(good, size - 5);
+  EXPECT_FALSE(LoadPredictor(good).ok());
+
+  // A trace of another shape cannot be evaluated.
+  RoutingTrace other = testing::PlantedTrace(2, 8, 5, 8, 10, 5);
+  auto m = EvaluatePredictor(**freq, other, EvalMode::kAPriori);
+  ASSERT_FALSE(m.ok());
+  EXPECT_NE(m.status().message().find("layers"), std::string::npos);
+}
+
+TEST(AffinityPredictorTest, OneLayerAheadUsesTheObservedLayer) {
+  // Layer l+1's experts are a function of layer l's: affinity one layer ahead is exact.
+  RoutingTrace all = testing::PlantedTrace(10, 16, 3, 8, 4, 6);
+  auto aff = AffinityPredictor::Fit(Seqs(all, 0, 7));
+  ASSERT_TRUE(aff.ok());
+  auto m = EvaluatePredictor(**aff, Seqs(all, 8, 9), EvalMode::kOneLayerAhead);
+  ASSERT_TRUE(m.ok());
+  EXPECT_GT(m->per_layer_recall[1], 0.99);
+  EXPECT_GT(m->per_layer_recall[2], 0.99);
+}
+
+// The shared tiny-code-moe prefill trace: the path predictor, forecasting all layers from the
+// token and its context alone, beats frequency on every layer and one-layer-ahead affinity on
+// every layer after the first.
+TEST(SharedTraceTest, PathBeatsBaselinesOnTinyCodeMoe) {
+  const std::string path = std::string(EF_SHARED_DIR) + "/traces/tiny_code_moe_prefill.jsonl";
+  if (!std::filesystem::exists(path)) GTEST_SKIP() << path << " is absent";
+  auto trace = ReadRoutingTrace(path);
+  ASSERT_TRUE(trace.ok()) << trace.status().ToString();
+  trace->SortBySeqPos();
+  RoutingTrace train = Seqs(*trace, 0, 21), fit = Seqs(*trace, 0, 19), val = Seqs(*trace, 20, 21),
+               test = Seqs(*trace, 22, 1 << 30);
+  PathPredictorOptions o;
+  o.epochs = 12;
+  auto p = PathPredictor::Train(fit, val, o, nullptr);
+  ASSERT_TRUE(p.ok());
+  auto freq = FrequencyPredictor::Fit(train);
+  auto aff = AffinityPredictor::Fit(train);
+  auto pm = EvaluatePredictor(**p, test, EvalMode::kAPriori);
+  auto fm = EvaluatePredictor(**freq, test, EvalMode::kAPriori);
+  auto am = EvaluatePredictor(**aff, test, EvalMode::kOneLayerAhead);
+  ASSERT_TRUE(pm.ok() && fm.ok() && am.ok());
+  for (int l = 0; l < trace->num_layers(); ++l) {
+    EXPECT_GT(pm->per_layer_recall[l], fm->per_layer_recall[l]) << "layer " << l;
+    if (l > 0) EXPECT_GT(pm->per_layer_recall[l], am->per_layer_recall[l]) << "layer " << l;
+  }
+  EXPECT_GT(pm->recall, 0.75);
+}
+
+}  // namespace
+}  // namespace ef::placement

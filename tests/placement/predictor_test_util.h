@@ -1,0 +1,53 @@
+// Helpers shared by the placement predictor tests: temp dirs and synthetic traces.
+#pragma once
+
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <string>
+
+#include "placement/routing_trace.h"
+
+namespace ef::placement::testing {
+
+inline std::filesystem::path TempDir(const std::string& name) {
+  auto dir = std::filesystem::temp_directory_path() / ("ef_placement_" + name + "_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  return dir;
+}
+
+inline void WriteText(const std::filesystem::path& p, const std::string& text) {
+  std::ofstream out(p);
+  out << text;
+}
+
+// A trace with a planted rule: token t at layer l routes to experts (3t + l) % E and
+// (5t + 2l + 1) % E (distinct since E is even and the two differ mod 2). Token ids are random
+// in [0, vocab).
+inline RoutingTrace PlantedTrace(int num_seqs, int seq_len, int num_layers, int num_experts, int vocab, uint32_t seed) {
+  RoutingTrace tr;
+  tr.header.model = "synthetic";
+  tr.header.num_layers = num_layers;
+  tr.header.num_experts = num_experts;
+  tr.header.top_k = 2;
+  tr.header.phase = "prefill";
+  std::mt19937 rng(seed);
+  for (int s = 0; s < num_seqs; ++s) {
+    for (int p = 0; p < seq_len; ++p) {
+      TraceToken t;
+      t.seq = s;
+      t.pos = p;
+      t.token = static_cast<int64_t>(rng() % vocab);
+      for (int l = 0; l < num_layers; ++l) {
+        t.experts.push_back(static_cast<int16_t>((3 * t.token + l) % num_experts));
+        t.experts.push_back(static_cast<int16_t>((5 * t.token + 2 * l + 1) % num_experts));
+      }
+      tr.tokens.push_back(std::move(t));
+    }
+  }
+  return tr;
+}
+
+}  // namespace ef::placement::testing
