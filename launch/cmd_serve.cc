@@ -1,12 +1,131 @@
-// Placeholder until the command lands.
+// `expertflow serve`: the OpenAI-compatible HTTP server.
+//
+//   expertflow serve --model DIR --port P [--host 127.0.0.1] [--api-key K] [--max-batch N]
+//   expertflow serve --config C.yaml          (model, runtime, server.*, scheduler.max_batch_requests)
+//
+// Threads: main (HTTP accept loop), HTTP handlers (parse, enqueue, wait), one engine thread
+// (ServingLoop), one signal watcher. SIGTERM/SIGINT: stop accepting, let in-flight requests
+// finish, exit 0. `--port 0` picks a free port; the chosen address is always printed on stdout
+// as "listening on HOST:PORT" (tests and scripts read it).
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <thread>
+
 #include "launch/command.h"
+#include "launch/config.h"
+#include "launch/engine_options.h"
+#include "launch/server/chat_template.h"
+#include "launch/server/http_server.h"
+#include "launch/server/server_metrics.h"
+#include "launch/server/serving_loop.h"
+#include "runtime/core/logging.h"
+#include "runtime/tokenizer/tokenizer.h"
 
 namespace ef::launch {
+namespace {
+
+struct ServeOptions {
+  ModelFlags model;
+  std::string config_path;
+  HttpServerOptions http;
+  ServingLoopOptions loop;
+  std::string served_name;
+};
+
+Status RunServe(ServeOptions o, const CLI::App& app) {
+  if (!o.config_path.empty()) {
+    EF_ASSIGN_OR_RETURN(Config cfg, LoadConfig(o.config_path));
+    ApplyConfig(cfg, app, &o.model);
+    if (!FlagGiven(app, "--host") && cfg.has("server.host")) o.http.host = cfg.server.host;
+    if (!FlagGiven(app, "--port") && cfg.has("server.port")) o.http.port = cfg.server.port;
+    if (!FlagGiven(app, "--api-key") && cfg.has("server.api_key")) o.http.api_key = cfg.server.api_key;
+    if (!FlagGiven(app, "--max-batch") && cfg.has("scheduler.max_batch_requests"))
+      o.loop.max_batch = cfg.scheduler.max_batch_requests;
+  }
+  if (o.http.port < 0 || o.http.port > 65535) return InvalidArgument("--port must be in 0..65535");
+  if (o.loop.max_batch < 1) return InvalidArgument("--max-batch must be >= 1");
+
+  // Signals go to the watcher thread only: block them before any thread starts.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  EF_ASSIGN_OR_RETURN(runtime::Tokenizer tok, runtime::Tokenizer::FromModelDir(o.model.dir));
+  EF_ASSIGN_OR_RETURN(ChatTemplate chat, ChatTemplate::FromModelDir(o.model.dir));
+  EF_ASSIGN_OR_RETURN(auto engine, runtime::Engine::Create(o.model.dir, o.model.ToEngineOptions()));
+  ServerMetrics metrics(engine->config().num_layers, engine->config().num_experts);
+  o.http.model_name = !o.served_name.empty()
+                          ? o.served_name
+                          : std::filesystem::path(o.model.dir).lexically_normal().filename().string();
+  if (o.http.model_name.empty())
+    o.http.model_name = std::filesystem::path(o.model.dir).parent_path().filename().string();
+  ServingLoop loop(std::move(engine), tok, &metrics, o.loop);
+  HttpServer server(o.http, &loop, &tok, &chat, &metrics);
+  StatusOr<int> port = server.Bind();
+  if (!port.ok()) {
+    loop.Stop();
+    return port.status();
+  }
+
+  std::atomic<bool> done{false};
+  std::thread watcher([&] {
+    const timespec tick{0, 100'000'000};
+    while (!done.load()) {
+      const int sig = sigtimedwait(&signals, nullptr, &tick);
+      if (sig == SIGTERM || sig == SIGINT) {
+        EF_LOG(WARN, SERVE, "signal %d: draining in-flight requests", sig);
+        std::fprintf(stderr, "expertflow serve: shutting down (finishing in-flight requests)\n");
+        // Retry: a stop that lands before the accept loop starts would be lost.
+        while (!done.load()) {
+          server.Stop();
+          std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        }
+      }
+    }
+  });
+
+  std::printf("listening on %s:%d\n", o.http.host.c_str(), *port);
+  std::printf("model %s, context %d, max batch %d%s\n", o.http.model_name.c_str(), loop.max_seq_len(), o.loop.max_batch,
+              chat.is_plain() ? ", plain chat template" : ", chat template from tokenizer_config.json");
+  std::fflush(stdout);
+  Status s = server.Listen();  // returns after Stop() once every handler has answered
+  loop.Stop();
+  done.store(true);
+  watcher.join();
+  if (s.ok()) std::fprintf(stderr, "expertflow serve: stopped\n");
+  return s;
+}
+
+}  // namespace
 
 Command AddServeCommand(CLI::App& root) {
+  auto o = std::make_shared<ServeOptions>();
   Command c;
-  c.app = root.add_subcommand("serve", "OpenAI-compatible HTTP server");
-  c.run = [] { return ReportError(Unimplemented("'serve' is not available in this build yet")); };
+  c.app = root.add_subcommand("serve", "OpenAI-compatible HTTP server (completions, chat, SSE streaming, metrics)");
+  o->model.Register(c.app);
+  c.app->add_option("--config,-c", o->config_path, "YAML config (command-line flags override its keys)");
+  c.app->add_option("--host", o->http.host, "address to bind (loopback by default)")->capture_default_str();
+  c.app->add_option("--port,-p", o->http.port, "TCP port; 0 picks a free one (printed on stdout)")
+      ->capture_default_str();
+  c.app->add_option("--api-key", o->http.api_key, "require 'Authorization: Bearer KEY' on /v1/*");
+  c.app->add_option("--served-model-name", o->served_name, "model id for /v1/models (default: the model folder)");
+  c.app->add_option("--max-batch", o->loop.max_batch, "sequences in the running batch")->capture_default_str();
+  c.app->add_option("--max-queue", o->loop.max_queue, "waiting requests before 503")->capture_default_str();
+  c.app->add_option("--max-tokens-limit", o->http.max_tokens_limit, "largest max_tokens accepted (0: the context)")
+      ->check(CLI::NonNegativeNumber);
+  c.app->add_option("--default-max-tokens", o->http.default_max_tokens, "max_tokens when a request gives none")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  c.app->add_option("--http-threads", o->http.num_threads, "HTTP handler threads")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  c.run = [o, app = c.app] {
+    Status s = RunServe(*o, *app);
+    return s.ok() ? 0 : ReportError(s);
+  };
   return c;
 }
 

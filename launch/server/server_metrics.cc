@@ -1,0 +1,127 @@
+#include "launch/server/server_metrics.h"
+
+#include <cstdio>
+
+namespace ef::launch {
+namespace {
+
+void Header(std::string* out, const char* name, const char* type, const char* help) {
+  *out += "# HELP ";
+  *out += name;
+  *out += ' ';
+  *out += help;
+  *out += "\n# TYPE ";
+  *out += name;
+  *out += ' ';
+  *out += type;
+  *out += '\n';
+}
+
+std::string Num(double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.17g", v);
+  return buf;
+}
+
+}  // namespace
+
+ServerMetrics::ServerMetrics(int num_layers, int num_experts)
+    : num_layers_(num_layers),
+      num_experts_(num_experts),
+      expert_tokens_(new std::atomic<int64_t>[static_cast<size_t>(num_layers) * num_experts]) {
+  for (size_t i = 0; i < static_cast<size_t>(num_layers) * num_experts; ++i) expert_tokens_[i].store(0);
+}
+
+void ServerMetrics::Histogram::Observe(double v) {
+  for (size_t i = 0; i < kBuckets.size(); ++i) {
+    if (v <= kBuckets[i]) {
+      ++counts[i];
+      break;
+    }
+  }
+  ++count;
+  sum += v;
+}
+
+void ServerMetrics::Histogram::Render(const std::string& name, const std::string& help, std::string* out) const {
+  Header(out, name.c_str(), "histogram", help.c_str());
+  uint64_t cum = 0;
+  for (size_t i = 0; i < kBuckets.size(); ++i) {
+    cum += counts[i];
+    *out += name + "_bucket{le=\"" + Num(kBuckets[i]) + "\"} " + std::to_string(cum) + "\n";
+  }
+  *out += name + "_bucket{le=\"+Inf\"} " + std::to_string(count) + "\n";
+  *out += name + "_sum " + Num(sum) + "\n";
+  *out += name + "_count " + std::to_string(count) + "\n";
+}
+
+void ServerMetrics::CountRequest(const std::string& endpoint, int status) {
+  std::lock_guard<std::mutex> lock(mu_);
+  ++requests_[{endpoint, status}];
+}
+
+void ServerMetrics::ObserveLatency(double seconds) {
+  std::lock_guard<std::mutex> lock(mu_);
+  latency_.Observe(seconds);
+}
+
+void ServerMetrics::ObserveTimeToFirstToken(double seconds) {
+  std::lock_guard<std::mutex> lock(mu_);
+  ttft_.Observe(seconds);
+}
+
+void ServerMetrics::ObserveInterTokenLatency(double seconds) {
+  std::lock_guard<std::mutex> lock(mu_);
+  itl_.Observe(seconds);
+}
+
+void ServerMetrics::CountStep(int64_t batch_tokens) {
+  steps_.fetch_add(1, std::memory_order_relaxed);
+  step_tokens_.fetch_add(batch_tokens, std::memory_order_relaxed);
+}
+
+void ServerMetrics::CountRouting(int layer, const int32_t* ids, int64_t n) {
+  if (layer < 0 || layer >= num_layers_) return;
+  std::atomic<int64_t>* row = &expert_tokens_[static_cast<size_t>(layer) * num_experts_];
+  for (int64_t i = 0; i < n; ++i) {
+    if (ids[i] >= 0 && ids[i] < num_experts_) row[ids[i]].fetch_add(1, std::memory_order_relaxed);
+  }
+}
+
+std::string ServerMetrics::Render() const {
+  std::string out;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    Header(&out, "expertflow_requests_total", "counter", "HTTP requests served, by endpoint and status code.");
+    for (const auto& [key, n] : requests_) {
+      out += "expertflow_requests_total{endpoint=\"" + key.first + "\",status=\"" + std::to_string(key.second) +
+             "\"} " + std::to_string(n) + "\n";
+    }
+    latency_.Render("expertflow_request_latency_seconds", "Time from arrival to the last token of a generation.", &out);
+    ttft_.Render("expertflow_time_to_first_token_seconds", "Time from arrival to the first generated token.", &out);
+    itl_.Render("expertflow_inter_token_latency_seconds", "Time between consecutive generated tokens of a request.",
+                &out);
+  }
+  Header(&out, "expertflow_prompt_tokens_total", "counter", "Prompt tokens prefilled.");
+  out += "expertflow_prompt_tokens_total " + std::to_string(prompt_tokens_.load()) + "\n";
+  Header(&out, "expertflow_generated_tokens_total", "counter", "Tokens generated.");
+  out += "expertflow_generated_tokens_total " + std::to_string(generated_tokens_.load()) + "\n";
+  Header(&out, "expertflow_queue_depth", "gauge", "Requests waiting for admission to the running batch.");
+  out += "expertflow_queue_depth " + std::to_string(waiting_.load()) + "\n";
+  Header(&out, "expertflow_running_requests", "gauge", "Requests in the running batch.");
+  out += "expertflow_running_requests " + std::to_string(running_.load()) + "\n";
+  Header(&out, "expertflow_engine_steps_total", "counter", "Forward passes run by the engine thread.");
+  out += "expertflow_engine_steps_total " + std::to_string(steps_.load()) + "\n";
+  Header(&out, "expertflow_engine_step_tokens_total", "counter", "Tokens computed by those forward passes.");
+  out += "expertflow_engine_step_tokens_total " + std::to_string(step_tokens_.load()) + "\n";
+  Header(&out, "expertflow_expert_tokens_total", "counter", "Tokens routed to each expert of each MoE layer.");
+  for (int l = 0; l < num_layers_; ++l) {
+    for (int e = 0; e < num_experts_; ++e) {
+      out += "expertflow_expert_tokens_total{layer=\"" + std::to_string(l) + "\",expert=\"" + std::to_string(e) +
+             "\"} " + std::to_string(expert_tokens(l, e)) + "\n";
+    }
+  }
+  return out;
+}
+
+}  // namespace ef::launch

@@ -1,0 +1,68 @@
+// ServerMetrics: the counters, gauges and histograms `expertflow serve` exposes on /metrics in the
+// Prometheus text format (version 0.0.4).
+//
+// Thread safety: every method may be called from any thread. Request counters and histograms sit
+// behind one mutex (a few updates per request); per-expert routing counts are relaxed atomics
+// written by the engine thread's routing hook on every MoE layer and read by /metrics.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace ef::launch {
+
+class ServerMetrics {
+ public:
+  ServerMetrics(int num_layers, int num_experts);
+
+  // One finished HTTP request on `endpoint` ("/v1/completions", ...) with its status code.
+  void CountRequest(const std::string& endpoint, int status);
+  void AddPromptTokens(int64_t n) { prompt_tokens_.fetch_add(n, std::memory_order_relaxed); }
+  void AddGeneratedTokens(int64_t n) { generated_tokens_.fetch_add(n, std::memory_order_relaxed); }
+  void SetQueueDepth(int64_t waiting, int64_t running) {
+    waiting_.store(waiting, std::memory_order_relaxed);
+    running_.store(running, std::memory_order_relaxed);
+  }
+  void ObserveLatency(double seconds);
+  void ObserveTimeToFirstToken(double seconds);
+  void ObserveInterTokenLatency(double seconds);
+  void CountStep(int64_t batch_tokens);
+  // Routing hook target: `num_tokens * top_k` expert ids of MoE layer `layer`.
+  void CountRouting(int layer, const int32_t* ids, int64_t n);
+
+  // The whole exposition, ready to serve with content type text/plain; version=0.0.4.
+  std::string Render() const;
+
+  int64_t expert_tokens(int layer, int expert) const {
+    return expert_tokens_[static_cast<size_t>(layer) * num_experts_ + expert].load(std::memory_order_relaxed);
+  }
+
+ private:
+  static constexpr std::array<double, 15> kBuckets = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                                      0.5,   1.0,    2.5,   5.0,  10.0,  30.0, 60.0};
+  struct Histogram {
+    std::array<uint64_t, kBuckets.size()> counts{};  // non-cumulative per bucket
+    uint64_t count = 0;
+    double sum = 0;
+    void Observe(double v);
+    void Render(const std::string& name, const std::string& help, std::string* out) const;
+  };
+
+  const int num_layers_;
+  const int num_experts_;
+  mutable std::mutex mu_;
+  std::map<std::pair<std::string, int>, uint64_t> requests_;  // (endpoint, status) -> count
+  Histogram latency_, ttft_, itl_;
+  std::atomic<int64_t> prompt_tokens_{0}, generated_tokens_{0}, waiting_{0}, running_{0};
+  std::atomic<int64_t> steps_{0}, step_tokens_{0};
+  std::unique_ptr<std::atomic<int64_t>[]> expert_tokens_;
+};
+
+}  // namespace ef::launch

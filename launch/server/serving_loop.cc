@@ -1,0 +1,281 @@
+#include "launch/server/serving_loop.h"
+
+#include <algorithm>
+#include <optional>
+
+#include "runtime/core/logging.h"
+
+namespace ef::launch {
+
+using Clock = std::chrono::steady_clock;
+using runtime::FinishReason;
+
+// --- RequestStream ---
+
+StreamUpdate RequestStream::Take(std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait_for(lock, timeout, [&] { return done_ || !pending_.empty(); });
+  StreamUpdate u;
+  u.text.swap(pending_);
+  u.num_tokens = num_tokens_;
+  u.done = done_;
+  u.finish = finish_;
+  u.error = error_;
+  return u;
+}
+
+void RequestStream::Cancel() {
+  std::lock_guard<std::mutex> lock(mu_);
+  cancelled_ = true;
+}
+
+bool RequestStream::cancelled() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return cancelled_;
+}
+
+void RequestStream::Push(const std::string& text, int num_tokens) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    pending_ += text;
+    num_tokens_ = num_tokens;
+  }
+  cv_.notify_all();
+}
+
+void RequestStream::Finish(FinishReason finish, Status error) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    done_ = true;
+    finish_ = finish;
+    error_ = std::move(error);
+  }
+  cv_.notify_all();
+}
+
+// --- ServingLoop ---
+
+struct ServingLoop::Active {
+  ServeRequest request;
+  std::shared_ptr<RequestStream> stream;
+  Clock::time_point arrival;
+  Clock::time_point last_token;
+  int64_t seq = -1;
+  bool prefilled = false;
+  int32_t last = 0;
+  std::vector<int32_t> generated;
+  std::unique_ptr<runtime::Sampler> sampler;
+  std::unique_ptr<runtime::StreamDecoder> decoder;
+  std::string text;    // decoded so far (cut at a stop string once found)
+  size_t emitted = 0;  // bytes of `text` already pushed to the stream
+  size_t max_stop = 0;
+
+  // Length of the longest suffix of text[emitted:] that begins some stop string.
+  size_t HeldBack() const {
+    size_t held = 0;
+    const size_t avail = text.size() - emitted;
+    for (const std::string& s : request.stop) {
+      for (size_t len = std::min(avail, s.size() - 1); len > held; --len) {
+        if (text.compare(text.size() - len, len, s, 0, len) == 0) {
+          held = len;
+          break;
+        }
+      }
+    }
+    return held;
+  }
+};
+
+ServingLoop::ServingLoop(std::unique_ptr<runtime::Engine> engine, runtime::Tokenizer tokenizer, ServerMetrics* metrics,
+                         ServingLoopOptions options)
+    : engine_(std::move(engine)),
+      tokenizer_(std::move(tokenizer)),
+      metrics_(metrics),
+      options_(options),
+      config_(engine_->config()),
+      max_seq_len_(engine_->max_seq_len()) {
+  engine_->AddRoutingHook([m = metrics_](runtime::LayerRouting& r) {
+    m->CountRouting(r.layer, r.ids.data(), static_cast<int64_t>(r.ids.size()));
+    return Status::Ok();
+  });
+  thread_ = std::thread([this] { Run(); });
+}
+
+ServingLoop::~ServingLoop() { Stop(); }
+
+StatusOr<std::shared_ptr<RequestStream>> ServingLoop::Submit(ServeRequest request) {
+  if (request.prompt.empty()) return InvalidArgument("the prompt is empty");
+  if (static_cast<int64_t>(request.prompt.size()) >= max_seq_len_)
+    return InvalidArgument("the prompt has " + std::to_string(request.prompt.size()) + " tokens; the context holds " +
+                           std::to_string(max_seq_len_));
+  if (request.max_new_tokens < 0) return InvalidArgument("max_tokens must be >= 0");
+  if (static_cast<int64_t>(request.prompt.size()) + request.max_new_tokens > max_seq_len_)
+    return InvalidArgument("prompt (" + std::to_string(request.prompt.size()) + " tokens) + max_tokens (" +
+                           std::to_string(request.max_new_tokens) + ") exceeds the context of " +
+                           std::to_string(max_seq_len_) + " tokens");
+  EF_RETURN_IF_ERROR(request.sampling.Validate());
+  auto a = std::make_unique<Active>();
+  a->stream = std::make_shared<RequestStream>();
+  a->stream->prompt_tokens_ = static_cast<int>(request.prompt.size());
+  a->request = std::move(request);
+  a->arrival = Clock::now();
+  for (const std::string& s : a->request.stop) a->max_stop = std::max(a->max_stop, s.size());
+  std::shared_ptr<RequestStream> stream = a->stream;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_) return Unavailable("the server is shutting down");
+    if (static_cast<int>(waiting_.size()) >= options_.max_queue)
+      return Unavailable("the request queue is full (" + std::to_string(options_.max_queue) + " waiting)");
+    waiting_.push_back(std::move(a));
+  }
+  cv_.notify_all();
+  return stream;
+}
+
+void ServingLoop::Stop() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+void ServingLoop::Run() {
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      // Bounded wait: the loop also re-checks cancellations of running requests.
+      if (running_.empty()) {
+        cv_.wait_for(lock, std::chrono::milliseconds(200), [&] { return stopping_ || !waiting_.empty(); });
+        if (waiting_.empty() && stopping_) break;
+      }
+      while (!waiting_.empty() && static_cast<int>(running_.size()) < options_.max_batch) {
+        running_.push_back(std::move(waiting_.front()));
+        waiting_.pop_front();
+      }
+      metrics_->SetQueueDepth(static_cast<int64_t>(waiting_.size()), static_cast<int64_t>(running_.size()));
+    }
+    if (!running_.empty()) Step();
+  }
+  EF_LOG(INFO, SERVE, "engine thread done");
+}
+
+void ServingLoop::Step() {
+  const auto is_eos = [&](int32_t t) {
+    return std::find(config_.eos_token_ids.begin(), config_.eos_token_ids.end(), t) != config_.eos_token_ids.end();
+  };
+  auto finish = [&](Active& a, FinishReason r, Status error) {
+    if (a.seq >= 0) engine_->RemoveSequence(a.seq);
+    a.seq = -1;
+    if (a.emitted < a.text.size()) a.stream->Push(a.text.substr(a.emitted), static_cast<int>(a.generated.size()));
+    a.emitted = a.text.size();
+    a.stream->Finish(r, std::move(error));
+    const double latency = std::chrono::duration<double>(Clock::now() - a.arrival).count();
+    metrics_->ObserveLatency(latency);
+  };
+
+  // Admit new sequences; drop cancelled ones.
+  for (auto& a : running_) {
+    if (a->seq < 0 && !a->prefilled) {
+      a->seq = next_seq_++;
+      Status s = engine_->AddSequence(a->seq);
+      if (!s.ok()) {
+        a->seq = -1;
+        finish(*a, FinishReason::kCancelled, s);
+        a.reset();
+        continue;
+      }
+      a->sampler = std::make_unique<runtime::Sampler>(a->request.sampling);
+      a->decoder = std::make_unique<runtime::StreamDecoder>(tokenizer_, /*skip_special=*/true);
+      if (a->request.max_new_tokens == 0) {
+        finish(*a, FinishReason::kLength, Status::Ok());
+        a.reset();
+        continue;
+      }
+    }
+    if (a && a->stream->cancelled()) {
+      finish(*a, FinishReason::kCancelled, Status::Ok());
+      a.reset();
+    }
+  }
+  running_.erase(std::remove(running_.begin(), running_.end(), nullptr), running_.end());
+  if (running_.empty()) return;
+
+  std::vector<runtime::SeqChunk> batch;
+  batch.reserve(running_.size());
+  int64_t tokens = 0;
+  int64_t prompt_tokens = 0;
+  for (auto& a : running_) {
+    if (!a->prefilled) {
+      batch.push_back(runtime::SeqChunk{a->seq, a->request.prompt, false});
+      prompt_tokens += static_cast<int64_t>(a->request.prompt.size());
+    } else {
+      batch.push_back(runtime::SeqChunk{a->seq, {&a->last, 1}, false});
+    }
+    tokens += static_cast<int64_t>(batch.back().tokens.size());
+  }
+  runtime::ForwardResult fr;
+  Status s = engine_->Forward(batch, &fr);
+  metrics_->CountStep(tokens);
+  metrics_->AddPromptTokens(prompt_tokens);
+  if (!s.ok()) {
+    EF_LOG(ERROR, SERVE, "forward pass failed: %s", s.ToString().c_str());
+    for (auto& a : running_) finish(*a, FinishReason::kCancelled, s);
+    running_.clear();
+    return;
+  }
+  const Clock::time_point now = Clock::now();
+  const int vocab = config_.vocab_size;
+  for (size_t b = 0; b < running_.size(); ++b) {
+    Active& a = *running_[b];
+    std::span<const float> row(fr.logits.data() + static_cast<size_t>(fr.row_offset[b]) * vocab, vocab);
+    const int32_t tok = a.sampler->Sample(row);
+    if (!a.prefilled) {
+      a.prefilled = true;
+      metrics_->ObserveTimeToFirstToken(std::chrono::duration<double>(now - a.arrival).count());
+    } else {
+      metrics_->ObserveInterTokenLatency(std::chrono::duration<double>(now - a.last_token).count());
+    }
+    a.last_token = now;
+    a.last = tok;
+    a.generated.push_back(tok);
+    metrics_->AddGeneratedTokens(1);
+    const bool eos = !a.request.ignore_eos && is_eos(tok);
+    if (!eos) a.text += a.decoder->Push(tok);
+    std::optional<FinishReason> done;
+    if (eos) {
+      done = FinishReason::kStop;
+    } else {
+      // A stop string can only begin at or after `emitted` (everything that could start one is held back).
+      for (const std::string& st : a.request.stop) {
+        const size_t at = a.text.find(st, a.emitted);
+        if (at != std::string::npos) {
+          a.text.resize(at);
+          done = FinishReason::kStop;
+        }
+      }
+    }
+    if (!done && static_cast<int>(a.generated.size()) >= a.request.max_new_tokens) done = FinishReason::kLength;
+    if (!done && engine_->SequenceLength(a.seq) + 1 >= max_seq_len_) done = FinishReason::kContext;
+    if (done) {
+      if (*done != FinishReason::kStop || eos) a.text += a.decoder->Flush();
+      // Flushed text may complete a stop string.
+      for (const std::string& st : a.request.stop) {
+        const size_t at = a.text.find(st, a.emitted);
+        if (at != std::string::npos) a.text.resize(at), done = FinishReason::kStop;
+      }
+      finish(a, *done, Status::Ok());
+      running_[b].reset();
+      continue;
+    }
+    const size_t ready = a.text.size() - a.HeldBack();
+    if (ready > a.emitted) {
+      a.stream->Push(a.text.substr(a.emitted, ready - a.emitted), static_cast<int>(a.generated.size()));
+      a.emitted = ready;
+    }
+  }
+  running_.erase(std::remove(running_.begin(), running_.end(), nullptr), running_.end());
+}
+
+}  // namespace ef::launch

@@ -1,0 +1,122 @@
+// ServingLoop: the engine thread of `expertflow serve`, running continuous batching.
+//
+// HTTP handler threads Submit() requests and get a RequestStream back; the engine thread owns
+// the Engine. Between two forward passes it admits waiting requests into the running batch (up
+// to `max_batch` sequences), so a new request's prefill runs in the same Forward() as the
+// running requests' decode steps: requests join and leave the batch at every step, they are
+// never serialised whole. Each request has its own Sampler (seeded per request), its own
+// StreamDecoder and its stop strings; text reaches the stream as soon as it cannot be the
+// beginning of a stop string.
+//
+// (scheduler::ContinuousBatcher plans a fixed number of decode steps per request and has no way
+// to drop a request that stops early on EOS, a stop string or a disconnect, so the loop keeps
+// its own FIFO admission; its units are the same: a whole prompt or one decode token.)
+//
+// Thread safety: Submit/Stop and every RequestStream method may be called from any thread.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "launch/server/server_metrics.h"
+#include "runtime/engine/engine.h"
+#include "runtime/engine/generator.h"
+#include "runtime/engine/sampler.h"
+#include "runtime/tokenizer/tokenizer.h"
+
+namespace ef::launch {
+
+struct ServeRequest {
+  std::vector<int32_t> prompt;  // >= 1 token, < the engine's context
+  int max_new_tokens = 16;      // >= 0, prompt + max_new_tokens <= context
+  runtime::SamplingParams sampling;
+  std::vector<std::string> stop;  // the text ends before the first occurrence of any of them
+  bool ignore_eos = false;
+};
+
+// What a handler has not consumed yet of one request's output.
+struct StreamUpdate {
+  std::string text;    // new text since the previous Take
+  int num_tokens = 0;  // generated tokens so far
+  bool done = false;
+  runtime::FinishReason finish = runtime::FinishReason::kLength;
+  Status error;  // set when the engine failed; done is then true
+};
+
+// The channel from the engine thread to one handler thread.
+class RequestStream {
+ public:
+  // Waits up to `timeout` for new text or the end; returns what arrived (possibly nothing).
+  StreamUpdate Take(std::chrono::milliseconds timeout);
+  // The client went away: the engine drops the request at its next step.
+  void Cancel();
+  bool cancelled() const;
+  int prompt_tokens() const { return prompt_tokens_; }
+
+ private:
+  friend class ServingLoop;
+  void Push(const std::string& text, int num_tokens);
+  void Finish(runtime::FinishReason finish, Status error);
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::string pending_;
+  int num_tokens_ = 0;
+  bool done_ = false;
+  bool cancelled_ = false;
+  runtime::FinishReason finish_ = runtime::FinishReason::kLength;
+  Status error_;
+  int prompt_tokens_ = 0;
+};
+
+struct ServingLoopOptions {
+  int max_batch = 32;    // sequences in the running batch (each holds a KV cache of the full context)
+  int max_queue = 4096;  // waiting requests beyond this are refused (Unavailable)
+};
+
+class ServingLoop {
+ public:
+  // Takes ownership of the engine; `metrics` must outlive the loop. Starts the engine thread.
+  ServingLoop(std::unique_ptr<runtime::Engine> engine, runtime::Tokenizer tokenizer, ServerMetrics* metrics,
+              ServingLoopOptions options);
+  ~ServingLoop();  // Stop()s
+
+  // Queues a request. Errors: InvalidArgument (does not fit the context), Unavailable (stopping
+  // or the queue is full).
+  StatusOr<std::shared_ptr<RequestStream>> Submit(ServeRequest request);
+  // Refuses new requests, lets every queued and running request finish, joins the engine thread.
+  void Stop();
+
+  int max_seq_len() const { return max_seq_len_; }
+  const runtime::ModelConfig& config() const { return config_; }
+
+ private:
+  struct Active;
+  void Run();
+  // One step over the running batch; finished requests leave it.
+  void Step();
+
+  std::unique_ptr<runtime::Engine> engine_;
+  runtime::Tokenizer tokenizer_;
+  ServerMetrics* metrics_;
+  ServingLoopOptions options_;
+  runtime::ModelConfig config_;
+  int max_seq_len_;
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::unique_ptr<Active>> waiting_;   // guarded by mu_
+  bool stopping_ = false;                         // guarded by mu_
+  std::vector<std::unique_ptr<Active>> running_;  // engine thread only
+  int64_t next_seq_ = 1;                          // engine thread only
+  std::thread thread_;
+};
+
+}  // namespace ef::launch
