@@ -1,0 +1,359 @@
+#include "runtime/backend/cuda/cuda_backend.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "runtime/backend/cuda/cuda_check.h"
+#include "runtime/backend/cuda/cuda_kernels.h"
+#include "runtime/core/logging.h"
+#include "runtime/core/params.h"
+
+EF_PARAM(CudaBf16Weights, bool, "EF_CUDA_BF16_WEIGHTS", false,
+         "cuda backend: store F32 weight matrices as BF16 (bf16 GEMMs with fp32 accumulation)");
+EF_PARAM(CudaMemoryBudgetMiB, int64_t, "EF_CUDA_MEMORY_BUDGET_MIB", 0,
+         "cuda backend: device memory the backend may hold, MiB (0: free memory at start less 1 GiB)");
+
+namespace ef::runtime {
+namespace {
+
+constexpr size_t kAlign = 256;
+size_t Padded(size_t bytes) { return (std::max<size_t>(bytes, 1) + kAlign - 1) / kAlign * kAlign; }
+
+std::string MiB(size_t bytes) { return std::to_string(bytes >> 20) + " MiB"; }
+
+cudaDataType_t CudaType(DType t) {
+  switch (t) {
+    case DType::kBF16:
+      return CUDA_R_16BF;
+    case DType::kF16:
+      return CUDA_R_16F;
+    default:
+      return CUDA_R_32F;
+  }
+}
+
+}  // namespace
+
+CudaBackendOptions CudaBackendOptions::FromParams(int device) {
+  CudaBackendOptions o;
+  o.device = device;
+  o.bf16_weights = params::CudaBf16Weights();
+  o.memory_budget = static_cast<size_t>(std::max<int64_t>(0, params::CudaMemoryBudgetMiB())) << 20;
+  return o;
+}
+
+StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(const CudaBackendOptions& options) {
+  std::unique_ptr<CudaBackend> b(new CudaBackend(options));
+  EF_RETURN_IF_ERROR(b->Init());
+  return b;
+}
+
+Status CudaBackend::Init() {
+  int count = 0;
+  CUDA_CHECK(cudaGetDeviceCount(&count));
+  if (options_.device < 0 || options_.device >= count)
+    return InvalidArgument("cuda backend: device " + std::to_string(options_.device) + " requested, " +
+                           std::to_string(count) + " visible");
+  CUDA_CHECK(cudaSetDevice(options_.device));
+  cudaDeviceProp prop{};
+  CUDA_CHECK(cudaGetDeviceProperties(&prop, options_.device));
+  num_sms_ = prop.multiProcessorCount;
+  name_ = "cuda:" + std::to_string(options_.device) + " (" + prop.name + ")";
+  size_t free_b = 0, total_b = 0;
+  CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+  budget_ = options_.memory_budget > 0 ? options_.memory_budget
+                                       : (free_b > (size_t{1} << 30) ? free_b - (size_t{1} << 30) : free_b / 2);
+
+  CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  // Freed blocks stay in the pool: steady-state allocation never returns memory to the driver
+  // (which would synchronise).
+  cudaMemPool_t pool;
+  CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, options_.device));
+  uint64_t threshold = UINT64_MAX;
+  CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold));
+
+  CUBLAS_CHECK(cublasCreate(&cublas_));
+  CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
+  // fp32 GEMMs stay fp32 (no TF32): the fp32 path must agree with the CPU reference.
+  CUBLAS_CHECK(cublasSetMathMode(cublas_, CUBLAS_DEFAULT_MATH));
+  CUDA_CHECK(cudaMalloc(&cublas_ws_, options_.cublas_workspace_bytes));
+  CUBLAS_CHECK(cublasSetWorkspace(cublas_, cublas_ws_, options_.cublas_workspace_bytes));
+
+  void* staging = nullptr;
+  CUDA_CHECK(cudaMallocHost(&staging, options_.staging_bytes));
+  staging_ = static_cast<std::byte*>(staging);
+  EF_LOG(INFO, CUDA, "cuda backend on %s: %d sms, budget %s, %s weights", name_.c_str(), num_sms_,
+         MiB(budget_).c_str(), options_.bf16_weights ? "bf16" : "native");
+  return Status::Ok();
+}
+
+CudaBackend::~CudaBackend() {
+  // Destructors never throw; errors here are logged only.
+  Status ignored;
+  if (stream_) CUDA_CHECK_LOG(cudaStreamSynchronize(stream_), &ignored);
+  for (auto& [p, bytes] : weights_) DeviceFree(p, bytes);
+  weights_.clear();
+  if (act_) DeviceFree(act_, act_cap_);
+  if (attn_ws_) DeviceFree(attn_ws_, attn_ws_cap_);
+  if (stream_) CUDA_CHECK_LOG(cudaStreamSynchronize(stream_), &ignored);
+  for (Pending& p : pending_) free_events_.push_back(p.done);
+  pending_.clear();
+  for (cudaEvent_t e : free_events_) CUDA_CHECK_LOG(cudaEventDestroy(e), &ignored);
+  if (cublas_) CUBLAS_CHECK_LOG(cublasDestroy(cublas_), &ignored);
+  if (cublas_ws_) CUDA_CHECK_LOG(cudaFree(cublas_ws_), &ignored);
+  if (staging_) CUDA_CHECK_LOG(cudaFreeHost(staging_), &ignored);
+  if (stream_) CUDA_CHECK_LOG(cudaStreamDestroy(stream_), &ignored);
+  if (bytes_in_use_.load() != 0)
+    EF_LOG(WARN, CUDA, "cuda backend destroyed with %zu bytes still allocated", bytes_in_use_.load());
+}
+
+// --- memory ---
+
+StatusOr<void*> CudaBackend::DeviceAlloc(size_t bytes) {
+  const size_t padded = Padded(bytes);
+  const size_t in_use = bytes_in_use_.load();
+  if (in_use + padded > budget_)
+    return ResourceExhausted("cuda backend: cannot allocate " + std::to_string(bytes) + " bytes on " + name_ + ": " +
+                             std::to_string(in_use) + " of the budget of " + std::to_string(budget_) +
+                             " bytes are in use");
+  void* p = nullptr;
+  cudaError_t e = cudaMallocAsync(&p, padded, stream_);
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();  // clear the non-sticky allocation error
+    return ResourceExhausted("cuda backend: cannot allocate " + std::to_string(bytes) + " bytes on " + name_ + " (" +
+                             cudaGetErrorString(e) + "); " + std::to_string(in_use) + " of the budget of " +
+                             std::to_string(budget_) + " bytes are in use");
+  }
+  bytes_in_use_ += padded;
+  return p;
+}
+
+void CudaBackend::DeviceFree(void* p, size_t bytes) {
+  if (!p) return;
+  CUDA_CHECK_LOG(cudaFreeAsync(p, stream_), &error_);
+  bytes_in_use_ -= Padded(bytes);
+}
+
+StatusOr<Buffer> CudaBackend::Allocate(size_t bytes) {
+  EF_ASSIGN_OR_RETURN(void* p, DeviceAlloc(bytes));
+  CUDA_CHECK(cudaMemsetAsync(p, 0, Padded(bytes), stream_));
+  return Buffer(this, p, bytes);
+}
+
+void CudaBackend::Free(void* ptr, size_t bytes) { DeviceFree(ptr, bytes); }
+
+void* CudaBackend::EnsureScratch(void** buf, size_t* cap, size_t bytes) {
+  if (*cap >= bytes) return *buf;
+  if (*buf) DeviceFree(*buf, *cap);
+  *buf = nullptr;
+  *cap = 0;
+  const size_t want = bytes + bytes / 2;
+  auto p = DeviceAlloc(want);
+  if (!p.ok()) {
+    EF_LOG(ERROR, CUDA, "%s", p.status().ToString().c_str());
+    if (error_.ok()) error_ = p.status();
+    return nullptr;
+  }
+  *buf = p.value();
+  *cap = want;
+  return *buf;
+}
+
+void CudaBackend::RetireFinishedCopies(bool all_done) {
+  while (!pending_.empty()) {
+    if (!all_done) {
+      cudaError_t e = cudaEventQuery(pending_.front().done);
+      if (e == cudaErrorNotReady) break;
+      CUDA_CHECK_LOG(e, &error_);
+    }
+    free_events_.push_back(pending_.front().done);
+    pending_.pop_front();
+  }
+}
+
+// Copies through the pinned ring: memcpy into the ring, async DMA from it, an event marks when
+// that part of the ring may be reused. The caller's buffer is free on return.
+void CudaBackend::Stage(void* dst, const void* src, size_t bytes) {
+  const size_t cap = options_.staging_bytes;
+  const size_t max_chunk = cap / 2;
+  auto* d = static_cast<std::byte*>(dst);
+  const auto* s = static_cast<const std::byte*>(src);
+  RetireFinishedCopies(false);
+  while (bytes > 0) {
+    const size_t n = std::min(bytes, max_chunk);
+    if (staging_head_ + n > cap) staging_head_ = 0;
+    const size_t begin = staging_head_, end = begin + n;
+    // Wait (on that copy's event only) for in-flight copies still reading this part of the ring.
+    while (std::any_of(pending_.begin(), pending_.end(), [&](const Pending& p) { return p.begin < end && begin < p.end; })) {
+      CUDA_CHECK_LOG(cudaEventSynchronize(pending_.front().done), &error_);
+      free_events_.push_back(pending_.front().done);
+      pending_.pop_front();
+    }
+    std::memcpy(staging_ + begin, s, n);
+    CUDA_CHECK_LOG(cudaMemcpyAsync(d, staging_ + begin, n, cudaMemcpyHostToDevice, stream_), &error_);
+    cudaEvent_t ev;
+    if (free_events_.empty()) {
+      if (!CUDA_CHECK_LOG(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), &error_)) return;
+    } else {
+      ev = free_events_.back();
+      free_events_.pop_back();
+    }
+    CUDA_CHECK_LOG(cudaEventRecord(ev, stream_), &error_);
+    pending_.push_back({begin, end, ev});
+    staging_head_ = end;
+    d += n;
+    s += n;
+    bytes -= n;
+  }
+}
+
+void CudaBackend::CopyToDevice(void* dst, const void* host_src, size_t bytes) {
+  if (bytes == 0) return;
+  Stage(dst, host_src, bytes);
+}
+
+void CudaBackend::CopyToHost(void* host_dst, const void* src, size_t bytes) {
+  if (bytes == 0) return;
+  CUDA_CHECK_LOG(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, stream_), &error_);
+  CUDA_CHECK_LOG(cudaStreamSynchronize(stream_), &error_);
+  RetireFinishedCopies(true);
+}
+
+void CudaBackend::CopyOnDevice(void* dst, const void* src, size_t bytes) {
+  if (bytes == 0) return;
+  CUDA_CHECK_LOG(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_), &error_);
+}
+
+void CudaBackend::Synchronize() {
+  CUDA_CHECK_LOG(cudaStreamSynchronize(stream_), &error_);
+  RetireFinishedCopies(true);
+}
+
+StatusOr<Weight> CudaBackend::AllocateWeight(DType dtype, int64_t rows, int64_t cols) {
+  if (!IsFloatWeight(dtype))
+    return InvalidArgument(std::string("cuda backend: weights must be F32, F16 or BF16, got ") + DTypeName(dtype));
+  const size_t bytes = static_cast<size_t>(rows * cols) * DTypeSize(dtype);
+  EF_ASSIGN_OR_RETURN(void* p, DeviceAlloc(bytes));
+  weights_.emplace_back(p, bytes);
+  return Weight{dtype, p, rows, cols};
+}
+
+StatusOr<Weight> CudaBackend::UploadWeight(DType dtype, const void* host_data, int64_t rows, int64_t cols) {
+  if (!IsFloatWeight(dtype))
+    return InvalidArgument(std::string("cuda backend: weights must be F32, F16 or BF16, got ") + DTypeName(dtype));
+  const size_t n = static_cast<size_t>(rows * cols);
+  const bool to_bf16 = options_.bf16_weights && dtype == DType::kF32 && rows > 1;
+  const DType stored = to_bf16 ? DType::kBF16 : dtype;
+  EF_ASSIGN_OR_RETURN(Weight w, AllocateWeight(stored, rows, cols));
+  if (to_bf16) {
+    // Round on the host chunk by chunk (F32ToBf16: nearest even), staged like any copy.
+    std::vector<uint16_t> tmp(std::min<size_t>(n, size_t{1} << 20));
+    const float* f = static_cast<const float*>(host_data);
+    for (size_t off = 0; off < n; off += tmp.size()) {
+      const size_t c = std::min(tmp.size(), n - off);
+      for (size_t i = 0; i < c; ++i) tmp[i] = F32ToBf16(f[off + i]);
+      Stage(static_cast<uint16_t*>(const_cast<void*>(w.data)) + off, tmp.data(), c * sizeof(uint16_t));
+    }
+  } else {
+    Stage(const_cast<void*>(w.data), host_data, n * DTypeSize(dtype));
+  }
+  EF_RETURN_IF_ERROR(error_);
+  return w;
+}
+
+// --- ops ---
+
+void CudaBackend::Embed(const int32_t* ids, int n, const Weight& table, float* out) {
+  CUDA_CHECK_LOG(cuda::launch_embed(ids, n, table.data, table.dtype, table.cols, out, stream_), &error_);
+}
+
+void CudaBackend::RmsNorm(const float* x, int64_t rows, int dim, const Weight& w, float eps, float* out) {
+  CUDA_CHECK_LOG(cuda::launch_rms_norm(x, rows, dim, w.data, w.dtype, eps, out, stream_), &error_);
+}
+
+void CudaBackend::Gemm(const float* x, int64_t m, const Weight& w, const Weight* bias, float* y, bool accumulate) {
+  if (m <= 0) return;
+  const int64_t n = w.rows, k = w.cols;
+  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+  const void* a = x;
+  if (w.dtype != DType::kF32) {
+    // cuBLAS wants A and B of one type: the activations meet the weights in bf16/f16.
+    void* xc = EnsureScratch(&act_, &act_cap_, static_cast<size_t>(m * k) * DTypeSize(w.dtype));
+    if (!xc) return;
+    CUDA_CHECK_LOG(cuda::launch_convert_f32(x, xc, w.dtype, m * k, stream_), &error_);
+    a = xc;
+  }
+  // Row-major y[m, n] = x[m, k] . w[n, k]^T is column-major y^T[n, m] = w^T . x^T: w is a
+  // column-major [k, n] matrix used transposed, x a column-major [k, m] matrix.
+  CUBLAS_CHECK_LOG(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(m),
+                                static_cast<int>(k), &alpha, w.data, CudaType(w.dtype), static_cast<int>(k), a,
+                                CudaType(w.dtype), static_cast<int>(k), &beta, y, CUDA_R_32F, static_cast<int>(n),
+                                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                   &error_);
+  if (bias && !bias->empty())
+    CUDA_CHECK_LOG(cuda::launch_add_bias(y, m, n, bias->data, bias->dtype, stream_), &error_);
+}
+
+void CudaBackend::Rope(float* x, const int32_t* positions, int64_t rows, int num_heads, int head_dim, float theta) {
+  CUDA_CHECK_LOG(cuda::launch_rope(x, positions, rows, num_heads, head_dim, theta, stream_), &error_);
+}
+
+void CudaBackend::Attention(const float* q, int n_new, const float* k, const float* v, int n_total, int num_heads,
+                            int num_kv_heads, int head_dim, float* out) {
+  const int splits = cuda::attention_num_splits(n_new, n_total, num_heads, num_kv_heads, head_dim, num_sms_);
+  float* ws = nullptr;
+  if (splits > 1) {
+    const size_t floats = cuda::attention_workspace_floats(n_new, num_heads, head_dim, splits);
+    ws = static_cast<float*>(EnsureScratch(&attn_ws_, &attn_ws_cap_, floats * sizeof(float)));
+    if (!ws) return;
+  }
+  CUDA_CHECK_LOG(cuda::launch_attention(q, n_new, k, v, n_total, num_heads, num_kv_heads, head_dim, out, ws, splits,
+                                        stream_),
+                 &error_);
+}
+
+void CudaBackend::SiluMul(const float* gate, const float* up, float* out, int64_t n) {
+  CUDA_CHECK_LOG(cuda::launch_silu_mul(gate, up, out, n, stream_), &error_);
+}
+
+void CudaBackend::Add(float* y, const float* x, int64_t n) {
+  CUDA_CHECK_LOG(cuda::launch_add(y, x, n, stream_), &error_);
+}
+
+void CudaBackend::Clamp(float* x, int64_t n, float c) { CUDA_CHECK_LOG(cuda::launch_clamp(x, n, c, stream_), &error_); }
+
+void CudaBackend::RouterTopK(const float* logits, int64_t rows, int num_experts, int k, bool renormalize, int32_t* ids,
+                             float* weights) {
+  CUDA_CHECK_LOG(cuda::launch_router_topk(logits, rows, num_experts, k, renormalize, ids, weights, stream_), &error_);
+}
+
+void CudaBackend::GatherRows(const float* src, const int32_t* idx, int64_t n, int dim, float* dst) {
+  CUDA_CHECK_LOG(cuda::launch_gather_rows(src, idx, n, dim, dst, stream_), &error_);
+}
+
+void CudaBackend::ScatterAddRows(const float* src, const int32_t* idx, const float* scale, int64_t n, int dim,
+                                 float* dst) {
+  CUDA_CHECK_LOG(cuda::launch_scatter_add_rows(src, idx, scale, n, dim, dst, stream_), &error_);
+}
+
+void CudaBackend::AddSigmoidGated(const float* src, const float* gate_logit, int64_t rows, int dim, float* dst) {
+  CUDA_CHECK_LOG(cuda::launch_add_sigmoid_gated(src, gate_logit, rows, dim, dst, stream_), &error_);
+}
+
+// --- factory hooks of backend.cc ---
+
+StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(int device) {
+  EF_ASSIGN_OR_RETURN(std::unique_ptr<CudaBackend> b, CudaBackend::Create(CudaBackendOptions::FromParams(device)));
+  return std::unique_ptr<Backend>(std::move(b));
+}
+
+bool CudaDeviceAvailable() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return count > 0;
+}
+
+}  // namespace ef::runtime

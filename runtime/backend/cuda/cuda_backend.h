@@ -1,0 +1,132 @@
+// CudaBackend: the Backend ops on one GPU, with cuBLAS for the GEMMs.
+//
+// Streams and events: every op, copy, allocation and free is enqueued on one compute stream that
+// the backend owns (non-blocking with respect to the legacy default stream). Nothing waits for
+// the device except CopyToHost and Synchronize (that stream only), a staging-ring wrap that finds
+// an earlier host->device copy still in flight (waits on that copy's event), and UploadWeight.
+// Host->device copies go through a pinned staging ring so the caller's host memory is free on
+// return without a device sync.
+//
+// Memory: one allocator (cudaMallocAsync on the compute stream from the device's default pool,
+// kept across frees so steady-state decode never calls into the driver) with accounting:
+// bytes_in_use() counts every live buffer and weight; a request past `memory_budget` (or one the
+// driver refuses) is ResourceExhausted naming the requested bytes and the budget.
+//
+// Errors: ops return void (the Backend contract). A failing CUDA/cuBLAS call is logged once with
+// its statement and file:line and kept: status() returns the first error.
+//
+// Not thread-safe: one engine drives one backend.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include <atomic>
+#include <deque>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "runtime/backend/backend.h"
+
+namespace ef::runtime {
+
+struct CudaBackendOptions {
+  int device = 0;
+  // Store F32 matrices (rows > 1) as BF16 at upload; GEMMs then run bf16 x bf16 with fp32
+  // accumulation. 1-D vectors (norms, biases) stay F32. Default: EF_CUDA_BF16_WEIGHTS.
+  bool bf16_weights = false;
+  // Bytes of device memory the backend may hold; 0: free memory at creation less 1 GiB.
+  // Default: EF_CUDA_MEMORY_BUDGET_MIB.
+  size_t memory_budget = 0;
+  // Pinned host staging ring for host->device copies.
+  size_t staging_bytes = size_t{64} << 20;
+  // cuBLAS workspace (given to cuBLAS so it never allocates by itself).
+  size_t cublas_workspace_bytes = size_t{32} << 20;
+
+  // The defaults with the EF_CUDA_* knobs applied.
+  static CudaBackendOptions FromParams(int device);
+};
+
+class CudaBackend final : public Backend {
+ public:
+  static StatusOr<std::unique_ptr<CudaBackend>> Create(const CudaBackendOptions& options);
+  ~CudaBackend() override;
+
+  BackendKind kind() const override { return BackendKind::kCuda; }
+  std::string name() const override { return name_; }
+
+  StatusOr<Buffer> Allocate(size_t bytes) override;
+  void Free(void* ptr, size_t bytes) override;
+  void CopyToDevice(void* dst, const void* host_src, size_t bytes) override;
+  void CopyToHost(void* host_dst, const void* src, size_t bytes) override;
+  void CopyOnDevice(void* dst, const void* src, size_t bytes) override;
+  void Synchronize() override;
+  StatusOr<Weight> UploadWeight(DType dtype, const void* host_data, int64_t rows, int64_t cols) override;
+  size_t bytes_in_use() const override { return bytes_in_use_.load(); }
+
+  void Embed(const int32_t* ids, int n, const Weight& table, float* out) override;
+  void RmsNorm(const float* x, int64_t rows, int dim, const Weight& w, float eps, float* out) override;
+  void Gemm(const float* x, int64_t m, const Weight& w, const Weight* bias, float* y, bool accumulate) override;
+  void Rope(float* x, const int32_t* positions, int64_t rows, int num_heads, int head_dim, float theta) override;
+  void Attention(const float* q, int n_new, const float* k, const float* v, int n_total, int num_heads,
+                 int num_kv_heads, int head_dim, float* out) override;
+  void SiluMul(const float* gate, const float* up, float* out, int64_t n) override;
+  void Add(float* y, const float* x, int64_t n) override;
+  void Clamp(float* x, int64_t n, float c) override;
+  void RouterTopK(const float* logits, int64_t rows, int num_experts, int k, bool renormalize, int32_t* ids,
+                  float* weights) override;
+  void GatherRows(const float* src, const int32_t* idx, int64_t n, int dim, float* dst) override;
+  void ScatterAddRows(const float* src, const int32_t* idx, const float* scale, int64_t n, int dim,
+                      float* dst) override;
+  void AddSigmoidGated(const float* src, const float* gate_logit, int64_t rows, int dim, float* dst) override;
+
+  // --- CUDA specifics ---
+  // The first CUDA/cuBLAS error seen by an op, or OK.
+  Status status() const { return error_; }
+  // The compute stream (for callers that time or fill device memory in stream order).
+  cudaStream_t stream() const { return stream_; }
+  int device() const { return options_.device; }
+  size_t memory_budget() const { return budget_; }
+  const CudaBackendOptions& options() const { return options_; }
+  // A device weight the backend owns, filled by the caller (e.g. synthetic weights generated on
+  // the device); accounted like UploadWeight's.
+  StatusOr<Weight> AllocateWeight(DType dtype, int64_t rows, int64_t cols);
+
+ private:
+  struct Pending {  // an in-flight host->device copy out of the staging ring
+    size_t begin, end;
+    cudaEvent_t done;
+  };
+  explicit CudaBackend(const CudaBackendOptions& options) : options_(options) {}
+  Status Init();
+  StatusOr<void*> DeviceAlloc(size_t bytes);
+  void DeviceFree(void* p, size_t bytes);
+  // Grows a backend-private scratch buffer (stream-ordered, so no sync).
+  void* EnsureScratch(void** buf, size_t* cap, size_t bytes);
+  void Stage(void* dst, const void* src, size_t bytes);
+  void RetireFinishedCopies(bool all_done);
+
+  CudaBackendOptions options_;
+  std::string name_;
+  size_t budget_ = 0;
+  int num_sms_ = 0;
+  std::atomic<size_t> bytes_in_use_{0};
+  Status error_;
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+  void* cublas_ws_ = nullptr;
+  // Pinned staging ring and the copies still reading it (oldest first).
+  std::byte* staging_ = nullptr;
+  size_t staging_head_ = 0;
+  std::deque<Pending> pending_;
+  std::vector<cudaEvent_t> free_events_;
+  // Scratch: activations converted for mixed-precision GEMMs; attention split workspace.
+  void* act_ = nullptr;
+  size_t act_cap_ = 0;
+  void* attn_ws_ = nullptr;
+  size_t attn_ws_cap_ = 0;
+  std::vector<std::pair<void*, size_t>> weights_;  // owned device weights
+};
+
+}  // namespace ef::runtime

@@ -1,0 +1,70 @@
+// Launchers of the CUDA backend's kernels: stateless free functions over raw device pointers,
+// enqueued on `stream`. They own nothing and never synchronise; each returns the launch error
+// (cudaGetLastError) for the caller's CUDA_CHECK. One op per .cu in this folder; host code
+// includes only this plain header, never a .cuh.
+//
+// Weights and weight-like vectors come with their DType (F32, F16 or BF16) and are converted to
+// fp32 on load; activations are fp32 unless a name says otherwise.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "runtime/core/dtype.h"
+
+namespace ef::runtime::cuda {
+
+// out[i, :] = table[ids[i], :] (table [*, cols] of dtype dt)
+cudaError_t launch_embed(const int32_t* ids, int n, const void* table, DType dt, int64_t cols, float* out,
+                         cudaStream_t stream);
+
+// out = x / rms(x) * w over rows of length dim; out may alias x.
+cudaError_t launch_rms_norm(const float* x, int64_t rows, int dim, const void* w, DType wdt, float eps, float* out,
+                            cudaStream_t stream);
+
+// Rotate-half rotary embedding in place on x[rows, num_heads * head_dim].
+cudaError_t launch_rope(float* x, const int32_t* positions, int64_t rows, int num_heads, int head_dim, float theta,
+                        cudaStream_t stream);
+
+// Causal GQA attention of one sequence (see Backend::Attention). `workspace` holds
+// attention_workspace_floats(...) floats when attention_num_splits(...) > 1, else may be null.
+int attention_num_splits(int n_new, int n_total, int num_heads, int num_kv_heads, int head_dim, int num_sms);
+size_t attention_workspace_floats(int n_new, int num_heads, int head_dim, int num_splits);
+cudaError_t launch_attention(const float* q, int n_new, const float* k, const float* v, int n_total, int num_heads,
+                             int num_kv_heads, int head_dim, float* out, float* workspace, int num_splits,
+                             cudaStream_t stream);
+
+// out[i] = silu(gate[i]) * up[i]; out may alias gate or up.
+cudaError_t launch_silu_mul(const float* gate, const float* up, float* out, int64_t n, cudaStream_t stream);
+// y[i] += x[i]
+cudaError_t launch_add(float* y, const float* x, int64_t n, cudaStream_t stream);
+// x[i] = clamp(x[i], -c, c)
+cudaError_t launch_clamp(float* x, int64_t n, float c, cudaStream_t stream);
+// dst[r, :] += sigmoid(gate_logit[r]) * src[r, :]
+cudaError_t launch_add_sigmoid_gated(const float* src, const float* gate_logit, int64_t rows, int dim, float* dst,
+                                     cudaStream_t stream);
+
+// Softmax over each row of logits[rows, num_experts], top-k highest first (ties to the lower
+// id), weights renormalised when `renormalize`.
+cudaError_t launch_router_topk(const float* logits, int64_t rows, int num_experts, int k, bool renormalize,
+                               int32_t* ids, float* weights, cudaStream_t stream);
+
+// dst[i, :] = src[idx[i], :]
+cudaError_t launch_gather_rows(const float* src, const int32_t* idx, int64_t n, int dim, float* dst,
+                               cudaStream_t stream);
+// dst[idx[i], :] += scale[i] * src[i, :]   (idx distinct within one call)
+cudaError_t launch_scatter_add_rows(const float* src, const int32_t* idx, const float* scale, int64_t n, int dim,
+                                    float* dst, cudaStream_t stream);
+
+// dst[i] = (dst_dtype) src[i], round to nearest even (dst_dtype F16 or BF16).
+cudaError_t launch_convert_f32(const float* src, void* dst, DType dst_dtype, int64_t n, cudaStream_t stream);
+// y[r, :] += bias[:] over m rows of n columns.
+cudaError_t launch_add_bias(float* y, int64_t m, int64_t n, const void* bias, DType bias_dtype, cudaStream_t stream);
+
+// dst[i] = scale * u_i with u_i uniform in [-1, 1) from a counter-based hash of (seed, i);
+// dst of dtype F32, F16 or BF16. For synthetic weights generated on the device.
+cudaError_t launch_fill_random(void* dst, DType dtype, int64_t n, uint64_t seed, float scale, cudaStream_t stream);
+
+}  // namespace ef::runtime::cuda
