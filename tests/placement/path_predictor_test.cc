@@ -126,7 +126,7 @@ TEST(PredictorFileTest, RejectsMalformedAndMismatchedFiles) {
 
 TEST(AffinityPredictorTest, OneLayerAheadUsesTheObservedLayer) {
   // Layer l+1's experts are a function of layer l's: affinity one layer ahead is exact.
-  RoutingTrace all = testing::PlantedTrace(10, 16, 3, 8, 4, 6);
+  RoutingTrace all = testing::PlantedTrace(10, 16, 3, 8, 2, 6);  // 2 tokens: no shared experts
   auto aff = AffinityPredictor::Fit(Seqs(all, 0, 7));
   ASSERT_TRUE(aff.ok());
   auto m = EvaluatePredictor(**aff, Seqs(all, 8, 9), EvalMode::kOneLayerAhead);
