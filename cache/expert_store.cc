@@ -1,0 +1,267 @@
+#include "cache/expert_store.h"
+
+#include <chrono>
+#include <utility>
+
+#include "cache/host_slot_arena.h"
+#include "runtime/core/logging.h"
+
+namespace ef::cache {
+namespace {
+
+int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+}  // namespace
+
+ExpertCounters& ExpertCounters::operator+=(const ExpertCounters& o) {
+  hits += o.hits;
+  misses += o.misses;
+  prefetch_issued += o.prefetch_issued;
+  prefetch_used += o.prefetch_used;
+  prefetch_wasted += o.prefetch_wasted;
+  prefetch_dropped += o.prefetch_dropped;
+  bytes_from_host += o.bytes_from_host;
+  bytes_from_device += o.bytes_from_device;
+  stall_ns += o.stall_ns;
+  return *this;
+}
+
+ExpertCounters ExpertStoreStats::Layer(int layer) const {
+  ExpertCounters c;
+  for (int e = 0; e < num_experts; ++e) c += per_expert[static_cast<size_t>(layer) * num_experts + e];
+  return c;
+}
+
+StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Create(const ExpertStoreOptions& options, ExpertSource source,
+                                                           std::unique_ptr<SlotArena> arena) {
+  if (options.slot_bytes == 0) return InvalidArgument("expert store: slot_bytes (largest expert) must be > 0");
+  if (!source) return InvalidArgument("expert store: no source callback given");
+  PolicyConfig pc = options.policy_config;
+  pc.num_layers = options.num_layers;
+  pc.num_experts = options.num_experts;
+  EF_ASSIGN_OR_RETURN(auto policy, MakeCachePolicy(options.policy, pc));
+  SlotCacheOptions so;
+  so.num_layers = options.num_layers;
+  so.num_experts = options.num_experts;
+  so.top_k = options.top_k;
+  so.slots_per_layer = options.slots_per_layer;
+  so.layer_quotas = options.layer_quotas;
+  so.global_slots = options.global_slots;
+  EF_ASSIGN_OR_RETURN(auto cache, SlotCache::Create(so, std::move(policy)));
+  if (!arena) {
+    EF_ASSIGN_OR_RETURN(arena, HostSlotArena::Create(cache->num_slots(), options.slot_bytes, options.alignment));
+  } else if (arena->num_slots() != cache->num_slots() || arena->slot_bytes() < options.slot_bytes) {
+    return InvalidArgument("expert store: arena has " + std::to_string(arena->num_slots()) + " slots of " +
+                           std::to_string(arena->slot_bytes()) + " bytes, the budget needs " +
+                           std::to_string(cache->num_slots()) + " slots of " + std::to_string(options.slot_bytes));
+  }
+  EF_LOG(INFO, CACHE, "expert store: %d slots of %zu bytes on %s, policy %s%s", cache->num_slots(), options.slot_bytes,
+         arena->tier(), options.policy.c_str(), options.async_prefetch ? ", async prefetch" : "");
+  return std::unique_ptr<ExpertStore>(new ExpertStore(options, std::move(source), std::move(arena), std::move(cache)));
+}
+
+ExpertStore::ExpertStore(const ExpertStoreOptions& options, ExpertSource source, std::unique_ptr<SlotArena> arena,
+                         std::unique_ptr<SlotCache> cache)
+    : options_(options),
+      source_(std::move(source)),
+      arena_(std::move(arena)),
+      num_slots_(cache->num_slots()),
+      cache_(std::move(cache)) {
+  const size_t n = static_cast<size_t>(options_.num_layers) * options_.num_experts;
+  loading_.assign(n, 0);
+  prefetched_unused_.assign(n, 0);
+  queued_.assign(n, 0);
+  counters_.assign(n, {});
+  if (options_.async_prefetch) worker_ = std::thread([this] { WorkerLoop(); });
+}
+
+ExpertStore::~ExpertStore() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (worker_.joinable()) worker_.join();
+}
+
+Status ExpertStore::CheckKey(int layer, int expert) const {
+  if (layer < 0 || layer >= options_.num_layers || expert < 0 || expert >= options_.num_experts)
+    return OutOfRange("expert store: (layer " + std::to_string(layer) + ", expert " + std::to_string(expert) +
+                      ") outside " + std::to_string(options_.num_layers) + " layers x " +
+                      std::to_string(options_.num_experts) + " experts");
+  return Status::Ok();
+}
+
+void ExpertStore::NoteEviction(const std::optional<ExpertKey>& evicted) {
+  if (!evicted) return;
+  const size_t i = Index(*evicted);
+  if (prefetched_unused_[i]) {
+    ++counters_[i].prefetch_wasted;
+    prefetched_unused_[i] = 0;
+  }
+  EF_LOG(TRACE, CACHE, "evicted expert %d of layer %d", evicted->expert, evicted->layer);
+}
+
+Status ExpertStore::Fill(std::unique_lock<std::mutex>& lock, const ExpertKey& key, int slot) {
+  const size_t i = Index(key);
+  ++in_flight_;
+  lock.unlock();
+  Status s;
+  std::span<std::byte> view = arena_->host_view(slot);
+  if (!view.empty()) {
+    s = source_(key.layer, key.expert, view.first(options_.slot_bytes));
+  } else {
+    // Not host-addressable (device arena): stage on the host, then copy in.
+    std::vector<std::byte> staging(options_.slot_bytes);
+    s = source_(key.layer, key.expert, staging);
+    if (s.ok()) s = arena_->CopyIn(slot, staging);
+  }
+  lock.lock();
+  --in_flight_;
+  loading_[i] = 0;
+  if (s.ok()) {
+    counters_[i].bytes_from_host += static_cast<int64_t>(options_.slot_bytes);
+  } else {
+    s.Prepend("loading expert " + std::to_string(key.expert) + " of layer " + std::to_string(key.layer) + ": ");
+  }
+  cv_.notify_all();
+  return s;
+}
+
+StatusOr<SlotRef> ExpertStore::Acquire(int layer, int expert) {
+  EF_RETURN_IF_ERROR(CheckKey(layer, expert));
+  const ExpertKey key{layer, expert};
+  const size_t i = Index(key);
+  std::unique_lock<std::mutex> lock(mu_);
+  const int64_t t0 = NowNs();
+  bool waited = false;
+  while (cache_->IsResident(key) && loading_[i]) {  // a prefetch is loading it: wait, then hit
+    waited = true;
+    cv_.wait(lock);
+  }
+  if (waited) counters_[i].stall_ns += NowNs() - t0;
+  EF_ASSIGN_OR_RETURN(SlotCache::Result r, cache_->Access(key, time_++));
+  cache_->Pin(key);
+  if (r.hit) {
+    ++counters_[i].hits;
+    counters_[i].bytes_from_device += static_cast<int64_t>(options_.slot_bytes);
+    if (prefetched_unused_[i]) {
+      ++counters_[i].prefetch_used;
+      prefetched_unused_[i] = 0;
+    }
+  } else {
+    ++counters_[i].misses;
+    NoteEviction(r.evicted);
+    loading_[i] = 1;
+    const int64_t t1 = NowNs();
+    Status s = Fill(lock, key, r.slot);
+    counters_[i].stall_ns += NowNs() - t1;
+    if (!s.ok()) {
+      cache_->Unpin(key);
+      cache_->Remove(key);
+      return s;
+    }
+  }
+  SlotRef ref;
+  ref.layer = layer;
+  ref.expert = expert;
+  ref.slot = r.slot;
+  ref.data = arena_->data(r.slot);
+  std::span<std::byte> view = arena_->host_view(r.slot);
+  if (!view.empty()) ref.bytes = view.first(options_.slot_bytes);
+  return ref;
+}
+
+void ExpertStore::Release(const SlotRef& ref) {
+  if (ref.slot < 0 || !CheckKey(ref.layer, ref.expert).ok()) return;
+  std::lock_guard<std::mutex> lock(mu_);
+  cache_->Unpin({ref.layer, ref.expert});
+}
+
+Status ExpertStore::PrefetchLocked(std::unique_lock<std::mutex>& lock, const ExpertKey& key) {
+  const size_t i = Index(key);
+  if (cache_->IsResident(key)) return Status::Ok();
+  EF_ASSIGN_OR_RETURN(SlotCache::Result r, cache_->Insert(key, time_++));
+  NoteEviction(r.evicted);
+  cache_->Pin(key);  // the loader's pin: the slot cannot be evicted while it fills
+  loading_[i] = 1;
+  ++counters_[i].prefetch_issued;
+  Status s = Fill(lock, key, r.slot);
+  cache_->Unpin(key);
+  if (!s.ok()) {
+    cache_->Remove(key);
+    return s;
+  }
+  prefetched_unused_[i] = 1;
+  return Status::Ok();
+}
+
+Status ExpertStore::Prefetch(int layer, int expert, Priority priority) {
+  EF_RETURN_IF_ERROR(CheckKey(layer, expert));
+  const ExpertKey key{layer, expert};
+  std::unique_lock<std::mutex> lock(mu_);
+  if (!options_.async_prefetch) return PrefetchLocked(lock, key);
+  const size_t i = Index(key);
+  if (cache_->IsResident(key) || queued_[i]) return Status::Ok();
+  queued_[i] = 1;
+  queues_[static_cast<int>(priority)].push_back(key);
+  cv_.notify_all();
+  return Status::Ok();
+}
+
+void ExpertStore::WorkerLoop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (true) {
+    cv_.wait(lock, [this] { return stop_ || !queues_[0].empty() || !queues_[1].empty(); });
+    if (stop_) return;
+    auto& q = !queues_[0].empty() ? queues_[0] : queues_[1];
+    const ExpertKey key = q.front();
+    q.pop_front();
+    queued_[Index(key)] = 0;
+    ++in_flight_;  // keeps WaitForPrefetches waiting between dequeue and load
+    Status s = PrefetchLocked(lock, key);
+    --in_flight_;
+    if (!s.ok()) {
+      ++counters_[Index(key)].prefetch_dropped;
+      EF_LOG(DEBUG, CACHE, "prefetch of expert %d of layer %d dropped: %s", key.expert, key.layer, s.message().c_str());
+    }
+    cv_.notify_all();
+  }
+}
+
+void ExpertStore::WaitForPrefetches() {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [this] { return stop_ || (queues_[0].empty() && queues_[1].empty() && in_flight_ == 0); });
+}
+
+bool ExpertStore::IsResident(int layer, int expert) const {
+  if (!CheckKey(layer, expert).ok()) return false;
+  std::lock_guard<std::mutex> lock(mu_);
+  const ExpertKey key{layer, expert};
+  return cache_->IsResident(key) && !loading_[Index(key)];
+}
+
+ExpertStoreStats ExpertStore::stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  ExpertStoreStats s;
+  s.num_layers = options_.num_layers;
+  s.num_experts = options_.num_experts;
+  s.per_expert = counters_;
+  for (const auto& c : counters_) s.total += c;
+  return s;
+}
+
+void ExpertStore::SetForecast(const placement::RoutingForecast& forecast) {
+  std::lock_guard<std::mutex> lock(mu_);
+  cache_->policy().SetForecast(forecast);
+}
+
+void ExpertStore::SetCurrentLayer(int layer) {
+  std::lock_guard<std::mutex> lock(mu_);
+  cache_->policy().SetCurrentLayer(layer);
+}
+
+}  // namespace ef::cache

@@ -1,0 +1,185 @@
+// ExpertStore: the expert cache of one device. Fixed-size slots (each the size of the model's
+// largest expert) in a capacity-limited SlotArena hold the resident experts; a residency table per
+// (layer, expert) says which slot holds what; a CachePolicy (via SlotCache) picks victims; a source
+// callback fills a slot from the next tier (pinned host copy, mmap'd checkpoint, peer rank).
+//
+// Use from the forward pass, one layer at a time:
+//
+//   ExpertStoreOptions o;  o.num_layers = L; o.num_experts = E; o.top_k = K;
+//   o.slot_bytes = largest_expert_bytes; o.slots_per_layer = 4; o.policy = "expertflow";
+//   EF_ASSIGN_OR_RETURN(auto store, ExpertStore::Create(o, [&](int l, int e, std::span<std::byte> dst) {
+//     return CopyExpertFromHost(l, e, dst);   // fills dst (slot_bytes bytes; extra tail bytes unused)
+//   }));
+//   store->SetForecast(forecast);             // per batch, optional (expertflow policy)
+//   for each layer l:
+//     store->SetCurrentLayer(l);
+//     for (e : predicted experts of layer l+1) store->Prefetch(l + 1, e, Priority::kPrefetch);
+//     for (e : experts the router picked at l) refs.push_back(store->Acquire(l, e));  // pins
+//     ... compute with refs[i].data ...
+//     for (ref : refs) store->Release(ref);                                            // unpins
+//
+// Contracts:
+//   - Acquire(l, e): a hit returns at once; a miss evicts (policy; never a pinned slot) and loads
+//     through the source before returning. The returned slot stays pinned, hence resident and
+//     unchanged, until Release. Every Acquire needs exactly one Release. If every slot the layer
+//     may use is pinned, Acquire fails with ResourceExhausted (nothing changes). A source error is
+//     returned (the slot is freed again).
+//   - Prefetch(l, e, priority): makes (l, e) resident without pinning it. Synchronous by default
+//     (the load is done on return; an already resident expert is a no-op). With async_prefetch a
+//     worker thread loads queued requests, correction requests before prefetch requests, in FIFO
+//     order within a class; Prefetch then only enqueues, and an Acquire of an expert being loaded
+//     waits for that load (the wait counts as stall time). Prefetch is advisory: with every slot
+//     pinned it returns ResourceExhausted (sync) or drops the request and counts it (async).
+//   - Counters per (layer, expert): hits, misses, prefetches issued / used (first Acquire after a
+//     prefetch load) / wasted (evicted before any Acquire), bytes loaded from the host tier, bytes
+//     served from the device tier (hits x slot_bytes), stall time (Acquire time spent waiting for
+//     a load).
+//   - The policy's `time` is the store's own operation counter (one per Acquire / Prefetch load),
+//     so `belady` (PolicyConfig::future) is only meaningful when that sequence is known up front.
+//
+// Thread safety: every public method may be called from any thread; one mutex guards the state and
+// is not held while the source callback runs (loads of different experts overlap). The source is
+// called from the calling thread (Acquire, sync Prefetch) or the worker thread (async Prefetch) and
+// must be thread-safe when async_prefetch is on or several threads Acquire.
+#pragma once
+
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cache/cache_policy.h"
+#include "cache/expert_key.h"
+#include "cache/slot_arena.h"
+#include "cache/slot_cache.h"
+#include "placement/routing_forecast.h"
+#include "runtime/core/status.h"
+
+namespace ef::cache {
+
+// Fills dst (one slot, slot_bytes long) with expert (layer, expert) from the next tier.
+using ExpertSource = std::function<Status(int layer, int expert, std::span<std::byte> dst)>;
+
+enum class Priority {
+  kCorrection = 0,  // the router picked an expert the plan missed: needed now
+  kPrefetch = 1,    // forecast says it will be needed soon
+};
+
+struct ExpertStoreOptions {
+  int num_layers = 0;
+  int num_experts = 0;
+  int top_k = 1;          // experts per token per layer; a layer's budget must hold at least this many
+  size_t slot_bytes = 0;  // bytes of the largest expert; every slot has this size
+  // Budget, exactly one of (see SlotCache): per-layer caches, per-layer quotas, one shared budget.
+  int slots_per_layer = 0;
+  std::vector<int> layer_quotas;
+  int global_slots = 0;
+  std::string policy = "lru";  // a MakeCachePolicy name
+  // Extra policy inputs (belady's future, static's counts, expertflow's threshold); num_layers and
+  // num_experts are filled in from above.
+  PolicyConfig policy_config;
+  bool async_prefetch = false;  // load Prefetch requests on a worker thread
+  size_t alignment = 256;       // slot alignment of the default host arena
+};
+
+// A pinned, resident expert. Valid until passed to Release.
+struct SlotRef {
+  int layer = -1;
+  int expert = -1;
+  int slot = -1;
+  void* data = nullptr;              // the arena's address (device pointer on a device arena)
+  std::span<const std::byte> bytes;  // host view; empty on a non-host-addressable arena
+};
+
+struct ExpertCounters {
+  int64_t hits = 0;
+  int64_t misses = 0;
+  int64_t prefetch_issued = 0;    // prefetch loads started
+  int64_t prefetch_used = 0;      // prefetched, then acquired before eviction
+  int64_t prefetch_wasted = 0;    // prefetched, evicted without an Acquire
+  int64_t prefetch_dropped = 0;   // async requests dropped (no evictable slot, or load failed)
+  int64_t bytes_from_host = 0;    // loaded into a slot through the source
+  int64_t bytes_from_device = 0;  // served by hits
+  int64_t stall_ns = 0;           // Acquire time spent waiting for loads
+
+  ExpertCounters& operator+=(const ExpertCounters& o);
+};
+
+struct ExpertStoreStats {
+  int num_layers = 0;
+  int num_experts = 0;
+  std::vector<ExpertCounters> per_expert;  // [layer * num_experts + expert]
+  ExpertCounters total;
+  ExpertCounters Layer(int layer) const;
+  double hit_rate() const {
+    const int64_t a = total.hits + total.misses;
+    return a ? static_cast<double>(total.hits) / a : 0.0;
+  }
+};
+
+class ExpertStore {
+ public:
+  // Validates the options (shape, a budget smaller than top_k names both numbers, slot_bytes > 0,
+  // unknown policy) and allocates the arena: a HostSlotArena when `arena` is null, else `arena`,
+  // which must have exactly the budget's slot count and at least slot_bytes per slot.
+  static StatusOr<std::unique_ptr<ExpertStore>> Create(const ExpertStoreOptions& options, ExpertSource source,
+                                                       std::unique_ptr<SlotArena> arena = nullptr);
+  ~ExpertStore();  // stops the worker (pending requests are dropped); slots must be released
+  ExpertStore(const ExpertStore&) = delete;
+  ExpertStore& operator=(const ExpertStore&) = delete;
+
+  StatusOr<SlotRef> Acquire(int layer, int expert);
+  void Release(const SlotRef& ref);
+  Status Prefetch(int layer, int expert, Priority priority);
+  // Blocks until the async prefetch queue is empty and no load is in flight (no-op when sync).
+  void WaitForPrefetches();
+
+  bool IsResident(int layer, int expert) const;  // resident and loaded
+  ExpertStoreStats stats() const;
+  int num_slots() const { return num_slots_; }
+  size_t slot_bytes() const { return options_.slot_bytes; }
+
+  // Forwarded to the policy (expertflow uses them; others ignore them).
+  void SetForecast(const placement::RoutingForecast& forecast);
+  void SetCurrentLayer(int layer);
+
+ private:
+  ExpertStore(const ExpertStoreOptions& options, ExpertSource source, std::unique_ptr<SlotArena> arena,
+              std::unique_ptr<SlotCache> cache);
+  size_t Index(const ExpertKey& k) const { return k.Index(options_.num_experts); }
+  Status CheckKey(int layer, int expert) const;
+  // Called with mu_ held (lock); releases it around the source call. The slot of `key` must be
+  // resident, pinned and marked loading.
+  Status Fill(std::unique_lock<std::mutex>& lock, const ExpertKey& key, int slot);
+  void NoteEviction(const std::optional<ExpertKey>& evicted);
+  // Loads `key` as a prefetch (lock held). Already resident or loading -> OK, nothing counted.
+  Status PrefetchLocked(std::unique_lock<std::mutex>& lock, const ExpertKey& key);
+  void WorkerLoop();
+
+  const ExpertStoreOptions options_;
+  const ExpertSource source_;
+  const std::unique_ptr<SlotArena> arena_;
+  const int num_slots_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;  // a load finished, or the queue changed
+  std::unique_ptr<SlotCache> cache_;
+  std::vector<uint8_t> loading_;            // per (layer, expert): a load into its slot is in flight
+  std::vector<uint8_t> prefetched_unused_;  // per (layer, expert): prefetched, not yet acquired
+  std::vector<uint8_t> queued_;             // per (layer, expert): in an async queue
+  std::vector<ExpertCounters> counters_;
+  int64_t time_ = 0;
+  int in_flight_ = 0;
+  std::deque<ExpertKey> queues_[2];  // indexed by Priority
+  bool stop_ = false;
+  std::thread worker_;
+};
+
+}  // namespace ef::cache

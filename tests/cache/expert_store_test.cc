@@ -1,0 +1,247 @@
+#include "cache/expert_store.h"
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <thread>
+
+namespace ef::cache {
+namespace {
+
+constexpr int kLayers = 3;
+constexpr int kExperts = 6;
+constexpr size_t kBytes = 1000;  // not a multiple of the slot alignment
+
+std::byte Pattern(int layer, int expert, size_t i) {
+  return static_cast<std::byte>((layer * 131 + expert * 17 + i * 7) & 0xff);
+}
+
+Status FillExpert(int layer, int expert, std::span<std::byte> dst) {
+  for (size_t i = 0; i < dst.size(); ++i) dst[i] = Pattern(layer, expert, i);
+  return Status::Ok();
+}
+
+bool Matches(const SlotRef& ref) {
+  if (ref.bytes.size() != kBytes) return false;
+  for (size_t i = 0; i < kBytes; ++i)
+    if (ref.bytes[i] != Pattern(ref.layer, ref.expert, i)) return false;
+  return true;
+}
+
+ExpertStoreOptions Options(int slots, const std::string& policy = "lru", int top_k = 1) {
+  ExpertStoreOptions o;
+  o.num_layers = kLayers;
+  o.num_experts = kExperts;
+  o.top_k = top_k;
+  o.slot_bytes = kBytes;
+  o.slots_per_layer = slots;
+  o.policy = policy;
+  return o;
+}
+
+TEST(ExpertStore, ContentMatchesSourceForRandomPatterns) {
+  std::mt19937 rng(3);
+  for (const std::string policy : {"lru", "lfu", "static", "expertflow", "belady"}) {
+    for (int slots = 1; slots <= kExperts; ++slots) {
+      // The access pattern first (belady needs it): steps of 1..slots distinct experts of a layer.
+      std::vector<std::vector<ExpertKey>> steps;
+      std::vector<ExpertKey> all;
+      for (int s = 0; s < 60; ++s) {
+        const int layer = static_cast<int>(rng() % kLayers);
+        const int n = 1 + static_cast<int>(rng() % slots);
+        std::vector<int> ex(kExperts);
+        std::iota(ex.begin(), ex.end(), 0);
+        std::shuffle(ex.begin(), ex.end(), rng);
+        std::vector<ExpertKey> step;
+        for (int j = 0; j < n; ++j) step.push_back({layer, ex[j]});
+        steps.push_back(step);
+        all.insert(all.end(), step.begin(), step.end());
+      }
+      auto o = Options(slots, policy);
+      o.policy_config.future = all;
+      o.policy_config.counts.assign(kLayers * kExperts, 1);
+      auto store = ExpertStore::Create(o, FillExpert);
+      ASSERT_TRUE(store.ok()) << store.status().ToString();
+      for (const auto& step : steps) {
+        std::vector<SlotRef> refs;
+        for (const ExpertKey& k : step) {
+          auto r = (*store)->Acquire(k.layer, k.expert);
+          ASSERT_TRUE(r.ok()) << policy << " slots=" << slots << ": " << r.status().ToString();
+          refs.push_back(*r);
+        }
+        for (const SlotRef& r : refs) {  // every pinned slot still holds its own expert
+          EXPECT_TRUE(Matches(r)) << policy << " slots=" << slots;
+          EXPECT_TRUE((*store)->IsResident(r.layer, r.expert));
+          EXPECT_EQ(reinterpret_cast<uintptr_t>(r.data) % 256, 0u);
+        }
+        for (const SlotRef& r : refs) (*store)->Release(r);
+      }
+      auto st = (*store)->stats();
+      EXPECT_EQ(st.total.hits + st.total.misses, static_cast<int64_t>(all.size()));
+      EXPECT_EQ(st.total.bytes_from_host, st.total.misses * static_cast<int64_t>(kBytes));
+      if (slots == kExperts) EXPECT_LE(st.total.misses, kLayers * kExperts);
+    }
+  }
+}
+
+TEST(ExpertStore, PinnedSlotsAreNotEvicted) {
+  auto store = std::move(*ExpertStore::Create(Options(2), FillExpert));
+  auto a = store->Acquire(0, 1);
+  auto b = store->Acquire(0, 2);
+  ASSERT_TRUE(a.ok() && b.ok());
+  auto c = store->Acquire(0, 3);
+  ASSERT_FALSE(c.ok());
+  EXPECT_EQ(c.status().code(), StatusCode::kResourceExhausted);
+  EXPECT_NE(c.status().message().find("pinned"), std::string::npos) << c.status().message();
+  EXPECT_TRUE(Matches(*a) && Matches(*b));
+  store->Release(*b);
+  c = store->Acquire(0, 3);  // evicts 2, the only unpinned one
+  ASSERT_TRUE(c.ok());
+  EXPECT_TRUE(store->IsResident(0, 1));
+  EXPECT_FALSE(store->IsResident(0, 2));
+  EXPECT_TRUE(Matches(*a) && Matches(*c));
+  // Other layers are unaffected by layer 0's pins.
+  auto d = store->Acquire(1, 0);
+  ASSERT_TRUE(d.ok());
+  store->Release(*a);
+  store->Release(*c);
+  store->Release(*d);
+}
+
+TEST(ExpertStore, BudgetSmallerThanTopKIsAnError) {
+  auto s = ExpertStore::Create(Options(1, "lru", 2), FillExpert);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.status().message().find("1 slots per layer"), std::string::npos) << s.status().message();
+  EXPECT_NE(s.status().message().find("top_k = 2"), std::string::npos);
+  auto o = Options(2);
+  o.slots_per_layer = 0;
+  o.global_slots = 1;
+  o.top_k = 2;
+  EXPECT_FALSE(ExpertStore::Create(o, FillExpert).ok());
+  o = Options(2);
+  o.slot_bytes = 0;
+  EXPECT_FALSE(ExpertStore::Create(o, FillExpert).ok());
+  EXPECT_FALSE(ExpertStore::Create(Options(2, "nope"), FillExpert).ok());
+}
+
+TEST(ExpertStore, SourceErrorIsReturnedAndSlotFreed) {
+  auto store = std::move(*ExpertStore::Create(Options(2), [](int l, int e, std::span<std::byte> dst) {
+    if (e == 5) return DataLoss("truncated shard");
+    return FillExpert(l, e, dst);
+  }));
+  auto r = store->Acquire(0, 5);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("truncated shard"), std::string::npos);
+  EXPECT_FALSE(store->IsResident(0, 5));
+  EXPECT_TRUE(store->Acquire(0, 1).ok());
+  EXPECT_TRUE(store->Acquire(0, 2).ok());  // both slots still usable
+}
+
+TEST(ExpertStore, PrefetchCounters) {
+  auto store = std::move(*ExpertStore::Create(Options(2), FillExpert));
+  ASSERT_TRUE(store->Prefetch(0, 1, Priority::kPrefetch).ok());
+  ASSERT_TRUE(store->Prefetch(0, 2, Priority::kCorrection).ok());
+  EXPECT_TRUE(store->IsResident(0, 1));
+  auto r = store->Acquire(0, 1);  // used
+  ASSERT_TRUE(r.ok());
+  EXPECT_TRUE(Matches(*r));
+  store->Release(*r);
+  r = store->Acquire(0, 3);  // evicts 2 (LRU), never acquired: wasted
+  ASSERT_TRUE(r.ok());
+  store->Release(*r);
+  auto s = store->stats();
+  EXPECT_EQ(s.total.prefetch_issued, 2);
+  EXPECT_EQ(s.total.prefetch_used, 1);
+  EXPECT_EQ(s.total.prefetch_wasted, 1);
+  EXPECT_EQ(s.total.hits, 1);
+  EXPECT_EQ(s.total.misses, 1);
+  EXPECT_EQ(s.Layer(0).bytes_from_host, 3 * static_cast<int64_t>(kBytes));
+  EXPECT_EQ(s.per_expert[1].prefetch_used, 1);
+}
+
+TEST(ExpertStore, AsyncPrefetchAndConcurrentAcquire) {
+  auto o = Options(3);
+  o.async_prefetch = true;
+  std::atomic<int> loads{0};
+  auto store = std::move(*ExpertStore::Create(o, [&](int l, int e, std::span<std::byte> dst) {
+    ++loads;
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+    return FillExpert(l, e, dst);
+  }));
+  for (int e = 0; e < 3; ++e) ASSERT_TRUE(store->Prefetch(1, e, Priority::kPrefetch).ok());
+  ASSERT_TRUE(store->Prefetch(2, 4, Priority::kCorrection).ok());
+  store->WaitForPrefetches();
+  for (int e = 0; e < 3; ++e) EXPECT_TRUE(store->IsResident(1, e));
+  EXPECT_TRUE(store->IsResident(2, 4));
+  EXPECT_EQ(store->stats().total.prefetch_issued, 4);
+  // Two threads acquiring and checking while the worker prefetches.
+  std::atomic<int> bad{0};
+  auto work = [&](unsigned seed) {
+    std::mt19937 rng(seed);
+    for (int i = 0; i < 200; ++i) {
+      const int l = static_cast<int>(rng() % kLayers), e = static_cast<int>(rng() % kExperts);
+      if (rng() % 3 == 0) (void)store->Prefetch(l, (e + 1) % kExperts, Priority::kPrefetch);
+      auto r = store->Acquire(l, e);
+      if (!r.ok()) {
+        // Both threads may pin a layer's slots at once only up to 2 of 3: never exhausted.
+        ++bad;
+        continue;
+      }
+      if (!Matches(*r)) ++bad;
+      store->Release(*r);
+    }
+  };
+  std::thread t1(work, 1), t2(work, 2);
+  t1.join();
+  t2.join();
+  store->WaitForPrefetches();
+  EXPECT_EQ(bad.load(), 0);
+  auto s = store->stats();
+  EXPECT_EQ(s.total.hits + s.total.misses, 400 + 0);
+  EXPECT_EQ(s.total.bytes_from_host, static_cast<int64_t>(loads.load()) * static_cast<int64_t>(kBytes));
+}
+
+// A non-host-addressable arena (as a device arena would be): the store stages and copies in.
+class OpaqueArena final : public SlotArena {
+ public:
+  OpaqueArena(int n, size_t bytes) : n_(n), bytes_(bytes), mem_(n * bytes) {}
+  int num_slots() const override { return n_; }
+  size_t slot_bytes() const override { return bytes_; }
+  const char* tier() const override { return "opaque"; }
+  void* data(int slot) override { return mem_.data() + slot * bytes_; }
+  std::span<std::byte> host_view(int) override { return {}; }
+  Status CopyIn(int slot, std::span<const std::byte> src) override {
+    std::memcpy(data(slot), src.data(), src.size());
+    ++copies;
+    return Status::Ok();
+  }
+  int copies = 0;
+
+ private:
+  int n_;
+  size_t bytes_;
+  std::vector<std::byte> mem_;
+};
+
+TEST(ExpertStore, PluggableArena) {
+  auto arena = std::make_unique<OpaqueArena>(kLayers * 2, kBytes);
+  OpaqueArena* raw = arena.get();
+  auto store = ExpertStore::Create(Options(2), FillExpert, std::move(arena));
+  ASSERT_TRUE(store.ok()) << store.status().ToString();
+  auto r = (*store)->Acquire(2, 3);
+  ASSERT_TRUE(r.ok());
+  EXPECT_TRUE(r->bytes.empty());
+  const auto* p = static_cast<const std::byte*>(r->data);
+  for (size_t i = 0; i < kBytes; ++i) ASSERT_EQ(p[i], Pattern(2, 3, i));
+  EXPECT_EQ(raw->copies, 1);
+  (*store)->Release(*r);
+  auto wrong = ExpertStore::Create(Options(2), FillExpert, std::make_unique<OpaqueArena>(1, kBytes));
+  EXPECT_FALSE(wrong.ok());
+}
+
+}  // namespace
+}  // namespace ef::cache
