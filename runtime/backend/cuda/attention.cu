@@ -3,13 +3,12 @@
 //
 // Algorithm: the query rows of one KV head are (query i, head g of the group), i-major, so one
 // block shares each K/V tile among the `group` heads that read it. A block takes kRows of those
-// rows; warp w owns rows w, w + kWarps, ... (so decode's few rows spread over the warps), keeping the running max m, the running sum l and the
-// output accumulator (head_dim/32 floats per lane) in registers. Per tile of kTile keys (staged in
-// shared memory, K padded by one float per row against bank conflicts) lane j scores key j,
-// the warp reduces max and sum with shuffles, rescales by exp(m_old - m_new) and accumulates
-// p_j * V[j]. Keys past offset + i are masked (causal). Decode has few rows, so the key range is
-// split over gridDim.z (flash-decoding): each split writes its unnormalised (acc, m, l) to the
-// workspace and a second kernel merges the splits.
+// rows; warp w owns rows w, w + kWarps, ... (so decode's few rows spread over the warps), keeping the running max m,
+// the running sum l and the output accumulator (head_dim/32 floats per lane) in registers. Per tile of kTile keys
+// (staged in shared memory, K padded by one float per row against bank conflicts) lane j scores key j, the warp reduces
+// max and sum with shuffles, rescales by exp(m_old - m_new) and accumulates p_j * V[j]. Keys past offset + i are masked
+// (causal). Decode has few rows, so the key range is split over gridDim.z (flash-decoding): each split writes its
+// unnormalised (acc, m, l) to the workspace and a second kernel merges the splits.
 //
 // Launch: grid (ceil(n_new * group / kRows), num_kv_heads, num_splits), kWarps * 32 threads;
 // static shared memory <= 41 KiB. head_dim <= 256.
@@ -209,15 +208,14 @@ cudaError_t launch_attention(const float* q, int n_new, const float* k, const fl
   else if (head_dim <= 64)
     Launch<64, 32, 16>(q, n_new, k, v, n_total, num_heads, num_kv_heads, head_dim, out, workspace, num_splits, stream);
   else if (head_dim <= 128)
-    Launch<128, 32, 16>(q, n_new, k, v, n_total, num_heads, num_kv_heads, head_dim, out, workspace, num_splits,
-                        stream);
+    Launch<128, 32, 16>(q, n_new, k, v, n_total, num_heads, num_kv_heads, head_dim, out, workspace, num_splits, stream);
   else
     Launch<256, 16, 8>(q, n_new, k, v, n_total, num_heads, num_kv_heads, head_dim, out, workspace, num_splits, stream);
   if (num_splits > 1) {
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
     AttentionCombineKernel<<<n_new * num_heads, head_dim <= 128 ? 128 : 256, 0, stream>>>(workspace, n_new, num_heads,
-                                                                                           head_dim, num_splits, out);
+                                                                                          head_dim, num_splits, out);
   }
   return cudaGetLastError();
 }

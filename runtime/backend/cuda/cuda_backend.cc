@@ -82,8 +82,8 @@ Status CudaBackend::Init() {
   void* staging = nullptr;
   CUDA_CHECK(cudaMallocHost(&staging, options_.staging_bytes));
   staging_ = static_cast<std::byte*>(staging);
-  EF_LOG(INFO, CUDA, "cuda backend on %s: %d sms, budget %s, %s weights", name_.c_str(), num_sms_,
-         MiB(budget_).c_str(), options_.bf16_weights ? "bf16" : "native");
+  EF_LOG(INFO, CUDA, "cuda backend on %s: %d sms, budget %s, %s weights", name_.c_str(), num_sms_, MiB(budget_).c_str(),
+         options_.bf16_weights ? "bf16" : "native");
   return Status::Ok();
 }
 
@@ -184,7 +184,8 @@ void CudaBackend::Stage(void* dst, const void* src, size_t bytes) {
     if (staging_head_ + n > cap) staging_head_ = 0;
     const size_t begin = staging_head_, end = begin + n;
     // Wait (on that copy's event only) for in-flight copies still reading this part of the ring.
-    while (std::any_of(pending_.begin(), pending_.end(), [&](const Pending& p) { return p.begin < end && begin < p.end; })) {
+    while (std::any_of(pending_.begin(), pending_.end(),
+                       [&](const Pending& p) { return p.begin < end && begin < p.end; })) {
       CUDA_CHECK_LOG(cudaEventSynchronize(pending_.front().done), &error_);
       free_events_.push_back(pending_.front().done);
       pending_.pop_front();
@@ -285,13 +286,12 @@ void CudaBackend::Gemm(const float* x, int64_t m, const Weight& w, const Weight*
   }
   // Row-major y[m, n] = x[m, k] . w[n, k]^T is column-major y^T[n, m] = w^T . x^T: w is a
   // column-major [k, n] matrix used transposed, x a column-major [k, m] matrix.
-  CUBLAS_CHECK_LOG(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(m),
-                                static_cast<int>(k), &alpha, w.data, CudaType(w.dtype), static_cast<int>(k), a,
-                                CudaType(w.dtype), static_cast<int>(k), &beta, y, CUDA_R_32F, static_cast<int>(n),
-                                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                   &error_);
-  if (bias && !bias->empty())
-    CUDA_CHECK_LOG(cuda::launch_add_bias(y, m, n, bias->data, bias->dtype, stream_), &error_);
+  CUBLAS_CHECK_LOG(
+      cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(m), static_cast<int>(k),
+                   &alpha, w.data, CudaType(w.dtype), static_cast<int>(k), a, CudaType(w.dtype), static_cast<int>(k),
+                   &beta, y, CUDA_R_32F, static_cast<int>(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+      &error_);
+  if (bias && !bias->empty()) CUDA_CHECK_LOG(cuda::launch_add_bias(y, m, n, bias->data, bias->dtype, stream_), &error_);
 }
 
 void CudaBackend::Rope(float* x, const int32_t* positions, int64_t rows, int num_heads, int head_dim, float theta) {
@@ -307,9 +307,9 @@ void CudaBackend::Attention(const float* q, int n_new, const float* k, const flo
     ws = static_cast<float*>(EnsureScratch(&attn_ws_, &attn_ws_cap_, floats * sizeof(float)));
     if (!ws) return;
   }
-  CUDA_CHECK_LOG(cuda::launch_attention(q, n_new, k, v, n_total, num_heads, num_kv_heads, head_dim, out, ws, splits,
-                                        stream_),
-                 &error_);
+  CUDA_CHECK_LOG(
+      cuda::launch_attention(q, n_new, k, v, n_total, num_heads, num_kv_heads, head_dim, out, ws, splits, stream_),
+      &error_);
 }
 
 void CudaBackend::SiluMul(const float* gate, const float* up, float* out, int64_t n) {

@@ -35,33 +35,33 @@ inline std::string CublasErrorText(cublasStatus_t s, const char* stmt, const cha
       return ::ef::Internal(::ef::runtime::cuda::CudaErrorText(ef_cuda_err_, #stmt, __FILE__, __LINE__)); \
   } while (0)
 
-#define CUBLAS_CHECK(stmt)                                                                                  \
-  do {                                                                                                      \
-    cublasStatus_t ef_cublas_st_ = (stmt);                                                                  \
-    if (ef_cublas_st_ != CUBLAS_STATUS_SUCCESS) [[unlikely]]                                                \
+#define CUBLAS_CHECK(stmt)                                                                                   \
+  do {                                                                                                       \
+    cublasStatus_t ef_cublas_st_ = (stmt);                                                                   \
+    if (ef_cublas_st_ != CUBLAS_STATUS_SUCCESS) [[unlikely]]                                                 \
       return ::ef::Internal(::ef::runtime::cuda::CublasErrorText(ef_cublas_st_, #stmt, __FILE__, __LINE__)); \
   } while (0)
 
 // Logs the failure (lowercase subsystem CUDA) and stores it in *sink (a ::ef::Status*) if that
 // holds no earlier error. Evaluates to true on success.
-#define CUDA_CHECK_LOG(stmt, sink)                                                                          \
-  [&]() -> bool {                                                                                           \
-    cudaError_t ef_cuda_err_ = (stmt);                                                                      \
-    if (ef_cuda_err_ == cudaSuccess) [[likely]]                                                             \
-      return true;                                                                                          \
-    std::string ef_msg_ = ::ef::runtime::cuda::CudaErrorText(ef_cuda_err_, #stmt, __FILE__, __LINE__);     \
-    EF_LOG(ERROR, CUDA, "%s", ef_msg_.c_str());                                                             \
-    if ((sink)->ok()) *(sink) = ::ef::Internal(std::move(ef_msg_));                                         \
-    return false;                                                                                           \
+#define CUDA_CHECK_LOG(stmt, sink)                                                                     \
+  [&]() -> bool {                                                                                      \
+    cudaError_t ef_cuda_err_ = (stmt);                                                                 \
+    if (ef_cuda_err_ == cudaSuccess) [[likely]]                                                        \
+      return true;                                                                                     \
+    std::string ef_msg_ = ::ef::runtime::cuda::CudaErrorText(ef_cuda_err_, #stmt, __FILE__, __LINE__); \
+    EF_LOG(ERROR, CUDA, "%s", ef_msg_.c_str());                                                        \
+    if ((sink)->ok()) *(sink) = ::ef::Internal(std::move(ef_msg_));                                    \
+    return false;                                                                                      \
   }()
 
-#define CUBLAS_CHECK_LOG(stmt, sink)                                                                        \
-  [&]() -> bool {                                                                                           \
-    cublasStatus_t ef_cublas_st_ = (stmt);                                                                  \
-    if (ef_cublas_st_ == CUBLAS_STATUS_SUCCESS) [[likely]]                                                  \
-      return true;                                                                                          \
-    std::string ef_msg_ = ::ef::runtime::cuda::CublasErrorText(ef_cublas_st_, #stmt, __FILE__, __LINE__);  \
-    EF_LOG(ERROR, CUDA, "%s", ef_msg_.c_str());                                                             \
-    if ((sink)->ok()) *(sink) = ::ef::Internal(std::move(ef_msg_));                                         \
-    return false;                                                                                           \
+#define CUBLAS_CHECK_LOG(stmt, sink)                                                                      \
+  [&]() -> bool {                                                                                         \
+    cublasStatus_t ef_cublas_st_ = (stmt);                                                                \
+    if (ef_cublas_st_ == CUBLAS_STATUS_SUCCESS) [[likely]]                                                \
+      return true;                                                                                        \
+    std::string ef_msg_ = ::ef::runtime::cuda::CublasErrorText(ef_cublas_st_, #stmt, __FILE__, __LINE__); \
+    EF_LOG(ERROR, CUDA, "%s", ef_msg_.c_str());                                                           \
+    if ((sink)->ok()) *(sink) = ::ef::Internal(std::move(ef_msg_));                                       \
+    return false;                                                                                         \
   }()

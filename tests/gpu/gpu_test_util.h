@@ -1,0 +1,87 @@
+// Helpers for the GPU tests: random inputs, device round trips and error metrics.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "runtime/backend/backend.h"
+#include "runtime/backend/cuda/cuda_backend.h"
+
+namespace ef::runtime::testing {
+
+inline std::vector<float> RandomFloats(size_t n, uint64_t seed, float lo = -1.f, float hi = 1.f) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> d(lo, hi);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(rng);
+  return v;
+}
+
+// max |got - want| / max |want|: a normwise relative error that stays meaningful where single
+// elements of `want` are near zero.
+inline double MaxRelError(const std::vector<float>& got, const std::vector<float>& want) {
+  EXPECT_EQ(got.size(), want.size());
+  double num = 0, den = 0;
+  for (size_t i = 0; i < want.size() && i < got.size(); ++i) {
+    num = std::max(num, std::abs(double(got[i]) - want[i]));
+    den = std::max(den, std::abs(double(want[i])));
+  }
+  return den > 0 ? num / den : num;
+}
+
+// Normalised mean squared error: sum (got - want)^2 / sum want^2 (ggml's test-backend-ops metric).
+inline double Nmse(const std::vector<float>& got, const std::vector<float>& want) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < want.size() && i < got.size(); ++i) {
+    num += (double(got[i]) - want[i]) * (double(got[i]) - want[i]);
+    den += double(want[i]) * want[i];
+  }
+  return den > 0 ? num / den : num;
+}
+
+inline bool HaveDevice() { return CudaDeviceAvailable(); }
+
+// A CUDA backend for tests; null (with a recorded failure) when creation fails.
+inline std::unique_ptr<CudaBackend> MakeTestCudaBackend(CudaBackendOptions o = {}) {
+  auto b = CudaBackend::Create(o);
+  EXPECT_TRUE(b.ok()) << b.status().ToString();
+  return b.ok() ? std::move(b).value() : nullptr;
+}
+
+// Owns device copies of host vectors for one test.
+class DeviceArrays {
+ public:
+  explicit DeviceArrays(Backend* b) : b_(b) {}
+  template <typename T>
+  T* Put(const std::vector<T>& host) {
+    auto buf = b_->Allocate(std::max<size_t>(host.size(), 1) * sizeof(T));
+    EXPECT_TRUE(buf.ok());
+    b_->CopyToDevice(buf->data(), host.data(), host.size() * sizeof(T));
+    bufs_.push_back(std::move(buf).value());
+    return static_cast<T*>(bufs_.back().data());
+  }
+  template <typename T>
+  T* Zeros(size_t n) {
+    auto buf = b_->Allocate(std::max<size_t>(n, 1) * sizeof(T));
+    EXPECT_TRUE(buf.ok());
+    bufs_.push_back(std::move(buf).value());
+    return static_cast<T*>(bufs_.back().data());
+  }
+  template <typename T>
+  std::vector<T> Get(const T* dev, size_t n) {
+    std::vector<T> h(n);
+    b_->CopyToHost(h.data(), dev, n * sizeof(T));
+    return h;
+  }
+
+ private:
+  Backend* b_;
+  std::vector<Buffer> bufs_;
+};
+
+}  // namespace ef::runtime::testing

@@ -1,0 +1,405 @@
+// ef_decode_bench: decode and prefill time of Mixtral-8x7B-shaped decoder layers on the CUDA
+// backend, against the HBM bound.
+//
+// The layers are synthetic: bf16 weights generated on the GPU (launch_fill_random), all experts
+// resident. Each step calls the Backend ops in the engine's order (Engine::Forward/Attention/
+// MoeBlock: RMSNorm, q/k/v GEMMs, RoPE, KV append, attention per sequence, o GEMM, residual,
+// RMSNorm, router GEMM, router top-k, the routing copied to the host, LocalMoeExecutor::Run,
+// residual), so what is timed is the engine's real path minus the embedding and LM head.
+//
+// Bound (documented formula): bytes of active weights streamed per layer / HBM bandwidth, with
+// active weights = attention (q, k, v, o) + router + the distinct experts the router chose in
+// that step (measured), each counted once; KV-cache reads are reported apart. Default bandwidth
+// 3.6 TB/s (what a decode-shaped bf16 GEMM streams at on the H200, ACCELERATOR.md).
+//
+//   ef_decode_bench [--layers 4] [--batches 1,16,64] [--context 512] [--prefill 2048]
+//                   [--iters 20] [--hbm-tbps 3.6] [--json FILE]
+#include <cublas_api.h>
+#include <cuda_runtime_api.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "runtime/backend/cuda/cuda_backend.h"
+#include "runtime/backend/cuda/cuda_kernels.h"
+#include "runtime/core/build_info.h"
+#include "runtime/engine/moe_executor.h"
+
+namespace ef::runtime {
+namespace {
+
+struct Args {
+  int layers = 4;
+  std::vector<int> batches = {1, 16, 64};
+  int context = 512;
+  int prefill = 2048;
+  int iters = 20;
+  double hbm_tbps = 3.6;
+  std::string json;
+  // Mixtral-8x7B shapes.
+  int hidden = 4096, inter = 14336, experts = 8, top_k = 2, heads = 32, kv_heads = 8, head_dim = 128;
+};
+
+[[noreturn]] void Die(const std::string& msg) {
+  std::fprintf(stderr, "ef_decode_bench: %s\n", msg.c_str());
+  std::exit(1);
+}
+
+Args ParseArgs(int argc, char** argv) {
+  Args a;
+  for (int i = 1; i < argc; ++i) {
+    std::string k = argv[i];
+    auto next = [&]() -> std::string {
+      if (i + 1 >= argc) Die("missing value after " + k);
+      return argv[++i];
+    };
+    if (k == "--layers")
+      a.layers = std::stoi(next());
+    else if (k == "--context")
+      a.context = std::stoi(next());
+    else if (k == "--prefill")
+      a.prefill = std::stoi(next());
+    else if (k == "--iters")
+      a.iters = std::stoi(next());
+    else if (k == "--hbm-tbps")
+      a.hbm_tbps = std::stod(next());
+    else if (k == "--json")
+      a.json = next();
+    else if (k == "--batches") {
+      a.batches.clear();
+      std::stringstream ss(next());
+      for (std::string t; std::getline(ss, t, ',');) a.batches.push_back(std::stoi(t));
+    } else if (k == "-h" || k == "--help") {
+      std::printf(
+          "ef_decode_bench [--layers N] [--batches 1,16,64] [--context N] [--prefill N] [--iters N] "
+          "[--hbm-tbps X] [--json FILE]\n");
+      std::exit(0);
+    } else {
+      Die("unknown argument " + k);
+    }
+  }
+  return a;
+}
+
+template <typename T>
+T OrDie(StatusOr<T> s, const char* what) {
+  if (!s.ok()) Die(std::string(what) + ": " + s.status().ToString());
+  return std::move(s).value();
+}
+
+struct Layer {
+  Weight input_norm, post_norm, q, k, v, o, router;
+  std::vector<ExpertWeights> experts;
+};
+
+class SyntheticExperts final : public ExpertSource {
+ public:
+  explicit SyntheticExperts(const std::vector<Layer>* layers) : layers_(layers) {}
+  StatusOr<ExpertWeights> Acquire(int layer, int expert) override { return (*layers_)[layer].experts[expert]; }
+
+ private:
+  const std::vector<Layer>* layers_;
+};
+
+class Bench {
+ public:
+  explicit Bench(const Args& a) : a_(a) {
+    CudaBackendOptions o;
+    backend_ = OrDie(CudaBackend::Create(o), "cuda backend");
+    b_ = backend_.get();
+  }
+
+  void BuildLayers() {
+    uint64_t seed = 1;
+    auto rand_weight = [&](int64_t rows, int64_t cols, float scale) {
+      Weight w = OrDie(b_->AllocateWeight(DType::kBF16, rows, cols), "weight");
+      Check(
+          cuda::launch_fill_random(const_cast<void*>(w.data), DType::kBF16, rows * cols, seed++, scale, b_->stream()));
+      return w;
+    };
+    std::vector<float> ones(a_.hidden, 1.0f);
+    const float sh = 1.7f / std::sqrt(static_cast<float>(a_.hidden));  // uniform with unit-ish output variance
+    const float si = 1.7f / std::sqrt(static_cast<float>(a_.inter));
+    const int qd = a_.heads * a_.head_dim, kvd = a_.kv_heads * a_.head_dim;
+    for (int l = 0; l < a_.layers; ++l) {
+      Layer L;
+      L.input_norm = OrDie(b_->UploadWeight(DType::kF32, ones.data(), 1, a_.hidden), "norm");
+      L.post_norm = OrDie(b_->UploadWeight(DType::kF32, ones.data(), 1, a_.hidden), "norm");
+      L.q = rand_weight(qd, a_.hidden, sh);
+      L.k = rand_weight(kvd, a_.hidden, sh);
+      L.v = rand_weight(kvd, a_.hidden, sh);
+      L.o = rand_weight(a_.hidden, qd, 1.7f / std::sqrt(static_cast<float>(qd)));
+      L.router = rand_weight(a_.experts, a_.hidden, 4 * sh);
+      for (int e = 0; e < a_.experts; ++e)
+        L.experts.push_back({rand_weight(a_.inter, a_.hidden, sh), rand_weight(a_.inter, a_.hidden, sh),
+                             rand_weight(a_.hidden, a_.inter, si)});
+      layers_.push_back(std::move(L));
+    }
+    b_->Synchronize();
+    attn_bytes_ = layers_[0].q.nbytes() + layers_[0].k.nbytes() + layers_[0].v.nbytes() + layers_[0].o.nbytes() +
+                  layers_[0].router.nbytes();
+    expert_bytes_ = layers_[0].experts[0].nbytes();
+    source_ = std::make_unique<SyntheticExperts>(&layers_);
+    moe_ = std::make_unique<LocalMoeExecutor>(b_, a_.hidden, a_.experts);
+    moe_->set_expert_source(source_.get());
+  }
+
+  // Sequences: `num` of them, each a KV cache of `cap` positions per layer, `len` filled.
+  void MakeSequences(int num, int cap) {
+    kv_.clear();
+    kv_cap_ = cap;
+    const size_t bytes = static_cast<size_t>(cap) * a_.kv_heads * a_.head_dim * sizeof(float);
+    for (int s = 0; s < num; ++s) {
+      std::vector<Buffer> per;
+      for (int l = 0; l < 2 * a_.layers; ++l) per.push_back(OrDie(b_->Allocate(bytes), "kv cache"));
+      kv_.push_back(std::move(per));
+    }
+  }
+
+  // One forward over all layers: chunk i appends n_new[i] tokens at position len[i] to sequence i.
+  // Returns the distinct experts per layer.
+  std::vector<int> Forward(const std::vector<int>& n_new, const std::vector<int>& len) {
+    int64_t T = 0;
+    std::vector<int32_t> pos;
+    for (size_t i = 0; i < n_new.size(); ++i) {
+      for (int j = 0; j < n_new[i]; ++j) pos.push_back(len[i] + j);
+      T += n_new[i];
+    }
+    const int H = a_.hidden, qd = a_.heads * a_.head_dim, kvd = a_.kv_heads * a_.head_dim;
+    float* x = Scratch(0, T * H);
+    float* h = Scratch(1, T * H);
+    float* q = Scratch(2, T * qd);
+    float* k = Scratch(3, T * kvd);
+    float* v = Scratch(4, T * kvd);
+    float* attn = Scratch(5, T * qd);
+    float* tmp = Scratch(6, T * H);
+    float* out = Scratch(7, T * H);
+    float* logits = Scratch(8, T * a_.experts);
+    auto* ids_dev = reinterpret_cast<int32_t*>(Scratch(9, T * a_.top_k));
+    float* w_dev = Scratch(10, T * a_.top_k);
+    auto* pos_dev = reinterpret_cast<int32_t*>(Scratch(11, T));
+    b_->CopyToDevice(pos_dev, pos.data(), pos.size() * sizeof(int32_t));
+    std::vector<int32_t> ids(T * a_.top_k);
+    std::vector<float> wts(T * a_.top_k);
+    std::vector<int> distinct;
+    for (int l = 0; l < a_.layers; ++l) {
+      const Layer& L = layers_[l];
+      b_->RmsNorm(x, T, H, L.input_norm, 1e-5f, h);
+      b_->Gemm(h, T, L.q, nullptr, q, false);
+      b_->Gemm(h, T, L.k, nullptr, k, false);
+      b_->Gemm(h, T, L.v, nullptr, v, false);
+      b_->Rope(q, pos_dev, T, a_.heads, a_.head_dim, 1e6f);
+      b_->Rope(k, pos_dev, T, a_.kv_heads, a_.head_dim, 1e6f);
+      int64_t row = 0;
+      for (size_t s = 0; s < n_new.size(); ++s) {
+        float* kc = kv_[s][2 * l].f32() + static_cast<size_t>(len[s]) * kvd;
+        float* vc = kv_[s][2 * l + 1].f32() + static_cast<size_t>(len[s]) * kvd;
+        b_->CopyOnDevice(kc, k + row * kvd, sizeof(float) * n_new[s] * kvd);
+        b_->CopyOnDevice(vc, v + row * kvd, sizeof(float) * n_new[s] * kvd);
+        b_->Attention(q + row * qd, n_new[s], kv_[s][2 * l].f32(), kv_[s][2 * l + 1].f32(), len[s] + n_new[s], a_.heads,
+                      a_.kv_heads, a_.head_dim, attn + row * qd);
+        row += n_new[s];
+      }
+      b_->Gemm(attn, T, L.o, nullptr, tmp, false);
+      b_->Add(x, tmp, T * H);
+      b_->RmsNorm(x, T, H, L.post_norm, 1e-5f, h);
+      if (zeros_.size() < static_cast<size_t>(T * H)) zeros_.assign(T * H, 0.f);
+      b_->CopyToDevice(out, zeros_.data(), sizeof(float) * T * H);
+      b_->Gemm(h, T, L.router, nullptr, logits, false);
+      b_->RouterTopK(logits, T, a_.experts, a_.top_k, true, ids_dev, w_dev);
+      b_->CopyToHost(ids.data(), ids_dev, ids.size() * sizeof(int32_t));
+      b_->CopyToHost(wts.data(), w_dev, wts.size() * sizeof(float));
+      Status st = moe_->Run(l, T, a_.top_k, h, ids, wts, out);
+      if (!st.ok()) Die("moe: " + st.ToString());
+      b_->Add(x, out, T * H);
+      distinct.push_back(static_cast<int>(std::set<int32_t>(ids.begin(), ids.end()).size()));
+    }
+    return distinct;
+  }
+
+  // Sets the residual stream to random activations of unit scale (as after an embedding).
+  void RandomInput(int64_t T) {
+    float* x = Scratch(0, T * a_.hidden);
+    Check(cuda::launch_fill_random(x, DType::kF32, T * a_.hidden, 777, 1.0f, b_->stream()));
+  }
+
+  void Synchronize() {
+    b_->Synchronize();
+    if (!b_->status().ok()) Die(b_->status().ToString());
+  }
+
+  CudaBackend* backend() { return b_; }
+  size_t attn_bytes() const { return attn_bytes_; }
+  size_t expert_bytes() const { return expert_bytes_; }
+
+ private:
+  void Check(cudaError_t e) {
+    if (e != cudaSuccess) Die(std::string("kernel launch: ") + cudaGetErrorString(e));
+  }
+  float* Scratch(int slot, int64_t floats) {
+    if (scratch_.size() <= static_cast<size_t>(slot)) scratch_.resize(slot + 1);
+    const size_t bytes = static_cast<size_t>(std::max<int64_t>(floats, 1)) * sizeof(float);
+    if (scratch_[slot].bytes() < bytes) scratch_[slot] = OrDie(b_->Allocate(bytes), "scratch");
+    return scratch_[slot].f32();
+  }
+
+  Args a_;
+  std::unique_ptr<CudaBackend> backend_;
+  CudaBackend* b_ = nullptr;
+  std::vector<Layer> layers_;
+  std::unique_ptr<SyntheticExperts> source_;
+  std::unique_ptr<LocalMoeExecutor> moe_;
+  std::vector<std::vector<Buffer>> kv_;
+  int kv_cap_ = 0;
+  std::vector<Buffer> scratch_;
+  std::vector<float> zeros_;
+  size_t attn_bytes_ = 0, expert_bytes_ = 0;
+
+ public:
+  ~Bench() {
+    // Buffers free through the backend: release them before it goes.
+    kv_.clear();
+    scratch_.clear();
+    moe_.reset();
+  }
+};
+
+double Seconds(std::chrono::steady_clock::time_point a, std::chrono::steady_clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+int Main(int argc, char** argv) {
+  Args a = ParseArgs(argc, argv);
+  int dev = 0, rt = 0, drv = 0, cb_major = 0, cb_minor = 0, cb_patch = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceProp prop{};
+  if (cudaGetDeviceProperties(&prop, dev) != cudaSuccess) Die("no CUDA device");
+  cudaRuntimeGetVersion(&rt);
+  cudaDriverGetVersion(&drv);
+  cublasGetProperty(MAJOR_VERSION, &cb_major);
+  cublasGetProperty(MINOR_VERSION, &cb_minor);
+  cublasGetProperty(PATCH_LEVEL, &cb_patch);
+  char cuda_v[32], drv_v[32], cublas_v[32];
+  std::snprintf(cuda_v, sizeof cuda_v, "%d.%d", rt / 1000, (rt % 1000) / 10);
+  std::snprintf(drv_v, sizeof drv_v, "%d.%d", drv / 1000, (drv % 1000) / 10);
+  std::snprintf(cublas_v, sizeof cublas_v, "%d.%d.%d", cb_major, cb_minor, cb_patch);
+
+  std::printf(
+      "# ef_decode_bench: synthetic Mixtral-8x7B layers (hidden %d, %d experts x ffn %d, top-%d, %d heads / "
+      "%d kv heads x %d), bf16 weights made on the GPU, fp32 activations\n",
+      a.hidden, a.experts, a.inter, a.top_k, a.heads, a.kv_heads, a.head_dim);
+  std::printf("# git %s, build %s, device %s (%d SMs, %.0f GiB), CUDA runtime %s, driver %s, cuBLAS %s\n", EF_GIT_SHA,
+              EF_BUILD_TYPE, prop.name, prop.multiProcessorCount, prop.totalGlobalMem / double(1 << 30), cuda_v, drv_v,
+              cublas_v);
+  std::printf(
+      "# layers %d, decode context %d tokens per sequence, %d timed steps, prefill %d tokens, bound = active "
+      "weight bytes / %.2f TB/s\n",
+      a.layers, a.context, a.iters, a.prefill, a.hbm_tbps);
+  if (std::string(EF_BUILD_TYPE) == "Debug") std::printf("# WARNING: debug build, timings are not representative\n");
+
+  Bench bench(a);
+  bench.BuildLayers();
+  std::printf("# weights: attention+router %.1f MB per layer, one expert %.1f MB, %.2f GiB on the device in all\n",
+              bench.attn_bytes() / 1e6, bench.expert_bytes() / 1e6, bench.backend()->bytes_in_use() / double(1 << 30));
+
+  nlohmann::json records = nlohmann::json::array();
+  std::printf("\n%-8s %6s %8s %12s %12s %12s %10s %12s %10s\n", "phase", "batch", "tokens", "step_ms", "layer_us",
+              "bound_us", "ratio", "act_experts", "tok/s");
+  const int max_batch = *std::max_element(a.batches.begin(), a.batches.end());
+  bench.MakeSequences(std::max(max_batch, 1), std::max(a.context + 1, a.prefill));
+  for (int B : a.batches) {
+    std::vector<int> n_new(B, 1), len(B, a.context);
+    bench.RandomInput(B);
+    for (int w = 0; w < 3; ++w) bench.Forward(n_new, len);
+    bench.Synchronize();
+    double experts_sum = 0;
+    auto t0 = std::chrono::steady_clock::now();
+    for (int it = 0; it < a.iters; ++it) {
+      bench.RandomInput(B);  // fresh activations each step so routing varies as in real decoding
+      for (int d : bench.Forward(n_new, len)) experts_sum += d;
+    }
+    bench.Synchronize();
+    const double step = Seconds(t0, std::chrono::steady_clock::now()) / a.iters;
+    const double layer = step / a.layers;
+    const double act = experts_sum / (a.iters * a.layers);
+    const double bound = (bench.attn_bytes() + act * bench.expert_bytes()) / (a.hbm_tbps * 1e12);
+    std::printf("%-8s %6d %8d %12.3f %12.1f %12.1f %10.2f %12.2f %10.0f\n", "decode", B, B, step * 1e3, layer * 1e6,
+                bound * 1e6, layer / bound, act, B / step);
+    records.push_back({{"phase", "decode"},
+                       {"batch", B},
+                       {"context", a.context},
+                       {"layers", a.layers},
+                       {"step_ms", step * 1e3},
+                       {"layer_us", layer * 1e6},
+                       {"bound_us", bound * 1e6},
+                       {"ratio_to_bound", layer / bound},
+                       {"active_experts_per_layer", act},
+                       {"tokens_per_s", B / step}});
+  }
+  {
+    std::vector<int> n_new(1, a.prefill), len(1, 0);
+    bench.RandomInput(a.prefill);
+    bench.Forward(n_new, len);
+    bench.Synchronize();
+    const int reps = 3;
+    double experts_sum = 0;
+    auto t0 = std::chrono::steady_clock::now();
+    for (int r = 0; r < reps; ++r)
+      for (int d : bench.Forward(n_new, len)) experts_sum += d;
+    bench.Synchronize();
+    const double step = Seconds(t0, std::chrono::steady_clock::now()) / reps;
+    const double layer = step / a.layers;
+    const double act = experts_sum / (reps * a.layers);
+    const double bound = (bench.attn_bytes() + act * bench.expert_bytes()) / (a.hbm_tbps * 1e12);
+    std::printf("%-8s %6d %8d %12.3f %12.1f %12.1f %10.2f %12.2f %10.0f\n", "prefill", 1, a.prefill, step * 1e3,
+                layer * 1e6, bound * 1e6, layer / bound, act, a.prefill / step);
+    std::printf("# prefill: %.0f tokens/s through %d layers (%.0f tokens/s projected for 32 layers)\n",
+                a.prefill / step, a.layers, a.prefill / (layer * 32));
+    records.push_back({{"phase", "prefill"},
+                       {"batch", 1},
+                       {"tokens", a.prefill},
+                       {"layers", a.layers},
+                       {"step_ms", step * 1e3},
+                       {"layer_us", layer * 1e6},
+                       {"bound_us", bound * 1e6},
+                       {"ratio_to_bound", layer / bound},
+                       {"active_experts_per_layer", act},
+                       {"tokens_per_s", a.prefill / step},
+                       {"tokens_per_s_32_layers", a.prefill / (layer * 32)}});
+  }
+  std::printf("# bytes in use at the end: %.2f GiB\n", bench.backend()->bytes_in_use() / double(1 << 30));
+  if (!a.json.empty()) {
+    nlohmann::json doc = {{"bench", "ef_decode_bench"},
+                          {"git", EF_GIT_SHA},
+                          {"build_type", EF_BUILD_TYPE},
+                          {"device", prop.name},
+                          {"cuda_runtime", cuda_v},
+                          {"driver", drv_v},
+                          {"cublas", cublas_v},
+                          {"hbm_tbps", a.hbm_tbps},
+                          {"shape",
+                           {{"hidden", a.hidden},
+                            {"experts", a.experts},
+                            {"ffn", a.inter},
+                            {"top_k", a.top_k},
+                            {"heads", a.heads},
+                            {"kv_heads", a.kv_heads},
+                            {"head_dim", a.head_dim}}},
+                          {"records", records}};
+    std::ofstream(a.json) << doc.dump(2) << "\n";
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace ef::runtime
+
+int main(int argc, char** argv) { return ef::runtime::Main(argc, argv); }
