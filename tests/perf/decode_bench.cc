@@ -22,6 +22,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
@@ -236,6 +237,84 @@ class Bench {
     if (!b_->status().ok()) Die(b_->status().ToString());
   }
 
+  // Per-op timings (cudaEvents on the compute stream) that explain the layer times.
+  void Breakdown(int context, int max_batch, int prefill, nlohmann::json* out) {
+    const int H = a_.hidden, qd = a_.heads * a_.head_dim, kvd = a_.kv_heads * a_.head_dim;
+    const int64_t maxT = std::max<int64_t>(prefill, max_batch);
+    float* x = Scratch(12, maxT * std::max(H, a_.inter));
+    float* y = Scratch(13, maxT * std::max(H, a_.inter));
+    float* y2 = Scratch(14, maxT * a_.inter);
+    Check(cuda::launch_fill_random(x, DType::kF32, maxT * std::max(H, a_.inter), 5, 1.0f, b_->stream()));
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    auto time_us = [&](int reps, const std::function<void()>& f) {
+      f();
+      cudaEventRecord(e0, b_->stream());
+      for (int r = 0; r < reps; ++r) f();
+      cudaEventRecord(e1, b_->stream());
+      cudaEventSynchronize(e1);
+      float ms = 0;
+      cudaEventElapsedTime(&ms, e0, e1);
+      return 1e3 * ms / reps;
+    };
+    std::printf("\n# breakdown (device time per call, cudaEvents)\n%-44s %12s %12s\n", "op", "us", "GB/s");
+    auto row = [&](const std::string& name, double us, double bytes) {
+      std::printf("%-44s %12.1f %12.0f\n", name.c_str(), us, bytes > 0 ? bytes / (us * 1e3) : 0.0);
+      out->push_back({{"op", name}, {"us", us}, {"gbps", bytes > 0 ? bytes / (us * 1e3) : 0.0}});
+    };
+    const ExpertWeights& ew = layers_[0].experts[0];
+    for (int m : {1, 8, 16, 64, 512}) {
+      row("gemm gate 14336x4096 bf16 m=" + std::to_string(m),
+          time_us(20, [&] { b_->Gemm(x, m, ew.gate, nullptr, y, false); }), ew.gate.nbytes());
+      row("expert mlp (gate, up, silu, down) m=" + std::to_string(m),
+          time_us(10,
+                  [&] {
+                    b_->Gemm(x, m, ew.gate, nullptr, y, false);
+                    b_->Gemm(x, m, ew.up, nullptr, y2, false);
+                    b_->SiluMul(y, y2, y, m * a_.inter);
+                    b_->Gemm(y, m, ew.down, nullptr, y2, false);
+                  }),
+          ew.nbytes());
+    }
+    row("attention q,k,v,o gemms m=1",
+        time_us(20,
+                [&] {
+                  b_->Gemm(x, 1, layers_[0].q, nullptr, y, false);
+                  b_->Gemm(x, 1, layers_[0].k, nullptr, y, false);
+                  b_->Gemm(x, 1, layers_[0].v, nullptr, y, false);
+                  b_->Gemm(x, 1, layers_[0].o, nullptr, y, false);
+                }),
+        attn_bytes_ - layers_[0].router.nbytes());
+    for (int B : {1, max_batch}) {
+      row("attention decode ctx " + std::to_string(context) + " x " + std::to_string(B) + " seqs (+kv append)",
+          time_us(5,
+                  [&] {
+                    for (int s = 0; s < B; ++s) {
+                      b_->CopyOnDevice(kv_[s][0].f32() + static_cast<size_t>(context) * kvd, x, sizeof(float) * kvd);
+                      b_->CopyOnDevice(kv_[s][1].f32() + static_cast<size_t>(context) * kvd, x, sizeof(float) * kvd);
+                      b_->Attention(x + s * qd, 1, kv_[s][0].f32(), kv_[s][1].f32(), context + 1, a_.heads, a_.kv_heads,
+                                    a_.head_dim, y + s * qd);
+                    }
+                  }),
+          2.0 * B * (context + 1) * kvd * sizeof(float));
+    }
+    row("attention prefill " + std::to_string(prefill),
+        time_us(2,
+                [&] {
+                  b_->Attention(x, prefill, kv_[0][0].f32(), kv_[0][1].f32(), prefill, a_.heads, a_.kv_heads,
+                                a_.head_dim, y);
+                }),
+        0);
+    std::vector<float> zeros(static_cast<size_t>(prefill) * H, 0.f);
+    row("CopyToDevice zeros " + std::to_string(prefill) + "x" + std::to_string(H) + " f32 (staged)",
+        time_us(2, [&] { b_->CopyToDevice(y, zeros.data(), zeros.size() * sizeof(float)); }),
+        zeros.size() * sizeof(float));
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    Synchronize();
+  }
+
   CudaBackend* backend() { return b_; }
   size_t attn_bytes() const { return attn_bytes_; }
   size_t expert_bytes() const { return expert_bytes_; }
@@ -375,6 +454,8 @@ int Main(int argc, char** argv) {
                        {"tokens_per_s", a.prefill / step},
                        {"tokens_per_s_32_layers", a.prefill / (layer * 32)}});
   }
+  nlohmann::json breakdown = nlohmann::json::array();
+  bench.Breakdown(a.context, max_batch, a.prefill, &breakdown);
   std::printf("# bytes in use at the end: %.2f GiB\n", bench.backend()->bytes_in_use() / double(1 << 30));
   if (!a.json.empty()) {
     nlohmann::json doc = {{"bench", "ef_decode_bench"},
@@ -393,7 +474,8 @@ int Main(int argc, char** argv) {
                             {"heads", a.heads},
                             {"kv_heads", a.kv_heads},
                             {"head_dim", a.head_dim}}},
-                          {"records", records}};
+                          {"records", records},
+                          {"breakdown", breakdown}};
     std::ofstream(a.json) << doc.dump(2) << "\n";
   }
   return 0;

@@ -276,6 +276,13 @@ void CudaBackend::Gemm(const float* x, int64_t m, const Weight& w, const Weight*
   if (m <= 0) return;
   const int64_t n = w.rows, k = w.cols;
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+  if (cuda::gemv_supported(m, k, w.dtype, x, w.data) && (k * static_cast<int64_t>(sizeof(float))) % 16 == 0) {
+    // Decode-sized m: stream the weights once with fp32 activations (no bf16 rounding of x).
+    CUDA_CHECK_LOG(cuda::launch_gemv(x, m, w.data, w.dtype, n, k, y, accumulate, stream_), &error_);
+    if (bias && !bias->empty())
+      CUDA_CHECK_LOG(cuda::launch_add_bias(y, m, n, bias->data, bias->dtype, stream_), &error_);
+    return;
+  }
   const void* a = x;
   if (w.dtype != DType::kF32) {
     // cuBLAS wants A and B of one type: the activations meet the weights in bf16/f16.

@@ -58,6 +58,14 @@ cudaError_t launch_gather_rows(const float* src, const int32_t* idx, int64_t n, 
 cudaError_t launch_scatter_add_rows(const float* src, const int32_t* idx, const float* scale, int64_t n, int dim,
                                     float* dst, cudaStream_t stream);
 
+// Skinny GEMM y[m, n] = x[m, k] . w[n, k]^T (+ y when accumulate) with fp32 activations and
+// BF16/F16 weights, for decode-sized m (<= kGemvMaxRows). gemv_supported() says whether the
+// shape and alignment qualify (k % 8 == 0, 16-byte aligned x and w).
+inline constexpr int kGemvMaxRows = 8;
+bool gemv_supported(int64_t m, int64_t k, DType wdt, const void* x, const void* w);
+cudaError_t launch_gemv(const float* x, int64_t m, const void* w, DType wdt, int64_t n, int64_t k, float* y,
+                        bool accumulate, cudaStream_t stream);
+
 // dst[i] = (dst_dtype) src[i], round to nearest even (dst_dtype F16 or BF16).
 cudaError_t launch_convert_f32(const float* src, void* dst, DType dst_dtype, int64_t n, cudaStream_t stream);
 // y[r, :] += bias[:] over m rows of n columns.

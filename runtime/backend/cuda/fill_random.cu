@@ -33,8 +33,8 @@ __global__ void FillRandomKernel(void* dst, DType dt, int64_t n, uint64_t seed, 
 cudaError_t launch_fill_random(void* dst, DType dtype, int64_t n, uint64_t seed, float scale, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
   if (dtype != DType::kF32 && dtype != DType::kF16 && dtype != DType::kBF16) return cudaErrorInvalidValue;
-  FillRandomKernel < < <GridFor(n, 256)> 132 * 64 ? 132 * 64 : GridFor(n, 256), 256, 0,
-      stream >>> (dst, dtype, n, seed, scale);
+  const unsigned grid = GridFor(n, 256) > 132 * 64 ? 132 * 64 : GridFor(n, 256);
+  FillRandomKernel<<<grid, 256, 0, stream>>>(dst, dtype, n, seed, scale);
   return cudaGetLastError();
 }
 
