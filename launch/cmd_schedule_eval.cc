@@ -38,7 +38,7 @@ struct ScheduleEvalArgs {
   int ranks = 1;
   int hidden_size = 0;  // 0: from the trace's model, else 4096
   bool keep_sequence_order = false;
-  int swap_passes = 16;
+  int swap_passes = 2;
   bool json = false;
 };
 

@@ -148,6 +148,11 @@ void TokenRegrouper::Seed(const ExpertPathSet& paths, std::span<const int> capac
   std::vector<char> ready(n_);
   for (int i = 0; i < n_; ++i) ready[i] = prev_[i] < 0;
   int earliest = 0;  // first unassigned index
+  std::vector<int> cand;
+  cand.reserve(n_);
+  std::vector<int> add_now(n_, 0), total_bits(n_, 0);
+  for (int i = 0; i < n_; ++i)
+    for (int w = 0; w < words_; ++w) total_bits[i] += std::popcount(paths.row(i)[w]);
   for (int b = 0; b < num_batches_; ++b) {
     std::fill(u.begin(), u.end(), 0);
     // Tokens due in this batch go first, in index order (a due token's predecessor is due too).
@@ -161,21 +166,34 @@ void TokenRegrouper::Seed(const ExpertPathSet& paths, std::span<const int> capac
       for (int w = 0; w < words_; ++w) u[w] |= paths.row(i)[w];
       ++filled;
     }
+    // Unassigned tokens, compacted once per batch (the scan below is the seeding's hot loop).
+    cand.clear();
+    for (int i = 0; i < n_; ++i)
+      if (batch_of_[i] < 0) cand.push_back(i);
+    for (int i : cand) {
+      int a = 0;
+      for (int w = 0; w < words_; ++w) a += std::popcount(paths.row(i)[w] & ~u[w]);
+      add_now[i] = a;
+    }
+    const bool take_all = static_cast<int>(cand.size()) == capacities[b] - filled;
     for (; filled < capacities[b]; ++filled) {
       int pick = -1;
-      if (filled == 0 && options_.seed_with_earliest) {
+      if (take_all) {
+        // The last batch takes whatever is left, in index order (always ready in that order).
+        for (int i : cand)
+          if (batch_of_[i] < 0) {
+            pick = i;
+            break;
+          }
+      } else if (filled == 0 && options_.seed_with_earliest) {
         while (earliest < n_ && batch_of_[earliest] >= 0) ++earliest;
         pick = earliest;  // its predecessor has a smaller index, so it is assigned: ready
       } else {
+        // add_now[i] = |row_i \ u|, kept current as u grows; ties: most bits shared, then earliest.
         int best_add = 1 << 30, best_share = -1;
-        for (int i = 0; i < n_; ++i) {
-          if (!ready[i]) continue;
-          const uint64_t* r = paths.row(i);
-          int add = 0, share = 0;
-          for (int w = 0; w < words_; ++w) {
-            add += std::popcount(r[w] & ~u[w]);
-            share += std::popcount(r[w] & u[w]);
-          }
+        for (int i : cand) {
+          if (!ready[i] || batch_of_[i] >= 0) continue;
+          const int add = add_now[i], share = total_bits[i] - add;
           if (add < best_add || (add == best_add && share > best_share)) {
             best_add = add;
             best_share = share;
@@ -188,7 +206,12 @@ void TokenRegrouper::Seed(const ExpertPathSet& paths, std::span<const int> capac
       ready[pick] = 0;
       if (next_[pick] >= 0) ready[next_[pick]] = 1;
       const uint64_t* r = paths.row(pick);
-      for (int w = 0; w < words_; ++w) u[w] |= r[w];
+      for (int w = 0; w < words_; ++w) {
+        const uint64_t fresh = r[w] & ~u[w];
+        if (!fresh) continue;
+        u[w] |= fresh;
+        for (int i : cand) add_now[i] -= std::popcount(paths.row(i)[w] & fresh);
+      }
     }
   }
 }
@@ -321,6 +344,29 @@ void TokenRegrouper::Anneal(const ExpertPathSet& paths) {
   for (int b = 0; b < num_batches_; ++b) RebuildBatch(paths, b);
 }
 
+// add_cost_[t][b] after batch b's union changed from `before`: only the words that changed count.
+void TokenRegrouper::UpdateAddCosts(const ExpertPathSet& paths, int b, const std::vector<uint64_t>& before) {
+  const uint64_t* u = union_.data() + static_cast<size_t>(b) * words_;
+  for (int w = 0; w < words_; ++w) {
+    if (u[w] == before[w]) continue;
+    const uint64_t now_out = ~u[w], was_out = ~before[w];
+    for (int t = 0; t < n_; ++t) {
+      const uint64_t r = paths.row(t)[w];
+      add_cost_[static_cast<size_t>(t) * num_batches_ + b] += std::popcount(r & now_out) - std::popcount(r & was_out);
+    }
+  }
+}
+
+void TokenRegrouper::RefreshRemGains(const ExpertPathSet& paths, int b) {
+  const uint64_t* o = ones_.data() + static_cast<size_t>(b) * words_;
+  for (int t : members_[b]) {
+    const uint64_t* r = paths.row(t);
+    int rem = 0;
+    for (int w = 0; w < words_; ++w) rem += std::popcount(r[w] & o[w]);
+    rem_gain_[t] = rem;
+  }
+}
+
 bool TokenRegrouper::SwapFeasible(int a, int b) const {
   const int ba = batch_of_[a], bb = batch_of_[b];
   // a goes to bb, b goes to ba. Sequence neighbours must stay ordered (same sequence: never).
@@ -340,6 +386,7 @@ int TokenRegrouper::LocalSearch(const ExpertPathSet& paths, int* passes) {
   int swaps = 0;
   *passes = 0;
   const int nb = num_batches_;
+  std::vector<uint64_t> old_i(words_), old_j(words_);
   for (int pass = 0; pass < options_.max_swap_passes; ++pass) {
     ++*passes;
     int improved = 0;
@@ -364,10 +411,16 @@ int TokenRegrouper::LocalSearch(const ExpertPathSet& paths, int* passes) {
             if (!SwapFeasible(a, b)) continue;
             members_[bi][ia] = b;
             members_[bj][ib] = a;
+            std::copy(union_.begin() + static_cast<size_t>(bi) * words_,
+                      union_.begin() + static_cast<size_t>(bi + 1) * words_, old_i.begin());
+            std::copy(union_.begin() + static_cast<size_t>(bj) * words_,
+                      union_.begin() + static_cast<size_t>(bj + 1) * words_, old_j.begin());
             MoveToken(paths, a, bi, bj);
             MoveToken(paths, b, bj, bi);
-            RefreshCaches(paths, bi);
-            RefreshCaches(paths, bj);
+            UpdateAddCosts(paths, bi, old_i);
+            UpdateAddCosts(paths, bj, old_j);
+            RefreshRemGains(paths, bi);
+            RefreshRemGains(paths, bj);
             ++swaps;
             ++improved;
           }

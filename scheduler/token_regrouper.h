@@ -10,7 +10,8 @@
 //      unassigned token (so every batch makes FCFS progress), then repeatedly takes the token that
 //      adds the fewest new (layer, expert) bits to the batch's union, ties to the one that shares
 //      the most bits with it, then to the earliest.
-//   2. Local search: pairwise swaps between batches, accepted when they lower the objective.
+//   2. Local search: pairwise swaps between batches, accepted when they lower the objective
+//      (first improvement; `max_swap_passes` passes over all pairs, 2 get nearly all of the gain).
 //      Per-batch per-(layer, expert) counts give each batch's union U and its "held by exactly one
 //      token" set O, so a swap's exact delta is a few popcounts:
 //        delta_i = |b \ U_i| - |a & O_i \ b|   (a leaves batch i, b joins it), same for j.
@@ -39,7 +40,7 @@ namespace ef::scheduler {
 
 struct RegroupOptions {
   // Upper bound on local-search passes over all cross-batch pairs (0: greedy only).
-  int max_swap_passes = 16;
+  int max_swap_passes = 2;
   // Seed each batch with the earliest unassigned token (bounds reordering inside the window).
   bool seed_with_earliest = true;
   // Simulated-annealing swaps after the descent, per candidate token (0: off), and its
@@ -82,6 +83,8 @@ class TokenRegrouper {
   int LocalSearch(const ExpertPathSet& paths, int* passes);
   void RebuildBatch(const ExpertPathSet& paths, int b);
   void RefreshCaches(const ExpertPathSet& paths, int b);
+  void UpdateAddCosts(const ExpertPathSet& paths, int b, const std::vector<uint64_t>& before);
+  void RefreshRemGains(const ExpertPathSet& paths, int b);
   bool SwapFeasible(int a, int b) const;
   int SwapDelta(const ExpertPathSet& paths, int a, int b) const;
   void MoveToken(const ExpertPathSet& paths, int t, int from, int to);

@@ -10,11 +10,9 @@ namespace {
 RoutingForecast SkewedForecast(std::mt19937& rng, int tokens, int layers, int experts, int k) {
   RoutingForecast f(tokens, layers, experts);
   // Zipf-like popularity: expert 0 is by far the hottest.
-  std::discrete_distribution<int> pop([&] {
-    std::vector<double> w(experts);
-    for (int e = 0; e < experts; ++e) w[e] = 1.0 / (1 + e);
-    return w;
-  }());
+  std::vector<double> weights(experts);
+  for (int e = 0; e < experts; ++e) weights[e] = 1.0 / (1 + e);
+  std::discrete_distribution<int> pop(weights.begin(), weights.end());
   for (int t = 0; t < tokens; ++t)
     for (int l = 0; l < layers; ++l)
       for (int j = 0; j < k; ++j) f.row(t, l)[pop(rng)] += 1.f / k;
