@@ -6,6 +6,7 @@
 #include <numeric>
 
 #include "runtime/backend/cpu/cpu_backend.h"
+#include "runtime/backend/cuda/cuda_kernels.h"
 #include "tests/gpu/gpu_test_util.h"
 
 namespace ef::runtime {
@@ -111,11 +112,11 @@ TEST_F(CudaOpsTest, GemmF32WithBiasAndAccumulate) {
 }
 
 TEST_F(CudaOpsTest, GemmBf16Weights) {
-  // m <= 8 (decode): the GEMV kernel keeps fp32 activations, so it matches the CPU up to
+  // m <= kGemvMaxRows (decode): the GEMV kernel keeps fp32 activations, so it matches the CPU up to
   // summation order (<= 1e-5). Larger m: cuBLAS meets bf16 weights with bf16-rounded activations
   // (fp32 accumulation): against the CPU fed the same rounded activations <= 1e-5, against the
   // CPU's fp32 activations NMSE ~ 1e-6 (bound 1e-4).
-  for (int m : {1, 3, 8, 16, 64}) {
+  for (int m : {1, 2, 3, 8, 16, 64}) {
     const int n = 1000, k = 2048;
     auto x = RandomFloats(m * k, 8);
     auto w = RandomFloats(n * k, 9, -0.05f, 0.05f);
@@ -129,7 +130,7 @@ TEST_F(CudaOpsTest, GemmBf16Weights) {
     float* yd = dev_->Put(y0);
     gpu_->Gemm(dev_->Put(x), m, wg, nullptr, yd, true);
     auto got = dev_->Get(yd, m * n);
-    if (m <= 8) {
+    if (m <= cuda::kGemvMaxRows) {
       EXPECT_LE(MaxRelError(got, want), 1e-5) << "gemv m=" << m;
     } else {
       EXPECT_LE(MaxRelError(got, want_rounded), 1e-5) << "cublas m=" << m;

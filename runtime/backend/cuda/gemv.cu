@@ -1,4 +1,5 @@
-// Skinny GEMM for decode: y[m, n] = x[m, k] . w[n, k]^T (+ y) for m <= 8 rows of fp32
+// Skinny GEMM for decode: y[m, n] = x[m, k] . w[n, k]^T (+ y) for m <= 8 rows (the backend uses it
+// for m <= kGemvMaxRows, where it beats cuBLAS) of fp32
 // activations against BF16/F16 weights, fp32 accumulation. Decode is bound by streaming the
 // weights once, so each warp owns one weight row, reads it with 16-byte loads (8 elements, several
 // in flight per lane) and dots it with all m activation rows (which stay in L1); a shuffle
