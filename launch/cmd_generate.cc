@@ -1,7 +1,11 @@
 // `expertflow generate`: tokenizes a prompt, generates, streams the text as it comes.
 #include <cstdio>
+#include <fstream>
 
+#include "comm/cluster.h"
+#include "comm/mpi_context.h"
 #include "launch/command.h"
+#include "launch/config.h"
 #include "launch/engine_options.h"
 #include "runtime/engine/generator.h"
 #include "runtime/tokenizer/tokenizer.h"
@@ -11,6 +15,7 @@ namespace {
 
 struct GenerateOptions {
   ModelFlags model;
+  ClusterFlags cluster;
   std::string prompt = "def main(";
   int max_new_tokens = 64;
   runtime::SamplingParams sampling;
@@ -18,9 +23,50 @@ struct GenerateOptions {
   bool show_ids = false;
 };
 
-Status RunGenerate(const GenerateOptions& o) {
-  EF_ASSIGN_OR_RETURN(auto tok, runtime::Tokenizer::FromModelDir(o.model.dir));
+Status GenerateOnThisRank(const GenerateOptions& o, runtime::Engine& engine);
+
+// Fills generation options from the config's generate section where the command line was silent.
+void ApplyGenerateConfig(const Config& c, const CLI::App& app, GenerateOptions* o) {
+  if (c.has("generate.prompt") && !FlagGiven(app, "--prompt")) o->prompt = c.generate.prompt;
+  if (c.has("generate.max_new_tokens") && !FlagGiven(app, "--max-new-tokens"))
+    o->max_new_tokens = c.generate.max_new_tokens;
+  if (c.has("generate.temperature") && !FlagGiven(app, "--temperature"))
+    o->sampling.temperature = c.generate.temperature;
+  if (c.has("generate.top_p") && !FlagGiven(app, "--top-p")) o->sampling.top_p = c.generate.top_p;
+  if (c.has("generate.top_k") && !FlagGiven(app, "--top-k")) o->sampling.top_k = c.generate.top_k;
+  if (c.has("generate.seed") && !FlagGiven(app, "--seed")) o->sampling.seed = c.generate.seed;
+}
+
+// Under mpirun rank 0 owns the prompt (attention, sampling, printing); every rank joins each MoE
+// layer's expert-parallel exchange until rank 0 is done.
+Status RunGenerate(const GenerateOptions& o, comm::MpiContext* ctx) {
   EF_ASSIGN_OR_RETURN(auto engine, runtime::Engine::Create(o.model.dir, o.model.ToEngineOptions()));
+  std::unique_ptr<comm::Cluster> cluster;
+  if (ctx->mpi()) {
+    EF_ASSIGN_OR_RETURN(cluster, comm::Cluster::Create(ctx, engine.get(), o.cluster.cluster));
+  }
+  if (ctx->rank() == 0) EF_RETURN_IF_ERROR(GenerateOnThisRank(o, *engine));
+  if (!cluster) return Status::Ok();
+  EF_RETURN_IF_ERROR(cluster->Drain());
+  EF_ASSIGN_OR_RETURN(auto stats, cluster->GatherStats());
+  EF_RETURN_IF_ERROR(cluster->Shutdown());
+  if (ctx->rank() == 0) {
+    if (!o.cluster.stats_out.empty()) {
+      std::ofstream f(o.cluster.stats_out);
+      if (!f) return InvalidArgument("cannot write " + o.cluster.stats_out);
+      f << stats.dump(2) << "\n";
+    }
+    if (ctx->size() > 1)
+      std::fprintf(stderr, "comm: %d ranks, all-to-all %lld bytes, ucx gets %lld bytes\n", ctx->size(),
+                   static_cast<long long>(stats["a2a_bytes"].get<int64_t>()),
+                   static_cast<long long>(stats["ucx_get_bytes"].get<int64_t>()));
+  }
+  return Status::Ok();
+}
+
+Status GenerateOnThisRank(const GenerateOptions& o, runtime::Engine& eng) {
+  runtime::Engine* engine = &eng;
+  EF_ASSIGN_OR_RETURN(auto tok, runtime::Tokenizer::FromModelDir(o.model.dir));
   runtime::GenerateRequest req;
   req.prompt = tok.Encode(o.prompt);
   if (req.prompt.empty()) return InvalidArgument("the prompt encodes to no tokens");
@@ -65,9 +111,13 @@ Command AddGenerateCommand(CLI::App& root) {
   c.app->add_option("--seed", o->sampling.seed, "random seed for sampling")->capture_default_str();
   c.app->add_flag("--ignore-eos", o->ignore_eos, "keep generating past end-of-sequence tokens");
   c.app->add_flag("--show-ids", o->show_ids, "print prompt and generated token ids to stderr");
-  c.run = [o] {
-    Status s = RunGenerate(*o);
-    return s.ok() ? 0 : ReportError(s);
+  o->cluster.Register(c.app);
+  CLI::App* app = c.app;
+  c.run = [o, app] {
+    return RunDistributed(*app, &o->model, &o->cluster, [o, app](comm::MpiContext* ctx) {
+      ApplyGenerateConfig(o->cluster.config, *app, o.get());
+      return RunGenerate(*o, ctx);
+    });
   };
   return c;
 }

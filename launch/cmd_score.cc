@@ -3,11 +3,16 @@
 //   {"logits": [batch][tokens][vocab], "router_topk": [moe_layer][batch*tokens][k]}
 #include <cstdio>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "comm/cluster.h"
+#include "comm/mpi_context.h"
 #include "launch/command.h"
+#include "launch/config.h"
 #include "launch/engine_options.h"
+#include "runtime/core/logging.h"
 #include "runtime/engine/engine.h"
 
 namespace ef::launch {
@@ -17,6 +22,7 @@ using json = nlohmann::json;
 
 struct ScoreOptions {
   ModelFlags model;
+  ClusterFlags cluster;
   std::string ids_file;
   std::string out;
 };
@@ -44,21 +50,32 @@ StatusOr<std::vector<std::vector<int32_t>>> ReadIds(const std::string& path) {
   return ids;
 }
 
-Status RunScore(const ScoreOptions& o) {
+// Under mpirun, sequence b runs on rank b % N (data-parallel attention) while every MoE layer is
+// expert-parallel across all ranks; rank 0 gathers the logits and router rows and writes the same
+// JSON as one process.
+Status RunScore(const ScoreOptions& o, comm::MpiContext* ctx) {
   EF_ASSIGN_OR_RETURN(auto ids, ReadIds(o.ids_file));
-  EF_ASSIGN_OR_RETURN(auto engine, runtime::Engine::Create(o.model.dir, o.model.ToEngineOptions()));
+  runtime::EngineOptions eo = o.model.ToEngineOptions();
+  EF_ASSIGN_OR_RETURN(auto engine, runtime::Engine::Create(o.model.dir, eo));
   const auto& c = engine->config();
-  // router_topk[moe_layer][batch*tokens][k], tokens flattened batch-major.
-  std::vector<json> topk(c.num_moe_layers(), json::array());
-  std::vector<std::vector<std::vector<int32_t>>> per_layer(c.num_moe_layers());
+  std::unique_ptr<comm::Cluster> cluster;
+  if (ctx->mpi()) {
+    EF_ASSIGN_OR_RETURN(cluster, comm::Cluster::Create(ctx, engine.get(), o.cluster.cluster));
+  }
+  const int rank = ctx->rank(), world = ctx->size();
+  // Per sequence: router rows [moe_layer][tokens][k].
+  std::map<int64_t, std::vector<std::vector<std::vector<int32_t>>>> topk;
   engine->AddRoutingHook([&](runtime::LayerRouting& r) {
-    for (int t = 0; t < r.num_tokens; ++t)
+    for (int t = 0; t < r.num_tokens; ++t) {
+      auto& per_layer = topk[r.seq[t]];
+      per_layer.resize(c.num_moe_layers());
       per_layer[r.moe_layer].emplace_back(r.ids.begin() + t * r.top_k, r.ids.begin() + (t + 1) * r.top_k);
+    }
     return Status::Ok();
   });
-  json logits = json::array();
-  // Sequences run one at a time so router rows come out batch-major.
-  for (size_t b = 0; b < ids.size(); ++b) {
+  // This rank's sequences, one forward each.
+  json mine = json::object();
+  for (size_t b = static_cast<size_t>(rank); b < ids.size(); b += static_cast<size_t>(world)) {
     EF_RETURN_IF_ERROR(engine->AddSequence(static_cast<int64_t>(b)));
     runtime::SeqChunk chunk{static_cast<int64_t>(b), ids[b], /*all_logits=*/true};
     runtime::ForwardResult res;
@@ -69,9 +86,48 @@ Status RunScore(const ScoreOptions& o) {
       const float* p = res.logits.data() + t * c.vocab_size;
       rows.push_back(std::vector<float>(p, p + c.vocab_size));
     }
-    logits.push_back(std::move(rows));
+    mine[std::to_string(b)] = {{"logits", std::move(rows)}, {"topk", topk[static_cast<int64_t>(b)]}};
   }
-  json out = {{"logits", std::move(logits)}, {"router_topk", per_layer}};
+  json stats;
+  if (cluster) {
+    EF_RETURN_IF_ERROR(cluster->Drain());
+    EF_ASSIGN_OR_RETURN(stats, cluster->GatherStats());
+  }
+  // Rank 0 assembles batch order: logits[b], router_topk[moe_layer] = rows of b = 0, 1, ...
+  std::vector<std::vector<char>> parts;
+  if (world > 1) {
+    const std::vector<std::uint8_t> packed = json::to_msgpack(mine);
+    EF_ASSIGN_OR_RETURN(parts, ctx->GatherBytesToRoot({reinterpret_cast<const char*>(packed.data()), packed.size()},
+                                                      "the score results gather"));
+  }
+  if (cluster) EF_RETURN_IF_ERROR(cluster->Shutdown());
+  if (rank != 0) return Status::Ok();
+  json all = world > 1 ? json::object() : std::move(mine);
+  for (const auto& p : parts) {
+    json j = json::from_msgpack(p.begin(), p.end(), true, false);
+    if (j.is_discarded()) return Internal("corrupt score results from a rank");
+    for (auto& [k, v] : j.items()) all[k] = std::move(v);
+  }
+  json logits = json::array();
+  std::vector<json> router(c.num_moe_layers(), json::array());
+  for (size_t b = 0; b < ids.size(); ++b) {
+    auto it = all.find(std::to_string(b));
+    if (it == all.end()) return Internal("no results for sequence " + std::to_string(b));
+    logits.push_back(std::move((*it)["logits"]));
+    json& tk = (*it)["topk"];
+    for (int l = 0; l < c.num_moe_layers(); ++l)
+      for (auto& row : tk[l]) router[l].push_back(std::move(row));
+  }
+  json out = {{"logits", std::move(logits)}, {"router_topk", router}};
+  if (!o.cluster.stats_out.empty() && cluster) {
+    std::ofstream f(o.cluster.stats_out);
+    if (!f) return InvalidArgument("cannot write " + o.cluster.stats_out);
+    f << stats.dump(2) << "\n";
+  }
+  if (cluster && world > 1)
+    std::fprintf(stderr, "comm: %d ranks, all-to-all %lld bytes, ucx gets %lld bytes\n", world,
+                 static_cast<long long>(stats["a2a_bytes"].get<int64_t>()),
+                 static_cast<long long>(stats["ucx_get_bytes"].get<int64_t>()));
   if (o.out.empty() || o.out == "-") {
     std::printf("%s\n", out.dump().c_str());
     return Status::Ok();
@@ -92,9 +148,10 @@ Command AddScoreCommand(CLI::App& root) {
   o->model.Register(c.app);
   c.app->add_option("--ids-file", o->ids_file, "JSON file {\"input_ids\": [[...], ...]}")->required();
   c.app->add_option("--out", o->out, "output JSON file (default: stdout)");
-  c.run = [o] {
-    Status s = RunScore(*o);
-    return s.ok() ? 0 : ReportError(s);
+  o->cluster.Register(c.app);
+  CLI::App* app = c.app;
+  c.run = [o, app] {
+    return RunDistributed(*app, &o->model, &o->cluster, [o](comm::MpiContext* ctx) { return RunScore(*o, ctx); });
   };
   return c;
 }

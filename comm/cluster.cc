@@ -1,0 +1,109 @@
+#include "comm/cluster.h"
+
+#include "comm/mpi_exchange.h"
+#include "comm/nccl_exchange.h"
+#include "runtime/core/logging.h"
+
+namespace ef::comm {
+
+StatusOr<std::unique_ptr<Cluster>> Cluster::Create(MpiContext* ctx, runtime::Engine* engine, const ClusterOptions& o) {
+  auto c = std::unique_ptr<Cluster>(new Cluster());
+  c->ctx_ = ctx;
+  c->engine_ = engine;
+  ctx->set_timeout_s(o.timeout_s);
+  ctx->set_ranks_per_node(o.ranks_per_node);
+  const auto& mc = engine->config();
+  EF_ASSIGN_OR_RETURN(c->placement_, ExpertPlacement::Create(o.placement, ctx->size(), mc.num_layers, mc.num_experts));
+  const bool cuda = engine->backend().kind() == runtime::BackendKind::kCuda;
+  std::string exchange = o.exchange;
+  if (exchange == "auto") exchange = cuda && NcclExchange::Available() ? "nccl" : "mpi";
+  if (exchange == "nccl") {
+    if (!NcclExchange::Available()) return Unimplemented("cluster.exchange nccl: this build has no NCCL");
+    if (!cuda) return InvalidArgument("cluster.exchange nccl needs the cuda backend");
+    EF_ASSIGN_OR_RETURN(c->exchange_, NcclExchange::Create(ctx, engine->backend()));
+  } else if (exchange == "mpi") {
+    c->exchange_ = std::make_unique<MpiExchange>(ctx);
+  } else {
+    return InvalidArgument("unknown exchange '" + exchange + "' (auto|mpi|nccl)");
+  }
+  if (o.peer_fetch != "ucx" && o.peer_fetch != "none")
+    return InvalidArgument("unknown peer_fetch '" + o.peer_fetch + "' (ucx|none)");
+  if (o.peer_fetch == "ucx" && c->placement_.NeedsPeerFetch()) {
+    UcxOptions u;
+    u.force_tcp = o.ranks_per_node == 1 && ctx->size() > 1;
+    EF_ASSIGN_OR_RETURN(c->peer_source_,
+                        PeerExpertSource::Create(ctx, &c->placement_, &engine->weights(), &engine->backend(),
+                                                 engine->local_moe().expert_source(), u));
+    engine->SetExpertSource(c->peer_source_.get());
+  }
+  c->executor_ = std::make_unique<ExpertParallelExecutor>(ctx, c->exchange_.get(), &c->placement_, engine);
+  engine->SetMoeExecutor(c->executor_.get());
+  if (ctx->rank() == 0)
+    EF_LOG(INFO, COMM, "expert parallelism over %d ranks: exchange %s, peer fetch %s, %s", ctx->size(),
+           c->exchange_->name(), c->peer_source_ ? "ucx" : "none", c->placement_.Describe().c_str());
+  return c;
+}
+
+Cluster::~Cluster() {
+  if (engine_) {
+    engine_->SetMoeExecutor(nullptr);
+    engine_->SetExpertSource(nullptr);
+  }
+}
+
+nlohmann::json Cluster::Stats() const {
+  nlohmann::json j = {
+      {"rank", ctx_->rank()},
+      {"exchange", exchange_->name()},
+      {"a2a_bytes_sent", exchange_->bytes_sent()},
+      {"a2a_bytes_received", exchange_->bytes_received()},
+      {"rows_dispatched", executor_->rows_dispatched()},
+      {"rows_computed", executor_->rows_computed()},
+      {"steps", executor_->steps()},
+      {"ucx_get_bytes", 0},
+      {"ucx_gets", 0},
+      {"experts_fetched", 0},
+      {"shard_bytes", 0},
+  };
+  if (peer_source_) {
+    UcxRemoteMemory& r = peer_source_->remote();
+    j["ucx_get_bytes"] = r.bytes_fetched();
+    j["ucx_gets"] = r.num_gets();
+    j["experts_fetched"] = peer_source_->experts_fetched();
+    j["shard_bytes"] = peer_source_->shard_bytes();
+    j["ucx_tls"] = r.tls();
+    nlohmann::json t = nlohmann::json::object();
+    for (int p = 0; p < ctx_->size(); ++p)
+      if (!r.transport(p).empty()) t[std::to_string(p)] = r.transport(p);
+    j["ucx_transports"] = t;
+  }
+  return j;
+}
+
+StatusOr<nlohmann::json> Cluster::GatherStats() {
+  const std::string mine = Stats().dump();
+  EF_ASSIGN_OR_RETURN(auto all, ctx_->GatherBytesToRoot({mine.data(), mine.size()}, "the statistics gather"));
+  if (ctx_->rank() != 0) return nlohmann::json();
+  nlohmann::json ranks = nlohmann::json::array();
+  int64_t a2a = 0, ucx = 0;
+  for (const auto& b : all) {
+    auto j = nlohmann::json::parse(std::string(b.begin(), b.end()));
+    a2a += j["a2a_bytes_sent"].get<int64_t>();
+    ucx += j["ucx_get_bytes"].get<int64_t>();
+    ranks.push_back(std::move(j));
+  }
+  return nlohmann::json{{"world_size", ctx_->size()},
+                        {"placement", placement_.Describe()},
+                        {"a2a_bytes", a2a},
+                        {"ucx_get_bytes", ucx},
+                        {"ranks", ranks}};
+}
+
+Status Cluster::Shutdown() {
+  if (shut_down_) return Status::Ok();
+  shut_down_ = true;
+  if (peer_source_) return peer_source_->Shutdown();
+  return ctx_->Barrier("the shutdown barrier");
+}
+
+}  // namespace ef::comm

@@ -1,0 +1,63 @@
+// Cluster: wires a process's engine into the MPI world: token exchange, static expert placement,
+// expert-parallel executor and (when the placement computes experts away from their homes) the
+// UCX peer expert tier. One object per engine; commands (generate, score, serve, bench) create it
+// after the engine and destroy it before.
+//
+//   EF_ASSIGN_OR_RETURN(auto cluster, Cluster::Create(ctx, engine.get(), options));
+//   ... this rank's Forward() calls (each step joins the lockstep exchange) ...
+//   EF_RETURN_IF_ERROR(cluster->Drain());      // idle until every rank is done
+//   EF_ASSIGN_OR_RETURN(json stats, cluster->GatherStats());
+//   EF_RETURN_IF_ERROR(cluster->Shutdown());   // collective
+//
+// Create, Drain, GatherStats and Shutdown are collective. Not thread-safe.
+#pragma once
+
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "comm/expert_parallel_executor.h"
+#include "comm/expert_placement.h"
+#include "comm/mpi_context.h"
+#include "comm/peer_expert_source.h"
+#include "comm/token_exchange.h"
+#include "runtime/engine/engine.h"
+
+namespace ef::comm {
+
+struct ClusterOptions {
+  std::string exchange = "auto";   // auto (nccl on cuda when built with NCCL, else mpi) | mpi | nccl
+  int ranks_per_node = 0;          // 0: the launcher's; 1 forces UCX over TCP between ranks
+  std::string peer_fetch = "ucx";  // ucx | none (read non-home experts from the local mapping)
+  PlacementOptions placement;
+  double timeout_s = 30;  // every wait on a peer
+};
+
+class Cluster {
+ public:
+  static StatusOr<std::unique_ptr<Cluster>> Create(MpiContext* ctx, runtime::Engine* engine,
+                                                   const ClusterOptions& options);
+  ~Cluster();
+
+  ExpertParallelExecutor& executor() { return *executor_; }
+  const ExpertPlacement& placement() const { return placement_; }
+  Status Drain() { return executor_->Drain(); }
+  // This rank's counters.
+  nlohmann::json Stats() const;
+  // Every rank's counters on rank 0 ({"ranks": [...], "a2a_bytes": total, "ucx_get_bytes": total});
+  // other ranks get null.
+  StatusOr<nlohmann::json> GatherStats();
+  Status Shutdown();
+
+ private:
+  Cluster() = default;
+  MpiContext* ctx_ = nullptr;
+  runtime::Engine* engine_ = nullptr;
+  ExpertPlacement placement_;
+  std::unique_ptr<TokenExchange> exchange_;
+  std::unique_ptr<PeerExpertSource> peer_source_;
+  std::unique_ptr<ExpertParallelExecutor> executor_;
+  bool shut_down_ = false;
+};
+
+}  // namespace ef::comm

@@ -1,0 +1,74 @@
+// ExpertParallelExecutor: runs an MoE layer's routed experts across ranks (expert parallelism)
+// while attention stays data-parallel (each rank runs its own sequences).
+//
+// Per MoE layer, on every rank, in lockstep:
+//   1. each (token, expert) pair of this rank's batch goes to the rank the ExpertPlacement says
+//      computes that expert (row = hidden state + expert id); counts first, then rows (TokenExchange);
+//   2. the receiving rank runs LocalMoeExecutor::ComputeRows on all rows it received (unscaled);
+//   3. results return by a second all-to-all-v to the token's own rank;
+//   4. the token's rank adds w * y in increasing expert id, token order within an expert, with the
+//      backend's ScatterAddRows: the same operations in the same order as LocalMoeExecutor::Run,
+//      so logits do not depend on the number of ranks (bitwise on the CPU backend).
+//
+// Lockstep: every rank must join every MoE layer's exchange of every step. A step starts with a
+// small all-gather of "has work" flags at the first MoE layer. A rank with no tokens calls
+// SyncIdle(); if any rank has work it runs RunIdleStep() (each MoE layer with zero rows). When a
+// rank's own work is done it calls Drain(), which idles until every rank is idle. Every wait
+// times out (MpiContext::timeout_s) with an error naming the rank that did not respond.
+//
+// Host buffers are reused across layers and steps. Not thread-safe: one thread drives it.
+#pragma once
+
+#include <vector>
+
+#include "comm/expert_placement.h"
+#include "comm/mpi_context.h"
+#include "comm/token_exchange.h"
+#include "runtime/engine/engine.h"
+
+namespace ef::comm {
+
+class ExpertParallelExecutor final : public runtime::MoeExecutor {
+ public:
+  // The engine provides the config, the backend and the local executor for ComputeRows; all
+  // pointers must outlive this object.
+  ExpertParallelExecutor(MpiContext* ctx, TokenExchange* exchange, const ExpertPlacement* placement,
+                         runtime::Engine* engine);
+
+  Status Run(int layer, int64_t T, int top_k, const float* h, std::span<const int32_t> ids,
+             std::span<const float> weights, float* out) override;
+
+  // For a rank without tokens for the next step: joins the step's start; true when some rank has
+  // work (then call RunIdleStep()), false when every rank is idle.
+  StatusOr<bool> SyncIdle();
+  // Joins each MoE layer's exchanges with no rows of its own (still computes rows sent here).
+  Status RunIdleStep();
+  // Idles until every rank is idle. Call once this rank's work is done.
+  Status Drain();
+
+  int64_t rows_dispatched() const { return rows_dispatched_; }  // pairs sent to other ranks
+  int64_t rows_computed() const { return rows_computed_; }      // rows this rank computed
+  int64_t steps() const { return steps_; }
+
+ private:
+  Status SyncStep(bool has_work, bool* any);
+  Status MaybeInjectFault(int layer);
+
+  MpiContext* ctx_;
+  TokenExchange* exchange_;
+  const ExpertPlacement* placement_;
+  runtime::Engine* engine_;
+  runtime::Backend* backend_;
+  int hidden_ = 0, num_experts_ = 0, top_k_ = 0, first_moe_layer_ = -1;
+  bool step_synced_ = false;
+  int64_t rows_dispatched_ = 0, rows_computed_ = 0, steps_ = 0;
+
+  // Reused host buffers.
+  std::vector<float> h_host_, send_, recv_, y_host_, back_, combined_;
+  std::vector<int32_t> pair_order_, send_expert_, recv_expert_, combine_tok_, combine_expert_;
+  std::vector<float> combine_scale_, ones_;
+  std::vector<int64_t> send_counts_, recv_counts_;
+  runtime::Buffer x_dev_, y_dev_, z_dev_, idx_dev_, scale_dev_;
+};
+
+}  // namespace ef::comm

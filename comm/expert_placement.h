@@ -1,0 +1,55 @@
+// ExpertPlacement: a static plan of where each routed expert lives and where it is computed.
+//
+// Home ranks hold an expert's weights in host memory (registered for peers' UCX gets); there are
+// `replication` of them, consecutive ranks starting at the primary home. Compute ranks run the
+// expert's GEMMs for the tokens routed to it: a token on rank s goes to compute replica
+// (s mod replicas) so replicas share the load deterministically. By default the compute ranks
+// are the home ranks; a different compute policy (compute_placement) makes ranks compute experts
+// they are not home for, which they then fetch from a home rank (the peer tier).
+//
+// Policies: contiguous (expert e -> rank e * N / E, blocks), round_robin (e mod N), or a JSON
+// file {"home": [[rank per expert] per MoE layer]} or {"home": [rank per expert]} (all layers).
+// Plain data, immutable after Create; thread-safe to read.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "runtime/core/status.h"
+
+namespace ef::comm {
+
+struct PlacementOptions {
+  std::string placement = "contiguous";    // contiguous | round_robin | JSON file path
+  std::string compute_placement = "home";  // home | contiguous | round_robin
+  int replication = 1;                     // 1..world size
+};
+
+class ExpertPlacement {
+ public:
+  // num_layers: decoder layers (indexed by decoder layer; non-MoE layers are ignored).
+  static StatusOr<ExpertPlacement> Create(const PlacementOptions& options, int world_size, int num_layers,
+                                          int num_experts);
+
+  int world_size() const { return world_size_; }
+  int replication() const { return replication_; }
+  // Home ranks of (layer, expert), primary first.
+  std::vector<int> HomeRanks(int layer, int expert) const;
+  int PrimaryHome(int layer, int expert) const { return home_[Index(layer, expert)]; }
+  bool IsHome(int rank, int layer, int expert) const;
+  // The rank that computes expert `expert` of `layer` for tokens that live on `source_rank`.
+  int ComputeRank(int layer, int expert, int source_rank) const;
+  // Whether this placement ever computes an expert on a rank that is not its home.
+  bool NeedsPeerFetch() const;
+  std::string Describe() const;
+
+ private:
+  size_t Index(int layer, int expert) const { return static_cast<size_t>(layer) * num_experts_ + expert; }
+  int world_size_ = 1, num_layers_ = 0, num_experts_ = 0, replication_ = 1;
+  std::string policy_, compute_policy_;
+  std::vector<int> home_;     // primary home per (layer, expert)
+  std::vector<int> compute_;  // primary compute rank per (layer, expert)
+};
+
+}  // namespace ef::comm

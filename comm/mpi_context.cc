@@ -1,0 +1,228 @@
+#include "comm/mpi_context.h"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <thread>
+
+#include "comm/comm_check.h"
+#include "runtime/core/logging.h"
+#include "runtime/core/params.h"
+
+namespace ef::comm {
+namespace {
+
+MpiContext* g_context = nullptr;
+
+int CurrentRank() {
+  MpiContext* c = MpiContext::Get();
+  return c ? c->rank() : 0;
+}
+
+std::string Seconds(double s) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", s);
+  return buf;
+}
+
+}  // namespace
+
+Status MpiError(const char* stmt, int code, const char* file, int line) {
+  char text[MPI_MAX_ERROR_STRING] = {0};
+  int len = 0;
+  if (MPI_Error_string(code, text, &len) != MPI_SUCCESS) std::snprintf(text, sizeof(text), "code %d", code);
+  return Internal(std::string(stmt) + " failed: " + text + " (" + file + ":" + std::to_string(line) + ", rank " +
+                  std::to_string(CurrentRank()) + ")");
+}
+
+Status UcsError(const char* stmt, ucs_status_t code, const char* file, int line) {
+  return Internal(std::string(stmt) + " failed: " + ucs_status_string(code) + " (" + file + ":" + std::to_string(line) +
+                  ", rank " + std::to_string(CurrentRank()) + ")");
+}
+
+bool MpiContext::LaunchedByMpirun() {
+  using params::detail::GetEnv;
+  return GetEnv("OMPI_COMM_WORLD_SIZE") || GetEnv("PMIX_RANK") || GetEnv("PMI_SIZE") || GetEnv("PMI_RANK");
+}
+
+MpiContext* MpiContext::Get() { return g_context; }
+
+StatusOr<MpiContext*> MpiContext::Init() {
+  if (g_context) return g_context;
+  auto* c = new MpiContext();
+  if (LaunchedByMpirun()) {
+    int inited = 0;
+    MPI_CHECK(MPI_Initialized(&inited));
+    if (!inited) {
+      int provided = 0;
+      MPI_CHECK(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided));
+    }
+    c->mpi_ = true;
+    c->comm_ = MPI_COMM_WORLD;
+    MPI_CHECK(MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN));
+    MPI_CHECK(MPI_Comm_rank(c->comm_, &c->rank_));
+    MPI_CHECK(MPI_Comm_size(c->comm_, &c->size_));
+    MPI_Comm node;
+    MPI_CHECK(MPI_Comm_split_type(c->comm_, MPI_COMM_TYPE_SHARED, c->rank_, MPI_INFO_NULL, &node));
+    MPI_CHECK(MPI_Comm_rank(node, &c->launcher_local_rank_));
+    MPI_CHECK(MPI_Comm_size(node, &c->launcher_local_size_));
+    MPI_CHECK(MPI_Comm_free(&node));
+    c->local_rank_ = c->launcher_local_rank_;
+    c->local_size_ = c->launcher_local_size_;
+    log::SetRank(c->rank_);
+    char host[256] = {0};
+    gethostname(host, sizeof(host) - 1);
+    EF_LOG(INFO, COMM, "mpi rank %d of %d on %s, local rank %d of %d", c->rank_, c->size_, host, c->local_rank_,
+           c->local_size_);
+  }
+  g_context = c;
+  return c;
+}
+
+void MpiContext::set_ranks_per_node(int n) {
+  if (n <= 0) {
+    local_rank_ = launcher_local_rank_;
+    local_size_ = launcher_local_size_;
+  } else {
+    local_rank_ = rank_ % n;
+    local_size_ = std::min(n, size_);
+  }
+}
+
+Status MpiContext::WaitAll(std::span<MPI_Request> reqs, std::span<const int> peers, const std::string& what) {
+  if (reqs.empty()) return Status::Ok();
+  using Clock = std::chrono::steady_clock;
+  const auto deadline = Clock::now() + std::chrono::duration<double>(timeout_s_);
+  int spins = 0;
+  for (;;) {
+    int done = 0;
+    MPI_CHECK(MPI_Testall(static_cast<int>(reqs.size()), reqs.data(), &done, MPI_STATUSES_IGNORE));
+    if (done) return Status::Ok();
+    if (progress_hook_) progress_hook_();
+    if (Clock::now() > deadline) break;
+    // Spin briefly for latency, then yield the core (ranks may share cores).
+    if (++spins > 64) std::this_thread::sleep_for(std::chrono::microseconds(spins > 4096 ? 500 : 20));
+  }
+  // Name the peers whose requests are still pending; receives first (a dead peer never sends).
+  std::string pending;
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    if (reqs[i] == MPI_REQUEST_NULL) continue;
+    int flag = 0;
+    MPI_Request_get_status(reqs[i], &flag, MPI_STATUS_IGNORE);
+    if (flag) continue;
+    const std::string p = std::to_string(peers[i]);
+    if (pending.find(" " + p + ",") == std::string::npos) pending += " " + p + ",";
+  }
+  if (!pending.empty()) pending.pop_back();
+  const bool many = pending.find(',') != std::string::npos;
+  return DeadlineExceeded((many ? "ranks" : "rank") + pending + " did not complete " + what + " within " +
+                          Seconds(timeout_s_) + " s (seen from rank " + std::to_string(rank_) + ")");
+}
+
+StatusOr<std::vector<std::vector<char>>> MpiContext::AllGatherBytes(std::span<const char> mine,
+                                                                    const std::string& what) {
+  std::vector<std::vector<char>> out(size_);
+  out[rank_].assign(mine.begin(), mine.end());
+  if (size_ == 1) return out;
+  EF_ASSIGN_OR_RETURN(auto sizes, AllGatherInt(static_cast<int64_t>(mine.size()), kTagGather, what));
+  std::vector<MPI_Request> reqs;
+  std::vector<int> peers;
+  for (int r = 0; r < size_; ++r) {
+    if (r == rank_) continue;
+    out[r].resize(static_cast<size_t>(sizes[r]));
+    reqs.emplace_back();
+    peers.push_back(r);
+    MPI_CHECK(MPI_Irecv(out[r].data(), static_cast<int>(sizes[r]), MPI_BYTE, r, kTagBytes, comm_, &reqs.back()));
+  }
+  for (int r = 0; r < size_; ++r) {
+    if (r == rank_) continue;
+    reqs.emplace_back();
+    peers.push_back(r);
+    MPI_CHECK(MPI_Isend(mine.data(), static_cast<int>(mine.size()), MPI_BYTE, r, kTagBytes, comm_, &reqs.back()));
+  }
+  EF_RETURN_IF_ERROR(WaitAll(reqs, peers, what));
+  return out;
+}
+
+StatusOr<std::vector<std::vector<char>>> MpiContext::GatherBytesToRoot(std::span<const char> mine,
+                                                                       const std::string& what) {
+  std::vector<std::vector<char>> out;
+  if (size_ == 1) {
+    out.emplace_back(mine.begin(), mine.end());
+    return out;
+  }
+  int64_t n = static_cast<int64_t>(mine.size());
+  std::vector<MPI_Request> reqs;
+  std::vector<int> peers;
+  if (rank_ != 0) {
+    reqs.resize(2);
+    peers = {0, 0};
+    MPI_CHECK(MPI_Isend(&n, 1, MPI_INT64_T, 0, kTagGather, comm_, &reqs[0]));
+    MPI_CHECK(MPI_Isend(mine.data(), static_cast<int>(n), MPI_BYTE, 0, kTagBytes, comm_, &reqs[1]));
+    EF_RETURN_IF_ERROR(WaitAll(reqs, peers, what));
+    return out;
+  }
+  out.resize(size_);
+  out[0].assign(mine.begin(), mine.end());
+  std::vector<int64_t> sizes(size_, 0);
+  for (int r = 1; r < size_; ++r) {
+    reqs.emplace_back();
+    peers.push_back(r);
+    MPI_CHECK(MPI_Irecv(&sizes[r], 1, MPI_INT64_T, r, kTagGather, comm_, &reqs.back()));
+  }
+  EF_RETURN_IF_ERROR(WaitAll(reqs, peers, what));
+  reqs.clear();
+  peers.clear();
+  for (int r = 1; r < size_; ++r) {
+    out[r].resize(static_cast<size_t>(sizes[r]));
+    reqs.emplace_back();
+    peers.push_back(r);
+    MPI_CHECK(MPI_Irecv(out[r].data(), static_cast<int>(sizes[r]), MPI_BYTE, r, kTagBytes, comm_, &reqs.back()));
+  }
+  EF_RETURN_IF_ERROR(WaitAll(reqs, peers, what));
+  return out;
+}
+
+StatusOr<std::vector<int64_t>> MpiContext::AllGatherInt(int64_t mine, int tag, const std::string& what) {
+  std::vector<int64_t> out(size_, 0);
+  out[rank_] = mine;
+  if (size_ == 1) return out;
+  std::vector<MPI_Request> reqs;
+  std::vector<int> peers;
+  for (int r = 0; r < size_; ++r) {
+    if (r == rank_) continue;
+    reqs.emplace_back();
+    peers.push_back(r);
+    MPI_CHECK(MPI_Irecv(&out[r], 1, MPI_INT64_T, r, tag, comm_, &reqs.back()));
+  }
+  for (int r = 0; r < size_; ++r) {
+    if (r == rank_) continue;
+    reqs.emplace_back();
+    peers.push_back(r);
+    MPI_CHECK(MPI_Isend(&out[rank_], 1, MPI_INT64_T, r, tag, comm_, &reqs.back()));
+  }
+  EF_RETURN_IF_ERROR(WaitAll(reqs, peers, what));
+  return out;
+}
+
+Status MpiContext::Barrier(const std::string& what) {
+  if (size_ == 1) return Status::Ok();
+  return AllGatherInt(0, kTagBarrier, what).status();
+}
+
+void MpiContext::Abort(int code) {
+  std::fflush(stdout);
+  std::fflush(stderr);
+  if (mpi_ && !finalized_) MPI_Abort(comm_, code);
+  std::_Exit(code);
+}
+
+void MpiContext::Finalize() {
+  if (mpi_ && !finalized_) {
+    finalized_ = true;
+    MPI_Finalize();
+  }
+}
+
+}  // namespace ef::comm

@@ -1,0 +1,98 @@
+#include "comm/peer_expert_source.h"
+
+#include <cstdlib>
+#include <cstring>
+
+#include "runtime/core/logging.h"
+
+namespace ef::comm {
+
+StatusOr<std::unique_ptr<PeerExpertSource>> PeerExpertSource::Create(MpiContext* ctx, const ExpertPlacement* placement,
+                                                                     const runtime::ModelWeights* weights,
+                                                                     runtime::Backend* backend,
+                                                                     runtime::ExpertSource* local,
+                                                                     const UcxOptions& ucx) {
+  auto s = std::unique_ptr<PeerExpertSource>(new PeerExpertSource());
+  s->ctx_ = ctx;
+  s->placement_ = placement;
+  s->weights_ = weights;
+  s->backend_ = backend;
+  s->local_ = local;
+  const auto& c = weights->config();
+  const int n = ctx->size(), me = ctx->rank(), E = c.num_experts;
+  s->offsets_.assign(n, std::vector<int64_t>(static_cast<size_t>(c.num_layers) * E, -1));
+  std::vector<size_t> total(n, 0);
+  for (int l = 0; l < c.num_layers; ++l) {
+    if (!c.IsMoeLayer(l)) continue;
+    for (int e = 0; e < E; ++e) {
+      const size_t b = weights->host_expert(l, e).nbytes();
+      for (int r : placement->HomeRanks(l, e)) {
+        s->offsets_[r][static_cast<size_t>(l) * E + e] = static_cast<int64_t>(total[r]);
+        total[r] += (b + 63) / 64 * 64;
+      }
+    }
+  }
+  s->shard_bytes_ = total[me];
+  if (s->shard_bytes_ > 0) {
+    s->shard_ = static_cast<char*>(std::aligned_alloc(64, s->shard_bytes_));
+    if (!s->shard_)
+      return ResourceExhausted("cannot allocate the host expert shard of " + std::to_string(s->shard_bytes_) +
+                               " bytes");
+    for (int l = 0; l < c.num_layers; ++l) {
+      if (!c.IsMoeLayer(l)) continue;
+      for (int e = 0; e < E; ++e) {
+        const int64_t off = s->offsets_[me][static_cast<size_t>(l) * E + e];
+        if (off < 0) continue;
+        const runtime::ExpertWeights& w = weights->host_expert(l, e);
+        char* d = s->shard_ + off;
+        std::memcpy(d, w.gate.data, w.gate.nbytes());
+        std::memcpy(d + w.gate.nbytes(), w.up.data, w.up.nbytes());
+        std::memcpy(d + w.gate.nbytes() + w.up.nbytes(), w.down.data, w.down.nbytes());
+      }
+    }
+  }
+  EF_ASSIGN_OR_RETURN(s->remote_, UcxRemoteMemory::Create(ctx, s->shard_, s->shard_bytes_, ucx));
+  EF_LOG(INFO, COMM, "host expert shard: %zu bytes registered for peers", s->shard_bytes_);
+  return s;
+}
+
+PeerExpertSource::~PeerExpertSource() {
+  remote_.reset();
+  std::free(shard_);
+}
+
+int64_t PeerExpertSource::ShardOffset(int rank, int layer, int expert) const {
+  return offsets_[rank][static_cast<size_t>(layer) * weights_->config().num_experts + expert];
+}
+
+StatusOr<runtime::ExpertWeights> PeerExpertSource::Acquire(int layer, int expert) {
+  const int me = ctx_->rank();
+  if (placement_->IsHome(me, layer, expert)) return local_->Acquire(layer, expert);
+  auto it = fetched_.find({layer, expert});
+  if (it != fetched_.end()) return it->second.weights;
+  // Read from the first home rank (primary); replicas hold identical bytes.
+  const int home = placement_->PrimaryHome(layer, expert);
+  const int64_t off = ShardOffset(home, layer, expert);
+  if (off < 0) return Internal("placement names rank " + std::to_string(home) + " home without a shard offset");
+  const runtime::ExpertWeights& hw = weights_->host_expert(layer, expert);
+  Fetched f;
+  const size_t bytes = hw.nbytes();
+  f.bytes.reset(new char[bytes]);
+  Status st = remote_->Get(home, static_cast<uint64_t>(off), f.bytes.get(), bytes);
+  if (!st.ok()) return st.Prepend("fetching expert " + std::to_string(expert) + " of layer " + std::to_string(layer));
+  char* p = f.bytes.get();
+  EF_ASSIGN_OR_RETURN(f.weights.gate, backend_->UploadWeight(hw.gate.dtype, p, hw.gate.rows, hw.gate.cols));
+  p += hw.gate.nbytes();
+  EF_ASSIGN_OR_RETURN(f.weights.up, backend_->UploadWeight(hw.up.dtype, p, hw.up.rows, hw.up.cols));
+  p += hw.up.nbytes();
+  EF_ASSIGN_OR_RETURN(f.weights.down, backend_->UploadWeight(hw.down.dtype, p, hw.down.rows, hw.down.cols));
+  EF_LOG(DEBUG, COMM, "fetched expert %d of layer %d (%zu bytes) from rank %d", expert, layer, bytes, home);
+  auto [pos, inserted] = fetched_.emplace(std::make_pair(layer, expert), std::move(f));
+  return pos->second.weights;
+}
+
+void PeerExpertSource::Release(int layer, int expert) {
+  if (placement_->IsHome(ctx_->rank(), layer, expert)) local_->Release(layer, expert);
+}
+
+}  // namespace ef::comm

@@ -1,0 +1,42 @@
+// TokenExchange: the all-to-all-v that moves token rows between ranks in an MoE layer.
+//
+// Two steps per use: ExchangeCounts tells every rank how many rows it will receive from each
+// peer, then AllToAllV moves the rows. Send rows are laid out by destination rank (rank 0's rows,
+// then rank 1's, ...), received rows by source rank. Row bytes are the same on every rank.
+// MpiExchange works on host memory (CPU backend, CI); NcclExchange (EF_HAVE_NCCL) on device
+// memory with grouped ncclSend/ncclRecv. Every wait has the MpiContext timeout and names the
+// peer. Counters report payload bytes (rows that leave or reach this rank; self rows excluded).
+//
+// Not thread-safe: one thread drives an exchange.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+
+#include "runtime/core/status.h"
+
+namespace ef::comm {
+
+class TokenExchange {
+ public:
+  virtual ~TokenExchange() = default;
+  virtual const char* name() const = 0;
+  // recv_counts[r] := send_counts[this rank] of rank r. Both spans have world-size entries.
+  virtual Status ExchangeCounts(std::span<const int64_t> send_counts, std::span<int64_t> recv_counts,
+                                const std::string& what) = 0;
+  // Moves rows (row_bytes each). Pointers are host memory (mpi) or device memory (nccl).
+  virtual Status AllToAllV(const void* send, std::span<const int64_t> send_counts, void* recv,
+                           std::span<const int64_t> recv_counts, size_t row_bytes, const std::string& what) = 0;
+
+  int64_t bytes_sent() const { return bytes_sent_; }
+  int64_t bytes_received() const { return bytes_received_; }
+  int64_t num_exchanges() const { return num_exchanges_; }
+
+ protected:
+  int64_t bytes_sent_ = 0;
+  int64_t bytes_received_ = 0;
+  int64_t num_exchanges_ = 0;
+};
+
+}  // namespace ef::comm

@@ -1,0 +1,481 @@
+#include "launch/config.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <CLI/CLI.hpp>
+#include <cmath>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <sstream>
+#include <vector>
+
+#include "comm/mpi_context.h"
+#include "launch/command.h"
+#include "launch/engine_options.h"
+#include "runtime/core/logging.h"
+
+namespace ef::launch {
+namespace {
+
+// Where a node sits in the file, as "file:line" (yaml-cpp marks are 0-based).
+std::string Where(const std::string& name, const YAML::Node& node) {
+  const YAML::Mark m = node.Mark();
+  if (m.line < 0) return name;
+  return name + ":" + std::to_string(m.line + 1);
+}
+
+std::string Scalar(const YAML::Node& n) {
+  return n.IsScalar() ? n.Scalar() : std::string("<") + (n.IsMap() ? "map" : n.IsSequence() ? "list" : "null") + ">";
+}
+
+// Context passed to each key's parser.
+struct Ctx {
+  const std::string& name;
+  const std::string key;  // dotted
+  const YAML::Node& node;
+
+  Status Error(const std::string& what) const {
+    return InvalidArgument(Where(name, node) + ": " + key + ": " + what + ", got '" + Scalar(node) + "'");
+  }
+};
+
+Status GetString(const Ctx& c, std::string* out) {
+  if (!c.node.IsScalar()) return c.Error("expected a string");
+  *out = c.node.Scalar();
+  return Status::Ok();
+}
+
+Status GetOneOf(const Ctx& c, std::initializer_list<const char*> allowed, std::string* out) {
+  std::string v;
+  EF_RETURN_IF_ERROR(GetString(c, &v));
+  std::string list;
+  for (const char* a : allowed) {
+    if (v == a) {
+      *out = v;
+      return Status::Ok();
+    }
+    list += list.empty() ? a : std::string("|") + a;
+  }
+  return c.Error("expected one of " + list);
+}
+
+Status GetInt(const Ctx& c, int64_t lo, int64_t hi, int* out) {
+  int64_t v = 0;
+  if (!c.node.IsScalar()) return c.Error("expected an integer");
+  try {
+    v = c.node.as<int64_t>();
+  } catch (const YAML::Exception&) {
+    return c.Error("expected an integer");
+  }
+  if (v < lo || v > hi)
+    return c.Error("expected an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+  *out = static_cast<int>(v);
+  return Status::Ok();
+}
+
+Status GetU64(const Ctx& c, uint64_t* out) {
+  if (!c.node.IsScalar()) return c.Error("expected a non-negative integer");
+  try {
+    *out = c.node.as<uint64_t>();
+  } catch (const YAML::Exception&) {
+    return c.Error("expected a non-negative integer");
+  }
+  return Status::Ok();
+}
+
+Status GetDouble(const Ctx& c, double lo, double hi, bool lo_open, double* out) {
+  if (!c.node.IsScalar()) return c.Error("expected a number");
+  double v = 0;
+  try {
+    v = c.node.as<double>();
+  } catch (const YAML::Exception&) {
+    return c.Error("expected a number");
+  }
+  if (!std::isfinite(v) || v < lo || v > hi || (lo_open && v == lo)) {
+    std::ostringstream r;
+    r << "expected a number in " << (lo_open ? "(" : "[") << lo << ", " << hi << "]";
+    return c.Error(r.str());
+  }
+  *out = v;
+  return Status::Ok();
+}
+
+Status GetFloat(const Ctx& c, double lo, double hi, bool lo_open, float* out) {
+  double v = 0;
+  EF_RETURN_IF_ERROR(GetDouble(c, lo, hi, lo_open, &v));
+  *out = static_cast<float>(v);
+  return Status::Ok();
+}
+
+Status GetBytes(const Ctx& c, uint64_t* out) {
+  if (!c.node.IsScalar()) return c.Error("expected a size (bytes, e.g. 2GiB, or auto)");
+  auto v = ParseByteSize(c.node.Scalar());
+  if (!v.ok()) return c.Error("expected a size (bytes, e.g. 2GiB, or auto)");
+  *out = *v;
+  return Status::Ok();
+}
+
+using Setter = std::function<Status(const Ctx&, Config*)>;
+using Section = std::map<std::string, Setter>;
+
+const std::map<std::string, Section>& Schema() {
+  static const auto* schema = new std::map<std::string, Section>{
+      {"model",
+       {
+           {"path", [](const Ctx& c, Config* o) { return GetString(c, &o->model.path); }},
+           {"dtype",
+            [](const Ctx& c, Config* o) {
+              return GetOneOf(c, {"auto", "bf16", "f16", "f32"}, &o->model.dtype);
+            }},
+       }},
+      {"runtime",
+       {
+           {"backend",
+            [](const Ctx& c, Config* o) {
+              return GetOneOf(c, {"auto", "cuda", "cpu"}, &o->runtime.backend);
+            }},
+           {"device",
+            [](const Ctx& c, Config* o) {
+              if (c.node.IsScalar() && c.node.Scalar() == "auto") {
+                o->runtime.device = -1;
+                return Status::Ok();
+              }
+              return GetInt(c, 0, 1023, &o->runtime.device);
+            }},
+           {"max_seq_len", [](const Ctx& c, Config* o) { return GetInt(c, 0, 1 << 24, &o->runtime.max_seq_len); }},
+       }},
+      {"cluster",
+       {
+           {"exchange",
+            [](const Ctx& c, Config* o) {
+              return GetOneOf(c, {"auto", "mpi", "nccl"}, &o->cluster.exchange);
+            }},
+           {"ranks_per_node",
+            [](const Ctx& c, Config* o) {
+              if (c.node.IsScalar() && c.node.Scalar() == "auto") {
+                o->cluster.ranks_per_node = 0;
+                return Status::Ok();
+              }
+              return GetInt(c, 1, 1 << 16, &o->cluster.ranks_per_node);
+            }},
+           {"peer_fetch",
+            [](const Ctx& c, Config* o) {
+              return GetOneOf(c, {"ucx", "none"}, &o->cluster.peer_fetch);
+            }},
+           {"placement",
+            [](const Ctx& c, Config* o) {
+              EF_RETURN_IF_ERROR(GetString(c, &o->cluster.placement));
+              if (o->cluster.placement.empty()) return c.Error("expected contiguous|round_robin|a placement file");
+              return Status::Ok();
+            }},
+           {"compute_placement",
+            [](const Ctx& c, Config* o) {
+              return GetOneOf(c, {"home", "contiguous", "round_robin"}, &o->cluster.compute_placement);
+            }},
+           {"replication", [](const Ctx& c, Config* o) { return GetInt(c, 1, 1 << 16, &o->cluster.replication); }},
+           {"timeout_s", [](const Ctx& c, Config* o) { return GetDouble(c, 0, 86400, true, &o->cluster.timeout_s); }},
+       }},
+      {"cache",
+       {
+           {"device_budget", [](const Ctx& c, Config* o) { return GetBytes(c, &o->cache.device_budget); }},
+           {"host_budget", [](const Ctx& c, Config* o) { return GetBytes(c, &o->cache.host_budget); }},
+           {"policy",
+            [](const Ctx& c, Config* o) {
+              return GetOneOf(c, {"lru", "lfu", "expertflow", "static", "belady"}, &o->cache.policy);
+            }},
+           {"prefetch_layers", [](const Ctx& c, Config* o) { return GetInt(c, 0, 1024, &o->cache.prefetch_layers); }},
+       }},
+      {"predictor",
+       {
+           {"kind",
+            [](const Ctx& c, Config* o) {
+              return GetOneOf(c, {"none", "frequency", "affinity", "path", "lookahead", "hybrid"}, &o->predictor.kind);
+            }},
+           {"path", [](const Ctx& c, Config* o) { return GetString(c, &o->predictor.path); }},
+       }},
+      {"scheduler",
+       {
+           {"max_batch_tokens",
+            [](const Ctx& c, Config* o) { return GetInt(c, 1, 1 << 24, &o->scheduler.max_batch_tokens); }},
+           {"max_batch_requests",
+            [](const Ctx& c, Config* o) { return GetInt(c, 1, 1 << 20, &o->scheduler.max_batch_requests); }},
+           {"regroup_window", [](const Ctx& c, Config* o) { return GetInt(c, 1, 1024, &o->scheduler.regroup_window); }},
+           {"rank_assignment",
+            [](const Ctx& c, Config* o) {
+              return GetOneOf(c, {"locality", "round_robin", "least_loaded"}, &o->scheduler.rank_assignment);
+            }},
+       }},
+      {"server",
+       {
+           {"host",
+            [](const Ctx& c, Config* o) {
+              EF_RETURN_IF_ERROR(GetString(c, &o->server.host));
+              if (o->server.host.empty()) return c.Error("expected a host name or address");
+              return Status::Ok();
+            }},
+           {"port", [](const Ctx& c, Config* o) { return GetInt(c, 1, 65535, &o->server.port); }},
+           {"api_key", [](const Ctx& c, Config* o) { return GetString(c, &o->server.api_key); }},
+       }},
+      {"generate",
+       {
+           {"prompt", [](const Ctx& c, Config* o) { return GetString(c, &o->generate.prompt); }},
+           {"max_new_tokens",
+            [](const Ctx& c, Config* o) { return GetInt(c, 0, 1 << 24, &o->generate.max_new_tokens); }},
+           {"temperature",
+            [](const Ctx& c, Config* o) { return GetFloat(c, 0, 100, false, &o->generate.temperature); }},
+           {"top_p", [](const Ctx& c, Config* o) { return GetFloat(c, 0, 1, true, &o->generate.top_p); }},
+           {"top_k", [](const Ctx& c, Config* o) { return GetInt(c, 0, 1 << 24, &o->generate.top_k); }},
+           {"seed", [](const Ctx& c, Config* o) { return GetU64(c, &o->generate.seed); }},
+       }},
+  };
+  return *schema;
+}
+
+std::string Known(const std::map<std::string, Section>& m) {
+  std::string s;
+  for (const auto& [k, v] : m) s += (s.empty() ? "" : ", ") + k;
+  return s;
+}
+std::string Known(const Section& m) {
+  std::string s;
+  for (const auto& [k, v] : m) s += (s.empty() ? "" : ", ") + k;
+  return s;
+}
+
+}  // namespace
+
+StatusOr<uint64_t> ParseByteSize(const std::string& text) {
+  if (text == "auto" || text == "0") return uint64_t{0};
+  size_t i = 0;
+  while (i < text.size() && (std::isdigit(static_cast<unsigned char>(text[i])) || text[i] == '.')) ++i;
+  if (i == 0) return InvalidArgument("bad size '" + text + "'");
+  double v = 0;
+  try {
+    v = std::stod(text.substr(0, i));
+  } catch (...) {
+    return InvalidArgument("bad size '" + text + "'");
+  }
+  std::string unit = text.substr(i);
+  while (!unit.empty() && unit.front() == ' ') unit.erase(unit.begin());
+  static const std::map<std::string, double> kUnits = {
+      {"", 1},        {"B", 1},         {"KB", 1e3},       {"MB", 1e6},         {"GB", 1e9},
+      {"TB", 1e12},   {"KiB", 1 << 10}, {"MiB", 1 << 20},  {"GiB", 1ull << 30}, {"TiB", 1ull << 40},
+      {"K", 1 << 10}, {"M", 1 << 20},   {"G", 1ull << 30}, {"T", 1ull << 40}};
+  auto it = kUnits.find(unit);
+  if (it == kUnits.end()) return InvalidArgument("bad size unit '" + unit + "'");
+  return static_cast<uint64_t>(v * it->second + 0.5);
+}
+
+StatusOr<Config> ParseConfig(const std::string& text, const std::string& name) {
+  YAML::Node root;
+  try {
+    root = YAML::Load(text);
+  } catch (const YAML::ParserException& e) {
+    return InvalidArgument(name + ":" + std::to_string(e.mark.line + 1) + ": malformed YAML: " + e.msg);
+  } catch (const YAML::Exception& e) {
+    return InvalidArgument(name + ": malformed YAML: " + e.msg);
+  }
+  Config cfg;
+  cfg.source = name;
+  if (root.IsNull()) return cfg;  // an empty file: all defaults
+  if (!root.IsMap()) return InvalidArgument(Where(name, root) + ": the top level must be a map of sections");
+  const auto& schema = Schema();
+  for (const auto& top : root) {
+    const YAML::Node& knode = top.first;
+    const std::string section = knode.Scalar();
+    auto sit = schema.find(section);
+    if (sit == schema.end())
+      return InvalidArgument(Where(name, knode) + ": unknown key '" + section + "' (known: " + Known(schema) + ")");
+    const YAML::Node& body = top.second;
+    if (body.IsNull()) continue;
+    if (!body.IsMap()) return InvalidArgument(Where(name, body) + ": " + section + ": expected a map of keys");
+    for (const auto& kv : body) {
+      const std::string key = kv.first.Scalar();
+      auto kit = sit->second.find(key);
+      if (kit == sit->second.end())
+        return InvalidArgument(Where(name, kv.first) + ": unknown key '" + section + "." + key + "' (known in " +
+                               section + ": " + Known(sit->second) + ")");
+      const std::string dotted = section + "." + key;
+      if (cfg.present.count(dotted))
+        return InvalidArgument(Where(name, kv.first) + ": " + dotted + ": key given twice");
+      Ctx c{name, dotted, kv.second};
+      EF_RETURN_IF_ERROR(kit->second(c, &cfg));
+      cfg.present.insert(dotted);
+    }
+  }
+  // Cross-key checks.
+  if (cfg.cluster.exchange == "nccl" && cfg.runtime.backend == "cpu")
+    return InvalidArgument(name + ": cluster.exchange: nccl needs runtime.backend cuda (or auto), not cpu");
+  if (cfg.predictor.kind == "path" && cfg.predictor.path.empty() && cfg.has("predictor.kind"))
+    return InvalidArgument(name + ": predictor.path: kind 'path' needs a trained predictor file");
+  return cfg;
+}
+
+StatusOr<Config> LoadConfig(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return NotFound("cannot open config file " + path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ParseConfig(ss.str(), path);
+}
+
+std::string ConfigToYaml(const Config& c) {
+  YAML::Emitter e;
+  auto size = [](uint64_t b) { return b == 0 ? std::string("auto") : std::to_string(b); };
+  e << YAML::BeginMap;
+  e << YAML::Key << "model" << YAML::Value << YAML::Flow << YAML::BeginMap;
+  e << YAML::Key << "path" << YAML::Value << c.model.path << YAML::Key << "dtype" << YAML::Value << c.model.dtype;
+  e << YAML::EndMap;
+  e << YAML::Key << "runtime" << YAML::Value << YAML::Flow << YAML::BeginMap;
+  e << YAML::Key << "backend" << YAML::Value << c.runtime.backend;
+  e << YAML::Key << "device" << YAML::Value
+    << (c.runtime.device < 0 ? std::string("auto") : std::to_string(c.runtime.device));
+  e << YAML::Key << "max_seq_len" << YAML::Value << c.runtime.max_seq_len << YAML::EndMap;
+  e << YAML::Key << "cluster" << YAML::Value << YAML::Flow << YAML::BeginMap;
+  e << YAML::Key << "exchange" << YAML::Value << c.cluster.exchange;
+  e << YAML::Key << "ranks_per_node" << YAML::Value
+    << (c.cluster.ranks_per_node == 0 ? std::string("auto") : std::to_string(c.cluster.ranks_per_node));
+  e << YAML::Key << "peer_fetch" << YAML::Value << c.cluster.peer_fetch;
+  e << YAML::Key << "placement" << YAML::Value << c.cluster.placement;
+  e << YAML::Key << "compute_placement" << YAML::Value << c.cluster.compute_placement;
+  e << YAML::Key << "replication" << YAML::Value << c.cluster.replication;
+  e << YAML::Key << "timeout_s" << YAML::Value << c.cluster.timeout_s << YAML::EndMap;
+  e << YAML::Key << "cache" << YAML::Value << YAML::Flow << YAML::BeginMap;
+  e << YAML::Key << "device_budget" << YAML::Value << size(c.cache.device_budget);
+  e << YAML::Key << "host_budget" << YAML::Value << size(c.cache.host_budget);
+  e << YAML::Key << "policy" << YAML::Value << c.cache.policy;
+  e << YAML::Key << "prefetch_layers" << YAML::Value << c.cache.prefetch_layers << YAML::EndMap;
+  e << YAML::Key << "predictor" << YAML::Value << YAML::Flow << YAML::BeginMap;
+  e << YAML::Key << "kind" << YAML::Value << c.predictor.kind << YAML::Key << "path" << YAML::Value << c.predictor.path
+    << YAML::EndMap;
+  e << YAML::Key << "scheduler" << YAML::Value << YAML::Flow << YAML::BeginMap;
+  e << YAML::Key << "max_batch_tokens" << YAML::Value << c.scheduler.max_batch_tokens;
+  e << YAML::Key << "max_batch_requests" << YAML::Value << c.scheduler.max_batch_requests;
+  e << YAML::Key << "regroup_window" << YAML::Value << c.scheduler.regroup_window;
+  e << YAML::Key << "rank_assignment" << YAML::Value << c.scheduler.rank_assignment << YAML::EndMap;
+  e << YAML::Key << "server" << YAML::Value << YAML::Flow << YAML::BeginMap;
+  e << YAML::Key << "host" << YAML::Value << c.server.host << YAML::Key << "port" << YAML::Value << c.server.port;
+  e << YAML::Key << "api_key" << YAML::Value << (c.server.api_key.empty() ? "" : "<set>") << YAML::EndMap;
+  e << YAML::Key << "generate" << YAML::Value << YAML::Flow << YAML::BeginMap;
+  e << YAML::Key << "prompt" << YAML::Value << YAML::DoubleQuoted << c.generate.prompt;
+  e << YAML::Key << "max_new_tokens" << YAML::Value << c.generate.max_new_tokens;
+  e << YAML::Key << "temperature" << YAML::Value << c.generate.temperature;
+  e << YAML::Key << "top_p" << YAML::Value << c.generate.top_p;
+  e << YAML::Key << "top_k" << YAML::Value << c.generate.top_k;
+  e << YAML::Key << "seed" << YAML::Value << c.generate.seed << YAML::EndMap;
+  e << YAML::EndMap;
+  return e.c_str();
+}
+
+bool FlagGiven(const CLI::App& app, const std::string& name) {
+  try {
+    return app.get_option(name)->count() > 0;
+  } catch (const CLI::Error&) {
+    return false;
+  }
+}
+
+void ApplyConfig(const Config& c, const CLI::App& app, ModelFlags* f) {
+  if (c.has("model.path") && !FlagGiven(app, "--model")) f->dir = c.model.path;
+  if (c.has("runtime.backend") && !FlagGiven(app, "--backend")) f->backend = c.runtime.backend;
+  if (c.has("runtime.device") && c.runtime.device >= 0 && !FlagGiven(app, "--device")) f->device = c.runtime.device;
+  if (c.has("runtime.max_seq_len") && !FlagGiven(app, "--max-seq-len")) f->max_seq_len = c.runtime.max_seq_len;
+}
+
+void ClusterFlags::Register(CLI::App* app) {
+  app->add_option("--config,-c", config_path, "YAML config file; flags given on the command line win over its keys")
+      ->check(CLI::ExistingFile);
+  app->add_option("--placement", cluster.placement.placement,
+                  "home ranks of experts: contiguous, round_robin or a JSON file (cluster.placement)");
+  app->add_option("--compute-placement", cluster.placement.compute_placement,
+                  "ranks that compute experts: home, contiguous or round_robin (cluster.compute_placement)")
+      ->check(CLI::IsMember({"home", "contiguous", "round_robin"}));
+  app->add_option("--replication", cluster.placement.replication, "home ranks per expert (cluster.replication)")
+      ->check(CLI::PositiveNumber);
+  app->add_option("--exchange", cluster.exchange, "token exchange: auto, mpi or nccl (cluster.exchange)")
+      ->check(CLI::IsMember({"auto", "mpi", "nccl"}));
+  app->add_option("--peer-fetch", cluster.peer_fetch, "peer expert tier: ucx or none (cluster.peer_fetch)")
+      ->check(CLI::IsMember({"ucx", "none"}));
+  app->add_option("--ranks-per-node", cluster.ranks_per_node,
+                  "ranks per node, 0: from the launcher; 1 forces UCX over TCP (cluster.ranks_per_node)")
+      ->check(CLI::NonNegativeNumber);
+  app->add_option("--timeout", cluster.timeout_s, "seconds any wait on a peer may take (cluster.timeout_s)")
+      ->check(CLI::PositiveNumber);
+  app->add_option("--comm-stats", stats_out, "write communication counters of every rank as JSON (rank 0)");
+}
+
+Status ClusterFlags::Load(const CLI::App& app, ModelFlags* model) {
+  if (!config_path.empty()) {
+    EF_ASSIGN_OR_RETURN(config, LoadConfig(config_path));
+    ApplyConfig(config, app, model);
+  }
+  const comm::ClusterOptions file = ToClusterOptions(config);
+  auto take = [&](const char* key, const char* flag, auto* dst, const auto& v) {
+    if (config.has(key) && !FlagGiven(app, flag)) *dst = v;
+  };
+  take("cluster.exchange", "--exchange", &cluster.exchange, file.exchange);
+  take("cluster.ranks_per_node", "--ranks-per-node", &cluster.ranks_per_node, file.ranks_per_node);
+  take("cluster.peer_fetch", "--peer-fetch", &cluster.peer_fetch, file.peer_fetch);
+  take("cluster.placement", "--placement", &cluster.placement.placement, file.placement.placement);
+  take("cluster.compute_placement", "--compute-placement", &cluster.placement.compute_placement,
+       file.placement.compute_placement);
+  take("cluster.replication", "--replication", &cluster.placement.replication, file.placement.replication);
+  take("cluster.timeout_s", "--timeout", &cluster.timeout_s, file.timeout_s);
+  // The effective values back into the config, for the log.
+  config.model.path = model->dir;
+  config.runtime.backend = model->backend;
+  config.runtime.max_seq_len = model->max_seq_len;
+  config.cluster.exchange = cluster.exchange;
+  config.cluster.ranks_per_node = cluster.ranks_per_node;
+  config.cluster.peer_fetch = cluster.peer_fetch;
+  config.cluster.placement = cluster.placement.placement;
+  config.cluster.compute_placement = cluster.placement.compute_placement;
+  config.cluster.replication = cluster.placement.replication;
+  config.cluster.timeout_s = cluster.timeout_s;
+  return Status::Ok();
+}
+
+int RunDistributed(const CLI::App& app, ModelFlags* model, ClusterFlags* cluster,
+                   const std::function<Status(comm::MpiContext*)>& body) {
+  // Config errors come first and identically on every rank: each reports, each exits 1.
+  if (Status s = cluster->Load(app, model); !s.ok()) return ReportError(s);
+  auto ctx_or = comm::MpiContext::Init();
+  if (!ctx_or.ok()) return ReportError(ctx_or.status());
+  comm::MpiContext* ctx = *ctx_or;
+  ctx->set_timeout_s(cluster->cluster.timeout_s);
+  ctx->set_ranks_per_node(cluster->cluster.ranks_per_node);
+  if (ctx->mpi() && !FlagGiven(app, "--device") &&
+      !(cluster->config.has("runtime.device") && cluster->config.runtime.device >= 0)) {
+    model->device = ctx->local_rank();  // one rank per GPU
+    log::SetDevice(model->device);
+  }
+  cluster->config.runtime.device = model->device;
+  if (ctx->rank() == 0)
+    EF_LOG(INFO, CONFIG, "effective config (%s):\n%s",
+           cluster->config_path.empty() ? "defaults" : cluster->config_path.c_str(),
+           ConfigToYaml(cluster->config).c_str());
+  Status s = body(ctx);
+  if (!s.ok()) {
+    const int code = ReportError(s);
+    if (ctx->mpi() && ctx->size() > 1) ctx->Abort(code);
+    ctx->Finalize();
+    return code;
+  }
+  ctx->Finalize();
+  return 0;
+}
+
+comm::ClusterOptions ToClusterOptions(const Config& c) {
+  comm::ClusterOptions o;
+  o.exchange = c.cluster.exchange;
+  o.ranks_per_node = c.cluster.ranks_per_node;
+  o.peer_fetch = c.cluster.peer_fetch;
+  o.placement.placement = c.cluster.placement;
+  o.placement.compute_placement = c.cluster.compute_placement;
+  o.placement.replication = c.cluster.replication;
+  o.timeout_s = c.cluster.timeout_s;
+  return o;
+}
+
+}  // namespace ef::launch
