@@ -9,6 +9,7 @@
 
 #include <memory>
 #include <span>
+#include <vector>
 
 #include "runtime/engine/model_weights.h"
 
@@ -17,8 +18,10 @@ namespace ef::runtime {
 class ExpertSource {
  public:
   virtual ~ExpertSource() = default;
-  // The experts `layer` will compute in this step, in the order the engine will acquire them.
-  virtual void OnRouting(int layer, std::span<const int32_t> experts) {}
+  // The experts `layer` will compute in this step, in the order the engine will acquire them
+  // (first appearance in the routing). The source may reorder them (results do not depend on
+  // the order) and start loads for the ones it lacks.
+  virtual void OnRouting(int layer, std::vector<int32_t>& experts) {}
   virtual StatusOr<ExpertWeights> Acquire(int layer, int expert) = 0;
   virtual void Release(int layer, int expert) {}
 };

@@ -29,6 +29,20 @@ Status LocalMoeExecutor::Mlp(const ExpertWeights& w, int64_t rows, const float* 
   return Status::Ok();
 }
 
+Status LocalMoeExecutor::ComputeExperts(int layer, std::span<const int32_t> order, const std::vector<int32_t>& offset,
+                                        const float* xe, float* ye) {
+  const int H = hidden_;
+  for (int32_t e : order) {
+    const int64_t begin = offset[e], cnt = offset[e + 1] - offset[e];
+    if (cnt == 0) continue;
+    EF_ASSIGN_OR_RETURN(ExpertWeights w, source_->Acquire(layer, e));
+    Status st = Mlp(w, cnt, xe + begin * H, ye + begin * H);
+    source_->Release(layer, e);
+    EF_RETURN_IF_ERROR(st);
+  }
+  return Status::Ok();
+}
+
 Status LocalMoeExecutor::Run(int layer, int64_t T, int top_k, const float* h, std::span<const int32_t> ids,
                              std::span<const float> weights, float* out) {
   const int E = num_experts_, H = hidden_;
@@ -54,22 +68,24 @@ Status LocalMoeExecutor::Run(int layer, int64_t T, int top_k, const float* h, st
   backend_->CopyToDevice(perm_dev, perm.data(), perm.size() * sizeof(int32_t));
   backend_->CopyToDevice(scale_dev, scale.data(), scale.size() * sizeof(float));
 
+  // Acquire order: first appearance in the routing (token-major, the router's order), which the
+  // source may change (e.g. resident experts first while misses load).
   std::vector<int32_t> active;
-  for (int e = 0; e < E; ++e)
-    if (offset[e + 1] > offset[e]) active.push_back(e);
+  std::vector<bool> seen(E, false);
+  for (int32_t e : ids)
+    if (!seen[e]) seen[e] = true, active.push_back(e);
   source_->OnRouting(layer, active);
 
   float* xe = Scratch(kGathered, static_cast<size_t>(n) * H);
   float* ye = Scratch(kExpertOut, static_cast<size_t>(n) * H);
   backend_->GatherRows(h, perm_dev, n, H, xe);
-  for (int32_t e : active) {
+  EF_RETURN_IF_ERROR(ComputeExperts(layer, active, offset, xe, ye));
+  // Accumulate in increasing expert id whatever the compute order was, so the result is bitwise
+  // independent of cache state, policy and prefetch timing (and matches transformers' order).
+  for (int e = 0; e < E; ++e) {
     const int64_t begin = offset[e], cnt = offset[e + 1] - offset[e];
-    EF_ASSIGN_OR_RETURN(ExpertWeights w, source_->Acquire(layer, e));
-    Status st = Mlp(w, cnt, xe + begin * H, ye + begin * H);
-    source_->Release(layer, e);
-    EF_RETURN_IF_ERROR(st);
     // Tokens are distinct within one expert, so the scatter has no conflicts.
-    backend_->ScatterAddRows(ye + begin * H, perm_dev + begin, scale_dev + begin, cnt, H, out);
+    if (cnt > 0) backend_->ScatterAddRows(ye + begin * H, perm_dev + begin, scale_dev + begin, cnt, H, out);
   }
   return Status::Ok();
 }
@@ -100,16 +116,13 @@ Status LocalMoeExecutor::ComputeRows(int layer, int64_t n, const float* x, std::
   float* xe = Scratch(kGathered, static_cast<size_t>(n) * H);
   float* ye = Scratch(kExpertOut, static_cast<size_t>(n) * H);
   backend_->GatherRows(x, perm_dev, n, H, xe);
+  EF_RETURN_IF_ERROR(ComputeExperts(layer, active, offset, xe, ye));
   // y starts at zero; each row receives exactly one scaled expert output.
   std::vector<float> zeros(static_cast<size_t>(n) * H, 0.f);
   backend_->CopyToDevice(y, zeros.data(), zeros.size() * sizeof(float));
-  for (int32_t e : active) {
+  for (int e = 0; e < E; ++e) {
     const int64_t begin = offset[e], cnt = offset[e + 1] - offset[e];
-    EF_ASSIGN_OR_RETURN(ExpertWeights w, source_->Acquire(layer, e));
-    Status st = Mlp(w, cnt, xe + begin * H, ye + begin * H);
-    source_->Release(layer, e);
-    EF_RETURN_IF_ERROR(st);
-    backend_->ScatterAddRows(ye + begin * H, perm_dev + begin, scale_dev + begin, cnt, H, y);
+    if (cnt > 0) backend_->ScatterAddRows(ye + begin * H, perm_dev + begin, scale_dev + begin, cnt, H, y);
   }
   return Status::Ok();
 }

@@ -40,7 +40,9 @@ class LocalMoeExecutor final : public MoeExecutor {
                      std::span<const float> scale, float* y);
 
  private:
-  // Grouped core: perm/offsets on the host, rows of x gathered by perm.
+  // Runs each expert of `order` on its rows [offset[e], offset[e+1]) of xe into ye.
+  Status ComputeExperts(int layer, std::span<const int32_t> order, const std::vector<int32_t>& offset, const float* xe,
+                        float* ye);
   float* Scratch(int slot, size_t floats);
   Status Mlp(const ExpertWeights& w, int64_t rows, const float* x, float* out);
 

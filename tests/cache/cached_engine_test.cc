@@ -1,0 +1,210 @@
+// The expert cache inside the engine: outputs identical whatever the budget and policy; counters
+// add up; under a routing trace override the engine's hit rate equals the trace replay's.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <random>
+
+#include "cache/cached_expert_source.h"
+#include "cache/replay.h"
+#include "placement/trace_routing_override.h"
+#include "runtime/engine/engine.h"
+#include "runtime/engine/generator.h"
+#include "runtime/model/safetensors_file.h"
+
+namespace ef::cache {
+namespace {
+
+namespace fs = std::filesystem;
+using runtime::Engine;
+using runtime::EngineOptions;
+
+std::unique_ptr<Engine> MakeEngine(const std::string& dir) {
+  EngineOptions o;
+  o.backend = "cpu";
+  auto e = Engine::Create(dir, o);
+  EXPECT_TRUE(e.ok()) << e.status().ToString();
+  return std::move(e).value();
+}
+
+struct Output {
+  std::vector<float> logits;
+  std::vector<int32_t> tokens;
+};
+
+Output Run(Engine& engine) {
+  Output out;
+  std::vector<int32_t> prompt = {11, 42, 7, 99, 3, 150, 2, 77, 5};
+  EXPECT_TRUE(engine.AddSequence(1).ok());
+  runtime::SeqChunk chunk{1, prompt, true};
+  runtime::ForwardResult r;
+  EXPECT_TRUE(engine.Forward({&chunk, 1}, &r).ok());
+  engine.RemoveSequence(1);
+  out.logits = r.logits;
+  runtime::GenerateRequest g;
+  g.prompt = prompt;
+  g.max_new_tokens = 8;
+  g.ignore_eos = true;
+  auto res = runtime::Generate(engine, {g});
+  EXPECT_TRUE(res.ok());
+  out.tokens = (*res)[0].tokens;
+  return out;
+}
+
+class CachedEngineTest : public ::testing::TestWithParam<std::tuple<std::string, std::string>> {};
+
+TEST_P(CachedEngineTest, IdenticalOutputsForEveryBudgetAndPolicy) {
+  const auto& [family, policy] = GetParam();
+  const std::string dir = family == "tiny-code-moe" ? std::string(EF_MODELS_DIR) + "/tiny-code-moe"
+                                                    : std::string(EF_TEST_DATA) + "/" + family;
+  auto engine = MakeEngine(dir);
+  const Output want = Run(*engine);  // all experts resident
+  const auto& c = engine->config();
+  for (int slots = c.top_k; slots <= c.num_experts; slots += std::max(1, (c.num_experts - c.top_k) / 3)) {
+    for (bool async : {false, true}) {
+      CachedExpertSourceOptions o;
+      o.slots_per_layer = slots;
+      o.policy = policy;
+      o.async = async;
+      o.prefetch_layers = 1;
+      auto src = CachedExpertSource::Create(engine->weights(), &engine->backend(), o);
+      ASSERT_TRUE(src.ok()) << src.status().ToString();
+      engine->SetExpertSource(src->get());
+      const Output got = Run(*engine);
+      engine->SetExpertSource(nullptr);
+      EXPECT_EQ(got.logits, want.logits) << family << " " << policy << " slots " << slots << " async " << async;
+      EXPECT_EQ(got.tokens, want.tokens) << family << " " << policy << " slots " << slots;
+      (*src)->store().WaitForPrefetches();
+      const ExpertStoreStats st = (*src)->stats();
+      EXPECT_GT(st.total.hits + st.total.misses, 0);
+      if (slots == c.num_experts && !async) EXPECT_LE(st.total.misses, c.num_moe_layers() * c.num_experts);
+    }
+  }
+  // A global budget shared by all layers gives the same result too.
+  CachedExpertSourceOptions o;
+  o.global_slots = c.top_k;
+  o.policy = policy;
+  auto src = CachedExpertSource::Create(engine->weights(), &engine->backend(), o);
+  ASSERT_TRUE(src.ok()) << src.status().ToString();
+  engine->SetExpertSource(src->get());
+  EXPECT_EQ(Run(*engine).tokens, want.tokens);
+  engine->SetExpertSource(nullptr);
+}
+
+INSTANTIATE_TEST_SUITE_P(FamiliesAndPolicies, CachedEngineTest,
+                         ::testing::Combine(::testing::Values("mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
+                                                              "tiny-code-moe"),
+                                            ::testing::Values("lru", "lfu", "expertflow", "static")));
+
+TEST(CachedEngine, BudgetSmallerThanTopKIsAnError) {
+  auto engine = MakeEngine(std::string(EF_TEST_DATA) + "/qwen3_moe");  // top-4
+  CachedExpertSourceOptions o;
+  o.slots_per_layer = 3;
+  auto src = CachedExpertSource::Create(engine->weights(), &engine->backend(), o);
+  ASSERT_FALSE(src.ok());
+  EXPECT_NE(src.status().message().find("smaller than the model's top-k (4)"), std::string::npos)
+      << src.status().ToString();
+}
+
+// A tiny synthetic checkpoint with the Mixtral-8x7B routing shape (32 layers x 8 experts, top-2),
+// written with the project's safetensors writer.
+std::string WriteSyntheticMixtral(const fs::path& dir, int layers, int experts) {
+  fs::create_directories(dir);
+  const int H = 16, I = 32, V = 64, heads = 2, kv = 1, hd = 8;
+  std::ofstream(dir / "config.json") << "{\"model_type\": \"mixtral\", \"vocab_size\": " << V
+                                     << ", \"hidden_size\": " << H << ", \"intermediate_size\": " << I
+                                     << ", \"num_hidden_layers\": " << layers << ", \"num_attention_heads\": " << heads
+                                     << ", \"num_key_value_heads\": " << kv << ", \"num_local_experts\": " << experts
+                                     << ", \"num_experts_per_tok\": 2, \"max_position_embeddings\": 512}";
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd(0.f, 0.1f);
+  std::vector<std::vector<float>> store;
+  std::vector<runtime::TensorToWrite> ts;
+  auto add = [&](const std::string& name, std::vector<int64_t> shape) {
+    int64_t n = 1;
+    for (auto d : shape) n *= d;
+    store.emplace_back(n);
+    for (auto& v : store.back()) v = shape.size() == 1 ? 1.f : nd(rng);
+    ts.push_back({name, DType::kF32, shape, nullptr});
+  };
+  add("model.embed_tokens.weight", {V, H});
+  add("model.norm.weight", {H});
+  add("lm_head.weight", {V, H});
+  for (int l = 0; l < layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l);
+    add(p + ".input_layernorm.weight", {H});
+    add(p + ".post_attention_layernorm.weight", {H});
+    add(p + ".self_attn.q_proj.weight", {heads * hd, H});
+    add(p + ".self_attn.k_proj.weight", {kv * hd, H});
+    add(p + ".self_attn.v_proj.weight", {kv * hd, H});
+    add(p + ".self_attn.o_proj.weight", {H, heads * hd});
+    add(p + ".block_sparse_moe.gate.weight", {experts, H});
+    for (int e = 0; e < experts; ++e) {
+      const std::string q = p + ".block_sparse_moe.experts." + std::to_string(e);
+      add(q + ".w1.weight", {I, H});
+      add(q + ".w2.weight", {H, I});
+      add(q + ".w3.weight", {I, H});
+    }
+  }
+  for (size_t i = 0; i < ts.size(); ++i) ts[i].data = store[i].data();
+  EXPECT_TRUE(runtime::WriteSafetensors((dir / "model.safetensors").string(), ts).ok());
+  return dir.string();
+}
+
+TEST(CachedEngine, CountersUnderTraceOverrideAgreeWithReplay) {
+  const std::string trace_path = std::string(EF_SHARED_DIR) + "/traces/mixtral8x7b_gsm8k_decode.jsonl";
+  if (!fs::exists(trace_path)) GTEST_SKIP() << "trace not present: " << trace_path;
+  auto trace = placement::ReadRoutingTrace(trace_path);
+  ASSERT_TRUE(trace.ok());
+  const fs::path dir = fs::temp_directory_path() / ("ef_synth_mixtral_" + std::to_string(::getpid()));
+  auto engine = MakeEngine(WriteSyntheticMixtral(dir, 32, 8));
+  auto ov = placement::TraceRoutingOverride::Create(*trace, engine->config());
+  ASSERT_TRUE(ov.ok()) << ov.status().ToString();
+  engine->AddRoutingHook((*ov)->Hook());
+  CachedExpertSourceOptions o;
+  o.slots_per_layer = 4;
+  o.policy = "lru";
+  auto src = CachedExpertSource::Create(engine->weights(), &engine->backend(), o);
+  ASSERT_TRUE(src.ok());
+  engine->SetExpertSource(src->get());
+  // Decode the trace's tokens one at a time (batch 1, as the trace was recorded), one sequence
+  // per trace sequence.
+  trace->SortBySeqPos();
+  int64_t seq = -1;
+  for (const auto& t : trace->tokens) {
+    if (t.seq != seq) {
+      if (seq >= 0) engine->RemoveSequence(seq);
+      seq = t.seq;
+      ASSERT_TRUE(engine->AddSequence(seq).ok());
+    }
+    int32_t tok = static_cast<int32_t>((t.token >= 0 ? t.token : t.pos) % 64);
+    runtime::SeqChunk chunk{seq, {&tok, 1}, false};
+    runtime::ForwardResult r;
+    ASSERT_TRUE(engine->Forward({&chunk, 1}, &r).ok());
+  }
+  const ExpertStoreStats st = (*src)->stats();
+  const int64_t accesses = st.total.hits + st.total.misses;
+  EXPECT_EQ(accesses, static_cast<int64_t>(trace->tokens.size()) * 32 * 2);
+  ReplayOptions ro;
+  ro.policy = "lru";
+  ro.slots_per_layer = 4;
+  auto rep = Replay(*trace, ro);
+  ASSERT_TRUE(rep.ok());
+  EXPECT_NEAR(st.hit_rate(), rep->hit_rate, 1e-12);
+  EXPECT_NEAR(st.hit_rate(), 0.601, 0.0005);
+  fs::remove_all(dir);
+}
+
+TEST(CachedEngine, TraceOfTheWrongShapeIsAnError) {
+  const std::string trace_path = std::string(EF_SHARED_DIR) + "/traces/mixtral8x7b_gsm8k_decode.jsonl";
+  if (!fs::exists(trace_path)) GTEST_SKIP() << "trace not present";
+  auto trace = placement::ReadRoutingTrace(trace_path);
+  ASSERT_TRUE(trace.ok());
+  auto engine = MakeEngine(std::string(EF_MODELS_DIR) + "/tiny-code-moe");
+  auto ov = placement::TraceRoutingOverride::Create(*trace, engine->config());
+  ASSERT_FALSE(ov.ok());
+  EXPECT_NE(ov.status().message().find("does not match the model"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace ef::cache
