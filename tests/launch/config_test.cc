@@ -1,0 +1,173 @@
+// Config parser: defaults, every section, unknown keys / wrong types / impossible values with
+// line numbers, byte sizes, CLI precedence, and the shipped configs/ examples.
+#include "launch/config.h"
+
+#include <gtest/gtest.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+
+#include "launch/engine_options.h"
+
+namespace ef::launch {
+namespace {
+
+std::string Error(const std::string& yaml) {
+  auto c = ParseConfig(yaml, "t.yaml");
+  if (c.ok()) return "<ok>";
+  // The first line is the message; EF_RETURN_IF_ERROR breadcrumbs follow.
+  const std::string& m = c.status().message();
+  return m.substr(0, m.find('\n'));
+}
+
+TEST(ConfigTest, EmptyFileGivesDefaults) {
+  auto c = ParseConfig("", "t.yaml");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(c->model.path, "models/tiny-code-moe");
+  EXPECT_EQ(c->cluster.exchange, "auto");
+  EXPECT_EQ(c->cluster.replication, 1);
+  EXPECT_DOUBLE_EQ(c->cluster.timeout_s, 30);
+  EXPECT_EQ(c->cluster.peer_fetch, "ucx");
+  EXPECT_EQ(c->server.port, 8080);
+  EXPECT_TRUE(c->present.empty());
+}
+
+TEST(ConfigTest, ParsesEverySection) {
+  auto c = ParseConfig(R"(
+model: {path: m, dtype: bf16}
+runtime: {backend: cpu, device: 3, max_seq_len: 512}
+cluster: {exchange: mpi, ranks_per_node: 1, peer_fetch: none, placement: round_robin,
+          compute_placement: contiguous, replication: 2, timeout_s: 2.5}
+cache: {device_budget: 2GiB, host_budget: auto, policy: lru, prefetch_layers: 3}
+predictor: {kind: path, path: p.safetensors}
+scheduler: {max_batch_tokens: 64, max_batch_requests: 8, regroup_window: 4, rank_assignment: round_robin}
+server: {host: 0.0.0.0, port: 9000, api_key: secret}
+generate: {prompt: "hi", max_new_tokens: 5, temperature: 0.7, top_p: 0.9, top_k: 40, seed: 11}
+)",
+                       "t.yaml");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(c->model.dtype, "bf16");
+  EXPECT_EQ(c->runtime.device, 3);
+  EXPECT_EQ(c->cluster.ranks_per_node, 1);
+  EXPECT_EQ(c->cluster.compute_placement, "contiguous");
+  EXPECT_EQ(c->cluster.replication, 2);
+  EXPECT_DOUBLE_EQ(c->cluster.timeout_s, 2.5);
+  EXPECT_EQ(c->cache.device_budget, 2ull << 30);
+  EXPECT_EQ(c->cache.host_budget, 0u);
+  EXPECT_EQ(c->predictor.path, "p.safetensors");
+  EXPECT_EQ(c->scheduler.rank_assignment, "round_robin");
+  EXPECT_EQ(c->server.api_key, "secret");
+  EXPECT_EQ(c->generate.top_k, 40);
+  EXPECT_EQ(c->generate.seed, 11u);
+  EXPECT_TRUE(c->has("cluster.timeout_s"));
+  EXPECT_FALSE(c->has("cluster.exchange_typo"));
+  // The effective config round-trips.
+  auto again = ParseConfig(ConfigToYaml(*c), "again.yaml");
+  ASSERT_TRUE(again.ok()) << again.status().ToString() << "\n" << ConfigToYaml(*c);
+  EXPECT_EQ(again->cluster.placement, "round_robin");
+  EXPECT_EQ(again->cache.device_budget, 2ull << 30);
+}
+
+TEST(ConfigTest, UnknownKeysNameKeyAndLine) {
+  EXPECT_EQ(Error("model:\n  path: x\nclustr:\n  exchange: mpi\n"),
+            "t.yaml:3: unknown key 'clustr' (known: cache, cluster, generate, model, predictor, runtime, scheduler, "
+            "server)");
+  const std::string e = Error("model:\n  path: x\ncluster:\n  exchange: mpi\n  replicaton: 2\n");
+  EXPECT_NE(e.find("t.yaml:5: unknown key 'cluster.replicaton'"), std::string::npos) << e;
+}
+
+TEST(ConfigTest, WrongTypesNameKeyAndLine) {
+  EXPECT_EQ(Error("cluster:\n  replication: two\n"), "t.yaml:2: cluster.replication: expected an integer, got 'two'");
+  EXPECT_EQ(Error("server:\n  port: [1, 2]\n"), "t.yaml:2: server.port: expected an integer, got '<list>'");
+  EXPECT_EQ(Error("cluster: 3\n"), "t.yaml:1: cluster: expected a map of keys");
+  EXPECT_EQ(Error("generate:\n  temperature: hot\n"), "t.yaml:2: generate.temperature: expected a number, got 'hot'");
+  EXPECT_EQ(Error("cache:\n  device_budget: lots\n"),
+            "t.yaml:2: cache.device_budget: expected a size (bytes, e.g. 2GiB, or auto), got 'lots'");
+  EXPECT_EQ(Error("- a\n- b\n"), "t.yaml:1: the top level must be a map of sections");
+}
+
+TEST(ConfigTest, ImpossibleValuesNameKeyAndLine) {
+  EXPECT_EQ(Error("\ncluster:\n  exchange: carrier-pigeon\n"),
+            "t.yaml:3: cluster.exchange: expected one of auto|mpi|nccl, got 'carrier-pigeon'");
+  EXPECT_EQ(Error("cluster:\n  replication: 0\n"),
+            "t.yaml:2: cluster.replication: expected an integer in [1, 65536], got '0'");
+  EXPECT_EQ(Error("cluster:\n  timeout_s: 0\n"),
+            "t.yaml:2: cluster.timeout_s: expected a number in (0, 86400], got '0'");
+  EXPECT_EQ(Error("server:\n  port: 70000\n"), "t.yaml:2: server.port: expected an integer in [1, 65535], got '70000'");
+  EXPECT_EQ(Error("generate:\n  top_p: 0\n"), "t.yaml:2: generate.top_p: expected a number in (0, 1], got '0'");
+  EXPECT_EQ(Error("cluster:\n  ranks_per_node: 0\n"),
+            "t.yaml:2: cluster.ranks_per_node: expected an integer in [1, 65536], got '0'");
+  EXPECT_NE(Error("runtime: {backend: cpu}\ncluster: {exchange: nccl}\n").find("nccl needs runtime.backend cuda"),
+            std::string::npos);
+  EXPECT_EQ(Error("cluster:\n  exchange: mpi\n  exchange: nccl\n"), "t.yaml:3: cluster.exchange: key given twice");
+}
+
+TEST(ConfigTest, MalformedYamlNamesLine) {
+  const std::string e = Error("cluster:\n  exchange: mpi\n  bad: [1, 2\n");
+  EXPECT_EQ(e.rfind("t.yaml:", 0), 0u) << e;
+  EXPECT_NE(e.find("malformed YAML"), std::string::npos) << e;
+}
+
+TEST(ConfigTest, ByteSizes) {
+  EXPECT_EQ(*ParseByteSize("auto"), 0u);
+  EXPECT_EQ(*ParseByteSize("1024"), 1024u);
+  EXPECT_EQ(*ParseByteSize("512MiB"), 512ull << 20);
+  EXPECT_EQ(*ParseByteSize("1.5GiB"), 3ull << 29);
+  EXPECT_EQ(*ParseByteSize("2GB"), 2000000000u);
+  EXPECT_FALSE(ParseByteSize("2 parsecs").ok());
+  EXPECT_FALSE(ParseByteSize("GiB").ok());
+}
+
+TEST(ConfigTest, MissingFileIsNotFound) {
+  auto c = LoadConfig("/nonexistent/x.yaml");
+  ASSERT_FALSE(c.ok());
+  EXPECT_EQ(c.status().code(), StatusCode::kNotFound);
+}
+
+TEST(ConfigTest, CommandLineFlagsWinOverFileKeys) {
+  auto dir = std::filesystem::temp_directory_path() / "ef_config_test";
+  std::filesystem::create_directories(dir);
+  const auto path = (dir / "c.yaml").string();
+  {
+    std::ofstream f(path);
+    f << "model: {path: from-file}\nruntime: {backend: cpu, max_seq_len: 77}\n"
+         "cluster: {replication: 2, timeout_s: 9, placement: round_robin}\n";
+  }
+  CLI::App app;
+  ModelFlags model;
+  ClusterFlags cluster;
+  model.Register(&app);
+  cluster.Register(&app);
+  std::vector<std::string> args = {"--model", "from-cli", "--timeout", "4", "--config", path};
+  std::reverse(args.begin(), args.end());  // CLI11 parses a reversed vector
+  app.parse(args);
+  ASSERT_TRUE(cluster.Load(app, &model).ok());
+  EXPECT_EQ(model.dir, "from-cli");                // flag wins
+  EXPECT_EQ(model.backend, "cpu");                 // file fills
+  EXPECT_EQ(model.max_seq_len, 77);                // file fills
+  EXPECT_DOUBLE_EQ(cluster.cluster.timeout_s, 4);  // flag wins
+  EXPECT_EQ(cluster.cluster.placement.replication, 2);
+  EXPECT_EQ(cluster.cluster.placement.placement, "round_robin");
+  EXPECT_EQ(cluster.cluster.exchange, "auto");  // neither: default
+  std::filesystem::remove_all(dir);
+}
+
+TEST(ConfigTest, ShippedConfigsParse) {
+  const std::filesystem::path root = std::filesystem::path(EF_MODELS_DIR).parent_path() / "configs";
+  int n = 0;
+  for (const char* name : {"demo.yaml", "single_gpu_offload.yaml", "one_node_4gpu.yaml", "two_nodes_8gpu.yaml"}) {
+    auto c = LoadConfig((root / name).string());
+    EXPECT_TRUE(c.ok()) << name << ": " << c.status().ToString();
+    ++n;
+  }
+  EXPECT_EQ(n, 4);
+  auto demo = LoadConfig((root / "demo.yaml").string());
+  ASSERT_TRUE(demo.ok());
+  EXPECT_EQ(demo->model.path, "models/tiny-code-moe");
+  EXPECT_EQ(demo->runtime.backend, "cpu");
+}
+
+}  // namespace
+}  // namespace ef::launch
