@@ -1,6 +1,7 @@
 #include "launch/server/http_server.h"
 
 #include <httplib.h>
+#include <sys/socket.h>
 
 #include <chrono>
 #include <ctime>
@@ -115,6 +116,14 @@ HttpServer::HttpServer(HttpServerOptions options, ServingLoop* loop, const runti
 HttpServer::~HttpServer() = default;
 
 StatusOr<int> HttpServer::Bind() {
+  // libcpp-httplib listens with a backlog of 5 (compiled in), so a burst of connections
+  // overflows the accept queue and clients see resets. Keep the socket httplib creates and
+  // listen() on it again with a deep backlog (Linux updates the backlog of a listening socket).
+  socket_t listen_fd = -1;
+  svr_->set_socket_options([&listen_fd](socket_t sock) {
+    httplib::default_socket_options(sock);
+    listen_fd = sock;
+  });
   int port = options_.port;
   if (port == 0) {
     port = svr_->bind_to_any_port(options_.host);
@@ -123,6 +132,9 @@ StatusOr<int> HttpServer::Bind() {
     return Unavailable("cannot bind " + options_.host + ":" + std::to_string(port) +
                        " (in use, or not an address of this host)");
   }
+  svr_->set_socket_options(httplib::default_socket_options);  // the lambda's reference dies here
+  if (listen_fd >= 0 && ::listen(listen_fd, SOMAXCONN) != 0)
+    EF_LOG(WARN, SERVE, "cannot deepen the listen backlog; bursts of connections may be refused");
   return port;
 }
 

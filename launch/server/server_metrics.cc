@@ -19,7 +19,7 @@ void Header(std::string* out, const char* name, const char* type, const char* he
 
 std::string Num(double v) {
   char buf[64];
-  std::snprintf(buf, sizeof buf, "%.17g", v);
+  std::snprintf(buf, sizeof buf, "%.9g", v);
   return buf;
 }
 
