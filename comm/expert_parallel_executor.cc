@@ -91,6 +91,22 @@ Status ExpertParallelExecutor::Drain() {
   }
 }
 
+Status ExpertParallelExecutor::Move(const float* send, std::span<const int64_t> send_counts, float* recv,
+                                    std::span<const int64_t> recv_counts, size_t row_bytes, const std::string& what) {
+  if (!exchange_->device_memory()) return exchange_->AllToAllV(send, send_counts, recv, recv_counts, row_bytes, what);
+  // Host staging: correct on any backend; a device-side pack/unpack would avoid the round trip.
+  size_t sb = 0, rb = 0;
+  for (int64_t c : send_counts) sb += static_cast<size_t>(c) * row_bytes;
+  for (int64_t c : recv_counts) rb += static_cast<size_t>(c) * row_bytes;
+  EF_RETURN_IF_ERROR(Reserve(backend_, &stage_send_, sb));
+  EF_RETURN_IF_ERROR(Reserve(backend_, &stage_recv_, rb));
+  if (sb > 0) backend_->CopyToDevice(stage_send_.data(), send, sb);
+  EF_RETURN_IF_ERROR(
+      exchange_->AllToAllV(stage_send_.data(), send_counts, stage_recv_.data(), recv_counts, row_bytes, what));
+  if (rb > 0) backend_->CopyToHost(recv, stage_recv_.data(), rb);
+  return Status::Ok();
+}
+
 Status ExpertParallelExecutor::Run(int layer, int64_t T, int top_k, const float* h, std::span<const int32_t> ids,
                                    std::span<const float> weights, float* out) {
   if (layer == first_moe_layer_) {
@@ -141,8 +157,8 @@ Status ExpertParallelExecutor::Run(int layer, int64_t T, int top_k, const float*
   int64_t R = 0;
   for (int64_t c : recv_counts_) R += c;
   recv_.resize(static_cast<size_t>(R) * S);
-  EF_RETURN_IF_ERROR(exchange_->AllToAllV(send_.data(), send_counts_, recv_.data(), recv_counts_, S * sizeof(float),
-                                          "the " + where + " token dispatch"));
+  EF_RETURN_IF_ERROR(Move(send_.data(), send_counts_, recv_.data(), recv_counts_, S * sizeof(float),
+                          "the " + where + " token dispatch"));
   rows_dispatched_ += P - send_counts_[me];
 
   // 3. Compute every received row with its expert, unscaled.
@@ -167,8 +183,8 @@ Status ExpertParallelExecutor::Run(int layer, int64_t T, int top_k, const float*
 
   // 4. Results return to the tokens' ranks, in the order the pairs were sent.
   back_.resize(static_cast<size_t>(P) * H);
-  EF_RETURN_IF_ERROR(exchange_->AllToAllV(y_host_.data(), recv_counts_, back_.data(), send_counts_, sizeof(float) * H,
-                                          "the " + where + " expert results"));
+  EF_RETURN_IF_ERROR(Move(y_host_.data(), recv_counts_, back_.data(), send_counts_, sizeof(float) * H,
+                          "the " + where + " expert results"));
   if (P == 0) return Status::Ok();
 
   // 5. Combine as LocalMoeExecutor::Run does: experts in increasing id, tokens in increasing

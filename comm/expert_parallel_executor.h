@@ -52,6 +52,10 @@ class ExpertParallelExecutor final : public runtime::MoeExecutor {
 
  private:
   Status SyncStep(bool has_work, bool* any);
+  // exchange_->AllToAllV on host rows; stages through backend buffers when the exchange works on
+  // device memory (nccl).
+  Status Move(const float* send, std::span<const int64_t> send_counts, float* recv,
+              std::span<const int64_t> recv_counts, size_t row_bytes, const std::string& what);
   Status MaybeInjectFault(int layer);
 
   MpiContext* ctx_;
@@ -68,7 +72,7 @@ class ExpertParallelExecutor final : public runtime::MoeExecutor {
   std::vector<int32_t> pair_order_, send_expert_, recv_expert_, combine_tok_, combine_expert_;
   std::vector<float> combine_scale_, ones_;
   std::vector<int64_t> send_counts_, recv_counts_;
-  runtime::Buffer x_dev_, y_dev_, z_dev_, idx_dev_, scale_dev_;
+  runtime::Buffer x_dev_, y_dev_, z_dev_, idx_dev_, scale_dev_, stage_send_, stage_recv_;
 };
 
 }  // namespace ef::comm

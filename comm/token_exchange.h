@@ -22,6 +22,8 @@ class TokenExchange {
  public:
   virtual ~TokenExchange() = default;
   virtual const char* name() const = 0;
+  // Whether AllToAllV takes device memory (nccl) rather than host memory (mpi).
+  virtual bool device_memory() const { return false; }
   // recv_counts[r] := send_counts[this rank] of rank r. Both spans have world-size entries.
   virtual Status ExchangeCounts(std::span<const int64_t> send_counts, std::span<int64_t> recv_counts,
                                 const std::string& what) = 0;
