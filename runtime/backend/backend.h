@@ -69,6 +69,8 @@ class Backend {
   // Waits for all enqueued work, then copies.
   virtual void CopyToHost(void* host_dst, const void* src, size_t bytes) = 0;
   virtual void CopyOnDevice(void* dst, const void* src, size_t bytes) = 0;
+  // Zeroes bytes of backend memory (enqueued; no host transfer).
+  virtual void SetZero(void* dst, size_t bytes) = 0;
   virtual void Synchronize() = 0;
   // Makes a checkpoint tensor (host bytes) usable by ops. CPU: the same bytes, no copy.
   // CUDA: a device copy that the backend owns until it is destroyed.

@@ -1,6 +1,7 @@
 #include "runtime/engine/engine.h"
 
 #include <algorithm>
+#include <cstring>
 #include <numeric>
 
 #include "runtime/core/check.h"
@@ -20,13 +21,10 @@ enum ScratchSlot {
   kMoeOut,
   kRouterLogits,
   kRouterIds,
-  kRouterW,
-  kGathered,
   kGate,
   kUp,
   kExpertOut,
   kPerm,
-  kScale,
   kPositions,
   kTokens,
   kFinal,
@@ -157,15 +155,24 @@ Status Engine::MoeBlock(int layer, int64_t T, const float* h, float* out, const 
   const int E = c.num_experts, K = c.top_k, H = c.hidden_size;
   float* logits = Scratch(kRouterLogits, T * E);
   backend_->Gemm(h, T, L.router, nullptr, logits, false);
-  int32_t* ids_dev = reinterpret_cast<int32_t*>(Scratch(kRouterIds, T * K));
-  float* w_dev = Scratch(kRouterW, T * K);
+  // ids and weights side by side so one device-to-host copy (one sync) brings both.
+  float* routing_dev = Scratch(kRouterIds, 2 * T * K);
+  int32_t* ids_dev = reinterpret_cast<int32_t*>(routing_dev);
+  float* w_dev = routing_dev + T * K;
   backend_->RouterTopK(logits, T, E, K, c.norm_topk_prob, ids_dev, w_dev);
   std::vector<int32_t> ids(static_cast<size_t>(T * K));
   std::vector<float> wts(static_cast<size_t>(T * K));
-  backend_->CopyToHost(ids.data(), ids_dev, ids.size() * sizeof(int32_t));
-  backend_->CopyToHost(wts.data(), w_dev, wts.size() * sizeof(float));
+  routing_host_.resize(static_cast<size_t>(2 * T * K));
+  backend_->CopyToHost(routing_host_.data(), routing_dev, routing_host_.size() * sizeof(float));
+  std::memcpy(ids.data(), routing_host_.data(), ids.size() * sizeof(int32_t));
+  std::memcpy(wts.data(), routing_host_.data() + T * K, wts.size() * sizeof(float));
 
   LayerRouting routing{layer, c.MoeLayerIndex(layer), static_cast<int>(T), K, ids, wts, row_seq, row_pos, row_tok};
+  if (expose_router_inputs_) {
+    router_inputs_.resize(static_cast<size_t>(T) * H);
+    backend_->CopyToHost(router_inputs_.data(), h, router_inputs_.size() * sizeof(float));
+    routing.hidden = router_inputs_;
+  }
   for (auto& hook : hooks_) EF_RETURN_IF_ERROR(hook(routing));
 
   EF_RETURN_IF_ERROR(moe_executor_->Run(layer, T, K, h, ids, wts, out));
@@ -224,8 +231,7 @@ Status Engine::Forward(std::span<const SeqChunk> batch, ForwardResult* result) {
     backend_->RmsNorm(x, T, H, L.post_attention_norm, c.rms_norm_eps, h);
     float* out = Scratch(kMoeOut, T * H);
     if (c.IsMoeLayer(l)) {
-      if (zeros_.size() < static_cast<size_t>(T * H)) zeros_.assign(static_cast<size_t>(T * H), 0.f);
-      backend_->CopyToDevice(out, zeros_.data(), sizeof(float) * T * H);
+      backend_->SetZero(out, sizeof(float) * T * H);
       EF_RETURN_IF_ERROR(MoeBlock(l, T, h, out, row_seq, row_pos, row_tok));
     } else {
       EF_RETURN_IF_ERROR(Mlp(L.dense_mlp, T, h, out));

@@ -48,6 +48,9 @@ struct LayerRouting {
   std::span<const int64_t> seq;  // sequence of each token row
   std::span<const int32_t> pos;  // position of each token row
   std::span<const int32_t> token_ids;
+  // The normalised hidden states the router used, [num_tokens * hidden_size] row-major, on the
+  // host; empty unless Engine::set_expose_router_inputs(true) (a copy from the backend per layer).
+  std::span<const float> hidden;
 };
 
 using RoutingHook = std::function<Status(LayerRouting&)>;
@@ -78,6 +81,10 @@ class Engine {
   // Hooks run in order after each MoE layer's router (observers, trace recorders, overrides).
   void AddRoutingHook(RoutingHook hook) { hooks_.push_back(std::move(hook)); }
   void ClearRoutingHooks() { hooks_.clear(); }
+  // When on, LayerRouting::hidden carries each MoE layer's router input (lookahead predictors).
+  // Off by default: the copy to the host costs T x hidden floats per MoE layer.
+  void set_expose_router_inputs(bool on) { expose_router_inputs_ = on; }
+  bool expose_router_inputs() const { return expose_router_inputs_; }
 
   // Starts an empty sequence (error if it exists).
   Status AddSequence(int64_t seq);
@@ -108,7 +115,9 @@ class Engine {
   std::map<int64_t, Sequence> seqs_;
   int max_seq_len_ = 0;
   std::vector<Buffer> scratch_;
-  std::vector<float> zeros_;  // host zeros to clear the MoE output
+  std::vector<float> routing_host_;  // host copy of a layer's router ids + weights
+  bool expose_router_inputs_ = false;
+  std::vector<float> router_inputs_;  // host copy behind LayerRouting::hidden
 };
 
 }  // namespace ef::runtime

@@ -118,8 +118,7 @@ Status LocalMoeExecutor::ComputeRows(int layer, int64_t n, const float* x, std::
   backend_->GatherRows(x, perm_dev, n, H, xe);
   EF_RETURN_IF_ERROR(ComputeExperts(layer, active, offset, xe, ye));
   // y starts at zero; each row receives exactly one scaled expert output.
-  std::vector<float> zeros(static_cast<size_t>(n) * H, 0.f);
-  backend_->CopyToDevice(y, zeros.data(), zeros.size() * sizeof(float));
+  backend_->SetZero(y, static_cast<size_t>(n) * H * sizeof(float));
   for (int e = 0; e < E; ++e) {
     const int64_t begin = offset[e], cnt = offset[e + 1] - offset[e];
     if (cnt > 0) backend_->ScatterAddRows(ye + begin * H, perm_dev + begin, scale_dev + begin, cnt, H, y);

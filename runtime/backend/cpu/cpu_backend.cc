@@ -57,6 +57,7 @@ void CpuBackend::Free(void* ptr, size_t bytes) {
 void CpuBackend::CopyToDevice(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
 void CpuBackend::CopyToHost(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
 void CpuBackend::CopyOnDevice(void* dst, const void* src, size_t bytes) { std::memmove(dst, src, bytes); }
+void CpuBackend::SetZero(void* dst, size_t bytes) { std::memset(dst, 0, bytes); }
 
 StatusOr<Weight> CpuBackend::UploadWeight(DType dtype, const void* host_data, int64_t rows, int64_t cols) {
   if (!IsFloatWeight(dtype))

@@ -21,6 +21,7 @@ class CpuBackend final : public Backend {
   void CopyToDevice(void* dst, const void* host_src, size_t bytes) override;
   void CopyToHost(void* host_dst, const void* src, size_t bytes) override;
   void CopyOnDevice(void* dst, const void* src, size_t bytes) override;
+  void SetZero(void* dst, size_t bytes) override;
   void Synchronize() override {}
   StatusOr<Weight> UploadWeight(DType dtype, const void* host_data, int64_t rows, int64_t cols) override;
   size_t bytes_in_use() const override { return bytes_in_use_.load(); }

@@ -225,6 +225,11 @@ void CudaBackend::CopyOnDevice(void* dst, const void* src, size_t bytes) {
   CUDA_CHECK_LOG(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_), &error_);
 }
 
+void CudaBackend::SetZero(void* dst, size_t bytes) {
+  if (bytes == 0) return;
+  CUDA_CHECK_LOG(cudaMemsetAsync(dst, 0, bytes, stream_), &error_);
+}
+
 void CudaBackend::Synchronize() {
   CUDA_CHECK_LOG(cudaStreamSynchronize(stream_), &error_);
   RetireFinishedCopies(true);
