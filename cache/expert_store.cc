@@ -109,9 +109,11 @@ Status ExpertStore::Fill(std::unique_lock<std::mutex>& lock, const ExpertKey& ke
   const size_t i = Index(key);
   ++in_flight_;
   lock.unlock();
-  Status s;
+  Status s = arena_->Load(slot, key.layer, key.expert);
   std::span<std::byte> view = arena_->host_view(slot);
-  if (!view.empty()) {
+  if (s.code() != StatusCode::kUnimplemented) {
+    // The arena loaded (or enqueued the load of) the slot from its own host tier.
+  } else if (!view.empty()) {
     s = source_(key.layer, key.expert, view.first(options_.slot_bytes));
   } else {
     // Not host-addressable (device arena): stage on the host, then copy in.

@@ -29,6 +29,11 @@ class SlotArena {
   virtual std::span<std::byte> host_view(int slot) = 0;
   // Copies src (at most slot_bytes()) into the slot and returns once the copy is complete.
   virtual Status CopyIn(int slot, std::span<const std::byte> src) = 0;
+  // Optional: an arena with its own copy of every expert (a pinned host tier) loads (layer,
+  // expert) into the slot itself, with no staging by the store. It may return before the bytes
+  // have landed when it orders every reader after the copy itself (the CUDA arena: copy streams and
+  // per-slot events). Unimplemented (the default): the store fills the slot through its source.
+  virtual Status Load(int slot, int layer, int expert) { return Unimplemented("arena has no host tier of its own"); }
 };
 
 }  // namespace ef::cache

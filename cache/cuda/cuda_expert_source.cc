@@ -1,0 +1,166 @@
+#include "cache/cuda/cuda_expert_source.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "runtime/core/logging.h"
+#include "runtime/engine/model_weights.h"
+
+namespace ef::cache {
+
+StatusOr<std::unique_ptr<CudaExpertSource>> CudaExpertSource::Create(const runtime::ModelWeights& model,
+                                                                     runtime::Backend* backend,
+                                                                     const CudaExpertSourceOptions& options) {
+  const runtime::ModelConfig& c = model.config();
+  ExpertLayout layout;
+  layout.num_layers = c.num_layers;
+  layout.num_experts = c.num_experts;
+  layout.top_k = c.top_k;
+  layout.moe_layer.assign(c.num_layers, false);
+  int first = -1;
+  for (int l = 0; l < c.num_layers; ++l)
+    if (c.IsMoeLayer(l)) {
+      layout.moe_layer[l] = true;
+      if (first < 0) first = l;
+    }
+  if (first < 0) return InvalidArgument("cuda expert cache: the model has no MoE layer");
+  const runtime::ExpertWeights& w0 = model.host_expert(first, 0);
+  layout.gate = w0.gate;
+  layout.up = w0.up;
+  layout.down = w0.down;
+  auto same = [](const runtime::Weight& a, const runtime::Weight& b) {
+    return a.dtype == b.dtype && a.rows == b.rows && a.cols == b.cols;
+  };
+  for (int l = 0; l < c.num_layers; ++l) {
+    if (!layout.moe_layer[l]) continue;
+    for (int e = 0; e < c.num_experts; ++e) {
+      const runtime::ExpertWeights& w = model.host_expert(l, e);
+      if (!same(w.gate, layout.gate) || !same(w.up, layout.up) || !same(w.down, layout.down))
+        return Unimplemented("cuda expert cache: experts of different shapes or dtypes");
+    }
+  }
+  EF_ASSIGN_OR_RETURN(auto tier, PinnedHostTier::Create(c.num_layers, c.num_experts, layout.bytes(), layout.moe_layer));
+  for (int l = 0; l < c.num_layers; ++l) {
+    if (!layout.moe_layer[l]) continue;
+    for (int e = 0; e < c.num_experts; ++e) {
+      const runtime::ExpertWeights& w = model.host_expert(l, e);
+      std::byte* dst = tier->data(l, e);
+      std::memcpy(dst + layout.gate_offset(), w.gate.data, w.gate.nbytes());
+      std::memcpy(dst + layout.up_offset(), w.up.data, w.up.nbytes());
+      std::memcpy(dst + layout.down_offset(), w.down.data, w.down.nbytes());
+    }
+  }
+  return Create(layout, std::shared_ptr<const PinnedHostTier>(std::move(tier)), backend, options);
+}
+
+StatusOr<std::unique_ptr<CudaExpertSource>> CudaExpertSource::Create(const ExpertLayout& layout,
+                                                                     std::shared_ptr<const PinnedHostTier> tier,
+                                                                     runtime::Backend* backend,
+                                                                     const CudaExpertSourceOptions& options) {
+  auto* cuda = dynamic_cast<runtime::CudaBackend*>(backend);
+  if (!cuda) return InvalidArgument("cuda expert cache needs the CUDA backend, got " + backend->name());
+  if (!tier || tier->bytes_per_expert() < layout.bytes())
+    return InvalidArgument("cuda expert cache: host tier missing or smaller than the expert layout");
+  if (options.slots_per_layer < layout.top_k)
+    return InvalidArgument("cache budget of " + std::to_string(options.slots_per_layer) +
+                           " expert slots per layer is smaller than the model's top-k (" +
+                           std::to_string(layout.top_k) + ")");
+  auto src = std::unique_ptr<CudaExpertSource>(new CudaExpertSource());
+  src->layout_ = layout;
+  src->options_ = options;
+  src->tier_ = std::move(tier);
+  ExpertStoreOptions so;
+  so.num_layers = layout.num_layers;
+  so.num_experts = layout.num_experts;
+  so.top_k = layout.top_k;
+  so.slot_bytes = layout.bytes();
+  so.policy = options.policy;
+  so.async_prefetch = false;  // the arena's loads are asynchronous already
+  so.layer_quotas.assign(layout.num_layers, 0);
+  int num_slots = 0;
+  for (int l = 0; l < layout.num_layers; ++l)
+    if (layout.moe_layer[l]) num_slots += so.layer_quotas[l] = std::min(options.slots_per_layer, layout.num_experts);
+  EF_ASSIGN_OR_RETURN(
+      auto arena, CudaSlotArena::Create(cuda, src->tier_.get(), num_slots, so.slot_bytes, options.copy_chunk_bytes));
+  src->arena_ = arena.get();
+  // Never called: the arena loads from its own tier (SlotArena::Load).
+  cache::ExpertSource unused = [](int, int, std::span<std::byte>) -> Status {
+    return Internal("cuda expert cache: store fell back to staging");
+  };
+  EF_ASSIGN_OR_RETURN(src->store_, ExpertStore::Create(so, std::move(unused), std::move(arena)));
+  src->upcoming_.resize(layout.num_layers);
+  src->pinned_.resize(static_cast<size_t>(layout.num_layers) * layout.num_experts);
+  EF_LOG(INFO, CACHE, "cuda expert cache: %d slots of %zu bytes, policy %s, prefetch %d layer(s)", num_slots,
+         so.slot_bytes, options.policy.c_str(), options.prefetch_layers);
+  return src;
+}
+
+CudaExpertSource::~CudaExpertSource() {
+  if (!store_) return;
+  for (SlotRef& r : pinned_)
+    if (r.slot >= 0) store_->Release(r);
+  if (arena_) arena_->SynchronizeCopies();
+}
+
+void CudaExpertSource::OnRouting(int layer, std::vector<int32_t>& experts) {
+  store_->SetCurrentLayer(layer);
+  std::stable_partition(experts.begin(), experts.end(), [&](int32_t e) { return store_->IsResident(layer, e); });
+  // Acquire now, in compute order, while the layer's slots allow: misses start their copies on the
+  // correction stream at once. What does not fit is acquired later, after earlier experts release.
+  arena_->set_urgent(true);
+  const int E = layout_.num_experts;
+  for (int32_t e : experts) {
+    SlotRef& ref = pinned_[static_cast<size_t>(layer) * E + e];
+    if (ref.slot >= 0) continue;
+    auto r = store_->Acquire(layer, e);
+    if (!r.ok()) break;  // every slot of the layer pinned: the rest load on demand
+    ref = *r;
+  }
+  if (options_.prefetch_layers <= 0) return;
+  arena_->set_urgent(false);
+  int ahead = 0;
+  for (int step = 1; step < layout_.num_layers && ahead < options_.prefetch_layers; ++step) {
+    const int l = (layer + step) % layout_.num_layers;
+    if (!layout_.moe_layer[l]) continue;
+    ++ahead;
+    // Advisory: a failure (every slot pinned) only means the expert loads on demand later.
+    for (int32_t e : upcoming_[l]) store_->Prefetch(l, e, Priority::kPrefetch).IgnoreError();
+  }
+  arena_->set_urgent(true);
+}
+
+StatusOr<runtime::ExpertWeights> CudaExpertSource::Acquire(int layer, int expert) {
+  SlotRef& ref = pinned_[static_cast<size_t>(layer) * layout_.num_experts + expert];
+  if (ref.slot < 0) {
+    arena_->set_urgent(true);
+    EF_ASSIGN_OR_RETURN(ref, store_->Acquire(layer, expert));
+  }
+  arena_->WaitReady(ref.slot);
+  auto* base = static_cast<std::byte*>(ref.data);
+  runtime::ExpertWeights w;
+  w.gate = layout_.gate;
+  w.up = layout_.up;
+  w.down = layout_.down;
+  w.gate.data = base + layout_.gate_offset();
+  w.up.data = base + layout_.up_offset();
+  w.down.data = base + layout_.down_offset();
+  return w;
+}
+
+void CudaExpertSource::Release(int layer, int expert) {
+  SlotRef& ref = pinned_[static_cast<size_t>(layer) * layout_.num_experts + expert];
+  if (ref.slot < 0) return;
+  arena_->MarkReleased(ref.slot);
+  store_->Release(ref);
+  ref = SlotRef{};
+}
+
+void CudaExpertSource::SetUpcoming(int layer, std::vector<int32_t> experts) {
+  if (layer >= 0 && layer < static_cast<int>(upcoming_.size())) upcoming_[layer] = std::move(experts);
+}
+
+void CudaExpertSource::ClearUpcoming() {
+  for (auto& u : upcoming_) u.clear();
+}
+
+}  // namespace ef::cache

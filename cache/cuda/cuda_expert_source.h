@@ -1,0 +1,95 @@
+// CudaExpertSource: the engine's ExpertSource on a CUDA device with a bounded expert cache — an
+// ExpertStore (the real policies and counters) over a CudaSlotArena (device slots, async copies
+// on copy streams, per-slot events) backed by a PinnedHostTier (every routed expert in pinned host
+// memory).
+//
+// Per MoE layer, when the router has run (OnRouting):
+//   1. hits first: resident experts are put ahead in the compute order, so they compute while the
+//      misses load;
+//   2. correction: the layer's experts are acquired at once (in that order, while the layer's
+//      slots allow): a miss enqueues its copy on the high-priority correction stream right away;
+//      the compute stream waits for a slot's copy only when the expert computes (GPU-side wait);
+//   3. prefetch: the upcoming experts of the next `prefetch_layers` MoE layers (wrapping to the
+//      first layers of the next step) are loaded on the low-priority prefetch stream.
+// SetUpcoming(l, experts) gives the forecast of the next time layer l runs (a predictor's, or a
+// trace's future routing used as an oracle by the benchmark).
+//
+// Slot layout: gate | up | down, each at a 256-byte-aligned offset, in the dtype the host tier
+// holds (the checkpoint's). Hit rate counts an access as a hit only when the expert was resident
+// before its layer's routing was known (corrections count as misses).
+//
+// Thread safety: not thread-safe; driven by the engine thread (the store runs in sync mode: its
+// loads only enqueue copies).
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cache/cuda/cuda_slot_arena.h"
+#include "cache/cuda/pinned_host_tier.h"
+#include "cache/expert_store.h"
+#include "runtime/engine/expert_source.h"
+
+namespace ef::cache {
+
+struct CudaExpertSourceOptions {
+  int slots_per_layer = 0;  // per-layer caches of this many device slots (>= top-k)
+  std::string policy = "lru";
+  int prefetch_layers = 0;  // 0: on demand only
+  size_t copy_chunk_bytes = size_t{64} << 20;
+};
+
+// The shape of every routed expert (all experts of a model have the same shape here).
+struct ExpertLayout {
+  int num_layers = 0;
+  int num_experts = 0;
+  int top_k = 0;
+  std::vector<bool> moe_layer;     // [num_layers]
+  runtime::Weight gate, up, down;  // dtype, rows, cols (data unused)
+  size_t gate_offset() const { return 0; }
+  size_t up_offset() const { return Align(gate.nbytes()); }
+  size_t down_offset() const { return up_offset() + Align(up.nbytes()); }
+  size_t bytes() const { return down_offset() + down.nbytes(); }
+  static size_t Align(size_t n) { return (n + 255) / 256 * 256; }
+};
+
+class CudaExpertSource final : public runtime::ExpertSource {
+ public:
+  // From a loaded model: copies every routed expert into pinned host memory. `backend` must be
+  // the CUDA backend the engine uses.
+  static StatusOr<std::unique_ptr<CudaExpertSource>> Create(const runtime::ModelWeights& model,
+                                                            runtime::Backend* backend,
+                                                            const CudaExpertSourceOptions& options);
+  // From a layout and a filled host tier (synthetic models: the caller writes tier->data(l, e)).
+  static StatusOr<std::unique_ptr<CudaExpertSource>> Create(const ExpertLayout& layout,
+                                                            std::shared_ptr<const PinnedHostTier> tier,
+                                                            runtime::Backend* backend,
+                                                            const CudaExpertSourceOptions& options);
+  ~CudaExpertSource() override;
+
+  void OnRouting(int layer, std::vector<int32_t>& experts) override;
+  StatusOr<runtime::ExpertWeights> Acquire(int layer, int expert) override;
+  void Release(int layer, int expert) override;
+
+  void SetUpcoming(int layer, std::vector<int32_t> experts);
+  void ClearUpcoming();
+
+  ExpertStore& store() { return *store_; }
+  CudaSlotArena& arena() { return *arena_; }
+  ExpertStoreStats stats() const { return store_->stats(); }
+  const ExpertLayout& layout() const { return layout_; }
+
+ private:
+  CudaExpertSource() = default;
+
+  ExpertLayout layout_;
+  CudaExpertSourceOptions options_;
+  std::shared_ptr<const PinnedHostTier> tier_;
+  CudaSlotArena* arena_ = nullptr;  // owned by store_
+  std::unique_ptr<ExpertStore> store_;
+  std::vector<std::vector<int32_t>> upcoming_;  // per layer
+  std::vector<SlotRef> pinned_;                 // [layer * E + expert], while acquired
+};
+
+}  // namespace ef::cache

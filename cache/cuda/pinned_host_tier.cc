@@ -1,0 +1,42 @@
+#include "cache/cuda/pinned_host_tier.h"
+
+#include <cuda_runtime_api.h>
+
+#include <string>
+
+namespace ef::cache {
+
+StatusOr<std::unique_ptr<PinnedHostTier>> PinnedHostTier::Create(int num_layers, int num_experts,
+                                                                 size_t bytes_per_expert,
+                                                                 const std::vector<bool>& present) {
+  if (num_layers < 1 || num_experts < 1 || bytes_per_expert == 0 || present.size() != static_cast<size_t>(num_layers))
+    return InvalidArgument("pinned host tier: bad shape");
+  auto t = std::unique_ptr<PinnedHostTier>(new PinnedHostTier());
+  t->num_layers_ = num_layers;
+  t->num_experts_ = num_experts;
+  t->bytes_ = bytes_per_expert;
+  t->buffers_.assign(static_cast<size_t>(num_layers) * num_experts, nullptr);
+  for (int l = 0; l < num_layers; ++l) {
+    if (!present[l]) continue;
+    for (int e = 0; e < num_experts; ++e) {
+      void* p = nullptr;
+      const cudaError_t err = cudaHostAlloc(&p, bytes_per_expert, cudaHostAllocDefault);
+      if (err != cudaSuccess) {
+        cudaGetLastError();  // clear the sticky-free error state of the runtime
+        return ResourceExhausted("pinned host tier: cudaHostAlloc of " + std::to_string(bytes_per_expert) +
+                                 " bytes failed after " + std::to_string(t->total_) +
+                                 " bytes pinned: " + cudaGetErrorString(err));
+      }
+      t->buffers_[static_cast<size_t>(l) * num_experts + e] = static_cast<std::byte*>(p);
+      t->total_ += bytes_per_expert;
+    }
+  }
+  return t;
+}
+
+PinnedHostTier::~PinnedHostTier() {
+  for (auto it = buffers_.rbegin(); it != buffers_.rend(); ++it)
+    if (*it) cudaFreeHost(*it);
+}
+
+}  // namespace ef::cache

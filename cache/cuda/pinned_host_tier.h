@@ -1,0 +1,42 @@
+// PinnedHostTier: the host tier of the expert cache on a CUDA device — one page-locked buffer
+// (cudaHostAlloc) per (layer, expert), so host->device copies run asynchronously at full PCIe
+// speed (55 GB/s pinned vs 20 GB/s pageable on the H200 machine, ACCELERATOR.md).
+//
+// Ownership: owns every buffer; frees them (cudaFreeHost) on destruction, in reverse order.
+// Thread safety: immutable after Create/fill; data() may be read from any thread.
+#pragma once
+
+#include <cstddef>
+#include <memory>
+#include <vector>
+
+#include "runtime/core/status.h"
+
+namespace ef::cache {
+
+class PinnedHostTier {
+ public:
+  // Allocates bytes_per_expert for every (layer, expert) with present[layer] (dense layers hold no
+  // routed experts). ResourceExhausted naming the bytes when the host cannot pin that much.
+  static StatusOr<std::unique_ptr<PinnedHostTier>> Create(int num_layers, int num_experts, size_t bytes_per_expert,
+                                                          const std::vector<bool>& present);
+  ~PinnedHostTier();
+  PinnedHostTier(const PinnedHostTier&) = delete;
+  PinnedHostTier& operator=(const PinnedHostTier&) = delete;
+
+  std::byte* data(int layer, int expert) const { return buffers_[static_cast<size_t>(layer) * num_experts_ + expert]; }
+  size_t bytes_per_expert() const { return bytes_; }
+  size_t total_bytes() const { return total_; }
+  int num_layers() const { return num_layers_; }
+  int num_experts() const { return num_experts_; }
+
+ private:
+  PinnedHostTier() = default;
+  int num_layers_ = 0;
+  int num_experts_ = 0;
+  size_t bytes_ = 0;
+  size_t total_ = 0;
+  std::vector<std::byte*> buffers_;  // nullptr for dense layers
+};
+
+}  // namespace ef::cache
