@@ -9,7 +9,7 @@ pkgs=(
   libucx-dev ucx-utils
   libyaml-cpp-dev nlohmann-json3-dev libcli11-dev libcpp-httplib-dev
   googletest libgtest-dev libgmock-dev
-  curl python3
+  curl python3 gnuplot-nox
 )
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi

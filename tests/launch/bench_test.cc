@@ -1,0 +1,131 @@
+// `expertflow bench` end to end: the real binary on synthetic weights, its JSON record and its
+// errors. Each run writes into its own temporary directory.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <string>
+
+namespace ef::launch {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+const std::string kMixtralTrace = std::string(EF_SHARED_DIR) + "/traces/mixtral8x7b_gsm8k_decode.jsonl";
+
+class BenchTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() / ("ef_bench_test_" + std::to_string(::getpid()) + "_" +
+                                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::create_directories(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  // Runs `expertflow bench ARGS` with synthetic checkpoints cached in the test's directory;
+  // returns the exit code; stdout and stderr go to files read by Out()/Err().
+  int Bench(const std::string& args) {
+    const std::string cmd = std::string(EF_BINARY) + " bench --backend cpu --synthetic-dir " +
+                            (dir_ / "synth").string() + " " + args + " >" + (dir_ / "stdout").string() + " 2>" +
+                            (dir_ / "stderr").string();
+    const int rc = std::system(cmd.c_str());
+    return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+  }
+  std::string Read(const fs::path& p) {
+    std::ifstream in(p);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+  }
+  std::string Out() { return Read(dir_ / "stdout"); }
+  std::string Err() { return Read(dir_ / "stderr"); }
+
+  fs::path dir_;
+};
+
+TEST_F(BenchTest, SyntheticTinyWritesTheJsonRecord) {
+  const fs::path out = dir_ / "out.json";
+  ASSERT_EQ(
+      Bench("--synthetic tiny -n 4 -c 2 --prompt-len 8 --gen-len 8 --cache-slots-per-layer 4 --json " + out.string()),
+      0)
+      << Err();
+  const std::string stdout_text = Out();
+  EXPECT_EQ(stdout_text.rfind("# expertflow bench", 0), 0u) << stdout_text;
+  EXPECT_NE(stdout_text.find("# synthetic tiny"), std::string::npos) << stdout_text;
+  EXPECT_NE(stdout_text.find("hit_rate"), std::string::npos) << stdout_text;
+
+  json j = json::parse(Read(out), nullptr, false);
+  ASSERT_FALSE(j.is_discarded()) << Read(out);
+  for (const char* key : {"git_sha", "build_type", "model", "model_shape", "synthetic", "cache", "workload", "results"})
+    EXPECT_TRUE(j.contains(key)) << key;
+  const json& r = j["results"];
+  for (const char* key : {"output_tokens_per_s", "total_tokens_per_s", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50",
+                          "itl_ms_p99", "wall_s", "generated_tokens", "hit_rate", "bytes_moved", "stall_ms"})
+    EXPECT_TRUE(r.contains(key)) << key;
+  EXPECT_EQ(r["generated_tokens"].get<int64_t>(), 4 * 8);
+  EXPECT_GT(r["output_tokens_per_s"].get<double>(), 0);
+  EXPECT_EQ(j["synthetic"]["shape"], "tiny");
+  EXPECT_EQ(j["model_shape"]["num_experts"], 8);
+  EXPECT_EQ(j["model_shape"]["num_layers"], 4);
+  const json& c = j["cache"];
+  EXPECT_TRUE(c["enabled"].get<bool>());
+  EXPECT_EQ(c["slots_per_layer"], 4);
+  // Every token row acquires top-2 experts in each of the 4 MoE layers.
+  EXPECT_GT(c["hits"].get<int64_t>() + c["misses"].get<int64_t>(), 0);
+  EXPECT_GT(c["misses"].get<int64_t>(), 0);  // cold start
+  EXPECT_GT(c["bytes_from_host"].get<int64_t>(), 0);
+  EXPECT_GE(r["hit_rate"].get<double>(), 0.0);
+  EXPECT_LE(r["hit_rate"].get<double>(), 1.0);
+}
+
+TEST_F(BenchTest, SyntheticCheckpointIsReusedAndDeterministic) {
+  ASSERT_EQ(Bench("--synthetic tiny -n 1 -c 1 --prompt-len 4 --gen-len 2"), 0) << Err();
+  const fs::path ckpt = dir_ / "synth" / "tiny-L4-x1-s1";
+  ASSERT_TRUE(fs::exists(ckpt / "config.json"));
+  const auto mtime = fs::last_write_time(ckpt / "model-layer-00000.safetensors");
+  const std::string bytes = Read(ckpt / "model-layer-00000.safetensors");
+  ASSERT_EQ(Bench("--synthetic tiny -n 1 -c 1 --prompt-len 4 --gen-len 2"), 0) << Err();
+  EXPECT_EQ(fs::last_write_time(ckpt / "model-layer-00000.safetensors"), mtime);  // reused, not rewritten
+  fs::remove_all(ckpt);
+  ASSERT_EQ(Bench("--synthetic tiny -n 1 -c 1 --prompt-len 4 --gen-len 2"), 0) << Err();
+  EXPECT_EQ(Read(ckpt / "model-layer-00000.safetensors"), bytes);  // same seed, same weights
+}
+
+TEST_F(BenchTest, TraceOfTheWrongShapeExitsOne) {
+  if (!fs::exists(kMixtralTrace)) GTEST_SKIP() << "trace not present: " << kMixtralTrace;
+  // The trace has 32 layers; the tiny shape has 4.
+  EXPECT_EQ(Bench("--synthetic tiny -n 1 -c 1 --prompt-len 4 --gen-len 2 --routing-trace " + kMixtralTrace), 1);
+  EXPECT_NE(Err().find("does not match the model"), std::string::npos) << Err();
+}
+
+TEST_F(BenchTest, MixtralShapeTakesTheMixtralTrace) {
+  if (!fs::exists(kMixtralTrace)) GTEST_SKIP() << "trace not present: " << kMixtralTrace;
+  const fs::path out = dir_ / "out.json";
+  ASSERT_EQ(Bench("--synthetic mixtral-8x7b --synthetic-scale 256 -n 2 -c 2 --prompt-len 4 --gen-len 4 "
+                  "--routing-trace " +
+                  kMixtralTrace + " --cache-slots-per-layer 4 --cache-policy lru --json " + out.string()),
+            0)
+      << Err();
+  json j = json::parse(Read(out), nullptr, false);
+  ASSERT_FALSE(j.is_discarded());
+  EXPECT_EQ(j["model_shape"]["num_layers"], 32);
+  // The store counts one access per (forward, layer, distinct expert): at least one forward's
+  // worth (32 layers x top-2), at most one per token row (2 requests x (4 prompt + 3 decode) rows).
+  const int64_t accesses = j["cache"]["hits"].get<int64_t>() + j["cache"]["misses"].get<int64_t>();
+  EXPECT_GE(accesses, 32 * 2);
+  EXPECT_LE(accesses, 2 * (4 + 3) * 32 * 2);
+}
+
+TEST_F(BenchTest, CacheFlagsWithoutSlotsAreAnError) {
+  EXPECT_EQ(Bench("--synthetic tiny -n 1 -c 1 --prompt-len 4 --gen-len 2 --cache-policy expertflow"), 1);
+  EXPECT_NE(Err().find("--cache-slots-per-layer"), std::string::npos) << Err();
+}
+
+}  // namespace
+}  // namespace ef::launch
