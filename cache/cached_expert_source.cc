@@ -22,6 +22,7 @@ StatusOr<std::unique_ptr<CachedExpertSource>> CachedExpertSource::Create(const r
   so.slot_bytes = model.max_expert_bytes();
   so.policy = options.policy;
   so.async_prefetch = options.async;
+  so.policy_config.counts = options.static_counts;
   int num_slots = 0;
   if (options.global_slots > 0) {
     if (options.global_slots < c.top_k)

@@ -30,6 +30,8 @@ struct CachedExpertSourceOptions {
   std::string policy = "lru";
   int prefetch_layers = 0;  // 0: on demand only
   bool async = false;       // load corrections/prefetches on a worker thread
+  // static policy: routing counts per (layer, expert), layer-major, e.g. from a routing trace.
+  std::vector<int64_t> static_counts;
 };
 
 class CachedExpertSource final : public runtime::ExpertSource {
