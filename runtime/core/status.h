@@ -133,7 +133,8 @@ void StatusOr<T>::CheckOk() const {
   } while (0)
 
 // `EF_ASSIGN_OR_RETURN(auto x, MakeX());` declares x from a StatusOr or returns its error.
-#define EF_ASSIGN_OR_RETURN(lhs, expr) EF_ASSIGN_OR_RETURN_IMPL_(EF_STATUS_CONCAT_(ef_statusor_, __COUNTER__), lhs, expr)
+#define EF_ASSIGN_OR_RETURN(lhs, expr) \
+  EF_ASSIGN_OR_RETURN_IMPL_(EF_STATUS_CONCAT_(ef_statusor_, __COUNTER__), lhs, expr)
 #define EF_ASSIGN_OR_RETURN_IMPL_(tmp, lhs, expr) \
   auto tmp = (expr);                              \
   if (!tmp.ok()) {                                \
