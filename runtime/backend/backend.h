@@ -31,6 +31,17 @@ struct Weight {
 
 class Backend;
 
+// One sequence of a batched attention call (Backend::AttentionBatch). Its query rows are
+// q[q_row, q_row + n_new) of the batch (and the same rows of out); they are the last n_new of
+// n_total positions whose keys/values are k[n_total, kv_heads*hd], v[...] (backend memory).
+struct AttentionSeq {
+  const float* k = nullptr;
+  const float* v = nullptr;
+  int64_t q_row = 0;
+  int n_new = 0;
+  int n_total = 0;
+};
+
 // Owns backend memory; frees it on destruction.
 class Buffer {
  public:
@@ -91,6 +102,11 @@ class Backend {
   // whose keys/values are k[n_total, kv_heads*hd], v[...]. out[n_new, heads*hd].
   virtual void Attention(const float* q, int n_new, const float* k, const float* v, int n_total, int num_heads,
                          int num_kv_heads, int head_dim, float* out) = 0;
+  // Attention of num_seqs sequences in one call: for each seqs_host[s] (host memory, read before
+  // the call returns), the same as Attention(q + q_row * heads*hd, n_new, k, v, n_total, ...,
+  // out + q_row * heads*hd). Sequences' query rows must not overlap.
+  virtual void AttentionBatch(const float* q, const AttentionSeq* seqs_host, int num_seqs, int num_heads,
+                              int num_kv_heads, int head_dim, float* out) = 0;
   // out[i] = silu(gate[i]) * up[i]
   virtual void SiluMul(const float* gate, const float* up, float* out, int64_t n) = 0;
   // y[i] += x[i]

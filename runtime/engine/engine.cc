@@ -130,6 +130,9 @@ Status Engine::Attention(int layer, std::span<const SeqChunk> batch, const int32
   backend_->Rope(q, positions_dev, T, c.num_heads, c.head_dim, c.rope_theta);
   backend_->Rope(k, positions_dev, T, c.num_kv_heads, c.head_dim, c.rope_theta);
   float* attn = Scratch(kAttn, T * qd);
+  // Append each sequence's new keys/values to its cache, then one attention call for the batch.
+  std::vector<AttentionSeq> attn_seqs;
+  attn_seqs.reserve(batch.size());
   int64_t row = 0;
   for (const SeqChunk& chunk : batch) {
     Sequence& s = seqs_.at(chunk.seq);
@@ -138,10 +141,11 @@ Status Engine::Attention(int layer, std::span<const SeqChunk> batch, const int32
     float* vc = s.v[layer].f32() + static_cast<size_t>(s.length) * kvd;
     backend_->CopyOnDevice(kc, k + row * kvd, sizeof(float) * n * kvd);
     backend_->CopyOnDevice(vc, v + row * kvd, sizeof(float) * n * kvd);
-    backend_->Attention(q + row * qd, n, s.k[layer].f32(), s.v[layer].f32(), s.length + n, c.num_heads, c.num_kv_heads,
-                        c.head_dim, attn + row * qd);
+    attn_seqs.push_back(AttentionSeq{s.k[layer].f32(), s.v[layer].f32(), row, n, s.length + n});
     row += n;
   }
+  backend_->AttentionBatch(q, attn_seqs.data(), static_cast<int>(attn_seqs.size()), c.num_heads, c.num_kv_heads,
+                           c.head_dim, attn);
   float* o = Scratch(kTmp, T * c.hidden_size);
   backend_->Gemm(attn, T, L.o, nullptr, o, false);
   backend_->Add(Scratch(kResid, T * c.hidden_size), o, T * c.hidden_size);

@@ -200,15 +200,18 @@ class Bench {
       b_->Rope(q, pos_dev, T, a_.heads, a_.head_dim, 1e6f);
       b_->Rope(k, pos_dev, T, a_.kv_heads, a_.head_dim, 1e6f);
       int64_t row = 0;
+      std::vector<AttentionSeq> attn_seqs;
       for (size_t s = 0; s < n_new.size(); ++s) {
         float* kc = kv_[s][2 * l].f32() + static_cast<size_t>(len[s]) * kvd;
         float* vc = kv_[s][2 * l + 1].f32() + static_cast<size_t>(len[s]) * kvd;
         b_->CopyOnDevice(kc, k + row * kvd, sizeof(float) * n_new[s] * kvd);
         b_->CopyOnDevice(vc, v + row * kvd, sizeof(float) * n_new[s] * kvd);
-        b_->Attention(q + row * qd, n_new[s], kv_[s][2 * l].f32(), kv_[s][2 * l + 1].f32(), len[s] + n_new[s], a_.heads,
-                      a_.kv_heads, a_.head_dim, attn + row * qd);
+        attn_seqs.push_back(
+            AttentionSeq{kv_[s][2 * l].f32(), kv_[s][2 * l + 1].f32(), row, n_new[s], len[s] + n_new[s]});
         row += n_new[s];
       }
+      b_->AttentionBatch(q, attn_seqs.data(), static_cast<int>(attn_seqs.size()), a_.heads, a_.kv_heads, a_.head_dim,
+                         attn);
       b_->Gemm(attn, T, L.o, nullptr, tmp, false);
       b_->Add(x, tmp, T * H);
       b_->RmsNorm(x, T, H, L.post_norm, 1e-5f, h);

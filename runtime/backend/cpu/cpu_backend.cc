@@ -162,6 +162,19 @@ void CpuBackend::Attention(const float* q, int n_new, const float* k, const floa
   });
 }
 
+// The reference: the per-sequence op, sequence by sequence (bitwise what a caller looping over
+// Attention gets).
+void CpuBackend::AttentionBatch(const float* q, const AttentionSeq* seqs_host, int num_seqs, int num_heads,
+                                int num_kv_heads, int head_dim, float* out) {
+  const int64_t q_stride = static_cast<int64_t>(num_heads) * head_dim;
+  for (int s = 0; s < num_seqs; ++s) {
+    const AttentionSeq& a = seqs_host[s];
+    if (a.n_new <= 0) continue;
+    Attention(q + a.q_row * q_stride, a.n_new, a.k, a.v, a.n_total, num_heads, num_kv_heads, head_dim,
+              out + a.q_row * q_stride);
+  }
+}
+
 void CpuBackend::SiluMul(const float* gate, const float* up, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     float g = gate[i];

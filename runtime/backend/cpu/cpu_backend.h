@@ -32,6 +32,8 @@ class CpuBackend final : public Backend {
   void Rope(float* x, const int32_t* positions, int64_t rows, int num_heads, int head_dim, float theta) override;
   void Attention(const float* q, int n_new, const float* k, const float* v, int n_total, int num_heads,
                  int num_kv_heads, int head_dim, float* out) override;
+  void AttentionBatch(const float* q, const AttentionSeq* seqs_host, int num_seqs, int num_heads, int num_kv_heads,
+                      int head_dim, float* out) override;
   void SiluMul(const float* gate, const float* up, float* out, int64_t n) override;
   void Add(float* y, const float* x, int64_t n) override;
   void Clamp(float* x, int64_t n, float c) override;

@@ -95,6 +95,7 @@ CudaBackend::~CudaBackend() {
   weights_.clear();
   if (act_) DeviceFree(act_, act_cap_);
   if (attn_ws_) DeviceFree(attn_ws_, attn_ws_cap_);
+  if (attn_desc_) DeviceFree(attn_desc_, attn_desc_cap_);
   if (stream_) CUDA_CHECK_LOG(cudaStreamSynchronize(stream_), &ignored);
   for (Pending& p : pending_) free_events_.push_back(p.done);
   pending_.clear();
@@ -321,6 +322,32 @@ void CudaBackend::Attention(const float* q, int n_new, const float* k, const flo
   }
   CUDA_CHECK_LOG(
       cuda::launch_attention(q, n_new, k, v, n_total, num_heads, num_kv_heads, head_dim, out, ws, splits, stream_),
+      &error_);
+}
+
+void CudaBackend::AttentionBatch(const float* q, const AttentionSeq* seqs_host, int num_seqs, int num_heads,
+                                 int num_kv_heads, int head_dim, float* out) {
+  if (num_seqs <= 0) return;
+  std::vector<cuda::AttentionSeqDesc> desc(static_cast<size_t>(num_seqs));
+  for (int s = 0; s < num_seqs; ++s) {
+    const AttentionSeq& a = seqs_host[s];
+    desc[s] = cuda::AttentionSeqDesc{a.k, a.v, a.q_row, a.n_new, a.n_total};
+  }
+  const cuda::AttentionBatchPlan plan =
+      cuda::plan_attention_batch(desc.data(), num_seqs, num_heads, num_kv_heads, head_dim, num_sms_);
+  if (plan.max_n_new <= 0) return;
+  float* ws = nullptr;
+  if (plan.num_splits > 1) {
+    ws = static_cast<float*>(EnsureScratch(&attn_ws_, &attn_ws_cap_, plan.workspace_floats * sizeof(float)));
+    if (!ws) return;
+  }
+  const size_t desc_bytes = desc.size() * sizeof(cuda::AttentionSeqDesc);
+  // The previous call's kernels read this buffer; the staged copy is ordered after them on the stream.
+  auto* desc_dev = static_cast<cuda::AttentionSeqDesc*>(EnsureScratch(&attn_desc_, &attn_desc_cap_, desc_bytes));
+  if (!desc_dev) return;
+  Stage(desc_dev, desc.data(), desc_bytes);
+  CUDA_CHECK_LOG(
+      cuda::launch_attention_batch(q, desc_dev, num_seqs, plan, num_heads, num_kv_heads, head_dim, out, ws, stream_),
       &error_);
 }
 

@@ -72,6 +72,8 @@ class CudaBackend final : public Backend {
   void Rope(float* x, const int32_t* positions, int64_t rows, int num_heads, int head_dim, float theta) override;
   void Attention(const float* q, int n_new, const float* k, const float* v, int n_total, int num_heads,
                  int num_kv_heads, int head_dim, float* out) override;
+  void AttentionBatch(const float* q, const AttentionSeq* seqs_host, int num_seqs, int num_heads, int num_kv_heads,
+                      int head_dim, float* out) override;
   void SiluMul(const float* gate, const float* up, float* out, int64_t n) override;
   void Add(float* y, const float* x, int64_t n) override;
   void Clamp(float* x, int64_t n, float c) override;
@@ -127,6 +129,9 @@ class CudaBackend final : public Backend {
   size_t act_cap_ = 0;
   void* attn_ws_ = nullptr;
   size_t attn_ws_cap_ = 0;
+  // AttentionBatch: sequence descriptors on the device (rewritten in stream order per call).
+  void* attn_desc_ = nullptr;
+  size_t attn_desc_cap_ = 0;
   std::vector<std::pair<void*, size_t>> weights_;  // owned device weights
 };
 

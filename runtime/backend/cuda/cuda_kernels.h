@@ -36,6 +36,29 @@ cudaError_t launch_attention(const float* q, int n_new, const float* k, const fl
                              int num_kv_heads, int head_dim, float* out, float* workspace, int num_splits,
                              cudaStream_t stream);
 
+// Causal GQA attention of many sequences in one launch (see Backend::AttentionBatch). The
+// descriptors live in device memory; plan_attention_batch reads the same descriptors on the host
+// and chooses the key splits. `workspace` holds plan.workspace_floats floats when
+// plan.num_splits > 1, else may be null.
+struct AttentionSeqDesc {
+  const float* k;
+  const float* v;
+  int64_t q_row;
+  int n_new;
+  int n_total;
+};
+struct AttentionBatchPlan {
+  int num_splits = 1;
+  int max_n_new = 0;     // longest query chunk (sizes the grid)
+  int64_t num_rows = 0;  // max(q_row + n_new): query rows the workspace covers
+  size_t workspace_floats = 0;
+};
+AttentionBatchPlan plan_attention_batch(const AttentionSeqDesc* seqs_host, int num_seqs, int num_heads,
+                                        int num_kv_heads, int head_dim, int num_sms);
+cudaError_t launch_attention_batch(const float* q, const AttentionSeqDesc* seqs_dev, int num_seqs,
+                                   const AttentionBatchPlan& plan, int num_heads, int num_kv_heads, int head_dim,
+                                   float* out, float* workspace, cudaStream_t stream);
+
 // out[i] = silu(gate[i]) * up[i]; out may alias gate or up.
 cudaError_t launch_silu_mul(const float* gate, const float* up, float* out, int64_t n, cudaStream_t stream);
 // y[i] += x[i]
