@@ -60,15 +60,51 @@ StatusOr<std::unique_ptr<Engine>> Engine::Create(const std::string& model_dir, c
   return e;
 }
 
-float* Engine::Scratch(int slot, size_t floats) {
+Status Engine::GrowScratch(int slot, size_t floats) {
   Buffer& b = scratch_[slot];
   const size_t bytes = std::max<size_t>(floats, 1) * sizeof(float);
-  if (b.bytes() < bytes) {
-    auto nb = backend_->Allocate(bytes + bytes / 2);
-    EF_CHECK_MSG(nb.ok(), "scratch allocation failed");
-    b = std::move(nb).value();
+  if (b.bytes() >= bytes) return Status::Ok();
+  b = Buffer();  // free the old one first: the budget may hold only one of them
+  auto nb = backend_->Allocate(bytes + bytes / 2);
+  if (!nb.ok()) {
+    Status st = nb.status();
+    return st.Prepend("activation buffers for this batch (" + std::to_string(bytes) + " bytes in one of them)");
   }
-  return b.f32();
+  b = std::move(nb).value();
+  return Status::Ok();
+}
+
+Status Engine::ReserveScratch(int64_t T, int64_t R) {
+  const ModelConfig& c = config();
+  const size_t t = static_cast<size_t>(T), H = c.hidden_size;
+  const size_t inter = std::max({c.intermediate_size, c.moe_intermediate_size, c.shared_expert_intermediate_size});
+  const std::pair<int, size_t> sizes[] = {{kResid, t * H},
+                                          {kNormed, t * H},
+                                          {kQ, t * c.q_dim()},
+                                          {kK, t * c.kv_dim()},
+                                          {kV, t * c.kv_dim()},
+                                          {kAttn, t * c.q_dim()},
+                                          {kTmp, t * H},
+                                          {kMoeOut, t * H},
+                                          {kRouterLogits, t * c.num_experts},
+                                          {kRouterIds, 2 * t * c.top_k},
+                                          {kGate, t * inter},
+                                          {kUp, t * inter},
+                                          {kExpertOut, t * H},
+                                          {kPerm, static_cast<size_t>(R)},
+                                          {kPositions, t},
+                                          {kTokens, t},
+                                          {kFinal, static_cast<size_t>(R) * H},
+                                          {kLogits, static_cast<size_t>(R) * c.vocab_size},
+                                          {kSharedGate, t}};
+  for (const auto& [slot, floats] : sizes) EF_RETURN_IF_ERROR(GrowScratch(slot, floats));
+  return Status::Ok();
+}
+
+float* Engine::Scratch(int slot, size_t floats) {
+  // ReserveScratch sized every slot for the batch; growing here would be a bug.
+  EF_CHECK_MSG(scratch_[slot].bytes() >= std::max<size_t>(floats, 1) * sizeof(float), "scratch slot not reserved");
+  return scratch_[slot].f32();
 }
 
 Status Engine::AddSequence(int64_t seq) {
@@ -217,6 +253,9 @@ Status Engine::Forward(std::span<const SeqChunk> batch, ForwardResult* result) {
     T += static_cast<int64_t>(chunk.tokens.size());
   }
   if (T == 0) return InvalidArgument("empty batch");
+  int64_t R = 0;  // rows whose logits are wanted
+  for (const SeqChunk& chunk : batch) R += chunk.all_logits ? static_cast<int64_t>(chunk.tokens.size()) : 1;
+  EF_RETURN_IF_ERROR(ReserveScratch(T, R));
 
   int32_t* tokens_dev = reinterpret_cast<int32_t*>(Scratch(kTokens, T));
   int32_t* pos_dev = reinterpret_cast<int32_t*>(Scratch(kPositions, T));
@@ -258,7 +297,7 @@ Status Engine::Forward(std::span<const SeqChunk> batch, ForwardResult* result) {
     }
     row += n;
   }
-  const int64_t R = static_cast<int64_t>(rows.size());
+  EF_CHECK(R == static_cast<int64_t>(rows.size()));
   int32_t* rows_dev = reinterpret_cast<int32_t*>(Scratch(kPerm, R));
   backend_->CopyToDevice(rows_dev, rows.data(), R * sizeof(int32_t));
   float* fin = Scratch(kFinal, R * H);

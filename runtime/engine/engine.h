@@ -100,6 +100,10 @@ class Engine {
     std::vector<Buffer> k, v;  // per layer [max_seq_len, kv_dim]
   };
   Engine() = default;
+  // Activation buffers are sized once per Forward (ReserveScratch: a clear error when the
+  // backend cannot hold them); Scratch then only hands them out.
+  Status GrowScratch(int slot, size_t floats);
+  Status ReserveScratch(int64_t T, int64_t R);
   float* Scratch(int slot, size_t floats);
   Status Attention(int layer, std::span<const SeqChunk> batch, const int32_t* positions_dev, int64_t T);
   Status MoeBlock(int layer, int64_t T, const float* h, float* out, const std::vector<int64_t>& row_seq,
