@@ -1,7 +1,7 @@
-// Causal GQA attention of a batch of sequences in one launch: the kernel of attention.cu (online
-// softmax over K/V tiles in shared memory, the query rows of one KV head sharing each tile, key
-// splits merged by a second kernel) with the sequence read from a device descriptor array, so a
-// decode step of B sequences costs two launches instead of 2B.
+// Causal GQA attention of a batch of sequences in one launch (Backend::Attention is the batch of
+// one): online softmax over K/V tiles in shared memory, the query rows of one KV head sharing each
+// tile, key splits merged by a second kernel, each sequence read from a device descriptor array, so
+// a decode step of B sequences costs two launches instead of 2B.
 //
 // Launch: grid (ceil(max_n_new * group / kRows), num_kv_heads, num_seqs * num_splits), kWarps * 32
 // threads; blockIdx.z = seq * num_splits + split. Blocks past their sequence's rows exit at once

@@ -313,16 +313,9 @@ void CudaBackend::Rope(float* x, const int32_t* positions, int64_t rows, int num
 
 void CudaBackend::Attention(const float* q, int n_new, const float* k, const float* v, int n_total, int num_heads,
                             int num_kv_heads, int head_dim, float* out) {
-  const int splits = cuda::attention_num_splits(n_new, n_total, num_heads, num_kv_heads, head_dim, num_sms_);
-  float* ws = nullptr;
-  if (splits > 1) {
-    const size_t floats = cuda::attention_workspace_floats(n_new, num_heads, head_dim, splits);
-    ws = static_cast<float*>(EnsureScratch(&attn_ws_, &attn_ws_cap_, floats * sizeof(float)));
-    if (!ws) return;
-  }
-  CUDA_CHECK_LOG(
-      cuda::launch_attention(q, n_new, k, v, n_total, num_heads, num_kv_heads, head_dim, out, ws, splits, stream_),
-      &error_);
+  // One sequence is a batch of one: a single kernel family serves prefill, decode and batches.
+  const AttentionSeq seq{k, v, /*q_row=*/0, n_new, n_total};
+  AttentionBatch(q, &seq, 1, num_heads, num_kv_heads, head_dim, out);
 }
 
 void CudaBackend::AttentionBatch(const float* q, const AttentionSeq* seqs_host, int num_seqs, int num_heads,

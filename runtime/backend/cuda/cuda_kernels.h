@@ -28,14 +28,6 @@ cudaError_t launch_rms_norm(const float* x, int64_t rows, int dim, const void* w
 cudaError_t launch_rope(float* x, const int32_t* positions, int64_t rows, int num_heads, int head_dim, float theta,
                         cudaStream_t stream);
 
-// Causal GQA attention of one sequence (see Backend::Attention). `workspace` holds
-// attention_workspace_floats(...) floats when attention_num_splits(...) > 1, else may be null.
-int attention_num_splits(int n_new, int n_total, int num_heads, int num_kv_heads, int head_dim, int num_sms);
-size_t attention_workspace_floats(int n_new, int num_heads, int head_dim, int num_splits);
-cudaError_t launch_attention(const float* q, int n_new, const float* k, const float* v, int n_total, int num_heads,
-                             int num_kv_heads, int head_dim, float* out, float* workspace, int num_splits,
-                             cudaStream_t stream);
-
 // Causal GQA attention of many sequences in one launch (see Backend::AttentionBatch). The
 // descriptors live in device memory; plan_attention_batch reads the same descriptors on the host
 // and chooses the key splits. `workspace` holds plan.workspace_floats floats when
