@@ -1,18 +1,20 @@
 #include "runtime/engine/moe_executor.h"
 
-#include "runtime/core/check.h"
-
 namespace ef::runtime {
 namespace {
 enum Slot { kPerm, kScale, kGathered, kExpertOut, kGate, kUp, kZero };
 }
 
-float* LocalMoeExecutor::Scratch(int slot, size_t floats) {
+StatusOr<float*> LocalMoeExecutor::Scratch(int slot, size_t floats) {
   Buffer& b = scratch_[slot];
   const size_t bytes = std::max<size_t>(floats, 1) * sizeof(float);
   if (b.bytes() < bytes) {
+    b = Buffer();  // free the old one first: the budget may hold only one of them
     auto nb = backend_->Allocate(bytes + bytes / 2);
-    EF_CHECK_MSG(nb.ok(), "moe scratch allocation failed");
+    if (!nb.ok()) {
+      Status st = nb.status();
+      return st.Prepend("expert activation buffer of " + std::to_string(bytes) + " bytes");
+    }
     b = std::move(nb).value();
   }
   return b.f32();
@@ -20,8 +22,8 @@ float* LocalMoeExecutor::Scratch(int slot, size_t floats) {
 
 Status LocalMoeExecutor::Mlp(const ExpertWeights& w, int64_t rows, const float* x, float* out) {
   const int64_t inter = w.gate.rows;
-  float* g = Scratch(kGate, static_cast<size_t>(rows * inter));
-  float* u = Scratch(kUp, static_cast<size_t>(rows * inter));
+  EF_ASSIGN_OR_RETURN(float* g, Scratch(kGate, static_cast<size_t>(rows * inter)));
+  EF_ASSIGN_OR_RETURN(float* u, Scratch(kUp, static_cast<size_t>(rows * inter)));
   backend_->Gemm(x, rows, w.gate, nullptr, g, false);
   backend_->Gemm(x, rows, w.up, nullptr, u, false);
   backend_->SiluMul(g, u, g, rows * inter);
@@ -63,8 +65,9 @@ Status LocalMoeExecutor::Run(int layer, int64_t T, int top_k, const float* h, st
     }
   }
   const int64_t n = static_cast<int64_t>(perm.size());
-  int32_t* perm_dev = reinterpret_cast<int32_t*>(Scratch(kPerm, perm.size()));
-  float* scale_dev = Scratch(kScale, scale.size());
+  EF_ASSIGN_OR_RETURN(float* perm_dev_f, Scratch(kPerm, perm.size()));
+  int32_t* perm_dev = reinterpret_cast<int32_t*>(perm_dev_f);
+  EF_ASSIGN_OR_RETURN(float* scale_dev, Scratch(kScale, scale.size()));
   backend_->CopyToDevice(perm_dev, perm.data(), perm.size() * sizeof(int32_t));
   backend_->CopyToDevice(scale_dev, scale.data(), scale.size() * sizeof(float));
 
@@ -76,8 +79,8 @@ Status LocalMoeExecutor::Run(int layer, int64_t T, int top_k, const float* h, st
     if (!seen[e]) seen[e] = true, active.push_back(e);
   source_->OnRouting(layer, active);
 
-  float* xe = Scratch(kGathered, static_cast<size_t>(n) * H);
-  float* ye = Scratch(kExpertOut, static_cast<size_t>(n) * H);
+  EF_ASSIGN_OR_RETURN(float* xe, Scratch(kGathered, static_cast<size_t>(n) * H));
+  EF_ASSIGN_OR_RETURN(float* ye, Scratch(kExpertOut, static_cast<size_t>(n) * H));
   backend_->GatherRows(h, perm_dev, n, H, xe);
   EF_RETURN_IF_ERROR(ComputeExperts(layer, active, offset, xe, ye));
   // Accumulate in increasing expert id whatever the compute order was, so the result is bitwise
@@ -105,16 +108,17 @@ Status LocalMoeExecutor::ComputeRows(int layer, int64_t n, const float* x, std::
     perm[cursor[expert[i]]] = static_cast<int32_t>(i);
     sc[cursor[expert[i]]++] = scale[i];
   }
-  int32_t* perm_dev = reinterpret_cast<int32_t*>(Scratch(kPerm, perm.size()));
-  float* scale_dev = Scratch(kScale, sc.size());
+  EF_ASSIGN_OR_RETURN(float* perm_dev_f, Scratch(kPerm, perm.size()));
+  int32_t* perm_dev = reinterpret_cast<int32_t*>(perm_dev_f);
+  EF_ASSIGN_OR_RETURN(float* scale_dev, Scratch(kScale, sc.size()));
   backend_->CopyToDevice(perm_dev, perm.data(), perm.size() * sizeof(int32_t));
   backend_->CopyToDevice(scale_dev, sc.data(), sc.size() * sizeof(float));
   std::vector<int32_t> active;
   for (int e = 0; e < E; ++e)
     if (offset[e + 1] > offset[e]) active.push_back(e);
   source_->OnRouting(layer, active);
-  float* xe = Scratch(kGathered, static_cast<size_t>(n) * H);
-  float* ye = Scratch(kExpertOut, static_cast<size_t>(n) * H);
+  EF_ASSIGN_OR_RETURN(float* xe, Scratch(kGathered, static_cast<size_t>(n) * H));
+  EF_ASSIGN_OR_RETURN(float* ye, Scratch(kExpertOut, static_cast<size_t>(n) * H));
   backend_->GatherRows(x, perm_dev, n, H, xe);
   EF_RETURN_IF_ERROR(ComputeExperts(layer, active, offset, xe, ye));
   // y starts at zero; each row receives exactly one scaled expert output.

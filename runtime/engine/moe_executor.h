@@ -43,7 +43,8 @@ class LocalMoeExecutor final : public MoeExecutor {
   // Runs each expert of `order` on its rows [offset[e], offset[e+1]) of xe into ye.
   Status ComputeExperts(int layer, std::span<const int32_t> order, const std::vector<int32_t>& offset, const float* xe,
                         float* ye);
-  float* Scratch(int slot, size_t floats);
+  // A reusable activation buffer; ResourceExhausted (naming the size) when the backend is full.
+  StatusOr<float*> Scratch(int slot, size_t floats);
   Status Mlp(const ExpertWeights& w, int64_t rows, const float* x, float* out);
 
   Backend* backend_;
