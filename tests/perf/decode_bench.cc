@@ -33,6 +33,7 @@
 #include "runtime/backend/cuda/cuda_kernels.h"
 #include "runtime/core/build_info.h"
 #include "runtime/engine/moe_executor.h"
+#include "tests/perf/device_info.h"
 
 namespace ef::runtime {
 namespace {
@@ -360,19 +361,12 @@ double Seconds(std::chrono::steady_clock::time_point a, std::chrono::steady_cloc
 
 int Main(int argc, char** argv) {
   Args a = ParseArgs(argc, argv);
-  int dev = 0, rt = 0, drv = 0, cb_major = 0, cb_minor = 0, cb_patch = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceProp prop{};
-  if (cudaGetDeviceProperties(&prop, dev) != cudaSuccess) Die("no CUDA device");
-  cudaRuntimeGetVersion(&rt);
-  cudaDriverGetVersion(&drv);
-  cublasGetProperty(MAJOR_VERSION, &cb_major);
-  cublasGetProperty(MINOR_VERSION, &cb_minor);
-  cublasGetProperty(PATCH_LEVEL, &cb_patch);
-  char cuda_v[32], drv_v[32], cublas_v[32];
-  std::snprintf(cuda_v, sizeof cuda_v, "%d.%d", rt / 1000, (rt % 1000) / 10);
-  std::snprintf(drv_v, sizeof drv_v, "%d.%d", drv / 1000, (drv % 1000) / 10);
-  std::snprintf(cublas_v, sizeof cublas_v, "%d.%d.%d", cb_major, cb_minor, cb_patch);
+  perf::DeviceInfo info;
+  if (!perf::QueryDeviceInfo(&info)) Die("no CUDA device");
+  const cudaDeviceProp& prop = info.prop;
+  const char* cuda_v = info.cuda_runtime.c_str();
+  const char* drv_v = info.driver.c_str();
+  const char* cublas_v = info.cublas.c_str();
 
   std::printf(
       "# ef_decode_bench: synthetic Mixtral-8x7B layers (hidden %d, %d experts x ffn %d, top-%d, %d heads / "
