@@ -48,16 +48,22 @@ StatusOr<std::unique_ptr<Engine>> Engine::Create(const std::string& model_dir, c
   auto e = std::unique_ptr<Engine>(new Engine());
   EF_ASSIGN_OR_RETURN(e->backend_, MakeBackend(options.backend, options.device));
   EF_ASSIGN_OR_RETURN(e->weights_, ModelWeights::Load(model_dir, e->backend_.get()));
-  EF_ASSIGN_OR_RETURN(e->resident_, ResidentExpertSource::Create(*e->weights_, e->backend_.get()));
   e->local_moe_ =
       std::make_unique<LocalMoeExecutor>(e->backend_.get(), e->config().hidden_size, e->config().num_experts);
-  e->local_moe_->set_expert_source(e->resident_.get());
+  if (options.upload_experts) EF_RETURN_IF_ERROR(e->UploadExperts());
   e->moe_executor_ = e->local_moe_.get();
   e->max_seq_len_ = options.max_seq_len > 0 ? options.max_seq_len : e->config().max_position_embeddings;
   e->scratch_.resize(kNumSlots);
   EF_LOG(INFO, ENGINE, "engine ready on %s, kv capacity %d tokens per sequence", e->backend_->name().c_str(),
          e->max_seq_len_);
   return e;
+}
+
+Status Engine::UploadExperts() {
+  if (resident_) return Status::Ok();
+  EF_ASSIGN_OR_RETURN(resident_, ResidentExpertSource::Create(*weights_, backend_.get()));
+  if (!local_moe_->expert_source()) local_moe_->set_expert_source(resident_.get());
+  return Status::Ok();
 }
 
 Status Engine::GrowScratch(int slot, size_t floats) {
@@ -207,13 +213,13 @@ Status Engine::MoeBlock(int layer, int64_t T, const float* h, float* out, const 
   std::memcpy(ids.data(), routing_host_.data(), ids.size() * sizeof(int32_t));
   std::memcpy(wts.data(), routing_host_.data() + T * K, wts.size() * sizeof(float));
 
-  LayerRouting routing{layer, c.MoeLayerIndex(layer), static_cast<int>(T), K, ids, wts, row_seq, row_pos, row_tok};
+  LayerRouting routing{layer, c.MoeLayerIndex(layer), static_cast<int>(T), K, ids, wts, row_seq, row_pos, row_tok, {}};
   if (expose_router_inputs_) {
     router_inputs_.resize(static_cast<size_t>(T) * H);
     backend_->CopyToHost(router_inputs_.data(), h, router_inputs_.size() * sizeof(float));
     routing.hidden = router_inputs_;
   }
-  for (auto& hook : hooks_) EF_RETURN_IF_ERROR(hook(routing));
+  for (auto& [id, hook] : hooks_) EF_RETURN_IF_ERROR(hook(routing));
 
   EF_RETURN_IF_ERROR(moe_executor_->Run(layer, T, K, h, ids, wts, out));
   if (!L.shared_expert.gate.empty()) {
@@ -253,6 +259,10 @@ Status Engine::Forward(std::span<const SeqChunk> batch, ForwardResult* result) {
     T += static_cast<int64_t>(chunk.tokens.size());
   }
   if (T == 0) return InvalidArgument("empty batch");
+  if (c.num_moe_layers() > 0 && !local_moe_->expert_source())
+    return FailedPrecondition(
+        "the engine has no expert weights: it was created with upload_experts = false and no expert source was set "
+        "(SetExpertSource, e.g. an expert cache) nor UploadExperts() called");
   int64_t R = 0;  // rows whose logits are wanted
   for (const SeqChunk& chunk : batch) R += chunk.all_logits ? static_cast<int64_t>(chunk.tokens.size()) : 1;
   EF_RETURN_IF_ERROR(ReserveScratch(T, R));

@@ -15,6 +15,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "runtime/backend/backend.h"
@@ -28,6 +29,11 @@ struct EngineOptions {
   std::string backend = "cpu";  // cpu | cuda | auto
   int device = 0;
   int max_seq_len = 0;  // KV capacity per sequence; 0: the model's max_position_embeddings
+  // true: every routed expert is uploaded to the backend at Create (ResidentExpertSource).
+  // false: none is, so a model whose experts exceed the device still loads; Forward then needs an
+  // ExpertSource (SetExpertSource, e.g. the expert cache) or UploadExperts() first, and fails with
+  // FailedPrecondition otherwise.
+  bool upload_experts = true;
 };
 
 // One chunk of a batch: tokens appended to sequence `seq`.
@@ -69,17 +75,30 @@ class Engine {
   const ModelConfig& config() const { return weights_->config(); }
   const ModelWeights& weights() const { return *weights_; }
   Backend& backend() { return *backend_; }
+  const Backend& backend() const { return *backend_; }
   int max_seq_len() const { return max_seq_len_; }
 
   // Replaces where expert weights come from (default: all resident). The engine keeps a pointer;
-  // the caller keeps it alive.
+  // the caller keeps it alive. nullptr restores the resident experts (none when the engine was
+  // created with upload_experts = false and UploadExperts() was not called).
   void SetExpertSource(ExpertSource* source) { local_moe_->set_expert_source(source ? source : resident_.get()); }
+  // Uploads every routed expert (the ResidentExpertSource upload_experts = true makes at Create)
+  // and makes it the expert source. A no-op when they are resident already.
+  Status UploadExperts();
+  bool experts_resident() const { return resident_ != nullptr; }
   // Replaces how routed experts are computed (default: all on this process). nullptr restores
   // the local executor. The caller keeps it alive.
   void SetMoeExecutor(MoeExecutor* executor) { moe_executor_ = executor ? executor : local_moe_.get(); }
   LocalMoeExecutor& local_moe() { return *local_moe_; }
   // Hooks run in order after each MoE layer's router (observers, trace recorders, overrides).
-  void AddRoutingHook(RoutingHook hook) { hooks_.push_back(std::move(hook)); }
+  // Returns an id for RemoveRoutingHook.
+  int AddRoutingHook(RoutingHook hook) {
+    hooks_.emplace_back(next_hook_id_, std::move(hook));
+    return next_hook_id_++;
+  }
+  void RemoveRoutingHook(int id) {
+    std::erase_if(hooks_, [id](const auto& h) { return h.first == id; });
+  }
   void ClearRoutingHooks() { hooks_.clear(); }
   // When on, LayerRouting::hidden carries each MoE layer's router input (lookahead predictors).
   // Off by default: the copy to the host costs T x hidden floats per MoE layer.
@@ -115,7 +134,8 @@ class Engine {
   std::unique_ptr<ResidentExpertSource> resident_;
   std::unique_ptr<LocalMoeExecutor> local_moe_;
   MoeExecutor* moe_executor_ = nullptr;
-  std::vector<RoutingHook> hooks_;
+  std::vector<std::pair<int, RoutingHook>> hooks_;  // (id, hook), in the order added
+  int next_hook_id_ = 0;
   std::map<int64_t, Sequence> seqs_;
   int max_seq_len_ = 0;
   std::vector<Buffer> scratch_;
