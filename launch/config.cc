@@ -178,7 +178,12 @@ const std::map<std::string, Section>& Schema() {
        }},
       {"cache",
        {
-           {"device_budget", [](const Ctx& c, Config* o) { return GetBytes(c, &o->cache.device_budget); }},
+           {"device_budget",
+            [](const Ctx& c, Config* o) {
+              if (!c.node.IsScalar() || !ParseDeviceBudget(c.node.Scalar(), &o->cache).ok())
+                return c.Error("expected a size (bytes, e.g. 24GiB), 'N slots', 'N slots per layer' or auto");
+              return Status::Ok();
+            }},
            {"host_budget", [](const Ctx& c, Config* o) { return GetBytes(c, &o->cache.host_budget); }},
            {"policy",
             [](const Ctx& c, Config* o) {
@@ -244,6 +249,43 @@ std::string Known(const Section& m) {
 }
 
 }  // namespace
+
+Status ParseDeviceBudget(const std::string& text, CacheSection* cache) {
+  // "N slots" / "N slots per layer" (also "1 slot", "N slots/layer").
+  size_t i = 0;
+  while (i < text.size() && std::isdigit(static_cast<unsigned char>(text[i]))) ++i;
+  std::string rest = text.substr(i);
+  while (!rest.empty() && rest.front() == ' ') rest.erase(rest.begin());
+  if (i > 0 && (rest.rfind("slot", 0) == 0)) {
+    std::string unit = rest;
+    while (!unit.empty() && unit.back() == ' ') unit.pop_back();
+    const bool per_layer = unit == "slots per layer" || unit == "slot per layer" || unit == "slots/layer";
+    if (!per_layer && unit != "slots" && unit != "slot")
+      return InvalidArgument("bad device budget '" + text + "' (N slots, N slots per layer, a size or auto)");
+    long long n = 0;
+    try {
+      n = std::stoll(text.substr(0, i));
+    } catch (...) {
+      return InvalidArgument("bad device budget '" + text + "'");
+    }
+    if (n < 1 || n > (1 << 24)) return InvalidArgument("device budget '" + text + "' out of range");
+    cache->device_budget = 0;
+    cache->device_slots = per_layer ? 0 : static_cast<int>(n);
+    cache->device_slots_per_layer = per_layer ? static_cast<int>(n) : 0;
+    return Status::Ok();
+  }
+  EF_ASSIGN_OR_RETURN(uint64_t bytes, ParseByteSize(text));
+  cache->device_budget = bytes;
+  cache->device_slots = 0;
+  cache->device_slots_per_layer = 0;
+  return Status::Ok();
+}
+
+std::string CacheSection::DeviceBudgetText() const {
+  if (device_slots > 0) return std::to_string(device_slots) + " slots";
+  if (device_slots_per_layer > 0) return std::to_string(device_slots_per_layer) + " slots per layer";
+  return device_budget == 0 ? "auto" : std::to_string(device_budget);
+}
 
 StatusOr<uint64_t> ParseByteSize(const std::string& text) {
   if (text == "auto" || text == "0") return uint64_t{0};
@@ -312,6 +354,21 @@ StatusOr<Config> ParseConfig(const std::string& text, const std::string& name) {
   return cfg;
 }
 
+Status SetConfigKey(const std::string& dotted_key, const std::string& value, const std::string& origin,
+                    Config* config) {
+  const size_t dot = dotted_key.find('.');
+  const auto& schema = Schema();
+  auto sit = dot == std::string::npos ? schema.end() : schema.find(dotted_key.substr(0, dot));
+  if (sit == schema.end()) return InvalidArgument(origin + ": unknown config key '" + dotted_key + "'");
+  auto kit = sit->second.find(dotted_key.substr(dot + 1));
+  if (kit == sit->second.end()) return InvalidArgument(origin + ": unknown config key '" + dotted_key + "'");
+  const YAML::Node node(value);
+  Ctx c{origin, dotted_key, node};
+  EF_RETURN_IF_ERROR(kit->second(c, config));
+  config->present.insert(dotted_key);
+  return Status::Ok();
+}
+
 StatusOr<Config> LoadConfig(const std::string& path) {
   std::ifstream in(path);
   if (!in) return NotFound("cannot open config file " + path);
@@ -342,7 +399,7 @@ std::string ConfigToYaml(const Config& c) {
   e << YAML::Key << "replication" << YAML::Value << c.cluster.replication;
   e << YAML::Key << "timeout_s" << YAML::Value << c.cluster.timeout_s << YAML::EndMap;
   e << YAML::Key << "cache" << YAML::Value << YAML::Flow << YAML::BeginMap;
-  e << YAML::Key << "device_budget" << YAML::Value << size(c.cache.device_budget);
+  e << YAML::Key << "device_budget" << YAML::Value << c.cache.DeviceBudgetText();
   e << YAML::Key << "host_budget" << YAML::Value << size(c.cache.host_budget);
   e << YAML::Key << "policy" << YAML::Value << c.cache.policy;
   e << YAML::Key << "prefetch_layers" << YAML::Value << c.cache.prefetch_layers << YAML::EndMap;
@@ -383,8 +440,40 @@ void ApplyConfig(const Config& c, const CLI::App& app, ModelFlags* f) {
   if (c.has("runtime.max_seq_len") && !FlagGiven(app, "--max-seq-len")) f->max_seq_len = c.runtime.max_seq_len;
 }
 
-void ClusterFlags::Register(CLI::App* app) {
-  app->add_option("--config,-c", config_path, "YAML config file; flags given on the command line win over its keys")
+void CacheFlags::Register(CLI::App* app) {
+  app->add_option("--cache-device-budget", device_budget,
+                  "backend memory for expert slots: a size (24GiB), 'N slots', 'N slots per layer' or auto (no "
+                  "cache: every expert resident) (cache.device_budget)");
+  app->add_option("--cache-host-budget", host_budget,
+                  "cuda: pinned host memory for experts, a size or auto (all) (cache.host_budget)");
+  app->add_option("--cache-policy", policy, "expert cache eviction: lru, lfu, expertflow or static (cache.policy)");
+  app->add_option("--prefetch-layers", prefetch_layers,
+                  "MoE layers ahead the expert cache prefetches, 0: on demand (cache.prefetch_layers)");
+  app->add_option("--predictor", predictor,
+                  "prefetch forecast: none, lookahead, frequency, path, affinity or hybrid (predictor.kind)");
+  app->add_option("--predictor-path", predictor_path, "trained predictor file (predictor.path)");
+}
+
+Status CacheFlags::Apply(const CLI::App& app, Config* config) const {
+  const std::pair<const char*, std::pair<const char*, const std::string*>> flags[] = {
+      {"--cache-device-budget", {"cache.device_budget", &device_budget}},
+      {"--cache-host-budget", {"cache.host_budget", &host_budget}},
+      {"--cache-policy", {"cache.policy", &policy}},
+      {"--prefetch-layers", {"cache.prefetch_layers", &prefetch_layers}},
+      {"--predictor", {"predictor.kind", &predictor}},
+      {"--predictor-path", {"predictor.path", &predictor_path}},
+  };
+  for (const auto& [flag, key] : flags)
+    if (FlagGiven(app, flag)) EF_RETURN_IF_ERROR(SetConfigKey(key.first, *key.second, flag, config));
+  if (config->predictor.kind == "path" && config->predictor.path.empty() &&
+      (FlagGiven(app, "--predictor") || FlagGiven(app, "--predictor-path")))
+    return InvalidArgument("--predictor path needs a trained predictor file (--predictor-path)");
+  return Status::Ok();
+}
+
+void ClusterFlags::Register(CLI::App* app, bool short_config) {
+  app->add_option(short_config ? "--config,-c" : "--config", config_path,
+                  "YAML config file; flags given on the command line win over its keys")
       ->check(CLI::ExistingFile);
   app->add_option("--placement", cluster.placement.placement,
                   "home ranks of experts: contiguous, round_robin or a JSON file (cluster.placement)");
@@ -403,6 +492,7 @@ void ClusterFlags::Register(CLI::App* app) {
   app->add_option("--timeout", cluster.timeout_s, "seconds any wait on a peer may take (cluster.timeout_s)")
       ->check(CLI::PositiveNumber);
   app->add_option("--comm-stats", stats_out, "write communication counters of every rank as JSON (rank 0)");
+  cache.Register(app);
 }
 
 Status ClusterFlags::Load(const CLI::App& app, ModelFlags* model) {
@@ -422,6 +512,7 @@ Status ClusterFlags::Load(const CLI::App& app, ModelFlags* model) {
        file.placement.compute_placement);
   take("cluster.replication", "--replication", &cluster.placement.replication, file.placement.replication);
   take("cluster.timeout_s", "--timeout", &cluster.timeout_s, file.timeout_s);
+  EF_RETURN_IF_ERROR(cache.Apply(app, &config));
   // The effective values back into the config, for the log.
   config.model.path = model->dir;
   config.runtime.backend = model->backend;

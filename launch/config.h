@@ -48,16 +48,38 @@ struct ClusterSection {
   double timeout_s = 30;                   // every wait on a peer gives up after this many seconds
 };
 
+// The expert cache (cache/expert_cache.h). With no device budget every routed expert is uploaded
+// to the backend (all resident, no cache). With one, the engine holds at most that many expert
+// slots; the other experts stay in host memory (pinned on CUDA) and stream in on demand and ahead
+// of use, from the predictor's forecast. Outputs do not depend on the budget.
 struct CacheSection {
-  uint64_t device_budget = 0;         // bytes of GPU expert slots; 0 (auto): what fits
-  uint64_t host_budget = 0;           // bytes of pinned host expert memory; 0 (auto)
-  std::string policy = "expertflow";  // lru | lfu | expertflow | static | belady
-  int prefetch_layers = 2;            // layers ahead the prefetcher works, >= 0
+  // cache.device_budget, one of (at most one field is non-zero):
+  //   a size, e.g. 24GiB           -> device_budget: bytes of expert slots on the backend;
+  //   "N slots"                    -> device_slots: expert slots in total, split evenly over the
+  //                                   MoE layers (rounded down);
+  //   "N slots per layer"          -> device_slots_per_layer: expert slots of every MoE layer;
+  //   auto or 0 (the default)      -> no cache: every expert resident.
+  // Each MoE layer must get at least the model's top-k slots; a budget larger than the backend's
+  // memory is an error; one that holds every expert runs no cache.
+  uint64_t device_budget = 0;
+  int device_slots = 0;
+  int device_slots_per_layer = 0;
+  uint64_t host_budget = 0;           // CUDA: bytes of pinned host expert memory; 0 (auto): every expert
+  std::string policy = "expertflow";  // lru | lfu | expertflow | static (belady: offline replay only)
+  int prefetch_layers = 2;            // MoE layers ahead the cache prefetches, >= 0; 0: on demand only
+
+  bool has_device_budget() const { return device_budget > 0 || device_slots > 0 || device_slots_per_layer > 0; }
+  // The budget as written in a file: "25769803776", "24 slots", "3 slots per layer" or "auto".
+  std::string DeviceBudgetText() const;
 };
 
+// The forecast that drives the expert cache's prefetch (and the expertflow policy's eviction).
 struct PredictorSection {
-  std::string kind = "frequency";  // none | frequency | affinity | path | lookahead | hybrid
-  std::string path;                // trained predictor file (kind: path)
+  // none | frequency (per-layer popularity: a trained file, else counted online) | lookahead (the
+  // next layers' routers on the current hidden state; no file) | path | affinity | hybrid (trained
+  // files, expertflow train-predictor)
+  std::string kind = "frequency";
+  std::string path;  // trained predictor file (needed by path, affinity, hybrid)
 };
 
 struct SchedulerSection {
@@ -104,6 +126,12 @@ StatusOr<Config> ParseConfig(const std::string& text, const std::string& name);
 // The effective configuration as YAML (every key, defaults included).
 std::string ConfigToYaml(const Config& config);
 
+// Sets one key from text as if the file had it (same validation; errors name `origin`, e.g. the
+// command-line flag, and the key) and marks it present.
+Status SetConfigKey(const std::string& dotted_key, const std::string& value, const std::string& origin, Config* config);
+// Parses a cache.device_budget value (see CacheSection) into `cache`'s three budget fields.
+Status ParseDeviceBudget(const std::string& text, CacheSection* cache);
+
 // Fills `flags` from the file's keys that the command line did not give (`app` is the parsed
 // subcommand): model.path -> --model, runtime.backend/device/max_seq_len.
 void ApplyConfig(const Config& config, const CLI::App& app, ModelFlags* flags);
@@ -113,17 +141,31 @@ bool FlagGiven(const CLI::App& app, const std::string& name);
 // The cluster section as comm options.
 comm::ClusterOptions ToClusterOptions(const Config& config);
 
-// `--config` and the cluster flags, for commands that run under mpirun (generate, score, serve,
-// bench). Register() adds the flags; after parsing, Load() reads --config (if given), fills
-// ModelFlags and `cluster` from the file where the command line was silent, and logs the
-// effective config on rank 0.
+// The expert cache flags (generate, score, serve). Each one given overrides its config key:
+//   --cache-device-budget -> cache.device_budget   --cache-host-budget -> cache.host_budget
+//   --cache-policy        -> cache.policy          --prefetch-layers   -> cache.prefetch_layers
+//   --predictor           -> predictor.kind        --predictor-path    -> predictor.path
+struct CacheFlags {
+  std::string device_budget, host_budget, policy, prefetch_layers, predictor, predictor_path;
+
+  void Register(CLI::App* app);
+  // Writes the flags given on the command line into `config` (validated like the file's keys).
+  Status Apply(const CLI::App& app, Config* config) const;
+};
+
+// `--config`, the cluster flags and the expert cache flags, for commands that run under mpirun
+// (generate, score). Register() adds the flags; after parsing, Load() reads --config (if given),
+// fills ModelFlags and `cluster` from the file where the command line was silent, applies the
+// cache flags to `config`, and logs the effective config on rank 0.
 struct ClusterFlags {
   std::string config_path;
   std::string stats_out;         // --comm-stats: per-rank communication counters as JSON (rank 0)
-  Config config;                 // the file's values over the defaults (defaults when no file)
+  Config config;                 // the file's values over the defaults (defaults when no file), cache flags applied
   comm::ClusterOptions cluster;  // effective cluster options
+  CacheFlags cache;
 
-  void Register(CLI::App* app);
+  // short_config: also `-c` for --config (bench keeps -c for its concurrency).
+  void Register(CLI::App* app, bool short_config = true);
   Status Load(const CLI::App& app, ModelFlags* model);
 };
 

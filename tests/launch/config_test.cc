@@ -84,7 +84,8 @@ TEST(ConfigTest, WrongTypesNameKeyAndLine) {
   EXPECT_EQ(Error("cluster: 3\n"), "t.yaml:1: cluster: expected a map of keys");
   EXPECT_EQ(Error("generate:\n  temperature: hot\n"), "t.yaml:2: generate.temperature: expected a number, got 'hot'");
   EXPECT_EQ(Error("cache:\n  device_budget: lots\n"),
-            "t.yaml:2: cache.device_budget: expected a size (bytes, e.g. 2GiB, or auto), got 'lots'");
+            "t.yaml:2: cache.device_budget: expected a size (bytes, e.g. 24GiB), 'N slots', 'N slots per layer' or "
+            "auto, got 'lots'");
   EXPECT_EQ(Error("- a\n- b\n"), "t.yaml:1: the top level must be a map of sections");
 }
 
@@ -118,6 +119,90 @@ TEST(ConfigTest, ByteSizes) {
   EXPECT_EQ(*ParseByteSize("2GB"), 2000000000u);
   EXPECT_FALSE(ParseByteSize("2 parsecs").ok());
   EXPECT_FALSE(ParseByteSize("GiB").ok());
+}
+
+TEST(ConfigTest, DeviceBudgetInBytesOrSlots) {
+  auto budget = [](const std::string& text) {
+    auto c = ParseConfig("cache:\n  device_budget: " + text + "\n", "t.yaml");
+    EXPECT_TRUE(c.ok()) << text << ": " << c.status().ToString();
+    return c.ok() ? c->cache : CacheSection{};
+  };
+  CacheSection c = budget("24GiB");
+  EXPECT_EQ(c.device_budget, 24ull << 30);
+  EXPECT_EQ(c.device_slots + c.device_slots_per_layer, 0);
+  c = budget("96 slots");
+  EXPECT_EQ(c.device_slots, 96);
+  EXPECT_EQ(c.device_budget, 0u);
+  EXPECT_EQ(c.DeviceBudgetText(), "96 slots");
+  c = budget("3 slots per layer");
+  EXPECT_EQ(c.device_slots_per_layer, 3);
+  EXPECT_EQ(c.DeviceBudgetText(), "3 slots per layer");
+  EXPECT_TRUE(c.has_device_budget());
+  c = budget("1 slot");
+  EXPECT_EQ(c.device_slots, 1);
+  c = budget("auto");
+  EXPECT_FALSE(c.has_device_budget());
+  EXPECT_EQ(c.DeviceBudgetText(), "auto");
+  // Typos and impossible counts are rejected with the key and line.
+  for (const char* bad : {"3 slots per layr", "3 slotz", "slots", "0 slots", "-2 slots", "3 slots per layer x"})
+    EXPECT_NE(
+        Error(std::string("cache:\n  device_budget: ") + bad + "\n").find("t.yaml:2: cache.device_budget: expected"),
+        std::string::npos)
+        << bad;
+  // The slot forms survive the effective-config round trip.
+  auto with_slots = ParseConfig("cache: {device_budget: 3 slots per layer, policy: lru}\n", "t.yaml");
+  ASSERT_TRUE(with_slots.ok());
+  auto again = ParseConfig(ConfigToYaml(*with_slots), "again.yaml");
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  EXPECT_EQ(again->cache.device_slots_per_layer, 3);
+  // Cache and predictor key typos are still unknown keys.
+  EXPECT_NE(Error("cache:\n  device_budgt: 2GiB\n").find("t.yaml:2: unknown key 'cache.device_budgt'"),
+            std::string::npos);
+  EXPECT_NE(Error("predictor:\n  knd: lookahead\n").find("t.yaml:2: unknown key 'predictor.knd'"), std::string::npos);
+  EXPECT_EQ(Error("cache:\n  policy: fifo\n"),
+            "t.yaml:2: cache.policy: expected one of lru|lfu|expertflow|static|belady, got 'fifo'");
+}
+
+TEST(ConfigTest, CacheFlagsOverrideTheFileAndAreValidatedLikeIt) {
+  auto parse = [](std::vector<std::string> args, Config* config) {
+    CLI::App app;
+    CacheFlags flags;
+    flags.Register(&app);
+    std::reverse(args.begin(), args.end());
+    app.parse(args);
+    return flags.Apply(app, config);
+  };
+  auto file = ParseConfig(
+      "cache: {device_budget: 2GiB, policy: lru, prefetch_layers: 1}\npredictor: {kind: frequency}\n", "t.yaml");
+  ASSERT_TRUE(file.ok());
+  Config c = *file;
+  ASSERT_TRUE(parse({"--cache-device-budget", "2 slots per layer", "--predictor", "lookahead"}, &c).ok());
+  EXPECT_EQ(c.cache.device_slots_per_layer, 2);
+  EXPECT_EQ(c.cache.device_budget, 0u);  // the flag replaced the file's bytes
+  EXPECT_EQ(c.predictor.kind, "lookahead");
+  EXPECT_EQ(c.cache.policy, "lru");       // not given: the file's
+  EXPECT_EQ(c.cache.prefetch_layers, 1);  // not given: the file's
+  EXPECT_TRUE(c.has("predictor.kind"));
+  Config d;
+  Status s = parse({"--cache-policy", "fifo"}, &d);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.message().substr(0, s.message().find('\n')),
+            "--cache-policy: cache.policy: expected one of lru|lfu|expertflow|static|belady, got 'fifo'");
+  s = parse({"--prefetch-layers", "-1"}, &d);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("--prefetch-layers: cache.prefetch_layers: expected an integer in [0, 1024]"),
+            std::string::npos)
+      << s.ToString();
+  s = parse({"--cache-device-budget", "3 slotz"}, &d);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("--cache-device-budget: cache.device_budget: expected"), std::string::npos);
+  s = parse({"--predictor", "path"}, &d);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("--predictor path needs a trained predictor file"), std::string::npos);
+  s = parse({"--predictor", "oracle"}, &d);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("predictor.kind: expected one of"), std::string::npos);
+  EXPECT_FALSE(SetConfigKey("cache.nope", "1", "--x", &d).ok());
 }
 
 TEST(ConfigTest, MissingFileIsNotFound) {
@@ -167,6 +252,16 @@ TEST(ConfigTest, ShippedConfigsParse) {
   ASSERT_TRUE(demo.ok());
   EXPECT_EQ(demo->model.path, "models/tiny-code-moe");
   EXPECT_EQ(demo->runtime.backend, "cpu");
+  // The single-GPU example runs the expert cache; the multi-rank ones keep every expert resident
+  // (a bounded cache does not combine with expert parallelism yet).
+  auto offload = LoadConfig((root / "single_gpu_offload.yaml").string());
+  ASSERT_TRUE(offload.ok());
+  EXPECT_TRUE(offload->cache.has_device_budget());
+  for (const char* name : {"demo.yaml", "one_node_4gpu.yaml", "two_nodes_8gpu.yaml"}) {
+    auto c = LoadConfig((root / name).string());
+    ASSERT_TRUE(c.ok());
+    EXPECT_FALSE(c->cache.has_device_budget()) << name;
+  }
 }
 
 }  // namespace
