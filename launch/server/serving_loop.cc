@@ -1,8 +1,10 @@
 #include "launch/server/serving_loop.h"
 
 #include <algorithm>
+#include <numeric>
 #include <optional>
 
+#include "runtime/core/check.h"
 #include "runtime/core/logging.h"
 
 namespace ef::launch {
@@ -69,6 +71,8 @@ struct ServingLoop::Active {
   std::string text;    // decoded so far (cut at a stop string once found)
   size_t emitted = 0;  // bytes of `text` already pushed to the stream
   size_t max_stop = 0;
+  std::vector<uint64_t> forecast;  // the prompt's (layer, expert) bits, when regrouping
+  int overtaken = 0;               // admission rounds in which younger requests went first
 
   // Length of the longest suffix of text[emitted:] that begins some stop string.
   size_t HeldBack() const {
@@ -98,6 +102,14 @@ ServingLoop::ServingLoop(std::unique_ptr<runtime::Engine> engine, runtime::Token
     m->CountRouting(r.layer, r.ids.data(), static_cast<int64_t>(r.ids.size()));
     return Status::Ok();
   });
+  if (options_.regroup_window > 1 && options_.forecast) {
+    EF_CHECK_MSG(options_.forecast_layers >= 1 && options_.forecast_layers <= scheduler::kMaxLayers &&
+                     options_.forecast_experts >= 1 && options_.forecast_experts <= scheduler::kMaxExpertsPerLayer,
+                 "admission forecast shape out of range");
+    forecast_words_ = (options_.forecast_layers * options_.forecast_experts + 63) / 64;
+    EF_LOG(INFO, SERVE, "admission regrouping over %d batches, starvation bound %d steps", options_.regroup_window,
+           options_.max_wait_steps);
+  }
   thread_ = std::thread([this] { Run(); });
 }
 
@@ -120,6 +132,10 @@ StatusOr<std::shared_ptr<RequestStream>> ServingLoop::Submit(ServeRequest reques
   a->request = std::move(request);
   a->arrival = Clock::now();
   for (const std::string& s : a->request.stop) a->max_stop = std::max(a->max_stop, s.size());
+  if (regrouping()) {
+    a->forecast.assign(forecast_words_, 0);
+    options_.forecast(a->request, a->forecast.data());
+  }
   std::shared_ptr<RequestStream> stream = a->stream;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -150,15 +166,85 @@ void ServingLoop::Run() {
         cv_.wait_for(lock, std::chrono::milliseconds(200), [&] { return stopping_ || !waiting_.empty(); });
         if (waiting_.empty() && stopping_) break;
       }
-      while (!waiting_.empty() && static_cast<int>(running_.size()) < options_.max_batch) {
-        running_.push_back(std::move(waiting_.front()));
-        waiting_.pop_front();
-      }
+      Admit();
       metrics_->SetQueueDepth(static_cast<int64_t>(waiting_.size()), static_cast<int64_t>(running_.size()));
     }
     if (!running_.empty()) Step();
   }
   EF_LOG(INFO, SERVE, "engine thread done");
+}
+
+AdmissionStats ServingLoop::admission_stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return admission_;
+}
+
+void ServingLoop::Admit() {
+  const int free = options_.max_batch - static_cast<int>(running_.size());
+  if (free <= 0 || waiting_.empty()) return;
+  const auto admit_front = [&](int n) {
+    for (int i = 0; i < n && !waiting_.empty(); ++i) {
+      running_.push_back(std::move(waiting_.front()));
+      waiting_.pop_front();
+    }
+  };
+  if (!regrouping() || static_cast<int>(waiting_.size()) <= free) {
+    admit_front(free);
+  } else {
+    const auto t0 = Clock::now();
+    const int n = std::min<int>(static_cast<int>(waiting_.size()), options_.regroup_window * free);
+    // Candidates: the first n waiting requests, one path row each (their prompts' forecast).
+    scheduler::ExpertPathSet& paths = paths_;
+    paths = scheduler::ExpertPathSet(n, options_.forecast_layers, options_.forecast_experts);
+    std::vector<int> capacities, deadline(n, (n + free - 1) / free - 1), overdue;
+    for (int i = 0; i < n; ++i) {
+      std::copy(waiting_[i]->forecast.begin(), waiting_[i]->forecast.end(), paths.row(i));
+      if (waiting_[i]->overtaken >= options_.max_wait_steps) overdue.push_back(i);
+    }
+    for (int left = n; left > 0; left -= free) capacities.push_back(std::min(left, free));
+    for (int i : overdue) deadline[i] = 0;  // admitted this round
+    std::vector<int> chosen;
+    int fcfs = 0, regrouped = 0;
+    std::vector<int> first(free);
+    std::iota(first.begin(), first.end(), 0);
+    fcfs = paths.CountDistinct(first);
+    if (static_cast<int>(overdue.size()) >= free) {
+      chosen.assign(overdue.begin(), overdue.begin() + free);  // the bound alone fills the batch, oldest first
+      regrouped = paths.CountDistinct(chosen);
+    } else {
+      auto r = regrouper_.Regroup(paths, capacities, {}, deadline);
+      if (r.ok()) {
+        chosen = r->batches[0];
+        regrouped = paths.CountDistinct(chosen);
+      } else {
+        EF_LOG(WARN, SERVE, "admission regrouping failed (%s); admitting in arrival order",
+               r.status().ToString().c_str());
+        chosen = first;
+        regrouped = fcfs;
+      }
+    }
+    ++admission_.rounds;
+    admission_.fcfs_distinct += fcfs;
+    admission_.regrouped_distinct += regrouped;
+    admission_.forced += static_cast<int64_t>(std::min<size_t>(overdue.size(), free));
+    std::vector<bool> take(n, false);
+    for (int i : chosen) take[i] = true;
+    // Requests older than the youngest admitted one were overtaken this round.
+    const int youngest = chosen.empty() ? -1 : *std::max_element(chosen.begin(), chosen.end());
+    for (int i = 0; i < youngest; ++i)
+      if (!take[i]) ++waiting_[i]->overtaken;
+    std::deque<std::unique_ptr<Active>> rest;
+    for (int i = 0; i < static_cast<int>(waiting_.size()); ++i) {
+      if (i < n && take[i]) {
+        admission_.max_overtaken = std::max<int64_t>(admission_.max_overtaken, waiting_[i]->overtaken);
+        running_.push_back(std::move(waiting_[i]));
+      } else {
+        rest.push_back(std::move(waiting_[i]));
+      }
+    }
+    waiting_.swap(rest);
+    admission_.scheduler_us += std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
+  }
 }
 
 void ServingLoop::Step() {
@@ -178,7 +264,7 @@ void ServingLoop::Step() {
   // Admit new sequences; drop cancelled ones.
   for (auto& a : running_) {
     if (a->seq < 0 && !a->prefilled) {
-      a->seq = next_seq_++;
+      a->seq = a->request.seq_id > 0 ? a->request.seq_id : next_seq_++;
       Status s = engine_->AddSequence(a->seq);
       if (!s.ok()) {
         a->seq = -1;

@@ -10,7 +10,17 @@
 //
 // (scheduler::ContinuousBatcher plans a fixed number of decode steps per request and has no way
 // to drop a request that stops early on EOS, a stop string or a disconnect, so the loop keeps
-// its own FIFO admission; its units are the same: a whole prompt or one decode token.)
+// its own admission; its units are the same: a whole prompt or one decode token.)
+//
+// Admission is FIFO unless `regroup_window` W > 1 and a `forecast` of each prompt's experts is
+// given: when more requests wait than the batch has room for (F free places), the first W x F
+// waiting requests are split by scheduler::TokenRegrouper into W virtual batches of F so that
+// each activates few distinct (layer, expert) pairs, and the first of them is admitted now — the
+// prefill batch needs fewer experts (fewer weights to fetch, fuller expert GEMMs). The
+// regrouper's seeding keeps FCFS progress (every admission round takes the oldest waiting
+// request), and a request that younger ones have overtaken in `max_wait_steps` rounds is admitted
+// before any regrouped one: regrouping delays no request by more than that many admission rounds
+// beyond its FIFO turn (starvation bound).
 //
 // Thread safety: Submit/Stop and every RequestStream method may be called from any thread.
 #pragma once
@@ -19,6 +29,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -30,6 +41,8 @@
 #include "runtime/engine/generator.h"
 #include "runtime/engine/sampler.h"
 #include "runtime/tokenizer/tokenizer.h"
+#include "scheduler/expert_path_set.h"
+#include "scheduler/token_regrouper.h"
 
 namespace ef::launch {
 
@@ -39,6 +52,10 @@ struct ServeRequest {
   runtime::SamplingParams sampling;
   std::vector<std::string> stop;  // the text ends before the first occurrence of any of them
   bool ignore_eos = false;
+  // The engine's sequence id for this request (the key of sequence-keyed trace routing, so a
+  // benchmark request keeps its routing on any rank); 0: the loop picks one. An id already
+  // running fails the request.
+  int64_t seq_id = 0;
 };
 
 // What a handler has not consumed yet of one request's output.
@@ -76,9 +93,30 @@ class RequestStream {
   int prompt_tokens_ = 0;
 };
 
+// The (layer, expert) pairs a request's prompt is forecast to activate, as a bitset row of
+// `words` 64-bit words (bit layer * num_experts + expert, scheduler::ExpertPathSet's layout).
+// Called once per request from Submit's thread.
+using RequestForecast = std::function<void(const ServeRequest& request, uint64_t* row)>;
+
 struct ServingLoopOptions {
   int max_batch = 32;    // sequences in the running batch (each holds a KV cache of the full context)
   int max_queue = 4096;  // waiting requests beyond this are refused (Unavailable)
+  // Admission regrouping (see the file comment); off unless regroup_window > 1 and forecast set.
+  int regroup_window = 0;
+  int max_wait_steps = 16;  // rounds a request may be overtaken by younger ones
+  RequestForecast forecast;
+  int forecast_layers = 0;  // the forecast's shape (MoE layers x experts)
+  int forecast_experts = 0;
+};
+
+// What admission regrouping did, summed over the rounds where it ran (more waiting than room).
+struct AdmissionStats {
+  int64_t rounds = 0;
+  int64_t fcfs_distinct = 0;       // distinct (layer, expert) pairs of the batch FIFO would admit
+  int64_t regrouped_distinct = 0;  // ... of the batch admitted instead
+  int64_t forced = 0;              // requests admitted by the starvation bound
+  int64_t max_overtaken = 0;       // most rounds any admitted request was overtaken (<= the bound)
+  double scheduler_us = 0;         // time spent regrouping
 };
 
 class ServingLoop {
@@ -95,6 +133,7 @@ class ServingLoop {
   void Stop();
 
   int max_seq_len() const { return max_seq_len_; }
+  AdmissionStats admission_stats() const;
   const runtime::ModelConfig& config() const { return config_; }
 
  private:
@@ -102,6 +141,9 @@ class ServingLoop {
   void Run();
   // One step over the running batch; finished requests leave it.
   void Step();
+  // Moves waiting requests into the running batch (FIFO or regrouped). mu_ held.
+  void Admit();
+  bool regrouping() const { return forecast_words_ > 0; }
 
   std::unique_ptr<runtime::Engine> engine_;
   runtime::Tokenizer tokenizer_;
@@ -110,12 +152,16 @@ class ServingLoop {
   runtime::ModelConfig config_;
   int max_seq_len_;
 
-  std::mutex mu_;
+  mutable std::mutex mu_;
   std::condition_variable cv_;
   std::deque<std::unique_ptr<Active>> waiting_;   // guarded by mu_
   bool stopping_ = false;                         // guarded by mu_
   std::vector<std::unique_ptr<Active>> running_;  // engine thread only
-  int64_t next_seq_ = 1;                          // engine thread only
+  AdmissionStats admission_;                      // guarded by mu_
+  int forecast_words_ = 0;                        // > 0: admission regrouping is on
+  scheduler::ExpertPathSet paths_;                // guarded by mu_ (scratch of Admit)
+  scheduler::TokenRegrouper regrouper_;           // guarded by mu_
+  int64_t next_seq_ = int64_t{1} << 40;           // engine thread only; above explicit seq_ids
   std::thread thread_;
 };
 
