@@ -3,8 +3,10 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <bit>
 #include <chrono>
-#include <cstring>
+#include <cstdio>
 #include <thread>
 
 #include "runtime/core/logging.h"
@@ -91,19 +93,24 @@ Status ExpertParallelExecutor::Drain() {
   }
 }
 
-Status ExpertParallelExecutor::Move(const float* send, std::span<const int64_t> send_counts, float* recv,
-                                    std::span<const int64_t> recv_counts, size_t row_bytes, const std::string& what) {
-  if (!exchange_->device_memory()) return exchange_->AllToAllV(send, send_counts, recv, recv_counts, row_bytes, what);
-  // Host staging: correct on any backend; a device-side pack/unpack would avoid the round trip.
+Status ExpertParallelExecutor::Move(const float* send, std::span<const int64_t> send_rows, float* recv,
+                                    std::span<const int64_t> recv_rows, const std::string& what) {
+  const size_t row_bytes = static_cast<size_t>(hidden_) * sizeof(float);
+  const bool host_backend = backend_->kind() == runtime::BackendKind::kCpu;
+  if (exchange_->device_memory() != host_backend)
+    return exchange_->AllToAllV(send, send_rows, recv, recv_rows, row_bytes, what);
+  if (exchange_->device_memory())
+    return FailedPrecondition("the " + std::string(exchange_->name()) + " exchange needs a backend with device memory");
+  // A host exchange serving a device backend: stage through host memory.
   size_t sb = 0, rb = 0;
-  for (int64_t c : send_counts) sb += static_cast<size_t>(c) * row_bytes;
-  for (int64_t c : recv_counts) rb += static_cast<size_t>(c) * row_bytes;
-  EF_RETURN_IF_ERROR(Reserve(backend_, &stage_send_, sb));
-  EF_RETURN_IF_ERROR(Reserve(backend_, &stage_recv_, rb));
-  if (sb > 0) backend_->CopyToDevice(stage_send_.data(), send, sb);
+  for (int64_t c : send_rows) sb += static_cast<size_t>(c) * row_bytes;
+  for (int64_t c : recv_rows) rb += static_cast<size_t>(c) * row_bytes;
+  stage_send_.resize(sb / sizeof(float));
+  stage_recv_.resize(rb / sizeof(float));
+  if (sb > 0) backend_->CopyToHost(stage_send_.data(), send, sb);
   EF_RETURN_IF_ERROR(
-      exchange_->AllToAllV(stage_send_.data(), send_counts, stage_recv_.data(), recv_counts, row_bytes, what));
-  if (rb > 0) backend_->CopyToHost(recv, stage_recv_.data(), rb);
+      exchange_->AllToAllV(stage_send_.data(), send_rows, stage_recv_.data(), recv_rows, row_bytes, what));
+  if (rb > 0) backend_->CopyToDevice(recv, stage_recv_.data(), rb);
   return Status::Ok();
 }
 
@@ -122,99 +129,87 @@ Status ExpertParallelExecutor::Run(int layer, int64_t T, int top_k, const float*
   const int64_t P = T * top_k;
   const std::string where = "layer " + std::to_string(layer);
 
-  // 1. Destination of each (token, slot) pair; order pairs by (destination, expert), stable so
-  // tokens stay in increasing order within an expert.
-  std::vector<int64_t> key_offset(static_cast<size_t>(N) * E + 1, 0);
-  send_counts_.assign(N, 0);
+  // 1. Each expert's computing rank; pairs ordered by (destination, expert), stable so tokens stay
+  // in increasing order within an expert. send_counts_ holds the pairs per (destination, expert).
+  dest_.resize(E);
+  for (int e = 0; e < E; ++e) dest_[e] = placement_->ComputeRank(layer, e, me);
+  key_offset_.assign(static_cast<size_t>(N) * E + 1, 0);
   for (int64_t p = 0; p < P; ++p) {
     const int32_t e = ids[p];
     if (e < 0 || e >= E) return Internal("routing chose expert " + std::to_string(e) + " out of range");
-    const int d = placement_->ComputeRank(layer, e, me);
-    ++send_counts_[d];
-    ++key_offset[static_cast<size_t>(d) * E + e + 1];
+    ++key_offset_[static_cast<size_t>(dest_[e]) * E + e + 1];
   }
-  for (size_t k = 0; k + 1 < key_offset.size(); ++k) key_offset[k + 1] += key_offset[k];
-  pair_order_.resize(P);
+  send_counts_.assign(key_offset_.begin() + 1, key_offset_.end());
+  for (size_t k = 0; k + 1 < key_offset_.size(); ++k) key_offset_[k + 1] += key_offset_[k];
+  // pair_idx_, uploaded in one copy: [0, P) each send row's token (the dispatch gather);
+  // [P, 2P) for combine row c = j * T + t, which holds token t's j-th smallest expert, that
+  // pair's send row (the combine gather); [2P, 3P) combine row c's weight (float bits);
+  // [3P, 3P + T) 0..T-1 (the combine scatter's token rows).
+  pair_idx_.resize(3 * P + T);
   for (int64_t p = 0; p < P; ++p) {
-    const int d = placement_->ComputeRank(layer, ids[p], me);
-    pair_order_[key_offset[static_cast<size_t>(d) * E + ids[p]]++] = static_cast<int32_t>(p);
+    const int64_t t = p / top_k, i = key_offset_[static_cast<size_t>(dest_[ids[p]]) * E + ids[p]]++;
+    int64_t j = 0;
+    for (int64_t q = t * top_k; q < (t + 1) * top_k; ++q) j += ids[q] < ids[p] || (ids[q] == ids[p] && q < p);
+    pair_idx_[i] = static_cast<int32_t>(t);
+    pair_idx_[P + j * T + t] = static_cast<int32_t>(i);
+    pair_idx_[2 * P + j * T + t] = std::bit_cast<int32_t>(weights[p]);
+  }
+  for (int64_t t = 0; t < T; ++t) pair_idx_[3 * P + t] = static_cast<int32_t>(t);
+  send_rows_.assign(N, 0);
+  for (int d = 0; d < N; ++d)
+    for (int e = 0; e < E; ++e) send_rows_[d] += send_counts_[static_cast<size_t>(d) * E + e];
+
+  // 2. Gather the send rows on the backend (enqueued; the exchange orders after it).
+  const size_t row_bytes = static_cast<size_t>(H) * sizeof(float);
+  EF_RETURN_IF_ERROR(Reserve(backend_, &send_dev_, P * row_bytes));
+  EF_RETURN_IF_ERROR(Reserve(backend_, &back_dev_, P * row_bytes));
+  EF_RETURN_IF_ERROR(Reserve(backend_, &pair_idx_dev_, pair_idx_.size() * sizeof(int32_t)));
+  const int32_t* idx = pair_idx_dev_.i32();
+  if (P > 0) {
+    backend_->CopyToDevice(pair_idx_dev_.data(), pair_idx_.data(), pair_idx_.size() * sizeof(int32_t));
+    backend_->GatherRows(h, idx, P, H, send_dev_.f32());
   }
 
-  // 2. Pack rows: hidden state + the expert id's bits in one extra float.
-  const size_t S = static_cast<size_t>(H) + 1;
-  if (T > 0) {
-    h_host_.resize(static_cast<size_t>(T) * H);
-    backend_->CopyToHost(h_host_.data(), h, h_host_.size() * sizeof(float));
-  }
-  send_.resize(static_cast<size_t>(P) * S);
-  for (int64_t i = 0; i < P; ++i) {
-    const int32_t p = pair_order_[i];
-    std::memcpy(&send_[i * S], &h_host_[static_cast<size_t>(p / top_k) * H], sizeof(float) * H);
-    std::memcpy(&send_[i * S + H], &ids[p], sizeof(int32_t));
-  }
-  recv_counts_.assign(N, 0);
+  // 3. Counts per (rank, expert), then the rows. Rows from one rank arrive ordered by expert.
+  recv_counts_.assign(static_cast<size_t>(N) * E, 0);
   EF_RETURN_IF_ERROR(exchange_->ExchangeCounts(send_counts_, recv_counts_, "the " + where + " token counts"));
-  int64_t R = 0;
-  for (int64_t c : recv_counts_) R += c;
-  recv_.resize(static_cast<size_t>(R) * S);
-  EF_RETURN_IF_ERROR(Move(send_.data(), send_counts_, recv_.data(), recv_counts_, S * sizeof(float),
-                          "the " + where + " token dispatch"));
-  rows_dispatched_ += P - send_counts_[me];
-
-  // 3. Compute every received row with its expert, unscaled.
-  y_host_.resize(static_cast<size_t>(R) * H);
-  if (R > 0) {
-    std::vector<float>& x = combined_;  // scratch for the unpacked rows
-    x.resize(static_cast<size_t>(R) * H);
-    recv_expert_.resize(R);
-    for (int64_t i = 0; i < R; ++i) {
-      std::memcpy(&x[i * H], &recv_[i * S], sizeof(float) * H);
-      std::memcpy(&recv_expert_[i], &recv_[i * S + H], sizeof(int32_t));
+  recv_rows_.assign(N, 0);
+  recv_expert_.clear();
+  for (int r = 0; r < N; ++r) {
+    for (int e = 0; e < E; ++e) {
+      const int64_t c = recv_counts_[static_cast<size_t>(r) * E + e];
+      if (c < 0) return Internal("rank " + std::to_string(r) + " sent a negative row count");
+      recv_rows_[r] += c;
+      recv_expert_.insert(recv_expert_.end(), static_cast<size_t>(c), static_cast<int32_t>(e));
     }
-    const size_t bytes = static_cast<size_t>(R) * H * sizeof(float);
-    EF_RETURN_IF_ERROR(Reserve(backend_, &x_dev_, bytes));
-    EF_RETURN_IF_ERROR(Reserve(backend_, &y_dev_, bytes));
-    backend_->CopyToDevice(x_dev_.data(), x.data(), bytes);
+  }
+  const int64_t R = static_cast<int64_t>(recv_expert_.size());
+  EF_RETURN_IF_ERROR(Reserve(backend_, &recv_dev_, R * row_bytes));
+  EF_RETURN_IF_ERROR(Reserve(backend_, &y_dev_, R * row_bytes));
+  EF_RETURN_IF_ERROR(
+      Move(send_dev_.f32(), send_rows_, recv_dev_.f32(), recv_rows_, "the " + where + " token dispatch"));
+  rows_dispatched_ += P - send_rows_[me];
+
+  // 4. Compute every received row with its expert, unscaled.
+  if (R > 0) {
     ones_.assign(R, 1.f);
-    EF_RETURN_IF_ERROR(engine_->local_moe().ComputeRows(layer, R, x_dev_.f32(), recv_expert_, ones_, y_dev_.f32()));
-    backend_->CopyToHost(y_host_.data(), y_dev_.f32(), bytes);
+    EF_RETURN_IF_ERROR(engine_->local_moe().ComputeRows(layer, R, recv_dev_.f32(), recv_expert_, ones_, y_dev_.f32()));
     rows_computed_ += R;
   }
 
-  // 4. Results return to the tokens' ranks, in the order the pairs were sent.
-  back_.resize(static_cast<size_t>(P) * H);
-  EF_RETURN_IF_ERROR(Move(y_host_.data(), recv_counts_, back_.data(), send_counts_, sizeof(float) * H,
-                          "the " + where + " expert results"));
+  // 5. Results return to the tokens' ranks, in the order the pairs were sent.
+  EF_RETURN_IF_ERROR(Move(y_dev_.f32(), recv_rows_, back_dev_.f32(), send_rows_, "the " + where + " expert results"));
   if (P == 0) return Status::Ok();
 
-  // 5. Combine as LocalMoeExecutor::Run does: experts in increasing id, tokens in increasing
-  // order within an expert, out[t] += w * y via ScatterAddRows.
-  std::vector<int64_t> offset(E + 1, 0);
-  for (int64_t p = 0; p < P; ++p) ++offset[ids[p] + 1];
-  for (int e = 0; e < E; ++e) offset[e + 1] += offset[e];
-  std::vector<int64_t> cursor(offset.begin(), offset.end() - 1);
-  combined_.resize(static_cast<size_t>(P) * H);
-  combine_tok_.resize(P);
-  combine_scale_.resize(P);
-  for (int64_t i = 0; i < P; ++i) {  // send order: for a fixed expert, tokens ascend
-    const int32_t p = pair_order_[i];
-    const int64_t j = cursor[ids[p]]++;
-    std::memcpy(&combined_[j * H], &back_[i * H], sizeof(float) * H);
-    combine_tok_[j] = p / top_k;
-    combine_scale_[j] = weights[p];
-  }
-  const size_t bytes = static_cast<size_t>(P) * H * sizeof(float);
-  EF_RETURN_IF_ERROR(Reserve(backend_, &z_dev_, bytes));
-  EF_RETURN_IF_ERROR(Reserve(backend_, &idx_dev_, P * sizeof(int32_t)));
-  EF_RETURN_IF_ERROR(Reserve(backend_, &scale_dev_, P * sizeof(float)));
-  backend_->CopyToDevice(z_dev_.data(), combined_.data(), bytes);
-  backend_->CopyToDevice(idx_dev_.data(), combine_tok_.data(), P * sizeof(int32_t));
-  backend_->CopyToDevice(scale_dev_.data(), combine_scale_.data(), P * sizeof(float));
-  for (int e = 0; e < E; ++e) {
-    const int64_t begin = offset[e], cnt = offset[e + 1] - offset[e];
-    if (cnt == 0) continue;
-    backend_->ScatterAddRows(z_dev_.f32() + begin * H, idx_dev_.i32() + begin, scale_dev_.f32() + begin, cnt, H, out);
-  }
+  // 6. Combine with the result of LocalMoeExecutor::Run: each element out[t] += w * y over the
+  // token's experts in increasing id. Run adds expert by expert; here the j-th ScatterAddRows adds
+  // every token's j-th smallest expert (one row per token, so no conflicts): the same additions in
+  // the same order per element, in top_k launches rather than one per expert. The rows are first
+  // gathered into combine order, into send_dev_ (the dispatch is done with it).
+  backend_->GatherRows(back_dev_.f32(), idx + P, P, H, send_dev_.f32());
+  const float* w = reinterpret_cast<const float*>(idx + 2 * P);
+  for (int j = 0; j < top_k; ++j)
+    backend_->ScatterAddRows(send_dev_.f32() + j * T * H, idx + 3 * P, w + j * T, T, H, out);
   return Status::Ok();
 }
 

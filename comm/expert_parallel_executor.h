@@ -3,12 +3,18 @@
 //
 // Per MoE layer, on every rank, in lockstep:
 //   1. each (token, expert) pair of this rank's batch goes to the rank the ExpertPlacement says
-//      computes that expert (row = hidden state + expert id); counts first, then rows (TokenExchange);
+//      computes that expert. Pairs are ordered by (destination, expert, token) and their hidden
+//      rows gathered into a send buffer on the backend (GatherRows); rows per (destination,
+//      expert) travel first (TokenExchange::ExchangeCounts, host), so a receiver knows each row's
+//      expert without it riding in the row; then the rows (AllToAllV);
 //   2. the receiving rank runs LocalMoeExecutor::ComputeRows on all rows it received (unscaled);
-//   3. results return by a second all-to-all-v to the token's own rank;
-//   4. the token's rank adds w * y in increasing expert id, token order within an expert, with the
-//      backend's ScatterAddRows: the same operations in the same order as LocalMoeExecutor::Run,
-//      so logits do not depend on the number of ranks (bitwise on the CPU backend).
+//   3. results return by a second all-to-all-v to the token's own rank, in the order sent;
+//   4. the token's rank adds w * y for each of a token's experts in increasing expert id with the
+//      backend's ScatterAddRows (one call per top-k slot): per output element the same operations
+//      in the same order as LocalMoeExecutor::Run, so logits do not depend on the number of ranks
+//      (bitwise on the CPU backend).
+// Hidden rows stay in backend memory throughout; only when a host exchange (mpi) serves a device
+// backend (cuda) are they staged through host memory around each AllToAllV.
 //
 // Lockstep: every rank must join every MoE layer's exchange of every step. A step starts with a
 // small all-gather of "has work" flags at the first MoE layer. A rank with no tokens calls
@@ -16,7 +22,7 @@
 // rank's own work is done it calls Drain(), which idles until every rank is idle. Every wait
 // times out (MpiContext::timeout_s) with an error naming the rank that did not respond.
 //
-// Host buffers are reused across layers and steps. Not thread-safe: one thread drives it.
+// Host and backend buffers are reused across layers and steps. Not thread-safe: one thread drives it.
 #pragma once
 
 #include <vector>
@@ -52,10 +58,10 @@ class ExpertParallelExecutor final : public runtime::MoeExecutor {
 
  private:
   Status SyncStep(bool has_work, bool* any);
-  // exchange_->AllToAllV on host rows; stages through backend buffers when the exchange works on
-  // device memory (nccl).
-  Status Move(const float* send, std::span<const int64_t> send_counts, float* recv,
-              std::span<const int64_t> recv_counts, size_t row_bytes, const std::string& what);
+  // exchange_->AllToAllV of rows of hidden floats in backend memory; stages through host memory
+  // when the exchange works on host memory and the backend on device memory.
+  Status Move(const float* send, std::span<const int64_t> send_rows, float* recv, std::span<const int64_t> recv_rows,
+              const std::string& what);
   Status MaybeInjectFault(int layer);
 
   MpiContext* ctx_;
@@ -67,12 +73,13 @@ class ExpertParallelExecutor final : public runtime::MoeExecutor {
   bool step_synced_ = false;
   int64_t rows_dispatched_ = 0, rows_computed_ = 0, steps_ = 0;
 
-  // Reused host buffers.
-  std::vector<float> h_host_, send_, recv_, y_host_, back_, combined_;
-  std::vector<int32_t> pair_order_, send_expert_, recv_expert_, combine_tok_, combine_expert_;
-  std::vector<float> combine_scale_, ones_;
-  std::vector<int64_t> send_counts_, recv_counts_;
-  runtime::Buffer x_dev_, y_dev_, z_dev_, idx_dev_, scale_dev_, stage_send_, stage_recv_;
+  // Reused host buffers. Per (rank, expert) arrays are indexed rank * num_experts + expert.
+  std::vector<int32_t> dest_, pair_idx_, recv_expert_;
+  std::vector<float> ones_, stage_send_, stage_recv_;
+  std::vector<int64_t> key_offset_, send_counts_, recv_counts_, send_rows_, recv_rows_;
+  // Reused backend buffers: rows sent (then the returned rows in combine order), received,
+  // computed and returned; pair_idx_'s device copy.
+  runtime::Buffer send_dev_, recv_dev_, y_dev_, back_dev_, pair_idx_dev_;
 };
 
 }  // namespace ef::comm

@@ -1,5 +1,6 @@
 #include "comm/mpi_exchange.h"
 
+#include <algorithm>
 #include <climits>
 #include <cstring>
 
@@ -10,9 +11,10 @@ namespace ef::comm {
 Status MpiExchange::ExchangeCounts(std::span<const int64_t> send_counts, std::span<int64_t> recv_counts,
                                    const std::string& what) {
   const int n = ctx_->size(), me = ctx_->rank();
-  if (static_cast<int>(send_counts.size()) != n || static_cast<int>(recv_counts.size()) != n)
-    return InvalidArgument("count arrays must have one entry per rank");
-  recv_counts[me] = send_counts[me];
+  if (send_counts.size() != recv_counts.size() || send_counts.empty() || send_counts.size() % n != 0)
+    return InvalidArgument("count arrays must have the same number of entries per rank");
+  const size_t k = send_counts.size() / n;
+  std::copy_n(send_counts.begin() + me * k, k, recv_counts.begin() + me * k);
   if (n == 1) return Status::Ok();
   reqs_.clear();
   peers_.clear();
@@ -20,13 +22,15 @@ Status MpiExchange::ExchangeCounts(std::span<const int64_t> send_counts, std::sp
     if (r == me) continue;
     reqs_.emplace_back();
     peers_.push_back(r);
-    MPI_CHECK(MPI_Irecv(&recv_counts[r], 1, MPI_INT64_T, r, kTagCounts, ctx_->comm(), &reqs_.back()));
+    MPI_CHECK(
+        MPI_Irecv(&recv_counts[r * k], static_cast<int>(k), MPI_INT64_T, r, kTagCounts, ctx_->comm(), &reqs_.back()));
   }
   for (int r = 0; r < n; ++r) {
     if (r == me) continue;
     reqs_.emplace_back();
     peers_.push_back(r);
-    MPI_CHECK(MPI_Isend(&send_counts[r], 1, MPI_INT64_T, r, kTagCounts, ctx_->comm(), &reqs_.back()));
+    MPI_CHECK(
+        MPI_Isend(&send_counts[r * k], static_cast<int>(k), MPI_INT64_T, r, kTagCounts, ctx_->comm(), &reqs_.back()));
   }
   return ctx_->WaitAll(reqs_, peers_, what);
 }
@@ -34,6 +38,8 @@ Status MpiExchange::ExchangeCounts(std::span<const int64_t> send_counts, std::sp
 Status MpiExchange::AllToAllV(const void* send, std::span<const int64_t> send_counts, void* recv,
                               std::span<const int64_t> recv_counts, size_t row_bytes, const std::string& what) {
   const int n = ctx_->size(), me = ctx_->rank();
+  if (static_cast<int>(send_counts.size()) != n || static_cast<int>(recv_counts.size()) != n)
+    return InvalidArgument("row count arrays must have one entry per rank");
   const char* s = static_cast<const char*>(send);
   char* d = static_cast<char*>(recv);
   std::vector<size_t> soff(n + 1, 0), roff(n + 1, 0);

@@ -27,7 +27,6 @@ class MpiExchange final : public TokenExchange {
   // Reused between calls.
   std::vector<MPI_Request> reqs_;
   std::vector<int> peers_;
-  std::vector<int64_t> counts_in_;
 };
 
 }  // namespace ef::comm

@@ -1,11 +1,12 @@
 // TokenExchange: the all-to-all-v that moves token rows between ranks in an MoE layer.
 //
 // Two steps per use: ExchangeCounts tells every rank how many rows it will receive from each
-// peer, then AllToAllV moves the rows. Send rows are laid out by destination rank (rank 0's rows,
-// then rank 1's, ...), received rows by source rank. Row bytes are the same on every rank.
-// MpiExchange works on host memory (CPU backend, CI); NcclExchange (EF_HAVE_NCCL) on device
-// memory with grouped ncclSend/ncclRecv. Every wait has the MpiContext timeout and names the
-// peer. Counters report payload bytes (rows that leave or reach this rank; self rows excluded).
+// peer (optionally split into k counts per peer, e.g. rows per expert), then AllToAllV moves the
+// rows. Send rows are laid out by destination rank (rank 0's rows, then rank 1's, ...), received
+// rows by source rank. Row bytes are the same on every rank. MpiExchange works on host memory
+// (CPU backend, CI); NcclExchange (EF_HAVE_NCCL) on device memory with grouped
+// ncclSend/ncclRecv. Every wait has the MpiContext timeout and names the peer. Counters report
+// payload bytes (rows that leave or reach this rank; self rows excluded).
 //
 // Not thread-safe: one thread drives an exchange.
 #pragma once
@@ -24,10 +25,13 @@ class TokenExchange {
   virtual const char* name() const = 0;
   // Whether AllToAllV takes device memory (nccl) rather than host memory (mpi).
   virtual bool device_memory() const { return false; }
-  // recv_counts[r] := send_counts[this rank] of rank r. Both spans have world-size entries.
+  // Both spans have k * world-size entries (k >= 1, the same on every rank); entries [r*k, r*k+k)
+  // are for (send) or from (recv) rank r: recv_counts[r*k + j] := send_counts[me*k + j] of rank r.
   virtual Status ExchangeCounts(std::span<const int64_t> send_counts, std::span<int64_t> recv_counts,
                                 const std::string& what) = 0;
-  // Moves rows (row_bytes each). Pointers are host memory (mpi) or device memory (nccl).
+  // Moves rows (row_bytes each); both count spans have world-size entries (rows per peer).
+  // Pointers are host memory (mpi) or device memory (nccl, see NcclExchange for streams). The
+  // rows have arrived and `send` may be reused when it returns OK.
   virtual Status AllToAllV(const void* send, std::span<const int64_t> send_counts, void* recv,
                            std::span<const int64_t> recv_counts, size_t row_bytes, const std::string& what) = 0;
 
