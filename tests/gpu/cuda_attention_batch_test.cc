@@ -1,6 +1,8 @@
 // Backend::AttentionBatch on CUDA (one launch for all sequences) against the CPU reference, which
-// loops over the per-sequence op: ragged mixes of prefill chunks and decode rows, GQA groups
-// 1/4/8, head_dim 64/128, few sequences (key splits) and many (one block per sequence and head).
+// loops over the per-sequence op: ragged mixes of prefill chunks and decode rows (general kernel),
+// decode batches (the flash-decoding kernel: long single-sequence contexts split over many
+// blocks, empty splits, GQA groups 1/4/8/16, head_dim 64/128/256), head_dim 18 (decode falls back
+// to the general kernel), few sequences (key splits) and many (one block per sequence and head).
 #include <gtest/gtest.h>
 
 #include <memory>
@@ -98,7 +100,13 @@ INSTANTIATE_TEST_SUITE_P(
                       BatchCase{"chunks_on_cache_mha", {3, 5, 2}, {30, 5, 1000}, 8, 8, 64},
                       BatchCase{"decode64_mixtral", Repeat(64, 1), Ragged(64, 1, 37), 32, 8, 128},
                       BatchCase{"decode16_ctx512", Repeat(16, 1), Repeat(16, 513), 32, 8, 128},
-                      BatchCase{"prefill_pair_mixtral", {64, 17}, {64, 40}, 32, 8, 128}),
+                      BatchCase{"prefill_pair_mixtral", {64, 17}, {64, 40}, 32, 8, 128},
+                      BatchCase{"decode1_ctx8192_gqa4", {1}, {8192}, 32, 8, 128},
+                      BatchCase{"decode1_ctx20000_gqa8", {1}, {20000}, 64, 8, 128},
+                      BatchCase{"decode2_short_and_long_gqa16", {1, 1}, {1, 700}, 32, 2, 128},
+                      BatchCase{"decode1_hd256_gqa8", {1}, {1000}, 16, 2, 256},
+                      BatchCase{"decode4_mha_hd64", {1, 1, 1, 1}, {33, 1, 64, 129}, 8, 8, 64},
+                      BatchCase{"decode1_hd18_general_kernel", {1}, {300}, 4, 2, 18}),
     [](const auto& info) { return info.param.name; });
 
 }  // namespace

@@ -1,5 +1,6 @@
 // CudaBackend itself: allocator accounting and budget errors, the staging ring under wrap-around,
-// weight upload (native and bf16), the factory, and the synthetic-weight fill kernel.
+// small uploads carried in kernel parameters, weight upload (native and bf16), the factory, and the synthetic-weight
+// fill kernel.
 #include <gtest/gtest.h>
 
 #include "runtime/backend/cuda/cuda_kernels.h"
@@ -70,6 +71,59 @@ TEST_F(CudaBackendTest, StagingRingWrapsWithoutCorruptingEarlierCopies) {
     EXPECT_EQ(got, want[i]) << "copy " << i;
   }
   EXPECT_TRUE(b->status().ok());
+}
+
+TEST_F(CudaBackendTest, SmallCopiesAtEverySizeAndAlignment) {
+  // Host->device copies up to kParamCopyMaxBytes travel in a kernel's parameters, larger ones
+  // through the staging ring: sizes around the 16-byte, 256-byte and parameter-size boundaries, at
+  // unaligned offsets, the host buffer overwritten as soon as the call returns, then copied on the
+  // device from another offset.
+  auto b = testing::MakeTestCudaBackend();
+  ASSERT_NE(b, nullptr);
+  const size_t kMax = cuda::kParamCopyMaxBytes;
+  auto buf = b->Allocate(4 * kMax + 64);
+  auto src = b->Allocate(4 * kMax + 64);
+  ASSERT_TRUE(buf.ok() && src.ok());
+  auto* dev = static_cast<uint8_t*>(buf->data());
+  auto* dev_src = static_cast<uint8_t*>(src->data());
+  uint8_t seed = 1;
+  for (size_t bytes : {size_t{1}, size_t{15}, size_t{16}, size_t{17}, size_t{64}, size_t{255}, size_t{256}, size_t{257},
+                       size_t{1000}, kMax - 1, kMax, kMax + 1, 3 * kMax}) {
+    for (size_t off : {size_t{0}, size_t{3}, size_t{16}}) {
+      std::vector<uint8_t> h(bytes);
+      for (size_t i = 0; i < bytes; ++i) h[i] = static_cast<uint8_t>(seed + i * 7);
+      const std::vector<uint8_t> want = h;
+      std::vector<uint8_t> guard(bytes + 32, 0xEE);
+      b->CopyToDevice(dev, guard.data(), guard.size());
+      b->CopyToDevice(dev + off, h.data(), bytes);
+      std::fill(h.begin(), h.end(), 0);  // the caller's memory is free once the call returns
+      std::vector<uint8_t> got(bytes + 32);
+      b->CopyToHost(got.data(), dev, got.size());
+      EXPECT_EQ(std::vector<uint8_t>(got.begin() + off, got.begin() + off + bytes), want) << bytes << " @" << off;
+      EXPECT_EQ(got[off + bytes], 0xEE) << "wrote past the end: " << bytes << " @" << off;
+      if (off > 0) {
+        EXPECT_EQ(got[off - 1], 0xEE) << "wrote before the start: " << bytes << " @" << off;
+      }
+      // Device to device, from an offset that differs from the destination's.
+      b->CopyToDevice(dev_src + 5, want.data(), bytes);
+      b->CopyOnDevice(dev + off, dev_src + 5, bytes);
+      b->CopyToHost(got.data(), dev + off, bytes);
+      EXPECT_EQ(std::vector<uint8_t>(got.begin(), got.begin() + bytes), want) << "on device " << bytes << " @" << off;
+      ++seed;
+    }
+  }
+  // A large copy each way and on the device.
+  const size_t big = (size_t{3} << 20) + 4;
+  auto a = b->Allocate(big), c = b->Allocate(big);
+  ASSERT_TRUE(a.ok() && c.ok());
+  std::vector<uint8_t> h(big);
+  for (size_t i = 0; i < big; ++i) h[i] = static_cast<uint8_t>(i * 13 + 1);
+  b->CopyToDevice(a->data(), h.data(), big);
+  b->CopyOnDevice(c->data(), a->data(), big);
+  std::vector<uint8_t> got(big);
+  b->CopyToHost(got.data(), c->data(), big);
+  EXPECT_EQ(got, h);
+  EXPECT_TRUE(b->status().ok()) << b->status().ToString();
 }
 
 TEST_F(CudaBackendTest, UploadWeightKeepsF32ExactOrRoundsToBf16WhenAsked) {

@@ -150,6 +150,49 @@ TEST_F(CudaOpsTest, GemmBf16Weights) {
   EXPECT_LE(MaxRelError(dev_->Get(yd, 64), want), 1e-5);
 }
 
+TEST_F(CudaOpsTest, GemvEverySplitMatchesCpuAndRowsAreIndependentOfM) {
+  // Every K split (warps per weight row), BF16 and F16 weights, against the CPU; and bitwise: a
+  // row's result must not depend on the other activation rows of the call, since the expert cache
+  // groups tokens however residency falls. n is not a multiple of the rows per block and k / 8 not
+  // a multiple of 32, so the partial block and the ragged slices are exercised.
+  const int n = 1000, k = 4120, M = cuda::kGemvMaxRows;
+  auto x = RandomFloats(M * k, 30);
+  auto w = RandomFloats(n * k, 31, -0.05f, 0.05f);
+  auto y0 = RandomFloats(M * n, 32);
+  float* xd = dev_->Put(x);
+  for (DType dt : {DType::kBF16, DType::kF16}) {
+    std::vector<uint16_t> packed(w.size());
+    for (size_t i = 0; i < w.size(); ++i) packed[i] = dt == DType::kBF16 ? F32ToBf16(w[i]) : F32ToF16(w[i]);
+    const Weight wc{dt, packed.data(), n, k};
+    auto wg = gpu_->UploadWeight(dt, packed.data(), n, k);
+    ASSERT_TRUE(wg.ok()) << wg.status().ToString();
+    std::vector<float> want = y0;
+    cpu_.Gemm(x.data(), M, wc, nullptr, want.data(), true);
+    for (int split = 1; split <= cuda::kGemvMaxWarpsPerRow; split *= 2) {
+      float* yd = dev_->Put(y0);
+      ASSERT_EQ(cuda::launch_gemv(xd, M, wg->data, dt, n, k, yd, true, split, gpu_->stream()), cudaSuccess);
+      const auto all = dev_->Get(yd, static_cast<size_t>(M) * n);
+      EXPECT_LE(MaxRelError(all, want), 1e-5) << DTypeName(dt) << " split " << split;
+      for (int r = 0; r < M; ++r) {
+        const std::vector<float> row0(y0.begin() + r * n, y0.begin() + (r + 1) * n);
+        float* y1 = dev_->Put(row0);
+        ASSERT_EQ(
+            cuda::launch_gemv(xd + static_cast<int64_t>(r) * k, 1, wg->data, dt, n, k, y1, true, split, gpu_->stream()),
+            cudaSuccess);
+        const std::vector<float> want_row(all.begin() + r * n, all.begin() + (r + 1) * n);
+        EXPECT_EQ(dev_->Get(y1, n), want_row) << DTypeName(dt) << " split " << split << " row " << r;
+      }
+    }
+  }
+  EXPECT_EQ(cuda::launch_gemv(xd, 1, xd, DType::kBF16, n, k, nullptr, false, /*warps_per_row=*/3, gpu_->stream()),
+            cudaErrorInvalidValue);
+  // The backend's choice: few rows (GQA k/v projections, routers) split, many rows do not; never by m.
+  EXPECT_GT(cuda::gemv_warps_per_row(1024, 4096, 132), 1);
+  EXPECT_GT(cuda::gemv_warps_per_row(8, 4096, 132), 1);
+  EXPECT_EQ(cuda::gemv_warps_per_row(14336, 4096, 132), 1);
+  EXPECT_EQ(cuda::gemv_warps_per_row(1024, 64, 132), 1);  // too short a row to share
+}
+
 TEST_F(CudaOpsTest, RopeRotateHalf) {
   const int rows = 33, heads = 8, hd = 128;
   auto x = RandomFloats(rows * heads * hd, 10);

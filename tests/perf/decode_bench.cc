@@ -3,17 +3,22 @@
 //
 // The layers are synthetic: bf16 weights generated on the GPU (launch_fill_random), all experts
 // resident. Each step calls the Backend ops in the engine's order (Engine::Forward/Attention/
-// MoeBlock: RMSNorm, q/k/v GEMMs, RoPE, KV append, attention per sequence, o GEMM, residual,
-// RMSNorm, router GEMM, router top-k, the routing copied to the host, LocalMoeExecutor::Run,
-// residual), so what is timed is the engine's real path minus the embedding and LM head.
+// MoeBlock: RMSNorm, q/k/v GEMMs, RoPE, KV append, one batched attention call, o GEMM, residual,
+// RMSNorm, zeroing the MoE output, router GEMM, router top-k, the routing (ids and weights side by
+// side) copied to the host in one copy, LocalMoeExecutor::Run, residual), so what is timed is the
+// engine's real path minus the embedding and LM head.
 //
 // Bound (documented formula): bytes of active weights streamed per layer / HBM bandwidth, with
 // active weights = attention (q, k, v, o) + router + the distinct experts the router chose in
 // that step (measured), each counted once; KV-cache reads are reported apart. Default bandwidth
 // 3.6 TB/s (what a decode-shaped bf16 GEMM streams at on the H200, ACCELERATOR.md).
 //
+// The breakdown times single ops in device time: each measurement is queued behind a long GEMM so
+// that the host's launch rate does not set it. --sweep adds the GEMV at every K split for the
+// layer's decode shapes.
+//
 //   ef_decode_bench [--layers 4] [--batches 1,16,64] [--context 512] [--prefill 2048]
-//                   [--iters 20] [--hbm-tbps 3.6] [--json FILE]
+//                   [--iters 20] [--hbm-tbps 3.6] [--sweep] [--json FILE]
 #include <cublas_api.h>
 #include <cuda_runtime_api.h>
 
@@ -45,6 +50,7 @@ struct Args {
   int prefill = 2048;
   int iters = 20;
   double hbm_tbps = 3.6;
+  bool sweep = false;
   std::string json;
   // Mixtral-8x7B shapes.
   int hidden = 4096, inter = 14336, experts = 8, top_k = 2, heads = 32, kv_heads = 8, head_dim = 128;
@@ -75,6 +81,8 @@ Args ParseArgs(int argc, char** argv) {
       a.hbm_tbps = std::stod(next());
     else if (k == "--json")
       a.json = next();
+    else if (k == "--sweep")
+      a.sweep = true;
     else if (k == "--batches") {
       a.batches.clear();
       std::stringstream ss(next());
@@ -82,7 +90,7 @@ Args ParseArgs(int argc, char** argv) {
     } else if (k == "-h" || k == "--help") {
       std::printf(
           "ef_decode_bench [--layers N] [--batches 1,16,64] [--context N] [--prefill N] [--iters N] "
-          "[--hbm-tbps X] [--json FILE]\n");
+          "[--hbm-tbps X] [--sweep] [--json FILE]\n");
       std::exit(0);
     } else {
       Die("unknown argument " + k);
@@ -117,6 +125,8 @@ class Bench {
     CudaBackendOptions o;
     backend_ = OrDie(CudaBackend::Create(o), "cuda backend");
     b_ = backend_.get();
+    if (cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, b_->device()) != cudaSuccess)
+      Die("cannot read the SM count");
   }
 
   void BuildLayers() {
@@ -185,12 +195,15 @@ class Bench {
     float* tmp = Scratch(6, T * H);
     float* out = Scratch(7, T * H);
     float* logits = Scratch(8, T * a_.experts);
-    auto* ids_dev = reinterpret_cast<int32_t*>(Scratch(9, T * a_.top_k));
-    float* w_dev = Scratch(10, T * a_.top_k);
+    // ids and weights side by side: one device-to-host copy (one sync) brings both, as in the engine.
+    float* routing_dev = Scratch(9, 2 * T * a_.top_k);
+    auto* ids_dev = reinterpret_cast<int32_t*>(routing_dev);
+    float* w_dev = routing_dev + T * a_.top_k;
     auto* pos_dev = reinterpret_cast<int32_t*>(Scratch(11, T));
     b_->CopyToDevice(pos_dev, pos.data(), pos.size() * sizeof(int32_t));
     std::vector<int32_t> ids(T * a_.top_k);
     std::vector<float> wts(T * a_.top_k);
+    std::vector<float> routing(2 * T * a_.top_k);
     std::vector<int> distinct;
     for (int l = 0; l < a_.layers; ++l) {
       const Layer& L = layers_[l];
@@ -216,12 +229,12 @@ class Bench {
       b_->Gemm(attn, T, L.o, nullptr, tmp, false);
       b_->Add(x, tmp, T * H);
       b_->RmsNorm(x, T, H, L.post_norm, 1e-5f, h);
-      if (zeros_.size() < static_cast<size_t>(T * H)) zeros_.assign(T * H, 0.f);
-      b_->CopyToDevice(out, zeros_.data(), sizeof(float) * T * H);
+      b_->SetZero(out, sizeof(float) * T * H);
       b_->Gemm(h, T, L.router, nullptr, logits, false);
       b_->RouterTopK(logits, T, a_.experts, a_.top_k, true, ids_dev, w_dev);
-      b_->CopyToHost(ids.data(), ids_dev, ids.size() * sizeof(int32_t));
-      b_->CopyToHost(wts.data(), w_dev, wts.size() * sizeof(float));
+      b_->CopyToHost(routing.data(), routing_dev, routing.size() * sizeof(float));
+      std::memcpy(ids.data(), routing.data(), ids.size() * sizeof(int32_t));
+      std::memcpy(wts.data(), routing.data() + T * a_.top_k, wts.size() * sizeof(float));
       Status st = moe_->Run(l, T, a_.top_k, h, ids, wts, out);
       if (!st.ok()) Die("moe: " + st.ToString());
       b_->Add(x, out, T * H);
@@ -241,33 +254,51 @@ class Bench {
     if (!b_->status().ok()) Die(b_->status().ToString());
   }
 
-  // Per-op timings (cudaEvents on the compute stream) that explain the layer times.
-  void Breakdown(int context, int max_batch, int prefill, nlohmann::json* out) {
-    const int H = a_.hidden, qd = a_.heads * a_.head_dim, kvd = a_.kv_heads * a_.head_dim;
+  // Per-op timings (device time per call, cudaEvents on the compute stream) that explain the
+  // layer times. The calls are queued behind ~4 ms of GEMMs so that they are all on the stream
+  // before the device reaches them (small ops are timed by the device, not by the host's launch
+  // rate), and each call runs after a read of 117 MB (a GEMV over an expert weight no row times) has
+  // evicted the L2 (60 MB on the H200), as in a decode step, where a layer's weights and KV cache
+  // were evicted by the other layers' since. (A memset would leave dirty lines whose write-back
+  // the timed call would pay.)
+  void Breakdown(int context, int max_batch, int prefill, bool sweep, nlohmann::json* out, nlohmann::json* sweep_out) {
+    const int H = a_.hidden, kvd = a_.kv_heads * a_.head_dim;
     const int64_t maxT = std::max<int64_t>(prefill, max_batch);
     float* x = Scratch(12, maxT * std::max(H, a_.inter));
     float* y = Scratch(13, maxT * std::max(H, a_.inter));
     float* y2 = Scratch(14, maxT * a_.inter);
+    float* filler_out = Scratch(15, 512 * a_.inter);
+    const Weight& flush = layers_.back().experts.back().down;
     Check(cuda::launch_fill_random(x, DType::kF32, maxT * std::max(H, a_.inter), 5, 1.0f, b_->stream()));
-    cudaEvent_t e0, e1;
-    cudaEventCreate(&e0);
-    cudaEventCreate(&e1);
+    const ExpertWeights& ew = layers_[0].experts[0];
+    const Layer& L0 = layers_[0];
+    constexpr int kMaxReps = 20;
+    std::vector<cudaEvent_t> ev(2 * kMaxReps);
+    for (cudaEvent_t& e : ev) cudaEventCreate(&e);
     auto time_us = [&](int reps, const std::function<void()>& f) {
+      reps = std::min(reps, kMaxReps);
       f();
-      cudaEventRecord(e0, b_->stream());
-      for (int r = 0; r < reps; ++r) f();
-      cudaEventRecord(e1, b_->stream());
-      cudaEventSynchronize(e1);
-      float ms = 0;
-      cudaEventElapsedTime(&ms, e0, e1);
-      return 1e3 * ms / reps;
+      for (int i = 0; i < 40; ++i) b_->Gemm(x, 512, ew.gate, nullptr, filler_out, false);
+      for (int r = 0; r < reps; ++r) {
+        b_->Gemm(x, 1, flush, nullptr, filler_out, false);
+        cudaEventRecord(ev[2 * r], b_->stream());
+        f();
+        cudaEventRecord(ev[2 * r + 1], b_->stream());
+      }
+      cudaEventSynchronize(ev[2 * reps - 1]);
+      double total_ms = 0;
+      for (int r = 0; r < reps; ++r) {
+        float ms = 0;
+        cudaEventElapsedTime(&ms, ev[2 * r], ev[2 * r + 1]);
+        total_ms += ms;
+      }
+      return 1e3 * total_ms / reps;
     };
-    std::printf("\n# breakdown (device time per call, cudaEvents)\n%-44s %12s %12s\n", "op", "us", "GB/s");
+    std::printf("\n# breakdown (device time per call, cold L2, cudaEvents)\n%-60s %12s %12s\n", "op", "us", "GB/s");
     auto row = [&](const std::string& name, double us, double bytes) {
-      std::printf("%-44s %12.1f %12.0f\n", name.c_str(), us, bytes > 0 ? bytes / (us * 1e3) : 0.0);
+      std::printf("%-60s %12.1f %12.0f\n", name.c_str(), us, bytes > 0 ? bytes / (us * 1e3) : 0.0);
       out->push_back({{"op", name}, {"us", us}, {"gbps", bytes > 0 ? bytes / (us * 1e3) : 0.0}});
     };
-    const ExpertWeights& ew = layers_[0].experts[0];
     for (int m : {1, 8, 16, 64, 512}) {
       row("gemm gate 14336x4096 bf16 m=" + std::to_string(m),
           time_us(20, [&] { b_->Gemm(x, m, ew.gate, nullptr, y, false); }), ew.gate.nbytes());
@@ -284,23 +315,118 @@ class Bench {
     row("attention q,k,v,o gemms m=1",
         time_us(20,
                 [&] {
-                  b_->Gemm(x, 1, layers_[0].q, nullptr, y, false);
-                  b_->Gemm(x, 1, layers_[0].k, nullptr, y, false);
-                  b_->Gemm(x, 1, layers_[0].v, nullptr, y, false);
-                  b_->Gemm(x, 1, layers_[0].o, nullptr, y, false);
+                  b_->Gemm(x, 1, L0.q, nullptr, y, false);
+                  b_->Gemm(x, 1, L0.k, nullptr, y, false);
+                  b_->Gemm(x, 1, L0.v, nullptr, y, false);
+                  b_->Gemm(x, 1, L0.o, nullptr, y, false);
                 }),
-        attn_bytes_ - layers_[0].router.nbytes());
-    for (int B : {1, max_batch}) {
-      row("attention decode ctx " + std::to_string(context) + " x " + std::to_string(B) + " seqs (+kv append)",
+        attn_bytes_ - L0.router.nbytes());
+    row("gemm k 1024x4096 bf16 m=1", time_us(20, [&] { b_->Gemm(x, 1, L0.k, nullptr, y, false); }), L0.k.nbytes());
+    row("router gemm 8x4096 + top-k m=1",
+        time_us(20,
+                [&] {
+                  b_->Gemm(x, 1, L0.router, nullptr, y, false);
+                  b_->RouterTopK(y, 1, a_.experts, a_.top_k, true, reinterpret_cast<int32_t*>(y2), y2 + a_.top_k);
+                }),
+        L0.router.nbytes());
+    // The small ops of one batch-1 layer besides the GEMMs, attention and copies: 2 RMSNorms, 2 RoPEs,
+    // 2 residual adds, the MoE output memset, the expert input gather, 2 SiLU-muls, 2 scatter-adds.
+    {
+      auto* idx = reinterpret_cast<int32_t*>(Scratch(16, 16));
+      float* scale = Scratch(17, 2);
+      row("small ops of a batch-1 layer (12 launches)",
+          time_us(10,
+                  [&] {
+                    b_->RmsNorm(x, 1, H, L0.input_norm, 1e-5f, y);
+                    b_->Rope(y, idx, 1, a_.heads, a_.head_dim, 1e6f);
+                    b_->Rope(y2, idx, 1, a_.kv_heads, a_.head_dim, 1e6f);
+                    b_->Add(y, x, H);
+                    b_->RmsNorm(x, 1, H, L0.post_norm, 1e-5f, y);
+                    b_->SetZero(y2, sizeof(float) * H);
+                    b_->GatherRows(x, idx, 2, H, y);
+                    b_->SiluMul(y, x, y, a_.inter);
+                    b_->SiluMul(y, x, y, a_.inter);
+                    b_->ScatterAddRows(x, idx, scale, 1, H, y2);
+                    b_->ScatterAddRows(x, idx + 1, scale, 1, H, y2);
+                    b_->Add(y, x, H);
+                  }),
+          0);
+      row("  rms norm 1x4096", time_us(20, [&] { b_->RmsNorm(x, 1, H, L0.input_norm, 1e-5f, y); }), 0);
+      row("  rope q 1x32x128", time_us(20, [&] { b_->Rope(y, idx, 1, a_.heads, a_.head_dim, 1e6f); }), 0);
+      row("  add 4096", time_us(20, [&] { b_->Add(y, x, H); }), 0);
+      row("  silu-mul 14336", time_us(20, [&] { b_->SiluMul(y, x, y, a_.inter); }), 0);
+      row("  scatter-add 1x4096", time_us(20, [&] { b_->ScatterAddRows(x, idx, scale, 1, H, y2); }), 0);
+      row("  set-zero 16 KB", time_us(20, [&] { b_->SetZero(y2, sizeof(float) * H); }), 0);
+      row("  add 1 float (launch cost)", time_us(20, [&] { b_->Add(y, x, 1); }), 0);
+      std::vector<int32_t> host_idx(16, 0);
+      row("CopyToDevice 64 B", time_us(20, [&] { b_->CopyToDevice(idx, host_idx.data(), 64); }), 0);
+      void* pinned_src = nullptr;
+      if (cudaMallocHost(&pinned_src, 64) == cudaSuccess) {
+        row("  vs cudaMemcpyAsync 64 B from pinned (copy engine)",
+            time_us(20, [&] { cudaMemcpyAsync(idx, pinned_src, 64, cudaMemcpyHostToDevice, b_->stream()); }), 0);
+      }
+      row("CopyOnDevice 4 KB (kv append of one sequence, k or v)",
+          time_us(20, [&] { b_->CopyOnDevice(y, x, sizeof(float) * kvd); }), 0);
+      row("  vs cudaMemcpyAsync 4 KB device to device (copy engine)",
+          time_us(20, [&] { cudaMemcpyAsync(y, x, sizeof(float) * kvd, cudaMemcpyDeviceToDevice, b_->stream()); }), 0);
+      row("128 x CopyOnDevice 4 KB (kv appends of 64 sequences)",
+          time_us(5,
+                  [&] {
+                    for (int i = 0; i < 128; ++i) b_->CopyOnDevice(y + i * kvd, x + i * kvd, sizeof(float) * kvd);
+                  }),
+          0);
+      row("  vs 128 x cudaMemcpyAsync 4 KB device to device",
+          time_us(5,
+                  [&] {
+                    for (int i = 0; i < 128; ++i)
+                      cudaMemcpyAsync(y + i * kvd, x + i * kvd, sizeof(float) * kvd, cudaMemcpyDeviceToDevice,
+                                      b_->stream());
+                  }),
+          0);
+      if (pinned_src) cudaFreeHost(pinned_src);
+    }
+    // The routing round trip (host time, idle device): the engine's CopyToHost of ids and weights
+    // into pageable memory against the same bytes into pinned memory.
+    {
+      auto host_us = [&](const std::function<void()>& f) {
+        for (int i = 0; i < 10; ++i) f();
+        const auto t0 = std::chrono::steady_clock::now();
+        for (int i = 0; i < 100; ++i) f();
+        return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() * 1e4;
+      };
+      std::vector<float> pageable(4);
+      row("CopyToHost 16 B + sync (pageable host memory, host time)",
+          host_us([&] { b_->CopyToHost(pageable.data(), y, sizeof(float) * 4); }), 0);
+      void* pinned = nullptr;
+      if (cudaMallocHost(&pinned, 64) == cudaSuccess) {
+        row("cudaMemcpyAsync 16 B to pinned + sync (host time)", host_us([&] {
+              cudaMemcpyAsync(pinned, y, sizeof(float) * 4, cudaMemcpyDeviceToHost, b_->stream());
+              cudaStreamSynchronize(b_->stream());
+            }),
+            0);
+        cudaFreeHost(pinned);
+      }
+    }
+    // As the engine does it: append each sequence's new k/v, then one batched attention call.
+    std::vector<int> batches = {1};
+    if (max_batch >= 16) batches.push_back(16);
+    if (max_batch > 16) batches.push_back(max_batch);
+    for (int B : batches) {
+      std::vector<AttentionSeq> seqs;
+      for (int s = 0; s < B; ++s) seqs.push_back(AttentionSeq{kv_[s][0].f32(), kv_[s][1].f32(), s, 1, context + 1});
+      row("attention decode ctx " + std::to_string(context) + " x " + std::to_string(B) +
+              " seqs (kv append + AttentionBatch)",
           time_us(5,
                   [&] {
                     for (int s = 0; s < B; ++s) {
                       b_->CopyOnDevice(kv_[s][0].f32() + static_cast<size_t>(context) * kvd, x, sizeof(float) * kvd);
                       b_->CopyOnDevice(kv_[s][1].f32() + static_cast<size_t>(context) * kvd, x, sizeof(float) * kvd);
-                      b_->Attention(x + s * qd, 1, kv_[s][0].f32(), kv_[s][1].f32(), context + 1, a_.heads, a_.kv_heads,
-                                    a_.head_dim, y + s * qd);
                     }
+                    b_->AttentionBatch(x, seqs.data(), B, a_.heads, a_.kv_heads, a_.head_dim, y);
                   }),
+          2.0 * B * (context + 1) * kvd * sizeof(float));
+      row("  of which AttentionBatch x " + std::to_string(B) + " seqs",
+          time_us(5, [&] { b_->AttentionBatch(x, seqs.data(), B, a_.heads, a_.kv_heads, a_.head_dim, y); }),
           2.0 * B * (context + 1) * kvd * sizeof(float));
     }
     row("attention prefill " + std::to_string(prefill),
@@ -310,12 +436,45 @@ class Bench {
                                 a_.head_dim, y);
                 }),
         0);
-    std::vector<float> zeros(static_cast<size_t>(prefill) * H, 0.f);
-    row("CopyToDevice zeros " + std::to_string(prefill) + "x" + std::to_string(H) + " f32 (staged)",
-        time_us(2, [&] { b_->CopyToDevice(y, zeros.data(), zeros.size() * sizeof(float)); }),
-        zeros.size() * sizeof(float));
-    cudaEventDestroy(e0);
-    cudaEventDestroy(e1);
+    row("SetZero " + std::to_string(prefill) + "x" + std::to_string(H) + " f32",
+        time_us(2, [&] { b_->SetZero(y, sizeof(float) * prefill * H); }), sizeof(float) * prefill * H);
+
+    if (sweep) {
+      // The GEMV at every K split (device time), for the decode shapes of a layer.
+      struct Shape {
+        const char* name;
+        const Weight* w;
+      };
+      const Shape shapes[] = {{"q", &L0.q},           {"k", &L0.k},       {"o", &L0.o},
+                              {"router", &L0.router}, {"gate", &ew.gate}, {"down", &ew.down}};
+      std::printf(
+          "\n# gemv sweep (device time per call; * = the split the backend picks)\n%-10s %14s %3s %6s %10s %10s\n",
+          "weight", "n x k", "m", "split", "us", "GB/s");
+      for (const Shape& sh : shapes) {
+        const int picked = cuda::gemv_warps_per_row(sh.w->rows, sh.w->cols, num_sms_);
+        for (int m = 1; m <= cuda::kGemvMaxRows; ++m) {
+          for (int split = 1; split <= cuda::kGemvMaxWarpsPerRow; split *= 2) {
+            const double us = time_us(20, [&] {
+              Check(cuda::launch_gemv(x, m, sh.w->data, sh.w->dtype, sh.w->rows, sh.w->cols, y, false, split,
+                                      b_->stream()));
+            });
+            const double gbps = sh.w->nbytes() / (us * 1e3);
+            const std::string dims = std::to_string(sh.w->rows) + "x" + std::to_string(sh.w->cols);
+            std::printf("%-10s %14s %3d %5d%s %10.1f %10.0f\n", sh.name, dims.c_str(), m, split,
+                        split == picked ? "*" : " ", us, gbps);
+            sweep_out->push_back({{"weight", sh.name},
+                                  {"n", sh.w->rows},
+                                  {"k", sh.w->cols},
+                                  {"m", m},
+                                  {"warps_per_row", split},
+                                  {"picked", split == picked},
+                                  {"us", us},
+                                  {"gbps", gbps}});
+          }
+        }
+      }
+    }
+    for (cudaEvent_t e : ev) cudaEventDestroy(e);
     Synchronize();
   }
 
@@ -342,8 +501,8 @@ class Bench {
   std::unique_ptr<LocalMoeExecutor> moe_;
   std::vector<std::vector<Buffer>> kv_;
   int kv_cap_ = 0;
+  int num_sms_ = 0;
   std::vector<Buffer> scratch_;
-  std::vector<float> zeros_;
   size_t attn_bytes_ = 0, expert_bytes_ = 0;
 
  public:
@@ -451,8 +610,8 @@ int Main(int argc, char** argv) {
                        {"tokens_per_s", a.prefill / step},
                        {"tokens_per_s_32_layers", a.prefill / (layer * 32)}});
   }
-  nlohmann::json breakdown = nlohmann::json::array();
-  bench.Breakdown(a.context, max_batch, a.prefill, &breakdown);
+  nlohmann::json breakdown = nlohmann::json::array(), sweep = nlohmann::json::array();
+  bench.Breakdown(a.context, max_batch, a.prefill, a.sweep, &breakdown, &sweep);
   std::printf("# bytes in use at the end: %.2f GiB\n", bench.backend()->bytes_in_use() / double(1 << 30));
   if (!a.json.empty()) {
     nlohmann::json doc = {{"bench", "ef_decode_bench"},
@@ -473,6 +632,7 @@ int Main(int argc, char** argv) {
                             {"head_dim", a.head_dim}}},
                           {"records", records},
                           {"breakdown", breakdown}};
+    if (a.sweep) doc["gemv_sweep"] = sweep;
     std::ofstream(a.json) << doc.dump(2) << "\n";
   }
   return 0;

@@ -1,16 +1,31 @@
 // Causal GQA attention of a batch of sequences in one launch (Backend::Attention is the batch of
-// one): online softmax over K/V tiles in shared memory, the query rows of one KV head sharing each
-// tile, key splits merged by a second kernel, each sequence read from a device descriptor array, so
-// a decode step of B sequences costs two launches instead of 2B.
+// one), with two kernels sharing one plan, one workspace layout and one merge kernel:
 //
-// Launch: grid (ceil(max_n_new * group / kRows), num_kv_heads, num_seqs * num_splits), kWarps * 32
-// threads; blockIdx.z = seq * num_splits + split. Blocks past their sequence's rows exit at once
-// (ragged chunks). Decode (n_new = 1) gives one block per (sequence, KV head) per split; splits are
-// used only while the real blocks do not fill the SMs. Workspace: [split][row][head][head_dim + 2]
-// = (acc..., m, l) with row the batch row q_row + i; the merge kernel has one block per
-// (i, head, sequence). Static shared memory <= 41 KiB; head_dim <= 256.
+// General (prefill chunks, mixes): online softmax over K/V tiles in shared memory, the query rows
+// of one KV head sharing each tile. Grid (ceil(max_n_new * group / kRows), num_kv_heads,
+// num_seqs * num_splits), kWarps * 32 threads; blockIdx.z = seq * num_splits + split. Blocks past
+// their sequence's rows exit at once (ragged chunks). Static shared memory <= 41 KiB.
+//
+// Decode (every sequence has one new row; flash-decoding): one block per (key split, KV head,
+// sequence) holds the group's query heads, streams its split of the context in tiles of up to 32
+// keys with 16-byte loads (K and V of a tile in flight together), scores every (head, key) pair,
+// keeps running softmax stats per head and accumulates P.V; it serves the whole group from one
+// read of K/V. Grid (num_splits, num_kv_heads, num_seqs), kDecodeThreads threads, dynamic shared
+// memory <= 48 KiB (the plan picks the tile to fit).
+//
+// Splits: while the real blocks do not fill the SMs, the context is cut into num_splits equal
+// chunks (a split gets ceil(n_total / num_splits) keys, possibly none); each split writes
+// (acc..., m, l) to the workspace [split][row][head][head_dim + 2] with row the batch row
+// q_row + i. The general kernel's splits are merged by a second kernel (one block per (i, head,
+// sequence)); the decode kernel's by the last of its split blocks to finish (a counter per
+// (sequence, KV head) that the merging block resets), saving a launch. Either merge adds the
+// splits in split order, so results do not depend on which block finishes last.
+//
+// Descriptors: up to kAttentionInlineSeqs sequences travel in the kernels' parameters (no copy
+// before the launch); more are read from a device copy. head_dim <= 256.
 // Test: tests/gpu/cuda_attention_batch_test.cc (vs the CPU backend on ragged prefill/decode
-// mixes, GQA groups 1/4/8, head_dim 64/128, with and without splits).
+// mixes, GQA groups 1/4/8, head_dim 64/128/256, long single-sequence contexts, with and without
+// splits) and tests/gpu/cuda_ops_test.cc (single sequences).
 #include <algorithm>
 #include <cmath>
 
@@ -21,10 +36,208 @@ namespace ef::runtime::cuda {
 namespace {
 constexpr int kWarps = 4;
 constexpr int kMaxGridZ = 65535;
+constexpr int kMaxSplits = 64;
+
+constexpr int kDecodeThreads = 128;
+constexpr int kDecodeMaxTile = 32;                 // one lane per key in the softmax step
+constexpr size_t kDecodeMaxSmemBytes = 48 * 1024;  // the default dynamic limit: no opt-in needed
+// Decode splits aim for this many blocks per SM: each block has one tile of loads in flight at a
+// time, so several per SM are needed to cover HBM latency.
+constexpr int kDecodeBlocksPerSm = 4;
+static_assert(kDecodeMaxTile <= 32 && kDecodeThreads % 32 == 0, "decode softmax maps one lane to one key");
+
+// The sequences of one launch: inline (in the kernel parameters, __grid_constant__ so they are
+// read in place) when there are few, else a device array.
+struct SeqTable {
+  const AttentionSeqDesc* dev;
+  int num_inline;  // > 0: inl[0, num_inline) holds the descriptors
+  AttentionSeqDesc inl[kAttentionInlineSeqs];
+  __device__ __forceinline__ AttentionSeqDesc operator[](int i) const { return num_inline > 0 ? inl[i] : dev[i]; }
+};
+
+// Shared floats of the decode kernel: q and acc [group][head_dim], K tile [tile][head_dim + 4]
+// (padded: the row-per-thread score reads are conflict-free), V tile [tile][head_dim], scores
+// [group][tile], and m, l, rescale per head.
+size_t DecodeSmemFloats(int group, int head_dim, int tile) {
+  return static_cast<size_t>(2 * group * head_dim + tile * (head_dim + 4) + tile * head_dim + group * tile + 3 * group);
+}
+
+__global__ void __launch_bounds__(kDecodeThreads)
+    AttentionDecodeKernel(const float* __restrict__ q, const __grid_constant__ SeqTable seqs, int num_heads,
+                          int num_kv_heads, int head_dim, int tile, float scale, float* __restrict__ out,
+                          float* __restrict__ ws, int64_t ws_rows, int num_splits, unsigned* __restrict__ counters) {
+  constexpr int kUnroll = 8;  // 16-byte loads of K and of V in flight per thread
+  extern __shared__ float4 smem4[];
+  const AttentionSeqDesc sd = seqs[blockIdx.z];
+  if (sd.n_new != 1) return;  // block-uniform: a sequence with no new row has nothing to write
+  const int split = blockIdx.x, kvh = blockIdx.y;
+  const int group = num_heads / num_kv_heads, d4 = head_dim / 4;
+  const int chunk = (sd.n_total + num_splits - 1) / num_splits;
+  const int key_begin = split * chunk, key_end = min(sd.n_total, key_begin + chunk);
+  float* qs = reinterpret_cast<float*>(smem4);
+  float* acc = qs + group * head_dim;
+  float* ks = acc + group * head_dim;
+  float* vs = ks + tile * (head_dim + 4);
+  float* ps = vs + tile * head_dim;
+  float* ms = ps + group * tile;
+  float* ls = ms + group;
+  float* cs = ls + group;
+  const int64_t q_stride = static_cast<int64_t>(num_heads) * head_dim;
+  const int64_t kv_stride = static_cast<int64_t>(num_kv_heads) * head_dim;
+  // The group's query heads are contiguous in the row: heads kvh * group ... kvh * group + group - 1.
+  const float4* qrow = reinterpret_cast<const float4*>(q + sd.q_row * q_stride + kvh * group * head_dim);
+  for (int t = threadIdx.x; t < group * d4; t += blockDim.x) {
+    reinterpret_cast<float4*>(qs)[t] = qrow[t];
+    reinterpret_cast<float4*>(acc)[t] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+  if (threadIdx.x < group) {
+    ms[threadIdx.x] = -INFINITY;
+    ls[threadIdx.x] = 0.f;
+  }
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, num_warps = blockDim.x >> 5;
+  const float* kbase = sd.k + kvh * head_dim;
+  const float* vbase = sd.v + kvh * head_dim;
+
+  for (int t0 = key_begin; t0 < key_end; t0 += tile) {
+    const int nk = min(tile, key_end - t0), n4 = nk * d4;
+    __syncthreads();  // the previous tile is consumed (first pass: q, acc and stats are set)
+    for (int base = threadIdx.x; base < n4; base += kUnroll * blockDim.x) {
+      float4 kr[kUnroll], vr[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int t = base + u * blockDim.x;
+        if (t < n4) {
+          const int64_t off = (t0 + t / d4) * kv_stride;
+          kr[u] = __ldg(reinterpret_cast<const float4*>(kbase + off) + t % d4);
+          vr[u] = __ldg(reinterpret_cast<const float4*>(vbase + off) + t % d4);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int t = base + u * blockDim.x;
+        if (t < n4) {
+          const int j = t / d4, c = t % d4;
+          reinterpret_cast<float4*>(ks + j * (head_dim + 4))[c] = kr[u];
+          reinterpret_cast<float4*>(vs + j * head_dim)[c] = vr[u];
+        }
+      }
+    }
+    __syncthreads();
+    // Scores: one (head, key) pair per thread.
+    for (int o = threadIdx.x; o < group * nk; o += blockDim.x) {
+      const int g = o / nk, j = o % nk;
+      const float4* qa = reinterpret_cast<const float4*>(qs + g * head_dim);
+      const float4* ka = reinterpret_cast<const float4*>(ks + j * (head_dim + 4));
+      float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;  // four chains: the loop is latency-bound
+      for (int c = 0; c < d4; ++c) {
+        const float4 a = qa[c], b = ka[c];
+        d0 += a.x * b.x;
+        d1 += a.y * b.y;
+        d2 += a.z * b.z;
+        d3 += a.w * b.w;
+      }
+      ps[g * tile + j] = ((d0 + d1) + (d2 + d3)) * scale;
+    }
+    __syncthreads();
+    // Running softmax: one warp per head, one lane per key.
+    for (int g = warp; g < group; g += num_warps) {
+      const float s = lane < nk ? ps[g * tile + lane] : -INFINITY;
+      const float m_old = ms[g];
+      const float m_new = fmaxf(m_old, WarpMax(s));
+      const float p = lane < nk ? expf(s - m_new) : 0.f;
+      const float corr = (m_old == -INFINITY) ? 0.f : expf(m_old - m_new);
+      const float sum = WarpSum(p);
+      if (lane < nk) ps[g * tile + lane] = p;
+      if (lane == 0) {
+        ms[g] = m_new;
+        ls[g] = ls[g] * corr + sum;
+        cs[g] = corr;
+      }
+    }
+    __syncthreads();
+    // acc = acc * rescale + P.V: each thread owns the same (head, dim) pairs on every pass, kOut
+    // of them at a time as independent chains.
+    constexpr int kOut = 4;
+    const int num_out = group * head_dim;
+    for (int o0 = threadIdx.x; o0 < num_out; o0 += kOut * blockDim.x) {
+      float a[kOut];
+      const float* pg[kOut];
+      const float* vcol[kOut];
+#pragma unroll
+      for (int u = 0; u < kOut; ++u) {
+        const int o = o0 + u * blockDim.x;
+        const int oo = o < num_out ? o : o0;  // out-of-range chains compute a copy and are dropped
+        const int g = oo / head_dim;
+        a[u] = acc[oo] * cs[g];
+        pg[u] = ps + g * tile;
+        vcol[u] = vs + oo % head_dim;
+      }
+      for (int j = 0; j < nk; ++j) {
+#pragma unroll
+        for (int u = 0; u < kOut; ++u) a[u] += pg[u][j] * vcol[u][j * head_dim];
+      }
+#pragma unroll
+      for (int u = 0; u < kOut; ++u) {
+        const int o = o0 + u * blockDim.x;
+        if (o < num_out) acc[o] = a[u];
+      }
+    }
+  }
+  __syncthreads();  // final stats visible to every thread
+
+  if (num_splits == 1) {
+    for (int o = threadIdx.x; o < group * head_dim; o += blockDim.x) {
+      const int g = o / head_dim, d = o % head_dim, h = kvh * group + g;
+      out[sd.q_row * q_stride + h * head_dim + d] = acc[o] / ls[g];
+    }
+    return;
+  }
+  const int64_t split_stride = ws_rows * num_heads * (head_dim + 2);
+  for (int o = threadIdx.x; o < group * head_dim; o += blockDim.x) {
+    const int g = o / head_dim, d = o % head_dim, h = kvh * group + g;
+    float* w = ws + split * split_stride + (sd.q_row * num_heads + h) * (head_dim + 2);
+    w[d] = acc[o];
+    if (d == 0) {
+      w[head_dim] = ms[g];
+      w[head_dim + 1] = ls[g];
+    }
+  }
+  if (counters == nullptr) return;  // the combine kernel merges
+
+  // The last split block of this (sequence, KV head) to get here merges all splits: each thread's
+  // partials are made visible device-wide before the block is counted (threadFenceReduction).
+  __shared__ bool merge;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned* c = counters + static_cast<int64_t>(blockIdx.z) * num_kv_heads + kvh;
+    merge = atomicAdd(c, 1u) == static_cast<unsigned>(num_splits - 1);
+    if (merge) *c = 0u;  // every block of this launch has counted: ready for the next launch
+  }
+  __syncthreads();
+  if (!merge) return;
+  __threadfence();
+  for (int o = threadIdx.x; o < group * head_dim; o += blockDim.x) {
+    const int g = o / head_dim, d = o % head_dim, h = kvh * group + g;
+    const float* w0 = ws + (sd.q_row * num_heads + h) * (head_dim + 2);
+    float mx = -INFINITY;
+    for (int s = 0; s < num_splits; ++s) mx = fmaxf(mx, __ldcg(w0 + s * split_stride + head_dim));
+    float num = 0.f, den = 0.f;
+    for (int s = 0; s < num_splits; ++s) {
+      const float* ws_s = w0 + s * split_stride;
+      const float m_s = __ldcg(ws_s + head_dim);
+      if (m_s == -INFINITY) continue;  // an empty split
+      const float e = expf(m_s - mx);
+      den += __ldcg(ws_s + head_dim + 1) * e;
+      num += __ldcg(ws_s + d) * e;
+    }
+    out[sd.q_row * q_stride + h * head_dim + d] = num / den;
+  }
+}
 
 template <int kMaxD, int kTile, int kRows>
 __global__ void __launch_bounds__(kWarps * 32)
-    AttentionBatchKernel(const float* __restrict__ q, const AttentionSeqDesc* __restrict__ seqs, int num_heads,
+    AttentionBatchKernel(const float* __restrict__ q, const __grid_constant__ SeqTable seqs, int num_heads,
                          int num_kv_heads, int head_dim, float scale, float* __restrict__ out, float* __restrict__ ws,
                          int64_t ws_rows, int num_splits) {
   constexpr int kPerLane = kMaxD / 32;
@@ -150,7 +363,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 }
 
 // Merges the splits of one (i, head) row of sequence blockIdx.y: one thread per dimension.
-__global__ void AttentionBatchCombineKernel(const float* __restrict__ ws, const AttentionSeqDesc* __restrict__ seqs,
+__global__ void AttentionBatchCombineKernel(const float* __restrict__ ws, const __grid_constant__ SeqTable seqs,
                                             int64_t ws_rows, int num_heads, int head_dim, int num_splits,
                                             float* __restrict__ out) {
   const AttentionSeqDesc sd = seqs[blockIdx.y];
@@ -177,7 +390,7 @@ __global__ void AttentionBatchCombineKernel(const float* __restrict__ ws, const 
 }
 
 template <int kMaxD, int kTile, int kRows>
-void Launch(const float* q, const AttentionSeqDesc* seqs, int num_seqs, const AttentionBatchPlan& plan, int num_heads,
+void Launch(const float* q, const SeqTable& seqs, int num_seqs, const AttentionBatchPlan& plan, int num_heads,
             int num_kv_heads, int head_dim, float* out, float* ws, cudaStream_t stream) {
   const int group = num_heads / num_kv_heads;
   dim3 grid((plan.max_n_new * group + kRows - 1) / kRows, num_kv_heads, num_seqs * plan.num_splits);
@@ -194,51 +407,96 @@ AttentionBatchPlan plan_attention_batch(const AttentionSeqDesc* seqs_host, int n
   AttentionBatchPlan plan;
   if (num_seqs <= 0 || num_kv_heads <= 0) return plan;
   const int group = num_heads / num_kv_heads, rows = RowsFor(head_dim);
-  int64_t blocks = 0;
+  int64_t blocks = 0, active = 0;
   int max_total = 0;
+  bool aligned = true;
   for (int s = 0; s < num_seqs; ++s) {
     const AttentionSeqDesc& d = seqs_host[s];
     if (d.n_new <= 0) continue;
+    ++active;
     plan.max_n_new = std::max(plan.max_n_new, d.n_new);
     plan.num_rows = std::max(plan.num_rows, d.q_row + d.n_new);
     max_total = std::max(max_total, d.n_total);
     blocks += static_cast<int64_t>(d.n_new * group + rows - 1) / rows * num_kv_heads;
+    aligned = aligned && reinterpret_cast<uintptr_t>(d.k) % 16 == 0 && reinterpret_cast<uintptr_t>(d.v) % 16 == 0;
   }
-  if (blocks > 0 && blocks < num_sms) {
-    // Enough splits to fill the SMs about twice, each split at least 64 keys, at most 64 splits.
+  if (plan.max_n_new == 1 && head_dim % 4 == 0 && aligned && num_heads % num_kv_heads == 0) {
+    int tile = kDecodeMaxTile;
+    while (tile > 8 && DecodeSmemFloats(group, head_dim, tile) * sizeof(float) > kDecodeMaxSmemBytes) tile /= 2;
+    if (DecodeSmemFloats(group, head_dim, tile) * sizeof(float) <= kDecodeMaxSmemBytes) {
+      plan.decode = true;
+      plan.decode_tile = tile;
+    }
+  }
+  const int max_splits = std::min(kMaxSplits, kMaxGridZ / num_seqs);
+  if (plan.decode) {
+    // Enough splits for kDecodeBlocksPerSm blocks per SM, each split at least one tile of keys.
+    const int64_t decode_blocks = active * num_kv_heads, target = static_cast<int64_t>(kDecodeBlocksPerSm) * num_sms;
+    if (decode_blocks < target) {
+      int64_t splits = (target + decode_blocks - 1) / decode_blocks;
+      splits = std::min<int64_t>(splits, (max_total + plan.decode_tile - 1) / plan.decode_tile);
+      plan.num_splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(splits, max_splits)));
+    }
+  } else if (blocks > 0 && blocks < num_sms) {
+    // Enough splits to fill the SMs about twice, each split at least 64 keys.
     int splits = static_cast<int>((2 * num_sms + blocks - 1) / blocks);
     splits = std::min(splits, std::max(1, max_total / 64));
-    splits = std::min({splits, 64, kMaxGridZ / num_seqs});
-    plan.num_splits = std::max(1, splits);
+    plan.num_splits = std::max(1, std::min(splits, max_splits));
   }
-  if (plan.num_splits > 1)
+  if (plan.num_splits > 1) {
     plan.workspace_floats = static_cast<size_t>(plan.num_splits) * plan.num_rows * num_heads * (head_dim + 2);
+    if (plan.decode) plan.num_counters = static_cast<int64_t>(num_seqs) * num_kv_heads;
+  }
   return plan;
 }
 
-cudaError_t launch_attention_batch(const float* q, const AttentionSeqDesc* seqs_dev, int num_seqs,
-                                   const AttentionBatchPlan& plan, int num_heads, int num_kv_heads, int head_dim,
-                                   float* out, float* workspace, cudaStream_t stream) {
+cudaError_t launch_attention_batch(const float* q, const AttentionSeqDesc* seqs_host, const AttentionSeqDesc* seqs_dev,
+                                   int num_seqs, const AttentionBatchPlan& plan, int num_heads, int num_kv_heads,
+                                   int head_dim, float* out, float* workspace, unsigned* counters,
+                                   cudaStream_t stream) {
   if (num_seqs <= 0 || plan.max_n_new <= 0) return cudaSuccess;
   if (head_dim > 256 || num_kv_heads <= 0 || num_heads % num_kv_heads != 0 || plan.num_splits < 1 ||
       static_cast<int64_t>(num_seqs) * plan.num_splits > kMaxGridZ ||
       num_heads * static_cast<int64_t>(plan.max_n_new) > 0x7fffffff)
     return cudaErrorInvalidValue;
   if (plan.num_splits > 1 && workspace == nullptr) return cudaErrorInvalidValue;
-  if (head_dim <= 32)
-    Launch<32, 32, 16>(q, seqs_dev, num_seqs, plan, num_heads, num_kv_heads, head_dim, out, workspace, stream);
-  else if (head_dim <= 64)
-    Launch<64, 32, 16>(q, seqs_dev, num_seqs, plan, num_heads, num_kv_heads, head_dim, out, workspace, stream);
-  else if (head_dim <= 128)
-    Launch<128, 32, 16>(q, seqs_dev, num_seqs, plan, num_heads, num_kv_heads, head_dim, out, workspace, stream);
-  else
-    Launch<256, 16, 8>(q, seqs_dev, num_seqs, plan, num_heads, num_kv_heads, head_dim, out, workspace, stream);
-  if (plan.num_splits > 1) {
+  SeqTable table{};
+  if (num_seqs <= kAttentionInlineSeqs) {
+    if (seqs_host == nullptr) return cudaErrorInvalidValue;
+    table.num_inline = num_seqs;
+    for (int s = 0; s < num_seqs; ++s) table.inl[s] = seqs_host[s];
+  } else {
+    if (seqs_dev == nullptr) return cudaErrorInvalidValue;
+    table.dev = seqs_dev;
+  }
+  const bool decode = plan.decode && plan.max_n_new == 1 && plan.decode_tile >= 1 &&
+                      plan.decode_tile <= kDecodeMaxTile && reinterpret_cast<uintptr_t>(q) % 16 == 0 &&
+                      reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  // The decode kernel merges its own splits when it has the counters.
+  const bool merged = decode && (plan.num_splits == 1 || counters != nullptr);
+  if (decode) {
+    const int group = num_heads / num_kv_heads;
+    const size_t smem = DecodeSmemFloats(group, head_dim, plan.decode_tile) * sizeof(float);
+    if (smem > kDecodeMaxSmemBytes || head_dim % 4 != 0) return cudaErrorInvalidValue;
+    dim3 grid(plan.num_splits, num_kv_heads, num_seqs);
+    AttentionDecodeKernel<<<grid, kDecodeThreads, smem, stream>>>(
+        q, table, num_heads, num_kv_heads, head_dim, plan.decode_tile, 1.0f / sqrtf(static_cast<float>(head_dim)), out,
+        workspace, plan.num_rows, plan.num_splits, counters);
+  } else if (head_dim <= 32) {
+    Launch<32, 32, 16>(q, table, num_seqs, plan, num_heads, num_kv_heads, head_dim, out, workspace, stream);
+  } else if (head_dim <= 64) {
+    Launch<64, 32, 16>(q, table, num_seqs, plan, num_heads, num_kv_heads, head_dim, out, workspace, stream);
+  } else if (head_dim <= 128) {
+    Launch<128, 32, 16>(q, table, num_seqs, plan, num_heads, num_kv_heads, head_dim, out, workspace, stream);
+  } else {
+    Launch<256, 16, 8>(q, table, num_seqs, plan, num_heads, num_kv_heads, head_dim, out, workspace, stream);
+  }
+  if (plan.num_splits > 1 && !merged) {
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
     dim3 grid(plan.max_n_new * num_heads, num_seqs);
     AttentionBatchCombineKernel<<<grid, head_dim <= 128 ? 128 : 256, 0, stream>>>(
-        workspace, seqs_dev, plan.num_rows, num_heads, head_dim, plan.num_splits, out);
+        workspace, table, plan.num_rows, num_heads, head_dim, plan.num_splits, out);
   }
   return cudaGetLastError();
 }

@@ -96,6 +96,7 @@ CudaBackend::~CudaBackend() {
   if (act_) DeviceFree(act_, act_cap_);
   if (attn_ws_) DeviceFree(attn_ws_, attn_ws_cap_);
   if (attn_desc_) DeviceFree(attn_desc_, attn_desc_cap_);
+  if (attn_counters_) DeviceFree(attn_counters_, attn_counters_cap_);
   if (stream_) CUDA_CHECK_LOG(cudaStreamSynchronize(stream_), &ignored);
   for (Pending& p : pending_) free_events_.push_back(p.done);
   pending_.clear();
@@ -211,6 +212,12 @@ void CudaBackend::Stage(void* dst, const void* src, size_t bytes) {
 
 void CudaBackend::CopyToDevice(void* dst, const void* host_src, size_t bytes) {
   if (bytes == 0) return;
+  // Decode's small uploads (expert permutations, attention descriptors) ride in a kernel's
+  // parameters: no copy-engine hand-off between the kernels around them, no staging-ring slot.
+  if (bytes <= cuda::kParamCopyMaxBytes) {
+    CUDA_CHECK_LOG(cuda::launch_copy_from_params(dst, host_src, bytes, stream_), &error_);
+    return;
+  }
   Stage(dst, host_src, bytes);
 }
 
@@ -223,6 +230,8 @@ void CudaBackend::CopyToHost(void* host_dst, const void* src, size_t bytes) {
 
 void CudaBackend::CopyOnDevice(void* dst, const void* src, size_t bytes) {
   if (bytes == 0) return;
+  // On the copy engine even when small: measured on H200, 128 back-to-back 4 KB KV appends take
+  // 1.9 us each this way and 2.2 us each as copy kernels.
   CUDA_CHECK_LOG(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_), &error_);
 }
 
@@ -284,7 +293,9 @@ void CudaBackend::Gemm(const float* x, int64_t m, const Weight& w, const Weight*
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
   if (cuda::gemv_supported(m, k, w.dtype, x, w.data) && (k * static_cast<int64_t>(sizeof(float))) % 16 == 0) {
     // Decode-sized m: stream the weights once with fp32 activations (no bf16 rounding of x).
-    CUDA_CHECK_LOG(cuda::launch_gemv(x, m, w.data, w.dtype, n, k, y, accumulate, stream_), &error_);
+    CUDA_CHECK_LOG(cuda::launch_gemv(x, m, w.data, w.dtype, n, k, y, accumulate,
+                                     cuda::gemv_warps_per_row(n, k, num_sms_), stream_),
+                   &error_);
     if (bias && !bias->empty())
       CUDA_CHECK_LOG(cuda::launch_add_bias(y, m, n, bias->data, bias->dtype, stream_), &error_);
     return;
@@ -334,14 +345,29 @@ void CudaBackend::AttentionBatch(const float* q, const AttentionSeq* seqs_host, 
     ws = static_cast<float*>(EnsureScratch(&attn_ws_, &attn_ws_cap_, plan.workspace_floats * sizeof(float)));
     if (!ws) return;
   }
-  const size_t desc_bytes = desc.size() * sizeof(cuda::AttentionSeqDesc);
-  // The previous call's kernels read this buffer; the staged copy is ordered after them on the stream.
-  auto* desc_dev = static_cast<cuda::AttentionSeqDesc*>(EnsureScratch(&attn_desc_, &attn_desc_cap_, desc_bytes));
-  if (!desc_dev) return;
-  Stage(desc_dev, desc.data(), desc_bytes);
-  CUDA_CHECK_LOG(
-      cuda::launch_attention_batch(q, desc_dev, num_seqs, plan, num_heads, num_kv_heads, head_dim, out, ws, stream_),
-      &error_);
+  unsigned* counters = nullptr;
+  if (plan.num_counters > 0) {
+    // Zeroed when (re)allocated; the kernel leaves them zeroed after each launch.
+    const size_t need = static_cast<size_t>(plan.num_counters) * sizeof(unsigned);
+    if (attn_counters_cap_ < need) {
+      if (!EnsureScratch(&attn_counters_, &attn_counters_cap_, need)) return;
+      SetZero(attn_counters_, attn_counters_cap_);
+    }
+    counters = static_cast<unsigned*>(attn_counters_);
+  }
+  const cuda::AttentionSeqDesc* desc_dev = nullptr;
+  if (num_seqs > cuda::kAttentionInlineSeqs) {
+    // Too many to pass in the launch: a device copy. The previous call's kernels read this
+    // buffer; the copy is ordered after them on the stream.
+    const size_t desc_bytes = desc.size() * sizeof(cuda::AttentionSeqDesc);
+    auto* d = static_cast<cuda::AttentionSeqDesc*>(EnsureScratch(&attn_desc_, &attn_desc_cap_, desc_bytes));
+    if (!d) return;
+    CopyToDevice(d, desc.data(), desc_bytes);
+    desc_dev = d;
+  }
+  CUDA_CHECK_LOG(cuda::launch_attention_batch(q, desc.data(), desc_dev, num_seqs, plan, num_heads, num_kv_heads,
+                                              head_dim, out, ws, counters, stream_),
+                 &error_);
 }
 
 void CudaBackend::SiluMul(const float* gate, const float* up, float* out, int64_t n) {

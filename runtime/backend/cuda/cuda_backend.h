@@ -4,7 +4,8 @@
 // the backend owns (non-blocking with respect to the legacy default stream). Nothing waits for
 // the device except CopyToHost and Synchronize (that stream only), a staging-ring wrap that finds
 // an earlier host->device copy still in flight (waits on that copy's event), and UploadWeight.
-// Host->device copies go through a pinned staging ring so the caller's host memory is free on
+// Host->device copies go through a pinned staging ring, or for a few KiB in a kernel's parameters
+// (cheaper than a copy-engine operation between kernels), so the caller's host memory is free on
 // return without a device sync.
 //
 // Memory: one allocator (cudaMallocAsync on the compute stream from the device's default pool,
@@ -39,7 +40,8 @@ struct CudaBackendOptions {
   // Bytes of device memory the backend may hold; 0: free memory at creation less 1 GiB.
   // Default: EF_CUDA_MEMORY_BUDGET_MIB.
   size_t memory_budget = 0;
-  // Pinned host staging ring for host->device copies.
+  // Pinned host staging ring for host->device copies (those over cuda::kParamCopyMaxBytes; smaller
+  // ones travel in a kernel's parameters).
   size_t staging_bytes = size_t{64} << 20;
   // cuBLAS workspace (given to cuBLAS so it never allocates by itself).
   size_t cublas_workspace_bytes = size_t{32} << 20;
@@ -129,9 +131,12 @@ class CudaBackend final : public Backend {
   size_t act_cap_ = 0;
   void* attn_ws_ = nullptr;
   size_t attn_ws_cap_ = 0;
-  // AttentionBatch: sequence descriptors on the device (rewritten in stream order per call).
+  // AttentionBatch: sequence descriptors on the device when too many to pass in the launch
+  // (rewritten in stream order per call); the decode kernel's split counters (kept zeroed).
   void* attn_desc_ = nullptr;
   size_t attn_desc_cap_ = 0;
+  void* attn_counters_ = nullptr;
+  size_t attn_counters_cap_ = 0;
   std::vector<std::pair<void*, size_t>> weights_;  // owned device weights
 };
 

@@ -28,10 +28,13 @@ cudaError_t launch_rms_norm(const float* x, int64_t rows, int dim, const void* w
 cudaError_t launch_rope(float* x, const int32_t* positions, int64_t rows, int num_heads, int head_dim, float theta,
                         cudaStream_t stream);
 
-// Causal GQA attention of many sequences in one launch (see Backend::AttentionBatch). The
-// descriptors live in device memory; plan_attention_batch reads the same descriptors on the host
-// and chooses the key splits. `workspace` holds plan.workspace_floats floats when
-// plan.num_splits > 1, else may be null.
+// Causal GQA attention of many sequences in one launch (see Backend::AttentionBatch).
+// plan_attention_batch reads the descriptors on the host and chooses the kernel and the key
+// splits. Up to kAttentionInlineSeqs descriptors travel in the launch's parameters (seqs_dev may
+// be null); more are read from seqs_dev, a device copy of seqs_host. `workspace` holds
+// plan.workspace_floats floats when plan.num_splits > 1, else may be null. `counters` holds
+// plan.num_counters zeroed uint32 (the decode kernel merges its splits itself and leaves them
+// zeroed again), or is null (a second kernel merges).
 struct AttentionSeqDesc {
   const float* k;
   const float* v;
@@ -44,12 +47,19 @@ struct AttentionBatchPlan {
   int max_n_new = 0;     // longest query chunk (sizes the grid)
   int64_t num_rows = 0;  // max(q_row + n_new): query rows the workspace covers
   size_t workspace_floats = 0;
+  // Every sequence has at most one new row (a decode step) and the shapes suit the decode kernel:
+  // it reads K/V in tiles of decode_tile keys, all query heads of one KV head per block. The
+  // launcher still falls back to the general kernel if q or out are not 16-byte aligned.
+  bool decode = false;
+  int decode_tile = 0;
+  int64_t num_counters = 0;
 };
+inline constexpr int kAttentionInlineSeqs = 16;
 AttentionBatchPlan plan_attention_batch(const AttentionSeqDesc* seqs_host, int num_seqs, int num_heads,
                                         int num_kv_heads, int head_dim, int num_sms);
-cudaError_t launch_attention_batch(const float* q, const AttentionSeqDesc* seqs_dev, int num_seqs,
-                                   const AttentionBatchPlan& plan, int num_heads, int num_kv_heads, int head_dim,
-                                   float* out, float* workspace, cudaStream_t stream);
+cudaError_t launch_attention_batch(const float* q, const AttentionSeqDesc* seqs_host, const AttentionSeqDesc* seqs_dev,
+                                   int num_seqs, const AttentionBatchPlan& plan, int num_heads, int num_kv_heads,
+                                   int head_dim, float* out, float* workspace, unsigned* counters, cudaStream_t stream);
 
 // out[i] = silu(gate[i]) * up[i]; out may alias gate or up.
 cudaError_t launch_silu_mul(const float* gate, const float* up, float* out, int64_t n, cudaStream_t stream);
@@ -74,13 +84,28 @@ cudaError_t launch_scatter_add_rows(const float* src, const int32_t* idx, const 
                                     float* dst, cudaStream_t stream);
 
 // Skinny GEMM y[m, n] = x[m, k] . w[n, k]^T (+ y when accumulate) with fp32 activations and
-// BF16/F16 weights, for decode-sized m (<= kGemvMaxRows). gemv_supported() says whether the
-// shape and alignment qualify (k % 8 == 0, 16-byte aligned x and w).
+// BF16/F16 weights, for decode-sized m (<= kGemvMaxRows; the kernel itself takes m <= 8).
+// gemv_supported() says whether the shape and alignment qualify (k % 8 == 0, 16-byte aligned x
+// and w). Each weight row is split over `warps_per_row` warps (1, 2, 4 or 8);
+// gemv_warps_per_row() is the split that fills `num_sms` SMs for an [n, k] weight. The split
+// fixes a row's summation order, and it never depends on m: for one split, row r of y is bitwise
+// the same whatever the other rows of x are and however many there are.
 inline constexpr int kGemvMaxRows =
     2;  // measured on H200: m = 1 streams 3.8 TB/s, m = 8 only 0.9 (cuBLAS 3.4 at m = 16)
+inline constexpr int kGemvMaxWarpsPerRow = 8;
+static_assert(kGemvMaxRows >= 1 && kGemvMaxRows <= 8, "the GEMV kernel is instantiated for m = 1..8");
 bool gemv_supported(int64_t m, int64_t k, DType wdt, const void* x, const void* w);
+int gemv_warps_per_row(int64_t n, int64_t k, int num_sms);
 cudaError_t launch_gemv(const float* x, int64_t m, const void* w, DType wdt, int64_t n, int64_t k, float* y,
-                        bool accumulate, cudaStream_t stream);
+                        bool accumulate, int warps_per_row, cudaStream_t stream);
+
+// dst[0, bytes) = host_src[0, bytes) for bytes <= kParamCopyMaxBytes, by a kernel whose launch
+// parameters carry the bytes (cheaper than a copy-engine operation between kernels); host_src may
+// be reused as soon as the call returns. 4032: the payload and the other arguments stay within
+// the classic 4 KiB of kernel parameters.
+inline constexpr size_t kParamCopyMaxBytes = 4032;
+static_assert(kParamCopyMaxBytes % 16 == 0 && kParamCopyMaxBytes + 64 <= 4096, "within 4 KiB of parameters");
+cudaError_t launch_copy_from_params(void* dst, const void* host_src, size_t bytes, cudaStream_t stream);
 
 // dst[i] = (dst_dtype) src[i], round to nearest even (dst_dtype F16 or BF16).
 cudaError_t launch_convert_f32(const float* src, void* dst, DType dst_dtype, int64_t n, cudaStream_t stream);

@@ -1,11 +1,20 @@
 // Skinny GEMM for decode: y[m, n] = x[m, k] . w[n, k]^T (+ y) for m <= 8 rows (the backend uses it
-// for m <= kGemvMaxRows, where it beats cuBLAS) of fp32
-// activations against BF16/F16 weights, fp32 accumulation. Decode is bound by streaming the
-// weights once, so each warp owns one weight row, reads it with 16-byte loads (8 elements, several
-// in flight per lane) and dots it with all m activation rows (which stay in L1); a shuffle
-// reduction finishes the row. Activations stay fp32 (no bf16 rounding as on the cuBLAS path).
+// for m <= kGemvMaxRows, where it beats cuBLAS) of fp32 activations against BF16/F16 weights, fp32
+// accumulation. Decode is bound by streaming the weights once: a row is read with 16-byte loads
+// (8 elements, several in flight per lane) and dotted with all m activation rows (which stay in
+// L1). Activations stay fp32 (no bf16 rounding as on the cuBLAS path).
+//
+// Split K: a row belongs to `warps_per_row` warps of one block (1, 2, 4 or 8); warp p of the row
+// reads the 16-byte chunks p * 32 + lane, stepping 32 * warps_per_row, a shuffle reduction ends
+// each warp and the row's partials are added in warp order through shared memory. Few rows (the
+// k/v projections of GQA, the router) would otherwise launch under one wave with too few loads in
+// flight; gemv_warps_per_row picks the split from n, k and the SM count, never from m, so a row's
+// summation order is the same whatever m is (the expert cache relies on bitwise-equal results for
+// any grouping of the tokens).
+//
 // Requires k % 8 == 0 and 16-byte aligned rows (the caller falls back to cuBLAS otherwise).
-// Launch: ceil(n / 8) blocks of 8 warps. Test: tests/gpu/cuda_ops_test.cc (GemmBf16, m = 1..8).
+// Launch: ceil(n / (8 / warps_per_row)) blocks of 8 warps. Test: tests/gpu/cuda_ops_test.cc
+// (GemmBf16, m = 1..8 and every split against the CPU; bitwise equality across m).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -15,6 +24,11 @@
 namespace ef::runtime::cuda {
 namespace {
 constexpr int kWarps = 8;
+// Warps per SM the split aims for: enough 16-byte loads in flight to cover HBM latency. Measured
+// on H200 (ef_decode_bench --sweep): 1024 rows run best on 4 warps a row, 4096 rows on one.
+constexpr int kTargetWarpsPerSm = 16;
+// Each lane keeps at least this many 16-byte loads of its row (a shorter slice is all latency).
+constexpr int kMinLoadsPerLane = 2;
 
 template <bool kBf16>
 __device__ __forceinline__ void Unpack(uint32_t word, float& lo, float& hi) {
@@ -28,51 +42,91 @@ __device__ __forceinline__ void Unpack(uint32_t word, float& lo, float& hi) {
   }
 }
 
-template <int kM, bool kBf16>
+template <int kM, bool kBf16, int kSplit>
 __global__ void __launch_bounds__(kWarps * 32) GemvKernel(const float* __restrict__ x, const void* __restrict__ w,
                                                           float* __restrict__ y, int n, int k, bool accumulate) {
+  constexpr int kRowsPerBlock = kWarps / kSplit;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int row = blockIdx.x * kWarps + warp;
-  if (row >= n) return;
-  const uint4* wr = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(w) + static_cast<int64_t>(row) * k);
+  const int part = warp % kSplit;
+  const int row = blockIdx.x * kRowsPerBlock + warp / kSplit;
+  const bool valid = row < n;  // no early return: the split's barrier below needs every warp
   const int k8 = k / 8;
   float acc[kM];
 #pragma unroll
   for (int m = 0; m < kM; ++m) acc[m] = 0.f;
-#pragma unroll 4
-  for (int i = lane; i < k8; i += 32) {
-    const uint4 pk = __ldg(wr + i);
-    float wf[8];
-    Unpack<kBf16>(pk.x, wf[0], wf[1]);
-    Unpack<kBf16>(pk.y, wf[2], wf[3]);
-    Unpack<kBf16>(pk.z, wf[4], wf[5]);
-    Unpack<kBf16>(pk.w, wf[6], wf[7]);
+  if (valid) {
+    const uint4* wr = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(w) + static_cast<int64_t>(row) * k);
+#pragma unroll 4  // 8 or 16 measured slower on H200 (decode bench, gate/down/q/o GEMVs)
+    for (int i = part * 32 + lane; i < k8; i += 32 * kSplit) {
+      const uint4 pk = __ldg(wr + i);
+      float wf[8];
+      Unpack<kBf16>(pk.x, wf[0], wf[1]);
+      Unpack<kBf16>(pk.y, wf[2], wf[3]);
+      Unpack<kBf16>(pk.z, wf[4], wf[5]);
+      Unpack<kBf16>(pk.w, wf[6], wf[7]);
 #pragma unroll
-    for (int m = 0; m < kM; ++m) {
-      const float4* xr = reinterpret_cast<const float4*>(x + static_cast<int64_t>(m) * k) + 2 * i;
-      const float4 a = xr[0], b = xr[1];
-      acc[m] +=
-          a.x * wf[0] + a.y * wf[1] + a.z * wf[2] + a.w * wf[3] + b.x * wf[4] + b.y * wf[5] + b.z * wf[6] + b.w * wf[7];
+      for (int m = 0; m < kM; ++m) {
+        const float4* xr = reinterpret_cast<const float4*>(x + static_cast<int64_t>(m) * k) + 2 * i;
+        const float4 a = xr[0], b = xr[1];
+        acc[m] += a.x * wf[0] + a.y * wf[1] + a.z * wf[2] + a.w * wf[3] + b.x * wf[4] + b.y * wf[5] + b.z * wf[6] +
+                  b.w * wf[7];
+      }
     }
   }
 #pragma unroll
   for (int m = 0; m < kM; ++m) acc[m] = WarpSum(acc[m]);
-  if (lane == 0) {
+  if constexpr (kSplit == 1) {
+    if (valid && lane == 0) {
 #pragma unroll
-    for (int m = 0; m < kM; ++m) {
-      float* dst = y + static_cast<int64_t>(m) * n + row;
-      *dst = accumulate ? *dst + acc[m] : acc[m];
+      for (int m = 0; m < kM; ++m) {
+        float* dst = y + static_cast<int64_t>(m) * n + row;
+        *dst = accumulate ? *dst + acc[m] : acc[m];
+      }
+    }
+  } else {
+    __shared__ float partial[kWarps][kM];
+    if (lane == 0) {
+#pragma unroll
+      for (int m = 0; m < kM; ++m) partial[warp][m] = acc[m];
+    }
+    __syncthreads();
+    // Lane m of the row's first warp adds the partials in warp order (fixed, independent of m).
+    if (valid && part == 0 && lane < kM) {
+      float s = partial[warp][lane];
+#pragma unroll
+      for (int p = 1; p < kSplit; ++p) s += partial[warp + p][lane];
+      float* dst = y + static_cast<int64_t>(lane) * n + row;
+      *dst = accumulate ? *dst + s : s;
     }
   }
 }
 
+template <int kM, bool kBf16>
+void LaunchM(const float* x, const void* w, float* y, int n, int k, bool acc, int split, cudaStream_t s) {
+  const unsigned grid = static_cast<unsigned>((n + kWarps / split - 1) / (kWarps / split));
+  switch (split) {
+    case 1:
+      GemvKernel<kM, kBf16, 1><<<grid, kWarps * 32, 0, s>>>(x, w, y, n, k, acc);
+      break;
+    case 2:
+      GemvKernel<kM, kBf16, 2><<<grid, kWarps * 32, 0, s>>>(x, w, y, n, k, acc);
+      break;
+    case 4:
+      GemvKernel<kM, kBf16, 4><<<grid, kWarps * 32, 0, s>>>(x, w, y, n, k, acc);
+      break;
+    default:
+      GemvKernel<kM, kBf16, 8><<<grid, kWarps * 32, 0, s>>>(x, w, y, n, k, acc);
+      break;
+  }
+}
+
 template <bool kBf16>
-cudaError_t Dispatch(const float* x, int m, const void* w, float* y, int n, int k, bool acc, cudaStream_t s) {
-  const unsigned grid = static_cast<unsigned>((n + kWarps - 1) / kWarps);
+cudaError_t Dispatch(const float* x, int m, const void* w, float* y, int n, int k, bool acc, int split,
+                     cudaStream_t s) {
   switch (m) {
-#define EF_GEMV_CASE(M)                                                    \
-  case M:                                                                  \
-    GemvKernel<M, kBf16><<<grid, kWarps * 32, 0, s>>>(x, w, y, n, k, acc); \
+#define EF_GEMV_CASE(M)                              \
+  case M:                                            \
+    LaunchM<M, kBf16>(x, w, y, n, k, acc, split, s); \
     break;
     EF_GEMV_CASE(1)
     EF_GEMV_CASE(2)
@@ -95,12 +149,25 @@ bool gemv_supported(int64_t m, int64_t k, DType wdt, const void* x, const void* 
          reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0;
 }
 
+int gemv_warps_per_row(int64_t n, int64_t k, int num_sms) {
+  const int64_t target = static_cast<int64_t>(num_sms > 0 ? num_sms : 1) * kTargetWarpsPerSm;
+  const int64_t k8 = k / 8;
+  int split = 1;
+  while (split < kGemvMaxWarpsPerRow && n * split < target && k8 >= int64_t{2} * split * 32 * kMinLoadsPerLane)
+    split *= 2;
+  return split;
+}
+
 cudaError_t launch_gemv(const float* x, int64_t m, const void* w, DType wdt, int64_t n, int64_t k, float* y,
-                        bool accumulate, cudaStream_t stream) {
-  if (!gemv_supported(m, k, wdt, x, w)) return cudaErrorInvalidValue;
+                        bool accumulate, int warps_per_row, cudaStream_t stream) {
+  if (!gemv_supported(m, k, wdt, x, w) || n < 1 || n > 0x7fffffff || k > 0x7fffffff) return cudaErrorInvalidValue;
+  if (warps_per_row != 1 && warps_per_row != 2 && warps_per_row != 4 && warps_per_row != 8)
+    return cudaErrorInvalidValue;
   if (wdt == DType::kBF16)
-    return Dispatch<true>(x, static_cast<int>(m), w, y, static_cast<int>(n), static_cast<int>(k), accumulate, stream);
-  return Dispatch<false>(x, static_cast<int>(m), w, y, static_cast<int>(n), static_cast<int>(k), accumulate, stream);
+    return Dispatch<true>(x, static_cast<int>(m), w, y, static_cast<int>(n), static_cast<int>(k), accumulate,
+                          warps_per_row, stream);
+  return Dispatch<false>(x, static_cast<int>(m), w, y, static_cast<int>(n), static_cast<int>(k), accumulate,
+                         warps_per_row, stream);
 }
 
 }  // namespace ef::runtime::cuda
