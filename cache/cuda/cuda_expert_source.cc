@@ -39,22 +39,47 @@ StatusOr<std::unique_ptr<CudaExpertSource>> CudaExpertSource::Create(const runti
         return Unimplemented("cuda expert cache: experts of different shapes or dtypes");
     }
   }
-  EF_ASSIGN_OR_RETURN(auto tier, PinnedHostTier::Create(c.num_layers, c.num_experts, layout.bytes(), layout.moe_layer));
+  EF_ASSIGN_OR_RETURN(auto tier, PinnedHostTier::Create(c.num_layers, c.num_experts, layout.bytes(), layout.moe_layer,
+                                                        options.host_budget_bytes));
+  auto fill = [&model, layout](int l, int e, std::span<std::byte> dst) -> Status {
+    if (dst.size() < layout.bytes()) return Internal("cuda expert cache: staging smaller than an expert");
+    const runtime::ExpertWeights& w = model.host_expert(l, e);
+    std::memcpy(dst.data() + layout.gate_offset(), w.gate.data, w.gate.nbytes());
+    std::memcpy(dst.data() + layout.up_offset(), w.up.data, w.up.nbytes());
+    std::memcpy(dst.data() + layout.down_offset(), w.down.data, w.down.nbytes());
+    return Status::Ok();
+  };
   for (int l = 0; l < c.num_layers; ++l) {
     if (!layout.moe_layer[l]) continue;
     for (int e = 0; e < c.num_experts; ++e) {
-      const runtime::ExpertWeights& w = model.host_expert(l, e);
-      std::byte* dst = tier->data(l, e);
-      std::memcpy(dst + layout.gate_offset(), w.gate.data, w.gate.nbytes());
-      std::memcpy(dst + layout.up_offset(), w.up.data, w.up.nbytes());
-      std::memcpy(dst + layout.down_offset(), w.down.data, w.down.nbytes());
+      if (std::byte* dst = tier->data(l, e)) EF_RETURN_IF_ERROR(fill(l, e, {dst, layout.bytes()}));
     }
   }
-  return Create(layout, std::shared_ptr<const PinnedHostTier>(std::move(tier)), backend, options);
+  const int total =
+      layout.num_experts * static_cast<int>(std::count(layout.moe_layer.begin(), layout.moe_layer.end(), true));
+  if (tier->num_pinned() < total)
+    EF_LOG(WARN, CACHE,
+           "cuda expert cache: %d of %d experts pinned in host memory (host budget %zu bytes); the rest load from the "
+           "checkpoint mapping, synchronously",
+           tier->num_pinned(), total, options.host_budget_bytes);
+  return Create(layout, std::shared_ptr<const PinnedHostTier>(std::move(tier)), std::move(fill), backend, options);
 }
 
 StatusOr<std::unique_ptr<CudaExpertSource>> CudaExpertSource::Create(const ExpertLayout& layout,
                                                                      std::shared_ptr<const PinnedHostTier> tier,
+                                                                     runtime::Backend* backend,
+                                                                     const CudaExpertSourceOptions& options) {
+  // The caller filled every expert of the tier: there is nothing to stage from.
+  cache::ExpertSource none = [](int l, int e, std::span<std::byte>) -> Status {
+    return FailedPrecondition("cuda expert cache: no host copy of expert " + std::to_string(e) + " of layer " +
+                              std::to_string(l));
+  };
+  return Create(layout, std::move(tier), std::move(none), backend, options);
+}
+
+StatusOr<std::unique_ptr<CudaExpertSource>> CudaExpertSource::Create(const ExpertLayout& layout,
+                                                                     std::shared_ptr<const PinnedHostTier> tier,
+                                                                     cache::ExpertSource fallback,
                                                                      runtime::Backend* backend,
                                                                      const CudaExpertSourceOptions& options) {
   auto* cuda = dynamic_cast<runtime::CudaBackend*>(backend);
@@ -76,18 +101,18 @@ StatusOr<std::unique_ptr<CudaExpertSource>> CudaExpertSource::Create(const Exper
   so.slot_bytes = layout.bytes();
   so.policy = options.policy;
   so.async_prefetch = false;  // the arena's loads are asynchronous already
+  so.policy_config.counts = options.static_counts;
   so.layer_quotas.assign(layout.num_layers, 0);
   int num_slots = 0;
   for (int l = 0; l < layout.num_layers; ++l)
     if (layout.moe_layer[l]) num_slots += so.layer_quotas[l] = std::min(options.slots_per_layer, layout.num_experts);
-  EF_ASSIGN_OR_RETURN(
-      auto arena, CudaSlotArena::Create(cuda, src->tier_.get(), num_slots, so.slot_bytes, options.copy_chunk_bytes));
+  CudaSlotArenaOptions ao;
+  ao.copy_chunk_bytes = options.copy_chunk_bytes;
+  ao.max_queued_chunks = options.max_queued_chunks;
+  EF_ASSIGN_OR_RETURN(auto arena, CudaSlotArena::Create(cuda, src->tier_.get(), num_slots, so.slot_bytes, ao));
   src->arena_ = arena.get();
-  // Never called: the arena loads from its own tier (SlotArena::Load).
-  cache::ExpertSource unused = [](int, int, std::span<std::byte>) -> Status {
-    return Internal("cuda expert cache: store fell back to staging");
-  };
-  EF_ASSIGN_OR_RETURN(src->store_, ExpertStore::Create(so, std::move(unused), std::move(arena)));
+  // Called only for experts without a pinned copy (SlotArena::Load is Unimplemented for them).
+  EF_ASSIGN_OR_RETURN(src->store_, ExpertStore::Create(so, std::move(fallback), std::move(arena)));
   src->upcoming_.resize(layout.num_layers);
   src->pinned_.resize(static_cast<size_t>(layout.num_layers) * layout.num_experts);
   EF_LOG(INFO, CACHE, "cuda expert cache: %d slots of %zu bytes, policy %s, prefetch %d layer(s)", num_slots,
@@ -150,7 +175,6 @@ StatusOr<runtime::ExpertWeights> CudaExpertSource::Acquire(int layer, int expert
 void CudaExpertSource::Release(int layer, int expert) {
   SlotRef& ref = pinned_[static_cast<size_t>(layer) * layout_.num_experts + expert];
   if (ref.slot < 0) return;
-  arena_->MarkReleased(ref.slot);
   store_->Release(ref);
   ref = SlotRef{};
 }

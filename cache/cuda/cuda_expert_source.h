@@ -15,7 +15,8 @@
 // trace's future routing used as an oracle by the benchmark).
 //
 // Slot layout: gate | up | down, each at a 256-byte-aligned offset, in the dtype the host tier
-// holds (the checkpoint's). Hit rate counts an access as a hit only when the expert was resident
+// holds (the checkpoint's). Experts past the pinned host budget are staged from the checkpoint
+// mapping and copied synchronously when loaded. Hit rate counts an access as a hit only when the expert was resident
 // before its layer's routing was known (corrections count as misses).
 //
 // Thread safety: not thread-safe; driven by the engine thread (the store runs in sync mode: its
@@ -37,7 +38,14 @@ struct CudaExpertSourceOptions {
   int slots_per_layer = 0;  // per-layer caches of this many device slots (>= top-k)
   std::string policy = "lru";
   int prefetch_layers = 0;  // 0: on demand only
-  size_t copy_chunk_bytes = size_t{64} << 20;
+  // Copy pieces and how many may sit on the copy engine (cuda_slot_arena.h explains why few).
+  size_t copy_chunk_bytes = CudaSlotArenaOptions{}.copy_chunk_bytes;
+  int max_queued_chunks = CudaSlotArenaOptions{}.max_queued_chunks;
+  // Pinned host memory for experts (Create from a model); 0: every expert. Experts past it are
+  // copied from the checkpoint mapping when loaded (staged, synchronous).
+  size_t host_budget_bytes = 0;
+  // static policy: routing counts per (layer, expert), layer-major.
+  std::vector<int64_t> static_counts;
 };
 
 // The shape of every routed expert (all experts of a model have the same shape here).
@@ -56,8 +64,8 @@ struct ExpertLayout {
 
 class CudaExpertSource final : public runtime::ExpertSource {
  public:
-  // From a loaded model: copies every routed expert into pinned host memory. `backend` must be
-  // the CUDA backend the engine uses.
+  // From a loaded model: copies every routed expert (up to host_budget_bytes) into pinned host
+  // memory. `backend` must be the CUDA backend the engine uses.
   static StatusOr<std::unique_ptr<CudaExpertSource>> Create(const runtime::ModelWeights& model,
                                                             runtime::Backend* backend,
                                                             const CudaExpertSourceOptions& options);
@@ -67,6 +75,8 @@ class CudaExpertSource final : public runtime::ExpertSource {
                                                             runtime::Backend* backend,
                                                             const CudaExpertSourceOptions& options);
   ~CudaExpertSource() override;
+  CudaExpertSource(const CudaExpertSource&) = delete;
+  CudaExpertSource& operator=(const CudaExpertSource&) = delete;
 
   void OnRouting(int layer, std::vector<int32_t>& experts) override;
   StatusOr<runtime::ExpertWeights> Acquire(int layer, int expert) override;
@@ -82,6 +92,11 @@ class CudaExpertSource final : public runtime::ExpertSource {
 
  private:
   CudaExpertSource() = default;
+  // `fallback` fills a staging buffer for experts the tier holds no pinned copy of.
+  static StatusOr<std::unique_ptr<CudaExpertSource>> Create(const ExpertLayout& layout,
+                                                            std::shared_ptr<const PinnedHostTier> tier,
+                                                            cache::ExpertSource fallback, runtime::Backend* backend,
+                                                            const CudaExpertSourceOptions& options);
 
   ExpertLayout layout_;
   CudaExpertSourceOptions options_;

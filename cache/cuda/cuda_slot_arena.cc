@@ -14,19 +14,21 @@ Status CudaSlotArena::Check(cudaError_t e, const char* what) {
 
 StatusOr<std::unique_ptr<CudaSlotArena>> CudaSlotArena::Create(runtime::CudaBackend* backend,
                                                                const PinnedHostTier* tier, int num_slots,
-                                                               size_t slot_bytes, size_t copy_chunk_bytes) {
+                                                               size_t slot_bytes, const CudaSlotArenaOptions& options) {
   if (!backend) return InvalidArgument("cuda slot arena: no CUDA backend");
   if (num_slots < 1 || slot_bytes == 0) return InvalidArgument("cuda slot arena needs at least one non-empty slot");
+  if (options.max_queued_chunks < 0) return InvalidArgument("cuda slot arena: max_queued_chunks must be >= 0");
   if (tier && tier->bytes_per_expert() > slot_bytes)
     return InvalidArgument("cuda slot arena: host tier experts (" + std::to_string(tier->bytes_per_expert()) +
                            " bytes) are larger than a slot (" + std::to_string(slot_bytes) + ")");
   auto a = std::unique_ptr<CudaSlotArena>(new CudaSlotArena());
   a->backend_ = backend;
   a->tier_ = tier;
+  a->options_ = options;
   a->num_slots_ = num_slots;
   a->slot_bytes_ = slot_bytes;
   a->stride_ = (slot_bytes + 255) / 256 * 256;
-  a->chunk_ = std::max<size_t>(copy_chunk_bytes, 1 << 20);
+  a->chunk_ = std::max<size_t>(options.copy_chunk_bytes, 64 << 10);
   a->tier_name_ = "cuda:" + std::to_string(backend->device());
   a->compute_ = backend->stream();
   auto buf = backend->Allocate(a->stride_ * num_slots);
@@ -44,17 +46,30 @@ StatusOr<std::unique_ptr<CudaSlotArena>> CudaSlotArena::Create(runtime::CudaBack
   EF_RETURN_IF_ERROR(
       a->Check(cudaStreamCreateWithPriority(&a->prefetch_, cudaStreamNonBlocking, least), "prefetch stream"));
   a->ready_.assign(num_slots, nullptr);
-  a->released_.assign(num_slots, nullptr);
-  for (int s = 0; s < num_slots; ++s) {
+  for (int s = 0; s < num_slots; ++s)
     EF_RETURN_IF_ERROR(a->Check(cudaEventCreateWithFlags(&a->ready_[s], cudaEventDisableTiming), "event"));
-    EF_RETURN_IF_ERROR(a->Check(cudaEventCreateWithFlags(&a->released_[s], cudaEventDisableTiming), "event"));
-  }
-  EF_LOG(INFO, CACHE, "cuda slot arena: %d slots of %zu bytes on %s, copy chunks of %zu bytes", num_slots, slot_bytes,
-         backend->name().c_str(), a->chunk_);
+  a->pending_.assign(num_slots, nullptr);
+  if (options.max_queued_chunks > 0) a->copier_ = std::thread([p = a.get()] { p->CopyLoop(); });
+  EF_LOG(INFO, CACHE, "cuda slot arena: %d slots of %zu bytes on %s, copies in pieces of %zu bytes, %s", num_slots,
+         slot_bytes, backend->name().c_str(), a->chunk_,
+         options.max_queued_chunks > 0
+             ? ("at most " + std::to_string(options.max_queued_chunks) + " queued on the copy engine").c_str()
+             : "each load queued whole");
   return a;
 }
 
 CudaSlotArena::~CudaSlotArena() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+    for (auto& q : queue_) {
+      for (auto& job : q) event_pool_.push_back(job->gate);
+      q.clear();
+    }
+    for (auto& p : pending_) p.reset();
+  }
+  cv_.notify_all();
+  if (copier_.joinable()) copier_.join();
   if (correction_) cudaStreamSynchronize(correction_);
   if (prefetch_) cudaStreamSynchronize(prefetch_);
   for (auto& p : stall_pending_) stall_pool_.push_back(p);
@@ -62,52 +77,172 @@ CudaSlotArena::~CudaSlotArena() {
     cudaEventDestroy(b);
     cudaEventDestroy(a);
   }
-  for (int s = num_slots_ - 1; s >= 0; --s) {
-    if (s < static_cast<int>(released_.size()) && released_[s]) cudaEventDestroy(released_[s]);
-    if (s < static_cast<int>(ready_.size()) && ready_[s]) cudaEventDestroy(ready_[s]);
-  }
+  for (auto it = event_pool_.rbegin(); it != event_pool_.rend(); ++it) cudaEventDestroy(*it);
+  for (auto it = ready_.rbegin(); it != ready_.rend(); ++it)
+    if (*it) cudaEventDestroy(*it);
   if (prefetch_) cudaStreamDestroy(prefetch_);
   if (correction_) cudaStreamDestroy(correction_);
   // buffer_ frees through the backend (stream-ordered on the compute stream).
 }
 
+cudaEvent_t CudaSlotArena::TakeEvent(bool timing) {
+  cudaEvent_t e = nullptr;
+  if (!timing && !event_pool_.empty()) {
+    e = event_pool_.back();
+    event_pool_.pop_back();
+    return e;
+  }
+  if (cudaEventCreateWithFlags(&e, timing ? cudaEventDefault : cudaEventDisableTiming) != cudaSuccess) {
+    cudaGetLastError();
+    return nullptr;
+  }
+  return e;
+}
+
+Status CudaSlotArena::status() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return error_;
+}
+
+StatusOr<size_t> CudaSlotArena::IssuePiece(Job& job, size_t max_bytes) {
+  cudaStream_t s = job.urgent ? correction_ : prefetch_;
+  if (job.issued == 0) {
+    EF_RETURN_IF_ERROR(Check(cudaStreamWaitEvent(s, job.gate, 0), "wait gate"));
+    EF_RETURN_IF_ERROR(Check(cudaStreamWaitEvent(s, ready_[job.slot], 0), "wait ready"));
+  }
+  const size_t n = std::min(max_bytes, job.bytes - job.issued);
+  auto* dst = static_cast<std::byte*>(data(job.slot)) + job.issued;
+  EF_RETURN_IF_ERROR(Check(cudaMemcpyAsync(dst, job.src + job.issued, n, cudaMemcpyHostToDevice, s), "copy"));
+  // After every piece, so a later load into the slot also waits for pieces of a load it replaced.
+  EF_RETURN_IF_ERROR(Check(cudaEventRecord(ready_[job.slot], s), "record ready"));
+  job.issued += n;
+  return n;
+}
+
+Status CudaSlotArena::Enqueue(int slot, const std::byte* src, size_t bytes, bool urgent) {
+  if (bytes > slot_bytes_) return InvalidArgument("expert larger than a cache slot");
+  cudaEvent_t gate;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    EF_RETURN_IF_ERROR(error_);
+    gate = TakeEvent(false);
+  }
+  if (!gate) return Internal("cuda slot arena: cannot create an event");
+  // Everything enqueued on the compute stream so far, including the last reader of the slot's
+  // previous expert (the store reuses a slot only after its Release).
+  EF_RETURN_IF_ERROR(Check(cudaEventRecord(gate, compute_), "record gate"));
+  stats_.bytes_h2d += static_cast<int64_t>(bytes);
+  ++(urgent ? stats_.urgent_loads : stats_.prefetch_loads);
+  if (options_.max_queued_chunks == 0) {
+    // Direct: the whole load now; corrections in one piece, prefetches in pieces.
+    Job job;
+    job.slot = slot;
+    job.src = src;
+    job.bytes = bytes;
+    job.urgent = urgent;
+    job.gate = gate;
+    Status st;
+    while (st.ok() && job.issued < job.bytes) st = IssuePiece(job, urgent ? bytes : chunk_).status();
+    std::lock_guard<std::mutex> lock(mu_);
+    event_pool_.push_back(gate);  // its state was captured by the wait
+    return st;
+  }
+  auto job = std::make_shared<Job>();
+  job->slot = slot;
+  job->src = src;
+  job->bytes = bytes;
+  job->urgent = urgent;
+  job->gate = gate;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (std::shared_ptr<Job>& old = pending_[slot]) {
+      // The slot's previous load was evicted before it was fully enqueued: drop its remaining
+      // pieces (the new load waits on the slot's ready event, which covers the ones enqueued).
+      old->cancelled = true;
+      auto& q = queue_[old->urgent ? 0 : 1];
+      q.erase(std::remove(q.begin(), q.end(), old), q.end());
+      event_pool_.push_back(old->gate);
+    }
+    pending_[slot] = job;
+    queue_[urgent ? 0 : 1].push_back(std::move(job));
+  }
+  cv_.notify_all();
+  return Status::Ok();
+}
+
+void CudaSlotArena::CopyLoop() {
+  cudaSetDevice(backend_->device());  // the current device is per host thread
+  const size_t max_inflight = static_cast<size_t>(options_.max_queued_chunks);
+  std::deque<cudaEvent_t> inflight;  // markers of enqueued, maybe unfinished pieces
+  std::unique_lock<std::mutex> lock(mu_);
+  while (true) {
+    cv_.wait(lock, [this] { return stop_ || !queue_[0].empty() || !queue_[1].empty(); });
+    if (stop_) break;
+    // Keep at most max_inflight pieces on the copy engine: wait (copy thread only) for the oldest.
+    while (inflight.size() >= max_inflight) {
+      lock.unlock();
+      const cudaError_t e = cudaEventSynchronize(inflight.front());
+      lock.lock();
+      if (e != cudaSuccess && error_.ok()) error_ = Check(e, "copy piece");
+      event_pool_.push_back(inflight.front());
+      inflight.pop_front();
+    }
+    if (stop_) break;
+    // Corrections first; a partly enqueued prefetch resumes after them.
+    auto& q = !queue_[0].empty() ? queue_[0] : queue_[1];
+    if (q.empty()) continue;
+    std::shared_ptr<Job> job = q.front();
+    StatusOr<size_t> n = IssuePiece(*job, chunk_);
+    cudaEvent_t marker = TakeEvent(false);
+    if (n.ok() && marker) {
+      if (cudaEventRecord(marker, job->urgent ? correction_ : prefetch_) == cudaSuccess) {
+        inflight.push_back(marker);
+      } else {
+        cudaGetLastError();
+        event_pool_.push_back(marker);
+      }
+    }
+    if (!n.ok() && error_.ok()) error_ = n.status();
+    if (!n.ok() || job->issued == job->bytes) {
+      q.pop_front();
+      if (pending_[job->slot] == job) pending_[job->slot].reset();
+      event_pool_.push_back(job->gate);
+      cv_.notify_all();
+    }
+  }
+  lock.unlock();
+  for (cudaEvent_t e : inflight) cudaEventSynchronize(e);
+  lock.lock();
+  for (cudaEvent_t e : inflight) event_pool_.push_back(e);
+}
+
 Status CudaSlotArena::CopyIn(int slot, std::span<const std::byte> src) {
-  if (src.size() > slot_bytes_) return InvalidArgument("expert larger than a cache slot");
-  cudaStream_t s = correction_;
-  EF_RETURN_IF_ERROR(Check(cudaStreamWaitEvent(s, released_[slot], 0), "wait released"));
-  EF_RETURN_IF_ERROR(Check(cudaStreamWaitEvent(s, ready_[slot], 0), "wait ready"));
-  EF_RETURN_IF_ERROR(Check(cudaMemcpyAsync(data(slot), src.data(), src.size(), cudaMemcpyHostToDevice, s), "copy"));
-  EF_RETURN_IF_ERROR(Check(cudaEventRecord(ready_[slot], s), "record ready"));
-  stats_.bytes_h2d += static_cast<int64_t>(src.size());
-  ++stats_.urgent_loads;
+  EF_RETURN_IF_ERROR(Enqueue(slot, src.data(), src.size(), /*urgent=*/true));
+  if (options_.max_queued_chunks > 0) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return !pending_[slot] || stop_ || !error_.ok(); });
+    EF_RETURN_IF_ERROR(error_);
+  }
   // src may be pageable memory that the caller frees on return.
-  return Check(cudaStreamSynchronize(s), "copy in");
+  return Check(cudaEventSynchronize(ready_[slot]), "copy in");
 }
 
 Status CudaSlotArena::Load(int slot, int layer, int expert) {
   if (!tier_) return Unimplemented("cuda slot arena without a host tier");
   const std::byte* src = tier_->data(layer, expert);
   if (!src)
-    return FailedPrecondition("no host copy of expert " + std::to_string(expert) + " of layer " +
-                              std::to_string(layer));
-  const size_t bytes = tier_->bytes_per_expert();
-  cudaStream_t s = urgent_ ? correction_ : prefetch_;
-  EF_RETURN_IF_ERROR(Check(cudaStreamWaitEvent(s, released_[slot], 0), "wait released"));
-  EF_RETURN_IF_ERROR(Check(cudaStreamWaitEvent(s, ready_[slot], 0), "wait ready"));
-  auto* dst = static_cast<std::byte*>(data(slot));
-  // Corrections go in one piece; prefetches in chunks, so a correction can slip in between.
-  const size_t chunk = urgent_ ? bytes : chunk_;
-  for (size_t off = 0; off < bytes; off += chunk)
-    EF_RETURN_IF_ERROR(
-        Check(cudaMemcpyAsync(dst + off, src + off, std::min(chunk, bytes - off), cudaMemcpyHostToDevice, s), "copy"));
-  EF_RETURN_IF_ERROR(Check(cudaEventRecord(ready_[slot], s), "record ready"));
-  stats_.bytes_h2d += static_cast<int64_t>(bytes);
-  ++(urgent_ ? stats_.urgent_loads : stats_.prefetch_loads);
-  return Status::Ok();
+    return Unimplemented("no pinned host copy of expert " + std::to_string(expert) + " of layer " +
+                         std::to_string(layer));
+  return Enqueue(slot, src, tier_->bytes_per_expert(), urgent_);
 }
 
 void CudaSlotArena::WaitReady(int slot) {
-  if (cudaEventQuery(ready_[slot]) != cudaErrorNotReady) {
+  bool pending = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    pending = pending_[slot] != nullptr;
+  }
+  if (!pending && cudaEventQuery(ready_[slot]) != cudaErrorNotReady) {
     cudaGetLastError();
     return;  // the load is done (or the slot was never loaded through the copy streams)
   }
@@ -115,18 +250,28 @@ void CudaSlotArena::WaitReady(int slot) {
   if (!stall_pool_.empty()) {
     ev = stall_pool_.back();
     stall_pool_.pop_back();
-  } else if (cudaEventCreate(&ev.first) != cudaSuccess || cudaEventCreate(&ev.second) != cudaSuccess) {
-    cudaStreamWaitEvent(compute_, ready_[slot], 0);  // still correct, just not timed
-    return;
+  } else {
+    ev.first = TakeEvent(true);
+    ev.second = TakeEvent(true);
+  }
+  const bool timed = ev.first && ev.second;
+  // Recorded before the host waits for the copy thread, so compute-stream idle time during that
+  // wait counts as stall (the compute stream reaches it after the work enqueued before it).
+  if (timed) cudaEventRecord(ev.first, compute_);
+  if (pending) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return !pending_[slot] || stop_ || !error_.ok(); });
+  }
+  cudaStreamWaitEvent(compute_, ready_[slot], 0);
+  if (!timed) {
+    if (ev.first) cudaEventDestroy(ev.first);
+    if (ev.second) cudaEventDestroy(ev.second);
+    return;  // still correct, just not timed
   }
   ++stats_.stalled_waits;
-  cudaEventRecord(ev.first, compute_);
-  cudaStreamWaitEvent(compute_, ready_[slot], 0);
   cudaEventRecord(ev.second, compute_);
   stall_pending_.push_back(ev);
 }
-
-void CudaSlotArena::MarkReleased(int slot) { cudaEventRecord(released_[slot], compute_); }
 
 void CudaSlotArena::HarvestStall() {
   std::vector<std::pair<cudaEvent_t, cudaEvent_t>> still;
@@ -144,6 +289,10 @@ void CudaSlotArena::HarvestStall() {
 }
 
 void CudaSlotArena::SynchronizeCopies() {
+  if (options_.max_queued_chunks > 0) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [this] { return stop_ || !error_.ok() || (queue_[0].empty() && queue_[1].empty()); });
+  }
   cudaStreamSynchronize(correction_);
   cudaStreamSynchronize(prefetch_);
 }

@@ -3,31 +3,53 @@
 //
 // Streams and events (the invariants that make reuse safe without host syncs):
 //   - two copy streams: `correction` (highest stream priority) for loads the router needs now,
-//     `prefetch` (lowest) for forecast loads. A correction never queues behind prefetches in a
-//     stream FIFO; prefetch copies are split into chunks (copy_chunk_bytes) so the copy engines can
-//     interleave a correction between them.
-//   - per slot, `ready`: recorded on the copy stream after the slot's latest load. A reader makes
-//     the compute stream wait on it (WaitReady: cudaStreamWaitEvent, no host sync), so a layer
-//     waits only for the slots it reads, never for other layers' prefetches.
-//   - per slot, `released`: recorded on the compute stream after the last kernel that read the
-//     slot was enqueued (MarkReleased). A load into the slot first makes its copy stream wait on
-//     `released` (write after read) and on `ready` (write after write: an earlier load on the
-//     other stream).
-//   - stall: when WaitReady finds the slot's load still in flight it brackets the wait with two
-//     timing events on the compute stream; their elapsed time is the time the compute stream sat
-//     blocked on copies (HarvestStall, after a sync).
+//     `prefetch` (lowest) for forecast loads.
+//   - per load, `gate`: recorded on the compute stream when the load is asked for. The copy
+//     waits on it first, so it never overwrites a slot that kernels enqueued earlier still read
+//     (the store only reuses a slot once its reader released it, i.e. after those kernels were
+//     enqueued).
+//   - per slot, `ready`: recorded on the copy stream after each piece of the slot's latest load.
+//     A reader makes the compute stream wait on it (WaitReady: cudaStreamWaitEvent, no host
+//     sync), so a layer waits only for the slots it reads. A load also waits on it (write after
+//     write with an earlier load on the other stream).
+//
+// Stall accounting covers the compute stream's waits at WaitReady only. A host->device copy that
+// the compute stream itself enqueues while expert loads are queued is served by the copy engine
+// after them (measured on H200, whole loads or pieces alike; kernels, memsets and device-to-device
+// copies are not held): the compute stream then blocks at that copy, untimed, and WaitReady finds
+// the loads done. ef_offload_bench zeroed its MoE output with such a copy, which is why its oracle
+// rows read 0 ms stall while copy-bound; zeroed with SetZero, as the engine does, the same rows
+// read the stall. Keep host->device copies off the compute stream between a layer's routing and
+// its expert GEMMs.
+//
+// Copy queue (max_queued_chunks > 0): a copy thread feeds the copy engine copy_chunk_bytes at a
+// time, at most max_queued_chunks pieces enqueued and unfinished, and takes correction pieces
+// before prefetch pieces, so a correction waits for at most that many prefetch pieces instead of
+// every queued prefetch byte. Off by default (0: every load enqueued whole from the calling
+// thread): with one layer of prefetch it measured no different (ef_offload_bench --copy-queues).
+//
+//   - stall: when WaitReady finds the slot's load not complete it brackets the wait with two
+//     timing events on the compute stream (the first recorded before the host waits for the copy
+//     thread to enqueue the load's last piece); their elapsed time is the time the compute stream
+//     sat blocked on expert copies (HarvestStall, after a sync).
 //
 // Memory: one allocation of num_slots x stride through the CUDA backend's allocator, so the slots
 // count against its memory budget.
 //
 // Priority: Load() has no priority argument (SlotArena interface); the owner sets the class of the
 // next loads with set_urgent() before calling into the ExpertStore (the store is used in sync mode,
-// on the engine thread). Thread safety: not thread-safe; one engine thread drives it.
+// on the engine thread). Thread safety: the public methods are called from one engine thread; the
+// copy thread only touches the copy streams, the queue (under a mutex) and the events it owns.
 #pragma once
 
 #include <cuda_runtime_api.h>
 
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
 #include <memory>
+#include <mutex>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -41,17 +63,25 @@ struct CudaCopyStats {
   int64_t urgent_loads = 0;    // loads on the correction stream
   int64_t prefetch_loads = 0;  // loads on the prefetch stream
   int64_t bytes_h2d = 0;       // bytes copied host -> device
-  int64_t stalled_waits = 0;   // WaitReady calls that found the load in flight
+  int64_t stalled_waits = 0;   // WaitReady calls that found the load not complete
   double stall_ms = 0;         // compute-stream time blocked on copies (harvested)
+};
+
+struct CudaSlotArenaOptions {
+  // Piece size of a load; with max_queued_chunks = 0 only prefetches are split.
+  size_t copy_chunk_bytes = size_t{8} << 20;
+  // Pieces enqueued and unfinished at any time (copy thread); 0: every load enqueued whole at once.
+  int max_queued_chunks = 0;
 };
 
 class CudaSlotArena final : public SlotArena {
  public:
-  // `tier` (not owned) must outlive the arena; its bytes_per_expert must fit in slot_bytes.
+  // `tier` (not owned, may be null: loads then fail) must outlive the arena; its bytes_per_expert
+  // must fit in slot_bytes.
   static StatusOr<std::unique_ptr<CudaSlotArena>> Create(runtime::CudaBackend* backend, const PinnedHostTier* tier,
                                                          int num_slots, size_t slot_bytes,
-                                                         size_t copy_chunk_bytes = size_t{64} << 20);
-  ~CudaSlotArena() override;  // waits for its copy streams, then frees events and streams
+                                                         const CudaSlotArenaOptions& options = {});
+  ~CudaSlotArena() override;  // stops the copy thread, waits for its copy streams, frees events
 
   int num_slots() const override { return num_slots_; }
   size_t slot_bytes() const override { return slot_bytes_; }
@@ -60,26 +90,47 @@ class CudaSlotArena final : public SlotArena {
   std::span<std::byte> host_view(int slot) override { return {}; }
   // Synchronous generic path (src may be pageable and is free on return).
   Status CopyIn(int slot, std::span<const std::byte> src) override;
-  // Enqueues the copy of (layer, expert) from the pinned tier; returns at once.
+  // Queues the copy of (layer, expert) from the pinned tier; returns at once. Unimplemented when
+  // the tier holds no pinned copy of it (the store then stages it through CopyIn).
   Status Load(int slot, int layer, int expert) override;
 
   void set_urgent(bool urgent) { urgent_ = urgent; }
-  // Makes the compute stream wait for the slot's latest load (GPU side).
+  // Makes the compute stream wait for the slot's latest load (GPU side; the host waits only until
+  // the copy thread has enqueued the load's last piece).
   void WaitReady(int slot);
-  // The kernels reading the slot are enqueued: later loads into it wait for them.
-  void MarkReleased(int slot);
   // Sums the stall intervals whose events completed (call after a sync of the compute stream).
   void HarvestStall();
   const CudaCopyStats& copy_stats() const { return stats_; }
-  // Blocks until both copy streams are idle.
+  const CudaSlotArenaOptions& options() const { return options_; }
+  // Blocks until every queued load is enqueued and both copy streams are idle.
   void SynchronizeCopies();
+  // The first error of the copy thread (a failed CUDA call), or OK.
+  Status status() const;
 
  private:
+  struct Job {
+    int slot = -1;
+    const std::byte* src = nullptr;
+    size_t bytes = 0;
+    size_t issued = 0;  // bytes enqueued so far
+    bool urgent = false;
+    bool cancelled = false;
+    cudaEvent_t gate = nullptr;
+  };
   CudaSlotArena() = default;
   Status Check(cudaError_t e, const char* what);
+  // Records a load of `bytes` from `src` into `slot`: enqueued now (direct) or queued for the copy
+  // thread.
+  Status Enqueue(int slot, const std::byte* src, size_t bytes, bool urgent);
+  // Enqueues job's next piece (its first: after the gate and the slot's ready event); returns the
+  // piece's bytes. Copy thread, or the caller in direct mode.
+  StatusOr<size_t> IssuePiece(Job& job, size_t max_bytes);
+  void CopyLoop();
+  cudaEvent_t TakeEvent(bool timing);  // from the pools (mu_ held for the untimed one)
 
   runtime::CudaBackend* backend_ = nullptr;
   const PinnedHostTier* tier_ = nullptr;
+  CudaSlotArenaOptions options_;
   std::string tier_name_;
   runtime::Buffer buffer_;
   int num_slots_ = 0;
@@ -90,9 +141,19 @@ class CudaSlotArena final : public SlotArena {
   cudaStream_t compute_ = nullptr;     // the backend's
   cudaStream_t correction_ = nullptr;  // owned
   cudaStream_t prefetch_ = nullptr;    // owned
-  std::vector<cudaEvent_t> ready_, released_;
+  std::vector<cudaEvent_t> ready_;
   std::vector<std::pair<cudaEvent_t, cudaEvent_t>> stall_pending_, stall_pool_;
   CudaCopyStats stats_;
+
+  // Copy queue (max_queued_chunks > 0).
+  mutable std::mutex mu_;
+  std::condition_variable cv_;                 // a job was queued, a job's last piece enqueued, stop
+  std::deque<std::shared_ptr<Job>> queue_[2];  // [0] urgent, [1] prefetch: jobs not fully enqueued
+  std::vector<std::shared_ptr<Job>> pending_;  // per slot: its job not fully enqueued, or null
+  std::vector<cudaEvent_t> event_pool_;        // untimed events (gates, piece markers)
+  Status error_;
+  bool stop_ = false;
+  std::thread copier_;
 };
 
 }  // namespace ef::cache

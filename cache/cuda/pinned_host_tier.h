@@ -17,15 +17,18 @@ namespace ef::cache {
 class PinnedHostTier {
  public:
   // Allocates bytes_per_expert for every (layer, expert) with present[layer] (dense layers hold no
-  // routed experts). ResourceExhausted naming the bytes when the host cannot pin that much.
+  // routed experts), layer by layer, up to max_bytes in all (0: no limit); the experts past it get
+  // no buffer (data() is null: the owner reads them from elsewhere). ResourceExhausted naming the
+  // bytes when the host cannot pin that much.
   static StatusOr<std::unique_ptr<PinnedHostTier>> Create(int num_layers, int num_experts, size_t bytes_per_expert,
-                                                          const std::vector<bool>& present);
+                                                          const std::vector<bool>& present, size_t max_bytes = 0);
   ~PinnedHostTier();
   PinnedHostTier(const PinnedHostTier&) = delete;
   PinnedHostTier& operator=(const PinnedHostTier&) = delete;
 
   std::byte* data(int layer, int expert) const { return buffers_[static_cast<size_t>(layer) * num_experts_ + expert]; }
   size_t bytes_per_expert() const { return bytes_; }
+  int num_pinned() const { return num_pinned_; }
   size_t total_bytes() const { return total_; }
   int num_layers() const { return num_layers_; }
   int num_experts() const { return num_experts_; }
@@ -36,7 +39,8 @@ class PinnedHostTier {
   int num_experts_ = 0;
   size_t bytes_ = 0;
   size_t total_ = 0;
-  std::vector<std::byte*> buffers_;  // nullptr for dense layers
+  int num_pinned_ = 0;
+  std::vector<std::byte*> buffers_;  // nullptr for dense layers and past max_bytes
 };
 
 }  // namespace ef::cache

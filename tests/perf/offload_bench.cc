@@ -13,19 +13,33 @@
 // the experts through the cache.
 //
 // Modes, at budgets of 25/50/75/100% of the experts (2/4/6/8 slots per layer):
-//   lru      on demand: LRU per layer, a miss loads when its layer's routing is known (hits
-//            compute first while misses load) - what Mixtral-offloading does;
-//   oracle   expertflow policy + prefetch of the next layer's experts, both from the trace's
-//            true future routing (an oracle, not a predictor): at layer l the experts of layer l+1
-//            are prefetched; the policy's forecast is the current and the next token's routing.
+//   lru        on demand: LRU per layer, a miss loads when its layer's routing is known (hits
+//              compute first while misses load) - what Mixtral-offloading does;
+//   oracle     expertflow policy + prefetch of the next layer's experts, both from the trace's
+//              true future routing (an oracle, not a predictor): at layer l the experts of layer
+//              l+1 are prefetched; the policy's forecast is the current and the next token's routing;
+//   lookahead  expertflow policy + prefetch of the next `--prefetch-layers` layers' experts from
+//              the lookahead predictor (placement/lookahead_predictor.h: the next layers' routers
+//              on layer l's router input), as the engine's expert cache does. A predictor can only
+//              forecast the model's own routers, and these are synthetic: this mode (and
+//              `lru-own`, its on-demand baseline) routes with the model's routers, not the trace -
+//              compare lookahead with lru-own, oracle with lru.
+// Copy queue (--copy-queues, a list): pieces of --chunk-mb fed to the copy engine by the arena's
+// copy thread, at most N unfinished (0, the default: every load enqueued whole; cuda_slot_arena.h).
+// --compute-ops (a list): how the step zeroes the MoE output and appends K/V each layer on the
+// compute stream: `engine` (the default and what the engine does: SetZero, CopyOnDevice),
+// `copies` (zeros by a host->device CopyToDevice, CopyOnDevice: how this benchmark did it before),
+// `kernels` (both as kernels), `kv-kernel` (CopyToDevice zeros, K/V by a kernel). The host->device
+// copy is served after the queued expert copies, so with it the compute stream blocks there,
+// untimed, and the stall column reads ~0 although the run is copy-bound (cuda_slot_arena.h).
 // Timed: `steps` tokens after `warmup` tokens (cache warm). Reported per token: wall time, the
 // compute stream's time blocked on copies (cudaEvents around each wait), hits/misses of the store,
 // bytes copied host->device, and the PCIe bound = misses x expert bytes / 55 GB/s (6.35 ms per
 // expert, ACCELERATOR.md).
 //
 //   ef_offload_bench [--layers 0 (auto) | 16 | 32] [--steps 48] [--warmup 16] [--budgets 25,50,75,100]
-//                    [--modes lru,oracle] [--prefetch-layers 1] [--context 256] [--trace FILE]
-//                    [--pcie-gbps 55] [--json FILE]
+//                    [--modes lru,oracle,lru-own,lookahead] [--prefetch-layers 1] [--copy-queues 3]
+//                    [--chunk-mb 8] [--context 256] [--trace FILE] [--pcie-gbps 55] [--json FILE]
 #include <cublas_api.h>
 #include <cuda_runtime_api.h>
 
@@ -40,11 +54,13 @@
 #include <vector>
 
 #include "cache/cuda/cuda_expert_source.h"
+#include "placement/lookahead_predictor.h"
 #include "placement/routing_forecast.h"
 #include "placement/routing_trace.h"
 #include "runtime/backend/cuda/cuda_backend.h"
 #include "runtime/backend/cuda/cuda_kernels.h"
 #include "runtime/core/build_info.h"
+#include "runtime/core/dtype.h"
 #include "runtime/engine/moe_executor.h"
 #include "tests/perf/device_info.h"
 
@@ -60,8 +76,12 @@ struct Args {
   int steps = 48;
   int warmup = 16;
   std::vector<int> budgets = {25, 50, 75, 100};
-  std::vector<std::string> modes = {"lru", "oracle"};
+  std::vector<std::string> modes = {"lru", "oracle", "lru-own", "lookahead"};
   int prefetch_layers = 1;
+  std::vector<int> copy_queues = {0};
+  int chunk_mb = 8;
+  std::vector<std::string> compute_ops_list = {"engine"};
+  std::string compute_ops = "engine";  // the one running
   int context = 256;
   std::string trace = std::string(EF_SHARED_DIR) + "/traces/mixtral8x7b_gsm8k_decode.jsonl";
   double pcie_gbps = 55;
@@ -112,6 +132,13 @@ Args ParseArgs(int argc, char** argv) {
       a.modes = Split(next());
     } else if (k == "--prefetch-layers") {
       a.prefetch_layers = std::stoi(next());
+    } else if (k == "--copy-queues") {
+      a.copy_queues.clear();
+      for (auto& t : Split(next())) a.copy_queues.push_back(std::stoi(t));
+    } else if (k == "--chunk-mb") {
+      a.chunk_mb = std::stoi(next());
+    } else if (k == "--compute-ops") {
+      a.compute_ops_list = Split(next());
     } else if (k == "--context") {
       a.context = std::stoi(next());
     } else if (k == "--trace") {
@@ -123,14 +150,22 @@ Args ParseArgs(int argc, char** argv) {
     } else if (k == "-h" || k == "--help") {
       std::printf(
           "ef_offload_bench [--layers 0|16|32] [--steps N] [--warmup N] [--budgets 25,50,75,100] "
-          "[--modes lru,oracle] [--prefetch-layers N] [--context N] [--trace FILE] [--pcie-gbps X] [--json FILE]\n");
+          "[--modes lru,oracle,lru-own,lookahead] [--prefetch-layers N] [--copy-queues 3[,0]] [--chunk-mb 8] "
+          "[--context N] [--trace FILE] [--pcie-gbps X] [--json FILE]\n");
       std::exit(0);
     } else {
       Die("unknown argument " + k);
     }
   }
   for (auto& m : a.modes)
-    if (m != "lru" && m != "oracle") Die("unknown mode " + m + " (lru, oracle)");
+    if (m != "lru" && m != "oracle" && m != "lru-own" && m != "lookahead")
+      Die("unknown mode " + m + " (lru, oracle, lru-own, lookahead)");
+  for (int q : a.copy_queues)
+    if (q < 0) Die("--copy-queues takes counts >= 0");
+  for (const auto& o : a.compute_ops_list)
+    if (o != "engine" && o != "copies" && o != "kernels" && o != "kv-kernel")
+      Die("unknown --compute-ops " + o + " (engine, copies, kernels, kv-kernel)");
+  if (a.chunk_mb < 1) Die("--chunk-mb must be >= 1");
   return a;
 }
 
@@ -151,6 +186,11 @@ double MemAvailableBytes() {
 struct AttnLayer {
   Weight input_norm, post_norm, q, k, v, o, router;
 };
+
+// The routing a mode runs with: the trace's (lru, oracle) or the synthetic model's own routers
+// (lru-own, lookahead: a predictor forecasts the model's routers, not the trace's).
+bool OwnRouting(const std::string& mode) { return mode == "lru-own" || mode == "lookahead"; }
+const char* Policy(const std::string& mode) { return mode == "lru" || mode == "lru-own" ? "lru" : "expertflow"; }
 
 ExpertCounters Minus(const ExpertCounters& a, const ExpertCounters& b) {
   ExpertCounters c = a;
@@ -199,6 +239,20 @@ class Bench {
       L.router = rand_weight(a_.experts, a_.hidden, 4 * sh);
       layers_.push_back(L);
     }
+    // The lookahead predictor's F32 copies of the routers (norm weights are ones here).
+    {
+      std::vector<std::vector<float>> routers;
+      std::vector<uint16_t> raw(static_cast<size_t>(a_.experts) * a_.hidden);
+      for (int l = 0; l < a_.layers; ++l) {
+        b_->CopyToHost(raw.data(), layers_[l].router.data, raw.size() * sizeof(uint16_t));
+        std::vector<float> r(raw.size());
+        for (size_t i = 0; i < raw.size(); ++i) r[i] = Bf16ToF32(raw[i]);
+        routers.push_back(std::move(r));
+      }
+      lookahead_ =
+          OrDie(placement::LookaheadPredictor::Create(a_.hidden, a_.experts, a_.top_k, std::move(routers), {}, 1e-5f),
+                "lookahead predictor");
+    }
     // Experts: generated on the device one at a time, copied into the pinned host tier.
     layout_.num_layers = a_.layers;
     layout_.num_experts = a_.experts;
@@ -243,17 +297,24 @@ class Bench {
     ExpertCounters c;
     CudaCopyStats copies;
     double seconds = 0;
+    int64_t forecast_hits = 0, forecast_chosen = 0;  // lookahead: forecast experts the router chose
   };
 
-  Result Run(int slots, const std::string& mode) {
+  Result Run(int slots, const std::string& mode, int copy_queue, const std::string& compute_ops) {
+    a_.compute_ops = compute_ops;
     CudaExpertSourceOptions o;
     o.slots_per_layer = slots;
-    o.policy = mode == "oracle" ? "expertflow" : "lru";
-    o.prefetch_layers = mode == "oracle" ? a_.prefetch_layers : 0;
+    o.policy = Policy(mode);
+    o.prefetch_layers = mode == "oracle" || mode == "lookahead" ? a_.prefetch_layers : 0;
+    o.max_queued_chunks = copy_queue;
+    o.copy_chunk_bytes = static_cast<size_t>(a_.chunk_mb) << 20;
     auto src = OrDie(CudaExpertSource::Create(layout_, tier_, b_, o), "expert cache");
     runtime::LocalMoeExecutor moe(b_, a_.hidden, a_.experts);
     moe.set_expert_source(src.get());
     const bool oracle = mode == "oracle";
+    mode_ = mode;
+    forecast_hits_ = forecast_chosen_ = 0;
+    for (auto& v : predicted_) v.clear();
     const int total = a_.warmup + a_.steps;
     if (oracle)
       for (int l = 0; l < a_.layers; ++l) src->SetUpcoming(l, Experts(0, l));
@@ -268,12 +329,15 @@ class Bench {
         c0 = src->stats().total;
         s0 = src->arena().copy_stats();
         t0 = std::chrono::steady_clock::now();
+        forecast_hits_ = forecast_chosen_ = 0;
       }
       if (oracle) src->store().SetForecast(Forecast(i));
-      Step(i, moe, oracle ? src.get() : nullptr);
+      Step(i, moe, src.get());
     }
     Sync();
     r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    r.forecast_hits = forecast_hits_;
+    r.forecast_chosen = forecast_chosen_;
     src->arena().HarvestStall();
     r.c = Minus(src->stats().total, c0);
     r.copies = src->arena().copy_stats();
@@ -305,7 +369,39 @@ class Bench {
     return f;
   }
 
-  void Step(int token, runtime::LocalMoeExecutor& moe, CudaExpertSource* oracle) {
+  // Lookahead at layer l (router input h_host): the next layers' forecast experts (each the top-k
+  // of the predictor's probabilities) as the cache's upcoming lists, and the expertflow forecast
+  // (this layer's true experts, the predicted ones), as cache::PredictorPrefetcher does.
+  void Lookahead(int l, const std::vector<float>& h_host, const std::vector<int32_t>& ids, CudaExpertSource* src) {
+    const int E = a_.experts, K = a_.top_k;
+    if (l == 0) step_forecast_ = placement::RoutingForecast(1, a_.layers, E);
+    if (l > 0 && !predicted_[l].empty()) {
+      forecast_chosen_ += K;
+      for (int32_t e : ids)
+        if (std::find(predicted_[l].begin(), predicted_[l].end(), e) != predicted_[l].end()) ++forecast_hits_;
+    }
+    float* now = step_forecast_.row(0, l);
+    std::fill(now, now + E, 0.f);
+    for (int32_t e : ids) now[e] = 1.f;
+    std::vector<float> p(E);
+    for (int n = l + 1; n < a_.layers && n <= l + a_.prefetch_layers; ++n) {
+      Status st = lookahead_->LayerProbs(h_host, l, n, p.data());
+      if (!st.ok()) Die("lookahead: " + st.ToString());
+      std::vector<int32_t> order(E);
+      for (int e = 0; e < E; ++e) order[e] = e;
+      std::partial_sort(order.begin(), order.begin() + K, order.end(),
+                        [&](int32_t x, int32_t y) { return p[x] != p[y] ? p[x] > p[y] : x < y; });
+      order.resize(K);
+      float* row = step_forecast_.row(0, n);
+      std::fill(row, row + E, 0.f);
+      for (int32_t e : order) row[e] = 1.f;
+      predicted_[n] = order;
+      src->SetUpcoming(n, std::move(order));
+    }
+    src->store().SetForecast(step_forecast_);
+  }
+
+  void Step(int token, runtime::LocalMoeExecutor& moe, CudaExpertSource* src) {
     const int H = a_.hidden, qd = a_.heads * a_.head_dim, kvd = a_.kv_heads * a_.head_dim, T = 1;
     float* x = Scratch(0, H);
     float* h = Scratch(1, H);
@@ -319,6 +415,7 @@ class Bench {
     auto* ids_dev = reinterpret_cast<int32_t*>(Scratch(9, a_.top_k));
     float* w_dev = Scratch(10, a_.top_k);
     auto* pos_dev = reinterpret_cast<int32_t*>(Scratch(11, 1));
+    auto* row0_dev = reinterpret_cast<int32_t*>(Scratch(12, 1));  // zeroed at allocation: row index 0
     const int32_t pos = a_.context;
     b_->CopyToDevice(pos_dev, &pos, sizeof pos);
     Check(runtime::cuda::launch_fill_random(x, DType::kF32, H, 1000 + token, 1.0f, b_->stream()), "input");
@@ -334,29 +431,51 @@ class Bench {
       b_->Gemm(h, T, L.v, nullptr, v, false);
       b_->Rope(q, pos_dev, T, a_.heads, a_.head_dim, 1e6f);
       b_->Rope(k, pos_dev, T, a_.kv_heads, a_.head_dim, 1e6f);
-      b_->CopyOnDevice(kv_[2 * l].f32() + static_cast<size_t>(a_.context) * kvd, k, sizeof(float) * kvd);
-      b_->CopyOnDevice(kv_[2 * l + 1].f32() + static_cast<size_t>(a_.context) * kvd, v, sizeof(float) * kvd);
+      if (a_.compute_ops == "kernels" || a_.compute_ops == "kv-kernel") {
+        Check(runtime::cuda::launch_gather_rows(k, row0_dev, 1, kvd,
+                                                kv_[2 * l].f32() + static_cast<size_t>(a_.context) * kvd, b_->stream()),
+              "kv append");
+        Check(runtime::cuda::launch_gather_rows(
+                  v, row0_dev, 1, kvd, kv_[2 * l + 1].f32() + static_cast<size_t>(a_.context) * kvd, b_->stream()),
+              "kv append");
+      } else {
+        b_->CopyOnDevice(kv_[2 * l].f32() + static_cast<size_t>(a_.context) * kvd, k, sizeof(float) * kvd);
+        b_->CopyOnDevice(kv_[2 * l + 1].f32() + static_cast<size_t>(a_.context) * kvd, v, sizeof(float) * kvd);
+      }
       b_->Attention(q, 1, kv_[2 * l].f32(), kv_[2 * l + 1].f32(), a_.context + 1, a_.heads, a_.kv_heads, a_.head_dim,
                     attn);
       b_->Gemm(attn, T, L.o, nullptr, tmp, false);
       b_->Add(x, tmp, H);
       b_->RmsNorm(x, T, H, L.post_norm, 1e-5f, h);
-      b_->CopyToDevice(out, zeros.data(), sizeof(float) * H);
+      if (a_.compute_ops == "kernels") {
+        Check(runtime::cuda::launch_fill_random(out, DType::kF32, H, 1, 0.f, b_->stream()), "zero");  // 0 * u = 0
+      } else if (a_.compute_ops == "engine") {
+        b_->SetZero(out, sizeof(float) * H);
+      } else {
+        b_->CopyToDevice(out, zeros.data(), sizeof(float) * H);
+      }
       b_->Gemm(h, T, L.router, nullptr, logits, false);
       b_->RouterTopK(logits, T, a_.experts, a_.top_k, true, ids_dev, w_dev);
       b_->CopyToHost(ids.data(), ids_dev, ids.size() * sizeof(int32_t));  // the engine's sync point
       b_->CopyToHost(wts.data(), w_dev, wts.size() * sizeof(float));
-      // Routing override: the trace's token decides.
-      for (int j = 0; j < a_.top_k; ++j) {
-        ids[j] = trace_.expert(t, l, j);
-        const auto& tw = trace_.tokens[t].weights;
-        wts[j] = tw.empty() ? 1.f / a_.top_k : tw[static_cast<size_t>(l) * a_.top_k + j];
+      if (!OwnRouting(mode_)) {
+        // Routing override: the trace's token decides.
+        for (int j = 0; j < a_.top_k; ++j) {
+          ids[j] = trace_.expert(t, l, j);
+          const auto& tw = trace_.tokens[t].weights;
+          wts[j] = tw.empty() ? 1.f / a_.top_k : tw[static_cast<size_t>(l) * a_.top_k + j];
+        }
+      }
+      if (mode_ == "lookahead") {
+        // The router input to the host, as Engine::set_expose_router_inputs does.
+        b_->CopyToHost(h_host_.data(), h, h_host_.size() * sizeof(float));
+        Lookahead(l, h_host_, ids, src);
       }
       Status st = moe.Run(l, T, a_.top_k, h, ids, wts, out);
       if (!st.ok()) Die("moe: " + st.ToString());
       b_->Add(x, out, H);
       // The next time layer l runs is the next token's: the oracle forecast for it.
-      if (oracle) oracle->SetUpcoming(l, Experts(token + 1, l));
+      if (mode_ == "oracle") src->SetUpcoming(l, Experts(token + 1, l));
     }
   }
 
@@ -374,6 +493,12 @@ class Bench {
 
   Args a_;
   const placement::RoutingTrace& trace_;
+  std::string mode_;
+  std::unique_ptr<placement::LookaheadPredictor> lookahead_;
+  std::vector<float> h_host_ = std::vector<float>(static_cast<size_t>(a_.hidden));
+  std::vector<std::vector<int32_t>> predicted_ = std::vector<std::vector<int32_t>>(static_cast<size_t>(a_.layers));
+  placement::RoutingForecast step_forecast_;
+  int64_t forecast_hits_ = 0, forecast_chosen_ = 0;
   std::unique_ptr<CudaBackend> backend_;
   CudaBackend* b_ = nullptr;
   std::vector<AttnLayer> layers_;
@@ -423,53 +548,71 @@ int Main(int argc, char** argv) {
               mem / (1 << 30));
   std::printf(
       "# %s; %d warm-up + %d timed tokens, context %d; lru = on demand, oracle = expertflow + prefetch %d layer(s) "
-      "ahead from the trace's true routing; pcie bound = misses x %.2f ms (%.0f MB / %.0f GB/s)\n",
+      "ahead from the trace's true routing; lru-own / lookahead = the same with the model's own (synthetic) routers, "
+      "lookahead prefetching from the lookahead predictor; pcie bound = misses x %.2f ms (%.0f MB / %.0f GB/s); "
+      "copy queue = pieces of %d MB on the copy engine at once (0: whole loads); compute-stream ops: %s\n",
       layers_note.c_str(), a.warmup, a.steps, a.context, a.prefetch_layers, expert_bytes / (a.pcie_gbps * 1e6),
-      expert_bytes / 1e6, a.pcie_gbps);
+      expert_bytes / 1e6, a.pcie_gbps, a.chunk_mb, "see the ops column");
   if (std::string(EF_BUILD_TYPE) == "Debug") std::printf("# WARNING: debug build, timings are not representative\n");
 
   Bench bench(a, trace);
   bench.Build();
 
   nlohmann::json records = nlohmann::json::array();
-  std::printf("\n%6s %5s %-7s %9s %9s %7s %10s %9s %8s %8s %11s %11s\n", "budget", "slots", "mode", "tok/s", "ms/tok",
-              "hit%", "stall_ms/t", "GB_h2d", "misses", "prefetch", "pcie_ms/t", "bytes_ms/t");
-  for (int pct : a.budgets) {
-    const int slots = std::max(a.top_k, (a.experts * pct + 99) / 100);
-    for (const std::string& mode : a.modes) {
-      const Bench::Result r = bench.Run(slots, mode);
-      const double n = a.steps;
-      const int64_t acc = r.c.hits + r.c.misses;
-      const double hit = acc ? double(r.c.hits) / acc : 0;
-      const double ms_tok = 1e3 * r.seconds / n;
-      const double pcie_ms = r.c.misses * (expert_bytes / (a.pcie_gbps * 1e9)) * 1e3 / n;
-      const double bytes_ms = r.copies.bytes_h2d / (a.pcie_gbps * 1e9) * 1e3 / n;
-      std::printf("%5d%% %5d %-7s %9.2f %9.1f %6.1f%% %10.1f %9.1f %8lld %8lld %11.1f %11.1f\n", pct, slots,
-                  mode.c_str(), n / r.seconds, ms_tok, 100 * hit, r.copies.stall_ms / n, r.copies.bytes_h2d / 1e9,
-                  static_cast<long long>(r.c.misses), static_cast<long long>(r.copies.prefetch_loads), pcie_ms,
-                  bytes_ms);
-      std::fflush(stdout);
-      records.push_back({{"budget_pct", pct},
-                         {"slots_per_layer", slots},
-                         {"mode", mode},
-                         {"policy", mode == "oracle" ? "expertflow" : "lru"},
-                         {"prefetch", mode == "oracle" ? "oracle (trace's next-layer routing)" : "none (on demand)"},
-                         {"tokens", a.steps},
-                         {"tokens_per_s", n / r.seconds},
-                         {"ms_per_token", ms_tok},
-                         {"hit_rate", hit},
-                         {"hits", r.c.hits},
-                         {"misses", r.c.misses},
-                         {"prefetch_loads", r.copies.prefetch_loads},
-                         {"prefetch_used", r.c.prefetch_used},
-                         {"prefetch_wasted", r.c.prefetch_wasted},
-                         {"stall_ms_per_token", r.copies.stall_ms / n},
-                         {"stalled_waits", r.copies.stalled_waits},
-                         {"bytes_h2d", r.copies.bytes_h2d},
-                         {"pcie_bound_ms_per_token", pcie_ms},
-                         {"bytes_bound_ms_per_token", bytes_ms}});
+  std::printf("\n%-9s %6s %5s %-9s %5s %9s %9s %7s %10s %9s %8s %8s %7s %11s %11s\n", "ops", "budget", "slots", "mode",
+              "queue", "tok/s", "ms/tok", "hit%", "stall_ms/t", "GB_h2d", "misses", "prefetch", "recall", "pcie_ms/t",
+              "bytes_ms/t");
+  for (const std::string& ops : a.compute_ops_list)
+    for (int queue : a.copy_queues) {
+      for (int pct : a.budgets) {
+        const int slots = std::max(a.top_k, (a.experts * pct + 99) / 100);
+        for (const std::string& mode : a.modes) {
+          const Bench::Result r = bench.Run(slots, mode, queue, ops);
+          const double n = a.steps;
+          const int64_t acc = r.c.hits + r.c.misses;
+          const double hit = acc ? double(r.c.hits) / acc : 0;
+          const double ms_tok = 1e3 * r.seconds / n;
+          const double pcie_ms = r.c.misses * (expert_bytes / (a.pcie_gbps * 1e9)) * 1e3 / n;
+          const double bytes_ms = r.copies.bytes_h2d / (a.pcie_gbps * 1e9) * 1e3 / n;
+          const double recall = r.forecast_chosen ? double(r.forecast_hits) / r.forecast_chosen : 0;
+          char recall_text[16] = "-";
+          if (mode == "lookahead") std::snprintf(recall_text, sizeof recall_text, "%.3f", recall);
+          std::printf("%-9s %5d%% %5d %-9s %5d %9.2f %9.1f %6.1f%% %10.1f %9.1f %8lld %8lld %7s %11.1f %11.1f\n",
+                      ops.c_str(), pct, slots, mode.c_str(), queue, n / r.seconds, ms_tok, 100 * hit,
+                      r.copies.stall_ms / n, r.copies.bytes_h2d / 1e9, static_cast<long long>(r.c.misses),
+                      static_cast<long long>(r.copies.prefetch_loads), recall_text, pcie_ms, bytes_ms);
+          std::fflush(stdout);
+          const char* prefetch = mode == "oracle"      ? "oracle (trace's next-layer routing)"
+                                 : mode == "lookahead" ? "lookahead predictor (next layers' routers on h)"
+                                                       : "none (on demand)";
+          records.push_back(
+              {{"budget_pct", pct},
+               {"slots_per_layer", slots},
+               {"mode", mode},
+               {"routing", OwnRouting(mode) ? "model's own routers" : "trace"},
+               {"policy", Policy(mode)},
+               {"prefetch", prefetch},
+               {"copy_queue", queue},
+               {"compute_ops", ops},
+               {"chunk_mb", a.chunk_mb},
+               {"tokens", a.steps},
+               {"tokens_per_s", n / r.seconds},
+               {"ms_per_token", ms_tok},
+               {"hit_rate", hit},
+               {"hits", r.c.hits},
+               {"misses", r.c.misses},
+               {"prefetch_loads", r.copies.prefetch_loads},
+               {"prefetch_used", r.c.prefetch_used},
+               {"prefetch_wasted", r.c.prefetch_wasted},
+               {"forecast_recall", mode == "lookahead" ? nlohmann::json(recall) : nlohmann::json(nullptr)},
+               {"stall_ms_per_token", r.copies.stall_ms / n},
+               {"stalled_waits", r.copies.stalled_waits},
+               {"bytes_h2d", r.copies.bytes_h2d},
+               {"pcie_bound_ms_per_token", pcie_ms},
+               {"bytes_bound_ms_per_token", bytes_ms}});
+        }
+      }
     }
-  }
   std::printf(
       "# stall = compute-stream time blocked on expert copies (cudaEvents); pcie bound counts misses only, "
       "bytes bound every byte moved (misses + prefetches) at %.0f GB/s\n",
@@ -489,6 +632,7 @@ int Main(int argc, char** argv) {
                           {"timed_tokens", a.steps},
                           {"context", a.context},
                           {"prefetch_layers", a.prefetch_layers},
+                          {"chunk_mb", a.chunk_mb},
                           {"expert_bytes", expert_bytes},
                           {"pcie_gbps", a.pcie_gbps},
                           {"shape",

@@ -1,0 +1,331 @@
+#include "cache/expert_cache.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+
+#include "cache/cache_policy.h"
+#include "placement/frequency_predictor.h"
+#include "placement/predictor_file.h"
+#include "runtime/core/logging.h"
+#if EF_HAVE_CUDA_CACHE
+#include "cache/cuda/cuda_expert_source.h"
+#include "runtime/backend/cuda/cuda_backend.h"
+#endif
+
+namespace ef::cache {
+namespace {
+
+size_t Align256(size_t n) { return (n + 255) / 256 * 256; }
+
+std::string Bytes(uint64_t b) {
+  char buf[64];
+  if (b >= (uint64_t{1} << 40)) {
+    std::snprintf(buf, sizeof buf, "%.2f TiB", static_cast<double>(b) / (uint64_t{1} << 40));
+  } else if (b >= (uint64_t{1} << 30)) {
+    std::snprintf(buf, sizeof buf, "%.2f GiB", static_cast<double>(b) / (1 << 30));
+  } else if (b >= (uint64_t{1} << 20)) {
+    std::snprintf(buf, sizeof buf, "%.2f MiB", static_cast<double>(b) / (1 << 20));
+  } else if (b >= (uint64_t{1} << 10)) {
+    std::snprintf(buf, sizeof buf, "%.1f KiB", static_cast<double>(b) / (1 << 10));
+  } else {
+    std::snprintf(buf, sizeof buf, "%llu bytes", static_cast<unsigned long long>(b));
+  }
+  return buf;
+}
+
+std::vector<int> MoeLayers(const runtime::ModelConfig& c) {
+  std::vector<int> v;
+  for (int l = 0; l < c.num_layers; ++l)
+    if (c.IsMoeLayer(l)) v.push_back(l);
+  return v;
+}
+
+// Device bytes of one cache slot on the engine's backend, as the arenas lay it out: the CUDA
+// source packs gate | up | down at 256-byte-aligned offsets (ExpertLayout), the CPU source packs
+// them back to back in a slot of the largest expert's size; both arenas align slots to 256 bytes.
+size_t SlotBytes(const runtime::ModelWeights& w, bool cuda) {
+  if (!cuda) return Align256(w.max_expert_bytes());
+  const runtime::ModelConfig& c = w.config();
+  for (int l = 0; l < c.num_layers; ++l) {
+    if (!c.IsMoeLayer(l)) continue;
+    const runtime::ExpertWeights& e = w.host_expert(l, 0);
+    return Align256(Align256(e.gate.nbytes()) + Align256(e.up.nbytes()) + e.down.nbytes());
+  }
+  return 0;
+}
+
+// Routing counts per (decoder layer, expert) for the static policy: from the trace, else from a
+// trained frequency predictor.
+StatusOr<std::vector<int64_t>> StaticCounts(const runtime::ModelConfig& c, const ExpertCacheOptions& o) {
+  const std::vector<int> moe = MoeLayers(c);
+  std::vector<int64_t> counts(static_cast<size_t>(c.num_layers) * c.num_experts, 0);
+  if (o.trace) {
+    for (const auto& t : o.trace->tokens)
+      for (size_t m = 0; m < moe.size(); ++m)
+        for (int j = 0; j < o.trace->top_k(); ++j) {
+          const int e = t.experts[m * o.trace->top_k() + j];
+          if (e >= 0 && e < c.num_experts) ++counts[static_cast<size_t>(moe[m]) * c.num_experts + e];
+        }
+    return counts;
+  }
+  if (o.predictor == "frequency" && !o.predictor_path.empty()) {
+    auto loaded = placement::LoadPredictor(o.predictor_path);
+    if (!loaded.ok()) {
+      Status s = loaded.status();
+      return s.Prepend("predictor.path");
+    }
+    const auto* f = dynamic_cast<const placement::FrequencyPredictor*>(loaded->predictor.get());
+    if (!f || f->num_layers() != static_cast<int>(moe.size()) || f->num_experts() != c.num_experts)
+      return InvalidArgument("predictor file " + o.predictor_path +
+                             " is not a frequency predictor of the model's shape (the static policy's counts)");
+    for (size_t m = 0; m < moe.size(); ++m) {
+      const std::vector<float> p = f->LayerProbs(static_cast<int>(m));
+      for (int e = 0; e < c.num_experts; ++e)
+        counts[static_cast<size_t>(moe[m]) * c.num_experts + e] = static_cast<int64_t>(p[e] * 1e6f);
+    }
+    return counts;
+  }
+  return InvalidArgument(
+      "cache.policy static keeps the most used experts and needs routing counts up front: a routing trace, or "
+      "predictor.kind frequency with a trained predictor.path");
+}
+
+}  // namespace
+
+StatusOr<CacheBudget> ExpertCache::PlanBudget(const runtime::Engine& engine, const ExpertCacheOptions& o) {
+  const runtime::ModelConfig& c = engine.config();
+  const runtime::Backend& backend = engine.backend();
+  const bool cuda = backend.kind() == runtime::BackendKind::kCuda;
+  const int given = (o.device_budget_bytes > 0) + (o.device_budget_slots > 0) + (o.slots_per_layer > 0);
+  if (given != 1)
+    return InvalidArgument(given == 0 ? "expert cache: no cache.device_budget given"
+                                      : "expert cache: give the budget once (bytes, slots, or slots per layer)");
+  CacheBudget b;
+  b.num_moe_layers = c.num_moe_layers();
+  b.moe_layers = MoeLayers(c);
+  b.num_experts = c.num_experts;
+  b.top_k = c.top_k;
+  if (b.num_moe_layers < 1) return InvalidArgument("expert cache: the model has no MoE layer");
+  b.slot_bytes = SlotBytes(engine.weights(), cuda);
+  b.device_name = backend.name();
+  if (cuda) {
+#if EF_HAVE_CUDA_CACHE
+    const auto& cb = static_cast<const runtime::CudaBackend&>(backend);
+    const size_t in_use = cb.bytes_in_use();
+    b.device_bytes = cb.memory_budget() > in_use ? cb.memory_budget() - in_use : 0;
+    b.device_name += " (memory budget " + Bytes(cb.memory_budget()) + ", " + Bytes(in_use) + " in use)";
+#else
+    return Unimplemented("expert cache on " + backend.name() + ": this build has no CUDA expert cache");
+#endif
+  } else {
+    b.device_bytes = static_cast<size_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    b.device_name += " (host memory)";
+  }
+  const int M = b.num_moe_layers, E = b.num_experts;
+  uint64_t asked = 0;  // device bytes the budget asks for
+  int per_layer = 0;
+  if (o.device_budget_bytes > 0) {
+    b.requested = Bytes(o.device_budget_bytes);
+    asked = o.device_budget_bytes;
+    per_layer = static_cast<int>(std::min<uint64_t>(o.device_budget_bytes / b.slot_bytes / M, 1 << 20));
+  } else if (o.device_budget_slots > 0) {
+    b.requested = std::to_string(o.device_budget_slots) + " slots";
+    asked = static_cast<uint64_t>(std::min(o.device_budget_slots, M * E)) * b.slot_bytes;
+    per_layer = o.device_budget_slots / M;
+  } else {
+    b.requested = std::to_string(o.slots_per_layer) + " slots per layer";
+    asked = static_cast<uint64_t>(std::min(o.slots_per_layer, E)) * M * b.slot_bytes;
+    per_layer = o.slots_per_layer;
+  }
+  if (asked > b.device_bytes)
+    return InvalidArgument("cache.device_budget of " + b.requested + " (" + Bytes(asked) +
+                           " of expert slots) is larger than " + b.device_name +
+                           " can give them: " + Bytes(b.device_bytes));
+  if (per_layer < c.top_k) {
+    const int64_t total =
+        o.device_budget_slots > 0 ? o.device_budget_slots : static_cast<int64_t>(asked / b.slot_bytes);
+    return InvalidArgument("cache.device_budget of " + b.requested + " holds " + std::to_string(total) +
+                           " expert slots of " + Bytes(b.slot_bytes) + ", " + std::to_string(per_layer) +
+                           " per MoE layer over " + std::to_string(M) + " MoE layers, fewer than the model's top-k (" +
+                           std::to_string(c.top_k) + "); the smallest budget is " + std::to_string(c.top_k * M) +
+                           " slots (" + Bytes(static_cast<uint64_t>(c.top_k) * M * b.slot_bytes) + ")");
+  }
+  b.slots_per_layer = std::min(per_layer, E);
+  return b;
+}
+
+StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(runtime::Engine* engine, const ExpertCacheOptions& o) {
+  const runtime::ModelConfig& c = engine->config();
+  if (o.policy == "belady")
+    return InvalidArgument(
+        "cache.policy belady needs the whole future routing: it is for offline analysis (expertflow replay), not a "
+        "running engine");
+  {
+    PolicyConfig pc;
+    pc.num_layers = c.num_layers;
+    pc.num_experts = c.num_experts;
+    pc.counts.assign(static_cast<size_t>(c.num_layers) * c.num_experts, 0);
+    auto p = MakeCachePolicy(o.policy, pc);
+    if (!p.ok()) return p.status();
+  }
+  if (o.prefetch_layers < 0)
+    return InvalidArgument("cache.prefetch_layers must be >= 0, got " + std::to_string(o.prefetch_layers));
+  static const char* kPredictors[] = {"none", "lookahead", "frequency", "path", "affinity", "hybrid"};
+  if (std::find(std::begin(kPredictors), std::end(kPredictors), o.predictor) == std::end(kPredictors))
+    return InvalidArgument("unknown predictor '" + o.predictor +
+                           "' (none, lookahead, frequency, path, affinity, hybrid)");
+  if (o.trace) {
+    Status s = placement::CheckTraceShape(*o.trace, c.num_moe_layers(), c.num_experts, c.top_k);
+    if (!s.ok()) return s.Prepend("routing trace for the expert cache");
+  }
+  EF_ASSIGN_OR_RETURN(CacheBudget budget, PlanBudget(*engine, o));
+  auto cache = std::unique_ptr<ExpertCache>(new ExpertCache());
+  cache->engine_ = engine;
+  cache->options_ = o;
+  cache->budget_ = budget;
+  if (budget.holds_all()) {
+    // Every expert fits: a cache would only add copies.
+    EF_RETURN_IF_ERROR(engine->UploadExperts());
+    EF_LOG(INFO, CACHE, "%s", cache->Describe().c_str());
+    return cache;
+  }
+  if (engine->experts_resident())
+    EF_LOG(WARN, CACHE,
+           "expert cache on an engine whose experts are all uploaded already: create it with "
+           "EngineOptions::upload_experts = false so the budget bounds expert memory");
+  std::vector<int64_t> counts;
+  if (o.policy == "static") {
+    EF_ASSIGN_OR_RETURN(counts, StaticCounts(c, o));
+  }
+
+  const bool cuda = engine->backend().kind() == runtime::BackendKind::kCuda;
+  if (cuda) {
+#if EF_HAVE_CUDA_CACHE
+    CudaExpertSourceOptions co;
+    co.slots_per_layer = budget.slots_per_layer;
+    co.policy = o.policy;
+    co.prefetch_layers = o.prefetch_layers;
+    co.host_budget_bytes = o.host_budget_bytes;
+    co.static_counts = counts;
+    EF_ASSIGN_OR_RETURN(auto src, CudaExpertSource::Create(engine->weights(), &engine->backend(), co));
+    cache->cuda_ = src.get();
+    cache->store_ = &src->store();
+    cache->source_ = std::move(src);
+#else
+    return Unimplemented("expert cache on " + engine->backend().name() + ": this build has no CUDA expert cache");
+#endif
+  } else {
+    CachedExpertSourceOptions co;
+    co.slots_per_layer = budget.slots_per_layer;
+    co.policy = o.policy;
+    co.prefetch_layers = o.prefetch_layers;
+    co.static_counts = counts;
+    EF_ASSIGN_OR_RETURN(auto src, CachedExpertSource::Create(engine->weights(), &engine->backend(), co));
+    cache->cpu_ = src.get();
+    cache->store_ = &src->store();
+    cache->source_ = std::move(src);
+  }
+
+  if (o.predictor != "none" && (o.prefetch_layers > 0 || o.policy == "expertflow")) {
+    PredictorPrefetcherOptions po;
+    po.kind = o.predictor;
+    po.path = o.predictor_path;
+    po.depth = std::max(1, o.prefetch_layers);
+    po.capacity.assign(c.num_layers, 0);
+    for (int l = 0; l < c.num_layers; ++l)
+      if (c.IsMoeLayer(l)) po.capacity[l] = budget.slots_per_layer;
+    po.trace = o.trace;
+    ExpertCache* self = cache.get();
+    PredictorPrefetcher::ForecastSink forecast;
+    if (o.policy == "expertflow")
+      forecast = [self](const placement::RoutingForecast& f) { self->store_->SetForecast(f); };
+    EF_ASSIGN_OR_RETURN(cache->prefetcher_,
+                        PredictorPrefetcher::Create(
+                            engine->weights(), po,
+                            [self](int layer, std::vector<int32_t> e) { self->SetUpcoming(layer, std::move(e)); },
+                            std::move(forecast)));
+  }
+  engine->SetExpertSource(cache->source_.get());
+  if (cache->prefetcher_) {
+    if (cache->prefetcher_->needs_router_inputs() && !engine->expose_router_inputs()) {
+      engine->set_expose_router_inputs(true);
+      cache->exposed_router_inputs_ = true;
+    }
+    PredictorPrefetcher* p = cache->prefetcher_.get();
+    cache->hook_id_ = engine->AddRoutingHook([p](runtime::LayerRouting& r) { return p->OnRouting(r); });
+  }
+  EF_LOG(INFO, CACHE, "%s", cache->Describe().c_str());
+  return cache;
+}
+
+ExpertCache::~ExpertCache() {
+  if (engine_) {
+    if (hook_id_ >= 0) engine_->RemoveRoutingHook(hook_id_);
+    if (source_) engine_->SetExpertSource(nullptr);
+    if (exposed_router_inputs_) engine_->set_expose_router_inputs(false);
+  }
+  prefetcher_.reset();
+  source_.reset();
+}
+
+std::string ExpertCache::Describe() const {
+  const CacheBudget& b = budget_;
+  if (!active())
+    return "expert cache off: the budget (" + b.requested + ") holds every expert (" + std::to_string(b.num_experts) +
+           " per MoE layer), all resident on " + engine_->backend().name();
+  char pct[32];
+  std::snprintf(pct, sizeof pct, "%.0f%%", 100.0 * b.slots_per_layer / b.num_experts);
+  const int64_t slots = static_cast<int64_t>(b.slots_per_layer) * b.num_moe_layers;
+  std::string s = "expert cache: " + std::to_string(b.slots_per_layer) + " of " + std::to_string(b.num_experts) +
+                  " slots per MoE layer (" + pct + " of the experts; " + std::to_string(slots) + " slots x " +
+                  Bytes(b.slot_bytes) + " = " + Bytes(static_cast<uint64_t>(slots) * b.slot_bytes) + " on " +
+                  engine_->backend().name() + "), policy " + options_.policy + ", ";
+  if (options_.prefetch_layers == 0) {
+    s += "no prefetch";
+  } else {
+    s += "prefetch " + std::to_string(options_.prefetch_layers) + " MoE layer(s) ahead";
+  }
+  s += prefetcher_ ? ", predictor " + prefetcher_->description()
+                   : (options_.predictor == "none" ? ", no predictor" : std::string());
+  return s;
+}
+
+std::string ExpertCache::StatsSummary() const {
+  if (!active()) return "expert cache off: all experts resident";
+  const ExpertStoreStats st = stats();
+  const ExpertCounters& t = st.total;
+  char buf[512];
+  std::snprintf(
+      buf, sizeof buf,
+      "expert cache: %lld accesses, %lld hits, %lld misses (hit rate %.3f), %s loaded, prefetch %lld issued / "
+      "%lld used / %lld wasted",
+      static_cast<long long>(t.hits + t.misses), static_cast<long long>(t.hits), static_cast<long long>(t.misses),
+      st.hit_rate(), Bytes(static_cast<uint64_t>(t.bytes_from_host)).c_str(), static_cast<long long>(t.prefetch_issued),
+      static_cast<long long>(t.prefetch_used), static_cast<long long>(t.prefetch_wasted));
+  std::string s = buf;
+  if (prefetcher_ && prefetcher_->forecast_chosen() > 0) {
+    std::snprintf(buf, sizeof buf, ", forecast recall %.3f", prefetcher_->forecast_recall());
+    s += buf;
+  }
+  return s;
+}
+
+ExpertStoreStats ExpertCache::stats() const {
+  if (store_) return store_->stats();
+  ExpertStoreStats s;
+  s.num_layers = engine_->config().num_layers;
+  s.num_experts = engine_->config().num_experts;
+  s.per_expert.assign(static_cast<size_t>(s.num_layers) * s.num_experts, {});
+  return s;
+}
+
+void ExpertCache::SetUpcoming(int layer, std::vector<int32_t> experts) {
+  if (cpu_) cpu_->SetUpcoming(layer, std::move(experts));
+#if EF_HAVE_CUDA_CACHE
+  if (cuda_) cuda_->SetUpcoming(layer, std::move(experts));
+#endif
+}
+
+}  // namespace ef::cache

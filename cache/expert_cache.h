@@ -1,0 +1,124 @@
+// ExpertCache: a bounded expert cache wired into an engine, for the normal commands (generate,
+// serve, score, bench). From a memory budget, a policy and a predictor it builds the ExpertSource
+// that fits the engine's backend — CudaExpertSource on CUDA (device slots, every expert in pinned
+// host memory, copy streams), CachedExpertSource on the CPU backend (a capacity-limited arena) —
+// sets it as the engine's expert source and installs a routing hook (PredictorPrefetcher) that
+// forecasts the next layers' experts for the cache's prefetch.
+//
+//   runtime::EngineOptions eo;  eo.upload_experts = false;       // the model may exceed the device
+//   EF_ASSIGN_OR_RETURN(auto engine, runtime::Engine::Create(dir, eo));
+//   ExpertCacheOptions o;  o.slots_per_layer = 4;  o.policy = "lru";  o.predictor = "lookahead";
+//   EF_ASSIGN_OR_RETURN(auto cache, ExpertCache::Create(engine.get(), o));
+//   ... engine->Forward(...) ...;  cache->stats();
+//   cache.reset();                                               // before the engine goes
+//
+// Budget: exactly one of device_budget_bytes (bytes of expert slots), device_budget_slots (expert
+// slots in total) or slots_per_layer. Slots are per MoE layer (every MoE layer gets the same
+// number: total slots / MoE layers, rounded down). Errors name both numbers: a budget whose
+// per-layer share is below the model's top-k, a budget larger than the device can give experts.
+// A budget that holds every expert runs no cache: the experts are uploaded (Engine::UploadExperts)
+// and active() is false.
+//
+// Ownership and lifetime: the engine keeps pointers to the source and the hook; the ExpertCache
+// detaches both on destruction and must be destroyed before the engine (its slots are backend
+// memory). Add the routing hooks whose rewrites the cache must see (a trace override) before
+// Create: hooks run in the order added. stats() may be called from any thread; everything else
+// from the thread that drives the engine.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cache/cached_expert_source.h"
+#include "cache/expert_store.h"
+#include "cache/predictor_prefetcher.h"
+#include "placement/routing_trace.h"
+#include "runtime/engine/engine.h"
+
+namespace ef::cache {
+
+class CudaExpertSource;  // cache/cuda/ (built with CUDA only)
+
+struct ExpertCacheOptions {
+  // Device budget, exactly one > 0 (see the file comment).
+  uint64_t device_budget_bytes = 0;
+  int device_budget_slots = 0;
+  int slots_per_layer = 0;
+  // CUDA: bytes of pinned host memory for experts; 0: every expert pinned. Experts past it are
+  // copied from the checkpoint mapping when needed (pageable, synchronous: slower).
+  uint64_t host_budget_bytes = 0;
+  std::string policy = "expertflow";  // lru | lfu | expertflow | static (belady is offline only)
+  int prefetch_layers = 2;            // MoE layers ahead the cache prefetches; 0: on demand only
+  // Forecast for prefetch and the expertflow policy: none | lookahead | frequency | path | affinity
+  // | hybrid (PredictorPrefetcher); predictor_path: a trained predictor file.
+  std::string predictor = "frequency";
+  std::string predictor_path;
+  // Optional routing trace (e.g. the benchmark's routing override): its shape must match the
+  // model; `frequency` without a file is fitted on it and `static` counts its routing.
+  const placement::RoutingTrace* trace = nullptr;
+};
+
+// What a budget comes to on an engine (ExpertCache::PlanBudget).
+struct CacheBudget {
+  size_t slot_bytes = 0;  // device bytes of one slot (the largest expert, aligned)
+  int num_moe_layers = 0;
+  std::vector<int> moe_layers;  // their decoder layer indices
+  int num_experts = 0;
+  int top_k = 0;
+  int slots_per_layer = 0;  // min(share, num_experts)
+  size_t device_bytes = 0;  // what the backend can give expert slots
+  std::string device_name;  // "cpu", "cuda:0 (NVIDIA H200)"
+  std::string requested;    // the budget as given: "2.00 GiB", "24 slots", "3 slots per layer"
+  bool holds_all() const { return slots_per_layer >= num_experts; }
+};
+
+class ExpertCache {
+ public:
+  static StatusOr<std::unique_ptr<ExpertCache>> Create(runtime::Engine* engine, const ExpertCacheOptions& options);
+  // The budget checks alone (no allocation).
+  static StatusOr<CacheBudget> PlanBudget(const runtime::Engine& engine, const ExpertCacheOptions& options);
+  ~ExpertCache();
+  ExpertCache(const ExpertCache&) = delete;
+  ExpertCache& operator=(const ExpertCache&) = delete;
+
+  // False when the budget holds every expert (they are resident, no cache runs).
+  bool active() const { return store_ != nullptr; }
+  const CacheBudget& budget() const { return budget_; }
+  const ExpertCacheOptions& options() const { return options_; }
+  // One line for logs: slots per layer, share of the experts, policy, predictor, device.
+  std::string Describe() const;
+  // One line of counters: accesses, hits, misses, hit rate, bytes loaded, prefetches, forecast
+  // recall. From the engine's thread (or once it stopped).
+  std::string StatsSummary() const;
+  // The store's counters per (layer, expert) (layers are decoder layers); empty when inactive.
+  // Thread-safe.
+  ExpertStoreStats stats() const;
+  // Prefetch accuracy of the predictor (0 / 0 without one).
+  const PredictorPrefetcher* prefetcher() const { return prefetcher_.get(); }
+
+  // The experts `layer` will use next (replaces the predictor's list until it runs again): for
+  // callers with a forecast of their own, e.g. a benchmark's trace oracle with predictor none.
+  void SetUpcoming(int layer, std::vector<int32_t> experts);
+  ExpertStore* store() { return store_; }
+  // The source behind the cache: one of the two, by backend (both null when inactive).
+  CachedExpertSource* cpu_source() { return cpu_; }
+  CudaExpertSource* cuda_source() { return cuda_; }
+
+ private:
+  ExpertCache() = default;
+
+  runtime::Engine* engine_ = nullptr;
+  ExpertCacheOptions options_;
+  CacheBudget budget_;
+  std::unique_ptr<runtime::ExpertSource> source_;
+  CachedExpertSource* cpu_ = nullptr;  // source_, on the CPU backend
+  CudaExpertSource* cuda_ = nullptr;   // source_, on CUDA
+  ExpertStore* store_ = nullptr;       // source_'s
+  std::unique_ptr<PredictorPrefetcher> prefetcher_;
+  int hook_id_ = -1;
+  bool exposed_router_inputs_ = false;  // set by this cache (restored on destruction)
+};
+
+}  // namespace ef::cache
