@@ -12,6 +12,7 @@
 #include "launch/command.h"
 #include "launch/config.h"
 #include "launch/engine_options.h"
+#include "launch/expert_cache_setup.h"
 #include "runtime/core/logging.h"
 #include "runtime/engine/engine.h"
 
@@ -52,11 +53,14 @@ StatusOr<std::vector<std::vector<int32_t>>> ReadIds(const std::string& path) {
 
 // Under mpirun, sequence b runs on rank b % N (data-parallel attention) while every MoE layer is
 // expert-parallel across all ranks; rank 0 gathers the logits and router rows and writes the same
-// JSON as one process.
+// JSON as one process. With cache.device_budget the experts come from an expert cache of that
+// size (one process only); the output does not change.
 Status RunScore(const ScoreOptions& o, comm::MpiContext* ctx) {
   EF_ASSIGN_OR_RETURN(auto ids, ReadIds(o.ids_file));
   runtime::EngineOptions eo = o.model.ToEngineOptions();
+  eo.upload_experts = !WantsExpertCache(o.cluster.config.cache);
   EF_ASSIGN_OR_RETURN(auto engine, runtime::Engine::Create(o.model.dir, eo));
+  EF_ASSIGN_OR_RETURN(auto expert_cache, SetUpCommandExpertCache(engine.get(), o.cluster.config, ctx));
   const auto& c = engine->config();
   std::unique_ptr<comm::Cluster> cluster;
   if (ctx->mpi()) {
@@ -88,6 +92,7 @@ Status RunScore(const ScoreOptions& o, comm::MpiContext* ctx) {
     }
     mine[std::to_string(b)] = {{"logits", std::move(rows)}, {"topk", topk[static_cast<int64_t>(b)]}};
   }
+  if (expert_cache && expert_cache->active()) std::fprintf(stderr, "%s\n", expert_cache->StatsSummary().c_str());
   json stats;
   if (cluster) {
     EF_RETURN_IF_ERROR(cluster->Drain());

@@ -1,7 +1,12 @@
 // `expertflow serve`: the OpenAI-compatible HTTP server.
 //
 //   expertflow serve --model DIR --port P [--host 127.0.0.1] [--api-key K] [--max-batch N]
-//   expertflow serve --config C.yaml          (model, runtime, server.*, scheduler.max_batch_requests)
+//   expertflow serve --config C.yaml          (model, runtime, server.*, scheduler.max_batch_requests,
+//                                              cache.*, predictor.*)
+//   expertflow serve --cache-device-budget "2 slots per layer" --predictor lookahead ...
+//
+// With a cache device budget the experts are served from an expert cache of that size
+// (launch/expert_cache_setup.h); /metrics then carries its counters per layer and expert.
 //
 // Threads: main (HTTP accept loop), HTTP handlers (parse, enqueue, wait), one engine thread
 // (ServingLoop), one signal watcher. SIGTERM/SIGINT: stop accepting, let in-flight requests
@@ -15,6 +20,7 @@
 #include "launch/command.h"
 #include "launch/config.h"
 #include "launch/engine_options.h"
+#include "launch/expert_cache_setup.h"
 #include "launch/server/chat_template.h"
 #include "launch/server/http_server.h"
 #include "launch/server/server_metrics.h"
@@ -31,11 +37,13 @@ struct ServeOptions {
   HttpServerOptions http;
   ServingLoopOptions loop;
   std::string served_name;
+  CacheFlags cache;
 };
 
 Status RunServe(ServeOptions o, const CLI::App& app) {
+  Config cfg;
   if (!o.config_path.empty()) {
-    EF_ASSIGN_OR_RETURN(Config cfg, LoadConfig(o.config_path));
+    EF_ASSIGN_OR_RETURN(cfg, LoadConfig(o.config_path));
     ApplyConfig(cfg, app, &o.model);
     if (!FlagGiven(app, "--host") && cfg.has("server.host")) o.http.host = cfg.server.host;
     if (!FlagGiven(app, "--port") && cfg.has("server.port")) o.http.port = cfg.server.port;
@@ -43,6 +51,7 @@ Status RunServe(ServeOptions o, const CLI::App& app) {
     if (!FlagGiven(app, "--max-batch") && cfg.has("scheduler.max_batch_requests"))
       o.loop.max_batch = cfg.scheduler.max_batch_requests;
   }
+  EF_RETURN_IF_ERROR(o.cache.Apply(app, &cfg));
   if (o.http.port < 0 || o.http.port > 65535) return InvalidArgument("--port must be in 0..65535");
   if (o.loop.max_batch < 1) return InvalidArgument("--max-batch must be >= 1");
 
@@ -55,14 +64,31 @@ Status RunServe(ServeOptions o, const CLI::App& app) {
 
   EF_ASSIGN_OR_RETURN(runtime::Tokenizer tok, runtime::Tokenizer::FromModelDir(o.model.dir));
   EF_ASSIGN_OR_RETURN(ChatTemplate chat, ChatTemplate::FromModelDir(o.model.dir));
-  EF_ASSIGN_OR_RETURN(auto engine, runtime::Engine::Create(o.model.dir, o.model.ToEngineOptions()));
+  runtime::EngineOptions eo = o.model.ToEngineOptions();
+  eo.upload_experts = !WantsExpertCache(cfg.cache);
+  EF_ASSIGN_OR_RETURN(auto engine, runtime::Engine::Create(o.model.dir, eo));
+  EF_ASSIGN_OR_RETURN(auto expert_cache, SetUpCommandExpertCache(engine.get(), cfg, nullptr));
   ServerMetrics metrics(engine->config().num_layers, engine->config().num_experts);
+  if (expert_cache && expert_cache->active()) metrics.SetExpertCache(expert_cache.get());
   o.http.model_name = !o.served_name.empty()
                           ? o.served_name
                           : std::filesystem::path(o.model.dir).lexically_normal().filename().string();
   if (o.http.model_name.empty())
     o.http.model_name = std::filesystem::path(o.model.dir).parent_path().filename().string();
   ServingLoop loop(std::move(engine), tok, &metrics, o.loop);
+  // The cache points into the engine the loop owns (and its slots are the engine's backend
+  // memory): on every way out, stop the engine thread and free the cache before the loop goes.
+  struct CacheRelease {
+    ServingLoop* loop;
+    ServerMetrics* metrics;
+    std::unique_ptr<cache::ExpertCache>* cache;
+    ~CacheRelease() {
+      if (!*cache) return;
+      loop->Stop();
+      metrics->SetExpertCache(nullptr);
+      cache->reset();
+    }
+  } release{&loop, &metrics, &expert_cache};
   HttpServer server(o.http, &loop, &tok, &chat, &metrics);
   StatusOr<int> port = server.Bind();
   if (!port.ok()) {
@@ -95,6 +121,7 @@ Status RunServe(ServeOptions o, const CLI::App& app) {
   loop.Stop();
   done.store(true);
   watcher.join();
+  if (expert_cache && expert_cache->active()) std::fprintf(stderr, "%s\n", expert_cache->StatsSummary().c_str());
   if (s.ok()) std::fprintf(stderr, "expertflow serve: stopped\n");
   return s;
 }
@@ -122,6 +149,7 @@ Command AddServeCommand(CLI::App& root) {
   c.app->add_option("--http-threads", o->http.num_threads, "HTTP handler threads")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  o->cache.Register(c.app);
   c.run = [o, app = c.app] {
     Status s = RunServe(*o, *app);
     return s.ok() ? 0 : ReportError(s);

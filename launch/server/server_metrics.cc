@@ -2,6 +2,8 @@
 
 #include <cstdio>
 
+#include "cache/expert_cache.h"
+
 namespace ef::launch {
 namespace {
 
@@ -88,6 +90,62 @@ void ServerMetrics::CountRouting(int layer, const int32_t* ids, int64_t n) {
   }
 }
 
+void ServerMetrics::SetExpertCache(const cache::ExpertCache* cache) {
+  std::lock_guard<std::mutex> lock(mu_);
+  expert_cache_ = cache;
+}
+
+namespace {
+
+// The expert cache's counters (cache/expert_store.h), per MoE layer and expert.
+void RenderExpertCache(const cache::ExpertCache& c, std::string* out) {
+  const cache::ExpertStoreStats st = c.stats();
+  const cache::CacheBudget& b = c.budget();
+  Header(out, "expertflow_expert_cache_slots_per_layer", "gauge",
+         "Expert slots each MoE layer may hold on the device.");
+  *out += "expertflow_expert_cache_slots_per_layer " + std::to_string(b.slots_per_layer) + "\n";
+  Header(out, "expertflow_expert_cache_slot_bytes", "gauge", "Device bytes of one expert slot.");
+  *out += "expertflow_expert_cache_slot_bytes " + std::to_string(b.slot_bytes) + "\n";
+  struct Series {
+    const char* name;
+    const char* help;
+    int64_t cache::ExpertCounters::*field;
+  };
+  const Series series[] = {
+      {"expertflow_expert_cache_hits_total", "Expert accesses served by a resident slot.",
+       &cache::ExpertCounters::hits},
+      {"expertflow_expert_cache_misses_total", "Expert accesses that had to load the expert first.",
+       &cache::ExpertCounters::misses},
+      {"expertflow_expert_cache_prefetches_total", "Expert loads started ahead of need from the forecast.",
+       &cache::ExpertCounters::prefetch_issued},
+      {"expertflow_expert_cache_prefetches_used_total", "Prefetched experts acquired before their eviction.",
+       &cache::ExpertCounters::prefetch_used},
+  };
+  auto label = [](int l, int e) { return "{layer=\"" + std::to_string(l) + "\",expert=\"" + std::to_string(e) + "\""; };
+  auto at = [&](int l, int e) -> const cache::ExpertCounters& {
+    return st.per_expert[static_cast<size_t>(l) * st.num_experts + e];
+  };
+  const std::vector<int>& layers = b.moe_layers;  // dense layers have no slots
+  for (const Series& s : series) {
+    Header(out, s.name, "counter", s.help);
+    for (int l : layers)
+      for (int e = 0; e < st.num_experts; ++e)
+        *out += std::string(s.name) + label(l, e) + "} " + std::to_string(at(l, e).*s.field) + "\n";
+  }
+  Header(out, "expertflow_expert_cache_bytes_total", "counter",
+         "Expert bytes by tier: host = loaded into a device slot from host memory, device = served from a "
+         "resident slot.");
+  for (int l : layers)
+    for (int e = 0; e < st.num_experts; ++e) {
+      *out += "expertflow_expert_cache_bytes_total" + label(l, e) + ",tier=\"host\"} " +
+              std::to_string(at(l, e).bytes_from_host) + "\n";
+      *out += "expertflow_expert_cache_bytes_total" + label(l, e) + ",tier=\"device\"} " +
+              std::to_string(at(l, e).bytes_from_device) + "\n";
+    }
+}
+
+}  // namespace
+
 std::string ServerMetrics::Render() const {
   std::string out;
   {
@@ -120,6 +178,10 @@ std::string ServerMetrics::Render() const {
       out += "expertflow_expert_tokens_total{layer=\"" + std::to_string(l) + "\",expert=\"" + std::to_string(e) +
              "\"} " + std::to_string(expert_tokens(l, e)) + "\n";
     }
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (expert_cache_) RenderExpertCache(*expert_cache_, &out);
   }
   return out;
 }

@@ -1,6 +1,10 @@
 // ServerMetrics: the counters, gauges and histograms `expertflow serve` exposes on /metrics in the
 // Prometheus text format (version 0.0.4).
 //
+// With an expert cache (SetExpertCache), /metrics also carries its counters per MoE layer and
+// expert: hits, misses, and bytes per tier (host: loaded into a slot from host memory; device:
+// served from a resident slot), read from the cache's store when rendered.
+//
 // Thread safety: every method may be called from any thread. Request counters and histograms sit
 // behind one mutex (a few updates per request); per-expert routing counts are relaxed atomics
 // written by the engine thread's routing hook on every MoE layer and read by /metrics.
@@ -15,6 +19,10 @@
 #include <string>
 #include <utility>
 #include <vector>
+
+namespace ef::cache {
+class ExpertCache;
+}
 
 namespace ef::launch {
 
@@ -36,6 +44,10 @@ class ServerMetrics {
   void CountStep(int64_t batch_tokens);
   // Routing hook target: `num_tokens * top_k` expert ids of MoE layer `layer`.
   void CountRouting(int layer, const int32_t* ids, int64_t n);
+
+  // The expert cache whose counters /metrics shows (nullptr: none). Not owned; call with nullptr
+  // before it goes.
+  void SetExpertCache(const cache::ExpertCache* cache);
 
   // The whole exposition, ready to serve with content type text/plain; version=0.0.4.
   std::string Render() const;
@@ -63,6 +75,7 @@ class ServerMetrics {
   std::atomic<int64_t> prompt_tokens_{0}, generated_tokens_{0}, waiting_{0}, running_{0};
   std::atomic<int64_t> steps_{0}, step_tokens_{0};
   std::unique_ptr<std::atomic<int64_t>[]> expert_tokens_;
+  const cache::ExpertCache* expert_cache_ = nullptr;  // guarded by mu_
 };
 
 }  // namespace ef::launch

@@ -416,6 +416,36 @@ TEST_F(ServerTest, TwoHundredConcurrentRequestsAllAnswer) {
   EXPECT_EQ(Get(*server_, "/health").status, 200);
 }
 
+// With an expert cache smaller than the model: the same greedy text as `generate` without one,
+// the cache's counters on /metrics, and a clean shutdown (the cache is freed before the engine).
+TEST(ServerExpertCacheTest, SameTextAndCacheMetrics) {
+  const std::string prompt = "def main(";
+  const int n = 24;
+  const std::string expected = RunGenerate(prompt, n);
+  ASSERT_FALSE(expected.empty());
+  ServerProcess server;
+  server.Start({"--cache-device-budget", "2 slots per layer", "--cache-policy", "lru", "--predictor", "lookahead"});
+  ASSERT_GT(server.port(), 0);
+  Reply r = Post(server, "/v1/completions",
+                 json{{"model", kModel}, {"prompt", prompt}, {"max_tokens", n}, {"temperature", 0}}.dump());
+  ASSERT_EQ(r.status, 200) << r.raw;
+  EXPECT_EQ(prompt + r.body["choices"][0]["text"].get<std::string>() + "\n", expected);
+  Reply m = Get(server, "/metrics");
+  ASSERT_EQ(m.status, 200);
+  for (const char* want :
+       {"expertflow_expert_cache_slots_per_layer 2\n", "expertflow_expert_cache_hits_total{layer=\"0\",expert=\"0\"}",
+        "expertflow_expert_cache_misses_total{layer=\"7\",expert=\"7\"}",
+        "expertflow_expert_cache_bytes_total{layer=\"3\",expert=\"1\",tier=\"host\"}",
+        "expertflow_expert_cache_bytes_total{layer=\"3\",expert=\"1\",tier=\"device\"}"})
+    EXPECT_NE(m.raw.find(want), std::string::npos) << want;
+  int64_t misses = 0;
+  for (size_t at = m.raw.find("expertflow_expert_cache_misses_total{"); at != std::string::npos;
+       at = m.raw.find("expertflow_expert_cache_misses_total{", at + 1))
+    misses += std::stoll(m.raw.substr(m.raw.find("} ", at) + 2));
+  EXPECT_GT(misses, 0);
+  EXPECT_EQ(server.Terminate(), 0);
+}
+
 TEST(ServerAuthTest, ApiKeyIsRequiredOnV1) {
   ServerProcess s;
   s.Start({"--api-key", "sekrit"});

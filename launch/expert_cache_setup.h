@@ -1,0 +1,49 @@
+// The expert cache for the commands: config sections (cache:, predictor:, after CLI flags) ->
+// cache::ExpertCache on an engine. generate, score and serve use it; bench can too.
+//
+//   runtime::EngineOptions eo = model.ToEngineOptions();
+//   eo.upload_experts = !WantsExpertCache(cfg.cache);   // a model larger than the device loads
+//   EF_ASSIGN_OR_RETURN(auto engine, runtime::Engine::Create(dir, eo));
+//   engine->AddRoutingHook(trace_override->Hook());     // hooks the cache must see come first
+//   EF_ASSIGN_OR_RETURN(auto cache, SetUpExpertCache(engine.get(), cfg.cache, cfg.predictor, &trace));
+//   ... cache ? cache->stats() : no cache ...;  cache.reset() before the engine goes.
+#pragma once
+
+#include <memory>
+
+#include "cache/expert_cache.h"
+#include "comm/mpi_context.h"
+#include "launch/config.h"
+#include "placement/routing_trace.h"
+#include "runtime/engine/engine.h"
+
+namespace ef::launch {
+
+// True when cache.device_budget is set: create the engine with EngineOptions::upload_experts =
+// false, so experts are uploaded only if the budget turns out to hold them all.
+bool WantsExpertCache(const CacheSection& cache);
+
+// The sections as cache options (the trace, optional, is not owned and must outlive the cache).
+cache::ExpertCacheOptions ToExpertCacheOptions(const CacheSection& cache, const PredictorSection& predictor,
+                                               const placement::RoutingTrace* trace = nullptr);
+
+// Builds the expert cache the sections describe on `engine` and sets it as the engine's expert
+// source (cache::ExpertCache: the CUDA or CPU source, the predictor's routing hook, the counters).
+// nullptr when no device budget is given (the engine keeps its experts: all resident). With a
+// budget that holds every expert the returned cache is inactive and the experts are uploaded.
+// `trace` (optional): the routing trace the engine's routing comes from (benchmarks); its shape
+// must match the model; it fits `frequency` without a file and gives `static` its counts.
+// Errors: a budget below one layer's top-k or above the device, a bad policy or predictor, a
+// predictor file or trace of another shape.
+StatusOr<std::unique_ptr<cache::ExpertCache>> SetUpExpertCache(runtime::Engine* engine, const CacheSection& cache,
+                                                               const PredictorSection& predictor,
+                                                               const placement::RoutingTrace* trace = nullptr);
+
+// For generate and score: SetUpExpertCache, refusing a bounded cache under mpirun (the expert-
+// parallel executor computes experts for other ranks' tokens, which the cache's forecast does not
+// cover; a budget that holds every expert is fine there), and printing the effective cache once
+// on stderr (rank 0).
+StatusOr<std::unique_ptr<cache::ExpertCache>> SetUpCommandExpertCache(runtime::Engine* engine, const Config& config,
+                                                                      comm::MpiContext* ctx);
+
+}  // namespace ef::launch

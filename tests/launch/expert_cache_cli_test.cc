@@ -1,0 +1,123 @@
+// The expert cache flags of `expertflow generate` and `score` end to end (the real binary on
+// tiny-code-moe): the same ids and logits with and without a cache, the effective cache printed
+// once, bad budgets reported, and mpirun: a bounded cache refused on every rank, a budget that
+// holds every expert accepted.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <string>
+
+namespace ef::launch {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+const std::string kModelDir = std::string(EF_MODELS_DIR) + "/tiny-code-moe";
+
+class ExpertCacheCliTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() / ("ef_cache_cli_" + std::to_string(::getpid()) + "_" +
+                                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::create_directories(dir_);
+    std::ofstream(dir_ / "ids.json")
+        << R"({"input_ids": [[1, 483, 291, 1461, 272, 1191, 508, 10, 80], [1, 5, 77, 1024]]})";
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  // Runs `PREFIX expertflow ARGS`, stdout and stderr to files; returns the exit code.
+  int Run(const std::string& args, const std::string& prefix = "") {
+    const std::string cmd = "timeout 120 " + prefix + std::string(EF_BINARY) + " " + args + " >" +
+                            (dir_ / "stdout").string() + " 2>" + (dir_ / "stderr").string();
+    const int rc = std::system(cmd.c_str());
+    return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+  }
+  std::string Read(const std::string& name) {
+    std::ifstream in(dir_ / name);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+  }
+  // The "new ids:" line of generate --show-ids.
+  std::string NewIds() {
+    const std::string err = Read("stderr");
+    const size_t at = err.find("new ids:");
+    return at == std::string::npos ? "" : err.substr(at, err.find('\n', at) - at);
+  }
+
+  fs::path dir_;
+};
+
+TEST_F(ExpertCacheCliTest, GenerateGivesTheSameIdsWithEveryBudget) {
+  const std::string base = "generate --backend cpu --model " + kModelDir + " -p 'def fibonacci(n):' -n 16 --show-ids";
+  ASSERT_EQ(Run(base), 0) << Read("stderr");
+  const std::string want = NewIds();
+  ASSERT_FALSE(want.empty()) << Read("stderr");
+  EXPECT_EQ(Read("stderr").find("expert cache"), std::string::npos);  // no budget: no cache
+  for (const char* flags : {"--cache-device-budget '2 slots per layer' --predictor lookahead",
+                            "--cache-device-budget '32 slots' --cache-policy lru --predictor frequency",
+                            "--cache-device-budget 3MiB --cache-policy lfu --prefetch-layers 0 --predictor none"}) {
+    ASSERT_EQ(Run(base + " " + flags), 0) << flags << "\n" << Read("stderr");
+    EXPECT_EQ(NewIds(), want) << flags;
+    const std::string err = Read("stderr");
+    EXPECT_NE(err.find("expert cache: "), std::string::npos) << err;
+    EXPECT_NE(err.find(" of 8 slots per MoE layer ("), std::string::npos) << err;
+    EXPECT_NE(err.find(" hits, "), std::string::npos) << err;
+  }
+}
+
+TEST_F(ExpertCacheCliTest, ScoreGivesTheSameLogitsFromTheConfigFile) {
+  const std::string base = "score --backend cpu --model " + kModelDir + " --ids-file " + (dir_ / "ids.json").string();
+  ASSERT_EQ(Run(base + " --out " + (dir_ / "want.json").string()), 0) << Read("stderr");
+  std::ofstream(dir_ / "c.yaml") << "cache:\n  device_budget: 2 slots per layer\n  policy: expertflow\n"
+                                    "predictor:\n  kind: lookahead\n";
+  ASSERT_EQ(Run(base + " --config " + (dir_ / "c.yaml").string() + " --out " + (dir_ / "got.json").string()), 0)
+      << Read("stderr");
+  EXPECT_NE(Read("stderr").find("expert cache: 2 of 8 slots per MoE layer (25% of the experts"), std::string::npos)
+      << Read("stderr");
+  const json want = json::parse(Read("want.json")), got = json::parse(Read("got.json"));
+  EXPECT_EQ(got["router_topk"], want["router_topk"]);
+  EXPECT_EQ(got["logits"], want["logits"]);  // the same floats, printed the same
+  // A flag overrides the file's budget.
+  ASSERT_NE(Run(base + " --config " + (dir_ / "c.yaml").string() + " --cache-device-budget '1 slot per layer'"), 0);
+  EXPECT_NE(Read("stderr").find("fewer than the model's top-k (2)"), std::string::npos) << Read("stderr");
+}
+
+TEST_F(ExpertCacheCliTest, BadFlagsAreReported) {
+  const std::string base = "generate --backend cpu --model " + kModelDir + " -n 2";
+  EXPECT_EQ(Run(base + " --cache-device-budget '3 slots per layr'"), 1);
+  EXPECT_NE(Read("stderr").find("error: --cache-device-budget: cache.device_budget: expected"), std::string::npos)
+      << Read("stderr");
+  EXPECT_EQ(Run(base + " --cache-device-budget 1000TiB"), 1);
+  EXPECT_NE(Read("stderr").find("is larger than cpu"), std::string::npos) << Read("stderr");
+  EXPECT_EQ(Run(base + " --cache-device-budget '2 slots per layer' --cache-policy belady"), 1);
+  EXPECT_NE(Read("stderr").find("offline analysis"), std::string::npos) << Read("stderr");
+}
+
+TEST_F(ExpertCacheCliTest, MpirunRefusesABoundedCacheAndAcceptsOneThatHoldsEveryExpert) {
+  if (std::system("command -v mpirun >/dev/null 2>&1") != 0) GTEST_SKIP() << "no mpirun";
+  const std::string mpirun =
+      "env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl_base_warn_component_unused=0 "
+      "mpirun --oversubscribe --allow-run-as-root --bind-to none -np 2 ";
+  const std::string base = "generate --backend cpu --model " + kModelDir + " -p 'def f(' -n 6 --show-ids";
+  ASSERT_NE(Run(base + " --cache-device-budget '2 slots per layer'", mpirun), 0);
+  const std::string err = Read("stderr");
+  EXPECT_NE(err.find("does not combine with expert parallelism under mpirun"), std::string::npos) << err;
+  ASSERT_EQ(Run(base), 0) << Read("stderr");
+  const std::string want = NewIds();
+  ASSERT_EQ(Run(base + " --cache-device-budget '8 slots per layer'", mpirun), 0) << Read("stderr");
+  EXPECT_EQ(NewIds(), want);
+  EXPECT_NE(Read("stderr").find("expert cache off: the budget (8 slots per layer) holds every expert"),
+            std::string::npos)
+      << Read("stderr");
+}
+
+}  // namespace
+}  // namespace ef::launch
