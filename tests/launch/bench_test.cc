@@ -52,7 +52,8 @@ class BenchTest : public ::testing::Test {
 TEST_F(BenchTest, SyntheticTinyWritesTheJsonRecord) {
   const fs::path out = dir_ / "out.json";
   ASSERT_EQ(
-      Bench("--synthetic tiny -n 4 -c 2 --prompt-len 8 --gen-len 8 --cache-slots-per-layer 4 --json " + out.string()),
+      Bench("--synthetic tiny -n 4 -c 2 --prompt-len 8 --gen-len 8 --cache-device-budget '4 slots per layer' --json " +
+            out.string()),
       0)
       << Err();
   const std::string stdout_text = Out();
@@ -107,10 +108,11 @@ TEST_F(BenchTest, TraceOfTheWrongShapeExitsOne) {
 TEST_F(BenchTest, MixtralShapeTakesTheMixtralTrace) {
   if (!fs::exists(kMixtralTrace)) GTEST_SKIP() << "trace not present: " << kMixtralTrace;
   const fs::path out = dir_ / "out.json";
-  ASSERT_EQ(Bench("--synthetic mixtral-8x7b --synthetic-scale 256 -n 2 -c 2 --prompt-len 4 --gen-len 4 "
-                  "--routing-trace " +
-                  kMixtralTrace + " --cache-slots-per-layer 4 --cache-policy lru --json " + out.string()),
-            0)
+  ASSERT_EQ(
+      Bench("--synthetic mixtral-8x7b --synthetic-scale 256 -n 2 -c 2 --prompt-len 4 --gen-len 4 "
+            "--routing-trace " +
+            kMixtralTrace + " --cache-device-budget '4 slots per layer' --cache-policy lru --json " + out.string()),
+      0)
       << Err();
   json j = json::parse(Read(out), nullptr, false);
   ASSERT_FALSE(j.is_discarded());
@@ -122,9 +124,29 @@ TEST_F(BenchTest, MixtralShapeTakesTheMixtralTrace) {
   EXPECT_LE(accesses, 2 * (4 + 3) * 32 * 2);
 }
 
-TEST_F(BenchTest, CacheFlagsWithoutSlotsAreAnError) {
-  EXPECT_EQ(Bench("--synthetic tiny -n 1 -c 1 --prompt-len 4 --gen-len 2 --cache-policy expertflow"), 1);
-  EXPECT_NE(Err().find("--cache-slots-per-layer"), std::string::npos) << Err();
+TEST_F(BenchTest, OraclePrefetchWithoutACacheIsAnError) {
+  EXPECT_EQ(Bench("--synthetic tiny -n 1 -c 1 --prompt-len 4 --gen-len 2 --oracle-prefetch"), 1);
+  EXPECT_NE(Err().find("--oracle-prefetch needs --cache-device-budget"), std::string::npos) << Err();
+}
+
+TEST_F(BenchTest, OraclePrefetchUsesTheTraceAsForecast) {
+  if (!fs::exists(kMixtralTrace)) GTEST_SKIP() << "trace not present: " << kMixtralTrace;
+  const fs::path out = dir_ / "out.json";
+  ASSERT_EQ(Bench("--synthetic mixtral-8x7b --synthetic-scale 256 -n 2 -c 1 --prompt-len 4 --gen-len 8 "
+                  "--routing-trace " +
+                  kMixtralTrace +
+                  " --cache-device-budget '2 slots per layer' --cache-policy expertflow --prefetch-layers 1 "
+                  "--oracle-prefetch --json " +
+                  out.string()),
+            0)
+      << Err();
+  json j = json::parse(Read(out), nullptr, false);
+  ASSERT_FALSE(j.is_discarded());
+  EXPECT_EQ(j["cache"]["predictor"], "oracle");
+  EXPECT_EQ(j["cache"]["slots_per_layer"], 2);
+  // The true next-layer experts were prefetched, and prefetches were used.
+  EXPECT_GT(j["cache"]["prefetch_issued"].get<int64_t>(), 0);
+  EXPECT_GT(j["cache"]["prefetch_used"].get<int64_t>(), 0);
 }
 
 }  // namespace
