@@ -18,3 +18,17 @@ set title plottitle."\nexpert cache hit rate vs budget"
 set ylabel "hit rate"
 set yrange [0:1.05]
 plot for [i=1:words(policies)] datdir."/".word(policies,i).".dat" using 1:5 with linespoints lw 2 dt i pt 4+2*i ps 1.5 title word(policies,i)
+
+# Rank scaling (scaling.dat: ranks assignment conc tokens_per_s tokens_per_s_per_rank a2a_B_per_token),
+# when the sweep ran under mpirun.
+if (strlen(system("test -f ".datdir."/scaling.dat && echo y")) > 0) {
+  set output outdir."/tokens_per_s_vs_ranks.png"
+  set title plottitle."\nthroughput per GPU vs ranks (expert-parallel MoE, all experts resident)"
+  set xlabel "ranks (GPUs)"
+  set xrange [0.5:*]
+  set xtics 1
+  set ylabel "output tokens/s per rank"
+  set yrange [0:*]
+  plot datdir."/scaling.dat" using 1:(strcol(2) eq "round_robin" ? $5 : 1/0) with linespoints lw 2 pt 6 ps 1.5 title "round robin", \
+       datdir."/scaling.dat" using 1:(strcol(2) eq "locality" ? $5 : 1/0) with linespoints lw 2 pt 8 ps 1.5 title "locality"
+}

@@ -14,4 +14,4 @@ trap 'rm -rf "$dat"' EXIT
 policies=$(python3 "$here/json_to_dat.py" "$src" "$dat")
 mkdir -p "$dst"
 gnuplot -e "datdir='$dat'; outdir='$dst'; policies='$policies'; plottitle='$title'" "$here/plot.gp"
-echo "plot.sh: wrote $dst/tokens_per_s_vs_budget.png $dst/hit_rate_vs_budget.png"
+echo "plot.sh: wrote $(ls "$dst"/*.png | tr "\n" " ")"
