@@ -62,6 +62,11 @@ size_t DecodeSmemFloats(int group, int head_dim, int tile) {
   return static_cast<size_t>(2 * group * head_dim + tile * (head_dim + 4) + tile * head_dim + group * tile + 3 * group);
 }
 
+// The decode kernel's own merge stages (m, l) of every split of the group's heads in the K tile.
+bool DecodeMergeFits(int group, int head_dim, int tile, int num_splits) {
+  return 2 * static_cast<int64_t>(group) * num_splits <= static_cast<int64_t>(tile) * (head_dim + 4);
+}
+
 __global__ void __launch_bounds__(kDecodeThreads)
     AttentionDecodeKernel(const float* __restrict__ q, const __grid_constant__ SeqTable seqs, int num_heads,
                           int num_kv_heads, int head_dim, int tile, float scale, float* __restrict__ out,
@@ -217,21 +222,39 @@ __global__ void __launch_bounds__(kDecodeThreads)
   __syncthreads();
   if (!merge) return;
   __threadfence();
+  // The merge reads other blocks' partials from L2 (__ldcg) and keeps its loads independent: a
+  // chain of dependent L2 reads per split would cost more than the attention itself. First the
+  // splits' (m, l) per head into the free K tile (the plan checks the room), then each head's
+  // split weights exp(m_s - max) / sum_s l_s exp(m_s - max), then the weighted sum of partials.
+  float* mw = ks;                       // [group][num_splits]: m, then the split's weight
+  float* lw = ks + group * num_splits;  // [group][num_splits]: l
+  for (int i = threadIdx.x; i < group * num_splits; i += blockDim.x) {
+    const int g = i / num_splits, s = i % num_splits, h = kvh * group + g;
+    const float* w = ws + s * split_stride + (sd.q_row * num_heads + h) * (head_dim + 2);
+    mw[i] = __ldcg(w + head_dim);
+    lw[i] = __ldcg(w + head_dim + 1);
+  }
+  __syncthreads();
+  for (int g = threadIdx.x; g < group; g += blockDim.x) {
+    float* m = mw + g * num_splits;
+    const float* l = lw + g * num_splits;
+    float mx = -INFINITY;
+    for (int s = 0; s < num_splits; ++s) mx = fmaxf(mx, m[s]);
+    float den = 0.f;
+    for (int s = 0; s < num_splits; ++s)
+      if (m[s] != -INFINITY) den += l[s] * expf(m[s] - mx);  // empty splits add nothing
+    const float inv = 1.0f / den;
+    for (int s = 0; s < num_splits; ++s) m[s] = (m[s] == -INFINITY) ? 0.f : expf(m[s] - mx) * inv;
+  }
+  __syncthreads();
   for (int o = threadIdx.x; o < group * head_dim; o += blockDim.x) {
     const int g = o / head_dim, d = o % head_dim, h = kvh * group + g;
-    const float* w0 = ws + (sd.q_row * num_heads + h) * (head_dim + 2);
-    float mx = -INFINITY;
-    for (int s = 0; s < num_splits; ++s) mx = fmaxf(mx, __ldcg(w0 + s * split_stride + head_dim));
-    float num = 0.f, den = 0.f;
-    for (int s = 0; s < num_splits; ++s) {
-      const float* ws_s = w0 + s * split_stride;
-      const float m_s = __ldcg(ws_s + head_dim);
-      if (m_s == -INFINITY) continue;  // an empty split
-      const float e = expf(m_s - mx);
-      den += __ldcg(ws_s + head_dim + 1) * e;
-      num += __ldcg(ws_s + d) * e;
-    }
-    out[sd.q_row * q_stride + h * head_dim + d] = num / den;
+    const float* w0 = ws + (sd.q_row * num_heads + h) * (head_dim + 2) + d;
+    const float* e = mw + g * num_splits;
+    float num = 0.f;
+#pragma unroll 8
+    for (int s = 0; s < num_splits; ++s) num += __ldcg(w0 + s * split_stride) * e[s];
+    out[sd.q_row * q_stride + h * head_dim + d] = num;
   }
 }
 
@@ -445,7 +468,8 @@ AttentionBatchPlan plan_attention_batch(const AttentionSeqDesc* seqs_host, int n
   }
   if (plan.num_splits > 1) {
     plan.workspace_floats = static_cast<size_t>(plan.num_splits) * plan.num_rows * num_heads * (head_dim + 2);
-    if (plan.decode) plan.num_counters = static_cast<int64_t>(num_seqs) * num_kv_heads;
+    if (plan.decode && DecodeMergeFits(group, head_dim, plan.decode_tile, plan.num_splits))
+      plan.num_counters = static_cast<int64_t>(num_seqs) * num_kv_heads;
   }
   return plan;
 }
@@ -472,8 +496,10 @@ cudaError_t launch_attention_batch(const float* q, const AttentionSeqDesc* seqs_
   const bool decode = plan.decode && plan.max_n_new == 1 && plan.decode_tile >= 1 &&
                       plan.decode_tile <= kDecodeMaxTile && reinterpret_cast<uintptr_t>(q) % 16 == 0 &&
                       reinterpret_cast<uintptr_t>(out) % 16 == 0;
-  // The decode kernel merges its own splits when it has the counters.
-  const bool merged = decode && (plan.num_splits == 1 || counters != nullptr);
+  // The decode kernel merges its own splits when it has the counters and the room.
+  const bool merged =
+      decode && (plan.num_splits == 1 || (counters != nullptr && DecodeMergeFits(num_heads / num_kv_heads, head_dim,
+                                                                                 plan.decode_tile, plan.num_splits)));
   if (decode) {
     const int group = num_heads / num_kv_heads;
     const size_t smem = DecodeSmemFloats(group, head_dim, plan.decode_tile) * sizeof(float);
@@ -481,7 +507,7 @@ cudaError_t launch_attention_batch(const float* q, const AttentionSeqDesc* seqs_
     dim3 grid(plan.num_splits, num_kv_heads, num_seqs);
     AttentionDecodeKernel<<<grid, kDecodeThreads, smem, stream>>>(
         q, table, num_heads, num_kv_heads, head_dim, plan.decode_tile, 1.0f / sqrtf(static_cast<float>(head_dim)), out,
-        workspace, plan.num_rows, plan.num_splits, counters);
+        workspace, plan.num_rows, plan.num_splits, merged ? counters : nullptr);
   } else if (head_dim <= 32) {
     Launch<32, 32, 16>(q, table, num_seqs, plan, num_heads, num_kv_heads, head_dim, out, workspace, stream);
   } else if (head_dim <= 64) {
