@@ -158,6 +158,15 @@ void ServingLoop::Stop() {
 }
 
 void ServingLoop::Run() {
+  // This thread drives the engine: bind it to the engine's device (the engine was built on another
+  // thread; on a rank whose GPU is not device 0 every call would otherwise go to the wrong one).
+  if (Status s = engine_->backend().BindToCallingThread(); !s.ok()) {
+    EF_LOG(ERROR, SERVE, "engine thread: %s", s.ToString().c_str());
+    std::unique_lock<std::mutex> lock(mu_);
+    stopping_ = true;
+    for (auto& a : waiting_) a->stream->Finish(FinishReason::kCancelled, s);
+    waiting_.clear();
+  }
   for (;;) {
     {
       std::unique_lock<std::mutex> lock(mu_);

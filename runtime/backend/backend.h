@@ -83,6 +83,10 @@ class Backend {
   // Zeroes bytes of backend memory (enqueued; no host transfer).
   virtual void SetZero(void* dst, size_t bytes) = 0;
   virtual void Synchronize() = 0;
+  // Makes the calling thread use this backend's device. A thread other than the one that created
+  // the backend calls it once before driving the backend (CUDA's current device is per host
+  // thread: without it a second GPU's pointers meet the first GPU's context). CPU: nothing.
+  virtual Status BindToCallingThread() { return Status::Ok(); }
   // Makes a checkpoint tensor (host bytes) usable by ops. CPU: the same bytes, no copy.
   // CUDA: a device copy that the backend owns until it is destroyed.
   virtual StatusOr<Weight> UploadWeight(DType dtype, const void* host_data, int64_t rows, int64_t cols) = 0;

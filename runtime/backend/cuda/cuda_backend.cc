@@ -240,6 +240,13 @@ void CudaBackend::SetZero(void* dst, size_t bytes) {
   CUDA_CHECK_LOG(cudaMemsetAsync(dst, 0, bytes, stream_), &error_);
 }
 
+Status CudaBackend::BindToCallingThread() {
+  const cudaError_t e = cudaSetDevice(options_.device);
+  if (e != cudaSuccess)
+    return Internal("cudaSetDevice(" + std::to_string(options_.device) + ") failed: " + cudaGetErrorString(e));
+  return Status::Ok();
+}
+
 void CudaBackend::Synchronize() {
   CUDA_CHECK_LOG(cudaStreamSynchronize(stream_), &error_);
   RetireFinishedCopies(true);

@@ -65,6 +65,7 @@ class CudaBackend final : public Backend {
   void CopyOnDevice(void* dst, const void* src, size_t bytes) override;
   void SetZero(void* dst, size_t bytes) override;
   void Synchronize() override;
+  Status BindToCallingThread() override;
   StatusOr<Weight> UploadWeight(DType dtype, const void* host_data, int64_t rows, int64_t cols) override;
   size_t bytes_in_use() const override { return bytes_in_use_.load(); }
 
