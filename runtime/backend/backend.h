@@ -87,6 +87,9 @@ class Backend {
   // the backend calls it once before driving the backend (CUDA's current device is per host
   // thread: without it a second GPU's pointers meet the first GPU's context). CPU: nothing.
   virtual Status BindToCallingThread() { return Status::Ok(); }
+  // The first error of an enqueued op (ops return nothing; a failed launch or copy is kept here,
+  // sticky). The engine checks it after every forward pass.
+  virtual Status status() const { return Status::Ok(); }
   // Makes a checkpoint tensor (host bytes) usable by ops. CPU: the same bytes, no copy.
   // CUDA: a device copy that the backend owns until it is destroyed.
   virtual StatusOr<Weight> UploadWeight(DType dtype, const void* host_data, int64_t rows, int64_t cols) = 0;

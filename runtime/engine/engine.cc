@@ -317,6 +317,12 @@ Status Engine::Forward(std::span<const SeqChunk> batch, ForwardResult* result) {
   backend_->Gemm(fin, R, weights_->lm_head(), nullptr, logits, false);
   result->logits.resize(static_cast<size_t>(R) * c.vocab_size);
   backend_->CopyToHost(result->logits.data(), logits, result->logits.size() * sizeof(float));
+  // Ops report failures to the backend, not to their caller: a forward pass with a failed op must
+  // not hand out its logits.
+  if (Status s = backend_->status(); !s.ok()) {
+    s.Prepend("forward pass on " + backend_->name());
+    return s;
+  }
   return Status::Ok();
 }
 

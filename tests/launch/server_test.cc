@@ -231,7 +231,14 @@ TEST_F(ServerTest, HealthModelsAndMetrics) {
   EXPECT_EQ(m.body["object"], "list");
   EXPECT_EQ(m.body["data"][0]["id"], kModel);
   Post(*server_, "/v1/completions", json{{"model", kModel}, {"prompt", "def f("}, {"max_tokens", 3}}.dump());
+  // The request counter is updated by the server's access log, which runs after the response has
+  // been written: poll briefly rather than race it.
+  const std::string counted = "expertflow_requests_total{endpoint=\"/v1/completions\",status=\"200\"}";
   Reply metrics = Get(*server_, "/metrics");
+  for (int i = 0; i < 100 && metrics.raw.find(counted) == std::string::npos; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    metrics = Get(*server_, "/metrics");
+  }
   ASSERT_EQ(metrics.status, 200);
   for (const char* want :
        {"expertflow_requests_total{endpoint=\"/v1/completions\",status=\"200\"}", "expertflow_prompt_tokens_total",

@@ -89,7 +89,7 @@ class CudaBackend final : public Backend {
 
   // --- CUDA specifics ---
   // The first CUDA/cuBLAS error seen by an op, or OK.
-  Status status() const { return error_; }
+  Status status() const override { return error_; }
   // The compute stream (for callers that time or fill device memory in stream order).
   cudaStream_t stream() const { return stream_; }
   int device() const { return options_.device; }
