@@ -9,12 +9,14 @@ set xtics 0,25,100
 
 set output outdir."/tokens_per_s_vs_budget.png"
 set title plottitle."\ndecode throughput vs cache budget"
-set ylabel "output tokens/s"
-set yrange [0:*]
+set ylabel "output tokens/s (log scale)"
+set logscale y
+set yrange [*:*]
 plot for [i=1:words(policies)] datdir."/".word(policies,i).".dat" using 1:4 with linespoints lw 2 dt i pt 4+2*i ps 1.5 title word(policies,i)
 
 set output outdir."/hit_rate_vs_budget.png"
 set title plottitle."\nexpert cache hit rate vs budget"
+unset logscale y
 set ylabel "hit rate"
 set yrange [0:1.05]
 plot for [i=1:words(policies)] datdir."/".word(policies,i).".dat" using 1:5 with linespoints lw 2 dt i pt 4+2*i ps 1.5 title word(policies,i)
