@@ -8,10 +8,7 @@
 #   - if all of that passed, the same comparison on tiny-code-moe with EF_CUDA_BF16_WEIGHTS=1.
 # Each step has its own timeout so one slow step leaves the others' results.
 #
-# Needs the Debian packages of setup-and-build.sh in .deps/debs (carry them):
-#   bash ../shared/tools/accel-deps.sh .deps/debs
-# libucx-dev's libucp.so/libuct.so/libucs.so/libucm.so point at .so.0.0.0 files that the
-# carried packages do not hold; they are linked here to the machine's UCX 1.16 runtime.
+# Needs the Debian packages of setup-and-build.sh in .deps/debs (carry them; build-full.sh).
 #
 #   scripts/accel/nccl-check.sh [NP]        logs under $OUT (or ./out)
 set -uo pipefail
@@ -20,56 +17,8 @@ OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 NP=${1:-2}
 
-ROOT=$PWD/.deps/root
-PCDIR=$PWD/.deps/pkgconfig
-LIBDIR=$ROOT/usr/lib/x86_64-linux-gnu
-SYSLIB=/usr/lib/x86_64-linux-gnu
-
-# (1) Unpack the carried packages and rewrite their .pc prefixes (as setup-and-build.sh does).
-rm -rf "$ROOT" "$PCDIR"
-mkdir -p "$ROOT" "$PCDIR"
-for f in .deps/debs/*.deb; do dpkg -x "$f" "$ROOT"; done
-for pc in "$LIBDIR"/pkgconfig/*.pc; do
-  sed -e "s|^prefix *= */usr|prefix=$ROOT/usr|" -e '/^Requires.private/d' "$pc" >"$PCDIR/$(basename "$pc")"
-done
-# The machine has no brotli headers (libbrotli-dev); httplib's brotli compressor is internal to the
-# library, so compile the header without it (openssl and zlib headers are present there).
-sed -i 's/ -DCPPHTTPLIB_BROTLI_SUPPORT//' "$PCDIR/cpp-httplib.pc"
-
-# (2) Point the UCX development symlinks at the machine's runtime.
-{
-  echo "# host $(hostname), $(date -u +%FT%TZ), git $(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
-  nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader 2>&1
-  nvcc --version 2>&1 | tail -1
-  cmake --version | head -1
-  mpirun --version 2>&1 | head -1
-  echo "## machine UCX runtime"
-  ls -l "$SYSLIB"/libuc[mpst]*.so* 2>&1
-  for lib in ucp uct ucs ucm; do
-    if [[ -e $SYSLIB/lib$lib.so.0 ]]; then
-      ln -sfn "$SYSLIB/lib$lib.so.0" "$LIBDIR/lib$lib.so"
-    else
-      echo "missing: $SYSLIB/lib$lib.so.0"
-    fi
-  done
-  echo "## links in $LIBDIR"
-  ls -l "$LIBDIR"/libuc*.so* "$LIBDIR"/libcpp-httplib* 2>&1
-} 2>&1 | tee "$OUT/env.txt"
-
-# (3) Configure (tests on, for the bench target) and build the two binaries.
-t0=$(date +%s)
-# pkg_check_modules caches its flags: drop the cache so the .pc edits above always apply.
-rm -f build-gpu2/CMakeCache.txt
-PKG_CONFIG_PATH=$PCDIR cmake -S . -B build-gpu2 -G Ninja -DCMAKE_BUILD_TYPE=Release -DEF_CUDA=ON \
-  -DCMAKE_CUDA_ARCHITECTURES=90 -DEF_HTTPLIB_INCLUDE="$ROOT/usr/include" \
-  >"$OUT/configure.log" 2>&1 || { tail -40 "$OUT/configure.log"; exit 1; }
-ninja -C build-gpu2 -j"$(nproc)" expertflow ef_a2a_bench >"$OUT/build.log" 2>&1 ||
-  { grep -E "error|FAILED|undefined" -A3 "$OUT/build.log" | head -80; exit 1; }
-echo "build ok in $(($(date +%s) - t0)) s"
-
-# (4) Runtime environment.
-export LD_LIBRARY_PATH=$LIBDIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0
+# (1)-(4) Unpack the carried packages, build expertflow and ef_a2a_bench, runtime environment.
+EF_BUILD_TESTS=ON source "$(dirname "$0")/build-full.sh" ef_a2a_bench || exit 1
 ldd build-gpu2/expertflow | grep -E "uc[mpst]|httplib|nccl|mpi|not found" | tee -a "$OUT/env.txt"
 
 # (5) Exchange vs raw NCCL all-to-all, Mixtral shapes, 16/64/256 tokens per rank.

@@ -13,43 +13,8 @@ mkdir -p "$OUT"
 NP=${1:-2}
 BUILD=build-perf-gpu
 
-ROOT=$PWD/.deps/root
-PCDIR=$PWD/.deps/pkgconfig
-LIBDIR=$ROOT/usr/lib/x86_64-linux-gnu
-SYSLIB=/usr/lib/x86_64-linux-gnu
-
-# (1) Unpack the carried packages; rewrite the .pc prefixes; httplib without brotli (nccl-check.sh).
-rm -rf "$ROOT" "$PCDIR"
-mkdir -p "$ROOT" "$PCDIR"
-for f in .deps/debs/*.deb; do dpkg -x "$f" "$ROOT"; done
-for pc in "$LIBDIR"/pkgconfig/*.pc; do
-  sed -e "s|^prefix *= */usr|prefix=$ROOT/usr|" -e '/^Requires.private/d' "$pc" >"$PCDIR/$(basename "$pc")"
-done
-sed -i 's/ -DCPPHTTPLIB_BROTLI_SUPPORT//' "$PCDIR/cpp-httplib.pc"
-
-# (2) UCX development symlinks to the machine's runtime.
-{
-  echo "# host $(hostname), $(date -u +%FT%TZ), git $(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
-  nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader 2>&1
-  nvcc --version 2>&1 | tail -1
-  mpirun --version 2>&1 | head -1
-  for lib in ucp uct ucs ucm; do
-    if [[ -e $SYSLIB/lib$lib.so.0 ]]; then ln -sfn "$SYSLIB/lib$lib.so.0" "$LIBDIR/lib$lib.so"; else echo "missing: $SYSLIB/lib$lib.so.0"; fi
-  done
-} 2>&1 | tee "$OUT/env.txt"
-
-# (3) Configure (tests on) and build.
-t0=$(date +%s)
-rm -f $BUILD/CMakeCache.txt
-PKG_CONFIG_PATH=$PCDIR cmake -S . -B $BUILD -G Ninja -DCMAKE_BUILD_TYPE=Release -DEF_CUDA=ON \
-  -DCMAKE_CUDA_ARCHITECTURES=90 -DEF_HTTPLIB_INCLUDE="$ROOT/usr/include" >"$OUT/configure.log" 2>&1 ||
-  { tail -40 "$OUT/configure.log"; exit 1; }
-ninja -C $BUILD -j"$(nproc)" expertflow gpu_tests ef_decode_bench ef_a2a_bench >"$OUT/build.log" 2>&1 ||
-  { grep -E "error|FAILED|undefined" -A3 "$OUT/build.log" | head -80; exit 1; }
-echo "build ok in $(($(date +%s) - t0)) s"
-
-export LD_LIBRARY_PATH=$LIBDIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0
+# (1)-(3) Unpack the carried packages, build with the GPU tests and benchmarks (build-full.sh).
+EF_BUILD_TESTS=ON source "$(dirname "$0")/build-full.sh" gpu_tests ef_decode_bench ef_a2a_bench || exit 1
 
 # (4) Decode benchmark on GPU 0.
 t0=$(date +%s)
