@@ -214,6 +214,27 @@ Status ExpertStore::Prefetch(int layer, int expert, Priority priority) {
   return Status::Ok();
 }
 
+void ExpertStore::PrefetchSet(int layer, std::span<const int32_t> experts, Priority priority) {
+  std::vector<ExpertKey> held;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (int32_t e : experts) {
+      const ExpertKey key{layer, e};
+      if (CheckKey(layer, e).ok() && cache_->IsResident(key) && cache_->Pin(key)) held.push_back(key);
+    }
+  }
+  for (int32_t e : experts) {
+    if (!Prefetch(layer, e, priority).ok()) continue;  // every slot held: the rest load on demand
+    // Loaded (sync mode): hold it too, so the set's later members cannot evict it.
+    std::lock_guard<std::mutex> lock(mu_);
+    const ExpertKey key{layer, e};
+    if (cache_->IsResident(key) && std::find(held.begin(), held.end(), key) == held.end() && cache_->Pin(key))
+      held.push_back(key);
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const ExpertKey& key : held) cache_->Unpin(key);
+}
+
 void ExpertStore::WorkerLoop() {
   std::unique_lock<std::mutex> lock(mu_);
   while (true) {

@@ -138,6 +138,13 @@ class ExpertStore {
   StatusOr<SlotRef> Acquire(int layer, int expert);
   void Release(const SlotRef& ref);
   Status Prefetch(int layer, int expert, Priority priority);
+  // Prefetches a forecast set of one layer as a group: its members already resident are held
+  // (pinned) while the missing ones load, so loading one member never evicts another (a recency
+  // policy would otherwise pick an older member of the very set it is filling, and the layer would
+  // miss it); members it loads are held too, so a set larger than the layer's slots loads what
+  // fits and skips the rest (advisory, like Prefetch). In async mode the loads run later on the
+  // worker, after the hold: there it is per expert.
+  void PrefetchSet(int layer, std::span<const int32_t> experts, Priority priority);
   // Blocks until the async prefetch queue is empty and no load is in flight (no-op when sync).
   void WaitForPrefetches();
 

@@ -271,17 +271,22 @@ Status RunBench(const BenchOptions& o, comm::MpiContext* ctx) {
       const placement::RoutingTrace* tr = &trace_override->trace();
       cache::ExpertCache* cache = expert_cache.get();
       const int depth = std::max(1, config.cache.prefetch_layers);
-      trace_override->set_on_override([tr, cache, moe_layers, depth](int moe_layer, size_t first, int num_tokens) {
-        const size_t n = tr->tokens.size();
-        for (int d = 1; d <= depth && moe_layer + d < static_cast<int>(moe_layers.size()); ++d) {
-          std::vector<int32_t> experts;
-          for (int i = 0; i < num_tokens; ++i)
-            for (int j = 0; j < tr->top_k(); ++j) experts.push_back(tr->expert((first + i) % n, moe_layer + d, j));
-          std::sort(experts.begin(), experts.end());
-          experts.erase(std::unique(experts.begin(), experts.end()), experts.end());
-          cache->SetUpcoming(moe_layers[moe_layer + d], std::move(experts));
-        }
-      });
+      const size_t slots = static_cast<size_t>(expert_cache->budget().slots_per_layer);
+      trace_override->set_on_override(
+          [tr, cache, moe_layers, depth, slots](int moe_layer, size_t first, int num_tokens) {
+            const size_t n = tr->tokens.size();
+            for (int d = 1; d <= depth && moe_layer + d < static_cast<int>(moe_layers.size()); ++d) {
+              std::vector<int32_t> experts;
+              for (int i = 0; i < num_tokens; ++i)
+                for (int j = 0; j < tr->top_k(); ++j) experts.push_back(tr->expert((first + i) % n, moe_layer + d, j));
+              std::sort(experts.begin(), experts.end());
+              experts.erase(std::unique(experts.begin(), experts.end()), experts.end());
+              // A set larger than the layer's slots (a prefill batch) would only evict its own
+              // members: the layer loads on demand instead.
+              if (experts.size() > slots) experts.clear();
+              cache->SetUpcoming(moe_layers[moe_layer + d], std::move(experts));
+            }
+          });
     }
   }
   if (distributed) {

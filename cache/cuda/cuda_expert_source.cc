@@ -149,7 +149,7 @@ void CudaExpertSource::OnRouting(int layer, std::vector<int32_t>& experts) {
     if (!layout_.moe_layer[l]) continue;
     ++ahead;
     // Advisory: a failure (every slot pinned) only means the expert loads on demand later.
-    for (int32_t e : upcoming_[l]) store_->Prefetch(l, e, Priority::kPrefetch).IgnoreError();
+    store_->PrefetchSet(l, upcoming_[l], Priority::kPrefetch);
   }
   arena_->set_urgent(true);
 }

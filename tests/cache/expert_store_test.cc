@@ -245,3 +245,42 @@ TEST(ExpertStore, PluggableArena) {
 
 }  // namespace
 }  // namespace ef::cache
+
+namespace ef::cache {
+namespace {
+
+TEST(ExpertStore, PrefetchSetNeverEvictsItsOwnMembers) {
+  // Layer 0 holds 2 slots: expert 0 (older) and expert 1 (newer). The forecast is {0, 2}: loading
+  // 2 must evict 1, not 0 — which a per-expert prefetch under LRU would do (0 is the older).
+  for (bool as_set : {false, true}) {
+    auto store = ExpertStore::Create(Options(2), FillExpert);
+    ASSERT_TRUE(store.ok()) << store.status().ToString();
+    ExpertStore& s = **store;
+    for (int e : {0, 1}) {
+      auto ref = s.Acquire(0, e);
+      ASSERT_TRUE(ref.ok());
+      s.Release(*ref);
+    }
+    const std::vector<int32_t> forecast = {0, 2};
+    if (as_set) {
+      s.PrefetchSet(0, forecast, Priority::kPrefetch);
+    } else {
+      for (int32_t e : forecast) s.Prefetch(0, e, Priority::kPrefetch).IgnoreError();
+    }
+    EXPECT_TRUE(s.IsResident(0, 2)) << (as_set ? "set" : "per expert");
+    EXPECT_EQ(s.IsResident(0, 0), as_set) << (as_set ? "set" : "per expert");
+    EXPECT_EQ(s.IsResident(0, 1), !as_set) << (as_set ? "set" : "per expert");
+  }
+  // A set larger than the layer's slots loads what fits and skips the rest, without thrashing.
+  auto store = ExpertStore::Create(Options(2), FillExpert);
+  ASSERT_TRUE(store.ok());
+  const std::vector<int32_t> big = {3, 4, 5};
+  (*store)->PrefetchSet(1, big, Priority::kPrefetch);
+  EXPECT_TRUE((*store)->IsResident(1, 3));
+  EXPECT_TRUE((*store)->IsResident(1, 4));
+  EXPECT_FALSE((*store)->IsResident(1, 5));
+  EXPECT_EQ((*store)->stats().total.prefetch_issued, 2);  // 5 was skipped, nothing loaded twice
+}
+
+}  // namespace
+}  // namespace ef::cache
