@@ -25,6 +25,7 @@
 #include "launch/server/http_server.h"
 #include "launch/server/server_metrics.h"
 #include "launch/server/serving_loop.h"
+#include "placement/predictor_file.h"
 #include "runtime/core/logging.h"
 #include "runtime/tokenizer/tokenizer.h"
 
@@ -40,6 +41,39 @@ struct ServeOptions {
   CacheFlags cache;
 };
 
+// Admission regrouping needs each prompt's experts before it runs: the forecast of a trained
+// predictor file (path, affinity, frequency or hybrid) over the prompt's tokens, top-k per layer.
+Status SetUpAdmissionForecast(const Config& cfg, const runtime::ModelConfig& model, ServingLoopOptions* loop) {
+  EF_ASSIGN_OR_RETURN(placement::LoadedPredictor loaded, placement::LoadPredictor(cfg.predictor.path));
+  const int layers = model.num_moe_layers(), experts = model.num_experts, k = model.top_k;
+  if (loaded.info.num_layers != layers || loaded.info.num_experts != experts)
+    return InvalidArgument("predictor " + cfg.predictor.path + " forecasts " + std::to_string(loaded.info.num_layers) +
+                           " MoE layers x " + std::to_string(loaded.info.num_experts) + " experts; the model has " +
+                           std::to_string(layers) + " x " + std::to_string(experts));
+  std::shared_ptr<const placement::Predictor> predictor = std::move(loaded.predictor);
+  loop->forecast_layers = layers;
+  loop->forecast_experts = experts;
+  loop->forecast = [predictor, layers, experts, k](const ServeRequest& r, uint64_t* row) {
+    std::vector<placement::PredictorInput> in(r.prompt.size());
+    for (size_t i = 0; i < r.prompt.size(); ++i) {
+      in[i].pos = static_cast<int64_t>(i);
+      in[i].token = r.prompt[i];
+      in[i].context = std::span<const int32_t>(r.prompt.data(), i);
+    }
+    auto f = predictor->Predict(in);
+    if (!f.ok()) return;  // no forecast: the request competes with an empty path (admitted FCFS)
+    for (int t = 0; t < f->num_tokens; ++t)
+      for (int l = 0; l < layers; ++l)
+        for (int e : f->TopK(t, l, k)) {
+          const int bit = l * experts + e;
+          row[bit / 64] |= uint64_t{1} << (bit % 64);
+        }
+  };
+  EF_LOG(INFO, SERVE, "admission regrouping: forecasts from %s (%s)", cfg.predictor.path.c_str(),
+         loaded.info.kind.c_str());
+  return Status::Ok();
+}
+
 Status RunServe(ServeOptions o, const CLI::App& app) {
   Config cfg;
   if (!o.config_path.empty()) {
@@ -50,10 +84,22 @@ Status RunServe(ServeOptions o, const CLI::App& app) {
     if (!FlagGiven(app, "--api-key") && cfg.has("server.api_key")) o.http.api_key = cfg.server.api_key;
     if (!FlagGiven(app, "--max-batch") && cfg.has("scheduler.max_batch_requests"))
       o.loop.max_batch = cfg.scheduler.max_batch_requests;
+    if (!FlagGiven(app, "--regroup-window") && cfg.has("scheduler.regroup_window"))
+      o.loop.regroup_window = cfg.scheduler.regroup_window;
   }
   EF_RETURN_IF_ERROR(o.cache.Apply(app, &cfg));
   if (o.http.port < 0 || o.http.port > 65535) return InvalidArgument("--port must be in 0..65535");
   if (o.loop.max_batch < 1) return InvalidArgument("--max-batch must be >= 1");
+  if (o.loop.regroup_window > 1 && cfg.predictor.path.empty()) {
+    if (FlagGiven(app, "--regroup-window"))
+      return InvalidArgument(
+          "--regroup-window needs a trained predictor (--predictor-path or predictor.path) to forecast each prompt's "
+          "experts");
+    // From the config file: without a forecast there is nothing to regroup on; admit in order.
+    EF_LOG(INFO, SERVE, "scheduler.regroup_window %d without predictor.path: admission stays FIFO",
+           o.loop.regroup_window);
+    o.loop.regroup_window = 0;
+  }
 
   // Signals go to the watcher thread only: block them before any thread starts.
   sigset_t signals;
@@ -68,6 +114,7 @@ Status RunServe(ServeOptions o, const CLI::App& app) {
   eo.upload_experts = !WantsExpertCache(cfg.cache);
   EF_ASSIGN_OR_RETURN(auto engine, runtime::Engine::Create(o.model.dir, eo));
   EF_ASSIGN_OR_RETURN(auto expert_cache, SetUpCommandExpertCache(engine.get(), cfg, nullptr));
+  if (o.loop.regroup_window > 1) EF_RETURN_IF_ERROR(SetUpAdmissionForecast(cfg, engine->config(), &o.loop));
   ServerMetrics metrics(engine->config().num_layers, engine->config().num_experts);
   if (expert_cache && expert_cache->active()) metrics.SetExpertCache(expert_cache.get());
   o.http.model_name = !o.served_name.empty()
@@ -122,6 +169,12 @@ Status RunServe(ServeOptions o, const CLI::App& app) {
   done.store(true);
   watcher.join();
   if (expert_cache && expert_cache->active()) std::fprintf(stderr, "%s\n", expert_cache->StatsSummary().c_str());
+  if (const AdmissionStats a = loop.admission_stats(); a.rounds > 0)
+    std::fprintf(stderr,
+                 "admission regrouping: %lld rounds with a queue, forecast distinct (layer, expert) per admitted batch "
+                 "%.1f FIFO -> %.1f regrouped, %lld admitted by the starvation bound\n",
+                 static_cast<long long>(a.rounds), static_cast<double>(a.fcfs_distinct) / a.rounds,
+                 static_cast<double>(a.regrouped_distinct) / a.rounds, static_cast<long long>(a.forced));
   if (s.ok()) std::fprintf(stderr, "expertflow serve: stopped\n");
   return s;
 }
@@ -141,6 +194,16 @@ Command AddServeCommand(CLI::App& root) {
   c.app->add_option("--served-model-name", o->served_name, "model id for /v1/models (default: the model folder)");
   c.app->add_option("--max-batch", o->loop.max_batch, "sequences in the running batch")->capture_default_str();
   c.app->add_option("--max-queue", o->loop.max_queue, "waiting requests before 503")->capture_default_str();
+  c.app
+      ->add_option("--regroup-window", o->loop.regroup_window,
+                   "admit queued requests regrouped over this many batches so each prefill batch needs fewer experts "
+                   "(needs --predictor-path; 0/1: FIFO) (scheduler.regroup_window)")
+      ->check(CLI::NonNegativeNumber);
+  c.app
+      ->add_option("--max-wait-steps", o->loop.max_wait_steps,
+                   "admission rounds a request may be overtaken by younger ones when regrouping")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   c.app->add_option("--max-tokens-limit", o->http.max_tokens_limit, "largest max_tokens accepted (0: the context)")
       ->check(CLI::NonNegativeNumber);
   c.app->add_option("--default-max-tokens", o->http.default_max_tokens, "max_tokens when a request gives none")

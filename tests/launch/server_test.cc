@@ -12,6 +12,8 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
+#include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
@@ -451,6 +453,51 @@ TEST(ServerExpertCacheTest, SameTextAndCacheMetrics) {
     misses += std::stoll(m.raw.substr(m.raw.find("} ", at) + 2));
   EXPECT_GT(misses, 0);
   EXPECT_EQ(server.Terminate(), 0);
+}
+
+namespace fs = std::filesystem;
+
+// Admission regrouping from a trained path predictor: a batch of 2 with 12 greedy requests
+// queued; every request answers with the text `generate` gives its prompt alone.
+TEST(ServerRegroupTest, QueuedRequestsRegroupedSameText) {
+  const fs::path dir = fs::path(::testing::TempDir()) / "ef_server_regroup";
+  fs::create_directories(dir);
+  const std::string trace = std::string(EF_SHARED_DIR) + "/traces/tiny_code_moe_prefill.jsonl";
+  if (!fs::exists(trace)) GTEST_SKIP() << "trace not present: " << trace;
+  const std::string predictor = (dir / "p.safetensors").string();
+  const std::string train = std::string(EF_BINARY) + " train-predictor --trace " + trace + " --kind path --out " +
+                            predictor + " --epochs 2 --hidden 32 > " + (dir / "train.log").string() + " 2>&1";
+  ASSERT_EQ(std::system(train.c_str()), 0) << "train-predictor failed";
+  ServerProcess server;
+  server.Start({"--max-batch", "2", "--regroup-window", "4", "--predictor-path", predictor});
+  ASSERT_GT(server.port(), 0);
+  constexpr int kRequests = 12, kTokens = 6;
+  std::vector<std::string> prompts, texts(kRequests);
+  for (int i = 0; i < kRequests; ++i) prompts.push_back(i % 3 == 0 ? "import os" : "def f" + std::to_string(i) + "(");
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kRequests; ++i)
+    threads.emplace_back([&, i] {
+      Reply r =
+          Post(server, "/v1/completions",
+               json{{"model", kModel}, {"prompt", prompts[i]}, {"max_tokens", kTokens}, {"temperature", 0}}.dump());
+      if (r.status == 200)
+        texts[i] = r.body["choices"][0]["text"].get<std::string>();
+      else
+        ADD_FAILURE() << "request " << i << ": " << r.raw;
+    });
+  for (auto& t : threads) t.join();
+  for (int i : {0, 1, 5}) EXPECT_EQ(prompts[i] + texts[i] + "\n", RunGenerate(prompts[i], kTokens)) << "request " << i;
+  EXPECT_EQ(server.Terminate(), 0);
+}
+
+// Without a predictor there is nothing to regroup on: the flag is refused, naming what is missing.
+TEST(ServerRegroupTest, RegroupWindowWithoutPredictorIsAnError) {
+  const std::string cmd = std::string(EF_BINARY) + " serve --model " + kModelDir +
+                          " --port 0 --regroup-window 4 > /dev/null 2> " + ::testing::TempDir() + "/regroup.err";
+  EXPECT_NE(std::system(cmd.c_str()), 0);
+  std::ifstream in(::testing::TempDir() + "/regroup.err");
+  std::string err((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_NE(err.find("--predictor-path"), std::string::npos) << err;
 }
 
 TEST(ServerAuthTest, ApiKeyIsRequiredOnV1) {
