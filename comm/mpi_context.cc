@@ -93,16 +93,23 @@ void MpiContext::set_ranks_per_node(int n) {
 Status MpiContext::WaitAll(std::span<MPI_Request> reqs, std::span<const int> peers, const std::string& what) {
   if (reqs.empty()) return Status::Ok();
   using Clock = std::chrono::steady_clock;
-  const auto deadline = Clock::now() + std::chrono::duration<double>(timeout_s_);
-  int spins = 0;
+  const auto start = Clock::now();
+  const auto deadline = start + std::chrono::duration<double>(timeout_s_);
   for (;;) {
     int done = 0;
     MPI_CHECK(MPI_Testall(static_cast<int>(reqs.size()), reqs.data(), &done, MPI_STATUSES_IGNORE));
     if (done) return Status::Ok();
     if (progress_hook_) progress_hook_();
-    if (Clock::now() > deadline) break;
-    // Spin briefly for latency, then yield the core (ranks may share cores).
-    if (++spins > 64) std::this_thread::sleep_for(std::chrono::microseconds(spins > 4096 ? 500 : 20));
+    const auto now = Clock::now();
+    if (now > deadline) break;
+    // Spin for latency (a peer a few microseconds late is the common case; a fixed sleep would
+    // add its whole length, timer slack included, to every exchange), then yield the core to
+    // ranks that share it, and only a peer that is milliseconds late is waited for with sleeps.
+    const auto waited = now - start;
+    if (waited > std::chrono::milliseconds(5))
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
+    else if (waited > std::chrono::microseconds(50))
+      std::this_thread::yield();
   }
   // Name the peers whose requests are still pending; receives first (a dead peer never sends).
   std::string pending;
