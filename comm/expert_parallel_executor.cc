@@ -62,11 +62,37 @@ Status ExpertParallelExecutor::MaybeInjectFault(int layer) {
   return Status::Ok();
 }
 
+StatusOr<int64_t> ExpertParallelExecutor::SyncFlags(StepFlag mine) {
+  EF_ASSIGN_OR_RETURN(auto flags, ctx_->AllGatherInt(mine, kTagStep, "the start of a step"));
+  return *std::max_element(flags.begin(), flags.end());
+}
+
 Status ExpertParallelExecutor::SyncStep(bool has_work, bool* any) {
-  EF_ASSIGN_OR_RETURN(auto flags, ctx_->AllGatherInt(has_work ? 1 : 0, kTagStep, "the start of a step"));
-  *any = false;
-  for (int64_t f : flags) *any = *any || f != 0;
+  EF_ASSIGN_OR_RETURN(int64_t top, SyncFlags(has_work ? kWork : kIdle));
+  if (top == kStop) return FailedPrecondition("a rank stopped serving while this one still had work");
+  *any = top == kWork;
   return Status::Ok();
+}
+
+Status ExpertParallelExecutor::KeepAlive() {
+  bool any = false;
+  EF_RETURN_IF_ERROR(SyncStep(false, &any));
+  // Only the serving rank has work; if another did, it would wait for a step that never comes.
+  if (any) return FailedPrecondition("a following rank reported work during a keep-alive");
+  return Status::Ok();
+}
+
+Status ExpertParallelExecutor::Stop() { return SyncFlags(kStop).status(); }
+
+Status ExpertParallelExecutor::Follow() {
+  for (;;) {
+    EF_ASSIGN_OR_RETURN(int64_t top, SyncFlags(kIdle));
+    if (top == kStop) return Status::Ok();
+    if (top == kWork) {
+      step_synced_ = true;
+      EF_RETURN_IF_ERROR(RunIdleStep());
+    }
+  }
 }
 
 StatusOr<bool> ExpertParallelExecutor::SyncIdle() {

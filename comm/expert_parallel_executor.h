@@ -52,11 +52,23 @@ class ExpertParallelExecutor final : public runtime::MoeExecutor {
   // Idles until every rank is idle. Call once this rank's work is done.
   Status Drain();
 
+  // Serving (one rank takes requests, the others only compute experts):
+  // The serving rank calls KeepAlive() whenever it has been idle for a while (well under the
+  // timeout), so the followers' wait for the next step never times out, and Stop() once at the
+  // end (it first finishes nothing: call it after the last step).
+  Status KeepAlive();
+  Status Stop();
+  // A follower: joins every step the serving rank starts, until it calls Stop().
+  Status Follow();
+
   int64_t rows_dispatched() const { return rows_dispatched_; }  // pairs sent to other ranks
   int64_t rows_computed() const { return rows_computed_; }      // rows this rank computed
   int64_t steps() const { return steps_; }
 
  private:
+  // Step flags (all-gathered at each step's start): kIdle, kWork, kStop; returns the largest.
+  enum StepFlag : int64_t { kIdle = 0, kWork = 1, kStop = 2 };
+  StatusOr<int64_t> SyncFlags(StepFlag mine);
   Status SyncStep(bool has_work, bool* any);
   // exchange_->AllToAllV of rows of hidden floats in backend memory; stages through host memory
   // when the exchange works on host memory and the backend on device memory.

@@ -55,8 +55,15 @@ StatusOr<MpiContext*> MpiContext::Init() {
     int inited = 0;
     MPI_CHECK(MPI_Initialized(&inited));
     if (!inited) {
+      // Serialized: the thread that drives the engine (a serving loop's, not always the main
+      // thread) makes the MPI calls, one thread at a time.
       int provided = 0;
-      MPI_CHECK(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided));
+      MPI_CHECK(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_SERIALIZED, &provided));
+      if (provided < MPI_THREAD_SERIALIZED)
+        EF_LOG(WARN, COMM,
+               "MPI provides thread level %d < MPI_THREAD_SERIALIZED; serving under mpirun calls MPI "
+               "from the engine thread",
+               provided);
     }
     c->mpi_ = true;
     c->comm_ = MPI_COMM_WORLD;

@@ -8,6 +8,11 @@
 // With a cache device budget the experts are served from an expert cache of that size
 // (launch/expert_cache_setup.h); /metrics then carries its counters per layer and expert.
 //
+// Under mpirun (`mpirun -np N expertflow serve ...`) rank 0 listens and runs every request; the
+// other ranks compute their share of each MoE layer's experts (expert parallelism, comm::Cluster)
+// and follow rank 0's steps until it stops. While idle, rank 0 keeps them alive every 100 ms, so
+// their step wait (cluster.timeout_s) only fires when rank 0 is really gone.
+//
 // Threads: main (HTTP accept loop), HTTP handlers (parse, enqueue, wait), one engine thread
 // (ServingLoop), one signal watcher. SIGTERM/SIGINT: stop accepting, let in-flight requests
 // finish, exit 0. `--port 0` picks a free port; the chosen address is always printed on stdout
@@ -17,6 +22,8 @@
 #include <filesystem>
 #include <thread>
 
+#include "comm/cluster.h"
+#include "comm/mpi_context.h"
 #include "launch/command.h"
 #include "launch/config.h"
 #include "launch/engine_options.h"
@@ -34,11 +41,10 @@ namespace {
 
 struct ServeOptions {
   ModelFlags model;
-  std::string config_path;
+  ClusterFlags cluster;  // --config, the cluster and the expert cache flags
   HttpServerOptions http;
   ServingLoopOptions loop;
   std::string served_name;
-  CacheFlags cache;
 };
 
 // Admission regrouping needs each prompt's experts before it runs: the forecast of a trained
@@ -74,11 +80,19 @@ Status SetUpAdmissionForecast(const Config& cfg, const runtime::ModelConfig& mod
   return Status::Ok();
 }
 
-Status RunServe(ServeOptions o, const CLI::App& app) {
-  Config cfg;
-  if (!o.config_path.empty()) {
-    EF_ASSIGN_OR_RETURN(cfg, LoadConfig(o.config_path));
-    ApplyConfig(cfg, app, &o.model);
+// SIGTERM and SIGINT: blocked in every thread (the command blocks them before MPI or any thread
+// starts) and taken by the watcher thread with sigtimedwait.
+sigset_t ShutdownSignals() {
+  sigset_t s;
+  sigemptyset(&s);
+  sigaddset(&s, SIGTERM);
+  sigaddset(&s, SIGINT);
+  return s;
+}
+
+Status RunServe(ServeOptions o, const CLI::App& app, comm::MpiContext* ctx) {
+  const Config& cfg = o.cluster.config;  // file keys and cache flags applied by ClusterFlags::Load
+  {
     if (!FlagGiven(app, "--host") && cfg.has("server.host")) o.http.host = cfg.server.host;
     if (!FlagGiven(app, "--port") && cfg.has("server.port")) o.http.port = cfg.server.port;
     if (!FlagGiven(app, "--api-key") && cfg.has("server.api_key")) o.http.api_key = cfg.server.api_key;
@@ -87,7 +101,6 @@ Status RunServe(ServeOptions o, const CLI::App& app) {
     if (!FlagGiven(app, "--regroup-window") && cfg.has("scheduler.regroup_window"))
       o.loop.regroup_window = cfg.scheduler.regroup_window;
   }
-  EF_RETURN_IF_ERROR(o.cache.Apply(app, &cfg));
   if (o.http.port < 0 || o.http.port > 65535) return InvalidArgument("--port must be in 0..65535");
   if (o.loop.max_batch < 1) return InvalidArgument("--max-batch must be >= 1");
   if (o.loop.regroup_window > 1 && cfg.predictor.path.empty()) {
@@ -101,19 +114,28 @@ Status RunServe(ServeOptions o, const CLI::App& app) {
     o.loop.regroup_window = 0;
   }
 
-  // Signals go to the watcher thread only: block them before any thread starts.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
-
+  const sigset_t signals = ShutdownSignals();
   EF_ASSIGN_OR_RETURN(runtime::Tokenizer tok, runtime::Tokenizer::FromModelDir(o.model.dir));
   EF_ASSIGN_OR_RETURN(ChatTemplate chat, ChatTemplate::FromModelDir(o.model.dir));
   runtime::EngineOptions eo = o.model.ToEngineOptions();
   eo.upload_experts = !WantsExpertCache(cfg.cache);
   EF_ASSIGN_OR_RETURN(auto engine, runtime::Engine::Create(o.model.dir, eo));
-  EF_ASSIGN_OR_RETURN(auto expert_cache, SetUpCommandExpertCache(engine.get(), cfg, nullptr));
+  EF_ASSIGN_OR_RETURN(auto expert_cache, SetUpCommandExpertCache(engine.get(), cfg, ctx));
+  std::unique_ptr<comm::Cluster> cluster;
+  if (ctx->mpi() && ctx->size() > 1) {
+    EF_ASSIGN_OR_RETURN(cluster, comm::Cluster::Create(ctx, engine.get(), o.cluster.cluster));
+    if (ctx->rank() != 0) {
+      // A follower: compute this rank's experts for rank 0's steps until it stops.
+      EF_RETURN_IF_ERROR(cluster->executor().Follow());
+      EF_RETURN_IF_ERROR(cluster->GatherStats().status());
+      return cluster->Shutdown();
+    }
+    comm::ExpertParallelExecutor* executor = &cluster->executor();
+    o.loop.idle_tick = [executor] { return executor->KeepAlive(); };
+  }
+  // A failed keep-alive (a follower gone) stops the engine thread; the watcher then stops HTTP.
+  std::atomic<bool> fatal{false};
+  o.loop.on_fatal = [&fatal](const Status&) { fatal.store(true); };
   if (o.loop.regroup_window > 1) EF_RETURN_IF_ERROR(SetUpAdmissionForecast(cfg, engine->config(), &o.loop));
   ServerMetrics metrics(engine->config().num_layers, engine->config().num_experts);
   if (expert_cache && expert_cache->active()) metrics.SetExpertCache(expert_cache.get());
@@ -136,6 +158,17 @@ Status RunServe(ServeOptions o, const CLI::App& app) {
       cache->reset();
     }
   } release{&loop, &metrics, &expert_cache};
+  // The cluster points into the engine the loop owns: stop the engine thread and drop the
+  // cluster before the loop goes, on every way out.
+  struct ClusterRelease {
+    ServingLoop* loop;
+    std::unique_ptr<comm::Cluster>* cluster;
+    ~ClusterRelease() {
+      if (!*cluster) return;
+      loop->Stop();
+      cluster->reset();
+    }
+  } cluster_release{&loop, &cluster};
   HttpServer server(o.http, &loop, &tok, &chat, &metrics);
   StatusOr<int> port = server.Bind();
   if (!port.ok()) {
@@ -148,9 +181,13 @@ Status RunServe(ServeOptions o, const CLI::App& app) {
     const timespec tick{0, 100'000'000};
     while (!done.load()) {
       const int sig = sigtimedwait(&signals, nullptr, &tick);
-      if (sig == SIGTERM || sig == SIGINT) {
-        EF_LOG(WARN, SERVE, "signal %d: draining in-flight requests", sig);
-        std::fprintf(stderr, "expertflow serve: shutting down (finishing in-flight requests)\n");
+      if (sig == SIGTERM || sig == SIGINT || fatal.load()) {
+        if (fatal.load()) {
+          std::fprintf(stderr, "expertflow serve: the engine stopped; shutting down\n");
+        } else {
+          EF_LOG(WARN, SERVE, "signal %d: draining in-flight requests", sig);
+          std::fprintf(stderr, "expertflow serve: shutting down (finishing in-flight requests)\n");
+        }
         // Retry: a stop that lands before the accept loop starts would be lost.
         while (!done.load()) {
           server.Stop();
@@ -168,6 +205,16 @@ Status RunServe(ServeOptions o, const CLI::App& app) {
   loop.Stop();
   done.store(true);
   watcher.join();
+  if (Status f = loop.fatal_error(); !f.ok()) return f;
+  if (cluster) {
+    // The followers are waiting for the next step: tell them to stop, then the collectives.
+    EF_RETURN_IF_ERROR(cluster->executor().Stop());
+    EF_ASSIGN_OR_RETURN(nlohmann::json stats, cluster->GatherStats());
+    std::fprintf(stderr, "comm: %d ranks, all-to-all %lld bytes, ucx gets %lld bytes\n", ctx->size(),
+                 static_cast<long long>(stats["a2a_bytes"].get<int64_t>()),
+                 static_cast<long long>(stats["ucx_get_bytes"].get<int64_t>()));
+    EF_RETURN_IF_ERROR(cluster->Shutdown());
+  }
   if (expert_cache && expert_cache->active()) std::fprintf(stderr, "%s\n", expert_cache->StatsSummary().c_str());
   if (const AdmissionStats a = loop.admission_stats(); a.rounds > 0)
     std::fprintf(stderr,
@@ -186,7 +233,6 @@ Command AddServeCommand(CLI::App& root) {
   Command c;
   c.app = root.add_subcommand("serve", "OpenAI-compatible HTTP server (completions, chat, SSE streaming, metrics)");
   o->model.Register(c.app);
-  c.app->add_option("--config,-c", o->config_path, "YAML config (command-line flags override its keys)");
   c.app->add_option("--host", o->http.host, "address to bind (loopback by default)")->capture_default_str();
   c.app->add_option("--port,-p", o->http.port, "TCP port; 0 picks a free one (printed on stdout)")
       ->capture_default_str();
@@ -212,10 +258,14 @@ Command AddServeCommand(CLI::App& root) {
   c.app->add_option("--http-threads", o->http.num_threads, "HTTP handler threads")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
-  o->cache.Register(c.app);
-  c.run = [o, app = c.app] {
-    Status s = RunServe(*o, *app);
-    return s.ok() ? 0 : ReportError(s);
+  o->cluster.Register(c.app);
+  CLI::App* app = c.app;
+  c.run = [o, app] {
+    // Before MPI starts its own threads, which would otherwise take the signal and die of it.
+    const sigset_t signals = ShutdownSignals();
+    pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+    return RunDistributed(*app, &o->model, &o->cluster,
+                          [o, app](comm::MpiContext* ctx) { return RunServe(*o, *app, ctx); });
   };
   return c;
 }

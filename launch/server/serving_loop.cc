@@ -160,27 +160,53 @@ void ServingLoop::Stop() {
 void ServingLoop::Run() {
   // This thread drives the engine: bind it to the engine's device (the engine was built on another
   // thread; on a rank whose GPU is not device 0 every call would otherwise go to the wrong one).
-  if (Status s = engine_->backend().BindToCallingThread(); !s.ok()) {
-    EF_LOG(ERROR, SERVE, "engine thread: %s", s.ToString().c_str());
-    std::unique_lock<std::mutex> lock(mu_);
-    stopping_ = true;
-    for (auto& a : waiting_) a->stream->Finish(FinishReason::kCancelled, s);
-    waiting_.clear();
-  }
+  if (Status s = engine_->backend().BindToCallingThread(); !s.ok()) Fail(s);
+  const auto tick = std::chrono::milliseconds(std::max(1, options_.idle_tick_ms));
+  auto last_activity = Clock::now();
   for (;;) {
+    bool idle_due = false;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      // Bounded wait: the loop also re-checks cancellations of running requests.
+      // Bounded wait: the loop also re-checks cancellations of running requests (and ticks).
       if (running_.empty()) {
-        cv_.wait_for(lock, std::chrono::milliseconds(200), [&] { return stopping_ || !waiting_.empty(); });
+        cv_.wait_for(lock, options_.idle_tick ? tick : std::chrono::milliseconds(200),
+                     [&] { return stopping_ || !waiting_.empty(); });
         if (waiting_.empty() && stopping_) break;
       }
       Admit();
       metrics_->SetQueueDepth(static_cast<int64_t>(waiting_.size()), static_cast<int64_t>(running_.size()));
+      idle_due = running_.empty() && options_.idle_tick && Clock::now() - last_activity >= tick;
     }
-    if (!running_.empty()) Step();
+    if (!running_.empty()) {
+      Step();
+      last_activity = Clock::now();
+    } else if (idle_due) {
+      Status s = options_.idle_tick();
+      last_activity = Clock::now();
+      if (!s.ok()) {
+        Fail(s);
+        break;
+      }
+    }
   }
   EF_LOG(INFO, SERVE, "engine thread done");
+}
+
+void ServingLoop::Fail(const Status& s) {
+  EF_LOG(ERROR, SERVE, "engine thread stops: %s", s.ToString().c_str());
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+    if (fatal_.ok()) fatal_ = s;
+    for (auto& a : waiting_) a->stream->Finish(FinishReason::kCancelled, s);
+    waiting_.clear();
+  }
+  if (options_.on_fatal) options_.on_fatal(s);
+}
+
+Status ServingLoop::fatal_error() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return fatal_;
 }
 
 AdmissionStats ServingLoop::admission_stats() const {

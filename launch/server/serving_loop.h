@@ -107,6 +107,13 @@ struct ServingLoopOptions {
   RequestForecast forecast;
   int forecast_layers = 0;  // the forecast's shape (MoE layers x experts)
   int forecast_experts = 0;
+  // Called on the engine thread after `idle_tick_ms` without a step, and again every
+  // idle_tick_ms while idle: under mpirun it keeps the other ranks' wait for the next
+  // expert-parallel step alive. An error stops the loop (waiting requests fail with it) and is
+  // passed to `on_fatal` (e.g. to stop the HTTP server).
+  std::function<Status()> idle_tick;
+  int idle_tick_ms = 100;
+  std::function<void(const Status&)> on_fatal;
 };
 
 // What admission regrouping did, summed over the rounds where it ran (more waiting than room).
@@ -134,6 +141,8 @@ class ServingLoop {
 
   int max_seq_len() const { return max_seq_len_; }
   AdmissionStats admission_stats() const;
+  // The error that stopped the loop (idle_tick or device binding), OK otherwise.
+  Status fatal_error() const;
   const runtime::ModelConfig& config() const { return config_; }
 
  private:
@@ -143,6 +152,8 @@ class ServingLoop {
   void Step();
   // Moves waiting requests into the running batch (FIFO or regrouped). mu_ held.
   void Admit();
+  // Stops taking requests after an error: waiting ones fail with it. mu_ not held.
+  void Fail(const Status& s);
   bool regrouping() const { return forecast_words_ > 0; }
 
   std::unique_ptr<runtime::Engine> engine_;
@@ -158,6 +169,7 @@ class ServingLoop {
   bool stopping_ = false;                         // guarded by mu_
   std::vector<std::unique_ptr<Active>> running_;  // engine thread only
   AdmissionStats admission_;                      // guarded by mu_
+  Status fatal_;                                  // guarded by mu_
   int forecast_words_ = 0;                        // > 0: admission regrouping is on
   scheduler::ExpertPathSet paths_;                // guarded by mu_ (scratch of Admit)
   scheduler::TokenRegrouper regrouper_;           // guarded by mu_

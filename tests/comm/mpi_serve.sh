@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# `expertflow serve` under mpirun: rank 0 listens and runs the requests, rank 1 computes its share of
+# every MoE layer's experts. Checks: greedy text equals single-process `generate`; idle periods
+# longer than the peer timeout do not end the job (rank 0 keeps rank 1 alive); /metrics answers;
+# SIGTERM to the ranks drains and every rank exits 0, with the all-to-all bytes reported.
+#   mpi_serve.sh BIN MODELS_DIR
+BIN=$1 MODELS=$2
+source "$(dirname "$0")/common.sh"
+m="$MODELS/tiny-code-moe"
+"${MPIRUN[@]}" -np 2 "$BIN" serve --backend cpu --model "$m" --port 0 --timeout 2 >"$WORK/serve.out" 2>&1 &
+job=$!
+port=""
+for _ in $(seq 1 600); do
+  port=$(sed -n 's/^listening on [0-9.]*:\([0-9]*\)$/\1/p' "$WORK/serve.out" | head -1)
+  [ -n "$port" ] && break
+  kill -0 "$job" 2>/dev/null || { cat "$WORK/serve.out" >&2; fail "serve exited before listening"; }
+  sleep 0.1
+done
+[ -n "$port" ] || { kill -9 "$job"; cat "$WORK/serve.out" >&2; fail "serve did not listen within 60 s"; }
+complete() {  # prompt, tokens -> text
+  curl -sf -X POST "http://127.0.0.1:$port/v1/completions" \
+    -d "{\"model\": \"tiny-code-moe\", \"prompt\": \"$1\", \"max_tokens\": $2, \"temperature\": 0}" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["choices"][0]["text"], end="")'
+}
+want=$("$BIN" generate --backend cpu --model "$m" -p "def main(" -n 12 2>/dev/null)
+got="def main($(complete "def main(" 12)"
+[ "$got" = "$want" ] || { kill -9 "$job"; fail "2-rank serve text differs from generate: '$got' vs '$want'"; }
+# Idle for longer than the 2 s peer timeout: rank 1 must still be there for the next request.
+sleep 5
+kill -0 "$job" 2>/dev/null || { cat "$WORK/serve.out" >&2; fail "the job ended while idle"; }
+got2="def main($(complete "def main(" 12)"
+[ "$got2" = "$want" ] || { kill -9 "$job"; cat "$WORK/serve.out" >&2; fail "after an idle period: '$got2'"; }
+curl -sf "http://127.0.0.1:$port/metrics" | grep -q '^expertflow_generated_tokens_total 24' ||
+  { kill -9 "$job"; fail "/metrics does not count 24 generated tokens"; }
+# SIGTERM to the ranks (as a service manager would): rank 0 drains and stops rank 1.
+for stat in /proc/[0-9]*/stat; do
+  read -r pid _ _ ppid _ <"$stat" 2>/dev/null || continue
+  [ "$ppid" = "$job" ] && kill -TERM "$pid"
+done
+rc=0
+wait "$job" || rc=$?
+[ "$rc" = 0 ] || { cat "$WORK/serve.out" >&2; fail "mpirun exited $rc after SIGTERM"; }
+grep -q "comm: 2 ranks, all-to-all [1-9][0-9]* bytes" "$WORK/serve.out" ||
+  { cat "$WORK/serve.out" >&2; fail "no all-to-all bytes reported"; }
+echo "PASS: 2-rank serve = generate, survives idle periods, drains on SIGTERM"
