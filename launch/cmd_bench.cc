@@ -333,7 +333,6 @@ Status RunBench(const BenchOptions& o, comm::MpiContext* ctx) {
       }
     };
   }
-  runtime::Engine* engine_ptr = engine.get();  // owned by the loop; used after Stop() to detach the cache
   ServingLoop loop(std::move(engine), tok, &metrics, lo);
 
   if (root) {

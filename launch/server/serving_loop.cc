@@ -115,7 +115,7 @@ ServingLoop::ServingLoop(std::unique_ptr<runtime::Engine> engine, runtime::Token
 
 ServingLoop::~ServingLoop() { Stop(); }
 
-StatusOr<std::shared_ptr<RequestStream>> ServingLoop::Submit(ServeRequest request) {
+StatusOr<std::unique_ptr<ServingLoop::Active>> ServingLoop::Prepare(ServeRequest request) const {
   if (request.prompt.empty()) return InvalidArgument("the prompt is empty");
   if (static_cast<int64_t>(request.prompt.size()) >= max_seq_len_)
     return InvalidArgument("the prompt has " + std::to_string(request.prompt.size()) + " tokens; the context holds " +
@@ -136,16 +136,37 @@ StatusOr<std::shared_ptr<RequestStream>> ServingLoop::Submit(ServeRequest reques
     a->forecast.assign(forecast_words_, 0);
     options_.forecast(a->request, a->forecast.data());
   }
-  std::shared_ptr<RequestStream> stream = a->stream;
+  return a;
+}
+
+StatusOr<std::shared_ptr<RequestStream>> ServingLoop::Submit(ServeRequest request) {
+  std::vector<ServeRequest> one;
+  one.push_back(std::move(request));
+  EF_ASSIGN_OR_RETURN(auto streams, SubmitAll(std::move(one)));
+  return streams[0];
+}
+
+StatusOr<std::vector<std::shared_ptr<RequestStream>>> ServingLoop::SubmitAll(std::vector<ServeRequest> requests) {
+  std::vector<std::unique_ptr<Active>> entries;
+  std::vector<std::shared_ptr<RequestStream>> streams;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    auto a = Prepare(std::move(requests[i]));
+    if (!a.ok()) {
+      if (requests.size() == 1) return a.status();
+      return Status(a.status().code(), "request " + std::to_string(i) + ": " + a.status().message());
+    }
+    streams.push_back((*a)->stream);
+    entries.push_back(std::move(a).value());
+  }
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (stopping_) return Unavailable("the server is shutting down");
-    if (static_cast<int>(waiting_.size()) >= options_.max_queue)
+    if (waiting_.size() + entries.size() > static_cast<size_t>(options_.max_queue))
       return Unavailable("the request queue is full (" + std::to_string(options_.max_queue) + " waiting)");
-    waiting_.push_back(std::move(a));
+    for (auto& a : entries) waiting_.push_back(std::move(a));
   }
   cv_.notify_all();
-  return stream;
+  return streams;
 }
 
 void ServingLoop::Stop() {

@@ -136,6 +136,9 @@ class ServingLoop {
   // Queues a request. Errors: InvalidArgument (does not fit the context), Unavailable (stopping
   // or the queue is full).
   StatusOr<std::shared_ptr<RequestStream>> Submit(ServeRequest request);
+  // Queues requests that arrive together: all or none (the first error, naming the request's
+  // index), and the engine thread sees them in one admission round.
+  StatusOr<std::vector<std::shared_ptr<RequestStream>>> SubmitAll(std::vector<ServeRequest> requests);
   // Refuses new requests, lets every queued and running request finish, joins the engine thread.
   void Stop();
 
@@ -155,6 +158,8 @@ class ServingLoop {
   // Stops taking requests after an error: waiting ones fail with it. mu_ not held.
   void Fail(const Status& s);
   bool regrouping() const { return forecast_words_ > 0; }
+  // Validates a request and builds its queue entry (with its forecast when regrouping).
+  StatusOr<std::unique_ptr<Active>> Prepare(ServeRequest request) const;
 
   std::unique_ptr<runtime::Engine> engine_;
   runtime::Tokenizer tokenizer_;

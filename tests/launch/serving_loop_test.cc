@@ -28,9 +28,9 @@ struct Outcome {
   AdmissionStats admission;
 };
 
-// Runs `prompts` through a loop of batch 2: the first two generate 3 x `gen` tokens and fill the
-// batch; once both run, all others are submitted at once (so they queue behind them, the same
-// queue every time), each generating `gen` greedy tokens.
+// Runs `prompts` through a loop of batch 2: the first two arrive together, generate 3 x `gen`
+// tokens and fill the batch; once both run, all others arrive at once (so they queue behind them,
+// the same queue every time), each generating `gen` greedy tokens.
 Outcome Serve(const std::vector<std::vector<int32_t>>& prompts, int gen, int window, int max_wait) {
   auto engine = runtime::Engine::Create(kModelDir, runtime::EngineOptions{});
   EXPECT_TRUE(engine.ok()) << engine.status().ToString();
@@ -45,27 +45,32 @@ Outcome Serve(const std::vector<std::vector<int32_t>>& prompts, int gen, int win
   lo.forecast_layers = 4;
   lo.forecast_experts = 8;
   ServingLoop loop(std::move(engine).value(), std::move(tok).value(), &metrics, lo);
-  std::vector<std::shared_ptr<RequestStream>> streams;
-  std::vector<std::string> texts(prompts.size());
-  for (size_t i = 0; i < prompts.size(); ++i) {
-    if (i == 2) {
-      // Both long requests have their first token: they hold the batch.
-      for (size_t j = 0; j < 2; ++j) {
-        StreamUpdate u;
-        do {
-          u = streams[j]->Take(std::chrono::milliseconds(1000));
-          texts[j] += u.text;
-        } while (u.num_tokens < 1 && !u.done);
-      }
+  const auto requests = [&](size_t begin, size_t end) {
+    std::vector<ServeRequest> rs;
+    for (size_t i = begin; i < end; ++i) {
+      ServeRequest r;
+      r.prompt = prompts[i];
+      r.max_new_tokens = i < 2 ? 3 * gen : gen;
+      r.ignore_eos = true;
+      rs.push_back(std::move(r));
     }
-    ServeRequest r;
-    r.prompt = prompts[i];
-    r.max_new_tokens = i < 2 ? 3 * gen : gen;
-    r.ignore_eos = true;
-    auto s = loop.Submit(std::move(r));
-    EXPECT_TRUE(s.ok()) << s.status().ToString();
-    streams.push_back(*s);
+    return rs;
+  };
+  // The two long requests arrive together, so they run in lockstep and free the batch together.
+  auto first = loop.SubmitAll(requests(0, 2));
+  EXPECT_TRUE(first.ok()) << first.status().ToString();
+  std::vector<std::shared_ptr<RequestStream>> streams = *first;
+  std::vector<std::string> texts(prompts.size());
+  for (size_t j = 0; j < 2; ++j) {  // both hold the batch once they have their first token
+    StreamUpdate u;
+    do {
+      u = streams[j]->Take(std::chrono::milliseconds(1000));
+      texts[j] += u.text;
+    } while (u.num_tokens < 1 && !u.done);
   }
+  auto rest = loop.SubmitAll(requests(2, prompts.size()));
+  EXPECT_TRUE(rest.ok()) << rest.status().ToString();
+  streams.insert(streams.end(), rest->begin(), rest->end());
   Outcome out;
   for (size_t i = 0; i < streams.size(); ++i) {
     StreamUpdate u;
@@ -123,6 +128,40 @@ TEST(ServingLoopRegroupTest, StarvationBoundHolds) {
     EXPECT_GT(o.admission.forced, 0) << "bound " << bound;
     EXPECT_EQ(o.text.size(), prompts.size());
   }
+}
+
+TEST(ServingLoopTest, SubmitAllQueuesAllOrNone) {
+  auto engine = runtime::Engine::Create(kModelDir, runtime::EngineOptions{});
+  ASSERT_TRUE(engine.ok()) << engine.status().ToString();
+  auto tok = runtime::Tokenizer::FromModelDir(kModelDir);
+  ASSERT_TRUE(tok.ok());
+  ServerMetrics metrics((*engine)->config().num_layers, (*engine)->config().num_experts);
+  ServingLoop loop(std::move(engine).value(), std::move(tok).value(), &metrics, ServingLoopOptions{});
+  std::vector<ServeRequest> rs(3);
+  for (auto& r : rs) {
+    r.prompt = {100, 17};
+    r.max_new_tokens = 2;
+  }
+  rs[2].prompt.clear();
+  auto bad = loop.SubmitAll(rs);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("request 2: the prompt is empty"), std::string::npos)
+      << bad.status().ToString();
+  rs[2].prompt = {203, 18};
+  auto good = loop.SubmitAll(rs);
+  ASSERT_TRUE(good.ok()) << good.status().ToString();
+  ASSERT_EQ(good->size(), 3u);
+  for (auto& s : *good) {
+    StreamUpdate u;
+    do u = s->Take(std::chrono::milliseconds(1000));
+    while (!u.done);
+    EXPECT_TRUE(u.error.ok()) << u.error.ToString();
+    EXPECT_EQ(u.num_tokens, 2);
+  }
+  loop.Stop();
+  // Only the three accepted requests ran: the refused batch queued nothing.
+  EXPECT_NE(metrics.Render().find("expertflow_request_latency_seconds_count 3\n"), std::string::npos)
+      << metrics.Render();
 }
 
 }  // namespace
