@@ -26,6 +26,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <numeric>
+#include <optional>
 #include <set>
 
 #include "launch/command.h"
@@ -96,6 +97,13 @@ Status RunEval(const EvalArgs& a) {
 
   const Predictor& p = *loaded.predictor;
   EF_ASSIGN_OR_RETURN(PredictorMetrics pm, EvaluatePredictor(p, test, DefaultEvalMode(p), a.k));
+  // A conditional predictor is scored as it is used layer by layer (one layer ahead); its
+  // forecast before anything runs (which plans the whole batch) is reported beside it.
+  std::optional<PredictorMetrics> prior;
+  if (pm.mode == EvalMode::kOneLayerAhead) {
+    EF_ASSIGN_OR_RETURN(PredictorMetrics m, EvaluatePredictor(p, test, EvalMode::kAPriori, a.k));
+    prior = std::move(m);
+  }
   EF_ASSIGN_OR_RETURN(auto freq, FrequencyPredictor::Fit(base));
   EF_ASSIGN_OR_RETURN(auto aff, AffinityPredictor::Fit(base));
   EF_ASSIGN_OR_RETURN(PredictorMetrics fm, EvaluatePredictor(*freq, test, EvalMode::kAPriori, a.k));
@@ -109,6 +117,7 @@ Status RunEval(const EvalArgs& a) {
     j["test_overlaps_training"] = overlap > 0;
     j["baseline_frequency"] = ToJson(fm);
     j["baseline_affinity"] = ToJson(am);
+    if (prior) j["a_priori"] = ToJson(*prior);
     std::printf("%s\n", j.dump().c_str());
     return Status::Ok();
   }
@@ -118,12 +127,24 @@ Status RunEval(const EvalArgs& a) {
               FormatSeqList(test_seqs).c_str(), pm.tokens, pm.k,
               overlap ? "  WARNING: test sequences overlap the training sequences" : "");
   std::printf("# recall@k per layer; affinity is one layer ahead (true routing of layer l-1 observed)\n");
-  std::printf("%-6s %12s %12s %12s %12s\n", "layer", info.kind.c_str(), "precision", "affinity", "frequency");
+  if (prior)
+    std::printf("# %s: one layer ahead (layers < l observed); a-priori: %s's forecast before layer 0 runs\n",
+                info.kind.c_str(), info.kind.c_str());
+  const auto prior_col = [&](double v) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, " %12.4f", v);
+    return prior ? std::string(buf) : std::string();
+  };
+  std::printf("%-6s %12s%s %12s %12s %12s\n", "layer", info.kind.c_str(), prior ? "     a-priori" : "", "precision",
+              "affinity", "frequency");
   for (int l = 0; l < info.num_layers; ++l)
-    std::printf("%-6d %12.4f %12.4f %12.4f %12.4f\n", l, pm.per_layer_recall[l], pm.per_layer_precision[l],
+    std::printf("%-6d %12.4f%s %12.4f %12.4f %12.4f\n", l, pm.per_layer_recall[l],
+                prior_col(prior ? prior->per_layer_recall[l] : 0).c_str(), pm.per_layer_precision[l],
                 am.per_layer_recall[l], fm.per_layer_recall[l]);
-  std::printf("%-6s %12.4f %12.4f %12.4f %12.4f\n", "mean", pm.recall, pm.precision, am.recall, fm.recall);
-  std::printf("%-6s %12.4f %12s %12.4f %12.4f\n", "path", pm.path_recall, "", am.path_recall, fm.path_recall);
+  std::printf("%-6s %12.4f%s %12.4f %12.4f %12.4f\n", "mean", pm.recall, prior_col(prior ? prior->recall : 0).c_str(),
+              pm.precision, am.recall, fm.recall);
+  std::printf("%-6s %12.4f%s %12s %12.4f %12.4f\n", "path", pm.path_recall,
+              prior_col(prior ? prior->path_recall : 0).c_str(), "", am.path_recall, fm.path_recall);
   return Status::Ok();
 }
 

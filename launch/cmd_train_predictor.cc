@@ -87,9 +87,17 @@ Status RunTrain(const TrainArgs& a) {
     EF_ASSIGN_OR_RETURN(predictor, AffinityPredictor::Fit(train));
   } else if (a.kind == "path" || a.kind == "hybrid") {
     EF_ASSIGN_OR_RETURN(auto path, PathPredictor::Train(fit, val, a.path, progress));
-    std::printf("# per-layer trust in the network (vs popularity):");
-    for (float t : path->layer_trust()) std::printf(" %.1f", t);
-    std::printf("\n");
+    const auto print_layers = [](const char* what, const std::vector<float>& v) {
+      std::printf("# %s:", what);
+      for (float t : v) std::printf(" %.2g", t);
+      std::printf("\n");
+    };
+    print_layers("a priori, per-layer trust in the network (vs popularity)", path->layer_trust());
+    print_layers("a priori, per-layer weight of its view with token ids (vs without)", path->layer_token_weight());
+    if (a.path.observe_path) {
+      print_layers("corrected (layers < l observed), trust in the network", path->layer_trust_given());
+      print_layers("corrected, weight of the view with token ids", path->layer_token_weight_given());
+    }
     if (a.kind == "path") {
       predictor = std::move(path);
     } else {
@@ -130,6 +138,20 @@ Command AddTrainPredictorCommand(CLI::App& root) {
       ->capture_default_str();
   app->add_option("--lr", args->path.learning_rate, "Adam learning rate (path, hybrid)")->capture_default_str();
   app->add_option("--patience", args->path.patience, "early-stopping patience in epochs")->capture_default_str();
+  app->add_option("--weight-decay", args->path.weight_decay, "L2 weight on all parameters (path, hybrid)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app->add_option("--token-dropout", args->path.token_dropout,
+                  "probability a training token id is replaced by 'unknown' (path, hybrid)")
+      ->check(CLI::Range(0.0, 0.99))
+      ->capture_default_str();
+  app->add_option("--path-samples", args->path.path_samples,
+                  "observed path prefixes per token and epoch (path, hybrid; 0: a-priori training only)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app->add_option("--batch-size", args->path.batch_size, "tokens per Adam step (path, hybrid)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   app->add_option("--threads", args->path.num_threads, "training threads (results depend on it)")
       ->capture_default_str();
   app->add_option("--model", args->model,

@@ -28,10 +28,10 @@ Status HybridPredictor::FitWeights(const RoutingTrace& val) {
   const int L = num_layers(), E = num_experts(), K = val.top_k();
   EF_RETURN_IF_ERROR(CheckTraceShape(val, L, E, path_->top_k()));
   TraceInputs in(val);
-  EF_ASSIGN_OR_RETURN(RoutingForecast pf, path_->Predict(in.inputs()));
   for (int l = 1; l < L; ++l) {
     std::vector<ObservedRouting> obs(val.tokens.size());
     for (size_t t = 0; t < obs.size(); ++t) obs[t] = {l, val.tokens[t].experts, K, {}};
+    EF_ASSIGN_OR_RETURN(RoutingForecast pf, path_->PredictGiven(in.inputs(), obs));
     EF_ASSIGN_OR_RETURN(RoutingForecast af, affinity_->PredictGiven(in.inputs(), obs));
     double best = -1;
     RoutingForecast mix(1, L, E);
@@ -60,7 +60,7 @@ StatusOr<RoutingForecast> HybridPredictor::Predict(std::span<const PredictorInpu
 
 StatusOr<RoutingForecast> HybridPredictor::PredictGiven(std::span<const PredictorInput> batch,
                                                         std::span<const ObservedRouting> observed) const {
-  EF_ASSIGN_OR_RETURN(RoutingForecast pf, path_->Predict(batch));
+  EF_ASSIGN_OR_RETURN(RoutingForecast pf, path_->PredictGiven(batch, observed));
   EF_ASSIGN_OR_RETURN(RoutingForecast af, affinity_->PredictGiven(batch, observed));
   for (size_t t = 0; t < batch.size(); ++t) {
     const int done = std::clamp(observed[t].num_layers_done, 0, num_layers());

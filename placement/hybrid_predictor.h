@@ -1,6 +1,6 @@
-// HybridPredictor: the path predictor's a-priori forecast mixed, layer by layer, with the
-// affinity predictor's forecast from the routing observed so far:
-//   prob_l = w_l * path_l + (1 - w_l) * affinity_l(given the true experts of layer l-1)
+// HybridPredictor: the path predictor's forecast mixed, layer by layer, with the affinity
+// predictor's forecast from the routing observed so far:
+//   prob_l = w_l * path_l(given layers < l) + (1 - w_l) * affinity_l(given the true experts of l-1)
 // Before anything is observed (Predict, or layer 0) it is the path forecast. The weights w_l
 // are fitted on a validation trace (FitWeights). This is what an engine that corrects its
 // prefetches layer by layer would use; the path forecast alone drives the whole-batch plan.

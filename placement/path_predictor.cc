@@ -57,6 +57,9 @@ struct PathPredictor::Example {
   int prev = kNoneRow;
   std::vector<int> ctx;
   float pos[kPosFeatures] = {};
+  int depth = 0;                      // layers whose routing is observed (inputs, not scored)
+  const int16_t* observed = nullptr;  // [layer * observed_k + j] for layers < depth
+  int observed_k = 0;
   const int16_t* experts = nullptr;  // [layer * top_k + j], training only
 };
 
@@ -72,13 +75,37 @@ PathPredictor::PathPredictor(int num_layers, int num_experts, int top_k, const P
   off_b1_ = off_w1_ + H * input_dim();
   off_w2_ = off_b1_ + H;
   off_b2_ = off_w2_ + out * H;
-  size_ = off_b2_ + out;
+  off_skip_ = off_b2_ + out;
+  size_ = off_skip_ + static_cast<size_t>(sparse_dim()) * out;
   params_.assign(size_, 0.f);
   popularity_.assign(out, 0.f);
   trust_.assign(num_layers_, 1.f);
+  trust_given_.assign(num_layers_, 1.f);
+  token_weight_.assign(num_layers_, 1.f);
+  token_weight_given_.assign(num_layers_, 1.f);
 }
 
-int PathPredictor::input_dim() const { return 3 * options_.embed_dim + kPosFeatures; }
+int PathPredictor::dense_dim() const { return 3 * options_.embed_dim + kPosFeatures; }
+
+int PathPredictor::sparse_dim() const { return options_.observe_path ? num_layers_ * num_experts_ + num_layers_ : 0; }
+
+int PathPredictor::input_dim() const { return dense_dim() + sparse_dim(); }
+
+void PathPredictor::ActiveInputs(const Example& ex, std::vector<int>* active) const {
+  active->clear();
+  if (!options_.observe_path) return;
+  const int D0 = dense_dim(), E = num_experts_;
+  for (int l = 0; l < ex.depth; ++l) {
+    const size_t layer_start = active->size();
+    for (int j = 0; j < ex.observed_k; ++j) {
+      const int e = ex.observed[l * ex.observed_k + j];
+      if (e < 0 || e >= E) continue;
+      const int i = D0 + l * E + e;
+      if (std::find(active->begin() + layer_start, active->end(), i) == active->end()) active->push_back(i);
+    }
+  }
+  active->push_back(D0 + num_layers_ * E + std::min(ex.depth, num_layers_ - 1));
+}
 
 int PathPredictor::TokenIndex(int64_t token) const {
   auto it = token_index_.find(token);
@@ -102,8 +129,9 @@ PathPredictor::Example PathPredictor::MakeExample(const PredictorInput& in) cons
   return ex;
 }
 
-void PathPredictor::Forward(const Example& ex, const float* P, float* x, float* h, float* z) const {
-  const int d = options_.embed_dim, H = options_.hidden, D = input_dim();
+void PathPredictor::Forward(const Example& ex, const float* P, float* x, std::vector<int>* active, float* h,
+                            float* z) const {
+  const int d = options_.embed_dim, H = options_.hidden, D = input_dim(), D0 = dense_dim();
   const int out = num_layers_ * num_experts_;
   const float* te = P + off_tok_ + static_cast<size_t>(ex.tok) * d;
   const float* pe = P + off_prev_ + static_cast<size_t>(ex.prev) * d;
@@ -120,12 +148,14 @@ void PathPredictor::Forward(const Example& ex, const float* P, float* x, float* 
     }
   }
   for (int i = 0; i < kPosFeatures; ++i) x[3 * d + i] = ex.pos[i];
+  ActiveInputs(ex, active);
   const float* w1 = P + off_w1_;
   const float* b1 = P + off_b1_;
   for (int j = 0; j < H; ++j) {
     const float* w = w1 + static_cast<size_t>(j) * D;
     float s = b1[j];
-    for (int i = 0; i < D; ++i) s += w[i] * x[i];
+    for (int i = 0; i < D0; ++i) s += w[i] * x[i];
+    for (int i : *active) s += w[i];
     h[j] = s > 0.f ? s : 0.f;
   }
   const float* w2 = P + off_w2_;
@@ -136,22 +166,83 @@ void PathPredictor::Forward(const Example& ex, const float* P, float* x, float* 
     for (int j = 0; j < H; ++j) s += w[j] * h[j];
     z[o] = s;
   }
+  // The path inputs also reach the logits directly (a linear, transition-like term).
+  for (int i : *active) {
+    const float* w = P + off_skip_ + static_cast<size_t>(i - D0) * out;
+    for (int o = ex.depth * num_experts_; o < out; ++o) z[o] += w[o];
+  }
+}
+
+PathPredictor::Example PathPredictor::WithoutTokens(Example ex) const {
+  ex.tok = kUnknownRow;
+  if (ex.prev != kNoneRow) ex.prev = kUnknownRow;
+  std::fill(ex.ctx.begin(), ex.ctx.end(), kUnknownRow);
+  return ex;
+}
+
+void PathPredictor::ForecastRows(const Example& ex, int first_layer, RoutingForecast* f, int t,
+                                 std::vector<float>* scratch, std::vector<int>* active) const {
+  const size_t out = static_cast<size_t>(num_layers_) * num_experts_;
+  scratch->resize(dense_dim() + options_.hidden + 2 * out);
+  float* x = scratch->data();
+  float* h = x + dense_dim();
+  float* z = h + options_.hidden;
+  float* zb = z + out;
+  const std::vector<float>& trust = ex.depth == 0 ? trust_ : trust_given_;
+  const std::vector<float>& weight = ex.depth == 0 ? token_weight_ : token_weight_given_;
+  Forward(ex, params_.data(), x, active, h, z);
+  bool bare = false;  // the view without token ids, where some layer's blend uses it
+  for (int l = first_layer; l < num_layers_; ++l) bare = bare || weight[l] < 1.f;
+  if (bare) Forward(WithoutTokens(ex), params_.data(), x, active, h, zb);
+  for (int l = first_layer; l < num_layers_; ++l) {
+    float* row = f->row(t, l);
+    const float a = trust[l], w = weight[l];
+    for (int e = 0; e < num_experts_; ++e) {
+      const size_t o = static_cast<size_t>(l) * num_experts_ + e;
+      const float net = bare ? w * Sigmoid(z[o]) + (1.f - w) * Sigmoid(zb[o]) : Sigmoid(z[o]);
+      row[e] = a * net + (1.f - a) * popularity_[o];
+    }
+  }
 }
 
 StatusOr<RoutingForecast> PathPredictor::Predict(std::span<const PredictorInput> batch) const {
   RoutingForecast f(static_cast<int>(batch.size()), num_layers_, num_experts_);
-  std::vector<float> x(input_dim()), h(options_.hidden), z(static_cast<size_t>(num_layers_) * num_experts_);
+  std::vector<float> scratch;
+  std::vector<int> active;
+  for (size_t t = 0; t < batch.size(); ++t)
+    ForecastRows(MakeExample(batch[t]), 0, &f, static_cast<int>(t), &scratch, &active);
+  return f;
+}
+
+StatusOr<RoutingForecast> PathPredictor::PredictGiven(std::span<const PredictorInput> batch,
+                                                      std::span<const ObservedRouting> observed) const {
+  if (observed.size() != batch.size())
+    return InvalidArgument("path predictor: " + std::to_string(observed.size()) + " observed routings for " +
+                           std::to_string(batch.size()) + " tokens");
+  RoutingForecast f(static_cast<int>(batch.size()), num_layers_, num_experts_);
+  std::vector<float> scratch;
+  std::vector<int> active;
   for (size_t t = 0; t < batch.size(); ++t) {
-    Example ex = MakeExample(batch[t]);
-    Forward(ex, params_.data(), x.data(), h.data(), z.data());
-    for (int l = 0; l < num_layers_; ++l) {
+    const ObservedRouting& o = observed[t];
+    const int done = std::clamp(o.num_layers_done, 0, num_layers_);
+    if (done > 0 && (o.top_k < 1 || o.experts.size() < static_cast<size_t>(done) * o.top_k))
+      return InvalidArgument("path predictor: token " + std::to_string(t) + " claims " + std::to_string(done) +
+                             " observed layers but has " + std::to_string(o.experts.size()) + " expert ids");
+    for (int l = 0; l < done; ++l) {  // observed layers: the truth
       float* row = f.row(static_cast<int>(t), l);
-      const float a = trust_[l];
-      for (int e = 0; e < num_experts_; ++e) {
-        const size_t o = static_cast<size_t>(l) * num_experts_ + e;
-        row[e] = a * Sigmoid(z[o]) + (1.f - a) * popularity_[o];
+      for (int j = 0; j < o.top_k; ++j) {
+        const int e = o.experts[static_cast<size_t>(l) * o.top_k + j];
+        if (e >= 0 && e < num_experts_) row[e] = 1.f;
       }
     }
+    if (done == num_layers_) continue;
+    Example ex = MakeExample(batch[t]);
+    if (options_.observe_path) {  // else an a-priori model: its forecast of the remaining layers
+      ex.depth = done;
+      ex.observed = o.experts.data();
+      ex.observed_k = o.top_k;
+    }
+    ForecastRows(ex, done, &f, static_cast<int>(t), &scratch, &active);
   }
   return f;
 }
@@ -196,28 +287,30 @@ class PathPredictor::Trainer {
  private:
   double Backward(const Example& ex, float inv_b, float* g) {
     const PathPredictor& P = *p_;
-    const int d = P.options_.embed_dim, H = P.options_.hidden, D = P.input_dim();
+    const int d = P.options_.embed_dim, H = P.options_.hidden, D = P.input_dim(), D0 = P.dense_dim();
     const int L = P.num_layers_, E = P.num_experts_, K = P.top_k_, out = L * E;
-    x_.resize(D);
+    x_.resize(D0);
     h_.resize(H);
     z_.resize(out);
     dh_.assign(H, 0.f);
-    dx_.assign(D, 0.f);
+    dx_.assign(D0, 0.f);
     y_.assign(out, 0.f);
     for (int l = 0; l < L; ++l)
       for (int j = 0; j < K; ++j) y_[static_cast<size_t>(l) * E + ex.experts[l * K + j]] = 1.f;
     const float* params = P.params_.data();
-    P.Forward(ex, params, x_.data(), h_.data(), z_.data());
+    P.Forward(ex, params, x_.data(), &active_, h_.data(), z_.data());
     double loss = 0;
     const float* w2 = params + P.off_w2_;
     float* gw2 = g + P.off_w2_;
     float* gb2 = g + P.off_b2_;
-    for (int o = 0; o < out; ++o) {
+    float* gskip = g + P.off_skip_;
+    for (int o = ex.depth * E; o < out; ++o) {  // observed layers are inputs, not targets
       const float z = z_[o], y = y_[o];
       // Stable BCE with logits: max(z,0) - z*y + log(1 + exp(-|z|)).
       loss += std::max(z, 0.f) - z * y + std::log1p(std::exp(-std::fabs(z)));
       const float dz = (Sigmoid(z) - y) * inv_b;
       gb2[o] += dz;
+      for (int i : active_) gskip[static_cast<size_t>(i - D0) * out + o] += dz;
       const float* w = w2 + static_cast<size_t>(o) * H;
       float* gw = gw2 + static_cast<size_t>(o) * H;
       for (int j = 0; j < H; ++j) {
@@ -234,10 +327,11 @@ class PathPredictor::Trainer {
       gb1[j] += dh;
       const float* w = w1 + static_cast<size_t>(j) * D;
       float* gw = gw1 + static_cast<size_t>(j) * D;
-      for (int i = 0; i < D; ++i) {
+      for (int i = 0; i < D0; ++i) {
         gw[i] += dh * x_[i];
         dx_[i] += dh * w[i];
       }
+      for (int i : active_) gw[i] += dh;
     }
     float* gt = g + P.off_tok_ + static_cast<size_t>(ex.tok) * d;
     float* gp = g + P.off_prev_ + static_cast<size_t>(ex.prev) * d;
@@ -278,10 +372,12 @@ class PathPredictor::Trainer {
   int64_t step_ = 0;
   // Per-call scratch; Backward runs on several threads, so these are thread_local below.
   static thread_local std::vector<float> x_, h_, z_, dh_, dx_, y_;
+  static thread_local std::vector<int> active_;
 };
 
 thread_local std::vector<float> PathPredictor::Trainer::x_, PathPredictor::Trainer::h_, PathPredictor::Trainer::z_,
     PathPredictor::Trainer::dh_, PathPredictor::Trainer::dx_, PathPredictor::Trainer::y_;
+thread_local std::vector<int> PathPredictor::Trainer::active_;
 
 StatusOr<std::unique_ptr<PathPredictor>> PathPredictor::Train(
     const RoutingTrace& train, const RoutingTrace& val, const PathPredictorOptions& options,
@@ -291,7 +387,7 @@ StatusOr<std::unique_ptr<PathPredictor>> PathPredictor::Train(
     EF_RETURN_IF_ERROR(CheckTraceShape(val, train.num_layers(), train.num_experts(), train.top_k()));
   if (options.embed_dim < 1 || options.hidden < 1 || options.context_window < 0 || options.epochs < 1 ||
       options.batch_size < 1 || !(options.learning_rate > 0) || options.token_dropout < 0 ||
-      options.token_dropout >= 1 || options.num_threads < 1 || options.num_threads > 64)
+      options.token_dropout >= 1 || options.num_threads < 1 || options.num_threads > 64 || options.path_samples < 0)
     return InvalidArgument("path predictor options out of range");
   const int L = train.num_layers(), E = train.num_experts(), K = train.top_k();
 
@@ -331,50 +427,92 @@ StatusOr<std::unique_ptr<PathPredictor>> PathPredictor::Train(
   std::vector<Example> train_ex, val_ex;
   for (size_t i = 0; i < train.tokens.size(); ++i) {
     train_ex.push_back(p->MakeExample(train_in.inputs()[i]));
-    train_ex.back().experts = train.tokens[i].experts.data();
+    train_ex.back().experts = train_ex.back().observed = train.tokens[i].experts.data();
+    train_ex.back().observed_k = K;
   }
   for (size_t i = 0; i < val.tokens.size(); ++i) {
     val_ex.push_back(p->MakeExample(val_in.inputs()[i]));
-    val_ex.back().experts = val.tokens[i].experts.data();
+    val_ex.back().experts = val_ex.back().observed = val.tokens[i].experts.data();
+    val_ex.back().observed_k = K;
   }
 
-  // Validation: mean BCE per output, and per-layer top-k recall of sigmoid(z) and of popularity.
+  // Validation. The network's sigmoid outputs for every validation token in two modes (a priori:
+  // d = 0; corrected: layer l at d = l) and two views (with the token ids; with them all
+  // "unknown", as token dropout trains), so blends can be scored without re-running it.
   const size_t out = static_cast<size_t>(L) * E;
-  std::vector<float> x(D), h(H), z(out), prob(out);
-  auto evaluate = [&](std::vector<double>* per_layer_z, const std::vector<float>* trust) {
+  const bool given = options.observe_path;
+  const size_t nv = val_ex.size();
+  std::vector<float> x(p->dense_dim()), h(H), z(out), prob(E);
+  std::vector<int> active;
+  std::vector<float> cache(2 * 2 * nv * out);  // [mode][view][token][layer][expert]
+  auto cached = [&](int mode, int view, size_t t, int l) {
+    return cache.data() + (((static_cast<size_t>(mode) * 2 + view) * nv + t) * L + l) * E;
+  };
+  auto fill_cache = [&]() {  // returns the a-priori BCE per output (with token ids)
     double loss = 0;
-    per_layer_z->assign(L, 0.0);
-    for (const Example& ex : val_ex) {
-      p->Forward(ex, p->params_.data(), x.data(), h.data(), z.data());
-      std::vector<float> y(out, 0.f);
-      for (int l = 0; l < L; ++l)
-        for (int j = 0; j < K; ++j) y[static_cast<size_t>(l) * E + ex.experts[l * K + j]] = 1.f;
-      for (size_t o = 0; o < out; ++o) {
-        loss += std::max(z[o], 0.f) - z[o] * y[o] + std::log1p(std::exp(-std::fabs(z[o])));
-        const float a = trust ? (*trust)[o / E] : 1.f;
-        prob[o] = a * Sigmoid(z[o]) + (1.f - a) * p->popularity_[o];
+    for (size_t t = 0; t < nv; ++t) {
+      for (int view = 0; view < 2; ++view) {
+        Example ex = view == 0 ? val_ex[t] : p->WithoutTokens(val_ex[t]);
+        for (int mode = 0; mode < (given ? 2 : 1); ++mode) {
+          for (int d = 0; d < (mode == 0 ? 1 : L); ++d) {
+            ex.depth = d;
+            p->Forward(ex, p->params_.data(), x.data(), &active, h.data(), z.data());
+            for (int l = d; l < (mode == 0 ? L : d + 1); ++l)
+              for (int e = 0; e < E; ++e) cached(mode, view, t, l)[e] = Sigmoid(z[static_cast<size_t>(l) * E + e]);
+            if (mode == 0 && view == 0) {
+              std::vector<float> y(out, 0.f);
+              for (int l = 0; l < L; ++l)
+                for (int j = 0; j < K; ++j) y[static_cast<size_t>(l) * E + ex.experts[l * K + j]] = 1.f;
+              for (size_t o = 0; o < out; ++o)
+                loss += std::max(z[o], 0.f) - z[o] * y[o] + std::log1p(std::exp(-std::fabs(z[o])));
+            }
+          }
+        }
       }
-      for (int l = 0; l < L; ++l)
-        (*per_layer_z)[l] += RecallAtK(prob.data() + static_cast<size_t>(l) * E, E, ex.experts + l * K, K);
     }
-    for (double& r : *per_layer_z) r /= std::max<size_t>(val_ex.size(), 1);
-    return loss / std::max<double>(1.0, static_cast<double>(val_ex.size() * out));
+    return loss / std::max(1.0, static_cast<double>(nv * out));
+  };
+  // Mean recall at layer l of a * (w * with_tokens + (1 - w) * without) + (1 - a) * popularity.
+  auto blend_recall = [&](int mode, int l, float a, float w) {
+    if (mode == 1 && !given) mode = 0;
+    double r = 0;
+    for (size_t t = 0; t < nv; ++t) {
+      const float* full = cached(mode, 0, t, l);
+      const float* bare = cached(mode, 1, t, l);
+      for (int e = 0; e < E; ++e)
+        prob[e] = a * (w * full[e] + (1.f - w) * bare[e]) + (1.f - a) * p->popularity_[static_cast<size_t>(l) * E + e];
+      r += RecallAtK(prob.data(), E, val_ex[t].experts + l * K, K);
+    }
+    return r / static_cast<double>(std::max<size_t>(nv, 1));
   };
 
   Trainer trainer(p.get());
-  std::vector<size_t> order(train_ex.size());
-  std::iota(order.begin(), order.end(), 0);
+  // Each epoch shows every token a priori (depth 0) and, with path inputs, with path_samples
+  // observed prefixes of distinct depths drawn from 1..L-1.
+  const int samples = given && L > 1 ? std::min(options.path_samples, L - 1) : 0;
+  std::vector<std::pair<size_t, int>> order;  // (example, depth)
+  std::vector<int> depths(std::max(L - 1, 0));
   std::vector<float> best_params = p->params_;
   double best_recall = -1, best_loss = 1e300;
   int since_best = 0;
   for (int epoch = 1; epoch <= options.epochs; ++epoch) {
+    order.clear();
+    for (size_t i = 0; i < train_ex.size(); ++i) {
+      order.emplace_back(i, 0);
+      std::iota(depths.begin(), depths.end(), 1);
+      for (int k = 0; k < samples; ++k) {  // partial Fisher-Yates: distinct depths
+        std::swap(depths[k], depths[k + rng.Below(depths.size() - k)]);
+        order.emplace_back(i, depths[k]);
+      }
+    }
     for (size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[rng.Below(i)]);
     double loss = 0;
     std::vector<Example> batch;
     for (size_t b = 0; b < order.size(); b += options.batch_size) {
       batch.clear();
       for (size_t i = b; i < std::min(order.size(), b + options.batch_size); ++i) {
-        Example ex = train_ex[order[i]];
+        Example ex = train_ex[order[i].first];
+        ex.depth = order[i].second;
         // Token dropout, drawn here (one thread) so results do not depend on the thread count.
         if (rng.Uniform() < options.token_dropout) ex.tok = kUnknownRow;
         if (ex.prev != kNoneRow && rng.Uniform() < options.token_dropout) ex.prev = kUnknownRow;
@@ -386,11 +524,13 @@ StatusOr<std::unique_ptr<PathPredictor>> PathPredictor::Train(
     }
     PathEpochReport rep;
     rep.epoch = epoch;
-    rep.train_loss = loss / static_cast<double>(train_ex.size() * out);
+    rep.train_loss = loss / static_cast<double>(order.size() * out);
     if (!val_ex.empty()) {
-      std::vector<double> per_layer;
-      rep.val_loss = evaluate(&per_layer, nullptr);
-      rep.val_recall = std::accumulate(per_layer.begin(), per_layer.end(), 0.0) / L;
+      // Validation recall: each layer and mode with the better view, a priori and corrected.
+      rep.val_loss = fill_cache();
+      for (int mode = 0; mode < 2; ++mode)
+        for (int l = 0; l < L; ++l)
+          rep.val_recall += std::max(blend_recall(mode, l, 1.f, 1.f), blend_recall(mode, l, 1.f, 0.f)) / (2.0 * L);
       if (rep.val_recall > best_recall + 1e-9 || (rep.val_recall > best_recall - 1e-9 && rep.val_loss < best_loss)) {
         best_recall = rep.val_recall;
         best_loss = rep.val_loss;
@@ -411,22 +551,29 @@ StatusOr<std::unique_ptr<PathPredictor>> PathPredictor::Train(
   }
   p->params_ = best_params;
 
-  // Per-layer trust a_l: the blend of network and popularity with the best validation recall
-  // (ties go to the network).
+  // Per layer, a priori and corrected: the trust a_l in the network (vs popularity) and the
+  // weight w_l of its view with token ids (vs without) with the best validation recall; ties go
+  // to the network and to the token ids.
   if (!val_ex.empty()) {
-    std::vector<float> best_trust(L, 1.f);
-    std::vector<double> best_layer(L, -1.0);
-    for (int step = 10; step >= 0; --step) {
-      std::vector<float> trust(L, static_cast<float>(step) / 10.f);
-      std::vector<double> per_layer;
-      evaluate(&per_layer, &trust);
-      for (int l = 0; l < L; ++l)
-        if (per_layer[l] > best_layer[l] + 1e-9) {
-          best_layer[l] = per_layer[l];
-          best_trust[l] = trust[l];
+    fill_cache();
+    for (int mode = 0; mode < 2; ++mode) {
+      std::vector<float>& trust = mode == 0 ? p->trust_ : p->trust_given_;
+      std::vector<float>& weight = mode == 0 ? p->token_weight_ : p->token_weight_given_;
+      for (int l = 0; l < L; ++l) {
+        double best = -1;
+        for (int ws = 4; ws >= 0; --ws) {
+          for (int as = 10; as >= 0; --as) {
+            const float a = static_cast<float>(as) / 10.f, w = static_cast<float>(ws) / 4.f;
+            const double r = blend_recall(mode, l, a, w);
+            if (r > best + 1e-9) {
+              best = r;
+              trust[l] = a;
+              weight[l] = w;
+            }
+          }
         }
+      }
     }
-    p->trust_ = best_trust;
   }
   return p;
 }
@@ -441,15 +588,21 @@ void PathPredictor::ToFile(PredictorFile* file, const std::string& prefix) const
   file->tensors[prefix + "w1"] = PredictorTensor::F32({H, D}, slice(off_w1_, off_b1_));
   file->tensors[prefix + "b1"] = PredictorTensor::F32({H}, slice(off_b1_, off_w2_));
   file->tensors[prefix + "w2"] = PredictorTensor::F32({out, H}, slice(off_w2_, off_b2_));
-  file->tensors[prefix + "b2"] = PredictorTensor::F32({out}, slice(off_b2_, size_));
+  file->tensors[prefix + "b2"] = PredictorTensor::F32({out}, slice(off_b2_, off_skip_));
+  if (options_.observe_path)
+    file->tensors[prefix + "w_path"] = PredictorTensor::F32({sparse_dim(), out}, slice(off_skip_, size_));
   file->tensors[prefix + "vocab"] = PredictorTensor::I32({V - 2}, vocab_);
   file->tensors[prefix + "popularity"] = PredictorTensor::F32({num_layers_, num_experts_}, popularity_);
   file->tensors[prefix + "trust"] = PredictorTensor::F32({num_layers_}, trust_);
+  file->tensors[prefix + "trust_given"] = PredictorTensor::F32({num_layers_}, trust_given_);
+  file->tensors[prefix + "token_weight"] = PredictorTensor::F32({num_layers_}, token_weight_);
+  file->tensors[prefix + "token_weight_given"] = PredictorTensor::F32({num_layers_}, token_weight_given_);
   auto& m = file->metadata;
   m[prefix + "embed_dim"] = std::to_string(options_.embed_dim);
   m[prefix + "hidden"] = std::to_string(options_.hidden);
   m[prefix + "context_window"] = std::to_string(options_.context_window);
   m[prefix + "pos_features"] = std::to_string(kPosFeatures);
+  m[prefix + "observe_path"] = options_.observe_path ? "1" : "0";
   m[prefix + "epochs"] = std::to_string(options_.epochs);
   m[prefix + "batch_size"] = std::to_string(options_.batch_size);
   m[prefix + "learning_rate"] = std::to_string(options_.learning_rate);
@@ -476,6 +629,15 @@ StatusOr<std::unique_ptr<PathPredictor>> PathPredictor::FromFile(const Predictor
   o.embed_dim = static_cast<int>(d);
   o.hidden = static_cast<int>(H);
   o.context_window = static_cast<int>(C);
+  // Absent in files written before the path inputs existed: an a-priori model.
+  if (file.metadata.count(prefix + "observe_path")) {
+    EF_ASSIGN_OR_RETURN(int64_t op, file.MetaInt(prefix + "observe_path", path));
+    if (op != 0 && op != 1)
+      return InvalidArgument("predictor file " + path + ": observe_path must be 0 or 1, not " + std::to_string(op));
+    o.observe_path = op == 1;
+  } else {
+    o.observe_path = false;
+  }
   // Training hyper-parameters are informational; absent or odd values keep the defaults.
   if (auto v = file.MetaInt(prefix + "epochs", path); v.ok()) o.epochs = static_cast<int>(*v);
   if (auto v = file.MetaInt(prefix + "seed", path); v.ok()) o.seed = static_cast<uint64_t>(*v);
@@ -495,7 +657,9 @@ StatusOr<std::unique_ptr<PathPredictor>> PathPredictor::FromFile(const Predictor
   for (const Block& b :
        {Block{"tok_emb", {V, d}, p->off_tok_}, Block{"prev_emb", {V, d}, p->off_prev_},
         Block{"ctx_emb", {V, d}, p->off_ctx_}, Block{"w1", {H, D}, p->off_w1_}, Block{"b1", {H}, p->off_b1_},
-        Block{"w2", {out, H}, p->off_w2_}, Block{"b2", {out}, p->off_b2_}}) {
+        Block{"w2", {out, H}, p->off_w2_}, Block{"b2", {out}, p->off_b2_},
+        Block{"w_path", {p->sparse_dim(), out}, p->off_skip_}}) {
+    if (b.shape[0] == 0) continue;  // no path inputs
     EF_ASSIGN_OR_RETURN(const PredictorTensor* t, file.Tensor(prefix + b.name, "F32", b.shape, path));
     std::copy(t->f32.begin(), t->f32.end(), p->params_.begin() + b.offset);
   }
@@ -504,6 +668,17 @@ StatusOr<std::unique_ptr<PathPredictor>> PathPredictor::FromFile(const Predictor
   EF_ASSIGN_OR_RETURN(const PredictorTensor* trust, file.Tensor(prefix + "trust", "F32", {num_layers}, path));
   p->popularity_ = pop->f32;
   p->trust_ = trust->f32;
+  p->trust_given_ = trust->f32;
+  if (o.observe_path) {
+    EF_ASSIGN_OR_RETURN(const PredictorTensor* tg,
+                        file.Tensor(prefix + "trust_given", "F32", {num_layers}, path));
+    p->trust_given_ = tg->f32;
+    EF_ASSIGN_OR_RETURN(const PredictorTensor* tw, file.Tensor(prefix + "token_weight", "F32", {num_layers}, path));
+    EF_ASSIGN_OR_RETURN(const PredictorTensor* twg,
+                        file.Tensor(prefix + "token_weight_given", "F32", {num_layers}, path));
+    p->token_weight_ = tw->f32;
+    p->token_weight_given_ = twg->f32;
+  }
   p->vocab_ = vit->second.i32;
   for (size_t r = 0; r < p->vocab_.size(); ++r) {
     if (!p->token_index_.emplace(p->vocab_[r], static_cast<int>(r) + 2).second)
