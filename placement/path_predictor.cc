@@ -654,11 +654,10 @@ StatusOr<std::unique_ptr<PathPredictor>> PathPredictor::FromFile(const Predictor
     std::vector<int64_t> shape;
     size_t offset;
   };
-  for (const Block& b :
-       {Block{"tok_emb", {V, d}, p->off_tok_}, Block{"prev_emb", {V, d}, p->off_prev_},
-        Block{"ctx_emb", {V, d}, p->off_ctx_}, Block{"w1", {H, D}, p->off_w1_}, Block{"b1", {H}, p->off_b1_},
-        Block{"w2", {out, H}, p->off_w2_}, Block{"b2", {out}, p->off_b2_},
-        Block{"w_path", {p->sparse_dim(), out}, p->off_skip_}}) {
+  for (const Block& b : {Block{"tok_emb", {V, d}, p->off_tok_}, Block{"prev_emb", {V, d}, p->off_prev_},
+                         Block{"ctx_emb", {V, d}, p->off_ctx_}, Block{"w1", {H, D}, p->off_w1_},
+                         Block{"b1", {H}, p->off_b1_}, Block{"w2", {out, H}, p->off_w2_},
+                         Block{"b2", {out}, p->off_b2_}, Block{"w_path", {p->sparse_dim(), out}, p->off_skip_}}) {
     if (b.shape[0] == 0) continue;  // no path inputs
     EF_ASSIGN_OR_RETURN(const PredictorTensor* t, file.Tensor(prefix + b.name, "F32", b.shape, path));
     std::copy(t->f32.begin(), t->f32.end(), p->params_.begin() + b.offset);
@@ -670,8 +669,7 @@ StatusOr<std::unique_ptr<PathPredictor>> PathPredictor::FromFile(const Predictor
   p->trust_ = trust->f32;
   p->trust_given_ = trust->f32;
   if (o.observe_path) {
-    EF_ASSIGN_OR_RETURN(const PredictorTensor* tg,
-                        file.Tensor(prefix + "trust_given", "F32", {num_layers}, path));
+    EF_ASSIGN_OR_RETURN(const PredictorTensor* tg, file.Tensor(prefix + "trust_given", "F32", {num_layers}, path));
     p->trust_given_ = tg->f32;
     EF_ASSIGN_OR_RETURN(const PredictorTensor* tw, file.Tensor(prefix + "token_weight", "F32", {num_layers}, path));
     EF_ASSIGN_OR_RETURN(const PredictorTensor* twg,

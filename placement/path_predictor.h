@@ -62,9 +62,9 @@ struct PathPredictorOptions {
   double token_dropout = 0.3;   // probability a training token id is replaced by "unknown"
   int patience = 8;             // epochs without a better validation recall before stopping
   uint64_t seed = 1;
-  int num_threads = 2;  // threads per mini-batch (results depend on this, not on timing)
+  int num_threads = 2;       // threads per mini-batch (results depend on this, not on timing)
   bool observe_path = true;  // condition on the observed prefix of the path (PredictGiven)
-  int path_samples = 3;       // observed prefixes (of distinct depths) per token and epoch
+  int path_samples = 3;      // observed prefixes (of distinct depths) per token and epoch
 };
 
 struct PathEpochReport {
@@ -108,7 +108,7 @@ class PathPredictor final : public ConditionalPredictor {
   PathPredictor(int num_layers, int num_experts, int top_k, const PathPredictorOptions& options, int vocab_rows);
   int dense_dim() const;   // token, context and position features
   int sparse_dim() const;  // path and depth inputs (0 without observe_path)
-  int input_dim() const;  // dense_dim() plus the path and depth blocks when observe_path
+  int input_dim() const;   // dense_dim() plus the path and depth blocks when observe_path
   int TokenIndex(int64_t token) const;
   Example MakeExample(const PredictorInput& in) const;
   // Indices into x of the path and depth inputs that are 1 for `ex` (the rest of those blocks is 0).
@@ -133,9 +133,9 @@ class PathPredictor final : public ConditionalPredictor {
   std::vector<int32_t> vocab_;                    // row r + 2 embeds token vocab_[r]
   std::unordered_map<int64_t, int> token_index_;  // token id -> embedding row
   std::vector<float> params_;
-  std::vector<float> popularity_;  // [layer][expert] marginal probability
-  std::vector<float> trust_;        // [layer] a_l of the a-priori forecast
-  std::vector<float> trust_given_;  // [layer] a_l of layer l forecast with layers < l observed
+  std::vector<float> popularity_;          // [layer][expert] marginal probability
+  std::vector<float> trust_;               // [layer] a_l of the a-priori forecast
+  std::vector<float> trust_given_;         // [layer] a_l of layer l forecast with layers < l observed
   std::vector<float> token_weight_;        // [layer] w_l: weight of the view with token ids (a priori)
   std::vector<float> token_weight_given_;  // [layer] ... of the corrected forecast
 };

@@ -50,4 +50,33 @@ inline RoutingTrace PlantedTrace(int num_seqs, int seq_len, int num_layers, int 
   return tr;
 }
 
+// A trace whose token ids say nothing: layer 0 routes each token to a random even expert x and a
+// random odd expert y, and every later layer l to (x + 2l) % E and (y + 2l) % E. Only the
+// observed path tells what comes next.
+inline RoutingTrace PathRuleTrace(int num_seqs, int seq_len, int num_layers, int num_experts, uint32_t seed) {
+  RoutingTrace tr;
+  tr.header.model = "synthetic";
+  tr.header.num_layers = num_layers;
+  tr.header.num_experts = num_experts;
+  tr.header.top_k = 2;
+  tr.header.phase = "prefill";
+  std::mt19937 rng(seed);
+  for (int s = 0; s < num_seqs; ++s) {
+    for (int p = 0; p < seq_len; ++p) {
+      TraceToken t;
+      t.seq = s;
+      t.pos = p;
+      t.token = static_cast<int64_t>(rng() % 50);
+      const int x = 2 * static_cast<int>(rng() % (num_experts / 2));
+      const int y = 1 + 2 * static_cast<int>(rng() % (num_experts / 2));
+      for (int l = 0; l < num_layers; ++l) {
+        t.experts.push_back(static_cast<int16_t>((x + 2 * l) % num_experts));
+        t.experts.push_back(static_cast<int16_t>((y + 2 * l) % num_experts));
+      }
+      tr.tokens.push_back(std::move(t));
+    }
+  }
+  return tr;
+}
+
 }  // namespace ef::placement::testing
