@@ -83,7 +83,7 @@ StatusOr<std::unique_ptr<PredictorPrefetcher>> PredictorPrefetcher::Create(const
       p->frequency_.reset(static_cast<placement::FrequencyPredictor*>(loaded->predictor.release()));
     } else {
       p->loaded_ = std::move(loaded->predictor);
-      if (kind != "path") p->conditional_ = dynamic_cast<const placement::ConditionalPredictor*>(p->loaded_.get());
+      p->conditional_ = dynamic_cast<const placement::ConditionalPredictor*>(p->loaded_.get());
     }
     p->description_ = kind + " (" + options.path + ")";
   } else {

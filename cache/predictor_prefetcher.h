@@ -12,7 +12,8 @@
 //   frequency  each layer's expert popularity: from a trained file (`path`), else fitted on a
 //              routing trace (`trace`), else counted online from the routing seen so far.
 //   path       ExpertFlow's routing path predictor (trained file): every layer of a token from
-//              the token and its context, once per forward at the first MoE layer.
+//              the token and its context before the first MoE layer, then corrected at each
+//              layer from the token's routing so far (files without path inputs: a priori only).
 //   affinity, hybrid  (trained files) conditioned on the true routing of layers 0..m.
 // A token's forecast for a layer is its predictor top-k; a layer's list is the union over the
 // batch's tokens, most expected first (sum of the tokens' probabilities), cut at `capacity` (the
