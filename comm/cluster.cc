@@ -80,6 +80,20 @@ nlohmann::json Cluster::Stats() const {
   return j;
 }
 
+CommCounters Cluster::LiveCounters() const {
+  CommCounters c;
+  c.rank = ctx_->rank();
+  c.world_size = ctx_->size();
+  c.a2a_bytes_sent = exchange_->bytes_sent();
+  c.a2a_bytes_received = exchange_->bytes_received();
+  c.a2a_exchanges = exchange_->num_exchanges();
+  if (peer_source_) {
+    c.peer_fetch_bytes = peer_source_->remote().bytes_fetched();
+    c.peer_fetches = peer_source_->remote().num_gets();
+  }
+  return c;
+}
+
 StatusOr<nlohmann::json> Cluster::GatherStats() {
   const std::string mine = Stats().dump();
   EF_ASSIGN_OR_RETURN(auto all, ctx_->GatherBytesToRoot({mine.data(), mine.size()}, "the statistics gather"));

@@ -9,13 +9,14 @@
 //   EF_ASSIGN_OR_RETURN(json stats, cluster->GatherStats());
 //   EF_RETURN_IF_ERROR(cluster->Shutdown());   // collective
 //
-// Create, Drain, GatherStats and Shutdown are collective. Not thread-safe.
+// Create, Drain, GatherStats and Shutdown are collective. Not thread-safe, except LiveCounters().
 #pragma once
 
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "comm/comm_counters.h"
 #include "comm/expert_parallel_executor.h"
 #include "comm/expert_placement.h"
 #include "comm/mpi_context.h"
@@ -44,6 +45,10 @@ class Cluster {
   Status Drain() { return executor_->Drain(); }
   // This rank's counters.
   nlohmann::json Stats() const;
+  // This rank's counters, from any thread while another drives the exchange (e.g. /metrics on an
+  // HTTP thread of a serving rank): relaxed atomic reads, no collective, no lock. The fields are
+  // read one by one, so they may be a step apart from each other.
+  CommCounters LiveCounters() const;
   // Every rank's counters on rank 0 ({"ranks": [...], "a2a_bytes": total, "ucx_get_bytes": total});
   // other ranks get null.
   StatusOr<nlohmann::json> GatherStats();

@@ -8,13 +8,14 @@
 // ncclSend/ncclRecv. Every wait has the MpiContext timeout and names the peer. Counters report
 // payload bytes (rows that leave or reach this rank; self rows excluded).
 //
-// Not thread-safe: one thread drives an exchange.
+// Not thread-safe: one thread drives an exchange. The counters may be read from any thread.
 #pragma once
 
 #include <cstdint>
 #include <span>
 #include <string>
 
+#include "comm/stat_counter.h"
 #include "runtime/core/status.h"
 
 namespace ef::comm {
@@ -35,14 +36,16 @@ class TokenExchange {
   virtual Status AllToAllV(const void* send, std::span<const int64_t> send_counts, void* recv,
                            std::span<const int64_t> recv_counts, size_t row_bytes, const std::string& what) = 0;
 
-  int64_t bytes_sent() const { return bytes_sent_; }
-  int64_t bytes_received() const { return bytes_received_; }
-  int64_t num_exchanges() const { return num_exchanges_; }
+  // Any thread (see the file comment).
+  int64_t bytes_sent() const { return bytes_sent_.load(); }
+  int64_t bytes_received() const { return bytes_received_.load(); }
+  int64_t num_exchanges() const { return num_exchanges_.load(); }  // AllToAllV calls
 
  protected:
-  int64_t bytes_sent_ = 0;
-  int64_t bytes_received_ = 0;
-  int64_t num_exchanges_ = 0;
+  // Written by the driving thread only.
+  StatCounter bytes_sent_;
+  StatCounter bytes_received_;
+  StatCounter num_exchanges_;
 };
 
 }  // namespace ef::comm

@@ -11,7 +11,8 @@
 // (and UCX wireup, which is message-based) complete even when this rank is busy elsewhere.
 // Shutdown() is collective (a barrier, so no peer is still reading) and then releases in reverse
 // order: rkeys, endpoints, memory mapping, worker, context. The destructor releases without the
-// barrier. Not thread-safe: the MPI thread drives it.
+// barrier. Not thread-safe: the MPI thread drives it; bytes_fetched() and num_gets() may be read
+// from any thread.
 #pragma once
 
 #include <ucp/api/ucp.h>
@@ -21,6 +22,7 @@
 #include <vector>
 
 #include "comm/mpi_context.h"
+#include "comm/stat_counter.h"
 
 namespace ef::comm {
 
@@ -44,8 +46,8 @@ class UcxRemoteMemory {
   // Collective: waits until every rank is done reading, then releases everything.
   Status Shutdown();
 
-  int64_t bytes_fetched() const { return bytes_fetched_; }
-  int64_t num_gets() const { return num_gets_; }
+  int64_t bytes_fetched() const { return bytes_fetched_.load(); }  // any thread
+  int64_t num_gets() const { return num_gets_.load(); }            // any thread
   // The transports UCX chose for the endpoint to `rank` (e.g. "tcp/lo", "cma/memory"), after the
   // first get to it; "" before.
   const std::string& transport(int rank) const { return transport_[rank]; }
@@ -66,8 +68,8 @@ class UcxRemoteMemory {
   std::vector<uint64_t> sizes_;
   std::vector<std::string> transport_;
   std::string tls_ = "auto";
-  char dummy_[64] = {0};  // mapped when this rank exposes nothing
-  int64_t bytes_fetched_ = 0, num_gets_ = 0;
+  char dummy_[64] = {0};                  // mapped when this rank exposes nothing
+  StatCounter bytes_fetched_, num_gets_;  // written by the driving thread only
 };
 
 }  // namespace ef::comm

@@ -11,7 +11,8 @@
 // Under mpirun (`mpirun -np N expertflow serve ...`) rank 0 listens and runs every request; the
 // other ranks compute their share of each MoE layer's experts (expert parallelism, comm::Cluster)
 // and follow rank 0's steps until it stops. While idle, rank 0 keeps them alive every 100 ms, so
-// their step wait (cluster.timeout_s) only fires when rank 0 is really gone.
+// their step wait (cluster.timeout_s) only fires when rank 0 is really gone. /metrics shows rank 0's
+// own all-to-all and UCX peer-fetch counters live; every rank's totals are printed at shutdown.
 //
 // Threads: main (HTTP accept loop), HTTP handlers (parse, enqueue, wait), one engine thread
 // (ServingLoop), one signal watcher. SIGTERM/SIGINT: stop accepting, let in-flight requests
@@ -139,6 +140,7 @@ Status RunServe(ServeOptions o, const CLI::App& app, comm::MpiContext* ctx) {
   if (o.loop.regroup_window > 1) EF_RETURN_IF_ERROR(SetUpAdmissionForecast(cfg, engine->config(), &o.loop));
   ServerMetrics metrics(engine->config().num_layers, engine->config().num_experts);
   if (expert_cache && expert_cache->active()) metrics.SetExpertCache(expert_cache.get());
+  if (cluster) metrics.SetCommCounters([c = cluster.get()] { return c->LiveCounters(); });
   o.http.model_name = !o.served_name.empty()
                           ? o.served_name
                           : std::filesystem::path(o.model.dir).lexically_normal().filename().string();
@@ -159,16 +161,18 @@ Status RunServe(ServeOptions o, const CLI::App& app, comm::MpiContext* ctx) {
     }
   } release{&loop, &metrics, &expert_cache};
   // The cluster points into the engine the loop owns: stop the engine thread and drop the
-  // cluster before the loop goes, on every way out.
+  // cluster (after /metrics stops reading it) before the loop goes, on every way out.
   struct ClusterRelease {
     ServingLoop* loop;
+    ServerMetrics* metrics;
     std::unique_ptr<comm::Cluster>* cluster;
     ~ClusterRelease() {
       if (!*cluster) return;
       loop->Stop();
+      metrics->SetCommCounters({});
       cluster->reset();
     }
-  } cluster_release{&loop, &cluster};
+  } cluster_release{&loop, &metrics, &cluster};
   HttpServer server(o.http, &loop, &tok, &chat, &metrics);
   StatusOr<int> port = server.Bind();
   if (!port.ok()) {

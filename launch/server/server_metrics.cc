@@ -95,7 +95,33 @@ void ServerMetrics::SetExpertCache(const cache::ExpertCache* cache) {
   expert_cache_ = cache;
 }
 
+void ServerMetrics::SetCommCounters(std::function<comm::CommCounters()> read) {
+  std::lock_guard<std::mutex> lock(mu_);
+  comm_counters_ = std::move(read);
+}
+
 namespace {
+
+// The serving rank's own communication counters (comm::Cluster::LiveCounters); zeros without one.
+void RenderComm(const comm::CommCounters& c, std::string* out) {
+  Header(out, "expertflow_cluster_ranks", "gauge", "Ranks in the expert-parallel cluster (1 without mpirun).");
+  *out += "expertflow_cluster_ranks " + std::to_string(c.world_size) + "\n";
+  Header(out, "expertflow_a2a_bytes_total", "counter",
+         "Token-row payload bytes this serving rank sent to / received from other ranks in the expert-parallel "
+         "all-to-all (self rows excluded; other ranks not included); 0 without a cluster (single-process serve).");
+  *out += "expertflow_a2a_bytes_total{direction=\"sent\"} " + std::to_string(c.a2a_bytes_sent) + "\n";
+  *out += "expertflow_a2a_bytes_total{direction=\"received\"} " + std::to_string(c.a2a_bytes_received) + "\n";
+  Header(out, "expertflow_a2a_exchanges_total", "counter",
+         "All-to-all-v exchanges this serving rank joined (dispatch and combine per MoE layer and step, idle steps "
+         "included); 0 without a cluster.");
+  *out += "expertflow_a2a_exchanges_total " + std::to_string(c.a2a_exchanges) + "\n";
+  Header(out, "expertflow_peer_fetch_bytes_total", "counter",
+         "Expert weight bytes this serving rank read from peers' host shards with UCX gets; 0 without a cluster or "
+         "when every expert is computed at its home.");
+  *out += "expertflow_peer_fetch_bytes_total " + std::to_string(c.peer_fetch_bytes) + "\n";
+  Header(out, "expertflow_peer_fetches_total", "counter", "UCX gets behind expertflow_peer_fetch_bytes_total.");
+  *out += "expertflow_peer_fetches_total " + std::to_string(c.peer_fetches) + "\n";
+}
 
 // The expert cache's counters (cache/expert_store.h), per MoE layer and expert.
 void RenderExpertCache(const cache::ExpertCache& c, std::string* out) {
@@ -179,6 +205,12 @@ std::string ServerMetrics::Render() const {
              "\"} " + std::to_string(expert_tokens(l, e)) + "\n";
     }
   }
+  comm::CommCounters comm;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (comm_counters_) comm = comm_counters_();
+  }
+  RenderComm(comm, &out);
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (expert_cache_) RenderExpertCache(*expert_cache_, &out);

@@ -5,6 +5,12 @@
 // expert: hits, misses, and bytes per tier (host: loaded into a slot from host memory; device:
 // served from a resident slot), read from the cache's store when rendered.
 //
+// Communication (SetCommCounters): under mpirun, the serving rank's own expert-parallel counters
+// (comm::Cluster::LiveCounters, read without a collective: the other ranks are inside their Follow
+// loop): all-to-all bytes by direction and exchanges, UCX peer expert fetches. These series are
+// always present; without a cluster (single-process serve) they stay 0 and
+// expertflow_cluster_ranks is 1.
+//
 // Thread safety: every method may be called from any thread. Request counters and histograms sit
 // behind one mutex (a few updates per request); per-expert routing counts are relaxed atomics
 // written by the engine thread's routing hook on every MoE layer and read by /metrics.
@@ -13,12 +19,15 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
+
+#include "comm/comm_counters.h"
 
 namespace ef::cache {
 class ExpertCache;
@@ -48,6 +57,10 @@ class ServerMetrics {
   // The expert cache whose counters /metrics shows (nullptr: none). Not owned; call with nullptr
   // before it goes.
   void SetExpertCache(const cache::ExpertCache* cache);
+  // Where /metrics reads this rank's communication counters (empty: none, the series show 0),
+  // called on the rendering thread with a lock of this object held, so it must be quick and
+  // thread-safe (comm::Cluster::LiveCounters is). Call with {} before what it reads goes.
+  void SetCommCounters(std::function<comm::CommCounters()> read);
 
   // The whole exposition, ready to serve with content type text/plain; version=0.0.4.
   std::string Render() const;
@@ -75,7 +88,8 @@ class ServerMetrics {
   std::atomic<int64_t> prompt_tokens_{0}, generated_tokens_{0}, waiting_{0}, running_{0};
   std::atomic<int64_t> steps_{0}, step_tokens_{0};
   std::unique_ptr<std::atomic<int64_t>[]> expert_tokens_;
-  const cache::ExpertCache* expert_cache_ = nullptr;  // guarded by mu_
+  const cache::ExpertCache* expert_cache_ = nullptr;   // guarded by mu_
+  std::function<comm::CommCounters()> comm_counters_;  // guarded by mu_
 };
 
 }  // namespace ef::launch

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # `expertflow serve` under mpirun: rank 0 listens and runs the requests, rank 1 computes its share of
 # every MoE layer's experts. Checks: greedy text equals single-process `generate`; idle periods
-# longer than the peer timeout do not end the job (rank 0 keeps rank 1 alive); /metrics answers;
-# SIGTERM to the ranks drains and every rank exits 0, with the all-to-all bytes reported.
+# longer than the peer timeout do not end the job (rank 0 keeps rank 1 alive); /metrics answers and
+# shows rank 0's all-to-all bytes live (present, > 0, growing with the next request); SIGTERM to
+# the ranks drains and every rank exits 0, with the all-to-all bytes reported.
 #   mpi_serve.sh BIN MODELS_DIR
 BIN=$1 MODELS=$2
 source "$(dirname "$0")/common.sh"
 m="$MODELS/tiny-code-moe"
+# The background job opens serve.out itself, possibly after the first poll below reads it.
+: >"$WORK/serve.out"
 "${MPIRUN[@]}" -np 2 "$BIN" serve --backend cpu --model "$m" --port 0 --timeout 2 >"$WORK/serve.out" 2>&1 &
 job=$!
 port=""
@@ -22,16 +25,33 @@ complete() {  # prompt, tokens -> text
     -d "{\"model\": \"tiny-code-moe\", \"prompt\": \"$1\", \"max_tokens\": $2, \"temperature\": 0}" |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["choices"][0]["text"], end="")'
 }
+metric() {  # exact series (name and labels) -> its value on /metrics, "" when absent
+  curl -sf "http://127.0.0.1:$port/metrics" | awk -v s="$1" '$1 == s { print $2 }'
+}
 want=$("$BIN" generate --backend cpu --model "$m" -p "def main(" -n 12 2>/dev/null)
 got="def main($(complete "def main(" 12)"
 [ "$got" = "$want" ] || { kill -9 "$job"; fail "2-rank serve text differs from generate: '$got' vs '$want'"; }
+sent1=$(metric 'expertflow_a2a_bytes_total{direction="sent"}')
+recv1=$(metric 'expertflow_a2a_bytes_total{direction="received"}')
+[ -n "$sent1" ] && [ "$sent1" -gt 0 ] && [ -n "$recv1" ] && [ "$recv1" -gt 0 ] ||
+  { kill -9 "$job"; fail "/metrics all-to-all bytes after a request: sent '$sent1', received '$recv1' (want > 0)"; }
+[ "$(metric expertflow_cluster_ranks)" = 2 ] || { kill -9 "$job"; fail "/metrics expertflow_cluster_ranks is not 2"; }
+[ "$(metric expertflow_a2a_exchanges_total)" -gt 0 ] 2>/dev/null ||
+  { kill -9 "$job"; fail "/metrics expertflow_a2a_exchanges_total is not > 0"; }
+[ -n "$(metric expertflow_peer_fetch_bytes_total)" ] || { kill -9 "$job"; fail "/metrics lacks the peer fetch bytes"; }
 # Idle for longer than the 2 s peer timeout: rank 1 must still be there for the next request.
 sleep 5
 kill -0 "$job" 2>/dev/null || { cat "$WORK/serve.out" >&2; fail "the job ended while idle"; }
 got2="def main($(complete "def main(" 12)"
 [ "$got2" = "$want" ] || { kill -9 "$job"; cat "$WORK/serve.out" >&2; fail "after an idle period: '$got2'"; }
-curl -sf "http://127.0.0.1:$port/metrics" | grep -q '^expertflow_generated_tokens_total 24' ||
-  { kill -9 "$job"; fail "/metrics does not count 24 generated tokens"; }
+sent2=$(metric 'expertflow_a2a_bytes_total{direction="sent"}')
+[ -n "$sent2" ] && [ "$sent2" -gt "$sent1" ] ||
+  { kill -9 "$job"; fail "/metrics all-to-all sent bytes did not grow with a request: $sent1 -> '$sent2'"; }
+echo "/metrics: rank 0 all-to-all sent $sent1 -> $sent2 bytes, received $recv1 bytes after the first request"
+# metric() reads the whole body (awk): `curl | grep -q` under pipefail failed whenever grep quit
+# before curl had written everything (curl exits 23 on the broken pipe).
+gen=$(metric expertflow_generated_tokens_total)
+[ "$gen" = 24 ] || { kill -9 "$job"; fail "/metrics counts '$gen' generated tokens, not 24"; }
 # SIGTERM to the ranks (as a service manager would): rank 0 drains and stops rank 1.
 for stat in /proc/[0-9]*/stat; do
   read -r pid _ _ ppid _ <"$stat" 2>/dev/null || continue
@@ -42,4 +62,4 @@ wait "$job" || rc=$?
 [ "$rc" = 0 ] || { cat "$WORK/serve.out" >&2; fail "mpirun exited $rc after SIGTERM"; }
 grep -q "comm: 2 ranks, all-to-all [1-9][0-9]* bytes" "$WORK/serve.out" ||
   { cat "$WORK/serve.out" >&2; fail "no all-to-all bytes reported"; }
-echo "PASS: 2-rank serve = generate, survives idle periods, drains on SIGTERM"
+echo "PASS: 2-rank serve = generate, survives idle periods, live all-to-all bytes on /metrics, drains on SIGTERM"
