@@ -21,6 +21,7 @@
 // expert sets per token and layer). Test sequences default to the last quarter (the complement
 // of train-predictor's default training split); the baselines are fitted on the others.
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <map>
@@ -96,7 +97,14 @@ Status RunEval(const EvalArgs& a) {
   for (int64_t s : test_seqs) overlap += train_set.count(s) > 0;
 
   const Predictor& p = *loaded.predictor;
+  // Forecast cost on this host, scoring included: per token for a whole a-priori path, per token
+  // and layer one layer ahead (one PredictGiven call per layer for the batch of test tokens).
+  using Clock = std::chrono::steady_clock;
+  const auto t0 = Clock::now();
   EF_ASSIGN_OR_RETURN(PredictorMetrics pm, EvaluatePredictor(p, test, DefaultEvalMode(p), a.k));
+  const double eval_us = std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
+  const double per_call_us =
+      eval_us / pm.tokens / (pm.mode == EvalMode::kOneLayerAhead ? static_cast<double>(info.num_layers) : 1.0);
   // A conditional predictor is scored as it is used layer by layer (one layer ahead); its
   // forecast before anything runs (which plans the whole batch) is reported beside it.
   std::optional<PredictorMetrics> prior;
@@ -118,6 +126,7 @@ Status RunEval(const EvalArgs& a) {
     j["baseline_frequency"] = ToJson(fm);
     j["baseline_affinity"] = ToJson(am);
     if (prior) j["a_priori"] = ToJson(*prior);
+    j["forecast_us_per_token"] = per_call_us;
     std::printf("%s\n", j.dump().c_str());
     return Status::Ok();
   }
@@ -127,6 +136,8 @@ Status RunEval(const EvalArgs& a) {
               FormatSeqList(test_seqs).c_str(), pm.tokens, pm.k,
               overlap ? "  WARNING: test sequences overlap the training sequences" : "");
   std::printf("# recall@k per layer; affinity is one layer ahead (true routing of layer l-1 observed)\n");
+  std::printf("# forecast cost on this host: %.1f us per token%s (scoring included)\n", per_call_us,
+              pm.mode == EvalMode::kOneLayerAhead ? " and layer" : "");
   if (prior)
     std::printf("# %s: one layer ahead (layers < l observed); a-priori: %s's forecast before layer 0 runs\n",
                 info.kind.c_str(), info.kind.c_str());

@@ -38,6 +38,14 @@ class Rng {
 
 inline float Sigmoid(float z) { return 1.f / (1.f + std::exp(-z)); }
 
+// The [cols][rows] transpose of a row-major [rows][cols] matrix.
+std::vector<float> Transpose(const std::vector<float>& m, int64_t rows, int64_t cols) {
+  std::vector<float> t(m.size());
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) t[c * rows + r] = m[r * cols + c];
+  return t;
+}
+
 // Top-k recall of prediction p (num_experts values) against the true experts.
 double RecallAtK(const float* p, int num_experts, const int16_t* truth, int k) {
   std::vector<int> idx(num_experts);
@@ -131,7 +139,7 @@ PathPredictor::Example PathPredictor::MakeExample(const PredictorInput& in) cons
 
 void PathPredictor::Forward(const Example& ex, const float* P, float* x, std::vector<int>* active, float* h,
                             float* z) const {
-  const int d = options_.embed_dim, H = options_.hidden, D = input_dim(), D0 = dense_dim();
+  const int d = options_.embed_dim, H = options_.hidden, D0 = dense_dim();
   const int out = num_layers_ * num_experts_;
   const float* te = P + off_tok_ + static_cast<size_t>(ex.tok) * d;
   const float* pe = P + off_prev_ + static_cast<size_t>(ex.prev) * d;
@@ -149,27 +157,36 @@ void PathPredictor::Forward(const Example& ex, const float* P, float* x, std::ve
   }
   for (int i = 0; i < kPosFeatures; ++i) x[3 * d + i] = ex.pos[i];
   ActiveInputs(ex, active);
-  const float* w1 = P + off_w1_;
-  const float* b1 = P + off_b1_;
-  for (int j = 0; j < H; ++j) {
-    const float* w = w1 + static_cast<size_t>(j) * D;
-    float s = b1[j];
-    for (int i = 0; i < D0; ++i) s += w[i] * x[i];
-    for (int i : *active) s += w[i];
-    h[j] = s > 0.f ? s : 0.f;
+  // W1 and W2 are stored transposed ([input][hidden], [hidden][output]): each input, and each
+  // active hidden unit, adds one contiguous row (loops the compiler vectorises).
+  const float* w1t = P + off_w1_;
+  std::copy(P + off_b1_, P + off_b1_ + H, h);
+  for (int i = 0; i < D0; ++i) {
+    const float xi = x[i];
+    if (xi == 0.f) continue;
+    const float* w = w1t + static_cast<size_t>(i) * H;
+    for (int j = 0; j < H; ++j) h[j] += xi * w[j];
   }
-  const float* w2 = P + off_w2_;
-  const float* b2 = P + off_b2_;
-  for (int o = 0; o < out; ++o) {
-    const float* w = w2 + static_cast<size_t>(o) * H;
-    float s = b2[o];
-    for (int j = 0; j < H; ++j) s += w[j] * h[j];
-    z[o] = s;
+  for (int i : *active) {
+    const float* w = w1t + static_cast<size_t>(i) * H;
+    for (int j = 0; j < H; ++j) h[j] += w[j];
+  }
+  for (int j = 0; j < H; ++j) h[j] = h[j] > 0.f ? h[j] : 0.f;
+  const int lo = ex.depth * num_experts_;  // observed layers need no logits
+  const int n = out - lo;
+  float* zo = z + lo;
+  std::copy(P + off_b2_ + lo, P + off_b2_ + out, zo);
+  const float* w2t = P + off_w2_ + lo;
+  for (int j = 0; j < H; ++j) {
+    const float hj = h[j];
+    if (hj == 0.f) continue;
+    const float* w = w2t + static_cast<size_t>(j) * out;
+    for (int o = 0; o < n; ++o) zo[o] += hj * w[o];
   }
   // The path inputs also reach the logits directly (a linear, transition-like term).
   for (int i : *active) {
-    const float* w = P + off_skip_ + static_cast<size_t>(i - D0) * out;
-    for (int o = ex.depth * num_experts_; o < out; ++o) z[o] += w[o];
+    const float* w = P + off_skip_ + static_cast<size_t>(i - D0) * out + lo;
+    for (int o = 0; o < n; ++o) zo[o] += w[o];
   }
 }
 
@@ -287,7 +304,7 @@ class PathPredictor::Trainer {
  private:
   double Backward(const Example& ex, float inv_b, float* g) {
     const PathPredictor& P = *p_;
-    const int d = P.options_.embed_dim, H = P.options_.hidden, D = P.input_dim(), D0 = P.dense_dim();
+    const int d = P.options_.embed_dim, H = P.options_.hidden, D0 = P.dense_dim();
     const int L = P.num_layers_, E = P.num_experts_, K = P.top_k_, out = L * E;
     x_.resize(D0);
     h_.resize(H);
@@ -300,38 +317,55 @@ class PathPredictor::Trainer {
     const float* params = P.params_.data();
     P.Forward(ex, params, x_.data(), &active_, h_.data(), z_.data());
     double loss = 0;
-    const float* w2 = params + P.off_w2_;
-    float* gw2 = g + P.off_w2_;
+    const int lo = ex.depth * E, n = out - lo;  // observed layers are inputs, not targets
+    dz_.assign(out, 0.f);
     float* gb2 = g + P.off_b2_;
-    float* gskip = g + P.off_skip_;
-    for (int o = ex.depth * E; o < out; ++o) {  // observed layers are inputs, not targets
+    for (int o = lo; o < out; ++o) {
       const float z = z_[o], y = y_[o];
       // Stable BCE with logits: max(z,0) - z*y + log(1 + exp(-|z|)).
       loss += std::max(z, 0.f) - z * y + std::log1p(std::exp(-std::fabs(z)));
-      const float dz = (Sigmoid(z) - y) * inv_b;
-      gb2[o] += dz;
-      for (int i : active_) gskip[static_cast<size_t>(i - D0) * out + o] += dz;
-      const float* w = w2 + static_cast<size_t>(o) * H;
-      float* gw = gw2 + static_cast<size_t>(o) * H;
-      for (int j = 0; j < H; ++j) {
-        gw[j] += dz * h_[j];
-        dh_[j] += dz * w[j];
-      }
+      dz_[o] = (Sigmoid(z) - y) * inv_b;
+      gb2[o] += dz_[o];
     }
-    const float* w1 = params + P.off_w1_;
-    float* gw1 = g + P.off_w1_;
-    float* gb1 = g + P.off_b1_;
+    const float* dz = dz_.data() + lo;
+    for (int i : active_) {
+      float* gs = g + P.off_skip_ + static_cast<size_t>(i - D0) * out + lo;
+      for (int o = 0; o < n; ++o) gs[o] += dz[o];
+    }
+    // Transposed W2 [hidden][output]: row j gets h_j * dz, and dh_j = row j . dz (active units).
+    const float* w2t = params + P.off_w2_ + lo;
+    float* gw2t = g + P.off_w2_ + lo;
     for (int j = 0; j < H; ++j) {
-      if (h_[j] <= 0.f) continue;
-      const float dh = dh_[j];
-      gb1[j] += dh;
-      const float* w = w1 + static_cast<size_t>(j) * D;
-      float* gw = gw1 + static_cast<size_t>(j) * D;
-      for (int i = 0; i < D0; ++i) {
-        gw[i] += dh * x_[i];
-        dx_[i] += dh * w[i];
+      const float hj = h_[j];
+      if (hj <= 0.f) continue;
+      const float* w = w2t + static_cast<size_t>(j) * out;
+      float* gw = gw2t + static_cast<size_t>(j) * out;
+      float s = 0.f;
+      for (int o = 0; o < n; ++o) {
+        gw[o] += hj * dz[o];
+        s += w[o] * dz[o];
       }
-      for (int i : active_) gw[i] += dh;
+      dh_[j] = s;
+    }
+    // Transposed W1 [input][hidden].
+    const float* w1t = params + P.off_w1_;
+    float* gw1t = g + P.off_w1_;
+    float* gb1 = g + P.off_b1_;
+    for (int j = 0; j < H; ++j) gb1[j] += dh_[j];
+    for (int i = 0; i < D0; ++i) {
+      const float xi = x_[i];
+      const float* w = w1t + static_cast<size_t>(i) * H;
+      float* gw = gw1t + static_cast<size_t>(i) * H;
+      float s = 0.f;
+      for (int j = 0; j < H; ++j) {
+        gw[j] += xi * dh_[j];
+        s += w[j] * dh_[j];
+      }
+      dx_[i] = s;
+    }
+    for (int i : active_) {
+      float* gw = gw1t + static_cast<size_t>(i) * H;
+      for (int j = 0; j < H; ++j) gw[j] += dh_[j];
     }
     float* gt = g + P.off_tok_ + static_cast<size_t>(ex.tok) * d;
     float* gp = g + P.off_prev_ + static_cast<size_t>(ex.prev) * d;
@@ -371,12 +405,12 @@ class PathPredictor::Trainer {
   std::vector<double> losses_;
   int64_t step_ = 0;
   // Per-call scratch; Backward runs on several threads, so these are thread_local below.
-  static thread_local std::vector<float> x_, h_, z_, dh_, dx_, y_;
+  static thread_local std::vector<float> x_, h_, z_, dz_, dh_, dx_, y_;
   static thread_local std::vector<int> active_;
 };
 
 thread_local std::vector<float> PathPredictor::Trainer::x_, PathPredictor::Trainer::h_, PathPredictor::Trainer::z_,
-    PathPredictor::Trainer::dh_, PathPredictor::Trainer::dx_, PathPredictor::Trainer::y_;
+    PathPredictor::Trainer::dz_, PathPredictor::Trainer::dh_, PathPredictor::Trainer::dx_, PathPredictor::Trainer::y_;
 thread_local std::vector<int> PathPredictor::Trainer::active_;
 
 StatusOr<std::unique_ptr<PathPredictor>> PathPredictor::Train(
@@ -585,9 +619,10 @@ void PathPredictor::ToFile(PredictorFile* file, const std::string& prefix) const
   file->tensors[prefix + "tok_emb"] = PredictorTensor::F32({V, d}, slice(off_tok_, off_prev_));
   file->tensors[prefix + "prev_emb"] = PredictorTensor::F32({V, d}, slice(off_prev_, off_ctx_));
   file->tensors[prefix + "ctx_emb"] = PredictorTensor::F32({V, d}, slice(off_ctx_, off_w1_));
-  file->tensors[prefix + "w1"] = PredictorTensor::F32({H, D}, slice(off_w1_, off_b1_));
+  // W1 and W2 are kept transposed in memory; files hold them as [out_features][in_features].
+  file->tensors[prefix + "w1"] = PredictorTensor::F32({H, D}, Transpose(slice(off_w1_, off_b1_), D, H));
   file->tensors[prefix + "b1"] = PredictorTensor::F32({H}, slice(off_b1_, off_w2_));
-  file->tensors[prefix + "w2"] = PredictorTensor::F32({out, H}, slice(off_w2_, off_b2_));
+  file->tensors[prefix + "w2"] = PredictorTensor::F32({out, H}, Transpose(slice(off_w2_, off_b2_), H, out));
   file->tensors[prefix + "b2"] = PredictorTensor::F32({out}, slice(off_b2_, off_skip_));
   if (options_.observe_path)
     file->tensors[prefix + "w_path"] = PredictorTensor::F32({sparse_dim(), out}, slice(off_skip_, size_));
@@ -660,7 +695,9 @@ StatusOr<std::unique_ptr<PathPredictor>> PathPredictor::FromFile(const Predictor
                          Block{"b2", {out}, p->off_b2_}, Block{"w_path", {p->sparse_dim(), out}, p->off_skip_}}) {
     if (b.shape[0] == 0) continue;  // no path inputs
     EF_ASSIGN_OR_RETURN(const PredictorTensor* t, file.Tensor(prefix + b.name, "F32", b.shape, path));
-    std::copy(t->f32.begin(), t->f32.end(), p->params_.begin() + b.offset);
+    const bool transposed = b.offset == p->off_w1_ || b.offset == p->off_w2_;  // see ToFile
+    const std::vector<float> v = transposed ? Transpose(t->f32, b.shape[0], b.shape[1]) : t->f32;
+    std::copy(v.begin(), v.end(), p->params_.begin() + b.offset);
   }
   EF_ASSIGN_OR_RETURN(const PredictorTensor* pop,
                       file.Tensor(prefix + "popularity", "F32", {num_layers, num_experts}, path));

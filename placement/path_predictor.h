@@ -113,8 +113,9 @@ class PathPredictor final : public ConditionalPredictor {
   Example MakeExample(const PredictorInput& in) const;
   // Indices into x of the path and depth inputs that are 1 for `ex` (the rest of those blocks is 0).
   void ActiveInputs(const Example& ex, std::vector<int>* active) const;
-  // Logits of one example into z (num_layers * num_experts); x receives the dense inputs, h the
-  // hidden activations, active the sparse inputs.
+  // Logits of one example into z (num_layers * num_experts; rows of the observed layers, below
+  // ex.depth, are left untouched); x receives the dense inputs, h the hidden activations, active
+  // the sparse inputs.
   void Forward(const Example& ex, const float* params, float* x, std::vector<int>* active, float* h, float* z) const;
   // `ex` with every token id "unknown" (the view token dropout trains).
   Example WithoutTokens(Example ex) const;
