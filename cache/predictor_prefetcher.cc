@@ -84,6 +84,11 @@ StatusOr<std::unique_ptr<PredictorPrefetcher>> PredictorPrefetcher::Create(const
     } else {
       p->loaded_ = std::move(loaded->predictor);
       p->conditional_ = dynamic_cast<const placement::ConditionalPredictor*>(p->loaded_.get());
+      // A path model without path inputs gives its a-priori forecast whatever is observed: once
+      // per forward is enough.
+      if (auto* path = dynamic_cast<const placement::PathPredictor*>(p->loaded_.get());
+          path && !path->options().observe_path)
+        p->conditional_ = nullptr;
     }
     p->description_ = kind + " (" + options.path + ")";
   } else {
@@ -194,6 +199,7 @@ Status PredictorPrefetcher::OnRouting(const runtime::LayerRouting& r) {
     for (int t = 0; t < T; ++t) {
       obs[t].num_layers_done = m + 1;
       obs[t].top_k = K;
+      obs[t].horizon = options_.depth;  // only the layers prefetched from here are read
       obs[t].experts = std::span<const int16_t>(observed_).subspan(static_cast<size_t>(t) * M * K, M * K);
     }
     EF_ASSIGN_OR_RETURN(conditional_f_, conditional_->PredictGiven(inputs_, obs));

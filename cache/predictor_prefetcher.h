@@ -11,9 +11,9 @@
 //              the engine must expose router inputs, see needs_router_inputs()); no training.
 //   frequency  each layer's expert popularity: from a trained file (`path`), else fitted on a
 //              routing trace (`trace`), else counted online from the routing seen so far.
-//   path       ExpertFlow's routing path predictor (trained file): every layer of a token from
-//              the token and its context before the first MoE layer, then corrected at each
-//              layer from the token's routing so far (files without path inputs: a priori only).
+//   path       ExpertFlow's routing path predictor (trained file): the next layers of a token from
+//              the token, its context and its routing so far, at each MoE layer (files without
+//              path inputs: every layer a priori, once per forward at the first MoE layer).
 //   affinity, hybrid  (trained files) conditioned on the true routing of layers 0..m.
 // A token's forecast for a layer is its predictor top-k; a layer's list is the union over the
 // batch's tokens, most expected first (sum of the tokens' probabilities), cut at `capacity` (the
@@ -107,8 +107,8 @@ class PredictorPrefetcher {
   int num_tokens_ = 0;
   std::vector<int16_t> observed_;  // [token][moe layer * top_k + j], -1 unknown
   std::vector<placement::PredictorInput> inputs_;
-  placement::RoutingForecast apriori_;           // path: [T, moe layers, E]
-  placement::RoutingForecast conditional_f_;     // affinity / hybrid, given layers 0..m
+  placement::RoutingForecast apriori_;           // a-priori path models: [T, moe layers, E]
+  placement::RoutingForecast conditional_f_;     // the others, given layers 0..m
   std::vector<float> probs_;                     // [T][E] scratch
   std::vector<std::vector<int32_t>> predicted_;  // per MoE layer: the last list handed out
   placement::RoutingForecast step_;              // [1, decoder layers, E] for the policy

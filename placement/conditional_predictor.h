@@ -22,6 +22,9 @@ struct ObservedRouting {
   std::span<const int16_t> experts;  // [l * top_k + j] for l < num_layers_done (may be longer)
   int top_k = 0;                     // experts per layer in `experts`
   std::span<const float> hidden;     // hidden state entering layer num_layers_done (may be empty)
+  // Layers after the observed ones that the caller reads (0: all). A predictor may leave the rows
+  // of later layers empty (zero) to save work.
+  int horizon = 0;
 };
 
 class ConditionalPredictor : public Predictor {

@@ -66,6 +66,7 @@ struct PathPredictor::Example {
   std::vector<int> ctx;
   float pos[kPosFeatures] = {};
   int depth = 0;                      // layers whose routing is observed (inputs, not scored)
+  int end_layer = 0;                  // logits of layers depth..end_layer-1 are computed (0: all)
   const int16_t* observed = nullptr;  // [layer * observed_k + j] for layers < depth
   int observed_k = 0;
   const int16_t* experts = nullptr;  // [layer * top_k + j], training only
@@ -172,8 +173,8 @@ void PathPredictor::Forward(const Example& ex, const float* P, float* x, std::ve
     for (int j = 0; j < H; ++j) h[j] += w[j];
   }
   for (int j = 0; j < H; ++j) h[j] = h[j] > 0.f ? h[j] : 0.f;
-  const int lo = ex.depth * num_experts_;  // observed layers need no logits
-  const int n = out - lo;
+  const int lo = ex.depth * num_experts_;  // observed layers need no logits, nor those past the end
+  const int n = (ex.end_layer > 0 ? std::min(ex.end_layer, num_layers_) * num_experts_ : out) - lo;
   float* zo = z + lo;
   std::copy(P + off_b2_ + lo, P + off_b2_ + out, zo);
   const float* w2t = P + off_w2_ + lo;
@@ -207,11 +208,12 @@ void PathPredictor::ForecastRows(const Example& ex, int first_layer, RoutingFore
   float* zb = z + out;
   const std::vector<float>& trust = ex.depth == 0 ? trust_ : trust_given_;
   const std::vector<float>& weight = ex.depth == 0 ? token_weight_ : token_weight_given_;
+  const int end = ex.end_layer > 0 ? std::min(ex.end_layer, num_layers_) : num_layers_;
   Forward(ex, params_.data(), x, active, h, z);
   bool bare = false;  // the view without token ids, where some layer's blend uses it
-  for (int l = first_layer; l < num_layers_; ++l) bare = bare || weight[l] < 1.f;
+  for (int l = first_layer; l < end; ++l) bare = bare || weight[l] < 1.f;
   if (bare) Forward(WithoutTokens(ex), params_.data(), x, active, h, zb);
-  for (int l = first_layer; l < num_layers_; ++l) {
+  for (int l = first_layer; l < end; ++l) {
     float* row = f->row(t, l);
     const float a = trust[l], w = weight[l];
     for (int e = 0; e < num_experts_; ++e) {
@@ -242,7 +244,10 @@ StatusOr<RoutingForecast> PathPredictor::PredictGiven(std::span<const PredictorI
   for (size_t t = 0; t < batch.size(); ++t) {
     const ObservedRouting& o = observed[t];
     const int done = std::clamp(o.num_layers_done, 0, num_layers_);
-    if (done > 0 && (o.top_k < 1 || o.experts.size() < static_cast<size_t>(done) * o.top_k))
+    if (done > 0 && o.top_k != top_k_)
+      return InvalidArgument("path predictor: token " + std::to_string(t) + " has " + std::to_string(o.top_k) +
+                             " experts per observed layer, the predictor was trained on top-" + std::to_string(top_k_));
+    if (done > 0 && o.experts.size() < static_cast<size_t>(done) * o.top_k)
       return InvalidArgument("path predictor: token " + std::to_string(t) + " claims " + std::to_string(done) +
                              " observed layers but has " + std::to_string(o.experts.size()) + " expert ids");
     for (int l = 0; l < done; ++l) {  // observed layers: the truth
@@ -254,6 +259,7 @@ StatusOr<RoutingForecast> PathPredictor::PredictGiven(std::span<const PredictorI
     }
     if (done == num_layers_) continue;
     Example ex = MakeExample(batch[t]);
+    if (o.horizon > 0) ex.end_layer = std::min(num_layers_, done + o.horizon);
     if (options_.observe_path) {  // else an a-priori model: its forecast of the remaining layers
       ex.depth = done;
       ex.observed = o.experts.data();
@@ -414,8 +420,10 @@ thread_local std::vector<float> PathPredictor::Trainer::x_, PathPredictor::Train
 thread_local std::vector<int> PathPredictor::Trainer::active_;
 
 StatusOr<std::unique_ptr<PathPredictor>> PathPredictor::Train(
-    const RoutingTrace& train, const RoutingTrace& val, const PathPredictorOptions& options,
+    const RoutingTrace& train, const RoutingTrace& val, const PathPredictorOptions& requested,
     const std::function<void(const PathEpochReport&)>& on_epoch) {
+  PathPredictorOptions options = requested;
+  if (options.path_samples == 0) options.observe_path = false;  // trained a priori only: no path inputs
   if (train.tokens.empty()) return InvalidArgument("cannot train a path predictor on an empty trace");
   if (!val.tokens.empty())
     EF_RETURN_IF_ERROR(CheckTraceShape(val, train.num_layers(), train.num_experts(), train.top_k()));
@@ -446,9 +454,12 @@ StatusOr<std::unique_ptr<PathPredictor>> PathPredictor::Train(
 
   // Initialisation.
   Rng rng(options.seed);
-  const int H = options.hidden, D = p->input_dim();
+  const int H = options.hidden;
+  // He initialisation over the inputs a token really has: the dense ones, and at most top_k path
+  // inputs per observed layer plus the depth one-hot.
+  const int fan_in = p->dense_dim() + (options.observe_path ? (L - 1) * K + 1 : 0);
   for (size_t i = p->off_tok_; i < p->off_w1_; ++i) p->params_[i] = static_cast<float>(0.1 * rng.Normal());
-  const double s1 = std::sqrt(2.0 / D), s2 = std::sqrt(1.0 / H);
+  const double s1 = std::sqrt(2.0 / fan_in), s2 = std::sqrt(1.0 / H);
   for (size_t i = p->off_w1_; i < p->off_b1_; ++i) p->params_[i] = static_cast<float>(s1 * rng.Normal());
   for (size_t i = p->off_w2_; i < p->off_b2_; ++i) p->params_[i] = static_cast<float>(0.5 * s2 * rng.Normal());
   for (size_t o = 0; o < p->popularity_.size(); ++o) {
@@ -558,7 +569,9 @@ StatusOr<std::unique_ptr<PathPredictor>> PathPredictor::Train(
     }
     PathEpochReport rep;
     rep.epoch = epoch;
-    rep.train_loss = loss / static_cast<double>(order.size() * out);
+    double scored = 0;  // outputs of the layers not observed
+    for (const auto& [i, depth] : order) scored += static_cast<double>(L - depth) * E;
+    rep.train_loss = loss / std::max(1.0, scored);
     if (!val_ex.empty()) {
       // Validation recall: each layer and mode with the better view, a priori and corrected.
       rep.val_loss = fill_cache();
@@ -646,6 +659,7 @@ void PathPredictor::ToFile(PredictorFile* file, const std::string& prefix) const
   m[prefix + "patience"] = std::to_string(options_.patience);
   m[prefix + "seed"] = std::to_string(options_.seed);
   m[prefix + "num_threads"] = std::to_string(options_.num_threads);
+  m[prefix + "path_samples"] = std::to_string(options_.path_samples);
 }
 
 StatusOr<std::unique_ptr<PathPredictor>> PathPredictor::FromFile(const PredictorFile& file, const std::string& prefix,
@@ -665,7 +679,8 @@ StatusOr<std::unique_ptr<PathPredictor>> PathPredictor::FromFile(const Predictor
   o.hidden = static_cast<int>(H);
   o.context_window = static_cast<int>(C);
   // Absent in files written before the path inputs existed: an a-priori model.
-  if (file.metadata.count(prefix + "observe_path")) {
+  const bool written_with_path_inputs = file.metadata.count(prefix + "observe_path") > 0;
+  if (written_with_path_inputs) {
     EF_ASSIGN_OR_RETURN(int64_t op, file.MetaInt(prefix + "observe_path", path));
     if (op != 0 && op != 1)
       return InvalidArgument("predictor file " + path + ": observe_path must be 0 or 1, not " + std::to_string(op));
@@ -705,7 +720,7 @@ StatusOr<std::unique_ptr<PathPredictor>> PathPredictor::FromFile(const Predictor
   p->popularity_ = pop->f32;
   p->trust_ = trust->f32;
   p->trust_given_ = trust->f32;
-  if (o.observe_path) {
+  if (written_with_path_inputs) {  // files of either kind since then carry every blend
     EF_ASSIGN_OR_RETURN(const PredictorTensor* tg, file.Tensor(prefix + "trust_given", "F32", {num_layers}, path));
     p->trust_given_ = tg->f32;
     EF_ASSIGN_OR_RETURN(const PredictorTensor* tw, file.Tensor(prefix + "token_weight", "F32", {num_layers}, path));

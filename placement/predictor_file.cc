@@ -23,8 +23,8 @@ Status SavePredictor(const Predictor& predictor, const PredictorInfo& info, cons
     return Unimplemented("predictor \"" + predictor.name() + "\" cannot be saved");
   }
   auto& m = file.metadata;
-  m["format"] = "expertflow-predictor";
-  m["format_version"] = "1";
+  m["format"] = std::string("expertflow-predictor");
+  m["format_version"] = std::string("1");
   m["kind"] = predictor.name();
   m["num_layers"] = std::to_string(info.num_layers);
   m["num_experts"] = std::to_string(info.num_experts);

@@ -201,7 +201,9 @@ TEST_F(ExpertCacheSetupTest, SameTokensAndLogitsForEveryBudgetPolicyAndPredictor
             ASSERT_NE((*cache)->prefetcher(), nullptr);
             EXPECT_GT((*cache)->prefetcher()->forecast_chosen(), 0);
           }
-          if (p.kind == "none") EXPECT_EQ(st.total.prefetch_issued, 0);
+          if (p.kind == "none") {
+            EXPECT_EQ(st.total.prefetch_issued, 0);
+          }
         }
       }
     }

@@ -74,6 +74,24 @@ TEST(PathPredictorTest, CorrectsItsForecastFromTheObservedPath) {
   for (size_t t = 0; t < obs.size(); ++t)
     for (int l = 0; l < 2; ++l)
       for (int j = 0; j < 2; ++j) EXPECT_EQ(f->row(static_cast<int>(t), l)[test.tokens[t].experts[l * 2 + j]], 1.f);
+  // With a horizon, only the layers asked for are forecast, as without one.
+  std::vector<ObservedRouting> near = obs;
+  for (auto& o : near) o.horizon = 1;
+  auto h = (*p)->PredictGiven(in.inputs(), near);
+  ASSERT_TRUE(h.ok());
+  for (size_t t = 0; t < obs.size(); ++t) {
+    const int ti = static_cast<int>(t);
+    for (int e = 0; e < 16; ++e) {
+      EXPECT_EQ(h->row(ti, 2)[e], f->row(ti, 2)[e]);
+      EXPECT_EQ(h->row(ti, 3)[e], 0.f) << "beyond the horizon";
+    }
+  }
+  // Observed routing of another top-k is refused.
+  std::vector<ObservedRouting> other = obs;
+  other[0].top_k = 1;
+  auto k1 = (*p)->PredictGiven(in.inputs(), other);
+  ASSERT_FALSE(k1.ok());
+  EXPECT_NE(k1.status().message().find("trained on top-2"), std::string::npos) << k1.status().message();
   // A routing that claims more layers than it holds is refused.
   obs[0] = {3, std::span<const int16_t>(test.tokens[0].experts).first(4), 2, {}};
   auto bad = (*p)->PredictGiven(in.inputs(), obs);
@@ -146,6 +164,7 @@ TEST(PredictorFileTest, APrioriPathModelCorrectsOnlyTheObservedRows) {
   auto prior = p->Predict(in.inputs());
   auto given = p->PredictGiven(in.inputs(), obs);
   ASSERT_TRUE(prior.ok() && given.ok());
+  EXPECT_EQ(prior->prob, (*path)->Predict(in.inputs())->prob) << "the file changed the forecast";
   for (int t = 0; t < prior->num_tokens; ++t) {
     EXPECT_EQ(given->row(t, 0)[all.tokens[t].experts[0]], 1.f);
     for (int l = 1; l < 3; ++l)
