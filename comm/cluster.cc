@@ -87,6 +87,10 @@ CommCounters Cluster::LiveCounters() const {
   c.a2a_bytes_sent = exchange_->bytes_sent();
   c.a2a_bytes_received = exchange_->bytes_received();
   c.a2a_exchanges = exchange_->num_exchanges();
+  for (int l = 0; l < executor_->num_layers(); ++l) {
+    c.a2a_layer_bytes_sent.push_back(executor_->layer_bytes_sent(l));
+    c.a2a_layer_bytes_received.push_back(executor_->layer_bytes_received(l));
+  }
   if (peer_source_) {
     c.peer_fetch_bytes = peer_source_->remote().bytes_fetched();
     c.peer_fetches = peer_source_->remote().num_gets();

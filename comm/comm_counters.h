@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace ef::comm {
 
@@ -15,6 +16,8 @@ struct CommCounters {
   int64_t a2a_exchanges = 0;       // all-to-all-v calls (dispatch and combine of each MoE layer)
   int64_t peer_fetch_bytes = 0;    // expert bytes read from peers' host shards (UCX gets)
   int64_t peer_fetches = 0;        // UCX gets
+  // a2a_bytes_sent / received split by decoder layer (empty without a cluster).
+  std::vector<int64_t> a2a_layer_bytes_sent, a2a_layer_bytes_received;
 };
 
 }  // namespace ef::comm

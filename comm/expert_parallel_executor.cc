@@ -39,6 +39,9 @@ ExpertParallelExecutor::ExpertParallelExecutor(MpiContext* ctx, TokenExchange* e
   hidden_ = c.hidden_size;
   num_experts_ = c.num_experts;
   top_k_ = c.top_k;
+  num_layers_ = c.num_layers;
+  layer_sent_ = std::make_unique<StatCounter[]>(num_layers_);
+  layer_received_ = std::make_unique<StatCounter[]>(num_layers_);
   for (int l = 0; l < c.num_layers; ++l) {
     if (c.IsMoeLayer(l)) {
       first_moe_layer_ = l;
@@ -154,6 +157,18 @@ Status ExpertParallelExecutor::Run(int layer, int64_t T, int top_k, const float*
   const int N = ctx_->size(), me = ctx_->rank(), H = hidden_, E = num_experts_;
   const int64_t P = T * top_k;
   const std::string where = "layer " + std::to_string(layer);
+  if (layer < 0 || layer >= num_layers_)
+    return Internal("expert-parallel step for " + where + " of a model of " + std::to_string(num_layers_) + " layers");
+  // This layer's share of the exchange's byte counters, whichever way the layer returns.
+  struct LayerBytes {
+    const TokenExchange* x;
+    StatCounter *sent, *received;
+    int64_t sent0 = x->bytes_sent(), received0 = x->bytes_received();
+    ~LayerBytes() {
+      *sent += x->bytes_sent() - sent0;
+      *received += x->bytes_received() - received0;
+    }
+  } layer_bytes{exchange_, &layer_sent_[layer], &layer_received_[layer]};
 
   // 1. Each expert's computing rank; pairs ordered by (destination, expert), stable so tokens stay
   // in increasing order within an expert. send_counts_ holds the pairs per (destination, expert).

@@ -25,10 +25,12 @@
 // Host and backend buffers are reused across layers and steps. Not thread-safe: one thread drives it.
 #pragma once
 
+#include <memory>
 #include <vector>
 
 #include "comm/expert_placement.h"
 #include "comm/mpi_context.h"
+#include "comm/stat_counter.h"
 #include "comm/token_exchange.h"
 #include "runtime/engine/engine.h"
 
@@ -64,6 +66,11 @@ class ExpertParallelExecutor final : public runtime::MoeExecutor {
   int64_t rows_dispatched() const { return rows_dispatched_; }  // pairs sent to other ranks
   int64_t rows_computed() const { return rows_computed_; }      // rows this rank computed
   int64_t steps() const { return steps_; }
+  // All-to-all payload bytes of decoder layer `layer` (dispatch and combine), sent / received by
+  // this rank; 0 for dense layers. Readable from any thread.
+  int64_t layer_bytes_sent(int layer) const { return layer_sent_[layer].load(); }
+  int64_t layer_bytes_received(int layer) const { return layer_received_[layer].load(); }
+  int num_layers() const { return num_layers_; }
 
  private:
   // Step flags (all-gathered at each step's start): kIdle, kWork, kStop; returns the largest.
@@ -81,7 +88,8 @@ class ExpertParallelExecutor final : public runtime::MoeExecutor {
   const ExpertPlacement* placement_;
   runtime::Engine* engine_;
   runtime::Backend* backend_;
-  int hidden_ = 0, num_experts_ = 0, top_k_ = 0, first_moe_layer_ = -1;
+  int hidden_ = 0, num_experts_ = 0, top_k_ = 0, first_moe_layer_ = -1, num_layers_ = 0;
+  std::unique_ptr<StatCounter[]> layer_sent_, layer_received_;  // [decoder layer]
   bool step_synced_ = false;
   int64_t rows_dispatched_ = 0, rows_computed_ = 0, steps_ = 0;
 

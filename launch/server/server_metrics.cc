@@ -111,6 +111,15 @@ void RenderComm(const comm::CommCounters& c, std::string* out) {
          "all-to-all (self rows excluded; other ranks not included); 0 without a cluster (single-process serve).");
   *out += "expertflow_a2a_bytes_total{direction=\"sent\"} " + std::to_string(c.a2a_bytes_sent) + "\n";
   *out += "expertflow_a2a_bytes_total{direction=\"received\"} " + std::to_string(c.a2a_bytes_received) + "\n";
+  Header(out, "expertflow_a2a_layer_bytes_total", "counter",
+         "expertflow_a2a_bytes_total by decoder layer (dense layers stay 0); absent without a cluster.");
+  for (size_t l = 0; l < c.a2a_layer_bytes_sent.size() && l < c.a2a_layer_bytes_received.size(); ++l) {
+    const std::string layer = "{layer=\"" + std::to_string(l) + "\",direction=";
+    *out +=
+        "expertflow_a2a_layer_bytes_total" + layer + "\"sent\"} " + std::to_string(c.a2a_layer_bytes_sent[l]) + "\n";
+    *out += "expertflow_a2a_layer_bytes_total" + layer + "\"received\"} " +
+            std::to_string(c.a2a_layer_bytes_received[l]) + "\n";
+  }
   Header(out, "expertflow_a2a_exchanges_total", "counter",
          "All-to-all-v exchanges this serving rank joined (dispatch and combine per MoE layer and step, idle steps "
          "included); 0 without a cluster.");

@@ -48,6 +48,16 @@ sent2=$(metric 'expertflow_a2a_bytes_total{direction="sent"}')
 [ -n "$sent2" ] && [ "$sent2" -gt "$sent1" ] ||
   { kill -9 "$job"; fail "/metrics all-to-all sent bytes did not grow with a request: $sent1 -> '$sent2'"; }
 echo "/metrics: rank 0 all-to-all sent $sent1 -> $sent2 bytes, received $recv1 bytes after the first request"
+# The per-layer series add up to the totals (one scrape, so both come from the same moment).
+body=$(curl -sf "http://127.0.0.1:$port/metrics")
+for dir in sent received; do
+  total=$(awk -v s="expertflow_a2a_bytes_total{direction=\"$dir\"}" '$1 == s { print $2 }' <<<"$body")
+  layers=$(awk -v d="direction=\"$dir\"}" 'index($1, "expertflow_a2a_layer_bytes_total{") == 1 && index($1, d) {
+    n++; s += $2 } END { print n + 0, s + 0 }' <<<"$body")
+  [ "$layers" = "8 $total" ] ||
+    { kill -9 "$job"; fail "/metrics per-layer $dir bytes (series, sum) '$layers' do not add up to the total $total"; }
+done
+echo "/metrics: the 8 per-layer all-to-all series add up to the totals"
 # metric() reads the whole body (awk): `curl | grep -q` under pipefail failed whenever grep quit
 # before curl had written everything (curl exits 23 on the broken pipe).
 gen=$(metric expertflow_generated_tokens_total)

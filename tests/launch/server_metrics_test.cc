@@ -21,6 +21,8 @@ TEST(ServerMetricsTest, CommCountersRenderWithTheSourcesValues) {
   c.a2a_exchanges = 42;
   c.peer_fetch_bytes = 9876543210;
   c.peer_fetches = 3;
+  c.a2a_layer_bytes_sent = {0, 123456};
+  c.a2a_layer_bytes_received = {0, 7890};
   m.SetCommCounters([&c] { return c; });
   std::string out = m.Render();
   for (const char* line : {
@@ -39,6 +41,10 @@ TEST(ServerMetricsTest, CommCountersRenderWithTheSourcesValues) {
   EXPECT_TRUE(Has(out, "expertflow_a2a_exchanges_total 42")) << out;
   EXPECT_TRUE(Has(out, "expertflow_peer_fetch_bytes_total 9876543210")) << out;
   EXPECT_TRUE(Has(out, "expertflow_peer_fetches_total 3")) << out;
+  EXPECT_TRUE(Has(out, "expertflow_a2a_layer_bytes_total{layer=\"0\",direction=\"sent\"} 0")) << out;
+  EXPECT_TRUE(Has(out, "expertflow_a2a_layer_bytes_total{layer=\"1\",direction=\"sent\"} 123456")) << out;
+  EXPECT_TRUE(Has(out, "expertflow_a2a_layer_bytes_total{layer=\"1\",direction=\"received\"} 7890")) << out;
+  EXPECT_EQ(out.find("layer=\"2\""), std::string::npos) << "only the layers the source gives\n" << out;
 
   // Read at each render, not copied at SetCommCounters.
   c.a2a_bytes_sent = 200000;
