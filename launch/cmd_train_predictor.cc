@@ -149,6 +149,10 @@ Command AddTrainPredictorCommand(CLI::App& root) {
                   "observed path prefixes per token and epoch (path, hybrid; 0: a-priori training only)")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
+  app->add_option("--path-window", args->path.path_window,
+                  "most recent observed layers a corrected forecast reads (path, hybrid; 0: all)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   app->add_option("--batch-size", args->path.batch_size, "tokens per Adam step (path, hybrid)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();

@@ -104,7 +104,8 @@ void PathPredictor::ActiveInputs(const Example& ex, std::vector<int>* active) co
   active->clear();
   if (!options_.observe_path) return;
   const int D0 = dense_dim(), E = num_experts_;
-  for (int l = 0; l < ex.depth; ++l) {
+  const int first = options_.path_window > 0 ? std::max(0, ex.depth - options_.path_window) : 0;
+  for (int l = first; l < ex.depth; ++l) {
     const size_t layer_start = active->size();
     for (int j = 0; j < ex.observed_k; ++j) {
       const int e = ex.observed[l * ex.observed_k + j];
@@ -280,13 +281,33 @@ class PathPredictor::Trainer {
   }
 
   // One Adam step on `batch`; returns the summed BCE over the batch's outputs.
+  //
+  // The path term W_path has one row per path input, and a batch touches only the rows of the
+  // inputs its examples have: gradients are zeroed, summed and applied on the dense parameters
+  // and those rows only (lazy Adam for W_path: a row's moments advance when it has a gradient),
+  // so a step costs the batch's rows, not all (L*E + L) x (L*E) of them.
   double Step(const std::vector<Example>& batch) {
     const int threads = static_cast<int>(grads_.size());
     const size_t n = batch.size();
     const float inv_b = 1.f / static_cast<float>(n);
+    const PathPredictor& P = *p_;
+    const size_t out = static_cast<size_t>(P.num_layers_) * P.num_experts_;
+    rows_.clear();
+    std::vector<int> active;
+    for (const Example& ex : batch) {
+      P.ActiveInputs(ex, &active);
+      for (int i : active) rows_.push_back(i - P.dense_dim());
+    }
+    std::sort(rows_.begin(), rows_.end());
+    rows_.erase(std::unique(rows_.begin(), rows_.end()), rows_.end());
+    // fn(begin, end) over the parameter ranges this step updates.
+    const auto for_each_range = [&](auto&& fn) {
+      fn(size_t{0}, P.off_skip_);
+      for (int r : rows_) fn(P.off_skip_ + r * out, P.off_skip_ + (r + 1) * out);
+    };
     auto work = [&](int t) {
       std::vector<float>& g = grads_[t];
-      std::fill(g.begin(), g.end(), 0.f);
+      for_each_range([&](size_t a, size_t b) { std::fill(g.begin() + a, g.begin() + b, 0.f); });
       losses_[t] = 0.0;
       const size_t lo = n * t / threads, hi = n * (t + 1) / threads;
       for (size_t i = lo; i < hi; ++i) losses_[t] += Backward(batch[i], inv_b, g.data());
@@ -302,8 +323,11 @@ class PathPredictor::Trainer {
     double loss = 0;
     for (int t = 0; t < threads; ++t) loss += losses_[t];
     for (int t = 1; t < threads; ++t)
-      for (size_t i = 0; i < p_->size_; ++i) grads_[0][i] += grads_[t][i];
-    Adam(grads_[0]);
+      for_each_range([&](size_t a, size_t b) {
+        for (size_t i = a; i < b; ++i) grads_[0][i] += grads_[t][i];
+      });
+    ++step_;
+    for_each_range([&](size_t a, size_t b) { Adam(grads_[0], a, b); });
     return loss;
   }
 
@@ -389,15 +413,15 @@ class PathPredictor::Trainer {
     return loss;
   }
 
-  void Adam(const std::vector<float>& g) {
+  // Adam on parameters [begin, end) at step step_.
+  void Adam(const std::vector<float>& g, size_t begin, size_t end) {
     constexpr float b1 = 0.9f, b2 = 0.999f, eps = 1e-8f;
-    ++step_;
     const float lr = static_cast<float>(p_->options_.learning_rate);
     const float wd = static_cast<float>(p_->options_.weight_decay);
     const float c1 = 1.f / (1.f - std::pow(b1, static_cast<float>(step_)));
     const float c2 = 1.f / (1.f - std::pow(b2, static_cast<float>(step_)));
     float* w = p_->params_.data();
-    for (size_t i = 0; i < p_->size_; ++i) {
+    for (size_t i = begin; i < end; ++i) {
       const float gi = g[i] + wd * w[i];
       m_[i] = b1 * m_[i] + (1.f - b1) * gi;
       v_[i] = b2 * v_[i] + (1.f - b2) * gi * gi;
@@ -409,6 +433,7 @@ class PathPredictor::Trainer {
   std::vector<float> m_, v_;
   std::vector<std::vector<float>> grads_;
   std::vector<double> losses_;
+  std::vector<int> rows_;  // W_path rows the current batch touches
   int64_t step_ = 0;
   // Per-call scratch; Backward runs on several threads, so these are thread_local below.
   static thread_local std::vector<float> x_, h_, z_, dz_, dh_, dx_, y_;
@@ -429,7 +454,8 @@ StatusOr<std::unique_ptr<PathPredictor>> PathPredictor::Train(
     EF_RETURN_IF_ERROR(CheckTraceShape(val, train.num_layers(), train.num_experts(), train.top_k()));
   if (options.embed_dim < 1 || options.hidden < 1 || options.context_window < 0 || options.epochs < 1 ||
       options.batch_size < 1 || !(options.learning_rate > 0) || options.token_dropout < 0 ||
-      options.token_dropout >= 1 || options.num_threads < 1 || options.num_threads > 64 || options.path_samples < 0)
+      options.token_dropout >= 1 || options.num_threads < 1 || options.num_threads > 64 || options.path_samples < 0 ||
+      options.path_window < 0)
     return InvalidArgument("path predictor options out of range");
   const int L = train.num_layers(), E = train.num_experts(), K = train.top_k();
 
@@ -660,6 +686,7 @@ void PathPredictor::ToFile(PredictorFile* file, const std::string& prefix) const
   m[prefix + "seed"] = std::to_string(options_.seed);
   m[prefix + "num_threads"] = std::to_string(options_.num_threads);
   m[prefix + "path_samples"] = std::to_string(options_.path_samples);
+  m[prefix + "path_window"] = std::to_string(options_.path_window);
 }
 
 StatusOr<std::unique_ptr<PathPredictor>> PathPredictor::FromFile(const PredictorFile& file, const std::string& prefix,
@@ -685,6 +712,13 @@ StatusOr<std::unique_ptr<PathPredictor>> PathPredictor::FromFile(const Predictor
     if (op != 0 && op != 1)
       return InvalidArgument("predictor file " + path + ": observe_path must be 0 or 1, not " + std::to_string(op));
     o.observe_path = op == 1;
+    o.path_window = 0;  // every observed layer, unless the file says otherwise
+    if (file.metadata.count(prefix + "path_window")) {
+      EF_ASSIGN_OR_RETURN(int64_t w, file.MetaInt(prefix + "path_window", path));
+      if (w < 0 || w > 4096)
+        return InvalidArgument("predictor file " + path + ": path_window " + std::to_string(w) + " out of range");
+      o.path_window = static_cast<int>(w);
+    }
   } else {
     o.observe_path = false;
   }

@@ -4,7 +4,7 @@
 //
 //   x = [ tok_emb[token] ; prev_emb[previous token] ; mean(ctx_emb[the context_window tokens
 //         before that]) ; position features (pos == 0, pos/1024, log1p(pos)/log1p(4096), 1/(1+pos))
-//         ; path: multi-hot of the observed experts of layers 0..d-1 (L * E, zero beyond d)
+//         ; path: multi-hot of the observed experts of layers d-W..d-1 (L * E; W = path_window)
 //         ; depth: one-hot of d, the number of layers observed (L) ]
 //   h = ReLU(W1 x + b1)                      (hidden units)
 //   z = W2 h + b2 + W_path [path; depth]     (num_layers * num_experts logits; b2 starts at the
@@ -39,9 +39,11 @@
 // models: PredictGiven() then returns the observed rows and the a-priori forecast for the rest.
 // The corrected blend weights are chosen one layer ahead and also used for layers further on.
 //
-// Size: the path term W_path is dense, (L*E + L) x (L*E) floats (its rows for layer l only ever
-// reach layers after l). That is 74k floats for Mixtral's 32 x 8, 2.8M for 26 x 64, but 38M for
-// 48 x 128, where it dominates training time and memory.
+// Cost: a forecast reads the observed experts of the last path_window layers only, so its work
+// is bounded by path_window * top_k rows of W_path whatever the depth. W_path itself is stored
+// dense, (L*E + L) x (L*E) floats (its rows for layer l only ever reach later layers): 74k for
+// Mixtral's 32 x 8, 2.8M for 26 x 64, 38M (150 MB, times Adam's moments while training) for
+// 48 x 128.
 #pragma once
 
 #include <cstdint>
@@ -71,6 +73,7 @@ struct PathPredictorOptions {
   bool observe_path = true;  // condition on the observed prefix of the path (PredictGiven)
   int path_samples = 3;      // observed prefixes (of distinct depths) per token and epoch; 0: an
                              // a-priori model (as observe_path = false)
+  int path_window = 4;       // observed layers (the most recent) a forecast reads; 0: all of them
 };
 
 struct PathEpochReport {

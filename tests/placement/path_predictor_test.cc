@@ -99,6 +99,27 @@ TEST(PathPredictorTest, CorrectsItsForecastFromTheObservedPath) {
   EXPECT_NE(bad.status().message().find("claims 3 observed layers"), std::string::npos) << bad.status().message();
 }
 
+TEST(PathPredictorTest, ReadsOnlyTheLastPathWindowLayers) {
+  RoutingTrace all = testing::PathRuleTrace(8, 16, 4, 16, 12);
+  PathPredictorOptions o = SmallOptions();
+  o.epochs = 2;
+  o.path_window = 1;
+  auto p = PathPredictor::Train(Seqs(all, 0, 5), Seqs(all, 6, 7), o, nullptr);
+  ASSERT_TRUE(p.ok()) << p.status().ToString();
+  TraceInputs in(all);
+  // Two observed paths that differ only in layer 0: at depth 2 the window (layer 1) is the same.
+  std::vector<int16_t> a = {0, 1, 2, 3}, b = {4, 5, 2, 3};
+  std::vector<ObservedRouting> oa(1, ObservedRouting{2, a, 2, {}}), ob(1, ObservedRouting{2, b, 2, {}});
+  auto fa = (*p)->PredictGiven(in.inputs().first(1), oa);
+  auto fb = (*p)->PredictGiven(in.inputs().first(1), ob);
+  ASSERT_TRUE(fa.ok() && fb.ok());
+  for (int l = 2; l < 4; ++l)
+    for (int e = 0; e < 16; ++e) EXPECT_EQ(fa->row(0, l)[e], fb->row(0, l)[e]) << "layer " << l << " expert " << e;
+  // ...and at depth 1 they differ.
+  oa[0].num_layers_done = ob[0].num_layers_done = 1;
+  EXPECT_NE((*p)->PredictGiven(in.inputs().first(1), oa)->prob, (*p)->PredictGiven(in.inputs().first(1), ob)->prob);
+}
+
 TEST(PathPredictorTest, TrainingIsDeterministic) {
   RoutingTrace all = testing::PlantedTrace(12, 16, 3, 8, 30, 2);
   PathPredictorOptions o = SmallOptions();
