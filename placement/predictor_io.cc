@@ -223,7 +223,10 @@ std::string FormatSeqList(std::vector<int64_t> seqs) {
     while (j + 1 < seqs.size() && seqs[j + 1] == seqs[j] + 1) ++j;
     if (!out.empty()) out += ",";
     out += std::to_string(seqs[i]);
-    if (j > i) out += "-" + std::to_string(seqs[j]);
+    if (j > i) {
+      out += '-';
+      out += std::to_string(seqs[j]);
+    }
     i = j + 1;
   }
   return out;
