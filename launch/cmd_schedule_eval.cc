@@ -3,7 +3,11 @@
 // defines the workload and every metric).
 //
 //   expertflow schedule-eval --trace T.jsonl --batch-size 16 --window 4 [--ranks 8]
-//                            [--oracle | --predictor P.safetensors] [--hidden-size 4096] [--json]
+//                            [--oracle | --predictor P.safetensors] [--seqs 24-31] [--hidden-size 4096]
+//                            [--json]
+//
+// With --predictor, only the sequences the predictor was not trained on are scheduled (as
+// eval-predictor scores them), unless --seqs names others.
 //
 // Output: a `#` header, a fixed-width table (FCFS vs regrouped), or with --json exactly one JSON
 // object on stdout. a2a bytes per token = 2 (dispatch + combine) x hidden_size x 2 bytes (bf16) x
@@ -14,6 +18,7 @@
 #include <string>
 
 #include "launch/command.h"
+#include "placement/predictor_io.h"
 #include "placement/routing_trace.h"
 #include "runtime/core/build_info.h"
 #include "scheduler/expert_path_set.h"
@@ -32,6 +37,7 @@ namespace {
 struct ScheduleEvalArgs {
   std::string trace;
   std::string predictor;
+  std::string seqs;  // sequence ids to schedule; empty: see SelectSequences
   bool oracle = false;
   int batch_size = 16;
   int window = 2;
@@ -88,6 +94,35 @@ StatusOr<scheduler::ExpertPathSet> BuildForecast(const ScheduleEvalArgs& args, c
 #endif
 }
 
+// The trace's sequences to schedule: --seqs, else with a predictor the ones it did not train on,
+// else all. *what describes the choice for the header.
+StatusOr<std::vector<int64_t>> SelectSequences(const ScheduleEvalArgs& args, const placement::RoutingTrace& trace,
+                                               std::string* what) {
+  const std::vector<int64_t> all = trace.SequenceIds();
+  if (!args.seqs.empty()) {
+    EF_ASSIGN_OR_RETURN(std::vector<int64_t> s, placement::ParseSeqList(args.seqs));
+    *what = "as given";
+    return s;
+  }
+  *what = "all";
+#ifdef EF_SCHEDULE_EVAL_HAS_PREDICTORS
+  if (!args.predictor.empty()) {
+    EF_ASSIGN_OR_RETURN(placement::LoadedPredictor loaded, placement::LoadPredictor(args.predictor));
+    const std::vector<int64_t>& trained = loaded.info.train_seqs;
+    if (trained.empty()) return all;
+    std::vector<int64_t> held;
+    for (int64_t s : all)
+      if (std::find(trained.begin(), trained.end(), s) == trained.end()) held.push_back(s);
+    if (held.empty())
+      return InvalidArgument("predictor " + args.predictor + " was trained on every sequence of trace " + args.trace +
+                             " (" + placement::FormatSeqList(trained) + "); pass --seqs to schedule some anyway");
+    *what = "held out from the predictor's training";
+    return held;
+  }
+#endif
+  return all;
+}
+
 nlohmann::json SideJson(const scheduler::ScheduleEvalSide& s) {
   return {{"distinct_experts_per_batch_layer", s.distinct_experts_per_batch_layer},
           {"a2a_bytes_per_token", s.a2a_bytes_per_token},
@@ -107,6 +142,12 @@ int Run(const ScheduleEvalArgs& args) {
   auto trace = placement::ReadRoutingTrace(args.trace);
   if (!trace.ok()) return ReportError(trace.status());
   trace->SortBySeqPos();
+  std::string seqs_what;
+  auto seqs = SelectSequences(args, *trace, &seqs_what);
+  if (!seqs.ok()) return ReportError(seqs.status());
+  *trace = trace->Filter([&](int64_t s) { return std::find(seqs->begin(), seqs->end(), s) != seqs->end(); });
+  if (trace->tokens.empty())
+    return ReportError(InvalidArgument("--seqs " + args.seqs + " selects no token of trace " + args.trace));
   std::string forecast_name;
   auto forecast = BuildForecast(args, *trace, &forecast_name);
   if (!forecast.ok()) return ReportError(forecast.status());
@@ -132,6 +173,7 @@ int Run(const ScheduleEvalArgs& args) {
                         {"trace", args.trace},
                         {"model", trace->header.model},
                         {"num_tokens", r.num_tokens},
+                        {"seqs", placement::FormatSeqList(*seqs)},
                         {"batch_size", args.batch_size},
                         {"window", args.window},
                         {"ranks", args.ranks},
@@ -144,6 +186,7 @@ int Run(const ScheduleEvalArgs& args) {
   std::printf("# expertflow schedule-eval (git %s, %s build)\n", EF_GIT_SHA, EF_BUILD_TYPE);
   std::printf("# trace %s: %s, %d layers x %d experts, top-%d, %d tokens\n", args.trace.c_str(),
               trace->header.model.c_str(), trace->num_layers(), trace->num_experts(), trace->top_k(), r.num_tokens);
+  std::printf("# sequences %s (%s)\n", placement::FormatSeqList(*seqs).c_str(), seqs_what.c_str());
   std::printf("# forecast %s, batch %d, window %d, ranks %d, hidden %d (bf16: %d bytes per token per hop)%s\n",
               forecast_name.c_str(), args.batch_size, args.window, args.ranks, opt.hidden_size, opt.hidden_size * 2,
               args.keep_sequence_order ? ", sequence order kept" : "");
@@ -176,6 +219,9 @@ Command AddScheduleEvalCommand(CLI::App& root) {
   auto* pred = c.app->add_option("--predictor", args->predictor, "predictor file to forecast routing with");
   auto* orc = c.app->add_flag("--oracle", args->oracle, "forecast with the trace's true routing (default)");
   pred->excludes(orc);
+  c.app->add_option("--seqs", args->seqs,
+                    "sequence ids to schedule, e.g. 24-31 (default: all; with --predictor, those it was not "
+                    "trained on)");
   c.app->add_option("--hidden-size", args->hidden_size, "hidden size (default: from the trace's model, else 4096)");
   c.app->add_flag("--keep-sequence-order", args->keep_sequence_order,
                   "never emit a token before an earlier token of its sequence");

@@ -63,6 +63,28 @@ TEST(ScheduleEvalCliTest, OneRankSendsNothing) {
   EXPECT_EQ(j["ranks"], 1);
 }
 
+TEST(ScheduleEvalCliTest, SchedulesTheChosenSequences) {
+  const std::string trace = Trace("flame_moe_290m_prefill.jsonl");
+  if (!std::filesystem::exists(trace)) GTEST_SKIP() << "trace absent";
+  ExecResult r = Exec("schedule-eval --trace " + trace + " --seqs 24-31 --oracle --json");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["seqs"], "24-31");
+  EXPECT_EQ(j["num_tokens"], 8 * 64);
+  // A predictor is scored on the sequences it did not train on.
+  const std::string pred = testing::TempDir() + "/freq_0_23.safetensors";
+  ASSERT_EQ(Exec("train-predictor --trace " + trace + " --kind frequency --train-seqs 0-23 --out " + pred).rc, 0);
+  r = Exec("schedule-eval --trace " + trace + " --predictor " + pred + " --json");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["seqs"], "24-31");
+  EXPECT_EQ(j["forecast"], "frequency");
+  // Sequences the trace does not have select nothing: an error.
+  r = Exec("schedule-eval --trace " + trace + " --seqs 99 --json");
+  EXPECT_NE(r.rc, 0);
+  EXPECT_TRUE(r.out.empty()) << r.out;
+}
+
 TEST(ScheduleEvalCliTest, BadInputIsAnError) {
   const std::string trace = Trace("mixtral8x7b_gsm8k_decode.jsonl");
   EXPECT_NE(Exec("schedule-eval --trace /nonexistent/trace.jsonl --json").rc, 0);
