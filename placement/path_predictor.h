@@ -25,14 +25,15 @@
 // network, and w_l, the weight of its view with token ids, are chosen on the validation split,
 // separately for the a-priori forecast (d = 0) and the corrected one (layer l forecast at d = l):
 // where routing does not follow token identity (FLAME-MoE) the view without ids wins, and the
-// forecast falls back to popularity on layers where the network does not beat it. The served model's input embedding
-// (PredictorInput::embedding) is not used yet.
+// forecast falls back to popularity on layers where the network does not beat it. The served
+// model's input embedding (PredictorInput::embedding) is not used yet.
 //
 // Training (Train): binary cross-entropy against the multi-hot target (the token's top-k experts
-// per layer) on the layers not observed, Adam, shuffled mini-batches; each epoch shows every
-// token with d = 0 and with path_samples distinct depths drawn from 1..L-1. Early stopping on validation recall
-// (the mean of the a-priori and the one-layer-ahead recall), the best epoch kept. Deterministic
-// given options.seed and options.num_threads. Predict()/PredictGiven() are const and
+// per layer) on the layers not observed, Adam (lazy on W_path: only the rows a batch touches),
+// shuffled mini-batches; each epoch shows every token with d = 0 and with path_samples distinct
+// depths drawn from 1..L-1. Early stopping on validation recall (the mean of the a-priori and
+// the one-layer-ahead recall), the best epoch kept. Deterministic given options.seed and
+// options.num_threads. Predict()/PredictGiven() are const and
 // thread-compatible; Observe() is a no-op (offline model).
 //
 // Files written before the path inputs existed (no "observe_path" metadata) load as a-priori
