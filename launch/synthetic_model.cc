@@ -163,7 +163,12 @@ json TokenizerJson(int vocab_size) {
   vocab["<s>"] = 1;
   vocab["</s>"] = 2;
   for (int c = 32; c < 127; ++c) vocab[std::string(1, static_cast<char>(c))] = 3 + (c - 32);
-  for (int id = 3 + 95; id < vocab_size; ++id) vocab["<" + std::to_string(id) + ">"] = id;
+  for (int id = 3 + 95; id < vocab_size; ++id) {
+    std::string name = "<";  // appended piecewise: GCC 12 warns (-Wrestrict) on "<" + ... here
+    name += std::to_string(id);
+    name += '>';
+    vocab[name] = id;
+  }
   return {{"version", "1.0"},
           {"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", json::array()}, {"unk_token", "<unk>"}}},
           {"added_tokens",

@@ -235,9 +235,16 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaAttentionTest,
                                            AttnCase{64, 64, 32, 8, 128}),  // prefill, Mixtral heads
                          [](const auto& info) {
                            const AttnCase& c = info.param;
-                           return "n" + std::to_string(c.n_new) + "_t" + std::to_string(c.n_total) + "_h" +
-                                  std::to_string(c.heads) + "_kv" + std::to_string(c.kv_heads) + "_d" +
-                                  std::to_string(c.hd);
+                           std::string name = "n";  // piecewise: GCC 12's -Wrestrict false positive
+                           for (const auto& [tag, v] : {std::pair<const char*, int>{"", c.n_new},
+                                                        {"_t", c.n_total},
+                                                        {"_h", c.heads},
+                                                        {"_kv", c.kv_heads},
+                                                        {"_d", c.hd}}) {
+                             name += tag;
+                             name += std::to_string(v);
+                           }
+                           return name;
                          });
 
 TEST_F(CudaOpsTest, ElementwiseOps) {
