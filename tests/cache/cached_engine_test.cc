@@ -12,6 +12,7 @@
 #include "runtime/engine/engine.h"
 #include "runtime/engine/generator.h"
 #include "runtime/model/safetensors_file.h"
+#include "tests/runtime/prompt_run.h"
 
 namespace ef::cache {
 namespace {
@@ -28,29 +29,9 @@ std::unique_ptr<Engine> MakeEngine(const std::string& dir) {
   return std::move(e).value();
 }
 
-struct Output {
-  std::vector<float> logits;
-  std::vector<int32_t> tokens;
-};
+using Output = ef::testing::PromptRun;
 
-Output RunModel(Engine& engine) {
-  Output out;
-  std::vector<int32_t> prompt = {11, 42, 7, 99, 3, 150, 2, 77, 5};
-  EXPECT_TRUE(engine.AddSequence(1).ok());
-  runtime::SeqChunk chunk{1, prompt, true};
-  runtime::ForwardResult r;
-  EXPECT_TRUE(engine.Forward({&chunk, 1}, &r).ok());
-  engine.RemoveSequence(1);
-  out.logits = r.logits;
-  runtime::GenerateRequest g;
-  g.prompt = prompt;
-  g.max_new_tokens = 8;
-  g.ignore_eos = true;
-  auto res = runtime::Generate(engine, {g});
-  EXPECT_TRUE(res.ok());
-  out.tokens = (*res)[0].tokens;
-  return out;
-}
+Output RunModel(Engine& engine) { return ef::testing::RunPrompt(engine, {11, 42, 7, 99, 3, 150, 2, 77, 5}, 8); }
 
 class CachedEngineTest : public ::testing::TestWithParam<std::tuple<std::string, std::string>> {};
 

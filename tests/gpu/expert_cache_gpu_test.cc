@@ -14,6 +14,7 @@
 #include "runtime/engine/engine.h"
 #include "runtime/engine/generator.h"
 #include "tests/gpu/gpu_test_util.h"
+#include "tests/runtime/prompt_run.h"
 
 namespace ef::params {
 bool CudaBf16Weights();
@@ -39,30 +40,9 @@ std::unique_ptr<Engine> MakeCudaEngine(const std::string& name, bool upload_expe
   return e.ok() ? std::move(e).value() : nullptr;
 }
 
-struct Output {
-  std::vector<float> logits;
-  std::vector<int32_t> tokens;
-};
+using Output = ef::testing::PromptRun;
 
-Output RunModel(Engine& engine) {
-  Output out;
-  const std::vector<int32_t> prompt = {11, 42, 7, 99, 3, 150, 2, 77, 5};
-  EXPECT_TRUE(engine.AddSequence(1).ok());
-  runtime::SeqChunk chunk{1, prompt, true};
-  runtime::ForwardResult r;
-  Status st = engine.Forward({&chunk, 1}, &r);
-  EXPECT_TRUE(st.ok()) << st.ToString();
-  engine.RemoveSequence(1);
-  out.logits = r.logits;
-  runtime::GenerateRequest g;
-  g.prompt = prompt;
-  g.max_new_tokens = 12;
-  g.ignore_eos = true;
-  auto res = runtime::Generate(engine, {g});
-  EXPECT_TRUE(res.ok()) << res.status().ToString();
-  if (res.ok()) out.tokens = (*res)[0].tokens;
-  return out;
-}
+Output RunModel(Engine& engine) { return ef::testing::RunPrompt(engine, {11, 42, 7, 99, 3, 150, 2, 77, 5}, 12); }
 
 class ExpertCacheGpuTest : public ::testing::TestWithParam<std::string> {
  protected:

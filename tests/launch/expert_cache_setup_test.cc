@@ -18,6 +18,7 @@
 #include "placement/path_predictor.h"
 #include "placement/predictor_file.h"
 #include "runtime/engine/generator.h"
+#include "tests/runtime/prompt_run.h"
 
 namespace ef::launch {
 namespace {
@@ -70,20 +71,9 @@ Output RunModel(Engine& engine, placement::RoutingTrace* record = nullptr) {
     }
     return Status::Ok();
   });
-  EXPECT_TRUE(engine.AddSequence(1).ok());
-  runtime::SeqChunk chunk{1, kPrompt, /*all_logits=*/true};
-  runtime::ForwardResult r;
-  Status st = engine.Forward({&chunk, 1}, &r);
-  EXPECT_TRUE(st.ok()) << st.ToString();
-  engine.RemoveSequence(1);
-  out.logits = r.logits;
-  runtime::GenerateRequest g;
-  g.prompt = kPrompt;
-  g.max_new_tokens = 10;
-  g.ignore_eos = true;
-  auto res = runtime::Generate(engine, {g});
-  EXPECT_TRUE(res.ok()) << res.status().ToString();
-  if (res.ok()) out.tokens = (*res)[0].tokens;
+  ef::testing::PromptRun run = ef::testing::RunPrompt(engine, kPrompt, 10);
+  out.logits = std::move(run.logits);
+  out.tokens = std::move(run.tokens);
   engine.RemoveRoutingHook(id);
   return out;
 }
