@@ -172,6 +172,8 @@ StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(runtime::Engine* engi
   }
   if (o.prefetch_layers < 0)
     return InvalidArgument("cache.prefetch_layers must be >= 0, got " + std::to_string(o.prefetch_layers));
+  if (!(o.prefetch_min_prob >= 0 && o.prefetch_min_prob <= 1))
+    return InvalidArgument("cache.prefetch_min_prob must be in [0, 1], got " + std::to_string(o.prefetch_min_prob));
   static const char* kPredictors[] = {"none", "lookahead", "frequency", "path", "affinity", "hybrid"};
   if (std::find(std::begin(kPredictors), std::end(kPredictors), o.predictor) == std::end(kPredictors))
     return InvalidArgument("unknown predictor '" + o.predictor +
@@ -233,6 +235,7 @@ StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(runtime::Engine* engi
     po.kind = o.predictor;
     po.path = o.predictor_path;
     po.depth = std::max(1, o.prefetch_layers);
+    po.min_prob = o.prefetch_min_prob;
     po.capacity.assign(c.num_layers, 0);
     for (int l = 0; l < c.num_layers; ++l)
       if (c.IsMoeLayer(l)) po.capacity[l] = budget.slots_per_layer;
@@ -286,6 +289,11 @@ std::string ExpertCache::Describe() const {
     s += "no prefetch";
   } else {
     s += "prefetch " + std::to_string(options_.prefetch_layers) + " MoE layer(s) ahead";
+    if (options_.prefetch_min_prob > 0) {
+      char p[48];
+      std::snprintf(p, sizeof p, " (experts forecast >= %.2f)", options_.prefetch_min_prob);
+      s += p;
+    }
   }
   s += prefetcher_ ? ", predictor " + prefetcher_->description()
                    : (options_.predictor == "none" ? ", no predictor" : std::string());

@@ -33,6 +33,8 @@ StatusOr<std::unique_ptr<PredictorPrefetcher>> PredictorPrefetcher::Create(const
   if (M < 1) return InvalidArgument("prefetch predictor: the model has no MoE layer");
   if (options.depth < 1)
     return InvalidArgument("prefetch predictor: depth must be >= 1, got " + std::to_string(options.depth));
+  if (!(options.min_prob >= 0 && options.min_prob <= 1))
+    return InvalidArgument("prefetch predictor: min_prob must be in [0, 1], got " + std::to_string(options.min_prob));
   if (!options.capacity.empty() && options.capacity.size() != static_cast<size_t>(c.num_layers))
     return InvalidArgument("prefetch predictor: " + std::to_string(options.capacity.size()) + " layer capacities for " +
                            std::to_string(c.num_layers) + " layers");
@@ -206,12 +208,13 @@ Status PredictorPrefetcher::OnRouting(const runtime::LayerRouting& r) {
   }
 
   std::vector<double> score(E);
-  std::vector<char> wanted(E);
+  std::vector<char> wanted(E), sure(E);
   std::vector<int> order(E);
   for (int target = m + 1; target < M && target <= m + options_.depth; ++target) {
     EF_RETURN_IF_ERROR(TokenProbs(r, m, target));
     std::fill(score.begin(), score.end(), 0.0);
     std::fill(wanted.begin(), wanted.end(), 0);
+    std::fill(sure.begin(), sure.end(), 0);
     for (int t = 0; t < T; ++t) {
       const float* p = probs_.data() + static_cast<size_t>(t) * E;
       for (int e = 0; e < E; ++e) score[e] += p[e];
@@ -219,7 +222,10 @@ Status PredictorPrefetcher::OnRouting(const runtime::LayerRouting& r) {
       std::iota(order.begin(), order.end(), 0);
       std::partial_sort(order.begin(), order.begin() + K, order.end(),
                         [p](int a, int b) { return p[a] != p[b] ? p[a] > p[b] : a < b; });
-      for (int j = 0; j < K; ++j) wanted[order[j]] = 1;
+      for (int j = 0; j < K; ++j) {
+        wanted[order[j]] = 1;
+        if (p[order[j]] >= options_.min_prob) sure[order[j]] = 1;
+      }
     }
     std::vector<int32_t> list;
     for (int e = 0; e < E; ++e)
@@ -228,9 +234,12 @@ Status PredictorPrefetcher::OnRouting(const runtime::LayerRouting& r) {
     const int layer = moe_layers_[target];
     const int cap = options_.capacity.empty() ? E : options_.capacity[layer];
     if (static_cast<int>(list.size()) > cap) list.resize(static_cast<size_t>(cap));
+    // The policy protects every forecast expert; only those at least min_prob probable load now
+    // (a prefetch that evicts an expert the token may still need costs a copy if it does).
     float* row = step_.row(0, layer);
     std::fill(row, row + E, 0.f);
     for (int32_t e : list) row[e] = 1.f;
+    std::erase_if(list, [&](int32_t e) { return !sure[e]; });
     predicted_[target] = list;
     upcoming_(layer, std::move(list));
   }

@@ -190,6 +190,8 @@ const std::map<std::string, Section>& Schema() {
               return GetOneOf(c, {"lru", "lfu", "expertflow", "static", "belady"}, &o->cache.policy);
             }},
            {"prefetch_layers", [](const Ctx& c, Config* o) { return GetInt(c, 0, 1024, &o->cache.prefetch_layers); }},
+           {"prefetch_min_prob",
+            [](const Ctx& c, Config* o) { return GetDouble(c, 0, 1, false, &o->cache.prefetch_min_prob); }},
        }},
       {"predictor",
        {
@@ -402,7 +404,8 @@ std::string ConfigToYaml(const Config& c) {
   e << YAML::Key << "device_budget" << YAML::Value << c.cache.DeviceBudgetText();
   e << YAML::Key << "host_budget" << YAML::Value << size(c.cache.host_budget);
   e << YAML::Key << "policy" << YAML::Value << c.cache.policy;
-  e << YAML::Key << "prefetch_layers" << YAML::Value << c.cache.prefetch_layers << YAML::EndMap;
+  e << YAML::Key << "prefetch_layers" << YAML::Value << c.cache.prefetch_layers;
+  e << YAML::Key << "prefetch_min_prob" << YAML::Value << c.cache.prefetch_min_prob << YAML::EndMap;
   e << YAML::Key << "predictor" << YAML::Value << YAML::Flow << YAML::BeginMap;
   e << YAML::Key << "kind" << YAML::Value << c.predictor.kind << YAML::Key << "path" << YAML::Value << c.predictor.path
     << YAML::EndMap;
@@ -449,6 +452,9 @@ void CacheFlags::Register(CLI::App* app) {
   app->add_option("--cache-policy", policy, "expert cache eviction: lru, lfu, expertflow or static (cache.policy)");
   app->add_option("--prefetch-layers", prefetch_layers,
                   "MoE layers ahead the expert cache prefetches, 0: on demand (cache.prefetch_layers)");
+  app->add_option("--prefetch-min-prob", prefetch_min_prob,
+                  "prefetch only experts forecast at least this probable, 0..1; 0: every forecast top-k expert "
+                  "(cache.prefetch_min_prob)");
   app->add_option("--predictor", predictor,
                   "prefetch forecast: none, lookahead, frequency, path, affinity or hybrid (predictor.kind)");
   app->add_option("--predictor-path", predictor_path, "trained predictor file (predictor.path)");
@@ -460,6 +466,7 @@ Status CacheFlags::Apply(const CLI::App& app, Config* config) const {
       {"--cache-host-budget", {"cache.host_budget", &host_budget}},
       {"--cache-policy", {"cache.policy", &policy}},
       {"--prefetch-layers", {"cache.prefetch_layers", &prefetch_layers}},
+      {"--prefetch-min-prob", {"cache.prefetch_min_prob", &prefetch_min_prob}},
       {"--predictor", {"predictor.kind", &predictor}},
       {"--predictor-path", {"predictor.path", &predictor_path}},
   };

@@ -67,6 +67,8 @@ struct CacheSection {
   uint64_t host_budget = 0;           // CUDA: bytes of pinned host expert memory; 0 (auto): every expert
   std::string policy = "expertflow";  // lru | lfu | expertflow | static (belady: offline replay only)
   int prefetch_layers = 2;            // MoE layers ahead the cache prefetches, >= 0; 0: on demand only
+  // Prefetch only experts whose forecast probability is at least this (0: every forecast top-k).
+  double prefetch_min_prob = 0;
 
   bool has_device_budget() const { return device_budget > 0 || device_slots > 0 || device_slots_per_layer > 0; }
   // The budget as written in a file: "25769803776", "24 slots", "3 slots per layer" or "auto".
@@ -144,9 +146,10 @@ comm::ClusterOptions ToClusterOptions(const Config& config);
 // The expert cache flags (generate, score, serve). Each one given overrides its config key:
 //   --cache-device-budget -> cache.device_budget   --cache-host-budget -> cache.host_budget
 //   --cache-policy        -> cache.policy          --prefetch-layers   -> cache.prefetch_layers
+//   --prefetch-min-prob   -> cache.prefetch_min_prob
 //   --predictor           -> predictor.kind        --predictor-path    -> predictor.path
 struct CacheFlags {
-  std::string device_budget, host_budget, policy, prefetch_layers, predictor, predictor_path;
+  std::string device_budget, host_budget, policy, prefetch_layers, prefetch_min_prob, predictor, predictor_path;
 
   void Register(CLI::App* app);
   // Writes the flags given on the command line into `config` (validated like the file's keys).

@@ -15,6 +15,7 @@ cache::ExpertCacheOptions ToExpertCacheOptions(const CacheSection& cache, const 
   o.host_budget_bytes = cache.host_budget;
   o.policy = cache.policy;
   o.prefetch_layers = cache.prefetch_layers;
+  o.prefetch_min_prob = cache.prefetch_min_prob;
   o.predictor = predictor.kind;
   o.predictor_path = predictor.path;
   o.trace = trace;

@@ -7,8 +7,14 @@
 # then twice the CUDA backend's own distance from the CPU reference on that model (and TOL at
 # least), with the routers' top-k still required equal.
 #   gpu_nccl_check.sh BIN NP DATA_DIR MODELS_DIR [TOL]
+# Exits 77 (ctest: skipped) when this machine has fewer than NP GPUs.
 BIN=$1 NP=$2 DATA=$3 MODELS=$4 TOL=${5:-2e-3}
 source "$(dirname "$0")/common.sh"
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+if [ "${gpus:-0}" -lt "$NP" ]; then
+  echo "SKIP: $NP GPUs needed, ${gpus:-0} found"
+  exit 77
+fi
 for m in "$DATA/mixtral" "$DATA/qwen2_moe" "$DATA/qwen3_moe" "$DATA/olmoe" "$MODELS/tiny-code-moe"; do
   name=$(basename "$m")
   make_ids "$m" "$WORK/$name.ids.json"

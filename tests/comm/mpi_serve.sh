@@ -4,13 +4,19 @@
 # longer than the peer timeout do not end the job (rank 0 keeps rank 1 alive); /metrics answers and
 # shows rank 0's all-to-all bytes live (present, > 0, growing with the next request); SIGTERM to
 # the ranks drains and every rank exits 0, with the all-to-all bytes reported.
-#   mpi_serve.sh BIN MODELS_DIR
-BIN=$1 MODELS=$2
+# With BACKEND cuda (2 GPUs, NCCL exchange; exits 77, ctest's skip, with fewer GPUs) the reference
+# is single-process `generate` on one GPU.
+#   mpi_serve.sh BIN MODELS_DIR [BACKEND]
+BIN=$1 MODELS=$2 BACKEND=${3:-cpu}
 source "$(dirname "$0")/common.sh"
+if [ "$BACKEND" = cuda ]; then
+  gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  [ "${gpus:-0}" -ge 2 ] || { echo "SKIP: 2 GPUs needed, ${gpus:-0} found"; exit 77; }
+fi
 m="$MODELS/tiny-code-moe"
 # The background job opens serve.out itself, possibly after the first poll below reads it.
 : >"$WORK/serve.out"
-"${MPIRUN[@]}" -np 2 "$BIN" serve --backend cpu --model "$m" --port 0 --timeout 2 >"$WORK/serve.out" 2>&1 &
+"${MPIRUN[@]}" -np 2 "$BIN" serve --backend "$BACKEND" --model "$m" --port 0 --timeout 2 >"$WORK/serve.out" 2>&1 &
 job=$!
 port=""
 for _ in $(seq 1 600); do
@@ -28,7 +34,7 @@ complete() {  # prompt, tokens -> text
 metric() {  # exact series (name and labels) -> its value on /metrics, "" when absent
   curl -sf "http://127.0.0.1:$port/metrics" | awk -v s="$1" '$1 == s { print $2 }'
 }
-want=$("$BIN" generate --backend cpu --model "$m" -p "def main(" -n 12 2>/dev/null)
+want=$("$BIN" generate --backend "$BACKEND" --model "$m" -p "def main(" -n 12 2>/dev/null)
 got="def main($(complete "def main(" 12)"
 [ "$got" = "$want" ] || { kill -9 "$job"; fail "2-rank serve text differs from generate: '$got' vs '$want'"; }
 sent1=$(metric 'expertflow_a2a_bytes_total{direction="sent"}')
@@ -72,4 +78,4 @@ wait "$job" || rc=$?
 [ "$rc" = 0 ] || { cat "$WORK/serve.out" >&2; fail "mpirun exited $rc after SIGTERM"; }
 grep -q "comm: 2 ranks, all-to-all [1-9][0-9]* bytes" "$WORK/serve.out" ||
   { cat "$WORK/serve.out" >&2; fail "no all-to-all bytes reported"; }
-echo "PASS: 2-rank serve = generate, survives idle periods, live all-to-all bytes on /metrics, drains on SIGTERM"
+echo "PASS ($BACKEND): 2-rank serve = generate, survives idle periods, live all-to-all bytes on /metrics, drains on SIGTERM"

@@ -40,7 +40,7 @@ model: {path: m, dtype: bf16}
 runtime: {backend: cpu, device: 3, max_seq_len: 512}
 cluster: {exchange: mpi, ranks_per_node: 1, peer_fetch: none, placement: round_robin,
           compute_placement: contiguous, replication: 2, timeout_s: 2.5}
-cache: {device_budget: 2GiB, host_budget: auto, policy: lru, prefetch_layers: 3}
+cache: {device_budget: 2GiB, host_budget: auto, policy: lru, prefetch_layers: 3, prefetch_min_prob: 0.75}
 predictor: {kind: path, path: p.safetensors}
 scheduler: {max_batch_tokens: 64, max_batch_requests: 8, regroup_window: 4, rank_assignment: round_robin}
 server: {host: 0.0.0.0, port: 9000, api_key: secret}
@@ -68,6 +68,7 @@ generate: {prompt: "hi", max_new_tokens: 5, temperature: 0.7, top_p: 0.9, top_k:
   ASSERT_TRUE(again.ok()) << again.status().ToString() << "\n" << ConfigToYaml(*c);
   EXPECT_EQ(again->cluster.placement, "round_robin");
   EXPECT_EQ(again->cache.device_budget, 2ull << 30);
+  EXPECT_DOUBLE_EQ(again->cache.prefetch_min_prob, 0.75);
 }
 
 TEST(ConfigTest, UnknownKeysNameKeyAndLine) {
@@ -192,6 +193,12 @@ TEST(ConfigTest, CacheFlagsOverrideTheFileAndAreValidatedLikeIt) {
   ASSERT_FALSE(s.ok());
   EXPECT_NE(s.message().find("--prefetch-layers: cache.prefetch_layers: expected an integer in [0, 1024]"),
             std::string::npos)
+      << s.ToString();
+  ASSERT_TRUE(parse({"--prefetch-min-prob", "0.6"}, &d).ok());
+  EXPECT_DOUBLE_EQ(d.cache.prefetch_min_prob, 0.6);
+  s = parse({"--prefetch-min-prob", "1.2"}, &d);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("--prefetch-min-prob: cache.prefetch_min_prob: expected"), std::string::npos)
       << s.ToString();
   s = parse({"--cache-device-budget", "3 slotz"}, &d);
   ASSERT_FALSE(s.ok());

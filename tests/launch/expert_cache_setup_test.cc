@@ -219,6 +219,48 @@ TEST_F(ExpertCacheSetupTest, LookaheadForecastsBetterThanPopularityAlone) {
   EXPECT_GT(recall["lookahead"], 0.5);
 }
 
+TEST_F(ExpertCacheSetupTest, PrefetchMinProbGatesPrefetchesNotOutputs) {
+  // The same lookahead forecasts, gated at rising thresholds: outputs never change, prefetches
+  // only shrink, and what is still prefetched is used at least as often.
+  std::vector<int64_t> issued;
+  std::vector<double> used_share;
+  for (double min_prob : {0.0, 0.5, 0.9}) {
+    SCOPED_TRACE("prefetch_min_prob " + std::to_string(min_prob));
+    auto engine = MakeEngine(false);
+    CacheSection cs;
+    cs.device_slots_per_layer = 2;
+    cs.policy = "expertflow";
+    cs.prefetch_layers = 1;
+    cs.prefetch_min_prob = min_prob;
+    auto cache = SetUpExpertCache(engine.get(), cs, PredictorSection{"lookahead", ""});
+    ASSERT_TRUE(cache.ok()) << cache.status().ToString();
+    if (min_prob > 0) {
+      EXPECT_NE((*cache)->Describe().find("experts forecast >="), std::string::npos);
+    }
+    const Output got = RunModel(*engine);
+    EXPECT_EQ(got.tokens, want_->tokens);
+    EXPECT_EQ(got.logits, want_->logits);
+    const cache::ExpertCounters c = (*cache)->stats().total;
+    EXPECT_EQ(c.hits + c.misses, got.expert_accesses);
+    issued.push_back(c.prefetch_issued);
+    const int64_t settled = c.prefetch_used + c.prefetch_wasted;
+    used_share.push_back(settled ? static_cast<double>(c.prefetch_used) / settled : 1.0);
+  }
+  EXPECT_GT(issued[0], 0);
+  EXPECT_LT(issued[1], issued[0]);
+  EXPECT_LE(issued[2], issued[1]);
+  EXPECT_GE(used_share[1], used_share[0]);
+  // Out of range: the key and the value are named.
+  auto engine = MakeEngine(false);
+  CacheSection cs;
+  cs.device_slots_per_layer = 2;
+  cs.prefetch_min_prob = 1.5;
+  auto bad = SetUpExpertCache(engine.get(), cs, PredictorSection{"lookahead", ""});
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("cache.prefetch_min_prob must be in [0, 1], got 1.5"), std::string::npos)
+      << bad.status().ToString();
+}
+
 TEST_F(ExpertCacheSetupTest, NoBudgetMeansNoCache) {
   auto engine = MakeEngine(true);
   auto cache = SetUpExpertCache(engine.get(), CacheSection{}, PredictorSection{});

@@ -23,7 +23,19 @@
 //              on layer l's router input), as the engine's expert cache does. A predictor can only
 //              forecast the model's own routers, and these are synthetic: this mode (and
 //              `lru-own`, its on-demand baseline) routes with the model's routers, not the trace -
-//              compare lookahead with lru-own, oracle with lru.
+//              compare lookahead with lru-own, oracle with lru;
+//   path       expertflow policy + prefetch of the next `--prefetch-layers` layers' experts from a
+//              path predictor file (`--predictor FILE`, `expertflow train-predictor --kind path` on
+//              the trace): routes with the trace like lru and oracle; before a token's layer 0 the
+//              a-priori forecast, after each layer the forecast corrected by the experts observed so
+//              far (PathPredictor::PredictGiven), as the engine's expert cache does. Train it on
+//              sequences the bench does not decode (it decodes the first tokens in (seq,pos) order;
+//              a warning says when they overlap). Compare with lru.
+// --min-probs (a list, forecast modes: lookahead, path): an expert is prefetched only when its
+// forecast probability is at least this (PredictorPrefetcherOptions::min_prob; 0: every forecast
+// top-k expert). A wrong prefetch moves a whole expert over PCIe; gating trades recall for bytes.
+// --forecast-policies (a list, forecast modes): the eviction policy beside the prefetch, expertflow
+// (the default: it evicts what the forecast does not need, least recently used first) or lru.
 // Copy queue (--copy-queues, a list): pieces of --chunk-mb fed to the copy engine by the arena's
 // copy thread, at most N unfinished (0, the default: every load enqueued whole; cuda_slot_arena.h).
 // --compute-ops (a list): how the step zeroes the MoE output and appends K/V each layer on the
@@ -38,8 +50,10 @@
 // expert, ACCELERATOR.md).
 //
 //   ef_offload_bench [--layers 0 (auto) | 16 | 32] [--steps 48] [--warmup 16] [--budgets 25,50,75,100]
-//                    [--modes lru,oracle,lru-own,lookahead] [--prefetch-layers 1] [--copy-queues 3]
-//                    [--chunk-mb 8] [--context 256] [--trace FILE] [--pcie-gbps 55] [--json FILE]
+//                    [--modes lru,oracle,lru-own,lookahead[,path]] [--predictor FILE] [--prefetch-layers 1]
+//                    [--min-probs 0,0.5] [--copy-queues 3] [--chunk-mb 8] [--context 256] [--trace FILE] [--pcie-gbps
+//                    55]
+//                    [--json FILE]
 #include <cublas_api.h>
 #include <cuda_runtime_api.h>
 
@@ -49,14 +63,18 @@
 #include <cstdlib>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <sstream>
 #include <string>
 #include <vector>
 
 #include "cache/cuda/cuda_expert_source.h"
+#include "placement/conditional_predictor.h"
 #include "placement/lookahead_predictor.h"
+#include "placement/predictor_file.h"
 #include "placement/routing_forecast.h"
 #include "placement/routing_trace.h"
+#include "placement/trace_inputs.h"
 #include "runtime/backend/cuda/cuda_backend.h"
 #include "runtime/backend/cuda/cuda_kernels.h"
 #include "runtime/core/build_info.h"
@@ -79,6 +97,8 @@ struct Args {
   std::vector<std::string> modes = {"lru", "oracle", "lru-own", "lookahead"};
   int prefetch_layers = 1;
   std::vector<int> copy_queues = {0};
+  std::vector<double> min_probs = {0};  // forecast modes: prefetch only experts at least this probable
+  std::vector<std::string> forecast_policies = {"expertflow"};  // forecast modes: eviction policy
   int chunk_mb = 8;
   std::vector<std::string> compute_ops_list = {"engine"};
   std::string compute_ops = "engine";  // the one running
@@ -86,6 +106,7 @@ struct Args {
   std::string trace = std::string(EF_SHARED_DIR) + "/traces/mixtral8x7b_gsm8k_decode.jsonl";
   double pcie_gbps = 55;
   std::string json;
+  std::string predictor;  // path mode: a path (or hybrid) predictor file
   int hidden = 4096, inter = 14336, experts = 8, top_k = 2, heads = 32, kv_heads = 8, head_dim = 128;
 };
 
@@ -135,6 +156,11 @@ Args ParseArgs(int argc, char** argv) {
     } else if (k == "--copy-queues") {
       a.copy_queues.clear();
       for (auto& t : Split(next())) a.copy_queues.push_back(std::stoi(t));
+    } else if (k == "--min-probs") {
+      a.min_probs.clear();
+      for (auto& t : Split(next())) a.min_probs.push_back(std::stod(t));
+    } else if (k == "--forecast-policies") {
+      a.forecast_policies = Split(next());
     } else if (k == "--chunk-mb") {
       a.chunk_mb = std::stoi(next());
     } else if (k == "--compute-ops") {
@@ -147,19 +173,32 @@ Args ParseArgs(int argc, char** argv) {
       a.pcie_gbps = std::stod(next());
     } else if (k == "--json") {
       a.json = next();
+    } else if (k == "--predictor") {
+      a.predictor = next();
     } else if (k == "-h" || k == "--help") {
       std::printf(
           "ef_offload_bench [--layers 0|16|32] [--steps N] [--warmup N] [--budgets 25,50,75,100] "
-          "[--modes lru,oracle,lru-own,lookahead] [--prefetch-layers N] [--copy-queues 3[,0]] [--chunk-mb 8] "
-          "[--context N] [--trace FILE] [--pcie-gbps X] [--json FILE]\n");
+          "[--modes lru,oracle,lru-own,lookahead,path] [--predictor FILE (path mode)] [--prefetch-layers N] "
+          "[--min-probs 0[,0.5]] [--forecast-policies expertflow[,lru]] "
+          "[--copy-queues 3[,0]] [--chunk-mb 8] [--context N] [--trace FILE] [--pcie-gbps X] [--json FILE]\n");
       std::exit(0);
     } else {
       Die("unknown argument " + k);
     }
   }
-  for (auto& m : a.modes)
-    if (m != "lru" && m != "oracle" && m != "lru-own" && m != "lookahead")
-      Die("unknown mode " + m + " (lru, oracle, lru-own, lookahead)");
+  bool path_mode = false;
+  for (auto& m : a.modes) {
+    if (m != "lru" && m != "oracle" && m != "lru-own" && m != "lookahead" && m != "path")
+      Die("unknown mode " + m + " (lru, oracle, lru-own, lookahead, path)");
+    path_mode |= m == "path";
+  }
+  if (path_mode && a.predictor.empty())
+    Die("mode path needs --predictor FILE (expertflow train-predictor --kind path)");
+  if (a.prefetch_layers < 1) Die("--prefetch-layers must be >= 1");
+  for (const auto& p : a.forecast_policies)
+    if (p != "expertflow" && p != "lru") Die("unknown --forecast-policies " + p + " (expertflow, lru)");
+  for (double p : a.min_probs)
+    if (!(p >= 0 && p <= 1)) Die("--min-probs takes probabilities in [0, 1]");
   for (int q : a.copy_queues)
     if (q < 0) Die("--copy-queues takes counts >= 0");
   for (const auto& o : a.compute_ops_list)
@@ -206,7 +245,8 @@ ExpertCounters Minus(const ExpertCounters& a, const ExpertCounters& b) {
 
 class Bench {
  public:
-  Bench(const Args& a, const placement::RoutingTrace& trace) : a_(a), trace_(trace) {
+  Bench(const Args& a, const placement::RoutingTrace& trace, const placement::ConditionalPredictor* path)
+      : a_(a), trace_(trace), path_(path) {
     backend_ = OrDie(CudaBackend::Create(runtime::CudaBackendOptions{}), "cuda backend");
     b_ = backend_.get();
   }
@@ -300,12 +340,14 @@ class Bench {
     int64_t forecast_hits = 0, forecast_chosen = 0;  // lookahead: forecast experts the router chose
   };
 
-  Result Run(int slots, const std::string& mode, int copy_queue, const std::string& compute_ops) {
+  Result Run(int slots, const std::string& mode, int copy_queue, const std::string& compute_ops, double min_prob,
+             const std::string& policy) {
     a_.compute_ops = compute_ops;
+    min_prob_ = min_prob;
     CudaExpertSourceOptions o;
     o.slots_per_layer = slots;
-    o.policy = Policy(mode);
-    o.prefetch_layers = mode == "oracle" || mode == "lookahead" ? a_.prefetch_layers : 0;
+    o.policy = policy;
+    o.prefetch_layers = mode == "oracle" || mode == "lookahead" || mode == "path" ? a_.prefetch_layers : 0;
     o.max_queued_chunks = copy_queue;
     o.copy_chunk_bytes = static_cast<size_t>(a_.chunk_mb) << 20;
     auto src = OrDie(CudaExpertSource::Create(layout_, tier_, b_, o), "expert cache");
@@ -394,9 +436,67 @@ class Bench {
       order.resize(K);
       float* row = step_forecast_.row(0, n);
       std::fill(row, row + E, 0.f);
-      for (int32_t e : order) row[e] = 1.f;
+      for (int32_t e : order) row[e] = 1.f;  // protected from eviction, prefetched only when sure
+      std::erase_if(order, [&](int32_t e) { return p[e] < min_prob_; });
       predicted_[n] = order;
       src->SetUpcoming(n, std::move(order));
+    }
+    src->store().SetForecast(step_forecast_);
+  }
+
+  // Path predictor for trace token t: with l = -1 (before layer 0) the a-priori forecast, else the
+  // forecast corrected by the experts of layers 0..l (ids: layer l's); the next prefetch_layers
+  // layers' top-k become the cache's upcoming lists, and the whole forecast (observed layers
+  // exact) the expertflow policy's, as cache::PredictorPrefetcher does.
+  void PathForecast(size_t t, int l, const std::vector<int32_t>& ids, CudaExpertSource* src) {
+    const int E = a_.experts, K = a_.top_k;
+    if (l < 0) {
+      observed_.clear();
+    } else {
+      if (!predicted_[l].empty()) {
+        forecast_chosen_ += K;
+        for (int32_t e : ids)
+          if (std::find(predicted_[l].begin(), predicted_[l].end(), e) != predicted_[l].end()) ++forecast_hits_;
+      }
+      for (int32_t e : ids) observed_.push_back(static_cast<int16_t>(e));
+    }
+    // The inputs training saw: the token, its position and its sequence's earlier tokens.
+    const placement::PredictorInput& in = inputs_.inputs()[t];
+    placement::ObservedRouting obs;
+    obs.num_layers_done = l + 1;
+    obs.experts = observed_;
+    obs.top_k = K;
+    auto f = l < 0 ? path_->Predict({&in, 1}) : path_->PredictGiven({&in, 1}, {&obs, 1});
+    if (!f.ok()) Die("path predictor: " + f.status().ToString());
+    step_forecast_ = placement::RoutingForecast(1, a_.layers, E);
+    for (int n = 0; n < a_.layers; ++n) {
+      float* row = step_forecast_.row(0, n);
+      if (n <= l) {
+        for (int j = 0; j < K; ++j) row[observed_[static_cast<size_t>(n) * K + j]] = 1.f;
+      } else {
+        for (int e : f->TopK(0, n, K)) row[e] = 1.f;  // as the engine's prefetcher: top-k protected
+      }
+    }
+    for (int n = l + 1; n < a_.layers && n <= l + a_.prefetch_layers; ++n) {
+      std::vector<int32_t> order;
+      for (int e : f->TopK(0, n, K))
+        if (f->row(0, n)[e] >= min_prob_) order.push_back(e);
+      predicted_[n] = order;
+      src->SetUpcoming(n, std::move(order));
+    }
+    // Prefetching wraps past the last layer to the next token's first layers: their a-priori
+    // forecast.
+    if (l >= 0 && l + a_.prefetch_layers >= a_.layers) {
+      const placement::PredictorInput& nin = inputs_.inputs()[(t + 1) % trace_.tokens.size()];
+      auto nf = path_->Predict({&nin, 1});
+      if (!nf.ok()) Die("path predictor: " + nf.status().ToString());
+      for (int n = 0; n <= l + a_.prefetch_layers - a_.layers && n < a_.layers; ++n) {
+        std::vector<int32_t> order;
+        for (int e : nf->TopK(0, n, K))
+          if (nf->row(0, n)[e] >= min_prob_) order.push_back(e);
+        predicted_[n] = order;
+        src->SetUpcoming(n, std::move(order));
+      }
     }
     src->store().SetForecast(step_forecast_);
   }
@@ -423,6 +523,7 @@ class Bench {
     std::vector<float> wts(a_.top_k);
     std::vector<float> zeros(H, 0.f);
     const size_t t = static_cast<size_t>(token) % trace_.tokens.size();
+    if (mode_ == "path") PathForecast(t, -1, {}, src);
     for (int l = 0; l < a_.layers; ++l) {
       const AttnLayer& L = layers_[l];
       b_->RmsNorm(x, T, H, L.input_norm, 1e-5f, h);
@@ -470,6 +571,8 @@ class Bench {
         // The router input to the host, as Engine::set_expose_router_inputs does.
         b_->CopyToHost(h_host_.data(), h, h_host_.size() * sizeof(float));
         Lookahead(l, h_host_, ids, src);
+      } else if (mode_ == "path") {
+        PathForecast(t, l, ids, src);
       }
       Status st = moe.Run(l, T, a_.top_k, h, ids, wts, out);
       if (!st.ok()) Die("moe: " + st.ToString());
@@ -495,6 +598,10 @@ class Bench {
   const placement::RoutingTrace& trace_;
   std::string mode_;
   std::unique_ptr<placement::LookaheadPredictor> lookahead_;
+  const placement::ConditionalPredictor* path_ = nullptr;
+  placement::TraceInputs inputs_{trace_};  // path mode: every trace token's predictor input
+  double min_prob_ = 0;
+  std::vector<int16_t> observed_;  // path mode: the running token's experts so far
   std::vector<float> h_host_ = std::vector<float>(static_cast<size_t>(a_.hidden));
   std::vector<std::vector<int32_t>> predicted_ = std::vector<std::vector<int32_t>>(static_cast<size_t>(a_.layers));
   placement::RoutingForecast step_forecast_;
@@ -555,62 +662,105 @@ int Main(int argc, char** argv) {
       expert_bytes / 1e6, a.pcie_gbps, a.chunk_mb, "see the ops column");
   if (std::string(EF_BUILD_TYPE) == "Debug") std::printf("# WARNING: debug build, timings are not representative\n");
 
-  Bench bench(a, trace);
+  // Path mode: the predictor file, checked against the trace; a warning when it trained on the
+  // sequences the bench decodes.
+  placement::LoadedPredictor loaded;
+  const placement::ConditionalPredictor* path = nullptr;
+  std::string predictor_note;
+  if (!a.predictor.empty()) {
+    loaded = OrDie(placement::LoadPredictor(a.predictor), "--predictor");
+    path = dynamic_cast<const placement::ConditionalPredictor*>(loaded.predictor.get());
+    if (path == nullptr)
+      Die("--predictor " + a.predictor + " is a " + loaded.info.kind +
+          " predictor; mode path needs kind path or hybrid");
+    if (loaded.info.num_layers < a.layers || loaded.info.num_experts != a.experts)
+      Die("--predictor " + a.predictor + " forecasts " + std::to_string(loaded.info.num_layers) + " layers x " +
+          std::to_string(loaded.info.num_experts) + " experts; the bench runs " + std::to_string(a.layers) + " x " +
+          std::to_string(a.experts));
+    std::set<int64_t> trained(loaded.info.train_seqs.begin(), loaded.info.train_seqs.end()), overlap;
+    for (int i = 0; i < a.warmup + a.steps + 1; ++i)
+      if (trained.count(trace.tokens[static_cast<size_t>(i)].seq))
+        overlap.insert(trace.tokens[static_cast<size_t>(i)].seq);
+    predictor_note = loaded.info.kind + " predictor " + a.predictor + ", trained on sequences";
+    for (int64_t s : loaded.info.train_seqs) predictor_note += " " + std::to_string(s);
+    std::printf("# %s\n", predictor_note.c_str());
+    if (!overlap.empty())
+      std::printf(
+          "# WARNING: the predictor trained on %zu of the sequences decoded here: its forecasts are flattered\n",
+          overlap.size());
+  }
+
+  Bench bench(a, trace, path);
   bench.Build();
 
   nlohmann::json records = nlohmann::json::array();
-  std::printf("\n%-9s %6s %5s %-9s %5s %9s %9s %7s %10s %9s %8s %8s %7s %11s %11s\n", "ops", "budget", "slots", "mode",
-              "queue", "tok/s", "ms/tok", "hit%", "stall_ms/t", "GB_h2d", "misses", "prefetch", "recall", "pcie_ms/t",
-              "bytes_ms/t");
+  std::printf("\n%-9s %6s %5s %-14s %5s %5s %9s %9s %7s %10s %9s %8s %8s %6s %7s %11s %11s\n", "ops", "budget", "slots",
+              "mode", "min_p", "queue", "tok/s", "ms/tok", "hit%", "stall_ms/t", "GB_h2d", "misses", "prefetch",
+              "used%", "recall", "pcie_ms/t", "bytes_ms/t");
   for (const std::string& ops : a.compute_ops_list)
     for (int queue : a.copy_queues) {
       for (int pct : a.budgets) {
         const int slots = std::max(a.top_k, (a.experts * pct + 99) / 100);
-        for (const std::string& mode : a.modes) {
-          const Bench::Result r = bench.Run(slots, mode, queue, ops);
-          const double n = a.steps;
-          const int64_t acc = r.c.hits + r.c.misses;
-          const double hit = acc ? double(r.c.hits) / acc : 0;
-          const double ms_tok = 1e3 * r.seconds / n;
-          const double pcie_ms = r.c.misses * (expert_bytes / (a.pcie_gbps * 1e9)) * 1e3 / n;
-          const double bytes_ms = r.copies.bytes_h2d / (a.pcie_gbps * 1e9) * 1e3 / n;
-          const double recall = r.forecast_chosen ? double(r.forecast_hits) / r.forecast_chosen : 0;
-          char recall_text[16] = "-";
-          if (mode == "lookahead") std::snprintf(recall_text, sizeof recall_text, "%.3f", recall);
-          std::printf("%-9s %5d%% %5d %-9s %5d %9.2f %9.1f %6.1f%% %10.1f %9.1f %8lld %8lld %7s %11.1f %11.1f\n",
-                      ops.c_str(), pct, slots, mode.c_str(), queue, n / r.seconds, ms_tok, 100 * hit,
-                      r.copies.stall_ms / n, r.copies.bytes_h2d / 1e9, static_cast<long long>(r.c.misses),
-                      static_cast<long long>(r.copies.prefetch_loads), recall_text, pcie_ms, bytes_ms);
-          std::fflush(stdout);
-          const char* prefetch = mode == "oracle"      ? "oracle (trace's next-layer routing)"
-                                 : mode == "lookahead" ? "lookahead predictor (next layers' routers on h)"
-                                                       : "none (on demand)";
-          records.push_back(
-              {{"budget_pct", pct},
-               {"slots_per_layer", slots},
-               {"mode", mode},
-               {"routing", OwnRouting(mode) ? "model's own routers" : "trace"},
-               {"policy", Policy(mode)},
-               {"prefetch", prefetch},
-               {"copy_queue", queue},
-               {"compute_ops", ops},
-               {"chunk_mb", a.chunk_mb},
-               {"tokens", a.steps},
-               {"tokens_per_s", n / r.seconds},
-               {"ms_per_token", ms_tok},
-               {"hit_rate", hit},
-               {"hits", r.c.hits},
-               {"misses", r.c.misses},
-               {"prefetch_loads", r.copies.prefetch_loads},
-               {"prefetch_used", r.c.prefetch_used},
-               {"prefetch_wasted", r.c.prefetch_wasted},
-               {"forecast_recall", mode == "lookahead" ? nlohmann::json(recall) : nlohmann::json(nullptr)},
-               {"stall_ms_per_token", r.copies.stall_ms / n},
-               {"stalled_waits", r.copies.stalled_waits},
-               {"bytes_h2d", r.copies.bytes_h2d},
-               {"pcie_bound_ms_per_token", pcie_ms},
-               {"bytes_bound_ms_per_token", bytes_ms}});
-        }
+        for (const std::string& mode : a.modes)
+          for (const std::string& forecast_policy : a.forecast_policies)
+            for (double min_prob : a.min_probs) {
+              const bool forecasts = mode == "lookahead" || mode == "path";
+              // The gate and the forecast policy change nothing in the other modes: they run once.
+              if (!forecasts && (min_prob != a.min_probs.front() || forecast_policy != a.forecast_policies.front()))
+                continue;
+              if (!forecasts) min_prob = 0;
+              const std::string policy = forecasts ? forecast_policy : Policy(mode);
+              const Bench::Result r = bench.Run(slots, mode, queue, ops, min_prob, policy);
+              const std::string label = forecasts ? mode + "+" + policy : mode;
+              const double n = a.steps;
+              const int64_t acc = r.c.hits + r.c.misses;
+              const double hit = acc ? double(r.c.hits) / acc : 0;
+              const double ms_tok = 1e3 * r.seconds / n;
+              const double pcie_ms = r.c.misses * (expert_bytes / (a.pcie_gbps * 1e9)) * 1e3 / n;
+              const double bytes_ms = r.copies.bytes_h2d / (a.pcie_gbps * 1e9) * 1e3 / n;
+              const double recall = r.forecast_chosen ? double(r.forecast_hits) / r.forecast_chosen : 0;
+              char recall_text[16] = "-";
+              if (forecasts) std::snprintf(recall_text, sizeof recall_text, "%.3f", recall);
+              char used_text[16] = "-";
+              const int64_t settled = r.c.prefetch_used + r.c.prefetch_wasted;
+              if (settled > 0)
+                std::snprintf(used_text, sizeof used_text, "%.0f%%", 100.0 * r.c.prefetch_used / settled);
+              std::printf(
+                  "%-9s %5d%% %5d %-14s %5.2f %5d %9.2f %9.1f %6.1f%% %10.1f %9.1f %8lld %8lld %6s %7s %11.1f %11.1f\n",
+                  ops.c_str(), pct, slots, label.c_str(), min_prob, queue, n / r.seconds, ms_tok, 100 * hit,
+                  r.copies.stall_ms / n, r.copies.bytes_h2d / 1e9, static_cast<long long>(r.c.misses),
+                  static_cast<long long>(r.copies.prefetch_loads), used_text, recall_text, pcie_ms, bytes_ms);
+              std::fflush(stdout);
+              const char* prefetch = mode == "oracle"      ? "oracle (trace's next-layer routing)"
+                                     : mode == "lookahead" ? "lookahead predictor (next layers' routers on h)"
+                                     : mode == "path"      ? "path predictor (a priori, then corrected layer by layer)"
+                                                           : "none (on demand)";
+              records.push_back({{"budget_pct", pct},
+                                 {"slots_per_layer", slots},
+                                 {"mode", mode},
+                                 {"routing", OwnRouting(mode) ? "model's own routers" : "trace"},
+                                 {"policy", policy},
+                                 {"prefetch", prefetch},
+                                 {"copy_queue", queue},
+                                 {"prefetch_min_prob", min_prob},
+                                 {"compute_ops", ops},
+                                 {"chunk_mb", a.chunk_mb},
+                                 {"tokens", a.steps},
+                                 {"tokens_per_s", n / r.seconds},
+                                 {"ms_per_token", ms_tok},
+                                 {"hit_rate", hit},
+                                 {"hits", r.c.hits},
+                                 {"misses", r.c.misses},
+                                 {"prefetch_loads", r.copies.prefetch_loads},
+                                 {"prefetch_used", r.c.prefetch_used},
+                                 {"prefetch_wasted", r.c.prefetch_wasted},
+                                 {"forecast_recall", forecasts ? nlohmann::json(recall) : nlohmann::json(nullptr)},
+                                 {"stall_ms_per_token", r.copies.stall_ms / n},
+                                 {"stalled_waits", r.copies.stalled_waits},
+                                 {"bytes_h2d", r.copies.bytes_h2d},
+                                 {"pcie_bound_ms_per_token", pcie_ms},
+                                 {"bytes_bound_ms_per_token", bytes_ms}});
+            }
       }
     }
   std::printf(
@@ -632,6 +782,7 @@ int Main(int argc, char** argv) {
                           {"timed_tokens", a.steps},
                           {"context", a.context},
                           {"prefetch_layers", a.prefetch_layers},
+                          {"predictor", predictor_note},
                           {"chunk_mb", a.chunk_mb},
                           {"expert_bytes", expert_bytes},
                           {"pcie_gbps", a.pcie_gbps},
