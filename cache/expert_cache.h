@@ -51,7 +51,8 @@ struct ExpertCacheOptions {
   uint64_t host_budget_bytes = 0;
   std::string policy = "expertflow";  // lru | lfu | expertflow | static (belady is offline only)
   int prefetch_layers = 2;            // MoE layers ahead the cache prefetches; 0: on demand only
-  // Prefetch only experts forecast at least this probable (PredictorPrefetcherOptions::min_prob).
+  // Prefetch only experts forecast at least this probable (PredictorPrefetcherOptions::min_prob;
+  // 0: every forecast expert; the configuration's cache.prefetch_min_prob defaults to 0.9).
   double prefetch_min_prob = 0;
   // Forecast for prefetch and the expertflow policy: none | lookahead | frequency | path | affinity
   // | hybrid (PredictorPrefetcher); predictor_path: a trained predictor file.

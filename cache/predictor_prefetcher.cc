@@ -208,24 +208,25 @@ Status PredictorPrefetcher::OnRouting(const runtime::LayerRouting& r) {
   }
 
   std::vector<double> score(E);
-  std::vector<char> wanted(E), sure(E);
+  std::vector<char> wanted(E);
+  std::vector<double> idle(E);  // the probability that no token of the batch routes to e
   std::vector<int> order(E);
   for (int target = m + 1; target < M && target <= m + options_.depth; ++target) {
     EF_RETURN_IF_ERROR(TokenProbs(r, m, target));
     std::fill(score.begin(), score.end(), 0.0);
     std::fill(wanted.begin(), wanted.end(), 0);
-    std::fill(sure.begin(), sure.end(), 0);
+    std::fill(idle.begin(), idle.end(), 1.0);
     for (int t = 0; t < T; ++t) {
       const float* p = probs_.data() + static_cast<size_t>(t) * E;
-      for (int e = 0; e < E; ++e) score[e] += p[e];
+      for (int e = 0; e < E; ++e) {
+        score[e] += p[e];
+        idle[e] *= 1.0 - std::clamp(static_cast<double>(p[e]), 0.0, 1.0);
+      }
       // This token's top-k (ties: lower id), as the router would pick.
       std::iota(order.begin(), order.end(), 0);
       std::partial_sort(order.begin(), order.begin() + K, order.end(),
                         [p](int a, int b) { return p[a] != p[b] ? p[a] > p[b] : a < b; });
-      for (int j = 0; j < K; ++j) {
-        wanted[order[j]] = 1;
-        if (p[order[j]] >= options_.min_prob) sure[order[j]] = 1;
-      }
+      for (int j = 0; j < K; ++j) wanted[order[j]] = 1;
     }
     std::vector<int32_t> list;
     for (int e = 0; e < E; ++e)
@@ -239,7 +240,7 @@ Status PredictorPrefetcher::OnRouting(const runtime::LayerRouting& r) {
     float* row = step_.row(0, layer);
     std::fill(row, row + E, 0.f);
     for (int32_t e : list) row[e] = 1.f;
-    std::erase_if(list, [&](int32_t e) { return !sure[e]; });
+    std::erase_if(list, [&](int32_t e) { return 1.0 - idle[e] < options_.min_prob; });
     predicted_[target] = list;
     upcoming_(layer, std::move(list));
   }

@@ -15,10 +15,10 @@
 //              the token, its context and its routing so far, at each MoE layer (files without
 //              path inputs: every layer a priori, once per forward at the first MoE layer).
 //   affinity, hybrid  (trained files) conditioned on the true routing of layers 0..m.
-// A token's forecast for a layer is its predictor top-k (those at least min_prob probable); a
-// layer's list is the union over the batch's tokens, most expected first (sum of the tokens'
-// probabilities), cut at `capacity` (the layer's slots: prefetching more would evict what was just
-// prefetched).
+// A token's forecast for a layer is its predictor top-k; a layer's list is the union over the
+// batch's tokens, most expected first (sum of the tokens' probabilities), cut at `capacity` (the
+// layer's slots: prefetching more would evict what was just prefetched); of it, the experts some
+// token needs with probability >= min_prob are prefetched.
 //
 // Counters: for each MoE layer after the first, how many of the experts the router chose had been
 // forecast (forecast_recall() = hits / chosen): the prefetch accuracy the cache sees.
@@ -46,11 +46,12 @@ struct PredictorPrefetcherOptions {
   std::string kind = "frequency";  // lookahead | frequency | path | affinity | hybrid
   std::string path;                // trained predictor file (needed by path, affinity, hybrid)
   int depth = 1;                   // MoE layers forecast ahead of the current one, >= 1
-  // A token's forecast expert is prefetched only when its probability is at least this (0: all of
-  // its top-k); the policy's forecast still protects every top-k expert from eviction. On an expert
-  // cache bound by its copies (batch-1 decode over PCIe), a wrong prefetch costs a whole expert copy
-  // while a right one saves little compute overlap: a high threshold prefetches only near-certain
-  // experts.
+  // A listed expert is prefetched only when the forecast gives at least this probability that some
+  // token of the batch routes to it, 1 - prod_t (1 - p_t(e)) (0: every listed expert); the policy's
+  // forecast still protects every listed expert from eviction. On an expert cache bound by its
+  // copies (batch-1 decode over PCIe) a wrong prefetch costs a whole expert copy while a right one
+  // saves little compute overlap, so only near-certain experts should load; in a large batch most
+  // experts are near-certain.
   double min_prob = 0;
   // Slots of each decoder layer (experts a layer's list may hold); empty: num_experts everywhere.
   std::vector<int> capacity;

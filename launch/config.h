@@ -67,8 +67,10 @@ struct CacheSection {
   uint64_t host_budget = 0;           // CUDA: bytes of pinned host expert memory; 0 (auto): every expert
   std::string policy = "expertflow";  // lru | lfu | expertflow | static (belady: offline replay only)
   int prefetch_layers = 2;            // MoE layers ahead the cache prefetches, >= 0; 0: on demand only
-  // Prefetch only experts whose forecast probability is at least this (0: every forecast top-k).
-  double prefetch_min_prob = 0;
+  // Prefetch only experts some token of the batch needs with at least this forecast probability
+  // (0: every forecast top-k expert). 0.9: on a copy-bound cache (batch-1 decode over PCIe) a wrong
+  // prefetch costs a whole expert copy (docs/results/offload_h200).
+  double prefetch_min_prob = 0.9;
 
   bool has_device_budget() const { return device_budget > 0 || device_slots > 0 || device_slots_per_layer > 0; }
   // The budget as written in a file: "25769803776", "24 slots", "3 slots per layer" or "auto".

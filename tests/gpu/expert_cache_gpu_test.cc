@@ -90,7 +90,9 @@ TEST_P(ExpertCacheGpuTest, SmallDeviceBudgetGivesTheResidentTokens) {
     const CudaCopyStats& cs = src.arena().copy_stats();
     EXPECT_EQ(cs.bytes_h2d, (st.total.misses + st.total.prefetch_issued) * static_cast<int64_t>(src.layout().bytes()));
     EXPECT_GE(cs.stall_ms, 0.0);
-    if (k.prefetch > 0) EXPECT_GT(st.total.prefetch_issued, 0);
+    if (k.prefetch > 0) {
+      EXPECT_GT(st.total.prefetch_issued, 0);
+    }
     EXPECT_TRUE(src.arena().status().ok()) << src.arena().status().ToString();
   }
 }

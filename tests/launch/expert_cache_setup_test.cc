@@ -153,6 +153,7 @@ TEST_F(ExpertCacheSetupTest, SameTokensAndLogitsForEveryBudgetPolicyAndPredictor
           ASSERT_TRUE(ParseDeviceBudget(budget, &cs).ok());
           cs.policy = policy;
           cs.prefetch_layers = prefetch;
+          cs.prefetch_min_prob = 0;  // every forecast expert loads (the gate has its own test)
           PredictorSection ps;
           ps.kind = p.kind;
           ps.path = p.file;
@@ -210,6 +211,7 @@ TEST_F(ExpertCacheSetupTest, LookaheadForecastsBetterThanPopularityAlone) {
     cs.device_slots_per_layer = 4;
     cs.policy = "lru";
     cs.prefetch_layers = 1;
+    cs.prefetch_min_prob = 0;
     auto cache = SetUpExpertCache(engine.get(), cs, PredictorSection{kind, ""});
     ASSERT_TRUE(cache.ok()) << cache.status().ToString();
     RunModel(*engine);
