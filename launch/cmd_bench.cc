@@ -68,6 +68,7 @@ struct BenchOptions {
   ModelFlags model;
   ClusterFlags cluster;
   std::string assign = "round_robin";  // request -> rank under mpirun: round_robin | locality
+  double assign_max_imbalance = 1.25;  // locality: most requests' tokens on a rank / the mean
   std::string routing_key = "auto";    // trace keying: auto | stream | sequence
   int num_requests = 64;
   int concurrency = 8;
@@ -183,7 +184,7 @@ StatusOr<std::vector<int>> AssignRequests(const BenchOptions& o, int num_request
     }
     ++m;
   }
-  scheduler::RankAssigner assigner;
+  scheduler::RankAssigner assigner(scheduler::RankAssignerOptions{o.assign_max_imbalance});
   EF_ASSIGN_OR_RETURN(std::vector<int> row_rank, assigner.Assign(paths, plan, units));
   for (int i = 0; i < num_requests; ++i) rank[i] = row_rank[units[i][0]];
   return rank;
@@ -593,6 +594,7 @@ Status RunBench(const BenchOptions& o, comm::MpiContext* ctx) {
           {"stall_ms", stall_ms}}},
         {"ranks", ranks},
         {"assignment", o.assign},
+        {"assign_max_imbalance", o.assign == "locality" ? nlohmann::json(o.assign_max_imbalance) : nlohmann::json()},
         {"admission",
          {{"regroup_window", o.regroup_window},
           {"max_wait_steps", o.max_wait_steps},
@@ -685,6 +687,12 @@ Command AddBenchCommand(CLI::App& root) {
                    "which rank runs each request under mpirun: round_robin, or locality (where its experts are "
                    "computed; needs --routing-trace)")
       ->check(CLI::IsMember({"round_robin", "locality"}))
+      ->capture_default_str();
+  c.app
+      ->add_option("--assign-max-imbalance", o->assign_max_imbalance,
+                   "locality: at most this many times the mean tokens on a rank (>= 1; a closed loop runs as fast "
+                   "as its busiest rank)")
+      ->check(CLI::Range(1.0, 100.0))
       ->capture_default_str();
   c.app
       ->add_option("--routing-key", o->routing_key,

@@ -3,7 +3,7 @@
 # attention) and exchange every MoE layer's tokens (expert parallelism). Checks that every
 # request of both ranks completes, that hidden states really crossed ranks (all-to-all bytes
 # counted), and that --assign locality, with the trace's routing as forecast, sends fewer bytes
-# per token than round robin on the same requests.
+# per token than round robin on the same requests; --assign-max-imbalance 1 splits them evenly.
 #   mpi_bench.sh BIN MODELS_DIR TRACE
 BIN=$1 MODELS=$2 TRACE=$3
 source "$(dirname "$0")/common.sh"
@@ -12,16 +12,23 @@ if [ ! -f "$TRACE" ]; then
   exit 0
 fi
 m="$MODELS/tiny-code-moe"
-run() {  # assign, json
+run() {  # assign, json, extra args...
+  local assign=$1 out=$2
+  shift 2
   "${MPIRUN[@]}" -np 2 "$BIN" bench --backend cpu --model "$m" --routing-trace "$TRACE" -n 6 -c 3 \
-    --prompt-len 12 --gen-len 6 --assign "$1" --json "$2" >"$WORK/$1.out" 2>&1 ||
-    { cat "$WORK/$1.out" >&2; fail "bench --assign $1 exited non-zero"; }
+    --prompt-len 12 --gen-len 6 --assign "$assign" --json "$out" "$@" >"$out.out" 2>&1 ||
+    { cat "$out.out" >&2; fail "bench --assign $assign $* exited non-zero"; }
 }
 run round_robin "$WORK/rr.json"
 run locality "$WORK/loc.json"
-python3 - "$WORK/rr.json" "$WORK/loc.json" <<'PY'
+run locality "$WORK/even.json" --assign-max-imbalance 1
+python3 - "$WORK/rr.json" "$WORK/loc.json" "$WORK/even.json" <<'PY'
 import json, sys
-rr, loc = (json.load(open(p)) for p in sys.argv[1:3])
+rr, loc, even = (json.load(open(p)) for p in sys.argv[1:4])
+# A balance bound of 1: locality may not put more requests on one rank than the other.
+assert [p["requests"] for p in even["per_rank"]] == [6, 6], even["per_rank"]
+assert even["assign_max_imbalance"] == 1, even.get("assign_max_imbalance")
+assert loc["assign_max_imbalance"] == 1.25 and rr["assign_max_imbalance"] is None
 for name, j in (("round_robin", rr), ("locality", loc)):
     r = j["results"]
     assert j["ranks"] == 2, (name, j["ranks"])
@@ -42,4 +49,9 @@ if "${MPIRUN[@]}" -np 2 "$BIN" bench --backend cpu --model "$m" --assign nearest
   fail "--assign nearest was accepted"
 fi
 grep -q "nearest" "$WORK/bad.out" || { cat "$WORK/bad.out" >&2; fail "the error does not name the bad value"; }
+if "${MPIRUN[@]}" -np 2 "$BIN" bench --backend cpu --model "$m" --assign locality --assign-max-imbalance 0.5 \
+  -n 1 >"$WORK/bad2.out" 2>&1; then
+  fail "--assign-max-imbalance 0.5 was accepted"
+fi
+grep -q "assign-max-imbalance" "$WORK/bad2.out" || { cat "$WORK/bad2.out" >&2; fail "the error does not name the flag"; }
 echo "PASS"
