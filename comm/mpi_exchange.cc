@@ -58,6 +58,8 @@ Status MpiExchange::AllToAllV(const void* send, std::span<const int64_t> send_co
   MPI_CHECK(MPI_Type_contiguous(static_cast<int>(row_bytes), MPI_BYTE, &row));
   MPI_CHECK(MPI_Type_commit(&row));
   Status st;
+  // Bytes count once the transfers completed: a failed or timed-out exchange adds nothing.
+  int64_t sent = 0, received = 0;
   auto post = [&]() -> Status {
     for (int r = 0; r < n; ++r) {
       if (r == me || recv_counts[r] == 0) continue;
@@ -66,7 +68,7 @@ Status MpiExchange::AllToAllV(const void* send, std::span<const int64_t> send_co
       peers_.push_back(r);
       MPI_CHECK(
           MPI_Irecv(d + roff[r], static_cast<int>(recv_counts[r]), row, r, kTagRows, ctx_->comm(), &reqs_.back()));
-      bytes_received_ += static_cast<int64_t>(roff[r + 1] - roff[r]);
+      received += static_cast<int64_t>(roff[r + 1] - roff[r]);
     }
     for (int r = 0; r < n; ++r) {
       if (r == me || send_counts[r] == 0) continue;
@@ -75,9 +77,12 @@ Status MpiExchange::AllToAllV(const void* send, std::span<const int64_t> send_co
       peers_.push_back(r);
       MPI_CHECK(
           MPI_Isend(s + soff[r], static_cast<int>(send_counts[r]), row, r, kTagRows, ctx_->comm(), &reqs_.back()));
-      bytes_sent_ += static_cast<int64_t>(soff[r + 1] - soff[r]);
+      sent += static_cast<int64_t>(soff[r + 1] - soff[r]);
     }
-    return ctx_->WaitAll(reqs_, peers_, what);
+    EF_RETURN_IF_ERROR(ctx_->WaitAll(reqs_, peers_, what));
+    bytes_sent_ += sent;
+    bytes_received_ += received;
+    return Status::Ok();
   };
   st = post();
   MPI_Type_free(&row);

@@ -152,12 +152,17 @@ class NcclTokenExchange final : public TokenExchange {
       return InvalidArgument("row count arrays must have one entry per rank");
     if (send_counts[me] != recv_counts[me]) return Internal("self row counts disagree");
     ++num_exchanges_;
+    int64_t sent = 0, received = 0;
     for (int r = 0; r < n; ++r) {
       if (r == me) continue;
-      bytes_sent_ += send_counts[r] * static_cast<int64_t>(row_bytes);
-      bytes_received_ += recv_counts[r] * static_cast<int64_t>(row_bytes);
+      sent += send_counts[r] * static_cast<int64_t>(row_bytes);
+      received += recv_counts[r] * static_cast<int64_t>(row_bytes);
     }
-    return Transfer(send, send_counts, recv, recv_counts, row_bytes, what);
+    EF_RETURN_IF_ERROR(Transfer(send, send_counts, recv, recv_counts, row_bytes, what));
+    // Counted once the rows arrived, as MpiExchange does.
+    bytes_sent_ += sent;
+    bytes_received_ += received;
+    return Status::Ok();
   }
 
  private:

@@ -36,7 +36,7 @@ class TokenExchange {
   virtual Status AllToAllV(const void* send, std::span<const int64_t> send_counts, void* recv,
                            std::span<const int64_t> recv_counts, size_t row_bytes, const std::string& what) = 0;
 
-  // Any thread (see the file comment).
+  // Any thread (see the file comment). Bytes of completed AllToAllV calls (other ranks' rows).
   int64_t bytes_sent() const { return bytes_sent_.load(); }
   int64_t bytes_received() const { return bytes_received_.load(); }
   int64_t num_exchanges() const { return num_exchanges_.load(); }  // AllToAllV calls
