@@ -24,7 +24,7 @@
 //   expertflow ExpertFlow's policy: evicts what the routing forecast does not need, furthest
 //              predicted need first; candidates the current plan (forecast token 0 at the current and
 //              later layers) needs are taken only when no other candidate exists; pinned experts are
-//              never candidates; ties -> least recently used.
+//              never candidates; ties -> fewest demand accesses (as lfu), then least recently used.
 #pragma once
 
 #include <cstdint>

@@ -6,7 +6,9 @@
 // prob[t][l][e] >= need_threshold, skipping t = 0, l < c (already past). No such entry: not needed.
 // The victim is a not-needed candidate if one exists, else the candidate needed furthest away;
 // candidates needed by the current plan (t = 0) are taken only when every candidate is; ties
-// -> least recently used. Without a forecast it is plain LRU.
+// -> the fewest demand accesses so far (as LfuPolicy), then least recently used. Without a
+// forecast it is LFU: on the shared traces LFU keeps more hits than LRU (Mixtral, 4 slots per
+// layer: 0.613 vs 0.601; FLAME-MoE, 16 slots: 0.294 vs 0.261).
 #pragma once
 
 #include <vector>
@@ -20,8 +22,8 @@ class ExpertflowPolicy final : public CachePolicy {
  public:
   explicit ExpertflowPolicy(const PolicyConfig& c);
   std::string_view name() const override { return "expertflow"; }
-  void OnHit(const ExpertKey& key, int64_t time) override { recency_.Touch(key, time); }
-  void OnInsert(const ExpertKey& key, int64_t time, bool demand) override { recency_.Touch(key, time); }
+  void OnHit(const ExpertKey& key, int64_t time) override;
+  void OnInsert(const ExpertKey& key, int64_t time, bool demand) override;
   void OnEvict(const ExpertKey& key) override {}
   std::optional<ExpertKey> ChooseVictim(std::span<const ExpertKey> candidates, int64_t time) override;
   void SetForecast(const placement::RoutingForecast& forecast) override;
@@ -37,6 +39,7 @@ class ExpertflowPolicy final : public CachePolicy {
   float threshold_;
   int current_layer_ = 0;
   RecencyTable recency_;
+  std::vector<int64_t> count_;  // demand accesses seen so far, per (layer, expert), as LfuPolicy
   placement::RoutingForecast forecast_;
 };
 

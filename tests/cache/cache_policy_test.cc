@@ -161,6 +161,32 @@ TEST(CachePolicy, ExpertflowPrefersNotNeededOverPlanNeeded) {
   EXPECT_EQ(p.ChooseVictim(cands, 11)->expert, 2);
 }
 
+TEST(CachePolicy, ExpertflowBreaksTiesByUseCountThenRecency) {
+  // No forecast: every candidate is equally (not) needed, so the one used least goes first (as
+  // lfu), and among equally used ones the least recent (as lru).
+  ExpertflowPolicy p(PolicyConfig{.num_layers = 1, .num_experts = 4});
+  p.OnInsert({0, 0}, 1, true);
+  p.OnInsert({0, 1}, 2, true);
+  p.OnHit({0, 0}, 3);
+  p.OnHit({0, 0}, 4);
+  p.OnInsert({0, 2}, 5, true);
+  p.OnHit({0, 2}, 6);  // counts: 0 -> 3, 1 -> 1, 2 -> 2; 1 is also the least recent but one
+  std::vector<ExpertKey> cands = {{0, 0}, {0, 1}, {0, 2}};
+  EXPECT_EQ(p.ChooseVictim(cands, 7)->expert, 1);
+  p.OnHit({0, 1}, 8);  // 1 -> 2 uses, more recent than 2 (2 uses): 2 goes
+  EXPECT_EQ(p.ChooseVictim(cands, 9)->expert, 2);
+  // A prefetch (not a demand access) does not count as a use.
+  p.OnInsert({0, 3}, 10, false);
+  cands = {{0, 1}, {0, 3}};
+  EXPECT_EQ(p.ChooseVictim(cands, 11)->expert, 3);
+  // A forecast need still outranks use counts: 3 is needed by the next token, 1 is not.
+  placement::RoutingForecast f(2, 1, 4);
+  f.row(1, 0)[3] = 1.f;
+  p.SetForecast(f);
+  p.SetCurrentLayer(0);
+  EXPECT_EQ(p.ChooseVictim(cands, 12)->expert, 1);
+}
+
 TEST(SlotCache, BudgetErrorsNameNumbers) {
   PolicyConfig pc{.num_layers = 2, .num_experts = 8};
   SlotCacheOptions o{.num_layers = 2, .num_experts = 8, .top_k = 2, .slots_per_layer = 1};
