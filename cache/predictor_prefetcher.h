@@ -21,7 +21,8 @@
 // token needs with probability >= min_prob are prefetched.
 //
 // Counters: for each MoE layer after the first, how many of the experts the router chose had been
-// forecast (forecast_recall() = hits / chosen): the prefetch accuracy the cache sees.
+// prefetched, that is forecast and let through min_prob (forecast_recall() = hits / chosen): the
+// prefetch accuracy the cache sees.
 //
 // Not thread-safe: driven by the engine thread through the hook. The sinks are called from it.
 #pragma once
