@@ -12,7 +12,8 @@
 // --prefetch-layers, --predictor, or the config's cache:/predictor: sections) serves experts from
 // the expert cache (launch/expert_cache_setup.h: device slots on CUDA, an arena on the CPU); the
 // experts are then not uploaded at load, so a model larger than the GPU runs. --oracle-prefetch
-// replaces the predictor by the trace's true routing of the next layers (an upper bound for a
+// replaces the predictor by the trace's true routing: the next layers' experts to prefetch, and this
+// step's and the next step's experts as the expertflow policy's forecast (an upper bound for a
 // predictor, labelled as such). The table and JSON carry the hit rate, bytes moved into slots and
 // the stall time waiting for them.
 //
@@ -265,7 +266,9 @@ Status RunBench(const BenchOptions& o, comm::MpiContext* ctx) {
     if (o.oracle_prefetch && expert_cache->active()) {
       if (keying != placement::TraceKeying::kStream)
         return InvalidArgument("--oracle-prefetch needs --routing-key stream (one rank)");
-      // Oracle forecast: the experts the current rows will use at the next D MoE layers.
+      // Oracle forecast: the experts the current rows will use at the next D MoE layers (prefetch),
+      // and for the expertflow policy this step's and the next step's routing (the next step taken
+      // as the same number of following rows: exact for decode at concurrency 1).
       std::vector<int> moe_layers;
       for (int l = 0; l < cfg.num_layers; ++l)
         if (cfg.IsMoeLayer(l)) moe_layers.push_back(l);
@@ -273,21 +276,32 @@ Status RunBench(const BenchOptions& o, comm::MpiContext* ctx) {
       cache::ExpertCache* cache = expert_cache.get();
       const int depth = std::max(1, config.cache.prefetch_layers);
       const size_t slots = static_cast<size_t>(expert_cache->budget().slots_per_layer);
-      trace_override->set_on_override(
-          [tr, cache, moe_layers, depth, slots](int moe_layer, size_t first, int num_tokens) {
-            const size_t n = tr->tokens.size();
-            for (int d = 1; d <= depth && moe_layer + d < static_cast<int>(moe_layers.size()); ++d) {
-              std::vector<int32_t> experts;
-              for (int i = 0; i < num_tokens; ++i)
-                for (int j = 0; j < tr->top_k(); ++j) experts.push_back(tr->expert((first + i) % n, moe_layer + d, j));
-              std::sort(experts.begin(), experts.end());
-              experts.erase(std::unique(experts.begin(), experts.end()), experts.end());
-              // A set larger than the layer's slots (a prefill batch) would only evict its own
-              // members: the layer loads on demand instead.
-              if (experts.size() > slots) experts.clear();
-              cache->SetUpcoming(moe_layers[moe_layer + d], std::move(experts));
-            }
-          });
+      const int decoder_layers = cfg.num_layers, num_experts = cfg.num_experts;
+      trace_override->set_on_override([tr, cache, moe_layers, depth, slots, decoder_layers, num_experts](
+                                          int moe_layer, size_t first, int num_tokens) {
+        const size_t n = tr->tokens.size();
+        if (moe_layer == 0 && cache->store() != nullptr) {
+          placement::RoutingForecast f(2, decoder_layers, num_experts);
+          for (int t = 0; t < 2; ++t)
+            for (int i = 0; i < num_tokens; ++i)
+              for (int m = 0; m < static_cast<int>(moe_layers.size()); ++m)
+                for (int j = 0; j < tr->top_k(); ++j)
+                  f.row(t, moe_layers[m])[tr->expert((first + static_cast<size_t>(t) * num_tokens + i) % n, m, j)] =
+                      1.f;
+          cache->store()->SetForecast(f);
+        }
+        for (int d = 1; d <= depth && moe_layer + d < static_cast<int>(moe_layers.size()); ++d) {
+          std::vector<int32_t> experts;
+          for (int i = 0; i < num_tokens; ++i)
+            for (int j = 0; j < tr->top_k(); ++j) experts.push_back(tr->expert((first + i) % n, moe_layer + d, j));
+          std::sort(experts.begin(), experts.end());
+          experts.erase(std::unique(experts.begin(), experts.end()), experts.end());
+          // A set larger than the layer's slots (a prefill batch) would only evict its own
+          // members: the layer loads on demand instead.
+          if (experts.size() > slots) experts.clear();
+          cache->SetUpcoming(moe_layers[moe_layer + d], std::move(experts));
+        }
+      });
     }
   }
   if (distributed) {
@@ -681,7 +695,8 @@ Command AddBenchCommand(CLI::App& root) {
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   c.app->add_flag("--oracle-prefetch", o->oracle_prefetch,
-                  "the cache's forecast is the trace's true routing of the next layers (an upper bound)");
+                  "the cache's forecast is the trace's true routing: the next layers' experts are prefetched, the next "
+                  "step's are kept (an upper bound)");
   c.app
       ->add_option("--assign", o->assign,
                    "which rank runs each request under mpirun: round_robin, or locality (where its experts are "

@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
@@ -147,6 +148,28 @@ TEST_F(BenchTest, OraclePrefetchUsesTheTraceAsForecast) {
   // The true next-layer experts were prefetched, and prefetches were used.
   EXPECT_GT(j["cache"]["prefetch_issued"].get<int64_t>(), 0);
   EXPECT_GT(j["cache"]["prefetch_used"].get<int64_t>(), 0);
+}
+
+TEST_F(BenchTest, OracleForecastEvictsForTheNextTokenAndMovesFewerBytesThanLru) {
+  // With 4 of 8 slots per layer, the oracle also tells the expertflow policy the next token's
+  // routing, so it keeps what that token needs: fewer bytes loaded than LRU on the same decode.
+  if (!fs::exists(kMixtralTrace)) GTEST_SKIP() << "trace not present: " << kMixtralTrace;
+  const std::string common =
+      "--synthetic mixtral-8x7b --synthetic-scale 256 -n 1 -c 1 --prompt-len 4 --gen-len 24 "
+      "--routing-trace " +
+      kMixtralTrace + " --cache-device-budget '4 slots per layer' ";
+  std::map<std::string, int64_t> bytes;
+  for (const std::string& mode : {"lru", "oracle"}) {
+    const fs::path out = dir_ / (mode + ".json");
+    const std::string flags = mode == "lru" ? "--cache-policy lru --prefetch-layers 0 --predictor none"
+                                            : "--cache-policy expertflow --prefetch-layers 1 --oracle-prefetch";
+    ASSERT_EQ(Bench(common + flags + " --json " + out.string()), 0) << Err();
+    json j = json::parse(Read(out), nullptr, false);
+    ASSERT_FALSE(j.is_discarded());
+    bytes[mode] = j["cache"]["bytes_from_host"].get<int64_t>();
+  }
+  EXPECT_GT(bytes["lru"], 0);
+  EXPECT_LT(bytes["oracle"], bytes["lru"]);
 }
 
 }  // namespace
