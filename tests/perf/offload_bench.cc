@@ -35,7 +35,8 @@
 // forecast probability is at least this (PredictorPrefetcherOptions::min_prob; 0: every forecast
 // top-k expert). A wrong prefetch moves a whole expert over PCIe; gating trades recall for bytes.
 // --forecast-policies (a list, forecast modes): the eviction policy beside the prefetch, expertflow
-// (the default: it evicts what the forecast does not need, least recently used first) or lru.
+// (the default: it evicts what the forecast does not need, the least used, then least recent,
+// first) or lru.
 // Copy queue (--copy-queues, a list): pieces of --chunk-mb fed to the copy engine by the arena's
 // copy thread, at most N unfinished (0, the default: every load enqueued whole; cuda_slot_arena.h).
 // --compute-ops (a list): how the step zeroes the MoE output and appends K/V each layer on the
@@ -51,9 +52,8 @@
 //
 //   ef_offload_bench [--layers 0 (auto) | 16 | 32] [--steps 48] [--warmup 16] [--budgets 25,50,75,100]
 //                    [--modes lru,oracle,lru-own,lookahead[,path]] [--predictor FILE] [--prefetch-layers 1]
-//                    [--min-probs 0,0.5] [--copy-queues 3] [--chunk-mb 8] [--context 256] [--trace FILE] [--pcie-gbps
-//                    55]
-//                    [--json FILE]
+//                    [--min-probs 0,0.5] [--forecast-policies expertflow,lru] [--copy-queues 3]
+//                    [--chunk-mb 8] [--context 256] [--trace FILE] [--pcie-gbps 55] [--json FILE]
 #include <cublas_api.h>
 #include <cuda_runtime_api.h>
 
