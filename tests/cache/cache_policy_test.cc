@@ -11,6 +11,13 @@
 namespace ef::cache {
 namespace {
 
+PolicyConfig Shape(int num_layers, int num_experts) {
+  PolicyConfig pc;
+  pc.num_layers = num_layers;
+  pc.num_experts = num_experts;
+  return pc;
+}
+
 // One layer, k = 1: runs `seq` through a SlotCache of n slots, returns the hit flags.
 std::vector<bool> RunSeq(const std::string& policy, int num_experts, int n, const std::vector<int>& seq,
                          PolicyConfig pc = {}) {
@@ -148,7 +155,7 @@ TEST(CachePolicy, ExpertflowKeepsForecastNeedsAndPins) {
 }
 
 TEST(CachePolicy, ExpertflowPrefersNotNeededOverPlanNeeded) {
-  ExpertflowPolicy p(PolicyConfig{.num_layers = 4, .num_experts = 4});
+  ExpertflowPolicy p(Shape(4, 4));
   placement::RoutingForecast f(1, 4, 4);
   f.row(0, 3)[1] = 1.f;  // the running token needs expert 1 at layer 3
   p.SetForecast(f);
@@ -164,7 +171,7 @@ TEST(CachePolicy, ExpertflowPrefersNotNeededOverPlanNeeded) {
 TEST(CachePolicy, ExpertflowBreaksTiesByUseCountThenRecency) {
   // No forecast: every candidate is equally (not) needed, so the one used least goes first (as
   // lfu), and among equally used ones the least recent (as lru).
-  ExpertflowPolicy p(PolicyConfig{.num_layers = 1, .num_experts = 4});
+  ExpertflowPolicy p(Shape(1, 4));
   p.OnInsert({0, 0}, 1, true);
   p.OnInsert({0, 1}, 2, true);
   p.OnHit({0, 0}, 3);
@@ -188,8 +195,12 @@ TEST(CachePolicy, ExpertflowBreaksTiesByUseCountThenRecency) {
 }
 
 TEST(SlotCache, BudgetErrorsNameNumbers) {
-  PolicyConfig pc{.num_layers = 2, .num_experts = 8};
-  SlotCacheOptions o{.num_layers = 2, .num_experts = 8, .top_k = 2, .slots_per_layer = 1};
+  const PolicyConfig pc = Shape(2, 8);
+  SlotCacheOptions o;
+  o.num_layers = 2;
+  o.num_experts = 8;
+  o.top_k = 2;
+  o.slots_per_layer = 1;
   auto c = SlotCache::Create(o, std::move(*MakeCachePolicy("lru", pc)));
   ASSERT_FALSE(c.ok());
   EXPECT_NE(c.status().message().find("1 slots per layer"), std::string::npos) << c.status().message();
@@ -202,8 +213,12 @@ TEST(SlotCache, BudgetErrorsNameNumbers) {
 }
 
 TEST(SlotCache, GlobalBudgetAndQuotas) {
-  PolicyConfig pc{.num_layers = 2, .num_experts = 4};
-  SlotCacheOptions o{.num_layers = 2, .num_experts = 4, .top_k = 1, .global_slots = 3};
+  const PolicyConfig pc = Shape(2, 4);
+  SlotCacheOptions o;
+  o.num_layers = 2;
+  o.num_experts = 4;
+  o.top_k = 1;
+  o.global_slots = 3;
   auto c = std::move(*SlotCache::Create(o, std::move(*MakeCachePolicy("lru", pc))));
   EXPECT_EQ(c->num_slots(), 3);
   ASSERT_TRUE(c->Access({0, 0}, 0).ok());

@@ -67,7 +67,9 @@ TEST_P(CachedEngineTest, IdenticalOutputsForEveryBudgetAndPolicy) {
       (*src)->store().WaitForPrefetches();
       const ExpertStoreStats st = (*src)->stats();
       EXPECT_GT(st.total.hits + st.total.misses, 0);
-      if (slots == c.num_experts && !async) EXPECT_LE(st.total.misses, c.num_moe_layers() * c.num_experts);
+      if (slots == c.num_experts && !async) {
+        EXPECT_LE(st.total.misses, c.num_moe_layers() * c.num_experts);
+      }
     }
   }
   // A global budget shared by all layers gives the same result too.

@@ -82,7 +82,9 @@ TEST(ExpertStore, ContentMatchesSourceForRandomPatterns) {
       auto st = (*store)->stats();
       EXPECT_EQ(st.total.hits + st.total.misses, static_cast<int64_t>(all.size()));
       EXPECT_EQ(st.total.bytes_from_host, st.total.misses * static_cast<int64_t>(kBytes));
-      if (slots == kExperts) EXPECT_LE(st.total.misses, kLayers * kExperts);
+      if (slots == kExperts) {
+        EXPECT_LE(st.total.misses, kLayers * kExperts);
+      }
     }
   }
 }

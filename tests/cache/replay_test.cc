@@ -66,7 +66,10 @@ TEST(Replay, CountsAddUpAndBeladyIsBest) {
 placement::RoutingTrace TinyTrace() {
   // 1 layer, 4 experts, top-1, tokens out of (seq, pos) order in the file.
   placement::RoutingTrace t;
-  t.header = {.model = "tiny", .num_layers = 1, .num_experts = 4, .top_k = 1};
+  t.header.model = "tiny";
+  t.header.num_layers = 1;
+  t.header.num_experts = 4;
+  t.header.top_k = 1;
   auto tok = [](int64_t seq, int64_t pos, int16_t e) {
     placement::TraceToken k;
     k.seq = seq;

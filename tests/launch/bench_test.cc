@@ -159,7 +159,7 @@ TEST_F(BenchTest, OracleForecastEvictsForTheNextTokenAndMovesFewerBytesThanLru) 
       "--routing-trace " +
       kMixtralTrace + " --cache-device-budget '4 slots per layer' ";
   std::map<std::string, int64_t> bytes;
-  for (const std::string& mode : {"lru", "oracle"}) {
+  for (const std::string mode : {"lru", "oracle"}) {
     const fs::path out = dir_ / (mode + ".json");
     const std::string flags = mode == "lru" ? "--cache-policy lru --prefetch-layers 0 --predictor none"
                                             : "--cache-policy expertflow --prefetch-layers 1 --oracle-prefetch";

@@ -63,7 +63,9 @@ TEST(PlannerTest, PrefetchListsSkipResidentExpertsAndAreOrdered) {
       EXPECT_NE(std::find(rs.begin(), rs.end(), r), rs.end());
       if (i > 0) {
         EXPECT_LE(list[i - 1].layer, list[i].layer);
-        if (list[i - 1].layer == list[i].layer) EXPECT_GE(list[i - 1].expected_tokens, list[i].expected_tokens);
+        if (list[i - 1].layer == list[i].layer) {
+          EXPECT_GE(list[i - 1].expected_tokens, list[i].expected_tokens);
+        }
       }
     }
   }

@@ -72,7 +72,9 @@ TEST(ContinuousBatcherTest, EveryUnitRunsWithinMaxWaitSteps) {
     Batch batch = b->NextBatch();
     for (const auto& u : batch.items) {
       auto it = ready_since.find(u.request_id);
-      if (it != ready_since.end()) EXPECT_LE(batch.step - it->second, opt.max_wait_steps) << "request " << u.request_id;
+      if (it != ready_since.end()) {
+        EXPECT_LE(batch.step - it->second, opt.max_wait_steps) << "request " << u.request_id;
+      }
       ready_since[u.request_id] = batch.step + 1;
     }
     ASSERT_TRUE(b->Complete(batch).ok());

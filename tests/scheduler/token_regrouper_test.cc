@@ -56,7 +56,9 @@ void ExpectValid(const RegroupResult& r, std::span<const int> caps, std::span<co
   for (const auto& b : r.batches)
     for (int t : b) {
       auto it = last_emitted.find(seq[t]);
-      if (it != last_emitted.end()) EXPECT_LT(it->second, t) << "sequence " << seq[t] << " reordered";
+      if (it != last_emitted.end()) {
+        EXPECT_LT(it->second, t) << "sequence " << seq[t] << " reordered";
+      }
       last_emitted[seq[t]] = t;
     }
 }
