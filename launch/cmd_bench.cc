@@ -191,7 +191,13 @@ StatusOr<std::vector<int>> AssignRequests(const BenchOptions& o, int num_request
   return rank;
 }
 
-Status RunBench(const BenchOptions& o, comm::MpiContext* ctx) {
+Status RunBench(const BenchOptions& given, comm::MpiContext* ctx) {
+  // The config file's routing section fills what the command line left out.
+  BenchOptions o = given;
+  const Config& file = o.cluster.config;
+  if (o.routing_trace.empty() && file.has("routing.replay")) o.routing_trace = file.routing.replay;
+  const std::string trace_origin = given.routing_trace.empty() ? "routing.replay" : "--routing-trace";
+  if (o.routing_key == "auto" && file.has("routing.key")) o.routing_key = file.routing.key;
   if (o.num_requests < 1 || o.concurrency < 1 || o.prompt_len < 1 || o.gen_len < 1)
     return InvalidArgument("-n, -c, --prompt-len and --gen-len must be >= 1");
   const bool distributed = ctx->mpi() && ctx->size() > 1;
@@ -252,7 +258,7 @@ Status RunBench(const BenchOptions& o, comm::MpiContext* ctx) {
     auto ov = placement::TraceRoutingOverride::Create(std::move(trace), cfg, keying);
     if (!ov.ok()) {
       Status s = ov.status();
-      s.Prepend("--routing-trace " + o.routing_trace);
+      s.Prepend(trace_origin + " " + o.routing_trace);
       return s;
     }
     trace_override = std::move(ov).value();
@@ -681,7 +687,8 @@ Command AddBenchCommand(CLI::App& root) {
   c.app->add_option("--synthetic-seed", o->synthetic_seed, "seed of the synthetic weights")->capture_default_str();
   c.app->add_option("--synthetic-dir", o->synthetic_dir, "where synthetic checkpoints are cached")
       ->default_str(DefaultSyntheticRoot());
-  c.app->add_option("--routing-trace", o->routing_trace, "take every MoE layer's experts from this routing trace");
+  c.app->add_option("--routing-trace", o->routing_trace,
+                    "take every MoE layer's experts from this routing trace (routing.replay)");
   c.app
       ->add_option("--regroup-window", o->regroup_window,
                    "admit waiting requests regrouped over this many batches so each prefill batch needs fewer "

@@ -213,6 +213,14 @@ const std::map<std::string, Section>& Schema() {
               return GetOneOf(c, {"locality", "round_robin", "least_loaded"}, &o->scheduler.rank_assignment);
             }},
        }},
+      {"routing",
+       {
+           {"replay", [](const Ctx& c, Config* o) { return GetString(c, &o->routing.replay); }},
+           {"key",
+            [](const Ctx& c, Config* o) {
+              return GetOneOf(c, {"auto", "stream", "sequence"}, &o->routing.key);
+            }},
+       }},
       {"server",
        {
            {"host",
@@ -417,6 +425,9 @@ std::string ConfigToYaml(const Config& c) {
   e << YAML::Key << "server" << YAML::Value << YAML::Flow << YAML::BeginMap;
   e << YAML::Key << "host" << YAML::Value << c.server.host << YAML::Key << "port" << YAML::Value << c.server.port;
   e << YAML::Key << "api_key" << YAML::Value << (c.server.api_key.empty() ? "" : "<set>") << YAML::EndMap;
+  e << YAML::Key << "routing" << YAML::Value << YAML::Flow << YAML::BeginMap;
+  e << YAML::Key << "replay" << YAML::Value << YAML::DoubleQuoted << c.routing.replay;
+  e << YAML::Key << "key" << YAML::Value << c.routing.key << YAML::EndMap;
   e << YAML::Key << "generate" << YAML::Value << YAML::Flow << YAML::BeginMap;
   e << YAML::Key << "prompt" << YAML::Value << YAML::DoubleQuoted << c.generate.prompt;
   e << YAML::Key << "max_new_tokens" << YAML::Value << c.generate.max_new_tokens;

@@ -93,6 +93,14 @@ struct SchedulerSection {
   std::string rank_assignment = "locality";  // locality | round_robin | least_loaded
 };
 
+// Routing override for benchmarks: every MoE layer's experts come from a recorded routing trace
+// (moe-routing-trace JSONL; its layers, experts and top-k must match the model). `bench` reads it
+// when --routing-trace / --routing-key are not given.
+struct RoutingSection {
+  std::string replay;        // trace path; empty: the model's own routers
+  std::string key = "auto";  // auto | stream | sequence (see bench --routing-key)
+};
+
 struct ServerSection {
   std::string host = "127.0.0.1";
   int port = 8080;      // 1..65535
@@ -116,6 +124,7 @@ struct Config {
   CacheSection cache;
   PredictorSection predictor;
   SchedulerSection scheduler;
+  RoutingSection routing;
   ServerSection server;
   GenerateSection generate;
   std::set<std::string> present;  // dotted keys the file set ("cluster.exchange")

@@ -106,6 +106,32 @@ TEST_F(BenchTest, TraceOfTheWrongShapeExitsOne) {
   EXPECT_NE(Err().find("does not match the model"), std::string::npos) << Err();
 }
 
+TEST_F(BenchTest, ConfigRoutingReplayIsTheTraceUnlessTheFlagIsGiven) {
+  if (!fs::exists(kMixtralTrace)) GTEST_SKIP() << "trace not present: " << kMixtralTrace;
+  const fs::path yaml = dir_ / "routing.yaml";
+  std::ofstream(yaml) << "routing:\n  replay: " << kMixtralTrace << "\n  key: stream\n";
+  const fs::path out = dir_ / "out.json";
+  ASSERT_EQ(Bench("--config " + yaml.string() +
+                  " --synthetic mixtral-8x7b --synthetic-scale 256 -n 1 -c 1 --prompt-len 4 --gen-len 2 --json " +
+                  out.string()),
+            0)
+      << Err();
+  json j = json::parse(Read(out), nullptr, false);
+  ASSERT_FALSE(j.is_discarded());
+  EXPECT_EQ(j["routing_trace"], kMixtralTrace);
+  // The tiny shape does not fit the 32-layer trace: the error names the config key.
+  EXPECT_EQ(Bench("--config " + yaml.string() + " --synthetic tiny -n 1 -c 1 --prompt-len 4 --gen-len 2"), 1);
+  EXPECT_NE(Err().find("routing.replay " + kMixtralTrace), std::string::npos) << Err();
+  EXPECT_NE(Err().find("does not match the model"), std::string::npos) << Err();
+  // The flag wins over the file: a missing trace given on the command line is what fails.
+  EXPECT_EQ(Bench("--config " + yaml.string() +
+                  " --synthetic mixtral-8x7b --synthetic-scale 256 -n 1 -c 1 --prompt-len 4 --gen-len 2 "
+                  "--routing-trace " +
+                  (dir_ / "absent.jsonl").string()),
+            1);
+  EXPECT_NE(Err().find("absent.jsonl"), std::string::npos) << Err();
+}
+
 TEST_F(BenchTest, MixtralShapeTakesTheMixtralTrace) {
   if (!fs::exists(kMixtralTrace)) GTEST_SKIP() << "trace not present: " << kMixtralTrace;
   const fs::path out = dir_ / "out.json";

@@ -42,6 +42,7 @@ cluster: {exchange: mpi, ranks_per_node: 1, peer_fetch: none, placement: round_r
           compute_placement: contiguous, replication: 2, timeout_s: 2.5}
 cache: {device_budget: 2GiB, host_budget: auto, policy: lru, prefetch_layers: 3, prefetch_min_prob: 0.75}
 predictor: {kind: path, path: p.safetensors}
+routing: {replay: traces/mixtral.jsonl, key: sequence}
 scheduler: {max_batch_tokens: 64, max_batch_requests: 8, regroup_window: 4, rank_assignment: round_robin}
 server: {host: 0.0.0.0, port: 9000, api_key: secret}
 generate: {prompt: "hi", max_new_tokens: 5, temperature: 0.7, top_p: 0.9, top_k: 40, seed: 11}
@@ -69,12 +70,16 @@ generate: {prompt: "hi", max_new_tokens: 5, temperature: 0.7, top_p: 0.9, top_k:
   EXPECT_EQ(again->cluster.placement, "round_robin");
   EXPECT_EQ(again->cache.device_budget, 2ull << 30);
   EXPECT_DOUBLE_EQ(again->cache.prefetch_min_prob, 0.75);
+  EXPECT_EQ(again->routing.replay, "traces/mixtral.jsonl");
+  EXPECT_EQ(again->routing.key, "sequence");
 }
 
 TEST(ConfigTest, UnknownKeysNameKeyAndLine) {
   EXPECT_EQ(Error("model:\n  path: x\nclustr:\n  exchange: mpi\n"),
-            "t.yaml:3: unknown key 'clustr' (known: cache, cluster, generate, model, predictor, runtime, scheduler, "
-            "server)");
+            "t.yaml:3: unknown key 'clustr' (known: cache, cluster, generate, model, predictor, routing, runtime, "
+            "scheduler, server)");
+  EXPECT_EQ(Error("routing:\n  replay: t.jsonl\n  key: row\n"),
+            "t.yaml:3: routing.key: expected one of auto|stream|sequence, got 'row'");
   const std::string e = Error("model:\n  path: x\ncluster:\n  exchange: mpi\n  replicaton: 2\n");
   EXPECT_NE(e.find("t.yaml:5: unknown key 'cluster.replicaton'"), std::string::npos) << e;
 }
