@@ -42,10 +42,8 @@ if phase checks; then
     tee "$S/ctest_gpu.txt"
 fi
 pack
-# The traces: ../shared/traces beside the checkout, or copies carried in .deps/traces (the
-# accelerator sees only the working tree).
-TRACE=${EF_TRACE:-../shared/traces/mixtral8x7b_gsm8k_decode.jsonl}
-[[ -f $TRACE ]] || TRACE=.deps/traces/mixtral8x7b_gsm8k_decode.jsonl
+# The routing trace (the repository's copy unless EF_TRACE names another).
+TRACE=${EF_TRACE:-tests/data/traces/mixtral8x7b_gsm8k_decode.jsonl}
 SLICED=$PWD/.deps/mixtral_first${LAYERS}.jsonl
 python3 - "$TRACE" "$SLICED" "$LAYERS" <<'PY' || exit 1
 import json, sys

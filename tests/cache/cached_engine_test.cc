@@ -145,8 +145,8 @@ std::string WriteSyntheticMixtral(const fs::path& dir, int layers, int experts) 
 }
 
 TEST(CachedEngine, CountersUnderTraceOverrideAgreeWithReplay) {
-  const std::string trace_path = std::string(EF_SHARED_DIR) + "/traces/mixtral8x7b_gsm8k_decode.jsonl";
-  if (!fs::exists(trace_path)) GTEST_SKIP() << "trace not present: " << trace_path;
+  const std::string trace_path = std::string(EF_TEST_DATA) + "/traces/mixtral8x7b_gsm8k_decode.jsonl";
+  ASSERT_TRUE(fs::exists(trace_path)) << trace_path << " is missing (tests/data/traces)";
   auto trace = placement::ReadRoutingTrace(trace_path);
   ASSERT_TRUE(trace.ok());
   const fs::path dir = fs::temp_directory_path() / ("ef_synth_mixtral_" + std::to_string(::getpid()));
@@ -193,8 +193,8 @@ TEST(CachedEngine, CountersUnderTraceOverrideAgreeWithReplay) {
 }
 
 TEST(CachedEngine, TraceOfTheWrongShapeIsAnError) {
-  const std::string trace_path = std::string(EF_SHARED_DIR) + "/traces/mixtral8x7b_gsm8k_decode.jsonl";
-  if (!fs::exists(trace_path)) GTEST_SKIP() << "trace not present";
+  const std::string trace_path = std::string(EF_TEST_DATA) + "/traces/mixtral8x7b_gsm8k_decode.jsonl";
+  ASSERT_TRUE(fs::exists(trace_path)) << trace_path << " is missing (tests/data/traces)";
   auto trace = placement::ReadRoutingTrace(trace_path);
   ASSERT_TRUE(trace.ok());
   auto engine = MakeEngine(std::string(EF_MODELS_DIR) + "/tiny-code-moe");

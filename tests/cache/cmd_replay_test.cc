@@ -9,7 +9,7 @@
 
 namespace {
 
-const std::string kMixtral = std::string(EF_SHARED_DIR) + "/traces/mixtral8x7b_gsm8k_decode.jsonl";
+const std::string kMixtral = std::string(EF_TEST_DATA) + "/traces/mixtral8x7b_gsm8k_decode.jsonl";
 
 // Runs cmd (stderr merged when merge_stderr), returns {exit code, output}.
 std::pair<int, std::string> Shell(const std::string& cmd, bool merge_stderr) {
@@ -24,7 +24,7 @@ std::pair<int, std::string> Shell(const std::string& cmd, bool merge_stderr) {
 }
 
 TEST(CmdReplay, JsonOutput) {
-  if (!std::filesystem::exists(kMixtral)) GTEST_SKIP() << kMixtral << " absent";
+  ASSERT_TRUE(std::filesystem::exists(kMixtral)) << kMixtral << " is missing (tests/data/traces)";
   auto [rc, out] = Shell(
       std::string(EF_BINARY) + " replay --trace " + kMixtral + " --policy belady --slots-per-layer 4 --json", false);
   ASSERT_EQ(rc, 0) << out;
@@ -42,7 +42,7 @@ TEST(CmdReplay, Errors) {
   auto [rc1, out1] = Shell(bin + " replay --trace /nonexistent.jsonl --policy lru --slots-per-layer 4", true);
   EXPECT_NE(rc1, 0);
   EXPECT_NE(out1.find("error:"), std::string::npos) << out1;
-  if (!std::filesystem::exists(kMixtral)) GTEST_SKIP() << kMixtral << " absent";
+  ASSERT_TRUE(std::filesystem::exists(kMixtral)) << kMixtral << " is missing (tests/data/traces)";
   for (const std::string& args :
        {std::string("--policy lru --slots-per-layer 1"), std::string("--policy lru --slots-per-layer 9"),
         std::string("--policy fifo --slots-per-layer 4")}) {

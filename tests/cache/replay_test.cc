@@ -10,8 +10,8 @@
 namespace ef::cache {
 namespace {
 
-const std::string kMixtral = std::string(EF_SHARED_DIR) + "/traces/mixtral8x7b_gsm8k_decode.jsonl";
-const std::string kFlame = std::string(EF_SHARED_DIR) + "/traces/flame_moe_290m_prefill.jsonl";
+const std::string kMixtral = std::string(EF_TEST_DATA) + "/traces/mixtral8x7b_gsm8k_decode.jsonl";
+const std::string kFlame = std::string(EF_TEST_DATA) + "/traces/flame_moe_290m_prefill.jsonl";
 
 placement::RoutingTrace LoadOrSkip(const std::string& path) {
   auto t = placement::ReadRoutingTrace(path);
@@ -29,7 +29,7 @@ double Rate(const placement::RoutingTrace& t, const std::string& policy, int n) 
 }
 
 TEST(Replay, MixtralReferenceNumbers) {
-  if (!std::filesystem::exists(kMixtral)) GTEST_SKIP() << kMixtral << " absent";
+  ASSERT_TRUE(std::filesystem::exists(kMixtral)) << kMixtral << " is missing (tests/data/traces)";
   auto t = LoadOrSkip(kMixtral);
   EXPECT_NEAR(Rate(t, "lru", 4), 0.601, 0.0005);
   EXPECT_NEAR(Rate(t, "belady", 4), 0.733, 0.0005);
@@ -37,7 +37,7 @@ TEST(Replay, MixtralReferenceNumbers) {
 
 TEST(Replay, CountsAddUpAndBeladyIsBest) {
   for (const std::string& path : {kMixtral, kFlame}) {
-    if (!std::filesystem::exists(path)) GTEST_SKIP() << path << " absent";
+    ASSERT_TRUE(std::filesystem::exists(path)) << path << " is missing (tests/data/traces)";
     auto t = LoadOrSkip(path);
     for (int n : {t.top_k(), t.top_k() + 2}) {
       double belady = Rate(t, "belady", n);

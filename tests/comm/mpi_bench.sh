@@ -7,10 +7,7 @@
 #   mpi_bench.sh BIN MODELS_DIR TRACE
 BIN=$1 MODELS=$2 TRACE=$3
 source "$(dirname "$0")/common.sh"
-if [ ! -f "$TRACE" ]; then
-  echo "SKIP: routing trace $TRACE not found"
-  exit 0
-fi
+[ -f "$TRACE" ] || fail "routing trace $TRACE not found (tests/data/traces)"
 m="$MODELS/tiny-code-moe"
 run() {  # assign, json, extra args...
   local assign=$1 out=$2

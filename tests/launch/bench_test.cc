@@ -18,7 +18,7 @@ namespace {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
-const std::string kMixtralTrace = std::string(EF_SHARED_DIR) + "/traces/mixtral8x7b_gsm8k_decode.jsonl";
+const std::string kMixtralTrace = std::string(EF_TEST_DATA) + "/traces/mixtral8x7b_gsm8k_decode.jsonl";
 
 class BenchTest : public ::testing::Test {
  protected:
@@ -100,14 +100,14 @@ TEST_F(BenchTest, SyntheticCheckpointIsReusedAndDeterministic) {
 }
 
 TEST_F(BenchTest, TraceOfTheWrongShapeExitsOne) {
-  if (!fs::exists(kMixtralTrace)) GTEST_SKIP() << "trace not present: " << kMixtralTrace;
+  ASSERT_TRUE(fs::exists(kMixtralTrace)) << kMixtralTrace << " is missing (tests/data/traces)";
   // The trace has 32 layers; the tiny shape has 4.
   EXPECT_EQ(Bench("--synthetic tiny -n 1 -c 1 --prompt-len 4 --gen-len 2 --routing-trace " + kMixtralTrace), 1);
   EXPECT_NE(Err().find("does not match the model"), std::string::npos) << Err();
 }
 
 TEST_F(BenchTest, ConfigRoutingReplayIsTheTraceUnlessTheFlagIsGiven) {
-  if (!fs::exists(kMixtralTrace)) GTEST_SKIP() << "trace not present: " << kMixtralTrace;
+  ASSERT_TRUE(fs::exists(kMixtralTrace)) << kMixtralTrace << " is missing (tests/data/traces)";
   const fs::path yaml = dir_ / "routing.yaml";
   std::ofstream(yaml) << "routing:\n  replay: " << kMixtralTrace << "\n  key: stream\n";
   const fs::path out = dir_ / "out.json";
@@ -133,7 +133,7 @@ TEST_F(BenchTest, ConfigRoutingReplayIsTheTraceUnlessTheFlagIsGiven) {
 }
 
 TEST_F(BenchTest, MixtralShapeTakesTheMixtralTrace) {
-  if (!fs::exists(kMixtralTrace)) GTEST_SKIP() << "trace not present: " << kMixtralTrace;
+  ASSERT_TRUE(fs::exists(kMixtralTrace)) << kMixtralTrace << " is missing (tests/data/traces)";
   const fs::path out = dir_ / "out.json";
   ASSERT_EQ(
       Bench("--synthetic mixtral-8x7b --synthetic-scale 256 -n 2 -c 2 --prompt-len 4 --gen-len 4 "
@@ -157,7 +157,7 @@ TEST_F(BenchTest, OraclePrefetchWithoutACacheIsAnError) {
 }
 
 TEST_F(BenchTest, OraclePrefetchUsesTheTraceAsForecast) {
-  if (!fs::exists(kMixtralTrace)) GTEST_SKIP() << "trace not present: " << kMixtralTrace;
+  ASSERT_TRUE(fs::exists(kMixtralTrace)) << kMixtralTrace << " is missing (tests/data/traces)";
   const fs::path out = dir_ / "out.json";
   ASSERT_EQ(Bench("--synthetic mixtral-8x7b --synthetic-scale 256 -n 2 -c 1 --prompt-len 4 --gen-len 8 "
                   "--routing-trace " +
@@ -179,7 +179,7 @@ TEST_F(BenchTest, OraclePrefetchUsesTheTraceAsForecast) {
 TEST_F(BenchTest, OracleForecastEvictsForTheNextTokenAndMovesFewerBytesThanLru) {
   // With 4 of 8 slots per layer, the oracle also tells the expertflow policy the next token's
   // routing, so it keeps what that token needs: fewer bytes loaded than LRU on the same decode.
-  if (!fs::exists(kMixtralTrace)) GTEST_SKIP() << "trace not present: " << kMixtralTrace;
+  ASSERT_TRUE(fs::exists(kMixtralTrace)) << kMixtralTrace << " is missing (tests/data/traces)";
   const std::string common =
       "--synthetic mixtral-8x7b --synthetic-scale 256 -n 1 -c 1 --prompt-len 4 --gen-len 24 "
       "--routing-trace " +

@@ -103,7 +103,7 @@ struct Args {
   std::vector<std::string> compute_ops_list = {"engine"};
   std::string compute_ops = "engine";  // the one running
   int context = 256;
-  std::string trace = std::string(EF_SHARED_DIR) + "/traces/mixtral8x7b_gsm8k_decode.jsonl";
+  std::string trace = std::string(EF_TEST_DATA) + "/traces/mixtral8x7b_gsm8k_decode.jsonl";
   double pcie_gbps = 55;
   std::string json;
   std::string predictor;  // path mode: a path (or hybrid) predictor file

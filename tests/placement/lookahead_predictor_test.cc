@@ -185,8 +185,8 @@ nlohmann::json EvalJson(const std::string& trace, int d, const std::string& extr
 // 0.595; per layer lookahead wins everywhere but layer 1 (0.517 vs 0.719: layer 0's experts move
 // the residual away from what router 1 reads); model/trace agreement 0.993.
 TEST(LookaheadPredictorTest, BeatsFrequencyOnSharedTrace) {
-  const std::string trace = std::string(EF_SHARED_DIR) + "/traces/tiny_code_moe_prefill.jsonl";
-  if (!std::filesystem::exists(trace)) GTEST_SKIP() << trace << " is absent";
+  const std::string trace = std::string(EF_TEST_DATA) + "/traces/tiny_code_moe_prefill.jsonl";
+  ASSERT_TRUE(std::filesystem::exists(trace)) << trace << " is missing (tests/data/traces)";
   nlohmann::json j = EvalJson(trace, 1, "");
   ASSERT_TRUE(j.contains("recall")) << j.dump();
   EXPECT_EQ(j["predictor"], "lookahead");

@@ -249,8 +249,8 @@ TEST(AffinityPredictorTest, OneLayerAheadUsesTheObservedLayer) {
 // token and its context alone, beats frequency on every layer and one-layer-ahead affinity on
 // every layer after the first.
 TEST(SharedTraceTest, PathBeatsBaselinesOnTinyCodeMoe) {
-  const std::string path = std::string(EF_SHARED_DIR) + "/traces/tiny_code_moe_prefill.jsonl";
-  if (!std::filesystem::exists(path)) GTEST_SKIP() << path << " is absent";
+  const std::string path = std::string(EF_TEST_DATA) + "/traces/tiny_code_moe_prefill.jsonl";
+  ASSERT_TRUE(std::filesystem::exists(path)) << path << " is missing (tests/data/traces)";
   auto trace = ReadRoutingTrace(path);
   ASSERT_TRUE(trace.ok()) << trace.status().ToString();
   trace->SortBySeqPos();
@@ -279,8 +279,8 @@ TEST(SharedTraceTest, PathBeatsBaselinesOnTinyCodeMoe) {
 // token ids say nothing about its routing, so the path predictor must read the observed path;
 // one layer ahead it beats one-layer-ahead affinity on every layer after the first.
 TEST(SharedTraceTest, CorrectedPathBeatsAffinityOnFlame) {
-  const std::string path = std::string(EF_SHARED_DIR) + "/traces/flame_moe_290m_prefill.jsonl";
-  if (!std::filesystem::exists(path)) GTEST_SKIP() << path << " is absent";
+  const std::string path = std::string(EF_TEST_DATA) + "/traces/flame_moe_290m_prefill.jsonl";
+  ASSERT_TRUE(std::filesystem::exists(path)) << path << " is missing (tests/data/traces)";
   auto trace = ReadRoutingTrace(path);
   ASSERT_TRUE(trace.ok()) << trace.status().ToString();
   trace->SortBySeqPos();

@@ -27,11 +27,11 @@ ExecResult Exec(const std::string& args) {
   return r;
 }
 
-std::string Trace(const char* name) { return std::string(EF_SHARED_DIR) + "/traces/" + name; }
+std::string Trace(const char* name) { return std::string(EF_TEST_DATA) + "/traces/" + name; }
 
 TEST(ScheduleEvalCliTest, JsonOnFlame) {
   const std::string trace = Trace("flame_moe_290m_prefill.jsonl");
-  if (!std::filesystem::exists(trace)) GTEST_SKIP() << "trace absent";
+  ASSERT_TRUE(std::filesystem::exists(trace)) << trace << " is missing (tests/data/traces)";
   ExecResult r = Exec("schedule-eval --trace " + trace + " --batch-size 16 --window 4 --ranks 4 --oracle --json");
   ASSERT_EQ(r.rc, 0) << r.out;
   auto j = nlohmann::json::parse(r.out);  // exactly one object: parse fails on trailing text
@@ -54,7 +54,7 @@ TEST(ScheduleEvalCliTest, JsonOnFlame) {
 
 TEST(ScheduleEvalCliTest, OneRankSendsNothing) {
   const std::string trace = Trace("mixtral8x7b_gsm8k_decode.jsonl");
-  if (!std::filesystem::exists(trace)) GTEST_SKIP() << "trace absent";
+  ASSERT_TRUE(std::filesystem::exists(trace)) << trace << " is missing (tests/data/traces)";
   ExecResult r = Exec("schedule-eval --trace " + trace + " --batch-size 16 --window 2 --json");
   ASSERT_EQ(r.rc, 0) << r.out;
   auto j = nlohmann::json::parse(r.out);
@@ -65,7 +65,7 @@ TEST(ScheduleEvalCliTest, OneRankSendsNothing) {
 
 TEST(ScheduleEvalCliTest, SchedulesTheChosenSequences) {
   const std::string trace = Trace("flame_moe_290m_prefill.jsonl");
-  if (!std::filesystem::exists(trace)) GTEST_SKIP() << "trace absent";
+  ASSERT_TRUE(std::filesystem::exists(trace)) << trace << " is missing (tests/data/traces)";
   ExecResult r = Exec("schedule-eval --trace " + trace + " --seqs 24-31 --oracle --json");
   ASSERT_EQ(r.rc, 0) << r.out;
   auto j = nlohmann::json::parse(r.out);

@@ -133,8 +133,8 @@ TEST(TokenRegrouperTest, ClustersObviousGroups) {
 // The FLAME-MoE targets (oracle forecast, batch 16): >= 15% fewer distinct experts per batch than
 // FCFS at window 2, >= 25% at window 4.
 TEST(TokenRegrouperTest, FlameTargets) {
-  const std::string path = std::string(EF_SHARED_DIR) + "/traces/flame_moe_290m_prefill.jsonl";
-  if (!std::filesystem::exists(path)) GTEST_SKIP() << "trace absent: " << path;
+  const std::string path = std::string(EF_TEST_DATA) + "/traces/flame_moe_290m_prefill.jsonl";
+  ASSERT_TRUE(std::filesystem::exists(path)) << path << " is missing (tests/data/traces)";
   auto trace = placement::ReadRoutingTrace(path);
   ASSERT_TRUE(trace.ok()) << trace.status().ToString();
   trace->SortBySeqPos();
