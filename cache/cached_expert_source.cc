@@ -43,15 +43,20 @@ StatusOr<std::unique_ptr<CachedExpertSource>> CachedExpertSource::Create(const r
   }
   EF_ASSIGN_OR_RETURN(auto arena, BackendSlotArena::Create(backend, num_slots, so.slot_bytes));
   const runtime::ModelWeights* m = &model;
-  cache::ExpertSource fill = [m](int l, int e, std::span<std::byte> dst) -> Status {
-    const runtime::ExpertWeights& w = m->host_expert(l, e);
-    size_t off = 0;
-    for (const runtime::Weight* p : {&w.gate, &w.up, &w.down}) {
-      std::memcpy(dst.data() + off, p->data, p->nbytes());
-      off += p->nbytes();
-    }
-    return Status::Ok();
-  };
+  cache::ExpertSource fill;
+  if (ExpertTiers* tiers = options.tiers) {
+    fill = [tiers](int l, int e, std::span<std::byte> dst) { return tiers->FillPacked(l, e, dst); };
+  } else {
+    fill = [m](int l, int e, std::span<std::byte> dst) -> Status {
+      const runtime::ExpertWeights& w = m->host_expert(l, e);
+      size_t off = 0;
+      for (const runtime::Weight* p : {&w.gate, &w.up, &w.down}) {
+        std::memcpy(dst.data() + off, p->data, p->nbytes());
+        off += p->nbytes();
+      }
+      return Status::Ok();
+    };
+  }
   EF_ASSIGN_OR_RETURN(src->store_, ExpertStore::Create(so, std::move(fill), std::move(arena)));
   src->upcoming_.resize(c.num_layers);
   src->pinned_.resize(static_cast<size_t>(c.num_layers) * c.num_experts);

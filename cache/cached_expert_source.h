@@ -1,6 +1,6 @@
 // CachedExpertSource: the engine's ExpertSource backed by an ExpertStore — a bounded number of
 // expert slots in backend memory, filled from the checkpoint's host copy (the mmap'd safetensors,
-// or pinned memory) on demand and ahead of need.
+// or pinned memory; under expert parallelism the tiers of ExpertTiers) on demand and ahead of need.
 //
 // Per MoE layer, when the router has run (OnRouting):
 //   1. correction: every expert the router picked that is not resident is queued at correction
@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "cache/expert_store.h"
+#include "cache/expert_tiers.h"
 #include "runtime/engine/expert_source.h"
 
 namespace ef::cache {
@@ -32,6 +33,8 @@ struct CachedExpertSourceOptions {
   bool async = false;       // load corrections/prefetches on a worker thread
   // static policy: routing counts per (layer, expert), layer-major, e.g. from a routing trace.
   std::vector<int64_t> static_counts;
+  // Where misses load from (not owned; must outlive the source); null: the checkpoint mapping.
+  ExpertTiers* tiers = nullptr;
 };
 
 class CachedExpertSource final : public runtime::ExpertSource {

@@ -202,10 +202,12 @@ StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(runtime::Engine* engi
     EF_ASSIGN_OR_RETURN(counts, StaticCounts(c, o));
   }
 
+  cache->tiers_ = std::make_unique<ExpertTiers>(&engine->weights(), o.tiers);
   const bool cuda = engine->backend().kind() == runtime::BackendKind::kCuda;
   if (cuda) {
 #if EF_HAVE_CUDA_CACHE
     CudaExpertSourceOptions co;
+    if (o.tiers.host || o.tiers.peer) co.tiers = cache->tiers_.get();
     co.slots_per_layer = budget.slots_per_layer;
     co.policy = o.policy;
     co.prefetch_layers = o.prefetch_layers;
@@ -224,6 +226,7 @@ StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(runtime::Engine* engi
     co.policy = o.policy;
     co.prefetch_layers = o.prefetch_layers;
     co.static_counts = counts;
+    co.tiers = cache->tiers_.get();
     EF_ASSIGN_OR_RETURN(auto src, CachedExpertSource::Create(engine->weights(), &engine->backend(), co));
     cache->cpu_ = src.get();
     cache->store_ = &src->store();
@@ -271,6 +274,7 @@ ExpertCache::~ExpertCache() {
   }
   prefetcher_.reset();
   source_.reset();
+  tiers_.reset();
 }
 
 std::string ExpertCache::Describe() const {
@@ -313,6 +317,14 @@ std::string ExpertCache::StatsSummary() const {
       st.hit_rate(), Bytes(static_cast<uint64_t>(t.bytes_from_host)).c_str(), static_cast<long long>(t.prefetch_issued),
       static_cast<long long>(t.prefetch_used), static_cast<long long>(t.prefetch_wasted));
   std::string s = buf;
+  if (tiers_ && (tiers_->hooks().host || tiers_->hooks().peer)) {
+    const TierCounters tc = tier_counters();
+    std::snprintf(buf, sizeof buf, "; loads from host %lld (%s), peers %lld (%s), checkpoint %lld (%s)",
+                  static_cast<long long>(tc.loads[0]), Bytes(static_cast<uint64_t>(tc.bytes[0])).c_str(),
+                  static_cast<long long>(tc.loads[1]), Bytes(static_cast<uint64_t>(tc.bytes[1])).c_str(),
+                  static_cast<long long>(tc.loads[2]), Bytes(static_cast<uint64_t>(tc.bytes[2])).c_str());
+    s += buf;
+  }
   if (prefetcher_ && prefetcher_->forecast_chosen() > 0) {
     std::snprintf(buf, sizeof buf, ", forecast recall %.3f", prefetcher_->forecast_recall());
     s += buf;
@@ -329,7 +341,46 @@ ExpertStoreStats ExpertCache::stats() const {
   return s;
 }
 
+TierCounters ExpertCache::tier_counters() const {
+  if (!store_ || !tiers_) return {};
+  TierCounters t = tiers_->counters();
+  if (cuda_) {
+    // The pinned host tier loads through the arena, not the tiers: the loads the tiers did not
+    // serve are host loads.
+    const ExpertStoreStats st = store_->stats();
+    const int64_t loads = st.total.bytes_from_host / static_cast<int64_t>(store_->slot_bytes());
+    const int64_t host = std::max<int64_t>(0, loads - t.loads[1] - t.loads[2]);
+    t.loads[0] = host;
+    t.bytes[0] = host * static_cast<int64_t>(engine_->weights().max_expert_bytes());
+  }
+  return t;
+}
+
+nlohmann::json ExpertCache::StatsJson() const {
+  nlohmann::json j = {{"active", active()}};
+  if (!active()) return j;
+  const ExpertStoreStats st = stats();
+  const ExpertCounters& c = st.total;
+  const TierCounters t = tier_counters();
+  j["slots_per_layer"] = budget_.slots_per_layer;
+  j["accesses"] = c.hits + c.misses;
+  j["hits"] = c.hits;
+  j["misses"] = c.misses;
+  j["prefetch_issued"] = c.prefetch_issued;
+  j["prefetch_used"] = c.prefetch_used;
+  j["bytes_loaded"] = c.bytes_from_host;
+  for (int i = 0; i < kNumTiers; ++i) {
+    const std::string name = TierName(static_cast<Tier>(i));
+    j[name + "_loads"] = t.loads[i];
+    j[name + "_bytes"] = t.bytes[i];
+  }
+  return j;
+}
+
 void ExpertCache::SetUpcoming(int layer, std::vector<int32_t> experts) {
+  // Under expert parallelism this rank loads only the experts it computes.
+  if (tiers_ && tiers_->hooks().computes)
+    std::erase_if(experts, [&](int32_t e) { return !tiers_->Computes(layer, e); });
   if (cpu_) cpu_->SetUpcoming(layer, std::move(experts));
 #if EF_HAVE_CUDA_CACHE
   if (cuda_) cuda_->SetUpcoming(layer, std::move(experts));

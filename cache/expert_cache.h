@@ -28,11 +28,13 @@
 
 #include <cstdint>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
 #include "cache/cached_expert_source.h"
 #include "cache/expert_store.h"
+#include "cache/expert_tiers.h"
 #include "cache/predictor_prefetcher.h"
 #include "placement/routing_trace.h"
 #include "runtime/engine/engine.h"
@@ -61,6 +63,9 @@ struct ExpertCacheOptions {
   // Optional routing trace (e.g. the benchmark's routing override): its shape must match the
   // model; `frequency` without a file is fitted on it and `static` counts its routing.
   const placement::RoutingTrace* trace = nullptr;
+  // Under expert parallelism, the tiers behind the device slots (this rank's host shard, peers,
+  // the checkpoint) and the experts this rank computes; unset hooks: one process (expert_tiers.h).
+  TierHooks tiers;
 };
 
 // What a budget comes to on an engine (ExpertCache::PlanBudget).
@@ -98,6 +103,10 @@ class ExpertCache {
   // The store's counters per (layer, expert) (layers are decoder layers); empty when inactive.
   // Thread-safe.
   ExpertStoreStats stats() const;
+  // Loads and bytes per tier (host, peer, checkpoint); zero when inactive. Thread-safe.
+  TierCounters tier_counters() const;
+  // This rank's counters as JSON: accesses, hits, misses, prefetches, loads and bytes per tier.
+  nlohmann::json StatsJson() const;
   // Prefetch accuracy of the predictor (0 / 0 without one).
   const PredictorPrefetcher* prefetcher() const { return prefetcher_.get(); }
 
@@ -115,6 +124,7 @@ class ExpertCache {
   runtime::Engine* engine_ = nullptr;
   ExpertCacheOptions options_;
   CacheBudget budget_;
+  std::unique_ptr<ExpertTiers> tiers_;  // the sources' next tiers (outlives source_)
   std::unique_ptr<runtime::ExpertSource> source_;
   CachedExpertSource* cpu_ = nullptr;  // source_, on the CPU backend
   CudaExpertSource* cuda_ = nullptr;   // source_, on CUDA

@@ -28,13 +28,19 @@ StatusOr<std::unique_ptr<Cluster>> Cluster::Create(MpiContext* ctx, runtime::Eng
   }
   if (o.peer_fetch != "ucx" && o.peer_fetch != "none")
     return InvalidArgument("unknown peer_fetch '" + o.peer_fetch + "' (ucx|none)");
-  if (o.peer_fetch == "ucx" && c->placement_.NeedsPeerFetch()) {
+  // With an expert cache, the shard is its host tier, so it exists whatever the compute placement.
+  const bool shard = o.expert_cache ? ctx->size() > 1 : c->placement_.NeedsPeerFetch();
+  if (o.peer_fetch == "ucx" && shard) {
     UcxOptions u;
     u.force_tcp = o.ranks_per_node == 1 && ctx->size() > 1;
-    EF_ASSIGN_OR_RETURN(c->peer_source_,
-                        PeerExpertSource::Create(ctx, &c->placement_, &engine->weights(), &engine->backend(),
-                                                 engine->local_moe().expert_source(), u));
-    engine->SetExpertSource(c->peer_source_.get());
+    EF_ASSIGN_OR_RETURN(
+        c->peer_source_,
+        PeerExpertSource::Create(ctx, &c->placement_, &engine->weights(), &engine->backend(),
+                                 engine->local_moe().expert_source(), u, o.expert_cache ? o.host_budget_bytes : 0));
+    if (!o.expert_cache) {
+      engine->SetExpertSource(c->peer_source_.get());
+      c->set_expert_source_ = true;
+    }
   }
   c->executor_ = std::make_unique<ExpertParallelExecutor>(ctx, c->exchange_.get(), &c->placement_, engine);
   engine->SetMoeExecutor(c->executor_.get());
@@ -47,7 +53,7 @@ StatusOr<std::unique_ptr<Cluster>> Cluster::Create(MpiContext* ctx, runtime::Eng
 Cluster::~Cluster() {
   if (engine_) {
     engine_->SetMoeExecutor(nullptr);
-    engine_->SetExpertSource(nullptr);
+    if (set_expert_source_) engine_->SetExpertSource(nullptr);
   }
 }
 
@@ -98,8 +104,11 @@ CommCounters Cluster::LiveCounters() const {
   return c;
 }
 
-StatusOr<nlohmann::json> Cluster::GatherStats() {
-  const std::string mine = Stats().dump();
+StatusOr<nlohmann::json> Cluster::GatherStats(const nlohmann::json& extra) {
+  nlohmann::json me = Stats();
+  if (extra.is_object())
+    for (const auto& [k, v] : extra.items()) me[k] = v;
+  const std::string mine = me.dump();
   EF_ASSIGN_OR_RETURN(auto all, ctx_->GatherBytesToRoot({mine.data(), mine.size()}, "the statistics gather"));
   if (ctx_->rank() != 0) return nlohmann::json();
   nlohmann::json ranks = nlohmann::json::array();

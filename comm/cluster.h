@@ -32,6 +32,11 @@ struct ClusterOptions {
   std::string peer_fetch = "ucx";  // ucx | none (read non-home experts from the local mapping)
   PlacementOptions placement;
   double timeout_s = 30;  // every wait on a peer
+  // A per-rank expert cache serves the engine's experts (created after the cluster): the cluster
+  // keeps every rank's host shard of the experts it is home for, the cache's host and peer tiers
+  // read it (peer()), and the engine's expert source is the cache's, not set here.
+  bool expert_cache = false;
+  uint64_t host_budget_bytes = 0;  // with expert_cache: bytes of this rank's host shard (0: no bound)
 };
 
 class Cluster {
@@ -42,6 +47,8 @@ class Cluster {
 
   ExpertParallelExecutor& executor() { return *executor_; }
   const ExpertPlacement& placement() const { return placement_; }
+  // The host shards and UCX gets; null without peer fetch or on one rank.
+  PeerExpertSource* peer() { return peer_source_.get(); }
   Status Drain() { return executor_->Drain(); }
   // This rank's counters.
   nlohmann::json Stats() const;
@@ -50,8 +57,8 @@ class Cluster {
   // read one by one, so they may be a step apart from each other.
   CommCounters LiveCounters() const;
   // Every rank's counters on rank 0 ({"ranks": [...], "a2a_bytes": total, "ucx_get_bytes": total});
-  // other ranks get null.
-  StatusOr<nlohmann::json> GatherStats();
+  // other ranks get null. `extra` is merged into this rank's record (e.g. {"expert_cache": ...}).
+  StatusOr<nlohmann::json> GatherStats(const nlohmann::json& extra = nlohmann::json::object());
   Status Shutdown();
 
  private:
@@ -63,6 +70,7 @@ class Cluster {
   std::unique_ptr<PeerExpertSource> peer_source_;
   std::unique_ptr<ExpertParallelExecutor> executor_;
   bool shut_down_ = false;
+  bool set_expert_source_ = false;  // this cluster installed the engine's expert source
 };
 
 }  // namespace ef::comm

@@ -7,11 +7,9 @@
 
 namespace ef::comm {
 
-StatusOr<std::unique_ptr<PeerExpertSource>> PeerExpertSource::Create(MpiContext* ctx, const ExpertPlacement* placement,
-                                                                     const runtime::ModelWeights* weights,
-                                                                     runtime::Backend* backend,
-                                                                     runtime::ExpertSource* local,
-                                                                     const UcxOptions& ucx) {
+StatusOr<std::unique_ptr<PeerExpertSource>> PeerExpertSource::Create(
+    MpiContext* ctx, const ExpertPlacement* placement, const runtime::ModelWeights* weights, runtime::Backend* backend,
+    runtime::ExpertSource* local, const UcxOptions& ucx, uint64_t host_budget_bytes) {
   auto s = std::unique_ptr<PeerExpertSource>(new PeerExpertSource());
   s->ctx_ = ctx;
   s->placement_ = placement;
@@ -26,9 +24,11 @@ StatusOr<std::unique_ptr<PeerExpertSource>> PeerExpertSource::Create(MpiContext*
     if (!c.IsMoeLayer(l)) continue;
     for (int e = 0; e < E; ++e) {
       const size_t b = weights->host_expert(l, e).nbytes();
+      const size_t padded = (b + 63) / 64 * 64;
       for (int r : placement->HomeRanks(l, e)) {
+        if (host_budget_bytes > 0 && total[r] + padded > host_budget_bytes) continue;
         s->offsets_[r][static_cast<size_t>(l) * E + e] = static_cast<int64_t>(total[r]);
-        total[r] += (b + 63) / 64 * 64;
+        total[r] += padded;
       }
     }
   }
@@ -63,6 +63,28 @@ PeerExpertSource::~PeerExpertSource() {
 
 int64_t PeerExpertSource::ShardOffset(int rank, int layer, int expert) const {
   return offsets_[rank][static_cast<size_t>(layer) * weights_->config().num_experts + expert];
+}
+
+const std::byte* PeerExpertSource::HostCopy(int layer, int expert) const {
+  const int64_t off = ShardOffset(ctx_->rank(), layer, expert);
+  return off < 0 ? nullptr : reinterpret_cast<const std::byte*>(shard_ + off);
+}
+
+Status PeerExpertSource::Fetch(int layer, int expert, std::span<std::byte> dst) {
+  const size_t bytes = weights_->host_expert(layer, expert).nbytes();
+  if (dst.size() != bytes)
+    return Internal("peer fetch of " + std::to_string(bytes) + " bytes into " + std::to_string(dst.size()));
+  for (int home : placement_->HomeRanks(layer, expert)) {
+    const int64_t off = ShardOffset(home, layer, expert);
+    if (off < 0 || home == ctx_->rank()) continue;
+    Status st = remote_->Get(home, static_cast<uint64_t>(off), dst.data(), bytes);
+    if (!st.ok())
+      return st.Prepend("fetching expert " + std::to_string(expert) + " of layer " + std::to_string(layer) +
+                        " from rank " + std::to_string(home));
+    return Status::Ok();
+  }
+  return NotFound("no rank keeps expert " + std::to_string(expert) + " of layer " + std::to_string(layer) +
+                  " in its host shard");
 }
 
 StatusOr<runtime::ExpertWeights> PeerExpertSource::Acquire(int layer, int expert) {

@@ -8,12 +8,20 @@
 // the model alone. The shard is copied once from the checkpoint mapping at Create and registered
 // with UcxRemoteMemory; with replication r the cluster keeps about r copies of the experts.
 //
-// Fetched experts are kept until destruction (a bounded peer tier belongs to the expert cache).
+// As the engine's ExpertSource (no expert cache), fetched experts are kept until destruction.
+// Under a per-rank expert cache the source is not installed: the cache's tiers read the shard
+// (HostCopy) and peers' shards (Fetch) into its own bounded slots.
+//
+// host_budget_bytes bounds the shard: experts are taken in (layer, expert) order while they fit,
+// the same on every rank (every rank computes every rank's offsets), so an expert past a home's
+// budget is in no shard and is read from the checkpoint mapping instead.
 // Not thread-safe: the engine's thread drives it.
 #pragma once
 
+#include <cstddef>
 #include <map>
 #include <memory>
+#include <span>
 #include <utility>
 #include <vector>
 
@@ -30,12 +38,19 @@ class PeerExpertSource final : public runtime::ExpertSource {
   static StatusOr<std::unique_ptr<PeerExpertSource>> Create(MpiContext* ctx, const ExpertPlacement* placement,
                                                             const runtime::ModelWeights* weights,
                                                             runtime::Backend* backend, runtime::ExpertSource* local,
-                                                            const UcxOptions& ucx);
+                                                            const UcxOptions& ucx, uint64_t host_budget_bytes = 0);
   ~PeerExpertSource() override;
 
   void OnRouting(int layer, std::vector<int32_t>& experts) override { local_->OnRouting(layer, experts); }
   StatusOr<runtime::ExpertWeights> Acquire(int layer, int expert) override;
   void Release(int layer, int expert) override;
+
+  // The packed bytes (gate | up | down) of (layer, expert) in this rank's shard; null when this rank
+  // is not its home or its host budget left the expert out.
+  const std::byte* HostCopy(int layer, int expert) const;
+  // Reads the packed bytes of (layer, expert) from the first home rank whose shard keeps it into
+  // dst (exactly its size). NotFound when no shard keeps it; UCX errors name the rank.
+  Status Fetch(int layer, int expert, std::span<std::byte> dst);
 
   UcxRemoteMemory& remote() { return *remote_; }
   int64_t shard_bytes() const { return static_cast<int64_t>(shard_bytes_); }

@@ -205,10 +205,6 @@ Status RunBench(const BenchOptions& given, comm::MpiContext* ctx) {
   const bool root = me == 0;
   const Config& config = o.cluster.config;  // the cache and predictor sections, flags applied
   const bool want_cache = WantsExpertCache(config.cache);
-  if (distributed && want_cache)
-    return InvalidArgument(
-        "--cache-device-budget under mpirun: the expert cache runs on one rank only for now (the expert-parallel "
-        "executor computes each expert on its home rank from resident weights)");
   if (o.oracle_prefetch && (!want_cache || o.routing_trace.empty()))
     return InvalidArgument("--oracle-prefetch needs --cache-device-budget and --routing-trace");
   // Long collective steps (writing a synthetic checkpoint, loading it) wait longer than a step.
@@ -248,8 +244,8 @@ Status RunBench(const BenchOptions& given, comm::MpiContext* ctx) {
 
   // These outlive the serving loop (declared first, destroyed last): the engine keeps pointers.
   std::unique_ptr<placement::TraceRoutingOverride> trace_override;
-  std::unique_ptr<cache::ExpertCache> expert_cache;
   std::unique_ptr<comm::Cluster> cluster;
+  std::unique_ptr<cache::ExpertCache> expert_cache;  // reads the cluster's host shards: goes first
   placement::TraceKeying keying = placement::TraceKeying::kStream;
   if (o.routing_key == "sequence" || (o.routing_key == "auto" && (distributed || o.assign == "locality")))
     keying = placement::TraceKeying::kSequence;
@@ -264,11 +260,19 @@ Status RunBench(const BenchOptions& given, comm::MpiContext* ctx) {
     trace_override = std::move(ov).value();
     engine->AddRoutingHook(trace_override->Hook());
   }
+  if (distributed) {
+    EF_RETURN_IF_ERROR(long_barrier("every rank's model load"));
+    comm::ClusterOptions co = o.cluster.cluster;
+    co.expert_cache = want_cache;  // every rank's own cache, backed by the ranks' host shards
+    co.host_budget_bytes = config.cache.host_budget;
+    EF_ASSIGN_OR_RETURN(cluster, comm::Cluster::Create(ctx, engine.get(), co));
+  }
   if (want_cache) {
     PredictorSection predictor = config.predictor;
     if (o.oracle_prefetch) predictor.kind = "none";  // the oracle below is the forecast
-    EF_ASSIGN_OR_RETURN(expert_cache, SetUpExpertCache(engine.get(), config.cache, predictor,
-                                                       trace_override ? &trace_override->trace() : nullptr));
+    EF_ASSIGN_OR_RETURN(expert_cache,
+                        SetUpExpertCache(engine.get(), config.cache, predictor,
+                                         trace_override ? &trace_override->trace() : nullptr, cluster.get(), me));
     if (o.oracle_prefetch && expert_cache->active()) {
       if (keying != placement::TraceKeying::kStream)
         return InvalidArgument("--oracle-prefetch needs --routing-key stream (one rank)");
@@ -309,10 +313,6 @@ Status RunBench(const BenchOptions& given, comm::MpiContext* ctx) {
         }
       });
     }
-  }
-  if (distributed) {
-    EF_RETURN_IF_ERROR(long_barrier("every rank's model load"));
-    EF_ASSIGN_OR_RETURN(cluster, comm::Cluster::Create(ctx, engine.get(), o.cluster.cluster));
   }
 
   // The same R x n requests on every rank; this rank runs those assigned to it.
@@ -457,12 +457,12 @@ Status RunBench(const BenchOptions& given, comm::MpiContext* ctx) {
   json comm_stats;
   if (cluster) {
     EF_RETURN_IF_ERROR(cluster->Drain());
-    EF_ASSIGN_OR_RETURN(comm_stats, cluster->GatherStats());
+    const json cache_json = expert_cache ? expert_cache->StatsJson() : json{{"active", false}};
+    EF_ASSIGN_OR_RETURN(comm_stats, cluster->GatherStats({{"expert_cache", cache_json}}));
     EF_RETURN_IF_ERROR(cluster->Shutdown());
-    cluster.reset();
   }
   // The cache's slots live in the engine's backend: detach and free them while it exists (the
-  // loop, declared last, destroys the engine first).
+  // loop, declared last, destroys the engine first), and before the cluster whose shards back it.
   cache::ExpertStoreStats cs;
   const cache::CacheBudget cache_budget = expert_cache ? expert_cache->budget() : cache::CacheBudget{};
   std::string cache_summary;
@@ -470,6 +470,21 @@ Status RunBench(const BenchOptions& given, comm::MpiContext* ctx) {
     cs = expert_cache->stats();
     cache_summary = expert_cache->StatsSummary();
     expert_cache.reset();  // detaches from the engine
+  }
+  cluster.reset();
+  if (root && distributed && cs.total.hits + cs.total.misses > 0) {
+    // Every rank's cache: the table's hit rate and bytes are over all ranks.
+    cs.total = {};
+    for (const json& r : comm_stats["ranks"]) {
+      const json& c = r["expert_cache"];
+      if (!c.value("active", false)) continue;
+      cs.total.hits += c["hits"].get<int64_t>();
+      cs.total.misses += c["misses"].get<int64_t>();
+      cs.total.prefetch_issued += c["prefetch_issued"].get<int64_t>();
+      cs.total.prefetch_used += c["prefetch_used"].get<int64_t>();
+      cs.total.bytes_from_host += c["bytes_loaded"].get<int64_t>();
+    }
+    cache_summary = "rank 0: " + cache_summary + " (the table: all ranks)";
   }
   if (failed.load() > 0) return Internal(std::to_string(failed.load()) + " requests failed; first: " + first_error);
   if (root) std::fprintf(stderr, "\r%60s\r", "");

@@ -6,8 +6,8 @@
 #include "comm/mpi_context.h"
 #include "launch/command.h"
 #include "launch/config.h"
+#include "launch/deployment.h"
 #include "launch/engine_options.h"
-#include "launch/expert_cache_setup.h"
 #include "runtime/engine/generator.h"
 #include "runtime/tokenizer/tokenizer.h"
 
@@ -39,23 +39,14 @@ void ApplyGenerateConfig(const Config& c, const CLI::App& app, GenerateOptions* 
 }
 
 // Under mpirun rank 0 owns the prompt (attention, sampling, printing); every rank joins each MoE
-// layer's expert-parallel exchange until rank 0 is done. With cache.device_budget the experts
-// are served from an expert cache of that size (one process only).
+// layer's expert-parallel exchange until rank 0 is done. With cache.device_budget every rank's
+// experts are served from an expert cache of that size (per rank).
 Status RunGenerate(const GenerateOptions& o, comm::MpiContext* ctx) {
-  runtime::EngineOptions eo = o.model.ToEngineOptions();
-  eo.upload_experts = !WantsExpertCache(o.cluster.config.cache);
-  EF_ASSIGN_OR_RETURN(auto engine, runtime::Engine::Create(o.model.dir, eo));
-  EF_ASSIGN_OR_RETURN(auto expert_cache, SetUpCommandExpertCache(engine.get(), o.cluster.config, ctx));
-  std::unique_ptr<comm::Cluster> cluster;
-  if (ctx->mpi()) {
-    EF_ASSIGN_OR_RETURN(cluster, comm::Cluster::Create(ctx, engine.get(), o.cluster.cluster));
-  }
-  if (ctx->rank() == 0) EF_RETURN_IF_ERROR(GenerateOnThisRank(o, *engine));
-  if (expert_cache && expert_cache->active()) std::fprintf(stderr, "%s\n", expert_cache->StatsSummary().c_str());
-  if (!cluster) return Status::Ok();
-  EF_RETURN_IF_ERROR(cluster->Drain());
-  EF_ASSIGN_OR_RETURN(auto stats, cluster->GatherStats());
-  EF_RETURN_IF_ERROR(cluster->Shutdown());
+  EF_ASSIGN_OR_RETURN(auto deployment, Deployment::Create(ctx, MakeDeploymentOptions(o.model, o.cluster)));
+  if (ctx->rank() == 0) EF_RETURN_IF_ERROR(GenerateOnThisRank(o, deployment->engine()));
+  deployment->PrintCacheSummary();
+  if (!deployment->cluster()) return Status::Ok();
+  EF_ASSIGN_OR_RETURN(auto stats, deployment->Finish());
   if (ctx->rank() == 0) {
     if (!o.cluster.stats_out.empty()) {
       std::ofstream f(o.cluster.stats_out);

@@ -11,8 +11,8 @@
 #include "comm/mpi_context.h"
 #include "launch/command.h"
 #include "launch/config.h"
+#include "launch/deployment.h"
 #include "launch/engine_options.h"
-#include "launch/expert_cache_setup.h"
 #include "runtime/core/logging.h"
 #include "runtime/engine/engine.h"
 
@@ -53,19 +53,14 @@ StatusOr<std::vector<std::vector<int32_t>>> ReadIds(const std::string& path) {
 
 // Under mpirun, sequence b runs on rank b % N (data-parallel attention) while every MoE layer is
 // expert-parallel across all ranks; rank 0 gathers the logits and router rows and writes the same
-// JSON as one process. With cache.device_budget the experts come from an expert cache of that
-// size (one process only); the output does not change.
+// JSON as one process. With cache.device_budget every rank's experts come from an expert cache of
+// that size (per rank); the output does not change.
 Status RunScore(const ScoreOptions& o, comm::MpiContext* ctx) {
   EF_ASSIGN_OR_RETURN(auto ids, ReadIds(o.ids_file));
-  runtime::EngineOptions eo = o.model.ToEngineOptions();
-  eo.upload_experts = !WantsExpertCache(o.cluster.config.cache);
-  EF_ASSIGN_OR_RETURN(auto engine, runtime::Engine::Create(o.model.dir, eo));
-  EF_ASSIGN_OR_RETURN(auto expert_cache, SetUpCommandExpertCache(engine.get(), o.cluster.config, ctx));
+  EF_ASSIGN_OR_RETURN(auto deployment, Deployment::Create(ctx, MakeDeploymentOptions(o.model, o.cluster)));
+  runtime::Engine* engine = &deployment->engine();
   const auto& c = engine->config();
-  std::unique_ptr<comm::Cluster> cluster;
-  if (ctx->mpi()) {
-    EF_ASSIGN_OR_RETURN(cluster, comm::Cluster::Create(ctx, engine.get(), o.cluster.cluster));
-  }
+  comm::Cluster* cluster = deployment->cluster();
   const int rank = ctx->rank(), world = ctx->size();
   // Per sequence: router rows [moe_layer][tokens][k].
   std::map<int64_t, std::vector<std::vector<std::vector<int32_t>>>> topk;
@@ -92,11 +87,11 @@ Status RunScore(const ScoreOptions& o, comm::MpiContext* ctx) {
     }
     mine[std::to_string(b)] = {{"logits", std::move(rows)}, {"topk", topk[static_cast<int64_t>(b)]}};
   }
-  if (expert_cache && expert_cache->active()) std::fprintf(stderr, "%s\n", expert_cache->StatsSummary().c_str());
+  deployment->PrintCacheSummary();
   json stats;
   if (cluster) {
     EF_RETURN_IF_ERROR(cluster->Drain());
-    EF_ASSIGN_OR_RETURN(stats, cluster->GatherStats());
+    EF_ASSIGN_OR_RETURN(stats, cluster->GatherStats({{"expert_cache", deployment->CacheStats()}}));
   }
   // Rank 0 assembles batch order: logits[b], router_topk[moe_layer] = rows of b = 0, 1, ...
   std::vector<std::vector<char>> parts;

@@ -121,10 +121,18 @@ Status RunServe(ServeOptions o, const CLI::App& app, comm::MpiContext* ctx) {
   runtime::EngineOptions eo = o.model.ToEngineOptions();
   eo.upload_experts = !WantsExpertCache(cfg.cache);
   EF_ASSIGN_OR_RETURN(auto engine, runtime::Engine::Create(o.model.dir, eo));
-  EF_ASSIGN_OR_RETURN(auto expert_cache, SetUpCommandExpertCache(engine.get(), cfg, ctx));
   std::unique_ptr<comm::Cluster> cluster;
   if (ctx->mpi() && ctx->size() > 1) {
-    EF_ASSIGN_OR_RETURN(cluster, comm::Cluster::Create(ctx, engine.get(), o.cluster.cluster));
+    comm::ClusterOptions co = o.cluster.cluster;
+    co.expert_cache = WantsExpertCache(cfg.cache);
+    co.host_budget_bytes = cfg.cache.host_budget;
+    EF_ASSIGN_OR_RETURN(cluster, comm::Cluster::Create(ctx, engine.get(), co));
+  }
+  // Every rank's own cache (the budget is per rank), after the cluster whose shards back it.
+  EF_ASSIGN_OR_RETURN(auto expert_cache,
+                      SetUpExpertCache(engine.get(), cfg.cache, cfg.predictor, nullptr, cluster.get(), ctx->rank()));
+  if (expert_cache && ctx->rank() == 0) std::fprintf(stderr, "%s\n", expert_cache->Describe().c_str());
+  if (cluster) {
     if (ctx->rank() != 0) {
       // A follower: compute this rank's experts for rank 0's steps until it stops.
       EF_RETURN_IF_ERROR(cluster->executor().Follow());
@@ -147,19 +155,6 @@ Status RunServe(ServeOptions o, const CLI::App& app, comm::MpiContext* ctx) {
   if (o.http.model_name.empty())
     o.http.model_name = std::filesystem::path(o.model.dir).parent_path().filename().string();
   ServingLoop loop(std::move(engine), tok, &metrics, o.loop);
-  // The cache points into the engine the loop owns (and its slots are the engine's backend
-  // memory): on every way out, stop the engine thread and free the cache before the loop goes.
-  struct CacheRelease {
-    ServingLoop* loop;
-    ServerMetrics* metrics;
-    std::unique_ptr<cache::ExpertCache>* cache;
-    ~CacheRelease() {
-      if (!*cache) return;
-      loop->Stop();
-      metrics->SetExpertCache(nullptr);
-      cache->reset();
-    }
-  } release{&loop, &metrics, &expert_cache};
   // The cluster points into the engine the loop owns: stop the engine thread and drop the
   // cluster (after /metrics stops reading it) before the loop goes, on every way out.
   struct ClusterRelease {
@@ -173,6 +168,20 @@ Status RunServe(ServeOptions o, const CLI::App& app, comm::MpiContext* ctx) {
       cluster->reset();
     }
   } cluster_release{&loop, &metrics, &cluster};
+  // The cache points into the engine the loop owns (and its slots are the engine's backend
+  // memory): on every way out, stop the engine thread and free the cache before the loop goes,
+  // and before the cluster whose host shards its tiers read (released in reverse order).
+  struct CacheRelease {
+    ServingLoop* loop;
+    ServerMetrics* metrics;
+    std::unique_ptr<cache::ExpertCache>* cache;
+    ~CacheRelease() {
+      if (!*cache) return;
+      loop->Stop();
+      metrics->SetExpertCache(nullptr);
+      cache->reset();
+    }
+  } release{&loop, &metrics, &expert_cache};
   HttpServer server(o.http, &loop, &tok, &chat, &metrics);
   StatusOr<int> port = server.Bind();
   if (!port.ok()) {

@@ -459,7 +459,8 @@ void CacheFlags::Register(CLI::App* app) {
                   "backend memory for expert slots: a size (24GiB), 'N slots', 'N slots per layer' or auto (no "
                   "cache: every expert resident) (cache.device_budget)");
   app->add_option("--cache-host-budget", host_budget,
-                  "cuda: pinned host memory for experts, a size or auto (all) (cache.host_budget)");
+                  "host memory for experts per rank, a size or auto (all): pinned on cuda, the rank's home shard "
+                  "under mpirun (cache.host_budget)");
   app->add_option("--cache-policy", policy, "expert cache eviction: lru, lfu, expertflow or static (cache.policy)");
   app->add_option("--prefetch-layers", prefetch_layers,
                   "MoE layers ahead the expert cache prefetches, 0: on demand (cache.prefetch_layers)");

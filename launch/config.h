@@ -64,7 +64,10 @@ struct CacheSection {
   uint64_t device_budget = 0;
   int device_slots = 0;
   int device_slots_per_layer = 0;
-  uint64_t host_budget = 0;           // CUDA: bytes of pinned host expert memory; 0 (auto): every expert
+  // Bytes of host expert memory per rank; 0 (auto): every expert. One process on CUDA: the pinned
+  // host tier. Under mpirun: this rank's host shard of the experts it is home for (what peers
+  // fetch over UCX). Experts past it are read from the checkpoint mapping.
+  uint64_t host_budget = 0;
   std::string policy = "expertflow";  // lru | lfu | expertflow | static (belady: offline replay only)
   int prefetch_layers = 2;            // MoE layers ahead the cache prefetches, >= 0; 0: on demand only
   // Prefetch only experts some token of the batch needs with at least this forecast probability

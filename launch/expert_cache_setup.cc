@@ -22,30 +22,30 @@ cache::ExpertCacheOptions ToExpertCacheOptions(const CacheSection& cache, const 
   return o;
 }
 
-StatusOr<std::unique_ptr<cache::ExpertCache>> SetUpExpertCache(runtime::Engine* engine, const CacheSection& cache,
-                                                               const PredictorSection& predictor,
-                                                               const placement::RoutingTrace* trace) {
-  if (!WantsExpertCache(cache)) return std::unique_ptr<cache::ExpertCache>();
-  return cache::ExpertCache::Create(engine, ToExpertCacheOptions(cache, predictor, trace));
+cache::TierHooks ClusterTierHooks(comm::Cluster* cluster, int rank) {
+  cache::TierHooks h;
+  if (!cluster) return h;
+  const comm::ExpertPlacement* placement = &cluster->placement();
+  h.computes = [placement, rank](int l, int e) { return placement->ComputeRank(l, e, rank) == rank; };
+  if (comm::PeerExpertSource* peer = cluster->peer()) {
+    h.host = [peer](int l, int e) { return peer->HostCopy(l, e); };
+    h.peer = [peer](int l, int e, std::span<std::byte> dst) { return peer->Fetch(l, e, dst); };
+  }
+  return h;
 }
 
-StatusOr<std::unique_ptr<cache::ExpertCache>> SetUpCommandExpertCache(runtime::Engine* engine, const Config& config,
-                                                                      comm::MpiContext* ctx) {
-  if (!WantsExpertCache(config.cache)) return std::unique_ptr<cache::ExpertCache>();
-  const cache::ExpertCacheOptions o = ToExpertCacheOptions(config.cache, config.predictor);
-  if (ctx && ctx->mpi()) {
-    // Checked before anything is allocated, identically on every rank.
-    EF_ASSIGN_OR_RETURN(cache::CacheBudget plan, cache::ExpertCache::PlanBudget(*engine, o));
-    if (!plan.holds_all())
-      return FailedPrecondition(
-          "cache.device_budget " + plan.requested + " gives " + std::to_string(plan.slots_per_layer) + " of " +
-          std::to_string(plan.num_experts) +
-          " expert slots per MoE layer, and a bounded expert cache does not combine with expert parallelism under "
-          "mpirun yet; run one process (no mpirun) with the cache, or give a budget that holds every expert (" +
-          std::to_string(plan.num_experts) + " slots per layer)");
+StatusOr<std::unique_ptr<cache::ExpertCache>> SetUpExpertCache(runtime::Engine* engine, const CacheSection& cache,
+                                                               const PredictorSection& predictor,
+                                                               const placement::RoutingTrace* trace,
+                                                               comm::Cluster* cluster, int rank) {
+  if (!WantsExpertCache(cache)) return std::unique_ptr<cache::ExpertCache>();
+  cache::ExpertCacheOptions o = ToExpertCacheOptions(cache, predictor, trace);
+  o.tiers = ClusterTierHooks(cluster, rank);
+  auto c = cache::ExpertCache::Create(engine, o);
+  if (!c.ok() && cluster) {
+    Status s = c.status();
+    return s.Prepend("rank " + std::to_string(rank) + " (cache.device_budget is per rank)");
   }
-  EF_ASSIGN_OR_RETURN(auto c, cache::ExpertCache::Create(engine, o));
-  if (!ctx || ctx->rank() == 0) std::fprintf(stderr, "%s\n", c->Describe().c_str());
   return c;
 }
 

@@ -1,5 +1,5 @@
 // The expert cache for the commands: config sections (cache:, predictor:, after CLI flags) ->
-// cache::ExpertCache on an engine. generate, score and serve use it; bench can too.
+// cache::ExpertCache on an engine (launch/deployment.h builds it for the commands).
 //
 //   runtime::EngineOptions eo = model.ToEngineOptions();
 //   eo.upload_experts = !WantsExpertCache(cfg.cache);   // a model larger than the device loads
@@ -12,6 +12,7 @@
 #include <memory>
 
 #include "cache/expert_cache.h"
+#include "comm/cluster.h"
 #include "comm/mpi_context.h"
 #include "launch/config.h"
 #include "placement/routing_trace.h"
@@ -27,6 +28,12 @@ bool WantsExpertCache(const CacheSection& cache);
 cache::ExpertCacheOptions ToExpertCacheOptions(const CacheSection& cache, const PredictorSection& predictor,
                                                const placement::RoutingTrace* trace = nullptr);
 
+// The tiers behind a rank's expert cache under expert parallelism: the experts this rank computes
+// (its placement), its host shard and the peers' shards over UCX (when the cluster keeps shards:
+// ClusterOptions::expert_cache). `cluster` null: one process, no hooks. The cluster must outlive
+// the cache.
+cache::TierHooks ClusterTierHooks(comm::Cluster* cluster, int rank);
+
 // Builds the expert cache the sections describe on `engine` and sets it as the engine's expert
 // source (cache::ExpertCache: the CUDA or CPU source, the predictor's routing hook, the counters).
 // nullptr when no device budget is given (the engine keeps its experts: all resident). With a
@@ -35,15 +42,11 @@ cache::ExpertCacheOptions ToExpertCacheOptions(const CacheSection& cache, const 
 // must match the model; it fits `frequency` without a file and gives `static` its counts.
 // Errors: a budget below one layer's top-k or above the device, a bad policy or predictor, a
 // predictor file or trace of another shape.
+// `cluster` (optional): under mpirun, created before the cache with ClusterOptions::expert_cache;
+// the cache then is this rank's (ClusterTierHooks), the budget per rank.
 StatusOr<std::unique_ptr<cache::ExpertCache>> SetUpExpertCache(runtime::Engine* engine, const CacheSection& cache,
                                                                const PredictorSection& predictor,
-                                                               const placement::RoutingTrace* trace = nullptr);
-
-// For generate and score: SetUpExpertCache, refusing a bounded cache under mpirun (the expert-
-// parallel executor computes experts for other ranks' tokens, which the cache's forecast does not
-// cover; a budget that holds every expert is fine there), and printing the effective cache once
-// on stderr (rank 0).
-StatusOr<std::unique_ptr<cache::ExpertCache>> SetUpCommandExpertCache(runtime::Engine* engine, const Config& config,
-                                                                      comm::MpiContext* ctx);
+                                                               const placement::RoutingTrace* trace = nullptr,
+                                                               comm::Cluster* cluster = nullptr, int rank = 0);
 
 }  // namespace ef::launch

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <functional>
+#include <vector>
 
 #include "runtime/core/logging.h"
 #include "runtime/engine/model_weights.h"
@@ -39,8 +41,11 @@ StatusOr<std::unique_ptr<CudaExpertSource>> CudaExpertSource::Create(const runti
         return Unimplemented("cuda expert cache: experts of different shapes or dtypes");
     }
   }
+  ExpertTiers* tiers = options.tiers;
+  std::function<bool(int, int)> keep;
+  if (tiers) keep = [tiers](int l, int e) { return tiers->HasHostCopy(l, e); };
   EF_ASSIGN_OR_RETURN(auto tier, PinnedHostTier::Create(c.num_layers, c.num_experts, layout.bytes(), layout.moe_layer,
-                                                        options.host_budget_bytes));
+                                                        options.host_budget_bytes, keep));
   auto fill = [&model, layout](int l, int e, std::span<std::byte> dst) -> Status {
     if (dst.size() < layout.bytes()) return Internal("cuda expert cache: staging smaller than an expert");
     const runtime::ExpertWeights& w = model.host_expert(l, e);
@@ -55,14 +60,28 @@ StatusOr<std::unique_ptr<CudaExpertSource>> CudaExpertSource::Create(const runti
       if (std::byte* dst = tier->data(l, e)) EF_RETURN_IF_ERROR(fill(l, e, {dst, layout.bytes()}));
     }
   }
+  cache::ExpertSource fallback = fill;
+  if (tiers) {
+    // Not pinned here: a peer's shard or the checkpoint, packed, then laid out at the slot offsets.
+    fallback = [tiers, layout](int l, int e, std::span<std::byte> dst) -> Status {
+      if (dst.size() < layout.bytes()) return Internal("cuda expert cache: staging smaller than an expert");
+      const size_t g = layout.gate.nbytes(), u = layout.up.nbytes(), d = layout.down.nbytes();
+      std::vector<std::byte> packed(g + u + d);
+      EF_RETURN_IF_ERROR(tiers->FillPackedBeyondHost(l, e, packed));
+      std::memcpy(dst.data() + layout.gate_offset(), packed.data(), g);
+      std::memcpy(dst.data() + layout.up_offset(), packed.data() + g, u);
+      std::memcpy(dst.data() + layout.down_offset(), packed.data() + g + u, d);
+      return Status::Ok();
+    };
+  }
   const int total =
       layout.num_experts * static_cast<int>(std::count(layout.moe_layer.begin(), layout.moe_layer.end(), true));
-  if (tier->num_pinned() < total)
+  if (tier->num_pinned() < total && !tiers)
     EF_LOG(WARN, CACHE,
            "cuda expert cache: %d of %d experts pinned in host memory (host budget %zu bytes); the rest load from the "
            "checkpoint mapping, synchronously",
            tier->num_pinned(), total, options.host_budget_bytes);
-  return Create(layout, std::shared_ptr<const PinnedHostTier>(std::move(tier)), std::move(fill), backend, options);
+  return Create(layout, std::shared_ptr<const PinnedHostTier>(std::move(tier)), std::move(fallback), backend, options);
 }
 
 StatusOr<std::unique_ptr<CudaExpertSource>> CudaExpertSource::Create(const ExpertLayout& layout,

@@ -30,6 +30,7 @@
 #include "cache/cuda/cuda_slot_arena.h"
 #include "cache/cuda/pinned_host_tier.h"
 #include "cache/expert_store.h"
+#include "cache/expert_tiers.h"
 #include "runtime/engine/expert_source.h"
 
 namespace ef::cache {
@@ -46,6 +47,10 @@ struct CudaExpertSourceOptions {
   size_t host_budget_bytes = 0;
   // static policy: routing counts per (layer, expert), layer-major.
   std::vector<int64_t> static_counts;
+  // Under expert parallelism (Create from a model): only experts with a host copy in `tiers`
+  // (those homed on this rank) are pinned; the others load through tiers' peer and checkpoint
+  // tiers, staged. Not owned; must outlive the source. Null: every expert may be pinned.
+  ExpertTiers* tiers = nullptr;
 };
 
 // The shape of every routed expert (all experts of a model have the same shape here).

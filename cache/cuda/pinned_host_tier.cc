@@ -8,7 +8,8 @@ namespace ef::cache {
 
 StatusOr<std::unique_ptr<PinnedHostTier>> PinnedHostTier::Create(int num_layers, int num_experts,
                                                                  size_t bytes_per_expert,
-                                                                 const std::vector<bool>& present, size_t max_bytes) {
+                                                                 const std::vector<bool>& present, size_t max_bytes,
+                                                                 const std::function<bool(int, int)>& keep) {
   if (num_layers < 1 || num_experts < 1 || bytes_per_expert == 0 || present.size() != static_cast<size_t>(num_layers))
     return InvalidArgument("pinned host tier: bad shape");
   auto t = std::unique_ptr<PinnedHostTier>(new PinnedHostTier());
@@ -19,6 +20,7 @@ StatusOr<std::unique_ptr<PinnedHostTier>> PinnedHostTier::Create(int num_layers,
   for (int l = 0; l < num_layers; ++l) {
     if (!present[l]) continue;
     for (int e = 0; e < num_experts; ++e) {
+      if (keep && !keep(l, e)) continue;
       if (max_bytes > 0 && t->total_ + bytes_per_expert > max_bytes) return t;
       void* p = nullptr;
       const cudaError_t err = cudaHostAlloc(&p, bytes_per_expert, cudaHostAllocDefault);

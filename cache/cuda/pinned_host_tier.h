@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstddef>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -20,8 +21,11 @@ class PinnedHostTier {
   // routed experts), layer by layer, up to max_bytes in all (0: no limit); the experts past it get
   // no buffer (data() is null: the owner reads them from elsewhere). ResourceExhausted naming the
   // bytes when the host cannot pin that much.
+  // `keep` (optional) narrows it further to the experts it returns true for (e.g. those homed on
+  // this rank).
   static StatusOr<std::unique_ptr<PinnedHostTier>> Create(int num_layers, int num_experts, size_t bytes_per_expert,
-                                                          const std::vector<bool>& present, size_t max_bytes = 0);
+                                                          const std::vector<bool>& present, size_t max_bytes = 0,
+                                                          const std::function<bool(int, int)>& keep = {});
   ~PinnedHostTier();
   PinnedHostTier(const PinnedHostTier&) = delete;
   PinnedHostTier& operator=(const PinnedHostTier&) = delete;

@@ -101,17 +101,24 @@ TEST_F(ExpertCacheCliTest, BadFlagsAreReported) {
   EXPECT_NE(Read("stderr").find("offline analysis"), std::string::npos) << Read("stderr");
 }
 
-TEST_F(ExpertCacheCliTest, MpirunRefusesABoundedCacheAndAcceptsOneThatHoldsEveryExpert) {
-  if (std::system("command -v mpirun >/dev/null 2>&1") != 0) GTEST_SKIP() << "no mpirun";
+TEST_F(ExpertCacheCliTest, MpirunRunsAPerRankCache) {
+  ASSERT_EQ(std::system("command -v mpirun >/dev/null 2>&1"), 0)
+      << "mpirun not found (scripts/install-deps.sh installs it)";
   const std::string mpirun =
       "env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl_base_warn_component_unused=0 "
       "mpirun --oversubscribe --allow-run-as-root --bind-to none -np 2 ";
   const std::string base = "generate --backend cpu --model " + kModelDir + " -p 'def f(' -n 6 --show-ids";
-  ASSERT_NE(Run(base + " --cache-device-budget '2 slots per layer'", mpirun), 0);
-  const std::string err = Read("stderr");
-  EXPECT_NE(err.find("does not combine with expert parallelism under mpirun"), std::string::npos) << err;
   ASSERT_EQ(Run(base), 0) << Read("stderr");
   const std::string want = NewIds();
+  // A bounded cache on each rank: the same tokens, and the budget is said to be per rank.
+  ASSERT_EQ(Run(base + " --cache-device-budget '2 slots per layer'", mpirun), 0) << Read("stderr");
+  EXPECT_EQ(NewIds(), want);
+  EXPECT_NE(Read("stderr").find("on each of 2 ranks"), std::string::npos) << Read("stderr");
+  // A per-rank budget below top-k names the rank and the key.
+  ASSERT_NE(Run(base + " --cache-device-budget '1 slots per layer'", mpirun), 0);
+  const std::string err = Read("stderr");
+  EXPECT_NE(err.find("(cache.device_budget is per rank)"), std::string::npos) << err;
+  EXPECT_NE(err.find("fewer than the model's top-k (2)"), std::string::npos) << err;
   ASSERT_EQ(Run(base + " --cache-device-budget '8 slots per layer'", mpirun), 0) << Read("stderr");
   EXPECT_EQ(NewIds(), want);
   EXPECT_NE(Read("stderr").find("expert cache off: the budget (8 slots per layer) holds every expert"),

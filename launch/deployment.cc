@@ -1,0 +1,85 @@
+#include "launch/deployment.h"
+
+#include <cstdio>
+
+#include "launch/expert_cache_setup.h"
+
+namespace ef::launch {
+
+DeploymentOptions MakeDeploymentOptions(const ModelFlags& model, const ClusterFlags& cluster) {
+  DeploymentOptions o;
+  o.model_dir = model.dir;
+  o.engine = model.ToEngineOptions();
+  o.cache = cluster.config.cache;
+  o.predictor = cluster.config.predictor;
+  o.cluster = cluster.cluster;
+  o.cluster_on_one_rank = true;
+  return o;
+}
+
+StatusOr<std::unique_ptr<Deployment>> Deployment::Create(comm::MpiContext* ctx, const DeploymentOptions& o) {
+  auto d = std::unique_ptr<Deployment>(new Deployment());
+  d->ctx_ = ctx;
+  const bool want_cache = WantsExpertCache(o.cache);
+  runtime::EngineOptions eo = o.engine;
+  eo.upload_experts = !want_cache;  // the cache uploads what its budget holds
+  EF_ASSIGN_OR_RETURN(d->engine_, runtime::Engine::Create(o.model_dir, eo));
+  if (o.on_engine) EF_RETURN_IF_ERROR(o.on_engine(*d->engine_));
+  if (ctx && ctx->mpi() && (ctx->size() > 1 || o.cluster_on_one_rank)) {
+    comm::ClusterOptions co = o.cluster;
+    co.expert_cache = want_cache;
+    co.host_budget_bytes = o.cache.host_budget;
+    EF_ASSIGN_OR_RETURN(d->cluster_, comm::Cluster::Create(ctx, d->engine_.get(), co));
+  }
+  if (want_cache) EF_RETURN_IF_ERROR(d->BuildCache(o));
+  return d;
+}
+
+Status Deployment::BuildCache(const DeploymentOptions& o) {
+  EF_ASSIGN_OR_RETURN(
+      auto c, SetUpExpertCache(engine_.get(), o.cache, o.predictor, o.trace, cluster_.get(), ctx_ ? ctx_->rank() : 0));
+  cache_ = std::move(c);
+  if (o.announce && (!ctx_ || ctx_->rank() == 0)) {
+    std::string line = cache_->Describe();
+    if (cluster_) line += ", on each of " + std::to_string(ctx_->size()) + " ranks";
+    std::fprintf(stderr, "%s\n", line.c_str());
+  }
+  return Status::Ok();
+}
+
+Deployment::~Deployment() {
+  cache_.reset();    // detaches its source and hook from the engine; its tiers read the cluster's shard
+  cluster_.reset();  // detaches the executor
+  engine_.reset();
+}
+
+nlohmann::json Deployment::CacheStats() const {
+  if (!cache_) return {{"active", false}};
+  return cache_->StatsJson();
+}
+
+StatusOr<nlohmann::json> Deployment::Finish() {
+  if (finished_) return FailedPrecondition("deployment: Finish called twice");
+  finished_ = true;
+  const nlohmann::json extra = {{"expert_cache", CacheStats()}};
+  if (!cluster_) {
+    nlohmann::json me = extra;
+    me["rank"] = 0;
+    return nlohmann::json{{"world_size", 1}, {"ranks", nlohmann::json::array({me})}};
+  }
+  EF_RETURN_IF_ERROR(cluster_->Drain());
+  EF_ASSIGN_OR_RETURN(nlohmann::json stats, cluster_->GatherStats(extra));
+  EF_RETURN_IF_ERROR(cluster_->Shutdown());
+  return stats;
+}
+
+void Deployment::PrintCacheSummary() const {
+  if (!cache_ || !cache_->active()) return;
+  if (cluster_) {
+    std::fprintf(stderr, "rank %d: %s\n", ctx_->rank(), cache_->StatsSummary().c_str());
+  } else {
+    std::fprintf(stderr, "%s\n", cache_->StatsSummary().c_str());
+  }
+}
+
+}  // namespace ef::launch
