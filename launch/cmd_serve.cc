@@ -1,6 +1,7 @@
 // `expertflow serve`: the OpenAI-compatible HTTP server.
 //
 //   expertflow serve --model DIR --port P [--host 127.0.0.1] [--api-key K] [--max-batch N]
+//                    [--max-body-bytes 8MiB] [--max-tokens-limit N]
 //   expertflow serve --config C.yaml          (model, runtime, server.*, scheduler.max_batch_requests,
 //                                              cache.*, predictor.*)
 //   expertflow serve --cache-device-budget "2 slots per layer" --predictor lookahead ...
@@ -46,6 +47,9 @@ struct ServeOptions {
   HttpServerOptions http;
   ServingLoopOptions loop;
   std::string served_name;
+  // Flags that are config keys (server.*): set through the config schema, which validates them.
+  std::string max_body_bytes;
+  std::string max_tokens_limit;
 };
 
 // Admission regrouping needs each prompt's experts before it runs: the forecast of a trained
@@ -92,8 +96,14 @@ sigset_t ShutdownSignals() {
 }
 
 Status RunServe(ServeOptions o, const CLI::App& app, comm::MpiContext* ctx) {
-  const Config& cfg = o.cluster.config;  // file keys and cache flags applied by ClusterFlags::Load
+  Config& cfg = o.cluster.config;  // file keys and cache flags applied by ClusterFlags::Load
   {
+    if (FlagGiven(app, "--max-body-bytes"))
+      EF_RETURN_IF_ERROR(SetConfigKey("server.max_body_bytes", o.max_body_bytes, "--max-body-bytes", &cfg));
+    if (FlagGiven(app, "--max-tokens-limit"))
+      EF_RETURN_IF_ERROR(SetConfigKey("server.max_tokens_limit", o.max_tokens_limit, "--max-tokens-limit", &cfg));
+    o.http.max_body_bytes = cfg.server.max_body_bytes;
+    o.http.max_tokens_limit = cfg.server.max_tokens_limit;
     if (!FlagGiven(app, "--host") && cfg.has("server.host")) o.http.host = cfg.server.host;
     if (!FlagGiven(app, "--port") && cfg.has("server.port")) o.http.port = cfg.server.port;
     if (!FlagGiven(app, "--api-key") && cfg.has("server.api_key")) o.http.api_key = cfg.server.api_key;
@@ -263,8 +273,10 @@ Command AddServeCommand(CLI::App& root) {
                    "admission rounds a request may be overtaken by younger ones when regrouping")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
-  c.app->add_option("--max-tokens-limit", o->http.max_tokens_limit, "largest max_tokens accepted (0: the context)")
-      ->check(CLI::NonNegativeNumber);
+  c.app->add_option("--max-tokens-limit", o->max_tokens_limit,
+                    "largest max_tokens a request may ask; 0: the context (server.max_tokens_limit)");
+  c.app->add_option("--max-body-bytes", o->max_body_bytes,
+                    "largest request body, e.g. 8MiB; larger ones get 413 (server.max_body_bytes, default 8MiB)");
   c.app->add_option("--default-max-tokens", o->http.default_max_tokens, "max_tokens when a request gives none")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();

@@ -231,6 +231,15 @@ const std::map<std::string, Section>& Schema() {
             }},
            {"port", [](const Ctx& c, Config* o) { return GetInt(c, 1, 65535, &o->server.port); }},
            {"api_key", [](const Ctx& c, Config* o) { return GetString(c, &o->server.api_key); }},
+           {"max_body_bytes",
+            [](const Ctx& c, Config* o) {
+              EF_RETURN_IF_ERROR(GetBytes(c, &o->server.max_body_bytes));
+              if (o->server.max_body_bytes < (1u << 10) || o->server.max_body_bytes > (1u << 30))
+                return c.Error("expected a size in [1KiB, 1GiB]");
+              return Status::Ok();
+            }},
+           {"max_tokens_limit",
+            [](const Ctx& c, Config* o) { return GetInt(c, 0, 1 << 24, &o->server.max_tokens_limit); }},
        }},
       {"generate",
        {
@@ -424,7 +433,9 @@ std::string ConfigToYaml(const Config& c) {
   e << YAML::Key << "rank_assignment" << YAML::Value << c.scheduler.rank_assignment << YAML::EndMap;
   e << YAML::Key << "server" << YAML::Value << YAML::Flow << YAML::BeginMap;
   e << YAML::Key << "host" << YAML::Value << c.server.host << YAML::Key << "port" << YAML::Value << c.server.port;
-  e << YAML::Key << "api_key" << YAML::Value << (c.server.api_key.empty() ? "" : "<set>") << YAML::EndMap;
+  e << YAML::Key << "api_key" << YAML::Value << (c.server.api_key.empty() ? "" : "<set>");
+  e << YAML::Key << "max_body_bytes" << YAML::Value << size(c.server.max_body_bytes);
+  e << YAML::Key << "max_tokens_limit" << YAML::Value << c.server.max_tokens_limit << YAML::EndMap;
   e << YAML::Key << "routing" << YAML::Value << YAML::Flow << YAML::BeginMap;
   e << YAML::Key << "replay" << YAML::Value << YAML::DoubleQuoted << c.routing.replay;
   e << YAML::Key << "key" << YAML::Value << c.routing.key << YAML::EndMap;

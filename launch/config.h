@@ -106,8 +106,10 @@ struct RoutingSection {
 
 struct ServerSection {
   std::string host = "127.0.0.1";
-  int port = 8080;      // 1..65535
-  std::string api_key;  // empty: no authentication
+  int port = 8080;                       // 1..65535
+  std::string api_key;                   // empty: no authentication
+  uint64_t max_body_bytes = 8ull << 20;  // larger request bodies get 413; 1 KiB .. 1 GiB
+  int max_tokens_limit = 0;              // largest max_tokens a request may ask; 0: the context
 };
 
 struct GenerateSection {

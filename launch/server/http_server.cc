@@ -16,31 +16,20 @@ namespace {
 using json = nlohmann::json;
 using runtime::FinishReason;
 
-// A rejected request: HTTP status and the OpenAI error object.
-struct ApiError {
-  int status = 400;
-  std::string message;
-  std::string type = "invalid_request_error";
-  std::string code;
-};
-
 void SendError(httplib::Response& res, const ApiError& e) {
   json body = {{"error",
                 {{"message", e.message},
                  {"type", e.type},
-                 {"param", nullptr},
+                 {"param", e.param.empty() ? json(nullptr) : json(e.param)},
                  {"code", e.code.empty() ? json(nullptr) : json(e.code)}}}};
   res.status = e.status;
   res.set_content(body.dump(), "application/json");
 }
 
-ApiError Bad(std::string message, std::string code = "invalid_value") {
-  return ApiError{400, std::move(message), "invalid_request_error", std::move(code)};
-}
-
 ApiError FromStatus(const Status& s) {
   if (s.code() == StatusCode::kUnavailable) return ApiError{503, s.message(), "server_error", "unavailable"};
-  if (s.code() == StatusCode::kInvalidArgument || s.code() == StatusCode::kOutOfRange) return Bad(s.message());
+  if (s.code() == StatusCode::kInvalidArgument || s.code() == StatusCode::kOutOfRange)
+    return ApiError{400, s.message(), "invalid_request_error", "invalid_value"};
   return ApiError{500, s.message(), "server_error", "internal_error"};
 }
 
@@ -57,48 +46,245 @@ const char* FinishName(FinishReason r) {
   return "stop";
 }
 
-// A parsed generation request, common to both endpoints.
-struct Parsed {
-  bool chat = false;
-  bool stream = false;
-  bool include_usage = false;
-  ServeRequest request;
+// Builds the response JSON of one request: envelopes, choices and their logprobs in the shapes
+// the OpenAI clients parse (completions: {tokens, token_logprobs, top_logprobs, text_offset};
+// chat: {content: [{token, logprob, bytes, top_logprobs}]}).
+class ResponseBuilder {
+ public:
+  ResponseBuilder(const ApiRequest& r, const runtime::Tokenizer& tok, std::string id, int64_t created,
+                  std::string model)
+      : chat_(r.chat),
+        tokens_as_ids_(r.tokens_as_ids),
+        tok_(tok),
+        id_(std::move(id)),
+        created_(created),
+        model_(std::move(model)) {}
+
+  json Envelope(bool chunk) const {
+    const char* object = chat_ ? (chunk ? "chat.completion.chunk" : "chat.completion") : "text_completion";
+    return json{{"id", id_}, {"object", object}, {"created", created_}, {"model", model_}};
+  }
+
+  // Logprobs of `tokens`; `offset` is the completions text_offset of the first one, advanced past them.
+  json Logprobs(const std::vector<TokenLogprob>& tokens, size_t* offset) const {
+    if (chat_) {
+      json content = json::array();
+      for (const TokenLogprob& t : tokens) {
+        json top = json::array();
+        for (const auto& [id, lp] : t.top) top.push_back(Entry(id, lp));
+        json e = Entry(t.token, t.logprob.value_or(0));
+        e["top_logprobs"] = std::move(top);
+        content.push_back(std::move(e));
+      }
+      return json{{"content", std::move(content)}, {"refusal", nullptr}};
+    }
+    json out = {{"tokens", json::array()},
+                {"token_logprobs", json::array()},
+                {"top_logprobs", json::array()},
+                {"text_offset", json::array()}};
+    for (const TokenLogprob& t : tokens) {
+      const std::string text = Text(t.token);
+      out["tokens"].push_back(text);
+      out["token_logprobs"].push_back(t.logprob ? json(*t.logprob) : json(nullptr));
+      json top = json::object();
+      for (const auto& [id, lp] : t.top) top[Text(id)] = lp;
+      // A prompt's first token has no prediction, so no alternatives either (as OpenAI).
+      out["top_logprobs"].push_back(t.logprob ? top : json(nullptr));
+      out["text_offset"].push_back(*offset);
+      *offset += text.size();
+    }
+    return out;
+  }
+
+  // Appends completions logprobs `more` to `into` (echoed prompt tokens, then generated ones).
+  static void Append(json* into, const json& more) {
+    if (into->is_null()) {
+      *into = more;
+      return;
+    }
+    for (const char* k : {"tokens", "token_logprobs", "top_logprobs", "text_offset"})
+      for (const json& v : more[k]) (*into)[k].push_back(v);
+  }
+
+  bool chat() const { return chat_; }
+
+ private:
+  // A token as text: its decoding alone (a piece of a multi-byte character decodes to U+FFFD),
+  // or "token_id:N" when the client asked for ids.
+  std::string Text(int32_t id) const {
+    if (tokens_as_ids_) return "token_id:" + std::to_string(id);
+    return tok_.Decode(std::span<const int32_t>(&id, 1));
+  }
+  json Entry(int32_t id, double logprob) const {
+    const std::string text = Text(id);
+    return json{{"token", text}, {"logprob", logprob}, {"bytes", std::vector<uint8_t>(text.begin(), text.end())}};
+  }
+
+  bool chat_;
+  bool tokens_as_ids_;
+  const runtime::Tokenizer& tok_;
+  std::string id_;
+  int64_t created_;
+  std::string model_;
 };
 
-// Typed optional field readers: a present field of the wrong type is an error naming it.
-std::optional<ApiError> GetInt(const json& body, const char* key, std::optional<int64_t>* out) {
-  auto it = body.find(key);
-  if (it == body.end() || it->is_null()) return std::nullopt;
-  if (!it->is_number_integer()) {
-    // 2.0 is an integer to most clients.
-    if (it->is_number_float() && it->get<double>() == static_cast<double>(static_cast<int64_t>(it->get<double>())) &&
-        std::abs(it->get<double>()) < 1e15) {
-      *out = static_cast<int64_t>(it->get<double>());
-      return std::nullopt;
+json Usage(int prompt_tokens, int completion_tokens) {
+  return json{{"prompt_tokens", prompt_tokens},
+              {"completion_tokens", completion_tokens},
+              {"total_tokens", prompt_tokens + completion_tokens}};
+}
+
+// A whole (non-streaming) answer: waits for every choice, then one JSON body. Any choice's
+// engine error fails the request (the other choices are cancelled).
+void RespondWhole(const ApiRequest& r, const std::vector<std::shared_ptr<RequestStream>>& streams,
+                  const ResponseBuilder& rb, int prompt_tokens, httplib::Response& res) {
+  json choices = json::array();
+  int completion_tokens = 0;
+  for (size_t i = 0; i < streams.size(); ++i) {
+    std::string text = r.echo ? r.prompt_texts[i / r.n] : "";
+    std::vector<TokenLogprob> prompt_lp, gen_lp;
+    StreamUpdate u;
+    do {
+      u = streams[i]->Take(std::chrono::milliseconds(1000));
+      text += u.text;
+      for (auto& t : u.prompt_logprobs) prompt_lp.push_back(std::move(t));
+      for (auto& t : u.logprobs) gen_lp.push_back(std::move(t));
+    } while (!u.done);
+    if (!u.error.ok()) {
+      for (const auto& s : streams) s->Cancel();
+      return SendError(res, FromStatus(u.error));
     }
-    return Bad(std::string("'") + key + "' must be an integer", "invalid_type");
+    completion_tokens += u.num_tokens;
+    json choice = {{"index", i}, {"finish_reason", FinishName(u.finish)}, {"logprobs", nullptr}};
+    if (r.top_logprobs >= 0) {
+      size_t offset = 0;
+      if (rb.chat()) {
+        choice["logprobs"] = rb.Logprobs(gen_lp, &offset);
+      } else {
+        ResponseBuilder::Append(&choice["logprobs"], rb.Logprobs(prompt_lp, &offset));
+        ResponseBuilder::Append(&choice["logprobs"], rb.Logprobs(gen_lp, &offset));
+      }
+    }
+    if (r.chat) {
+      choice["message"] = {{"role", "assistant"}, {"content", text}};
+    } else {
+      choice["text"] = text;
+    }
+    choices.push_back(std::move(choice));
   }
-  if (it->is_number_unsigned() && it->get<uint64_t>() > static_cast<uint64_t>(INT64_MAX))
-    return Bad(std::string("'") + key + "' is too large");
-  *out = it->get<int64_t>();
-  return std::nullopt;
+  json out = rb.Envelope(/*chunk=*/false);
+  out["choices"] = std::move(choices);
+  out["usage"] = Usage(prompt_tokens, completion_tokens);
+  res.set_content(out.dump(), "application/json");
 }
 
-std::optional<ApiError> GetNumber(const json& body, const char* key, std::optional<double>* out) {
-  auto it = body.find(key);
-  if (it == body.end() || it->is_null()) return std::nullopt;
-  if (!it->is_number()) return Bad(std::string("'") + key + "' must be a number", "invalid_type");
-  *out = it->get<double>();
-  return std::nullopt;
-}
+// A streamed answer as server-sent events: each event carries one choice's new text (and its
+// logprobs); choices interleave as they progress. An engine error ends the stream with an
+// error event, then [DONE].
+class SseStream {
+ public:
+  SseStream(ApiRequest r, std::vector<std::shared_ptr<RequestStream>> streams, ResponseBuilder rb, int prompt_tokens)
+      : r_(std::move(r)),
+        streams_(std::move(streams)),
+        rb_(std::move(rb)),
+        prompt_tokens_(prompt_tokens),
+        choices_(streams_.size()) {}
 
-std::optional<ApiError> GetBool(const json& body, const char* key, bool* out) {
-  auto it = body.find(key);
-  if (it == body.end() || it->is_null()) return std::nullopt;
-  if (!it->is_boolean()) return Bad(std::string("'") + key + "' must be a boolean", "invalid_type");
-  *out = it->get<bool>();
-  return std::nullopt;
-}
+  // One round over the choices; false ends the response (the client left, or all is sent).
+  bool Pump(httplib::DataSink& sink) {
+    size_t open = 0;
+    for (const Choice& c : choices_) open += c.done ? 0 : 1;
+    bool waited = false;
+    for (size_t i = 0; i < choices_.size(); ++i) {
+      Choice& c = choices_[i];
+      if (c.done) continue;
+      if (!c.started) {
+        c.started = true;
+        if (r_.chat && !Write(sink, Event(i, json{{"role", "assistant"}, {"content", ""}}, json(), nullptr)))
+          return false;
+        if (r_.echo && !Write(sink, Event(i, json(r_.prompt_texts[i / r_.n]), json(), nullptr))) return false;
+      }
+      // Block (bounded) on the first open choice only, so every choice is visited each round.
+      const auto wait = std::chrono::milliseconds(waited ? 0 : (open == 1 ? 500 : 20));
+      waited = true;
+      StreamUpdate u = streams_[i]->Take(wait);
+      if (!u.error.ok()) return Fail(sink, u.error);
+      json lp;
+      if (r_.top_logprobs >= 0 && (!u.logprobs.empty() || !u.prompt_logprobs.empty())) {
+        if (r_.chat) {
+          lp = rb_.Logprobs(u.logprobs, &c.offset);
+        } else {
+          ResponseBuilder::Append(&lp, rb_.Logprobs(u.prompt_logprobs, &c.offset));
+          ResponseBuilder::Append(&lp, rb_.Logprobs(u.logprobs, &c.offset));
+        }
+      }
+      if (!u.text.empty() || !lp.is_null()) {
+        const json delta = r_.chat ? json{{"content", u.text}} : json(u.text);
+        if (!Write(sink, Event(i, delta, lp, nullptr))) return false;
+      }
+      if (!u.done) continue;
+      c.done = true;
+      completion_tokens_ += u.num_tokens;
+      if (!Write(sink, Event(i, r_.chat ? json::object() : json(""), json(), FinishName(u.finish)))) return false;
+    }
+    for (const Choice& c : choices_)
+      if (!c.done) return sink.is_writable();
+    if (r_.include_usage) {
+      json ev = rb_.Envelope(/*chunk=*/true);
+      ev["choices"] = json::array();
+      ev["usage"] = Usage(prompt_tokens_, completion_tokens_);
+      if (!Write(sink, ev)) return false;
+    }
+    return End(sink);
+  }
+
+  // The client went away or the stream failed: stop generating for it.
+  void Cancel() {
+    if (finished_) return;
+    for (const auto& s : streams_) s->Cancel();
+  }
+
+ private:
+  struct Choice {
+    bool started = false;
+    bool done = false;
+    size_t offset = 0;  // completions text_offset of the next token
+  };
+
+  json Event(size_t index, const json& delta_or_text, const json& logprobs, const char* finish) const {
+    json choice = {{"index", index}, {"finish_reason", finish ? json(finish) : json(nullptr)}};
+    choice[r_.chat ? "delta" : "text"] = delta_or_text;
+    choice["logprobs"] = logprobs;
+    json ev = rb_.Envelope(/*chunk=*/true);
+    ev["choices"] = json::array({std::move(choice)});
+    return ev;
+  }
+  static bool Write(httplib::DataSink& sink, const json& ev) {
+    const std::string line = "data: " + ev.dump() + "\n\n";
+    return sink.write(line.data(), line.size());
+  }
+  bool Fail(httplib::DataSink& sink, const Status& error) {
+    Cancel();
+    const ApiError e = FromStatus(error);
+    Write(sink, json{{"error", {{"message", e.message}, {"type", e.type}, {"param", nullptr}, {"code", e.code}}}});
+    return End(sink);
+  }
+  bool End(httplib::DataSink& sink) {
+    static const std::string kDone = "data: [DONE]\n\n";
+    sink.write(kDone.data(), kDone.size());
+    finished_ = true;
+    sink.done();
+    return true;
+  }
+
+  ApiRequest r_;
+  std::vector<std::shared_ptr<RequestStream>> streams_;
+  ResponseBuilder rb_;
+  int prompt_tokens_;
+  std::vector<Choice> choices_;
+  int completion_tokens_ = 0;
+  bool finished_ = false;
+};
 
 }  // namespace
 
@@ -110,7 +296,8 @@ HttpServer::HttpServer(HttpServerOptions options, ServingLoop* loop, const runti
       chat_(chat),
       metrics_(metrics),
       svr_(std::make_unique<httplib::Server>()) {
-  Routes();
+  InstallHooks();
+  InstallRoutes();
 }
 
 HttpServer::~HttpServer() = default;
@@ -149,7 +336,7 @@ void HttpServer::Stop() {
   svr_->stop();
 }
 
-void HttpServer::Routes() {
+void HttpServer::InstallHooks() {
   httplib::Server& svr = *svr_;
   const int threads = std::max(1, options_.num_threads);
   svr.new_task_queue = [threads] { return new httplib::ThreadPool(static_cast<size_t>(threads)); };
@@ -166,13 +353,17 @@ void HttpServer::Routes() {
     metrics_->CountRequest(endpoint, res.status);
     EF_LOG(DEBUG, SERVE, "%s %s -> %d", req.method.c_str(), req.path.c_str(), res.status);
   });
-  svr.set_error_handler([](const httplib::Request& req, httplib::Response& res) {
+  const size_t max_body = options_.max_body_bytes;
+  svr.set_error_handler([max_body](const httplib::Request& req, httplib::Response& res) {
     if (!res.body.empty() || res.is_chunked_content_provider_) return;
     if (res.status == 404) {
       SendError(res,
                 ApiError{404, "no route for " + req.method + " " + req.path, "invalid_request_error", "not_found"});
     } else if (res.status == 413) {
-      SendError(res, ApiError{413, "the request body is too large", "invalid_request_error", "payload_too_large"});
+      SendError(res, ApiError{413,
+                              "the request body is larger than this server's limit of " + std::to_string(max_body) +
+                                  " bytes (server.max_body_bytes)",
+                              "invalid_request_error", "payload_too_large"});
     } else {
       SendError(res, ApiError{res.status, "request failed with HTTP status " + std::to_string(res.status),
                               "invalid_request_error", ""});
@@ -201,7 +392,10 @@ void HttpServer::Routes() {
     }
     return httplib::Server::HandlerResponse::Unhandled;
   });
+}
 
+void HttpServer::InstallRoutes() {
+  httplib::Server& svr = *svr_;
   svr.Get("/health", [this](const httplib::Request&, httplib::Response& res) {
     res.set_content(stopping_.load() ? R"({"status":"stopping"})" : R"({"status":"ok"})", "application/json");
   });
@@ -217,269 +411,43 @@ void HttpServer::Routes() {
     json body = {{"object", "list"}, {"data", json::array({model})}};
     res.set_content(body.dump(), "application/json");
   });
+  svr.Post("/v1/completions",
+           [this](const httplib::Request& req, httplib::Response& res) { Generate(req, res, /*chat=*/false); });
+  svr.Post("/v1/chat/completions",
+           [this](const httplib::Request& req, httplib::Response& res) { Generate(req, res, /*chat=*/true); });
+}
 
-  auto generate = [this](bool chat) {
-    return [this, chat](const httplib::Request& req, httplib::Response& res) {
-      const auto arrival = std::chrono::system_clock::now();
-      json body = json::parse(req.body, nullptr, /*allow_exceptions=*/false);
-      if (body.is_discarded()) return SendError(res, Bad("the request body is not valid JSON", "invalid_json"));
-      if (!body.is_object()) return SendError(res, Bad("the request body must be a JSON object", "invalid_type"));
+void HttpServer::Generate(const httplib::Request& req, httplib::Response& res, bool chat) {
+  const auto arrival = std::chrono::system_clock::now();
+  json body = json::parse(req.body, nullptr, /*allow_exceptions=*/false);
+  if (body.is_discarded())
+    return SendError(res, ApiError{400, "the request body is not valid JSON", "invalid_request_error", "invalid_json"});
+  const ApiLimits limits{options_.model_name, loop_->max_seq_len(), loop_->config().vocab_size,
+                         options_.max_tokens_limit, options_.default_max_tokens};
+  ApiRequest r;
+  const uint64_t default_seed = static_cast<uint64_t>(next_id_.load());
+  if (auto e = ParseApiRequest(body, chat, limits, *tokenizer_, *chat_, default_seed, &r)) return SendError(res, *e);
 
-      Parsed p;
-      p.chat = chat;
-      // model
-      auto model = body.find("model");
-      if (model == body.end() || model->is_null()) return SendError(res, Bad("'model' is required", "missing_field"));
-      if (!model->is_string()) return SendError(res, Bad("'model' must be a string", "invalid_type"));
-      if (model->get<std::string>() != options_.model_name)
-        return SendError(res, ApiError{404,
-                                       "the model '" + model->get<std::string>() +
-                                           "' does not exist; this server serves '" + options_.model_name + "'",
-                                       "invalid_request_error", "model_not_found"});
-      // prompt / messages
-      std::vector<int32_t>& ids = p.request.prompt;
-      if (chat) {
-        auto msgs = body.find("messages");
-        if (msgs == body.end() || msgs->is_null())
-          return SendError(res, Bad("'messages' is required", "missing_field"));
-        if (!msgs->is_array() || msgs->empty())
-          return SendError(res, Bad("'messages' must be a non-empty array", "invalid_type"));
-        std::vector<ChatMessage> messages;
-        for (const json& m : *msgs) {
-          if (!m.is_object() || !m.contains("role") || !m["role"].is_string())
-            return SendError(res, Bad("each message must be an object with a string 'role'", "invalid_type"));
-          ChatMessage cm;
-          cm.role = m["role"].get<std::string>();
-          auto content = m.find("content");
-          if (content == m.end() || content->is_null()) {
-            cm.content.clear();
-          } else if (content->is_string()) {
-            cm.content = content->get<std::string>();
-          } else if (content->is_array()) {
-            for (const json& part : *content) {
-              if (!part.is_object() || part.value("type", "") != "text" || !part.contains("text") ||
-                  !part["text"].is_string())
-                return SendError(res, Bad("only text content parts are supported", "invalid_type"));
-              cm.content += part["text"].get<std::string>();
-            }
-          } else {
-            return SendError(res,
-                             Bad("a message's 'content' must be a string or an array of text parts", "invalid_type"));
-          }
-          messages.push_back(std::move(cm));
-        }
-        StatusOr<std::string> text = chat_->Apply(messages, /*add_generation_prompt=*/true);
-        if (!text.ok()) return SendError(res, Bad("chat template: " + text.status().message(), "template_error"));
-        ids = tokenizer_->Encode(*text);
-      } else {
-        auto prompt = body.find("prompt");
-        if (prompt == body.end() || prompt->is_null())
-          return SendError(res, Bad("'prompt' is required", "missing_field"));
-        const json* pr = &*prompt;
-        // A batch of one prompt is the prompt itself; more than one is n > 1 in disguise.
-        if (pr->is_array() && pr->size() == 1 && ((*pr)[0].is_string() || (*pr)[0].is_array())) pr = &(*pr)[0];
-        if (pr->is_string()) {
-          ids = tokenizer_->Encode(pr->get<std::string>());
-        } else if (pr->is_array()) {
-          const int64_t vocab = loop_->config().vocab_size;
-          for (const json& t : *pr) {
-            if (!t.is_number_integer())
-              return SendError(res, Bad("'prompt' must be a string or an array of token ids (one prompt per request)",
-                                        "invalid_type"));
-            const int64_t v = t.get<int64_t>();
-            if (v < 0 || v >= vocab)
-              return SendError(res, Bad("token id " + std::to_string(v) + " is outside the vocabulary [0, " +
-                                        std::to_string(vocab) + ")"));
-            ids.push_back(static_cast<int32_t>(v));
-          }
-        } else {
-          return SendError(res, Bad("'prompt' must be a string or an array of token ids", "invalid_type"));
-        }
-      }
-      if (ids.empty()) return SendError(res, Bad("the prompt is empty"));
-      const int ctx = loop_->max_seq_len();
-      if (static_cast<int64_t>(ids.size()) >= ctx)
-        return SendError(res, Bad("the prompt has " + std::to_string(ids.size()) + " tokens; the context holds " +
-                                      std::to_string(ctx) + " (prompt plus at least one generated token)",
-                                  "context_length_exceeded"));
-      // n
-      std::optional<int64_t> n;
-      if (auto e = GetInt(body, "n", &n)) return SendError(res, *e);
-      if (n && *n != 1) return SendError(res, Bad("only n = 1 is supported"));
-      // max_tokens
-      std::optional<int64_t> max_tokens;
-      if (auto e = GetInt(body, "max_tokens", &max_tokens)) return SendError(res, *e);
-      if (chat && !max_tokens) {
-        if (auto e = GetInt(body, "max_completion_tokens", &max_tokens)) return SendError(res, *e);
-      }
-      const int64_t room = ctx - static_cast<int64_t>(ids.size());
-      const int64_t limit = options_.max_tokens_limit > 0 ? options_.max_tokens_limit : ctx;
-      if (max_tokens) {
-        if (*max_tokens < 0) return SendError(res, Bad("'max_tokens' must be >= 0"));
-        if (*max_tokens > limit)
-          return SendError(res, Bad("'max_tokens' is " + std::to_string(*max_tokens) + "; this server allows at most " +
-                                    std::to_string(limit)));
-        if (*max_tokens > room)
-          return SendError(
-              res, Bad("the prompt (" + std::to_string(ids.size()) + " tokens) plus max_tokens (" +
-                           std::to_string(*max_tokens) + ") exceeds the context of " + std::to_string(ctx) + " tokens",
-                       "context_length_exceeded"));
-        p.request.max_new_tokens = static_cast<int>(*max_tokens);
-      } else {
-        p.request.max_new_tokens =
-            static_cast<int>(std::min<int64_t>({static_cast<int64_t>(options_.default_max_tokens), room, limit}));
-      }
-      // sampling
-      std::optional<double> temperature, top_p;
-      std::optional<int64_t> top_k, seed;
-      if (auto e = GetNumber(body, "temperature", &temperature)) return SendError(res, *e);
-      if (auto e = GetNumber(body, "top_p", &top_p)) return SendError(res, *e);
-      if (auto e = GetInt(body, "top_k", &top_k)) return SendError(res, *e);
-      if (auto e = GetInt(body, "seed", &seed)) return SendError(res, *e);
-      runtime::SamplingParams& sp = p.request.sampling;
-      if (temperature) {
-        if (!(*temperature >= 0 && *temperature <= 2)) return SendError(res, Bad("'temperature' must be in [0, 2]"));
-        sp.temperature = static_cast<float>(*temperature);
-      }
-      if (top_p) {
-        if (!(*top_p > 0 && *top_p <= 1)) return SendError(res, Bad("'top_p' must be in (0, 1]"));
-        sp.top_p = static_cast<float>(*top_p);
-      }
-      if (top_k) {
-        if (*top_k < -1 || *top_k > (1 << 22)) return SendError(res, Bad("'top_k' must be -1, 0 or a positive count"));
-        sp.top_k = *top_k < 0 ? 0 : static_cast<int>(*top_k);
-      }
-      if (seed) {
-        sp.seed = static_cast<uint64_t>(*seed);
-      } else {
-        sp.seed = static_cast<uint64_t>(next_id_.load());
-      }
-      // stop
-      auto stop = body.find("stop");
-      if (stop != body.end() && !stop->is_null()) {
-        std::vector<json> items = stop->is_array() ? stop->get<std::vector<json>>() : std::vector<json>{*stop};
-        if (items.size() > 16) return SendError(res, Bad("'stop' holds at most 16 strings"));
-        for (const json& s : items) {
-          if (!s.is_string())
-            return SendError(res, Bad("'stop' must be a string or an array of strings", "invalid_type"));
-          if (s.get<std::string>().empty()) return SendError(res, Bad("'stop' strings must not be empty"));
-          p.request.stop.push_back(s.get<std::string>());
-        }
-      }
-      if (auto e = GetBool(body, "stream", &p.stream)) return SendError(res, *e);
-      auto so = body.find("stream_options");
-      if (so != body.end() && so->is_object()) {
-        if (auto e = GetBool(*so, "include_usage", &p.include_usage)) return SendError(res, *e);
-      }
-      bool ignore_eos = false;
-      if (auto e = GetBool(body, "ignore_eos", &ignore_eos)) return SendError(res, *e);
-      p.request.ignore_eos = ignore_eos;
+  std::vector<ServeRequest> choices;
+  for (int i = 0; i < r.num_choices(); ++i) choices.push_back(r.Choice(i));
+  // All choices in one admission round: they share the prefill step and finish together.
+  StatusOr<std::vector<std::shared_ptr<RequestStream>>> submitted = loop_->SubmitAll(std::move(choices));
+  if (!submitted.ok()) return SendError(res, FromStatus(submitted.status()));
 
-      const int prompt_tokens = static_cast<int>(ids.size());
-      StatusOr<std::shared_ptr<RequestStream>> submitted = loop_->Submit(std::move(p.request));
-      if (!submitted.ok()) return SendError(res, FromStatus(submitted.status()));
-      std::shared_ptr<RequestStream> stream = *submitted;
+  int prompt_tokens = 0;  // each prompt counts once, however many choices answer it
+  for (const auto& p : r.prompts) prompt_tokens += static_cast<int>(p.size());
+  const std::string id = (chat ? "chatcmpl-" : "cmpl-") + std::to_string(next_id_.fetch_add(1));
+  const int64_t created = std::chrono::duration_cast<std::chrono::seconds>(arrival.time_since_epoch()).count();
+  ResponseBuilder rb(r, *tokenizer_, id, created, options_.model_name);
+  if (!r.stream) return RespondWhole(r, *submitted, rb, prompt_tokens, res);
 
-      const std::string id = (chat ? "chatcmpl-" : "cmpl-") + std::to_string(next_id_.fetch_add(1));
-      const int64_t created = std::chrono::duration_cast<std::chrono::seconds>(arrival.time_since_epoch()).count();
-      const std::string model_name = options_.model_name;
-      auto usage = [prompt_tokens](int completion) {
-        return json{{"prompt_tokens", prompt_tokens},
-                    {"completion_tokens", completion},
-                    {"total_tokens", prompt_tokens + completion}};
-      };
-
-      if (!p.stream) {
-        std::string text;
-        StreamUpdate u;
-        do {
-          u = stream->Take(std::chrono::milliseconds(1000));
-          text += u.text;
-        } while (!u.done);
-        if (!u.error.ok()) return SendError(res, FromStatus(u.error));
-        json choice = {{"index", 0}, {"finish_reason", FinishName(u.finish)}, {"logprobs", nullptr}};
-        if (chat) {
-          choice["message"] = {{"role", "assistant"}, {"content", text}};
-        } else {
-          choice["text"] = text;
-        }
-        json out = {{"id", id},
-                    {"object", chat ? "chat.completion" : "text_completion"},
-                    {"created", created},
-                    {"model", model_name},
-                    {"choices", json::array({choice})},
-                    {"usage", usage(u.num_tokens)}};
-        res.set_content(out.dump(), "application/json");
-        return;
-      }
-
-      // Streaming: one SSE event per batch of new text. The provider blocks (bounded) on the
-      // stream; a failed write means the client left, which cancels the request.
-      struct State {
-        bool sent_role = false;
-        bool finished = false;
-      };
-      auto state = std::make_shared<State>();
-      const bool include_usage = p.include_usage;
-      res.set_header("Cache-Control", "no-cache");
-      res.set_chunked_content_provider(
-          "text/event-stream",
-          [=](size_t, httplib::DataSink& sink) {
-            auto chunk = [&](const json& delta_or_text, const json& finish) {
-              json choice = {{"index", 0}, {"finish_reason", finish}};
-              if (chat) {
-                choice["delta"] = delta_or_text;
-              } else {
-                choice["text"] = delta_or_text;
-                choice["logprobs"] = nullptr;
-              }
-              json ev = {{"id", id},
-                         {"object", chat ? "chat.completion.chunk" : "text_completion"},
-                         {"created", created},
-                         {"model", model_name},
-                         {"choices", json::array({choice})}};
-              const std::string line = "data: " + ev.dump() + "\n\n";
-              return sink.write(line.data(), line.size());
-            };
-            if (chat && !state->sent_role) {
-              state->sent_role = true;
-              if (!chunk(json{{"role", "assistant"}, {"content", ""}}, nullptr)) return false;
-            }
-            StreamUpdate u = stream->Take(std::chrono::milliseconds(500));
-            if (!u.text.empty()) {
-              if (!chunk(chat ? json{{"content", u.text}} : json(u.text), nullptr)) return false;
-            }
-            if (!u.done) return sink.is_writable();
-            if (!u.error.ok()) {
-              json err = {{"error", {{"message", u.error.message()}, {"type", "server_error"}, {"code", nullptr}}}};
-              const std::string line = "data: " + err.dump() + "\n\n";
-              sink.write(line.data(), line.size());
-            } else {
-              if (!chunk(chat ? json::object() : json(""), FinishName(u.finish))) return false;
-              if (include_usage) {
-                json ev = {{"id", id},
-                           {"object", chat ? "chat.completion.chunk" : "text_completion"},
-                           {"created", created},
-                           {"model", model_name},
-                           {"choices", json::array()},
-                           {"usage", usage(u.num_tokens)}};
-                const std::string line = "data: " + ev.dump() + "\n\n";
-                if (!sink.write(line.data(), line.size())) return false;
-              }
-            }
-            static const std::string kDone = "data: [DONE]\n\n";
-            sink.write(kDone.data(), kDone.size());
-            state->finished = true;
-            sink.done();
-            return true;
-          },
-          [stream, state](bool success) {
-            if (!success || !state->finished) stream->Cancel();
-          });
-    };
-  };
-  svr.Post("/v1/completions", generate(false));
-  svr.Post("/v1/chat/completions", generate(true));
+  // Streaming: the provider blocks (bounded) on the streams; a failed write means the client
+  // left, which cancels the request.
+  auto sse = std::make_shared<SseStream>(std::move(r), std::move(submitted).value(), std::move(rb), prompt_tokens);
+  res.set_header("Cache-Control", "no-cache");
+  res.set_chunked_content_provider(
+      "text/event-stream", [sse](size_t, httplib::DataSink& sink) { return sse->Pump(sink); },
+      [sse](bool) { sse->Cancel(); });
 }
 
 }  // namespace ef::launch

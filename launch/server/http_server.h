@@ -2,11 +2,13 @@
 //
 // Routes: POST /v1/completions, POST /v1/chat/completions (both with `stream: true` as
 // server-sent events: `data: {json}\n\n` chunks then `data: [DONE]\n\n`), GET /v1/models,
-// GET /health, GET /metrics (Prometheus text). Handler threads parse and validate a request,
-// Submit() it to the ServingLoop and wait on its RequestStream; every bad input gets a 4xx with
-// the body {"error": {"message", "type", "code"}} and never reaches the engine. With an API key,
-// /v1/* needs `Authorization: Bearer <key>` (401 otherwise); /health and /metrics stay open for
-// probes and scrapers.
+// GET /health, GET /metrics (Prometheus text). Handler threads parse and validate a request
+// (api_request.h: batch prompts, n, echo, logprobs), submit its choices to the ServingLoop and
+// wait on their RequestStreams; every bad input gets a 4xx with the body
+// {"error": {"message", "type", "param", "code"}} and never reaches the engine. A request whose
+// engine step fails gets a 5xx body (or, streaming, an error event before [DONE]). With an API
+// key, /v1/* needs `Authorization: Bearer <key>` (401 otherwise); /health and /metrics stay open
+// for probes and scrapers.
 //
 // Thread safety: Stop() may be called from any thread (a signal watcher); the rest from the
 // thread that owns the server.
@@ -16,6 +18,7 @@
 #include <memory>
 #include <string>
 
+#include "launch/server/api_request.h"
 #include "launch/server/chat_template.h"
 #include "launch/server/server_metrics.h"
 #include "launch/server/serving_loop.h"
@@ -24,19 +27,21 @@
 
 namespace httplib {
 class Server;
-}
+struct Request;
+struct Response;
+}  // namespace httplib
 
 namespace ef::launch {
 
 struct HttpServerOptions {
-  std::string host = "127.0.0.1";  // loopback unless asked otherwise
-  int port = 8080;                 // 0: any free port (Bind() says which)
-  std::string api_key;             // empty: no authentication
-  std::string model_name;          // the id /v1/models lists and requests must name
-  int max_tokens_limit = 0;        // largest max_tokens accepted; 0: the context length
-  int default_max_tokens = 16;     // when a request gives none
-  int num_threads = 64;            // HTTP handler threads (each waits on one request)
-  size_t max_body_bytes = 8u << 20;
+  std::string host = "127.0.0.1";    // loopback unless asked otherwise
+  int port = 8080;                   // 0: any free port (Bind() says which)
+  std::string api_key;               // empty: no authentication
+  std::string model_name;            // the id /v1/models lists and requests must name
+  int max_tokens_limit = 0;          // largest max_tokens accepted; 0: the context length
+  int default_max_tokens = 16;       // when a request gives none
+  int num_threads = 64;              // HTTP handler threads (each waits on one request)
+  size_t max_body_bytes = 8u << 20;  // larger request bodies get 413
 };
 
 class HttpServer {
@@ -54,7 +59,11 @@ class HttpServer {
   void Stop();
 
  private:
-  void Routes();
+  // Handler threads, limits, the access log, error bodies for httplib's own errors, authentication.
+  void InstallHooks();
+  void InstallRoutes();
+  // POST /v1/completions and /v1/chat/completions: parse, submit every choice, answer.
+  void Generate(const httplib::Request& req, httplib::Response& res, bool chat);
 
   HttpServerOptions options_;
   ServingLoop* loop_;

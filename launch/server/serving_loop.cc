@@ -1,16 +1,50 @@
 #include "launch/server/serving_loop.h"
 
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 #include <optional>
 
 #include "runtime/core/check.h"
+#include "runtime/core/limits.h"
 #include "runtime/core/logging.h"
+#include "runtime/core/params.h"
+
+EF_PARAM(DebugFailAtStep, int64_t, "EF_DEBUG_FAIL_AT_STEP", -1,
+         "testing: the serving loop's forward pass with this 0-based number fails as an engine error would "
+         "(every request in flight gets an error, then the server exits)");
 
 namespace ef::launch {
 
 using Clock = std::chrono::steady_clock;
 using runtime::FinishReason;
+
+namespace {
+
+// log-softmax of `row` at `token`, and the `top` most likely tokens (lowest id first on ties).
+// Sums in double: the values are compared against an offline forward pass to 1e-5.
+TokenLogprob LogprobOf(std::span<const float> row, int32_t token, int top) {
+  const float max = *std::max_element(row.begin(), row.end());
+  double sum = 0;
+  for (float x : row) sum += std::exp(static_cast<double>(x) - max);
+  const double lse = static_cast<double>(max) + std::log(sum);
+  TokenLogprob t;
+  t.token = token;
+  t.logprob = static_cast<double>(row[token]) - lse;
+  // A small sorted list: top <= kMaxTopLogprobs, so insertion beats sorting the vocabulary.
+  std::vector<int32_t> best;
+  best.reserve(static_cast<size_t>(top) + 1);
+  for (int32_t i = 0; i < static_cast<int32_t>(row.size()) && top > 0; ++i) {
+    if (static_cast<int>(best.size()) == top && row[i] <= row[best.back()]) continue;
+    auto at = std::upper_bound(best.begin(), best.end(), i, [&](int32_t a, int32_t b) { return row[a] > row[b]; });
+    best.insert(at, i);
+    if (static_cast<int>(best.size()) > top) best.pop_back();
+  }
+  for (int32_t i : best) t.top.emplace_back(i, static_cast<double>(row[i]) - lse);
+  return t;
+}
+
+}  // namespace
 
 // --- RequestStream ---
 
@@ -23,6 +57,8 @@ StreamUpdate RequestStream::Take(std::chrono::milliseconds timeout) {
   u.done = done_;
   u.finish = finish_;
   u.error = error_;
+  u.logprobs.swap(pending_logprobs_);
+  u.prompt_logprobs.swap(pending_prompt_logprobs_);
   return u;
 }
 
@@ -43,6 +79,12 @@ void RequestStream::Push(const std::string& text, int num_tokens) {
     num_tokens_ = num_tokens;
   }
   cv_.notify_all();
+}
+
+void RequestStream::PushLogprobs(std::vector<TokenLogprob> prompt, std::vector<TokenLogprob> generated) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto& t : prompt) pending_prompt_logprobs_.push_back(std::move(t));
+  for (auto& t : generated) pending_logprobs_.push_back(std::move(t));
 }
 
 void RequestStream::Finish(FinishReason finish, Status error) {
@@ -121,6 +163,8 @@ StatusOr<std::unique_ptr<ServingLoop::Active>> ServingLoop::Prepare(ServeRequest
     return InvalidArgument("the prompt has " + std::to_string(request.prompt.size()) + " tokens; the context holds " +
                            std::to_string(max_seq_len_));
   if (request.max_new_tokens < 0) return InvalidArgument("max_tokens must be >= 0");
+  if (request.logprobs > limits::kMaxTopLogprobs)
+    return InvalidArgument("logprobs must be at most " + std::to_string(limits::kMaxTopLogprobs));
   if (static_cast<int64_t>(request.prompt.size()) + request.max_new_tokens > max_seq_len_)
     return InvalidArgument("prompt (" + std::to_string(request.prompt.size()) + " tokens) + max_tokens (" +
                            std::to_string(request.max_new_tokens) + ") exceeds the context of " +
@@ -303,45 +347,45 @@ void ServingLoop::Admit() {
   }
 }
 
-void ServingLoop::Step() {
-  const auto is_eos = [&](int32_t t) {
-    return std::find(config_.eos_token_ids.begin(), config_.eos_token_ids.end(), t) != config_.eos_token_ids.end();
-  };
-  auto finish = [&](Active& a, FinishReason r, Status error) {
-    if (a.seq >= 0) engine_->RemoveSequence(a.seq);
-    a.seq = -1;
-    if (a.emitted < a.text.size()) a.stream->Push(a.text.substr(a.emitted), static_cast<int>(a.generated.size()));
-    a.emitted = a.text.size();
-    a.stream->Finish(r, std::move(error));
-    const double latency = std::chrono::duration<double>(Clock::now() - a.arrival).count();
-    metrics_->ObserveLatency(latency);
-  };
+void ServingLoop::Finish(Active& a, FinishReason finish, Status error) {
+  if (a.seq >= 0) engine_->RemoveSequence(a.seq);
+  a.seq = -1;
+  if (a.emitted < a.text.size()) a.stream->Push(a.text.substr(a.emitted), static_cast<int>(a.generated.size()));
+  a.emitted = a.text.size();
+  a.stream->Finish(finish, std::move(error));
+  metrics_->ObserveLatency(std::chrono::duration<double>(Clock::now() - a.arrival).count());
+}
 
-  // Admit new sequences; drop cancelled ones.
+void ServingLoop::StartAndPrune() {
   for (auto& a : running_) {
     if (a->seq < 0 && !a->prefilled) {
       a->seq = a->request.seq_id > 0 ? a->request.seq_id : next_seq_++;
       Status s = engine_->AddSequence(a->seq);
       if (!s.ok()) {
         a->seq = -1;
-        finish(*a, FinishReason::kCancelled, s);
+        Finish(*a, FinishReason::kCancelled, s);
         a.reset();
         continue;
       }
       a->sampler = std::make_unique<runtime::Sampler>(a->request.sampling);
       a->decoder = std::make_unique<runtime::StreamDecoder>(tokenizer_, /*skip_special=*/true);
-      if (a->request.max_new_tokens == 0) {
-        finish(*a, FinishReason::kLength, Status::Ok());
+      // Nothing to run, unless the prompt itself is being scored.
+      if (a->request.max_new_tokens == 0 && !a->request.prompt_logprobs) {
+        Finish(*a, FinishReason::kLength, Status::Ok());
         a.reset();
         continue;
       }
     }
     if (a && a->stream->cancelled()) {
-      finish(*a, FinishReason::kCancelled, Status::Ok());
+      Finish(*a, FinishReason::kCancelled, Status::Ok());
       a.reset();
     }
   }
   running_.erase(std::remove(running_.begin(), running_.end(), nullptr), running_.end());
+}
+
+void ServingLoop::Step() {
+  StartAndPrune();
   if (running_.empty()) return;
 
   std::vector<runtime::SeqChunk> batch;
@@ -350,7 +394,7 @@ void ServingLoop::Step() {
   int64_t prompt_tokens = 0;
   for (auto& a : running_) {
     if (!a->prefilled) {
-      batch.push_back(runtime::SeqChunk{a->seq, a->request.prompt, false});
+      batch.push_back(runtime::SeqChunk{a->seq, a->request.prompt, a->request.prompt_logprobs});
       prompt_tokens += static_cast<int64_t>(a->request.prompt.size());
     } else {
       batch.push_back(runtime::SeqChunk{a->seq, {&a->last, 1}, false});
@@ -358,66 +402,92 @@ void ServingLoop::Step() {
     tokens += static_cast<int64_t>(batch.back().tokens.size());
   }
   runtime::ForwardResult fr;
-  Status s = engine_->Forward(batch, &fr);
+  Status s =
+      num_steps_++ == params::DebugFailAtStep()
+          ? Internal("EF_DEBUG_FAIL_AT_STEP=" + std::to_string(params::DebugFailAtStep()) + ": injected engine failure")
+          : engine_->Forward(batch, &fr);
   metrics_->CountStep(tokens);
   metrics_->AddPromptTokens(prompt_tokens);
   if (!s.ok()) {
     EF_LOG(ERROR, SERVE, "forward pass failed: %s", s.ToString().c_str());
-    for (auto& a : running_) finish(*a, FinishReason::kCancelled, s);
+    for (auto& a : running_) Finish(*a, FinishReason::kCancelled, s);
     running_.clear();
+    Fail(s);
     return;
   }
-  const Clock::time_point now = Clock::now();
-  const int vocab = config_.vocab_size;
   for (size_t b = 0; b < running_.size(); ++b) {
-    Active& a = *running_[b];
-    std::span<const float> row(fr.logits.data() + static_cast<size_t>(fr.row_offset[b]) * vocab, vocab);
-    const int32_t tok = a.sampler->Sample(row);
-    if (!a.prefilled) {
-      a.prefilled = true;
-      metrics_->ObserveTimeToFirstToken(std::chrono::duration<double>(now - a.arrival).count());
-    } else {
-      metrics_->ObserveInterTokenLatency(std::chrono::duration<double>(now - a.last_token).count());
-    }
-    a.last_token = now;
-    a.last = tok;
-    a.generated.push_back(tok);
-    metrics_->AddGeneratedTokens(1);
-    const bool eos = !a.request.ignore_eos && is_eos(tok);
-    if (!eos) a.text += a.decoder->Push(tok);
-    std::optional<FinishReason> done;
-    if (eos) {
-      done = FinishReason::kStop;
-    } else {
-      // A stop string can only begin at or after `emitted` (everything that could start one is held back).
-      for (const std::string& st : a.request.stop) {
-        const size_t at = a.text.find(st, a.emitted);
-        if (at != std::string::npos) {
-          a.text.resize(at);
-          done = FinishReason::kStop;
-        }
-      }
-    }
-    if (!done && static_cast<int>(a.generated.size()) >= a.request.max_new_tokens) done = FinishReason::kLength;
-    if (!done && engine_->SequenceLength(a.seq) + 1 >= max_seq_len_) done = FinishReason::kContext;
-    if (done) {
-      if (*done != FinishReason::kStop || eos) a.text += a.decoder->Flush();
-      // Flushed text may complete a stop string.
-      for (const std::string& st : a.request.stop) {
-        const size_t at = a.text.find(st, a.emitted);
-        if (at != std::string::npos) a.text.resize(at), done = FinishReason::kStop;
-      }
-      finish(a, *done, Status::Ok());
-      running_[b].reset();
-      continue;
-    }
-    const size_t ready = a.text.size() - a.HeldBack();
-    if (ready > a.emitted) {
-      a.stream->Push(a.text.substr(a.emitted, ready - a.emitted), static_cast<int>(a.generated.size()));
-      a.emitted = ready;
-    }
+    const float* rows = fr.logits.data() + static_cast<size_t>(fr.row_offset[b]) * config_.vocab_size;
+    if (Advance(*running_[b], rows)) running_[b].reset();
   }
   running_.erase(std::remove(running_.begin(), running_.end(), nullptr), running_.end());
+}
+
+bool ServingLoop::Advance(Active& a, const float* rows) {
+  const size_t vocab = static_cast<size_t>(config_.vocab_size);
+  const int top = std::max(a.request.logprobs, 0);
+  const Clock::time_point now = Clock::now();
+  if (!a.prefilled) {
+    a.prefilled = true;
+    metrics_->ObserveTimeToFirstToken(std::chrono::duration<double>(now - a.arrival).count());
+    if (a.request.prompt_logprobs) {
+      // Row i of the prefill predicts prompt token i + 1; the sampling row is the last one.
+      const std::vector<int32_t>& p = a.request.prompt;
+      std::vector<TokenLogprob> scored(1);
+      scored[0].token = p[0];
+      for (size_t i = 1; i < p.size(); ++i) scored.push_back(LogprobOf({rows + (i - 1) * vocab, vocab}, p[i], top));
+      a.stream->PushLogprobs(std::move(scored), {});
+      rows += (p.size() - 1) * vocab;
+      if (a.request.max_new_tokens == 0) {
+        Finish(a, FinishReason::kLength, Status::Ok());
+        return true;
+      }
+    }
+  } else {
+    metrics_->ObserveInterTokenLatency(std::chrono::duration<double>(now - a.last_token).count());
+  }
+  const std::span<const float> row(rows, vocab);
+  const int32_t tok = a.sampler->Sample(row);
+  a.last_token = now;
+  a.last = tok;
+  a.generated.push_back(tok);
+  metrics_->AddGeneratedTokens(1);
+  const bool eos = !a.request.ignore_eos && std::find(config_.eos_token_ids.begin(), config_.eos_token_ids.end(),
+                                                      tok) != config_.eos_token_ids.end();
+  if (!eos) {
+    a.text += a.decoder->Push(tok);
+    if (a.request.logprobs >= 0) a.stream->PushLogprobs({}, {LogprobOf(row, tok, top)});
+  }
+  std::optional<FinishReason> done;
+  if (eos) {
+    done = FinishReason::kStop;
+  } else {
+    // A stop string can only begin at or after `emitted` (everything that could start one is held back).
+    for (const std::string& st : a.request.stop) {
+      const size_t at = a.text.find(st, a.emitted);
+      if (at != std::string::npos) {
+        a.text.resize(at);
+        done = FinishReason::kStop;
+      }
+    }
+  }
+  if (!done && static_cast<int>(a.generated.size()) >= a.request.max_new_tokens) done = FinishReason::kLength;
+  if (!done && engine_->SequenceLength(a.seq) + 1 >= max_seq_len_) done = FinishReason::kContext;
+  if (done) {
+    if (*done != FinishReason::kStop || eos) a.text += a.decoder->Flush();
+    // Flushed text may complete a stop string.
+    for (const std::string& st : a.request.stop) {
+      const size_t at = a.text.find(st, a.emitted);
+      if (at != std::string::npos) a.text.resize(at), done = FinishReason::kStop;
+    }
+    Finish(a, *done, Status::Ok());
+    return true;
+  }
+  const size_t ready = a.text.size() - a.HeldBack();
+  if (ready > a.emitted) {
+    a.stream->Push(a.text.substr(a.emitted, ready - a.emitted), static_cast<int>(a.generated.size()));
+    a.emitted = ready;
+  }
+  return false;
 }
 
 }  // namespace ef::launch

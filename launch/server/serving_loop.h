@@ -32,8 +32,10 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "launch/server/server_metrics.h"
@@ -46,12 +48,26 @@
 
 namespace ef::launch {
 
+// One token's log-probability under the model: log-softmax of the raw logits of the step that
+// produced it (before the sampling temperature, top_k or top_p, as OpenAI reports them).
+struct TokenLogprob {
+  int32_t token = 0;
+  std::optional<double> logprob;                // none for a prompt's first token (nothing predicts it)
+  std::vector<std::pair<int32_t, double>> top;  // the most likely tokens at that step, most likely first
+};
+
 struct ServeRequest {
   std::vector<int32_t> prompt;  // >= 1 token, < the engine's context
   int max_new_tokens = 16;      // >= 0, prompt + max_new_tokens <= context
   runtime::SamplingParams sampling;
   std::vector<std::string> stop;  // the text ends before the first occurrence of any of them
   bool ignore_eos = false;
+  // -1: no log-probabilities; N in [0, kMaxTopLogprobs]: each generated token's logprob with the
+  // N most likely alternatives.
+  int logprobs = -1;
+  // Also the prompt's tokens' logprobs (with the same N); the prefill then keeps the logits of
+  // every prompt position. max_new_tokens may be 0 (scoring a text).
+  bool prompt_logprobs = false;
   // The engine's sequence id for this request (the key of sequence-keyed trace routing, so a
   // benchmark request keeps its routing on any rank); 0: the loop picks one. An id already
   // running fails the request.
@@ -65,6 +81,11 @@ struct StreamUpdate {
   bool done = false;
   runtime::FinishReason finish = runtime::FinishReason::kLength;
   Status error;  // set when the engine failed; done is then true
+  // With ServeRequest::logprobs >= 0: entries new since the previous Take, one per generated token
+  // (an EOS that ends the request has none: it adds no text). They may run ahead of `text`, which
+  // holds back what could begin a stop string.
+  std::vector<TokenLogprob> logprobs;
+  std::vector<TokenLogprob> prompt_logprobs;  // with prompt_logprobs: every prompt token, in the first update
 };
 
 // The channel from the engine thread to one handler thread.
@@ -80,11 +101,14 @@ class RequestStream {
  private:
   friend class ServingLoop;
   void Push(const std::string& text, int num_tokens);
+  void PushLogprobs(std::vector<TokenLogprob> prompt, std::vector<TokenLogprob> generated);
   void Finish(runtime::FinishReason finish, Status error);
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::string pending_;
+  std::vector<TokenLogprob> pending_logprobs_;
+  std::vector<TokenLogprob> pending_prompt_logprobs_;
   int num_tokens_ = 0;
   bool done_ = false;
   bool cancelled_ = false;
@@ -151,8 +175,15 @@ class ServingLoop {
  private:
   struct Active;
   void Run();
-  // One step over the running batch; finished requests leave it.
+  // One step over the running batch; finished requests leave it. A failed forward pass is fatal
+  // (Fail): the engine's state is unknown, so every request fails with the error and the loop stops.
   void Step();
+  // Starts the admitted requests' sequences and drops cancelled requests (the head of Step).
+  void StartAndPrune();
+  // Takes one request's output of a step (its rows of the logits); true when it is done.
+  bool Advance(Active& a, const float* rows);
+  // Ends a request: frees its sequence, pushes what text is left, closes its stream.
+  void Finish(Active& a, runtime::FinishReason finish, Status error);
   // Moves waiting requests into the running batch (FIFO or regrouped). mu_ held.
   void Admit();
   // Stops taking requests after an error: waiting ones fail with it. mu_ not held.
@@ -179,6 +210,7 @@ class ServingLoop {
   scheduler::ExpertPathSet paths_;                // guarded by mu_ (scratch of Admit)
   scheduler::TokenRegrouper regrouper_;           // guarded by mu_
   int64_t next_seq_ = int64_t{1} << 40;           // engine thread only; above explicit seq_ids
+  int64_t num_steps_ = 0;                         // engine thread only; forward passes so far
   std::thread thread_;
 };
 

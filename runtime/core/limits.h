@@ -13,8 +13,13 @@ inline constexpr int kMaxLayers = 1024;
 inline constexpr int kMaxExperts = 4096;
 inline constexpr int kMaxTopK = 64;
 inline constexpr int kMaxVocab = 1 << 22;
+// OpenAI's own caps: at most 20 alternatives per token (`top_logprobs`, `logprobs: N`) and 128
+// choices per request (prompts x n).
+inline constexpr int kMaxTopLogprobs = 20;
+inline constexpr int kMaxChoices = 128;
 
 static_assert(kMaxTopK <= kMaxExperts);
+static_assert(kMaxTopLogprobs >= 1 && kMaxChoices >= 1);
 static_assert(kMaxSafetensorsHeaderBytes < (1ull << 32));
 
 }  // namespace ef::limits

@@ -44,7 +44,7 @@ cache: {device_budget: 2GiB, host_budget: auto, policy: lru, prefetch_layers: 3,
 predictor: {kind: path, path: p.safetensors}
 routing: {replay: traces/mixtral.jsonl, key: sequence}
 scheduler: {max_batch_tokens: 64, max_batch_requests: 8, regroup_window: 4, rank_assignment: round_robin}
-server: {host: 0.0.0.0, port: 9000, api_key: secret}
+server: {host: 0.0.0.0, port: 9000, api_key: secret, max_body_bytes: 64KiB, max_tokens_limit: 256}
 generate: {prompt: "hi", max_new_tokens: 5, temperature: 0.7, top_p: 0.9, top_k: 40, seed: 11}
 )",
                        "t.yaml");
@@ -60,6 +60,8 @@ generate: {prompt: "hi", max_new_tokens: 5, temperature: 0.7, top_p: 0.9, top_k:
   EXPECT_EQ(c->predictor.path, "p.safetensors");
   EXPECT_EQ(c->scheduler.rank_assignment, "round_robin");
   EXPECT_EQ(c->server.api_key, "secret");
+  EXPECT_EQ(c->server.max_body_bytes, 64u << 10);
+  EXPECT_EQ(c->server.max_tokens_limit, 256);
   EXPECT_EQ(c->generate.top_k, 40);
   EXPECT_EQ(c->generate.seed, 11u);
   EXPECT_TRUE(c->has("cluster.timeout_s"));
@@ -103,6 +105,10 @@ TEST(ConfigTest, ImpossibleValuesNameKeyAndLine) {
   EXPECT_EQ(Error("cluster:\n  timeout_s: 0\n"),
             "t.yaml:2: cluster.timeout_s: expected a number in (0, 86400], got '0'");
   EXPECT_EQ(Error("server:\n  port: 70000\n"), "t.yaml:2: server.port: expected an integer in [1, 65535], got '70000'");
+  EXPECT_EQ(Error("server:\n  max_body_bytes: 10\n"),
+            "t.yaml:2: server.max_body_bytes: expected a size in [1KiB, 1GiB], got '10'");
+  EXPECT_EQ(Error("server:\n  max_tokens_limit: -1\n"),
+            "t.yaml:2: server.max_tokens_limit: expected an integer in [0, 16777216], got '-1'");
   EXPECT_EQ(Error("generate:\n  top_p: 0\n"), "t.yaml:2: generate.top_p: expected a number in (0, 1], got '0'");
   EXPECT_EQ(Error("cluster:\n  ranks_per_node: 0\n"),
             "t.yaml:2: cluster.ranks_per_node: expected an integer in [1, 65536], got '0'");

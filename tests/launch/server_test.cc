@@ -9,12 +9,17 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -37,8 +42,9 @@ class ServerProcess {
  public:
   ~ServerProcess() { Kill(); }
 
-  // Starts the server with `extra` flags and waits (bounded) for its "listening on" line.
-  void Start(std::vector<std::string> extra = {}) {
+  // Starts the server with `extra` flags (and `env` entries "KEY=VALUE" added to this process's
+  // environment) and waits (bounded) for its "listening on" line.
+  void Start(std::vector<std::string> extra = {}, std::vector<std::string> env = {}) {
     int fds[2];
     ASSERT_EQ(pipe(fds), 0);
     std::vector<std::string> args = {EF_BINARY, "serve", "--model", kModelDir, "--port", "0"};
@@ -50,7 +56,11 @@ class ServerProcess {
     posix_spawn_file_actions_init(&fa);
     posix_spawn_file_actions_adddup2(&fa, fds[1], STDOUT_FILENO);
     posix_spawn_file_actions_addclose(&fa, fds[0]);
-    ASSERT_EQ(posix_spawn(&pid_, EF_BINARY, &fa, nullptr, argv.data(), environ), 0);
+    std::vector<char*> envp;
+    for (char** e = environ; *e; ++e) envp.push_back(*e);
+    for (auto& e : env) envp.push_back(e.data());
+    envp.push_back(nullptr);
+    ASSERT_EQ(posix_spawn(&pid_, EF_BINARY, &fa, nullptr, argv.data(), envp.data()), 0);
     posix_spawn_file_actions_destroy(&fa);
     close(fds[1]);
     out_fd_ = fds[0];
@@ -77,6 +87,12 @@ class ServerProcess {
   int Terminate(std::chrono::seconds timeout = std::chrono::seconds(60)) {
     if (pid_ <= 0) return -1;
     kill(pid_, SIGTERM);
+    return WaitExit(timeout);
+  }
+
+  // The exit status once the server exits by itself (bounded wait; -1 if it had to be killed).
+  int WaitExit(std::chrono::seconds timeout = std::chrono::seconds(60)) {
+    if (pid_ <= 0) return -1;
     const auto deadline = Clock::now() + timeout;
     while (Clock::now() < deadline) {
       int status = 0;
@@ -149,9 +165,11 @@ Reply Get(const ServerProcess& s, const std::string& path) {
   return out;
 }
 
-// Concatenated text of an SSE stream; checks the framing and the [DONE] end.
-std::string SseText(const std::string& raw, bool chat, std::string* finish) {
-  std::string text;
+// Concatenated text of each choice of an SSE stream (by index); checks the framing and the
+// [DONE] end. `errors` (when given) collects error events.
+std::map<int, std::string> SseChoices(const std::string& raw, bool chat, std::map<int, std::string>* finish,
+                                      std::vector<json>* errors = nullptr) {
+  std::map<int, std::string> text;
   size_t pos = 0;
   bool done = false;
   while (pos < raw.size()) {
@@ -169,19 +187,29 @@ std::string SseText(const std::string& raw, bool chat, std::string* finish) {
     }
     json j = json::parse(data, nullptr, false);
     EXPECT_FALSE(j.is_discarded()) << data;
-    if (j.is_discarded() || j["choices"].empty()) continue;
+    if (j.contains("error") && errors) errors->push_back(j["error"]);
+    if (j.is_discarded() || !j.contains("choices") || j["choices"].empty()) continue;
     const json& c = j["choices"][0];
+    const int index = c["index"];
     if (chat) {
       EXPECT_EQ(j["object"], "chat.completion.chunk");
-      if (c["delta"].contains("content")) text += c["delta"]["content"].get<std::string>();
+      if (c["delta"].contains("content")) text[index] += c["delta"]["content"].get<std::string>();
     } else {
       EXPECT_EQ(j["object"], "text_completion");
-      text += c["text"].get<std::string>();
+      text[index] += c["text"].get<std::string>();
     }
-    if (!c["finish_reason"].is_null()) *finish = c["finish_reason"];
+    if (!c["finish_reason"].is_null()) (*finish)[index] = c["finish_reason"];
   }
   EXPECT_TRUE(done) << "no [DONE]";
   return text;
+}
+
+// The text of choice 0 of an SSE stream.
+std::string SseText(const std::string& raw, bool chat, std::string* finish) {
+  std::map<int, std::string> finishes;
+  std::map<int, std::string> text = SseChoices(raw, chat, &finishes);
+  *finish = finishes[0];
+  return text[0];
 }
 
 // `expertflow generate` stdout (bounded by `timeout`).
@@ -198,13 +226,18 @@ std::string RunGenerate(const std::string& prompt, int n) {
   return out;
 }
 
-void ExpectJsonError(const Reply& r, int status, const std::string& what) {
+// An OpenAI error body; `param`, when given, is the field the error must name.
+void ExpectJsonError(const Reply& r, int status, const std::string& what, const std::string& param = "") {
   EXPECT_EQ(r.status, status) << what << ": " << r.raw;
   ASSERT_TRUE(r.body.is_object()) << what << ": " << r.raw;
   ASSERT_TRUE(r.body.contains("error")) << what << ": " << r.raw;
   EXPECT_TRUE(r.body["error"]["message"].is_string()) << what;
   EXPECT_TRUE(r.body["error"]["type"].is_string()) << what;
   EXPECT_TRUE(r.body["error"].contains("code")) << what;
+  EXPECT_TRUE(r.body["error"].contains("param")) << what;
+  if (!param.empty()) {
+    EXPECT_EQ(r.body["error"]["param"], param) << what << ": " << r.raw;
+  }
 }
 
 class ServerTest : public ::testing::Test {
@@ -311,6 +344,201 @@ TEST_F(ServerTest, StreamingMatchesNonStreaming) {
   }
 }
 
+// A batch prompt answers one choice per prompt, in order, each as the prompt alone would (greedy);
+// token-id lists as well as strings, streamed or not, with n choices per prompt.
+TEST_F(ServerTest, BatchPromptsAnswerOneChoiceEach) {
+  const json prompts = json::array({"def main(", "import os\n", "class A:"});
+  const json id_prompts = json::array({json::array({1, 2, 3, 100}), json::array({5, 6, 7})});
+  for (const json& batch : {prompts, id_prompts}) {
+    std::vector<std::string> alone;
+    int prompt_tokens = 0;
+    for (const json& p : batch) {
+      Reply r = Post(*server_, "/v1/completions",
+                     json{{"model", kModel}, {"prompt", p}, {"max_tokens", 6}, {"temperature", 0}}.dump());
+      ASSERT_EQ(r.status, 200) << r.raw;
+      alone.push_back(r.body["choices"][0]["text"]);
+      prompt_tokens += r.body["usage"]["prompt_tokens"].get<int>();
+    }
+    json req = {{"model", kModel}, {"prompt", batch}, {"max_tokens", 6}, {"temperature", 0}};
+    Reply r = Post(*server_, "/v1/completions", req.dump());
+    ASSERT_EQ(r.status, 200) << r.raw;
+    ASSERT_EQ(r.body["choices"].size(), batch.size()) << r.raw;
+    for (size_t i = 0; i < batch.size(); ++i) {
+      EXPECT_EQ(r.body["choices"][i]["index"], i);
+      EXPECT_EQ(r.body["choices"][i]["text"], alone[i]) << "prompt " << i;
+    }
+    EXPECT_EQ(r.body["usage"]["prompt_tokens"], prompt_tokens);  // each prompt once
+    // Streamed, two choices per prompt: choice i answers prompt i / 2.
+    req["stream"] = true;
+    req["n"] = 2;
+    Reply streamed = Post(*server_, "/v1/completions", req.dump());
+    ASSERT_EQ(streamed.status, 200) << streamed.raw;
+    std::map<int, std::string> finish;
+    std::map<int, std::string> texts = SseChoices(streamed.raw, false, &finish);
+    ASSERT_EQ(texts.size(), 2 * batch.size()) << streamed.raw;
+    for (int i = 0; i < static_cast<int>(texts.size()); ++i) {
+      EXPECT_EQ(texts[i], alone[i / 2]) << "choice " << i;
+      EXPECT_FALSE(finish[i].empty()) << "choice " << i;
+    }
+  }
+}
+
+// n > 1 samples n choices with distinct seeds derived from the request seed: reproducible, not all
+// alike, and choice 0 is what n = 1 gives with the same seed.
+TEST_F(ServerTest, NChoicesSampleWithDistinctReproducibleSeeds) {
+  json req = {{"model", kModel}, {"prompt", "def "}, {"max_tokens", 12},  {"temperature", 1.0},
+              {"seed", 7},       {"n", 4},           {"ignore_eos", true}};
+  Reply a = Post(*server_, "/v1/completions", req.dump());
+  Reply b = Post(*server_, "/v1/completions", req.dump());
+  ASSERT_EQ(a.status, 200) << a.raw;
+  ASSERT_EQ(b.status, 200) << b.raw;
+  ASSERT_EQ(a.body["choices"].size(), 4u);
+  std::set<std::string> distinct;
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_EQ(a.body["choices"][i]["index"], i);
+    EXPECT_EQ(a.body["choices"][i]["text"], b.body["choices"][i]["text"]) << "choice " << i;
+    distinct.insert(a.body["choices"][i]["text"].get<std::string>());
+  }
+  EXPECT_GT(distinct.size(), 1u) << a.raw;
+  EXPECT_EQ(a.body["usage"]["completion_tokens"], 48);
+  req["n"] = 1;
+  Reply one = Post(*server_, "/v1/completions", req.dump());
+  ASSERT_EQ(one.status, 200) << one.raw;
+  EXPECT_EQ(one.body["choices"][0]["text"], a.body["choices"][0]["text"]);
+  EXPECT_EQ(one.body["usage"]["prompt_tokens"], a.body["usage"]["prompt_tokens"]);
+}
+
+namespace fs = std::filesystem;
+
+// `expertflow score` over `ids`: the log-softmax (in double) of the logits at every position.
+std::vector<std::vector<double>> ScoreLogSoftmax(const std::vector<int32_t>& ids) {
+  const fs::path dir = fs::path(::testing::TempDir()) / "ef_server_score";
+  fs::create_directories(dir);
+  std::ofstream(dir / "ids.json") << json{{"input_ids", json::array({ids})}}.dump();
+  const std::string cmd = std::string("timeout 120 ") + EF_BINARY + " score --model " + kModelDir + " --ids-file " +
+                          (dir / "ids.json").string() + " --out " + (dir / "out.json").string();
+  EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd;
+  std::ifstream in(dir / "out.json");
+  const json out = json::parse(in, nullptr, false);
+  std::vector<std::vector<double>> rows;
+  if (out.is_discarded()) return rows;
+  for (const json& logits : out["logits"][0]) {
+    std::vector<double> row = logits.get<std::vector<double>>();
+    const double max = *std::max_element(row.begin(), row.end());
+    double sum = 0;
+    for (double x : row) sum += std::exp(x - max);
+    for (double& x : row) x -= max + std::log(sum);
+    rows.push_back(std::move(row));
+  }
+  return rows;
+}
+
+int32_t TokenId(const json& token) {
+  const std::string s = token.get<std::string>();
+  EXPECT_EQ(s.rfind("token_id:", 0), 0u) << s;
+  return std::stoi(s.substr(std::strlen("token_id:")));
+}
+
+// Completions logprobs (echoed prompt and sampled tokens, at temperature 0.9) are the model's
+// log-softmax before the temperature: `score`'s logits of the same ids, within 1e-5, and the
+// alternatives are that row's most likely tokens.
+TEST_F(ServerTest, LogprobsAreTheLogSoftmaxOfScoreLogits) {
+  constexpr int kTokens = 8, kTop = 5;
+  json req = {{"model", kModel},
+              {"prompt", "def main("},
+              {"max_tokens", kTokens},
+              {"temperature", 0.9},
+              {"seed", 3},
+              {"ignore_eos", true},
+              {"logprobs", kTop},
+              {"echo", true},
+              {"return_tokens_as_token_ids", true}};
+  Reply r = Post(*server_, "/v1/completions", req.dump());
+  ASSERT_EQ(r.status, 200) << r.raw;
+  const json& lp = r.body["choices"][0]["logprobs"];
+  const int prompt_tokens = r.body["usage"]["prompt_tokens"];
+  ASSERT_EQ(lp["tokens"].size(), static_cast<size_t>(prompt_tokens + kTokens)) << lp.dump();
+  std::vector<int32_t> ids;
+  for (const json& t : lp["tokens"]) ids.push_back(TokenId(t));
+  const std::vector<std::vector<double>> rows = ScoreLogSoftmax(ids);
+  ASSERT_EQ(rows.size(), ids.size());
+  EXPECT_TRUE(lp["token_logprobs"][0].is_null());  // nothing predicts the first token
+  EXPECT_TRUE(lp["top_logprobs"][0].is_null());
+  for (size_t i = 1; i < ids.size(); ++i) {
+    const std::vector<double>& row = rows[i - 1];  // position i - 1 predicts token i
+    EXPECT_NEAR(lp["token_logprobs"][i].get<double>(), row[ids[i]], 1e-5) << "token " << i;
+    std::vector<double> sorted = row;
+    std::sort(sorted.rbegin(), sorted.rend());
+    const json& top = lp["top_logprobs"][i];
+    EXPECT_EQ(top.size(), static_cast<size_t>(kTop)) << "token " << i;
+    for (const auto& [token, value] : top.items()) {
+      EXPECT_NEAR(value.get<double>(), row[TokenId(json(token))], 1e-5) << "token " << i << " alternative " << token;
+      EXPECT_GE(value.get<double>(), sorted[kTop - 1] - 1e-5) << "token " << i << ": not among the top " << kTop;
+    }
+    EXPECT_GT(lp["text_offset"][i].get<size_t>(), lp["text_offset"][i - 1].get<size_t>());
+  }
+}
+
+// Chat logprobs: one entry per generated token with its bytes and the top_logprobs asked for;
+// greedy picks the most likely token, so each entry leads its own alternatives.
+TEST_F(ServerTest, ChatLogprobsListEachToken) {
+  json req = {{"model", kModel},  {"messages", json::array({{{"role", "user"}, {"content", "def add(a, b):"}}})},
+              {"max_tokens", 8},  {"temperature", 0},
+              {"logprobs", true}, {"top_logprobs", 3}};
+  Reply r = Post(*server_, "/v1/chat/completions", req.dump());
+  ASSERT_EQ(r.status, 200) << r.raw;
+  const json& content = r.body["choices"][0]["logprobs"]["content"];
+  ASSERT_TRUE(content.is_array()) << r.raw;
+  ASSERT_GE(content.size(), 1u);
+  EXPECT_LE(content.size(), r.body["usage"]["completion_tokens"].get<size_t>());
+  std::string joined;
+  for (const json& t : content) {
+    const std::string token = t["token"];
+    joined += token;
+    EXPECT_EQ(t["bytes"].get<std::vector<uint8_t>>(), std::vector<uint8_t>(token.begin(), token.end()));
+    EXPECT_LE(t["logprob"].get<double>(), 0.0);
+    ASSERT_EQ(t["top_logprobs"].size(), 3u);
+    EXPECT_DOUBLE_EQ(t["top_logprobs"][0]["logprob"].get<double>(), t["logprob"].get<double>());
+    EXPECT_EQ(t["top_logprobs"][0]["token"], token);
+    for (int k = 1; k < 3; ++k)
+      EXPECT_LE(t["top_logprobs"][k]["logprob"].get<double>(), t["top_logprobs"][k - 1]["logprob"].get<double>());
+  }
+  EXPECT_EQ(joined, r.body["choices"][0]["message"]["content"]);
+  // Without logprobs the field is null, as OpenAI's.
+  req.erase("logprobs");
+  req.erase("top_logprobs");
+  Reply plain = Post(*server_, "/v1/chat/completions", req.dump());
+  EXPECT_TRUE(plain.body["choices"][0]["logprobs"].is_null()) << plain.raw;
+}
+
+// echo puts the prompt's text before the completion (streamed too); with logprobs and max_tokens 0
+// it scores the prompt alone.
+TEST_F(ServerTest, EchoPrependsThePrompt) {
+  const std::string prompt = "def main(";
+  json req = {{"model", kModel}, {"prompt", prompt}, {"max_tokens", 6}, {"temperature", 0}};
+  Reply plain = Post(*server_, "/v1/completions", req.dump());
+  ASSERT_EQ(plain.status, 200) << plain.raw;
+  const std::string completion = plain.body["choices"][0]["text"];
+  req["echo"] = true;
+  Reply echoed = Post(*server_, "/v1/completions", req.dump());
+  ASSERT_EQ(echoed.status, 200) << echoed.raw;
+  EXPECT_EQ(echoed.body["choices"][0]["text"], prompt + completion);
+  req["stream"] = true;
+  Reply streamed = Post(*server_, "/v1/completions", req.dump());
+  std::string finish;
+  EXPECT_EQ(SseText(streamed.raw, false, &finish), prompt + completion);
+
+  json score = {{"model", kModel}, {"prompt", prompt}, {"max_tokens", 0}, {"echo", true}, {"logprobs", 1}};
+  Reply scored = Post(*server_, "/v1/completions", score.dump());
+  ASSERT_EQ(scored.status, 200) << scored.raw;
+  const json& c = scored.body["choices"][0];
+  EXPECT_EQ(c["text"], prompt);
+  EXPECT_EQ(scored.body["usage"]["completion_tokens"], 0);
+  EXPECT_EQ(c["logprobs"]["tokens"].size(), scored.body["usage"]["prompt_tokens"].get<size_t>());
+  EXPECT_TRUE(c["logprobs"]["token_logprobs"][0].is_null());
+  EXPECT_TRUE(c["logprobs"]["token_logprobs"][1].is_number());
+}
+
 TEST_F(ServerTest, StopStringsCutTheText) {
   json req = {{"model", kModel}, {"prompt", "def main("}, {"max_tokens", 40}};
   Reply full = Post(*server_, "/v1/completions", req.dump());
@@ -355,43 +583,56 @@ TEST_F(ServerTest, BadInputsGetJsonErrorsAndTheServerKeepsServing) {
   struct Case {
     std::string path, body;
     int status;
+    std::string param;  // the field the error names ("": not checked)
   };
   const std::string c = "/v1/completions", ch = "/v1/chat/completions";
   const std::vector<Case> cases = {
-      {c, "{not json", 400},
-      {c, "", 400},
-      {c, "[1, 2]", 400},
-      {c, R"({"model": "tiny-code-moe"})", 400},
-      {c, R"({"prompt": "x"})", 400},
-      {c, R"({"model": 7, "prompt": "x"})", 400},
-      {c, R"({"model": "no-such-model", "prompt": "x"})", 404},
-      {c, R"({"model": "tiny-code-moe", "prompt": 5})", 400},
-      {c, R"({"model": "tiny-code-moe", "prompt": ""})", 400},
-      {c, R"({"model": "tiny-code-moe", "prompt": [1, "a"]})", 400},
-      {c, R"({"model": "tiny-code-moe", "prompt": [999999]})", 400},
-      {c, R"({"model": "tiny-code-moe", "prompt": "x", "max_tokens": -1})", 400},
-      {c, R"({"model": "tiny-code-moe", "prompt": "x", "max_tokens": 100000000})", 400},
-      {c, R"({"model": "tiny-code-moe", "prompt": "x", "max_tokens": 1e300})", 400},
-      {c, R"({"model": "tiny-code-moe", "prompt": "x", "max_tokens": 1024})", 400},
-      {c, R"({"model": "tiny-code-moe", "prompt": "x", "max_tokens": "5"})", 400},
-      {c, R"({"model": "tiny-code-moe", "prompt": "x", "temperature": "hot"})", 400},
-      {c, R"({"model": "tiny-code-moe", "prompt": "x", "temperature": -1})", 400},
-      {c, R"({"model": "tiny-code-moe", "prompt": "x", "top_p": 0})", 400},
-      {c, R"({"model": "tiny-code-moe", "prompt": "x", "n": 2})", 400},
-      {c, R"({"model": "tiny-code-moe", "prompt": "x", "stop": 3})", 400},
-      {c, R"({"model": "tiny-code-moe", "prompt": "x", "stop": [""]})", 400},
-      {c, R"({"model": "tiny-code-moe", "prompt": "x", "stream": "yes"})", 400},
-      {c, R"({"model": "tiny-code-moe", "prompt": ["a", "b"]})", 400},
-      {c, long_prompt, 400},
-      {ch, R"({"model": "tiny-code-moe"})", 400},
-      {ch, R"({"model": "tiny-code-moe", "messages": []})", 400},
-      {ch, R"({"model": "tiny-code-moe", "messages": [{"content": "x"}]})", 400},
-      {ch, R"({"model": "tiny-code-moe", "messages": [{"role": "user", "content": 5}]})", 400},
-      {ch, R"({"model": "tiny-code-moe", "messages": "hi"})", 400},
-      {"/v1/nothing", "{}", 404},
+      {c, "{not json", 400, ""},
+      {c, "", 400, ""},
+      {c, "[1, 2]", 400, ""},
+      {c, R"({"model": "tiny-code-moe"})", 400, "prompt"},
+      {c, R"({"prompt": "x"})", 400, "model"},
+      {c, R"({"model": 7, "prompt": "x"})", 400, "model"},
+      {c, R"({"model": "no-such-model", "prompt": "x"})", 404, "model"},
+      {c, R"({"model": "tiny-code-moe", "prompt": 5})", 400, "prompt"},
+      {c, R"({"model": "tiny-code-moe", "prompt": ""})", 400, "prompt"},
+      {c, R"({"model": "tiny-code-moe", "prompt": [1, "a"]})", 400, "prompt"},
+      {c, R"({"model": "tiny-code-moe", "prompt": ["a", 1]})", 400, "prompt"},
+      {c, R"({"model": "tiny-code-moe", "prompt": ["a", ""]})", 400, "prompt"},
+      {c, R"({"model": "tiny-code-moe", "prompt": [999999]})", 400, "prompt"},
+      {c, R"({"model": "tiny-code-moe", "prompt": [[1], [999999]]})", 400, "prompt"},
+      {c, R"({"model": "tiny-code-moe", "prompt": "x", "max_tokens": -1})", 400, "max_tokens"},
+      {c, R"({"model": "tiny-code-moe", "prompt": "x", "max_tokens": 100000000})", 400, "max_tokens"},
+      {c, R"({"model": "tiny-code-moe", "prompt": "x", "max_tokens": 1e300})", 400, "max_tokens"},
+      {c, R"({"model": "tiny-code-moe", "prompt": "x", "max_tokens": 1024})", 400, "max_tokens"},
+      {c, R"({"model": "tiny-code-moe", "prompt": "x", "max_tokens": "5"})", 400, "max_tokens"},
+      {c, R"({"model": "tiny-code-moe", "prompt": "x", "temperature": "hot"})", 400, "temperature"},
+      {c, R"({"model": "tiny-code-moe", "prompt": "x", "temperature": -1})", 400, "temperature"},
+      {c, R"({"model": "tiny-code-moe", "prompt": "x", "top_p": 0})", 400, "top_p"},
+      {c, R"({"model": "tiny-code-moe", "prompt": "x", "n": 0})", 400, "n"},
+      {c, R"({"model": "tiny-code-moe", "prompt": ["x", "y"], "n": 100})", 400, "n"},
+      {c, R"({"model": "tiny-code-moe", "prompt": "x", "logprobs": 21})", 400, "logprobs"},
+      {c, R"({"model": "tiny-code-moe", "prompt": "x", "logprobs": true})", 400, "logprobs"},
+      {c, R"({"model": "tiny-code-moe", "prompt": "x", "echo": 1})", 400, "echo"},
+      {c, R"({"model": "tiny-code-moe", "prompt": "x", "stop": 3})", 400, "stop"},
+      {c, R"({"model": "tiny-code-moe", "prompt": "x", "stop": [""]})", 400, "stop"},
+      {c, R"({"model": "tiny-code-moe", "prompt": "x", "stream": "yes"})", 400, "stream"},
+      {c, long_prompt, 400, "prompt"},
+      {ch, R"({"model": "tiny-code-moe"})", 400, "messages"},
+      {ch, R"({"model": "tiny-code-moe", "messages": []})", 400, "messages"},
+      {ch, R"({"model": "tiny-code-moe", "messages": [{"content": "x"}]})", 400, "messages"},
+      {ch, R"({"model": "tiny-code-moe", "messages": [{"role": "user", "content": 5}]})", 400, "messages"},
+      {ch, R"({"model": "tiny-code-moe", "messages": "hi"})", 400, "messages"},
+      {ch, R"({"model": "tiny-code-moe", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2})", 400,
+       "top_logprobs"},
+      {ch,
+       R"({"model": "tiny-code-moe", "messages": [{"role": "user", "content": "x"}], "logprobs": true,
+           "top_logprobs": 21})",
+       400, "top_logprobs"},
+      {"/v1/nothing", "{}", 404, ""},
   };
   for (const Case& k : cases)
-    ExpectJsonError(Post(*server_, k.path, k.body), k.status, k.path + " " + k.body.substr(0, 80));
+    ExpectJsonError(Post(*server_, k.path, k.body), k.status, k.path + " " + k.body.substr(0, 80), k.param);
   EXPECT_EQ(Get(*server_, "/health").status, 200);
   Reply ok = Post(*server_, "/v1/completions", json{{"model", kModel}, {"prompt", "x = "}, {"max_tokens", 2}}.dump());
   EXPECT_EQ(ok.status, 200) << ok.raw;
@@ -455,8 +696,6 @@ TEST(ServerExpertCacheTest, SameTextAndCacheMetrics) {
   EXPECT_EQ(server.Terminate(), 0);
 }
 
-namespace fs = std::filesystem;
-
 // Admission regrouping from a trained path predictor: a batch of 2 with 12 greedy requests
 // queued; every request answers with the text `generate` gives its prompt alone.
 TEST(ServerRegroupTest, QueuedRequestsRegroupedSameText) {
@@ -505,12 +744,58 @@ TEST(ServerAuthTest, ApiKeyIsRequiredOnV1) {
   s.Start({"--api-key", "sekrit"});
   ASSERT_GT(s.port(), 0);
   const std::string body = json{{"model", kModel}, {"prompt", "x"}, {"max_tokens", 2}}.dump();
-  ExpectJsonError(Post(s, "/v1/completions", body), 401, "no key");
+  Reply none = Post(s, "/v1/completions", body);
+  ExpectJsonError(none, 401, "no key");
+  EXPECT_EQ(none.body["error"]["code"], "invalid_api_key");
   ExpectJsonError(Post(s, "/v1/completions", body, {{"Authorization", "Bearer wrong"}}), 401, "wrong key");
+  ExpectJsonError(Post(s, "/v1/chat/completions", body), 401, "chat, no key");
   Reply ok = Post(s, "/v1/completions", body, {{"Authorization", "Bearer sekrit"}});
   EXPECT_EQ(ok.status, 200) << ok.raw;
   EXPECT_EQ(Get(s, "/health").status, 200);
   EXPECT_EQ(s.Terminate(), 0);
+}
+
+// Request limits from the command line: a body over --max-body-bytes gets 413, max_tokens over
+// --max-tokens-limit gets 400 naming the field; both as OpenAI error bodies.
+TEST(ServerLimitsTest, OversizedBodyAndMaxTokensAreRefused) {
+  ServerProcess s;
+  s.Start({"--max-body-bytes", "4KiB", "--max-tokens-limit", "8"});
+  ASSERT_GT(s.port(), 0);
+  const std::string big = json{{"model", kModel}, {"prompt", std::string(8000, 'a')}, {"max_tokens", 2}}.dump();
+  ExpectJsonError(Post(s, "/v1/completions", big), 413, "body over 4KiB");
+  ExpectJsonError(Post(s, "/v1/completions", json{{"model", kModel}, {"prompt", "x"}, {"max_tokens", 9}}.dump()), 400,
+                  "max_tokens over the limit", "max_tokens");
+  Reply ok = Post(s, "/v1/completions", json{{"model", kModel}, {"prompt", "x"}, {"max_tokens", 8}}.dump());
+  EXPECT_EQ(ok.status, 200) << ok.raw;
+  EXPECT_EQ(s.Terminate(), 0);
+}
+
+// An engine failure (injected at the third forward pass) while a request runs: it gets a 5xx
+// OpenAI error body, or when streaming an error event and then [DONE], and the server exits with
+// an error instead of serving on a broken engine.
+TEST(ServerFailureTest, RequestInFlightGetsAnErrorThenTheServerExits) {
+  for (bool stream : {false, true}) {
+    ServerProcess s;
+    s.Start({}, {"EF_DEBUG_FAIL_AT_STEP=2"});
+    ASSERT_GT(s.port(), 0);
+    json req = {{"model", kModel}, {"prompt", "def main("}, {"max_tokens", 32}, {"ignore_eos", true}};
+    req["stream"] = stream;
+    Reply r = Post(s, "/v1/completions", req.dump());
+    if (!stream) {
+      ExpectJsonError(r, 500, "engine failure");
+      EXPECT_EQ(r.body["error"]["type"], "server_error");
+      EXPECT_NE(r.body["error"]["message"].get<std::string>().find("EF_DEBUG_FAIL_AT_STEP"), std::string::npos);
+    } else {
+      EXPECT_EQ(r.status, 200) << r.raw;  // the status went out with the first event
+      std::map<int, std::string> finish;
+      std::vector<json> errors;
+      SseChoices(r.raw, false, &finish, &errors);
+      ASSERT_EQ(errors.size(), 1u) << r.raw;
+      EXPECT_EQ(errors[0]["type"], "server_error");
+      EXPECT_TRUE(finish.empty()) << "an engine failure is not a normal finish";
+    }
+    EXPECT_GT(s.WaitExit(), 0) << (stream ? "streaming" : "whole");
+  }
 }
 
 TEST(ServerShutdownTest, SigtermFinishesInFlightRequestsAndExitsZero) {
