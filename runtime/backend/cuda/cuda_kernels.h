@@ -105,6 +105,9 @@ cudaError_t launch_gemv(const float* x, int64_t m, const void* w, DType wdt, int
 // whether m <= kGemvQuantMaxRows, k is a multiple of the group and x and w are 16-byte aligned.
 // warps_per_row as for launch_gemv (gemv_quant_warps_per_row: the same policy on the row's 16-byte
 // loads); it never depends on m.
+// 4: not yet measured. The GEMV does m FMAs per weight value it dequantizes, the dequantize +
+// cuBLAS path writes and reads a bf16 copy (5 bytes a value for Q8G); kGemvMaxRows' bf16 numbers
+// (m = 1: 3.8 TB/s, m = 8: 0.9) put the crossover near m = 4 for 1-byte weights.
 inline constexpr int kGemvQuantMaxRows = 4;
 bool gemv_quant_supported(int64_t m, int64_t k, DType wdt, const void* x, const void* w);
 int gemv_quant_warps_per_row(int64_t n, int64_t k, DType wdt, int num_sms);
