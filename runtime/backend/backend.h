@@ -3,9 +3,10 @@
 // The engine orchestrates; a backend computes. Every pointer an op takes is backend memory
 // (host memory for the CPU backend, device memory for CUDA) unless its name says Host.
 // Activations are fp32; weights may be F32, F16 or BF16 and are converted on use with fp32
-// accumulation. Ops are enqueued in order on the backend's compute stream; results are visible
-// to the host after CopyToHost (which synchronises). The CPU backend is the reference every other
-// backend is tested against. Not thread-safe: one engine drives one backend.
+// accumulation (Gemm also takes kQ8/kQ4 weights, dequantized on use). Ops are enqueued in order
+// on the backend's compute stream; results are visible to the host after CopyToHost (which
+// synchronises). The CPU backend is the reference every other backend is tested against.
+// Not thread-safe: one engine drives one backend.
 #pragma once
 
 #include <cstddef>
@@ -19,13 +20,15 @@
 namespace ef::runtime {
 
 // A 2-D weight [rows, cols] (row-major, as in PyTorch's Linear: y = x W^T) or a 1-D vector
-// (rows = 1). `data` is backend memory; Weight does not own it.
+// (rows = 1). `data` is backend memory; Weight does not own it. A kQ8/kQ4 weight is one block
+// of WeightBytes (values, then scales; runtime/core/quant_format.h) starting 16-byte aligned;
+// only Gemm takes it.
 struct Weight {
   DType dtype = DType::kF32;
   const void* data = nullptr;
   int64_t rows = 0;
   int64_t cols = 0;
-  size_t nbytes() const { return static_cast<size_t>(rows * cols) * DTypeSize(dtype); }
+  size_t nbytes() const { return WeightBytes(dtype, rows, cols); }
   bool empty() const { return data == nullptr; }
 };
 

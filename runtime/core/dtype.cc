@@ -2,6 +2,8 @@
 
 #include <cmath>
 
+#include "runtime/core/quant_format.h"
+
 namespace ef {
 
 const char* DTypeName(DType t) {
@@ -26,6 +28,10 @@ const char* DTypeName(DType t) {
       return "F64";
     case DType::kI16:
       return "I16";
+    case DType::kQ8:
+      return "Q8G";
+    case DType::kQ4:
+      return "Q4G";
   }
   return "?";
 }
@@ -41,6 +47,11 @@ bool ParseDType(std::string_view s, DType* out) {
     }
   }
   return false;
+}
+
+size_t WeightBytes(DType t, int64_t rows, int64_t cols) {
+  if (IsQuantized(t)) return QuantFormat::Of(t).bytes(rows, cols);
+  return static_cast<size_t>(rows * cols) * DTypeSize(t);
 }
 
 uint16_t F32ToF16(float f) {

@@ -1,15 +1,20 @@
 // Element types of checkpoint tensors and their conversion to fp32.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <string_view>
 
 namespace ef {
 
-enum class DType : uint8_t { kF32, kF16, kBF16, kI64, kI32, kU8, kI8, kBool, kF64, kI16 };
+// kQ8 and kQ4 are this runtime's own group-quantized weight formats (layout in
+// runtime/core/quant_format.h, produced by Quantize in runtime/core/quant.h). No checkpoint holds
+// them: ParseDType refuses their names.
+enum class DType : uint8_t { kF32, kF16, kBF16, kI64, kI32, kU8, kI8, kBool, kF64, kI16, kQ8, kQ4 };
 
-// Bytes per element.
+// Bytes per element; 0 for kQ8/kQ4, whose elements take a fraction of a byte plus a share of
+// their group's scales: size those with WeightBytes.
 constexpr size_t DTypeSize(DType t) {
   switch (t) {
     case DType::kF32:
@@ -26,13 +31,23 @@ constexpr size_t DTypeSize(DType t) {
     case DType::kI8:
     case DType::kBool:
       return 1;
+    case DType::kQ8:
+    case DType::kQ4:
+      return 0;
   }
   return 0;
 }
 
-// The safetensors spelling ("F32", "BF16", ...).
+constexpr bool IsQuantized(DType t) { return t == DType::kQ8 || t == DType::kQ4; }
+
+// Bytes of a [rows, cols] weight stored as t: rows * cols * DTypeSize(t), or for kQ8/kQ4 the
+// values and scales of QuantFormat's layout (a multiple of 16 bytes).
+size_t WeightBytes(DType t, int64_t rows, int64_t cols);
+
+// The safetensors spelling ("F32", "BF16", ...); "Q8G" / "Q4G" for the quantized formats.
 const char* DTypeName(DType t);
-// Parses a safetensors dtype string; false when unknown.
+// Parses a safetensors dtype string; false when unknown (and for "Q8G" / "Q4G", which no
+// checkpoint may claim).
 bool ParseDType(std::string_view s, DType* out);
 // True for the types weights may have (F32, F16, BF16).
 constexpr bool IsFloatWeight(DType t) { return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16; }

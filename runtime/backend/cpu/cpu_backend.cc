@@ -7,6 +7,8 @@
 #include <numeric>
 #include <vector>
 
+#include "runtime/core/quant.h"
+
 namespace ef::runtime {
 namespace {
 
@@ -21,8 +23,13 @@ inline float Dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-// Row r of a weight as fp32: the stored row itself for F32, else converted into scratch.
+// Row r of a weight as fp32: the stored row itself for F32, else converted (or dequantized) into
+// scratch.
 inline const float* WeightRow(const Weight& w, int64_t r, float* scratch) {
+  if (IsQuantized(w.dtype)) {
+    DequantizeRow(w.dtype, w.data, w.rows, w.cols, r, scratch);
+    return scratch;
+  }
   const size_t esz = DTypeSize(w.dtype);
   const auto* p = static_cast<const std::byte*>(w.data) + static_cast<size_t>(r * w.cols) * esz;
   if (w.dtype == DType::kF32) return reinterpret_cast<const float*>(p);
@@ -60,8 +67,16 @@ void CpuBackend::CopyOnDevice(void* dst, const void* src, size_t bytes) { std::m
 void CpuBackend::SetZero(void* dst, size_t bytes) { std::memset(dst, 0, bytes); }
 
 StatusOr<Weight> CpuBackend::UploadWeight(DType dtype, const void* host_data, int64_t rows, int64_t cols) {
+  if (IsQuantized(dtype)) {
+    if (!QuantFormat::Of(dtype).divides(cols))
+      return InvalidArgument(std::string("cpu backend: a ") + DTypeName(dtype) + " weight's cols (" +
+                             std::to_string(cols) + ") must be a multiple of its group (" +
+                             std::to_string(QuantFormat::Of(dtype).group) + ")");
+    return Weight{dtype, host_data, rows, cols};
+  }
   if (!IsFloatWeight(dtype))
-    return InvalidArgument(std::string("cpu backend: weights must be F32, F16 or BF16, got ") + DTypeName(dtype));
+    return InvalidArgument(std::string("cpu backend: weights must be F32, F16, BF16, Q8G or Q4G, got ") +
+                           DTypeName(dtype));
   return Weight{dtype, host_data, rows, cols};
 }
 

@@ -7,6 +7,7 @@
 #include "runtime/backend/cuda/cuda_kernels.h"
 #include "runtime/core/logging.h"
 #include "runtime/core/params.h"
+#include "runtime/core/quant_format.h"
 
 EF_PARAM(CudaBf16Weights, bool, "EF_CUDA_BF16_WEIGHTS", false,
          "cuda backend: store F32 weight matrices as BF16 (bf16 GEMMs with fp32 accumulation)");
@@ -20,6 +21,23 @@ constexpr size_t kAlign = 256;
 size_t Padded(size_t bytes) { return (std::max<size_t>(bytes, 1) + kAlign - 1) / kAlign * kAlign; }
 
 std::string MiB(size_t bytes) { return std::to_string(bytes >> 20) + " MiB"; }
+
+// Bound on the bf16 scratch of a quantized GEMM past the GEMV's rows (a tile of weight rows).
+constexpr int64_t kDequantTileBytes = int64_t{32} << 20;
+
+Status CheckWeightType(DType dtype, int64_t cols) {
+  if (IsQuantized(dtype)) {
+    if (!QuantFormat::Of(dtype).divides(cols))
+      return InvalidArgument(std::string("cuda backend: a ") + DTypeName(dtype) + " weight's cols (" +
+                             std::to_string(cols) + ") must be a multiple of its group (" +
+                             std::to_string(QuantFormat::Of(dtype).group) + ")");
+    return Status::Ok();
+  }
+  if (!IsFloatWeight(dtype))
+    return InvalidArgument(std::string("cuda backend: weights must be F32, F16, BF16, Q8G or Q4G, got ") +
+                           DTypeName(dtype));
+  return Status::Ok();
+}
 
 cudaDataType_t CudaType(DType t) {
   switch (t) {
@@ -95,6 +113,7 @@ CudaBackend::~CudaBackend() {
   weights_.clear();
   if (act_) DeviceFree(act_, act_cap_);
   if (attn_ws_) DeviceFree(attn_ws_, attn_ws_cap_);
+  if (dequant_) DeviceFree(dequant_, dequant_cap_);
   if (attn_desc_) DeviceFree(attn_desc_, attn_desc_cap_);
   if (attn_counters_) DeviceFree(attn_counters_, attn_counters_cap_);
   if (stream_) CUDA_CHECK_LOG(cudaStreamSynchronize(stream_), &ignored);
@@ -253,17 +272,15 @@ void CudaBackend::Synchronize() {
 }
 
 StatusOr<Weight> CudaBackend::AllocateWeight(DType dtype, int64_t rows, int64_t cols) {
-  if (!IsFloatWeight(dtype))
-    return InvalidArgument(std::string("cuda backend: weights must be F32, F16 or BF16, got ") + DTypeName(dtype));
-  const size_t bytes = static_cast<size_t>(rows * cols) * DTypeSize(dtype);
+  EF_RETURN_IF_ERROR(CheckWeightType(dtype, cols));
+  const size_t bytes = WeightBytes(dtype, rows, cols);
   EF_ASSIGN_OR_RETURN(void* p, DeviceAlloc(bytes));
   weights_.emplace_back(p, bytes);
   return Weight{dtype, p, rows, cols};
 }
 
 StatusOr<Weight> CudaBackend::UploadWeight(DType dtype, const void* host_data, int64_t rows, int64_t cols) {
-  if (!IsFloatWeight(dtype))
-    return InvalidArgument(std::string("cuda backend: weights must be F32, F16 or BF16, got ") + DTypeName(dtype));
+  EF_RETURN_IF_ERROR(CheckWeightType(dtype, cols));
   const size_t n = static_cast<size_t>(rows * cols);
   const bool to_bf16 = options_.bf16_weights && dtype == DType::kF32 && rows > 1;
   const DType stored = to_bf16 ? DType::kBF16 : dtype;
@@ -278,7 +295,7 @@ StatusOr<Weight> CudaBackend::UploadWeight(DType dtype, const void* host_data, i
       Stage(static_cast<uint16_t*>(const_cast<void*>(w.data)) + off, tmp.data(), c * sizeof(uint16_t));
     }
   } else {
-    Stage(const_cast<void*>(w.data), host_data, n * DTypeSize(dtype));
+    Stage(const_cast<void*>(w.data), host_data, WeightBytes(dtype, rows, cols));
   }
   EF_RETURN_IF_ERROR(error_);
   return w;
@@ -296,6 +313,12 @@ void CudaBackend::RmsNorm(const float* x, int64_t rows, int dim, const Weight& w
 
 void CudaBackend::Gemm(const float* x, int64_t m, const Weight& w, const Weight* bias, float* y, bool accumulate) {
   if (m <= 0) return;
+  if (IsQuantized(w.dtype)) {
+    GemmQuantized(x, m, w, y, accumulate);
+    if (bias && !bias->empty())
+      CUDA_CHECK_LOG(cuda::launch_add_bias(y, m, w.rows, bias->data, bias->dtype, stream_), &error_);
+    return;
+  }
   const int64_t n = w.rows, k = w.cols;
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
   if (cuda::gemv_supported(m, k, w.dtype, x, w.data) && (k * static_cast<int64_t>(sizeof(float))) % 16 == 0) {
@@ -323,6 +346,37 @@ void CudaBackend::Gemm(const float* x, int64_t m, const Weight& w, const Weight*
                    &beta, y, CUDA_R_32F, static_cast<int>(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
       &error_);
   if (bias && !bias->empty()) CUDA_CHECK_LOG(cuda::launch_add_bias(y, m, n, bias->data, bias->dtype, stream_), &error_);
+}
+
+void CudaBackend::GemmQuantized(const float* x, int64_t m, const Weight& w, float* y, bool accumulate) {
+  const int64_t n = w.rows, k = w.cols;
+  if (cuda::gemv_quant_supported(m, k, w.dtype, x, w.data)) {
+    CUDA_CHECK_LOG(cuda::launch_gemv_quant(x, m, w.data, w.dtype, n, k, y, accumulate,
+                                           cuda::gemv_quant_warps_per_row(n, k, w.dtype, num_sms_), stream_),
+                   &error_);
+    return;
+  }
+  // Past the GEMV's rows: dequantize to bf16 and use the bf16 cuBLAS GEMM, a tile of weight rows
+  // (output columns) at a time so that the scratch stays at kDequantTileBytes rather than a bf16
+  // copy of the whole weight (the device memory the quantized copy exists to save).
+  auto* xc = static_cast<uint16_t*>(EnsureScratch(&act_, &act_cap_, static_cast<size_t>(m * k) * sizeof(uint16_t)));
+  if (!xc) return;
+  CUDA_CHECK_LOG(cuda::launch_convert_f32(x, xc, DType::kBF16, m * k, stream_), &error_);
+  const int64_t tile_rows = std::min(n, std::max<int64_t>(64, kDequantTileBytes / (k * 2) / 64 * 64));
+  void* wt = EnsureScratch(&dequant_, &dequant_cap_, static_cast<size_t>(tile_rows * k) * sizeof(uint16_t));
+  if (!wt) return;
+  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+  for (int64_t r0 = 0; r0 < n; r0 += tile_rows) {
+    const int64_t rows = std::min(tile_rows, n - r0);
+    // The previous tile's GEMM reads wt; both are in stream order, so rewriting it is safe.
+    CUDA_CHECK_LOG(cuda::launch_dequantize_bf16(w.data, w.dtype, n, k, r0, rows, wt, stream_), &error_);
+    // Column-major y^T[n, m] (ld n) restricted to rows r0.. of the tile: y + r0, as in Gemm.
+    CUBLAS_CHECK_LOG(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(rows), static_cast<int>(m),
+                                  static_cast<int>(k), &alpha, wt, CUDA_R_16BF, static_cast<int>(k), xc, CUDA_R_16BF,
+                                  static_cast<int>(k), &beta, y + r0, CUDA_R_32F, static_cast<int>(n),
+                                  CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                     &error_);
+  }
 }
 
 void CudaBackend::Rope(float* x, const int32_t* positions, int64_t rows, int num_heads, int head_dim, float theta) {

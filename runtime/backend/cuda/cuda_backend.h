@@ -36,6 +36,7 @@ struct CudaBackendOptions {
   int device = 0;
   // Store F32 matrices (rows > 1) as BF16 at upload; GEMMs then run bf16 x bf16 with fp32
   // accumulation. 1-D vectors (norms, biases) stay F32. Default: EF_CUDA_BF16_WEIGHTS.
+  // (Quantized kQ8/kQ4 weights upload as they are.)
   bool bf16_weights = false;
   // Bytes of device memory the backend may hold; 0: free memory at creation less 1 GiB.
   // Default: EF_CUDA_MEMORY_BUDGET_MIB.
@@ -112,6 +113,8 @@ class CudaBackend final : public Backend {
   void* EnsureScratch(void** buf, size_t* cap, size_t bytes);
   void Stage(void* dst, const void* src, size_t bytes);
   void RetireFinishedCopies(bool all_done);
+  // Gemm's body for kQ8/kQ4 weights (bias added by Gemm).
+  void GemmQuantized(const float* x, int64_t m, const Weight& w, float* y, bool accumulate);
 
   CudaBackendOptions options_;
   std::string name_;
@@ -132,6 +135,9 @@ class CudaBackend final : public Backend {
   size_t act_cap_ = 0;
   void* attn_ws_ = nullptr;
   size_t attn_ws_cap_ = 0;
+  // Gemm on a quantized weight past the GEMV's rows: a tile of its rows dequantized to bf16.
+  void* dequant_ = nullptr;
+  size_t dequant_cap_ = 0;
   // AttentionBatch: sequence descriptors on the device when too many to pass in the launch
   // (rewritten in stream order per call); the decode kernel's split counters (kept zeroed).
   void* attn_desc_ = nullptr;

@@ -3,8 +3,8 @@
 // (cudaGetLastError) for the caller's CUDA_CHECK. One op per .cu in this folder; host code
 // includes only this plain header, never a .cuh.
 //
-// Weights and weight-like vectors come with their DType (F32, F16 or BF16) and are converted to
-// fp32 on load; activations are fp32 unless a name says otherwise.
+// Weights and weight-like vectors come with their DType (F32, F16 or BF16; kQ8/kQ4 where a name
+// says quant) and are converted to fp32 on load; activations are fp32 unless a name says otherwise.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -98,6 +98,27 @@ bool gemv_supported(int64_t m, int64_t k, DType wdt, const void* x, const void* 
 int gemv_warps_per_row(int64_t n, int64_t k, int num_sms);
 cudaError_t launch_gemv(const float* x, int64_t m, const void* w, DType wdt, int64_t n, int64_t k, float* y,
                         bool accumulate, int warps_per_row, cudaStream_t stream);
+
+// Skinny GEMM on a quantized weight: y[m, n] = x[m, k] . dequant(w)[n, k]^T (+ y when
+// accumulate), w a kQ8/kQ4 block of [n, k] (runtime/core/quant_format.h), fp32 activations and
+// accumulation, the dequantization fused into the weight stream. gemv_quant_supported() says
+// whether m <= kGemvQuantMaxRows, k is a multiple of the group and x and w are 16-byte aligned.
+// warps_per_row as for launch_gemv (gemv_quant_warps_per_row: the same policy on the row's 16-byte
+// loads); it never depends on m.
+// 4: not yet measured. The GEMV does m FMAs per weight value it dequantizes, the dequantize +
+// cuBLAS path writes and reads a bf16 copy (5 bytes a value for Q8G); kGemvMaxRows' bf16 numbers
+// (m = 1: 3.8 TB/s, m = 8: 0.9) put the crossover near m = 4 for 1-byte weights.
+inline constexpr int kGemvQuantMaxRows = 4;
+bool gemv_quant_supported(int64_t m, int64_t k, DType wdt, const void* x, const void* w);
+int gemv_quant_warps_per_row(int64_t n, int64_t k, DType wdt, int num_sms);
+cudaError_t launch_gemv_quant(const float* x, int64_t m, const void* w, DType wdt, int64_t n, int64_t k, float* y,
+                              bool accumulate, int warps_per_row, cudaStream_t stream);
+
+// dst[r - row_begin, :] = bf16(dequant(w)[r, :]) for the rows [row_begin, row_begin + num_rows)
+// of a kQ8/kQ4 block w of [rows, cols] (cols a multiple of the group; w and dst 16-byte aligned).
+// The values before rounding equal the CPU's DequantizeRow.
+cudaError_t launch_dequantize_bf16(const void* w, DType wdt, int64_t rows, int64_t cols, int64_t row_begin,
+                                   int64_t num_rows, void* dst, cudaStream_t stream);
 
 // dst[0, bytes) = host_src[0, bytes) for bytes <= kParamCopyMaxBytes, by a kernel whose launch
 // parameters carry the bytes (cheaper than a copy-engine operation between kernels); host_src may

@@ -1,0 +1,180 @@
+// CudaBackend::Gemm on quantized weights (kQ8, kQ4) against the CPU backend on the same blocks:
+// the fused-dequantization GEMV (gemv_quant.cu) for m <= kGemvQuantMaxRows, the bf16 dequantize
+// (dequantize.cu) + cuBLAS path past it. Skips when no CUDA device is visible.
+#include <gtest/gtest.h>
+
+#include <cstring>
+
+#include "runtime/backend/cpu/cpu_backend.h"
+#include "runtime/backend/cuda/cuda_kernels.h"
+#include "runtime/core/quant.h"
+#include "tests/gpu/gpu_test_util.h"
+
+namespace ef::runtime {
+namespace {
+
+using testing::DeviceArrays;
+using testing::MaxRelError;
+using testing::Nmse;
+using testing::RandomFloats;
+
+class CudaQuantTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!testing::HaveDevice()) GTEST_SKIP() << "no CUDA device visible";
+    gpu_ = testing::MakeTestCudaBackend();
+    ASSERT_NE(gpu_, nullptr);
+    dev_ = std::make_unique<DeviceArrays>(gpu_.get());
+  }
+  void TearDown() override {
+    if (gpu_) {
+      gpu_->Synchronize();
+      EXPECT_TRUE(gpu_->status().ok()) << gpu_->status().ToString();
+    }
+    dev_.reset();
+  }
+
+  // A quantized block on the host (kept alive by the fixture) and its device copy.
+  std::pair<Weight, Weight> Quantized(DType t, const std::vector<float>& w, int64_t n, int64_t k) {
+    keep_.emplace_back(WeightBytes(t, n, k));
+    auto bytes = Quantize(t, DType::kF32, w.data(), n, k, keep_.back().data(), keep_.back().size());
+    EXPECT_TRUE(bytes.ok()) << bytes.status().ToString();
+    const Weight c{t, keep_.back().data(), n, k};
+    auto g = gpu_->UploadWeight(t, c.data, n, k);
+    EXPECT_TRUE(g.ok()) << g.status().ToString();
+    return {c, g.ok() ? *g : Weight{}};
+  }
+
+  CpuBackend cpu_;
+  std::unique_ptr<CudaBackend> gpu_;
+  std::unique_ptr<DeviceArrays> dev_;
+  std::vector<std::vector<std::byte>> keep_;
+};
+
+std::vector<float> RoundedToBf16(const std::vector<float>& f) {
+  std::vector<float> r(f.size());
+  for (size_t i = 0; i < f.size(); ++i) r[i] = Bf16ToF32(F32ToBf16(f[i]));
+  return r;
+}
+
+TEST_F(CudaQuantTest, GemmMatchesCpu) {
+  // m <= kGemvQuantMaxRows: the GEMV dequantizes to the CPU's exact fp32 values and keeps fp32
+  // activations, so only the summation order differs (<= 1e-5). Larger m: cuBLAS on bf16-rounded
+  // dequantized weights and activations (fp32 accumulation): <= 1e-5 against the CPU fed the same
+  // rounded operands, NMSE <= 1e-4 against the CPU on the exact ones. The 4165 x 4096 weight
+  // takes two dequantization tiles (4096 rows, then 69).
+  struct Case {
+    int64_t n, k;
+    bool bias, acc;
+  };
+  for (DType t : {DType::kQ8, DType::kQ4}) {
+    for (Case c : {Case{128, 64, false, false}, Case{1000, 640, true, false}, Case{1024, 4096, false, true},
+                   Case{4096, 1408, true, true}, Case{4165, 4096, false, false}}) {
+      const std::vector<float> w = RandomFloats(c.n * c.k, 40 + c.n, -0.05f, 0.05f);
+      auto [wc, wg] = Quantized(t, w, c.n, c.k);
+      ASSERT_FALSE(wg.empty());
+      const std::vector<float> b = RandomFloats(c.n, 41);
+      const Weight bc{DType::kF32, b.data(), 1, c.n};
+      auto bg = gpu_->UploadWeight(DType::kF32, b.data(), 1, c.n);
+      ASSERT_TRUE(bg.ok());
+      // The bf16 operands the cuBLAS path sees.
+      std::vector<float> deq(static_cast<size_t>(c.n * c.k));
+      ASSERT_TRUE(Dequantize(t, wc.data, c.n, c.k, deq.data()).ok());
+      const std::vector<float> deq_rounded = RoundedToBf16(deq);
+      const Weight wr{DType::kF32, deq_rounded.data(), c.n, c.k};
+      for (int64_t m : {1, 4, 16, 64}) {
+        const std::string what = std::string(DTypeName(t)) + " m=" + std::to_string(m) + " n=" + std::to_string(c.n) +
+                                 " k=" + std::to_string(c.k);
+        const std::vector<float> x = RandomFloats(m * c.k, 42 + m);
+        const std::vector<float> y0 = RandomFloats(m * c.n, 43);
+        std::vector<float> want = y0;
+        cpu_.Gemm(x.data(), m, wc, c.bias ? &bc : nullptr, want.data(), c.acc);
+        float* yd = dev_->Put(y0);
+        gpu_->Gemm(dev_->Put(x), m, wg, c.bias ? &*bg : nullptr, yd, c.acc);
+        const std::vector<float> got = dev_->Get(yd, want.size());
+        if (m <= cuda::kGemvQuantMaxRows) {
+          EXPECT_LE(MaxRelError(got, want), 1e-5) << "gemv " << what;
+        } else {
+          std::vector<float> want_rounded = y0;
+          const std::vector<float> xr = RoundedToBf16(x);
+          cpu_.Gemm(xr.data(), m, wr, c.bias ? &bc : nullptr, want_rounded.data(), c.acc);
+          EXPECT_LE(MaxRelError(got, want_rounded), 1e-5) << "cublas " << what;
+          EXPECT_LE(Nmse(got, want), 1e-4) << "cublas " << what;
+        }
+      }
+    }
+  }
+}
+
+TEST_F(CudaQuantTest, GemvEverySplitMatchesCpuAndRowsAreIndependentOfM) {
+  // As GemvEverySplitMatchesCpuAndRowsAreIndependentOfM of cuda_ops_test.cc: n not a multiple of
+  // the rows per block, a row's chunk count (Q8: 260, Q4: 130) not a multiple of 32.
+  const int64_t n = 1000, k = 4160, M = cuda::kGemvQuantMaxRows;
+  const std::vector<float> x = RandomFloats(M * k, 50);
+  const std::vector<float> w = RandomFloats(n * k, 51, -0.05f, 0.05f);
+  const std::vector<float> y0 = RandomFloats(M * n, 52);
+  float* xd = dev_->Put(x);
+  for (DType t : {DType::kQ8, DType::kQ4}) {
+    auto [wc, wg] = Quantized(t, w, n, k);
+    ASSERT_FALSE(wg.empty());
+    std::vector<float> want = y0;
+    cpu_.Gemm(x.data(), M, wc, nullptr, want.data(), true);
+    for (int split = 1; split <= cuda::kGemvMaxWarpsPerRow; split *= 2) {
+      float* yd = dev_->Put(y0);
+      ASSERT_EQ(cuda::launch_gemv_quant(xd, M, wg.data, t, n, k, yd, true, split, gpu_->stream()), cudaSuccess);
+      const std::vector<float> all = dev_->Get(yd, static_cast<size_t>(M * n));
+      EXPECT_LE(MaxRelError(all, want), 1e-5) << DTypeName(t) << " split " << split;
+      for (int64_t r = 0; r < M; ++r) {
+        const std::vector<float> row0(y0.begin() + r * n, y0.begin() + (r + 1) * n);
+        float* y1 = dev_->Put(row0);
+        ASSERT_EQ(cuda::launch_gemv_quant(xd + r * k, 1, wg.data, t, n, k, y1, true, split, gpu_->stream()),
+                  cudaSuccess);
+        const std::vector<float> want_row(all.begin() + r * n, all.begin() + (r + 1) * n);
+        EXPECT_EQ(dev_->Get(y1, n), want_row) << DTypeName(t) << " split " << split << " row " << r;
+      }
+    }
+  }
+  EXPECT_FALSE(cuda::gemv_quant_supported(M + 1, k, DType::kQ8, xd, xd));
+  EXPECT_FALSE(cuda::gemv_quant_supported(1, 96, DType::kQ8, xd, xd));   // 96: not a multiple of 64
+  EXPECT_FALSE(cuda::gemv_quant_supported(1, k, DType::kBF16, xd, xd));  // not quantized
+  EXPECT_EQ(cuda::launch_gemv_quant(xd, 1, xd, DType::kQ4, n, k, nullptr, false, /*warps_per_row=*/3, gpu_->stream()),
+            cudaErrorInvalidValue);
+}
+
+TEST_F(CudaQuantTest, DequantizeBf16IsTheCpuValuesRounded) {
+  const int64_t n = 300, k = 1408, row_begin = 37, rows = 200;
+  const std::vector<float> w = RandomFloats(n * k, 60, -0.05f, 0.05f);
+  for (DType t : {DType::kQ8, DType::kQ4}) {
+    auto [wc, wg] = Quantized(t, w, n, k);
+    ASSERT_FALSE(wg.empty());
+    uint16_t* dst = dev_->Zeros<uint16_t>(static_cast<size_t>(rows * k));
+    ASSERT_EQ(cuda::launch_dequantize_bf16(wg.data, t, n, k, row_begin, rows, dst, gpu_->stream()), cudaSuccess);
+    const std::vector<uint16_t> got = dev_->Get(dst, static_cast<size_t>(rows * k));
+    std::vector<float> row(k);
+    int bad = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      DequantizeRow(t, wc.data, n, k, row_begin + r, row.data());
+      for (int64_t c = 0; c < k; ++c)
+        if (got[r * k + c] != F32ToBf16(row[c]) && bad++ < 5)
+          ADD_FAILURE() << DTypeName(t) << " row " << row_begin + r << " col " << c << ": " << got[r * k + c]
+                        << " != " << F32ToBf16(row[c]);
+    }
+    EXPECT_EQ(bad, 0) << DTypeName(t);
+    EXPECT_EQ(cuda::launch_dequantize_bf16(wg.data, t, n, k, n - 10, 11, dst, gpu_->stream()), cudaErrorInvalidValue);
+  }
+}
+
+TEST_F(CudaQuantTest, UploadChecksTheGroupAndAccountsTheBlock) {
+  std::vector<std::byte> q(WeightBytes(DType::kQ4, 64, 128));
+  const size_t before = gpu_->bytes_in_use();
+  auto w = gpu_->UploadWeight(DType::kQ4, q.data(), 64, 128);
+  ASSERT_TRUE(w.ok()) << w.status().ToString();
+  EXPECT_EQ(w->nbytes(), q.size());
+  EXPECT_GE(gpu_->bytes_in_use(), before + q.size());
+  auto bad = gpu_->UploadWeight(DType::kQ8, q.data(), 2, 96);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("multiple of its group (64)"), std::string::npos) << bad.status().message();
+}
+
+}  // namespace
+}  // namespace ef::runtime
