@@ -19,7 +19,7 @@ StatusOr<std::unique_ptr<CachedExpertSource>> CachedExpertSource::Create(const r
   so.num_layers = c.num_layers;
   so.num_experts = c.num_experts;
   so.top_k = c.top_k;
-  so.slot_bytes = model.max_expert_bytes();
+  so.slot_bytes = options.tiers ? options.tiers->max_packed_bytes() : model.max_expert_bytes();
   so.policy = options.policy;
   so.async_prefetch = options.async;
   so.policy_config.counts = options.static_counts;
@@ -89,9 +89,15 @@ StatusOr<runtime::ExpertWeights> CachedExpertSource::Acquire(int layer, int expe
   const runtime::ExpertWeights& h = model_->host_expert(layer, expert);
   auto* base = static_cast<std::byte*>(ref.data);
   runtime::ExpertWeights w = h;
+  if (options_.tiers) {  // the load precision's layout (quantized, or the checkpoint's)
+    const PackedLayout p = options_.tiers->Layout(layer, expert);
+    w.gate = p.gate;
+    w.up = p.up;
+    w.down = p.down;
+  }
   w.gate.data = base;
-  w.up.data = base + h.gate.nbytes();
-  w.down.data = base + h.gate.nbytes() + h.up.nbytes();
+  w.up.data = base + w.gate.nbytes();
+  w.down.data = base + w.gate.nbytes() + w.up.nbytes();
   pinned_[static_cast<size_t>(layer) * model_->config().num_experts + expert] = ref;
   return w;
 }

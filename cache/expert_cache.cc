@@ -45,15 +45,19 @@ std::vector<int> MoeLayers(const runtime::ModelConfig& c) {
 // Device bytes of one cache slot on the engine's backend, as the arenas lay it out: the CUDA
 // source packs gate | up | down at 256-byte-aligned offsets (ExpertLayout), the CPU source packs
 // them back to back in a slot of the largest expert's size; both arenas align slots to 256 bytes.
-size_t SlotBytes(const runtime::ModelWeights& w, bool cuda) {
-  if (!cuda) return Align256(w.max_expert_bytes());
+size_t SlotBytes(const runtime::ModelWeights& w, bool cuda, LoadPrecision precision) {
   const runtime::ModelConfig& c = w.config();
+  size_t most = 0;
   for (int l = 0; l < c.num_layers; ++l) {
     if (!c.IsMoeLayer(l)) continue;
-    const runtime::ExpertWeights& e = w.host_expert(l, 0);
-    return Align256(Align256(e.gate.nbytes()) + Align256(e.up.nbytes()) + e.down.nbytes());
+    for (int e = 0; e < c.num_experts; ++e) {
+      const PackedLayout p = PackedExpertLayout(w.host_expert(l, e), precision);
+      most = std::max(most, cuda ? Align256(Align256(p.gate.nbytes()) + Align256(p.up.nbytes()) + p.down.nbytes())
+                                 : Align256(p.bytes()));
+    }
+    if (cuda) break;  // the CUDA cache's experts all share one shape
   }
-  return 0;
+  return most;
 }
 
 // Routing counts per (decoder layer, expert) for the static policy: from the trace, else from a
@@ -108,7 +112,8 @@ StatusOr<CacheBudget> ExpertCache::PlanBudget(const runtime::Engine& engine, con
   b.num_experts = c.num_experts;
   b.top_k = c.top_k;
   if (b.num_moe_layers < 1) return InvalidArgument("expert cache: the model has no MoE layer");
-  b.slot_bytes = SlotBytes(engine.weights(), cuda);
+  EF_ASSIGN_OR_RETURN(const LoadPrecision precision, ParseLoadPrecision(o.miss_precision));
+  b.slot_bytes = SlotBytes(engine.weights(), cuda, precision);
   b.device_name = backend.name();
   if (cuda) {
 #if EF_HAVE_CUDA_CACHE
@@ -202,12 +207,13 @@ StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(runtime::Engine* engi
     EF_ASSIGN_OR_RETURN(counts, StaticCounts(c, o));
   }
 
-  cache->tiers_ = std::make_unique<ExpertTiers>(&engine->weights(), o.tiers);
+  EF_ASSIGN_OR_RETURN(const LoadPrecision precision, ParseLoadPrecision(o.miss_precision));
+  cache->tiers_ = std::make_unique<ExpertTiers>(&engine->weights(), o.tiers, precision);
   const bool cuda = engine->backend().kind() == runtime::BackendKind::kCuda;
   if (cuda) {
 #if EF_HAVE_CUDA_CACHE
     CudaExpertSourceOptions co;
-    if (o.tiers.host || o.tiers.peer) co.tiers = cache->tiers_.get();
+    co.tiers = cache->tiers_.get();  // the pinned host tier holds the experts in the load precision
     co.slots_per_layer = budget.slots_per_layer;
     co.policy = o.policy;
     co.prefetch_layers = o.prefetch_layers;
@@ -227,6 +233,8 @@ StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(runtime::Engine* engi
     co.prefetch_layers = o.prefetch_layers;
     co.static_counts = counts;
     co.tiers = cache->tiers_.get();
+    // The host tier of quantized copies, made once (the CUDA source pins its own).
+    EF_RETURN_IF_ERROR(cache->tiers_->Prepare(/*progress=*/true));
     EF_ASSIGN_OR_RETURN(auto src, CachedExpertSource::Create(engine->weights(), &engine->backend(), co));
     cache->cpu_ = src.get();
     cache->store_ = &src->store();
@@ -289,6 +297,8 @@ std::string ExpertCache::Describe() const {
                   " slots per MoE layer (" + pct + " of the experts; " + std::to_string(slots) + " slots x " +
                   Bytes(b.slot_bytes) + " = " + Bytes(static_cast<uint64_t>(slots) * b.slot_bytes) + " on " +
                   engine_->backend().name() + "), policy " + options_.policy + ", ";
+  if (tiers_ && tiers_->precision() != LoadPrecision::kNative)
+    s += std::string("loads in ") + LoadPrecisionName(tiers_->precision()) + ", ";
   if (options_.prefetch_layers == 0) {
     s += "no prefetch";
   } else {
@@ -351,7 +361,7 @@ TierCounters ExpertCache::tier_counters() const {
     const int64_t loads = st.total.bytes_from_host / static_cast<int64_t>(store_->slot_bytes());
     const int64_t host = std::max<int64_t>(0, loads - t.loads[1] - t.loads[2]);
     t.loads[0] = host;
-    t.bytes[0] = host * static_cast<int64_t>(engine_->weights().max_expert_bytes());
+    t.bytes[0] = host * static_cast<int64_t>(tiers_->max_packed_bytes());
   }
   return t;
 }
@@ -363,6 +373,7 @@ nlohmann::json ExpertCache::StatsJson() const {
   const ExpertCounters& c = st.total;
   const TierCounters t = tier_counters();
   j["slots_per_layer"] = budget_.slots_per_layer;
+  j["precision"] = tiers_ ? LoadPrecisionName(tiers_->precision()) : "native";
   j["accesses"] = c.hits + c.misses;
   j["hits"] = c.hits;
   j["misses"] = c.misses;

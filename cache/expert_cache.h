@@ -63,6 +63,10 @@ struct ExpertCacheOptions {
   // Optional routing trace (e.g. the benchmark's routing override): its shape must match the
   // model; `frequency` without a file is fitted on it and `static` counts its routing.
   const placement::RoutingTrace* trace = nullptr;
+  // The precision experts are loaded into slots in: native (the checkpoint's; outputs unchanged),
+  // int8 or int4 (group-quantized copies made at load: 1.9x / 3.6x fewer bytes per load than bf16;
+  // cache/expert_tiers.h). A budget in bytes then holds more slots.
+  std::string miss_precision = "native";
   // Under expert parallelism, the tiers behind the device slots (this rank's host shard, peers,
   // the checkpoint) and the experts this rank computes; unset hooks: one process (expert_tiers.h).
   TierHooks tiers;

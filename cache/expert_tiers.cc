@@ -1,8 +1,13 @@
 #include "cache/expert_tiers.h"
 
+#include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <string>
 #include <utility>
+
+#include "runtime/core/logging.h"
+#include "runtime/core/quant.h"
 
 namespace ef::cache {
 
@@ -18,8 +23,155 @@ const char* TierName(Tier t) {
   return "?";
 }
 
-ExpertTiers::ExpertTiers(const runtime::ModelWeights* model, TierHooks hooks)
-    : model_(model), hooks_(std::move(hooks)) {}
+StatusOr<LoadPrecision> ParseLoadPrecision(const std::string& name) {
+  if (name == "native" || name == "bf16") return LoadPrecision::kNative;
+  if (name == "int8") return LoadPrecision::kInt8;
+  if (name == "int4") return LoadPrecision::kInt4;
+  return InvalidArgument("unknown cache.miss_precision '" + name +
+                         "' (native or bf16: the checkpoint's dtype, int8, int4)");
+}
+
+const char* LoadPrecisionName(LoadPrecision p) {
+  switch (p) {
+    case LoadPrecision::kNative:
+      return "native";
+    case LoadPrecision::kInt8:
+      return "int8";
+    case LoadPrecision::kInt4:
+      return "int4";
+  }
+  return "?";
+}
+
+namespace {
+
+DType QuantDType(LoadPrecision p) { return p == LoadPrecision::kInt4 ? DType::kQ4 : DType::kQ8; }
+
+runtime::Weight Shape(const runtime::Weight& w, DType dtype) {
+  runtime::Weight s = w;
+  s.dtype = dtype;
+  s.data = nullptr;
+  return s;
+}
+
+bool Quantizable(const runtime::ExpertWeights& w, LoadPrecision p) {
+  if (p == LoadPrecision::kNative || !IsFloatWeight(w.gate.dtype)) return false;
+  const QuantFormat f = QuantFormat::Of(QuantDType(p));
+  return f.divides(w.gate.cols) && f.divides(w.up.cols) && f.divides(w.down.cols);
+}
+
+}  // namespace
+
+PackedLayout PackedExpertLayout(const runtime::ExpertWeights& w, LoadPrecision p) {
+  const bool q = Quantizable(w, p);
+  PackedLayout l;
+  l.gate = Shape(w.gate, q ? QuantDType(p) : w.gate.dtype);
+  l.up = Shape(w.up, q ? QuantDType(p) : w.up.dtype);
+  l.down = Shape(w.down, q ? QuantDType(p) : w.down.dtype);
+  return l;
+}
+
+ExpertTiers::ExpertTiers(const runtime::ModelWeights* model, TierHooks hooks, LoadPrecision precision)
+    : model_(model), hooks_(std::move(hooks)), precision_(precision) {
+  const runtime::ModelConfig& c = model_->config();
+  const size_t n = static_cast<size_t>(c.num_layers) * c.num_experts;
+  quantizable_.assign(n, 0);
+  quantized_.resize(precision_ == LoadPrecision::kNative ? 0 : n);
+  for (int l = 0; l < c.num_layers; ++l) {
+    if (!c.IsMoeLayer(l)) continue;
+    for (int e = 0; e < c.num_experts; ++e) {
+      const runtime::ExpertWeights& w = model_->host_expert(l, e);
+      if (precision_ != LoadPrecision::kNative) {
+        const bool ok = Quantizable(w, precision_);
+        quantizable_[Index(l, e)] = ok;
+        if (!ok) ++num_unquantizable_;
+      }
+      max_packed_bytes_ = std::max(max_packed_bytes_, Layout(l, e).bytes());
+    }
+  }
+  if (num_unquantizable_ > 0)
+    EF_LOG(WARN, CACHE,
+           "cache.miss_precision %s: %d experts have widths the group of %d does not divide; they load in "
+           "the checkpoint's dtype",
+           LoadPrecisionName(precision_), num_unquantizable_, QuantFormat::Of(QuantDType(precision_)).group);
+}
+
+size_t ExpertTiers::Index(int layer, int expert) const {
+  return static_cast<size_t>(layer) * model_->config().num_experts + expert;
+}
+
+PackedLayout ExpertTiers::Layout(int layer, int expert) const {
+  return PackedExpertLayout(model_->host_expert(layer, expert), precision_);
+}
+
+Status ExpertTiers::Quantize(int layer, int expert, std::span<const std::byte> native, std::span<std::byte> dst) const {
+  const runtime::ExpertWeights& w = model_->host_expert(layer, expert);
+  const PackedLayout p = Layout(layer, expert);
+  if (dst.size() < p.bytes()) return Internal("expert tiers: a slot smaller than the quantized expert");
+  size_t src_off = 0, dst_off = 0;
+  const runtime::Weight* from[] = {&w.gate, &w.up, &w.down};
+  const runtime::Weight* to[] = {&p.gate, &p.up, &p.down};
+  for (int i = 0; i < 3; ++i) {
+    EF_ASSIGN_OR_RETURN(size_t n, ::ef::Quantize(to[i]->dtype, from[i]->dtype, native.data() + src_off, from[i]->rows,
+                                                 from[i]->cols, dst.data() + dst_off, to[i]->nbytes()));
+    src_off += from[i]->nbytes();
+    dst_off += n;
+  }
+  return Status::Ok();
+}
+
+Status ExpertTiers::PackFromCheckpoint(int layer, int expert, std::span<std::byte> dst) const {
+  const PackedLayout p = Layout(layer, expert);
+  if (!IsQuantized(p.gate.dtype)) return CopyFromCheckpoint(layer, expert, dst);
+  const runtime::ExpertWeights& w = model_->host_expert(layer, expert);
+  std::vector<std::byte> native(w.nbytes());
+  EF_RETURN_IF_ERROR(CopyFromCheckpoint(layer, expert, native));
+  return Quantize(layer, expert, native, dst);
+}
+
+Status ExpertTiers::Prepare(bool progress) {
+  if (precision_ == LoadPrecision::kNative) return Status::Ok();
+  const runtime::ModelConfig& c = model_->config();
+  using Clock = std::chrono::steady_clock;
+  const auto t0 = Clock::now();
+  auto last = t0;
+  int64_t total = 0, done_bytes = 0;
+  for (int l = 0; l < c.num_layers; ++l)
+    if (c.IsMoeLayer(l))
+      for (int e = 0; e < c.num_experts; ++e)
+        if (Computes(l, e)) total += static_cast<int64_t>(model_->host_expert(l, e).nbytes());
+  for (int l = 0; l < c.num_layers; ++l) {
+    if (!c.IsMoeLayer(l)) continue;
+    for (int e = 0; e < c.num_experts; ++e) {
+      if (!Computes(l, e) || !quantizable_[Index(l, e)]) continue;
+      // The native bytes from the nearest tier, not counted as a load: this is the host tier's fill.
+      const runtime::ExpertWeights& w = model_->host_expert(l, e);
+      std::vector<std::byte> native(w.nbytes());
+      if (hooks_.host && hooks_.host(l, e)) {
+        std::memcpy(native.data(), hooks_.host(l, e), native.size());
+      } else {
+        EF_RETURN_IF_ERROR(CopyFromCheckpoint(l, e, native));
+      }
+      std::vector<std::byte> q(Layout(l, e).bytes());
+      EF_RETURN_IF_ERROR(Quantize(l, e, native, q));
+      {
+        std::lock_guard<std::mutex> lock(quant_mu_);
+        quantized_[Index(l, e)] = std::move(q);
+      }
+      done_bytes += static_cast<int64_t>(w.nbytes());
+      const auto now = Clock::now();
+      if (progress && now - last > std::chrono::seconds(2)) {
+        last = now;
+        const double s = std::chrono::duration<double>(now - t0).count();
+        const double rate = done_bytes / s;
+        std::fprintf(stderr, "quantizing experts to %s: %.1f of %.1f GB, %.2f GB/s, %.0f s left\n",
+                     LoadPrecisionName(precision_), done_bytes / 1e9, total / 1e9, rate / 1e9,
+                     (total - done_bytes) / rate);
+      }
+    }
+  }
+  return Status::Ok();
+}
 
 void ExpertTiers::Count(Tier t, size_t bytes) {
   loads_[static_cast<int>(t)].fetch_add(1, std::memory_order_relaxed);
@@ -35,7 +187,7 @@ TierCounters ExpertTiers::counters() const {
   return c;
 }
 
-Status ExpertTiers::CopyFromCheckpoint(int layer, int expert, std::span<std::byte> dst) {
+Status ExpertTiers::CopyFromCheckpoint(int layer, int expert, std::span<std::byte> dst) const {
   const runtime::ExpertWeights& w = model_->host_expert(layer, expert);
   if (dst.size() < w.nbytes())
     return Internal("expert tiers: a slot of " + std::to_string(dst.size()) + " bytes for an expert of " +
@@ -49,6 +201,29 @@ Status ExpertTiers::CopyFromCheckpoint(int layer, int expert, std::span<std::byt
 }
 
 Status ExpertTiers::FillPacked(int layer, int expert, std::span<std::byte> dst) {
+  if (precision_ == LoadPrecision::kNative || !quantizable_[Index(layer, expert)])
+    return FillNative(layer, expert, dst);
+  const size_t n = Layout(layer, expert).bytes();
+  if (dst.size() < n) return Internal("expert tiers: a slot smaller than the quantized expert");
+  std::lock_guard<std::mutex> lock(quant_mu_);
+  std::vector<std::byte>& q = quantized_[Index(layer, expert)];
+  if (!q.empty()) {
+    std::memcpy(dst.data(), q.data(), n);
+    Count(Tier::kHost, n);
+    return Status::Ok();
+  }
+  // First use of an expert Prepare() did not cover: its native bytes from the nearest tier
+  // (counted there), quantized once and kept.
+  std::vector<std::byte> native(model_->host_expert(layer, expert).nbytes());
+  EF_RETURN_IF_ERROR(FillNative(layer, expert, native));
+  std::vector<std::byte> made(n);
+  EF_RETURN_IF_ERROR(Quantize(layer, expert, native, made));
+  std::memcpy(dst.data(), made.data(), n);
+  q = std::move(made);
+  return Status::Ok();
+}
+
+Status ExpertTiers::FillNative(int layer, int expert, std::span<std::byte> dst) {
   const size_t n = model_->host_expert(layer, expert).nbytes();
   if (!hooks_.host) {  // one process: the mapping is the host tier
     EF_RETURN_IF_ERROR(CopyFromCheckpoint(layer, expert, dst));

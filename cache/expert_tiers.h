@@ -7,8 +7,13 @@
 //   checkpoint  the safetensors mapping (an expert no host tier keeps: past cache.host_budget, or
 //               homed on a rank that keeps no copy of it).
 // The hooks come from the deployment (launch/), so cache/ does not depend on the transport.
-// Bytes are "packed": gate | up | down back to back in the checkpoint's dtype, as the CPU slots
-// and the host shards lay them out.
+// Bytes are "packed": gate | up | down back to back, as the CPU slots and the host shards lay them
+// out, in the load precision: the checkpoint's dtype, or (cache.miss_precision int8 | int4) the
+// runtime's group-quantized kQ8 / kQ4 (runtime/core/quant_format.h), so a load moves 1.9x / 3.6x
+// fewer bytes than bf16 and the backend's Gemm computes on the quantized block. The quantized host
+// copies are made once: at Prepare() for the experts this rank computes, on first use for others
+// (from the native bytes of the nearest tier). An expert whose shape the group does not divide
+// stays in the checkpoint's dtype (a warning says how many).
 //
 // Counters are per tier (loads and bytes), atomic: counters() may be read from any thread while
 // FillPacked runs on the engine's or the store's worker thread. FillPacked is thread-safe when the
@@ -20,7 +25,10 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <mutex>
 #include <span>
+#include <string>
+#include <vector>
 
 #include "runtime/core/status.h"
 #include "runtime/engine/model_weights.h"
@@ -44,6 +52,24 @@ struct TierHooks {
   std::function<bool(int layer, int expert)> computes;
 };
 
+// The precision experts are loaded into device slots in (cache.miss_precision).
+enum class LoadPrecision { kNative, kInt8, kInt4 };
+// "native" (alias "bf16": the checkpoint's own dtype, outputs unchanged), "int8", "int4".
+StatusOr<LoadPrecision> ParseLoadPrecision(const std::string& name);
+const char* LoadPrecisionName(LoadPrecision p);
+
+// An expert's three weights as packed at some precision (data null; offsets back to back).
+struct PackedLayout {
+  runtime::Weight gate, up, down;
+  size_t up_offset() const { return gate.nbytes(); }
+  size_t down_offset() const { return gate.nbytes() + up.nbytes(); }
+  size_t bytes() const { return gate.nbytes() + up.nbytes() + down.nbytes(); }
+};
+
+// The layout of `w` loaded at precision p: quantized, or the checkpoint's dtype when p is native
+// or the group does not divide a width.
+PackedLayout PackedExpertLayout(const runtime::ExpertWeights& w, LoadPrecision p);
+
 struct TierCounters {
   std::array<int64_t, kNumTiers> loads{};
   std::array<int64_t, kNumTiers> bytes{};
@@ -52,7 +78,21 @@ struct TierCounters {
 class ExpertTiers {
  public:
   // `model` must outlive this object.
-  ExpertTiers(const runtime::ModelWeights* model, TierHooks hooks);
+  ExpertTiers(const runtime::ModelWeights* model, TierHooks hooks, LoadPrecision precision = LoadPrecision::kNative);
+
+  // With a quantized precision: quantizes every routed expert this rank computes into the host
+  // tier (all cores), printing progress on stderr when `progress` and it takes a while. No-op for
+  // native loads.
+  Status Prepare(bool progress);
+  LoadPrecision precision() const { return precision_; }
+  // The packed layout of (layer, expert) as loaded (quantized, or native when the shape does not
+  // allow it), and the largest over every routed expert (a slot's size).
+  PackedLayout Layout(int layer, int expert) const;
+  size_t max_packed_bytes() const { return max_packed_bytes_; }
+  int num_unquantizable() const { return num_unquantizable_; }
+  // Writes the packed expert at the load precision from the checkpoint mapping, counting nothing
+  // (a host tier's initial fill).
+  Status PackFromCheckpoint(int layer, int expert, std::span<std::byte> dst) const;
 
   // Fills dst (at least the expert's packed size) from the nearest tier that keeps the expert.
   Status FillPacked(int layer, int expert, std::span<std::byte> dst);
@@ -65,10 +105,22 @@ class ExpertTiers {
 
  private:
   void Count(Tier t, size_t bytes);
-  Status CopyFromCheckpoint(int layer, int expert, std::span<std::byte> dst);
+  Status CopyFromCheckpoint(int layer, int expert, std::span<std::byte> dst) const;
+  // Native packed bytes from the nearest tier (counted), for loads in the checkpoint's dtype.
+  Status FillNative(int layer, int expert, std::span<std::byte> dst);
+  // Quantizes native packed bytes into the layout of (layer, expert).
+  Status Quantize(int layer, int expert, std::span<const std::byte> native, std::span<std::byte> dst) const;
+  size_t Index(int layer, int expert) const;
 
   const runtime::ModelWeights* model_;
   TierHooks hooks_;
+  LoadPrecision precision_;
+  size_t max_packed_bytes_ = 0;
+  int num_unquantizable_ = 0;
+  std::vector<uint8_t> quantizable_;  // [layer * E + expert]
+  // Quantized host copies [layer * E + expert]; guarded by quant_mu_ (filled lazily off Prepare).
+  std::mutex quant_mu_;
+  std::vector<std::vector<std::byte>> quantized_;
   std::array<std::atomic<int64_t>, kNumTiers> loads_{};
   std::array<std::atomic<int64_t>, kNumTiers> bytes_{};
 };

@@ -1,10 +1,12 @@
 // `expertflow score`: a full-sequence forward over given token ids; writes fp32 logits and each
 // MoE layer's router top-k as JSON. The output contract:
 //   {"logits": [batch][tokens][vocab], "router_topk": [moe_layer][batch*tokens][k]}
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <span>
 #include <sstream>
 
 #include "comm/cluster.h"
@@ -26,6 +28,7 @@ struct ScoreOptions {
   ClusterFlags cluster;
   std::string ids_file;
   std::string out;
+  int chunk = 0;  // tokens per forward pass; 0: each sequence in one pass
 };
 
 StatusOr<std::vector<std::vector<int32_t>>> ReadIds(const std::string& path) {
@@ -76,15 +79,22 @@ Status RunScore(const ScoreOptions& o, comm::MpiContext* ctx) {
   json mine = json::object();
   for (size_t b = static_cast<size_t>(rank); b < ids.size(); b += static_cast<size_t>(world)) {
     EF_RETURN_IF_ERROR(engine->AddSequence(static_cast<int64_t>(b)));
-    runtime::SeqChunk chunk{static_cast<int64_t>(b), ids[b], /*all_logits=*/true};
-    runtime::ForwardResult res;
-    EF_RETURN_IF_ERROR(engine->Forward({&chunk, 1}, &res));
-    engine->RemoveSequence(static_cast<int64_t>(b));
+    // Pieces of o.chunk tokens through the KV cache (--chunk 1: teacher-forced decode, one token a
+    // step, as generation meets the expert cache), or the whole sequence at once.
+    const size_t step = o.chunk > 0 ? static_cast<size_t>(o.chunk) : ids[b].size();
     json rows = json::array();
-    for (size_t t = 0; t < ids[b].size(); ++t) {
-      const float* p = res.logits.data() + t * c.vocab_size;
-      rows.push_back(std::vector<float>(p, p + c.vocab_size));
+    for (size_t first = 0; first < ids[b].size(); first += step) {
+      const size_t n = std::min(step, ids[b].size() - first);
+      runtime::SeqChunk chunk{static_cast<int64_t>(b), std::span<const int32_t>(ids[b]).subspan(first, n),
+                              /*all_logits=*/true};
+      runtime::ForwardResult res;
+      EF_RETURN_IF_ERROR(engine->Forward({&chunk, 1}, &res));
+      for (size_t t = 0; t < n; ++t) {
+        const float* p = res.logits.data() + t * c.vocab_size;
+        rows.push_back(std::vector<float>(p, p + c.vocab_size));
+      }
     }
+    engine->RemoveSequence(static_cast<int64_t>(b));
     mine[std::to_string(b)] = {{"logits", std::move(rows)}, {"topk", topk[static_cast<int64_t>(b)]}};
   }
   deployment->PrintCacheSummary();
@@ -148,6 +158,10 @@ Command AddScoreCommand(CLI::App& root) {
   o->model.Register(c.app);
   c.app->add_option("--ids-file", o->ids_file, "JSON file {\"input_ids\": [[...], ...]}")->required();
   c.app->add_option("--out", o->out, "output JSON file (default: stdout)");
+  c.app
+      ->add_option("--chunk", o->chunk,
+                   "tokens per forward pass through the KV cache (1: teacher-forced decode); 0: whole sequences")
+      ->check(CLI::NonNegativeNumber);
   o->cluster.Register(c.app);
   CLI::App* app = c.app;
   c.run = [o, app] {

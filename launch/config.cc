@@ -192,6 +192,10 @@ const std::map<std::string, Section>& Schema() {
            {"prefetch_layers", [](const Ctx& c, Config* o) { return GetInt(c, 0, 1024, &o->cache.prefetch_layers); }},
            {"prefetch_min_prob",
             [](const Ctx& c, Config* o) { return GetDouble(c, 0, 1, false, &o->cache.prefetch_min_prob); }},
+           {"miss_precision",
+            [](const Ctx& c, Config* o) {
+              return GetOneOf(c, {"native", "bf16", "int8", "int4"}, &o->cache.miss_precision);
+            }},
        }},
       {"predictor",
        {
@@ -422,7 +426,8 @@ std::string ConfigToYaml(const Config& c) {
   e << YAML::Key << "host_budget" << YAML::Value << size(c.cache.host_budget);
   e << YAML::Key << "policy" << YAML::Value << c.cache.policy;
   e << YAML::Key << "prefetch_layers" << YAML::Value << c.cache.prefetch_layers;
-  e << YAML::Key << "prefetch_min_prob" << YAML::Value << c.cache.prefetch_min_prob << YAML::EndMap;
+  e << YAML::Key << "prefetch_min_prob" << YAML::Value << c.cache.prefetch_min_prob;
+  e << YAML::Key << "miss_precision" << YAML::Value << c.cache.miss_precision << YAML::EndMap;
   e << YAML::Key << "predictor" << YAML::Value << YAML::Flow << YAML::BeginMap;
   e << YAML::Key << "kind" << YAML::Value << c.predictor.kind << YAML::Key << "path" << YAML::Value << c.predictor.path
     << YAML::EndMap;
@@ -478,6 +483,8 @@ void CacheFlags::Register(CLI::App* app) {
   app->add_option("--prefetch-min-prob", prefetch_min_prob,
                   "prefetch only experts forecast at least this probable, 0..1; 0: every forecast top-k expert "
                   "(cache.prefetch_min_prob)");
+  app->add_option("--miss-precision", miss_precision,
+                  "precision of expert copies loaded into slots: native (bf16), int8 or int4 (cache.miss_precision)");
   app->add_option("--predictor", predictor,
                   "prefetch forecast: none, lookahead, frequency, path, affinity or hybrid (predictor.kind)");
   app->add_option("--predictor-path", predictor_path, "trained predictor file (predictor.path)");
@@ -490,6 +497,7 @@ Status CacheFlags::Apply(const CLI::App& app, Config* config) const {
       {"--cache-policy", {"cache.policy", &policy}},
       {"--prefetch-layers", {"cache.prefetch_layers", &prefetch_layers}},
       {"--prefetch-min-prob", {"cache.prefetch_min_prob", &prefetch_min_prob}},
+      {"--miss-precision", {"cache.miss_precision", &miss_precision}},
       {"--predictor", {"predictor.kind", &predictor}},
       {"--predictor-path", {"predictor.path", &predictor_path}},
   };

@@ -16,6 +16,7 @@ cache::ExpertCacheOptions ToExpertCacheOptions(const CacheSection& cache, const 
   o.policy = cache.policy;
   o.prefetch_layers = cache.prefetch_layers;
   o.prefetch_min_prob = cache.prefetch_min_prob;
+  o.miss_precision = cache.miss_precision;
   o.predictor = predictor.kind;
   o.predictor_path = predictor.path;
   o.trace = trace;

@@ -26,10 +26,24 @@ StatusOr<std::unique_ptr<CudaExpertSource>> CudaExpertSource::Create(const runti
       if (first < 0) first = l;
     }
   if (first < 0) return InvalidArgument("cuda expert cache: the model has no MoE layer");
+  // The load precision's layout (the tiers quantize when cache.miss_precision asks for it).
+  ExpertTiers* tiers = options.tiers;
+  if (tiers && tiers->num_unquantizable() > 0)
+    return Unimplemented("cuda expert cache: cache.miss_precision " +
+                         std::string(LoadPrecisionName(tiers->precision())) +
+                         " on a model with experts whose widths the quantization group does not divide (" +
+                         std::to_string(tiers->num_unquantizable()) + " experts); use miss_precision native");
   const runtime::ExpertWeights& w0 = model.host_expert(first, 0);
-  layout.gate = w0.gate;
-  layout.up = w0.up;
-  layout.down = w0.down;
+  if (tiers) {
+    const PackedLayout p = tiers->Layout(first, 0);
+    layout.gate = p.gate;
+    layout.up = p.up;
+    layout.down = p.down;
+  } else {
+    layout.gate = w0.gate;
+    layout.up = w0.up;
+    layout.down = w0.down;
+  }
   auto same = [](const runtime::Weight& a, const runtime::Weight& b) {
     return a.dtype == b.dtype && a.rows == b.rows && a.cols == b.cols;
   };
@@ -37,17 +51,29 @@ StatusOr<std::unique_ptr<CudaExpertSource>> CudaExpertSource::Create(const runti
     if (!layout.moe_layer[l]) continue;
     for (int e = 0; e < c.num_experts; ++e) {
       const runtime::ExpertWeights& w = model.host_expert(l, e);
-      if (!same(w.gate, layout.gate) || !same(w.up, layout.up) || !same(w.down, layout.down))
+      if (!same(w.gate, w0.gate) || !same(w.up, w0.up) || !same(w.down, w0.down))
         return Unimplemented("cuda expert cache: experts of different shapes or dtypes");
     }
   }
-  ExpertTiers* tiers = options.tiers;
   std::function<bool(int, int)> keep;
-  if (tiers) keep = [tiers](int l, int e) { return tiers->HasHostCopy(l, e); };
+  if (tiers && tiers->hooks().host) keep = [tiers](int l, int e) { return tiers->HasHostCopy(l, e); };
   EF_ASSIGN_OR_RETURN(auto tier, PinnedHostTier::Create(c.num_layers, c.num_experts, layout.bytes(), layout.moe_layer,
                                                         options.host_budget_bytes, keep));
-  auto fill = [&model, layout](int l, int e, std::span<std::byte> dst) -> Status {
+  // Packed bytes (gate | up | down back to back) -> the slot layout's 256-byte-aligned offsets.
+  auto place = [layout](std::span<const std::byte> packed, std::span<std::byte> dst) {
+    const size_t g = layout.gate.nbytes(), u = layout.up.nbytes(), d = layout.down.nbytes();
+    std::memcpy(dst.data() + layout.gate_offset(), packed.data(), g);
+    std::memcpy(dst.data() + layout.up_offset(), packed.data() + g, u);
+    std::memcpy(dst.data() + layout.down_offset(), packed.data() + g + u, d);
+  };
+  auto fill = [&model, layout, tiers, place](int l, int e, std::span<std::byte> dst) -> Status {
     if (dst.size() < layout.bytes()) return Internal("cuda expert cache: staging smaller than an expert");
+    if (tiers) {
+      std::vector<std::byte> packed(tiers->Layout(l, e).bytes());
+      EF_RETURN_IF_ERROR(tiers->PackFromCheckpoint(l, e, packed));
+      place(packed, dst);
+      return Status::Ok();
+    }
     const runtime::ExpertWeights& w = model.host_expert(l, e);
     std::memcpy(dst.data() + layout.gate_offset(), w.gate.data, w.gate.nbytes());
     std::memcpy(dst.data() + layout.up_offset(), w.up.data, w.up.nbytes());
@@ -62,21 +88,19 @@ StatusOr<std::unique_ptr<CudaExpertSource>> CudaExpertSource::Create(const runti
   }
   cache::ExpertSource fallback = fill;
   if (tiers) {
-    // Not pinned here: a peer's shard or the checkpoint, packed, then laid out at the slot offsets.
-    fallback = [tiers, layout](int l, int e, std::span<std::byte> dst) -> Status {
+    // Not pinned here: a peer's shard or the checkpoint (quantized on the way when asked), packed,
+    // then laid out at the slot offsets.
+    fallback = [tiers, layout, place](int l, int e, std::span<std::byte> dst) -> Status {
       if (dst.size() < layout.bytes()) return Internal("cuda expert cache: staging smaller than an expert");
-      const size_t g = layout.gate.nbytes(), u = layout.up.nbytes(), d = layout.down.nbytes();
-      std::vector<std::byte> packed(g + u + d);
-      EF_RETURN_IF_ERROR(tiers->FillPackedBeyondHost(l, e, packed));
-      std::memcpy(dst.data() + layout.gate_offset(), packed.data(), g);
-      std::memcpy(dst.data() + layout.up_offset(), packed.data() + g, u);
-      std::memcpy(dst.data() + layout.down_offset(), packed.data() + g + u, d);
+      std::vector<std::byte> packed(tiers->Layout(l, e).bytes());
+      EF_RETURN_IF_ERROR(tiers->FillPacked(l, e, packed));
+      place(packed, dst);
       return Status::Ok();
     };
   }
   const int total =
       layout.num_experts * static_cast<int>(std::count(layout.moe_layer.begin(), layout.moe_layer.end(), true));
-  if (tier->num_pinned() < total && !tiers)
+  if (tier->num_pinned() < total && !(tiers && tiers->hooks().host))
     EF_LOG(WARN, CACHE,
            "cuda expert cache: %d of %d experts pinned in host memory (host budget %zu bytes); the rest load from the "
            "checkpoint mapping, synchronously",

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# What low-precision expert loads (cache.miss_precision) cost in quality: teacher-forced decode
+# (`score --chunk 1`, one token a step through the KV cache, as generation meets the expert cache)
+# of held-out Python (the sequences of tests/data/traces/tiny_code_moe_prefill.jsonl, recorded on
+# files the model did not train on) with models/tiny-code-moe, against the same run with every
+# expert resident in the checkpoint's precision: top-1 agreement of the next-token prediction and
+# mean KL(reference || quantized) per token, for each precision and budget, plus the bytes loaded.
+#   scripts/bench/quant_quality.sh [BIN] [OUT_DIR]      (defaults: build/expertflow, docs/results/quant)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+BIN=${1:-build/expertflow}
+OUT=${2:-docs/results/quant}
+MODEL=models/tiny-code-moe
+TRACE=tests/data/traces/tiny_code_moe_prefill.jsonl
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/ef_quant_quality.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+mkdir -p "$OUT"
+# 8 held-out sequences of 256 tokens: 2048 scored tokens.
+python3 - "$TRACE" "$WORK/ids.json" <<'PY'
+import json, sys, collections
+seqs = collections.defaultdict(list)
+with open(sys.argv[1]) as f:
+    f.readline()
+    for line in f:
+        t = json.loads(line)
+        seqs[t["seq"]].append((t["pos"], t["token"]))
+ids = [[tok for _, tok in sorted(v)] for _, v in sorted(seqs.items()) if len(v) >= 256][:8]
+json.dump({"input_ids": [s[:256] for s in ids]}, open(sys.argv[2], "w"))
+PY
+echo "# reference: every expert resident, $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" >&2
+"$BIN" score --backend cpu --model "$MODEL" --ids-file "$WORK/ids.json" --chunk 1 --out "$WORK/ref.json"
+rows=()
+for budget in 2 4; do
+  for precision in native int8 int4; do
+    name="b${budget}_${precision}"
+    "$BIN" score --backend cpu --model "$MODEL" --ids-file "$WORK/ids.json" --chunk 1 \
+      --cache-device-budget "$budget slots per layer" --cache-policy lru --miss-precision "$precision" \
+      --out "$WORK/$name.json" 2>"$WORK/$name.err"
+    loaded=$(grep -o '[0-9.]* [KMG]iB loaded' "$WORK/$name.err" | head -1)
+    rows+=("$budget $precision ${loaded% loaded}")
+  done
+done
+python3 - "$WORK" "$OUT/quality.json" "${rows[@]}" <<'PY' | tee "$OUT/quality.md"
+import json, math, sys
+work, out, rows = sys.argv[1], sys.argv[2], sys.argv[3:]
+ref = [t for s in json.load(open(f"{work}/ref.json"))["logits"] for t in s]
+def logsoftmax(v):
+    m = max(v)
+    z = m + math.log(sum(math.exp(x - m) for x in v))
+    return [x - z for x in v]
+ref_lp = [logsoftmax(v) for v in ref]
+records = []
+print("| slots per layer (of 8) | precision | top-1 agreement | mean KL per token | bytes loaded |")
+print("|---|---|---|---|---|")
+for r in rows:
+    budget, precision, loaded = r.split(" ", 2)
+    got = [t for s in json.load(open(f"{work}/b{budget}_{precision}.json"))["logits"] for t in s]
+    agree, kl = 0, 0.0
+    for a, b in zip(ref_lp, got):
+        lb = logsoftmax(b)
+        agree += max(range(len(a)), key=a.__getitem__) == max(range(len(lb)), key=lb.__getitem__)
+        kl += sum(math.exp(x) * (x - y) for x, y in zip(a, lb))
+    n = len(ref_lp)
+    records.append({"slots_per_layer": int(budget), "precision": precision, "tokens": n,
+                    "top1_agreement": agree / n, "mean_kl": kl / n, "bytes_loaded": loaded})
+    print(f"| {budget} | {precision} | {100 * agree / n:.2f}% | {kl / n:.5f} | {loaded} |")
+json.dump({"model": "tiny-code-moe", "tokens": len(ref_lp), "records": records}, open(out, "w"), indent=1)
+PY
