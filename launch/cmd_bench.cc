@@ -354,7 +354,7 @@ Status RunBench(const BenchOptions& given, comm::MpiContext* ctx) {
       }
     };
   }
-  ServingLoop loop(std::move(engine), tok, &metrics, lo);
+  ServingLoop loop(engine.get(), tok, &metrics, lo);
 
   if (root) {
     std::printf("# expertflow bench  git %s  build %s  compiler %s\n", EF_GIT_SHA, EF_BUILD_TYPE, EF_CXX_COMPILER);
@@ -462,7 +462,7 @@ Status RunBench(const BenchOptions& given, comm::MpiContext* ctx) {
     EF_RETURN_IF_ERROR(cluster->Shutdown());
   }
   // The cache's slots live in the engine's backend: detach and free them while it exists (the
-  // loop, declared last, destroys the engine first), and before the cluster whose shards back it.
+  // engine, declared first, goes last), and before the cluster whose shards back it.
   cache::ExpertStoreStats cs;
   const cache::CacheBudget cache_budget = expert_cache ? expert_cache->budget() : cache::CacheBudget{};
   std::string cache_summary;

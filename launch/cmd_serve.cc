@@ -28,6 +28,7 @@
 #include "comm/mpi_context.h"
 #include "launch/command.h"
 #include "launch/config.h"
+#include "launch/deployment.h"
 #include "launch/engine_options.h"
 #include "launch/expert_cache_setup.h"
 #include "launch/server/chat_template.h"
@@ -95,7 +96,10 @@ sigset_t ShutdownSignals() {
   return s;
 }
 
-Status RunServe(ServeOptions o, const CLI::App& app, comm::MpiContext* ctx) {
+// The server section and scheduler keys of the config file under the flags; the checks that need
+// both.
+Status ApplyServeConfig(const CLI::App& app, ServeOptions* so) {
+  ServeOptions& o = *so;
   Config& cfg = o.cluster.config;  // file keys and cache flags applied by ClusterFlags::Load
   {
     if (FlagGiven(app, "--max-body-bytes"))
@@ -125,80 +129,64 @@ Status RunServe(ServeOptions o, const CLI::App& app, comm::MpiContext* ctx) {
     o.loop.regroup_window = 0;
   }
 
+  return Status::Ok();
+}
+
+// What a serving rank prints when it stops: the cluster's and the cache's counters, admission.
+void PrintServeSummary(const Deployment& d, const nlohmann::json& comm_stats, const ServingLoop& loop,
+                       comm::MpiContext* ctx) {
+  if (!comm_stats.is_null())
+    std::fprintf(stderr, "comm: %d ranks, all-to-all %lld bytes, ucx gets %lld bytes\n", ctx->size(),
+                 static_cast<long long>(comm_stats["a2a_bytes"].get<int64_t>()),
+                 static_cast<long long>(comm_stats["ucx_get_bytes"].get<int64_t>()));
+  d.PrintCacheSummary();
+  if (const AdmissionStats a = loop.admission_stats(); a.rounds > 0)
+    std::fprintf(stderr,
+                 "admission regrouping: %lld rounds with a queue, forecast distinct (layer, expert) per admitted batch "
+                 "%.1f FIFO -> %.1f regrouped, %lld admitted by the starvation bound\n",
+                 static_cast<long long>(a.rounds), static_cast<double>(a.fcfs_distinct) / a.rounds,
+                 static_cast<double>(a.regrouped_distinct) / a.rounds, static_cast<long long>(a.forced));
+}
+
+// Rank 0 serves HTTP; under mpirun the other ranks follow its expert-parallel steps. Parts are
+// declared in dependency order (deployment, metrics, loop, server) and so torn down in reverse on
+// every way out: the server stops answering, the loop stops driving the engine and removes its
+// hook, then the deployment frees the cache, the cluster and the engine.
+Status RunServe(ServeOptions o, const CLI::App& app, comm::MpiContext* ctx) {
+  EF_RETURN_IF_ERROR(ApplyServeConfig(app, &o));
+  const Config& cfg = o.cluster.config;
   const sigset_t signals = ShutdownSignals();
   EF_ASSIGN_OR_RETURN(runtime::Tokenizer tok, runtime::Tokenizer::FromModelDir(o.model.dir));
   EF_ASSIGN_OR_RETURN(ChatTemplate chat, ChatTemplate::FromModelDir(o.model.dir));
-  runtime::EngineOptions eo = o.model.ToEngineOptions();
-  eo.upload_experts = !WantsExpertCache(cfg.cache);
-  EF_ASSIGN_OR_RETURN(auto engine, runtime::Engine::Create(o.model.dir, eo));
-  std::unique_ptr<comm::Cluster> cluster;
-  if (ctx->mpi() && ctx->size() > 1) {
-    comm::ClusterOptions co = o.cluster.cluster;
-    co.expert_cache = WantsExpertCache(cfg.cache);
-    co.host_budget_bytes = cfg.cache.host_budget;
-    EF_ASSIGN_OR_RETURN(cluster, comm::Cluster::Create(ctx, engine.get(), co));
+  DeploymentOptions dopt = MakeDeploymentOptions(o.model, o.cluster);
+  dopt.cluster_on_one_rank = false;
+  EF_ASSIGN_OR_RETURN(auto deployment, Deployment::Create(ctx, dopt));
+  comm::Cluster* cluster = deployment->cluster();
+  if (cluster && ctx->rank() != 0) {
+    // A follower: compute this rank's experts for rank 0's steps until it stops.
+    EF_RETURN_IF_ERROR(cluster->executor().Follow());
+    return deployment->GatherAndShutdown().status();
   }
-  // Every rank's own cache (the budget is per rank), after the cluster whose shards back it.
-  EF_ASSIGN_OR_RETURN(auto expert_cache,
-                      SetUpExpertCache(engine.get(), cfg.cache, cfg.predictor, nullptr, cluster.get(), ctx->rank()));
-  if (expert_cache && ctx->rank() == 0) std::fprintf(stderr, "%s\n", expert_cache->Describe().c_str());
   if (cluster) {
-    if (ctx->rank() != 0) {
-      // A follower: compute this rank's experts for rank 0's steps until it stops.
-      EF_RETURN_IF_ERROR(cluster->executor().Follow());
-      EF_RETURN_IF_ERROR(cluster->GatherStats().status());
-      return cluster->Shutdown();
-    }
     comm::ExpertParallelExecutor* executor = &cluster->executor();
     o.loop.idle_tick = [executor] { return executor->KeepAlive(); };
   }
+  runtime::Engine& engine = deployment->engine();
   // A failed keep-alive (a follower gone) stops the engine thread; the watcher then stops HTTP.
   std::atomic<bool> fatal{false};
   o.loop.on_fatal = [&fatal](const Status&) { fatal.store(true); };
-  if (o.loop.regroup_window > 1) EF_RETURN_IF_ERROR(SetUpAdmissionForecast(cfg, engine->config(), &o.loop));
-  ServerMetrics metrics(engine->config().num_layers, engine->config().num_experts);
-  if (expert_cache && expert_cache->active()) metrics.SetExpertCache(expert_cache.get());
-  if (cluster) metrics.SetCommCounters([c = cluster.get()] { return c->LiveCounters(); });
+  if (o.loop.regroup_window > 1) EF_RETURN_IF_ERROR(SetUpAdmissionForecast(cfg, engine.config(), &o.loop));
+  ServerMetrics metrics(engine.config().num_layers, engine.config().num_experts);
+  if (deployment->cache() && deployment->cache()->active()) metrics.SetExpertCache(deployment->cache());
+  if (cluster) metrics.SetCommCounters([cluster] { return cluster->LiveCounters(); });
   o.http.model_name = !o.served_name.empty()
                           ? o.served_name
                           : std::filesystem::path(o.model.dir).lexically_normal().filename().string();
   if (o.http.model_name.empty())
     o.http.model_name = std::filesystem::path(o.model.dir).parent_path().filename().string();
-  ServingLoop loop(std::move(engine), tok, &metrics, o.loop);
-  // The cluster points into the engine the loop owns: stop the engine thread and drop the
-  // cluster (after /metrics stops reading it) before the loop goes, on every way out.
-  struct ClusterRelease {
-    ServingLoop* loop;
-    ServerMetrics* metrics;
-    std::unique_ptr<comm::Cluster>* cluster;
-    ~ClusterRelease() {
-      if (!*cluster) return;
-      loop->Stop();
-      metrics->SetCommCounters({});
-      cluster->reset();
-    }
-  } cluster_release{&loop, &metrics, &cluster};
-  // The cache points into the engine the loop owns (and its slots are the engine's backend
-  // memory): on every way out, stop the engine thread and free the cache before the loop goes,
-  // and before the cluster whose host shards its tiers read (released in reverse order).
-  struct CacheRelease {
-    ServingLoop* loop;
-    ServerMetrics* metrics;
-    std::unique_ptr<cache::ExpertCache>* cache;
-    ~CacheRelease() {
-      if (!*cache) return;
-      loop->Stop();
-      metrics->SetExpertCache(nullptr);
-      cache->reset();
-    }
-  } release{&loop, &metrics, &expert_cache};
+  ServingLoop loop(&engine, tok, &metrics, o.loop);
   HttpServer server(o.http, &loop, &tok, &chat, &metrics);
-  StatusOr<int> port = server.Bind();
-  if (!port.ok()) {
-    loop.Stop();
-    return port.status();
-  }
-
+  EF_ASSIGN_OR_RETURN(const int port, server.Bind());
   std::atomic<bool> done{false};
   std::thread watcher([&] {
     const timespec tick{0, 100'000'000};
@@ -220,7 +208,7 @@ Status RunServe(ServeOptions o, const CLI::App& app, comm::MpiContext* ctx) {
     }
   });
 
-  std::printf("listening on %s:%d\n", o.http.host.c_str(), *port);
+  std::printf("listening on %s:%d\n", o.http.host.c_str(), port);
   std::printf("model %s, context %d, max batch %d%s\n", o.http.model_name.c_str(), loop.max_seq_len(), o.loop.max_batch,
               chat.is_plain() ? ", plain chat template" : ", chat template from tokenizer_config.json");
   std::fflush(stdout);
@@ -229,22 +217,13 @@ Status RunServe(ServeOptions o, const CLI::App& app, comm::MpiContext* ctx) {
   done.store(true);
   watcher.join();
   if (Status f = loop.fatal_error(); !f.ok()) return f;
+  nlohmann::json comm_stats;
   if (cluster) {
     // The followers are waiting for the next step: tell them to stop, then the collectives.
     EF_RETURN_IF_ERROR(cluster->executor().Stop());
-    EF_ASSIGN_OR_RETURN(nlohmann::json stats, cluster->GatherStats());
-    std::fprintf(stderr, "comm: %d ranks, all-to-all %lld bytes, ucx gets %lld bytes\n", ctx->size(),
-                 static_cast<long long>(stats["a2a_bytes"].get<int64_t>()),
-                 static_cast<long long>(stats["ucx_get_bytes"].get<int64_t>()));
-    EF_RETURN_IF_ERROR(cluster->Shutdown());
+    EF_ASSIGN_OR_RETURN(comm_stats, deployment->GatherAndShutdown());
   }
-  if (expert_cache && expert_cache->active()) std::fprintf(stderr, "%s\n", expert_cache->StatsSummary().c_str());
-  if (const AdmissionStats a = loop.admission_stats(); a.rounds > 0)
-    std::fprintf(stderr,
-                 "admission regrouping: %lld rounds with a queue, forecast distinct (layer, expert) per admitted batch "
-                 "%.1f FIFO -> %.1f regrouped, %lld admitted by the starvation bound\n",
-                 static_cast<long long>(a.rounds), static_cast<double>(a.fcfs_distinct) / a.rounds,
-                 static_cast<double>(a.regrouped_distinct) / a.rounds, static_cast<long long>(a.forced));
+  PrintServeSummary(*deployment, comm_stats, loop, ctx);
   if (s.ok()) std::fprintf(stderr, "expertflow serve: stopped\n");
   return s;
 }

@@ -61,14 +61,19 @@ nlohmann::json Deployment::CacheStats() const {
 StatusOr<nlohmann::json> Deployment::Finish() {
   if (finished_) return FailedPrecondition("deployment: Finish called twice");
   finished_ = true;
-  const nlohmann::json extra = {{"expert_cache", CacheStats()}};
   if (!cluster_) {
-    nlohmann::json me = extra;
+    nlohmann::json me = {{"expert_cache", CacheStats()}};
     me["rank"] = 0;
     return nlohmann::json{{"world_size", 1}, {"ranks", nlohmann::json::array({me})}};
   }
   EF_RETURN_IF_ERROR(cluster_->Drain());
-  EF_ASSIGN_OR_RETURN(nlohmann::json stats, cluster_->GatherStats(extra));
+  return GatherAndShutdown();
+}
+
+StatusOr<nlohmann::json> Deployment::GatherAndShutdown() {
+  finished_ = true;
+  if (!cluster_) return nlohmann::json();
+  EF_ASSIGN_OR_RETURN(nlohmann::json stats, cluster_->GatherStats({{"expert_cache", CacheStats()}}));
   EF_RETURN_IF_ERROR(cluster_->Shutdown());
   return stats;
 }

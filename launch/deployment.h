@@ -79,6 +79,9 @@ class Deployment {
   // rank's counters (cache included) on rank 0, shuts the cluster down. Rank 0 gets the stats,
   // other ranks null; without a cluster: {"ranks": [this rank]}.
   StatusOr<nlohmann::json> Finish();
+  // Finish without the drain, for ranks that stopped stepping together already (serve: rank 0 sent
+  // Stop, the followers left Follow()).
+  StatusOr<nlohmann::json> GatherAndShutdown();
   // Prints the cache counters (stderr) when a cache is active; under mpirun prefixed by the rank.
   void PrintCacheSummary() const;
 

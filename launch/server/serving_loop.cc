@@ -132,15 +132,15 @@ struct ServingLoop::Active {
   }
 };
 
-ServingLoop::ServingLoop(std::unique_ptr<runtime::Engine> engine, runtime::Tokenizer tokenizer, ServerMetrics* metrics,
+ServingLoop::ServingLoop(runtime::Engine* engine, runtime::Tokenizer tokenizer, ServerMetrics* metrics,
                          ServingLoopOptions options)
-    : engine_(std::move(engine)),
+    : engine_(engine),
       tokenizer_(std::move(tokenizer)),
       metrics_(metrics),
       options_(options),
       config_(engine_->config()),
       max_seq_len_(engine_->max_seq_len()) {
-  engine_->AddRoutingHook([m = metrics_](runtime::LayerRouting& r) {
+  metrics_hook_ = engine_->AddRoutingHook([m = metrics_](runtime::LayerRouting& r) {
     m->CountRouting(r.layer, r.ids.data(), static_cast<int64_t>(r.ids.size()));
     return Status::Ok();
   });
@@ -155,7 +155,10 @@ ServingLoop::ServingLoop(std::unique_ptr<runtime::Engine> engine, runtime::Token
   thread_ = std::thread([this] { Run(); });
 }
 
-ServingLoop::~ServingLoop() { Stop(); }
+ServingLoop::~ServingLoop() {
+  Stop();
+  engine_->RemoveRoutingHook(metrics_hook_);
+}
 
 StatusOr<std::unique_ptr<ServingLoop::Active>> ServingLoop::Prepare(ServeRequest request) const {
   if (request.prompt.empty()) return InvalidArgument("the prompt is empty");

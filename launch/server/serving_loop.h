@@ -152,10 +152,11 @@ struct AdmissionStats {
 
 class ServingLoop {
  public:
-  // Takes ownership of the engine; `metrics` must outlive the loop. Starts the engine thread.
-  ServingLoop(std::unique_ptr<runtime::Engine> engine, runtime::Tokenizer tokenizer, ServerMetrics* metrics,
+  // The engine (its owner: a Deployment) and `metrics` must outlive the loop; the loop drives the
+  // engine from its own thread until Stop(). Starts the engine thread.
+  ServingLoop(runtime::Engine* engine, runtime::Tokenizer tokenizer, ServerMetrics* metrics,
               ServingLoopOptions options);
-  ~ServingLoop();  // Stop()s
+  ~ServingLoop();  // Stop()s, then removes its routing hook from the engine
 
   // Queues a request. Errors: InvalidArgument (does not fit the context), Unavailable (stopping
   // or the queue is full).
@@ -192,7 +193,8 @@ class ServingLoop {
   // Validates a request and builds its queue entry (with its forecast when regrouping).
   StatusOr<std::unique_ptr<Active>> Prepare(ServeRequest request) const;
 
-  std::unique_ptr<runtime::Engine> engine_;
+  runtime::Engine* engine_;
+  int metrics_hook_ = -1;
   runtime::Tokenizer tokenizer_;
   ServerMetrics* metrics_;
   ServingLoopOptions options_;

@@ -6,8 +6,11 @@
 # the ranks drains and every rank exits 0, with the all-to-all bytes reported.
 # With BACKEND cuda (2 GPUs, NCCL exchange; exits 77, ctest's skip, with fewer GPUs) the reference
 # is single-process `generate` on one GPU.
-#   mpi_serve.sh BIN MODELS_DIR [BACKEND]
+# Further arguments go to serve (e.g. a per-rank expert cache: --cache-device-budget "2 slots per
+# layer"; the text must not change).
+#   mpi_serve.sh BIN MODELS_DIR [BACKEND [SERVE ARGS...]]
 BIN=$1 MODELS=$2 BACKEND=${3:-cpu}
+shift 3 2>/dev/null || shift $#
 source "$(dirname "$0")/common.sh"
 if [ "$BACKEND" = cuda ]; then
   gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
@@ -16,7 +19,7 @@ fi
 m="$MODELS/tiny-code-moe"
 # The background job opens serve.out itself, possibly after the first poll below reads it.
 : >"$WORK/serve.out"
-"${MPIRUN[@]}" -np 2 "$BIN" serve --backend "$BACKEND" --model "$m" --port 0 --timeout 2 >"$WORK/serve.out" 2>&1 &
+"${MPIRUN[@]}" -np 2 "$BIN" serve --backend "$BACKEND" --model "$m" --port 0 --timeout 2 "$@" >"$WORK/serve.out" 2>&1 &
 job=$!
 port=""
 for _ in $(seq 1 600); do

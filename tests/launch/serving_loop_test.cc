@@ -44,7 +44,7 @@ Outcome Serve(const std::vector<std::vector<int32_t>>& prompts, int gen, int win
   lo.forecast = FirstTokenForecast;
   lo.forecast_layers = 4;
   lo.forecast_experts = 8;
-  ServingLoop loop(std::move(engine).value(), std::move(tok).value(), &metrics, lo);
+  ServingLoop loop(engine->get(), std::move(tok).value(), &metrics, lo);
   const auto requests = [&](size_t begin, size_t end) {
     std::vector<ServeRequest> rs;
     for (size_t i = begin; i < end; ++i) {
@@ -136,7 +136,7 @@ TEST(ServingLoopTest, SubmitAllQueuesAllOrNone) {
   auto tok = runtime::Tokenizer::FromModelDir(kModelDir);
   ASSERT_TRUE(tok.ok());
   ServerMetrics metrics((*engine)->config().num_layers, (*engine)->config().num_experts);
-  ServingLoop loop(std::move(engine).value(), std::move(tok).value(), &metrics, ServingLoopOptions{});
+  ServingLoop loop(engine->get(), std::move(tok).value(), &metrics, ServingLoopOptions{});
   std::vector<ServeRequest> rs(3);
   for (auto& r : rs) {
     r.prompt = {100, 17};
