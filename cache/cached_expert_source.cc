@@ -22,6 +22,8 @@ StatusOr<std::unique_ptr<CachedExpertSource>> CachedExpertSource::Create(const r
   so.slot_bytes = options.tiers ? options.tiers->max_packed_bytes() : model.max_expert_bytes();
   so.policy = options.policy;
   so.async_prefetch = options.async;
+  if (ExpertTiers* tiers = options.tiers)
+    so.loaded_bytes = [tiers](int l, int e) { return tiers->ResidentBytes(l, e); };
   so.policy_config.counts = options.static_counts;
   int num_slots = 0;
   if (options.global_slots > 0) {
@@ -89,8 +91,8 @@ StatusOr<runtime::ExpertWeights> CachedExpertSource::Acquire(int layer, int expe
   const runtime::ExpertWeights& h = model_->host_expert(layer, expert);
   auto* base = static_cast<std::byte*>(ref.data);
   runtime::ExpertWeights w = h;
-  if (options_.tiers) {  // the load precision's layout (quantized, or the checkpoint's)
-    const PackedLayout p = options_.tiers->Layout(layer, expert);
+  if (options_.tiers) {  // the layout of what the slot holds (quantized, or the checkpoint's)
+    const PackedLayout p = options_.tiers->ResidentLayout(layer, expert);
     w.gate = p.gate;
     w.up = p.up;
     w.down = p.down;
@@ -106,6 +108,11 @@ void CachedExpertSource::Release(int layer, int expert) {
   SlotRef& ref = pinned_[static_cast<size_t>(layer) * model_->config().num_experts + expert];
   if (ref.slot >= 0) store_->Release(ref);
   ref = SlotRef{};
+  // A low-precision copy that turned hot is replaced by the checkpoint's precision (auto).
+  if (options_.tiers && options_.tiers->NoteUseWantsUpgrade(layer, expert)) {
+    Status s = store_->Refill(layer, expert);
+    if (!s.ok()) EF_LOG(WARN, CACHE, "upgrading expert %d of layer %d: %s", expert, layer, s.ToString().c_str());
+  }
 }
 
 void CachedExpertSource::SetUpcoming(int layer, std::vector<int32_t> experts) {

@@ -46,6 +46,7 @@ std::vector<int> MoeLayers(const runtime::ModelConfig& c) {
 // source packs gate | up | down at 256-byte-aligned offsets (ExpertLayout), the CPU source packs
 // them back to back in a slot of the largest expert's size; both arenas align slots to 256 bytes.
 size_t SlotBytes(const runtime::ModelWeights& w, bool cuda, LoadPrecision precision) {
+  if (precision == LoadPrecision::kAuto) precision = LoadPrecision::kNative;  // mixed: room for native
   const runtime::ModelConfig& c = w.config();
   size_t most = 0;
   for (int l = 0; l < c.num_layers; ++l) {
@@ -207,9 +208,21 @@ StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(runtime::Engine* engi
     EF_ASSIGN_OR_RETURN(counts, StaticCounts(c, o));
   }
 
-  EF_ASSIGN_OR_RETURN(const LoadPrecision precision, ParseLoadPrecision(o.miss_precision));
-  cache->tiers_ = std::make_unique<ExpertTiers>(&engine->weights(), o.tiers, precision);
+  PrecisionOptions po;
+  EF_ASSIGN_OR_RETURN(po.precision, ParseLoadPrecision(o.miss_precision));
+  EF_ASSIGN_OR_RETURN(po.low, ParseLoadPrecision(o.low_precision));
+  if (po.low != LoadPrecision::kInt8 && po.low != LoadPrecision::kInt4)
+    return InvalidArgument("cache.low_precision must be int8 or int4, got '" + o.low_precision + "'");
+  if (!(o.low_precision_gate >= 0 && o.low_precision_gate <= 1))
+    return InvalidArgument("cache.low_precision_gate must be in [0, 1], got " + std::to_string(o.low_precision_gate));
+  if (o.upgrade_uses < 0) return InvalidArgument("cache.upgrade_uses must be >= 0");
+  po.low_gate = o.low_precision_gate;
+  po.upgrade_uses = o.upgrade_uses;
   const bool cuda = engine->backend().kind() == runtime::BackendKind::kCuda;
+  if (cuda && po.precision == LoadPrecision::kAuto)
+    return Unimplemented(
+        "cache.miss_precision auto (mixed precisions per slot) runs on the cpu backend; on cuda use int8 or int4");
+  cache->tiers_ = std::make_unique<ExpertTiers>(&engine->weights(), o.tiers, po);
   if (cuda) {
 #if EF_HAVE_CUDA_CACHE
     CudaExpertSourceOptions co;
@@ -262,6 +275,13 @@ StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(runtime::Engine* engi
                             std::move(forecast)));
   }
   engine->SetExpertSource(cache->source_.get());
+  if (po.precision == LoadPrecision::kAuto) {
+    ExpertTiers* tiers = cache->tiers_.get();
+    cache->precision_hook_id_ = engine->AddRoutingHook([tiers](runtime::LayerRouting& r) {
+      tiers->OnLayerRouting(r.layer, r.ids, r.weights);
+      return Status::Ok();
+    });
+  }
   if (cache->prefetcher_) {
     if (cache->prefetcher_->needs_router_inputs() && !engine->expose_router_inputs()) {
       engine->set_expose_router_inputs(true);
@@ -277,6 +297,7 @@ StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(runtime::Engine* engi
 ExpertCache::~ExpertCache() {
   if (engine_) {
     if (hook_id_ >= 0) engine_->RemoveRoutingHook(hook_id_);
+    if (precision_hook_id_ >= 0) engine_->RemoveRoutingHook(precision_hook_id_);
     if (source_) engine_->SetExpertSource(nullptr);
     if (exposed_router_inputs_) engine_->set_expose_router_inputs(false);
   }
@@ -297,8 +318,15 @@ std::string ExpertCache::Describe() const {
                   " slots per MoE layer (" + pct + " of the experts; " + std::to_string(slots) + " slots x " +
                   Bytes(b.slot_bytes) + " = " + Bytes(static_cast<uint64_t>(slots) * b.slot_bytes) + " on " +
                   engine_->backend().name() + "), policy " + options_.policy + ", ";
-  if (tiers_ && tiers_->precision() != LoadPrecision::kNative)
+  if (tiers_ && tiers_->precision() == LoadPrecision::kAuto) {
+    const PrecisionOptions& p = tiers_->precision_options();
+    char a[160];
+    std::snprintf(a, sizeof a, "misses of gate weight < %.2f load in %s (upgraded after %d uses), ", p.low_gate,
+                  LoadPrecisionName(p.low), p.upgrade_uses);
+    s += a;
+  } else if (tiers_ && tiers_->precision() != LoadPrecision::kNative) {
     s += std::string("loads in ") + LoadPrecisionName(tiers_->precision()) + ", ";
+  }
   if (options_.prefetch_layers == 0) {
     s += "no prefetch";
   } else {
@@ -327,6 +355,16 @@ std::string ExpertCache::StatsSummary() const {
       st.hit_rate(), Bytes(static_cast<uint64_t>(t.bytes_from_host)).c_str(), static_cast<long long>(t.prefetch_issued),
       static_cast<long long>(t.prefetch_used), static_cast<long long>(t.prefetch_wasted));
   std::string s = buf;
+  if (cpu_ && tiers_->precision() != LoadPrecision::kNative) {  // (CUDA loads in one precision)
+    const auto loads = tiers_->loads_by_precision();
+    std::snprintf(buf, sizeof buf, "; %lld loads in %s, %lld in the checkpoint's precision, %lld upgraded",
+                  static_cast<long long>(loads[1]),
+                  LoadPrecisionName(tiers_->precision_options().precision == LoadPrecision::kAuto
+                                        ? tiers_->precision_options().low
+                                        : tiers_->precision()),
+                  static_cast<long long>(loads[0]), static_cast<long long>(t.refills));
+    s += buf;
+  }
   if (tiers_ && (tiers_->hooks().host || tiers_->hooks().peer)) {
     const TierCounters tc = tier_counters();
     std::snprintf(buf, sizeof buf, "; loads from host %lld (%s), peers %lld (%s), checkpoint %lld (%s)",
@@ -374,6 +412,14 @@ nlohmann::json ExpertCache::StatsJson() const {
   const TierCounters t = tier_counters();
   j["slots_per_layer"] = budget_.slots_per_layer;
   j["precision"] = tiers_ ? LoadPrecisionName(tiers_->precision()) : "native";
+  j["refills"] = c.refills;
+  if (cpu_) {
+    const auto loads = tiers_->loads_by_precision(), bytes = tiers_->bytes_by_precision();
+    j["native_loads"] = loads[0];
+    j["native_bytes"] = bytes[0];
+    j["low_precision_loads"] = loads[1];
+    j["low_precision_bytes"] = bytes[1];
+  }
   j["accesses"] = c.hits + c.misses;
   j["hits"] = c.hits;
   j["misses"] = c.misses;

@@ -66,7 +66,10 @@ struct ExpertCacheOptions {
   // The precision experts are loaded into slots in: native (the checkpoint's; outputs unchanged),
   // int8 or int4 (group-quantized copies made at load: 1.9x / 3.6x fewer bytes per load than bf16;
   // cache/expert_tiers.h). A budget in bytes then holds more slots.
-  std::string miss_precision = "native";
+  std::string miss_precision = "native";  // native | int8 | int4 | auto (PrecisionOptions)
+  std::string low_precision = "int8";     // auto: the low precision (int8 | int4)
+  double low_precision_gate = 0.5;        // auto: gate weight below which a miss loads low
+  int upgrade_uses = 16;                  // auto: uses before a low-precision copy is upgraded; 0: never
   // Under expert parallelism, the tiers behind the device slots (this rank's host shard, peers,
   // the checkpoint) and the experts this rank computes; unset hooks: one process (expert_tiers.h).
   TierHooks tiers;
@@ -135,6 +138,7 @@ class ExpertCache {
   ExpertStore* store_ = nullptr;       // source_'s
   std::unique_ptr<PredictorPrefetcher> prefetcher_;
   int hook_id_ = -1;
+  int precision_hook_id_ = -1;          // auto precision: the routing's gate weights
   bool exposed_router_inputs_ = false;  // set by this cache (restored on destruction)
 };
 

@@ -26,6 +26,7 @@ ExpertCounters& ExpertCounters::operator+=(const ExpertCounters& o) {
   bytes_from_host += o.bytes_from_host;
   bytes_from_device += o.bytes_from_device;
   stall_ns += o.stall_ns;
+  refills += o.refills;
   return *this;
 }
 
@@ -125,7 +126,8 @@ Status ExpertStore::Fill(std::unique_lock<std::mutex>& lock, const ExpertKey& ke
   --in_flight_;
   loading_[i] = 0;
   if (s.ok()) {
-    counters_[i].bytes_from_host += static_cast<int64_t>(options_.slot_bytes);
+    counters_[i].bytes_from_host += static_cast<int64_t>(
+        options_.loaded_bytes ? options_.loaded_bytes(key.layer, key.expert) : options_.slot_bytes);
   } else {
     s.Prepend("loading expert " + std::to_string(key.expert) + " of layer " + std::to_string(key.layer) + ": ");
   }
@@ -175,6 +177,24 @@ StatusOr<SlotRef> ExpertStore::Acquire(int layer, int expert) {
   std::span<std::byte> view = arena_->host_view(r.slot);
   if (!view.empty()) ref.bytes = view.first(options_.slot_bytes);
   return ref;
+}
+
+Status ExpertStore::Refill(int layer, int expert) {
+  EF_RETURN_IF_ERROR(CheckKey(layer, expert));
+  const ExpertKey key{layer, expert};
+  const size_t i = Index(key);
+  std::unique_lock<std::mutex> lock(mu_);
+  if (!cache_->IsResident(key) || loading_[i] || cache_->pin_count(key) > 0) return Status::Ok();
+  cache_->Pin(key);  // the loader's pin, as a prefetch's
+  loading_[i] = 1;
+  Status s = Fill(lock, key, cache_->SlotOf(key));
+  cache_->Unpin(key);
+  if (!s.ok()) {
+    cache_->Remove(key);
+    return s;
+  }
+  ++counters_[i].refills;
+  return Status::Ok();
 }
 
 void ExpertStore::Release(const SlotRef& ref) {

@@ -86,7 +86,10 @@ struct ExpertStoreOptions {
   // num_experts are filled in from above.
   PolicyConfig policy_config;
   bool async_prefetch = false;  // load Prefetch requests on a worker thread
-  size_t alignment = 256;       // slot alignment of the default host arena
+  // Bytes a load of (layer, expert) moves, for the counters (unset: slot_bytes). An expert cache
+  // whose loads vary in precision says what the last fill of that expert wrote.
+  std::function<size_t(int layer, int expert)> loaded_bytes;
+  size_t alignment = 256;  // slot alignment of the default host arena
 };
 
 // A pinned, resident expert. Valid until passed to Release.
@@ -108,6 +111,7 @@ struct ExpertCounters {
   int64_t bytes_from_host = 0;    // loaded into a slot through the source
   int64_t bytes_from_device = 0;  // served by hits
   int64_t stall_ns = 0;           // Acquire time spent waiting for loads
+  int64_t refills = 0;            // resident slots reloaded in place (Refill: precision upgrades)
 
   ExpertCounters& operator+=(const ExpertCounters& o);
 };
@@ -145,6 +149,11 @@ class ExpertStore {
   // fits and skips the rest (advisory, like Prefetch). In async mode the loads run later on the
   // worker, after the hold: there it is per expert.
   void PrefetchSet(int layer, std::span<const int32_t> experts, Priority priority);
+  // Reloads the slot of a resident, loaded expert that no one holds through the source, in the
+  // calling thread (e.g. to replace a low-precision copy by the checkpoint's): counted as a refill
+  // and its bytes, not as a miss. Nothing happens when the expert is not resident, is loading or is
+  // held (pinned) elsewhere; a source error evicts it (the next Acquire loads it again).
+  Status Refill(int layer, int expert);
   // Blocks until the async prefetch queue is empty and no load is in flight (no-op when sync).
   void WaitForPrefetches();
 

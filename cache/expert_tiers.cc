@@ -27,8 +27,9 @@ StatusOr<LoadPrecision> ParseLoadPrecision(const std::string& name) {
   if (name == "native" || name == "bf16") return LoadPrecision::kNative;
   if (name == "int8") return LoadPrecision::kInt8;
   if (name == "int4") return LoadPrecision::kInt4;
+  if (name == "auto") return LoadPrecision::kAuto;
   return InvalidArgument("unknown cache.miss_precision '" + name +
-                         "' (native or bf16: the checkpoint's dtype, int8, int4)");
+                         "' (native or bf16: the checkpoint's dtype, int8, int4, auto)");
 }
 
 const char* LoadPrecisionName(LoadPrecision p) {
@@ -39,6 +40,8 @@ const char* LoadPrecisionName(LoadPrecision p) {
       return "int8";
     case LoadPrecision::kInt4:
       return "int4";
+    case LoadPrecision::kAuto:
+      return "auto";
   }
   return "?";
 }
@@ -55,7 +58,7 @@ runtime::Weight Shape(const runtime::Weight& w, DType dtype) {
 }
 
 bool Quantizable(const runtime::ExpertWeights& w, LoadPrecision p) {
-  if (p == LoadPrecision::kNative || !IsFloatWeight(w.gate.dtype)) return false;
+  if (p == LoadPrecision::kNative || p == LoadPrecision::kAuto || !IsFloatWeight(w.gate.dtype)) return false;
   const QuantFormat f = QuantFormat::Of(QuantDType(p));
   return f.divides(w.gate.cols) && f.divides(w.up.cols) && f.divides(w.down.cols);
 }
@@ -71,29 +74,38 @@ PackedLayout PackedExpertLayout(const runtime::ExpertWeights& w, LoadPrecision p
   return l;
 }
 
-ExpertTiers::ExpertTiers(const runtime::ModelWeights* model, TierHooks hooks, LoadPrecision precision)
-    : model_(model), hooks_(std::move(hooks)), precision_(precision) {
+ExpertTiers::ExpertTiers(const runtime::ModelWeights* model, TierHooks hooks, PrecisionOptions precision)
+    : model_(model),
+      hooks_(std::move(hooks)),
+      popts_(precision),
+      precision_(precision.precision),
+      quantized_precision_(precision.precision == LoadPrecision::kAuto ? precision.low : precision.precision) {
   const runtime::ModelConfig& c = model_->config();
   const size_t n = static_cast<size_t>(c.num_layers) * c.num_experts;
   quantizable_.assign(n, 0);
-  quantized_.resize(precision_ == LoadPrecision::kNative ? 0 : n);
+  quantized_.resize(quantized_precision_ == LoadPrecision::kNative ? 0 : n);
+  want_native_ = std::make_unique<std::atomic<uint8_t>[]>(n);
+  resident_quantized_ = std::make_unique<std::atomic<uint8_t>[]>(n);
+  uses_ = std::make_unique<std::atomic<int32_t>[]>(n);
   for (int l = 0; l < c.num_layers; ++l) {
     if (!c.IsMoeLayer(l)) continue;
     for (int e = 0; e < c.num_experts; ++e) {
       const runtime::ExpertWeights& w = model_->host_expert(l, e);
-      if (precision_ != LoadPrecision::kNative) {
-        const bool ok = Quantizable(w, precision_);
+      if (quantized_precision_ != LoadPrecision::kNative) {
+        const bool ok = Quantizable(w, quantized_precision_);
         quantizable_[Index(l, e)] = ok;
         if (!ok) ++num_unquantizable_;
       }
       max_packed_bytes_ = std::max(max_packed_bytes_, Layout(l, e).bytes());
+      // auto mixes precisions in one slot: room for the checkpoint's.
+      if (precision_ == LoadPrecision::kAuto) max_packed_bytes_ = std::max(max_packed_bytes_, w.nbytes());
     }
   }
   if (num_unquantizable_ > 0)
     EF_LOG(WARN, CACHE,
            "cache.miss_precision %s: %d experts have widths the group of %d does not divide; they load in "
            "the checkpoint's dtype",
-           LoadPrecisionName(precision_), num_unquantizable_, QuantFormat::Of(QuantDType(precision_)).group);
+           LoadPrecisionName(precision_), num_unquantizable_, QuantFormat::Of(QuantDType(quantized_precision_)).group);
 }
 
 size_t ExpertTiers::Index(int layer, int expert) const {
@@ -101,7 +113,38 @@ size_t ExpertTiers::Index(int layer, int expert) const {
 }
 
 PackedLayout ExpertTiers::Layout(int layer, int expert) const {
-  return PackedExpertLayout(model_->host_expert(layer, expert), precision_);
+  return PackedExpertLayout(model_->host_expert(layer, expert), quantized_precision_);
+}
+
+PackedLayout ExpertTiers::ResidentLayout(int layer, int expert) const {
+  if (resident_quantized_[Index(layer, expert)].load(std::memory_order_acquire)) return Layout(layer, expert);
+  return PackedExpertLayout(model_->host_expert(layer, expert), LoadPrecision::kNative);
+}
+
+void ExpertTiers::OnLayerRouting(int layer, std::span<const int32_t> ids, std::span<const float> weights) {
+  if (precision_ != LoadPrecision::kAuto) return;
+  const int E = model_->config().num_experts;
+  for (int e = 0; e < E; ++e) want_native_[Index(layer, e)].store(0, std::memory_order_relaxed);
+  for (size_t i = 0; i < ids.size() && i < weights.size(); ++i)
+    if (ids[i] >= 0 && ids[i] < E && weights[i] >= popts_.low_gate)
+      want_native_[Index(layer, ids[i])].store(1, std::memory_order_relaxed);
+}
+
+bool ExpertTiers::NoteUseWantsUpgrade(int layer, int expert) {
+  if (precision_ != LoadPrecision::kAuto || popts_.upgrade_uses <= 0) return false;
+  const size_t i = Index(layer, expert);
+  if (!resident_quantized_[i].load(std::memory_order_acquire)) return false;
+  if (uses_[i].fetch_add(1, std::memory_order_relaxed) + 1 < popts_.upgrade_uses) return false;
+  want_native_[i].store(1, std::memory_order_relaxed);
+  return true;
+}
+
+std::array<int64_t, 2> ExpertTiers::loads_by_precision() const {
+  return {prec_loads_[0].load(std::memory_order_relaxed), prec_loads_[1].load(std::memory_order_relaxed)};
+}
+
+std::array<int64_t, 2> ExpertTiers::bytes_by_precision() const {
+  return {prec_bytes_[0].load(std::memory_order_relaxed), prec_bytes_[1].load(std::memory_order_relaxed)};
 }
 
 Status ExpertTiers::Quantize(int layer, int expert, std::span<const std::byte> native, std::span<std::byte> dst) const {
@@ -130,7 +173,7 @@ Status ExpertTiers::PackFromCheckpoint(int layer, int expert, std::span<std::byt
 }
 
 Status ExpertTiers::Prepare(bool progress) {
-  if (precision_ == LoadPrecision::kNative) return Status::Ok();
+  if (quantized_precision_ == LoadPrecision::kNative) return Status::Ok();
   const runtime::ModelConfig& c = model_->config();
   using Clock = std::chrono::steady_clock;
   const auto t0 = Clock::now();
@@ -165,7 +208,7 @@ Status ExpertTiers::Prepare(bool progress) {
         const double s = std::chrono::duration<double>(now - t0).count();
         const double rate = done_bytes / s;
         std::fprintf(stderr, "quantizing experts to %s: %.1f of %.1f GB, %.2f GB/s, %.0f s left\n",
-                     LoadPrecisionName(precision_), done_bytes / 1e9, total / 1e9, rate / 1e9,
+                     LoadPrecisionName(quantized_precision_), done_bytes / 1e9, total / 1e9, rate / 1e9,
                      (total - done_bytes) / rate);
       }
     }
@@ -201,25 +244,40 @@ Status ExpertTiers::CopyFromCheckpoint(int layer, int expert, std::span<std::byt
 }
 
 Status ExpertTiers::FillPacked(int layer, int expert, std::span<std::byte> dst) {
-  if (precision_ == LoadPrecision::kNative || !quantizable_[Index(layer, expert)])
-    return FillNative(layer, expert, dst);
-  const size_t n = Layout(layer, expert).bytes();
-  if (dst.size() < n) return Internal("expert tiers: a slot smaller than the quantized expert");
-  std::lock_guard<std::mutex> lock(quant_mu_);
-  std::vector<std::byte>& q = quantized_[Index(layer, expert)];
-  if (!q.empty()) {
-    std::memcpy(dst.data(), q.data(), n);
-    Count(Tier::kHost, n);
+  const size_t i = Index(layer, expert);
+  const bool low = quantized_precision_ != LoadPrecision::kNative && quantizable_[i] &&
+                   (precision_ != LoadPrecision::kAuto || !want_native_[i].load(std::memory_order_relaxed));
+  uses_[i].store(0, std::memory_order_relaxed);
+  if (!low) {
+    EF_RETURN_IF_ERROR(FillNative(layer, expert, dst));
+    resident_quantized_[i].store(0, std::memory_order_release);
+    prec_loads_[0].fetch_add(1, std::memory_order_relaxed);
+    prec_bytes_[0].fetch_add(static_cast<int64_t>(model_->host_expert(layer, expert).nbytes()),
+                             std::memory_order_relaxed);
     return Status::Ok();
   }
-  // First use of an expert Prepare() did not cover: its native bytes from the nearest tier
-  // (counted there), quantized once and kept.
-  std::vector<std::byte> native(model_->host_expert(layer, expert).nbytes());
-  EF_RETURN_IF_ERROR(FillNative(layer, expert, native));
-  std::vector<std::byte> made(n);
-  EF_RETURN_IF_ERROR(Quantize(layer, expert, native, made));
-  std::memcpy(dst.data(), made.data(), n);
-  q = std::move(made);
+  const size_t n = Layout(layer, expert).bytes();
+  if (dst.size() < n) return Internal("expert tiers: a slot smaller than the quantized expert");
+  {
+    std::lock_guard<std::mutex> lock(quant_mu_);
+    std::vector<std::byte>& q = quantized_[i];
+    if (!q.empty()) {
+      std::memcpy(dst.data(), q.data(), n);
+      Count(Tier::kHost, n);
+    } else {
+      // First use of an expert Prepare() did not cover: its native bytes from the nearest tier
+      // (counted there), quantized once and kept.
+      std::vector<std::byte> native(model_->host_expert(layer, expert).nbytes());
+      EF_RETURN_IF_ERROR(FillNative(layer, expert, native));
+      std::vector<std::byte> made(n);
+      EF_RETURN_IF_ERROR(Quantize(layer, expert, native, made));
+      std::memcpy(dst.data(), made.data(), n);
+      q = std::move(made);
+    }
+  }
+  resident_quantized_[i].store(1, std::memory_order_release);
+  prec_loads_[1].fetch_add(1, std::memory_order_relaxed);
+  prec_bytes_[1].fetch_add(static_cast<int64_t>(n), std::memory_order_relaxed);
   return Status::Ok();
 }
 

@@ -25,6 +25,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <span>
 #include <string>
@@ -53,8 +54,19 @@ struct TierHooks {
 };
 
 // The precision experts are loaded into device slots in (cache.miss_precision).
-enum class LoadPrecision { kNative, kInt8, kInt4 };
-// "native" (alias "bf16": the checkpoint's own dtype, outputs unchanged), "int8", "int4".
+//   native, int8, int4: every load in that precision;
+//   auto: HOBBIT's rule (arXiv 2411.01433): a miss whose gate weight is below low_gate for every
+//         token of this rank's batch that routes to it loads in `low` precision, the others in the
+//         checkpoint's; a low-precision resident expert used `upgrade_uses` times is reloaded in
+//         the checkpoint's precision (it turned hot). Slots are then sized for native experts.
+enum class LoadPrecision { kNative, kInt8, kInt4, kAuto };
+struct PrecisionOptions {
+  LoadPrecision precision = LoadPrecision::kNative;
+  LoadPrecision low = LoadPrecision::kInt8;  // auto's low precision: int8 or int4
+  double low_gate = 0.5;                     // auto: gate weight below which a miss loads low
+  int upgrade_uses = 16;                     // auto: uses of a low-precision copy before its upgrade; 0: never
+};
+// "native" (alias "bf16": the checkpoint's own dtype, outputs unchanged), "int8", "int4", "auto".
 StatusOr<LoadPrecision> ParseLoadPrecision(const std::string& name);
 const char* LoadPrecisionName(LoadPrecision p);
 
@@ -78,16 +90,31 @@ struct TierCounters {
 class ExpertTiers {
  public:
   // `model` must outlive this object.
-  ExpertTiers(const runtime::ModelWeights* model, TierHooks hooks, LoadPrecision precision = LoadPrecision::kNative);
+  ExpertTiers(const runtime::ModelWeights* model, TierHooks hooks, PrecisionOptions precision = {});
 
   // With a quantized precision: quantizes every routed expert this rank computes into the host
   // tier (all cores), printing progress on stderr when `progress` and it takes a while. No-op for
   // native loads.
   Status Prepare(bool progress);
   LoadPrecision precision() const { return precision_; }
-  // The packed layout of (layer, expert) as loaded (quantized, or native when the shape does not
-  // allow it), and the largest over every routed expert (a slot's size).
+  const PrecisionOptions& precision_options() const { return popts_; }
+  // The packed layout of (layer, expert) in the low precision it loads in (quantized, or native
+  // when the shape does not allow it), and the largest packed size any load may write (a slot's
+  // size: native under auto).
   PackedLayout Layout(int layer, int expert) const;
+  // The layout of what the last fill of (layer, expert) wrote (the slot's current contents).
+  PackedLayout ResidentLayout(int layer, int expert) const;
+  size_t ResidentBytes(int layer, int expert) const { return ResidentLayout(layer, expert).bytes(); }
+
+  // auto: this rank's routing of `layer` (ids and gate weights, [tokens * top_k]) decides which of
+  // its misses load in the checkpoint's precision (some token weighs the expert >= low_gate).
+  void OnLayerRouting(int layer, std::span<const int32_t> ids, std::span<const float> weights);
+  // auto: a use of the resident copy; true when it is low precision and turned hot (the caller
+  // then refills it: the next fill is native).
+  bool NoteUseWantsUpgrade(int layer, int expert);
+  // Loads and bytes by precision: [0] the checkpoint's, [1] quantized.
+  std::array<int64_t, 2> loads_by_precision() const;
+  std::array<int64_t, 2> bytes_by_precision() const;
   size_t max_packed_bytes() const { return max_packed_bytes_; }
   int num_unquantizable() const { return num_unquantizable_; }
   // Writes the packed expert at the load precision from the checkpoint mapping, counting nothing
@@ -114,8 +141,15 @@ class ExpertTiers {
 
   const runtime::ModelWeights* model_;
   TierHooks hooks_;
+  PrecisionOptions popts_;
   LoadPrecision precision_;
+  LoadPrecision quantized_precision_;  // int8 or int4: what a low-precision load writes
   size_t max_packed_bytes_ = 0;
+  // Per (layer, expert), relaxed atomics (the engine thread and the store's loader touch them):
+  // auto's choice for the next fill, what the last fill wrote, uses since that fill.
+  std::unique_ptr<std::atomic<uint8_t>[]> want_native_, resident_quantized_;
+  std::unique_ptr<std::atomic<int32_t>[]> uses_;
+  std::array<std::atomic<int64_t>, 2> prec_loads_{}, prec_bytes_{};
   int num_unquantizable_ = 0;
   std::vector<uint8_t> quantizable_;  // [layer * E + expert]
   // Quantized host copies [layer * E + expert]; guarded by quant_mu_ (filled lazily off Prepare).

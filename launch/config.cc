@@ -194,8 +194,15 @@ const std::map<std::string, Section>& Schema() {
             [](const Ctx& c, Config* o) { return GetDouble(c, 0, 1, false, &o->cache.prefetch_min_prob); }},
            {"miss_precision",
             [](const Ctx& c, Config* o) {
-              return GetOneOf(c, {"native", "bf16", "int8", "int4"}, &o->cache.miss_precision);
+              return GetOneOf(c, {"native", "bf16", "int8", "int4", "auto"}, &o->cache.miss_precision);
             }},
+           {"low_precision",
+            [](const Ctx& c, Config* o) {
+              return GetOneOf(c, {"int8", "int4"}, &o->cache.low_precision);
+            }},
+           {"low_precision_gate",
+            [](const Ctx& c, Config* o) { return GetDouble(c, 0, 1, false, &o->cache.low_precision_gate); }},
+           {"upgrade_uses", [](const Ctx& c, Config* o) { return GetInt(c, 0, 1 << 20, &o->cache.upgrade_uses); }},
        }},
       {"predictor",
        {
@@ -427,7 +434,10 @@ std::string ConfigToYaml(const Config& c) {
   e << YAML::Key << "policy" << YAML::Value << c.cache.policy;
   e << YAML::Key << "prefetch_layers" << YAML::Value << c.cache.prefetch_layers;
   e << YAML::Key << "prefetch_min_prob" << YAML::Value << c.cache.prefetch_min_prob;
-  e << YAML::Key << "miss_precision" << YAML::Value << c.cache.miss_precision << YAML::EndMap;
+  e << YAML::Key << "miss_precision" << YAML::Value << c.cache.miss_precision;
+  e << YAML::Key << "low_precision" << YAML::Value << c.cache.low_precision;
+  e << YAML::Key << "low_precision_gate" << YAML::Value << c.cache.low_precision_gate;
+  e << YAML::Key << "upgrade_uses" << YAML::Value << c.cache.upgrade_uses << YAML::EndMap;
   e << YAML::Key << "predictor" << YAML::Value << YAML::Flow << YAML::BeginMap;
   e << YAML::Key << "kind" << YAML::Value << c.predictor.kind << YAML::Key << "path" << YAML::Value << c.predictor.path
     << YAML::EndMap;
@@ -484,7 +494,14 @@ void CacheFlags::Register(CLI::App* app) {
                   "prefetch only experts forecast at least this probable, 0..1; 0: every forecast top-k expert "
                   "(cache.prefetch_min_prob)");
   app->add_option("--miss-precision", miss_precision,
-                  "precision of expert copies loaded into slots: native (bf16), int8 or int4 (cache.miss_precision)");
+                  "precision of expert copies loaded into slots: native (bf16), int8, int4, or auto: low precision "
+                  "for misses of small gate weight, upgraded when hot (cpu) (cache.miss_precision)");
+  app->add_option("--low-precision", low_precision, "auto's low precision: int8 or int4 (cache.low_precision)");
+  app->add_option("--low-precision-gate", low_precision_gate,
+                  "auto: gate weight below which a miss loads in low precision, 0..1 (cache.low_precision_gate)");
+  app->add_option("--upgrade-uses", upgrade_uses,
+                  "auto: uses of a low-precision copy before it is reloaded in full precision; 0: never "
+                  "(cache.upgrade_uses)");
   app->add_option("--predictor", predictor,
                   "prefetch forecast: none, lookahead, frequency, path, affinity or hybrid (predictor.kind)");
   app->add_option("--predictor-path", predictor_path, "trained predictor file (predictor.path)");
@@ -498,6 +515,9 @@ Status CacheFlags::Apply(const CLI::App& app, Config* config) const {
       {"--prefetch-layers", {"cache.prefetch_layers", &prefetch_layers}},
       {"--prefetch-min-prob", {"cache.prefetch_min_prob", &prefetch_min_prob}},
       {"--miss-precision", {"cache.miss_precision", &miss_precision}},
+      {"--low-precision", {"cache.low_precision", &low_precision}},
+      {"--low-precision-gate", {"cache.low_precision_gate", &low_precision_gate}},
+      {"--upgrade-uses", {"cache.upgrade_uses", &upgrade_uses}},
       {"--predictor", {"predictor.kind", &predictor}},
       {"--predictor-path", {"predictor.path", &predictor_path}},
   };

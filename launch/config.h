@@ -78,6 +78,12 @@ struct CacheSection {
   // outputs unchanged), int8 or int4 (quantized at load, groups of 64: a load moves 1.9x / 3.6x
   // fewer bytes than bf16; docs/results/quant).
   std::string miss_precision = "native";
+  // auto (cpu backend): HOBBIT's rule. A miss whose gate weight is below low_precision_gate for
+  // every token routed to it loads in low_precision; a low-precision copy used upgrade_uses times
+  // is reloaded in the checkpoint's precision (0: never). Defaults from docs/results/quant.
+  std::string low_precision = "int8";
+  double low_precision_gate = 0.5;
+  int upgrade_uses = 16;
 
   bool has_device_budget() const { return device_budget > 0 || device_slots > 0 || device_slots_per_layer > 0; }
   // The budget as written in a file: "25769803776", "24 slots", "3 slots per layer" or "auto".
@@ -168,10 +174,11 @@ comm::ClusterOptions ToClusterOptions(const Config& config);
 //   --cache-policy        -> cache.policy          --prefetch-layers   -> cache.prefetch_layers
 //   --prefetch-min-prob   -> cache.prefetch_min_prob
 //   --miss-precision      -> cache.miss_precision
+//   --low-precision, --low-precision-gate, --upgrade-uses -> cache.low_precision, ...
 //   --predictor           -> predictor.kind        --predictor-path    -> predictor.path
 struct CacheFlags {
-  std::string device_budget, host_budget, policy, prefetch_layers, prefetch_min_prob, miss_precision, predictor,
-      predictor_path;
+  std::string device_budget, host_budget, policy, prefetch_layers, prefetch_min_prob, miss_precision, low_precision,
+      low_precision_gate, upgrade_uses, predictor, predictor_path;
 
   void Register(CLI::App* app);
   // Writes the flags given on the command line into `config` (validated like the file's keys).

@@ -17,6 +17,9 @@ cache::ExpertCacheOptions ToExpertCacheOptions(const CacheSection& cache, const 
   o.prefetch_layers = cache.prefetch_layers;
   o.prefetch_min_prob = cache.prefetch_min_prob;
   o.miss_precision = cache.miss_precision;
+  o.low_precision = cache.low_precision;
+  o.low_precision_gate = cache.low_precision_gate;
+  o.upgrade_uses = cache.upgrade_uses;
   o.predictor = predictor.kind;
   o.predictor_path = predictor.path;
   o.trace = trace;

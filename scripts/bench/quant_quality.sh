@@ -29,15 +29,27 @@ json.dump({"input_ids": [s[:256] for s in ids]}, open(sys.argv[2], "w"))
 PY
 echo "# reference: every expert resident, $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" >&2
 "$BIN" score --backend cpu --model "$MODEL" --ids-file "$WORK/ids.json" --chunk 1 --out "$WORK/ref.json"
+# name | cache flags (precision and its knobs)
+configs=(
+  "native|--miss-precision native"
+  "int8|--miss-precision int8"
+  "int4|--miss-precision int4"
+  "auto (defaults: int8 below gate 0.5, upgrade after 16 uses)|--miss-precision auto"
+  "auto, no upgrade|--miss-precision auto --upgrade-uses 0"
+  "auto, every miss int8, upgrade after 16 uses|--miss-precision auto --low-precision-gate 1"
+  "auto int4, gate 0.3, upgrade after 2 uses|--miss-precision auto --low-precision int4 --low-precision-gate 0.3 --upgrade-uses 2"
+)
 rows=()
 for budget in 2 4; do
-  for precision in native int8 int4; do
-    name="b${budget}_${precision}"
+  for i in "${!configs[@]}"; do
+    flags=${configs[$i]#*|}
+    name="b${budget}_$i"
+    # shellcheck disable=SC2086
     "$BIN" score --backend cpu --model "$MODEL" --ids-file "$WORK/ids.json" --chunk 1 \
-      --cache-device-budget "$budget slots per layer" --cache-policy lru --miss-precision "$precision" \
+      --cache-device-budget "$budget slots per layer" --cache-policy lru $flags \
       --out "$WORK/$name.json" 2>"$WORK/$name.err"
     loaded=$(grep -o '[0-9.]* [KMG]iB loaded' "$WORK/$name.err" | head -1)
-    rows+=("$budget $precision ${loaded% loaded}")
+    rows+=("$budget|$i|${configs[$i]%%|*}|${loaded% loaded}")
   done
 done
 python3 - "$WORK" "$OUT/quality.json" "${rows[@]}" <<'PY' | tee "$OUT/quality.md"
@@ -53,8 +65,8 @@ records = []
 print("| slots per layer (of 8) | precision | top-1 agreement | mean KL per token | bytes loaded |")
 print("|---|---|---|---|---|")
 for r in rows:
-    budget, precision, loaded = r.split(" ", 2)
-    got = [t for s in json.load(open(f"{work}/b{budget}_{precision}.json"))["logits"] for t in s]
+    budget, index, precision, loaded = r.split("|")
+    got = [t for s in json.load(open(f"{work}/b{budget}_{index}.json"))["logits"] for t in s]
     agree, kl = 0, 0.0
     for a, b in zip(ref_lp, got):
         lb = logsoftmax(b)
