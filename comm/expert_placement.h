@@ -8,7 +8,17 @@
 // they are not home for, which they then fetch from a home rank (the peer tier).
 //
 // Policies: contiguous (expert e -> rank e * N / E, blocks), round_robin (e mod N), or a JSON
-// file {"home": [[rank per expert] per MoE layer]} or {"home": [rank per expert]} (all layers).
+// file (written by `expertflow place`, placement/expert_layout.h):
+//   {"num_ranks": N, "home": [[rank per expert] per MoE layer],
+//    "replicas": [{"layer": m, "expert": e, "ranks": [extra home ranks]}, ...]}
+// or {"home": [rank per expert]} (every MoE layer). Rows index MoE layers in order (a model's dense
+// layers have none), like a routing trace's layers. "num_ranks" and "replicas" are optional; a file
+// for another rank count, layer count or expert count is an error naming the file and the field.
+// A file must be balanced: every rank holds floor or ceil of (copies / N) expert copies of each
+// layer (copies = experts + replicas), so no rank's host shard or compute is a multiple of another's.
+// "replicas" gives an expert extra home ranks, each computing it for the tokens of ranks that hold
+// a copy themselves (those rows do not travel) and the others spread over the copies by source
+// rank; it excludes cluster.replication > 1.
 // Plain data, immutable after Create; thread-safe to read.
 #pragma once
 
@@ -28,9 +38,10 @@ struct PlacementOptions {
 
 class ExpertPlacement {
  public:
-  // num_layers: decoder layers (indexed by decoder layer; non-MoE layers are ignored).
+  // num_layers: decoder layers; every method takes decoder layer indices. moe_layers: the decoder
+  // layers that are MoE layers, in order (empty: all), which a file's rows map to.
   static StatusOr<ExpertPlacement> Create(const PlacementOptions& options, int world_size, int num_layers,
-                                          int num_experts);
+                                          int num_experts, const std::vector<int>& moe_layers = {});
 
   int world_size() const { return world_size_; }
   int replication() const { return replication_; }
@@ -48,8 +59,9 @@ class ExpertPlacement {
   size_t Index(int layer, int expert) const { return static_cast<size_t>(layer) * num_experts_ + expert; }
   int world_size_ = 1, num_layers_ = 0, num_experts_ = 0, replication_ = 1;
   std::string policy_, compute_policy_;
-  std::vector<int> home_;     // primary home per (layer, expert)
-  std::vector<int> compute_;  // primary compute rank per (layer, expert)
+  std::vector<int> home_;                   // primary home per (layer, expert)
+  std::vector<int> compute_;                // primary compute rank per (layer, expert)
+  std::vector<std::vector<int>> replicas_;  // a file's extra homes per (layer, expert); empty: none
 };
 
 }  // namespace ef::comm
