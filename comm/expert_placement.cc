@@ -138,7 +138,13 @@ StatusOr<ExpertPlacement> ExpertPlacement::Create(const PlacementOptions& o, int
                            std::to_string(world) + " ranks, got " + std::to_string(o.replication));
   if (o.compute_placement != "home" && o.compute_placement != "contiguous" && o.compute_placement != "round_robin")
     return InvalidArgument("unknown compute placement '" + o.compute_placement + "'");
+  if (o.mode != "static" && o.mode != "planned")
+    return InvalidArgument("cluster.placement_mode: unknown value '" + o.mode + "' (static|planned)");
+  if (!(o.max_imbalance >= 1))
+    return InvalidArgument("cluster.planned_max_imbalance must be >= 1, got " + std::to_string(o.max_imbalance));
   ExpertPlacement p;
+  p.planned_ = o.mode == "planned";
+  p.max_imbalance_ = o.max_imbalance;
   p.world_size_ = world;
   p.num_layers_ = num_layers;
   p.num_experts_ = num_experts;
@@ -200,6 +206,7 @@ int ExpertPlacement::ComputeRank(int layer, int expert, int source_rank) const {
 }
 
 bool ExpertPlacement::NeedsPeerFetch() const {
+  if (planned_ && world_size_ > 1) return true;
   for (int l = 0; l < num_layers_; ++l)
     for (int e = 0; e < num_experts_; ++e)
       for (int s = 0; s < world_size_; ++s)
@@ -208,8 +215,8 @@ bool ExpertPlacement::NeedsPeerFetch() const {
 }
 
 std::string ExpertPlacement::Describe() const {
-  std::string s = "home " + policy_ + ", compute " + compute_policy_ + ", replication " + std::to_string(replication_) +
-                  ", layer 0 homes [";
+  std::string s = std::string(planned_ ? "planned per layer from " : "") + "home " + policy_ + ", compute " +
+                  compute_policy_ + ", replication " + std::to_string(replication_) + ", layer 0 homes [";
   for (int e = 0; e < num_experts_; ++e) {
     if (e) s.push_back(' ');
     s.append(std::to_string(home_[Index(0, e)]));

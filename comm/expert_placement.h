@@ -34,6 +34,10 @@ struct PlacementOptions {
   std::string placement = "contiguous";    // contiguous | round_robin | JSON file path
   std::string compute_placement = "home";  // home | contiguous | round_robin
   int replication = 1;                     // 1..world size
+  // static: the compute ranks above, every step; planned: per MoE layer the ranks re-plan from the
+  // step's row counts (comm/row_balancer.h), starting from the static compute ranks.
+  std::string mode = "static";
+  double max_imbalance = 1.15;  // planned: busiest rank's rows / mean rows to aim for, >= 1
 };
 
 class ExpertPlacement {
@@ -51,13 +55,18 @@ class ExpertPlacement {
   bool IsHome(int rank, int layer, int expert) const;
   // The rank that computes expert `expert` of `layer` for tokens that live on `source_rank`.
   int ComputeRank(int layer, int expert, int source_rank) const;
-  // Whether this placement ever computes an expert on a rank that is not its home.
+  // Whether this placement ever computes an expert on a rank that is not its home (planned mode
+  // over several ranks may: a rank computes its own tokens' rows of any expert).
   bool NeedsPeerFetch() const;
+  bool planned() const { return planned_; }
+  double max_imbalance() const { return max_imbalance_; }
   std::string Describe() const;
 
  private:
   size_t Index(int layer, int expert) const { return static_cast<size_t>(layer) * num_experts_ + expert; }
   int world_size_ = 1, num_layers_ = 0, num_experts_ = 0, replication_ = 1;
+  bool planned_ = false;
+  double max_imbalance_ = 1.15;
   std::string policy_, compute_policy_;
   std::vector<int> home_;                   // primary home per (layer, expert)
   std::vector<int> compute_;                // primary compute rank per (layer, expert)
