@@ -1,5 +1,7 @@
 #include "comm/cluster.h"
 
+#include <algorithm>
+
 #include "comm/mpi_exchange.h"
 #include "comm/nccl_exchange.h"
 #include "runtime/core/logging.h"
@@ -13,7 +15,11 @@ StatusOr<std::unique_ptr<Cluster>> Cluster::Create(MpiContext* ctx, runtime::Eng
   ctx->set_timeout_s(o.timeout_s);
   ctx->set_ranks_per_node(o.ranks_per_node);
   const auto& mc = engine->config();
-  EF_ASSIGN_OR_RETURN(c->placement_, ExpertPlacement::Create(o.placement, ctx->size(), mc.num_layers, mc.num_experts));
+  std::vector<int> moe_layers;
+  for (int l = 0; l < mc.num_layers; ++l)
+    if (mc.IsMoeLayer(l)) moe_layers.push_back(l);
+  EF_ASSIGN_OR_RETURN(c->placement_,
+                      ExpertPlacement::Create(o.placement, ctx->size(), mc.num_layers, mc.num_experts, moe_layers));
   const bool cuda = engine->backend().kind() == runtime::BackendKind::kCuda;
   std::string exchange = o.exchange;
   if (exchange == "auto") exchange = cuda && NcclExchange::Available() ? "nccl" : "mpi";
@@ -66,6 +72,8 @@ nlohmann::json Cluster::Stats() const {
       {"rows_dispatched", executor_->rows_dispatched()},
       {"rows_computed", executor_->rows_computed()},
       {"steps", executor_->steps()},
+      {"planned_layers", executor_->planned_layers()},
+      {"rows_moved", executor_->rows_moved()},
       {"ucx_get_bytes", 0},
       {"ucx_gets", 0},
       {"experts_fetched", 0},
@@ -112,18 +120,39 @@ StatusOr<nlohmann::json> Cluster::GatherStats(const nlohmann::json& extra) {
   EF_ASSIGN_OR_RETURN(auto all, ctx_->GatherBytesToRoot({mine.data(), mine.size()}, "the statistics gather"));
   if (ctx_->rank() != 0) return nlohmann::json();
   nlohmann::json ranks = nlohmann::json::array();
-  int64_t a2a = 0, ucx = 0;
+  int64_t a2a = 0, ucx = 0, rows = 0, max_rows = 0;
   for (const auto& b : all) {
     auto j = nlohmann::json::parse(std::string(b.begin(), b.end()));
     a2a += j["a2a_bytes_sent"].get<int64_t>();
     ucx += j["ucx_get_bytes"].get<int64_t>();
+    rows += j["rows_computed"].get<int64_t>();
+    max_rows = std::max(max_rows, j["rows_computed"].get<int64_t>());
     ranks.push_back(std::move(j));
   }
-  return nlohmann::json{{"world_size", ctx_->size()},
+  const int n = ctx_->size();
+  auto ratio = [n](int64_t max, int64_t total) {
+    return total > 0 ? static_cast<double>(max) * n / static_cast<double>(total) : 0.0;
+  };
+  nlohmann::json out = {{"world_size", n},
                         {"placement", placement_.Describe()},
+                        {"placement_mode", placement_.planned() ? "planned" : "static"},
                         {"a2a_bytes", a2a},
                         {"ucx_get_bytes", ucx},
+                        // Over the whole run: the rank that computed most rows / the mean.
+                        {"rows_computed_max_over_mean", ratio(max_rows, rows)},
                         {"ranks", ranks}};
+  if (placement_.planned()) {
+    // Per (step, MoE layer), known to every rank: the busiest rank's rows / the mean, summed over
+    // layer-steps (weighted by rows), under the plan and under the static plan of the same rows.
+    const ExpertParallelExecutor& x = *executor_;
+    out["planned"] = {{"layer_steps", x.planned_layers()},
+                      {"max_imbalance_bound", placement_.max_imbalance()},
+                      {"rows_max_over_mean", ratio(x.planned_max_rows_sum(), x.total_rows_sum())},
+                      {"static_rows_max_over_mean", ratio(x.static_max_rows_sum(), x.total_rows_sum())},
+                      {"rows_moved_to_source", x.rows_moved()},
+                      {"rows", x.total_rows_sum()}};
+  }
+  return out;
 }
 
 Status Cluster::Shutdown() {

@@ -143,6 +143,27 @@ Status ExpertParallelExecutor::Move(const float* send, std::span<const int64_t> 
   return Status::Ok();
 }
 
+Status ExpertParallelExecutor::PlanLayer(int layer, std::span<const int32_t> ids, const std::string& where) {
+  const int N = ctx_->size(), E = num_experts_;
+  my_rows_.assign(E, 0);
+  for (int32_t e : ids) {
+    if (e < 0 || e >= E) return Internal("routing chose expert " + std::to_string(e) + " out of range");
+    ++my_rows_[e];
+  }
+  all_rows_.resize(static_cast<size_t>(N) * E);
+  EF_RETURN_IF_ERROR(ctx_->AllGatherInts(my_rows_, all_rows_, kTagPlan, "the " + where + " row counts"));
+  static_compute_.resize(static_cast<size_t>(N) * E);
+  for (int s = 0; s < N; ++s)
+    for (int e = 0; e < E; ++e) static_compute_[static_cast<size_t>(s) * E + e] = placement_->ComputeRank(layer, e, s);
+  plan_ = RowBalancer::Plan(all_rows_, static_compute_, N, E, placement_->max_imbalance());
+  ++planned_layers_;
+  planned_max_rows_sum_ += plan_.max_rows;
+  static_max_rows_sum_ += plan_.static_max_rows;
+  total_rows_sum_ += plan_.total_rows;
+  rows_moved_ += plan_.rows_moved;
+  return Status::Ok();
+}
+
 Status ExpertParallelExecutor::Run(int layer, int64_t T, int top_k, const float* h, std::span<const int32_t> ids,
                                    std::span<const float> weights, float* out) {
   if (layer == first_moe_layer_) {
@@ -173,7 +194,10 @@ Status ExpertParallelExecutor::Run(int layer, int64_t T, int top_k, const float*
   // 1. Each expert's computing rank; pairs ordered by (destination, expert), stable so tokens stay
   // in increasing order within an expert. send_counts_ holds the pairs per (destination, expert).
   dest_.resize(E);
-  for (int e = 0; e < E; ++e) dest_[e] = placement_->ComputeRank(layer, e, me);
+  const bool planned = placement_->planned();
+  if (planned) EF_RETURN_IF_ERROR(PlanLayer(layer, ids.first(P), where));
+  for (int e = 0; e < E; ++e)
+    dest_[e] = planned ? plan_.compute[static_cast<size_t>(me) * E + e] : placement_->ComputeRank(layer, e, me);
   key_offset_.assign(static_cast<size_t>(N) * E + 1, 0);
   for (int64_t p = 0; p < P; ++p) {
     const int32_t e = ids[p];
@@ -213,7 +237,13 @@ Status ExpertParallelExecutor::Run(int layer, int64_t T, int top_k, const float*
 
   // 3. Counts per (rank, expert), then the rows. Rows from one rank arrive ordered by expert.
   recv_counts_.assign(static_cast<size_t>(N) * E, 0);
-  EF_RETURN_IF_ERROR(exchange_->ExchangeCounts(send_counts_, recv_counts_, "the " + where + " token counts"));
+  if (planned) {
+    // Every rank holds the gathered counts and the plan: what comes here is known without asking.
+    for (size_t i = 0; i < recv_counts_.size(); ++i)
+      if (plan_.compute[i] == me) recv_counts_[i] = all_rows_[i];
+  } else {
+    EF_RETURN_IF_ERROR(exchange_->ExchangeCounts(send_counts_, recv_counts_, "the " + where + " token counts"));
+  }
   recv_rows_.assign(N, 0);
   recv_expert_.clear();
   for (int r = 0; r < N; ++r) {

@@ -13,6 +13,11 @@
 //      backend's ScatterAddRows (one call per top-k slot): per output element the same operations
 //      in the same order as LocalMoeExecutor::Run, so logits do not depend on the number of ranks
 //      (bitwise on the CPU backend).
+// Planned mode (ExpertPlacement::planned()): at step 1 the ranks all-gather their rows per expert
+// and each computes the same plan (comm/row_balancer.h): which rank computes each (source rank,
+// expert)'s rows, the static plan with overloaded ranks' blocks moved to their source ranks. Every
+// rank then knows what it receives, so the gather replaces the exchange of counts. Outputs do not
+// change: which rank computes a row does not change the row, nor the order of step 4.
 // Hidden rows stay in backend memory throughout; only when a host exchange (mpi) serves a device
 // backend (cuda) are they staged through host memory around each AllToAllV.
 //
@@ -30,6 +35,7 @@
 
 #include "comm/expert_placement.h"
 #include "comm/mpi_context.h"
+#include "comm/row_balancer.h"
 #include "comm/stat_counter.h"
 #include "comm/token_exchange.h"
 #include "runtime/engine/engine.h"
@@ -66,6 +72,14 @@ class ExpertParallelExecutor final : public runtime::MoeExecutor {
   int64_t rows_dispatched() const { return rows_dispatched_; }  // pairs sent to other ranks
   int64_t rows_computed() const { return rows_computed_; }      // rows this rank computed
   int64_t steps() const { return steps_; }
+  // Planned mode, over every (step, MoE layer) so far, the same on every rank: sums of the busiest
+  // rank's rows under the plan and under the static plan, of all ranks' rows, and the rows the
+  // plan moved to their source rank. max/mean rows per rank = max_rows_sum * N / total_rows_sum.
+  int64_t planned_layers() const { return planned_layers_; }
+  int64_t planned_max_rows_sum() const { return planned_max_rows_sum_; }
+  int64_t static_max_rows_sum() const { return static_max_rows_sum_; }
+  int64_t total_rows_sum() const { return total_rows_sum_; }
+  int64_t rows_moved() const { return rows_moved_; }
   // All-to-all payload bytes of decoder layer `layer` (dispatch and combine), sent / received by
   // this rank; 0 for dense layers. Readable from any thread.
   int64_t layer_bytes_sent(int layer) const { return layer_sent_[layer].load(); }
@@ -82,6 +96,9 @@ class ExpertParallelExecutor final : public runtime::MoeExecutor {
   Status Move(const float* send, std::span<const int64_t> send_rows, float* recv, std::span<const int64_t> recv_rows,
               const std::string& what);
   Status MaybeInjectFault(int layer);
+  // Planned mode: gathers every rank's rows per expert of this layer (`ids`) and plans them into
+  // plan_ (and all_rows_).
+  Status PlanLayer(int layer, std::span<const int32_t> ids, const std::string& where);
 
   MpiContext* ctx_;
   TokenExchange* exchange_;
@@ -92,6 +109,11 @@ class ExpertParallelExecutor final : public runtime::MoeExecutor {
   std::unique_ptr<StatCounter[]> layer_sent_, layer_received_;  // [decoder layer]
   bool step_synced_ = false;
   int64_t rows_dispatched_ = 0, rows_computed_ = 0, steps_ = 0;
+  int64_t planned_layers_ = 0, planned_max_rows_sum_ = 0, static_max_rows_sum_ = 0, total_rows_sum_ = 0,
+          rows_moved_ = 0;
+  std::vector<int64_t> my_rows_, all_rows_;  // planned: rows per expert, mine and [rank * E + e]
+  std::vector<int> static_compute_;          // planned: [rank * E + e] -> static compute rank
+  RowPlan plan_;
 
   // Reused host buffers. Per (rank, expert) arrays are indexed rank * num_experts + expert.
   std::vector<int32_t> dest_, pair_idx_, recv_expert_;

@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <thread>
@@ -196,6 +197,31 @@ StatusOr<std::vector<std::vector<char>>> MpiContext::GatherBytesToRoot(std::span
   }
   EF_RETURN_IF_ERROR(WaitAll(reqs, peers, what));
   return out;
+}
+
+Status MpiContext::AllGatherInts(std::span<const int64_t> mine, std::span<int64_t> out, int tag,
+                                 const std::string& what) {
+  const size_t n = mine.size();
+  if (out.size() != n * static_cast<size_t>(size_))
+    return Internal("AllGatherInts: the output holds " + std::to_string(out.size()) + " values, not " +
+                    std::to_string(n) + " x " + std::to_string(size_) + " ranks");
+  std::copy(mine.begin(), mine.end(), out.begin() + static_cast<std::ptrdiff_t>(n * rank_));
+  if (size_ == 1 || n == 0) return Status::Ok();
+  std::vector<MPI_Request> reqs;
+  std::vector<int> peers;
+  for (int r = 0; r < size_; ++r) {
+    if (r == rank_) continue;
+    reqs.emplace_back();
+    peers.push_back(r);
+    MPI_CHECK(MPI_Irecv(&out[n * r], static_cast<int>(n), MPI_INT64_T, r, tag, comm_, &reqs.back()));
+  }
+  for (int r = 0; r < size_; ++r) {
+    if (r == rank_) continue;
+    reqs.emplace_back();
+    peers.push_back(r);
+    MPI_CHECK(MPI_Isend(mine.data(), static_cast<int>(n), MPI_INT64_T, r, tag, comm_, &reqs.back()));
+  }
+  return WaitAll(reqs, peers, what);
 }
 
 StatusOr<std::vector<int64_t>> MpiContext::AllGatherInt(int64_t mine, int tag, const std::string& what) {

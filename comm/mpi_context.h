@@ -34,6 +34,7 @@ enum Tag : int {
   kTagRows = 104,
   kTagResults = 105,
   kTagBytes = 106,
+  kTagPlan = 107,
 };
 
 class MpiContext {
@@ -71,6 +72,9 @@ class MpiContext {
   StatusOr<std::vector<std::vector<char>>> GatherBytesToRoot(std::span<const char> mine, const std::string& what);
   // One int64 per rank, to every rank.
   StatusOr<std::vector<int64_t>> AllGatherInt(int64_t mine, int tag, const std::string& what);
+  // `mine.size()` int64s per rank (the same on every rank), to every rank: out[r * n + i] is rank
+  // r's mine[i]. One round of point-to-point messages.
+  Status AllGatherInts(std::span<const int64_t> mine, std::span<int64_t> out, int tag, const std::string& what);
 
   // Ends every rank: MPI_Abort when MPI is up, else exit(code).
   [[noreturn]] void Abort(int code);

@@ -577,6 +577,21 @@ Status RunBench(const BenchOptions& given, comm::MpiContext* ctx) {
         "# all-to-all: %lld bytes sent over all ranks (%.0f per prompt or generated token); %.1f output "
         "tok/s per rank; peak_rss is rank 0's\n",
         static_cast<long long>(a2a_bytes), a2a_per_token, out_tps / ranks);
+  if (distributed) {
+    std::printf("# rows computed per rank over the run: max/mean %.3f (placement_mode %s)\n",
+                comm_stats["rows_computed_max_over_mean"].get<double>(),
+                comm_stats["placement_mode"].get<std::string>().c_str());
+    if (comm_stats.contains("planned")) {
+      const json& p = comm_stats["planned"];
+      std::printf(
+          "# planned: per MoE layer step, busiest rank's rows / mean %.3f (bound %.2f; the static plan of the same "
+          "rows: %.3f), over %lld layer steps; %lld of %lld rows computed on their token's rank instead\n",
+          p["rows_max_over_mean"].get<double>(), p["max_imbalance_bound"].get<double>(),
+          p["static_rows_max_over_mean"].get<double>(), static_cast<long long>(p["layer_steps"].get<int64_t>()),
+          static_cast<long long>(p["rows_moved_to_source"].get<int64_t>()),
+          static_cast<long long>(p["rows"].get<int64_t>()));
+    }
+  }
   if (o.regroup_window > 1)
     std::printf(
         "# admission regrouping (window %d, starvation bound %d rounds): %lld rounds with a queue; distinct "
@@ -667,6 +682,12 @@ Status RunBench(const BenchOptions& given, comm::MpiContext* ctx) {
           {"output_tokens_per_s_per_rank", out_tps / ranks},
           {"a2a_bytes", a2a_bytes},
           {"a2a_bytes_per_token", a2a_per_token},
+          {"rows_computed_max_over_mean", distributed ? comm_stats["rows_computed_max_over_mean"] : json(nullptr)},
+          {"planned_rows_max_over_mean",
+           distributed && comm_stats.contains("planned") ? comm_stats["planned"]["rows_max_over_mean"] : json(nullptr)},
+          {"planned_static_rows_max_over_mean", distributed && comm_stats.contains("planned")
+                                                    ? comm_stats["planned"]["static_rows_max_over_mean"]
+                                                    : json(nullptr)},
           {"expert_imbalance_max_over_mean", worst_imbalance}}},
         {"routing", per_layer}};
     std::ofstream out(o.json_path);

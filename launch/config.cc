@@ -174,6 +174,12 @@ const std::map<std::string, Section>& Schema() {
               return GetOneOf(c, {"home", "contiguous", "round_robin"}, &o->cluster.compute_placement);
             }},
            {"replication", [](const Ctx& c, Config* o) { return GetInt(c, 1, 1 << 16, &o->cluster.replication); }},
+           {"placement_mode",
+            [](const Ctx& c, Config* o) {
+              return GetOneOf(c, {"static", "planned"}, &o->cluster.placement_mode);
+            }},
+           {"planned_max_imbalance",
+            [](const Ctx& c, Config* o) { return GetDouble(c, 1, 1e6, false, &o->cluster.planned_max_imbalance); }},
            {"timeout_s", [](const Ctx& c, Config* o) { return GetDouble(c, 0, 86400, true, &o->cluster.timeout_s); }},
        }},
       {"cache",
@@ -427,6 +433,8 @@ std::string ConfigToYaml(const Config& c) {
   e << YAML::Key << "placement" << YAML::Value << c.cluster.placement;
   e << YAML::Key << "compute_placement" << YAML::Value << c.cluster.compute_placement;
   e << YAML::Key << "replication" << YAML::Value << c.cluster.replication;
+  e << YAML::Key << "placement_mode" << YAML::Value << c.cluster.placement_mode;
+  e << YAML::Key << "planned_max_imbalance" << YAML::Value << c.cluster.planned_max_imbalance;
   e << YAML::Key << "timeout_s" << YAML::Value << c.cluster.timeout_s << YAML::EndMap;
   e << YAML::Key << "cache" << YAML::Value << YAML::Flow << YAML::BeginMap;
   e << YAML::Key << "device_budget" << YAML::Value << c.cache.DeviceBudgetText();
@@ -540,6 +548,13 @@ void ClusterFlags::Register(CLI::App* app, bool short_config) {
       ->check(CLI::IsMember({"home", "contiguous", "round_robin"}));
   app->add_option("--replication", cluster.placement.replication, "home ranks per expert (cluster.replication)")
       ->check(CLI::PositiveNumber);
+  app->add_option("--placement-mode", cluster.placement.mode,
+                  "static, or planned: per MoE layer, rows of overloaded ranks are computed on their tokens' ranks "
+                  "(cluster.placement_mode)")
+      ->check(CLI::IsMember({"static", "planned"}));
+  app->add_option("--planned-max-imbalance", cluster.placement.max_imbalance,
+                  "planned: busiest rank's rows / mean to aim for, >= 1 (cluster.planned_max_imbalance)")
+      ->check(CLI::Range(1.0, 1e6));
   app->add_option("--exchange", cluster.exchange, "token exchange: auto, mpi or nccl (cluster.exchange)")
       ->check(CLI::IsMember({"auto", "mpi", "nccl"}));
   app->add_option("--peer-fetch", cluster.peer_fetch, "peer expert tier: ucx or none (cluster.peer_fetch)")
@@ -569,6 +584,9 @@ Status ClusterFlags::Load(const CLI::App& app, ModelFlags* model) {
   take("cluster.compute_placement", "--compute-placement", &cluster.placement.compute_placement,
        file.placement.compute_placement);
   take("cluster.replication", "--replication", &cluster.placement.replication, file.placement.replication);
+  take("cluster.placement_mode", "--placement-mode", &cluster.placement.mode, file.placement.mode);
+  take("cluster.planned_max_imbalance", "--planned-max-imbalance", &cluster.placement.max_imbalance,
+       file.placement.max_imbalance);
   take("cluster.timeout_s", "--timeout", &cluster.timeout_s, file.timeout_s);
   EF_RETURN_IF_ERROR(cache.Apply(app, &config));
   // The effective values back into the config, for the log.
@@ -581,6 +599,8 @@ Status ClusterFlags::Load(const CLI::App& app, ModelFlags* model) {
   config.cluster.placement = cluster.placement.placement;
   config.cluster.compute_placement = cluster.placement.compute_placement;
   config.cluster.replication = cluster.placement.replication;
+  config.cluster.placement_mode = cluster.placement.mode;
+  config.cluster.planned_max_imbalance = cluster.placement.max_imbalance;
   config.cluster.timeout_s = cluster.timeout_s;
   return Status::Ok();
 }
@@ -623,6 +643,8 @@ comm::ClusterOptions ToClusterOptions(const Config& c) {
   o.placement.placement = c.cluster.placement;
   o.placement.compute_placement = c.cluster.compute_placement;
   o.placement.replication = c.cluster.replication;
+  o.placement.mode = c.cluster.placement_mode;
+  o.placement.max_imbalance = c.cluster.planned_max_imbalance;
   o.timeout_s = c.cluster.timeout_s;
   return o;
 }

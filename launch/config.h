@@ -45,7 +45,13 @@ struct ClusterSection {
   std::string placement = "contiguous";    // home ranks: contiguous | round_robin | path of a JSON file
   std::string compute_placement = "home";  // compute ranks: home | contiguous | round_robin
   int replication = 1;                     // home ranks per expert, 1..world size
-  double timeout_s = 30;                   // every wait on a peer gives up after this many seconds
+  // static: experts are computed on their compute ranks every step; planned: per MoE layer the
+  // ranks re-plan from the step's row counts, moving an overloaded rank's rows to be computed on
+  // their own token's rank (comm/row_balancer.h) until the busiest rank has at most
+  // planned_max_imbalance x the mean rows.
+  std::string placement_mode = "static";
+  double planned_max_imbalance = 1.15;  // >= 1
+  double timeout_s = 30;                // every wait on a peer gives up after this many seconds
 };
 
 // The expert cache (cache/expert_cache.h). With no device budget every routed expert is uploaded

@@ -18,7 +18,8 @@ int main(int argc, char** argv) {
       ef::launch::AddServeCommand(app),          ef::launch::AddBenchCommand(app),
       ef::launch::AddTraceCommand(app),          ef::launch::AddReplayCommand(app),
       ef::launch::AddTrainPredictorCommand(app), ef::launch::AddEvalPredictorCommand(app),
-      ef::launch::AddScheduleEvalCommand(app),   ef::launch::AddInfoCommand(app),
+      ef::launch::AddScheduleEvalCommand(app),   ef::launch::AddPlaceCommand(app),
+      ef::launch::AddInfoCommand(app),
   };
   try {
     app.parse(argc, argv);

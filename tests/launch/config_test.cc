@@ -102,6 +102,10 @@ TEST(ConfigTest, ImpossibleValuesNameKeyAndLine) {
             "t.yaml:3: cluster.exchange: expected one of auto|mpi|nccl, got 'carrier-pigeon'");
   EXPECT_EQ(Error("cluster:\n  replication: 0\n"),
             "t.yaml:2: cluster.replication: expected an integer in [1, 65536], got '0'");
+  EXPECT_EQ(Error("cluster:\n  placement_mode: dynamic\n"),
+            "t.yaml:2: cluster.placement_mode: expected one of static|planned, got 'dynamic'");
+  EXPECT_EQ(Error("cluster:\n  planned_max_imbalance: 0.9\n"),
+            "t.yaml:2: cluster.planned_max_imbalance: expected a number in [1, 1e+06], got '0.9'");
   EXPECT_EQ(Error("cluster:\n  timeout_s: 0\n"),
             "t.yaml:2: cluster.timeout_s: expected a number in (0, 86400], got '0'");
   EXPECT_EQ(Error("server:\n  port: 70000\n"), "t.yaml:2: server.port: expected an integer in [1, 65535], got '70000'");
