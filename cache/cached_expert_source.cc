@@ -50,7 +50,7 @@ StatusOr<std::unique_ptr<CachedExpertSource>> CachedExpertSource::Create(const r
     fill = [m](int l, int e, std::span<std::byte> dst) -> Status {
       const runtime::ExpertWeights& w = m->host_expert(l, e);
       size_t off = 0;
-      for (const runtime::Weight* p : {&w.gate, &w.up, &w.down}) {
+      for (const runtime::Weight* p : w.parts()) {
         std::memcpy(dst.data() + off, p->data, p->nbytes());
         off += p->nbytes();
       }
@@ -88,10 +88,7 @@ StatusOr<runtime::ExpertWeights> CachedExpertSource::Acquire(int layer, int expe
   EF_ASSIGN_OR_RETURN(SlotRef ref, store_->Acquire(layer, expert));
   const runtime::ExpertWeights& h = model_->host_expert(layer, expert);
   auto* base = static_cast<std::byte*>(ref.data);
-  runtime::ExpertWeights w = h;
-  w.gate.data = base;
-  w.up.data = base + h.gate.nbytes();
-  w.down.data = base + h.gate.nbytes() + h.up.nbytes();
+  runtime::ExpertWeights w = h.Rebased(base);
   pinned_[static_cast<size_t>(layer) * model_->config().num_experts + expert] = ref;
   return w;
 }

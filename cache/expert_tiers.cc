@@ -41,7 +41,7 @@ Status ExpertTiers::CopyFromCheckpoint(int layer, int expert, std::span<std::byt
     return Internal("expert tiers: a slot of " + std::to_string(dst.size()) + " bytes for an expert of " +
                     std::to_string(w.nbytes()));
   size_t off = 0;
-  for (const runtime::Weight* p : {&w.gate, &w.up, &w.down}) {
+  for (const runtime::Weight* p : w.parts()) {
     std::memcpy(dst.data() + off, p->data, p->nbytes());
     off += p->nbytes();
   }

@@ -27,6 +27,12 @@ StatusOr<std::unique_ptr<CudaExpertSource>> CudaExpertSource::Create(const runti
     }
   if (first < 0) return InvalidArgument("cuda expert cache: the model has no MoE layer");
   const runtime::ExpertWeights& w0 = model.host_expert(first, 0);
+  // The device slot layout (ExpertLayout) places gate, up and down only; biased experts would
+  // compute without their biases, so they are refused rather than run wrong.
+  if (w0.has_bias())
+    return Unimplemented("cuda expert cache: the experts of " + c.model_type +
+                         " have biases, which the device slot layout does not hold; run with all experts resident "
+                         "(no cache) or with the cpu backend's cache");
   layout.gate = w0.gate;
   layout.up = w0.up;
   layout.down = w0.down;
