@@ -52,7 +52,7 @@ StatusOr<std::unique_ptr<CachedExpertSource>> CachedExpertSource::Create(const r
     fill = [m](int l, int e, std::span<std::byte> dst) -> Status {
       const runtime::ExpertWeights& w = m->host_expert(l, e);
       size_t off = 0;
-      for (const runtime::Weight* p : {&w.gate, &w.up, &w.down}) {
+      for (const runtime::Weight* p : w.parts()) {
         std::memcpy(dst.data() + off, p->data, p->nbytes());
         off += p->nbytes();
       }
@@ -90,16 +90,8 @@ StatusOr<runtime::ExpertWeights> CachedExpertSource::Acquire(int layer, int expe
   EF_ASSIGN_OR_RETURN(SlotRef ref, store_->Acquire(layer, expert));
   const runtime::ExpertWeights& h = model_->host_expert(layer, expert);
   auto* base = static_cast<std::byte*>(ref.data);
-  runtime::ExpertWeights w = h;
-  if (options_.tiers) {  // the layout of what the slot holds (quantized, or the checkpoint's)
-    const PackedLayout p = options_.tiers->ResidentLayout(layer, expert);
-    w.gate = p.gate;
-    w.up = p.up;
-    w.down = p.down;
-  }
-  w.gate.data = base;
-  w.up.data = base + w.gate.nbytes();
-  w.down.data = base + w.gate.nbytes() + w.up.nbytes();
+  // The layout of what the slot holds (quantized, or the checkpoint's), packed in parts() order.
+  runtime::ExpertWeights w = (options_.tiers ? options_.tiers->ResidentLayout(layer, expert) : h).Rebased(base);
   pinned_[static_cast<size_t>(layer) * model_->config().num_experts + expert] = ref;
   return w;
 }

@@ -50,15 +50,11 @@ namespace {
 
 DType QuantDType(LoadPrecision p) { return p == LoadPrecision::kInt4 ? DType::kQ4 : DType::kQ8; }
 
-runtime::Weight Shape(const runtime::Weight& w, DType dtype) {
-  runtime::Weight s = w;
-  s.dtype = dtype;
-  s.data = nullptr;
-  return s;
-}
-
 bool Quantizable(const runtime::ExpertWeights& w, LoadPrecision p) {
-  if (p == LoadPrecision::kNative || p == LoadPrecision::kAuto || !IsFloatWeight(w.gate.dtype)) return false;
+  // Biased experts (GPT-OSS) stay in the checkpoint's precision: their packed layout appends the
+  // biases, which the quantized block does not carry.
+  if (p == LoadPrecision::kNative || p == LoadPrecision::kAuto || !IsFloatWeight(w.gate.dtype) || w.has_bias())
+    return false;
   const QuantFormat f = QuantFormat::Of(QuantDType(p));
   return f.divides(w.gate.cols) && f.divides(w.up.cols) && f.divides(w.down.cols);
 }
@@ -66,11 +62,10 @@ bool Quantizable(const runtime::ExpertWeights& w, LoadPrecision p) {
 }  // namespace
 
 PackedLayout PackedExpertLayout(const runtime::ExpertWeights& w, LoadPrecision p) {
-  const bool q = Quantizable(w, p);
   PackedLayout l;
-  l.gate = Shape(w.gate, q ? QuantDType(p) : w.gate.dtype);
-  l.up = Shape(w.up, q ? QuantDType(p) : w.up.dtype);
-  l.down = Shape(w.down, q ? QuantDType(p) : w.down.dtype);
+  static_cast<runtime::ExpertWeights&>(l) = w;
+  for (runtime::Weight* part : l.parts()) part->data = nullptr;
+  if (Quantizable(w, p)) l.gate.dtype = l.up.dtype = l.down.dtype = QuantDType(p);
   return l;
 }
 
@@ -236,7 +231,7 @@ Status ExpertTiers::CopyFromCheckpoint(int layer, int expert, std::span<std::byt
     return Internal("expert tiers: a slot of " + std::to_string(dst.size()) + " bytes for an expert of " +
                     std::to_string(w.nbytes()));
   size_t off = 0;
-  for (const runtime::Weight* p : {&w.gate, &w.up, &w.down}) {
+  for (const runtime::Weight* p : w.parts()) {
     std::memcpy(dst.data() + off, p->data, p->nbytes());
     off += p->nbytes();
   }

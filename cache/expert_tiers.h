@@ -70,12 +70,10 @@ struct PrecisionOptions {
 StatusOr<LoadPrecision> ParseLoadPrecision(const std::string& name);
 const char* LoadPrecisionName(LoadPrecision p);
 
-// An expert's three weights as packed at some precision (data null; offsets back to back).
-struct PackedLayout {
-  runtime::Weight gate, up, down;
-  size_t up_offset() const { return gate.nbytes(); }
-  size_t down_offset() const { return gate.nbytes() + up.nbytes(); }
-  size_t bytes() const { return gate.nbytes() + up.nbytes() + down.nbytes(); }
+// An expert's weights as packed at some precision: the shapes and dtypes of its parts() (data
+// null), back to back; Rebased(base) views a packed copy.
+struct PackedLayout : runtime::ExpertWeights {
+  size_t bytes() const { return nbytes(); }
 };
 
 // The layout of `w` loaded at precision p: quantized, or the checkpoint's dtype when p is native

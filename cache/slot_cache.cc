@@ -28,7 +28,8 @@ StatusOr<std::unique_ptr<SlotCache>> SlotCache::Create(const SlotCacheOptions& o
                              std::to_string(o.num_layers) + " layers");
     for (int l = 0; l < o.num_layers; ++l) {
       const int q = o.layer_quotas[l];
-      if (q < o.top_k || q > o.num_experts)
+      // 0: a dense layer (mlp_only, DeepSeek's first_k_dense_replace), which routes to no expert.
+      if (q != 0 && (q < o.top_k || q > o.num_experts))
         return InvalidArgument("expert cache quota of layer " + std::to_string(l) + " is " + std::to_string(q) +
                                " slots, outside [top_k = " + std::to_string(o.top_k) +
                                ", num_experts = " + std::to_string(o.num_experts) + "]");

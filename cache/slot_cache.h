@@ -31,7 +31,7 @@ struct SlotCacheOptions {
   int top_k = 1;
   // Exactly one of the following three is set (> 0 / non-empty).
   int slots_per_layer = 0;
-  std::vector<int> layer_quotas;  // size num_layers
+  std::vector<int> layer_quotas;  // size num_layers; 0 for a dense layer (no routed experts)
   int global_slots = 0;
 };
 

@@ -45,9 +45,10 @@ StatusOr<std::unique_ptr<PeerExpertSource>> PeerExpertSource::Create(
         if (off < 0) continue;
         const runtime::ExpertWeights& w = weights->host_expert(l, e);
         char* d = s->shard_ + off;
-        std::memcpy(d, w.gate.data, w.gate.nbytes());
-        std::memcpy(d + w.gate.nbytes(), w.up.data, w.up.nbytes());
-        std::memcpy(d + w.gate.nbytes() + w.up.nbytes(), w.down.data, w.down.nbytes());
+        for (const runtime::Weight* p : w.parts()) {  // ExpertWeights' packed layout
+          std::memcpy(d, p->data, p->nbytes());
+          d += p->nbytes();
+        }
       }
     }
   }
@@ -102,12 +103,10 @@ StatusOr<runtime::ExpertWeights> PeerExpertSource::Acquire(int layer, int expert
   f.bytes.reset(new char[bytes]);
   Status st = remote_->Get(home, static_cast<uint64_t>(off), f.bytes.get(), bytes);
   if (!st.ok()) return st.Prepend("fetching expert " + std::to_string(expert) + " of layer " + std::to_string(layer));
-  char* p = f.bytes.get();
-  EF_ASSIGN_OR_RETURN(f.weights.gate, backend_->UploadWeight(hw.gate.dtype, p, hw.gate.rows, hw.gate.cols));
-  p += hw.gate.nbytes();
-  EF_ASSIGN_OR_RETURN(f.weights.up, backend_->UploadWeight(hw.up.dtype, p, hw.up.rows, hw.up.cols));
-  p += hw.up.nbytes();
-  EF_ASSIGN_OR_RETURN(f.weights.down, backend_->UploadWeight(hw.down.dtype, p, hw.down.rows, hw.down.cols));
+  f.weights = hw.Rebased(f.bytes.get());
+  for (runtime::Weight* w : f.weights.parts()) {
+    EF_ASSIGN_OR_RETURN(*w, backend_->UploadWeight(w->dtype, w->data, w->rows, w->cols));
+  }
   EF_LOG(DEBUG, COMM, "fetched expert %d of layer %d (%zu bytes) from rank %d", expert, layer, bytes, home);
   auto [pos, inserted] = fetched_.emplace(std::make_pair(layer, expert), std::move(f));
   return pos->second.weights;

@@ -34,6 +34,12 @@ StatusOr<std::unique_ptr<CudaExpertSource>> CudaExpertSource::Create(const runti
                          " on a model with experts whose widths the quantization group does not divide (" +
                          std::to_string(tiers->num_unquantizable()) + " experts); use miss_precision native");
   const runtime::ExpertWeights& w0 = model.host_expert(first, 0);
+  // The device slot layout (ExpertLayout) places gate, up and down only; biased experts would
+  // compute without their biases, so they are refused rather than run wrong.
+  if (w0.has_bias())
+    return Unimplemented("cuda expert cache: the experts of " + c.model_type +
+                         " have biases, which the device slot layout does not hold; run with all experts resident "
+                         "(no cache) or with the cpu backend's cache");
   if (tiers) {
     const PackedLayout p = tiers->Layout(first, 0);
     layout.gate = p.gate;

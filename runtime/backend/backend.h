@@ -45,6 +45,34 @@ struct AttentionSeq {
   int n_total = 0;
 };
 
+// Rotary embedding with a precomputed inverse-frequency table (RopeTable), applied to a slice of
+// each head: the rope part of a DeepSeek MLA head, a shared rope key, or a whole GPT-OSS head.
+struct RopeSpec {
+  int rot_dim = 0;                  // rotated floats per head (even); inv_freq has rot_dim / 2 entries
+  int64_t row_stride = 0;           // floats between rows of x
+  int head_stride = 0;              // floats between heads within a row
+  int offset = 0;                   // first rotated float within a head
+  const float* inv_freq = nullptr;  // backend memory, [rot_dim / 2]
+  float scale = 1.f;                // multiplies cos and sin (YaRN's attention factor)
+  bool interleaved = false;         // pairs (2i, 2i+1) (DeepSeek) instead of (i, i + rot_dim/2) (rotate-half)
+};
+
+// Shapes and options of AttentionEx. Query head h of a row is q[row * q_stride + h * qk_dim, +qk_dim);
+// it reads KV head h / (num_heads / num_kv_heads), whose key of position t is
+// k[t * k_stride + kvh * qk_dim, +qk_dim) and value v[t * v_stride + kvh * v_dim, +v_dim). The output
+// of head h is out[row * out_stride + h * v_dim, +v_dim).
+struct AttentionSpec {
+  int num_heads = 0;
+  int num_kv_heads = 0;
+  int qk_dim = 0;
+  int v_dim = 0;
+  int64_t q_stride = 0, k_stride = 0, v_stride = 0, out_stride = 0;
+  float scale = 1.f;             // multiplies q.k
+  int window = 0;                // > 0: a query at position p sees keys (p - window, p] only (sliding window)
+  const float* sinks = nullptr;  // backend memory [num_heads] or null: a per-head logit that joins the softmax
+                                 // denominator and carries no value (GPT-OSS attention sinks)
+};
+
 // Owns backend memory; frees it on destruction.
 class Buffer {
  public:
@@ -117,6 +145,24 @@ class Backend {
   // out + q_row * heads*hd). Sequences' query rows must not overlap.
   virtual void AttentionBatch(const float* q, const AttentionSeq* seqs_host, int num_seqs, int num_heads,
                               int num_kv_heads, int head_dim, float* out) = 0;
+  // RopeTable: rotary embedding in place on num_heads slices of each of `rows` rows (see RopeSpec):
+  // angle_i = positions[r] * inv_freq[i] (fp32), rotated by (cos, sin) * scale.
+  virtual void RopeTable(float* x, const int32_t* positions, int64_t rows, int num_heads, const RopeSpec& spec) = 0;
+  // Causal attention of num_seqs sequences with the layout and options of `spec`: different query/key
+  // and value head sizes (MLA), strided rows (MLA's latent cache), a sliding window and sinks
+  // (GPT-OSS). AttentionSeq as for AttentionBatch; k and v are the bases their strides apply to.
+  virtual void AttentionEx(const float* q, const AttentionSeq* seqs_host, int num_seqs, const AttentionSpec& spec,
+                           float* out) = 0;
+  // Per-head GEMM: y[r * y_stride + h * y_head_stride + j] = sum_i x[r * x_stride + h * x_head_stride + i] *
+  // w[h * n + j, i] for j < n, i < w.cols; w is [num_heads * n, k]. (MLA's absorbed key and value projections.)
+  virtual void GemmPerHead(const float* x, int64_t rows, int num_heads, int64_t x_stride, int x_head_stride,
+                           const Weight& w, int n, float* y, int64_t y_stride, int y_head_stride) = 0;
+  // dst[r * dst_pitch + i] = src[r * src_pitch + i] for r < rows, i < width (floats; regions do not overlap).
+  virtual void Copy2D(float* dst, int64_t dst_pitch, const float* src, int64_t src_pitch, int64_t width,
+                      int64_t rows) = 0;
+  // GPT-OSS expert activation: g = min(gate, limit), u = clamp(up, -limit, limit),
+  // out = (u + 1) * g * sigmoid(alpha * g). out may alias gate or up.
+  virtual void ClampedSwiGlu(const float* gate, const float* up, float* out, int64_t n, float alpha, float limit) = 0;
   // out[i] = silu(gate[i]) * up[i]
   virtual void SiluMul(const float* gate, const float* up, float* out, int64_t n) = 0;
   // y[i] += x[i]

@@ -30,8 +30,15 @@ enum ScratchSlot {
   kFinal,
   kLogits,
   kSharedGate,
+  kMlaQa,         // q_a_proj output [T, q_lora_rank]
+  kMlaKv,         // kv_a_proj output [T, kv_lora + rope]
+  kMlaLatent,     // normalised latent [T, kv_lora]
+  kMlaQAbs,       // absorbed queries [T, heads * (kv_lora + rope)]
+  kMlaOutLatent,  // attention output in latent space [T, heads * kv_lora]
   kNumSlots
 };
+// transformers builds MLA's q_a_layernorm and kv_a_layernorm with RMSNorm's default eps.
+constexpr float kMlaNormEps = 1e-6f;
 }  // namespace
 
 Engine::~Engine() {
@@ -49,7 +56,9 @@ StatusOr<std::unique_ptr<Engine>> Engine::Create(const std::string& model_dir, c
   EF_ASSIGN_OR_RETURN(e->backend_, MakeBackend(options.backend, options.device));
   EF_ASSIGN_OR_RETURN(e->weights_, ModelWeights::Load(model_dir, e->backend_.get()));
   e->local_moe_ =
-      std::make_unique<LocalMoeExecutor>(e->backend_.get(), e->config().hidden_size, e->config().num_experts);
+      std::make_unique<LocalMoeExecutor>(e->backend_.get(), e->config().hidden_size, e->config().num_experts,
+                                         ExpertActivationParams::ForModel(e->config()));
+  if (e->config().host_routing()) e->host_router_ = std::make_unique<HostRouter>(e->config());
   if (options.upload_experts) EF_RETURN_IF_ERROR(e->UploadExperts());
   e->moe_executor_ = e->local_moe_.get();
   e->max_seq_len_ = options.max_seq_len > 0 ? options.max_seq_len : e->config().max_position_embeddings;
@@ -84,12 +93,18 @@ Status Engine::ReserveScratch(int64_t T, int64_t R) {
   const ModelConfig& c = config();
   const size_t t = static_cast<size_t>(T), H = c.hidden_size;
   const size_t inter = std::max({c.intermediate_size, c.moe_intermediate_size, c.shared_expert_intermediate_size});
+  const size_t lat = c.kv_lora_rank, kvw = c.kv_cache_key_width();
   const std::pair<int, size_t> sizes[] = {{kResid, t * H},
                                           {kNormed, t * H},
                                           {kQ, t * c.q_dim()},
                                           {kK, t * c.kv_dim()},
                                           {kV, t * c.kv_dim()},
-                                          {kAttn, t * c.q_dim()},
+                                          {kAttn, t * std::max(c.q_dim(), c.attn_out_dim())},
+                                          {kMlaQa, t * c.q_lora_rank},
+                                          {kMlaKv, t * (c.mla ? kvw : 0)},
+                                          {kMlaLatent, t * lat},
+                                          {kMlaQAbs, t * c.num_heads * (c.mla ? kvw : 0)},
+                                          {kMlaOutLatent, t * c.num_heads * lat},
                                           {kTmp, t * H},
                                           {kMoeOut, t * H},
                                           {kRouterLogits, t * c.num_experts},
@@ -117,11 +132,13 @@ Status Engine::AddSequence(int64_t seq) {
   if (seqs_.count(seq)) return InvalidArgument("sequence " + std::to_string(seq) + " already exists");
   Sequence s;
   const ModelConfig& c = config();
-  const size_t bytes = static_cast<size_t>(max_seq_len_) * c.kv_dim() * sizeof(float);
+  const size_t k_bytes = static_cast<size_t>(max_seq_len_) * c.kv_cache_key_width() * sizeof(float);
+  const size_t v_bytes = static_cast<size_t>(max_seq_len_) * c.kv_cache_value_width() * sizeof(float);
   for (int l = 0; l < c.num_layers; ++l) {
-    EF_ASSIGN_OR_RETURN(Buffer k, backend_->Allocate(bytes));
-    EF_ASSIGN_OR_RETURN(Buffer v, backend_->Allocate(bytes));
+    EF_ASSIGN_OR_RETURN(Buffer k, backend_->Allocate(k_bytes));
     s.k.push_back(std::move(k));
+    if (v_bytes == 0) continue;
+    EF_ASSIGN_OR_RETURN(Buffer v, backend_->Allocate(v_bytes));
     s.v.push_back(std::move(v));
   }
   seqs_.emplace(seq, std::move(s));
@@ -146,8 +163,27 @@ Status Engine::Mlp(const ExpertWeights& w, int64_t rows, const float* x, float* 
   return Status::Ok();
 }
 
+std::vector<AttentionSeq> Engine::AppendKv(int layer, std::span<const SeqChunk> batch, const float* k, const float* v) {
+  const ModelConfig& c = config();
+  const size_t kw = c.kv_cache_key_width(), vw = c.kv_cache_value_width();
+  std::vector<AttentionSeq> seqs;
+  seqs.reserve(batch.size());
+  int64_t row = 0;
+  for (const SeqChunk& chunk : batch) {
+    Sequence& s = seqs_.at(chunk.seq);
+    const int n = static_cast<int>(chunk.tokens.size());
+    backend_->CopyOnDevice(s.k[layer].f32() + s.length * kw, k + row * kw, sizeof(float) * n * kw);
+    if (v) backend_->CopyOnDevice(s.v[layer].f32() + s.length * vw, v + row * vw, sizeof(float) * n * vw);
+    const float* vbase = v ? s.v[layer].f32() : s.k[layer].f32();
+    seqs.push_back(AttentionSeq{s.k[layer].f32(), vbase, row, n, s.length + n});
+    row += n;
+  }
+  return seqs;
+}
+
 Status Engine::Attention(int layer, std::span<const SeqChunk> batch, const int32_t* positions_dev, int64_t T) {
   const ModelConfig& c = config();
+  if (c.mla) return MlaAttention(layer, batch, positions_dev, T);
   const LayerWeights& L = weights_->layer(layer);
   const int qd = c.q_dim(), kvd = c.kv_dim();
   float* h = Scratch(kNormed, T * c.hidden_size);
@@ -169,29 +205,132 @@ Status Engine::Attention(int layer, std::span<const SeqChunk> batch, const int32
     backend_->RmsNorm(q, T * c.num_heads, c.head_dim, L.q_norm, c.rms_norm_eps, q);
     backend_->RmsNorm(k, T * c.num_kv_heads, c.head_dim, L.k_norm, c.rms_norm_eps, k);
   }
-  backend_->Rope(q, positions_dev, T, c.num_heads, c.head_dim, c.rope_theta);
-  backend_->Rope(k, positions_dev, T, c.num_kv_heads, c.head_dim, c.rope_theta);
+  // Default rope, no window, no sinks: the original ops (kept bitwise for the families that
+  // need nothing more); otherwise the table-driven rope and AttentionEx.
+  const bool plain = c.rope.type == "default" && !c.attention_sinks && c.sliding_window == 0;
+  if (plain) {
+    backend_->Rope(q, positions_dev, T, c.num_heads, c.head_dim, c.rope_theta);
+    backend_->Rope(k, positions_dev, T, c.num_kv_heads, c.head_dim, c.rope_theta);
+  } else {
+    RopeSpec rs{c.head_dim,
+                qd,
+                c.head_dim,
+                0,
+                static_cast<const float*>(weights_->rope_inv_freq().data),
+                weights_->rope_attention_factor(),
+                false};
+    backend_->RopeTable(q, positions_dev, T, c.num_heads, rs);
+    rs.row_stride = kvd;
+    backend_->RopeTable(k, positions_dev, T, c.num_kv_heads, rs);
+  }
   float* attn = Scratch(kAttn, T * qd);
   // Append each sequence's new keys/values to its cache, then one attention call for the batch.
-  std::vector<AttentionSeq> attn_seqs;
-  attn_seqs.reserve(batch.size());
-  int64_t row = 0;
-  for (const SeqChunk& chunk : batch) {
-    Sequence& s = seqs_.at(chunk.seq);
-    const int n = static_cast<int>(chunk.tokens.size());
-    float* kc = s.k[layer].f32() + static_cast<size_t>(s.length) * kvd;
-    float* vc = s.v[layer].f32() + static_cast<size_t>(s.length) * kvd;
-    backend_->CopyOnDevice(kc, k + row * kvd, sizeof(float) * n * kvd);
-    backend_->CopyOnDevice(vc, v + row * kvd, sizeof(float) * n * kvd);
-    attn_seqs.push_back(AttentionSeq{s.k[layer].f32(), s.v[layer].f32(), row, n, s.length + n});
-    row += n;
+  std::vector<AttentionSeq> attn_seqs = AppendKv(layer, batch, k, v);
+  if (plain) {
+    backend_->AttentionBatch(q, attn_seqs.data(), static_cast<int>(attn_seqs.size()), c.num_heads, c.num_kv_heads,
+                             c.head_dim, attn);
+  } else {
+    AttentionSpec spec;
+    spec.num_heads = c.num_heads;
+    spec.num_kv_heads = c.num_kv_heads;
+    spec.qk_dim = spec.v_dim = c.head_dim;
+    spec.q_stride = spec.out_stride = qd;
+    spec.k_stride = spec.v_stride = kvd;
+    spec.scale = AttentionSoftmaxScale(c);
+    spec.window = c.sliding_layers.empty() || !c.sliding_layers[layer] ? 0 : c.sliding_window;
+    spec.sinks = c.attention_sinks ? static_cast<const float*>(L.sinks.data) : nullptr;
+    backend_->AttentionEx(q, attn_seqs.data(), static_cast<int>(attn_seqs.size()), spec, attn);
   }
-  backend_->AttentionBatch(q, attn_seqs.data(), static_cast<int>(attn_seqs.size()), c.num_heads, c.num_kv_heads,
-                           c.head_dim, attn);
+  float* o = Scratch(kTmp, T * c.hidden_size);
+  backend_->Gemm(attn, T, L.o, c.o_bias ? &L.o_bias : nullptr, o, false);
+  backend_->Add(Scratch(kResid, T * c.hidden_size), o, T * c.hidden_size);
+  return Status::Ok();
+}
+
+// Multi-head latent attention in the absorbed form, for prefill and decode alike: the cache keeps
+// per token only c = kv_a_layernorm(latent) and the rotated rope key kr (kv_lora + rope floats);
+// each head's query is mapped into latent space (q_nope . W_uk, then its rope part appended) so
+// that q . k = q_abs . [c, kr] and all heads attend over the one cached row (MQA-like); the
+// per-head latent outputs go through W_uv. Decode is memory-bound and this reads the compressed
+// cache once instead of expanding every cached token through kv_b_proj. For long prefills the
+// expanded form (keys and values from kv_b_proj, qk_head_dim-wide dot products) does fewer flops;
+// it is not implemented, the absorbed form gives the same result up to fp32 rounding.
+Status Engine::MlaAttention(int layer, std::span<const SeqChunk> batch, const int32_t* positions_dev, int64_t T) {
+  const ModelConfig& c = config();
+  const LayerWeights& L = weights_->layer(layer);
+  const int nh = c.num_heads, nope = c.qk_nope_head_dim, rope = c.qk_rope_head_dim, r = c.kv_lora_rank;
+  const int dq = c.head_dim, kvw = r + rope, vd = c.v_head_dim;
+  float* h = Scratch(kNormed, T * c.hidden_size);
+  float* q = Scratch(kQ, T * c.q_dim());
+  if (c.q_lora_rank > 0) {
+    float* qa = Scratch(kMlaQa, T * c.q_lora_rank);
+    backend_->Gemm(h, T, L.q_a, nullptr, qa, false);
+    backend_->RmsNorm(qa, T, c.q_lora_rank, L.q_a_norm, kMlaNormEps, qa);
+    backend_->Gemm(qa, T, L.q, nullptr, q, false);
+  } else {
+    backend_->Gemm(h, T, L.q, nullptr, q, false);
+  }
+  const float* inv_freq = static_cast<const float*>(weights_->rope_inv_freq().data);
+  const float rope_scale = weights_->rope_attention_factor();
+  backend_->RopeTable(
+      q, positions_dev, T, nh,
+      RopeSpec{rope, static_cast<int64_t>(nh) * dq, dq, nope, inv_freq, rope_scale, c.rope_interleaved});
+  // kv row: [latent (r) | rope key (rope)] -> [kv_a_layernorm(latent) | rope(rope key)], the cache row.
+  float* kv = Scratch(kMlaKv, T * kvw);
+  float* lat = Scratch(kMlaLatent, T * r);
+  backend_->Gemm(h, T, L.kv_a, nullptr, kv, false);
+  backend_->Copy2D(lat, r, kv, kvw, r, T);
+  backend_->RmsNorm(lat, T, r, L.kv_a_norm, kMlaNormEps, lat);
+  backend_->Copy2D(kv, kvw, lat, r, r, T);
+  backend_->RopeTable(kv, positions_dev, T, 1, RopeSpec{rope, kvw, 0, r, inv_freq, rope_scale, c.rope_interleaved});
+  std::vector<AttentionSeq> attn_seqs = AppendKv(layer, batch, kv, nullptr);
+  // Absorbed queries: [q_nope . W_uk (r) | q_rope (rope)] per head.
+  float* qabs = Scratch(kMlaQAbs, T * nh * kvw);
+  backend_->GemmPerHead(q, T, nh, static_cast<int64_t>(nh) * dq, dq, L.kv_b_key, r, qabs,
+                        static_cast<int64_t>(nh) * kvw, kvw);
+  backend_->Copy2D(qabs + r, kvw, q + nope, dq, rope, T * nh);
+  AttentionSpec spec;
+  spec.num_heads = nh;
+  spec.num_kv_heads = 1;
+  spec.qk_dim = kvw;
+  spec.v_dim = r;  // the value is the latent part of the cached row
+  spec.q_stride = static_cast<int64_t>(nh) * kvw;
+  spec.k_stride = spec.v_stride = kvw;
+  spec.out_stride = static_cast<int64_t>(nh) * r;
+  spec.scale = AttentionSoftmaxScale(c);  // from qk_head_dim, as transformers: the absorption keeps q . k
+  float* out_lat = Scratch(kMlaOutLatent, T * nh * r);
+  backend_->AttentionEx(qabs, attn_seqs.data(), static_cast<int>(attn_seqs.size()), spec, out_lat);
+  float* attn = Scratch(kAttn, T * nh * vd);
+  backend_->GemmPerHead(out_lat, T, nh, static_cast<int64_t>(nh) * r, r, L.kv_b_value, vd, attn,
+                        static_cast<int64_t>(nh) * vd, vd);
   float* o = Scratch(kTmp, T * c.hidden_size);
   backend_->Gemm(attn, T, L.o, nullptr, o, false);
   backend_->Add(Scratch(kResid, T * c.hidden_size), o, T * c.hidden_size);
   return Status::Ok();
+}
+
+void Engine::Route(const LayerWeights& L, int64_t T, const float* logits, std::vector<int32_t>* ids,
+                   std::vector<float>* wts) {
+  const ModelConfig& c = config();
+  const int E = c.num_experts, K = c.top_k;
+  ids->resize(static_cast<size_t>(T * K));
+  wts->resize(static_cast<size_t>(T * K));
+  if (host_router_) {
+    // The router needs more than RouterTopK: its logits come to the host (one copy, like the ids).
+    routing_host_.resize(static_cast<size_t>(T * E));
+    backend_->CopyToHost(routing_host_.data(), logits, routing_host_.size() * sizeof(float));
+    host_router_->Route(routing_host_.data(), T, L.score_correction_bias, ids->data(), wts->data());
+    return;
+  }
+  // ids and weights side by side so one device-to-host copy (one sync) brings both.
+  float* routing_dev = Scratch(kRouterIds, 2 * T * K);
+  int32_t* ids_dev = reinterpret_cast<int32_t*>(routing_dev);
+  float* w_dev = routing_dev + T * K;
+  backend_->RouterTopK(logits, T, E, K, c.norm_topk_prob, ids_dev, w_dev);
+  routing_host_.resize(static_cast<size_t>(2 * T * K));
+  backend_->CopyToHost(routing_host_.data(), routing_dev, routing_host_.size() * sizeof(float));
+  std::memcpy(ids->data(), routing_host_.data(), ids->size() * sizeof(int32_t));
+  std::memcpy(wts->data(), routing_host_.data() + T * K, wts->size() * sizeof(float));
 }
 
 Status Engine::MoeBlock(int layer, int64_t T, const float* h, float* out, const std::vector<int64_t>& row_seq,
@@ -200,18 +339,10 @@ Status Engine::MoeBlock(int layer, int64_t T, const float* h, float* out, const 
   const LayerWeights& L = weights_->layer(layer);
   const int E = c.num_experts, K = c.top_k, H = c.hidden_size;
   float* logits = Scratch(kRouterLogits, T * E);
-  backend_->Gemm(h, T, L.router, nullptr, logits, false);
-  // ids and weights side by side so one device-to-host copy (one sync) brings both.
-  float* routing_dev = Scratch(kRouterIds, 2 * T * K);
-  int32_t* ids_dev = reinterpret_cast<int32_t*>(routing_dev);
-  float* w_dev = routing_dev + T * K;
-  backend_->RouterTopK(logits, T, E, K, c.norm_topk_prob, ids_dev, w_dev);
-  std::vector<int32_t> ids(static_cast<size_t>(T * K));
-  std::vector<float> wts(static_cast<size_t>(T * K));
-  routing_host_.resize(static_cast<size_t>(2 * T * K));
-  backend_->CopyToHost(routing_host_.data(), routing_dev, routing_host_.size() * sizeof(float));
-  std::memcpy(ids.data(), routing_host_.data(), ids.size() * sizeof(int32_t));
-  std::memcpy(wts.data(), routing_host_.data() + T * K, wts.size() * sizeof(float));
+  backend_->Gemm(h, T, L.router, c.router_bias ? &L.router_bias : nullptr, logits, false);
+  std::vector<int32_t> ids;
+  std::vector<float> wts;
+  Route(L, T, logits, &ids, &wts);
 
   LayerRouting routing{layer, c.MoeLayerIndex(layer), static_cast<int>(T), K, ids, wts, row_seq, row_pos, row_tok, {}};
   if (expose_router_inputs_) {
@@ -225,9 +356,13 @@ Status Engine::MoeBlock(int layer, int64_t T, const float* h, float* out, const 
   if (!L.shared_expert.gate.empty()) {
     float* s = Scratch(kExpertOut, static_cast<size_t>(T) * H);
     EF_RETURN_IF_ERROR(Mlp(L.shared_expert, T, h, s));
-    float* gl = Scratch(kSharedGate, T);
-    backend_->Gemm(h, T, L.shared_expert_gate, nullptr, gl, false);
-    backend_->AddSigmoidGated(s, gl, T, H, out);
+    if (c.shared_expert_gated) {
+      float* gl = Scratch(kSharedGate, T);
+      backend_->Gemm(h, T, L.shared_expert_gate, nullptr, gl, false);
+      backend_->AddSigmoidGated(s, gl, T, H, out);
+    } else {
+      backend_->Add(out, s, static_cast<int64_t>(T) * H);  // deepseek: shared experts always on
+    }
   }
   return Status::Ok();
 }

@@ -20,6 +20,7 @@
 
 #include "runtime/backend/backend.h"
 #include "runtime/engine/expert_source.h"
+#include "runtime/engine/host_router.h"
 #include "runtime/engine/model_weights.h"
 #include "runtime/engine/moe_executor.h"
 
@@ -114,9 +115,12 @@ class Engine {
   Status Forward(std::span<const SeqChunk> batch, ForwardResult* result);
 
  private:
+  // Per layer, max_seq_len rows of config().kv_cache_key_width() floats in k and of
+  // kv_cache_value_width() floats in v (MLA: v is empty; k holds the normalised latent then the
+  // rotated shared rope key, the compressed form both prefill and decode attend over).
   struct Sequence {
     int length = 0;
-    std::vector<Buffer> k, v;  // per layer [max_seq_len, kv_dim]
+    std::vector<Buffer> k, v;
   };
   Engine() = default;
   // Activation buffers are sized once per Forward (ReserveScratch: a clear error when the
@@ -125,6 +129,12 @@ class Engine {
   Status ReserveScratch(int64_t T, int64_t R);
   float* Scratch(int slot, size_t floats);
   Status Attention(int layer, std::span<const SeqChunk> batch, const int32_t* positions_dev, int64_t T);
+  Status MlaAttention(int layer, std::span<const SeqChunk> batch, const int32_t* positions_dev, int64_t T);
+  // Appends each chunk's new rows of k (and v unless null) to its sequence's cache of `layer`;
+  // returns the batch's attention descriptors.
+  std::vector<AttentionSeq> AppendKv(int layer, std::span<const SeqChunk> batch, const float* k, const float* v);
+  // The router's expert ids and weights of T rows, on the host.
+  void Route(const LayerWeights& L, int64_t T, const float* logits, std::vector<int32_t>* ids, std::vector<float>* wts);
   Status MoeBlock(int layer, int64_t T, const float* h, float* out, const std::vector<int64_t>& row_seq,
                   const std::vector<int32_t>& row_pos, const std::vector<int32_t>& row_tok);
   Status Mlp(const ExpertWeights& w, int64_t rows, const float* x, float* out);
@@ -133,13 +143,14 @@ class Engine {
   std::unique_ptr<ModelWeights> weights_;
   std::unique_ptr<ResidentExpertSource> resident_;
   std::unique_ptr<LocalMoeExecutor> local_moe_;
+  std::unique_ptr<HostRouter> host_router_;  // null when the backend's RouterTopK suffices
   MoeExecutor* moe_executor_ = nullptr;
   std::vector<std::pair<int, RoutingHook>> hooks_;  // (id, hook), in the order added
   int next_hook_id_ = 0;
   std::map<int64_t, Sequence> seqs_;
   int max_seq_len_ = 0;
   std::vector<Buffer> scratch_;
-  std::vector<float> routing_host_;  // host copy of a layer's router ids + weights
+  std::vector<float> routing_host_;  // host copy of a layer's router ids + weights (or logits)
   bool expose_router_inputs_ = false;
   std::vector<float> router_inputs_;  // host copy behind LayerRouting::hidden
 };

@@ -13,9 +13,10 @@ StatusOr<std::unique_ptr<ResidentExpertSource>> ResidentExpertSource::Create(con
     for (int e = 0; e < c.num_experts; ++e) {
       const ExpertWeights& h = model.host_expert(l, e);
       ExpertWeights& d = src->experts_[static_cast<size_t>(l) * c.num_experts + e];
-      EF_ASSIGN_OR_RETURN(d.gate, backend->UploadWeight(h.gate.dtype, h.gate.data, h.gate.rows, h.gate.cols));
-      EF_ASSIGN_OR_RETURN(d.up, backend->UploadWeight(h.up.dtype, h.up.data, h.up.rows, h.up.cols));
-      EF_ASSIGN_OR_RETURN(d.down, backend->UploadWeight(h.down.dtype, h.down.data, h.down.rows, h.down.cols));
+      d = h;
+      for (Weight* w : d.parts()) {
+        EF_ASSIGN_OR_RETURN(*w, backend->UploadWeight(w->dtype, w->data, w->rows, w->cols));
+      }
     }
   }
   return src;

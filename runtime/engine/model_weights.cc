@@ -1,5 +1,7 @@
 #include "runtime/engine/model_weights.h"
 
+#include <cstring>
+
 #include "runtime/core/logging.h"
 
 namespace ef::runtime {
@@ -26,80 +28,232 @@ Weight HostWeight(const TensorView* t) {
 
 }  // namespace
 
+// Loads one checkpoint into a ModelWeights, step by step (attention, MLP, experts per layer).
+class ModelWeightsLoader {
+ public:
+  ModelWeightsLoader(ModelWeights* m, Backend* backend)
+      : m_(m), c_(m->config_), ck_(*m->checkpoint_), backend_(backend), H_(c_.hidden_size) {}
+
+  Status Run();
+
+ private:
+  Status Upload(const std::string& name, std::vector<int64_t> shape, Weight* out) {
+    EF_ASSIGN_OR_RETURN(const TensorView* t, Tensor(ck_, name, shape));
+    Weight hw = HostWeight(t);
+    EF_ASSIGN_OR_RETURN(*out, backend_->UploadWeight(hw.dtype, hw.data, hw.rows, hw.cols));
+    return Status::Ok();
+  }
+  Status UploadMlp(int layer, bool shared, int64_t inter, ExpertWeights* out) {
+    auto name = [&](int p) { return shared ? c_.SharedExpertName(layer, p) : c_.DenseMlpName(layer, p); };
+    EF_RETURN_IF_ERROR(Upload(name(0), {inter, H_}, &out->gate));
+    EF_RETURN_IF_ERROR(Upload(name(1), {inter, H_}, &out->up));
+    EF_RETURN_IF_ERROR(Upload(name(2), {H_, inter}, &out->down));
+    return Status::Ok();
+  }
+  // Host bytes owned by the ModelWeights (stable address).
+  std::byte* Own(size_t bytes) {
+    m_->owned_.push_back(std::make_unique<std::vector<std::byte>>(bytes));
+    return m_->owned_.back()->data();
+  }
+  // An fp32 copy of a vector tensor, uploaded: ops that take plain float pointers (sinks, rope).
+  StatusOr<Weight> UploadF32(const float* data, int64_t n) {
+    auto* dst = reinterpret_cast<float*>(Own(static_cast<size_t>(n) * sizeof(float)));
+    std::memcpy(dst, data, static_cast<size_t>(n) * sizeof(float));
+    return backend_->UploadWeight(DType::kF32, dst, 1, n);
+  }
+  StatusOr<std::vector<float>> ReadF32(const std::string& name, int64_t n) {
+    EF_ASSIGN_OR_RETURN(const TensorView* t, Tensor(ck_, name, {n}));
+    std::vector<float> v(static_cast<size_t>(n));
+    ConvertToF32(t->dtype, t->data, v.data(), v.size());
+    return v;
+  }
+  Status LoadAttention(int l, LayerWeights* L);
+  Status LoadMla(int l, LayerWeights* L);
+  Status LoadMoe(int l, LayerWeights* L);
+  Status LoadExperts(int l);
+  Status LoadFusedExperts(int l);
+
+  ModelWeights* m_;
+  const ModelConfig& c_;
+  const Checkpoint& ck_;
+  Backend* backend_;
+  const int64_t H_;
+};
+
+Status ModelWeightsLoader::Run() {
+  EF_RETURN_IF_ERROR(Upload("model.embed_tokens.weight", {c_.vocab_size, H_}, &m_->embed_));
+  EF_RETURN_IF_ERROR(Upload("model.norm.weight", {H_}, &m_->final_norm_));
+  if (c_.tie_word_embeddings && !ck_.Has("lm_head.weight")) {
+    m_->lm_head_ = m_->embed_;
+  } else {
+    EF_RETURN_IF_ERROR(Upload("lm_head.weight", {c_.vocab_size, H_}, &m_->lm_head_));
+  }
+  const RopeFrequencies rope = RopeFrequencies::ForModel(c_);
+  EF_ASSIGN_OR_RETURN(m_->rope_inv_freq_, UploadF32(rope.inv_freq.data(), static_cast<int64_t>(rope.inv_freq.size())));
+  m_->rope_attention_factor_ = rope.attention_factor;
+  m_->layers_.resize(c_.num_layers);
+  m_->host_experts_.resize(static_cast<size_t>(c_.num_layers) * c_.num_experts);
+  for (int l = 0; l < c_.num_layers; ++l) {
+    LayerWeights& L = m_->layers_[l];
+    const std::string p = "model.layers." + std::to_string(l);
+    EF_RETURN_IF_ERROR(Upload(p + ".input_layernorm.weight", {H_}, &L.input_norm));
+    EF_RETURN_IF_ERROR(Upload(p + ".post_attention_layernorm.weight", {H_}, &L.post_attention_norm));
+    EF_RETURN_IF_ERROR(c_.mla ? LoadMla(l, &L) : LoadAttention(l, &L));
+    if (!c_.IsMoeLayer(l)) {
+      EF_RETURN_IF_ERROR(UploadMlp(l, /*shared=*/false, c_.intermediate_size, &L.dense_mlp));
+      continue;
+    }
+    EF_RETURN_IF_ERROR(LoadMoe(l, &L));
+  }
+  return Status::Ok();
+}
+
+Status ModelWeightsLoader::LoadAttention(int l, LayerWeights* L) {
+  const std::string p = "model.layers." + std::to_string(l) + ".self_attn.";
+  EF_RETURN_IF_ERROR(Upload(p + "q_proj.weight", {c_.q_dim(), H_}, &L->q));
+  EF_RETURN_IF_ERROR(Upload(p + "k_proj.weight", {c_.kv_dim(), H_}, &L->k));
+  EF_RETURN_IF_ERROR(Upload(p + "v_proj.weight", {c_.kv_dim(), H_}, &L->v));
+  EF_RETURN_IF_ERROR(Upload(p + "o_proj.weight", {H_, c_.q_dim()}, &L->o));
+  if (c_.qkv_bias) {
+    EF_RETURN_IF_ERROR(Upload(p + "q_proj.bias", {c_.q_dim()}, &L->q_bias));
+    EF_RETURN_IF_ERROR(Upload(p + "k_proj.bias", {c_.kv_dim()}, &L->k_bias));
+    EF_RETURN_IF_ERROR(Upload(p + "v_proj.bias", {c_.kv_dim()}, &L->v_bias));
+  }
+  if (c_.o_bias) EF_RETURN_IF_ERROR(Upload(p + "o_proj.bias", {H_}, &L->o_bias));
+  if (c_.qk_norm == QkNorm::kPerHead) {
+    EF_RETURN_IF_ERROR(Upload(p + "q_norm.weight", {c_.head_dim}, &L->q_norm));
+    EF_RETURN_IF_ERROR(Upload(p + "k_norm.weight", {c_.head_dim}, &L->k_norm));
+  } else if (c_.qk_norm == QkNorm::kFull) {
+    EF_RETURN_IF_ERROR(Upload(p + "q_norm.weight", {c_.q_dim()}, &L->q_norm));
+    EF_RETURN_IF_ERROR(Upload(p + "k_norm.weight", {c_.kv_dim()}, &L->k_norm));
+  }
+  if (c_.attention_sinks) {
+    EF_ASSIGN_OR_RETURN(std::vector<float> sinks, ReadF32(p + "sinks", c_.num_heads));
+    EF_ASSIGN_OR_RETURN(L->sinks, UploadF32(sinks.data(), c_.num_heads));
+  }
+  return Status::Ok();
+}
+
+// kv_b_proj [heads * (nope + v), kv_lora] holds, per head, W_uk [nope, kv_lora] then W_uv
+// [v, kv_lora]. Attention runs in the absorbed form (engine.cc), which wants W_uk transposed per
+// head ([kv_lora, nope]) and the W_uv blocks contiguous: repacked here once, in the checkpoint's dtype.
+Status ModelWeightsLoader::LoadMla(int l, LayerWeights* L) {
+  const std::string p = "model.layers." + std::to_string(l) + ".self_attn.";
+  const int64_t nh = c_.num_heads, nope = c_.qk_nope_head_dim, rope = c_.qk_rope_head_dim, vd = c_.v_head_dim,
+                r = c_.kv_lora_rank;
+  if (c_.q_lora_rank > 0) {
+    EF_RETURN_IF_ERROR(Upload(p + "q_a_proj.weight", {c_.q_lora_rank, H_}, &L->q_a));
+    EF_RETURN_IF_ERROR(Upload(p + "q_a_layernorm.weight", {c_.q_lora_rank}, &L->q_a_norm));
+    EF_RETURN_IF_ERROR(Upload(p + "q_b_proj.weight", {c_.q_dim(), c_.q_lora_rank}, &L->q));
+  } else {
+    EF_RETURN_IF_ERROR(Upload(p + "q_proj.weight", {c_.q_dim(), H_}, &L->q));
+  }
+  EF_RETURN_IF_ERROR(Upload(p + "kv_a_proj_with_mqa.weight", {r + rope, H_}, &L->kv_a));
+  EF_RETURN_IF_ERROR(Upload(p + "kv_a_layernorm.weight", {r}, &L->kv_a_norm));
+  EF_RETURN_IF_ERROR(Upload(p + "o_proj.weight", {H_, nh * vd}, &L->o));
+  EF_ASSIGN_OR_RETURN(const TensorView* kvb, Tensor(ck_, p + "kv_b_proj.weight", {nh * (nope + vd), r}));
+  const size_t esz = DTypeSize(kvb->dtype);
+  const auto* src = static_cast<const std::byte*>(kvb->data);
+  std::byte* key = Own(static_cast<size_t>(nh * r * nope) * esz);
+  std::byte* value = Own(static_cast<size_t>(nh * vd * r) * esz);
+  for (int64_t h = 0; h < nh; ++h) {
+    const std::byte* head = src + static_cast<size_t>(h * (nope + vd) * r) * esz;
+    for (int64_t i = 0; i < nope; ++i)
+      for (int64_t j = 0; j < r; ++j)
+        std::memcpy(key + static_cast<size_t>((h * r + j) * nope + i) * esz,
+                    head + static_cast<size_t>(i * r + j) * esz, esz);
+    std::memcpy(value + static_cast<size_t>(h * vd * r) * esz, head + static_cast<size_t>(nope * r) * esz,
+                static_cast<size_t>(vd * r) * esz);
+  }
+  EF_ASSIGN_OR_RETURN(L->kv_b_key, backend_->UploadWeight(kvb->dtype, key, nh * r, nope));
+  EF_ASSIGN_OR_RETURN(L->kv_b_value, backend_->UploadWeight(kvb->dtype, value, nh * vd, r));
+  return Status::Ok();
+}
+
+Status ModelWeightsLoader::LoadMoe(int l, LayerWeights* L) {
+  EF_RETURN_IF_ERROR(Upload(c_.RouterName(l), {c_.num_experts, H_}, &L->router));
+  const std::string mlp = "model.layers." + std::to_string(l) + ".mlp.";
+  if (c_.router_bias) EF_RETURN_IF_ERROR(Upload(mlp + "router.bias", {c_.num_experts}, &L->router_bias));
+  if (c_.score_correction_bias) {
+    EF_ASSIGN_OR_RETURN(L->score_correction_bias, ReadF32(mlp + "gate.e_score_correction_bias", c_.num_experts));
+  }
+  if (c_.shared_expert_intermediate_size > 0) {
+    EF_RETURN_IF_ERROR(UploadMlp(l, /*shared=*/true, c_.shared_expert_intermediate_size, &L->shared_expert));
+    if (c_.shared_expert_gated) EF_RETURN_IF_ERROR(Upload(c_.SharedExpertGateName(l), {1, H_}, &L->shared_expert_gate));
+  }
+  return c_.expert_bias ? LoadFusedExperts(l) : LoadExperts(l);
+}
+
+Status ModelWeightsLoader::LoadExperts(int l) {
+  const int64_t I = c_.moe_intermediate_size;
+  for (int e = 0; e < c_.num_experts; ++e) {
+    ExpertWeights& ew = m_->host_experts_[static_cast<size_t>(l) * c_.num_experts + e];
+    EF_ASSIGN_OR_RETURN(const TensorView* g, Tensor(ck_, c_.ExpertName(l, e, 0), {I, H_}));
+    EF_ASSIGN_OR_RETURN(const TensorView* u, Tensor(ck_, c_.ExpertName(l, e, 1), {I, H_}));
+    EF_ASSIGN_OR_RETURN(const TensorView* d, Tensor(ck_, c_.ExpertName(l, e, 2), {H_, I}));
+    ew = ExpertWeights{HostWeight(g), HostWeight(u), HostWeight(d), {}, {}, {}};
+    m_->max_expert_bytes_ = std::max(m_->max_expert_bytes_, ew.nbytes());
+    m_->expert_dtype_ = g->dtype;
+  }
+  return Status::Ok();
+}
+
+// GPT-OSS keeps a layer's experts in four tensors: gate_up_proj [E, H, 2I] (x @ W, gate in the
+// even columns, up in the odd ones), its bias [E, 2I], down_proj [E, I, H] and its bias [E, H].
+// Each expert is repacked into one owned block in ExpertWeights' packed order with the engine's
+// [out, in] layout, so caches and peers copy it as they copy any expert.
+Status ModelWeightsLoader::LoadFusedExperts(int l) {
+  const std::string p = "model.layers." + std::to_string(l) + ".mlp.experts.";
+  const int64_t E = c_.num_experts, I = c_.moe_intermediate_size;
+  EF_ASSIGN_OR_RETURN(const TensorView* gu, Tensor(ck_, p + "gate_up_proj", {E, H_, 2 * I}));
+  EF_ASSIGN_OR_RETURN(const TensorView* gub, Tensor(ck_, p + "gate_up_proj_bias", {E, 2 * I}));
+  EF_ASSIGN_OR_RETURN(const TensorView* dp, Tensor(ck_, p + "down_proj", {E, I, H_}));
+  EF_ASSIGN_OR_RETURN(const TensorView* dpb, Tensor(ck_, p + "down_proj_bias", {E, H_}));
+  const DType dt = gu->dtype;
+  for (const TensorView* t : {gub, dp, dpb})
+    if (t->dtype != dt)
+      return InvalidArgument("layer " + std::to_string(l) + ": fused expert tensors mix dtypes (" + DTypeName(dt) +
+                             " and " + DTypeName(t->dtype) + ")");
+  const size_t esz = DTypeSize(dt);
+  auto at = [esz](const void* base, int64_t i) {
+    return static_cast<const std::byte*>(base) + static_cast<size_t>(i) * esz;
+  };
+  for (int64_t e = 0; e < E; ++e) {
+    ExpertWeights ew{{dt, nullptr, I, H_}, {dt, nullptr, I, H_}, {dt, nullptr, H_, I},
+                     {dt, nullptr, 1, I},  {dt, nullptr, 1, I},  {dt, nullptr, 1, H_}};
+    std::byte* block = Own(ew.nbytes());
+    ew = ew.Rebased(block);
+    auto* gate = const_cast<std::byte*>(static_cast<const std::byte*>(ew.gate.data));
+    auto* up = const_cast<std::byte*>(static_cast<const std::byte*>(ew.up.data));
+    auto* down = const_cast<std::byte*>(static_cast<const std::byte*>(ew.down.data));
+    auto* gb = const_cast<std::byte*>(static_cast<const std::byte*>(ew.gate_bias.data));
+    auto* ub = const_cast<std::byte*>(static_cast<const std::byte*>(ew.up_bias.data));
+    auto* db = const_cast<std::byte*>(static_cast<const std::byte*>(ew.down_bias.data));
+    for (int64_t h = 0; h < H_; ++h)
+      for (int64_t i = 0; i < I; ++i) {
+        const int64_t row = (e * H_ + h) * 2 * I;
+        std::memcpy(gate + static_cast<size_t>(i * H_ + h) * esz, at(gu->data, row + 2 * i), esz);
+        std::memcpy(up + static_cast<size_t>(i * H_ + h) * esz, at(gu->data, row + 2 * i + 1), esz);
+        std::memcpy(down + static_cast<size_t>(h * I + i) * esz, at(dp->data, (e * I + i) * H_ + h), esz);
+      }
+    for (int64_t i = 0; i < I; ++i) {
+      std::memcpy(gb + static_cast<size_t>(i) * esz, at(gub->data, e * 2 * I + 2 * i), esz);
+      std::memcpy(ub + static_cast<size_t>(i) * esz, at(gub->data, e * 2 * I + 2 * i + 1), esz);
+    }
+    std::memcpy(db, at(dpb->data, e * H_), static_cast<size_t>(H_) * esz);
+    m_->host_experts_[static_cast<size_t>(l) * E + e] = ew;
+    m_->max_expert_bytes_ = std::max(m_->max_expert_bytes_, ew.nbytes());
+    m_->expert_dtype_ = dt;
+  }
+  return Status::Ok();
+}
+
 StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(const std::string& model_dir, Backend* backend) {
   auto m = std::unique_ptr<ModelWeights>(new ModelWeights());
   EF_ASSIGN_OR_RETURN(m->config_, ModelConfig::FromModelDir(model_dir));
   EF_ASSIGN_OR_RETURN(m->checkpoint_, Checkpoint::Open(model_dir));
+  EF_RETURN_IF_ERROR(ModelWeightsLoader(m.get(), backend).Run());
   const ModelConfig& c = m->config_;
-  const Checkpoint& ck = *m->checkpoint_;
-  const int64_t H = c.hidden_size;
-
-  auto upload = [&](const std::string& name, std::vector<int64_t> shape, Weight* out) -> Status {
-    EF_ASSIGN_OR_RETURN(const TensorView* t, Tensor(ck, name, shape));
-    Weight hw = HostWeight(t);
-    EF_ASSIGN_OR_RETURN(*out, backend->UploadWeight(hw.dtype, hw.data, hw.rows, hw.cols));
-    return Status::Ok();
-  };
-  auto upload_mlp = [&](const std::string& gate, const std::string& up, const std::string& down, int64_t inter,
-                        ExpertWeights* out) -> Status {
-    EF_RETURN_IF_ERROR(upload(gate, {inter, H}, &out->gate));
-    EF_RETURN_IF_ERROR(upload(up, {inter, H}, &out->up));
-    EF_RETURN_IF_ERROR(upload(down, {H, inter}, &out->down));
-    return Status::Ok();
-  };
-
-  EF_RETURN_IF_ERROR(upload("model.embed_tokens.weight", {c.vocab_size, H}, &m->embed_));
-  EF_RETURN_IF_ERROR(upload("model.norm.weight", {H}, &m->final_norm_));
-  if (c.tie_word_embeddings && !ck.Has("lm_head.weight")) {
-    m->lm_head_ = m->embed_;
-  } else {
-    EF_RETURN_IF_ERROR(upload("lm_head.weight", {c.vocab_size, H}, &m->lm_head_));
-  }
-  m->layers_.resize(c.num_layers);
-  m->host_experts_.resize(static_cast<size_t>(c.num_layers) * c.num_experts);
-  for (int l = 0; l < c.num_layers; ++l) {
-    LayerWeights& L = m->layers_[l];
-    const std::string p = "model.layers." + std::to_string(l);
-    EF_RETURN_IF_ERROR(upload(p + ".input_layernorm.weight", {H}, &L.input_norm));
-    EF_RETURN_IF_ERROR(upload(p + ".post_attention_layernorm.weight", {H}, &L.post_attention_norm));
-    EF_RETURN_IF_ERROR(upload(p + ".self_attn.q_proj.weight", {c.q_dim(), H}, &L.q));
-    EF_RETURN_IF_ERROR(upload(p + ".self_attn.k_proj.weight", {c.kv_dim(), H}, &L.k));
-    EF_RETURN_IF_ERROR(upload(p + ".self_attn.v_proj.weight", {c.kv_dim(), H}, &L.v));
-    EF_RETURN_IF_ERROR(upload(p + ".self_attn.o_proj.weight", {H, c.q_dim()}, &L.o));
-    if (c.qkv_bias) {
-      EF_RETURN_IF_ERROR(upload(p + ".self_attn.q_proj.bias", {c.q_dim()}, &L.q_bias));
-      EF_RETURN_IF_ERROR(upload(p + ".self_attn.k_proj.bias", {c.kv_dim()}, &L.k_bias));
-      EF_RETURN_IF_ERROR(upload(p + ".self_attn.v_proj.bias", {c.kv_dim()}, &L.v_bias));
-    }
-    if (c.qk_norm == QkNorm::kPerHead) {
-      EF_RETURN_IF_ERROR(upload(p + ".self_attn.q_norm.weight", {c.head_dim}, &L.q_norm));
-      EF_RETURN_IF_ERROR(upload(p + ".self_attn.k_norm.weight", {c.head_dim}, &L.k_norm));
-    } else if (c.qk_norm == QkNorm::kFull) {
-      EF_RETURN_IF_ERROR(upload(p + ".self_attn.q_norm.weight", {c.q_dim()}, &L.q_norm));
-      EF_RETURN_IF_ERROR(upload(p + ".self_attn.k_norm.weight", {c.kv_dim()}, &L.k_norm));
-    }
-    if (!c.IsMoeLayer(l)) {
-      EF_RETURN_IF_ERROR(upload_mlp(c.DenseMlpName(l, 0), c.DenseMlpName(l, 1), c.DenseMlpName(l, 2),
-                                    c.intermediate_size, &L.dense_mlp));
-      continue;
-    }
-    EF_RETURN_IF_ERROR(upload(c.RouterName(l), {c.num_experts, H}, &L.router));
-    if (c.shared_expert_intermediate_size > 0) {
-      EF_RETURN_IF_ERROR(upload_mlp(c.SharedExpertName(l, 0), c.SharedExpertName(l, 1), c.SharedExpertName(l, 2),
-                                    c.shared_expert_intermediate_size, &L.shared_expert));
-      EF_RETURN_IF_ERROR(upload(c.SharedExpertGateName(l), {1, H}, &L.shared_expert_gate));
-    }
-    const int64_t I = c.moe_intermediate_size;
-    for (int e = 0; e < c.num_experts; ++e) {
-      ExpertWeights& ew = m->host_experts_[static_cast<size_t>(l) * c.num_experts + e];
-      EF_ASSIGN_OR_RETURN(const TensorView* g, Tensor(ck, c.ExpertName(l, e, 0), {I, H}));
-      EF_ASSIGN_OR_RETURN(const TensorView* u, Tensor(ck, c.ExpertName(l, e, 1), {I, H}));
-      EF_ASSIGN_OR_RETURN(const TensorView* d, Tensor(ck, c.ExpertName(l, e, 2), {H, I}));
-      ew = ExpertWeights{HostWeight(g), HostWeight(u), HostWeight(d)};
-      m->max_expert_bytes_ = std::max(m->max_expert_bytes_, ew.nbytes());
-      m->expert_dtype_ = g->dtype;
-    }
-  }
   EF_LOG(INFO, MODEL, "loaded %s: %s, %d layers (%d MoE) x %d experts top-%d, hidden %d, %zu bytes per expert",
          model_dir.c_str(), c.model_type.c_str(), c.num_layers, c.num_moe_layers(), c.num_experts, c.top_k,
          c.hidden_size, m->max_expert_bytes_);

@@ -1,6 +1,10 @@
 // ModelWeights: the dense (non-expert) weights of a checkpoint, made usable by a backend, plus
-// views of every expert's weights in host memory (the checkpoint mapping), which an ExpertSource
-// streams or uploads. Loading validates every tensor's presence and shape against ModelConfig.
+// views of every expert's weights in host memory, which an ExpertSource streams or uploads.
+// Loading validates every tensor's presence and shape against ModelConfig. Experts are views of
+// the checkpoint mapping, except where the checkpoint's layout is not the engine's: GPT-OSS's
+// fused gate_up_proj [E, H, 2I] (gate/up interleaved) and down_proj [E, I, H] are repacked at load
+// into per-expert gate [I, H], up [I, H], down [H, I] (+ biases), owned here. MLA's kv_b_proj is
+// likewise repacked into the per-head absorbed key and value projections.
 #pragma once
 
 #include <memory>
@@ -9,6 +13,7 @@
 #include "runtime/backend/backend.h"
 #include "runtime/model/checkpoint.h"
 #include "runtime/model/model_config.h"
+#include "runtime/model/rope_frequencies.h"
 
 namespace ef::runtime {
 
@@ -16,18 +21,59 @@ struct ExpertWeights {
   Weight gate;  // [inter, hidden]
   Weight up;    // [inter, hidden]
   Weight down;  // [hidden, inter]
-  size_t nbytes() const { return gate.nbytes() + up.nbytes() + down.nbytes(); }
+  // Optional biases (gpt_oss): empty when the family has none.
+  Weight gate_bias;  // [inter]
+  Weight up_bias;    // [inter]
+  Weight down_bias;  // [hidden]
+
+  bool has_bias() const { return gate_bias.cols > 0; }
+  // The packed byte layout of an expert wherever it is copied whole (caches, host shards, peer
+  // fetches): gate | up | down, then gate_bias | up_bias | down_bias when present, back to back.
+  std::vector<const Weight*> parts() const {
+    std::vector<const Weight*> p = {&gate, &up, &down};
+    if (has_bias()) p.insert(p.end(), {&gate_bias, &up_bias, &down_bias});
+    return p;
+  }
+  std::vector<Weight*> parts() {
+    std::vector<Weight*> p = {&gate, &up, &down};
+    if (has_bias()) p.insert(p.end(), {&gate_bias, &up_bias, &down_bias});
+    return p;
+  }
+  size_t nbytes() const {
+    size_t n = 0;
+    for (const Weight* w : parts()) n += w->nbytes();
+    return n;
+  }
+  // These shapes, viewing an expert packed (parts() order) at `base`.
+  ExpertWeights Rebased(const void* base) const {
+    ExpertWeights r = *this;
+    auto* p = static_cast<const std::byte*>(base);
+    for (Weight* w : r.parts()) {
+      w->data = p;
+      p += w->nbytes();
+    }
+    return r;
+  }
 };
 
 struct LayerWeights {
   Weight input_norm, post_attention_norm;
   Weight q, k, v, o;
-  Weight q_bias, k_bias, v_bias;  // empty when the family has none
-  Weight q_norm, k_norm;          // empty when the family has none
+  Weight q_bias, k_bias, v_bias, o_bias;  // empty when the family has none
+  Weight q_norm, k_norm;                  // empty when the family has none
+  Weight sinks;                           // gpt_oss: [heads], F32
+  // MLA (deepseek): q is q_proj, or q_b_proj after q_a_proj + q_a_norm when q_lora_rank > 0.
+  Weight q_a, q_a_norm;
+  Weight kv_a;        // kv_a_proj_with_mqa [kv_lora + rope, hidden]
+  Weight kv_a_norm;   // [kv_lora]
+  Weight kv_b_key;    // absorbed key projection, per head W_uk^T: [heads * kv_lora, nope]
+  Weight kv_b_value;  // per head W_uv: [heads * v_head_dim, kv_lora]
   // MoE layers
-  Weight router;                // [experts, hidden]
-  ExpertWeights shared_expert;  // empty gate when none
-  Weight shared_expert_gate;    // [1, hidden]
+  Weight router;                             // [experts, hidden]
+  Weight router_bias;                        // gpt_oss: [experts]
+  std::vector<float> score_correction_bias;  // deepseek_v3, host: [experts]
+  ExpertWeights shared_expert;               // empty gate when none
+  Weight shared_expert_gate;                 // [1, hidden]; empty unless config.shared_expert_gated
   // Dense MLP layers (mlp_only_layers)
   ExpertWeights dense_mlp;
 };
@@ -43,6 +89,9 @@ class ModelWeights {
   const Weight& embed() const { return embed_; }
   const Weight& final_norm() const { return final_norm_; }
   const Weight& lm_head() const { return lm_head_; }
+  // Rotary inverse frequencies, F32 [rope_dim / 2] on the backend, and YaRN's cos/sin factor.
+  const Weight& rope_inv_freq() const { return rope_inv_freq_; }
+  float rope_attention_factor() const { return rope_attention_factor_; }
   const LayerWeights& layer(int l) const { return layers_[static_cast<size_t>(l)]; }
   // Host views (checkpoint bytes) of routed expert e of layer l. Valid for MoE layers only.
   const ExpertWeights& host_expert(int layer, int expert) const {
@@ -54,9 +103,14 @@ class ModelWeights {
   DType expert_dtype() const { return expert_dtype_; }
 
  private:
+  friend class ModelWeightsLoader;
   ModelConfig config_;
   std::unique_ptr<Checkpoint> checkpoint_;
   Weight embed_, final_norm_, lm_head_;
+  Weight rope_inv_freq_;
+  float rope_attention_factor_ = 1.f;
+  // Repacked host bytes (fused experts, MLA projections, fp32 vectors) that weights above view.
+  std::vector<std::unique_ptr<std::vector<std::byte>>> owned_;
   std::vector<LayerWeights> layers_;
   std::vector<ExpertWeights> host_experts_;
   size_t max_expert_bytes_ = 0;

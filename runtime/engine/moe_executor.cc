@@ -24,10 +24,15 @@ Status LocalMoeExecutor::Mlp(const ExpertWeights& w, int64_t rows, const float* 
   const int64_t inter = w.gate.rows;
   EF_ASSIGN_OR_RETURN(float* g, Scratch(kGate, static_cast<size_t>(rows * inter)));
   EF_ASSIGN_OR_RETURN(float* u, Scratch(kUp, static_cast<size_t>(rows * inter)));
-  backend_->Gemm(x, rows, w.gate, nullptr, g, false);
-  backend_->Gemm(x, rows, w.up, nullptr, u, false);
-  backend_->SiluMul(g, u, g, rows * inter);
-  backend_->Gemm(g, rows, w.down, nullptr, out, false);
+  const bool bias = w.has_bias();
+  backend_->Gemm(x, rows, w.gate, bias ? &w.gate_bias : nullptr, g, false);
+  backend_->Gemm(x, rows, w.up, bias ? &w.up_bias : nullptr, u, false);
+  if (activation_.kind == ExpertActivation::kClampedSwiGlu) {
+    backend_->ClampedSwiGlu(g, u, g, rows * inter, activation_.alpha, activation_.limit);
+  } else {
+    backend_->SiluMul(g, u, g, rows * inter);
+  }
+  backend_->Gemm(g, rows, w.down, bias ? &w.down_bias : nullptr, out, false);
   return Status::Ok();
 }
 

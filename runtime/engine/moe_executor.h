@@ -23,10 +23,20 @@ class MoeExecutor {
                      std::span<const float> weights, float* out) = 0;
 };
 
+// The expert MLP's activation: silu(gate) * up, or GPT-OSS's clamped SwiGLU.
+struct ExpertActivationParams {
+  ExpertActivation kind = ExpertActivation::kSiluMul;
+  float alpha = 1.702f;
+  float limit = 7.f;
+  static ExpertActivationParams ForModel(const ModelConfig& c) {
+    return {c.expert_activation, c.swiglu_alpha, c.swiglu_limit};
+  }
+};
+
 class LocalMoeExecutor final : public MoeExecutor {
  public:
-  LocalMoeExecutor(Backend* backend, int hidden_size, int num_experts)
-      : backend_(backend), hidden_(hidden_size), num_experts_(num_experts) {}
+  LocalMoeExecutor(Backend* backend, int hidden_size, int num_experts, ExpertActivationParams activation = {})
+      : backend_(backend), hidden_(hidden_size), num_experts_(num_experts), activation_(activation) {}
 
   void set_expert_source(ExpertSource* source) { source_ = source; }
   ExpertSource* expert_source() const { return source_; }
@@ -50,6 +60,7 @@ class LocalMoeExecutor final : public MoeExecutor {
   Backend* backend_;
   int hidden_;
   int num_experts_;
+  ExpertActivationParams activation_;
   ExpertSource* source_ = nullptr;
   std::vector<Buffer> scratch_ = std::vector<Buffer>(8);
 };

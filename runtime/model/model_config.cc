@@ -43,6 +43,16 @@ class Reader {
     *out = j_[key].get<bool>();
     return Status::Ok();
   }
+  Status Float(const char* key, float* out) {
+    if (!Has(key)) return Missing(key);
+    return OptFloat(key, out);
+  }
+  Status OptString(const char* key, std::string* out) {
+    if (!j_.contains(key) || j_[key].is_null()) return Status::Ok();
+    if (!j_[key].is_string()) return WrongType(key, "a string");
+    *out = j_[key].get<std::string>();
+    return Status::Ok();
+  }
   bool Has(const char* key) const { return j_.contains(key) && !j_[key].is_null(); }
   Status Missing(const char* key) const {
     return InvalidArgument(origin_ + ": required field \"" + key + "\" is missing");
@@ -68,9 +78,165 @@ const char* ModelFamilyName(ModelFamily f) {
       return "qwen3_moe";
     case ModelFamily::kOlmoe:
       return "olmoe";
+    case ModelFamily::kDeepseekV2:
+      return "deepseek_v2";
+    case ModelFamily::kDeepseekV3:
+      return "deepseek_v3";
+    case ModelFamily::kGptOss:
+      return "gpt_oss";
   }
   return "?";
 }
+
+namespace {
+
+std::string Num(double v) {
+  std::ostringstream o;
+  o << v;
+  return o.str();
+}
+
+// rope_parameters (transformers >= 5) or rope_theta + rope_scaling (older configs). Types: default
+// and yarn (GPT-OSS, DeepSeek-V3); others are refused rather than approximated.
+Status ParseRope(const json& j, const std::string& origin, ModelConfig* c) {
+  const bool v5 = j.contains("rope_parameters") && j["rope_parameters"].is_object();
+  const bool scaled = !v5 && j.contains("rope_scaling") && !j["rope_scaling"].is_null();
+  if (!v5) {
+    Reader r(j, origin);
+    EF_RETURN_IF_ERROR(r.OptFloat("rope_theta", &c->rope.theta));
+    if (!scaled) return Status::Ok();
+    if (!j["rope_scaling"].is_object()) return r.WrongType("rope_scaling", "an object");
+  }
+  const std::string where = v5 ? "rope_parameters" : "rope_scaling";
+  const json& rp = v5 ? j["rope_parameters"] : j["rope_scaling"];
+  const std::string sub = origin + " (" + where + ")";
+  Reader r(rp, sub);
+  std::string type = "default";
+  if (rp.contains("type") && rp["type"].is_string()) type = rp["type"].get<std::string>();
+  EF_RETURN_IF_ERROR(r.OptString("rope_type", &type));
+  if (type != "default" && type != "yarn")
+    return Unimplemented(origin + ": " + where + ".rope_type \"" + type + "\" is not supported (default, yarn)");
+  c->rope.type = type;
+  EF_RETURN_IF_ERROR(r.OptFloat("rope_theta", &c->rope.theta));
+  if (type == "yarn") {
+    EF_RETURN_IF_ERROR(r.Float("factor", &c->rope.factor));
+    if (c->rope.factor <= 0) return InvalidArgument(sub + ": \"factor\" must be positive, got " + Num(c->rope.factor));
+    EF_RETURN_IF_ERROR(r.Int("original_max_position_embeddings", &c->rope.original_max_position_embeddings));
+    EF_RETURN_IF_ERROR(r.OptFloat("beta_fast", &c->rope.beta_fast));
+    EF_RETURN_IF_ERROR(r.OptFloat("beta_slow", &c->rope.beta_slow));
+    EF_RETURN_IF_ERROR(r.OptFloat("mscale", &c->rope.mscale));
+    EF_RETURN_IF_ERROR(r.OptFloat("mscale_all_dim", &c->rope.mscale_all_dim));
+    EF_RETURN_IF_ERROR(r.OptFloat("attention_factor", &c->rope.attention_factor));
+    EF_RETURN_IF_ERROR(r.OptBool("truncate", &c->rope.truncate));
+  }
+  return Status::Ok();
+}
+
+// DeepSeek-V2/V3: MLA attention, dense layers before first_k_dense_replace, routed + shared
+// experts, and the router's top-k method.
+Status ParseDeepseek(const json& j, const std::string& origin, ModelConfig* c) {
+  Reader r(j, origin);
+  const bool v3 = c->family == ModelFamily::kDeepseekV3;
+  c->mla = true;
+  if (r.Has("q_lora_rank")) EF_RETURN_IF_ERROR(r.Int("q_lora_rank", &c->q_lora_rank));
+  EF_RETURN_IF_ERROR(r.Int("kv_lora_rank", &c->kv_lora_rank));
+  EF_RETURN_IF_ERROR(r.Int("qk_nope_head_dim", &c->qk_nope_head_dim));
+  EF_RETURN_IF_ERROR(r.Int("qk_rope_head_dim", &c->qk_rope_head_dim));
+  EF_RETURN_IF_ERROR(r.Int("v_head_dim", &c->v_head_dim));
+  if (c->qk_rope_head_dim % 2 != 0)
+    return InvalidArgument(origin + ": \"qk_rope_head_dim\" = " + std::to_string(c->qk_rope_head_dim) +
+                           " must be even for rotary embeddings");
+  c->head_dim = c->qk_nope_head_dim + c->qk_rope_head_dim;
+  c->num_kv_heads = c->num_heads;  // MLA: every head has its own keys (expanded from the latent)
+  bool attention_bias = false;
+  EF_RETURN_IF_ERROR(r.OptBool("attention_bias", &attention_bias));
+  if (attention_bias) return Unimplemented(origin + ": \"attention_bias\": true is not supported for " + c->model_type);
+  // transformers: V2 always rotates interleaved pairs (complex form); V3 when rope_interleave (default true).
+  c->rope_interleaved = true;
+  if (v3) EF_RETURN_IF_ERROR(r.OptBool("rope_interleave", &c->rope_interleaved));
+
+  EF_RETURN_IF_ERROR(r.Int("n_routed_experts", &c->num_experts, 1, limits::kMaxExperts));
+  EF_RETURN_IF_ERROR(r.Int("moe_intermediate_size", &c->moe_intermediate_size));
+  int n_shared = 0;
+  EF_RETURN_IF_ERROR(r.OptInt("n_shared_experts", &n_shared));
+  c->shared_expert_intermediate_size = n_shared * c->moe_intermediate_size;
+  int first_dense = 0;
+  EF_RETURN_IF_ERROR(r.OptInt("first_k_dense_replace", &first_dense, 0, c->num_layers));
+  for (int l = 0; l < first_dense; ++l) c->mlp_only_layers.push_back(l);
+  EF_RETURN_IF_ERROR(r.OptBool("norm_topk_prob", &c->norm_topk_prob));
+  EF_RETURN_IF_ERROR(r.OptFloat("routed_scaling_factor", &c->routed_scaling_factor));
+  EF_RETURN_IF_ERROR(r.OptInt("n_group", &c->n_group, 1, c->num_experts));
+  EF_RETURN_IF_ERROR(r.OptInt("topk_group", &c->topk_group, 1, c->num_experts));
+  if (c->num_experts % c->n_group != 0)
+    return InvalidArgument(origin + ": \"n_routed_experts\" (" + std::to_string(c->num_experts) +
+                           ") is not divisible by \"n_group\" (" + std::to_string(c->n_group) + ")");
+  if (c->topk_group > c->n_group)
+    return InvalidArgument(origin + ": \"topk_group\" (" + std::to_string(c->topk_group) + ") exceeds \"n_group\" (" +
+                           std::to_string(c->n_group) + ")");
+  std::string method = v3 ? "noaux_tc" : "greedy";
+  EF_RETURN_IF_ERROR(r.OptString("topk_method", &method));
+  if (v3) {
+    // transformers' V3 router always scores with sigmoid and selects group-limited with the bias.
+    if (method != "noaux_tc")
+      return Unimplemented(origin + ": \"topk_method\" \"" + method + "\" is not supported for deepseek_v3 (noaux_tc)");
+    c->router_scoring = RouterScoring::kSigmoid;
+    c->topk_method = TopkMethod::kNoAuxTc;
+    c->score_correction_bias = true;
+    // Group scores sum each group's top two experts.
+    if (c->num_experts / c->n_group < 2)
+      return InvalidArgument(origin + ": \"n_group\" (" + std::to_string(c->n_group) +
+                             ") leaves fewer than 2 experts per group; noaux_tc scores a group by its top two");
+  } else if (method == "greedy") {
+    c->topk_method = TopkMethod::kGreedy;
+  } else if (method == "group_limited_greedy") {
+    c->topk_method = TopkMethod::kGroupLimitedGreedy;
+  } else {
+    return Unimplemented(origin + ": \"topk_method\" \"" + method +
+                         "\" is not supported for deepseek_v2 (greedy, group_limited_greedy)");
+  }
+  if (c->top_k > c->topk_group * (c->num_experts / c->n_group) && c->topk_method != TopkMethod::kGreedy)
+    return InvalidArgument(origin + ": \"num_experts_per_tok\" (" + std::to_string(c->top_k) +
+                           ") exceeds the experts of topk_group groups (" +
+                           std::to_string(c->topk_group * (c->num_experts / c->n_group)) + ")");
+  if (!v3) c->norm_topk_prob = false;  // transformers' V2 router never renormalises the top-k weights
+  return Status::Ok();
+}
+
+// GPT-OSS: biased attention with sinks, sliding/full layers, biased fused experts.
+Status ParseGptOss(const json& j, const std::string& origin, ModelConfig* c) {
+  Reader r(j, origin);
+  c->qkv_bias = true;
+  EF_RETURN_IF_ERROR(r.OptBool("attention_bias", &c->qkv_bias));
+  c->o_bias = c->qkv_bias;
+  c->attention_sinks = true;
+  c->router_scoring = RouterScoring::kSoftmaxTopK;
+  c->router_bias = true;
+  c->expert_bias = true;
+  c->expert_activation = ExpertActivation::kClampedSwiGlu;
+  c->moe_intermediate_size = c->intermediate_size;
+  EF_RETURN_IF_ERROR(r.OptFloat("swiglu_limit", &c->swiglu_limit));
+  c->sliding_layers.assign(c->num_layers, false);
+  if (r.Has("layer_types")) {
+    const json& lt = j["layer_types"];
+    if (!lt.is_array() || static_cast<int>(lt.size()) != c->num_layers)
+      return r.WrongType("layer_types", ("a list of " + std::to_string(c->num_layers) + " layer types").c_str());
+    for (int l = 0; l < c->num_layers; ++l) {
+      if (lt[l] == "sliding_attention") {
+        c->sliding_layers[l] = true;
+      } else if (lt[l] != "full_attention") {
+        return InvalidArgument(origin + ": \"layer_types\"[" + std::to_string(l) + "] = " + lt[l].dump() +
+                               " is not sliding_attention or full_attention");
+      }
+    }
+  } else {
+    for (int l = 0; l < c->num_layers; ++l) c->sliding_layers[l] = l % 2 == 0;  // transformers' default
+  }
+  if (std::find(c->sliding_layers.begin(), c->sliding_layers.end(), true) != c->sliding_layers.end())
+    EF_RETURN_IF_ERROR(r.Int("sliding_window", &c->sliding_window));
+  return Status::Ok();
+}
+
+}  // namespace
 
 StatusOr<ModelConfig> ModelConfig::FromJson(const std::string& text, const std::string& origin) {
   json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
@@ -88,9 +254,17 @@ StatusOr<ModelConfig> ModelConfig::FromJson(const std::string& text, const std::
     c.family = ModelFamily::kQwen3Moe;
   else if (c.model_type == "olmoe")
     c.family = ModelFamily::kOlmoe;
+  else if (c.model_type == "deepseek_v2")
+    c.family = ModelFamily::kDeepseekV2;
+  else if (c.model_type == "deepseek_v3")
+    c.family = ModelFamily::kDeepseekV3;
+  else if (c.model_type == "gpt_oss")
+    c.family = ModelFamily::kGptOss;
   else
     return Unimplemented(origin + ": model_type \"" + c.model_type +
-                         "\" is not supported (supported: mixtral, qwen2_moe, qwen3_moe, olmoe)");
+                         "\" is not supported (supported: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, "
+                         "deepseek_v3, gpt_oss)");
+  const bool deepseek = c.family == ModelFamily::kDeepseekV2 || c.family == ModelFamily::kDeepseekV3;
 
   Reader r(j, origin);
   EF_RETURN_IF_ERROR(r.Int("vocab_size", &c.vocab_size, 1, limits::kMaxVocab));
@@ -114,28 +288,17 @@ StatusOr<ModelConfig> ModelConfig::FromJson(const std::string& text, const std::
   EF_RETURN_IF_ERROR(r.OptInt("max_position_embeddings", &c.max_position_embeddings, 1));
   EF_RETURN_IF_ERROR(r.OptFloat("rms_norm_eps", &c.rms_norm_eps));
 
-  // Rotary: transformers >= 5 writes rope_parameters; older configs rope_theta / rope_scaling.
-  if (j.contains("rope_parameters") && j["rope_parameters"].is_object()) {
-    const json& rp = j["rope_parameters"];
-    std::string type = rp.value("rope_type", "default");
-    if (type != "default")
-      return Unimplemented(origin + ": rope_parameters.rope_type \"" + type + "\" is not supported (only default)");
-    if (rp.contains("rope_theta")) {
-      if (!rp["rope_theta"].is_number())
-        return InvalidArgument(origin + ": rope_parameters.rope_theta must be a number");
-      c.rope_theta = rp["rope_theta"].get<float>();
-    }
-  } else {
-    EF_RETURN_IF_ERROR(r.OptFloat("rope_theta", &c.rope_theta));
-    if (j.contains("rope_scaling") && !j["rope_scaling"].is_null())
-      return Unimplemented(origin + ": rope_scaling is not supported");
-  }
+  EF_RETURN_IF_ERROR(ParseRope(j, origin, &c));
+  c.rope_theta = c.rope.theta;
+  // gpt_oss writes hidden_act "silu" but its experts use their own clamped SwiGLU.
   if (j.contains("hidden_act") && j["hidden_act"] != "silu")
     return Unimplemented(origin + ": hidden_act " + j["hidden_act"].dump() + " is not supported (only silu)");
   EF_RETURN_IF_ERROR(r.OptBool("tie_word_embeddings", &c.tie_word_embeddings));
 
   EF_RETURN_IF_ERROR(r.Int("num_experts_per_tok", &c.top_k, 1, limits::kMaxTopK));
-  const char* experts_key = c.family == ModelFamily::kMixtral ? "num_local_experts" : "num_experts";
+  const char* experts_key = c.family == ModelFamily::kMixtral || c.family == ModelFamily::kGptOss ? "num_local_experts"
+                            : deepseek                                                            ? "n_routed_experts"
+                                                                                                  : "num_experts";
   if (!r.Has(experts_key) && r.Has("num_local_experts")) experts_key = "num_local_experts";
   EF_RETURN_IF_ERROR(r.Int(experts_key, &c.num_experts, 1, limits::kMaxExperts));
   if (c.top_k > c.num_experts)
@@ -158,6 +321,7 @@ StatusOr<ModelConfig> ModelConfig::FromJson(const std::string& text, const std::
       EF_RETURN_IF_ERROR(r.Int("moe_intermediate_size", &c.moe_intermediate_size));
       EF_RETURN_IF_ERROR(r.OptInt("shared_expert_intermediate_size", &c.shared_expert_intermediate_size));
       c.qkv_bias = true;  // Qwen2 attention always has q/k/v biases
+      c.shared_expert_gated = true;
       EF_RETURN_IF_ERROR(r.OptBool("qkv_bias", &c.qkv_bias));
       EF_RETURN_IF_ERROR(r.OptBool("norm_topk_prob", &c.norm_topk_prob));
       break;
@@ -166,6 +330,13 @@ StatusOr<ModelConfig> ModelConfig::FromJson(const std::string& text, const std::
       c.qk_norm = QkNorm::kPerHead;
       EF_RETURN_IF_ERROR(r.OptBool("attention_bias", &c.qkv_bias));
       EF_RETURN_IF_ERROR(r.OptBool("norm_topk_prob", &c.norm_topk_prob));
+      break;
+    case ModelFamily::kDeepseekV2:
+    case ModelFamily::kDeepseekV3:
+      EF_RETURN_IF_ERROR(ParseDeepseek(j, origin, &c));
+      break;
+    case ModelFamily::kGptOss:
+      EF_RETURN_IF_ERROR(ParseGptOss(j, origin, &c));
       break;
   }
   if (c.family == ModelFamily::kQwen2Moe || c.family == ModelFamily::kQwen3Moe) {
@@ -234,6 +405,7 @@ int ModelConfig::MoeLayerIndex(int layer) const {
 
 std::string ModelConfig::RouterName(int layer) const {
   const std::string p = "model.layers." + std::to_string(layer);
+  if (family == ModelFamily::kGptOss) return p + ".mlp.router.weight";
   return family == ModelFamily::kMixtral ? p + ".block_sparse_moe.gate.weight" : p + ".mlp.gate.weight";
 }
 
@@ -249,7 +421,8 @@ std::string ModelConfig::ExpertName(int layer, int expert, int proj) const {
 
 std::string ModelConfig::SharedExpertName(int layer, int proj) const {
   static const char* kP[] = {"gate_proj", "up_proj", "down_proj"};
-  return "model.layers." + std::to_string(layer) + ".mlp.shared_expert." + kP[proj] + ".weight";
+  const char* module = mla ? ".mlp.shared_experts." : ".mlp.shared_expert.";
+  return "model.layers." + std::to_string(layer) + module + kP[proj] + ".weight";
 }
 
 std::string ModelConfig::SharedExpertGateName(int layer) const {

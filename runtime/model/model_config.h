@@ -1,7 +1,9 @@
 // ModelConfig: the architecture of a Hugging Face MoE checkpoint, parsed from config.json.
 //
-// Families: mixtral, qwen2_moe, qwen3_moe, olmoe. Any other model_type, a missing required
-// field or a value of the wrong type is an error naming it; nothing is guessed silently.
+// Families: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3 (multi-head latent
+// attention, group-limited routing, shared experts) and gpt_oss (attention sinks, sliding layers,
+// YaRN rope, fused biased experts). Any other model_type, a missing required field or a value of
+// the wrong type or out of range is an error naming it; nothing is guessed silently.
 #pragma once
 
 #include <string>
@@ -11,8 +13,29 @@
 
 namespace ef::runtime {
 
-enum class ModelFamily { kMixtral, kQwen2Moe, kQwen3Moe, kOlmoe };
+enum class ModelFamily { kMixtral, kQwen2Moe, kQwen3Moe, kOlmoe, kDeepseekV2, kDeepseekV3, kGptOss };
 enum class QkNorm { kNone, kPerHead, kFull };  // qwen3: RMSNorm over head_dim; olmoe: over the projection
+
+// How the router turns logits into expert choices and weights.
+enum class RouterScoring {
+  kSoftmax,      // softmax over all experts, top-k of the probabilities (mixtral, qwen, olmoe, deepseek_v2)
+  kSigmoid,      // sigmoid scores; selection may add e_score_correction_bias (deepseek_v3)
+  kSoftmaxTopK,  // top-k of the logits, softmax over the k selected logits (gpt_oss)
+};
+enum class TopkMethod { kGreedy, kGroupLimitedGreedy, kNoAuxTc };
+enum class ExpertActivation { kSiluMul, kClampedSwiGlu };
+
+// Rotary embedding parameters (rope_parameters / rope_scaling of config.json).
+struct RopeParams {
+  std::string type = "default";  // default | yarn
+  float theta = 10000.f;
+  float factor = 1.f;
+  int original_max_position_embeddings = 0;
+  float beta_fast = 32.f, beta_slow = 1.f;
+  float mscale = 0.f, mscale_all_dim = 0.f;  // 0: absent
+  float attention_factor = 0.f;              // 0: absent (derived from factor)
+  bool truncate = true;
+};
 
 struct ModelConfig {
   std::string model_type;
@@ -26,7 +49,22 @@ struct ModelConfig {
   int max_position_embeddings = 0;
   float rms_norm_eps = 1e-6f;
   float rope_theta = 10000.f;
+  RopeParams rope;
+  bool rope_interleaved = false;  // DeepSeek: rotate pairs (2i, 2i+1)
   bool qkv_bias = false;
+  bool o_bias = false;           // gpt_oss
+  bool attention_sinks = false;  // gpt_oss: one learned logit per head joins the softmax
+  int sliding_window = 0;        // gpt_oss: window of the layers marked sliding
+  std::vector<bool> sliding_layers;
+
+  // Multi-head latent attention (deepseek_v2/v3). head_dim is then qk_nope + qk_rope and
+  // num_kv_heads = num_heads; the KV cache holds kv_lora_rank + qk_rope_head_dim floats per token.
+  bool mla = false;
+  int q_lora_rank = 0;  // 0: plain q_proj
+  int kv_lora_rank = 0;
+  int qk_nope_head_dim = 0;
+  int qk_rope_head_dim = 0;
+  int v_head_dim = 0;
   QkNorm qk_norm = QkNorm::kNone;
   float clip_qkv = 0.f;  // 0: no clipping (olmoe's clip_qkv)
   bool tie_word_embeddings = false;
@@ -37,7 +75,18 @@ struct ModelConfig {
   int moe_intermediate_size = 0;            // per routed expert
   int intermediate_size = 0;                // dense MLP layers (mlp_only_layers / sparse step)
   int shared_expert_intermediate_size = 0;  // 0: no shared expert
+  bool shared_expert_gated = false;         // qwen2_moe: sigmoid(shared_expert_gate . h) scales it
   bool norm_topk_prob = false;
+  RouterScoring router_scoring = RouterScoring::kSoftmax;
+  TopkMethod topk_method = TopkMethod::kGreedy;
+  int n_group = 1;
+  int topk_group = 1;
+  float routed_scaling_factor = 1.f;
+  bool router_bias = false;            // gpt_oss: the router Linear has a bias
+  bool score_correction_bias = false;  // deepseek_v3: e_score_correction_bias
+  bool expert_bias = false;            // gpt_oss: expert projections have biases
+  ExpertActivation expert_activation = ExpertActivation::kSiluMul;
+  float swiglu_alpha = 1.702f, swiglu_limit = 7.f;  // kClampedSwiGlu
   int decoder_sparse_step = 1;
   std::vector<int> mlp_only_layers;
 
@@ -56,6 +105,18 @@ struct ModelConfig {
   int MoeLayerIndex(int layer) const;
   int q_dim() const { return num_heads * head_dim; }
   int kv_dim() const { return num_kv_heads * head_dim; }
+  // Attention output width (the o_proj input): v_head_dim per head under MLA.
+  int attn_out_dim() const { return mla ? num_heads * v_head_dim : q_dim(); }
+  // Floats per token and layer in the KV cache: keys, then values (0: MLA keeps one latent row).
+  int kv_cache_key_width() const { return mla ? kv_lora_rank + qk_rope_head_dim : kv_dim(); }
+  int kv_cache_value_width() const { return mla ? 0 : kv_dim(); }
+  // Rotary dimensions per head.
+  int rope_dim() const { return mla ? qk_rope_head_dim : head_dim; }
+  // The router's choices need more than RouterTopK (softmax top-k): computed on the host.
+  bool host_routing() const {
+    return router_scoring != RouterScoring::kSoftmax || topk_method != TopkMethod::kGreedy ||
+           routed_scaling_factor != 1.f;
+  }
 
   // Tensor names of the checkpoint for this family.
   std::string RouterName(int layer) const;

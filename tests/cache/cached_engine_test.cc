@@ -86,7 +86,7 @@ TEST_P(CachedEngineTest, IdenticalOutputsForEveryBudgetAndPolicy) {
 
 INSTANTIATE_TEST_SUITE_P(FamiliesAndPolicies, CachedEngineTest,
                          ::testing::Combine(::testing::Values("mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
-                                                              "tiny-code-moe"),
+                                                              "deepseek_v2", "deepseek_v3", "gpt_oss", "tiny-code-moe"),
                                             ::testing::Values("lru", "lfu", "expertflow", "static")));
 
 TEST(CachedEngine, BudgetSmallerThanTopKIsAnError) {

@@ -190,6 +190,94 @@ void CpuBackend::AttentionBatch(const float* q, const AttentionSeq* seqs_host, i
   }
 }
 
+void CpuBackend::RopeTable(float* x, const int32_t* positions, int64_t rows, int num_heads, const RopeSpec& spec) {
+  const int half = spec.rot_dim / 2;
+  std::vector<float> cs(half), sn(half);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int i = 0; i < half; ++i) {
+      const float a = static_cast<float>(positions[r]) * spec.inv_freq[i];
+      cs[i] = std::cos(a) * spec.scale;
+      sn[i] = std::sin(a) * spec.scale;
+    }
+    for (int h = 0; h < num_heads; ++h) {
+      float* v = x + r * spec.row_stride + static_cast<int64_t>(h) * spec.head_stride + spec.offset;
+      for (int i = 0; i < half; ++i) {
+        // The pair (a, b) rotates as the complex number a + ib times cos + i sin.
+        float& a = spec.interleaved ? v[2 * i] : v[i];
+        float& b = spec.interleaved ? v[2 * i + 1] : v[i + half];
+        const float a0 = a, b0 = b;
+        a = a0 * cs[i] - b0 * sn[i];
+        b = b0 * cs[i] + a0 * sn[i];
+      }
+    }
+  }
+}
+
+void CpuBackend::AttentionEx(const float* q, const AttentionSeq* seqs_host, int num_seqs, const AttentionSpec& spec,
+                             float* out) {
+  const int group = spec.num_heads / spec.num_kv_heads;
+  for (int s = 0; s < num_seqs; ++s) {
+    const AttentionSeq& a = seqs_host[s];
+    if (a.n_new <= 0) continue;
+    const int offset = a.n_total - a.n_new;
+    pool_->ParallelFor(static_cast<int64_t>(spec.num_heads) * a.n_new, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores(a.n_total);
+      for (int64_t job = begin; job < end; ++job) {
+        const int h = static_cast<int>(job / a.n_new), i = static_cast<int>(job % a.n_new);
+        const int kvh = h / group;
+        const float* qi = q + (a.q_row + i) * spec.q_stride + static_cast<int64_t>(h) * spec.qk_dim;
+        const int last = offset + i;  // causal: keys 0..last
+        const int first = spec.window > 0 ? std::max(0, last - spec.window + 1) : 0;
+        float mx = spec.sinks ? spec.sinks[h] : -INFINITY;
+        for (int t = first; t <= last; ++t) {
+          scores[t] =
+              Dot(qi, a.k + t * spec.k_stride + static_cast<int64_t>(kvh) * spec.qk_dim, spec.qk_dim) * spec.scale;
+          mx = std::max(mx, scores[t]);
+        }
+        float sum = spec.sinks ? std::exp(spec.sinks[h] - mx) : 0.f;
+        for (int t = first; t <= last; ++t) sum += (scores[t] = std::exp(scores[t] - mx));
+        float* o = out + (a.q_row + i) * spec.out_stride + static_cast<int64_t>(h) * spec.v_dim;
+        std::fill(o, o + spec.v_dim, 0.f);
+        for (int t = first; t <= last; ++t) {
+          const float p = scores[t] / sum;
+          const float* vt = a.v + t * spec.v_stride + static_cast<int64_t>(kvh) * spec.v_dim;
+          for (int d = 0; d < spec.v_dim; ++d) o[d] += p * vt[d];
+        }
+      }
+    });
+  }
+}
+
+void CpuBackend::GemmPerHead(const float* x, int64_t rows, int num_heads, int64_t x_stride, int x_head_stride,
+                             const Weight& w, int n, float* y, int64_t y_stride, int y_head_stride) {
+  const int64_t k = w.cols;
+  pool_->ParallelFor(
+      static_cast<int64_t>(num_heads) * n,
+      [&](int64_t begin, int64_t end) {
+        std::vector<float> scratch(w.dtype == DType::kF32 ? 0 : static_cast<size_t>(k));
+        for (int64_t hj = begin; hj < end; ++hj) {
+          const int64_t h = hj / n, j = hj % n;
+          const float* wr = WeightRow(w, hj, scratch.data());
+          for (int64_t r = 0; r < rows; ++r)
+            y[r * y_stride + h * y_head_stride + j] = Dot(x + r * x_stride + h * x_head_stride, wr, k);
+        }
+      },
+      /*min_chunk=*/16);
+}
+
+void CpuBackend::Copy2D(float* dst, int64_t dst_pitch, const float* src, int64_t src_pitch, int64_t width,
+                        int64_t rows) {
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * dst_pitch, src + r * src_pitch, sizeof(float) * width);
+}
+
+void CpuBackend::ClampedSwiGlu(const float* gate, const float* up, float* out, int64_t n, float alpha, float limit) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = std::min(gate[i], limit);
+    const float u = std::clamp(up[i], -limit, limit);
+    out[i] = (u + 1.0f) * (g / (1.0f + std::exp(-alpha * g)));
+  }
+}
+
 void CpuBackend::SiluMul(const float* gate, const float* up, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     float g = gate[i];

@@ -34,6 +34,13 @@ class CpuBackend final : public Backend {
                  int num_kv_heads, int head_dim, float* out) override;
   void AttentionBatch(const float* q, const AttentionSeq* seqs_host, int num_seqs, int num_heads, int num_kv_heads,
                       int head_dim, float* out) override;
+  void RopeTable(float* x, const int32_t* positions, int64_t rows, int num_heads, const RopeSpec& spec) override;
+  void AttentionEx(const float* q, const AttentionSeq* seqs_host, int num_seqs, const AttentionSpec& spec,
+                   float* out) override;
+  void GemmPerHead(const float* x, int64_t rows, int num_heads, int64_t x_stride, int x_head_stride, const Weight& w,
+                   int n, float* y, int64_t y_stride, int y_head_stride) override;
+  void Copy2D(float* dst, int64_t dst_pitch, const float* src, int64_t src_pitch, int64_t width, int64_t rows) override;
+  void ClampedSwiGlu(const float* gate, const float* up, float* out, int64_t n, float alpha, float limit) override;
   void SiluMul(const float* gate, const float* up, float* out, int64_t n) override;
   void Add(float* y, const float* x, int64_t n) override;
   void Clamp(float* x, int64_t n, float c) override;

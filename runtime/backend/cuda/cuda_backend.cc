@@ -431,6 +431,42 @@ void CudaBackend::AttentionBatch(const float* q, const AttentionSeq* seqs_host, 
                  &error_);
 }
 
+void CudaBackend::RopeTable(float* x, const int32_t* positions, int64_t rows, int num_heads, const RopeSpec& spec) {
+  CUDA_CHECK_LOG(cuda::launch_rope_table(x, positions, rows, num_heads, spec.rot_dim, spec.row_stride, spec.head_stride,
+                                         spec.offset, spec.inv_freq, spec.scale, spec.interleaved, stream_),
+                 &error_);
+}
+
+void CudaBackend::AttentionEx(const float* q, const AttentionSeq* seqs_host, int num_seqs, const AttentionSpec& spec,
+                              float* out) {
+  const cuda::AttentionExShape shape{spec.num_heads, spec.num_kv_heads, spec.qk_dim,   spec.v_dim,
+                                     spec.q_stride,  spec.k_stride,     spec.v_stride, spec.out_stride,
+                                     spec.scale,     spec.window,       spec.sinks};
+  for (int s = 0; s < num_seqs; ++s) {
+    const AttentionSeq& a = seqs_host[s];
+    CUDA_CHECK_LOG(cuda::launch_attention_ex(q, a.k, a.v, a.q_row, a.n_new, a.n_total, shape, out, stream_), &error_);
+  }
+}
+
+void CudaBackend::GemmPerHead(const float* x, int64_t rows, int num_heads, int64_t x_stride, int x_head_stride,
+                              const Weight& w, int n, float* y, int64_t y_stride, int y_head_stride) {
+  CUDA_CHECK_LOG(cuda::launch_gemm_per_head(x, rows, num_heads, x_stride, x_head_stride, w.data, w.dtype, n, w.cols, y,
+                                            y_stride, y_head_stride, stream_),
+                 &error_);
+}
+
+void CudaBackend::Copy2D(float* dst, int64_t dst_pitch, const float* src, int64_t src_pitch, int64_t width,
+                         int64_t rows) {
+  if (rows <= 0 || width <= 0) return;
+  CUDA_CHECK_LOG(cudaMemcpy2DAsync(dst, dst_pitch * sizeof(float), src, src_pitch * sizeof(float),
+                                   width * sizeof(float), rows, cudaMemcpyDeviceToDevice, stream_),
+                 &error_);
+}
+
+void CudaBackend::ClampedSwiGlu(const float* gate, const float* up, float* out, int64_t n, float alpha, float limit) {
+  CUDA_CHECK_LOG(cuda::launch_clamped_swiglu(gate, up, out, n, alpha, limit, stream_), &error_);
+}
+
 void CudaBackend::SiluMul(const float* gate, const float* up, float* out, int64_t n) {
   CUDA_CHECK_LOG(cuda::launch_silu_mul(gate, up, out, n, stream_), &error_);
 }

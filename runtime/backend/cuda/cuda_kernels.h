@@ -61,6 +61,32 @@ cudaError_t launch_attention_batch(const float* q, const AttentionSeqDesc* seqs_
                                    int num_seqs, const AttentionBatchPlan& plan, int num_heads, int num_kv_heads,
                                    int head_dim, float* out, float* workspace, unsigned* counters, cudaStream_t stream);
 
+// Table-driven rotary embedding on a slice of each head (see Backend::RopeTable / RopeSpec).
+cudaError_t launch_rope_table(float* x, const int32_t* positions, int64_t rows, int num_heads, int rot_dim,
+                              int64_t row_stride, int head_stride, int offset, const float* inv_freq, float scale,
+                              bool interleaved, cudaStream_t stream);
+
+// Causal attention of one sequence with strided rows, qk_dim != v_dim, window and sinks (see
+// Backend::AttentionEx): query rows q_row .. q_row + n_new are the last of n_total positions.
+struct AttentionExShape {
+  int num_heads, num_kv_heads, qk_dim, v_dim;
+  int64_t q_stride, k_stride, v_stride, out_stride;
+  float scale;
+  int window;
+  const float* sinks;
+};
+cudaError_t launch_attention_ex(const float* q, const float* k, const float* v, int64_t q_row, int n_new, int n_total,
+                                const AttentionExShape& shape, float* out, cudaStream_t stream);
+
+// y[r, h, j] = sum_i x[r, h, i] * w[h * n + j, i] (see Backend::GemmPerHead); w [heads * n, k].
+cudaError_t launch_gemm_per_head(const float* x, int64_t rows, int num_heads, int64_t x_stride, int x_head_stride,
+                                 const void* w, DType wdt, int n, int64_t k, float* y, int64_t y_stride,
+                                 int y_head_stride, cudaStream_t stream);
+
+// GPT-OSS clamped SwiGLU: out = (clamp(up, +-limit) + 1) * g * sigmoid(alpha g), g = min(gate, limit).
+cudaError_t launch_clamped_swiglu(const float* gate, const float* up, float* out, int64_t n, float alpha, float limit,
+                                  cudaStream_t stream);
+
 // out[i] = silu(gate[i]) * up[i]; out may alias gate or up.
 cudaError_t launch_silu_mul(const float* gate, const float* up, float* out, int64_t n, cudaStream_t stream);
 // y[i] += x[i]
