@@ -21,21 +21,28 @@ for f in files:
     with open(os.path.join(d, f), "rb") as fh:
         n = struct.unpack("<Q", fh.read(8))[0]
         tensors.update(json.loads(fh.read(n)))
-expert = re.compile(r"layers\.(\d+)\..*experts\.0\.[^.]+\.weight$")
-first = min(int(expert.search(k).group(1)) for k in tensors if expert.search(k))
-nbytes = 0
-for k, v in tensors.items():
-    m = expert.search(k)
-    if m and int(m.group(1)) == first:
-        count = 1
-        for s in v["shape"]:
-            count *= s
-        nbytes += count * size[v["dtype"]]
 cfg = json.load(open(os.path.join(d, "config.json")))
-layers = cfg["num_hidden_layers"]
-experts = cfg.get("num_local_experts") or cfg.get("num_experts")
-padded = (nbytes + 63) // 64 * 64
-print(padded * max(1, layers * experts // np_ // 2))
+experts = cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts")
+moe_layers = cfg["num_hidden_layers"] - cfg.get("first_k_dense_replace", 0)
+# One expert's bytes: its own tensors (layers.L.*.experts.0.*), or a fused tensor's share (GPT-OSS
+# stores [experts, ...] tensors with their biases).
+per_expert = re.compile(r"layers\.(\d+)\..*experts\.0\.[^.]+\.weight$")
+fused = re.compile(r"layers\.(\d+)\..*\.experts\.[a-z_]+$")
+def nbytes(v):
+    count = 1
+    for s in v["shape"]:
+        count *= s
+    return count * size[v["dtype"]]
+own = [(int(per_expert.search(k).group(1)), v) for k, v in tensors.items() if per_expert.search(k)]
+if own:
+    first = min(l for l, _ in own)
+    expert_bytes = sum(nbytes(v) for l, v in own if l == first)
+else:
+    shared = [(int(fused.search(k).group(1)), v) for k, v in tensors.items() if fused.search(k)]
+    first = min(l for l, _ in shared)
+    expert_bytes = sum(nbytes(v) for l, v in shared if l == first) // experts
+padded = (expert_bytes + 63) // 64 * 64
+print(padded * max(1, moe_layers * experts // np_ // 2))
 PY
 }
 # Per rank: accesses = hits + loads from the three tiers (prefetch is off); over all ranks every
@@ -63,7 +70,8 @@ PY
 # Per-rank caches of top-k slots per MoE layer, experts computed away from their homes, each rank's
 # host shard bounded to half of its home experts.
 CACHED=(--cache-policy lru --prefetch-layers 0 --compute-placement round_robin)
-models=("$DATA/mixtral" "$DATA/mixtral_sharded" "$DATA/qwen2_moe" "$DATA/qwen3_moe" "$DATA/olmoe" "$MODELS/tiny-code-moe")
+models=("$DATA/mixtral" "$DATA/mixtral_sharded" "$DATA/qwen2_moe" "$DATA/qwen3_moe" "$DATA/olmoe" "$DATA/deepseek_v2"
+  "$DATA/deepseek_v3" "$DATA/gpt_oss" "$MODELS/tiny-code-moe")
 for m in "${models[@]}"; do
   name=$(basename "$m")
   make_ids "$m" "$WORK/$name.ids.json"
