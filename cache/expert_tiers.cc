@@ -1,12 +1,12 @@
 #include "cache/expert_tiers.h"
 
-#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <string>
 #include <utility>
 
 #include "runtime/core/logging.h"
+#include "runtime/core/progress.h"
 #include "runtime/core/quant.h"
 
 namespace ef::cache {
@@ -170,14 +170,14 @@ Status ExpertTiers::PackFromCheckpoint(int layer, int expert, std::span<std::byt
 Status ExpertTiers::Prepare(bool progress) {
   if (quantized_precision_ == LoadPrecision::kNative) return Status::Ok();
   const runtime::ModelConfig& c = model_->config();
-  using Clock = std::chrono::steady_clock;
-  const auto t0 = Clock::now();
-  auto last = t0;
-  int64_t total = 0, done_bytes = 0;
+  int64_t total = 0;
   for (int l = 0; l < c.num_layers; ++l)
     if (c.IsMoeLayer(l))
       for (int e = 0; e < c.num_experts; ++e)
-        if (Computes(l, e)) total += static_cast<int64_t>(model_->host_expert(l, e).nbytes());
+        if (Computes(l, e) && quantizable_[Index(l, e)])
+          total += static_cast<int64_t>(model_->host_expert(l, e).nbytes());
+  Progress bar(std::string("quantizing experts to ") + LoadPrecisionName(quantized_precision_), progress ? total : 0,
+               progress ? 2.0 : 1e30);
   for (int l = 0; l < c.num_layers; ++l) {
     if (!c.IsMoeLayer(l)) continue;
     for (int e = 0; e < c.num_experts; ++e) {
@@ -196,16 +196,7 @@ Status ExpertTiers::Prepare(bool progress) {
         std::lock_guard<std::mutex> lock(quant_mu_);
         quantized_[Index(l, e)] = std::move(q);
       }
-      done_bytes += static_cast<int64_t>(w.nbytes());
-      const auto now = Clock::now();
-      if (progress && now - last > std::chrono::seconds(2)) {
-        last = now;
-        const double s = std::chrono::duration<double>(now - t0).count();
-        const double rate = done_bytes / s;
-        std::fprintf(stderr, "quantizing experts to %s: %.1f of %.1f GB, %.2f GB/s, %.0f s left\n",
-                     LoadPrecisionName(quantized_precision_), done_bytes / 1e9, total / 1e9, rate / 1e9,
-                     (total - done_bytes) / rate);
-      }
+      bar.Advance(static_cast<int64_t>(w.nbytes()));
     }
   }
   return Status::Ok();

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "runtime/core/logging.h"
+#include "runtime/core/progress.h"
 
 namespace ef::comm {
 
@@ -38,6 +39,9 @@ StatusOr<std::unique_ptr<PeerExpertSource>> PeerExpertSource::Create(
     if (!s->shard_)
       return ResourceExhausted("cannot allocate the host expert shard of " + std::to_string(s->shard_bytes_) +
                                " bytes");
+    // Rank 0 speaks for the ranks, which fill their shards at the same time.
+    Progress bar("rank 0 of " + std::to_string(n) + ": filling the host expert shard",
+                 static_cast<int64_t>(s->shard_bytes_), me == 0 ? 2.0 : 1e30);
     for (int l = 0; l < c.num_layers; ++l) {
       if (!c.IsMoeLayer(l)) continue;
       for (int e = 0; e < E; ++e) {
@@ -49,6 +53,7 @@ StatusOr<std::unique_ptr<PeerExpertSource>> PeerExpertSource::Create(
           std::memcpy(d, p->data, p->nbytes());
           d += p->nbytes();
         }
+        bar.Advance(static_cast<int64_t>(w.nbytes()));
       }
     }
   }

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "runtime/core/logging.h"
+#include "runtime/core/progress.h"
 #include "runtime/engine/model_weights.h"
 
 namespace ef::cache {
@@ -86,10 +87,19 @@ StatusOr<std::unique_ptr<CudaExpertSource>> CudaExpertSource::Create(const runti
     std::memcpy(dst.data() + layout.down_offset(), w.down.data, w.down.nbytes());
     return Status::Ok();
   };
-  for (int l = 0; l < c.num_layers; ++l) {
-    if (!layout.moe_layer[l]) continue;
-    for (int e = 0; e < c.num_experts; ++e) {
-      if (std::byte* dst = tier->data(l, e)) EF_RETURN_IF_ERROR(fill(l, e, {dst, layout.bytes()}));
+  {
+    Progress bar(tiers && tiers->precision() != LoadPrecision::kNative
+                     ? std::string("pinning experts in host memory (") + LoadPrecisionName(tiers->precision()) + ")"
+                     : std::string("pinning experts in host memory"),
+                 static_cast<int64_t>(tier->total_bytes()));
+    for (int l = 0; l < c.num_layers; ++l) {
+      if (!layout.moe_layer[l]) continue;
+      for (int e = 0; e < c.num_experts; ++e) {
+        if (std::byte* dst = tier->data(l, e)) {
+          EF_RETURN_IF_ERROR(fill(l, e, {dst, layout.bytes()}));
+          bar.Advance(static_cast<int64_t>(layout.bytes()));
+        }
+      }
     }
   }
   cache::ExpertSource fallback = fill;

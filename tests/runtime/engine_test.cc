@@ -1,0 +1,122 @@
+// Engine: a prompt fed in one chunk, in pieces or token by token through the KV cache gives the
+// same logits; sequences batched together give what each gives alone; routing hooks see every MoE
+// layer, can rewrite the routing, stop a forward pass with their error and can be removed; bad
+// calls (unknown or duplicate sequences, overflowing the context, out-of-range tokens) are errors.
+#include "runtime/engine/engine.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <vector>
+
+namespace ef::runtime {
+namespace {
+
+const std::string kTiny = std::string(EF_MODELS_DIR) + "/tiny-code-moe";
+const std::vector<int32_t> kPrompt = {1, 483, 291, 1461, 272, 1191, 508, 10, 80, 33, 7};
+
+std::unique_ptr<Engine> Make(int max_seq_len = 0) {
+  EngineOptions o;
+  o.backend = "cpu";
+  o.max_seq_len = max_seq_len;
+  auto e = Engine::Create(kTiny, o);
+  EXPECT_TRUE(e.ok()) << e.status().ToString();
+  return std::move(e).value();
+}
+
+// Logits of every position of `prompt` on sequence `seq`, fed in pieces of `step` tokens.
+std::vector<float> Feed(Engine& e, int64_t seq, const std::vector<int32_t>& prompt, size_t step) {
+  EXPECT_TRUE(e.AddSequence(seq).ok());
+  std::vector<float> all;
+  for (size_t first = 0; first < prompt.size(); first += step) {
+    const size_t n = std::min(step, prompt.size() - first);
+    SeqChunk c{seq, std::span<const int32_t>(prompt).subspan(first, n), true};
+    ForwardResult r;
+    Status s = e.Forward({&c, 1}, &r);
+    EXPECT_TRUE(s.ok()) << s.ToString();
+    all.insert(all.end(), r.logits.begin(), r.logits.end());
+  }
+  e.RemoveSequence(seq);
+  return all;
+}
+
+void ExpectNear(const std::vector<float>& a, const std::vector<float>& b, float tol) {
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) ASSERT_NEAR(a[i], b[i], tol) << "logit " << i;
+}
+
+TEST(EngineTest, ChunkedPrefillAndDecodeMatchOnePass) {
+  auto e = Make();
+  const auto whole = Feed(*e, 1, kPrompt, kPrompt.size());
+  ExpectNear(Feed(*e, 2, kPrompt, 4), whole, 1e-4f);
+  ExpectNear(Feed(*e, 3, kPrompt, 1), whole, 1e-4f);
+}
+
+TEST(EngineTest, BatchedSequencesMatchEachAlone) {
+  auto e = Make();
+  const std::vector<int32_t> other = {1, 5, 77, 1024, 3000, 12};
+  const auto a = Feed(*e, 1, kPrompt, kPrompt.size());
+  const auto b = Feed(*e, 2, other, other.size());
+  ASSERT_TRUE(e->AddSequence(10).ok());
+  ASSERT_TRUE(e->AddSequence(11).ok());
+  SeqChunk chunks[2] = {{10, kPrompt, true}, {11, other, true}};
+  ForwardResult r;
+  ASSERT_TRUE(e->Forward(chunks, &r).ok());
+  const int V = e->config().vocab_size;
+  ASSERT_EQ(r.row_offset.size(), 2u);
+  std::vector<float> ga(r.logits.begin(), r.logits.begin() + r.row_offset[1] * V);
+  std::vector<float> gb(r.logits.begin() + r.row_offset[1] * V, r.logits.end());
+  ExpectNear(ga, a, 1e-4f);
+  ExpectNear(gb, b, 1e-4f);
+}
+
+TEST(EngineTest, RoutingHooksSeeRewriteStopAndGoAway) {
+  auto e = Make();
+  const auto base = Feed(*e, 1, kPrompt, kPrompt.size());
+  int calls = 0;
+  const int id = e->AddRoutingHook([&](LayerRouting& r) {
+    ++calls;
+    EXPECT_EQ(r.num_tokens, static_cast<int>(kPrompt.size()));
+    EXPECT_EQ(r.ids.size(), static_cast<size_t>(r.num_tokens * r.top_k));
+    for (int32_t& x : r.ids) x = (x + 1) % e->config().num_experts;  // a different routing
+    return Status::Ok();
+  });
+  const auto rewritten = Feed(*e, 2, kPrompt, kPrompt.size());
+  EXPECT_EQ(calls, e->config().num_moe_layers());
+  bool differs = false;
+  for (size_t i = 0; i < base.size() && !differs; ++i) differs = std::fabs(base[i] - rewritten[i]) > 1e-3f;
+  EXPECT_TRUE(differs) << "rewriting every layer's routing changed nothing";
+  e->RemoveRoutingHook(id);
+  ExpectNear(Feed(*e, 3, kPrompt, kPrompt.size()), base, 0.f);
+
+  e->AddRoutingHook([](LayerRouting&) { return DataLoss("hook refused layer"); });
+  ASSERT_TRUE(e->AddSequence(4).ok());
+  SeqChunk c{4, kPrompt, false};
+  ForwardResult r;
+  const Status s = e->Forward({&c, 1}, &r);
+  EXPECT_EQ(s.code(), StatusCode::kDataLoss);
+  EXPECT_NE(s.ToString().find("hook refused layer"), std::string::npos) << s.ToString();
+}
+
+TEST(EngineTest, BadCallsAreErrors) {
+  auto e = Make(/*max_seq_len=*/16);
+  ASSERT_TRUE(e->AddSequence(1).ok());
+  EXPECT_FALSE(e->AddSequence(1).ok());  // duplicate
+  ForwardResult r;
+  SeqChunk unknown{7, kPrompt, false};
+  EXPECT_FALSE(e->Forward({&unknown, 1}, &r).ok());
+  const std::vector<int32_t> too_long(17, 5);
+  SeqChunk overflow{1, too_long, false};
+  const Status s = e->Forward({&overflow, 1}, &r);
+  EXPECT_FALSE(s.ok());
+  const std::vector<int32_t> bad_token = {1, e->config().vocab_size};
+  SeqChunk oov{1, bad_token, false};
+  EXPECT_FALSE(e->Forward({&oov, 1}, &r).ok());
+  // The sequence is still usable after refused calls.
+  SeqChunk ok{1, std::span<const int32_t>(kPrompt).first(4), false};
+  EXPECT_TRUE(e->Forward({&ok, 1}, &r).ok());
+  EXPECT_EQ(e->SequenceLength(1), 4);
+}
+
+}  // namespace
+}  // namespace ef::runtime

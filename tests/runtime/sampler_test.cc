@@ -1,0 +1,106 @@
+// Sampler: greedy is the arg max (lowest index on ties); top-k 1 and a tiny top-p are greedy at any
+// temperature; a seed reproduces its draws; sampled frequencies follow softmax(logits / T);
+// invalid parameters are refused with the field named.
+#include "runtime/engine/sampler.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <vector>
+
+namespace ef::runtime {
+namespace {
+
+TEST(SamplerTest, GreedyIsTheArgMaxWithTheLowestIndexOnTies) {
+  const std::vector<float> logits = {0.5f, 2.f, -1.f, 2.f};
+  EXPECT_EQ(ArgMax(logits), 1);
+  Sampler s(SamplingParams{});
+  for (int i = 0; i < 10; ++i) EXPECT_EQ(s.Sample(logits), 1);
+}
+
+TEST(SamplerTest, TopKOneAndTinyTopPAreGreedy) {
+  const std::vector<float> logits = {0.1f, 0.3f, 0.2f, 0.25f};
+  SamplingParams k1;
+  k1.temperature = 5.f;
+  k1.top_k = 1;
+  k1.seed = 3;
+  SamplingParams p0;
+  p0.temperature = 5.f;
+  p0.top_p = 1e-4f;
+  p0.seed = 3;
+  Sampler a(k1), b(p0);
+  for (int i = 0; i < 50; ++i) {
+    EXPECT_EQ(a.Sample(logits), 1);
+    EXPECT_EQ(b.Sample(logits), 1);
+  }
+}
+
+TEST(SamplerTest, TheSeedReproducesTheDraws) {
+  const std::vector<float> logits = {0.f, 0.1f, 0.2f, 0.3f, 0.4f, 0.5f};
+  SamplingParams p;
+  p.temperature = 1.f;
+  p.seed = 1234;
+  Sampler a(p), b(p);
+  std::vector<int32_t> da, db, dc;
+  for (int i = 0; i < 200; ++i) da.push_back(a.Sample(logits)), db.push_back(b.Sample(logits));
+  EXPECT_EQ(da, db);
+  p.seed = 1235;
+  Sampler c(p);
+  for (int i = 0; i < 200; ++i) dc.push_back(c.Sample(logits));
+  EXPECT_NE(da, dc);
+}
+
+TEST(SamplerTest, FrequenciesFollowTheTemperedSoftmax) {
+  const std::vector<float> logits = {1.f, 2.f, 0.f};
+  const float t = 0.7f;
+  SamplingParams p;
+  p.temperature = t;
+  p.seed = 99;
+  Sampler s(p);
+  const int n = 40000;
+  std::vector<int> count(3, 0);
+  for (int i = 0; i < n; ++i) ++count[s.Sample(logits)];
+  double z = 0;
+  for (float l : logits) z += std::exp(l / t);
+  for (int i = 0; i < 3; ++i) {
+    const double want = std::exp(logits[i] / t) / z;
+    // 5 standard deviations of a binomial frequency.
+    EXPECT_NEAR(static_cast<double>(count[i]) / n, want, 5 * std::sqrt(want * (1 - want) / n)) << "token " << i;
+  }
+}
+
+TEST(SamplerTest, TopPKeepsTheSmallestSetReachingIt) {
+  // softmax at T = 1: ~0.665, 0.245, 0.090. top_p 0.8 keeps the first two only.
+  const std::vector<float> logits = {2.f, 1.f, 0.f};
+  SamplingParams p;
+  p.temperature = 1.f;
+  p.top_p = 0.8f;
+  p.seed = 5;
+  Sampler s(p);
+  int seen[3] = {0, 0, 0};
+  for (int i = 0; i < 3000; ++i) ++seen[s.Sample(logits)];
+  EXPECT_GT(seen[0], 0);
+  EXPECT_GT(seen[1], 0);
+  EXPECT_EQ(seen[2], 0);
+}
+
+TEST(SamplerTest, InvalidParametersNameTheField) {
+  SamplingParams p;
+  p.temperature = -1.f;
+  Status s = p.Validate();
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.ToString().find("temperature"), std::string::npos) << s.ToString();
+  p = SamplingParams{};
+  p.top_p = 0.f;
+  s = p.Validate();
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.ToString().find("top_p"), std::string::npos) << s.ToString();
+  p = SamplingParams{};
+  p.top_k = -2;
+  s = p.Validate();
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.ToString().find("top_k"), std::string::npos) << s.ToString();
+}
+
+}  // namespace
+}  // namespace ef::runtime
