@@ -143,6 +143,21 @@ Status ExpertParallelExecutor::Move(const float* send, std::span<const int64_t> 
   return Status::Ok();
 }
 
+Status ExpertParallelExecutor::MoveInts(std::span<const int32_t> send, std::span<const int64_t> send_rows,
+                                        std::span<int32_t> recv, std::span<const int64_t> recv_rows,
+                                        const std::string& what) {
+  if (!exchange_->device_memory())
+    return exchange_->AllToAllV(send.data(), send_rows, recv.data(), recv_rows, sizeof(int32_t), what);
+  // A device exchange (NCCL): through backend memory.
+  EF_RETURN_IF_ERROR(Reserve(backend_, &int_send_dev_, std::max<size_t>(send.size_bytes(), 4)));
+  EF_RETURN_IF_ERROR(Reserve(backend_, &int_recv_dev_, std::max<size_t>(recv.size_bytes(), 4)));
+  if (!send.empty()) backend_->CopyToDevice(int_send_dev_.data(), send.data(), send.size_bytes());
+  EF_RETURN_IF_ERROR(
+      exchange_->AllToAllV(int_send_dev_.data(), send_rows, int_recv_dev_.data(), recv_rows, sizeof(int32_t), what));
+  if (!recv.empty()) backend_->CopyToHost(recv.data(), int_recv_dev_.data(), recv.size_bytes());
+  return Status::Ok();
+}
+
 Status ExpertParallelExecutor::PlanLayer(int layer, std::span<const int32_t> ids, const std::string& where) {
   const int N = ctx_->size(), E = num_experts_;
   my_rows_.assign(E, 0);
@@ -192,74 +207,122 @@ Status ExpertParallelExecutor::Run(int layer, int64_t T, int top_k, const float*
   } layer_bytes{exchange_, &layer_sent_[layer], &layer_received_[layer]};
 
   // 1. Each expert's computing rank; pairs ordered by (destination, expert), stable so tokens stay
-  // in increasing order within an expert. send_counts_ holds the pairs per (destination, expert).
+  // in increasing order within an expert. send_counts_ holds, per destination, the pairs per expert
+  // and (entry E) the distinct tokens: a token's hidden row travels once to each rank computing
+  // any of its experts, not once per expert.
   dest_.resize(E);
   const bool planned = placement_->planned();
   if (planned) EF_RETURN_IF_ERROR(PlanLayer(layer, ids.first(P), where));
   for (int e = 0; e < E; ++e)
     dest_[e] = planned ? plan_.compute[static_cast<size_t>(me) * E + e] : placement_->ComputeRank(layer, e, me);
+  const size_t K = static_cast<size_t>(E) + 1;  // count entries per rank
   key_offset_.assign(static_cast<size_t>(N) * E + 1, 0);
   for (int64_t p = 0; p < P; ++p) {
     const int32_t e = ids[p];
     if (e < 0 || e >= E) return Internal("routing chose expert " + std::to_string(e) + " out of range");
     ++key_offset_[static_cast<size_t>(dest_[e]) * E + e + 1];
   }
-  send_counts_.assign(key_offset_.begin() + 1, key_offset_.end());
+  send_counts_.assign(static_cast<size_t>(N) * K, 0);
+  for (int d = 0; d < N; ++d)
+    for (int e = 0; e < E; ++e) send_counts_[d * K + e] = key_offset_[static_cast<size_t>(d) * E + e + 1];
   for (size_t k = 0; k + 1 < key_offset_.size(); ++k) key_offset_[k + 1] += key_offset_[k];
-  // pair_idx_, uploaded in one copy: [0, P) each send row's token (the dispatch gather);
-  // [P, 2P) for combine row c = j * T + t, which holds token t's j-th smallest expert, that
-  // pair's send row (the combine gather); [2P, 3P) combine row c's weight (float bits);
-  // [3P, 3P + T) 0..T-1 (the combine scatter's token rows).
-  pair_idx_.resize(3 * P + T);
+  // Distinct tokens per destination, in token order: local_[d * T + t] is token t's row within
+  // the block sent to d, or -1.
+  local_.assign(static_cast<size_t>(N) * T, -1);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t q = t * top_k; q < (t + 1) * top_k; ++q) {
+      const int d = dest_[ids[q]];
+      if (local_[static_cast<size_t>(d) * T + t] < 0)
+        local_[static_cast<size_t>(d) * T + t] = static_cast<int32_t>(send_counts_[d * K + E]++);
+    }
+  uniq_rows_.assign(N, 0);
+  uniq_offset_.assign(N + 1, 0);
+  for (int d = 0; d < N; ++d) {
+    uniq_rows_[d] = send_counts_[d * K + E];
+    uniq_offset_[d + 1] = uniq_offset_[d] + uniq_rows_[d];
+  }
+  const int64_t U = uniq_offset_[N];
+  // pair_idx_, uploaded in one copy: [0, U) the token of each dispatched row (the dispatch
+  // gather); [U, U + P) for combine row c = j * T + t, which holds token t's j-th smallest expert,
+  // that pair's position in (destination, expert) order (the combine gather); [U + P, U + 2P)
+  // combine row c's weight (float bits); [U + 2P, U + 2P + T) 0..T-1 (the combine scatter's rows).
+  // pair_local_ (per pair, in (destination, expert) order): its token's row within the block sent.
+  pair_idx_.resize(U + 2 * P + T);
+  pair_local_.resize(P);
+  for (int d = 0; d < N; ++d)
+    for (int64_t t = 0; t < T; ++t)
+      if (const int32_t u = local_[static_cast<size_t>(d) * T + t]; u >= 0)
+        pair_idx_[uniq_offset_[d] + u] = static_cast<int32_t>(t);
   for (int64_t p = 0; p < P; ++p) {
-    const int64_t t = p / top_k, i = key_offset_[static_cast<size_t>(dest_[ids[p]]) * E + ids[p]]++;
+    const int64_t t = p / top_k;
+    const int d = dest_[ids[p]];
+    const int64_t i = key_offset_[static_cast<size_t>(d) * E + ids[p]]++;
     int64_t j = 0;
     for (int64_t q = t * top_k; q < (t + 1) * top_k; ++q) j += ids[q] < ids[p] || (ids[q] == ids[p] && q < p);
-    pair_idx_[i] = static_cast<int32_t>(t);
-    pair_idx_[P + j * T + t] = static_cast<int32_t>(i);
-    pair_idx_[2 * P + j * T + t] = std::bit_cast<int32_t>(weights[p]);
+    pair_local_[i] = local_[static_cast<size_t>(d) * T + t];
+    pair_idx_[U + j * T + t] = static_cast<int32_t>(i);
+    pair_idx_[U + P + j * T + t] = std::bit_cast<int32_t>(weights[p]);
   }
-  for (int64_t t = 0; t < T; ++t) pair_idx_[3 * P + t] = static_cast<int32_t>(t);
-  send_rows_.assign(N, 0);
+  for (int64_t t = 0; t < T; ++t) pair_idx_[U + 2 * P + t] = static_cast<int32_t>(t);
+  send_rows_.assign(N, 0);  // pairs per destination
   for (int d = 0; d < N; ++d)
-    for (int e = 0; e < E; ++e) send_rows_[d] += send_counts_[static_cast<size_t>(d) * E + e];
+    for (int e = 0; e < E; ++e) send_rows_[d] += send_counts_[d * K + e];
 
-  // 2. Gather the send rows on the backend (enqueued; the exchange orders after it).
+  // 2. Gather the distinct rows on the backend (enqueued; the exchange orders after it).
   const size_t row_bytes = static_cast<size_t>(H) * sizeof(float);
-  EF_RETURN_IF_ERROR(Reserve(backend_, &send_dev_, P * row_bytes));
+  EF_RETURN_IF_ERROR(Reserve(backend_, &send_dev_, std::max(U, P) * row_bytes));
   EF_RETURN_IF_ERROR(Reserve(backend_, &back_dev_, P * row_bytes));
   EF_RETURN_IF_ERROR(Reserve(backend_, &pair_idx_dev_, pair_idx_.size() * sizeof(int32_t)));
   const int32_t* idx = pair_idx_dev_.i32();
   if (P > 0) {
     backend_->CopyToDevice(pair_idx_dev_.data(), pair_idx_.data(), pair_idx_.size() * sizeof(int32_t));
-    backend_->GatherRows(h, idx, P, H, send_dev_.f32());
+    backend_->GatherRows(h, idx, U, H, send_dev_.f32());
   }
 
-  // 3. Counts per (rank, expert), then the rows. Rows from one rank arrive ordered by expert.
-  recv_counts_.assign(static_cast<size_t>(N) * E, 0);
-  if (planned) {
-    // Every rank holds the gathered counts and the plan: what comes here is known without asking.
-    for (size_t i = 0; i < recv_counts_.size(); ++i)
-      if (plan_.compute[i] == me) recv_counts_[i] = all_rows_[i];
-  } else {
-    EF_RETURN_IF_ERROR(exchange_->ExchangeCounts(send_counts_, recv_counts_, "the " + where + " token counts"));
-  }
+  // 3. Counts per (rank, expert) and distinct rows per rank; then the rows, and each pair's row
+  // within its block. Pairs from one rank arrive ordered by expert.
+  recv_counts_.assign(static_cast<size_t>(N) * K, 0);
+  EF_RETURN_IF_ERROR(exchange_->ExchangeCounts(send_counts_, recv_counts_, "the " + where + " token counts"));
   recv_rows_.assign(N, 0);
+  recv_uniq_.assign(N, 0);
+  recv_uniq_offset_.assign(N + 1, 0);
   recv_expert_.clear();
   for (int r = 0; r < N; ++r) {
     for (int e = 0; e < E; ++e) {
-      const int64_t c = recv_counts_[static_cast<size_t>(r) * E + e];
+      const int64_t c = recv_counts_[r * K + e];
       if (c < 0) return Internal("rank " + std::to_string(r) + " sent a negative row count");
+      if (planned && c != (plan_.compute[static_cast<size_t>(r) * E + e] == me ? all_rows_[r * E + e] : 0))
+        return Internal("rank " + std::to_string(r) + " sent rows the plan does not give this rank");
       recv_rows_[r] += c;
       recv_expert_.insert(recv_expert_.end(), static_cast<size_t>(c), static_cast<int32_t>(e));
     }
+    recv_uniq_[r] = recv_counts_[r * K + E];
+    if (recv_uniq_[r] < 0 || recv_uniq_[r] > recv_rows_[r])
+      return Internal("rank " + std::to_string(r) + " sent an impossible distinct row count");
+    recv_uniq_offset_[r + 1] = recv_uniq_offset_[r] + recv_uniq_[r];
   }
-  const int64_t R = static_cast<int64_t>(recv_expert_.size());
-  EF_RETURN_IF_ERROR(Reserve(backend_, &recv_dev_, R * row_bytes));
-  EF_RETURN_IF_ERROR(Reserve(backend_, &y_dev_, R * row_bytes));
-  EF_RETURN_IF_ERROR(
-      Move(send_dev_.f32(), send_rows_, recv_dev_.f32(), recv_rows_, "the " + where + " token dispatch"));
-  rows_dispatched_ += P - send_rows_[me];
+  const int64_t R = static_cast<int64_t>(recv_expert_.size()), RU = recv_uniq_offset_[N];
+  EF_RETURN_IF_ERROR(Reserve(backend_, &recv_dev_, std::max(R, RU) * row_bytes));
+  EF_RETURN_IF_ERROR(Reserve(backend_, &y_dev_, std::max(R, RU) * row_bytes));
+  EF_RETURN_IF_ERROR(Move(send_dev_.f32(), uniq_rows_, y_dev_.f32(), recv_uniq_, "the " + where + " token dispatch"));
+  recv_local_.resize(R);
+  EF_RETURN_IF_ERROR(MoveInts(pair_local_, send_rows_, recv_local_, recv_rows_, "the " + where + " row indices"));
+  rows_dispatched_ += U - uniq_rows_[me];
+  // Each received pair's row: its block's offset plus its row within the block; rows of the
+  // distinct block (in y_dev_) are expanded to one per pair (in recv_dev_).
+  if (R > 0) {
+    int64_t i = 0;
+    for (int r = 0; r < N; ++r)
+      for (int64_t k = 0; k < recv_rows_[r]; ++k, ++i) {
+        const int32_t u = recv_local_[i];
+        if (u < 0 || u >= recv_uniq_[r])
+          return Internal("rank " + std::to_string(r) + " sent a row index out of range");
+        recv_local_[i] = static_cast<int32_t>(recv_uniq_offset_[r] + u);
+      }
+    EF_RETURN_IF_ERROR(Reserve(backend_, &recv_idx_dev_, static_cast<size_t>(R) * sizeof(int32_t)));
+    backend_->CopyToDevice(recv_idx_dev_.data(), recv_local_.data(), static_cast<size_t>(R) * sizeof(int32_t));
+    backend_->GatherRows(y_dev_.f32(), recv_idx_dev_.i32(), R, H, recv_dev_.f32());
+  }
 
   // 4. Compute every received row with its expert, unscaled.
   if (R > 0) {
@@ -277,10 +340,10 @@ Status ExpertParallelExecutor::Run(int layer, int64_t T, int top_k, const float*
   // every token's j-th smallest expert (one row per token, so no conflicts): the same additions in
   // the same order per element, in top_k launches rather than one per expert. The rows are first
   // gathered into combine order, into send_dev_ (the dispatch is done with it).
-  backend_->GatherRows(back_dev_.f32(), idx + P, P, H, send_dev_.f32());
-  const float* w = reinterpret_cast<const float*>(idx + 2 * P);
+  backend_->GatherRows(back_dev_.f32(), idx + U, P, H, send_dev_.f32());
+  const float* w = reinterpret_cast<const float*>(idx + U + P);
   for (int j = 0; j < top_k; ++j)
-    backend_->ScatterAddRows(send_dev_.f32() + j * T * H, idx + 3 * P, w + j * T, T, H, out);
+    backend_->ScatterAddRows(send_dev_.f32() + j * T * H, idx + U + 2 * P, w + j * T, T, H, out);
   return Status::Ok();
 }
 

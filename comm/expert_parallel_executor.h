@@ -3,21 +3,26 @@
 //
 // Per MoE layer, on every rank, in lockstep:
 //   1. each (token, expert) pair of this rank's batch goes to the rank the ExpertPlacement says
-//      computes that expert. Pairs are ordered by (destination, expert, token) and their hidden
-//      rows gathered into a send buffer on the backend (GatherRows); rows per (destination,
-//      expert) travel first (TokenExchange::ExchangeCounts, host), so a receiver knows each row's
-//      expert without it riding in the row; then the rows (AllToAllV);
-//   2. the receiving rank runs LocalMoeExecutor::ComputeRows on all rows it received (unscaled);
-//   3. results return by a second all-to-all-v to the token's own rank, in the order sent;
+//      computes that expert. A token's hidden row travels once to each rank that computes any of
+//      its experts (not once per expert: with top-6 routing over 4 ranks that halves the dispatch
+//      bytes). The counts travel first (TokenExchange::ExchangeCounts, host): per destination, the
+//      pairs per expert and the distinct rows; then the distinct rows (AllToAllV), and for each
+//      pair, in (destination, expert, token) order, its token's row within the block sent (int32
+//      per pair), so a receiver knows each pair's row and expert without them riding in the row;
+//   2. the receiving rank expands the distinct rows to one per pair (GatherRows) and runs
+//      LocalMoeExecutor::ComputeRows on them (unscaled);
+//   3. results return by a second all-to-all-v to the token's own rank, one row per pair, in the
+//      order the pairs were listed;
 //   4. the token's rank adds w * y for each of a token's experts in increasing expert id with the
 //      backend's ScatterAddRows (one call per top-k slot): per output element the same operations
 //      in the same order as LocalMoeExecutor::Run, so logits do not depend on the number of ranks
-//      (bitwise on the CPU backend).
+//      (bitwise on the CPU backend). (Summing a token's experts on the computing rank would halve
+//      the results' bytes too, but would add in another order.)
 // Planned mode (ExpertPlacement::planned()): at step 1 the ranks all-gather their rows per expert
 // and each computes the same plan (comm/row_balancer.h): which rank computes each (source rank,
-// expert)'s rows, the static plan with overloaded ranks' blocks moved to their source ranks. Every
-// rank then knows what it receives, so the gather replaces the exchange of counts. Outputs do not
-// change: which rank computes a row does not change the row, nor the order of step 4.
+// expert)'s rows, the static plan with overloaded ranks' blocks moved to their source ranks. The
+// counts received are checked against the plan. Outputs do not change: which rank computes a row
+// does not change the row, nor the order of step 4.
 // Hidden rows stay in backend memory throughout; only when a host exchange (mpi) serves a device
 // backend (cuda) are they staged through host memory around each AllToAllV.
 //
@@ -96,6 +101,10 @@ class ExpertParallelExecutor final : public runtime::MoeExecutor {
   Status Move(const float* send, std::span<const int64_t> send_rows, float* recv, std::span<const int64_t> recv_rows,
               const std::string& what);
   Status MaybeInjectFault(int layer);
+  // exchange_->AllToAllV of int32 rows held on the host (staged through backend memory for a
+  // device exchange).
+  Status MoveInts(std::span<const int32_t> send, std::span<const int64_t> send_rows, std::span<int32_t> recv,
+                  std::span<const int64_t> recv_rows, const std::string& what);
   // Planned mode: gathers every rank's rows per expert of this layer (`ids`) and plans them into
   // plan_ (and all_rows_).
   Status PlanLayer(int layer, std::span<const int32_t> ids, const std::string& where);
@@ -116,12 +125,13 @@ class ExpertParallelExecutor final : public runtime::MoeExecutor {
   RowPlan plan_;
 
   // Reused host buffers. Per (rank, expert) arrays are indexed rank * num_experts + expert.
-  std::vector<int32_t> dest_, pair_idx_, recv_expert_;
+  std::vector<int32_t> dest_, pair_idx_, recv_expert_, local_, pair_local_, recv_local_;
+  std::vector<int64_t> uniq_rows_, uniq_offset_, recv_uniq_, recv_uniq_offset_;
   std::vector<float> ones_, stage_send_, stage_recv_;
   std::vector<int64_t> key_offset_, send_counts_, recv_counts_, send_rows_, recv_rows_;
   // Reused backend buffers: rows sent (then the returned rows in combine order), received,
   // computed and returned; pair_idx_'s device copy.
-  runtime::Buffer send_dev_, recv_dev_, y_dev_, back_dev_, pair_idx_dev_;
+  runtime::Buffer send_dev_, recv_dev_, y_dev_, back_dev_, pair_idx_dev_, recv_idx_dev_, int_send_dev_, int_recv_dev_;
 };
 
 }  // namespace ef::comm
