@@ -48,7 +48,10 @@ StatusOr<std::unique_ptr<Cluster>> Cluster::Create(MpiContext* ctx, runtime::Eng
       c->set_expert_source_ = true;
     }
   }
-  c->executor_ = std::make_unique<ExpertParallelExecutor>(ctx, c->exchange_.get(), &c->placement_, engine);
+  if (o.combine != "pairs" && o.combine != "summed")
+    return InvalidArgument("unknown cluster.combine '" + o.combine + "' (pairs|summed)");
+  c->executor_ =
+      std::make_unique<ExpertParallelExecutor>(ctx, c->exchange_.get(), &c->placement_, engine, o.combine == "summed");
   engine->SetMoeExecutor(c->executor_.get());
   if (ctx->rank() == 0)
     EF_LOG(INFO, COMM, "expert parallelism over %d ranks: exchange %s, peer fetch %s, %s", ctx->size(),

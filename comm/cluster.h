@@ -32,6 +32,10 @@ struct ClusterOptions {
   std::string peer_fetch = "ucx";  // ucx | none (read non-home experts from the local mapping)
   PlacementOptions placement;
   double timeout_s = 30;  // every wait on a peer
+  // pairs: results return one row per (token, expert), added in expert order on the token's rank
+  // (bitwise one process); summed: the computing rank adds them per (token, rank) and returns one
+  // row per distinct token (fewer bytes; within float rounding of one process).
+  std::string combine = "pairs";
   // A per-rank expert cache serves the engine's experts (created after the cluster): the cluster
   // keeps every rank's host shard of the experts it is home for, the cache's host and peer tiers
   // read it (peer()), and the engine's expert source is the cache's, not set here.

@@ -33,8 +33,14 @@ Status Reserve(runtime::Backend* backend, runtime::Buffer* b, size_t bytes) {
 }  // namespace
 
 ExpertParallelExecutor::ExpertParallelExecutor(MpiContext* ctx, TokenExchange* exchange,
-                                               const ExpertPlacement* placement, runtime::Engine* engine)
-    : ctx_(ctx), exchange_(exchange), placement_(placement), engine_(engine), backend_(&engine->backend()) {
+                                               const ExpertPlacement* placement, runtime::Engine* engine,
+                                               bool sum_on_compute_rank)
+    : ctx_(ctx),
+      exchange_(exchange),
+      placement_(placement),
+      engine_(engine),
+      backend_(&engine->backend()),
+      summed_(sum_on_compute_rank) {
   const auto& c = engine->config();
   hidden_ = c.hidden_size;
   num_experts_ = c.num_experts;
@@ -144,17 +150,58 @@ Status ExpertParallelExecutor::Move(const float* send, std::span<const int64_t> 
 }
 
 Status ExpertParallelExecutor::MoveInts(std::span<const int32_t> send, std::span<const int64_t> send_rows,
-                                        std::span<int32_t> recv, std::span<const int64_t> recv_rows,
+                                        std::span<int32_t> recv, std::span<const int64_t> recv_rows, int ints_per_row,
                                         const std::string& what) {
+  const size_t row_bytes = sizeof(int32_t) * static_cast<size_t>(ints_per_row);
   if (!exchange_->device_memory())
-    return exchange_->AllToAllV(send.data(), send_rows, recv.data(), recv_rows, sizeof(int32_t), what);
+    return exchange_->AllToAllV(send.data(), send_rows, recv.data(), recv_rows, row_bytes, what);
   // A device exchange (NCCL): through backend memory.
   EF_RETURN_IF_ERROR(Reserve(backend_, &int_send_dev_, std::max<size_t>(send.size_bytes(), 4)));
   EF_RETURN_IF_ERROR(Reserve(backend_, &int_recv_dev_, std::max<size_t>(recv.size_bytes(), 4)));
   if (!send.empty()) backend_->CopyToDevice(int_send_dev_.data(), send.data(), send.size_bytes());
   EF_RETURN_IF_ERROR(
-      exchange_->AllToAllV(int_send_dev_.data(), send_rows, int_recv_dev_.data(), recv_rows, sizeof(int32_t), what));
+      exchange_->AllToAllV(int_send_dev_.data(), send_rows, int_recv_dev_.data(), recv_rows, row_bytes, what));
   if (!recv.empty()) backend_->CopyToHost(recv.data(), int_recv_dev_.data(), recv.size_bytes());
+  return Status::Ok();
+}
+
+Status ExpertParallelExecutor::SumOnComputeRank(int64_t R, int64_t RU, int per_pair) {
+  const int H = hidden_;
+  const size_t row_bytes = static_cast<size_t>(H) * sizeof(float);
+  EF_RETURN_IF_ERROR(Reserve(backend_, &partial_dev_, std::max<int64_t>(RU, 1) * row_bytes));
+  if (RU > 0) backend_->SetZero(partial_dev_.data(), static_cast<size_t>(RU) * row_bytes);
+  if (R == 0) return Status::Ok();
+  // Group the pairs by their rank among the pairs of their row (pairs arrive by source, then
+  // expert, then token: a row's k-th pair is its k-th smallest expert), so each group adds to
+  // distinct rows and every row receives its experts in increasing id.
+  std::vector<int32_t> seen(RU, 0), group(R);
+  std::vector<int64_t> group_size;
+  for (int64_t i = 0; i < R; ++i) {
+    const int32_t k = seen[expand_idx_[i]]++;
+    group[i] = k;
+    if (static_cast<size_t>(k) >= group_size.size()) group_size.resize(k + 1, 0);
+    ++group_size[k];
+  }
+  std::vector<int64_t> start(group_size.size() + 1, 0);
+  for (size_t k = 0; k < group_size.size(); ++k) start[k + 1] = start[k] + group_size[k];
+  // sum_idx_: [0, R) pair rows by group; [R, 2R) their distinct rows; [2R, 3R) weights (bits).
+  sum_idx_.resize(3 * static_cast<size_t>(R));
+  std::vector<int64_t> cursor(start.begin(), start.end() - 1);
+  for (int64_t i = 0; i < R; ++i) {
+    const int64_t at = cursor[group[i]]++;
+    sum_idx_[at] = static_cast<int32_t>(i);
+    sum_idx_[R + at] = expand_idx_[i];
+    sum_idx_[2 * R + at] = recv_local_[i * per_pair + 1];
+  }
+  EF_RETURN_IF_ERROR(Reserve(backend_, &sum_idx_dev_, sum_idx_.size() * sizeof(int32_t)));
+  EF_RETURN_IF_ERROR(Reserve(backend_, &tmp_dev_, static_cast<size_t>(R) * row_bytes));
+  backend_->CopyToDevice(sum_idx_dev_.data(), sum_idx_.data(), sum_idx_.size() * sizeof(int32_t));
+  const int32_t* si = sum_idx_dev_.i32();
+  backend_->GatherRows(y_dev_.f32(), si, R, H, tmp_dev_.f32());
+  const float* w = reinterpret_cast<const float*>(si + 2 * R);
+  for (size_t k = 0; k < group_size.size(); ++k)
+    backend_->ScatterAddRows(tmp_dev_.f32() + start[k] * H, si + R + start[k], w + start[k], group_size[k], H,
+                             partial_dev_.f32());
   return Status::Ok();
 }
 
@@ -247,8 +294,8 @@ Status ExpertParallelExecutor::Run(int layer, int64_t T, int top_k, const float*
   // that pair's position in (destination, expert) order (the combine gather); [U + P, U + 2P)
   // combine row c's weight (float bits); [U + 2P, U + 2P + T) 0..T-1 (the combine scatter's rows).
   // pair_local_ (per pair, in (destination, expert) order): its token's row within the block sent.
-  pair_idx_.resize(U + 2 * P + T);
-  pair_local_.resize(P);
+  pair_idx_.resize(U + 2 * P + T + (summed_ ? U : 0));
+  pair_local_.resize(summed_ ? 2 * P : P);
   for (int d = 0; d < N; ++d)
     for (int64_t t = 0; t < T; ++t)
       if (const int32_t u = local_[static_cast<size_t>(d) * T + t]; u >= 0)
@@ -259,11 +306,18 @@ Status ExpertParallelExecutor::Run(int layer, int64_t T, int top_k, const float*
     const int64_t i = key_offset_[static_cast<size_t>(d) * E + ids[p]]++;
     int64_t j = 0;
     for (int64_t q = t * top_k; q < (t + 1) * top_k; ++q) j += ids[q] < ids[p] || (ids[q] == ids[p] && q < p);
-    pair_local_[i] = local_[static_cast<size_t>(d) * T + t];
+    if (summed_) {
+      pair_local_[2 * i] = local_[static_cast<size_t>(d) * T + t];
+      pair_local_[2 * i + 1] = std::bit_cast<int32_t>(weights[p]);
+    } else {
+      pair_local_[i] = local_[static_cast<size_t>(d) * T + t];
+    }
     pair_idx_[U + j * T + t] = static_cast<int32_t>(i);
     pair_idx_[U + P + j * T + t] = std::bit_cast<int32_t>(weights[p]);
   }
   for (int64_t t = 0; t < T; ++t) pair_idx_[U + 2 * P + t] = static_cast<int32_t>(t);
+  // Summed combine: [U + 2P + T, + U) ones (float bits), the scale of the partial sums' add.
+  if (summed_) std::fill_n(pair_idx_.begin() + U + 2 * P + T, U, std::bit_cast<int32_t>(1.f));
   send_rows_.assign(N, 0);  // pairs per destination
   for (int d = 0; d < N; ++d)
     for (int e = 0; e < E; ++e) send_rows_[d] += send_counts_[d * K + e];
@@ -305,22 +359,25 @@ Status ExpertParallelExecutor::Run(int layer, int64_t T, int top_k, const float*
   EF_RETURN_IF_ERROR(Reserve(backend_, &recv_dev_, std::max(R, RU) * row_bytes));
   EF_RETURN_IF_ERROR(Reserve(backend_, &y_dev_, std::max(R, RU) * row_bytes));
   EF_RETURN_IF_ERROR(Move(send_dev_.f32(), uniq_rows_, y_dev_.f32(), recv_uniq_, "the " + where + " token dispatch"));
-  recv_local_.resize(R);
-  EF_RETURN_IF_ERROR(MoveInts(pair_local_, send_rows_, recv_local_, recv_rows_, "the " + where + " row indices"));
+  const int per_pair = summed_ ? 2 : 1;  // ints per pair: the row within the block (and the weight)
+  recv_local_.resize(static_cast<size_t>(R) * per_pair);
+  EF_RETURN_IF_ERROR(
+      MoveInts(pair_local_, send_rows_, recv_local_, recv_rows_, per_pair, "the " + where + " row indices"));
   rows_dispatched_ += U - uniq_rows_[me];
   // Each received pair's row: its block's offset plus its row within the block; rows of the
   // distinct block (in y_dev_) are expanded to one per pair (in recv_dev_).
   if (R > 0) {
+    expand_idx_.resize(R);
     int64_t i = 0;
     for (int r = 0; r < N; ++r)
       for (int64_t k = 0; k < recv_rows_[r]; ++k, ++i) {
-        const int32_t u = recv_local_[i];
+        const int32_t u = recv_local_[i * per_pair];
         if (u < 0 || u >= recv_uniq_[r])
           return Internal("rank " + std::to_string(r) + " sent a row index out of range");
-        recv_local_[i] = static_cast<int32_t>(recv_uniq_offset_[r] + u);
+        expand_idx_[i] = static_cast<int32_t>(recv_uniq_offset_[r] + u);
       }
     EF_RETURN_IF_ERROR(Reserve(backend_, &recv_idx_dev_, static_cast<size_t>(R) * sizeof(int32_t)));
-    backend_->CopyToDevice(recv_idx_dev_.data(), recv_local_.data(), static_cast<size_t>(R) * sizeof(int32_t));
+    backend_->CopyToDevice(recv_idx_dev_.data(), expand_idx_.data(), static_cast<size_t>(R) * sizeof(int32_t));
     backend_->GatherRows(y_dev_.f32(), recv_idx_dev_.i32(), R, H, recv_dev_.f32());
   }
 
@@ -331,7 +388,21 @@ Status ExpertParallelExecutor::Run(int layer, int64_t T, int top_k, const float*
     rows_computed_ += R;
   }
 
-  // 5. Results return to the tokens' ranks, in the order the pairs were sent.
+  // 5. Results return to the tokens' ranks: one row per pair, in the order the pairs were sent, or
+  // (summed) one per distinct row, w * y added over the row's experts here.
+  if (summed_) {
+    EF_RETURN_IF_ERROR(SumOnComputeRank(R, RU, per_pair));
+    EF_RETURN_IF_ERROR(
+        Move(partial_dev_.f32(), recv_uniq_, back_dev_.f32(), uniq_rows_, "the " + where + " expert results"));
+    if (P == 0) return Status::Ok();
+    // Each destination's block adds its partial sums (tokens are distinct within a block).
+    const float* ones = reinterpret_cast<const float*>(idx + U + 2 * P + T);
+    for (int d = 0; d < N; ++d)
+      if (uniq_rows_[d] > 0)
+        backend_->ScatterAddRows(back_dev_.f32() + uniq_offset_[d] * H, idx + uniq_offset_[d], ones + uniq_offset_[d],
+                                 uniq_rows_[d], H, out);
+    return Status::Ok();
+  }
   EF_RETURN_IF_ERROR(Move(y_dev_.f32(), recv_rows_, back_dev_.f32(), send_rows_, "the " + where + " expert results"));
   if (P == 0) return Status::Ok();
 

@@ -16,8 +16,9 @@
 //   4. the token's rank adds w * y for each of a token's experts in increasing expert id with the
 //      backend's ScatterAddRows (one call per top-k slot): per output element the same operations
 //      in the same order as LocalMoeExecutor::Run, so logits do not depend on the number of ranks
-//      (bitwise on the CPU backend). (Summing a token's experts on the computing rank would halve
-//      the results' bytes too, but would add in another order.)
+//      (bitwise on the CPU backend). With sum_on_compute_rank the computing rank adds w * y over the
+//      token's experts it holds and returns one row per (token, rank) (fewer bytes, another order
+//      of additions: within float rounding of one process).
 // Planned mode (ExpertPlacement::planned()): at step 1 the ranks all-gather their rows per expert
 // and each computes the same plan (comm/row_balancer.h): which rank computes each (source rank,
 // expert)'s rows, the static plan with overloaded ranks' blocks moved to their source ranks. The
@@ -51,8 +52,12 @@ class ExpertParallelExecutor final : public runtime::MoeExecutor {
  public:
   // The engine provides the config, the backend and the local executor for ComputeRows; all
   // pointers must outlive this object.
+  // sum_on_compute_rank (cluster.combine summed): the computing rank adds w * y over each token's
+  // experts it computed and returns one row per (token, rank) instead of one per pair: the results
+  // travel like the dispatch (fewer bytes), but a token's experts are then added per rank, in rank
+  // order, so logits match one process within float rounding (1e-5), not bitwise.
   ExpertParallelExecutor(MpiContext* ctx, TokenExchange* exchange, const ExpertPlacement* placement,
-                         runtime::Engine* engine);
+                         runtime::Engine* engine, bool sum_on_compute_rank = false);
 
   Status Run(int layer, int64_t T, int top_k, const float* h, std::span<const int32_t> ids,
              std::span<const float> weights, float* out) override;
@@ -104,7 +109,9 @@ class ExpertParallelExecutor final : public runtime::MoeExecutor {
   // exchange_->AllToAllV of int32 rows held on the host (staged through backend memory for a
   // device exchange).
   Status MoveInts(std::span<const int32_t> send, std::span<const int64_t> send_rows, std::span<int32_t> recv,
-                  std::span<const int64_t> recv_rows, const std::string& what);
+                  std::span<const int64_t> recv_rows, int ints_per_row, const std::string& what);
+  // Summed combine on the computing rank: partial_dev_[row] = sum of w * y over the row's pairs.
+  Status SumOnComputeRank(int64_t R, int64_t RU, int per_pair);
   // Planned mode: gathers every rank's rows per expert of this layer (`ids`) and plans them into
   // plan_ (and all_rows_).
   Status PlanLayer(int layer, std::span<const int32_t> ids, const std::string& where);
@@ -114,6 +121,12 @@ class ExpertParallelExecutor final : public runtime::MoeExecutor {
   const ExpertPlacement* placement_;
   runtime::Engine* engine_;
   runtime::Backend* backend_;
+  bool summed_ = false;  // sum_on_compute_rank
+  // Summed combine, receiver side: per pair group k (the k-th of a row's pairs, so each group adds
+  // to distinct rows, in increasing expert id per row): pair rows, their rows in the distinct
+  // block, weights; uploaded in one copy.
+  std::vector<int32_t> sum_idx_;
+  runtime::Buffer sum_idx_dev_, partial_dev_, tmp_dev_;
   int hidden_ = 0, num_experts_ = 0, top_k_ = 0, first_moe_layer_ = -1, num_layers_ = 0;
   std::unique_ptr<StatCounter[]> layer_sent_, layer_received_;  // [decoder layer]
   bool step_synced_ = false;
@@ -125,7 +138,7 @@ class ExpertParallelExecutor final : public runtime::MoeExecutor {
   RowPlan plan_;
 
   // Reused host buffers. Per (rank, expert) arrays are indexed rank * num_experts + expert.
-  std::vector<int32_t> dest_, pair_idx_, recv_expert_, local_, pair_local_, recv_local_;
+  std::vector<int32_t> dest_, pair_idx_, recv_expert_, local_, pair_local_, recv_local_, expand_idx_;
   std::vector<int64_t> uniq_rows_, uniq_offset_, recv_uniq_, recv_uniq_offset_;
   std::vector<float> ones_, stage_send_, stage_recv_;
   std::vector<int64_t> key_offset_, send_counts_, recv_counts_, send_rows_, recv_rows_;

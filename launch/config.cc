@@ -178,6 +178,10 @@ const std::map<std::string, Section>& Schema() {
             [](const Ctx& c, Config* o) {
               return GetOneOf(c, {"static", "planned"}, &o->cluster.placement_mode);
             }},
+           {"combine",
+            [](const Ctx& c, Config* o) {
+              return GetOneOf(c, {"pairs", "summed"}, &o->cluster.combine);
+            }},
            {"planned_max_imbalance",
             [](const Ctx& c, Config* o) { return GetDouble(c, 1, 1e6, false, &o->cluster.planned_max_imbalance); }},
            {"timeout_s", [](const Ctx& c, Config* o) { return GetDouble(c, 0, 86400, true, &o->cluster.timeout_s); }},
@@ -434,6 +438,7 @@ std::string ConfigToYaml(const Config& c) {
   e << YAML::Key << "compute_placement" << YAML::Value << c.cluster.compute_placement;
   e << YAML::Key << "replication" << YAML::Value << c.cluster.replication;
   e << YAML::Key << "placement_mode" << YAML::Value << c.cluster.placement_mode;
+  e << YAML::Key << "combine" << YAML::Value << c.cluster.combine;
   e << YAML::Key << "planned_max_imbalance" << YAML::Value << c.cluster.planned_max_imbalance;
   e << YAML::Key << "timeout_s" << YAML::Value << c.cluster.timeout_s << YAML::EndMap;
   e << YAML::Key << "cache" << YAML::Value << YAML::Flow << YAML::BeginMap;
@@ -555,6 +560,10 @@ void ClusterFlags::Register(CLI::App* app, bool short_config) {
   app->add_option("--planned-max-imbalance", cluster.placement.max_imbalance,
                   "planned: busiest rank's rows / mean to aim for, >= 1 (cluster.planned_max_imbalance)")
       ->check(CLI::Range(1.0, 1e6));
+  app->add_option("--combine", cluster.combine,
+                  "pairs (results per token and expert, bitwise one process) or summed (added per rank where "
+                  "computed: fewer all-to-all bytes, within float rounding) (cluster.combine)")
+      ->check(CLI::IsMember({"pairs", "summed"}));
   app->add_option("--exchange", cluster.exchange, "token exchange: auto, mpi or nccl (cluster.exchange)")
       ->check(CLI::IsMember({"auto", "mpi", "nccl"}));
   app->add_option("--peer-fetch", cluster.peer_fetch, "peer expert tier: ucx or none (cluster.peer_fetch)")
@@ -588,6 +597,7 @@ Status ClusterFlags::Load(const CLI::App& app, ModelFlags* model) {
   take("cluster.planned_max_imbalance", "--planned-max-imbalance", &cluster.placement.max_imbalance,
        file.placement.max_imbalance);
   take("cluster.timeout_s", "--timeout", &cluster.timeout_s, file.timeout_s);
+  take("cluster.combine", "--combine", &cluster.combine, file.combine);
   EF_RETURN_IF_ERROR(cache.Apply(app, &config));
   // The effective values back into the config, for the log.
   config.model.path = model->dir;
@@ -602,6 +612,7 @@ Status ClusterFlags::Load(const CLI::App& app, ModelFlags* model) {
   config.cluster.placement_mode = cluster.placement.mode;
   config.cluster.planned_max_imbalance = cluster.placement.max_imbalance;
   config.cluster.timeout_s = cluster.timeout_s;
+  config.cluster.combine = cluster.combine;
   return Status::Ok();
 }
 
@@ -646,6 +657,7 @@ comm::ClusterOptions ToClusterOptions(const Config& c) {
   o.placement.mode = c.cluster.placement_mode;
   o.placement.max_imbalance = c.cluster.planned_max_imbalance;
   o.timeout_s = c.cluster.timeout_s;
+  o.combine = c.cluster.combine;
   return o;
 }
 

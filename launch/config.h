@@ -51,7 +51,10 @@ struct ClusterSection {
   // planned_max_imbalance x the mean rows.
   std::string placement_mode = "static";
   double planned_max_imbalance = 1.15;  // >= 1
-  double timeout_s = 30;                // every wait on a peer gives up after this many seconds
+  // pairs (bitwise one process) | summed (results added per rank on the computing rank: fewer
+  // all-to-all bytes, within float rounding of one process)
+  std::string combine = "pairs";
+  double timeout_s = 30;  // every wait on a peer gives up after this many seconds
 };
 
 // The expert cache (cache/expert_cache.h). With no device budget every routed expert is uploaded

@@ -3,7 +3,7 @@
 # process on every fixture and tiny-code-moe, and `generate` the same tokens. With NP > 1 it also
 # runs a placement whose compute ranks differ from the home ranks, so experts are fetched from
 # peers over UCX (bytes counted, asserted > 0); with NP = 4 that run uses ranks_per_node: 1, which
-# must force UCX over TCP.
+# must force UCX over TCP, and returns results summed per rank (cluster.combine summed).
 #   mpi_equality.sh BIN NP DATA_DIR MODELS_DIR
 BIN=$1 NP=$2 DATA=$3 MODELS=$4
 source "$(dirname "$0")/common.sh"
@@ -20,7 +20,8 @@ for m in "${models[@]}"; do
   echo "$name: score -np $NP matches one process"
   if [ "$NP" -gt 1 ]; then
     extra=()
-    [ "$NP" -eq 4 ] && extra=(--ranks-per-node 1)
+    # At 4 ranks also the summed combine (results added per rank where computed).
+    [ "$NP" -eq 4 ] && extra=(--ranks-per-node 1 --combine summed)
     "${MPIRUN[@]}" -np "$NP" "$BIN" score --backend cpu --model "$m" --ids-file "$WORK/$name.ids.json" \
       --compute-placement round_robin "${extra[@]}" --out "$WORK/$name.ucx.json" \
       --comm-stats "$WORK/$name.ucx.stats.json" 2>"$WORK/$name.err" ||
