@@ -258,7 +258,7 @@ Status ExpertTiers::FillPacked(int layer, int expert, std::span<std::byte> dst) 
       std::vector<std::byte> made(n);
       EF_RETURN_IF_ERROR(Quantize(layer, expert, native, made));
       std::memcpy(dst.data(), made.data(), n);
-      q = std::move(made);
+      if (keep_quantized_) q = std::move(made);
     }
   }
   resident_quantized_[i].store(1, std::memory_order_release);

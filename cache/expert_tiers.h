@@ -118,6 +118,10 @@ class ExpertTiers {
   // Writes the packed expert at the load precision from the checkpoint mapping, counting nothing
   // (a host tier's initial fill).
   Status PackFromCheckpoint(int layer, int expert, std::span<std::byte> dst) const;
+  // Whether a quantized copy made on first use is kept (the host tier of the CPU path). A CUDA
+  // source pins its own host tier: copies of experts past it are made per load and dropped, so
+  // cache.host_budget bounds host memory.
+  void set_keep_quantized(bool keep) { keep_quantized_ = keep; }
 
   // Fills dst (at least the expert's packed size) from the nearest tier that keeps the expert.
   Status FillPacked(int layer, int expert, std::span<std::byte> dst);
@@ -153,6 +157,7 @@ class ExpertTiers {
   // Quantized host copies [layer * E + expert]; guarded by quant_mu_ (filled lazily off Prepare).
   std::mutex quant_mu_;
   std::vector<std::vector<std::byte>> quantized_;
+  bool keep_quantized_ = true;
   std::array<std::atomic<int64_t>, kNumTiers> loads_{};
   std::array<std::atomic<int64_t>, kNumTiers> bytes_{};
 };

@@ -29,6 +29,7 @@ StatusOr<std::unique_ptr<CudaExpertSource>> CudaExpertSource::Create(const runti
   if (first < 0) return InvalidArgument("cuda expert cache: the model has no MoE layer");
   // The load precision's layout (the tiers quantize when cache.miss_precision asks for it).
   ExpertTiers* tiers = options.tiers;
+  if (tiers) tiers->set_keep_quantized(false);  // the pinned tier below is the host tier
   if (tiers && tiers->num_unquantizable() > 0)
     return Unimplemented("cuda expert cache: cache.miss_precision " +
                          std::string(LoadPrecisionName(tiers->precision())) +

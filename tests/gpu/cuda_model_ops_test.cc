@@ -55,16 +55,21 @@ struct AttnCase {
   const char* name;
   int heads, kv_heads, qk_dim, v_dim, k_stride, window;
   bool sinks;
+  int decode_total = 700;  // n_total of the decode step (past ~12k keys the kernel opts in to more shared memory)
 };
 
 TEST_F(CudaModelOpsTest, AttentionExMatchesCpuForMlaWindowAndSinks) {
   // MLA absorbed form: one 40-float cached row (latent 32 | rope 8) serves every head, value = latent.
   for (AttnCase c :
        {AttnCase{"mla", 4, 1, 40, 32, 40, 0, false}, AttnCase{"gpt_oss_sliding", 4, 2, 16, 16, 32, 8, true},
-        AttnCase{"gpt_oss_full", 4, 2, 16, 16, 32, 0, true}, AttnCase{"long_gqa", 8, 2, 64, 64, 128, 0, false}}) {
+        AttnCase{"gpt_oss_full", 4, 2, 16, 16, 32, 0, true}, AttnCase{"long_gqa", 8, 2, 64, 64, 128, 0, false},
+        // DeepSeek's real MLA widths (latent 512 | rope 64), at the 48 KiB boundary and past it.
+        AttnCase{"mla_real_boundary", 8, 1, 576, 512, 576, 0, false, 11705},
+        AttnCase{"mla_real_optin", 8, 1, 576, 512, 576, 0, false, 13000}}) {
     const bool mla = c.kv_heads == 1 && c.v_dim < c.qk_dim;
     const int v_stride = mla ? c.k_stride : c.kv_heads * c.v_dim;
-    const int lens[2][2] = {{11, 11}, {1, c.window ? 300 : 700}};  // (n_new, n_total): a prefill, a decode step
+    // (n_new, n_total): a prefill, a decode step
+    const int lens[2][2] = {{11, 11}, {1, c.window ? 300 : c.decode_total}};
     int64_t rows = 0;
     std::vector<AttentionSeq> seqs;
     std::vector<std::vector<float>> ks, vs;

@@ -82,7 +82,7 @@ TEST_F(CudaQuantTest, GemmMatchesCpu) {
       ASSERT_TRUE(Dequantize(t, wc.data, c.n, c.k, deq.data()).ok());
       const std::vector<float> deq_rounded = RoundedToBf16(deq);
       const Weight wr{DType::kF32, deq_rounded.data(), c.n, c.k};
-      for (int64_t m : {1, 4, 16, 64}) {
+      for (int64_t m : {1, 2, 3, 4, 16, 64}) {
         const std::string what = std::string(DTypeName(t)) + " m=" + std::to_string(m) + " n=" + std::to_string(c.n) +
                                  " k=" + std::to_string(c.k);
         const std::vector<float> x = RandomFloats(m * c.k, 42 + m);

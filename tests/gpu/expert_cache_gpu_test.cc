@@ -6,6 +6,7 @@
 // experts past the pinned host budget staged from the checkpoint) keeps results identical.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <string>
 
 #include "cache/cuda/cuda_expert_source.h"
@@ -137,6 +138,56 @@ TEST_P(ExpertCacheGpuTest, CopyQueueModesAndHostBudgetKeepResultsIdentical) {
     EXPECT_EQ(got.logits, want.logits) << "queued " << k.max_queued << " chunk " << k.chunk << " host "
                                        << k.host_experts;
     EXPECT_TRUE((*src)->arena().status().ok()) << (*src)->arena().status().ToString();
+  }
+}
+
+// Low-precision loads (cache.miss_precision int8 / int4) through the production path (the expert
+// tiers quantize into the pinned host tier; past a 2-expert host budget the tiers quantize per
+// load): the CUDA engine computes what the CPU engine with the same cache computes. Decode rows
+// (m <= 4) use the fused-dequantization GEMV on exactly the CPU's weight values; prefill rows go
+// through bf16-rounded weights and cuBLAS, hence a normwise bound rather than equality.
+TEST_P(ExpertCacheGpuTest, LowPrecisionLoadsMatchTheCpuCache) {
+  for (const char* precision : {"int8", "int4"}) {
+    for (bool small_host : {false, true}) {
+      ExpertCacheOptions o;
+      o.policy = "lru";
+      o.predictor = "none";
+      o.prefetch_layers = 0;
+      o.miss_precision = precision;
+      runtime::EngineOptions co;
+      co.backend = "cpu";
+      auto cpu = Engine::Create(ModelDir(GetParam()), co);
+      ASSERT_TRUE(cpu.ok()) << cpu.status().ToString();
+      o.slots_per_layer = (*cpu)->config().top_k;
+      const runtime::ExpertWeights& w = (*cpu)->weights().host_expert((*cpu)->config().num_layers - 1, 0);
+      if (small_host) o.host_budget_bytes = 2 * w.nbytes();
+      auto cpu_cache = ExpertCache::Create(cpu->get(), o);
+      ASSERT_TRUE(cpu_cache.ok()) << cpu_cache.status().ToString();
+      const Output want = RunModel(**cpu);
+      cpu_cache->reset();
+
+      auto engine = MakeCudaEngine(GetParam(), false);
+      ASSERT_NE(engine, nullptr);
+      auto cache = ExpertCache::Create(engine.get(), o);
+      ASSERT_TRUE(cache.ok()) << cache.status().ToString();
+      const Output got = RunModel(*engine);
+      ASSERT_EQ(got.logits.size(), want.logits.size());
+      double num = 0, den = 0;
+      for (size_t i = 0; i < want.logits.size(); ++i) {
+        num += (got.logits[i] - want.logits[i]) * (got.logits[i] - want.logits[i]);
+        den += want.logits[i] * want.logits[i];
+      }
+      EXPECT_LE(std::sqrt(num / den), 1e-2) << GetParam() << " " << precision << (small_host ? " small host" : "");
+      const ExpertStoreStats st = (*cache)->stats();
+      EXPECT_GT(st.total.misses, 0);
+      // Every load moved the quantized expert.
+      CudaExpertSource& src = *(*cache)->cuda_source();
+      EXPECT_LT(src.layout().bytes(), w.nbytes());
+      Status as = src.arena().status();
+      EXPECT_TRUE(as.ok()) << as.ToString();
+      Status bs = engine->backend().status();
+      EXPECT_TRUE(bs.ok()) << bs.ToString();
+    }
   }
 }
 

@@ -84,16 +84,17 @@ cudaError_t launch_attention_ex(const float* q, const float* k, const float* v, 
   if (n_new <= 0) return cudaSuccess;
   const int max_visible = shape.window > 0 ? std::min(shape.window, n_total) : n_total;
   const size_t smem = static_cast<size_t>(shape.qk_dim + max_visible) * sizeof(float);
-  static size_t opted_in = 48 * 1024;
-  if (smem > opted_in) {
+  // The kernel's static red[] counts against the 48 KiB a launch gets without opting in. The opt-in
+  // is per device (and cheap): made on every launch that needs it, never cached per process.
+  constexpr size_t kStaticSmem = kThreads / 32 * sizeof(float);
+  if (smem + kStaticSmem > 48 * 1024) {
     int dev = 0, max_optin = 0;
     cudaGetDevice(&dev);
     cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-    if (smem + kThreads / 32 * sizeof(float) > static_cast<size_t>(max_optin)) return cudaErrorInvalidValue;
+    if (smem + kStaticSmem > static_cast<size_t>(max_optin)) return cudaErrorInvalidValue;
     cudaError_t e = cudaFuncSetAttribute(AttentionExKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         max_optin - static_cast<int>(kThreads / 32 * sizeof(float)));
+                                         max_optin - static_cast<int>(kStaticSmem));
     if (e != cudaSuccess) return e;
-    opted_in = max_optin - kThreads / 32 * sizeof(float);
   }
   const dim3 grid(static_cast<unsigned>(n_new), static_cast<unsigned>(shape.num_heads));
   AttentionExKernel<<<grid, kThreads, smem, stream>>>(q, k, v, q_row, n_new, n_total, shape, out);
