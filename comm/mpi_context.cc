@@ -3,13 +3,20 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
+#include <memory>
 #include <thread>
 
 #include "comm/comm_check.h"
 #include "runtime/core/logging.h"
 #include "runtime/core/params.h"
+
+EF_PARAM(AbortGraceS, double, "EF_ABORT_GRACE_S", 5.0,
+         "seconds a rank waits for MPI_Abort to end it before it exits by itself (a lost node's "
+         "daemon may never answer mpirun)");
 
 namespace ef::comm {
 namespace {
@@ -19,6 +26,27 @@ MpiContext* g_context = nullptr;
 int CurrentRank() {
   MpiContext* c = MpiContext::Get();
   return c ? c->rank() : 0;
+}
+
+constexpr int kMaxHostName = 64;
+
+// Starts a thread that ends the process with `code` after `seconds` unless the returned flag is
+// set first, printing `why`: the bound on a call that may block forever once a peer is gone
+// (MPI_Abort, MPI_Finalize).
+std::shared_ptr<std::atomic<bool>> ExitAfter(double seconds, int code, std::string why) {
+  auto disarmed = std::make_shared<std::atomic<bool>>(false);
+  std::thread([seconds, code, why = std::move(why), disarmed] {
+    const auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+    while (std::chrono::steady_clock::now() < end) {
+      if (disarmed->load()) return;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    if (disarmed->load()) return;
+    std::fprintf(stderr, "rank %d: %s within %g s; exiting\n", CurrentRank(), why.c_str(), seconds);
+    std::fflush(stderr);
+    std::_Exit(code);
+  }).detach();
+  return disarmed;
 }
 
 std::string Seconds(double s) {
@@ -79,13 +107,45 @@ StatusOr<MpiContext*> MpiContext::Init() {
     c->local_rank_ = c->launcher_local_rank_;
     c->local_size_ = c->launcher_local_size_;
     log::SetRank(c->rank_);
-    char host[256] = {0};
+    char host[kMaxHostName] = {0};
     gethostname(host, sizeof(host) - 1);
+    // Every rank's host, so a lost peer can be named by node. A blocking collective is fine here:
+    // MPI_Init above already needed every rank.
+    std::vector<char> hosts(static_cast<size_t>(kMaxHostName) * c->size_);
+    MPI_CHECK(MPI_Allgather(host, kMaxHostName, MPI_CHAR, hosts.data(), kMaxHostName, MPI_CHAR, c->comm_));
+    for (int r = 0; r < c->size_; ++r) {
+      const char* h = hosts.data() + static_cast<size_t>(r) * kMaxHostName;
+      c->nodes_.emplace_back(h, strnlen(h, kMaxHostName));
+    }
     EF_LOG(INFO, COMM, "mpi rank %d of %d on %s, local rank %d of %d", c->rank_, c->size_, host, c->local_rank_,
            c->local_size_);
   }
   g_context = c;
   return c;
+}
+
+const std::string& MpiContext::node_of(int r) const {
+  static const std::string kNone;
+  return r >= 0 && r < static_cast<int>(nodes_.size()) ? nodes_[r] : kNone;
+}
+
+std::string MpiContext::DescribeNodes(const std::vector<int>& ranks) const {
+  // Group the ranks by node, in order of first appearance.
+  std::vector<std::pair<std::string, std::vector<int>>> by_node;
+  for (int r : ranks) {
+    const std::string& n = node_of(r);
+    if (n.empty()) continue;
+    auto it = std::find_if(by_node.begin(), by_node.end(), [&](const auto& g) { return g.first == n; });
+    if (it == by_node.end()) it = by_node.insert(by_node.end(), {n, {}});
+    it->second.push_back(r);
+  }
+  std::string out;
+  for (const auto& [node, rs] : by_node) {
+    std::string list;
+    for (int r : rs) list += (list.empty() ? "" : ", ") + std::to_string(r);
+    out += std::string("; ") + (rs.size() > 1 ? "ranks " + list + " are" : "rank " + list + " is") + " on node " + node;
+  }
+  return out;
 }
 
 void MpiContext::set_ranks_per_node(int n) {
@@ -120,19 +180,20 @@ Status MpiContext::WaitAll(std::span<MPI_Request> reqs, std::span<const int> pee
       std::this_thread::yield();
   }
   // Name the peers whose requests are still pending; receives first (a dead peer never sends).
-  std::string pending;
+  std::vector<int> lost;
   for (size_t i = 0; i < reqs.size(); ++i) {
     if (reqs[i] == MPI_REQUEST_NULL) continue;
     int flag = 0;
     MPI_Request_get_status(reqs[i], &flag, MPI_STATUS_IGNORE);
     if (flag) continue;
-    const std::string p = std::to_string(peers[i]);
-    if (pending.find(" " + p + ",") == std::string::npos) pending += " " + p + ",";
+    if (std::find(lost.begin(), lost.end(), peers[i]) == lost.end()) lost.push_back(peers[i]);
   }
-  if (!pending.empty()) pending.pop_back();
-  const bool many = pending.find(',') != std::string::npos;
-  return DeadlineExceeded((many ? "ranks" : "rank") + pending + " did not complete " + what + " within " +
-                          Seconds(timeout_s_) + " s (seen from rank " + std::to_string(rank_) + ")");
+  std::string pending;
+  for (int r : lost) pending += (pending.empty() ? " " : ", ") + std::to_string(r);
+  const std::string self = node_of(rank_).empty() ? "" : " on " + node_of(rank_);
+  return DeadlineExceeded((lost.size() > 1 ? "ranks" : "rank") + pending + " did not complete " + what + " within " +
+                          Seconds(timeout_s_) + " s (seen from rank " + std::to_string(rank_) + self +
+                          DescribeNodes(lost) + ")");
 }
 
 StatusOr<std::vector<std::vector<char>>> MpiContext::AllGatherBytes(std::span<const char> mine,
@@ -254,14 +315,20 @@ Status MpiContext::Barrier(const std::string& what) {
 void MpiContext::Abort(int code) {
   std::fflush(stdout);
   std::fflush(stderr);
-  if (mpi_ && !finalized_) MPI_Abort(comm_, code);
+  if (mpi_ && !finalized_) {
+    ExitAfter(params::AbortGraceS(), code, "MPI_Abort did not end this rank");
+    MPI_Abort(comm_, code);
+  }
   std::_Exit(code);
 }
 
 void MpiContext::Finalize() {
   if (mpi_ && !finalized_) {
     finalized_ = true;
+    std::shared_ptr<std::atomic<bool>> watchdog;
+    if (size_ > 1) watchdog = ExitAfter(timeout_s_, 1, "MPI_Finalize did not return (a peer is gone?)");
     MPI_Finalize();
+    if (watchdog) watchdog->store(true);
   }
 }
 

@@ -8,8 +8,14 @@
 // as Status (MPI_CHECK), never as an abort inside MPI.
 //
 // Every wait polls with a deadline (timeout_s): a peer that died or stalls turns into
-// DeadlineExceeded "rank R did not complete <what> within T s", never a hang. Point-to-point
-// messages are used even for small collectives so the missing peer can be named.
+// DeadlineExceeded "rank R did not complete <what> within T s (... rank R is on node N)", never a
+// hang. Point-to-point messages are used even for small collectives so the missing peer, and the
+// node it ran on, can be named.
+//
+// Losing a peer ends the process without relying on the launcher: Abort() asks MPI to end every
+// rank, and exits this process itself after a bounded grace (EF_ABORT_GRACE_S) if MPI_Abort has
+// not returned by then; it does not when mpirun cannot reach the lost node's daemon (a partition),
+// and a rank must not hang on that. Every other rank detects the loss through its own deadlines.
 //
 // Thread safety: MPI is called from the thread that called Init() only (FUNNELED).
 #pragma once
@@ -52,6 +58,9 @@ class MpiContext {
   // Rank within its node and ranks on its node (from the launcher unless overridden).
   int local_rank() const { return local_rank_; }
   int local_size() const { return local_size_; }
+  // The host name rank r runs on (gathered at Init; "" out of range). Ranks started into separate
+  // network namespaces by scripts/cluster/netns.sh report the namespace's name.
+  const std::string& node_of(int r) const;
   MPI_Comm comm() const { return comm_; }
 
   // Pretends nodes hold `n` ranks each (n > 0): local rank = rank % n. ranks_per_node: 1 makes
@@ -76,9 +85,12 @@ class MpiContext {
   // r's mine[i]. One round of point-to-point messages.
   Status AllGatherInts(std::span<const int64_t> mine, std::span<int64_t> out, int tag, const std::string& what);
 
-  // Ends every rank: MPI_Abort when MPI is up, else exit(code).
+  // Ends every rank: MPI_Abort when MPI is up, else exit(code). This process exits with `code`
+  // after EF_ABORT_GRACE_S even when MPI_Abort blocks (its launcher cannot reach a lost node).
   [[noreturn]] void Abort(int code);
-  // Finalises MPI (idempotent). Objects holding MPI or UCX resources must be gone.
+  // Finalises MPI (idempotent). Objects holding MPI or UCX resources must be gone. MPI_Finalize
+  // synchronises with every rank: a peer lost at that point would block it forever, so after
+  // timeout_s the process reports that and exits 1.
   void Finalize();
 
  private:
@@ -88,8 +100,12 @@ class MpiContext {
   int rank_ = 0, size_ = 1, local_rank_ = 0, local_size_ = 1;
   int launcher_local_rank_ = 0, launcher_local_size_ = 1;
   MPI_Comm comm_ = MPI_COMM_NULL;
+  std::vector<std::string> nodes_;  // host name per rank
   double timeout_s_ = 30;
   std::function<void()> progress_hook_;
+
+  // " (ranks 2, 3 are on node n2)" for the pending ranks of a timed-out wait.
+  std::string DescribeNodes(const std::vector<int>& ranks) const;
 };
 
 }  // namespace ef::comm

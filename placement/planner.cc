@@ -47,6 +47,9 @@ StatusOr<BatchPlan> Planner::Plan(const RoutingForecast& forecast, const CacheRe
     }
     auto ranks_of = [&](int e) -> std::vector<int>& { return plan.compute_ranks[static_cast<size_t>(l) * E + e]; };
     std::fill(load.begin(), load.end(), 0.0);
+    // on[e * R + r]: rank r computes expert e (membership in O(1); ranks_of(e) keeps the order).
+    std::vector<uint8_t> on(static_cast<size_t>(E) * R, 0);
+    auto is_on = [&](int e, int r) { return on[static_cast<size_t>(e) * R + r] != 0; };
     std::vector<int> needed;
     for (int e = 0; e < E; ++e) {
       if (max_prob[e] < options_.min_prob || max_prob[e] <= 0.f) continue;
@@ -60,6 +63,7 @@ StatusOr<BatchPlan> Planner::Plan(const RoutingForecast& forecast, const CacheRe
           }
       }
       ranks_of(e).push_back(r);
+      on[static_cast<size_t>(e) * R + r] = 1;
       load[r] += expected[e];
     }
     if (needed.empty()) continue;
@@ -68,8 +72,7 @@ StatusOr<BatchPlan> Planner::Plan(const RoutingForecast& forecast, const CacheRe
     auto pick_target = [&](int e) {
       int best = -1;
       for (int r = 0; r < R; ++r) {
-        const auto& rs = ranks_of(e);
-        if (std::find(rs.begin(), rs.end(), r) != rs.end()) continue;
+        if (is_on(e, r)) continue;
         if (best < 0 || load[r] < load[best] - 1e-9 ||
             (load[r] <= load[best] + 1e-9 && cache.has(r, l, e, E) && !cache.has(best, l, e, E)))
           best = r;
@@ -80,6 +83,7 @@ StatusOr<BatchPlan> Planner::Plan(const RoutingForecast& forecast, const CacheRe
       const double old_share = per_copy(e);
       for (int r : ranks_of(e)) load[r] -= old_share;
       ranks_of(e).push_back(target);
+      on[static_cast<size_t>(e) * R + target] = 1;
       const double share = per_copy(e);
       for (int r : ranks_of(e)) load[r] += share;
       ++plan.num_replicas;
@@ -98,8 +102,7 @@ StatusOr<BatchPlan> Planner::Plan(const RoutingForecast& forecast, const CacheRe
         while (static_cast<int>(ranks_of(e).size()) < max_copies) {
           int target = -1;
           for (int r = 0; r < R; ++r) {
-            const auto& rs = ranks_of(e);
-            if (slots[r] <= 0 || std::find(rs.begin(), rs.end(), r) != rs.end()) continue;
+            if (slots[r] <= 0 || is_on(e, r)) continue;
             if (target < 0 || load[r] < load[target]) target = r;
           }
           if (target < 0) break;
@@ -114,8 +117,7 @@ StatusOr<BatchPlan> Planner::Plan(const RoutingForecast& forecast, const CacheRe
       if (load[busiest] <= options_.max_imbalance * mean + 1e-9) break;
       int best_e = -1;
       for (int e : needed) {
-        const auto& rs = ranks_of(e);
-        if (std::find(rs.begin(), rs.end(), busiest) == rs.end() || static_cast<int>(rs.size()) >= max_copies) continue;
+        if (!is_on(e, busiest) || static_cast<int>(ranks_of(e).size()) >= max_copies) continue;
         if (best_e < 0 || per_copy(e) > per_copy(best_e)) best_e = e;
       }
       if (best_e < 0) break;

@@ -10,6 +10,7 @@ pkgs=(
   libyaml-cpp-dev nlohmann-json3-dev libcli11-dev libcpp-httplib-dev
   googletest libgtest-dev libgmock-dev
   curl python3 gnuplot-nox
+  iproute2  # ip, tc: scripts/cluster/netns.sh (the multinode test)
 )
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi

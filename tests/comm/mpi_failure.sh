@@ -30,7 +30,7 @@ expect_failure "rank killed" "process rank 1 .*signal 9" \
 # With --enable-recovery mpirun lets the survivors run on: their own deadline must fire, and each
 # names the dead rank before MPI_Abort ends the job.
 RECOVERY=1 expect_failure "rank killed, survivors detect it" \
-  "rank 1 did not complete the layer 1 token counts within 4 s \(seen from rank 0\)" \
+  "rank 1 did not complete the layer 1 token counts within 4 s \(seen from rank 0" \
   "${MPIRUN[@]}" --enable-recovery -np 3 -x EF_DEBUG_FAULT_RANK=1 -x EF_DEBUG_DIE_AT_LAYER=1 \
   "$BIN" score --backend cpu --model "$m" --ids-file "$WORK/ids.json" --out "$WORK/o.json" --timeout 4
 
