@@ -22,6 +22,10 @@ StatusOr<std::unique_ptr<CachedExpertSource>> CachedExpertSource::Create(const r
   so.slot_bytes = options.tiers ? options.tiers->max_packed_bytes() : model.max_expert_bytes();
   so.policy = options.policy;
   so.async_prefetch = options.async;
+  // The store's worker would read peers over UCX while the engine thread progresses the same
+  // (single-threaded) worker during exchanges.
+  if (options.async && options.tiers && options.tiers->hooks().peer)
+    return InvalidArgument("expert cache: asynchronous loads do not combine with the peer tier (UCX) yet");
   if (ExpertTiers* tiers = options.tiers)
     so.loaded_bytes = [tiers](int l, int e) { return tiers->ResidentBytes(l, e); };
   so.policy_config.counts = options.static_counts;

@@ -15,7 +15,13 @@
 // (from the native bytes of the nearest tier). An expert whose shape the group does not divide
 // stays in the checkpoint's dtype (a warning says how many).
 //
-// Counters are per tier (loads and bytes), atomic: counters() may be read from any thread while
+// Host memory: under expert parallelism the rank's shard holds its home experts up to
+// cache.host_budget; on CUDA the pinned tier pins those same experts (in the load precision), so
+// the host holds up to about twice the budget; on the CPU path with int8/int4 the quantized copies
+// of every expert this rank computes are made at Prepare, whatever the budget.
+//
+// Counters are per tier (loads and bytes; refills of a slot in another precision count as loads),
+// atomic: counters() may be read from any thread while
 // FillPacked runs on the engine's or the store's worker thread. FillPacked is thread-safe when the
 // hooks are.
 #pragma once

@@ -11,8 +11,9 @@
 //      per pair), so a receiver knows each pair's row and expert without them riding in the row;
 //   2. the receiving rank expands the distinct rows to one per pair (GatherRows) and runs
 //      LocalMoeExecutor::ComputeRows on them (unscaled);
-//   3. results return by a second all-to-all-v to the token's own rank, one row per pair, in the
-//      order the pairs were listed;
+//   3. results return by another all-to-all-v to the token's own rank, one row per pair, in the
+//      order the pairs were listed (three all-to-all-v per layer in all: rows, row indices,
+//      results);
 //   4. the token's rank adds w * y for each of a token's experts in increasing expert id with the
 //      backend's ScatterAddRows (one call per top-k slot): per output element the same operations
 //      in the same order as LocalMoeExecutor::Run, so logits do not depend on the number of ranks
@@ -79,7 +80,7 @@ class ExpertParallelExecutor final : public runtime::MoeExecutor {
   // A follower: joins every step the serving rank starts, until it calls Stop().
   Status Follow();
 
-  int64_t rows_dispatched() const { return rows_dispatched_; }  // pairs sent to other ranks
+  int64_t rows_dispatched() const { return rows_dispatched_; }  // distinct hidden rows sent to other ranks
   int64_t rows_computed() const { return rows_computed_; }      // rows this rank computed
   int64_t steps() const { return steps_; }
   // Planned mode, over every (step, MoE layer) so far, the same on every rank: sums of the busiest

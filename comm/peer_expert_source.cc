@@ -33,6 +33,14 @@ StatusOr<std::unique_ptr<PeerExpertSource>> PeerExpertSource::Create(
       }
     }
   }
+  // Every rank computes every shard's offsets from its own budget: they must agree.
+  EF_ASSIGN_OR_RETURN(auto budgets, ctx->AllGatherInt(static_cast<int64_t>(host_budget_bytes), kTagGather,
+                                                      "the host budgets of the expert shards"));
+  for (int r = 0; r < n; ++r)
+    if (budgets[r] != static_cast<int64_t>(host_budget_bytes))
+      return InvalidArgument("cache.host_budget differs between ranks (rank " + std::to_string(r) + ": " +
+                             std::to_string(budgets[r]) + " bytes, rank " + std::to_string(me) + ": " +
+                             std::to_string(host_budget_bytes) + "); every rank needs the same");
   s->shard_bytes_ = total[me];
   if (s->shard_bytes_ > 0) {
     s->shard_ = static_cast<char*>(std::aligned_alloc(64, s->shard_bytes_));

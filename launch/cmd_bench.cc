@@ -453,6 +453,9 @@ Status RunBench(const BenchOptions& given, comm::MpiContext* ctx) {
   res.wall_s = std::chrono::duration<double>(Clock::now() - t0).count();
   loop.Stop();
   res.admission = loop.admission_stats();
+  // A failed forward pass ends the run with its own error (the other ranks then time out waiting
+  // for this one and name it), not with a drain that cannot match their exchange.
+  if (Status f = loop.fatal_error(); !f.ok()) return f;
   // This rank is done: keep joining the other ranks' expert-parallel steps until all are.
   json comm_stats;
   if (cluster) {

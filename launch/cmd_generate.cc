@@ -44,9 +44,13 @@ void ApplyGenerateConfig(const Config& c, const CLI::App& app, GenerateOptions* 
 Status RunGenerate(const GenerateOptions& o, comm::MpiContext* ctx) {
   EF_ASSIGN_OR_RETURN(auto deployment, Deployment::Create(ctx, MakeDeploymentOptions(o.model, o.cluster)));
   if (ctx->rank() == 0) EF_RETURN_IF_ERROR(GenerateOnThisRank(o, deployment->engine()));
-  deployment->PrintCacheSummary();
-  if (!deployment->cluster()) return Status::Ok();
+  if (!deployment->cluster()) {
+    deployment->PrintCacheSummary();
+    return Status::Ok();
+  }
+  // Ranks other than 0 do their expert work while they drain: their counters are final after it.
   EF_ASSIGN_OR_RETURN(auto stats, deployment->Finish());
+  deployment->PrintCacheSummary();
   if (ctx->rank() == 0) {
     if (!o.cluster.stats_out.empty()) {
       std::ofstream f(o.cluster.stats_out);

@@ -97,12 +97,12 @@ Status RunScore(const ScoreOptions& o, comm::MpiContext* ctx) {
     engine->RemoveSequence(static_cast<int64_t>(b));
     mine[std::to_string(b)] = {{"logits", std::move(rows)}, {"topk", topk[static_cast<int64_t>(b)]}};
   }
-  deployment->PrintCacheSummary();
   json stats;
   if (cluster) {
-    EF_RETURN_IF_ERROR(cluster->Drain());
+    EF_RETURN_IF_ERROR(cluster->Drain());  // other ranks' rows are computed here too: counters final after
     EF_ASSIGN_OR_RETURN(stats, cluster->GatherStats({{"expert_cache", deployment->CacheStats()}}));
   }
+  deployment->PrintCacheSummary();
   // Rank 0 assembles batch order: logits[b], router_topk[moe_layer] = rows of b = 0, 1, ...
   std::vector<std::vector<char>> parts;
   if (world > 1) {

@@ -1,5 +1,6 @@
 #include "launch/deployment.h"
 
+#include <algorithm>
 #include <cstdio>
 
 #include "launch/expert_cache_setup.h"
@@ -25,13 +26,28 @@ StatusOr<std::unique_ptr<Deployment>> Deployment::Create(comm::MpiContext* ctx, 
   eo.upload_experts = !want_cache;  // the cache uploads what its budget holds
   EF_ASSIGN_OR_RETURN(d->engine_, runtime::Engine::Create(o.model_dir, eo));
   if (o.on_engine) EF_RETURN_IF_ERROR(o.on_engine(*d->engine_));
-  if (ctx && ctx->mpi() && (ctx->size() > 1 || o.cluster_on_one_rank)) {
+  const bool clustered = ctx && ctx->mpi() && (ctx->size() > 1 || o.cluster_on_one_rank);
+  // Loading, filling host shards, pinning and quantizing take unequal time on different ranks: the
+  // collectives around them wait longer than a step's exchange may.
+  auto long_barrier = [&](const std::string& what) -> Status {
+    if (!clustered || ctx->size() == 1) return Status::Ok();
+    const double step_timeout = ctx->timeout_s();
+    ctx->set_timeout_s(std::max(step_timeout, 3600.0));
+    Status s = ctx->Barrier(what);
+    ctx->set_timeout_s(step_timeout);
+    return s;
+  };
+  if (clustered) {
+    EF_RETURN_IF_ERROR(long_barrier("every rank's model load"));
     comm::ClusterOptions co = o.cluster;
     co.expert_cache = want_cache;
     co.host_budget_bytes = o.cache.host_budget;
     EF_ASSIGN_OR_RETURN(d->cluster_, comm::Cluster::Create(ctx, d->engine_.get(), co));
   }
-  if (want_cache) EF_RETURN_IF_ERROR(d->BuildCache(o));
+  if (want_cache) {
+    EF_RETURN_IF_ERROR(d->BuildCache(o));
+    EF_RETURN_IF_ERROR(long_barrier("every rank's expert cache set-up"));
+  }
   return d;
 }
 

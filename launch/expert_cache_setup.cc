@@ -44,6 +44,12 @@ StatusOr<std::unique_ptr<cache::ExpertCache>> SetUpExpertCache(runtime::Engine* 
                                                                comm::Cluster* cluster, int rank) {
   if (!WantsExpertCache(cache)) return std::unique_ptr<cache::ExpertCache>();
   cache::ExpertCacheOptions o = ToExpertCacheOptions(cache, predictor, trace);
+  // auto decides a load's precision from the gate weights of this rank's tokens; under expert
+  // parallelism a rank also computes other ranks' tokens, whose weights it does not see.
+  if (cluster && cache.miss_precision == "auto")
+    return InvalidArgument(
+        "cache.miss_precision auto runs on one process for now (a rank does not see the gate weights of the other "
+        "ranks' tokens it computes); under mpirun use native, int8 or int4");
   o.tiers = ClusterTierHooks(cluster, rank);
   auto c = cache::ExpertCache::Create(engine, o);
   if (!c.ok() && cluster) {
