@@ -120,6 +120,10 @@ StatusOr<PredictorFile> ReadPredictorFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return NotFound("cannot open predictor file " + path);
   std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  return ParsePredictorFile(bytes, path);
+}
+
+StatusOr<PredictorFile> ParsePredictorFile(const std::string& bytes, const std::string& path) {
   auto bad = [&](const std::string& what) {
     return InvalidArgument("predictor file " + path + " is not a valid safetensors file: " + what);
   };

@@ -4,6 +4,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <sstream>
 
 #include "runtime/core/limits.h"
 
@@ -113,9 +114,10 @@ std::vector<int64_t> RoutingTrace::SequenceIds() const {
   return {ids.begin(), ids.end()};
 }
 
-StatusOr<RoutingTrace> ReadRoutingTrace(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return NotFound("cannot open routing trace " + path);
+namespace {
+
+// Reads line by line, so that a trace of millions of tokens is never held as text.
+StatusOr<RoutingTrace> ReadRoutingTraceFrom(std::istream& in, const std::string& path) {
   RoutingTrace trace;
   std::string line;
   size_t line_no = 0;
@@ -137,6 +139,19 @@ StatusOr<RoutingTrace> ReadRoutingTrace(const std::string& path) {
   if (!have_header) return InvalidArgument("routing trace " + path + " is empty (no header line)");
   if (trace.tokens.empty()) return InvalidArgument("routing trace " + path + " has a header but no tokens");
   return trace;
+}
+
+}  // namespace
+
+StatusOr<RoutingTrace> ReadRoutingTrace(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return NotFound("cannot open routing trace " + path);
+  return ReadRoutingTraceFrom(in, path);
+}
+
+StatusOr<RoutingTrace> ParseRoutingTrace(const std::string& text, const std::string& origin) {
+  std::istringstream in(text);
+  return ReadRoutingTraceFrom(in, origin);
 }
 
 Status WriteRoutingTrace(const RoutingTrace& trace, const std::string& path) {

@@ -40,42 +40,24 @@ const TensorView* SafetensorsFile::Find(const std::string& name) const {
   return it == tensors_.end() ? nullptr : &it->second;
 }
 
-StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return NotFound("cannot open safetensors file " + path + ": " + std::strerror(errno));
-  struct stat st {};
-  if (fstat(fd, &st) != 0) {
-    ::close(fd);
-    return Internal("cannot stat " + path + ": " + std::strerror(errno));
-  }
-  std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
-  file->path_ = path;
-  file->size_ = static_cast<size_t>(st.st_size);
-  if (file->size_ < 8) {
-    ::close(fd);
-    return Bad(path, "file is " + std::to_string(file->size_) + " bytes, shorter than the 8-byte header length");
-  }
-  file->map_ = mmap(nullptr, file->size_, PROT_READ, MAP_PRIVATE, fd, 0);
-  ::close(fd);
-  if (file->map_ == MAP_FAILED) {
-    file->map_ = nullptr;
-    return Internal("cannot mmap " + path + ": " + std::strerror(errno));
-  }
-  const auto* bytes = static_cast<const std::byte*>(file->map_);
+Status SafetensorsFile::Parse() {
+  const std::string& path = path_;
+  if (size_ < 8) return Bad(path, "file is " + std::to_string(size_) + " bytes, shorter than the 8-byte header length");
+  const std::byte* bytes = data_;
   uint64_t header_len = 0;
   std::memcpy(&header_len, bytes, 8);  // little-endian on every supported host
   if (header_len > limits::kMaxSafetensorsHeaderBytes)
     return Bad(path, "header length " + std::to_string(header_len) + " exceeds the limit of " +
                          std::to_string(limits::kMaxSafetensorsHeaderBytes) + " bytes");
-  if (header_len > file->size_ - 8)
+  if (header_len > size_ - 8)
     return Bad(path, "header length " + std::to_string(header_len) + " runs past the end of the file (" +
-                         std::to_string(file->size_) + " bytes); the file is truncated or not safetensors");
+                         std::to_string(size_) + " bytes); the file is truncated or not safetensors");
   const char* header_text = reinterpret_cast<const char*>(bytes + 8);
   json header = json::parse(header_text, header_text + header_len, nullptr, /*allow_exceptions=*/false);
   if (header.is_discarded() || !header.is_object()) return Bad(path, "header is not a well-formed JSON object");
 
   const size_t data_begin = 8 + header_len;
-  const size_t data_size = file->size_ - data_begin;
+  const size_t data_size = size_ - data_begin;
   std::vector<std::pair<uint64_t, uint64_t>> ranges;
   for (auto it = header.begin(); it != header.end(); ++it) {
     const std::string& name = it.key();
@@ -84,7 +66,7 @@ StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::stri
       if (!entry.is_object()) return Bad(path, "__metadata__ is not an object");
       for (auto m = entry.begin(); m != entry.end(); ++m) {
         if (!m.value().is_string()) return Bad(path, "__metadata__ value of \"" + m.key() + "\" is not a string");
-        file->metadata_[m.key()] = m.value().get<std::string>();
+        metadata_[m.key()] = m.value().get<std::string>();
       }
       continue;
     }
@@ -121,13 +103,13 @@ StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::stri
     view.data = bytes + data_begin + begin;
     view.nbytes = static_cast<size_t>(expect);
     if (end > begin) ranges.emplace_back(begin, end);
-    file->tensors_.emplace(name, std::move(view));
+    tensors_.emplace(name, std::move(view));
   }
   std::sort(ranges.begin(), ranges.end());
   for (size_t i = 1; i < ranges.size(); ++i) {
     if (ranges[i].first < ranges[i - 1].second) {
       std::string a, b;
-      for (const auto& [n, v] : file->tensors_) {
+      for (const auto& [n, v] : tensors_) {
         uint64_t s = static_cast<uint64_t>(v.data - (bytes + data_begin));
         if (s == ranges[i - 1].first && a.empty())
           a = n;
@@ -137,6 +119,42 @@ StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::stri
       return Bad(path, "tensors \"" + a + "\" and \"" + b + "\" overlap");
     }
   }
+  return Status::Ok();
+}
+
+StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::FromBytes(std::string bytes, const std::string& origin) {
+  std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
+  file->path_ = origin;
+  file->owned_ = std::move(bytes);
+  file->data_ = reinterpret_cast<const std::byte*>(file->owned_.data());
+  file->size_ = file->owned_.size();
+  EF_RETURN_IF_ERROR(file->Parse());
+  return file;
+}
+
+StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return NotFound("cannot open safetensors file " + path + ": " + std::strerror(errno));
+  struct stat st {};
+  if (fstat(fd, &st) != 0) {
+    ::close(fd);
+    return Internal("cannot stat " + path + ": " + std::strerror(errno));
+  }
+  std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
+  file->path_ = path;
+  file->size_ = static_cast<size_t>(st.st_size);
+  if (file->size_ < 8) {
+    ::close(fd);
+    return Bad(path, "file is " + std::to_string(file->size_) + " bytes, shorter than the 8-byte header length");
+  }
+  file->map_ = mmap(nullptr, file->size_, PROT_READ, MAP_PRIVATE, fd, 0);
+  ::close(fd);
+  if (file->map_ == MAP_FAILED) {
+    file->map_ = nullptr;
+    return Internal("cannot mmap " + path + ": " + std::strerror(errno));
+  }
+  file->data_ = static_cast<const std::byte*>(file->map_);
+  EF_RETURN_IF_ERROR(file->Parse());
   EF_LOG(DEBUG, MODEL, "opened %s: %zu tensors, %zu bytes", path.c_str(), file->tensors_.size(), file->size_);
   return file;
 }
