@@ -19,7 +19,8 @@ Status LineError(const std::string& path, size_t line_no, const std::string& wha
 
 StatusOr<TraceHeader> ParseHeader(const json& j, const std::string& path) {
   if (!j.is_object()) return LineError(path, 1, "header is not a JSON object");
-  if (j.value("format", "") != "moe-routing-trace")
+  // value() would throw on a non-string "format"; a bad header is an error, never an exception.
+  if (!j.contains("format") || !j["format"].is_string() || j["format"].get<std::string>() != "moe-routing-trace")
     return LineError(path, 1, "header \"format\" must be \"moe-routing-trace\"");
   if (!j.contains("version") || !j["version"].is_number_integer() || j["version"].get<int>() != 1)
     return LineError(path, 1, "unsupported \"version\" (this reader knows version 1)");

@@ -117,7 +117,9 @@ StatusOr<ModelConfig> ModelConfig::FromJson(const std::string& text, const std::
   // Rotary: transformers >= 5 writes rope_parameters; older configs rope_theta / rope_scaling.
   if (j.contains("rope_parameters") && j["rope_parameters"].is_object()) {
     const json& rp = j["rope_parameters"];
-    std::string type = rp.value("rope_type", "default");
+    if (rp.contains("rope_type") && !rp["rope_type"].is_string())
+      return InvalidArgument(origin + ": rope_parameters.rope_type must be a string");
+    const std::string type = rp.contains("rope_type") ? rp["rope_type"].get<std::string>() : "default";
     if (type != "default")
       return Unimplemented(origin + ": rope_parameters.rope_type \"" + type + "\" is not supported (only default)");
     if (rp.contains("rope_theta")) {

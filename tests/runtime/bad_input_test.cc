@@ -189,6 +189,16 @@ TEST_F(BadInputTest, MalformedConfigAndMissingOrWrongFields) {
   EXPECT_TRUE(ModelConfig::FromJson(good.dump(), "config.json").ok());
 }
 
+// A wrongly typed rope_parameters.rope_type used to throw out of FromJson (nlohmann's value()).
+TEST_F(BadInputTest, NonStringRopeTypeIsAnError) {
+  std::ifstream in(std::string(EF_TEST_DATA) + "/qwen3_moe/config.json");
+  json config = json::parse(in);
+  config["rope_parameters"] = {{"rope_type", 7}, {"rope_theta", 10000.0}};
+  auto c = ModelConfig::FromJson(config.dump(), "config.json");
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(c.status().message().find("rope_type must be a string"), std::string::npos) << c.status().message();
+}
+
 TEST_F(BadInputTest, MissingTokenizer) {
   auto t = Tokenizer::FromModelDir(CopyFixture());  // fixtures ship no tokenizer.json
   ASSERT_FALSE(t.ok());
