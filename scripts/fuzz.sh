@@ -5,6 +5,7 @@
 #
 #   bash scripts/fuzz.sh 30                    # every target, 30 s each
 #   FUZZ_TARGETS="tokenizer api_request" bash scripts/fuzz.sh 600
+#   FUZZ_RUNS=1000000 bash scripts/fuzz.sh 600   # stop a target at 10^6 executions or 600 s
 #
 # Seeds come from tests/fuzz/corpus/<target>/ (read only); inputs libFuzzer finds go to
 # build-fuzz/corpus/<target>/, crashing inputs to build-fuzz/artifacts/. A crash becomes a
@@ -45,7 +46,7 @@ run_one() {
   local t=$1
   local rc=0
   mkdir -p "$BUILD_DIR/corpus/$t"
-  "$BUILD_DIR/tests/fuzz/${t}_fuzzer" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
+  "$BUILD_DIR/tests/fuzz/${t}_fuzzer" -max_total_time="$seconds" -runs="${FUZZ_RUNS:--1}" -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
     -print_final_stats=1 -dict="$(dict_of "$t")" -artifact_prefix="$BUILD_DIR/artifacts/$t-" \
     "$BUILD_DIR/corpus/$t" "tests/fuzz/corpus/$t" >"$BUILD_DIR/logs/$t.log" 2>&1 || rc=$?
   echo "$rc" >"$BUILD_DIR/logs/$t.rc"
