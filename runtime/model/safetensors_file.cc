@@ -79,13 +79,14 @@ Status SafetensorsFile::Parse() {
     const json& shape = entry["shape"];
     if (!shape.is_array() || shape.size() > static_cast<size_t>(limits::kMaxTensorRank))
       return Bad(path, "tensor \"" + name + "\" has an invalid shape " + shape.dump());
+    // Bytes (not only elements) stay below 2^62, so dtype size x element count cannot wrap.
+    const uint64_t max_numel = (uint64_t{1} << 62) / DTypeSize(view.dtype);
     uint64_t numel = 1;
     for (const json& d : shape) {
       if (!d.is_number_integer() || d.get<int64_t>() < 0)
         return Bad(path, "tensor \"" + name + "\" has an invalid dimension in shape " + shape.dump());
       uint64_t dim = d.get<uint64_t>();
-      if (dim != 0 && numel > (uint64_t{1} << 62) / dim)
-        return Bad(path, "tensor \"" + name + "\" is impossibly large");
+      if (dim != 0 && numel > max_numel / dim) return Bad(path, "tensor \"" + name + "\" is impossibly large");
       numel *= dim;
       view.shape.push_back(static_cast<int64_t>(dim));
     }

@@ -109,6 +109,15 @@ TEST_F(BadInputTest, RangeInconsistentWithDtypeTimesShape) {
   EXPECT_NE(Message(f.status()).find("needs 12"), std::string::npos) << Message(f.status());
 }
 
+// dtype size x element count used to wrap to 0 (F64 x 2^61 elements), so an empty byte range
+// passed for a tensor of 2^61 elements.
+TEST_F(BadInputTest, ByteCountThatWouldWrapIsRejected) {
+  json h = {{"w", {{"dtype", "F64"}, {"shape", {uint64_t{1} << 61}}, {"data_offsets", {0, 0}}}}};
+  auto f = SafetensorsFile::Open(WriteRaw("s.safetensors", h.dump(), 0));
+  ASSERT_FALSE(f.ok());
+  EXPECT_NE(Message(f.status()).find("impossibly large"), std::string::npos) << Message(f.status());
+}
+
 TEST_F(BadInputTest, WrongDtypeString) {
   json h = {{"w", {{"dtype", "F33"}, {"shape", {2}}, {"data_offsets", {0, 8}}}}};
   auto f = SafetensorsFile::Open(WriteRaw("d.safetensors", h.dump(), 8));
