@@ -346,7 +346,10 @@ StatusOr<uint64_t> ParseByteSize(const std::string& text) {
       {"K", 1 << 10}, {"M", 1 << 20},   {"G", 1ull << 30}, {"T", 1ull << 40}};
   auto it = kUnits.find(unit);
   if (it == kUnits.end()) return InvalidArgument("bad size unit '" + unit + "'");
-  return static_cast<uint64_t>(v * it->second + 0.5);
+  // Converting a double at or past 2^64 to uint64_t is undefined: reject such sizes first.
+  const double bytes = v * it->second + 0.5;
+  if (!(bytes < 18446744073709551616.0)) return InvalidArgument("size '" + text + "' is too large");
+  return static_cast<uint64_t>(bytes);
 }
 
 StatusOr<Config> ParseConfig(const std::string& text, const std::string& name) {

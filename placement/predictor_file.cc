@@ -37,6 +37,10 @@ Status SavePredictor(const Predictor& predictor, const PredictorInfo& info, cons
 
 StatusOr<LoadedPredictor> LoadPredictor(const std::string& path) {
   EF_ASSIGN_OR_RETURN(PredictorFile file, ReadPredictorFile(path));
+  return PredictorFromFile(file, path);
+}
+
+StatusOr<LoadedPredictor> PredictorFromFile(const PredictorFile& file, const std::string& path) {
   auto format = file.metadata.find("format");
   if (format == file.metadata.end() || format->second != "expertflow-predictor")
     return InvalidArgument("predictor file " + path + " is a safetensors file but not an expertflow predictor " +

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "placement/predictor.h"
+#include "placement/predictor_io.h"
 #include "runtime/core/status.h"
 
 namespace ef::placement {
@@ -35,5 +36,7 @@ struct LoadedPredictor {
 // `predictor` must be one of FrequencyPredictor, AffinityPredictor, PathPredictor, HybridPredictor.
 Status SavePredictor(const Predictor& predictor, const PredictorInfo& info, const std::string& path);
 StatusOr<LoadedPredictor> LoadPredictor(const std::string& path);
+// The predictor in an already-read file; `origin` names it in errors.
+StatusOr<LoadedPredictor> PredictorFromFile(const PredictorFile& file, const std::string& origin);
 
 }  // namespace ef::placement

@@ -120,6 +120,10 @@ StatusOr<PredictorFile> ReadPredictorFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return NotFound("cannot open predictor file " + path);
   std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  return ParsePredictorFile(bytes, path);
+}
+
+StatusOr<PredictorFile> ParsePredictorFile(const std::string& bytes, const std::string& path) {
   auto bad = [&](const std::string& what) {
     return InvalidArgument("predictor file " + path + " is not a valid safetensors file: " + what);
   };
@@ -157,6 +161,16 @@ StatusOr<PredictorFile> ReadPredictorFile(const std::string& path) {
         return bad("tensor \"" + name + "\" has a bad shape");
       t.shape.push_back(d.get<int64_t>());
     }
+    // The element count must fit the data before numel() multiplies it out (signed overflow) and
+    // the byte count below wraps to a size that matches a too-short range.
+    bool has_zero = false, overflow = false;
+    uint64_t numel = 1;
+    for (int64_t d : t.shape) {
+      has_zero |= d == 0;
+      overflow |= __builtin_mul_overflow(numel, static_cast<uint64_t>(d), &numel);
+    }
+    if (overflow || (!has_zero && numel > data_size / 4))
+      return bad("tensor \"" + name + "\" shape " + ShapeString(t.shape) + " needs more bytes than the file holds");
     const auto& off = v["data_offsets"];
     if (!off[0].is_number_unsigned() || !off[1].is_number_unsigned()) return bad("tensor \"" + name + "\" offsets");
     uint64_t b = off[0].get<uint64_t>(), e = off[1].get<uint64_t>();

@@ -43,6 +43,8 @@ struct PredictorFile {
 
 Status WritePredictorFile(const PredictorFile& file, const std::string& path);
 StatusOr<PredictorFile> ReadPredictorFile(const std::string& path);
+// The same validation on the file's bytes held in memory; `origin` names them in errors.
+StatusOr<PredictorFile> ParsePredictorFile(const std::string& bytes, const std::string& origin);
 
 // Sequence-id lists as written on the command line and in metadata: "0-23", "0-5,8,10-12".
 StatusOr<std::vector<int64_t>> ParseSeqList(const std::string& text);

@@ -4,6 +4,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <sstream>
 
 #include "runtime/core/limits.h"
 
@@ -18,7 +19,8 @@ Status LineError(const std::string& path, size_t line_no, const std::string& wha
 
 StatusOr<TraceHeader> ParseHeader(const json& j, const std::string& path) {
   if (!j.is_object()) return LineError(path, 1, "header is not a JSON object");
-  if (j.value("format", "") != "moe-routing-trace")
+  // value() would throw on a non-string "format"; a bad header is an error, never an exception.
+  if (!j.contains("format") || !j["format"].is_string() || j["format"].get<std::string>() != "moe-routing-trace")
     return LineError(path, 1, "header \"format\" must be \"moe-routing-trace\"");
   if (!j.contains("version") || !j["version"].is_number_integer() || j["version"].get<int>() != 1)
     return LineError(path, 1, "unsupported \"version\" (this reader knows version 1)");
@@ -113,9 +115,10 @@ std::vector<int64_t> RoutingTrace::SequenceIds() const {
   return {ids.begin(), ids.end()};
 }
 
-StatusOr<RoutingTrace> ReadRoutingTrace(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return NotFound("cannot open routing trace " + path);
+namespace {
+
+// Reads line by line, so that a trace of millions of tokens is never held as text.
+StatusOr<RoutingTrace> ReadRoutingTraceFrom(std::istream& in, const std::string& path) {
   RoutingTrace trace;
   std::string line;
   size_t line_no = 0;
@@ -137,6 +140,19 @@ StatusOr<RoutingTrace> ReadRoutingTrace(const std::string& path) {
   if (!have_header) return InvalidArgument("routing trace " + path + " is empty (no header line)");
   if (trace.tokens.empty()) return InvalidArgument("routing trace " + path + " has a header but no tokens");
   return trace;
+}
+
+}  // namespace
+
+StatusOr<RoutingTrace> ReadRoutingTrace(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return NotFound("cannot open routing trace " + path);
+  return ReadRoutingTraceFrom(in, path);
+}
+
+StatusOr<RoutingTrace> ParseRoutingTrace(const std::string& text, const std::string& origin) {
+  std::istringstream in(text);
+  return ReadRoutingTraceFrom(in, origin);
 }
 
 Status WriteRoutingTrace(const RoutingTrace& trace, const std::string& path) {

@@ -60,6 +60,8 @@ struct RoutingTrace {
 };
 
 StatusOr<RoutingTrace> ReadRoutingTrace(const std::string& path);
+// The same on JSONL text held in memory; `origin` names it in errors.
+StatusOr<RoutingTrace> ParseRoutingTrace(const std::string& text, const std::string& origin);
 Status WriteRoutingTrace(const RoutingTrace& trace, const std::string& path);
 
 // Checks that the trace's shape matches a model's (layers, experts, top-k), naming what differs.

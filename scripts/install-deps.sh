@@ -2,6 +2,8 @@
 # Installs every Debian package ExpertFlow needs to build and test (Debian 12 / Ubuntu 22.04+).
 # The CUDA toolkit (nvcc, cuBLAS, NCCL) is optional and not installed here: when
 # /usr/local/cuda is present the build enables the CUDA backend (EF_CUDA=AUTO).
+# clang and libclang-rt-14-dev (libFuzzer and the sanitizer runtimes of Debian 12's clang 14)
+# build the fuzz targets (scripts/fuzz.sh); the main build uses g++.
 set -euo pipefail
 pkgs=(
   build-essential cmake ninja-build pkg-config git
@@ -11,6 +13,7 @@ pkgs=(
   googletest libgtest-dev libgmock-dev
   curl python3 gnuplot-nox
   iproute2  # ip, tc: scripts/cluster/netns.sh (the multinode test)
+  clang libclang-rt-14-dev
 )
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi

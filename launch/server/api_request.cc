@@ -86,7 +86,7 @@ Error ParseMessages(const json& body, const runtime::Tokenizer& tokenizer, const
       cm.content = content->get<std::string>();
     } else if (content->is_array()) {
       for (const json& part : *content) {
-        if (!part.is_object() || part.value("type", "") != "text" || !part.contains("text") ||
+        if (!part.is_object() || !part.contains("type") || part["type"] != "text" || !part.contains("text") ||
             !part["text"].is_string())
           return Bad("messages", "only text content parts are supported", "invalid_type");
         cm.content += part["text"].get<std::string>();

@@ -1,6 +1,8 @@
 #include "launch/server/chat_template.h"
 
 #include <cctype>
+#include <charconv>
+#include <cstdint>
 #include <fstream>
 #include <functional>
 #include <nlohmann/json.hpp>
@@ -85,7 +87,21 @@ std::vector<Token> Lex(const std::string& s) {
         ++j;
       }
       const std::string t = s.substr(i, j - i);
-      out.push_back({Token::kNumber, t, is_float ? json(std::stod(t)) : json(std::stoll(t))});
+      // from_chars, not stoll/stod: a literal out of range is a template error, not an exception
+      // that would end the process.
+      json number;
+      std::from_chars_result r{};
+      if (is_float) {
+        double d = 0;
+        r = std::from_chars(t.data(), t.data() + t.size(), d);
+        number = d;
+      } else {
+        int64_t n = 0;
+        r = std::from_chars(t.data(), t.data() + t.size(), n);
+        number = n;
+      }
+      if (r.ec != std::errc() || r.ptr != t.data() + t.size()) Fail("number literal " + t + " is out of range");
+      out.push_back({Token::kNumber, t, std::move(number)});
       i = j;
     } else if (c == '\'' || c == '"') {
       std::string v;
@@ -922,7 +938,8 @@ StatusOr<ChatTemplate> ChatTemplate::FromModelDir(const std::string& dir) {
   } else if (it->is_array()) {
     // Named templates: take "default".
     for (const json& t : *it)
-      if (t.is_object() && t.value("name", "") == "default" && t.contains("template") && t["template"].is_string())
+      if (t.is_object() && t.contains("name") && t["name"] == "default" && t.contains("template") &&
+          t["template"].is_string())
         source = t["template"].get<std::string>();
     if (source.empty()) return Unimplemented(path + ": chat_template list without a 'default' entry");
   } else {

@@ -13,6 +13,21 @@ namespace ef::runtime {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
+StatusOr<std::map<std::string, std::string>> ParseCheckpointIndex(const std::string& text, const std::string& origin) {
+  json index = json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (index.is_discarded() || !index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object())
+    return InvalidArgument(origin + " is not a valid index (needs an object \"weight_map\")");
+  std::map<std::string, std::string> weight_map;
+  for (auto it = index["weight_map"].begin(); it != index["weight_map"].end(); ++it) {
+    if (!it.value().is_string()) return InvalidArgument(origin + ": weight_map value is not a string");
+    std::string shard = it.value().get<std::string>();
+    if (shard.empty() || shard == "." || shard.find('/') != std::string::npos || shard.find("..") != std::string::npos)
+      return InvalidArgument(origin + ": shard name \"" + shard + "\" is not a plain file name");
+    weight_map[it.key()] = std::move(shard);
+  }
+  return weight_map;
+}
+
 StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& dir) {
   if (!fs::is_directory(dir)) return NotFound("model directory " + dir + " does not exist");
   auto ckpt = std::make_unique<Checkpoint>();
@@ -25,18 +40,9 @@ StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& dir) {
     std::ifstream in(index_path);
     std::stringstream ss;
     ss << in.rdbuf();
-    json index = json::parse(ss.str(), nullptr, false);
-    if (index.is_discarded() || !index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object())
-      return InvalidArgument(index_path.string() + " is not a valid index (needs an object \"weight_map\")");
+    EF_ASSIGN_OR_RETURN(expected, ParseCheckpointIndex(ss.str(), index_path.string()));
     std::set<std::string> shards;
-    for (auto it = index["weight_map"].begin(); it != index["weight_map"].end(); ++it) {
-      if (!it.value().is_string()) return InvalidArgument(index_path.string() + ": weight_map value is not a string");
-      std::string shard = it.value().get<std::string>();
-      if (shard.find('/') != std::string::npos || shard.find("..") != std::string::npos)
-        return InvalidArgument(index_path.string() + ": shard name \"" + shard + "\" is not a plain file name");
-      expected[it.key()] = shard;
-      shards.insert(shard);
-    }
+    for (const auto& [tensor, shard] : expected) shards.insert(shard);
     shard_names.assign(shards.begin(), shards.end());
   } else if (fs::exists(single_path)) {
     shard_names.push_back("model.safetensors");

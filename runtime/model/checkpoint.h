@@ -14,6 +14,11 @@
 
 namespace ef::runtime {
 
+// The weight_map of a model.safetensors.index.json: tensor name -> shard file name. Every shard
+// name must be a plain file name (not empty or ".", no '/' and no ".."), so an index cannot point outside its
+// directory. `origin` names the index in errors.
+StatusOr<std::map<std::string, std::string>> ParseCheckpointIndex(const std::string& text, const std::string& origin);
+
 class Checkpoint {
  public:
   // dir holds model.safetensors or model.safetensors.index.json (the index wins when both exist).

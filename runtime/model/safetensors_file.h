@@ -42,6 +42,9 @@ struct TensorView {
 class SafetensorsFile {
  public:
   static StatusOr<std::unique_ptr<SafetensorsFile>> Open(const std::string& path);
+  // The same validation on bytes held in memory (the file keeps its own copy); `origin` names
+  // them in errors. For tests and fuzzing: loading a checkpoint always maps the file.
+  static StatusOr<std::unique_ptr<SafetensorsFile>> FromBytes(std::string bytes, const std::string& origin);
   ~SafetensorsFile();
   SafetensorsFile(const SafetensorsFile&) = delete;
   SafetensorsFile& operator=(const SafetensorsFile&) = delete;
@@ -55,8 +58,13 @@ class SafetensorsFile {
 
  private:
   SafetensorsFile() = default;
+  // Validates the header of the size_ bytes at data_ and fills tensors_ and metadata_.
+  Status Parse();
+
   std::string path_;
-  void* map_ = nullptr;
+  void* map_ = nullptr;  // the mapping (Open), or nullptr (FromBytes)
+  std::string owned_;    // the bytes (FromBytes)
+  const std::byte* data_ = nullptr;
   size_t size_ = 0;
   std::map<std::string, TensorView> tensors_;
   std::map<std::string, std::string> metadata_;

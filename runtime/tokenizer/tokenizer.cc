@@ -741,6 +741,10 @@ StatusOr<Tokenizer> Tokenizer::FromModelDir(const std::string& dir) {
 
 StatusOr<Tokenizer> Tokenizer::FromFile(const std::string& path) {
   EF_ASSIGN_OR_RETURN(std::string text, ReadFile(path));
+  return FromJsonText(text, path);
+}
+
+StatusOr<Tokenizer> Tokenizer::FromJsonText(const std::string& text, const std::string& path) {
   const json root = json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (root.is_discarded()) return InvalidArgument("tokenizer file is not valid JSON: " + path);
   if (!root.is_object()) return InvalidArgument("tokenizer file is not a JSON object: " + path);

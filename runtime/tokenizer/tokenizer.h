@@ -40,6 +40,8 @@ class Tokenizer {
   // Loads a tokenizer.json. Errors: NotFound (missing file), InvalidArgument (malformed
   // JSON or inconsistent contents), Unimplemented (a component type this runtime lacks).
   static StatusOr<Tokenizer> FromFile(const std::string& path);
+  // Parses tokenizer.json text; `origin` names it in errors. Same errors as FromFile.
+  static StatusOr<Tokenizer> FromJsonText(const std::string& text, const std::string& origin);
   // Loads dir/tokenizer.json.
   static StatusOr<Tokenizer> FromModelDir(const std::string& dir);
 

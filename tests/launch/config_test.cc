@@ -137,6 +137,17 @@ TEST(ConfigTest, ByteSizes) {
   EXPECT_FALSE(ParseByteSize("GiB").ok());
 }
 
+// Found by tests/fuzz/cluster_config_fuzzer: sizes of 2^64 bytes or more were converted from
+// double to uint64_t (undefined behaviour) instead of being rejected.
+TEST(ConfigTest, ByteSizesPastTwoToTheSixtyFourAreErrors) {
+  EXPECT_EQ(*ParseByteSize("15TiB"), 15ull << 40);
+  auto huge = ParseByteSize("555555555555555666666666666665555555555");
+  ASSERT_FALSE(huge.ok());
+  EXPECT_NE(huge.status().message().find("too large"), std::string::npos) << huge.status().message();
+  EXPECT_FALSE(ParseByteSize("20000000000TiB").ok());
+  EXPECT_FALSE(ParseConfig("cache:\n  device_budget: 555555555555555666666666666665555555555\n", "t.yaml").ok());
+}
+
 TEST(ConfigTest, DeviceBudgetInBytesOrSlots) {
   auto budget = [](const std::string& text) {
     auto c = ParseConfig("cache:\n  device_budget: " + text + "\n", "t.yaml");

@@ -895,5 +895,19 @@ TEST(ChatTemplateTest, UnsupportedConstructsAreErrors) {
   EXPECT_FALSE(ChatTemplate::FromSource("{{ 'unterminated }}", "", "").ok());
 }
 
+// Found by tests/fuzz/chat_template_fuzzer: literals past int64/double used to throw
+// std::out_of_range out of the lexer and end the process.
+TEST(ChatTemplateTest, NumberLiteralsOutOfRangeAreErrors) {
+  auto big = ChatTemplate::FromSource("{{ 99999999999999999999 }}", "", "");
+  ASSERT_FALSE(big.ok());
+  EXPECT_NE(big.status().message().find("out of range"), std::string::npos);
+  EXPECT_FALSE(ChatTemplate::FromSource("{{ 1" + std::string(400, '0') + ".5 }}", "", "").ok());
+  auto ok = ChatTemplate::FromSource("{{ 9223372036854775807 }} {{ 2.5 }}", "", "");
+  ASSERT_TRUE(ok.ok()) << ok.status().ToString();
+  auto s = ok->Apply({{"user", "hi"}}, false);
+  ASSERT_TRUE(s.ok()) << s.status().ToString();
+  EXPECT_EQ(*s, "9223372036854775807 2.5");
+}
+
 }  // namespace
 }  // namespace ef::launch

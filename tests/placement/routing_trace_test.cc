@@ -53,6 +53,18 @@ TEST(RoutingTraceTest, RejectsExpertOutOfRange) {
   EXPECT_NE(s.message().find("out of range"), std::string::npos) << s.message();
 }
 
+// Found by tests/fuzz/routing_trace_fuzzer: a non-string "format" used to throw out of the
+// reader (nlohmann's value()) and end the process.
+TEST(RoutingTraceTest, RejectsNonStringFormat) {
+  auto tr = ParseRoutingTrace(R"({"format":1,"version":1,"num_layers":2,"num_experts":4,"top_k":2})"
+                              "\n"
+                              R"({"seq":0,"pos":0,"token":5,"experts":[[0,1],[2,3]]})"
+                              "\n",
+                              "format.jsonl");
+  ASSERT_FALSE(tr.ok());
+  EXPECT_NE(tr.status().message().find("\"format\""), std::string::npos) << tr.status().message();
+}
+
 TEST(RoutingTraceTest, RejectsEmptyFileAndHeaderOnly) {
   Status empty = ReadText("empty.jsonl", "");
   ASSERT_FALSE(empty.ok());

@@ -109,6 +109,15 @@ TEST_F(BadInputTest, RangeInconsistentWithDtypeTimesShape) {
   EXPECT_NE(Message(f.status()).find("needs 12"), std::string::npos) << Message(f.status());
 }
 
+// dtype size x element count used to wrap to 0 (F64 x 2^61 elements), so an empty byte range
+// passed for a tensor of 2^61 elements.
+TEST_F(BadInputTest, ByteCountThatWouldWrapIsRejected) {
+  json h = {{"w", {{"dtype", "F64"}, {"shape", {uint64_t{1} << 61}}, {"data_offsets", {0, 0}}}}};
+  auto f = SafetensorsFile::Open(WriteRaw("s.safetensors", h.dump(), 0));
+  ASSERT_FALSE(f.ok());
+  EXPECT_NE(Message(f.status()).find("impossibly large"), std::string::npos) << Message(f.status());
+}
+
 TEST_F(BadInputTest, WrongDtypeString) {
   json h = {{"w", {{"dtype", "F33"}, {"shape", {2}}, {"data_offsets", {0, 8}}}}};
   auto f = SafetensorsFile::Open(WriteRaw("d.safetensors", h.dump(), 8));
@@ -187,6 +196,16 @@ TEST_F(BadInputTest, MalformedConfigAndMissingOrWrongFields) {
   bad_value["num_experts_per_tok"] = 99;
   EXPECT_FALSE(ModelConfig::FromJson(bad_value.dump(), "config.json").ok());
   EXPECT_TRUE(ModelConfig::FromJson(good.dump(), "config.json").ok());
+}
+
+// A wrongly typed rope_parameters.rope_type used to throw out of FromJson (nlohmann's value()).
+TEST_F(BadInputTest, NonStringRopeTypeIsAnError) {
+  std::ifstream in(std::string(EF_TEST_DATA) + "/qwen3_moe/config.json");
+  json config = json::parse(in);
+  config["rope_parameters"] = {{"rope_type", 7}, {"rope_theta", 10000.0}};
+  auto c = ModelConfig::FromJson(config.dump(), "config.json");
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(c.status().message().find("\"rope_type\" must be a string"), std::string::npos) << c.status().message();
 }
 
 TEST_F(BadInputTest, MissingTokenizer) {
