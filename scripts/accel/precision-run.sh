@@ -21,20 +21,7 @@ echo "gpu tests in $(($(date +%s) - t0)) s"
 
 TRACE=tests/data/traces/mixtral8x7b_gsm8k_decode.jsonl
 SLICED=$PWD/.deps/mixtral_first${LAYERS}.jsonl
-python3 - "$TRACE" "$SLICED" "$LAYERS" <<'PY' || exit 1
-import json, sys
-src, dst, L = sys.argv[1], sys.argv[2], int(sys.argv[3])
-with open(src) as f, open(dst, "w") as g:
-    h = json.loads(f.readline())
-    h["num_layers"] = L
-    g.write(json.dumps(h) + "\n")
-    for line in f:
-        t = json.loads(line)
-        t["experts"] = t["experts"][:L]
-        if "weights" in t:
-            t["weights"] = t["weights"][:L]
-        g.write(json.dumps(t) + "\n")
-PY
+python3 scripts/bench/slice_trace.py "$TRACE" "$SLICED" "$LAYERS" || exit 1
 SYN=$PWD/.deps/synthetic
 BIN=$BUILD/expertflow
 t0=$(date +%s)

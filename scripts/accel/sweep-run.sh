@@ -45,21 +45,7 @@ pack
 # The routing trace (the repository's copy unless EF_TRACE names another).
 TRACE=${EF_TRACE:-tests/data/traces/mixtral8x7b_gsm8k_decode.jsonl}
 SLICED=$PWD/.deps/mixtral_first${LAYERS}.jsonl
-python3 - "$TRACE" "$SLICED" "$LAYERS" <<'PY' || exit 1
-import json, sys
-src, dst, L = sys.argv[1], sys.argv[2], int(sys.argv[3])
-with open(src) as f, open(dst, "w") as g:
-    h = json.loads(f.readline())
-    h["num_layers"] = L
-    h["source"] = f"{h.get('source', '')}; first {L} of its layers"
-    g.write(json.dumps(h) + "\n")
-    for line in f:
-        t = json.loads(line)
-        t["experts"] = t["experts"][:L]
-        if "weights" in t:
-            t["weights"] = t["weights"][:L]
-        g.write(json.dumps(t) + "\n")
-PY
+python3 scripts/bench/slice_trace.py "$TRACE" "$SLICED" "$LAYERS" || exit 1
 SYN=$PWD/.deps/synthetic
 BIN=build-gpu2/expertflow
 t0=$(date +%s)

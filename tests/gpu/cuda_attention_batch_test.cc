@@ -25,25 +25,7 @@ struct BatchCase {
   int heads, kv_heads, hd;
 };
 
-class CudaAttentionBatchTest : public ::testing::TestWithParam<BatchCase> {
- protected:
-  void SetUp() override {
-    if (!testing::HaveDevice()) GTEST_SKIP() << "no CUDA device visible";
-    gpu_ = testing::MakeTestCudaBackend();
-    ASSERT_NE(gpu_, nullptr);
-    dev_ = std::make_unique<DeviceArrays>(gpu_.get());
-  }
-  void TearDown() override {
-    if (gpu_) {
-      gpu_->Synchronize();
-      EXPECT_TRUE(gpu_->status().ok()) << gpu_->status().ToString();
-    }
-    dev_.reset();
-  }
-  CpuBackend cpu_;
-  std::unique_ptr<CudaBackend> gpu_;
-  std::unique_ptr<DeviceArrays> dev_;
-};
+class CudaAttentionBatchTest : public testing::CpuVsCudaTest<::testing::TestWithParam<BatchCase>> {};
 
 TEST_P(CudaAttentionBatchTest, MatchesCpu) {
   const BatchCase& c = GetParam();

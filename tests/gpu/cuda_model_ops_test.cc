@@ -14,25 +14,7 @@ using testing::DeviceArrays;
 using testing::MaxRelError;
 using testing::RandomFloats;
 
-class CudaModelOpsTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    if (!testing::HaveDevice()) GTEST_SKIP() << "no CUDA device visible";
-    gpu_ = testing::MakeTestCudaBackend();
-    ASSERT_NE(gpu_, nullptr);
-    dev_ = std::make_unique<DeviceArrays>(gpu_.get());
-  }
-  void TearDown() override {
-    if (gpu_) {
-      gpu_->Synchronize();
-      EXPECT_TRUE(gpu_->status().ok()) << gpu_->status().ToString();
-    }
-    dev_.reset();
-  }
-  CpuBackend cpu_;
-  std::unique_ptr<CudaBackend> gpu_;
-  std::unique_ptr<DeviceArrays> dev_;
-};
+class CudaModelOpsTest : public testing::CpuVsCudaTest<> {};
 
 TEST_F(CudaModelOpsTest, RopeTableStridedSlicesBothConventions) {
   const int rows = 13, heads = 4, dq = 24, nope = 16, rot = 8;

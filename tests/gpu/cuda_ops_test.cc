@@ -23,21 +23,8 @@ std::vector<uint16_t> ToBf16(const std::vector<float>& f) {
   return o;
 }
 
-class CudaOpsTest : public ::testing::Test {
+class CudaOpsTest : public testing::CpuVsCudaTest<> {
  protected:
-  void SetUp() override {
-    if (!testing::HaveDevice()) GTEST_SKIP() << "no CUDA device visible";
-    gpu_ = testing::MakeTestCudaBackend();
-    ASSERT_NE(gpu_, nullptr);
-    dev_ = std::make_unique<DeviceArrays>(gpu_.get());
-  }
-  void TearDown() override {
-    if (gpu_) {
-      gpu_->Synchronize();
-      EXPECT_TRUE(gpu_->status().ok()) << gpu_->status().ToString();
-    }
-    dev_.reset();
-  }
   // A weight on both backends from the same host bytes (kept alive by the fixture).
   std::pair<Weight, Weight> Weights(const std::vector<float>& f, int64_t rows, int64_t cols, DType dt) {
     const void* host = f.data();
@@ -51,9 +38,6 @@ class CudaOpsTest : public ::testing::Test {
     return {c, g.ok() ? *g : Weight{}};
   }
 
-  CpuBackend cpu_;
-  std::unique_ptr<CudaBackend> gpu_;
-  std::unique_ptr<DeviceArrays> dev_;
   std::vector<std::vector<uint16_t>> keep_;
 };
 

@@ -18,22 +18,8 @@ using testing::MaxRelError;
 using testing::Nmse;
 using testing::RandomFloats;
 
-class CudaQuantTest : public ::testing::Test {
+class CudaQuantTest : public testing::CpuVsCudaTest<> {
  protected:
-  void SetUp() override {
-    if (!testing::HaveDevice()) GTEST_SKIP() << "no CUDA device visible";
-    gpu_ = testing::MakeTestCudaBackend();
-    ASSERT_NE(gpu_, nullptr);
-    dev_ = std::make_unique<DeviceArrays>(gpu_.get());
-  }
-  void TearDown() override {
-    if (gpu_) {
-      gpu_->Synchronize();
-      EXPECT_TRUE(gpu_->status().ok()) << gpu_->status().ToString();
-    }
-    dev_.reset();
-  }
-
   // A quantized block on the host (kept alive by the fixture) and its device copy.
   std::pair<Weight, Weight> Quantized(DType t, const std::vector<float>& w, int64_t n, int64_t k) {
     keep_.emplace_back(WeightBytes(t, n, k));
@@ -45,9 +31,6 @@ class CudaQuantTest : public ::testing::Test {
     return {c, g.ok() ? *g : Weight{}};
   }
 
-  CpuBackend cpu_;
-  std::unique_ptr<CudaBackend> gpu_;
-  std::unique_ptr<DeviceArrays> dev_;
   std::vector<std::vector<std::byte>> keep_;
 };
 

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "runtime/backend/backend.h"
+#include "runtime/backend/cpu/cpu_backend.h"
 #include "runtime/backend/cuda/cuda_backend.h"
 
 namespace ef::runtime::testing {
@@ -82,6 +83,29 @@ class DeviceArrays {
  private:
   Backend* b_;
   std::vector<Buffer> bufs_;
+};
+
+// The fixture of the op tests: a CPU backend (the reference), a CUDA backend (skipped without a
+// device) and device arrays; after each test the CUDA backend must have no sticky error.
+template <class Base = ::testing::Test>
+class CpuVsCudaTest : public Base {
+ protected:
+  void SetUp() override {
+    if (!HaveDevice()) GTEST_SKIP() << "no CUDA device visible";
+    gpu_ = MakeTestCudaBackend();
+    ASSERT_NE(gpu_, nullptr);
+    dev_ = std::make_unique<DeviceArrays>(gpu_.get());
+  }
+  void TearDown() override {
+    if (gpu_) {
+      gpu_->Synchronize();
+      EXPECT_TRUE(gpu_->status().ok()) << gpu_->status().ToString();
+    }
+    dev_.reset();
+  }
+  CpuBackend cpu_;
+  std::unique_ptr<CudaBackend> gpu_;
+  std::unique_ptr<DeviceArrays> dev_;
 };
 
 }  // namespace ef::runtime::testing
