@@ -1,7 +1,8 @@
-// Cluster: wires a process's engine into the MPI world: token exchange, static expert placement,
-// expert-parallel executor and (when the placement computes experts away from their homes) the
-// UCX peer expert tier. One object per engine; commands (generate, score, serve, bench) create it
-// after the engine and destroy it before.
+// Cluster: wires a process's engine into the MPI world: token exchange, expert placement (static,
+// or planned per MoE layer from the ranks' row counts), the expert-parallel executor and the UCX
+// peer expert tier (every rank's host shard of its home experts: the engine's expert source when
+// experts are computed away from their homes, or the tiers behind a per-rank expert cache). One
+// object per engine; launch/deployment.h creates it after the engine and destroys it before.
 //
 //   EF_ASSIGN_OR_RETURN(auto cluster, Cluster::Create(ctx, engine.get(), options));
 //   ... this rank's Forward() calls (each step joins the lockstep exchange) ...
