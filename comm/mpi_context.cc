@@ -287,23 +287,8 @@ Status MpiContext::AllGatherInts(std::span<const int64_t> mine, std::span<int64_
 
 StatusOr<std::vector<int64_t>> MpiContext::AllGatherInt(int64_t mine, int tag, const std::string& what) {
   std::vector<int64_t> out(size_, 0);
-  out[rank_] = mine;
-  if (size_ == 1) return out;
-  std::vector<MPI_Request> reqs;
-  std::vector<int> peers;
-  for (int r = 0; r < size_; ++r) {
-    if (r == rank_) continue;
-    reqs.emplace_back();
-    peers.push_back(r);
-    MPI_CHECK(MPI_Irecv(&out[r], 1, MPI_INT64_T, r, tag, comm_, &reqs.back()));
-  }
-  for (int r = 0; r < size_; ++r) {
-    if (r == rank_) continue;
-    reqs.emplace_back();
-    peers.push_back(r);
-    MPI_CHECK(MPI_Isend(&out[rank_], 1, MPI_INT64_T, r, tag, comm_, &reqs.back()));
-  }
-  EF_RETURN_IF_ERROR(WaitAll(reqs, peers, what));
+  const int64_t one[1] = {mine};
+  EF_RETURN_IF_ERROR(AllGatherInts(one, out, tag, what));
   return out;
 }
 

@@ -30,3 +30,9 @@ while len(ids) < 3:
 json.dump({"input_ids": ids}, open(out, "w"))
 PY
 }
+# The transformers fixtures and tiny-code-moe, the models the multi-rank tests run: DATA MODELS.
+fixture_models() {
+  local d=$1 m=$2
+  echo "$d/mixtral $d/mixtral_sharded $d/qwen2_moe $d/qwen3_moe $d/olmoe $d/deepseek_v2 $d/deepseek_v3 $d/gpt_oss" \
+    "$m/tiny-code-moe"
+}

@@ -70,8 +70,7 @@ PY
 # Per-rank caches of top-k slots per MoE layer, experts computed away from their homes, each rank's
 # host shard bounded to half of its home experts.
 CACHED=(--cache-policy lru --prefetch-layers 0 --compute-placement round_robin)
-models=("$DATA/mixtral" "$DATA/mixtral_sharded" "$DATA/qwen2_moe" "$DATA/qwen3_moe" "$DATA/olmoe" "$DATA/deepseek_v2"
-  "$DATA/deepseek_v3" "$DATA/gpt_oss" "$MODELS/tiny-code-moe")
+read -ra models <<<"$(fixture_models "$DATA" "$MODELS")"
 for m in "${models[@]}"; do
   name=$(basename "$m")
   make_ids "$m" "$WORK/$name.ids.json"

@@ -7,8 +7,7 @@
 #   mpi_equality.sh BIN NP DATA_DIR MODELS_DIR
 BIN=$1 NP=$2 DATA=$3 MODELS=$4
 source "$(dirname "$0")/common.sh"
-models=("$DATA/mixtral" "$DATA/mixtral_sharded" "$DATA/qwen2_moe" "$DATA/qwen3_moe" "$DATA/olmoe" "$DATA/deepseek_v2"
-        "$DATA/deepseek_v3" "$DATA/gpt_oss" "$MODELS/tiny-code-moe")
+read -ra models <<<"$(fixture_models "$DATA" "$MODELS")"
 for m in "${models[@]}"; do
   name=$(basename "$m")
   make_ids "$m" "$WORK/$name.ids.json"
