@@ -174,6 +174,10 @@ TEST_P(ExpertCacheGpuTest, LowPrecisionLoadsMatchTheCpuCache) {
   }
   const double bound = std::max(1e-2, 3 * native);
   for (const char* precision : {"int8", "int4"}) {
+    // The whole host tier pinned first, then a 2-expert host budget (the tiers quantize per load
+    // and the store stages those through the slot arena's CopyIn): the same weight values reach
+    // the same kernels, so the two CUDA runs agree bitwise.
+    Output pinned_all;
     for (bool small_host : {false, true}) {
       ExpertCacheOptions o;
       o.policy = "lru";
@@ -200,6 +204,14 @@ TEST_P(ExpertCacheGpuTest, LowPrecisionLoadsMatchTheCpuCache) {
       ASSERT_EQ(got.logits.size(), want.logits.size());
       EXPECT_LE(LogitDistance(got, want), bound)
           << GetParam() << " " << precision << (small_host ? " small host" : "") << "; native cpu vs cuda " << native;
+      if (!small_host) {
+        pinned_all = got;
+      } else {
+        EXPECT_EQ(got.tokens, pinned_all.tokens) << GetParam() << " " << precision;
+        EXPECT_EQ(got.logits, pinned_all.logits)
+            << GetParam() << " " << precision << ": staged loads differ from pinned ones by "
+            << LogitDistance(got, pinned_all);
+      }
       const ExpertStoreStats st = (*cache)->stats();
       EXPECT_GT(st.total.misses, 0);
       // Every load moved the quantized expert.
