@@ -219,6 +219,11 @@ StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(runtime::Engine* engi
   po.low_gate = o.low_precision_gate;
   po.upgrade_uses = o.upgrade_uses;
   const bool cuda = engine->backend().kind() == runtime::BackendKind::kCuda;
+  if (o.cpu_compute != "off" && o.cpu_compute != "auto" && o.cpu_compute != "on")
+    return InvalidArgument("cache.cpu_compute must be off, auto or on, got '" + o.cpu_compute + "'");
+  if (!cuda && o.cpu_compute != "off")
+    return InvalidArgument("cache.cpu_compute " + o.cpu_compute + " applies to the cuda backend; the " +
+                           engine->backend().name() + " backend computes every expert on the host already");
   if (cuda && po.precision == LoadPrecision::kAuto)
     return Unimplemented(
         "cache.miss_precision auto (mixed precisions per slot) runs on the cpu backend; on cuda use int8 or int4");
@@ -232,6 +237,8 @@ StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(runtime::Engine* engi
     co.prefetch_layers = o.prefetch_layers;
     co.host_budget_bytes = o.host_budget_bytes;
     co.static_counts = counts;
+    co.cpu_compute = o.cpu_compute;
+    co.cpu_compute_max_rows = o.cpu_compute_max_rows;
     EF_ASSIGN_OR_RETURN(auto src, CudaExpertSource::Create(engine->weights(), &engine->backend(), co));
     cache->cuda_ = src.get();
     cache->store_ = &src->store();
@@ -365,6 +372,14 @@ std::string ExpertCache::StatsSummary() const {
                   static_cast<long long>(loads[0]), static_cast<long long>(t.refills));
     s += buf;
   }
+#if EF_HAVE_CUDA_CACHE
+  if (cuda_ && options_.cpu_compute != "off") {
+    const HostComputeStats& h = cuda_->host_stats();
+    std::snprintf(buf, sizeof buf, "; %lld experts computed on the host (%lld rows, %.1f ms)",
+                  static_cast<long long>(h.experts), static_cast<long long>(h.rows), h.ms);
+    s += buf;
+  }
+#endif
   if (tiers_ && (tiers_->hooks().host || tiers_->hooks().peer)) {
     const TierCounters tc = tier_counters();
     std::snprintf(buf, sizeof buf, "; loads from host %lld (%s), peers %lld (%s), checkpoint %lld (%s)",

@@ -213,6 +213,10 @@ const std::map<std::string, Section>& Schema() {
            {"low_precision_gate",
             [](const Ctx& c, Config* o) { return GetDouble(c, 0, 1, false, &o->cache.low_precision_gate); }},
            {"upgrade_uses", [](const Ctx& c, Config* o) { return GetInt(c, 0, 1 << 20, &o->cache.upgrade_uses); }},
+           {"cpu_compute",
+            [](const Ctx& c, Config* o) { return GetOneOf(c, {"off", "auto", "on"}, &o->cache.cpu_compute); }},
+           {"cpu_compute_max_rows",
+            [](const Ctx& c, Config* o) { return GetInt(c, 1, 64, &o->cache.cpu_compute_max_rows); }},
        }},
       {"predictor",
        {
@@ -453,7 +457,9 @@ std::string ConfigToYaml(const Config& c) {
   e << YAML::Key << "miss_precision" << YAML::Value << c.cache.miss_precision;
   e << YAML::Key << "low_precision" << YAML::Value << c.cache.low_precision;
   e << YAML::Key << "low_precision_gate" << YAML::Value << c.cache.low_precision_gate;
-  e << YAML::Key << "upgrade_uses" << YAML::Value << c.cache.upgrade_uses << YAML::EndMap;
+  e << YAML::Key << "upgrade_uses" << YAML::Value << c.cache.upgrade_uses;
+  e << YAML::Key << "cpu_compute" << YAML::Value << c.cache.cpu_compute;
+  e << YAML::Key << "cpu_compute_max_rows" << YAML::Value << c.cache.cpu_compute_max_rows << YAML::EndMap;
   e << YAML::Key << "predictor" << YAML::Value << YAML::Flow << YAML::BeginMap;
   e << YAML::Key << "kind" << YAML::Value << c.predictor.kind << YAML::Key << "path" << YAML::Value << c.predictor.path
     << YAML::EndMap;
@@ -518,6 +524,9 @@ void CacheFlags::Register(CLI::App* app) {
   app->add_option("--upgrade-uses", upgrade_uses,
                   "auto: uses of a low-precision copy before it is reloaded in full precision; 0: never "
                   "(cache.upgrade_uses)");
+  app->add_option("--cpu-experts", cpu_compute,
+                  "cuda: compute missed experts of few rows on the host CPU instead of copying them: off, auto "
+                  "(whichever of copy and host finishes first) or on (cache.cpu_compute)");
   app->add_option("--predictor", predictor,
                   "prefetch forecast: none, lookahead, frequency, path, affinity or hybrid (predictor.kind)");
   app->add_option("--predictor-path", predictor_path, "trained predictor file (predictor.path)");
@@ -534,6 +543,7 @@ Status CacheFlags::Apply(const CLI::App& app, Config* config) const {
       {"--low-precision", {"cache.low_precision", &low_precision}},
       {"--low-precision-gate", {"cache.low_precision_gate", &low_precision_gate}},
       {"--upgrade-uses", {"cache.upgrade_uses", &upgrade_uses}},
+      {"--cpu-experts", {"cache.cpu_compute", &cpu_compute}},
       {"--predictor", {"predictor.kind", &predictor}},
       {"--predictor-path", {"predictor.path", &predictor_path}},
   };

@@ -93,6 +93,11 @@ struct CacheSection {
   std::string low_precision = "int8";
   double low_precision_gate = 0.5;
   int upgrade_uses = 16;
+  // cuda: compute missed experts of at most cpu_compute_max_rows rows on the host CPU from their
+  // pinned copies instead of copying them: off | auto (each miss to whichever of the copy engine
+  // and the host finishes it first, timed at start-up) | on (every such miss on the host).
+  std::string cpu_compute = "off";
+  int cpu_compute_max_rows = 4;
 
   bool has_device_budget() const { return device_budget > 0 || device_slots > 0 || device_slots_per_layer > 0; }
   // The budget as written in a file: "25769803776", "24 slots", "3 slots per layer" or "auto".
@@ -184,10 +189,11 @@ comm::ClusterOptions ToClusterOptions(const Config& config);
 //   --prefetch-min-prob   -> cache.prefetch_min_prob
 //   --miss-precision      -> cache.miss_precision
 //   --low-precision, --low-precision-gate, --upgrade-uses -> cache.low_precision, ...
+//   --cpu-experts         -> cache.cpu_compute
 //   --predictor           -> predictor.kind        --predictor-path    -> predictor.path
 struct CacheFlags {
   std::string device_budget, host_budget, policy, prefetch_layers, prefetch_min_prob, miss_precision, low_precision,
-      low_precision_gate, upgrade_uses, predictor, predictor_path;
+      low_precision_gate, upgrade_uses, cpu_compute, predictor, predictor_path;
 
   void Register(CLI::App* app);
   // Writes the flags given on the command line into `config` (validated like the file's keys).

@@ -20,6 +20,8 @@ cache::ExpertCacheOptions ToExpertCacheOptions(const CacheSection& cache, const 
   o.low_precision = cache.low_precision;
   o.low_precision_gate = cache.low_precision_gate;
   o.upgrade_uses = cache.upgrade_uses;
+  o.cpu_compute = cache.cpu_compute;
+  o.cpu_compute_max_rows = cache.cpu_compute_max_rows;
   o.predictor = predictor.kind;
   o.predictor_path = predictor.path;
   o.trace = trace;

@@ -1,11 +1,15 @@
 #include "cache/cuda/cuda_expert_source.h"
 
 #include <algorithm>
+#include <chrono>
+#include <cmath>
 #include <cstring>
 #include <functional>
 #include <vector>
 
+#include "runtime/backend/cpu/host_gemv.h"
 #include "runtime/core/logging.h"
+#include "runtime/core/thread_pool.h"
 #include "runtime/core/progress.h"
 #include "runtime/engine/model_weights.h"
 
@@ -150,6 +154,10 @@ StatusOr<std::unique_ptr<CudaExpertSource>> CudaExpertSource::Create(const Exper
     return InvalidArgument("cache budget of " + std::to_string(options.slots_per_layer) +
                            " expert slots per layer is smaller than the model's top-k (" +
                            std::to_string(layout.top_k) + ")");
+  if (options.cpu_compute != "off" && options.cpu_compute != "auto" && options.cpu_compute != "on")
+    return InvalidArgument("unknown cache.cpu_compute '" + options.cpu_compute + "' (off, auto or on)");
+  if (options.cpu_compute != "off" && options.cpu_compute_max_rows < 1)
+    return InvalidArgument("cache.cpu_compute: cpu_compute_max_rows must be at least 1");
   auto src = std::unique_ptr<CudaExpertSource>(new CudaExpertSource());
   src->layout_ = layout;
   src->options_ = options;
@@ -177,6 +185,7 @@ StatusOr<std::unique_ptr<CudaExpertSource>> CudaExpertSource::Create(const Exper
   src->pinned_.resize(static_cast<size_t>(layout.num_layers) * layout.num_experts);
   EF_LOG(INFO, CACHE, "cuda expert cache: %d slots of %zu bytes, policy %s, prefetch %d layer(s)", num_slots,
          so.slot_bytes, options.policy.c_str(), options.prefetch_layers);
+  if (options.cpu_compute != "off") EF_RETURN_IF_ERROR(src->CalibrateHostCompute());
   return src;
 }
 
@@ -237,6 +246,106 @@ void CudaExpertSource::Release(int layer, int expert) {
   if (ref.slot < 0) return;
   store_->Release(ref);
   ref = SlotRef{};
+}
+
+runtime::ExpertWeights CudaExpertSource::HostWeights(int layer, int expert) const {
+  runtime::ExpertWeights w;
+  const std::byte* base = tier_->data(layer, expert);
+  if (!base) return w;
+  w.gate = layout_.gate;
+  w.up = layout_.up;
+  w.down = layout_.down;
+  w.gate.data = base + layout_.gate_offset();
+  w.up.data = base + layout_.up_offset();
+  w.down.data = base + layout_.down_offset();
+  return w;
+}
+
+Status CudaExpertSource::CalibrateHostCompute() {
+  // The first expert with a pinned copy, timed both ways (best of 3): into slot 0, which the store
+  // has not handed out yet, and through the host kernel with one row of x.
+  int layer = -1, expert = -1;
+  for (int l = 0; l < layout_.num_layers && layer < 0; ++l)
+    for (int e = 0; e < layout_.num_experts && layer < 0; ++e)
+      if (layout_.moe_layer[l] && tier_->data(l, e)) layer = l, expert = e;
+  if (layer < 0)
+    return FailedPrecondition("cache.cpu_compute needs experts pinned in host memory; the host budget holds none");
+  using Clock = std::chrono::steady_clock;
+  auto ms = [](Clock::time_point a) { return std::chrono::duration<double, std::milli>(Clock::now() - a).count(); };
+  double copy = 1e30, host = 1e30;
+  for (int rep = 0; rep < 3; ++rep) {
+    auto t = Clock::now();
+    EF_RETURN_IF_ERROR(arena_->CopyIn(0, {tier_->data(layer, expert), layout_.bytes()}));
+    copy = std::min(copy, ms(t));
+  }
+  std::vector<float> x(static_cast<size_t>(layout_.gate.cols), 0.01f), y(x.size());
+  for (int rep = 0; rep < 3; ++rep) {
+    auto t = Clock::now();
+    EF_RETURN_IF_ERROR(ComputeOnHost(layer, expert, 1, x.data(), y.data()));
+    host = std::min(host, ms(t));
+  }
+  host_stats_ = HostComputeStats{};
+  host_stats_.calibrated_copy_ms = copy;
+  host_stats_.calibrated_host_ms = host;
+  EF_LOG(INFO, CACHE,
+         "cpu compute of missed experts (%s, at most %d rows): one expert takes %.2f ms on the host (%d threads, %s), "
+         "%.2f ms to copy",
+         options_.cpu_compute.c_str(), options_.cpu_compute_max_rows, host, ThreadPool::Default().num_threads(),
+         runtime::HostGemvVectorized(layout_.gate) ? "avx512" : "scalar", copy);
+  return Status::Ok();
+}
+
+void CudaExpertSource::TakeHostExperts(int layer, std::vector<int32_t>& experts, std::span<const int64_t> rows,
+                                       std::vector<int32_t>& host) {
+  if (options_.cpu_compute == "off" || layer < 0 || layer >= layout_.num_layers) return;
+  const bool always = options_.cpu_compute == "on";
+  const double copy = host_stats_.calibrated_copy_ms, base = host_stats_.calibrated_host_ms;
+  double copy_done = 0, host_done = 0;  // this layer's queues (ms)
+  std::vector<int32_t> keep;
+  keep.reserve(experts.size());
+  for (size_t i = 0; i < experts.size(); ++i) {
+    const int32_t e = experts[i];
+    const int64_t r = i < rows.size() ? rows[i] : 1;
+    const bool candidate = r > 0 && r <= options_.cpu_compute_max_rows && !store_->IsResident(layer, e) &&
+                           tier_->data(layer, e) != nullptr;
+    if (!candidate) {
+      keep.push_back(e);
+      continue;
+    }
+    // The host kernel reads the weights once per block of 4 rows; each row adds its multiply-adds.
+    const double h = base * std::ceil(r / 4.0) * (1.0 + 0.15 * static_cast<double>(std::min<int64_t>(r, 4) - 1));
+    if (always || host_done + h < copy_done + copy) {
+      host_done += h;
+      host.push_back(e);
+    } else {
+      copy_done += copy;
+      keep.push_back(e);
+    }
+  }
+  experts.swap(keep);
+}
+
+Status CudaExpertSource::ComputeOnHost(int layer, int expert, int64_t rows, const float* x, float* y) {
+  const runtime::ExpertWeights w = HostWeights(layer, expert);
+  if (w.gate.empty())
+    return FailedPrecondition("cpu compute: expert " + std::to_string(expert) + " of layer " + std::to_string(layer) +
+                              " has no pinned host copy");
+  const auto t = std::chrono::steady_clock::now();
+  ThreadPool& pool = ThreadPool::Default();
+  const int64_t inter = w.gate.rows;
+  host_gate_.resize(static_cast<size_t>(rows * inter));
+  host_up_.resize(host_gate_.size());
+  runtime::HostGemv(pool, x, rows, w.gate, host_gate_.data());
+  runtime::HostGemv(pool, x, rows, w.up, host_up_.data());
+  for (size_t i = 0; i < host_gate_.size(); ++i) {
+    const float g = host_gate_[i];
+    host_gate_[i] = g / (1.0f + std::exp(-g)) * host_up_[i];
+  }
+  runtime::HostGemv(pool, host_gate_.data(), rows, w.down, y);
+  ++host_stats_.experts;
+  host_stats_.rows += rows;
+  host_stats_.ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t).count();
+  return Status::Ok();
 }
 
 void CudaExpertSource::SetUpcoming(int layer, std::vector<int32_t> experts) {

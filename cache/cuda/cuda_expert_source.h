@@ -9,7 +9,14 @@
 //   2. correction: the layer's experts are acquired at once (in that order, while the layer's
 //      slots allow): a miss enqueues its copy on the high-priority correction stream right away;
 //      the compute stream waits for a slot's copy only when the expert computes (GPU-side wait);
-//   3. prefetch: the upcoming experts of the next `prefetch_layers` MoE layers (wrapping to the
+//   3. cpu compute (cache.cpu_compute, before 1 and 2): a miss of few rows whose host copy is
+//      pinned may be computed on the host CPU from that copy instead of being copied
+//      (TakeHostExperts/ComputeOnHost; runtime/backend/cpu/host_gemv.h). `auto` gives each miss, in
+//      compute order, to whichever path would finish it first: the copy engine (queue of this
+//      layer's misses so far x copy time per expert) or the host (queue x host time for its rows),
+//      times calibrated at Create on this machine; `on` computes every eligible miss on the host.
+//      Host-computed experts are not loaded, so the cache holds what it held;
+//   4. prefetch: the upcoming experts of the next `prefetch_layers` MoE layers (wrapping to the
 //      first layers of the next step) are loaded on the low-priority prefetch stream.
 // SetUpcoming(l, experts) gives the forecast of the next time layer l runs (a predictor's, or a
 // trace's future routing used as an oracle by the benchmark).
@@ -51,6 +58,18 @@ struct CudaExpertSourceOptions {
   // (those homed on this rank) are pinned; the others load through tiers' peer and checkpoint
   // tiers, staged. Not owned; must outlive the source. Null: every expert may be pinned.
   ExpertTiers* tiers = nullptr;
+  // cache.cpu_compute: "off", "auto" or "on" (see above); misses of at most cpu_compute_max_rows
+  // rows are candidates (the host kernel streams the weights once per 4 rows).
+  std::string cpu_compute = "off";
+  int cpu_compute_max_rows = 4;
+};
+
+// Experts computed on the host (cache.cpu_compute), and the calibration the choice used.
+struct HostComputeStats {
+  int64_t experts = 0;  // expert computations on the host
+  int64_t rows = 0;
+  double ms = 0;  // host wall time in them
+  double calibrated_host_ms = 0, calibrated_copy_ms = 0;  // one expert, one row
 };
 
 // The shape of every routed expert (all experts of a model have the same shape here).
@@ -84,6 +103,9 @@ class CudaExpertSource final : public runtime::ExpertSource {
   CudaExpertSource& operator=(const CudaExpertSource&) = delete;
 
   void OnRouting(int layer, std::vector<int32_t>& experts) override;
+  void TakeHostExperts(int layer, std::vector<int32_t>& experts, std::span<const int64_t> rows,
+                       std::vector<int32_t>& host) override;
+  Status ComputeOnHost(int layer, int expert, int64_t rows, const float* x, float* y) override;
   StatusOr<runtime::ExpertWeights> Acquire(int layer, int expert) override;
   void Release(int layer, int expert) override;
 
@@ -94,6 +116,7 @@ class CudaExpertSource final : public runtime::ExpertSource {
   CudaSlotArena& arena() { return *arena_; }
   ExpertStoreStats stats() const { return store_->stats(); }
   const ExpertLayout& layout() const { return layout_; }
+  const HostComputeStats& host_stats() const { return host_stats_; }
 
  private:
   CudaExpertSource() = default;
@@ -103,8 +126,15 @@ class CudaExpertSource final : public runtime::ExpertSource {
                                                             cache::ExpertSource fallback, runtime::Backend* backend,
                                                             const CudaExpertSourceOptions& options);
 
+  // Times one expert's copy into a slot and its host computation for one row (cpu_compute).
+  Status CalibrateHostCompute();
+  // (layer, expert)'s weights in the pinned tier, as host Weights; empty gate when not pinned.
+  runtime::ExpertWeights HostWeights(int layer, int expert) const;
+
   ExpertLayout layout_;
   CudaExpertSourceOptions options_;
+  HostComputeStats host_stats_;
+  std::vector<float> host_gate_, host_up_;  // ComputeOnHost scratch
   std::shared_ptr<const PinnedHostTier> tier_;
   CudaSlotArena* arena_ = nullptr;  // owned by store_
   std::unique_ptr<ExpertStore> store_;

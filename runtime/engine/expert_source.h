@@ -24,6 +24,17 @@ class ExpertSource {
   virtual void OnRouting(int layer, std::vector<int32_t>& experts) {}
   virtual StatusOr<ExpertWeights> Acquire(int layer, int expert) = 0;
   virtual void Release(int layer, int expert) {}
+
+  // Optional (cache.cpu_compute): called before OnRouting with each expert's row count this step
+  // (rows[i] for experts[i]); moves into `host` the experts this source computes on the host CPU
+  // instead of loading them into the backend. The engine computes those with ComputeOnHost while
+  // the backend computes the rest, and never acquires them.
+  virtual void TakeHostExperts(int layer, std::vector<int32_t>& experts, std::span<const int64_t> rows,
+                               std::vector<int32_t>& host) {}
+  // y[rows, hidden] = expert(x[rows, hidden]) (not scaled by the gate), x and y in host memory.
+  virtual Status ComputeOnHost(int layer, int expert, int64_t rows, const float* x, float* y) {
+    return Unimplemented("this expert source computes no expert on the host");
+  }
 };
 
 // Every routed expert uploaded to the backend once (CPU: the checkpoint mapping, no copy).

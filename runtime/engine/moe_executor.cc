@@ -50,6 +50,43 @@ Status LocalMoeExecutor::ComputeExperts(int layer, std::span<const int32_t> orde
   return Status::Ok();
 }
 
+StatusOr<float*> LocalMoeExecutor::ComputeActive(int layer, std::vector<int32_t>& active,
+                                                 const std::vector<int32_t>& offset, const float* src,
+                                                 const int32_t* perm_dev, int64_t n) {
+  const int H = hidden_;
+  std::vector<int32_t> host;
+  {
+    std::vector<int64_t> rows(active.size());
+    for (size_t i = 0; i < active.size(); ++i) rows[i] = offset[active[i] + 1] - offset[active[i]];
+    source_->TakeHostExperts(layer, active, rows, host);
+  }
+  source_->OnRouting(layer, active);
+  EF_ASSIGN_OR_RETURN(float* xe, Scratch(kGathered, static_cast<size_t>(n) * H));
+  EF_ASSIGN_OR_RETURN(float* ye, Scratch(kExpertOut, static_cast<size_t>(n) * H));
+  backend_->GatherRows(src, perm_dev, n, H, xe);
+  if (host.empty()) {
+    EF_RETURN_IF_ERROR(ComputeExperts(layer, active, offset, xe, ye));
+    return ye;
+  }
+  // The host experts' rows come to the host first (this waits for the gather), the backend's
+  // experts are enqueued next, and the host computes its experts while the backend runs (and its
+  // misses copy); their outputs go back into ye before the scatter.
+  host_x_.resize(static_cast<size_t>(n) * H);
+  host_y_.resize(static_cast<size_t>(n) * H);
+  for (int32_t e : host) {
+    const int64_t begin = offset[e], cnt = offset[e + 1] - offset[e];
+    backend_->CopyToHost(host_x_.data() + begin * H, xe + begin * H, static_cast<size_t>(cnt * H) * sizeof(float));
+  }
+  EF_RETURN_IF_ERROR(ComputeExperts(layer, active, offset, xe, ye));
+  for (int32_t e : host) {
+    const int64_t begin = offset[e], cnt = offset[e + 1] - offset[e];
+    EF_RETURN_IF_ERROR(
+        source_->ComputeOnHost(layer, e, cnt, host_x_.data() + begin * H, host_y_.data() + begin * H));
+    backend_->CopyToDevice(ye + begin * H, host_y_.data() + begin * H, static_cast<size_t>(cnt * H) * sizeof(float));
+  }
+  return ye;
+}
+
 Status LocalMoeExecutor::Run(int layer, int64_t T, int top_k, const float* h, std::span<const int32_t> ids,
                              std::span<const float> weights, float* out) {
   const int E = num_experts_, H = hidden_;
@@ -82,12 +119,7 @@ Status LocalMoeExecutor::Run(int layer, int64_t T, int top_k, const float* h, st
   std::vector<bool> seen(E, false);
   for (int32_t e : ids)
     if (!seen[e]) seen[e] = true, active.push_back(e);
-  source_->OnRouting(layer, active);
-
-  EF_ASSIGN_OR_RETURN(float* xe, Scratch(kGathered, static_cast<size_t>(n) * H));
-  EF_ASSIGN_OR_RETURN(float* ye, Scratch(kExpertOut, static_cast<size_t>(n) * H));
-  backend_->GatherRows(h, perm_dev, n, H, xe);
-  EF_RETURN_IF_ERROR(ComputeExperts(layer, active, offset, xe, ye));
+  EF_ASSIGN_OR_RETURN(float* ye, ComputeActive(layer, active, offset, h, perm_dev, n));
   // Accumulate in increasing expert id whatever the compute order was, so the result is bitwise
   // independent of cache state, policy and prefetch timing (and matches transformers' order).
   for (int e = 0; e < E; ++e) {
@@ -121,11 +153,7 @@ Status LocalMoeExecutor::ComputeRows(int layer, int64_t n, const float* x, std::
   std::vector<int32_t> active;
   for (int e = 0; e < E; ++e)
     if (offset[e + 1] > offset[e]) active.push_back(e);
-  source_->OnRouting(layer, active);
-  EF_ASSIGN_OR_RETURN(float* xe, Scratch(kGathered, static_cast<size_t>(n) * H));
-  EF_ASSIGN_OR_RETURN(float* ye, Scratch(kExpertOut, static_cast<size_t>(n) * H));
-  backend_->GatherRows(x, perm_dev, n, H, xe);
-  EF_RETURN_IF_ERROR(ComputeExperts(layer, active, offset, xe, ye));
+  EF_ASSIGN_OR_RETURN(float* ye, ComputeActive(layer, active, offset, x, perm_dev, n));
   // y starts at zero; each row receives exactly one scaled expert output.
   backend_->SetZero(y, static_cast<size_t>(n) * H * sizeof(float));
   for (int e = 0; e < E; ++e) {

@@ -50,6 +50,12 @@ class LocalMoeExecutor final : public MoeExecutor {
                      std::span<const float> scale, float* y);
 
  private:
+  // The experts of `active` (rows [offset[e], offset[e+1]) of the permuted batch): tells the
+  // source the routing, gathers src's rows by perm_dev into the expert-major layout and computes
+  // every expert's rows, on the backend or (those the source takes) on the host. Returns ye
+  // (backend memory, n rows, unscaled expert outputs in permuted order).
+  StatusOr<float*> ComputeActive(int layer, std::vector<int32_t>& active, const std::vector<int32_t>& offset,
+                                 const float* src, const int32_t* perm_dev, int64_t n);
   // Runs each expert of `order` on its rows [offset[e], offset[e+1]) of xe into ye.
   Status ComputeExperts(int layer, std::span<const int32_t> order, const std::vector<int32_t>& offset, const float* xe,
                         float* ye);
@@ -63,6 +69,7 @@ class LocalMoeExecutor final : public MoeExecutor {
   ExpertActivationParams activation_;
   ExpertSource* source_ = nullptr;
   std::vector<Buffer> scratch_ = std::vector<Buffer>(8);
+  std::vector<float> host_x_, host_y_;  // rows of host-computed experts
 };
 
 }  // namespace ef::runtime

@@ -157,21 +157,28 @@ double LogitDistance(const Output& a, const Output& b) {
   return std::sqrt(num / den);
 }
 
+// The CPU engine's output (every expert resident) and how far the all-resident CUDA engine is
+// from it on this model.
+std::pair<Output, double> CpuReference(const std::string& name) {
+  runtime::EngineOptions co;
+  co.backend = "cpu";
+  auto cpu = Engine::Create(ModelDir(name), co);
+  EXPECT_TRUE(cpu.ok()) << cpu.status().ToString();
+  if (!cpu.ok()) return {};
+  auto gpu = MakeCudaEngine(name, true);
+  EXPECT_NE(gpu, nullptr);
+  if (!gpu) return {};
+  Output want = RunModel(**cpu);
+  const double d = LogitDistance(RunModel(*gpu), want);
+  return {want, d};
+}
+
 TEST_P(ExpertCacheGpuTest, LowPrecisionLoadsMatchTheCpuCache) {
   // The bound: what the CUDA engine's bf16 prefill (cuBLAS on bf16-rounded operands) already
   // changes on this model in the checkpoint's precision, with room (3x, at least 1e-2). Measured
   // on the H200: tiny-code-moe (bf16) differs from the CPU by 0.0044 in native precision and by
   // 0.0043 with int8 loads (`score`, two prompts).
-  double native = 0;
-  {
-    runtime::EngineOptions co;
-    co.backend = "cpu";
-    auto cpu = Engine::Create(ModelDir(GetParam()), co);
-    ASSERT_TRUE(cpu.ok()) << cpu.status().ToString();
-    auto gpu = MakeCudaEngine(GetParam(), true);
-    ASSERT_NE(gpu, nullptr);
-    native = LogitDistance(RunModel(*gpu), RunModel(**cpu));
-  }
+  const double native = CpuReference(GetParam()).second;
   const double bound = std::max(1e-2, 3 * native);
   for (const char* precision : {"int8", "int4"}) {
     // The whole host tier pinned first, then a 2-expert host budget (the tiers quantize per load
@@ -222,6 +229,40 @@ TEST_P(ExpertCacheGpuTest, LowPrecisionLoadsMatchTheCpuCache) {
       Status bs = engine->backend().status();
       EXPECT_TRUE(bs.ok()) << bs.ToString();
     }
+  }
+}
+
+// cache.cpu_compute: misses of decode steps computed on the host from their pinned copies (on:
+// every one; auto: those the host finishes before the copy engine would). The host kernel
+// computes in fp32 from the checkpoint's weights, so the run stays within the all-resident CUDA
+// engine's distance from the CPU engine (with room); `on` computed experts on the host.
+TEST_P(ExpertCacheGpuTest, CpuComputeOfMissesMatchesTheCpuEngine) {
+  const auto [want, native] = CpuReference(GetParam());
+  const double bound = std::max(1e-2, 3 * native);
+  for (const char* mode : {"on", "auto"}) {
+    auto engine = MakeCudaEngine(GetParam(), false);
+    ASSERT_NE(engine, nullptr);
+    ExpertCacheOptions o;
+    o.policy = "lru";
+    o.predictor = "none";
+    o.prefetch_layers = 0;
+    o.slots_per_layer = engine->config().top_k;
+    o.cpu_compute = mode;
+    auto cache = ExpertCache::Create(engine.get(), o);
+    ASSERT_TRUE(cache.ok()) << cache.status().ToString();
+    const Output got = RunModel(*engine);
+    ASSERT_EQ(got.logits.size(), want.logits.size());
+    EXPECT_LE(LogitDistance(got, want), bound) << GetParam() << " " << mode << "; native cpu vs cuda " << native;
+    const HostComputeStats& h = (*cache)->cuda_source()->host_stats();
+    EXPECT_GT(h.calibrated_host_ms, 0) << mode;
+    EXPECT_GT(h.calibrated_copy_ms, 0) << mode;
+    if (std::string(mode) == "on") {
+      EXPECT_GT(h.experts, 0);
+      EXPECT_GE(h.rows, h.experts);
+    }
+    EXPECT_NE((*cache)->StatsSummary().find("computed on the host"), std::string::npos) << (*cache)->StatsSummary();
+    Status bs = engine->backend().status();
+    EXPECT_TRUE(bs.ok()) << bs.ToString();
   }
 }
 

@@ -1,0 +1,226 @@
+#include "runtime/backend/cpu/host_gemv.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "runtime/core/dtype.h"
+#include "runtime/core/quant.h"
+#include "runtime/core/quant_format.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define EF_HOST_GEMV_X86 1
+// GCC 12 reports the intrinsics' own _mm512_undefined_ps() placeholders as maybe uninitialized.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+namespace ef::runtime {
+namespace {
+
+// The exact path: the CPU backend's row conversion and 8-lane dot product.
+float DotExact(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+void RowsExact(const float* x, int64_t m, const Weight& w, float* y, int64_t begin, int64_t end) {
+  const int64_t n = w.rows, k = w.cols;
+  std::vector<float> row(static_cast<size_t>(k));
+  const size_t esz = IsQuantized(w.dtype) ? 0 : DTypeSize(w.dtype);
+  for (int64_t j = begin; j < end; ++j) {
+    const float* wr = row.data();
+    if (IsQuantized(w.dtype)) {
+      DequantizeRow(w.dtype, w.data, w.rows, k, j, row.data());
+    } else if (w.dtype == DType::kF32) {
+      wr = static_cast<const float*>(w.data) + j * k;
+    } else {
+      ConvertToF32(w.dtype, static_cast<const std::byte*>(w.data) + static_cast<size_t>(j * k) * esz, row.data(),
+                   static_cast<size_t>(k));
+    }
+    for (int64_t i = 0; i < m; ++i) y[i * n + j] = DotExact(x + i * k, wr, k);
+  }
+}
+
+#ifdef EF_HOST_GEMV_X86
+#define EF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,f16c,fma")))
+
+EF_AVX512 inline __m512 Bf16x16(const void* p) {
+  const __m256i h = _mm256_loadu_si256(static_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// Float rows: 32 values per step in two accumulators per row of x.
+template <int M>
+EF_AVX512 void RowsFloat(const float* x, int64_t k, const Weight& w, float* y, int64_t n, int64_t begin, int64_t end) {
+  const bool bf16 = w.dtype == DType::kBF16;
+  for (int64_t j = begin; j < end; ++j) {
+    __m512 a0[M], a1[M];
+    for (int i = 0; i < M; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
+    const auto* wb = static_cast<const uint16_t*>(w.data) + j * k;
+    const float* wf = static_cast<const float*>(w.data) + j * k;
+    for (int64_t c = 0; c < k; c += 32) {
+      const __m512 w0 = bf16 ? Bf16x16(wb + c) : _mm512_loadu_ps(wf + c);
+      const __m512 w1 = bf16 ? Bf16x16(wb + c + 16) : _mm512_loadu_ps(wf + c + 16);
+      for (int i = 0; i < M; ++i) {
+        a0[i] = _mm512_fmadd_ps(_mm512_loadu_ps(x + i * k + c), w0, a0[i]);
+        a1[i] = _mm512_fmadd_ps(_mm512_loadu_ps(x + i * k + c + 16), w1, a1[i]);
+      }
+    }
+    for (int i = 0; i < M; ++i) y[i * n + j] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));
+  }
+}
+
+// Q8G: per group of 64, sum q*x in fp32, then acc += scale * that.
+template <int M>
+EF_AVX512 void RowsQ8(const float* x, int64_t k, const Weight& w, float* y, int64_t n, int64_t begin, int64_t end) {
+  const QuantFormat f = kQ8Format;
+  const auto* values = static_cast<const int8_t*>(w.data);
+  const auto* params =
+      reinterpret_cast<const uint16_t*>(static_cast<const std::byte*>(w.data) + f.params_offset(w.rows, k));
+  const int64_t groups = k / f.group;
+  for (int64_t j = begin; j < end; ++j) {
+    __m512 acc[M];
+    for (int i = 0; i < M; ++i) acc[i] = _mm512_setzero_ps();
+    const int8_t* q = values + j * k;
+    const uint16_t* p = params + j * groups;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t c = g * 64;
+      __m512 wv[4];
+      for (int s = 0; s < 4; ++s)
+        wv[s] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + c + 16 * s))));
+      const __m512 scale = _mm512_set1_ps(_cvtsh_ss(p[g]));
+      for (int i = 0; i < M; ++i) {
+        const float* xi = x + i * k + c;
+        __m512 d = _mm512_mul_ps(_mm512_loadu_ps(xi), wv[0]);
+        d = _mm512_fmadd_ps(_mm512_loadu_ps(xi + 16), wv[1], d);
+        d = _mm512_fmadd_ps(_mm512_loadu_ps(xi + 32), wv[2], d);
+        d = _mm512_fmadd_ps(_mm512_loadu_ps(xi + 48), wv[3], d);
+        acc[i] = _mm512_fmadd_ps(d, scale, acc[i]);
+      }
+    }
+    for (int i = 0; i < M; ++i) y[i * n + j] = _mm512_reduce_add_ps(acc[i]);
+  }
+}
+
+// Q4G: x ~ q * scale + min per group, so a group contributes scale * sum(q x) + min * sum(x);
+// sum(x) per (row of x, group) comes precomputed in xsum[M][groups].
+template <int M>
+EF_AVX512 void RowsQ4(const float* x, const float* xsum, int64_t k, const Weight& w, float* y, int64_t n,
+                      int64_t begin, int64_t end) {
+  const QuantFormat f = kQ4Format;
+  const auto* values = static_cast<const uint8_t*>(w.data);
+  const auto* params =
+      reinterpret_cast<const uint16_t*>(static_cast<const std::byte*>(w.data) + f.params_offset(w.rows, k));
+  const int64_t groups = k / f.group;
+  const __m128i low4 = _mm_set1_epi8(0x0f);
+  for (int64_t j = begin; j < end; ++j) {
+    __m512 acc[M];
+    for (int i = 0; i < M; ++i) acc[i] = _mm512_setzero_ps();
+    float mins[M] = {};
+    const uint8_t* q = values + j * (k / 2);
+    const uint16_t* p = params + j * groups * 2;
+    for (int64_t g = 0; g < groups; ++g) {
+      // 64 values in 32 bytes: element 2i in the low nibble of byte i, 2i + 1 in the high one.
+      __m512 wv[4];
+      for (int h = 0; h < 2; ++h) {
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * 32 + 16 * h));
+        const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+        wv[2 * h] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
+        wv[2 * h + 1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi)));
+      }
+      const float scale = _cvtsh_ss(p[2 * g]), mn = _cvtsh_ss(p[2 * g + 1]);
+      const __m512 vscale = _mm512_set1_ps(scale);
+      const int64_t c = g * 64;
+      for (int i = 0; i < M; ++i) {
+        const float* xi = x + i * k + c;
+        __m512 d = _mm512_mul_ps(_mm512_loadu_ps(xi), wv[0]);
+        d = _mm512_fmadd_ps(_mm512_loadu_ps(xi + 16), wv[1], d);
+        d = _mm512_fmadd_ps(_mm512_loadu_ps(xi + 32), wv[2], d);
+        d = _mm512_fmadd_ps(_mm512_loadu_ps(xi + 48), wv[3], d);
+        acc[i] = _mm512_fmadd_ps(d, vscale, acc[i]);
+        mins[i] += mn * xsum[i * groups + g];
+      }
+    }
+    for (int i = 0; i < M; ++i) y[i * n + j] = _mm512_reduce_add_ps(acc[i]) + mins[i];
+  }
+}
+
+template <int M>
+void RowsVector(const float* x, const float* xsum, int64_t k, const Weight& w, float* y, int64_t n, int64_t begin,
+                int64_t end) {
+  switch (w.dtype) {
+    case DType::kQ8: return RowsQ8<M>(x, k, w, y, n, begin, end);
+    case DType::kQ4: return RowsQ4<M>(x, xsum, k, w, y, n, begin, end);
+    default: return RowsFloat<M>(x, k, w, y, n, begin, end);
+  }
+}
+
+bool HaveAvx512() {
+  static const bool have = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c") &&
+                           __builtin_cpu_supports("fma");
+  return have;
+}
+#endif
+
+}  // namespace
+
+bool HostGemvVectorized(const Weight& w) {
+#ifdef EF_HOST_GEMV_X86
+  const bool dtype_ok = w.dtype == DType::kF32 || w.dtype == DType::kBF16 || w.dtype == DType::kQ8 ||
+                        w.dtype == DType::kQ4;
+  return HaveAvx512() && dtype_ok && w.cols % 64 == 0 && w.cols > 0;
+#else
+  (void)w;
+  return false;
+#endif
+}
+
+void HostGemv(ThreadPool& pool, const float* x, int64_t m, const Weight& w, float* y) {
+  const int64_t n = w.rows, k = w.cols;
+  if (m <= 0 || n <= 0) return;
+  if (!HostGemvVectorized(w)) {
+    pool.ParallelFor(n, [&](int64_t begin, int64_t end) { RowsExact(x, m, w, y, begin, end); }, /*min_chunk=*/16);
+    return;
+  }
+#ifdef EF_HOST_GEMV_X86
+  // Blocks of up to kHostGemvMaxRows rows of x; each block's outputs are written to a dense
+  // [rows, n] scratch then copied (y's row stride is n already, so write in place).
+  std::vector<float> xsum;
+  if (w.dtype == DType::kQ4) {
+    const int64_t groups = k / kQ4Format.group;
+    xsum.resize(static_cast<size_t>(m * groups));
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t g = 0; g < groups; ++g) {
+        float s = 0;
+        for (int c = 0; c < kQ4Format.group; ++c) s += x[i * k + g * kQ4Format.group + c];
+        xsum[i * groups + g] = s;
+      }
+  }
+  for (int64_t r0 = 0; r0 < m; r0 += kHostGemvMaxRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kHostGemvMaxRows, m - r0));
+    const float* xb = x + r0 * k;
+    const float* sb = xsum.empty() ? nullptr : xsum.data() + r0 * (k / kQ4Format.group);
+    float* yb = y + r0 * n;
+    pool.ParallelFor(
+        n,
+        [&](int64_t begin, int64_t end) {
+          switch (rows) {
+            case 1: return RowsVector<1>(xb, sb, k, w, yb, n, begin, end);
+            case 2: return RowsVector<2>(xb, sb, k, w, yb, n, begin, end);
+            case 3: return RowsVector<3>(xb, sb, k, w, yb, n, begin, end);
+            default: return RowsVector<4>(xb, sb, k, w, yb, n, begin, end);
+          }
+        },
+        /*min_chunk=*/64);
+  }
+#endif
+}
+
+}  // namespace ef::runtime

@@ -1,0 +1,32 @@
+// HostGemv: y[m, n] = x[m, k] W^T on the host CPU for a few rows (decode), streaming the weight at
+// the host's memory bandwidth. For computing experts on the host instead of copying them to the
+// GPU (cache.cpu_compute): a missed expert's weights are read once from host memory, which at
+// batch 1 takes less time than copying them over PCIe.
+//
+// W is F32, BF16, Q8G or Q4G (runtime/core/quant_format.h). With AVX-512 (checked at run time;
+// the build targets baseline x86-64) bf16 rows are widened in registers and quantized rows are
+// reduced per group (sum q*x, then one scale multiply per group; for Q4G the group's min times
+// sum x, precomputed once per call), so no row is ever expanded to fp32 in memory. Without
+// AVX-512, or for shapes the vector path does not cover (k not a multiple of 64, F16), rows go
+// through the CPU backend's exact path (WeightRow + Dot). Both accumulate in fp32; the vector
+// path's summation order differs from the exact one, so results agree to rounding (~1e-6
+// relative), not bitwise.
+#pragma once
+
+#include <cstdint>
+
+#include "runtime/backend/backend.h"
+#include "runtime/core/thread_pool.h"
+
+namespace ef::runtime {
+
+// Rows per call the kernel keeps in registers; larger m is processed in blocks of this many.
+inline constexpr int kHostGemvMaxRows = 4;
+
+// y[m, w.rows] = x[m, w.cols] W^T (overwritten), split over `pool` by output columns.
+void HostGemv(ThreadPool& pool, const float* x, int64_t m, const Weight& w, float* y);
+
+// True when HostGemv takes its vector path for w on this CPU.
+bool HostGemvVectorized(const Weight& w);
+
+}  // namespace ef::runtime

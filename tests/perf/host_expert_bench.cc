@@ -1,0 +1,91 @@
+// One expert's three matrices on the host, as cache.cpu_compute runs a missed expert: HostGemv
+// (vector path) against the CPU backend's exact Gemm, per weight type, for 1..4 rows of x.
+// Prints ms per expert and the weight bytes streamed per second (a program, not a test).
+//
+//   ef_host_expert_bench [hidden inter reps]     (default 4096 14336 20: one Mixtral-8x7B expert)
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "runtime/backend/cpu/cpu_backend.h"
+#include "runtime/backend/cpu/host_gemv.h"
+#include "runtime/core/quant.h"
+
+namespace {
+
+using ef::DType;
+using ef::runtime::Weight;
+
+Weight Make(DType t, int64_t rows, int64_t cols, std::vector<std::byte>& store) {
+  std::mt19937 rng(1);
+  std::normal_distribution<float> nd(0.f, 0.02f);
+  std::vector<float> f(static_cast<size_t>(rows * cols));
+  for (float& v : f) v = nd(rng);
+  Weight w{t, nullptr, rows, cols};
+  store.assign(w.nbytes(), std::byte{0});
+  if (t == DType::kBF16) {
+    auto* b = reinterpret_cast<uint16_t*>(store.data());
+    for (size_t i = 0; i < f.size(); ++i) b[i] = ef::F32ToBf16(f[i]);
+  } else if (!ef::Quantize(t, DType::kF32, f.data(), rows, cols, store.data(), store.size()).ok()) {
+    std::fprintf(stderr, "quantize failed\n");
+    std::exit(1);
+  }
+  w.data = store.data();
+  return w;
+}
+
+template <typename F>
+double MedianMs(int reps, F&& f) {
+  std::vector<double> t;
+  for (int r = 0; r < reps; ++r) {
+    auto a = std::chrono::steady_clock::now();
+    f();
+    t.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - a).count());
+  }
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int64_t hidden = argc > 1 ? std::atoll(argv[1]) : 4096, inter = argc > 2 ? std::atoll(argv[2]) : 14336;
+  const int reps = argc > 3 ? std::atoi(argv[3]) : 20;
+  ef::ThreadPool& pool = ef::ThreadPool::Default();
+  ef::runtime::CpuBackend cpu(&pool);
+  std::printf("expert %lld x %lld, %d threads, vector path %s\n", static_cast<long long>(hidden),
+              static_cast<long long>(inter), pool.num_threads(),
+              ef::runtime::HostGemvVectorized(Weight{DType::kBF16, nullptr, 1, 64}) ? "avx512" : "none");
+  std::printf("%-6s %4s %12s %10s %12s %10s %8s\n", "dtype", "rows", "exact_ms", "exact_GB/s", "vector_ms",
+              "vector_GB/s", "speedup");
+  for (DType t : {DType::kBF16, DType::kQ8, DType::kQ4}) {
+    std::vector<std::byte> sg, su, sd;
+    const Weight g = Make(t, inter, hidden, sg), u = Make(t, inter, hidden, su), d = Make(t, hidden, inter, sd);
+    const double gb = static_cast<double>(g.nbytes() + u.nbytes() + d.nbytes()) / 1e9;
+    for (int m : {1, 4}) {
+      std::vector<float> x(static_cast<size_t>(m * hidden), 0.1f), gy(static_cast<size_t>(m * inter)),
+          uy(gy.size()), y(x.size());
+      auto exact = [&] {
+        cpu.Gemm(x.data(), m, g, nullptr, gy.data(), false);
+        cpu.Gemm(x.data(), m, u, nullptr, uy.data(), false);
+        cpu.SiluMul(gy.data(), uy.data(), gy.data(), m * inter);
+        cpu.Gemm(gy.data(), m, d, nullptr, y.data(), false);
+      };
+      auto vec = [&] {
+        ef::runtime::HostGemv(pool, x.data(), m, g, gy.data());
+        ef::runtime::HostGemv(pool, x.data(), m, u, uy.data());
+        cpu.SiluMul(gy.data(), uy.data(), gy.data(), m * inter);
+        ef::runtime::HostGemv(pool, gy.data(), m, d, y.data());
+      };
+      exact();
+      vec();
+      const double e = MedianMs(std::max(3, reps / 4), exact), v = MedianMs(reps, vec);
+      std::printf("%-6s %4d %12.3f %10.1f %12.3f %10.1f %7.2fx\n", ef::DTypeName(t), m, e, gb / e * 1e3, v,
+                  gb / v * 1e3, e / v);
+    }
+  }
+  return 0;
+}
