@@ -1,0 +1,59 @@
+#!/bin/bash
+# On the accelerator machine (one GPU): the GPU tests, the host expert kernel, then offloaded
+# decode of a Mixtral-8x7B-shaped checkpoint (LAYERS layers, random bf16 weights, the first LAYERS
+# layers of the real Mixtral routing trace) with LRU on demand, for each load precision, with and
+# without cache.cpu_compute (missed experts computed on the host CPU), side by side.
+#
+#   scripts/accel/cpu-compute-run.sh [LAYERS] [GEN] [BUDGETS] [CONCURRENCY]   (4 32 "25 50" "1 4")
+# Needs .deps/debs carried (bash ../shared/tools/accel-deps.sh .deps/debs here first).
+set -uo pipefail
+LAYERS=${1:-4}
+GEN=${2:-32}
+BUDGETS=${3:-25 50}
+CONC=${4:-1 4}
+EF_BUILD_TESTS=ON source "$(dirname "$0")/build-full.sh" gpu_tests ef_host_expert_bench || exit 1
+R=$OUT/cpu_compute
+mkdir -p "$R"
+if [[ -z ${SKIP_TESTS:-} ]]; then
+  t0=$(date +%s)
+  (cd "$BUILD" && timeout 300 ctest -L gpu --timeout 240 --output-on-failure 2>&1 |
+    grep -vE "^ *[0-9]+/[0-9]+ Test.*Passed|^ *Start " | grep -E "Expected|actual|Which is|FAILED|tests passed|Skipped|Failed|error" | head -40)
+  echo "gpu tests in $(($(date +%s) - t0)) s"
+fi
+"$BUILD"/tests/ef_host_expert_bench 4096 14336 20
+
+TRACE=tests/data/traces/mixtral8x7b_gsm8k_decode.jsonl
+SLICED=$PWD/.deps/mixtral_first${LAYERS}.jsonl
+python3 scripts/bench/slice_trace.py "$TRACE" "$SLICED" "$LAYERS" >/dev/null || exit 1
+SYN=$PWD/.deps/synthetic
+BIN=$BUILD/expertflow
+$BIN bench --backend cuda --synthetic mixtral-8x7b --synthetic-layers "$LAYERS" --synthetic-dir "$SYN" \
+  -n 1 -c 1 --prompt-len 4 --gen-len 2 >"$R/warm.log" 2>&1 || { tail -20 "$R/warm.log"; exit 1; }
+
+printf "%-7s %-5s %-9s %-5s %10s %11s %9s %8s %s\n" budget conc precision cpu "out_tok/s" "moved_MiB" hit_rate stall_ms \
+  "host experts" | tee "$R/offload.txt"
+for c in $CONC; do
+  for b in $BUDGETS; do
+    slots=$((8 * b / 100))
+    for p in native int8 int4; do
+      for cpu in off auto; do
+        j=$R/b${b}_c${c}_${p}_${cpu}.json
+        log=$R/b${b}_c${c}_${p}_${cpu}.log
+        timeout 240 $BIN bench --backend cuda --synthetic mixtral-8x7b --synthetic-layers "$LAYERS" --synthetic-dir "$SYN" \
+          --routing-trace "$SLICED" -n $((2 * c)) -c "$c" --prompt-len 16 --gen-len "$GEN" \
+          --cache-device-budget "$slots slots per layer" --cache-policy lru --prefetch-layers 0 --miss-precision "$p" \
+          --cpu-experts "$cpu" --json "$j" >"$log" 2>&1 || { tail -5 "$log"; continue; }
+        python3 - "$j" "$log" "$b" "$c" "$p" "$cpu" <<'PY' | tee -a "$R/offload.txt"
+import json, re, sys
+j = json.load(open(sys.argv[1]))
+r, c = j["results"], j["cache"]
+m = re.search(r"(\d+) experts computed on the host \((\d+) rows, ([0-9.]+) ms\)", open(sys.argv[2]).read())
+host = f"{m.group(1)} ({m.group(2)} rows, {float(m.group(3)):.0f} ms)" if m else "-"
+print(f"{sys.argv[3] + '%':<7} {sys.argv[4]:<5} {sys.argv[5]:<9} {sys.argv[6]:<5} {r['output_tokens_per_s']:10.2f} "
+      f"{r['bytes_moved'] / 2**20:11.1f} {r['hit_rate']:9.3f} {c['stall_ms']:8.1f} {host}")
+PY
+      done
+    done
+  done
+done
+grep -h "cpu compute of missed experts" "$R"/*.log | sort | uniq -c | head -5
