@@ -108,55 +108,56 @@ EF_AVX512 void RowsQ8(const float* x, int64_t k, const Weight& w, float* y, int6
   }
 }
 
-// Q4G: x ~ q * scale + min per group, so a group contributes scale * sum(q x) + min * sum(x);
-// sum(x) per (row of x, group) comes precomputed in xsum[M][groups].
+// Q4G: a group's 16 possible values q * scale + min (computed as the CPU backend dequantizes:
+// fp32 product, then sum) form a 16-entry table; vpermps looks each nibble up directly (it reads
+// only an index's low 4 bits). A group's 32 bytes hold element 2i in the low nibble of byte i and
+// 2i + 1 in the high one, so the low nibbles dot with x's even elements and the high ones with
+// the odd elements: x comes de-interleaved per group (xs: [M][k], each group's 32 even then 32
+// odd elements).
 template <int M>
-EF_AVX512 void RowsQ4(const float* x, const float* xsum, int64_t k, const Weight& w, float* y, int64_t n,
-                      int64_t begin, int64_t end) {
+EF_AVX512 void RowsQ4(const float* xs, int64_t k, const Weight& w, float* y, int64_t n, int64_t begin, int64_t end) {
   const QuantFormat f = kQ4Format;
   const auto* values = static_cast<const uint8_t*>(w.data);
   const auto* params =
       reinterpret_cast<const uint16_t*>(static_cast<const std::byte*>(w.data) + f.params_offset(w.rows, k));
   const int64_t groups = k / f.group;
-  const __m128i low4 = _mm_set1_epi8(0x0f);
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t j = begin; j < end; ++j) {
     __m512 acc[M];
     for (int i = 0; i < M; ++i) acc[i] = _mm512_setzero_ps();
-    float mins[M] = {};
     const uint8_t* q = values + j * (k / 2);
     const uint16_t* p = params + j * groups * 2;
     for (int64_t g = 0; g < groups; ++g) {
-      // 64 values in 32 bytes: element 2i in the low nibble of byte i, 2i + 1 in the high one.
-      __m512 wv[4];
+      const __m512 table = _mm512_add_ps(_mm512_mul_ps(iota, _mm512_set1_ps(_cvtsh_ss(p[2 * g]))),
+                                         _mm512_set1_ps(_cvtsh_ss(p[2 * g + 1])));
+      __m512 wv[4];  // even elements 0..30, 32..62, then odd 1..31, 33..63
       for (int h = 0; h < 2; ++h) {
-        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * 32 + 16 * h));
-        const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
-        wv[2 * h] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
-        wv[2 * h + 1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi)));
+        const __m512i b =
+            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * 32 + 16 * h)));
+        wv[h] = _mm512_permutexvar_ps(b, table);
+        wv[2 + h] = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
       }
-      const float scale = _cvtsh_ss(p[2 * g]), mn = _cvtsh_ss(p[2 * g + 1]);
-      const __m512 vscale = _mm512_set1_ps(scale);
       const int64_t c = g * 64;
       for (int i = 0; i < M; ++i) {
-        const float* xi = x + i * k + c;
-        __m512 d = _mm512_mul_ps(_mm512_loadu_ps(xi), wv[0]);
-        d = _mm512_fmadd_ps(_mm512_loadu_ps(xi + 16), wv[1], d);
-        d = _mm512_fmadd_ps(_mm512_loadu_ps(xi + 32), wv[2], d);
-        d = _mm512_fmadd_ps(_mm512_loadu_ps(xi + 48), wv[3], d);
-        acc[i] = _mm512_fmadd_ps(d, vscale, acc[i]);
-        mins[i] += mn * xsum[i * groups + g];
+        const float* xi = xs + i * k + c;
+        __m512 a = acc[i];
+        a = _mm512_fmadd_ps(_mm512_loadu_ps(xi), wv[0], a);
+        a = _mm512_fmadd_ps(_mm512_loadu_ps(xi + 16), wv[1], a);
+        a = _mm512_fmadd_ps(_mm512_loadu_ps(xi + 32), wv[2], a);
+        a = _mm512_fmadd_ps(_mm512_loadu_ps(xi + 48), wv[3], a);
+        acc[i] = a;
       }
     }
-    for (int i = 0; i < M; ++i) y[i * n + j] = _mm512_reduce_add_ps(acc[i]) + mins[i];
+    for (int i = 0; i < M; ++i) y[i * n + j] = _mm512_reduce_add_ps(acc[i]);
   }
 }
 
 template <int M>
-void RowsVector(const float* x, const float* xsum, int64_t k, const Weight& w, float* y, int64_t n, int64_t begin,
+void RowsVector(const float* x, int64_t k, const Weight& w, float* y, int64_t n, int64_t begin,
                 int64_t end) {
   switch (w.dtype) {
     case DType::kQ8: return RowsQ8<M>(x, k, w, y, n, begin, end);
-    case DType::kQ4: return RowsQ4<M>(x, xsum, k, w, y, n, begin, end);
+    case DType::kQ4: return RowsQ4<M>(x, k, w, y, n, begin, end);
     default: return RowsFloat<M>(x, k, w, y, n, begin, end);
   }
 }
@@ -190,32 +191,30 @@ void HostGemv(ThreadPool& pool, const float* x, int64_t m, const Weight& w, floa
     return;
   }
 #ifdef EF_HOST_GEMV_X86
-  // Blocks of up to kHostGemvMaxRows rows of x; each block's outputs are written to a dense
-  // [rows, n] scratch then copied (y's row stride is n already, so write in place).
-  std::vector<float> xsum;
+  // Q4G reads x de-interleaved per group of 64: its 32 even elements, then its 32 odd ones.
+  std::vector<float> xs;
   if (w.dtype == DType::kQ4) {
-    const int64_t groups = k / kQ4Format.group;
-    xsum.resize(static_cast<size_t>(m * groups));
+    xs.resize(static_cast<size_t>(m * k));
     for (int64_t i = 0; i < m; ++i)
-      for (int64_t g = 0; g < groups; ++g) {
-        float s = 0;
-        for (int c = 0; c < kQ4Format.group; ++c) s += x[i * k + g * kQ4Format.group + c];
-        xsum[i * groups + g] = s;
-      }
+      for (int64_t c = 0; c < k; c += 64)
+        for (int e = 0; e < 32; ++e) {
+          xs[i * k + c + e] = x[i * k + c + 2 * e];
+          xs[i * k + c + 32 + e] = x[i * k + c + 2 * e + 1];
+        }
+    x = xs.data();
   }
   for (int64_t r0 = 0; r0 < m; r0 += kHostGemvMaxRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kHostGemvMaxRows, m - r0));
     const float* xb = x + r0 * k;
-    const float* sb = xsum.empty() ? nullptr : xsum.data() + r0 * (k / kQ4Format.group);
     float* yb = y + r0 * n;
     pool.ParallelFor(
         n,
         [&](int64_t begin, int64_t end) {
           switch (rows) {
-            case 1: return RowsVector<1>(xb, sb, k, w, yb, n, begin, end);
-            case 2: return RowsVector<2>(xb, sb, k, w, yb, n, begin, end);
-            case 3: return RowsVector<3>(xb, sb, k, w, yb, n, begin, end);
-            default: return RowsVector<4>(xb, sb, k, w, yb, n, begin, end);
+            case 1: return RowsVector<1>(xb, k, w, yb, n, begin, end);
+            case 2: return RowsVector<2>(xb, k, w, yb, n, begin, end);
+            case 3: return RowsVector<3>(xb, k, w, yb, n, begin, end);
+            default: return RowsVector<4>(xb, k, w, yb, n, begin, end);
           }
         },
         /*min_chunk=*/64);

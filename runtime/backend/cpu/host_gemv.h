@@ -4,9 +4,9 @@
 // batch 1 takes less time than copying them over PCIe.
 //
 // W is F32, BF16, Q8G or Q4G (runtime/core/quant_format.h). With AVX-512 (checked at run time;
-// the build targets baseline x86-64) bf16 rows are widened in registers and quantized rows are
-// reduced per group (sum q*x, then one scale multiply per group; for Q4G the group's min times
-// sum x, precomputed once per call), so no row is ever expanded to fp32 in memory. Without
+// the build targets baseline x86-64) bf16 rows are widened in registers, Q8G rows are reduced per
+// group (sum q*x, then one scale multiply per group) and Q4G nibbles index a per-group table of
+// their 16 dequantized values (vpermps), so no row is ever expanded to fp32 in memory. Without
 // AVX-512, or for shapes the vector path does not cover (k not a multiple of 64, F16), rows go
 // through the CPU backend's exact path (WeightRow + Dot). Both accumulate in fp32; the vector
 // path's summation order differs from the exact one, so results agree to rounding (~1e-6
