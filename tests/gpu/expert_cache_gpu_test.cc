@@ -178,7 +178,7 @@ TEST_P(ExpertCacheGpuTest, LowPrecisionLoadsMatchTheCpuCache) {
   // changes on this model in the checkpoint's precision, with room (3x, at least 1e-2). Measured
   // on the H200: tiny-code-moe (bf16) differs from the CPU by 0.0044 in native precision and by
   // 0.0043 with int8 loads (`score`, two prompts).
-  const double native = CpuReference(GetParam()).second;
+  const auto [cpu_native, native] = CpuReference(GetParam());
   const double bound = std::max(1e-2, 3 * native);
   for (const char* precision : {"int8", "int4"}) {
     // The whole host tier pinned first, then a 2-expert host budget (the tiers quantize per load
@@ -210,7 +210,9 @@ TEST_P(ExpertCacheGpuTest, LowPrecisionLoadsMatchTheCpuCache) {
       const Output got = RunModel(*engine);
       ASSERT_EQ(got.logits.size(), want.logits.size());
       EXPECT_LE(LogitDistance(got, want), bound)
-          << GetParam() << " " << precision << (small_host ? " small host" : "") << "; native cpu vs cuda " << native;
+          << GetParam() << " " << precision << (small_host ? " small host" : "") << "; native cpu vs cuda " << native
+          << "; from the native cpu engine: cuda " << LogitDistance(got, cpu_native) << ", cpu "
+          << LogitDistance(want, cpu_native);
       if (!small_host) {
         pinned_all = got;
       } else {
