@@ -345,7 +345,11 @@ Status InstallOraclePrefetch(const BenchRun& b, BenchParts* p) {
 Status BuildClusterAndCache(const BenchRun& b, BenchParts* p) {
   const Config& config = b.config();
   if (b.distributed) {
+    // As in Deployment::Create: a budget the model cannot run with is refused on every rank after
+    // the barrier, before the cluster connects the ranks.
+    const Status budget = CheckExpertCacheBudget(*p->engine, config.cache, /*per_rank=*/true, b.me);
     EF_RETURN_IF_ERROR(LongBarrier(b, "every rank's model load"));
+    EF_RETURN_IF_ERROR(budget);
     comm::ClusterOptions co = b.o.cluster.cluster;
     co.expert_cache = b.want_cache;  // every rank's own cache, backed by the ranks' host shards
     co.host_budget_bytes = config.cache.host_budget;
