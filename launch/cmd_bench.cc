@@ -39,7 +39,9 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <mutex>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <random>
 #include <thread>
 
@@ -191,356 +193,448 @@ StatusOr<std::vector<int>> AssignRequests(const BenchOptions& o, int num_request
   return rank;
 }
 
-Status RunBench(const BenchOptions& given, comm::MpiContext* ctx) {
-  // The config file's routing section fills what the command line left out.
-  BenchOptions o = given;
+// The run's effective options and this process's place in it.
+struct BenchRun {
+  BenchOptions o;            // the command line; the config file's routing section fills what it left out
+  std::string trace_origin;  // where o.routing_trace came from, for its errors
+  comm::MpiContext* ctx = nullptr;
+  double step_timeout_s = 0;  // the context's timeout at the start (one step's exchange)
+  bool distributed = false;   // under mpirun with more than one rank
+  int ranks = 1;
+  int me = 0;
+  bool root = true;
+  bool want_cache = false;  // cache.device_budget is set
+  placement::TraceKeying keying = placement::TraceKeying::kStream;
+  const Config& config() const { return o.cluster.config; }  // the cache and predictor sections, flags applied
+};
+
+StatusOr<BenchRun> ResolveRun(const BenchOptions& given, comm::MpiContext* ctx) {
+  BenchRun b;
+  b.o = given;
+  BenchOptions& o = b.o;
   const Config& file = o.cluster.config;
   if (o.routing_trace.empty() && file.has("routing.replay")) o.routing_trace = file.routing.replay;
-  const std::string trace_origin = given.routing_trace.empty() ? "routing.replay" : "--routing-trace";
+  b.trace_origin = given.routing_trace.empty() ? "routing.replay" : "--routing-trace";
   if (o.routing_key == "auto" && file.has("routing.key")) o.routing_key = file.routing.key;
   if (o.num_requests < 1 || o.concurrency < 1 || o.prompt_len < 1 || o.gen_len < 1)
     return InvalidArgument("-n, -c, --prompt-len and --gen-len must be >= 1");
-  const bool distributed = ctx->mpi() && ctx->size() > 1;
-  const int ranks = distributed ? ctx->size() : 1, me = distributed ? ctx->rank() : 0;
-  const bool root = me == 0;
-  const Config& config = o.cluster.config;  // the cache and predictor sections, flags applied
-  const bool want_cache = WantsExpertCache(config.cache);
-  if (o.oracle_prefetch && (!want_cache || o.routing_trace.empty()))
+  b.ctx = ctx;
+  b.step_timeout_s = ctx->timeout_s();
+  b.distributed = ctx->mpi() && ctx->size() > 1;
+  b.ranks = b.distributed ? ctx->size() : 1;
+  b.me = b.distributed ? ctx->rank() : 0;
+  b.root = b.me == 0;
+  b.want_cache = WantsExpertCache(b.config().cache);
+  if (o.oracle_prefetch && (!b.want_cache || o.routing_trace.empty()))
     return InvalidArgument("--oracle-prefetch needs --cache-device-budget and --routing-trace");
-  // Long collective steps (writing a synthetic checkpoint, loading it) wait longer than a step.
-  const double step_timeout = ctx->timeout_s();
-  auto long_barrier = [&](const std::string& what) -> Status {
-    if (!distributed) return Status::Ok();
-    ctx->set_timeout_s(std::max(step_timeout, 3600.0));
-    Status s = ctx->Barrier(what);
-    ctx->set_timeout_s(step_timeout);
-    return s;
-  };
+  if (o.routing_key == "sequence" || (o.routing_key == "auto" && (b.distributed || o.assign == "locality")))
+    b.keying = placement::TraceKeying::kSequence;
+  return b;
+}
 
-  std::string model_dir = o.model.dir;
+// Long collective steps (writing a synthetic checkpoint, loading it) wait longer than a step.
+Status LongBarrier(const BenchRun& b, const std::string& what) {
+  if (!b.distributed) return Status::Ok();
+  b.ctx->set_timeout_s(std::max(b.step_timeout_s, 3600.0));
+  Status s = b.ctx->Barrier(what);
+  b.ctx->set_timeout_s(b.step_timeout_s);
+  return s;
+}
+
+// What the run builds, in the order it builds it. Members are destroyed in reverse, after the
+// serving loop: the engine keeps pointers to the trace override and the cache, and the cache reads
+// the cluster's host shards.
+struct BenchParts {
+  std::string model_dir;
+  SyntheticShape shape;  // with --synthetic
+  std::optional<runtime::Tokenizer> tokenizer;
+  std::unique_ptr<runtime::Engine> engine;
+  std::unique_ptr<placement::TraceRoutingOverride> trace_override;
+  std::unique_ptr<comm::Cluster> cluster;
+  std::unique_ptr<cache::ExpertCache> expert_cache;
+};
+
+// The checkpoint (--model, or a synthetic one rank 0 writes once), its tokenizer and the engine.
+Status LoadModel(const BenchRun& b, BenchParts* p) {
+  const BenchOptions& o = b.o;
+  p->model_dir = o.model.dir;
   runtime::EngineOptions eo = o.model.ToEngineOptions();
-  eo.upload_experts = !want_cache;  // the cache uploads what its budget holds
-  SyntheticShape shape;
+  eo.upload_experts = !b.want_cache;  // the cache uploads what its budget holds
   if (!o.synthetic.empty()) {
-    EF_ASSIGN_OR_RETURN(shape, FindSyntheticShape(o.synthetic));
-    EF_ASSIGN_OR_RETURN(shape, ScaleSyntheticShape(shape, o.synthetic_layers, o.synthetic_scale));
+    EF_ASSIGN_OR_RETURN(p->shape, FindSyntheticShape(o.synthetic));
+    EF_ASSIGN_OR_RETURN(p->shape, ScaleSyntheticShape(p->shape, o.synthetic_layers, o.synthetic_scale));
     const std::string root_dir = o.synthetic_dir.empty() ? DefaultSyntheticRoot() : o.synthetic_dir;
     // Rank 0 writes the checkpoint once; the others then find it cached.
-    if (root) {
-      EF_ASSIGN_OR_RETURN(model_dir, WriteSyntheticCheckpoint(shape, o.synthetic_seed, root_dir));
+    if (b.root) {
+      EF_ASSIGN_OR_RETURN(p->model_dir, WriteSyntheticCheckpoint(p->shape, o.synthetic_seed, root_dir));
     }
-    EF_RETURN_IF_ERROR(long_barrier("the synthetic checkpoint written by rank 0"));
-    if (!root) {
-      EF_ASSIGN_OR_RETURN(model_dir, WriteSyntheticCheckpoint(shape, o.synthetic_seed, root_dir));
+    EF_RETURN_IF_ERROR(LongBarrier(b, "the synthetic checkpoint written by rank 0"));
+    if (!b.root) {
+      EF_ASSIGN_OR_RETURN(p->model_dir, WriteSyntheticCheckpoint(p->shape, o.synthetic_seed, root_dir));
     }
     // Real shapes allow 32k+ positions; size the KV cache to the workload instead.
     if (eo.max_seq_len == 0) eo.max_seq_len = o.prompt_len + o.gen_len;
   }
-  EF_ASSIGN_OR_RETURN(runtime::Tokenizer tok, runtime::Tokenizer::FromModelDir(model_dir));
-  EF_ASSIGN_OR_RETURN(auto engine, runtime::Engine::Create(model_dir, eo));
-  const runtime::ModelConfig cfg = engine->config();
-  if (o.prompt_len + o.gen_len > engine->max_seq_len())
-    return InvalidArgument("--prompt-len + --gen-len exceeds the context of " + std::to_string(engine->max_seq_len()));
+  EF_ASSIGN_OR_RETURN(p->tokenizer, runtime::Tokenizer::FromModelDir(p->model_dir));
+  EF_ASSIGN_OR_RETURN(p->engine, runtime::Engine::Create(p->model_dir, eo));
+  if (o.prompt_len + o.gen_len > p->engine->max_seq_len())
+    return InvalidArgument("--prompt-len + --gen-len exceeds the context of " +
+                           std::to_string(p->engine->max_seq_len()));
+  return Status::Ok();
+}
 
-  // These outlive the serving loop (declared first, destroyed last): the engine keeps pointers.
-  std::unique_ptr<placement::TraceRoutingOverride> trace_override;
-  std::unique_ptr<comm::Cluster> cluster;
-  std::unique_ptr<cache::ExpertCache> expert_cache;  // reads the cluster's host shards: goes first
-  placement::TraceKeying keying = placement::TraceKeying::kStream;
-  if (o.routing_key == "sequence" || (o.routing_key == "auto" && (distributed || o.assign == "locality")))
-    keying = placement::TraceKeying::kSequence;
-  if (!o.routing_trace.empty()) {
-    EF_ASSIGN_OR_RETURN(placement::RoutingTrace trace, placement::ReadRoutingTrace(o.routing_trace));
-    auto ov = placement::TraceRoutingOverride::Create(std::move(trace), cfg, keying);
-    if (!ov.ok()) {
-      Status s = ov.status();
-      s.Prepend(trace_origin + " " + o.routing_trace);
-      return s;
-    }
-    trace_override = std::move(ov).value();
-    engine->AddRoutingHook(trace_override->Hook());
+// With a routing trace, every MoE layer takes its experts from it (a hook the cache must see first).
+Status AttachRoutingTrace(const BenchRun& b, BenchParts* p) {
+  if (b.o.routing_trace.empty()) return Status::Ok();
+  EF_ASSIGN_OR_RETURN(placement::RoutingTrace trace, placement::ReadRoutingTrace(b.o.routing_trace));
+  auto ov = placement::TraceRoutingOverride::Create(std::move(trace), p->engine->config(), b.keying);
+  if (!ov.ok()) {
+    Status s = ov.status();
+    s.Prepend(b.trace_origin + " " + b.o.routing_trace);
+    return s;
   }
-  if (distributed) {
-    EF_RETURN_IF_ERROR(long_barrier("every rank's model load"));
-    comm::ClusterOptions co = o.cluster.cluster;
-    co.expert_cache = want_cache;  // every rank's own cache, backed by the ranks' host shards
+  p->trace_override = std::move(ov).value();
+  p->engine->AddRoutingHook(p->trace_override->Hook());
+  return Status::Ok();
+}
+
+// --oracle-prefetch: the trace's true routing is the cache's forecast. The experts the current rows
+// will use at the next D MoE layers are prefetched, and for the expertflow policy this step's and
+// the next step's routing is the forecast (the next step taken as the same number of following
+// rows: exact for decode at concurrency 1).
+Status InstallOraclePrefetch(const BenchRun& b, BenchParts* p) {
+  if (b.keying != placement::TraceKeying::kStream)
+    return InvalidArgument("--oracle-prefetch needs --routing-key stream (one rank)");
+  const runtime::ModelConfig& cfg = p->engine->config();
+  std::vector<int> moe_layers;
+  for (int l = 0; l < cfg.num_layers; ++l)
+    if (cfg.IsMoeLayer(l)) moe_layers.push_back(l);
+  const placement::RoutingTrace* tr = &p->trace_override->trace();
+  cache::ExpertCache* cache = p->expert_cache.get();
+  const int depth = std::max(1, b.config().cache.prefetch_layers);
+  const size_t slots = static_cast<size_t>(cache->budget().slots_per_layer);
+  const int decoder_layers = cfg.num_layers, num_experts = cfg.num_experts;
+  p->trace_override->set_on_override([tr, cache, moe_layers, depth, slots, decoder_layers, num_experts](
+                                         int moe_layer, size_t first, int num_tokens) {
+    const size_t n = tr->tokens.size();
+    if (moe_layer == 0 && cache->store() != nullptr) {
+      placement::RoutingForecast f(2, decoder_layers, num_experts);
+      for (int t = 0; t < 2; ++t)
+        for (int i = 0; i < num_tokens; ++i)
+          for (int m = 0; m < static_cast<int>(moe_layers.size()); ++m)
+            for (int j = 0; j < tr->top_k(); ++j)
+              f.row(t, moe_layers[m])[tr->expert((first + static_cast<size_t>(t) * num_tokens + i) % n, m, j)] = 1.f;
+      cache->store()->SetForecast(f);
+    }
+    for (int d = 1; d <= depth && moe_layer + d < static_cast<int>(moe_layers.size()); ++d) {
+      std::vector<int32_t> experts;
+      for (int i = 0; i < num_tokens; ++i)
+        for (int j = 0; j < tr->top_k(); ++j) experts.push_back(tr->expert((first + i) % n, moe_layer + d, j));
+      std::sort(experts.begin(), experts.end());
+      experts.erase(std::unique(experts.begin(), experts.end()), experts.end());
+      // A set larger than the layer's slots (a prefill batch) would only evict its own
+      // members: the layer loads on demand instead.
+      if (experts.size() > slots) experts.clear();
+      cache->SetUpcoming(moe_layers[moe_layer + d], std::move(experts));
+    }
+  });
+  return Status::Ok();
+}
+
+// Under mpirun the cluster (expert parallelism); with cache.device_budget this rank's expert cache.
+Status BuildClusterAndCache(const BenchRun& b, BenchParts* p) {
+  const Config& config = b.config();
+  if (b.distributed) {
+    // As in Deployment::Create: a budget the model cannot run with is refused on every rank after
+    // the barrier, before the cluster connects the ranks.
+    const Status budget = CheckExpertCacheBudget(*p->engine, config.cache, /*per_rank=*/true, b.me);
+    EF_RETURN_IF_ERROR(LongBarrier(b, "every rank's model load"));
+    EF_RETURN_IF_ERROR(budget);
+    comm::ClusterOptions co = b.o.cluster.cluster;
+    co.expert_cache = b.want_cache;  // every rank's own cache, backed by the ranks' host shards
     co.host_budget_bytes = config.cache.host_budget;
-    EF_ASSIGN_OR_RETURN(cluster, comm::Cluster::Create(ctx, engine.get(), co));
+    EF_ASSIGN_OR_RETURN(p->cluster, comm::Cluster::Create(b.ctx, p->engine.get(), co));
   }
-  if (want_cache) {
-    PredictorSection predictor = config.predictor;
-    if (o.oracle_prefetch) predictor.kind = "none";  // the oracle below is the forecast
-    EF_ASSIGN_OR_RETURN(expert_cache,
-                        SetUpExpertCache(engine.get(), config.cache, predictor,
-                                         trace_override ? &trace_override->trace() : nullptr, cluster.get(), me));
-    if (o.oracle_prefetch && expert_cache->active()) {
-      if (keying != placement::TraceKeying::kStream)
-        return InvalidArgument("--oracle-prefetch needs --routing-key stream (one rank)");
-      // Oracle forecast: the experts the current rows will use at the next D MoE layers (prefetch),
-      // and for the expertflow policy this step's and the next step's routing (the next step taken
-      // as the same number of following rows: exact for decode at concurrency 1).
-      std::vector<int> moe_layers;
-      for (int l = 0; l < cfg.num_layers; ++l)
-        if (cfg.IsMoeLayer(l)) moe_layers.push_back(l);
-      const placement::RoutingTrace* tr = &trace_override->trace();
-      cache::ExpertCache* cache = expert_cache.get();
-      const int depth = std::max(1, config.cache.prefetch_layers);
-      const size_t slots = static_cast<size_t>(expert_cache->budget().slots_per_layer);
-      const int decoder_layers = cfg.num_layers, num_experts = cfg.num_experts;
-      trace_override->set_on_override([tr, cache, moe_layers, depth, slots, decoder_layers, num_experts](
-                                          int moe_layer, size_t first, int num_tokens) {
-        const size_t n = tr->tokens.size();
-        if (moe_layer == 0 && cache->store() != nullptr) {
-          placement::RoutingForecast f(2, decoder_layers, num_experts);
-          for (int t = 0; t < 2; ++t)
-            for (int i = 0; i < num_tokens; ++i)
-              for (int m = 0; m < static_cast<int>(moe_layers.size()); ++m)
-                for (int j = 0; j < tr->top_k(); ++j)
-                  f.row(t, moe_layers[m])[tr->expert((first + static_cast<size_t>(t) * num_tokens + i) % n, m, j)] =
-                      1.f;
-          cache->store()->SetForecast(f);
-        }
-        for (int d = 1; d <= depth && moe_layer + d < static_cast<int>(moe_layers.size()); ++d) {
-          std::vector<int32_t> experts;
-          for (int i = 0; i < num_tokens; ++i)
-            for (int j = 0; j < tr->top_k(); ++j) experts.push_back(tr->expert((first + i) % n, moe_layer + d, j));
-          std::sort(experts.begin(), experts.end());
-          experts.erase(std::unique(experts.begin(), experts.end()), experts.end());
-          // A set larger than the layer's slots (a prefill batch) would only evict its own
-          // members: the layer loads on demand instead.
-          if (experts.size() > slots) experts.clear();
-          cache->SetUpcoming(moe_layers[moe_layer + d], std::move(experts));
-        }
-      });
-    }
-  }
+  if (!b.want_cache) return Status::Ok();
+  PredictorSection predictor = config.predictor;
+  if (b.o.oracle_prefetch) predictor.kind = "none";  // the oracle is the forecast
+  EF_ASSIGN_OR_RETURN(p->expert_cache, SetUpExpertCache(p->engine.get(), config.cache, predictor,
+                                                        p->trace_override ? &p->trace_override->trace() : nullptr,
+                                                        p->cluster.get(), b.me));
+  if (b.o.oracle_prefetch && p->expert_cache->active()) EF_RETURN_IF_ERROR(InstallOraclePrefetch(b, p));
+  return Status::Ok();
+}
 
-  // The same R x n requests on every rank; this rank runs those assigned to it.
-  const int total_requests = o.num_requests * ranks;
-  std::vector<std::vector<int32_t>> prompts(total_requests);
+// The same R x n seeded prompts on every rank.
+std::vector<std::vector<int32_t>> MakePrompts(const BenchOptions& o, int num_requests, int vocab_size) {
+  std::vector<std::vector<int32_t>> prompts(num_requests);
   std::mt19937_64 rng(o.seed);
-  std::uniform_int_distribution<int32_t> pick(3, cfg.vocab_size - 1);
+  std::uniform_int_distribution<int32_t> pick(3, vocab_size - 1);
   for (auto& p : prompts)
     for (int i = 0; i < o.prompt_len; ++i) p.push_back(pick(rng));
-  EF_ASSIGN_OR_RETURN(std::vector<int> request_rank, AssignRequests(o, total_requests, ranks, cfg, trace_override.get(),
-                                                                    cluster ? &cluster->placement() : nullptr));
+  return prompts;
+}
+
+// The requests (indices into the prompts) this rank runs.
+StatusOr<std::vector<int>> RequestsOfThisRank(const BenchRun& b, const BenchParts& p, int num_requests) {
+  EF_ASSIGN_OR_RETURN(std::vector<int> request_rank,
+                      AssignRequests(b.o, num_requests, b.ranks, p.engine->config(), p.trace_override.get(),
+                                     p.cluster ? &p.cluster->placement() : nullptr));
   std::vector<int> mine;
-  for (int i = 0; i < total_requests; ++i)
-    if (request_rank[i] == me) mine.push_back(i);
+  for (int i = 0; i < num_requests; ++i)
+    if (request_rank[i] == b.me) mine.push_back(i);
+  return mine;
+}
 
-  ServerMetrics metrics(cfg.num_layers, cfg.num_experts);
+// The serving loop's options; with --regroup-window, admission regrouping whose forecast of a
+// prompt's experts is its positions' trace routing (sequence keyed).
+StatusOr<ServingLoopOptions> MakeLoopOptions(const BenchRun& b, const BenchParts& p) {
   ServingLoopOptions lo;
-  lo.max_batch = o.max_batch;
-  if (o.regroup_window > 1) {
-    if (!trace_override || keying != placement::TraceKeying::kSequence)
-      return InvalidArgument(
-          "--regroup-window needs --routing-trace with --routing-key sequence (the trace's routing of each prompt is "
-          "the forecast)");
-    // Oracle forecast of a prompt's experts: its positions' trace routing (sequence keyed).
-    const placement::TraceRoutingOverride* ov = trace_override.get();
-    const int layers = ov->trace().num_layers(), experts = ov->trace().num_experts(), k = ov->trace().top_k();
-    lo.regroup_window = o.regroup_window;
-    lo.max_wait_steps = o.max_wait_steps;
-    lo.forecast_layers = layers;
-    lo.forecast_experts = experts;
-    lo.forecast = [ov, layers, experts, k](const ServeRequest& r, uint64_t* row) {
-      for (int p = 0; p < static_cast<int>(r.prompt.size()); ++p) {
-        const size_t t = ov->TokenFor(r.seq_id, p);
-        for (int l = 0; l < layers; ++l)
-          for (int j = 0; j < k; ++j) {
-            const int bit = l * experts + ov->trace().expert(t, l, j);
-            row[bit / 64] |= uint64_t{1} << (bit % 64);
-          }
-      }
-    };
-  }
-  ServingLoop loop(engine.get(), tok, &metrics, lo);
-
-  if (root) {
-    std::printf("# expertflow bench  git %s  build %s  compiler %s\n", EF_GIT_SHA, EF_BUILD_TYPE, EF_CXX_COMPILER);
-    std::printf("# model %s (%s layers, %d experts, top-%d, hidden %d, expert FFN %d)  backend %s  device %d\n",
-                model_dir.c_str(), std::to_string(cfg.num_layers).c_str(), cfg.num_experts, cfg.top_k, cfg.hidden_size,
-                cfg.moe_intermediate_size, o.model.backend.c_str(), o.model.device);
-    if (!o.synthetic.empty()) {
-      std::printf("# synthetic %s: random bf16 weights (seed %llu), %d layers, scale 1/%d\n", shape.name.c_str(),
-                  static_cast<unsigned long long>(o.synthetic_seed), shape.num_layers, shape.scale);
-      if (!shape.note.empty()) std::printf("# %s\n", shape.note.c_str());
+  lo.max_batch = b.o.max_batch;
+  if (b.o.regroup_window <= 1) return lo;
+  if (!p.trace_override || b.keying != placement::TraceKeying::kSequence)
+    return InvalidArgument(
+        "--regroup-window needs --routing-trace with --routing-key sequence (the trace's routing of each prompt is "
+        "the forecast)");
+  const placement::TraceRoutingOverride* ov = p.trace_override.get();
+  const int layers = ov->trace().num_layers(), experts = ov->trace().num_experts(), k = ov->trace().top_k();
+  lo.regroup_window = b.o.regroup_window;
+  lo.max_wait_steps = b.o.max_wait_steps;
+  lo.forecast_layers = layers;
+  lo.forecast_experts = experts;
+  lo.forecast = [ov, layers, experts, k](const ServeRequest& r, uint64_t* row) {
+    for (int p = 0; p < static_cast<int>(r.prompt.size()); ++p) {
+      const size_t t = ov->TokenFor(r.seq_id, p);
+      for (int l = 0; l < layers; ++l)
+        for (int j = 0; j < k; ++j) {
+          const int bit = l * experts + ov->trace().expert(t, l, j);
+          row[bit / 64] |= uint64_t{1} << (bit % 64);
+        }
     }
-    if (trace_override)
-      std::printf("# routing from trace %s (%zu tokens), keyed by %s\n", o.routing_trace.c_str(),
-                  trace_override->trace().tokens.size(),
-                  keying == placement::TraceKeying::kSequence ? "(request, position)" : "row order");
-    if (expert_cache)
-      std::printf("# %s%s\n", expert_cache->Describe().c_str(),
-                  o.oracle_prefetch ? "; forecast = the trace's true routing of the next layers (oracle)" : "");
-    if (distributed)
-      std::printf(
-          "# %d ranks (expert-parallel MoE, data-parallel attention), exchange %s, placement %s, "
-          "requests assigned %s\n",
-          ranks, cluster->Stats()["exchange"].get<std::string>().c_str(), cluster->placement().Describe().c_str(),
-          o.assign.c_str());
-    std::printf(
-        "# workload: %d requests per rank, concurrency %d per rank, prompt %d tokens, generate %d tokens, max batch "
-        "%d, seed %llu\n",
-        o.num_requests, o.concurrency, o.prompt_len, o.gen_len, o.max_batch, static_cast<unsigned long long>(o.seed));
-    if (std::string(EF_BUILD_TYPE) == "Debug") std::printf("# WARNING: debug build; numbers are not representative\n");
-    std::fflush(stdout);
-  }
+  };
+  return lo;
+}
 
+// The '#' header (rank 0): build, model, routing, cache, ranks, workload.
+void PrintHeader(const BenchRun& b, const BenchParts& p) {
+  const BenchOptions& o = b.o;
+  const runtime::ModelConfig& cfg = p.engine->config();
+  std::printf("# expertflow bench  git %s  build %s  compiler %s\n", EF_GIT_SHA, EF_BUILD_TYPE, EF_CXX_COMPILER);
+  std::printf("# model %s (%s layers, %d experts, top-%d, hidden %d, expert FFN %d)  backend %s  device %d\n",
+              p.model_dir.c_str(), std::to_string(cfg.num_layers).c_str(), cfg.num_experts, cfg.top_k, cfg.hidden_size,
+              cfg.moe_intermediate_size, o.model.backend.c_str(), o.model.device);
+  if (!o.synthetic.empty()) {
+    std::printf("# synthetic %s: random bf16 weights (seed %llu), %d layers, scale 1/%d\n", p.shape.name.c_str(),
+                static_cast<unsigned long long>(o.synthetic_seed), p.shape.num_layers, p.shape.scale);
+    if (!p.shape.note.empty()) std::printf("# %s\n", p.shape.note.c_str());
+  }
+  if (p.trace_override)
+    std::printf("# routing from trace %s (%zu tokens), keyed by %s\n", o.routing_trace.c_str(),
+                p.trace_override->trace().tokens.size(),
+                b.keying == placement::TraceKeying::kSequence ? "(request, position)" : "row order");
+  if (p.expert_cache)
+    std::printf("# %s%s\n", p.expert_cache->Describe().c_str(),
+                o.oracle_prefetch ? "; forecast = the trace's true routing of the next layers (oracle)" : "");
+  if (b.distributed)
+    std::printf(
+        "# %d ranks (expert-parallel MoE, data-parallel attention), exchange %s, placement %s, "
+        "requests assigned %s\n",
+        b.ranks, p.cluster->Stats()["exchange"].get<std::string>().c_str(), p.cluster->placement().Describe().c_str(),
+        o.assign.c_str());
+  std::printf(
+      "# workload: %d requests per rank, concurrency %d per rank, prompt %d tokens, generate %d tokens, max batch "
+      "%d, seed %llu\n",
+      o.num_requests, o.concurrency, o.prompt_len, o.gen_len, o.max_batch, static_cast<unsigned long long>(o.seed));
+  if (std::string(EF_BUILD_TYPE) == "Debug") std::printf("# WARNING: debug build; numbers are not representative\n");
+  std::fflush(stdout);
+}
+
+// One request's times, seen by the client that submitted it.
+struct RequestTiming {
+  int generated = 0;
+  double ttft_s = 0;
+  double itl_s = 0;
+};
+
+// Submits one request and waits for its last token.
+Status RunRequest(ServingLoop& loop, ServeRequest r, RequestTiming* timing) {
+  const auto start = Clock::now();
+  auto stream = loop.Submit(std::move(r));
+  if (!stream.ok()) return stream.status();
+  Clock::time_point first{}, last{};
+  StreamUpdate u;
+  int seen = 0;
+  do {
+    u = (*stream)->Take(std::chrono::milliseconds(1000));
+    if (u.num_tokens > seen) {
+      last = Clock::now();
+      if (seen == 0) first = last;
+      seen = u.num_tokens;
+    }
+  } while (!u.done);
+  if (!u.error.ok()) return u.error;
+  timing->generated = u.num_tokens;
+  timing->ttft_s = std::chrono::duration<double>(first - start).count();
+  timing->itl_s = u.num_tokens > 1 ? std::chrono::duration<double>(last - first).count() / (u.num_tokens - 1) : 0;
+  return Status::Ok();
+}
+
+// Requests that failed on their own; reported once the run is torn down.
+struct RequestFailures {
+  int count = 0;
+  std::string first;
+};
+
+// The timed run: o.concurrency client threads each submit one of this rank's requests, wait for its
+// last token and submit the next. Fills the times, tokens and admission counters of the result
+// (not expert_tokens); stops the loop. Errors: the loop's fatal error (a failed forward pass).
+StatusOr<RankResult> RunRequests(const BenchRun& b, ServingLoop& loop, const std::vector<std::vector<int32_t>>& prompts,
+                                 const std::vector<int>& mine, RequestFailures* failures) {
   const int n_mine = static_cast<int>(mine.size());
-  RankResult res;
-  res.requests = n_mine;
-  std::vector<double> ttft(n_mine, 0), itl(n_mine, 0);
-  std::vector<int> generated(n_mine, 0);
+  std::vector<RequestTiming> timing(n_mine);
   std::atomic<int> next{0}, done{0}, failed{0};
-  std::string first_error;
   std::mutex err_mu;
-  EF_RETURN_IF_ERROR(long_barrier("the start of the timed run"));
+  EF_RETURN_IF_ERROR(LongBarrier(b, "the start of the timed run"));
   const auto t0 = Clock::now();
   auto client = [&] {
     for (int k; (k = next.fetch_add(1)) < n_mine;) {
       const int i = mine[k];
       ServeRequest r;
       r.prompt = prompts[i];
-      r.max_new_tokens = o.gen_len;
+      r.max_new_tokens = b.o.gen_len;
       r.ignore_eos = true;
       r.seq_id = i + 1;  // the request's routing key
-      const auto start = Clock::now();
-      auto stream = loop.Submit(std::move(r));
-      if (!stream.ok()) {
+      if (Status s = RunRequest(loop, std::move(r), &timing[k]); !s.ok()) {
         std::lock_guard<std::mutex> lock(err_mu);
-        if (first_error.empty()) first_error = stream.status().ToString();
+        if (failures->first.empty()) failures->first = s.ToString();
         ++failed;
         continue;
       }
-      Clock::time_point first{}, last{};
-      StreamUpdate u;
-      int seen = 0;
-      do {
-        u = (*stream)->Take(std::chrono::milliseconds(1000));
-        if (u.num_tokens > seen) {
-          last = Clock::now();
-          if (seen == 0) first = last;
-          seen = u.num_tokens;
-        }
-      } while (!u.done);
-      if (!u.error.ok()) {
-        std::lock_guard<std::mutex> lock(err_mu);
-        if (first_error.empty()) first_error = u.error.ToString();
-        ++failed;
-        continue;
-      }
-      generated[k] = u.num_tokens;
-      ttft[k] = std::chrono::duration<double>(first - start).count();
-      itl[k] = u.num_tokens > 1 ? std::chrono::duration<double>(last - first).count() / (u.num_tokens - 1) : 0;
       ++done;
     }
   };
   std::vector<std::thread> clients;
-  for (int c = 0; c < o.concurrency; ++c) clients.emplace_back(client);
+  for (int c = 0; c < b.o.concurrency; ++c) clients.emplace_back(client);
   // Progress line on long runs (stderr, so the table on stdout stays clean).
   auto last_print = Clock::now();
   while (done.load() + failed.load() < n_mine) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    if (root && Clock::now() - last_print > std::chrono::seconds(2)) {
+    if (b.root && Clock::now() - last_print > std::chrono::seconds(2)) {
       last_print = Clock::now();
       std::fprintf(stderr, "\r# progress: %d/%d requests%s, %.1f s", done.load(), n_mine,
-                   distributed ? " on rank 0" : "", std::chrono::duration<double>(last_print - t0).count());
+                   b.distributed ? " on rank 0" : "", std::chrono::duration<double>(last_print - t0).count());
       std::fflush(stderr);
     }
   }
   for (auto& t : clients) t.join();
+  RankResult res;
   res.wall_s = std::chrono::duration<double>(Clock::now() - t0).count();
   loop.Stop();
   res.admission = loop.admission_stats();
+  failures->count = failed.load();
   // A failed forward pass ends the run with its own error (the other ranks then time out waiting
   // for this one and name it), not with a drain that cannot match their exchange.
   if (Status f = loop.fatal_error(); !f.ok()) return f;
-  // This rank is done: keep joining the other ranks' expert-parallel steps until all are.
-  json comm_stats;
-  if (cluster) {
-    EF_RETURN_IF_ERROR(cluster->Drain());
-    const json cache_json = expert_cache ? expert_cache->StatsJson() : json{{"active", false}};
-    EF_ASSIGN_OR_RETURN(comm_stats, cluster->GatherStats({{"expert_cache", cache_json}}));
-    EF_RETURN_IF_ERROR(cluster->Shutdown());
+  res.requests = n_mine;
+  for (const RequestTiming& t : timing) {
+    res.generated += t.generated;
+    res.ttft.push_back(t.ttft_s);
+    res.itl.push_back(t.itl_s);
   }
-  // The cache's slots live in the engine's backend: detach and free them while it exists (the
-  // engine, declared first, goes last), and before the cluster whose shards back it.
-  cache::ExpertStoreStats cs;
-  const cache::CacheBudget cache_budget = expert_cache ? expert_cache->budget() : cache::CacheBudget{};
-  std::string cache_summary;
-  if (expert_cache) {
-    cs = expert_cache->stats();
-    cache_summary = expert_cache->StatsSummary();
-    expert_cache.reset();  // detaches from the engine
-  }
-  cluster.reset();
-  if (root && distributed && cs.total.hits + cs.total.misses > 0) {
-    // Every rank's cache: the table's hit rate and bytes are over all ranks.
-    cs.total = {};
-    for (const json& r : comm_stats["ranks"]) {
-      const json& c = r["expert_cache"];
-      if (!c.value("active", false)) continue;
-      cs.total.hits += c["hits"].get<int64_t>();
-      cs.total.misses += c["misses"].get<int64_t>();
-      cs.total.prefetch_issued += c["prefetch_issued"].get<int64_t>();
-      cs.total.prefetch_used += c["prefetch_used"].get<int64_t>();
-      cs.total.bytes_from_host += c["bytes_loaded"].get<int64_t>();
-    }
-    cache_summary = "rank 0: " + cache_summary + " (the table: all ranks)";
-  }
-  if (failed.load() > 0) return Internal(std::to_string(failed.load()) + " requests failed; first: " + first_error);
-  if (root) std::fprintf(stderr, "\r%60s\r", "");
+  res.prompt_tokens = int64_t{b.o.prompt_len} * n_mine;
+  return res;
+}
 
-  for (int k = 0; k < n_mine; ++k) res.generated += generated[k];
-  res.prompt_tokens = int64_t{o.prompt_len} * n_mine;
-  res.ttft = ttft;
-  res.itl = itl;
-  res.expert_tokens.resize(static_cast<size_t>(cfg.num_layers) * cfg.num_experts);
+// The counters of the run's end: the cluster's and the expert cache's.
+struct RunCounters {
+  nlohmann::json comm_stats;   // under mpirun, rank 0: GatherStats over every rank
+  cache::ExpertStoreStats cs;  // this rank's cache; rank 0 under mpirun: totals over all ranks
+  cache::CacheBudget cache_budget;
+  std::string cache_summary;
+};
+
+// Ends the run's parts: this rank keeps joining the other ranks' expert-parallel steps until all
+// are done, the counters are gathered, then the cache and the cluster are destroyed (the cache's
+// slots live in the engine's backend: they go while it exists, and before the cluster whose shards
+// back them).
+StatusOr<RunCounters> FinishRun(const BenchRun& b, BenchParts* p) {
+  RunCounters c;
+  if (p->cluster) {
+    EF_RETURN_IF_ERROR(p->cluster->Drain());
+    const json cache_json = p->expert_cache ? p->expert_cache->StatsJson() : json{{"active", false}};
+    EF_ASSIGN_OR_RETURN(c.comm_stats, p->cluster->GatherStats({{"expert_cache", cache_json}}));
+    EF_RETURN_IF_ERROR(p->cluster->Shutdown());
+  }
+  if (p->expert_cache) {
+    c.cache_budget = p->expert_cache->budget();
+    c.cs = p->expert_cache->stats();
+    c.cache_summary = p->expert_cache->StatsSummary();
+    p->expert_cache.reset();  // detaches from the engine
+  }
+  p->cluster.reset();
+  if (b.root && b.distributed && c.cs.total.hits + c.cs.total.misses > 0) {
+    // Every rank's cache: the table's hit rate and bytes are over all ranks.
+    c.cs.total = {};
+    for (const json& r : c.comm_stats["ranks"]) {
+      const json& rank_cache = r["expert_cache"];
+      if (!rank_cache.value("active", false)) continue;
+      c.cs.total.hits += rank_cache["hits"].get<int64_t>();
+      c.cs.total.misses += rank_cache["misses"].get<int64_t>();
+      c.cs.total.prefetch_issued += rank_cache["prefetch_issued"].get<int64_t>();
+      c.cs.total.prefetch_used += rank_cache["prefetch_used"].get<int64_t>();
+      c.cs.total.bytes_from_host += rank_cache["bytes_loaded"].get<int64_t>();
+    }
+    c.cache_summary = "rank 0: " + c.cache_summary + " (the table: all ranks)";
+  }
+  return c;
+}
+
+// Tokens routed to each expert over the run, [layer * E + expert].
+std::vector<int64_t> ExpertTokens(const ServerMetrics& metrics, const runtime::ModelConfig& cfg) {
+  std::vector<int64_t> tokens(static_cast<size_t>(cfg.num_layers) * cfg.num_experts);
   for (int l = 0; l < cfg.num_layers; ++l)
     for (int e = 0; e < cfg.num_experts; ++e)
-      res.expert_tokens[static_cast<size_t>(l) * cfg.num_experts + e] = metrics.expert_tokens(l, e);
-  std::vector<RankResult> all = {res};
-  if (distributed) {
-    const std::string bytes = ToJson(res).dump();
-    EF_ASSIGN_OR_RETURN(auto gathered, ctx->GatherBytesToRoot({bytes.data(), bytes.size()}, "the bench results"));
-    if (!root) return Status::Ok();
-    all.clear();
-    for (const auto& b : gathered) all.push_back(FromJson(json::parse(std::string(b.begin(), b.end()))));
-  }
+      tokens[static_cast<size_t>(l) * cfg.num_experts + e] = metrics.expert_tokens(l, e);
+  return tokens;
+}
 
-  // Over all ranks: tokens / slowest rank's wall time; latency percentiles over every request.
+// Every rank's result on rank 0 (other ranks: an empty list).
+StatusOr<std::vector<RankResult>> GatherResults(const BenchRun& b, const RankResult& res) {
+  if (!b.distributed) return std::vector<RankResult>{res};
+  const std::string bytes = ToJson(res).dump();
+  EF_ASSIGN_OR_RETURN(auto gathered, b.ctx->GatherBytesToRoot({bytes.data(), bytes.size()}, "the bench results"));
+  std::vector<RankResult> all;
+  if (!b.root) return all;
+  for (const auto& g : gathered) all.push_back(FromJson(json::parse(std::string(g.begin(), g.end()))));
+  return all;
+}
+
+// The run over all ranks, as the table and the JSON report it.
+struct BenchSummary {
+  int total_requests = 0;
   int64_t gen_tokens = 0, prompt_tokens = 0;
-  double wall = 0;
-  std::vector<double> all_ttft, all_itl;
-  std::vector<int64_t> expert_tokens(static_cast<size_t>(cfg.num_layers) * cfg.num_experts, 0);
+  double wall = 0;  // the slowest rank's
+  double out_tps = 0, total_tps = 0;
+  std::vector<double> ttft, itl;  // every request's
   json per_rank = json::array();
-  AdmissionStats adm;
-  for (const RankResult& r : all) {
-    adm.rounds += r.admission.rounds;
-    adm.fcfs_distinct += r.admission.fcfs_distinct;
-    adm.regrouped_distinct += r.admission.regrouped_distinct;
-    adm.forced += r.admission.forced;
-    adm.max_overtaken = std::max(adm.max_overtaken, r.admission.max_overtaken);
-    adm.scheduler_us += r.admission.scheduler_us;
-    gen_tokens += r.generated;
-    prompt_tokens += r.prompt_tokens;
-    wall = std::max(wall, r.wall_s);
-    all_ttft.insert(all_ttft.end(), r.ttft.begin(), r.ttft.end());
-    all_itl.insert(all_itl.end(), r.itl.begin(), r.itl.end());
-    for (size_t i = 0; i < expert_tokens.size(); ++i) expert_tokens[i] += r.expert_tokens[i];
-    per_rank.push_back({{"requests", r.requests}, {"generated_tokens", r.generated}, {"wall_s", r.wall_s}});
-  }
-  const double out_tps = static_cast<double>(gen_tokens) / wall;
-  const double total_tps = static_cast<double>(gen_tokens + prompt_tokens) / wall;
-  const int64_t a2a_bytes = distributed ? comm_stats["a2a_bytes"].get<int64_t>() : 0;
-  const double a2a_per_token = gen_tokens + prompt_tokens > 0
-                                   ? static_cast<double>(a2a_bytes) / static_cast<double>(gen_tokens + prompt_tokens)
-                                   : 0;
+  AdmissionStats admission;
+  int64_t a2a_bytes = 0;
+  double a2a_per_token = 0;
   // Routing balance: per MoE layer, the busiest expert's share relative to a uniform share.
   double worst_imbalance = 0;
   int64_t routed = 0;
   json per_layer = json::array();
+  double rss_mib = 0;
+  // The expert cache over all ranks (without one: every expert resident).
+  bool cached = false;
+  int slots_per_layer = 0;
+  double hit_rate = 1;
+  double moved_mib = 0;
+  double stall_ms = 0;
+};
+
+// Per decoder layer, the tokens of each expert and the busiest one over the mean.
+void SummarizeRouting(const runtime::ModelConfig& cfg, const std::vector<int64_t>& expert_tokens, BenchSummary* s) {
   for (int l = 0; l < cfg.num_layers; ++l) {
     int64_t sum = 0, mx = 0;
     json counts = json::array();
@@ -550,42 +644,80 @@ Status RunBench(const BenchOptions& given, comm::MpiContext* ctx) {
       sum += n;
       mx = std::max(mx, n);
     }
-    routed += sum;
+    s->routed += sum;
     const double imb = sum > 0 ? static_cast<double>(mx) * cfg.num_experts / static_cast<double>(sum) : 0;
-    worst_imbalance = std::max(worst_imbalance, imb);
-    per_layer.push_back({{"layer", l}, {"expert_tokens", counts}, {"max_over_mean", imb}});
+    s->worst_imbalance = std::max(s->worst_imbalance, imb);
+    s->per_layer.push_back({{"layer", l}, {"expert_tokens", counts}, {"max_over_mean", imb}});
   }
-  const double rss_mib = static_cast<double>(PeakRssBytes()) / (1 << 20);
-  const bool cached = cs.total.hits + cs.total.misses > 0;
-  const int slots_per_layer = cached ? cache_budget.slots_per_layer : cfg.num_experts;
-  const double hit_rate = cached ? cs.hit_rate() : 1.0;
-  const double moved_mib = static_cast<double>(cs.total.bytes_from_host) / (1 << 20);
-  const double stall_ms = static_cast<double>(cs.total.stall_ns) * 1e-6;
+}
 
+// Over all ranks: tokens / slowest rank's wall time; latency percentiles over every request.
+BenchSummary Summarize(const BenchRun& b, const runtime::ModelConfig& cfg, const std::vector<RankResult>& all,
+                       const RunCounters& c) {
+  BenchSummary s;
+  s.total_requests = b.o.num_requests * b.ranks;
+  std::vector<int64_t> expert_tokens(static_cast<size_t>(cfg.num_layers) * cfg.num_experts, 0);
+  AdmissionStats& adm = s.admission;
+  for (const RankResult& r : all) {
+    adm.rounds += r.admission.rounds;
+    adm.fcfs_distinct += r.admission.fcfs_distinct;
+    adm.regrouped_distinct += r.admission.regrouped_distinct;
+    adm.forced += r.admission.forced;
+    adm.max_overtaken = std::max(adm.max_overtaken, r.admission.max_overtaken);
+    adm.scheduler_us += r.admission.scheduler_us;
+    s.gen_tokens += r.generated;
+    s.prompt_tokens += r.prompt_tokens;
+    s.wall = std::max(s.wall, r.wall_s);
+    s.ttft.insert(s.ttft.end(), r.ttft.begin(), r.ttft.end());
+    s.itl.insert(s.itl.end(), r.itl.begin(), r.itl.end());
+    for (size_t i = 0; i < expert_tokens.size(); ++i) expert_tokens[i] += r.expert_tokens[i];
+    s.per_rank.push_back({{"requests", r.requests}, {"generated_tokens", r.generated}, {"wall_s", r.wall_s}});
+  }
+  s.out_tps = static_cast<double>(s.gen_tokens) / s.wall;
+  s.total_tps = static_cast<double>(s.gen_tokens + s.prompt_tokens) / s.wall;
+  s.a2a_bytes = b.distributed ? c.comm_stats["a2a_bytes"].get<int64_t>() : 0;
+  const int64_t tokens = s.gen_tokens + s.prompt_tokens;
+  s.a2a_per_token = tokens > 0 ? static_cast<double>(s.a2a_bytes) / static_cast<double>(tokens) : 0;
+  SummarizeRouting(cfg, expert_tokens, &s);
+  s.rss_mib = static_cast<double>(PeakRssBytes()) / (1 << 20);
+  s.cached = c.cs.total.hits + c.cs.total.misses > 0;
+  s.slots_per_layer = s.cached ? c.cache_budget.slots_per_layer : cfg.num_experts;
+  s.hit_rate = s.cached ? c.cs.hit_rate() : 1.0;
+  s.moved_mib = static_cast<double>(c.cs.total.bytes_from_host) / (1 << 20);
+  s.stall_ms = static_cast<double>(c.cs.total.stall_ns) * 1e-6;
+  return s;
+}
+
+// A total over admission rounds, per round (0 without rounds).
+double PerRound(double v, int64_t rounds) { return rounds ? v / static_cast<double>(rounds) : 0.0; }
+
+// The fixed-width row and its '#' footer (rank 0).
+void PrintTable(const BenchRun& b, const BenchSummary& s, const RunCounters& c) {
+  const BenchOptions& o = b.o;
   std::printf("%5s %8s %5s %6s %6s %10s %10s %9s %9s %9s %9s %9s %10s %9s %8s %10s %9s %10s\n", "ranks", "requests",
               "conc", "prompt", "gen", "out_tok/s", "all_tok/s", "ttft_p50", "ttft_p99", "itl_p50", "itl_p99", "wall",
               "peak_rss", "exp_imbal", "hit_rate", "moved", "stall", "a2a");
   std::printf("%5s %8s %5s %6s %6s %10s %10s %9s %9s %9s %9s %9s %10s %9s %8s %10s %9s %10s\n", "", "", "/rank", "tok",
               "tok", "", "", "ms", "ms", "ms", "ms", "s", "MiB", "max/mean", "", "MiB", "ms", "B/tok");
   std::printf(
-      "%5d %8d %5d %6d %6d %10.1f %10.1f %9.2f %9.2f %9.3f %9.3f %9.2f %10.1f %9.2f %8.4f %10.1f %9.1f %10.0f\n", ranks,
-      total_requests, o.concurrency, o.prompt_len, o.gen_len, out_tps, total_tps, 1e3 * Percentile(all_ttft, 0.5),
-      1e3 * Percentile(all_ttft, 0.99), 1e3 * Percentile(all_itl, 0.5), 1e3 * Percentile(all_itl, 0.99), wall, rss_mib,
-      worst_imbalance, hit_rate, moved_mib, stall_ms, a2a_per_token);
+      "%5d %8d %5d %6d %6d %10.1f %10.1f %9.2f %9.2f %9.3f %9.3f %9.2f %10.1f %9.2f %8.4f %10.1f %9.1f %10.0f\n",
+      b.ranks, s.total_requests, o.concurrency, o.prompt_len, o.gen_len, s.out_tps, s.total_tps,
+      1e3 * Percentile(s.ttft, 0.5), 1e3 * Percentile(s.ttft, 0.99), 1e3 * Percentile(s.itl, 0.5),
+      1e3 * Percentile(s.itl, 0.99), s.wall, s.rss_mib, s.worst_imbalance, s.hit_rate, s.moved_mib, s.stall_ms,
+      s.a2a_per_token);
   std::printf(
       "# %lld tokens generated, %lld expert assignments routed; exp_imbal = busiest expert / mean, worst layer\n",
-      static_cast<long long>(gen_tokens), static_cast<long long>(routed));
-  if (distributed)
+      static_cast<long long>(s.gen_tokens), static_cast<long long>(s.routed));
+  if (b.distributed) {
     std::printf(
         "# all-to-all: %lld bytes sent over all ranks (%.0f per prompt or generated token); %.1f output "
         "tok/s per rank; peak_rss is rank 0's\n",
-        static_cast<long long>(a2a_bytes), a2a_per_token, out_tps / ranks);
-  if (distributed) {
+        static_cast<long long>(s.a2a_bytes), s.a2a_per_token, s.out_tps / b.ranks);
+    const json& cs = c.comm_stats;
     std::printf("# rows computed per rank over the run: max/mean %.3f (placement_mode %s)\n",
-                comm_stats["rows_computed_max_over_mean"].get<double>(),
-                comm_stats["placement_mode"].get<std::string>().c_str());
-    if (comm_stats.contains("planned")) {
-      const json& p = comm_stats["planned"];
+                cs["rows_computed_max_over_mean"].get<double>(), cs["placement_mode"].get<std::string>().c_str());
+    if (cs.contains("planned")) {
+      const json& p = cs["planned"];
       std::printf(
           "# planned: per MoE layer step, busiest rank's rows / mean %.3f (bound %.2f; the static plan of the same "
           "rows: %.3f), over %lld layer steps; %lld of %lld rows computed on their token's rank instead\n",
@@ -595,109 +727,155 @@ Status RunBench(const BenchOptions& given, comm::MpiContext* ctx) {
           static_cast<long long>(p["rows"].get<int64_t>()));
     }
   }
+  const AdmissionStats& adm = s.admission;
   if (o.regroup_window > 1)
     std::printf(
         "# admission regrouping (window %d, starvation bound %d rounds): %lld rounds with a queue; distinct "
         "(layer, expert) per admitted batch %.2f FIFO -> %.2f regrouped (%+.1f%%); %lld forced by the bound; at most "
         "%lld rounds overtaken; %.1f us per round\n",
         o.regroup_window, o.max_wait_steps, static_cast<long long>(adm.rounds),
-        adm.rounds ? static_cast<double>(adm.fcfs_distinct) / adm.rounds : 0.0,
-        adm.rounds ? static_cast<double>(adm.regrouped_distinct) / adm.rounds : 0.0,
+        PerRound(static_cast<double>(adm.fcfs_distinct), adm.rounds),
+        PerRound(static_cast<double>(adm.regrouped_distinct), adm.rounds),
         adm.fcfs_distinct ? 100.0 * (static_cast<double>(adm.regrouped_distinct) / adm.fcfs_distinct - 1) : 0.0,
         static_cast<long long>(adm.forced), static_cast<long long>(adm.max_overtaken),
-        adm.rounds ? adm.scheduler_us / adm.rounds : 0.0);
-  if (cached)
-    std::printf("# %s; moved = bytes loaded into slots, stall = time waiting for loads\n", cache_summary.c_str());
+        PerRound(adm.scheduler_us, adm.rounds));
+  if (s.cached)
+    std::printf("# %s; moved = bytes loaded into slots, stall = time waiting for loads\n", c.cache_summary.c_str());
   else
     std::printf("# no expert cache: every expert resident (hit_rate 1, nothing moved)\n");
+}
 
-  if (!o.json_path.empty()) {
-    json j = {
-        {"git_sha", EF_GIT_SHA},
-        {"build_type", EF_BUILD_TYPE},
-        {"compiler", EF_CXX_COMPILER},
-        {"model", model_dir},
-        {"model_shape",
-         {{"num_layers", cfg.num_layers},
-          {"num_moe_layers", cfg.num_moe_layers()},
-          {"num_experts", cfg.num_experts},
-          {"top_k", cfg.top_k},
-          {"hidden_size", cfg.hidden_size},
-          {"moe_intermediate_size", cfg.moe_intermediate_size}}},
-        {"synthetic", o.synthetic.empty() ? json(nullptr)
-                                          : json{{"shape", shape.name},
-                                                 {"layers", shape.num_layers},
-                                                 {"scale", shape.scale},
-                                                 {"seed", o.synthetic_seed},
-                                                 {"note", shape.note}}},
-        {"routing_trace", o.routing_trace},
-        {"cache",
-         {{"enabled", cached},
-          {"slots_per_layer", slots_per_layer},
-          {"budget_fraction", static_cast<double>(slots_per_layer) / cfg.num_experts},
-          {"policy", cached ? config.cache.policy : "none"},
-          {"prefetch_layers", cached ? config.cache.prefetch_layers : 0},
-          {"predictor", cached ? (o.oracle_prefetch ? "oracle" : config.predictor.kind) : "none"},
-          {"hits", cs.total.hits},
-          {"misses", cs.total.misses},
-          {"prefetch_issued", cs.total.prefetch_issued},
-          {"prefetch_used", cs.total.prefetch_used},
-          {"prefetch_wasted", cs.total.prefetch_wasted},
-          {"bytes_from_host", cs.total.bytes_from_host},
-          {"stall_ms", stall_ms}}},
-        {"ranks", ranks},
-        {"assignment", o.assign},
-        {"assign_max_imbalance", o.assign == "locality" ? nlohmann::json(o.assign_max_imbalance) : nlohmann::json()},
-        {"admission",
-         {{"regroup_window", o.regroup_window},
-          {"max_wait_steps", o.max_wait_steps},
-          {"rounds", adm.rounds},
-          {"fcfs_distinct_per_round", adm.rounds ? static_cast<double>(adm.fcfs_distinct) / adm.rounds : 0.0},
-          {"regrouped_distinct_per_round", adm.rounds ? static_cast<double>(adm.regrouped_distinct) / adm.rounds : 0.0},
-          {"forced", adm.forced},
-          {"max_rounds_overtaken", adm.max_overtaken},
-          {"scheduler_us_per_round", adm.rounds ? adm.scheduler_us / adm.rounds : 0.0}}},
-        {"per_rank", per_rank},
-        {"comm", distributed ? comm_stats : json(nullptr)},
-        {"backend", o.model.backend},
-        {"device", o.model.device},
-        {"workload",
-         {{"num_requests", total_requests},
-          {"requests_per_rank", o.num_requests},
-          {"concurrency", o.concurrency},
-          {"prompt_len", o.prompt_len},
-          {"gen_len", o.gen_len},
-          {"max_batch", o.max_batch},
-          {"seed", o.seed}}},
-        {"results",
-         {{"output_tokens_per_s", out_tps},
-          {"total_tokens_per_s", total_tps},
-          {"ttft_ms_p50", 1e3 * Percentile(all_ttft, 0.5)},
-          {"ttft_ms_p99", 1e3 * Percentile(all_ttft, 0.99)},
-          {"itl_ms_p50", 1e3 * Percentile(all_itl, 0.5)},
-          {"itl_ms_p99", 1e3 * Percentile(all_itl, 0.99)},
-          {"wall_s", wall},
-          {"peak_rss_mib", rss_mib},
-          {"generated_tokens", gen_tokens},
-          {"hit_rate", hit_rate},
-          {"bytes_moved", cs.total.bytes_from_host},
-          {"stall_ms", stall_ms},
-          {"output_tokens_per_s_per_rank", out_tps / ranks},
-          {"a2a_bytes", a2a_bytes},
-          {"a2a_bytes_per_token", a2a_per_token},
-          {"rows_computed_max_over_mean", distributed ? comm_stats["rows_computed_max_over_mean"] : json(nullptr)},
-          {"planned_rows_max_over_mean",
-           distributed && comm_stats.contains("planned") ? comm_stats["planned"]["rows_max_over_mean"] : json(nullptr)},
-          {"planned_static_rows_max_over_mean", distributed && comm_stats.contains("planned")
-                                                    ? comm_stats["planned"]["static_rows_max_over_mean"]
-                                                    : json(nullptr)},
-          {"expert_imbalance_max_over_mean", worst_imbalance}}},
-        {"routing", per_layer}};
-    std::ofstream out(o.json_path);
-    if (!out) return NotFound("cannot write " + o.json_path);
-    out << j.dump(2) << "\n";
-  }
+// The record's "cache" object.
+json CacheJson(const BenchRun& b, const BenchSummary& s, const RunCounters& c, int num_experts) {
+  const Config& config = b.config();
+  const cache::ExpertCounters& t = c.cs.total;
+  return {{"enabled", s.cached},
+          {"slots_per_layer", s.slots_per_layer},
+          {"budget_fraction", static_cast<double>(s.slots_per_layer) / num_experts},
+          {"policy", s.cached ? config.cache.policy : "none"},
+          {"prefetch_layers", s.cached ? config.cache.prefetch_layers : 0},
+          {"predictor", s.cached ? (b.o.oracle_prefetch ? "oracle" : config.predictor.kind) : "none"},
+          {"hits", t.hits},
+          {"misses", t.misses},
+          {"prefetch_issued", t.prefetch_issued},
+          {"prefetch_used", t.prefetch_used},
+          {"prefetch_wasted", t.prefetch_wasted},
+          {"bytes_from_host", t.bytes_from_host},
+          {"stall_ms", s.stall_ms}};
+}
+
+// The record's "results" object.
+json ResultsJson(const BenchRun& b, const BenchSummary& s, const RunCounters& c) {
+  const json& cs = c.comm_stats;
+  const bool planned = b.distributed && cs.contains("planned");
+  return {{"output_tokens_per_s", s.out_tps},
+          {"total_tokens_per_s", s.total_tps},
+          {"ttft_ms_p50", 1e3 * Percentile(s.ttft, 0.5)},
+          {"ttft_ms_p99", 1e3 * Percentile(s.ttft, 0.99)},
+          {"itl_ms_p50", 1e3 * Percentile(s.itl, 0.5)},
+          {"itl_ms_p99", 1e3 * Percentile(s.itl, 0.99)},
+          {"wall_s", s.wall},
+          {"peak_rss_mib", s.rss_mib},
+          {"generated_tokens", s.gen_tokens},
+          {"hit_rate", s.hit_rate},
+          {"bytes_moved", c.cs.total.bytes_from_host},
+          {"stall_ms", s.stall_ms},
+          {"output_tokens_per_s_per_rank", s.out_tps / b.ranks},
+          {"a2a_bytes", s.a2a_bytes},
+          {"a2a_bytes_per_token", s.a2a_per_token},
+          {"rows_computed_max_over_mean", b.distributed ? cs["rows_computed_max_over_mean"] : json(nullptr)},
+          {"planned_rows_max_over_mean", planned ? cs["planned"]["rows_max_over_mean"] : json(nullptr)},
+          {"planned_static_rows_max_over_mean", planned ? cs["planned"]["static_rows_max_over_mean"] : json(nullptr)},
+          {"expert_imbalance_max_over_mean", s.worst_imbalance}};
+}
+
+// The same record as the table, as JSON, to --json.
+Status WriteJson(const BenchRun& b, const BenchParts& p, const BenchSummary& s, const RunCounters& c) {
+  const BenchOptions& o = b.o;
+  const runtime::ModelConfig& cfg = p.engine->config();
+  const AdmissionStats& adm = s.admission;
+  json j = {{"git_sha", EF_GIT_SHA},
+            {"build_type", EF_BUILD_TYPE},
+            {"compiler", EF_CXX_COMPILER},
+            {"model", p.model_dir},
+            {"model_shape",
+             {{"num_layers", cfg.num_layers},
+              {"num_moe_layers", cfg.num_moe_layers()},
+              {"num_experts", cfg.num_experts},
+              {"top_k", cfg.top_k},
+              {"hidden_size", cfg.hidden_size},
+              {"moe_intermediate_size", cfg.moe_intermediate_size}}},
+            {"synthetic", o.synthetic.empty() ? json(nullptr)
+                                              : json{{"shape", p.shape.name},
+                                                     {"layers", p.shape.num_layers},
+                                                     {"scale", p.shape.scale},
+                                                     {"seed", o.synthetic_seed},
+                                                     {"note", p.shape.note}}},
+            {"routing_trace", o.routing_trace},
+            {"cache", CacheJson(b, s, c, cfg.num_experts)},
+            {"ranks", b.ranks},
+            {"assignment", o.assign},
+            {"assign_max_imbalance", o.assign == "locality" ? json(o.assign_max_imbalance) : json()},
+            {"admission",
+             {{"regroup_window", o.regroup_window},
+              {"max_wait_steps", o.max_wait_steps},
+              {"rounds", adm.rounds},
+              {"fcfs_distinct_per_round", PerRound(static_cast<double>(adm.fcfs_distinct), adm.rounds)},
+              {"regrouped_distinct_per_round", PerRound(static_cast<double>(adm.regrouped_distinct), adm.rounds)},
+              {"forced", adm.forced},
+              {"max_rounds_overtaken", adm.max_overtaken},
+              {"scheduler_us_per_round", PerRound(adm.scheduler_us, adm.rounds)}}},
+            {"per_rank", s.per_rank},
+            {"comm", b.distributed ? c.comm_stats : json(nullptr)},
+            {"backend", o.model.backend},
+            {"device", o.model.device},
+            {"workload",
+             {{"num_requests", s.total_requests},
+              {"requests_per_rank", o.num_requests},
+              {"concurrency", o.concurrency},
+              {"prompt_len", o.prompt_len},
+              {"gen_len", o.gen_len},
+              {"max_batch", o.max_batch},
+              {"seed", o.seed}}},
+            {"results", ResultsJson(b, s, c)},
+            {"routing", s.per_layer}};
+  std::ofstream out(o.json_path);
+  if (!out) return NotFound("cannot write " + o.json_path);
+  out << j.dump(2) << "\n";
   return Status::Ok();
+}
+
+Status RunBench(const BenchOptions& given, comm::MpiContext* ctx) {
+  EF_ASSIGN_OR_RETURN(const BenchRun run, ResolveRun(given, ctx));
+  BenchParts parts;  // outlives the serving loop (declared first, destroyed last)
+  EF_RETURN_IF_ERROR(LoadModel(run, &parts));
+  EF_RETURN_IF_ERROR(AttachRoutingTrace(run, &parts));
+  EF_RETURN_IF_ERROR(BuildClusterAndCache(run, &parts));
+  const runtime::ModelConfig cfg = parts.engine->config();
+
+  // The same R x n requests on every rank; this rank runs those assigned to it.
+  const int total_requests = run.o.num_requests * run.ranks;
+  const std::vector<std::vector<int32_t>> prompts = MakePrompts(run.o, total_requests, cfg.vocab_size);
+  EF_ASSIGN_OR_RETURN(const std::vector<int> mine, RequestsOfThisRank(run, parts, total_requests));
+  ServerMetrics metrics(cfg.num_layers, cfg.num_experts);
+  EF_ASSIGN_OR_RETURN(const ServingLoopOptions lo, MakeLoopOptions(run, parts));
+  ServingLoop loop(parts.engine.get(), *parts.tokenizer, &metrics, lo);
+  if (run.root) PrintHeader(run, parts);
+
+  RequestFailures failures;
+  EF_ASSIGN_OR_RETURN(RankResult res, RunRequests(run, loop, prompts, mine, &failures));
+  EF_ASSIGN_OR_RETURN(const RunCounters counters, FinishRun(run, &parts));
+  if (failures.count > 0)
+    return Internal(std::to_string(failures.count) + " requests failed; first: " + failures.first);
+  if (run.root) std::fprintf(stderr, "\r%60s\r", "");
+  res.expert_tokens = ExpertTokens(metrics, cfg);
+
+  EF_ASSIGN_OR_RETURN(const std::vector<RankResult> all, GatherResults(run, res));
+  if (!run.root) return Status::Ok();
+  const BenchSummary summary = Summarize(run, cfg, all, counters);
+  PrintTable(run, summary, counters);
+  if (run.o.json_path.empty()) return Status::Ok();
+  return WriteJson(run, parts, summary, counters);
 }
 
 }  // namespace

@@ -38,7 +38,12 @@ StatusOr<std::unique_ptr<Deployment>> Deployment::Create(comm::MpiContext* ctx, 
     return s;
   };
   if (clustered) {
+    // A budget the model cannot run with fails on every rank alike. Refused after the barrier and
+    // before the cluster connects the ranks, each rank reports it itself: none is still loading or
+    // connecting to a peer when the first one aborts the job.
+    const Status budget = CheckExpertCacheBudget(*d->engine_, o.cache, /*per_rank=*/true, ctx->rank());
     EF_RETURN_IF_ERROR(long_barrier("every rank's model load"));
+    EF_RETURN_IF_ERROR(budget);
     comm::ClusterOptions co = o.cluster;
     co.expert_cache = want_cache;
     co.host_budget_bytes = o.cache.host_budget;

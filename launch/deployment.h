@@ -1,25 +1,48 @@
 // Deployment: this process's part of a deployment, built in the order its parts depend on each
-// other and torn down in reverse. Every command that runs a model (generate, score, serve, bench)
-// builds one; no part patches another after the fact.
+// other and torn down in reverse; no part patches another after the fact. generate, score and
+// serve build one; bench builds the same parts itself (launch/cmd_bench.cc), its routing-trace
+// override added between the engine and the cluster.
 //
 //   1. engine   (runtime/)  the model on its backend; experts are not uploaded when an expert cache
 //               will serve them (a model larger than the device still loads);
-//   2. hooks    routing hooks the cache must see first (a benchmark's trace override);
+//   2. hooks    routing hooks the cache must see first (on_engine);
 //   3. cluster  (comm/)     under mpirun: the token exchange (NCCL or MPI), the expert placement,
 //               every rank's host shard of the experts it is home for (UCX-registered), the
-//               expert-parallel executor;
+//               expert-parallel executor. Before it, after the model-load barrier, a cache budget
+//               the model cannot run with is refused on every rank alike;
 //   4. cache    (cache/)    with cache.device_budget, per rank: device slots backed by the tiers
 //               host shard -> peer ranks' shards (UCX get) -> checkpoint mapping, and the
 //               predictor's prefetch of the experts this rank computes.
 //
-// One decode step through the folders: the serving loop (launch/server, scheduler/) picks the
-// running sequences and calls Engine::Forward. Per decoder layer the engine runs attention on this
-// rank's sequences, then the router (the truth) and the routing hooks; the prefetcher (cache/)
-// forecasts the next layers from that routing and queues their loads. The MoE executor (comm/)
-// sends each (token, expert) row to the rank that computes the expert (all-to-all-v); that rank's
-// cache acquires the expert (a hit, or a load from the nearest tier) and computes the rows; the
-// results come back and are added in increasing expert id, so outputs do not depend on the rank
-// count, the budget or the tier an expert came from.
+// One decode step through the folders (serve; generate and score call Engine::Forward themselves):
+//   launch/server, scheduler/  Between two steps ServingLoop admits waiting requests into the
+//       running batch: FIFO, or with a regroup window the grouping of scheduler::TokenRegrouper
+//       (prompts forecast to need few distinct experts go together, within a starvation bound).
+//       It calls Engine::Forward with one token per running sequence (a new request's prompt).
+//   runtime/engine  Per decoder layer: attention over this rank's sequences' KV caches; at an MoE
+//       layer the router's top-k, copied to the host, then the routing hooks in the order added,
+//       then the MoeExecutor.
+//   cache/  One of those hooks is the cache's PredictorPrefetcher: it forecasts the batch's experts
+//       at the next MoE layers and hands the lists to the cache (under mpirun only the experts this
+//       rank computes); their loads start when the expert source is told this layer's experts.
+//   comm/  On one process LocalMoeExecutor computes every expert. Under mpirun the
+//       ExpertParallelExecutor runs the layer in lockstep on every rank (at the first MoE layer the
+//       ranks all-gather "has work" flags; a rank without sequences joins with zero rows): the row
+//       counts per (destination, expert) go over MPI, then each token's hidden row once to every
+//       rank that computes one of its experts (all-to-all-v; the placement, or in planned mode
+//       comm::RowBalancer's plan, names that rank).
+//   cache/  The computing rank's expert source is told the layer's experts (OnRouting) and puts
+//       the resident ones first; then each expert is acquired and computed. Misses and the next
+//       layers' forecast experts load from the nearest tier: on CUDA as copies on a high- and a
+//       low-priority stream that overlap the compute, on the CPU backend synchronously (forecast
+//       ones at OnRouting, a miss when acquired). Without a cache: the resident experts, or the
+//       peers' shards when experts are computed away from their homes.
+//   comm/  The results return by all-to-all-v and the token's rank adds w * y in increasing expert
+//       id: the additions of one process in its order, so logits do not depend on the rank count,
+//       the budget or the tier an expert came from (cluster.combine summed adds per rank first:
+//       within float rounding). Every wait on a peer times out naming the rank.
+//   launch/server  The loop samples each sequence's next token from its logits, streams the text
+//       and retires finished requests.
 //
 // Thread safety: build and destroy on one thread; the parts' own contracts hold in between.
 #pragma once

@@ -40,6 +40,15 @@ cache::TierHooks ClusterTierHooks(comm::Cluster* cluster, int rank) {
   return h;
 }
 
+Status CheckExpertCacheBudget(const runtime::Engine& engine, const CacheSection& cache, bool per_rank, int rank) {
+  if (!WantsExpertCache(cache)) return Status::Ok();
+  auto budget = cache::ExpertCache::PlanBudget(engine, ToExpertCacheOptions(cache, PredictorSection{}));
+  if (budget.ok()) return Status::Ok();
+  Status s = budget.status();
+  if (per_rank) s.Prepend("rank " + std::to_string(rank) + " (cache.device_budget is per rank)");
+  return s;
+}
+
 StatusOr<std::unique_ptr<cache::ExpertCache>> SetUpExpertCache(runtime::Engine* engine, const CacheSection& cache,
                                                                const PredictorSection& predictor,
                                                                const placement::RoutingTrace* trace,

@@ -34,6 +34,12 @@ cache::ExpertCacheOptions ToExpertCacheOptions(const CacheSection& cache, const 
 // the cache.
 cache::TierHooks ClusterTierHooks(comm::Cluster* cluster, int rank);
 
+// The plan of the budget on `engine` without building the cache (ExpertCache::PlanBudget): the
+// budget errors (below one MoE layer's top-k, above the device) before the ranks connect. The
+// cache's own set-up checks again against what is free then. `per_rank`: under mpirun, the message
+// says the budget is this rank's, as SetUpExpertCache's does.
+Status CheckExpertCacheBudget(const runtime::Engine& engine, const CacheSection& cache, bool per_rank, int rank);
+
 // Builds the expert cache the sections describe on `engine` and sets it as the engine's expert
 // source (cache::ExpertCache: the CUDA or CPU source, the predictor's routing hook, the counters).
 // nullptr when no device budget is given (the engine keeps its experts: all resident). With a

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Failure behaviour under mpirun: a rank that dies or stalls mid-run makes the others exit
-# non-zero with a message naming it, within 30 s, never a hang.
+# non-zero with a message naming it, within 30 s, never a hang (also with per-rank expert caches
+# fetching experts from the ranks).
 #   mpi_failure.sh BIN MODELS_DIR
 BIN=$1 MODELS=$2
 source "$(dirname "$0")/common.sh"
@@ -33,6 +34,27 @@ RECOVERY=1 expect_failure "rank killed, survivors detect it" \
   "rank 1 did not complete the layer 1 token counts within 4 s \(seen from rank 0" \
   "${MPIRUN[@]}" --enable-recovery -np 3 -x EF_DEBUG_FAULT_RANK=1 -x EF_DEBUG_DIE_AT_LAYER=1 \
   "$BIN" score --backend cpu --model "$m" --ids-file "$WORK/ids.json" --out "$WORK/o.json" --timeout 4
+
+# The same with a per-rank expert cache of 2 slots per MoE layer and experts computed away from
+# their homes: the ranks fetch experts from each other's host shards (UCX) in the layers before
+# the kill and hold endpoints to rank 1 when it dies. First, without the kill: peer fetches do
+# happen in this configuration.
+CACHED=(--cache-device-budget "2 slots per layer" --compute-placement round_robin)
+"${MPIRUN[@]}" -np 3 "$BIN" score --backend cpu --model "$m" --ids-file "$WORK/ids.json" --out "$WORK/o.json" \
+  "${CACHED[@]}" --comm-stats "$WORK/cached.stats.json" >"$WORK/out" 2>&1 ||
+  { cat "$WORK/out" >&2; fail "score with per-rank caches failed"; }
+python3 - "$WORK/cached.stats.json" <<'PY' || fail "per-rank caches: no expert was fetched from a peer"
+import json, sys
+ranks = json.load(open(sys.argv[1]))["ranks"]
+peer = [r["expert_cache"]["peer_loads"] for r in ranks]
+assert sum(peer) > 0, peer
+print(f"per-rank caches: peer loads per rank {peer}")
+PY
+RECOVERY=1 expect_failure "rank killed while the ranks fetch experts from each other" \
+  "rank 1 did not complete the layer 4 token counts within 4 s \(seen from rank [02]" \
+  "${MPIRUN[@]}" --enable-recovery -np 3 -x EF_DEBUG_FAULT_RANK=1 -x EF_DEBUG_DIE_AT_LAYER=4 \
+  "$BIN" score --backend cpu --model "$m" --ids-file "$WORK/ids.json" --out "$WORK/o.json" --timeout 4 \
+  "${CACHED[@]}"
 
 # Rank 2 stops responding; the others give up after cluster.timeout_s and name it.
 cat >"$WORK/stall.yaml" <<'YAML'

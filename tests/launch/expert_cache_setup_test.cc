@@ -312,6 +312,25 @@ TEST_F(ExpertCacheSetupTest, BudgetBelowTopKNamesBothNumbers) {
   EXPECT_TRUE(TrySetUp("3MiB").ok());  // 16 slots: 2 per layer
 }
 
+TEST_F(ExpertCacheSetupTest, BudgetCheckBeforeTheCacheGivesTheSameError) {
+  auto engine = MakeEngine(false);
+  CacheSection cs;
+  EXPECT_TRUE(CheckExpertCacheBudget(*engine, cs, /*per_rank=*/true, 0).ok());  // no budget: no cache
+  ASSERT_TRUE(ParseDeviceBudget("1 slots per layer", &cs).ok());
+  Status s = CheckExpertCacheBudget(*engine, cs, /*per_rank=*/false, 0);
+  ASSERT_FALSE(s.ok());
+  auto first_line = [](const Status& st) { return st.message().substr(0, st.message().find('\n')); };
+  EXPECT_EQ(first_line(s), first_line(TrySetUp("1 slots per layer")));
+  s = CheckExpertCacheBudget(*engine, cs, /*per_rank=*/true, 1);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.message().rfind("rank 1 (cache.device_budget is per rank): cache.device_budget of 1 slots per layer", 0),
+            0u)
+      << s.ToString();
+  EXPECT_NE(s.message().find("fewer than the model's top-k (2)"), std::string::npos) << s.ToString();
+  ASSERT_TRUE(ParseDeviceBudget("2 slots per layer", &cs).ok());
+  EXPECT_TRUE(CheckExpertCacheBudget(*engine, cs, /*per_rank=*/true, 1).ok());
+}
+
 TEST_F(ExpertCacheSetupTest, BudgetAboveTheDeviceNamesBothNumbers) {
   Status s = TrySetUp("1000TiB");
   ASSERT_FALSE(s.ok());

@@ -615,37 +615,24 @@ class Bench {
   std::vector<Buffer> scratch_;
 };
 
-int Main(int argc, char** argv) {
-  Args a = ParseArgs(argc, argv);
-  perf::DeviceInfo info;
-  if (!perf::QueryDeviceInfo(&info)) Die("no CUDA device");
+// --layers 0: 32 layers when the host can pin 32 x 8 experts with 16 GiB to spare, else 16. Returns
+// the header's note on the choice.
+std::string ChooseLayers(Args* a, size_t expert_bytes, double mem) {
+  if (a->layers != 0) return std::to_string(a->layers) + " layers (--layers)";
+  const double need32 = 32.0 * a->experts * expert_bytes + 16.0 * (1 << 30);
+  a->layers = mem >= need32 ? 32 : 16;
+  return a->layers == 32 ? "32 layers (auto: host memory holds them)"
+                         : "16 layers, NOT 32 (auto: " + std::to_string(mem / (1 << 30)) +
+                               " GiB available cannot pin 32 x 8 experts + 16 GiB)";
+}
+
+// The '#' header: shape, trace, build, device, modes.
+void PrintHeader(const Args& a, const perf::DeviceInfo& info, const placement::RoutingTrace& trace,
+                 const std::string& layers_note, size_t expert_bytes, double mem) {
   const cudaDeviceProp& prop = info.prop;
   const char* cuda_v = info.cuda_runtime.c_str();
   const char* drv_v = info.driver.c_str();
   const char* cublas_v = info.cublas.c_str();
-
-  placement::RoutingTrace trace = OrDie(placement::ReadRoutingTrace(a.trace), "trace");
-  trace.SortBySeqPos();
-  if (trace.num_experts() != a.experts || trace.top_k() != a.top_k)
-    Die("trace " + a.trace + " has " + std::to_string(trace.num_experts()) + " experts top-" +
-        std::to_string(trace.top_k()) + ", the model 8 top-2");
-
-  const size_t expert_bytes = 3 * size_t{2} * a.hidden * a.inter;  // bf16 gate, up, down
-  const double mem = MemAvailableBytes();
-  std::string layers_note;
-  if (a.layers == 0) {
-    const double need32 = 32.0 * a.experts * expert_bytes + 16.0 * (1 << 30);
-    a.layers = mem >= need32 ? 32 : 16;
-    layers_note = a.layers == 32 ? "32 layers (auto: host memory holds them)"
-                                 : "16 layers, NOT 32 (auto: " + std::to_string(mem / (1 << 30)) +
-                                       " GiB available cannot pin 32 x 8 experts + 16 GiB)";
-  } else {
-    layers_note = std::to_string(a.layers) + " layers (--layers)";
-  }
-  if (a.layers > trace.num_layers()) Die("the trace has only " + std::to_string(trace.num_layers()) + " layers");
-  if (a.warmup + a.steps + 1 > static_cast<int>(trace.tokens.size()))
-    Die("the trace has " + std::to_string(trace.tokens.size()) + " tokens, fewer than warmup + steps + 1");
-
   std::printf(
       "# ef_offload_bench: Mixtral-8x7B-shaped decode (hidden %d, %d experts x ffn %d, top-%d, bf16 synthetic "
       "weights), batch 1, routing from %s (%zu tokens, (seq,pos) order)\n",
@@ -661,34 +648,165 @@ int Main(int argc, char** argv) {
       layers_note.c_str(), a.warmup, a.steps, a.context, a.prefetch_layers, expert_bytes / (a.pcie_gbps * 1e6),
       expert_bytes / 1e6, a.pcie_gbps, a.chunk_mb, "see the ops column");
   if (std::string(EF_BUILD_TYPE) == "Debug") std::printf("# WARNING: debug build, timings are not representative\n");
+}
 
-  // Path mode: the predictor file, checked against the trace; a warning when it trained on the
-  // sequences the bench decodes.
-  placement::LoadedPredictor loaded;
-  const placement::ConditionalPredictor* path = nullptr;
+// Path mode: the predictor file (owned by *loaded), checked against the trace; a warning when it
+// trained on the sequences the bench decodes. Null without --predictor.
+const placement::ConditionalPredictor* LoadPathPredictor(const Args& a, const placement::RoutingTrace& trace,
+                                                         placement::LoadedPredictor* loaded, std::string* note) {
+  if (a.predictor.empty()) return nullptr;
+  *loaded = OrDie(placement::LoadPredictor(a.predictor), "--predictor");
+  const placement::ConditionalPredictor* path =
+      dynamic_cast<const placement::ConditionalPredictor*>(loaded->predictor.get());
+  if (path == nullptr)
+    Die("--predictor " + a.predictor + " is a " + loaded->info.kind +
+        " predictor; mode path needs kind path or hybrid");
+  if (loaded->info.num_layers < a.layers || loaded->info.num_experts != a.experts)
+    Die("--predictor " + a.predictor + " forecasts " + std::to_string(loaded->info.num_layers) + " layers x " +
+        std::to_string(loaded->info.num_experts) + " experts; the bench runs " + std::to_string(a.layers) + " x " +
+        std::to_string(a.experts));
+  std::set<int64_t> trained(loaded->info.train_seqs.begin(), loaded->info.train_seqs.end()), overlap;
+  for (int i = 0; i < a.warmup + a.steps + 1; ++i)
+    if (trained.count(trace.tokens[static_cast<size_t>(i)].seq))
+      overlap.insert(trace.tokens[static_cast<size_t>(i)].seq);
+  *note = loaded->info.kind + " predictor " + a.predictor + ", trained on sequences";
+  for (int64_t s : loaded->info.train_seqs) *note += ' ' + std::to_string(s);
+  std::printf("# %s\n", note->c_str());
+  if (!overlap.empty())
+    std::printf("# WARNING: the predictor trained on %zu of the sequences decoded here: its forecasts are flattered\n",
+                overlap.size());
+  return path;
+}
+
+// One configuration of the sweep.
+struct RunConfig {
+  std::string ops;
+  int queue = 0;
+  int pct = 0;  // budget, percent of the experts
+  int slots = 0;
+  std::string mode;
+  std::string policy;
+  double min_prob = 0;
+  bool forecasts = false;  // lookahead or path
+};
+
+// Prints a run's row; returns its record.
+nlohmann::json Report(const Args& a, size_t expert_bytes, const RunConfig& c, const Bench::Result& r) {
+  const std::string& ops = c.ops;
+  const std::string& mode = c.mode;
+  const std::string& policy = c.policy;
+  const int pct = c.pct, slots = c.slots, queue = c.queue;
+  const double min_prob = c.min_prob;
+  const bool forecasts = c.forecasts;
+  const std::string label = forecasts ? mode + "+" + policy : mode;
+  const double n = a.steps;
+  const int64_t acc = r.c.hits + r.c.misses;
+  const double hit = acc ? double(r.c.hits) / acc : 0;
+  const double ms_tok = 1e3 * r.seconds / n;
+  const double pcie_ms = r.c.misses * (expert_bytes / (a.pcie_gbps * 1e9)) * 1e3 / n;
+  const double bytes_ms = r.copies.bytes_h2d / (a.pcie_gbps * 1e9) * 1e3 / n;
+  const double recall = r.forecast_chosen ? double(r.forecast_hits) / r.forecast_chosen : 0;
+  char recall_text[16] = "-";
+  if (forecasts) std::snprintf(recall_text, sizeof recall_text, "%.3f", recall);
+  char used_text[16] = "-";
+  const int64_t settled = r.c.prefetch_used + r.c.prefetch_wasted;
+  if (settled > 0) std::snprintf(used_text, sizeof used_text, "%.0f%%", 100.0 * r.c.prefetch_used / settled);
+  std::printf("%-9s %5d%% %5d %-14s %5.2f %5d %9.2f %9.1f %6.1f%% %10.1f %9.1f %8lld %8lld %6s %7s %11.1f %11.1f\n",
+              ops.c_str(), pct, slots, label.c_str(), min_prob, queue, n / r.seconds, ms_tok, 100 * hit,
+              r.copies.stall_ms / n, r.copies.bytes_h2d / 1e9, static_cast<long long>(r.c.misses),
+              static_cast<long long>(r.copies.prefetch_loads), used_text, recall_text, pcie_ms, bytes_ms);
+  std::fflush(stdout);
+  const char* prefetch = mode == "oracle"      ? "oracle (trace's next-layer routing)"
+                         : mode == "lookahead" ? "lookahead predictor (next layers' routers on h)"
+                         : mode == "path"      ? "path predictor (a priori, then corrected layer by layer)"
+                                               : "none (on demand)";
+  return {{"budget_pct", pct},
+          {"slots_per_layer", slots},
+          {"mode", mode},
+          {"routing", OwnRouting(mode) ? "model's own routers" : "trace"},
+          {"policy", policy},
+          {"prefetch", prefetch},
+          {"copy_queue", queue},
+          {"prefetch_min_prob", min_prob},
+          {"compute_ops", ops},
+          {"chunk_mb", a.chunk_mb},
+          {"tokens", a.steps},
+          {"tokens_per_s", n / r.seconds},
+          {"ms_per_token", ms_tok},
+          {"hit_rate", hit},
+          {"hits", r.c.hits},
+          {"misses", r.c.misses},
+          {"prefetch_loads", r.copies.prefetch_loads},
+          {"prefetch_used", r.c.prefetch_used},
+          {"prefetch_wasted", r.c.prefetch_wasted},
+          {"forecast_recall", forecasts ? nlohmann::json(recall) : nlohmann::json(nullptr)},
+          {"stall_ms_per_token", r.copies.stall_ms / n},
+          {"stalled_waits", r.copies.stalled_waits},
+          {"bytes_h2d", r.copies.bytes_h2d},
+          {"pcie_bound_ms_per_token", pcie_ms},
+          {"bytes_bound_ms_per_token", bytes_ms}};
+}
+
+// The same records as JSON, to --json.
+void WriteJson(const Args& a, const perf::DeviceInfo& info, const std::string& layers_note,
+               const std::string& predictor_note, size_t expert_bytes, const nlohmann::json& records) {
+  const cudaDeviceProp& prop = info.prop;
+  const char* cuda_v = info.cuda_runtime.c_str();
+  const char* drv_v = info.driver.c_str();
+  const char* cublas_v = info.cublas.c_str();
+  nlohmann::json doc = {{"bench", "ef_offload_bench"},
+                        {"git", EF_GIT_SHA},
+                        {"build_type", EF_BUILD_TYPE},
+                        {"device", prop.name},
+                        {"cuda_runtime", cuda_v},
+                        {"driver", drv_v},
+                        {"cublas", cublas_v},
+                        {"layers", a.layers},
+                        {"layers_note", layers_note},
+                        {"trace", a.trace},
+                        {"warmup_tokens", a.warmup},
+                        {"timed_tokens", a.steps},
+                        {"context", a.context},
+                        {"prefetch_layers", a.prefetch_layers},
+                        {"predictor", predictor_note},
+                        {"chunk_mb", a.chunk_mb},
+                        {"expert_bytes", expert_bytes},
+                        {"pcie_gbps", a.pcie_gbps},
+                        {"shape",
+                         {{"hidden", a.hidden},
+                          {"experts", a.experts},
+                          {"ffn", a.inter},
+                          {"top_k", a.top_k},
+                          {"heads", a.heads},
+                          {"kv_heads", a.kv_heads},
+                          {"head_dim", a.head_dim}}},
+                        {"records", records}};
+  std::ofstream(a.json) << doc.dump(2) << "\n";
+}
+
+int Main(int argc, char** argv) {
+  Args a = ParseArgs(argc, argv);
+  perf::DeviceInfo info;
+  if (!perf::QueryDeviceInfo(&info)) Die("no CUDA device");
+
+  placement::RoutingTrace trace = OrDie(placement::ReadRoutingTrace(a.trace), "trace");
+  trace.SortBySeqPos();
+  if (trace.num_experts() != a.experts || trace.top_k() != a.top_k)
+    Die("trace " + a.trace + " has " + std::to_string(trace.num_experts()) + " experts top-" +
+        std::to_string(trace.top_k()) + ", the model 8 top-2");
+
+  const size_t expert_bytes = 3 * size_t{2} * a.hidden * a.inter;  // bf16 gate, up, down
+  const double mem = MemAvailableBytes();
+  const std::string layers_note = ChooseLayers(&a, expert_bytes, mem);
+  if (a.layers > trace.num_layers()) Die("the trace has only " + std::to_string(trace.num_layers()) + " layers");
+  if (a.warmup + a.steps + 1 > static_cast<int>(trace.tokens.size()))
+    Die("the trace has " + std::to_string(trace.tokens.size()) + " tokens, fewer than warmup + steps + 1");
+
+  PrintHeader(a, info, trace, layers_note, expert_bytes, mem);
+
+  placement::LoadedPredictor loaded;  // outlives the bench (path points into it)
   std::string predictor_note;
-  if (!a.predictor.empty()) {
-    loaded = OrDie(placement::LoadPredictor(a.predictor), "--predictor");
-    path = dynamic_cast<const placement::ConditionalPredictor*>(loaded.predictor.get());
-    if (path == nullptr)
-      Die("--predictor " + a.predictor + " is a " + loaded.info.kind +
-          " predictor; mode path needs kind path or hybrid");
-    if (loaded.info.num_layers < a.layers || loaded.info.num_experts != a.experts)
-      Die("--predictor " + a.predictor + " forecasts " + std::to_string(loaded.info.num_layers) + " layers x " +
-          std::to_string(loaded.info.num_experts) + " experts; the bench runs " + std::to_string(a.layers) + " x " +
-          std::to_string(a.experts));
-    std::set<int64_t> trained(loaded.info.train_seqs.begin(), loaded.info.train_seqs.end()), overlap;
-    for (int i = 0; i < a.warmup + a.steps + 1; ++i)
-      if (trained.count(trace.tokens[static_cast<size_t>(i)].seq))
-        overlap.insert(trace.tokens[static_cast<size_t>(i)].seq);
-    predictor_note = loaded.info.kind + " predictor " + a.predictor + ", trained on sequences";
-    for (int64_t s : loaded.info.train_seqs) predictor_note += " " + std::to_string(s);
-    std::printf("# %s\n", predictor_note.c_str());
-    if (!overlap.empty())
-      std::printf(
-          "# WARNING: the predictor trained on %zu of the sequences decoded here: its forecasts are flattered\n",
-          overlap.size());
-  }
+  const placement::ConditionalPredictor* path = LoadPathPredictor(a, trace, &loaded, &predictor_note);
 
   Bench bench(a, trace, path);
   bench.Build();
@@ -711,55 +829,8 @@ int Main(int argc, char** argv) {
               if (!forecasts) min_prob = 0;
               const std::string policy = forecasts ? forecast_policy : Policy(mode);
               const Bench::Result r = bench.Run(slots, mode, queue, ops, min_prob, policy);
-              const std::string label = forecasts ? mode + "+" + policy : mode;
-              const double n = a.steps;
-              const int64_t acc = r.c.hits + r.c.misses;
-              const double hit = acc ? double(r.c.hits) / acc : 0;
-              const double ms_tok = 1e3 * r.seconds / n;
-              const double pcie_ms = r.c.misses * (expert_bytes / (a.pcie_gbps * 1e9)) * 1e3 / n;
-              const double bytes_ms = r.copies.bytes_h2d / (a.pcie_gbps * 1e9) * 1e3 / n;
-              const double recall = r.forecast_chosen ? double(r.forecast_hits) / r.forecast_chosen : 0;
-              char recall_text[16] = "-";
-              if (forecasts) std::snprintf(recall_text, sizeof recall_text, "%.3f", recall);
-              char used_text[16] = "-";
-              const int64_t settled = r.c.prefetch_used + r.c.prefetch_wasted;
-              if (settled > 0)
-                std::snprintf(used_text, sizeof used_text, "%.0f%%", 100.0 * r.c.prefetch_used / settled);
-              std::printf(
-                  "%-9s %5d%% %5d %-14s %5.2f %5d %9.2f %9.1f %6.1f%% %10.1f %9.1f %8lld %8lld %6s %7s %11.1f %11.1f\n",
-                  ops.c_str(), pct, slots, label.c_str(), min_prob, queue, n / r.seconds, ms_tok, 100 * hit,
-                  r.copies.stall_ms / n, r.copies.bytes_h2d / 1e9, static_cast<long long>(r.c.misses),
-                  static_cast<long long>(r.copies.prefetch_loads), used_text, recall_text, pcie_ms, bytes_ms);
-              std::fflush(stdout);
-              const char* prefetch = mode == "oracle"      ? "oracle (trace's next-layer routing)"
-                                     : mode == "lookahead" ? "lookahead predictor (next layers' routers on h)"
-                                     : mode == "path"      ? "path predictor (a priori, then corrected layer by layer)"
-                                                           : "none (on demand)";
-              records.push_back({{"budget_pct", pct},
-                                 {"slots_per_layer", slots},
-                                 {"mode", mode},
-                                 {"routing", OwnRouting(mode) ? "model's own routers" : "trace"},
-                                 {"policy", policy},
-                                 {"prefetch", prefetch},
-                                 {"copy_queue", queue},
-                                 {"prefetch_min_prob", min_prob},
-                                 {"compute_ops", ops},
-                                 {"chunk_mb", a.chunk_mb},
-                                 {"tokens", a.steps},
-                                 {"tokens_per_s", n / r.seconds},
-                                 {"ms_per_token", ms_tok},
-                                 {"hit_rate", hit},
-                                 {"hits", r.c.hits},
-                                 {"misses", r.c.misses},
-                                 {"prefetch_loads", r.copies.prefetch_loads},
-                                 {"prefetch_used", r.c.prefetch_used},
-                                 {"prefetch_wasted", r.c.prefetch_wasted},
-                                 {"forecast_recall", forecasts ? nlohmann::json(recall) : nlohmann::json(nullptr)},
-                                 {"stall_ms_per_token", r.copies.stall_ms / n},
-                                 {"stalled_waits", r.copies.stalled_waits},
-                                 {"bytes_h2d", r.copies.bytes_h2d},
-                                 {"pcie_bound_ms_per_token", pcie_ms},
-                                 {"bytes_bound_ms_per_token", bytes_ms}});
+              records.push_back(
+                  Report(a, expert_bytes, {ops, queue, pct, slots, mode, policy, min_prob, forecasts}, r));
             }
       }
     }
@@ -767,36 +838,7 @@ int Main(int argc, char** argv) {
       "# stall = compute-stream time blocked on expert copies (cudaEvents); pcie bound counts misses only, "
       "bytes bound every byte moved (misses + prefetches) at %.0f GB/s\n",
       a.pcie_gbps);
-  if (!a.json.empty()) {
-    nlohmann::json doc = {{"bench", "ef_offload_bench"},
-                          {"git", EF_GIT_SHA},
-                          {"build_type", EF_BUILD_TYPE},
-                          {"device", prop.name},
-                          {"cuda_runtime", cuda_v},
-                          {"driver", drv_v},
-                          {"cublas", cublas_v},
-                          {"layers", a.layers},
-                          {"layers_note", layers_note},
-                          {"trace", a.trace},
-                          {"warmup_tokens", a.warmup},
-                          {"timed_tokens", a.steps},
-                          {"context", a.context},
-                          {"prefetch_layers", a.prefetch_layers},
-                          {"predictor", predictor_note},
-                          {"chunk_mb", a.chunk_mb},
-                          {"expert_bytes", expert_bytes},
-                          {"pcie_gbps", a.pcie_gbps},
-                          {"shape",
-                           {{"hidden", a.hidden},
-                            {"experts", a.experts},
-                            {"ffn", a.inter},
-                            {"top_k", a.top_k},
-                            {"heads", a.heads},
-                            {"kv_heads", a.kv_heads},
-                            {"head_dim", a.head_dim}}},
-                          {"records", records}};
-    std::ofstream(a.json) << doc.dump(2) << "\n";
-  }
+  if (!a.json.empty()) WriteJson(a, info, layers_note, predictor_note, expert_bytes, records);
   return 0;
 }
 
