@@ -165,8 +165,13 @@ Status UcxRemoteMemory::Get(int rank, uint64_t offset, void* dst, size_t bytes) 
       if (ucp_worker_progress(worker_) == 0 && ++spins > 1024)
         std::this_thread::sleep_for(std::chrono::microseconds(20));
       if (Clock::now() > deadline) {
+        // A cancel may itself never complete (a get over TCP to a stalled peer): wait for it a
+        // bounded time, then hand the request back to UCX (freeing an unfinished request is allowed;
+        // the caller treats dst as lost and the rank ends with this error).
         ucp_request_cancel(worker_, req);
-        while (ucp_request_check_status(req) == UCS_INPROGRESS) ucp_worker_progress(worker_);
+        const auto cancel_deadline = Clock::now() + std::chrono::seconds(2);
+        while (ucp_request_check_status(req) == UCS_INPROGRESS && Clock::now() < cancel_deadline)
+          ucp_worker_progress(worker_);
         ucp_request_free(req);
         char t[32];
         std::snprintf(t, sizeof(t), "%g", ctx_->timeout_s());
