@@ -446,6 +446,15 @@ nlohmann::json ExpertCache::StatsJson() const {
     j[name + "_loads"] = t.loads[i];
     j[name + "_bytes"] = t.bytes[i];
   }
+  j["cpu_compute"] = options_.cpu_compute;
+#if EF_HAVE_CUDA_CACHE
+  if (cuda_) {
+    const HostComputeStats& h = cuda_->host_stats();
+    j["cpu_computed_experts"] = h.experts;
+    j["cpu_computed_rows"] = h.rows;
+    j["cpu_compute_ms"] = h.ms;
+  }
+#endif
   return j;
 }
 

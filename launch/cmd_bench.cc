@@ -551,6 +551,7 @@ struct RunCounters {
   cache::ExpertStoreStats cs;  // this rank's cache; rank 0 under mpirun: totals over all ranks
   cache::CacheBudget cache_budget;
   std::string cache_summary;
+  nlohmann::json cache_json;  // ExpertCache::StatsJson of this rank
 };
 
 // Ends the run's parts: this rank keeps joining the other ranks' expert-parallel steps until all
@@ -569,6 +570,7 @@ StatusOr<RunCounters> FinishRun(const BenchRun& b, BenchParts* p) {
     c.cache_budget = p->expert_cache->budget();
     c.cs = p->expert_cache->stats();
     c.cache_summary = p->expert_cache->StatsSummary();
+    c.cache_json = p->expert_cache->StatsJson();
     p->expert_cache.reset();  // detaches from the engine
   }
   p->cluster.reset();
@@ -761,7 +763,10 @@ json CacheJson(const BenchRun& b, const BenchSummary& s, const RunCounters& c, i
           {"prefetch_used", t.prefetch_used},
           {"prefetch_wasted", t.prefetch_wasted},
           {"bytes_from_host", t.bytes_from_host},
-          {"stall_ms", s.stall_ms}};
+          {"stall_ms", s.stall_ms},
+          {"cpu_compute", s.cached ? config.cache.cpu_compute : "off"},
+          {"cpu_computed_experts", c.cache_json.value("cpu_computed_experts", int64_t{0})},
+          {"cpu_computed_rows", c.cache_json.value("cpu_computed_rows", int64_t{0})}};
 }
 
 // The record's "results" object.

@@ -4,13 +4,12 @@
 # layers of the real Mixtral routing trace) with LRU on demand, for each load precision, with and
 # without cache.cpu_compute (missed experts computed on the host CPU), side by side.
 #
-#   scripts/accel/cpu-compute-run.sh [LAYERS] [GEN] [BUDGETS] [CONCURRENCY]   (4 32 "25 50" "1 4")
+#   scripts/accel/cpu-compute-run.sh [LAYERS] [GEN]      (default 4 layers, 32 tokens; CASES overrides
+#                                                        the budget:concurrency:precision:cpu list)
 # Needs .deps/debs carried (bash ../shared/tools/accel-deps.sh .deps/debs here first).
 set -uo pipefail
 LAYERS=${1:-4}
 GEN=${2:-32}
-BUDGETS=${3:-25 50}
-CONC=${4:-1 4}
 EF_BUILD_TESTS=ON source "$(dirname "$0")/build-full.sh" gpu_tests ef_host_expert_bench || exit 1
 R=$OUT/cpu_compute
 mkdir -p "$R"
@@ -31,29 +30,27 @@ $BIN bench --backend cuda --synthetic mixtral-8x7b --synthetic-layers "$LAYERS" 
   -n 1 -c 1 --prompt-len 4 --gen-len 2 >"$R/warm.log" 2>&1 || { tail -20 "$R/warm.log"; exit 1; }
 
 printf "%-7s %-5s %-9s %-5s %10s %11s %9s %8s %s\n" budget conc precision cpu "out_tok/s" "moved_MiB" hit_rate stall_ms \
-  "host experts" | tee "$R/offload.txt"
-for c in $CONC; do
-  for b in $BUDGETS; do
-    slots=$((8 * b / 100))
-    for p in native int8 int4; do
-      for cpu in off auto; do
-        j=$R/b${b}_c${c}_${p}_${cpu}.json
-        log=$R/b${b}_c${c}_${p}_${cpu}.log
-        timeout 240 $BIN bench --backend cuda --synthetic mixtral-8x7b --synthetic-layers "$LAYERS" --synthetic-dir "$SYN" \
-          --routing-trace "$SLICED" -n $((2 * c)) -c "$c" --prompt-len 16 --gen-len "$GEN" \
-          --cache-device-budget "$slots slots per layer" --cache-policy lru --prefetch-layers 0 --miss-precision "$p" \
-          --cpu-experts "$cpu" --json "$j" >"$log" 2>&1 || { tail -5 "$log"; continue; }
-        python3 - "$j" "$log" "$b" "$c" "$p" "$cpu" <<'PY' | tee -a "$R/offload.txt"
-import json, re, sys
+  "host experts/token" | tee "$R/offload.txt"
+# budget:concurrency:precision:cpu_compute, run in this order (baselines first in each group).
+CASES=${CASES:-"25:1:native:off 25:1:native:auto 25:1:int8:auto 25:1:int4:off 25:1:int4:auto
+  50:1:native:off 50:1:native:auto 50:1:int8:auto 50:1:int4:auto
+  25:4:native:off 25:4:native:auto 25:4:int8:auto 25:4:int4:auto 25:16:native:off 25:16:native:auto"}
+for case in $CASES; do
+  IFS=: read -r b c p cpu <<<"$case"
+  slots=$((8 * b / 100))
+  j=$R/b${b}_c${c}_${p}_${cpu}.json
+  log=$R/b${b}_c${c}_${p}_${cpu}.log
+  timeout 240 $BIN bench --backend cuda --synthetic mixtral-8x7b --synthetic-layers "$LAYERS" --synthetic-dir "$SYN" \
+    --routing-trace "$SLICED" -n $((2 * c)) -c "$c" --prompt-len 16 --gen-len "$GEN" \
+    --cache-device-budget "$slots slots per layer" --cache-policy lru --prefetch-layers 0 --miss-precision "$p" \
+    --cpu-experts "$cpu" --json "$j" >"$log" 2>&1 || { tail -5 "$log"; continue; }
+  python3 - "$j" "$b" "$c" "$p" "$cpu" <<'PY' | tee -a "$R/offload.txt"
+import json, sys
 j = json.load(open(sys.argv[1]))
 r, c = j["results"], j["cache"]
-m = re.search(r"(\d+) experts computed on the host \((\d+) rows, ([0-9.]+) ms\)", open(sys.argv[2]).read())
-host = f"{m.group(1)} ({m.group(2)} rows, {float(m.group(3)):.0f} ms)" if m else "-"
-print(f"{sys.argv[3] + '%':<7} {sys.argv[4]:<5} {sys.argv[5]:<9} {sys.argv[6]:<5} {r['output_tokens_per_s']:10.2f} "
-      f"{r['bytes_moved'] / 2**20:11.1f} {r['hit_rate']:9.3f} {c['stall_ms']:8.1f} {host}")
+per_tok = c.get("cpu_computed_experts", 0) / max(1, r["generated_tokens"])
+print(f"{sys.argv[2] + '%':<7} {sys.argv[3]:<5} {sys.argv[4]:<9} {sys.argv[5]:<5} {r['output_tokens_per_s']:10.2f} "
+      f"{r['bytes_moved'] / 2**20:11.1f} {r['hit_rate']:9.3f} {c['stall_ms']:8.1f} {per_tok:.2f}")
 PY
-      done
-    done
-  done
 done
 grep -h "cpu compute of missed experts" "$R"/*.log | sort | uniq -c | head -5
