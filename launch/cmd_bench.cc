@@ -551,7 +551,7 @@ struct RunCounters {
   cache::ExpertStoreStats cs;  // this rank's cache; rank 0 under mpirun: totals over all ranks
   cache::CacheBudget cache_budget;
   std::string cache_summary;
-  nlohmann::json cache_json;  // ExpertCache::StatsJson of this rank
+  nlohmann::json cache_json = nlohmann::json::object();  // ExpertCache::StatsJson of this rank
 };
 
 // Ends the run's parts: this rank keeps joining the other ranks' expert-parallel steps until all
