@@ -16,8 +16,9 @@ mkdir -p "$R"
 if [[ -z ${SKIP_TESTS:-} ]]; then
   t0=$(date +%s)
   (cd "$BUILD" && timeout 300 ctest -L gpu --timeout 240 --output-on-failure 2>&1 |
-    grep -vE "^ *[0-9]+/[0-9]+ Test.*Passed|^ *Start " | grep -E "Expected|actual|Which is|FAILED|tests passed|Skipped|Failed|error" | head -40)
+    grep -vE "^ *[0-9]+/[0-9]+ Test.*Passed|^ *Start " | grep -E "Expected|actual|Which is|FAILED|tests passed|Skipped|Failed|error|cpu compute \]" | head -40)
   echo "gpu tests in $(($(date +%s) - t0)) s"
+  "$BUILD"/tests/gpu_tests --gtest_filter='*CpuCompute*' 2>&1 | grep -F "[ cpu compute ]"
 fi
 "$BUILD"/tests/ef_host_expert_bench 4096 14336 20
 
