@@ -35,12 +35,6 @@ std::string Bytes(uint64_t b) {
   return buf;
 }
 
-std::vector<int> MoeLayers(const runtime::ModelConfig& c) {
-  std::vector<int> v;
-  for (int l = 0; l < c.num_layers; ++l)
-    if (c.IsMoeLayer(l)) v.push_back(l);
-  return v;
-}
 
 // Device bytes of one cache slot on the engine's backend, as the arenas lay it out: the CUDA
 // source packs gate | up | down at 256-byte-aligned offsets (ExpertLayout), the CPU source packs
@@ -49,8 +43,7 @@ size_t SlotBytes(const runtime::ModelWeights& w, bool cuda, LoadPrecision precis
   if (precision == LoadPrecision::kAuto) precision = LoadPrecision::kNative;  // mixed: room for native
   const runtime::ModelConfig& c = w.config();
   size_t most = 0;
-  for (int l = 0; l < c.num_layers; ++l) {
-    if (!c.IsMoeLayer(l)) continue;
+  for (int l : c.MoeLayers()) {
     for (int e = 0; e < c.num_experts; ++e) {
       const PackedLayout p = PackedExpertLayout(w.host_expert(l, e), precision);
       most = std::max(most, cuda ? Align256(Align256(p.gate.nbytes()) + Align256(p.up.nbytes()) + p.down.nbytes())
@@ -64,7 +57,7 @@ size_t SlotBytes(const runtime::ModelWeights& w, bool cuda, LoadPrecision precis
 // Routing counts per (decoder layer, expert) for the static policy: from the trace, else from a
 // trained frequency predictor.
 StatusOr<std::vector<int64_t>> StaticCounts(const runtime::ModelConfig& c, const ExpertCacheOptions& o) {
-  const std::vector<int> moe = MoeLayers(c);
+  const std::vector<int> moe = c.MoeLayers();
   std::vector<int64_t> counts(static_cast<size_t>(c.num_layers) * c.num_experts, 0);
   if (o.trace) {
     for (const auto& t : o.trace->tokens)
@@ -109,7 +102,7 @@ StatusOr<CacheBudget> ExpertCache::PlanBudget(const runtime::Engine& engine, con
                                       : "expert cache: give the budget once (bytes, slots, or slots per layer)");
   CacheBudget b;
   b.num_moe_layers = c.num_moe_layers();
-  b.moe_layers = MoeLayers(c);
+  b.moe_layers = c.MoeLayers();
   b.num_experts = c.num_experts;
   b.top_k = c.top_k;
   if (b.num_moe_layers < 1) return InvalidArgument("expert cache: the model has no MoE layer");

@@ -82,8 +82,7 @@ ExpertTiers::ExpertTiers(const runtime::ModelWeights* model, TierHooks hooks, Pr
   want_native_ = std::make_unique<std::atomic<uint8_t>[]>(n);
   resident_quantized_ = std::make_unique<std::atomic<uint8_t>[]>(n);
   uses_ = std::make_unique<std::atomic<int32_t>[]>(n);
-  for (int l = 0; l < c.num_layers; ++l) {
-    if (!c.IsMoeLayer(l)) continue;
+  for (int l : c.MoeLayers()) {
     for (int e = 0; e < c.num_experts; ++e) {
       const runtime::ExpertWeights& w = model_->host_expert(l, e);
       if (quantized_precision_ != LoadPrecision::kNative) {
@@ -178,8 +177,7 @@ Status ExpertTiers::Prepare(bool progress) {
           total += static_cast<int64_t>(model_->host_expert(l, e).nbytes());
   Progress bar(std::string("quantizing experts to ") + LoadPrecisionName(quantized_precision_), progress ? total : 0,
                progress ? 2.0 : 1e30);
-  for (int l = 0; l < c.num_layers; ++l) {
-    if (!c.IsMoeLayer(l)) continue;
+  for (int l : c.MoeLayers()) {
     for (int e = 0; e < c.num_experts; ++e) {
       if (!Computes(l, e) || !quantizable_[Index(l, e)]) continue;
       // The native bytes from the nearest tier, not counted as a load: this is the host tier's fill.

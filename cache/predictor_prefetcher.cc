@@ -43,8 +43,7 @@ StatusOr<std::unique_ptr<PredictorPrefetcher>> PredictorPrefetcher::Create(const
   p->options_ = options;
   p->upcoming_ = std::move(upcoming);
   p->forecast_ = std::move(forecast);
-  for (int l = 0; l < c.num_layers; ++l)
-    if (c.IsMoeLayer(l)) p->moe_layers_.push_back(l);
+  p->moe_layers_ = c.MoeLayers();
   const std::string& kind = options.kind;
   if (kind == "lookahead") {
     if (!options.path.empty())

@@ -15,11 +15,8 @@ StatusOr<std::unique_ptr<Cluster>> Cluster::Create(MpiContext* ctx, runtime::Eng
   ctx->set_timeout_s(o.timeout_s);
   ctx->set_ranks_per_node(o.ranks_per_node);
   const auto& mc = engine->config();
-  std::vector<int> moe_layers;
-  for (int l = 0; l < mc.num_layers; ++l)
-    if (mc.IsMoeLayer(l)) moe_layers.push_back(l);
-  EF_ASSIGN_OR_RETURN(c->placement_,
-                      ExpertPlacement::Create(o.placement, ctx->size(), mc.num_layers, mc.num_experts, moe_layers));
+  EF_ASSIGN_OR_RETURN(c->placement_, ExpertPlacement::Create(o.placement, ctx->size(), mc.num_layers,
+                                                             mc.num_experts, mc.MoeLayers()));
   const bool cuda = engine->backend().kind() == runtime::BackendKind::kCuda;
   std::string exchange = o.exchange;
   if (exchange == "auto") exchange = cuda && NcclExchange::Available() ? "nccl" : "mpi";

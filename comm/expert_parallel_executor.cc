@@ -113,8 +113,7 @@ StatusOr<bool> ExpertParallelExecutor::SyncIdle() {
 
 Status ExpertParallelExecutor::RunIdleStep() {
   const auto& c = engine_->config();
-  for (int l = 0; l < c.num_layers; ++l) {
-    if (!c.IsMoeLayer(l)) continue;
+  for (int l : c.MoeLayers()) {
     EF_RETURN_IF_ERROR(Run(l, 0, top_k_, nullptr, {}, {}, nullptr));
   }
   return Status::Ok();

@@ -21,8 +21,7 @@ StatusOr<std::unique_ptr<PeerExpertSource>> PeerExpertSource::Create(
   const int n = ctx->size(), me = ctx->rank(), E = c.num_experts;
   s->offsets_.assign(n, std::vector<int64_t>(static_cast<size_t>(c.num_layers) * E, -1));
   std::vector<size_t> total(n, 0);
-  for (int l = 0; l < c.num_layers; ++l) {
-    if (!c.IsMoeLayer(l)) continue;
+  for (int l : c.MoeLayers()) {
     for (int e = 0; e < E; ++e) {
       const size_t b = weights->host_expert(l, e).nbytes();
       const size_t padded = (b + 63) / 64 * 64;
@@ -50,8 +49,7 @@ StatusOr<std::unique_ptr<PeerExpertSource>> PeerExpertSource::Create(
     // Rank 0 speaks for the ranks, which fill their shards at the same time.
     Progress bar("rank 0 of " + std::to_string(n) + ": filling the host expert shard",
                  static_cast<int64_t>(s->shard_bytes_), me == 0 ? 2.0 : 1e30);
-    for (int l = 0; l < c.num_layers; ++l) {
-      if (!c.IsMoeLayer(l)) continue;
+    for (int l : c.MoeLayers()) {
       for (int e = 0; e < E; ++e) {
         const int64_t off = s->offsets_[me][static_cast<size_t>(l) * E + e];
         if (off < 0) continue;

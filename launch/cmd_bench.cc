@@ -306,9 +306,7 @@ Status InstallOraclePrefetch(const BenchRun& b, BenchParts* p) {
   if (b.keying != placement::TraceKeying::kStream)
     return InvalidArgument("--oracle-prefetch needs --routing-key stream (one rank)");
   const runtime::ModelConfig& cfg = p->engine->config();
-  std::vector<int> moe_layers;
-  for (int l = 0; l < cfg.num_layers; ++l)
-    if (cfg.IsMoeLayer(l)) moe_layers.push_back(l);
+  const std::vector<int> moe_layers = cfg.MoeLayers();
   const placement::RoutingTrace* tr = &p->trace_override->trace();
   cache::ExpertCache* cache = p->expert_cache.get();
   const int depth = std::max(1, b.config().cache.prefetch_layers);

@@ -50,8 +50,7 @@ StatusOr<std::unique_ptr<LookaheadPredictor>> LookaheadPredictor::FromModel(cons
   const runtime::ModelConfig& c = weights.config();
   const runtime::Checkpoint& ck = weights.checkpoint();
   std::vector<std::vector<float>> routers, norms;
-  for (int l = 0; l < c.num_layers; ++l) {
-    if (!c.IsMoeLayer(l)) continue;
+  for (int l : c.MoeLayers()) {
     EF_ASSIGN_OR_RETURN(const runtime::TensorView* r, ck.Get(c.RouterName(l)));
     if (r->numel() != static_cast<int64_t>(c.num_experts) * c.hidden_size)
       return InvalidArgument("router \"" + r->name + "\" has shape " + r->ShapeString() + ", expected [" +

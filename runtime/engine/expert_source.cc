@@ -8,8 +8,7 @@ StatusOr<std::unique_ptr<ResidentExpertSource>> ResidentExpertSource::Create(con
   const ModelConfig& c = model.config();
   src->num_experts_ = c.num_experts;
   src->experts_.resize(static_cast<size_t>(c.num_layers) * c.num_experts);
-  for (int l = 0; l < c.num_layers; ++l) {
-    if (!c.IsMoeLayer(l)) continue;
+  for (int l : c.MoeLayers()) {
     for (int e = 0; e < c.num_experts; ++e) {
       const ExpertWeights& h = model.host_expert(l, e);
       ExpertWeights& d = src->experts_[static_cast<size_t>(l) * c.num_experts + e];

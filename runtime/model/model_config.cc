@@ -396,6 +396,13 @@ int ModelConfig::num_moe_layers() const {
   return n;
 }
 
+std::vector<int> ModelConfig::MoeLayers() const {
+  std::vector<int> v;
+  for (int l = 0; l < num_layers; ++l)
+    if (IsMoeLayer(l)) v.push_back(l);
+  return v;
+}
+
 int ModelConfig::MoeLayerIndex(int layer) const {
   if (!IsMoeLayer(layer)) return -1;
   int n = 0;

@@ -101,6 +101,9 @@ struct ModelConfig {
 
   bool IsMoeLayer(int layer) const;
   int num_moe_layers() const;
+  // The decoder indices of the MoE layers, ascending: position i is MoE layer i (MoeLayerIndex's
+  // inverse). Loops over experts go over these; dense layers have none.
+  std::vector<int> MoeLayers() const;
   // Index among MoE layers (0-based) or -1 for a dense layer.
   int MoeLayerIndex(int layer) const;
   int q_dim() const { return num_heads * head_dim; }
