@@ -69,6 +69,7 @@ nlohmann::json Cluster::Stats() const {
       {"exchange", exchange_->name()},
       {"a2a_bytes_sent", exchange_->bytes_sent()},
       {"a2a_bytes_received", exchange_->bytes_received()},
+      {"a2a_seconds", static_cast<double>(exchange_->a2a_ns()) * 1e-9},
       {"rows_dispatched", executor_->rows_dispatched()},
       {"rows_computed", executor_->rows_computed()},
       {"steps", executor_->steps()},
@@ -83,6 +84,8 @@ nlohmann::json Cluster::Stats() const {
     UcxRemoteMemory& r = peer_source_->remote();
     j["ucx_get_bytes"] = r.bytes_fetched();
     j["ucx_gets"] = r.num_gets();
+    j["ucx_get_seconds"] = static_cast<double>(r.get_ns()) * 1e-9;
+    j["ucx_get_gbps"] = r.get_ns() > 0 ? static_cast<double>(r.bytes_fetched()) / static_cast<double>(r.get_ns()) : 0.0;
     j["experts_fetched"] = peer_source_->experts_fetched();
     j["shard_bytes"] = peer_source_->shard_bytes();
     j["ucx_tls"] = r.tls();

@@ -1,6 +1,7 @@
 #include "comm/mpi_exchange.h"
 
 #include <algorithm>
+#include <chrono>
 #include <climits>
 #include <cstring>
 
@@ -48,6 +49,11 @@ Status MpiExchange::AllToAllV(const void* send, std::span<const int64_t> send_co
     roff[r + 1] = roff[r] + static_cast<size_t>(recv_counts[r]) * row_bytes;
   }
   ++num_exchanges_;
+  struct Timer {
+    StatCounter& total;
+    std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
+    ~Timer() { total += (std::chrono::steady_clock::now() - t0) / std::chrono::nanoseconds(1); }
+  } timer{a2a_ns_};
   if (send_counts[me] != recv_counts[me]) return Internal("self row counts disagree");
   if (send_counts[me] > 0) std::memcpy(d + roff[me], s + soff[me], soff[me + 1] - soff[me]);
   if (n == 1) return Status::Ok();

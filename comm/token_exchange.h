@@ -40,12 +40,16 @@ class TokenExchange {
   int64_t bytes_sent() const { return bytes_sent_.load(); }
   int64_t bytes_received() const { return bytes_received_.load(); }
   int64_t num_exchanges() const { return num_exchanges_.load(); }  // AllToAllV calls
+  // Wall time inside AllToAllV (host-blocking exchanges; the NCCL one enqueues on the stream and
+  // reports 0): transfer plus waiting for the slowest peer to arrive.
+  int64_t a2a_ns() const { return a2a_ns_.load(); }
 
  protected:
   // Written by the driving thread only.
   StatCounter bytes_sent_;
   StatCounter bytes_received_;
   StatCounter num_exchanges_;
+  StatCounter a2a_ns_;
 };
 
 }  // namespace ef::comm

@@ -152,6 +152,7 @@ Status UcxRemoteMemory::Get(int rank, uint64_t offset, void* dst, size_t bytes) 
   if (offset + bytes > sizes_[rank])
     return OutOfRange("get of " + std::to_string(bytes) + " bytes at " + std::to_string(offset) + " is past rank " +
                       std::to_string(rank) + "'s region of " + std::to_string(sizes_[rank]) + " bytes");
+  const auto t0 = std::chrono::steady_clock::now();
   ucp_request_param_t param{};
   ucs_status_ptr_t req = ucp_get_nbx(eps_[rank], dst, bytes, bases_[rank] + offset, rkeys_[rank], &param);
   if (UCS_PTR_IS_ERR(req)) UCS_CHECK(UCS_PTR_STATUS(req));
@@ -187,6 +188,7 @@ Status UcxRemoteMemory::Get(int rank, uint64_t offset, void* dst, size_t bytes) 
   if (transport_[rank].empty()) transport_[rank] = DescribeEndpoint(rank);
   bytes_fetched_ += static_cast<int64_t>(bytes);
   ++num_gets_;
+  get_ns_ += (std::chrono::steady_clock::now() - t0) / std::chrono::nanoseconds(1);
   return Status::Ok();
 }
 

@@ -48,6 +48,7 @@ class UcxRemoteMemory {
 
   int64_t bytes_fetched() const { return bytes_fetched_.load(); }  // any thread
   int64_t num_gets() const { return num_gets_.load(); }            // any thread
+  int64_t get_ns() const { return get_ns_.load(); }                // any thread: wall time in Get
   // The transports UCX chose for the endpoint to `rank` (e.g. "tcp/lo", "cma/memory"), after the
   // first get to it; "" before.
   const std::string& transport(int rank) const { return transport_[rank]; }
@@ -69,7 +70,7 @@ class UcxRemoteMemory {
   std::vector<std::string> transport_;
   std::string tls_ = "auto";
   char dummy_[64] = {0};                  // mapped when this rank exposes nothing
-  StatCounter bytes_fetched_, num_gets_;  // written by the driving thread only
+  StatCounter bytes_fetched_, num_gets_, get_ns_;  // written by the driving thread only
 };
 
 }  // namespace ef::comm
