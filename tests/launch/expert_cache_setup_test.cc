@@ -385,6 +385,26 @@ TEST_F(ExpertCacheSetupTest, OfflineOrUnknownChoicesAreErrors) {
   EXPECT_NE(s.message().find("unknown predictor 'oracle'"), std::string::npos) << s.ToString();
 }
 
+TEST_F(ExpertCacheSetupTest, CpuComputeIsACudaOptionAndAKnownOne) {
+  auto engine = MakeEngine(false);
+  CacheSection cs;
+  cs.device_slots_per_layer = 2;
+  cs.policy = "lru";
+  cs.cpu_compute = "auto";
+  auto cache = SetUpExpertCache(engine.get(), cs, PredictorSection{"none", ""});
+  ASSERT_FALSE(cache.ok());
+  EXPECT_NE(cache.status().message().find("cache.cpu_compute auto applies to the cuda backend"), std::string::npos)
+      << cache.status().ToString();
+  cs.cpu_compute = "sometimes";
+  cache = SetUpExpertCache(engine.get(), cs, PredictorSection{"none", ""});
+  ASSERT_FALSE(cache.ok());
+  EXPECT_NE(cache.status().message().find("cache.cpu_compute must be off, auto or on, got 'sometimes'"),
+            std::string::npos)
+      << cache.status().ToString();
+  cs.cpu_compute = "off";
+  EXPECT_TRUE(SetUpExpertCache(engine.get(), cs, PredictorSection{"none", ""}).ok());
+}
+
 TEST_F(ExpertCacheSetupTest, MetricsCarryTheCacheCountersPerLayerAndExpert) {
   auto engine = MakeEngine(false);
   CacheSection cs;
