@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <nlohmann/json.hpp>
 
 #include "runtime/engine/engine.h"
@@ -470,6 +471,107 @@ TEST_F(QuantCheckpointTest, ScoreMatchesTheDequantizedCheckpointAndStaysNearTheF
                 k.family.c_str(), weight_err, MaxAbs(fixture), diff);
     EXPECT_LT(diff, k.bound);
   }
+}
+
+// --- (iii) bad input: errors naming the tensor or key, never a crash ---
+
+TEST_F(QuantCheckpointTest, BadMxfp4TensorsAreErrorsNamingThem) {
+  const std::string p = "model.layers.0.mlp.experts.";
+  auto write = [&](const std::string& name, std::function<void(TensorMap&, json&)> mutate) {
+    QuantWriteOptions o;
+    o.mutate = std::move(mutate);
+    return Write("gpt_oss", name, o);
+  };
+  // Blocks of 8 bytes per group of 32 values: half of what the scales describe.
+  ExpectLoadError(write("half_blocks",
+                        [&](TensorMap& t, json&) {
+                          OwnedTensor& b = t[p + "gate_up_proj_blocks"];
+                          b.shape = {8, 128, 2, 8};
+                          b.bytes.resize(b.bytes.size() / 2);
+                        }),
+                  {"\"" + p + "gate_up_proj_blocks\" has shape [8, 128, 2, 8]", "must be [8, 128, 2, 16]"});
+  // Scales of one group too many per row.
+  ExpectLoadError(write("wide_scales",
+                        [&](TensorMap& t, json&) {
+                          OwnedTensor& s = t[p + "down_proj_scales"];
+                          s.shape = {8, 64, 3};
+                          s.bytes.resize(8 * 64 * 3);
+                        }),
+                  {"\"" + p + "down_proj_scales\" has shape [8, 64, 3]", "must be [8, 64, 2]"});
+  ExpectLoadError(write("float_scales",
+                        [&](TensorMap& t, json&) {
+                          OwnedTensor& s = t[p + "down_proj_scales"];
+                          s = testing::FloatTensor(DType::kF32, s.shape, std::vector<float>(s.bytes.size(), 1.f));
+                        }),
+                  {"\"" + p + "down_proj_scales\" has dtype F32", "must be U8"});
+  ExpectLoadError(write("no_scales", [&](TensorMap& t, json&) { t.erase(p + "gate_up_proj_scales"); }),
+                  {"\"" + p + "gate_up_proj_scales\" is missing"});
+  // A NaN scale (e8m0 255) in expert 3, row 5 (up row 2), second group.
+  ExpectLoadError(
+      write("nan_scale", [&](TensorMap& t, json&) { t[p + "gate_up_proj_scales"].bytes[(3 * 128 + 5) * 2 + 1] = 255; }),
+      {"tensor \"" + p + "gate_up_proj_blocks\", expert 3, row 5, group 1 (scale byte 255)", "NaN"});
+  // MXFP4 tensors without the quantization_config that announces them.
+  ExpectLoadError(write("no_config", [](TensorMap&, json& c) { c.erase("quantization_config"); }),
+                  {"holds MXFP4 experts", "gate_up_proj_blocks", "quant_method \"mxfp4\""});
+}
+
+TEST_F(QuantCheckpointTest, BadFp8TensorsAreErrorsNamingThem) {
+  const std::string kv_a = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight";
+  auto write = [&](const std::string& name, std::function<void(TensorMap&, json&)> mutate) {
+    QuantWriteOptions o;
+    o.block_rows = 16;
+    o.block_cols = 24;
+    o.mutate = std::move(mutate);
+    return Write("deepseek_v3", name, o);
+  };
+  // kv_a [40, 64] in blocks of [16, 24] needs a grid of [3, 3]: a grid of [2, 3] leaves rows 32..39 out.
+  ExpectLoadError(write("short_grid",
+                        [&](TensorMap& t, json&) {
+                          OwnedTensor& s = t[kv_a + "_scale_inv"];
+                          s.shape = {2, 3};
+                          s.bytes.resize(2 * 3 * 4);
+                        }),
+                  {"\"" + kv_a + "_scale_inv\" has shape [2, 3]", "weight_block_size [16, 24]",
+                   "\"" + kv_a + "\" [40, 64] needs a grid of [3, 3]"});
+  // The config's block size disagrees with the scales written: the first FP8 weight loaded fails.
+  ExpectLoadError(
+      write("other_block",
+            [](TensorMap&, json& c) {
+              c["quantization_config"]["weight_block_size"] = {32, 24};
+            }),
+      {"q_a_proj.weight_scale_inv\" has shape [2, 3]", "weight_block_size [32, 24]", "needs a grid of [1, 3]"});
+  ExpectLoadError(write("no_scale", [&](TensorMap& t, json&) { t.erase(kv_a + "_scale_inv"); }),
+                  {"\"" + kv_a + "_scale_inv\" is missing"});
+  ExpectLoadError(write("bf16_scale",
+                        [&](TensorMap& t, json&) {
+                          OwnedTensor& s = t[kv_a + "_scale_inv"];
+                          s = testing::FloatTensor(DType::kBF16, s.shape, testing::AsF32(s));
+                        }),
+                  {"\"" + kv_a + "_scale_inv\" has dtype BF16", "must be F32"});
+  ExpectLoadError(write("inf_scale",
+                        [&](TensorMap& t, json&) {
+                          OwnedTensor& s = t[kv_a + "_scale_inv"];
+                          const float inf = INFINITY;
+                          std::memcpy(&s.bytes[4 * 4], &inf, 4);  // block [1, 1]
+                        }),
+                  {"\"" + kv_a + "_scale_inv\": the scale of block [1, 1] is inf"});
+  ExpectLoadError(write("nan_code", [&](TensorMap& t, json&) { t[kv_a].bytes[7 * 64 + 9] = 0xff; }),
+                  {"\"" + kv_a + "\": the FP8 code at [7, 9] is NaN"});
+  // FP8 weights without the quantization_config that announces them.
+  ExpectLoadError(write("no_config", [](TensorMap&, json& c) { c.erase("quantization_config"); }),
+                  {"q_a_proj.weight\" has dtype F8_E4M3", "quant_method fp8"});
+}
+
+TEST_F(QuantCheckpointTest, UnknownQuantMethodIsAnErrorNamingTheKey) {
+  QuantWriteOptions o;
+  o.mutate = [](TensorMap&, json& c) { c["quantization_config"] = {{"quant_method", "awq"}, {"bits", 4}}; };
+  const std::string dir = Write("deepseek_v3", "awq", o);
+  ExpectLoadError(dir, {"config.json", "quantization_config.quant_method \"awq\" is not supported"});
+  std::ofstream(dir_ / "ids.json") << R"({"input_ids": [[1, 2, 3]]})";
+  RunResult r = RunBinary("score --backend cpu --model " + dir + " --ids-file " + (dir_ / "ids.json").string());
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_FALSE(r.signaled);
+  EXPECT_NE(r.output.find("quantization_config.quant_method \"awq\""), std::string::npos) << r.output;
 }
 
 }  // namespace
