@@ -32,14 +32,17 @@ const char* DTypeName(DType t) {
       return "Q8G";
     case DType::kQ4:
       return "Q4G";
+    case DType::kF8E4M3:
+      return "F8_E4M3";
   }
   return "?";
 }
 
 bool ParseDType(std::string_view s, DType* out) {
   static constexpr std::pair<std::string_view, DType> kNames[] = {
-      {"F32", DType::kF32}, {"F16", DType::kF16}, {"BF16", DType::kBF16}, {"I64", DType::kI64}, {"I32", DType::kI32},
-      {"U8", DType::kU8},   {"I8", DType::kI8},   {"BOOL", DType::kBool}, {"F64", DType::kF64}, {"I16", DType::kI16}};
+      {"F32", DType::kF32}, {"F16", DType::kF16}, {"BF16", DType::kBF16},     {"I64", DType::kI64},
+      {"I32", DType::kI32}, {"U8", DType::kU8},   {"I8", DType::kI8},         {"BOOL", DType::kBool},
+      {"F64", DType::kF64}, {"I16", DType::kI16}, {"F8_E4M3", DType::kF8E4M3}};
   for (auto [name, t] : kNames) {
     if (s == name) {
       *out = t;
@@ -106,6 +109,11 @@ void ConvertToF32(DType t, const void* src, float* dst, size_t n) {
     case DType::kI32: {
       const int32_t* s = static_cast<const int32_t*>(src);
       for (size_t i = 0; i < n; ++i) dst[i] = static_cast<float>(s[i]);
+      return;
+    }
+    case DType::kF8E4M3: {
+      const uint8_t* s = static_cast<const uint8_t*>(src);
+      for (size_t i = 0; i < n; ++i) dst[i] = F8E4M3ToF32(s[i]);
       return;
     }
     default:

@@ -10,8 +10,10 @@ namespace ef {
 
 // kQ8 and kQ4 are this runtime's own group-quantized weight formats (layout in
 // runtime/core/quant_format.h, produced by Quantize in runtime/core/quant.h). No checkpoint holds
-// them: ParseDType refuses their names.
-enum class DType : uint8_t { kF32, kF16, kBF16, kI64, kI32, kU8, kI8, kBool, kF64, kI16, kQ8, kQ4 };
+// them: ParseDType refuses their names. kF8E4M3 is OCP FP8 E4M3 ("F8_E4M3", torch.float8_e4m3fn:
+// no infinities, 0x7f/0xff NaN), which block-quantized checkpoints store with separate scales;
+// weights never keep it (runtime/model/checkpoint_quant.h dequantizes at load).
+enum class DType : uint8_t { kF32, kF16, kBF16, kI64, kI32, kU8, kI8, kBool, kF64, kI16, kQ8, kQ4, kF8E4M3 };
 
 // Bytes per element; 0 for kQ8/kQ4, whose elements take a fraction of a byte plus a share of
 // their group's scales: size those with WeightBytes.
@@ -30,6 +32,7 @@ constexpr size_t DTypeSize(DType t) {
     case DType::kU8:
     case DType::kI8:
     case DType::kBool:
+    case DType::kF8E4M3:
       return 1;
     case DType::kQ8:
     case DType::kQ4:
@@ -96,6 +99,27 @@ inline float F16ToF32(uint16_t h) {
 }
 
 uint16_t F32ToF16(float f);
+
+// OCP FP8 E4M3 (bias 7, 3 mantissa bits, subnormals, no infinities; S.1111.111 is NaN): every
+// value is exact in fp32.
+inline float F8E4M3ToF32(uint8_t v) {
+  const uint32_t sign = static_cast<uint32_t>(v & 0x80u) << 24;
+  const uint32_t exp = (v >> 3) & 0xfu;
+  const uint32_t mant = v & 0x7u;
+  uint32_t bits;
+  if (exp == 0xf && mant == 0x7) {
+    bits = sign | 0x7fc00000u;
+  } else if (exp == 0) {  // subnormal: mant * 2^-9, exact as a float conversion
+    float f = static_cast<float>(mant) * 0x1p-9f;
+    std::memcpy(&bits, &f, 4);
+    bits |= sign;
+  } else {
+    bits = sign | ((exp - 7 + 127) << 23) | (mant << 20);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
 
 // Converts n elements of type t at src to fp32.
 void ConvertToF32(DType t, const void* src, float* dst, size_t n);

@@ -1,24 +1,30 @@
 #include "runtime/engine/model_weights.h"
 
 #include <cstring>
+#include <iterator>
 
 #include "runtime/core/logging.h"
+#include "runtime/model/checkpoint_quant.h"
 
 namespace ef::runtime {
 namespace {
 
+Status CheckShape(const TensorView* t, const std::vector<int64_t>& shape) {
+  if (t->shape == shape) return Status::Ok();
+  TensorView want;
+  want.shape = shape;
+  return InvalidArgument("tensor \"" + t->name + "\" has shape " + t->ShapeString() + ", the config implies " +
+                         want.ShapeString());
+}
+
 // Looks a tensor up, checks its shape and float dtype.
 StatusOr<const TensorView*> Tensor(const Checkpoint& ckpt, const std::string& name, std::vector<int64_t> shape) {
   EF_ASSIGN_OR_RETURN(const TensorView* t, ckpt.Get(name));
-  if (t->shape != shape) {
-    TensorView want;
-    want.shape = shape;
-    return InvalidArgument("tensor \"" + name + "\" has shape " + t->ShapeString() + ", the config implies " +
-                           want.ShapeString());
-  }
+  EF_RETURN_IF_ERROR(CheckShape(t, shape));
   if (!IsFloatWeight(t->dtype))
-    return InvalidArgument("tensor \"" + name + "\" has dtype " + DTypeName(t->dtype) +
-                           "; weights must be F32, F16 or BF16");
+    return InvalidArgument(
+        "tensor \"" + name + "\" has dtype " + DTypeName(t->dtype) + "; weights must be F32, F16 or BF16" +
+        (t->dtype == DType::kF8E4M3 ? " (or F8_E4M3 under quantization_config.quant_method fp8)" : ""));
   return t;
 }
 
@@ -38,10 +44,26 @@ class ModelWeightsLoader {
 
  private:
   Status Upload(const std::string& name, std::vector<int64_t> shape, Weight* out) {
-    EF_ASSIGN_OR_RETURN(const TensorView* t, Tensor(ck_, name, shape));
-    Weight hw = HostWeight(t);
+    EF_ASSIGN_OR_RETURN(Weight hw, HostTensor(name, shape));
     EF_ASSIGN_OR_RETURN(*out, backend_->UploadWeight(hw.dtype, hw.data, hw.rows, hw.cols));
+    if (out->data != hw.data) Release(hw.data);  // the backend copied it (CUDA); the CPU backend views it
     return Status::Ok();
+  }
+  // Weight `name` of `shape` in host memory as F32/F16/BF16: the checkpoint's bytes, or the
+  // dequantization (owned) of a block FP8 weight into fp8_out_.
+  StatusOr<Weight> HostTensor(const std::string& name, const std::vector<int64_t>& shape) {
+    EF_ASSIGN_OR_RETURN(const TensorView* t, ck_.Get(name));
+    if (t->dtype != DType::kF8E4M3 || c_.quant.method != WeightQuant::kFp8) {
+      EF_ASSIGN_OR_RETURN(t, Tensor(ck_, name, shape));
+      return HostWeight(t);
+    }
+    EF_RETURN_IF_ERROR(CheckShape(t, shape));
+    EF_ASSIGN_OR_RETURN(const TensorView* scale, ck_.Get(Fp8ScaleName(name)));
+    EF_RETURN_IF_ERROR(CheckFp8(*t, *scale, c_.quant.block_rows, c_.quant.block_cols));
+    const Weight w{fp8_out_, nullptr, t->dim(0), t->dim(1)};
+    std::byte* dst = Own(w.nbytes());
+    EF_RETURN_IF_ERROR(DequantizeFp8(*t, *scale, c_.quant.block_rows, c_.quant.block_cols, fp8_out_, dst));
+    return Weight{w.dtype, dst, w.rows, w.cols};
   }
   Status UploadMlp(int layer, bool shared, int64_t inter, ExpertWeights* out) {
     auto name = [&](int p) { return shared ? c_.SharedExpertName(layer, p) : c_.DenseMlpName(layer, p); };
@@ -54,6 +76,16 @@ class ModelWeightsLoader {
   std::byte* Own(size_t bytes) {
     m_->owned_.push_back(std::make_unique<std::vector<std::byte>>(bytes));
     return m_->owned_.back()->data();
+  }
+  // Frees the owned bytes at `data` once nothing views them (a dequantized weight that was copied
+  // again); a no-op for checkpoint bytes. Searches from the newest: the bytes are recent.
+  void Release(const void* data) {
+    for (auto it = m_->owned_.rbegin(); it != m_->owned_.rend(); ++it) {
+      if ((*it)->data() == data) {
+        m_->owned_.erase(std::next(it).base());
+        return;
+      }
+    }
   }
   // An fp32 copy of a vector tensor, uploaded: ops that take plain float pointers (sinks, rope).
   StatusOr<Weight> UploadF32(const float* data, int64_t n) {
@@ -72,15 +104,30 @@ class ModelWeightsLoader {
   Status LoadMoe(int l, LayerWeights* L);
   Status LoadExperts(int l);
   Status LoadFusedExperts(int l);
+  // Fills the gate, up and down parts of expert e (owned, laid out as ExpertWeights) from the
+  // fused bf16/fp32 tensors or from MXFP4 blocks.
+  Status FillFusedExpert(const TensorView* gate_up, const TensorView* down, int64_t e, const ExpertWeights& ew);
+  Status FillMxfp4Expert(const TensorView* gate_up_blocks, const TensorView* gate_up_scales,
+                         const TensorView* down_blocks, const TensorView* down_scales, int64_t e,
+                         const ExpertWeights& ew);
 
   ModelWeights* m_;
   const ModelConfig& c_;
   const Checkpoint& ck_;
   Backend* backend_;
   const int64_t H_;
+  // Block FP8 weights are dequantized into the dtype the checkpoint keeps its unquantized weights
+  // in (that of the token embedding, which no published checkpoint quantizes). In BF16 (the
+  // published DeepSeek-V3) each fp32 product fp8 x scale_inv is rounded once more to nearest even,
+  // as transformers does when it dequantizes into the model's dtype; in F32 it is exact. Kept as
+  // floats rather than a compact form: the backends' Gemm takes no block FP8 weight.
+  DType fp8_out_ = DType::kF32;
+  std::vector<std::byte> gate_up_scratch_;  // one MXFP4 expert's dequantized gate_up rows
 };
 
 Status ModelWeightsLoader::Run() {
+  EF_ASSIGN_OR_RETURN(const TensorView* embed, Tensor(ck_, "model.embed_tokens.weight", {c_.vocab_size, H_}));
+  fp8_out_ = embed->dtype;
   EF_RETURN_IF_ERROR(Upload("model.embed_tokens.weight", {c_.vocab_size, H_}, &m_->embed_));
   EF_RETURN_IF_ERROR(Upload("model.norm.weight", {H_}, &m_->final_norm_));
   if (c_.tie_word_embeddings && !ck_.Has("lm_head.weight")) {
@@ -151,9 +198,9 @@ Status ModelWeightsLoader::LoadMla(int l, LayerWeights* L) {
   EF_RETURN_IF_ERROR(Upload(p + "kv_a_proj_with_mqa.weight", {r + rope, H_}, &L->kv_a));
   EF_RETURN_IF_ERROR(Upload(p + "kv_a_layernorm.weight", {r}, &L->kv_a_norm));
   EF_RETURN_IF_ERROR(Upload(p + "o_proj.weight", {H_, nh * vd}, &L->o));
-  EF_ASSIGN_OR_RETURN(const TensorView* kvb, Tensor(ck_, p + "kv_b_proj.weight", {nh * (nope + vd), r}));
-  const size_t esz = DTypeSize(kvb->dtype);
-  const auto* src = static_cast<const std::byte*>(kvb->data);
+  EF_ASSIGN_OR_RETURN(const Weight kvb, HostTensor(p + "kv_b_proj.weight", {nh * (nope + vd), r}));
+  const size_t esz = DTypeSize(kvb.dtype);
+  const auto* src = static_cast<const std::byte*>(kvb.data);
   std::byte* key = Own(static_cast<size_t>(nh * r * nope) * esz);
   std::byte* value = Own(static_cast<size_t>(nh * vd * r) * esz);
   for (int64_t h = 0; h < nh; ++h) {
@@ -165,8 +212,9 @@ Status ModelWeightsLoader::LoadMla(int l, LayerWeights* L) {
     std::memcpy(value + static_cast<size_t>(h * vd * r) * esz, head + static_cast<size_t>(nope * r) * esz,
                 static_cast<size_t>(vd * r) * esz);
   }
-  EF_ASSIGN_OR_RETURN(L->kv_b_key, backend_->UploadWeight(kvb->dtype, key, nh * r, nope));
-  EF_ASSIGN_OR_RETURN(L->kv_b_value, backend_->UploadWeight(kvb->dtype, value, nh * vd, r));
+  Release(kvb.data);  // a dequantized kv_b_proj: only its repacked copies are used
+  EF_ASSIGN_OR_RETURN(L->kv_b_key, backend_->UploadWeight(kvb.dtype, key, nh * r, nope));
+  EF_ASSIGN_OR_RETURN(L->kv_b_value, backend_->UploadWeight(kvb.dtype, value, nh * vd, r));
   return Status::Ok();
 }
 
@@ -188,12 +236,12 @@ Status ModelWeightsLoader::LoadExperts(int l) {
   const int64_t I = c_.moe_intermediate_size;
   for (int e = 0; e < c_.num_experts; ++e) {
     ExpertWeights& ew = m_->host_experts_[static_cast<size_t>(l) * c_.num_experts + e];
-    EF_ASSIGN_OR_RETURN(const TensorView* g, Tensor(ck_, c_.ExpertName(l, e, 0), {I, H_}));
-    EF_ASSIGN_OR_RETURN(const TensorView* u, Tensor(ck_, c_.ExpertName(l, e, 1), {I, H_}));
-    EF_ASSIGN_OR_RETURN(const TensorView* d, Tensor(ck_, c_.ExpertName(l, e, 2), {H_, I}));
-    ew = ExpertWeights{HostWeight(g), HostWeight(u), HostWeight(d), {}, {}, {}};
+    EF_ASSIGN_OR_RETURN(const Weight g, HostTensor(c_.ExpertName(l, e, 0), {I, H_}));
+    EF_ASSIGN_OR_RETURN(const Weight u, HostTensor(c_.ExpertName(l, e, 1), {I, H_}));
+    EF_ASSIGN_OR_RETURN(const Weight d, HostTensor(c_.ExpertName(l, e, 2), {H_, I}));
+    ew = ExpertWeights{g, u, d, {}, {}, {}};
     m_->max_expert_bytes_ = std::max(m_->max_expert_bytes_, ew.nbytes());
-    m_->expert_dtype_ = g->dtype;
+    m_->expert_dtype_ = g.dtype;
   }
   return Status::Ok();
 }
@@ -202,16 +250,41 @@ Status ModelWeightsLoader::LoadExperts(int l) {
 // even columns, up in the odd ones), its bias [E, 2I], down_proj [E, I, H] and its bias [E, H].
 // Each expert is repacked into one owned block in ExpertWeights' packed order with the engine's
 // [out, in] layout, so caches and peers copy it as they copy any expert.
+//
+// The published checkpoints store the two projections as MXFP4 (quant_method "mxfp4"):
+// gate_up_proj_blocks [E, 2I, H / 32, 16] + _scales [E, 2I, H / 32] and down_proj_blocks
+// [E, H, I / 32, 16] + _scales [E, H, I / 32], that is [out, in] per expert. transformers
+// dequantizes them to [E, 2I, H] and [E, H, I] and transposes each to the layout above, so row
+// 2i of gate_up is gate row i, row 2i + 1 is up row i, and down's rows are its outputs. They are
+// dequantized expert by expert straight into the expert's block, in the biases' dtype (BF16 in
+// the published checkpoints), where every value e2m1 x 2^k is exact (checked): the experts equal
+// transformers' dequantized ones. They are not kept compact: Q4G (an fp16 scale and min per 64
+// values) cannot hold MXFP4's power-of-two scales per 32 exactly, and no Gemm takes MXFP4.
 Status ModelWeightsLoader::LoadFusedExperts(int l) {
   const std::string p = "model.layers." + std::to_string(l) + ".mlp.experts.";
   const int64_t E = c_.num_experts, I = c_.moe_intermediate_size;
-  EF_ASSIGN_OR_RETURN(const TensorView* gu, Tensor(ck_, p + "gate_up_proj", {E, H_, 2 * I}));
+  const bool mxfp4 = c_.quant.method == WeightQuant::kMxfp4;
+  const TensorView *gu = nullptr, *dp = nullptr, *gu_scales = nullptr, *dp_scales = nullptr;
+  if (mxfp4) {
+    EF_ASSIGN_OR_RETURN(gu, ck_.Get(p + "gate_up_proj_blocks"));
+    EF_ASSIGN_OR_RETURN(gu_scales, ck_.Get(p + "gate_up_proj_scales"));
+    EF_ASSIGN_OR_RETURN(dp, ck_.Get(p + "down_proj_blocks"));
+    EF_ASSIGN_OR_RETURN(dp_scales, ck_.Get(p + "down_proj_scales"));
+    EF_RETURN_IF_ERROR(CheckMxfp4(*gu, *gu_scales, {E}, 2 * I, H_));
+    EF_RETURN_IF_ERROR(CheckMxfp4(*dp, *dp_scales, {E}, H_, I));
+  } else {
+    if (!ck_.Has(p + "gate_up_proj") && ck_.Has(p + "gate_up_proj_blocks"))
+      return InvalidArgument("layer " + std::to_string(l) + " holds MXFP4 experts (\"" + p +
+                             "gate_up_proj_blocks\") but config.json has no quantization_config with quant_method "
+                             "\"mxfp4\"");
+    EF_ASSIGN_OR_RETURN(gu, Tensor(ck_, p + "gate_up_proj", {E, H_, 2 * I}));
+    EF_ASSIGN_OR_RETURN(dp, Tensor(ck_, p + "down_proj", {E, I, H_}));
+  }
   EF_ASSIGN_OR_RETURN(const TensorView* gub, Tensor(ck_, p + "gate_up_proj_bias", {E, 2 * I}));
-  EF_ASSIGN_OR_RETURN(const TensorView* dp, Tensor(ck_, p + "down_proj", {E, I, H_}));
   EF_ASSIGN_OR_RETURN(const TensorView* dpb, Tensor(ck_, p + "down_proj_bias", {E, H_}));
-  const DType dt = gu->dtype;
-  for (const TensorView* t : {gub, dp, dpb})
-    if (t->dtype != dt)
+  const DType dt = mxfp4 ? gub->dtype : gu->dtype;
+  for (const TensorView* t : {gu, gub, dp, dpb})
+    if (IsFloatWeight(t->dtype) && t->dtype != dt)
       return InvalidArgument("layer " + std::to_string(l) + ": fused expert tensors mix dtypes (" + DTypeName(dt) +
                              " and " + DTypeName(t->dtype) + ")");
   const size_t esz = DTypeSize(dt);
@@ -221,21 +294,11 @@ Status ModelWeightsLoader::LoadFusedExperts(int l) {
   for (int64_t e = 0; e < E; ++e) {
     ExpertWeights ew{{dt, nullptr, I, H_}, {dt, nullptr, I, H_}, {dt, nullptr, H_, I},
                      {dt, nullptr, 1, I},  {dt, nullptr, 1, I},  {dt, nullptr, 1, H_}};
-    std::byte* block = Own(ew.nbytes());
-    ew = ew.Rebased(block);
-    auto* gate = const_cast<std::byte*>(static_cast<const std::byte*>(ew.gate.data));
-    auto* up = const_cast<std::byte*>(static_cast<const std::byte*>(ew.up.data));
-    auto* down = const_cast<std::byte*>(static_cast<const std::byte*>(ew.down.data));
+    ew = ew.Rebased(Own(ew.nbytes()));
+    EF_RETURN_IF_ERROR(mxfp4 ? FillMxfp4Expert(gu, gu_scales, dp, dp_scales, e, ew) : FillFusedExpert(gu, dp, e, ew));
     auto* gb = const_cast<std::byte*>(static_cast<const std::byte*>(ew.gate_bias.data));
     auto* ub = const_cast<std::byte*>(static_cast<const std::byte*>(ew.up_bias.data));
     auto* db = const_cast<std::byte*>(static_cast<const std::byte*>(ew.down_bias.data));
-    for (int64_t h = 0; h < H_; ++h)
-      for (int64_t i = 0; i < I; ++i) {
-        const int64_t row = (e * H_ + h) * 2 * I;
-        std::memcpy(gate + static_cast<size_t>(i * H_ + h) * esz, at(gu->data, row + 2 * i), esz);
-        std::memcpy(up + static_cast<size_t>(i * H_ + h) * esz, at(gu->data, row + 2 * i + 1), esz);
-        std::memcpy(down + static_cast<size_t>(h * I + i) * esz, at(dp->data, (e * I + i) * H_ + h), esz);
-      }
     for (int64_t i = 0; i < I; ++i) {
       std::memcpy(gb + static_cast<size_t>(i) * esz, at(gub->data, e * 2 * I + 2 * i), esz);
       std::memcpy(ub + static_cast<size_t>(i) * esz, at(gub->data, e * 2 * I + 2 * i + 1), esz);
@@ -248,6 +311,54 @@ Status ModelWeightsLoader::LoadFusedExperts(int l) {
   return Status::Ok();
 }
 
+Status ModelWeightsLoader::FillFusedExpert(const TensorView* gu, const TensorView* dp, int64_t e,
+                                           const ExpertWeights& ew) {
+  const int64_t I = c_.moe_intermediate_size;
+  const size_t esz = DTypeSize(gu->dtype);
+  auto at = [esz](const void* base, int64_t i) {
+    return static_cast<const std::byte*>(base) + static_cast<size_t>(i) * esz;
+  };
+  auto* gate = const_cast<std::byte*>(static_cast<const std::byte*>(ew.gate.data));
+  auto* up = const_cast<std::byte*>(static_cast<const std::byte*>(ew.up.data));
+  auto* down = const_cast<std::byte*>(static_cast<const std::byte*>(ew.down.data));
+  for (int64_t h = 0; h < H_; ++h)
+    for (int64_t i = 0; i < I; ++i) {
+      const int64_t row = (e * H_ + h) * 2 * I;
+      std::memcpy(gate + static_cast<size_t>(i * H_ + h) * esz, at(gu->data, row + 2 * i), esz);
+      std::memcpy(up + static_cast<size_t>(i * H_ + h) * esz, at(gu->data, row + 2 * i + 1), esz);
+      std::memcpy(down + static_cast<size_t>(h * I + i) * esz, at(dp->data, (e * I + i) * H_ + h), esz);
+    }
+  return Status::Ok();
+}
+
+Status ModelWeightsLoader::FillMxfp4Expert(const TensorView* gu, const TensorView* gu_scales, const TensorView* dp,
+                                           const TensorView* dp_scales, int64_t e, const ExpertWeights& ew) {
+  const int64_t I = c_.moe_intermediate_size;
+  const DType dt = ew.gate.dtype;
+  const size_t row_bytes = static_cast<size_t>(H_) * DTypeSize(dt);
+  auto blocks = [e](const TensorView* t, int64_t rows, int64_t cols) {
+    return reinterpret_cast<const uint8_t*>(t->data) + e * rows * cols / 2;
+  };
+  auto scales = [e](const TensorView* t, int64_t rows, int64_t cols) {
+    return reinterpret_cast<const uint8_t*>(t->data) + e * rows * (cols / kMxfp4Group);
+  };
+  const std::string expert = ", expert " + std::to_string(e);
+  // gate_up's [2I, H] rows interleave gate (even) and up (odd): dequantized here, then split.
+  gate_up_scratch_.resize(2 * static_cast<size_t>(I) * row_bytes);
+  EF_RETURN_IF_ERROR(DequantizeMxfp4(blocks(gu, 2 * I, H_), scales(gu_scales, 2 * I, H_), 2 * I, H_, dt,
+                                     gate_up_scratch_.data(), "tensor \"" + gu->name + "\"" + expert));
+  auto* gate = const_cast<std::byte*>(static_cast<const std::byte*>(ew.gate.data));
+  auto* up = const_cast<std::byte*>(static_cast<const std::byte*>(ew.up.data));
+  for (int64_t i = 0; i < I; ++i) {
+    std::memcpy(gate + static_cast<size_t>(i) * row_bytes, &gate_up_scratch_[static_cast<size_t>(2 * i) * row_bytes],
+                row_bytes);
+    std::memcpy(up + static_cast<size_t>(i) * row_bytes, &gate_up_scratch_[static_cast<size_t>(2 * i + 1) * row_bytes],
+                row_bytes);
+  }
+  return DequantizeMxfp4(blocks(dp, H_, I), scales(dp_scales, H_, I), H_, I, dt, const_cast<void*>(ew.down.data),
+                         "tensor \"" + dp->name + "\"" + expert);
+}
+
 StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(const std::string& model_dir, Backend* backend) {
   auto m = std::unique_ptr<ModelWeights>(new ModelWeights());
   EF_ASSIGN_OR_RETURN(m->config_, ModelConfig::FromModelDir(model_dir));
@@ -257,6 +368,9 @@ StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(const std::string& mo
   EF_LOG(INFO, MODEL, "loaded %s: %s, %d layers (%d MoE) x %d experts top-%d, hidden %d, %zu bytes per expert",
          model_dir.c_str(), c.model_type.c_str(), c.num_layers, c.num_moe_layers(), c.num_experts, c.top_k,
          c.hidden_size, m->max_expert_bytes_);
+  if (c.quant.method != WeightQuant::kNone)
+    EF_LOG(INFO, MODEL, "%s weights dequantized at load; experts held as %s", WeightQuantName(c.quant.method),
+           DTypeName(m->expert_dtype_));
   return m;
 }
 

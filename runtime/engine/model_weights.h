@@ -5,6 +5,11 @@
 // fused gate_up_proj [E, H, 2I] (gate/up interleaved) and down_proj [E, I, H] are repacked at load
 // into per-expert gate [I, H], up [I, H], down [H, I] (+ biases), owned here. MLA's kv_b_proj is
 // likewise repacked into the per-head absorbed key and value projections.
+//
+// Quantized checkpoints as published (config.json quantization_config) are dequantized at load,
+// tensor by tensor (expert by expert), into owned float weights: GPT-OSS's MXFP4 experts into the
+// dtype of their biases (exact), DeepSeek-V3's block FP8 linear weights into the dtype of the
+// token embedding (exact in F32, one more rounding in BF16). Formats: runtime/model/checkpoint_quant.h.
 #pragma once
 
 #include <memory>
@@ -81,7 +86,7 @@ struct LayerWeights {
 class ModelWeights {
  public:
   // Opens the checkpoint and uploads the dense weights to the backend. Expert weights stay in
-  // the checkpoint mapping (host_expert()).
+  // host memory (host_expert()): the checkpoint mapping where its layout is the engine's.
   static StatusOr<std::unique_ptr<ModelWeights>> Load(const std::string& model_dir, Backend* backend);
 
   const ModelConfig& config() const { return config_; }
@@ -93,13 +98,14 @@ class ModelWeights {
   const Weight& rope_inv_freq() const { return rope_inv_freq_; }
   float rope_attention_factor() const { return rope_attention_factor_; }
   const LayerWeights& layer(int l) const { return layers_[static_cast<size_t>(l)]; }
-  // Host views (checkpoint bytes) of routed expert e of layer l. Valid for MoE layers only.
+  // Host views of routed expert e of layer l (checkpoint bytes, or owned repacked or dequantized
+  // bytes). Valid for MoE layers only.
   const ExpertWeights& host_expert(int layer, int expert) const {
     return host_experts_[static_cast<size_t>(layer) * config_.num_experts + expert];
   }
   // The largest expert's size in bytes: the size of a cache slot.
   size_t max_expert_bytes() const { return max_expert_bytes_; }
-  // Weights dtype of the experts (the checkpoint's).
+  // Weights dtype of the experts (the checkpoint's, or the one quantized experts were dequantized into).
   DType expert_dtype() const { return expert_dtype_; }
 
  private:
@@ -109,7 +115,8 @@ class ModelWeights {
   Weight embed_, final_norm_, lm_head_;
   Weight rope_inv_freq_;
   float rope_attention_factor_ = 1.f;
-  // Repacked host bytes (fused experts, MLA projections, fp32 vectors) that weights above view.
+  // Repacked or dequantized host bytes (fused experts, MLA projections, fp32 vectors, quantized
+  // weights) that weights above view.
   std::vector<std::unique_ptr<std::vector<std::byte>>> owned_;
   std::vector<LayerWeights> layers_;
   std::vector<ExpertWeights> host_experts_;

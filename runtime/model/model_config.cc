@@ -236,7 +236,61 @@ Status ParseGptOss(const json& j, const std::string& origin, ModelConfig* c) {
   return Status::Ok();
 }
 
+// quantization_config: absent or null (weights as stored), mxfp4 (gpt_oss experts) or fp8 (block
+// FP8 with dynamic activation scales, which this runtime does not apply: activations stay fp32).
+Status ParseQuantization(const json& j, const std::string& origin, ModelConfig* c) {
+  if (!j.contains("quantization_config") || j["quantization_config"].is_null()) return Status::Ok();
+  const json& q = j["quantization_config"];
+  if (!q.is_object()) return Reader(j, origin).WrongType("quantization_config", "an object");
+  const std::string sub = origin + " (quantization_config)";
+  Reader r(q, sub);
+  std::string method;
+  EF_RETURN_IF_ERROR(r.OptString("quant_method", &method));
+  if (method.empty()) return r.Missing("quant_method");
+  if (method == "mxfp4") {
+    if (c->family != ModelFamily::kGptOss)
+      return Unimplemented(origin + ": quantization_config.quant_method \"mxfp4\" is supported for gpt_oss only, not " +
+                           c->model_type);
+    c->quant.method = WeightQuant::kMxfp4;
+    return Status::Ok();
+  }
+  if (method != "fp8")
+    return Unimplemented(origin + ": quantization_config.quant_method \"" + method +
+                         "\" is not supported (supported: mxfp4, fp8); dequantize the checkpoint first");
+  c->quant.method = WeightQuant::kFp8;
+  std::string fmt = "e4m3", scheme = "dynamic";
+  EF_RETURN_IF_ERROR(r.OptString("fmt", &fmt));
+  if (fmt != "e4m3")
+    return Unimplemented(origin + ": quantization_config.fmt \"" + fmt + "\" is not supported (only e4m3)");
+  EF_RETURN_IF_ERROR(r.OptString("activation_scheme", &scheme));
+  if (scheme != "dynamic")
+    return Unimplemented(origin + ": quantization_config.activation_scheme \"" + scheme +
+                         "\" is not supported (only dynamic)");
+  if (r.Has("weight_block_size")) {
+    const json& b = q["weight_block_size"];
+    if (!b.is_array() || b.size() != 2 || !b[0].is_number_integer() || !b[1].is_number_integer() ||
+        b[0].get<int64_t>() < 1 || b[1].get<int64_t>() < 1 || b[0].get<int64_t>() > (1 << 20) ||
+        b[1].get<int64_t>() > (1 << 20))
+      return r.WrongType("weight_block_size", "two positive integers [rows, cols] up to 2^20");
+    c->quant.block_rows = b[0].get<int>();
+    c->quant.block_cols = b[1].get<int>();
+  }
+  return Status::Ok();
+}
+
 }  // namespace
+
+const char* WeightQuantName(WeightQuant q) {
+  switch (q) {
+    case WeightQuant::kNone:
+      return "none";
+    case WeightQuant::kMxfp4:
+      return "mxfp4";
+    case WeightQuant::kFp8:
+      return "fp8";
+  }
+  return "?";
+}
 
 StatusOr<ModelConfig> ModelConfig::FromJson(const std::string& text, const std::string& origin) {
   json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
@@ -355,6 +409,7 @@ StatusOr<ModelConfig> ModelConfig::FromJson(const std::string& text, const std::
        j["sliding_window"].get<int64_t>() < c.max_position_embeddings))
     return Unimplemented(origin + ": sliding-window attention is not supported");
 
+  EF_RETURN_IF_ERROR(ParseQuantization(j, origin, &c));
   EF_RETURN_IF_ERROR(r.OptInt("bos_token_id", &c.bos_token_id, -1));
   EF_RETURN_IF_ERROR(r.OptInt("pad_token_id", &c.pad_token_id, -1));
   if (j.contains("eos_token_id") && !j["eos_token_id"].is_null()) {

@@ -23,6 +23,18 @@ enum class RouterScoring {
   kSoftmaxTopK,  // top-k of the logits, softmax over the k selected logits (gpt_oss)
 };
 enum class TopkMethod { kGreedy, kGroupLimitedGreedy, kNoAuxTc };
+
+// How a published checkpoint stores (some of) its weights: quantization_config.quant_method.
+enum class WeightQuant {
+  kNone,
+  kMxfp4,  // gpt_oss experts: *_blocks (e2m1 pairs) + *_scales (e8m0 per 32 inputs)
+  kFp8,    // F8_E4M3 linear weights + weight_scale_inv (fp32 per block of weight_block_size)
+};
+struct QuantConfig {
+  WeightQuant method = WeightQuant::kNone;
+  int block_rows = 128, block_cols = 128;  // kFp8: weight_block_size [out, in]
+};
+
 enum class ExpertActivation { kSiluMul, kClampedSwiGlu };
 
 // Rotary embedding parameters (rope_parameters / rope_scaling of config.json).
@@ -90,6 +102,9 @@ struct ModelConfig {
   int decoder_sparse_step = 1;
   std::vector<int> mlp_only_layers;
 
+  // The checkpoint's weight quantization; weights are dequantized at load (ModelWeights).
+  QuantConfig quant;
+
   int bos_token_id = -1;
   int eos_token_id = -1;  // first one when config lists several
   std::vector<int> eos_token_ids;
@@ -131,5 +146,7 @@ struct ModelConfig {
 };
 
 const char* ModelFamilyName(ModelFamily f);
+// "none", "mxfp4", "fp8".
+const char* WeightQuantName(WeightQuant q);
 
 }  // namespace ef::runtime
