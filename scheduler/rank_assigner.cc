@@ -142,51 +142,38 @@ struct TokenLayer {
   const PlacedExpert* experts[kMaxMaskedExperts];
 };
 
-// Where each expert of a TokenLayer goes from a rank computing exactly the experts in `own` (they
-// cost nothing there). The others' compute ranks do not depend on which rank that is: the replica
-// rule only consults the rank's own membership, and none of their lists includes it.
-struct LayerRun {
-  int sends = 0;                // distinct remote ranks
-  bool consulted = false;       // some replica choice found a rank already receiving the token
-  int dest[kMaxMaskedExperts];  // of the experts not in `own`
-};
-template <bool kRecord>
-void RunLayer(const TokenLayer& x, uint64_t own, LayerRun& run) {
+// The replica of p the rule picks when `match` (= p.low_ranks & targets) is not empty: the first
+// listed rank below 64 that already receives the token.
+int FirstListedIn(const PlacedExpert& p, uint64_t match, uint64_t targets) {
+  if (!(match & (match - 1))) return std::countr_zero(match);
+  for (int i = 0;; ++i)
+    if (p.ranks[i] < 64 && (targets >> p.ranks[i] & 1)) return p.ranks[i];
+}
+
+// Remote sends of a token at one layer from a rank computing exactly the experts in `own` (they
+// cost nothing there). The other experts' compute ranks do not depend on which rank that is: the
+// replica rule only consults the rank's own membership, and none of their lists includes it.
+int LayerSends(const TokenLayer& x, uint64_t own) {
   uint64_t targets = 0;  // ranks < 64 already receiving the token at this layer
   int high[kMaxMaskedExperts];
-  int num_high = 0;
-  run.sends = 0;
+  int num_high = 0, sends = 0;
   for (int j = 0; j < x.num_experts; ++j) {
     if (own >> j & 1) continue;
     const PlacedExpert& p = *x.experts[j];
     int dest = p.ranks[0];
     if (p.num_ranks > 1) {
       const uint64_t match = p.low_ranks & targets;
-      if (kRecord) run.consulted |= match != 0;
-      if (match && !(match & (match - 1))) {
-        dest = std::countr_zero(match);
-      } else if (match) {  // several replicas already receive it: the first listed
-        for (int i = 0; i < p.num_ranks; ++i)
-          if (p.ranks[i] < 64 && (targets >> p.ranks[i] & 1)) {
-            dest = p.ranks[i];
-            break;
-          }
-      }
+      if (match) dest = FirstListedIn(p, match, targets);
     }
-    if (kRecord) run.dest[j] = dest;
     if (dest < 64) {
-      run.sends += !(targets >> dest & 1);
+      sends += !(targets >> dest & 1);
       targets |= uint64_t{1} << dest;
     } else if (std::find(high, high + num_high, dest) == high + num_high) {
       high[num_high++] = dest;
-      ++run.sends;
+      ++sends;
     }
   }
-}
-int LayerSends(const TokenLayer& x, uint64_t own) {
-  LayerRun run;
-  RunLayer<false>(x, own, run);
-  return run.sends;
+  return sends;
 }
 
 // The sparse cost: cost[u][r] = base[u] + delta of (u, r) when row u lists r, base[u] otherwise.
@@ -205,26 +192,26 @@ class SparseCostBuilder {
         plan_(plan),
         index_(index),
         layer_mask_(plan.num_ranks, 0),
-        unit_delta_(plan.num_ranks, 0),
-        in_unit_(plan.num_ranks, 0),
-        unit_ranks_(plan.num_ranks + 1) {
+        bit_of_(plan.num_ranks, -1),
+        dest_seen_(plan.num_ranks, -1),
+        dest_first_(plan.num_ranks, 0),
+        receivers_at_(plan.num_ranks, -1),
+        unit_delta_(plan.num_ranks, 0) {
     out_.row_begin.push_back(0);
   }
 
   void AddToken(int token) {
     for (int l = 0; l < paths_.num_layers(); ++l) unit_base_ += AddLayer(token, l);
   }
+  // Moves the unit's nonzero deltas to its row (a scan of every rank: the greedy scans them all
+  // per unit anyway) and clears them.
   void EndUnit() {
-    for (int i = 0; i < num_unit_ranks_; ++i) {
-      const int r = unit_ranks_[i];
+    for (int r = 0; r < static_cast<int>(unit_delta_.size()); ++r)
       if (unit_delta_[r] != 0) {
         out_.rank.push_back(r);
         out_.delta.push_back(unit_delta_[r]);
+        unit_delta_[r] = 0;
       }
-      unit_delta_[r] = 0;
-      in_unit_[r] = 0;
-    }
-    num_unit_ranks_ = 0;
     out_.base.push_back(unit_base_);
     unit_base_ = 0;
     out_.row_begin.push_back(out_.rank.size());
@@ -242,40 +229,68 @@ class SparseCostBuilder {
       ++x.num_experts;
     });
     if (x.num_experts > kMaxMaskedExperts) return AddLayerUnmasked(token, layer, placed);
-    uint64_t everywhere = 0;
-    for (int j = 0; j < x.num_experts; ++j)
-      if (x.experts[j]->everywhere) everywhere |= uint64_t{1} << j;
-    LayerRun run;
-    RunLayer<true>(x, everywhere, run);
-    if (run.consulted)
-      AddSimulatedDeltas(x, everywhere, run.sends);
-    else
-      AddFixedDestinationSavings(x, everywhere, run);
-    return run.sends;
+    BaseWalk walk;
+    WalkFromBase(x, walk);
+    if (!walk.consulted)
+      AddFixedDestinationSavings(x, walk.everywhere, walk.shared, walk.dest);
+    else if (!AddRunAtOnceDeltas(x, walk.everywhere, walk.dest))
+      AddSimulatedDeltas(x, walk.everywhere, walk.sends);
+    return walk.sends;
+  }
+
+  // The replica rule from a rank computing none of the token's experts but the everywhere ones.
+  struct BaseWalk {
+    int sends = 0;
+    bool consulted = false;       // some replica choice found a rank already receiving the token
+    uint64_t everywhere = 0;      // experts computed on every rank (free)
+    uint64_t shared = 0;          // experts whose destination another expert shares
+    int dest[kMaxMaskedExperts];  // where the others go
+  };
+  // Also leaves dest_seen_[d] == serial_ for each destination d, the first expert sent there in
+  // dest_first_[d].
+  void WalkFromBase(const TokenLayer& x, BaseWalk& walk) {
+    ++serial_;
+    uint64_t targets = 0;  // destinations below 64 so far
+    for (int j = 0; j < x.num_experts; ++j) {
+      const PlacedExpert& p = *x.experts[j];
+      if (p.everywhere) {
+        walk.everywhere |= uint64_t{1} << j;
+        continue;
+      }
+      int d = p.ranks[0];
+      if (p.num_ranks > 1) {
+        const uint64_t match = p.low_ranks & targets;
+        if (match) {
+          walk.consulted = true;
+          d = FirstListedIn(p, match, targets);
+        }
+      }
+      walk.dest[j] = d;
+      if (d < 64) targets |= uint64_t{1} << d;
+      if (dest_seen_[d] != serial_) {
+        dest_seen_[d] = serial_;
+        dest_first_[d] = j;
+        ++walk.sends;
+      } else {
+        walk.shared |= uint64_t{1} << j | uint64_t{1} << dest_first_[d];
+      }
+    }
   }
 
   // No replica choice consulted the ranks already receiving the token, so none does from any rank
-  // (a rank's own experts only remove receivers): every expert goes to run.dest whatever the rank,
+  // (a rank's own experts only remove receivers): every expert goes to dest[j] whatever the rank,
   // and a rank saves one send per destination all of whose experts it computes itself.
-  void AddFixedDestinationSavings(const TokenLayer& x, uint64_t everywhere, const LayerRun& run) {
-    int group_dest[kMaxMaskedExperts];
-    uint64_t group[kMaxMaskedExperts];  // the experts sent to group_dest[g]
-    int num_groups = 0;
+  void AddFixedDestinationSavings(const TokenLayer& x, uint64_t everywhere, uint64_t shared, const int* dest) {
     for (int j = 0; j < x.num_experts; ++j) {
       if (everywhere >> j & 1) continue;
-      const int g = static_cast<int>(std::find(group_dest, group_dest + num_groups, run.dest[j]) - group_dest);
-      if (g == num_groups) {
-        group_dest[num_groups] = run.dest[j];
-        group[num_groups++] = 0;
-      }
-      group[g] |= uint64_t{1} << j;
-    }
-    for (int g = 0; g < num_groups; ++g) {
-      if (!(group[g] & (group[g] - 1))) {
-        const PlacedExpert& p = *x.experts[std::countr_zero(group[g])];
+      if (!(shared >> j & 1)) {
+        const PlacedExpert& p = *x.experts[j];
         for (int i = 0; i < p.num_ranks; ++i) AddDelta(p.ranks[i], -1);
-      } else {
-        AddSavingOnCommonRanks(x, group[g]);
+      } else if (dest_first_[dest[j]] == j) {
+        uint64_t group = 0;
+        for (uint64_t m = shared; m; m &= m - 1)
+          if (dest[std::countr_zero(m)] == dest[j]) group |= m & -m;
+        AddSavingOnCommonRanks(x, group);
       }
     }
   }
@@ -297,6 +312,125 @@ class SparseCostBuilder {
       const PlacedExpert& p = *x.experts[std::countr_zero(m)];
       for (int i = 0; i < p.num_ranks; ++i) layer_mask_[p.ranks[i]] = 0;
     }
+  }
+
+  // Some replica choice depends on the ranks already receiving the token, which differ from rank to
+  // rank: the ranks are run all at once, one bit each. receivers[c] holds the ranks whose run sends
+  // the token to rank c so far. For each expert in order, a rank not computing it that already sends
+  // to one of its replicas (below 64) picks one of those and adds no receiver; the others go to the
+  // first listed: the replica rule, rank by rank. A rank's sends are the number of receiver sets
+  // holding it. Up to 64 ranks, bit r is rank r; beyond, the ranks computing one of the token's
+  // experts get bits 0.. and the next bit stands for the base, and this returns false (having done
+  // nothing) when more than 63 ranks are involved.
+  bool AddRunAtOnceDeltas(const TokenLayer& x, uint64_t everywhere, const int* dest) {
+    if (plan_.num_ranks <= 64) {
+      AddRunAtOnceDeltasOnFewRanks(x, everywhere, dest);
+      return true;
+    }
+    uint64_t own[kMaxMaskedExperts];  // own[j]: the bits of the ranks computing experts[j]
+    int num_bits = 0;
+    bool fits = true;
+    for (int j = 0; j < x.num_experts; ++j) {
+      own[j] = 0;
+      if (everywhere >> j & 1) continue;
+      const PlacedExpert& p = *x.experts[j];
+      for (int i = 0; i < p.num_ranks && fits; ++i) {
+        const int r = p.ranks[i];
+        if (bit_of_[r] < 0) {
+          fits = num_bits < 63;
+          if (!fits) break;
+          bit_of_[r] = num_bits;
+          layer_ranks_.push_back(r);
+          ++num_bits;
+        }
+        own[j] |= uint64_t{1} << bit_of_[r];
+      }
+    }
+    if (fits) {
+      const uint64_t all = (uint64_t{2} << num_bits) - 1;  // bit num_bits: the base
+      for (int j = 0; j < x.num_experts; ++j) {
+        if (everywhere >> j & 1) continue;
+        const PlacedExpert& p = *x.experts[j];
+        uint64_t deciding = all & ~own[j];
+        for (int i = 1; i < p.num_ranks && deciding; ++i) {  // ranks already sending to ranks[0] stay too
+          const int c = p.ranks[i];
+          if (c < 64 && receivers_at_[c] >= 0) deciding &= ~receivers_[receivers_at_[c]];
+        }
+        // Whoever already sends to a listed replica keeps sending there (no new receiver); the rest
+        // go to the first listed.
+        Receivers(p.ranks[0]) |= deciding;
+      }
+      AddCountedDeltas(num_bits);
+    }
+    for (int r : layer_ranks_) bit_of_[r] = -1;
+    layer_ranks_.clear();
+    for (int c : receiver_ranks_) receivers_at_[c] = -1;
+    receiver_ranks_.clear();
+    receivers_.clear();
+    return fits;
+  }
+
+  // The same with at most 64 ranks: bit r is rank r, an expert's ranks are its low_ranks, and the
+  // receiver sets are indexed by rank. The base's sets are the destinations of the walk in AddLayer
+  // (dest_seen_[c] == serial_).
+  void AddRunAtOnceDeltasOnFewRanks(const TokenLayer& x, uint64_t everywhere, const int* dest) {
+    const int R = plan_.num_ranks;
+    const uint64_t ranks = R == 64 ? ~uint64_t{0} : (uint64_t{1} << R) - 1;
+    uint64_t receivers[64];
+    uint64_t used = 0;  // ranks c with a receiver set
+    for (int j = 0; j < x.num_experts; ++j) {
+      if (everywhere >> j & 1) continue;
+      const PlacedExpert& p = *x.experts[j];
+      uint64_t deciding = ranks & ~p.low_ranks;
+      for (int i = 1; i < p.num_ranks && deciding; ++i)
+        if (used >> p.ranks[i] & 1) deciding &= ~receivers[p.ranks[i]];
+      const int front = p.ranks[0];
+      if (!(used >> front & 1)) receivers[front] = 0;
+      used |= uint64_t{1} << front;
+      receivers[front] |= deciding;
+    }
+    int delta[64];
+    std::fill(delta, delta + R, 0);
+    uint64_t changed = 0;
+    auto add = [&](uint64_t d, int v) {
+      changed |= d;
+      for (; d; d &= d - 1) delta[std::countr_zero(d)] += v;
+    };
+    for (int j = 0; j < x.num_experts; ++j) {  // the base's receiver sets, each once
+      if ((everywhere >> j & 1) || dest_first_[dest[j]] != j) continue;
+      const int c = dest[j];
+      add(~((used >> c & 1) ? receivers[c] : 0) & ranks, -1);
+    }
+    for (uint64_t c = used; c; c &= c - 1)  // the others
+      if (dest_seen_[std::countr_zero(c)] != serial_) add(receivers[std::countr_zero(c)], 1);
+    for (; changed; changed &= changed - 1) {
+      const int r = std::countr_zero(changed);
+      if (delta[r] != 0) AddDelta(r, delta[r]);
+    }
+  }
+
+  uint64_t& Receivers(int c) {
+    if (receivers_at_[c] < 0) {
+      receivers_at_[c] = static_cast<int>(receivers_.size());
+      receiver_ranks_.push_back(c);
+      receivers_.push_back(0);
+    }
+    return receivers_[receivers_at_[c]];
+  }
+
+  // A rank's sends minus the base's: +1 per receiver set holding the rank but not the base, -1 per
+  // set holding the base but not the rank. Most ranks send where the base does, so these
+  // differences are few; they are walked bit by bit.
+  void AddCountedDeltas(int num_bits) {
+    const uint64_t ranks = (uint64_t{1} << num_bits) - 1;
+    int delta[64];
+    std::fill(delta, delta + num_bits, 0);
+    for (const uint64_t m : receivers_) {
+      const bool base = m >> num_bits & 1;
+      for (uint64_t d = (base ? ~m : m) & ranks; d; d &= d - 1) delta[std::countr_zero(d)] += base ? -1 : 1;
+    }
+    for (int b = 0; b < num_bits; ++b)
+      if (delta[b] != 0) AddDelta(layer_ranks_[b], delta[b]);
   }
 
   // Some replica choice depends on the receivers so far: the sends from each rank are recomputed for
@@ -355,23 +489,22 @@ class SparseCostBuilder {
     return base;
   }
 
-  void AddDelta(int r, long d) {
-    unit_ranks_[num_unit_ranks_] = r;  // kept only the first time r is touched (branch-free)
-    num_unit_ranks_ += !in_unit_[r];
-    in_unit_[r] = 1;
-    unit_delta_[r] += d;
-  }
+  void AddDelta(int r, int d) { unit_delta_[r] += d; }
 
   const ExpertPathSet& paths_;
   const placement::BatchPlan& plan_;
   const PlanIndex& index_;
   std::vector<uint64_t> layer_mask_;  // [rank], zero between layers
-  std::vector<int> layer_ranks_;      // ranks with a nonzero layer_mask_
+  std::vector<int> bit_of_;           // [rank]: its bit in AddRunAtOnceDeltas, -1 between layers
+  std::vector<int> dest_seen_;        // [rank]: serial_ of the last call it was a destination in
+  std::vector<int> dest_first_;       // [rank]: the first expert sent there in that call
+  int serial_ = 0;
+  std::vector<int> receivers_at_;    // [rank c]: index of receivers_ for c, -1 between layers
+  std::vector<int> receiver_ranks_;  // ranks with a receivers_at_ entry
+  std::vector<uint64_t> receivers_;
+  std::vector<int> layer_ranks_;  // ranks with a nonzero layer_mask_
   std::vector<std::pair<uint64_t, int>> memo_;
   std::vector<long> unit_delta_;  // [rank], zero between units
-  std::vector<uint8_t> in_unit_;  // [rank]: listed in unit_ranks_
-  std::vector<int> unit_ranks_;   // [0, num_unit_ranks_): ranks whose cost the unit's tokens have changed
-  int num_unit_ranks_ = 0;
   long unit_base_ = 0;
   SparseCost out_;
 };

@@ -13,8 +13,10 @@
 // then to the lowest rank. The cost is kept sparse: at one layer a token's sends are the same on
 // every rank that computes none of its experts there, so cost[unit][rank] = baseline[unit] +
 // delta[unit][rank], with delta nonzero only on ranks computing one of the unit's experts. Building
-// it walks each token's experts and their compute ranks once (not once per rank); the decisions are
-// those of the dense cost matrix (tests/scheduler/rank_assigner_test.cc checks it against one).
+// it walks each token's experts and their compute ranks once, not once per rank (where a replica
+// choice depends on the ranks already receiving the token, all ranks are run at once, one bit per
+// rank); the decisions are those of the dense cost matrix (tests/scheduler/rank_assigner_test.cc
+// checks it against one).
 // Assign() is const and thread-safe. A plan naming a rank outside [0, num_ranks) is refused.
 #pragma once
 

@@ -69,7 +69,8 @@ struct Case {
 };
 
 // A random plan: per expert nothing (unplanned), one rank, a few replicas in random order (sometimes
-// with a duplicate), or every rank. Ranks are drawn from a small pool so that experts share ranks.
+// with a duplicate), a third of the ranks, or every rank. Ranks are drawn from a small pool so that experts share
+// ranks.
 placement::BatchPlan RandomPlan(std::mt19937& rng, int layers, int experts, int ranks) {
   placement::BatchPlan plan;
   plan.num_layers = layers;
@@ -88,6 +89,12 @@ placement::BatchPlan RandomPlan(std::mt19937& rng, int layers, int experts, int 
     if (kind == 3) {         // everywhere, in a random order
       rs.resize(ranks);
       std::iota(rs.begin(), rs.end(), 0);
+      std::shuffle(rs.begin(), rs.end(), rng);
+      continue;
+    }
+    if (kind == 4) {  // many copies: a token's experts may then involve more than 63 ranks
+      for (int r = 0; r < ranks; ++r)
+        if (rng() % 3 == 0) rs.push_back(r);
       std::shuffle(rs.begin(), rs.end(), rng);
       continue;
     }
