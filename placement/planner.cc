@@ -151,6 +151,23 @@ class LayerPlanner {
     for (const auto& row : cache.resident) any_cache_ |= !row.empty();
   }
 
+  // Expected tokens and the largest probability of every (layer, expert), in one pass over the
+  // forecast in memory order (it is the planner's largest input: tokens x layers x experts).
+  void ScanForecast() {
+    const int L = forecast_.num_layers;
+    max_prob_.assign(static_cast<size_t>(L) * E_, 0.f);
+    for (int t = 0; t < forecast_.num_tokens; ++t)
+      for (int l = 0; l < L; ++l) {
+        const float* p = forecast_.row(t, l);
+        float* expected = plan_.expected_tokens.data() + static_cast<size_t>(l) * E_;
+        float* max_prob = max_prob_.data() + static_cast<size_t>(l) * E_;
+        for (int e = 0; e < E_; ++e) {
+          expected[e] += p[e];
+          max_prob[e] = std::max(max_prob[e], p[e]);
+        }
+      }
+  }
+
   void Plan(int layer) {
     l_ = layer;
     expected_ = plan_.expected_tokens.data() + static_cast<size_t>(layer) * E_;
@@ -177,17 +194,10 @@ class LayerPlanner {
 
   // 1. Expected load of each expert (sum of probabilities) and which experts are needed.
   void ComputeLoads() {
-    max_prob_.assign(E_, 0.f);
-    for (int t = 0; t < forecast_.num_tokens; ++t) {
-      const float* p = forecast_.row(t, l_);
-      for (int e = 0; e < E_; ++e) {
-        expected_[e] += p[e];
-        max_prob_[e] = std::max(max_prob_[e], p[e]);
-      }
-    }
+    const float* max_prob = max_prob_.data() + static_cast<size_t>(l_) * E_;
     needed_.clear();
     for (int e = 0; e < E_; ++e)
-      if (max_prob_[e] >= options_.min_prob && max_prob_[e] > 0.f) needed_.push_back(e);
+      if (max_prob[e] >= options_.min_prob && max_prob[e] > 0.f) needed_.push_back(e);
   }
 
   // cached_by_[e]: the ranks whose cache holds expert e of this layer, in rank order.
@@ -367,10 +377,10 @@ class LayerPlanner {
   const int hot_copies_;  // copies of one expert step 3 may reach
   bool any_cache_ = false;
   int l_ = 0;
-  float* expected_ = nullptr;  // plan_.expected_tokens of layer l_
-  double mean_ = 0;            // mean expected load per rank
-  double hot_threshold_ = 0;   // hot_factor x the mean load per needed expert
-  std::vector<float> max_prob_;
+  float* expected_ = nullptr;                           // plan_.expected_tokens of layer l_
+  double mean_ = 0;                                     // mean expected load per rank
+  double hot_threshold_ = 0;                            // hot_factor x the mean load per needed expert
+  std::vector<float> max_prob_;                         // [layer * E + expert]
   std::vector<int> needed_, by_load_, slots_, picked_;  // by_load_: needed_, hottest first
   std::vector<double> load_;
   LoadTree tree_;                         // over load_, kept in step
@@ -408,6 +418,7 @@ StatusOr<BatchPlan> Planner::Plan(const RoutingForecast& forecast, const CacheRe
   plan.rank_load.assign(static_cast<size_t>(L) * R, 0.f);
   plan.prefetch.assign(R, {});
   LayerPlanner layers(options_, forecast, cache, topology, plan);
+  layers.ScanForecast();
   for (int l = 0; l < L; ++l) layers.Plan(l);
   for (auto& list : plan.prefetch)
     std::stable_sort(list.begin(), list.end(), [](const PrefetchEntry& a, const PrefetchEntry& b) {
