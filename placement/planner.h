@@ -66,11 +66,11 @@ struct PlannerOptions {
   // made for locality saves sends only for the tokens on its own rank (about tokens / ranks of them,
   // 14 KB of hidden state each for DeepSeek-V3) but holds a whole expert in that rank's memory and,
   // unless cached, costs a fetch (44 MB for a DeepSeek-V3 expert in FP8). EPLB likewise spends a
-  // small budget of redundant experts, by load. Without a cap the hottest expert of every layer took
-  // a slot on every rank; four copies keep the traffic within 1% at 8-64 ranks but not at 256
-  // (docs/results/control_plane_scale.md). The copies the load bound needs (step 4) are not limited
-  // by this: a hard cap of 4 on all copies leaves the busiest rank at 6.7x the mean on the
-  // DeepSeek-V3 shape at 256 ranks (its hottest expert carries ~214 of 2048 token-expert pairs).
+  // small budget of redundant experts, by load. Uncapped, the hottest expert of each layer takes a
+  // slot on every rank; with four copies, the DeepSeek-V3 shape's token traffic is at most 2% higher
+  // at 8-64 ranks and 12% higher at 256 (docs/results/control_plane_scale.md). The copies the load bound needs (step 4)
+  // are not limited by this: a hard cap of 4 on all copies leaves the busiest rank at 6.7x the mean on the DeepSeek-V3
+  // shape at 256 ranks (its hottest expert carries ~214 of 2048 token-expert pairs).
   int hot_replicas_per_expert = 4;
 };
 
