@@ -9,8 +9,15 @@
 // rank if any, otherwise one already receiving the token at that layer, otherwise the first listed.
 //
 // Algorithm: cost[unit][rank] from the model above; units in decreasing order of regret (second
-// cheapest rank minus cheapest) go to their cheapest rank with room, ties to the least-loaded rank.
-// Assign() is const and thread-safe.
+// cheapest rank minus cheapest) go to their cheapest rank with room, ties to the least-loaded rank,
+// then to the lowest rank. The cost is kept sparse: at one layer a token's sends are the same on
+// every rank that computes none of its experts there, so cost[unit][rank] = baseline[unit] +
+// delta[unit][rank], with delta nonzero only on ranks computing one of the unit's experts. Building
+// it walks each token's experts and their compute ranks once, not once per rank (where a replica
+// choice depends on the ranks already receiving the token, all ranks are run at once, one bit per
+// rank); the decisions are those of the dense cost matrix (tests/scheduler/rank_assigner_test.cc
+// checks it against one).
+// Assign() is const and thread-safe. A plan naming a rank outside [0, num_ranks) is refused.
 #pragma once
 
 #include <span>
@@ -34,6 +41,12 @@ class RankAssigner {
   // of every token row.
   StatusOr<std::vector<int>> Assign(const ExpertPathSet& paths, const placement::BatchPlan& plan,
                                     std::span<const std::vector<int>> units = {}) const;
+
+  // The cost Assign minimises, dense: remote sends (dispatch only) of unit u's tokens on rank r at
+  // [u * num_ranks + r] (all 0 on one rank); units as in Assign. For tests and tools; Assign never
+  // builds it.
+  static StatusOr<std::vector<long>> UnitCosts(const ExpertPathSet& paths, const placement::BatchPlan& plan,
+                                               std::span<const std::vector<int>> units = {});
 
   // Round-robin by token row (the FCFS baseline).
   static std::vector<int> RoundRobin(int num_tokens, int num_ranks);

@@ -153,6 +153,7 @@ void TokenRegrouper::Seed(const ExpertPathSet& paths, std::span<const int> capac
   std::vector<int> add_now(n_, 0), total_bits(n_, 0);
   for (int i = 0; i < n_; ++i)
     for (int w = 0; w < words_; ++w) total_bits[i] += std::popcount(paths.row(i)[w]);
+  IndexBits(paths);
   for (int b = 0; b < num_batches_; ++b) {
     std::fill(u.begin(), u.end(), 0);
     // Tokens due in this batch go first, in index order (a due token's predecessor is due too).
@@ -205,15 +206,32 @@ void TokenRegrouper::Seed(const ExpertPathSet& paths, std::span<const int> capac
       members_[b].push_back(pick);
       ready[pick] = 0;
       if (next_[pick] >= 0) ready[next_[pick]] = 1;
+      // Each bit new to the batch costs one less to every token holding it (assigned ones too:
+      // their add_now is not read again before the next batch recomputes it).
       const uint64_t* r = paths.row(pick);
       for (int w = 0; w < words_; ++w) {
         const uint64_t fresh = r[w] & ~u[w];
-        if (!fresh) continue;
         u[w] |= fresh;
-        for (int i : cand) add_now[i] -= std::popcount(paths.row(i)[w] & fresh);
+        for (uint64_t x = fresh; x; x &= x - 1) {
+          const int bit = w * 64 + std::countr_zero(x);
+          for (int k = bit_begin_[bit]; k < bit_begin_[bit + 1]; ++k) --add_now[bit_tokens_[k]];
+        }
       }
     }
   }
+}
+
+void TokenRegrouper::IndexBits(const ExpertPathSet& paths) {
+  bit_begin_.assign(bits_ + 1, 0);
+  for (int i = 0; i < n_; ++i)
+    for (int w = 0; w < words_; ++w)
+      for (uint64_t x = paths.row(i)[w]; x; x &= x - 1) ++bit_begin_[w * 64 + std::countr_zero(x) + 1];
+  for (int b = 0; b < bits_; ++b) bit_begin_[b + 1] += bit_begin_[b];
+  bit_tokens_.resize(bit_begin_[bits_]);
+  std::vector<int> next(bit_begin_.begin(), bit_begin_.end() - 1);
+  for (int i = 0; i < n_; ++i)
+    for (int w = 0; w < words_; ++w)
+      for (uint64_t x = paths.row(i)[w]; x; x &= x - 1) bit_tokens_[next[w * 64 + std::countr_zero(x)]++] = i;
 }
 
 void TokenRegrouper::RebuildBatch(const ExpertPathSet& paths, int b) {

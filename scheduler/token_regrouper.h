@@ -9,7 +9,9 @@
 //   1. Greedy seeding: batches are filled in order. Each batch starts with the earliest
 //      unassigned token (so every batch makes FCFS progress), then repeatedly takes the token that
 //      adds the fewest new (layer, expert) bits to the batch's union, ties to the one that shares
-//      the most bits with it, then to the earliest.
+//      the most bits with it, then to the earliest. Each token's count of new bits is kept current
+//      through an index from each bit to the tokens holding it (work per pick: the tokens sharing
+//      one of its new bits, not every candidate).
 //   2. Local search: pairwise swaps between batches, accepted when they lower the objective
 //      (first improvement; `max_swap_passes` passes over all pairs, 2 get nearly all of the gain).
 //      Per-batch per-(layer, expert) counts give each batch's union U and its "held by exactly one
@@ -80,6 +82,7 @@ class TokenRegrouper {
 
  private:
   void Seed(const ExpertPathSet& paths, std::span<const int> capacities);
+  void IndexBits(const ExpertPathSet& paths);
   int LocalSearch(const ExpertPathSet& paths, int* passes);
   void RebuildBatch(const ExpertPathSet& paths, int b);
   void RefreshCaches(const ExpertPathSet& paths, int b);
@@ -102,6 +105,8 @@ class TokenRegrouper {
   std::vector<int> rem_gain_;              // [token]: |row & O_own|
   std::vector<int> deadline_;              // [token], batch index
   std::vector<int> prev_, next_;           // same-sequence neighbours in the window, -1 if none
+  std::vector<int> bit_begin_;             // [bit]: bit_tokens_[bit_begin_[bit], bit_begin_[bit + 1])
+  std::vector<int> bit_tokens_;            // the tokens holding each (layer, expert) bit, in order
 };
 
 }  // namespace ef::scheduler

@@ -1,8 +1,9 @@
 // The control plane at scale, no processes: for batches of 256 tokens of recorded routing (the
 // FLAME-MoE trace) and of a synthetic DeepSeek-V3 shape (58 MoE layers x 256 experts, top-8, Zipf
 // skew 1.0), at 8, 64 and 256 simulated ranks, times the planner (placement::Planner::Plan), the
-// request->rank assigner (scheduler::RankAssigner::Assign, one unit per token) and the token
-// regrouper (scheduler::TokenRegrouper, a window of 2 batches), and counts the all-to-all traffic
+// forecast -> expert paths step (ExpertPathSet::FromForecast), the request->rank assigner
+// (scheduler::RankAssigner::Assign, one unit per token) and the token regrouper
+// (scheduler::TokenRegrouper, a window of 2 batches), and counts the all-to-all traffic
 // under the assigner's model: hidden-state copies a token sends to other ranks, dispatch + combine,
 // summed over layers, for round-robin vs locality assignment. Bytes per token = copies x hidden x
 // 2 (bf16). Single thread.
@@ -27,7 +28,8 @@ double Ms(Clock::time_point a, Clock::time_point b) { return std::chrono::durati
 struct Row {
   std::string workload;
   int ranks = 0;
-  double plan_ms = 0, assign_ms = 0, regroup_ms = 0;
+  double plan_ms = 0, paths_ms = 0, assign_ms = 0, regroup_ms = 0;
+  double replicas = 0;                   // the plan's copies beyond one per needed expert, per batch
   double rr_copies = 0, loc_copies = 0;  // per token, dispatch + combine, all layers
   double plan_imbalance = 0, token_imbalance = 0;
   int hidden = 0;
@@ -69,7 +71,9 @@ Row Measure(const std::string& name, const std::vector<ef::placement::RoutingFor
       std::exit(1);
     }
     row.plan_ms += Ms(t0, t1);
-    row.assign_ms += Ms(t1, t3);
+    row.paths_ms += Ms(t1, t2);
+    row.assign_ms += Ms(t2, t3);
+    row.replicas += plan->num_replicas;
     const auto rr = ef::scheduler::RankAssigner::RoundRobin(f.num_tokens, ranks);
     row.rr_copies += Copies(*paths, rr, *plan);
     row.loc_copies += Copies(*paths, *loc, *plan);
@@ -92,7 +96,9 @@ Row Measure(const std::string& name, const std::vector<ef::placement::RoutingFor
     }
   }
   row.plan_ms /= n;
+  row.paths_ms /= n;
   row.assign_ms /= n;
+  row.replicas /= n;
   row.regroup_ms /= std::max(1, n - 1);
   row.rr_copies /= n;
   row.loc_copies /= n;
@@ -126,21 +132,23 @@ int main(int argc, char** argv) {
       "# control plane per batch of %d tokens, one thread; copies = hidden states a token sends to other\n"
       "# ranks, dispatch + combine, all MoE layers; KB/token = copies x hidden x 2 B\n",
       kTokens);
-  std::printf("%-18s %6s %9s %9s %10s %9s %9s %10s %10s %8s %9s %9s\n", "workload", "ranks", "plan_ms", "assign_ms",
-              "regroup_ms", "rr_copies", "loc_copies", "rr_KB/tok", "loc_KB/tok", "saved", "plan_imb", "tok_imb");
+  std::printf("%-18s %6s %9s %9s %9s %10s %9s %9s %9s %10s %10s %8s %9s %9s\n", "workload", "ranks", "plan_ms",
+              "paths_ms", "assign_ms", "regroup_ms", "replicas", "rr_copies", "loc_copies", "rr_KB/tok", "loc_KB/tok",
+              "saved", "plan_imb", "tok_imb");
   for (const Row& r : rows) {
     const double kb = r.hidden * 2 / 1024.0;
-    std::printf("%-18s %6d %9.3f %9.3f %10.3f %9.1f %9.1f %10.1f %10.1f %7.1f%% %9.2f %9.2f\n", r.workload.c_str(),
-                r.ranks, r.plan_ms, r.assign_ms, r.regroup_ms, r.rr_copies, r.loc_copies, r.rr_copies * kb,
-                r.loc_copies * kb, 100.0 * (1 - r.loc_copies / r.rr_copies), r.plan_imbalance, r.token_imbalance);
+    std::printf("%-18s %6d %9.3f %9.3f %9.3f %10.3f %9.0f %9.1f %9.1f %10.1f %10.1f %7.1f%% %9.2f %9.2f\n",
+                r.workload.c_str(), r.ranks, r.plan_ms, r.paths_ms, r.assign_ms, r.regroup_ms, r.replicas, r.rr_copies,
+                r.loc_copies, r.rr_copies * kb, r.loc_copies * kb, 100.0 * (1 - r.loc_copies / r.rr_copies),
+                r.plan_imbalance, r.token_imbalance);
   }
   if (json)
     for (const Row& r : rows)
       std::printf(
-          "{\"workload\":\"%s\",\"ranks\":%d,\"plan_ms\":%.4f,\"assign_ms\":%.4f,\"regroup_ms\":%.4f,"
-          "\"rr_copies_per_token\":%.2f,\"loc_copies_per_token\":%.2f,\"hidden\":%d,\"plan_imbalance\":%.3f,"
-          "\"token_imbalance\":%.3f}\n",
-          r.workload.c_str(), r.ranks, r.plan_ms, r.assign_ms, r.regroup_ms, r.rr_copies, r.loc_copies, r.hidden,
-          r.plan_imbalance, r.token_imbalance);
+          "{\"workload\":\"%s\",\"ranks\":%d,\"plan_ms\":%.4f,\"paths_ms\":%.4f,\"assign_ms\":%.4f,"
+          "\"regroup_ms\":%.4f,\"replicas_per_batch\":%.1f,\"rr_copies_per_token\":%.2f,"
+          "\"loc_copies_per_token\":%.2f,\"hidden\":%d,\"plan_imbalance\":%.3f,\"token_imbalance\":%.3f}\n",
+          r.workload.c_str(), r.ranks, r.plan_ms, r.paths_ms, r.assign_ms, r.regroup_ms, r.replicas, r.rr_copies,
+          r.loc_copies, r.hidden, r.plan_imbalance, r.token_imbalance);
   return 0;
 }

@@ -2,7 +2,9 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <random>
+#include <string>
 
 namespace ef::placement {
 namespace {
@@ -69,6 +71,86 @@ TEST(PlannerTest, PrefetchListsSkipResidentExpertsAndAreOrdered) {
       }
     }
   }
+}
+
+// Plan invariants on random skewed forecasts: every needed expert placed on distinct valid ranks,
+// the load bound met, rank loads equal to the experts' loads split evenly over their copies, and
+// num_replicas counting the copies beyond one.
+TEST(PlannerTest, PlansAreConsistentAndBalanced) {
+  std::mt19937 rng(21);
+  for (int ranks : {1, 3, 8, 16, 64, 256})
+    for (int hot : {0, 1, 4})
+      for (double bound : {1.1, 1.25, 2.0}) {
+        RoutingForecast f = SkewedForecast(rng, 96, 3, 64, 4);
+        PlannerOptions opt;
+        opt.max_imbalance = bound;
+        opt.hot_replicas_per_expert = hot;
+        Topology topo;
+        topo.num_ranks = ranks;
+        auto plan = Planner(opt).Plan(f, {}, topo);
+        ASSERT_TRUE(plan.ok()) << plan.status().ToString();
+        const std::string where =
+            std::to_string(ranks) + " ranks, hot " + std::to_string(hot) + ", bound " + std::to_string(bound);
+        EXPECT_LE(plan->MaxLoadImbalance(), bound + 1e-6) << where;
+        int replicas = 0;
+        std::vector<double> load(static_cast<size_t>(f.num_layers) * ranks, 0.0);
+        for (int l = 0; l < f.num_layers; ++l)
+          for (int e = 0; e < f.num_experts; ++e) {
+            const auto& rs = plan->ranks(l, e);
+            std::vector<int> sorted = rs;
+            std::sort(sorted.begin(), sorted.end());
+            EXPECT_EQ(std::adjacent_find(sorted.begin(), sorted.end()), sorted.end()) << where << " expert " << e;
+            if (rs.empty()) continue;
+            replicas += static_cast<int>(rs.size()) - 1;
+            for (int r : rs) {
+              ASSERT_GE(r, 0);
+              ASSERT_LT(r, ranks);
+              load[static_cast<size_t>(l) * ranks + r] += plan->expected_tokens[l * f.num_experts + e] / rs.size();
+            }
+          }
+        EXPECT_EQ(plan->num_replicas, replicas) << where;
+        for (size_t i = 0; i < load.size(); ++i) EXPECT_NEAR(plan->rank_load[i], load[i], 1e-3) << where;
+      }
+}
+
+// Step 3 alone (a bound loose enough that step 4 adds nothing): a hot expert gets at most
+// hot_replicas_per_expert copies, and without the cap the hottest one takes a slot on every rank.
+TEST(PlannerTest, HotCopiesAreCapped) {
+  std::mt19937 rng(22);
+  RoutingForecast f = SkewedForecast(rng, 256, 2, 32, 4);
+  Topology topo;
+  topo.num_ranks = 16;
+  PlannerOptions opt;
+  opt.max_imbalance = 100;
+  auto capped = Planner(opt).Plan(f, {}, topo);
+  ASSERT_TRUE(capped.ok());
+  size_t most = 0;
+  for (const auto& rs : capped->compute_ranks) most = std::max(most, rs.size());
+  EXPECT_EQ(most, 4u);
+  opt.hot_replicas_per_expert = 0;
+  auto uncapped = Planner(opt).Plan(f, {}, topo);
+  ASSERT_TRUE(uncapped.ok());
+  for (int l = 0; l < f.num_layers; ++l) EXPECT_EQ(uncapped->ranks(l, 0).size(), 16u) << "layer " << l;
+}
+
+// Among equally loaded ranks, a copy goes to one whose cache already holds the expert.
+TEST(PlannerTest, CopiesPreferRanksCachingTheExpert) {
+  RoutingForecast f(10, 1, 4);
+  for (int t = 0; t < 10; ++t) f.row(t, 0)[0] = 1.f;  // expert 0: 10 tokens
+  for (int e = 1; e < 4; ++e) f.row(e, 0)[e] = 1.f;   // experts 1-3: one token each
+  Topology topo;
+  topo.num_ranks = 4;  // expert e at home on rank e
+  CacheResidency cache;
+  cache.resident.assign(4, std::vector<uint8_t>(4, 0));
+  cache.resident[0][0] = 1;  // at home, so step 2 keeps it there
+  cache.resident[3][0] = 1;
+  PlannerOptions opt;
+  opt.hot_replicas_per_expert = 2;  // step 3: one copy of expert 0, on rank 1, 2 or 3 (all load 1)
+  opt.max_imbalance = 100;
+  auto plan = Planner(opt).Plan(f, cache, topo);
+  ASSERT_TRUE(plan.ok());
+  EXPECT_EQ(plan->ranks(0, 0), (std::vector<int>{0, 3}));
+  for (const PrefetchEntry& p : plan->prefetch[3]) EXPECT_NE(p.expert, 0) << "rank 3 already caches expert 0";
 }
 
 TEST(PlannerTest, RejectsBadTopology) {
