@@ -13,10 +13,10 @@ StatusOr<std::unique_ptr<Cluster>> Cluster::Create(MpiContext* ctx, runtime::Eng
   c->ctx_ = ctx;
   c->engine_ = engine;
   ctx->set_timeout_s(o.timeout_s);
-  ctx->set_ranks_per_node(o.ranks_per_node);
+  EF_RETURN_IF_ERROR(ctx->SetRanksPerNode(o.ranks_per_node));
   const auto& mc = engine->config();
-  EF_ASSIGN_OR_RETURN(c->placement_, ExpertPlacement::Create(o.placement, ctx->size(), mc.num_layers,
-                                                             mc.num_experts, mc.MoeLayers()));
+  EF_ASSIGN_OR_RETURN(c->placement_,
+                      ExpertPlacement::Create(o.placement, ctx->size(), mc.num_layers, mc.num_experts, mc.MoeLayers()));
   const bool cuda = engine->backend().kind() == runtime::BackendKind::kCuda;
   std::string exchange = o.exchange;
   if (exchange == "auto") exchange = cuda && NcclExchange::Available() ? "nccl" : "mpi";

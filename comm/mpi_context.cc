@@ -103,6 +103,17 @@ StatusOr<MpiContext*> MpiContext::Init() {
     MPI_CHECK(MPI_Comm_split_type(c->comm_, MPI_COMM_TYPE_SHARED, c->rank_, MPI_INFO_NULL, &node));
     MPI_CHECK(MPI_Comm_rank(node, &c->launcher_local_rank_));
     MPI_CHECK(MPI_Comm_size(node, &c->launcher_local_size_));
+    // The node's lowest rank names the node (the split keeps rank order: it is local rank 0).
+    int leader = 0;
+    {
+      MPI_Group node_group, world_group;
+      const int zero = 0;
+      MPI_CHECK(MPI_Comm_group(node, &node_group));
+      MPI_CHECK(MPI_Comm_group(c->comm_, &world_group));
+      MPI_CHECK(MPI_Group_translate_ranks(node_group, 1, &zero, world_group, &leader));
+      MPI_Group_free(&node_group);
+      MPI_Group_free(&world_group);
+    }
     MPI_CHECK(MPI_Comm_free(&node));
     c->local_rank_ = c->launcher_local_rank_;
     c->local_size_ = c->launcher_local_size_;
@@ -117,6 +128,8 @@ StatusOr<MpiContext*> MpiContext::Init() {
       const char* h = hosts.data() + static_cast<size_t>(r) * kMaxHostName;
       c->nodes_.emplace_back(h, strnlen(h, kMaxHostName));
     }
+    c->node_leader_.resize(c->size_);
+    MPI_CHECK(MPI_Allgather(&leader, 1, MPI_INT, c->node_leader_.data(), 1, MPI_INT, c->comm_));
     EF_LOG(INFO, COMM, "mpi rank %d of %d on %s, local rank %d of %d", c->rank_, c->size_, host, c->local_rank_,
            c->local_size_);
   }
@@ -148,14 +161,52 @@ std::string MpiContext::DescribeNodes(const std::vector<int>& ranks) const {
   return out;
 }
 
-void MpiContext::set_ranks_per_node(int n) {
-  if (n <= 0) {
-    local_rank_ = launcher_local_rank_;
-    local_size_ = launcher_local_size_;
-  } else {
-    local_rank_ = rank_ % n;
-    local_size_ = std::min(n, size_);
+std::string MpiContext::DescribeRank(int r) const {
+  const std::string& n = node_of(r);
+  return "rank " + std::to_string(r) + (n.empty() ? "" : " on node " + n);
+}
+
+Status MpiContext::SetRanksPerNode(int n) {
+  local_rank_ = launcher_local_rank_;
+  local_size_ = launcher_local_size_;
+  if (n <= 0) return Status::Ok();
+  // Blocks of n consecutive ranks must be exactly the launcher's nodes. Every rank holds every
+  // rank's node, so each one reaches the same verdict without talking to the others.
+  bool match = true;
+  for (int r = 0; r < static_cast<int>(node_leader_.size()) && n > 1; ++r)
+    for (int s = 0; s < static_cast<int>(node_leader_.size()); ++s)
+      if ((node_leader_[r] == node_leader_[s]) != (r / n == s / n)) match = false;
+  if (!match) {
+    // "node n1 has ranks 0, 2; node n2 has ranks 1, 3", nodes in order of their lowest rank.
+    std::string placed;
+    int per = -1;  // ranks on every node if that is one number and the nodes hold blocks, else 0
+    for (int leader = 0; leader < size_; ++leader) {
+      std::vector<int> rs;
+      for (int r = 0; r < size_; ++r)
+        if (node_leader_[r] == leader) rs.push_back(r);
+      if (rs.empty()) continue;
+      std::string list;
+      for (int r : rs) list += (list.empty() ? "" : ", ") + std::to_string(r);
+      placed += (placed.empty() ? "" : "; ") + std::string("node ") + node_of(leader) + " has rank" +
+                (rs.size() > 1 ? "s " : " ") + list;
+      const bool block = rs.back() - rs.front() + 1 == static_cast<int>(rs.size());
+      if (!block || (per >= 0 && per != static_cast<int>(rs.size())))
+        per = 0;
+      else if (per < 0)
+        per = static_cast<int>(rs.size());
+    }
+    const std::string blocks =
+        "ranks 0-" + std::to_string(n - 1) + " on one node" +
+        (n < size_ ? ", " + std::to_string(n) + "-" + std::to_string(2 * n - 1) + " on the next, ..." : std::string());
+    return InvalidArgument(std::to_string(n) + " ranks per node (" + blocks + ") is not how the launcher placed the " +
+                           std::to_string(size_) + " ranks: " + placed + "; set ranks_per_node to " +
+                           (per > 0 ? std::to_string(per) + " or " : "") +
+                           "auto (the launcher's placement), or place blocks of " + std::to_string(n) +
+                           " ranks per node (hostfile slots=" + std::to_string(n) + ", --map-by slot)");
   }
+  local_rank_ = rank_ % n;
+  local_size_ = std::min(n, size_);
+  return Status::Ok();
 }
 
 Status MpiContext::WaitAll(std::span<MPI_Request> reqs, std::span<const int> peers, const std::string& what) {

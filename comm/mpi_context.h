@@ -63,9 +63,15 @@ class MpiContext {
   const std::string& node_of(int r) const;
   MPI_Comm comm() const { return comm_; }
 
-  // Pretends nodes hold `n` ranks each (n > 0): local rank = rank % n. ranks_per_node: 1 makes
-  // every peer remote, as between nodes.
-  void set_ranks_per_node(int n);
+  // "rank 3 on node n2" (just "rank 3" when the node is unknown): how errors name a peer.
+  std::string DescribeRank(int r) const;
+
+  // Nodes of `n` ranks each (n > 0): local rank = rank % n; n <= 0 takes the launcher's placement.
+  // n = 1 makes every peer remote, as between nodes, on any placement. n > 1 must be how the
+  // launcher placed the ranks (blocks of n consecutive ranks, each on a node of its own):
+  // otherwise InvalidArgument naming the nodes and their ranks, the same on every rank, and the
+  // launcher's placement stays in force.
+  [[nodiscard]] Status SetRanksPerNode(int n);
   // Called while a wait polls (e.g. to progress a UCX worker that peers read from).
   void set_progress_hook(std::function<void()> hook) { progress_hook_ = std::move(hook); }
   double timeout_s() const { return timeout_s_; }
@@ -101,6 +107,7 @@ class MpiContext {
   int launcher_local_rank_ = 0, launcher_local_size_ = 1;
   MPI_Comm comm_ = MPI_COMM_NULL;
   std::vector<std::string> nodes_;  // host name per rank
+  std::vector<int> node_leader_;    // per rank: the lowest rank on its node (MPI_COMM_TYPE_SHARED)
   double timeout_s_ = 30;
   std::function<void()> progress_hook_;
 

@@ -7,9 +7,28 @@
 
 #include "comm/comm_check.h"
 #include "runtime/core/logging.h"
+#include "runtime/core/params.h"
+
+EF_PARAM(DebugUcxWireupPauseS, double, "EF_DEBUG_UCX_WIREUP_PAUSE_S", 0.0,
+         "testing: every rank sleeps this many seconds after the ucx address exchange (over MPI) and before it "
+         "creates its ucx endpoints (0: no pause)");
 
 namespace ef::comm {
 namespace {
+
+std::string Seconds(double s) {
+  char t[32];
+  std::snprintf(t, sizeof(t), "%g", s);
+  return t;
+}
+
+// The UCX settings that decide which peers a worker can reach, for errors about unreachable peers.
+std::string UcxReachSettings(const std::string& tls) {
+  using params::detail::GetEnv;
+  const char* devices = GetEnv("UCX_NET_DEVICES");
+  return "UCX_TLS=" + (tls == "auto" && GetEnv("UCX_TLS") ? std::string(GetEnv("UCX_TLS")) : tls) +
+         ", UCX_NET_DEVICES=" + (devices ? devices : "all");
+}
 
 // Serialised per-rank record: [u64 addr_len][addr][u64 rkey_len][rkey][u64 base][u64 bytes].
 void PutU64(std::vector<char>* b, uint64_t v) {
@@ -41,6 +60,19 @@ StatusOr<std::unique_ptr<UcxRemoteMemory>> UcxRemoteMemory::Create(MpiContext* c
       UCS_CHECK(st);
     }
     m->tls_ = "tcp,self";
+  }
+  // UCX's TCP transport connects with a blocking connect() inside ucp_ep_create unless told not
+  // to (UCX_TCP_CONN_NB=n, its default): a peer behind a dead link would hold this rank there for
+  // the kernel's SYN retries (minutes), past every deadline. Non-blocking, an unreachable peer
+  // shows up as a get that fails or misses the timeout, naming the rank. Every listener is up
+  // before the addresses are exchanged, so the "connection refused" that UCX warns of for
+  // non-blocking connects to a slow listener cannot happen here. An explicit UCX_TCP_CONN_NB wins.
+  if (!params::detail::GetEnv("UCX_TCP_CONN_NB")) {
+    const ucs_status_t st = ucp_config_modify(config, "CONN_NB", "y");
+    if (st != UCS_OK) {
+      ucp_config_release(config);
+      UCS_CHECK(st);
+    }
   }
   ucp_params_t params{};
   params.field_mask = UCP_PARAM_FIELD_FEATURES;
@@ -85,6 +117,11 @@ StatusOr<std::unique_ptr<UcxRemoteMemory>> UcxRemoteMemory::Create(MpiContext* c
   UcxRemoteMemory* self = m.get();
   ctx->set_progress_hook([self] { self->Progress(); });
   EF_ASSIGN_OR_RETURN(auto all, ctx->AllGatherBytes(mine, "the ucx address and rkey exchange"));
+  if (const double pause = params::DebugUcxWireupPauseS(); pause > 0) {
+    std::fprintf(stderr, "rank %d: EF_DEBUG_UCX_WIREUP_PAUSE_S=%g, pausing before ucx wire-up\n", me, pause);
+    std::fflush(stderr);
+    std::this_thread::sleep_for(std::chrono::duration<double>(pause));
+  }
 
   m->eps_.assign(n, nullptr);
   m->rkeys_.assign(n, nullptr);
@@ -109,7 +146,12 @@ StatusOr<std::unique_ptr<UcxRemoteMemory>> UcxRemoteMemory::Create(MpiContext* c
     ucp_ep_params_t ep{};
     ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS;
     ep.address = reinterpret_cast<const ucp_address_t*>(addr);
-    UCS_CHECK(ucp_ep_create(m->worker_, &ep, &m->eps_[r]));
+    if (const ucs_status_t st = ucp_ep_create(m->worker_, &ep, &m->eps_[r]); st != UCS_OK) {
+      m->eps_[r] = nullptr;
+      return Unavailable(ctx->DescribeRank(me) + " cannot reach " + ctx->DescribeRank(r) +
+                         " over ucx: ucp_ep_create: " + ucs_status_string(st) + " (" + UcxReachSettings(m->tls_) +
+                         "); the transports and devices must reach every peer's node (`ucx_info -d` lists them)");
+    }
     UCS_CHECK(ucp_ep_rkey_unpack(m->eps_[r], rkey, &m->rkeys_[r]));
   }
   EF_LOG(INFO, COMM, "ucx remote memory: %zu bytes registered, tls %s, %d peers", bytes, m->tls_.c_str(), n - 1);
@@ -174,16 +216,15 @@ Status UcxRemoteMemory::Get(int rank, uint64_t offset, void* dst, size_t bytes) 
         while (ucp_request_check_status(req) == UCS_INPROGRESS && Clock::now() < cancel_deadline)
           ucp_worker_progress(worker_);
         ucp_request_free(req);
-        char t[32];
-        std::snprintf(t, sizeof(t), "%g", ctx_->timeout_s());
-        return DeadlineExceeded("rank " + std::to_string(rank) + " did not complete a ucx get of " +
-                                std::to_string(bytes) + " bytes within " + t + " s (seen from rank " +
-                                std::to_string(ctx_->rank()) + ")");
+        return DeadlineExceeded(ctx_->DescribeRank(rank) + " did not complete a ucx get of " + std::to_string(bytes) +
+                                " bytes within " + Seconds(ctx_->timeout_s()) + " s (seen from " +
+                                ctx_->DescribeRank(ctx_->rank()) + ")");
       }
     }
     ucp_request_free(req);
     if (st != UCS_OK)
-      return Unavailable("ucx get from rank " + std::to_string(rank) + " failed: " + ucs_status_string(st));
+      return Unavailable("ucx get from " + ctx_->DescribeRank(rank) + " failed: " + ucs_status_string(st) +
+                         " (seen from " + ctx_->DescribeRank(ctx_->rank()) + "; " + UcxReachSettings(tls_) + ")");
   }
   if (transport_[rank].empty()) transport_[rank] = DescribeEndpoint(rank);
   bytes_fetched_ += static_cast<int64_t>(bytes);

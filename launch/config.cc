@@ -214,7 +214,9 @@ const std::map<std::string, Section>& Schema() {
             [](const Ctx& c, Config* o) { return GetDouble(c, 0, 1, false, &o->cache.low_precision_gate); }},
            {"upgrade_uses", [](const Ctx& c, Config* o) { return GetInt(c, 0, 1 << 20, &o->cache.upgrade_uses); }},
            {"cpu_compute",
-            [](const Ctx& c, Config* o) { return GetOneOf(c, {"off", "auto", "on"}, &o->cache.cpu_compute); }},
+            [](const Ctx& c, Config* o) {
+              return GetOneOf(c, {"off", "auto", "on"}, &o->cache.cpu_compute);
+            }},
            {"cpu_compute_max_rows",
             [](const Ctx& c, Config* o) { return GetInt(c, 1, 64, &o->cache.cpu_compute_max_rows); }},
        }},
@@ -637,7 +639,12 @@ int RunDistributed(const CLI::App& app, ModelFlags* model, ClusterFlags* cluster
   if (!ctx_or.ok()) return ReportError(ctx_or.status());
   comm::MpiContext* ctx = *ctx_or;
   ctx->set_timeout_s(cluster->cluster.timeout_s);
-  ctx->set_ranks_per_node(cluster->cluster.ranks_per_node);
+  // Every rank reaches the same verdict on a placement mismatch: each reports it and exits 1.
+  if (Status s = ctx->SetRanksPerNode(cluster->cluster.ranks_per_node); !s.ok()) {
+    const int code = ReportError(s.Prepend("cluster.ranks_per_node (--ranks-per-node)"));
+    ctx->Finalize();
+    return code;
+  }
   if (ctx->mpi() && !FlagGiven(app, "--device") &&
       !(cluster->config.has("runtime.device") && cluster->config.runtime.device >= 0)) {
     model->device = ctx->local_rank();  // one rank per GPU

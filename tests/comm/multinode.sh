@@ -5,6 +5,10 @@
 #   - a placement that computes experts away from their home rank moves bytes over UCX between
 #     the nodes (tcp on eth0);
 #   - `serve` on node 1 answers a completion equal to single-process `generate`;
+#   - bad input, each an error naming the node/rank/key within seconds, never a hang: a hostfile
+#     naming a node that does not exist; cluster.ranks_per_node that is not
+#     how mpirun placed the ranks; UCX on a device the other node cannot reach; node 2's link going
+#     down between the MPI and the UCX wire-up;
 #   - node loss: every process of node 2 killed, or node 2's link taken down with a request in
 #     flight: the request gets an error, every rank exits within 30 s and the lost ranks/node are
 #     named.
@@ -60,6 +64,51 @@ assert s["ucx_get_bytes"] > 0, s["ucx_get_bytes"]
 print(f"peer fetch: {s['ucx_get_bytes']} bytes over UCX (tcp/eth0), "
       f"{sum(r['experts_fetched'] for r in s['ranks'])} experts fetched")
 PY
+
+# Bad input: each run must fail (not time out) within `bound` seconds, with `pattern` in its output.
+bad_run() {  # label, bound, pattern, command...
+  local label=$1 bound=$2 pattern=$3 rc=0 t0
+  shift 3
+  t0=$(date +%s)
+  timeout 90 "$@" >"$WORK/bad.out" 2>&1 || rc=$?
+  local took=$(($(date +%s) - t0))
+  [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] || { cat "$WORK/bad.out" >&2; fail "$label: exit $rc after $took s"; }
+  [ "$took" -le "$bound" ] || { cat "$WORK/bad.out" >&2; fail "$label: took $took s (bound $bound s)"; }
+  grep -Eq "$pattern" "$WORK/bad.out" || { cat "$WORK/bad.out" >&2; fail "$label: no /$pattern/"; }
+  echo "$label: exit $rc after $took s: $(grep -Em1 "$pattern" "$WORK/bad.out" | cut -c1-220)"
+}
+SCORE=("$BIN" score --backend cpu --model "$m" --ids-file "$WORK/mixtral.ids.json" --out "$WORK/bad.json")
+# A hostfile naming a node that does not exist.
+printf '%s slots=2\n' "$N1" "$N2" "${EF_NETNS_PREFIX}3" >"$WORK/hosts.missing"
+bad_run "hostfile: missing node" 20 "no node '${EF_NETNS_PREFIX}3'" \
+  "$NETNS" mpirun --hostfile "$WORK/hosts.missing" -np 6 --bind-to none "${SCORE[@]}"
+# cluster.ranks_per_node that is not how mpirun placed the ranks: every rank names the nodes' ranks.
+bad_run "ranks_per_node 4 on 2 x 2" 20 \
+  "cluster.ranks_per_node \(--ranks-per-node\): 4 ranks per node .* node $N1 has ranks 0, 1; node $N2 has ranks 2, 3; set ranks_per_node to 2 or auto" \
+  "${XRUN[@]}" "${SCORE[@]}" --ranks-per-node 4
+bad_run "ranks_per_node 2, ranks mapped by node" 20 "node $N1 has ranks 0, 2; node $N2 has ranks 1, 3" \
+  "${XRUN[@]}" --map-by node "${SCORE[@]}" --ranks-per-node 2
+# UCX on a device the other node cannot reach: the unreachable peer and the settings are named.
+bad_run "UCX_NET_DEVICES=lo" 20 "rank [0-3] on node $N1 cannot reach rank [23] on node $N2 over ucx: .*UCX_NET_DEVICES=lo" \
+  env UCX_NET_DEVICES=lo "${XRUN[@]}" "${SCORE[@]}" --compute-placement round_robin --timeout 5
+# Node 2's link down after the MPI wire-up, before UCX's (every rank pauses 3 s between the two):
+# node 1's ranks name node 2 within the 5 s timeout (no blocking TCP connect in ucp_ep_create).
+: >"$WORK/bad.out"
+t0=$(date +%s)
+EF_DEBUG_UCX_WIREUP_PAUSE_S=3 timeout 90 "${XRUN[@]}" -x EF_DEBUG_UCX_WIREUP_PAUSE_S "${SCORE[@]}" \
+  --compute-placement round_robin --timeout 5 >"$WORK/bad.out" 2>&1 &
+job=$!
+for _ in $(seq 1 300); do grep -q "pausing before ucx wire-up" "$WORK/bad.out" && break; sleep 0.1; done
+"$NETNS" link "$N2" down
+rc=0
+wait "$job" || rc=$?
+"$NETNS" link "$N2" up
+took=$(($(date +%s) - t0))
+[ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && [ "$took" -le 45 ] || { cat "$WORK/bad.out" >&2; fail "link down before ucx wire-up: exit $rc after $took s"; }
+grep -Eq "^error: .*ranks? [23].* within 5 s .*on node $N2" "$WORK/bad.out" ||
+  { cat "$WORK/bad.out" >&2; fail "link down before ucx wire-up: node 2 not named"; }
+echo "link down before ucx wire-up: exit $rc after $took s: $(grep -Em1 "^error: .*on node $N2" "$WORK/bad.out")"
+while [ -n "$(ip netns pids "$N1")$(ip netns pids "$N2")" ] && [ $(($(date +%s) - t0)) -le 60 ]; do sleep 0.2; done
 
 # serve across the nodes: rank 0 listens on node 1.
 start_serve() {  # extra serve args...
