@@ -115,6 +115,14 @@ cmd_exec() {
 cmd_rsh() {
   local node=$1
   shift
+  # A node whose link (or switch port) is down would take the daemon mpirun starts there, which
+  # then cannot call back, and mpirun would wait for it forever: refuse it up front instead, which
+  # mpirun reports as a daemon that failed to start.
+  local link
+  link=$(ip -n "$node" -o link show eth0 2>/dev/null) || die "no node '$node' (nodes: $(nodes | tr '\n' ' '))"
+  if [[ $link != *"state UP"* || $link == *NO-CARRIER* ]]; then
+    die "node '$node' does not answer: its link is down ($(sed -E 's/.*<([^>]*)>.*state ([A-Z]+).*/<\1> state \2/' <<<"$link"))"
+  fi
   cmd_exec "$node" sh -c "$*"
 }
 

@@ -6,7 +6,7 @@
 #     the nodes (tcp on eth0);
 #   - `serve` on node 1 answers a completion equal to single-process `generate`;
 #   - bad input, each an error naming the node/rank/key within seconds, never a hang: a hostfile
-#     naming a node that does not exist; cluster.ranks_per_node that is not
+#     naming a node that does not exist or whose link is down; cluster.ranks_per_node that is not
 #     how mpirun placed the ranks; UCX on a device the other node cannot reach; node 2's link going
 #     down between the MPI and the UCX wire-up;
 #   - node loss: every process of node 2 killed, or node 2's link taken down with a request in
@@ -82,6 +82,11 @@ SCORE=("$BIN" score --backend cpu --model "$m" --ids-file "$WORK/mixtral.ids.jso
 printf '%s slots=2\n' "$N1" "$N2" "${EF_NETNS_PREFIX}3" >"$WORK/hosts.missing"
 bad_run "hostfile: missing node" 20 "no node '${EF_NETNS_PREFIX}3'" \
   "$NETNS" mpirun --hostfile "$WORK/hosts.missing" -np 6 --bind-to none "${SCORE[@]}"
+# A hostfile node whose link is down: refused when its daemon would start (netns.sh's rsh agent),
+# where mpirun alone would wait forever for a daemon that cannot call back.
+ip -n "$N2" link set eth0 down
+bad_run "hostfile: node 2's link down" 20 "node '$N2' does not answer: its link is down" "${XRUN[@]}" "${SCORE[@]}"
+ip -n "$N2" link set eth0 up
 # cluster.ranks_per_node that is not how mpirun placed the ranks: every rank names the nodes' ranks.
 bad_run "ranks_per_node 4 on 2 x 2" 20 \
   "cluster.ranks_per_node \(--ranks-per-node\): 4 ranks per node .* node $N1 has ranks 0, 1; node $N2 has ranks 2, 3; set ranks_per_node to 2 or auto" \
