@@ -2,6 +2,7 @@
 
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <sstream>
 
 namespace ef::runtime {
@@ -135,7 +136,10 @@ Status DequantizeFp8(const TensorView& weight, const TensorView& scale_inv, int 
   const int64_t rows = weight.dim(0), cols = weight.dim(1);
   const int64_t grid_cols = scale_inv.dim(1);
   const auto* q = reinterpret_cast<const uint8_t*>(weight.data);
-  const auto* s = reinterpret_cast<const float*>(scale_inv.data);
+  // A copy: a tensor's bytes in a safetensors file need not be 4-byte aligned (the grid is small).
+  std::vector<float> scales(static_cast<size_t>(scale_inv.numel()));
+  std::memcpy(scales.data(), scale_inv.data, scales.size() * sizeof(float));
+  const float* s = scales.data();
   for (int64_t i = 0; i < scale_inv.numel(); ++i)
     if (!std::isfinite(s[i]))
       return InvalidArgument("tensor \"" + scale_inv.name + "\": the scale of block [" + std::to_string(i / grid_cols) +
