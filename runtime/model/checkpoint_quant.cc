@@ -110,13 +110,13 @@ void ForOut(DType out, const F& f) {
   }
 }
 
-// One MXFP4 row of `cols` values into dst_row; false when a value is not exact (or not finite)
-// in kOut or a scale is NaN.
 // e8m0 scale byte -> 2^(s - 127) (an fp32, subnormal for s = 0); 255 -> NaN.
 float E8m0ToF32(uint8_t s) {
   return s == 0xff ? std::numeric_limits<float>::quiet_NaN() : std::ldexp(1.f, static_cast<int>(s) - 127);
 }
 
+// One MXFP4 row of `cols` values into dst_row; false when a value is not exact (or not finite)
+// in kOut or a scale is NaN.
 template <DType kOut>
 bool Mxfp4Row(const uint8_t* blocks, const uint8_t* scales, int64_t cols, void* dst_row) {
   static const std::array<float, 256> kE8m0 = [] {
