@@ -1,8 +1,15 @@
 #include "runtime/model/checkpoint_quant.h"
 
+#include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
+#include <limits>
+#include <mutex>
 #include <sstream>
+#include <type_traits>
+
+#include "runtime/core/thread_pool.h"
 
 namespace ef::runtime {
 namespace {
@@ -43,8 +50,93 @@ inline float Store(DType out, void* dst, size_t i, float v) {
   }
 }
 
+// Store for a dtype known at compile time (the inner loops).
+template <DType kOut>
+inline float StoreAs(void* dst, size_t i, float v) {
+  if constexpr (kOut == DType::kF32) {
+    static_cast<float*>(dst)[i] = v;
+    return v;
+  } else if constexpr (kOut == DType::kBF16) {
+    const uint16_t h = F32ToBf16(v);
+    static_cast<uint16_t*>(dst)[i] = h;
+    return Bf16ToF32(h);
+  } else {
+    const uint16_t h = F32ToF16(v);
+    static_cast<uint16_t*>(dst)[i] = h;
+    return F16ToF32(h);
+  }
+}
+
+// False for infinities and NaN (a product that overflowed, a NaN input).
+inline bool Finite(float v) { return std::fabs(v) <= std::numeric_limits<float>::max(); }
+
 constexpr std::array<float, 16> kE2m1 = {0.f,  0.5f,  1.f,  1.5f,  2.f,  3.f,  4.f,  6.f,
                                          -0.f, -0.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
+
+// Runs row_ok(r) (true: row r is good) over [0, rows) on the default thread pool, a chunk of rows
+// per thread; returns the first bad row, or -1. Each chunk stops at its first bad row, so the
+// smallest over chunks is the first bad row of the matrix, whatever the split.
+template <typename RowOk>
+int64_t FirstBadRow(int64_t rows, int64_t cols, const RowOk& row_ok) {
+  std::mutex mu;
+  int64_t first_bad = -1;
+  ThreadPool::Default().ParallelFor(
+      rows,
+      [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          if (row_ok(r)) continue;
+          std::lock_guard<std::mutex> lock(mu);
+          if (first_bad < 0 || r < first_bad) first_bad = r;
+          return;
+        }
+      },
+      /*min_chunk=*/std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(cols, 1)));
+  return first_bad;
+}
+
+// Calls f(std::integral_constant<DType, out>) for out F32, BF16 or F16.
+template <typename F>
+void ForOut(DType out, const F& f) {
+  switch (out) {
+    case DType::kBF16:
+      f(std::integral_constant<DType, DType::kBF16>());
+      return;
+    case DType::kF16:
+      f(std::integral_constant<DType, DType::kF16>());
+      return;
+    default:
+      f(std::integral_constant<DType, DType::kF32>());
+      return;
+  }
+}
+
+// e8m0 scale byte -> 2^(s - 127) (an fp32, subnormal for s = 0); 255 -> NaN.
+float E8m0ToF32(uint8_t s) {
+  return s == 0xff ? std::numeric_limits<float>::quiet_NaN() : std::ldexp(1.f, static_cast<int>(s) - 127);
+}
+
+// One MXFP4 row of `cols` values into dst_row; false when a value is not exact (or not finite)
+// in kOut or a scale is NaN.
+template <DType kOut>
+bool Mxfp4Row(const uint8_t* blocks, const uint8_t* scales, int64_t cols, void* dst_row) {
+  static const std::array<float, 256> kE8m0 = [] {
+    std::array<float, 256> t{};
+    for (int i = 0; i < 256; ++i) t[static_cast<size_t>(i)] = E8m0ToF32(static_cast<uint8_t>(i));
+    return t;
+  }();
+  bool ok = true;
+  for (int64_t g = 0; g < cols / kMxfp4Group; ++g) {
+    const float scale = kE8m0[scales[g]];  // NaN for 255: every value of the group fails Finite
+    const uint8_t* b = blocks + g * kMxfp4GroupBytes;
+    const size_t base = static_cast<size_t>(g * kMxfp4Group);
+    for (int64_t k = 0; k < kMxfp4GroupBytes; ++k) {
+      const float lo = kE2m1[b[k] & 0xfu] * scale, hi = kE2m1[b[k] >> 4] * scale;
+      ok &= StoreAs<kOut>(dst_row, base + static_cast<size_t>(2 * k), lo) == lo && Finite(lo);
+      ok &= StoreAs<kOut>(dst_row, base + static_cast<size_t>(2 * k + 1), hi) == hi && Finite(hi);
+    }
+  }
+  return ok;
+}
 
 }  // namespace
 
@@ -78,31 +170,34 @@ Status DequantizeMxfp4(const uint8_t* blocks, const uint8_t* scales, int64_t row
                        const std::string& what) {
   EF_RETURN_IF_ERROR(CheckOut(out, what));
   const int64_t groups = cols / kMxfp4Group;
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t g = 0; g < groups; ++g) {
-      const uint8_t s = scales[r * groups + g];
-      auto where = [&] {
-        return what + ", row " + std::to_string(r) + ", group " + std::to_string(g) + " (scale byte " +
-               std::to_string(s) + ")";
-      };
-      if (s == 0xff) return InvalidArgument(where() + ": the e8m0 scale is NaN");
-      // 2^(s - 127) is an fp32 (subnormal for s = 0), and an e2m1 value has at most two
-      // significant bits, so the product is exact unless it overflows (s >= 253).
-      const float scale = std::ldexp(1.f, static_cast<int>(s) - 127);
-      const uint8_t* b = blocks + (r * groups + g) * kMxfp4GroupBytes;
-      const size_t base = static_cast<size_t>(r * cols + g * kMxfp4Group);
-      for (int64_t k = 0; k < kMxfp4GroupBytes; ++k) {
-        for (int half = 0; half < 2; ++half) {
-          const float e2m1 = kE2m1[half ? b[k] >> 4 : b[k] & 0xfu];
-          const float v = e2m1 * scale;
-          if (!std::isfinite(v) || Store(out, dst, base + static_cast<size_t>(2 * k + half), v) != v)
-            return InvalidArgument(where() + ": value " + std::to_string(2 * k + half) + " of the group, " + Num(e2m1) +
-                                   " x 2^" + std::to_string(s - 127) + ", is not representable in " + DTypeName(out));
-        }
-      }
+  const size_t row_bytes = static_cast<size_t>(cols) * DTypeSize(out);
+  int64_t bad = -1;
+  ForOut(out, [&](auto kOut) {
+    bad = FirstBadRow(rows, cols, [&](int64_t r) {
+      return Mxfp4Row<decltype(kOut)::value>(blocks + r * groups * kMxfp4GroupBytes, scales + r * groups, cols,
+                                             static_cast<std::byte*>(dst) + static_cast<size_t>(r) * row_bytes);
+    });
+  });
+  if (bad < 0) return Status::Ok();
+  // Name the first bad value of that row.
+  const int64_t r = bad;
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t s = scales[r * groups + g];
+    const std::string where = what + ", row " + std::to_string(r) + ", group " + std::to_string(g) + " (scale byte " +
+                              std::to_string(s) + ")";
+    if (s == 0xff) return InvalidArgument(where + ": the e8m0 scale is NaN");
+    const float scale = E8m0ToF32(s);
+    const uint8_t* b = blocks + (r * groups + g) * kMxfp4GroupBytes;
+    for (int64_t i = 0; i < kMxfp4Group; ++i) {
+      const float e2m1 = kE2m1[i % 2 ? b[i / 2] >> 4 : b[i / 2] & 0xfu];
+      const float v = e2m1 * scale;
+      uint32_t slot;  // scratch: only the value read back matters
+      if (!Finite(v) || Store(out, &slot, 0, v) != v)
+        return InvalidArgument(where + ": value " + std::to_string(i) + " of the group, " + Num(e2m1) + " x 2^" +
+                               std::to_string(s - 127) + ", is not representable in " + DTypeName(out));
     }
   }
-  return Status::Ok();
+  return Internal(what + ", row " + std::to_string(r) + ": dequantization failed without a bad value");
 }
 
 std::string Fp8ScaleName(const std::string& weight_name) { return weight_name + "_scale_inv"; }
@@ -135,30 +230,54 @@ Status DequantizeFp8(const TensorView& weight, const TensorView& scale_inv, int 
   const int64_t rows = weight.dim(0), cols = weight.dim(1);
   const int64_t grid_cols = scale_inv.dim(1);
   const auto* q = reinterpret_cast<const uint8_t*>(weight.data);
-  const auto* s = reinterpret_cast<const float*>(scale_inv.data);
-  for (int64_t i = 0; i < scale_inv.numel(); ++i)
-    if (!std::isfinite(s[i]))
-      return InvalidArgument("tensor \"" + scale_inv.name + "\": the scale of block [" + std::to_string(i / grid_cols) +
-                             ", " + std::to_string(i % grid_cols) + "] is " + Num(s[i]));
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* srow = s + (r / block_rows) * grid_cols;
-    for (int64_t c = 0; c < cols; ++c) {
-      const size_t i = static_cast<size_t>(r * cols + c);
-      const float v = kFp8[q[i]] * srow[c / block_cols];
-      if (!std::isfinite(v)) {
-        if ((q[i] & 0x7fu) == 0x7fu)
-          return InvalidArgument("tensor \"" + weight.name + "\": the FP8 code at [" + std::to_string(r) + ", " +
-                                 std::to_string(c) + "] is NaN");
-        return InvalidArgument("tensor \"" + weight.name + "\": the value at [" + std::to_string(r) + ", " +
-                               std::to_string(c) + "] (" + Num(kFp8[q[i]]) + " x scale " + Num(srow[c / block_cols]) +
-                               ") is out of range of fp32");
+  // A copy: a tensor's bytes in a safetensors file need not be 4-byte aligned (the grid is small).
+  std::vector<float> scales(static_cast<size_t>(scale_inv.numel()));
+  std::memcpy(scales.data(), scale_inv.data, scales.size() * sizeof(float));
+  for (size_t i = 0; i < scales.size(); ++i)
+    if (!Finite(scales[i]))
+      return InvalidArgument("tensor \"" + scale_inv.name + "\": the scale of block [" +
+                             std::to_string(static_cast<int64_t>(i) / grid_cols) + ", " +
+                             std::to_string(static_cast<int64_t>(i) % grid_cols) + "] is " + Num(scales[i]));
+  auto scale = [&](int64_t r, int64_t c) {
+    return scales[static_cast<size_t>((r / block_rows) * grid_cols + c / block_cols)];
+  };
+  auto value = [&](int64_t r, int64_t c) { return kFp8[q[r * cols + c]] * scale(r, c); };
+  int64_t bad = -1;
+  ForOut(out, [&](auto kOut) {
+    bad = FirstBadRow(rows, cols, [&](int64_t r) {
+      const float* srow = scales.data() + (r / block_rows) * grid_cols;
+      const uint8_t* qrow = q + r * cols;
+      const size_t base = static_cast<size_t>(r * cols);
+      bool ok = true;
+      for (int64_t c0 = 0; c0 < cols; c0 += block_cols) {  // one scale per block of columns
+        const float sc = srow[c0 / block_cols];
+        for (int64_t c = c0; c < std::min(cols, c0 + block_cols); ++c)
+          ok &= Finite(StoreAs<decltype(kOut)::value>(dst, base + static_cast<size_t>(c), kFp8[qrow[c]] * sc));
       }
-      if (!std::isfinite(Store(out, dst, i, v)))
-        return InvalidArgument("tensor \"" + weight.name + "\": the value at [" + std::to_string(r) + ", " +
-                               std::to_string(c) + "] (" + Num(v) + ") is out of range of " + DTypeName(out));
-    }
+      return ok;
+    });
+  });
+  if (bad < 0) return Status::Ok();
+  // Name the first bad value of that row.
+  const int64_t r = bad;
+  auto at = [&](int64_t c, const char* what) {
+    std::ostringstream o;
+    o << "tensor \"" << weight.name << "\": the " << what << " at [" << r << ", " << c << "]";
+    return o.str();
+  };
+  for (int64_t c = 0; c < cols; ++c) {
+    const uint8_t code = q[r * cols + c];
+    if ((code & 0x7fu) == 0x7fu) return InvalidArgument(at(c, "FP8 code") + " is NaN");
+    const float v = value(r, c);
+    if (!Finite(v))
+      return InvalidArgument(at(c, "value") + " (" + Num(kFp8[code]) + " x scale " + Num(scale(r, c)) +
+                             ") is out of range of fp32");
+    uint32_t slot;
+    if (!Finite(Store(out, &slot, 0, v)))
+      return InvalidArgument(at(c, "value") + " (" + Num(v) + ") is out of range of " + DTypeName(out));
   }
-  return Status::Ok();
+  return Internal("tensor \"" + weight.name + "\", row " + std::to_string(r) +
+                  ": dequantization failed without a bad value");
 }
 
 }  // namespace ef::runtime

@@ -15,7 +15,9 @@
 //   w[i][j] = fp8(w[i][j]) * scale_inv[i / br][j / bc]
 // (the last block of a row or column may be partial).
 //
-// All functions are thread-safe (they touch only their arguments).
+// All functions are thread-safe (they touch only their arguments). The Dequantize functions
+// spread rows over ThreadPool::Default() (EF_NUM_THREADS); the result and the error reported (the
+// first bad row's) do not depend on the split. About 2 ns a value on one core.
 #pragma once
 
 #include <cstdint>

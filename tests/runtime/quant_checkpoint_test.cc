@@ -218,6 +218,39 @@ TEST(CheckpointQuantFormats, Mxfp4ExtremeScalesAreExactOrErrors) {
   EXPECT_NE(st.message().find("not representable in F16"), std::string::npos) << st.ToString();
 }
 
+TEST(CheckpointQuantFormats, LargeMatricesReportTheFirstBadRowWhateverTheSplit) {
+  // 512 x 1024 values: rows go to the thread pool in chunks of at least 64.
+  const int64_t rows = 512, cols = 1024;
+  std::vector<uint8_t> blocks(rows * cols / 2), scales(rows * cols / 32), q(rows * cols);
+  for (size_t i = 0; i < blocks.size(); ++i) blocks[i] = static_cast<uint8_t>(i * 37);
+  for (size_t i = 0; i < scales.size(); ++i) scales[i] = static_cast<uint8_t>(100 + i % 40);
+  for (size_t i = 0; i < q.size(); ++i) q[i] = static_cast<uint8_t>((i * 11) % 0x7e);
+  std::vector<float> out(rows * cols);
+  ASSERT_TRUE(DequantizeMxfp4(blocks.data(), scales.data(), rows, cols, DType::kF32, out.data(), "m").ok());
+  for (int64_t r = 0; r < rows; r += 37)
+    for (int64_t c = 0; c < cols; c += 5) {
+      const uint8_t b = blocks[(r * cols + c) / 2];
+      EXPECT_EQ(out[r * cols + c], std::ldexp(RefE2m1(c % 2 ? b >> 4 : b & 15), scales[(r * cols + c) / 32] - 127));
+    }
+  scales[(450 * cols + 64) / 32] = 255;
+  scales[(300 * cols + 96) / 32] = 255;
+  Status st = DequantizeMxfp4(blocks.data(), scales.data(), rows, cols, DType::kF32, out.data(), "m");
+  EXPECT_NE(st.message().find("m, row 300, group 3 (scale byte 255)"), std::string::npos) << st.ToString();
+
+  std::vector<float> grid = {0.5f, 2.f, 0.25f, 4.f};  // blocks of [256, 512]
+  TensorView w{"w", DType::kF8E4M3, {rows, cols}, reinterpret_cast<const std::byte*>(q.data()), q.size()};
+  TensorView sv{"s", DType::kF32, {2, 2}, reinterpret_cast<const std::byte*>(grid.data()), grid.size() * 4};
+  ASSERT_TRUE(CheckFp8(w, sv, 256, 512).ok());
+  ASSERT_TRUE(DequantizeFp8(w, sv, 256, 512, DType::kF32, out.data()).ok());
+  for (int64_t r = 0; r < rows; r += 37)
+    for (int64_t c = 0; c < cols; c += 5)
+      EXPECT_EQ(out[r * cols + c], static_cast<float>(RefE4m3(q[r * cols + c]) * grid[(r / 256) * 2 + c / 512]));
+  q[400 * cols + 3] = 0x7f;
+  q[100 * cols + 900] = 0xff;
+  st = DequantizeFp8(w, sv, 256, 512, DType::kF32, out.data());
+  EXPECT_NE(st.message().find("tensor \"w\": the FP8 code at [100, 900] is NaN"), std::string::npos) << st.ToString();
+}
+
 TEST(CheckpointQuantFormats, QuantizationConfigIsParsedOrRefusedByKey) {
   const std::string base = R"({"model_type": "deepseek_v3", "vocab_size": 256, "hidden_size": 64,
     "num_hidden_layers": 2, "num_attention_heads": 4, "num_experts_per_tok": 2, "n_routed_experts": 4,
