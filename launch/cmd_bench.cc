@@ -767,6 +767,13 @@ json CacheJson(const BenchRun& b, const BenchSummary& s, const RunCounters& c, i
           {"cpu_computed_rows", c.cache_json.value("cpu_computed_rows", int64_t{0})}};
 }
 
+// The largest per-rank value of a GatherStats key (e.g. the all-to-all wall time of the slowest rank).
+json MaxOverRanks(const json& comm_stats, const char* key) {
+  double m = 0;
+  for (const json& r : comm_stats.value("ranks", json::array())) m = std::max(m, r.value(key, 0.0));
+  return m;
+}
+
 // The record's "results" object.
 json ResultsJson(const BenchRun& b, const BenchSummary& s, const RunCounters& c) {
   const json& cs = c.comm_stats;
@@ -786,6 +793,7 @@ json ResultsJson(const BenchRun& b, const BenchSummary& s, const RunCounters& c)
           {"output_tokens_per_s_per_rank", s.out_tps / b.ranks},
           {"a2a_bytes", s.a2a_bytes},
           {"a2a_bytes_per_token", s.a2a_per_token},
+          {"a2a_seconds_max_over_ranks", b.distributed ? MaxOverRanks(cs, "a2a_seconds") : json(nullptr)},
           {"rows_computed_max_over_mean", b.distributed ? cs["rows_computed_max_over_mean"] : json(nullptr)},
           {"planned_rows_max_over_mean", planned ? cs["planned"]["rows_max_over_mean"] : json(nullptr)},
           {"planned_static_rows_max_over_mean", planned ? cs["planned"]["static_rows_max_over_mean"] : json(nullptr)},
