@@ -11,9 +11,11 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define EF_HOST_GEMV_X86 1
+#if !defined(__clang__)
 // GCC 12 reports the intrinsics' own _mm512_undefined_ps() placeholders as maybe uninitialized.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
 #endif
 
 namespace ef::runtime {
@@ -173,9 +175,9 @@ void RowsVector(const float* x, int64_t k, const Weight& w, float* y, int64_t n,
 }
 
 bool HaveAvx512() {
+  // F16C is not a feature name clang's __builtin_cpu_supports knows; every AVX-512 CPU has it.
   static const bool have = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c") &&
-                           __builtin_cpu_supports("fma");
+                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
   return have;
 }
 #endif
