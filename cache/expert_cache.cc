@@ -35,7 +35,6 @@ std::string Bytes(uint64_t b) {
   return buf;
 }
 
-
 // Device bytes of one cache slot on the engine's backend, as the arenas lay it out: the CUDA
 // source packs gate | up | down at 256-byte-aligned offsets (ExpertLayout), the CPU source packs
 // them back to back in a slot of the largest expert's size; both arenas align slots to 256 bytes.

@@ -69,7 +69,7 @@ class UcxRemoteMemory {
   std::vector<uint64_t> sizes_;
   std::vector<std::string> transport_;
   std::string tls_ = "auto";
-  char dummy_[64] = {0};                  // mapped when this rank exposes nothing
+  char dummy_[64] = {0};                           // mapped when this rank exposes nothing
   StatCounter bytes_fetched_, num_gets_, get_ns_;  // written by the driving thread only
 };
 

@@ -9,8 +9,8 @@
 
 #include "runtime/backend/cpu/host_gemv.h"
 #include "runtime/core/logging.h"
-#include "runtime/core/thread_pool.h"
 #include "runtime/core/progress.h"
+#include "runtime/core/thread_pool.h"
 #include "runtime/engine/model_weights.h"
 
 namespace ef::cache {
@@ -230,15 +230,7 @@ StatusOr<runtime::ExpertWeights> CudaExpertSource::Acquire(int layer, int expert
     EF_ASSIGN_OR_RETURN(ref, store_->Acquire(layer, expert));
   }
   arena_->WaitReady(ref.slot);
-  auto* base = static_cast<std::byte*>(ref.data);
-  runtime::ExpertWeights w;
-  w.gate = layout_.gate;
-  w.up = layout_.up;
-  w.down = layout_.down;
-  w.gate.data = base + layout_.gate_offset();
-  w.up.data = base + layout_.up_offset();
-  w.down.data = base + layout_.down_offset();
-  return w;
+  return layout_.At(static_cast<const std::byte*>(ref.data));
 }
 
 void CudaExpertSource::Release(int layer, int expert) {
@@ -249,16 +241,8 @@ void CudaExpertSource::Release(int layer, int expert) {
 }
 
 runtime::ExpertWeights CudaExpertSource::HostWeights(int layer, int expert) const {
-  runtime::ExpertWeights w;
   const std::byte* base = tier_->data(layer, expert);
-  if (!base) return w;
-  w.gate = layout_.gate;
-  w.up = layout_.up;
-  w.down = layout_.down;
-  w.gate.data = base + layout_.gate_offset();
-  w.up.data = base + layout_.up_offset();
-  w.down.data = base + layout_.down_offset();
-  return w;
+  return base ? layout_.At(base) : runtime::ExpertWeights{};
 }
 
 Status CudaExpertSource::CalibrateHostCompute() {

@@ -68,7 +68,7 @@ struct CudaExpertSourceOptions {
 struct HostComputeStats {
   int64_t experts = 0;  // expert computations on the host
   int64_t rows = 0;
-  double ms = 0;  // host wall time in them
+  double ms = 0;                                          // host wall time in them
   double calibrated_host_ms = 0, calibrated_copy_ms = 0;  // one expert, one row
 };
 
@@ -83,6 +83,17 @@ struct ExpertLayout {
   size_t up_offset() const { return Align(gate.nbytes()); }
   size_t down_offset() const { return up_offset() + Align(up.nbytes()); }
   size_t bytes() const { return down_offset() + down.nbytes(); }
+  // The expert laid out at `base` (a slot, or a pinned host copy).
+  runtime::ExpertWeights At(const std::byte* base) const {
+    runtime::ExpertWeights w;
+    w.gate = gate;
+    w.up = up;
+    w.down = down;
+    w.gate.data = base + gate_offset();
+    w.up.data = base + up_offset();
+    w.down.data = base + down_offset();
+    return w;
+  }
   static size_t Align(size_t n) { return (n + 255) / 256 * 256; }
 };
 

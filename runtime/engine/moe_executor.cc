@@ -80,8 +80,7 @@ StatusOr<float*> LocalMoeExecutor::ComputeActive(int layer, std::vector<int32_t>
   EF_RETURN_IF_ERROR(ComputeExperts(layer, active, offset, xe, ye));
   for (int32_t e : host) {
     const int64_t begin = offset[e], cnt = offset[e + 1] - offset[e];
-    EF_RETURN_IF_ERROR(
-        source_->ComputeOnHost(layer, e, cnt, host_x_.data() + begin * H, host_y_.data() + begin * H));
+    EF_RETURN_IF_ERROR(source_->ComputeOnHost(layer, e, cnt, host_x_.data() + begin * H, host_y_.data() + begin * H));
     backend_->CopyToDevice(ye + begin * H, host_y_.data() + begin * H, static_cast<size_t>(cnt * H) * sizeof(float));
   }
   return ye;

@@ -263,10 +263,11 @@ TEST_P(ExpertCacheGpuTest, CpuComputeOfMissesMatchesTheCpuEngine) {
     ASSERT_EQ(got.logits.size(), want.logits.size());
     EXPECT_LE(LogitDistance(got, want), bound) << GetParam() << " " << mode << "; native cpu vs cuda " << native;
     // For the record (scripts/accel): the distance from the all-resident CUDA engine itself.
-    std::printf("[ cpu compute ] %s %s: %lld experts on the host, distance from the cpu engine %.3g, from the "
-                "resident cuda engine %.3g\n",
-                GetParam().c_str(), mode, static_cast<long long>((*cache)->cuda_source()->host_stats().experts),
-                LogitDistance(got, want), LogitDistance(got, resident));
+    std::printf(
+        "[ cpu compute ] %s %s: %lld experts on the host, distance from the cpu engine %.3g, from the "
+        "resident cuda engine %.3g\n",
+        GetParam().c_str(), mode, static_cast<long long>((*cache)->cuda_source()->host_stats().experts),
+        LogitDistance(got, want), LogitDistance(got, resident));
     const HostComputeStats& h = (*cache)->cuda_source()->host_stats();
     EXPECT_GT(h.calibrated_host_ms, 0) << mode;
     EXPECT_GT(h.calibrated_copy_ms, 0) << mode;

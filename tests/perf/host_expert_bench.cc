@@ -66,8 +66,8 @@ int main(int argc, char** argv) {
     const Weight g = Make(t, inter, hidden, sg), u = Make(t, inter, hidden, su), d = Make(t, hidden, inter, sd);
     const double gb = static_cast<double>(g.nbytes() + u.nbytes() + d.nbytes()) / 1e9;
     for (int m : {1, 4}) {
-      std::vector<float> x(static_cast<size_t>(m * hidden), 0.1f), gy(static_cast<size_t>(m * inter)),
-          uy(gy.size()), y(x.size());
+      std::vector<float> x(static_cast<size_t>(m * hidden), 0.1f), gy(static_cast<size_t>(m * inter)), uy(gy.size()),
+          y(x.size());
       auto exact = [&] {
         cpu.Gemm(x.data(), m, g, nullptr, gy.data(), false);
         cpu.Gemm(x.data(), m, u, nullptr, uy.data(), false);

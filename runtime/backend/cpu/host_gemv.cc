@@ -4,6 +4,7 @@
 #include <cstring>
 #include <vector>
 
+#include "runtime/backend/cpu/cpu_backend.h"
 #include "runtime/core/dtype.h"
 #include "runtime/core/quant.h"
 #include "runtime/core/quant_format.h"
@@ -20,35 +21,6 @@
 
 namespace ef::runtime {
 namespace {
-
-// The exact path: the CPU backend's row conversion and 8-lane dot product.
-float DotExact(const float* a, const float* b, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
-  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-void RowsExact(const float* x, int64_t m, const Weight& w, float* y, int64_t begin, int64_t end) {
-  const int64_t n = w.rows, k = w.cols;
-  std::vector<float> row(static_cast<size_t>(k));
-  const size_t esz = IsQuantized(w.dtype) ? 0 : DTypeSize(w.dtype);
-  for (int64_t j = begin; j < end; ++j) {
-    const float* wr = row.data();
-    if (IsQuantized(w.dtype)) {
-      DequantizeRow(w.dtype, w.data, w.rows, k, j, row.data());
-    } else if (w.dtype == DType::kF32) {
-      wr = static_cast<const float*>(w.data) + j * k;
-    } else {
-      ConvertToF32(w.dtype, static_cast<const std::byte*>(w.data) + static_cast<size_t>(j * k) * esz, row.data(),
-                   static_cast<size_t>(k));
-    }
-    for (int64_t i = 0; i < m; ++i) y[i * n + j] = DotExact(x + i * k, wr, k);
-  }
-}
 
 #ifdef EF_HOST_GEMV_X86
 #define EF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,f16c,fma")))
@@ -90,8 +62,9 @@ EF_AVX512 void RowsQ8(const float* x, int64_t k, const Weight& w, float* y, int6
   const QuantFormat f = kQ8Format;
   const int64_t groups = k / f.group;
   const int8_t* q = static_cast<const int8_t*>(w.data) + j * k;
-  const auto* p = reinterpret_cast<const uint16_t*>(static_cast<const std::byte*>(w.data) +
-                                                    f.params_offset(w.rows, k)) + j * groups;
+  const auto* p =
+      reinterpret_cast<const uint16_t*>(static_cast<const std::byte*>(w.data) + f.params_offset(w.rows, k)) +
+      j * groups;
   __m512 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < M; ++i) acc[r][i] = _mm512_setzero_ps();
@@ -128,8 +101,9 @@ EF_AVX512 void RowsQ4(const float* xs, int64_t k, const Weight& w, float* y, int
   const QuantFormat f = kQ4Format;
   const int64_t groups = k / f.group;
   const uint8_t* q = static_cast<const uint8_t*>(w.data) + j * (k / 2);
-  const auto* p = reinterpret_cast<const uint16_t*>(static_cast<const std::byte*>(w.data) +
-                                                    f.params_offset(w.rows, k)) + j * groups * 2;
+  const auto* p =
+      reinterpret_cast<const uint16_t*>(static_cast<const std::byte*>(w.data) + f.params_offset(w.rows, k)) +
+      j * groups * 2;
   const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m512 acc[R][M];
   for (int r = 0; r < R; ++r)
@@ -145,8 +119,8 @@ EF_AVX512 void RowsQ4(const float* xs, int64_t k, const Weight& w, float* y, int
         const uint16_t* pr = p + r * groups * 2;
         const __m512 table = _mm512_add_ps(_mm512_mul_ps(iota, _mm512_set1_ps(_cvtsh_ss(pr[2 * g]))),
                                            _mm512_set1_ps(_cvtsh_ss(pr[2 * g + 1])));
-        const __m512i b = _mm512_cvtepu8_epi32(
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + r * (k / 2) + g * 32 + 16 * h)));
+        const __m512i b =
+            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + r * (k / 2) + g * 32 + 16 * h)));
         const __m512 lo = _mm512_permutexvar_ps(b, table), hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
         for (int i = 0; i < M; ++i) acc[r][i] = _mm512_fmadd_ps(xo[i], hi, _mm512_fmadd_ps(xe[i], lo, acc[r][i]));
       }
@@ -159,9 +133,12 @@ EF_AVX512 void RowsQ4(const float* xs, int64_t k, const Weight& w, float* y, int
 template <int M, int R>
 void RowBlock(const float* x, int64_t k, const Weight& w, float* y, int64_t n, int64_t j) {
   switch (w.dtype) {
-    case DType::kQ8: return RowsQ8<M, R>(x, k, w, y, n, j);
-    case DType::kQ4: return RowsQ4<M, R>(x, k, w, y, n, j);
-    default: return RowsFloat<M, R>(x, k, w, y, n, j);
+    case DType::kQ8:
+      return RowsQ8<M, R>(x, k, w, y, n, j);
+    case DType::kQ4:
+      return RowsQ4<M, R>(x, k, w, y, n, j);
+    default:
+      return RowsFloat<M, R>(x, k, w, y, n, j);
   }
 }
 
@@ -186,8 +163,8 @@ bool HaveAvx512() {
 
 bool HostGemvVectorized(const Weight& w) {
 #ifdef EF_HOST_GEMV_X86
-  const bool dtype_ok = w.dtype == DType::kF32 || w.dtype == DType::kBF16 || w.dtype == DType::kQ8 ||
-                        w.dtype == DType::kQ4;
+  const bool dtype_ok =
+      w.dtype == DType::kF32 || w.dtype == DType::kBF16 || w.dtype == DType::kQ8 || w.dtype == DType::kQ4;
   return HaveAvx512() && dtype_ok && w.cols % 64 == 0 && w.cols > 0;
 #else
   (void)w;
@@ -199,7 +176,7 @@ void HostGemv(ThreadPool& pool, const float* x, int64_t m, const Weight& w, floa
   const int64_t n = w.rows, k = w.cols;
   if (m <= 0 || n <= 0) return;
   if (!HostGemvVectorized(w)) {
-    pool.ParallelFor(n, [&](int64_t begin, int64_t end) { RowsExact(x, m, w, y, begin, end); }, /*min_chunk=*/16);
+    CpuBackend(&pool).Gemm(x, m, w, nullptr, y, /*accumulate=*/false);  // the exact path
     return;
   }
 #ifdef EF_HOST_GEMV_X86
@@ -223,10 +200,14 @@ void HostGemv(ThreadPool& pool, const float* x, int64_t m, const Weight& w, floa
         n,
         [&](int64_t begin, int64_t end) {
           switch (rows) {
-            case 1: return RowsVector<1>(xb, k, w, yb, n, begin, end);
-            case 2: return RowsVector<2>(xb, k, w, yb, n, begin, end);
-            case 3: return RowsVector<3>(xb, k, w, yb, n, begin, end);
-            default: return RowsVector<4>(xb, k, w, yb, n, begin, end);
+            case 1:
+              return RowsVector<1>(xb, k, w, yb, n, begin, end);
+            case 2:
+              return RowsVector<2>(xb, k, w, yb, n, begin, end);
+            case 3:
+              return RowsVector<3>(xb, k, w, yb, n, begin, end);
+            default:
+              return RowsVector<4>(xb, k, w, yb, n, begin, end);
           }
         },
         /*min_chunk=*/64);
