@@ -22,6 +22,7 @@
 #include <cublas_api.h>
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -51,6 +52,7 @@ struct Args {
   int iters = 20;
   double hbm_tbps = 3.6;
   bool sweep = false;
+  bool profile = false;
   std::string json;
   // Mixtral-8x7B shapes.
   int hidden = 4096, inter = 14336, experts = 8, top_k = 2, heads = 32, kv_heads = 8, head_dim = 128;
@@ -83,6 +85,8 @@ Args ParseArgs(int argc, char** argv) {
       a.json = next();
     else if (k == "--sweep")
       a.sweep = true;
+    else if (k == "--profile")
+      a.profile = true;
     else if (k == "--batches") {
       a.batches.clear();
       std::stringstream ss(next());
@@ -90,7 +94,8 @@ Args ParseArgs(int argc, char** argv) {
     } else if (k == "-h" || k == "--help") {
       std::printf(
           "ef_decode_bench [--layers N] [--batches 1,16,64] [--context N] [--prefill N] [--iters N] "
-          "[--hbm-tbps X] [--sweep] [--json FILE]\n");
+          "[--hbm-tbps X] [--sweep] [--profile] [--json FILE]\n"
+          "  --profile  one more prefill step with a cudaEvent after every op: device time per op kind\n");
       std::exit(0);
     } else {
       Die("unknown argument " + k);
@@ -208,11 +213,14 @@ class Bench {
     for (int l = 0; l < a_.layers; ++l) {
       const Layer& L = layers_[l];
       b_->RmsNorm(x, T, H, L.input_norm, 1e-5f, h);
+      Mark("rms norm");
       b_->Gemm(h, T, L.q, nullptr, q, false);
       b_->Gemm(h, T, L.k, nullptr, k, false);
       b_->Gemm(h, T, L.v, nullptr, v, false);
+      Mark("q, k, v gemms");
       b_->Rope(q, pos_dev, T, a_.heads, a_.head_dim, 1e6f);
       b_->Rope(k, pos_dev, T, a_.kv_heads, a_.head_dim, 1e6f);
+      Mark("rope q, k");
       int64_t row = 0;
       std::vector<AttentionSeq> attn_seqs;
       for (size_t s = 0; s < n_new.size(); ++s) {
@@ -226,21 +234,58 @@ class Bench {
       }
       b_->AttentionBatch(q, attn_seqs.data(), static_cast<int>(attn_seqs.size()), a_.heads, a_.kv_heads, a_.head_dim,
                          attn);
+      Mark("kv append + attention");
       b_->Gemm(attn, T, L.o, nullptr, tmp, false);
+      Mark("o gemm");
       b_->Add(x, tmp, T * H);
       b_->RmsNorm(x, T, H, L.post_norm, 1e-5f, h);
       b_->SetZero(out, sizeof(float) * T * H);
+      Mark("add, rms norm, set-zero");
       b_->Gemm(h, T, L.router, nullptr, logits, false);
       b_->RouterTopK(logits, T, a_.experts, a_.top_k, true, ids_dev, w_dev);
+      Mark("router gemm + top-k");
       b_->CopyToHost(routing.data(), routing_dev, routing.size() * sizeof(float));
       std::memcpy(ids.data(), routing.data(), ids.size() * sizeof(int32_t));
       std::memcpy(wts.data(), routing.data() + T * a_.top_k, wts.size() * sizeof(float));
+      Mark("routing to host (sync)");
       Status st = moe_->Run(l, T, a_.top_k, h, ids, wts, out);
       if (!st.ok()) Die("moe: " + st.ToString());
+      Mark("moe (gather, experts, scatter)");
       b_->Add(x, out, T * H);
+      Mark("add");
       distinct.push_back(static_cast<int>(std::set<int32_t>(ids.begin(), ids.end()).size()));
     }
     return distinct;
+  }
+
+  // --profile: an event after each op of Forward (Mark), summed per op kind by Profile.
+  void Mark(const char* name) {
+    if (!profiling_) return;
+    cudaEvent_t e;
+    cudaEventCreate(&e);
+    cudaEventRecord(e, b_->stream());
+    marks_.emplace_back(name, e);
+  }
+  // Runs one Forward with marks; returns (op, device ms) in first-seen order.
+  std::vector<std::pair<std::string, double>> Profile(const std::vector<int>& n_new, const std::vector<int>& len) {
+    Synchronize();
+    profiling_ = true;
+    marks_.clear();
+    Mark("start");
+    Forward(n_new, len);
+    profiling_ = false;
+    Synchronize();
+    std::vector<std::pair<std::string, double>> out;
+    for (size_t i = 1; i < marks_.size(); ++i) {
+      float ms = 0;
+      cudaEventElapsedTime(&ms, marks_[i - 1].second, marks_[i].second);
+      auto it = std::find_if(out.begin(), out.end(), [&](const auto& p) { return p.first == marks_[i].first; });
+      if (it == out.end()) out.emplace_back(marks_[i].first, ms);
+      else it->second += ms;
+    }
+    for (auto& m : marks_) cudaEventDestroy(m.second);
+    marks_.clear();
+    return out;
   }
 
   // Sets the residual stream to random activations of unit scale (as after an embedding).
@@ -498,6 +543,8 @@ class Bench {
   CudaBackend* b_ = nullptr;
   std::vector<Layer> layers_;
   std::unique_ptr<SyntheticExperts> source_;
+  bool profiling_ = false;
+  std::vector<std::pair<std::string, cudaEvent_t>> marks_;
   std::unique_ptr<LocalMoeExecutor> moe_;
   std::vector<std::vector<Buffer>> kv_;
   int kv_cap_ = 0;
@@ -609,6 +656,20 @@ int Main(int argc, char** argv) {
                        {"active_experts_per_layer", act},
                        {"tokens_per_s", a.prefill / step},
                        {"tokens_per_s_32_layers", a.prefill / (layer * 32)}});
+    if (a.profile) {
+      std::printf("\n# prefill %d tokens, device time per op kind over %d layers (event after each op)\n%-40s %10s %8s\n",
+                  a.prefill, a.layers, "op", "ms/layer", "share");
+      const auto prof = bench.Profile(n_new, len);
+      double total = 0;
+      for (const auto& p : prof) total += p.second;
+      nlohmann::json pj = nlohmann::json::array();
+      for (const auto& p : prof) {
+        std::printf("%-40s %10.3f %7.1f%%\n", p.first.c_str(), p.second / a.layers, 100 * p.second / total);
+        pj.push_back({{"op", p.first}, {"ms_per_layer", p.second / a.layers}});
+      }
+      std::printf("%-40s %10.3f\n", "total", total / a.layers);
+      records.back()["profile"] = pj;
+    }
   }
   nlohmann::json breakdown = nlohmann::json::array(), sweep = nlohmann::json::array();
   bench.Breakdown(a.context, max_batch, a.prefill, a.sweep, &breakdown, &sweep);
