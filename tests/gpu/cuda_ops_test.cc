@@ -100,7 +100,9 @@ TEST_F(CudaOpsTest, GemmBf16Weights) {
   // summation order (<= 1e-5). Larger m: cuBLAS meets bf16 weights with bf16-rounded activations
   // (fp32 accumulation): against the CPU fed the same rounded activations <= 1e-5, against the
   // CPU's fp32 activations NMSE ~ 1e-6 (bound 1e-4).
-  for (int m : {1, 2, 3, 8, 16, 64}) {
+  // 64, 40, 33, 63: one LtGemm bucket, its algorithm planned at m = 64 and reused for the others
+  // (then 9..16 and 300, 257: other buckets; 17 after them).
+  for (int m : {1, 2, 3, 8, 16, 64, 40, 33, 63, 9, 300, 257, 17}) {
     const int n = 1000, k = 2048;
     auto x = RandomFloats(m * k, 8);
     auto w = RandomFloats(n * k, 9, -0.05f, 0.05f);

@@ -8,6 +8,7 @@
 #include "runtime/backend/cpu/cpu_backend.h"
 #include "runtime/backend/cuda/cuda_kernels.h"
 #include "runtime/core/quant.h"
+#include "runtime/engine/engine.h"
 #include "tests/gpu/gpu_test_util.h"
 
 namespace ef::runtime {
@@ -83,6 +84,46 @@ TEST_F(CudaQuantTest, GemmMatchesCpu) {
           cpu_.Gemm(xr.data(), m, wr, c.bias ? &bc : nullptr, want_rounded.data(), c.acc);
           EXPECT_LE(MaxRelError(got, want_rounded), 1e-5) << "cublas " << what;
           EXPECT_LE(Nmse(got, want), 1e-4) << "cublas " << what;
+        }
+      }
+    }
+  }
+}
+
+// A trained checkpoint's experts (models/tiny-code-moe, bf16, widths 128 and 256), quantized from
+// bf16 as the expert cache's tiers do: the device's GEMMs on the blocks compute what the CPU's do.
+TEST_F(CudaQuantTest, TrainedExpertsMatchCpu) {
+  EngineOptions eo;
+  eo.backend = "cpu";
+  auto engine = Engine::Create(std::string(EF_TEST_DATA) + "/../../models/tiny-code-moe", eo);
+  ASSERT_TRUE(engine.ok()) << engine.status().ToString();
+  const ModelConfig& c = (*engine)->config();
+  for (DType t : {DType::kQ8, DType::kQ4}) {
+    for (int l : {0, c.num_layers - 1}) {
+      for (int e = 0; e < c.num_experts; ++e) {
+        const ExpertWeights& w = (*engine)->weights().host_expert(l, e);
+        for (const Weight* p : {&w.gate, &w.up, &w.down}) {
+          keep_.emplace_back(WeightBytes(t, p->rows, p->cols));
+          auto q = Quantize(t, p->dtype, p->data, p->rows, p->cols, keep_.back().data(), keep_.back().size());
+          ASSERT_TRUE(q.ok()) << q.status().ToString();
+          const Weight wc{t, keep_.back().data(), p->rows, p->cols};
+          auto wg = gpu_->UploadWeight(t, wc.data, p->rows, p->cols);
+          ASSERT_TRUE(wg.ok()) << wg.status().ToString();
+          for (int64_t m : {1, 2, 3, 4, 9}) {
+            const std::vector<float> x = RandomFloats(m * p->cols, 70 + m);
+            std::vector<float> want(static_cast<size_t>(m * p->rows));
+            cpu_.Gemm(x.data(), m, wc, nullptr, want.data(), false);
+            float* yd = dev_->Zeros<float>(want.size());
+            gpu_->Gemm(dev_->Put(x), m, *wg, nullptr, yd, false);
+            const std::vector<float> got = dev_->Get(yd, want.size());
+            const std::string what = std::string(DTypeName(t)) + " layer " + std::to_string(l) + " expert " +
+                                     std::to_string(e) + " [" + std::to_string(p->rows) + ", " +
+                                     std::to_string(p->cols) + "] m=" + std::to_string(m);
+            if (m <= cuda::kGemvQuantMaxRows)
+              EXPECT_LE(MaxRelError(got, want), 1e-5) << what;
+            else
+              EXPECT_LE(Nmse(got, want), 1e-4) << what;
+          }
         }
       }
     }

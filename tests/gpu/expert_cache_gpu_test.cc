@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -17,8 +18,8 @@
 #include "cache/expert_cache.h"
 #include "runtime/core/params.h"
 #include "runtime/core/quant.h"
-#include "runtime/engine/expert_source.h"
 #include "runtime/engine/engine.h"
+#include "runtime/engine/expert_source.h"
 #include "runtime/engine/generator.h"
 #include "tests/gpu/gpu_test_util.h"
 #include "tests/runtime/prompt_run.h"
@@ -184,7 +185,8 @@ std::pair<Output, double> CpuReference(const std::string& name) {
 // same kernels for everything but the experts' GEMMs.
 class DeviceFakeQuantSource final : public runtime::ExpertSource {
  public:
-  static std::unique_ptr<DeviceFakeQuantSource> Create(Engine& engine, DType t) {
+  // blocks: upload the quantized blocks themselves (the device's quantized GEMMs) instead.
+  static std::unique_ptr<DeviceFakeQuantSource> Create(Engine& engine, DType t, bool blocks = false) {
     auto s = std::make_unique<DeviceFakeQuantSource>();
     const runtime::ModelConfig& c = engine.config();
     s->experts_.resize(static_cast<size_t>(c.num_layers) * c.num_experts);
@@ -195,12 +197,14 @@ class DeviceFakeQuantSource final : public runtime::ExpertSource {
         for (runtime::Weight* p : {&f.gate, &f.up, &f.down}) {
           std::vector<float> v(static_cast<size_t>(p->rows * p->cols));
           ConvertToF32(p->dtype, p->data, v.data(), v.size());
+          std::vector<std::byte> q;
           if (QuantFormat::Of(t).divides(p->cols)) {
-            std::vector<std::byte> q(WeightBytes(t, p->rows, p->cols));
+            q.resize(WeightBytes(t, p->rows, p->cols));
             EXPECT_TRUE(Quantize(t, DType::kF32, v.data(), p->rows, p->cols, q.data(), q.size()).ok());
             EXPECT_TRUE(Dequantize(t, q.data(), p->rows, p->cols, v.data()).ok());
           }
-          auto up = engine.backend().UploadWeight(DType::kF32, v.data(), p->rows, p->cols);
+          auto up = blocks && !q.empty() ? engine.backend().UploadWeight(t, q.data(), p->rows, p->cols)
+                                         : engine.backend().UploadWeight(DType::kF32, v.data(), p->rows, p->cols);
           EXPECT_TRUE(up.ok()) << up.status().ToString();
           if (up.ok()) *p = *up;
         }
@@ -257,15 +261,35 @@ TEST_P(ExpertCacheGpuTest, LowPrecisionLoadsMatchTheCpuCache) {
         fake = RunModel(*engine);
         engine->SetExpertSource(nullptr);
       }
+      if (!small_host) {
+        // Diagnostics: every expert in a slot (no eviction), and the smallest budget with the
+        // device synchronised after each expert (no overlap of copies and compute).
+        ExpertCacheOptions all = o;
+        all.slots_per_layer = engine->config().num_experts;
+        auto c2 = ExpertCache::Create(engine.get(), all);
+        ASSERT_TRUE(c2.ok()) << c2.status().ToString();
+        const Output g2 = RunModel(*engine);
+        c2->reset();
+        auto blocks =
+            DeviceFakeQuantSource::Create(*engine, std::string(precision) == "int4" ? DType::kQ4 : DType::kQ8, true);
+        engine->SetExpertSource(blocks.get());
+        const Output g3 = RunModel(*engine);
+        engine->SetExpertSource(nullptr);
+        std::printf(
+            "[ low precision ] %s %s: every expert in a slot: vs cuda fake-quantized %.4g; quantized blocks "
+            "uploaded (no cache): %.4g\n",
+            GetParam().c_str(), precision, LogitDistance(g2, fake), LogitDistance(g3, fake));
+      }
       auto cache = ExpertCache::Create(engine.get(), o);
       ASSERT_TRUE(cache.ok()) << cache.status().ToString();
       const Output got = RunModel(*engine);
       ASSERT_EQ(got.logits.size(), want.logits.size());
       const double to_fake = LogitDistance(got, fake), to_cpu = LogitDistance(got, want);
-      std::printf("[ low precision ] %s %s%s: cuda cache vs cuda fake-quantized %.4g, vs cpu cache %.4g; "
-                  "cuda fake-quantized vs cpu cache %.4g; native cpu vs cuda %.4g\n",
-                  GetParam().c_str(), precision, small_host ? " (small host)" : "", to_fake, to_cpu,
-                  LogitDistance(fake, want), native);
+      std::printf(
+          "[ low precision ] %s %s%s: cuda cache vs cuda fake-quantized %.4g, vs cpu cache %.4g; "
+          "cuda fake-quantized vs cpu cache %.4g; native cpu vs cuda %.4g\n",
+          GetParam().c_str(), precision, small_host ? " (small host)" : "", to_fake, to_cpu, LogitDistance(fake, want),
+          native);
       EXPECT_LE(to_fake, bound) << GetParam() << " " << precision << (small_host ? " small host" : "")
                                 << "; from the native cpu engine: cuda " << LogitDistance(got, cpu_native) << ", cpu "
                                 << LogitDistance(want, cpu_native);
@@ -281,6 +305,36 @@ TEST_P(ExpertCacheGpuTest, LowPrecisionLoadsMatchTheCpuCache) {
       EXPECT_GT(st.total.misses, 0);
       // Every load moved the quantized expert.
       CudaExpertSource& src = *(*cache)->cuda_source();
+      {
+        // The device copy of each expert is the quantized block of the checkpoint's expert.
+        const runtime::ModelConfig& mc = engine->config();
+        int wrong = 0;
+        for (int l : mc.MoeLayers())
+          for (int e = 0; e < mc.num_experts; ++e) {
+            auto dw = src.Acquire(l, e);
+            ASSERT_TRUE(dw.ok()) << dw.status().ToString();
+            const runtime::ExpertWeights& hw = engine->weights().host_expert(l, e);
+            const runtime::Weight* parts[] = {&dw->gate, &dw->up, &dw->down};
+            const runtime::Weight* host[] = {&hw.gate, &hw.up, &hw.down};
+            for (int i = 0; i < 3; ++i) {
+              const runtime::Weight& d = *parts[i];
+              std::vector<std::byte> got(d.nbytes()), want(d.nbytes());
+              engine->backend().CopyToHost(got.data(), d.data, got.size());
+              if (IsQuantized(d.dtype)) {
+                ASSERT_TRUE(Quantize(d.dtype, host[i]->dtype, host[i]->data, host[i]->rows, host[i]->cols, want.data(),
+                                     want.size())
+                                .ok());
+              } else {
+                std::memcpy(want.data(), host[i]->data, want.size());
+              }
+              if (got != want && wrong++ < 5)
+                ADD_FAILURE() << precision << " layer " << l << " expert " << e << " part " << i << " ("
+                              << DTypeName(d.dtype) << "): the device copy differs from the quantized checkpoint";
+            }
+            src.Release(l, e);
+          }
+        EXPECT_EQ(wrong, 0) << precision;
+      }
       EXPECT_LT(src.layout().bytes(), w.nbytes());
       Status as = src.arena().status();
       EXPECT_TRUE(as.ok()) << as.ToString();

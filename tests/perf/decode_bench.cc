@@ -33,6 +33,7 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "runtime/backend/cuda/cuda_backend.h"
@@ -53,6 +54,7 @@ struct Args {
   double hbm_tbps = 3.6;
   bool sweep = false;
   bool profile = false;
+  bool lt_gemm = true;
   std::string json;
   // Mixtral-8x7B shapes.
   int hidden = 4096, inter = 14336, experts = 8, top_k = 2, heads = 32, kv_heads = 8, head_dim = 128;
@@ -87,6 +89,8 @@ Args ParseArgs(int argc, char** argv) {
       a.sweep = true;
     else if (k == "--profile")
       a.profile = true;
+    else if (k == "--no-lt")
+      a.lt_gemm = false;
     else if (k == "--batches") {
       a.batches.clear();
       std::stringstream ss(next());
@@ -94,7 +98,8 @@ Args ParseArgs(int argc, char** argv) {
     } else if (k == "-h" || k == "--help") {
       std::printf(
           "ef_decode_bench [--layers N] [--batches 1,16,64] [--context N] [--prefill N] [--iters N] "
-          "[--hbm-tbps X] [--sweep] [--profile] [--json FILE]\n"
+          "[--hbm-tbps X] [--sweep] [--profile] [--no-lt] [--json FILE]\n"
+          "  --no-lt    16-bit GEMMs through cublasGemmEx instead of the planned cuBLASLt path\n"
           "  --profile  one more prefill step with a cudaEvent after every op: device time per op kind\n");
       std::exit(0);
     } else {
@@ -110,6 +115,10 @@ T OrDie(StatusOr<T> s, const char* what) {
   return std::move(s).value();
 }
 
+double Seconds(std::chrono::steady_clock::time_point a, std::chrono::steady_clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
 struct Layer {
   Weight input_norm, post_norm, q, k, v, o, router;
   std::vector<ExpertWeights> experts;
@@ -118,7 +127,15 @@ struct Layer {
 class SyntheticExperts final : public ExpertSource {
  public:
   explicit SyntheticExperts(const std::vector<Layer>* layers) : layers_(layers) {}
-  StatusOr<ExpertWeights> Acquire(int layer, int expert) override { return (*layers_)[layer].experts[expert]; }
+  StatusOr<ExpertWeights> Acquire(int layer, int expert) override {
+    if (on_expert) on_expert(true, layer, expert);
+    return (*layers_)[layer].experts[expert];
+  }
+  void Release(int layer, int expert) override {
+    if (on_expert) on_expert(false, layer, expert);
+  }
+  // --profile: told before (true) and after (false) each expert's MLP is enqueued.
+  std::function<void(bool, int, int)> on_expert;
 
  private:
   const std::vector<Layer>* layers_;
@@ -128,6 +145,7 @@ class Bench {
  public:
   explicit Bench(const Args& a) : a_(a) {
     CudaBackendOptions o;
+    o.lt_gemm = a.lt_gemm;
     backend_ = OrDie(CudaBackend::Create(o), "cuda backend");
     b_ = backend_.get();
     if (cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, b_->device()) != cudaSuccess)
@@ -248,9 +266,13 @@ class Bench {
       std::memcpy(ids.data(), routing.data(), ids.size() * sizeof(int32_t));
       std::memcpy(wts.data(), routing.data() + T * a_.top_k, wts.size() * sizeof(float));
       Mark("routing to host (sync)");
+      if (profiling_) {
+        expert_rows_.assign(a_.experts, 0);
+        for (int32_t e : ids) ++expert_rows_[e];
+      }
       Status st = moe_->Run(l, T, a_.top_k, h, ids, wts, out);
       if (!st.ok()) Die("moe: " + st.ToString());
-      Mark("moe (gather, experts, scatter)");
+      Mark("moe: scatter-add");
       b_->Add(x, out, T * H);
       Mark("add");
       distinct.push_back(static_cast<int>(std::set<int32_t>(ids.begin(), ids.end()).size()));
@@ -271,17 +293,34 @@ class Bench {
     Synchronize();
     profiling_ = true;
     marks_.clear();
+    std::vector<std::tuple<int, int, int64_t, size_t>> experts;  // layer, expert, rows, index of its end mark
+    source_->on_expert = [&](bool begin, int layer, int e) {
+      Mark(begin ? "moe: gather, host work" : "moe: expert mlps");
+      if (!begin) experts.emplace_back(layer, e, expert_rows_[e], marks_.size() - 1);
+    };
     Mark("start");
     Forward(n_new, len);
     profiling_ = false;
+    source_->on_expert = nullptr;
     Synchronize();
+    std::printf("# per expert (layer 0 and the last): rows, ms, TFLOP/s\n");
+    for (const auto& [layer, e, rows, end] : experts) {
+      if (layer != 0 && layer != a_.layers - 1) continue;
+      float ms = 0;
+      cudaEventElapsedTime(&ms, marks_[end - 1].second, marks_[end].second);
+      const double flop = 2.0 * 3 * rows * a_.hidden * a_.inter;
+      std::printf("#   layer %d expert %d: %6lld rows %8.3f ms %8.1f TFLOP/s\n", layer, e, static_cast<long long>(rows),
+                  ms, flop / (ms * 1e-3) / 1e12);
+    }
     std::vector<std::pair<std::string, double>> out;
     for (size_t i = 1; i < marks_.size(); ++i) {
       float ms = 0;
       cudaEventElapsedTime(&ms, marks_[i - 1].second, marks_[i].second);
       auto it = std::find_if(out.begin(), out.end(), [&](const auto& p) { return p.first == marks_[i].first; });
-      if (it == out.end()) out.emplace_back(marks_[i].first, ms);
-      else it->second += ms;
+      if (it == out.end())
+        out.emplace_back(marks_[i].first, ms);
+      else
+        it->second += ms;
     }
     for (auto& m : marks_) cudaEventDestroy(m.second);
     marks_.clear();
@@ -484,6 +523,19 @@ class Bench {
     row("SetZero " + std::to_string(prefill) + "x" + std::to_string(H) + " f32",
         time_us(2, [&] { b_->SetZero(y, sizeof(float) * prefill * H); }), sizeof(float) * prefill * H);
 
+    // Host time to enqueue a prefill-sized GEMM (the device is kept busy ahead of it): the same m
+    // each call, against a different m each call (as the rows per expert of prefill batches are).
+    for (bool vary : {false, true}) {
+      b_->Synchronize();
+      for (int i = 0; i < 60; ++i) b_->Gemm(x, 512, ew.gate, nullptr, filler_out, false);
+      const int calls = 16;
+      auto t0 = std::chrono::steady_clock::now();
+      for (int i = 0; i < calls; ++i) b_->Gemm(x, vary ? 300 + 7 * i + (rand() % 5) : 300, ew.gate, nullptr, y, false);
+      const double host_us = Seconds(t0, std::chrono::steady_clock::now()) * 1e6 / calls;
+      b_->Synchronize();
+      row(std::string("host enqueue of gemm gate m~300, ") + (vary ? "a new m each call" : "the same m"), host_us, 0);
+    }
+
     if (sweep) {
       // The GEMV at every K split (device time), for the decode shapes of a layer.
       struct Shape {
@@ -543,6 +595,7 @@ class Bench {
   CudaBackend* b_ = nullptr;
   std::vector<Layer> layers_;
   std::unique_ptr<SyntheticExperts> source_;
+  std::vector<int64_t> expert_rows_;
   bool profiling_ = false;
   std::vector<std::pair<std::string, cudaEvent_t>> marks_;
   std::unique_ptr<LocalMoeExecutor> moe_;
@@ -560,10 +613,6 @@ class Bench {
     moe_.reset();
   }
 };
-
-double Seconds(std::chrono::steady_clock::time_point a, std::chrono::steady_clock::time_point b) {
-  return std::chrono::duration<double>(b - a).count();
-}
 
 int Main(int argc, char** argv) {
   Args a = ParseArgs(argc, argv);
@@ -657,8 +706,9 @@ int Main(int argc, char** argv) {
                        {"tokens_per_s", a.prefill / step},
                        {"tokens_per_s_32_layers", a.prefill / (layer * 32)}});
     if (a.profile) {
-      std::printf("\n# prefill %d tokens, device time per op kind over %d layers (event after each op)\n%-40s %10s %8s\n",
-                  a.prefill, a.layers, "op", "ms/layer", "share");
+      std::printf(
+          "\n# prefill %d tokens, device time per op kind over %d layers (event after each op)\n%-40s %10s %8s\n",
+          a.prefill, a.layers, "op", "ms/layer", "share");
       const auto prof = bench.Profile(n_new, len);
       double total = 0;
       for (const auto& p : prof) total += p.second;

@@ -96,6 +96,9 @@ Status CudaBackend::Init() {
   CUBLAS_CHECK(cublasSetMathMode(cublas_, CUBLAS_DEFAULT_MATH));
   CUDA_CHECK(cudaMalloc(&cublas_ws_, options_.cublas_workspace_bytes));
   CUBLAS_CHECK(cublasSetWorkspace(cublas_, cublas_ws_, options_.cublas_workspace_bytes));
+  if (options_.lt_gemm) {
+    EF_ASSIGN_OR_RETURN(lt_, cuda::LtGemm::Create(cublas_ws_, options_.cublas_workspace_bytes));
+  }
 
   void* staging = nullptr;
   CUDA_CHECK(cudaMallocHost(&staging, options_.staging_bytes));
@@ -120,6 +123,7 @@ CudaBackend::~CudaBackend() {
   for (Pending& p : pending_) free_events_.push_back(p.done);
   pending_.clear();
   for (cudaEvent_t e : free_events_) CUDA_CHECK_LOG(cudaEventDestroy(e), &ignored);
+  lt_.reset();
   if (cublas_) CUBLAS_CHECK_LOG(cublasDestroy(cublas_), &ignored);
   if (cublas_ws_) CUDA_CHECK_LOG(cudaFree(cublas_ws_), &ignored);
   if (staging_) CUDA_CHECK_LOG(cudaFreeHost(staging_), &ignored);
@@ -338,14 +342,29 @@ void CudaBackend::Gemm(const float* x, int64_t m, const Weight& w, const Weight*
     CUDA_CHECK_LOG(cuda::launch_convert_f32(x, xc, w.dtype, m * k, stream_), &error_);
     a = xc;
   }
-  // Row-major y[m, n] = x[m, k] . w[n, k]^T is column-major y^T[n, m] = w^T . x^T: w is a
-  // column-major [k, n] matrix used transposed, x a column-major [k, m] matrix.
+  if (w.dtype != DType::kF32) {
+    Gemm16(w.dtype, w.data, a, y, m, n, k, accumulate);
+  } else {
+    // Row-major y[m, n] = x[m, k] . w[n, k]^T is column-major y^T[n, m] = w^T . x^T: w is a
+    // column-major [k, n] matrix used transposed, x a column-major [k, m] matrix.
+    CUBLAS_CHECK_LOG(
+        cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(m), static_cast<int>(k),
+                     &alpha, w.data, CUDA_R_32F, static_cast<int>(k), a, CUDA_R_32F, static_cast<int>(k), &beta, y,
+                     CUDA_R_32F, static_cast<int>(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+        &error_);
+  }
+  if (bias && !bias->empty()) CUDA_CHECK_LOG(cuda::launch_add_bias(y, m, n, bias->data, bias->dtype, stream_), &error_);
+}
+
+void CudaBackend::Gemm16(DType t, const void* w, const void* x, float* y, int64_t m, int64_t n, int64_t k,
+                         bool accumulate) {
+  if (lt_ && lt_->Run(t, w, x, y, m, n, k, accumulate, stream_) == CUBLAS_STATUS_SUCCESS) return;
+  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
   CUBLAS_CHECK_LOG(
       cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(m), static_cast<int>(k),
-                   &alpha, w.data, CudaType(w.dtype), static_cast<int>(k), a, CudaType(w.dtype), static_cast<int>(k),
-                   &beta, y, CUDA_R_32F, static_cast<int>(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                   &alpha, w, CudaType(t), static_cast<int>(k), x, CudaType(t), static_cast<int>(k), &beta, y,
+                   CUDA_R_32F, static_cast<int>(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
       &error_);
-  if (bias && !bias->empty()) CUDA_CHECK_LOG(cuda::launch_add_bias(y, m, n, bias->data, bias->dtype, stream_), &error_);
 }
 
 void CudaBackend::GemmQuantized(const float* x, int64_t m, const Weight& w, float* y, bool accumulate) {
@@ -371,6 +390,10 @@ void CudaBackend::GemmQuantized(const float* x, int64_t m, const Weight& w, floa
     // The previous tile's GEMM reads wt; both are in stream order, so rewriting it is safe.
     CUDA_CHECK_LOG(cuda::launch_dequantize_bf16(w.data, w.dtype, n, k, r0, rows, wt, stream_), &error_);
     // Column-major y^T[n, m] (ld n) restricted to rows r0.. of the tile: y + r0, as in Gemm.
+    if (rows == n) {  // one tile: y's leading dimension is the tile's
+      Gemm16(DType::kBF16, wt, xc, y, m, n, k, accumulate);
+      continue;
+    }
     CUBLAS_CHECK_LOG(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(rows), static_cast<int>(m),
                                   static_cast<int>(k), &alpha, wt, CUDA_R_16BF, static_cast<int>(k), xc, CUDA_R_16BF,
                                   static_cast<int>(k), &beta, y + r0, CUDA_R_32F, static_cast<int>(n),

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "runtime/backend/backend.h"
+#include "runtime/backend/cuda/gemm_lt.h"
 
 namespace ef::runtime {
 
@@ -46,6 +47,9 @@ struct CudaBackendOptions {
   size_t staging_bytes = size_t{64} << 20;
   // cuBLAS workspace (given to cuBLAS so it never allocates by itself).
   size_t cublas_workspace_bytes = size_t{32} << 20;
+  // 16-bit GEMMs past the GEMV's rows through LtGemm (algorithms planned once per shape class);
+  // false: cublasGemmEx for each (its heuristic runs for every new shape).
+  bool lt_gemm = true;
 
   // The defaults with the EF_CUDA_* knobs applied.
   static CudaBackendOptions FromParams(int device);
@@ -120,6 +124,8 @@ class CudaBackend final : public Backend {
   void* EnsureScratch(void** buf, size_t* cap, size_t bytes);
   void Stage(void* dst, const void* src, size_t bytes);
   void RetireFinishedCopies(bool all_done);
+  // y = x . w^T (+ y) on 16-bit operands (w.dtype) with fp32 output: LtGemm, else cublasGemmEx.
+  void Gemm16(DType t, const void* w, const void* x, float* y, int64_t m, int64_t n, int64_t k, bool accumulate);
   // Gemm's body for kQ8/kQ4 weights (bias added by Gemm).
   void GemmQuantized(const float* x, int64_t m, const Weight& w, float* y, bool accumulate);
 
@@ -132,6 +138,7 @@ class CudaBackend final : public Backend {
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   void* cublas_ws_ = nullptr;
+  std::unique_ptr<cuda::LtGemm> lt_;  // 16-bit GEMMs past the GEMV's rows (gemm_lt.h)
   // Pinned staging ring and the copies still reading it (oldest first).
   std::byte* staging_ = nullptr;
   size_t staging_head_ = 0;
