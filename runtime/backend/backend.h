@@ -111,6 +111,16 @@ class Backend {
   // Waits for all enqueued work, then copies.
   virtual void CopyToHost(void* host_dst, const void* src, size_t bytes) = 0;
   virtual void CopyOnDevice(void* dst, const void* src, size_t bytes) = 0;
+  // Several CopyOnDevice in one call (e.g. the KV appends of a batch): items[i] copies bytes from
+  // src to dst (host array of descriptors, read before the call returns). Default: one by one.
+  struct CopyItem {
+    void* dst;
+    const void* src;
+    size_t bytes;
+  };
+  virtual void CopyBatch(const CopyItem* items, int num_items) {
+    for (int i = 0; i < num_items; ++i) CopyOnDevice(items[i].dst, items[i].src, items[i].bytes);
+  }
   // Zeroes bytes of backend memory (enqueued; no host transfer).
   virtual void SetZero(void* dst, size_t bytes) = 0;
   virtual void Synchronize() = 0;

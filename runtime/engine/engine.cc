@@ -168,16 +168,19 @@ std::vector<AttentionSeq> Engine::AppendKv(int layer, std::span<const SeqChunk> 
   const size_t kw = c.kv_cache_key_width(), vw = c.kv_cache_value_width();
   std::vector<AttentionSeq> seqs;
   seqs.reserve(batch.size());
+  std::vector<Backend::CopyItem> copies;  // one launch for the whole batch's appends
+  copies.reserve(2 * batch.size());
   int64_t row = 0;
   for (const SeqChunk& chunk : batch) {
     Sequence& s = seqs_.at(chunk.seq);
     const int n = static_cast<int>(chunk.tokens.size());
-    backend_->CopyOnDevice(s.k[layer].f32() + s.length * kw, k + row * kw, sizeof(float) * n * kw);
-    if (v) backend_->CopyOnDevice(s.v[layer].f32() + s.length * vw, v + row * vw, sizeof(float) * n * vw);
+    copies.push_back({s.k[layer].f32() + s.length * kw, k + row * kw, sizeof(float) * n * kw});
+    if (v) copies.push_back({s.v[layer].f32() + s.length * vw, v + row * vw, sizeof(float) * n * vw});
     const float* vbase = v ? s.v[layer].f32() : s.k[layer].f32();
     seqs.push_back(AttentionSeq{s.k[layer].f32(), vbase, row, n, s.length + n});
     row += n;
   }
+  backend_->CopyBatch(copies.data(), static_cast<int>(copies.size()));
   return seqs;
 }
 

@@ -3,6 +3,7 @@
 // or tighter; bf16 weights: NMSE stated per test. Skips when no CUDA device is visible.
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <numeric>
 
 #include "runtime/backend/cpu/cpu_backend.h"
@@ -287,6 +288,32 @@ TEST_F(CudaOpsTest, RouterTopKMatchesIncludingTies) {
     EXPECT_EQ(dev_->Get(ids, want_ids.size()), want_ids) << c.experts << " experts, k " << c.k;
     EXPECT_LE(MaxRelError(dev_->Get(w, want_w.size()), want_w), 1e-6);
   }
+}
+
+TEST_F(CudaOpsTest, CopyBatchCopiesEveryItem) {
+  // 300 items (three launches of at most 128): 4 KB aligned ones (16-byte path), odd sizes and
+  // offsets (byte path), empty ones, and two over 64 KB (copy engine).
+  const size_t total = 4 << 20;
+  std::vector<float> src = RandomFloats(total / sizeof(float), 90);
+  auto* s = reinterpret_cast<std::byte*>(dev_->Put(src));
+  auto* d = reinterpret_cast<std::byte*>(dev_->Zeros<float>(total / sizeof(float)));
+  std::vector<Backend::CopyItem> items;
+  std::vector<std::byte> want(total, std::byte{0});
+  const auto* hs = reinterpret_cast<const std::byte*>(src.data());
+  size_t off = 0;
+  for (int i = 0; i < 300; ++i) {
+    const size_t bytes = i % 7 == 0 ? 0 : i % 5 == 0 ? 4099 + i : (i == 17 || i == 250) ? (96 << 10) : 4096;
+    const size_t src_off = (i % 3 == 0 ? off + 3 : off) % (total - bytes - 8);
+    items.push_back({d + off, s + src_off, bytes});
+    std::memcpy(want.data() + off, hs + src_off, bytes);
+    off += bytes + (i % 5 == 0 ? 1 : 0);
+  }
+  ASSERT_LT(off, total);
+  gpu_->CopyBatch(items.data(), static_cast<int>(items.size()));
+  std::vector<std::byte> got(total);
+  gpu_->CopyToHost(got.data(), d, total);
+  EXPECT_TRUE(got == want);
+  EXPECT_TRUE(gpu_->status().ok()) << gpu_->status().ToString();
 }
 
 TEST_F(CudaOpsTest, GatherAndWeightedScatterAdd) {

@@ -241,15 +241,17 @@ class Bench {
       Mark("rope q, k");
       int64_t row = 0;
       std::vector<AttentionSeq> attn_seqs;
+      std::vector<Backend::CopyItem> appends;
       for (size_t s = 0; s < n_new.size(); ++s) {
         float* kc = kv_[s][2 * l].f32() + static_cast<size_t>(len[s]) * kvd;
         float* vc = kv_[s][2 * l + 1].f32() + static_cast<size_t>(len[s]) * kvd;
-        b_->CopyOnDevice(kc, k + row * kvd, sizeof(float) * n_new[s] * kvd);
-        b_->CopyOnDevice(vc, v + row * kvd, sizeof(float) * n_new[s] * kvd);
+        appends.push_back({kc, k + row * kvd, sizeof(float) * n_new[s] * kvd});
+        appends.push_back({vc, v + row * kvd, sizeof(float) * n_new[s] * kvd});
         attn_seqs.push_back(
             AttentionSeq{kv_[s][2 * l].f32(), kv_[s][2 * l + 1].f32(), row, n_new[s], len[s] + n_new[s]});
         row += n_new[s];
       }
+      b_->CopyBatch(appends.data(), static_cast<int>(appends.size()));
       b_->AttentionBatch(q, attn_seqs.data(), static_cast<int>(attn_seqs.size()), a_.heads, a_.kv_heads, a_.head_dim,
                          attn);
       Mark("kv append + attention");
@@ -453,6 +455,12 @@ class Bench {
           time_us(20, [&] { b_->CopyOnDevice(y, x, sizeof(float) * kvd); }), 0);
       row("  vs cudaMemcpyAsync 4 KB device to device (copy engine)",
           time_us(20, [&] { cudaMemcpyAsync(y, x, sizeof(float) * kvd, cudaMemcpyDeviceToDevice, b_->stream()); }), 0);
+      {
+        std::vector<Backend::CopyItem> items;
+        for (int i = 0; i < 128; ++i) items.push_back({y + i * kvd, x + i * kvd, sizeof(float) * kvd});
+        row("CopyBatch of 128 x 4 KB (kv appends of 64 sequences, one launch)",
+            time_us(5, [&] { b_->CopyBatch(items.data(), 128); }), 128.0 * sizeof(float) * kvd);
+      }
       row("128 x CopyOnDevice 4 KB (kv appends of 64 sequences)",
           time_us(5,
                   [&] {

@@ -258,6 +258,23 @@ void CudaBackend::CopyOnDevice(void* dst, const void* src, size_t bytes) {
   CUDA_CHECK_LOG(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_), &error_);
 }
 
+void CudaBackend::CopyBatch(const CopyItem* items, int num_items) {
+  // Small items in one kernel (a block each); large ones (prefill chunks) on the copy engine, which
+  // moves them at full bandwidth where one block would not.
+  constexpr size_t kKernelMaxBytes = 64 << 10;
+  std::vector<cuda::CopyBatchItem> small;
+  small.reserve(static_cast<size_t>(std::max(num_items, 0)));
+  for (int i = 0; i < num_items; ++i) {
+    if (items[i].bytes > kKernelMaxBytes)
+      CopyOnDevice(items[i].dst, items[i].src, items[i].bytes);
+    else if (items[i].bytes > 0)
+      small.push_back({items[i].dst, items[i].src, items[i].bytes});
+  }
+  if (small.size() == 1) return CopyOnDevice(small[0].dst, small[0].src, small[0].bytes);
+  if (!small.empty())
+    CUDA_CHECK_LOG(cuda::launch_copy_batch(small.data(), static_cast<int>(small.size()), stream_), &error_);
+}
+
 void CudaBackend::SetZero(void* dst, size_t bytes) {
   if (bytes == 0) return;
   CUDA_CHECK_LOG(cudaMemsetAsync(dst, 0, bytes, stream_), &error_);

@@ -68,6 +68,7 @@ class CudaBackend final : public Backend {
   void CopyToDevice(void* dst, const void* host_src, size_t bytes) override;
   void CopyToHost(void* host_dst, const void* src, size_t bytes) override;
   void CopyOnDevice(void* dst, const void* src, size_t bytes) override;
+  void CopyBatch(const CopyItem* items, int num_items) override;
   void SetZero(void* dst, size_t bytes) override;
   void Synchronize() override;
   Status BindToCallingThread() override;

@@ -154,6 +154,16 @@ inline constexpr size_t kParamCopyMaxBytes = 4032;
 static_assert(kParamCopyMaxBytes % 16 == 0 && kParamCopyMaxBytes + 64 <= 4096, "within 4 KiB of parameters");
 cudaError_t launch_copy_from_params(void* dst, const void* host_src, size_t bytes, cudaStream_t stream);
 
+// Copies items_host[i].bytes from .src to .dst (device memory, regions not overlapping) for every
+// item, kCopyBatchMaxItems per launch (the items travel in its parameters: 128 x 24 bytes).
+struct CopyBatchItem {
+  void* dst;
+  const void* src;
+  size_t bytes;
+};
+inline constexpr int kCopyBatchMaxItems = 128;
+cudaError_t launch_copy_batch(const CopyBatchItem* items_host, int num_items, cudaStream_t stream);
+
 // dst[i] = (dst_dtype) src[i], round to nearest even (dst_dtype F16 or BF16).
 cudaError_t launch_convert_f32(const float* src, void* dst, DType dst_dtype, int64_t n, cudaStream_t stream);
 // y[r, :] += bias[:] over m rows of n columns.
