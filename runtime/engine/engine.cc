@@ -55,6 +55,7 @@ StatusOr<std::unique_ptr<Engine>> Engine::Create(const std::string& model_dir, c
   auto e = std::unique_ptr<Engine>(new Engine());
   EF_ASSIGN_OR_RETURN(e->backend_, MakeBackend(options.backend, options.device));
   EF_ASSIGN_OR_RETURN(e->weights_, ModelWeights::Load(model_dir, e->backend_.get()));
+  EF_RETURN_IF_ERROR(e->ConfigureAttentionPrecision(options.attention_precision));
   e->local_moe_ =
       std::make_unique<LocalMoeExecutor>(e->backend_.get(), e->config().hidden_size, e->config().num_experts,
                                          ExpertActivationParams::ForModel(e->config()));
@@ -66,6 +67,16 @@ StatusOr<std::unique_ptr<Engine>> Engine::Create(const std::string& model_dir, c
   EF_LOG(INFO, ENGINE, "engine ready on %s, kv capacity %d tokens per sequence", e->backend_->name().c_str(),
          e->max_seq_len_);
   return e;
+}
+
+Status Engine::ConfigureAttentionPrecision(const std::string& precision) {
+  if (precision != "auto" && precision != "fp32" && precision != "bf16")
+    return InvalidArgument("attention precision must be auto, fp32 or bf16, got '" + precision + "'");
+  const DType o = weights_->layer(0).o.dtype;  // every model has an output projection
+  reduced_precision_attention_ = precision == "bf16" || (precision == "auto" && (o == DType::kBF16 || o == DType::kF16));
+  if (backend_->kind() != BackendKind::kCuda) reduced_precision_attention_ = false;
+  backend_->SetReducedPrecisionAttention(reduced_precision_attention_);
+  return Status::Ok();
 }
 
 Status Engine::UploadExperts() {

@@ -35,6 +35,11 @@ struct EngineOptions {
   // ExpertSource (SetExpertSource, e.g. the expert cache) or UploadExperts() first, and fails with
   // FailedPrecondition otherwise.
   bool upload_experts = true;
+  // Prefill attention on the cuda backend: "bf16" stages Q, K, V and P in bf16 for tensor cores
+  // (fp32 accumulation), "fp32" keeps the exact fp32 kernel, "auto" picks bf16 when the model's
+  // attention weights are 16-bit (its GEMMs then round activations to bf16 already). The cpu
+  // backend always computes in fp32.
+  std::string attention_precision = "auto";
 };
 
 // One chunk of a batch: tokens appended to sequence `seq`.
@@ -87,6 +92,8 @@ class Engine {
   // and makes it the expert source. A no-op when they are resident already.
   Status UploadExperts();
   bool experts_resident() const { return resident_ != nullptr; }
+  // Whether prefill attention stages its operands in bf16 (EngineOptions::attention_precision).
+  bool reduced_precision_attention() const { return reduced_precision_attention_; }
   // Replaces how routed experts are computed (default: all on this process). nullptr restores
   // the local executor. The caller keeps it alive.
   void SetMoeExecutor(MoeExecutor* executor) { moe_executor_ = executor ? executor : local_moe_.get(); }
@@ -115,6 +122,7 @@ class Engine {
   Status Forward(std::span<const SeqChunk> batch, ForwardResult* result);
 
  private:
+  Status ConfigureAttentionPrecision(const std::string& precision);
   // Per layer, max_seq_len rows of config().kv_cache_key_width() floats in k and of
   // kv_cache_value_width() floats in v (MLA: v is empty; k holds the normalised latent then the
   // rotated shared rope key, the compressed form both prefill and decode attend over).
@@ -152,6 +160,7 @@ class Engine {
   std::vector<Buffer> scratch_;
   std::vector<float> routing_host_;  // host copy of a layer's router ids + weights (or logits)
   bool expose_router_inputs_ = false;
+  bool reduced_precision_attention_ = false;
   std::vector<float> router_inputs_;  // host copy behind LayerRouting::hidden
 };
 

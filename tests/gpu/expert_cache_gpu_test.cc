@@ -10,6 +10,8 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <map>
+#include <set>
 #include <memory>
 #include <string>
 #include <vector>
@@ -255,10 +257,19 @@ TEST_P(ExpertCacheGpuTest, LowPrecisionLoadsMatchTheCpuCache) {
       ASSERT_NE(engine, nullptr);
       // The fake-quantized model on the CUDA engine: what the cache's loads must compute there.
       Output fake;
+      // The prompt's routing (first forward, per layer) of the fake-quantized run.
+      std::map<int, std::pair<std::vector<int32_t>, std::vector<float>>> fake_routing;
       {
         auto src = DeviceFakeQuantSource::Create(*engine, std::string(precision) == "int4" ? DType::kQ4 : DType::kQ8);
         engine->SetExpertSource(src.get());
+        const int hook = engine->AddRoutingHook([&](runtime::LayerRouting& r) {
+          if (!fake_routing.count(r.layer))
+            fake_routing[r.layer] = {std::vector<int32_t>(r.ids.begin(), r.ids.end()),
+                                     std::vector<float>(r.weights.begin(), r.weights.end())};
+          return Status::Ok();
+        });
         fake = RunModel(*engine);
+        engine->RemoveRoutingHook(hook);
         engine->SetExpertSource(nullptr);
       }
       if (!small_host) {
@@ -273,8 +284,30 @@ TEST_P(ExpertCacheGpuTest, LowPrecisionLoadsMatchTheCpuCache) {
         auto blocks =
             DeviceFakeQuantSource::Create(*engine, std::string(precision) == "int4" ? DType::kQ4 : DType::kQ8, true);
         engine->SetExpertSource(blocks.get());
+        std::set<int> seen;
+        int differ = 0;
+        bool force = false;
+        const int hook = engine->AddRoutingHook([&](runtime::LayerRouting& r) {
+          if (seen.insert(r.layer).second && fake_routing.count(r.layer)) {
+            const auto& [ids, wts] = fake_routing[r.layer];
+            for (size_t i = 0; i < ids.size() && i < r.ids.size(); ++i) differ += ids[i] != r.ids[i];
+            if (force) {
+              std::copy(ids.begin(), ids.end(), r.ids.begin());
+              std::copy(wts.begin(), wts.end(), r.weights.begin());
+            }
+          }
+          return Status::Ok();
+        });
         const Output g3 = RunModel(*engine);
+        const int differ_free = differ;
+        seen.clear();
+        force = true;
+        const Output g4 = RunModel(*engine);
+        engine->RemoveRoutingHook(hook);
         engine->SetExpertSource(nullptr);
+        std::printf("[ low precision ] %s %s: quantized blocks: %d routing choices of the prompt differ from the "
+                    "fake-quantized run's; with its routing forced: %.4g\n",
+                    GetParam().c_str(), precision, differ_free, LogitDistance(g4, fake));
         std::printf(
             "[ low precision ] %s %s: every expert in a slot: vs cuda fake-quantized %.4g; quantized blocks "
             "uploaded (no cache): %.4g\n",
