@@ -280,8 +280,10 @@ class Bench {
       float ms = 0;
       cudaEventElapsedTime(&ms, marks_[i - 1].second, marks_[i].second);
       auto it = std::find_if(out.begin(), out.end(), [&](const auto& p) { return p.first == marks_[i].first; });
-      if (it == out.end()) out.emplace_back(marks_[i].first, ms);
-      else it->second += ms;
+      if (it == out.end())
+        out.emplace_back(marks_[i].first, ms);
+      else
+        it->second += ms;
     }
     for (auto& m : marks_) cudaEventDestroy(m.second);
     marks_.clear();
@@ -481,6 +483,16 @@ class Bench {
                                 a_.head_dim, y);
                 }),
         0);
+    // The same call on tensor cores (bf16 operands); the switch is off again for the rest.
+    b_->SetReducedPrecisionAttention(true);
+    row("attention prefill " + std::to_string(prefill) + " (tensor cores, bf16)",
+        time_us(5,
+                [&] {
+                  b_->Attention(x, prefill, kv_[0][0].f32(), kv_[0][1].f32(), prefill, a_.heads, a_.kv_heads,
+                                a_.head_dim, y);
+                }),
+        0);
+    b_->SetReducedPrecisionAttention(false);
     row("SetZero " + std::to_string(prefill) + "x" + std::to_string(H) + " f32",
         time_us(2, [&] { b_->SetZero(y, sizeof(float) * prefill * H); }), sizeof(float) * prefill * H);
 
@@ -657,8 +669,9 @@ int Main(int argc, char** argv) {
                        {"tokens_per_s", a.prefill / step},
                        {"tokens_per_s_32_layers", a.prefill / (layer * 32)}});
     if (a.profile) {
-      std::printf("\n# prefill %d tokens, device time per op kind over %d layers (event after each op)\n%-40s %10s %8s\n",
-                  a.prefill, a.layers, "op", "ms/layer", "share");
+      std::printf(
+          "\n# prefill %d tokens, device time per op kind over %d layers (event after each op)\n%-40s %10s %8s\n",
+          a.prefill, a.layers, "op", "ms/layer", "share");
       const auto prof = bench.Profile(n_new, len);
       double total = 0;
       for (const auto& p : prof) total += p.second;

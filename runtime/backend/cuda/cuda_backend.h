@@ -46,6 +46,9 @@ struct CudaBackendOptions {
   size_t staging_bytes = size_t{64} << 20;
   // cuBLAS workspace (given to cuBLAS so it never allocates by itself).
   size_t cublas_workspace_bytes = size_t{32} << 20;
+  // Initial Backend::SetReducedPrecisionAttention: prefill attention (chunks of at least
+  // cuda::kAttentionPrefillTcMinRows rows, head_dim 64/128) on tensor cores with bf16 operands.
+  bool reduced_precision_attention = false;
 
   // The defaults with the EF_CUDA_* knobs applied.
   static CudaBackendOptions FromParams(int device);
@@ -94,6 +97,7 @@ class CudaBackend final : public Backend {
   void ScatterAddRows(const float* src, const int32_t* idx, const float* scale, int64_t n, int dim,
                       float* dst) override;
   void AddSigmoidGated(const float* src, const float* gate_logit, int64_t rows, int dim, float* dst) override;
+  void SetReducedPrecisionAttention(bool on) override { reduced_precision_attention_ = on; }
 
   // --- CUDA specifics ---
   // The first CUDA/cuBLAS error seen by an op, or OK.
@@ -112,7 +116,8 @@ class CudaBackend final : public Backend {
     size_t begin, end;
     cudaEvent_t done;
   };
-  explicit CudaBackend(const CudaBackendOptions& options) : options_(options) {}
+  explicit CudaBackend(const CudaBackendOptions& options)
+      : options_(options), reduced_precision_attention_(options.reduced_precision_attention) {}
   Status Init();
   StatusOr<void*> DeviceAlloc(size_t bytes);
   void DeviceFree(void* p, size_t bytes);
@@ -124,6 +129,7 @@ class CudaBackend final : public Backend {
   void GemmQuantized(const float* x, int64_t m, const Weight& w, float* y, bool accumulate);
 
   CudaBackendOptions options_;
+  bool reduced_precision_attention_ = false;
   std::string name_;
   size_t budget_ = 0;
   int num_sms_ = 0;
