@@ -137,6 +137,13 @@ class Backend {
   // Bytes of backend memory in use (weights + buffers), for accounting.
   virtual size_t bytes_in_use() const = 0;
 
+  // --- numerics ---
+  // The model's GEMMs already round activations to 16 bits (bf16/f16 weights); attention may then
+  // stage Q, K, V and the softmax weights P in bf16 with fp32 accumulation (CUDA: tensor-core
+  // prefill attention; other backends ignore it). Off by default: the fp32 path is the exact
+  // reference. Applies to the ops enqueued after the call.
+  virtual void SetReducedPrecisionAttention(bool on) {}
+
   // --- ops (enqueued in order) ---
   // out[i, :] = table[ids[i], :]
   virtual void Embed(const int32_t* ids, int n, const Weight& table, float* out) = 0;

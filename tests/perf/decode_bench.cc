@@ -528,6 +528,16 @@ class Bench {
                                 a_.head_dim, y);
                 }),
         0);
+    // The same call on tensor cores (bf16 operands); the switch is off again for the rest.
+    b_->SetReducedPrecisionAttention(true);
+    row("attention prefill " + std::to_string(prefill) + " (tensor cores, bf16)",
+        time_us(5,
+                [&] {
+                  b_->Attention(x, prefill, kv_[0][0].f32(), kv_[0][1].f32(), prefill, a_.heads, a_.kv_heads,
+                                a_.head_dim, y);
+                }),
+        0);
+    b_->SetReducedPrecisionAttention(false);
     row("SetZero " + std::to_string(prefill) + "x" + std::to_string(H) + " f32",
         time_us(2, [&] { b_->SetZero(y, sizeof(float) * prefill * H); }), sizeof(float) * prefill * H);
 

@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "runtime/backend/cuda/attention_seq_table.cuh"
 #include "runtime/backend/cuda/cuda_kernels.h"
 #include "runtime/backend/cuda/kernel_util.cuh"
 
@@ -45,15 +46,6 @@ constexpr size_t kDecodeMaxSmemBytes = 48 * 1024;  // the default dynamic limit:
 // time, so several per SM are needed to cover HBM latency.
 constexpr int kDecodeBlocksPerSm = 4;
 static_assert(kDecodeMaxTile <= 32 && kDecodeThreads % 32 == 0, "decode softmax maps one lane to one key");
-
-// The sequences of one launch: inline (in the kernel parameters, __grid_constant__ so they are
-// read in place) when there are few, else a device array.
-struct SeqTable {
-  const AttentionSeqDesc* dev;
-  int num_inline;  // > 0: inl[0, num_inline) holds the descriptors
-  AttentionSeqDesc inl[kAttentionInlineSeqs];
-  __device__ __forceinline__ AttentionSeqDesc operator[](int i) const { return num_inline > 0 ? inl[i] : dev[i]; }
-};
 
 // Shared floats of the decode kernel: q and acc [group][head_dim], K tile [tile][head_dim + 4]
 // (padded: the row-per-thread score reads are conflict-free), V tile [tile][head_dim], scores
@@ -484,15 +476,8 @@ cudaError_t launch_attention_batch(const float* q, const AttentionSeqDesc* seqs_
       num_heads * static_cast<int64_t>(plan.max_n_new) > 0x7fffffff)
     return cudaErrorInvalidValue;
   if (plan.num_splits > 1 && workspace == nullptr) return cudaErrorInvalidValue;
-  SeqTable table{};
-  if (num_seqs <= kAttentionInlineSeqs) {
-    if (seqs_host == nullptr) return cudaErrorInvalidValue;
-    table.num_inline = num_seqs;
-    for (int s = 0; s < num_seqs; ++s) table.inl[s] = seqs_host[s];
-  } else {
-    if (seqs_dev == nullptr) return cudaErrorInvalidValue;
-    table.dev = seqs_dev;
-  }
+  SeqTable table;
+  if (!MakeSeqTable(seqs_host, seqs_dev, num_seqs, &table)) return cudaErrorInvalidValue;
   const bool decode = plan.decode && plan.max_n_new == 1 && plan.decode_tile >= 1 &&
                       plan.decode_tile <= kDecodeMaxTile && reinterpret_cast<uintptr_t>(q) % 16 == 0 &&
                       reinterpret_cast<uintptr_t>(out) % 16 == 0;

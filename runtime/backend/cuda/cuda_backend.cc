@@ -441,6 +441,25 @@ void CudaBackend::AttentionBatch(const float* q, const AttentionSeq* seqs_host, 
   const cuda::AttentionBatchPlan plan =
       cuda::plan_attention_batch(desc.data(), num_seqs, num_heads, num_kv_heads, head_dim, num_sms_);
   if (plan.max_n_new <= 0) return;
+  const cuda::AttentionSeqDesc* desc_dev = nullptr;
+  if (num_seqs > cuda::kAttentionInlineSeqs) {
+    // Too many to pass in the launch: a device copy. The previous call's kernels read this
+    // buffer; the copy is ordered after them on the stream.
+    const size_t desc_bytes = desc.size() * sizeof(cuda::AttentionSeqDesc);
+    auto* d = static_cast<cuda::AttentionSeqDesc*>(EnsureScratch(&attn_desc_, &attn_desc_cap_, desc_bytes));
+    if (!d) return;
+    CopyToDevice(d, desc.data(), desc_bytes);
+    desc_dev = d;
+  }
+  // Prefill chunks on tensor cores when reduced precision is allowed (decode steps and short
+  // chunks keep the fp32 kernels, which are also the path whenever the switch is off).
+  if (reduced_precision_attention_ && !plan.decode && plan.max_n_new >= cuda::kAttentionPrefillTcMinRows &&
+      cuda::attention_prefill_tc_supported(desc.data(), num_seqs, num_heads, num_kv_heads, head_dim, q, out)) {
+    CUDA_CHECK_LOG(cuda::launch_attention_prefill_tc(q, desc.data(), desc_dev, num_seqs, num_heads, num_kv_heads,
+                                                     head_dim, out, stream_),
+                   &error_);
+    return;
+  }
   float* ws = nullptr;
   if (plan.num_splits > 1) {
     ws = static_cast<float*>(EnsureScratch(&attn_ws_, &attn_ws_cap_, plan.workspace_floats * sizeof(float)));
@@ -455,16 +474,6 @@ void CudaBackend::AttentionBatch(const float* q, const AttentionSeq* seqs_host, 
       SetZero(attn_counters_, attn_counters_cap_);
     }
     counters = static_cast<unsigned*>(attn_counters_);
-  }
-  const cuda::AttentionSeqDesc* desc_dev = nullptr;
-  if (num_seqs > cuda::kAttentionInlineSeqs) {
-    // Too many to pass in the launch: a device copy. The previous call's kernels read this
-    // buffer; the copy is ordered after them on the stream.
-    const size_t desc_bytes = desc.size() * sizeof(cuda::AttentionSeqDesc);
-    auto* d = static_cast<cuda::AttentionSeqDesc*>(EnsureScratch(&attn_desc_, &attn_desc_cap_, desc_bytes));
-    if (!d) return;
-    CopyToDevice(d, desc.data(), desc_bytes);
-    desc_dev = d;
   }
   CUDA_CHECK_LOG(cuda::launch_attention_batch(q, desc.data(), desc_dev, num_seqs, plan, num_heads, num_kv_heads,
                                               head_dim, out, ws, counters, stream_),

@@ -50,6 +50,9 @@ struct CudaBackendOptions {
   // 16-bit GEMMs past the GEMV's rows through LtGemm (algorithms planned once per shape class);
   // false: cublasGemmEx for each (its heuristic runs for every new shape).
   bool lt_gemm = true;
+  // Initial Backend::SetReducedPrecisionAttention: prefill attention (chunks of at least
+  // cuda::kAttentionPrefillTcMinRows rows, head_dim 64/128) on tensor cores with bf16 operands.
+  bool reduced_precision_attention = false;
 
   // The defaults with the EF_CUDA_* knobs applied.
   static CudaBackendOptions FromParams(int device);
@@ -99,6 +102,7 @@ class CudaBackend final : public Backend {
   void ScatterAddRows(const float* src, const int32_t* idx, const float* scale, int64_t n, int dim,
                       float* dst) override;
   void AddSigmoidGated(const float* src, const float* gate_logit, int64_t rows, int dim, float* dst) override;
+  void SetReducedPrecisionAttention(bool on) override { reduced_precision_attention_ = on; }
 
   // --- CUDA specifics ---
   // The first CUDA/cuBLAS error seen by an op, or OK.
@@ -117,7 +121,8 @@ class CudaBackend final : public Backend {
     size_t begin, end;
     cudaEvent_t done;
   };
-  explicit CudaBackend(const CudaBackendOptions& options) : options_(options) {}
+  explicit CudaBackend(const CudaBackendOptions& options)
+      : options_(options), reduced_precision_attention_(options.reduced_precision_attention) {}
   Status Init();
   StatusOr<void*> DeviceAlloc(size_t bytes);
   void DeviceFree(void* p, size_t bytes);
@@ -131,6 +136,7 @@ class CudaBackend final : public Backend {
   void GemmQuantized(const float* x, int64_t m, const Weight& w, float* y, bool accumulate);
 
   CudaBackendOptions options_;
+  bool reduced_precision_attention_ = false;
   std::string name_;
   size_t budget_ = 0;
   int num_sms_ = 0;
