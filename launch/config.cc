@@ -144,6 +144,10 @@ const std::map<std::string, Section>& Schema() {
               return GetInt(c, 0, 1023, &o->runtime.device);
             }},
            {"max_seq_len", [](const Ctx& c, Config* o) { return GetInt(c, 0, 1 << 24, &o->runtime.max_seq_len); }},
+           {"attention_precision",
+            [](const Ctx& c, Config* o) {
+              return GetOneOf(c, {"auto", "bf16", "fp32"}, &o->runtime.attention_precision);
+            }},
        }},
       {"cluster",
        {
@@ -437,7 +441,8 @@ std::string ConfigToYaml(const Config& c) {
   e << YAML::Key << "backend" << YAML::Value << c.runtime.backend;
   e << YAML::Key << "device" << YAML::Value
     << (c.runtime.device < 0 ? std::string("auto") : std::to_string(c.runtime.device));
-  e << YAML::Key << "max_seq_len" << YAML::Value << c.runtime.max_seq_len << YAML::EndMap;
+  e << YAML::Key << "max_seq_len" << YAML::Value << c.runtime.max_seq_len;
+  e << YAML::Key << "attention_precision" << YAML::Value << c.runtime.attention_precision << YAML::EndMap;
   e << YAML::Key << "cluster" << YAML::Value << YAML::Flow << YAML::BeginMap;
   e << YAML::Key << "exchange" << YAML::Value << c.cluster.exchange;
   e << YAML::Key << "ranks_per_node" << YAML::Value
@@ -502,6 +507,8 @@ void ApplyConfig(const Config& c, const CLI::App& app, ModelFlags* f) {
   if (c.has("runtime.backend") && !FlagGiven(app, "--backend")) f->backend = c.runtime.backend;
   if (c.has("runtime.device") && c.runtime.device >= 0 && !FlagGiven(app, "--device")) f->device = c.runtime.device;
   if (c.has("runtime.max_seq_len") && !FlagGiven(app, "--max-seq-len")) f->max_seq_len = c.runtime.max_seq_len;
+  if (c.has("runtime.attention_precision") && !FlagGiven(app, "--attention-precision"))
+    f->attention_precision = c.runtime.attention_precision;
 }
 
 void CacheFlags::Register(CLI::App* app) {
@@ -618,6 +625,7 @@ Status ClusterFlags::Load(const CLI::App& app, ModelFlags* model) {
   config.model.path = model->dir;
   config.runtime.backend = model->backend;
   config.runtime.max_seq_len = model->max_seq_len;
+  config.runtime.attention_precision = model->attention_precision;
   config.cluster.exchange = cluster.exchange;
   config.cluster.ranks_per_node = cluster.ranks_per_node;
   config.cluster.peer_fetch = cluster.peer_fetch;

@@ -15,6 +15,7 @@ struct ModelFlags {
   std::string backend = "auto";
   int device = 0;
   int max_seq_len = 0;
+  std::string attention_precision = "auto";
 
   void Register(CLI::App* app) {
     app->add_option("--model,-m", dir, "Hugging Face checkpoint directory (config.json, *.safetensors)")
@@ -25,12 +26,18 @@ struct ModelFlags {
     app->add_option("--device", device, "GPU index for the cuda backend")->capture_default_str();
     app->add_option("--max-seq-len", max_seq_len, "KV-cache capacity per sequence (0: the model's maximum)")
         ->check(CLI::NonNegativeNumber);
+    app->add_option("--attention-precision", attention_precision,
+                    "prefill attention on the cuda backend: bf16 (tensor cores, fp32 accumulation), fp32 (exact), or "
+                    "auto (bf16 when the model's weights are 16-bit) (runtime.attention_precision)")
+        ->check(CLI::IsMember({"auto", "bf16", "fp32"}))
+        ->capture_default_str();
   }
   runtime::EngineOptions ToEngineOptions() const {
     runtime::EngineOptions e;
     e.backend = backend;
     e.device = device;
     e.max_seq_len = max_seq_len;
+    e.attention_precision = attention_precision;
     return e;
   }
 };
