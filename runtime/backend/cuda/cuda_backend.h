@@ -48,6 +48,7 @@ struct CudaBackendOptions {
   size_t cublas_workspace_bytes = size_t{32} << 20;
   // Initial Backend::SetReducedPrecisionAttention: prefill attention (chunks of at least
   // cuda::kAttentionPrefillTcMinRows rows, head_dim 64/128) on tensor cores with bf16 operands.
+  // Its scratch holds a bf16 copy of the batch's keys and values (half their fp32 bytes).
   bool reduced_precision_attention = false;
 
   // The defaults with the EF_CUDA_* knobs applied.
