@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -32,6 +33,7 @@ struct TcCase {
   int heads, kv_heads, hd;
   float q_scale = 1.f;  // q uniform in [-q_scale, q_scale)
 };
+void PrintTo(const TcCase& c, std::ostream* os) { *os << c.name; }
 
 // ||got - want||_2 / ||want||_2 over the given rows of [rows, width] arrays.
 double NormwiseRelError(const std::vector<float>& got, const std::vector<float>& want, const std::vector<bool>& owned,

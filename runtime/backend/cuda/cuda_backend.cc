@@ -455,8 +455,12 @@ void CudaBackend::AttentionBatch(const float* q, const AttentionSeq* seqs_host, 
   // chunks keep the fp32 kernels, which are also the path whenever the switch is off).
   if (reduced_precision_attention_ && !plan.decode && plan.max_n_new >= cuda::kAttentionPrefillTcMinRows &&
       cuda::attention_prefill_tc_supported(desc.data(), num_seqs, num_heads, num_kv_heads, head_dim, q, out)) {
+    // The bf16 keys and values live in the split workspace (the tensor-core path has no splits).
+    const size_t ws_bytes = cuda::attention_prefill_tc_workspace_bytes(desc.data(), num_seqs, num_kv_heads, head_dim);
+    void* ws = EnsureScratch(&attn_ws_, &attn_ws_cap_, ws_bytes);
+    if (!ws) return;
     CUDA_CHECK_LOG(cuda::launch_attention_prefill_tc(q, desc.data(), desc_dev, num_seqs, num_heads, num_kv_heads,
-                                                     head_dim, out, stream_),
+                                                     head_dim, out, ws, stream_),
                    &error_);
     return;
   }

@@ -52,6 +52,7 @@ struct CudaBackendOptions {
   bool lt_gemm = true;
   // Initial Backend::SetReducedPrecisionAttention: prefill attention (chunks of at least
   // cuda::kAttentionPrefillTcMinRows rows, head_dim 64/128) on tensor cores with bf16 operands.
+  // Its scratch holds a bf16 copy of the batch's keys and values (half their fp32 bytes).
   bool reduced_precision_attention = false;
 
   // The defaults with the EF_CUDA_* knobs applied.

@@ -63,19 +63,23 @@ cudaError_t launch_attention_batch(const float* q, const AttentionSeqDesc* seqs_
 
 // Causal GQA attention of prefill chunks on tensor cores (flash attention; see
 // attention_prefill_tc.cu): the contract of launch_attention_batch (descriptors inline up to
-// kAttentionInlineSeqs, else from seqs_dev; seqs_host is always read, for the grid), without key
-// splits or workspace. Q, K, V and the softmax weights are rounded to bf16 for the products
-// (relative error <= 2^-9 each); accumulation and softmax are fp32. For the backend's
-// reduced-precision attention only. attention_prefill_tc_supported(): head_dim 64 or 128,
-// num_heads a multiple of num_kv_heads, q, out and every sequence's k and v 16-byte aligned.
+// kAttentionInlineSeqs, else from seqs_dev; seqs_host is always read, for the grids), without key
+// splits. Q, K, V and the softmax weights are rounded to bf16 for the products (relative error
+// <= 2^-9 each); accumulation and softmax are fp32. For the backend's reduced-precision attention
+// only. attention_prefill_tc_supported(): head_dim 64 or 128, num_heads a multiple of
+// num_kv_heads, q, out and every sequence's k and v 16-byte aligned. `workspace` (16-byte
+// aligned) holds attention_prefill_tc_workspace_bytes(): the bf16 copy of the keys and values of
+// every sequence with new rows (half the bytes of their fp32 K/V), rewritten by each launch.
 // Chunks shorter than kAttentionPrefillTcMinRows (decode, short mixes) keep the fp32 kernels: a
-// 128-row tile would be mostly padding.
+// 64-row tile would be mostly padding.
 inline constexpr int kAttentionPrefillTcMinRows = 16;
 bool attention_prefill_tc_supported(const AttentionSeqDesc* seqs_host, int num_seqs, int num_heads, int num_kv_heads,
                                     int head_dim, const float* q, const float* out);
+size_t attention_prefill_tc_workspace_bytes(const AttentionSeqDesc* seqs_host, int num_seqs, int num_kv_heads,
+                                            int head_dim);
 cudaError_t launch_attention_prefill_tc(const float* q, const AttentionSeqDesc* seqs_host,
                                         const AttentionSeqDesc* seqs_dev, int num_seqs, int num_heads, int num_kv_heads,
-                                        int head_dim, float* out, cudaStream_t stream);
+                                        int head_dim, float* out, void* workspace, cudaStream_t stream);
 
 // Table-driven rotary embedding on a slice of each head (see Backend::RopeTable / RopeSpec).
 cudaError_t launch_rope_table(float* x, const int32_t* positions, int64_t rows, int num_heads, int rot_dim,
