@@ -33,9 +33,9 @@ struct ModelSection {
 };
 
 struct RuntimeSection {
-  std::string backend = "auto";  // auto | cuda | cpu
-  int device = -1;               // GPU index; -1: the local rank (one rank per GPU)
-  int max_seq_len = 0;           // KV capacity per sequence; 0: the model's maximum
+  std::string backend = "auto";              // auto | cuda | cpu
+  int device = -1;                           // GPU index; -1: the local rank (one rank per GPU)
+  int max_seq_len = 0;                       // KV capacity per sequence; 0: the model's maximum
   std::string attention_precision = "auto";  // auto | bf16 | fp32 (cuda prefill attention)
 };
 

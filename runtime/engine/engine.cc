@@ -73,7 +73,8 @@ Status Engine::ConfigureAttentionPrecision(const std::string& precision) {
   if (precision != "auto" && precision != "fp32" && precision != "bf16")
     return InvalidArgument("attention precision must be auto, fp32 or bf16, got '" + precision + "'");
   const DType o = weights_->layer(0).o.dtype;  // every model has an output projection
-  reduced_precision_attention_ = precision == "bf16" || (precision == "auto" && (o == DType::kBF16 || o == DType::kF16));
+  reduced_precision_attention_ =
+      precision == "bf16" || (precision == "auto" && (o == DType::kBF16 || o == DType::kF16));
   if (backend_->kind() != BackendKind::kCuda) reduced_precision_attention_ = false;
   backend_->SetReducedPrecisionAttention(reduced_precision_attention_);
   return Status::Ok();

@@ -55,6 +55,7 @@ struct Args {
   bool sweep = false;
   bool profile = false;
   bool lt_gemm = true;
+  bool fp32_attention = false;
   std::string json;
   // Mixtral-8x7B shapes.
   int hidden = 4096, inter = 14336, experts = 8, top_k = 2, heads = 32, kv_heads = 8, head_dim = 128;
@@ -91,6 +92,8 @@ Args ParseArgs(int argc, char** argv) {
       a.profile = true;
     else if (k == "--no-lt")
       a.lt_gemm = false;
+    else if (k == "--fp32-attention")
+      a.fp32_attention = true;
     else if (k == "--batches") {
       a.batches.clear();
       std::stringstream ss(next());
@@ -100,6 +103,8 @@ Args ParseArgs(int argc, char** argv) {
           "ef_decode_bench [--layers N] [--batches 1,16,64] [--context N] [--prefill N] [--iters N] "
           "[--hbm-tbps X] [--sweep] [--profile] [--no-lt] [--json FILE]\n"
           "  --no-lt    16-bit GEMMs through cublasGemmEx instead of the planned cuBLASLt path\n"
+          "  --fp32-attention  the steps' prefill attention on the exact fp32 kernel (default: tensor cores with\n"
+          "             bf16 operands, what the engine picks for a bf16 model)\n"
           "  --profile  one more prefill step with a cudaEvent after every op: device time per op kind\n");
       std::exit(0);
     } else {
@@ -146,6 +151,7 @@ class Bench {
   explicit Bench(const Args& a) : a_(a) {
     CudaBackendOptions o;
     o.lt_gemm = a.lt_gemm;
+    o.reduced_precision_attention = !a.fp32_attention;  // as the engine's "auto" for bf16 weights
     backend_ = OrDie(CudaBackend::Create(o), "cuda backend");
     b_ = backend_.get();
     if (cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, b_->device()) != cudaSuccess)
@@ -521,6 +527,7 @@ class Bench {
           time_us(5, [&] { b_->AttentionBatch(x, seqs.data(), B, a_.heads, a_.kv_heads, a_.head_dim, y); }),
           2.0 * B * (context + 1) * kvd * sizeof(float));
     }
+    b_->SetReducedPrecisionAttention(false);
     row("attention prefill " + std::to_string(prefill),
         time_us(2,
                 [&] {
@@ -528,7 +535,7 @@ class Bench {
                                 a_.head_dim, y);
                 }),
         0);
-    // The same call on tensor cores (bf16 operands); the switch is off again for the rest.
+    // The same call on tensor cores (bf16 operands).
     b_->SetReducedPrecisionAttention(true);
     row("attention prefill " + std::to_string(prefill) + " (tensor cores, bf16)",
         time_us(5,
@@ -537,7 +544,7 @@ class Bench {
                                 a_.head_dim, y);
                 }),
         0);
-    b_->SetReducedPrecisionAttention(false);
+    b_->SetReducedPrecisionAttention(!a_.fp32_attention);
     row("SetZero " + std::to_string(prefill) + "x" + std::to_string(H) + " f32",
         time_us(2, [&] { b_->SetZero(y, sizeof(float) * prefill * H); }), sizeof(float) * prefill * H);
 
@@ -652,6 +659,9 @@ int Main(int argc, char** argv) {
       "# layers %d, decode context %d tokens per sequence, %d timed steps, prefill %d tokens, bound = active "
       "weight bytes / %.2f TB/s\n",
       a.layers, a.context, a.iters, a.prefill, a.hbm_tbps);
+  std::printf("# prefill attention: %s; 16-bit GEMMs past the GEMV: %s\n",
+              a.fp32_attention ? "fp32 kernel" : "tensor cores, bf16 operands",
+              a.lt_gemm ? "cuBLASLt, planned" : "cublasGemmEx");
   if (std::string(EF_BUILD_TYPE) == "Debug") std::printf("# WARNING: debug build, timings are not representative\n");
 
   Bench bench(a);
