@@ -182,6 +182,11 @@ class Backend {
   virtual void ClampedSwiGlu(const float* gate, const float* up, float* out, int64_t n, float alpha, float limit) = 0;
   // out[i] = silu(gate[i]) * up[i]
   virtual void SiluMul(const float* gate, const float* up, float* out, int64_t n) = 0;
+  // out[m, n] = silu(x . gate^T) * (x . up^T) (gate and up [n, k], no biases) as one op, bitwise
+  // what Gemm, Gemm and SiluMul give, when the backend has a fused kernel for these shapes (CUDA:
+  // decode rows, one weight stream pass and no round trip of the two products through memory).
+  // Returns false, having enqueued nothing, otherwise.
+  virtual bool GateUpSilu(const float* x, int64_t m, const Weight& gate, const Weight& up, float* out) { return false; }
   // y[i] += x[i]
   virtual void Add(float* y, const float* x, int64_t n) = 0;
   // x[i] = clamp(x[i], -c, c)

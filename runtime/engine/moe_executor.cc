@@ -23,8 +23,12 @@ StatusOr<float*> LocalMoeExecutor::Scratch(int slot, size_t floats) {
 Status LocalMoeExecutor::Mlp(const ExpertWeights& w, int64_t rows, const float* x, float* out) {
   const int64_t inter = w.gate.rows;
   EF_ASSIGN_OR_RETURN(float* g, Scratch(kGate, static_cast<size_t>(rows * inter)));
-  EF_ASSIGN_OR_RETURN(float* u, Scratch(kUp, static_cast<size_t>(rows * inter)));
   const bool bias = w.has_bias();
+  if (!bias && activation_.kind != ExpertActivation::kClampedSwiGlu && backend_->GateUpSilu(x, rows, w.gate, w.up, g)) {
+    backend_->Gemm(g, rows, w.down, nullptr, out, false);
+    return Status::Ok();
+  }
+  EF_ASSIGN_OR_RETURN(float* u, Scratch(kUp, static_cast<size_t>(rows * inter)));
   backend_->Gemm(x, rows, w.gate, bias ? &w.gate_bias : nullptr, g, false);
   backend_->Gemm(x, rows, w.up, bias ? &w.up_bias : nullptr, u, false);
   if (activation_.kind == ExpertActivation::kClampedSwiGlu) {

@@ -290,6 +290,41 @@ TEST_F(CudaOpsTest, RouterTopKMatchesIncludingTies) {
   }
 }
 
+TEST_F(CudaOpsTest, GateUpSiluIsBitwiseTheGemmsAndSiluMul) {
+  // Decode rows (m <= kGemvMaxRows): the fused kernel equals Gemm(gate), Gemm(up), SiluMul bit for
+  // bit, for weights whose split is 1 (many rows) and more (few rows, long k); past the GEMV's
+  // rows, and for fp32 weights, it declines.
+  struct Case {
+    int64_t n, k;
+  };
+  for (Case c : {Case{1000, 2048}, Case{96, 4096}}) {
+    auto wg = RandomFloats(c.n * c.k, 20, -0.05f, 0.05f);
+    auto wu = RandomFloats(c.n * c.k, 21, -0.05f, 0.05f);
+    auto [gc, gg] = Weights(wg, c.n, c.k, DType::kBF16);
+    auto [uc, ug] = Weights(wu, c.n, c.k, DType::kBF16);
+    for (int m = 1; m <= cuda::kGemvMaxRows; ++m) {
+      float* x = dev_->Put(RandomFloats(m * c.k, 22 + m));
+      float* g = dev_->Zeros<float>(m * c.n);
+      float* u = dev_->Zeros<float>(m * c.n);
+      float* fused = dev_->Zeros<float>(m * c.n);
+      gpu_->Gemm(x, m, gg, nullptr, g, false);
+      gpu_->Gemm(x, m, ug, nullptr, u, false);
+      gpu_->SiluMul(g, u, g, m * c.n);
+      ASSERT_TRUE(gpu_->GateUpSilu(x, m, gg, ug, fused)) << "m=" << m;
+      EXPECT_EQ(dev_->Get(fused, m * c.n), dev_->Get(g, m * c.n)) << "n=" << c.n << " k=" << c.k << " m=" << m;
+    }
+    float* x = dev_->Put(RandomFloats((cuda::kGemvMaxRows + 1) * c.k, 30));
+    float* out = dev_->Zeros<float>((cuda::kGemvMaxRows + 1) * c.n);
+    EXPECT_FALSE(gpu_->GateUpSilu(x, cuda::kGemvMaxRows + 1, gg, ug, out));
+  }
+  auto w = RandomFloats(64 * 128, 31);
+  auto [fc, fg] = Weights(w, 64, 128, DType::kF32);
+  float* x = dev_->Put(RandomFloats(128, 32));
+  float* out = dev_->Zeros<float>(64);
+  EXPECT_FALSE(gpu_->GateUpSilu(x, 1, fg, fg, out));
+  EXPECT_TRUE(gpu_->status().ok()) << gpu_->status().ToString();
+}
+
 TEST_F(CudaOpsTest, CopyBatchCopiesEveryItem) {
   // 300 items (three launches of at most 128): 4 KB aligned ones (16-byte path), odd sizes and
   // offsets (byte path), empty ones, and two over 64 KB (copy engine).

@@ -56,6 +56,7 @@ struct Args {
   bool profile = false;
   bool lt_gemm = true;
   bool fp32_attention = false;
+  bool fused_gate_up = true;
   std::string json;
   // Mixtral-8x7B shapes.
   int hidden = 4096, inter = 14336, experts = 8, top_k = 2, heads = 32, kv_heads = 8, head_dim = 128;
@@ -94,6 +95,8 @@ Args ParseArgs(int argc, char** argv) {
       a.lt_gemm = false;
     else if (k == "--fp32-attention")
       a.fp32_attention = true;
+    else if (k == "--unfused-gate-up")
+      a.fused_gate_up = false;
     else if (k == "--batches") {
       a.batches.clear();
       std::stringstream ss(next());
@@ -105,6 +108,7 @@ Args ParseArgs(int argc, char** argv) {
           "  --no-lt    16-bit GEMMs through cublasGemmEx instead of the planned cuBLASLt path\n"
           "  --fp32-attention  the steps' prefill attention on the exact fp32 kernel (default: tensor cores with\n"
           "             bf16 operands, what the engine picks for a bf16 model)\n"
+          "  --unfused-gate-up  decode experts as Gemm, Gemm, SiluMul instead of the fused gate/up GEMV\n"
           "  --profile  one more prefill step with a cudaEvent after every op: device time per op kind\n");
       std::exit(0);
     } else {
@@ -151,6 +155,7 @@ class Bench {
   explicit Bench(const Args& a) : a_(a) {
     CudaBackendOptions o;
     o.lt_gemm = a.lt_gemm;
+    o.fused_gate_up = a.fused_gate_up;
     o.reduced_precision_attention = !a.fp32_attention;  // as the engine's "auto" for bf16 weights
     backend_ = OrDie(CudaBackend::Create(o), "cuda backend");
     b_ = backend_.get();
@@ -403,6 +408,14 @@ class Bench {
                     b_->Gemm(y, m, ew.down, nullptr, y2, false);
                   }),
           ew.nbytes());
+      if (m <= cuda::kGemvMaxRows)
+        row("expert mlp (fused gate-up-silu, down) m=" + std::to_string(m),
+            time_us(10,
+                    [&] {
+                      if (!b_->GateUpSilu(x, m, ew.gate, ew.up, y)) Die("fused gate/up refused a decode shape");
+                      b_->Gemm(y, m, ew.down, nullptr, y2, false);
+                    }),
+            ew.nbytes());
     }
     row("attention q,k,v,o gemms m=1",
         time_us(20,

@@ -258,6 +258,19 @@ void CudaBackend::CopyOnDevice(void* dst, const void* src, size_t bytes) {
   CUDA_CHECK_LOG(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_), &error_);
 }
 
+bool CudaBackend::GateUpSilu(const float* x, int64_t m, const Weight& gate, const Weight& up, float* out) {
+  if (m <= 0 || !options_.fused_gate_up || gate.dtype != up.dtype || gate.rows != up.rows || gate.cols != up.cols ||
+      !cuda::gemv_supported(m, gate.cols, gate.dtype, x, gate.data) ||
+      !cuda::gemv_supported(m, up.cols, up.dtype, x, up.data))
+    return false;
+  // The split Gemm would pick for each weight alone, so g and u are summed as it sums them.
+  const int split = cuda::gemv_warps_per_row(gate.rows, gate.cols, num_sms_);
+  CUDA_CHECK_LOG(
+      cuda::launch_gemv_gate_up(x, m, gate.data, up.data, gate.dtype, gate.rows, gate.cols, out, split, stream_),
+      &error_);
+  return true;
+}
+
 void CudaBackend::CopyBatch(const CopyItem* items, int num_items) {
   // Small items in one kernel (a block each); large ones (prefill chunks) on the copy engine, which
   // moves them at full bandwidth where one block would not.

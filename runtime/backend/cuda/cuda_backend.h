@@ -50,6 +50,8 @@ struct CudaBackendOptions {
   // 16-bit GEMMs past the GEMV's rows through LtGemm (algorithms planned once per shape class);
   // false: cublasGemmEx for each (its heuristic runs for every new shape).
   bool lt_gemm = true;
+  // GateUpSilu's fused decode kernel (false: the caller's Gemm, Gemm, SiluMul).
+  bool fused_gate_up = true;
   // Initial Backend::SetReducedPrecisionAttention: prefill attention (chunks of at least
   // cuda::kAttentionPrefillTcMinRows rows, head_dim 64/128) on tensor cores with bf16 operands.
   // Its scratch holds a bf16 copy of the batch's keys and values (half their fp32 bytes).
@@ -73,6 +75,7 @@ class CudaBackend final : public Backend {
   void CopyToHost(void* host_dst, const void* src, size_t bytes) override;
   void CopyOnDevice(void* dst, const void* src, size_t bytes) override;
   void CopyBatch(const CopyItem* items, int num_items) override;
+  bool GateUpSilu(const float* x, int64_t m, const Weight& gate, const Weight& up, float* out) override;
   void SetZero(void* dst, size_t bytes) override;
   void Synchronize() override;
   Status BindToCallingThread() override;

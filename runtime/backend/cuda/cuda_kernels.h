@@ -144,6 +144,10 @@ bool gemv_supported(int64_t m, int64_t k, DType wdt, const void* x, const void* 
 int gemv_warps_per_row(int64_t n, int64_t k, int num_sms);
 cudaError_t launch_gemv(const float* x, int64_t m, const void* w, DType wdt, int64_t n, int64_t k, float* y,
                         bool accumulate, int warps_per_row, cudaStream_t stream);
+// y[m, n] = silu(x . gate^T) * (x . up^T) for two [n, k] weights of one dtype, each as launch_gemv
+// sums it (same warps_per_row: bitwise the result of two GEMVs and SiluMul).
+cudaError_t launch_gemv_gate_up(const float* x, int64_t m, const void* gate, const void* up, DType wdt, int64_t n,
+                                int64_t k, float* y, int warps_per_row, cudaStream_t stream);
 
 // Skinny GEMM on a quantized weight: y[m, n] = x[m, k] . dequant(w)[n, k]^T (+ y when
 // accumulate), w a kQ8/kQ4 block of [n, k] (runtime/core/quant_format.h), fp32 activations and

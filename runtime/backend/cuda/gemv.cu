@@ -12,6 +12,13 @@
 // summation order is the same whatever m is (the expert cache relies on bitwise-equal results for
 // any grouping of the tokens).
 //
+// Gate/up pair (launch_gemv_gate_up, an expert's first half in decode): the same kernel reads
+// row r of both weights (two 16-byte loads in flight per step) into two accumulators and writes
+// silu(g) * u, the SwiGLU activation, instead of g and u: one launch and no round trip of g and u
+// through memory. Each of g and u is summed exactly as the single-weight GEMV sums it (same
+// split, same order) and silu(g) * u is SiluMul's expression, so the result is bitwise what
+// Gemm, Gemm, SiluMul give.
+//
 // Requires k % 8 == 0 and 16-byte aligned rows (the caller falls back to cuBLAS otherwise).
 // Launch: ceil(n / (8 / warps_per_row)) blocks of 8 warps. Test: tests/gpu/cuda_ops_test.cc
 // (GemmBf16, m = 1..8 and every split against the CPU; bitwise equality across m).
@@ -42,91 +49,122 @@ __device__ __forceinline__ void Unpack(uint32_t word, float& lo, float& hi) {
   }
 }
 
-template <int kM, bool kBf16, int kSplit>
-__global__ void __launch_bounds__(kWarps * 32) GemvKernel(const float* __restrict__ x, const void* __restrict__ w,
-                                                          float* __restrict__ y, int n, int k, bool accumulate) {
+// kPair: w2 (the up projection) is read beside w and y receives silu(x.w) * (x.w2).
+template <int kM, bool kBf16, int kSplit, bool kPair = false>
+__global__ void __launch_bounds__(kWarps * 32)
+    GemvKernel(const float* __restrict__ x, const void* __restrict__ w, const void* __restrict__ w2,
+               float* __restrict__ y, int n, int k, bool accumulate) {
   constexpr int kRowsPerBlock = kWarps / kSplit;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int part = warp % kSplit;
   const int row = blockIdx.x * kRowsPerBlock + warp / kSplit;
   const bool valid = row < n;  // no early return: the split's barrier below needs every warp
   const int k8 = k / 8;
-  float acc[kM];
+  constexpr int kW = kPair ? 2 : 1;  // weights read side by side
+  float acc[kW][kM];
 #pragma unroll
-  for (int m = 0; m < kM; ++m) acc[m] = 0.f;
+  for (int v = 0; v < kW; ++v)
+#pragma unroll
+    for (int m = 0; m < kM; ++m) acc[v][m] = 0.f;
   if (valid) {
-    const uint4* wr = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(w) + static_cast<int64_t>(row) * k);
+    const uint4* wr[kW];
+    wr[0] = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(w) + static_cast<int64_t>(row) * k);
+    if constexpr (kPair)
+      wr[kW - 1] = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(w2) + static_cast<int64_t>(row) * k);
 #pragma unroll 4  // 8 or 16 measured slower on H200 (decode bench, gate/down/q/o GEMVs)
     for (int i = part * 32 + lane; i < k8; i += 32 * kSplit) {
-      const uint4 pk = __ldg(wr + i);
-      float wf[8];
-      Unpack<kBf16>(pk.x, wf[0], wf[1]);
-      Unpack<kBf16>(pk.y, wf[2], wf[3]);
-      Unpack<kBf16>(pk.z, wf[4], wf[5]);
-      Unpack<kBf16>(pk.w, wf[6], wf[7]);
+      uint4 pk[kW];
 #pragma unroll
-      for (int m = 0; m < kM; ++m) {
-        const float4* xr = reinterpret_cast<const float4*>(x + static_cast<int64_t>(m) * k) + 2 * i;
-        const float4 a = xr[0], b = xr[1];
-        acc[m] += a.x * wf[0] + a.y * wf[1] + a.z * wf[2] + a.w * wf[3] + b.x * wf[4] + b.y * wf[5] + b.z * wf[6] +
-                  b.w * wf[7];
+      for (int v = 0; v < kW; ++v) pk[v] = __ldg(wr[v] + i);
+#pragma unroll
+      for (int v = 0; v < kW; ++v) {
+        float wf[8];
+        Unpack<kBf16>(pk[v].x, wf[0], wf[1]);
+        Unpack<kBf16>(pk[v].y, wf[2], wf[3]);
+        Unpack<kBf16>(pk[v].z, wf[4], wf[5]);
+        Unpack<kBf16>(pk[v].w, wf[6], wf[7]);
+#pragma unroll
+        for (int m = 0; m < kM; ++m) {
+          const float4* xr = reinterpret_cast<const float4*>(x + static_cast<int64_t>(m) * k) + 2 * i;
+          const float4 a = xr[0], b = xr[1];
+          acc[v][m] += a.x * wf[0] + a.y * wf[1] + a.z * wf[2] + a.w * wf[3] + b.x * wf[4] + b.y * wf[5] + b.z * wf[6] +
+                       b.w * wf[7];
+        }
       }
     }
   }
 #pragma unroll
-  for (int m = 0; m < kM; ++m) acc[m] = WarpSum(acc[m]);
+  for (int v = 0; v < kW; ++v)
+#pragma unroll
+    for (int m = 0; m < kM; ++m) acc[v][m] = WarpSum(acc[v][m]);
+  // The row's value for activation row m: the sum, or SiluMul's silu(g) * u of the pair.
+  const auto out = [](float g, float u) {
+    if constexpr (kPair)
+      return g / (1.0f + expf(-g)) * u;
+    else
+      return g;
+  };
   if constexpr (kSplit == 1) {
     if (valid && lane == 0) {
 #pragma unroll
       for (int m = 0; m < kM; ++m) {
         float* dst = y + static_cast<int64_t>(m) * n + row;
-        *dst = accumulate ? *dst + acc[m] : acc[m];
+        const float r = out(acc[0][m], acc[kW - 1][m]);
+        *dst = accumulate ? *dst + r : r;
       }
     }
   } else {
-    __shared__ float partial[kWarps][kM];
+    __shared__ float partial[kW][kWarps][kM];
     if (lane == 0) {
 #pragma unroll
-      for (int m = 0; m < kM; ++m) partial[warp][m] = acc[m];
+      for (int v = 0; v < kW; ++v)
+#pragma unroll
+        for (int m = 0; m < kM; ++m) partial[v][warp][m] = acc[v][m];
     }
     __syncthreads();
     // Lane m of the row's first warp adds the partials in warp order (fixed, independent of m).
     if (valid && part == 0 && lane < kM) {
-      float s = partial[warp][lane];
+      float s[kW];
 #pragma unroll
-      for (int p = 1; p < kSplit; ++p) s += partial[warp + p][lane];
+      for (int v = 0; v < kW; ++v) {
+        s[v] = partial[v][warp][lane];
+#pragma unroll
+        for (int p = 1; p < kSplit; ++p) s[v] += partial[v][warp + p][lane];
+      }
       float* dst = y + static_cast<int64_t>(lane) * n + row;
-      *dst = accumulate ? *dst + s : s;
+      const float r = out(s[0], s[kW - 1]);
+      *dst = accumulate ? *dst + r : r;
     }
   }
 }
 
-template <int kM, bool kBf16>
-void LaunchM(const float* x, const void* w, float* y, int n, int k, bool acc, int split, cudaStream_t s) {
+template <int kM, bool kBf16, bool kPair>
+void LaunchM(const float* x, const void* w, const void* w2, float* y, int n, int k, bool acc, int split,
+             cudaStream_t s) {
   const unsigned grid = static_cast<unsigned>((n + kWarps / split - 1) / (kWarps / split));
   switch (split) {
     case 1:
-      GemvKernel<kM, kBf16, 1><<<grid, kWarps * 32, 0, s>>>(x, w, y, n, k, acc);
+      GemvKernel<kM, kBf16, 1, kPair><<<grid, kWarps * 32, 0, s>>>(x, w, w2, y, n, k, acc);
       break;
     case 2:
-      GemvKernel<kM, kBf16, 2><<<grid, kWarps * 32, 0, s>>>(x, w, y, n, k, acc);
+      GemvKernel<kM, kBf16, 2, kPair><<<grid, kWarps * 32, 0, s>>>(x, w, w2, y, n, k, acc);
       break;
     case 4:
-      GemvKernel<kM, kBf16, 4><<<grid, kWarps * 32, 0, s>>>(x, w, y, n, k, acc);
+      GemvKernel<kM, kBf16, 4, kPair><<<grid, kWarps * 32, 0, s>>>(x, w, w2, y, n, k, acc);
       break;
     default:
-      GemvKernel<kM, kBf16, 8><<<grid, kWarps * 32, 0, s>>>(x, w, y, n, k, acc);
+      GemvKernel<kM, kBf16, 8, kPair><<<grid, kWarps * 32, 0, s>>>(x, w, w2, y, n, k, acc);
       break;
   }
 }
 
-template <bool kBf16>
-cudaError_t Dispatch(const float* x, int m, const void* w, float* y, int n, int k, bool acc, int split,
+template <bool kBf16, bool kPair = false>
+cudaError_t Dispatch(const float* x, int m, const void* w, const void* w2, float* y, int n, int k, bool acc, int split,
                      cudaStream_t s) {
   switch (m) {
-#define EF_GEMV_CASE(M)                              \
-  case M:                                            \
-    LaunchM<M, kBf16>(x, w, y, n, k, acc, split, s); \
+#define EF_GEMV_CASE(M)                                         \
+  case M:                                                       \
+    LaunchM<M, kBf16, kPair>(x, w, w2, y, n, k, acc, split, s); \
     break;
     EF_GEMV_CASE(1)
     EF_GEMV_CASE(2)
@@ -164,10 +202,24 @@ cudaError_t launch_gemv(const float* x, int64_t m, const void* w, DType wdt, int
   if (warps_per_row != 1 && warps_per_row != 2 && warps_per_row != 4 && warps_per_row != 8)
     return cudaErrorInvalidValue;
   if (wdt == DType::kBF16)
-    return Dispatch<true>(x, static_cast<int>(m), w, y, static_cast<int>(n), static_cast<int>(k), accumulate,
+    return Dispatch<true>(x, static_cast<int>(m), w, nullptr, y, static_cast<int>(n), static_cast<int>(k), accumulate,
                           warps_per_row, stream);
-  return Dispatch<false>(x, static_cast<int>(m), w, y, static_cast<int>(n), static_cast<int>(k), accumulate,
+  return Dispatch<false>(x, static_cast<int>(m), w, nullptr, y, static_cast<int>(n), static_cast<int>(k), accumulate,
                          warps_per_row, stream);
+}
+
+cudaError_t launch_gemv_gate_up(const float* x, int64_t m, const void* gate, const void* up, DType wdt, int64_t n,
+                                int64_t k, float* y, int warps_per_row, cudaStream_t stream) {
+  if (!gemv_supported(m, k, wdt, x, gate) || !gemv_supported(m, k, wdt, x, up) || n < 1 || n > 0x7fffffff ||
+      k > 0x7fffffff)
+    return cudaErrorInvalidValue;
+  if (warps_per_row != 1 && warps_per_row != 2 && warps_per_row != 4 && warps_per_row != 8)
+    return cudaErrorInvalidValue;
+  if (wdt == DType::kBF16)
+    return Dispatch<true, true>(x, static_cast<int>(m), gate, up, y, static_cast<int>(n), static_cast<int>(k), false,
+                                warps_per_row, stream);
+  return Dispatch<false, true>(x, static_cast<int>(m), gate, up, y, static_cast<int>(n), static_cast<int>(k), false,
+                               warps_per_row, stream);
 }
 
 }  // namespace ef::runtime::cuda
