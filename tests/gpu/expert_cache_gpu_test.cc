@@ -260,9 +260,11 @@ class PromptRouting {
 TEST_P(ExpertCacheGpuTest, LowPrecisionLoadsMatchTheCpuCache) {
   // The bound: what the CUDA engine's bf16 prefill (cuBLAS on bf16-rounded operands) already
   // changes on this model in the checkpoint's precision, with room (3x, at least 1e-2).
-  // The CUDA runs are compared with the CPU cache's routing forced (PromptRouting): measured on the
-  // H200, tiny-code-moe's int8 model has a near tie that the two engines' rounding decides
-  // differently, which alone moved the logits by 0.029.
+  // The CUDA runs are compared with the CPU cache's routing forced (PromptRouting). Measured on the
+  // H200 with free routing, tiny-code-moe's int8 cache was 0.029 from the CPU cache although its
+  // device copies are the CPU's quantized bytes and the quantized GEMMs match the CPU's on these
+  // experts (CudaQuantTest.TrainedExpertsMatchCpu); with the routing forced it is within the bound:
+  // the int8 model sits near a router tie that the two engines' rounding decides differently.
   const auto [cpu_native, native] = CpuReference(GetParam());
   const double bound = std::max(1e-2, 3 * native);
   for (const char* precision : {"int8", "int4"}) {
