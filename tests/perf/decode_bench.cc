@@ -184,9 +184,13 @@ class Bench {
       L.v = rand_weight(kvd, a_.hidden, sh);
       L.o = rand_weight(a_.hidden, qd, 1.7f / std::sqrt(static_cast<float>(qd)));
       L.router = rand_weight(a_.experts, a_.hidden, 4 * sh);
-      for (int e = 0; e < a_.experts; ++e)
-        L.experts.push_back({rand_weight(a_.inter, a_.hidden, sh), rand_weight(a_.inter, a_.hidden, sh),
-                             rand_weight(a_.hidden, a_.inter, si)});
+      for (int e = 0; e < a_.experts; ++e) {
+        ExpertWeights w;
+        w.gate = rand_weight(a_.inter, a_.hidden, sh);
+        w.up = rand_weight(a_.inter, a_.hidden, sh);
+        w.down = rand_weight(a_.hidden, a_.inter, si);
+        L.experts.push_back(w);
+      }
       layers_.push_back(std::move(L));
     }
     b_->Synchronize();
