@@ -1,5 +1,5 @@
-// ef_decode_bench: decode and prefill time of Mixtral-8x7B-shaped decoder layers on the CUDA
-// backend, against the HBM bound.
+// ef_decode_bench: decode and prefill time of MoE decoder layers on the CUDA backend, against the
+// HBM bound: Mixtral-8x7B-shaped by default, Qwen3-30B-A3B-shaped with --shape qwen3-30b-a3b.
 //
 // The layers are synthetic: bf16 weights generated on the GPU (launch_fill_random), all experts
 // resident. Each step calls the Backend ops in the engine's order (Engine::Forward/Attention/
@@ -17,8 +17,8 @@
 // that the host's launch rate does not set it. --sweep adds the GEMV at every K split for the
 // layer's decode shapes.
 //
-//   ef_decode_bench [--layers 4] [--batches 1,16,64] [--context 512] [--prefill 2048]
-//                   [--iters 20] [--hbm-tbps 3.6] [--sweep] [--json FILE]
+//   ef_decode_bench [--shape mixtral-8x7b] [--layers 4] [--batches 1,16,64] [--context 512]
+//                   [--prefill 2048] [--iters 20] [--hbm-tbps 3.6] [--sweep] [--profile] [--json FILE]
 #include <cublas_api.h>
 #include <cuda_runtime_api.h>
 
@@ -58,7 +58,8 @@ struct Args {
   bool fp32_attention = false;
   bool fused_gate_up = true;
   std::string json;
-  // Mixtral-8x7B shapes.
+  // The layer shape (--shape): Mixtral-8x7B by default.
+  std::string shape = "mixtral-8x7b";
   int hidden = 4096, inter = 14336, experts = 8, top_k = 2, heads = 32, kv_heads = 8, head_dim = 128;
 };
 
@@ -77,7 +78,14 @@ Args ParseArgs(int argc, char** argv) {
     };
     if (k == "--layers")
       a.layers = std::stoi(next());
-    else if (k == "--context")
+    else if (k == "--shape") {
+      a.shape = next();
+      if (a.shape == "qwen3-30b-a3b") {  // 128 fine-grained experts, top-8
+        a.hidden = 2048, a.inter = 768, a.experts = 128, a.top_k = 8, a.heads = 32, a.kv_heads = 4, a.head_dim = 128;
+      } else if (a.shape != "mixtral-8x7b") {
+        Die("unknown --shape " + a.shape + " (mixtral-8x7b, qwen3-30b-a3b)");
+      }
+    } else if (k == "--context")
       a.context = std::stoi(next());
     else if (k == "--prefill")
       a.prefill = std::stoi(next());
@@ -104,7 +112,9 @@ Args ParseArgs(int argc, char** argv) {
     } else if (k == "-h" || k == "--help") {
       std::printf(
           "ef_decode_bench [--layers N] [--batches 1,16,64] [--context N] [--prefill N] [--iters N] "
-          "[--hbm-tbps X] [--sweep] [--profile] [--no-lt] [--json FILE]\n"
+          "[--hbm-tbps X] [--sweep] [--profile] [--no-lt] [--shape NAME] [--json FILE]\n"
+          "  --shape    mixtral-8x7b (default) or qwen3-30b-a3b (hidden 2048, 128 experts x ffn 768, top-8,\n"
+          "             32 / 4 heads x 128)\n"
           "  --no-lt    16-bit GEMMs through cublasGemmEx instead of the planned cuBLASLt path\n"
           "  --fp32-attention  the steps' prefill attention on the exact fp32 kernel (default: tensor cores with\n"
           "             bf16 operands, what the engine picks for a bf16 model)\n"
@@ -358,18 +368,22 @@ class Bench {
   // Per-op timings (device time per call, cudaEvents on the compute stream) that explain the
   // layer times. The calls are queued behind ~4 ms of GEMMs so that they are all on the stream
   // before the device reaches them (small ops are timed by the device, not by the host's launch
-  // rate), and each call runs after a read of 117 MB (a GEMV over an expert weight no row times) has
-  // evicted the L2 (60 MB on the H200), as in a decode step, where a layer's weights and KV cache
+  // rate), and each call runs after a read of 128 MB (a GEMV over a weight kept for it, whatever the
+  // layer shape) has evicted the L2 (60 MB on the H200), as in a decode step, where a layer's weights and KV cache
   // were evicted by the other layers' since. (A memset would leave dirty lines whose write-back
   // the timed call would pay.)
   void Breakdown(int context, int max_batch, int prefill, bool sweep, nlohmann::json* out, nlohmann::json* sweep_out) {
     const int H = a_.hidden, kvd = a_.kv_heads * a_.head_dim;
-    const int64_t maxT = std::max<int64_t>(prefill, max_batch);
+    const int64_t maxT = std::max<int64_t>({prefill, max_batch, 512});  // 512: the queue-filling GEMMs' rows
     float* x = Scratch(12, maxT * std::max(H, a_.inter));
     float* y = Scratch(13, maxT * std::max(H, a_.inter));
     float* y2 = Scratch(14, maxT * a_.inter);
-    float* filler_out = Scratch(15, 512 * a_.inter);
-    const Weight& flush = layers_.back().experts.back().down;
+    // The flush weight: [kFlushRows, H] bf16 of at least 128 MB; also the queue-filling GEMMs' weight.
+    const int64_t flush_rows = std::max<int64_t>(1, (int64_t{128} << 20) / (2 * int64_t{H}));
+    const Weight flush = OrDie(b_->AllocateWeight(DType::kBF16, flush_rows, H), "flush weight");
+    Check(
+        cuda::launch_fill_random(const_cast<void*>(flush.data), DType::kBF16, flush_rows * H, 99, 0.01f, b_->stream()));
+    float* filler_out = Scratch(15, 512 * std::max<int64_t>(a_.inter, flush_rows));
     Check(cuda::launch_fill_random(x, DType::kF32, maxT * std::max(H, a_.inter), 5, 1.0f, b_->stream()));
     const ExpertWeights& ew = layers_[0].experts[0];
     const Layer& L0 = layers_[0];
@@ -379,7 +393,7 @@ class Bench {
     auto time_us = [&](int reps, const std::function<void()>& f) {
       reps = std::min(reps, kMaxReps);
       f();
-      for (int i = 0; i < 40; ++i) b_->Gemm(x, 512, ew.gate, nullptr, filler_out, false);
+      for (int i = 0; i < 40; ++i) b_->Gemm(x, 512, flush, nullptr, filler_out, false);
       for (int r = 0; r < reps; ++r) {
         b_->Gemm(x, 1, flush, nullptr, filler_out, false);
         cudaEventRecord(ev[2 * r], b_->stream());
@@ -401,7 +415,7 @@ class Bench {
       out->push_back({{"op", name}, {"us", us}, {"gbps", bytes > 0 ? bytes / (us * 1e3) : 0.0}});
     };
     for (int m : {1, 8, 16, 64, 512}) {
-      row("gemm gate 14336x4096 bf16 m=" + std::to_string(m),
+      row("gemm gate " + std::to_string(a_.inter) + "x" + std::to_string(H) + " bf16 m=" + std::to_string(m),
           time_us(20, [&] { b_->Gemm(x, m, ew.gate, nullptr, y, false); }), ew.gate.nbytes());
       row("expert mlp (gate, up, silu, down) m=" + std::to_string(m),
           time_us(10,
@@ -430,8 +444,9 @@ class Bench {
                   b_->Gemm(x, 1, L0.o, nullptr, y, false);
                 }),
         attn_bytes_ - L0.router.nbytes());
-    row("gemm k 1024x4096 bf16 m=1", time_us(20, [&] { b_->Gemm(x, 1, L0.k, nullptr, y, false); }), L0.k.nbytes());
-    row("router gemm 8x4096 + top-k m=1",
+    row("gemm k " + std::to_string(kvd) + "x" + std::to_string(H) + " bf16 m=1",
+        time_us(20, [&] { b_->Gemm(x, 1, L0.k, nullptr, y, false); }), L0.k.nbytes());
+    row("router gemm " + std::to_string(a_.experts) + "x" + std::to_string(H) + " + top-k m=1",
         time_us(20,
                 [&] {
                   b_->Gemm(x, 1, L0.router, nullptr, y, false);
@@ -460,11 +475,11 @@ class Bench {
                     b_->Add(y, x, H);
                   }),
           0);
-      row("  rms norm 1x4096", time_us(20, [&] { b_->RmsNorm(x, 1, H, L0.input_norm, 1e-5f, y); }), 0);
+      row("  rms norm 1x" + std::to_string(H), time_us(20, [&] { b_->RmsNorm(x, 1, H, L0.input_norm, 1e-5f, y); }), 0);
       row("  rope q 1x32x128", time_us(20, [&] { b_->Rope(y, idx, 1, a_.heads, a_.head_dim, 1e6f); }), 0);
-      row("  add 4096", time_us(20, [&] { b_->Add(y, x, H); }), 0);
-      row("  silu-mul 14336", time_us(20, [&] { b_->SiluMul(y, x, y, a_.inter); }), 0);
-      row("  scatter-add 1x4096", time_us(20, [&] { b_->ScatterAddRows(x, idx, scale, 1, H, y2); }), 0);
+      row("  add " + std::to_string(H), time_us(20, [&] { b_->Add(y, x, H); }), 0);
+      row("  silu-mul " + std::to_string(a_.inter), time_us(20, [&] { b_->SiluMul(y, x, y, a_.inter); }), 0);
+      row("  scatter-add 1x" + std::to_string(H), time_us(20, [&] { b_->ScatterAddRows(x, idx, scale, 1, H, y2); }), 0);
       row("  set-zero 16 KB", time_us(20, [&] { b_->SetZero(y2, sizeof(float) * H); }), 0);
       row("  add 1 float (launch cost)", time_us(20, [&] { b_->Add(y, x, 1); }), 0);
       std::vector<int32_t> host_idx(16, 0);
@@ -666,9 +681,9 @@ int Main(int argc, char** argv) {
   const char* cublas_v = info.cublas.c_str();
 
   std::printf(
-      "# ef_decode_bench: synthetic Mixtral-8x7B layers (hidden %d, %d experts x ffn %d, top-%d, %d heads / "
+      "# ef_decode_bench: synthetic %s layers (hidden %d, %d experts x ffn %d, top-%d, %d heads / "
       "%d kv heads x %d), bf16 weights made on the GPU, fp32 activations\n",
-      a.hidden, a.experts, a.inter, a.top_k, a.heads, a.kv_heads, a.head_dim);
+      a.shape.c_str(), a.hidden, a.experts, a.inter, a.top_k, a.heads, a.kv_heads, a.head_dim);
   std::printf("# git %s, build %s, device %s (%d SMs, %.0f GiB), CUDA runtime %s, driver %s, cuBLAS %s\n", EF_GIT_SHA,
               EF_BUILD_TYPE, prop.name, prop.multiProcessorCount, prop.totalGlobalMem / double(1 << 30), cuda_v, drv_v,
               cublas_v);
@@ -779,7 +794,8 @@ int Main(int argc, char** argv) {
                           {"cublas", cublas_v},
                           {"hbm_tbps", a.hbm_tbps},
                           {"shape",
-                           {{"hidden", a.hidden},
+                           {{"name", a.shape},
+                            {"hidden", a.hidden},
                             {"experts", a.experts},
                             {"ffn", a.inter},
                             {"top_k", a.top_k},
