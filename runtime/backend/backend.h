@@ -112,7 +112,9 @@ class Backend {
   virtual void CopyToHost(void* host_dst, const void* src, size_t bytes) = 0;
   virtual void CopyOnDevice(void* dst, const void* src, size_t bytes) = 0;
   // Several CopyOnDevice in one call (e.g. the KV appends of a batch): items[i] copies bytes from
-  // src to dst (host array of descriptors, read before the call returns). Default: one by one.
+  // src to dst (host array of descriptors, read before the call returns). No item's destination
+  // may overlap another item's source or destination: the order among items is not kept (CUDA
+  // runs small items in one kernel and large ones on the copy engine). Default: one by one.
   struct CopyItem {
     void* dst;
     const void* src;

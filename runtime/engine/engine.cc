@@ -75,7 +75,11 @@ Status Engine::ConfigureAttentionPrecision(const std::string& precision) {
   const DType o = weights_->layer(0).o.dtype;  // every model has an output projection
   reduced_precision_attention_ =
       precision == "bf16" || (precision == "auto" && (o == DType::kBF16 || o == DType::kF16));
-  if (backend_->kind() != BackendKind::kCuda) reduced_precision_attention_ = false;
+  // The cpu backend computes in fp32 always; MLA and GPT-OSS attention (AttentionEx) have no
+  // tensor-core path yet.
+  const ModelConfig& c = config();
+  const bool attention_ex = c.mla || c.rope.type != "default" || c.attention_sinks || c.sliding_window != 0;
+  if (backend_->kind() != BackendKind::kCuda || attention_ex) reduced_precision_attention_ = false;
   backend_->SetReducedPrecisionAttention(reduced_precision_attention_);
   return Status::Ok();
 }

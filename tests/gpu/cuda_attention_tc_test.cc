@@ -4,8 +4,8 @@
 // sequences than travel inline, GQA groups 1/4/8, head_dim 64/128, and large scores (q x 4, the
 // online softmax rescales often). Every case also checks that rows outside the query chunks keep
 // a sentinel, that with the switch off the backend gives exactly what the fp32 kernel gives, and
-// that chunks the tensor-core kernel does not take (shorter than kAttentionPrefillTcMinRows)
-// stay on the fp32 kernel with the switch on.
+// that chunks the tensor-core kernel does not take (shorter than kAttentionPrefillTcMinRows, also
+// when batched with longer ones) stay on the fp32 kernel with the switch on.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -171,6 +171,15 @@ TEST_P(CudaAttentionTcTest, MatchesCpu) {
     for (int64_t j = 0; j < width; ++j) ASSERT_EQ(on[r * width + j], kSentinel) << "row " << r << " col " << j;
   }
   for (float x : on) ASSERT_TRUE(std::isfinite(x));
+  // Sequences with short chunks in the batch took the fp32 kernel (per-sequence dispatch): their
+  // rows match the CPU to fp32 rounding, far tighter than bf16 staging would.
+  for (int s = 0; s < S; ++s) {
+    if (c.n_new[s] >= cuda::kAttentionPrefillTcMinRows) continue;
+    const std::vector<float> got_s(on.begin() + q_row[s] * width, on.begin() + (q_row[s] + c.n_new[s]) * width);
+    const std::vector<float> want_s(want.begin() + q_row[s] * width, want.begin() + (q_row[s] + c.n_new[s]) * width);
+    EXPECT_LE(testing::MaxRelError(got_s, want_s), 1e-5)
+        << c.name << " sequence " << s << " (" << c.n_new[s] << " rows): not on the fp32 kernel";
+  }
   const double rel = NormwiseRelError(on, want, owned, width);
   const double abs_err = MaxAbsError(on, want);
   const double bound = BoundFromBf16(max_q_norm, max_k_norm, max_v, c.hd);

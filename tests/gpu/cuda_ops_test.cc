@@ -326,8 +326,8 @@ TEST_F(CudaOpsTest, GateUpSiluIsBitwiseTheGemmsAndSiluMul) {
 }
 
 TEST_F(CudaOpsTest, CopyBatchCopiesEveryItem) {
-  // 300 items (three launches of at most 128): 4 KB aligned ones (16-byte path), odd sizes and
-  // offsets (byte path), empty ones, and two over 64 KB (copy engine).
+  // 400 items: 4 KB aligned ones (16-byte path), odd sizes and offsets (byte path), empty ones,
+  // and two over 64 KB (copy engine); the 340 small ones take three launches of at most 128.
   const size_t total = 4 << 20;
   std::vector<float> src = RandomFloats(total / sizeof(float), 90);
   auto* s = reinterpret_cast<std::byte*>(dev_->Put(src));
@@ -336,8 +336,8 @@ TEST_F(CudaOpsTest, CopyBatchCopiesEveryItem) {
   std::vector<std::byte> want(total, std::byte{0});
   const auto* hs = reinterpret_cast<const std::byte*>(src.data());
   size_t off = 0;
-  for (int i = 0; i < 300; ++i) {
-    const size_t bytes = i % 7 == 0 ? 0 : i % 5 == 0 ? 4099 + i : (i == 17 || i == 250) ? (96 << 10) : 4096;
+  for (int i = 0; i < 400; ++i) {
+    const size_t bytes = (i == 17 || i == 251) ? (96 << 10) : i % 7 == 0 ? 0 : i % 5 == 0 ? 4099 + i : 4096;
     const size_t src_off = (i % 3 == 0 ? off + 3 : off) % (total - bytes - 8);
     items.push_back({d + off, s + src_off, bytes});
     std::memcpy(want.data() + off, hs + src_off, bytes);

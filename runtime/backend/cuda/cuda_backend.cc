@@ -97,7 +97,12 @@ Status CudaBackend::Init() {
   CUDA_CHECK(cudaMalloc(&cublas_ws_, options_.cublas_workspace_bytes));
   CUBLAS_CHECK(cublasSetWorkspace(cublas_, cublas_ws_, options_.cublas_workspace_bytes));
   if (options_.lt_gemm) {
-    EF_ASSIGN_OR_RETURN(lt_, cuda::LtGemm::Create(cublas_ws_, options_.cublas_workspace_bytes));
+    // Optional: without it every 16-bit GEMM takes cublasGemmEx.
+    auto lt = cuda::LtGemm::Create(cublas_ws_, options_.cublas_workspace_bytes);
+    if (lt.ok())
+      lt_ = std::move(lt).value();
+    else
+      EF_LOG(WARN, CUDA, "cuBLASLt unavailable (%s): 16-bit GEMMs use cublasGemmEx", lt.status().ToString().c_str());
   }
 
   void* staging = nullptr;
@@ -167,13 +172,17 @@ StatusOr<Buffer> CudaBackend::Allocate(size_t bytes) {
 
 void CudaBackend::Free(void* ptr, size_t bytes) { DeviceFree(ptr, bytes); }
 
-void* CudaBackend::EnsureScratch(void** buf, size_t* cap, size_t bytes) {
+void* CudaBackend::EnsureScratch(void** buf, size_t* cap, size_t bytes, bool required) {
   if (*cap >= bytes) return *buf;
   if (*buf) DeviceFree(*buf, *cap);
   *buf = nullptr;
   *cap = 0;
   const size_t want = bytes + bytes / 2;
   auto p = DeviceAlloc(want);
+  if (!p.ok() && !required) {
+    EF_LOG(DEBUG, CUDA, "optional scratch of %zu bytes not allocated: %s", want, p.status().ToString().c_str());
+    return nullptr;
+  }
   if (!p.ok()) {
     EF_LOG(ERROR, CUDA, "%s", p.status().ToString().c_str());
     if (error_.ok()) error_ = p.status();
@@ -451,32 +460,57 @@ void CudaBackend::AttentionBatch(const float* q, const AttentionSeq* seqs_host, 
     const AttentionSeq& a = seqs_host[s];
     desc[s] = cuda::AttentionSeqDesc{a.k, a.v, a.q_row, a.n_new, a.n_total};
   }
+  if (reduced_precision_attention_) {
+    // Per sequence: prefill chunks of at least kAttentionPrefillTcMinRows rows on tensor cores,
+    // decode rows and short chunks on the fp32 kernels, so a sequence's numbers do not depend on
+    // what it is batched with (their output rows are disjoint). Should the tensor-core path not
+    // apply (shapes, alignment, workspace memory), those chunks take the fp32 path as well.
+    std::vector<cuda::AttentionSeqDesc> tc, rest;
+    for (const cuda::AttentionSeqDesc& d : desc) (d.n_new >= cuda::kAttentionPrefillTcMinRows ? tc : rest).push_back(d);
+    if (!tc.empty() && AttentionPrefillTc(q, tc, num_heads, num_kv_heads, head_dim, out)) {
+      if (!rest.empty()) AttentionFp32(q, rest, num_heads, num_kv_heads, head_dim, out);
+      return;
+    }
+  }
+  AttentionFp32(q, desc, num_heads, num_kv_heads, head_dim, out);
+}
+
+const cuda::AttentionSeqDesc* CudaBackend::DeviceDescriptors(const std::vector<cuda::AttentionSeqDesc>& desc) {
+  if (static_cast<int>(desc.size()) <= cuda::kAttentionInlineSeqs) return nullptr;
+  // Too many to pass in the launch: a device copy. Kernels enqueued before read this buffer; the
+  // copy is ordered after them on the stream.
+  const size_t desc_bytes = desc.size() * sizeof(cuda::AttentionSeqDesc);
+  auto* d = static_cast<cuda::AttentionSeqDesc*>(EnsureScratch(&attn_desc_, &attn_desc_cap_, desc_bytes));
+  if (!d) return nullptr;
+  CopyToDevice(d, desc.data(), desc_bytes);
+  return d;
+}
+
+bool CudaBackend::AttentionPrefillTc(const float* q, const std::vector<cuda::AttentionSeqDesc>& desc, int num_heads,
+                                     int num_kv_heads, int head_dim, float* out) {
+  const int n = static_cast<int>(desc.size());
+  if (!cuda::attention_prefill_tc_supported(desc.data(), n, num_heads, num_kv_heads, head_dim, q, out)) return false;
+  // The bf16 keys and values of these sequences live in the attention workspace; without the
+  // memory for them the fp32 path (no workspace) serves, and the backend stays healthy.
+  const size_t ws_bytes = cuda::attention_prefill_tc_workspace_bytes(desc.data(), n, num_kv_heads, head_dim);
+  void* ws = EnsureScratch(&attn_ws_, &attn_ws_cap_, ws_bytes, /*required=*/false);
+  if (!ws) return false;
+  const cuda::AttentionSeqDesc* desc_dev = DeviceDescriptors(desc);
+  if (n > cuda::kAttentionInlineSeqs && !desc_dev) return true;  // the error is recorded
+  CUDA_CHECK_LOG(cuda::launch_attention_prefill_tc(q, desc.data(), desc_dev, n, num_heads, num_kv_heads, head_dim, out,
+                                                   ws, stream_),
+                 &error_);
+  return true;
+}
+
+void CudaBackend::AttentionFp32(const float* q, const std::vector<cuda::AttentionSeqDesc>& desc, int num_heads,
+                                int num_kv_heads, int head_dim, float* out) {
+  const int n = static_cast<int>(desc.size());
   const cuda::AttentionBatchPlan plan =
-      cuda::plan_attention_batch(desc.data(), num_seqs, num_heads, num_kv_heads, head_dim, num_sms_);
+      cuda::plan_attention_batch(desc.data(), n, num_heads, num_kv_heads, head_dim, num_sms_);
   if (plan.max_n_new <= 0) return;
-  const cuda::AttentionSeqDesc* desc_dev = nullptr;
-  if (num_seqs > cuda::kAttentionInlineSeqs) {
-    // Too many to pass in the launch: a device copy. The previous call's kernels read this
-    // buffer; the copy is ordered after them on the stream.
-    const size_t desc_bytes = desc.size() * sizeof(cuda::AttentionSeqDesc);
-    auto* d = static_cast<cuda::AttentionSeqDesc*>(EnsureScratch(&attn_desc_, &attn_desc_cap_, desc_bytes));
-    if (!d) return;
-    CopyToDevice(d, desc.data(), desc_bytes);
-    desc_dev = d;
-  }
-  // Prefill chunks on tensor cores when reduced precision is allowed (decode steps and short
-  // chunks keep the fp32 kernels, which are also the path whenever the switch is off).
-  if (reduced_precision_attention_ && !plan.decode && plan.max_n_new >= cuda::kAttentionPrefillTcMinRows &&
-      cuda::attention_prefill_tc_supported(desc.data(), num_seqs, num_heads, num_kv_heads, head_dim, q, out)) {
-    // The bf16 keys and values live in the split workspace (the tensor-core path has no splits).
-    const size_t ws_bytes = cuda::attention_prefill_tc_workspace_bytes(desc.data(), num_seqs, num_kv_heads, head_dim);
-    void* ws = EnsureScratch(&attn_ws_, &attn_ws_cap_, ws_bytes);
-    if (!ws) return;
-    CUDA_CHECK_LOG(cuda::launch_attention_prefill_tc(q, desc.data(), desc_dev, num_seqs, num_heads, num_kv_heads,
-                                                     head_dim, out, ws, stream_),
-                   &error_);
-    return;
-  }
+  const cuda::AttentionSeqDesc* desc_dev = DeviceDescriptors(desc);
+  if (n > cuda::kAttentionInlineSeqs && !desc_dev) return;
   float* ws = nullptr;
   if (plan.num_splits > 1) {
     ws = static_cast<float*>(EnsureScratch(&attn_ws_, &attn_ws_cap_, plan.workspace_floats * sizeof(float)));
@@ -492,8 +526,8 @@ void CudaBackend::AttentionBatch(const float* q, const AttentionSeq* seqs_host, 
     }
     counters = static_cast<unsigned*>(attn_counters_);
   }
-  CUDA_CHECK_LOG(cuda::launch_attention_batch(q, desc.data(), desc_dev, num_seqs, plan, num_heads, num_kv_heads,
-                                              head_dim, out, ws, counters, stream_),
+  CUDA_CHECK_LOG(cuda::launch_attention_batch(q, desc.data(), desc_dev, n, plan, num_heads, num_kv_heads, head_dim, out,
+                                              ws, counters, stream_),
                  &error_);
 }
 

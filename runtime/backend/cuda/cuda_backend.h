@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "runtime/backend/backend.h"
+#include "runtime/backend/cuda/cuda_kernels.h"
 #include "runtime/backend/cuda/gemm_lt.h"
 
 namespace ef::runtime {
@@ -130,8 +131,16 @@ class CudaBackend final : public Backend {
   Status Init();
   StatusOr<void*> DeviceAlloc(size_t bytes);
   void DeviceFree(void* p, size_t bytes);
-  // Grows a backend-private scratch buffer (stream-ordered, so no sync).
-  void* EnsureScratch(void** buf, size_t* cap, size_t bytes);
+  // Grows a backend-private scratch buffer (stream-ordered, so no sync). Out of memory: the
+  // backend's error when `required`, else only nullptr (the caller has another way).
+  void* EnsureScratch(void** buf, size_t* cap, size_t bytes, bool required = true);
+  // AttentionBatch's two paths: tensor cores (false: not applicable, nothing enqueued) and fp32.
+  bool AttentionPrefillTc(const float* q, const std::vector<cuda::AttentionSeqDesc>& desc, int num_heads,
+                          int num_kv_heads, int head_dim, float* out);
+  void AttentionFp32(const float* q, const std::vector<cuda::AttentionSeqDesc>& desc, int num_heads, int num_kv_heads,
+                     int head_dim, float* out);
+  // A device copy of the descriptors when more than fit in a launch's parameters, else nullptr.
+  const cuda::AttentionSeqDesc* DeviceDescriptors(const std::vector<cuda::AttentionSeqDesc>& desc);
   void Stage(void* dst, const void* src, size_t bytes);
   void RetireFinishedCopies(bool all_done);
   // y = x . w^T (+ y) on 16-bit operands (w.dtype) with fp32 output: LtGemm, else cublasGemmEx.
