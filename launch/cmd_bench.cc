@@ -422,8 +422,9 @@ void PrintHeader(const BenchRun& b, const BenchParts& p) {
               p.model_dir.c_str(), std::to_string(cfg.num_layers).c_str(), cfg.num_experts, cfg.top_k, cfg.hidden_size,
               cfg.moe_intermediate_size, o.model.backend.c_str(), o.model.device);
   if (!o.synthetic.empty()) {
-    std::printf("# synthetic %s: random bf16 weights (seed %llu), %d layers, scale 1/%d\n", p.shape.name.c_str(),
-                static_cast<unsigned long long>(o.synthetic_seed), p.shape.num_layers, p.shape.scale);
+    std::printf("# synthetic %s: random %s weights (seed %llu), %d layers, scale 1/%d\n", p.shape.name.c_str(),
+                SyntheticWeightFormat(p.shape).c_str(), static_cast<unsigned long long>(o.synthetic_seed),
+                p.shape.num_layers, p.shape.scale);
     if (!p.shape.note.empty()) std::printf("# %s\n", p.shape.note.c_str());
   }
   if (p.trace_override)

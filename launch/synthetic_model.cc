@@ -11,6 +11,8 @@
 
 #include "runtime/core/dtype.h"
 #include "runtime/core/logging.h"
+#include "runtime/core/thread_pool.h"
+#include "runtime/model/checkpoint_quant.h"
 #include "runtime/model/model_config.h"
 #include "runtime/model/safetensors_file.h"
 
@@ -115,6 +117,70 @@ std::vector<SyntheticShape> BuiltinShapes() {
     v.push_back(s);
   }
   {
+    SyntheticShape s;  // DeepSeek-V3 (and R1, the same architecture), FP8 as published
+    s.name = "deepseek-v3";
+    s.model_type = "deepseek_v3";
+    s.vocab_size = 129280;
+    s.hidden_size = 7168;
+    s.intermediate_size = 18432;  // the dense first layers
+    s.moe_intermediate_size = 2048;
+    s.n_shared_experts = 1;
+    s.shared_expert_intermediate_size = 2048;
+    s.num_layers = 61;
+    s.first_k_dense_replace = 3;
+    s.num_experts = 256;
+    s.top_k = 8;
+    s.n_group = 8;
+    s.topk_group = 4;
+    s.routed_scaling_factor = 2.5;
+    s.norm_topk_prob = true;
+    s.num_heads = 128;
+    s.num_kv_heads = 128;
+    s.q_lora_rank = 1536;
+    s.kv_lora_rank = 512;
+    s.qk_nope_head_dim = 128;
+    s.qk_rope_head_dim = 64;
+    s.v_head_dim = 128;
+    s.head_dim = 128 + 64;
+    s.max_position_embeddings = 163840;
+    s.rms_norm_eps = 1e-6;
+    s.rope_theta = 10000;
+    s.yarn_factor = 40;
+    s.yarn_original_max_position_embeddings = 4096;
+    s.yarn_mscale = 1;
+    s.yarn_mscale_all_dim = 1;
+    s.quant = "fp8";
+    s.note =
+        "decoder linear weights stored as F8_E4M3 with 128x128 block scales (weight_scale_inv), as DeepSeek publishes "
+        "them; the multi-token-prediction layer is not written (num_nextn_predict_layers 0)";
+    v.push_back(s);
+  }
+  {
+    SyntheticShape s;  // gpt-oss-120b, MXFP4 experts as published
+    s.name = "gpt-oss-120b";
+    s.model_type = "gpt_oss";
+    s.vocab_size = 201088;
+    s.hidden_size = 2880;
+    s.intermediate_size = 2880;
+    s.moe_intermediate_size = 2880;
+    s.num_layers = 36;
+    s.num_experts = 128;
+    s.top_k = 4;
+    s.num_heads = 64;
+    s.num_kv_heads = 8;
+    s.head_dim = 64;
+    s.max_position_embeddings = 131072;
+    s.rms_norm_eps = 1e-5;
+    s.rope_theta = 150000;
+    s.yarn_factor = 32;
+    s.yarn_original_max_position_embeddings = 4096;
+    s.sliding_window = 128;
+    s.swiglu_limit = 7;
+    s.quant = "mxfp4";
+    s.note = "experts stored as MXFP4 (e2m1 blocks with an e8m0 scale per 32 inputs), as OpenAI publishes them";
+    v.push_back(s);
+  }
+  {
     SyntheticShape s;  // for tests: a Mixtral-shaped model of a few KiB per expert
     s.name = "tiny";
     s.model_type = "mixtral";
@@ -140,12 +206,38 @@ int ScaleDim(int d, int scale, int floor_value) {
   return std::min(d, s);
 }
 
-// splitmix64: cheap, seedable, the same stream on every platform.
-uint64_t SplitMix(uint64_t& x) {
-  uint64_t z = (x += 0x9e3779b97f4a7c15ULL);
+// A per-head dimension divided by `scale`: even (rotary pairs), at least 8.
+int ScaleHeadDim(int d, int scale) { return d <= 0 ? d : std::max(8, d / scale / 2 * 2); }
+
+int RoundUp(int d, int multiple) { return (d + multiple - 1) / multiple * multiple; }
+
+// splitmix64: cheap, seedable, the same stream on every platform. It is a counter: value i of
+// the stream seeded with `state` is Mix(state + (i + 1) * kGamma), so a tensor is filled in any
+// order (spread over threads) with the same bytes.
+constexpr uint64_t kGamma = 0x9e3779b97f4a7c15ULL;
+inline uint64_t Mix(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
   return z ^ (z >> 31);
+}
+
+// Value i of the stream `state` as uniform(-a, a) with standard deviation 0.02.
+inline float UniformAt(uint64_t state, int64_t i) {
+  static const float a = 0.02f * std::sqrt(3.f);
+  const uint64_t z = Mix(state + (static_cast<uint64_t>(i) + 1) * kGamma);
+  const float u = static_cast<float>(z >> 40) * (1.f / 16777216.f);  // [0, 1)
+  return (2.f * u - 1.f) * a;
+}
+
+// store(j, UniformAt(state, first + j)) for j in [0, n), spread over ThreadPool::Default().
+template <typename Store>
+void FillUniform(uint64_t state, int64_t first, int64_t n, const Store& store) {
+  ThreadPool::Default().ParallelFor(
+      n,
+      [&](int64_t begin, int64_t end) {
+        for (int64_t j = begin; j < end; ++j) store(j, UniformAt(state, first + j));
+      },
+      /*min_chunk=*/int64_t{1} << 16);
 }
 
 uint64_t HashName(const std::string& s) {
@@ -177,41 +269,83 @@ json TokenizerJson(int vocab_size) {
             {{"id", 2}, {"content", "</s>"}, {"special", true}}}}};
 }
 
-// Tensors of one shard, filled as bf16, written, then freed.
+// Tensors of one shard, filled, written, then freed.
 class ShardWriter {
  public:
-  explicit ShardWriter(uint64_t seed) : seed_(seed) {}
+  // fp8_block > 0: DeepSeek-V3's linear weights (DeepseekV3StoresAsFp8) are written as block FP8.
+  ShardWriter(uint64_t seed, int fp8_block) : seed_(seed), fp8_block_(fp8_block) {}
+
+  // A bf16 tensor of ones (norms) or random values; or a block FP8 weight (see the constructor).
   void Add(const std::string& name, std::vector<int64_t> shape, bool ones) {
-    int64_t n = 1;
-    for (int64_t d : shape) n *= d;
-    data_.emplace_back(static_cast<size_t>(n));
-    std::vector<uint16_t>& d = data_.back();
-    if (ones) {
-      std::fill(d.begin(), d.end(), F32ToBf16(1.f));
-    } else {
-      uint64_t state = seed_ ^ HashName(name);
-      const float a = 0.02f * std::sqrt(3.f);  // uniform(-a, a) has standard deviation 0.02
-      for (auto& x : d) {
-        const float u = static_cast<float>(SplitMix(state) >> 40) * (1.f / 16777216.f);  // [0, 1)
-        x = F32ToBf16((2.f * u - 1.f) * a);
-      }
+    if (!ones && fp8_block_ > 0 && shape.size() == 2 && runtime::DeepseekV3StoresAsFp8(name)) {
+      AddFp8(name, shape[0], shape[1]);
+      return;
     }
-    tensors_.push_back({name, DType::kBF16, std::move(shape), nullptr});
+    const int64_t n = Numel(shape);
+    auto* d = reinterpret_cast<uint16_t*>(NewTensor(name, DType::kBF16, std::move(shape)));
+    if (ones) {
+      std::fill(d, d + n, F32ToBf16(1.f));
+    } else {
+      FillUniform(State(name), 0, n, [d](int64_t j, float v) { d[j] = F32ToBf16(v); });
+    }
+  }
+  // A random F32 tensor.
+  void AddF32(const std::string& name, std::vector<int64_t> shape) {
+    const int64_t n = Numel(shape);
+    auto* d = reinterpret_cast<float*>(NewTensor(name, DType::kF32, std::move(shape)));
+    FillUniform(State(name), 0, n, [d](int64_t j, float v) { d[j] = v; });
+  }
+  // `experts` random [rows, cols] matrices as MXFP4: <name>_blocks [experts, rows, cols / 32, 16]
+  // and <name>_scales [experts, rows, cols / 32] (U8). One expert's values are drawn at a time.
+  void AddMxfp4(const std::string& name, int64_t experts, int64_t rows, int64_t cols) {
+    const int64_t groups = cols / runtime::kMxfp4Group;
+    uint8_t* blocks = NewTensor(name + "_blocks", DType::kU8, {experts, rows, groups, runtime::kMxfp4GroupBytes});
+    uint8_t* scales = NewTensor(name + "_scales", DType::kU8, {experts, rows, groups});
+    const int64_t n = rows * cols;
+    values_.resize(static_cast<size_t>(n));
+    for (int64_t e = 0; e < experts; ++e) {
+      FillUniform(State(name), e * n, n, [this](int64_t j, float v) { values_[static_cast<size_t>(j)] = v; });
+      runtime::EncodeMxfp4Rows(values_.data(), rows, cols, blocks + e * rows * groups * runtime::kMxfp4GroupBytes,
+                               scales + e * rows * groups);
+    }
   }
   Status Write(const std::string& path) {
-    auto it = data_.begin();
-    for (auto& t : tensors_) t.data = (it++)->data();
     Status s = runtime::WriteSafetensors(path, tensors_, {{"format", "pt"}});
     tensors_.clear();
     data_.clear();
+    values_ = {};
     return s;
   }
   const std::vector<runtime::TensorToWrite>& tensors() const { return tensors_; }
 
  private:
+  static int64_t Numel(const std::vector<int64_t>& shape) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    return n;
+  }
+  uint64_t State(const std::string& name) const { return seed_ ^ HashName(name); }
+  uint8_t* NewTensor(const std::string& name, DType dtype, std::vector<int64_t> shape) {
+    data_.emplace_back(static_cast<size_t>(Numel(shape)) * DTypeSize(dtype));
+    tensors_.push_back({name, dtype, std::move(shape), data_.back().data()});
+    return data_.back().data();
+  }
+  // <name> [rows, cols] as F8_E4M3 and <name>_scale_inv [ceil(rows / b), ceil(cols / b)] F32.
+  void AddFp8(const std::string& name, int64_t rows, int64_t cols) {
+    const int64_t b = fp8_block_;
+    values_.resize(static_cast<size_t>(rows * cols));
+    FillUniform(State(name), 0, rows * cols, [this](int64_t j, float v) { values_[static_cast<size_t>(j)] = v; });
+    uint8_t* q = NewTensor(name, DType::kF8E4M3, {rows, cols});
+    auto* scale_inv = reinterpret_cast<float*>(
+        NewTensor(runtime::Fp8ScaleName(name), DType::kF32, {(rows + b - 1) / b, (cols + b - 1) / b}));
+    runtime::EncodeFp8Blocks(values_.data(), rows, cols, fp8_block_, fp8_block_, q, scale_inv);
+  }
+
   uint64_t seed_;
+  int fp8_block_;
   std::vector<runtime::TensorToWrite> tensors_;
-  std::list<std::vector<uint16_t>> data_;  // stable addresses
+  std::list<std::vector<uint8_t>> data_;  // stable addresses
+  std::vector<float> values_;             // the float values of one quantized tensor or expert
 };
 
 }  // namespace
@@ -239,6 +373,7 @@ StatusOr<SyntheticShape> ScaleSyntheticShape(SyntheticShape s, int layers, int s
     std::erase_if(s.mlp_only_layers, [&](int l) { return l >= layers; });
     // Keep at least one MoE layer.
     if (static_cast<int>(s.mlp_only_layers.size()) >= layers) s.mlp_only_layers.clear();
+    s.first_k_dense_replace = std::min(s.first_k_dense_replace, layers - 1);
   }
   if (scale > 1) {
     s.scale = scale;
@@ -251,11 +386,151 @@ StatusOr<SyntheticShape> ScaleSyntheticShape(SyntheticShape s, int layers, int s
     s.num_heads = std::max(s.num_kv_heads, s.num_heads / scale) / s.num_kv_heads * s.num_kv_heads;
     s.head_dim = std::max(8, s.head_dim / scale / 2 * 2);
     s.max_position_embeddings = std::min(s.max_position_embeddings, 4096);
+    if (s.kv_lora_rank > 0) {  // MLA
+      s.q_lora_rank = ScaleDim(s.q_lora_rank, scale, 8);
+      s.kv_lora_rank = ScaleDim(s.kv_lora_rank, scale, 8);
+      s.qk_nope_head_dim = ScaleHeadDim(s.qk_nope_head_dim, scale);
+      s.qk_rope_head_dim = ScaleHeadDim(s.qk_rope_head_dim, scale);
+      s.v_head_dim = ScaleHeadDim(s.v_head_dim, scale);
+      s.head_dim = s.qk_nope_head_dim + s.qk_rope_head_dim;
+      s.num_kv_heads = s.num_heads;
+      s.shared_expert_intermediate_size = s.n_shared_experts * s.moe_intermediate_size;
+    }
+    if (s.quant == "mxfp4") {  // every MXFP4 input dimension is whole groups of 32
+      s.hidden_size = RoundUp(s.hidden_size, static_cast<int>(runtime::kMxfp4Group));
+      s.intermediate_size = RoundUp(s.intermediate_size, static_cast<int>(runtime::kMxfp4Group));
+      s.moe_intermediate_size = RoundUp(s.moe_intermediate_size, static_cast<int>(runtime::kMxfp4Group));
+    }
   }
   return s;
 }
 
+namespace {
+
+json SyntheticTag(const SyntheticShape& s) { return {{"shape", s.name}, {"scale", s.scale}}; }
+
+// The key set of deepseek-ai/DeepSeek-V3's config.json (less auto_map, which names remote code,
+// and training-only keys), plus head_dim and qk_head_dim, which transformers >= 5 writes.
+json DeepseekV3Config(const SyntheticShape& s) {
+  json rope_scaling = {{"type", "yarn"},
+                       {"factor", s.yarn_factor},
+                       {"original_max_position_embeddings", s.yarn_original_max_position_embeddings},
+                       {"beta_fast", s.yarn_beta_fast},
+                       {"beta_slow", s.yarn_beta_slow}};
+  if (s.yarn_mscale > 0) rope_scaling["mscale"] = s.yarn_mscale;
+  if (s.yarn_mscale_all_dim > 0) rope_scaling["mscale_all_dim"] = s.yarn_mscale_all_dim;
+  return {{"architectures", json::array({"DeepseekV3ForCausalLM"})},
+          {"model_type", "deepseek_v3"},
+          {"vocab_size", s.vocab_size},
+          {"hidden_size", s.hidden_size},
+          {"intermediate_size", s.intermediate_size},
+          {"moe_intermediate_size", s.moe_intermediate_size},
+          {"num_hidden_layers", s.num_layers},
+          {"first_k_dense_replace", s.first_k_dense_replace},
+          {"moe_layer_freq", 1},
+          {"num_nextn_predict_layers", 0},
+          {"n_routed_experts", s.num_experts},
+          {"n_shared_experts", s.n_shared_experts},
+          {"num_experts_per_tok", s.top_k},
+          {"n_group", s.n_group},
+          {"topk_group", s.topk_group},
+          {"topk_method", "noaux_tc"},
+          {"scoring_func", "sigmoid"},
+          {"norm_topk_prob", s.norm_topk_prob},
+          {"routed_scaling_factor", s.routed_scaling_factor},
+          {"num_attention_heads", s.num_heads},
+          {"num_key_value_heads", s.num_heads},
+          {"q_lora_rank", s.q_lora_rank},
+          {"kv_lora_rank", s.kv_lora_rank},
+          {"qk_nope_head_dim", s.qk_nope_head_dim},
+          {"qk_rope_head_dim", s.qk_rope_head_dim},
+          {"qk_head_dim", s.qk_nope_head_dim + s.qk_rope_head_dim},
+          {"head_dim", s.qk_rope_head_dim},
+          {"v_head_dim", s.v_head_dim},
+          {"attention_bias", false},
+          {"attention_dropout", 0.0},
+          {"max_position_embeddings", s.max_position_embeddings},
+          {"rope_theta", s.rope_theta},
+          {"rope_scaling", rope_scaling},
+          {"rope_interleave", true},
+          {"rms_norm_eps", s.rms_norm_eps},
+          {"hidden_act", "silu"},
+          {"initializer_range", 0.02},
+          {"pretraining_tp", 1},
+          {"tie_word_embeddings", false},
+          {"use_cache", true},
+          {"torch_dtype", "bfloat16"},
+          {"bos_token_id", 1},
+          {"eos_token_id", 2},
+          {"pad_token_id", 0},
+          {"quantization_config",
+           {{"activation_scheme", "dynamic"},
+            {"fmt", "e4m3"},
+            {"quant_method", "fp8"},
+            {"weight_block_size", {s.fp8_block, s.fp8_block}}}},
+          {"expertflow_synthetic", SyntheticTag(s)}};
+}
+
+// The key set of openai/gpt-oss-120b's config.json.
+json GptOssConfig(const SyntheticShape& s) {
+  json layer_types = json::array();
+  for (int l = 0; l < s.num_layers; ++l) layer_types.push_back(l % 2 == 0 ? "sliding_attention" : "full_attention");
+  return {{"architectures", json::array({"GptOssForCausalLM"})},
+          {"model_type", "gpt_oss"},
+          {"vocab_size", s.vocab_size},
+          {"hidden_size", s.hidden_size},
+          {"intermediate_size", s.intermediate_size},
+          {"num_hidden_layers", s.num_layers},
+          {"num_local_experts", s.num_experts},
+          {"num_experts_per_tok", s.top_k},
+          {"experts_per_token", s.top_k},
+          {"num_attention_heads", s.num_heads},
+          {"num_key_value_heads", s.num_kv_heads},
+          {"head_dim", s.head_dim},
+          {"attention_bias", true},
+          {"attention_dropout", 0.0},
+          {"layer_types", layer_types},
+          {"sliding_window", s.sliding_window},
+          {"max_position_embeddings", s.max_position_embeddings},
+          {"initial_context_length", s.yarn_original_max_position_embeddings},
+          {"rope_theta", s.rope_theta},
+          {"rope_scaling",
+           {{"rope_type", "yarn"},
+            {"factor", s.yarn_factor},
+            {"original_max_position_embeddings", s.yarn_original_max_position_embeddings},
+            {"beta_fast", s.yarn_beta_fast},
+            {"beta_slow", s.yarn_beta_slow},
+            {"truncate", false}}},
+          {"swiglu_limit", s.swiglu_limit},
+          {"rms_norm_eps", s.rms_norm_eps},
+          {"hidden_act", "silu"},
+          {"initializer_range", 0.02},
+          {"router_aux_loss_coef", 0.9},
+          {"output_router_logits", false},
+          {"tie_word_embeddings", false},
+          {"use_cache", true},
+          {"torch_dtype", "bfloat16"},
+          {"bos_token_id", 1},
+          {"eos_token_id", 2},
+          {"pad_token_id", 0},
+          {"quantization_config",
+           {{"modules_to_not_convert",
+             {"model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"}},
+            {"quant_method", "mxfp4"}}},
+          {"expertflow_synthetic", SyntheticTag(s)}};
+}
+
+}  // namespace
+
+std::string SyntheticWeightFormat(const SyntheticShape& s) {
+  if (s.quant == "fp8") return "bf16 + block FP8";
+  if (s.quant == "mxfp4") return "bf16 + MXFP4";
+  return "bf16";
+}
+
 std::string SyntheticConfigJson(const SyntheticShape& s) {
+  if (s.model_type == "deepseek_v3") return DeepseekV3Config(s).dump(2);
+  if (s.model_type == "gpt_oss") return GptOssConfig(s).dump(2);
   json j = {{"model_type", s.model_type},
             {"vocab_size", s.vocab_size},
             {"hidden_size", s.hidden_size},
@@ -319,7 +594,7 @@ StatusOr<std::string> WriteSyntheticCheckpoint(const SyntheticShape& shape, uint
 
   const int64_t H = c.hidden_size;
   json weight_map = json::object();
-  ShardWriter w(seed);
+  ShardWriter w(seed, c.quant.method == runtime::WeightQuant::kFp8 ? shape.fp8_block : 0);
   auto flush = [&](const std::string& file) -> Status {
     for (const auto& t : w.tensors()) weight_map[t.name] = file;
     return w.Write((tmp / file).string());
@@ -337,15 +612,32 @@ StatusOr<std::string> WriteSyntheticCheckpoint(const SyntheticShape& shape, uint
     const std::string p = "model.layers." + std::to_string(l);
     w.Add(p + ".input_layernorm.weight", {H}, true);
     w.Add(p + ".post_attention_layernorm.weight", {H}, true);
-    w.Add(p + ".self_attn.q_proj.weight", {c.q_dim(), H}, false);
-    w.Add(p + ".self_attn.k_proj.weight", {c.kv_dim(), H}, false);
-    w.Add(p + ".self_attn.v_proj.weight", {c.kv_dim(), H}, false);
-    w.Add(p + ".self_attn.o_proj.weight", {H, c.q_dim()}, false);
+    if (c.mla) {
+      const int64_t nh = c.num_heads, rope = c.qk_rope_head_dim, r = c.kv_lora_rank;
+      if (c.q_lora_rank > 0) {
+        w.Add(p + ".self_attn.q_a_proj.weight", {c.q_lora_rank, H}, false);
+        w.Add(p + ".self_attn.q_a_layernorm.weight", {c.q_lora_rank}, true);
+        w.Add(p + ".self_attn.q_b_proj.weight", {c.q_dim(), c.q_lora_rank}, false);
+      } else {
+        w.Add(p + ".self_attn.q_proj.weight", {c.q_dim(), H}, false);
+      }
+      w.Add(p + ".self_attn.kv_a_proj_with_mqa.weight", {r + rope, H}, false);
+      w.Add(p + ".self_attn.kv_a_layernorm.weight", {r}, true);
+      w.Add(p + ".self_attn.kv_b_proj.weight", {nh * (c.qk_nope_head_dim + c.v_head_dim), r}, false);
+      w.Add(p + ".self_attn.o_proj.weight", {H, c.attn_out_dim()}, false);
+    } else {
+      w.Add(p + ".self_attn.q_proj.weight", {c.q_dim(), H}, false);
+      w.Add(p + ".self_attn.k_proj.weight", {c.kv_dim(), H}, false);
+      w.Add(p + ".self_attn.v_proj.weight", {c.kv_dim(), H}, false);
+      w.Add(p + ".self_attn.o_proj.weight", {H, c.q_dim()}, false);
+    }
     if (c.qkv_bias) {
       w.Add(p + ".self_attn.q_proj.bias", {c.q_dim()}, false);
       w.Add(p + ".self_attn.k_proj.bias", {c.kv_dim()}, false);
       w.Add(p + ".self_attn.v_proj.bias", {c.kv_dim()}, false);
     }
+    if (c.o_bias) w.Add(p + ".self_attn.o_proj.bias", {H}, false);
+    if (c.attention_sinks) w.Add(p + ".self_attn.sinks", {c.num_heads}, false);
     if (c.qk_norm == runtime::QkNorm::kPerHead) {
       w.Add(p + ".self_attn.q_norm.weight", {c.head_dim}, true);
       w.Add(p + ".self_attn.k_norm.weight", {c.head_dim}, true);
@@ -356,14 +648,30 @@ StatusOr<std::string> WriteSyntheticCheckpoint(const SyntheticShape& shape, uint
     if (!c.IsMoeLayer(l)) {
       add_mlp(c.DenseMlpName(l, 0), c.DenseMlpName(l, 1), c.DenseMlpName(l, 2), c.intermediate_size);
     } else {
-      w.Add(c.RouterName(l), {c.num_experts, H}, false);
+      const std::string mlp = p + ".mlp.";
+      const int64_t E = c.num_experts, I = c.moe_intermediate_size;
+      w.Add(c.RouterName(l), {E, H}, false);
+      if (c.router_bias) w.Add(mlp + "router.bias", {E}, false);
+      if (c.score_correction_bias) w.AddF32(mlp + "gate.e_score_correction_bias", {E});
       if (c.shared_expert_intermediate_size > 0) {
         add_mlp(c.SharedExpertName(l, 0), c.SharedExpertName(l, 1), c.SharedExpertName(l, 2),
                 c.shared_expert_intermediate_size);
-        w.Add(c.SharedExpertGateName(l), {1, H}, false);
+        if (c.shared_expert_gated) w.Add(c.SharedExpertGateName(l), {1, H}, false);
       }
-      for (int e = 0; e < c.num_experts; ++e)
-        add_mlp(c.ExpertName(l, e, 0), c.ExpertName(l, e, 1), c.ExpertName(l, e, 2), c.moe_intermediate_size);
+      if (c.expert_bias) {  // gpt_oss: fused gate_up (rows interleave gate and up) and down, with biases
+        if (c.quant.method == runtime::WeightQuant::kMxfp4) {
+          w.AddMxfp4(mlp + "experts.gate_up_proj", E, 2 * I, H);
+          w.AddMxfp4(mlp + "experts.down_proj", E, H, I);
+        } else {
+          w.Add(mlp + "experts.gate_up_proj", {E, H, 2 * I}, false);
+          w.Add(mlp + "experts.down_proj", {E, I, H}, false);
+        }
+        w.Add(mlp + "experts.gate_up_proj_bias", {E, 2 * I}, false);
+        w.Add(mlp + "experts.down_proj_bias", {E, H}, false);
+      } else {
+        for (int e = 0; e < c.num_experts; ++e)
+          add_mlp(c.ExpertName(l, e, 0), c.ExpertName(l, e, 1), c.ExpertName(l, e, 2), I);
+      }
     }
     char file[64];
     std::snprintf(file, sizeof(file), "model-layer-%05d.safetensors", l);

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <regex>
 #include <sstream>
 #include <type_traits>
 
@@ -198,6 +199,83 @@ Status DequantizeMxfp4(const uint8_t* blocks, const uint8_t* scales, int64_t row
     }
   }
   return Internal(what + ", row " + std::to_string(r) + ": dequantization failed without a bad value");
+}
+
+uint8_t EncodeE2m1(float x) {
+  static const float kPos[8] = {0.f, 0.5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f};
+  const float a = std::min(std::fabs(x), 6.f);
+  int best = 0;
+  for (int c = 1; c < 8; ++c) {
+    const float d = std::fabs(kPos[c] - a), bd = std::fabs(kPos[best] - a);
+    if (d < bd || (d == bd && c % 2 == 0)) best = c;
+  }
+  return static_cast<uint8_t>(best | (std::signbit(x) && best != 0 ? 8 : 0));
+}
+
+void EncodeMxfp4Rows(const float* x, int64_t rows, int64_t cols, uint8_t* blocks, uint8_t* scales) {
+  const int64_t groups = cols / kMxfp4Group;
+  ThreadPool::Default().ParallelFor(
+      rows,
+      [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const float* xr = x + r * cols;
+          uint8_t* br = blocks + r * groups * kMxfp4GroupBytes;
+          uint8_t* sr = scales + r * groups;
+          for (int64_t g = 0; g < groups; ++g) {
+            float amax = 0.f;
+            for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(xr[g * 32 + k]));
+            int e = amax > 0.f ? static_cast<int>(std::floor(std::log2(amax))) - 2 : 0;
+            e = std::clamp(e, -127, 127);
+            sr[g] = static_cast<uint8_t>(e + 127);
+            for (int k = 0; k < 16; ++k) {
+              const uint8_t lo = EncodeE2m1(std::ldexp(xr[g * 32 + 2 * k], -e));
+              const uint8_t hi = EncodeE2m1(std::ldexp(xr[g * 32 + 2 * k + 1], -e));
+              br[g * 16 + k] = static_cast<uint8_t>(lo | (hi << 4));
+            }
+          }
+        }
+      },
+      /*min_chunk=*/std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(cols, 1)));
+}
+
+uint8_t EncodeE4m3(float x) {
+  static const std::vector<float> kPos = [] {
+    std::vector<float> v;
+    for (int c = 0; c < 0x7f; ++c) v.push_back(F8E4M3ToF32(static_cast<uint8_t>(c)));
+    return v;
+  }();
+  const float a = std::min(std::fabs(x), 448.f);
+  auto it = std::lower_bound(kPos.begin(), kPos.end(), a);
+  int c = static_cast<int>(it - kPos.begin());
+  if (c > 0 && (c == static_cast<int>(kPos.size()) || a - kPos[c - 1] < kPos[c] - a ||
+                (a - kPos[c - 1] == kPos[c] - a && (c - 1) % 2 == 0)))
+    --c;
+  return static_cast<uint8_t>(c | (std::signbit(x) && c != 0 ? 0x80 : 0));
+}
+
+void EncodeFp8Blocks(const float* w, int64_t rows, int64_t cols, int block_rows, int block_cols, uint8_t* q,
+                     float* scale_inv) {
+  const int64_t br = block_rows, bc = block_cols;
+  const int64_t gr = (rows + br - 1) / br, gc = (cols + bc - 1) / bc;
+  ThreadPool::Default().ParallelFor(gr, [&](int64_t begin, int64_t end) {
+    for (int64_t bi = begin; bi < end; ++bi)
+      for (int64_t bj = 0; bj < gc; ++bj) {
+        float amax = 0.f;
+        for (int64_t r = bi * br; r < std::min(rows, (bi + 1) * br); ++r)
+          for (int64_t c = bj * bc; c < std::min(cols, (bj + 1) * bc); ++c)
+            amax = std::max(amax, std::fabs(w[r * cols + c]));
+        const float s = amax > 0.f ? amax / 448.f : 1.f;
+        scale_inv[bi * gc + bj] = s;
+        for (int64_t r = bi * br; r < std::min(rows, (bi + 1) * br); ++r)
+          for (int64_t c = bj * bc; c < std::min(cols, (bj + 1) * bc); ++c)
+            q[r * cols + c] = EncodeE4m3(w[r * cols + c] / s);
+      }
+  });
+}
+
+bool DeepseekV3StoresAsFp8(const std::string& name) {
+  static const std::regex kLinear(R"(model\.layers\.\d+\..*(_proj|_proj_with_mqa)\.weight)");
+  return std::regex_match(name, kLinear);
 }
 
 std::string Fp8ScaleName(const std::string& weight_name) { return weight_name + "_scale_inv"; }

@@ -15,9 +15,15 @@
 //   w[i][j] = fp8(w[i][j]) * scale_inv[i / br][j / bc]
 // (the last block of a row or column may be partial).
 //
-// All functions are thread-safe (they touch only their arguments). The Dequantize functions
-// spread rows over ThreadPool::Default() (EF_NUM_THREADS); the result and the error reported (the
-// first bad row's) do not depend on the split. About 2 ns a value on one core.
+// The Encode functions are the other direction, for writers of checkpoints in these layouts (the
+// synthetic checkpoints of launch/synthetic_model.h, the test fixtures): round to nearest and
+// saturate, so any finite input gives a valid encoding whose dequantization is close to it.
+//
+// All functions are thread-safe (they touch only their arguments). The Dequantize and
+// Encode...Rows/Blocks functions spread rows over ThreadPool::Default() (EF_NUM_THREADS); the
+// result and the error reported (the first bad row's) do not depend on the split (so they must
+// not be called from a ParallelFor body on that pool). Dequantizing takes about 2 ns a value on
+// one core.
 #pragma once
 
 #include <cstdint>
@@ -50,6 +56,32 @@ float E2m1ToF32(uint8_t code);
 // BF16 and F32.) On error dst's contents are unspecified.
 [[nodiscard]] Status DequantizeMxfp4(const uint8_t* blocks, const uint8_t* scales, int64_t rows, int64_t cols,
                                      DType out, void* dst, const std::string& what);
+
+// The e2m1 code nearest to x (x already divided by the group's scale), ties to the even code,
+// saturating at +-6; -0 and values rounding to 0 give code 0.
+uint8_t EncodeE2m1(float x);
+
+// rows x cols values x (row-major; cols a multiple of 32) as MXFP4: blocks [rows, cols / 32, 16]
+// (rows * cols / 2 bytes) and scales [rows, cols / 32] (rows * cols / 32 bytes). The shared
+// exponent of a group is floor(log2(amax)) - 2 (e2m1's largest exponent), clamped to [-127, 127],
+// as the OCP specification describes (0 for an all-zero group).
+void EncodeMxfp4Rows(const float* x, int64_t rows, int64_t cols, uint8_t* blocks, uint8_t* scales);
+
+// The F8_E4M3 code nearest to x, ties to the even code, saturating at +-448; -0 and values
+// rounding to 0 give code 0.
+uint8_t EncodeE4m3(float x);
+
+// A [rows, cols] weight w (row-major) as block FP8: codes q [rows, cols] and the fp32 scale_inv
+// grid [ceil(rows / block_rows), ceil(cols / block_cols)] (row-major; the last block of a row or
+// column may be partial). A block's scale is its largest |w| / 448 (1 for an all-zero block) and
+// each value is EncodeE4m3(w / scale).
+void EncodeFp8Blocks(const float* w, int64_t rows, int64_t cols, int block_rows, int block_cols, uint8_t* q,
+                     float* scale_inv);
+
+// Whether DeepSeek-V3 publishes tensor `name` as block FP8: the decoder's linear weights
+// (model.layers.N.*_proj.weight and *_proj_with_mqa.weight: attention projections, dense MLP,
+// shared and routed experts); not the router, norms, e_score_correction_bias, embedding or lm_head.
+bool DeepseekV3StoresAsFp8(const std::string& name);
 
 // The scale tensor of an FP8 weight: "<weight_name>_scale_inv" (x.weight -> x.weight_scale_inv).
 std::string Fp8ScaleName(const std::string& weight_name);

@@ -99,6 +99,30 @@ TEST_F(BenchTest, SyntheticCheckpointIsReusedAndDeterministic) {
   EXPECT_EQ(Read(ckpt / "model-layer-00000.safetensors"), bytes);  // same seed, same weights
 }
 
+TEST_F(BenchTest, SyntheticDeepseekV3AndGptOssRunFromTheirQuantizedCheckpoints) {
+  struct Case {
+    std::string args, header;
+    int experts, layers;
+  };
+  for (const Case& c : {Case{"--synthetic deepseek-v3 --synthetic-scale 64 --synthetic-layers 3",
+                             "# synthetic deepseek-v3: random bf16 + block FP8 weights", 256, 3},
+                        Case{"--synthetic gpt-oss-120b --synthetic-scale 64 --synthetic-layers 2",
+                             "# synthetic gpt-oss-120b: random bf16 + MXFP4 weights", 128, 2}}) {
+    SCOPED_TRACE(c.args);
+    const fs::path out = dir_ / "out.json";
+    ASSERT_EQ(Bench(c.args + " -n 1 -c 1 --prompt-len 8 --gen-len 4 --json " + out.string()), 0) << Err();
+    EXPECT_NE(Out().find(c.header), std::string::npos) << Out();
+    json j = json::parse(Read(out), nullptr, false);
+    ASSERT_FALSE(j.is_discarded()) << Read(out);
+    EXPECT_EQ(j["model_shape"]["num_experts"], c.experts);
+    EXPECT_EQ(j["model_shape"]["num_layers"], c.layers);
+    EXPECT_EQ(j["results"]["generated_tokens"].get<int64_t>(), 4);
+  }
+  // An unknown shape is refused with the known ones listed.
+  EXPECT_NE(Bench("--synthetic deepseek-v4 -n 1 -c 1"), 0);
+  EXPECT_NE(Err().find("gpt-oss-120b"), std::string::npos) << Err();
+}
+
 TEST_F(BenchTest, TraceOfTheWrongShapeExitsOne) {
   ASSERT_TRUE(fs::exists(kMixtralTrace)) << kMixtralTrace << " is missing (tests/data/traces)";
   // The trace has 32 layers; the tiny shape has 4.
