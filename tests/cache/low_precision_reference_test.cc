@@ -15,6 +15,7 @@
 #include "runtime/core/quant.h"
 #include "runtime/engine/engine.h"
 #include "runtime/engine/expert_source.h"
+#include "tests/runtime/fake_quant.h"
 #include "tests/runtime/prompt_run.h"
 
 namespace ef::cache {
@@ -35,16 +36,7 @@ class FakeQuantSource final : public runtime::ExpertSource {
         runtime::ExpertWeights f = w;
         runtime::Weight* to[] = {&f.gate, &f.up, &f.down};
         for (runtime::Weight* p : to) {
-          std::vector<float> src(static_cast<size_t>(p->rows * p->cols));
-          ConvertToF32(p->dtype, p->data, src.data(), src.size());
-          auto& dst = s->store_.emplace_back(src.size());
-          if (QuantFormat::Of(t).divides(p->cols)) {
-            std::vector<std::byte> q(WeightBytes(t, p->rows, p->cols));
-            EXPECT_TRUE(Quantize(t, DType::kF32, src.data(), p->rows, p->cols, q.data(), q.size()).ok());
-            EXPECT_TRUE(Dequantize(t, q.data(), p->rows, p->cols, dst.data()).ok());
-          } else {
-            dst = src;
-          }
+          const std::vector<float>& dst = s->store_.emplace_back(ef::testing::FakeQuantized(*p, t));
           *p = runtime::Weight{DType::kF32, dst.data(), p->rows, p->cols};
         }
         s->experts_[{l, e}] = f;

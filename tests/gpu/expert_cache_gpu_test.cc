@@ -24,6 +24,7 @@
 #include "runtime/engine/expert_source.h"
 #include "runtime/engine/generator.h"
 #include "tests/gpu/gpu_test_util.h"
+#include "tests/runtime/fake_quant.h"
 #include "tests/runtime/prompt_run.h"
 
 namespace ef::params {
@@ -196,13 +197,7 @@ class DeviceFakeQuantSource final : public runtime::ExpertSource {
       for (int e = 0; e < c.num_experts; ++e) {
         runtime::ExpertWeights f = engine.weights().host_expert(l, e);
         for (runtime::Weight* p : {&f.gate, &f.up, &f.down}) {
-          std::vector<float> v(static_cast<size_t>(p->rows * p->cols));
-          ConvertToF32(p->dtype, p->data, v.data(), v.size());
-          if (QuantFormat::Of(t).divides(p->cols)) {
-            std::vector<std::byte> q(WeightBytes(t, p->rows, p->cols));
-            EXPECT_TRUE(Quantize(t, DType::kF32, v.data(), p->rows, p->cols, q.data(), q.size()).ok());
-            EXPECT_TRUE(Dequantize(t, q.data(), p->rows, p->cols, v.data()).ok());
-          }
+          const std::vector<float> v = ef::testing::FakeQuantized(*p, t);
           auto up = engine.backend().UploadWeight(DType::kF32, v.data(), p->rows, p->cols);
           EXPECT_TRUE(up.ok()) << up.status().ToString();
           if (up.ok()) *p = *up;

@@ -382,7 +382,7 @@ void CudaBackend::Gemm(const float* x, int64_t m, const Weight& w, const Weight*
     a = xc;
   }
   if (w.dtype != DType::kF32) {
-    Gemm16(w.dtype, w.data, a, y, m, n, k, accumulate);
+    Gemm16(w.dtype, w.data, a, y, m, n, k, n, accumulate);
   } else {
     // Row-major y[m, n] = x[m, k] . w[n, k]^T is column-major y^T[n, m] = w^T . x^T: w is a
     // column-major [k, n] matrix used transposed, x a column-major [k, m] matrix.
@@ -395,14 +395,14 @@ void CudaBackend::Gemm(const float* x, int64_t m, const Weight& w, const Weight*
   if (bias && !bias->empty()) CUDA_CHECK_LOG(cuda::launch_add_bias(y, m, n, bias->data, bias->dtype, stream_), &error_);
 }
 
-void CudaBackend::Gemm16(DType t, const void* w, const void* x, float* y, int64_t m, int64_t n, int64_t k,
+void CudaBackend::Gemm16(DType t, const void* w, const void* x, float* y, int64_t m, int64_t n, int64_t k, int64_t ldy,
                          bool accumulate) {
-  if (lt_ && lt_->Run(t, w, x, y, m, n, k, accumulate, stream_) == CUBLAS_STATUS_SUCCESS) return;
+  if (lt_ && lt_->Run(t, w, x, y, m, n, k, ldy, accumulate, stream_) == CUBLAS_STATUS_SUCCESS) return;
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
   CUBLAS_CHECK_LOG(
       cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(m), static_cast<int>(k),
                    &alpha, w, CudaType(t), static_cast<int>(k), x, CudaType(t), static_cast<int>(k), &beta, y,
-                   CUDA_R_32F, static_cast<int>(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                   CUDA_R_32F, static_cast<int>(ldy), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
       &error_);
 }
 
@@ -423,21 +423,12 @@ void CudaBackend::GemmQuantized(const float* x, int64_t m, const Weight& w, floa
   const int64_t tile_rows = std::min(n, std::max<int64_t>(64, kDequantTileBytes / (k * 2) / 64 * 64));
   void* wt = EnsureScratch(&dequant_, &dequant_cap_, static_cast<size_t>(tile_rows * k) * sizeof(uint16_t));
   if (!wt) return;
-  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
   for (int64_t r0 = 0; r0 < n; r0 += tile_rows) {
     const int64_t rows = std::min(tile_rows, n - r0);
     // The previous tile's GEMM reads wt; both are in stream order, so rewriting it is safe.
     CUDA_CHECK_LOG(cuda::launch_dequantize_bf16(w.data, w.dtype, n, k, r0, rows, wt, stream_), &error_);
-    // Column-major y^T[n, m] (ld n) restricted to rows r0.. of the tile: y + r0, as in Gemm.
-    if (rows == n) {  // one tile: y's leading dimension is the tile's
-      Gemm16(DType::kBF16, wt, xc, y, m, n, k, accumulate);
-      continue;
-    }
-    CUBLAS_CHECK_LOG(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(rows), static_cast<int>(m),
-                                  static_cast<int>(k), &alpha, wt, CUDA_R_16BF, static_cast<int>(k), xc, CUDA_R_16BF,
-                                  static_cast<int>(k), &beta, y + r0, CUDA_R_32F, static_cast<int>(n),
-                                  CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                     &error_);
+    // Column-major y^T[n, m] restricted to rows r0.. of the tile: y + r0, leading dimension n.
+    Gemm16(DType::kBF16, wt, xc, y + r0, m, rows, k, n, accumulate);
   }
 }
 

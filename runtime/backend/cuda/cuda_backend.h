@@ -143,8 +143,10 @@ class CudaBackend final : public Backend {
   const cuda::AttentionSeqDesc* DeviceDescriptors(const std::vector<cuda::AttentionSeqDesc>& desc);
   void Stage(void* dst, const void* src, size_t bytes);
   void RetireFinishedCopies(bool all_done);
-  // y = x . w^T (+ y) on 16-bit operands (w.dtype) with fp32 output: LtGemm, else cublasGemmEx.
-  void Gemm16(DType t, const void* w, const void* x, float* y, int64_t m, int64_t n, int64_t k, bool accumulate);
+  // y = x . w^T (+ y) on 16-bit operands (type t) with fp32 output whose rows are ldy floats
+  // apart: LtGemm, else cublasGemmEx.
+  void Gemm16(DType t, const void* w, const void* x, float* y, int64_t m, int64_t n, int64_t k, int64_t ldy,
+              bool accumulate);
   // Gemm's body for kQ8/kQ4 weights (bias added by Gemm).
   void GemmQuantized(const float* x, int64_t m, const Weight& w, float* y, bool accumulate);
 

@@ -23,12 +23,12 @@ int AlignmentOf(const void* w, const void* x, const float* y) {
 struct Layouts {
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
   cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
-  Layouts(DType t, int64_t m, int64_t n, int64_t k) {
+  Layouts(DType t, int64_t m, int64_t n, int64_t k, int64_t ldy) {
     st = cublasLtMatrixLayoutCreate(&a, LtType(t), static_cast<uint64_t>(k), static_cast<uint64_t>(n), k);
     if (st == CUBLAS_STATUS_SUCCESS)
       st = cublasLtMatrixLayoutCreate(&b, LtType(t), static_cast<uint64_t>(k), static_cast<uint64_t>(m), k);
     if (st == CUBLAS_STATUS_SUCCESS)
-      st = cublasLtMatrixLayoutCreate(&c, CUDA_R_32F, static_cast<uint64_t>(n), static_cast<uint64_t>(m), n);
+      st = cublasLtMatrixLayoutCreate(&c, CUDA_R_32F, static_cast<uint64_t>(n), static_cast<uint64_t>(m), ldy);
   }
   ~Layouts() {
     if (a) cublasLtMatrixLayoutDestroy(a);
@@ -58,13 +58,13 @@ LtGemm::~LtGemm() {
   if (handle_) cublasLtDestroy(handle_);
 }
 
-const LtGemm::Plan& LtGemm::PlanFor(DType t, int64_t n, int64_t k, int64_t bucket, int align) {
-  const auto key = std::make_tuple(static_cast<int>(t), n, k, bucket, align);
+const LtGemm::Plan& LtGemm::PlanFor(DType t, int64_t n, int64_t k, int64_t ldy, int64_t bucket, int align) {
+  const auto key = std::make_tuple(static_cast<int>(t), n, k, ldy, bucket, align);
   auto it = plans_.find(key);
   if (it != plans_.end()) return it->second;
   Plan& p = plans_[key];
   ++plans_made_;
-  Layouts l(t, bucket, n, k);
+  Layouts l(t, bucket, n, k, ldy);
   cublasLtMatmulPreference_t pref = nullptr;
   if (l.st != CUBLAS_STATUS_SUCCESS || cublasLtMatmulPreferenceCreate(&pref) != CUBLAS_STATUS_SUCCESS) return p;
   const uint64_t ws = ws_bytes_;
@@ -89,11 +89,11 @@ const LtGemm::Plan& LtGemm::PlanFor(DType t, int64_t n, int64_t k, int64_t bucke
 }
 
 cublasStatus_t LtGemm::Run(DType t, const void* w, const void* x, float* y, int64_t m, int64_t n, int64_t k,
-                           bool accumulate, cudaStream_t stream) {
-  if (t != DType::kBF16 && t != DType::kF16) return CUBLAS_STATUS_NOT_SUPPORTED;
-  const Plan& p = PlanFor(t, n, k, LtGemmBucket(m), AlignmentOf(w, x, y));
+                           int64_t ldy, bool accumulate, cudaStream_t stream) {
+  if ((t != DType::kBF16 && t != DType::kF16) || ldy < n) return CUBLAS_STATUS_NOT_SUPPORTED;
+  const Plan& p = PlanFor(t, n, k, ldy, LtGemmBucket(m), AlignmentOf(w, x, y));
   if (!p.ok) return CUBLAS_STATUS_NOT_SUPPORTED;
-  Layouts l(t, m, n, k);
+  Layouts l(t, m, n, k, ldy);
   if (l.st != CUBLAS_STATUS_SUCCESS) return l.st;
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
   return cublasLtMatmul(handle_, desc_, &alpha, w, l.a, x, l.b, &beta, y, l.c, y, l.c, &p.algo, workspace_, ws_bytes_,

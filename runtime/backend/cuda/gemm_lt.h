@@ -36,10 +36,11 @@ class LtGemm {
   LtGemm(const LtGemm&) = delete;
   LtGemm& operator=(const LtGemm&) = delete;
 
-  // w [n, k] and x [m, k] of type t (kBF16 or kF16), row-major; y [m, n] fp32 row-major.
-  // CUBLAS_STATUS_SUCCESS, or why not (then nothing was enqueued).
-  cublasStatus_t Run(DType t, const void* w, const void* x, float* y, int64_t m, int64_t n, int64_t k, bool accumulate,
-                     cudaStream_t stream);
+  // w [n, k] and x [m, k] of type t (kBF16 or kF16), row-major; y [m, n] fp32 row-major with
+  // rows ldy floats apart (ldy >= n: a column tile of a wider output). CUBLAS_STATUS_SUCCESS, or
+  // why not (then nothing was enqueued).
+  cublasStatus_t Run(DType t, const void* w, const void* x, float* y, int64_t m, int64_t n, int64_t k, int64_t ldy,
+                     bool accumulate, cudaStream_t stream);
 
   // Heuristic queries made so far (one per shape class), for tests and logs.
   int64_t plans_made() const { return plans_made_; }
@@ -50,14 +51,14 @@ class LtGemm {
     cublasLtMatmulAlgo_t algo{};
   };
   LtGemm() = default;
-  // The algorithm for the shape class of (t, n, k, bucket, align); queried on first use.
-  const Plan& PlanFor(DType t, int64_t n, int64_t k, int64_t bucket, int align);
+  // The algorithm for the shape class of (t, n, k, ldy, bucket, align); queried on first use.
+  const Plan& PlanFor(DType t, int64_t n, int64_t k, int64_t ldy, int64_t bucket, int align);
 
   cublasLtHandle_t handle_ = nullptr;
   cublasLtMatmulDesc_t desc_ = nullptr;
   void* workspace_ = nullptr;
   size_t ws_bytes_ = 0;
-  std::map<std::tuple<int, int64_t, int64_t, int64_t, int>, Plan> plans_;  // (dtype, n, k, bucket, align)
+  std::map<std::tuple<int, int64_t, int64_t, int64_t, int64_t, int>, Plan> plans_;  // (dtype, n, k, ldy, bucket, align)
   int64_t plans_made_ = 0;
 };
 
