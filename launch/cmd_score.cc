@@ -67,7 +67,7 @@ Status RunScore(const ScoreOptions& o, comm::MpiContext* ctx) {
   const int rank = ctx->rank(), world = ctx->size();
   // Per sequence: router rows [moe_layer][tokens][k].
   std::map<int64_t, std::vector<std::vector<std::vector<int32_t>>>> topk;
-  engine->AddRoutingHook([&](runtime::LayerRouting& r) {
+  engine->AddRoutingObserver([&](runtime::LayerRouting& r) {
     for (int t = 0; t < r.num_tokens; ++t) {
       auto& per_layer = topk[r.seq[t]];
       per_layer.resize(c.num_moe_layers());

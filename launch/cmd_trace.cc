@@ -97,7 +97,7 @@ Status RunTrace(const TraceOptions& o) {
 
   // Tokens of the running group by (seq, pos); a token is complete once every MoE layer saw it.
   std::map<std::pair<int64_t, int64_t>, placement::TraceToken> pending;
-  engine->AddRoutingHook([&](runtime::LayerRouting& r) {
+  engine->AddRoutingObserver([&](runtime::LayerRouting& r) {
     for (int t = 0; t < r.num_tokens; ++t) {
       placement::TraceToken& tt = pending[{r.seq[t], r.pos[t]}];
       if (tt.experts.empty()) {

@@ -140,7 +140,7 @@ ServingLoop::ServingLoop(runtime::Engine* engine, runtime::Tokenizer tokenizer, 
       options_(options),
       config_(engine_->config()),
       max_seq_len_(engine_->max_seq_len()) {
-  metrics_hook_ = engine_->AddRoutingHook([m = metrics_](runtime::LayerRouting& r) {
+  metrics_hook_ = engine_->AddRoutingObserver([m = metrics_](runtime::LayerRouting& r) {
     m->CountRouting(r.layer, r.ids.data(), static_cast<int64_t>(r.ids.size()));
     return Status::Ok();
   });

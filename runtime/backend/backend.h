@@ -95,6 +95,18 @@ class Buffer {
   size_t bytes_ = 0;
 };
 
+// A MoE layer's routed experts resident in backend memory, as tables of pointers there (for
+// Backend::MoeRouted): gate[e], up[e] ([inter, hidden]) and down[e] ([hidden, inter]) of expert e,
+// all of `dtype`, no biases.
+struct RoutedExpertTable {
+  const void* const* gate = nullptr;
+  const void* const* up = nullptr;
+  const void* const* down = nullptr;
+  DType dtype = DType::kBF16;
+  int num_experts = 0;
+  int64_t hidden = 0, inter = 0;
+};
+
 enum class BackendKind { kCpu, kCuda };
 
 class Backend {
@@ -189,6 +201,25 @@ class Backend {
   // decode rows, one weight stream pass and no round trip of the two products through memory).
   // Returns false, having enqueued nothing, otherwise.
   virtual bool GateUpSilu(const float* x, int64_t m, const Weight& gate, const Weight& up, float* out) { return false; }
+  // ys[i][m, n_i] = x . ws[i]^T (+ biases[i] when not null) for `count` weights of one input (q, k
+  // and v of attention), as Gemm computes each; a backend may run them in one launch, summing each
+  // row as Gemm would for some split of it. Default: one Gemm each.
+  virtual void GemmGroup(const float* x, int64_t m, int count, const Weight* const* ws, const Weight* const* biases,
+                         float* const* ys) {
+    for (int i = 0; i < count; ++i) Gemm(x, m, *ws[i], biases[i], ys[i], false);
+  }
+  // The routed experts of a MoE layer with the routing kept in backend memory (RouterTopK's ids
+  // and weights): resid[t, :] += the sum over token t's top_k experts, in increasing expert id, of
+  // weights[t, j] * down(silu(x[t] . gate^T) * (x[t] . up^T)), bitwise what GateUpSilu, Gemm,
+  // ScatterAddRows per expert and Add give for these rows. Needs no host copy of the routing, so
+  // a decode step need not wait for the device at every layer. Returns false, having enqueued
+  // nothing, when the backend has no such path for the shapes (CPU; more tokens than it serves).
+  virtual bool MoeRouted(const float* x, int64_t tokens, int top_k, const int32_t* ids, const float* weights,
+                         const RoutedExpertTable& experts, float* resid) {
+    return false;
+  }
+  // The most tokens MoeRouted serves (0: it has no such path).
+  virtual int MoeRoutedMaxTokens() const { return 0; }
   // y[i] += x[i]
   virtual void Add(float* y, const float* x, int64_t n) = 0;
   // x[i] = clamp(x[i], -c, c)

@@ -30,11 +30,12 @@ enum ScratchSlot {
   kFinal,
   kLogits,
   kSharedGate,
-  kMlaQa,         // q_a_proj output [T, q_lora_rank]
-  kMlaKv,         // kv_a_proj output [T, kv_lora + rope]
-  kMlaLatent,     // normalised latent [T, kv_lora]
-  kMlaQAbs,       // absorbed queries [T, heads * (kv_lora + rope)]
-  kMlaOutLatent,  // attention output in latent space [T, heads * kv_lora]
+  kMlaQa,          // q_a_proj output [T, q_lora_rank]
+  kMlaKv,          // kv_a_proj output [T, kv_lora + rope]
+  kMlaLatent,      // normalised latent [T, kv_lora]
+  kMlaQAbs,        // absorbed queries [T, heads * (kv_lora + rope)]
+  kMlaOutLatent,   // attention output in latent space [T, heads * kv_lora]
+  kDeviceRouting,  // routed decode: every MoE layer's ids then weights [moe layers][2 * T * top_k]
   kNumSlots
 };
 // transformers builds MLA's q_a_layernorm and kv_a_layernorm with RMSNorm's default eps.
@@ -45,6 +46,7 @@ Engine::~Engine() {
   // Buffers free through the backend: release them before it goes.
   seqs_.clear();
   scratch_.clear();
+  routed_tables_.clear();
   local_moe_.reset();
   resident_.reset();
   weights_.reset();
@@ -88,6 +90,79 @@ Status Engine::UploadExperts() {
   if (resident_) return Status::Ok();
   EF_ASSIGN_OR_RETURN(resident_, ResidentExpertSource::Create(*weights_, backend_.get()));
   if (!local_moe_->expert_source()) local_moe_->set_expert_source(resident_.get());
+  return BuildRoutedTables();
+}
+
+Status Engine::BuildRoutedTables() {
+  const ModelConfig& c = config();
+  routed_.assign(c.num_layers, RoutedExpertTable{});
+  routed_tables_.clear();
+  if (backend_->MoeRoutedMaxTokens() == 0 || c.expert_activation != ExpertActivation::kSiluMul) return Status::Ok();
+  for (int l : c.MoeLayers()) {
+    if (!weights_->layer(l).shared_expert.gate.empty()) continue;  // shared experts add to the same rows
+    std::vector<const void*> ptrs(static_cast<size_t>(3) * c.num_experts);
+    RoutedExpertTable t;
+    bool ok = true;
+    for (int e = 0; e < c.num_experts && ok; ++e) {
+      EF_ASSIGN_OR_RETURN(ExpertWeights w, resident_->Acquire(l, e));
+      resident_->Release(l, e);
+      if (e == 0)
+        t = RoutedExpertTable{nullptr, nullptr, nullptr, w.gate.dtype, c.num_experts, w.gate.cols, w.gate.rows};
+      ok = !w.has_bias() && w.gate.dtype == t.dtype && w.up.dtype == t.dtype && w.down.dtype == t.dtype &&
+           w.gate.rows == t.inter && w.up.rows == t.inter && w.gate.cols == t.hidden && w.up.cols == t.hidden &&
+           w.down.rows == t.hidden && w.down.cols == t.inter;
+      ptrs[e] = w.gate.data;
+      ptrs[c.num_experts + e] = w.up.data;
+      ptrs[2 * c.num_experts + e] = w.down.data;
+    }
+    if (!ok || (t.dtype != DType::kBF16 && t.dtype != DType::kF16)) continue;
+    EF_ASSIGN_OR_RETURN(Buffer b, backend_->Allocate(ptrs.size() * sizeof(void*)));
+    backend_->CopyToDevice(b.data(), ptrs.data(), ptrs.size() * sizeof(void*));
+    auto* table = static_cast<const void* const*>(b.data());
+    t.gate = table;
+    t.up = table + c.num_experts;
+    t.down = table + 2 * c.num_experts;
+    routed_[l] = t;
+    routed_tables_.push_back(std::move(b));
+  }
+  return Status::Ok();
+}
+
+bool Engine::DeviceRouting(int64_t T) const {
+  // Every MoE layer must be able to (a layer on the host path waits anyway), on the resident
+  // experts through the local executor, with nothing that needs the routing on the host during
+  // the step: routing hooks (overrides, the cache's prefetcher), the host router, router inputs.
+  if (T > backend_->MoeRoutedMaxTokens() || !hooks_.empty() || host_router_ || expose_router_inputs_ || !resident_ ||
+      moe_executor_ != local_moe_.get() || local_moe_->expert_source() != resident_.get())
+    return false;
+  const ModelConfig& c = config();
+  for (int l : c.MoeLayers())
+    if (routed_.empty() || routed_[l].num_experts == 0) return false;
+  return c.num_moe_layers() > 0;
+}
+
+std::pair<int32_t*, float*> Engine::DeviceRoutingSlot(int moe_layer, int64_t T) {
+  const int64_t K = config().top_k;
+  float* base =
+      Scratch(kDeviceRouting, static_cast<size_t>(config().num_moe_layers() * 2 * T * K)) + moe_layer * 2 * T * K;
+  return {reinterpret_cast<int32_t*>(base), base + T * K};
+}
+
+Status Engine::RunObservers(int64_t T, const std::vector<int64_t>& row_seq, const std::vector<int32_t>& row_pos,
+                            const std::vector<int32_t>& row_tok) {
+  if (observers_.empty()) return Status::Ok();
+  const ModelConfig& c = config();
+  const int64_t K = c.top_k, per = 2 * T * K;
+  std::vector<float> all(static_cast<size_t>(c.num_moe_layers() * per));
+  backend_->CopyToHost(all.data(), Scratch(kDeviceRouting, all.size()), all.size() * sizeof(float));
+  std::vector<int32_t> ids(static_cast<size_t>(T * K));
+  for (int m = 0; m < c.num_moe_layers(); ++m) {
+    std::memcpy(ids.data(), all.data() + m * per, ids.size() * sizeof(int32_t));
+    std::span<float> wts(all.data() + m * per + T * K, static_cast<size_t>(T * K));
+    LayerRouting r{c.MoeLayers()[m], m, static_cast<int>(T), static_cast<int>(K), ids, wts, row_seq, row_pos,
+                   row_tok,          {}};
+    for (auto& [id, observer] : observers_) EF_RETURN_IF_ERROR(observer(r));
+  }
   return Status::Ok();
 }
 
@@ -110,30 +185,32 @@ Status Engine::ReserveScratch(int64_t T, int64_t R) {
   const size_t t = static_cast<size_t>(T), H = c.hidden_size;
   const size_t inter = std::max({c.intermediate_size, c.moe_intermediate_size, c.shared_expert_intermediate_size});
   const size_t lat = c.kv_lora_rank, kvw = c.kv_cache_key_width();
-  const std::pair<int, size_t> sizes[] = {{kResid, t * H},
-                                          {kNormed, t * H},
-                                          {kQ, t * c.q_dim()},
-                                          {kK, t * c.kv_dim()},
-                                          {kV, t * c.kv_dim()},
-                                          {kAttn, t * std::max(c.q_dim(), c.attn_out_dim())},
-                                          {kMlaQa, t * c.q_lora_rank},
-                                          {kMlaKv, t * (c.mla ? kvw : 0)},
-                                          {kMlaLatent, t * lat},
-                                          {kMlaQAbs, t * c.num_heads * (c.mla ? kvw : 0)},
-                                          {kMlaOutLatent, t * c.num_heads * lat},
-                                          {kTmp, t * H},
-                                          {kMoeOut, t * H},
-                                          {kRouterLogits, t * c.num_experts},
-                                          {kRouterIds, 2 * t * c.top_k},
-                                          {kGate, t * inter},
-                                          {kUp, t * inter},
-                                          {kExpertOut, t * H},
-                                          {kPerm, static_cast<size_t>(R)},
-                                          {kPositions, t},
-                                          {kTokens, t},
-                                          {kFinal, static_cast<size_t>(R) * H},
-                                          {kLogits, static_cast<size_t>(R) * c.vocab_size},
-                                          {kSharedGate, t}};
+  const std::pair<int, size_t> sizes[] = {
+      {kResid, t * H},
+      {kNormed, t * H},
+      {kQ, t * c.q_dim()},
+      {kK, t * c.kv_dim()},
+      {kV, t * c.kv_dim()},
+      {kAttn, t * std::max(c.q_dim(), c.attn_out_dim())},
+      {kMlaQa, t * c.q_lora_rank},
+      {kMlaKv, t * (c.mla ? kvw : 0)},
+      {kMlaLatent, t * lat},
+      {kMlaQAbs, t * c.num_heads * (c.mla ? kvw : 0)},
+      {kMlaOutLatent, t * c.num_heads * lat},
+      {kTmp, t * H},
+      {kMoeOut, t * H},
+      {kRouterLogits, t * c.num_experts},
+      {kRouterIds, 2 * t * c.top_k},
+      {kGate, t * inter},
+      {kUp, t * inter},
+      {kExpertOut, t * H},
+      {kPerm, static_cast<size_t>(R)},
+      {kPositions, t},
+      {kTokens, t},
+      {kFinal, static_cast<size_t>(R) * H},
+      {kLogits, static_cast<size_t>(R) * c.vocab_size},
+      {kSharedGate, t},
+      {kDeviceRouting, DeviceRouting(T) ? c.num_moe_layers() * 2 * t * c.top_k : 0}};
   for (const auto& [slot, floats] : sizes) EF_RETURN_IF_ERROR(GrowScratch(slot, floats));
   return Status::Ok();
 }
@@ -209,9 +286,13 @@ Status Engine::Attention(int layer, std::span<const SeqChunk> batch, const int32
   float* q = Scratch(kQ, T * qd);
   float* k = Scratch(kK, T * kvd);
   float* v = Scratch(kV, T * kvd);
-  backend_->Gemm(h, T, L.q, c.qkv_bias ? &L.q_bias : nullptr, q, false);
-  backend_->Gemm(h, T, L.k, c.qkv_bias ? &L.k_bias : nullptr, k, false);
-  backend_->Gemm(h, T, L.v, c.qkv_bias ? &L.v_bias : nullptr, v, false);
+  {
+    const Weight* ws[] = {&L.q, &L.k, &L.v};
+    const Weight* bs[] = {c.qkv_bias ? &L.q_bias : nullptr, c.qkv_bias ? &L.k_bias : nullptr,
+                          c.qkv_bias ? &L.v_bias : nullptr};
+    float* ys[] = {q, k, v};
+    backend_->GemmGroup(h, T, 3, ws, bs, ys);
+  }
   if (c.clip_qkv > 0) {
     backend_->Clamp(q, T * qd, c.clip_qkv);
     backend_->Clamp(k, T * kvd, c.clip_qkv);
@@ -370,6 +451,7 @@ Status Engine::MoeBlock(int layer, int64_t T, const float* h, float* out, const 
     routing.hidden = router_inputs_;
   }
   for (auto& [id, hook] : hooks_) EF_RETURN_IF_ERROR(hook(routing));
+  for (auto& [id, observer] : observers_) EF_RETURN_IF_ERROR(observer(routing));
 
   EF_RETURN_IF_ERROR(moe_executor_->Run(layer, T, K, h, ids, wts, out));
   if (!L.shared_expert.gate.empty()) {
@@ -428,6 +510,10 @@ Status Engine::Forward(std::span<const SeqChunk> batch, ForwardResult* result) {
   float* x = Scratch(kResid, T * H);
   backend_->Embed(tokens_dev, static_cast<int>(T), weights_->embed(), x);
 
+  // Decode batches on resident experts keep the routing on the device: no layer waits for the
+  // host (the observers get it once the logits are back).
+  const bool device_routing = DeviceRouting(T);
+  last_device_routed_ = false;
   for (int l = 0; l < c.num_layers; ++l) {
     const LayerWeights& L = weights_->layer(l);
     float* h = Scratch(kNormed, T * H);
@@ -437,7 +523,24 @@ Status Engine::Forward(std::span<const SeqChunk> batch, ForwardResult* result) {
     h = Scratch(kNormed, T * H);
     backend_->RmsNorm(x, T, H, L.post_attention_norm, c.rms_norm_eps, h);
     float* out = Scratch(kMoeOut, T * H);
-    if (c.IsMoeLayer(l)) {
+    if (device_routing && c.IsMoeLayer(l)) {
+      float* logits = Scratch(kRouterLogits, T * c.num_experts);
+      backend_->Gemm(h, T, L.router, c.router_bias ? &L.router_bias : nullptr, logits, false);
+      auto [ids_dev, w_dev] = DeviceRoutingSlot(c.MoeLayerIndex(l), T);
+      backend_->RouterTopK(logits, T, c.num_experts, c.top_k, c.norm_topk_prob, ids_dev, w_dev);
+      // x += the layer's expert output, summed as SetZero, MoeBlock and Add below sum it.
+      if (backend_->MoeRouted(h, T, c.top_k, ids_dev, w_dev, routed_[l], x)) {
+        last_device_routed_ = true;
+        continue;
+      }
+      // The backend declined (cannot happen for a batch DeviceRouting admits; kept correct anyway).
+      std::vector<int32_t> ids(static_cast<size_t>(T * c.top_k));
+      std::vector<float> wts(ids.size());
+      backend_->CopyToHost(ids.data(), ids_dev, ids.size() * sizeof(int32_t));
+      backend_->CopyToHost(wts.data(), w_dev, wts.size() * sizeof(float));
+      backend_->SetZero(out, sizeof(float) * T * H);
+      EF_RETURN_IF_ERROR(moe_executor_->Run(l, T, c.top_k, h, ids, wts, out));
+    } else if (c.IsMoeLayer(l)) {
       backend_->SetZero(out, sizeof(float) * T * H);
       EF_RETURN_IF_ERROR(MoeBlock(l, T, h, out, row_seq, row_pos, row_tok));
     } else {
@@ -471,6 +574,7 @@ Status Engine::Forward(std::span<const SeqChunk> batch, ForwardResult* result) {
   backend_->Gemm(fin, R, weights_->lm_head(), nullptr, logits, false);
   result->logits.resize(static_cast<size_t>(R) * c.vocab_size);
   backend_->CopyToHost(result->logits.data(), logits, result->logits.size() * sizeof(float));
+  if (device_routing) EF_RETURN_IF_ERROR(RunObservers(T, row_seq, row_pos, row_tok));
   // Ops report failures to the backend, not to their caller: a forward pass with a failed op must
   // not hand out its logits.
   if (Status s = backend_->status(); !s.ok()) {

@@ -104,10 +104,25 @@ class Engine {
     hooks_.emplace_back(next_hook_id_, std::move(hook));
     return next_hook_id_++;
   }
+  // Observers see each MoE layer's routing without changing it (counters, traces, score's router
+  // rows). They run in layer order, but may run only when the forward pass ends: a step that keeps
+  // the routing on the device (below) copies it to the host once, after the logits. Returns an id
+  // for RemoveRoutingHook.
+  int AddRoutingObserver(RoutingHook observer) {
+    observers_.emplace_back(next_hook_id_, std::move(observer));
+    return next_hook_id_++;
+  }
   void RemoveRoutingHook(int id) {
     std::erase_if(hooks_, [id](const auto& h) { return h.first == id; });
+    std::erase_if(observers_, [id](const auto& h) { return h.first == id; });
   }
-  void ClearRoutingHooks() { hooks_.clear(); }
+  void ClearRoutingHooks() {
+    hooks_.clear();
+    observers_.clear();
+  }
+  // Whether the last Forward kept the routing of its MoE layers on the device (Backend::MoeRouted:
+  // resident experts, no routing hook, decode-sized batch) instead of waiting for it at every layer.
+  bool last_forward_device_routed() const { return last_device_routed_; }
   // When on, LayerRouting::hidden carries each MoE layer's router input (lookahead predictors).
   // Off by default: the copy to the host costs T x hidden floats per MoE layer.
   void set_expose_router_inputs(bool on) { expose_router_inputs_ = on; }
@@ -146,6 +161,17 @@ class Engine {
   Status MoeBlock(int layer, int64_t T, const float* h, float* out, const std::vector<int64_t>& row_seq,
                   const std::vector<int32_t>& row_pos, const std::vector<int32_t>& row_tok);
   Status Mlp(const ExpertWeights& w, int64_t rows, const float* x, float* out);
+  // Device pointer tables of the resident experts per MoE layer (Backend::MoeRouted); a layer
+  // whose experts the routed path cannot take (biases, clamped SwiGLU, shared experts, quantized
+  // or mixed dtypes) gets none.
+  Status BuildRoutedTables();
+  // Whether this step's MoE layers may keep their routing on the device (see last_forward_device_routed).
+  bool DeviceRouting(int64_t T) const;
+  // The router's top-k of T rows into the device routing buffer of MoE layer `moe_layer` (ids
+  // then weights), for MoeRouted and the observers.
+  std::pair<int32_t*, float*> DeviceRoutingSlot(int moe_layer, int64_t T);
+  Status RunObservers(int64_t T, const std::vector<int64_t>& row_seq, const std::vector<int32_t>& row_pos,
+                      const std::vector<int32_t>& row_tok);
 
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<ModelWeights> weights_;
@@ -154,6 +180,10 @@ class Engine {
   std::unique_ptr<HostRouter> host_router_;  // null when the backend's RouterTopK suffices
   MoeExecutor* moe_executor_ = nullptr;
   std::vector<std::pair<int, RoutingHook>> hooks_;  // (id, hook), in the order added
+  std::vector<std::pair<int, RoutingHook>> observers_;
+  std::vector<RoutedExpertTable> routed_;  // per decoder layer; num_experts 0: none
+  std::vector<Buffer> routed_tables_;      // their pointer arrays
+  bool last_device_routed_ = false;
   int next_hook_id_ = 0;
   std::map<int64_t, Sequence> seqs_;
   int max_seq_len_ = 0;

@@ -325,6 +325,121 @@ TEST_F(CudaOpsTest, GateUpSiluIsBitwiseTheGemmsAndSiluMul) {
   EXPECT_TRUE(gpu_->status().ok()) << gpu_->status().ToString();
 }
 
+TEST_F(CudaOpsTest, MoeRoutedIsBitwiseTheHostRoutedLayer) {
+  // A MoE layer of decode with the routing left on the device equals, bit for bit, the host-routed
+  // sequence on the same backend (per expert in increasing id: gather its rows, GateUpSilu, Gemm
+  // down, ScatterAddRows; then Add into the residual), and the CPU backend's within fp32 rounding.
+  // The down projection (512 rows of 4096) runs split over several warps, the gate/up not.
+  const int E = 8, K = 2, H = 512, I = 4096;
+  std::vector<Weight> cpu_w, gpu_w;  // [e * 3 + {gate, up, down}]
+  std::vector<const void*> table(3 * E);
+  for (int e = 0; e < E; ++e) {
+    for (int p = 0; p < 3; ++p) {
+      const int64_t rows = p < 2 ? I : H, cols = p < 2 ? H : I;
+      auto [c, g] = Weights(RandomFloats(rows * cols, 100 + 3 * e + p, -0.05f, 0.05f), rows, cols, DType::kBF16);
+      cpu_w.push_back(c);
+      gpu_w.push_back(g);
+      table[p * E + e] = g.data;
+    }
+  }
+  const void* const* t = dev_->Put(table);
+  const RoutedExpertTable experts{t, t + E, t + 2 * E, DType::kBF16, E, H, I};
+  struct Case {
+    std::vector<int32_t> ids;  // [T * K], as RouterTopK writes them (highest weight first)
+  };
+  // One token (ids out of order); two tokens sharing expert 5.
+  for (const Case& c : {Case{{6, 2}}, Case{{3, 5, 5, 1}}}) {
+    const int T = static_cast<int>(c.ids.size()) / K;
+    const auto x = RandomFloats(T * H, 200 + T);
+    const auto resid = RandomFloats(T * H, 300 + T);
+    const auto wts = RandomFloats(T * K, 400 + T, 0.1f, 0.9f);
+    float* xd = dev_->Put(x);
+    // The host-routed sequence, on the GPU and on the CPU.
+    std::vector<float> want_cpu = resid, out_cpu(T * H, 0.f);
+    float* out_gpu = dev_->Zeros<float>(T * H);
+    float* resid_host = dev_->Put(resid);
+    for (int e = 0; e < E; ++e) {
+      std::vector<int32_t> rows;
+      std::vector<float> scale;
+      for (int p = 0; p < T * K; ++p)
+        if (c.ids[p] == e) rows.push_back(p / K), scale.push_back(wts[p]);
+      const int m = static_cast<int>(rows.size());
+      if (m == 0) continue;
+      std::vector<float> xe(m * H), act(m * I), y(m * H), up(m * I);
+      cpu_.GatherRows(x.data(), rows.data(), m, H, xe.data());
+      cpu_.Gemm(xe.data(), m, cpu_w[3 * e], nullptr, act.data(), false);
+      cpu_.Gemm(xe.data(), m, cpu_w[3 * e + 1], nullptr, up.data(), false);
+      cpu_.SiluMul(act.data(), up.data(), act.data(), m * I);
+      cpu_.Gemm(act.data(), m, cpu_w[3 * e + 2], nullptr, y.data(), false);
+      cpu_.ScatterAddRows(y.data(), rows.data(), scale.data(), m, H, out_cpu.data());
+      int32_t* rows_d = dev_->Put(rows);
+      float* xe_d = dev_->Zeros<float>(m * H);
+      float* act_d = dev_->Zeros<float>(m * I);
+      float* y_d = dev_->Zeros<float>(m * H);
+      gpu_->GatherRows(xd, rows_d, m, H, xe_d);
+      ASSERT_TRUE(gpu_->GateUpSilu(xe_d, m, gpu_w[3 * e], gpu_w[3 * e + 1], act_d));
+      gpu_->Gemm(act_d, m, gpu_w[3 * e + 2], nullptr, y_d, false);
+      gpu_->ScatterAddRows(y_d, rows_d, dev_->Put(scale), m, H, out_gpu);
+    }
+    cpu_.Add(want_cpu.data(), out_cpu.data(), T * H);
+    gpu_->Add(resid_host, out_gpu, T * H);
+    float* resid_routed = dev_->Put(resid);
+    ASSERT_TRUE(gpu_->MoeRouted(xd, T, K, dev_->Put(c.ids), dev_->Put(wts), experts, resid_routed)) << "T=" << T;
+    const auto got = dev_->Get(resid_routed, T * H);
+    EXPECT_EQ(got, dev_->Get(resid_host, T * H)) << "T=" << T << ": not bitwise the host-routed layer";
+    EXPECT_LT(MaxRelError(got, want_cpu), 1e-5) << "T=" << T << " vs the cpu backend";
+  }
+  // Past the decode rows it declines, having enqueued nothing.
+  float* x3 = dev_->Put(RandomFloats(3 * H, 500));
+  float* r3 = dev_->Zeros<float>(3 * H);
+  std::vector<int32_t> ids3 = {0, 1, 2, 3, 4, 5};
+  EXPECT_FALSE(gpu_->MoeRouted(x3, 3, K, dev_->Put(ids3), dev_->Put(RandomFloats(6, 501)), experts, r3));
+  EXPECT_EQ(dev_->Get(r3, 3 * H), std::vector<float>(3 * H, 0.f));
+}
+
+TEST_F(CudaOpsTest, GemmGroupMatchesTheCpuGemms) {
+  // q, k and v of a GQA layer in one launch at decode rows; past them, one Gemm each; biases added.
+  const int64_t k = 2048, n[3] = {2048, 512, 512};
+  std::vector<Weight> cw, gw, cb, gb;
+  std::vector<std::vector<float>> bias_host;  // the CPU's f32 biases point into these
+  for (int i = 0; i < 3; ++i) {
+    auto [c, g] = Weights(RandomFloats(n[i] * k, 600 + i, -0.05f, 0.05f), n[i], k, DType::kBF16);
+    cw.push_back(c);
+    gw.push_back(g);
+    bias_host.push_back(RandomFloats(n[i], 610 + i));
+  }
+  for (int i = 0; i < 3; ++i) {
+    auto [bc, bg] = Weights(bias_host[i], 1, n[i], DType::kF32);
+    cb.push_back(bc);
+    gb.push_back(bg);
+  }
+  for (int m : {1, 2, 5}) {
+    const auto x = RandomFloats(m * k, 620 + m);
+    float* xd = dev_->Put(x);
+    std::vector<std::vector<float>> want(3);
+    float* ys[3];
+    for (int i = 0; i < 3; ++i) {
+      want[i].resize(m * n[i]);
+      cpu_.Gemm(x.data(), m, cw[i], i == 1 ? nullptr : &cb[i], want[i].data(), false);
+      ys[i] = dev_->Zeros<float>(m * n[i]);
+    }
+    const Weight* ws[] = {&gw[0], &gw[1], &gw[2]};
+    const Weight* bs[] = {&gb[0], nullptr, &gb[2]};
+    gpu_->GemmGroup(xd, m, 3, ws, bs, ys);
+    // Past the GEMV's rows the GEMMs meet the activations in bf16 (the bounds of GemmBf16 above).
+    for (int i = 0; i < 3; ++i) {
+      const auto got = dev_->Get(ys[i], m * n[i]);
+      const std::string at = "m=" + std::to_string(m) + " weight " + std::to_string(i) + ": got " +
+                             std::to_string(got[0]) + ", " + std::to_string(got[1]) + " want " +
+                             std::to_string(want[i][0]) + ", " + std::to_string(want[i][1]);
+      if (m <= cuda::kGemvMaxRows)
+        EXPECT_LE(MaxRelError(got, want[i]), 1e-5) << at;
+      else
+        EXPECT_LE(Nmse(got, want[i]), 1e-4) << at;
+    }
+  }
+}
+
 TEST_F(CudaOpsTest, CopyBatchCopiesEveryItem) {
   // 400 items: 4 KB aligned ones (16-byte path), odd sizes and offsets (byte path), empty ones,
   // and two over 64 KB (copy engine); the 340 small ones take three launches of at most 128.

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <numeric>
@@ -187,6 +188,63 @@ TEST(CudaReferenceBf16, Top1AgreementAtLeast99Percent) {
     total += fam_total;
   }
   EXPECT_GE(static_cast<double>(agree) / total, 0.99) << agree << "/" << total;
+}
+
+// Decode with bf16 resident experts keeps the routing on the device (Backend::MoeRouted, no wait
+// for the host per layer): the logits of every step are bitwise those of the host-routed path
+// (forced by a routing hook, which needs the routing on the host), and observers see the same
+// routing the hook sees. Families without shared experts (the routed path's condition).
+TEST(CudaReferenceBf16, DeviceRoutedDecodeIsBitwiseTheHostRoutedDecode) {
+  if (!testing::HaveDevice()) GTEST_SKIP() << "no CUDA device visible";
+  if (!params::CudaBf16Weights()) GTEST_SKIP() << "run with EF_CUDA_BF16_WEIGHTS=1 (ctest: gpu_reference_bf16)";
+  for (std::string fam : {"mixtral", "qwen3_moe", "olmoe"}) {
+    json ref = ReadRef(fam);
+    const auto prompt = ref["input_ids"][0].get<std::vector<int32_t>>();
+    // Prefill, then 8 greedy steps; returns every step's logits and the routing seen per step.
+    auto run = [&](bool hook, std::vector<bool>* routed_steps) {
+      auto engine = MakeEngine(fam, "cuda");
+      EXPECT_NE(engine, nullptr);
+      std::vector<int32_t> seen;
+      if (hook) {
+        engine->AddRoutingHook([&](LayerRouting& r) {
+          seen.insert(seen.end(), r.ids.begin(), r.ids.end());
+          return Status::Ok();
+        });
+      } else {
+        engine->AddRoutingObserver([&](LayerRouting& r) {
+          seen.insert(seen.end(), r.ids.begin(), r.ids.end());
+          return Status::Ok();
+        });
+      }
+      std::vector<float> all;
+      EXPECT_TRUE(engine->AddSequence(0).ok());
+      SeqChunk chunk{0, prompt, false};
+      ForwardResult r;
+      EXPECT_TRUE(engine->Forward({&chunk, 1}, &r).ok());
+      routed_steps->push_back(engine->last_forward_device_routed());
+      for (int step = 0; step < 8; ++step) {
+        all.insert(all.end(), r.logits.begin(), r.logits.end());
+        const std::vector<int32_t> next = {
+            static_cast<int32_t>(std::max_element(r.logits.begin(), r.logits.end()) - r.logits.begin())};
+        SeqChunk c{0, next, false};
+        Status st = engine->Forward({&c, 1}, &r);
+        EXPECT_TRUE(st.ok()) << st.ToString();
+        routed_steps->push_back(engine->last_forward_device_routed());
+      }
+      all.insert(all.end(), r.logits.begin(), r.logits.end());
+      return std::make_pair(all, seen);
+    };
+    std::vector<bool> routed, host_routed;
+    const auto [logits_dev, seen_dev] = run(false, &routed);
+    const auto [logits_host, seen_host] = run(true, &host_routed);
+    EXPECT_FALSE(routed[0]) << fam << ": a prefill of " << prompt.size() << " tokens is not decode-sized";
+    for (size_t i = 1; i < routed.size(); ++i) EXPECT_TRUE(routed[i]) << fam << " decode step " << i;
+    for (bool b : host_routed) EXPECT_FALSE(b) << fam << ": a routing hook needs the host path";
+    EXPECT_EQ(seen_dev, seen_host) << fam << ": observers saw another routing";
+    ASSERT_EQ(logits_dev.size(), logits_host.size());
+    EXPECT_EQ(std::memcmp(logits_dev.data(), logits_host.data(), logits_dev.size() * sizeof(float)), 0)
+        << fam << ": device-routed decode is not bitwise the host-routed decode";
+  }
 }
 
 }  // namespace

@@ -3,10 +3,12 @@
 //
 // The layers are synthetic: bf16 weights generated on the GPU (launch_fill_random), all experts
 // resident. Each step calls the Backend ops in the engine's order (Engine::Forward/Attention/
-// MoeBlock: RMSNorm, q/k/v GEMMs, RoPE, KV append, one batched attention call, o GEMM, residual,
-// RMSNorm, zeroing the MoE output, router GEMM, router top-k, the routing (ids and weights side by
-// side) copied to the host in one copy, LocalMoeExecutor::Run, residual), so what is timed is the
-// engine's real path minus the embedding and LM head.
+// MoeBlock: RMSNorm, q/k/v GEMMs (one GemmGroup), RoPE, KV append, one batched attention call, o
+// GEMM, residual, RMSNorm, router GEMM, router top-k, then for decode batches MoeRouted serves the
+// routed experts on the device into the residual (Backend::MoeRouted; the step's routing comes to
+// the host once, at its end), otherwise zeroing the MoE output, the routing (ids and weights side
+// by side) copied to the host in one copy, LocalMoeExecutor::Run and the residual), so what is
+// timed is the engine's real path minus the embedding and LM head.
 //
 // Bound (documented formula): bytes of active weights streamed per layer / HBM bandwidth, with
 // active weights = attention (q, k, v, o) + router + the distinct experts the router chose in
@@ -57,6 +59,8 @@ struct Args {
   bool lt_gemm = true;
   bool fp32_attention = false;
   bool fused_gate_up = true;
+  bool host_routing = false;  // --host-routing: every MoE layer's routing to the host (the path past MoeRouted's rows)
+  bool separate_qkv = false;  // --separate-qkv: q, k and v as three Gemm calls
   std::string json;
   // The layer shape (--shape): Mixtral-8x7B by default.
   std::string shape = "mixtral-8x7b";
@@ -105,6 +109,10 @@ Args ParseArgs(int argc, char** argv) {
       a.fp32_attention = true;
     else if (k == "--unfused-gate-up")
       a.fused_gate_up = false;
+    else if (k == "--host-routing")
+      a.host_routing = true;
+    else if (k == "--separate-qkv")
+      a.separate_qkv = true;
     else if (k == "--batches") {
       a.batches.clear();
       std::stringstream ss(next());
@@ -119,6 +127,9 @@ Args ParseArgs(int argc, char** argv) {
           "  --fp32-attention  the steps' prefill attention on the exact fp32 kernel (default: tensor cores with\n"
           "             bf16 operands, what the engine picks for a bf16 model)\n"
           "  --unfused-gate-up  decode experts as Gemm, Gemm, SiluMul instead of the fused gate/up GEMV\n"
+          "  --host-routing  every MoE layer copies its routing to the host and waits, at every batch size\n"
+          "             (default: decode batches MoeRouted serves keep it on the device, as the engine does)\n"
+          "  --separate-qkv  q, k and v as three Gemm calls instead of one GemmGroup\n"
           "  --profile  one more prefill step with a cudaEvent after every op: device time per op kind\n");
       std::exit(0);
     } else {
@@ -141,6 +152,7 @@ double Seconds(std::chrono::steady_clock::time_point a, std::chrono::steady_cloc
 struct Layer {
   Weight input_norm, post_norm, q, k, v, o, router;
   std::vector<ExpertWeights> experts;
+  RoutedExpertTable table;  // the experts' device pointer tables (MoeRouted)
 };
 
 class SyntheticExperts final : public ExpertSource {
@@ -194,13 +206,21 @@ class Bench {
       L.v = rand_weight(kvd, a_.hidden, sh);
       L.o = rand_weight(a_.hidden, qd, 1.7f / std::sqrt(static_cast<float>(qd)));
       L.router = rand_weight(a_.experts, a_.hidden, 4 * sh);
+      std::vector<const void*> ptrs(3 * a_.experts);
       for (int e = 0; e < a_.experts; ++e) {
         ExpertWeights w;
         w.gate = rand_weight(a_.inter, a_.hidden, sh);
         w.up = rand_weight(a_.inter, a_.hidden, sh);
         w.down = rand_weight(a_.hidden, a_.inter, si);
+        ptrs[e] = w.gate.data;
+        ptrs[a_.experts + e] = w.up.data;
+        ptrs[2 * a_.experts + e] = w.down.data;
         L.experts.push_back(w);
       }
+      tables_.push_back(OrDie(b_->Allocate(ptrs.size() * sizeof(void*)), "expert table"));
+      b_->CopyToDevice(tables_.back().data(), ptrs.data(), ptrs.size() * sizeof(void*));
+      const auto* t = static_cast<const void* const*>(tables_.back().data());
+      L.table = RoutedExpertTable{t, t + a_.experts, t + 2 * a_.experts, DType::kBF16, a_.experts, a_.hidden, a_.inter};
       layers_.push_back(std::move(L));
     }
     b_->Synchronize();
@@ -244,9 +264,11 @@ class Bench {
     float* out = Scratch(7, T * H);
     float* logits = Scratch(8, T * a_.experts);
     // ids and weights side by side: one device-to-host copy (one sync) brings both, as in the engine.
-    float* routing_dev = Scratch(9, 2 * T * a_.top_k);
-    auto* ids_dev = reinterpret_cast<int32_t*>(routing_dev);
-    float* w_dev = routing_dev + T * a_.top_k;
+    // Decode rows MoeRouted serves keep every layer's routing on the device: one slice per layer,
+    // copied to the host once at the end of the step.
+    const bool device_routing = !a_.host_routing && T <= b_->MoeRoutedMaxTokens();
+    const int64_t per_layer = 2 * T * a_.top_k;
+    float* routing_all = Scratch(9, (device_routing ? a_.layers : 1) * per_layer);
     auto* pos_dev = reinterpret_cast<int32_t*>(Scratch(11, T));
     b_->CopyToDevice(pos_dev, pos.data(), pos.size() * sizeof(int32_t));
     std::vector<int32_t> ids(T * a_.top_k);
@@ -257,9 +279,16 @@ class Bench {
       const Layer& L = layers_[l];
       b_->RmsNorm(x, T, H, L.input_norm, 1e-5f, h);
       Mark("rms norm");
-      b_->Gemm(h, T, L.q, nullptr, q, false);
-      b_->Gemm(h, T, L.k, nullptr, k, false);
-      b_->Gemm(h, T, L.v, nullptr, v, false);
+      if (a_.separate_qkv) {
+        b_->Gemm(h, T, L.q, nullptr, q, false);
+        b_->Gemm(h, T, L.k, nullptr, k, false);
+        b_->Gemm(h, T, L.v, nullptr, v, false);
+      } else {
+        const Weight* ws[] = {&L.q, &L.k, &L.v};
+        const Weight* bs[] = {nullptr, nullptr, nullptr};
+        float* ys[] = {q, k, v};
+        b_->GemmGroup(h, T, 3, ws, bs, ys);
+      }
       Mark("q, k, v gemms");
       b_->Rope(q, pos_dev, T, a_.heads, a_.head_dim, 1e6f);
       b_->Rope(k, pos_dev, T, a_.kv_heads, a_.head_dim, 1e6f);
@@ -284,11 +313,19 @@ class Bench {
       Mark("o gemm");
       b_->Add(x, tmp, T * H);
       b_->RmsNorm(x, T, H, L.post_norm, 1e-5f, h);
-      b_->SetZero(out, sizeof(float) * T * H);
       Mark("add, rms norm, set-zero");
+      float* routing_dev = routing_all + (device_routing ? l * per_layer : 0);
+      auto* ids_dev = reinterpret_cast<int32_t*>(routing_dev);
+      float* w_dev = routing_dev + T * a_.top_k;
       b_->Gemm(h, T, L.router, nullptr, logits, false);
       b_->RouterTopK(logits, T, a_.experts, a_.top_k, true, ids_dev, w_dev);
       Mark("router gemm + top-k");
+      if (device_routing) {
+        if (!b_->MoeRouted(h, T, a_.top_k, ids_dev, w_dev, L.table, x)) Die("MoeRouted declined a decode batch");
+        Mark("moe: routed experts on the device");
+        continue;
+      }
+      b_->SetZero(out, sizeof(float) * T * H);
       b_->CopyToHost(routing.data(), routing_dev, routing.size() * sizeof(float));
       std::memcpy(ids.data(), routing.data(), ids.size() * sizeof(int32_t));
       std::memcpy(wts.data(), routing.data() + T * a_.top_k, wts.size() * sizeof(float));
@@ -303,6 +340,14 @@ class Bench {
       b_->Add(x, out, T * H);
       Mark("add");
       distinct.push_back(static_cast<int>(std::set<int32_t>(ids.begin(), ids.end()).size()));
+    }
+    if (device_routing) {  // the step's routing, once
+      std::vector<float> all(a_.layers * per_layer);
+      b_->CopyToHost(all.data(), routing_all, all.size() * sizeof(float));
+      for (int l = 0; l < a_.layers; ++l) {
+        std::memcpy(ids.data(), all.data() + l * per_layer, ids.size() * sizeof(int32_t));
+        distinct.push_back(static_cast<int>(std::set<int32_t>(ids.begin(), ids.end()).size()));
+      }
     }
     return distinct;
   }
@@ -651,6 +696,7 @@ class Bench {
   std::unique_ptr<CudaBackend> backend_;
   CudaBackend* b_ = nullptr;
   std::vector<Layer> layers_;
+  std::vector<Buffer> tables_;  // the layers' expert pointer tables
   std::unique_ptr<SyntheticExperts> source_;
   std::vector<int64_t> expert_rows_;
   bool profiling_ = false;
@@ -667,6 +713,7 @@ class Bench {
     // Buffers free through the backend: release them before it goes.
     kv_.clear();
     scratch_.clear();
+    tables_.clear();
     moe_.reset();
   }
 };
@@ -694,6 +741,10 @@ int Main(int argc, char** argv) {
   std::printf("# prefill attention: %s; 16-bit GEMMs past the GEMV: %s\n",
               a.fp32_attention ? "fp32 kernel" : "tensor cores, bf16 operands",
               a.lt_gemm ? "cuBLASLt, planned" : "cublasGemmEx");
+  std::printf("# decode routing: %s; q, k, v: %s\n",
+              a.host_routing ? "to the host at every MoE layer"
+                             : "on the device up to the rows MoeRouted serves (to the host past them)",
+              a.separate_qkv ? "three Gemm calls" : "one GemmGroup");
   if (std::string(EF_BUILD_TYPE) == "Debug") std::printf("# WARNING: debug build, timings are not representative\n");
 
   Bench bench(a);
@@ -793,6 +844,8 @@ int Main(int argc, char** argv) {
                           {"driver", drv_v},
                           {"cublas", cublas_v},
                           {"hbm_tbps", a.hbm_tbps},
+                          {"host_routing", a.host_routing},
+                          {"separate_qkv", a.separate_qkv},
                           {"shape",
                            {{"name", a.shape},
                             {"hidden", a.hidden},

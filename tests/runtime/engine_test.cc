@@ -1,6 +1,7 @@
 // Engine: a prompt fed in one chunk, in pieces or token by token through the KV cache gives the
 // same logits; sequences batched together give what each gives alone; routing hooks see every MoE
-// layer, can rewrite the routing, stop a forward pass with their error and can be removed; bad
+// layer, can rewrite the routing, stop a forward pass with their error and can be removed;
+// observers see the routing the hooks left, layer by layer, and can be removed; bad
 // calls (unknown or duplicate sequences, overflowing the context, out-of-range tokens) are errors.
 #include "runtime/engine/engine.h"
 
@@ -96,6 +97,33 @@ TEST(EngineTest, RoutingHooksSeeRewriteStopAndGoAway) {
   const Status s = e->Forward({&c, 1}, &r);
   EXPECT_EQ(s.code(), StatusCode::kDataLoss);
   EXPECT_NE(s.ToString().find("hook refused layer"), std::string::npos) << s.ToString();
+}
+
+TEST(EngineTest, ObserversSeeWhatHooksSeeAfterThemAndGoAway) {
+  auto e = Make();
+  std::vector<int32_t> hooked, observed;
+  std::vector<int> layers;
+  const int hook = e->AddRoutingHook([&](LayerRouting& r) {
+    hooked.insert(hooked.end(), r.ids.begin(), r.ids.end());
+    return Status::Ok();
+  });
+  const int obs = e->AddRoutingObserver([&](LayerRouting& r) {
+    observed.insert(observed.end(), r.ids.begin(), r.ids.end());
+    layers.push_back(r.layer);
+    EXPECT_EQ(r.weights.size(), r.ids.size());
+    return Status::Ok();
+  });
+  Feed(*e, 1, kPrompt, 1);  // decode-sized steps: the batches a backend may route on the device
+  EXPECT_FALSE(e->last_forward_device_routed()) << "the cpu backend has no device routing";
+  EXPECT_EQ(observed, hooked);
+  ASSERT_EQ(layers.size(), kPrompt.size() * e->config().num_moe_layers());
+  for (size_t i = 0; i < layers.size(); ++i)
+    EXPECT_EQ(layers[i], e->config().MoeLayers()[i % e->config().num_moe_layers()]) << "observer call " << i;
+  e->RemoveRoutingHook(hook);
+  e->RemoveRoutingHook(obs);
+  const size_t seen = observed.size();
+  Feed(*e, 2, kPrompt, kPrompt.size());
+  EXPECT_EQ(observed.size(), seen) << "a removed observer still ran";
 }
 
 TEST(EngineTest, BadCallsAreErrors) {

@@ -124,6 +124,8 @@ CudaBackend::~CudaBackend() {
   if (dequant_) DeviceFree(dequant_, dequant_cap_);
   if (attn_desc_) DeviceFree(attn_desc_, attn_desc_cap_);
   if (attn_counters_) DeviceFree(attn_counters_, attn_counters_cap_);
+  if (moe_act_) DeviceFree(moe_act_, moe_act_cap_);
+  if (moe_y_) DeviceFree(moe_y_, moe_y_cap_);
   if (stream_) CUDA_CHECK_LOG(cudaStreamSynchronize(stream_), &ignored);
   for (Pending& p : pending_) free_events_.push_back(p.done);
   pending_.clear();
@@ -277,6 +279,62 @@ bool CudaBackend::GateUpSilu(const float* x, int64_t m, const Weight& gate, cons
   CUDA_CHECK_LOG(
       cuda::launch_gemv_gate_up(x, m, gate.data, up.data, gate.dtype, gate.rows, gate.cols, out, split, stream_),
       &error_);
+  return true;
+}
+
+void CudaBackend::GemmGroup(const float* x, int64_t m, int count, const Weight* const* ws, const Weight* const* biases,
+                            float* const* ys) {
+  // Decode rows of one dtype and width: one launch for all (what three launches of a few
+  // microseconds each cost at batch 1 is most of what q, k and v take to stream).
+  bool one_launch = m > 0 && count >= 1 && count <= cuda::kGemvMaxGroups;
+  int64_t rows = 0;
+  for (int i = 0; one_launch && i < count; ++i) {
+    one_launch = ws[i]->dtype == ws[0]->dtype && ws[i]->cols == ws[0]->cols &&
+                 cuda::gemv_supported(m, ws[i]->cols, ws[i]->dtype, x, ws[i]->data);
+    rows += ws[i]->rows;
+  }
+  if (!one_launch) return Backend::GemmGroup(x, m, count, ws, biases, ys);
+  cuda::GemvGroupItem items[cuda::kGemvMaxGroups];
+  for (int i = 0; i < count; ++i) items[i] = {ws[i]->data, ws[i]->rows, ys[i]};
+  // The split for the launch's rows together (they share the SMs).
+  const int split = cuda::gemv_warps_per_row(rows, ws[0]->cols, num_sms_);
+  CUDA_CHECK_LOG(cuda::launch_gemv_group(x, m, items, count, ws[0]->dtype, ws[0]->cols, split, stream_), &error_);
+  for (int i = 0; i < count; ++i)
+    if (biases[i] && !biases[i]->empty())
+      CUDA_CHECK_LOG(cuda::launch_add_bias(ys[i], m, ws[i]->rows, biases[i]->data, biases[i]->dtype, stream_), &error_);
+}
+
+bool CudaBackend::MoeRouted(const float* x, int64_t tokens, int top_k, const int32_t* ids, const float* weights,
+                            const RoutedExpertTable& experts, float* resid) {
+  if (tokens < 1 || tokens > MoeRoutedMaxTokens() || top_k < 1 || top_k > cuda::kMoeRoutedMaxTopK ||
+      (experts.dtype != DType::kBF16 && experts.dtype != DType::kF16) || !experts.gate || !experts.up ||
+      !experts.down || experts.hidden % 8 != 0 || experts.inter % 8 != 0 || reinterpret_cast<uintptr_t>(x) % 16 != 0)
+    return false;
+  const size_t pairs = static_cast<size_t>(tokens) * top_k;
+  auto* act = static_cast<float*>(
+      EnsureScratch(&moe_act_, &moe_act_cap_, pairs * static_cast<size_t>(experts.inter) * sizeof(float), false));
+  auto* y = static_cast<float*>(
+      EnsureScratch(&moe_y_, &moe_y_cap_, pairs * static_cast<size_t>(experts.hidden) * sizeof(float), false));
+  if (!act || !y) return false;
+  cuda::MoeRoutedArgs a{};
+  a.x = x;
+  a.tokens = tokens;
+  a.top_k = top_k;
+  a.ids = ids;
+  a.weights = weights;
+  a.gate = experts.gate;
+  a.up = experts.up;
+  a.down = experts.down;
+  a.dtype = experts.dtype;
+  a.hidden = experts.hidden;
+  a.inter = experts.inter;
+  // The splits Gemm and GateUpSilu pick for these weights, so each pair sums as they do.
+  a.gate_up_split = cuda::gemv_warps_per_row(experts.inter, experts.hidden, num_sms_);
+  a.down_split = cuda::gemv_warps_per_row(experts.hidden, experts.inter, num_sms_);
+  a.act = act;
+  a.y = y;
+  a.resid = resid;
+  CUDA_CHECK_LOG(cuda::launch_moe_routed(a, stream_), &error_);
   return true;
 }
 

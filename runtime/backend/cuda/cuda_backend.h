@@ -77,6 +77,12 @@ class CudaBackend final : public Backend {
   void CopyOnDevice(void* dst, const void* src, size_t bytes) override;
   void CopyBatch(const CopyItem* items, int num_items) override;
   bool GateUpSilu(const float* x, int64_t m, const Weight& gate, const Weight& up, float* out) override;
+  void GemmGroup(const float* x, int64_t m, int count, const Weight* const* ws, const Weight* const* biases,
+                 float* const* ys) override;
+  bool MoeRouted(const float* x, int64_t tokens, int top_k, const int32_t* ids, const float* weights,
+                 const RoutedExpertTable& experts, float* resid) override;
+  // Pairs sharing an expert each stream it: worth it for the batches the GEMV serves.
+  int MoeRoutedMaxTokens() const override { return cuda::kGemvMaxRows; }
   void SetZero(void* dst, size_t bytes) override;
   void Synchronize() override;
   Status BindToCallingThread() override;
@@ -180,6 +186,11 @@ class CudaBackend final : public Backend {
   size_t attn_desc_cap_ = 0;
   void* attn_counters_ = nullptr;
   size_t attn_counters_cap_ = 0;
+  // MoeRouted: each pair's SwiGLU activation and down projection.
+  void* moe_act_ = nullptr;
+  size_t moe_act_cap_ = 0;
+  void* moe_y_ = nullptr;
+  size_t moe_y_cap_ = 0;
   std::vector<std::pair<void*, size_t>> weights_;  // owned device weights
 };
 

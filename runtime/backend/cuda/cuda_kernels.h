@@ -149,6 +149,41 @@ cudaError_t launch_gemv(const float* x, int64_t m, const void* w, DType wdt, int
 cudaError_t launch_gemv_gate_up(const float* x, int64_t m, const void* gate, const void* up, DType wdt, int64_t n,
                                 int64_t k, float* y, int warps_per_row, cudaStream_t stream);
 
+// Up to kGemvMaxGroups GEMVs y_i[m, n_i] = x[m, k] . w_i[n_i, k]^T of one input and dtype in one
+// launch, each row split over warps_per_row warps (a single split for the launch).
+inline constexpr int kGemvMaxGroups = 3;
+struct GemvGroupItem {
+  const void* w;
+  int64_t n;
+  float* y;
+};
+cudaError_t launch_gemv_group(const float* x, int64_t m, const GemvGroupItem* items, int num_items, DType wdt,
+                              int64_t k, int warps_per_row, cudaStream_t stream);
+
+// The routed experts of a MoE layer for `tokens` decode rows, with the routing left on the device
+// (Backend::MoeRouted): per pair p = t * top_k + j, act[p] = silu(x[t] . gate[e]^T) * (x[t] .
+// up[e]^T) and y[p] = act[p] . down[e]^T with e = ids[p] looked up in device pointer tables; then
+// resid[t] += sum over t's pairs in increasing expert id of weights[p] * y[p]. act is
+// [tokens * top_k, inter] and y [tokens * top_k, hidden] scratch (16-byte aligned).
+inline constexpr int kMoeRoutedMaxTopK = 16;
+struct MoeRoutedArgs {
+  const float* x;  // [tokens, hidden]
+  int64_t tokens;
+  int top_k;
+  const int32_t* ids;       // [tokens * top_k]
+  const float* weights;     // [tokens * top_k]
+  const void* const* gate;  // [num_experts] device pointers to [inter, hidden] weights
+  const void* const* up;
+  const void* const* down;  // [hidden, inter]
+  DType dtype;              // kBF16 or kF16
+  int64_t hidden, inter;
+  int gate_up_split, down_split;  // warps per row (gemv_warps_per_row of each weight)
+  float* act;
+  float* y;
+  float* resid;  // [tokens, hidden]
+};
+cudaError_t launch_moe_routed(const MoeRoutedArgs& args, cudaStream_t stream);
+
 // Skinny GEMM on a quantized weight: y[m, n] = x[m, k] . dequant(w)[n, k]^T (+ y when
 // accumulate), w a kQ8/kQ4 block of [n, k] (runtime/core/quant_format.h), fp32 activations and
 // accumulation, the dequantization fused into the weight stream. gemv_quant_supported() says

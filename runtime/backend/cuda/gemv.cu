@@ -19,11 +19,23 @@
 // split, same order) and silu(g) * u is SiluMul's expression, so the result is bitwise what
 // Gemm, Gemm, SiluMul give.
 //
+// Groups (launch_gemv_group): up to kGemvMaxGroups GEMVs of one input in one launch (q, k and v of
+// decode: one launch instead of three), blockIdx.y the GEMV; one split for all of them.
+//
+// Routed MoE (launch_moe_routed, a MoE layer of decode without the host): blockIdx.y is a (token,
+// slot) pair of the router's output and the kernel looks its expert's weights up in a device table
+// of pointers, so neither the routing nor the expert list comes back to the host. Pairs that share
+// an expert each read it (decode batches of one or two tokens, where that costs nothing or little);
+// every pair is summed as the one-row GEMV sums it with the split Gemm picks for that weight, so
+// the layer is bitwise the host-routed path's GateUpSilu / Gemm / ScatterAddRows / Add.
+//
 // Requires k % 8 == 0 and 16-byte aligned rows (the caller falls back to cuBLAS otherwise).
 // Launch: ceil(n / (8 / warps_per_row)) blocks of 8 warps. Test: tests/gpu/cuda_ops_test.cc
 // (GemmBf16, m = 1..8 and every split against the CPU; bitwise equality across m).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <algorithm>
 
 #include "runtime/backend/cuda/cuda_kernels.h"
 #include "runtime/backend/cuda/kernel_util.cuh"
@@ -49,12 +61,47 @@ __device__ __forceinline__ void Unpack(uint32_t word, float& lo, float& hi) {
   }
 }
 
+// One GEMV of a launch: y[m, n] = x[m, k] . w[n, k]^T (w2: the up projection of a gate/up pair).
+struct GemvOperands {
+  const float* x;
+  const void* w;
+  const void* w2;
+  float* y;
+  int n;
+};
+
+// The launch's GEMVs, one per blockIdx.y. Direct: given by the host (one GEMV, or q, k and v of
+// one input). Routed: pair p = t * top_k + j of a MoE layer's routing, its expert's weights looked
+// up on the device from the ids the router wrote (no host round trip); x is token t's row and y
+// the pair's row.
+struct DirectOperands {
+  GemvOperands g[kGemvMaxGroups];
+  __device__ __forceinline__ GemvOperands Get(int group) const { return g[group]; }
+};
+struct RoutedOperands {
+  const float* x;
+  int64_t x_stride;  // floats between tokens' rows
+  const int32_t* ids;
+  int top_k;
+  const void* const* w;  // [num_experts] device pointers
+  const void* const* w2;
+  float* y;
+  int n;
+  __device__ __forceinline__ GemvOperands Get(int pair) const {
+    const int e = ids[pair];
+    return GemvOperands{x + static_cast<int64_t>(pair / top_k) * x_stride, w[e], w2 ? w2[e] : nullptr,
+                        y + static_cast<int64_t>(pair) * n, n};
+  }
+};
+
 // kPair: w2 (the up projection) is read beside w and y receives silu(x.w) * (x.w2).
-template <int kM, bool kBf16, int kSplit, bool kPair = false>
-__global__ void __launch_bounds__(kWarps * 32)
-    GemvKernel(const float* __restrict__ x, const void* __restrict__ w, const void* __restrict__ w2,
-               float* __restrict__ y, int n, int k, bool accumulate) {
+template <int kM, bool kBf16, int kSplit, bool kPair, class Ops>
+__global__ void __launch_bounds__(kWarps * 32) GemvKernel(Ops ops, int k, bool accumulate) {
   constexpr int kRowsPerBlock = kWarps / kSplit;
+  const GemvOperands g = ops.Get(blockIdx.y);
+  const float* __restrict__ x = g.x;
+  float* __restrict__ y = g.y;
+  const int n = g.n;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int part = warp % kSplit;
   const int row = blockIdx.x * kRowsPerBlock + warp / kSplit;
@@ -68,9 +115,9 @@ __global__ void __launch_bounds__(kWarps * 32)
     for (int m = 0; m < kM; ++m) acc[v][m] = 0.f;
   if (valid) {
     const uint4* wr[kW];
-    wr[0] = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(w) + static_cast<int64_t>(row) * k);
+    wr[0] = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(g.w) + static_cast<int64_t>(row) * k);
     if constexpr (kPair)
-      wr[kW - 1] = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(w2) + static_cast<int64_t>(row) * k);
+      wr[kW - 1] = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(g.w2) + static_cast<int64_t>(row) * k);
 #pragma unroll 4  // 8 or 16 measured slower on H200 (decode bench, gate/down/q/o GEMVs)
     for (int i = part * 32 + lane; i < k8; i += 32 * kSplit) {
       uint4 pk[kW];
@@ -138,33 +185,33 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
-template <int kM, bool kBf16, bool kPair>
-void LaunchM(const float* x, const void* w, const void* w2, float* y, int n, int k, bool acc, int split,
-             cudaStream_t s) {
-  const unsigned grid = static_cast<unsigned>((n + kWarps / split - 1) / (kWarps / split));
+// groups GEMVs of at most max_n rows each (blockIdx.y: the GEMV).
+template <int kM, bool kBf16, bool kPair, class Ops>
+void LaunchM(const Ops& ops, int groups, int max_n, int k, bool acc, int split, cudaStream_t s) {
+  const dim3 grid(static_cast<unsigned>((max_n + kWarps / split - 1) / (kWarps / split)),
+                  static_cast<unsigned>(groups));
   switch (split) {
     case 1:
-      GemvKernel<kM, kBf16, 1, kPair><<<grid, kWarps * 32, 0, s>>>(x, w, w2, y, n, k, acc);
+      GemvKernel<kM, kBf16, 1, kPair><<<grid, kWarps * 32, 0, s>>>(ops, k, acc);
       break;
     case 2:
-      GemvKernel<kM, kBf16, 2, kPair><<<grid, kWarps * 32, 0, s>>>(x, w, w2, y, n, k, acc);
+      GemvKernel<kM, kBf16, 2, kPair><<<grid, kWarps * 32, 0, s>>>(ops, k, acc);
       break;
     case 4:
-      GemvKernel<kM, kBf16, 4, kPair><<<grid, kWarps * 32, 0, s>>>(x, w, w2, y, n, k, acc);
+      GemvKernel<kM, kBf16, 4, kPair><<<grid, kWarps * 32, 0, s>>>(ops, k, acc);
       break;
     default:
-      GemvKernel<kM, kBf16, 8, kPair><<<grid, kWarps * 32, 0, s>>>(x, w, w2, y, n, k, acc);
+      GemvKernel<kM, kBf16, 8, kPair><<<grid, kWarps * 32, 0, s>>>(ops, k, acc);
       break;
   }
 }
 
-template <bool kBf16, bool kPair = false>
-cudaError_t Dispatch(const float* x, int m, const void* w, const void* w2, float* y, int n, int k, bool acc, int split,
-                     cudaStream_t s) {
+template <bool kBf16, bool kPair, class Ops>
+cudaError_t Dispatch(const Ops& ops, int m, int groups, int max_n, int k, bool acc, int split, cudaStream_t s) {
   switch (m) {
-#define EF_GEMV_CASE(M)                                         \
-  case M:                                                       \
-    LaunchM<M, kBf16, kPair>(x, w, w2, y, n, k, acc, split, s); \
+#define EF_GEMV_CASE(M)                                             \
+  case M:                                                           \
+    LaunchM<M, kBf16, kPair>(ops, groups, max_n, k, acc, split, s); \
     break;
     EF_GEMV_CASE(1)
     EF_GEMV_CASE(2)
@@ -179,6 +226,42 @@ cudaError_t Dispatch(const float* x, int m, const void* w, const void* w2, float
       return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
+}
+
+template <bool kPair, class Ops>
+cudaError_t DispatchDtype(DType wdt, const Ops& ops, int m, int groups, int max_n, int k, bool acc, int split,
+                          cudaStream_t s) {
+  if (split != 1 && split != 2 && split != 4 && split != 8) return cudaErrorInvalidValue;
+  if (wdt == DType::kBF16) return Dispatch<true, kPair>(ops, m, groups, max_n, k, acc, split, s);
+  return Dispatch<false, kPair>(ops, m, groups, max_n, k, acc, split, s);
+}
+
+bool RowsFit(int64_t n, int64_t k) { return n >= 1 && n <= 0x7fffffff && k <= 0x7fffffff; }
+
+// Combine of a routed MoE layer: one block per token. resid[t] += o with o = 0 + w * y over the
+// token's pairs in increasing expert id, each term as ScatterAddRows adds it (dst += c * src) and
+// the sum as Add adds it, so the result is bitwise the host-routed path's SetZero, ScatterAddRows
+// per expert (ascending) and Add.
+__global__ void MoeCombineKernel(const float* __restrict__ y, const int32_t* __restrict__ ids,
+                                 const float* __restrict__ weights, int top_k, int dim, float* __restrict__ resid) {
+  const int t = blockIdx.x;
+  int order[kMoeRoutedMaxTopK];
+  for (int j = 0; j < top_k; ++j) order[j] = j;
+  for (int a = 1; a < top_k; ++a)  // insertion sort by expert id (top_k <= 8)
+    for (int b = a; b > 0 && ids[t * top_k + order[b]] < ids[t * top_k + order[b - 1]]; --b) {
+      const int tmp = order[b];
+      order[b] = order[b - 1];
+      order[b - 1] = tmp;
+    }
+  float* dst = resid + static_cast<int64_t>(t) * dim;
+  for (int c = threadIdx.x; c < dim; c += blockDim.x) {
+    float o = 0.f;
+    for (int j = 0; j < top_k; ++j) {
+      const int p = t * top_k + order[j];
+      o += weights[p] * y[static_cast<int64_t>(p) * dim + c];
+    }
+    dst[c] += o;
+  }
 }
 }  // namespace
 
@@ -198,28 +281,57 @@ int gemv_warps_per_row(int64_t n, int64_t k, int num_sms) {
 
 cudaError_t launch_gemv(const float* x, int64_t m, const void* w, DType wdt, int64_t n, int64_t k, float* y,
                         bool accumulate, int warps_per_row, cudaStream_t stream) {
-  if (!gemv_supported(m, k, wdt, x, w) || n < 1 || n > 0x7fffffff || k > 0x7fffffff) return cudaErrorInvalidValue;
-  if (warps_per_row != 1 && warps_per_row != 2 && warps_per_row != 4 && warps_per_row != 8)
-    return cudaErrorInvalidValue;
-  if (wdt == DType::kBF16)
-    return Dispatch<true>(x, static_cast<int>(m), w, nullptr, y, static_cast<int>(n), static_cast<int>(k), accumulate,
-                          warps_per_row, stream);
-  return Dispatch<false>(x, static_cast<int>(m), w, nullptr, y, static_cast<int>(n), static_cast<int>(k), accumulate,
-                         warps_per_row, stream);
+  if (!gemv_supported(m, k, wdt, x, w) || !RowsFit(n, k)) return cudaErrorInvalidValue;
+  DirectOperands ops{};
+  ops.g[0] = GemvOperands{x, w, nullptr, y, static_cast<int>(n)};
+  return DispatchDtype<false>(wdt, ops, static_cast<int>(m), 1, static_cast<int>(n), static_cast<int>(k), accumulate,
+                              warps_per_row, stream);
+}
+
+cudaError_t launch_gemv_group(const float* x, int64_t m, const GemvGroupItem* items, int num_items, DType wdt,
+                              int64_t k, int warps_per_row, cudaStream_t stream) {
+  if (num_items < 1 || num_items > kGemvMaxGroups) return cudaErrorInvalidValue;
+  DirectOperands ops{};
+  int64_t max_n = 0;
+  for (int i = 0; i < num_items; ++i) {
+    if (!gemv_supported(m, k, wdt, x, items[i].w) || !RowsFit(items[i].n, k)) return cudaErrorInvalidValue;
+    ops.g[i] = GemvOperands{x, items[i].w, nullptr, items[i].y, static_cast<int>(items[i].n)};
+    max_n = std::max(max_n, items[i].n);
+  }
+  return DispatchDtype<false>(wdt, ops, static_cast<int>(m), num_items, static_cast<int>(max_n), static_cast<int>(k),
+                              false, warps_per_row, stream);
 }
 
 cudaError_t launch_gemv_gate_up(const float* x, int64_t m, const void* gate, const void* up, DType wdt, int64_t n,
                                 int64_t k, float* y, int warps_per_row, cudaStream_t stream) {
-  if (!gemv_supported(m, k, wdt, x, gate) || !gemv_supported(m, k, wdt, x, up) || n < 1 || n > 0x7fffffff ||
-      k > 0x7fffffff)
+  if (!gemv_supported(m, k, wdt, x, gate) || !gemv_supported(m, k, wdt, x, up) || !RowsFit(n, k))
     return cudaErrorInvalidValue;
-  if (warps_per_row != 1 && warps_per_row != 2 && warps_per_row != 4 && warps_per_row != 8)
+  DirectOperands ops{};
+  ops.g[0] = GemvOperands{x, gate, up, y, static_cast<int>(n)};
+  return DispatchDtype<true>(wdt, ops, static_cast<int>(m), 1, static_cast<int>(n), static_cast<int>(k), false,
+                             warps_per_row, stream);
+}
+
+cudaError_t launch_moe_routed(const MoeRoutedArgs& a, cudaStream_t stream) {
+  const int pairs = static_cast<int>(a.tokens * a.top_k);
+  if (a.tokens < 1 || a.top_k < 1 || a.top_k > kMoeRoutedMaxTopK || pairs > 65535 || !RowsFit(a.inter, a.hidden) ||
+      !RowsFit(a.hidden, a.inter) || a.hidden % 8 != 0 || a.inter % 8 != 0 ||
+      (a.dtype != DType::kBF16 && a.dtype != DType::kF16) || reinterpret_cast<uintptr_t>(a.x) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(a.act) % 16 != 0)
     return cudaErrorInvalidValue;
-  if (wdt == DType::kBF16)
-    return Dispatch<true, true>(x, static_cast<int>(m), gate, up, y, static_cast<int>(n), static_cast<int>(k), false,
-                                warps_per_row, stream);
-  return Dispatch<false, true>(x, static_cast<int>(m), gate, up, y, static_cast<int>(n), static_cast<int>(k), false,
-                               warps_per_row, stream);
+  const int H = static_cast<int>(a.hidden), I = static_cast<int>(a.inter);
+  // Gate/up of every pair: act[p] = silu(x[t] . gate[e]^T) * (x[t] . up[e]^T).
+  RoutedOperands gu{a.x, a.hidden, a.ids, a.top_k, a.gate, a.up, a.act, I};
+  cudaError_t err = DispatchDtype<true>(a.dtype, gu, 1, pairs, I, H, false, a.gate_up_split, stream);
+  if (err != cudaSuccess) return err;
+  // Down of every pair: y[p] = act[p] . down[e]^T.
+  RoutedOperands dn{a.act, a.inter, nullptr, 1, a.down, nullptr, a.y, H};
+  dn.ids = a.ids;
+  dn.top_k = 1;  // x is the pair's own row of act
+  err = DispatchDtype<false>(a.dtype, dn, 1, pairs, H, I, false, a.down_split, stream);
+  if (err != cudaSuccess) return err;
+  MoeCombineKernel<<<static_cast<unsigned>(a.tokens), 256, 0, stream>>>(a.y, a.ids, a.weights, a.top_k, H, a.resid);
+  return cudaGetLastError();
 }
 
 }  // namespace ef::runtime::cuda
