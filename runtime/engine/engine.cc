@@ -341,10 +341,24 @@ Status Engine::Attention(int layer, std::span<const SeqChunk> batch, const int32
     spec.sinks = c.attention_sinks ? static_cast<const float*>(L.sinks.data) : nullptr;
     backend_->AttentionEx(q, attn_seqs.data(), static_cast<int>(attn_seqs.size()), spec, attn);
   }
-  float* o = Scratch(kTmp, T * c.hidden_size);
-  backend_->Gemm(attn, T, L.o, c.o_bias ? &L.o_bias : nullptr, o, false);
-  backend_->Add(Scratch(kResid, T * c.hidden_size), o, T * c.hidden_size);
+  AddOutputProjection(L, attn, T);
   return Status::Ok();
+}
+
+void Engine::AddOutputProjection(const LayerWeights& L, const float* attn, int64_t T) {
+  const ModelConfig& c = config();
+  float* resid = Scratch(kResid, T * c.hidden_size);
+  if (!c.o_bias) {
+    // Accumulated into the residual by the GEMM: resid + (attn . o^T) in one op, the sum Add
+    // forms (one launch less per layer).
+    backend_->Gemm(attn, T, L.o, nullptr, resid, true);
+    return;
+  }
+  // With a bias the GEMM adds it after accumulating, which would round (resid + a) + b, not
+  // resid + (a + b): the projection goes through its own buffer.
+  float* o = Scratch(kTmp, T * c.hidden_size);
+  backend_->Gemm(attn, T, L.o, &L.o_bias, o, false);
+  backend_->Add(resid, o, T * c.hidden_size);
 }
 
 // Multi-head latent attention in the absorbed form, for prefill and decode alike: the cache keeps
@@ -403,9 +417,7 @@ Status Engine::MlaAttention(int layer, std::span<const SeqChunk> batch, const in
   float* attn = Scratch(kAttn, T * nh * vd);
   backend_->GemmPerHead(out_lat, T, nh, static_cast<int64_t>(nh) * r, r, L.kv_b_value, vd, attn,
                         static_cast<int64_t>(nh) * vd, vd);
-  float* o = Scratch(kTmp, T * c.hidden_size);
-  backend_->Gemm(attn, T, L.o, nullptr, o, false);
-  backend_->Add(Scratch(kResid, T * c.hidden_size), o, T * c.hidden_size);
+  AddOutputProjection(L, attn, T);
   return Status::Ok();
 }
 

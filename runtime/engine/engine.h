@@ -153,6 +153,8 @@ class Engine {
   float* Scratch(int slot, size_t floats);
   Status Attention(int layer, std::span<const SeqChunk> batch, const int32_t* positions_dev, int64_t T);
   Status MlaAttention(int layer, std::span<const SeqChunk> batch, const int32_t* positions_dev, int64_t T);
+  // resid += attn . o^T (+ o_bias): the attention block's output projection and residual.
+  void AddOutputProjection(const LayerWeights& L, const float* attn, int64_t T);
   // Appends each chunk's new rows of k (and v unless null) to its sequence's cache of `layer`;
   // returns the batch's attention descriptors.
   std::vector<AttentionSeq> AppendKv(int layer, std::span<const SeqChunk> batch, const float* k, const float* v);

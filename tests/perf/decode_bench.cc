@@ -4,7 +4,7 @@
 // The layers are synthetic: bf16 weights generated on the GPU (launch_fill_random), all experts
 // resident. Each step calls the Backend ops in the engine's order (Engine::Forward/Attention/
 // MoeBlock: RMSNorm, q/k/v GEMMs (one GemmGroup), RoPE, KV append, one batched attention call, o
-// GEMM, residual, RMSNorm, router GEMM, router top-k, then for decode batches MoeRouted serves the
+// GEMM accumulated into the residual, RMSNorm, router GEMM, router top-k, then for decode batches MoeRouted serves the
 // routed experts on the device into the residual (Backend::MoeRouted; the step's routing comes to
 // the host once, at its end), otherwise zeroing the MoE output, the routing (ids and weights side
 // by side) copied to the host in one copy, LocalMoeExecutor::Run and the residual), so what is
@@ -260,7 +260,6 @@ class Bench {
     float* k = Scratch(3, T * kvd);
     float* v = Scratch(4, T * kvd);
     float* attn = Scratch(5, T * qd);
-    float* tmp = Scratch(6, T * H);
     float* out = Scratch(7, T * H);
     float* logits = Scratch(8, T * a_.experts);
     // ids and weights side by side: one device-to-host copy (one sync) brings both, as in the engine.
@@ -309,11 +308,10 @@ class Bench {
       b_->AttentionBatch(q, attn_seqs.data(), static_cast<int>(attn_seqs.size()), a_.heads, a_.kv_heads, a_.head_dim,
                          attn);
       Mark("kv append + attention");
-      b_->Gemm(attn, T, L.o, nullptr, tmp, false);
+      b_->Gemm(attn, T, L.o, nullptr, x, /*accumulate=*/true);  // the residual, as the engine adds it
       Mark("o gemm");
-      b_->Add(x, tmp, T * H);
       b_->RmsNorm(x, T, H, L.post_norm, 1e-5f, h);
-      Mark("add, rms norm, set-zero");
+      Mark("rms norm");
       float* routing_dev = routing_all + (device_routing ? l * per_layer : 0);
       auto* ids_dev = reinterpret_cast<int32_t*>(routing_dev);
       float* w_dev = routing_dev + T * a_.top_k;
