@@ -177,7 +177,7 @@ StatusOr<std::unique_ptr<CudaExpertSource>> CudaExpertSource::Create(const Exper
   CudaSlotArenaOptions ao;
   ao.copy_chunk_bytes = options.copy_chunk_bytes;
   ao.max_queued_chunks = options.max_queued_chunks;
-  EF_ASSIGN_OR_RETURN(auto arena, CudaSlotArena::Create(cuda, src->tier_.get(), num_slots, so.slot_bytes, ao));
+  EF_ASSIGN_OR_RETURN(auto arena, CudaSlotArena::Create(cuda, src->tier_, num_slots, so.slot_bytes, ao));
   src->arena_ = arena.get();
   // Called only for experts without a pinned copy (SlotArena::Load is Unimplemented for them).
   EF_ASSIGN_OR_RETURN(src->store_, ExpertStore::Create(so, std::move(fallback), std::move(arena)));
@@ -201,7 +201,6 @@ void CudaExpertSource::OnRouting(int layer, std::vector<int32_t>& experts) {
   std::stable_partition(experts.begin(), experts.end(), [&](int32_t e) { return store_->IsResident(layer, e); });
   // Acquire now, in compute order, while the layer's slots allow: misses start their copies on the
   // correction stream at once. What does not fit is acquired later, after earlier experts release.
-  arena_->set_urgent(true);
   const int E = layout_.num_experts;
   for (int32_t e : experts) {
     SlotRef& ref = pinned_[static_cast<size_t>(layer) * E + e];
@@ -211,7 +210,6 @@ void CudaExpertSource::OnRouting(int layer, std::vector<int32_t>& experts) {
     ref = *r;
   }
   if (options_.prefetch_layers <= 0) return;
-  arena_->set_urgent(false);
   int ahead = 0;
   for (int step = 1; step < layout_.num_layers && ahead < options_.prefetch_layers; ++step) {
     const int l = (layer + step) % layout_.num_layers;
@@ -220,13 +218,11 @@ void CudaExpertSource::OnRouting(int layer, std::vector<int32_t>& experts) {
     // Advisory: a failure (every slot pinned) only means the expert loads on demand later.
     store_->PrefetchSet(l, upcoming_[l], Priority::kPrefetch);
   }
-  arena_->set_urgent(true);
 }
 
 StatusOr<runtime::ExpertWeights> CudaExpertSource::Acquire(int layer, int expert) {
   SlotRef& ref = pinned_[static_cast<size_t>(layer) * layout_.num_experts + expert];
   if (ref.slot < 0) {
-    arena_->set_urgent(true);
     EF_ASSIGN_OR_RETURN(ref, store_->Acquire(layer, expert));
   }
   arena_->WaitReady(ref.slot);
