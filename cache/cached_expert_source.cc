@@ -2,32 +2,71 @@
 
 #include <algorithm>
 #include <cstring>
+#include <utility>
 
 #include "cache/backend_slot_arena.h"
 #include "runtime/core/logging.h"
 
 namespace ef::cache {
+namespace {
+
+// The store's fill for slots in `layout`: the packed bytes written in place when the layout is
+// packed, else staged and written at the layout's offsets. The shape is read after the fill, which
+// decides it under auto precision.
+ExpertSource PlacedFill(const SlotLayout& layout, ExpertSource packed) {
+  if (layout.alignment() == 1) return packed;
+  return [layout, packed = std::move(packed)](int l, int e, std::span<std::byte> dst) -> Status {
+    std::vector<std::byte> staging(dst.size());
+    EF_RETURN_IF_ERROR(packed(l, e, staging));
+    return layout.Write(layout.Shape(l, e).Rebased(staging.data()), dst);
+  };
+}
+
+}  // namespace
+
+ExpertSource PackedExpertFill(const runtime::ModelWeights& model, ExpertTiers* tiers) {
+  if (tiers) return [tiers](int l, int e, std::span<std::byte> dst) { return tiers->FillPacked(l, e, dst); };
+  const runtime::ModelWeights* m = &model;
+  return [m, packed = SlotLayout::OfModel(1, model, nullptr)](int l, int e, std::span<std::byte> dst) {
+    return packed.Write(m->host_expert(l, e), dst);
+  };
+}
 
 StatusOr<std::unique_ptr<CachedExpertSource>> CachedExpertSource::Create(const runtime::ModelWeights& model,
                                                                          runtime::Backend* backend,
                                                                          const CachedExpertSourceOptions& options) {
-  const runtime::ModelConfig& c = model.config();
-  auto src = std::unique_ptr<CachedExpertSource>(new CachedExpertSource());
-  src->model_ = &model;
-  src->options_ = options;
-  ExpertStoreOptions so;
-  so.num_layers = c.num_layers;
-  so.num_experts = c.num_experts;
-  so.top_k = c.top_k;
-  so.slot_bytes = options.tiers ? options.tiers->max_packed_bytes() : model.max_expert_bytes();
-  so.policy = options.policy;
-  so.async_prefetch = options.async;
+  Backing b{SlotLayout::OfModel(1, model, options.tiers)};
+  b.slot_bytes = options.tiers ? options.tiers->max_packed_bytes() : model.max_expert_bytes();
+  b.fill = PackedExpertFill(model, options.tiers);
+  b.make_arena = [backend](int num_slots, size_t slot_bytes) -> StatusOr<std::unique_ptr<SlotArena>> {
+    EF_ASSIGN_OR_RETURN(auto arena, BackendSlotArena::Create(backend, num_slots, slot_bytes));
+    return std::unique_ptr<SlotArena>(std::move(arena));
+  };
+  return Create(model.config(), std::move(b), options);
+}
+
+StatusOr<std::unique_ptr<CachedExpertSource>> CachedExpertSource::Create(const runtime::ModelConfig& c, Backing backing,
+                                                                         const CachedExpertSourceOptions& options) {
+  if (c.num_moe_layers() == 0) return InvalidArgument("expert cache: the model has no MoE layer");
   // The store's worker would read peers over UCX while the engine thread progresses the same
   // (single-threaded) worker during exchanges.
   if (options.async && options.tiers && options.tiers->hooks().peer)
     return InvalidArgument("expert cache: asynchronous loads do not combine with the peer tier (UCX) yet");
-  if (ExpertTiers* tiers = options.tiers)
-    so.loaded_bytes = [tiers](int l, int e) { return tiers->ResidentBytes(l, e); };
+  auto src = std::unique_ptr<CachedExpertSource>(new CachedExpertSource(std::move(backing.layout)));
+  src->options_ = options;
+  src->num_layers_ = c.num_layers;
+  src->num_experts_ = c.num_experts;
+  for (int l = 0; l < c.num_layers; ++l) src->moe_layer_.push_back(c.IsMoeLayer(l));
+  ExpertStoreOptions so;
+  so.num_layers = c.num_layers;
+  so.num_experts = c.num_experts;
+  so.top_k = c.top_k;
+  so.slot_bytes = backing.slot_bytes;
+  so.policy = options.policy;
+  so.async_prefetch = options.async;
+  // What a load moves: the expert in the slot layout (under auto precision, in the precision the
+  // load chose).
+  so.loaded_bytes = [layout = src->layout_](int l, int e) { return layout.Bytes(l, e); };
   so.policy_config.counts = options.static_counts;
   int num_slots = 0;
   if (options.global_slots > 0) {
@@ -47,43 +86,55 @@ StatusOr<std::unique_ptr<CachedExpertSource>> CachedExpertSource::Create(const r
       if (c.IsMoeLayer(l)) so.layer_quotas[l] = std::min(options.slots_per_layer, c.num_experts);
     for (int q : so.layer_quotas) num_slots += q;
   }
-  EF_ASSIGN_OR_RETURN(auto arena, BackendSlotArena::Create(backend, num_slots, so.slot_bytes));
-  const runtime::ModelWeights* m = &model;
-  cache::ExpertSource fill;
-  if (ExpertTiers* tiers = options.tiers) {
-    fill = [tiers](int l, int e, std::span<std::byte> dst) { return tiers->FillPacked(l, e, dst); };
-  } else {
-    fill = [m](int l, int e, std::span<std::byte> dst) -> Status {
-      const runtime::ExpertWeights& w = m->host_expert(l, e);
-      size_t off = 0;
-      for (const runtime::Weight* p : w.parts()) {
-        std::memcpy(dst.data() + off, p->data, p->nbytes());
-        off += p->nbytes();
-      }
-      return Status::Ok();
-    };
-  }
-  EF_ASSIGN_OR_RETURN(src->store_, ExpertStore::Create(so, std::move(fill), std::move(arena)));
+  EF_ASSIGN_OR_RETURN(std::unique_ptr<SlotArena> arena, backing.make_arena(num_slots, so.slot_bytes));
+  if (backing.host_compute) EF_RETURN_IF_ERROR(backing.host_compute->Calibrate(*arena));
+  src->host_compute_ = std::move(backing.host_compute);
+  src->arena_ = arena.get();
+  EF_ASSIGN_OR_RETURN(src->store_,
+                      ExpertStore::Create(so, PlacedFill(src->layout_, std::move(backing.fill)), std::move(arena)));
   src->upcoming_.resize(c.num_layers);
-  src->pinned_.resize(static_cast<size_t>(c.num_layers) * c.num_experts);
-  EF_LOG(INFO, CACHE, "expert cache: %d slots of %zu bytes, policy %s, prefetch %d layer(s)%s", num_slots,
-         so.slot_bytes, options.policy.c_str(), options.prefetch_layers, options.async ? ", async" : "");
+  src->held_.resize(static_cast<size_t>(c.num_layers) * c.num_experts);
+  EF_LOG(INFO, CACHE, "expert cache: %d slots of %zu bytes on %s, policy %s, prefetch %d layer(s)%s", num_slots,
+         so.slot_bytes, src->arena_->tier(), options.policy.c_str(), options.prefetch_layers,
+         options.async ? ", async" : "");
   return src;
+}
+
+CachedExpertSource::~CachedExpertSource() {
+  if (!store_) return;
+  for (SlotRef& r : held_)
+    if (r.slot >= 0) store_->Release(r);
+  arena_->SynchronizeCopies();
 }
 
 void CachedExpertSource::OnRouting(int layer, std::vector<int32_t>& experts) {
   store_->SetCurrentLayer(layer);
-  // Hits first: resident experts compute while the misses load.
   std::stable_partition(experts.begin(), experts.end(), [&](int32_t e) { return store_->IsResident(layer, e); });
-  if (options_.async) {
-    for (int32_t e : experts)
-      if (!store_->IsResident(layer, e)) store_->Prefetch(layer, e, Priority::kCorrection).IgnoreError();
+  AcquireInOrder(layer, experts);
+  PrefetchAhead(layer);
+}
+
+void CachedExpertSource::AcquireInOrder(int layer, const std::vector<int32_t>& experts) {
+  for (int32_t e : experts) {
+    SlotRef& ref = Held(layer, e);
+    if (ref.slot >= 0) continue;
+    if (options_.async && !store_->IsResident(layer, e)) {
+      // The worker loads it, ahead of any prefetch; Acquire waits for that load.
+      store_->Prefetch(layer, e, Priority::kCorrection).IgnoreError();
+      continue;
+    }
+    auto r = store_->Acquire(layer, e);
+    if (!r.ok()) break;  // every slot of the layer held: the rest load in Acquire
+    ref = *r;
   }
-  if (options_.prefetch_layers <= 0) return;
-  const runtime::ModelConfig& c = model_->config();
+}
+
+void CachedExpertSource::PrefetchAhead(int layer) {
   int ahead = 0;
-  for (int l = layer + 1; l < c.num_layers && ahead < options_.prefetch_layers; ++l) {
-    if (!c.IsMoeLayer(l)) continue;
+  for (int step = 1; step < num_layers_ && ahead < options_.prefetch_layers; ++step) {
+    // Past the last layer: the first layers of the next step, whose upcoming lists forecast it.
+    const int l = (layer + step) % num_layers_;
+    if (!moe_layer_[l]) continue;
     ++ahead;
     // Advisory: a failure (every slot pinned) only means the expert loads on demand later.
     store_->PrefetchSet(l, upcoming_[l], Priority::kPrefetch);
@@ -91,24 +142,34 @@ void CachedExpertSource::OnRouting(int layer, std::vector<int32_t>& experts) {
 }
 
 StatusOr<runtime::ExpertWeights> CachedExpertSource::Acquire(int layer, int expert) {
-  EF_ASSIGN_OR_RETURN(SlotRef ref, store_->Acquire(layer, expert));
-  const runtime::ExpertWeights& h = model_->host_expert(layer, expert);
-  auto* base = static_cast<std::byte*>(ref.data);
-  // The layout of what the slot holds (quantized, or the checkpoint's), packed in parts() order.
-  runtime::ExpertWeights w = (options_.tiers ? options_.tiers->ResidentLayout(layer, expert) : h).Rebased(base);
-  pinned_[static_cast<size_t>(layer) * model_->config().num_experts + expert] = ref;
-  return w;
+  SlotRef& ref = Held(layer, expert);
+  if (ref.slot < 0) {
+    EF_ASSIGN_OR_RETURN(ref, store_->Acquire(layer, expert));
+  }
+  arena_->WaitReady(ref.slot);
+  return layout_.At(layer, expert, ref.data);
 }
 
 void CachedExpertSource::Release(int layer, int expert) {
-  SlotRef& ref = pinned_[static_cast<size_t>(layer) * model_->config().num_experts + expert];
-  if (ref.slot >= 0) store_->Release(ref);
+  SlotRef& ref = Held(layer, expert);
+  if (ref.slot < 0) return;
+  store_->Release(ref);
   ref = SlotRef{};
   // A low-precision copy that turned hot is replaced by the checkpoint's precision (auto).
   if (options_.tiers && options_.tiers->NoteUseWantsUpgrade(layer, expert)) {
     Status s = store_->Refill(layer, expert);
     if (!s.ok()) EF_LOG(WARN, CACHE, "upgrading expert %d of layer %d: %s", expert, layer, s.ToString().c_str());
   }
+}
+
+void CachedExpertSource::TakeHostExperts(int layer, std::vector<int32_t>& experts, std::span<const int64_t> rows,
+                                         std::vector<int32_t>& host) {
+  if (host_compute_) host_compute_->Take(layer, experts, rows, *store_, host);
+}
+
+Status CachedExpertSource::ComputeOnHost(int layer, int expert, int64_t rows, const float* x, float* y) {
+  if (!host_compute_) return Unimplemented("this expert cache computes no expert on the host (cache.cpu_compute off)");
+  return host_compute_->Compute(layer, expert, rows, x, y);
 }
 
 void CachedExpertSource::SetUpcoming(int layer, std::vector<int32_t> experts) {

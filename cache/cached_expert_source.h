@@ -1,26 +1,42 @@
-// CachedExpertSource: the engine's ExpertSource backed by an ExpertStore — a bounded number of
-// expert slots in backend memory, filled from the checkpoint's host copy (the mmap'd safetensors,
-// or pinned memory; under expert parallelism the tiers of ExpertTiers) on demand and ahead of need.
+// CachedExpertSource: the engine's ExpertSource backed by an ExpertStore - a bounded number of
+// expert slots in a SlotArena, filled from the next tier (the checkpoint mapping, the expert
+// tiers under expert parallelism or low-precision loads, a pinned host tier on CUDA) on demand and
+// ahead of need. One implementation for every backend: what differs (where the slots live, how a
+// load is ordered before the compute that reads it, where parts sit in a slot) is in the parts it
+// is created with (Backing: the arena, the slot layout, the fill; cuda/cuda_cache_source.h builds
+// the CUDA ones).
 //
 // Per MoE layer, when the router has run (OnRouting):
-//   1. correction: every expert the router picked that is not resident is queued at correction
-//      priority (ahead of any prefetch);
-//   2. the compute order puts resident experts first, so hits compute while misses load (as the
-//      ExpertFlow paper does); results do not depend on that order;
-//   3. prefetch: the forecast experts of the next `prefetch_layers` MoE layers are queued at
-//      prefetch priority (the forecast comes from SetUpcoming: a predictor, or a trace's future
-//      routing used as an oracle in benchmarks).
-// Slot layout: gate | up | down, each in the checkpoint's dtype.
+//   1. hits first: resident experts are put ahead in the compute order (a stable partition), so
+//      they compute while the misses load (as the ExpertFlow paper does); results do not depend on
+//      the order (the executor accumulates in expert-id order);
+//   2. correction: the layer's experts are acquired at once, in that order, while the layer's
+//      slots allow, so each miss starts loading now: the CUDA arena enqueues its copy on the
+//      correction stream and returns, a host arena loads it before returning, and with `async`
+//      the store's worker loads it at correction priority (Acquire waits for it). What does not
+//      fit is acquired by Acquire(), after earlier experts of the layer released their slots;
+//   3. prefetch: the forecast experts of the next `prefetch_layers` MoE layers are loaded at
+//      prefetch priority, wrapping past the last layer to the first layers of the next step (the
+//      forecast comes from SetUpcoming: a predictor, or a trace's future routing used as an oracle
+//      in benchmarks).
+// Acquire(l, e) waits until the expert's slot is readable (SlotArena::WaitReady: on CUDA a wait of
+// the compute stream, not of the host); Release(l, e) unpins it and, under cache.miss_precision
+// auto, reloads a low-precision copy that turned hot in the checkpoint's precision.
+// Hit rate counts an access as a hit only when the expert was resident before its layer's routing
+// was known (corrections count as misses).
 //
 // Thread safety: driven by the engine thread; the store's worker thread performs async loads.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "cache/expert_store.h"
 #include "cache/expert_tiers.h"
+#include "cache/host_expert_compute.h"
+#include "cache/slot_layout.h"
 #include "runtime/engine/expert_source.h"
 
 namespace ef::cache {
@@ -30,40 +46,84 @@ struct CachedExpertSourceOptions {
   int global_slots = 0;     // one budget shared by all MoE layers (exactly one of the two)
   std::string policy = "lru";
   int prefetch_layers = 0;  // 0: on demand only
-  bool async = false;       // load corrections/prefetches on a worker thread
+  // Load corrections/prefetches on the store's worker thread (for arenas whose loads complete
+  // before returning; the CUDA arena's are asynchronous already).
+  bool async = false;
   // static policy: routing counts per (layer, expert), layer-major, e.g. from a routing trace.
   std::vector<int64_t> static_counts;
   // Where misses load from (not owned; must outlive the source); null: the checkpoint mapping.
   ExpertTiers* tiers = nullptr;
 };
 
+// The packed bytes (parts() back to back) of (layer, expert) from `tiers` (in its load precision),
+// or from the checkpoint mapping when `tiers` is null; both must outlive the callback.
+ExpertSource PackedExpertFill(const runtime::ModelWeights& model, ExpertTiers* tiers);
+
 class CachedExpertSource final : public runtime::ExpertSource {
  public:
-  // Validates the budget against the model (fewer slots than top-k in a layer, or more than the
-  // backend can hold, is an error naming both numbers).
+  // The backend's parts.
+  struct Backing {
+    explicit Backing(SlotLayout slot_layout) : layout(std::move(slot_layout)) {}
+    SlotLayout layout;
+    size_t slot_bytes = 0;  // bytes of the largest expert in `layout`
+    // Writes the packed bytes of an expert (PackedExpertFill) for the loads the arena does not
+    // perform itself; the source places them at the layout's offsets.
+    cache::ExpertSource fill;
+    // The arena of the budget's slots.
+    std::function<StatusOr<std::unique_ptr<SlotArena>>(int num_slots, size_t slot_bytes)> make_arena;
+    // Optional (cache.cpu_compute): computes some misses on the host; calibrated at Create.
+    std::unique_ptr<HostExpertCompute> host_compute;
+  };
+
+  // The MoE layers of `config` over `backing`. Validates the budget against the model (fewer slots
+  // than top-k in a layer, or more than the arena can hold, is an error naming both numbers).
+  static StatusOr<std::unique_ptr<CachedExpertSource>> Create(const runtime::ModelConfig& config, Backing backing,
+                                                              const CachedExpertSourceOptions& options);
+  // Slots in `backend`'s memory (BackendSlotArena), parts packed back to back, filled from
+  // options.tiers or the checkpoint mapping.
   static StatusOr<std::unique_ptr<CachedExpertSource>> Create(const runtime::ModelWeights& model,
                                                               runtime::Backend* backend,
                                                               const CachedExpertSourceOptions& options);
+  ~CachedExpertSource() override;  // releases what it still holds, then waits for pending loads
+  CachedExpertSource(const CachedExpertSource&) = delete;
+  CachedExpertSource& operator=(const CachedExpertSource&) = delete;
 
   void OnRouting(int layer, std::vector<int32_t>& experts) override;
   StatusOr<runtime::ExpertWeights> Acquire(int layer, int expert) override;
   void Release(int layer, int expert) override;
+  void TakeHostExperts(int layer, std::vector<int32_t>& experts, std::span<const int64_t> rows,
+                       std::vector<int32_t>& host) override;
+  Status ComputeOnHost(int layer, int expert, int64_t rows, const float* x, float* y) override;
 
-  // Forecast experts of `layer` for the step being computed (replaces the previous list).
+  // Forecast experts of `layer` for its next run (replaces the previous list).
   void SetUpcoming(int layer, std::vector<int32_t> experts);
   void ClearUpcoming();
 
   ExpertStore& store() { return *store_; }
   ExpertStoreStats stats() const { return store_->stats(); }
+  SlotArena& arena() { return *arena_; }
+  const SlotLayout& layout() const { return layout_; }
+  // Null unless created with one (cache.cpu_compute).
+  const HostExpertCompute* host_compute() const { return host_compute_.get(); }
 
  private:
-  CachedExpertSource() = default;
+  explicit CachedExpertSource(SlotLayout layout) : layout_(std::move(layout)) {}
+  SlotRef& Held(int layer, int expert) { return held_[static_cast<size_t>(layer) * num_experts_ + expert]; }
+  // Step 2 of OnRouting: acquires `experts` in order while the layer's slots allow.
+  void AcquireInOrder(int layer, const std::vector<int32_t>& experts);
+  // Step 3 of OnRouting: prefetches the upcoming experts of the MoE layers after `layer`.
+  void PrefetchAhead(int layer);
 
-  const runtime::ModelWeights* model_ = nullptr;
   CachedExpertSourceOptions options_;
+  SlotLayout layout_;
+  int num_layers_ = 0;
+  int num_experts_ = 0;
+  std::vector<bool> moe_layer_;  // [num_layers_]
+  std::unique_ptr<HostExpertCompute> host_compute_;
+  SlotArena* arena_ = nullptr;  // owned by store_
   std::unique_ptr<ExpertStore> store_;
   std::vector<std::vector<int32_t>> upcoming_;  // per layer
-  std::vector<SlotRef> pinned_;                 // [layer * E + expert], while acquired
+  std::vector<SlotRef> held_;                   // [layer * E + expert]: acquired, not yet released
 };
 
 }  // namespace ef::cache

@@ -6,11 +6,12 @@
 #include <cstdio>
 
 #include "cache/cache_policy.h"
+#include "cache/slot_layout.h"
 #include "placement/frequency_predictor.h"
 #include "placement/predictor_file.h"
 #include "runtime/core/logging.h"
 #if EF_HAVE_CUDA_CACHE
-#include "cache/cuda/cuda_expert_source.h"
+#include "cache/cuda/cuda_cache_source.h"
 #include "runtime/backend/cuda/cuda_backend.h"
 #endif
 
@@ -35,19 +36,18 @@ std::string Bytes(uint64_t b) {
   return buf;
 }
 
-// Device bytes of one cache slot on the engine's backend, as the arenas lay it out: the CUDA
-// source packs gate | up | down at 256-byte-aligned offsets (ExpertLayout), the CPU source packs
-// them back to back in a slot of the largest expert's size; both arenas align slots to 256 bytes.
+// Device bytes of one cache slot on the engine's backend, as the source lays experts out
+// (SlotLayout: parts at 256-byte-aligned offsets on CUDA, back to back on the CPU) in a slot of the
+// largest expert's size; both arenas align slots to 256 bytes.
 size_t SlotBytes(const runtime::ModelWeights& w, bool cuda, LoadPrecision precision) {
   if (precision == LoadPrecision::kAuto) precision = LoadPrecision::kNative;  // mixed: room for native
   const runtime::ModelConfig& c = w.config();
+  const SlotLayout layout(cuda ? kDeviceSlotAlignment : 1, [&](int l, int e) -> runtime::ExpertWeights {
+    return PackedExpertLayout(w.host_expert(l, e), precision);
+  });
   size_t most = 0;
   for (int l : c.MoeLayers()) {
-    for (int e = 0; e < c.num_experts; ++e) {
-      const PackedLayout p = PackedExpertLayout(w.host_expert(l, e), precision);
-      most = std::max(most, cuda ? Align256(Align256(p.gate.nbytes()) + Align256(p.up.nbytes()) + p.down.nbytes())
-                                 : Align256(p.bytes()));
-    }
+    for (int e = 0; e < c.num_experts; ++e) most = std::max(most, Align256(layout.Bytes(l, e)));
     if (cuda) break;  // the CUDA cache's experts all share one shape
   }
   return most;
@@ -216,42 +216,31 @@ StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(runtime::Engine* engi
   if (!cuda && o.cpu_compute != "off")
     return InvalidArgument("cache.cpu_compute " + o.cpu_compute + " applies to the cuda backend; the " +
                            engine->backend().name() + " backend computes every expert on the host already");
-  if (cuda && po.precision == LoadPrecision::kAuto)
-    return Unimplemented(
-        "cache.miss_precision auto (mixed precisions per slot) runs on the cpu backend; on cuda use int8 or int4");
   cache->tiers_ = std::make_unique<ExpertTiers>(&engine->weights(), o.tiers, po);
+  CachedExpertSourceOptions so;
+  so.slots_per_layer = budget.slots_per_layer;
+  so.policy = o.policy;
+  so.prefetch_layers = o.prefetch_layers;
+  so.static_counts = counts;
+  so.tiers = cache->tiers_.get();
   if (cuda) {
 #if EF_HAVE_CUDA_CACHE
-    CudaExpertSourceOptions co;
-    co.tiers = cache->tiers_.get();  // the pinned host tier holds the experts in the load precision
-    co.slots_per_layer = budget.slots_per_layer;
-    co.policy = o.policy;
-    co.prefetch_layers = o.prefetch_layers;
+    // The pinned host tier holds the experts in the load precision; the arena loads from it.
+    CudaCacheOptions co;
     co.host_budget_bytes = o.host_budget_bytes;
-    co.static_counts = counts;
     co.cpu_compute = o.cpu_compute;
     co.cpu_compute_max_rows = o.cpu_compute_max_rows;
-    EF_ASSIGN_OR_RETURN(auto src, CudaExpertSource::Create(engine->weights(), &engine->backend(), co));
-    cache->cuda_ = src.get();
-    cache->store_ = &src->store();
-    cache->source_ = std::move(src);
+    EF_ASSIGN_OR_RETURN(cache->source_, CreateCudaCacheSource(engine->weights(), &engine->backend(), so, co));
+    cache->pinned_tier_ = true;
 #else
     return Unimplemented("expert cache on " + engine->backend().name() + ": this build has no CUDA expert cache");
 #endif
   } else {
-    CachedExpertSourceOptions co;
-    co.slots_per_layer = budget.slots_per_layer;
-    co.policy = o.policy;
-    co.prefetch_layers = o.prefetch_layers;
-    co.static_counts = counts;
-    co.tiers = cache->tiers_.get();
     // The host tier of quantized copies, made once (the CUDA source pins its own).
     EF_RETURN_IF_ERROR(cache->tiers_->Prepare(/*progress=*/true));
-    EF_ASSIGN_OR_RETURN(auto src, CachedExpertSource::Create(engine->weights(), &engine->backend(), co));
-    cache->cpu_ = src.get();
-    cache->store_ = &src->store();
-    cache->source_ = std::move(src);
+    EF_ASSIGN_OR_RETURN(cache->source_, CachedExpertSource::Create(engine->weights(), &engine->backend(), so));
   }
+  cache->store_ = &cache->source_->store();
 
   if (o.predictor != "none" && (o.prefetch_layers > 0 || o.policy == "expertflow")) {
     PredictorPrefetcherOptions po;
@@ -354,7 +343,7 @@ std::string ExpertCache::StatsSummary() const {
       st.hit_rate(), Bytes(static_cast<uint64_t>(t.bytes_from_host)).c_str(), static_cast<long long>(t.prefetch_issued),
       static_cast<long long>(t.prefetch_used), static_cast<long long>(t.prefetch_wasted));
   std::string s = buf;
-  if (cpu_ && tiers_->precision() != LoadPrecision::kNative) {  // (CUDA loads in one precision)
+  if (!pinned_tier_ && tiers_->precision() != LoadPrecision::kNative) {
     const auto loads = tiers_->loads_by_precision();
     std::snprintf(buf, sizeof buf, "; %lld loads in %s, %lld in the checkpoint's precision, %lld upgraded",
                   static_cast<long long>(loads[1]),
@@ -364,14 +353,12 @@ std::string ExpertCache::StatsSummary() const {
                   static_cast<long long>(loads[0]), static_cast<long long>(t.refills));
     s += buf;
   }
-#if EF_HAVE_CUDA_CACHE
-  if (cuda_ && options_.cpu_compute != "off") {
-    const HostComputeStats& h = cuda_->host_stats();
+  if (const HostExpertCompute* hc = source_->host_compute()) {
+    const HostComputeStats& h = hc->stats();
     std::snprintf(buf, sizeof buf, "; %lld experts computed on the host (%lld rows, %.1f ms)",
                   static_cast<long long>(h.experts), static_cast<long long>(h.rows), h.ms);
     s += buf;
   }
-#endif
   if (tiers_ && (tiers_->hooks().host || tiers_->hooks().peer)) {
     const TierCounters tc = tier_counters();
     std::snprintf(buf, sizeof buf, "; loads from host %lld (%s), peers %lld (%s), checkpoint %lld (%s)",
@@ -399,7 +386,7 @@ ExpertStoreStats ExpertCache::stats() const {
 TierCounters ExpertCache::tier_counters() const {
   if (!store_ || !tiers_) return {};
   TierCounters t = tiers_->counters();
-  if (cuda_) {
+  if (pinned_tier_) {
     // The pinned host tier loads through the arena, not the tiers: the loads the tiers did not
     // serve are host loads.
     const ExpertStoreStats st = store_->stats();
@@ -420,7 +407,7 @@ nlohmann::json ExpertCache::StatsJson() const {
   j["slots_per_layer"] = budget_.slots_per_layer;
   j["precision"] = tiers_ ? LoadPrecisionName(tiers_->precision()) : "native";
   j["refills"] = c.refills;
-  if (cpu_) {
+  if (!pinned_tier_) {
     const auto loads = tiers_->loads_by_precision(), bytes = tiers_->bytes_by_precision();
     j["native_loads"] = loads[0];
     j["native_bytes"] = bytes[0];
@@ -439,14 +426,12 @@ nlohmann::json ExpertCache::StatsJson() const {
     j[name + "_bytes"] = t.bytes[i];
   }
   j["cpu_compute"] = options_.cpu_compute;
-#if EF_HAVE_CUDA_CACHE
-  if (cuda_) {
-    const HostComputeStats& h = cuda_->host_stats();
+  if (const HostExpertCompute* hc = source_->host_compute()) {
+    const HostComputeStats& h = hc->stats();
     j["cpu_computed_experts"] = h.experts;
     j["cpu_computed_rows"] = h.rows;
     j["cpu_compute_ms"] = h.ms;
   }
-#endif
   return j;
 }
 
@@ -454,10 +439,7 @@ void ExpertCache::SetUpcoming(int layer, std::vector<int32_t> experts) {
   // Under expert parallelism this rank loads only the experts it computes.
   if (tiers_ && tiers_->hooks().computes)
     std::erase_if(experts, [&](int32_t e) { return !tiers_->Computes(layer, e); });
-  if (cpu_) cpu_->SetUpcoming(layer, std::move(experts));
-#if EF_HAVE_CUDA_CACHE
-  if (cuda_) cuda_->SetUpcoming(layer, std::move(experts));
-#endif
+  if (source_) source_->SetUpcoming(layer, std::move(experts));
 }
 
 }  // namespace ef::cache

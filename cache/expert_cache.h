@@ -1,9 +1,10 @@
 // ExpertCache: a bounded expert cache wired into an engine, for the normal commands (generate,
-// serve, score, bench). From a memory budget, a policy and a predictor it builds the ExpertSource
-// that fits the engine's backend — CudaExpertSource on CUDA (device slots, every expert in pinned
-// host memory, copy streams), CachedExpertSource on the CPU backend (a capacity-limited arena) —
-// sets it as the engine's expert source and installs a routing hook (PredictorPrefetcher) that
-// forecasts the next layers' experts for the cache's prefetch.
+// serve, score, bench). From a memory budget, a policy and a predictor it builds the engine's
+// ExpertSource, a CachedExpertSource over the parts that fit the engine's backend (on CUDA device
+// slots, every expert in pinned host memory, copy streams: cuda/cuda_cache_source.h; on the CPU
+// backend a capacity-limited host arena), sets it as the engine's expert source and installs a
+// routing hook (PredictorPrefetcher) that forecasts the next layers' experts for the cache's
+// prefetch.
 //
 //   runtime::EngineOptions eo;  eo.upload_experts = false;       // the model may exceed the device
 //   EF_ASSIGN_OR_RETURN(auto engine, runtime::Engine::Create(dir, eo));
@@ -41,8 +42,6 @@
 
 namespace ef::cache {
 
-class CudaExpertSource;  // cache/cuda/ (built with CUDA only)
-
 struct ExpertCacheOptions {
   // Device budget, exactly one > 0 (see the file comment).
   uint64_t device_budget_bytes = 0;
@@ -72,7 +71,7 @@ struct ExpertCacheOptions {
   int upgrade_uses = 16;                  // auto: uses before a low-precision copy is upgraded; 0: never
   // CUDA: compute missed experts of few rows on the host CPU from their pinned copies instead of
   // copying them: off | auto (each miss to whichever of copy or host finishes it first) | on
-  // (every eligible miss on the host). cache/cuda/cuda_expert_source.h.
+  // (every eligible miss on the host). cache/cuda/pinned_host_compute.h.
   std::string cpu_compute = "off";
   int cpu_compute_max_rows = 4;
   // Under expert parallelism, the tiers behind the device slots (this rank's host shard, peers,
@@ -126,9 +125,8 @@ class ExpertCache {
   // callers with a forecast of their own, e.g. a benchmark's trace oracle with predictor none.
   void SetUpcoming(int layer, std::vector<int32_t> experts);
   ExpertStore* store() { return store_; }
-  // The source behind the cache: one of the two, by backend (both null when inactive).
-  CachedExpertSource* cpu_source() { return cpu_; }
-  CudaExpertSource* cuda_source() { return cuda_; }
+  // The source behind the cache (null when inactive).
+  CachedExpertSource* source() { return source_.get(); }
 
  private:
   ExpertCache() = default;
@@ -137,10 +135,10 @@ class ExpertCache {
   ExpertCacheOptions options_;
   CacheBudget budget_;
   std::unique_ptr<ExpertTiers> tiers_;  // the sources' next tiers (outlives source_)
-  std::unique_ptr<runtime::ExpertSource> source_;
-  CachedExpertSource* cpu_ = nullptr;  // source_, on the CPU backend
-  CudaExpertSource* cuda_ = nullptr;   // source_, on CUDA
-  ExpertStore* store_ = nullptr;       // source_'s
+  std::unique_ptr<CachedExpertSource> source_;
+  ExpertStore* store_ = nullptr;  // source_'s
+  // CUDA: loads from the pinned host tier go through the arena, not the tiers' counters.
+  bool pinned_tier_ = false;
   std::unique_ptr<PredictorPrefetcher> prefetcher_;
   int hook_id_ = -1;
   int precision_hook_id_ = -1;          // auto precision: the routing's gate weights

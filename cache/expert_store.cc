@@ -106,11 +106,11 @@ void ExpertStore::NoteEviction(const std::optional<ExpertKey>& evicted) {
   EF_LOG(TRACE, CACHE, "evicted expert %d of layer %d", evicted->expert, evicted->layer);
 }
 
-Status ExpertStore::Fill(std::unique_lock<std::mutex>& lock, const ExpertKey& key, int slot) {
+Status ExpertStore::Fill(std::unique_lock<std::mutex>& lock, const ExpertKey& key, int slot, Priority priority) {
   const size_t i = Index(key);
   ++in_flight_;
   lock.unlock();
-  Status s = arena_->Load(slot, key.layer, key.expert);
+  Status s = arena_->Load(slot, key.layer, key.expert, priority);
   std::span<std::byte> view = arena_->host_view(slot);
   if (s.code() != StatusCode::kUnimplemented) {
     // The arena loaded (or enqueued the load of) the slot from its own host tier.
@@ -161,7 +161,7 @@ StatusOr<SlotRef> ExpertStore::Acquire(int layer, int expert) {
     NoteEviction(r.evicted);
     loading_[i] = 1;
     const int64_t t1 = NowNs();
-    Status s = Fill(lock, key, r.slot);
+    Status s = Fill(lock, key, r.slot, Priority::kCorrection);
     counters_[i].stall_ns += NowNs() - t1;
     if (!s.ok()) {
       cache_->Unpin(key);
@@ -187,7 +187,8 @@ Status ExpertStore::Refill(int layer, int expert) {
   if (!cache_->IsResident(key) || loading_[i] || cache_->pin_count(key) > 0) return Status::Ok();
   cache_->Pin(key);  // the loader's pin, as a prefetch's
   loading_[i] = 1;
-  Status s = Fill(lock, key, cache_->SlotOf(key));
+  // Not needed by the layer computing now: behind the corrections.
+  Status s = Fill(lock, key, cache_->SlotOf(key), Priority::kPrefetch);
   cache_->Unpin(key);
   if (!s.ok()) {
     cache_->Remove(key);
@@ -203,7 +204,7 @@ void ExpertStore::Release(const SlotRef& ref) {
   cache_->Unpin({ref.layer, ref.expert});
 }
 
-Status ExpertStore::PrefetchLocked(std::unique_lock<std::mutex>& lock, const ExpertKey& key) {
+Status ExpertStore::PrefetchLocked(std::unique_lock<std::mutex>& lock, const ExpertKey& key, Priority priority) {
   const size_t i = Index(key);
   if (cache_->IsResident(key)) return Status::Ok();
   EF_ASSIGN_OR_RETURN(SlotCache::Result r, cache_->Insert(key, time_++));
@@ -211,7 +212,7 @@ Status ExpertStore::PrefetchLocked(std::unique_lock<std::mutex>& lock, const Exp
   cache_->Pin(key);  // the loader's pin: the slot cannot be evicted while it fills
   loading_[i] = 1;
   ++counters_[i].prefetch_issued;
-  Status s = Fill(lock, key, r.slot);
+  Status s = Fill(lock, key, r.slot, priority);
   cache_->Unpin(key);
   if (!s.ok()) {
     cache_->Remove(key);
@@ -225,7 +226,7 @@ Status ExpertStore::Prefetch(int layer, int expert, Priority priority) {
   EF_RETURN_IF_ERROR(CheckKey(layer, expert));
   const ExpertKey key{layer, expert};
   std::unique_lock<std::mutex> lock(mu_);
-  if (!options_.async_prefetch) return PrefetchLocked(lock, key);
+  if (!options_.async_prefetch) return PrefetchLocked(lock, key, priority);
   const size_t i = Index(key);
   if (cache_->IsResident(key) || queued_[i]) return Status::Ok();
   queued_[i] = 1;
@@ -260,12 +261,13 @@ void ExpertStore::WorkerLoop() {
   while (true) {
     cv_.wait(lock, [this] { return stop_ || !queues_[0].empty() || !queues_[1].empty(); });
     if (stop_) return;
-    auto& q = !queues_[0].empty() ? queues_[0] : queues_[1];
+    const Priority priority = !queues_[0].empty() ? Priority::kCorrection : Priority::kPrefetch;
+    auto& q = queues_[static_cast<int>(priority)];
     const ExpertKey key = q.front();
     q.pop_front();
     queued_[Index(key)] = 0;
     ++in_flight_;  // keeps WaitForPrefetches waiting between dequeue and load
-    Status s = PrefetchLocked(lock, key);
+    Status s = PrefetchLocked(lock, key, priority);
     --in_flight_;
     if (!s.ok()) {
       ++counters_[Index(key)].prefetch_dropped;

@@ -30,6 +30,8 @@
 //     order within a class; Prefetch then only enqueues, and an Acquire of an expert being loaded
 //     waits for that load (the wait counts as stall time). Prefetch is advisory: with every slot
 //     pinned it returns ResourceExhausted (sync) or drops the request and counts it (async).
+//   - Loads reach the arena with their priority (Acquire and Prefetch kCorrection: correction;
+//     Prefetch kPrefetch and Refill: prefetch), so a device arena copies corrections first.
 //   - Counters per (layer, expert): hits, misses, prefetches issued / used (first Acquire after a
 //     prefetch load) / wasted (evicted before any Acquire), bytes loaded from the host tier, bytes
 //     served from the device tier (hits x slot_bytes), stall time (Acquire time spent waiting for
@@ -66,11 +68,6 @@ namespace ef::cache {
 
 // Fills dst (one slot, slot_bytes long) with expert (layer, expert) from the next tier.
 using ExpertSource = std::function<Status(int layer, int expert, std::span<std::byte> dst)>;
-
-enum class Priority {
-  kCorrection = 0,  // the router picked an expert the plan missed: needed now
-  kPrefetch = 1,    // forecast says it will be needed soon
-};
 
 struct ExpertStoreOptions {
   int num_layers = 0;
@@ -173,10 +170,10 @@ class ExpertStore {
   Status CheckKey(int layer, int expert) const;
   // Called with mu_ held (lock); releases it around the source call. The slot of `key` must be
   // resident, pinned and marked loading.
-  Status Fill(std::unique_lock<std::mutex>& lock, const ExpertKey& key, int slot);
+  Status Fill(std::unique_lock<std::mutex>& lock, const ExpertKey& key, int slot, Priority priority);
   void NoteEviction(const std::optional<ExpertKey>& evicted);
   // Loads `key` as a prefetch (lock held). Already resident or loading -> OK, nothing counted.
-  Status PrefetchLocked(std::unique_lock<std::mutex>& lock, const ExpertKey& key);
+  Status PrefetchLocked(std::unique_lock<std::mutex>& lock, const ExpertKey& key, Priority priority);
   void WorkerLoop();
 
   const ExpertStoreOptions options_;

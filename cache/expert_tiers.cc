@@ -111,6 +111,10 @@ PackedLayout ExpertTiers::Layout(int layer, int expert) const {
 }
 
 PackedLayout ExpertTiers::ResidentLayout(int layer, int expert) const {
+  // One precision: every load of the expert writes Layout(), through FillPacked or a host tier
+  // that the owner filled with PackFromCheckpoint (the CUDA pinned tier, which FillPacked never
+  // sees).
+  if (precision_ != LoadPrecision::kAuto) return Layout(layer, expert);
   if (resident_quantized_[Index(layer, expert)].load(std::memory_order_acquire)) return Layout(layer, expert);
   return PackedExpertLayout(model_->host_expert(layer, expert), LoadPrecision::kNative);
 }

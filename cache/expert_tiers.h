@@ -106,7 +106,8 @@ class ExpertTiers {
   // when the shape does not allow it), and the largest packed size any load may write (a slot's
   // size: native under auto).
   PackedLayout Layout(int layer, int expert) const;
-  // The layout of what the last fill of (layer, expert) wrote (the slot's current contents).
+  // The layout of what the last fill of (layer, expert) wrote (the slot's current contents):
+  // Layout() unless the precision is auto.
   PackedLayout ResidentLayout(int layer, int expert) const;
   size_t ResidentBytes(int layer, int expert) const { return ResidentLayout(layer, expert).bytes(); }
 

@@ -1,7 +1,8 @@
 // SlotArena: the memory behind an ExpertStore's device tier, num_slots() slots of slot_bytes()
 // each, allocated once (fixed-size slots never fragment). An interface so the CPU backend (an
-// aligned host arena, host_slot_arena.h) and a CUDA device arena (cudaMalloc + H2D copies on a copy
-// stream, to come) plug into the same store.
+// aligned host arena, host_slot_arena.h / backend_slot_arena.h) and the CUDA device arena
+// (cuda/cuda_slot_arena.h: cudaMalloc + H2D copies on copy streams) plug into the same store and
+// the same cache source (cached_expert_source.h).
 //
 // Ownership: the arena owns its memory for its whole life; slot pointers stay valid until it is
 // destroyed. Thread safety: distinct slots may be written concurrently; the store never writes a
@@ -14,6 +15,11 @@
 #include "runtime/core/status.h"
 
 namespace ef::cache {
+
+enum class Priority {
+  kCorrection = 0,  // the router picked an expert the plan missed: needed now
+  kPrefetch = 1,    // forecast says it will be needed soon
+};
 
 class SlotArena {
  public:
@@ -30,10 +36,20 @@ class SlotArena {
   // Copies src (at most slot_bytes()) into the slot and returns once the copy is complete.
   virtual Status CopyIn(int slot, std::span<const std::byte> src) = 0;
   // Optional: an arena with its own copy of every expert (a pinned host tier) loads (layer,
-  // expert) into the slot itself, with no staging by the store. It may return before the bytes
-  // have landed when it orders every reader after the copy itself (the CUDA arena: copy streams and
-  // per-slot events). Unimplemented (the default): the store fills the slot through its source.
-  virtual Status Load(int slot, int layer, int expert) { return Unimplemented("arena has no host tier of its own"); }
+  // expert) into the slot itself, with no staging by the store, ahead of loads of a lower
+  // priority. It may return before the bytes have landed when it orders every reader after the
+  // copy itself (WaitReady). Unimplemented (the default): the store fills the slot through its
+  // source.
+  virtual Status Load(int slot, int layer, int expert, Priority priority) {
+    return Unimplemented("arena has no host tier of its own");
+  }
+
+  // The hooks below are no-ops for an arena whose loads are complete when Load/CopyIn return.
+  // Orders the computation that reads `slot` next after the slot's latest load (called before
+  // each read; the CUDA arena makes the compute stream wait for the copy, with no host wait).
+  virtual void WaitReady(int slot) {}
+  // Blocks until every load started so far is complete (before the slots' owner goes away).
+  virtual void SynchronizeCopies() {}
 };
 
 }  // namespace ef::cache

@@ -13,8 +13,9 @@ Status CudaSlotArena::Check(cudaError_t e, const char* what) {
 }
 
 StatusOr<std::unique_ptr<CudaSlotArena>> CudaSlotArena::Create(runtime::CudaBackend* backend,
-                                                               const PinnedHostTier* tier, int num_slots,
-                                                               size_t slot_bytes, const CudaSlotArenaOptions& options) {
+                                                               std::shared_ptr<const PinnedHostTier> tier,
+                                                               int num_slots, size_t slot_bytes,
+                                                               const CudaSlotArenaOptions& options) {
   if (!backend) return InvalidArgument("cuda slot arena: no CUDA backend");
   if (num_slots < 1 || slot_bytes == 0) return InvalidArgument("cuda slot arena needs at least one non-empty slot");
   if (options.max_queued_chunks < 0) return InvalidArgument("cuda slot arena: max_queued_chunks must be >= 0");
@@ -23,7 +24,7 @@ StatusOr<std::unique_ptr<CudaSlotArena>> CudaSlotArena::Create(runtime::CudaBack
                            " bytes) are larger than a slot (" + std::to_string(slot_bytes) + ")");
   auto a = std::unique_ptr<CudaSlotArena>(new CudaSlotArena());
   a->backend_ = backend;
-  a->tier_ = tier;
+  a->tier_ = std::move(tier);
   a->options_ = options;
   a->num_slots_ = num_slots;
   a->slot_bytes_ = slot_bytes;
@@ -227,13 +228,13 @@ Status CudaSlotArena::CopyIn(int slot, std::span<const std::byte> src) {
   return Check(cudaEventSynchronize(ready_[slot]), "copy in");
 }
 
-Status CudaSlotArena::Load(int slot, int layer, int expert) {
+Status CudaSlotArena::Load(int slot, int layer, int expert, Priority priority) {
   if (!tier_) return Unimplemented("cuda slot arena without a host tier");
   const std::byte* src = tier_->data(layer, expert);
   if (!src)
     return Unimplemented("no pinned host copy of expert " + std::to_string(expert) + " of layer " +
                          std::to_string(layer));
-  return Enqueue(slot, src, tier_->bytes_per_expert(), urgent_);
+  return Enqueue(slot, src, tier_->bytes_per_expert(), priority == Priority::kCorrection);
 }
 
 void CudaSlotArena::WaitReady(int slot) {

@@ -36,10 +36,10 @@
 // Memory: one allocation of num_slots x stride through the CUDA backend's allocator, so the slots
 // count against its memory budget.
 //
-// Priority: Load() has no priority argument (SlotArena interface); the owner sets the class of the
-// next loads with set_urgent() before calling into the ExpertStore (the store is used in sync mode,
-// on the engine thread). Thread safety: the public methods are called from one engine thread; the
-// copy thread only touches the copy streams, the queue (under a mutex) and the events it owns.
+// Priority: Load()'s (from the ExpertStore: corrections and Acquire misses kCorrection, prefetches
+// kPrefetch) picks the stream; the store is used in sync mode, on the engine thread. Thread safety:
+// the public methods are called from one engine thread; the copy thread only touches the copy
+// streams, the queue (under a mutex) and the events it owns.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -76,11 +76,12 @@ struct CudaSlotArenaOptions {
 
 class CudaSlotArena final : public SlotArena {
  public:
-  // `tier` (not owned, may be null: loads then fail) must outlive the arena; its bytes_per_expert
-  // must fit in slot_bytes.
-  static StatusOr<std::unique_ptr<CudaSlotArena>> Create(runtime::CudaBackend* backend, const PinnedHostTier* tier,
-                                                         int num_slots, size_t slot_bytes,
-                                                         const CudaSlotArenaOptions& options = {});
+  // `tier` (shared: its copies must outlive the copies queued from them; may be null: Load is then
+  // Unimplemented and the store stages every load through CopyIn); its bytes_per_expert must fit
+  // in slot_bytes.
+  static StatusOr<std::unique_ptr<CudaSlotArena>> Create(runtime::CudaBackend* backend,
+                                                         std::shared_ptr<const PinnedHostTier> tier, int num_slots,
+                                                         size_t slot_bytes, const CudaSlotArenaOptions& options = {});
   ~CudaSlotArena() override;  // stops the copy thread, waits for its copy streams, frees events
 
   int num_slots() const override { return num_slots_; }
@@ -92,18 +93,17 @@ class CudaSlotArena final : public SlotArena {
   Status CopyIn(int slot, std::span<const std::byte> src) override;
   // Queues the copy of (layer, expert) from the pinned tier; returns at once. Unimplemented when
   // the tier holds no pinned copy of it (the store then stages it through CopyIn).
-  Status Load(int slot, int layer, int expert) override;
+  Status Load(int slot, int layer, int expert, Priority priority) override;
 
-  void set_urgent(bool urgent) { urgent_ = urgent; }
   // Makes the compute stream wait for the slot's latest load (GPU side; the host waits only until
   // the copy thread has enqueued the load's last piece).
-  void WaitReady(int slot);
+  void WaitReady(int slot) override;
   // Sums the stall intervals whose events completed (call after a sync of the compute stream).
   void HarvestStall();
   const CudaCopyStats& copy_stats() const { return stats_; }
   const CudaSlotArenaOptions& options() const { return options_; }
   // Blocks until every queued load is enqueued and both copy streams are idle.
-  void SynchronizeCopies();
+  void SynchronizeCopies() override;
   // The first error of the copy thread (a failed CUDA call), or OK.
   Status status() const;
 
@@ -129,7 +129,7 @@ class CudaSlotArena final : public SlotArena {
   cudaEvent_t TakeEvent(bool timing);  // from the pools (mu_ held for the untimed one)
 
   runtime::CudaBackend* backend_ = nullptr;
-  const PinnedHostTier* tier_ = nullptr;
+  std::shared_ptr<const PinnedHostTier> tier_;
   CudaSlotArenaOptions options_;
   std::string tier_name_;
   runtime::Buffer buffer_;
@@ -137,7 +137,6 @@ class CudaSlotArena final : public SlotArena {
   size_t slot_bytes_ = 0;
   size_t stride_ = 0;
   size_t chunk_ = 0;
-  bool urgent_ = true;
   cudaStream_t compute_ = nullptr;     // the backend's
   cudaStream_t correction_ = nullptr;  // owned
   cudaStream_t prefetch_ = nullptr;    // owned

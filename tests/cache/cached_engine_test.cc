@@ -99,6 +99,44 @@ TEST(CachedEngine, BudgetSmallerThanTopKIsAnError) {
       << src.status().ToString();
 }
 
+// The source's per-layer steps, driven by hand on tiny-code-moe (one slot more than top-k per
+// layer): OnRouting puts hits first and acquires every expert of the layer at once (a miss loads
+// there, before Acquire), and the prefetch after the last MoE layer wraps to the first one, whose
+// upcoming list forecasts the next step.
+TEST(CachedEngine, RoutingAcquiresTheLayerAndPrefetchWrapsIntoTheNextStep) {
+  auto engine = MakeEngine(std::string(EF_MODELS_DIR) + "/tiny-code-moe");
+  const auto& c = engine->config();
+  const std::vector<int> moe = c.MoeLayers();
+  ASSERT_GE(moe.size(), 2u);
+  ASSERT_GE(c.num_experts, 4);
+  CachedExpertSourceOptions o;
+  o.slots_per_layer = c.top_k + 1;
+  o.policy = "lru";
+  o.prefetch_layers = 1;
+  auto src = CachedExpertSource::Create(engine->weights(), &engine->backend(), o);
+  ASSERT_TRUE(src.ok()) << src.status().ToString();
+  CachedExpertSource& s = **src;
+  const int last = moe.back(), first = moe.front();
+  // Expert 2 of the last layer resident before its routing.
+  ASSERT_TRUE(s.Acquire(last, 2).ok());
+  s.Release(last, 2);
+  s.SetUpcoming(first, {3});
+  std::vector<int32_t> experts = {0, 1, 2};
+  s.OnRouting(last, experts);
+  EXPECT_EQ(experts, (std::vector<int32_t>{2, 0, 1}));  // the hit first, the misses in routing order
+  ExpertCounters t = s.stats().total;
+  EXPECT_EQ(t.hits, 1);
+  EXPECT_EQ(t.misses, 3);  // the first load of 2, then 0 and 1 at routing
+  EXPECT_TRUE(s.store().IsResident(first, 3)) << "the prefetch did not wrap to the first MoE layer";
+  EXPECT_EQ(t.prefetch_issued, 1);
+  for (int32_t e : experts) {
+    ASSERT_TRUE(s.Acquire(last, e).ok());  // held since routing: no further access counted
+    s.Release(last, e);
+  }
+  t = s.stats().total;
+  EXPECT_EQ(t.hits + t.misses, 4);
+}
+
 // A tiny synthetic checkpoint with the Mixtral-8x7B routing shape (32 layers x 8 experts, top-2),
 // written with the project's safetensors writer.
 std::string WriteSyntheticMixtral(const fs::path& dir, int layers, int experts) {

@@ -1,5 +1,5 @@
-// The expert cache on CUDA (CudaExpertSource: device slots, pinned host tier, copy streams,
-// per-slot events) inside the engine: for every transformers fixture, every cache size from top-k
+// The expert cache on CUDA (CachedExpertSource over the CUDA parts: device slots, pinned host
+// tier, copy streams, per-slot events) inside the engine: for every transformers fixture, every cache size from top-k
 // to all experts per layer and the lru / expertflow policies, with and without prefetch, the logits
 // are bitwise identical to the all-resident engine on CUDA (same kernels, same weights, the MoE
 // accumulation order fixed), and the counters add up.
@@ -8,7 +8,7 @@
 #include <algorithm>
 #include <cmath>
 
-#include "cache/cuda/cuda_expert_source.h"
+#include "cache/cuda/cuda_cache_source.h"
 #include "runtime/core/params.h"
 #include "runtime/engine/engine.h"
 #include "tests/gpu/gpu_test_util.h"
@@ -72,12 +72,13 @@ TEST_P(CudaCachedEngineTest, LogitsIdenticalToAllResidentForEveryBudget) {
   for (int slots = c.top_k; slots <= c.num_experts; ++slots) {
     for (const char* policy : {"lru", "expertflow"}) {
       for (int prefetch : {0, 1}) {
-        CudaExpertSourceOptions o;
+        CachedExpertSourceOptions o;
         o.slots_per_layer = slots;
         o.policy = policy;
         o.prefetch_layers = prefetch;
-        o.copy_chunk_bytes = 1 << 20;
-        auto src = CudaExpertSource::Create(engine->weights(), &engine->backend(), o);
+        CudaCacheOptions co;
+        co.copy_chunk_bytes = 1 << 20;
+        auto src = CreateCudaCacheSource(engine->weights(), &engine->backend(), o, co);
         ASSERT_TRUE(src.ok()) << src.status().ToString();
         if (prefetch) {
           // A fixed, mostly wrong forecast: prefetches evict experts the router then needs, so
@@ -94,9 +95,9 @@ TEST_P(CudaCachedEngineTest, LogitsIdenticalToAllResidentForEveryBudget) {
                              << ": max |diff| " << max_diff;
         const ExpertStoreStats st = (*src)->stats();
         EXPECT_GT(st.total.hits + st.total.misses, 0);
-        const CudaCopyStats& cs = (*src)->arena().copy_stats();
-        EXPECT_EQ(cs.bytes_h2d,
-                  (st.total.misses + st.total.prefetch_issued) * static_cast<int64_t>((*src)->layout().bytes()));
+        const CudaCopyStats& cs = CudaArenaOf(**src).copy_stats();
+        const int64_t expert_bytes = static_cast<int64_t>((*src)->layout().Bytes(c.MoeLayers()[0], 0));
+        EXPECT_EQ(cs.bytes_h2d, (st.total.misses + st.total.prefetch_issued) * expert_bytes);
         if (slots == c.num_experts && !prefetch) {
           EXPECT_LE(st.total.misses, c.num_moe_layers() * c.num_experts);
         }
@@ -112,9 +113,9 @@ TEST(CudaCachedEngine, BudgetSmallerThanTopKIsAnError) {
   if (!runtime::testing::HaveDevice()) GTEST_SKIP() << "no CUDA device visible";
   auto engine = MakeCudaEngine("qwen3_moe");  // top-4
   ASSERT_NE(engine, nullptr);
-  CudaExpertSourceOptions o;
+  CachedExpertSourceOptions o;
   o.slots_per_layer = 3;
-  auto src = CudaExpertSource::Create(engine->weights(), &engine->backend(), o);
+  auto src = CreateCudaCacheSource(engine->weights(), &engine->backend(), o, CudaCacheOptions{});
   ASSERT_FALSE(src.ok());
   EXPECT_NE(src.status().message().find("smaller than the model's top-k (4)"), std::string::npos)
       << src.status().ToString();

@@ -16,7 +16,7 @@
 #include <string>
 #include <vector>
 
-#include "cache/cuda/cuda_expert_source.h"
+#include "cache/cuda/cuda_cache_source.h"
 #include "cache/expert_cache.h"
 #include "runtime/core/params.h"
 #include "runtime/core/quant.h"
@@ -88,23 +88,25 @@ TEST_P(ExpertCacheGpuTest, SmallDeviceBudgetGivesTheResidentTokens) {
     auto cache = ExpertCache::Create(engine.get(), o);
     ASSERT_TRUE(cache.ok()) << cache.status().ToString();
     ASSERT_TRUE((*cache)->active());
-    ASSERT_NE((*cache)->cuda_source(), nullptr);
+    ASSERT_NE((*cache)->source(), nullptr);
     const Output got = RunModel(*engine);
     EXPECT_EQ(got.tokens, want.tokens) << GetParam() << " " << k.policy << " " << k.predictor;
     EXPECT_EQ(got.logits, want.logits) << GetParam() << " " << k.policy << " " << k.predictor;
     const ExpertStoreStats st = (*cache)->stats();
     EXPECT_GT(st.total.misses, 0);
-    CudaExpertSource& src = *(*cache)->cuda_source();
-    src.arena().SynchronizeCopies();
+    CachedExpertSource& src = *(*cache)->source();
+    CudaSlotArena& arena = CudaArenaOf(src);
+    arena.SynchronizeCopies();
     engine->backend().Synchronize();
-    src.arena().HarvestStall();
-    const CudaCopyStats& cs = src.arena().copy_stats();
-    EXPECT_EQ(cs.bytes_h2d, (st.total.misses + st.total.prefetch_issued) * static_cast<int64_t>(src.layout().bytes()));
+    arena.HarvestStall();
+    const CudaCopyStats& cs = arena.copy_stats();
+    const int64_t expert_bytes = static_cast<int64_t>(src.layout().Bytes(engine->config().MoeLayers()[0], 0));
+    EXPECT_EQ(cs.bytes_h2d, (st.total.misses + st.total.prefetch_issued) * expert_bytes);
     EXPECT_GE(cs.stall_ms, 0.0);
     if (k.prefetch > 0) {
       EXPECT_GT(st.total.prefetch_issued, 0);
     }
-    EXPECT_TRUE(src.arena().status().ok()) << src.arena().status().ToString();
+    EXPECT_TRUE(arena.status().ok()) << arena.status().ToString();
   }
 }
 
@@ -124,17 +126,18 @@ TEST_P(ExpertCacheGpuTest, CopyQueueModesAndHostBudgetKeepResultsIdentical) {
     size_t host_experts;  // experts pinned in host memory; 0: all
   };
   for (const Case& k : {Case{0, 64 << 10, 0}, Case{1, 64 << 10, 0}, Case{3, 64 << 10, 5}, Case{3, 1 << 20, 0}}) {
-    CudaExpertSourceOptions o;
+    CachedExpertSourceOptions o;
     o.slots_per_layer = c.top_k;
     o.policy = "expertflow";
     o.prefetch_layers = 1;
-    o.max_queued_chunks = k.max_queued;
-    o.copy_chunk_bytes = k.chunk;
-    auto src = CudaExpertSource::Create(engine->weights(), &engine->backend(), o);
+    CudaCacheOptions co;
+    co.max_queued_chunks = k.max_queued;
+    co.copy_chunk_bytes = k.chunk;
+    auto src = CreateCudaCacheSource(engine->weights(), &engine->backend(), o, co);
     ASSERT_TRUE(src.ok()) << src.status().ToString();
     if (k.host_experts > 0) {
-      o.host_budget_bytes = k.host_experts * (*src)->layout().bytes();
-      src = CudaExpertSource::Create(engine->weights(), &engine->backend(), o);
+      co.host_budget_bytes = k.host_experts * (*src)->layout().Bytes(c.MoeLayers()[0], 0);
+      src = CreateCudaCacheSource(engine->weights(), &engine->backend(), o, co);
       ASSERT_TRUE(src.ok()) << src.status().ToString();
     }
     // A fixed, mostly wrong forecast: prefetches evict experts the router then needs, so
@@ -147,7 +150,7 @@ TEST_P(ExpertCacheGpuTest, CopyQueueModesAndHostBudgetKeepResultsIdentical) {
                                        << k.host_experts;
     EXPECT_EQ(got.logits, want.logits) << "queued " << k.max_queued << " chunk " << k.chunk << " host "
                                        << k.host_experts;
-    EXPECT_TRUE((*src)->arena().status().ok()) << (*src)->arena().status().ToString();
+    EXPECT_TRUE(CudaArenaOf(**src).status().ok()) << CudaArenaOf(**src).status().ToString();
   }
 }
 
@@ -336,8 +339,8 @@ TEST_P(ExpertCacheGpuTest, LowPrecisionLoadsMatchTheCpuCache) {
       EXPECT_GT(st.total.misses, 0);
       // Every load moved the quantized expert, and each device copy is the quantized block of the
       // checkpoint's expert.
-      CudaExpertSource& src = *(*cache)->cuda_source();
-      EXPECT_LT(src.layout().bytes(), w.nbytes());
+      CachedExpertSource& src = *(*cache)->source();
+      EXPECT_LT(src.layout().Bytes(engine->config().MoeLayers()[0], 0), w.nbytes());
       const runtime::ModelConfig& mc = engine->config();
       int wrong = 0;
       for (int l : mc.MoeLayers()) {
@@ -362,7 +365,7 @@ TEST_P(ExpertCacheGpuTest, LowPrecisionLoadsMatchTheCpuCache) {
         }
       }
       EXPECT_EQ(wrong, 0) << precision;
-      Status as = src.arena().status();
+      Status as = CudaArenaOf(src).status();
       EXPECT_TRUE(as.ok()) << as.ToString();
       Status bs = engine->backend().status();
       EXPECT_TRUE(bs.ok()) << bs.ToString();
@@ -397,13 +400,15 @@ TEST_P(ExpertCacheGpuTest, CpuComputeOfMissesMatchesTheCpuEngine) {
     const Output got = RunModel(*engine);
     ASSERT_EQ(got.logits.size(), want.logits.size());
     EXPECT_LE(LogitDistance(got, want), bound) << GetParam() << " " << mode << "; native cpu vs cuda " << native;
+    const HostExpertCompute* hc = (*cache)->source()->host_compute();
+    ASSERT_NE(hc, nullptr) << mode;
     // For the record (scripts/accel): the distance from the all-resident CUDA engine itself.
     std::printf(
         "[ cpu compute ] %s %s: %lld experts on the host, distance from the cpu engine %.3g, from the "
         "resident cuda engine %.3g\n",
-        GetParam().c_str(), mode, static_cast<long long>((*cache)->cuda_source()->host_stats().experts),
-        LogitDistance(got, want), LogitDistance(got, resident));
-    const HostComputeStats& h = (*cache)->cuda_source()->host_stats();
+        GetParam().c_str(), mode, static_cast<long long>(hc->stats().experts), LogitDistance(got, want),
+        LogitDistance(got, resident));
+    const HostComputeStats& h = hc->stats();
     EXPECT_GT(h.calibrated_host_ms, 0) << mode;
     EXPECT_GT(h.calibrated_copy_ms, 0) << mode;
     if (std::string(mode) == "on") {

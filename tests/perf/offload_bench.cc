@@ -1,7 +1,7 @@
 // ef_offload_bench: decode of a Mixtral-8x7B-shaped model whose experts do not all fit in GPU
-// memory, with the expert cache on the CUDA device (CudaExpertSource: ExpertStore policies over
-// device slots, a pinned host tier, copy streams and per-slot events), driven by the real Mixtral
-// routing trace.
+// memory, with the expert cache on the CUDA device (CachedExpertSource over the CUDA parts:
+// ExpertStore policies over device slots, a pinned host tier, copy streams and per-slot events), driven by the real
+// Mixtral routing trace.
 //
 // Model: hidden 4096, 8 experts x FFN 14336, top-2, 32 heads / 8 kv heads x 128, bf16 weights made
 // on the GPU (synthetic); attention and router weights resident; every expert (352 MB) in pinned
@@ -68,7 +68,7 @@
 #include <string>
 #include <vector>
 
-#include "cache/cuda/cuda_expert_source.h"
+#include "cache/cuda/cuda_cache_source.h"
 #include "placement/conditional_predictor.h"
 #include "placement/lookahead_predictor.h"
 #include "placement/predictor_file.h"
@@ -294,32 +294,29 @@ class Bench {
                 "lookahead predictor");
     }
     // Experts: generated on the device one at a time, copied into the pinned host tier.
-    layout_.num_layers = a_.layers;
-    layout_.num_experts = a_.experts;
-    layout_.top_k = a_.top_k;
-    layout_.moe_layer.assign(a_.layers, true);
-    layout_.gate = Weight{DType::kBF16, nullptr, a_.inter, a_.hidden};
-    layout_.up = Weight{DType::kBF16, nullptr, a_.inter, a_.hidden};
-    layout_.down = Weight{DType::kBF16, nullptr, a_.hidden, a_.inter};
+    config_.num_layers = a_.layers;
+    config_.num_experts = a_.experts;
+    config_.top_k = a_.top_k;
+    shape_.gate = Weight{DType::kBF16, nullptr, a_.inter, a_.hidden};
+    shape_.up = Weight{DType::kBF16, nullptr, a_.inter, a_.hidden};
+    shape_.down = Weight{DType::kBF16, nullptr, a_.hidden, a_.inter};
+    const SlotLayout layout = CudaSlotLayout(shape_);
+    const std::vector<size_t> offset = layout.Offsets(shape_);  // gate, up, down
+    expert_bytes_ = layout.Bytes(shape_);
     auto t0 = std::chrono::steady_clock::now();
-    tier_ = OrDie(PinnedHostTier::Create(a_.layers, a_.experts, layout_.bytes(), layout_.moe_layer), "pinned tier");
+    tier_ = OrDie(PinnedHostTier::Create(a_.layers, a_.experts, expert_bytes_, std::vector<bool>(a_.layers, true)),
+                  "pinned tier");
     const double t_pin = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     {
-      Buffer tmp = OrDie(b_->Allocate(layout_.bytes()), "expert scratch");
+      Buffer tmp = OrDie(b_->Allocate(expert_bytes_), "expert scratch");
       auto* base = static_cast<std::byte*>(tmp.data());
       for (int l = 0; l < a_.layers; ++l)
         for (int e = 0; e < a_.experts; ++e) {
           const int64_t n = int64_t{a_.inter} * a_.hidden;
-          Check(runtime::cuda::launch_fill_random(base + layout_.gate_offset(), DType::kBF16, n, seed++, sh,
-                                                  b_->stream()),
-                "fill");
-          Check(
-              runtime::cuda::launch_fill_random(base + layout_.up_offset(), DType::kBF16, n, seed++, sh, b_->stream()),
-              "fill");
-          Check(runtime::cuda::launch_fill_random(base + layout_.down_offset(), DType::kBF16, n, seed++, si,
-                                                  b_->stream()),
-                "fill");
-          Check(cudaMemcpyAsync(tier_->data(l, e), base, layout_.bytes(), cudaMemcpyDeviceToHost, b_->stream()), "d2h");
+          Check(runtime::cuda::launch_fill_random(base + offset[0], DType::kBF16, n, seed++, sh, b_->stream()), "fill");
+          Check(runtime::cuda::launch_fill_random(base + offset[1], DType::kBF16, n, seed++, sh, b_->stream()), "fill");
+          Check(runtime::cuda::launch_fill_random(base + offset[2], DType::kBF16, n, seed++, si, b_->stream()), "fill");
+          Check(cudaMemcpyAsync(tier_->data(l, e), base, expert_bytes_, cudaMemcpyDeviceToHost, b_->stream()), "d2h");
         }
       b_->Synchronize();
     }
@@ -344,13 +341,15 @@ class Bench {
              const std::string& policy) {
     a_.compute_ops = compute_ops;
     min_prob_ = min_prob;
-    CudaExpertSourceOptions o;
+    CachedExpertSourceOptions o;
     o.slots_per_layer = slots;
     o.policy = policy;
     o.prefetch_layers = mode == "oracle" || mode == "lookahead" || mode == "path" ? a_.prefetch_layers : 0;
-    o.max_queued_chunks = copy_queue;
-    o.copy_chunk_bytes = static_cast<size_t>(a_.chunk_mb) << 20;
-    auto src = OrDie(CudaExpertSource::Create(layout_, tier_, b_, o), "expert cache");
+    CudaCacheOptions co;
+    co.max_queued_chunks = copy_queue;
+    co.copy_chunk_bytes = static_cast<size_t>(a_.chunk_mb) << 20;
+    auto src = OrDie(CreateCudaCacheSource(config_, shape_, tier_, b_, o, co), "expert cache");
+    CudaSlotArena& arena = CudaArenaOf(*src);
     runtime::LocalMoeExecutor moe(b_, a_.hidden, a_.experts);
     moe.set_expert_source(src.get());
     const bool oracle = mode == "oracle";
@@ -367,9 +366,9 @@ class Bench {
     for (int i = 0; i < total; ++i) {
       if (i == a_.warmup) {
         Sync();
-        src->arena().HarvestStall();
+        arena.HarvestStall();
         c0 = src->stats().total;
-        s0 = src->arena().copy_stats();
+        s0 = arena.copy_stats();
         t0 = std::chrono::steady_clock::now();
         forecast_hits_ = forecast_chosen_ = 0;
       }
@@ -380,9 +379,9 @@ class Bench {
     r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     r.forecast_hits = forecast_hits_;
     r.forecast_chosen = forecast_chosen_;
-    src->arena().HarvestStall();
+    arena.HarvestStall();
     r.c = Minus(src->stats().total, c0);
-    r.copies = src->arena().copy_stats();
+    r.copies = arena.copy_stats();
     r.copies.urgent_loads -= s0.urgent_loads;
     r.copies.prefetch_loads -= s0.prefetch_loads;
     r.copies.bytes_h2d -= s0.bytes_h2d;
@@ -391,7 +390,7 @@ class Bench {
     return r;
   }
 
-  size_t expert_bytes() const { return layout_.bytes(); }
+  size_t expert_bytes() const { return expert_bytes_; }
   CudaBackend* backend() { return b_; }
 
  private:
@@ -414,7 +413,7 @@ class Bench {
   // Lookahead at layer l (router input h_host): the next layers' forecast experts (each the top-k
   // of the predictor's probabilities) as the cache's upcoming lists, and the expertflow forecast
   // (this layer's true experts, the predicted ones), as cache::PredictorPrefetcher does.
-  void Lookahead(int l, const std::vector<float>& h_host, const std::vector<int32_t>& ids, CudaExpertSource* src) {
+  void Lookahead(int l, const std::vector<float>& h_host, const std::vector<int32_t>& ids, CachedExpertSource* src) {
     const int E = a_.experts, K = a_.top_k;
     if (l == 0) step_forecast_ = placement::RoutingForecast(1, a_.layers, E);
     if (l > 0 && !predicted_[l].empty()) {
@@ -448,7 +447,7 @@ class Bench {
   // forecast corrected by the experts of layers 0..l (ids: layer l's); the next prefetch_layers
   // layers' top-k become the cache's upcoming lists, and the whole forecast (observed layers
   // exact) the expertflow policy's, as cache::PredictorPrefetcher does.
-  void PathForecast(size_t t, int l, const std::vector<int32_t>& ids, CudaExpertSource* src) {
+  void PathForecast(size_t t, int l, const std::vector<int32_t>& ids, CachedExpertSource* src) {
     const int E = a_.experts, K = a_.top_k;
     if (l < 0) {
       observed_.clear();
@@ -501,7 +500,7 @@ class Bench {
     src->store().SetForecast(step_forecast_);
   }
 
-  void Step(int token, runtime::LocalMoeExecutor& moe, CudaExpertSource* src) {
+  void Step(int token, runtime::LocalMoeExecutor& moe, CachedExpertSource* src) {
     const int H = a_.hidden, qd = a_.heads * a_.head_dim, kvd = a_.kv_heads * a_.head_dim, T = 1;
     float* x = Scratch(0, H);
     float* h = Scratch(1, H);
@@ -609,7 +608,9 @@ class Bench {
   std::unique_ptr<CudaBackend> backend_;
   CudaBackend* b_ = nullptr;
   std::vector<AttnLayer> layers_;
-  ExpertLayout layout_;
+  runtime::ModelConfig config_;   // the MoE shape the cache sees: every layer routed
+  runtime::ExpertWeights shape_;  // every expert's (data unused)
+  size_t expert_bytes_ = 0;       // one expert in the device slot layout
   std::shared_ptr<PinnedHostTier> tier_;
   std::vector<Buffer> kv_;
   std::vector<Buffer> scratch_;

@@ -1,0 +1,43 @@
+// HostExpertCompute: an optional part of the cache source (cache.cpu_compute) that computes some
+// of a layer's missed experts on the host CPU from a host copy instead of loading them into the
+// slots: on CUDA, misses of few rows from the pinned host tier (cuda/pinned_host_compute.h). The
+// source offers it each layer's experts before routing (runtime::ExpertSource::TakeHostExperts);
+// what it takes is computed by Compute and never acquired, so the cache holds what it held.
+//
+// Thread safety: driven by the engine thread.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "cache/expert_store.h"
+#include "cache/slot_arena.h"
+#include "runtime/core/status.h"
+
+namespace ef::cache {
+
+// Experts computed on the host, and the calibration the choice used.
+struct HostComputeStats {
+  int64_t experts = 0;  // expert computations on the host
+  int64_t rows = 0;
+  double ms = 0;                                          // host wall time in them
+  double calibrated_host_ms = 0, calibrated_copy_ms = 0;  // one expert, one row
+};
+
+class HostExpertCompute {
+ public:
+  virtual ~HostExpertCompute() = default;
+  // Times the host path against a load into `arena` (slot 0: called before the store hands out
+  // any slot).
+  virtual Status Calibrate(SlotArena& arena) = 0;
+  // Moves from `experts` (compute order; rows[i]: experts[i]'s rows this step) into `host` the
+  // experts it computes; `store` says which are resident (hits are never taken).
+  virtual void Take(int layer, std::vector<int32_t>& experts, std::span<const int64_t> rows, const ExpertStore& store,
+                    std::vector<int32_t>& host) = 0;
+  // y[rows, hidden] = expert(x[rows, hidden]) (not scaled by the gate), x and y in host memory.
+  virtual Status Compute(int layer, int expert, int64_t rows, const float* x, float* y) = 0;
+  virtual const HostComputeStats& stats() const = 0;
+};
+
+}  // namespace ef::cache
