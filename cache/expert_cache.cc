@@ -36,8 +36,9 @@ std::string Bytes(uint64_t b) {
 }
 
 // Device bytes of one cache slot on the engine's backend, as the arenas lay it out: the CUDA
-// source packs gate | up | down at 256-byte-aligned offsets (ExpertLayout), the CPU source packs
-// them back to back in a slot of the largest expert's size; both arenas align slots to 256 bytes.
+// source packs the parts (gate | up | down, then the biases when present) at 256-byte-aligned
+// offsets (ExpertLayout), the CPU source packs them back to back in a slot of the largest expert's
+// size; both arenas align slots to 256 bytes.
 size_t SlotBytes(const runtime::ModelWeights& w, bool cuda, LoadPrecision precision) {
   if (precision == LoadPrecision::kAuto) precision = LoadPrecision::kNative;  // mixed: room for native
   const runtime::ModelConfig& c = w.config();
@@ -45,8 +46,9 @@ size_t SlotBytes(const runtime::ModelWeights& w, bool cuda, LoadPrecision precis
   for (int l : c.MoeLayers()) {
     for (int e = 0; e < c.num_experts; ++e) {
       const PackedLayout p = PackedExpertLayout(w.host_expert(l, e), precision);
-      most = std::max(most, cuda ? Align256(Align256(p.gate.nbytes()) + Align256(p.up.nbytes()) + p.down.nbytes())
-                                 : Align256(p.bytes()));
+      size_t aligned = 0;  // ExpertLayout::bytes(): every part but the last padded to 256
+      for (const runtime::Weight* part : p.parts()) aligned = Align256(aligned) + part->nbytes();
+      most = std::max(most, Align256(cuda ? aligned : p.bytes()));
     }
     if (cuda) break;  // the CUDA cache's experts all share one shape
   }

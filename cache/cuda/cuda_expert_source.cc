@@ -37,15 +37,13 @@ StatusOr<std::unique_ptr<CudaExpertSource>> CudaExpertSource::Create(const runti
   if (tiers && tiers->num_unquantizable() > 0)
     return Unimplemented("cuda expert cache: cache.miss_precision " +
                          std::string(LoadPrecisionName(tiers->precision())) +
-                         " on a model with experts whose widths the quantization group does not divide (" +
-                         std::to_string(tiers->num_unquantizable()) + " experts); use miss_precision native");
+                         " on a model with experts that stay in the checkpoint's dtype (" +
+                         std::to_string(tiers->num_unquantizable()) + " experts: " + DTypeName(model.expert_dtype()) +
+                         ", biased, or widths the quantization group does not divide); use miss_precision native");
   const runtime::ExpertWeights& w0 = model.host_expert(first, 0);
-  // The device slot layout (ExpertLayout) places gate, up and down only; biased experts would
-  // compute without their biases, so they are refused rather than run wrong.
-  if (w0.has_bias())
-    return Unimplemented("cuda expert cache: the experts of " + c.model_type +
-                         " have biases, which the device slot layout does not hold; run with all experts resident "
-                         "(no cache) or with the cpu backend's cache");
+  layout.gate_bias = w0.gate_bias;
+  layout.up_bias = w0.up_bias;
+  layout.down_bias = w0.down_bias;
   if (tiers) {
     const PackedLayout p = tiers->Layout(first, 0);
     layout.gate = p.gate;
@@ -71,12 +69,14 @@ StatusOr<std::unique_ptr<CudaExpertSource>> CudaExpertSource::Create(const runti
   if (tiers && tiers->hooks().host) keep = [tiers](int l, int e) { return tiers->HasHostCopy(l, e); };
   EF_ASSIGN_OR_RETURN(auto tier, PinnedHostTier::Create(c.num_layers, c.num_experts, layout.bytes(), layout.moe_layer,
                                                         options.host_budget_bytes, keep));
-  // Packed bytes (gate | up | down back to back) -> the slot layout's 256-byte-aligned offsets.
+  // Packed bytes (the parts back to back) -> the slot layout's 256-byte-aligned offsets.
   auto place = [layout](std::span<const std::byte> packed, std::span<std::byte> dst) {
-    const size_t g = layout.gate.nbytes(), u = layout.up.nbytes(), d = layout.down.nbytes();
-    std::memcpy(dst.data() + layout.gate_offset(), packed.data(), g);
-    std::memcpy(dst.data() + layout.up_offset(), packed.data() + g, u);
-    std::memcpy(dst.data() + layout.down_offset(), packed.data() + g + u, d);
+    const runtime::ExpertWeights shapes = layout.Shapes();
+    size_t src = 0, i = 0;
+    for (const runtime::Weight* p : shapes.parts()) {
+      std::memcpy(dst.data() + layout.offset(i++), packed.data() + src, p->nbytes());
+      src += p->nbytes();
+    }
   };
   auto fill = [&model, layout, tiers, place](int l, int e, std::span<std::byte> dst) -> Status {
     if (dst.size() < layout.bytes()) return Internal("cuda expert cache: staging smaller than an expert");
@@ -86,10 +86,9 @@ StatusOr<std::unique_ptr<CudaExpertSource>> CudaExpertSource::Create(const runti
       place(packed, dst);
       return Status::Ok();
     }
-    const runtime::ExpertWeights& w = model.host_expert(l, e);
-    std::memcpy(dst.data() + layout.gate_offset(), w.gate.data, w.gate.nbytes());
-    std::memcpy(dst.data() + layout.up_offset(), w.up.data, w.up.nbytes());
-    std::memcpy(dst.data() + layout.down_offset(), w.down.data, w.down.nbytes());
+    size_t i = 0;
+    for (const runtime::Weight* p : model.host_expert(l, e).parts())
+      std::memcpy(dst.data() + layout.offset(i++), p->data, p->nbytes());
     return Status::Ok();
   };
   {
@@ -158,6 +157,9 @@ StatusOr<std::unique_ptr<CudaExpertSource>> CudaExpertSource::Create(const Exper
     return InvalidArgument("unknown cache.cpu_compute '" + options.cpu_compute + "' (off, auto or on)");
   if (options.cpu_compute != "off" && options.cpu_compute_max_rows < 1)
     return InvalidArgument("cache.cpu_compute: cpu_compute_max_rows must be at least 1");
+  if (options.cpu_compute != "off" && layout.has_bias())
+    return Unimplemented("cache.cpu_compute " + options.cpu_compute +
+                         ": the host path computes experts without biases; this model's experts have them (use off)");
   auto src = std::unique_ptr<CudaExpertSource>(new CudaExpertSource());
   src->layout_ = layout;
   src->options_ = options;

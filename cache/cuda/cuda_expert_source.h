@@ -21,8 +21,9 @@
 // SetUpcoming(l, experts) gives the forecast of the next time layer l runs (a predictor's, or a
 // trace's future routing used as an oracle by the benchmark).
 //
-// Slot layout: gate | up | down, each at a 256-byte-aligned offset, in the dtype the host tier
-// holds (the checkpoint's). Experts past the pinned host budget are staged from the checkpoint
+// Slot layout: gate | up | down (| gate_bias | up_bias | down_bias for biased experts), each at a
+// 256-byte-aligned offset, in the dtype the host tier holds (the checkpoint's: packed MXFP4 or
+// block FP8 experts at their stored size). Experts past the pinned host budget are staged from the checkpoint
 // mapping and copied synchronously when loaded. Hit rate counts an access as a hit only when the expert was resident
 // before its layer's routing was known (corrections count as misses).
 //
@@ -59,7 +60,8 @@ struct CudaExpertSourceOptions {
   // tiers, staged. Not owned; must outlive the source. Null: every expert may be pinned.
   ExpertTiers* tiers = nullptr;
   // cache.cpu_compute: "off", "auto" or "on" (see above); misses of at most cpu_compute_max_rows
-  // rows are candidates (the host kernel streams the weights once per 4 rows).
+  // rows are candidates (the host kernel streams the weights once per 4 rows). The host path
+  // computes SiLU experts without biases; biased experts (gpt_oss) need "off".
   std::string cpu_compute = "off";
   int cpu_compute_max_rows = 4;
 };
@@ -79,19 +81,33 @@ struct ExpertLayout {
   int top_k = 0;
   std::vector<bool> moe_layer;     // [num_layers]
   runtime::Weight gate, up, down;  // dtype, rows, cols (data unused)
-  size_t gate_offset() const { return 0; }
-  size_t up_offset() const { return Align(gate.nbytes()); }
-  size_t down_offset() const { return up_offset() + Align(up.nbytes()); }
-  size_t bytes() const { return down_offset() + down.nbytes(); }
+  // Biased experts (gpt_oss): the biases follow down in a slot. Empty (cols 0) when there are none.
+  runtime::Weight gate_bias, up_bias, down_bias;
+  bool has_bias() const { return gate_bias.cols > 0; }
+
+  // The parts' shapes in packed order (runtime::ExpertWeights::parts(): biases only when present).
+  runtime::ExpertWeights Shapes() const { return {gate, up, down, gate_bias, up_bias, down_bias}; }
+  // Offset in a slot of part i of Shapes().parts(): each part starts 256-byte aligned.
+  size_t offset(size_t i) const {
+    const runtime::ExpertWeights shapes = Shapes();
+    size_t o = 0;
+    const std::vector<const runtime::Weight*> parts = shapes.parts();
+    for (size_t j = 0; j < i && j < parts.size(); ++j) o += Align(parts[j]->nbytes());
+    return o;
+  }
+  size_t gate_offset() const { return offset(0); }
+  size_t up_offset() const { return offset(1); }
+  size_t down_offset() const { return offset(2); }
+  size_t bytes() const {
+    const runtime::ExpertWeights shapes = Shapes();
+    const size_t n = shapes.parts().size();
+    return offset(n - 1) + shapes.parts().back()->nbytes();
+  }
   // The expert laid out at `base` (a slot, or a pinned host copy).
   runtime::ExpertWeights At(const std::byte* base) const {
-    runtime::ExpertWeights w;
-    w.gate = gate;
-    w.up = up;
-    w.down = down;
-    w.gate.data = base + gate_offset();
-    w.up.data = base + up_offset();
-    w.down.data = base + down_offset();
+    runtime::ExpertWeights w = Shapes();
+    size_t i = 0;
+    for (runtime::Weight* p : w.parts()) p->data = base + offset(i++);
     return w;
   }
   static size_t Align(size_t n) { return (n + 255) / 256 * 256; }
