@@ -21,8 +21,8 @@ namespace ef::runtime {
 namespace {
 
 using testing::MaxRelError;
-using testing::Nmse;
 using testing::RandomFloats;
+using testing::RoundedToBf16;
 
 struct Shape {
   DType t;
@@ -58,18 +58,9 @@ class CudaBlockScaledTest : public testing::CpuVsCudaTest<> {
   std::vector<std::unique_ptr<ef::testing::BlockScaledWeight>> keep_;
 };
 
-std::vector<float> RoundedToBf16(const std::vector<float>& f) {
-  std::vector<float> r(f.size());
-  for (size_t i = 0; i < f.size(); ++i) r[i] = Bf16ToF32(F32ToBf16(f[i]));
-  return r;
-}
-
 TEST_F(CudaBlockScaledTest, GemmMatchesCpu) {
-  // m <= kGemvQuantMaxRows: the GEMV computes the CPU's fp32 values (MXFP4 applies each block's
-  // power-of-two scale to the block's sum: the same result up to subnormals) with fp32 activations,
-  // so only the summation order differs (<= 1e-5). Larger m: cuBLAS on bf16-rounded dequantized
-  // weights and activations (fp32 accumulation): <= 1e-5 against the CPU fed the same rounded
-  // operands, NMSE <= 1e-4 against the CPU on the exact ones.
+  // Bounds in ExpectPackedGemmMatchesCpu (MXFP4's GEMV applies each block's power-of-two scale to
+  // the block's sum: the CPU's result up to subnormals and summation order).
   int i = 0;
   for (const Shape& s : kShapes) {
     const bool bias = i % 2 == 1, acc = i % 3 == 2;
@@ -83,22 +74,8 @@ TEST_F(CudaBlockScaledTest, GemmMatchesCpu) {
     const Weight wr{DType::kF32, w_rounded.data(), s.n, s.k};
     for (int64_t m : {1, 2, 3, 4, 8, 64}) {
       const std::string what = Name(s) + " m=" + std::to_string(m) + (bias ? " bias" : "") + (acc ? " accumulate" : "");
-      const std::vector<float> x = RandomFloats(m * s.k, 42 + m);
-      const std::vector<float> y0 = RandomFloats(m * s.n, 43);
-      std::vector<float> want = y0;
-      cpu_.Gemm(x.data(), m, u.host, bias ? &bc : nullptr, want.data(), acc);
-      float* yd = dev_->Put(y0);
-      gpu_->Gemm(dev_->Put(x), m, u.device, bias ? &*bg : nullptr, yd, acc);
-      const std::vector<float> got = dev_->Get(yd, want.size());
-      if (m <= cuda::kGemvQuantMaxRows) {
-        EXPECT_LE(MaxRelError(got, want), 1e-5) << "gemv " << what;
-      } else {
-        std::vector<float> want_rounded = y0;
-        const std::vector<float> xr = RoundedToBf16(x);
-        cpu_.Gemm(xr.data(), m, wr, bias ? &bc : nullptr, want_rounded.data(), acc);
-        EXPECT_LE(MaxRelError(got, want_rounded), 1e-5) << "cublas " << what;
-        EXPECT_LE(Nmse(got, want), 1e-4) << "cublas " << what;
-      }
+      testing::ExpectPackedGemmMatchesCpu(cpu_, *gpu_, *dev_, u.host, u.device, wr, bias ? &bc : nullptr,
+                                          bias ? &*bg : nullptr, m, acc, cuda::kGemvQuantMaxRows, what);
     }
   }
 }
