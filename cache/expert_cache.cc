@@ -37,8 +37,8 @@ std::string Bytes(uint64_t b) {
 }
 
 // Device bytes of one cache slot on the engine's backend, as the source lays experts out
-// (SlotLayout: parts at 256-byte-aligned offsets on CUDA, back to back on the CPU) in a slot of the
-// largest expert's size; both arenas align slots to 256 bytes.
+// (SlotLayout: gate, up, down and a biased family's biases at 256-byte-aligned offsets on CUDA,
+// back to back on the CPU) in a slot of the largest expert's size; both arenas align slots to 256 bytes.
 size_t SlotBytes(const runtime::ModelWeights& w, bool cuda, LoadPrecision precision) {
   if (precision == LoadPrecision::kAuto) precision = LoadPrecision::kNative;  // mixed: room for native
   const runtime::ModelConfig& c = w.config();

@@ -52,7 +52,8 @@ DType QuantDType(LoadPrecision p) { return p == LoadPrecision::kInt4 ? DType::kQ
 
 bool Quantizable(const runtime::ExpertWeights& w, LoadPrecision p) {
   // Biased experts (GPT-OSS) stay in the checkpoint's precision: their packed layout appends the
-  // biases, which the quantized block does not carry.
+  // biases, which the quantized block does not carry. So do experts a checkpoint ships packed
+  // (MXFP4, block FP8): requantizing them would only add error.
   if (p == LoadPrecision::kNative || p == LoadPrecision::kAuto || !IsFloatWeight(w.gate.dtype) || w.has_bias())
     return false;
   const QuantFormat f = QuantFormat::Of(QuantDType(p));
@@ -97,9 +98,10 @@ ExpertTiers::ExpertTiers(const runtime::ModelWeights* model, TierHooks hooks, Pr
   }
   if (num_unquantizable_ > 0)
     EF_LOG(WARN, CACHE,
-           "cache.miss_precision %s: %d experts have widths the group of %d does not divide; they load in "
-           "the checkpoint's dtype",
-           LoadPrecisionName(precision_), num_unquantizable_, QuantFormat::Of(QuantDType(quantized_precision_)).group);
+           "cache.miss_precision %s: %d experts load in the checkpoint's dtype (%s, biased, or widths the group of "
+           "%d does not divide)",
+           LoadPrecisionName(precision_), num_unquantizable_, DTypeName(model_->expert_dtype()),
+           QuantFormat::Of(QuantDType(quantized_precision_)).group);
 }
 
 size_t ExpertTiers::Index(int layer, int expert) const {

@@ -25,6 +25,8 @@
 //                 and up) and down_proj_blocks [E, H, I / 32, 16] + down_proj_scales, e2m1 codes
 //                 with an e8m0 scale per 32 inputs, quantization_config {quant_method mxfp4};
 //                 expert biases, attention (with its biases and sinks) and router bf16.
+// Loaded like any checkpoint (ModelWeights), both keep their routed experts packed at the stored
+// size (kFp8Block, kMxfp4), so benchmarks on them move and compute the published byte counts.
 //
 // Peak host memory while writing is one layer's tensors (the shards are written one at a time),
 // plus the float values of one quantized tensor (one layer's experts of gpt-oss: one expert).

@@ -46,7 +46,8 @@ StatusOr<std::unique_ptr<CachedExpertSource>> Build(const runtime::ModelConfig& 
 }
 
 // Refuses the models whose experts the device slots cannot hold, naming why.
-Status CheckDeviceExperts(const runtime::ModelWeights& model, const ExpertTiers* tiers) {
+Status CheckDeviceExperts(const runtime::ModelWeights& model, const ExpertTiers* tiers,
+                          const std::string& cpu_compute) {
   const runtime::ModelConfig& c = model.config();
   const std::vector<int> moe = c.MoeLayers();
   if (moe.empty()) return InvalidArgument("cuda expert cache: the model has no MoE layer");
@@ -56,15 +57,15 @@ Status CheckDeviceExperts(const runtime::ModelWeights& model, const ExpertTiers*
   if (tiers && tiers->num_unquantizable() > 0)
     return Unimplemented("cuda expert cache: cache.miss_precision " +
                          std::string(LoadPrecisionName(tiers->precision())) +
-                         " on a model with experts whose widths the quantization group does not divide (" +
-                         std::to_string(tiers->num_unquantizable()) + " experts); use miss_precision native");
+                         " on a model with experts that stay in the checkpoint's dtype (" +
+                         std::to_string(tiers->num_unquantizable()) + " experts: " + DTypeName(model.expert_dtype()) +
+                         ", biased, or widths the quantization group does not divide); use miss_precision native");
   const runtime::ExpertWeights& w0 = model.host_expert(moe[0], 0);
-  // The device kernels of the cache's experts compute gate, up and down only; biased experts would
-  // compute without their biases, so they are refused rather than run wrong.
-  if (w0.has_bias())
-    return Unimplemented("cuda expert cache: the experts of " + c.model_type +
-                         " have biases, which the device slot layout does not hold; run with all experts resident "
-                         "(no cache) or with the cpu backend's cache");
+  // Biased experts (gpt_oss) keep their biases in the slot after down (SlotLayout); the host
+  // compute of misses has no biases, so it refuses them.
+  if (w0.has_bias() && cpu_compute != "off")
+    return Unimplemented("cache.cpu_compute " + cpu_compute +
+                         ": the host path computes experts without biases; this model's experts have them (use off)");
   auto same = [](const runtime::Weight& a, const runtime::Weight& b) {
     return a.dtype == b.dtype && a.rows == b.rows && a.cols == b.cols;
   };
@@ -94,7 +95,7 @@ StatusOr<std::unique_ptr<CachedExpertSource>> CreateCudaCacheSource(const runtim
                                                                     const CachedExpertSourceOptions& options,
                                                                     const CudaCacheOptions& cuda) {
   ExpertTiers* tiers = options.tiers;
-  EF_RETURN_IF_ERROR(CheckDeviceExperts(model, tiers));
+  EF_RETURN_IF_ERROR(CheckDeviceExperts(model, tiers, cuda.cpu_compute));
   if (tiers) tiers->set_keep_quantized(false);  // the pinned tier below is the host tier
   const runtime::ModelConfig& c = model.config();
   const std::vector<int> moe = c.MoeLayers();

@@ -1,5 +1,8 @@
 #include "runtime/backend/backend.h"
 
+#include "runtime/core/block_scaled_format.h"
+#include "runtime/core/quant_format.h"
+
 namespace ef::runtime {
 
 Buffer::~Buffer() {
@@ -17,6 +20,20 @@ Buffer& Buffer::operator=(Buffer&& o) noexcept {
     o.bytes_ = 0;
   }
   return *this;
+}
+
+Status CheckWeightType(const char* backend, DType dtype, int64_t cols) {
+  int64_t block = 0;
+  if (IsQuantized(dtype) && !QuantFormat::Of(dtype).divides(cols)) block = QuantFormat::Of(dtype).group;
+  if (IsBlockScaled(dtype) && !BlockScaledFormat::Of(dtype).divides(cols))
+    block = BlockScaledFormat::Of(dtype).block_cols;
+  if (block > 0)
+    return InvalidArgument(std::string(backend) + ": a " + DTypeName(dtype) + " weight's cols (" +
+                           std::to_string(cols) + ") must be a multiple of its group (" + std::to_string(block) + ")");
+  if (!IsPackedWeight(dtype) && !IsFloatWeight(dtype))
+    return InvalidArgument(std::string(backend) + ": weights must be F32, F16, BF16, Q8G, Q4G, MXFP4 or FP8B128, got " +
+                           DTypeName(dtype));
+  return Status::Ok();
 }
 
 StatusOr<std::unique_ptr<Backend>> MakeBackend(const std::string& name, int device) {

@@ -3,10 +3,9 @@
 // The engine orchestrates; a backend computes. Every pointer an op takes is backend memory
 // (host memory for the CPU backend, device memory for CUDA) unless its name says Host.
 // Activations are fp32; weights may be F32, F16 or BF16 and are converted on use with fp32
-// accumulation (Gemm also takes kQ8/kQ4 weights, dequantized on use). Ops are enqueued in order
-// on the backend's compute stream; results are visible to the host after CopyToHost (which
-// synchronises). The CPU backend is the reference every other backend is tested against.
-// Not thread-safe: one engine drives one backend.
+// accumulation (Gemm also takes the packed kQ8/kQ4/kMxfp4/kFp8Block weights, dequantized on use). Ops are enqueued in
+// order on the backend's compute stream; results are visible to the host after CopyToHost (which synchronises). The CPU
+// backend is the reference every other backend is tested against. Not thread-safe: one engine drives one backend.
 #pragma once
 
 #include <cstddef>
@@ -20,9 +19,9 @@
 namespace ef::runtime {
 
 // A 2-D weight [rows, cols] (row-major, as in PyTorch's Linear: y = x W^T) or a 1-D vector
-// (rows = 1). `data` is backend memory; Weight does not own it. A kQ8/kQ4 weight is one block
-// of WeightBytes (values, then scales; runtime/core/quant_format.h) starting 16-byte aligned;
-// only Gemm takes it.
+// (rows = 1). `data` is backend memory; Weight does not own it. A packed weight (kQ8, kQ4, kMxfp4,
+// kFp8Block) is one block of WeightBytes (values, then scales; runtime/core/quant_format.h and
+// block_scaled_format.h) starting 16-byte aligned; only Gemm takes it.
 struct Weight {
   DType dtype = DType::kF32;
   const void* data = nullptr;
@@ -236,6 +235,10 @@ class Backend {
   // dst[i, :] += sigmoid(gate_logit[i]) * src[i, :]   (Qwen2-MoE shared expert)
   virtual void AddSigmoidGated(const float* src, const float* gate_logit, int64_t rows, int dim, float* dst) = 0;
 };
+
+// Whether a weight of `dtype` with `cols` columns is one UploadWeight takes: F32, F16, BF16, or a
+// packed format whose group or block divides cols. InvalidArgument naming `backend` otherwise.
+[[nodiscard]] Status CheckWeightType(const char* backend, DType dtype, int64_t cols);
 
 StatusOr<std::unique_ptr<Backend>> MakeCpuBackend();
 // "cpu", "cuda" or "auto" (cuda when built with it and a GPU is visible, else cpu).

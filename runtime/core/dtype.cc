@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "runtime/core/block_scaled_format.h"
 #include "runtime/core/quant_format.h"
 
 namespace ef {
@@ -34,6 +35,10 @@ const char* DTypeName(DType t) {
       return "Q4G";
     case DType::kF8E4M3:
       return "F8_E4M3";
+    case DType::kMxfp4:
+      return "MXFP4";
+    case DType::kFp8Block:
+      return "FP8B128";
   }
   return "?";
 }
@@ -54,6 +59,7 @@ bool ParseDType(std::string_view s, DType* out) {
 
 size_t WeightBytes(DType t, int64_t rows, int64_t cols) {
   if (IsQuantized(t)) return QuantFormat::Of(t).bytes(rows, cols);
+  if (IsBlockScaled(t)) return BlockScaledFormat::Of(t).bytes(rows, cols);
   return static_cast<size_t>(rows * cols) * DTypeSize(t);
 }
 

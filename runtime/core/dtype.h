@@ -9,14 +9,34 @@
 namespace ef {
 
 // kQ8 and kQ4 are this runtime's own group-quantized weight formats (layout in
-// runtime/core/quant_format.h, produced by Quantize in runtime/core/quant.h). No checkpoint holds
-// them: ParseDType refuses their names. kF8E4M3 is OCP FP8 E4M3 ("F8_E4M3", torch.float8_e4m3fn:
-// no infinities, 0x7f/0xff NaN), which block-quantized checkpoints store with separate scales;
-// weights never keep it (runtime/model/checkpoint_quant.h dequantizes at load).
-enum class DType : uint8_t { kF32, kF16, kBF16, kI64, kI32, kU8, kI8, kBool, kF64, kI16, kQ8, kQ4, kF8E4M3 };
+// runtime/core/quant_format.h, produced by Quantize in runtime/core/quant.h). kMxfp4 and kFp8Block
+// are the block-scaled formats published checkpoints ship (GPT-OSS's MXFP4 experts, DeepSeek-V3's
+// 128 x 128 block FP8), held as one block of values and scales (runtime/core/block_scaled_format.h).
+// No checkpoint tensor has any of these four types: ParseDType refuses their names. kF8E4M3 is OCP
+// FP8 E4M3 ("F8_E4M3", torch.float8_e4m3fn: no infinities, 0x7f/0xff NaN), the element type of a
+// block FP8 checkpoint tensor, whose scales are a separate tensor; a weight is never kF8E4M3 (the
+// loader packs it with its scales as kFp8Block, or dequantizes it).
+enum class DType : uint8_t {
+  kF32,
+  kF16,
+  kBF16,
+  kI64,
+  kI32,
+  kU8,
+  kI8,
+  kBool,
+  kF64,
+  kI16,
+  kQ8,
+  kQ4,
+  kF8E4M3,
+  kMxfp4,
+  kFp8Block
+};
 
-// Bytes per element; 0 for kQ8/kQ4, whose elements take a fraction of a byte plus a share of
-// their group's scales: size those with WeightBytes.
+// Bytes per element; 0 for the packed weight formats (kQ8, kQ4, kMxfp4, kFp8Block), whose elements
+// take a fraction of a byte or a byte plus a share of their block's scales: size those with
+// WeightBytes.
 constexpr size_t DTypeSize(DType t) {
   switch (t) {
     case DType::kF32:
@@ -36,21 +56,30 @@ constexpr size_t DTypeSize(DType t) {
       return 1;
     case DType::kQ8:
     case DType::kQ4:
+    case DType::kMxfp4:
+    case DType::kFp8Block:
       return 0;
   }
   return 0;
 }
 
+// The runtime's group-quantized formats (QuantFormat applies).
 constexpr bool IsQuantized(DType t) { return t == DType::kQ8 || t == DType::kQ4; }
+// The published block-scaled formats (BlockScaledFormat applies).
+constexpr bool IsBlockScaled(DType t) { return t == DType::kMxfp4 || t == DType::kFp8Block; }
+// A weight of one of these types is one block of WeightBytes (values, then scales) that only Gemm
+// takes; it is dequantized on use.
+constexpr bool IsPackedWeight(DType t) { return IsQuantized(t) || IsBlockScaled(t); }
 
-// Bytes of a [rows, cols] weight stored as t: rows * cols * DTypeSize(t), or for kQ8/kQ4 the
-// values and scales of QuantFormat's layout (a multiple of 16 bytes).
+// Bytes of a [rows, cols] weight stored as t: rows * cols * DTypeSize(t), or for the packed formats
+// the values and scales of their layout (a multiple of 16 bytes).
 size_t WeightBytes(DType t, int64_t rows, int64_t cols);
 
-// The safetensors spelling ("F32", "BF16", ...); "Q8G" / "Q4G" for the quantized formats.
+// The safetensors spelling ("F32", "BF16", ...); "Q8G" / "Q4G" / "MXFP4" / "FP8B128" for the
+// packed weight formats.
 const char* DTypeName(DType t);
-// Parses a safetensors dtype string; false when unknown (and for "Q8G" / "Q4G", which no
-// checkpoint may claim).
+// Parses a safetensors dtype string; false when unknown (and for the packed formats' names, which
+// no checkpoint tensor may claim).
 bool ParseDType(std::string_view s, DType* out);
 // True for the types weights may have (F32, F16, BF16).
 constexpr bool IsFloatWeight(DType t) { return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16; }

@@ -56,7 +56,8 @@ Engine::~Engine() {
 StatusOr<std::unique_ptr<Engine>> Engine::Create(const std::string& model_dir, const EngineOptions& options) {
   auto e = std::unique_ptr<Engine>(new Engine());
   EF_ASSIGN_OR_RETURN(e->backend_, MakeBackend(options.backend, options.device));
-  EF_ASSIGN_OR_RETURN(e->weights_, ModelWeights::Load(model_dir, e->backend_.get()));
+  EF_ASSIGN_OR_RETURN(e->weights_, ModelWeights::Load(model_dir, e->backend_.get(),
+                                                      LoadOptions{.dequantize_experts = options.dequantize_experts}));
   EF_RETURN_IF_ERROR(e->ConfigureAttentionPrecision(options.attention_precision));
   e->local_moe_ =
       std::make_unique<LocalMoeExecutor>(e->backend_.get(), e->config().hidden_size, e->config().num_experts,

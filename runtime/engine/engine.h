@@ -40,6 +40,9 @@ struct EngineOptions {
   // attention weights are 16-bit (its GEMMs then round activations to bf16 already). The cpu
   // backend always computes in fp32.
   std::string attention_precision = "auto";
+  // Dequantize the routed experts of MXFP4 / block FP8 checkpoints at load instead of keeping them
+  // at their stored size (LoadOptions::dequantize_experts).
+  bool dequantize_experts = false;
 };
 
 // One chunk of a batch: tokens appended to sequence `seq`.

@@ -3,6 +3,7 @@
 #include <cstring>
 #include <iterator>
 
+#include "runtime/core/block_scaled.h"
 #include "runtime/core/logging.h"
 #include "runtime/model/checkpoint_quant.h"
 
@@ -37,8 +38,16 @@ Weight HostWeight(const TensorView* t) {
 // Loads one checkpoint into a ModelWeights, step by step (attention, MLP, experts per layer).
 class ModelWeightsLoader {
  public:
-  ModelWeightsLoader(ModelWeights* m, Backend* backend)
-      : m_(m), c_(m->config_), ck_(*m->checkpoint_), backend_(backend), H_(c_.hidden_size) {}
+  ModelWeightsLoader(ModelWeights* m, Backend* backend, const LoadOptions& options)
+      : m_(m),
+        c_(m->config_),
+        ck_(*m->checkpoint_),
+        backend_(backend),
+        H_(c_.hidden_size),
+        keep_mxfp4_(c_.quant.method == WeightQuant::kMxfp4 && !options.dequantize_experts),
+        keep_fp8_(c_.quant.method == WeightQuant::kFp8 && !options.dequantize_experts &&
+                  c_.quant.block_rows == kFp8BlockFormat.block_rows &&
+                  c_.quant.block_cols == kFp8BlockFormat.block_cols) {}
 
   Status Run();
 
@@ -63,6 +72,24 @@ class ModelWeightsLoader {
     const Weight w{fp8_out_, nullptr, t->dim(0), t->dim(1)};
     std::byte* dst = Own(w.nbytes());
     EF_RETURN_IF_ERROR(DequantizeFp8(*t, *scale, c_.quant.block_rows, c_.quant.block_cols, fp8_out_, dst));
+    return Weight{w.dtype, dst, w.rows, w.cols};
+  }
+  // A routed expert's weight `name`: packed as kFp8Block (owned) when the checkpoint stores it as
+  // block FP8 and keep_fp8_, else HostTensor's. Every value is dequantized once into scratch_ all
+  // the same: that validates the codes and scales with HostTensor's errors (NaN codes, non-finite
+  // scales, products out of range), so the backends never meet them.
+  StatusOr<Weight> ExpertTensor(const std::string& name, const std::vector<int64_t>& shape) {
+    EF_ASSIGN_OR_RETURN(const TensorView* t, ck_.Get(name));
+    if (!keep_fp8_ || t->dtype != DType::kF8E4M3) return HostTensor(name, shape);
+    EF_RETURN_IF_ERROR(CheckShape(t, shape));
+    EF_ASSIGN_OR_RETURN(const TensorView* scale, ck_.Get(Fp8ScaleName(name)));
+    EF_RETURN_IF_ERROR(CheckFp8(*t, *scale, c_.quant.block_rows, c_.quant.block_cols));
+    const Weight w{DType::kFp8Block, nullptr, t->dim(0), t->dim(1)};
+    scratch_.resize(static_cast<size_t>(w.rows * w.cols) * sizeof(float));
+    EF_RETURN_IF_ERROR(
+        DequantizeFp8(*t, *scale, c_.quant.block_rows, c_.quant.block_cols, DType::kF32, scratch_.data()));
+    std::byte* dst = Own(w.nbytes());
+    PackFp8Block(reinterpret_cast<const uint8_t*>(t->data), scale->data, w.rows, w.cols, dst);
     return Weight{w.dtype, dst, w.rows, w.cols};
   }
   Status UploadMlp(int layer, bool shared, int64_t inter, ExpertWeights* out) {
@@ -105,7 +132,7 @@ class ModelWeightsLoader {
   Status LoadExperts(int l);
   Status LoadFusedExperts(int l);
   // Fills the gate, up and down parts of expert e (owned, laid out as ExpertWeights) from the
-  // fused bf16/fp32 tensors or from MXFP4 blocks.
+  // fused bf16/fp32 tensors or from MXFP4 blocks (dequantized, or packed when the parts are kMxfp4).
   Status FillFusedExpert(const TensorView* gate_up, const TensorView* down, int64_t e, const ExpertWeights& ew);
   Status FillMxfp4Expert(const TensorView* gate_up_blocks, const TensorView* gate_up_scales,
                          const TensorView* down_blocks, const TensorView* down_scales, int64_t e,
@@ -116,13 +143,17 @@ class ModelWeightsLoader {
   const Checkpoint& ck_;
   Backend* backend_;
   const int64_t H_;
-  // Block FP8 weights are dequantized into the dtype the checkpoint keeps its unquantized weights
-  // in (that of the token embedding, which no published checkpoint quantizes). In BF16 (the
-  // published DeepSeek-V3) each fp32 product fp8 x scale_inv is rounded once more to nearest even,
-  // as transformers does when it dequantizes into the model's dtype; in F32 it is exact. Kept as
-  // floats rather than a compact form: the backends' Gemm takes no block FP8 weight.
+  // Routed experts stay packed (kMxfp4, kFp8Block); kFp8Block has 128 x 128 blocks, so other
+  // weight_block_size values are dequantized.
+  const bool keep_mxfp4_, keep_fp8_;
+  // Block FP8 weights that are not kept packed are dequantized into the dtype the checkpoint keeps
+  // its unquantized weights in (that of the token embedding, which no published checkpoint
+  // quantizes). In BF16 (the published DeepSeek-V3) each fp32 product fp8 x scale_inv is rounded
+  // once more to nearest even, as transformers does when it dequantizes into the model's dtype; in
+  // F32 it is exact. Kept as floats: the packed form is for routed experts, which the expert cache
+  // moves; the other weights load once.
   DType fp8_out_ = DType::kF32;
-  std::vector<std::byte> gate_up_scratch_;  // one MXFP4 expert's dequantized gate_up rows
+  std::vector<std::byte> scratch_;  // one weight dequantized (MXFP4 gate_up rows; validation of a packed one)
 };
 
 Status ModelWeightsLoader::Run() {
@@ -236,9 +267,9 @@ Status ModelWeightsLoader::LoadExperts(int l) {
   const int64_t I = c_.moe_intermediate_size;
   for (int e = 0; e < c_.num_experts; ++e) {
     ExpertWeights& ew = m_->host_experts_[static_cast<size_t>(l) * c_.num_experts + e];
-    EF_ASSIGN_OR_RETURN(const Weight g, HostTensor(c_.ExpertName(l, e, 0), {I, H_}));
-    EF_ASSIGN_OR_RETURN(const Weight u, HostTensor(c_.ExpertName(l, e, 1), {I, H_}));
-    EF_ASSIGN_OR_RETURN(const Weight d, HostTensor(c_.ExpertName(l, e, 2), {H_, I}));
+    EF_ASSIGN_OR_RETURN(const Weight g, ExpertTensor(c_.ExpertName(l, e, 0), {I, H_}));
+    EF_ASSIGN_OR_RETURN(const Weight u, ExpertTensor(c_.ExpertName(l, e, 1), {I, H_}));
+    EF_ASSIGN_OR_RETURN(const Weight d, ExpertTensor(c_.ExpertName(l, e, 2), {H_, I}));
     ew = ExpertWeights{g, u, d, {}, {}, {}};
     m_->max_expert_bytes_ = std::max(m_->max_expert_bytes_, ew.nbytes());
     m_->expert_dtype_ = g.dtype;
@@ -256,10 +287,11 @@ Status ModelWeightsLoader::LoadExperts(int l) {
 // [E, H, I / 32, 16] + _scales [E, H, I / 32], that is [out, in] per expert. transformers
 // dequantizes them to [E, 2I, H] and [E, H, I] and transposes each to the layout above, so row
 // 2i of gate_up is gate row i, row 2i + 1 is up row i, and down's rows are its outputs. They are
-// dequantized expert by expert straight into the expert's block, in the biases' dtype (BF16 in
-// the published checkpoints), where every value e2m1 x 2^k is exact (checked): the experts equal
-// transformers' dequantized ones. They are not kept compact: Q4G (an fp16 scale and min per 64
-// values) cannot hold MXFP4's power-of-two scales per 32 exactly, and no Gemm takes MXFP4.
+// kept as kMxfp4 weights, the checkpoint's codes and scales copied row by row (gate and up taking
+// the even and odd rows of gate_up), so an expert holds its stored size. Under
+// LoadOptions::dequantize_experts they are dequantized expert by expert straight into the
+// expert's block, in the biases' dtype (BF16 in the published checkpoints), where every value
+// e2m1 x 2^k is exact (checked). Either way the experts' values equal transformers' dequantized ones.
 Status ModelWeightsLoader::LoadFusedExperts(int l) {
   const std::string p = "model.layers." + std::to_string(l) + ".mlp.experts.";
   const int64_t E = c_.num_experts, I = c_.moe_intermediate_size;
@@ -291,8 +323,9 @@ Status ModelWeightsLoader::LoadFusedExperts(int l) {
   auto at = [esz](const void* base, int64_t i) {
     return static_cast<const std::byte*>(base) + static_cast<size_t>(i) * esz;
   };
+  const DType wt = mxfp4 && keep_mxfp4_ ? DType::kMxfp4 : dt;
   for (int64_t e = 0; e < E; ++e) {
-    ExpertWeights ew{{dt, nullptr, I, H_}, {dt, nullptr, I, H_}, {dt, nullptr, H_, I},
+    ExpertWeights ew{{wt, nullptr, I, H_}, {wt, nullptr, I, H_}, {wt, nullptr, H_, I},
                      {dt, nullptr, 1, I},  {dt, nullptr, 1, I},  {dt, nullptr, 1, H_}};
     ew = ew.Rebased(Own(ew.nbytes()));
     EF_RETURN_IF_ERROR(mxfp4 ? FillMxfp4Expert(gu, gu_scales, dp, dp_scales, e, ew) : FillFusedExpert(gu, dp, e, ew));
@@ -306,7 +339,7 @@ Status ModelWeightsLoader::LoadFusedExperts(int l) {
     std::memcpy(db, at(dpb->data, e * H_), static_cast<size_t>(H_) * esz);
     m_->host_experts_[static_cast<size_t>(l) * E + e] = ew;
     m_->max_expert_bytes_ = std::max(m_->max_expert_bytes_, ew.nbytes());
-    m_->expert_dtype_ = dt;
+    m_->expert_dtype_ = wt;
   }
   return Status::Ok();
 }
@@ -334,7 +367,9 @@ Status ModelWeightsLoader::FillFusedExpert(const TensorView* gu, const TensorVie
 Status ModelWeightsLoader::FillMxfp4Expert(const TensorView* gu, const TensorView* gu_scales, const TensorView* dp,
                                            const TensorView* dp_scales, int64_t e, const ExpertWeights& ew) {
   const int64_t I = c_.moe_intermediate_size;
-  const DType dt = ew.gate.dtype;
+  // Packed parts are validated by dequantizing them into fp32 scratch (HostTensor's errors).
+  const bool packed = ew.gate.dtype == DType::kMxfp4;
+  const DType dt = packed ? DType::kF32 : ew.gate.dtype;
   const size_t row_bytes = static_cast<size_t>(H_) * DTypeSize(dt);
   auto blocks = [e](const TensorView* t, int64_t rows, int64_t cols) {
     return reinterpret_cast<const uint8_t*>(t->data) + e * rows * cols / 2;
@@ -342,35 +377,48 @@ Status ModelWeightsLoader::FillMxfp4Expert(const TensorView* gu, const TensorVie
   auto scales = [e](const TensorView* t, int64_t rows, int64_t cols) {
     return reinterpret_cast<const uint8_t*>(t->data) + e * rows * (cols / kMxfp4Group);
   };
-  const std::string expert = ", expert " + std::to_string(e);
-  // gate_up's [2I, H] rows interleave gate (even) and up (odd): dequantized here, then split.
-  gate_up_scratch_.resize(2 * static_cast<size_t>(I) * row_bytes);
-  EF_RETURN_IF_ERROR(DequantizeMxfp4(blocks(gu, 2 * I, H_), scales(gu_scales, 2 * I, H_), 2 * I, H_, dt,
-                                     gate_up_scratch_.data(), "tensor \"" + gu->name + "\"" + expert));
   auto* gate = const_cast<std::byte*>(static_cast<const std::byte*>(ew.gate.data));
   auto* up = const_cast<std::byte*>(static_cast<const std::byte*>(ew.up.data));
-  for (int64_t i = 0; i < I; ++i) {
-    std::memcpy(gate + static_cast<size_t>(i) * row_bytes, &gate_up_scratch_[static_cast<size_t>(2 * i) * row_bytes],
-                row_bytes);
-    std::memcpy(up + static_cast<size_t>(i) * row_bytes, &gate_up_scratch_[static_cast<size_t>(2 * i + 1) * row_bytes],
-                row_bytes);
+  auto* down = const_cast<void*>(ew.down.data);
+  const std::string expert = ", expert " + std::to_string(e);
+  // gate_up's [2I, H] rows interleave gate (even) and up (odd): dequantized here, then split.
+  scratch_.resize(2 * static_cast<size_t>(I) * row_bytes);  // also holds down's H x I values when packed
+  EF_RETURN_IF_ERROR(DequantizeMxfp4(blocks(gu, 2 * I, H_), scales(gu_scales, 2 * I, H_), 2 * I, H_, dt,
+                                     scratch_.data(), "tensor \"" + gu->name + "\"" + expert));
+  if (packed) {
+    PackMxfp4(blocks(gu, 2 * I, H_), scales(gu_scales, 2 * I, H_), I, H_, /*row_stride=*/2, gate);
+    PackMxfp4(blocks(gu, 2 * I, H_) + H_ / 2, scales(gu_scales, 2 * I, H_) + H_ / kMxfp4Group, I, H_,
+              /*row_stride=*/2, up);
+  } else {
+    for (int64_t i = 0; i < I; ++i) {
+      std::memcpy(gate + static_cast<size_t>(i) * row_bytes, &scratch_[static_cast<size_t>(2 * i) * row_bytes],
+                  row_bytes);
+      std::memcpy(up + static_cast<size_t>(i) * row_bytes, &scratch_[static_cast<size_t>(2 * i + 1) * row_bytes],
+                  row_bytes);
+    }
   }
-  return DequantizeMxfp4(blocks(dp, H_, I), scales(dp_scales, H_, I), H_, I, dt, const_cast<void*>(ew.down.data),
-                         "tensor \"" + dp->name + "\"" + expert);
+  EF_RETURN_IF_ERROR(DequantizeMxfp4(blocks(dp, H_, I), scales(dp_scales, H_, I), H_, I, dt,
+                                     packed ? static_cast<void*>(scratch_.data()) : down,
+                                     "tensor \"" + dp->name + "\"" + expert));
+  if (packed) PackMxfp4(blocks(dp, H_, I), scales(dp_scales, H_, I), H_, I, /*row_stride=*/1, down);
+  return Status::Ok();
 }
 
-StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(const std::string& model_dir, Backend* backend) {
+StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(const std::string& model_dir, Backend* backend,
+                                                           const LoadOptions& options) {
   auto m = std::unique_ptr<ModelWeights>(new ModelWeights());
   EF_ASSIGN_OR_RETURN(m->config_, ModelConfig::FromModelDir(model_dir));
   EF_ASSIGN_OR_RETURN(m->checkpoint_, Checkpoint::Open(model_dir));
-  EF_RETURN_IF_ERROR(ModelWeightsLoader(m.get(), backend).Run());
+  EF_RETURN_IF_ERROR(ModelWeightsLoader(m.get(), backend, options).Run());
   const ModelConfig& c = m->config_;
   EF_LOG(INFO, MODEL, "loaded %s: %s, %d layers (%d MoE) x %d experts top-%d, hidden %d, %zu bytes per expert",
          model_dir.c_str(), c.model_type.c_str(), c.num_layers, c.num_moe_layers(), c.num_experts, c.top_k,
          c.hidden_size, m->max_expert_bytes_);
   if (c.quant.method != WeightQuant::kNone)
-    EF_LOG(INFO, MODEL, "%s weights dequantized at load; experts held as %s", WeightQuantName(c.quant.method),
-           DTypeName(m->expert_dtype_));
+    EF_LOG(INFO, MODEL, "%s checkpoint: routed experts held as %s%s", WeightQuantName(c.quant.method),
+           DTypeName(m->expert_dtype_),
+           IsBlockScaled(m->expert_dtype_) ? " (stored size), other quantized weights dequantized at load"
+                                           : ", dequantized at load");
   return m;
 }
 

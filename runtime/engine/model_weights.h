@@ -6,10 +6,15 @@
 // into per-expert gate [I, H], up [I, H], down [H, I] (+ biases), owned here. MLA's kv_b_proj is
 // likewise repacked into the per-head absorbed key and value projections.
 //
-// Quantized checkpoints as published (config.json quantization_config) are dequantized at load,
-// tensor by tensor (expert by expert), into owned float weights: GPT-OSS's MXFP4 experts into the
-// dtype of their biases (exact), DeepSeek-V3's block FP8 linear weights into the dtype of the
-// token embedding (exact in F32, one more rounding in BF16). Formats: runtime/model/checkpoint_quant.h.
+// Quantized checkpoints as published (config.json quantization_config): the routed experts stay in
+// their stored form, packed per weight into the block-scaled formats the backends' Gemm takes
+// (GPT-OSS's MXFP4 experts as kMxfp4, DeepSeek-V3's 128 x 128 block FP8 experts as kFp8Block;
+// runtime/core/block_scaled_format.h), so host memory, the expert cache and the device hold them at
+// the checkpoint's size. Every other quantized weight (DeepSeek-V3's attention, dense MLP and
+// shared experts), and the experts too under LoadOptions::dequantize_experts or an FP8 block size
+// other than 128 x 128, is dequantized at load, tensor by tensor (expert by expert), into owned
+// float weights: MXFP4 into the dtype of the experts' biases (exact), block FP8 into the dtype of
+// the token embedding (exact in F32, one more rounding in BF16). Formats: runtime/model/checkpoint_quant.h.
 #pragma once
 
 #include <memory>
@@ -83,11 +88,20 @@ struct LayerWeights {
   ExpertWeights dense_mlp;
 };
 
+struct LoadOptions {
+  // Dequantize the routed experts of an MXFP4 or block FP8 checkpoint at load into float weights
+  // (as every other quantized weight is) instead of keeping them packed at their stored size. The
+  // CPU backend computes the same logits either way, except that block FP8 dequantized into a BF16
+  // checkpoint's dtype is rounded once more (runtime/model/checkpoint_quant.h).
+  bool dequantize_experts = false;
+};
+
 class ModelWeights {
  public:
   // Opens the checkpoint and uploads the dense weights to the backend. Expert weights stay in
   // host memory (host_expert()): the checkpoint mapping where its layout is the engine's.
-  static StatusOr<std::unique_ptr<ModelWeights>> Load(const std::string& model_dir, Backend* backend);
+  static StatusOr<std::unique_ptr<ModelWeights>> Load(const std::string& model_dir, Backend* backend,
+                                                      const LoadOptions& options = {});
 
   const ModelConfig& config() const { return config_; }
   const Checkpoint& checkpoint() const { return *checkpoint_; }
@@ -98,14 +112,15 @@ class ModelWeights {
   const Weight& rope_inv_freq() const { return rope_inv_freq_; }
   float rope_attention_factor() const { return rope_attention_factor_; }
   const LayerWeights& layer(int l) const { return layers_[static_cast<size_t>(l)]; }
-  // Host views of routed expert e of layer l (checkpoint bytes, or owned repacked or dequantized
-  // bytes). Valid for MoE layers only.
+  // Host views of routed expert e of layer l (checkpoint bytes, or owned repacked, packed or
+  // dequantized bytes). Valid for MoE layers only.
   const ExpertWeights& host_expert(int layer, int expert) const {
     return host_experts_[static_cast<size_t>(layer) * config_.num_experts + expert];
   }
   // The largest expert's size in bytes: the size of a cache slot.
   size_t max_expert_bytes() const { return max_expert_bytes_; }
-  // Weights dtype of the experts (the checkpoint's, or the one quantized experts were dequantized into).
+  // Dtype of the experts' gate, up and down weights: the checkpoint's, kMxfp4 / kFp8Block for
+  // experts kept packed, or the float type quantized experts were dequantized into.
   DType expert_dtype() const { return expert_dtype_; }
 
  private:

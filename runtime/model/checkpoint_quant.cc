@@ -10,6 +10,7 @@
 #include <sstream>
 #include <type_traits>
 
+#include "runtime/core/block_scaled_format.h"
 #include "runtime/core/thread_pool.h"
 
 namespace ef::runtime {
@@ -71,9 +72,6 @@ inline float StoreAs(void* dst, size_t i, float v) {
 // False for infinities and NaN (a product that overflowed, a NaN input).
 inline bool Finite(float v) { return std::fabs(v) <= std::numeric_limits<float>::max(); }
 
-constexpr std::array<float, 16> kE2m1 = {0.f,  0.5f,  1.f,  1.5f,  2.f,  3.f,  4.f,  6.f,
-                                         -0.f, -0.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
-
 // Runs row_ok(r) (true: row r is good) over [0, rows) on the default thread pool, a chunk of rows
 // per thread; returns the first bad row, or -1. Each chunk stops at its first bad row, so the
 // smallest over chunks is the first bad row of the matrix, whatever the split.
@@ -111,11 +109,6 @@ void ForOut(DType out, const F& f) {
   }
 }
 
-// e8m0 scale byte -> 2^(s - 127) (an fp32, subnormal for s = 0); 255 -> NaN.
-float E8m0ToF32(uint8_t s) {
-  return s == 0xff ? std::numeric_limits<float>::quiet_NaN() : std::ldexp(1.f, static_cast<int>(s) - 127);
-}
-
 // One MXFP4 row of `cols` values into dst_row; false when a value is not exact (or not finite)
 // in kOut or a scale is NaN.
 template <DType kOut>
@@ -131,7 +124,7 @@ bool Mxfp4Row(const uint8_t* blocks, const uint8_t* scales, int64_t cols, void* 
     const uint8_t* b = blocks + g * kMxfp4GroupBytes;
     const size_t base = static_cast<size_t>(g * kMxfp4Group);
     for (int64_t k = 0; k < kMxfp4GroupBytes; ++k) {
-      const float lo = kE2m1[b[k] & 0xfu] * scale, hi = kE2m1[b[k] >> 4] * scale;
+      const float lo = kE2m1Values[b[k] & 0xfu] * scale, hi = kE2m1Values[b[k] >> 4] * scale;
       ok &= StoreAs<kOut>(dst_row, base + static_cast<size_t>(2 * k), lo) == lo && Finite(lo);
       ok &= StoreAs<kOut>(dst_row, base + static_cast<size_t>(2 * k + 1), hi) == hi && Finite(hi);
     }
@@ -141,7 +134,7 @@ bool Mxfp4Row(const uint8_t* blocks, const uint8_t* scales, int64_t cols, void* 
 
 }  // namespace
 
-float E2m1ToF32(uint8_t code) { return kE2m1[code & 0xfu]; }
+float E2m1ToF32(uint8_t code) { return kE2m1Values[code & 0xfu]; }
 
 Status CheckMxfp4(const TensorView& blocks, const TensorView& scales, const std::vector<int64_t>& lead, int64_t rows,
                   int64_t cols) {
@@ -190,7 +183,7 @@ Status DequantizeMxfp4(const uint8_t* blocks, const uint8_t* scales, int64_t row
     const float scale = E8m0ToF32(s);
     const uint8_t* b = blocks + (r * groups + g) * kMxfp4GroupBytes;
     for (int64_t i = 0; i < kMxfp4Group; ++i) {
-      const float e2m1 = kE2m1[i % 2 ? b[i / 2] >> 4 : b[i / 2] & 0xfu];
+      const float e2m1 = kE2m1Values[i % 2 ? b[i / 2] >> 4 : b[i / 2] & 0xfu];
       const float v = e2m1 * scale;
       uint32_t slot;  // scratch: only the value read back matters
       if (!Finite(v) || Store(out, &slot, 0, v) != v)

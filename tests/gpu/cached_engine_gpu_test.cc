@@ -2,16 +2,20 @@
 // tier, copy streams, per-slot events) inside the engine: for every transformers fixture, every cache size from top-k
 // to all experts per layer and the lru / expertflow policies, with and without prefetch, the logits
 // are bitwise identical to the all-resident engine on CUDA (same kernels, same weights, the MoE
-// accumulation order fixed), and the counters add up.
+// accumulation order fixed), and the counters add up. Biased experts (gpt_oss) carry their biases
+// in the slots; packed experts (MXFP4, block FP8 checkpoints) move at their stored size.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 
 #include "cache/cuda/cuda_cache_source.h"
 #include "runtime/core/params.h"
 #include "runtime/engine/engine.h"
 #include "tests/gpu/gpu_test_util.h"
+#include "tests/runtime/quant_checkpoint_writer.h"
 
 namespace ef::params {
 bool CudaBf16Weights();
@@ -23,10 +27,10 @@ namespace {
 using runtime::Engine;
 using runtime::EngineOptions;
 
-std::unique_ptr<Engine> MakeCudaEngine(const std::string& family) {
+std::unique_ptr<Engine> MakeCudaEngine(const std::string& family, const std::string& dir = "") {
   EngineOptions o;
   o.backend = "cuda";
-  auto e = Engine::Create(std::string(EF_TEST_DATA) + "/" + family, o);
+  auto e = Engine::Create(dir.empty() ? std::string(EF_TEST_DATA) + "/" + family : dir, o);
   EXPECT_TRUE(e.ok()) << e.status().ToString();
   return e.ok() ? std::move(e).value() : nullptr;
 }
@@ -107,7 +111,52 @@ TEST_P(CudaCachedEngineTest, LogitsIdenticalToAllResidentForEveryBudget) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Families, CudaCachedEngineTest,
-                         ::testing::Values("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"));
+                         ::testing::Values("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"));
+
+// The quantized fixtures: slots hold the packed experts (and gpt_oss's biases), a slot is the
+// stored size rather than the float one, and the logits equal the all-resident engine's.
+TEST(CudaCachedEngine, PackedExpertsLoadAtTheirStoredSize) {
+  if (!runtime::testing::HaveDevice()) GTEST_SKIP() << "no CUDA device visible";
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / ("ef_cached_packed_" + std::to_string(::getpid()));
+  for (const std::string family : {"gpt_oss", "deepseek_v3"}) {
+    const std::string out = (dir / family).string();
+    Status st = runtime::testing::WriteQuantizedFixture(std::string(EF_TEST_DATA) + "/" + family, out);
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    auto engine = MakeCudaEngine(family, out);
+    ASSERT_NE(engine, nullptr);
+    ASSERT_TRUE(IsBlockScaled(engine->weights().expert_dtype())) << family;
+    const std::vector<float> want = RunLogits(*engine);
+    const auto& c = engine->config();
+    CachedExpertSourceOptions o;
+    o.slots_per_layer = c.top_k;
+    o.policy = "lru";
+    CudaCacheOptions co;
+    auto src = CreateCudaCacheSource(engine->weights(), &engine->backend(), o, co);
+    ASSERT_TRUE(src.ok()) << src.status().ToString();
+    const int first = c.MoeLayers().front();
+    const runtime::ExpertWeights& w = engine->weights().host_expert(first, 0);
+    const runtime::ExpertWeights shape = (*src)->layout().Shape(first, 0);
+    EXPECT_EQ(shape.gate.dtype, w.gate.dtype) << family;
+    EXPECT_EQ(shape.has_bias(), w.has_bias()) << family;
+    // Each part padded to 256 bytes: at most 5 x 255 bytes over the packed expert.
+    const size_t slot = (*src)->layout().Bytes(first, 0);
+    EXPECT_GE(slot, w.nbytes()) << family;
+    EXPECT_LT(slot, w.nbytes() + 5 * 255) << family;
+    engine->SetExpertSource(src->get());
+    const std::vector<float> got = RunLogits(*engine);
+    engine->SetExpertSource(nullptr);
+    EXPECT_EQ(got, want) << family;
+    EXPECT_GT((*src)->stats().total.misses, 0) << family;
+    if (w.has_bias()) {
+      co.cpu_compute = "on";
+      auto refused = CreateCudaCacheSource(engine->weights(), &engine->backend(), o, co);
+      ASSERT_FALSE(refused.ok());
+      EXPECT_NE(refused.status().message().find("without biases"), std::string::npos) << refused.status().ToString();
+    }
+  }
+  fs::remove_all(dir);
+}
 
 TEST(CudaCachedEngine, BudgetSmallerThanTopKIsAnError) {
   if (!runtime::testing::HaveDevice()) GTEST_SKIP() << "no CUDA device visible";

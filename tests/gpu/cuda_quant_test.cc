@@ -18,6 +18,7 @@ using testing::DeviceArrays;
 using testing::MaxRelError;
 using testing::Nmse;
 using testing::RandomFloats;
+using testing::RoundedToBf16;
 
 class CudaQuantTest : public testing::CpuVsCudaTest<> {
  protected:
@@ -35,18 +36,9 @@ class CudaQuantTest : public testing::CpuVsCudaTest<> {
   std::vector<std::vector<std::byte>> keep_;
 };
 
-std::vector<float> RoundedToBf16(const std::vector<float>& f) {
-  std::vector<float> r(f.size());
-  for (size_t i = 0; i < f.size(); ++i) r[i] = Bf16ToF32(F32ToBf16(f[i]));
-  return r;
-}
-
 TEST_F(CudaQuantTest, GemmMatchesCpu) {
-  // m <= kGemvQuantMaxRows: the GEMV dequantizes to the CPU's exact fp32 values and keeps fp32
-  // activations, so only the summation order differs (<= 1e-5). Larger m: cuBLAS on bf16-rounded
-  // dequantized weights and activations (fp32 accumulation): <= 1e-5 against the CPU fed the same
-  // rounded operands, NMSE <= 1e-4 against the CPU on the exact ones. The 4165 x 4096 weight
-  // takes two dequantization tiles (4096 rows, then 69).
+  // Bounds in ExpectPackedGemmMatchesCpu (the GEMV for m <= kGemvQuantMaxRows, cuBLAS on bf16
+  // tiles past it). The 4165 x 4096 weight takes two dequantization tiles (4096 rows, then 69).
   struct Case {
     int64_t n, k;
     bool bias, acc;
@@ -69,22 +61,8 @@ TEST_F(CudaQuantTest, GemmMatchesCpu) {
       for (int64_t m : {1, 2, 3, 4, 16, 64}) {
         const std::string what = std::string(DTypeName(t)) + " m=" + std::to_string(m) + " n=" + std::to_string(c.n) +
                                  " k=" + std::to_string(c.k);
-        const std::vector<float> x = RandomFloats(m * c.k, 42 + m);
-        const std::vector<float> y0 = RandomFloats(m * c.n, 43);
-        std::vector<float> want = y0;
-        cpu_.Gemm(x.data(), m, wc, c.bias ? &bc : nullptr, want.data(), c.acc);
-        float* yd = dev_->Put(y0);
-        gpu_->Gemm(dev_->Put(x), m, wg, c.bias ? &*bg : nullptr, yd, c.acc);
-        const std::vector<float> got = dev_->Get(yd, want.size());
-        if (m <= cuda::kGemvQuantMaxRows) {
-          EXPECT_LE(MaxRelError(got, want), 1e-5) << "gemv " << what;
-        } else {
-          std::vector<float> want_rounded = y0;
-          const std::vector<float> xr = RoundedToBf16(x);
-          cpu_.Gemm(xr.data(), m, wr, c.bias ? &bc : nullptr, want_rounded.data(), c.acc);
-          EXPECT_LE(MaxRelError(got, want_rounded), 1e-5) << "cublas " << what;
-          EXPECT_LE(Nmse(got, want), 1e-4) << "cublas " << what;
-        }
+        testing::ExpectPackedGemmMatchesCpu(cpu_, *gpu_, *dev_, wc, wg, wr, c.bias ? &bc : nullptr,
+                                            c.bias ? &*bg : nullptr, m, c.acc, cuda::kGemvQuantMaxRows, what);
       }
     }
   }

@@ -85,6 +85,41 @@ class DeviceArrays {
   std::vector<Buffer> bufs_;
 };
 
+inline std::vector<float> RoundedToBf16(const std::vector<float>& f) {
+  std::vector<float> r(f.size());
+  for (size_t i = 0; i < f.size(); ++i) r[i] = Bf16ToF32(F32ToBf16(f[i]));
+  return r;
+}
+
+// Gemm of m random rows on a packed weight (host: the CPU's view, device: its upload), bias
+// optional, against the CPU backend. m <= max_gemv_rows: the fused GEMV computes the CPU's fp32
+// weight values with fp32 activations, only the summation order differs (<= 1e-5). Larger m:
+// cuBLAS on bf16-rounded dequantized weights (`rounded`, F32 [n, k]) and activations with fp32
+// accumulation: <= 1e-5 against the CPU fed those rounded operands, NMSE <= 1e-4 against the CPU
+// on the exact ones.
+inline void ExpectPackedGemmMatchesCpu(CpuBackend& cpu, Backend& gpu, DeviceArrays& dev, const Weight& host,
+                                       const Weight& device, const Weight& rounded, const Weight* bias_host,
+                                       const Weight* bias_device, int64_t m, bool accumulate, int64_t max_gemv_rows,
+                                       const std::string& what) {
+  const int64_t n = host.rows, k = host.cols;
+  const std::vector<float> x = RandomFloats(m * k, 42 + m);
+  const std::vector<float> y0 = RandomFloats(m * n, 43);
+  std::vector<float> want = y0;
+  cpu.Gemm(x.data(), m, host, bias_host, want.data(), accumulate);
+  float* yd = dev.Put(y0);
+  gpu.Gemm(dev.Put(x), m, device, bias_device, yd, accumulate);
+  const std::vector<float> got = dev.Get(yd, want.size());
+  if (m <= max_gemv_rows) {
+    EXPECT_LE(MaxRelError(got, want), 1e-5) << "gemv " << what;
+    return;
+  }
+  std::vector<float> want_rounded = y0;
+  const std::vector<float> xr = RoundedToBf16(x);
+  cpu.Gemm(xr.data(), m, rounded, bias_host, want_rounded.data(), accumulate);
+  EXPECT_LE(MaxRelError(got, want_rounded), 1e-5) << "cublas " << what;
+  EXPECT_LE(Nmse(got, want), 1e-4) << "cublas " << what;
+}
+
 // The fixture of the op tests: a CPU backend (the reference), a CUDA backend (skipped without a
 // device) and device arrays; after each test the CUDA backend must have no sticky error.
 template <class Base = ::testing::Test>

@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "runtime/core/block_scaled.h"
 #include "runtime/core/dtype.h"
 #include "runtime/engine/engine.h"
 #include "runtime/model/checkpoint_quant.h"
@@ -50,24 +51,33 @@ ModelConfig Parse(const SyntheticShape& s) {
   return c.ok() ? *c : ModelConfig{};
 }
 
-// The 16-bit pattern of element i of a BF16 weight.
-uint16_t Bf16At(const runtime::Weight& w, int64_t i) {
-  uint16_t h;
-  std::memcpy(&h, static_cast<const std::byte*>(w.data) + i * 2, 2);
-  return h;
+// The values of weight w as fp32: BF16 converted, packed (routed experts) rows dequantized.
+std::vector<float> Values(const runtime::Weight& w) {
+  std::vector<float> v(static_cast<size_t>(w.rows * w.cols));
+  if (IsBlockScaled(w.dtype)) {
+    for (int64_t r = 0; r < w.rows; ++r) DequantizeBlockScaledRow(w.dtype, w.data, w.rows, w.cols, r, &v[r * w.cols]);
+  } else {
+    ConvertToF32(w.dtype, w.data, v.data(), v.size());
+  }
+  return v;
 }
 
-// Counts the elements of BF16 weight `got` [rows, cols] whose bits differ from want(r, c) rounded to bf16.
+// Counts the elements of weight `got` [rows, cols] (dtype `dtype`) whose value differs from
+// want(r, c): bit for bit after rounding want to bf16 for BF16 weights, exactly for packed ones
+// (their values are the fp32 products themselves).
 template <typename Want>
-void ExpectBf16Equals(const runtime::Weight& got, int64_t rows, int64_t cols, const Want& want,
-                      const std::string& what) {
-  ASSERT_EQ(got.dtype, DType::kBF16) << what;
+void ExpectWeightEquals(const runtime::Weight& got, DType dtype, int64_t rows, int64_t cols, const Want& want,
+                        const std::string& what) {
+  ASSERT_EQ(got.dtype, dtype) << what;
   ASSERT_EQ(got.rows, rows) << what;
   ASSERT_EQ(got.cols, cols) << what;
+  const std::vector<float> v = Values(got);
   int64_t wrong = 0, first = -1;
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c)
-      if (Bf16At(got, r * cols + c) != F32ToBf16(want(r, c)) && wrong++ == 0) first = r * cols + c;
+    for (int64_t c = 0; c < cols; ++c) {
+      const float w = dtype == DType::kBF16 ? Bf16ToF32(F32ToBf16(want(r, c))) : want(r, c);
+      if (v[r * cols + c] != w && wrong++ == 0) first = r * cols + c;
+    }
   EXPECT_EQ(wrong, 0) << what << ": first at " << first;
 }
 
@@ -270,7 +280,7 @@ TEST_F(SyntheticModelTest, DeepseekV3LoadsBlockFp8WeightsExactly) {
   EXPECT_EQ(c.family, runtime::ModelFamily::kDeepseekV3);
   EXPECT_EQ(c.quant.method, runtime::WeightQuant::kFp8);
   EXPECT_EQ(c.num_moe_layers(), 1);
-  EXPECT_EQ(engine->weights().expert_dtype(), DType::kBF16);  // the embedding's dtype
+  EXPECT_EQ(engine->weights().expert_dtype(), DType::kFp8Block);  // routed experts kept packed
 
   const int moe_layer = 2;
   auto shard = Shard(dir, moe_layer);
@@ -293,7 +303,7 @@ TEST_F(SyntheticModelTest, DeepseekV3LoadsBlockFp8WeightsExactly) {
   EXPECT_EQ(shard->Find(p + "mlp.experts.0.gate_proj.weight_scale_inv")->shape,
             (std::vector<int64_t>{1, 2}));  // [64, 224]: one row block, column blocks of 128 and 96
 
-  // The reference dequantization: fp8 x scale_inv in fp32, rounded to bf16.
+  // The reference dequantization: fp8 x scale_inv in fp32 (rounded to bf16 where dequantized at load).
   auto fp8 = [&](const std::string& name) {
     const TensorView* t = shard->Find(name);
     const TensorView* sc = shard->Find(runtime::Fp8ScaleName(name));
@@ -308,14 +318,15 @@ TEST_F(SyntheticModelTest, DeepseekV3LoadsBlockFp8WeightsExactly) {
   const int64_t H = c.hidden_size, I = c.moe_intermediate_size;
   for (int e : {0, 1, 100, 255}) {
     const runtime::ExpertWeights& ew = engine->weights().host_expert(moe_layer, e);
-    ExpectBf16Equals(ew.gate, I, H, fp8(c.ExpertName(moe_layer, e, 0)), c.ExpertName(moe_layer, e, 0));
-    ExpectBf16Equals(ew.up, I, H, fp8(c.ExpertName(moe_layer, e, 1)), c.ExpertName(moe_layer, e, 1));
-    ExpectBf16Equals(ew.down, H, I, fp8(c.ExpertName(moe_layer, e, 2)), c.ExpertName(moe_layer, e, 2));
+    const DType packed = DType::kFp8Block;
+    ExpectWeightEquals(ew.gate, packed, I, H, fp8(c.ExpertName(moe_layer, e, 0)), c.ExpertName(moe_layer, e, 0));
+    ExpectWeightEquals(ew.up, packed, I, H, fp8(c.ExpertName(moe_layer, e, 1)), c.ExpertName(moe_layer, e, 1));
+    ExpectWeightEquals(ew.down, packed, H, I, fp8(c.ExpertName(moe_layer, e, 2)), c.ExpertName(moe_layer, e, 2));
   }
   const runtime::LayerWeights& L = engine->weights().layer(moe_layer);
-  ExpectBf16Equals(L.shared_expert.down, H, I, fp8(c.SharedExpertName(moe_layer, 2)), "shared down");
-  ExpectBf16Equals(L.q_a, c.q_lora_rank, H, fp8(p + "self_attn.q_a_proj.weight"), "q_a_proj");
-  ExpectBf16Equals(L.o, H, c.num_heads * c.v_head_dim, fp8(p + "self_attn.o_proj.weight"), "o_proj");
+  ExpectWeightEquals(L.shared_expert.down, DType::kBF16, H, I, fp8(c.SharedExpertName(moe_layer, 2)), "shared down");
+  ExpectWeightEquals(L.q_a, DType::kBF16, c.q_lora_rank, H, fp8(p + "self_attn.q_a_proj.weight"), "q_a_proj");
+  ExpectWeightEquals(L.o, DType::kBF16, H, c.num_heads * c.v_head_dim, fp8(p + "self_attn.o_proj.weight"), "o_proj");
   // The scales are the blocks' own: each block's largest value is encoded as +-448 (scale_inv =
   // amax / 448), and the loaded weights have the drawn distribution (uniform, standard deviation
   // 0.02, so |w| <= 0.02 sqrt(3)), which a scale off by more than bf16's rounding would change.
@@ -332,10 +343,10 @@ TEST_F(SyntheticModelTest, DeepseekV3LoadsBlockFp8WeightsExactly) {
   EXPECT_EQ(block_max[0], 448.f);
   EXPECT_EQ(block_max[1], 448.f);
   EXPECT_GT(codes.size(), 100u);
-  const runtime::Weight& gate7 = engine->weights().host_expert(moe_layer, 7).gate;
+  const std::vector<float> gate7 = Values(engine->weights().host_expert(moe_layer, 7).gate);
   double sum2 = 0, amax = 0;
   for (int64_t i = 0; i < I * H; ++i) {
-    const double v = Bf16ToF32(Bf16At(gate7, i));
+    const double v = gate7[i];
     sum2 += v * v;
     amax = std::max(amax, std::fabs(v));
   }
@@ -357,7 +368,7 @@ TEST_F(SyntheticModelTest, GptOss120bLoadsMxfp4ExpertsExactly) {
   EXPECT_EQ(c.quant.method, runtime::WeightQuant::kMxfp4);
   EXPECT_EQ(c.num_moe_layers(), 4);
   EXPECT_EQ(c.sliding_layers, (std::vector<bool>{true, false, true, false}));
-  EXPECT_EQ(engine->weights().expert_dtype(), DType::kBF16);  // the biases' dtype
+  EXPECT_EQ(engine->weights().expert_dtype(), DType::kMxfp4);  // routed experts kept packed
   const int64_t E = c.num_experts, H = c.hidden_size, I = c.moe_intermediate_size;
   ASSERT_EQ(H % 32, 0);
   ASSERT_EQ(I % 32, 0);
@@ -401,27 +412,31 @@ TEST_F(SyntheticModelTest, GptOss120bLoadsMxfp4ExpertsExactly) {
       const runtime::ExpertWeights& ew = engine->weights().host_expert(l, static_cast<int>(e));
       const std::string what = p + "expert " + std::to_string(e);
       // gate_up's rows interleave gate (even) and up (odd).
-      ExpectBf16Equals(
-          ew.gate, I, H, [&](int64_t r, int64_t col) { return mxfp4(gu, gus, e, 2 * I, H, 2 * r, col); },
+      ExpectWeightEquals(
+          ew.gate, DType::kMxfp4, I, H, [&](int64_t r, int64_t col) { return mxfp4(gu, gus, e, 2 * I, H, 2 * r, col); },
           what + " gate");
-      ExpectBf16Equals(
-          ew.up, I, H, [&](int64_t r, int64_t col) { return mxfp4(gu, gus, e, 2 * I, H, 2 * r + 1, col); },
-          what + " up");
-      ExpectBf16Equals(
-          ew.down, H, I, [&](int64_t r, int64_t col) { return mxfp4(dp, dps, e, H, I, r, col); }, what + " down");
-      ExpectBf16Equals(
-          ew.gate_bias, 1, I, [&](int64_t, int64_t i) { return bias(gub, e * 2 * I + 2 * i); }, what + " gate bias");
-      ExpectBf16Equals(
-          ew.up_bias, 1, I, [&](int64_t, int64_t i) { return bias(gub, e * 2 * I + 2 * i + 1); }, what + " up bias");
-      ExpectBf16Equals(
-          ew.down_bias, 1, H, [&](int64_t, int64_t h) { return bias(dpb, e * H + h); }, what + " down bias");
+      ExpectWeightEquals(
+          ew.up, DType::kMxfp4, I, H,
+          [&](int64_t r, int64_t col) { return mxfp4(gu, gus, e, 2 * I, H, 2 * r + 1, col); }, what + " up");
+      ExpectWeightEquals(
+          ew.down, DType::kMxfp4, H, I, [&](int64_t r, int64_t col) { return mxfp4(dp, dps, e, H, I, r, col); },
+          what + " down");
+      ExpectWeightEquals(
+          ew.gate_bias, DType::kBF16, 1, I, [&](int64_t, int64_t i) { return bias(gub, e * 2 * I + 2 * i); },
+          what + " gate bias");
+      ExpectWeightEquals(
+          ew.up_bias, DType::kBF16, 1, I, [&](int64_t, int64_t i) { return bias(gub, e * 2 * I + 2 * i + 1); },
+          what + " up bias");
+      ExpectWeightEquals(
+          ew.down_bias, DType::kBF16, 1, H, [&](int64_t, int64_t h) { return bias(dpb, e * H + h); },
+          what + " down bias");
     }
     // The scales are the groups' own: the loaded weights keep the drawn distribution's size
     // (standard deviation 0.02; measured 0.0197 to 0.0199 after rounding to e2m1), which a shared exponent
     // off by one would double or halve.
-    const runtime::Weight& down = engine->weights().host_expert(l, 3).down;
+    const std::vector<float> down = Values(engine->weights().host_expert(l, 3).down);
     double sum2 = 0;
-    for (int64_t i = 0; i < H * I; ++i) sum2 += std::pow(Bf16ToF32(Bf16At(down, i)), 2);
+    for (int64_t i = 0; i < H * I; ++i) sum2 += std::pow(down[i], 2);
     EXPECT_NEAR(std::sqrt(sum2 / double(H * I)), 0.02, 0.002);
   }
   ExpectFiniteLogits(*engine);

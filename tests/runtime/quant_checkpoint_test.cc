@@ -1,9 +1,12 @@
 // Quantized checkpoints as published (runtime/model/checkpoint_quant.h, ModelWeights): the
 // transformers fixtures of gpt_oss (MXFP4 experts) and deepseek_v3 (block FP8 linears) are
 // written in those layouts by tests/runtime/quant_checkpoint_writer.h, then
-//   (i)   the loaded weights equal this file's own dequantization of the written bytes, bit for bit;
+//   (i)   the loaded weights equal this file's own dequantization of the written bytes, bit for bit,
+//         whether the routed experts are kept packed (kMxfp4, kFp8Block: the default, at their
+//         stored size) or dequantized at load (LoadOptions::dequantize_experts);
 //   (ii)  `expertflow score` on them equals score on that dequantization written as a plain F32
-//         checkpoint, and stays within a measured bound of score on the unquantized fixture;
+//         checkpoint, and stays within a measured bound of score on the unquantized fixture; packed
+//         experts give the logits of experts dequantized at load;
 //   (iii) malformed blocks, scales, grids and configs are errors naming the tensor or key.
 #include <gtest/gtest.h>
 #include <sys/wait.h>
@@ -16,9 +19,11 @@
 #include <functional>
 #include <nlohmann/json.hpp>
 
+#include "runtime/core/block_scaled.h"
 #include "runtime/engine/engine.h"
 #include "runtime/model/checkpoint_quant.h"
 #include "runtime/model/model_config.h"
+#include "tests/runtime/prompt_run.h"
 #include "tests/runtime/quant_checkpoint_writer.h"
 
 namespace ef::runtime {
@@ -73,7 +78,8 @@ std::vector<float> As(DType dt, std::vector<float> v) {
   return v;
 }
 
-// Counts the values of `got` (host bytes: the CPU backend) that differ from `want` bit for bit.
+// Counts the values of `got` (host bytes: the CPU backend) that differ from `want` bit for bit; a
+// packed weight's values are those its rows dequantize to.
 void ExpectWeightEquals(const Weight& got, DType dtype, int64_t rows, int64_t cols, const std::vector<float>& want,
                         const std::string& what) {
   ASSERT_EQ(got.dtype, dtype) << what;
@@ -81,7 +87,11 @@ void ExpectWeightEquals(const Weight& got, DType dtype, int64_t rows, int64_t co
   ASSERT_EQ(got.cols, cols) << what;
   ASSERT_EQ(want.size(), static_cast<size_t>(rows * cols)) << what;
   std::vector<float> f(want.size());
-  ConvertToF32(got.dtype, got.data, f.data(), f.size());
+  if (IsBlockScaled(got.dtype)) {
+    for (int64_t r = 0; r < rows; ++r) DequantizeBlockScaledRow(got.dtype, got.data, rows, cols, r, &f[r * cols]);
+  } else {
+    ConvertToF32(got.dtype, got.data, f.data(), f.size());
+  }
   size_t wrong = 0, first = 0;
   for (size_t i = 0; i < f.size(); ++i)
     if (std::memcmp(&f[i], &want[i], 4) != 0 && wrong++ == 0) first = i;
@@ -122,9 +132,10 @@ class QuantCheckpointTest : public ::testing::Test {
     EXPECT_TRUE(s.ok()) << s.ToString();
     return out;
   }
-  static StatusOr<std::unique_ptr<Engine>> Open(const std::string& dir) {
+  static StatusOr<std::unique_ptr<Engine>> Open(const std::string& dir, bool dequantize_experts = false) {
     EngineOptions o;
     o.backend = "cpu";
+    o.dequantize_experts = dequantize_experts;
     return Engine::Create(dir, o);
   }
   // The logits of `expertflow score` on the fixture's reference input ids.
@@ -283,13 +294,15 @@ TEST(CheckpointQuantFormats, QuantizationConfigIsParsedOrRefusedByKey) {
 
 // --- (i) loaded weights equal the reference dequantization ---
 
-void CheckMxfp4Experts(const Engine& engine, const std::string& written, DType dtype) {
+// `dtype`: the biases' (and experts dequantized at load); packed experts are kMxfp4.
+void CheckMxfp4Experts(const Engine& engine, const std::string& written, DType dtype, bool packed) {
   const ModelWeights& m = engine.weights();
   const ModelConfig& c = m.config();
   auto file = SafetensorsFile::Open(written + "/model.safetensors");
   ASSERT_TRUE(file.ok()) << file.status().ToString();
   const int64_t E = c.num_experts, H = c.hidden_size, I = c.moe_intermediate_size;
-  EXPECT_EQ(m.expert_dtype(), dtype);
+  const DType wt = packed ? DType::kMxfp4 : dtype;
+  EXPECT_EQ(m.expert_dtype(), wt);
   for (int l = 0; l < c.num_layers; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".mlp.experts.";
     const TensorView* gu = (*file)->Find(p + "gate_up_proj_blocks");
@@ -318,9 +331,9 @@ void CheckMxfp4Experts(const Engine& engine, const std::string& written, DType d
       for (int64_t h = 0; h < H; ++h) db[h] = bias_d[e * H + h];
       const ExpertWeights& ew = m.host_expert(l, static_cast<int>(e));
       const std::string what = p + " expert " + std::to_string(e);
-      ExpectWeightEquals(ew.gate, dtype, I, H, gate, what + " gate");
-      ExpectWeightEquals(ew.up, dtype, I, H, up, what + " up");
-      ExpectWeightEquals(ew.down, dtype, H, I, down, what + " down");
+      ExpectWeightEquals(ew.gate, wt, I, H, gate, what + " gate");
+      ExpectWeightEquals(ew.up, wt, I, H, up, what + " up");
+      ExpectWeightEquals(ew.down, wt, H, I, down, what + " down");
       ExpectWeightEquals(ew.gate_bias, dtype, 1, I, gb, what + " gate bias");
       ExpectWeightEquals(ew.up_bias, dtype, 1, I, ub, what + " up bias");
       ExpectWeightEquals(ew.down_bias, dtype, 1, H, db, what + " down bias");
@@ -330,45 +343,50 @@ void CheckMxfp4Experts(const Engine& engine, const std::string& written, DType d
 
 TEST_F(QuantCheckpointTest, Mxfp4ExpertsEqualTheReferenceDequantization) {
   for (DType dt : {DType::kF32, DType::kBF16}) {
-    SCOPED_TRACE(DTypeName(dt));
     QuantWriteOptions o;
     o.float_dtype = dt;
     const std::string dir = Write("gpt_oss", std::string("mxfp4_") + DTypeName(dt), o);
-    auto engine = Open(dir);
-    ASSERT_TRUE(engine.ok()) << engine.status().ToString();
-    EXPECT_EQ((*engine)->config().quant.method, WeightQuant::kMxfp4);
-    CheckMxfp4Experts(**engine, dir, dt);
+    for (bool packed : {true, false}) {
+      SCOPED_TRACE(std::string(DTypeName(dt)) + (packed ? " packed" : " dequantized at load"));
+      auto engine = Open(dir, /*dequantize_experts=*/!packed);
+      ASSERT_TRUE(engine.ok()) << engine.status().ToString();
+      EXPECT_EQ((*engine)->config().quant.method, WeightQuant::kMxfp4);
+      CheckMxfp4Experts(**engine, dir, dt, packed);
+    }
   }
 }
 
-void CheckFp8Weights(const Engine& engine, const std::string& written, DType dtype, int br, int bc) {
+// `dtype`: the weights dequantized at load; packed experts are kFp8Block, whose values are the
+// fp32 products (not rounded to dtype).
+void CheckFp8Weights(const Engine& engine, const std::string& written, DType dtype, int br, int bc,
+                     bool packed_experts) {
   const ModelWeights& m = engine.weights();
   const ModelConfig& c = m.config();
   auto file = SafetensorsFile::Open(written + "/model.safetensors");
   ASSERT_TRUE(file.ok()) << file.status().ToString();
   int checked = 0;
-  auto ref = [&](const std::string& name) {
+  auto ref = [&](const std::string& name, DType as) {
     const TensorView* w = (*file)->Find(name);
     const TensorView* s = (*file)->Find(name + "_scale_inv");
     EXPECT_TRUE(w && s && w->dtype == DType::kF8E4M3) << name;
     ++checked;
-    return w && s ? As(dtype, RefFp8(*w, *s, br, bc)) : std::vector<float>();
+    return w && s ? As(as, RefFp8(*w, *s, br, bc)) : std::vector<float>();
   };
-  auto check = [&](const Weight& got, const std::string& name) {
+  auto check = [&](const Weight& got, const std::string& name, DType as) {
     const TensorView* w = (*file)->Find(name);
     ASSERT_TRUE(w) << name;
-    ExpectWeightEquals(got, dtype, w->dim(0), w->dim(1), ref(name), name);
+    ExpectWeightEquals(got, as, w->dim(0), w->dim(1), ref(name, as == DType::kFp8Block ? DType::kF32 : as), name);
   };
   const int64_t nh = c.num_heads, nope = c.qk_nope_head_dim, vd = c.v_head_dim, r = c.kv_lora_rank;
   for (int l = 0; l < c.num_layers; ++l) {
     const LayerWeights& L = m.layer(l);
     const std::string p = "model.layers." + std::to_string(l) + ".";
-    check(L.q_a, p + "self_attn.q_a_proj.weight");
-    check(L.q, p + "self_attn.q_b_proj.weight");
-    check(L.kv_a, p + "self_attn.kv_a_proj_with_mqa.weight");
-    check(L.o, p + "self_attn.o_proj.weight");
+    check(L.q_a, p + "self_attn.q_a_proj.weight", dtype);
+    check(L.q, p + "self_attn.q_b_proj.weight", dtype);
+    check(L.kv_a, p + "self_attn.kv_a_proj_with_mqa.weight", dtype);
+    check(L.o, p + "self_attn.o_proj.weight", dtype);
     // kv_b_proj is held repacked per head: W_uk transposed, W_uv contiguous.
-    const std::vector<float> kvb = ref(p + "self_attn.kv_b_proj.weight");
+    const std::vector<float> kvb = ref(p + "self_attn.kv_b_proj.weight", dtype);
     std::vector<float> key(nh * r * nope), value(nh * vd * r);
     for (int64_t h = 0; h < nh; ++h)
       for (int64_t j = 0; j < r; ++j) {
@@ -378,18 +396,19 @@ void CheckFp8Weights(const Engine& engine, const std::string& written, DType dty
     ExpectWeightEquals(L.kv_b_key, dtype, nh * r, nope, key, p + "kv_b key");
     ExpectWeightEquals(L.kv_b_value, dtype, nh * vd, r, value, p + "kv_b value");
     if (!c.IsMoeLayer(l)) {
-      check(L.dense_mlp.gate, p + "mlp.gate_proj.weight");
-      check(L.dense_mlp.up, p + "mlp.up_proj.weight");
-      check(L.dense_mlp.down, p + "mlp.down_proj.weight");
+      check(L.dense_mlp.gate, p + "mlp.gate_proj.weight", dtype);
+      check(L.dense_mlp.up, p + "mlp.up_proj.weight", dtype);
+      check(L.dense_mlp.down, p + "mlp.down_proj.weight", dtype);
       continue;
     }
-    check(L.shared_expert.gate, c.SharedExpertName(l, 0));
-    check(L.shared_expert.up, c.SharedExpertName(l, 1));
-    check(L.shared_expert.down, c.SharedExpertName(l, 2));
+    check(L.shared_expert.gate, c.SharedExpertName(l, 0), dtype);
+    check(L.shared_expert.up, c.SharedExpertName(l, 1), dtype);
+    check(L.shared_expert.down, c.SharedExpertName(l, 2), dtype);
+    const DType expert_dtype = packed_experts ? DType::kFp8Block : dtype;
     for (int e = 0; e < c.num_experts; ++e) {
-      check(m.host_expert(l, e).gate, c.ExpertName(l, e, 0));
-      check(m.host_expert(l, e).up, c.ExpertName(l, e, 1));
-      check(m.host_expert(l, e).down, c.ExpertName(l, e, 2));
+      check(m.host_expert(l, e).gate, c.ExpertName(l, e, 0), expert_dtype);
+      check(m.host_expert(l, e).up, c.ExpertName(l, e, 1), expert_dtype);
+      check(m.host_expert(l, e).down, c.ExpertName(l, e, 2), expert_dtype);
     }
     // The router is not quantized: the checkpoint's values.
     const TensorView* router = (*file)->Find(c.RouterName(l));
@@ -404,21 +423,65 @@ void CheckFp8Weights(const Engine& engine, const std::string& written, DType dty
 }
 
 TEST_F(QuantCheckpointTest, Fp8WeightsEqualTheReferenceDequantization) {
-  // [128, 128] as published (one block per fixture weight); [16, 24] leaves partial blocks in
-  // both dimensions (rows 40 and 96, columns 32 and 64).
+  // [128, 128] as published (one partial block per fixture weight; routed experts kept packed
+  // unless dequantize_experts); [16, 24] leaves partial blocks in both dimensions (rows 40 and 96,
+  // columns 32 and 64), a block size kFp8Block does not hold: every weight is dequantized.
   for (auto [br, bc] : {std::pair{128, 128}, std::pair{16, 24}}) {
     for (DType dt : {DType::kF32, DType::kBF16}) {
-      SCOPED_TRACE(std::to_string(br) + "x" + std::to_string(bc) + " " + DTypeName(dt));
       QuantWriteOptions o;
       o.block_rows = br;
       o.block_cols = bc;
       o.float_dtype = dt;
       const std::string dir = Write("deepseek_v3", "fp8_" + std::to_string(bc) + DTypeName(dt), o);
-      auto engine = Open(dir);
-      ASSERT_TRUE(engine.ok()) << engine.status().ToString();
-      EXPECT_EQ((*engine)->config().quant.method, WeightQuant::kFp8);
-      CheckFp8Weights(**engine, dir, dt, br, bc);
+      for (bool dequantize_experts : {false, true}) {
+        SCOPED_TRACE(std::to_string(br) + "x" + std::to_string(bc) + " " + DTypeName(dt) +
+                     (dequantize_experts ? " experts dequantized at load" : ""));
+        auto engine = Open(dir, dequantize_experts);
+        ASSERT_TRUE(engine.ok()) << engine.status().ToString();
+        EXPECT_EQ((*engine)->config().quant.method, WeightQuant::kFp8);
+        CheckFp8Weights(**engine, dir, dt, br, bc, /*packed_experts=*/br == 128 && !dequantize_experts);
+      }
     }
+  }
+}
+
+// Packed experts hold the checkpoint's bytes: values and scales, each part padded to 16 bytes
+// (the fixtures' MXFP4 parts need none; an FP8 part of [32, 64] has 2048 value bytes and one
+// 4-byte scale, padded to 2064), not the float size they dequantize to.
+TEST_F(QuantCheckpointTest, PackedExpertsHoldTheirStoredSize) {
+  QuantWriteOptions o;
+  o.float_dtype = DType::kBF16;  // as published
+  for (const std::string family : {"gpt_oss", "deepseek_v3"}) {
+    SCOPED_TRACE(family);
+    const std::string dir = Write(family, family + "_bf16", o);
+    auto packed = Open(dir);
+    auto dequantized = Open(dir, /*dequantize_experts=*/true);
+    ASSERT_TRUE(packed.ok() && dequantized.ok());
+    const ModelConfig& c = (*packed)->config();
+    const int l = c.MoeLayers().front();
+    const int64_t H = c.hidden_size, I = c.moe_intermediate_size;
+    auto file = SafetensorsFile::Open(dir + "/model.safetensors");
+    ASSERT_TRUE(file.ok());
+    auto pad = [](int64_t b) { return static_cast<size_t>((b + 15) / 16 * 16); };
+    size_t stored = 0;  // expert 0 of layer l, as the checkpoint stores it
+    if (family == "gpt_oss") {
+      // gate and up: I rows each of gate_up's [2I, H]; down [H, I]; biases 2I + H values.
+      stored = 2 * pad(I * H / 2 + I * H / 32) + pad(H * I / 2 + H * I / 32) + static_cast<size_t>(2 * I + H) * 2;
+    } else {
+      for (int p = 0; p < 3; ++p) {
+        const TensorView* w = (*file)->Find(c.ExpertName(l, 0, p));
+        const TensorView* s = (*file)->Find(Fp8ScaleName(c.ExpertName(l, 0, p)));
+        ASSERT_TRUE(w && s);
+        stored += pad(static_cast<int64_t>(w->nbytes)) + pad(static_cast<int64_t>(s->nbytes));
+      }
+    }
+    const size_t held = (*packed)->weights().host_expert(l, 0).nbytes();
+    const size_t as_float = (*dequantized)->weights().host_expert(l, 0).nbytes();
+    std::printf("%s: expert bytes %zu packed (stored %zu), %zu dequantized to BF16\n", family.c_str(), held, stored,
+                as_float);
+    EXPECT_EQ(held, stored);
+    EXPECT_EQ((*packed)->weights().max_expert_bytes(), stored);
+    EXPECT_LT(held, as_float);
   }
 }
 
@@ -503,6 +566,40 @@ TEST_F(QuantCheckpointTest, ScoreMatchesTheDequantizedCheckpointAndStaysNearTheF
     std::printf("%s: weight rms error %.4f, max |logit| %.4f, max |logit(quantized) - logit(fixture)| %.4g\n",
                 k.family.c_str(), weight_err, MaxAbs(fixture), diff);
     EXPECT_LT(diff, k.bound);
+  }
+}
+
+// The CPU backend dequantizes a packed expert's rows to the fp32 values the loader would have
+// stored and sums them in the same order, so packed experts give the logits of experts dequantized
+// at load bit for bit, except block FP8 dequantized into BF16 at load: those weights are rounded
+// once more (to 8 significant bits), which packed experts are not. That case differs by the
+// rounding: measured max |dlogit| 1.7e-4 (max |logit| 0.61); bound about twice that.
+TEST_F(QuantCheckpointTest, PackedExpertsGiveTheLogitsOfExpertsDequantizedAtLoad) {
+  const std::vector<int32_t> prompt = {1, 17, 42, 5, 99, 7, 23, 64, 3, 11};
+  for (const std::string family : {"gpt_oss", "deepseek_v3"}) {
+    for (DType dt : {DType::kF32, DType::kBF16}) {
+      SCOPED_TRACE(family + " " + DTypeName(dt));
+      QuantWriteOptions o;
+      o.float_dtype = dt;
+      const std::string dir = Write(family, family + "_" + DTypeName(dt), o);
+      auto packed = Open(dir);
+      auto dequantized = Open(dir, /*dequantize_experts=*/true);
+      ASSERT_TRUE(packed.ok() && dequantized.ok());
+      ASSERT_TRUE(IsBlockScaled((*packed)->weights().expert_dtype()));
+      ASSERT_EQ((*dequantized)->weights().expert_dtype(), dt);
+      const ef::testing::PromptRun a = ef::testing::RunPrompt(**packed, prompt, 4);
+      const ef::testing::PromptRun b = ef::testing::RunPrompt(**dequantized, prompt, 4);
+      ASSERT_FALSE(a.logits.empty());
+      const double diff = MaxAbsDiff(a.logits, b.logits);
+      std::printf("%s %s: max |logit(packed) - logit(dequantized at load)| %.4g (max |logit| %.4f)\n", family.c_str(),
+                  DTypeName(dt), diff, MaxAbs(b.logits));
+      if (family == "deepseek_v3" && dt == DType::kBF16) {
+        EXPECT_LT(diff, 4e-4);
+      } else {
+        EXPECT_EQ(diff, 0.0);
+        EXPECT_EQ(a.tokens, b.tokens);
+      }
+    }
   }
 }
 

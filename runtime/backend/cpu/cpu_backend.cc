@@ -7,6 +7,7 @@
 #include <numeric>
 #include <vector>
 
+#include "runtime/core/block_scaled.h"
 #include "runtime/core/quant.h"
 
 namespace ef::runtime {
@@ -28,6 +29,10 @@ inline float Dot(const float* a, const float* b, int64_t n) {
 inline const float* WeightRow(const Weight& w, int64_t r, float* scratch) {
   if (IsQuantized(w.dtype)) {
     DequantizeRow(w.dtype, w.data, w.rows, w.cols, r, scratch);
+    return scratch;
+  }
+  if (IsBlockScaled(w.dtype)) {
+    DequantizeBlockScaledRow(w.dtype, w.data, w.rows, w.cols, r, scratch);
     return scratch;
   }
   const size_t esz = DTypeSize(w.dtype);
@@ -67,16 +72,7 @@ void CpuBackend::CopyOnDevice(void* dst, const void* src, size_t bytes) { std::m
 void CpuBackend::SetZero(void* dst, size_t bytes) { std::memset(dst, 0, bytes); }
 
 StatusOr<Weight> CpuBackend::UploadWeight(DType dtype, const void* host_data, int64_t rows, int64_t cols) {
-  if (IsQuantized(dtype)) {
-    if (!QuantFormat::Of(dtype).divides(cols))
-      return InvalidArgument(std::string("cpu backend: a ") + DTypeName(dtype) + " weight's cols (" +
-                             std::to_string(cols) + ") must be a multiple of its group (" +
-                             std::to_string(QuantFormat::Of(dtype).group) + ")");
-    return Weight{dtype, host_data, rows, cols};
-  }
-  if (!IsFloatWeight(dtype))
-    return InvalidArgument(std::string("cpu backend: weights must be F32, F16, BF16, Q8G or Q4G, got ") +
-                           DTypeName(dtype));
+  EF_RETURN_IF_ERROR(CheckWeightType("cpu backend", dtype, cols));
   return Weight{dtype, host_data, rows, cols};
 }
 

@@ -25,20 +25,6 @@ std::string MiB(size_t bytes) { return std::to_string(bytes >> 20) + " MiB"; }
 // Bound on the bf16 scratch of a quantized GEMM past the GEMV's rows (a tile of weight rows).
 constexpr int64_t kDequantTileBytes = int64_t{32} << 20;
 
-Status CheckWeightType(DType dtype, int64_t cols) {
-  if (IsQuantized(dtype)) {
-    if (!QuantFormat::Of(dtype).divides(cols))
-      return InvalidArgument(std::string("cuda backend: a ") + DTypeName(dtype) + " weight's cols (" +
-                             std::to_string(cols) + ") must be a multiple of its group (" +
-                             std::to_string(QuantFormat::Of(dtype).group) + ")");
-    return Status::Ok();
-  }
-  if (!IsFloatWeight(dtype))
-    return InvalidArgument(std::string("cuda backend: weights must be F32, F16, BF16, Q8G or Q4G, got ") +
-                           DTypeName(dtype));
-  return Status::Ok();
-}
-
 cudaDataType_t CudaType(DType t) {
   switch (t) {
     case DType::kBF16:
@@ -373,7 +359,7 @@ void CudaBackend::Synchronize() {
 }
 
 StatusOr<Weight> CudaBackend::AllocateWeight(DType dtype, int64_t rows, int64_t cols) {
-  EF_RETURN_IF_ERROR(CheckWeightType(dtype, cols));
+  EF_RETURN_IF_ERROR(CheckWeightType("cuda backend", dtype, cols));
   const size_t bytes = WeightBytes(dtype, rows, cols);
   EF_ASSIGN_OR_RETURN(void* p, DeviceAlloc(bytes));
   weights_.emplace_back(p, bytes);
@@ -381,7 +367,7 @@ StatusOr<Weight> CudaBackend::AllocateWeight(DType dtype, int64_t rows, int64_t 
 }
 
 StatusOr<Weight> CudaBackend::UploadWeight(DType dtype, const void* host_data, int64_t rows, int64_t cols) {
-  EF_RETURN_IF_ERROR(CheckWeightType(dtype, cols));
+  EF_RETURN_IF_ERROR(CheckWeightType("cuda backend", dtype, cols));
   const size_t n = static_cast<size_t>(rows * cols);
   const bool to_bf16 = options_.bf16_weights && dtype == DType::kF32 && rows > 1;
   const DType stored = to_bf16 ? DType::kBF16 : dtype;
@@ -414,7 +400,7 @@ void CudaBackend::RmsNorm(const float* x, int64_t rows, int dim, const Weight& w
 
 void CudaBackend::Gemm(const float* x, int64_t m, const Weight& w, const Weight* bias, float* y, bool accumulate) {
   if (m <= 0) return;
-  if (IsQuantized(w.dtype)) {
+  if (IsPackedWeight(w.dtype)) {
     GemmQuantized(x, m, w, y, accumulate);
     if (bias && !bias->empty())
       CUDA_CHECK_LOG(cuda::launch_add_bias(y, m, w.rows, bias->data, bias->dtype, stream_), &error_);
@@ -472,6 +458,13 @@ void CudaBackend::GemmQuantized(const float* x, int64_t m, const Weight& w, floa
                    &error_);
     return;
   }
+  if (cuda::gemv_block_scaled_supported(m, k, w.dtype, x, w.data)) {
+    CUDA_CHECK_LOG(
+        cuda::launch_gemv_block_scaled(x, m, w.data, w.dtype, n, k, y, accumulate,
+                                       cuda::gemv_block_scaled_warps_per_row(n, k, w.dtype, num_sms_), stream_),
+        &error_);
+    return;
+  }
   // Past the GEMV's rows: dequantize to bf16 and use the bf16 cuBLAS GEMM, a tile of weight rows
   // (output columns) at a time so that the scratch stays at kDequantTileBytes rather than a bf16
   // copy of the whole weight (the device memory the quantized copy exists to save).
@@ -484,7 +477,10 @@ void CudaBackend::GemmQuantized(const float* x, int64_t m, const Weight& w, floa
   for (int64_t r0 = 0; r0 < n; r0 += tile_rows) {
     const int64_t rows = std::min(tile_rows, n - r0);
     // The previous tile's GEMM reads wt; both are in stream order, so rewriting it is safe.
-    CUDA_CHECK_LOG(cuda::launch_dequantize_bf16(w.data, w.dtype, n, k, r0, rows, wt, stream_), &error_);
+    CUDA_CHECK_LOG(IsBlockScaled(w.dtype)
+                       ? cuda::launch_dequantize_block_scaled_bf16(w.data, w.dtype, n, k, r0, rows, wt, stream_)
+                       : cuda::launch_dequantize_bf16(w.data, w.dtype, n, k, r0, rows, wt, stream_),
+                   &error_);
     // Column-major y^T[n, m] restricted to rows r0.. of the tile: y + r0, leading dimension n.
     Gemm16(DType::kBF16, wt, xc, y + r0, m, rows, k, n, accumulate);
   }

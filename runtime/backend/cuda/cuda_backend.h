@@ -38,7 +38,7 @@ struct CudaBackendOptions {
   int device = 0;
   // Store F32 matrices (rows > 1) as BF16 at upload; GEMMs then run bf16 x bf16 with fp32
   // accumulation. 1-D vectors (norms, biases) stay F32. Default: EF_CUDA_BF16_WEIGHTS.
-  // (Quantized kQ8/kQ4 weights upload as they are.)
+  // (Packed kQ8/kQ4/kMxfp4/kFp8Block weights upload as they are.)
   bool bf16_weights = false;
   // Bytes of device memory the backend may hold; 0: free memory at creation less 1 GiB.
   // Default: EF_CUDA_MEMORY_BUDGET_MIB.
@@ -153,7 +153,7 @@ class CudaBackend final : public Backend {
   // apart: LtGemm, else cublasGemmEx.
   void Gemm16(DType t, const void* w, const void* x, float* y, int64_t m, int64_t n, int64_t k, int64_t ldy,
               bool accumulate);
-  // Gemm's body for kQ8/kQ4 weights (bias added by Gemm).
+  // Gemm's body for packed weights (kQ8, kQ4, kMxfp4, kFp8Block; bias added by Gemm).
   void GemmQuantized(const float* x, int64_t m, const Weight& w, float* y, bool accumulate);
 
   CudaBackendOptions options_;

@@ -205,6 +205,19 @@ cudaError_t launch_gemv_quant(const float* x, int64_t m, const void* w, DType wd
 cudaError_t launch_dequantize_bf16(const void* w, DType wdt, int64_t rows, int64_t cols, int64_t row_begin,
                                    int64_t num_rows, void* dst, cudaStream_t stream);
 
+// The same two ops on block-scaled weights (kMxfp4, kFp8Block; runtime/core/block_scaled_format.h):
+// a fused-dequantization GEMV for m <= kGemvQuantMaxRows (gemv_block_scaled_supported: k fits the
+// format, w 16-byte aligned, x too except on the FP8 byte path for k not a multiple of 16;
+// warps_per_row from gemv_block_scaled_warps_per_row, never from m), and the dequantization of a
+// tile of rows to bf16 (any k the format takes: FP8 rows may end in partial blocks). Values before
+// rounding equal the CPU's DequantizeBlockScaledRow.
+bool gemv_block_scaled_supported(int64_t m, int64_t k, DType wdt, const void* x, const void* w);
+int gemv_block_scaled_warps_per_row(int64_t n, int64_t k, DType wdt, int num_sms);
+cudaError_t launch_gemv_block_scaled(const float* x, int64_t m, const void* w, DType wdt, int64_t n, int64_t k,
+                                     float* y, bool accumulate, int warps_per_row, cudaStream_t stream);
+cudaError_t launch_dequantize_block_scaled_bf16(const void* w, DType wdt, int64_t rows, int64_t cols, int64_t row_begin,
+                                                int64_t num_rows, void* dst, cudaStream_t stream);
+
 // dst[0, bytes) = host_src[0, bytes) for bytes <= kParamCopyMaxBytes, by a kernel whose launch
 // parameters carry the bytes (cheaper than a copy-engine operation between kernels); host_src may
 // be reused as soon as the call returns. 4032: the payload and the other arguments stay within

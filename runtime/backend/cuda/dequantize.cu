@@ -15,11 +15,6 @@
 namespace ef::runtime::cuda {
 namespace {
 
-__device__ __forceinline__ unsigned PackBf16(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (lo) at the lower address
-  return *reinterpret_cast<const unsigned*>(&v);
-}
-
 template <int kBits, int kGroup, bool kAsym>
 __global__ void DequantizeKernel(const uint8_t* __restrict__ values, const uint8_t* __restrict__ params, int64_t k,
                                  int64_t row_begin, int64_t num_chunks, uint4* __restrict__ dst) {

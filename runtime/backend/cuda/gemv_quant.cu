@@ -63,32 +63,7 @@ __global__ void __launch_bounds__(kWarps * 32)
       }
     }
   }
-#pragma unroll
-  for (int m = 0; m < kM; ++m) acc[m] = WarpSum(acc[m]);
-  if constexpr (kSplit == 1) {
-    if (valid && lane == 0) {
-#pragma unroll
-      for (int m = 0; m < kM; ++m) {
-        float* dst = y + static_cast<int64_t>(m) * n + row;
-        *dst = accumulate ? *dst + acc[m] : acc[m];
-      }
-    }
-  } else {
-    __shared__ float partial[kWarps][kM];
-    if (lane == 0) {
-#pragma unroll
-      for (int m = 0; m < kM; ++m) partial[warp][m] = acc[m];
-    }
-    __syncthreads();
-    // Lane m of the row's first warp adds the partials in warp order (fixed, independent of m).
-    if (valid && part == 0 && lane < kM) {
-      float s = partial[warp][lane];
-#pragma unroll
-      for (int p = 1; p < kSplit; ++p) s += partial[warp + p][lane];
-      float* dst = y + static_cast<int64_t>(lane) * n + row;
-      *dst = accumulate ? *dst + s : s;
-    }
-  }
+  StoreGemvRow<kWarps, kM, kSplit>(acc, warp, lane, part, row, valid, y, n, accumulate);
 }
 
 struct Args {
