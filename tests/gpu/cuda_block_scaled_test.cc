@@ -161,8 +161,11 @@ TEST_F(CudaBlockScaledTest, UploadChecksTheBlockAndAccountsTheStoredSize) {
 }
 
 // The quantized fixtures (gpt_oss: MXFP4 experts with biases; deepseek_v3: block FP8, routed
-// experts packed) through the CUDA engine, experts resident on the device, against the CPU engine:
-// the bound of CudaReferenceTest.CudaAndCpuEnginesAgree.
+// experts packed) through the CUDA engine, experts resident on the device, against the CPU engine
+// within 1e-3, the CUDA fp32 bound of the transformers fixtures. Tighter than that does not hold:
+// past the fused GEMV's 4 rows (the prompt's prefill) a packed expert is dequantized into bf16
+// tiles and meets bf16-rounded activations in cuBLAS (measured on H200: 7.3e-4 gpt_oss, 2.2e-4
+// deepseek_v3), where the fp32 fixtures' unpacked experts keep fp32 activations.
 TEST_F(CudaBlockScaledTest, PackedExpertCheckpointsMatchTheCpuEngine) {
   namespace fs = std::filesystem;
   const fs::path dir = fs::temp_directory_path() / ("ef_cuda_block_scaled_" + std::to_string(::getpid()));
@@ -186,7 +189,7 @@ TEST_F(CudaBlockScaledTest, PackedExpertCheckpointsMatchTheCpuEngine) {
     for (size_t i = 0; i < a.logits.size() && i < b.logits.size(); ++i)
       max_diff = std::max(max_diff, std::abs(double(a.logits[i]) - b.logits[i]));
     std::printf("[ %s packed ] max |cuda - cpu| logit = %.3g\n", family.c_str(), max_diff);
-    EXPECT_LT(max_diff, 1e-4) << family;
+    EXPECT_LT(max_diff, 1e-3) << family;
     EXPECT_EQ(a.tokens, b.tokens) << family;
   }
   fs::remove_all(dir);
