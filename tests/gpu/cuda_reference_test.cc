@@ -163,7 +163,7 @@ TEST(CudaReferenceBf16, Top1AgreementAtLeast99Percent) {
   if (!testing::HaveDevice()) GTEST_SKIP() << "no CUDA device visible";
   if (!params::CudaBf16Weights()) GTEST_SKIP() << "run with EF_CUDA_BF16_WEIGHTS=1 (ctest: gpu_reference_bf16)";
   int agree = 0, total = 0;
-  for (std::string fam : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"}) {
+  for (std::string fam : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss"}) {
     json ref = ReadRef(fam);
     auto engine = MakeEngine(fam, "cuda");
     ASSERT_NE(engine, nullptr);
