@@ -170,7 +170,7 @@ Status PredictorPrefetcher::TokenProbs(const runtime::LayerRouting& r, int m, in
 
 Status PredictorPrefetcher::OnRouting(const runtime::LayerRouting& r) {
   const int M = static_cast<int>(moe_layers_.size()), E = config_->num_experts, K = config_->top_k;
-  const int m = r.moe_layer, T = r.num_tokens;
+  const int m = r.moe_layer.index, T = r.num_tokens;
   if (m < 0 || m >= M || r.top_k != K) return Internal("prefetch predictor: routing of an unexpected shape");
   if (m == 0 || T != num_tokens_) EF_RETURN_IF_ERROR(BeginForward(r));
 

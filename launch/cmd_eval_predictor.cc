@@ -232,7 +232,7 @@ Status RunLookaheadEval(const EvalArgs& a) {
   const int H = c.hidden_size;
   engine->set_expose_router_inputs(true);
   engine->AddRoutingHook([&](runtime::LayerRouting& r) -> Status {
-    const int s = r.moe_layer;
+    const int s = r.moe_layer.index;
     for (int t = 0; t < r.num_tokens; ++t) {
       const int idx = span.at(r.seq[t]).first + r.pos[t];
       const int16_t* truth = test.tokens[idx].experts.data() + static_cast<size_t>(s) * K;

@@ -71,7 +71,7 @@ Status RunScore(const ScoreOptions& o, comm::MpiContext* ctx) {
     for (int t = 0; t < r.num_tokens; ++t) {
       auto& per_layer = topk[r.seq[t]];
       per_layer.resize(c.num_moe_layers());
-      per_layer[r.moe_layer].emplace_back(r.ids.begin() + t * r.top_k, r.ids.begin() + (t + 1) * r.top_k);
+      per_layer[r.moe_layer.index].emplace_back(r.ids.begin() + t * r.top_k, r.ids.begin() + (t + 1) * r.top_k);
     }
     return Status::Ok();
   });

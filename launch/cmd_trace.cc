@@ -108,8 +108,8 @@ Status RunTrace(const TraceOptions& o) {
         tt.weights.assign(static_cast<size_t>(L) * K, 0.f);
       }
       for (int j = 0; j < K; ++j) {
-        tt.experts[static_cast<size_t>(r.moe_layer) * K + j] = static_cast<int16_t>(r.ids[t * r.top_k + j]);
-        tt.weights[static_cast<size_t>(r.moe_layer) * K + j] = r.weights[t * r.top_k + j];
+        tt.experts[static_cast<size_t>(r.moe_layer.index) * K + j] = static_cast<int16_t>(r.ids[t * r.top_k + j]);
+        tt.weights[static_cast<size_t>(r.moe_layer.index) * K + j] = r.weights[t * r.top_k + j];
       }
     }
     return Status::Ok();

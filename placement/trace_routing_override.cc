@@ -31,13 +31,13 @@ runtime::RoutingHook TraceRoutingOverride::Hook() {
       const size_t index = keying_ == TraceKeying::kSequence ? TokenFor(r.seq[t], r.pos[t]) : (cursor_ + t) % n;
       const TraceToken& tok = trace_.tokens[index];
       for (int j = 0; j < k; ++j) {
-        const size_t i = static_cast<size_t>(r.moe_layer) * k + j;
+        const size_t i = static_cast<size_t>(r.moe_layer.index) * k + j;
         r.ids[t * k + j] = tok.experts[i];
         r.weights[t * k + j] = tok.weights.empty() ? 1.0f / k : tok.weights[i];
       }
     }
-    if (on_override_ && keying_ == TraceKeying::kStream) on_override_(r.moe_layer, cursor_, r.num_tokens);
-    if (r.moe_layer == num_moe_layers_ - 1) cursor_ += r.num_tokens;
+    if (on_override_ && keying_ == TraceKeying::kStream) on_override_(r.moe_layer.index, cursor_, r.num_tokens);
+    if (r.moe_layer.index == num_moe_layers_ - 1) cursor_ += r.num_tokens;
     return Status::Ok();
   };
 }

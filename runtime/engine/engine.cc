@@ -142,10 +142,10 @@ bool Engine::DeviceRouting(int64_t T) const {
   return c.num_moe_layers() > 0;
 }
 
-std::pair<int32_t*, float*> Engine::DeviceRoutingSlot(int moe_layer, int64_t T) {
+std::pair<int32_t*, float*> Engine::DeviceRoutingSlot(MoeLayer moe_layer, int64_t T) {
   const int64_t K = config().top_k;
   float* base =
-      Scratch(kDeviceRouting, static_cast<size_t>(config().num_moe_layers() * 2 * T * K)) + moe_layer * 2 * T * K;
+      Scratch(kDeviceRouting, static_cast<size_t>(config().num_moe_layers() * 2 * T * K)) + moe_layer.index * 2 * T * K;
   return {reinterpret_cast<int32_t*>(base), base + T * K};
 }
 
@@ -160,7 +160,7 @@ Status Engine::RunObservers(int64_t T, const std::vector<int64_t>& row_seq, cons
   for (int m = 0; m < c.num_moe_layers(); ++m) {
     std::memcpy(ids.data(), all.data() + m * per, ids.size() * sizeof(int32_t));
     std::span<float> wts(all.data() + m * per + T * K, static_cast<size_t>(T * K));
-    LayerRouting r{c.MoeLayers()[m], m, static_cast<int>(T), static_cast<int>(K), ids, wts, row_seq, row_pos,
+    LayerRouting r{c.MoeLayers()[m], MoeLayer(m), static_cast<int>(T), static_cast<int>(K), ids, wts, row_seq, row_pos,
                    row_tok,          {}};
     for (auto& [id, observer] : observers_) EF_RETURN_IF_ERROR(observer(r));
   }
@@ -457,7 +457,7 @@ Status Engine::MoeBlock(int layer, int64_t T, const float* h, float* out, const 
   std::vector<float> wts;
   Route(L, T, logits, &ids, &wts);
 
-  LayerRouting routing{layer, c.MoeLayerIndex(layer), static_cast<int>(T), K, ids, wts, row_seq, row_pos, row_tok, {}};
+  LayerRouting routing{layer, *c.MoeLayerOf(layer), static_cast<int>(T), K, ids, wts, row_seq, row_pos, row_tok, {}};
   if (expose_router_inputs_) {
     router_inputs_.resize(static_cast<size_t>(T) * H);
     backend_->CopyToHost(router_inputs_.data(), h, router_inputs_.size() * sizeof(float));
@@ -539,7 +539,7 @@ Status Engine::Forward(std::span<const SeqChunk> batch, ForwardResult* result) {
     if (device_routing && c.IsMoeLayer(l)) {
       float* logits = Scratch(kRouterLogits, T * c.num_experts);
       backend_->Gemm(h, T, L.router, c.router_bias ? &L.router_bias : nullptr, logits, false);
-      auto [ids_dev, w_dev] = DeviceRoutingSlot(c.MoeLayerIndex(l), T);
+      auto [ids_dev, w_dev] = DeviceRoutingSlot(*c.MoeLayerOf(l), T);
       backend_->RouterTopK(logits, T, c.num_experts, c.top_k, c.norm_topk_prob, ids_dev, w_dev);
       // x += the layer's expert output, summed as SetZero, MoeBlock and Add below sum it.
       if (backend_->MoeRouted(h, T, c.top_k, ids_dev, w_dev, routed_[l], x)) {

@@ -54,8 +54,8 @@ struct SeqChunk {
 
 // A layer's routing, on the host, for the hooks. Rows follow the batch's token order.
 struct LayerRouting {
-  int layer = 0;      // decoder layer index
-  int moe_layer = 0;  // index among MoE layers
+  int layer = 0;          // decoder layer index
+  MoeLayer moe_layer{0};  // its index among MoE layers
   int num_tokens = 0;
   int top_k = 0;
   std::span<int32_t> ids;        // [num_tokens * top_k], mutable: an override may rewrite it
@@ -174,7 +174,7 @@ class Engine {
   bool DeviceRouting(int64_t T) const;
   // The router's top-k of T rows into the device routing buffer of MoE layer `moe_layer` (ids
   // then weights), for MoeRouted and the observers.
-  std::pair<int32_t*, float*> DeviceRoutingSlot(int moe_layer, int64_t T);
+  std::pair<int32_t*, float*> DeviceRoutingSlot(MoeLayer moe_layer, int64_t T);
   Status RunObservers(int64_t T, const std::vector<int64_t>& row_seq, const std::vector<int32_t>& row_pos,
                       const std::vector<int32_t>& row_tok);
 

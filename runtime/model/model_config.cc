@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "runtime/core/check.h"
 #include "runtime/core/limits.h"
 
 namespace ef::runtime {
@@ -458,11 +459,19 @@ std::vector<int> ModelConfig::MoeLayers() const {
   return v;
 }
 
-int ModelConfig::MoeLayerIndex(int layer) const {
-  if (!IsMoeLayer(layer)) return -1;
+std::optional<MoeLayer> ModelConfig::MoeLayerOf(int layer) const {
+  if (!IsMoeLayer(layer)) return std::nullopt;
   int n = 0;
   for (int l = 0; l < layer; ++l) n += IsMoeLayer(l);
-  return n;
+  return MoeLayer(n);
+}
+
+int ModelConfig::DecoderLayer(MoeLayer m) const {
+  int n = 0;
+  for (int l = 0; l < num_layers; ++l)
+    if (IsMoeLayer(l) && n++ == m.index) return l;
+  EF_CHECK_MSG(false, "MoE layer index out of range");
+  return -1;
 }
 
 std::string ModelConfig::RouterName(int layer) const {

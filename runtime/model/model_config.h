@@ -6,6 +6,7 @@
 // the wrong type or out of range is an error naming it; nothing is guessed silently.
 #pragma once
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -47,6 +48,19 @@ struct RopeParams {
   float mscale = 0.f, mscale_all_dim = 0.f;  // 0: absent
   float attention_factor = 0.f;              // 0: absent (derived from factor)
   bool truncate = true;
+};
+
+// A MoE layer's position among the model's MoE layers (0 .. num_moe_layers() - 1), as opposed to
+// its decoder layer index (0 .. num_layers - 1). The two differ in models with dense layers
+// (DeepSeek's first_k_dense_replace, Qwen2-MoE's mlp_only_layers); per-MoE-layer arrays (routing
+// traces, forecasts, score's router rows) are indexed by this one. Constructed explicitly, so a
+// decoder index is never passed where a MoE index is meant; ModelConfig converts between the two
+// (MoeLayerOf, DecoderLayer).
+struct MoeLayer {
+  constexpr explicit MoeLayer(int i) : index(i) {}
+  int index;
+  friend constexpr bool operator==(MoeLayer, MoeLayer) = default;
+  friend constexpr auto operator<=>(MoeLayer, MoeLayer) = default;
 };
 
 struct ModelConfig {
@@ -116,11 +130,13 @@ struct ModelConfig {
 
   bool IsMoeLayer(int layer) const;
   int num_moe_layers() const;
-  // The decoder indices of the MoE layers, ascending: position i is MoE layer i (MoeLayerIndex's
+  // The decoder indices of the MoE layers, ascending: position i is MoE layer i (MoeLayerOf's
   // inverse). Loops over experts go over these; dense layers have none.
   std::vector<int> MoeLayers() const;
-  // Index among MoE layers (0-based) or -1 for a dense layer.
-  int MoeLayerIndex(int layer) const;
+  // The MoE layer that decoder layer `layer` is; nullopt for a dense layer.
+  std::optional<MoeLayer> MoeLayerOf(int layer) const;
+  // The decoder layer of MoE layer m (m.index < num_moe_layers()).
+  int DecoderLayer(MoeLayer m) const;
   int q_dim() const { return num_heads * head_dim; }
   int kv_dim() const { return num_kv_heads * head_dim; }
   // Attention output width (the o_proj input): v_head_dim per head under MLA.

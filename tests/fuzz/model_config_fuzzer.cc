@@ -16,10 +16,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   EF_FUZZ_CHECK(c.hidden_size > 0 && c.num_heads > 0 && c.num_kv_heads > 0 && c.head_dim > 0);
   int moe_layers = 0;
   for (int l = 0; l < c.num_layers; ++l) {
-    const int index = c.MoeLayerIndex(l);
-    EF_FUZZ_CHECK(c.IsMoeLayer(l) == (index >= 0));
-    if (index >= 0) {
-      EF_FUZZ_CHECK(index == moe_layers);
+    const std::optional<ef::runtime::MoeLayer> m = c.MoeLayerOf(l);
+    EF_FUZZ_CHECK(c.IsMoeLayer(l) == m.has_value());
+    if (m) {
+      EF_FUZZ_CHECK(m->index == moe_layers && c.DecoderLayer(*m) == l);
       ++moe_layers;
       EF_FUZZ_CHECK(!c.RouterName(l).empty() && !c.ExpertName(l, c.num_experts - 1, 2).empty());
     }

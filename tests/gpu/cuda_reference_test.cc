@@ -45,7 +45,7 @@ std::vector<std::vector<float>> AllLogits(Engine& engine, const std::vector<std:
   if (router_topk) {
     router_topk->assign(c.num_moe_layers(), {});
     engine.AddRoutingHook([router_topk](LayerRouting& r) {
-      for (int i = 0; i < r.num_tokens * r.top_k; ++i) (*router_topk)[r.moe_layer].push_back(r.ids[i]);
+      for (int i = 0; i < r.num_tokens * r.top_k; ++i) (*router_topk)[r.moe_layer.index].push_back(r.ids[i]);
       return Status::Ok();
     });
   }

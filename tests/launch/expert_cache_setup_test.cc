@@ -55,7 +55,7 @@ Output RunModel(Engine& engine, placement::RoutingTrace* record = nullptr) {
   const int id = engine.AddRoutingHook([&](runtime::LayerRouting& r) {
     out.expert_accesses += DistinctExperts(r);
     if (record) {
-      for (int t = 0; r.moe_layer == 0 && t < r.num_tokens; ++t) {
+      for (int t = 0; r.moe_layer.index == 0 && t < r.num_tokens; ++t) {
         placement::TraceToken tok;
         tok.seq = r.seq[t];
         tok.pos = r.pos[t];
@@ -66,7 +66,8 @@ Output RunModel(Engine& engine, placement::RoutingTrace* record = nullptr) {
       for (int t = 0; t < r.num_tokens; ++t) {
         placement::TraceToken& tok = record->tokens[record->tokens.size() - r.num_tokens + t];
         for (int j = 0; j < r.top_k; ++j)
-          tok.experts[static_cast<size_t>(r.moe_layer) * r.top_k + j] = static_cast<int16_t>(r.ids[t * r.top_k + j]);
+          tok.experts[static_cast<size_t>(r.moe_layer.index) * r.top_k + j] =
+              static_cast<int16_t>(r.ids[t * r.top_k + j]);
       }
     }
     return Status::Ok();

@@ -148,7 +148,8 @@ TEST(LookaheadPredictorTest, EngineRouterInputsReproduceRouting) {
     EXPECT_EQ(r.hidden.size(), static_cast<size_t>(r.num_tokens) * H);
     std::vector<float> p(E);
     for (int t = 0; t < r.num_tokens; ++t) {
-      EF_RETURN_IF_ERROR((*look)->LayerProbs(r.hidden.subspan(t * H, H), r.moe_layer, r.moe_layer, p.data()));
+      EF_RETURN_IF_ERROR(
+          (*look)->LayerProbs(r.hidden.subspan(t * H, H), r.moe_layer.index, r.moe_layer.index, p.data()));
       RoutingForecast f(1, 1, E);
       std::copy(p.begin(), p.end(), f.row(0, 0));
       std::vector<int> top = f.TopK(0, 0, r.top_k);

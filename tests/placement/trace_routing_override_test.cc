@@ -40,7 +40,7 @@ std::vector<int32_t> Route(runtime::RoutingHook& hook, int moe_layer, const std:
   const int n = static_cast<int>(seq.size());
   std::vector<int32_t> ids(n, -1), tok(n, 0);
   std::vector<float> w(n, 0.f);
-  runtime::LayerRouting r{moe_layer, moe_layer, n, 1, ids, w, seq, pos, tok, {}};
+  runtime::LayerRouting r{moe_layer, runtime::MoeLayer(moe_layer), n, 1, ids, w, seq, pos, tok, {}};
   EXPECT_TRUE(hook(r).ok());
   for (float x : w) EXPECT_FLOAT_EQ(x, 1.0f);
   return ids;

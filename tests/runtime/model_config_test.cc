@@ -6,6 +6,7 @@
 
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <type_traits>
 
 #include "runtime/model/rope_frequencies.h"
 
@@ -45,6 +46,21 @@ TEST(ModelConfigDeepseek, FixturesParse) {
   EXPECT_EQ(v2->q_lora_rank, 0);  // null: plain q_proj
   EXPECT_EQ(v2->shared_expert_intermediate_size, 64);
   EXPECT_EQ(v2->topk_method, TopkMethod::kGreedy);
+}
+
+TEST(ModelConfigDeepseek, MoeLayersAndDecoderLayersConvertBothWays) {
+  // first_k_dense_replace 1: decoder layer 0 is dense, decoder layers 1 and 2 are MoE layers 0 and 1.
+  auto c = ModelConfig::FromJson(Fixture("deepseek_v3").dump(), "config.json");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(c->MoeLayers(), (std::vector<int>{1, 2}));
+  EXPECT_FALSE(c->MoeLayerOf(0).has_value());
+  ASSERT_TRUE(c->MoeLayerOf(2).has_value());
+  EXPECT_EQ(*c->MoeLayerOf(2), MoeLayer(1));
+  for (int m = 0; m < c->num_moe_layers(); ++m) {
+    EXPECT_EQ(c->DecoderLayer(MoeLayer(m)), c->MoeLayers()[m]);
+    EXPECT_EQ(*c->MoeLayerOf(c->DecoderLayer(MoeLayer(m))), MoeLayer(m));
+  }
+  static_assert(!std::is_convertible_v<int, MoeLayer>, "a decoder index must not turn into a MoE index silently");
 }
 
 TEST(ModelConfigDeepseek, BadFieldsNameTheKey) {

@@ -47,8 +47,8 @@ TEST_P(ReferenceTest, LogitsAndRouterTopKMatchTransformers) {
   std::vector<std::vector<int32_t>> router_topk(c.num_moe_layers());
   std::vector<int> rows_seen(c.num_moe_layers(), 0);
   engine->AddRoutingHook([&](LayerRouting& r) {
-    for (int i = 0; i < r.num_tokens * r.top_k; ++i) router_topk[r.moe_layer].push_back(r.ids[i]);
-    rows_seen[r.moe_layer] += r.num_tokens;
+    for (int i = 0; i < r.num_tokens * r.top_k; ++i) router_topk[r.moe_layer.index].push_back(r.ids[i]);
+    rows_seen[r.moe_layer.index] += r.num_tokens;
     return Status::Ok();
   });
   const auto ids = ref["input_ids"].get<std::vector<std::vector<int32_t>>>();
