@@ -10,7 +10,8 @@
 // from a recorded trace (its layers, experts and top-k must match the model: an error otherwise).
 // --cache-device-budget (a size, 'N slots' or 'N slots per layer'; with --cache-policy,
 // --prefetch-layers, --predictor, or the config's cache:/predictor: sections) serves experts from
-// the expert cache (launch/expert_cache_setup.h: device slots on CUDA, an arena on the CPU); the
+// the expert cache (launch/expert_cache_setup.h: device slots on CUDA, an arena on the CPU), built
+// with the engine and cluster by launch/deployment.h as for every command; the
 // experts are then not uploaded at load, so a model larger than the GPU runs. --oracle-prefetch
 // replaces the predictor by the trace's true routing: the next layers' experts to prefetch, and this
 // step's and the next step's experts as the expertflow policy's forecast (an upper bound for a
@@ -50,6 +51,7 @@
 #include "comm/mpi_context.h"
 #include "launch/command.h"
 #include "launch/config.h"
+#include "launch/deployment.h"
 #include "launch/engine_options.h"
 #include "launch/expert_cache_setup.h"
 #include "launch/server/server_metrics.h"
@@ -242,24 +244,24 @@ Status LongBarrier(const BenchRun& b, const std::string& what) {
 }
 
 // What the run builds, in the order it builds it. Members are destroyed in reverse, after the
-// serving loop: the engine keeps pointers to the trace override and the cache, and the cache reads
-// the cluster's host shards.
+// serving loop: the deployment tears down cache, cluster and engine (launch/deployment.h), and the
+// engine holds the trace override's hook, so the override goes last.
 struct BenchParts {
   std::string model_dir;
   SyntheticShape shape;  // with --synthetic
   std::optional<runtime::Tokenizer> tokenizer;
-  std::unique_ptr<runtime::Engine> engine;
   std::unique_ptr<placement::TraceRoutingOverride> trace_override;
-  std::unique_ptr<comm::Cluster> cluster;
-  std::unique_ptr<cache::ExpertCache> expert_cache;
+  std::unique_ptr<Deployment> deployment;
+  // The deployment's parts (cluster and cache null when not built).
+  runtime::Engine* engine = nullptr;
+  comm::Cluster* cluster = nullptr;
+  cache::ExpertCache* expert_cache = nullptr;
 };
 
-// The checkpoint (--model, or a synthetic one rank 0 writes once), its tokenizer and the engine.
-Status LoadModel(const BenchRun& b, BenchParts* p) {
+// The checkpoint (--model, or a synthetic one rank 0 writes once) and its tokenizer.
+Status ResolveModel(const BenchRun& b, BenchParts* p) {
   const BenchOptions& o = b.o;
   p->model_dir = o.model.dir;
-  runtime::EngineOptions eo = o.model.ToEngineOptions();
-  eo.upload_experts = !b.want_cache;  // the cache uploads what its budget holds
   if (!o.synthetic.empty()) {
     EF_ASSIGN_OR_RETURN(p->shape, FindSyntheticShape(o.synthetic));
     EF_ASSIGN_OR_RETURN(p->shape, ScaleSyntheticShape(p->shape, o.synthetic_layers, o.synthetic_scale));
@@ -272,29 +274,23 @@ Status LoadModel(const BenchRun& b, BenchParts* p) {
     if (!b.root) {
       EF_ASSIGN_OR_RETURN(p->model_dir, WriteSyntheticCheckpoint(p->shape, o.synthetic_seed, root_dir));
     }
-    // Real shapes allow 32k+ positions; size the KV cache to the workload instead.
-    if (eo.max_seq_len == 0) eo.max_seq_len = o.prompt_len + o.gen_len;
   }
   EF_ASSIGN_OR_RETURN(p->tokenizer, runtime::Tokenizer::FromModelDir(p->model_dir));
-  EF_ASSIGN_OR_RETURN(p->engine, runtime::Engine::Create(p->model_dir, eo));
-  if (o.prompt_len + o.gen_len > p->engine->max_seq_len())
-    return InvalidArgument("--prompt-len + --gen-len exceeds the context of " +
-                           std::to_string(p->engine->max_seq_len()));
   return Status::Ok();
 }
 
 // With a routing trace, every MoE layer takes its experts from it (a hook the cache must see first).
-Status AttachRoutingTrace(const BenchRun& b, BenchParts* p) {
+Status LoadRoutingTrace(const BenchRun& b, BenchParts* p) {
   if (b.o.routing_trace.empty()) return Status::Ok();
   EF_ASSIGN_OR_RETURN(placement::RoutingTrace trace, placement::ReadRoutingTrace(b.o.routing_trace));
-  auto ov = placement::TraceRoutingOverride::Create(std::move(trace), p->engine->config(), b.keying);
+  EF_ASSIGN_OR_RETURN(const runtime::ModelConfig config, runtime::ModelConfig::FromModelDir(p->model_dir));
+  auto ov = placement::TraceRoutingOverride::Create(std::move(trace), config, b.keying);
   if (!ov.ok()) {
     Status s = ov.status();
     s.Prepend(b.trace_origin + " " + b.o.routing_trace);
     return s;
   }
   p->trace_override = std::move(ov).value();
-  p->engine->AddRoutingHook(p->trace_override->Hook());
   return Status::Ok();
 }
 
@@ -308,7 +304,7 @@ Status InstallOraclePrefetch(const BenchRun& b, BenchParts* p) {
   const runtime::ModelConfig& cfg = p->engine->config();
   const std::vector<int> moe_layers = cfg.MoeLayers();
   const placement::RoutingTrace* tr = &p->trace_override->trace();
-  cache::ExpertCache* cache = p->expert_cache.get();
+  cache::ExpertCache* cache = p->expert_cache;
   const int depth = std::max(1, b.config().cache.prefetch_layers);
   const size_t slots = static_cast<size_t>(cache->budget().slots_per_layer);
   const int decoder_layers = cfg.num_layers, num_experts = cfg.num_experts;
@@ -339,27 +335,38 @@ Status InstallOraclePrefetch(const BenchRun& b, BenchParts* p) {
   return Status::Ok();
 }
 
-// Under mpirun the cluster (expert parallelism); with cache.device_budget this rank's expert cache.
-Status BuildClusterAndCache(const BenchRun& b, BenchParts* p) {
-  const Config& config = b.config();
-  if (b.distributed) {
-    // As in Deployment::Create: a budget the model cannot run with is refused on every rank after
-    // the barrier, before the cluster connects the ranks.
-    const Status budget = CheckExpertCacheBudget(*p->engine, config.cache, /*per_rank=*/true, b.me);
-    EF_RETURN_IF_ERROR(LongBarrier(b, "every rank's model load"));
-    EF_RETURN_IF_ERROR(budget);
-    comm::ClusterOptions co = b.o.cluster.cluster;
-    co.expert_cache = b.want_cache;  // every rank's own cache, backed by the ranks' host shards
-    co.host_budget_bytes = config.cache.host_budget;
-    EF_ASSIGN_OR_RETURN(p->cluster, comm::Cluster::Create(b.ctx, p->engine.get(), co));
+// The deployment every command builds (engine, then under mpirun the cluster, then with
+// cache.device_budget this rank's expert cache), with the trace override's hook installed first.
+Status Deploy(const BenchRun& b, BenchParts* p) {
+  const BenchOptions& o = b.o;
+  DeploymentOptions d;
+  d.model_dir = p->model_dir;
+  d.engine = o.model.ToEngineOptions();
+  // Real shapes allow 32k+ positions; size a synthetic model's KV cache to the workload instead.
+  if (!o.synthetic.empty() && d.engine.max_seq_len == 0) d.engine.max_seq_len = o.prompt_len + o.gen_len;
+  d.cache = b.config().cache;
+  d.predictor = b.config().predictor;
+  if (o.oracle_prefetch) d.predictor.kind = "none";  // the oracle is the forecast
+  d.cluster = o.cluster.cluster;
+  d.cluster_on_one_rank = false;  // one rank runs without the cluster, as the table's ranks column says
+  placement::TraceRoutingOverride* ov = p->trace_override.get();
+  if (ov) {
+    d.trace = &ov->trace();
+    d.on_engine = [ov](runtime::Engine& engine) {
+      engine.AddRoutingHook(ov->Hook());
+      return Status::Ok();
+    };
   }
-  if (!b.want_cache) return Status::Ok();
-  PredictorSection predictor = config.predictor;
-  if (b.o.oracle_prefetch) predictor.kind = "none";  // the oracle is the forecast
-  EF_ASSIGN_OR_RETURN(p->expert_cache, SetUpExpertCache(p->engine.get(), config.cache, predictor,
-                                                        p->trace_override ? &p->trace_override->trace() : nullptr,
-                                                        p->cluster.get(), b.me));
-  if (b.o.oracle_prefetch && p->expert_cache->active()) EF_RETURN_IF_ERROR(InstallOraclePrefetch(b, p));
+  d.announce = false;  // the header names the cache
+  EF_ASSIGN_OR_RETURN(p->deployment, Deployment::Create(b.ctx, d));
+  p->engine = &p->deployment->engine();
+  p->cluster = p->deployment->cluster();
+  p->expert_cache = p->deployment->cache();
+  if (o.prompt_len + o.gen_len > p->engine->max_seq_len())
+    return InvalidArgument("--prompt-len + --gen-len exceeds the context of " +
+                           std::to_string(p->engine->max_seq_len()));
+  if (o.oracle_prefetch && p->expert_cache && p->expert_cache->active())
+    EF_RETURN_IF_ERROR(InstallOraclePrefetch(b, p));
   return Status::Ok();
 }
 
@@ -559,20 +566,16 @@ struct RunCounters {
 // back them).
 StatusOr<RunCounters> FinishRun(const BenchRun& b, BenchParts* p) {
   RunCounters c;
+  // Under the cluster: drain, every rank's counters (its cache's included) on rank 0, shut down.
   if (p->cluster) {
-    EF_RETURN_IF_ERROR(p->cluster->Drain());
-    const json cache_json = p->expert_cache ? p->expert_cache->StatsJson() : json{{"active", false}};
-    EF_ASSIGN_OR_RETURN(c.comm_stats, p->cluster->GatherStats({{"expert_cache", cache_json}}));
-    EF_RETURN_IF_ERROR(p->cluster->Shutdown());
+    EF_ASSIGN_OR_RETURN(c.comm_stats, p->deployment->Finish());
   }
   if (p->expert_cache) {
     c.cache_budget = p->expert_cache->budget();
     c.cs = p->expert_cache->stats();
     c.cache_summary = p->expert_cache->StatsSummary();
     c.cache_json = p->expert_cache->StatsJson();
-    p->expert_cache.reset();  // detaches from the engine
   }
-  p->cluster.reset();
   if (b.root && b.distributed && c.cs.total.hits + c.cs.total.misses > 0) {
     // Every rank's cache: the table's hit rate and bytes are over all ranks.
     c.cs.total = {};
@@ -860,9 +863,9 @@ Status WriteJson(const BenchRun& b, const BenchParts& p, const BenchSummary& s, 
 Status RunBench(const BenchOptions& given, comm::MpiContext* ctx) {
   EF_ASSIGN_OR_RETURN(const BenchRun run, ResolveRun(given, ctx));
   BenchParts parts;  // outlives the serving loop (declared first, destroyed last)
-  EF_RETURN_IF_ERROR(LoadModel(run, &parts));
-  EF_RETURN_IF_ERROR(AttachRoutingTrace(run, &parts));
-  EF_RETURN_IF_ERROR(BuildClusterAndCache(run, &parts));
+  EF_RETURN_IF_ERROR(ResolveModel(run, &parts));
+  EF_RETURN_IF_ERROR(LoadRoutingTrace(run, &parts));
+  EF_RETURN_IF_ERROR(Deploy(run, &parts));
   const runtime::ModelConfig cfg = parts.engine->config();
 
   // The same R x n requests on every rank; this rank runs those assigned to it.
@@ -871,7 +874,7 @@ Status RunBench(const BenchOptions& given, comm::MpiContext* ctx) {
   EF_ASSIGN_OR_RETURN(const std::vector<int> mine, RequestsOfThisRank(run, parts, total_requests));
   ServerMetrics metrics(cfg.num_layers, cfg.num_experts);
   EF_ASSIGN_OR_RETURN(const ServingLoopOptions lo, MakeLoopOptions(run, parts));
-  ServingLoop loop(parts.engine.get(), *parts.tokenizer, &metrics, lo);
+  ServingLoop loop(parts.engine, *parts.tokenizer, &metrics, lo);
   if (run.root) PrintHeader(run, parts);
 
   RequestFailures failures;
