@@ -1,7 +1,6 @@
 // Deployment: this process's part of a deployment, built in the order its parts depend on each
-// other and torn down in reverse; no part patches another after the fact. generate, score and
-// serve build one; bench builds the same parts itself (launch/cmd_bench.cc), its routing-trace
-// override added between the engine and the cluster.
+// other and torn down in reverse; no part patches another after the fact. generate, score, serve
+// and bench build one (bench adds its routing-trace override through on_engine).
 //
 //   1. engine   (runtime/)  the model on its backend; experts are not uploaded when an expert cache
 //               will serve them (a model larger than the device still loads);
@@ -21,7 +20,10 @@
 //       It calls Engine::Forward with one token per running sequence (a new request's prompt).
 //   runtime/engine  Per decoder layer: attention over this rank's sequences' KV caches; at an MoE
 //       layer the router's top-k, copied to the host, then the routing hooks in the order added,
-//       then the MoeExecutor.
+//       then the MoeExecutor. (A decode batch of one or two tokens on one process with every expert
+//       resident and no routing hook keeps the routing on the device instead: Backend::MoeRouted
+//       computes the layer from the router's device output, and the observers see the step's
+//       routing after the logits; none of the steps below then runs.)
 //   cache/  One of those hooks is the cache's PredictorPrefetcher: it forecasts the batch's experts
 //       at the next MoE layers and hands the lists to the cache (under mpirun only the experts this
 //       rank computes); their loads start when the expert source is told this layer's experts.
@@ -31,11 +33,12 @@
 //       counts per (destination, expert) go over MPI, then each token's hidden row once to every
 //       rank that computes one of its experts (all-to-all-v; the placement, or in planned mode
 //       comm::RowBalancer's plan, names that rank).
-//   cache/  The computing rank's expert source is told the layer's experts (OnRouting) and puts
-//       the resident ones first; then each expert is acquired and computed. Misses and the next
-//       layers' forecast experts load from the nearest tier: on CUDA as copies on a high- and a
-//       low-priority stream that overlap the compute, on the CPU backend synchronously (forecast
-//       ones at OnRouting, a miss when acquired). Without a cache: the resident experts, or the
+//   cache/  The computing rank's expert source (one CachedExpertSource for both backends) is told
+//       the layer's experts (OnRouting): it puts the resident ones first, acquires the layer's
+//       experts in that order (a miss starts loading at once) and prefetches the next layers'
+//       forecast experts, wrapping into the next step; then each expert is computed. Loads come
+//       from the nearest tier: on CUDA as copies on a high- and a low-priority stream that overlap
+//       the compute, on the CPU backend synchronously or on the store's worker. Without a cache: the resident experts, or the
 //       peers' shards when experts are computed away from their homes.
 //   comm/  The results return by all-to-all-v and the token's rank adds w * y in increasing expert
 //       id: the additions of one process in its order, so logits do not depend on the rank count,
