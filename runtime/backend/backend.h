@@ -211,8 +211,10 @@ class Backend {
   // and weights): resid[t, :] += the sum over token t's top_k experts, in increasing expert id, of
   // weights[t, j] * down(silu(x[t] . gate^T) * (x[t] . up^T)), bitwise what GateUpSilu, Gemm,
   // ScatterAddRows per expert and Add give for these rows. Needs no host copy of the routing, so
-  // a decode step need not wait for the device at every layer. Returns false, having enqueued
-  // nothing, when the backend has no such path for the shapes (CPU; more tokens than it serves).
+  // a decode step need not wait for the device at every layer. An id outside [0, num_experts)
+  // (the router's -1 for a row of NaN logits) adds nothing and reads no weight; the caller checks
+  // the ids afterwards. Returns false, having enqueued nothing, when the backend has no such path
+  // for the shapes (CPU; more tokens than it serves).
   virtual bool MoeRouted(const float* x, int64_t tokens, int top_k, const int32_t* ids, const float* weights,
                          const RoutedExpertTable& experts, float* resid) {
     return false;

@@ -149,9 +149,8 @@ std::pair<int32_t*, float*> Engine::DeviceRoutingSlot(MoeLayer moe_layer, int64_
   return {reinterpret_cast<int32_t*>(base), base + T * K};
 }
 
-Status Engine::RunObservers(int64_t T, const std::vector<int64_t>& row_seq, const std::vector<int32_t>& row_pos,
-                            const std::vector<int32_t>& row_tok) {
-  if (observers_.empty()) return Status::Ok();
+Status Engine::FinishDeviceRouting(int64_t T, const std::vector<int64_t>& row_seq, const std::vector<int32_t>& row_pos,
+                                   const std::vector<int32_t>& row_tok) {
   const ModelConfig& c = config();
   const int64_t K = c.top_k, per = 2 * T * K;
   std::vector<float> all(static_cast<size_t>(c.num_moe_layers() * per));
@@ -159,6 +158,13 @@ Status Engine::RunObservers(int64_t T, const std::vector<int64_t>& row_seq, cons
   std::vector<int32_t> ids(static_cast<size_t>(T * K));
   for (int m = 0; m < c.num_moe_layers(); ++m) {
     std::memcpy(ids.data(), all.data() + m * per, ids.size() * sizeof(int32_t));
+    // What the host path refuses before computing (LocalMoeExecutor::Run), refused here after:
+    // MoeRouted computed nothing for such a pair, and the step is not committed.
+    for (int32_t e : ids)
+      if (e < 0 || e >= c.num_experts)
+        return Internal("routing chose expert " + std::to_string(e) + " out of range at MoE layer " +
+                        std::to_string(m) + " (non-finite router logits?)");
+    if (observers_.empty()) continue;
     std::span<float> wts(all.data() + m * per + T * K, static_cast<size_t>(T * K));
     LayerRouting r{c.MoeLayers()[m], MoeLayer(m), static_cast<int>(T), static_cast<int>(K), ids, wts, row_seq, row_pos,
                    row_tok,          {}};
@@ -561,8 +567,6 @@ Status Engine::Forward(std::span<const SeqChunk> batch, ForwardResult* result) {
     }
     backend_->Add(x, out, T * H);
   }
-  for (const SeqChunk& chunk : batch) seqs_.at(chunk.seq).length += static_cast<int>(chunk.tokens.size());
-
   // Final norm and LM head on the rows whose logits are wanted.
   std::vector<int32_t> rows;
   result->row_offset.clear();
@@ -587,13 +591,16 @@ Status Engine::Forward(std::span<const SeqChunk> batch, ForwardResult* result) {
   backend_->Gemm(fin, R, weights_->lm_head(), nullptr, logits, false);
   result->logits.resize(static_cast<size_t>(R) * c.vocab_size);
   backend_->CopyToHost(result->logits.data(), logits, result->logits.size() * sizeof(float));
-  if (device_routing) EF_RETURN_IF_ERROR(RunObservers(T, row_seq, row_pos, row_tok));
   // Ops report failures to the backend, not to their caller: a forward pass with a failed op must
   // not hand out its logits.
   if (Status s = backend_->status(); !s.ok()) {
     s.Prepend("forward pass on " + backend_->name());
     return s;
   }
+  if (device_routing) EF_RETURN_IF_ERROR(FinishDeviceRouting(T, row_seq, row_pos, row_tok));
+  // Committed last: a failed pass leaves every sequence as it was (its KV rows past the length are
+  // overwritten by the next pass).
+  for (const SeqChunk& chunk : batch) seqs_.at(chunk.seq).length += static_cast<int>(chunk.tokens.size());
   return Status::Ok();
 }
 

@@ -175,8 +175,10 @@ class Engine {
   // The router's top-k of T rows into the device routing buffer of MoE layer `moe_layer` (ids
   // then weights), for MoeRouted and the observers.
   std::pair<int32_t*, float*> DeviceRoutingSlot(MoeLayer moe_layer, int64_t T);
-  Status RunObservers(int64_t T, const std::vector<int64_t>& row_seq, const std::vector<int32_t>& row_pos,
-                      const std::vector<int32_t>& row_tok);
+  // After a device-routed step: the step's routing to the host in one copy, every id checked
+  // (an error like the host path's for an out-of-range expert), then the observers per layer.
+  Status FinishDeviceRouting(int64_t T, const std::vector<int64_t>& row_seq, const std::vector<int32_t>& row_pos,
+                             const std::vector<int32_t>& row_tok);
 
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<ModelWeights> weights_;

@@ -389,6 +389,25 @@ TEST_F(CudaOpsTest, MoeRoutedIsBitwiseTheHostRoutedLayer) {
     EXPECT_EQ(got, dev_->Get(resid_host, T * H)) << "T=" << T << ": not bitwise the host-routed layer";
     EXPECT_LT(MaxRelError(got, want_cpu), 1e-5) << "T=" << T << " vs the cpu backend";
   }
+  {
+    // A -1 from the router (a row of NaN logits) reads no weight and adds nothing; the other slot
+    // of the token still counts (the engine then reports the id, see FinishDeviceRouting).
+    const std::vector<int32_t> ids = {-1, 3};
+    const auto x = RandomFloats(H, 700);
+    const auto resid = RandomFloats(H, 701);
+    const std::vector<float> wts = {0.4f, 0.6f};
+    std::vector<float> want = resid, act(I), up(I), y(H);
+    cpu_.Gemm(x.data(), 1, cpu_w[3 * 3], nullptr, act.data(), false);
+    cpu_.Gemm(x.data(), 1, cpu_w[3 * 3 + 1], nullptr, up.data(), false);
+    cpu_.SiluMul(act.data(), up.data(), act.data(), I);
+    cpu_.Gemm(act.data(), 1, cpu_w[3 * 3 + 2], nullptr, y.data(), false);
+    for (int c = 0; c < H; ++c) want[c] += wts[1] * y[c];
+    float* r = dev_->Put(resid);
+    ASSERT_TRUE(gpu_->MoeRouted(dev_->Put(x), 1, K, dev_->Put(ids), dev_->Put(wts), experts, r));
+    EXPECT_LT(MaxRelError(dev_->Get(r, H), want), 1e-5) << "an out-of-range id";
+    gpu_->Synchronize();
+    EXPECT_TRUE(gpu_->status().ok()) << gpu_->status().ToString();
+  }
   // Past the decode rows it declines, having enqueued nothing.
   float* x3 = dev_->Put(RandomFloats(3 * H, 500));
   float* r3 = dev_->Zeros<float>(3 * H);

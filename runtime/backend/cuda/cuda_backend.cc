@@ -293,8 +293,9 @@ void CudaBackend::GemmGroup(const float* x, int64_t m, int count, const Weight* 
 bool CudaBackend::MoeRouted(const float* x, int64_t tokens, int top_k, const int32_t* ids, const float* weights,
                             const RoutedExpertTable& experts, float* resid) {
   if (tokens < 1 || tokens > MoeRoutedMaxTokens() || top_k < 1 || top_k > cuda::kMoeRoutedMaxTopK ||
-      (experts.dtype != DType::kBF16 && experts.dtype != DType::kF16) || !experts.gate || !experts.up ||
-      !experts.down || experts.hidden % 8 != 0 || experts.inter % 8 != 0 || reinterpret_cast<uintptr_t>(x) % 16 != 0)
+      experts.num_experts < 1 || (experts.dtype != DType::kBF16 && experts.dtype != DType::kF16) || !experts.gate ||
+      !experts.up || !experts.down || experts.hidden % 8 != 0 || experts.inter % 8 != 0 ||
+      reinterpret_cast<uintptr_t>(x) % 16 != 0)
     return false;
   const size_t pairs = static_cast<size_t>(tokens) * top_k;
   auto* act = static_cast<float*>(
@@ -308,6 +309,7 @@ bool CudaBackend::MoeRouted(const float* x, int64_t tokens, int top_k, const int
   a.top_k = top_k;
   a.ids = ids;
   a.weights = weights;
+  a.num_experts = experts.num_experts;
   a.gate = experts.gate;
   a.up = experts.up;
   a.down = experts.down;

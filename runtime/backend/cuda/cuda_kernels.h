@@ -172,6 +172,7 @@ struct MoeRoutedArgs {
   int top_k;
   const int32_t* ids;       // [tokens * top_k]
   const float* weights;     // [tokens * top_k]
+  int num_experts;          // ids outside [0, num_experts) compute nothing and add nothing
   const void* const* gate;  // [num_experts] device pointers to [inter, hidden] weights
   const void* const* up;
   const void* const* down;  // [hidden, inter]

@@ -86,12 +86,16 @@ struct RoutedOperands {
   int64_t x_stride;  // floats between tokens' rows
   const int32_t* ids;
   int top_k;
+  int num_experts;
   const void* const* w;  // [num_experts] device pointers
   const void* const* w2;
   float* y;
   int n;
   __device__ __forceinline__ GemvOperands Get(int pair) const {
     const int e = ids[pair];
+    // An id the table does not hold (the router's -1 for a row of NaN logits) computes nothing:
+    // no row is valid, so no weight is read; the combine skips the pair and the engine reports it.
+    if (e < 0 || e >= num_experts) return GemvOperands{x, nullptr, nullptr, y, 0};
     return GemvOperands{x + static_cast<int64_t>(pair / top_k) * x_stride, w[e], w2 ? w2[e] : nullptr,
                         y + static_cast<int64_t>(pair) * n, n};
   }
@@ -246,11 +250,12 @@ bool RowsFit(int64_t n, int64_t k) { return n >= 1 && n <= 0x7fffffff && k <= 0x
 // the sum as Add adds it, so the result is bitwise the host-routed path's SetZero, ScatterAddRows
 // per expert (ascending) and Add.
 __global__ void MoeCombineKernel(const float* __restrict__ y, const int32_t* __restrict__ ids,
-                                 const float* __restrict__ weights, int top_k, int dim, float* __restrict__ resid) {
+                                 const float* __restrict__ weights, int top_k, int num_experts, int dim,
+                                 float* __restrict__ resid) {
   const int t = blockIdx.x;
   int order[kMoeRoutedMaxTopK];
   for (int j = 0; j < top_k; ++j) order[j] = j;
-  for (int a = 1; a < top_k; ++a)  // insertion sort by expert id (top_k <= 8)
+  for (int a = 1; a < top_k; ++a)  // insertion sort by expert id (top_k <= kMoeRoutedMaxTopK)
     for (int b = a; b > 0 && ids[t * top_k + order[b]] < ids[t * top_k + order[b - 1]]; --b) {
       const int tmp = order[b];
       order[b] = order[b - 1];
@@ -261,6 +266,7 @@ __global__ void MoeCombineKernel(const float* __restrict__ y, const int32_t* __r
     float o = 0.f;
     for (int j = 0; j < top_k; ++j) {
       const int p = t * top_k + order[j];
+      if (ids[p] < 0 || ids[p] >= num_experts) continue;  // computed nothing (RoutedOperands)
       o += weights[p] * y[static_cast<int64_t>(p) * dim + c];
     }
     dst[c] += o;
@@ -325,16 +331,17 @@ cudaError_t launch_moe_routed(const MoeRoutedArgs& a, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   const int H = static_cast<int>(a.hidden), I = static_cast<int>(a.inter);
   // Gate/up of every pair: act[p] = silu(x[t] . gate[e]^T) * (x[t] . up[e]^T).
-  RoutedOperands gu{a.x, a.hidden, a.ids, a.top_k, a.gate, a.up, a.act, I};
+  RoutedOperands gu{a.x, a.hidden, a.ids, a.top_k, a.num_experts, a.gate, a.up, a.act, I};
   cudaError_t err = DispatchDtype<true>(a.dtype, gu, 1, pairs, I, H, false, a.gate_up_split, stream);
   if (err != cudaSuccess) return err;
   // Down of every pair: y[p] = act[p] . down[e]^T.
-  RoutedOperands dn{a.act, a.inter, nullptr, 1, a.down, nullptr, a.y, H};
+  RoutedOperands dn{a.act, a.inter, nullptr, 1, a.num_experts, a.down, nullptr, a.y, H};
   dn.ids = a.ids;
   dn.top_k = 1;  // x is the pair's own row of act
   err = DispatchDtype<false>(a.dtype, dn, 1, pairs, H, I, false, a.down_split, stream);
   if (err != cudaSuccess) return err;
-  MoeCombineKernel<<<static_cast<unsigned>(a.tokens), 256, 0, stream>>>(a.y, a.ids, a.weights, a.top_k, H, a.resid);
+  MoeCombineKernel<<<static_cast<unsigned>(a.tokens), 256, 0, stream>>>(a.y, a.ids, a.weights, a.top_k, a.num_experts,
+                                                                        H, a.resid);
   return cudaGetLastError();
 }
 
