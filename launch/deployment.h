@@ -38,8 +38,8 @@
 //       experts in that order (a miss starts loading at once) and prefetches the next layers'
 //       forecast experts, wrapping into the next step; then each expert is computed. Loads come
 //       from the nearest tier: on CUDA as copies on a high- and a low-priority stream that overlap
-//       the compute, on the CPU backend synchronously or on the store's worker. Without a cache: the resident experts, or the
-//       peers' shards when experts are computed away from their homes.
+//       the compute, on the CPU backend synchronously or on the store's worker. Without a cache: the resident experts,
+//       or the peers' shards when experts are computed away from their homes.
 //   comm/  The results return by all-to-all-v and the token's rank adds w * y in increasing expert
 //       id: the additions of one process in its order, so logits do not depend on the rank count,
 //       the budget or the tier an expert came from (cluster.combine summed adds per rank first:
