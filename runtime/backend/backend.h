@@ -209,8 +209,11 @@ class Backend {
   }
   // The routed experts of a MoE layer with the routing kept in backend memory (RouterTopK's ids
   // and weights): resid[t, :] += the sum over token t's top_k experts, in increasing expert id, of
-  // weights[t, j] * down(silu(x[t] . gate^T) * (x[t] . up^T)), bitwise what GateUpSilu, Gemm,
-  // ScatterAddRows per expert and Add give for these rows. Needs no host copy of the routing, so
+  // weights[t, j] * down(silu(x[t] . gate^T) * (x[t] . up^T)). CUDA: up to kGemvMaxRows tokens,
+  // bitwise what GateUpSilu, Gemm, ScatterAddRows per expert and Add give for these rows; past
+  // them, the pairs grouped by expert on the device and each expert's weights read once (rounding
+  // as the host-routed path's cuBLAS GEMMs: x and the activation in 16 bits, fp32 sums, a
+  // different summation order). Needs no host copy of the routing, so
   // a decode step need not wait for the device at every layer. An id outside [0, num_experts)
   // (the router's -1 for a row of NaN logits) adds nothing and reads no weight; the caller checks
   // the ids afterwards. Returns false, having enqueued nothing, when the backend has no such path

@@ -112,6 +112,8 @@ CudaBackend::~CudaBackend() {
   if (attn_counters_) DeviceFree(attn_counters_, attn_counters_cap_);
   if (moe_act_) DeviceFree(moe_act_, moe_act_cap_);
   if (moe_y_) DeviceFree(moe_y_, moe_y_cap_);
+  if (moe_xb_) DeviceFree(moe_xb_, moe_xb_cap_);
+  if (moe_meta_) DeviceFree(moe_meta_, moe_meta_cap_);
   if (stream_) CUDA_CHECK_LOG(cudaStreamSynchronize(stream_), &ignored);
   for (Pending& p : pending_) free_events_.push_back(p.done);
   pending_.clear();
@@ -297,6 +299,7 @@ bool CudaBackend::MoeRouted(const float* x, int64_t tokens, int top_k, const int
       !experts.up || !experts.down || experts.hidden % 8 != 0 || experts.inter % 8 != 0 ||
       reinterpret_cast<uintptr_t>(x) % 16 != 0)
     return false;
+  if (tokens > cuda::kGemvMaxRows) return MoeGrouped(x, tokens, top_k, ids, weights, experts, resid);
   const size_t pairs = static_cast<size_t>(tokens) * top_k;
   auto* act = static_cast<float*>(
       EnsureScratch(&moe_act_, &moe_act_cap_, pairs * static_cast<size_t>(experts.inter) * sizeof(float), false));
@@ -323,6 +326,42 @@ bool CudaBackend::MoeRouted(const float* x, int64_t tokens, int top_k, const int
   a.y = y;
   a.resid = resid;
   CUDA_CHECK_LOG(cuda::launch_moe_routed(a, stream_), &error_);
+  return true;
+}
+
+bool CudaBackend::MoeGrouped(const float* x, int64_t tokens, int top_k, const int32_t* ids, const float* weights,
+                             const RoutedExpertTable& experts, float* resid) {
+  if (!cuda::moe_grouped_supported(tokens, top_k, experts.num_experts, experts.dtype, experts.hidden, experts.inter))
+    return false;
+  const size_t pairs = static_cast<size_t>(tokens) * top_k;
+  void* xb = EnsureScratch(&moe_xb_, &moe_xb_cap_, static_cast<size_t>(tokens * experts.hidden) * 2, false);
+  void* act = EnsureScratch(&moe_act_, &moe_act_cap_, pairs * static_cast<size_t>(experts.inter) * 2, false);
+  auto* y = static_cast<float*>(
+      EnsureScratch(&moe_y_, &moe_y_cap_, pairs * static_cast<size_t>(experts.hidden) * sizeof(float), false));
+  auto* meta = static_cast<int32_t*>(EnsureScratch(
+      &moe_meta_, &moe_meta_cap_, cuda::moe_grouped_meta_ints(tokens, top_k, experts.num_experts) * sizeof(int32_t),
+      false));
+  if (!xb || !act || !y || !meta) return false;
+  cuda::MoeGroupedArgs a{};
+  a.x = x;
+  a.tokens = tokens;
+  a.top_k = top_k;
+  a.ids = ids;
+  a.weights = weights;
+  a.num_experts = experts.num_experts;
+  a.gate = experts.gate;
+  a.up = experts.up;
+  a.down = experts.down;
+  a.dtype = experts.dtype;
+  a.hidden = experts.hidden;
+  a.inter = experts.inter;
+  a.num_sms = num_sms_;
+  a.xb = xb;
+  a.act = act;
+  a.y = y;
+  a.meta = meta;
+  a.resid = resid;
+  CUDA_CHECK_LOG(cuda::launch_moe_grouped(a, stream_), &error_);
   return true;
 }
 

@@ -82,7 +82,7 @@ class CudaBackend final : public Backend {
   bool MoeRouted(const float* x, int64_t tokens, int top_k, const int32_t* ids, const float* weights,
                  const RoutedExpertTable& experts, float* resid) override;
   // Pairs sharing an expert each stream it: worth it for the batches the GEMV serves.
-  int MoeRoutedMaxTokens() const override { return cuda::kGemvMaxRows; }
+  int MoeRoutedMaxTokens() const override { return cuda::kMoeGroupedMaxTokens; }
   void SetZero(void* dst, size_t bytes) override;
   void Synchronize() override;
   Status BindToCallingThread() override;
@@ -128,6 +128,9 @@ class CudaBackend final : public Backend {
   StatusOr<Weight> AllocateWeight(DType dtype, int64_t rows, int64_t cols);
 
  private:
+  // MoeRouted past kGemvMaxRows tokens: the grouped tensor-core layer (moe_grouped.cu).
+  bool MoeGrouped(const float* x, int64_t tokens, int top_k, const int32_t* ids, const float* weights,
+                  const RoutedExpertTable& experts, float* resid);
   struct Pending {  // an in-flight host->device copy out of the staging ring
     size_t begin, end;
     cudaEvent_t done;
@@ -191,6 +194,11 @@ class CudaBackend final : public Backend {
   size_t moe_act_cap_ = 0;
   void* moe_y_ = nullptr;
   size_t moe_y_cap_ = 0;
+  // MoeRouted past the GEMV's rows: x in 16 bits and the grouping (moe_grouped.cu).
+  void* moe_xb_ = nullptr;
+  size_t moe_xb_cap_ = 0;
+  void* moe_meta_ = nullptr;
+  size_t moe_meta_cap_ = 0;
   std::vector<std::pair<void*, size_t>> weights_;  // owned device weights
 };
 

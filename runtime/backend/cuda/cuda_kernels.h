@@ -185,6 +185,38 @@ struct MoeRoutedArgs {
 };
 cudaError_t launch_moe_routed(const MoeRoutedArgs& args, cudaStream_t stream);
 
+// The routed experts of a MoE layer for decode batches past the GEMV's rows, the routing on the
+// device (Backend::MoeRouted, moe_grouped.cu): the pairs are grouped by expert on the device and
+// each active expert's gate/up and down weights stream once for all its tokens through
+// tensor-core products (x and the SwiGLU activation rounded to the weights' 16-bit type, as the
+// cuBLAS GEMMs of the host-routed path round them; fp32 accumulation); then resid[t] += sum over
+// t's pairs in increasing expert id of weights[p] * y[p]. Scratch (16-byte aligned): xb [tokens,
+// hidden] and act [tokens * top_k, inter] of 16-bit values, y [tokens * top_k, hidden] fp32, meta
+// moe_grouped_meta_ints() int32.
+inline constexpr int kMoeGroupedMaxTokens = 64;
+struct MoeGroupedArgs {
+  const float* x;  // [tokens, hidden]
+  int64_t tokens;
+  int top_k;
+  const int32_t* ids;    // [tokens * top_k]; outside [0, num_experts): adds nothing
+  const float* weights;  // [tokens * top_k]
+  int num_experts;
+  const void* const* gate;  // [num_experts] device pointers to [inter, hidden] weights
+  const void* const* up;
+  const void* const* down;  // [hidden, inter]
+  DType dtype;              // kBF16 or kF16
+  int64_t hidden, inter;
+  int num_sms;
+  void* xb;
+  void* act;
+  float* y;
+  int32_t* meta;
+  float* resid;  // [tokens, hidden]
+};
+bool moe_grouped_supported(int64_t tokens, int top_k, int num_experts, DType dtype, int64_t hidden, int64_t inter);
+size_t moe_grouped_meta_ints(int64_t tokens, int top_k, int num_experts);
+cudaError_t launch_moe_grouped(const MoeGroupedArgs& args, cudaStream_t stream);
+
 // Skinny GEMM on a quantized weight: y[m, n] = x[m, k] . dequant(w)[n, k]^T (+ y when
 // accumulate), w a kQ8/kQ4 block of [n, k] (runtime/core/quant_format.h), fp32 activations and
 // accumulation, the dequantization fused into the weight stream. gemv_quant_supported() says
