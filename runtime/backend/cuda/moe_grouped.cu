@@ -159,11 +159,56 @@ __global__ void __launch_bounds__(kGroupThreads) GroupKernel(const int32_t* __re
   }
 }
 
+// The k loop of a warp: its 16 rows of each of kW weights against kTiles n8 tiles of B, steps of
+// 32 k from vector i0 (= part * 4 + t) in strides of kSplit steps. kU steps' weight vectors are
+// loaded before any of their products, so that many 16-byte loads per lane are in flight.
+// a_row[v]: row g of the warp's tile of weight v (row g + 8 is k8 vectors on); b_off[j]: the
+// vector offset in `b` of tile j's column g.
+template <bool kBf16, int kSplit, int kW, int kNT, int kTiles>
+__device__ __forceinline__ void KLoop(const uint4* const (&a_row)[kW], const uint4* __restrict__ b,
+                                      const int (&b_off)[kNT], int i0, int k8, float (&acc)[kW][kNT][4]) {
+  constexpr int kU = kW == 2 ? 2 : 4;
+  constexpr int kStride = 4 * kSplit;
+  const auto step = [&](const uint4 (&wa)[kW][2], int i) {
+#pragma unroll
+    for (int j = 0; j < kTiles; ++j) {
+      const uint4 bv = __ldg(b + b_off[j] + i);
+#pragma unroll
+      for (int v = 0; v < kW; ++v) {
+        Mma<kBf16>(acc[v][j], wa[v][0].x, wa[v][1].x, wa[v][0].y, wa[v][1].y, bv.x, bv.y);
+        Mma<kBf16>(acc[v][j], wa[v][0].z, wa[v][1].z, wa[v][0].w, wa[v][1].w, bv.z, bv.w);
+      }
+    }
+  };
+  int i = i0;
+  for (; i + (kU - 1) * kStride < k8; i += kU * kStride) {
+    uint4 wa[kU][kW][2];
+#pragma unroll
+    for (int u = 0; u < kU; ++u)
+#pragma unroll
+      for (int v = 0; v < kW; ++v) {
+        wa[u][v][0] = __ldg(a_row[v] + i + u * kStride);
+        wa[u][v][1] = __ldg(a_row[v] + k8 + i + u * kStride);
+      }
+#pragma unroll
+    for (int u = 0; u < kU; ++u) step(wa[u], i + u * kStride);
+  }
+  for (; i < k8; i += kStride) {
+    uint4 wa[kW][2];
+#pragma unroll
+    for (int v = 0; v < kW; ++v) {
+      wa[v][0] = __ldg(a_row[v] + i);
+      wa[v][1] = __ldg(a_row[v] + k8 + i);
+    }
+    step(wa, i);
+  }
+}
+
 // One weight (or the gate/up pair) of the grouped layer for the active experts' token chunks.
 // kGateUp: w = gate, w2 = up, in = xb (rows by token), out = act (16-bit, silu(g) * u).
 // Otherwise: w = down, in = act (rows by position), out = y (fp32).
 template <bool kBf16, int kSplit, int kNT, bool kGateUp>
-__global__ void __launch_bounds__(kWarps * 32)
+__global__ void __launch_bounds__(kWarps * 32, 2)
     GroupedKernel(const void* const* __restrict__ w_table, const void* const* __restrict__ w2_table,
                   const uint16_t* __restrict__ in, void* __restrict__ out, const int32_t* meta_base, int pairs,
                   int slots, int n, int k) {
@@ -181,27 +226,21 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int part = warp % kSplit;
   const int row0 = (blockIdx.x * kTilesPerBlock + warp / kSplit) * 16;
   const bool valid = row0 < n;  // n % 16 == 0: a tile is whole or absent
-  const int k8 = k / 8;
 
-  // This lane's B rows: token (gate/up) or position (down) of column g of each n8 tile.
-  const uint4* b_row[kNT];
+  // This lane's B rows: token (gate/up) or position (down) of column g of each n8 tile. A column
+  // past the expert's tokens reads the chunk's first row instead (no branch in the loop); its
+  // outputs are never stored.
+  int b_off[kNT];
 #pragma unroll
   for (int j = 0; j < kNT; ++j) {
-    const int col = n0 + j * 8 + g;
-    const int64_t r = col < cnt ? (kGateUp ? meta.token_of[start + col] : start + col) : -1;
-    b_row[j] = r >= 0 ? reinterpret_cast<const uint4*>(in + r * k) : nullptr;
+    const int col = min(n0 + j * 8 + g, cnt - 1);
+    b_off[j] = (kGateUp ? meta.token_of[start + col] : start + col) * (k / 8);
   }
-  const uint4* a_row[kW][2];
+  const uint4* a_row[kW];
   {
     const int64_t r = valid ? row0 + g : 0;
-    const auto* w = static_cast<const uint16_t*>(w_table[e]);
-    a_row[0][0] = reinterpret_cast<const uint4*>(w + r * k);
-    a_row[0][1] = reinterpret_cast<const uint4*>(w + (r + 8) * k);
-    if constexpr (kGateUp) {
-      const auto* w2 = static_cast<const uint16_t*>(w2_table[e]);
-      a_row[kW - 1][0] = reinterpret_cast<const uint4*>(w2 + r * k);
-      a_row[kW - 1][1] = reinterpret_cast<const uint4*>(w2 + (r + 8) * k);
-    }
+    a_row[0] = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(w_table[e]) + r * k);
+    if constexpr (kGateUp) a_row[kW - 1] = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(w2_table[e]) + r * k);
   }
   float acc[kW][kNT][4];
 #pragma unroll
@@ -212,24 +251,21 @@ __global__ void __launch_bounds__(kWarps * 32)
       for (int i = 0; i < 4; ++i) acc[v][j][i] = 0.f;
 
   if (valid) {
-#pragma unroll 4
-    for (int i = part * 4 + t; i < k8; i += 4 * kSplit) {  // i: this lane's 16-byte vector of the step
-      uint4 wa[kW][2];
-#pragma unroll
-      for (int v = 0; v < kW; ++v) {
-        wa[v][0] = __ldg(a_row[v][0] + i);
-        wa[v][1] = __ldg(a_row[v][1] + i);
-      }
-#pragma unroll
-      for (int j = 0; j < kNT; ++j) {
-        if (j >= tiles) break;
-        const uint4 b = b_row[j] ? __ldg(b_row[j] + i) : make_uint4(0, 0, 0, 0);
-#pragma unroll
-        for (int v = 0; v < kW; ++v) {
-          Mma<kBf16>(acc[v][j], wa[v][0].x, wa[v][1].x, wa[v][0].y, wa[v][1].y, b.x, b.y);
-          Mma<kBf16>(acc[v][j], wa[v][0].z, wa[v][1].z, wa[v][0].w, wa[v][1].w, b.z, b.w);
-        }
-      }
+    const int i0 = part * 4 + t, k8 = k / 8;
+    // The n8 tiles the chunk fills (<= kNT) as a constant of the loop: no branch inside it.
+    switch (tiles) {
+      case 1:
+        KLoop<kBf16, kSplit, kW, kNT, 1>(a_row, reinterpret_cast<const uint4*>(in), b_off, i0, k8, acc);
+        break;
+      case 2:
+        KLoop<kBf16, kSplit, kW, kNT, (kNT < 2 ? kNT : 2)>(a_row, reinterpret_cast<const uint4*>(in), b_off, i0, k8, acc);
+        break;
+      case 3:
+        KLoop<kBf16, kSplit, kW, kNT, (kNT < 3 ? kNT : 3)>(a_row, reinterpret_cast<const uint4*>(in), b_off, i0, k8, acc);
+        break;
+      default:
+        KLoop<kBf16, kSplit, kW, kNT, kNT>(a_row, reinterpret_cast<const uint4*>(in), b_off, i0, k8, acc);
+        break;
     }
   }
   if constexpr (kSplit > 1) {
