@@ -162,7 +162,7 @@ __global__ void __launch_bounds__(kGroupThreads) GroupKernel(const int32_t* __re
 // The k loop of a warp: its 16 rows of each of kW weights against kTiles n8 tiles of B, steps of
 // 32 k from vector i0 (= part * 4 + t) in strides of kSplit steps. kU steps' weight vectors are
 // loaded before any of their products, so that many 16-byte loads per lane are in flight.
-// a_row[v]: row g of the warp's tile of weight v (row g + 8 is k8 vectors on); b_off[j]: the
+// a_row[v]: row g of the warp's tile of weight v (row g + 8 is 8 * k8 vectors on); b_off[j]: the
 // vector offset in `b` of tile j's column g.
 template <bool kBf16, int kSplit, int kW, int kNT, int kTiles>
 __device__ __forceinline__ void KLoop(const uint4* const (&a_row)[kW], const uint4* __restrict__ b,
@@ -188,7 +188,7 @@ __device__ __forceinline__ void KLoop(const uint4* const (&a_row)[kW], const uin
 #pragma unroll
       for (int v = 0; v < kW; ++v) {
         wa[u][v][0] = __ldg(a_row[v] + i + u * kStride);
-        wa[u][v][1] = __ldg(a_row[v] + k8 + i + u * kStride);
+        wa[u][v][1] = __ldg(a_row[v] + 8 * k8 + i + u * kStride);
       }
 #pragma unroll
     for (int u = 0; u < kU; ++u) step(wa[u], i + u * kStride);
@@ -198,7 +198,7 @@ __device__ __forceinline__ void KLoop(const uint4* const (&a_row)[kW], const uin
 #pragma unroll
     for (int v = 0; v < kW; ++v) {
       wa[v][0] = __ldg(a_row[v] + i);
-      wa[v][1] = __ldg(a_row[v] + k8 + i);
+      wa[v][1] = __ldg(a_row[v] + 8 * k8 + i);
     }
     step(wa, i);
   }
