@@ -1,0 +1,45 @@
+#!/bin/bash
+# On the accelerator machine (one GPU): `expertflow bench` end to end on a synthetic Mixtral-8x7B
+# shape with every expert resident (concurrency 1, 16, 64; TTFT of 2k-token prompts), or the
+# transformers baseline of the same workloads (scripts/bench/hf_accelerate_baseline.py, random
+# weights of the shape, everything on the GPU). Optionally `ctest -L gpu` first.
+#
+#   scripts/accel/e2e-run.sh expertflow [LAYERS] [ctest]     logs and JSON under $OUT (or ./out)
+#   scripts/accel/e2e-run.sh hf [LAYERS]
+#
+# LAYERS (default 8): the synthetic checkpoint is written to local disk first (2.9 GB a layer).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+WHO=${1:-expertflow}
+LAYERS=${2:-8}
+# name concurrency requests prompt gen
+WORKLOADS=("c1 1 4 128 64" "c16 16 32 128 64" "c64 64 64 128 64" "ttft2k 1 4 2048 4")
+if [ "$WHO" = hf ]; then
+  for w in "${WORKLOADS[@]}"; do
+    read -r name c n p g <<<"$w"
+    echo "== hf $name"
+    timeout 280 python3 scripts/bench/hf_accelerate_baseline.py --shape mixtral-8x7b --layers "$LAYERS" --budget-pct 100 \
+      -n "$n" -c "$c" --prompt-len "$p" --gen-len "$g" --json "$OUT/hf_$name.json" 2>&1 | grep -vE "^\s*$|Warning|warn" | tail -4
+  done
+  exit 0
+fi
+EF_BUILD_TESTS=$([ "${3:-}" = ctest ] && echo ON || echo OFF) source scripts/accel/build-full.sh gpu_tests >"$OUT/build_out.txt" 2>&1 ||
+  { tail -30 "$OUT/build_out.txt"; exit 1; }
+if [ "${3:-}" = ctest ]; then
+  t0=$(date +%s)
+  (cd "$BUILD" && timeout 300 ctest -L gpu --timeout 240 --output-on-failure >"$OUT/ctest_gpu.log" 2>&1)
+  echo "ctest rc=$? in $(($(date +%s) - t0)) s"
+  grep -E "tests passed|tests failed|Failed|\*\*\*|Timeout|Skipped" "$OUT/ctest_gpu.log" | tail -12
+fi
+for w in "${WORKLOADS[@]}"; do
+  read -r name c n p g <<<"$w"
+  echo "== expertflow $name"
+  t0=$(date +%s)
+  timeout 200 "$BUILD"/expertflow bench --backend cuda --synthetic mixtral-8x7b --synthetic-layers "$LAYERS" \
+    --synthetic-dir "$PWD/.synthetic" -n "$n" -c "$c" --prompt-len "$p" --gen-len "$g" --max-batch 64 \
+    --json "$OUT/expertflow_$name.json" >"$OUT/expertflow_$name.txt" 2>&1
+  echo "rc=$? in $(($(date +%s) - t0)) s"
+  grep -vE "^\[|^#  " "$OUT/expertflow_$name.txt" | tail -3
+done
