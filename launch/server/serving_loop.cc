@@ -404,7 +404,7 @@ void ServingLoop::Step() {
     }
     tokens += static_cast<int64_t>(batch.back().tokens.size());
   }
-  runtime::ForwardResult fr;
+  runtime::ForwardResult& fr = forward_;  // reused: its logits buffer stays allocated between steps
   Status s =
       num_steps_++ == params::DebugFailAtStep()
           ? Internal("EF_DEBUG_FAIL_AT_STEP=" + std::to_string(params::DebugFailAtStep()) + ": injected engine failure")

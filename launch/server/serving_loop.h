@@ -213,6 +213,7 @@ class ServingLoop {
   scheduler::TokenRegrouper regrouper_;           // guarded by mu_
   int64_t next_seq_ = int64_t{1} << 40;           // engine thread only; above explicit seq_ids
   int64_t num_steps_ = 0;                         // engine thread only; forward passes so far
+  runtime::ForwardResult forward_;                // engine thread only; the last step's logits (buffer reused)
   std::thread thread_;
 };
 

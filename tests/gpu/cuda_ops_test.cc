@@ -3,10 +3,10 @@
 // or tighter; bf16 weights: NMSE stated per test. Skips when no CUDA device is visible.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstring>
 #include <numeric>
 #include <random>
-#include <algorithm>
 
 #include "runtime/backend/cpu/cpu_backend.h"
 #include "runtime/backend/cuda/cuda_kernels.h"
@@ -436,10 +436,10 @@ TEST_F(CudaOpsTest, MoeGroupedMatchesTheCpuLayer) {
     std::string name;
   };
   const int H = 256, I = 512;
-  for (const Case& c : {Case{8, 2, 3, DType::kBF16, false, "8x2 T3"}, Case{8, 2, 16, DType::kBF16, false, "8x2 T16"},
-                        Case{8, 2, 64, DType::kBF16, true, "8x2 T64 crowded"},
-                        Case{128, 8, 40, DType::kBF16, false, "128x8 T40"},
-                        Case{16, 4, 9, DType::kF16, false, "16x4 T9 f16"}}) {
+  for (const Case& c :
+       {Case{8, 2, 3, DType::kBF16, false, "8x2 T3"}, Case{8, 2, 16, DType::kBF16, false, "8x2 T16"},
+        Case{8, 2, 64, DType::kBF16, true, "8x2 T64 crowded"}, Case{128, 8, 40, DType::kBF16, false, "128x8 T40"},
+        Case{16, 4, 9, DType::kF16, false, "16x4 T9 f16"}}) {
     SCOPED_TRACE(c.name);
     std::vector<std::vector<float>> host;  // [e * 3 + {gate, up, down}], as the device holds them
     std::vector<const void*> table(3 * c.E);

@@ -274,7 +274,8 @@ TEST(CudaReferenceBf16, DeviceRoutedBatchesMatchTheHostRoutedPath) {
       EXPECT_TRUE(engine->Forward(batch, &r).ok());
       routed->push_back(engine->last_forward_device_routed());
       std::vector<float> all = r.logits;
-      for (size_t b = 0; b < ids.size(); ++b) batch[b] = SeqChunk{static_cast<int64_t>(b), std::span<const int32_t>(&ids[b].back(), 1), false};
+      for (size_t b = 0; b < ids.size(); ++b)
+        batch[b] = SeqChunk{static_cast<int64_t>(b), std::span<const int32_t>(&ids[b].back(), 1), false};
       EXPECT_TRUE(engine->Forward(batch, &r).ok());
       routed->push_back(engine->last_forward_device_routed());
       all.insert(all.end(), r.logits.begin(), r.logits.end());

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <random>
 #include <vector>
 
 namespace ef::runtime {
@@ -16,6 +17,28 @@ TEST(SamplerTest, GreedyIsTheArgMaxWithTheLowestIndexOnTies) {
   EXPECT_EQ(ArgMax(logits), 1);
   Sampler s(SamplingParams{});
   for (int i = 0; i < 10; ++i) EXPECT_EQ(s.Sample(logits), 1);
+}
+
+TEST(SamplerTest, ArgMaxOfLongRowsIsTheFirstMaximum) {
+  // Rows of vocabulary size (not a multiple of the vectorised lanes), the maximum anywhere, ties
+  // and NaNs: the first index of the largest non-NaN value, as a plain scan finds it.
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> u(-20.f, 20.f);
+  for (int n : {1, 15, 16, 17, 1000, 32001, 151936}) {
+    for (int trial = 0; trial < 4; ++trial) {
+      std::vector<float> v(n);
+      for (float& x : v) x = u(rng);
+      if (trial == 1) v[n - 1] = 100.f;
+      if (trial == 2 && n > 3) v[n / 2] = v[n / 3] = 100.f;
+      if (trial == 3) v[0] = std::nanf("");
+      int want = -1;
+      for (int k = 0; k < n; ++k)
+        if (!std::isnan(v[k]) && (want < 0 || v[k] > v[want])) want = k;
+      if (want < 0) want = 0;
+      EXPECT_EQ(ArgMax(v), want) << "n=" << n << " trial " << trial;
+    }
+  }
+  EXPECT_EQ(ArgMax(std::vector<float>(7, std::nanf(""))), 0);
 }
 
 TEST(SamplerTest, TopKOneAndTinyTopPAreGreedy) {

@@ -338,9 +338,9 @@ bool CudaBackend::MoeGrouped(const float* x, int64_t tokens, int top_k, const in
   void* act = EnsureScratch(&moe_act_, &moe_act_cap_, pairs * static_cast<size_t>(experts.inter) * 2, false);
   auto* y = static_cast<float*>(
       EnsureScratch(&moe_y_, &moe_y_cap_, pairs * static_cast<size_t>(experts.hidden) * sizeof(float), false));
-  auto* meta = static_cast<int32_t*>(EnsureScratch(
-      &moe_meta_, &moe_meta_cap_, cuda::moe_grouped_meta_ints(tokens, top_k, experts.num_experts) * sizeof(int32_t),
-      false));
+  auto* meta = static_cast<int32_t*>(
+      EnsureScratch(&moe_meta_, &moe_meta_cap_,
+                    cuda::moe_grouped_meta_ints(tokens, top_k, experts.num_experts) * sizeof(int32_t), false));
   if (!xb || !act || !y || !meta) return false;
   cuda::MoeGroupedArgs a{};
   a.x = x;

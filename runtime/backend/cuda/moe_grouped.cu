@@ -107,10 +107,9 @@ __device__ __forceinline__ void Mma(float (&d)[4], uint32_t a0, uint32_t a1, uin
 // Block 0: the grouping (pairs <= kGroupThreads, num_experts <= kGroupThreads). Blocks 1..: x to
 // 16 bits.
 template <bool kBf16>
-__global__ void __launch_bounds__(kGroupThreads) GroupKernel(const int32_t* __restrict__ ids, int pairs, int top_k,
-                                                             int num_experts, int slots, int32_t* meta_base,
-                                                             const float* __restrict__ x, int64_t x_elems,
-                                                             uint16_t* __restrict__ xb) {
+__global__ void __launch_bounds__(kGroupThreads)
+    GroupKernel(const int32_t* __restrict__ ids, int pairs, int top_k, int num_experts, int slots, int32_t* meta_base,
+                const float* __restrict__ x, int64_t x_elems, uint16_t* __restrict__ xb) {
   if (blockIdx.x > 0) {
     const int64_t i = (static_cast<int64_t>(blockIdx.x - 1) * kConvertThreads + threadIdx.x) * 8;
     if (threadIdx.x >= kConvertThreads || i >= x_elems) return;
@@ -169,7 +168,7 @@ __device__ __forceinline__ void KLoop(const uint4* const (&a_row)[kW], const uin
                                       const int (&b_off)[kNT], int i0, int k8, float (&acc)[kW][kNT][4]) {
   constexpr int kU = kW == 2 ? 2 : 4;
   constexpr int kStride = 4 * kSplit;
-  const auto step = [&](const uint4 (&wa)[kW][2], int i) {
+  const auto step = [&](const uint4(&wa)[kW][2], int i) {
 #pragma unroll
     for (int j = 0; j < kTiles; ++j) {
       const uint4 bv = __ldg(b + b_off[j] + i);
@@ -240,7 +239,8 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
   {
     const int64_t r = valid ? row0 + g : 0;
     a_row[0] = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(w_table[e]) + r * k);
-    if constexpr (kGateUp) a_row[kW - 1] = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(w2_table[e]) + r * k);
+    if constexpr (kGateUp)
+      a_row[kW - 1] = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(w2_table[e]) + r * k);
   }
   float acc[kW][kNT][4];
 #pragma unroll
@@ -258,10 +258,12 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
         KLoop<kBf16, kSplit, kW, kNT, 1>(a_row, reinterpret_cast<const uint4*>(in), b_off, i0, k8, acc);
         break;
       case 2:
-        KLoop<kBf16, kSplit, kW, kNT, (kNT < 2 ? kNT : 2)>(a_row, reinterpret_cast<const uint4*>(in), b_off, i0, k8, acc);
+        KLoop<kBf16, kSplit, kW, kNT, (kNT < 2 ? kNT : 2)>(a_row, reinterpret_cast<const uint4*>(in), b_off, i0, k8,
+                                                           acc);
         break;
       case 3:
-        KLoop<kBf16, kSplit, kW, kNT, (kNT < 3 ? kNT : 3)>(a_row, reinterpret_cast<const uint4*>(in), b_off, i0, k8, acc);
+        KLoop<kBf16, kSplit, kW, kNT, (kNT < 3 ? kNT : 3)>(a_row, reinterpret_cast<const uint4*>(in), b_off, i0, k8,
+                                                           acc);
         break;
       default:
         KLoop<kBf16, kSplit, kW, kNT, kNT>(a_row, reinterpret_cast<const uint4*>(in), b_off, i0, k8, acc);
@@ -288,7 +290,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
           for (int p = 1; p < kSplit; ++p) acc[v][j][i] += partial[warp + p][v][j][i][lane];
   }
   if (!valid) return;
-  // c0, c1: row g, columns 2t, 2t+1; c2, c3: row g + 8.
+    // c0, c1: row g, columns 2t, 2t+1; c2, c3: row g + 8.
 #pragma unroll
   for (int j = 0; j < kNT; ++j) {
     if (j >= tiles) break;
@@ -374,11 +376,11 @@ cudaError_t Run(const MoeGroupedArgs& a, int pairs, int slots, cudaStream_t s) {
   if (err != cudaSuccess) return err;
   // A chunk per 8 * kNT tokens an expert may have (at most every token).
   const dim3 grid(1, static_cast<unsigned>(slots), static_cast<unsigned>((a.tokens + 8 * kNT - 1) / (8 * kNT)));
-  err = LaunchGrouped<kBf16, kNT, true>(SplitFor(I, H, slots, a.num_sms), grid, a.gate, a.up, static_cast<const uint16_t*>(a.xb), a.act, a.meta,
-                                        pairs, slots, I, H, s);
+  err = LaunchGrouped<kBf16, kNT, true>(SplitFor(I, H, slots, a.num_sms), grid, a.gate, a.up,
+                                        static_cast<const uint16_t*>(a.xb), a.act, a.meta, pairs, slots, I, H, s);
   if (err != cudaSuccess) return err;
-  err = LaunchGrouped<kBf16, kNT, false>(SplitFor(H, I, slots, a.num_sms), grid, a.down, nullptr, static_cast<const uint16_t*>(a.act), a.y, a.meta,
-                                         pairs, slots, H, I, s);
+  err = LaunchGrouped<kBf16, kNT, false>(SplitFor(H, I, slots, a.num_sms), grid, a.down, nullptr,
+                                         static_cast<const uint16_t*>(a.act), a.y, a.meta, pairs, slots, H, I, s);
   if (err != cudaSuccess) return err;
   const Meta meta(a.meta, pairs, slots);
   CombineKernel<<<static_cast<unsigned>(a.tokens), 256, 0, s>>>(a.y, a.ids, a.weights, meta.pos, a.top_k, H, a.resid);
