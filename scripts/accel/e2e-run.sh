@@ -25,7 +25,7 @@ if [ "$WHO" = hf ]; then
   done
   exit 0
 fi
-EF_BUILD_TESTS=$([ "${3:-}" = ctest ] && echo ON || echo OFF) source scripts/accel/build-full.sh $([ "${3:-}" = ctest ] && echo gpu_tests) >"$OUT/build_out.txt" 2>&1 ||
+EF_BUILD_TESTS=$([ "${3:-}" = ctest ] && echo ON || echo OFF) source scripts/accel/build-full.sh expertflow $([ "${3:-}" = ctest ] && echo gpu_tests) >"$OUT/build_out.txt" 2>&1 ||
   { tail -30 "$OUT/build_out.txt"; exit 1; }
 if [ "${3:-}" = ctest ]; then
   t0=$(date +%s)
