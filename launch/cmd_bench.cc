@@ -805,7 +805,15 @@ json ResultsJson(const BenchRun& b, const BenchSummary& s, const RunCounters& c)
 }
 
 // The same record as the table, as JSON, to --json.
-Status WriteJson(const BenchRun& b, const BenchParts& p, const BenchSummary& s, const RunCounters& c) {
+// The serving loop's forward passes on rank 0 (ServerMetrics): where a step's time goes.
+struct EngineSteps {
+  int64_t steps = 0;
+  int64_t device_routed = 0;  // MoE routing kept on the device (no host round trip per layer)
+  double seconds = 0;         // wall time inside Engine::Forward
+};
+
+Status WriteJson(const BenchRun& b, const BenchParts& p, const BenchSummary& s, const RunCounters& c,
+                 const EngineSteps& steps) {
   const BenchOptions& o = b.o;
   const runtime::ModelConfig& cfg = p.engine->config();
   const AdmissionStats& adm = s.admission;
@@ -853,6 +861,10 @@ Status WriteJson(const BenchRun& b, const BenchParts& p, const BenchSummary& s, 
               {"max_batch", o.max_batch},
               {"seed", o.seed}}},
             {"results", ResultsJson(b, s, c)},
+            {"engine",
+             {{"forward_passes", steps.steps},
+              {"device_routed_passes", steps.device_routed},
+              {"forward_seconds", steps.seconds}}},
             {"routing", s.per_layer}};
   std::ofstream out(o.json_path);
   if (!out) return NotFound("cannot write " + o.json_path);
@@ -889,8 +901,13 @@ Status RunBench(const BenchOptions& given, comm::MpiContext* ctx) {
   if (!run.root) return Status::Ok();
   const BenchSummary summary = Summarize(run, cfg, all, counters);
   PrintTable(run, summary, counters);
+  const EngineSteps steps{metrics.steps(), metrics.device_routed_steps(), metrics.forward_seconds()};
+  std::printf("# engine%s: %lld forward passes (%lld with the routing on the device), %.3f s in them, %.3f ms each\n",
+              run.ranks > 1 ? " of rank 0" : "", static_cast<long long>(steps.steps),
+              static_cast<long long>(steps.device_routed), steps.seconds,
+              steps.steps > 0 ? 1e3 * steps.seconds / static_cast<double>(steps.steps) : 0.0);
   if (run.o.json_path.empty()) return Status::Ok();
-  return WriteJson(run, parts, summary, counters);
+  return WriteJson(run, parts, summary, counters, steps);
 }
 
 }  // namespace

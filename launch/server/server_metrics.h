@@ -50,7 +50,9 @@ class ServerMetrics {
   void ObserveLatency(double seconds);
   void ObserveTimeToFirstToken(double seconds);
   void ObserveInterTokenLatency(double seconds);
-  void CountStep(int64_t batch_tokens);
+  // A forward pass of `batch_tokens` rows that took `seconds` (engine thread), its MoE layers routed
+  // on the device or not (runtime::Engine::last_forward_device_routed).
+  void CountStep(int64_t batch_tokens, double seconds = 0, bool device_routed = false);
   // Routing hook target: `num_tokens * top_k` expert ids of MoE layer `layer`.
   void CountRouting(int layer, const int32_t* ids, int64_t n);
 
@@ -65,6 +67,9 @@ class ServerMetrics {
   // The whole exposition, ready to serve with content type text/plain; version=0.0.4.
   std::string Render() const;
 
+  int64_t steps() const { return steps_.load(std::memory_order_relaxed); }
+  int64_t device_routed_steps() const { return device_routed_steps_.load(std::memory_order_relaxed); }
+  double forward_seconds() const { return 1e-9 * static_cast<double>(forward_ns_.load(std::memory_order_relaxed)); }
   int64_t expert_tokens(int layer, int expert) const {
     return expert_tokens_[static_cast<size_t>(layer) * num_experts_ + expert].load(std::memory_order_relaxed);
   }
@@ -86,7 +91,7 @@ class ServerMetrics {
   std::map<std::pair<std::string, int>, uint64_t> requests_;  // (endpoint, status) -> count
   Histogram latency_, ttft_, itl_;
   std::atomic<int64_t> prompt_tokens_{0}, generated_tokens_{0}, waiting_{0}, running_{0};
-  std::atomic<int64_t> steps_{0}, step_tokens_{0};
+  std::atomic<int64_t> steps_{0}, step_tokens_{0}, device_routed_steps_{0}, forward_ns_{0};
   std::unique_ptr<std::atomic<int64_t>[]> expert_tokens_;
   const cache::ExpertCache* expert_cache_ = nullptr;   // guarded by mu_
   std::function<comm::CommCounters()> comm_counters_;  // guarded by mu_

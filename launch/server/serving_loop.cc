@@ -405,11 +405,13 @@ void ServingLoop::Step() {
     tokens += static_cast<int64_t>(batch.back().tokens.size());
   }
   runtime::ForwardResult& fr = forward_;  // reused: its logits buffer stays allocated between steps
+  const Clock::time_point t0 = Clock::now();
   Status s =
       num_steps_++ == params::DebugFailAtStep()
           ? Internal("EF_DEBUG_FAIL_AT_STEP=" + std::to_string(params::DebugFailAtStep()) + ": injected engine failure")
           : engine_->Forward(batch, &fr);
-  metrics_->CountStep(tokens);
+  metrics_->CountStep(tokens, std::chrono::duration<double>(Clock::now() - t0).count(),
+                      engine_->last_forward_device_routed());
   metrics_->AddPromptTokens(prompt_tokens);
   if (!s.ok()) {
     EF_LOG(ERROR, SERVE, "forward pass failed: %s", s.ToString().c_str());

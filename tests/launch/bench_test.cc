@@ -84,6 +84,14 @@ TEST_F(BenchTest, SyntheticTinyWritesTheJsonRecord) {
   EXPECT_GT(c["bytes_from_host"].get<int64_t>(), 0);
   EXPECT_GE(r["hit_rate"].get<double>(), 0.0);
   EXPECT_LE(r["hit_rate"].get<double>(), 1.0);
+  // The engine's forward passes: at least a prefill and the decode steps of the longest request
+  // (8 tokens: the prefill gives the first), none device-routed on the CPU backend.
+  const json& e = j["engine"];
+  EXPECT_GE(e["forward_passes"].get<int64_t>(), 8);
+  EXPECT_EQ(e["device_routed_passes"].get<int64_t>(), 0);
+  EXPECT_GT(e["forward_seconds"].get<double>(), 0.0);
+  EXPECT_LE(e["forward_seconds"].get<double>(), r["wall_s"].get<double>());
+  EXPECT_NE(stdout_text.find("# engine: "), std::string::npos) << stdout_text;
 }
 
 TEST_F(BenchTest, SyntheticCheckpointIsReusedAndDeterministic) {
