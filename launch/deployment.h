@@ -20,10 +20,11 @@
 //       It calls Engine::Forward with one token per running sequence (a new request's prompt).
 //   runtime/engine  Per decoder layer: attention over this rank's sequences' KV caches; at an MoE
 //       layer the router's top-k, copied to the host, then the routing hooks in the order added,
-//       then the MoeExecutor. (A decode batch of one or two tokens on one process with every expert
-//       resident and no routing hook keeps the routing on the device instead: Backend::MoeRouted
-//       computes the layer from the router's device output, and the observers see the step's
-//       routing after the logits; none of the steps below then runs.)
+//       then the MoeExecutor. (A step of up to 64 tokens on one process with every expert resident
+//       and no routing hook keeps the routing on the device instead: Backend::MoeRouted computes
+//       the layer from the router's device output, past two tokens with the pairs grouped by
+//       expert on the device, and the observers see the step's routing after the logits; none of
+//       the steps below then runs.)
 //   cache/  One of those hooks is the cache's PredictorPrefetcher: it forecasts the batch's experts
 //       at the next MoE layers and hands the lists to the cache (under mpirun only the experts this
 //       rank computes); their loads start when the expert source is told this layer's experts.
