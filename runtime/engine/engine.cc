@@ -529,8 +529,8 @@ Status Engine::Forward(std::span<const SeqChunk> batch, ForwardResult* result) {
   float* x = Scratch(kResid, T * H);
   backend_->Embed(tokens_dev, static_cast<int>(T), weights_->embed(), x);
 
-  // Decode batches on resident experts keep the routing on the device: no layer waits for the
-  // host (the observers get it once the logits are back).
+  // Steps of up to MoeRoutedMaxTokens() rows on resident experts keep the routing on the device:
+  // no layer waits for the host (the observers get it once the logits are back).
   const bool device_routing = DeviceRouting(T);
   last_device_routed_ = false;
   for (int l = 0; l < c.num_layers; ++l) {

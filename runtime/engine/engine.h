@@ -124,7 +124,8 @@ class Engine {
     observers_.clear();
   }
   // Whether the last Forward kept the routing of its MoE layers on the device (Backend::MoeRouted:
-  // resident experts, no routing hook, decode-sized batch) instead of waiting for it at every layer.
+  // resident experts, no routing hook, at most Backend::MoeRoutedMaxTokens() rows) instead of
+  // waiting for it at every layer.
   bool last_forward_device_routed() const { return last_device_routed_; }
   // When on, LayerRouting::hidden carries each MoE layer's router input (lookahead predictors).
   // Off by default: the copy to the host costs T x hidden floats per MoE layer.
