@@ -61,6 +61,7 @@ struct Args {
   bool fused_gate_up = true;
   bool host_routing = false;  // --host-routing: every MoE layer's routing to the host (the path past MoeRouted's rows)
   bool separate_qkv = false;  // --separate-qkv: q, k and v as three Gemm calls
+  bool breakdown = true;      // --no-breakdown: the step timings only (e.g. under a profiler)
   std::string json;
   // The layer shape (--shape): Mixtral-8x7B by default.
   std::string shape = "mixtral-8x7b";
@@ -113,6 +114,8 @@ Args ParseArgs(int argc, char** argv) {
       a.host_routing = true;
     else if (k == "--separate-qkv")
       a.separate_qkv = true;
+    else if (k == "--no-breakdown")
+      a.breakdown = false;
     else if (k == "--batches") {
       a.batches.clear();
       std::stringstream ss(next());
@@ -130,6 +133,7 @@ Args ParseArgs(int argc, char** argv) {
           "  --host-routing  every MoE layer copies its routing to the host and waits, at every batch size\n"
           "             (default: decode batches MoeRouted serves keep it on the device, as the engine does)\n"
           "  --separate-qkv  q, k and v as three Gemm calls instead of one GemmGroup\n"
+          "  --no-breakdown  skip the per-op breakdown (the step timings only, e.g. under a profiler)\n"
           "  --profile  one more prefill step with a cudaEvent after every op: device time per op kind\n");
       std::exit(0);
     } else {
@@ -784,7 +788,7 @@ int Main(int argc, char** argv) {
                        {"active_experts_per_layer", act},
                        {"tokens_per_s", B / step}});
   }
-  {
+  if (a.prefill > 0) {  // --prefill 0: decode only
     std::vector<int> n_new(1, a.prefill), len(1, 0);
     bench.RandomInput(a.prefill);
     bench.Forward(n_new, len);
@@ -831,7 +835,7 @@ int Main(int argc, char** argv) {
     }
   }
   nlohmann::json breakdown = nlohmann::json::array(), sweep = nlohmann::json::array();
-  bench.Breakdown(a.context, max_batch, a.prefill, a.sweep, &breakdown, &sweep);
+  if (a.breakdown) bench.Breakdown(a.context, max_batch, a.prefill, a.sweep, &breakdown, &sweep);
   std::printf("# bytes in use at the end: %.2f GiB\n", bench.backend()->bytes_in_use() / double(1 << 30));
   if (!a.json.empty()) {
     nlohmann::json doc = {{"bench", "ef_decode_bench"},
