@@ -200,6 +200,21 @@ class Backend {
   // decode rows, one weight stream pass and no round trip of the two products through memory).
   // Returns false, having enqueued nothing, otherwise.
   virtual bool GateUpSilu(const float* x, int64_t m, const Weight& gate, const Weight& up, float* out) { return false; }
+  // One expert's rows for ExpertMlps: rows [begin, begin + rows) of x and y.
+  struct ExpertMlpRows {
+    const Weight* gate;
+    const Weight* up;
+    const Weight* down;
+    int64_t begin;
+    int64_t rows;
+  };
+  // y[rows of e] = down . (silu(gate . x) * (up . x)) for `count` experts (no biases), each over
+  // its own rows of x, when the backend has a path for all of them at once (CUDA: 16-bit dense
+  // weights; x rounded to 16 bits once, the two products kept in 16 bits, the experts on several
+  // streams so that small GEMMs fill the device together). An expert's result does not depend on
+  // the others or on `count`. Returns false, having enqueued nothing, otherwise (the caller runs
+  // GateUpSilu / Gemm per expert).
+  virtual bool ExpertMlps(const float* x, const ExpertMlpRows* experts, int count, float* y) { return false; }
   // ys[i][m, n_i] = x . ws[i]^T (+ biases[i] when not null) for `count` weights of one input (q, k
   // and v of attention), as Gemm computes each; a backend may run them in one launch, summing each
   // row as Gemm would for some split of it. Default: one Gemm each.

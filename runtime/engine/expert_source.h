@@ -24,6 +24,9 @@ class ExpertSource {
   virtual void OnRouting(int layer, std::vector<int32_t>& experts) {}
   virtual StatusOr<ExpertWeights> Acquire(int layer, int expert) = 0;
   virtual void Release(int layer, int expert) {}
+  // How many experts may be acquired (held) at once: the engine acquires up to this many, computes
+  // them together (Backend::ExpertMlps) and releases them. A bounded cache says 1.
+  virtual int MaxAcquired() const { return 1; }
 
   // Optional (cache.cpu_compute): called before OnRouting with each expert's row count this step
   // (rows[i] for experts[i]); moves into `host` the experts this source computes on the host CPU

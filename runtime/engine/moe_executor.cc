@@ -1,5 +1,7 @@
 #include "runtime/engine/moe_executor.h"
 
+#include <algorithm>
+
 namespace ef::runtime {
 namespace {
 enum Slot { kPerm, kScale, kGathered, kExpertOut, kGate, kUp, kZero };
@@ -40,15 +42,44 @@ Status LocalMoeExecutor::Mlp(const ExpertWeights& w, int64_t rows, const float* 
   return Status::Ok();
 }
 
+Status LocalMoeExecutor::MlpGroup(std::span<const int32_t> experts, std::span<const ExpertWeights> w,
+                                  const std::vector<int32_t>& offset, const float* xe, float* ye) {
+  const int H = hidden_;
+  bool fused = activation_.kind == ExpertActivation::kSiluMul;
+  std::vector<Backend::ExpertMlpRows> rows;
+  for (size_t i = 0; fused && i < experts.size(); ++i) {
+    fused = !w[i].has_bias();
+    rows.push_back({&w[i].gate, &w[i].up, &w[i].down, offset[experts[i]], offset[experts[i] + 1] - offset[experts[i]]});
+  }
+  if (fused && backend_->ExpertMlps(xe, rows.data(), static_cast<int>(rows.size()), ye)) return Status::Ok();
+  for (size_t i = 0; i < experts.size(); ++i) {
+    const int64_t begin = offset[experts[i]], cnt = offset[experts[i] + 1] - begin;
+    EF_RETURN_IF_ERROR(Mlp(w[i], cnt, xe + begin * H, ye + begin * H));
+  }
+  return Status::Ok();
+}
+
 Status LocalMoeExecutor::ComputeExperts(int layer, std::span<const int32_t> order, const std::vector<int32_t>& offset,
                                         const float* xe, float* ye) {
-  const int H = hidden_;
-  for (int32_t e : order) {
-    const int64_t begin = offset[e], cnt = offset[e + 1] - offset[e];
-    if (cnt == 0) continue;
-    EF_ASSIGN_OR_RETURN(ExpertWeights w, source_->Acquire(layer, e));
-    Status st = Mlp(w, cnt, xe + begin * H, ye + begin * H);
-    source_->Release(layer, e);
+  std::vector<int32_t> todo;
+  for (int32_t e : order)
+    if (offset[e + 1] > offset[e]) todo.push_back(e);
+  const size_t group = static_cast<size_t>(std::max(1, source_->MaxAcquired()));
+  std::vector<ExpertWeights> w;
+  for (size_t first = 0; first < todo.size(); first += group) {
+    const std::span<const int32_t> g(todo.data() + first, std::min(group, todo.size() - first));
+    w.clear();
+    Status st;
+    for (int32_t e : g) {
+      auto a = source_->Acquire(layer, e);
+      if (!a.ok()) {
+        st = a.status();
+        break;
+      }
+      w.push_back(std::move(a).value());
+    }
+    if (st.ok()) st = MlpGroup(g, w, offset, xe, ye);
+    for (size_t i = 0; i < w.size(); ++i) source_->Release(layer, g[i]);
     EF_RETURN_IF_ERROR(st);
   }
   return Status::Ok();

@@ -56,12 +56,17 @@ class LocalMoeExecutor final : public MoeExecutor {
   // (backend memory, n rows, unscaled expert outputs in permuted order).
   StatusOr<float*> ComputeActive(int layer, std::vector<int32_t>& active, const std::vector<int32_t>& offset,
                                  const float* src, const int32_t* perm_dev, int64_t n);
-  // Runs each expert of `order` on its rows [offset[e], offset[e+1]) of xe into ye.
+  // Runs each expert of `order` on its rows [offset[e], offset[e+1]) of xe into ye, as many at a
+  // time as the source lets the executor hold.
   Status ComputeExperts(int layer, std::span<const int32_t> order, const std::vector<int32_t>& offset, const float* xe,
                         float* ye);
   // A reusable activation buffer; ResourceExhausted (naming the size) when the backend is full.
   StatusOr<float*> Scratch(int slot, size_t floats);
   Status Mlp(const ExpertWeights& w, int64_t rows, const float* x, float* out);
+  // The acquired experts `experts` (w[i] for experts[i]) on their rows: one Backend::ExpertMlps
+  // call where the backend has it, else Mlp each.
+  Status MlpGroup(std::span<const int32_t> experts, std::span<const ExpertWeights> w,
+                  const std::vector<int32_t>& offset, const float* xe, float* ye);
 
   Backend* backend_;
   int hidden_;

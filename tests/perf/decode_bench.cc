@@ -59,6 +59,8 @@ struct Args {
   bool lt_gemm = true;
   bool fp32_attention = false;
   bool fused_gate_up = true;
+  int expert_streams = 4;  // --expert-streams: ExpertMlps' streams (0: one Gemm path per expert)
+  int prefill_iters = 5;
   bool host_routing = false;  // --host-routing: every MoE layer's routing to the host (the path past MoeRouted's rows)
   bool separate_qkv = false;  // --separate-qkv: q, k and v as three Gemm calls
   bool breakdown = true;      // --no-breakdown: the step timings only (e.g. under a profiler)
@@ -110,6 +112,10 @@ Args ParseArgs(int argc, char** argv) {
       a.fp32_attention = true;
     else if (k == "--unfused-gate-up")
       a.fused_gate_up = false;
+    else if (k == "--expert-streams")
+      a.expert_streams = std::stoi(next());
+    else if (k == "--prefill-iters")
+      a.prefill_iters = std::max(1, std::stoi(next()));
     else if (k == "--host-routing")
       a.host_routing = true;
     else if (k == "--separate-qkv")
@@ -133,6 +139,9 @@ Args ParseArgs(int argc, char** argv) {
           "  --host-routing  every MoE layer copies its routing to the host and waits, at every batch size\n"
           "             (default: decode batches MoeRouted serves keep it on the device, as the engine does)\n"
           "  --separate-qkv  q, k and v as three Gemm calls instead of one GemmGroup\n"
+          "  --expert-streams N  prefill experts through Backend::ExpertMlps on N streams with 16-bit products\n"
+          "             (default 4; 0: each expert as GateUpSilu or Gemm, Gemm, SiluMul, Gemm in fp32 products)\n"
+          "  --prefill-iters N  timed prefill steps (default 5)\n"
           "  --no-breakdown  skip the per-op breakdown (the step timings only, e.g. under a profiler)\n"
           "  --profile  one more prefill step with a cudaEvent after every op: device time per op kind\n");
       std::exit(0);
@@ -169,6 +178,7 @@ class SyntheticExperts final : public ExpertSource {
   void Release(int layer, int expert) override {
     if (on_expert) on_expert(false, layer, expert);
   }
+  int MaxAcquired() const override { return static_cast<int>((*layers_)[0].experts.size()); }
   // --profile: told before (true) and after (false) each expert's MLP is enqueued.
   std::function<void(bool, int, int)> on_expert;
 
@@ -182,6 +192,7 @@ class Bench {
     CudaBackendOptions o;
     o.lt_gemm = a.lt_gemm;
     o.fused_gate_up = a.fused_gate_up;
+    o.expert_streams = a.expert_streams;
     o.reduced_precision_attention = !a.fp32_attention;  // as the engine's "auto" for bf16 weights
     backend_ = OrDie(CudaBackend::Create(o), "cuda backend");
     b_ = backend_.get();
@@ -373,10 +384,13 @@ class Bench {
       if (!begin) experts.emplace_back(layer, e, expert_rows_[e], marks_.size() - 1);
     };
     Mark("start");
+    const auto t0 = std::chrono::steady_clock::now();
     Forward(n_new, len);
     profiling_ = false;
     source_->on_expert = nullptr;
     Synchronize();
+    std::printf("# profiled step: %.3f ms wall (host clock, enqueue to sync)\n",
+                Seconds(t0, std::chrono::steady_clock::now()) * 1e3);
     std::printf("# per expert (layer 0 and the last): rows, ms, TFLOP/s\n");
     for (const auto& [layer, e, rows, end] : experts) {
       if (layer != 0 && layer != a_.layers - 1) continue;
@@ -743,6 +757,9 @@ int Main(int argc, char** argv) {
   std::printf("# prefill attention: %s; 16-bit GEMMs past the GEMV: %s\n",
               a.fp32_attention ? "fp32 kernel" : "tensor cores, bf16 operands",
               a.lt_gemm ? "cuBLASLt, planned" : "cublasGemmEx");
+  std::printf("# experts past the GEMV's rows: %s\n",
+              a.expert_streams > 0 ? ("ExpertMlps on " + std::to_string(a.expert_streams) + " streams").c_str()
+                                   : "one expert at a time, fp32 products");
   std::printf("# decode routing: %s; q, k, v: %s\n",
               a.host_routing ? "to the host at every MoE layer"
                              : "on the device up to the rows MoeRouted serves (to the host past them)",
@@ -793,7 +810,7 @@ int Main(int argc, char** argv) {
     bench.RandomInput(a.prefill);
     bench.Forward(n_new, len);
     bench.Synchronize();
-    const int reps = 3;
+    const int reps = a.prefill_iters;
     double experts_sum = 0;
     auto t0 = std::chrono::steady_clock::now();
     for (int r = 0; r < reps; ++r)

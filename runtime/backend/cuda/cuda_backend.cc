@@ -114,6 +114,17 @@ CudaBackend::~CudaBackend() {
   if (moe_y_) DeviceFree(moe_y_, moe_y_cap_);
   if (moe_xb_) DeviceFree(moe_xb_, moe_xb_cap_);
   if (moe_meta_) DeviceFree(moe_meta_, moe_meta_cap_);
+  if (mlp_x16_) DeviceFree(mlp_x16_, mlp_x16_cap_);
+  if (mlp_gu_) DeviceFree(mlp_gu_, mlp_gu_cap_);
+  if (mlp_small_) DeviceFree(mlp_small_, mlp_small_cap_);
+  for (SideStream& s : side_) {
+    if (s.stream) CUDA_CHECK_LOG(cudaStreamSynchronize(s.stream), &ignored);
+    if (s.workspace) DeviceFree(s.workspace, lt_ ? lt_->workspace_bytes() : 0);
+    if (s.done) CUDA_CHECK_LOG(cudaEventDestroy(s.done), &ignored);
+    if (s.stream) CUDA_CHECK_LOG(cudaStreamDestroy(s.stream), &ignored);
+  }
+  side_.clear();
+  if (fork_) CUDA_CHECK_LOG(cudaEventDestroy(fork_), &ignored);
   if (stream_) CUDA_CHECK_LOG(cudaStreamSynchronize(stream_), &ignored);
   for (Pending& p : pending_) free_events_.push_back(p.done);
   pending_.clear();
@@ -267,6 +278,146 @@ bool CudaBackend::GateUpSilu(const float* x, int64_t m, const Weight& gate, cons
   CUDA_CHECK_LOG(
       cuda::launch_gemv_gate_up(x, m, gate.data, up.data, gate.dtype, gate.rows, gate.cols, out, split, stream_),
       &error_);
+  return true;
+}
+
+bool CudaBackend::EnsureSideStreams(int count) {
+  if (static_cast<int>(side_.size()) >= count) return true;
+  if (!fork_ && cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming) != cudaSuccess) {
+    (void)cudaGetLastError();
+    fork_ = nullptr;
+    return false;
+  }
+  while (static_cast<int>(side_.size()) < count) {
+    SideStream s;
+    auto ws = DeviceAlloc(lt_->workspace_bytes());
+    if (!ws.ok()) {
+      EF_LOG(DEBUG, CUDA, "no side stream for the expert GEMMs: %s", ws.status().ToString().c_str());
+      return false;
+    }
+    s.workspace = ws.value();
+    if (cudaStreamCreateWithFlags(&s.stream, cudaStreamNonBlocking) != cudaSuccess ||
+        cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming) != cudaSuccess) {
+      (void)cudaGetLastError();
+      if (s.stream) cudaStreamDestroy(s.stream);
+      DeviceFree(s.workspace, lt_->workspace_bytes());
+      EF_LOG(WARN, CUDA, "cannot create a side stream: the expert GEMMs run one after another");
+      return false;
+    }
+    side_.push_back(s);
+  }
+  return true;
+}
+
+bool CudaBackend::ExpertMlps(const float* x, const ExpertMlpRows* ex, int count, float* y) {
+  if (count < 1 || options_.expert_streams < 1 || !lt_) return false;
+  const DType t = ex[0].gate->dtype;
+  const int64_t H = ex[0].gate->cols, F = ex[0].gate->rows;
+  if ((t != DType::kBF16 && t != DType::kF16) || H % 8 != 0 || F % 8 != 0) return false;
+  int64_t n = 0;
+  for (int i = 0; i < count; ++i) {
+    const ExpertMlpRows& e = ex[i];
+    if (!e.gate || !e.up || !e.down || e.begin < 0 || e.rows < 0) return false;
+    for (const Weight* w : {e.gate, e.up})
+      if (w->dtype != t || w->rows != F || w->cols != H) return false;
+    if (e.down->dtype != t || e.down->rows != H || e.down->cols != F) return false;
+    n = std::max(n, e.begin + e.rows);
+  }
+  // Decode-sized experts take the path GateUpSilu and Gemm take (the GEMV's bits, fp32 x); the
+  // rest one GEMM per projection on 16-bit operands. Which path an expert takes depends on its
+  // rows only.
+  std::vector<int> small, big;
+  int64_t small_rows = 0, big_max = 0;
+  for (int i = 0; i < count; ++i) {
+    if (ex[i].rows == 0) continue;
+    if (options_.fused_gate_up && cuda::gemv_supported(ex[i].rows, H, t, x + ex[i].begin * H, ex[i].gate->data) &&
+        cuda::gemv_supported(ex[i].rows, H, t, x + ex[i].begin * H, ex[i].up->data)) {
+      small.push_back(i);
+      small_rows = std::max(small_rows, ex[i].rows);
+    } else {
+      big.push_back(i);
+      big_max = std::max(big_max, ex[i].rows);
+    }
+  }
+  // Groups of experts whose products fit the scratch together (one expert alone always does).
+  const int64_t cap_rows = std::max<int64_t>(
+      big_max, static_cast<int64_t>(options_.expert_mlp_scratch_bytes / (2 * static_cast<size_t>(F) * 2)));
+  std::vector<std::pair<size_t, size_t>> groups;  // [first, last) of big
+  int64_t group_rows = 0, scratch_rows = 0;
+  for (size_t j = 0; j < big.size(); ++j) {
+    if (groups.empty() || group_rows + ex[big[j]].rows > cap_rows) {
+      groups.push_back({j, j});
+      group_rows = 0;
+    }
+    groups.back().second = j + 1;
+    group_rows += ex[big[j]].rows;
+    scratch_rows = std::max(scratch_rows, group_rows);
+  }
+  const int streams = std::min<int>(options_.expert_streams, std::max<size_t>(1, big.size()));
+  void* x16 = nullptr;
+  std::byte* gu = nullptr;
+  if (!big.empty()) {
+    x16 = EnsureScratch(&mlp_x16_, &mlp_x16_cap_, static_cast<size_t>(n * H) * 2, false);
+    gu = static_cast<std::byte*>(
+        EnsureScratch(&mlp_gu_, &mlp_gu_cap_, static_cast<size_t>(2 * scratch_rows * F) * 2, false));
+    if (!x16 || !gu || !EnsureSideStreams(streams)) return false;
+  }
+  float* act = nullptr;
+  if (!small.empty()) {
+    act = static_cast<float*>(
+        EnsureScratch(&mlp_small_, &mlp_small_cap_, static_cast<size_t>(small_rows * F) * sizeof(float), false));
+    if (!act) return false;
+  }
+  // Every GEMM's algorithm is known before anything is enqueued (the offsets set the alignment).
+  auto gate_out = [&](int64_t off) { return gu + static_cast<size_t>(off * F) * 2; };
+  auto up_out = [&](int64_t off) { return gu + static_cast<size_t>((scratch_rows + off) * F) * 2; };
+  for (const auto& [first, last] : groups) {
+    int64_t off = 0;
+    for (size_t j = first; j < last; ++j) {
+      const ExpertMlpRows& e = ex[big[j]];
+      const void* xe = static_cast<const std::byte*>(x16) + static_cast<size_t>(e.begin * H) * 2;
+      if (!lt_->Supports(t, e.gate->data, xe, gate_out(off), t, e.rows, F, H, F) ||
+          !lt_->Supports(t, e.up->data, xe, up_out(off), t, e.rows, F, H, F) ||
+          !lt_->Supports(t, e.down->data, gate_out(off), y + e.begin * H, DType::kF32, e.rows, H, F, H))
+        return false;
+      off += e.rows;
+    }
+  }
+
+  if (!big.empty()) {
+    CUDA_CHECK_LOG(cuda::launch_convert_f32(x, x16, t, n * H, stream_), &error_);
+    for (const auto& [first, last] : groups) {
+      // The side streams start after what the compute stream holds (x16, the previous group's use
+      // of the scratch) ...
+      CUDA_CHECK_LOG(cudaEventRecord(fork_, stream_), &error_);
+      for (int s = 0; s < streams; ++s) CUDA_CHECK_LOG(cudaStreamWaitEvent(side_[s].stream, fork_, 0), &error_);
+      int64_t off = 0;
+      for (size_t j = first; j < last; ++j) {
+        const ExpertMlpRows& e = ex[big[j]];
+        const SideStream& ss = side_[(j - first) % streams];
+        const void* xe = static_cast<const std::byte*>(x16) + static_cast<size_t>(e.begin * H) * 2;
+        void* g = gate_out(off);
+        void* u = up_out(off);
+        CUBLAS_CHECK_LOG(lt_->Run(t, e.gate->data, xe, g, t, e.rows, F, H, F, false, ss.stream, ss.workspace), &error_);
+        CUBLAS_CHECK_LOG(lt_->Run(t, e.up->data, xe, u, t, e.rows, F, H, F, false, ss.stream, ss.workspace), &error_);
+        CUDA_CHECK_LOG(cuda::launch_silu_mul_16(g, u, t, e.rows * F, ss.stream), &error_);
+        CUBLAS_CHECK_LOG(
+            lt_->Run(t, e.down->data, g, y + e.begin * H, DType::kF32, e.rows, H, F, H, false, ss.stream, ss.workspace),
+            &error_);
+        off += e.rows;
+      }
+      // ... and the compute stream goes on after all of them.
+      for (int s = 0; s < streams; ++s) {
+        CUDA_CHECK_LOG(cudaEventRecord(side_[s].done, side_[s].stream), &error_);
+        CUDA_CHECK_LOG(cudaStreamWaitEvent(stream_, side_[s].done, 0), &error_);
+      }
+    }
+  }
+  for (int i : small) {  // on the compute stream, after the groups were enqueued
+    const ExpertMlpRows& e = ex[i];
+    GateUpSilu(x + e.begin * H, e.rows, *e.gate, *e.up, act);
+    Gemm(act, e.rows, *e.down, nullptr, y + e.begin * H, false);
+  }
   return true;
 }
 

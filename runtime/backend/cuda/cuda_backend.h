@@ -53,6 +53,11 @@ struct CudaBackendOptions {
   bool lt_gemm = true;
   // GateUpSilu's fused decode kernel (false: the caller's Gemm, Gemm, SiluMul).
   bool fused_gate_up = true;
+  // ExpertMlps: streams the experts of one call run on (0: ExpertMlps declines, the caller's
+  // per-expert Gemm path serves), and the most scratch its 16-bit products may take (experts
+  // past it run in groups that fit, one group after another).
+  int expert_streams = 4;
+  size_t expert_mlp_scratch_bytes = size_t{256} << 20;
   // Initial Backend::SetReducedPrecisionAttention: prefill attention (chunks of at least
   // cuda::kAttentionPrefillTcMinRows rows, head_dim 64/128) on tensor cores with bf16 operands.
   // Its scratch holds a bf16 copy of the batch's keys and values (half their fp32 bytes).
@@ -77,6 +82,7 @@ class CudaBackend final : public Backend {
   void CopyOnDevice(void* dst, const void* src, size_t bytes) override;
   void CopyBatch(const CopyItem* items, int num_items) override;
   bool GateUpSilu(const float* x, int64_t m, const Weight& gate, const Weight& up, float* out) override;
+  bool ExpertMlps(const float* x, const ExpertMlpRows* experts, int count, float* y) override;
   void GemmGroup(const float* x, int64_t m, int count, const Weight* const* ws, const Weight* const* biases,
                  float* const* ys) override;
   bool MoeRouted(const float* x, int64_t tokens, int top_k, const int32_t* ids, const float* weights,
@@ -194,6 +200,24 @@ class CudaBackend final : public Backend {
   size_t moe_act_cap_ = 0;
   void* moe_y_ = nullptr;
   size_t moe_y_cap_ = 0;
+  // ExpertMlps: x in 16 bits, the gate and up products of a group of experts (16 bits), the
+  // GEMV-sized experts' activations (fp32); the side streams, their cuBLASLt workspaces and the
+  // events that fork them from and join them to the compute stream.
+  void* mlp_x16_ = nullptr;
+  size_t mlp_x16_cap_ = 0;
+  void* mlp_gu_ = nullptr;
+  size_t mlp_gu_cap_ = 0;
+  void* mlp_small_ = nullptr;
+  size_t mlp_small_cap_ = 0;
+  struct SideStream {
+    cudaStream_t stream = nullptr;
+    void* workspace = nullptr;
+    cudaEvent_t done = nullptr;
+  };
+  std::vector<SideStream> side_;
+  cudaEvent_t fork_ = nullptr;
+  // Creates the side streams on first use; false (logged) when they cannot be made.
+  bool EnsureSideStreams(int count);
   // MoeRouted past the GEMV's rows: x in 16 bits and the grouping (moe_grouped.cu).
   void* moe_xb_ = nullptr;
   size_t moe_xb_cap_ = 0;

@@ -109,6 +109,8 @@ cudaError_t launch_clamped_swiglu(const float* gate, const float* up, float* out
 
 // out[i] = silu(gate[i]) * up[i]; out may alias gate or up.
 cudaError_t launch_silu_mul(const float* gate, const float* up, float* out, int64_t n, cudaStream_t stream);
+// gate[i] = silu(gate[i]) * up[i] on 16-bit values of type t (kBF16 or kF16), fp32 math.
+cudaError_t launch_silu_mul_16(void* gate, const void* up, DType t, int64_t n, cudaStream_t stream);
 // y[i] += x[i]
 cudaError_t launch_add(float* y, const float* x, int64_t n, cudaStream_t stream);
 // x[i] = clamp(x[i], -c, c)

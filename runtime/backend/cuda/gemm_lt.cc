@@ -13,7 +13,7 @@ namespace {
 cudaDataType_t LtType(DType t) { return t == DType::kF16 ? CUDA_R_16F : CUDA_R_16BF; }
 
 // The largest power of two (<= 256) dividing every address: what the algorithm may assume.
-int AlignmentOf(const void* w, const void* x, const float* y) {
+int AlignmentOf(const void* w, const void* x, const void* y) {
   const auto a = reinterpret_cast<uintptr_t>(w) | reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(y);
   return a == 0 ? 256 : static_cast<int>(std::min<uintptr_t>(256, a & (~a + 1)));
 }
@@ -23,12 +23,13 @@ int AlignmentOf(const void* w, const void* x, const float* y) {
 struct Layouts {
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
   cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
-  Layouts(DType t, int64_t m, int64_t n, int64_t k, int64_t ldy) {
+  Layouts(DType t, DType yt, int64_t m, int64_t n, int64_t k, int64_t ldy) {
     st = cublasLtMatrixLayoutCreate(&a, LtType(t), static_cast<uint64_t>(k), static_cast<uint64_t>(n), k);
     if (st == CUBLAS_STATUS_SUCCESS)
       st = cublasLtMatrixLayoutCreate(&b, LtType(t), static_cast<uint64_t>(k), static_cast<uint64_t>(m), k);
     if (st == CUBLAS_STATUS_SUCCESS)
-      st = cublasLtMatrixLayoutCreate(&c, CUDA_R_32F, static_cast<uint64_t>(n), static_cast<uint64_t>(m), ldy);
+      st = cublasLtMatrixLayoutCreate(&c, yt == DType::kF32 ? CUDA_R_32F : LtType(yt), static_cast<uint64_t>(n),
+                                      static_cast<uint64_t>(m), ldy);
   }
   ~Layouts() {
     if (a) cublasLtMatrixLayoutDestroy(a);
@@ -58,13 +59,13 @@ LtGemm::~LtGemm() {
   if (handle_) cublasLtDestroy(handle_);
 }
 
-const LtGemm::Plan& LtGemm::PlanFor(DType t, int64_t n, int64_t k, int64_t ldy, int64_t bucket, int align) {
-  const auto key = std::make_tuple(static_cast<int>(t), n, k, ldy, bucket, align);
+const LtGemm::Plan& LtGemm::PlanFor(DType t, DType yt, int64_t n, int64_t k, int64_t ldy, int64_t bucket, int align) {
+  const auto key = std::make_tuple(static_cast<int>(t), static_cast<int>(yt), n, k, ldy, bucket, align);
   auto it = plans_.find(key);
   if (it != plans_.end()) return it->second;
   Plan& p = plans_[key];
   ++plans_made_;
-  Layouts l(t, bucket, n, k, ldy);
+  Layouts l(t, yt, bucket, n, k, ldy);
   cublasLtMatmulPreference_t pref = nullptr;
   if (l.st != CUBLAS_STATUS_SUCCESS || cublasLtMatmulPreferenceCreate(&pref) != CUBLAS_STATUS_SUCCESS) return p;
   const uint64_t ws = ws_bytes_;
@@ -88,16 +89,21 @@ const LtGemm::Plan& LtGemm::PlanFor(DType t, int64_t n, int64_t k, int64_t ldy, 
   return p;
 }
 
-cublasStatus_t LtGemm::Run(DType t, const void* w, const void* x, float* y, int64_t m, int64_t n, int64_t k,
-                           int64_t ldy, bool accumulate, cudaStream_t stream) {
-  if ((t != DType::kBF16 && t != DType::kF16) || ldy < n) return CUBLAS_STATUS_NOT_SUPPORTED;
-  const Plan& p = PlanFor(t, n, k, ldy, LtGemmBucket(m), AlignmentOf(w, x, y));
-  if (!p.ok) return CUBLAS_STATUS_NOT_SUPPORTED;
-  Layouts l(t, m, n, k, ldy);
+bool LtGemm::Supports(DType t, const void* w, const void* x, const void* y, DType yt, int64_t m, int64_t n, int64_t k,
+                      int64_t ldy) {
+  if ((t != DType::kBF16 && t != DType::kF16) || (yt != DType::kF32 && yt != t) || ldy < n || m <= 0) return false;
+  return PlanFor(t, yt, n, k, ldy, LtGemmBucket(m), AlignmentOf(w, x, y)).ok;
+}
+
+cublasStatus_t LtGemm::Run(DType t, const void* w, const void* x, void* y, DType yt, int64_t m, int64_t n, int64_t k,
+                           int64_t ldy, bool accumulate, cudaStream_t stream, void* workspace) {
+  if (!Supports(t, w, x, y, yt, m, n, k, ldy)) return CUBLAS_STATUS_NOT_SUPPORTED;
+  const Plan& p = PlanFor(t, yt, n, k, ldy, LtGemmBucket(m), AlignmentOf(w, x, y));
+  Layouts l(t, yt, m, n, k, ldy);
   if (l.st != CUBLAS_STATUS_SUCCESS) return l.st;
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
-  return cublasLtMatmul(handle_, desc_, &alpha, w, l.a, x, l.b, &beta, y, l.c, y, l.c, &p.algo, workspace_, ws_bytes_,
-                        stream);
+  return cublasLtMatmul(handle_, desc_, &alpha, w, l.a, x, l.b, &beta, y, l.c, y, l.c, &p.algo,
+                        workspace ? workspace : workspace_, ws_bytes_, stream);
 }
 
 }  // namespace ef::runtime::cuda

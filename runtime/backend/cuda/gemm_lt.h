@@ -40,7 +40,19 @@ class LtGemm {
   // rows ldy floats apart (ldy >= n: a column tile of a wider output). CUBLAS_STATUS_SUCCESS, or
   // why not (then nothing was enqueued).
   cublasStatus_t Run(DType t, const void* w, const void* x, float* y, int64_t m, int64_t n, int64_t k, int64_t ldy,
-                     bool accumulate, cudaStream_t stream);
+                     bool accumulate, cudaStream_t stream) {
+    return Run(t, w, x, y, DType::kF32, m, n, k, ldy, accumulate, stream, nullptr);
+  }
+  // The same with y of type yt (kF32, or t: the products rounded to the operands' 16 bits) and,
+  // for a caller running GEMMs on several streams at once, a workspace of this object's ws_bytes
+  // other than the shared one (nullptr: the shared one).
+  cublasStatus_t Run(DType t, const void* w, const void* x, void* y, DType yt, int64_t m, int64_t n, int64_t k,
+                     int64_t ldy, bool accumulate, cudaStream_t stream, void* workspace);
+  // Whether Run with these arguments finds an algorithm (plans it if not yet planned); nothing is
+  // enqueued.
+  bool Supports(DType t, const void* w, const void* x, const void* y, DType yt, int64_t m, int64_t n, int64_t k,
+                int64_t ldy);
+  size_t workspace_bytes() const { return ws_bytes_; }
 
   // Heuristic queries made so far (one per shape class), for tests and logs.
   int64_t plans_made() const { return plans_made_; }
@@ -51,14 +63,15 @@ class LtGemm {
     cublasLtMatmulAlgo_t algo{};
   };
   LtGemm() = default;
-  // The algorithm for the shape class of (t, n, k, ldy, bucket, align); queried on first use.
-  const Plan& PlanFor(DType t, int64_t n, int64_t k, int64_t ldy, int64_t bucket, int align);
+  // The algorithm for the shape class of (t, yt, n, k, ldy, bucket, align); queried on first use.
+  const Plan& PlanFor(DType t, DType yt, int64_t n, int64_t k, int64_t ldy, int64_t bucket, int align);
 
   cublasLtHandle_t handle_ = nullptr;
   cublasLtMatmulDesc_t desc_ = nullptr;
   void* workspace_ = nullptr;
   size_t ws_bytes_ = 0;
-  std::map<std::tuple<int, int64_t, int64_t, int64_t, int64_t, int>, Plan> plans_;  // (dtype, n, k, ldy, bucket, align)
+  // (dtype, output dtype, n, k, ldy, bucket, align)
+  std::map<std::tuple<int, int, int64_t, int64_t, int64_t, int64_t, int>, Plan> plans_;
   int64_t plans_made_ = 0;
 };
 
