@@ -808,8 +808,10 @@ json ResultsJson(const BenchRun& b, const BenchSummary& s, const RunCounters& c)
 // The serving loop's forward passes on rank 0 (ServerMetrics): where a step's time goes.
 struct EngineSteps {
   int64_t steps = 0;
-  int64_t device_routed = 0;  // MoE routing kept on the device (no host round trip per layer)
-  double seconds = 0;         // wall time inside Engine::Forward
+  int64_t device_routed = 0;         // MoE routing kept on the device (no host round trip per layer)
+  double seconds = 0;                // wall time inside Engine::Forward
+  double device_routed_seconds = 0;  // of which in the device-routed passes
+  double step_seconds = 0;           // wall time of the serving loop's steps (forward + host work)
 };
 
 Status WriteJson(const BenchRun& b, const BenchParts& p, const BenchSummary& s, const RunCounters& c,
@@ -864,7 +866,9 @@ Status WriteJson(const BenchRun& b, const BenchParts& p, const BenchSummary& s, 
             {"engine",
              {{"forward_passes", steps.steps},
               {"device_routed_passes", steps.device_routed},
-              {"forward_seconds", steps.seconds}}},
+              {"forward_seconds", steps.seconds},
+              {"device_routed_seconds", steps.device_routed_seconds},
+              {"step_seconds", steps.step_seconds}}},
             {"routing", s.per_layer}};
   std::ofstream out(o.json_path);
   if (!out) return NotFound("cannot write " + o.json_path);
@@ -901,11 +905,17 @@ Status RunBench(const BenchOptions& given, comm::MpiContext* ctx) {
   if (!run.root) return Status::Ok();
   const BenchSummary summary = Summarize(run, cfg, all, counters);
   PrintTable(run, summary, counters);
-  const EngineSteps steps{metrics.steps(), metrics.device_routed_steps(), metrics.forward_seconds()};
-  std::printf("# engine%s: %lld forward passes (%lld with the routing on the device), %.3f s in them, %.3f ms each\n",
-              run.ranks > 1 ? " of rank 0" : "", static_cast<long long>(steps.steps),
-              static_cast<long long>(steps.device_routed), steps.seconds,
-              steps.steps > 0 ? 1e3 * steps.seconds / static_cast<double>(steps.steps) : 0.0);
+  const EngineSteps steps{metrics.steps(), metrics.device_routed_steps(), metrics.forward_seconds(),
+                          metrics.device_routed_seconds(), metrics.step_seconds()};
+  auto per = [](double s, int64_t n) { return n > 0 ? 1e3 * s / static_cast<double>(n) : 0.0; };
+  const int64_t others = steps.steps - steps.device_routed;
+  std::printf(
+      "# engine%s: %lld forward passes, %.3f s in them: %lld with the routing on the device (%.3f ms each), %lld "
+      "others (%.3f ms each); %.3f ms of host work per step around them\n",
+      run.ranks > 1 ? " of rank 0" : "", static_cast<long long>(steps.steps), steps.seconds,
+      static_cast<long long>(steps.device_routed), per(steps.device_routed_seconds, steps.device_routed),
+      static_cast<long long>(others), per(steps.seconds - steps.device_routed_seconds, others),
+      per(steps.step_seconds - steps.seconds, steps.steps));
   if (run.o.json_path.empty()) return Status::Ok();
   return WriteJson(run, parts, summary, counters, steps);
 }

@@ -80,8 +80,15 @@ void ServerMetrics::ObserveInterTokenLatency(double seconds) {
 void ServerMetrics::CountStep(int64_t batch_tokens, double seconds, bool device_routed) {
   steps_.fetch_add(1, std::memory_order_relaxed);
   step_tokens_.fetch_add(batch_tokens, std::memory_order_relaxed);
-  if (device_routed) device_routed_steps_.fetch_add(1, std::memory_order_relaxed);
+  if (device_routed) {
+    device_routed_steps_.fetch_add(1, std::memory_order_relaxed);
+    device_routed_ns_.fetch_add(static_cast<int64_t>(seconds * 1e9), std::memory_order_relaxed);
+  }
   forward_ns_.fetch_add(static_cast<int64_t>(seconds * 1e9), std::memory_order_relaxed);
+}
+
+void ServerMetrics::AddStepSeconds(double seconds) {
+  step_ns_.fetch_add(static_cast<int64_t>(seconds * 1e9), std::memory_order_relaxed);
 }
 
 void ServerMetrics::CountRouting(int layer, const int32_t* ids, int64_t n) {
@@ -214,6 +221,9 @@ std::string ServerMetrics::Render() const {
   out += "expertflow_engine_device_routed_steps_total " + std::to_string(device_routed_steps_.load()) + "\n";
   Header(&out, "expertflow_engine_forward_seconds_total", "counter", "Wall time of those forward passes.");
   out += "expertflow_engine_forward_seconds_total " + std::to_string(forward_seconds()) + "\n";
+  Header(&out, "expertflow_engine_step_seconds_total", "counter",
+         "Wall time of the serving loop's steps: the forward passes and the host work around them.");
+  out += "expertflow_engine_step_seconds_total " + std::to_string(step_seconds()) + "\n";
   Header(&out, "expertflow_expert_tokens_total", "counter", "Tokens routed to each expert of each MoE layer.");
   for (int l = 0; l < num_layers_; ++l) {
     for (int e = 0; e < num_experts_; ++e) {

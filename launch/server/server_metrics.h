@@ -53,6 +53,9 @@ class ServerMetrics {
   // A forward pass of `batch_tokens` rows that took `seconds` (engine thread), its MoE layers routed
   // on the device or not (runtime::Engine::last_forward_device_routed).
   void CountStep(int64_t batch_tokens, double seconds = 0, bool device_routed = false);
+  // The wall time of a whole serving-loop step: its forward pass and the host work around it
+  // (sampling, detokenizing, streaming, admission).
+  void AddStepSeconds(double seconds);
   // Routing hook target: `num_tokens * top_k` expert ids of MoE layer `layer`.
   void CountRouting(int layer, const int32_t* ids, int64_t n);
 
@@ -70,6 +73,11 @@ class ServerMetrics {
   int64_t steps() const { return steps_.load(std::memory_order_relaxed); }
   int64_t device_routed_steps() const { return device_routed_steps_.load(std::memory_order_relaxed); }
   double forward_seconds() const { return 1e-9 * static_cast<double>(forward_ns_.load(std::memory_order_relaxed)); }
+  // Of forward_seconds(), the passes with the routing on the device (decode steps).
+  double device_routed_seconds() const {
+    return 1e-9 * static_cast<double>(device_routed_ns_.load(std::memory_order_relaxed));
+  }
+  double step_seconds() const { return 1e-9 * static_cast<double>(step_ns_.load(std::memory_order_relaxed)); }
   int64_t expert_tokens(int layer, int expert) const {
     return expert_tokens_[static_cast<size_t>(layer) * num_experts_ + expert].load(std::memory_order_relaxed);
   }
@@ -91,7 +99,8 @@ class ServerMetrics {
   std::map<std::pair<std::string, int>, uint64_t> requests_;  // (endpoint, status) -> count
   Histogram latency_, ttft_, itl_;
   std::atomic<int64_t> prompt_tokens_{0}, generated_tokens_{0}, waiting_{0}, running_{0};
-  std::atomic<int64_t> steps_{0}, step_tokens_{0}, device_routed_steps_{0}, forward_ns_{0};
+  std::atomic<int64_t> steps_{0}, step_tokens_{0}, device_routed_steps_{0}, forward_ns_{0}, device_routed_ns_{0},
+      step_ns_{0};
   std::unique_ptr<std::atomic<int64_t>[]> expert_tokens_;
   const cache::ExpertCache* expert_cache_ = nullptr;   // guarded by mu_
   std::function<comm::CommCounters()> comm_counters_;  // guarded by mu_

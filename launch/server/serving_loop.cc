@@ -72,13 +72,13 @@ bool RequestStream::cancelled() const {
   return cancelled_;
 }
 
-void RequestStream::Push(const std::string& text, int num_tokens) {
+void RequestStream::Push(const std::string& text, int num_tokens, bool wake) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     pending_ += text;
     num_tokens_ = num_tokens;
   }
-  cv_.notify_all();
+  if (wake) cv_.notify_all();
 }
 
 void RequestStream::PushLogprobs(std::vector<TokenLogprob> prompt, std::vector<TokenLogprob> generated) {
@@ -98,6 +98,51 @@ void RequestStream::Finish(FinishReason finish, Status error) {
 }
 
 // --- ServingLoop ---
+
+// Wakes the handlers of the streams the engine thread hands it, off the engine thread.
+class ServingLoop::Waker {
+ public:
+  Waker() : thread_([this] { Run(); }) {}
+  ~Waker() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_one();
+    thread_.join();
+  }
+  // Takes the streams out of `streams` (left empty).
+  void Post(std::vector<std::shared_ptr<RequestStream>>& streams) {
+    if (streams.empty()) return;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (auto& s : streams) queue_.push_back(std::move(s));
+    }
+    streams.clear();
+    cv_.notify_one();
+  }
+
+ private:
+  void Run() {
+    std::vector<std::shared_ptr<RequestStream>> batch;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+        if (queue_.empty()) return;  // stopping, nothing left to wake
+        batch.swap(queue_);
+      }
+      for (auto& s : batch) s->Wake();
+      batch.clear();
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<std::shared_ptr<RequestStream>> queue_;
+  bool stop_ = false;
+  std::thread thread_;
+};
 
 struct ServingLoop::Active {
   ServeRequest request;
@@ -139,7 +184,8 @@ ServingLoop::ServingLoop(runtime::Engine* engine, runtime::Tokenizer tokenizer, 
       metrics_(metrics),
       options_(options),
       config_(engine_->config()),
-      max_seq_len_(engine_->max_seq_len()) {
+      max_seq_len_(engine_->max_seq_len()),
+      waker_(std::make_unique<Waker>()) {
   metrics_hook_ = engine_->AddRoutingObserver([m = metrics_](runtime::LayerRouting& r) {
     m->CountRouting(r.layer, r.ids.data(), static_cast<int64_t>(r.ids.size()));
     return Status::Ok();
@@ -388,6 +434,7 @@ void ServingLoop::StartAndPrune() {
 }
 
 void ServingLoop::Step() {
+  const Clock::time_point step_start = Clock::now();
   StartAndPrune();
   if (running_.empty()) return;
 
@@ -424,7 +471,9 @@ void ServingLoop::Step() {
     const float* rows = fr.logits.data() + static_cast<size_t>(fr.row_offset[b]) * config_.vocab_size;
     if (Advance(*running_[b], rows)) running_[b].reset();
   }
+  waker_->Post(to_wake_);
   running_.erase(std::remove(running_.begin(), running_.end(), nullptr), running_.end());
+  metrics_->AddStepSeconds(std::chrono::duration<double>(Clock::now() - step_start).count());
 }
 
 bool ServingLoop::Advance(Active& a, const float* rows) {
@@ -489,7 +538,8 @@ bool ServingLoop::Advance(Active& a, const float* rows) {
   }
   const size_t ready = a.text.size() - a.HeldBack();
   if (ready > a.emitted) {
-    a.stream->Push(a.text.substr(a.emitted, ready - a.emitted), static_cast<int>(a.generated.size()));
+    a.stream->Push(a.text.substr(a.emitted, ready - a.emitted), static_cast<int>(a.generated.size()), /*wake=*/false);
+    to_wake_.push_back(a.stream);
     a.emitted = ready;
   }
   return false;

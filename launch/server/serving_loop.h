@@ -100,7 +100,10 @@ class RequestStream {
 
  private:
   friend class ServingLoop;
-  void Push(const std::string& text, int num_tokens);
+  // Appends text; wakes the handler unless `wake` is false (the engine thread then hands the stream
+  // to the loop's waker thread, which calls Wake).
+  void Push(const std::string& text, int num_tokens, bool wake = true);
+  void Wake() { cv_.notify_all(); }
   void PushLogprobs(std::vector<TokenLogprob> prompt, std::vector<TokenLogprob> generated);
   void Finish(runtime::FinishReason finish, Status error);
 
@@ -175,6 +178,7 @@ class ServingLoop {
 
  private:
   struct Active;
+  class Waker;
   void Run();
   // One step over the running batch; finished requests leave it. A failed forward pass is fatal
   // (Fail): the engine's state is unknown, so every request fails with the error and the loop stops.
@@ -214,6 +218,11 @@ class ServingLoop {
   int64_t next_seq_ = int64_t{1} << 40;           // engine thread only; above explicit seq_ids
   int64_t num_steps_ = 0;                         // engine thread only; forward passes so far
   runtime::ForwardResult forward_;                // engine thread only; the last step's logits (buffer reused)
+  // Streams that got text this step, woken by waker_ once the step's tokens are all out: waking a
+  // handler thread is a system call of several microseconds, and at 64 running requests those
+  // calls on the engine thread cost more than a millisecond a step.
+  std::vector<std::shared_ptr<RequestStream>> to_wake_;  // engine thread only
+  std::unique_ptr<Waker> waker_;
   std::thread thread_;
 };
 

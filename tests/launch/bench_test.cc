@@ -91,6 +91,10 @@ TEST_F(BenchTest, SyntheticTinyWritesTheJsonRecord) {
   EXPECT_EQ(e["device_routed_passes"].get<int64_t>(), 0);
   EXPECT_GT(e["forward_seconds"].get<double>(), 0.0);
   EXPECT_LE(e["forward_seconds"].get<double>(), r["wall_s"].get<double>());
+  EXPECT_EQ(e["device_routed_seconds"].get<double>(), 0.0);
+  // A step is its forward pass and the host work around it.
+  EXPECT_GE(e["step_seconds"].get<double>(), e["forward_seconds"].get<double>());
+  EXPECT_LE(e["step_seconds"].get<double>(), r["wall_s"].get<double>());
   EXPECT_NE(stdout_text.find("# engine: "), std::string::npos) << stdout_text;
 }
 
