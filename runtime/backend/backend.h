@@ -166,6 +166,13 @@ class Backend {
   virtual void Gemm(const float* x, int64_t m, const Weight& w, const Weight* bias, float* y, bool accumulate) = 0;
   // Rotary embedding (rotate-half convention) in place on x[rows, num_heads * head_dim] at positions[rows].
   virtual void Rope(float* x, const int32_t* positions, int64_t rows, int num_heads, int head_dim, float theta) = 0;
+  // Rope on a layer's q[rows, num_heads * head_dim] and k[rows, num_kv_heads * head_dim] (a backend
+  // may do both in one launch). Default: Rope on each.
+  virtual void RopeQK(float* q, float* k, const int32_t* positions, int64_t rows, int num_heads, int num_kv_heads,
+                      int head_dim, float theta) {
+    Rope(q, positions, rows, num_heads, head_dim, theta);
+    Rope(k, positions, rows, num_kv_heads, head_dim, theta);
+  }
   // Causal attention of one sequence: q[n_new, heads*hd] are the last n_new of n_total positions
   // whose keys/values are k[n_total, kv_heads*hd], v[...]. out[n_new, heads*hd].
   virtual void Attention(const float* q, int n_new, const float* k, const float* v, int n_total, int num_heads,

@@ -316,8 +316,7 @@ Status Engine::Attention(int layer, std::span<const SeqChunk> batch, const int32
   // need nothing more); otherwise the table-driven rope and AttentionEx.
   const bool plain = c.rope.type == "default" && !c.attention_sinks && c.sliding_window == 0;
   if (plain) {
-    backend_->Rope(q, positions_dev, T, c.num_heads, c.head_dim, c.rope_theta);
-    backend_->Rope(k, positions_dev, T, c.num_kv_heads, c.head_dim, c.rope_theta);
+    backend_->RopeQK(q, k, positions_dev, T, c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta);
   } else {
     RopeSpec rs{c.head_dim,
                 qd,

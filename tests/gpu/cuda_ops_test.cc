@@ -67,7 +67,8 @@ TEST_F(CudaOpsTest, RmsNormRowsAndHeads) {
     DType dt;
   };
   for (Case c : {Case{7, 4096, DType::kF32}, Case{32, 64, DType::kF32}, Case{5, 2048, DType::kBF16},
-                 Case{3, 100, DType::kF32}}) {
+                 Case{3, 100, DType::kF32}, Case{2, 10000, DType::kF32}, Case{4, 6, DType::kF32},
+                 Case{64, 4096, DType::kF32}}) {
     auto x = RandomFloats(c.rows * c.dim, 2, -3, 3);
     auto w = RandomFloats(c.dim, 3, 0.5f, 1.5f);
     auto [wc, wg] = Weights(w, 1, c.dim, c.dt);
@@ -194,6 +195,25 @@ TEST_F(CudaOpsTest, RopeRotateHalf) {
   float* xd = dev_->Put(x);
   gpu_->Rope(xd, dev_->Put(pos), rows, heads, hd, 1e6f);
   EXPECT_LE(MaxRelError(dev_->Get(xd, x.size()), want), 1e-5);
+}
+
+TEST_F(CudaOpsTest, RopeQKIsRopeOnEach) {
+  // q and k in one launch: the bits of Rope on each (32 query, 8 key heads; head_dim 128 and 64).
+  for (int hd : {128, 64}) {
+    const int rows = 5, qh = 32, kh = 8;
+    auto q = RandomFloats(rows * qh * hd, 11), k = RandomFloats(rows * kh * hd, 12);
+    std::vector<int32_t> pos = {0, 1, 511, 4095, 77};
+    int32_t* pd = dev_->Put(pos);
+    float *q1 = dev_->Put(q), *k1 = dev_->Put(k), *q2 = dev_->Put(q), *k2 = dev_->Put(k);
+    gpu_->Rope(q1, pd, rows, qh, hd, 1e6f);
+    gpu_->Rope(k1, pd, rows, kh, hd, 1e6f);
+    gpu_->RopeQK(q2, k2, pd, rows, qh, kh, hd, 1e6f);
+    EXPECT_EQ(dev_->Get(q2, q.size()), dev_->Get(q1, q.size())) << hd;
+    EXPECT_EQ(dev_->Get(k2, k.size()), dev_->Get(k1, k.size())) << hd;
+    std::vector<float> want = k;
+    cpu_.Rope(want.data(), pos.data(), rows, kh, hd, 1e6f);
+    EXPECT_LE(MaxRelError(dev_->Get(k2, k.size()), want), 1e-5) << hd;
+  }
 }
 
 struct AttnCase {

@@ -141,7 +141,7 @@ Args ParseArgs(int argc, char** argv) {
           "  --separate-qkv  q, k and v as three Gemm calls instead of one GemmGroup\n"
           "  --expert-streams N  prefill experts through Backend::ExpertMlps on N streams with 16-bit products\n"
           "             (default 4; 0: each expert as GateUpSilu or Gemm, Gemm, SiluMul, Gemm in fp32 products)\n"
-          "  --prefill-iters N  timed prefill steps (default 5)\n"
+          "  --prefill-iters N  timed prefill steps, the median reported (default 5)\n"
           "  --no-breakdown  skip the per-op breakdown (the step timings only, e.g. under a profiler)\n"
           "  --profile  one more prefill step with a cudaEvent after every op: device time per op kind\n");
       std::exit(0);
@@ -304,8 +304,7 @@ class Bench {
         b_->GemmGroup(h, T, 3, ws, bs, ys);
       }
       Mark("q, k, v gemms");
-      b_->Rope(q, pos_dev, T, a_.heads, a_.head_dim, 1e6f);
-      b_->Rope(k, pos_dev, T, a_.kv_heads, a_.head_dim, 1e6f);
+      b_->RopeQK(q, k, pos_dev, T, a_.heads, a_.kv_heads, a_.head_dim, 1e6f);
       Mark("rope q, k");
       int64_t row = 0;
       std::vector<AttentionSeq> attn_seqs;
@@ -538,6 +537,8 @@ class Bench {
           0);
       row("  rms norm 1x" + std::to_string(H), time_us(20, [&] { b_->RmsNorm(x, 1, H, L0.input_norm, 1e-5f, y); }), 0);
       row("  rope q 1x32x128", time_us(20, [&] { b_->Rope(y, idx, 1, a_.heads, a_.head_dim, 1e6f); }), 0);
+      row("  rope q and k, one launch",
+          time_us(20, [&] { b_->RopeQK(y, y2, idx, 1, a_.heads, a_.kv_heads, a_.head_dim, 1e6f); }), 0);
       row("  add " + std::to_string(H), time_us(20, [&] { b_->Add(y, x, H); }), 0);
       row("  silu-mul " + std::to_string(a_.inter), time_us(20, [&] { b_->SiluMul(y, x, y, a_.inter); }), 0);
       row("  scatter-add 1x" + std::to_string(H), time_us(20, [&] { b_->ScatterAddRows(x, idx, scale, 1, H, y2); }), 0);
@@ -810,13 +811,20 @@ int Main(int argc, char** argv) {
     bench.RandomInput(a.prefill);
     bench.Forward(n_new, len);
     bench.Synchronize();
+    // The median of synchronised steps (a prefill step waits for the host at every layer anyway).
     const int reps = a.prefill_iters;
     double experts_sum = 0;
-    auto t0 = std::chrono::steady_clock::now();
-    for (int r = 0; r < reps; ++r)
+    std::vector<double> times;
+    for (int r = 0; r < reps; ++r) {
+      auto t0 = std::chrono::steady_clock::now();
       for (int d : bench.Forward(n_new, len)) experts_sum += d;
-    bench.Synchronize();
-    const double step = Seconds(t0, std::chrono::steady_clock::now()) / reps;
+      bench.Synchronize();
+      times.push_back(Seconds(t0, std::chrono::steady_clock::now()));
+    }
+    std::sort(times.begin(), times.end());
+    const double step = times[times.size() / 2];
+    std::printf("# prefill steps: min %.3f, median %.3f, max %.3f ms\n", times.front() * 1e3, step * 1e3,
+                times.back() * 1e3);
     const double layer = step / a.layers;
     const double act = experts_sum / (reps * a.layers);
     const double bound = (bench.attn_bytes() + act * bench.expert_bytes()) / (a.hbm_tbps * 1e12);

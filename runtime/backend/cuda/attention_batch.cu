@@ -63,6 +63,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
     AttentionDecodeKernel(const float* __restrict__ q, const __grid_constant__ SeqTable seqs, int num_heads,
                           int num_kv_heads, int head_dim, int tile, float scale, float* __restrict__ out,
                           float* __restrict__ ws, int64_t ws_rows, int num_splits, unsigned* __restrict__ counters) {
+  PdlEnter();
   constexpr int kUnroll = 8;  // 16-byte loads of K and of V in flight per thread
   extern __shared__ float4 smem4[];
   const AttentionSeqDesc sd = seqs[blockIdx.z];
@@ -490,9 +491,12 @@ cudaError_t launch_attention_batch(const float* q, const AttentionSeqDesc* seqs_
     const size_t smem = DecodeSmemFloats(group, head_dim, plan.decode_tile) * sizeof(float);
     if (smem > kDecodeMaxSmemBytes || head_dim % 4 != 0) return cudaErrorInvalidValue;
     dim3 grid(plan.num_splits, num_kv_heads, num_seqs);
-    AttentionDecodeKernel<<<grid, kDecodeThreads, smem, stream>>>(
-        q, table, num_heads, num_kv_heads, head_dim, plan.decode_tile, 1.0f / sqrtf(static_cast<float>(head_dim)), out,
-        workspace, plan.num_rows, plan.num_splits, merged ? counters : nullptr);
+    if (cudaError_t e = LaunchPdl(AttentionDecodeKernel, grid, dim3(kDecodeThreads), smem, stream, q, table, num_heads,
+                                  num_kv_heads, head_dim, plan.decode_tile, 1.0f / sqrtf(static_cast<float>(head_dim)),
+                                  out, workspace, static_cast<int64_t>(plan.num_rows), plan.num_splits,
+                                  merged ? counters : static_cast<unsigned*>(nullptr));
+        e != cudaSuccess)
+      return e;
   } else if (head_dim <= 32) {
     Launch<32, 32, 16>(q, table, num_seqs, plan, num_heads, num_kv_heads, head_dim, out, workspace, stream);
   } else if (head_dim <= 64) {

@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "runtime/backend/cuda/cuda_kernels.h"
+#include "runtime/backend/cuda/kernel_util.cuh"
 
 namespace ef::runtime::cuda {
 namespace {
@@ -19,6 +20,7 @@ struct Items {
 };
 
 __global__ void CopyBatchKernel(const __grid_constant__ Items items) {
+  PdlEnter();
   const CopyBatchItem it = items.item[blockIdx.x];
   const auto d = reinterpret_cast<uintptr_t>(it.dst), s = reinterpret_cast<uintptr_t>(it.src);
   if (((d | s | it.bytes) & 15) == 0) {
@@ -39,8 +41,9 @@ cudaError_t launch_copy_batch(const CopyBatchItem* items_host, int num_items, cu
     const int n = std::min(kCopyBatchMaxItems, num_items - first);
     Items items;
     std::memcpy(items.item, items_host + first, sizeof(CopyBatchItem) * n);
-    CopyBatchKernel<<<static_cast<unsigned>(n), 256, 0, stream>>>(items);
-    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+    if (cudaError_t e = LaunchPdl(CopyBatchKernel, dim3(static_cast<unsigned>(n)), dim3(256), 0, stream, items);
+        e != cudaSuccess)
+      return e;
   }
   return cudaSuccess;
 }

@@ -682,6 +682,12 @@ void CudaBackend::Rope(float* x, const int32_t* positions, int64_t rows, int num
   CUDA_CHECK_LOG(cuda::launch_rope(x, positions, rows, num_heads, head_dim, theta, stream_), &error_);
 }
 
+void CudaBackend::RopeQK(float* q, float* k, const int32_t* positions, int64_t rows, int num_heads, int num_kv_heads,
+                         int head_dim, float theta) {
+  CUDA_CHECK_LOG(cuda::launch_rope_qk(q, k, positions, rows, num_heads, num_kv_heads, head_dim, theta, stream_),
+                 &error_);
+}
+
 void CudaBackend::Attention(const float* q, int n_new, const float* k, const float* v, int n_total, int num_heads,
                             int num_kv_heads, int head_dim, float* out) {
   // One sequence is a batch of one: a single kernel family serves prefill, decode and batches.

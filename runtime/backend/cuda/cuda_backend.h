@@ -99,6 +99,8 @@ class CudaBackend final : public Backend {
   void RmsNorm(const float* x, int64_t rows, int dim, const Weight& w, float eps, float* out) override;
   void Gemm(const float* x, int64_t m, const Weight& w, const Weight* bias, float* y, bool accumulate) override;
   void Rope(float* x, const int32_t* positions, int64_t rows, int num_heads, int head_dim, float theta) override;
+  void RopeQK(float* q, float* k, const int32_t* positions, int64_t rows, int num_heads, int num_kv_heads, int head_dim,
+              float theta) override;
   void Attention(const float* q, int n_new, const float* k, const float* v, int n_total, int num_heads,
                  int num_kv_heads, int head_dim, float* out) override;
   void AttentionBatch(const float* q, const AttentionSeq* seqs_host, int num_seqs, int num_heads, int num_kv_heads,

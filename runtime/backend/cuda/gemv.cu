@@ -104,6 +104,7 @@ struct RoutedOperands {
 // kPair: w2 (the up projection) is read beside w and y receives silu(x.w) * (x.w2).
 template <int kM, bool kBf16, int kSplit, bool kPair, class Ops>
 __global__ void __launch_bounds__(kWarps * 32) GemvKernel(Ops ops, int k, bool accumulate) {
+  PdlEnter();
   constexpr int kRowsPerBlock = kWarps / kSplit;
   const GemvOperands g = ops.Get(blockIdx.y);
   const float* __restrict__ x = g.x;
@@ -194,32 +195,27 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(Ops ops, int k, bool a
 
 // groups GEMVs of at most max_n rows each (blockIdx.y: the GEMV).
 template <int kM, bool kBf16, bool kPair, class Ops>
-void LaunchM(const Ops& ops, int groups, int max_n, int k, bool acc, int split, cudaStream_t s) {
+cudaError_t LaunchM(const Ops& ops, int groups, int max_n, int k, bool acc, int split, cudaStream_t s) {
   const dim3 grid(static_cast<unsigned>((max_n + kWarps / split - 1) / (kWarps / split)),
                   static_cast<unsigned>(groups));
   switch (split) {
     case 1:
-      GemvKernel<kM, kBf16, 1, kPair><<<grid, kWarps * 32, 0, s>>>(ops, k, acc);
-      break;
+      return LaunchPdl(GemvKernel<kM, kBf16, 1, kPair, Ops>, grid, dim3(kWarps * 32), 0, s, ops, k, acc);
     case 2:
-      GemvKernel<kM, kBf16, 2, kPair><<<grid, kWarps * 32, 0, s>>>(ops, k, acc);
-      break;
+      return LaunchPdl(GemvKernel<kM, kBf16, 2, kPair, Ops>, grid, dim3(kWarps * 32), 0, s, ops, k, acc);
     case 4:
-      GemvKernel<kM, kBf16, 4, kPair><<<grid, kWarps * 32, 0, s>>>(ops, k, acc);
-      break;
+      return LaunchPdl(GemvKernel<kM, kBf16, 4, kPair, Ops>, grid, dim3(kWarps * 32), 0, s, ops, k, acc);
     default:
-      GemvKernel<kM, kBf16, 8, kPair><<<grid, kWarps * 32, 0, s>>>(ops, k, acc);
-      break;
+      return LaunchPdl(GemvKernel<kM, kBf16, 8, kPair, Ops>, grid, dim3(kWarps * 32), 0, s, ops, k, acc);
   }
 }
 
 template <bool kBf16, bool kPair, class Ops>
 cudaError_t Dispatch(const Ops& ops, int m, int groups, int max_n, int k, bool acc, int split, cudaStream_t s) {
   switch (m) {
-#define EF_GEMV_CASE(M)                                             \
-  case M:                                                           \
-    LaunchM<M, kBf16, kPair>(ops, groups, max_n, k, acc, split, s); \
-    break;
+#define EF_GEMV_CASE(M) \
+  case M:               \
+    return LaunchM<M, kBf16, kPair>(ops, groups, max_n, k, acc, split, s);
     EF_GEMV_CASE(1)
     EF_GEMV_CASE(2)
     EF_GEMV_CASE(3)
@@ -232,7 +228,6 @@ cudaError_t Dispatch(const Ops& ops, int m, int groups, int max_n, int k, bool a
     default:
       return cudaErrorInvalidValue;
   }
-  return cudaGetLastError();
 }
 
 template <bool kPair, class Ops>
@@ -252,6 +247,7 @@ bool RowsFit(int64_t n, int64_t k) { return n >= 1 && n <= 0x7fffffff && k <= 0x
 __global__ void MoeCombineKernel(const float* __restrict__ y, const int32_t* __restrict__ ids,
                                  const float* __restrict__ weights, int top_k, int num_experts, int dim,
                                  float* __restrict__ resid) {
+  PdlEnter();
   const int t = blockIdx.x;
   int order[kMoeRoutedMaxTopK];
   for (int j = 0; j < top_k; ++j) order[j] = j;
@@ -340,9 +336,8 @@ cudaError_t launch_moe_routed(const MoeRoutedArgs& a, cudaStream_t stream) {
   dn.top_k = 1;  // x is the pair's own row of act
   err = DispatchDtype<false>(a.dtype, dn, 1, pairs, H, I, false, a.down_split, stream);
   if (err != cudaSuccess) return err;
-  MoeCombineKernel<<<static_cast<unsigned>(a.tokens), 256, 0, stream>>>(a.y, a.ids, a.weights, a.top_k, a.num_experts,
-                                                                        H, a.resid);
-  return cudaGetLastError();
+  return LaunchPdl(MoeCombineKernel, dim3(static_cast<unsigned>(a.tokens)), dim3(256), 0, stream, a.y, a.ids, a.weights,
+                   a.top_k, a.num_experts, H, a.resid);
 }
 
 }  // namespace ef::runtime::cuda

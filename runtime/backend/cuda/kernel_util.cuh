@@ -3,8 +3,10 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
 #include <cstdint>
+#include <utility>
 
 #include "runtime/core/dtype.h"
 
@@ -72,6 +74,39 @@ __device__ __forceinline__ void StoreGemvRow(float (&acc)[kM], int warp, int lan
       *dst = accumulate ? *dst + s : s;
     }
   }
+}
+
+// Programmatic dependent launch (Hopper and later). A kernel launched with LaunchPdl may be
+// scheduled while the kernel before it on the stream is still running; it must call PdlEnter()
+// before it touches global memory: PdlEnter waits until the previous grid has completed and its
+// writes are visible (griddepcontrol.wait), then lets the next PDL launch be scheduled
+// (griddepcontrol.launch_dependents), whose blocks in turn wait in their PdlEnter. What this buys
+// is the gap between dependent kernels (launch, block scheduling, prologue), a few microseconds
+// each: most of a decode step's small ops. Stream order is otherwise unchanged. On older GPUs
+// (and for kernels launched the usual way) PdlEnter does nothing.
+__device__ __forceinline__ void PdlEnter() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream serialization allowed.
+// The kernel must begin with PdlEnter().
+template <typename... Params, typename... Args>
+cudaError_t LaunchPdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                      Args&&... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 
 inline unsigned GridFor(int64_t n, int block) {

@@ -110,6 +110,7 @@ template <bool kBf16>
 __global__ void __launch_bounds__(kGroupThreads)
     GroupKernel(const int32_t* __restrict__ ids, int pairs, int top_k, int num_experts, int slots, int32_t* meta_base,
                 const float* __restrict__ x, int64_t x_elems, uint16_t* __restrict__ xb) {
+  PdlEnter();
   if (blockIdx.x > 0) {
     const int64_t i = (static_cast<int64_t>(blockIdx.x - 1) * kConvertThreads + threadIdx.x) * 8;
     if (threadIdx.x >= kConvertThreads || i >= x_elems) return;
@@ -211,6 +212,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
     GroupedKernel(const void* const* __restrict__ w_table, const void* const* __restrict__ w2_table,
                   const uint16_t* __restrict__ in, void* __restrict__ out, const int32_t* meta_base, int pairs,
                   int slots, int n, int k) {
+  PdlEnter();
   constexpr int kW = kGateUp ? 2 : 1;
   constexpr int kTilesPerBlock = kWarps / kSplit;
   const Meta meta(const_cast<int32_t*>(meta_base), pairs, slots);
@@ -313,6 +315,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
 __global__ void CombineKernel(const float* __restrict__ y, const int32_t* __restrict__ ids,
                               const float* __restrict__ weights, const int32_t* __restrict__ pos, int top_k, int dim,
                               float* __restrict__ resid) {
+  PdlEnter();
   const int tok = blockIdx.x;
   int order[kMoeRoutedMaxTopK];
   for (int j = 0; j < top_k; ++j) order[j] = j;
@@ -350,19 +353,18 @@ cudaError_t LaunchGrouped(int split, dim3 grid, const void* const* w, const void
   grid.x = static_cast<unsigned>((n / 16 + kWarps / split - 1) / (kWarps / split));
   switch (split) {
     case 1:
-      GroupedKernel<kBf16, 1, kNT, kGateUp><<<grid, kWarps * 32, 0, s>>>(w, w2, in, out, meta, pairs, slots, n, k);
-      break;
+      return LaunchPdl(GroupedKernel<kBf16, 1, kNT, kGateUp>, grid, dim3(kWarps * 32), 0, s, w, w2, in, out, meta,
+                       pairs, slots, n, k);
     case 2:
-      GroupedKernel<kBf16, 2, kNT, kGateUp><<<grid, kWarps * 32, 0, s>>>(w, w2, in, out, meta, pairs, slots, n, k);
-      break;
+      return LaunchPdl(GroupedKernel<kBf16, 2, kNT, kGateUp>, grid, dim3(kWarps * 32), 0, s, w, w2, in, out, meta,
+                       pairs, slots, n, k);
     case 4:
-      GroupedKernel<kBf16, 4, kNT, kGateUp><<<grid, kWarps * 32, 0, s>>>(w, w2, in, out, meta, pairs, slots, n, k);
-      break;
+      return LaunchPdl(GroupedKernel<kBf16, 4, kNT, kGateUp>, grid, dim3(kWarps * 32), 0, s, w, w2, in, out, meta,
+                       pairs, slots, n, k);
     default:
-      GroupedKernel<kBf16, 8, kNT, kGateUp><<<grid, kWarps * 32, 0, s>>>(w, w2, in, out, meta, pairs, slots, n, k);
-      break;
+      return LaunchPdl(GroupedKernel<kBf16, 8, kNT, kGateUp>, grid, dim3(kWarps * 32), 0, s, w, w2, in, out, meta,
+                       pairs, slots, n, k);
   }
-  return cudaGetLastError();
 }
 
 template <bool kBf16, int kNT>
@@ -370,9 +372,8 @@ cudaError_t Run(const MoeGroupedArgs& a, int pairs, int slots, cudaStream_t s) {
   const int H = static_cast<int>(a.hidden), I = static_cast<int>(a.inter);
   const int64_t x_elems = a.tokens * a.hidden;
   const unsigned convert_blocks = static_cast<unsigned>((x_elems / 8 + kConvertThreads - 1) / kConvertThreads);
-  GroupKernel<kBf16><<<1 + convert_blocks, kGroupThreads, 0, s>>>(a.ids, pairs, a.top_k, a.num_experts, slots, a.meta,
-                                                                  a.x, x_elems, static_cast<uint16_t*>(a.xb));
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err = LaunchPdl(GroupKernel<kBf16>, dim3(1 + convert_blocks), dim3(kGroupThreads), 0, s, a.ids, pairs,
+                              a.top_k, a.num_experts, slots, a.meta, a.x, x_elems, static_cast<uint16_t*>(a.xb));
   if (err != cudaSuccess) return err;
   // A chunk per 8 * kNT tokens an expert may have (at most every token).
   const dim3 grid(1, static_cast<unsigned>(slots), static_cast<unsigned>((a.tokens + 8 * kNT - 1) / (8 * kNT)));
@@ -383,8 +384,8 @@ cudaError_t Run(const MoeGroupedArgs& a, int pairs, int slots, cudaStream_t s) {
                                          static_cast<const uint16_t*>(a.act), a.y, a.meta, pairs, slots, H, I, s);
   if (err != cudaSuccess) return err;
   const Meta meta(a.meta, pairs, slots);
-  CombineKernel<<<static_cast<unsigned>(a.tokens), 256, 0, s>>>(a.y, a.ids, a.weights, meta.pos, a.top_k, H, a.resid);
-  return cudaGetLastError();
+  return LaunchPdl(CombineKernel, dim3(static_cast<unsigned>(a.tokens)), dim3(256), 0, s, a.y, a.ids, a.weights,
+                   static_cast<const int32_t*>(meta.pos), a.top_k, H, a.resid);
 }
 
 template <bool kBf16>

@@ -14,6 +14,7 @@ namespace ef::runtime::cuda {
 namespace {
 __global__ void RouterTopKKernel(const float* logits, int64_t rows, int num_experts, int k, bool renormalize,
                                  int32_t* ids, float* weights) {
+  PdlEnter();
   const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (r >= rows) return;
   const float* l = logits + r * num_experts;
@@ -48,8 +49,8 @@ __global__ void RouterTopKKernel(const float* logits, int64_t rows, int num_expe
 cudaError_t launch_router_topk(const float* logits, int64_t rows, int num_experts, int k, bool renormalize,
                                int32_t* ids, float* weights, cudaStream_t stream) {
   if (rows <= 0) return cudaSuccess;
-  RouterTopKKernel<<<GridFor(rows, 128), 128, 0, stream>>>(logits, rows, num_experts, k, renormalize, ids, weights);
-  return cudaGetLastError();
+  return LaunchPdl(RouterTopKKernel, dim3(GridFor(rows, 128)), dim3(128), 0, stream, logits, rows, num_experts, k,
+                   renormalize, ids, weights);
 }
 
 }  // namespace ef::runtime::cuda
