@@ -61,6 +61,7 @@ struct Args {
   bool fused_gate_up = true;
   int expert_streams = 4;  // --expert-streams: ExpertMlps' streams (0: one Gemm path per expert)
   int prefill_iters = 5;
+  bool pdl = true;  // --no-pdl
   bool host_routing = false;  // --host-routing: every MoE layer's routing to the host (the path past MoeRouted's rows)
   bool separate_qkv = false;  // --separate-qkv: q, k and v as three Gemm calls
   bool breakdown = true;      // --no-breakdown: the step timings only (e.g. under a profiler)
@@ -114,6 +115,8 @@ Args ParseArgs(int argc, char** argv) {
       a.fused_gate_up = false;
     else if (k == "--expert-streams")
       a.expert_streams = std::stoi(next());
+    else if (k == "--no-pdl")
+      a.pdl = false;
     else if (k == "--prefill-iters")
       a.prefill_iters = std::max(1, std::stoi(next()));
     else if (k == "--host-routing")
@@ -141,6 +144,7 @@ Args ParseArgs(int argc, char** argv) {
           "  --separate-qkv  q, k and v as three Gemm calls instead of one GemmGroup\n"
           "  --expert-streams N  prefill experts through Backend::ExpertMlps on N streams with 16-bit products\n"
           "             (default 4; 0: each expert as GateUpSilu or Gemm, Gemm, SiluMul, Gemm in fp32 products)\n"
+          "  --no-pdl   launch the decode path's kernels without programmatic dependent launch\n"
           "  --prefill-iters N  timed prefill steps, the median reported (default 5)\n"
           "  --no-breakdown  skip the per-op breakdown (the step timings only, e.g. under a profiler)\n"
           "  --profile  one more prefill step with a cudaEvent after every op: device time per op kind\n");
@@ -193,6 +197,7 @@ class Bench {
     o.lt_gemm = a.lt_gemm;
     o.fused_gate_up = a.fused_gate_up;
     o.expert_streams = a.expert_streams;
+    o.pdl = a.pdl;
     o.reduced_precision_attention = !a.fp32_attention;  // as the engine's "auto" for bf16 weights
     backend_ = OrDie(CudaBackend::Create(o), "cuda backend");
     b_ = backend_.get();
@@ -758,6 +763,7 @@ int Main(int argc, char** argv) {
   std::printf("# prefill attention: %s; 16-bit GEMMs past the GEMV: %s\n",
               a.fp32_attention ? "fp32 kernel" : "tensor cores, bf16 operands",
               a.lt_gemm ? "cuBLASLt, planned" : "cublasGemmEx");
+  std::printf("# programmatic dependent launch: %s\n", a.pdl ? "on" : "off");
   std::printf("# experts past the GEMV's rows: %s\n",
               a.expert_streams > 0 ? ("ExpertMlps on " + std::to_string(a.expert_streams) + " streams").c_str()
                                    : "one expert at a time, fp32 products");

@@ -13,6 +13,11 @@ EF_PARAM(CudaBf16Weights, bool, "EF_CUDA_BF16_WEIGHTS", false,
          "cuda backend: store F32 weight matrices as BF16 (bf16 GEMMs with fp32 accumulation)");
 EF_PARAM(CudaMemoryBudgetMiB, int64_t, "EF_CUDA_MEMORY_BUDGET_MIB", 0,
          "cuda backend: device memory the backend may hold, MiB (0: free memory at start less 1 GiB)");
+EF_PARAM(CudaExpertStreams, int64_t, "EF_CUDA_EXPERT_STREAMS", 4,
+         "cuda backend: streams the experts of a prefill-sized MoE layer run on (0: one expert at a time, fp32 "
+         "products)");
+EF_PARAM(CudaPdl, bool, "EF_CUDA_PDL", true,
+         "cuda backend: launch the decode path's kernels with programmatic dependent launch (Hopper and later)");
 
 namespace ef::runtime {
 namespace {
@@ -43,6 +48,8 @@ CudaBackendOptions CudaBackendOptions::FromParams(int device) {
   o.device = device;
   o.bf16_weights = params::CudaBf16Weights();
   o.memory_budget = static_cast<size_t>(std::max<int64_t>(0, params::CudaMemoryBudgetMiB())) << 20;
+  o.expert_streams = static_cast<int>(std::clamp<int64_t>(params::CudaExpertStreams(), 0, 16));
+  o.pdl = params::CudaPdl();
   return o;
 }
 
@@ -62,6 +69,7 @@ Status CudaBackend::Init() {
   cudaDeviceProp prop{};
   CUDA_CHECK(cudaGetDeviceProperties(&prop, options_.device));
   num_sms_ = prop.multiProcessorCount;
+  cuda::SetPdlEnabled(options_.pdl);
   name_ = "cuda:" + std::to_string(options_.device) + " (" + prop.name + ")";
   size_t free_b = 0, total_b = 0;
   CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));

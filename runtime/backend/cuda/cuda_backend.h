@@ -56,7 +56,10 @@ struct CudaBackendOptions {
   // ExpertMlps: streams the experts of one call run on (0: ExpertMlps declines, the caller's
   // per-expert Gemm path serves), and the most scratch its 16-bit products may take (experts
   // past it run in groups that fit, one group after another).
-  int expert_streams = 4;
+  int expert_streams = 4;  // default: EF_CUDA_EXPERT_STREAMS
+  // Programmatic dependent launch of the decode path's kernels (cuda::LaunchPdl; process-wide, the
+  // last backend created sets it). Default: EF_CUDA_PDL.
+  bool pdl = true;
   size_t expert_mlp_scratch_bytes = size_t{256} << 20;
   // Initial Backend::SetReducedPrecisionAttention: prefill attention (chunks of at least
   // cuda::kAttentionPrefillTcMinRows rows, head_dim 64/128) on tensor cores with bf16 operands.

@@ -24,6 +24,11 @@ cudaError_t launch_embed(const int32_t* ids, int n, const void* table, DType dt,
 cudaError_t launch_rms_norm(const float* x, int64_t rows, int dim, const void* w, DType wdt, float eps, float* out,
                             cudaStream_t stream);
 
+// Whether kernels launched through LaunchPdl (kernel_util.cuh) allow programmatic dependent
+// launch (default on); off, they launch as usual.
+void SetPdlEnabled(bool on);
+bool PdlEnabled();
+
 // Rotate-half rotary embedding in place on x[rows, num_heads * head_dim].
 cudaError_t launch_rope(float* x, const int32_t* positions, int64_t rows, int num_heads, int head_dim, float theta,
                         cudaStream_t stream);
