@@ -4,6 +4,7 @@
 #include <cstdio>
 
 #include "launch/expert_cache_setup.h"
+#include "runtime/core/logging.h"
 
 namespace ef::launch {
 
@@ -25,8 +26,13 @@ StatusOr<std::unique_ptr<Deployment>> Deployment::Create(comm::MpiContext* ctx, 
   runtime::EngineOptions eo = o.engine;
   eo.upload_experts = !want_cache;  // the cache uploads what its budget holds
   EF_ASSIGN_OR_RETURN(d->engine_, runtime::Engine::Create(o.model_dir, eo));
-  if (o.on_engine) EF_RETURN_IF_ERROR(o.on_engine(*d->engine_));
   const bool clustered = ctx && ctx->mpi() && (ctx->size() > 1 || o.cluster_on_one_rank);
+  if (o.warmup_tokens > 0 && !want_cache && !clustered && d->engine_->backend().kind() == runtime::BackendKind::kCuda) {
+    EF_ASSIGN_OR_RETURN(const double s, d->engine_->WarmUp(o.warmup_tokens));
+    EF_LOG(INFO, SERVE, "engine warmed up in %.0f ms (a %d-token prefill and a decode step)", s * 1e3,
+           std::min(o.warmup_tokens, d->engine_->max_seq_len() - 2));
+  }
+  if (o.on_engine) EF_RETURN_IF_ERROR(o.on_engine(*d->engine_));
   // Loading, filling host shards, pinning and quantizing take unequal time on different ranks: the
   // collectives around them wait longer than a step's exchange may.
   auto long_barrier = [&](const std::string& what) -> Status {

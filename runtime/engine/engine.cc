@@ -1,7 +1,9 @@
 #include "runtime/engine/engine.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
+#include <limits>
 #include <numeric>
 
 #include "runtime/core/check.h"
@@ -226,6 +228,25 @@ float* Engine::Scratch(int slot, size_t floats) {
   // ReserveScratch sized every slot for the batch; growing here would be a bug.
   EF_CHECK_MSG(scratch_[slot].bytes() >= std::max<size_t>(floats, 1) * sizeof(float), "scratch slot not reserved");
   return scratch_[slot].f32();
+}
+
+StatusOr<double> Engine::WarmUp(int tokens) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const int n = std::clamp(tokens, 1, std::max(1, max_seq_len_ - 2));
+  const int64_t seq = std::numeric_limits<int64_t>::max();  // no caller's id
+  EF_RETURN_IF_ERROR(AddSequence(seq));
+  std::vector<int32_t> prompt(static_cast<size_t>(n));
+  const int vocab = config().vocab_size;
+  for (int i = 0; i < n; ++i) prompt[i] = static_cast<int32_t>((int64_t{i} * 7919 + 13) % vocab);
+  ForwardResult r;
+  Status s = Forward(std::vector<SeqChunk>{SeqChunk{seq, prompt, false}}, &r);
+  if (s.ok()) {
+    const int32_t next = prompt.back();
+    s = Forward(std::vector<SeqChunk>{SeqChunk{seq, std::span<const int32_t>(&next, 1), false}}, &r);
+  }
+  RemoveSequence(seq);
+  EF_RETURN_IF_ERROR(s);
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
 Status Engine::AddSequence(int64_t seq) {

@@ -12,9 +12,9 @@ EF_BUILD_TESTS=ON source scripts/accel/build-full.sh ef_decode_bench expertflow 
   { tail -30 "${OUT:-out}/build_out.txt"; exit 1; }
 rm -f "$OUT/build_out.txt"
 # name concurrency requests prompt gen
-WORKLOADS=("c1 1 4 128 64" "c16 16 32 128 64" "ttft2k 1 4 2048 4")
+WORKLOADS=("c1 1 4 128 64" "c16 16 32 128 64" "c64 64 64 128 64" "ttft2k 1 4 2048 4")
 for setting in "$@"; do
-  tag=$(echo "${setting:-default}" | tr -c 'A-Za-z0-9_=\n' '_')
+  tag=$(echo "${setting:-default}" | tr -c 'A-Za-z0-9_\n' '_')
   echo "=== ${setting:-defaults}"
   for w in "${WORKLOADS[@]}"; do
     read -r name c n p g <<<"$w"

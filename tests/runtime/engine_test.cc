@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <limits>
 #include <vector>
 
 namespace ef::runtime {
@@ -51,6 +52,20 @@ TEST(EngineTest, ChunkedPrefillAndDecodeMatchOnePass) {
   const auto whole = Feed(*e, 1, kPrompt, kPrompt.size());
   ExpectNear(Feed(*e, 2, kPrompt, 4), whole, 1e-4f);
   ExpectNear(Feed(*e, 3, kPrompt, 1), whole, 1e-4f);
+}
+
+TEST(EngineTest, WarmUpLeavesNothingBehind) {
+  // A warm-up prefill and decode step on a sequence of its own: no sequence is left, later passes
+  // give the bits they give on a fresh engine, and a prompt longer than the context is clamped.
+  auto fresh = Make(64);
+  const auto want = Feed(*fresh, 1, kPrompt, kPrompt.size());
+  auto e = Make(64);
+  auto t = e->WarmUp(1000);
+  ASSERT_TRUE(t.ok()) << t.status().ToString();
+  EXPECT_GT(*t, 0.0);
+  EXPECT_FALSE(e->HasSequence(std::numeric_limits<int64_t>::max()));
+  EXPECT_EQ(Feed(*e, 1, kPrompt, kPrompt.size()), want);
+  ASSERT_TRUE(e->AddSequence(std::numeric_limits<int64_t>::max()).ok());  // the id is free again
 }
 
 TEST(EngineTest, BatchedSequencesMatchEachAlone) {
