@@ -29,8 +29,8 @@ StatusOr<std::unique_ptr<Deployment>> Deployment::Create(comm::MpiContext* ctx, 
   const bool clustered = ctx && ctx->mpi() && (ctx->size() > 1 || o.cluster_on_one_rank);
   if (o.warmup_tokens > 0 && !want_cache && !clustered && d->engine_->backend().kind() == runtime::BackendKind::kCuda) {
     EF_ASSIGN_OR_RETURN(const double s, d->engine_->WarmUp(o.warmup_tokens));
-    EF_LOG(INFO, SERVE, "engine warmed up in %.0f ms (a %d-token prefill and a decode step)", s * 1e3,
-           std::min(o.warmup_tokens, d->engine_->max_seq_len() - 2));
+    EF_LOG(INFO, SERVE, "engine warmed up in %.0f ms (a prefill of up to %d tokens and a decode step)", s * 1e3,
+           o.warmup_tokens);
   }
   if (o.on_engine) EF_RETURN_IF_ERROR(o.on_engine(*d->engine_));
   // Loading, filling host shards, pinning and quantizing take unequal time on different ranks: the

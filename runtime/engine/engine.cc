@@ -240,7 +240,7 @@ StatusOr<double> Engine::WarmUp(int tokens) {
   for (int i = 0; i < n; ++i) prompt[i] = static_cast<int32_t>((int64_t{i} * 7919 + 13) % vocab);
   ForwardResult r;
   Status s = Forward(std::vector<SeqChunk>{SeqChunk{seq, prompt, false}}, &r);
-  if (s.ok()) {
+  if (s.ok() && n + 1 <= max_seq_len_) {
     const int32_t next = prompt.back();
     s = Forward(std::vector<SeqChunk>{SeqChunk{seq, std::span<const int32_t>(&next, 1), false}}, &r);
   }

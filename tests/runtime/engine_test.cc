@@ -66,6 +66,9 @@ TEST(EngineTest, WarmUpLeavesNothingBehind) {
   EXPECT_FALSE(e->HasSequence(std::numeric_limits<int64_t>::max()));
   EXPECT_EQ(Feed(*e, 1, kPrompt, kPrompt.size()), want);
   ASSERT_TRUE(e->AddSequence(std::numeric_limits<int64_t>::max()).ok());  // the id is free again
+  // A context of one token: the prefill alone.
+  auto tiny = Make(1);
+  EXPECT_TRUE(tiny->WarmUp(16).ok());
 }
 
 TEST(EngineTest, BatchedSequencesMatchEachAlone) {
