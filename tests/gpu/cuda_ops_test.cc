@@ -66,9 +66,9 @@ TEST_F(CudaOpsTest, RmsNormRowsAndHeads) {
     int rows, dim;
     DType dt;
   };
-  for (Case c : {Case{7, 4096, DType::kF32}, Case{32, 64, DType::kF32}, Case{5, 2048, DType::kBF16},
-                 Case{3, 100, DType::kF32}, Case{2, 10000, DType::kF32}, Case{4, 6, DType::kF32},
-                 Case{64, 4096, DType::kF32}}) {
+  for (Case c :
+       {Case{7, 4096, DType::kF32}, Case{32, 64, DType::kF32}, Case{5, 2048, DType::kBF16}, Case{3, 100, DType::kF32},
+        Case{2, 10000, DType::kF32}, Case{4, 6, DType::kF32}, Case{64, 4096, DType::kF32}}) {
     auto x = RandomFloats(c.rows * c.dim, 2, -3, 3);
     auto w = RandomFloats(c.dim, 3, 0.5f, 1.5f);
     auto [wc, wg] = Weights(w, 1, c.dim, c.dt);

@@ -61,7 +61,7 @@ struct Args {
   bool fused_gate_up = true;
   int expert_streams = 4;  // --expert-streams: ExpertMlps' streams (0: one Gemm path per expert)
   int prefill_iters = 5;
-  bool pdl = true;  // --no-pdl
+  bool pdl = true;            // --no-pdl
   bool host_routing = false;  // --host-routing: every MoE layer's routing to the host (the path past MoeRouted's rows)
   bool separate_qkv = false;  // --separate-qkv: q, k and v as three Gemm calls
   bool breakdown = true;      // --no-breakdown: the step timings only (e.g. under a profiler)

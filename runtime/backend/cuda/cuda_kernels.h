@@ -33,8 +33,8 @@ bool PdlEnabled();
 cudaError_t launch_rope(float* x, const int32_t* positions, int64_t rows, int num_heads, int head_dim, float theta,
                         cudaStream_t stream);
 // The same on q[rows, num_heads * head_dim] and k[rows, num_kv_heads * head_dim] in one launch.
-cudaError_t launch_rope_qk(float* q, float* k, const int32_t* positions, int64_t rows, int num_heads,
-                           int num_kv_heads, int head_dim, float theta, cudaStream_t stream);
+cudaError_t launch_rope_qk(float* q, float* k, const int32_t* positions, int64_t rows, int num_heads, int num_kv_heads,
+                           int head_dim, float theta, cudaStream_t stream);
 
 // Causal GQA attention of many sequences in one launch (see Backend::AttentionBatch).
 // plan_attention_batch reads the descriptors on the host and chooses the kernel and the key
