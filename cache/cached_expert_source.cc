@@ -163,13 +163,24 @@ void CachedExpertSource::Release(int layer, int expert) {
 }
 
 void CachedExpertSource::TakeHostExperts(int layer, std::vector<int32_t>& experts, std::span<const int64_t> rows,
-                                         std::vector<int32_t>& host) {
+                                         HostShare& host) {
   if (host_compute_) host_compute_->Take(layer, experts, rows, *store_, host);
 }
 
-Status CachedExpertSource::ComputeOnHost(int layer, int expert, int64_t rows, const float* x, float* y) {
+Status CachedExpertSource::ComputeOnHost(int layer, int expert, int64_t rows, const float* x, float* y,
+                                         int64_t inter_begin) {
   if (!host_compute_) return Unimplemented("this expert cache computes no expert on the host (cache.cpu_compute off)");
-  return host_compute_->Compute(layer, expert, rows, x, y);
+  return host_compute_->Compute(layer, expert, rows, x, y, inter_begin);
+}
+
+Status CachedExpertSource::StartPart(int layer, int expert, int64_t split) {
+  if (!host_compute_) return Unimplemented("this expert cache splits no expert (cache.cpu_compute off)");
+  return host_compute_->StartPart(*arena_, layer, expert, split);
+}
+
+StatusOr<runtime::ExpertWeights> CachedExpertSource::AcquirePart() {
+  if (!host_compute_) return Unimplemented("this expert cache splits no expert (cache.cpu_compute off)");
+  return host_compute_->AcquirePart(*arena_);
 }
 
 void CachedExpertSource::SetUpcoming(int layer, std::vector<int32_t> experts) {

@@ -92,8 +92,10 @@ class CachedExpertSource final : public runtime::ExpertSource {
   StatusOr<runtime::ExpertWeights> Acquire(int layer, int expert) override;
   void Release(int layer, int expert) override;
   void TakeHostExperts(int layer, std::vector<int32_t>& experts, std::span<const int64_t> rows,
-                       std::vector<int32_t>& host) override;
-  Status ComputeOnHost(int layer, int expert, int64_t rows, const float* x, float* y) override;
+                       HostShare& host) override;
+  Status ComputeOnHost(int layer, int expert, int64_t rows, const float* x, float* y, int64_t inter_begin) override;
+  Status StartPart(int layer, int expert, int64_t split) override;
+  StatusOr<runtime::ExpertWeights> AcquirePart() override;
 
   // Forecast experts of `layer` for its next run (replaces the previous list).
   void SetUpcoming(int layer, std::vector<int32_t> experts);

@@ -211,8 +211,9 @@ StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(runtime::Engine* engi
   po.low_gate = o.low_precision_gate;
   po.upgrade_uses = o.upgrade_uses;
   const bool cuda = engine->backend().kind() == runtime::BackendKind::kCuda;
-  if (o.cpu_compute != "off" && o.cpu_compute != "auto" && o.cpu_compute != "on")
-    return InvalidArgument("cache.cpu_compute must be off, auto or on, got '" + o.cpu_compute + "'");
+  if (o.cpu_compute != "off" && o.cpu_compute != "auto" && o.cpu_compute != "whole" && o.cpu_compute != "on" &&
+      o.cpu_compute != "split")
+    return InvalidArgument("cache.cpu_compute must be off, auto, whole or on, got '" + o.cpu_compute + "'");
   if (!cuda && o.cpu_compute != "off")
     return InvalidArgument("cache.cpu_compute " + o.cpu_compute + " applies to the cuda backend; the " +
                            engine->backend().name() + " backend computes every expert on the host already");
@@ -355,8 +356,10 @@ std::string ExpertCache::StatsSummary() const {
   }
   if (const HostExpertCompute* hc = source_->host_compute()) {
     const HostComputeStats& h = hc->stats();
-    std::snprintf(buf, sizeof buf, "; %lld experts computed on the host (%lld rows, %.1f ms)",
-                  static_cast<long long>(h.experts), static_cast<long long>(h.rows), h.ms);
+    std::snprintf(buf, sizeof buf,
+                  "; %lld experts computed on the host (%lld rows, %.1f ms; %lld split with the GPU, %s staged)",
+                  static_cast<long long>(h.experts), static_cast<long long>(h.rows), h.ms,
+                  static_cast<long long>(h.split_experts), Bytes(static_cast<uint64_t>(h.staged_bytes)).c_str());
     s += buf;
   }
   if (tiers_ && (tiers_->hooks().host || tiers_->hooks().peer)) {
@@ -431,6 +434,9 @@ nlohmann::json ExpertCache::StatsJson() const {
     j["cpu_computed_experts"] = h.experts;
     j["cpu_computed_rows"] = h.rows;
     j["cpu_compute_ms"] = h.ms;
+    j["split_experts"] = h.split_experts;
+    j["split_copied_fraction"] = h.split_experts ? h.split_copied / static_cast<double>(h.split_experts) : 0.0;
+    j["split_staged_bytes"] = h.staged_bytes;
   }
   return j;
 }

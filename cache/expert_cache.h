@@ -70,8 +70,9 @@ struct ExpertCacheOptions {
   double low_precision_gate = 0.5;        // auto: gate weight below which a miss loads low
   int upgrade_uses = 16;                  // auto: uses before a low-precision copy is upgraded; 0: never
   // CUDA: compute missed experts of few rows on the host CPU from their pinned copies instead of
-  // copying them: off | auto (each miss to whichever of copy or host finishes it first) | on
-  // (every eligible miss on the host). cache/cuda/pinned_host_compute.h.
+  // copying them: off | auto (each miss to whichever of copy or host finishes it first, one split
+  // between them) | whole (no split) | on (every eligible miss on the host) | split (tests).
+  // cache/cuda/pinned_host_compute.h.
   std::string cpu_compute = "off";
   int cpu_compute_max_rows = 4;
   // Under expert parallelism, the tiers behind the device slots (this rank's host shard, peers,

@@ -14,6 +14,7 @@
 #include "cache/expert_store.h"
 #include "cache/slot_arena.h"
 #include "runtime/core/status.h"
+#include "runtime/engine/expert_source.h"
 
 namespace ef::cache {
 
@@ -23,6 +24,11 @@ struct HostComputeStats {
   int64_t rows = 0;
   double ms = 0;                                          // host wall time in them
   double calibrated_host_ms = 0, calibrated_copy_ms = 0;  // one expert, one row
+  // Split experts (part copied, part computed on the host; also counted in experts and rows above).
+  int64_t split_experts = 0;
+  double split_copied = 0;     // sum of their copied fractions
+  int64_t staged_bytes = 0;    // bytes of their partial copies
+  double host_ms_running = 0;  // the host time per expert at one row the plans use (running mean)
 };
 
 class HostExpertCompute {
@@ -32,11 +38,16 @@ class HostExpertCompute {
   // any slot).
   virtual Status Calibrate(SlotArena& arena) = 0;
   // Moves from `experts` (compute order; rows[i]: experts[i]'s rows this step) into `host` the
-  // experts it computes; `store` says which are resident (hits are never taken).
+  // experts it computes whole or in part; `store` says which are resident (hits are never taken).
   virtual void Take(int layer, std::vector<int32_t>& experts, std::span<const int64_t> rows, const ExpertStore& store,
-                    std::vector<int32_t>& host) = 0;
-  // y[rows, hidden] = expert(x[rows, hidden]) (not scaled by the gate), x and y in host memory.
-  virtual Status Compute(int layer, int expert, int64_t rows, const float* x, float* y) = 0;
+                    runtime::ExpertSource::HostShare& host) = 0;
+  // y[rows, hidden] = the expert over intermediate rows [inter_begin, inter) of x[rows, hidden] (not
+  // scaled by the gate), x and y in host memory.
+  virtual Status Compute(int layer, int expert, int64_t rows, const float* x, float* y, int64_t inter_begin) = 0;
+  // The split expert's first `split` intermediate rows into `arena`'s staging (runtime::ExpertSource
+  // StartPart / AcquirePart).
+  virtual Status StartPart(SlotArena& arena, int layer, int expert, int64_t split) = 0;
+  virtual StatusOr<runtime::ExpertWeights> AcquirePart(SlotArena& arena) = 0;
   virtual const HostComputeStats& stats() const = 0;
 };
 

@@ -768,7 +768,10 @@ json CacheJson(const BenchRun& b, const BenchSummary& s, const RunCounters& c, i
           {"stall_ms", s.stall_ms},
           {"cpu_compute", s.cached ? config.cache.cpu_compute : "off"},
           {"cpu_computed_experts", c.cache_json.value("cpu_computed_experts", int64_t{0})},
-          {"cpu_computed_rows", c.cache_json.value("cpu_computed_rows", int64_t{0})}};
+          {"cpu_computed_rows", c.cache_json.value("cpu_computed_rows", int64_t{0})},
+          {"split_experts", c.cache_json.value("split_experts", int64_t{0})},
+          {"split_copied_fraction", c.cache_json.value("split_copied_fraction", 0.0)},
+          {"split_staged_bytes", c.cache_json.value("split_staged_bytes", int64_t{0})}};
 }
 
 // The largest per-rank value of a GatherStats key (e.g. the all-to-all wall time of the slowest rank).
@@ -792,7 +795,8 @@ json ResultsJson(const BenchRun& b, const BenchSummary& s, const RunCounters& c)
           {"peak_rss_mib", s.rss_mib},
           {"generated_tokens", s.gen_tokens},
           {"hit_rate", s.hit_rate},
-          {"bytes_moved", c.cs.total.bytes_from_host},
+          // Slot loads and the partial copies of split misses (cache.cpu_compute auto).
+          {"bytes_moved", c.cs.total.bytes_from_host + c.cache_json.value("split_staged_bytes", int64_t{0})},
           {"stall_ms", s.stall_ms},
           {"output_tokens_per_s_per_rank", s.out_tps / b.ranks},
           {"a2a_bytes", s.a2a_bytes},

@@ -219,7 +219,7 @@ const std::map<std::string, Section>& Schema() {
            {"upgrade_uses", [](const Ctx& c, Config* o) { return GetInt(c, 0, 1 << 20, &o->cache.upgrade_uses); }},
            {"cpu_compute",
             [](const Ctx& c, Config* o) {
-              return GetOneOf(c, {"off", "auto", "on"}, &o->cache.cpu_compute);
+              return GetOneOf(c, {"off", "auto", "whole", "on", "split"}, &o->cache.cpu_compute);
             }},
            {"cpu_compute_max_rows",
             [](const Ctx& c, Config* o) { return GetInt(c, 1, 64, &o->cache.cpu_compute_max_rows); }},
@@ -535,7 +535,8 @@ void CacheFlags::Register(CLI::App* app) {
                   "(cache.upgrade_uses)");
   app->add_option("--cpu-experts", cpu_compute,
                   "cuda: compute missed experts of few rows on the host CPU instead of copying them: off, auto "
-                  "(whichever of copy and host finishes first) or on (cache.cpu_compute)");
+                  "(each miss to whichever of copy and host finishes first, and one split between them so both end "
+                  "together), whole (no split) or on (every one on the host) (cache.cpu_compute)");
   app->add_option("--predictor", predictor,
                   "prefetch forecast: none, lookahead, frequency, path, affinity or hybrid (predictor.kind)");
   app->add_option("--predictor-path", predictor_path, "trained predictor file (predictor.path)");

@@ -96,7 +96,9 @@ struct CacheSection {
   int upgrade_uses = 16;
   // cuda: compute missed experts of at most cpu_compute_max_rows rows on the host CPU from their
   // pinned copies instead of copying them: off | auto (each miss to whichever of the copy engine
-  // and the host finishes it first, timed at start-up) | on (every such miss on the host).
+  // and the host finishes it first, then one expert split between them so both end together) |
+  // whole (auto without the split) | on (every such miss on the host) | split (tests: the first
+  // miss of each layer split in half, the others on the host).
   std::string cpu_compute = "off";
   int cpu_compute_max_rows = 4;
 

@@ -27,7 +27,7 @@ struct CudaCacheOptions {
   // Pinned host memory for experts (from a model); 0: every expert. Experts past it are copied from
   // the checkpoint mapping when loaded (staged, synchronous).
   size_t host_budget_bytes = 0;
-  // cache.cpu_compute: "off", "auto" or "on" (pinned_host_compute.h); misses of at most
+  // cache.cpu_compute: "off", "auto", "whole", "on" or "split" (pinned_host_compute.h); misses of at most
   // cpu_compute_max_rows rows are candidates.
   std::string cpu_compute = "off";
   int cpu_compute_max_rows = 4;

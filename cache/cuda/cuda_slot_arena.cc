@@ -81,6 +81,7 @@ CudaSlotArena::~CudaSlotArena() {
   for (auto it = event_pool_.rbegin(); it != event_pool_.rend(); ++it) cudaEventDestroy(*it);
   for (auto it = ready_.rbegin(); it != ready_.rend(); ++it)
     if (*it) cudaEventDestroy(*it);
+  if (staged_) cudaEventDestroy(staged_);
   if (prefetch_) cudaStreamDestroy(prefetch_);
   if (correction_) cudaStreamDestroy(correction_);
   // buffer_ frees through the backend (stream-ordered on the compute stream).
@@ -287,6 +288,55 @@ void CudaSlotArena::HarvestStall() {
     stall_pool_.push_back(ev);
   }
   stall_pending_.swap(still);
+}
+
+Status CudaSlotArena::ReserveStaging(size_t bytes) {
+  if (bytes <= staging_.bytes()) return Status::Ok();
+  staging_ = runtime::Buffer();
+  auto buf = backend_->Allocate(bytes);
+  if (!buf.ok())
+    return ResourceExhausted("expert cache: " + std::to_string(bytes) +
+                             " bytes of staging for split misses do not fit on " + backend_->name() + ": " +
+                             buf.status().message());
+  staging_ = std::move(buf).value();
+  if (!staged_) EF_RETURN_IF_ERROR(Check(cudaEventCreateWithFlags(&staged_, cudaEventDisableTiming), "event"));
+  backend_->Synchronize();  // the allocation's zero fill is ordered on the compute stream
+  return Status::Ok();
+}
+
+Status CudaSlotArena::LoadStaged(std::span<const StagedCopy> copies) {
+  if (!staged_) return FailedPrecondition("cuda slot arena: no staging reserved");
+  cudaEvent_t gate;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    EF_RETURN_IF_ERROR(error_);
+    gate = TakeEvent(false);
+  }
+  if (!gate) return Internal("cuda slot arena: cannot create an event");
+  // The previous staged expert's readers are on the compute stream, enqueued before this call.
+  Status st = Check(cudaEventRecord(gate, compute_), "record gate");
+  if (st.ok()) st = Check(cudaStreamWaitEvent(correction_, gate, 0), "wait gate");
+  auto* base = static_cast<std::byte*>(staging_.data());
+  for (const StagedCopy& c : copies) {
+    if (!st.ok()) break;
+    if (c.dst_offset + c.dst_pitch * (c.height - 1) + c.width > staging_.bytes()) {
+      st = InvalidArgument("cuda slot arena: staged copy past the staging area");
+      break;
+    }
+    st = Check(c.height == 1 ? cudaMemcpyAsync(base + c.dst_offset, c.src, c.width, cudaMemcpyHostToDevice, correction_)
+                             : cudaMemcpy2DAsync(base + c.dst_offset, c.dst_pitch, c.src, c.src_pitch, c.width,
+                                                 c.height, cudaMemcpyHostToDevice, correction_),
+               "staged copy");
+    stats_.bytes_h2d += static_cast<int64_t>(c.width * c.height);
+  }
+  if (st.ok()) st = Check(cudaEventRecord(staged_, correction_), "record staged");
+  std::lock_guard<std::mutex> lock(mu_);
+  event_pool_.push_back(gate);
+  return st;
+}
+
+void CudaSlotArena::WaitStaged() {
+  if (staged_) cudaStreamWaitEvent(compute_, staged_, 0);
 }
 
 void CudaSlotArena::SynchronizeCopies() {

@@ -49,6 +49,7 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -107,6 +108,24 @@ class CudaSlotArena final : public SlotArena {
   // The first error of the copy thread (a failed CUDA call), or OK.
   Status status() const;
 
+  // Staging: device memory beside the slots for partial loads (cache.cpu_compute splits a miss:
+  // the GPU computes the first rows of its intermediate dimension from a partial copy, the host
+  // the rest). Not a slot and never resident: it holds one partial expert at a time.
+  struct StagedCopy {
+    size_t dst_offset = 0;           // into the staging area
+    const std::byte* src = nullptr;  // pinned host memory
+    size_t src_pitch = 0, dst_pitch = 0, width = 0, height = 1;
+  };
+  // Allocates `bytes` of staging (through the backend, so it counts against its memory budget).
+  Status ReserveStaging(size_t bytes);
+  size_t staging_bytes() const { return staging_.bytes(); }
+  void* staging() const { return staging_.data(); }
+  // Enqueues `copies` on the correction stream (behind the loads enqueued so far), after the work
+  // the compute stream has enqueued so far (the last reader of the staged expert before).
+  Status LoadStaged(std::span<const StagedCopy> copies);
+  // Makes the compute stream wait for the last LoadStaged (GPU side).
+  void WaitStaged();
+
  private:
   struct Job {
     int slot = -1;
@@ -141,6 +160,8 @@ class CudaSlotArena final : public SlotArena {
   cudaStream_t correction_ = nullptr;  // owned
   cudaStream_t prefetch_ = nullptr;    // owned
   std::vector<cudaEvent_t> ready_;
+  runtime::Buffer staging_;
+  cudaEvent_t staged_ = nullptr;  // recorded after the last LoadStaged
   std::vector<std::pair<cudaEvent_t, cudaEvent_t>> stall_pending_, stall_pool_;
   CudaCopyStats stats_;
 

@@ -4,21 +4,71 @@
 #include <chrono>
 #include <cmath>
 
+#include "cache/cuda/cuda_slot_arena.h"
+#include "cache/host_share_plan.h"
 #include "runtime/backend/cpu/host_gemv.h"
 #include "runtime/core/logging.h"
+#include "runtime/core/quant_format.h"
 #include "runtime/core/thread_pool.h"
 
 namespace ef::cache {
+namespace {
+
+// Split points are multiples of this many intermediate rows: the quantization group (a down row's
+// columns are cut between groups) and a whole number of 16-byte vectors in every dtype.
+constexpr int64_t kSplitStep = 64;
+
+using StagedCopy = CudaSlotArena::StagedCopy;
+
+// The copies that put rows [0, r) and columns [0, c) of w (host memory) at `dst` in the staging
+// area, laid out as an [r, c] weight of w's dtype.
+void AppendBlockCopies(const runtime::Weight& w, int64_t r, int64_t c, size_t dst, std::vector<StagedCopy>& out) {
+  auto add = [&](size_t to, const std::byte* from, size_t src_pitch, size_t width) {
+    if (src_pitch == width) {
+      out.push_back({to, from, width * r, width * r, width * r, 1});  // contiguous rows: one copy
+    } else {
+      out.push_back({to, from, src_pitch, width, width, static_cast<size_t>(r)});
+    }
+  };
+  const auto* src = static_cast<const std::byte*>(w.data);
+  if (IsQuantized(w.dtype)) {
+    const QuantFormat f = QuantFormat::Of(w.dtype);
+    add(dst, src, static_cast<size_t>(f.row_value_bytes(w.cols)), static_cast<size_t>(f.row_value_bytes(c)));
+    add(dst + static_cast<size_t>(f.params_offset(r, c)), src + f.params_offset(w.rows, w.cols),
+        static_cast<size_t>(f.row_param_bytes(w.cols)), static_cast<size_t>(f.row_param_bytes(c)));
+    return;
+  }
+  const size_t e = DTypeSize(w.dtype);
+  add(dst, src, static_cast<size_t>(w.cols) * e, static_cast<size_t>(c) * e);
+}
+
+// The kernel reads the weights once per block of 4 rows; each row adds its multiply-adds.
+double RowFactor(int64_t r) {
+  return std::ceil(static_cast<double>(r) / 4.0) * (1.0 + 0.15 * static_cast<double>(std::min<int64_t>(r, 4) - 1));
+}
+
+}  // namespace
 
 StatusOr<std::unique_ptr<PinnedHostCompute>> PinnedHostCompute::Create(std::shared_ptr<const PinnedHostTier> tier,
                                                                        SlotLayout layout, const std::string& mode,
                                                                        int max_rows) {
-  if (mode != "auto" && mode != "on")
-    return InvalidArgument("unknown cache.cpu_compute '" + mode + "' (off, auto or on)");
+  if (mode != "auto" && mode != "whole" && mode != "on" && mode != "split")
+    return InvalidArgument("unknown cache.cpu_compute '" + mode + "' (off, auto, whole or on)");
   if (max_rows < 1) return InvalidArgument("cache.cpu_compute: cpu_compute_max_rows must be at least 1");
   if (!tier) return InvalidArgument("cache.cpu_compute needs the pinned host tier");
-  return std::unique_ptr<PinnedHostCompute>(
-      new PinnedHostCompute(std::move(tier), std::move(layout), mode == "on", max_rows));
+  return std::unique_ptr<PinnedHostCompute>(new PinnedHostCompute(std::move(tier), std::move(layout), mode, max_rows));
+}
+
+runtime::ExpertWeights PinnedHostCompute::PartShape(const runtime::ExpertWeights& shape, int64_t split) {
+  runtime::ExpertWeights p = shape;
+  p.gate.rows = split;
+  p.up.rows = split;
+  p.down.cols = split;
+  return p;
+}
+
+double PinnedHostCompute::HostMs(int64_t r, double share) const {
+  return stats_.host_ms_running * RowFactor(r) * share;
 }
 
 Status PinnedHostCompute::Calibrate(SlotArena& arena) {
@@ -40,70 +90,159 @@ Status PinnedHostCompute::Calibrate(SlotArena& arena) {
   std::vector<float> x(static_cast<size_t>(shape.gate.cols), 0.01f), y(static_cast<size_t>(shape.down.rows));
   for (int rep = 0; rep < 3; ++rep) {
     auto t = Clock::now();
-    EF_RETURN_IF_ERROR(Compute(layer, expert, 1, x.data(), y.data()));
+    EF_RETURN_IF_ERROR(Compute(layer, expert, 1, x.data(), y.data(), 0));
     host = std::min(host, ms(t));
+  }
+  // The split: the staging area holds max_fraction_ of an expert's intermediate rows; a partial copy
+  // of that much is timed (its down columns are a pitched copy).
+  const int64_t inter = shape.gate.rows;
+  const int64_t most = static_cast<int64_t>(static_cast<double>(inter) * max_fraction_) / kSplitStep * kSplitStep;
+  auto* cuda = dynamic_cast<CudaSlotArena*>(&arena);
+  std::string split_note = "no split";
+  part_copy_ms_ = 0;
+  if (splits() && cuda && most >= kSplitStep && inter % kSplitStep == 0) {
+    EF_RETURN_IF_ERROR(cuda->ReserveStaging(layout_.Bytes(PartShape(shape, most))));
+    double part = 1e30;
+    for (int rep = 0; rep < 3; ++rep) {
+      auto t = Clock::now();
+      EF_RETURN_IF_ERROR(StartPart(arena, layer, expert, most));
+      cuda->SynchronizeCopies();
+      part = std::min(part, ms(t));
+    }
+    EF_RETURN_IF_ERROR(cuda->status());
+    part_copy_ms_ = part * static_cast<double>(inter) / static_cast<double>(most);
+    char buf[160];
+    std::snprintf(buf, sizeof buf,
+                  "split misses: %.2f ms to copy %lld of %lld intermediate rows (%zu bytes of staging)", part,
+                  static_cast<long long>(most), static_cast<long long>(inter), cuda->staging_bytes());
+    split_note = buf;
+  } else if (splits()) {
+    split_note = "no split (intermediate size " + std::to_string(inter) + " too small to cut at multiples of 64)";
   }
   stats_ = HostComputeStats{};
   stats_.calibrated_copy_ms = copy;
   stats_.calibrated_host_ms = host;
+  stats_.host_ms_running = host;
+  part_started_ = false;
   EF_LOG(INFO, CACHE,
          "cpu compute of missed experts (%s, at most %d rows): one expert takes %.2f ms on the host (%d threads, %s), "
-         "%.2f ms to copy",
-         always_ ? "on" : "auto", max_rows_, host, ThreadPool::Default().num_threads(),
-         runtime::HostGemvVectorized(shape.gate) ? "avx512" : "scalar", copy);
+         "%.2f ms to copy; %s",
+         mode_.c_str(), max_rows_, host, ThreadPool::Default().num_threads(),
+         runtime::HostGemvVectorized(shape.gate) ? "avx512" : "scalar", copy, split_note.c_str());
   return Status::Ok();
 }
 
 void PinnedHostCompute::Take(int layer, std::vector<int32_t>& experts, std::span<const int64_t> rows,
-                             const ExpertStore& store, std::vector<int32_t>& host) {
+                             const ExpertStore& store, runtime::ExpertSource::HostShare& host) {
   if (layer < 0 || layer >= tier_->num_layers()) return;
-  const double copy = stats_.calibrated_copy_ms, base = stats_.calibrated_host_ms;
-  double copy_done = 0, host_done = 0;  // this layer's queues (ms)
-  std::vector<int32_t> keep;
-  keep.reserve(experts.size());
+  std::vector<MissCost> misses;
+  std::vector<int64_t> miss_rows;
   for (size_t i = 0; i < experts.size(); ++i) {
     const int32_t e = experts[i];
+    if (store.IsResident(layer, e)) continue;  // hits are never taken
     const int64_t r = i < rows.size() ? rows[i] : 1;
-    const bool candidate = r > 0 && r <= max_rows_ && !store.IsResident(layer, e) && tier_->data(layer, e) != nullptr;
-    if (!candidate) {
-      keep.push_back(e);
-      continue;
-    }
-    // The host kernel reads the weights once per block of 4 rows; each row adds its multiply-adds.
-    const double h = base * std::ceil(r / 4.0) * (1.0 + 0.15 * static_cast<double>(std::min<int64_t>(r, 4) - 1));
-    if (always_ || host_done + h < copy_done + copy) {
-      host_done += h;
-      host.push_back(e);
+    MissCost m;
+    m.expert = e;
+    m.copy_ms = stats_.calibrated_copy_ms;
+    m.part_copy_ms = part_copy_ms_;
+    m.host_ms = HostMs(std::max<int64_t>(r, 1), 1.0);
+    m.eligible = r > 0 && r <= max_rows_ && tier_->data(layer, e) != nullptr;
+    misses.push_back(m);
+    miss_rows.push_back(r);
+  }
+  if (misses.empty()) return;
+  HostShareOptions o;
+  o.all_on_host = mode_ == "on";
+  o.split = part_copy_ms_ > 0;
+  o.force_fraction = mode_ == "split" && part_copy_ms_ > 0 ? 0.5 : 0;
+  HostSharePlan plan = PlanHostShare(misses, o);
+  host.whole = std::move(plan.host);
+  host.split_expert = -1;
+  host.split = 0;
+  if (plan.split_expert >= 0) {
+    const int64_t inter = layout_.Shape(layer, plan.split_expert).gate.rows;
+    const int64_t most = static_cast<int64_t>(static_cast<double>(inter) * max_fraction_) / kSplitStep * kSplitStep;
+    const int64_t cut = std::llround(plan.split_fraction * static_cast<double>(inter) / kSplitStep) * kSplitStep;
+    if (cut <= 0) {
+      host.whole.push_back(plan.split_expert);  // too little to copy: the host takes it whole
     } else {
-      copy_done += copy;
-      keep.push_back(e);
+      host.split_expert = plan.split_expert;
+      host.split = std::min(cut, most);
     }
   }
-  experts.swap(keep);
+  std::erase_if(experts, [&](int32_t e) {
+    return e == host.split_expert || std::find(host.whole.begin(), host.whole.end(), e) != host.whole.end();
+  });
 }
 
-Status PinnedHostCompute::Compute(int layer, int expert, int64_t rows, const float* x, float* y) {
+Status PinnedHostCompute::Compute(int layer, int expert, int64_t rows, const float* x, float* y, int64_t inter_begin) {
   const std::byte* base = tier_->data(layer, expert);
   if (!base)
     return FailedPrecondition("cpu compute: expert " + std::to_string(expert) + " of layer " + std::to_string(layer) +
                               " has no pinned host copy");
   const runtime::ExpertWeights w = layout_.At(layer, expert, base);
+  const int64_t inter = w.gate.rows;
+  if (inter_begin < 0 || inter_begin >= inter || inter_begin % kSplitStep != 0)
+    return InvalidArgument("cpu compute: intermediate rows from " + std::to_string(inter_begin) + " of " +
+                           std::to_string(inter) + " (a multiple of 64 below it)");
   const auto t = std::chrono::steady_clock::now();
   ThreadPool& pool = ThreadPool::Default();
-  const int64_t inter = w.gate.rows;
-  gate_.resize(static_cast<size_t>(rows * inter));
+  const int64_t n = inter - inter_begin;
+  gate_.resize(static_cast<size_t>(rows * n));
   up_.resize(gate_.size());
-  runtime::HostGemv(pool, x, rows, w.gate, gate_.data());
-  runtime::HostGemv(pool, x, rows, w.up, up_.data());
+  runtime::HostGemv(pool, x, rows, w.gate, gate_.data(), {inter_begin, inter, 0, -1});
+  runtime::HostGemv(pool, x, rows, w.up, up_.data(), {inter_begin, inter, 0, -1});
   for (size_t i = 0; i < gate_.size(); ++i) {
     const float g = gate_[i];
     gate_[i] = g / (1.0f + std::exp(-g)) * up_[i];
   }
-  runtime::HostGemv(pool, gate_.data(), rows, w.down, y);
+  runtime::HostGemv(pool, gate_.data(), rows, w.down, y, {0, -1, inter_begin, inter});
+  const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t).count();
   ++stats_.experts;
   stats_.rows += rows;
-  stats_.ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t).count();
+  stats_.ms += ms;
+  // The running host time per whole expert at one row, for the next plans.
+  const double share = static_cast<double>(n) / static_cast<double>(inter);
+  if (stats_.host_ms_running > 0)
+    stats_.host_ms_running += 0.1 * (ms / (RowFactor(rows) * share) - stats_.host_ms_running);
   return Status::Ok();
+}
+
+Status PinnedHostCompute::StartPart(SlotArena& arena, int layer, int expert, int64_t split) {
+  auto* cuda = dynamic_cast<CudaSlotArena*>(&arena);
+  if (!cuda || cuda->staging_bytes() == 0) return FailedPrecondition("cpu compute: no staging area for split misses");
+  const std::byte* base = tier_->data(layer, expert);
+  if (!base)
+    return FailedPrecondition("cpu compute: expert " + std::to_string(expert) + " of layer " + std::to_string(layer) +
+                              " has no pinned host copy");
+  const runtime::ExpertWeights shape = layout_.Shape(layer, expert);
+  if (split <= 0 || split >= shape.gate.rows || split % kSplitStep != 0)
+    return InvalidArgument("cpu compute: split at " + std::to_string(split) + " of " + std::to_string(shape.gate.rows) +
+                           " intermediate rows");
+  const runtime::ExpertWeights part = PartShape(shape, split);
+  const size_t bytes = layout_.Bytes(part);
+  if (bytes > cuda->staging_bytes())
+    return InvalidArgument("cpu compute: a part of " + std::to_string(bytes) + " bytes exceeds the staging area");
+  const runtime::ExpertWeights src = layout_.At(shape, base);
+  const std::vector<size_t> at = layout_.Offsets(part);
+  std::vector<StagedCopy> copies;
+  AppendBlockCopies(src.gate, split, shape.gate.cols, at[0], copies);
+  AppendBlockCopies(src.up, split, shape.up.cols, at[1], copies);
+  AppendBlockCopies(src.down, shape.down.rows, split, at[2], copies);
+  EF_RETURN_IF_ERROR(cuda->LoadStaged(copies));
+  part_ = layout_.At(part, cuda->staging());
+  part_started_ = true;
+  ++stats_.split_experts;
+  stats_.split_copied += static_cast<double>(split) / static_cast<double>(shape.gate.rows);
+  for (const StagedCopy& c : copies) stats_.staged_bytes += static_cast<int64_t>(c.width * c.height);
+  return Status::Ok();
+}
+
+StatusOr<runtime::ExpertWeights> PinnedHostCompute::AcquirePart(SlotArena& arena) {
+  auto* cuda = dynamic_cast<CudaSlotArena*>(&arena);
+  if (!cuda || !part_started_) return FailedPrecondition("cpu compute: no split expert was started");
+  cuda->WaitStaged();
+  return part_;
 }
 
 }  // namespace ef::cache

@@ -1,9 +1,14 @@
 // PinnedHostCompute: cache.cpu_compute on CUDA - a miss of few rows whose host copy is pinned may be
 // computed on the host CPU from that copy instead of being copied into a device slot
-// (runtime/backend/cpu/host_gemv.h). `auto` gives each miss, in compute order, to whichever path
+// (runtime/backend/cpu/host_gemv.h). `whole` gives each miss, in compute order, to whichever path
 // would finish it first: the copy engine (queue of this layer's misses so far x copy time per
-// expert) or the host (queue x host time for its rows), times calibrated at the cache's creation
-// on this machine; `on` computes every eligible miss on the host.
+// expert) or the host (queue x host time for its rows). `auto` does the same, then splits one
+// expert of the path that ends last between the two (host_share_plan.h): its first intermediate
+// rows are copied into the arena's staging area (half a slot) and computed by the GPU, the rest
+// on the host, so both paths end together. Copy times are calibrated at the cache's creation on
+// this machine (a whole expert, and half of one as a partial copy); the host time is a running
+// mean of the host computations. `on` computes every eligible miss on the host; `split` (tests)
+// splits the first eligible miss of each layer in half and computes the others on the host.
 //
 // Ownership: shares the pinned tier with the device arena. Thread safety: engine thread only.
 #pragma once
@@ -20,28 +25,41 @@ namespace ef::cache {
 
 class PinnedHostCompute final : public HostExpertCompute {
  public:
-  // mode: "auto" or "on"; misses of at most max_rows rows are candidates (the host kernel streams
-  // the weights once per 4 rows). `layout` says where the parts sit in a pinned copy.
+  // mode: "auto", "whole", "on" or "split"; misses of at most max_rows rows are candidates (the
+  // host kernel streams the weights once per 4 rows). `layout` says where the parts sit in a pinned
+  // copy.
   static StatusOr<std::unique_ptr<PinnedHostCompute>> Create(std::shared_ptr<const PinnedHostTier> tier,
                                                              SlotLayout layout, const std::string& mode, int max_rows);
 
-  // Copies the first pinned expert into slot 0 and computes it for one row, best of 3 each.
+  // Copies the first pinned expert into slot 0 (and half of it into the staging area, which it
+  // reserves for auto and split) and computes it for one row, best of 3 each.
   Status Calibrate(SlotArena& arena) override;
   void Take(int layer, std::vector<int32_t>& experts, std::span<const int64_t> rows, const ExpertStore& store,
-            std::vector<int32_t>& host) override;
-  Status Compute(int layer, int expert, int64_t rows, const float* x, float* y) override;
+            runtime::ExpertSource::HostShare& host) override;
+  Status Compute(int layer, int expert, int64_t rows, const float* x, float* y, int64_t inter_begin) override;
+  Status StartPart(SlotArena& arena, int layer, int expert, int64_t split) override;
+  StatusOr<runtime::ExpertWeights> AcquirePart(SlotArena& arena) override;
   const HostComputeStats& stats() const override { return stats_; }
 
  private:
-  PinnedHostCompute(std::shared_ptr<const PinnedHostTier> tier, SlotLayout layout, bool always, int max_rows)
-      : tier_(std::move(tier)), layout_(std::move(layout)), always_(always), max_rows_(max_rows) {}
+  PinnedHostCompute(std::shared_ptr<const PinnedHostTier> tier, SlotLayout layout, std::string mode, int max_rows)
+      : tier_(std::move(tier)), layout_(std::move(layout)), mode_(std::move(mode)), max_rows_(max_rows) {}
+  bool splits() const { return mode_ == "auto" || mode_ == "split"; }
+  // The expert of `shape` cut to intermediate rows [0, split) (gate, up rows; down columns).
+  static runtime::ExpertWeights PartShape(const runtime::ExpertWeights& shape, int64_t split);
+  // Host time of an expert (one row, whole) for r rows and a share of its intermediate rows.
+  double HostMs(int64_t r, double share) const;
 
   std::shared_ptr<const PinnedHostTier> tier_;
   SlotLayout layout_;
-  bool always_;  // "on"
+  std::string mode_;
   int max_rows_;
+  double max_fraction_ = 0.5;  // of an expert's intermediate rows the staging area holds
+  double part_copy_ms_ = 0;    // copy time of a whole expert as partial copies run (calibrated)
   HostComputeStats stats_;
   std::vector<float> gate_, up_;  // Compute's scratch
+  runtime::ExpertWeights part_;   // the staged part (device pointers), after StartPart
+  bool part_started_ = false;
 };
 
 }  // namespace ef::cache

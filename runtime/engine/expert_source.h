@@ -32,12 +32,28 @@ class ExpertSource {
   // (rows[i] for experts[i]); moves into `host` the experts this source computes on the host CPU
   // instead of loading them into the backend. The engine computes those with ComputeOnHost while
   // the backend computes the rest, and never acquires them.
+  struct HostShare {
+    std::vector<int32_t> whole;  // computed whole on the host
+    // At most one expert split between the two: the backend computes its intermediate rows
+    // [0, split) from a partial copy (StartPart, AcquirePart), the host rows [split, inter).
+    int32_t split_expert = -1;
+    int64_t split = 0;
+  };
   virtual void TakeHostExperts(int layer, std::vector<int32_t>& experts, std::span<const int64_t> rows,
-                               std::vector<int32_t>& host) {}
-  // y[rows, hidden] = expert(x[rows, hidden]) (not scaled by the gate), x and y in host memory.
-  virtual Status ComputeOnHost(int layer, int expert, int64_t rows, const float* x, float* y) {
+                               HostShare& host) {}
+  // y[rows, hidden] = the expert's MLP over intermediate rows [inter_begin, inter) of x[rows, hidden]
+  // (not scaled by the gate; inter_begin 0: the whole expert), x and y in host memory.
+  virtual Status ComputeOnHost(int layer, int expert, int64_t rows, const float* x, float* y, int64_t inter_begin = 0) {
     return Unimplemented("this expert source computes no expert on the host");
   }
+  // The split expert of the last TakeHostExperts: StartPart (after OnRouting) starts loading its
+  // first `split` intermediate rows (gate and up rows, down columns) into backend memory;
+  // AcquirePart orders the backend's work after that load and returns them as an expert of
+  // intermediate size `split`, valid until the next StartPart.
+  virtual Status StartPart(int layer, int expert, int64_t split) {
+    return Unimplemented("this expert source splits no expert");
+  }
+  virtual StatusOr<ExpertWeights> AcquirePart() { return Unimplemented("this expert source splits no expert"); }
 };
 
 // Every routed expert uploaded to the backend once (CPU: the checkpoint mapping, no copy).

@@ -4,7 +4,7 @@
 
 namespace ef::runtime {
 namespace {
-enum Slot { kPerm, kScale, kGathered, kExpertOut, kGate, kUp, kZero };
+enum Slot { kPerm, kScale, kGathered, kExpertOut, kGate, kUp, kZero, kHostPart };
 }
 
 StatusOr<float*> LocalMoeExecutor::Scratch(int slot, size_t floats) {
@@ -89,34 +89,59 @@ StatusOr<float*> LocalMoeExecutor::ComputeActive(int layer, std::vector<int32_t>
                                                  const std::vector<int32_t>& offset, const float* src,
                                                  const int32_t* perm_dev, int64_t n) {
   const int H = hidden_;
-  std::vector<int32_t> host;
+  ExpertSource::HostShare host;
   {
     std::vector<int64_t> rows(active.size());
     for (size_t i = 0; i < active.size(); ++i) rows[i] = offset[active[i] + 1] - offset[active[i]];
     source_->TakeHostExperts(layer, active, rows, host);
   }
   source_->OnRouting(layer, active);
+  const int32_t split = host.split_expert;
+  // The split expert's part loads behind this layer's misses (the plan counted it there).
+  if (split >= 0) EF_RETURN_IF_ERROR(source_->StartPart(layer, split, host.split));
   EF_ASSIGN_OR_RETURN(float* xe, Scratch(kGathered, static_cast<size_t>(n) * H));
   EF_ASSIGN_OR_RETURN(float* ye, Scratch(kExpertOut, static_cast<size_t>(n) * H));
   backend_->GatherRows(src, perm_dev, n, H, xe);
-  if (host.empty()) {
+  if (host.whole.empty() && split < 0) {
     EF_RETURN_IF_ERROR(ComputeExperts(layer, active, offset, xe, ye));
     return ye;
   }
-  // The host experts' rows come to the host first (this waits for the gather), the backend's
-  // experts are enqueued next, and the host computes its experts while the backend runs (and its
-  // misses copy); their outputs go back into ye before the scatter.
+  // The host's experts' rows come to the host first (this waits for the gather), the backend's
+  // experts are enqueued next (the split expert's part last: its copy comes last), and the host
+  // computes its share while the backend runs (and its misses copy); the host's outputs go into ye
+  // (the split expert's added to the backend's part) before the scatter.
+  std::vector<int32_t> on_host = host.whole;
+  if (split >= 0) on_host.push_back(split);
   host_x_.resize(static_cast<size_t>(n) * H);
   host_y_.resize(static_cast<size_t>(n) * H);
-  for (int32_t e : host) {
+  for (int32_t e : on_host) {
     const int64_t begin = offset[e], cnt = offset[e + 1] - offset[e];
     backend_->CopyToHost(host_x_.data() + begin * H, xe + begin * H, static_cast<size_t>(cnt * H) * sizeof(float));
   }
   EF_RETURN_IF_ERROR(ComputeExperts(layer, active, offset, xe, ye));
-  for (int32_t e : host) {
+  if (split >= 0) {
+    EF_ASSIGN_OR_RETURN(ExpertWeights part, source_->AcquirePart());
+    const int64_t begin = offset[split];
+    EF_RETURN_IF_ERROR(Mlp(part, offset[split + 1] - begin, xe + begin * H, ye + begin * H));
+  }
+  // Every host computation before the first upload: a copy from pageable memory waits for the
+  // compute stream, which waits for this layer's loads.
+  for (int32_t e : on_host) {
     const int64_t begin = offset[e], cnt = offset[e + 1] - offset[e];
-    EF_RETURN_IF_ERROR(source_->ComputeOnHost(layer, e, cnt, host_x_.data() + begin * H, host_y_.data() + begin * H));
-    backend_->CopyToDevice(ye + begin * H, host_y_.data() + begin * H, static_cast<size_t>(cnt * H) * sizeof(float));
+    EF_RETURN_IF_ERROR(source_->ComputeOnHost(layer, e, cnt, host_x_.data() + begin * H, host_y_.data() + begin * H,
+                                              e == split ? host.split : 0));
+  }
+  for (int32_t e : on_host) {
+    const int64_t begin = offset[e], cnt = offset[e + 1] - offset[e];
+    const size_t bytes = static_cast<size_t>(cnt * H) * sizeof(float);
+    float* hy = host_y_.data() + begin * H;
+    if (e != split) {
+      backend_->CopyToDevice(ye + begin * H, hy, bytes);
+      continue;
+    }
+    EF_ASSIGN_OR_RETURN(float* part_out, Scratch(kHostPart, static_cast<size_t>(cnt) * H));
+    backend_->CopyToDevice(part_out, hy, bytes);
+    backend_->Add(ye + begin * H, part_out, cnt * H);
   }
   return ye;
 }

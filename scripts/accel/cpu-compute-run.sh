@@ -13,7 +13,13 @@ GEN=${2:-32}
 EF_BUILD_TESTS=ON source "$(dirname "$0")/build-full.sh" gpu_tests ef_host_expert_bench || exit 1
 R=$OUT/cpu_compute
 mkdir -p "$R"
-if [[ -z ${SKIP_TESTS:-} ]]; then
+if [[ -n ${TEST_FILTER:-} ]]; then
+  # Only the GPU tests matching TEST_FILTER (a gtest filter).
+  t0=$(date +%s)
+  timeout 300 "$BUILD"/tests/gpu_tests --gtest_filter="$TEST_FILTER" 2>&1 |
+    grep -E "^\[  (PASSED|FAILED) |^\[  FAILED|Failure|Expected|actual|Which is|cpu compute \]" | head -60
+  echo "gpu tests ($TEST_FILTER) in $(($(date +%s) - t0)) s"
+elif [[ -z ${SKIP_TESTS:-} ]]; then
   t0=$(date +%s)
   (cd "$BUILD" && timeout 300 ctest -L gpu --timeout 240 --output-on-failure 2>&1 |
     grep -vE "^ *[0-9]+/[0-9]+ Test.*Passed|^ *Start " | grep -E "Expected|actual|Which is|FAILED|tests passed|Skipped|Failed|error|cpu compute \]" | head -40)
@@ -30,8 +36,8 @@ BIN=$BUILD/expertflow
 $BIN bench --backend cuda --synthetic mixtral-8x7b --synthetic-layers "$LAYERS" --synthetic-dir "$SYN" \
   -n 1 -c 1 --prompt-len 4 --gen-len 2 >"$R/warm.log" 2>&1 || { tail -20 "$R/warm.log"; exit 1; }
 
-printf "%-7s %-5s %-9s %-5s %10s %11s %9s %8s %s\n" budget conc precision cpu "out_tok/s" "moved_MiB" hit_rate stall_ms \
-  "host experts/token" | tee "$R/offload.txt"
+printf "%-7s %-5s %-9s %-5s %10s %9s %9s %11s %9s %8s %s\n" budget conc precision cpu "out_tok/s" itl_ms ttft_ms \
+  "moved_MiB" hit_rate stall_ms "host experts/token (split, copied share)" | tee "$R/offload.txt"
 # budget:concurrency:precision:cpu_compute, run in this order (baselines first in each group).
 CASES=${CASES:-"25:1:native:off 25:1:native:auto 25:1:int8:auto 25:1:int4:off 25:1:int4:auto
   50:1:native:off 50:1:native:auto 50:1:int8:auto 50:1:int4:auto
@@ -49,9 +55,12 @@ for case in $CASES; do
 import json, sys
 j = json.load(open(sys.argv[1]))
 r, c = j["results"], j["cache"]
-per_tok = c.get("cpu_computed_experts", 0) / max(1, r["generated_tokens"])
+n = max(1, r["generated_tokens"])
+per_tok = c.get("cpu_computed_experts", 0) / n
+split = c.get("split_experts", 0) / n
 print(f"{sys.argv[2] + '%':<7} {sys.argv[3]:<5} {sys.argv[4]:<9} {sys.argv[5]:<5} {r['output_tokens_per_s']:10.2f} "
-      f"{r['bytes_moved'] / 2**20:11.1f} {r['hit_rate']:9.3f} {c['stall_ms']:8.1f} {per_tok:.2f}")
+      f"{r['itl_ms_p50']:9.2f} {r['ttft_ms_p50']:9.1f} {r['bytes_moved'] / 2**20:11.1f} {r['hit_rate']:9.3f} "
+      f"{c['stall_ms']:8.1f} {per_tok:.2f} ({split:.2f}, {c.get('split_copied_fraction', 0):.2f})")
 PY
 done
-grep -h "cpu compute of missed experts" "$R"/*.log | sort | uniq -c | head -5
+grep -h "cpu compute of missed experts" "$R"/*.log | sed 's/^.*cpu compute/cpu compute/' | sort | uniq -c | head -8

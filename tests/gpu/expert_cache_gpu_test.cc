@@ -384,9 +384,11 @@ TEST_P(ExpertCacheGpuTest, LowPrecisionLoadsMatchTheCpuCache) {
 }
 
 // cache.cpu_compute: misses of decode steps computed on the host from their pinned copies (on:
-// every one; auto: those the host finishes before the copy engine would). The host kernel
-// computes in fp32 from the checkpoint's weights, so the run stays within the all-resident CUDA
-// engine's distance from the CPU engine (with room); `on` computed experts on the host.
+// every one; whole: those the host finishes before the copy engine would; auto: that, plus one
+// expert split between a partial copy the GPU computes and the host; split: the first miss of each
+// layer split in half, the others on the host). The host kernel computes in fp32 from the
+// checkpoint's weights, so the run stays within the all-resident CUDA engine's distance from the
+// CPU engine (with room), and on the fp32 mixtral fixture within 1e-5 of that engine itself.
 TEST_P(ExpertCacheGpuTest, CpuComputeOfMissesMatchesTheCpuEngine) {
   const auto [want, native] = CpuReference(GetParam());
   const double bound = std::max(1e-2, 3 * native);
@@ -396,7 +398,7 @@ TEST_P(ExpertCacheGpuTest, CpuComputeOfMissesMatchesTheCpuEngine) {
     ASSERT_NE(gpu, nullptr);
     resident = RunModel(*gpu);
   }
-  for (const char* mode : {"on", "auto"}) {
+  for (const char* mode : {"on", "whole", "auto", "split"}) {
     auto engine = MakeCudaEngine(GetParam(), false);
     ASSERT_NE(engine, nullptr);
     ExpertCacheOptions o;
@@ -421,13 +423,63 @@ TEST_P(ExpertCacheGpuTest, CpuComputeOfMissesMatchesTheCpuEngine) {
     const HostComputeStats& h = hc->stats();
     EXPECT_GT(h.calibrated_host_ms, 0) << mode;
     EXPECT_GT(h.calibrated_copy_ms, 0) << mode;
-    if (std::string(mode) == "on") {
+    if (GetParam() == "mixtral") EXPECT_LE(LogitDistance(got, resident), 1e-5) << mode;
+    if (std::string(mode) == "on" || std::string(mode) == "split") {
       EXPECT_GT(h.experts, 0);
       EXPECT_GE(h.rows, h.experts);
     }
+    if (std::string(mode) == "split") {
+      // Every decode layer misses (top-k slots per layer), so layers split their first miss.
+      EXPECT_GT(h.split_experts, 0);
+      EXPECT_NEAR(h.split_copied, 0.5 * static_cast<double>(h.split_experts), 1e-9);
+      EXPECT_GT(h.staged_bytes, 0);
+    }
+    if (std::string(mode) == "on" || std::string(mode) == "whole") EXPECT_EQ(h.split_experts, 0) << mode;
     EXPECT_NE((*cache)->StatsSummary().find("computed on the host"), std::string::npos) << (*cache)->StatsSummary();
     Status bs = engine->backend().status();
     EXPECT_TRUE(bs.ok()) << bs.ToString();
+  }
+}
+
+// cache.cpu_compute split in every load precision: the GPU's part of a split miss (gate and up
+// rows, and down columns as pitched copies of the values and, quantized, of the group parameters)
+// and the host's remainder add up to the whole expert, so the run stays with the same cache
+// computing every miss on the GPU, under that run's routing (a wrong cut is off by O(1)).
+TEST_P(ExpertCacheGpuTest, SplitMissesAddUpToTheWholeExpertInEveryPrecision) {
+  const double bound = std::max(1e-2, 3 * CpuReference(GetParam()).second);
+  for (const char* precision : {"native", "int8", "int4"}) {
+    Output whole;
+    PromptRouting routing;
+    for (const char* mode : {"off", "split"}) {
+      auto engine = MakeCudaEngine(GetParam(), false);
+      ASSERT_NE(engine, nullptr);
+      ExpertCacheOptions o;
+      o.policy = "lru";
+      o.predictor = "none";
+      o.prefetch_layers = 0;
+      o.miss_precision = precision;
+      o.slots_per_layer = engine->config().top_k;
+      o.cpu_compute = mode;
+      auto cache = ExpertCache::Create(engine.get(), o);
+      ASSERT_TRUE(cache.ok()) << precision << " " << mode << ": " << cache.status().ToString();
+      const bool off = std::string(mode) == "off";
+      const int hook = routing.Attach(*engine, off ? PromptRouting::Mode::kRecord : PromptRouting::Mode::kForce);
+      const Output got = RunModel(*engine);
+      engine->RemoveRoutingHook(hook);
+      if (off) {
+        whole = got;
+        continue;
+      }
+      EXPECT_LE(LogitDistance(got, whole), bound) << GetParam() << " " << precision;
+      const HostExpertCompute* hc = (*cache)->source()->host_compute();
+      ASSERT_NE(hc, nullptr);
+      EXPECT_GT(hc->stats().split_experts, 0) << precision;
+      std::printf("[ cpu compute ] %s %s split: %lld split experts, distance from whole GPU loads %.3g\n",
+                  GetParam().c_str(), precision, static_cast<long long>(hc->stats().split_experts),
+                  LogitDistance(got, whole));
+      Status bs = engine->backend().status();
+      EXPECT_TRUE(bs.ok()) << bs.ToString();
+    }
   }
 }
 

@@ -399,7 +399,7 @@ TEST_F(ExpertCacheSetupTest, CpuComputeIsACudaOptionAndAKnownOne) {
   cs.cpu_compute = "sometimes";
   cache = SetUpExpertCache(engine.get(), cs, PredictorSection{"none", ""});
   ASSERT_FALSE(cache.ok());
-  EXPECT_NE(cache.status().message().find("cache.cpu_compute must be off, auto or on, got 'sometimes'"),
+  EXPECT_NE(cache.status().message().find("cache.cpu_compute must be off, auto, whole or on, got 'sometimes'"),
             std::string::npos)
       << cache.status().ToString();
   cs.cpu_compute = "off";

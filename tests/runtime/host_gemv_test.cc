@@ -66,6 +66,47 @@ TEST(HostGemv, MatchesTheCpuBackendForEveryTypeAndRowCount) {
   }
 }
 
+// A block of rows and columns is the whole product restricted to those rows, with x zero outside
+// the block's columns (how a missed expert split between GPU and host uses it).
+TEST(HostGemv, BlocksAreTheWholeProductRestricted) {
+  std::mt19937 rng(11);
+  ThreadPool pool(3);
+  CpuBackend cpu(&pool);
+  struct BlockCase {
+    DType dtype;
+    int64_t rows, cols;
+    GemvBlock block;
+  };
+  const BlockCase cases[] = {
+      {DType::kBF16, 40, 256, {8, 40, 64, 256}}, {DType::kBF16, 40, 256, {0, 13, 0, 128}},
+      {DType::kQ8, 33, 256, {5, 33, 128, 256}},  {DType::kQ4, 65, 384, {0, 65, 192, 384}},
+      {DType::kQ4, 20, 128, {3, 19, 64, -1}},    {DType::kF32, 17, 128, {0, -1, 64, -1}},
+      {DType::kBF16, 9, 100, {2, 7, 10, 90}},    {DType::kF32, 12, 192, {0, 12, 17, 150}},
+      {DType::kQ8, 10, 128, {0, -1, 0, -1}},
+  };
+  for (const BlockCase& c : cases) {
+    std::vector<std::byte> store;
+    const Weight w = MakeWeight(c.dtype, c.rows, c.cols, rng, store);
+    const int64_t r0 = c.block.row_begin, r1 = c.block.row_end < 0 ? c.rows : c.block.row_end;
+    const int64_t c0 = c.block.col_begin, c1 = c.block.col_end < 0 ? c.cols : c.block.col_end;
+    for (int64_t m : {1, 3, 6}) {
+      std::normal_distribution<float> nd(0.f, 1.f);
+      std::vector<float> x(static_cast<size_t>(m * (c1 - c0))), padded(static_cast<size_t>(m * c.cols), 0.f);
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = c0; j < c1; ++j) padded[i * c.cols + j] = x[i * (c1 - c0) + j - c0] = nd(rng);
+      std::vector<float> full(static_cast<size_t>(m * c.rows)), got(static_cast<size_t>(m * (r1 - r0)), -1.f);
+      cpu.Gemm(padded.data(), m, w, nullptr, full.data(), false);
+      HostGemv(pool, x.data(), m, w, got.data(), c.block);
+      const double tol = 1e-5 * static_cast<double>(c.cols);
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = r0; j < r1; ++j)
+          ASSERT_NEAR(got[i * (r1 - r0) + j - r0], full[i * c.rows + j], tol)
+              << DTypeName(c.dtype) << " block rows [" << r0 << "," << r1 << ") cols [" << c0 << "," << c1 << ") m "
+              << m << " row " << i << " col " << j;
+    }
+  }
+}
+
 TEST(HostGemv, NoRowsWritesNothing) {
   ThreadPool pool(2);
   std::vector<float> w(64 * 4, 1.f), y(4, 5.f);

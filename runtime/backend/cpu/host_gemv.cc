@@ -30,41 +30,60 @@ EF_AVX512 inline __m512 Bf16x16(const void* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+#endif
+
+// One call's operands as the kernels read them: the block [row_begin, row_end) x [col_begin,
+// col_end) of w against x[m, k] (k = col_end - col_begin), into y[m, n] (n = row_end - row_begin).
+struct Operands {
+  const float* x;
+  int64_t k;  // columns of the block (x's row length)
+  const Weight* w;
+  int64_t col_begin, row_begin;
+  float* y;
+  int64_t n;  // rows of the block (y's row length)
+};
+
+#ifdef EF_HOST_GEMV_X86
 // Every kernel below computes R weight rows [j, j + R) against M rows of x at once: each 16-value
 // chunk of x is loaded once for the R weight rows (x, up to 4 x 57 KB for Mixtral's down
 // projection, is read from L2 once per R rows rather than once per row), and the R x M
-// accumulators give the fused multiply-adds independent chains.
+// accumulators give the fused multiply-adds independent chains. j counts weight rows from the
+// block's first; a weight row is w.cols values long whatever columns the block takes.
 constexpr int RowsAtOnce(int m) { return m <= 2 ? 4 : 2; }
 
 template <int M, int R>
-EF_AVX512 void RowsFloat(const float* x, int64_t k, const Weight& w, float* y, int64_t n, int64_t j) {
-  const bool bf16 = w.dtype == DType::kBF16;
+EF_AVX512 void RowsFloat(const Operands& o, int64_t j) {
+  const float* x = o.x;
+  const int64_t k = o.k, ld = o.w->cols, first = (o.row_begin + j) * ld + o.col_begin;
+  const bool bf16 = o.w->dtype == DType::kBF16;
   __m512 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < M; ++i) acc[r][i] = _mm512_setzero_ps();
-  const auto* wb = static_cast<const uint16_t*>(w.data) + j * k;
-  const float* wf = static_cast<const float*>(w.data) + j * k;
+  const auto* wb = static_cast<const uint16_t*>(o.w->data) + first;
+  const float* wf = static_cast<const float*>(o.w->data) + first;
   for (int64_t c = 0; c < k; c += 16) {
     __m512 xv[M];
     for (int i = 0; i < M; ++i) xv[i] = _mm512_loadu_ps(x + i * k + c);
     for (int r = 0; r < R; ++r) {
-      const __m512 wv = bf16 ? Bf16x16(wb + r * k + c) : _mm512_loadu_ps(wf + r * k + c);
+      const __m512 wv = bf16 ? Bf16x16(wb + r * ld + c) : _mm512_loadu_ps(wf + r * ld + c);
       for (int i = 0; i < M; ++i) acc[r][i] = _mm512_fmadd_ps(xv[i], wv, acc[r][i]);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int i = 0; i < M; ++i) y[i * n + j + r] = _mm512_reduce_add_ps(acc[r][i]);
+    for (int i = 0; i < M; ++i) o.y[i * o.n + j + r] = _mm512_reduce_add_ps(acc[r][i]);
 }
 
 // Q8G: per group of 64, sum q*x in fp32, then acc += scale * that.
 template <int M, int R>
-EF_AVX512 void RowsQ8(const float* x, int64_t k, const Weight& w, float* y, int64_t n, int64_t j) {
+EF_AVX512 void RowsQ8(const Operands& o, int64_t j) {
   const QuantFormat f = kQ8Format;
-  const int64_t groups = k / f.group;
-  const int8_t* q = static_cast<const int8_t*>(w.data) + j * k;
+  const float* x = o.x;
+  const Weight& w = *o.w;
+  const int64_t k = o.k, ld = w.cols, groups = k / f.group, ldg = ld / f.group, row = o.row_begin + j;
+  const int8_t* q = static_cast<const int8_t*>(w.data) + row * ld + o.col_begin;
   const auto* p =
-      reinterpret_cast<const uint16_t*>(static_cast<const std::byte*>(w.data) + f.params_offset(w.rows, k)) +
-      j * groups;
+      reinterpret_cast<const uint16_t*>(static_cast<const std::byte*>(w.data) + f.params_offset(w.rows, ld)) +
+      row * ldg + o.col_begin / f.group;
   __m512 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < M; ++i) acc[r][i] = _mm512_setzero_ps();
@@ -78,17 +97,17 @@ EF_AVX512 void RowsQ8(const float* x, int64_t k, const Weight& w, float* y, int6
       for (int i = 0; i < M; ++i) xv[i] = _mm512_loadu_ps(x + i * k + c);
       for (int r = 0; r < R; ++r) {
         const __m512 wv =
-            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + r * k + c))));
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + r * ld + c))));
         for (int i = 0; i < M; ++i) d[r][i] = _mm512_fmadd_ps(xv[i], wv, d[r][i]);
       }
     }
     for (int r = 0; r < R; ++r) {
-      const __m512 scale = _mm512_set1_ps(_cvtsh_ss(p[r * groups + g]));
+      const __m512 scale = _mm512_set1_ps(_cvtsh_ss(p[r * ldg + g]));
       for (int i = 0; i < M; ++i) acc[r][i] = _mm512_fmadd_ps(d[r][i], scale, acc[r][i]);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int i = 0; i < M; ++i) y[i * n + j + r] = _mm512_reduce_add_ps(acc[r][i]);
+    for (int i = 0; i < M; ++i) o.y[i * o.n + j + r] = _mm512_reduce_add_ps(acc[r][i]);
 }
 
 // Q4G: a group's 16 possible values q * scale + min (computed as the CPU backend dequantizes:
@@ -97,13 +116,15 @@ EF_AVX512 void RowsQ8(const float* x, int64_t k, const Weight& w, float* y, int6
 // 2i + 1 in the high one, so the low nibbles dot with x's even elements and the high ones with
 // the odd elements: x comes de-interleaved per group (each group's 32 even, then 32 odd elements).
 template <int M, int R>
-EF_AVX512 void RowsQ4(const float* xs, int64_t k, const Weight& w, float* y, int64_t n, int64_t j) {
+EF_AVX512 void RowsQ4(const Operands& o, int64_t j) {
   const QuantFormat f = kQ4Format;
-  const int64_t groups = k / f.group;
-  const uint8_t* q = static_cast<const uint8_t*>(w.data) + j * (k / 2);
+  const float* xs = o.x;
+  const Weight& w = *o.w;
+  const int64_t k = o.k, ld = w.cols, groups = k / f.group, ldg = ld / f.group, row = o.row_begin + j;
+  const uint8_t* q = static_cast<const uint8_t*>(w.data) + row * (ld / 2) + o.col_begin / 2;
   const auto* p =
-      reinterpret_cast<const uint16_t*>(static_cast<const std::byte*>(w.data) + f.params_offset(w.rows, k)) +
-      j * groups * 2;
+      reinterpret_cast<const uint16_t*>(static_cast<const std::byte*>(w.data) + f.params_offset(w.rows, ld)) +
+      (row * ldg + o.col_begin / f.group) * 2;
   const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m512 acc[R][M];
   for (int r = 0; r < R; ++r)
@@ -116,39 +137,39 @@ EF_AVX512 void RowsQ4(const float* xs, int64_t k, const Weight& w, float* y, int
         xo[i] = _mm512_loadu_ps(xs + i * k + g * 64 + 32 + 16 * h);
       }
       for (int r = 0; r < R; ++r) {
-        const uint16_t* pr = p + r * groups * 2;
+        const uint16_t* pr = p + r * ldg * 2;
         const __m512 table = _mm512_add_ps(_mm512_mul_ps(iota, _mm512_set1_ps(_cvtsh_ss(pr[2 * g]))),
                                            _mm512_set1_ps(_cvtsh_ss(pr[2 * g + 1])));
         const __m512i b =
-            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + r * (k / 2) + g * 32 + 16 * h)));
+            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + r * (ld / 2) + g * 32 + 16 * h)));
         const __m512 lo = _mm512_permutexvar_ps(b, table), hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
         for (int i = 0; i < M; ++i) acc[r][i] = _mm512_fmadd_ps(xo[i], hi, _mm512_fmadd_ps(xe[i], lo, acc[r][i]));
       }
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int i = 0; i < M; ++i) y[i * n + j + r] = _mm512_reduce_add_ps(acc[r][i]);
+    for (int i = 0; i < M; ++i) o.y[i * o.n + j + r] = _mm512_reduce_add_ps(acc[r][i]);
 }
 
 template <int M, int R>
-void RowBlock(const float* x, int64_t k, const Weight& w, float* y, int64_t n, int64_t j) {
-  switch (w.dtype) {
+void RowBlock(const Operands& o, int64_t j) {
+  switch (o.w->dtype) {
     case DType::kQ8:
-      return RowsQ8<M, R>(x, k, w, y, n, j);
+      return RowsQ8<M, R>(o, j);
     case DType::kQ4:
-      return RowsQ4<M, R>(x, k, w, y, n, j);
+      return RowsQ4<M, R>(o, j);
     default:
-      return RowsFloat<M, R>(x, k, w, y, n, j);
+      return RowsFloat<M, R>(o, j);
   }
 }
 
-// Weight rows [begin, end): blocks of RowsAtOnce(M), then one at a time.
+// Block rows [begin, end): blocks of RowsAtOnce(M), then one at a time.
 template <int M>
-void RowsVector(const float* x, int64_t k, const Weight& w, float* y, int64_t n, int64_t begin, int64_t end) {
+void RowsVector(const Operands& o, int64_t begin, int64_t end) {
   constexpr int R = RowsAtOnce(M);
   int64_t j = begin;
-  for (; j + R <= end; j += R) RowBlock<M, R>(x, k, w, y, n, j);
-  for (; j < end; ++j) RowBlock<M, 1>(x, k, w, y, n, j);
+  for (; j + R <= end; j += R) RowBlock<M, R>(o, j);
+  for (; j < end; ++j) RowBlock<M, 1>(o, j);
 }
 
 bool HaveAvx512() {
@@ -158,6 +179,28 @@ bool HaveAvx512() {
   return have;
 }
 #endif
+
+// Row j of w as fp32 (the dtypes the CPU backend multiplies).
+void WidenRow(const Weight& w, int64_t j, float* dst) {
+  const int64_t k = w.cols;
+  switch (w.dtype) {
+    case DType::kQ8:
+    case DType::kQ4:
+      return DequantizeRow(w.dtype, w.data, w.rows, k, j, dst);
+    case DType::kBF16: {
+      const auto* p = static_cast<const uint16_t*>(w.data) + j * k;
+      for (int64_t c = 0; c < k; ++c) dst[c] = Bf16ToF32(p[c]);
+      return;
+    }
+    case DType::kF16: {
+      const auto* p = static_cast<const uint16_t*>(w.data) + j * k;
+      for (int64_t c = 0; c < k; ++c) dst[c] = F16ToF32(p[c]);
+      return;
+    }
+    default:
+      std::memcpy(dst, static_cast<const float*>(w.data) + j * k, static_cast<size_t>(k) * sizeof(float));
+  }
+}
 
 }  // namespace
 
@@ -172,11 +215,33 @@ bool HostGemvVectorized(const Weight& w) {
 #endif
 }
 
-void HostGemv(ThreadPool& pool, const float* x, int64_t m, const Weight& w, float* y) {
-  const int64_t n = w.rows, k = w.cols;
-  if (m <= 0 || n <= 0) return;
-  if (!HostGemvVectorized(w)) {
-    CpuBackend(&pool).Gemm(x, m, w, nullptr, y, /*accumulate=*/false);  // the exact path
+void HostGemv(ThreadPool& pool, const float* x, int64_t m, const Weight& w, float* y, GemvBlock block) {
+  const int64_t row_end = block.row_end < 0 ? w.rows : block.row_end;
+  const int64_t col_end = block.col_end < 0 ? w.cols : block.col_end;
+  const int64_t n = row_end - block.row_begin, k = col_end - block.col_begin;
+  if (m <= 0 || n <= 0 || k <= 0) return;
+  const bool whole = n == w.rows && k == w.cols;
+  const bool aligned = block.col_begin % 64 == 0 && k % 64 == 0;
+  if (!HostGemvVectorized(w) || !aligned) {
+    if (whole) {
+      CpuBackend(&pool).Gemm(x, m, w, nullptr, y, /*accumulate=*/false);  // the exact path
+      return;
+    }
+    // A block off the vector path: each weight row widened to fp32, then the block's columns.
+    pool.ParallelFor(
+        n,
+        [&](int64_t begin, int64_t end) {
+          std::vector<float> row(static_cast<size_t>(w.cols));
+          for (int64_t j = begin; j < end; ++j) {
+            WidenRow(w, block.row_begin + j, row.data());
+            for (int64_t i = 0; i < m; ++i) {
+              float acc = 0.f;
+              for (int64_t c = 0; c < k; ++c) acc += x[i * k + c] * row[block.col_begin + c];
+              y[i * n + j] = acc;
+            }
+          }
+        },
+        /*min_chunk=*/16);
     return;
   }
 #ifdef EF_HOST_GEMV_X86
@@ -194,20 +259,19 @@ void HostGemv(ThreadPool& pool, const float* x, int64_t m, const Weight& w, floa
   }
   for (int64_t r0 = 0; r0 < m; r0 += kHostGemvMaxRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kHostGemvMaxRows, m - r0));
-    const float* xb = x + r0 * k;
-    float* yb = y + r0 * n;
+    const Operands o{x + r0 * k, k, &w, block.col_begin, block.row_begin, y + r0 * n, n};
     pool.ParallelFor(
         n,
         [&](int64_t begin, int64_t end) {
           switch (rows) {
             case 1:
-              return RowsVector<1>(xb, k, w, yb, n, begin, end);
+              return RowsVector<1>(o, begin, end);
             case 2:
-              return RowsVector<2>(xb, k, w, yb, n, begin, end);
+              return RowsVector<2>(o, begin, end);
             case 3:
-              return RowsVector<3>(xb, k, w, yb, n, begin, end);
+              return RowsVector<3>(o, begin, end);
             default:
-              return RowsVector<4>(xb, k, w, yb, n, begin, end);
+              return RowsVector<4>(o, begin, end);
           }
         },
         /*min_chunk=*/64);

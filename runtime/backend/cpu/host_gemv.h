@@ -23,8 +23,19 @@ namespace ef::runtime {
 // Rows per call the kernel keeps in registers; larger m is processed in blocks of this many.
 inline constexpr int kHostGemvMaxRows = 4;
 
-// y[m, w.rows] = x[m, w.cols] W^T (overwritten), split over `pool` by output columns.
-void HostGemv(ThreadPool& pool, const float* x, int64_t m, const Weight& w, float* y);
+// The part of a weight one call multiplies: rows [row_begin, row_end), columns [col_begin,
+// col_end) (an end < 0: the weight's last). A missed expert split between the GPU and the host
+// (cache.cpu_compute auto) takes the last rows of gate and up and the last columns of down here.
+struct GemvBlock {
+  int64_t row_begin = 0, row_end = -1;
+  int64_t col_begin = 0, col_end = -1;
+};
+
+// y[m, n] = x[m, k] W[block]^T (overwritten; n and k the block's rows and columns), split over
+// `pool` by output columns. A quantized weight's columns must be cut at multiples of its group
+// (64); the vector path takes blocks whose columns start and end at multiples of 64, others go
+// through fp32-widened rows.
+void HostGemv(ThreadPool& pool, const float* x, int64_t m, const Weight& w, float* y, GemvBlock block = {});
 
 // True when HostGemv takes its vector path for w on this CPU.
 bool HostGemvVectorized(const Weight& w);

@@ -1,0 +1,68 @@
+#include "cache/host_share_plan.h"
+
+#include <algorithm>
+
+namespace ef::cache {
+
+HostSharePlan PlanHostShare(std::span<const MissCost> misses, const HostShareOptions& options) {
+  HostSharePlan p;
+  if (options.force_fraction > 0) {
+    for (const MissCost& m : misses) {
+      if (!m.eligible) {
+        p.copy_done_ms += m.copy_ms;
+        p.copy.push_back(m.expert);
+      } else if (p.split_expert < 0) {
+        p.split_expert = m.expert;
+        p.split_fraction = options.force_fraction;
+        p.copy_done_ms += (m.part_copy_ms > 0 ? m.part_copy_ms : m.copy_ms) * options.force_fraction;
+        p.host_done_ms += m.host_ms * (1 - options.force_fraction);
+      } else {
+        p.host_done_ms += m.host_ms;
+        p.host.push_back(m.expert);
+      }
+    }
+    return p;
+  }
+  for (const MissCost& m : misses) {
+    if (m.eligible && (options.all_on_host || p.host_done_ms + m.host_ms < p.copy_done_ms + m.copy_ms)) {
+      p.host_done_ms += m.host_ms;
+      p.host.push_back(m.expert);
+    } else {
+      p.copy_done_ms += m.copy_ms;
+      p.copy.push_back(m.expert);
+    }
+  }
+  if (!options.split || options.all_on_host || options.max_fraction <= 0) return p;
+  // The candidate: the last eligible expert of the path that ends last.
+  const bool from_copy = p.copy_done_ms >= p.host_done_ms;
+  std::vector<int32_t>& path = from_copy ? p.copy : p.host;
+  const MissCost* cand = nullptr;
+  size_t at = 0;
+  for (size_t i = path.size(); i-- > 0 && !cand;) {
+    for (const MissCost& m : misses)
+      if (m.expert == path[i] && m.eligible) {
+        cand = &m;
+        at = i;
+        break;
+      }
+  }
+  if (!cand) return p;
+  const double copy_rest = p.copy_done_ms - (from_copy ? cand->copy_ms : 0);
+  const double host_rest = p.host_done_ms - (from_copy ? 0 : cand->host_ms);
+  // copy_rest + f c = host_rest + (1 - f) h, with c the copy time at the partial copies' rate.
+  const double c = cand->part_copy_ms > 0 ? cand->part_copy_ms : cand->copy_ms;
+  double f = (host_rest + cand->host_ms - copy_rest) / (c + cand->host_ms);
+  f = std::min(f, options.max_fraction);
+  if (f <= 0) return p;
+  const double copy_end = copy_rest + f * c, host_end = host_rest + (1 - f) * cand->host_ms;
+  const double before = std::max(p.copy_done_ms, p.host_done_ms), after = std::max(copy_end, host_end);
+  if (after > before * (1 - options.min_gain)) return p;
+  path.erase(path.begin() + static_cast<std::ptrdiff_t>(at));
+  p.split_expert = cand->expert;
+  p.split_fraction = f;
+  p.copy_done_ms = copy_end;
+  p.host_done_ms = host_end;
+  return p;
+}
+
+}  // namespace ef::cache

@@ -1,0 +1,129 @@
+// PlanHostShare: how a layer's misses are shared between the copy engine and the host CPU
+// (cache.cpu_compute), with the copy and host times of a bf16 Mixtral expert on the H200 host
+// (6.3 and 3.3 ms at one row) and made-up ones.
+#include "cache/host_share_plan.h"
+
+#include <gtest/gtest.h>
+
+#include <vector>
+
+namespace ef::cache {
+namespace {
+
+constexpr double kCopy = 6.3, kHost = 3.3;
+
+MissCost Miss(int32_t e, double copy = kCopy, double host = kHost, bool eligible = true) {
+  MissCost m;
+  m.expert = e;
+  m.copy_ms = copy;
+  m.host_ms = host;
+  m.eligible = eligible;
+  return m;
+}
+
+TEST(HostSharePlan, OneMissIsSplitSoBothPathsEndTogether) {
+  const std::vector<MissCost> m = {Miss(5)};
+  const HostSharePlan p = PlanHostShare(m, {});
+  EXPECT_TRUE(p.copy.empty());
+  EXPECT_TRUE(p.host.empty());
+  EXPECT_EQ(p.split_expert, 5);
+  EXPECT_NEAR(p.split_fraction, kHost / (kCopy + kHost), 1e-12);
+  EXPECT_NEAR(p.copy_done_ms, kCopy * kHost / (kCopy + kHost), 1e-9);
+  EXPECT_NEAR(p.host_done_ms, p.copy_done_ms, 1e-9);
+}
+
+TEST(HostSharePlan, WithoutSplittingAMissGoesWholeToTheFasterPath) {
+  HostShareOptions o;
+  o.split = false;
+  const std::vector<MissCost> m = {Miss(5), Miss(2)};
+  const HostSharePlan p = PlanHostShare(m, o);
+  EXPECT_EQ(p.host, std::vector<int32_t>({5}));  // 3.3 < 6.3
+  EXPECT_EQ(p.copy, std::vector<int32_t>({2}));  // 6.3 < 3.3 + 3.3
+  EXPECT_EQ(p.split_expert, -1);
+  EXPECT_DOUBLE_EQ(p.copy_done_ms, kCopy);
+  EXPECT_DOUBLE_EQ(p.host_done_ms, kHost);
+}
+
+TEST(HostSharePlan, TheLaterPathGivesUpItsLastExpertUpToTheStagingShare) {
+  const std::vector<MissCost> m = {Miss(5), Miss(2)};
+  HostShareOptions o;  // max_fraction 0.5: the balance point 0.6875 is past it
+  HostSharePlan p = PlanHostShare(m, o);
+  EXPECT_EQ(p.host, std::vector<int32_t>({5}));
+  EXPECT_TRUE(p.copy.empty());
+  EXPECT_EQ(p.split_expert, 2);
+  EXPECT_DOUBLE_EQ(p.split_fraction, 0.5);
+  EXPECT_NEAR(p.copy_done_ms, 0.5 * kCopy, 1e-9);
+  EXPECT_NEAR(p.host_done_ms, kHost + 0.5 * kHost, 1e-9);
+  o.max_fraction = 0.9;
+  p = PlanHostShare(m, o);
+  EXPECT_NEAR(p.split_fraction, 2 * kHost / (kCopy + kHost), 1e-12);
+  EXPECT_NEAR(p.copy_done_ms, p.host_done_ms, 1e-9);
+  EXPECT_LT(p.copy_done_ms, kCopy);
+}
+
+TEST(HostSharePlan, IneligibleMissesAreCopiedAndNeverSplit) {
+  const std::vector<MissCost> m = {Miss(1, kCopy, kHost, false), Miss(3, kCopy, kHost, false)};
+  const HostSharePlan p = PlanHostShare(m, {});
+  EXPECT_EQ(p.copy, std::vector<int32_t>({1, 3}));
+  EXPECT_TRUE(p.host.empty());
+  EXPECT_EQ(p.split_expert, -1);
+  EXPECT_DOUBLE_EQ(p.copy_done_ms, 2 * kCopy);
+}
+
+TEST(HostSharePlan, AnIneligibleLastCopyLeavesTheEligibleOneToSplit) {
+  // Host 10 ms (many rows): both go to the copy engine; the eligible one is split off it.
+  const std::vector<MissCost> m = {Miss(4, kCopy, 10.0), Miss(6, kCopy, 10.0, false)};
+  const HostSharePlan p = PlanHostShare(m, {});
+  EXPECT_EQ(p.copy, std::vector<int32_t>({6}));
+  EXPECT_EQ(p.split_expert, 4);
+  EXPECT_NEAR(p.copy_done_ms, kCopy + p.split_fraction * kCopy, 1e-9);
+  EXPECT_NEAR(p.host_done_ms, (1 - p.split_fraction) * 10.0, 1e-9);
+  EXPECT_NEAR(p.copy_done_ms, p.host_done_ms, 1e-9);
+}
+
+TEST(HostSharePlan, NoSplitWhenItGainsTooLittle) {
+  // A host 50x faster than the copy: the split would copy 2% of the expert for a 2% gain.
+  HostShareOptions o;
+  o.min_gain = 0.05;
+  const std::vector<MissCost> m = {Miss(0, 6.3, 0.126)};
+  const HostSharePlan p = PlanHostShare(m, o);
+  EXPECT_EQ(p.split_expert, -1);
+  EXPECT_EQ(p.host, std::vector<int32_t>({0}));
+}
+
+TEST(HostSharePlan, AllOnHostAndForcedSplitIgnoreTheTimes) {
+  const std::vector<MissCost> m = {Miss(0, 1, 100), Miss(1, 1, 100, false), Miss(2, 1, 100), Miss(3, 1, 100)};
+  HostShareOptions on;
+  on.all_on_host = true;
+  HostSharePlan p = PlanHostShare(m, on);
+  EXPECT_EQ(p.host, std::vector<int32_t>({0, 2, 3}));
+  EXPECT_EQ(p.copy, std::vector<int32_t>({1}));
+  EXPECT_EQ(p.split_expert, -1);
+  HostShareOptions split;
+  split.force_fraction = 0.5;
+  p = PlanHostShare(m, split);
+  EXPECT_EQ(p.split_expert, 0);
+  EXPECT_DOUBLE_EQ(p.split_fraction, 0.5);
+  EXPECT_EQ(p.host, std::vector<int32_t>({2, 3}));
+  EXPECT_EQ(p.copy, std::vector<int32_t>({1}));
+}
+
+TEST(HostSharePlan, ASlowerPartialCopyMovesTheBalanceTowardsTheHost) {
+  std::vector<MissCost> m = {Miss(5)};
+  m[0].part_copy_ms = 2 * kCopy;  // pitched copies at half the rate
+  const HostSharePlan p = PlanHostShare(m, {});
+  EXPECT_EQ(p.split_expert, 5);
+  EXPECT_NEAR(p.split_fraction, kHost / (2 * kCopy + kHost), 1e-12);
+  EXPECT_NEAR(p.copy_done_ms, p.split_fraction * 2 * kCopy, 1e-9);
+  EXPECT_NEAR(p.host_done_ms, p.copy_done_ms, 1e-9);
+}
+
+TEST(HostSharePlan, NoMissesNoWork) {
+  const HostSharePlan p = PlanHostShare({}, {});
+  EXPECT_TRUE(p.copy.empty() && p.host.empty());
+  EXPECT_EQ(p.split_expert, -1);
+  EXPECT_EQ(p.copy_done_ms, 0);
+}
+
+}  // namespace
+}  // namespace ef::cache
