@@ -107,6 +107,7 @@ class CachedExpertSource final : public runtime::ExpertSource {
   const SlotLayout& layout() const { return layout_; }
   // Null unless created with one (cache.cpu_compute).
   const HostExpertCompute* host_compute() const { return host_compute_.get(); }
+  HostExpertCompute* host_compute() { return host_compute_.get(); }
 
  private:
   explicit CachedExpertSource(SlotLayout layout) : layout_(std::move(layout)) {}

@@ -441,6 +441,14 @@ nlohmann::json ExpertCache::StatsJson() const {
   return j;
 }
 
+void ExpertCache::ResetStats() {
+  if (!store_) return;
+  store_->ResetCounters();
+  if (tiers_) tiers_->ResetCounters();
+  if (HostExpertCompute* hc = source_->host_compute()) hc->ResetStats();
+  if (prefetcher_) prefetcher_->ResetStats();
+}
+
 void ExpertCache::SetUpcoming(int layer, std::vector<int32_t> experts) {
   // Under expert parallelism this rank loads only the experts it computes.
   if (tiers_ && tiers_->hooks().computes)

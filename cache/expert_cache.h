@@ -119,6 +119,9 @@ class ExpertCache {
   TierCounters tier_counters() const;
   // This rank's counters as JSON: accesses, hits, misses, prefetches, loads and bytes per tier.
   nlohmann::json StatsJson() const;
+  // Zeroes every counter above (store, tiers, host compute, forecast recall) after a warm-up; what
+  // the slots hold stays, as after any earlier request.
+  void ResetStats();
   // Prefetch accuracy of the predictor (0 / 0 without one).
   const PredictorPrefetcher* prefetcher() const { return prefetcher_.get(); }
 

@@ -299,6 +299,12 @@ ExpertStoreStats ExpertStore::stats() const {
   return s;
 }
 
+void ExpertStore::ResetCounters() {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (ExpertCounters& c : counters_) c = ExpertCounters{};
+  std::fill(prefetched_unused_.begin(), prefetched_unused_.end(), 0);
+}
+
 void ExpertStore::SetForecast(const placement::RoutingForecast& forecast) {
   std::lock_guard<std::mutex> lock(mu_);
   cache_->policy().SetForecast(forecast);

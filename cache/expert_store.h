@@ -156,6 +156,8 @@ class ExpertStore {
 
   bool IsResident(int layer, int expert) const;  // resident and loaded
   ExpertStoreStats stats() const;
+  // Zeroes the counters (after a warm-up); residency and the policy's state stay.
+  void ResetCounters();
   int num_slots() const { return num_slots_; }
   size_t slot_bytes() const { return options_.slot_bytes; }
 

@@ -211,6 +211,13 @@ void ExpertTiers::Count(Tier t, size_t bytes) {
   bytes_[static_cast<int>(t)].fetch_add(static_cast<int64_t>(bytes), std::memory_order_relaxed);
 }
 
+void ExpertTiers::ResetCounters() {
+  for (auto& a : loads_) a.store(0, std::memory_order_relaxed);
+  for (auto& a : bytes_) a.store(0, std::memory_order_relaxed);
+  for (auto& a : prec_loads_) a.store(0, std::memory_order_relaxed);
+  for (auto& a : prec_bytes_) a.store(0, std::memory_order_relaxed);
+}
+
 TierCounters ExpertTiers::counters() const {
   TierCounters c;
   for (int t = 0; t < kNumTiers; ++t) {

@@ -138,6 +138,8 @@ class ExpertTiers {
   bool Computes(int layer, int expert) const { return !hooks_.computes || hooks_.computes(layer, expert); }
   const TierHooks& hooks() const { return hooks_; }
   TierCounters counters() const;
+  // Zeroes the load counters (by tier and by precision) after a warm-up.
+  void ResetCounters();
 
  private:
   void Count(Tier t, size_t bytes);

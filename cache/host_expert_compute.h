@@ -49,6 +49,8 @@ class HostExpertCompute {
   virtual Status StartPart(SlotArena& arena, int layer, int expert, int64_t split) = 0;
   virtual StatusOr<runtime::ExpertWeights> AcquirePart(SlotArena& arena) = 0;
   virtual const HostComputeStats& stats() const = 0;
+  // Zeroes the counters; the calibration and the running host time stay.
+  virtual void ResetStats() = 0;
 };
 
 }  // namespace ef::cache

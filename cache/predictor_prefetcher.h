@@ -82,6 +82,7 @@ class PredictorPrefetcher {
 
   int64_t forecast_hits() const { return forecast_hits_; }
   int64_t forecast_chosen() const { return forecast_chosen_; }
+  void ResetStats() { forecast_hits_ = forecast_chosen_ = 0; }
   double forecast_recall() const {
     return forecast_chosen_ ? static_cast<double>(forecast_hits_) / forecast_chosen_ : 0.0;
   }

@@ -90,8 +90,9 @@ struct BenchOptions {
   std::string synthetic_dir;  // empty: DefaultSyntheticRoot()
   // Routing and expert cache.
   std::string routing_trace;
-  bool oracle_prefetch = false;  // the trace's future routing as the cache's forecast
-  int regroup_window = 0;        // admission regrouping over this many batches (0: FIFO)
+  bool oracle_prefetch = false;                           // the trace's future routing as the cache's forecast
+  int warmup_tokens = DeploymentOptions{}.warmup_tokens;  // Deployment's warm-up (0: none)
+  int regroup_window = 0;                                 // admission regrouping over this many batches (0: FIFO)
   int max_wait_steps = 16;
 };
 
@@ -358,6 +359,7 @@ Status Deploy(const BenchRun& b, BenchParts* p) {
     };
   }
   d.announce = false;  // the header names the cache
+  d.warmup_tokens = o.warmup_tokens;
   EF_ASSIGN_OR_RETURN(p->deployment, Deployment::Create(b.ctx, d));
   p->engine = &p->deployment->engine();
   p->cluster = p->deployment->cluster();
@@ -939,6 +941,11 @@ Command AddBenchCommand(CLI::App& root) {
   c.app->add_option("--gen-len", o->gen_len, "generated tokens per request")->capture_default_str();
   c.app->add_option("--max-batch", o->max_batch, "sequences in the running batch")->capture_default_str();
   c.app->add_option("--seed", o->seed, "seed of the synthetic prompts")->capture_default_str();
+  c.app
+      ->add_option("--warmup-tokens", o->warmup_tokens,
+                   "cuda, one rank: prompt tokens of the warm-up step before the workload (through the expert cache: "
+                   "at most 128, its counters zeroed after); 0: none")
+      ->capture_default_str();
   c.app->add_option("--json,-J", o->json_path, "also write the record as JSON to this file");
   c.app->add_option("--synthetic", o->synthetic, "random weights of a real model's shape instead of --model")
       ->check(CLI::IsMember(SyntheticShapeNames()));

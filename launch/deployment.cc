@@ -58,6 +58,15 @@ StatusOr<std::unique_ptr<Deployment>> Deployment::Create(comm::MpiContext* ctx, 
   if (want_cache) {
     EF_RETURN_IF_ERROR(d->BuildCache(o));
     EF_RETURN_IF_ERROR(long_barrier("every rank's expert cache set-up"));
+    // The cache's first steps load kernels, plan GEMMs, start the host's threads: done here, not in
+    // the first request. What the slots hold afterwards stays, as after any earlier request.
+    if (o.warmup_tokens > 0 && !clustered && d->engine_->backend().kind() == runtime::BackendKind::kCuda &&
+        d->cache_->active()) {
+      EF_ASSIGN_OR_RETURN(const double s,
+                          d->engine_->WarmUp(std::min(o.warmup_tokens, DeploymentOptions::kCacheWarmupTokens)));
+      d->cache_->ResetStats();
+      EF_LOG(INFO, SERVE, "engine and expert cache warmed up in %.0f ms", s * 1e3);
+    }
   }
   return d;
 }

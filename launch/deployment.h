@@ -81,9 +81,11 @@ struct DeploymentOptions {
   // A routing trace the cache may fit its forecast on (not owned; must outlive the deployment).
   const placement::RoutingTrace* trace = nullptr;
   bool announce = true;  // rank 0 prints the effective cache on stderr
-  // On the CUDA backend with every expert resident and one rank: Engine::WarmUp with this many
-  // prompt tokens before anything else sees the engine (0: none).
+  // On the CUDA backend and one rank: Engine::WarmUp with this many prompt tokens before anything
+  // else sees the engine (0: none); with an expert cache, once the cache exists, through it, with at
+  // most kCacheWarmupTokens, and its counters zeroed after.
   int warmup_tokens = 2048;
+  static constexpr int kCacheWarmupTokens = 128;
 };
 
 // The options of a command's flags and config file (model, cluster, cache and predictor

@@ -208,6 +208,14 @@ Status PinnedHostCompute::Compute(int layer, int expert, int64_t rows, const flo
   return Status::Ok();
 }
 
+void PinnedHostCompute::ResetStats() {
+  HostComputeStats s;
+  s.calibrated_copy_ms = stats_.calibrated_copy_ms;
+  s.calibrated_host_ms = stats_.calibrated_host_ms;
+  s.host_ms_running = stats_.host_ms_running;
+  stats_ = s;
+}
+
 Status PinnedHostCompute::StartPart(SlotArena& arena, int layer, int expert, int64_t split) {
   auto* cuda = dynamic_cast<CudaSlotArena*>(&arena);
   if (!cuda || cuda->staging_bytes() == 0) return FailedPrecondition("cpu compute: no staging area for split misses");

@@ -40,6 +40,7 @@ class PinnedHostCompute final : public HostExpertCompute {
   Status StartPart(SlotArena& arena, int layer, int expert, int64_t split) override;
   StatusOr<runtime::ExpertWeights> AcquirePart(SlotArena& arena) override;
   const HostComputeStats& stats() const override { return stats_; }
+  void ResetStats() override;
 
  private:
   PinnedHostCompute(std::shared_ptr<const PinnedHostTier> tier, SlotLayout layout, std::string mode, int max_rows)

@@ -238,12 +238,16 @@ StatusOr<double> Engine::WarmUp(int tokens) {
   std::vector<int32_t> prompt(static_cast<size_t>(n));
   const int vocab = config().vocab_size;
   for (int i = 0; i < n; ++i) prompt[i] = static_cast<int32_t>((int64_t{i} * 7919 + 13) % vocab);
+  auto hooks = std::exchange(hooks_, {});
+  auto observers = std::exchange(observers_, {});
   ForwardResult r;
   Status s = Forward(std::vector<SeqChunk>{SeqChunk{seq, prompt, false}}, &r);
   if (s.ok() && n + 1 <= max_seq_len_) {
     const int32_t next = prompt.back();
     s = Forward(std::vector<SeqChunk>{SeqChunk{seq, std::span<const int32_t>(&next, 1), false}}, &r);
   }
+  hooks_ = std::move(hooks);
+  observers_ = std::move(observers);
   RemoveSequence(seq);
   EF_RETURN_IF_ERROR(s);
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -138,8 +138,9 @@ class Engine {
   // One prefill of `tokens` tokens (at most the context less one) and one decode step on a
   // sequence of its own, then removed: loads the backend's kernels, plans its GEMMs and grows its
   // scratch before the first request pays for them (on the H200 the first 2k-token prefill of a
-  // Mixtral shape took ~100 ms more than the next). Call it before any routing hook or observer
-  // is added: they would see its routing. Returns the time it took.
+  // Mixtral shape took ~100 ms more than the next). Routing hooks and observers do not see it
+  // (a trace override or a predictor would take its tokens for a request's); an expert source
+  // (cache) does. Returns the time it took.
   StatusOr<double> WarmUp(int tokens);
   bool HasSequence(int64_t seq) const { return seqs_.count(seq) != 0; }
   int SequenceLength(int64_t seq) const;

@@ -222,6 +222,34 @@ TEST_F(ExpertCacheSetupTest, LookaheadForecastsBetterThanPopularityAlone) {
   EXPECT_GT(recall["lookahead"], 0.5);
 }
 
+TEST_F(ExpertCacheSetupTest, ResetStatsZeroesTheCountersAndKeepsTheSlots) {
+  // What a deployment does after its warm-up: the counters start from zero, the slots keep what
+  // they hold (the next run hits where a fresh cache would miss), and the outputs are unchanged.
+  auto engine = MakeEngine(false);
+  CacheSection cs;
+  cs.device_slots_per_layer = 4;
+  cs.policy = "lru";
+  cs.prefetch_layers = 1;
+  auto cache = SetUpExpertCache(engine.get(), cs, PredictorSection{"lookahead", ""});
+  ASSERT_TRUE(cache.ok()) << cache.status().ToString();
+  const Output first = RunModel(*engine);
+  ASSERT_GT((*cache)->stats().total.misses, 0);
+  ASSERT_GT((*cache)->prefetcher()->forecast_chosen(), 0);
+  (*cache)->ResetStats();
+  const cache::ExpertStoreStats zero = (*cache)->stats();
+  EXPECT_EQ(zero.total.hits + zero.total.misses, 0);
+  EXPECT_EQ(zero.total.bytes_from_host, 0);
+  EXPECT_EQ(zero.total.prefetch_issued, 0);
+  EXPECT_EQ((*cache)->prefetcher()->forecast_chosen(), 0);
+  EXPECT_EQ((*cache)->StatsJson()["bytes_loaded"], 0);
+  const Output second = RunModel(*engine);
+  EXPECT_EQ(second.logits, first.logits);
+  EXPECT_EQ(second.tokens, first.tokens);
+  const cache::ExpertStoreStats st = (*cache)->stats();
+  EXPECT_EQ(st.total.hits + st.total.misses, second.expert_accesses);
+  EXPECT_GT(st.total.hits, 0);
+}
+
 TEST_F(ExpertCacheSetupTest, PrefetchMinProbGatesPrefetchesNotOutputs) {
   // The same lookahead forecasts, gated at rising thresholds: outputs never change, prefetches
   // only shrink, and what is still prefetched is used at least as often.

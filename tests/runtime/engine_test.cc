@@ -71,6 +71,25 @@ TEST(EngineTest, WarmUpLeavesNothingBehind) {
   EXPECT_TRUE(tiny->WarmUp(16).ok());
 }
 
+TEST(EngineTest, WarmUpIsHiddenFromRoutingHooksAndObservers) {
+  auto e = Make(64);
+  int hooked = 0, observed = 0;
+  e->AddRoutingHook([&](LayerRouting&) {
+    ++hooked;
+    return Status::Ok();
+  });
+  e->AddRoutingObserver([&](LayerRouting&) {
+    ++observed;
+    return Status::Ok();
+  });
+  ASSERT_TRUE(e->WarmUp(8).ok());
+  EXPECT_EQ(hooked, 0);
+  EXPECT_EQ(observed, 0);
+  Feed(*e, 1, kPrompt, kPrompt.size());  // and both are back afterwards
+  EXPECT_GT(hooked, 0);
+  EXPECT_GT(observed, 0);
+}
+
 TEST(EngineTest, BatchedSequencesMatchEachAlone) {
   auto e = Make();
   const std::vector<int32_t> other = {1, 5, 77, 1024, 3000, 12};
