@@ -504,7 +504,10 @@ StatusOr<RankResult> RunRequests(const BenchRun& b, ServingLoop& loop, const std
   std::mutex err_mu;
   EF_RETURN_IF_ERROR(LongBarrier(b, "the start of the timed run"));
   const auto t0 = Clock::now();
-  auto client = [&] {
+  // The run ends when the last client's last request does (not when the progress loop below,
+  // which sleeps 100 ms at a time, notices it).
+  std::vector<Clock::time_point> client_end(static_cast<size_t>(b.o.concurrency), t0);
+  auto client = [&](int c) {
     for (int k; (k = next.fetch_add(1)) < n_mine;) {
       const int i = mine[k];
       ServeRequest r;
@@ -520,9 +523,10 @@ StatusOr<RankResult> RunRequests(const BenchRun& b, ServingLoop& loop, const std
       }
       ++done;
     }
+    client_end[static_cast<size_t>(c)] = Clock::now();
   };
   std::vector<std::thread> clients;
-  for (int c = 0; c < b.o.concurrency; ++c) clients.emplace_back(client);
+  for (int c = 0; c < b.o.concurrency; ++c) clients.emplace_back(client, c);
   // Progress line on long runs (stderr, so the table on stdout stays clean).
   auto last_print = Clock::now();
   while (done.load() + failed.load() < n_mine) {
@@ -536,7 +540,7 @@ StatusOr<RankResult> RunRequests(const BenchRun& b, ServingLoop& loop, const std
   }
   for (auto& t : clients) t.join();
   RankResult res;
-  res.wall_s = std::chrono::duration<double>(Clock::now() - t0).count();
+  res.wall_s = std::chrono::duration<double>(*std::max_element(client_end.begin(), client_end.end()) - t0).count();
   loop.Stop();
   res.admission = loop.admission_stats();
   failures->count = failed.load();
@@ -773,7 +777,8 @@ json CacheJson(const BenchRun& b, const BenchSummary& s, const RunCounters& c, i
           {"cpu_computed_rows", c.cache_json.value("cpu_computed_rows", int64_t{0})},
           {"split_experts", c.cache_json.value("split_experts", int64_t{0})},
           {"split_copied_fraction", c.cache_json.value("split_copied_fraction", 0.0)},
-          {"split_staged_bytes", c.cache_json.value("split_staged_bytes", int64_t{0})}};
+          {"split_staged_bytes", c.cache_json.value("split_staged_bytes", int64_t{0})},
+          {"admitted_misses", c.cache_json.value("admitted_misses", int64_t{0})}};
 }
 
 // The largest per-rank value of a GatherStats key (e.g. the all-to-all wall time of the slowest rank).
