@@ -36,33 +36,43 @@ BIN=$BUILD/expertflow
 $BIN bench --backend cuda --synthetic mixtral-8x7b --synthetic-layers "$LAYERS" --synthetic-dir "$SYN" \
   -n 1 -c 1 --prompt-len 4 --gen-len 2 >"$R/warm.log" 2>&1 || { tail -20 "$R/warm.log"; exit 1; }
 
-printf "%-7s %-5s %-9s %-8s %10s %9s %9s %11s %9s %8s %s\n" budget conc precision cpu "out_tok/s" itl_ms ttft_ms \
+printf "%-7s %-5s %-9s %-14s %10s %9s %9s %11s %9s %8s %s\n" budget conc precision cpu "out_tok/s" itl_ms ttft_ms \
   "moved_MiB" hit_rate stall_ms "host experts/token (split, copied share)" | tee "$R/offload.txt"
-# budget:concurrency:precision:cpu_compute[:warmup_tokens], run in this order (baselines first in
-# each group); warmup_tokens (default: the deployment's) 0 runs without the cache warm-up.
+# budget:concurrency:precision:cpu_compute[:modifiers], run in this order (baselines first in each
+# group). Modifiers, comma-separated: w0 (no cache warm-up), noadmit (EF_CPU_COMPUTE_ADMISSION=0),
+# lfu (--cache-policy lfu instead of lru).
 CASES=${CASES:-"25:1:native:off 25:1:native:auto 25:1:int8:auto 25:1:int4:off 25:1:int4:auto
   50:1:native:off 50:1:native:auto 50:1:int8:auto 50:1:int4:auto
   25:4:native:off 25:4:native:auto 25:4:int8:auto 25:4:int4:auto 25:16:native:off 25:16:native:auto"}
 for case in $CASES; do
-  IFS=: read -r b c p cpu w <<<"$case"
+  IFS=: read -r b c p cpu mods <<<"$case"
   slots=$((8 * b / 100))
-  tag=b${b}_c${c}_${p}_${cpu}${w:+_w$w}
+  tag=b${b}_c${c}_${p}_${cpu}${mods:+_${mods//,/_}}
+  extra=() envs=() policy=lru
+  for m in ${mods//,/ }; do
+    case $m in
+      w0) extra+=(--warmup-tokens 0) ;;
+      noadmit) envs+=(EF_CPU_COMPUTE_ADMISSION=0) ;;
+      lfu) policy=lfu ;;
+    esac
+  done
   j=$R/$tag.json
   log=$R/$tag.log
-  timeout 240 $BIN bench --backend cuda --synthetic mixtral-8x7b --synthetic-layers "$LAYERS" --synthetic-dir "$SYN" \
+  env "${envs[@]}" timeout 240 $BIN bench --backend cuda --synthetic mixtral-8x7b --synthetic-layers "$LAYERS" --synthetic-dir "$SYN" \
     --routing-trace "$SLICED" -n $((2 * c)) -c "$c" --prompt-len 16 --gen-len "$GEN" \
-    --cache-device-budget "$slots slots per layer" --cache-policy lru --prefetch-layers 0 --miss-precision "$p" \
-    --cpu-experts "$cpu" ${w:+--warmup-tokens $w} --json "$j" >"$log" 2>&1 || { tail -5 "$log"; continue; }
-  python3 - "$j" "$b" "$c" "$p" "$cpu${w:+/w$w}" <<'PY' | tee -a "$R/offload.txt"
+    --cache-device-budget "$slots slots per layer" --cache-policy $policy --prefetch-layers 0 --miss-precision "$p" \
+    --cpu-experts "$cpu" "${extra[@]}" --json "$j" >"$log" 2>&1 || { tail -5 "$log"; continue; }
+  python3 - "$j" "$b" "$c" "$p" "$cpu${mods:+/$mods}" <<'PY' | tee -a "$R/offload.txt"
 import json, sys
 j = json.load(open(sys.argv[1]))
 r, c = j["results"], j["cache"]
 n = max(1, r["generated_tokens"])
 per_tok = c.get("cpu_computed_experts", 0) / n
 split = c.get("split_experts", 0) / n
-print(f"{sys.argv[2] + '%':<7} {sys.argv[3]:<5} {sys.argv[4]:<9} {sys.argv[5]:<8} {r['output_tokens_per_s']:10.2f} "
+print(f"{sys.argv[2] + '%':<7} {sys.argv[3]:<5} {sys.argv[4]:<9} {sys.argv[5]:<14} {r['output_tokens_per_s']:10.2f} "
       f"{r['itl_ms_p50']:9.2f} {r['ttft_ms_p50']:9.1f} {r['bytes_moved'] / 2**20:11.1f} {r['hit_rate']:9.3f} "
-      f"{c['stall_ms']:8.1f} {per_tok:.2f} ({split:.2f}, {c.get('split_copied_fraction', 0):.2f})")
+      f"{c['stall_ms']:8.1f} {per_tok:.2f} ({split:.2f}, {c.get('split_copied_fraction', 0):.2f}) "
+      f"admitted {c.get('admitted_misses', 0)}")
 PY
 done
 grep -h "cpu compute of missed experts" "$R"/*.log | sed 's/^.*cpu compute/cpu compute/' | sort | uniq -c | head -8
