@@ -437,7 +437,6 @@ nlohmann::json ExpertCache::StatsJson() const {
     j["split_experts"] = h.split_experts;
     j["split_copied_fraction"] = h.split_experts ? h.split_copied / static_cast<double>(h.split_experts) : 0.0;
     j["split_staged_bytes"] = h.staged_bytes;
-    j["admitted_misses"] = h.admitted;
   }
   return j;
 }

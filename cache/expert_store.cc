@@ -299,11 +299,6 @@ ExpertStoreStats ExpertStore::stats() const {
   return s;
 }
 
-int ExpertStore::LayerCapacity(int layer) const {
-  std::lock_guard<std::mutex> lock(mu_);
-  return cache_->partition_capacity(layer);
-}
-
 void ExpertStore::ResetCounters() {
   std::lock_guard<std::mutex> lock(mu_);
   for (ExpertCounters& c : counters_) c = ExpertCounters{};

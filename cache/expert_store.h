@@ -155,8 +155,6 @@ class ExpertStore {
   void WaitForPrefetches();
 
   bool IsResident(int layer, int expert) const;  // resident and loaded
-  // Slots experts of `layer` may occupy (its quota, or the shared budget).
-  int LayerCapacity(int layer) const;
   ExpertStoreStats stats() const;
   // Zeroes the counters (after a warm-up); residency and the policy's state stay.
   void ResetCounters();

@@ -29,7 +29,6 @@ struct HostComputeStats {
   double split_copied = 0;     // sum of their copied fractions
   int64_t staged_bytes = 0;    // bytes of their partial copies
   double host_ms_running = 0;  // the host time per expert at one row the plans use (running mean)
-  int64_t admitted = 0;        // misses loaded whole because they are used more than a resident expert
 };
 
 class HostExpertCompute {

@@ -65,24 +65,4 @@ HostSharePlan PlanHostShare(std::span<const MissCost> misses, const HostShareOpt
   return p;
 }
 
-RecentUse::RecentUse(int num_layers, int num_experts, double decay, double margin)
-    : num_experts_(num_experts),
-      decay_(decay),
-      margin_(margin),
-      use_(static_cast<size_t>(num_layers) * num_experts, 0.0) {}
-
-void RecentUse::Step(int layer, std::span<const int32_t> used) {
-  double* u = use_.data() + static_cast<size_t>(layer) * num_experts_;
-  for (int e = 0; e < num_experts_; ++e) u[e] *= decay_;
-  for (int32_t e : used)
-    if (e >= 0 && e < num_experts_) u[e] += 1.0;
-}
-
-bool RecentUse::Admits(int layer, int expert, std::span<const int32_t> resident, int capacity) const {
-  if (static_cast<int>(resident.size()) < capacity) return true;
-  double least = 1e300;
-  for (int32_t r : resident) least = std::min(least, use(layer, r));
-  return use(layer, expert) > least + margin_;
-}
-
 }  // namespace ef::cache

@@ -45,24 +45,4 @@ struct HostShareOptions {
 
 HostSharePlan PlanHostShare(std::span<const MissCost> misses, const HostShareOptions& options);
 
-// Admission of misses into the cache while the host takes misses (host-computed experts never
-// enter it): each layer's recent uses per expert, decayed by `decay` per step of the layer. A miss
-// is loaded whole (and cached) when its layer has a free slot or when it was used more than
-// `margin` above the least used resident expert of its layer; the slots then follow the popular
-// experts (on Mixtral's routing a frozen set of the most used experts hits about as often as LRU).
-class RecentUse {
- public:
-  RecentUse(int num_layers, int num_experts, double decay = 0.95, double margin = 1.0);
-  // One step of `layer`: every count decays, then each expert of `used` gains one (ids out of
-  // range are ignored).
-  void Step(int layer, std::span<const int32_t> used);
-  bool Admits(int layer, int expert, std::span<const int32_t> resident, int capacity) const;
-  double use(int layer, int expert) const { return use_[static_cast<size_t>(layer) * num_experts_ + expert]; }
-
- private:
-  int num_experts_;
-  double decay_, margin_;
-  std::vector<double> use_;  // per (layer, expert)
-};
-
 }  // namespace ef::cache

@@ -777,8 +777,7 @@ json CacheJson(const BenchRun& b, const BenchSummary& s, const RunCounters& c, i
           {"cpu_computed_rows", c.cache_json.value("cpu_computed_rows", int64_t{0})},
           {"split_experts", c.cache_json.value("split_experts", int64_t{0})},
           {"split_copied_fraction", c.cache_json.value("split_copied_fraction", 0.0)},
-          {"split_staged_bytes", c.cache_json.value("split_staged_bytes", int64_t{0})},
-          {"admitted_misses", c.cache_json.value("admitted_misses", int64_t{0})}};
+          {"split_staged_bytes", c.cache_json.value("split_staged_bytes", int64_t{0})}};
 }
 
 // The largest per-rank value of a GatherStats key (e.g. the all-to-all wall time of the slowest rank).

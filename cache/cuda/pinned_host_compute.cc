@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <cstdlib>
 
 #include "cache/cuda/cuda_slot_arena.h"
 #include "cache/host_share_plan.h"
@@ -53,16 +52,11 @@ double RowFactor(int64_t r) {
 StatusOr<std::unique_ptr<PinnedHostCompute>> PinnedHostCompute::Create(std::shared_ptr<const PinnedHostTier> tier,
                                                                        SlotLayout layout, const std::string& mode,
                                                                        int max_rows) {
-  // EF_CPU_COMPUTE_ADMISSION=0 turns the admission rule off (for comparisons).
   if (mode != "auto" && mode != "whole" && mode != "on" && mode != "split")
     return InvalidArgument("unknown cache.cpu_compute '" + mode + "' (off, auto, whole or on)");
   if (max_rows < 1) return InvalidArgument("cache.cpu_compute: cpu_compute_max_rows must be at least 1");
   if (!tier) return InvalidArgument("cache.cpu_compute needs the pinned host tier");
-  auto c =
-      std::unique_ptr<PinnedHostCompute>(new PinnedHostCompute(std::move(tier), std::move(layout), mode, max_rows));
-  const char* admission = std::getenv("EF_CPU_COMPUTE_ADMISSION");
-  c->admission_ = !(admission && std::string(admission) == "0");
-  return c;
+  return std::unique_ptr<PinnedHostCompute>(new PinnedHostCompute(std::move(tier), std::move(layout), mode, max_rows));
 }
 
 runtime::ExpertWeights PinnedHostCompute::PartShape(const runtime::ExpertWeights& shape, int64_t split) {
@@ -141,16 +135,10 @@ Status PinnedHostCompute::Calibrate(SlotArena& arena) {
 void PinnedHostCompute::Take(int layer, std::vector<int32_t>& experts, std::span<const int64_t> rows,
                              const ExpertStore& store, runtime::ExpertSource::HostShare& host) {
   if (layer < 0 || layer >= tier_->num_layers()) return;
-  // Admission (RecentUse): a miss used more of late than the least used resident expert of its
-  // layer is loaded whole, so it enters the cache; other misses are shared between copy and host
-  // and leave the cache as it is. Without it the slots keep whatever they held when the host
-  // started taking misses.
-  if (!uses_) uses_ = std::make_unique<RecentUse>(tier_->num_layers(), tier_->num_experts());
-  uses_->Step(layer, experts);
-  std::vector<int32_t> resident;
-  for (int e = 0; e < tier_->num_experts(); ++e)
-    if (store.IsResident(layer, e)) resident.push_back(e);
-  const int capacity = store.LayerCapacity(layer);
+  // Host-computed and split experts never enter the cache: the slots keep what whole loads (the
+  // misses the host cannot take, e.g. a prompt's experts of many rows) put there. Loading misses
+  // whole when they turn popular (a decayed use count above the least used resident expert's)
+  // was slower on the H200: 65.4 against 72.9 tokens/s at a 50% budget (docs/results/cpu_compute).
   std::vector<MissCost> misses;
   std::vector<int64_t> miss_rows;
   for (size_t i = 0; i < experts.size(); ++i) {
@@ -162,9 +150,7 @@ void PinnedHostCompute::Take(int layer, std::vector<int32_t>& experts, std::span
     m.copy_ms = stats_.calibrated_copy_ms;
     m.part_copy_ms = part_copy_ms_;
     m.host_ms = HostMs(std::max<int64_t>(r, 1), 1.0);
-    const bool admit = admission_ && mode_ != "on" && mode_ != "split" && uses_->Admits(layer, e, resident, capacity);
-    m.eligible = r > 0 && r <= max_rows_ && tier_->data(layer, e) != nullptr && !admit;
-    if (admit) ++stats_.admitted;
+    m.eligible = r > 0 && r <= max_rows_ && tier_->data(layer, e) != nullptr;
     misses.push_back(m);
     miss_rows.push_back(r);
   }

@@ -7,9 +7,7 @@
 // rows are copied into the arena's staging area (half a slot) and computed by the GPU, the rest
 // on the host, so both paths end together. Copy times are calibrated at the cache's creation on
 // this machine (a whole expert, and half of one as a partial copy); the host time is a running
-// mean of the host computations. In auto and whole, a miss used more often of late than the least
-// used resident expert of its layer is loaded whole instead (admission), so the slots follow the
-// popular experts while the host and the split serve the rest. `on` computes every eligible miss on the host; `split`
+// mean of the host computations. `on` computes every eligible miss on the host; `split`
 // (tests) splits the first eligible miss of each layer in half and computes the others on the host.
 //
 // Ownership: shares the pinned tier with the device arena. Thread safety: engine thread only.
@@ -21,7 +19,6 @@
 
 #include "cache/cuda/pinned_host_tier.h"
 #include "cache/host_expert_compute.h"
-#include "cache/host_share_plan.h"
 #include "cache/slot_layout.h"
 
 namespace ef::cache {
@@ -58,10 +55,8 @@ class PinnedHostCompute final : public HostExpertCompute {
   SlotLayout layout_;
   std::string mode_;
   int max_rows_;
-  double max_fraction_ = 0.5;        // of an expert's intermediate rows the staging area holds
-  bool admission_ = true;            // Take's admission rule (EF_CPU_COMPUTE_ADMISSION=0: off)
-  std::unique_ptr<RecentUse> uses_;  // made at the first Take
-  double part_copy_ms_ = 0;          // copy time of a whole expert as partial copies run (calibrated)
+  double max_fraction_ = 0.5;  // of an expert's intermediate rows the staging area holds
+  double part_copy_ms_ = 0;    // copy time of a whole expert as partial copies run (calibrated)
   HostComputeStats stats_;
   std::vector<float> gate_, up_;  // Compute's scratch
   runtime::ExpertWeights part_;   // the staged part (device pointers), after StartPart

@@ -39,8 +39,8 @@ $BIN bench --backend cuda --synthetic mixtral-8x7b --synthetic-layers "$LAYERS" 
 printf "%-7s %-5s %-9s %-14s %10s %9s %9s %11s %9s %8s %s\n" budget conc precision cpu "out_tok/s" itl_ms ttft_ms \
   "moved_MiB" hit_rate stall_ms "host experts/token (split, copied share)" | tee "$R/offload.txt"
 # budget:concurrency:precision:cpu_compute[:modifiers], run in this order (baselines first in each
-# group). Modifiers, comma-separated: w0 (no cache warm-up), noadmit (EF_CPU_COMPUTE_ADMISSION=0),
-# lfu (--cache-policy lfu instead of lru).
+# group). Modifiers, comma-separated: w0 (no cache warm-up), lfu (--cache-policy lfu instead of
+# lru), tN (EF_NUM_THREADS=N: the host's threads).
 CASES=${CASES:-"25:1:native:off 25:1:native:auto 25:1:int8:auto 25:1:int4:off 25:1:int4:auto
   50:1:native:off 50:1:native:auto 50:1:int8:auto 50:1:int4:auto
   25:4:native:off 25:4:native:auto 25:4:int8:auto 25:4:int4:auto 25:16:native:off 25:16:native:auto"}
@@ -52,7 +52,7 @@ for case in $CASES; do
   for m in ${mods//,/ }; do
     case $m in
       w0) extra+=(--warmup-tokens 0) ;;
-      noadmit) envs+=(EF_CPU_COMPUTE_ADMISSION=0) ;;
+      t[0-9]*) envs+=(EF_NUM_THREADS=${m#t}) ;;
       lfu) policy=lfu ;;
     esac
   done
@@ -71,8 +71,7 @@ per_tok = c.get("cpu_computed_experts", 0) / n
 split = c.get("split_experts", 0) / n
 print(f"{sys.argv[2] + '%':<7} {sys.argv[3]:<5} {sys.argv[4]:<9} {sys.argv[5]:<14} {r['output_tokens_per_s']:10.2f} "
       f"{r['itl_ms_p50']:9.2f} {r['ttft_ms_p50']:9.1f} {r['bytes_moved'] / 2**20:11.1f} {r['hit_rate']:9.3f} "
-      f"{c['stall_ms']:8.1f} {per_tok:.2f} ({split:.2f}, {c.get('split_copied_fraction', 0):.2f}) "
-      f"admitted {c.get('admitted_misses', 0)}")
+      f"{c['stall_ms']:8.1f} {per_tok:.2f} ({split:.2f}, {c.get('split_copied_fraction', 0):.2f})")
 PY
 done
 grep -h "cpu compute of missed experts" "$R"/*.log | sed 's/^.*cpu compute/cpu compute/' | sort | uniq -c | head -8

@@ -125,21 +125,5 @@ TEST(HostSharePlan, NoMissesNoWork) {
   EXPECT_EQ(p.copy_done_ms, 0);
 }
 
-TEST(RecentUse, AdmitsIntoFreeSlotsAndWhatIsUsedMoreThanTheLeastUsedResident) {
-  RecentUse u(2, 8, /*decay=*/0.5, /*margin=*/1.0);
-  const std::vector<int32_t> resident = {0, 1};
-  EXPECT_TRUE(u.Admits(0, 5, std::vector<int32_t>{0}, 2));  // a free slot
-  EXPECT_FALSE(u.Admits(0, 5, resident, 2));                // 0 uses vs 0 + margin
-  for (int step = 0; step < 4; ++step) u.Step(0, std::vector<int32_t>{0, 5});
-  // Expert 0: 1 + 0.5 + 0.25 + 0.125 = 1.875, as is 5; 1 never used.
-  EXPECT_DOUBLE_EQ(u.use(0, 5), 1.875);
-  EXPECT_DOUBLE_EQ(u.use(0, 1), 0.0);
-  EXPECT_TRUE(u.Admits(0, 5, resident, 2));                     // 1.875 > 0 + 1
-  EXPECT_FALSE(u.Admits(0, 5, std::vector<int32_t>{0}, 1));     // 1.875 is not above 1.875 + 1
-  EXPECT_FALSE(u.Admits(1, 5, std::vector<int32_t>{0, 1}, 2));  // layers count apart
-  u.Step(0, std::vector<int32_t>{-1, 8, 3});                    // out of range ids are ignored
-  EXPECT_DOUBLE_EQ(u.use(0, 3), 1.0);
-}
-
 }  // namespace
 }  // namespace ef::cache
