@@ -775,6 +775,7 @@ json CacheJson(const BenchRun& b, const BenchSummary& s, const RunCounters& c, i
           {"cpu_compute", s.cached ? config.cache.cpu_compute : "off"},
           {"cpu_computed_experts", c.cache_json.value("cpu_computed_experts", int64_t{0})},
           {"cpu_computed_rows", c.cache_json.value("cpu_computed_rows", int64_t{0})},
+          {"cpu_compute_ms", c.cache_json.value("cpu_compute_ms", 0.0)},
           {"split_experts", c.cache_json.value("split_experts", int64_t{0})},
           {"split_copied_fraction", c.cache_json.value("split_copied_fraction", 0.0)},
           {"split_staged_bytes", c.cache_json.value("split_staged_bytes", int64_t{0})}};
