@@ -383,6 +383,16 @@ TEST_P(ExpertCacheGpuTest, LowPrecisionLoadsMatchTheCpuCache) {
   }
 }
 
+// The smallest cache: LRU over top-k slots per layer, loads on demand (no predictor, no prefetch).
+ExpertCacheOptions OnDemandLru(const Engine& engine) {
+  ExpertCacheOptions o;
+  o.policy = "lru";
+  o.predictor = "none";
+  o.prefetch_layers = 0;
+  o.slots_per_layer = engine.config().top_k;
+  return o;
+}
+
 // cache.cpu_compute: misses of decode steps computed on the host from their pinned copies (on:
 // every one; whole: those the host finishes before the copy engine would; auto: that, plus one
 // expert split between a partial copy the GPU computes and the host; split: the first miss of each
@@ -401,11 +411,7 @@ TEST_P(ExpertCacheGpuTest, CpuComputeOfMissesMatchesTheCpuEngine) {
   for (const char* mode : {"on", "whole", "auto", "split"}) {
     auto engine = MakeCudaEngine(GetParam(), false);
     ASSERT_NE(engine, nullptr);
-    ExpertCacheOptions o;
-    o.policy = "lru";
-    o.predictor = "none";
-    o.prefetch_layers = 0;
-    o.slots_per_layer = engine->config().top_k;
+    ExpertCacheOptions o = OnDemandLru(*engine);
     o.cpu_compute = mode;
     auto cache = ExpertCache::Create(engine.get(), o);
     ASSERT_TRUE(cache.ok()) << cache.status().ToString();
@@ -457,12 +463,8 @@ TEST_P(ExpertCacheGpuTest, SplitMissesAddUpToTheWholeExpertInEveryPrecision) {
     for (const char* mode : {"off", "split"}) {
       auto engine = MakeCudaEngine(GetParam(), false);
       ASSERT_NE(engine, nullptr);
-      ExpertCacheOptions o;
-      o.policy = "lru";
-      o.predictor = "none";
-      o.prefetch_layers = 0;
+      ExpertCacheOptions o = OnDemandLru(*engine);
       o.miss_precision = precision;
-      o.slots_per_layer = engine->config().top_k;
       o.cpu_compute = mode;
       auto cache = ExpertCache::Create(engine.get(), o);
       ASSERT_TRUE(cache.ok()) << precision << " " << mode << ": " << cache.status().ToString();
