@@ -12,13 +12,10 @@
 
 namespace ef::runtime::cuda {
 namespace {
+// 1 / sqrt(mean(x^2) + eps) of a row of `dim` values whose sum of squares the kBlock threads of the
+// block hold in parts (`ss`): warp sums, then thread 0 adds the warps' in order.
 template <int kBlock>
-__global__ void RmsNormKernel(const float* x, int dim, const void* w, DType wdt, float eps, float* out) {
-  PdlEnter();
-  const float* xr = x + static_cast<int64_t>(blockIdx.x) * dim;
-  float* yr = out + static_cast<int64_t>(blockIdx.x) * dim;
-  double ss = 0;
-  for (int i = threadIdx.x; i < dim; i += kBlock) ss += static_cast<double>(xr[i]) * xr[i];
+__device__ float BlockInvRms(double ss, int dim, float eps) {
   for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
   __shared__ double part[kBlock / 32];
   __shared__ float inv_s;
@@ -30,7 +27,17 @@ __global__ void RmsNormKernel(const float* x, int dim, const void* w, DType wdt,
     inv_s = 1.0f / sqrtf(static_cast<float>(t / dim) + eps);
   }
   __syncthreads();
-  const float inv = inv_s;
+  return inv_s;
+}
+
+template <int kBlock>
+__global__ void RmsNormKernel(const float* x, int dim, const void* w, DType wdt, float eps, float* out) {
+  PdlEnter();
+  const float* xr = x + static_cast<int64_t>(blockIdx.x) * dim;
+  float* yr = out + static_cast<int64_t>(blockIdx.x) * dim;
+  double ss = 0;
+  for (int i = threadIdx.x; i < dim; i += kBlock) ss += static_cast<double>(xr[i]) * xr[i];
+  const float inv = BlockInvRms<kBlock>(ss, dim, eps);
   for (int i = threadIdx.x; i < dim; i += kBlock) yr[i] = (xr[i] * inv) * LoadAsF32(w, wdt, i);
 }
 
@@ -55,16 +62,7 @@ __global__ void __launch_bounds__(kBlock)
       ss += static_cast<double>(v[j].z) * v[j].z;
       ss += static_cast<double>(v[j].w) * v[j].w;
     }
-  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-  __shared__ double part[kBlock / 32];
-  __shared__ float inv_s;
-  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double t = 0;
-    for (int i = 0; i < kBlock / 32; ++i) t += part[i];
-    inv_s = 1.0f / sqrtf(static_cast<float>(t / dim) + eps);
-  }
+  // The weights load while the block reduces.
   float4 g[kMaxVec];
 #pragma unroll
   for (int j = 0; j < kMaxVec; ++j) {
@@ -73,8 +71,7 @@ __global__ void __launch_bounds__(kBlock)
       g[j] = make_float4(LoadAsF32(w, wdt, e), LoadAsF32(w, wdt, e + 1), LoadAsF32(w, wdt, e + 2),
                          LoadAsF32(w, wdt, e + 3));
   }
-  __syncthreads();
-  const float inv = inv_s;
+  const float inv = BlockInvRms<kBlock>(ss, dim, eps);
 #pragma unroll
   for (int j = 0; j < kMaxVec; ++j)
     if (threadIdx.x + j * kBlock < d4)
