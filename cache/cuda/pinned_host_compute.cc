@@ -100,8 +100,13 @@ Status PinnedHostCompute::Calibrate(SlotArena& arena) {
   auto* cuda = dynamic_cast<CudaSlotArena*>(&arena);
   std::string split_note = "no split";
   part_copy_ms_ = 0;
-  if (splits() && cuda && most >= kSplitStep && inter % kSplitStep == 0) {
-    EF_RETURN_IF_ERROR(cuda->ReserveStaging(layout_.Bytes(PartShape(shape, most))));
+  const bool cuttable = most >= kSplitStep && inter % kSplitStep == 0;
+  const Status staging =
+      splits() && cuda && cuttable ? cuda->ReserveStaging(layout_.Bytes(PartShape(shape, most))) : Status::Ok();
+  if (!staging.ok()) {
+    // The slots took the memory (e.g. a budget of `auto`): misses go whole to one path or the other.
+    split_note = "no split (" + staging.message() + ")";
+  } else if (splits() && cuda && cuttable) {
     double part = 1e30;
     for (int rep = 0; rep < 3; ++rep) {
       auto t = Clock::now();
