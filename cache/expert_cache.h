@@ -120,7 +120,8 @@ class ExpertCache {
   // This rank's counters as JSON: accesses, hits, misses, prefetches, loads and bytes per tier.
   nlohmann::json StatsJson() const;
   // Zeroes every counter above (store, tiers, host compute, forecast recall) after a warm-up; what
-  // the slots hold stays, as after any earlier request.
+  // the slots hold stays, as after any earlier request, and so does the eviction policy's history
+  // (LFU's use counts include the warm-up's).
   void ResetStats();
   // Prefetch accuracy of the predictor (0 / 0 without one).
   const PredictorPrefetcher* prefetcher() const { return prefetcher_.get(); }

@@ -148,6 +148,10 @@ const std::map<std::string, Section>& Schema() {
             [](const Ctx& c, Config* o) {
               return GetOneOf(c, {"auto", "bf16", "fp32"}, &o->runtime.attention_precision);
             }},
+           {"kv_cache_dtype",
+            [](const Ctx& c, Config* o) {
+              return GetOneOf(c, {"fp32", "bf16"}, &o->runtime.kv_cache_dtype);
+            }},
        }},
       {"cluster",
        {
@@ -442,7 +446,8 @@ std::string ConfigToYaml(const Config& c) {
   e << YAML::Key << "device" << YAML::Value
     << (c.runtime.device < 0 ? std::string("auto") : std::to_string(c.runtime.device));
   e << YAML::Key << "max_seq_len" << YAML::Value << c.runtime.max_seq_len;
-  e << YAML::Key << "attention_precision" << YAML::Value << c.runtime.attention_precision << YAML::EndMap;
+  e << YAML::Key << "attention_precision" << YAML::Value << c.runtime.attention_precision;
+  e << YAML::Key << "kv_cache_dtype" << YAML::Value << c.runtime.kv_cache_dtype << YAML::EndMap;
   e << YAML::Key << "cluster" << YAML::Value << YAML::Flow << YAML::BeginMap;
   e << YAML::Key << "exchange" << YAML::Value << c.cluster.exchange;
   e << YAML::Key << "ranks_per_node" << YAML::Value
@@ -509,6 +514,8 @@ void ApplyConfig(const Config& c, const CLI::App& app, ModelFlags* f) {
   if (c.has("runtime.max_seq_len") && !FlagGiven(app, "--max-seq-len")) f->max_seq_len = c.runtime.max_seq_len;
   if (c.has("runtime.attention_precision") && !FlagGiven(app, "--attention-precision"))
     f->attention_precision = c.runtime.attention_precision;
+  if (c.has("runtime.kv_cache_dtype") && !FlagGiven(app, "--kv-cache-dtype"))
+    f->kv_cache_dtype = c.runtime.kv_cache_dtype;
 }
 
 void CacheFlags::Register(CLI::App* app) {
@@ -627,6 +634,7 @@ Status ClusterFlags::Load(const CLI::App& app, ModelFlags* model) {
   config.runtime.backend = model->backend;
   config.runtime.max_seq_len = model->max_seq_len;
   config.runtime.attention_precision = model->attention_precision;
+  config.runtime.kv_cache_dtype = model->kv_cache_dtype;
   config.cluster.exchange = cluster.exchange;
   config.cluster.ranks_per_node = cluster.ranks_per_node;
   config.cluster.peer_fetch = cluster.peer_fetch;

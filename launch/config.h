@@ -37,6 +37,7 @@ struct RuntimeSection {
   int device = -1;                           // GPU index; -1: the local rank (one rank per GPU)
   int max_seq_len = 0;                       // KV capacity per sequence; 0: the model's maximum
   std::string attention_precision = "auto";  // auto | bf16 | fp32 (cuda prefill attention)
+  std::string kv_cache_dtype = "fp32";       // fp32 | bf16
 };
 
 struct ClusterSection {

@@ -16,6 +16,7 @@ struct ModelFlags {
   int device = 0;
   int max_seq_len = 0;
   std::string attention_precision = "auto";
+  std::string kv_cache_dtype = "fp32";
 
   void Register(CLI::App* app) {
     app->add_option("--model,-m", dir, "Hugging Face checkpoint directory (config.json, *.safetensors)")
@@ -31,6 +32,11 @@ struct ModelFlags {
                     "auto (bf16 when the model's weights are 16-bit) (runtime.attention_precision)")
         ->check(CLI::IsMember({"auto", "bf16", "fp32"}))
         ->capture_default_str();
+    app->add_option("--kv-cache-dtype", kv_cache_dtype,
+                    "keys and values in the KV cache: fp32 (exact) or bf16 (half the memory and decode reads; plain "
+                    "attention only) (runtime.kv_cache_dtype)")
+        ->check(CLI::IsMember({"fp32", "bf16"}))
+        ->capture_default_str();
   }
   runtime::EngineOptions ToEngineOptions() const {
     runtime::EngineOptions e;
@@ -38,6 +44,7 @@ struct ModelFlags {
     e.device = device;
     e.max_seq_len = max_seq_len;
     e.attention_precision = attention_precision;
+    e.kv_cache_dtype = kv_cache_dtype;
     return e;
   }
 };

@@ -120,8 +120,9 @@ class CudaSlotArena final : public SlotArena {
   Status ReserveStaging(size_t bytes);
   size_t staging_bytes() const { return staging_.bytes(); }
   void* staging() const { return staging_.data(); }
-  // Enqueues `copies` on the correction stream (behind the loads enqueued so far), after the work
-  // the compute stream has enqueued so far (the last reader of the staged expert before).
+  // Enqueues `copies` on the correction stream (behind the loads enqueued there so far; with the
+  // copy queue on, ahead of pieces still queued), after the work the compute stream has enqueued
+  // so far (the last reader of the staged expert before). Waits for them are not timed as stall.
   Status LoadStaged(std::span<const StagedCopy> copies);
   // Makes the compute stream wait for the last LoadStaged (GPU side).
   void WaitStaged();

@@ -53,7 +53,7 @@ StatusOr<std::unique_ptr<PinnedHostCompute>> PinnedHostCompute::Create(std::shar
                                                                        SlotLayout layout, const std::string& mode,
                                                                        int max_rows) {
   if (mode != "auto" && mode != "whole" && mode != "on" && mode != "split")
-    return InvalidArgument("unknown cache.cpu_compute '" + mode + "' (off, auto, whole or on)");
+    return InvalidArgument("unknown cache.cpu_compute '" + mode + "' (off, auto, whole, on or split)");
   if (max_rows < 1) return InvalidArgument("cache.cpu_compute: cpu_compute_max_rows must be at least 1");
   if (!tier) return InvalidArgument("cache.cpu_compute needs the pinned host tier");
   return std::unique_ptr<PinnedHostCompute>(new PinnedHostCompute(std::move(tier), std::move(layout), mode, max_rows));
@@ -100,7 +100,13 @@ Status PinnedHostCompute::Calibrate(SlotArena& arena) {
   auto* cuda = dynamic_cast<CudaSlotArena*>(&arena);
   std::string split_note = "no split";
   part_copy_ms_ = 0;
-  const bool cuttable = most >= kSplitStep && inter % kSplitStep == 0;
+  // Split parts are copied as row and column slices: dtypes whose rows cut at 64 values (block
+  // FP8's 128 x 128 blocks and MXFP4 do not).
+  auto sliceable = [](DType t) {
+    return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16 || t == DType::kQ8 || t == DType::kQ4;
+  };
+  const bool cuttable = most >= kSplitStep && inter % kSplitStep == 0 && sliceable(shape.gate.dtype) &&
+                        sliceable(shape.up.dtype) && sliceable(shape.down.dtype);
   const Status staging =
       splits() && cuda && cuttable ? cuda->ReserveStaging(layout_.Bytes(PartShape(shape, most))) : Status::Ok();
   if (!staging.ok()) {
@@ -121,8 +127,9 @@ Status PinnedHostCompute::Calibrate(SlotArena& arena) {
                   "split misses: %.2f ms to copy %lld of %lld intermediate rows (%zu bytes of staging)", part,
                   static_cast<long long>(most), static_cast<long long>(inter), cuda->staging_bytes());
     split_note = buf;
-  } else if (splits()) {
-    split_note = "no split (intermediate size " + std::to_string(inter) + " too small to cut at multiples of 64)";
+  } else if (splits() && cuda) {
+    split_note = "no split (experts of intermediate size " + std::to_string(inter) + " in " +
+                 DTypeName(shape.gate.dtype) + " do not cut at multiples of 64 rows)";
   }
   stats_ = HostComputeStats{};
   stats_.calibrated_copy_ms = copy;
@@ -145,7 +152,6 @@ void PinnedHostCompute::Take(int layer, std::vector<int32_t>& experts, std::span
   // whole when they turn popular (a decayed use count above the least used resident expert's)
   // was slower on the H200: 65.4 against 72.9 tokens/s at a 50% budget (docs/results/cpu_compute).
   std::vector<MissCost> misses;
-  std::vector<int64_t> miss_rows;
   for (size_t i = 0; i < experts.size(); ++i) {
     const int32_t e = experts[i];
     if (store.IsResident(layer, e)) continue;  // hits are never taken
@@ -157,12 +163,12 @@ void PinnedHostCompute::Take(int layer, std::vector<int32_t>& experts, std::span
     m.host_ms = HostMs(std::max<int64_t>(r, 1), 1.0);
     m.eligible = r > 0 && r <= max_rows_ && tier_->data(layer, e) != nullptr;
     misses.push_back(m);
-    miss_rows.push_back(r);
   }
   if (misses.empty()) return;
   HostShareOptions o;
   o.all_on_host = mode_ == "on";
   o.split = part_copy_ms_ > 0;
+  o.max_fraction = max_fraction_;
   o.force_fraction = mode_ == "split" && part_copy_ms_ > 0 ? 0.5 : 0;
   HostSharePlan plan = PlanHostShare(misses, o);
   host.whole = std::move(plan.host);
@@ -233,6 +239,7 @@ Status PinnedHostCompute::StartPart(SlotArena& arena, int layer, int expert, int
     return FailedPrecondition("cpu compute: expert " + std::to_string(expert) + " of layer " + std::to_string(layer) +
                               " has no pinned host copy");
   const runtime::ExpertWeights shape = layout_.Shape(layer, expert);
+  if (part_copy_ms_ <= 0) return FailedPrecondition("cpu compute: this cache splits no expert (see its start-up log)");
   if (split <= 0 || split >= shape.gate.rows || split % kSplitStep != 0)
     return InvalidArgument("cpu compute: split at " + std::to_string(split) + " of " + std::to_string(shape.gate.rows) +
                            " intermediate rows");

@@ -35,10 +35,11 @@ class Backend;
 
 // One sequence of a batched attention call (Backend::AttentionBatch). Its query rows are
 // q[q_row, q_row + n_new) of the batch (and the same rows of out); they are the last n_new of
-// n_total positions whose keys/values are k[n_total, kv_heads*hd], v[...] (backend memory).
+// n_total positions whose keys/values are k[n_total, kv_heads*hd], v[...] (backend memory), of the
+// backend's KV-cache dtype (Backend::SetKvCacheDType: fp32 unless set).
 struct AttentionSeq {
-  const float* k = nullptr;
-  const float* v = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
   int64_t q_row = 0;
   int n_new = 0;
   int n_total = 0;
@@ -134,6 +135,10 @@ class Backend {
   virtual void CopyBatch(const CopyItem* items, int num_items) {
     for (int i = 0; i < num_items; ++i) CopyOnDevice(items[i].dst, items[i].src, items[i].bytes);
   }
+  // CopyBatch that rounds fp32 to bf16 on the way (nearest even): item i reads bytes / 4 floats
+  // from src and writes as many bf16 values to dst (the KV appends of a bf16 KV cache). Same
+  // contract on overlaps. A backend without it says so in SetKvCacheDType.
+  virtual void CopyBatchToBf16(const CopyItem* items, int num_items) {}
   // Zeroes bytes of backend memory (enqueued; no host transfer).
   virtual void SetZero(void* dst, size_t bytes) = 0;
   virtual void Synchronize() = 0;
@@ -156,6 +161,10 @@ class Backend {
   // prefill attention; other backends ignore it). Off by default: the fp32 path is the exact
   // reference. Applies to the ops enqueued after the call.
   virtual void SetReducedPrecisionAttention(bool on) {}
+  // The dtype of the keys and values AttentionBatch reads (AttentionSeq::k, v): kF32 (default) or
+  // kBF16 (half the bytes per cached token; scores and softmax still in fp32). AttentionEx reads
+  // fp32 whatever is set. False when the backend cannot read `t`.
+  virtual bool SetKvCacheDType(DType t) { return t == DType::kF32; }
 
   // --- ops (enqueued in order) ---
   // out[i, :] = table[ids[i], :]

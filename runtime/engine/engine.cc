@@ -61,6 +61,7 @@ StatusOr<std::unique_ptr<Engine>> Engine::Create(const std::string& model_dir, c
   EF_ASSIGN_OR_RETURN(e->weights_, ModelWeights::Load(model_dir, e->backend_.get(),
                                                       LoadOptions{.dequantize_experts = options.dequantize_experts}));
   EF_RETURN_IF_ERROR(e->ConfigureAttentionPrecision(options.attention_precision));
+  EF_RETURN_IF_ERROR(e->ConfigureKvCache(options.kv_cache_dtype));
   e->local_moe_ =
       std::make_unique<LocalMoeExecutor>(e->backend_.get(), e->config().hidden_size, e->config().num_experts,
                                          ExpertActivationParams::ForModel(e->config()));
@@ -86,6 +87,21 @@ Status Engine::ConfigureAttentionPrecision(const std::string& precision) {
   const bool attention_ex = c.mla || c.rope.type != "default" || c.attention_sinks || c.sliding_window != 0;
   if (backend_->kind() != BackendKind::kCuda || attention_ex) reduced_precision_attention_ = false;
   backend_->SetReducedPrecisionAttention(reduced_precision_attention_);
+  return Status::Ok();
+}
+
+Status Engine::ConfigureKvCache(const std::string& dtype) {
+  if (dtype != "fp32" && dtype != "bf16")
+    return InvalidArgument("kv cache dtype must be fp32 or bf16, got '" + dtype + "'");
+  kv_bf16_ = dtype == "bf16";
+  if (!kv_bf16_) return Status::Ok();
+  const ModelConfig& c = config();
+  if (c.mla || c.rope.type != "default" || c.attention_sinks || c.sliding_window != 0)
+    return Unimplemented(
+        "a bf16 kv cache needs plain attention; this model's (MLA, rope scaling, sinks or a sliding window) reads "
+        "fp32 keys and values: use kv cache dtype fp32");
+  if (!backend_->SetKvCacheDType(DType::kBF16))
+    return Unimplemented("the " + backend_->name() + " backend has no bf16 kv cache");
   return Status::Ok();
 }
 
@@ -257,8 +273,9 @@ Status Engine::AddSequence(int64_t seq) {
   if (seqs_.count(seq)) return InvalidArgument("sequence " + std::to_string(seq) + " already exists");
   Sequence s;
   const ModelConfig& c = config();
-  const size_t k_bytes = static_cast<size_t>(max_seq_len_) * c.kv_cache_key_width() * sizeof(float);
-  const size_t v_bytes = static_cast<size_t>(max_seq_len_) * c.kv_cache_value_width() * sizeof(float);
+  const size_t elem = kv_bf16_ ? sizeof(uint16_t) : sizeof(float);
+  const size_t k_bytes = static_cast<size_t>(max_seq_len_) * c.kv_cache_key_width() * elem;
+  const size_t v_bytes = static_cast<size_t>(max_seq_len_) * c.kv_cache_value_width() * elem;
   for (int l = 0; l < c.num_layers; ++l) {
     EF_ASSIGN_OR_RETURN(Buffer k, backend_->Allocate(k_bytes));
     s.k.push_back(std::move(k));
@@ -296,16 +313,23 @@ std::vector<AttentionSeq> Engine::AppendKv(int layer, std::span<const SeqChunk> 
   std::vector<Backend::CopyItem> copies;  // one launch for the whole batch's appends
   copies.reserve(2 * batch.size());
   int64_t row = 0;
+  const size_t elem = kv_bf16_ ? sizeof(uint16_t) : sizeof(float);
+  auto at = [elem](const Buffer& b, int64_t values) { return static_cast<std::byte*>(b.data()) + values * elem; };
   for (const SeqChunk& chunk : batch) {
     Sequence& s = seqs_.at(chunk.seq);
     const int n = static_cast<int>(chunk.tokens.size());
-    copies.push_back({s.k[layer].f32() + s.length * kw, k + row * kw, sizeof(float) * n * kw});
-    if (v) copies.push_back({s.v[layer].f32() + s.length * vw, v + row * vw, sizeof(float) * n * vw});
-    const float* vbase = v ? s.v[layer].f32() : s.k[layer].f32();
-    seqs.push_back(AttentionSeq{s.k[layer].f32(), vbase, row, n, s.length + n});
+    // bytes: of the fp32 source (CopyBatchToBf16 writes half as many).
+    copies.push_back({at(s.k[layer], s.length * kw), k + row * kw, sizeof(float) * n * kw});
+    if (v) copies.push_back({at(s.v[layer], s.length * vw), v + row * vw, sizeof(float) * n * vw});
+    const void* vbase = v ? s.v[layer].data() : s.k[layer].data();
+    seqs.push_back(AttentionSeq{s.k[layer].data(), vbase, row, n, s.length + n});
     row += n;
   }
-  backend_->CopyBatch(copies.data(), static_cast<int>(copies.size()));
+  if (kv_bf16_) {
+    backend_->CopyBatchToBf16(copies.data(), static_cast<int>(copies.size()));
+  } else {
+    backend_->CopyBatch(copies.data(), static_cast<int>(copies.size()));
+  }
   return seqs;
 }
 

@@ -40,6 +40,10 @@ struct EngineOptions {
   // attention weights are 16-bit (its GEMMs then round activations to bf16 already). The cpu
   // backend always computes in fp32.
   std::string attention_precision = "auto";
+  // Keys and values in the KV cache: "fp32" (exact), or "bf16" (half the memory and half the bytes
+  // decode attention reads; scores and softmax stay fp32). bf16 needs plain attention (not MLA,
+  // rope scaling, sinks or a sliding window: their kernels read fp32).
+  std::string kv_cache_dtype = "fp32";
   // Dequantize the routed experts of MXFP4 / block FP8 checkpoints at load instead of keeping them
   // at their stored size (LoadOptions::dequantize_experts).
   bool dequantize_experts = false;
@@ -149,9 +153,10 @@ class Engine {
 
  private:
   Status ConfigureAttentionPrecision(const std::string& precision);
-  // Per layer, max_seq_len rows of config().kv_cache_key_width() floats in k and of
-  // kv_cache_value_width() floats in v (MLA: v is empty; k holds the normalised latent then the
-  // rotated shared rope key, the compressed form both prefill and decode attend over).
+  Status ConfigureKvCache(const std::string& dtype);
+  // Per layer, max_seq_len rows of config().kv_cache_key_width() values in k and of
+  // kv_cache_value_width() values in v, fp32 or bf16 (kv_bf16_) (MLA: v is empty; k holds the normalised latent then
+  // the rotated shared rope key, the compressed form both prefill and decode attend over).
   struct Sequence {
     int length = 0;
     std::vector<Buffer> k, v;
@@ -206,6 +211,7 @@ class Engine {
   std::vector<float> routing_host_;  // host copy of a layer's router ids + weights (or logits)
   bool expose_router_inputs_ = false;
   bool reduced_precision_attention_ = false;
+  bool kv_bf16_ = false;              // the KV cache holds bf16 (EngineOptions::kv_cache_dtype)
   std::vector<float> router_inputs_;  // host copy behind LayerRouting::hidden
 };
 

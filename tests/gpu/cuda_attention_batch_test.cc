@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "runtime/backend/cpu/cpu_backend.h"
+#include "runtime/core/dtype.h"
 #include "tests/gpu/gpu_test_util.h"
 
 namespace ef::runtime {
@@ -49,8 +50,8 @@ TEST_P(CudaAttentionBatchTest, MatchesCpu) {
   cpu_.AttentionBatch(q.data(), host.data(), S, c.heads, c.kv_heads, c.hd, want.data());
   // The CPU batch op is the per-sequence op in a loop, bit for bit.
   for (const AttentionSeq& a : host)
-    cpu_.Attention(q.data() + a.q_row * qd, a.n_new, a.k, a.v, a.n_total, c.heads, c.kv_heads, c.hd,
-                   loop.data() + a.q_row * qd);
+    cpu_.Attention(q.data() + a.q_row * qd, a.n_new, static_cast<const float*>(a.k), static_cast<const float*>(a.v),
+                   a.n_total, c.heads, c.kv_heads, c.hd, loop.data() + a.q_row * qd);
   EXPECT_EQ(want, loop);
   float* od = dev_->Zeros<float>(q.size());
   gpu_->AttentionBatch(qd_dev, dev.data(), S, c.heads, c.kv_heads, c.hd, od);
@@ -64,6 +65,54 @@ TEST_P(CudaAttentionBatchTest, MatchesCpu) {
   std::vector<float> want2(q.size(), 0.f);
   std::copy(want.begin() + from * qd, want.end(), want2.begin() + from * qd);
   EXPECT_LE(MaxRelError(got2, want2), 1e-5);
+}
+
+// A bf16 KV cache (SetKvCacheDType): the keys and values appended by CopyBatchToBf16 are the CPU's
+// rounding, and attention over them matches the CPU backend's bf16 attention: within 1e-5 on the
+// fp32 kernels (decode, general), within 1e-2 on tensor cores (prefill chunks, bf16 Q and P).
+TEST_P(CudaAttentionBatchTest, Bf16KvCacheMatchesCpu) {
+  const BatchCase& c = GetParam();
+  const int S = static_cast<int>(c.n_new.size());
+  const int64_t qd = static_cast<int64_t>(c.heads) * c.hd, kvd = static_cast<int64_t>(c.kv_heads) * c.hd;
+  int64_t T = 0;
+  for (int n : c.n_new) T += n;
+  const auto q = RandomFloats(T * qd, 23, -2, 2);
+  std::vector<std::vector<uint16_t>> kb(S), vb(S);
+  std::vector<AttentionSeq> host(S), dev(S);
+  std::vector<Backend::CopyItem> appends;
+  float* qd_dev = dev_->Put(q);
+  int64_t row = 0;
+  for (int s = 0; s < S; ++s) {
+    const auto k = RandomFloats(c.n_total[s] * kvd, 300 + s, -2, 2), v = RandomFloats(c.n_total[s] * kvd, 400 + s);
+    kb[s].resize(k.size());
+    vb[s].resize(v.size());
+    for (size_t i = 0; i < k.size(); ++i) kb[s][i] = F32ToBf16(k[i]), vb[s][i] = F32ToBf16(v[i]);
+    uint16_t* kd = dev_->Zeros<uint16_t>(k.size());
+    uint16_t* vdv = dev_->Zeros<uint16_t>(v.size());
+    appends.push_back({kd, dev_->Put(k), k.size() * sizeof(float)});
+    appends.push_back({vdv, dev_->Put(v), v.size() * sizeof(float)});
+    host[s] = AttentionSeq{kb[s].data(), vb[s].data(), row, c.n_new[s], c.n_total[s]};
+    dev[s] = AttentionSeq{kd, vdv, row, c.n_new[s], c.n_total[s]};
+    row += c.n_new[s];
+  }
+  gpu_->CopyBatchToBf16(appends.data(), static_cast<int>(appends.size()));
+  for (int s = 0; s < S; ++s) {
+    ASSERT_EQ(dev_->Get(static_cast<const uint16_t*>(dev[s].k), kb[s].size()), kb[s]) << "keys of sequence " << s;
+    ASSERT_EQ(dev_->Get(static_cast<const uint16_t*>(dev[s].v), vb[s].size()), vb[s]) << "values of sequence " << s;
+  }
+  ASSERT_TRUE(cpu_.SetKvCacheDType(DType::kBF16));
+  ASSERT_TRUE(gpu_->SetKvCacheDType(DType::kBF16));
+  std::vector<float> want(q.size());
+  cpu_.AttentionBatch(q.data(), host.data(), S, c.heads, c.kv_heads, c.hd, want.data());
+  for (bool tensor_cores : {false, true}) {
+    gpu_->SetReducedPrecisionAttention(tensor_cores);
+    float* od = dev_->Zeros<float>(q.size());
+    gpu_->AttentionBatch(qd_dev, dev.data(), S, c.heads, c.kv_heads, c.hd, od);
+    EXPECT_LE(MaxRelError(dev_->Get(od, q.size()), want), tensor_cores ? 1e-2 : 1e-5)
+        << (tensor_cores ? "tensor cores" : "fp32 kernels");
+  }
+  gpu_->SetReducedPrecisionAttention(false);
+  gpu_->SetKvCacheDType(DType::kF32);
 }
 
 std::vector<int> Repeat(int n, int value) { return std::vector<int>(n, value); }

@@ -30,9 +30,11 @@ json ReadRef(const std::string& family) {
   return json::parse(in);
 }
 
-std::unique_ptr<Engine> MakeEngine(const std::string& family, const std::string& backend) {
+std::unique_ptr<Engine> MakeEngine(const std::string& family, const std::string& backend,
+                                   const std::string& kv_cache_dtype = "fp32") {
   EngineOptions o;
   o.backend = backend;
+  o.kv_cache_dtype = kv_cache_dtype;
   auto e = Engine::Create(std::string(EF_TEST_DATA) + "/" + family, o);
   EXPECT_TRUE(e.ok()) << e.status().ToString();
   return e.ok() ? std::move(e).value() : nullptr;
@@ -132,6 +134,32 @@ TEST_P(CudaReferenceTest, CudaAndCpuEnginesAgree) {
     for (size_t v = 0; v < a[r].size(); ++v) max_diff = std::max(max_diff, std::abs(double(a[r][v]) - b[r][v]));
   EXPECT_LT(max_diff, 1e-4) << "max |cuda - cpu| logit";
   std::printf("[ %s ] max |cuda - cpu| logit = %.3g\n", GetParam().c_str(), max_diff);
+}
+
+// A bf16 KV cache: the CUDA engine (bf16 appends, attention over bf16 keys and values) against the
+// CPU engine with the same cache, as closely as the fp32 engines agree; families whose attention
+// reads fp32 only (MLA, rope scaling, sinks) refuse it on both backends.
+TEST_P(CudaReferenceTest, Bf16KvCacheCudaAndCpuEnginesAgree) {
+  json ref = ReadRef(GetParam());
+  const auto ids = ref["input_ids"].get<std::vector<std::vector<int32_t>>>();
+  EngineOptions o;
+  o.backend = "cpu";
+  o.kv_cache_dtype = "bf16";
+  if (!Engine::Create(std::string(EF_TEST_DATA) + "/" + GetParam(), o).ok()) {
+    o.backend = "cuda";
+    EXPECT_FALSE(Engine::Create(std::string(EF_TEST_DATA) + "/" + GetParam(), o).ok()) << GetParam();
+    return;  // refused on both backends, as it should be
+  }
+  auto gpu = MakeEngine(GetParam(), "cuda", "bf16");
+  auto cpu = MakeEngine(GetParam(), "cpu", "bf16");
+  ASSERT_TRUE(gpu && cpu);
+  auto a = AllLogits(*gpu, ids), b = AllLogits(*cpu, ids);
+  ASSERT_EQ(a.size(), b.size());
+  double max_diff = 0;
+  for (size_t r = 0; r < a.size(); ++r)
+    for (size_t v = 0; v < a[r].size(); ++v) max_diff = std::max(max_diff, std::abs(double(a[r][v]) - b[r][v]));
+  EXPECT_LT(max_diff, 1e-4) << "max |cuda - cpu| logit, bf16 kv cache";
+  std::printf("[ %s ] bf16 kv cache: max |cuda - cpu| logit = %.3g\n", GetParam().c_str(), max_diff);
 }
 
 TEST_P(CudaReferenceTest, GreedyKvCacheDecodeMatchesTransformers) {

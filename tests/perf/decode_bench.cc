@@ -64,6 +64,7 @@ struct Args {
   bool pdl = true;            // --no-pdl
   bool host_routing = false;  // --host-routing: every MoE layer's routing to the host (the path past MoeRouted's rows)
   bool separate_qkv = false;  // --separate-qkv: q, k and v as three Gemm calls
+  bool kv_bf16 = false;       // --kv-bf16: the KV cache in bf16
   bool breakdown = true;      // --no-breakdown: the step timings only (e.g. under a profiler)
   std::string json;
   // The layer shape (--shape): Mixtral-8x7B by default.
@@ -123,6 +124,8 @@ Args ParseArgs(int argc, char** argv) {
       a.host_routing = true;
     else if (k == "--separate-qkv")
       a.separate_qkv = true;
+    else if (k == "--kv-bf16")
+      a.kv_bf16 = true;
     else if (k == "--no-breakdown")
       a.breakdown = false;
     else if (k == "--batches") {
@@ -142,6 +145,8 @@ Args ParseArgs(int argc, char** argv) {
           "  --host-routing  every MoE layer copies its routing to the host and waits, at every batch size\n"
           "             (default: decode batches MoeRouted serves keep it on the device, as the engine does)\n"
           "  --separate-qkv  q, k and v as three Gemm calls instead of one GemmGroup\n"
+          "  --kv-bf16  keys and values cached in bf16 (EngineOptions::kv_cache_dtype), appended by\n"
+          "             CopyBatchToBf16\n"
           "  --expert-streams N  prefill experts through Backend::ExpertMlps on N streams with 16-bit products\n"
           "             (default 4; 0: each expert as GateUpSilu or Gemm, Gemm, SiluMul, Gemm in fp32 products)\n"
           "  --no-pdl   launch the decode path's kernels without programmatic dependent launch\n"
@@ -201,6 +206,7 @@ class Bench {
     o.reduced_precision_attention = !a.fp32_attention;  // as the engine's "auto" for bf16 weights
     backend_ = OrDie(CudaBackend::Create(o), "cuda backend");
     b_ = backend_.get();
+    if (a.kv_bf16 && !b_->SetKvCacheDType(DType::kBF16)) Die("no bf16 kv cache on this backend");
     if (cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, b_->device()) != cudaSuccess)
       Die("cannot read the SM count");
   }
@@ -252,11 +258,14 @@ class Bench {
     moe_->set_expert_source(source_.get());
   }
 
+  size_t KvElem() const { return a_.kv_bf16 ? sizeof(uint16_t) : sizeof(float); }
+  void* KvAt(const Buffer& b, int64_t values) const { return static_cast<std::byte*>(b.data()) + values * KvElem(); }
+
   // Sequences: `num` of them, each a KV cache of `cap` positions per layer, `len` filled.
   void MakeSequences(int num, int cap) {
     kv_.clear();
     kv_cap_ = cap;
-    const size_t bytes = static_cast<size_t>(cap) * a_.kv_heads * a_.head_dim * sizeof(float);
+    const size_t bytes = static_cast<size_t>(cap) * a_.kv_heads * a_.head_dim * KvElem();
     for (int s = 0; s < num; ++s) {
       std::vector<Buffer> per;
       for (int l = 0; l < 2 * a_.layers; ++l) per.push_back(OrDie(b_->Allocate(bytes), "kv cache"));
@@ -315,15 +324,19 @@ class Bench {
       std::vector<AttentionSeq> attn_seqs;
       std::vector<Backend::CopyItem> appends;
       for (size_t s = 0; s < n_new.size(); ++s) {
-        float* kc = kv_[s][2 * l].f32() + static_cast<size_t>(len[s]) * kvd;
-        float* vc = kv_[s][2 * l + 1].f32() + static_cast<size_t>(len[s]) * kvd;
+        void* kc = KvAt(kv_[s][2 * l], static_cast<int64_t>(len[s]) * kvd);
+        void* vc = KvAt(kv_[s][2 * l + 1], static_cast<int64_t>(len[s]) * kvd);
         appends.push_back({kc, k + row * kvd, sizeof(float) * n_new[s] * kvd});
         appends.push_back({vc, v + row * kvd, sizeof(float) * n_new[s] * kvd});
         attn_seqs.push_back(
-            AttentionSeq{kv_[s][2 * l].f32(), kv_[s][2 * l + 1].f32(), row, n_new[s], len[s] + n_new[s]});
+            AttentionSeq{kv_[s][2 * l].data(), kv_[s][2 * l + 1].data(), row, n_new[s], len[s] + n_new[s]});
         row += n_new[s];
       }
-      b_->CopyBatch(appends.data(), static_cast<int>(appends.size()));
+      if (a_.kv_bf16) {
+        b_->CopyBatchToBf16(appends.data(), static_cast<int>(appends.size()));
+      } else {
+        b_->CopyBatch(appends.data(), static_cast<int>(appends.size()));
+      }
       b_->AttentionBatch(q, attn_seqs.data(), static_cast<int>(attn_seqs.size()), a_.heads, a_.kv_heads, a_.head_dim,
                          attn);
       Mark("kv append + attention");
@@ -610,40 +623,49 @@ class Bench {
     if (max_batch > 16) batches.push_back(max_batch);
     for (int B : batches) {
       std::vector<AttentionSeq> seqs;
-      for (int s = 0; s < B; ++s) seqs.push_back(AttentionSeq{kv_[s][0].f32(), kv_[s][1].f32(), s, 1, context + 1});
+      for (int s = 0; s < B; ++s) seqs.push_back(AttentionSeq{kv_[s][0].data(), kv_[s][1].data(), s, 1, context + 1});
+      std::vector<Backend::CopyItem> appends;
+      for (int s = 0; s < B; ++s) {
+        appends.push_back({KvAt(kv_[s][0], static_cast<int64_t>(context) * kvd), x, sizeof(float) * kvd});
+        appends.push_back({KvAt(kv_[s][1], static_cast<int64_t>(context) * kvd), x, sizeof(float) * kvd});
+      }
+      const double kv_bytes = 2.0 * B * (context + 1) * kvd * KvElem();
       row("attention decode ctx " + std::to_string(context) + " x " + std::to_string(B) +
               " seqs (kv append + AttentionBatch)",
           time_us(5,
                   [&] {
-                    for (int s = 0; s < B; ++s) {
-                      b_->CopyOnDevice(kv_[s][0].f32() + static_cast<size_t>(context) * kvd, x, sizeof(float) * kvd);
-                      b_->CopyOnDevice(kv_[s][1].f32() + static_cast<size_t>(context) * kvd, x, sizeof(float) * kvd);
+                    if (a_.kv_bf16) {
+                      b_->CopyBatchToBf16(appends.data(), static_cast<int>(appends.size()));
+                    } else {
+                      b_->CopyBatch(appends.data(), static_cast<int>(appends.size()));
                     }
                     b_->AttentionBatch(x, seqs.data(), B, a_.heads, a_.kv_heads, a_.head_dim, y);
                   }),
-          2.0 * B * (context + 1) * kvd * sizeof(float));
+          kv_bytes);
       row("  of which AttentionBatch x " + std::to_string(B) + " seqs",
-          time_us(5, [&] { b_->AttentionBatch(x, seqs.data(), B, a_.heads, a_.kv_heads, a_.head_dim, y); }),
-          2.0 * B * (context + 1) * kvd * sizeof(float));
+          time_us(5, [&] { b_->AttentionBatch(x, seqs.data(), B, a_.heads, a_.kv_heads, a_.head_dim, y); }), kv_bytes);
     }
-    b_->SetReducedPrecisionAttention(false);
-    row("attention prefill " + std::to_string(prefill),
-        time_us(2,
-                [&] {
-                  b_->Attention(x, prefill, kv_[0][0].f32(), kv_[0][1].f32(), prefill, a_.heads, a_.kv_heads,
-                                a_.head_dim, y);
-                }),
-        0);
-    // The same call on tensor cores (bf16 operands).
-    b_->SetReducedPrecisionAttention(true);
-    row("attention prefill " + std::to_string(prefill) + " (tensor cores, bf16)",
-        time_us(5,
-                [&] {
-                  b_->Attention(x, prefill, kv_[0][0].f32(), kv_[0][1].f32(), prefill, a_.heads, a_.kv_heads,
-                                a_.head_dim, y);
-                }),
-        0);
-    b_->SetReducedPrecisionAttention(!a_.fp32_attention);
+    // Attention (one sequence) reads fp32 K/V: rows over the fp32 cache only.
+    if (!a_.kv_bf16) {
+      b_->SetReducedPrecisionAttention(false);
+      row("attention prefill " + std::to_string(prefill),
+          time_us(2,
+                  [&] {
+                    b_->Attention(x, prefill, kv_[0][0].f32(), kv_[0][1].f32(), prefill, a_.heads, a_.kv_heads,
+                                  a_.head_dim, y);
+                  }),
+          0);
+      // The same call on tensor cores (bf16 operands).
+      b_->SetReducedPrecisionAttention(true);
+      row("attention prefill " + std::to_string(prefill) + " (tensor cores, bf16)",
+          time_us(5,
+                  [&] {
+                    b_->Attention(x, prefill, kv_[0][0].f32(), kv_[0][1].f32(), prefill, a_.heads, a_.kv_heads,
+                                  a_.head_dim, y);
+                  }),
+          0);
+      b_->SetReducedPrecisionAttention(!a_.fp32_attention);
+    }
     row("SetZero " + std::to_string(prefill) + "x" + std::to_string(H) + " f32",
         time_us(2, [&] { b_->SetZero(y, sizeof(float) * prefill * H); }), sizeof(float) * prefill * H);
 
@@ -763,7 +785,7 @@ int Main(int argc, char** argv) {
   std::printf("# prefill attention: %s; 16-bit GEMMs past the GEMV: %s\n",
               a.fp32_attention ? "fp32 kernel" : "tensor cores, bf16 operands",
               a.lt_gemm ? "cuBLASLt, planned" : "cublasGemmEx");
-  std::printf("# programmatic dependent launch: %s\n", a.pdl ? "on" : "off");
+  std::printf("# programmatic dependent launch: %s; kv cache: %s\n", a.pdl ? "on" : "off", a.kv_bf16 ? "bf16" : "fp32");
   std::printf("# experts past the GEMV's rows: %s\n",
               a.expert_streams > 0 ? ("ExpertMlps on " + std::to_string(a.expert_streams) + " streams").c_str()
                                    : "one expert at a time, fp32 products");

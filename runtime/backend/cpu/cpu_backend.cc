@@ -69,6 +69,14 @@ void CpuBackend::Free(void* ptr, size_t bytes) {
 void CpuBackend::CopyToDevice(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
 void CpuBackend::CopyToHost(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
 void CpuBackend::CopyOnDevice(void* dst, const void* src, size_t bytes) { std::memmove(dst, src, bytes); }
+
+void CpuBackend::CopyBatchToBf16(const CopyItem* items, int num_items) {
+  for (int i = 0; i < num_items; ++i) {
+    const auto* src = static_cast<const float*>(items[i].src);
+    auto* dst = static_cast<uint16_t*>(items[i].dst);
+    for (size_t j = 0; j < items[i].bytes / sizeof(float); ++j) dst[j] = F32ToBf16(src[j]);
+  }
+}
 void CpuBackend::SetZero(void* dst, size_t bytes) { std::memset(dst, 0, bytes); }
 
 StatusOr<Weight> CpuBackend::UploadWeight(DType dtype, const void* host_data, int64_t rows, int64_t cols) {
@@ -181,7 +189,20 @@ void CpuBackend::AttentionBatch(const float* q, const AttentionSeq* seqs_host, i
   for (int s = 0; s < num_seqs; ++s) {
     const AttentionSeq& a = seqs_host[s];
     if (a.n_new <= 0) continue;
-    Attention(q + a.q_row * q_stride, a.n_new, a.k, a.v, a.n_total, num_heads, num_kv_heads, head_dim,
+    const float* k = static_cast<const float*>(a.k);
+    const float* v = static_cast<const float*>(a.v);
+    std::vector<float> kf, vf;
+    if (kv_bf16_) {
+      const size_t n = static_cast<size_t>(a.n_total) * num_kv_heads * head_dim;
+      kf.resize(n);
+      vf.resize(n);
+      const auto* kb = static_cast<const uint16_t*>(a.k);
+      const auto* vb = static_cast<const uint16_t*>(a.v);
+      for (size_t i = 0; i < n; ++i) kf[i] = Bf16ToF32(kb[i]), vf[i] = Bf16ToF32(vb[i]);
+      k = kf.data();
+      v = vf.data();
+    }
+    Attention(q + a.q_row * q_stride, a.n_new, k, v, a.n_total, num_heads, num_kv_heads, head_dim,
               out + a.q_row * q_stride);
   }
 }
@@ -215,6 +236,8 @@ void CpuBackend::AttentionEx(const float* q, const AttentionSeq* seqs_host, int 
   for (int s = 0; s < num_seqs; ++s) {
     const AttentionSeq& a = seqs_host[s];
     if (a.n_new <= 0) continue;
+    const float* ak = static_cast<const float*>(a.k);  // fp32 whatever SetKvCacheDType says
+    const float* av = static_cast<const float*>(a.v);
     const int offset = a.n_total - a.n_new;
     pool_->ParallelFor(static_cast<int64_t>(spec.num_heads) * a.n_new, [&](int64_t begin, int64_t end) {
       std::vector<float> scores(a.n_total);
@@ -227,7 +250,7 @@ void CpuBackend::AttentionEx(const float* q, const AttentionSeq* seqs_host, int 
         float mx = spec.sinks ? spec.sinks[h] : -INFINITY;
         for (int t = first; t <= last; ++t) {
           scores[t] =
-              Dot(qi, a.k + t * spec.k_stride + static_cast<int64_t>(kvh) * spec.qk_dim, spec.qk_dim) * spec.scale;
+              Dot(qi, ak + t * spec.k_stride + static_cast<int64_t>(kvh) * spec.qk_dim, spec.qk_dim) * spec.scale;
           mx = std::max(mx, scores[t]);
         }
         float sum = spec.sinks ? std::exp(spec.sinks[h] - mx) : 0.f;
@@ -236,7 +259,7 @@ void CpuBackend::AttentionEx(const float* q, const AttentionSeq* seqs_host, int 
         std::fill(o, o + spec.v_dim, 0.f);
         for (int t = first; t <= last; ++t) {
           const float p = scores[t] / sum;
-          const float* vt = a.v + t * spec.v_stride + static_cast<int64_t>(kvh) * spec.v_dim;
+          const float* vt = av + t * spec.v_stride + static_cast<int64_t>(kvh) * spec.v_dim;
           for (int d = 0; d < spec.v_dim; ++d) o[d] += p * vt[d];
         }
       }

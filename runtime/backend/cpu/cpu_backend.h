@@ -21,6 +21,13 @@ class CpuBackend final : public Backend {
   void CopyToDevice(void* dst, const void* host_src, size_t bytes) override;
   void CopyToHost(void* host_dst, const void* src, size_t bytes) override;
   void CopyOnDevice(void* dst, const void* src, size_t bytes) override;
+  void CopyBatchToBf16(const CopyItem* items, int num_items) override;
+  // bf16 K/V are widened to fp32 per sequence, then attended as fp32.
+  bool SetKvCacheDType(DType t) override {
+    if (t != DType::kF32 && t != DType::kBF16) return false;
+    kv_bf16_ = t == DType::kBF16;
+    return true;
+  }
   void SetZero(void* dst, size_t bytes) override;
   void Synchronize() override {}
   StatusOr<Weight> UploadWeight(DType dtype, const void* host_data, int64_t rows, int64_t cols) override;
@@ -54,6 +61,7 @@ class CpuBackend final : public Backend {
  private:
   ThreadPool* pool_;
   std::atomic<size_t> bytes_in_use_{0};
+  bool kv_bf16_ = false;
 };
 
 }  // namespace ef::runtime

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "runtime/backend/cpu/cpu_backend.h"
+#include "runtime/core/block_scaled.h"
 #include "runtime/core/dtype.h"
 #include "runtime/core/quant.h"
 #include "runtime/core/quant_format.h"
@@ -197,8 +198,11 @@ void WidenRow(const Weight& w, int64_t j, float* dst) {
       for (int64_t c = 0; c < k; ++c) dst[c] = F16ToF32(p[c]);
       return;
     }
-    default:
+    case DType::kF32:
       std::memcpy(dst, static_cast<const float*>(w.data) + j * k, static_cast<size_t>(k) * sizeof(float));
+      return;
+    default:  // block-scaled (MXFP4, block FP8)
+      return DequantizeBlockScaledRow(w.dtype, w.data, w.rows, k, j, dst);
   }
 }
 

@@ -62,7 +62,8 @@ bool DecodeMergeFits(int group, int head_dim, int tile, int num_splits) {
 __global__ void __launch_bounds__(kDecodeThreads)
     AttentionDecodeKernel(const float* __restrict__ q, const __grid_constant__ SeqTable seqs, int num_heads,
                           int num_kv_heads, int head_dim, int tile, float scale, float* __restrict__ out,
-                          float* __restrict__ ws, int64_t ws_rows, int num_splits, unsigned* __restrict__ counters) {
+                          float* __restrict__ ws, int64_t ws_rows, int num_splits, unsigned* __restrict__ counters,
+                          bool kv_bf16) {
   PdlEnter();
   constexpr int kUnroll = 8;  // 16-byte loads of K and of V in flight per thread
   extern __shared__ float4 smem4[];
@@ -93,8 +94,11 @@ __global__ void __launch_bounds__(kDecodeThreads)
     ls[threadIdx.x] = 0.f;
   }
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, num_warps = blockDim.x >> 5;
-  const float* kbase = sd.k + kvh * head_dim;
-  const float* vbase = sd.v + kvh * head_dim;
+  // fp32 K/V, or bf16 (kv_bf16: 8-byte loads of 4 values, widened as they land).
+  const float* kbase = static_cast<const float*>(sd.k) + kvh * head_dim;
+  const float* vbase = static_cast<const float*>(sd.v) + kvh * head_dim;
+  const uint16_t* kbase16 = static_cast<const uint16_t*>(sd.k) + kvh * head_dim;
+  const uint16_t* vbase16 = static_cast<const uint16_t*>(sd.v) + kvh * head_dim;
 
   for (int t0 = key_begin; t0 < key_end; t0 += tile) {
     const int nk = min(tile, key_end - t0), n4 = nk * d4;
@@ -106,8 +110,13 @@ __global__ void __launch_bounds__(kDecodeThreads)
         const int t = base + u * blockDim.x;
         if (t < n4) {
           const int64_t off = (t0 + t / d4) * kv_stride;
-          kr[u] = __ldg(reinterpret_cast<const float4*>(kbase + off) + t % d4);
-          vr[u] = __ldg(reinterpret_cast<const float4*>(vbase + off) + t % d4);
+          if (kv_bf16) {
+            kr[u] = Bf16x4ToFloat4(__ldg(reinterpret_cast<const uint2*>(kbase16 + off) + t % d4));
+            vr[u] = Bf16x4ToFloat4(__ldg(reinterpret_cast<const uint2*>(vbase16 + off) + t % d4));
+          } else {
+            kr[u] = __ldg(reinterpret_cast<const float4*>(kbase + off) + t % d4);
+            vr[u] = __ldg(reinterpret_cast<const float4*>(vbase + off) + t % d4);
+          }
         }
       }
 #pragma unroll
@@ -255,7 +264,7 @@ template <int kMaxD, int kTile, int kRows>
 __global__ void __launch_bounds__(kWarps * 32)
     AttentionBatchKernel(const float* __restrict__ q, const __grid_constant__ SeqTable seqs, int num_heads,
                          int num_kv_heads, int head_dim, float scale, float* __restrict__ out, float* __restrict__ ws,
-                         int64_t ws_rows, int num_splits) {
+                         int64_t ws_rows, int num_splits, bool kv_bf16) {
   constexpr int kPerLane = kMaxD / 32;
   constexpr int kRowsPerWarp = kRows / kWarps;
   __shared__ float ks[kTile][kMaxD + 1];
@@ -270,8 +279,10 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int total_rows = n_new * group;
   const int row0 = blockIdx.x * kRows;
   if (row0 >= total_rows) return;  // block-uniform, before any barrier
-  const float* __restrict__ k = sd.k;
-  const float* __restrict__ v = sd.v;
+  const float* __restrict__ k = static_cast<const float*>(sd.k);
+  const float* __restrict__ v = static_cast<const float*>(sd.v);
+  const __nv_bfloat16* __restrict__ k16 = static_cast<const __nv_bfloat16*>(sd.k);
+  const __nv_bfloat16* __restrict__ v16 = static_cast<const __nv_bfloat16*>(sd.v);
   const int offset = n_total - n_new;
   const int q_stride = num_heads * head_dim, kv_stride = num_kv_heads * head_dim;
   const float* qseq = q + sd.q_row * q_stride;
@@ -312,8 +323,8 @@ __global__ void __launch_bounds__(kWarps * 32)
       float kv = 0.f, vv = 0.f;
       if (key < key_end) {
         const int64_t off = static_cast<int64_t>(key) * kv_stride + kvh * head_dim + d;
-        kv = k[off];
-        vv = v[off];
+        kv = kv_bf16 ? __bfloat162float(k16[off]) : k[off];
+        vv = kv_bf16 ? __bfloat162float(v16[off]) : v[off];
       }
       ks[j][d] = kv;
       vs[j][d] = vv;
@@ -407,12 +418,12 @@ __global__ void AttentionBatchCombineKernel(const float* __restrict__ ws, const 
 
 template <int kMaxD, int kTile, int kRows>
 void Launch(const float* q, const SeqTable& seqs, int num_seqs, const AttentionBatchPlan& plan, int num_heads,
-            int num_kv_heads, int head_dim, float* out, float* ws, cudaStream_t stream) {
+            int num_kv_heads, int head_dim, float* out, float* ws, cudaStream_t stream, bool kv_bf16) {
   const int group = num_heads / num_kv_heads;
   dim3 grid((plan.max_n_new * group + kRows - 1) / kRows, num_kv_heads, num_seqs * plan.num_splits);
   const float scale = 1.0f / sqrtf(static_cast<float>(head_dim));
   AttentionBatchKernel<kMaxD, kTile, kRows><<<grid, kWarps * 32, 0, stream>>>(
-      q, seqs, num_heads, num_kv_heads, head_dim, scale, out, ws, plan.num_rows, plan.num_splits);
+      q, seqs, num_heads, num_kv_heads, head_dim, scale, out, ws, plan.num_rows, plan.num_splits, kv_bf16);
 }
 
 constexpr int RowsFor(int head_dim) { return head_dim <= 128 ? 16 : 8; }
@@ -469,8 +480,8 @@ AttentionBatchPlan plan_attention_batch(const AttentionSeqDesc* seqs_host, int n
 
 cudaError_t launch_attention_batch(const float* q, const AttentionSeqDesc* seqs_host, const AttentionSeqDesc* seqs_dev,
                                    int num_seqs, const AttentionBatchPlan& plan, int num_heads, int num_kv_heads,
-                                   int head_dim, float* out, float* workspace, unsigned* counters,
-                                   cudaStream_t stream) {
+                                   int head_dim, float* out, float* workspace, unsigned* counters, cudaStream_t stream,
+                                   bool kv_bf16) {
   if (num_seqs <= 0 || plan.max_n_new <= 0) return cudaSuccess;
   if (head_dim > 256 || num_kv_heads <= 0 || num_heads % num_kv_heads != 0 || plan.num_splits < 1 ||
       static_cast<int64_t>(num_seqs) * plan.num_splits > kMaxGridZ ||
@@ -494,17 +505,17 @@ cudaError_t launch_attention_batch(const float* q, const AttentionSeqDesc* seqs_
     if (cudaError_t e = LaunchPdl(AttentionDecodeKernel, grid, dim3(kDecodeThreads), smem, stream, q, table, num_heads,
                                   num_kv_heads, head_dim, plan.decode_tile, 1.0f / sqrtf(static_cast<float>(head_dim)),
                                   out, workspace, static_cast<int64_t>(plan.num_rows), plan.num_splits,
-                                  merged ? counters : static_cast<unsigned*>(nullptr));
+                                  merged ? counters : static_cast<unsigned*>(nullptr), kv_bf16);
         e != cudaSuccess)
       return e;
   } else if (head_dim <= 32) {
-    Launch<32, 32, 16>(q, table, num_seqs, plan, num_heads, num_kv_heads, head_dim, out, workspace, stream);
+    Launch<32, 32, 16>(q, table, num_seqs, plan, num_heads, num_kv_heads, head_dim, out, workspace, stream, kv_bf16);
   } else if (head_dim <= 64) {
-    Launch<64, 32, 16>(q, table, num_seqs, plan, num_heads, num_kv_heads, head_dim, out, workspace, stream);
+    Launch<64, 32, 16>(q, table, num_seqs, plan, num_heads, num_kv_heads, head_dim, out, workspace, stream, kv_bf16);
   } else if (head_dim <= 128) {
-    Launch<128, 32, 16>(q, table, num_seqs, plan, num_heads, num_kv_heads, head_dim, out, workspace, stream);
+    Launch<128, 32, 16>(q, table, num_seqs, plan, num_heads, num_kv_heads, head_dim, out, workspace, stream, kv_bf16);
   } else {
-    Launch<256, 16, 8>(q, table, num_seqs, plan, num_heads, num_kv_heads, head_dim, out, workspace, stream);
+    Launch<256, 16, 8>(q, table, num_seqs, plan, num_heads, num_kv_heads, head_dim, out, workspace, stream, kv_bf16);
   }
   if (plan.num_splits > 1 && !merged) {
     cudaError_t e = cudaGetLastError();

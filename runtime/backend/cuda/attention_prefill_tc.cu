@@ -52,6 +52,7 @@
 
 #include "runtime/backend/cuda/attention_seq_table.cuh"
 #include "runtime/backend/cuda/cuda_kernels.h"
+#include "runtime/backend/cuda/kernel_util.cuh"
 
 namespace ef::runtime::cuda {
 namespace {
@@ -117,7 +118,8 @@ constexpr int kBlockChunks = (2 * kKeys * kD) / 8;
 
 template <int kD>
 __global__ void __launch_bounds__(kStageThreads)
-    AttentionStageKvKernel(const __grid_constant__ SeqTable seqs, int num_kv_heads, uint4* __restrict__ kv) {
+    AttentionStageKvKernel(const __grid_constant__ SeqTable seqs, int num_kv_heads, uint4* __restrict__ kv,
+                           bool kv_bf16) {
   constexpr int kC = kD / 4;  // float4 per key of one head
   __shared__ float vs[kKeys][kD + 1];
   __shared__ int64_t red[32];
@@ -127,14 +129,23 @@ __global__ void __launch_bounds__(kStageThreads)
   const int64_t first = FirstKeyBlock(seqs, blockIdx.z, red);
   uint32_t* dst = reinterpret_cast<uint32_t*>(kv + ((first + block) * num_kv_heads + kvh) * kBlockChunks<kD>);
   const int64_t kv_stride = static_cast<int64_t>(num_kv_heads) * kD;
-  const float* kh = sd.k + kvh * kD;
-  const float* vh = sd.v + kvh * kD;
+  // fp32 K/V rounded here, or a bf16 KV cache's values (widened, then packed back unchanged).
+  const float* kh = static_cast<const float*>(sd.k) + kvh * kD;
+  const float* vh = static_cast<const float*>(sd.v) + kvh * kD;
+  const uint16_t* kh16 = static_cast<const uint16_t*>(sd.k) + kvh * kD;
+  const uint16_t* vh16 = static_cast<const uint16_t*>(sd.v) + kvh * kD;
   const int t0 = block * kKeys;
   const float4 zero4 = make_float4(0.f, 0.f, 0.f, 0.f);
   for (int f = threadIdx.x; f < kKeys * kC; f += kStageThreads) {
     const int j = f / kC, c = f % kC, key = t0 + j;
-    const float4 kx = key < sd.n_total ? __ldg(reinterpret_cast<const float4*>(kh + key * kv_stride) + c) : zero4;
-    const float4 vx = key < sd.n_total ? __ldg(reinterpret_cast<const float4*>(vh + key * kv_stride) + c) : zero4;
+    float4 kx = zero4, vx = zero4;
+    if (key < sd.n_total && kv_bf16) {
+      kx = Bf16x4ToFloat4(__ldg(reinterpret_cast<const uint2*>(kh16 + key * kv_stride) + c));
+      vx = Bf16x4ToFloat4(__ldg(reinterpret_cast<const uint2*>(vh16 + key * kv_stride) + c));
+    } else if (key < sd.n_total) {
+      kx = __ldg(reinterpret_cast<const float4*>(kh + key * kv_stride) + c);
+      vx = __ldg(reinterpret_cast<const float4*>(vh + key * kv_stride) + c);
+    }
     *reinterpret_cast<uint2*>(dst + j * (kD / 2) + 2 * c) = make_uint2(PackBf16x2(kx.x, kx.y), PackBf16x2(kx.z, kx.w));
     vs[j][4 * c] = vx.x;
     vs[j][4 * c + 1] = vx.y;
@@ -351,7 +362,8 @@ cudaError_t AllowPrefillSmem() {
 
 template <int kD, int kWarps, int kMinBlocks, int kStages>
 cudaError_t LaunchPrefillTc(const float* q, const SeqTable& table, int num_seqs, int max_n_new, int max_blocks,
-                            int num_heads, int num_kv_heads, float* out, void* workspace, cudaStream_t stream) {
+                            int num_heads, int num_kv_heads, float* out, void* workspace, cudaStream_t stream,
+                            bool kv_bf16) {
   constexpr int kRows = kWarps * 16;
   const int row_tiles = (max_n_new + kRows - 1) / kRows;
   if (row_tiles > kMaxGridYZ) return cudaErrorInvalidValue;
@@ -359,7 +371,7 @@ cudaError_t LaunchPrefillTc(const float* q, const SeqTable& table, int num_seqs,
   if (e != cudaSuccess) return e;
   uint4* kv = static_cast<uint4*>(workspace);
   AttentionStageKvKernel<kD>
-      <<<dim3(max_blocks, num_kv_heads, num_seqs), kStageThreads, 0, stream>>>(table, num_kv_heads, kv);
+      <<<dim3(max_blocks, num_kv_heads, num_seqs), kStageThreads, 0, stream>>>(table, num_kv_heads, kv, kv_bf16);
   e = cudaGetLastError();
   if (e != cudaSuccess) return e;
   const float scale_log2 = 1.4426950408889634f / sqrtf(static_cast<float>(kD));  // log2(e) / sqrt(hd)
@@ -392,7 +404,7 @@ size_t attention_prefill_tc_workspace_bytes(const AttentionSeqDesc* seqs_host, i
 
 cudaError_t launch_attention_prefill_tc(const float* q, const AttentionSeqDesc* seqs_host,
                                         const AttentionSeqDesc* seqs_dev, int num_seqs, int num_heads, int num_kv_heads,
-                                        int head_dim, float* out, void* workspace, cudaStream_t stream) {
+                                        int head_dim, float* out, void* workspace, cudaStream_t stream, bool kv_bf16) {
   if (num_seqs <= 0) return cudaSuccess;
   if (!attention_prefill_tc_supported(seqs_host, num_seqs, num_heads, num_kv_heads, head_dim, q, out))
     return cudaErrorInvalidValue;
@@ -412,9 +424,9 @@ cudaError_t launch_attention_prefill_tc(const float* q, const AttentionSeqDesc* 
   // blocks per SM at head_dim 64 (128 registers) and 2 at head_dim 128 (210 registers).
   if (head_dim == 64)
     return LaunchPrefillTc<64, 4, 4, 2>(q, table, num_seqs, max_n_new, mb, num_heads, num_kv_heads, out, workspace,
-                                        stream);
+                                        stream, kv_bf16);
   return LaunchPrefillTc<128, 4, 2, 2>(q, table, num_seqs, max_n_new, mb, num_heads, num_kv_heads, out, workspace,
-                                       stream);
+                                       stream, kv_bf16);
 }
 
 }  // namespace ef::runtime::cuda

@@ -34,7 +34,46 @@ __global__ void CopyBatchKernel(const __grid_constant__ Items items) {
   }
 }
 
+// Item blockIdx.y, its blocks strided over it (gridDim.x of them): 4 floats -> 4 bf16 per step
+// when aligned, else one at a time.
+__global__ void CopyBatchToBf16Kernel(const __grid_constant__ Items items) {
+  PdlEnter();
+  const CopyBatchItem it = items.item[blockIdx.y];
+  const size_t n = it.bytes / sizeof(float);
+  const size_t step = static_cast<size_t>(gridDim.x) * blockDim.x, first = blockIdx.x * blockDim.x + threadIdx.x;
+  const auto d = reinterpret_cast<uintptr_t>(it.dst), s = reinterpret_cast<uintptr_t>(it.src);
+  if (((d & 7) | (s & 15) | (n & 3)) == 0) {
+    const float4* src = static_cast<const float4*>(it.src);
+    uint2* dst = static_cast<uint2*>(it.dst);
+    for (size_t i = first; i < n / 4; i += step) {
+      const float4 f = src[i];
+      dst[i] = make_uint2(PackBf16(f.x, f.y), PackBf16(f.z, f.w));
+    }
+  } else {
+    const float* src = static_cast<const float*>(it.src);
+    __nv_bfloat16* dst = static_cast<__nv_bfloat16*>(it.dst);
+    for (size_t i = first; i < n; i += step) dst[i] = __float2bfloat16_rn(src[i]);
+  }
+}
+
 }  // namespace
+
+cudaError_t launch_copy_batch_to_bf16(const CopyBatchItem* items_host, int num_items, cudaStream_t stream) {
+  for (int first = 0; first < num_items; first += kCopyBatchMaxItems) {
+    const int n = std::min(kCopyBatchMaxItems, num_items - first);
+    Items items;
+    std::memcpy(items.item, items_host + first, sizeof(CopyBatchItem) * n);
+    size_t most = 0;
+    for (int i = 0; i < n; ++i) most = std::max(most, items.item[i].bytes / sizeof(float));
+    // A block converts 1024 floats per pass; a prefill chunk's item gets up to 64 blocks.
+    const unsigned blocks = static_cast<unsigned>(std::clamp<size_t>((most + 1023) / 1024, 1, 64));
+    if (cudaError_t e =
+            LaunchPdl(CopyBatchToBf16Kernel, dim3(blocks, static_cast<unsigned>(n)), dim3(256), 0, stream, items);
+        e != cudaSuccess)
+      return e;
+  }
+  return cudaSuccess;
+}
 
 cudaError_t launch_copy_batch(const CopyBatchItem* items_host, int num_items, cudaStream_t stream) {
   for (int first = 0; first < num_items; first += kCopyBatchMaxItems) {

@@ -541,6 +541,15 @@ void CudaBackend::CopyBatch(const CopyItem* items, int num_items) {
     CUDA_CHECK_LOG(cuda::launch_copy_batch(small.data(), static_cast<int>(small.size()), stream_), &error_);
 }
 
+void CudaBackend::CopyBatchToBf16(const CopyItem* items, int num_items) {
+  std::vector<cuda::CopyBatchItem> todo;
+  todo.reserve(static_cast<size_t>(std::max(num_items, 0)));
+  for (int i = 0; i < num_items; ++i)
+    if (items[i].bytes > 0) todo.push_back({items[i].dst, items[i].src, items[i].bytes});
+  if (!todo.empty())
+    CUDA_CHECK_LOG(cuda::launch_copy_batch_to_bf16(todo.data(), static_cast<int>(todo.size()), stream_), &error_);
+}
+
 void CudaBackend::SetZero(void* dst, size_t bytes) {
   if (bytes == 0) return;
   CUDA_CHECK_LOG(cudaMemsetAsync(dst, 0, bytes, stream_), &error_);
@@ -700,11 +709,16 @@ void CudaBackend::Attention(const float* q, int n_new, const float* k, const flo
                             int num_kv_heads, int head_dim, float* out) {
   // One sequence is a batch of one: a single kernel family serves prefill, decode and batches.
   const AttentionSeq seq{k, v, /*q_row=*/0, n_new, n_total};
-  AttentionBatch(q, &seq, 1, num_heads, num_kv_heads, head_dim, out);
+  AttentionSeqs(q, &seq, 1, num_heads, num_kv_heads, head_dim, out, /*kv_bf16=*/false);
 }
 
 void CudaBackend::AttentionBatch(const float* q, const AttentionSeq* seqs_host, int num_seqs, int num_heads,
                                  int num_kv_heads, int head_dim, float* out) {
+  AttentionSeqs(q, seqs_host, num_seqs, num_heads, num_kv_heads, head_dim, out, kv_bf16_);
+}
+
+void CudaBackend::AttentionSeqs(const float* q, const AttentionSeq* seqs_host, int num_seqs, int num_heads,
+                                int num_kv_heads, int head_dim, float* out, bool kv_bf16) {
   if (num_seqs <= 0) return;
   std::vector<cuda::AttentionSeqDesc> desc(static_cast<size_t>(num_seqs));
   for (int s = 0; s < num_seqs; ++s) {
@@ -718,12 +732,12 @@ void CudaBackend::AttentionBatch(const float* q, const AttentionSeq* seqs_host, 
     // apply (shapes, alignment, workspace memory), those chunks take the fp32 path as well.
     std::vector<cuda::AttentionSeqDesc> tc, rest;
     for (const cuda::AttentionSeqDesc& d : desc) (d.n_new >= cuda::kAttentionPrefillTcMinRows ? tc : rest).push_back(d);
-    if (!tc.empty() && AttentionPrefillTc(q, tc, num_heads, num_kv_heads, head_dim, out)) {
-      if (!rest.empty()) AttentionFp32(q, rest, num_heads, num_kv_heads, head_dim, out);
+    if (!tc.empty() && AttentionPrefillTc(q, tc, num_heads, num_kv_heads, head_dim, out, kv_bf16)) {
+      if (!rest.empty()) AttentionFp32(q, rest, num_heads, num_kv_heads, head_dim, out, kv_bf16);
       return;
     }
   }
-  AttentionFp32(q, desc, num_heads, num_kv_heads, head_dim, out);
+  AttentionFp32(q, desc, num_heads, num_kv_heads, head_dim, out, kv_bf16);
 }
 
 const cuda::AttentionSeqDesc* CudaBackend::DeviceDescriptors(const std::vector<cuda::AttentionSeqDesc>& desc) {
@@ -738,7 +752,7 @@ const cuda::AttentionSeqDesc* CudaBackend::DeviceDescriptors(const std::vector<c
 }
 
 bool CudaBackend::AttentionPrefillTc(const float* q, const std::vector<cuda::AttentionSeqDesc>& desc, int num_heads,
-                                     int num_kv_heads, int head_dim, float* out) {
+                                     int num_kv_heads, int head_dim, float* out, bool kv_bf16) {
   const int n = static_cast<int>(desc.size());
   if (!cuda::attention_prefill_tc_supported(desc.data(), n, num_heads, num_kv_heads, head_dim, q, out)) return false;
   // The bf16 keys and values of these sequences live in the attention workspace; without the
@@ -749,13 +763,13 @@ bool CudaBackend::AttentionPrefillTc(const float* q, const std::vector<cuda::Att
   const cuda::AttentionSeqDesc* desc_dev = DeviceDescriptors(desc);
   if (n > cuda::kAttentionInlineSeqs && !desc_dev) return true;  // the error is recorded
   CUDA_CHECK_LOG(cuda::launch_attention_prefill_tc(q, desc.data(), desc_dev, n, num_heads, num_kv_heads, head_dim, out,
-                                                   ws, stream_),
+                                                   ws, stream_, kv_bf16),
                  &error_);
   return true;
 }
 
 void CudaBackend::AttentionFp32(const float* q, const std::vector<cuda::AttentionSeqDesc>& desc, int num_heads,
-                                int num_kv_heads, int head_dim, float* out) {
+                                int num_kv_heads, int head_dim, float* out, bool kv_bf16) {
   const int n = static_cast<int>(desc.size());
   const cuda::AttentionBatchPlan plan =
       cuda::plan_attention_batch(desc.data(), n, num_heads, num_kv_heads, head_dim, num_sms_);
@@ -778,7 +792,7 @@ void CudaBackend::AttentionFp32(const float* q, const std::vector<cuda::Attentio
     counters = static_cast<unsigned*>(attn_counters_);
   }
   CUDA_CHECK_LOG(cuda::launch_attention_batch(q, desc.data(), desc_dev, n, plan, num_heads, num_kv_heads, head_dim, out,
-                                              ws, counters, stream_),
+                                              ws, counters, stream_, kv_bf16),
                  &error_);
 }
 
@@ -795,7 +809,10 @@ void CudaBackend::AttentionEx(const float* q, const AttentionSeq* seqs_host, int
                                      spec.scale,     spec.window,       spec.sinks};
   for (int s = 0; s < num_seqs; ++s) {
     const AttentionSeq& a = seqs_host[s];
-    CUDA_CHECK_LOG(cuda::launch_attention_ex(q, a.k, a.v, a.q_row, a.n_new, a.n_total, shape, out, stream_), &error_);
+    // AttentionEx reads fp32 K/V whatever SetKvCacheDType says (the engine keeps such models in fp32).
+    CUDA_CHECK_LOG(cuda::launch_attention_ex(q, static_cast<const float*>(a.k), static_cast<const float*>(a.v), a.q_row,
+                                             a.n_new, a.n_total, shape, out, stream_),
+                   &error_);
   }
 }
 

@@ -84,6 +84,7 @@ class CudaBackend final : public Backend {
   void CopyToHost(void* host_dst, const void* src, size_t bytes) override;
   void CopyOnDevice(void* dst, const void* src, size_t bytes) override;
   void CopyBatch(const CopyItem* items, int num_items) override;
+  void CopyBatchToBf16(const CopyItem* items, int num_items) override;
   bool GateUpSilu(const float* x, int64_t m, const Weight& gate, const Weight& up, float* out) override;
   bool ExpertMlps(const float* x, const ExpertMlpRows* experts, int count, float* y) override;
   void GemmGroup(const float* x, int64_t m, int count, const Weight* const* ws, const Weight* const* biases,
@@ -125,6 +126,11 @@ class CudaBackend final : public Backend {
                       float* dst) override;
   void AddSigmoidGated(const float* src, const float* gate_logit, int64_t rows, int dim, float* dst) override;
   void SetReducedPrecisionAttention(bool on) override { reduced_precision_attention_ = on; }
+  bool SetKvCacheDType(DType t) override {
+    if (t != DType::kF32 && t != DType::kBF16) return false;
+    kv_bf16_ = t == DType::kBF16;
+    return true;
+  }
 
   // --- CUDA specifics ---
   // The first CUDA/cuBLAS error seen by an op, or OK.
@@ -154,11 +160,14 @@ class CudaBackend final : public Backend {
   // Grows a backend-private scratch buffer (stream-ordered, so no sync). Out of memory: the
   // backend's error when `required`, else only nullptr (the caller has another way).
   void* EnsureScratch(void** buf, size_t* cap, size_t bytes, bool required = true);
-  // AttentionBatch's two paths: tensor cores (false: not applicable, nothing enqueued) and fp32.
+  // AttentionBatch with K/V of fp32 or bf16 (Attention: always fp32).
+  void AttentionSeqs(const float* q, const AttentionSeq* seqs_host, int num_seqs, int num_heads, int num_kv_heads,
+                     int head_dim, float* out, bool kv_bf16);
+  // Its two paths: tensor cores (false: not applicable, nothing enqueued) and fp32.
   bool AttentionPrefillTc(const float* q, const std::vector<cuda::AttentionSeqDesc>& desc, int num_heads,
-                          int num_kv_heads, int head_dim, float* out);
+                          int num_kv_heads, int head_dim, float* out, bool kv_bf16);
   void AttentionFp32(const float* q, const std::vector<cuda::AttentionSeqDesc>& desc, int num_heads, int num_kv_heads,
-                     int head_dim, float* out);
+                     int head_dim, float* out, bool kv_bf16);
   // A device copy of the descriptors when more than fit in a launch's parameters, else nullptr.
   const cuda::AttentionSeqDesc* DeviceDescriptors(const std::vector<cuda::AttentionSeqDesc>& desc);
   void Stage(void* dst, const void* src, size_t bytes);
@@ -172,6 +181,7 @@ class CudaBackend final : public Backend {
 
   CudaBackendOptions options_;
   bool reduced_precision_attention_ = false;
+  bool kv_bf16_ = false;  // SetKvCacheDType
   std::string name_;
   size_t budget_ = 0;
   int num_sms_ = 0;

@@ -43,9 +43,10 @@ cudaError_t launch_rope_qk(float* q, float* k, const int32_t* positions, int64_t
 // plan.workspace_floats floats when plan.num_splits > 1, else may be null. `counters` holds
 // plan.num_counters zeroed uint32 (the decode kernel merges its splits itself and leaves them
 // zeroed again), or is null (a second kernel merges).
+// k and v: fp32, or bf16 where a launch says kv_bf16 (a bf16 KV cache).
 struct AttentionSeqDesc {
-  const float* k;
-  const float* v;
+  const void* k;
+  const void* v;
   int64_t q_row;
   int n_new;
   int n_total;
@@ -67,7 +68,8 @@ AttentionBatchPlan plan_attention_batch(const AttentionSeqDesc* seqs_host, int n
                                         int num_kv_heads, int head_dim, int num_sms);
 cudaError_t launch_attention_batch(const float* q, const AttentionSeqDesc* seqs_host, const AttentionSeqDesc* seqs_dev,
                                    int num_seqs, const AttentionBatchPlan& plan, int num_heads, int num_kv_heads,
-                                   int head_dim, float* out, float* workspace, unsigned* counters, cudaStream_t stream);
+                                   int head_dim, float* out, float* workspace, unsigned* counters, cudaStream_t stream,
+                                   bool kv_bf16 = false);
 
 // Causal GQA attention of prefill chunks on tensor cores (flash attention; see
 // attention_prefill_tc.cu): the contract of launch_attention_batch (descriptors inline up to
@@ -87,7 +89,8 @@ size_t attention_prefill_tc_workspace_bytes(const AttentionSeqDesc* seqs_host, i
                                             int head_dim);
 cudaError_t launch_attention_prefill_tc(const float* q, const AttentionSeqDesc* seqs_host,
                                         const AttentionSeqDesc* seqs_dev, int num_seqs, int num_heads, int num_kv_heads,
-                                        int head_dim, float* out, void* workspace, cudaStream_t stream);
+                                        int head_dim, float* out, void* workspace, cudaStream_t stream,
+                                        bool kv_bf16 = false);
 
 // Table-driven rotary embedding on a slice of each head (see Backend::RopeTable / RopeSpec).
 cudaError_t launch_rope_table(float* x, const int32_t* positions, int64_t rows, int num_heads, int rot_dim,
@@ -278,6 +281,9 @@ struct CopyBatchItem {
 };
 inline constexpr int kCopyBatchMaxItems = 128;
 cudaError_t launch_copy_batch(const CopyBatchItem* items_host, int num_items, cudaStream_t stream);
+// The same, rounding fp32 to bf16 (nearest even): item i reads bytes / 4 floats from src and writes
+// as many bf16 values to dst (Backend::CopyBatchToBf16).
+cudaError_t launch_copy_batch_to_bf16(const CopyBatchItem* items_host, int num_items, cudaStream_t stream);
 
 // dst[i] = (dst_dtype) src[i], round to nearest even (dst_dtype F16 or BF16).
 cudaError_t launch_convert_f32(const float* src, void* dst, DType dst_dtype, int64_t n, cudaStream_t stream);
