@@ -9,6 +9,8 @@
 // this machine (a whole expert, and half of one as a partial copy); the host time is a running
 // mean of the host computations. `on` computes every eligible miss on the host; `split`
 // (tests) splits the first eligible miss of each layer in half and computes the others on the host.
+// Where a miss is computed (and where a split cuts it) follows measured times, so outputs agree
+// with the all-GPU run to fp32 rounding, not bit for bit from run to run.
 //
 // Ownership: shares the pinned tier with the device arena. Thread safety: engine thread only.
 #pragma once
