@@ -69,6 +69,13 @@ std::vector<std::vector<float>> AllLogits(Engine& engine, const std::vector<std:
   return rows;
 }
 
+double MaxLogitDiff(const std::vector<std::vector<float>>& a, const std::vector<std::vector<float>>& b) {
+  double m = 0;
+  for (size_t r = 0; r < a.size() && r < b.size(); ++r)
+    for (size_t v = 0; v < a[r].size() && v < b[r].size(); ++v) m = std::max(m, std::abs(double(a[r][v]) - b[r][v]));
+  return m;
+}
+
 class CudaReferenceTest : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
@@ -129,9 +136,7 @@ TEST_P(CudaReferenceTest, CudaAndCpuEnginesAgree) {
   ASSERT_TRUE(gpu && cpu);
   auto a = AllLogits(*gpu, ids), b = AllLogits(*cpu, ids);
   ASSERT_EQ(a.size(), b.size());
-  double max_diff = 0;
-  for (size_t r = 0; r < a.size(); ++r)
-    for (size_t v = 0; v < a[r].size(); ++v) max_diff = std::max(max_diff, std::abs(double(a[r][v]) - b[r][v]));
+  const double max_diff = MaxLogitDiff(a, b);
   EXPECT_LT(max_diff, 1e-4) << "max |cuda - cpu| logit";
   std::printf("[ %s ] max |cuda - cpu| logit = %.3g\n", GetParam().c_str(), max_diff);
 }
@@ -155,9 +160,7 @@ TEST_P(CudaReferenceTest, Bf16KvCacheCudaAndCpuEnginesAgree) {
   ASSERT_TRUE(gpu && cpu);
   auto a = AllLogits(*gpu, ids), b = AllLogits(*cpu, ids);
   ASSERT_EQ(a.size(), b.size());
-  double max_diff = 0;
-  for (size_t r = 0; r < a.size(); ++r)
-    for (size_t v = 0; v < a[r].size(); ++v) max_diff = std::max(max_diff, std::abs(double(a[r][v]) - b[r][v]));
+  const double max_diff = MaxLogitDiff(a, b);
   EXPECT_LT(max_diff, 1e-4) << "max |cuda - cpu| logit, bf16 kv cache";
   std::printf("[ %s ] bf16 kv cache: max |cuda - cpu| logit = %.3g\n", GetParam().c_str(), max_diff);
 }

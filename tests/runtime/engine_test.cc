@@ -2,12 +2,15 @@
 // same logits; sequences batched together give what each gives alone; routing hooks see every MoE
 // layer, can rewrite the routing, stop a forward pass with their error and can be removed;
 // observers see the routing the hooks left, layer by layer, and can be removed; bad
-// calls (unknown or duplicate sequences, overflowing the context, out-of-range tokens) are errors.
+// calls (unknown or duplicate sequences, overflowing the context, out-of-range tokens) are errors;
+// a bf16 KV cache agrees across chunkings and stays close to the fp32 one.
 #include "runtime/engine/engine.h"
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <limits>
 #include <vector>
 
@@ -17,10 +20,11 @@ namespace {
 const std::string kTiny = std::string(EF_MODELS_DIR) + "/tiny-code-moe";
 const std::vector<int32_t> kPrompt = {1, 483, 291, 1461, 272, 1191, 508, 10, 80, 33, 7};
 
-std::unique_ptr<Engine> Make(int max_seq_len = 0) {
+std::unique_ptr<Engine> Make(int max_seq_len = 0, const std::string& kv_cache_dtype = "fp32") {
   EngineOptions o;
   o.backend = "cpu";
   o.max_seq_len = max_seq_len;
+  o.kv_cache_dtype = kv_cache_dtype;
   auto e = Engine::Create(kTiny, o);
   EXPECT_TRUE(e.ok()) << e.status().ToString();
   return std::move(e).value();
@@ -88,6 +92,51 @@ TEST(EngineTest, WarmUpIsHiddenFromRoutingHooksAndObservers) {
   Feed(*e, 1, kPrompt, kPrompt.size());  // and both are back afterwards
   EXPECT_GT(hooked, 0);
   EXPECT_GT(observed, 0);
+}
+
+// A bf16 KV cache: every chunking reads the same rounded keys and values (a prefill attends over
+// the cache after its append), so they agree to fp32 summation order; against the fp32 engine the
+// logits move by rounding only and the greedy choice at every position stays.
+TEST(EngineTest, Bf16KvCacheIsConsistentAndCloseToFp32) {
+  auto fp32 = Make(64);
+  auto bf16 = Make(64, "bf16");
+  const std::vector<float> want = Feed(*fp32, 1, kPrompt, kPrompt.size());
+  const std::vector<float> whole = Feed(*bf16, 1, kPrompt, kPrompt.size());
+  ExpectNear(Feed(*bf16, 2, kPrompt, 1), whole, 1e-4f);
+  ExpectNear(Feed(*bf16, 3, kPrompt, 4), whole, 1e-4f);
+  ASSERT_EQ(whole.size(), want.size());
+  double num = 0, den = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    num += (whole[i] - want[i]) * (whole[i] - want[i]);
+    den += want[i] * want[i];
+  }
+  const double rel = std::sqrt(num / den);
+  std::printf("[ kv bf16 ] normwise distance from the fp32 engine %.3g\n", rel);
+  EXPECT_GT(rel, 0.0);  // the cache really holds bf16
+  EXPECT_LT(rel, 1e-2);
+  const int vocab = fp32->config().vocab_size;
+  for (size_t p = 0; p < kPrompt.size(); ++p) {
+    auto top = [&](const std::vector<float>& x) {
+      return std::max_element(x.begin() + p * vocab, x.begin() + (p + 1) * vocab) - (x.begin() + p * vocab);
+    };
+    EXPECT_EQ(top(whole), top(want)) << "position " << p;
+  }
+}
+
+TEST(EngineTest, KvCacheDTypeUnknownOrOnFp32OnlyAttentionIsRefused) {
+  EngineOptions o;
+  o.backend = "cpu";
+  o.kv_cache_dtype = "fp16";
+  auto e = Engine::Create(kTiny, o);
+  ASSERT_FALSE(e.ok());
+  EXPECT_EQ(e.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(e.status().message().find("kv cache dtype must be fp32 or bf16, got 'fp16'"), std::string::npos)
+      << e.status().ToString();
+  o.kv_cache_dtype = "bf16";
+  e = Engine::Create(std::string(EF_TEST_DATA) + "/gpt_oss", o);  // sinks and a sliding window
+  ASSERT_FALSE(e.ok());
+  EXPECT_NE(e.status().message().find("a bf16 kv cache needs plain attention"), std::string::npos)
+      << e.status().ToString();
 }
 
 TEST(EngineTest, BatchedSequencesMatchEachAlone) {
