@@ -122,24 +122,28 @@ StatusOr<CacheBudget> ExpertCache::PlanBudget(const runtime::Engine& engine, con
     b.device_name += " (host memory)";
   }
   const int M = b.num_moe_layers, E = b.num_experts;
+  // cache.cpu_compute auto (and split) splits misses through a staging area of half a slot: a budget
+  // in bytes pays for it, a budget in slots gets it on top (cuda/pinned_host_compute.h).
+  const uint64_t staging = cuda && (o.cpu_compute == "auto" || o.cpu_compute == "split") ? b.slot_bytes / 2 + 1024 : 0;
   uint64_t asked = 0;  // device bytes the budget asks for
   int per_layer = 0;
   if (o.device_budget_bytes > 0) {
     b.requested = Bytes(o.device_budget_bytes);
     asked = o.device_budget_bytes;
-    per_layer = static_cast<int>(std::min<uint64_t>(o.device_budget_bytes / b.slot_bytes / M, 1 << 20));
+    const uint64_t slots_bytes = o.device_budget_bytes > staging ? o.device_budget_bytes - staging : 0;
+    per_layer = static_cast<int>(std::min<uint64_t>(slots_bytes / b.slot_bytes / M, 1 << 20));
   } else if (o.device_budget_slots > 0) {
     b.requested = std::to_string(o.device_budget_slots) + " slots";
-    asked = static_cast<uint64_t>(std::min(o.device_budget_slots, M * E)) * b.slot_bytes;
+    asked = static_cast<uint64_t>(std::min(o.device_budget_slots, M * E)) * b.slot_bytes + staging;
     per_layer = o.device_budget_slots / M;
   } else {
     b.requested = std::to_string(o.slots_per_layer) + " slots per layer";
-    asked = static_cast<uint64_t>(std::min(o.slots_per_layer, E)) * M * b.slot_bytes;
+    asked = static_cast<uint64_t>(std::min(o.slots_per_layer, E)) * M * b.slot_bytes + staging;
     per_layer = o.slots_per_layer;
   }
   if (asked > b.device_bytes)
-    return InvalidArgument("cache.device_budget of " + b.requested + " (" + Bytes(asked) +
-                           " of expert slots) is larger than " + b.device_name +
+    return InvalidArgument("cache.device_budget of " + b.requested + " (" + Bytes(asked) + " of expert slots" +
+                           (staging ? " and staging for split misses" : "") + ") is larger than " + b.device_name +
                            " can give them: " + Bytes(b.device_bytes));
   if (per_layer < c.top_k) {
     const int64_t total =
