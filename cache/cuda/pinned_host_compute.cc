@@ -239,7 +239,6 @@ Status PinnedHostCompute::StartPart(SlotArena& arena, int layer, int expert, int
     return FailedPrecondition("cpu compute: expert " + std::to_string(expert) + " of layer " + std::to_string(layer) +
                               " has no pinned host copy");
   const runtime::ExpertWeights shape = layout_.Shape(layer, expert);
-  if (part_copy_ms_ <= 0) return FailedPrecondition("cpu compute: this cache splits no expert (see its start-up log)");
   if (split <= 0 || split >= shape.gate.rows || split % kSplitStep != 0)
     return InvalidArgument("cpu compute: split at " + std::to_string(split) + " of " + std::to_string(shape.gate.rows) +
                            " intermediate rows");
