@@ -152,6 +152,21 @@ const std::map<std::string, Section>& Schema() {
             [](const Ctx& c, Config* o) {
               return GetOneOf(c, {"fp32", "bf16"}, &o->runtime.kv_cache_dtype);
             }},
+           {"kv_block_size",
+            [](const Ctx& c, Config* o) {
+              EF_RETURN_IF_ERROR(GetInt(c, 0, 1024, &o->runtime.kv_block_size));
+              const int b = o->runtime.kv_block_size;
+              if ((b & (b - 1)) != 0)
+                return c.Error(std::to_string(b) + " is not a power of two (a paged block's size in tokens; 0: contiguous)");
+              return Status::Ok();
+            }},
+           {"kv_cache_tokens",
+            [](const Ctx& c, Config* o) {
+              int tokens = 0;
+              EF_RETURN_IF_ERROR(GetInt(c, 0, (1LL << 31) - 1, &tokens));
+              o->runtime.kv_cache_tokens = tokens;
+              return Status::Ok();
+            }},
        }},
       {"cluster",
        {
@@ -447,7 +462,9 @@ std::string ConfigToYaml(const Config& c) {
     << (c.runtime.device < 0 ? std::string("auto") : std::to_string(c.runtime.device));
   e << YAML::Key << "max_seq_len" << YAML::Value << c.runtime.max_seq_len;
   e << YAML::Key << "attention_precision" << YAML::Value << c.runtime.attention_precision;
-  e << YAML::Key << "kv_cache_dtype" << YAML::Value << c.runtime.kv_cache_dtype << YAML::EndMap;
+  e << YAML::Key << "kv_cache_dtype" << YAML::Value << c.runtime.kv_cache_dtype;
+  e << YAML::Key << "kv_block_size" << YAML::Value << c.runtime.kv_block_size;
+  e << YAML::Key << "kv_cache_tokens" << YAML::Value << c.runtime.kv_cache_tokens << YAML::EndMap;
   e << YAML::Key << "cluster" << YAML::Value << YAML::Flow << YAML::BeginMap;
   e << YAML::Key << "exchange" << YAML::Value << c.cluster.exchange;
   e << YAML::Key << "ranks_per_node" << YAML::Value
@@ -516,6 +533,9 @@ void ApplyConfig(const Config& c, const CLI::App& app, ModelFlags* f) {
     f->attention_precision = c.runtime.attention_precision;
   if (c.has("runtime.kv_cache_dtype") && !FlagGiven(app, "--kv-cache-dtype"))
     f->kv_cache_dtype = c.runtime.kv_cache_dtype;
+  if (c.has("runtime.kv_block_size") && !FlagGiven(app, "--kv-block-size")) f->kv_block_size = c.runtime.kv_block_size;
+  if (c.has("runtime.kv_cache_tokens") && !FlagGiven(app, "--kv-cache-tokens"))
+    f->kv_cache_tokens = c.runtime.kv_cache_tokens;
 }
 
 void CacheFlags::Register(CLI::App* app) {
@@ -635,6 +655,8 @@ Status ClusterFlags::Load(const CLI::App& app, ModelFlags* model) {
   config.runtime.max_seq_len = model->max_seq_len;
   config.runtime.attention_precision = model->attention_precision;
   config.runtime.kv_cache_dtype = model->kv_cache_dtype;
+  config.runtime.kv_block_size = model->kv_block_size;
+  config.runtime.kv_cache_tokens = model->kv_cache_tokens;
   config.cluster.exchange = cluster.exchange;
   config.cluster.ranks_per_node = cluster.ranks_per_node;
   config.cluster.peer_fetch = cluster.peer_fetch;

@@ -17,6 +17,8 @@ struct ModelFlags {
   int max_seq_len = 0;
   std::string attention_precision = "auto";
   std::string kv_cache_dtype = "fp32";
+  int kv_block_size = 16;
+  int64_t kv_cache_tokens = 0;
 
   void Register(CLI::App* app) {
     app->add_option("--model,-m", dir, "Hugging Face checkpoint directory (config.json, *.safetensors)")
@@ -37,6 +39,23 @@ struct ModelFlags {
                     "attention only) (runtime.kv_cache_dtype)")
         ->check(CLI::IsMember({"fp32", "bf16"}))
         ->capture_default_str();
+    app->add_option("--kv-block-size", kv_block_size,
+                    "paged KV cache: tokens per block, a power of two up to 1024; every sequence takes blocks as it "
+                    "grows from one shared pool. 0: each sequence reserves --max-seq-len rows (runtime.kv_block_size)")
+        ->check([](const std::string& s) -> std::string {
+          int b = -1;
+          try {
+            b = std::stoi(s);
+          } catch (...) {
+          }
+          return b >= 0 && b <= 1024 && (b & (b - 1)) == 0 ? "" : "must be 0 or a power of two up to 1024";
+        })
+        ->capture_default_str();
+    app->add_option("--kv-cache-tokens", kv_cache_tokens,
+                    "paged KV cache capacity in tokens over all sequences, allocated on first use (0: grows on "
+                    "demand) (runtime.kv_cache_tokens)")
+        ->check(CLI::NonNegativeNumber)
+        ->capture_default_str();
   }
   runtime::EngineOptions ToEngineOptions() const {
     runtime::EngineOptions e;
@@ -45,6 +64,8 @@ struct ModelFlags {
     e.max_seq_len = max_seq_len;
     e.attention_precision = attention_precision;
     e.kv_cache_dtype = kv_cache_dtype;
+    e.kv_block_size = kv_block_size;
+    e.kv_cache_tokens = kv_cache_tokens;
     return e;
   }
 };

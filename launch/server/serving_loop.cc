@@ -160,6 +160,7 @@ struct ServingLoop::Active {
   size_t max_stop = 0;
   std::vector<uint64_t> forecast;  // the prompt's (layer, expert) bits, when regrouping
   int overtaken = 0;               // admission rounds in which younger requests went first
+  int64_t kv_blocks = 0;           // a fixed-size paged KV cache's blocks for prompt + max_tokens
 
   // Length of the longest suffix of text[emitted:] that begins some stop string.
   size_t HeldBack() const {
@@ -219,7 +220,14 @@ StatusOr<std::unique_ptr<ServingLoop::Active>> ServingLoop::Prepare(ServeRequest
                            std::to_string(request.max_new_tokens) + ") exceeds the context of " +
                            std::to_string(max_seq_len_) + " tokens");
   EF_RETURN_IF_ERROR(request.sampling.Validate());
+  const int64_t kv_blocks = engine_->KvBlocksFor(static_cast<int64_t>(request.prompt.size()) + request.max_new_tokens);
+  if (kv_blocks > engine_->kv_capacity_blocks())
+    return InvalidArgument("prompt (" + std::to_string(request.prompt.size()) + " tokens) + max_tokens (" +
+                           std::to_string(request.max_new_tokens) + ") needs " + std::to_string(kv_blocks) +
+                           " blocks of the KV cache, which holds " + std::to_string(engine_->kv_capacity_blocks()) +
+                           " (runtime.kv_cache_tokens)");
   auto a = std::make_unique<Active>();
+  a->kv_blocks = kv_blocks;
   a->stream = std::make_shared<RequestStream>();
   a->stream->prompt_tokens_ = static_cast<int>(request.prompt.size());
   a->request = std::move(request);
@@ -329,8 +337,25 @@ AdmissionStats ServingLoop::admission_stats() const {
 }
 
 void ServingLoop::Admit() {
-  const int free = options_.max_batch - static_cast<int>(running_.size());
+  int free = options_.max_batch - static_cast<int>(running_.size());
   if (free <= 0 || waiting_.empty()) return;
+  if (const int64_t capacity = engine_->kv_capacity_blocks(); capacity > 0) {
+    // A KV cache of fixed size: requests are admitted in arrival order while the blocks of their
+    // prompt + max_tokens fit beside the running ones', so no pass can run out of blocks.
+    int64_t left = capacity;
+    for (const auto& a : running_) left -= a->kv_blocks;
+    int fit = 0;
+    for (const auto& w : waiting_) {
+      if (fit == free || w->kv_blocks > left) break;
+      left -= w->kv_blocks;
+      ++fit;
+    }
+    for (int i = 0; i < fit; ++i) {
+      running_.push_back(std::move(waiting_.front()));
+      waiting_.pop_front();
+    }
+    return;
+  }
   const auto admit_front = [&](int n) {
     for (int i = 0; i < n && !waiting_.empty(); ++i) {
       running_.push_back(std::move(waiting_.front()));

@@ -22,6 +22,10 @@
 // before any regrouped one: regrouping delays no request by more than that many admission rounds
 // beyond its FIFO turn (starvation bound).
 //
+// With a paged KV cache of fixed size (runtime.kv_cache_tokens), admission is FIFO while the
+// blocks of each request's prompt + max_tokens fit beside the running requests' (no pass can run
+// out of blocks); a request that could never fit is refused at Submit.
+//
 // Thread safety: Submit/Stop and every RequestStream method may be called from any thread.
 #pragma once
 

@@ -37,13 +37,22 @@ class Backend;
 // q[q_row, q_row + n_new) of the batch (and the same rows of out); they are the last n_new of
 // n_total positions whose keys/values are k[n_total, kv_heads*hd], v[...] (backend memory), of the
 // backend's KV-cache dtype (Backend::SetKvCacheDType: fp32 unless set).
+// Paged (blocks set): k and v are a block pool and position t is its row
+// blocks[t / block_size] * block_size + t % block_size (KvRow); the table is backend memory.
 struct AttentionSeq {
   const void* k = nullptr;
   const void* v = nullptr;
   int64_t q_row = 0;
   int n_new = 0;
   int n_total = 0;
+  const int32_t* blocks = nullptr;  // null: position t is row t
+  int block_size = 0;               // a power of two where blocks is set
 };
+
+// The pool row of position t of a sequence (AttentionSeq: contiguous or paged).
+inline int64_t KvRow(const AttentionSeq& s, int64_t t) {
+  return s.blocks ? static_cast<int64_t>(s.blocks[t / s.block_size]) * s.block_size + t % s.block_size : t;
+}
 
 // Rotary embedding with a precomputed inverse-frequency table (RopeTable), applied to a slice of
 // each head: the rope part of a DeepSeek MLA head, a shared rope key, or a whole GPT-OSS head.

@@ -38,6 +38,7 @@ enum ScratchSlot {
   kMlaQAbs,        // absorbed queries [T, heads * (kv_lora + rope)]
   kMlaOutLatent,   // attention output in latent space [T, heads * kv_lora]
   kDeviceRouting,  // routed decode: every MoE layer's ids then weights [moe layers][2 * T * top_k]
+  kBlockTables,    // paged KV: the pass's block tables, int32 (grown in ReserveKvBlocks)
   kNumSlots
 };
 // transformers builds MLA's q_a_layernorm and kv_a_layernorm with RMSNorm's default eps.
@@ -47,6 +48,7 @@ constexpr float kMlaNormEps = 1e-6f;
 Engine::~Engine() {
   // Buffers free through the backend: release them before it goes.
   seqs_.clear();
+  kv_.reset();
   scratch_.clear();
   routed_tables_.clear();
   local_moe_.reset();
@@ -70,8 +72,27 @@ StatusOr<std::unique_ptr<Engine>> Engine::Create(const std::string& model_dir, c
   e->moe_executor_ = e->local_moe_.get();
   e->max_seq_len_ = options.max_seq_len > 0 ? options.max_seq_len : e->config().max_position_embeddings;
   e->scratch_.resize(kNumSlots);
-  EF_LOG(INFO, ENGINE, "engine ready on %s, kv capacity %d tokens per sequence", e->backend_->name().c_str(),
-         e->max_seq_len_);
+  if (options.kv_block_size < 0) return InvalidArgument("kv cache block size must not be negative (0: contiguous)");
+  if (options.kv_block_size > 0) {
+    const ModelConfig& c = e->config();
+    const size_t elem = e->kv_bf16_ ? sizeof(uint16_t) : sizeof(float);
+    PagedKvCache::Options o;
+    o.num_layers = c.num_layers;
+    o.key_row_bytes = c.kv_cache_key_width() * elem;
+    o.value_row_bytes = c.kv_cache_value_width() * elem;
+    o.block_size = options.kv_block_size;
+    o.capacity_tokens = options.kv_cache_tokens;
+    o.initial_tokens = std::min(e->max_seq_len_, 4096);
+    EF_ASSIGN_OR_RETURN(PagedKvCache kv, PagedKvCache::Create(e->backend_.get(), o));
+    e->kv_ = std::make_unique<PagedKvCache>(std::move(kv));
+    const std::string cap = options.kv_cache_tokens > 0 ? std::to_string(options.kv_cache_tokens) + " tokens"
+                                                        : std::string("growing on demand");
+    EF_LOG(INFO, ENGINE, "engine ready on %s, context limit %d tokens, paged kv cache (blocks of %d tokens, %s)",
+           e->backend_->name().c_str(), e->max_seq_len_, options.kv_block_size, cap.c_str());
+  } else {
+    EF_LOG(INFO, ENGINE, "engine ready on %s, kv capacity %d tokens per sequence", e->backend_->name().c_str(),
+           e->max_seq_len_);
+  }
   return e;
 }
 
@@ -248,7 +269,9 @@ float* Engine::Scratch(int slot, size_t floats) {
 
 StatusOr<double> Engine::WarmUp(int tokens) {
   const auto t0 = std::chrono::steady_clock::now();
-  const int n = std::clamp(tokens, 1, std::max(1, max_seq_len_ - 2));
+  int limit = max_seq_len_;
+  if (kv_ && kv_->capacity_tokens() > 0) limit = static_cast<int>(std::min<int64_t>(limit, kv_->capacity_tokens()));
+  const int n = std::clamp(tokens, 1, std::max(1, limit - 2));
   const int64_t seq = std::numeric_limits<int64_t>::max();  // no caller's id
   EF_RETURN_IF_ERROR(AddSequence(seq));
   std::vector<int32_t> prompt(static_cast<size_t>(n));
@@ -258,7 +281,7 @@ StatusOr<double> Engine::WarmUp(int tokens) {
   auto observers = std::exchange(observers_, {});
   ForwardResult r;
   Status s = Forward(std::vector<SeqChunk>{SeqChunk{seq, prompt, false}}, &r);
-  if (s.ok() && n + 1 <= max_seq_len_) {
+  if (s.ok() && n + 1 <= limit) {
     const int32_t next = prompt.back();
     s = Forward(std::vector<SeqChunk>{SeqChunk{seq, std::span<const int32_t>(&next, 1), false}}, &r);
   }
@@ -272,6 +295,10 @@ StatusOr<double> Engine::WarmUp(int tokens) {
 Status Engine::AddSequence(int64_t seq) {
   if (seqs_.count(seq)) return InvalidArgument("sequence " + std::to_string(seq) + " already exists");
   Sequence s;
+  if (kv_) {  // paged: blocks come as the sequence grows
+    seqs_.emplace(seq, std::move(s));
+    return Status::Ok();
+  }
   const ModelConfig& c = config();
   const size_t elem = kv_bf16_ ? sizeof(uint16_t) : sizeof(float);
   const size_t k_bytes = static_cast<size_t>(max_seq_len_) * c.kv_cache_key_width() * elem;
@@ -287,7 +314,41 @@ Status Engine::AddSequence(int64_t seq) {
   return Status::Ok();
 }
 
-void Engine::RemoveSequence(int64_t seq) { seqs_.erase(seq); }
+void Engine::RemoveSequence(int64_t seq) {
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end()) return;
+  if (kv_) kv_->Release(&it->second.blocks);
+  seqs_.erase(it);
+}
+
+int64_t Engine::KvBlocksFor(int64_t tokens) const { return kv_capacity_blocks() > 0 ? kv_->BlocksFor(tokens) : 0; }
+
+int64_t Engine::kv_capacity_blocks() const {
+  return kv_ && kv_->capacity_tokens() > 0 ? kv_->BlocksFor(kv_->capacity_tokens()) : 0;
+}
+
+Status Engine::ReserveKvBlocks(std::span<const SeqChunk> batch) {
+  std::vector<std::vector<int32_t>*> tables;
+  std::vector<int64_t> tokens;
+  for (const SeqChunk& chunk : batch) {
+    Sequence& s = seqs_.at(chunk.seq);
+    tables.push_back(&s.blocks);
+    tokens.push_back(s.length + static_cast<int64_t>(chunk.tokens.size()));
+  }
+  EF_RETURN_IF_ERROR(kv_->ReserveAll(tables, tokens));
+  // Each chunk's table, whole, once per pass: every layer reads the same block ids.
+  std::vector<int32_t> host;
+  block_table_offset_.clear();
+  for (const std::vector<int32_t>* t : tables) {
+    block_table_offset_.push_back(static_cast<int64_t>(host.size()));
+    host.insert(host.end(), t->begin(), t->end());
+  }
+  EF_RETURN_IF_ERROR(GrowScratch(kBlockTables, host.size()));
+  auto* dev = reinterpret_cast<int32_t*>(Scratch(kBlockTables, host.size()));
+  backend_->CopyToDevice(dev, host.data(), host.size() * sizeof(int32_t));
+  block_tables_dev_ = dev;
+  return Status::Ok();
+}
 
 int Engine::SequenceLength(int64_t seq) const {
   auto it = seqs_.find(seq);
@@ -315,7 +376,29 @@ std::vector<AttentionSeq> Engine::AppendKv(int layer, std::span<const SeqChunk> 
   int64_t row = 0;
   const size_t elem = kv_bf16_ ? sizeof(uint16_t) : sizeof(float);
   auto at = [elem](const Buffer& b, int64_t values) { return static_cast<std::byte*>(b.data()) + values * elem; };
-  for (const SeqChunk& chunk : batch) {
+  if (kv_) {
+    // Paged: each chunk's rows go to its blocks, a copy per block touched.
+    const int bs = kv_->block_size();
+    auto* kpool = static_cast<std::byte*>(kv_->key(layer));
+    auto* vpool = static_cast<std::byte*>(kv_->value(layer));
+    for (size_t i = 0; i < batch.size(); ++i) {
+      const SeqChunk& chunk = batch[i];
+      Sequence& s = seqs_.at(chunk.seq);
+      const int n = static_cast<int>(chunk.tokens.size());
+      for (int t = 0; t < n;) {
+        const int pos = s.length + t;
+        const int piece = std::min(n - t, bs - pos % bs);
+        const int64_t dst_row = static_cast<int64_t>(s.blocks[pos / bs]) * bs + pos % bs;
+        copies.push_back({kpool + dst_row * kw * elem, k + (row + t) * kw, sizeof(float) * piece * kw});
+        if (v) copies.push_back({vpool + dst_row * vw * elem, v + (row + t) * vw, sizeof(float) * piece * vw});
+        t += piece;
+      }
+      const int32_t* table = block_tables_dev_ + block_table_offset_[i];
+      seqs.push_back(AttentionSeq{kpool, v ? vpool : kpool, row, n, s.length + n, table, bs});
+      row += n;
+    }
+  }
+  for (const SeqChunk& chunk : kv_ ? std::span<const SeqChunk>() : batch) {
     Sequence& s = seqs_.at(chunk.seq);
     const int n = static_cast<int>(chunk.tokens.size());
     // bytes: of the fp32 source (CopyBatchToBf16 writes half as many).
@@ -569,6 +652,7 @@ Status Engine::Forward(std::span<const SeqChunk> batch, ForwardResult* result) {
   int64_t R = 0;  // rows whose logits are wanted
   for (const SeqChunk& chunk : batch) R += chunk.all_logits ? static_cast<int64_t>(chunk.tokens.size()) : 1;
   EF_RETURN_IF_ERROR(ReserveScratch(T, R));
+  if (kv_) EF_RETURN_IF_ERROR(ReserveKvBlocks(batch));
 
   int32_t* tokens_dev = reinterpret_cast<int32_t*>(Scratch(kTokens, T));
   int32_t* pos_dev = reinterpret_cast<int32_t*>(Scratch(kPositions, T));

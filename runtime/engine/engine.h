@@ -21,6 +21,7 @@
 #include "runtime/backend/backend.h"
 #include "runtime/engine/expert_source.h"
 #include "runtime/engine/host_router.h"
+#include "runtime/engine/kv_cache.h"
 #include "runtime/engine/model_weights.h"
 #include "runtime/engine/moe_executor.h"
 
@@ -44,6 +45,13 @@ struct EngineOptions {
   // decode attention reads; scores and softmax stay fp32). bf16 needs plain attention (not MLA,
   // rope scaling, sinks or a sliding window: their kernels read fp32).
   std::string kv_cache_dtype = "fp32";
+  // Paged KV cache: token rows per block (a power of two up to 1024), all sequences sharing one
+  // pool; 0 gives each sequence max_seq_len rows of its own at AddSequence (the contiguous layout).
+  int kv_block_size = 16;
+  // Paged: the pool's capacity in tokens over all sequences (allocated on first use; a pass that
+  // needs more fails with ResourceExhausted and changes nothing). 0: the pool starts at
+  // min(max_seq_len, 4096) tokens and doubles when full.
+  int64_t kv_cache_tokens = 0;
   // Dequantize the routed experts of MXFP4 / block FP8 checkpoints at load instead of keeping them
   // at their stored size (LoadOptions::dequantize_experts).
   bool dequantize_experts = false;
@@ -90,6 +98,10 @@ class Engine {
   Backend& backend() { return *backend_; }
   const Backend& backend() const { return *backend_; }
   int max_seq_len() const { return max_seq_len_; }
+  // Paged KV cache of a fixed size (EngineOptions::kv_cache_tokens): the blocks a sequence of
+  // `tokens` tokens takes and the pool's total; 0 and 0 when the cache grows or is contiguous.
+  int64_t KvBlocksFor(int64_t tokens) const;
+  int64_t kv_capacity_blocks() const;
 
   // Replaces where expert weights come from (default: all resident). The engine keeps a pointer;
   // the caller keeps it alive. nullptr restores the resident experts (none when the engine was
@@ -157,9 +169,11 @@ class Engine {
   // Per layer, max_seq_len rows of config().kv_cache_key_width() values in k and of
   // kv_cache_value_width() values in v, fp32 or bf16 (kv_bf16_) (MLA: v is empty; k holds the normalised latent then
   // the rotated shared rope key, the compressed form both prefill and decode attend over).
+  // Paged (kv_): the sequence's block table instead (rows in the pool, PagedKvCache).
   struct Sequence {
     int length = 0;
     std::vector<Buffer> k, v;
+    std::vector<int32_t> blocks;
   };
   Engine() = default;
   // Activation buffers are sized once per Forward (ReserveScratch: a clear error when the
@@ -174,6 +188,9 @@ class Engine {
   // Appends each chunk's new rows of k (and v unless null) to its sequence's cache of `layer`;
   // returns the batch's attention descriptors.
   std::vector<AttentionSeq> AppendKv(int layer, std::span<const SeqChunk> batch, const float* k, const float* v);
+  // Paged: the batch's sequences get the blocks their new rows need (all or nothing) and their
+  // block tables go to the backend in one copy (block_tables_dev_, one offset per chunk).
+  Status ReserveKvBlocks(std::span<const SeqChunk> batch);
   // The router's expert ids and weights of T rows, on the host.
   void Route(const LayerWeights& L, int64_t T, const float* logits, std::vector<int32_t>* ids, std::vector<float>* wts);
   Status MoeBlock(int layer, int64_t T, const float* h, float* out, const std::vector<int64_t>& row_seq,
@@ -211,8 +228,11 @@ class Engine {
   std::vector<float> routing_host_;  // host copy of a layer's router ids + weights (or logits)
   bool expose_router_inputs_ = false;
   bool reduced_precision_attention_ = false;
-  bool kv_bf16_ = false;              // the KV cache holds bf16 (EngineOptions::kv_cache_dtype)
-  std::vector<float> router_inputs_;  // host copy behind LayerRouting::hidden
+  bool kv_bf16_ = false;                       // the KV cache holds bf16 (EngineOptions::kv_cache_dtype)
+  std::unique_ptr<PagedKvCache> kv_;           // null: contiguous per-sequence caches
+  const int32_t* block_tables_dev_ = nullptr;  // this pass's block tables (scratch)
+  std::vector<int64_t> block_table_offset_;    // per chunk of the pass
+  std::vector<float> router_inputs_;           // host copy behind LayerRouting::hidden
 };
 
 }  // namespace ef::runtime

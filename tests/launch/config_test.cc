@@ -37,7 +37,7 @@ TEST(ConfigTest, EmptyFileGivesDefaults) {
 TEST(ConfigTest, ParsesEverySection) {
   auto c = ParseConfig(R"(
 model: {path: m, dtype: bf16}
-runtime: {backend: cpu, device: 3, max_seq_len: 512, kv_cache_dtype: bf16}
+runtime: {backend: cpu, device: 3, max_seq_len: 512, kv_cache_dtype: bf16, kv_block_size: 32, kv_cache_tokens: 65536}
 cluster: {exchange: mpi, ranks_per_node: 1, peer_fetch: none, placement: round_robin,
           compute_placement: contiguous, replication: 2, timeout_s: 2.5}
 cache: {device_budget: 2GiB, host_budget: auto, policy: lru, prefetch_layers: 3, prefetch_min_prob: 0.75}
@@ -52,6 +52,8 @@ generate: {prompt: "hi", max_new_tokens: 5, temperature: 0.7, top_p: 0.9, top_k:
   EXPECT_EQ(c->model.dtype, "bf16");
   EXPECT_EQ(c->runtime.device, 3);
   EXPECT_EQ(c->runtime.kv_cache_dtype, "bf16");
+  EXPECT_EQ(c->runtime.kv_block_size, 32);
+  EXPECT_EQ(c->runtime.kv_cache_tokens, 65536);
   EXPECT_EQ(c->cluster.ranks_per_node, 1);
   EXPECT_EQ(c->cluster.compute_placement, "contiguous");
   EXPECT_EQ(c->cluster.replication, 2);
@@ -76,6 +78,8 @@ generate: {prompt: "hi", max_new_tokens: 5, temperature: 0.7, top_p: 0.9, top_k:
   EXPECT_EQ(again->routing.replay, "traces/mixtral.jsonl");
   EXPECT_EQ(again->routing.key, "sequence");
   EXPECT_EQ(again->runtime.kv_cache_dtype, "bf16");
+  EXPECT_EQ(again->runtime.kv_block_size, 32);
+  EXPECT_EQ(again->runtime.kv_cache_tokens, 65536);
 }
 
 TEST(ConfigTest, UnknownKeysNameKeyAndLine) {
@@ -104,6 +108,13 @@ TEST(ConfigTest, ImpossibleValuesNameKeyAndLine) {
             "t.yaml:3: cluster.exchange: expected one of auto|mpi|nccl, got 'carrier-pigeon'");
   EXPECT_EQ(Error("runtime:\n  kv_cache_dtype: fp16\n"),
             "t.yaml:2: runtime.kv_cache_dtype: expected one of fp32|bf16, got 'fp16'");
+  EXPECT_EQ(Error("runtime:\n  kv_block_size: 12\n"),
+            "t.yaml:2: runtime.kv_block_size: 12 is not a power of two (a paged block's size in tokens; 0: "
+            "contiguous), got '12'");
+  EXPECT_EQ(Error("runtime:\n  kv_block_size: 2048\n"),
+            "t.yaml:2: runtime.kv_block_size: expected an integer in [0, 1024], got '2048'");
+  EXPECT_EQ(Error("runtime:\n  kv_cache_tokens: -5\n"),
+            "t.yaml:2: runtime.kv_cache_tokens: expected an integer in [0, 2147483647], got '-5'");
   EXPECT_EQ(Error("cluster:\n  replication: 0\n"),
             "t.yaml:2: cluster.replication: expected an integer in [1, 65536], got '0'");
   EXPECT_EQ(Error("cluster:\n  placement_mode: dynamic\n"),

@@ -164,5 +164,57 @@ TEST(ServingLoopTest, SubmitAllQueuesAllOrNone) {
       << metrics.Render();
 }
 
+// A paged KV cache of fixed size: requests queue until their blocks fit (here two of five at a
+// time), every one finishes with the text an unbounded cache gives it, and a request that could
+// never fit is refused at Submit with the key to change.
+TEST(ServingLoopTest, FixedKvCacheAdmitsWhatFitsAndFinishesEverything) {
+  auto run = [](int64_t kv_tokens, std::vector<std::string>* texts) {
+    runtime::EngineOptions eo;
+    eo.kv_block_size = 16;
+    eo.kv_cache_tokens = kv_tokens;
+    auto engine = runtime::Engine::Create(kModelDir, eo);
+    ASSERT_TRUE(engine.ok()) << engine.status().ToString();
+    auto tok = runtime::Tokenizer::FromModelDir(kModelDir);
+    ASSERT_TRUE(tok.ok());
+    ServerMetrics metrics((*engine)->config().num_layers, (*engine)->config().num_experts);
+    ServingLoopOptions lo;
+    lo.max_batch = 8;
+    ServingLoop loop(engine->get(), std::move(tok).value(), &metrics, lo);
+    std::vector<ServeRequest> rs(5);
+    for (size_t i = 0; i < rs.size(); ++i) {
+      rs[i].prompt = {100, static_cast<int32_t>(17 + i), 40, 41, 42, 43};
+      rs[i].max_new_tokens = 20;  // 26 tokens: 2 blocks of 16
+      rs[i].ignore_eos = true;
+    }
+    auto streams = loop.SubmitAll(rs);
+    ASSERT_TRUE(streams.ok()) << streams.status().ToString();
+    for (auto& st : *streams) {
+      StreamUpdate u;
+      std::string text;
+      do {
+        u = st->Take(std::chrono::milliseconds(2000));
+        text += u.text;
+      } while (!u.done);
+      EXPECT_TRUE(u.error.ok()) << u.error.ToString();
+      EXPECT_EQ(u.num_tokens, 20);
+      texts->push_back(text);
+    }
+    if (kv_tokens > 0) {
+      ServeRequest big;
+      big.prompt = {100, 17, 40};
+      big.max_new_tokens = 70;  // 73 tokens: 5 blocks, the cache holds 4
+      auto refused = loop.Submit(big);
+      ASSERT_FALSE(refused.ok());
+      EXPECT_NE(refused.status().message().find("runtime.kv_cache_tokens"), std::string::npos)
+          << refused.status().ToString();
+    }
+    loop.Stop();
+  };
+  std::vector<std::string> bounded, unbounded;
+  run(64, &bounded);  // 4 blocks: two requests at a time
+  run(0, &unbounded);
+  EXPECT_EQ(bounded, unbounded);
+}
+
 }  // namespace
 }  // namespace ef::launch

@@ -65,6 +65,7 @@ struct Args {
   bool host_routing = false;  // --host-routing: every MoE layer's routing to the host (the path past MoeRouted's rows)
   bool separate_qkv = false;  // --separate-qkv: q, k and v as three Gemm calls
   bool kv_bf16 = false;       // --kv-bf16: the KV cache in bf16
+  int kv_block = 0;           // --kv-block-size: the steps' KV cache paged in blocks of this many tokens
   bool breakdown = true;      // --no-breakdown: the step timings only (e.g. under a profiler)
   std::string json;
   // The layer shape (--shape): Mixtral-8x7B by default.
@@ -126,6 +127,8 @@ Args ParseArgs(int argc, char** argv) {
       a.separate_qkv = true;
     else if (k == "--kv-bf16")
       a.kv_bf16 = true;
+    else if (k == "--kv-block-size")
+      a.kv_block = std::stoi(next());
     else if (k == "--no-breakdown")
       a.breakdown = false;
     else if (k == "--batches") {
@@ -147,6 +150,8 @@ Args ParseArgs(int argc, char** argv) {
           "  --separate-qkv  q, k and v as three Gemm calls instead of one GemmGroup\n"
           "  --kv-bf16  keys and values cached in bf16 (EngineOptions::kv_cache_dtype), appended by\n"
           "             CopyBatchToBf16\n"
+          "  --kv-block-size N  the steps' KV cache paged (EngineOptions::kv_block_size): one pool per\n"
+          "             layer, each sequence's blocks strided over it (0: contiguous per sequence)\n"
           "  --expert-streams N  prefill experts through Backend::ExpertMlps on N streams with 16-bit products\n"
           "             (default 4; 0: each expert as GateUpSilu or Gemm, Gemm, SiluMul, Gemm in fp32 products)\n"
           "  --no-pdl   launch the decode path's kernels without programmatic dependent launch\n"
@@ -271,6 +276,19 @@ class Bench {
       for (int l = 0; l < 2 * a_.layers; ++l) per.push_back(OrDie(b_->Allocate(bytes), "kv cache"));
       kv_.push_back(std::move(per));
     }
+    if (a_.kv_block <= 0) return;
+    // Paged: sequence s owns blocks s, s + num, s + 2 num, ... of every layer's pool (interleaved,
+    // as sequences that grow together get them from a shared pool).
+    const int bs = a_.kv_block;
+    nblk_ = (cap + bs - 1) / bs;
+    const size_t pool_bytes = static_cast<size_t>(num) * nblk_ * bs * a_.kv_heads * a_.head_dim * KvElem();
+    pool_.clear();
+    for (int l = 0; l < 2 * a_.layers; ++l) pool_.push_back(OrDie(b_->Allocate(pool_bytes), "kv pool"));
+    tables_host_.assign(static_cast<size_t>(num) * nblk_, 0);
+    for (int sq = 0; sq < num; ++sq)
+      for (int j = 0; j < nblk_; ++j) tables_host_[static_cast<size_t>(sq) * nblk_ + j] = j * num + sq;
+    tables_dev_ = OrDie(b_->Allocate(tables_host_.size() * sizeof(int32_t)), "block tables");
+    b_->CopyToDevice(tables_dev_.data(), tables_host_.data(), tables_host_.size() * sizeof(int32_t));
   }
 
   // One forward over all layers: chunk i appends n_new[i] tokens at position len[i] to sequence i.
@@ -323,7 +341,21 @@ class Bench {
       int64_t row = 0;
       std::vector<AttentionSeq> attn_seqs;
       std::vector<Backend::CopyItem> appends;
-      for (size_t s = 0; s < n_new.size(); ++s) {
+      for (size_t s = 0; s < n_new.size() && a_.kv_block > 0; ++s) {
+        const int bs = a_.kv_block;
+        const int32_t* table = tables_host_.data() + s * nblk_;
+        for (int t = 0; t < n_new[s];) {
+          const int p = len[s] + t, piece = std::min(n_new[s] - t, bs - p % bs);
+          const int64_t r = static_cast<int64_t>(table[p / bs]) * bs + p % bs;
+          appends.push_back({KvAt(pool_[2 * l], r * kvd), k + (row + t) * kvd, sizeof(float) * piece * kvd});
+          appends.push_back({KvAt(pool_[2 * l + 1], r * kvd), v + (row + t) * kvd, sizeof(float) * piece * kvd});
+          t += piece;
+        }
+        attn_seqs.push_back(AttentionSeq{pool_[2 * l].data(), pool_[2 * l + 1].data(), row, n_new[s], len[s] + n_new[s],
+                                         tables_dev_.i32() + s * nblk_, bs});
+        row += n_new[s];
+      }
+      for (size_t s = 0; s < n_new.size() && a_.kv_block <= 0; ++s) {
         void* kc = KvAt(kv_[s][2 * l], static_cast<int64_t>(len[s]) * kvd);
         void* vc = KvAt(kv_[s][2 * l + 1], static_cast<int64_t>(len[s]) * kvd);
         appends.push_back({kc, k + row * kvd, sizeof(float) * n_new[s] * kvd});
@@ -748,6 +780,10 @@ class Bench {
   std::unique_ptr<LocalMoeExecutor> moe_;
   std::vector<std::vector<Buffer>> kv_;
   int kv_cap_ = 0;
+  std::vector<Buffer> pool_;  // --kv-block-size: per layer keys, values
+  std::vector<int32_t> tables_host_;
+  Buffer tables_dev_;
+  int nblk_ = 0;  // blocks per sequence
   int num_sms_ = 0;
   std::vector<Buffer> scratch_;
   size_t attn_bytes_ = 0, expert_bytes_ = 0;
@@ -756,6 +792,8 @@ class Bench {
   ~Bench() {
     // Buffers free through the backend: release them before it goes.
     kv_.clear();
+    pool_.clear();
+    tables_dev_ = Buffer();
     scratch_.clear();
     tables_.clear();
     moe_.reset();
@@ -785,7 +823,10 @@ int Main(int argc, char** argv) {
   std::printf("# prefill attention: %s; 16-bit GEMMs past the GEMV: %s\n",
               a.fp32_attention ? "fp32 kernel" : "tensor cores, bf16 operands",
               a.lt_gemm ? "cuBLASLt, planned" : "cublasGemmEx");
-  std::printf("# programmatic dependent launch: %s; kv cache: %s\n", a.pdl ? "on" : "off", a.kv_bf16 ? "bf16" : "fp32");
+  std::printf("# programmatic dependent launch: %s; kv cache: %s\n", a.pdl ? "on" : "off",
+              (std::string(a.kv_bf16 ? "bf16" : "fp32") +
+               (a.kv_block > 0 ? ", paged in blocks of " + std::to_string(a.kv_block) + " tokens" : ""))
+                  .c_str());
   std::printf("# experts past the GEMV's rows: %s\n",
               a.expert_streams > 0 ? ("ExpertMlps on " + std::to_string(a.expert_streams) + " streams").c_str()
                                    : "one expert at a time, fp32 products");

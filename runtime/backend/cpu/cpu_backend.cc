@@ -181,6 +181,20 @@ void CpuBackend::Attention(const float* q, int n_new, const float* k, const floa
   });
 }
 
+// Position t's keys and values (kw and vw values) of `a`, widened to fp32 from the cache's dtype.
+void CpuBackend::GatherKvRow(const AttentionSeq& a, int64_t t, int64_t kw, int64_t vw, float* k, float* v) const {
+  const int64_t r = KvRow(a, t);
+  if (kv_bf16_) {
+    const auto* kb = static_cast<const uint16_t*>(a.k) + r * kw;
+    const auto* vb = static_cast<const uint16_t*>(a.v) + r * vw;
+    for (int64_t i = 0; i < kw; ++i) k[i] = Bf16ToF32(kb[i]);
+    for (int64_t i = 0; i < vw; ++i) v[i] = Bf16ToF32(vb[i]);
+  } else {
+    std::memcpy(k, static_cast<const float*>(a.k) + r * kw, sizeof(float) * kw);
+    std::memcpy(v, static_cast<const float*>(a.v) + r * vw, sizeof(float) * vw);
+  }
+}
+
 // The reference: the per-sequence op, sequence by sequence (bitwise what a caller looping over
 // Attention gets).
 void CpuBackend::AttentionBatch(const float* q, const AttentionSeq* seqs_host, int num_seqs, int num_heads,
@@ -192,13 +206,12 @@ void CpuBackend::AttentionBatch(const float* q, const AttentionSeq* seqs_host, i
     const float* k = static_cast<const float*>(a.k);
     const float* v = static_cast<const float*>(a.v);
     std::vector<float> kf, vf;
-    if (kv_bf16_) {
-      const size_t n = static_cast<size_t>(a.n_total) * num_kv_heads * head_dim;
-      kf.resize(n);
-      vf.resize(n);
-      const auto* kb = static_cast<const uint16_t*>(a.k);
-      const auto* vb = static_cast<const uint16_t*>(a.v);
-      for (size_t i = 0; i < n; ++i) kf[i] = Bf16ToF32(kb[i]), vf[i] = Bf16ToF32(vb[i]);
+    if (kv_bf16_ || a.blocks) {
+      // Rows in position order, widened: the same values the contiguous fp32 op reads.
+      const int64_t w = static_cast<int64_t>(num_kv_heads) * head_dim;
+      kf.resize(static_cast<size_t>(a.n_total * w));
+      vf.resize(kf.size());
+      for (int64_t t = 0; t < a.n_total; ++t) GatherKvRow(a, t, w, w, kf.data() + t * w, vf.data() + t * w);
       k = kf.data();
       v = vf.data();
     }
@@ -238,6 +251,19 @@ void CpuBackend::AttentionEx(const float* q, const AttentionSeq* seqs_host, int 
     if (a.n_new <= 0) continue;
     const float* ak = static_cast<const float*>(a.k);  // fp32 whatever SetKvCacheDType says
     const float* av = static_cast<const float*>(a.v);
+    std::vector<float> kf, vf;
+    if (a.blocks) {
+      // Paged: rows in position order (whole rows: k_stride and v_stride floats).
+      kf.resize(static_cast<size_t>(a.n_total * spec.k_stride));
+      vf.resize(static_cast<size_t>(a.n_total * spec.v_stride));
+      for (int64_t t = 0; t < a.n_total; ++t) {
+        const int64_t r = KvRow(a, t);
+        std::memcpy(kf.data() + t * spec.k_stride, ak + r * spec.k_stride, sizeof(float) * spec.k_stride);
+        std::memcpy(vf.data() + t * spec.v_stride, av + r * spec.v_stride, sizeof(float) * spec.v_stride);
+      }
+      ak = kf.data();
+      av = vf.data();
+    }
     const int offset = a.n_total - a.n_new;
     pool_->ParallelFor(static_cast<int64_t>(spec.num_heads) * a.n_new, [&](int64_t begin, int64_t end) {
       std::vector<float> scores(a.n_total);

@@ -61,6 +61,8 @@ class CpuBackend final : public Backend {
  private:
   ThreadPool* pool_;
   std::atomic<size_t> bytes_in_use_{0};
+  void GatherKvRow(const AttentionSeq& a, int64_t t, int64_t kw, int64_t vw, float* k, float* v) const;
+
   bool kv_bf16_ = false;
 };
 

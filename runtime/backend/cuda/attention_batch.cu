@@ -109,7 +109,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
       for (int u = 0; u < kUnroll; ++u) {
         const int t = base + u * blockDim.x;
         if (t < n4) {
-          const int64_t off = (t0 + t / d4) * kv_stride;
+          const int64_t off = KvRow(sd, t0 + t / d4) * kv_stride;
           if (kv_bf16) {
             kr[u] = Bf16x4ToFloat4(__ldg(reinterpret_cast<const uint2*>(kbase16 + off) + t % d4));
             vr[u] = Bf16x4ToFloat4(__ldg(reinterpret_cast<const uint2*>(vbase16 + off) + t % d4));
@@ -322,7 +322,7 @@ __global__ void __launch_bounds__(kWarps * 32)
       const int j = t / head_dim, d = t % head_dim, key = t0 + j;
       float kv = 0.f, vv = 0.f;
       if (key < key_end) {
-        const int64_t off = static_cast<int64_t>(key) * kv_stride + kvh * head_dim + d;
+        const int64_t off = KvRow(sd, key) * kv_stride + kvh * head_dim + d;
         kv = kv_bf16 ? __bfloat162float(k16[off]) : k[off];
         vv = kv_bf16 ? __bfloat162float(v16[off]) : v[off];
       }

@@ -32,8 +32,13 @@ __device__ float BlockReduce(float v, float* red, bool is_max) {
   return r;
 }
 
+// The pool row of position t: t, or through the block table of a paged cache.
+__device__ __forceinline__ int64_t ExRow(const int32_t* blocks, int shift, int t) {
+  return blocks ? (static_cast<int64_t>(blocks[t >> shift]) << shift) | (t & ((1 << shift) - 1)) : t;
+}
+
 __global__ void AttentionExKernel(const float* q, const float* k, const float* v, int64_t q_row0, int n_new,
-                                  int n_total, AttentionExShape s, float* out) {
+                                  int n_total, const int32_t* blocks, int block_shift, AttentionExShape s, float* out) {
   extern __shared__ float smem[];
   float* qs = smem;                 // [qk_dim]
   float* scores = smem + s.qk_dim;  // [visible]
@@ -48,7 +53,7 @@ __global__ void AttentionExKernel(const float* q, const float* k, const float* v
   __syncthreads();
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   for (int t = warp; t < visible; t += kThreads / 32) {
-    const float* kt = k + static_cast<int64_t>(first + t) * s.k_stride + static_cast<int64_t>(kvh) * s.qk_dim;
+    const float* kt = k + ExRow(blocks, block_shift, first + t) * s.k_stride + static_cast<int64_t>(kvh) * s.qk_dim;
     float acc = 0.f;
     for (int d = lane; d < s.qk_dim; d += 32) acc += qs[d] * kt[d];
     acc = WarpSum(acc);
@@ -72,15 +77,16 @@ __global__ void AttentionExKernel(const float* q, const float* k, const float* v
   for (int d = threadIdx.x; d < s.v_dim; d += blockDim.x) {
     float acc = 0.f;
     for (int t = 0; t < visible; ++t)
-      acc +=
-          scores[t] * inv * v[static_cast<int64_t>(first + t) * s.v_stride + static_cast<int64_t>(kvh) * s.v_dim + d];
+      acc += scores[t] * inv *
+             v[ExRow(blocks, block_shift, first + t) * s.v_stride + static_cast<int64_t>(kvh) * s.v_dim + d];
     o[d] = acc;
   }
 }
 }  // namespace
 
 cudaError_t launch_attention_ex(const float* q, const float* k, const float* v, int64_t q_row, int n_new, int n_total,
-                                const AttentionExShape& shape, float* out, cudaStream_t stream) {
+                                const int32_t* blocks, int block_shift, const AttentionExShape& shape, float* out,
+                                cudaStream_t stream) {
   if (n_new <= 0) return cudaSuccess;
   const int max_visible = shape.window > 0 ? std::min(shape.window, n_total) : n_total;
   const size_t smem = static_cast<size_t>(shape.qk_dim + max_visible) * sizeof(float);
@@ -97,7 +103,7 @@ cudaError_t launch_attention_ex(const float* q, const float* k, const float* v, 
     if (e != cudaSuccess) return e;
   }
   const dim3 grid(static_cast<unsigned>(n_new), static_cast<unsigned>(shape.num_heads));
-  AttentionExKernel<<<grid, kThreads, smem, stream>>>(q, k, v, q_row, n_new, n_total, shape, out);
+  AttentionExKernel<<<grid, kThreads, smem, stream>>>(q, k, v, q_row, n_new, n_total, blocks, block_shift, shape, out);
   return cudaGetLastError();
 }
 

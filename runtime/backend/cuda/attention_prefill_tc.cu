@@ -139,12 +139,13 @@ __global__ void __launch_bounds__(kStageThreads)
   for (int f = threadIdx.x; f < kKeys * kC; f += kStageThreads) {
     const int j = f / kC, c = f % kC, key = t0 + j;
     float4 kx = zero4, vx = zero4;
+    const int64_t row = key < sd.n_total ? KvRow(sd, key) * kv_stride : 0;
     if (key < sd.n_total && kv_bf16) {
-      kx = Bf16x4ToFloat4(__ldg(reinterpret_cast<const uint2*>(kh16 + key * kv_stride) + c));
-      vx = Bf16x4ToFloat4(__ldg(reinterpret_cast<const uint2*>(vh16 + key * kv_stride) + c));
+      kx = Bf16x4ToFloat4(__ldg(reinterpret_cast<const uint2*>(kh16 + row) + c));
+      vx = Bf16x4ToFloat4(__ldg(reinterpret_cast<const uint2*>(vh16 + row) + c));
     } else if (key < sd.n_total) {
-      kx = __ldg(reinterpret_cast<const float4*>(kh + key * kv_stride) + c);
-      vx = __ldg(reinterpret_cast<const float4*>(vh + key * kv_stride) + c);
+      kx = __ldg(reinterpret_cast<const float4*>(kh + row) + c);
+      vx = __ldg(reinterpret_cast<const float4*>(vh + row) + c);
     }
     *reinterpret_cast<uint2*>(dst + j * (kD / 2) + 2 * c) = make_uint2(PackBf16x2(kx.x, kx.y), PackBf16x2(kx.z, kx.w));
     vs[j][4 * c] = vx.x;

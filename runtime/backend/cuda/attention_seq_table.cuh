@@ -15,6 +15,13 @@ struct SeqTable {
   __device__ __forceinline__ AttentionSeqDesc operator[](int i) const { return num_inline > 0 ? inl[i] : dev[i]; }
 };
 
+// The pool row of position t (contiguous: t; paged: through the block table).
+__device__ __forceinline__ int64_t KvRow(const AttentionSeqDesc& sd, int t) {
+  if (sd.blocks == nullptr) return t;
+  return (static_cast<int64_t>(__ldg(sd.blocks + (t >> sd.block_shift))) << sd.block_shift) |
+         (t & ((1 << sd.block_shift) - 1));
+}
+
 // Fills `table` for num_seqs sequences: inline from seqs_host when they fit, else the device copy
 // seqs_dev. False when the array the case needs is null.
 inline bool MakeSeqTable(const AttentionSeqDesc* seqs_host, const AttentionSeqDesc* seqs_dev, int num_seqs,

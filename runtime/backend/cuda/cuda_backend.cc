@@ -21,6 +21,12 @@ EF_PARAM(CudaPdl, bool, "EF_CUDA_PDL", true,
 
 namespace ef::runtime {
 namespace {
+// log2 of a paged sequence's block size (AttentionSeq::block_size, a power of two); 0 when contiguous.
+int BlockShift(const AttentionSeq& a) {
+  int shift = 0;
+  while (a.blocks && (1 << shift) < a.block_size) ++shift;
+  return shift;
+}
 
 constexpr size_t kAlign = 256;
 size_t Padded(size_t bytes) { return (std::max<size_t>(bytes, 1) + kAlign - 1) / kAlign * kAlign; }
@@ -723,7 +729,7 @@ void CudaBackend::AttentionSeqs(const float* q, const AttentionSeq* seqs_host, i
   std::vector<cuda::AttentionSeqDesc> desc(static_cast<size_t>(num_seqs));
   for (int s = 0; s < num_seqs; ++s) {
     const AttentionSeq& a = seqs_host[s];
-    desc[s] = cuda::AttentionSeqDesc{a.k, a.v, a.q_row, a.n_new, a.n_total};
+    desc[s] = cuda::AttentionSeqDesc{a.k, a.v, a.q_row, a.n_new, a.n_total, a.blocks, BlockShift(a)};
   }
   if (reduced_precision_attention_) {
     // Per sequence: prefill chunks of at least kAttentionPrefillTcMinRows rows on tensor cores,
@@ -811,7 +817,7 @@ void CudaBackend::AttentionEx(const float* q, const AttentionSeq* seqs_host, int
     const AttentionSeq& a = seqs_host[s];
     // AttentionEx reads fp32 K/V whatever SetKvCacheDType says (the engine keeps such models in fp32).
     CUDA_CHECK_LOG(cuda::launch_attention_ex(q, static_cast<const float*>(a.k), static_cast<const float*>(a.v), a.q_row,
-                                             a.n_new, a.n_total, shape, out, stream_),
+                                             a.n_new, a.n_total, a.blocks, BlockShift(a), shape, out, stream_),
                    &error_);
   }
 }

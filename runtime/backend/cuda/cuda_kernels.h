@@ -44,12 +44,16 @@ cudaError_t launch_rope_qk(float* q, float* k, const int32_t* positions, int64_t
 // plan.num_counters zeroed uint32 (the decode kernel merges its splits itself and leaves them
 // zeroed again), or is null (a second kernel merges).
 // k and v: fp32, or bf16 where a launch says kv_bf16 (a bf16 KV cache).
+// Paged (blocks non-null): k and v are a block pool and position t is its row
+// blocks[t >> block_shift] << block_shift | t & (block size - 1) (AttentionSeq::blocks).
 struct AttentionSeqDesc {
   const void* k;
   const void* v;
   int64_t q_row;
   int n_new;
   int n_total;
+  const int32_t* blocks = nullptr;
+  int block_shift = 0;
 };
 struct AttentionBatchPlan {
   int num_splits = 1;
@@ -106,8 +110,10 @@ struct AttentionExShape {
   int window;
   const float* sinks;
 };
+// blocks: null, or a paged cache's block table of 1 << block_shift rows per block (AttentionSeqDesc).
 cudaError_t launch_attention_ex(const float* q, const float* k, const float* v, int64_t q_row, int n_new, int n_total,
-                                const AttentionExShape& shape, float* out, cudaStream_t stream);
+                                const int32_t* blocks, int block_shift, const AttentionExShape& shape, float* out,
+                                cudaStream_t stream);
 
 // y[r, h, j] = sum_i x[r, h, i] * w[h * n + j, i] (see Backend::GemmPerHead); w [heads * n, k].
 cudaError_t launch_gemm_per_head(const float* x, int64_t rows, int num_heads, int64_t x_stride, int x_head_stride,

@@ -1,0 +1,63 @@
+// A serving-like run through an engine's KV cache, for comparing KV layouts: sequences of
+// different lengths prefilled in chunks (some of 16+ rows, so the CUDA backend's tensor-core
+// prefill runs), decoded together in batches, one removed mid-run and a new one taking its
+// place (a paged cache hands it the freed blocks). Returns every logit the engine produced.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "runtime/engine/engine.h"
+
+namespace ef::runtime::testing {
+
+inline std::vector<float> PagedKvWorkload(Engine& e) {
+  const int V = e.config().vocab_size;
+  auto tokens = [V](int seed, int n) {
+    std::vector<int32_t> t(n);
+    for (int i = 0; i < n; ++i) t[i] = (seed * 131 + i * 37 + 1) % V;
+    return t;
+  };
+  std::vector<float> all;
+  auto run = [&](std::vector<SeqChunk> chunks) {
+    ForwardResult r;
+    const Status s = e.Forward(chunks, &r);
+    EXPECT_TRUE(s.ok()) << s.ToString();
+    all.insert(all.end(), r.logits.begin(), r.logits.end());
+  };
+  const std::vector<int32_t> a = tokens(1, 37), b = tokens(2, 21), c = tokens(3, 18), d = tokens(4, 3);
+  for (int64_t id : {1, 2, 3, 4}) EXPECT_TRUE(e.AddSequence(id).ok());
+  // a: 20 rows then 17 (both past the tensor-core threshold), b: 5 + 16 in one batch with a's second.
+  run({{1, std::span<const int32_t>(a).subspan(0, 20), true}});
+  run({{1, std::span<const int32_t>(a).subspan(20), true}, {2, std::span<const int32_t>(b).subspan(0, 5), true}});
+  run({{2, std::span<const int32_t>(b).subspan(5), true}, {4, d, true}});
+  // Decode steps of three sequences together.
+  for (int step = 0; step < 6; ++step) {
+    const int32_t ta = (7 * step + 3) % V, tb = (11 * step + 5) % V, td = (13 * step + 2) % V;
+    run({{1, {&ta, 1}, false}, {2, {&tb, 1}, false}, {4, {&td, 1}, false}});
+  }
+  // a leaves; c arrives and prefills beside a decode of b and d.
+  e.RemoveSequence(1);
+  const int32_t tb = 9 % V, td = 4 % V;
+  run({{3, c, true}, {2, {&tb, 1}, false}, {4, {&td, 1}, false}});
+  for (int step = 0; step < 4; ++step) {
+    const int32_t tc = (5 * step + 1) % V, t2 = (3 * step + 8) % V;
+    run({{2, {&t2, 1}, false}, {3, {&tc, 1}, false}});
+  }
+  for (int64_t id : {2, 3, 4}) e.RemoveSequence(id);
+  return all;
+}
+
+// Bitwise equality of two logit vectors (the first differing index on failure).
+inline void ExpectBitwiseEqual(const std::vector<float>& got, const std::vector<float>& want, const char* what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  size_t diffs = 0, first = got.size();
+  for (size_t i = 0; i < got.size(); ++i)
+    if (got[i] != want[i] && !(got[i] != got[i] && want[i] != want[i])) first = diffs++ ? first : i;
+  EXPECT_EQ(diffs, 0u) << what << ": first difference at logit " << first << " (" << got[first] << " vs " << want[first]
+                       << ")";
+}
+
+}  // namespace ef::runtime::testing
