@@ -4,7 +4,8 @@
 # backend's knobs, one after another in one run, for side-by-side numbers.
 #
 #   scripts/accel/ab-run.sh LAYERS "ENV A" "ENV B" ...    e.g. "EF_CUDA_PDL=0" "EF_CUDA_EXPERT_STREAMS=0"
-# An empty string is the defaults. Logs under $OUT (or ./out).
+# An empty string is the defaults; a setting that starts with "--" is passed to `expertflow bench`
+# as flags instead (e.g. "--kv-block-size 0"). Logs under $OUT (or ./out).
 set -uo pipefail
 LAYERS=${1:-8}
 shift
@@ -18,12 +19,15 @@ for setting in "$@"; do
   echo "=== ${setting:-defaults}"
   for w in "${WORKLOADS[@]}"; do
     read -r name c n p g <<<"$w"
-    env $setting timeout 200 "$BUILD"/expertflow bench --backend cuda --synthetic mixtral-8x7b --synthetic-layers "$LAYERS" \
+    envs=$setting flags=""
+    [[ $setting == --* ]] && envs="" flags=$setting
+    env $envs timeout 200 "$BUILD"/expertflow bench $flags --backend cuda --synthetic mixtral-8x7b --synthetic-layers "$LAYERS" \
       --synthetic-dir "$PWD/.synthetic" -n "$n" -c "$c" --prompt-len "$p" --gen-len "$g" --max-batch 64 \
       >"$OUT/${tag}_$name.txt" 2>&1
     printf "%-8s %s\n" "$name" "$(grep -E '^ +[0-9]+ +[0-9]+ ' "$OUT/${tag}_$name.txt" | awk '{print "out_tok/s", $6, "ttft_p50", $8, "itl_p50", $10}')"
     grep "^# engine" "$OUT/${tag}_$name.txt"
   done
+  [[ $setting == --* ]] && continue  # flags of expertflow, not of the kernel bench
   env $setting timeout 120 "$BUILD"/tests/ef_decode_bench --batches 1,64 --iters 20 --prefill-iters 7 --no-breakdown \
     $(echo "$setting" | grep -q "EF_CUDA_PDL=0" && echo --no-pdl) \
     $(echo "$setting" | grep -q "EF_CUDA_EXPERT_STREAMS=0" && echo --expert-streams 0) 2>&1 | grep -E "^decode|^prefill|prefill steps"
