@@ -45,6 +45,9 @@ constexpr size_t kDecodeMaxSmemBytes = 48 * 1024;  // the default dynamic limit:
 // Decode splits aim for this many blocks per SM: each block has one tile of loads in flight at a
 // time, so several per SM are needed to cover HBM latency.
 constexpr int kDecodeBlocksPerSm = 4;
+// Registers are capped so that many blocks fit an SM (left to itself the compiler took 252 per
+// thread, two blocks per SM: 12% occupancy and ~1 TB/s of K/V at batch 64).
+constexpr int kDecodeMinBlocksPerSm = 4;
 static_assert(kDecodeMaxTile <= 32 && kDecodeThreads % 32 == 0, "decode softmax maps one lane to one key");
 
 // Shared floats of the decode kernel: q and acc [group][head_dim], K tile [tile][head_dim + 4]
@@ -59,13 +62,13 @@ bool DecodeMergeFits(int group, int head_dim, int tile, int num_splits) {
   return 2 * static_cast<int64_t>(group) * num_splits <= static_cast<int64_t>(tile) * (head_dim + 4);
 }
 
-__global__ void __launch_bounds__(kDecodeThreads)
+__global__ void __launch_bounds__(kDecodeThreads, kDecodeMinBlocksPerSm)
     AttentionDecodeKernel(const float* __restrict__ q, const __grid_constant__ SeqTable seqs, int num_heads,
                           int num_kv_heads, int head_dim, int tile, float scale, float* __restrict__ out,
                           float* __restrict__ ws, int64_t ws_rows, int num_splits, unsigned* __restrict__ counters,
                           bool kv_bf16) {
   PdlEnter();
-  constexpr int kUnroll = 8;  // 16-byte loads of K and of V in flight per thread
+  constexpr int kUnroll = 4;  // 16-byte loads of K and of V in flight per thread
   extern __shared__ float4 smem4[];
   const AttentionSeqDesc sd = seqs[blockIdx.z];
   if (sd.n_new != 1) return;  // block-uniform: a sequence with no new row has nothing to write
