@@ -208,6 +208,9 @@ std::string ServerMetrics::Render() const {
   out += "expertflow_prompt_tokens_total " + std::to_string(prompt_tokens_.load()) + "\n";
   Header(&out, "expertflow_generated_tokens_total", "counter", "Tokens generated.");
   out += "expertflow_generated_tokens_total " + std::to_string(generated_tokens_.load()) + "\n";
+  Header(&out, "expertflow_preemptions_total", "counter",
+         "Running requests that gave their KV cache blocks back to be prefilled again later.");
+  out += "expertflow_preemptions_total " + std::to_string(preemptions_.load()) + "\n";
   Header(&out, "expertflow_queue_depth", "gauge", "Requests waiting for admission to the running batch.");
   out += "expertflow_queue_depth " + std::to_string(waiting_.load()) + "\n";
   Header(&out, "expertflow_running_requests", "gauge", "Requests in the running batch.");

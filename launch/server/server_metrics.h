@@ -43,6 +43,9 @@ class ServerMetrics {
   void CountRequest(const std::string& endpoint, int status);
   void AddPromptTokens(int64_t n) { prompt_tokens_.fetch_add(n, std::memory_order_relaxed); }
   void AddGeneratedTokens(int64_t n) { generated_tokens_.fetch_add(n, std::memory_order_relaxed); }
+  // A running request gave its KV blocks back (to be prefilled again later).
+  void CountPreemption() { preemptions_.fetch_add(1, std::memory_order_relaxed); }
+  int64_t preemptions() const { return preemptions_.load(); }
   void SetQueueDepth(int64_t waiting, int64_t running) {
     waiting_.store(waiting, std::memory_order_relaxed);
     running_.store(running, std::memory_order_relaxed);
@@ -99,6 +102,7 @@ class ServerMetrics {
   std::map<std::pair<std::string, int>, uint64_t> requests_;  // (endpoint, status) -> count
   Histogram latency_, ttft_, itl_;
   std::atomic<int64_t> prompt_tokens_{0}, generated_tokens_{0}, waiting_{0}, running_{0};
+  std::atomic<int64_t> preemptions_{0};
   std::atomic<int64_t> steps_{0}, step_tokens_{0}, device_routed_steps_{0}, forward_ns_{0}, device_routed_ns_{0},
       step_ns_{0};
   std::unique_ptr<std::atomic<int64_t>[]> expert_tokens_;

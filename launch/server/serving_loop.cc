@@ -160,7 +160,11 @@ struct ServingLoop::Active {
   size_t max_stop = 0;
   std::vector<uint64_t> forecast;  // the prompt's (layer, expert) bits, when regrouping
   int overtaken = 0;               // admission rounds in which younger requests went first
-  int64_t kv_blocks = 0;           // a fixed-size paged KV cache's blocks for prompt + max_tokens
+  // Preempted when the KV cache ran out (its sequence dropped): the prompt and the tokens
+  // generated so far, prefilled again when it is readmitted. Empty otherwise.
+  std::vector<int32_t> resume;
+  // Tokens its next prefill feeds.
+  const std::vector<int32_t>& to_prefill() const { return resume.empty() ? request.prompt : resume; }
 
   // Length of the longest suffix of text[emitted:] that begins some stop string.
   size_t HeldBack() const {
@@ -221,13 +225,12 @@ StatusOr<std::unique_ptr<ServingLoop::Active>> ServingLoop::Prepare(ServeRequest
                            std::to_string(max_seq_len_) + " tokens");
   EF_RETURN_IF_ERROR(request.sampling.Validate());
   const int64_t kv_blocks = engine_->KvBlocksFor(static_cast<int64_t>(request.prompt.size()) + request.max_new_tokens);
-  if (kv_blocks > engine_->kv_capacity_blocks())
+  if (kv_blocks > engine_->kv_capacity_blocks())  // could never run, even alone
     return InvalidArgument("prompt (" + std::to_string(request.prompt.size()) + " tokens) + max_tokens (" +
                            std::to_string(request.max_new_tokens) + ") needs " + std::to_string(kv_blocks) +
                            " blocks of the KV cache, which holds " + std::to_string(engine_->kv_capacity_blocks()) +
                            " (runtime.kv_cache_tokens)");
   auto a = std::make_unique<Active>();
-  a->kv_blocks = kv_blocks;
   a->stream = std::make_shared<RequestStream>();
   a->stream->prompt_tokens_ = static_cast<int>(request.prompt.size());
   a->request = std::move(request);
@@ -339,15 +342,22 @@ AdmissionStats ServingLoop::admission_stats() const {
 void ServingLoop::Admit() {
   int free = options_.max_batch - static_cast<int>(running_.size());
   if (free <= 0 || waiting_.empty()) return;
-  if (const int64_t capacity = engine_->kv_capacity_blocks(); capacity > 0) {
-    // A KV cache of fixed size: requests are admitted in arrival order while the blocks of their
-    // prompt + max_tokens fit beside the running ones', so no pass can run out of blocks.
-    int64_t left = capacity;
-    for (const auto& a : running_) left -= a->kv_blocks;
+  // After a preemption nothing joins until a running request finishes (a growing cache that hit
+  // the device's limit would otherwise take the preempted request back at once, and again).
+  if (kv_pressure_ && !running_.empty()) return;
+  kv_pressure_ = false;
+  if (int64_t left = engine_->kv_free_blocks(); left >= 0) {
+    // A KV cache of fixed size: requests are admitted in arrival order while their prefill (and
+    // one token more) fits in the free blocks, leaving a block for each running sequence's next
+    // tokens; a sequence that later runs out preempts the youngest (Step).
+    left -= static_cast<int64_t>(running_.size());
+    for (const auto& a : running_)
+      if (a->seq < 0) left -= engine_->KvBlocksFor(static_cast<int64_t>(a->to_prefill().size()) + 1);
     int fit = 0;
     for (const auto& w : waiting_) {
-      if (fit == free || w->kv_blocks > left) break;
-      left -= w->kv_blocks;
+      const int64_t need = engine_->KvBlocksFor(static_cast<int64_t>(w->to_prefill().size()) + 1);
+      if (fit == free || need > left) break;
+      left -= need;
       ++fit;
     }
     for (int i = 0; i < fit; ++i) {
@@ -423,6 +433,7 @@ void ServingLoop::Admit() {
 
 void ServingLoop::Finish(Active& a, FinishReason finish, Status error) {
   if (a.seq >= 0) engine_->RemoveSequence(a.seq);
+  kv_pressure_ = false;  // its blocks are free
   a.seq = -1;
   if (a.emitted < a.text.size()) a.stream->Push(a.text.substr(a.emitted), static_cast<int>(a.generated.size()));
   a.emitted = a.text.size();
@@ -441,6 +452,7 @@ void ServingLoop::StartAndPrune() {
         a.reset();
         continue;
       }
+      if (!a->resume.empty()) continue;  // preempted: its sampler and decoder go on
       a->sampler = std::make_unique<runtime::Sampler>(a->request.sampling);
       a->decoder = std::make_unique<runtime::StreamDecoder>(tokenizer_, /*skip_special=*/true);
       // Nothing to run, unless the prompt itself is being scored.
@@ -469,8 +481,8 @@ void ServingLoop::Step() {
   int64_t prompt_tokens = 0;
   for (auto& a : running_) {
     if (!a->prefilled) {
-      batch.push_back(runtime::SeqChunk{a->seq, a->request.prompt, a->request.prompt_logprobs});
-      prompt_tokens += static_cast<int64_t>(a->request.prompt.size());
+      batch.push_back(runtime::SeqChunk{a->seq, a->to_prefill(), a->request.prompt_logprobs && a->resume.empty()});
+      prompt_tokens += static_cast<int64_t>(a->to_prefill().size());
     } else {
       batch.push_back(runtime::SeqChunk{a->seq, {&a->last, 1}, false});
     }
@@ -485,6 +497,32 @@ void ServingLoop::Step() {
   metrics_->CountStep(tokens, std::chrono::duration<double>(Clock::now() - t0).count(),
                       engine_->last_forward_device_routed());
   metrics_->AddPromptTokens(prompt_tokens);
+  if (!s.ok() && engine_->last_forward_kv_full()) {
+    // The KV cache could not hold this step (nothing ran). The youngest request gives its blocks
+    // back and waits at the head of the queue to be prefilled again with what it has generated;
+    // alone, a request that still does not fit fails on its own and the loop goes on.
+    std::unique_ptr<Active> victim = std::move(running_.back());
+    running_.pop_back();
+    if (running_.empty()) {
+      EF_LOG(WARN, SERVE, "request dropped: %s", s.ToString().c_str());
+      Finish(*victim, FinishReason::kCancelled, s);
+      return;
+    }
+    EF_LOG(INFO, SERVE, "kv cache full: the request of sequence %lld is preempted (%zu tokens to prefill again)",
+           static_cast<long long>(victim->seq), victim->request.prompt.size() + victim->generated.size());
+    engine_->RemoveSequence(victim->seq);
+    victim->seq = -1;
+    if (victim->prefilled) {
+      victim->resume = victim->request.prompt;
+      victim->resume.insert(victim->resume.end(), victim->generated.begin(), victim->generated.end());
+    }
+    victim->prefilled = false;
+    metrics_->CountPreemption();
+    kv_pressure_ = true;
+    std::lock_guard<std::mutex> lock(mu_);
+    waiting_.push_front(std::move(victim));
+    return;
+  }
   if (!s.ok()) {
     EF_LOG(ERROR, SERVE, "forward pass failed: %s", s.ToString().c_str());
     for (auto& a : running_) Finish(*a, FinishReason::kCancelled, s);
@@ -505,7 +543,12 @@ bool ServingLoop::Advance(Active& a, const float* rows) {
   const size_t vocab = static_cast<size_t>(config_.vocab_size);
   const int top = std::max(a.request.logprobs, 0);
   const Clock::time_point now = Clock::now();
-  if (!a.prefilled) {
+  if (!a.prefilled && !a.resume.empty()) {
+    // Prefilled again after a preemption: the row after its last generated token.
+    a.prefilled = true;
+    a.resume.clear();
+    metrics_->ObserveInterTokenLatency(std::chrono::duration<double>(now - a.last_token).count());
+  } else if (!a.prefilled) {
     a.prefilled = true;
     metrics_->ObserveTimeToFirstToken(std::chrono::duration<double>(now - a.arrival).count());
     if (a.request.prompt_logprobs) {

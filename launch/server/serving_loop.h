@@ -22,9 +22,13 @@
 // before any regrouped one: regrouping delays no request by more than that many admission rounds
 // beyond its FIFO turn (starvation bound).
 //
-// With a paged KV cache of fixed size (runtime.kv_cache_tokens), admission is FIFO while the
-// blocks of each request's prompt + max_tokens fit beside the running requests' (no pass can run
-// out of blocks); a request that could never fit is refused at Submit.
+// With a paged KV cache of fixed size (runtime.kv_cache_tokens), admission is FIFO while each
+// request's prefill fits in the free blocks (a block left for every running sequence); a request
+// whose prompt + max_tokens could never fit is refused at Submit. When a step cannot get the
+// blocks it needs (a fixed cache full, or a growing one that no longer fits the device), the
+// youngest running request is preempted: its sequence is dropped and it waits at the head of the
+// queue to be prefilled again with its prompt and what it has generated (recompute, as vLLM
+// does), then goes on where it stopped; what it has streamed is not sent again.
 //
 // Thread safety: Submit/Stop and every RequestStream method may be called from any thread.
 #pragma once
@@ -184,7 +188,8 @@ class ServingLoop {
   struct Active;
   class Waker;
   void Run();
-  // One step over the running batch; finished requests leave it. A failed forward pass is fatal
+  // One step over the running batch; finished requests leave it. A pass the KV cache cannot hold
+  // preempts the youngest request (see the file comment); any other failed forward pass is fatal
   // (Fail): the engine's state is unknown, so every request fails with the error and the loop stops.
   void Step();
   // Starts the admitted requests' sequences and drops cancelled requests (the head of Step).
@@ -212,6 +217,7 @@ class ServingLoop {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::deque<std::unique_ptr<Active>> waiting_;   // guarded by mu_
+  bool kv_pressure_ = false;                      // a request was preempted and none has finished since (engine thread)
   bool stopping_ = false;                         // guarded by mu_
   std::vector<std::unique_ptr<Active>> running_;  // engine thread only
   AdmissionStats admission_;                      // guarded by mu_

@@ -323,6 +323,18 @@ void Engine::RemoveSequence(int64_t seq) {
 
 int64_t Engine::KvBlocksFor(int64_t tokens) const { return kv_capacity_blocks() > 0 ? kv_->BlocksFor(tokens) : 0; }
 
+int64_t Engine::kv_free_blocks() const {
+  const int64_t capacity = kv_capacity_blocks();
+  return capacity > 0 ? kv_->free_blocks() + capacity - kv_->num_blocks() : -1;
+}
+
+int64_t Engine::KvBlocksToGrow(int64_t seq, int64_t tokens) const {
+  auto it = seqs_.find(seq);
+  if (!kv_ || it == seqs_.end()) return kv_ ? kv_->BlocksFor(tokens) : 0;
+  return std::max<int64_t>(0,
+                           kv_->BlocksFor(it->second.length + tokens) - static_cast<int64_t>(it->second.blocks.size()));
+}
+
 int64_t Engine::kv_capacity_blocks() const {
   return kv_ && kv_->capacity_tokens() > 0 ? kv_->BlocksFor(kv_->capacity_tokens()) : 0;
 }
@@ -652,7 +664,12 @@ Status Engine::Forward(std::span<const SeqChunk> batch, ForwardResult* result) {
   int64_t R = 0;  // rows whose logits are wanted
   for (const SeqChunk& chunk : batch) R += chunk.all_logits ? static_cast<int64_t>(chunk.tokens.size()) : 1;
   EF_RETURN_IF_ERROR(ReserveScratch(T, R));
-  if (kv_) EF_RETURN_IF_ERROR(ReserveKvBlocks(batch));
+  last_forward_kv_full_ = false;
+  if (kv_) {
+    Status kv = ReserveKvBlocks(batch);
+    last_forward_kv_full_ = kv.code() == StatusCode::kResourceExhausted;
+    EF_RETURN_IF_ERROR(kv);
+  }
 
   int32_t* tokens_dev = reinterpret_cast<int32_t*>(Scratch(kTokens, T));
   int32_t* pos_dev = reinterpret_cast<int32_t*>(Scratch(kPositions, T));

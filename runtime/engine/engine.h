@@ -102,6 +102,14 @@ class Engine {
   // `tokens` tokens takes and the pool's total; 0 and 0 when the cache grows or is contiguous.
   int64_t KvBlocksFor(int64_t tokens) const;
   int64_t kv_capacity_blocks() const;
+  // Blocks of a fixed-size paged KV cache not held by any sequence (-1: the cache grows or is
+  // contiguous), and the blocks `tokens` more rows of sequence `seq` would take.
+  int64_t kv_free_blocks() const;
+  int64_t KvBlocksToGrow(int64_t seq, int64_t tokens) const;
+  // The last Forward failed because the paged KV cache could not give its sequences the blocks
+  // they needed (full, or its growth did not fit); it changed nothing and can be retried with
+  // fewer sequences.
+  bool last_forward_kv_full() const { return last_forward_kv_full_; }
 
   // Replaces where expert weights come from (default: all resident). The engine keeps a pointer;
   // the caller keeps it alive. nullptr restores the resident experts (none when the engine was
@@ -221,6 +229,7 @@ class Engine {
   std::vector<RoutedExpertTable> routed_;  // per decoder layer; num_experts 0: none
   std::vector<Buffer> routed_tables_;      // their pointer arrays
   bool last_device_routed_ = false;
+  bool last_forward_kv_full_ = false;
   int next_hook_id_ = 0;
   std::map<int64_t, Sequence> seqs_;
   int max_seq_len_ = 0;

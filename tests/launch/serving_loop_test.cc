@@ -164,10 +164,12 @@ TEST(ServingLoopTest, SubmitAllQueuesAllOrNone) {
       << metrics.Render();
 }
 
-// A paged KV cache of fixed size: requests queue until their blocks fit (here two of five at a
-// time), every one finishes with the text an unbounded cache gives it, and a request that could
-// never fit is refused at Submit with the key to change.
-TEST(ServingLoopTest, FixedKvCacheAdmitsWhatFitsAndFinishesEverything) {
+// A paged KV cache of fixed size (4 blocks of 16 tokens): five requests of 6 + 20 tokens are
+// admitted while their prompts fit, run out of blocks as they grow, preempt the youngest (which
+// is prefilled again with what it generated and goes on), and every one finishes with exactly
+// the text an unbounded cache gives it; a request that could never fit is refused at Submit
+// with the key to change.
+TEST(ServingLoopTest, FixedKvCachePreemptsAndFinishesEverything) {
   auto run = [](int64_t kv_tokens, std::vector<std::string>* texts) {
     runtime::EngineOptions eo;
     eo.kv_block_size = 16;
@@ -200,6 +202,8 @@ TEST(ServingLoopTest, FixedKvCacheAdmitsWhatFitsAndFinishesEverything) {
       texts->push_back(text);
     }
     if (kv_tokens > 0) {
+      EXPECT_GT(metrics.preemptions(), 0) << "the cache never ran out: the test tests nothing";
+      EXPECT_NE(metrics.Render().find("expertflow_preemptions_total"), std::string::npos);
       ServeRequest big;
       big.prompt = {100, 17, 40};
       big.max_new_tokens = 70;  // 73 tokens: 5 blocks, the cache holds 4
@@ -211,7 +215,7 @@ TEST(ServingLoopTest, FixedKvCacheAdmitsWhatFitsAndFinishesEverything) {
     loop.Stop();
   };
   std::vector<std::string> bounded, unbounded;
-  run(64, &bounded);  // 4 blocks: two requests at a time
+  run(64, &bounded);  // 4 blocks
   run(0, &unbounded);
   EXPECT_EQ(bounded, unbounded);
 }
