@@ -80,6 +80,7 @@ struct BenchOptions {
   int prompt_len = 32;
   int gen_len = 32;
   int max_batch = 32;
+  int max_prefill_tokens = 0;
   uint64_t seed = 1;
   std::string json_path;
   // Synthetic weights (empty: --model).
@@ -398,6 +399,7 @@ StatusOr<std::vector<int>> RequestsOfThisRank(const BenchRun& b, const BenchPart
 StatusOr<ServingLoopOptions> MakeLoopOptions(const BenchRun& b, const BenchParts& p) {
   ServingLoopOptions lo;
   lo.max_batch = b.o.max_batch;
+  lo.max_prefill_tokens = b.o.max_prefill_tokens;
   if (b.o.regroup_window <= 1) return lo;
   if (!p.trace_override || b.keying != placement::TraceKeying::kSequence)
     return InvalidArgument(
@@ -872,6 +874,7 @@ Status WriteJson(const BenchRun& b, const BenchParts& p, const BenchSummary& s, 
               {"prompt_len", o.prompt_len},
               {"gen_len", o.gen_len},
               {"max_batch", o.max_batch},
+              {"max_prefill_tokens", o.max_prefill_tokens},
               {"seed", o.seed}}},
             {"results", ResultsJson(b, s, c)},
             {"engine",
@@ -945,6 +948,11 @@ Command AddBenchCommand(CLI::App& root) {
   c.app->add_option("--prompt-len", o->prompt_len, "prompt tokens per request")->capture_default_str();
   c.app->add_option("--gen-len", o->gen_len, "generated tokens per request")->capture_default_str();
   c.app->add_option("--max-batch", o->max_batch, "sequences in the running batch")->capture_default_str();
+  c.app
+      ->add_option("--max-prefill-tokens", o->max_prefill_tokens,
+                   "chunked prefill: prompt tokens prefilled per step; 0: no limit")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   c.app->add_option("--seed", o->seed, "seed of the synthetic prompts")->capture_default_str();
   c.app
       ->add_option("--warmup-tokens", o->warmup_tokens,

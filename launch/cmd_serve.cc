@@ -115,9 +115,12 @@ Status ApplyServeConfig(const CLI::App& app, ServeOptions* so) {
       o.loop.max_batch = cfg.scheduler.max_batch_requests;
     if (!FlagGiven(app, "--regroup-window") && cfg.has("scheduler.regroup_window"))
       o.loop.regroup_window = cfg.scheduler.regroup_window;
+    if (!FlagGiven(app, "--max-prefill-tokens") && cfg.has("scheduler.max_prefill_tokens"))
+      o.loop.max_prefill_tokens = cfg.scheduler.max_prefill_tokens;
   }
   if (o.http.port < 0 || o.http.port > 65535) return InvalidArgument("--port must be in 0..65535");
   if (o.loop.max_batch < 1) return InvalidArgument("--max-batch must be >= 1");
+  if (o.loop.max_prefill_tokens < 0) return InvalidArgument("--max-prefill-tokens must be >= 0 (0: no limit)");
   if (o.loop.regroup_window > 1 && cfg.predictor.path.empty()) {
     if (FlagGiven(app, "--regroup-window"))
       return InvalidArgument(
@@ -241,6 +244,12 @@ Command AddServeCommand(CLI::App& root) {
   c.app->add_option("--api-key", o->http.api_key, "require 'Authorization: Bearer KEY' on /v1/*");
   c.app->add_option("--served-model-name", o->served_name, "model id for /v1/models (default: the model folder)");
   c.app->add_option("--max-batch", o->loop.max_batch, "sequences in the running batch")->capture_default_str();
+  c.app
+      ->add_option("--max-prefill-tokens", o->loop.max_prefill_tokens,
+                   "chunked prefill: prompt tokens prefilled per step (longer prompts take several steps while "
+                   "the running requests keep decoding); 0: no limit (scheduler.max_prefill_tokens)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   c.app->add_option("--max-queue", o->loop.max_queue, "waiting requests before 503")->capture_default_str();
   c.app
       ->add_option("--regroup-window", o->loop.regroup_window,

@@ -258,6 +258,8 @@ const std::map<std::string, Section>& Schema() {
            {"max_batch_requests",
             [](const Ctx& c, Config* o) { return GetInt(c, 1, 1 << 20, &o->scheduler.max_batch_requests); }},
            {"regroup_window", [](const Ctx& c, Config* o) { return GetInt(c, 1, 1024, &o->scheduler.regroup_window); }},
+           {"max_prefill_tokens",
+            [](const Ctx& c, Config* o) { return GetInt(c, 0, 1 << 24, &o->scheduler.max_prefill_tokens); }},
            {"rank_assignment",
             [](const Ctx& c, Config* o) {
               return GetOneOf(c, {"locality", "round_robin", "least_loaded"}, &o->scheduler.rank_assignment);
@@ -496,6 +498,7 @@ std::string ConfigToYaml(const Config& c) {
   e << YAML::Key << "max_batch_tokens" << YAML::Value << c.scheduler.max_batch_tokens;
   e << YAML::Key << "max_batch_requests" << YAML::Value << c.scheduler.max_batch_requests;
   e << YAML::Key << "regroup_window" << YAML::Value << c.scheduler.regroup_window;
+  e << YAML::Key << "max_prefill_tokens" << YAML::Value << c.scheduler.max_prefill_tokens;
   e << YAML::Key << "rank_assignment" << YAML::Value << c.scheduler.rank_assignment << YAML::EndMap;
   e << YAML::Key << "server" << YAML::Value << YAML::Flow << YAML::BeginMap;
   e << YAML::Key << "host" << YAML::Value << c.server.host << YAML::Key << "port" << YAML::Value << c.server.port;

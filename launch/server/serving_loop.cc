@@ -165,6 +165,9 @@ struct ServingLoop::Active {
   std::vector<int32_t> resume;
   // Tokens its next prefill feeds.
   const std::vector<int32_t>& to_prefill() const { return resume.empty() ? request.prompt : resume; }
+  size_t prefill_done = 0;           // of to_prefill(), in the engine (chunked prefill)
+  size_t prefill_now = 0;            // fed by the step in flight
+  std::vector<TokenLogprob> scored;  // prompt logprobs of the chunks so far
 
   // Length of the longest suffix of text[emitted:] that begins some stop string.
   size_t HeldBack() const {
@@ -476,16 +479,28 @@ void ServingLoop::Step() {
   if (running_.empty()) return;
 
   std::vector<runtime::SeqChunk> batch;
+  std::vector<Active*> members;  // batch[i] is members[i]'s chunk
   batch.reserve(running_.size());
+  members.reserve(running_.size());
   int64_t tokens = 0;
   int64_t prompt_tokens = 0;
+  // Chunked prefill: at most max_prefill_tokens prompt tokens per step (decodes always run), so a
+  // long prompt does not stall the running requests' next tokens for a whole prefill.
+  int64_t budget = options_.max_prefill_tokens > 0 ? options_.max_prefill_tokens : INT64_MAX;
   for (auto& a : running_) {
     if (!a->prefilled) {
-      batch.push_back(runtime::SeqChunk{a->seq, a->to_prefill(), a->request.prompt_logprobs && a->resume.empty()});
-      prompt_tokens += static_cast<int64_t>(a->to_prefill().size());
+      const std::vector<int32_t>& all = a->to_prefill();
+      const size_t n = static_cast<size_t>(std::min<int64_t>(budget, all.size() - a->prefill_done));
+      a->prefill_now = n;
+      if (n == 0) continue;  // no budget left: waits for a later step
+      budget -= static_cast<int64_t>(n);
+      batch.push_back(runtime::SeqChunk{a->seq, std::span<const int32_t>(all).subspan(a->prefill_done, n),
+                                        a->request.prompt_logprobs && a->resume.empty()});
+      prompt_tokens += static_cast<int64_t>(n);
     } else {
       batch.push_back(runtime::SeqChunk{a->seq, {&a->last, 1}, false});
     }
+    members.push_back(a.get());
     tokens += static_cast<int64_t>(batch.back().tokens.size());
   }
   runtime::ForwardResult& fr = forward_;  // reused: its logits buffer stays allocated between steps
@@ -512,6 +527,8 @@ void ServingLoop::Step() {
            static_cast<long long>(victim->seq), victim->request.prompt.size() + victim->generated.size());
     engine_->RemoveSequence(victim->seq);
     victim->seq = -1;
+    victim->prefill_done = 0;
+    victim->scored.clear();
     if (victim->prefilled) {
       victim->resume = victim->request.prompt;
       victim->resume.insert(victim->resume.end(), victim->generated.begin(), victim->generated.end());
@@ -530,10 +547,15 @@ void ServingLoop::Step() {
     Fail(s);
     return;
   }
-  for (size_t b = 0; b < running_.size(); ++b) {
+  std::vector<bool> done(members.size(), false);
+  for (size_t b = 0; b < members.size(); ++b) {
     const float* rows = fr.logits.data() + static_cast<size_t>(fr.row_offset[b]) * config_.vocab_size;
-    if (Advance(*running_[b], rows)) running_[b].reset();
+    done[b] = Advance(*members[b], rows);
   }
+  for (size_t b = 0; b < members.size(); ++b)
+    if (done[b])
+      for (auto& a : running_)
+        if (a.get() == members[b]) a.reset();
   waker_->Post(to_wake_);
   running_.erase(std::remove(running_.begin(), running_.end(), nullptr), running_.end());
   metrics_->AddStepSeconds(std::chrono::duration<double>(Clock::now() - step_start).count());
@@ -543,6 +565,19 @@ bool ServingLoop::Advance(Active& a, const float* rows) {
   const size_t vocab = static_cast<size_t>(config_.vocab_size);
   const int top = std::max(a.request.logprobs, 0);
   const Clock::time_point now = Clock::now();
+  if (!a.prefilled) {
+    const size_t begin = a.prefill_done, n = a.prefill_now;
+    a.prefill_done += n;
+    if (a.resume.empty() && a.request.prompt_logprobs) {
+      // Row i of this chunk predicts prompt token begin + i + 1; the sampling row is the last one.
+      const std::vector<int32_t>& p = a.request.prompt;
+      if (begin == 0) a.scored.assign(1, TokenLogprob{p[0]});
+      for (size_t i = 0; i < n && begin + i + 1 < p.size(); ++i)
+        a.scored.push_back(LogprobOf({rows + i * vocab, vocab}, p[begin + i + 1], top));
+      rows += (n - 1) * vocab;
+    }
+    if (a.prefill_done < a.to_prefill().size()) return false;  // more chunks to come
+  }
   if (!a.prefilled && !a.resume.empty()) {
     // Prefilled again after a preemption: the row after its last generated token.
     a.prefilled = true;
@@ -552,13 +587,8 @@ bool ServingLoop::Advance(Active& a, const float* rows) {
     a.prefilled = true;
     metrics_->ObserveTimeToFirstToken(std::chrono::duration<double>(now - a.arrival).count());
     if (a.request.prompt_logprobs) {
-      // Row i of the prefill predicts prompt token i + 1; the sampling row is the last one.
-      const std::vector<int32_t>& p = a.request.prompt;
-      std::vector<TokenLogprob> scored(1);
-      scored[0].token = p[0];
-      for (size_t i = 1; i < p.size(); ++i) scored.push_back(LogprobOf({rows + (i - 1) * vocab, vocab}, p[i], top));
-      a.stream->PushLogprobs(std::move(scored), {});
-      rows += (p.size() - 1) * vocab;
+      a.stream->PushLogprobs(std::move(a.scored), {});
+      a.scored.clear();
       if (a.request.max_new_tokens == 0) {
         Finish(a, FinishReason::kLength, Status::Ok());
         return true;

@@ -134,7 +134,10 @@ class RequestStream {
 using RequestForecast = std::function<void(const ServeRequest& request, uint64_t* row)>;
 
 struct ServingLoopOptions {
-  int max_batch = 32;    // sequences in the running batch (each holds a KV cache of the full context)
+  int max_batch = 32;  // sequences in the running batch
+  // Chunked prefill: prompt tokens prefilled per step, over all new requests (a longer prompt is
+  // prefilled over several steps while the running requests keep decoding). 0: no limit.
+  int max_prefill_tokens = 0;
   int max_queue = 4096;  // waiting requests beyond this are refused (Unavailable)
   // Admission regrouping (see the file comment); off unless regroup_window > 1 and forecast set.
   int regroup_window = 0;

@@ -43,7 +43,8 @@ cluster: {exchange: mpi, ranks_per_node: 1, peer_fetch: none, placement: round_r
 cache: {device_budget: 2GiB, host_budget: auto, policy: lru, prefetch_layers: 3, prefetch_min_prob: 0.75}
 predictor: {kind: path, path: p.safetensors}
 routing: {replay: traces/mixtral.jsonl, key: sequence}
-scheduler: {max_batch_tokens: 64, max_batch_requests: 8, regroup_window: 4, rank_assignment: round_robin}
+scheduler: {max_batch_tokens: 64, max_batch_requests: 8, regroup_window: 4, rank_assignment: round_robin,
+            max_prefill_tokens: 512}
 server: {host: 0.0.0.0, port: 9000, api_key: secret, max_body_bytes: 64KiB, max_tokens_limit: 256}
 generate: {prompt: "hi", max_new_tokens: 5, temperature: 0.7, top_p: 0.9, top_k: 40, seed: 11}
 )",
@@ -62,6 +63,7 @@ generate: {prompt: "hi", max_new_tokens: 5, temperature: 0.7, top_p: 0.9, top_k:
   EXPECT_EQ(c->cache.host_budget, 0u);
   EXPECT_EQ(c->predictor.path, "p.safetensors");
   EXPECT_EQ(c->scheduler.rank_assignment, "round_robin");
+  EXPECT_EQ(c->scheduler.max_prefill_tokens, 512);
   EXPECT_EQ(c->server.api_key, "secret");
   EXPECT_EQ(c->server.max_body_bytes, 64u << 10);
   EXPECT_EQ(c->server.max_tokens_limit, 256);
@@ -80,6 +82,7 @@ generate: {prompt: "hi", max_new_tokens: 5, temperature: 0.7, top_p: 0.9, top_k:
   EXPECT_EQ(again->runtime.kv_cache_dtype, "bf16");
   EXPECT_EQ(again->runtime.kv_block_size, 32);
   EXPECT_EQ(again->runtime.kv_cache_tokens, 65536);
+  EXPECT_EQ(again->scheduler.max_prefill_tokens, 512);
 }
 
 TEST(ConfigTest, UnknownKeysNameKeyAndLine) {

@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <map>
 #include <string>
 #include <vector>
@@ -218,6 +219,81 @@ TEST(ServingLoopTest, FixedKvCachePreemptsAndFinishesEverything) {
   run(64, &bounded);  // 4 blocks
   run(0, &unbounded);
   EXPECT_EQ(bounded, unbounded);
+}
+
+// Chunked prefill: with at most 16 (or 7) prompt tokens prefilled per step, a 40-token prompt
+// takes several steps while a running request keeps decoding; every request gets the text and the
+// prompt logprobs it gets with whole prefills.
+TEST(ServingLoopTest, ChunkedPrefillGivesTheSameTextAndPromptLogprobs) {
+  struct Got {
+    std::vector<std::string> text;
+    std::vector<TokenLogprob> prompt_logprobs;
+    int max_rows = 0;  // the largest forward pass, in token rows
+  };
+  auto run = [](int max_prefill_tokens, Got* got) {
+    auto engine = runtime::Engine::Create(kModelDir, runtime::EngineOptions{});
+    ASSERT_TRUE(engine.ok()) << engine.status().ToString();
+    auto tok = runtime::Tokenizer::FromModelDir(kModelDir);
+    ASSERT_TRUE(tok.ok());
+    ServerMetrics metrics((*engine)->config().num_layers, (*engine)->config().num_experts);
+    (*engine)->AddRoutingObserver([got](runtime::LayerRouting& r) {
+      got->max_rows = std::max(got->max_rows, r.num_tokens);
+      return Status::Ok();
+    });
+    ServingLoopOptions lo;
+    lo.max_prefill_tokens = max_prefill_tokens;
+    ServingLoop loop(engine->get(), std::move(tok).value(), &metrics, lo);
+    std::vector<ServeRequest> rs(3);
+    rs[0].prompt = {100, 17, 40};
+    rs[0].max_new_tokens = 24;
+    for (int i = 0; i < 40; ++i) rs[1].prompt.push_back((i * 37 + 11) % 500 + 1);
+    rs[1].max_new_tokens = 8;
+    rs[1].prompt_logprobs = true;
+    rs[1].logprobs = 2;
+    rs[2].prompt = std::vector<int32_t>(rs[1].prompt.begin(), rs[1].prompt.begin() + 23);
+    rs[2].max_new_tokens = 8;
+    for (auto& r : rs) r.ignore_eos = true;
+    auto first = loop.Submit(rs[0]);  // decoding while the long prompts are chunked
+    ASSERT_TRUE(first.ok());
+    StreamUpdate u0 = (*first)->Take(std::chrono::milliseconds(2000));
+    std::vector<std::shared_ptr<RequestStream>> streams = {*first};
+    std::string text0 = u0.text;
+    auto rest = loop.SubmitAll({rs[1], rs[2]});
+    ASSERT_TRUE(rest.ok()) << rest.status().ToString();
+    streams.insert(streams.end(), rest->begin(), rest->end());
+    for (size_t i = 0; i < streams.size(); ++i) {
+      StreamUpdate u = i == 0 ? u0 : StreamUpdate{};
+      std::string text = i == 0 ? text0 : "";
+      while (!u.done) {
+        u = streams[i]->Take(std::chrono::milliseconds(2000));
+        text += u.text;
+        if (i == 1)
+          got->prompt_logprobs.insert(got->prompt_logprobs.end(), u.prompt_logprobs.begin(), u.prompt_logprobs.end());
+      }
+      EXPECT_TRUE(u.error.ok()) << u.error.ToString();
+      EXPECT_EQ(u.num_tokens, rs[i].max_new_tokens) << "request " << i;
+      got->text.push_back(text);
+    }
+    loop.Stop();
+  };
+  Got whole, chunked16, chunked7;
+  run(0, &whole);
+  run(16, &chunked16);
+  run(7, &chunked7);
+  EXPECT_GE(whole.max_rows, 40);
+  EXPECT_LE(chunked16.max_rows, 16 + 3);  // the prefill budget + a decode row per running request
+  EXPECT_LE(chunked7.max_rows, 7 + 3);
+  for (const Got* g : {&chunked16, &chunked7}) {
+    EXPECT_EQ(g->text, whole.text);
+    ASSERT_EQ(g->prompt_logprobs.size(), 40u);
+    ASSERT_EQ(whole.prompt_logprobs.size(), 40u);
+    EXPECT_FALSE(g->prompt_logprobs[0].logprob.has_value());
+    for (size_t i = 1; i < 40; ++i) {
+      ASSERT_TRUE(g->prompt_logprobs[i].logprob.has_value()) << i;
+      EXPECT_EQ(g->prompt_logprobs[i].token, whole.prompt_logprobs[i].token);
+      EXPECT_NEAR(*g->prompt_logprobs[i].logprob, *whole.prompt_logprobs[i].logprob, 1e-3) << "prompt token " << i;
+    }
+  }
 }
 
 }  // namespace
