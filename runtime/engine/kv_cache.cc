@@ -26,23 +26,20 @@ Status PagedKvCache::Grow(int64_t blocks) {
   const size_t old_rows = static_cast<size_t>(num_blocks_) * options_.block_size;
   std::vector<Buffer> keys, values;
   std::vector<Backend::CopyItem> copies;
+  // One layer's new pool of `row_bytes` rows, holding a copy of the old one's.
+  auto grow = [&](const std::vector<Buffer>& old, int layer, size_t row_bytes, std::vector<Buffer>* out) -> Status {
+    auto b = backend_->Allocate(rows * row_bytes);
+    if (!b.ok())
+      return ResourceExhausted("kv cache: " + std::to_string(rows) + " token rows of " +
+                               std::to_string(options_.num_layers) + " layers do not fit on " + backend_->name() +
+                               ": " + b.status().message());
+    out->push_back(std::move(b).value());
+    if (num_blocks_ > 0) copies.push_back({out->back().data(), old[layer].data(), old_rows * row_bytes});
+    return Status::Ok();
+  };
   for (int l = 0; l < options_.num_layers; ++l) {
-    auto k = backend_->Allocate(rows * options_.key_row_bytes);
-    if (!k.ok())
-      return ResourceExhausted("kv cache: " + std::to_string(rows) + " token rows of " +
-                               std::to_string(options_.num_layers) + " layers do not fit on " + backend_->name() +
-                               ": " + k.status().message());
-    keys.push_back(std::move(k).value());
-    if (num_blocks_ > 0) copies.push_back({keys.back().data(), keys_[l].data(), old_rows * options_.key_row_bytes});
-    if (options_.value_row_bytes == 0) continue;
-    auto v = backend_->Allocate(rows * options_.value_row_bytes);
-    if (!v.ok())
-      return ResourceExhausted("kv cache: " + std::to_string(rows) + " token rows of " +
-                               std::to_string(options_.num_layers) + " layers do not fit on " + backend_->name() +
-                               ": " + v.status().message());
-    values.push_back(std::move(v).value());
-    if (num_blocks_ > 0)
-      copies.push_back({values.back().data(), values_[l].data(), old_rows * options_.value_row_bytes});
+    EF_RETURN_IF_ERROR(grow(keys_, l, options_.key_row_bytes, &keys));
+    if (options_.value_row_bytes > 0) EF_RETURN_IF_ERROR(grow(values_, l, options_.value_row_bytes, &values));
   }
   if (!copies.empty()) backend_->CopyBatch(copies.data(), static_cast<int>(copies.size()));
   keys_ = std::move(keys);  // the old pools free after the copies (ordered on the backend's stream)
