@@ -54,7 +54,7 @@ struct ModelFlags {
     app->add_option("--kv-cache-tokens", kv_cache_tokens,
                     "paged KV cache capacity in tokens over all sequences, allocated on first use (0: grows on "
                     "demand) (runtime.kv_cache_tokens)")
-        ->check(CLI::NonNegativeNumber)
+        ->check(CLI::Range(int64_t{0}, runtime::kMaxKvCacheTokens))
         ->capture_default_str();
   }
   runtime::EngineOptions ToEngineOptions() const {

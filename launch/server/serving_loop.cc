@@ -227,7 +227,10 @@ StatusOr<std::unique_ptr<ServingLoop::Active>> ServingLoop::Prepare(ServeRequest
                            std::to_string(request.max_new_tokens) + ") exceeds the context of " +
                            std::to_string(max_seq_len_) + " tokens");
   EF_RETURN_IF_ERROR(request.sampling.Validate());
-  const int64_t kv_blocks = engine_->KvBlocksFor(static_cast<int64_t>(request.prompt.size()) + request.max_new_tokens);
+  // The most it will hold: its prompt and max_tokens, and at least one row past the prompt (the
+  // prefill is admitted with room for its first token).
+  const int64_t kv_blocks =
+      engine_->KvBlocksFor(static_cast<int64_t>(request.prompt.size()) + std::max(request.max_new_tokens, 1));
   if (kv_blocks > engine_->kv_capacity_blocks())  // could never run, even alone
     return InvalidArgument("prompt (" + std::to_string(request.prompt.size()) + " tokens) + max_tokens (" +
                            std::to_string(request.max_new_tokens) + ") needs " + std::to_string(kv_blocks) +
@@ -353,13 +356,19 @@ void ServingLoop::Admit() {
     // A KV cache of fixed size: requests are admitted in arrival order while their prefill (and
     // one token more) fits in the free blocks, leaving a block for each running sequence's next
     // tokens; a sequence that later runs out preempts the youngest (Step).
+    // Requests still prefilling (not started, or chunked) will take the rest of their prefill.
     left -= static_cast<int64_t>(running_.size());
     for (const auto& a : running_)
-      if (a->seq < 0) left -= engine_->KvBlocksFor(static_cast<int64_t>(a->to_prefill().size()) + 1);
+      if (!a->prefilled)
+        left -= engine_->KvBlocksFor(static_cast<int64_t>(a->to_prefill().size()) + 1) -
+                (a->seq < 0 ? 0 : engine_->KvBlocksFor(static_cast<int64_t>(a->prefill_done)));
     int fit = 0;
     for (const auto& w : waiting_) {
-      const int64_t need = engine_->KvBlocksFor(static_cast<int64_t>(w->to_prefill().size()) + 1);
-      if (fit == free || need > left) break;
+      // Cancelled ones take nothing (StartAndPrune drops them); alone, the head always goes in:
+      // Submit checked that it fits an empty cache.
+      const int64_t need =
+          w->stream->cancelled() ? 0 : engine_->KvBlocksFor(static_cast<int64_t>(w->to_prefill().size()) + 1);
+      if (fit == free || (need > left && !(running_.empty() && fit == 0))) break;
       left -= need;
       ++fit;
     }
@@ -455,14 +464,15 @@ void ServingLoop::StartAndPrune() {
         a.reset();
         continue;
       }
-      if (!a->resume.empty()) continue;  // preempted: its sampler and decoder go on
-      a->sampler = std::make_unique<runtime::Sampler>(a->request.sampling);
-      a->decoder = std::make_unique<runtime::StreamDecoder>(tokenizer_, /*skip_special=*/true);
-      // Nothing to run, unless the prompt itself is being scored.
-      if (a->request.max_new_tokens == 0 && !a->request.prompt_logprobs) {
-        Finish(*a, FinishReason::kLength, Status::Ok());
-        a.reset();
-        continue;
+      if (a->resume.empty()) {  // a preempted request's sampler and decoder go on
+        a->sampler = std::make_unique<runtime::Sampler>(a->request.sampling);
+        a->decoder = std::make_unique<runtime::StreamDecoder>(tokenizer_, /*skip_special=*/true);
+        // Nothing to run, unless the prompt itself is being scored.
+        if (a->request.max_new_tokens == 0 && !a->request.prompt_logprobs) {
+          Finish(*a, FinishReason::kLength, Status::Ok());
+          a.reset();
+          continue;
+        }
       }
     }
     if (a && a->stream->cancelled()) {
@@ -496,7 +506,7 @@ void ServingLoop::Step() {
       budget -= static_cast<int64_t>(n);
       batch.push_back(runtime::SeqChunk{a->seq, std::span<const int32_t>(all).subspan(a->prefill_done, n),
                                         a->request.prompt_logprobs && a->resume.empty()});
-      prompt_tokens += static_cast<int64_t>(n);
+      if (a->resume.empty()) prompt_tokens += static_cast<int64_t>(n);  // a recompute is not a prompt
     } else {
       batch.push_back(runtime::SeqChunk{a->seq, {&a->last, 1}, false});
     }
@@ -505,19 +515,19 @@ void ServingLoop::Step() {
   }
   runtime::ForwardResult& fr = forward_;  // reused: its logits buffer stays allocated between steps
   const Clock::time_point t0 = Clock::now();
+  const bool injected = num_steps_++ == params::DebugFailAtStep();
   Status s =
-      num_steps_++ == params::DebugFailAtStep()
+      injected
           ? Internal("EF_DEBUG_FAIL_AT_STEP=" + std::to_string(params::DebugFailAtStep()) + ": injected engine failure")
           : engine_->Forward(batch, &fr);
-  metrics_->CountStep(tokens, std::chrono::duration<double>(Clock::now() - t0).count(),
-                      engine_->last_forward_device_routed());
-  metrics_->AddPromptTokens(prompt_tokens);
-  if (!s.ok() && engine_->last_forward_kv_full()) {
-    // The KV cache could not hold this step (nothing ran). The youngest request gives its blocks
-    // back and waits at the head of the queue to be prefilled again with what it has generated;
-    // alone, a request that still does not fit fails on its own and the loop goes on.
-    std::unique_ptr<Active> victim = std::move(running_.back());
-    running_.pop_back();
+  if (!s.ok() && !injected && engine_->last_forward_kv_full()) {
+    // The KV cache could not hold this step (nothing ran). The youngest request holding blocks
+    // gives them back and waits at the head of the queue to be prefilled again with what it has
+    // generated; alone, a request that still does not fit fails on its own and the loop goes on.
+    size_t v = running_.size() - 1;
+    while (v > 0 && !running_[v]->prefilled && running_[v]->prefill_done == 0) --v;
+    std::unique_ptr<Active> victim = std::move(running_[v]);
+    running_.erase(running_.begin() + static_cast<std::ptrdiff_t>(v));
     if (running_.empty()) {
       EF_LOG(WARN, SERVE, "request dropped: %s", s.ToString().c_str());
       Finish(*victim, FinishReason::kCancelled, s);
@@ -540,6 +550,9 @@ void ServingLoop::Step() {
     waiting_.push_front(std::move(victim));
     return;
   }
+  metrics_->CountStep(tokens, std::chrono::duration<double>(Clock::now() - t0).count(),
+                      engine_->last_forward_device_routed());
+  metrics_->AddPromptTokens(prompt_tokens);
   if (!s.ok()) {
     EF_LOG(ERROR, SERVE, "forward pass failed: %s", s.ToString().c_str());
     for (auto& a : running_) Finish(*a, FinishReason::kCancelled, s);

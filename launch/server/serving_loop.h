@@ -22,8 +22,9 @@
 // before any regrouped one: regrouping delays no request by more than that many admission rounds
 // beyond its FIFO turn (starvation bound).
 //
-// With a paged KV cache of fixed size (runtime.kv_cache_tokens), admission is FIFO while each
-// request's prefill fits in the free blocks (a block left for every running sequence); a request
+// With a paged KV cache of fixed size (runtime.kv_cache_tokens), admission is FIFO (regrouping
+// off) while each request's prefill fits in the free blocks (a block left for every running
+// sequence; the head of the queue always goes in when nothing runs); a request
 // whose prompt + max_tokens could never fit is refused at Submit. When a step cannot get the
 // blocks it needs (a fixed cache full, or a growing one that no longer fits the device), the
 // youngest running request is preempted: its sequence is dropped and it waits at the head of the

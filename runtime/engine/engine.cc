@@ -58,6 +58,15 @@ Engine::~Engine() {
 }
 
 StatusOr<std::unique_ptr<Engine>> Engine::Create(const std::string& model_dir, const EngineOptions& options) {
+  const int bs = options.kv_block_size;
+  if (bs < 0 || bs > 1024 || (bs & (bs - 1)) != 0)
+    return InvalidArgument("kv cache block size must be 0 (contiguous) or a power of two up to 1024, got " +
+                           std::to_string(bs));
+  if (options.kv_cache_tokens < 0 || options.kv_cache_tokens > kMaxKvCacheTokens)
+    return InvalidArgument("kv cache tokens must be in [0, " + std::to_string(kMaxKvCacheTokens) + "], got " +
+                           std::to_string(options.kv_cache_tokens));
+  if (options.kv_cache_tokens > 0 && bs == 0)
+    return InvalidArgument("a kv cache capacity (kv_cache_tokens) needs the paged cache (kv_block_size > 0)");
   auto e = std::unique_ptr<Engine>(new Engine());
   EF_ASSIGN_OR_RETURN(e->backend_, MakeBackend(options.backend, options.device));
   EF_ASSIGN_OR_RETURN(e->weights_, ModelWeights::Load(model_dir, e->backend_.get(),
@@ -72,7 +81,6 @@ StatusOr<std::unique_ptr<Engine>> Engine::Create(const std::string& model_dir, c
   e->moe_executor_ = e->local_moe_.get();
   e->max_seq_len_ = options.max_seq_len > 0 ? options.max_seq_len : e->config().max_position_embeddings;
   e->scratch_.resize(kNumSlots);
-  if (options.kv_block_size < 0) return InvalidArgument("kv cache block size must not be negative (0: contiguous)");
   if (options.kv_block_size > 0) {
     const ModelConfig& c = e->config();
     const size_t elem = e->kv_bf16_ ? sizeof(uint16_t) : sizeof(float);
@@ -85,6 +93,11 @@ StatusOr<std::unique_ptr<Engine>> Engine::Create(const std::string& model_dir, c
     o.initial_tokens = std::min(e->max_seq_len_, 4096);
     EF_ASSIGN_OR_RETURN(PagedKvCache kv, PagedKvCache::Create(e->backend_.get(), o));
     e->kv_ = std::make_unique<PagedKvCache>(std::move(kv));
+    // A fixed size is allocated now: it fails here if the device cannot hold it, and the expert
+    // cache's budget (planned after) sees the memory taken.
+    if (options.kv_cache_tokens > 0) {
+      EF_RETURN_IF_ERROR(e->kv_->AllocateCapacity());
+    }
     const std::string cap = options.kv_cache_tokens > 0 ? std::to_string(options.kv_cache_tokens) + " tokens"
                                                         : std::string("growing on demand");
     EF_LOG(INFO, ENGINE, "engine ready on %s, context limit %d tokens, paged kv cache (blocks of %d tokens, %s)",
@@ -328,13 +341,6 @@ int64_t Engine::kv_free_blocks() const {
   return capacity > 0 ? kv_->free_blocks() + capacity - kv_->num_blocks() : -1;
 }
 
-int64_t Engine::KvBlocksToGrow(int64_t seq, int64_t tokens) const {
-  auto it = seqs_.find(seq);
-  if (!kv_ || it == seqs_.end()) return kv_ ? kv_->BlocksFor(tokens) : 0;
-  return std::max<int64_t>(0,
-                           kv_->BlocksFor(it->second.length + tokens) - static_cast<int64_t>(it->second.blocks.size()));
-}
-
 int64_t Engine::kv_capacity_blocks() const {
   return kv_ && kv_->capacity_tokens() > 0 ? kv_->BlocksFor(kv_->capacity_tokens()) : 0;
 }
@@ -347,6 +353,11 @@ Status Engine::ReserveKvBlocks(std::span<const SeqChunk> batch) {
     tables.push_back(&s.blocks);
     tokens.push_back(s.length + static_cast<int64_t>(chunk.tokens.size()));
   }
+  // The tables' scratch first: a pass that fails changes nothing.
+  int64_t entries = 0;
+  for (size_t i = 0; i < tables.size(); ++i)
+    entries += std::max<int64_t>(static_cast<int64_t>(tables[i]->size()), kv_->BlocksFor(tokens[i]));
+  EF_RETURN_IF_ERROR(GrowScratch(kBlockTables, static_cast<size_t>(entries)));
   EF_RETURN_IF_ERROR(kv_->ReserveAll(tables, tokens));
   // Each chunk's table, whole, once per pass: every layer reads the same block ids.
   std::vector<int32_t> host;
@@ -355,7 +366,6 @@ Status Engine::ReserveKvBlocks(std::span<const SeqChunk> batch) {
     block_table_offset_.push_back(static_cast<int64_t>(host.size()));
     host.insert(host.end(), t->begin(), t->end());
   }
-  EF_RETURN_IF_ERROR(GrowScratch(kBlockTables, host.size()));
   auto* dev = reinterpret_cast<int32_t*>(Scratch(kBlockTables, host.size()));
   backend_->CopyToDevice(dev, host.data(), host.size() * sizeof(int32_t));
   block_tables_dev_ = dev;
@@ -631,6 +641,7 @@ Status Engine::MoeBlock(int layer, int64_t T, const float* h, float* out, const 
 }
 
 Status Engine::Forward(std::span<const SeqChunk> batch, ForwardResult* result) {
+  last_forward_kv_full_ = false;
   const ModelConfig& c = config();
   const int H = c.hidden_size;
   int64_t T = 0;
@@ -664,7 +675,6 @@ Status Engine::Forward(std::span<const SeqChunk> batch, ForwardResult* result) {
   int64_t R = 0;  // rows whose logits are wanted
   for (const SeqChunk& chunk : batch) R += chunk.all_logits ? static_cast<int64_t>(chunk.tokens.size()) : 1;
   EF_RETURN_IF_ERROR(ReserveScratch(T, R));
-  last_forward_kv_full_ = false;
   if (kv_) {
     Status kv = ReserveKvBlocks(batch);
     last_forward_kv_full_ = kv.code() == StatusCode::kResourceExhausted;

@@ -27,6 +27,8 @@
 
 namespace ef::runtime {
 
+inline constexpr int64_t kMaxKvCacheTokens = (int64_t{1} << 31) - 1;  // EngineOptions::kv_cache_tokens
+
 struct EngineOptions {
   std::string backend = "cpu";  // cpu | cuda | auto
   int device = 0;
@@ -51,7 +53,7 @@ struct EngineOptions {
   // Paged: the pool's capacity in tokens over all sequences (allocated on first use; a pass that
   // needs more fails with ResourceExhausted and changes nothing). 0: the pool starts at
   // min(max_seq_len, 4096) tokens and doubles when full.
-  int64_t kv_cache_tokens = 0;
+  int64_t kv_cache_tokens = 0;  // at most kMaxKvCacheTokens
   // Dequantize the routed experts of MXFP4 / block FP8 checkpoints at load instead of keeping them
   // at their stored size (LoadOptions::dequantize_experts).
   bool dequantize_experts = false;
@@ -103,9 +105,8 @@ class Engine {
   int64_t KvBlocksFor(int64_t tokens) const;
   int64_t kv_capacity_blocks() const;
   // Blocks of a fixed-size paged KV cache not held by any sequence (-1: the cache grows or is
-  // contiguous), and the blocks `tokens` more rows of sequence `seq` would take.
+  // contiguous).
   int64_t kv_free_blocks() const;
-  int64_t KvBlocksToGrow(int64_t seq, int64_t tokens) const;
   // The last Forward failed because the paged KV cache could not give its sequences the blocks
   // they needed (full, or its growth did not fit); it changed nothing and can be retried with
   // fewer sequences.

@@ -53,6 +53,11 @@ Status PagedKvCache::Grow(int64_t blocks) {
   return backend_->status();
 }
 
+Status PagedKvCache::AllocateCapacity() {
+  if (options_.capacity_tokens <= 0) return Status::Ok();
+  return Grow(BlocksFor(options_.capacity_tokens));
+}
+
 Status PagedKvCache::Reserve(std::vector<int32_t>* blocks, int64_t tokens) {
   std::vector<int32_t>* tables[] = {blocks};
   const int64_t want[] = {tokens};
@@ -75,7 +80,13 @@ Status PagedKvCache::ReserveAll(std::span<std::vector<int32_t>* const> tables, s
             std::to_string(capacity) + " (runtime.kv_cache_tokens = " + std::to_string(options_.capacity_tokens) + ")");
       EF_RETURN_IF_ERROR(Grow(BlocksFor(options_.capacity_tokens)));
     } else {
-      EF_RETURN_IF_ERROR(Grow(std::max({want, 2 * num_blocks_, BlocksFor(options_.initial_tokens)})));
+      // Doubling keeps growths rare; near the device's limit, exactly what is wanted may still fit
+      // (the old pool and the new one live together during the copy).
+      const int64_t ample = std::max({want, 2 * num_blocks_, BlocksFor(options_.initial_tokens)});
+      if (Status s = Grow(ample); !s.ok()) {
+        if (ample == want) return s;
+        EF_RETURN_IF_ERROR(Grow(want));
+      }
     }
   }
   for (size_t i = 0; i < tables.size(); ++i)

@@ -41,6 +41,8 @@ class PagedKvCache {
   Status Reserve(std::vector<int32_t>* blocks, int64_t tokens);
   // Takes several tables' growth at once, all or nothing: tables[i] to cover tokens[i] rows.
   Status ReserveAll(std::span<std::vector<int32_t>* const> tables, std::span<const int64_t> tokens);
+  // A fixed-size pool: allocates all of it now (otherwise on the first Reserve).
+  Status AllocateCapacity();
   // Returns a table's blocks to the pool and clears it.
   void Release(std::vector<int32_t>* blocks);
 

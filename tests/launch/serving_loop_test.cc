@@ -15,6 +15,24 @@ namespace {
 
 const std::string kModelDir = std::string(EF_MODELS_DIR) + "/tiny-code-moe";
 
+// Takes a stream's updates until it is done (its text appended to *text, prompt logprobs to
+// *prompt_logprobs when given); a stream not done within 60 s fails the test instead of hanging.
+StreamUpdate Drain(RequestStream& stream, std::string* text, std::vector<TokenLogprob>* prompt_logprobs = nullptr,
+                   StreamUpdate u = {}) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (!u.done) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      ADD_FAILURE() << "a request did not finish within 60 s";
+      return u;
+    }
+    u = stream.Take(std::chrono::milliseconds(200));
+    *text += u.text;
+    if (prompt_logprobs)
+      prompt_logprobs->insert(prompt_logprobs->end(), u.prompt_logprobs.begin(), u.prompt_logprobs.end());
+  }
+  return u;
+}
+
 // Forecast used by the tests: 4 "layers" x 8 "experts"; a prompt activates expert
 // (first token + layer) % 8 at each layer, so prompts sharing a first token share all bits.
 void FirstTokenForecast(const ServeRequest& r, uint64_t* row) {
@@ -192,12 +210,8 @@ TEST(ServingLoopTest, FixedKvCachePreemptsAndFinishesEverything) {
     auto streams = loop.SubmitAll(rs);
     ASSERT_TRUE(streams.ok()) << streams.status().ToString();
     for (auto& st : *streams) {
-      StreamUpdate u;
       std::string text;
-      do {
-        u = st->Take(std::chrono::milliseconds(2000));
-        text += u.text;
-      } while (!u.done);
+      const StreamUpdate u = Drain(*st, &text);
       EXPECT_TRUE(u.error.ok()) << u.error.ToString();
       EXPECT_EQ(u.num_tokens, 20);
       texts->push_back(text);
@@ -212,6 +226,21 @@ TEST(ServingLoopTest, FixedKvCachePreemptsAndFinishesEverything) {
       ASSERT_FALSE(refused.ok());
       EXPECT_NE(refused.status().message().find("runtime.kv_cache_tokens"), std::string::npos)
           << refused.status().ToString();
+      // A prompt as long as the cache, scored only: its prefill needs a row more than the cache.
+      ServeRequest whole_cache;
+      whole_cache.prompt.assign(64, 40);
+      whole_cache.max_new_tokens = 0;
+      whole_cache.prompt_logprobs = true;
+      EXPECT_FALSE(loop.Submit(whole_cache).ok());
+      // One that fits alone still runs after all that.
+      ServeRequest last;
+      last.prompt = {100, 17, 40};
+      last.max_new_tokens = 40;
+      last.ignore_eos = true;
+      auto ok = loop.Submit(last);
+      ASSERT_TRUE(ok.ok()) << ok.status().ToString();
+      std::string text;
+      EXPECT_EQ(Drain(**ok, &text).num_tokens, 40);
     }
     loop.Stop();
   };
@@ -262,14 +291,9 @@ TEST(ServingLoopTest, ChunkedPrefillGivesTheSameTextAndPromptLogprobs) {
     ASSERT_TRUE(rest.ok()) << rest.status().ToString();
     streams.insert(streams.end(), rest->begin(), rest->end());
     for (size_t i = 0; i < streams.size(); ++i) {
-      StreamUpdate u = i == 0 ? u0 : StreamUpdate{};
       std::string text = i == 0 ? text0 : "";
-      while (!u.done) {
-        u = streams[i]->Take(std::chrono::milliseconds(2000));
-        text += u.text;
-        if (i == 1)
-          got->prompt_logprobs.insert(got->prompt_logprobs.end(), u.prompt_logprobs.begin(), u.prompt_logprobs.end());
-      }
+      const StreamUpdate u =
+          Drain(*streams[i], &text, i == 1 ? &got->prompt_logprobs : nullptr, i == 0 ? u0 : StreamUpdate{});
       EXPECT_TRUE(u.error.ok()) << u.error.ToString();
       EXPECT_EQ(u.num_tokens, rs[i].max_new_tokens) << "request " << i;
       got->text.push_back(text);

@@ -127,9 +127,11 @@ Args ParseArgs(int argc, char** argv) {
       a.separate_qkv = true;
     else if (k == "--kv-bf16")
       a.kv_bf16 = true;
-    else if (k == "--kv-block-size")
+    else if (k == "--kv-block-size") {
       a.kv_block = std::stoi(next());
-    else if (k == "--no-breakdown")
+      if (a.kv_block < 0 || a.kv_block > 1024 || (a.kv_block & (a.kv_block - 1)) != 0)
+        Die("--kv-block-size must be 0 or a power of two up to 1024");
+    } else if (k == "--no-breakdown")
       a.breakdown = false;
     else if (k == "--batches") {
       a.batches.clear();

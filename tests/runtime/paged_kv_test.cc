@@ -166,7 +166,13 @@ TEST(PagedKvEngineTest, FullPoolFailsThePassAndChangesNothing) {
   const Status s = e->Forward({&second, 1}, &r);
   ASSERT_EQ(s.code(), StatusCode::kResourceExhausted) << s.ToString();
   EXPECT_NE(s.message().find("kv cache full"), std::string::npos) << s.ToString();
+  EXPECT_TRUE(e->last_forward_kv_full());
   EXPECT_EQ(e->SequenceLength(2), 0);
+  // Another failure is not the cache's.
+  const int32_t bad = e->config().vocab_size;
+  SeqChunk wrong{1, {&bad, 1}, false};
+  EXPECT_EQ(e->Forward({&wrong, 1}, &r).code(), StatusCode::kInvalidArgument);
+  EXPECT_FALSE(e->last_forward_kv_full());
   EXPECT_EQ(e->SequenceLength(1), 20);
   // Once sequence 1 leaves, sequence 2 runs and gets what a fresh engine gives.
   e->RemoveSequence(1);
@@ -188,6 +194,12 @@ TEST(PagedKvEngineTest, BadBlockSizeIsRefused) {
   o.kv_block_size = -1;
   e = Engine::Create(ModelDir("tiny-code-moe"), o);
   ASSERT_FALSE(e.ok());
+  // A capacity needs the paged cache.
+  o.kv_block_size = 0;
+  o.kv_cache_tokens = 1024;
+  e = Engine::Create(ModelDir("tiny-code-moe"), o);
+  ASSERT_FALSE(e.ok());
+  EXPECT_NE(e.status().message().find("needs the paged cache"), std::string::npos) << e.status().ToString();
 }
 
 }  // namespace
