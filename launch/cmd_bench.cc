@@ -825,6 +825,7 @@ struct EngineSteps {
   double seconds = 0;                // wall time inside Engine::Forward
   double device_routed_seconds = 0;  // of which in the device-routed passes
   double step_seconds = 0;           // wall time of the serving loop's steps (forward + host work)
+  int64_t preemptions = 0;           // requests that gave their KV blocks back to be prefilled again
 };
 
 Status WriteJson(const BenchRun& b, const BenchParts& p, const BenchSummary& s, const RunCounters& c,
@@ -882,7 +883,8 @@ Status WriteJson(const BenchRun& b, const BenchParts& p, const BenchSummary& s, 
               {"device_routed_passes", steps.device_routed},
               {"forward_seconds", steps.seconds},
               {"device_routed_seconds", steps.device_routed_seconds},
-              {"step_seconds", steps.step_seconds}}},
+              {"step_seconds", steps.step_seconds},
+              {"preemptions", steps.preemptions}}},
             {"routing", s.per_layer}};
   std::ofstream out(o.json_path);
   if (!out) return NotFound("cannot write " + o.json_path);
@@ -919,8 +921,9 @@ Status RunBench(const BenchOptions& given, comm::MpiContext* ctx) {
   if (!run.root) return Status::Ok();
   const BenchSummary summary = Summarize(run, cfg, all, counters);
   PrintTable(run, summary, counters);
-  const EngineSteps steps{metrics.steps(), metrics.device_routed_steps(), metrics.forward_seconds(),
-                          metrics.device_routed_seconds(), metrics.step_seconds()};
+  const EngineSteps steps{metrics.steps(),           metrics.device_routed_steps(),
+                          metrics.forward_seconds(), metrics.device_routed_seconds(),
+                          metrics.step_seconds(),    metrics.preemptions()};
   auto per = [](double s, int64_t n) { return n > 0 ? 1e3 * s / static_cast<double>(n) : 0.0; };
   const int64_t others = steps.steps - steps.device_routed;
   std::printf(
@@ -930,6 +933,9 @@ Status RunBench(const BenchOptions& given, comm::MpiContext* ctx) {
       static_cast<long long>(steps.device_routed), per(steps.device_routed_seconds, steps.device_routed),
       static_cast<long long>(others), per(steps.seconds - steps.device_routed_seconds, others),
       per(steps.step_seconds - steps.seconds, steps.steps));
+  if (steps.preemptions > 0)
+    std::printf("# kv cache: %lld requests preempted (their blocks given back, prefilled again later)\n",
+                static_cast<long long>(steps.preemptions));
   if (run.o.json_path.empty()) return Status::Ok();
   return WriteJson(run, parts, summary, counters, steps);
 }

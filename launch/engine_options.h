@@ -52,7 +52,7 @@ struct ModelFlags {
         })
         ->capture_default_str();
     app->add_option("--kv-cache-tokens", kv_cache_tokens,
-                    "paged KV cache capacity in tokens over all sequences, allocated on first use (0: grows on "
+                    "paged KV cache capacity in tokens over all sequences, allocated at start-up (0: grows on "
                     "demand) (runtime.kv_cache_tokens)")
         ->check(CLI::Range(int64_t{0}, runtime::kMaxKvCacheTokens))
         ->capture_default_str();
