@@ -215,6 +215,11 @@ std::string ServerMetrics::Render() const {
   out += "expertflow_queue_depth " + std::to_string(waiting_.load()) + "\n";
   Header(&out, "expertflow_running_requests", "gauge", "Requests in the running batch.");
   out += "expertflow_running_requests " + std::to_string(running_.load()) + "\n";
+  Header(&out, "expertflow_kv_cache_used_tokens", "gauge", "KV cache token rows held by sequences.");
+  out += "expertflow_kv_cache_used_tokens " + std::to_string(kv_used_.load()) + "\n";
+  Header(&out, "expertflow_kv_cache_allocated_tokens", "gauge",
+         "KV cache token rows allocated (a paged pool's size; contiguous: the context limit per sequence).");
+  out += "expertflow_kv_cache_allocated_tokens " + std::to_string(kv_allocated_.load()) + "\n";
   Header(&out, "expertflow_engine_steps_total", "counter", "Forward passes run by the engine thread.");
   out += "expertflow_engine_steps_total " + std::to_string(steps_.load()) + "\n";
   Header(&out, "expertflow_engine_step_tokens_total", "counter", "Tokens computed by those forward passes.");

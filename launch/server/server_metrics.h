@@ -50,6 +50,11 @@ class ServerMetrics {
     waiting_.store(waiting, std::memory_order_relaxed);
     running_.store(running, std::memory_order_relaxed);
   }
+  // KV cache token rows held by sequences and allocated (Engine::kv_usage).
+  void SetKvCacheTokens(int64_t used, int64_t allocated) {
+    kv_used_.store(used, std::memory_order_relaxed);
+    kv_allocated_.store(allocated, std::memory_order_relaxed);
+  }
   void ObserveLatency(double seconds);
   void ObserveTimeToFirstToken(double seconds);
   void ObserveInterTokenLatency(double seconds);
@@ -103,6 +108,7 @@ class ServerMetrics {
   Histogram latency_, ttft_, itl_;
   std::atomic<int64_t> prompt_tokens_{0}, generated_tokens_{0}, waiting_{0}, running_{0};
   std::atomic<int64_t> preemptions_{0};
+  std::atomic<int64_t> kv_used_{0}, kv_allocated_{0};
   std::atomic<int64_t> steps_{0}, step_tokens_{0}, device_routed_steps_{0}, forward_ns_{0}, device_routed_ns_{0},
       step_ns_{0};
   std::unique_ptr<std::atomic<int64_t>[]> expert_tokens_;

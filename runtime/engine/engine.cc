@@ -341,6 +341,17 @@ int64_t Engine::kv_free_blocks() const {
   return capacity > 0 ? kv_->free_blocks() + capacity - kv_->num_blocks() : -1;
 }
 
+Engine::KvUsage Engine::kv_usage() const {
+  KvUsage u;
+  if (!kv_) {
+    u.used_tokens = u.allocated_tokens = static_cast<int64_t>(seqs_.size()) * max_seq_len_;
+    return u;
+  }
+  u.allocated_tokens = kv_->num_blocks() * kv_->block_size();
+  u.used_tokens = (kv_->num_blocks() - kv_->free_blocks()) * kv_->block_size();
+  return u;
+}
+
 int64_t Engine::kv_capacity_blocks() const {
   return kv_ && kv_->capacity_tokens() > 0 ? kv_->BlocksFor(kv_->capacity_tokens()) : 0;
 }

@@ -107,6 +107,13 @@ class Engine {
   // Blocks of a fixed-size paged KV cache not held by any sequence (-1: the cache grows or is
   // contiguous).
   int64_t kv_free_blocks() const;
+  // Token rows of the KV cache held by sequences and allocated in all (paged: the pool; contiguous:
+  // max_seq_len per sequence).
+  struct KvUsage {
+    int64_t used_tokens = 0;
+    int64_t allocated_tokens = 0;
+  };
+  KvUsage kv_usage() const;
   // The last Forward failed because the paged KV cache could not give its sequences the blocks
   // they needed (full, or its growth did not fit); it changed nothing and can be retried with
   // fewer sequences.

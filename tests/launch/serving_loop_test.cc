@@ -219,6 +219,8 @@ TEST(ServingLoopTest, FixedKvCachePreemptsAndFinishesEverything) {
     if (kv_tokens > 0) {
       EXPECT_GT(metrics.preemptions(), 0) << "the cache never ran out: the test tests nothing";
       EXPECT_NE(metrics.Render().find("expertflow_preemptions_total"), std::string::npos);
+      EXPECT_NE(metrics.Render().find("expertflow_kv_cache_allocated_tokens 64\n"), std::string::npos)
+          << metrics.Render();
       ServeRequest big;
       big.prompt = {100, 17, 40};
       big.max_new_tokens = 70;  // 73 tokens: 5 blocks, the cache holds 4

@@ -161,7 +161,10 @@ TEST(PagedKvEngineTest, FullPoolFailsThePassAndChangesNothing) {
   ASSERT_TRUE(e->AddSequence(2).ok());
   ForwardResult r;
   SeqChunk first{1, p1, false};
+  EXPECT_EQ(e->kv_usage().allocated_tokens, 32);  // a fixed size: allocated at Create
+  EXPECT_EQ(e->kv_usage().used_tokens, 0);
   ASSERT_TRUE(e->Forward({&first, 1}, &r).ok());  // both blocks
+  EXPECT_EQ(e->kv_usage().used_tokens, 32);
   SeqChunk second{2, p2, true};
   const Status s = e->Forward({&second, 1}, &r);
   ASSERT_EQ(s.code(), StatusCode::kResourceExhausted) << s.ToString();
