@@ -87,7 +87,8 @@ class CudaAttentionTcTest : public testing::CpuVsCudaTest<::testing::TestWithPar
   std::vector<float> Fp32Kernel(const float* q, const std::vector<AttentionSeq>& seqs, const TcCase& c, int64_t rows,
                                 int64_t width) {
     std::vector<cuda::AttentionSeqDesc> desc;
-    for (const AttentionSeq& a : seqs) desc.push_back(cuda::AttentionSeqDesc{a.k, a.v, a.q_row, a.n_new, a.n_total, nullptr, 0});
+    for (const AttentionSeq& a : seqs)
+      desc.push_back(cuda::AttentionSeqDesc{a.k, a.v, a.q_row, a.n_new, a.n_total, nullptr, 0});
     int num_sms = 0;
     EXPECT_EQ(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, gpu_->device()), cudaSuccess);
     const int S = static_cast<int>(desc.size());
