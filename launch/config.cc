@@ -167,6 +167,8 @@ const std::map<std::string, Section>& Schema() {
               o->runtime.kv_cache_tokens = tokens;
               return Status::Ok();
             }},
+           {"cuda_graphs",
+            [](const Ctx& c, Config* o) { return GetOneOf(c, {"on", "off"}, &o->runtime.cuda_graphs); }},
        }},
       {"cluster",
        {
@@ -466,7 +468,8 @@ std::string ConfigToYaml(const Config& c) {
   e << YAML::Key << "attention_precision" << YAML::Value << c.runtime.attention_precision;
   e << YAML::Key << "kv_cache_dtype" << YAML::Value << c.runtime.kv_cache_dtype;
   e << YAML::Key << "kv_block_size" << YAML::Value << c.runtime.kv_block_size;
-  e << YAML::Key << "kv_cache_tokens" << YAML::Value << c.runtime.kv_cache_tokens << YAML::EndMap;
+  e << YAML::Key << "kv_cache_tokens" << YAML::Value << c.runtime.kv_cache_tokens;
+  e << YAML::Key << "cuda_graphs" << YAML::Value << c.runtime.cuda_graphs << YAML::EndMap;
   e << YAML::Key << "cluster" << YAML::Value << YAML::Flow << YAML::BeginMap;
   e << YAML::Key << "exchange" << YAML::Value << c.cluster.exchange;
   e << YAML::Key << "ranks_per_node" << YAML::Value
@@ -539,6 +542,7 @@ void ApplyConfig(const Config& c, const CLI::App& app, ModelFlags* f) {
   if (c.has("runtime.kv_block_size") && !FlagGiven(app, "--kv-block-size")) f->kv_block_size = c.runtime.kv_block_size;
   if (c.has("runtime.kv_cache_tokens") && !FlagGiven(app, "--kv-cache-tokens"))
     f->kv_cache_tokens = c.runtime.kv_cache_tokens;
+  if (c.has("runtime.cuda_graphs") && !FlagGiven(app, "--cuda-graphs")) f->cuda_graphs = c.runtime.cuda_graphs;
 }
 
 void CacheFlags::Register(CLI::App* app) {
@@ -660,6 +664,7 @@ Status ClusterFlags::Load(const CLI::App& app, ModelFlags* model) {
   config.runtime.kv_cache_dtype = model->kv_cache_dtype;
   config.runtime.kv_block_size = model->kv_block_size;
   config.runtime.kv_cache_tokens = model->kv_cache_tokens;
+  config.runtime.cuda_graphs = model->cuda_graphs;
   config.cluster.exchange = cluster.exchange;
   config.cluster.ranks_per_node = cluster.ranks_per_node;
   config.cluster.peer_fetch = cluster.peer_fetch;

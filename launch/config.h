@@ -40,6 +40,7 @@ struct RuntimeSection {
   std::string kv_cache_dtype = "fp32";       // fp32 | bf16
   int kv_block_size = 16;                    // paged KV: tokens per block (power of two); 0: contiguous
   int64_t kv_cache_tokens = 0;               // paged KV capacity over all sequences; 0: grows on demand
+  std::string cuda_graphs = "on";            // on | off: decode steps recorded as CUDA graphs, replayed
 };
 
 struct ClusterSection {

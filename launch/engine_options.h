@@ -19,6 +19,7 @@ struct ModelFlags {
   std::string kv_cache_dtype = "fp32";
   int kv_block_size = 16;
   int64_t kv_cache_tokens = 0;
+  std::string cuda_graphs = "on";
 
   void Register(CLI::App* app) {
     app->add_option("--model,-m", dir, "Hugging Face checkpoint directory (config.json, *.safetensors)")
@@ -56,6 +57,12 @@ struct ModelFlags {
                     "demand) (runtime.kv_cache_tokens)")
         ->check(CLI::Range(int64_t{0}, runtime::kMaxKvCacheTokens))
         ->capture_default_str();
+    app->add_option("--cuda-graphs", cuda_graphs,
+                    "decode steps on the paged cache with the routing on the GPU: recorded as a CUDA graph the second "
+                    "time a shape comes, then replayed with one launch (same numbers); off: ops launched one by one "
+                    "(runtime.cuda_graphs)")
+        ->check(CLI::IsMember({"on", "off"}))
+        ->capture_default_str();
   }
   runtime::EngineOptions ToEngineOptions() const {
     runtime::EngineOptions e;
@@ -66,6 +73,7 @@ struct ModelFlags {
     e.kv_cache_dtype = kv_cache_dtype;
     e.kv_block_size = kv_block_size;
     e.kv_cache_tokens = kv_cache_tokens;
+    e.cuda_graphs = cuda_graphs == "on";
     return e;
   }
 };

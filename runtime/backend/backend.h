@@ -264,6 +264,45 @@ class Backend {
   }
   // The most tokens MoeRouted serves (0: it has no such path).
   virtual int MoeRoutedMaxTokens() const { return 0; }
+
+  // --- a step's sequences on the device, and graphs ---
+  // A decode step recorded once as a graph and replayed must not carry its per-step values (KV
+  // lengths, block tables, where new rows go) in what is recorded: they live in device memory the
+  // backend keeps at one address, rewritten before each step, and the step ops read them when
+  // they run. StepSeqs(): whether the backend has these ops.
+  virtual bool StepSeqs() const { return false; }
+  // Writes the step's sequences (as for AttentionBatch, paged; k and v are not read: the step ops
+  // take the layer's pools) to that memory, enqueued before the ops that read it, with the
+  // attention shape AttentionStep will use. Returns a fingerprint of what the backend decides on
+  // the host from these values (launch shapes, how attention splits its keys): two steps with the
+  // same number of sequences and the same fingerprint record the same ops. Host memory, read
+  // before the call returns.
+  virtual StatusOr<uint64_t> UploadStepSeqs(const AttentionSeq* seqs_host, int num_seqs, int num_heads,
+                                            int num_kv_heads, int head_dim) {
+    return Unimplemented("this backend has no step sequences on the device");
+  }
+  // The uploaded sequences' new rows of k (width k_width values per row) and of v (v_width; v may
+  // be null) written to their positions n_total - n_new ... n_total - 1 in the layer's pools, in
+  // the KV cache's dtype: what CopyBatch / CopyBatchToBf16 of each row to its KvRow does.
+  virtual void AppendKvStep(void* k_pool, void* v_pool, const float* k, const float* v, int64_t k_width,
+                            int64_t v_width) {}
+  // AttentionBatch over the uploaded sequences with the layer's pools as their k and v: the same
+  // numbers as AttentionBatch given those descriptors.
+  virtual void AttentionStep(const float* q, const void* k_pool, const void* v_pool, float* out) {}
+  // Graphs: between BeginGraph and EndGraph ops are recorded, not run; LaunchGraph runs a recorded
+  // graph with one launch, in stream order. Recording must not move data between host and device
+  // (CopyToDevice, CopyToHost, Synchronize) nor grow the backend's own buffers: such a recording
+  // fails at EndGraph (Unavailable, nothing ran, nothing is kept broken) and the caller runs the
+  // ops the usual way.
+  virtual bool Graphs() const { return false; }
+  virtual Status BeginGraph() { return Unimplemented("this backend records no graphs"); }
+  virtual StatusOr<int> EndGraph() { return Unimplemented("this backend records no graphs"); }
+  virtual Status LaunchGraph(int graph) { return Unimplemented("this backend records no graphs"); }
+  // Frees every recorded graph (their ids become invalid).
+  virtual void DropGraphs() {}
+  // Changes whenever memory the backend owns and its ops use (scratch) moves: a graph recorded
+  // before then may point at freed memory and must not be launched.
+  virtual uint64_t layout_generation() const { return 0; }
   // y[i] += x[i]
   virtual void Add(float* y, const float* x, int64_t n) = 0;
   // x[i] = clamp(x[i], -c, c)

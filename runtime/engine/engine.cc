@@ -47,6 +47,7 @@ constexpr float kMlaNormEps = 1e-6f;
 
 Engine::~Engine() {
   // Buffers free through the backend: release them before it goes.
+  if (backend_) backend_->DropGraphs();
   seqs_.clear();
   kv_.reset();
   scratch_.clear();
@@ -79,6 +80,7 @@ StatusOr<std::unique_ptr<Engine>> Engine::Create(const std::string& model_dir, c
   if (e->config().host_routing()) e->host_router_ = std::make_unique<HostRouter>(e->config());
   if (options.upload_experts) EF_RETURN_IF_ERROR(e->UploadExperts());
   e->moe_executor_ = e->local_moe_.get();
+  e->cuda_graphs_ = options.cuda_graphs;
   e->max_seq_len_ = options.max_seq_len > 0 ? options.max_seq_len : e->config().max_position_embeddings;
   e->scratch_.resize(kNumSlots);
   if (options.kv_block_size > 0) {
@@ -230,6 +232,7 @@ Status Engine::GrowScratch(int slot, size_t floats) {
   const size_t bytes = std::max<size_t>(floats, 1) * sizeof(float);
   if (b.bytes() >= bytes) return Status::Ok();
   b = Buffer();  // free the old one first: the budget may hold only one of them
+  ++scratch_generation_;
   auto nb = backend_->Allocate(bytes + bytes / 2);
   if (!nb.ok()) {
     Status st = nb.status();
@@ -407,6 +410,11 @@ std::vector<AttentionSeq> Engine::AppendKv(int layer, std::span<const SeqChunk> 
   std::vector<Backend::CopyItem> copies;  // one launch for the whole batch's appends
   copies.reserve(2 * batch.size());
   int64_t row = 0;
+  if (step_pass_) {  // the rows' destinations come from the step's sequences on the device
+    backend_->AppendKvStep(kv_->key(layer), v ? kv_->value(layer) : nullptr, k, v, static_cast<int64_t>(kw),
+                           static_cast<int64_t>(vw));
+    return seqs;
+  }
   const size_t elem = kv_bf16_ ? sizeof(uint16_t) : sizeof(float);
   auto at = [elem](const Buffer& b, int64_t values) { return static_cast<std::byte*>(b.data()) + values * elem; };
   if (kv_) {
@@ -497,7 +505,9 @@ Status Engine::Attention(int layer, std::span<const SeqChunk> batch, const int32
   float* attn = Scratch(kAttn, T * qd);
   // Append each sequence's new keys/values to its cache, then one attention call for the batch.
   std::vector<AttentionSeq> attn_seqs = AppendKv(layer, batch, k, v);
-  if (plain) {
+  if (step_pass_) {
+    backend_->AttentionStep(q, kv_->key(layer), kv_->value(layer), attn);
+  } else if (plain) {
     backend_->AttentionBatch(q, attn_seqs.data(), static_cast<int>(attn_seqs.size()), c.num_heads, c.num_kv_heads,
                              c.head_dim, attn);
   } else {
@@ -654,7 +664,6 @@ Status Engine::MoeBlock(int layer, int64_t T, const float* h, float* out, const 
 Status Engine::Forward(std::span<const SeqChunk> batch, ForwardResult* result) {
   last_forward_kv_full_ = false;
   const ModelConfig& c = config();
-  const int H = c.hidden_size;
   int64_t T = 0;
   std::vector<int64_t> row_seq;
   std::vector<int32_t> row_pos, row_tok;
@@ -696,23 +705,143 @@ Status Engine::Forward(std::span<const SeqChunk> batch, ForwardResult* result) {
   int32_t* pos_dev = reinterpret_cast<int32_t*>(Scratch(kPositions, T));
   backend_->CopyToDevice(tokens_dev, row_tok.data(), T * sizeof(int32_t));
   backend_->CopyToDevice(pos_dev, row_pos.data(), T * sizeof(int32_t));
-  float* x = Scratch(kResid, T * H);
-  backend_->Embed(tokens_dev, static_cast<int>(T), weights_->embed(), x);
+  // The rows whose logits are wanted (final norm and LM head).
+  std::vector<int32_t> rows;
+  result->row_offset.clear();
+  int64_t row = 0;
+  for (const SeqChunk& chunk : batch) {
+    result->row_offset.push_back(static_cast<int>(rows.size()));
+    const int64_t n = static_cast<int64_t>(chunk.tokens.size());
+    if (chunk.all_logits) {
+      for (int64_t i = 0; i < n; ++i) rows.push_back(static_cast<int32_t>(row + i));
+    } else {
+      rows.push_back(static_cast<int32_t>(row + n - 1));
+    }
+    row += n;
+  }
+  EF_CHECK(R == static_cast<int64_t>(rows.size()));
+  int32_t* rows_dev = reinterpret_cast<int32_t*>(Scratch(kPerm, R));
+  backend_->CopyToDevice(rows_dev, rows.data(), R * sizeof(int32_t));
+
+  // A decode step: its sequences' lengths and block tables go to the device once, for every layer.
+  step_pass_ = StepPass(batch);
+  uint64_t plan = 0;
+  if (step_pass_) {
+    std::vector<AttentionSeq> seqs;
+    seqs.reserve(batch.size());
+    for (size_t i = 0; i < batch.size(); ++i) {
+      const int n = static_cast<int>(batch[i].tokens.size());
+      const int len = seqs_.at(batch[i].seq).length;
+      seqs.push_back(AttentionSeq{nullptr, nullptr, static_cast<int64_t>(i), n, len + n,
+                                  block_tables_dev_ + block_table_offset_[i], kv_->block_size()});
+    }
+    auto fp = backend_->UploadStepSeqs(seqs.data(), static_cast<int>(seqs.size()), c.num_heads, c.num_kv_heads,
+                                       c.head_dim);
+    if (!fp.ok()) {
+      step_pass_ = false;
+      return fp.status();
+    }
+    plan = *fp;
+  }
 
   // Steps of up to MoeRoutedMaxTokens() rows on resident experts keep the routing on the device:
   // no layer waits for the host (the observers get it once the logits are back).
-  const bool device_routing = DeviceRouting(T);
+  Pass pass;
+  pass.batch = batch;
+  pass.T = T;
+  pass.R = R;
+  pass.tokens_dev = tokens_dev;
+  pass.pos_dev = pos_dev;
+  pass.rows_dev = rows_dev;
+  pass.device_routing = DeviceRouting(T);
+  pass.row_seq = &row_seq;
+  pass.row_pos = &row_pos;
+  pass.row_tok = &row_tok;
+  Status run = step_pass_ && pass.device_routing && cuda_graphs_ && backend_->Graphs() ? RunGraphed(pass, plan)
+                                                                                       : RunLayers(pass);
+  step_pass_ = false;
+  EF_RETURN_IF_ERROR(run);
+  float* logits = Scratch(kLogits, R * c.vocab_size);
+  result->logits.resize(static_cast<size_t>(R) * c.vocab_size);
+  backend_->CopyToHost(result->logits.data(), logits, result->logits.size() * sizeof(float));
+  // Ops report failures to the backend, not to their caller: a forward pass with a failed op must
+  // not hand out its logits.
+  if (Status s = backend_->status(); !s.ok()) {
+    s.Prepend("forward pass on " + backend_->name());
+    return s;
+  }
+  if (pass.device_routing) EF_RETURN_IF_ERROR(FinishDeviceRouting(T, row_seq, row_pos, row_tok));
+  // Committed last: a failed pass leaves every sequence as it was (its KV rows past the length are
+  // overwritten by the next pass).
+  for (const SeqChunk& chunk : batch) seqs_.at(chunk.seq).length += static_cast<int>(chunk.tokens.size());
+  return Status::Ok();
+}
+
+bool Engine::StepPass(std::span<const SeqChunk> batch) const {
+  const ModelConfig& c = config();
+  if (!cuda_graphs_ || !kv_ || !backend_->StepSeqs() || c.mla || c.rope.type != "default" || c.attention_sinks ||
+      c.sliding_window != 0)
+    return false;
+  return std::all_of(batch.begin(), batch.end(), [](const SeqChunk& chunk) { return chunk.tokens.size() == 1; });
+}
+
+void Engine::SyncGraphLayout() {
+  uint64_t h = 1469598103934665603ull;
+  for (uint64_t v : {scratch_generation_, backend_->layout_generation(), static_cast<uint64_t>(kv_->num_blocks())})
+    h = (h ^ v) * 1099511628211ull;
+  // Also bounded: a serving mix of batch sizes and context lengths records at most this many.
+  constexpr size_t kMaxGraphs = 256;
+  if (h == graph_layout_ && graphs_.size() < kMaxGraphs) return;
+  backend_->DropGraphs();
+  graphs_.clear();
+  graph_layout_ = h;
+}
+
+Status Engine::RunGraphed(const Pass& p, uint64_t plan) {
+  SyncGraphLayout();
+  GraphEntry& g = graphs_[{p.T, plan}];
+  if (g.id >= 0) {
+    EF_RETURN_IF_ERROR(backend_->LaunchGraph(g.id));
+    last_device_routed_ = true;
+    ++graph_stats_.replayed;
+    return Status::Ok();
+  }
+  if (g.refused || g.steps++ == 0) return RunLayers(p);
+  EF_RETURN_IF_ERROR(backend_->BeginGraph());
+  Status ran = RunLayers(p);
+  auto id = backend_->EndGraph();
+  if (!ran.ok() || !id.ok()) {
+    // Nothing ran: the step goes op by op, and this shape from now on.
+    g.refused = true;
+    ++graph_stats_.refused;
+    EF_LOG(DEBUG, ENGINE, "decode step of %lld sequences not recorded: %s", static_cast<long long>(p.T),
+           (ran.ok() ? id.status() : ran).ToString().c_str());
+    return RunLayers(p);
+  }
+  g.id = *id;
+  ++graph_stats_.recorded;
+  EF_RETURN_IF_ERROR(backend_->LaunchGraph(g.id));
+  ++graph_stats_.replayed;
+  return Status::Ok();
+}
+
+Status Engine::RunLayers(const Pass& p) {
+  const ModelConfig& c = config();
+  const int H = c.hidden_size;
+  const int64_t T = p.T, R = p.R;
+  float* x = Scratch(kResid, T * H);
+  backend_->Embed(p.tokens_dev, static_cast<int>(T), weights_->embed(), x);
   last_device_routed_ = false;
   for (int l = 0; l < c.num_layers; ++l) {
     const LayerWeights& L = weights_->layer(l);
     float* h = Scratch(kNormed, T * H);
     backend_->RmsNorm(x, T, H, L.input_norm, c.rms_norm_eps, h);
-    EF_RETURN_IF_ERROR(Attention(l, batch, pos_dev, T));
+    EF_RETURN_IF_ERROR(Attention(l, p.batch, p.pos_dev, T));
     x = Scratch(kResid, T * H);
     h = Scratch(kNormed, T * H);
     backend_->RmsNorm(x, T, H, L.post_attention_norm, c.rms_norm_eps, h);
     float* out = Scratch(kMoeOut, T * H);
-    if (device_routing && c.IsMoeLayer(l)) {
+    if (p.device_routing && c.IsMoeLayer(l)) {
       float* logits = Scratch(kRouterLogits, T * c.num_experts);
       backend_->Gemm(h, T, L.router, c.router_bias ? &L.router_bias : nullptr, logits, false);
       auto [ids_dev, w_dev] = DeviceRoutingSlot(*c.MoeLayerOf(l), T);
@@ -731,46 +860,18 @@ Status Engine::Forward(std::span<const SeqChunk> batch, ForwardResult* result) {
       EF_RETURN_IF_ERROR(moe_executor_->Run(l, T, c.top_k, h, ids, wts, out));
     } else if (c.IsMoeLayer(l)) {
       backend_->SetZero(out, sizeof(float) * T * H);
-      EF_RETURN_IF_ERROR(MoeBlock(l, T, h, out, row_seq, row_pos, row_tok));
+      EF_RETURN_IF_ERROR(MoeBlock(l, T, h, out, *p.row_seq, *p.row_pos, *p.row_tok));
     } else {
       EF_RETURN_IF_ERROR(Mlp(L.dense_mlp, T, h, out));
     }
     backend_->Add(x, out, T * H);
   }
   // Final norm and LM head on the rows whose logits are wanted.
-  std::vector<int32_t> rows;
-  result->row_offset.clear();
-  int64_t row = 0;
-  for (const SeqChunk& chunk : batch) {
-    result->row_offset.push_back(static_cast<int>(rows.size()));
-    const int64_t n = static_cast<int64_t>(chunk.tokens.size());
-    if (chunk.all_logits) {
-      for (int64_t i = 0; i < n; ++i) rows.push_back(static_cast<int32_t>(row + i));
-    } else {
-      rows.push_back(static_cast<int32_t>(row + n - 1));
-    }
-    row += n;
-  }
-  EF_CHECK(R == static_cast<int64_t>(rows.size()));
-  int32_t* rows_dev = reinterpret_cast<int32_t*>(Scratch(kPerm, R));
-  backend_->CopyToDevice(rows_dev, rows.data(), R * sizeof(int32_t));
   float* fin = Scratch(kFinal, R * H);
-  backend_->GatherRows(x, rows_dev, R, H, fin);
+  backend_->GatherRows(x, p.rows_dev, R, H, fin);
   backend_->RmsNorm(fin, R, H, weights_->final_norm(), c.rms_norm_eps, fin);
   float* logits = Scratch(kLogits, R * c.vocab_size);
   backend_->Gemm(fin, R, weights_->lm_head(), nullptr, logits, false);
-  result->logits.resize(static_cast<size_t>(R) * c.vocab_size);
-  backend_->CopyToHost(result->logits.data(), logits, result->logits.size() * sizeof(float));
-  // Ops report failures to the backend, not to their caller: a forward pass with a failed op must
-  // not hand out its logits.
-  if (Status s = backend_->status(); !s.ok()) {
-    s.Prepend("forward pass on " + backend_->name());
-    return s;
-  }
-  if (device_routing) EF_RETURN_IF_ERROR(FinishDeviceRouting(T, row_seq, row_pos, row_tok));
-  // Committed last: a failed pass leaves every sequence as it was (its KV rows past the length are
-  // overwritten by the next pass).
-  for (const SeqChunk& chunk : batch) seqs_.at(chunk.seq).length += static_cast<int>(chunk.tokens.size());
   return Status::Ok();
 }
 

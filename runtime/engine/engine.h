@@ -57,6 +57,12 @@ struct EngineOptions {
   // Dequantize the routed experts of MXFP4 / block FP8 checkpoints at load instead of keeping them
   // at their stored size (LoadOptions::dequantize_experts).
   bool dequantize_experts = false;
+  // Decode steps (one new token per sequence) of a model with plain attention on the paged cache
+  // read their lengths and block tables from device memory (Backend::UploadStepSeqs); on CUDA, a
+  // step that also keeps its routing on the device is recorded as a graph the second time its
+  // shape (sequences, attention plan) comes, and replayed with one launch after that. Same numbers
+  // as without. false: every step launches its ops one by one.
+  bool cuda_graphs = true;
 };
 
 // One chunk of a batch: tokens appended to sequence `seq`.
@@ -159,6 +165,14 @@ class Engine {
   // resident experts, no routing hook, at most Backend::MoeRoutedMaxTokens() rows) instead of
   // waiting for it at every layer.
   bool last_forward_device_routed() const { return last_device_routed_; }
+  // Decode steps run from graphs (EngineOptions::cuda_graphs): recorded, replayed (a recorded step
+  // counts as replayed too), and recordings the backend refused (those steps ran op by op).
+  struct GraphStats {
+    int64_t recorded = 0;
+    int64_t replayed = 0;
+    int64_t refused = 0;
+  };
+  const GraphStats& graph_stats() const { return graph_stats_; }
   // When on, LayerRouting::hidden carries each MoE layer's router input (lookahead predictors).
   // Off by default: the copy to the host costs T x hidden floats per MoE layer.
   void set_expose_router_inputs(bool on) { expose_router_inputs_ = on; }
@@ -180,6 +194,27 @@ class Engine {
   Status Forward(std::span<const SeqChunk> batch, ForwardResult* result);
 
  private:
+  // What one Forward enqueues from the embedding to the logits (no transfer to the host, so that a
+  // decode step can be recorded as a graph).
+  struct Pass {
+    std::span<const SeqChunk> batch;
+    int64_t T = 0, R = 0;
+    const int32_t* tokens_dev = nullptr;
+    const int32_t* pos_dev = nullptr;
+    const int32_t* rows_dev = nullptr;
+    bool device_routing = false;
+    const std::vector<int64_t>* row_seq = nullptr;
+    const std::vector<int32_t>* row_pos = nullptr;
+    const std::vector<int32_t>* row_tok = nullptr;
+  };
+  Status RunLayers(const Pass& p);
+  // A decode step whose sequences the backend holds on the device (EngineOptions::cuda_graphs).
+  bool StepPass(std::span<const SeqChunk> batch) const;
+  // RunLayers through a graph of the step's shape: replayed, recorded now (the shape's second
+  // step), or run op by op (its first step, or a shape the backend would not record).
+  Status RunGraphed(const Pass& p, uint64_t plan);
+  // Drops every graph when memory they point into has moved.
+  void SyncGraphLayout();
   Status ConfigureAttentionPrecision(const std::string& precision);
   Status ConfigureKvCache(const std::string& dtype);
   // Per layer, max_seq_len rows of config().kv_cache_key_width() values in k and of
@@ -250,6 +285,19 @@ class Engine {
   const int32_t* block_tables_dev_ = nullptr;  // this pass's block tables (scratch)
   std::vector<int64_t> block_table_offset_;    // per chunk of the pass
   std::vector<float> router_inputs_;           // host copy behind LayerRouting::hidden
+  // Decode graphs: by (sequences, the backend's plan fingerprint); id -1 until recorded. A shape
+  // is recorded on its second step (the first grows whatever scratch it needs) unless refused.
+  bool cuda_graphs_ = true;
+  bool step_pass_ = false;  // this pass uses the backend's step ops
+  struct GraphEntry {
+    int id = -1;
+    int steps = 0;
+    bool refused = false;
+  };
+  std::map<std::pair<int64_t, uint64_t>, GraphEntry> graphs_;
+  uint64_t graph_layout_ = 0;        // the layout graphs_ was recorded against
+  uint64_t scratch_generation_ = 0;  // incremented when a scratch buffer moves
+  GraphStats graph_stats_;
 };
 
 }  // namespace ef::runtime

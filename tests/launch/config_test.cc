@@ -37,7 +37,7 @@ TEST(ConfigTest, EmptyFileGivesDefaults) {
 TEST(ConfigTest, ParsesEverySection) {
   auto c = ParseConfig(R"(
 model: {path: m, dtype: bf16}
-runtime: {backend: cpu, device: 3, max_seq_len: 512, kv_cache_dtype: bf16, kv_block_size: 32, kv_cache_tokens: 65536}
+runtime: {backend: cpu, device: 3, max_seq_len: 512, kv_cache_dtype: bf16, kv_block_size: 32, kv_cache_tokens: 65536, cuda_graphs: off}
 cluster: {exchange: mpi, ranks_per_node: 1, peer_fetch: none, placement: round_robin,
           compute_placement: contiguous, replication: 2, timeout_s: 2.5}
 cache: {device_budget: 2GiB, host_budget: auto, policy: lru, prefetch_layers: 3, prefetch_min_prob: 0.75}
@@ -55,6 +55,7 @@ generate: {prompt: "hi", max_new_tokens: 5, temperature: 0.7, top_p: 0.9, top_k:
   EXPECT_EQ(c->runtime.kv_cache_dtype, "bf16");
   EXPECT_EQ(c->runtime.kv_block_size, 32);
   EXPECT_EQ(c->runtime.kv_cache_tokens, 65536);
+  EXPECT_EQ(c->runtime.cuda_graphs, "off");
   EXPECT_EQ(c->cluster.ranks_per_node, 1);
   EXPECT_EQ(c->cluster.compute_placement, "contiguous");
   EXPECT_EQ(c->cluster.replication, 2);
@@ -82,6 +83,7 @@ generate: {prompt: "hi", max_new_tokens: 5, temperature: 0.7, top_p: 0.9, top_k:
   EXPECT_EQ(again->runtime.kv_cache_dtype, "bf16");
   EXPECT_EQ(again->runtime.kv_block_size, 32);
   EXPECT_EQ(again->runtime.kv_cache_tokens, 65536);
+  EXPECT_EQ(again->runtime.cuda_graphs, "off");
   EXPECT_EQ(again->scheduler.max_prefill_tokens, 512);
 }
 
@@ -116,6 +118,8 @@ TEST(ConfigTest, ImpossibleValuesNameKeyAndLine) {
             "contiguous), got '12'");
   EXPECT_EQ(Error("runtime:\n  kv_block_size: 2048\n"),
             "t.yaml:2: runtime.kv_block_size: expected an integer in [0, 1024], got '2048'");
+  EXPECT_EQ(Error("runtime:\n  cuda_graphs: maybe\n"),
+            "t.yaml:2: runtime.cuda_graphs: expected one of on|off, got 'maybe'");
   EXPECT_EQ(Error("runtime:\n  kv_cache_tokens: -5\n"),
             "t.yaml:2: runtime.kv_cache_tokens: expected an integer in [0, 2147483647], got '-5'");
   EXPECT_EQ(Error("cluster:\n  replication: 0\n"),

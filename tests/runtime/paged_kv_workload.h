@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -47,6 +48,51 @@ inline std::vector<float> PagedKvWorkload(Engine& e) {
     run({{2, {&t2, 1}, false}, {3, {&tc, 1}, false}});
   }
   for (int64_t id : {2, 3, 4}) e.RemoveSequence(id);
+  return all;
+}
+
+// Greedy decode of num_seqs sequences (prompts of 5 to 27 tokens) stepping together; every fifth
+// step the oldest leaves and a new one is prefilled alone, then joins: the batch size changes and
+// contexts cross attention's split boundaries, as in serving. Returns every logit.
+inline std::vector<float> DecodeWorkload(Engine& e, int num_seqs, int steps) {
+  const int V = e.config().vocab_size;
+  struct Live {
+    int64_t id;
+    int32_t next;
+  };
+  std::vector<Live> live;
+  std::vector<float> all;
+  int64_t next_id = 100;
+  auto argmax = [V](const float* row) { return static_cast<int32_t>(std::max_element(row, row + V) - row); };
+  auto add = [&](int len) {
+    const int64_t id = next_id++;
+    EXPECT_TRUE(e.AddSequence(id).ok());
+    std::vector<int32_t> prompt(len);
+    for (int i = 0; i < len; ++i) prompt[i] = static_cast<int32_t>((id * 131 + i * 37 + 1) % V);
+    ForwardResult r;
+    const Status s = e.Forward(std::vector<SeqChunk>{{id, prompt, false}}, &r);
+    EXPECT_TRUE(s.ok()) << s.ToString();
+    if (!s.ok()) return;
+    all.insert(all.end(), r.logits.begin(), r.logits.end());
+    live.push_back({id, argmax(r.logits.data())});
+  };
+  for (int i = 0; i < num_seqs; ++i) add(5 + (7 * i) % 23);
+  for (int step = 0; step < steps; ++step) {
+    if (step % 5 == 4 && !live.empty()) {
+      e.RemoveSequence(live.front().id);
+      live.erase(live.begin());
+      add(3 + step % 11);
+    }
+    std::vector<SeqChunk> chunks;
+    for (const Live& l : live) chunks.push_back({l.id, std::span<const int32_t>(&l.next, 1), false});
+    ForwardResult r;
+    const Status s = e.Forward(chunks, &r);
+    EXPECT_TRUE(s.ok()) << s.ToString();
+    if (!s.ok()) break;
+    all.insert(all.end(), r.logits.begin(), r.logits.end());
+    for (size_t i = 0; i < live.size(); ++i) live[i].next = argmax(r.logits.data() + static_cast<size_t>(i) * V);
+  }
+  for (const Live& l : live) e.RemoveSequence(l.id);
   return all;
 }
 

@@ -79,6 +79,45 @@ void CpuBackend::CopyBatchToBf16(const CopyItem* items, int num_items) {
 }
 void CpuBackend::SetZero(void* dst, size_t bytes) { std::memset(dst, 0, bytes); }
 
+StatusOr<uint64_t> CpuBackend::UploadStepSeqs(const AttentionSeq* seqs_host, int num_seqs, int num_heads,
+                                              int num_kv_heads, int head_dim) {
+  step_seqs_.assign(seqs_host, seqs_host + std::max(num_seqs, 0));
+  step_heads_ = num_heads;
+  step_kv_heads_ = num_kv_heads;
+  step_head_dim_ = head_dim;
+  return uint64_t{0};  // nothing decided from the values
+}
+
+void CpuBackend::AppendKvStep(void* k_pool, void* v_pool, const float* k, const float* v, int64_t k_width,
+                              int64_t v_width) {
+  const size_t elem = kv_bf16_ ? sizeof(uint16_t) : sizeof(float);
+  std::vector<CopyItem> items;
+  for (const AttentionSeq& s : step_seqs_) {
+    for (int i = 0; i < s.n_new; ++i) {
+      const int64_t row = KvRow(s, s.n_total - s.n_new + i), src = s.q_row + i;
+      items.push_back({static_cast<std::byte*>(k_pool) + row * k_width * elem, k + src * k_width,
+                       sizeof(float) * k_width});
+      if (v)
+        items.push_back({static_cast<std::byte*>(v_pool) + row * v_width * elem, v + src * v_width,
+                         sizeof(float) * v_width});
+    }
+  }
+  if (kv_bf16_) {
+    CopyBatchToBf16(items.data(), static_cast<int>(items.size()));
+  } else {
+    CopyBatch(items.data(), static_cast<int>(items.size()));
+  }
+}
+
+void CpuBackend::AttentionStep(const float* q, const void* k_pool, const void* v_pool, float* out) {
+  std::vector<AttentionSeq> seqs = step_seqs_;
+  for (AttentionSeq& s : seqs) {
+    s.k = k_pool;
+    s.v = v_pool;
+  }
+  AttentionBatch(q, seqs.data(), static_cast<int>(seqs.size()), step_heads_, step_kv_heads_, step_head_dim_, out);
+}
+
 StatusOr<Weight> CpuBackend::UploadWeight(DType dtype, const void* host_data, int64_t rows, int64_t cols) {
   EF_RETURN_IF_ERROR(CheckWeightType("cpu backend", dtype, cols));
   return Weight{dtype, host_data, rows, cols};

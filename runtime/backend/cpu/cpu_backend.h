@@ -3,6 +3,7 @@
 #pragma once
 
 #include <atomic>
+#include <vector>
 
 #include "runtime/backend/backend.h"
 #include "runtime/core/thread_pool.h"
@@ -30,6 +31,13 @@ class CpuBackend final : public Backend {
   }
   void SetZero(void* dst, size_t bytes) override;
   void Synchronize() override {}
+  // The step ops on host memory (no graphs): the uploaded sequences are a host copy.
+  bool StepSeqs() const override { return true; }
+  StatusOr<uint64_t> UploadStepSeqs(const AttentionSeq* seqs_host, int num_seqs, int num_heads, int num_kv_heads,
+                                    int head_dim) override;
+  void AppendKvStep(void* k_pool, void* v_pool, const float* k, const float* v, int64_t k_width,
+                    int64_t v_width) override;
+  void AttentionStep(const float* q, const void* k_pool, const void* v_pool, float* out) override;
   StatusOr<Weight> UploadWeight(DType dtype, const void* host_data, int64_t rows, int64_t cols) override;
   size_t bytes_in_use() const override { return bytes_in_use_.load(); }
 
@@ -64,6 +72,8 @@ class CpuBackend final : public Backend {
   void GatherKvRow(const AttentionSeq& a, int64_t t, int64_t kw, int64_t vw, float* k, float* v) const;
 
   bool kv_bf16_ = false;
+  std::vector<AttentionSeq> step_seqs_;  // UploadStepSeqs, and its attention shape
+  int step_heads_ = 0, step_kv_heads_ = 0, step_head_dim_ = 0;
 };
 
 }  // namespace ef::runtime

@@ -511,18 +511,17 @@ AttentionBatchPlan plan_attention_batch(const AttentionSeqDesc* seqs_host, int n
   return plan;
 }
 
-cudaError_t launch_attention_batch(const float* q, const AttentionSeqDesc* seqs_host, const AttentionSeqDesc* seqs_dev,
-                                   int num_seqs, const AttentionBatchPlan& plan, int num_heads, int num_kv_heads,
-                                   int head_dim, float* out, float* workspace, unsigned* counters, cudaStream_t stream,
-                                   bool kv_bf16) {
+namespace {
+
+cudaError_t LaunchAttention(const float* q, const SeqTable& table, int num_seqs, const AttentionBatchPlan& plan,
+                            int num_heads, int num_kv_heads, int head_dim, float* out, float* workspace,
+                            unsigned* counters, cudaStream_t stream, bool kv_bf16) {
   if (num_seqs <= 0 || plan.max_n_new <= 0) return cudaSuccess;
   if (head_dim > 256 || num_kv_heads <= 0 || num_heads % num_kv_heads != 0 || plan.num_splits < 1 ||
       static_cast<int64_t>(num_seqs) * plan.num_splits > kMaxGridZ ||
       num_heads * static_cast<int64_t>(plan.max_n_new) > 0x7fffffff)
     return cudaErrorInvalidValue;
   if (plan.num_splits > 1 && workspace == nullptr) return cudaErrorInvalidValue;
-  SeqTable table;
-  if (!MakeSeqTable(seqs_host, seqs_dev, num_seqs, &table)) return cudaErrorInvalidValue;
   const bool decode = plan.decode && plan.max_n_new == 1 && plan.decode_tile >= 1 &&
                       plan.decode_tile <= kDecodeMaxTile && reinterpret_cast<uintptr_t>(q) % 16 == 0 &&
                       reinterpret_cast<uintptr_t>(out) % 16 == 0;
@@ -558,6 +557,33 @@ cudaError_t launch_attention_batch(const float* q, const AttentionSeqDesc* seqs_
         workspace, table, plan.num_rows, num_heads, head_dim, plan.num_splits, out);
   }
   return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_attention_batch(const float* q, const AttentionSeqDesc* seqs_host, const AttentionSeqDesc* seqs_dev,
+                                   int num_seqs, const AttentionBatchPlan& plan, int num_heads, int num_kv_heads,
+                                   int head_dim, float* out, float* workspace, unsigned* counters, cudaStream_t stream,
+                                   bool kv_bf16) {
+  if (num_seqs <= 0 || plan.max_n_new <= 0) return cudaSuccess;
+  SeqTable table;
+  if (!MakeSeqTable(seqs_host, seqs_dev, num_seqs, &table)) return cudaErrorInvalidValue;
+  return LaunchAttention(q, table, num_seqs, plan, num_heads, num_kv_heads, head_dim, out, workspace, counters, stream,
+                         kv_bf16);
+}
+
+cudaError_t launch_attention_step(const float* q, const AttentionSeqDesc* seqs_dev, int num_seqs,
+                                  const AttentionBatchPlan& plan, const void* k_pool, const void* v_pool,
+                                  int num_heads, int num_kv_heads, int head_dim, float* out, float* workspace,
+                                  unsigned* counters, cudaStream_t stream, bool kv_bf16) {
+  if (num_seqs <= 0 || plan.max_n_new <= 0) return cudaSuccess;
+  if (seqs_dev == nullptr || k_pool == nullptr || v_pool == nullptr) return cudaErrorInvalidValue;
+  SeqTable table{};
+  table.dev = seqs_dev;
+  table.k_pool = k_pool;
+  table.v_pool = v_pool;
+  return LaunchAttention(q, table, num_seqs, plan, num_heads, num_kv_heads, head_dim, out, workspace, counters, stream,
+                         kv_bf16);
 }
 
 }  // namespace ef::runtime::cuda

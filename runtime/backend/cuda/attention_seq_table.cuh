@@ -8,11 +8,22 @@ namespace ef::runtime::cuda {
 
 // The sequences of one launch: inline (in the kernel parameters, __grid_constant__ so they are
 // read in place) when there are few, else a device array.
+// A step's sequences (Backend::AttentionStep) are always the device array, and every sequence's k
+// and v are the layer's pools (k_pool, v_pool set).
 struct SeqTable {
   const AttentionSeqDesc* dev;
+  const void* k_pool;
+  const void* v_pool;
   int num_inline;  // > 0: inl[0, num_inline) holds the descriptors
   AttentionSeqDesc inl[kAttentionInlineSeqs];
-  __device__ __forceinline__ AttentionSeqDesc operator[](int i) const { return num_inline > 0 ? inl[i] : dev[i]; }
+  __device__ __forceinline__ AttentionSeqDesc operator[](int i) const {
+    AttentionSeqDesc d = num_inline > 0 ? inl[i] : dev[i];
+    if (k_pool != nullptr) {
+      d.k = k_pool;
+      d.v = v_pool;
+    }
+    return d;
+  }
 };
 
 // The pool row of position t (contiguous: t; paged: through the block table).

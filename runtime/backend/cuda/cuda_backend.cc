@@ -116,7 +116,15 @@ Status CudaBackend::Init() {
 CudaBackend::~CudaBackend() {
   // Destructors never throw; errors here are logged only.
   Status ignored;
+  if (capturing_) {
+    cudaGraph_t g = nullptr;
+    if (cudaStreamEndCapture(stream_, &g) == cudaSuccess && g) cudaGraphDestroy(g);
+    capturing_ = false;
+  }
   if (stream_) CUDA_CHECK_LOG(cudaStreamSynchronize(stream_), &ignored);
+  for (cudaGraphExec_t g : graphs_)
+    if (g) CUDA_CHECK_LOG(cudaGraphExecDestroy(g), &ignored);
+  graphs_.clear();
   for (auto& [p, bytes] : weights_) DeviceFree(p, bytes);
   weights_.clear();
   if (act_) DeviceFree(act_, act_cap_);
@@ -128,6 +136,7 @@ CudaBackend::~CudaBackend() {
   if (moe_y_) DeviceFree(moe_y_, moe_y_cap_);
   if (moe_xb_) DeviceFree(moe_xb_, moe_xb_cap_);
   if (moe_meta_) DeviceFree(moe_meta_, moe_meta_cap_);
+  if (step_desc_) DeviceFree(step_desc_, step_desc_cap_);
   if (mlp_x16_) DeviceFree(mlp_x16_, mlp_x16_cap_);
   if (mlp_gu_) DeviceFree(mlp_gu_, mlp_gu_cap_);
   if (mlp_small_) DeviceFree(mlp_small_, mlp_small_cap_);
@@ -155,6 +164,7 @@ CudaBackend::~CudaBackend() {
 // --- memory ---
 
 StatusOr<void*> CudaBackend::DeviceAlloc(size_t bytes) {
+  if (RefuseCapture("an allocation")) return Unavailable("cuda backend: no allocation while a graph is recorded");
   const size_t padded = Padded(bytes);
   const size_t in_use = bytes_in_use_.load();
   if (in_use + padded > budget_)
@@ -189,6 +199,8 @@ void CudaBackend::Free(void* ptr, size_t bytes) { DeviceFree(ptr, bytes); }
 
 void* CudaBackend::EnsureScratch(void** buf, size_t* cap, size_t bytes, bool required) {
   if (*cap >= bytes) return *buf;
+  if (RefuseCapture("a scratch buffer that must grow")) return nullptr;
+  ++layout_generation_;  // graphs recorded before may hold the old address
   if (*buf) DeviceFree(*buf, *cap);
   *buf = nullptr;
   *cap = 0;
@@ -258,7 +270,7 @@ void CudaBackend::Stage(void* dst, const void* src, size_t bytes) {
 }
 
 void CudaBackend::CopyToDevice(void* dst, const void* host_src, size_t bytes) {
-  if (bytes == 0) return;
+  if (bytes == 0 || RefuseCapture("a host-to-device copy")) return;
   // Decode's small uploads (expert permutations, attention descriptors) ride in a kernel's
   // parameters: no copy-engine hand-off between the kernels around them, no staging-ring slot.
   if (bytes <= cuda::kParamCopyMaxBytes) {
@@ -269,7 +281,7 @@ void CudaBackend::CopyToDevice(void* dst, const void* host_src, size_t bytes) {
 }
 
 void CudaBackend::CopyToHost(void* host_dst, const void* src, size_t bytes) {
-  if (bytes == 0) return;
+  if (bytes == 0 || RefuseCapture("a device-to-host copy")) return;
   CUDA_CHECK_LOG(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, stream_), &error_);
   CUDA_CHECK_LOG(cudaStreamSynchronize(stream_), &error_);
   RetireFinishedCopies(true);
@@ -569,6 +581,7 @@ Status CudaBackend::BindToCallingThread() {
 }
 
 void CudaBackend::Synchronize() {
+  if (RefuseCapture("a synchronisation")) return;
   CUDA_CHECK_LOG(cudaStreamSynchronize(stream_), &error_);
   RetireFinishedCopies(true);
 }
@@ -744,6 +757,142 @@ void CudaBackend::AttentionSeqs(const float* q, const AttentionSeq* seqs_host, i
     }
   }
   AttentionFp32(q, desc, num_heads, num_kv_heads, head_dim, out, kv_bf16);
+}
+
+StatusOr<uint64_t> CudaBackend::UploadStepSeqs(const AttentionSeq* seqs_host, int num_seqs, int num_heads,
+                                               int num_kv_heads, int head_dim) {
+  if (capturing_) return FailedPrecondition("cuda backend: step sequences are uploaded before a graph is recorded");
+  if (num_seqs <= 0) return InvalidArgument("cuda backend: a step needs sequences");
+  step_host_.resize(static_cast<size_t>(num_seqs));
+  step_max_new_ = 0;
+  for (int s = 0; s < num_seqs; ++s) {
+    const AttentionSeq& a = seqs_host[s];
+    // k and v are the layer's pools, given to each step op (null here: the plan's alignment test
+    // sees the pools' allocator alignment).
+    step_host_[s] = cuda::AttentionSeqDesc{nullptr, nullptr, a.q_row, a.n_new, a.n_total, a.blocks, BlockShift(a)};
+    step_max_new_ = std::max(step_max_new_, a.n_new);
+  }
+  step_heads_ = num_heads;
+  step_kv_heads_ = num_kv_heads;
+  step_head_dim_ = head_dim;
+  step_plan_ = cuda::plan_attention_batch(step_host_.data(), num_seqs, num_heads, num_kv_heads, head_dim, num_sms_);
+  const size_t bytes = step_host_.size() * sizeof(cuda::AttentionSeqDesc);
+  if (!EnsureScratch(&step_desc_, &step_desc_cap_, bytes)) return error_;
+  CopyToDevice(step_desc_, step_host_.data(), bytes);
+  // What the step ops decide on the host: the attention plan and the append's grid.
+  uint64_t h = 1469598103934665603ull;
+  auto mix = [&h](uint64_t v) { h = (h ^ v) * 1099511628211ull; };
+  const cuda::AttentionBatchPlan& p = step_plan_;
+  for (uint64_t v : {uint64_t(p.num_splits), uint64_t(p.max_n_new), uint64_t(p.num_rows), uint64_t(p.workspace_floats),
+                     uint64_t(p.decode), uint64_t(p.decode_tile), uint64_t(p.num_counters), uint64_t(step_max_new_),
+                     uint64_t(num_heads), uint64_t(num_kv_heads), uint64_t(head_dim), uint64_t(num_seqs)})
+    mix(v);
+  return h;
+}
+
+void CudaBackend::AppendKvStep(void* k_pool, void* v_pool, const float* k, const float* v, int64_t k_width,
+                               int64_t v_width) {
+  CUDA_CHECK_LOG(cuda::launch_kv_append_step(static_cast<const cuda::AttentionSeqDesc*>(step_desc_),
+                                             static_cast<int>(step_host_.size()), step_max_new_, k_pool, v_pool, k, v,
+                                             k_width, v_width, kv_bf16_, stream_),
+                 &error_);
+}
+
+void CudaBackend::AttentionStep(const float* q, const void* k_pool, const void* v_pool, float* out) {
+  const cuda::AttentionBatchPlan& plan = step_plan_;
+  if (plan.max_n_new <= 0) return;
+  if (plan.decode && (reinterpret_cast<uintptr_t>(k_pool) % 16 != 0 || reinterpret_cast<uintptr_t>(v_pool) % 16 != 0)) {
+    if (error_.ok()) error_ = Internal("cuda backend: a step's KV pools must be 16-byte aligned");
+    return;
+  }
+  // The workspace and counters as AttentionFp32 sizes them (a recording refuses to grow them).
+  float* ws = nullptr;
+  if (plan.num_splits > 1) {
+    ws = static_cast<float*>(EnsureScratch(&attn_ws_, &attn_ws_cap_, plan.workspace_floats * sizeof(float)));
+    if (!ws) return;
+  }
+  unsigned* counters = nullptr;
+  if (plan.num_counters > 0) {
+    const size_t need = static_cast<size_t>(plan.num_counters) * sizeof(unsigned);
+    if (attn_counters_cap_ < need) {
+      if (!EnsureScratch(&attn_counters_, &attn_counters_cap_, need)) return;
+      SetZero(attn_counters_, attn_counters_cap_);
+    }
+    counters = static_cast<unsigned*>(attn_counters_);
+  }
+  CUDA_CHECK_LOG(cuda::launch_attention_step(q, static_cast<const cuda::AttentionSeqDesc*>(step_desc_),
+                                             static_cast<int>(step_host_.size()), plan, k_pool, v_pool, step_heads_,
+                                             step_kv_heads_, step_head_dim_, out, ws, counters, stream_, kv_bf16_),
+                 &error_);
+}
+
+bool CudaBackend::RefuseCapture(const char* why) {
+  if (!capturing_) return false;
+  if (!capture_refused_) {
+    capture_refused_ = true;
+    capture_refusal_ = why;
+  }
+  return true;
+}
+
+Status CudaBackend::BeginGraph() {
+  if (capturing_) return FailedPrecondition("cuda backend: a graph is being recorded already");
+  EF_RETURN_IF_ERROR(error_);
+  capture_refused_ = false;
+  capture_refusal_.clear();
+  // Relaxed: cuBLAS and the launch helpers may query attributes while the stream records.
+  if (cudaError_t e = cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed); e != cudaSuccess) {
+    (void)cudaGetLastError();
+    return Unavailable(std::string("cuda backend: cannot record a graph: ") + cudaGetErrorString(e));
+  }
+  capturing_ = true;
+  return Status::Ok();
+}
+
+StatusOr<int> CudaBackend::EndGraph() {
+  if (!capturing_) return FailedPrecondition("cuda backend: no graph is being recorded");
+  cudaGraph_t graph = nullptr;
+  const cudaError_t e = cudaStreamEndCapture(stream_, &graph);
+  capturing_ = false;
+  // An error while recording belongs to the recording: nothing ran, the backend stays healthy.
+  std::string why = capture_refused_ ? capture_refusal_ : std::string();
+  if (!error_.ok()) {
+    if (why.empty()) why = error_.message();
+    error_ = Status::Ok();
+  }
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();
+    if (why.empty()) why = cudaGetErrorString(e);
+  }
+  if (!why.empty()) {
+    if (graph) cudaGraphDestroy(graph);
+    return Unavailable("cuda backend: graph not recorded (" + why + ")");
+  }
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t ie = cudaGraphInstantiate(&exec, graph, 0);
+  cudaGraphDestroy(graph);
+  if (ie != cudaSuccess) {
+    (void)cudaGetLastError();
+    return Unavailable(std::string("cuda backend: graph not instantiated: ") + cudaGetErrorString(ie));
+  }
+  graphs_.push_back(exec);
+  return static_cast<int>(graphs_.size()) - 1;
+}
+
+Status CudaBackend::LaunchGraph(int graph) {
+  if (capturing_) return FailedPrecondition("cuda backend: a graph is launched while another is recorded");
+  if (graph < 0 || graph >= static_cast<int>(graphs_.size()) || !graphs_[graph])
+    return InvalidArgument("cuda backend: no graph " + std::to_string(graph));
+  CUDA_CHECK_LOG(cudaGraphLaunch(graphs_[graph], stream_), &error_);
+  return error_;
+}
+
+void CudaBackend::DropGraphs() {
+  if (graphs_.empty() || capturing_) return;
+  CUDA_CHECK_LOG(cudaStreamSynchronize(stream_), &error_);  // none may be running when it is freed
+  for (cudaGraphExec_t g : graphs_)
+    if (g) CUDA_CHECK_LOG(cudaGraphExecDestroy(g), &error_);
+  graphs_.clear();
 }
 
 const cuda::AttentionSeqDesc* CudaBackend::DeviceDescriptors(const std::vector<cuda::AttentionSeqDesc>& desc) {

@@ -125,6 +125,19 @@ class CudaBackend final : public Backend {
   void ScatterAddRows(const float* src, const int32_t* idx, const float* scale, int64_t n, int dim,
                       float* dst) override;
   void AddSigmoidGated(const float* src, const float* gate_logit, int64_t rows, int dim, float* dst) override;
+  bool StepSeqs() const override { return true; }
+  StatusOr<uint64_t> UploadStepSeqs(const AttentionSeq* seqs_host, int num_seqs, int num_heads, int num_kv_heads,
+                                    int head_dim) override;
+  void AppendKvStep(void* k_pool, void* v_pool, const float* k, const float* v, int64_t k_width,
+                    int64_t v_width) override;
+  void AttentionStep(const float* q, const void* k_pool, const void* v_pool, float* out) override;
+  // CUDA graphs by stream capture (relaxed mode) of the compute stream.
+  bool Graphs() const override { return true; }
+  Status BeginGraph() override;
+  StatusOr<int> EndGraph() override;
+  Status LaunchGraph(int graph) override;
+  void DropGraphs() override;
+  uint64_t layout_generation() const override { return layout_generation_; }
   void SetReducedPrecisionAttention(bool on) override { reduced_precision_attention_ = on; }
   bool SetKvCacheDType(DType t) override {
     if (t != DType::kF32 && t != DType::kBF16) return false;
@@ -239,6 +252,24 @@ class CudaBackend final : public Backend {
   void* moe_meta_ = nullptr;
   size_t moe_meta_cap_ = 0;
   std::vector<std::pair<void*, size_t>> weights_;  // owned device weights
+  // UploadStepSeqs: the step's descriptors on the device (one address while it is big enough)
+  // and on the host (for the launches' shapes).
+  void* step_desc_ = nullptr;
+  size_t step_desc_cap_ = 0;
+  std::vector<cuda::AttentionSeqDesc> step_host_;
+  cuda::AttentionBatchPlan step_plan_;
+  int step_heads_ = 0, step_kv_heads_ = 0, step_head_dim_ = 0, step_max_new_ = 0;
+  // Graphs: recorded ones by id; while recording, whether something the recording cannot hold
+  // was asked for (an upload, a download, a sync, a scratch that must grow), and the error status
+  // before it began (an error during a recording is the recording's, not the backend's).
+  std::vector<cudaGraphExec_t> graphs_;
+  bool capturing_ = false;
+  bool capture_refused_ = false;
+  std::string capture_refusal_;
+  // Incremented whenever a scratch buffer moves (EnsureScratch).
+  uint64_t layout_generation_ = 0;
+  // Refuses the recording in progress (true) with `why`; false when not recording.
+  bool RefuseCapture(const char* why);
 };
 
 }  // namespace ef::runtime

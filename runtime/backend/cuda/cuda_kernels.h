@@ -74,6 +74,20 @@ cudaError_t launch_attention_batch(const float* q, const AttentionSeqDesc* seqs_
                                    int num_seqs, const AttentionBatchPlan& plan, int num_heads, int num_kv_heads,
                                    int head_dim, float* out, float* workspace, unsigned* counters, cudaStream_t stream,
                                    bool kv_bf16 = false);
+// The same over a step's sequences (Backend::AttentionStep): descriptors only from the device
+// array seqs_dev (read when the kernels run, so a recorded graph sees each replay's values), every
+// sequence's k and v the layer's pools. `plan` comes from the host copy of the descriptors.
+cudaError_t launch_attention_step(const float* q, const AttentionSeqDesc* seqs_dev, int num_seqs,
+                                  const AttentionBatchPlan& plan, const void* k_pool, const void* v_pool,
+                                  int num_heads, int num_kv_heads, int head_dim, float* out, float* workspace,
+                                  unsigned* counters, cudaStream_t stream, bool kv_bf16);
+// The new rows of a step's sequences to their KV rows (Backend::AppendKvStep): row i < n_new of
+// sequence s (k + (q_row + i) * k_width, k_width floats; v likewise unless null) goes to pool row
+// KvRow(position n_total - n_new + i), as fp32 or rounded to bf16 (nearest even). Descriptors
+// from the device array, as launch_attention_step; max_n_new bounds every sequence's n_new.
+cudaError_t launch_kv_append_step(const AttentionSeqDesc* seqs_dev, int num_seqs, int max_n_new, void* k_pool,
+                                  void* v_pool, const float* k, const float* v, int64_t k_width, int64_t v_width,
+                                  bool kv_bf16, cudaStream_t stream);
 
 // Causal GQA attention of prefill chunks on tensor cores (flash attention; see
 // attention_prefill_tc.cu): the contract of launch_attention_batch (descriptors inline up to

@@ -1,0 +1,110 @@
+// Decode steps as CUDA graphs (EngineOptions::cuda_graphs): replay gives bitwise the logits of the
+// ops launched one by one, and a recording the backend cannot hold fails cleanly.
+#include <gtest/gtest.h>
+
+#include <string>
+#include <vector>
+
+#include "runtime/engine/engine.h"
+#include "tests/gpu/gpu_test_util.h"
+#include "tests/runtime/paged_kv_workload.h"
+
+namespace ef::runtime {
+namespace {
+
+std::string ModelDir(const std::string& name) {
+  return name == "tiny-code-moe" ? std::string(EF_MODELS_DIR) + "/tiny-code-moe"
+                                 : std::string(EF_TEST_DATA) + "/" + name;
+}
+
+std::unique_ptr<Engine> MakeCudaEngine(const std::string& model, bool graphs, const std::string& kv_dtype,
+                                       int block_size) {
+  EngineOptions o;
+  o.backend = "cuda";
+  o.max_seq_len = 128;  // the pool starts at 128 tokens: the runs below grow it (graphs recorded again)
+  o.kv_block_size = block_size;
+  o.kv_cache_dtype = kv_dtype;
+  o.cuda_graphs = graphs;
+  auto e = Engine::Create(ModelDir(model), o);
+  return e.ok() ? std::move(e).value() : nullptr;
+}
+
+class CudaGraphTest : public ::testing::TestWithParam<std::string> {};
+
+// tiny-code-moe (bf16: its steps keep the routing on the device, so they are recorded and
+// replayed) and the fp32 fixtures (their steps run the step ops one by one): bitwise the logits of
+// the batch ops, with 3 and 20 sequences (20: past the descriptors a launch carries inline).
+TEST_P(CudaGraphTest, ReplayIsBitwiseEager) {
+  if (!testing::HaveDevice()) GTEST_SKIP() << "no CUDA device visible";
+  const bool device_routed = GetParam() == "tiny-code-moe";
+  for (const char* kv_dtype : {"fp32", "bf16"})
+    for (int block_size : {1, 16}) {
+      auto eager = MakeCudaEngine(GetParam(), false, kv_dtype, block_size);
+      if (!eager) continue;  // a bf16 cache the model's attention cannot read: refused (tested elsewhere)
+      auto graphed = MakeCudaEngine(GetParam(), true, kv_dtype, block_size);
+      ASSERT_NE(graphed, nullptr);
+      for (int seqs : {3, 20}) {
+        const std::string what = GetParam() + ", kv " + kv_dtype + ", block " + std::to_string(block_size) + ", " +
+                                 std::to_string(seqs) + " sequences";
+        const std::vector<float> want = testing::DecodeWorkload(*eager, seqs, 30);
+        ASSERT_FALSE(want.empty());
+        const Engine::GraphStats before = graphed->graph_stats();
+        testing::ExpectBitwiseEqual(testing::DecodeWorkload(*graphed, seqs, 30), want, what.c_str());
+        const Engine::GraphStats& after = graphed->graph_stats();
+        EXPECT_EQ(after.refused, before.refused) << what;
+        if (device_routed) {
+          EXPECT_GT(after.recorded, before.recorded) << what;
+          EXPECT_GE(after.replayed - before.replayed, 10) << what << ": recorded " << after.recorded << ", replayed " << after.replayed;
+        } else {
+          EXPECT_EQ(after.replayed, 0) << what << ": host-routed steps are not recorded";
+        }
+      }
+      EXPECT_EQ(eager->graph_stats().replayed, 0);
+    }
+}
+
+INSTANTIATE_TEST_SUITE_P(Models, CudaGraphTest, ::testing::Values("tiny-code-moe", "mixtral", "qwen3_moe"),
+                         [](const auto& info) {
+                           return info.param == "tiny-code-moe" ? std::string("tiny") : info.param;
+                         });
+
+// A recording that asks for a host transfer fails at EndGraph, nothing of it runs, and the backend
+// stays healthy: the same ops then run as usual.
+TEST(CudaGraphBackendTest, RefusedRecordingLeavesTheBackendHealthy) {
+  if (!testing::HaveDevice()) GTEST_SKIP() << "no CUDA device visible";
+  auto b = testing::MakeTestCudaBackend();
+  ASSERT_NE(b, nullptr);
+  auto buf = b->Allocate(64 * sizeof(float));
+  ASSERT_TRUE(buf.ok());
+  std::vector<float> host(64, 2.f), back(64, -1.f);
+  b->CopyToDevice(buf->data(), host.data(), 64 * sizeof(float));
+
+  ASSERT_TRUE(b->BeginGraph().ok());
+  b->Add(buf->f32(), buf->f32(), 64);  // recorded, not run
+  b->CopyToHost(back.data(), buf->data(), 64 * sizeof(float));
+  auto refused = b->EndGraph();
+  EXPECT_EQ(refused.status().code(), StatusCode::kUnavailable) << refused.status().ToString();
+  EXPECT_NE(refused.status().message().find("device-to-host"), std::string::npos) << refused.status().ToString();
+  EXPECT_TRUE(b->status().ok()) << b->status().ToString();
+  b->CopyToHost(back.data(), buf->data(), 64 * sizeof(float));
+  EXPECT_EQ(back[0], 2.f) << "the refused recording ran nothing";
+
+  // A recording of device work only: replayed twice, it doubles twice.
+  ASSERT_TRUE(b->BeginGraph().ok());
+  b->Add(buf->f32(), buf->f32(), 64);
+  auto g = b->EndGraph();
+  ASSERT_TRUE(g.ok()) << g.status().ToString();
+  b->CopyToHost(back.data(), buf->data(), 64 * sizeof(float));
+  EXPECT_EQ(back[0], 2.f) << "recording runs nothing";
+  ASSERT_TRUE(b->LaunchGraph(*g).ok());
+  ASSERT_TRUE(b->LaunchGraph(*g).ok());
+  b->CopyToHost(back.data(), buf->data(), 64 * sizeof(float));
+  EXPECT_EQ(back[63], 8.f);
+  EXPECT_FALSE(b->LaunchGraph(*g + 1).ok());
+  b->DropGraphs();
+  EXPECT_FALSE(b->LaunchGraph(*g).ok());
+  EXPECT_TRUE(b->status().ok()) << b->status().ToString();
+}
+
+}  // namespace
+}  // namespace ef::runtime
