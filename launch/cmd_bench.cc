@@ -826,6 +826,7 @@ struct EngineSteps {
   double device_routed_seconds = 0;  // of which in the device-routed passes
   double step_seconds = 0;           // wall time of the serving loop's steps (forward + host work)
   int64_t preemptions = 0;           // requests that gave their KV blocks back to be prefilled again
+  runtime::Engine::GraphStats graphs;  // decode steps from CUDA graphs (runtime.cuda_graphs)
 };
 
 Status WriteJson(const BenchRun& b, const BenchParts& p, const BenchSummary& s, const RunCounters& c,
@@ -884,7 +885,10 @@ Status WriteJson(const BenchRun& b, const BenchParts& p, const BenchSummary& s, 
               {"forward_seconds", steps.seconds},
               {"device_routed_seconds", steps.device_routed_seconds},
               {"step_seconds", steps.step_seconds},
-              {"preemptions", steps.preemptions}}},
+              {"preemptions", steps.preemptions},
+              {"graphs_recorded", steps.graphs.recorded},
+              {"graph_replays", steps.graphs.replayed},
+              {"graphs_refused", steps.graphs.refused}}},
             {"routing", s.per_layer}};
   std::ofstream out(o.json_path);
   if (!out) return NotFound("cannot write " + o.json_path);
@@ -923,7 +927,8 @@ Status RunBench(const BenchOptions& given, comm::MpiContext* ctx) {
   PrintTable(run, summary, counters);
   const EngineSteps steps{metrics.steps(),           metrics.device_routed_steps(),
                           metrics.forward_seconds(), metrics.device_routed_seconds(),
-                          metrics.step_seconds(),    metrics.preemptions()};
+                          metrics.step_seconds(),    metrics.preemptions(),
+                          parts.engine->graph_stats()};
   auto per = [](double s, int64_t n) { return n > 0 ? 1e3 * s / static_cast<double>(n) : 0.0; };
   const int64_t others = steps.steps - steps.device_routed;
   std::printf(
@@ -933,6 +938,10 @@ Status RunBench(const BenchOptions& given, comm::MpiContext* ctx) {
       static_cast<long long>(steps.device_routed), per(steps.device_routed_seconds, steps.device_routed),
       static_cast<long long>(others), per(steps.seconds - steps.device_routed_seconds, others),
       per(steps.step_seconds - steps.seconds, steps.steps));
+  if (steps.graphs.recorded + steps.graphs.refused > 0)
+    std::printf("# cuda graphs: %lld forward passes replayed from %lld recorded shapes (%lld not recordable)\n",
+                static_cast<long long>(steps.graphs.replayed), static_cast<long long>(steps.graphs.recorded),
+                static_cast<long long>(steps.graphs.refused));
   if (steps.preemptions > 0)
     std::printf("# kv cache: %lld requests preempted (their blocks given back, prefilled again later)\n",
                 static_cast<long long>(steps.preemptions));

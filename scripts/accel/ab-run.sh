@@ -25,7 +25,7 @@ for setting in "$@"; do
       --synthetic-dir "$PWD/.synthetic" -n "$n" -c "$c" --prompt-len "$p" --gen-len "$g" --max-batch 64 \
       >"$OUT/${tag}_$name.txt" 2>&1
     printf "%-8s %s\n" "$name" "$(grep -E '^ +[0-9]+ +[0-9]+ ' "$OUT/${tag}_$name.txt" | awk '{print "out_tok/s", $6, "ttft_p50", $8, "itl_p50", $10}')"
-    grep "^# engine" "$OUT/${tag}_$name.txt"
+    grep -E "^# engine|^# cuda graphs" "$OUT/${tag}_$name.txt"
   done
   [[ $setting == --* ]] && continue  # flags of expertflow, not of the kernel bench
   env $setting timeout 120 "$BUILD"/tests/ef_decode_bench --batches 1,64 --iters 20 --prefill-iters 7 --no-breakdown \
