@@ -165,6 +165,8 @@ struct ServingLoop::Active {
   std::vector<int32_t> resume;
   // Tokens its next prefill feeds.
   const std::vector<int32_t>& to_prefill() const { return resume.empty() ? request.prompt : resume; }
+  // Greedy, no logprobs: the backend's argmax of its row is all it needs (SeqChunk::argmax_only).
+  bool GreedyOnly() const { return request.sampling.temperature <= 0.f && request.logprobs < 0; }
   size_t prefill_done = 0;           // of to_prefill(), in the engine (chunked prefill)
   size_t prefill_now = 0;            // fed by the step in flight
   std::vector<TokenLogprob> scored;  // prompt logprobs of the chunks so far
@@ -506,11 +508,12 @@ void ServingLoop::Step() {
       a->prefill_now = n;
       if (n == 0) continue;  // no budget left: waits for a later step
       budget -= static_cast<int64_t>(n);
-      batch.push_back(runtime::SeqChunk{a->seq, std::span<const int32_t>(all).subspan(a->prefill_done, n),
-                                        a->request.prompt_logprobs && a->resume.empty()});
+      const bool scored = a->request.prompt_logprobs && a->resume.empty();
+      batch.push_back(runtime::SeqChunk{a->seq, std::span<const int32_t>(all).subspan(a->prefill_done, n), scored,
+                                        !scored && a->GreedyOnly()});
       if (a->resume.empty()) prompt_tokens += static_cast<int64_t>(n);  // a recompute is not a prompt
     } else {
-      batch.push_back(runtime::SeqChunk{a->seq, {&a->last, 1}, false});
+      batch.push_back(runtime::SeqChunk{a->seq, {&a->last, 1}, false, a->GreedyOnly()});
     }
     members.push_back(a.get());
     tokens += static_cast<int64_t>(batch.back().tokens.size());
@@ -564,8 +567,13 @@ void ServingLoop::Step() {
   }
   std::vector<bool> done(members.size(), false);
   for (size_t b = 0; b < members.size(); ++b) {
-    const float* rows = fr.logits.data() + static_cast<size_t>(fr.row_offset[b]) * config_.vocab_size;
-    done[b] = Advance(*members[b], rows);
+    // A greedy request without logprobs takes the argmax the backend computed (its logits may not
+    // have come to the host at all).
+    if (batch[b].argmax_only) {
+      done[b] = Advance(*members[b], nullptr, fr.argmax[fr.row_offset[b]]);
+    } else {
+      done[b] = Advance(*members[b], fr.logits.data() + static_cast<size_t>(fr.row_offset[b]) * config_.vocab_size);
+    }
   }
   for (size_t b = 0; b < members.size(); ++b)
     if (done[b])
@@ -576,7 +584,7 @@ void ServingLoop::Step() {
   metrics_->AddStepSeconds(std::chrono::duration<double>(Clock::now() - step_start).count());
 }
 
-bool ServingLoop::Advance(Active& a, const float* rows) {
+bool ServingLoop::Advance(Active& a, const float* rows, int32_t greedy) {
   const size_t vocab = static_cast<size_t>(config_.vocab_size);
   const int top = std::max(a.request.logprobs, 0);
   const Clock::time_point now = Clock::now();
@@ -612,8 +620,8 @@ bool ServingLoop::Advance(Active& a, const float* rows) {
   } else {
     metrics_->ObserveInterTokenLatency(std::chrono::duration<double>(now - a.last_token).count());
   }
-  const std::span<const float> row(rows, vocab);
-  const int32_t tok = a.sampler->Sample(row);
+  const std::span<const float> row(rows, rows ? vocab : 0);
+  const int32_t tok = rows ? a.sampler->Sample(row) : greedy;
   a.last_token = now;
   a.last = tok;
   a.generated.push_back(tok);

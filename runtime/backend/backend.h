@@ -311,6 +311,9 @@ class Backend {
   // lower id), weights renormalised to sum 1 when `renormalize`.
   virtual void RouterTopK(const float* logits, int64_t rows, int num_experts, int k, bool renormalize, int32_t* ids,
                           float* weights) = 0;
+  // out[r] = the first index of the largest value of row r of x[rows, cols] (greedy sampling on the
+  // backend); NaN never wins and a row without a number gives 0, as runtime::ArgMax.
+  virtual void ArgMaxRows(const float* x, int64_t rows, int64_t cols, int32_t* out) = 0;
   // dst[i, :] = src[idx[i], :]
   virtual void GatherRows(const float* src, const int32_t* idx, int64_t n, int dim, float* dst) = 0;
   // dst[idx[i], :] += scale[i] * src[i, :]   (idx distinct within one call)

@@ -39,6 +39,7 @@ enum ScratchSlot {
   kMlaOutLatent,   // attention output in latent space [T, heads * kv_lora]
   kDeviceRouting,  // routed decode: every MoE layer's ids then weights [moe layers][2 * T * top_k]
   kBlockTables,    // paged KV: the pass's block tables, int32 (grown in ReserveKvBlocks)
+  kArgmax,         // the argmax of each logits row, int32 (SeqChunk::argmax_only)
   kNumSlots
 };
 // transformers builds MLA's q_a_layernorm and kv_a_layernorm with RMSNorm's default eps.
@@ -272,6 +273,7 @@ Status Engine::ReserveScratch(int64_t T, int64_t R) {
       {kFinal, static_cast<size_t>(R) * H},
       {kLogits, static_cast<size_t>(R) * c.vocab_size},
       {kSharedGate, t},
+      {kArgmax, static_cast<size_t>(R)},
       {kDeviceRouting, DeviceRouting(T) ? c.num_moe_layers() * 2 * t * c.top_k : 0}};
   for (const auto& [slot, floats] : sizes) EF_RETURN_IF_ERROR(GrowScratch(slot, floats));
   return Status::Ok();
@@ -753,6 +755,9 @@ Status Engine::Forward(std::span<const SeqChunk> batch, ForwardResult* result) {
   pass.tokens_dev = tokens_dev;
   pass.pos_dev = pos_dev;
   pass.rows_dev = rows_dev;
+  const bool any_argmax = std::any_of(batch.begin(), batch.end(), [](const SeqChunk& ch) { return ch.argmax_only; });
+  const bool all_argmax = std::all_of(batch.begin(), batch.end(), [](const SeqChunk& ch) { return ch.argmax_only; });
+  if (any_argmax) pass.argmax_dev = reinterpret_cast<int32_t*>(Scratch(kArgmax, R));
   pass.device_routing = DeviceRouting(T);
   pass.row_seq = &row_seq;
   pass.row_pos = &row_pos;
@@ -761,9 +766,18 @@ Status Engine::Forward(std::span<const SeqChunk> batch, ForwardResult* result) {
                                                                                        : RunLayers(pass);
   step_pass_ = false;
   EF_RETURN_IF_ERROR(run);
-  float* logits = Scratch(kLogits, R * c.vocab_size);
-  result->logits.resize(static_cast<size_t>(R) * c.vocab_size);
-  backend_->CopyToHost(result->logits.data(), logits, result->logits.size() * sizeof(float));
+  result->argmax.clear();
+  if (any_argmax) {
+    result->argmax.resize(static_cast<size_t>(R));
+    backend_->CopyToHost(result->argmax.data(), pass.argmax_dev, result->argmax.size() * sizeof(int32_t));
+  }
+  if (all_argmax) {
+    result->logits.clear();
+  } else {
+    float* logits = Scratch(kLogits, R * c.vocab_size);
+    result->logits.resize(static_cast<size_t>(R) * c.vocab_size);
+    backend_->CopyToHost(result->logits.data(), logits, result->logits.size() * sizeof(float));
+  }
   // Ops report failures to the backend, not to their caller: a forward pass with a failed op must
   // not hand out its logits.
   if (Status s = backend_->status(); !s.ok()) {
@@ -799,7 +813,7 @@ void Engine::SyncGraphLayout() {
 
 Status Engine::RunGraphed(const Pass& p, uint64_t plan) {
   SyncGraphLayout();
-  GraphEntry& g = graphs_[{p.T, plan}];
+  GraphEntry& g = graphs_[{p.T, plan, p.argmax_dev != nullptr}];
   if (g.id >= 0) {
     EF_RETURN_IF_ERROR(backend_->LaunchGraph(g.id));
     last_device_routed_ = true;
@@ -872,6 +886,7 @@ Status Engine::RunLayers(const Pass& p) {
   backend_->RmsNorm(fin, R, H, weights_->final_norm(), c.rms_norm_eps, fin);
   float* logits = Scratch(kLogits, R * c.vocab_size);
   backend_->Gemm(fin, R, weights_->lm_head(), nullptr, logits, false);
+  if (p.argmax_dev) backend_->ArgMaxRows(logits, R, c.vocab_size, p.argmax_dev);
   return Status::Ok();
 }
 

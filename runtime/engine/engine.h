@@ -15,6 +15,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -70,6 +71,9 @@ struct SeqChunk {
   int64_t seq = 0;
   std::span<const int32_t> tokens;
   bool all_logits = false;  // logits for every token (score) or only the last (generate)
+  // Only the argmax of its rows is wanted (greedy sampling): ForwardResult::argmax. When every chunk
+  // of a pass says so its logits stay on the backend (R ids come back instead of R x vocab floats).
+  bool argmax_only = false;
 };
 
 // A layer's routing, on the host, for the hooks. Rows follow the batch's token order.
@@ -94,6 +98,9 @@ struct ForwardResult {
   // Logits, row-major [rows][vocab]: per chunk, all its tokens or its last one.
   std::vector<float> logits;
   std::vector<int> row_offset;  // first row of each chunk
+  // When a chunk asked (SeqChunk::argmax_only): the argmax of every row, computed on the backend
+  // (runtime::ArgMax's contract); else empty. logits is empty when every chunk asked.
+  std::vector<int32_t> argmax;
 };
 
 class Engine {
@@ -202,6 +209,7 @@ class Engine {
     const int32_t* tokens_dev = nullptr;
     const int32_t* pos_dev = nullptr;
     const int32_t* rows_dev = nullptr;
+    int32_t* argmax_dev = nullptr;  // null: no argmax wanted
     bool device_routing = false;
     const std::vector<int64_t>* row_seq = nullptr;
     const std::vector<int32_t>* row_pos = nullptr;
@@ -294,7 +302,7 @@ class Engine {
     int steps = 0;
     bool refused = false;
   };
-  std::map<std::pair<int64_t, uint64_t>, GraphEntry> graphs_;
+  std::map<std::tuple<int64_t, uint64_t, bool>, GraphEntry> graphs_;  // (T, plan, argmax)
   uint64_t graph_layout_ = 0;        // the layout graphs_ was recorded against
   uint64_t scratch_generation_ = 0;  // incremented when a scratch buffer moves
   GraphStats graph_stats_;

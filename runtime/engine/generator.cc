@@ -63,10 +63,12 @@ StatusOr<std::vector<GenerateResult>> Generate(Engine& engine, const std::vector
     index.clear();
     for (size_t i = 0; i < n; ++i) {
       if (done[i]) continue;
+      // Greedy requests take the backend's argmax of their row (no logits to the host).
+      const bool greedy = requests[i].sampling.temperature <= 0.f;
       if (first) {
-        batch.push_back(SeqChunk{seq_ids[i], requests[i].prompt, false});
+        batch.push_back(SeqChunk{seq_ids[i], requests[i].prompt, false, greedy});
       } else {
-        batch.push_back(SeqChunk{seq_ids[i], {&last[i], 1}, false});
+        batch.push_back(SeqChunk{seq_ids[i], {&last[i], 1}, false, greedy});
       }
       index.push_back(i);
     }
@@ -76,8 +78,13 @@ StatusOr<std::vector<GenerateResult>> Generate(Engine& engine, const std::vector
     EF_RETURN_IF_ERROR(engine.Forward(batch, &fr));
     for (size_t b = 0; b < batch.size(); ++b) {
       const size_t i = index[b];
-      std::span<const float> row(fr.logits.data() + static_cast<size_t>(fr.row_offset[b]) * c.vocab_size, c.vocab_size);
-      const int32_t tok = samplers[i].Sample(row);
+      int32_t tok;
+      if (batch[b].argmax_only) {
+        tok = fr.argmax[fr.row_offset[b]];
+      } else {
+        tok = samplers[i].Sample({fr.logits.data() + static_cast<size_t>(fr.row_offset[b]) * c.vocab_size,
+                                  static_cast<size_t>(c.vocab_size)});
+      }
       results[i].tokens.push_back(tok);
       last[i] = tok;
       bool keep = on_token ? on_token(i, tok) : true;

@@ -6,11 +6,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <random>
 
 #include "runtime/backend/cpu/cpu_backend.h"
 #include "runtime/backend/cuda/cuda_kernels.h"
+#include "runtime/engine/sampler.h"
 #include "tests/gpu/gpu_test_util.h"
 
 namespace ef::runtime {
@@ -749,6 +751,34 @@ TEST_F(CudaOpsTest, GatherAndWeightedScatterAdd) {
     gpu_->ScatterAddRows(dev_->Put(part), dev_->Put(idx), dev_->Put(scale), n, dim, dd);
     EXPECT_LE(MaxRelError(dev_->Get(dd, want.size()), want), 1e-6) << "ScatterAddRows";
   }
+}
+
+// The backend's greedy argmax is runtime::ArgMax's: first index of the maximum, NaN never wins, a
+// row without a number gives 0; rows of a 152k vocabulary and of odd widths.
+TEST_F(CudaOpsTest, ArgMaxRowsIsTheHostArgMax) {
+  for (int64_t cols : {int64_t{151936}, int64_t{4096}, int64_t{1001}, int64_t{3}}) {
+    const int64_t rows = 9;
+    std::vector<float> x = RandomFloats(static_cast<size_t>(rows * cols), 900 + cols, -30.f, 30.f);
+    auto at = [&](int64_t r, int64_t c) -> float& { return x[static_cast<size_t>(r * cols + c)]; };
+    const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+    at(1, cols - 1) = 100.f;               // the maximum last
+    at(2, cols / 2) = at(2, cols - 1) = 99.f;  // a tie: the first
+    at(3, 0) = nan;                        // NaN never wins
+    at(3, cols / 3) = 98.f;
+    for (int64_t c = 0; c < cols; ++c) at(4, c) = nan;   // no number: 0
+    for (int64_t c = 0; c < cols; ++c) at(5, c) = -inf;  // all -inf: the first
+    at(6, cols - 1) = inf;
+    at(7, 0) = 97.f;                       // the maximum first
+    std::vector<int32_t> want(rows), cpu(rows);
+    for (int64_t r = 0; r < rows; ++r)
+      want[r] = ArgMax(std::span<const float>(x.data() + r * cols, static_cast<size_t>(cols)));
+    cpu_.ArgMaxRows(x.data(), rows, cols, cpu.data());
+    EXPECT_EQ(cpu, want) << "cpu backend, cols " << cols;
+    int32_t* out = dev_->Zeros<int32_t>(rows);
+    gpu_->ArgMaxRows(dev_->Put(x), rows, cols, out);
+    EXPECT_EQ(dev_->Get(out, rows), want) << "cols " << cols;
+  }
+  EXPECT_TRUE(gpu_->status().ok()) << gpu_->status().ToString();
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 // calls (unknown or duplicate sequences, overflowing the context, out-of-range tokens) are errors;
 // a bf16 KV cache agrees across chunkings and stays close to the fp32 one.
 #include "runtime/engine/engine.h"
+#include "runtime/engine/sampler.h"
 
 #include <gtest/gtest.h>
 
@@ -56,6 +57,39 @@ TEST(EngineTest, ChunkedPrefillAndDecodeMatchOnePass) {
   const auto whole = Feed(*e, 1, kPrompt, kPrompt.size());
   ExpectNear(Feed(*e, 2, kPrompt, 4), whole, 1e-4f);
   ExpectNear(Feed(*e, 3, kPrompt, 1), whole, 1e-4f);
+}
+
+// SeqChunk::argmax_only: the backend's argmax of each row is the host ArgMax of the same logits; a
+// pass where every chunk asks brings no logits back, and its argmax stays the same.
+TEST(EngineTest, ArgmaxOnlyChunksGetTheArgmaxOfTheirRows) {
+  auto e = Make();
+  const std::vector<int32_t> other = {5, 17, 99, 2048};
+  ASSERT_TRUE(e->AddSequence(1).ok());
+  ASSERT_TRUE(e->AddSequence(2).ok());
+  ForwardResult mixed;
+  std::vector<SeqChunk> chunks = {{1, kPrompt, true, true}, {2, other, false, false}};
+  ASSERT_TRUE(e->Forward(chunks, &mixed).ok());
+  const int V = e->config().vocab_size;
+  const size_t rows = kPrompt.size() + 1;
+  ASSERT_EQ(mixed.logits.size(), rows * V);
+  ASSERT_EQ(mixed.argmax.size(), rows);
+  for (size_t r = 0; r < rows; ++r)
+    EXPECT_EQ(mixed.argmax[r], ArgMax(std::span<const float>(mixed.logits.data() + r * V, V))) << "row " << r;
+  // A decode step of both with argmax only: the same tokens as the logits of a twin engine give.
+  auto twin = Make();
+  ASSERT_TRUE(twin->AddSequence(1).ok());
+  ASSERT_TRUE(twin->AddSequence(2).ok());
+  ForwardResult full;
+  ASSERT_TRUE(twin->Forward(std::vector<SeqChunk>{{1, kPrompt, true}, {2, other, false}}, &full).ok());
+  const int32_t a = mixed.argmax[kPrompt.size() - 1], b = mixed.argmax[kPrompt.size()];
+  ForwardResult greedy;
+  ASSERT_TRUE(e->Forward(std::vector<SeqChunk>{{1, {&a, 1}, false, true}, {2, {&b, 1}, false, true}}, &greedy).ok());
+  EXPECT_TRUE(greedy.logits.empty());
+  ASSERT_TRUE(twin->Forward(std::vector<SeqChunk>{{1, {&a, 1}, false}, {2, {&b, 1}, false}}, &full).ok());
+  ASSERT_EQ(greedy.argmax.size(), 2u);
+  EXPECT_TRUE(full.argmax.empty());
+  for (int r = 0; r < 2; ++r)
+    EXPECT_EQ(greedy.argmax[r], ArgMax(std::span<const float>(full.logits.data() + static_cast<size_t>(r) * V, V)));
 }
 
 TEST(EngineTest, WarmUpLeavesNothingBehind) {

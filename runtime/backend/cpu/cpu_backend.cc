@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -402,6 +403,17 @@ void CpuBackend::RouterTopK(const float* logits, int64_t rows, int num_experts, 
 void CpuBackend::GatherRows(const float* src, const int32_t* idx, int64_t n, int dim, float* dst) {
   for (int64_t i = 0; i < n; ++i)
     std::memcpy(dst + i * dim, src + static_cast<int64_t>(idx[i]) * dim, sizeof(float) * dim);
+}
+
+void CpuBackend::ArgMaxRows(const float* x, int64_t rows, int64_t cols, int32_t* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* v = x + r * cols;
+    float best = -std::numeric_limits<float>::infinity();
+    int64_t at = -1;
+    for (int64_t i = 0; i < cols; ++i)
+      if (v[i] > best || (at < 0 && v[i] == best)) best = v[i], at = i;
+    out[r] = static_cast<int32_t>(at < 0 ? 0 : at);
+  }
 }
 
 void CpuBackend::ScatterAddRows(const float* src, const int32_t* idx, const float* scale, int64_t n, int dim,

@@ -1009,6 +1009,10 @@ void CudaBackend::GatherRows(const float* src, const int32_t* idx, int64_t n, in
   CUDA_CHECK_LOG(cuda::launch_gather_rows(src, idx, n, dim, dst, stream_), &error_);
 }
 
+void CudaBackend::ArgMaxRows(const float* x, int64_t rows, int64_t cols, int32_t* out) {
+  CUDA_CHECK_LOG(cuda::launch_argmax_rows(x, rows, cols, out, stream_), &error_);
+}
+
 void CudaBackend::ScatterAddRows(const float* src, const int32_t* idx, const float* scale, int64_t n, int dim,
                                  float* dst) {
   CUDA_CHECK_LOG(cuda::launch_scatter_add_rows(src, idx, scale, n, dim, dst, stream_), &error_);

@@ -155,6 +155,9 @@ cudaError_t launch_add_sigmoid_gated(const float* src, const float* gate_logit, 
 cudaError_t launch_router_topk(const float* logits, int64_t rows, int num_experts, int k, bool renormalize,
                                int32_t* ids, float* weights, cudaStream_t stream);
 
+// out[r] = the first index of the maximum of row r of x[rows, cols]; NaN never wins, a row without
+// a number gives 0 (runtime::ArgMax).
+cudaError_t launch_argmax_rows(const float* x, int64_t rows, int64_t cols, int32_t* out, cudaStream_t stream);
 // dst[i, :] = src[idx[i], :]
 cudaError_t launch_gather_rows(const float* src, const int32_t* idx, int64_t n, int dim, float* dst,
                                cudaStream_t stream);
