@@ -821,11 +821,11 @@ json ResultsJson(const BenchRun& b, const BenchSummary& s, const RunCounters& c)
 // The serving loop's forward passes on rank 0 (ServerMetrics): where a step's time goes.
 struct EngineSteps {
   int64_t steps = 0;
-  int64_t device_routed = 0;         // MoE routing kept on the device (no host round trip per layer)
-  double seconds = 0;                // wall time inside Engine::Forward
-  double device_routed_seconds = 0;  // of which in the device-routed passes
-  double step_seconds = 0;           // wall time of the serving loop's steps (forward + host work)
-  int64_t preemptions = 0;           // requests that gave their KV blocks back to be prefilled again
+  int64_t device_routed = 0;           // MoE routing kept on the device (no host round trip per layer)
+  double seconds = 0;                  // wall time inside Engine::Forward
+  double device_routed_seconds = 0;    // of which in the device-routed passes
+  double step_seconds = 0;             // wall time of the serving loop's steps (forward + host work)
+  int64_t preemptions = 0;             // requests that gave their KV blocks back to be prefilled again
   runtime::Engine::GraphStats graphs;  // decode steps from CUDA graphs (runtime.cuda_graphs)
 };
 
@@ -925,9 +925,12 @@ Status RunBench(const BenchOptions& given, comm::MpiContext* ctx) {
   if (!run.root) return Status::Ok();
   const BenchSummary summary = Summarize(run, cfg, all, counters);
   PrintTable(run, summary, counters);
-  const EngineSteps steps{metrics.steps(),           metrics.device_routed_steps(),
-                          metrics.forward_seconds(), metrics.device_routed_seconds(),
-                          metrics.step_seconds(),    metrics.preemptions(),
+  const EngineSteps steps{metrics.steps(),
+                          metrics.device_routed_steps(),
+                          metrics.forward_seconds(),
+                          metrics.device_routed_seconds(),
+                          metrics.step_seconds(),
+                          metrics.preemptions(),
                           parts.engine->graph_stats()};
   auto per = [](double s, int64_t n) { return n > 0 ? 1e3 * s / static_cast<double>(n) : 0.0; };
   const int64_t others = steps.steps - steps.device_routed;

@@ -737,8 +737,8 @@ Status Engine::Forward(std::span<const SeqChunk> batch, ForwardResult* result) {
       seqs.push_back(AttentionSeq{nullptr, nullptr, static_cast<int64_t>(i), n, len + n,
                                   block_tables_dev_ + block_table_offset_[i], kv_->block_size()});
     }
-    auto fp = backend_->UploadStepSeqs(seqs.data(), static_cast<int>(seqs.size()), c.num_heads, c.num_kv_heads,
-                                       c.head_dim);
+    auto fp =
+        backend_->UploadStepSeqs(seqs.data(), static_cast<int>(seqs.size()), c.num_heads, c.num_kv_heads, c.head_dim);
     if (!fp.ok()) {
       step_pass_ = false;
       return fp.status();

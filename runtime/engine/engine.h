@@ -303,8 +303,8 @@ class Engine {
     bool refused = false;
   };
   std::map<std::tuple<int64_t, uint64_t, bool>, GraphEntry> graphs_;  // (T, plan, argmax)
-  uint64_t graph_layout_ = 0;        // the layout graphs_ was recorded against
-  uint64_t scratch_generation_ = 0;  // incremented when a scratch buffer moves
+  uint64_t graph_layout_ = 0;                                         // the layout graphs_ was recorded against
+  uint64_t scratch_generation_ = 0;                                   // incremented when a scratch buffer moves
   GraphStats graph_stats_;
 };
 

@@ -54,7 +54,8 @@ TEST_P(CudaGraphTest, ReplayIsBitwiseEager) {
         EXPECT_EQ(after.refused, before.refused) << what;
         if (device_routed) {
           EXPECT_GT(after.recorded, before.recorded) << what;
-          EXPECT_GE(after.replayed - before.replayed, 10) << what << ": recorded " << after.recorded << ", replayed " << after.replayed;
+          EXPECT_GE(after.replayed - before.replayed, 10)
+              << what << ": recorded " << after.recorded << ", replayed " << after.replayed;
         } else {
           EXPECT_EQ(after.replayed, 0) << what << ": host-routed steps are not recorded";
         }

@@ -761,14 +761,14 @@ TEST_F(CudaOpsTest, ArgMaxRowsIsTheHostArgMax) {
     std::vector<float> x = RandomFloats(static_cast<size_t>(rows * cols), 900 + cols, -30.f, 30.f);
     auto at = [&](int64_t r, int64_t c) -> float& { return x[static_cast<size_t>(r * cols + c)]; };
     const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
-    at(1, cols - 1) = 100.f;               // the maximum last
+    at(1, cols - 1) = 100.f;                   // the maximum last
     at(2, cols / 2) = at(2, cols - 1) = 99.f;  // a tie: the first
-    at(3, 0) = nan;                        // NaN never wins
+    at(3, 0) = nan;                            // NaN never wins
     at(3, cols / 3) = 98.f;
     for (int64_t c = 0; c < cols; ++c) at(4, c) = nan;   // no number: 0
     for (int64_t c = 0; c < cols; ++c) at(5, c) = -inf;  // all -inf: the first
     at(6, cols - 1) = inf;
-    at(7, 0) = 97.f;                       // the maximum first
+    at(7, 0) = 97.f;  // the maximum first
     std::vector<int32_t> want(rows), cpu(rows);
     for (int64_t r = 0; r < rows; ++r)
       want[r] = ArgMax(std::span<const float>(x.data() + r * cols, static_cast<size_t>(cols)));

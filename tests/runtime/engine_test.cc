@@ -5,7 +5,6 @@
 // calls (unknown or duplicate sequences, overflowing the context, out-of-range tokens) are errors;
 // a bf16 KV cache agrees across chunkings and stays close to the fp32 one.
 #include "runtime/engine/engine.h"
-#include "runtime/engine/sampler.h"
 
 #include <gtest/gtest.h>
 
@@ -14,6 +13,8 @@
 #include <cstdio>
 #include <limits>
 #include <vector>
+
+#include "runtime/engine/sampler.h"
 
 namespace ef::runtime {
 namespace {

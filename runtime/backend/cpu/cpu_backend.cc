@@ -96,11 +96,11 @@ void CpuBackend::AppendKvStep(void* k_pool, void* v_pool, const float* k, const 
   for (const AttentionSeq& s : step_seqs_) {
     for (int i = 0; i < s.n_new; ++i) {
       const int64_t row = KvRow(s, s.n_total - s.n_new + i), src = s.q_row + i;
-      items.push_back({static_cast<std::byte*>(k_pool) + row * k_width * elem, k + src * k_width,
-                       sizeof(float) * k_width});
+      items.push_back(
+          {static_cast<std::byte*>(k_pool) + row * k_width * elem, k + src * k_width, sizeof(float) * k_width});
       if (v)
-        items.push_back({static_cast<std::byte*>(v_pool) + row * v_width * elem, v + src * v_width,
-                         sizeof(float) * v_width});
+        items.push_back(
+            {static_cast<std::byte*>(v_pool) + row * v_width * elem, v + src * v_width, sizeof(float) * v_width});
     }
   }
   if (kv_bf16_) {

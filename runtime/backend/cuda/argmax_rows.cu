@@ -22,8 +22,8 @@ __device__ __forceinline__ void Take(float v, int i, float* best, int* at) {
   }
 }
 
-__global__ void __launch_bounds__(kThreads) ArgMaxRowsKernel(const float* __restrict__ x, int cols,
-                                                             int32_t* __restrict__ out) {
+__global__ void __launch_bounds__(kThreads)
+    ArgMaxRowsKernel(const float* __restrict__ x, int cols, int32_t* __restrict__ out) {
   PdlEnter();
   const float* row = x + static_cast<int64_t>(blockIdx.x) * cols;
   float best = -INFINITY;
@@ -40,8 +40,8 @@ __global__ void __launch_bounds__(kThreads) ArgMaxRowsKernel(const float* __rest
   } else {
     for (int j = threadIdx.x; j < cols; j += kThreads) Take(row[j], j, &best, &at);
   }
-  for (int o = 16; o > 0; o >>= 1) Take(__shfl_xor_sync(0xffffffffu, best, o), __shfl_xor_sync(0xffffffffu, at, o),
-                                        &best, &at);
+  for (int o = 16; o > 0; o >>= 1)
+    Take(__shfl_xor_sync(0xffffffffu, best, o), __shfl_xor_sync(0xffffffffu, at, o), &best, &at);
   __shared__ float sb[kThreads / 32];
   __shared__ int sa[kThreads / 32];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -53,8 +53,8 @@ __global__ void __launch_bounds__(kThreads) ArgMaxRowsKernel(const float* __rest
   if (warp != 0) return;
   best = lane < kThreads / 32 ? sb[lane] : -INFINITY;
   at = lane < kThreads / 32 ? sa[lane] : INT_MAX;
-  for (int o = 16; o > 0; o >>= 1) Take(__shfl_xor_sync(0xffffffffu, best, o), __shfl_xor_sync(0xffffffffu, at, o),
-                                        &best, &at);
+  for (int o = 16; o > 0; o >>= 1)
+    Take(__shfl_xor_sync(0xffffffffu, best, o), __shfl_xor_sync(0xffffffffu, at, o), &best, &at);
   if (lane == 0) out[blockIdx.x] = at == INT_MAX ? 0 : at;
 }
 

@@ -573,9 +573,9 @@ cudaError_t launch_attention_batch(const float* q, const AttentionSeqDesc* seqs_
 }
 
 cudaError_t launch_attention_step(const float* q, const AttentionSeqDesc* seqs_dev, int num_seqs,
-                                  const AttentionBatchPlan& plan, const void* k_pool, const void* v_pool,
-                                  int num_heads, int num_kv_heads, int head_dim, float* out, float* workspace,
-                                  unsigned* counters, cudaStream_t stream, bool kv_bf16) {
+                                  const AttentionBatchPlan& plan, const void* k_pool, const void* v_pool, int num_heads,
+                                  int num_kv_heads, int head_dim, float* out, float* workspace, unsigned* counters,
+                                  cudaStream_t stream, bool kv_bf16) {
   if (num_seqs <= 0 || plan.max_n_new <= 0) return cudaSuccess;
   if (seqs_dev == nullptr || k_pool == nullptr || v_pool == nullptr) return cudaErrorInvalidValue;
   SeqTable table{};

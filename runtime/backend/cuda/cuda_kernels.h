@@ -78,9 +78,9 @@ cudaError_t launch_attention_batch(const float* q, const AttentionSeqDesc* seqs_
 // array seqs_dev (read when the kernels run, so a recorded graph sees each replay's values), every
 // sequence's k and v the layer's pools. `plan` comes from the host copy of the descriptors.
 cudaError_t launch_attention_step(const float* q, const AttentionSeqDesc* seqs_dev, int num_seqs,
-                                  const AttentionBatchPlan& plan, const void* k_pool, const void* v_pool,
-                                  int num_heads, int num_kv_heads, int head_dim, float* out, float* workspace,
-                                  unsigned* counters, cudaStream_t stream, bool kv_bf16);
+                                  const AttentionBatchPlan& plan, const void* k_pool, const void* v_pool, int num_heads,
+                                  int num_kv_heads, int head_dim, float* out, float* workspace, unsigned* counters,
+                                  cudaStream_t stream, bool kv_bf16);
 // The new rows of a step's sequences to their KV rows (Backend::AppendKvStep): row i < n_new of
 // sequence s (k + (q_row + i) * k_width, k_width floats; v likewise unless null) goes to pool row
 // KvRow(position n_total - n_new + i), as fp32 or rounded to bf16 (nearest even). Descriptors
