@@ -805,21 +805,9 @@ void CudaBackend::AttentionStep(const float* q, const void* k_pool, const void* 
     if (error_.ok()) error_ = Internal("cuda backend: a step's KV pools must be 16-byte aligned");
     return;
   }
-  // The workspace and counters as AttentionFp32 sizes them (a recording refuses to grow them).
   float* ws = nullptr;
-  if (plan.num_splits > 1) {
-    ws = static_cast<float*>(EnsureScratch(&attn_ws_, &attn_ws_cap_, plan.workspace_floats * sizeof(float)));
-    if (!ws) return;
-  }
   unsigned* counters = nullptr;
-  if (plan.num_counters > 0) {
-    const size_t need = static_cast<size_t>(plan.num_counters) * sizeof(unsigned);
-    if (attn_counters_cap_ < need) {
-      if (!EnsureScratch(&attn_counters_, &attn_counters_cap_, need)) return;
-      SetZero(attn_counters_, attn_counters_cap_);
-    }
-    counters = static_cast<unsigned*>(attn_counters_);
-  }
+  if (!AttentionScratch(plan, &ws, &counters)) return;  // a recording refuses to grow them
   CUDA_CHECK_LOG(cuda::launch_attention_step(q, static_cast<const cuda::AttentionSeqDesc*>(step_desc_),
                                              static_cast<int>(step_host_.size()), plan, k_pool, v_pool, step_heads_,
                                              step_kv_heads_, step_head_dim_, out, ws, counters, stream_, kv_bf16_),
@@ -923,6 +911,23 @@ bool CudaBackend::AttentionPrefillTc(const float* q, const std::vector<cuda::Att
   return true;
 }
 
+bool CudaBackend::AttentionScratch(const cuda::AttentionBatchPlan& plan, float** ws, unsigned** counters) {
+  if (plan.num_splits > 1) {
+    *ws = static_cast<float*>(EnsureScratch(&attn_ws_, &attn_ws_cap_, plan.workspace_floats * sizeof(float)));
+    if (!*ws) return false;
+  }
+  if (plan.num_counters > 0) {
+    // Zeroed when (re)allocated; the kernel leaves them zeroed after each launch.
+    const size_t need = static_cast<size_t>(plan.num_counters) * sizeof(unsigned);
+    if (attn_counters_cap_ < need) {
+      if (!EnsureScratch(&attn_counters_, &attn_counters_cap_, need)) return false;
+      SetZero(attn_counters_, attn_counters_cap_);
+    }
+    *counters = static_cast<unsigned*>(attn_counters_);
+  }
+  return true;
+}
+
 void CudaBackend::AttentionFp32(const float* q, const std::vector<cuda::AttentionSeqDesc>& desc, int num_heads,
                                 int num_kv_heads, int head_dim, float* out, bool kv_bf16) {
   const int n = static_cast<int>(desc.size());
@@ -932,20 +937,8 @@ void CudaBackend::AttentionFp32(const float* q, const std::vector<cuda::Attentio
   const cuda::AttentionSeqDesc* desc_dev = DeviceDescriptors(desc);
   if (n > cuda::kAttentionInlineSeqs && !desc_dev) return;
   float* ws = nullptr;
-  if (plan.num_splits > 1) {
-    ws = static_cast<float*>(EnsureScratch(&attn_ws_, &attn_ws_cap_, plan.workspace_floats * sizeof(float)));
-    if (!ws) return;
-  }
   unsigned* counters = nullptr;
-  if (plan.num_counters > 0) {
-    // Zeroed when (re)allocated; the kernel leaves them zeroed after each launch.
-    const size_t need = static_cast<size_t>(plan.num_counters) * sizeof(unsigned);
-    if (attn_counters_cap_ < need) {
-      if (!EnsureScratch(&attn_counters_, &attn_counters_cap_, need)) return;
-      SetZero(attn_counters_, attn_counters_cap_);
-    }
-    counters = static_cast<unsigned*>(attn_counters_);
-  }
+  if (!AttentionScratch(plan, &ws, &counters)) return;
   CUDA_CHECK_LOG(cuda::launch_attention_batch(q, desc.data(), desc_dev, n, plan, num_heads, num_kv_heads, head_dim, out,
                                               ws, counters, stream_, kv_bf16),
                  &error_);

@@ -182,6 +182,8 @@ class CudaBackend final : public Backend {
                           int num_kv_heads, int head_dim, float* out, bool kv_bf16);
   void AttentionFp32(const float* q, const std::vector<cuda::AttentionSeqDesc>& desc, int num_heads, int num_kv_heads,
                      int head_dim, float* out, bool kv_bf16);
+  // The split workspace and merge counters a plan needs (false: not available, nothing launched).
+  bool AttentionScratch(const cuda::AttentionBatchPlan& plan, float** ws, unsigned** counters);
   // A device copy of the descriptors when more than fit in a launch's parameters, else nullptr.
   const cuda::AttentionSeqDesc* DeviceDescriptors(const std::vector<cuda::AttentionSeqDesc>& desc);
   void Stage(void* dst, const void* src, size_t bytes);
