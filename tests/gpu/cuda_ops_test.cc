@@ -300,7 +300,9 @@ TEST_F(CudaOpsTest, RouterTopKMatchesIncludingTies) {
     int rows, experts, k;
     bool renorm;
   };
-  for (Case c : {Case{100, 8, 2, true}, Case{64, 60, 4, false}, Case{50, 128, 8, true}, Case{9, 64, 8, false}}) {
+  // Up to 2048 experts a warp takes a row; 3000 takes the one-thread-per-row kernel.
+  for (Case c : {Case{100, 8, 2, true}, Case{64, 60, 4, false}, Case{50, 128, 8, true}, Case{9, 64, 8, false},
+                 Case{67, 256, 8, true}, Case{3, 5, 5, true}, Case{6, 2048, 16, true}, Case{5, 3000, 4, true}}) {
     auto logits = RandomFloats(c.rows * c.experts, 19, -4, 4);
     // Planted ties: every third row repeats some values, so the lower id must win.
     for (int r = 0; r < c.rows; r += 3)
