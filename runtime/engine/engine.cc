@@ -233,7 +233,9 @@ Status Engine::GrowScratch(int slot, size_t floats) {
   const size_t bytes = std::max<size_t>(floats, 1) * sizeof(float);
   if (b.bytes() >= bytes) return Status::Ok();
   b = Buffer();  // free the old one first: the budget may hold only one of them
-  ++scratch_generation_;
+  // Graphs hold the other slots' addresses; the block tables are reached through the step's
+  // descriptors, uploaded each step.
+  if (slot != kBlockTables) ++scratch_generation_;
   auto nb = backend_->Allocate(bytes + bytes / 2);
   if (!nb.ok()) {
     Status st = nb.status();
@@ -800,15 +802,14 @@ bool Engine::StepPass(std::span<const SeqChunk> batch) const {
 }
 
 void Engine::SyncGraphLayout() {
-  uint64_t h = 1469598103934665603ull;
-  for (uint64_t v : {scratch_generation_, backend_->layout_generation(), static_cast<uint64_t>(kv_->num_blocks())})
-    h = (h ^ v) * 1099511628211ull;
-  // Also bounded: a serving mix of batch sizes and context lengths records at most this many.
-  constexpr size_t kMaxGraphs = 256;
-  if (h == graph_layout_ && graphs_.size() < kMaxGraphs) return;
+  const std::array<uint64_t, 3> layout = {scratch_generation_, backend_->layout_generation(),
+                                          static_cast<uint64_t>(kv_->num_blocks())};
+  // Also bounded: a serving mix of batch sizes and context lengths keeps at most this many shapes.
+  constexpr size_t kMaxShapes = 512;
+  if (layout == graph_layout_ && graphs_.size() < kMaxShapes) return;
   backend_->DropGraphs();
   graphs_.clear();
-  graph_layout_ = h;
+  graph_layout_ = layout;
 }
 
 Status Engine::RunGraphed(const Pass& p, uint64_t plan) {
@@ -821,10 +822,11 @@ Status Engine::RunGraphed(const Pass& p, uint64_t plan) {
     return Status::Ok();
   }
   if (g.refused || g.steps++ == 0) return RunLayers(p);
-  EF_RETURN_IF_ERROR(backend_->BeginGraph());
-  Status ran = RunLayers(p);
-  auto id = backend_->EndGraph();
+  Status began = backend_->BeginGraph();
+  Status ran = began.ok() ? RunLayers(p) : began;
+  StatusOr<int> id = began.ok() ? backend_->EndGraph() : StatusOr<int>(began);
   if (!ran.ok() || !id.ok()) {
+    // (A graph recorded from a pass that failed is not used; the backend frees it with the others.)
     // Nothing ran: the step goes op by op, and this shape from now on.
     g.refused = true;
     ++graph_stats_.refused;

@@ -10,6 +10,7 @@
 // Not thread-safe: one thread drives an engine.
 #pragma once
 
+#include <array>
 #include <functional>
 #include <map>
 #include <memory>
@@ -303,7 +304,7 @@ class Engine {
     bool refused = false;
   };
   std::map<std::tuple<int64_t, uint64_t, bool>, GraphEntry> graphs_;  // (T, plan, argmax)
-  uint64_t graph_layout_ = 0;                                         // the layout graphs_ was recorded against
+  std::array<uint64_t, 3> graph_layout_{};                            // the layout graphs_ was recorded against
   uint64_t scratch_generation_ = 0;                                   // incremented when a scratch buffer moves
   GraphStats graph_stats_;
 };

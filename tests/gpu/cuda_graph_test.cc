@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "runtime/engine/engine.h"
+#include "runtime/engine/sampler.h"
 #include "tests/gpu/gpu_test_util.h"
 #include "tests/runtime/paged_kv_workload.h"
 
@@ -33,17 +34,20 @@ class CudaGraphTest : public ::testing::TestWithParam<std::string> {};
 
 // tiny-code-moe (bf16: its steps keep the routing on the device, so they are recorded and
 // replayed) and the fp32 fixtures (their steps run the step ops one by one): bitwise the logits of
-// the batch ops, with 3 and 20 sequences (20: past the descriptors a launch carries inline).
+// the batch ops, with 1, 2 (the per-pair MoE GEMV), 3 and 20 sequences (the grouped MoE kernel;
+// 20: past the descriptors a launch carries inline); then greedy on the device (the arg max in
+// the graph): the same tokens as the host's arg max of the eager logits.
 TEST_P(CudaGraphTest, ReplayIsBitwiseEager) {
   if (!testing::HaveDevice()) GTEST_SKIP() << "no CUDA device visible";
   const bool device_routed = GetParam() == "tiny-code-moe";
   for (const char* kv_dtype : {"fp32", "bf16"})
     for (int block_size : {1, 16}) {
       auto eager = MakeCudaEngine(GetParam(), false, kv_dtype, block_size);
+      if (std::string(kv_dtype) == "fp32") ASSERT_NE(eager, nullptr);
       if (!eager) continue;  // a bf16 cache the model's attention cannot read: refused (tested elsewhere)
       auto graphed = MakeCudaEngine(GetParam(), true, kv_dtype, block_size);
       ASSERT_NE(graphed, nullptr);
-      for (int seqs : {3, 20}) {
+      for (int seqs : {1, 2, 3, 20}) {
         const std::string what = GetParam() + ", kv " + kv_dtype + ", block " + std::to_string(block_size) + ", " +
                                  std::to_string(seqs) + " sequences";
         const std::vector<float> want = testing::DecodeWorkload(*eager, seqs, 30);
@@ -59,6 +63,14 @@ TEST_P(CudaGraphTest, ReplayIsBitwiseEager) {
         } else {
           EXPECT_EQ(after.replayed, 0) << what << ": host-routed steps are not recorded";
         }
+        // Greedy: the tokens the host's arg max picks from the eager logits.
+        std::vector<float> tokens = testing::DecodeWorkload(*eager, seqs, 30);
+        const int V = eager->config().vocab_size;
+        const std::vector<float> on_device = testing::DecodeWorkload(*graphed, seqs, 30, /*argmax_only=*/true);
+        std::vector<float> picked;
+        for (size_t row = 0; row * V < tokens.size(); ++row)
+          picked.push_back(static_cast<float>(ArgMax(std::span<const float>(tokens.data() + row * V, V))));
+        testing::ExpectBitwiseEqual(on_device, picked, (what + ", greedy on the device").c_str());
       }
       EXPECT_EQ(eager->graph_stats().replayed, 0);
     }

@@ -53,8 +53,10 @@ inline std::vector<float> PagedKvWorkload(Engine& e) {
 
 // Greedy decode of num_seqs sequences (prompts of 5 to 27 tokens) stepping together; every fifth
 // step the oldest leaves and a new one is prefilled alone, then joins: the batch size changes and
-// contexts cross attention's split boundaries, as in serving. Returns every logit.
-inline std::vector<float> DecodeWorkload(Engine& e, int num_seqs, int steps) {
+// contexts cross attention's split boundaries, as in serving. Returns every logit; with
+// argmax_only, the chunks ask for the backend's argmax (SeqChunk::argmax_only) and the tokens it
+// chose are returned instead (as floats).
+inline std::vector<float> DecodeWorkload(Engine& e, int num_seqs, int steps, bool argmax_only = false) {
   const int V = e.config().vocab_size;
   struct Live {
     int64_t id;
@@ -70,11 +72,12 @@ inline std::vector<float> DecodeWorkload(Engine& e, int num_seqs, int steps) {
     std::vector<int32_t> prompt(len);
     for (int i = 0; i < len; ++i) prompt[i] = static_cast<int32_t>((id * 131 + i * 37 + 1) % V);
     ForwardResult r;
-    const Status s = e.Forward(std::vector<SeqChunk>{{id, prompt, false}}, &r);
+    const Status s = e.Forward(std::vector<SeqChunk>{{id, prompt, false, argmax_only}}, &r);
     EXPECT_TRUE(s.ok()) << s.ToString();
     if (!s.ok()) return;
     all.insert(all.end(), r.logits.begin(), r.logits.end());
-    live.push_back({id, argmax(r.logits.data())});
+    if (argmax_only) all.push_back(static_cast<float>(r.argmax.at(0)));
+    live.push_back({id, argmax_only ? r.argmax.at(0) : argmax(r.logits.data())});
   };
   for (int i = 0; i < num_seqs; ++i) add(5 + (7 * i) % 23);
   for (int step = 0; step < steps; ++step) {
@@ -84,13 +87,16 @@ inline std::vector<float> DecodeWorkload(Engine& e, int num_seqs, int steps) {
       add(3 + step % 11);
     }
     std::vector<SeqChunk> chunks;
-    for (const Live& l : live) chunks.push_back({l.id, std::span<const int32_t>(&l.next, 1), false});
+    for (const Live& l : live) chunks.push_back({l.id, std::span<const int32_t>(&l.next, 1), false, argmax_only});
     ForwardResult r;
     const Status s = e.Forward(chunks, &r);
     EXPECT_TRUE(s.ok()) << s.ToString();
     if (!s.ok()) break;
     all.insert(all.end(), r.logits.begin(), r.logits.end());
-    for (size_t i = 0; i < live.size(); ++i) live[i].next = argmax(r.logits.data() + static_cast<size_t>(i) * V);
+    for (size_t i = 0; i < live.size(); ++i) {
+      live[i].next = argmax_only ? r.argmax.at(i) : argmax(r.logits.data() + static_cast<size_t>(i) * V);
+      if (argmax_only) all.push_back(static_cast<float>(live[i].next));
+    }
   }
   for (const Live& l : live) e.RemoveSequence(l.id);
   return all;
