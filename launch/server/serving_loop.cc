@@ -9,6 +9,7 @@
 #include "runtime/core/limits.h"
 #include "runtime/core/logging.h"
 #include "runtime/core/params.h"
+#include "runtime/core/thread_pool.h"
 
 EF_PARAM(DebugFailAtStep, int64_t, "EF_DEBUG_FAIL_AT_STEP", -1,
          "testing: the serving loop's forward pass with this 0-based number fails as an engine error would "
@@ -565,15 +566,39 @@ void ServingLoop::Step() {
     Fail(s);
     return;
   }
+  // The next token of each request that samples this step: a greedy request without logprobs takes
+  // the arg max the backend computed (its logits may not have come to the host at all); the others
+  // draw from their row, all rows at once on the thread pool (each request has its own generator).
+  const size_t vocab = static_cast<size_t>(config_.vocab_size);
+  std::vector<int32_t> next(members.size(), -1);
+  std::vector<size_t> to_draw;
+  for (size_t b = 0; b < members.size(); ++b) {
+    const Active& a = *members[b];
+    if (!a.prefilled && a.prefill_done + a.prefill_now < a.to_prefill().size()) continue;  // more chunks to come
+    if (batch[b].argmax_only) {
+      next[b] = fr.argmax[fr.row_offset[b]];
+    } else {
+      to_draw.push_back(b);
+    }
+  }
+  auto draw = [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const size_t b = to_draw[i];
+      // The sampling row: the chunk's last (a scored prefill has a row per token).
+      const size_t row = static_cast<size_t>(fr.row_offset[b]) + (batch[b].all_logits ? batch[b].tokens.size() - 1 : 0);
+      next[b] = members[b]->sampler->Sample({fr.logits.data() + row * vocab, vocab});
+    }
+  };
+  if (to_draw.size() > 1) {
+    ThreadPool::Default().ParallelFor(static_cast<int64_t>(to_draw.size()), draw);
+  } else {
+    draw(0, static_cast<int64_t>(to_draw.size()));
+  }
   std::vector<bool> done(members.size(), false);
   for (size_t b = 0; b < members.size(); ++b) {
-    // A greedy request without logprobs takes the argmax the backend computed (its logits may not
-    // have come to the host at all).
-    if (batch[b].argmax_only) {
-      done[b] = Advance(*members[b], nullptr, fr.argmax[fr.row_offset[b]]);
-    } else {
-      done[b] = Advance(*members[b], fr.logits.data() + static_cast<size_t>(fr.row_offset[b]) * config_.vocab_size);
-    }
+    const float* rows =
+        batch[b].argmax_only ? nullptr : fr.logits.data() + static_cast<size_t>(fr.row_offset[b]) * vocab;
+    done[b] = Advance(*members[b], rows, next[b]);
   }
   for (size_t b = 0; b < members.size(); ++b)
     if (done[b])
@@ -584,7 +609,7 @@ void ServingLoop::Step() {
   metrics_->AddStepSeconds(std::chrono::duration<double>(Clock::now() - step_start).count());
 }
 
-bool ServingLoop::Advance(Active& a, const float* rows, int32_t greedy) {
+bool ServingLoop::Advance(Active& a, const float* rows, int32_t token) {
   const size_t vocab = static_cast<size_t>(config_.vocab_size);
   const int top = std::max(a.request.logprobs, 0);
   const Clock::time_point now = Clock::now();
@@ -621,7 +646,7 @@ bool ServingLoop::Advance(Active& a, const float* rows, int32_t greedy) {
     metrics_->ObserveInterTokenLatency(std::chrono::duration<double>(now - a.last_token).count());
   }
   const std::span<const float> row(rows, rows ? vocab : 0);
-  const int32_t tok = rows ? a.sampler->Sample(row) : greedy;
+  const int32_t tok = token;
   a.last_token = now;
   a.last = tok;
   a.generated.push_back(tok);

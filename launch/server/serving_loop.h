@@ -198,9 +198,10 @@ class ServingLoop {
   void Step();
   // Starts the admitted requests' sequences and drops cancelled requests (the head of Step).
   void StartAndPrune();
-  // Takes one request's output of a step (its rows of the logits, or null and the backend's argmax
-  // of its row for a greedy request without logprobs); true when it is done.
-  bool Advance(Active& a, const float* rows, int32_t greedy = 0);
+  // Takes one request's output of a step: its rows of the logits (null for a greedy request without
+  // logprobs: none came back) and the token it samples, chosen by Step (ignored while more prefill
+  // chunks are to come). True when it is done.
+  bool Advance(Active& a, const float* rows, int32_t token);
   // Ends a request: frees its sequence, pushes what text is left, closes its stream.
   void Finish(Active& a, runtime::FinishReason finish, Status error);
   // Moves waiting requests into the running batch (FIFO or regrouped). mu_ held.

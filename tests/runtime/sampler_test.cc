@@ -1,11 +1,14 @@
 // Sampler: greedy is the arg max (lowest index on ties); top-k 1 and a tiny top-p are greedy at any
 // temperature; a seed reproduces its draws; sampled frequencies follow softmax(logits / T);
+// top_k and top_p keep the sorted prefix their definition names; NaN logits are never drawn;
 // invalid parameters are refused with the field named.
 #include "runtime/engine/sampler.h"
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -105,6 +108,79 @@ TEST(SamplerTest, TopPKeepsTheSmallestSetReachingIt) {
   EXPECT_GT(seen[0], 0);
   EXPECT_GT(seen[1], 0);
   EXPECT_EQ(seen[2], 0);
+}
+
+// The kept set is the sorted prefix that the definition names (sort by logit, ties to the lower id;
+// top_k first, then the smallest prefix whose probability reaches top_p), with ties and a flat
+// tail; drawn frequencies within the kept set follow the renormalised softmax.
+TEST(SamplerTest, TopKAndTopPKeepTheSortedPrefix) {
+  std::mt19937 rng(3);
+  std::normal_distribution<float> g(0.f, 2.f);
+  std::vector<float> logits(2000);
+  for (float& x : logits) x = std::round(g(rng) * 4.f) / 4.f;  // many exact ties
+  struct Case {
+    float t, top_p;
+    int top_k;
+  };
+  for (Case c :
+       {Case{1.f, 0.9f, 0}, Case{0.7f, 0.5f, 0}, Case{1.3f, 1.f, 50}, Case{1.f, 0.6f, 300}, Case{2.f, 0.95f, 0}}) {
+    // The definition, by sorting.
+    std::vector<int> order(logits.size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int>(i);
+    std::sort(order.begin(), order.end(),
+              [&](int a, int b) { return logits[a] != logits[b] ? logits[a] > logits[b] : a < b; });
+    size_t keep = c.top_k > 0 ? static_cast<size_t>(c.top_k) : order.size();
+    std::vector<double> w(keep);
+    double total = 0;
+    for (size_t i = 0; i < keep; ++i) total += (w[i] = std::exp((logits[order[i]] - logits[order[0]]) / c.t));
+    if (c.top_p < 1.f) {
+      double cum = 0;
+      for (size_t i = 0; i < keep; ++i)
+        if ((cum += w[i]) >= c.top_p * total) {
+          keep = i + 1;
+          break;
+        }
+    }
+    std::vector<double> want(logits.size(), 0.0);
+    double kept = 0;
+    for (size_t i = 0; i < keep; ++i) kept += w[i];
+    for (size_t i = 0; i < keep; ++i) want[order[i]] = w[i] / kept;
+
+    SamplingParams p;
+    p.temperature = c.t;
+    p.top_p = c.top_p;
+    p.top_k = c.top_k;
+    p.seed = 11;
+    Sampler s(p);
+    const int n = 40000;
+    std::vector<int> count(logits.size(), 0);
+    for (int i = 0; i < n; ++i) ++count[s.Sample(logits)];
+    for (size_t i = 0; i < logits.size(); ++i) {
+      if (want[i] == 0) {
+        ASSERT_EQ(count[i], 0) << "token " << i << " is outside the kept set (T " << c.t << ", top_p " << c.top_p
+                               << ", top_k " << c.top_k << ")";
+      } else {
+        EXPECT_NEAR(count[i] / double(n), want[i], 5 * std::sqrt(want[i] * (1 - want[i]) / n) + 1e-4)
+            << "token " << i << " (T " << c.t << ", top_p " << c.top_p << ", top_k " << c.top_k << ")";
+      }
+    }
+  }
+}
+
+TEST(SamplerTest, NanLogitsAreNeverDrawn) {
+  const float nan = std::nanf("");
+  SamplingParams p;
+  p.temperature = 1.f;
+  p.seed = 2;
+  Sampler s(p);
+  const std::vector<float> some = {nan, 0.f, nan, 0.5f, nan};
+  for (int i = 0; i < 500; ++i) {
+    const int32_t t = s.Sample(some);
+    EXPECT_TRUE(t == 1 || t == 3) << t;
+  }
+  EXPECT_EQ(s.Sample(std::vector<float>(4, nan)), 0);  // no number: the arg max's answer
+  const float inf = std::numeric_limits<float>::infinity();
+  EXPECT_EQ(s.Sample(std::vector<float>{-inf, -inf}), 0);
 }
 
 TEST(SamplerTest, InvalidParametersNameTheField) {
