@@ -82,6 +82,7 @@ struct BenchOptions {
   int max_batch = 32;
   int max_prefill_tokens = 0;
   uint64_t seed = 1;
+  runtime::SamplingParams sampling;  // temperature 0: greedy (each request's seed: --seed + its index)
   std::string json_path;
   // Synthetic weights (empty: --model).
   std::string synthetic;
@@ -222,6 +223,7 @@ StatusOr<BenchRun> ResolveRun(const BenchOptions& given, comm::MpiContext* ctx) 
   if (o.routing_key == "auto" && file.has("routing.key")) o.routing_key = file.routing.key;
   if (o.num_requests < 1 || o.concurrency < 1 || o.prompt_len < 1 || o.gen_len < 1)
     return InvalidArgument("-n, -c, --prompt-len and --gen-len must be >= 1");
+  if (Status s = o.sampling.Validate(); !s.ok()) return s.Prepend("--temperature / --top-p / --top-k");
   b.ctx = ctx;
   b.step_timeout_s = ctx->timeout_s();
   b.distributed = ctx->mpi() && ctx->size() > 1;
@@ -516,6 +518,8 @@ StatusOr<RankResult> RunRequests(const BenchRun& b, ServingLoop& loop, const std
       r.prompt = prompts[i];
       r.max_new_tokens = b.o.gen_len;
       r.ignore_eos = true;
+      r.sampling = b.o.sampling;
+      r.sampling.seed = b.o.seed + static_cast<uint64_t>(i);
       r.seq_id = i + 1;  // the request's routing key
       if (Status s = RunRequest(loop, std::move(r), &timing[k]); !s.ok()) {
         std::lock_guard<std::mutex> lock(err_mu);
@@ -877,7 +881,10 @@ Status WriteJson(const BenchRun& b, const BenchParts& p, const BenchSummary& s, 
               {"gen_len", o.gen_len},
               {"max_batch", o.max_batch},
               {"max_prefill_tokens", o.max_prefill_tokens},
-              {"seed", o.seed}}},
+              {"seed", o.seed},
+              {"temperature", o.sampling.temperature},
+              {"top_p", o.sampling.top_p},
+              {"top_k", o.sampling.top_k}}},
             {"results", ResultsJson(b, s, c)},
             {"engine",
              {{"forward_passes", steps.steps},
@@ -971,7 +978,19 @@ Command AddBenchCommand(CLI::App& root) {
                    "chunked prefill: prompt tokens prefilled per step; 0: no limit")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
-  c.app->add_option("--seed", o->seed, "seed of the synthetic prompts")->capture_default_str();
+  c.app->add_option("--seed", o->seed, "seed of the synthetic prompts (and of request i's sampling: seed + i)")
+      ->capture_default_str();
+  c.app
+      ->add_option("--temperature", o->sampling.temperature,
+                   "sampling temperature of every request; 0: greedy (the arg max, chosen on the GPU)")
+      ->check(CLI::Range(0.0, 2.0))
+      ->capture_default_str();
+  c.app->add_option("--top-p", o->sampling.top_p, "nucleus sampling: the smallest set reaching this probability")
+      ->check(CLI::Range(0.0, 1.0))
+      ->capture_default_str();
+  c.app->add_option("--top-k", o->sampling.top_k, "sample among the k most likely tokens; 0: no limit")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   c.app
       ->add_option("--warmup-tokens", o->warmup_tokens,
                    "cuda, one rank: prompt tokens of the warm-up step before the workload (through the expert cache: "
