@@ -590,7 +590,9 @@ void ServingLoop::Step() {
     }
   };
   if (to_draw.size() > 1) {
-    ThreadPool::Default().ParallelFor(static_cast<int64_t>(to_draw.size()), draw);
+    // Rows of a small vocabulary in chunks, so waking the pool pays for itself.
+    const int64_t min_rows = std::max<int64_t>(1, 65536 / static_cast<int64_t>(vocab));
+    ThreadPool::Default().ParallelFor(static_cast<int64_t>(to_draw.size()), draw, min_rows);
   } else {
     draw(0, static_cast<int64_t>(to_draw.size()));
   }

@@ -59,7 +59,8 @@ float MaxOf(const float* v, size_t n) {
 // selection, top_p by a selection that tracks the probability mass, the draw over the kept set in
 // whatever order selection left it (the same distribution as walking it sorted).
 int32_t Sampler::Sample(std::span<const float> logits) {
-  if (params_.temperature <= 0.f) return ArgMax(logits);
+  // A temperature so small that 1 / T overflows is greedy (every weight but the top one is 0).
+  if (params_.temperature <= 0.f || !std::isfinite(1.f / params_.temperature)) return ArgMax(logits);
   const float* l = logits.data();
   const size_t n = logits.size();
   // The order of the kept set: larger logit first, then the lower id (top_k and top_p cut in it).
@@ -90,8 +91,9 @@ int32_t Sampler::Sample(std::span<const float> logits) {
     for (int32_t i : idx) mx = l[i] > mx ? l[i] : mx;
   }
   if (idx.empty() || !std::isfinite(mx)) return ArgMax(logits);  // no finite logit: nothing to weigh
-  // Weights exp((logit - max) / temperature) in float (nothing overflows; what underflows is below
-  // 1e-38 of the top token), summed in double.
+  // Weights exp((logit - max) / temperature) in float (nothing overflows; a token whose weight
+  // underflows, below ~1e-45 of the top one, is never drawn), summed in double. A +inf logit makes
+  // the row greedy (ArgMax, below).
   const float inv_t = 1.f / params_.temperature;
   w.resize(keep);
   double total = 0;

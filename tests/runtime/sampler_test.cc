@@ -122,8 +122,8 @@ TEST(SamplerTest, TopKAndTopPKeepTheSortedPrefix) {
     float t, top_p;
     int top_k;
   };
-  for (Case c :
-       {Case{1.f, 0.9f, 0}, Case{0.7f, 0.5f, 0}, Case{1.3f, 1.f, 50}, Case{1.f, 0.6f, 300}, Case{2.f, 0.95f, 0}}) {
+  for (Case c : {Case{1.f, 0.9f, 0}, Case{0.7f, 0.5f, 0}, Case{1.3f, 1.f, 50}, Case{1.f, 0.6f, 300},
+                 Case{2.f, 0.95f, 0}, Case{1.f, 0.97f, 1500}}) {
     // The definition, by sorting.
     std::vector<int> order(logits.size());
     for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int>(i);
@@ -167,7 +167,9 @@ TEST(SamplerTest, TopKAndTopPKeepTheSortedPrefix) {
   }
 }
 
-TEST(SamplerTest, NanLogitsAreNeverDrawn) {
+// NaN logits are never drawn; a row without a finite logit, a +inf logit or a temperature whose
+// inverse overflows is greedy (the arg max).
+TEST(SamplerTest, NanLogitsAreNeverDrawnAndDegenerateRowsAreGreedy) {
   const float nan = std::nanf("");
   SamplingParams p;
   p.temperature = 1.f;
@@ -181,6 +183,12 @@ TEST(SamplerTest, NanLogitsAreNeverDrawn) {
   EXPECT_EQ(s.Sample(std::vector<float>(4, nan)), 0);  // no number: the arg max's answer
   const float inf = std::numeric_limits<float>::infinity();
   EXPECT_EQ(s.Sample(std::vector<float>{-inf, -inf}), 0);
+  EXPECT_EQ(s.Sample(std::vector<float>{1.f, inf, 2.f, inf}), 1);
+  SamplingParams tiny = p;
+  tiny.temperature = 1e-40f;  // 1 / T overflows a float
+  Sampler t(tiny);
+  const std::vector<float> row = {0.5f, 3.f, 2.9f, -1.f};
+  for (int i = 0; i < 50; ++i) EXPECT_EQ(t.Sample(row), 1);
 }
 
 TEST(SamplerTest, InvalidParametersNameTheField) {
