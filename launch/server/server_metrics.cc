@@ -220,6 +220,15 @@ std::string ServerMetrics::Render() const {
   Header(&out, "expertflow_kv_cache_allocated_tokens", "gauge",
          "KV cache token rows allocated (a paged pool's size; contiguous: the context limit per sequence).");
   out += "expertflow_kv_cache_allocated_tokens " + std::to_string(kv_allocated_.load()) + "\n";
+  Header(&out, "expertflow_cuda_graph_replays_total", "counter",
+         "Decode steps run from a recorded CUDA graph (runtime.cuda_graphs).");
+  out += "expertflow_cuda_graph_replays_total " + std::to_string(graph_replays_.load()) + "\n";
+  Header(&out, "expertflow_cuda_graphs_recorded_total", "counter",
+         "Decode step shapes recorded as CUDA graphs (again after memory the graphs point into moved).");
+  out += "expertflow_cuda_graphs_recorded_total " + std::to_string(graphs_recorded_.load()) + "\n";
+  Header(&out, "expertflow_cuda_graphs_refused_total", "counter",
+         "Decode step shapes the backend could not record (they run op by op).");
+  out += "expertflow_cuda_graphs_refused_total " + std::to_string(graphs_refused_.load()) + "\n";
   Header(&out, "expertflow_engine_steps_total", "counter", "Forward passes run by the engine thread.");
   out += "expertflow_engine_steps_total " + std::to_string(steps_.load()) + "\n";
   Header(&out, "expertflow_engine_step_tokens_total", "counter", "Tokens computed by those forward passes.");

@@ -55,6 +55,12 @@ class ServerMetrics {
     kv_used_.store(used, std::memory_order_relaxed);
     kv_allocated_.store(allocated, std::memory_order_relaxed);
   }
+  // Decode steps from CUDA graphs (Engine::graph_stats): replayed, shapes recorded, refused.
+  void SetGraphCounts(int64_t replayed, int64_t recorded, int64_t refused) {
+    graph_replays_.store(replayed, std::memory_order_relaxed);
+    graphs_recorded_.store(recorded, std::memory_order_relaxed);
+    graphs_refused_.store(refused, std::memory_order_relaxed);
+  }
   void ObserveLatency(double seconds);
   void ObserveTimeToFirstToken(double seconds);
   void ObserveInterTokenLatency(double seconds);
@@ -109,6 +115,7 @@ class ServerMetrics {
   std::atomic<int64_t> prompt_tokens_{0}, generated_tokens_{0}, waiting_{0}, running_{0};
   std::atomic<int64_t> preemptions_{0};
   std::atomic<int64_t> kv_used_{0}, kv_allocated_{0};
+  std::atomic<int64_t> graph_replays_{0}, graphs_recorded_{0}, graphs_refused_{0};
   std::atomic<int64_t> steps_{0}, step_tokens_{0}, device_routed_steps_{0}, forward_ns_{0}, device_routed_ns_{0},
       step_ns_{0};
   std::unique_ptr<std::atomic<int64_t>[]> expert_tokens_;

@@ -311,6 +311,8 @@ void ServingLoop::Run() {
       metrics_->SetQueueDepth(static_cast<int64_t>(waiting_.size()), static_cast<int64_t>(running_.size()));
       const runtime::Engine::KvUsage kv = engine_->kv_usage();
       metrics_->SetKvCacheTokens(kv.used_tokens, kv.allocated_tokens);
+      const runtime::Engine::GraphStats& g = engine_->graph_stats();
+      metrics_->SetGraphCounts(g.replayed, g.recorded, g.refused);
       idle_due = running_.empty() && options_.idle_tick && Clock::now() - last_activity >= tick;
     }
     if (!running_.empty()) {

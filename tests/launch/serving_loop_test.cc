@@ -219,6 +219,8 @@ TEST(ServingLoopTest, FixedKvCachePreemptsAndFinishesEverything) {
     if (kv_tokens > 0) {
       EXPECT_GT(metrics.preemptions(), 0) << "the cache never ran out: the test tests nothing";
       EXPECT_NE(metrics.Render().find("expertflow_preemptions_total"), std::string::npos);
+      EXPECT_NE(metrics.Render().find("expertflow_cuda_graph_replays_total 0"), std::string::npos)
+          << "the cpu backend records no graphs";
       EXPECT_NE(metrics.Render().find("expertflow_kv_cache_allocated_tokens 64\n"), std::string::npos)
           << metrics.Render();
       ServeRequest big;
