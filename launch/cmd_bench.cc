@@ -6,7 +6,9 @@
 //
 // --synthetic SHAPE writes (once, cached) a seeded random-weight checkpoint of a real model's
 // shape (launch/synthetic_model.h) and benchmarks it through the normal loader; --synthetic-scale
-// divides hidden/FFN sizes for CPU runs. --routing-trace makes every MoE layer take its experts
+// divides hidden/FFN sizes for CPU runs; --synthetic-in-memory generates the weights in host memory
+// instead of writing them (shapes larger than the disk), --synthetic-distinct-layers N with it
+// generates N layers and repeats their bytes in the others. --routing-trace makes every MoE layer take its experts
 // from a recorded trace (its layers, experts and top-k must match the model: an error otherwise).
 // --cache-device-budget (a size, 'N slots' or 'N slots per layer'; with --cache-policy,
 // --prefetch-layers, --predictor, or the config's cache:/predictor: sections) serves experts from
@@ -90,6 +92,8 @@ struct BenchOptions {
   int synthetic_scale = 1;
   uint64_t synthetic_seed = 1;
   std::string synthetic_dir;  // empty: DefaultSyntheticRoot()
+  bool synthetic_in_memory = false;
+  int synthetic_distinct_layers = 0;  // with synthetic_in_memory; 0: all
   // Routing and expert cache.
   std::string routing_trace;
   bool oracle_prefetch = false;                           // the trace's future routing as the cache's forecast
@@ -224,6 +228,11 @@ StatusOr<BenchRun> ResolveRun(const BenchOptions& given, comm::MpiContext* ctx) 
   if (o.num_requests < 1 || o.concurrency < 1 || o.prompt_len < 1 || o.gen_len < 1)
     return InvalidArgument("-n, -c, --prompt-len and --gen-len must be >= 1");
   if (Status s = o.sampling.Validate(); !s.ok()) return s.Prepend("--temperature / --top-p / --top-k");
+  if ((o.synthetic_in_memory || o.synthetic_distinct_layers != 0) && o.synthetic.empty())
+    return InvalidArgument("--synthetic-in-memory and --synthetic-distinct-layers need --synthetic SHAPE");
+  if (o.synthetic_distinct_layers != 0 && !o.synthetic_in_memory)
+    return InvalidArgument(
+        "--synthetic-distinct-layers needs --synthetic-in-memory (a written checkpoint has every layer)");
   b.ctx = ctx;
   b.step_timeout_s = ctx->timeout_s();
   b.distributed = ctx->mpi() && ctx->size() > 1;
@@ -252,7 +261,8 @@ Status LongBarrier(const BenchRun& b, const std::string& what) {
 // engine holds the trace override's hook, so the override goes last.
 struct BenchParts {
   std::string model_dir;
-  SyntheticShape shape;  // with --synthetic
+  SyntheticShape shape;         // with --synthetic
+  SyntheticInMemory in_memory;  // with --synthetic-in-memory: the weights
   std::optional<runtime::Tokenizer> tokenizer;
   std::unique_ptr<placement::TraceRoutingOverride> trace_override;
   std::unique_ptr<Deployment> deployment;
@@ -270,6 +280,13 @@ Status ResolveModel(const BenchRun& b, BenchParts* p) {
     EF_ASSIGN_OR_RETURN(p->shape, FindSyntheticShape(o.synthetic));
     EF_ASSIGN_OR_RETURN(p->shape, ScaleSyntheticShape(p->shape, o.synthetic_layers, o.synthetic_scale));
     const std::string root_dir = o.synthetic_dir.empty() ? DefaultSyntheticRoot() : o.synthetic_dir;
+    if (o.synthetic_in_memory) {  // every rank generates its own copy; only the config goes to disk
+      EF_ASSIGN_OR_RETURN(p->in_memory,
+                          BuildSyntheticCheckpoint(p->shape, o.synthetic_seed, root_dir, o.synthetic_distinct_layers));
+      p->model_dir = p->in_memory.dir;
+      EF_ASSIGN_OR_RETURN(p->tokenizer, runtime::Tokenizer::FromModelDir(p->model_dir));
+      return Status::Ok();
+    }
     // Rank 0 writes the checkpoint once; the others then find it cached.
     if (b.root) {
       EF_ASSIGN_OR_RETURN(p->model_dir, WriteSyntheticCheckpoint(p->shape, o.synthetic_seed, root_dir));
@@ -346,6 +363,7 @@ Status Deploy(const BenchRun& b, BenchParts* p) {
   DeploymentOptions d;
   d.model_dir = p->model_dir;
   d.engine = o.model.ToEngineOptions();
+  d.engine.checkpoint = p->in_memory.checkpoint;  // null unless --synthetic-in-memory
   // Real shapes allow 32k+ positions; size a synthetic model's KV cache to the workload instead.
   if (!o.synthetic.empty() && d.engine.max_seq_len == 0) d.engine.max_seq_len = o.prompt_len + o.gen_len;
   d.cache = b.config().cache;
@@ -438,6 +456,9 @@ void PrintHeader(const BenchRun& b, const BenchParts& p) {
     std::printf("# synthetic %s: random %s weights (seed %llu), %d layers, scale 1/%d\n", p.shape.name.c_str(),
                 SyntheticWeightFormat(p.shape).c_str(), static_cast<unsigned long long>(o.synthetic_seed),
                 p.shape.num_layers, p.shape.scale);
+    if (p.in_memory.checkpoint)
+      std::printf("# weights generated in host memory (%.1f MiB): %d distinct layers, the others repeat their bytes\n",
+                  static_cast<double>(p.in_memory.host_bytes) / (1 << 20), p.in_memory.distinct_layers);
     if (!p.shape.note.empty()) std::printf("# %s\n", p.shape.note.c_str());
   }
   if (p.trace_override)
@@ -849,12 +870,16 @@ Status WriteJson(const BenchRun& b, const BenchParts& p, const BenchSummary& s, 
               {"top_k", cfg.top_k},
               {"hidden_size", cfg.hidden_size},
               {"moe_intermediate_size", cfg.moe_intermediate_size}}},
-            {"synthetic", o.synthetic.empty() ? json(nullptr)
-                                              : json{{"shape", p.shape.name},
-                                                     {"layers", p.shape.num_layers},
-                                                     {"scale", p.shape.scale},
-                                                     {"seed", o.synthetic_seed},
-                                                     {"note", p.shape.note}}},
+            {"synthetic",
+             o.synthetic.empty()
+                 ? json(nullptr)
+                 : json{{"shape", p.shape.name},
+                        {"layers", p.shape.num_layers},
+                        {"scale", p.shape.scale},
+                        {"seed", o.synthetic_seed},
+                        {"in_memory", o.synthetic_in_memory},
+                        {"distinct_layers", p.in_memory.checkpoint ? p.in_memory.distinct_layers : p.shape.num_layers},
+                        {"note", p.shape.note}}},
             {"routing_trace", o.routing_trace},
             {"cache", CacheJson(b, s, c, cfg.num_experts)},
             {"ranks", b.ranks},
@@ -1007,6 +1032,15 @@ Command AddBenchCommand(CLI::App& root) {
   c.app->add_option("--synthetic-seed", o->synthetic_seed, "seed of the synthetic weights")->capture_default_str();
   c.app->add_option("--synthetic-dir", o->synthetic_dir, "where synthetic checkpoints are cached")
       ->default_str(DefaultSyntheticRoot());
+  c.app->add_flag("--synthetic-in-memory", o->synthetic_in_memory,
+                  "generate the synthetic weights in host memory instead of writing a checkpoint (models larger "
+                  "than the disk; only config.json and tokenizer.json are written)");
+  c.app
+      ->add_option("--synthetic-distinct-layers", o->synthetic_distinct_layers,
+                   "with --synthetic-in-memory: generate this many layers, later layers repeat their bytes (host "
+                   "memory for N layers; the GPU still holds every layer); 0: all")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   c.app->add_option("--routing-trace", o->routing_trace,
                     "take every MoE layer's experts from this routing trace (routing.replay)");
   c.app

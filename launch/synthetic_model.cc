@@ -316,6 +316,14 @@ class ShardWriter {
     values_ = {};
     return s;
   }
+  // The tensors added since the last Write/TakeFile, as a file held in memory named `origin`.
+  StatusOr<std::unique_ptr<runtime::SafetensorsFile>> TakeFile(const std::string& origin) {
+    std::string bytes = runtime::SafetensorsBytes(tensors_, {{"format", "pt"}});
+    tensors_.clear();
+    data_.clear();
+    values_ = {};
+    return runtime::SafetensorsFile::FromBytes(std::move(bytes), origin);
+  }
   const std::vector<runtime::TensorToWrite>& tensors() const { return tensors_; }
 
  private:
@@ -522,6 +530,98 @@ json GptOssConfig(const SyntheticShape& s) {
 
 }  // namespace
 
+namespace {
+
+// The tensors of the shard that holds the embedding, the final norm and the LM head.
+void AddEmbedTensors(ShardWriter& w, const runtime::ModelConfig& c) {
+  const int64_t H = c.hidden_size;
+  w.Add("model.embed_tokens.weight", {c.vocab_size, H}, false);
+  w.Add("model.norm.weight", {H}, true);
+  w.Add("lm_head.weight", {c.vocab_size, H}, false);
+}
+
+// The tensors of decoder layer l (every name starts "model.layers.<l>.").
+void AddLayerTensors(ShardWriter& w, const runtime::ModelConfig& c, int l) {
+  const int64_t H = c.hidden_size;
+  auto add_mlp = [&](const std::string& g, const std::string& u, const std::string& d, int64_t inter) {
+    w.Add(g, {inter, H}, false);
+    w.Add(u, {inter, H}, false);
+    w.Add(d, {H, inter}, false);
+  };
+  const std::string p = "model.layers." + std::to_string(l);
+  w.Add(p + ".input_layernorm.weight", {H}, true);
+  w.Add(p + ".post_attention_layernorm.weight", {H}, true);
+  if (c.mla) {
+    const int64_t nh = c.num_heads, rope = c.qk_rope_head_dim, r = c.kv_lora_rank;
+    if (c.q_lora_rank > 0) {
+      w.Add(p + ".self_attn.q_a_proj.weight", {c.q_lora_rank, H}, false);
+      w.Add(p + ".self_attn.q_a_layernorm.weight", {c.q_lora_rank}, true);
+      w.Add(p + ".self_attn.q_b_proj.weight", {c.q_dim(), c.q_lora_rank}, false);
+    } else {
+      w.Add(p + ".self_attn.q_proj.weight", {c.q_dim(), H}, false);
+    }
+    w.Add(p + ".self_attn.kv_a_proj_with_mqa.weight", {r + rope, H}, false);
+    w.Add(p + ".self_attn.kv_a_layernorm.weight", {r}, true);
+    w.Add(p + ".self_attn.kv_b_proj.weight", {nh * (c.qk_nope_head_dim + c.v_head_dim), r}, false);
+    w.Add(p + ".self_attn.o_proj.weight", {H, c.attn_out_dim()}, false);
+  } else {
+    w.Add(p + ".self_attn.q_proj.weight", {c.q_dim(), H}, false);
+    w.Add(p + ".self_attn.k_proj.weight", {c.kv_dim(), H}, false);
+    w.Add(p + ".self_attn.v_proj.weight", {c.kv_dim(), H}, false);
+    w.Add(p + ".self_attn.o_proj.weight", {H, c.q_dim()}, false);
+  }
+  if (c.qkv_bias) {
+    w.Add(p + ".self_attn.q_proj.bias", {c.q_dim()}, false);
+    w.Add(p + ".self_attn.k_proj.bias", {c.kv_dim()}, false);
+    w.Add(p + ".self_attn.v_proj.bias", {c.kv_dim()}, false);
+  }
+  if (c.o_bias) w.Add(p + ".self_attn.o_proj.bias", {H}, false);
+  if (c.attention_sinks) w.Add(p + ".self_attn.sinks", {c.num_heads}, false);
+  if (c.qk_norm == runtime::QkNorm::kPerHead) {
+    w.Add(p + ".self_attn.q_norm.weight", {c.head_dim}, true);
+    w.Add(p + ".self_attn.k_norm.weight", {c.head_dim}, true);
+  } else if (c.qk_norm == runtime::QkNorm::kFull) {
+    w.Add(p + ".self_attn.q_norm.weight", {c.q_dim()}, true);
+    w.Add(p + ".self_attn.k_norm.weight", {c.kv_dim()}, true);
+  }
+  if (!c.IsMoeLayer(l)) {
+    add_mlp(c.DenseMlpName(l, 0), c.DenseMlpName(l, 1), c.DenseMlpName(l, 2), c.intermediate_size);
+  } else {
+    const std::string mlp = p + ".mlp.";
+    const int64_t E = c.num_experts, I = c.moe_intermediate_size;
+    w.Add(c.RouterName(l), {E, H}, false);
+    if (c.router_bias) w.Add(mlp + "router.bias", {E}, false);
+    if (c.score_correction_bias) w.AddF32(mlp + "gate.e_score_correction_bias", {E});
+    if (c.shared_expert_intermediate_size > 0) {
+      add_mlp(c.SharedExpertName(l, 0), c.SharedExpertName(l, 1), c.SharedExpertName(l, 2),
+              c.shared_expert_intermediate_size);
+      if (c.shared_expert_gated) w.Add(c.SharedExpertGateName(l), {1, H}, false);
+    }
+    if (c.expert_bias) {  // gpt_oss: fused gate_up (rows interleave gate and up) and down, with biases
+      if (c.quant.method == runtime::WeightQuant::kMxfp4) {
+        w.AddMxfp4(mlp + "experts.gate_up_proj", E, 2 * I, H);
+        w.AddMxfp4(mlp + "experts.down_proj", E, H, I);
+      } else {
+        w.Add(mlp + "experts.gate_up_proj", {E, H, 2 * I}, false);
+        w.Add(mlp + "experts.down_proj", {E, I, H}, false);
+      }
+      w.Add(mlp + "experts.gate_up_proj_bias", {E, 2 * I}, false);
+      w.Add(mlp + "experts.down_proj_bias", {E, H}, false);
+    } else {
+      for (int e = 0; e < c.num_experts; ++e)
+        add_mlp(c.ExpertName(l, e, 0), c.ExpertName(l, e, 1), c.ExpertName(l, e, 2), I);
+    }
+  }
+}
+
+std::string LayerShardName(int l) {
+  char file[64];
+  std::snprintf(file, sizeof(file), "model-layer-%05d.safetensors", l);
+  return file;
+}
+
+}  // namespace
+
 std::string SyntheticWeightFormat(const SyntheticShape& s) {
   if (s.quant == "fp8") return "bf16 + block FP8";
   if (s.quant == "mxfp4") return "bf16 + MXFP4";
@@ -571,17 +671,31 @@ std::string DefaultSyntheticRoot() {
   return (tmp / "expertflow-synthetic").string();
 }
 
-StatusOr<std::string> WriteSyntheticCheckpoint(const SyntheticShape& shape, uint64_t seed, const std::string& root) {
-  const fs::path dir = fs::path(root) / (shape.name + "-L" + std::to_string(shape.num_layers) + "-x" +
-                                         std::to_string(shape.scale) + "-s" + std::to_string(seed));
-  const std::string config_text = SyntheticConfigJson(shape);
-  if (fs::exists(dir / "model.safetensors.index.json")) {
-    std::ifstream in(dir / "config.json");
-    std::string existing((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    if (existing == config_text) return dir.string();
-    return FailedPrecondition(dir.string() + " holds a different synthetic model; remove it");
+namespace {
+
+std::string CheckpointName(const SyntheticShape& shape, uint64_t seed) {
+  return shape.name + "-L" + std::to_string(shape.num_layers) + "-x" + std::to_string(shape.scale) + "-s" +
+         std::to_string(seed);
+}
+
+// Writes tokenizer.json and config.json into tmp and renames it to dir. `marker` is the file whose
+// presence means dir is complete: when another process finished dir first, its dir is used.
+StatusOr<std::string> Publish(const fs::path& tmp, const fs::path& dir, int vocab_size, const std::string& config_text,
+                              const std::string& marker) {
+  std::ofstream(tmp / "tokenizer.json") << TokenizerJson(vocab_size).dump() << "\n";
+  std::ofstream(tmp / "config.json") << config_text;
+  std::error_code ec;
+  fs::rename(tmp, dir, ec);
+  if (ec) {
+    fs::remove_all(tmp);
+    if (fs::exists(dir / marker)) return dir.string();
+    return NotFound("cannot rename " + tmp.string() + " to " + dir.string() + ": " + ec.message());
   }
-  EF_ASSIGN_OR_RETURN(runtime::ModelConfig c, runtime::ModelConfig::FromJson(config_text, "synthetic " + shape.name));
+  return dir.string();
+}
+
+// A fresh temporary directory for dir's files under root.
+StatusOr<fs::path> MakeTemp(const std::string& root, const fs::path& dir) {
   std::error_code ec;
   fs::create_directories(root, ec);
   if (ec) return NotFound("cannot create " + root + ": " + ec.message());
@@ -589,106 +703,109 @@ StatusOr<std::string> WriteSyntheticCheckpoint(const SyntheticShape& shape, uint
   fs::remove_all(tmp, ec);
   fs::create_directories(tmp, ec);
   if (ec) return NotFound("cannot create " + tmp.string() + ": " + ec.message());
+  return tmp;
+}
+
+// The config.json of dir, or "" when there is none.
+std::string ReadConfig(const fs::path& dir) {
+  std::ifstream in(dir / "config.json");
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+}  // namespace
+
+StatusOr<std::string> WriteSyntheticConfig(const SyntheticShape& shape, uint64_t seed, const std::string& root) {
+  const fs::path dir = fs::path(root) / (CheckpointName(shape, seed) + "-config");
+  const std::string config_text = SyntheticConfigJson(shape);
+  if (fs::exists(dir / "tokenizer.json")) {
+    if (ReadConfig(dir) == config_text) return dir.string();
+    return FailedPrecondition(dir.string() + " holds a different synthetic model; remove it");
+  }
+  EF_ASSIGN_OR_RETURN(runtime::ModelConfig c, runtime::ModelConfig::FromJson(config_text, "synthetic " + shape.name));
+  EF_ASSIGN_OR_RETURN(const fs::path tmp, MakeTemp(root, dir));
+  return Publish(tmp, dir, c.vocab_size, config_text, "tokenizer.json");
+}
+
+StatusOr<std::string> WriteSyntheticCheckpoint(const SyntheticShape& shape, uint64_t seed, const std::string& root) {
+  const fs::path dir = fs::path(root) / CheckpointName(shape, seed);
+  const std::string config_text = SyntheticConfigJson(shape);
+  if (fs::exists(dir / "model.safetensors.index.json")) {
+    if (ReadConfig(dir) == config_text) return dir.string();
+    return FailedPrecondition(dir.string() + " holds a different synthetic model; remove it");
+  }
+  EF_ASSIGN_OR_RETURN(runtime::ModelConfig c, runtime::ModelConfig::FromJson(config_text, "synthetic " + shape.name));
+  EF_ASSIGN_OR_RETURN(const fs::path tmp, MakeTemp(root, dir));
   EF_LOG(INFO, MODEL, "writing synthetic %s checkpoint (%d layers, scale 1/%d, seed %llu) to %s", shape.name.c_str(),
          shape.num_layers, shape.scale, static_cast<unsigned long long>(seed), dir.c_str());
 
-  const int64_t H = c.hidden_size;
   json weight_map = json::object();
   ShardWriter w(seed, c.quant.method == runtime::WeightQuant::kFp8 ? shape.fp8_block : 0);
   auto flush = [&](const std::string& file) -> Status {
     for (const auto& t : w.tensors()) weight_map[t.name] = file;
     return w.Write((tmp / file).string());
   };
-  auto add_mlp = [&](const std::string& g, const std::string& u, const std::string& d, int64_t inter) {
-    w.Add(g, {inter, H}, false);
-    w.Add(u, {inter, H}, false);
-    w.Add(d, {H, inter}, false);
-  };
-  w.Add("model.embed_tokens.weight", {c.vocab_size, H}, false);
-  w.Add("model.norm.weight", {H}, true);
-  w.Add("lm_head.weight", {c.vocab_size, H}, false);
+  AddEmbedTensors(w, c);
   EF_RETURN_IF_ERROR(flush("model-embed.safetensors"));
   for (int l = 0; l < c.num_layers; ++l) {
-    const std::string p = "model.layers." + std::to_string(l);
-    w.Add(p + ".input_layernorm.weight", {H}, true);
-    w.Add(p + ".post_attention_layernorm.weight", {H}, true);
-    if (c.mla) {
-      const int64_t nh = c.num_heads, rope = c.qk_rope_head_dim, r = c.kv_lora_rank;
-      if (c.q_lora_rank > 0) {
-        w.Add(p + ".self_attn.q_a_proj.weight", {c.q_lora_rank, H}, false);
-        w.Add(p + ".self_attn.q_a_layernorm.weight", {c.q_lora_rank}, true);
-        w.Add(p + ".self_attn.q_b_proj.weight", {c.q_dim(), c.q_lora_rank}, false);
-      } else {
-        w.Add(p + ".self_attn.q_proj.weight", {c.q_dim(), H}, false);
-      }
-      w.Add(p + ".self_attn.kv_a_proj_with_mqa.weight", {r + rope, H}, false);
-      w.Add(p + ".self_attn.kv_a_layernorm.weight", {r}, true);
-      w.Add(p + ".self_attn.kv_b_proj.weight", {nh * (c.qk_nope_head_dim + c.v_head_dim), r}, false);
-      w.Add(p + ".self_attn.o_proj.weight", {H, c.attn_out_dim()}, false);
-    } else {
-      w.Add(p + ".self_attn.q_proj.weight", {c.q_dim(), H}, false);
-      w.Add(p + ".self_attn.k_proj.weight", {c.kv_dim(), H}, false);
-      w.Add(p + ".self_attn.v_proj.weight", {c.kv_dim(), H}, false);
-      w.Add(p + ".self_attn.o_proj.weight", {H, c.q_dim()}, false);
-    }
-    if (c.qkv_bias) {
-      w.Add(p + ".self_attn.q_proj.bias", {c.q_dim()}, false);
-      w.Add(p + ".self_attn.k_proj.bias", {c.kv_dim()}, false);
-      w.Add(p + ".self_attn.v_proj.bias", {c.kv_dim()}, false);
-    }
-    if (c.o_bias) w.Add(p + ".self_attn.o_proj.bias", {H}, false);
-    if (c.attention_sinks) w.Add(p + ".self_attn.sinks", {c.num_heads}, false);
-    if (c.qk_norm == runtime::QkNorm::kPerHead) {
-      w.Add(p + ".self_attn.q_norm.weight", {c.head_dim}, true);
-      w.Add(p + ".self_attn.k_norm.weight", {c.head_dim}, true);
-    } else if (c.qk_norm == runtime::QkNorm::kFull) {
-      w.Add(p + ".self_attn.q_norm.weight", {c.q_dim()}, true);
-      w.Add(p + ".self_attn.k_norm.weight", {c.kv_dim()}, true);
-    }
-    if (!c.IsMoeLayer(l)) {
-      add_mlp(c.DenseMlpName(l, 0), c.DenseMlpName(l, 1), c.DenseMlpName(l, 2), c.intermediate_size);
-    } else {
-      const std::string mlp = p + ".mlp.";
-      const int64_t E = c.num_experts, I = c.moe_intermediate_size;
-      w.Add(c.RouterName(l), {E, H}, false);
-      if (c.router_bias) w.Add(mlp + "router.bias", {E}, false);
-      if (c.score_correction_bias) w.AddF32(mlp + "gate.e_score_correction_bias", {E});
-      if (c.shared_expert_intermediate_size > 0) {
-        add_mlp(c.SharedExpertName(l, 0), c.SharedExpertName(l, 1), c.SharedExpertName(l, 2),
-                c.shared_expert_intermediate_size);
-        if (c.shared_expert_gated) w.Add(c.SharedExpertGateName(l), {1, H}, false);
-      }
-      if (c.expert_bias) {  // gpt_oss: fused gate_up (rows interleave gate and up) and down, with biases
-        if (c.quant.method == runtime::WeightQuant::kMxfp4) {
-          w.AddMxfp4(mlp + "experts.gate_up_proj", E, 2 * I, H);
-          w.AddMxfp4(mlp + "experts.down_proj", E, H, I);
-        } else {
-          w.Add(mlp + "experts.gate_up_proj", {E, H, 2 * I}, false);
-          w.Add(mlp + "experts.down_proj", {E, I, H}, false);
-        }
-        w.Add(mlp + "experts.gate_up_proj_bias", {E, 2 * I}, false);
-        w.Add(mlp + "experts.down_proj_bias", {E, H}, false);
-      } else {
-        for (int e = 0; e < c.num_experts; ++e)
-          add_mlp(c.ExpertName(l, e, 0), c.ExpertName(l, e, 1), c.ExpertName(l, e, 2), I);
-      }
-    }
-    char file[64];
-    std::snprintf(file, sizeof(file), "model-layer-%05d.safetensors", l);
-    EF_RETURN_IF_ERROR(flush(file));
+    AddLayerTensors(w, c, l);
+    EF_RETURN_IF_ERROR(flush(LayerShardName(l)));
   }
   std::ofstream(tmp / "model.safetensors.index.json")
       << json{{"metadata", json::object()}, {"weight_map", weight_map}}.dump(1) << "\n";
-  std::ofstream(tmp / "tokenizer.json") << TokenizerJson(c.vocab_size).dump() << "\n";
-  std::ofstream(tmp / "config.json") << config_text;
-  fs::rename(tmp, dir, ec);
-  if (ec) {
-    fs::remove_all(tmp);
-    // Another process may have finished the same directory first; use it if so.
-    if (fs::exists(dir / "model.safetensors.index.json")) return dir.string();
-    return NotFound("cannot rename " + tmp.string() + " to " + dir.string() + ": " + ec.message());
+  return Publish(tmp, dir, c.vocab_size, config_text, "model.safetensors.index.json");
+}
+
+StatusOr<SyntheticInMemory> BuildSyntheticCheckpoint(const SyntheticShape& shape, uint64_t seed,
+                                                     const std::string& root, int distinct_layers) {
+  if (distinct_layers < 0)
+    return InvalidArgument("--synthetic-distinct-layers must be >= 0, got " + std::to_string(distinct_layers));
+  const std::string config_text = SyntheticConfigJson(shape);
+  EF_ASSIGN_OR_RETURN(runtime::ModelConfig c, runtime::ModelConfig::FromJson(config_text, "synthetic " + shape.name));
+  SyntheticInMemory m;
+  EF_ASSIGN_OR_RETURN(m.dir, WriteSyntheticConfig(shape, seed, root));
+  const int distinct = distinct_layers == 0 ? c.num_layers : std::min(distinct_layers, c.num_layers);
+  EF_LOG(INFO, MODEL,
+         "generating synthetic %s weights in memory (%d layers, %d of them distinct, scale 1/%d, seed %llu)",
+         shape.name.c_str(), c.num_layers, distinct, shape.scale, static_cast<unsigned long long>(seed));
+  ShardWriter w(seed, c.quant.method == runtime::WeightQuant::kFp8 ? shape.fp8_block : 0);
+  std::vector<std::unique_ptr<runtime::SafetensorsFile>> files;
+  auto take = [&](const std::string& name) -> Status {
+    EF_ASSIGN_OR_RETURN(auto f, w.TakeFile("synthetic " + shape.name + " (in memory) " + name));
+    m.host_bytes += static_cast<int64_t>(f->file_size());
+    files.push_back(std::move(f));
+    return Status::Ok();
+  };
+  AddEmbedTensors(w, c);
+  EF_RETURN_IF_ERROR(take("model-embed.safetensors"));
+  // Layers past the distinct ones take the bytes of the generated layers of their kind, in turn.
+  std::vector<std::pair<std::string, std::string>> aliases;
+  std::vector<std::vector<std::string>> names(static_cast<size_t>(c.num_layers));  // of generated layers
+  std::vector<int> generated[2];                                                   // [dense, moe]
+  int turn[2] = {0, 0};
+  for (int l = 0; l < c.num_layers; ++l) {
+    std::vector<int>& same_kind = generated[c.IsMoeLayer(l) ? 1 : 0];
+    const std::string prefix = "model.layers." + std::to_string(l) + ".";
+    if (l < distinct || same_kind.empty()) {
+      AddLayerTensors(w, c, l);
+      for (const auto& t : w.tensors()) names[static_cast<size_t>(l)].push_back(t.name);
+      EF_RETURN_IF_ERROR(take(LayerShardName(l)));
+      same_kind.push_back(l);
+      ++m.distinct_layers;
+      continue;
+    }
+    int& k = turn[c.IsMoeLayer(l) ? 1 : 0];
+    const int src = same_kind[static_cast<size_t>(k++) % same_kind.size()];
+    const std::string src_prefix = "model.layers." + std::to_string(src) + ".";
+    for (const std::string& name : names[static_cast<size_t>(src)]) {
+      if (name.compare(0, src_prefix.size(), src_prefix) != 0)
+        return Internal("synthetic layer tensor \"" + name + "\" is not under " + src_prefix);
+      aliases.emplace_back(prefix + name.substr(src_prefix.size()), name);
+    }
   }
-  return dir.string();
+  EF_ASSIGN_OR_RETURN(auto ck,
+                      runtime::Checkpoint::FromFiles(m.dir + " (weights in memory)", std::move(files), aliases));
+  m.checkpoint = std::move(ck);
+  return m;
 }
 
 }  // namespace ef::launch

@@ -33,10 +33,12 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "runtime/core/status.h"
+#include "runtime/model/checkpoint.h"
 
 namespace ef::launch {
 
@@ -119,5 +121,33 @@ std::string DefaultSyntheticRoot();
 
 // Writes (or reuses) the checkpoint directory of `shape` and `seed` under `root`; returns its path.
 StatusOr<std::string> WriteSyntheticCheckpoint(const SyntheticShape& shape, uint64_t seed, const std::string& root);
+
+// The same checkpoint with its weights generated into host memory instead of written
+// (`expertflow bench --synthetic-in-memory`): for shapes larger than the disk (32 Mixtral-8x7B
+// layers are 93 GB). Only config.json and tokenizer.json go to disk, in
+// <root>/<name>-config (WriteSyntheticConfig); the engine takes the weights through
+// EngineOptions::checkpoint:
+//
+//   EF_ASSIGN_OR_RETURN(SyntheticInMemory m, BuildSyntheticCheckpoint(s, 1, root, /*distinct_layers=*/2));
+//   options.checkpoint = m.checkpoint;
+//   auto engine = runtime::Engine::Create(m.dir, options);
+//
+// distinct_layers = 0 generates every layer, with the bytes WriteSyntheticCheckpoint writes.
+// distinct_layers = N > 0 generates the embedding shard and the first N layers (and the first
+// layer of a kind, MoE or dense, that those lack); every later layer repeats the bytes of the
+// generated layers of its kind, in turn (Checkpoint::FromFiles aliases), so host memory holds N
+// layers while the engine loads and uploads every layer as its own weights. Speed does not depend
+// on the values; the router of a repeated layer sees that layer's own hidden states.
+struct SyntheticInMemory {
+  std::string dir;  // config.json and tokenizer.json
+  std::shared_ptr<const runtime::Checkpoint> checkpoint;
+  int distinct_layers = 0;  // layers generated
+  int64_t host_bytes = 0;   // bytes of the generated files
+};
+StatusOr<SyntheticInMemory> BuildSyntheticCheckpoint(const SyntheticShape& shape, uint64_t seed,
+                                                     const std::string& root, int distinct_layers);
+
+// Writes (or reuses) <root>/<name>-config with the shape's config.json and tokenizer.json only.
+StatusOr<std::string> WriteSyntheticConfig(const SyntheticShape& shape, uint64_t seed, const std::string& root);
 
 }  // namespace ef::launch

@@ -454,7 +454,9 @@ void ServingLoop::Finish(Active& a, FinishReason finish, Status error) {
   if (a.seq >= 0) engine_->RemoveSequence(a.seq);
   kv_pressure_ = false;  // its blocks are free
   a.seq = -1;
-  if (a.emitted < a.text.size()) a.stream->Push(a.text.substr(a.emitted), static_cast<int>(a.generated.size()));
+  // Always: the last tokens may have added no text (special tokens), and the count must be final.
+  a.stream->Push(a.text.substr(std::min(a.emitted, a.text.size())), static_cast<int>(a.generated.size()),
+                 /*wake=*/false);
   a.emitted = a.text.size();
   a.stream->Finish(finish, std::move(error));
   metrics_->ObserveLatency(std::chrono::duration<double>(Clock::now() - a.arrival).count());

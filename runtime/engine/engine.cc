@@ -72,7 +72,8 @@ StatusOr<std::unique_ptr<Engine>> Engine::Create(const std::string& model_dir, c
   auto e = std::unique_ptr<Engine>(new Engine());
   EF_ASSIGN_OR_RETURN(e->backend_, MakeBackend(options.backend, options.device));
   EF_ASSIGN_OR_RETURN(e->weights_, ModelWeights::Load(model_dir, e->backend_.get(),
-                                                      LoadOptions{.dequantize_experts = options.dequantize_experts}));
+                                                      LoadOptions{.dequantize_experts = options.dequantize_experts,
+                                                                  .checkpoint = options.checkpoint}));
   EF_RETURN_IF_ERROR(e->ConfigureAttentionPrecision(options.attention_precision));
   EF_RETURN_IF_ERROR(e->ConfigureKvCache(options.kv_cache_dtype));
   e->local_moe_ =

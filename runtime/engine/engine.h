@@ -59,6 +59,9 @@ struct EngineOptions {
   // Dequantize the routed experts of MXFP4 / block FP8 checkpoints at load instead of keeping them
   // at their stored size (LoadOptions::dequantize_experts).
   bool dequantize_experts = false;
+  // Weights already opened (LoadOptions::checkpoint: a synthetic checkpoint built in memory);
+  // null: the safetensors of model_dir.
+  std::shared_ptr<const Checkpoint> checkpoint;
   // Decode steps (one new token per sequence) of a model with plain attention on the paged cache
   // read their lengths and block tables from device memory (Backend::UploadStepSeqs); on CUDA, a
   // step that also keeps its routing on the device is recorded as a graph the second time its

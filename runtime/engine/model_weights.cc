@@ -408,7 +408,11 @@ StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(const std::string& mo
                                                            const LoadOptions& options) {
   auto m = std::unique_ptr<ModelWeights>(new ModelWeights());
   EF_ASSIGN_OR_RETURN(m->config_, ModelConfig::FromModelDir(model_dir));
-  EF_ASSIGN_OR_RETURN(m->checkpoint_, Checkpoint::Open(model_dir));
+  if (options.checkpoint) {
+    m->checkpoint_ = options.checkpoint;
+  } else {
+    EF_ASSIGN_OR_RETURN(m->checkpoint_, Checkpoint::Open(model_dir));
+  }
   EF_RETURN_IF_ERROR(ModelWeightsLoader(m.get(), backend, options).Run());
   const ModelConfig& c = m->config_;
   EF_LOG(INFO, MODEL, "loaded %s: %s, %d layers (%d MoE) x %d experts top-%d, hidden %d, %zu bytes per expert",

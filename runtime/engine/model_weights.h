@@ -94,6 +94,9 @@ struct LoadOptions {
   // CPU backend computes the same logits either way, except that block FP8 dequantized into a BF16
   // checkpoint's dtype is rounded once more (runtime/model/checkpoint_quant.h).
   bool dequantize_experts = false;
+  // Weights already opened (a checkpoint built in memory, Checkpoint::FromFiles); null: open
+  // model_dir's safetensors. The config is read from model_dir either way.
+  std::shared_ptr<const Checkpoint> checkpoint;
 };
 
 class ModelWeights {
@@ -126,7 +129,7 @@ class ModelWeights {
  private:
   friend class ModelWeightsLoader;
   ModelConfig config_;
-  std::unique_ptr<Checkpoint> checkpoint_;
+  std::shared_ptr<const Checkpoint> checkpoint_;
   Weight embed_, final_norm_, lm_head_;
   Weight rope_inv_freq_;
   float rope_attention_factor_ = 1.f;

@@ -70,6 +70,33 @@ StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& dir) {
   return ckpt;
 }
 
+StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::FromFiles(
+    std::string origin, std::vector<std::unique_ptr<SafetensorsFile>> files,
+    const std::vector<std::pair<std::string, std::string>>& aliases) {
+  auto ckpt = std::make_unique<Checkpoint>();
+  ckpt->dir_ = std::move(origin);
+  for (auto& file : files) {
+    for (const auto& [name, view] : file->tensors()) {
+      if (!ckpt->index_.emplace(name, &view).second)
+        return InvalidArgument("tensor \"" + name + "\" appears in more than one file of " + ckpt->dir_);
+    }
+    ckpt->files_.push_back(std::move(file));
+  }
+  for (const auto& [name, target] : aliases) {
+    const TensorView* t = ckpt->Find(target);
+    if (t == nullptr)
+      return NotFound("alias \"" + name + "\" names tensor \"" + target + "\", which " + ckpt->dir_ + " lacks");
+    TensorView view = *t;
+    view.name = name;
+    auto [it, fresh] = ckpt->aliases_.emplace(name, std::move(view));
+    if (!fresh || !ckpt->index_.emplace(name, &it->second).second)
+      return InvalidArgument("alias \"" + name + "\" names a tensor " + ckpt->dir_ + " already has");
+  }
+  EF_LOG(INFO, MODEL, "checkpoint %s: %zu tensors in %zu file(s) in memory, %zu of them repeating another's bytes",
+         ckpt->dir_.c_str(), ckpt->index_.size(), ckpt->files_.size(), ckpt->aliases_.size());
+  return ckpt;
+}
+
 const TensorView* Checkpoint::Find(const std::string& name) const {
   auto it = index_.find(name);
   return it == index_.end() ? nullptr : it->second;

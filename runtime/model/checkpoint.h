@@ -1,6 +1,7 @@
 // A Hugging Face checkpoint directory's weights: one model.safetensors, or the shards listed in
 // model.safetensors.index.json. Every shard is mapped and validated at Open; tensors are looked
-// up by name across shards without copying.
+// up by name across shards without copying. FromFiles assembles one from files held in memory
+// (benchmarks' synthetic weights, generated without touching disk).
 //
 // Thread-safe after Open (immutable).
 #pragma once
@@ -23,6 +24,13 @@ class Checkpoint {
  public:
   // dir holds model.safetensors or model.safetensors.index.json (the index wins when both exist).
   static StatusOr<std::unique_ptr<Checkpoint>> Open(const std::string& dir);
+  // The tensors of `files` (SafetensorsFile::FromBytes), plus `aliases`: (name, target) pairs, a
+  // tensor called name whose view is target's bytes (a layer that repeats another's weights).
+  // `origin` stands for the directory in errors. A name in two files, or an alias that names an
+  // existing tensor or a missing target, is refused.
+  static StatusOr<std::unique_ptr<Checkpoint>> FromFiles(
+      std::string origin, std::vector<std::unique_ptr<SafetensorsFile>> files,
+      const std::vector<std::pair<std::string, std::string>>& aliases = {});
 
   const std::string& dir() const { return dir_; }
   // The tensor, or a NotFound error naming it and the checkpoint.
@@ -36,6 +44,7 @@ class Checkpoint {
   std::string dir_;
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
   std::map<std::string, const TensorView*> index_;
+  std::map<std::string, TensorView> aliases_;  // FromFiles' aliases (node addresses are stable)
 };
 
 }  // namespace ef::runtime

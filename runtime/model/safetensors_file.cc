@@ -160,30 +160,52 @@ StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::stri
   return file;
 }
 
-Status WriteSafetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
-                        const std::map<std::string, std::string>& metadata) {
+namespace {
+
+// The 8-byte length and the header text (padded so the data section starts 8-byte aligned), and
+// each tensor's byte count.
+std::string SafetensorsHeader(const std::vector<TensorToWrite>& tensors,
+                              const std::map<std::string, std::string>& metadata, std::vector<uint64_t>* sizes) {
   json header = json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
   uint64_t offset = 0;
-  std::vector<uint64_t> sizes;
   for (const auto& t : tensors) {
     uint64_t n = DTypeSize(t.dtype);
     for (int64_t d : t.shape) n *= static_cast<uint64_t>(d);
     header[t.name] = {{"dtype", DTypeName(t.dtype)}, {"shape", t.shape}, {"data_offsets", {offset, offset + n}}};
     offset += n;
-    sizes.push_back(n);
+    sizes->push_back(n);
   }
   std::string text = header.dump();
   while ((8 + text.size()) % 8 != 0) text.push_back(' ');  // align the data section
+  const uint64_t len = text.size();
+  return std::string(reinterpret_cast<const char*>(&len), 8) + text;
+}
+
+}  // namespace
+
+Status WriteSafetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
+                        const std::map<std::string, std::string>& metadata) {
+  std::vector<uint64_t> sizes;
+  const std::string head = SafetensorsHeader(tensors, metadata, &sizes);
   std::ofstream out(path, std::ios::binary);
   if (!out) return InvalidArgument("cannot write " + path);
-  uint64_t len = text.size();
-  out.write(reinterpret_cast<const char*>(&len), 8);
-  out.write(text.data(), static_cast<std::streamsize>(text.size()));
+  out.write(head.data(), static_cast<std::streamsize>(head.size()));
   for (size_t i = 0; i < tensors.size(); ++i)
     out.write(static_cast<const char*>(tensors[i].data), static_cast<std::streamsize>(sizes[i]));
   if (!out) return DataLoss("error writing " + path);
   return Status::Ok();
+}
+
+std::string SafetensorsBytes(const std::vector<TensorToWrite>& tensors,
+                             const std::map<std::string, std::string>& metadata) {
+  std::vector<uint64_t> sizes;
+  std::string bytes = SafetensorsHeader(tensors, metadata, &sizes);
+  uint64_t total = bytes.size();
+  for (uint64_t n : sizes) total += n;
+  bytes.reserve(total);
+  for (size_t i = 0; i < tensors.size(); ++i) bytes.append(static_cast<const char*>(tensors[i].data), sizes[i]);
+  return bytes;
 }
 
 }  // namespace ef::runtime

@@ -43,7 +43,7 @@ class SafetensorsFile {
  public:
   static StatusOr<std::unique_ptr<SafetensorsFile>> Open(const std::string& path);
   // The same validation on bytes held in memory (the file keeps its own copy); `origin` names
-  // them in errors. For tests and fuzzing: loading a checkpoint always maps the file.
+  // them in errors. For tests, fuzzing and checkpoints built in memory (Checkpoint::FromFiles).
   static StatusOr<std::unique_ptr<SafetensorsFile>> FromBytes(std::string bytes, const std::string& origin);
   ~SafetensorsFile();
   SafetensorsFile(const SafetensorsFile&) = delete;
@@ -79,5 +79,8 @@ struct TensorToWrite {
 };
 Status WriteSafetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
                         const std::map<std::string, std::string>& metadata = {});
+// The same file's bytes, in memory (SafetensorsFile::FromBytes reads them).
+std::string SafetensorsBytes(const std::vector<TensorToWrite>& tensors,
+                             const std::map<std::string, std::string>& metadata = {});
 
 }  // namespace ef::runtime

@@ -135,6 +135,32 @@ TEST_F(BenchTest, SyntheticDeepseekV3AndGptOssRunFromTheirQuantizedCheckpoints) 
   EXPECT_NE(Err().find("gpt-oss-120b"), std::string::npos) << Err();
 }
 
+TEST_F(BenchTest, SyntheticInMemoryWritesNoWeights) {
+  ASSERT_TRUE(fs::exists(kMixtralTrace)) << kMixtralTrace << " is missing (tests/data/traces)";
+  const fs::path out = dir_ / "out.json";
+  // 32 layers, 2 of them generated, through the expert cache's host tier and the Mixtral trace.
+  ASSERT_EQ(Bench("--synthetic mixtral-8x7b --synthetic-scale 256 --synthetic-in-memory --synthetic-distinct-layers 2 "
+                  "-n 2 -c 2 --prompt-len 4 --gen-len 4 --routing-trace " +
+                  kMixtralTrace + " --cache-device-budget '4 slots per layer' --json " + out.string()),
+            0)
+      << Err();
+  EXPECT_NE(Out().find("# weights generated in host memory"), std::string::npos) << Out();
+  json j = json::parse(Read(out), nullptr, false);
+  ASSERT_FALSE(j.is_discarded()) << Read(out);
+  EXPECT_EQ(j["model_shape"]["num_layers"], 32);
+  EXPECT_TRUE(j["synthetic"]["in_memory"].get<bool>());
+  EXPECT_EQ(j["synthetic"]["distinct_layers"], 2);
+  EXPECT_EQ(j["results"]["generated_tokens"].get<int64_t>(), 8);
+  EXPECT_GT(j["cache"]["bytes_from_host"].get<int64_t>(), 0);
+  for (const auto& f : fs::recursive_directory_iterator(dir_ / "synth"))
+    EXPECT_NE(f.path().extension(), ".safetensors") << f.path();
+  // The flags' misuse is refused by name.
+  EXPECT_EQ(Bench("--synthetic tiny --synthetic-distinct-layers 2 -n 1 -c 1"), 1);
+  EXPECT_NE(Err().find("--synthetic-distinct-layers needs --synthetic-in-memory"), std::string::npos) << Err();
+  EXPECT_EQ(Bench("--synthetic-in-memory -n 1 -c 1"), 1);
+  EXPECT_NE(Err().find("need --synthetic SHAPE"), std::string::npos) << Err();
+}
+
 TEST_F(BenchTest, TraceOfTheWrongShapeExitsOne) {
   ASSERT_TRUE(fs::exists(kMixtralTrace)) << kMixtralTrace << " is missing (tests/data/traces)";
   // The trace has 32 layers; the tiny shape has 4.

@@ -20,6 +20,7 @@
 #include "runtime/core/block_scaled.h"
 #include "runtime/core/dtype.h"
 #include "runtime/engine/engine.h"
+#include "runtime/model/checkpoint.h"
 #include "runtime/model/checkpoint_quant.h"
 #include "runtime/model/model_config.h"
 #include "runtime/model/safetensors_file.h"
@@ -456,6 +457,130 @@ TEST_F(SyntheticModelTest, QuantizedShapesAreDeterministic) {
     EXPECT_FALSE(bytes.empty());
     EXPECT_EQ(bytes, bytes2) << name;
   }
+}
+
+// The logits of a 7-token prompt.
+std::vector<float> PromptLogits(runtime::Engine& e) {
+  EXPECT_TRUE(e.AddSequence(0).ok());
+  const std::vector<int32_t> prompt = {1, 40, 41, 42, 97, 120, 7};
+  runtime::SeqChunk chunk{0, prompt, false};
+  runtime::ForwardResult r;
+  const Status s = e.Forward({&chunk, 1}, &r);
+  EXPECT_TRUE(s.ok()) << s.ToString();
+  e.RemoveSequence(0);
+  return r.logits;
+}
+
+TEST_F(SyntheticModelTest, InMemoryCheckpointHoldsTheWrittenBytes) {
+  const SyntheticShape s = Shape("mixtral-8x7b", 3, 64);
+  const std::string dir = Write(s);
+  ASSERT_FALSE(dir.empty());
+  auto mem = BuildSyntheticCheckpoint(s, /*seed=*/1, root_.string(), /*distinct_layers=*/0);
+  ASSERT_TRUE(mem.ok()) << mem.status().ToString();
+  EXPECT_EQ(mem->distinct_layers, 3);
+  EXPECT_NE(mem->dir, dir);
+  EXPECT_EQ(ReadJson(fs::path(mem->dir) / "config.json"), ReadJson(fs::path(dir) / "config.json"));
+  EXPECT_TRUE(fs::exists(fs::path(mem->dir) / "tokenizer.json"));
+  for (const auto& f : fs::directory_iterator(mem->dir))  // no weights on disk
+    EXPECT_NE(f.path().extension(), ".safetensors") << f.path();
+  auto disk = runtime::Checkpoint::Open(dir);
+  ASSERT_TRUE(disk.ok()) << disk.status().ToString();
+  EXPECT_EQ(mem->checkpoint->num_tensors(), (*disk)->num_tensors());
+  int64_t bytes = 0;
+  for (const auto& file : (*disk)->files())
+    for (const auto& [name, view] : file->tensors()) {
+      const TensorView* m = mem->checkpoint->Find(name);
+      ASSERT_NE(m, nullptr) << name;
+      EXPECT_EQ(m->dtype, view.dtype) << name;
+      EXPECT_EQ(m->shape, view.shape) << name;
+      ASSERT_EQ(m->nbytes, view.nbytes) << name;
+      EXPECT_EQ(std::memcmp(m->data, view.data, view.nbytes), 0) << name;
+      bytes += static_cast<int64_t>(view.nbytes);
+    }
+  EXPECT_GE(mem->host_bytes, bytes);
+  // An engine over either computes the same logits.
+  auto from_disk = Open(dir);
+  runtime::EngineOptions o;
+  o.backend = "cpu";
+  o.max_seq_len = 64;
+  o.checkpoint = mem->checkpoint;
+  auto from_memory = runtime::Engine::Create(mem->dir, o);
+  ASSERT_TRUE(from_memory.ok()) << from_memory.status().ToString();
+  ASSERT_NE(from_disk, nullptr);
+  const std::vector<float> want = PromptLogits(*from_disk);
+  ASSERT_EQ(want.size(), static_cast<size_t>(s.vocab_size));
+  EXPECT_EQ(PromptLogits(**from_memory), want);
+}
+
+TEST_F(SyntheticModelTest, RepeatedLayersTakeTheBytesOfGeneratedLayersOfTheirKind) {
+  // deepseek-v3 of 7 layers: 0-2 dense, 3-6 MoE. Two distinct layers generate 0 and 1 (dense)
+  // and 3, the first MoE layer; layer 2 repeats 0, layers 4-6 repeat 3.
+  const SyntheticShape s = Shape("deepseek-v3", 7, 64);
+  const ModelConfig c = Parse(s);
+  ASSERT_EQ(c.num_layers, 7);
+  ASSERT_FALSE(c.IsMoeLayer(2));
+  ASSERT_TRUE(c.IsMoeLayer(3));
+  auto mem = BuildSyntheticCheckpoint(s, /*seed=*/1, root_.string(), /*distinct_layers=*/2);
+  ASSERT_TRUE(mem.ok()) << mem.status().ToString();
+  EXPECT_EQ(mem->distinct_layers, 3);
+  const runtime::Checkpoint& ck = *mem->checkpoint;
+  auto data = [&](const std::string& name) -> const std::byte* {
+    const TensorView* v = ck.Find(name);
+    EXPECT_NE(v, nullptr) << name;
+    if (v != nullptr) EXPECT_EQ(v->name, name);
+    return v ? v->data : nullptr;
+  };
+  const std::string q = ".self_attn.q_a_proj.weight";
+  EXPECT_EQ(data("model.layers.2" + q), data("model.layers.0" + q));
+  EXPECT_NE(data("model.layers.1" + q), data("model.layers.0" + q));
+  EXPECT_EQ(data(c.DenseMlpName(2, 0)), data(c.DenseMlpName(0, 0)));
+  for (int l = 4; l < 7; ++l) {
+    EXPECT_EQ(data(c.RouterName(l)), data(c.RouterName(3))) << l;
+    EXPECT_EQ(data(c.ExpertName(l, 5, 2)), data(c.ExpertName(3, 5, 2))) << l;
+    EXPECT_EQ(data("model.layers." + std::to_string(l) + q), data("model.layers.3" + q)) << l;
+  }
+  EXPECT_EQ(ck.Find(c.ExpertName(7, 0, 0)), nullptr);
+  // The engine loads every layer (the packed experts of repeated layers too) and computes.
+  runtime::EngineOptions o;
+  o.backend = "cpu";
+  o.max_seq_len = 64;
+  o.checkpoint = mem->checkpoint;
+  auto engine = runtime::Engine::Create(mem->dir, o);
+  ASSERT_TRUE(engine.ok()) << engine.status().ToString();
+  ExpectFiniteLogits(**engine);
+}
+
+TEST(CheckpointFromFilesTest, RefusesDuplicateNamesAndDanglingAliases) {
+  auto file = [](const std::string& name) {
+    const float v[2] = {1.f, 2.f};
+    auto f = runtime::SafetensorsFile::FromBytes(runtime::SafetensorsBytes({{name, DType::kF32, {2}, v}}), name);
+    EXPECT_TRUE(f.ok()) << f.status().ToString();
+    return std::move(f).value();
+  };
+  auto files = [&](std::vector<std::string> names) {
+    std::vector<std::unique_ptr<runtime::SafetensorsFile>> out;
+    for (const auto& n : names) out.push_back(file(n));
+    return out;
+  };
+  auto ok = runtime::Checkpoint::FromFiles("mem", files({"a", "b"}), {{"c", "a"}});
+  ASSERT_TRUE(ok.ok()) << ok.status().ToString();
+  const TensorView* c = (*ok)->Find("c");
+  ASSERT_NE(c, nullptr);
+  EXPECT_EQ(c->data, (*ok)->Find("a")->data);
+  EXPECT_EQ(c->name, "c");
+  EXPECT_EQ(reinterpret_cast<const float*>(c->data)[1], 2.f);
+
+  auto twice = runtime::Checkpoint::FromFiles("mem", files({"a", "a"}));
+  ASSERT_FALSE(twice.ok());
+  EXPECT_NE(twice.status().message().find("\"a\" appears in more than one file"), std::string::npos)
+      << twice.status().ToString();
+  auto dangling = runtime::Checkpoint::FromFiles("mem", files({"a"}), {{"c", "z"}});
+  ASSERT_FALSE(dangling.ok());
+  EXPECT_EQ(dangling.status().code(), StatusCode::kNotFound);
+  EXPECT_NE(dangling.status().message().find("\"z\""), std::string::npos) << dangling.status().ToString();
+  auto shadow = runtime::Checkpoint::FromFiles("mem", files({"a", "b"}), {{"b", "a"}});
+  ASSERT_FALSE(shadow.ok());
+  EXPECT_NE(shadow.status().message().find("alias \"b\""), std::string::npos) << shadow.status().ToString();
 }
 
 }  // namespace
