@@ -7,18 +7,25 @@
 #   scripts/accel/e2e-run.sh expertflow [LAYERS] [ctest]     logs and JSON under $OUT (or ./out)
 #   scripts/accel/e2e-run.sh hf [LAYERS]
 #
-# LAYERS (default 8): the synthetic checkpoint is written to local disk first (2.9 GB a layer).
+# LAYERS (default 8): the synthetic weights are generated in host memory (--synthetic-in-memory), of
+# which DISTINCT (default 2) layers distinct; every layer is uploaded as its own (2.9 GB a layer).
+# EXTRA: more `expertflow bench` flags (e.g. "--temperature 0.8 --top-p 0.95"); WORKLOADS_ONLY:
+# names of the workloads to run (default all).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 WHO=${1:-expertflow}
 LAYERS=${2:-8}
+DISTINCT=${DISTINCT:-2}
+EXTRA=${EXTRA:-}
+WORKLOADS_ONLY=${WORKLOADS_ONLY:-}
 # name concurrency requests prompt gen
 WORKLOADS=("c1 1 4 128 64" "c16 16 32 128 64" "c64 64 64 128 64" "ttft2k 1 4 2048 4")
 if [ "$WHO" = hf ]; then
   for w in "${WORKLOADS[@]}"; do
     read -r name c n p g <<<"$w"
+    [ -n "$WORKLOADS_ONLY" ] && [[ " $WORKLOADS_ONLY " != *" $name "* ]] && continue
     echo "== hf $name"
     timeout 280 python3 scripts/bench/hf_accelerate_baseline.py --shape mixtral-8x7b --layers "$LAYERS" --budget-pct 100 \
       -n "$n" -c "$c" --prompt-len "$p" --gen-len "$g" --json "$OUT/hf_$name.json" 2>&1 | grep -vE "^\s*$|Warning|warn" | tail -4
@@ -35,10 +42,13 @@ if [ "${3:-}" = ctest ]; then
 fi
 for w in "${WORKLOADS[@]}"; do
   read -r name c n p g <<<"$w"
+  [ -n "$WORKLOADS_ONLY" ] && [[ " $WORKLOADS_ONLY " != *" $name "* ]] && continue
   echo "== expertflow $name"
   t0=$(date +%s)
+  # shellcheck disable=SC2086
   timeout 200 "$BUILD"/expertflow bench --backend cuda --synthetic mixtral-8x7b --synthetic-layers "$LAYERS" \
-    --synthetic-dir "$PWD/.synthetic" -n "$n" -c "$c" --prompt-len "$p" --gen-len "$g" --max-batch 64 \
+    --synthetic-in-memory --synthetic-distinct-layers "$DISTINCT" --synthetic-dir "$PWD/.synthetic" \
+    -n "$n" -c "$c" --prompt-len "$p" --gen-len "$g" --max-batch 64 $EXTRA \
     --json "$OUT/expertflow_$name.json" >"$OUT/expertflow_$name.txt" 2>&1
   echo "rc=$? in $(($(date +%s) - t0)) s"
   grep -vE "^\[|^#  " "$OUT/expertflow_$name.txt" | tail -3
