@@ -166,8 +166,17 @@ struct ServingLoop::Active {
   std::vector<int32_t> resume;
   // Tokens its next prefill feeds.
   const std::vector<int32_t>& to_prefill() const { return resume.empty() ? request.prompt : resume; }
-  // Greedy, no logprobs: the backend's argmax of its row is all it needs (SeqChunk::argmax_only).
-  bool GreedyOnly() const { return request.sampling.temperature <= 0.f && request.logprobs < 0; }
+  // No logprobs: the token the backend picks from its row is all it needs (SeqChunk::token_only):
+  // the arg max, or a draw with the request's sampling (runtime::SampleRow, as the host draws).
+  bool TokenOnly() const { return request.logprobs < 0; }
+  // The parameters and random draw of its next token: drawn once, kept until a token is taken
+  // (a failed or retried step draws nothing new), so the tokens are the seed's wherever rows are
+  // sampled.
+  const runtime::RowSampling& NextDraw() {
+    if (!draw) draw = sampler->Next();
+    return *draw;
+  }
+  std::optional<runtime::RowSampling> draw;
   size_t prefill_done = 0;           // of to_prefill(), in the engine (chunked prefill)
   size_t prefill_now = 0;            // fed by the step in flight
   std::vector<TokenLogprob> scored;  // prompt logprobs of the chunks so far
@@ -515,10 +524,13 @@ void ServingLoop::Step() {
       budget -= static_cast<int64_t>(n);
       const bool scored = a->request.prompt_logprobs && a->resume.empty();
       batch.push_back(runtime::SeqChunk{a->seq, std::span<const int32_t>(all).subspan(a->prefill_done, n), scored,
-                                        !scored && a->GreedyOnly()});
+                                        !scored && a->TokenOnly()});
+      // Only the chunk that ends the prompt gives a token.
+      if (batch.back().token_only && a->prefill_done + n == all.size()) batch.back().sampling = a->NextDraw();
       if (a->resume.empty()) prompt_tokens += static_cast<int64_t>(n);  // a recompute is not a prompt
     } else {
-      batch.push_back(runtime::SeqChunk{a->seq, {&a->last, 1}, false, a->GreedyOnly()});
+      batch.push_back(runtime::SeqChunk{a->seq, {&a->last, 1}, false, a->TokenOnly()});
+      if (batch.back().token_only) batch.back().sampling = a->NextDraw();
     }
     members.push_back(a.get());
     tokens += static_cast<int64_t>(batch.back().tokens.size());
@@ -570,17 +582,17 @@ void ServingLoop::Step() {
     Fail(s);
     return;
   }
-  // The next token of each request that samples this step: a greedy request without logprobs takes
-  // the arg max the backend computed (its logits may not have come to the host at all); the others
-  // draw from their row, all rows at once on the thread pool (each request has its own generator).
+  // The next token of each request that samples this step: a request without logprobs takes the
+  // token the backend picked (its logits may not have come to the host at all); the others draw
+  // from their row with the same rule, all rows at once on the thread pool.
   const size_t vocab = static_cast<size_t>(config_.vocab_size);
   std::vector<int32_t> next(members.size(), -1);
   std::vector<size_t> to_draw;
   for (size_t b = 0; b < members.size(); ++b) {
     const Active& a = *members[b];
     if (!a.prefilled && a.prefill_done + a.prefill_now < a.to_prefill().size()) continue;  // more chunks to come
-    if (batch[b].argmax_only) {
-      next[b] = fr.argmax[fr.row_offset[b]];
+    if (batch[b].token_only) {
+      next[b] = fr.tokens[fr.row_offset[b]];
     } else {
       to_draw.push_back(b);
     }
@@ -590,7 +602,7 @@ void ServingLoop::Step() {
       const size_t b = to_draw[i];
       // The sampling row: the chunk's last (a scored prefill has a row per token).
       const size_t row = static_cast<size_t>(fr.row_offset[b]) + (batch[b].all_logits ? batch[b].tokens.size() - 1 : 0);
-      next[b] = members[b]->sampler->Sample({fr.logits.data() + row * vocab, vocab});
+      next[b] = runtime::SampleRow(fr.logits.data() + row * vocab, static_cast<int64_t>(vocab), members[b]->NextDraw());
     }
   };
   if (to_draw.size() > 1) {
@@ -601,9 +613,11 @@ void ServingLoop::Step() {
     draw(0, static_cast<int64_t>(to_draw.size()));
   }
   std::vector<bool> done(members.size(), false);
+  for (size_t b = 0; b < members.size(); ++b)
+    if (next[b] >= 0) members[b]->draw.reset();  // used
   for (size_t b = 0; b < members.size(); ++b) {
     const float* rows =
-        batch[b].argmax_only ? nullptr : fr.logits.data() + static_cast<size_t>(fr.row_offset[b]) * vocab;
+        batch[b].token_only ? nullptr : fr.logits.data() + static_cast<size_t>(fr.row_offset[b]) * vocab;
     done[b] = Advance(*members[b], rows, next[b]);
   }
   for (size_t b = 0; b < members.size(); ++b)
@@ -625,7 +639,7 @@ bool ServingLoop::Advance(Active& a, const float* rows, int32_t token) {
     if (a.resume.empty() && a.request.prompt_logprobs) {
       // Row i of this chunk predicts prompt token begin + i + 1; the sampling row is the last one.
       const std::vector<int32_t>& p = a.request.prompt;
-      if (begin == 0) a.scored.assign(1, TokenLogprob{p[0]});
+      if (begin == 0) a.scored.assign(1, TokenLogprob{p[0], std::nullopt, {}});
       for (size_t i = 0; i < n && begin + i + 1 < p.size(); ++i)
         a.scored.push_back(LogprobOf({rows + i * vocab, vocab}, p[begin + i + 1], top));
       rows += (n - 1) * vocab;

@@ -32,6 +32,7 @@ struct Weight {
 };
 
 class Backend;
+struct RowSampling;  // runtime/core/sample_row.h
 
 // One sequence of a batched attention call (Backend::AttentionBatch). Its query rows are
 // q[q_row, q_row + n_new) of the batch (and the same rows of out); they are the last n_new of
@@ -314,6 +315,13 @@ class Backend {
   // out[r] = the first index of the largest value of row r of x[rows, cols] (greedy sampling on the
   // backend); NaN never wins and a row without a number gives 0, as runtime::ArgMax.
   virtual void ArgMaxRows(const float* x, int64_t rows, int64_t cols, int32_t* out) = 0;
+  // out[r] = runtime::SampleRow(row r of x[rows, cols], params[r]) (runtime/core/sample_row.h: the
+  // same token the host draws; greedy rows, inv_temperature 0, get the arg max). params is backend
+  // memory.
+  virtual void SampleRows(const float* x, int64_t rows, int64_t cols, const RowSampling* params, int32_t* out) = 0;
+  // Whether the engine should call SampleRows; when not, it brings sampled rows' logits to the host
+  // and draws there (the same tokens). The CUDA kernel is behind EF_CUDA_SAMPLE_ROWS.
+  virtual bool SamplesRows() const { return true; }
   // dst[i, :] = src[idx[i], :]
   virtual void GatherRows(const float* src, const int32_t* idx, int64_t n, int dim, float* dst) = 0;
   // dst[idx[i], :] += scale[i] * src[i, :]   (idx distinct within one call)

@@ -8,6 +8,7 @@
 
 #include "runtime/core/check.h"
 #include "runtime/core/logging.h"
+#include "runtime/core/thread_pool.h"
 
 namespace ef::runtime {
 namespace {
@@ -39,7 +40,8 @@ enum ScratchSlot {
   kMlaOutLatent,   // attention output in latent space [T, heads * kv_lora]
   kDeviceRouting,  // routed decode: every MoE layer's ids then weights [moe layers][2 * T * top_k]
   kBlockTables,    // paged KV: the pass's block tables, int32 (grown in ReserveKvBlocks)
-  kArgmax,         // the argmax of each logits row, int32 (SeqChunk::argmax_only)
+  kPicked,         // the token picked from each logits row, int32 (SeqChunk::token_only)
+  kSampling,       // each row's RowSampling when a chunk samples on the backend
   kNumSlots
 };
 // transformers builds MLA's q_a_layernorm and kv_a_layernorm with RMSNorm's default eps.
@@ -83,6 +85,7 @@ StatusOr<std::unique_ptr<Engine>> Engine::Create(const std::string& model_dir, c
   if (options.upload_experts) EF_RETURN_IF_ERROR(e->UploadExperts());
   e->moe_executor_ = e->local_moe_.get();
   e->cuda_graphs_ = options.cuda_graphs;
+  e->backend_sampling_ = options.backend_sampling;
   e->max_seq_len_ = options.max_seq_len > 0 ? options.max_seq_len : e->config().max_position_embeddings;
   e->scratch_.resize(kNumSlots);
   if (options.kv_block_size > 0) {
@@ -276,7 +279,8 @@ Status Engine::ReserveScratch(int64_t T, int64_t R) {
       {kFinal, static_cast<size_t>(R) * H},
       {kLogits, static_cast<size_t>(R) * c.vocab_size},
       {kSharedGate, t},
-      {kArgmax, static_cast<size_t>(R)},
+      {kPicked, static_cast<size_t>(R)},
+      {kSampling, static_cast<size_t>(R) * sizeof(RowSampling) / sizeof(float)},
       {kDeviceRouting, DeviceRouting(T) ? c.num_moe_layers() * 2 * t * c.top_k : 0}};
   for (const auto& [slot, floats] : sizes) EF_RETURN_IF_ERROR(GrowScratch(slot, floats));
   return Status::Ok();
@@ -758,9 +762,29 @@ Status Engine::Forward(std::span<const SeqChunk> batch, ForwardResult* result) {
   pass.tokens_dev = tokens_dev;
   pass.pos_dev = pos_dev;
   pass.rows_dev = rows_dev;
-  const bool any_argmax = std::any_of(batch.begin(), batch.end(), [](const SeqChunk& ch) { return ch.argmax_only; });
-  const bool all_argmax = std::all_of(batch.begin(), batch.end(), [](const SeqChunk& ch) { return ch.argmax_only; });
-  if (any_argmax) pass.argmax_dev = reinterpret_cast<int32_t*>(Scratch(kArgmax, R));
+  const bool any_token = std::any_of(batch.begin(), batch.end(), [](const SeqChunk& ch) { return ch.token_only; });
+  const bool all_token = std::all_of(batch.begin(), batch.end(), [](const SeqChunk& ch) { return ch.token_only; });
+  if (any_token) pass.tokens_out_dev = reinterpret_cast<int32_t*>(Scratch(kPicked, R));
+  const bool any_sampled = std::any_of(batch.begin(), batch.end(), [](const SeqChunk& ch) {
+    return ch.token_only && ch.sampling && SamplesRandomly(*ch.sampling);
+  });
+  // A backend that does not sample: the pass picks arg maxes, and the sampled rows are drawn here
+  // from their logits.
+  const bool host_draws = any_sampled && !(backend_sampling_ && backend_->SamplesRows());
+  if (any_sampled && !host_draws) {
+    // Every row's parameters (greedy for the rows of the other chunks), uploaded before the pass
+    // so a recorded step reads them where it did.
+    std::vector<RowSampling> params(static_cast<size_t>(R));
+    for (size_t b = 0; b < batch.size(); ++b) {
+      const size_t end = b + 1 < batch.size() ? static_cast<size_t>(result->row_offset[b + 1]) : params.size();
+      if (batch[b].token_only && batch[b].sampling)
+        std::fill(params.begin() + result->row_offset[b], params.begin() + static_cast<std::ptrdiff_t>(end),
+                  *batch[b].sampling);
+    }
+    float* dev = Scratch(kSampling, params.size() * sizeof(RowSampling) / sizeof(float));
+    backend_->CopyToDevice(dev, params.data(), params.size() * sizeof(RowSampling));
+    pass.sampling_dev = reinterpret_cast<const RowSampling*>(dev);
+  }
   pass.device_routing = DeviceRouting(T);
   pass.row_seq = &row_seq;
   pass.row_pos = &row_pos;
@@ -769,12 +793,12 @@ Status Engine::Forward(std::span<const SeqChunk> batch, ForwardResult* result) {
                                                                                        : RunLayers(pass);
   step_pass_ = false;
   EF_RETURN_IF_ERROR(run);
-  result->argmax.clear();
-  if (any_argmax) {
-    result->argmax.resize(static_cast<size_t>(R));
-    backend_->CopyToHost(result->argmax.data(), pass.argmax_dev, result->argmax.size() * sizeof(int32_t));
+  result->tokens.clear();
+  if (any_token) {
+    result->tokens.resize(static_cast<size_t>(R));
+    backend_->CopyToHost(result->tokens.data(), pass.tokens_out_dev, result->tokens.size() * sizeof(int32_t));
   }
-  if (all_argmax) {
+  if (all_token && !host_draws) {
     result->logits.clear();
   } else {
     float* logits = Scratch(kLogits, R * c.vocab_size);
@@ -786,6 +810,25 @@ Status Engine::Forward(std::span<const SeqChunk> batch, ForwardResult* result) {
   if (Status s = backend_->status(); !s.ok()) {
     s.Prepend("forward pass on " + backend_->name());
     return s;
+  }
+  if (host_draws) {
+    std::vector<std::pair<int64_t, const RowSampling*>> draws;  // (row, its chunk's sampling)
+    for (size_t b = 0; b < batch.size(); ++b) {
+      if (!batch[b].token_only || !batch[b].sampling) continue;
+      const int64_t end = b + 1 < batch.size() ? result->row_offset[b + 1] : R;
+      for (int64_t row = result->row_offset[b]; row < end; ++row) draws.emplace_back(row, &*batch[b].sampling);
+    }
+    const size_t V = static_cast<size_t>(c.vocab_size);
+    ThreadPool::Default().ParallelFor(
+        static_cast<int64_t>(draws.size()),
+        [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) {
+            const auto [row, s] = draws[static_cast<size_t>(i)];
+            result->tokens[static_cast<size_t>(row)] =
+                SampleRow(result->logits.data() + static_cast<size_t>(row) * V, static_cast<int64_t>(V), *s);
+          }
+        },
+        /*min_chunk=*/std::max<int64_t>(1, 65536 / static_cast<int64_t>(V)));
   }
   if (pass.device_routing) EF_RETURN_IF_ERROR(FinishDeviceRouting(T, row_seq, row_pos, row_tok));
   // Committed last: a failed pass leaves every sequence as it was (its KV rows past the length are
@@ -815,7 +858,8 @@ void Engine::SyncGraphLayout() {
 
 Status Engine::RunGraphed(const Pass& p, uint64_t plan) {
   SyncGraphLayout();
-  GraphEntry& g = graphs_[{p.T, plan, p.argmax_dev != nullptr}];
+  const int pick = p.sampling_dev ? 2 : p.tokens_out_dev ? 1 : 0;
+  GraphEntry& g = graphs_[{p.T, plan, pick}];
   if (g.id >= 0) {
     EF_RETURN_IF_ERROR(backend_->LaunchGraph(g.id));
     last_device_routed_ = true;
@@ -889,7 +933,11 @@ Status Engine::RunLayers(const Pass& p) {
   backend_->RmsNorm(fin, R, H, weights_->final_norm(), c.rms_norm_eps, fin);
   float* logits = Scratch(kLogits, R * c.vocab_size);
   backend_->Gemm(fin, R, weights_->lm_head(), nullptr, logits, false);
-  if (p.argmax_dev) backend_->ArgMaxRows(logits, R, c.vocab_size, p.argmax_dev);
+  if (p.sampling_dev) {
+    backend_->SampleRows(logits, R, c.vocab_size, p.sampling_dev, p.tokens_out_dev);
+  } else if (p.tokens_out_dev) {
+    backend_->ArgMaxRows(logits, R, c.vocab_size, p.tokens_out_dev);
+  }
   return Status::Ok();
 }
 

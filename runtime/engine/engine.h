@@ -14,6 +14,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <tuple>
@@ -21,6 +22,7 @@
 #include <vector>
 
 #include "runtime/backend/backend.h"
+#include "runtime/core/sample_row.h"
 #include "runtime/engine/expert_source.h"
 #include "runtime/engine/host_router.h"
 #include "runtime/engine/kv_cache.h"
@@ -68,6 +70,9 @@ struct EngineOptions {
   // shape (sequences, attention plan) comes, and replayed with one launch after that. Same numbers
   // as without. false: every step launches its ops one by one.
   bool cuda_graphs = true;
+  // Sampled rows of token-only chunks are drawn on the backend when it samples
+  // (Backend::SamplesRows); false: always on the host from their logits (the same tokens).
+  bool backend_sampling = true;
 };
 
 // One chunk of a batch: tokens appended to sequence `seq`.
@@ -75,9 +80,12 @@ struct SeqChunk {
   int64_t seq = 0;
   std::span<const int32_t> tokens;
   bool all_logits = false;  // logits for every token (score) or only the last (generate)
-  // Only the argmax of its rows is wanted (greedy sampling): ForwardResult::argmax. When every chunk
-  // of a pass says so its logits stay on the backend (R ids come back instead of R x vocab floats).
-  bool argmax_only = false;
+  // Only the token of its rows is wanted, picked on the backend: ForwardResult::tokens. When every
+  // chunk of a pass says so its logits stay on the backend (R ids come back instead of R x vocab
+  // floats). The token is the arg max (greedy), or with `sampling` the token runtime::SampleRow
+  // draws with it (Backend::SampleRows; every row of the chunk with the same draw).
+  bool token_only = false;
+  std::optional<RowSampling> sampling = std::nullopt;
 };
 
 // A layer's routing, on the host, for the hooks. Rows follow the batch's token order.
@@ -102,9 +110,11 @@ struct ForwardResult {
   // Logits, row-major [rows][vocab]: per chunk, all its tokens or its last one.
   std::vector<float> logits;
   std::vector<int> row_offset;  // first row of each chunk
-  // When a chunk asked (SeqChunk::argmax_only): the argmax of every row, computed on the backend
-  // (runtime::ArgMax's contract); else empty. logits is empty when every chunk asked.
-  std::vector<int32_t> argmax;
+  // When a chunk asked (SeqChunk::token_only): the token of every row, picked on the backend (the
+  // arg max, runtime::ArgMax's contract, for rows of chunks without SeqChunk::sampling); else empty.
+  // logits is empty when every chunk asked, unless the backend does not sample
+  // (Backend::SamplesRows) and a chunk has sampling: then they come back and the host draws.
+  std::vector<int32_t> tokens;
 };
 
 class Engine {
@@ -213,7 +223,8 @@ class Engine {
     const int32_t* tokens_dev = nullptr;
     const int32_t* pos_dev = nullptr;
     const int32_t* rows_dev = nullptr;
-    int32_t* argmax_dev = nullptr;  // null: no argmax wanted
+    int32_t* tokens_out_dev = nullptr;          // null: no token wanted
+    const RowSampling* sampling_dev = nullptr;  // null: the tokens are arg maxes
     bool device_routing = false;
     const std::vector<int64_t>* row_seq = nullptr;
     const std::vector<int32_t>* row_pos = nullptr;
@@ -300,15 +311,16 @@ class Engine {
   // Decode graphs: by (sequences, the backend's plan fingerprint); id -1 until recorded. A shape
   // is recorded on its second step (the first grows whatever scratch it needs) unless refused.
   bool cuda_graphs_ = true;
-  bool step_pass_ = false;  // this pass uses the backend's step ops
+  bool backend_sampling_ = true;  // EngineOptions::backend_sampling
+  bool step_pass_ = false;        // this pass uses the backend's step ops
   struct GraphEntry {
     int id = -1;
     int steps = 0;
     bool refused = false;
   };
-  std::map<std::tuple<int64_t, uint64_t, bool>, GraphEntry> graphs_;  // (T, plan, argmax)
-  std::array<uint64_t, 3> graph_layout_{};                            // the layout graphs_ was recorded against
-  uint64_t scratch_generation_ = 0;                                   // incremented when a scratch buffer moves
+  std::map<std::tuple<int64_t, uint64_t, int>, GraphEntry> graphs_;  // (T, plan, 0 logits/1 arg max/2 sampled)
+  std::array<uint64_t, 3> graph_layout_{};                           // the layout graphs_ was recorded against
+  uint64_t scratch_generation_ = 0;                                  // incremented when a scratch buffer moves
   GraphStats graph_stats_;
 };
 

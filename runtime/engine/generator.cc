@@ -63,13 +63,13 @@ StatusOr<std::vector<GenerateResult>> Generate(Engine& engine, const std::vector
     index.clear();
     for (size_t i = 0; i < n; ++i) {
       if (done[i]) continue;
-      // Greedy requests take the backend's argmax of their row (no logits to the host).
-      const bool greedy = requests[i].sampling.temperature <= 0.f;
+      // The backend picks every token (arg max or SampleRow's draw): no logits to the host.
       if (first) {
-        batch.push_back(SeqChunk{seq_ids[i], requests[i].prompt, false, greedy});
+        batch.push_back(SeqChunk{seq_ids[i], requests[i].prompt, false, true});
       } else {
-        batch.push_back(SeqChunk{seq_ids[i], {&last[i], 1}, false, greedy});
+        batch.push_back(SeqChunk{seq_ids[i], {&last[i], 1}, false, true});
       }
+      batch.back().sampling = samplers[i].Next();
       index.push_back(i);
     }
     if (batch.empty()) break;
@@ -78,13 +78,7 @@ StatusOr<std::vector<GenerateResult>> Generate(Engine& engine, const std::vector
     EF_RETURN_IF_ERROR(engine.Forward(batch, &fr));
     for (size_t b = 0; b < batch.size(); ++b) {
       const size_t i = index[b];
-      int32_t tok;
-      if (batch[b].argmax_only) {
-        tok = fr.argmax[fr.row_offset[b]];
-      } else {
-        tok = samplers[i].Sample({fr.logits.data() + static_cast<size_t>(fr.row_offset[b]) * c.vocab_size,
-                                  static_cast<size_t>(c.vocab_size)});
-      }
+      const int32_t tok = fr.tokens[fr.row_offset[b]];
       results[i].tokens.push_back(tok);
       last[i] = tok;
       bool keep = on_token ? on_token(i, tok) : true;

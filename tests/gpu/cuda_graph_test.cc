@@ -36,14 +36,17 @@ class CudaGraphTest : public ::testing::TestWithParam<std::string> {};
 // replayed) and the fp32 fixtures (their steps run the step ops one by one): bitwise the logits of
 // the batch ops, with 1, 2 (the per-pair MoE GEMV), 3 and 20 sequences (the grouped MoE kernel;
 // 20: past the descriptors a launch carries inline); then greedy on the device (the arg max in
-// the graph): the same tokens as the host's arg max of the eager logits.
+// the graph): the same tokens as the host's arg max of the eager logits; then sampled on the device
+// (SampleRows in the graph): the tokens the host's SampleRow draws from the eager logits.
 TEST_P(CudaGraphTest, ReplayIsBitwiseEager) {
   if (!testing::HaveDevice()) GTEST_SKIP() << "no CUDA device visible";
   const bool device_routed = GetParam() == "tiny-code-moe";
   for (const char* kv_dtype : {"fp32", "bf16"})
     for (int block_size : {1, 16}) {
       auto eager = MakeCudaEngine(GetParam(), false, kv_dtype, block_size);
-      if (std::string(kv_dtype) == "fp32") ASSERT_NE(eager, nullptr);
+      if (std::string(kv_dtype) == "fp32") {
+        ASSERT_NE(eager, nullptr);
+      }
       if (!eager) continue;  // a bf16 cache the model's attention cannot read: refused (tested elsewhere)
       auto graphed = MakeCudaEngine(GetParam(), true, kv_dtype, block_size);
       ASSERT_NE(graphed, nullptr);
@@ -66,11 +69,24 @@ TEST_P(CudaGraphTest, ReplayIsBitwiseEager) {
         // Greedy: the tokens the host's arg max picks from the eager logits.
         std::vector<float> tokens = testing::DecodeWorkload(*eager, seqs, 30);
         const int V = eager->config().vocab_size;
-        const std::vector<float> on_device = testing::DecodeWorkload(*graphed, seqs, 30, /*argmax_only=*/true);
+        const std::vector<float> on_device = testing::DecodeWorkload(*graphed, seqs, 30, /*token_only=*/true);
         std::vector<float> picked;
         for (size_t row = 0; row * V < tokens.size(); ++row)
           picked.push_back(static_cast<float>(ArgMax(std::span<const float>(tokens.data() + row * V, V))));
         testing::ExpectBitwiseEqual(on_device, picked, (what + ", greedy on the device").c_str());
+        // Sampled on the device (SampleRows in the graph, its draws uploaded every step): the tokens
+        // runtime::SampleRow draws from the eager logits with the same draws.
+        RowSampling sampling;
+        sampling.inv_temperature = 1.f / 1.3f;
+        sampling.top_p = 0.9f;
+        sampling.top_k = 40;
+        const Engine::GraphStats before_sampled = graphed->graph_stats();
+        testing::ExpectBitwiseEqual(testing::DecodeWorkload(*graphed, seqs, 30, /*token_only=*/true, &sampling),
+                                    testing::DecodeWorkload(*eager, seqs, 30, /*token_only=*/false, &sampling),
+                                    (what + ", sampled on the device").c_str());
+        if (device_routed) {
+          EXPECT_GE(graphed->graph_stats().replayed - before_sampled.replayed, 10) << what;
+        }
       }
       EXPECT_EQ(eager->graph_stats().replayed, 0);
     }

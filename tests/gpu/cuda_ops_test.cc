@@ -783,5 +783,69 @@ TEST_F(CudaOpsTest, ArgMaxRowsIsTheHostArgMax) {
   EXPECT_TRUE(gpu_->status().ok()) << gpu_->status().ToString();
 }
 
+// Backend::SampleRows on the GPU draws the tokens runtime::SampleRow draws on the host, bit for
+// bit: flat and peaked rows, ties, NaN and -inf, every kind of cut, many random draws.
+TEST_F(CudaOpsTest, SampleRowsIsTheHostSampleRow) {
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  struct Cut {
+    float temperature, top_p;
+    int top_k;
+  };
+  const std::vector<Cut> cuts = {{1.f, 1.f, 0},   {0.7f, 0.9f, 0},  {1.f, 1.f, 1},       {0.8f, 0.95f, 40},
+                                 {1.3f, 0.5f, 0}, {1.f, 1.f, 2000}, {0.5f, 0.99f, 3000}, {1e-3f, 1.f, 0},
+                                 {0.f, 1.f, 0},   {2.f, 0.2f, 7}};
+  for (int64_t cols : {int64_t{151936}, int64_t{32000}, int64_t{1001}, int64_t{3}}) {
+    const int64_t kinds = 6, rows = kinds * static_cast<int64_t>(cuts.size());
+    std::vector<float> x(static_cast<size_t>(rows * cols));
+    for (int64_t k = 0; k < kinds; ++k) {
+      // 0: flat (normal-ish, scale 2.5), 1: peaked (a few large), 2: many ties, 3: NaN and -inf
+      // mixed in, 4: quantized to 1/8 (ties across the cut), 5: all equal.
+      const std::vector<float> v = RandomFloats(static_cast<size_t>(cols), 1700 + 31 * k + cols, -4.f, 4.f);
+      for (int64_t c = 0; c < cols; ++c) {
+        float f = v[static_cast<size_t>(c)];
+        if (k == 1) f = c % 97 == 5 ? 12.f + f : f - 8.f;
+        if (k == 2) f = static_cast<float>(c % 5);
+        if (k == 3 && c % 7 == 1) f = nan;
+        if (k == 3 && c % 11 == 2) f = -inf;
+        if (k == 4) f = std::round(f * 8.f) / 8.f;
+        if (k == 5) f = 0.5f;
+        for (size_t i = 0; i < cuts.size(); ++i) x[static_cast<size_t>((k * cuts.size() + i) * cols + c)] = f;
+      }
+    }
+    std::vector<RowSampling> params(static_cast<size_t>(rows));
+    std::mt19937_64 rng(cols);
+    const float* x_dev = dev_->Put(x);
+    std::vector<int32_t> want(static_cast<size_t>(rows)), cpu(static_cast<size_t>(rows));
+    int64_t checked = 0;
+    for (int draw = 0; draw < 12; ++draw) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const Cut& cut = cuts[static_cast<size_t>(r) % cuts.size()];
+        RowSampling& p = params[static_cast<size_t>(r)];
+        p.inv_temperature = cut.temperature > 0.f ? 1.f / cut.temperature : 0.f;
+        p.top_p = cut.top_p;
+        p.top_k = cut.top_k;
+        p.uniform = draw == 0 ? 0.0 : draw == 1 ? 0.9999999999 : std::generate_canonical<double, 53>(rng);
+        want[static_cast<size_t>(r)] = SampleRow(x.data() + r * cols, cols, p);
+      }
+      cpu_.SampleRows(x.data(), rows, cols, params.data(), cpu.data());
+      EXPECT_EQ(cpu, want) << "cpu backend, cols " << cols;
+      const RowSampling* params_dev = dev_->Put(params);
+      int32_t* out = dev_->Zeros<int32_t>(rows);
+      gpu_->SampleRows(x_dev, rows, cols, params_dev, out);
+      const std::vector<int32_t> got = dev_->Get(out, rows);
+      for (int64_t r = 0; r < rows; ++r) {
+        const Cut& cut = cuts[static_cast<size_t>(r) % cuts.size()];
+        EXPECT_EQ(got[static_cast<size_t>(r)], want[static_cast<size_t>(r)])
+            << "cols " << cols << " row kind " << r / static_cast<int64_t>(cuts.size()) << " T " << cut.temperature
+            << " top_p " << cut.top_p << " top_k " << cut.top_k << " uniform "
+            << params[static_cast<size_t>(r)].uniform;
+        ++checked;
+      }
+    }
+    EXPECT_EQ(checked, 12 * rows);
+  }
+  EXPECT_TRUE(gpu_->status().ok()) << gpu_->status().ToString();
+}
+
 }  // namespace
 }  // namespace ef::runtime

@@ -408,6 +408,24 @@ TEST_F(ServerTest, NChoicesSampleWithDistinctReproducibleSeeds) {
   EXPECT_EQ(one.body["usage"]["prompt_tokens"], a.body["usage"]["prompt_tokens"]);
 }
 
+// A sampled request draws the same tokens whether the backend picks them (no logprobs: its
+// logits stay there, Backend::SampleRows) or the host does from the logits (logprobs asked), and
+// with top_k / top_p cuts.
+TEST_F(ServerTest, SampledTokensAreTheSameOnTheBackendAndTheHost) {
+  for (const json& cut : {json{{"temperature", 0.9}}, json{{"temperature", 1.2}, {"top_p", 0.8}, {"top_k", 30}}}) {
+    json req = {{"model", kModel}, {"prompt", "def fib"}, {"max_tokens", 16}, {"seed", 11}, {"ignore_eos", true}};
+    req.update(cut);
+    Reply backend = Post(*server_, "/v1/completions", req.dump());
+    req["logprobs"] = 1;
+    Reply host = Post(*server_, "/v1/completions", req.dump());
+    ASSERT_EQ(backend.status, 200) << backend.raw;
+    ASSERT_EQ(host.status, 200) << host.raw;
+    EXPECT_EQ(backend.body["choices"][0]["text"], host.body["choices"][0]["text"]) << cut.dump();
+    EXPECT_EQ(backend.body["usage"]["completion_tokens"], 16);
+    EXPECT_EQ(host.body["choices"][0]["logprobs"]["tokens"].size(), 16u) << host.raw;
+  }
+}
+
 namespace fs = std::filesystem;
 
 // `expertflow score` over `ids`: the log-softmax (in double) of the logits at every position.

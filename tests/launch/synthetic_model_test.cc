@@ -527,7 +527,9 @@ TEST_F(SyntheticModelTest, RepeatedLayersTakeTheBytesOfGeneratedLayersOfTheirKin
   auto data = [&](const std::string& name) -> const std::byte* {
     const TensorView* v = ck.Find(name);
     EXPECT_NE(v, nullptr) << name;
-    if (v != nullptr) EXPECT_EQ(v->name, name);
+    if (v != nullptr) {
+      EXPECT_EQ(v->name, name);
+    }
     return v ? v->data : nullptr;
   };
   const std::string q = ".self_attn.q_a_proj.weight";

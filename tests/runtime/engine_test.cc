@@ -60,7 +60,7 @@ TEST(EngineTest, ChunkedPrefillAndDecodeMatchOnePass) {
   ExpectNear(Feed(*e, 3, kPrompt, 1), whole, 1e-4f);
 }
 
-// SeqChunk::argmax_only: the backend's argmax of each row is the host ArgMax of the same logits; a
+// SeqChunk::token_only: the backend's argmax of each row is the host ArgMax of the same logits; a
 // pass where every chunk asks brings no logits back, and its argmax stays the same.
 TEST(EngineTest, ArgmaxOnlyChunksGetTheArgmaxOfTheirRows) {
   auto e = Make();
@@ -73,24 +73,79 @@ TEST(EngineTest, ArgmaxOnlyChunksGetTheArgmaxOfTheirRows) {
   const int V = e->config().vocab_size;
   const size_t rows = kPrompt.size() + 1;
   ASSERT_EQ(mixed.logits.size(), rows * V);
-  ASSERT_EQ(mixed.argmax.size(), rows);
+  ASSERT_EQ(mixed.tokens.size(), rows);
   for (size_t r = 0; r < rows; ++r)
-    EXPECT_EQ(mixed.argmax[r], ArgMax(std::span<const float>(mixed.logits.data() + r * V, V))) << "row " << r;
+    EXPECT_EQ(mixed.tokens[r], ArgMax(std::span<const float>(mixed.logits.data() + r * V, V))) << "row " << r;
   // A decode step of both with argmax only: the same tokens as the logits of a twin engine give.
   auto twin = Make();
   ASSERT_TRUE(twin->AddSequence(1).ok());
   ASSERT_TRUE(twin->AddSequence(2).ok());
   ForwardResult full;
   ASSERT_TRUE(twin->Forward(std::vector<SeqChunk>{{1, kPrompt, true}, {2, other, false}}, &full).ok());
-  const int32_t a = mixed.argmax[kPrompt.size() - 1], b = mixed.argmax[kPrompt.size()];
+  const int32_t a = mixed.tokens[kPrompt.size() - 1], b = mixed.tokens[kPrompt.size()];
   ForwardResult greedy;
   ASSERT_TRUE(e->Forward(std::vector<SeqChunk>{{1, {&a, 1}, false, true}, {2, {&b, 1}, false, true}}, &greedy).ok());
   EXPECT_TRUE(greedy.logits.empty());
   ASSERT_TRUE(twin->Forward(std::vector<SeqChunk>{{1, {&a, 1}, false}, {2, {&b, 1}, false}}, &full).ok());
-  ASSERT_EQ(greedy.argmax.size(), 2u);
-  EXPECT_TRUE(full.argmax.empty());
+  ASSERT_EQ(greedy.tokens.size(), 2u);
+  EXPECT_TRUE(full.tokens.empty());
   for (int r = 0; r < 2; ++r)
-    EXPECT_EQ(greedy.argmax[r], ArgMax(std::span<const float>(full.logits.data() + static_cast<size_t>(r) * V, V)));
+    EXPECT_EQ(greedy.tokens[r], ArgMax(std::span<const float>(full.logits.data() + static_cast<size_t>(r) * V, V)));
+}
+
+// SeqChunk::sampling with token_only: the backend draws what runtime::SampleRow draws from the
+// same logits; rows of chunks without it stay the arg max.
+TEST(EngineTest, SampledTokenOnlyChunksDrawWhatTheHostDraws) {
+  auto e = Make();
+  auto twin = Make();
+  const std::vector<int32_t> other = {5, 17, 99, 2048};
+  for (auto* engine : {e.get(), twin.get()}) {
+    ASSERT_TRUE(engine->AddSequence(1).ok());
+    ASSERT_TRUE(engine->AddSequence(2).ok());
+  }
+  ForwardResult full;
+  ASSERT_TRUE(twin->Forward(std::vector<SeqChunk>{{1, kPrompt, false}, {2, other, false}}, &full).ok());
+  const int V = e->config().vocab_size;
+  RowSampling s;
+  s.inv_temperature = 1.f / 1.5f;
+  s.top_p = 0.9f;
+  s.top_k = 50;
+  int differs = 0;
+  for (double u : {0.0, 0.3, 0.77, 0.999}) {
+    s.uniform = u;
+    std::vector<SeqChunk> chunks = {{1, kPrompt, false, true}, {2, other, false, true}};
+    chunks[0].sampling = s;
+    // Forward commits the rows: a fresh engine for every draw.
+    auto fresh = Make();
+    ASSERT_TRUE(fresh->AddSequence(1).ok());
+    ASSERT_TRUE(fresh->AddSequence(2).ok());
+    ForwardResult r;
+    ASSERT_TRUE(fresh->Forward(chunks, &r).ok());
+    EXPECT_TRUE(r.logits.empty());
+    ASSERT_EQ(r.tokens.size(), 2u);
+    EXPECT_EQ(r.tokens[0], SampleRow(full.logits.data(), V, s)) << "uniform " << u;
+    EXPECT_EQ(r.tokens[1], ArgMax(std::span<const float>(full.logits.data() + V, V)));
+    differs += r.tokens[0] != ArgMax(std::span<const float>(full.logits.data(), V));
+  }
+  EXPECT_GT(differs, 0);  // the draws are not all the arg max
+  // Drawn on the host instead (EngineOptions::backend_sampling false, as for a backend that does
+  // not sample): the same tokens, and the logits come back.
+  EngineOptions o;
+  o.backend = "cpu";
+  o.backend_sampling = false;
+  auto host = Engine::Create(kTiny, o);
+  ASSERT_TRUE(host.ok()) << host.status().ToString();
+  ASSERT_TRUE((*host)->AddSequence(1).ok());
+  ASSERT_TRUE((*host)->AddSequence(2).ok());
+  s.uniform = 0.77;
+  std::vector<SeqChunk> chunks = {{1, kPrompt, false, true}, {2, other, false, true}};
+  chunks[0].sampling = s;
+  ForwardResult r;
+  ASSERT_TRUE((*host)->Forward(chunks, &r).ok());
+  ASSERT_EQ(r.tokens.size(), 2u);
+  EXPECT_EQ(r.logits, full.logits);
+  EXPECT_EQ(r.tokens[0], SampleRow(full.logits.data(), V, s));
+  EXPECT_EQ(r.tokens[1], ArgMax(std::span<const float>(full.logits.data() + V, V)));
 }
 
 TEST(EngineTest, WarmUpLeavesNothingBehind) {

@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -54,9 +55,12 @@ inline std::vector<float> PagedKvWorkload(Engine& e) {
 // Greedy decode of num_seqs sequences (prompts of 5 to 27 tokens) stepping together; every fifth
 // step the oldest leaves and a new one is prefilled alone, then joins: the batch size changes and
 // contexts cross attention's split boundaries, as in serving. Returns every logit; with
-// argmax_only, the chunks ask for the backend's argmax (SeqChunk::argmax_only) and the tokens it
-// chose are returned instead (as floats).
-inline std::vector<float> DecodeWorkload(Engine& e, int num_seqs, int steps, bool argmax_only = false) {
+// token_only, the chunks ask for the backend's token (SeqChunk::token_only) and the tokens it
+// chose are returned instead (as floats). With `sampling`, tokens are drawn with it instead of
+// the arg max (on the backend with token_only, else by runtime::SampleRow from the logits), the
+// uniform a fixed function of the sequence and the step, and only the tokens are returned.
+inline std::vector<float> DecodeWorkload(Engine& e, int num_seqs, int steps, bool token_only = false,
+                                         const RowSampling* sampling = nullptr) {
   const int V = e.config().vocab_size;
   struct Live {
     int64_t id;
@@ -66,18 +70,39 @@ inline std::vector<float> DecodeWorkload(Engine& e, int num_seqs, int steps, boo
   std::vector<float> all;
   int64_t next_id = 100;
   auto argmax = [V](const float* row) { return static_cast<int32_t>(std::max_element(row, row + V) - row); };
+  auto draw = [&](int64_t id, int step) {
+    RowSampling s = *sampling;
+    s.uniform = std::fmod(static_cast<double>(id) * 0.6180339887498949 + (step + 2) * 0.3183098861837907, 1.0);
+    return s;
+  };
+  // The token picked for row i of r (sequence id, step; -1 for a prefill).
+  auto pick = [&](const ForwardResult& r, size_t i, int64_t id, int step) {
+    int32_t t;
+    if (token_only) {
+      t = r.tokens.at(i);
+    } else {
+      const float* row = r.logits.data() + i * static_cast<size_t>(V);
+      t = sampling ? SampleRow(row, V, draw(id, step)) : argmax(row);
+      if (!sampling) all.insert(all.end(), row, row + V);
+    }
+    if (token_only || sampling) all.push_back(static_cast<float>(t));
+    return t;
+  };
+  auto chunk_of = [&](int64_t id, std::span<const int32_t> tokens, int step) {
+    SeqChunk c{id, tokens, false, token_only};
+    if (token_only && sampling) c.sampling = draw(id, step);
+    return c;
+  };
   auto add = [&](int len) {
     const int64_t id = next_id++;
     EXPECT_TRUE(e.AddSequence(id).ok());
     std::vector<int32_t> prompt(len);
     for (int i = 0; i < len; ++i) prompt[i] = static_cast<int32_t>((id * 131 + i * 37 + 1) % V);
     ForwardResult r;
-    const Status s = e.Forward(std::vector<SeqChunk>{{id, prompt, false, argmax_only}}, &r);
+    const Status s = e.Forward(std::vector<SeqChunk>{chunk_of(id, prompt, -1)}, &r);
     EXPECT_TRUE(s.ok()) << s.ToString();
     if (!s.ok()) return;
-    all.insert(all.end(), r.logits.begin(), r.logits.end());
-    if (argmax_only) all.push_back(static_cast<float>(r.argmax.at(0)));
-    live.push_back({id, argmax_only ? r.argmax.at(0) : argmax(r.logits.data())});
+    live.push_back({id, pick(r, 0, id, -1)});
   };
   for (int i = 0; i < num_seqs; ++i) add(5 + (7 * i) % 23);
   for (int step = 0; step < steps; ++step) {
@@ -87,16 +112,12 @@ inline std::vector<float> DecodeWorkload(Engine& e, int num_seqs, int steps, boo
       add(3 + step % 11);
     }
     std::vector<SeqChunk> chunks;
-    for (const Live& l : live) chunks.push_back({l.id, std::span<const int32_t>(&l.next, 1), false, argmax_only});
+    for (const Live& l : live) chunks.push_back(chunk_of(l.id, std::span<const int32_t>(&l.next, 1), step));
     ForwardResult r;
     const Status s = e.Forward(chunks, &r);
     EXPECT_TRUE(s.ok()) << s.ToString();
     if (!s.ok()) break;
-    all.insert(all.end(), r.logits.begin(), r.logits.end());
-    for (size_t i = 0; i < live.size(); ++i) {
-      live[i].next = argmax_only ? r.argmax.at(i) : argmax(r.logits.data() + static_cast<size_t>(i) * V);
-      if (argmax_only) all.push_back(static_cast<float>(live[i].next));
-    }
+    for (size_t i = 0; i < live.size(); ++i) live[i].next = pick(r, i, live[i].id, step);
   }
   for (const Live& l : live) e.RemoveSequence(l.id);
   return all;

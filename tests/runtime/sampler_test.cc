@@ -191,6 +191,39 @@ TEST(SamplerTest, NanLogitsAreNeverDrawnAndDegenerateRowsAreGreedy) {
   for (int i = 0; i < 50; ++i) EXPECT_EQ(t.Sample(row), 1);
 }
 
+// The exp of the shared sampling rule is exp within 2e-7 relative, exactly 1 at 0 and 0 below -28.
+TEST(SamplerTest, SampleExpIsExp) {
+  double worst = 0;
+  for (int i = 0; i <= 280000; ++i) {
+    const float x = -28.f * static_cast<float>(i) / 280000.f;
+    const double want = std::exp(static_cast<double>(x));
+    worst = std::max(worst, std::abs(SampleExp(x) - want) / want);
+  }
+  EXPECT_LT(worst, 2e-7);
+  EXPECT_EQ(SampleExp(0.f), 1.f);
+  EXPECT_EQ(SampleExp(-28.5f), 0.f);
+  EXPECT_EQ(SampleExp(-std::numeric_limits<float>::infinity()), 0.f);
+  EXPECT_EQ(SampleMass(3.f, 3.f, 2.f), uint64_t{1} << kSampleMassBits);
+}
+
+// Next() and SampleRow are Sample: the serving loop draws a step's parameters first and samples the
+// row wherever its logits are.
+TEST(SamplerTest, NextThenSampleRowIsSample) {
+  std::mt19937 rng(3);
+  std::normal_distribution<float> d(0.f, 2.f);
+  std::vector<float> row(5000);
+  for (float& v : row) v = d(rng);
+  SamplingParams p{.temperature = 0.8f, .top_k = 100, .top_p = 0.9f, .seed = 42};
+  Sampler a(p), b(p);
+  for (int i = 0; i < 200; ++i) {
+    const RowSampling s = b.Next();
+    EXPECT_EQ(a.Sample(row), SampleRow(row.data(), static_cast<int64_t>(row.size()), s)) << "draw " << i;
+  }
+  EXPECT_FALSE(a.greedy());
+  EXPECT_TRUE(Sampler(SamplingParams{}).greedy());
+  EXPECT_TRUE(Sampler(SamplingParams{.temperature = 1e-45f}).greedy());  // 1 / T overflows
+}
+
 TEST(SamplerTest, InvalidParametersNameTheField) {
   SamplingParams p;
   p.temperature = -1.f;

@@ -10,6 +10,7 @@
 
 #include "runtime/core/block_scaled.h"
 #include "runtime/core/quant.h"
+#include "runtime/core/sample_row.h"
 
 namespace ef::runtime {
 namespace {
@@ -414,6 +415,10 @@ void CpuBackend::ArgMaxRows(const float* x, int64_t rows, int64_t cols, int32_t*
       if (v[i] > best || (at < 0 && v[i] == best)) best = v[i], at = i;
     out[r] = static_cast<int32_t>(at < 0 ? 0 : at);
   }
+}
+
+void CpuBackend::SampleRows(const float* x, int64_t rows, int64_t cols, const RowSampling* params, int32_t* out) {
+  for (int64_t r = 0; r < rows; ++r) out[r] = SampleRow(x + r * cols, cols, params[r]);
 }
 
 void CpuBackend::ScatterAddRows(const float* src, const int32_t* idx, const float* scale, int64_t n, int dim,

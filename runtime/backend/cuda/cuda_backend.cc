@@ -8,6 +8,7 @@
 #include "runtime/core/logging.h"
 #include "runtime/core/params.h"
 #include "runtime/core/quant_format.h"
+#include "runtime/core/sample_row.h"
 
 EF_PARAM(CudaBf16Weights, bool, "EF_CUDA_BF16_WEIGHTS", false,
          "cuda backend: store F32 weight matrices as BF16 (bf16 GEMMs with fp32 accumulation)");
@@ -18,6 +19,9 @@ EF_PARAM(CudaExpertStreams, int64_t, "EF_CUDA_EXPERT_STREAMS", 4,
          "products)");
 EF_PARAM(CudaPdl, bool, "EF_CUDA_PDL", true,
          "cuda backend: launch the decode path's kernels with programmatic dependent launch (Hopper and later)");
+EF_PARAM(CudaSampleRows, bool, "EF_CUDA_SAMPLE_ROWS", false,
+         "cuda backend: draw sampled tokens on the GPU (Backend::SampleRows: the host's draws, only ids come back); "
+         "off: the logits of sampled rows come to the host, which draws the same tokens");
 
 namespace ef::runtime {
 namespace {
@@ -1004,6 +1008,12 @@ void CudaBackend::GatherRows(const float* src, const int32_t* idx, int64_t n, in
 
 void CudaBackend::ArgMaxRows(const float* x, int64_t rows, int64_t cols, int32_t* out) {
   CUDA_CHECK_LOG(cuda::launch_argmax_rows(x, rows, cols, out, stream_), &error_);
+}
+
+bool CudaBackend::SamplesRows() const { return params::CudaSampleRows(); }
+
+void CudaBackend::SampleRows(const float* x, int64_t rows, int64_t cols, const RowSampling* params, int32_t* out) {
+  CUDA_CHECK_LOG(cuda::launch_sample_rows(x, rows, cols, params, out, stream_), &error_);
 }
 
 void CudaBackend::ScatterAddRows(const float* src, const int32_t* idx, const float* scale, int64_t n, int dim,

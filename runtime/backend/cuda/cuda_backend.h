@@ -123,6 +123,8 @@ class CudaBackend final : public Backend {
                   float* weights) override;
   void GatherRows(const float* src, const int32_t* idx, int64_t n, int dim, float* dst) override;
   void ArgMaxRows(const float* x, int64_t rows, int64_t cols, int32_t* out) override;
+  void SampleRows(const float* x, int64_t rows, int64_t cols, const RowSampling* params, int32_t* out) override;
+  bool SamplesRows() const override;
   void ScatterAddRows(const float* src, const int32_t* idx, const float* scale, int64_t n, int dim,
                       float* dst) override;
   void AddSigmoidGated(const float* src, const float* gate_logit, int64_t rows, int dim, float* dst) override;

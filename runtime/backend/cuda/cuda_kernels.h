@@ -14,6 +14,10 @@
 
 #include "runtime/core/dtype.h"
 
+namespace ef::runtime {
+struct RowSampling;  // runtime/core/sample_row.h
+}  // namespace ef::runtime
+
 namespace ef::runtime::cuda {
 
 // out[i, :] = table[ids[i], :] (table [*, cols] of dtype dt)
@@ -158,6 +162,9 @@ cudaError_t launch_router_topk(const float* logits, int64_t rows, int num_expert
 // out[r] = the first index of the maximum of row r of x[rows, cols]; NaN never wins, a row without
 // a number gives 0 (runtime::ArgMax).
 cudaError_t launch_argmax_rows(const float* x, int64_t rows, int64_t cols, int32_t* out, cudaStream_t stream);
+// out[r] = runtime::SampleRow(row r of x[rows, cols], params[r]) (params on the device).
+cudaError_t launch_sample_rows(const float* x, int64_t rows, int64_t cols, const RowSampling* params, int32_t* out,
+                               cudaStream_t stream);
 // dst[i, :] = src[idx[i], :]
 cudaError_t launch_gather_rows(const float* src, const int32_t* idx, int64_t n, int dim, float* dst,
                                cudaStream_t stream);
