@@ -846,12 +846,13 @@ json ResultsJson(const BenchRun& b, const BenchSummary& s, const RunCounters& c)
 // The serving loop's forward passes on rank 0 (ServerMetrics): where a step's time goes.
 struct EngineSteps {
   int64_t steps = 0;
-  int64_t device_routed = 0;           // MoE routing kept on the device (no host round trip per layer)
-  double seconds = 0;                  // wall time inside Engine::Forward
-  double device_routed_seconds = 0;    // of which in the device-routed passes
-  double step_seconds = 0;             // wall time of the serving loop's steps (forward + host work)
-  int64_t preemptions = 0;             // requests that gave their KV blocks back to be prefilled again
-  runtime::Engine::GraphStats graphs;  // decode steps from CUDA graphs (runtime.cuda_graphs)
+  int64_t device_routed = 0;                // MoE routing kept on the device (no host round trip per layer)
+  double seconds = 0;                       // wall time inside Engine::Forward
+  double device_routed_seconds = 0;         // of which in the device-routed passes
+  double step_seconds = 0;                  // wall time of the serving loop's steps (forward + host work)
+  int64_t preemptions = 0;                  // requests that gave their KV blocks back to be prefilled again
+  runtime::Engine::GraphStats graphs;       // decode steps from CUDA graphs (runtime.cuda_graphs)
+  runtime::Engine::SamplingStats sampling;  // tokens drawn with a temperature, where
 };
 
 Status WriteJson(const BenchRun& b, const BenchParts& p, const BenchSummary& s, const RunCounters& c,
@@ -920,7 +921,9 @@ Status WriteJson(const BenchRun& b, const BenchParts& p, const BenchSummary& s, 
               {"preemptions", steps.preemptions},
               {"graphs_recorded", steps.graphs.recorded},
               {"graph_replays", steps.graphs.replayed},
-              {"graphs_refused", steps.graphs.refused}}},
+              {"graphs_refused", steps.graphs.refused},
+              {"sampled_on_backend", steps.sampling.on_backend},
+              {"sampled_on_host", steps.sampling.on_host}}},
             {"routing", s.per_layer}};
   std::ofstream out(o.json_path);
   if (!out) return NotFound("cannot write " + o.json_path);
@@ -963,7 +966,8 @@ Status RunBench(const BenchOptions& given, comm::MpiContext* ctx) {
                           metrics.device_routed_seconds(),
                           metrics.step_seconds(),
                           metrics.preemptions(),
-                          parts.engine->graph_stats()};
+                          parts.engine->graph_stats(),
+                          parts.engine->sampling_stats()};
   auto per = [](double s, int64_t n) { return n > 0 ? 1e3 * s / static_cast<double>(n) : 0.0; };
   const int64_t others = steps.steps - steps.device_routed;
   std::printf(
@@ -973,6 +977,9 @@ Status RunBench(const BenchOptions& given, comm::MpiContext* ctx) {
       static_cast<long long>(steps.device_routed), per(steps.device_routed_seconds, steps.device_routed),
       static_cast<long long>(others), per(steps.seconds - steps.device_routed_seconds, others),
       per(steps.step_seconds - steps.seconds, steps.steps));
+  if (steps.sampling.on_backend + steps.sampling.on_host > 0)
+    std::printf("# sampling: %lld tokens drawn on the backend, %lld on the host from their logits\n",
+                static_cast<long long>(steps.sampling.on_backend), static_cast<long long>(steps.sampling.on_host));
   if (steps.graphs.recorded + steps.graphs.refused > 0)
     std::printf("# cuda graphs: %lld forward passes replayed from %lld recorded shapes (%lld not recordable)\n",
                 static_cast<long long>(steps.graphs.replayed), static_cast<long long>(steps.graphs.recorded),

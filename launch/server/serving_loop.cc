@@ -484,6 +484,7 @@ void ServingLoop::StartAndPrune() {
       }
       if (a->resume.empty()) {  // a preempted request's sampler and decoder go on
         a->sampler = std::make_unique<runtime::Sampler>(a->request.sampling);
+        a->draw.reset();  // a draw kept from a step that failed before its first token is the old sampler's
         a->decoder = std::make_unique<runtime::StreamDecoder>(tokenizer_, /*skip_special=*/true);
         // Nothing to run, unless the prompt itself is being scored.
         if (a->request.max_new_tokens == 0 && !a->request.prompt_logprobs) {

@@ -11,7 +11,12 @@
 #include <numeric>
 #include <vector>
 
+#include "runtime/core/limits.h"
+#include "runtime/core/sample_row_math.h"
+
 namespace ef::runtime {
+static_assert(limits::kMaxVocab <= (1 << 23), "a row's masses must sum below 2^63");
+
 namespace {
 
 // Largest non-NaN value (-inf when there is none) over kLanes independent running maxima
@@ -38,6 +43,12 @@ int32_t FirstEqual(const float* v, size_t n, float m) {
 
 }  // namespace
 
+float SampleExp(float x) { return x >= -28.f ? sample_math::SampleExpCore(x) : 0.f; }
+
+uint64_t SampleMass(float l, float mx, float inv_temperature) {
+  return sample_math::SampleMass(l, mx, inv_temperature);
+}
+
 int32_t ArgMaxRow(const float* logits, int64_t n) {
   // Two passes: the maximum, then the first index holding it. NaNs never win; a row of NaNs gives 0.
   const size_t len = static_cast<size_t>(n);
@@ -55,7 +66,7 @@ int32_t SampleRow(const float* l, int64_t n_signed, const RowSampling& s) {
     thread_local std::vector<float> w;
     w.resize(n);
     q.resize(n);
-    for (size_t i = 0; i < n; ++i) w[i] = SampleMassFloat(l[i], mx, inv_t);  // vectorised (no branch)
+    for (size_t i = 0; i < n; ++i) w[i] = sample_math::SampleMassFloat(l[i], mx, inv_t);  // vectorised (no branch)
     uint64_t total = 0;
     for (size_t i = 0; i < n; ++i) total += (q[i] = static_cast<uint64_t>(static_cast<int64_t>(w[i])));
     const uint64_t r = DrawTarget(s.uniform, total);
@@ -90,10 +101,10 @@ int32_t SampleRow(const float* l, int64_t n_signed, const RowSampling& s) {
   if (!cut_k) {  // the row's masses in one vectorised pass, then gathered
     thread_local std::vector<float> w;
     w.resize(n);
-    for (size_t i = 0; i < n; ++i) w[i] = SampleMassFloat(l[i], mx, inv_t);
+    for (size_t i = 0; i < n; ++i) w[i] = sample_math::SampleMassFloat(l[i], mx, inv_t);
     for (size_t i = 0; i < keep; ++i) total += (q[i] = static_cast<uint64_t>(static_cast<int64_t>(w[idx[i]])));
   } else {
-    for (size_t i = 0; i < keep; ++i) total += (q[i] = SampleMass(l[idx[i]], mx, inv_t));
+    for (size_t i = 0; i < keep; ++i) total += (q[i] = sample_math::SampleMass(l[idx[i]], mx, inv_t));
   }
   if (s.top_p < 1.f && keep > 1) {
     // The shortest prefix, in `before` order, whose mass reaches the target: a quickselect on

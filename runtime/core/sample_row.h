@@ -15,7 +15,8 @@
 //      first whose running mass exceeds r.
 //
 // The distribution is softmax(logits / T) restricted as above; a token whose weight is below 2^-40
-// of the largest (x below about -27.7) has mass 0 and is never drawn.
+// of the largest (x below about -27.7) has mass 0 and is never drawn. Rows hold at most 2^23 tokens
+// (masses of up to 2^40 each then sum below 2^63).
 #pragma once
 
 #include <cmath>
@@ -41,63 +42,10 @@ static_assert(sizeof(RowSampling) == 24);
 
 inline constexpr int kSampleMassBits = 40;
 
-// Multiply and add that no compiler fuses into an FMA (the device intrinsics are never contracted;
-// the host file that uses these is compiled with -ffp-contract=off), so both sides round the same.
-EF_SAMPLE_HD float SampleMul(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-EF_SAMPLE_HD float SampleAdd(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-
-// exp(x) for x <= 0, 0 below -28 (where the mass is 0 anyway): x = n ln2 + r, |r| <= ln2 / 2, and
-// a degree-7 Taylor polynomial of e^r (relative error below 2e-7). n is rounded by adding and
-// subtracting 1.5 x 2^23 and 2^n is built from its bits: exact, and no library call on the host.
-EF_SAMPLE_HD float SampleExpCore(float x);  // x in [-28, 0]
-EF_SAMPLE_HD float SampleExp(float x) { return x >= -28.f ? SampleExpCore(x) : 0.f; }
-EF_SAMPLE_HD float SampleExpCore(float x) {
-  const float n = SampleAdd(SampleAdd(SampleMul(x, 1.44269504f), 12582912.f), -12582912.f);
-  float r = SampleAdd(x, SampleMul(n, -0.693145751953125f));  // ln 2, high part (n * it is exact)
-  r = SampleAdd(r, SampleMul(n, -1.428606765330187e-06f));    // ln 2, low part
-  float p = 1.98412698e-4f;                                   // 1/7!
-  p = SampleAdd(SampleMul(p, r), 1.38888889e-3f);
-  p = SampleAdd(SampleMul(p, r), 8.33333333e-3f);
-  p = SampleAdd(SampleMul(p, r), 4.16666667e-2f);
-  p = SampleAdd(SampleMul(p, r), 1.66666667e-1f);
-  p = SampleAdd(SampleMul(p, r), 0.5f);
-  p = SampleAdd(SampleMul(p, r), 1.f);
-  p = SampleAdd(SampleMul(p, r), 1.f);
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int>(n) + 127) << 23;  // 2^n, n in [-41, 0]
-#if defined(__CUDA_ARCH__)
-  const float scale = __uint_as_float(bits);
-#else
-  float scale;
-  __builtin_memcpy(&scale, &bits, sizeof(scale));
-#endif
-  return SampleMul(p, scale);
-}
-
-// The mass of logit l when the row's largest is mx, as a float holding an integer in [0, 2^40]
-// (2^40 when l = mx; 0 for NaN). Branch-free, so the host loop over a row vectorises.
-EF_SAMPLE_HD float SampleMassFloat(float l, float mx, float inv_temperature) {
-  const float x = SampleMul(SampleAdd(l, -mx), inv_temperature);
-  const bool in_range = x >= -28.f;  // false for NaN
-  // SampleExpCore is at most 1 on [-28, 0] (1 at 0: each Horner step adds a product <= 0 to 1).
-  const float e = SampleExpCore(in_range ? x : -28.f);
-  return in_range ? SampleMul(e, 1099511627776.f) : 0.f;  // x 2^40: exact
-}
-// The integer mass of logit l (not NaN): at most 2^40 (l = mx).
-EF_SAMPLE_HD uint64_t SampleMass(float l, float mx, float inv_temperature) {
-  return static_cast<uint64_t>(static_cast<int64_t>(SampleMassFloat(l, mx, inv_temperature)));
-}
+// exp(x) for x <= 0 (0 below -28) and the integer mass of logit l (not NaN) when the row's
+// largest is mx (at most 2^40, at l = mx): the host's copies of runtime/core/sample_row_math.h.
+float SampleExp(float x);
+uint64_t SampleMass(float l, float mx, float inv_temperature);
 
 // The mass a top_p prefix must reach out of `total`.
 EF_SAMPLE_HD uint64_t TopPTarget(float top_p, uint64_t total) {
@@ -106,9 +54,11 @@ EF_SAMPLE_HD uint64_t TopPTarget(float top_p, uint64_t total) {
   return v > total ? total : v;
 }
 
-// The drawn point in [0, total).
+// The drawn point in [0, total) (a uniform outside [0, 1), or NaN, is taken as 0 or just below 1).
 EF_SAMPLE_HD uint64_t DrawTarget(double uniform, uint64_t total) {
-  const uint64_t r = static_cast<uint64_t>(floor(uniform * static_cast<double>(total)));
+  const double u = uniform > 0.0 ? uniform : 0.0;  // NaN: 0
+  if (!(u < 1.0)) return total - 1;
+  const uint64_t r = static_cast<uint64_t>(floor(u * static_cast<double>(total)));
   return r >= total ? total - 1 : r;
 }
 

@@ -811,6 +811,11 @@ Status Engine::Forward(std::span<const SeqChunk> batch, ForwardResult* result) {
     s.Prepend("forward pass on " + backend_->name());
     return s;
   }
+  if (any_sampled && !host_draws) {
+    for (const SeqChunk& ch : batch)
+      if (ch.token_only && ch.sampling && SamplesRandomly(*ch.sampling))
+        sampling_stats_.on_backend += ch.all_logits ? static_cast<int64_t>(ch.tokens.size()) : 1;
+  }
   if (host_draws) {
     std::vector<std::pair<int64_t, const RowSampling*>> draws;  // (row, its chunk's sampling)
     for (size_t b = 0; b < batch.size(); ++b) {
@@ -818,6 +823,7 @@ Status Engine::Forward(std::span<const SeqChunk> batch, ForwardResult* result) {
       const int64_t end = b + 1 < batch.size() ? result->row_offset[b + 1] : R;
       for (int64_t row = result->row_offset[b]; row < end; ++row) draws.emplace_back(row, &*batch[b].sampling);
     }
+    sampling_stats_.on_host += static_cast<int64_t>(draws.size());
     const size_t V = static_cast<size_t>(c.vocab_size);
     ThreadPool::Default().ParallelFor(
         static_cast<int64_t>(draws.size()),

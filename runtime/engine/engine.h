@@ -194,6 +194,14 @@ class Engine {
     int64_t refused = 0;
   };
   const GraphStats& graph_stats() const { return graph_stats_; }
+  // Rows of token-only chunks drawn with a temperature (SeqChunk::sampling): on the backend
+  // (Backend::SampleRows), or on the host from their logits (backend_sampling off, or a backend
+  // that does not sample).
+  struct SamplingStats {
+    int64_t on_backend = 0;
+    int64_t on_host = 0;
+  };
+  const SamplingStats& sampling_stats() const { return sampling_stats_; }
   // When on, LayerRouting::hidden carries each MoE layer's router input (lookahead predictors).
   // Off by default: the copy to the host costs T x hidden floats per MoE layer.
   void set_expose_router_inputs(bool on) { expose_router_inputs_ = on; }
@@ -322,6 +330,7 @@ class Engine {
   std::array<uint64_t, 3> graph_layout_{};                           // the layout graphs_ was recorded against
   uint64_t scratch_generation_ = 0;                                  // incremented when a scratch buffer moves
   GraphStats graph_stats_;
+  SamplingStats sampling_stats_;
 };
 
 }  // namespace ef::runtime

@@ -96,6 +96,21 @@ TEST_F(BenchTest, SyntheticTinyWritesTheJsonRecord) {
   EXPECT_GE(e["step_seconds"].get<double>(), e["forward_seconds"].get<double>());
   EXPECT_LE(e["step_seconds"].get<double>(), r["wall_s"].get<double>());
   EXPECT_NE(stdout_text.find("# engine: "), std::string::npos) << stdout_text;
+  EXPECT_EQ(e["sampled_on_backend"].get<int64_t>(), 0);  // greedy
+  EXPECT_EQ(e["sampled_on_host"].get<int64_t>(), 0);
+}
+
+TEST_F(BenchTest, SampledTokensAreDrawnOnTheBackend) {
+  const fs::path out = dir_ / "out.json";
+  ASSERT_EQ(Bench("--synthetic tiny -n 4 -c 2 --prompt-len 8 --gen-len 8 --temperature 0.8 --top-p 0.9 --json " +
+                  out.string()),
+            0)
+      << Err();
+  EXPECT_NE(Out().find("# sampling: 32 tokens drawn on the backend, 0 on the host"), std::string::npos) << Out();
+  json j = json::parse(Read(out), nullptr, false);
+  ASSERT_FALSE(j.is_discarded()) << Read(out);
+  EXPECT_EQ(j["engine"]["sampled_on_backend"].get<int64_t>(), 32);
+  EXPECT_EQ(j["engine"]["sampled_on_host"].get<int64_t>(), 0);
 }
 
 TEST_F(BenchTest, SyntheticCheckpointIsReusedAndDeterministic) {

@@ -189,7 +189,7 @@ TEST(ServingLoopTest, SubmitAllQueuesAllOrNone) {
 // the text an unbounded cache gives it; a request that could never fit is refused at Submit
 // with the key to change.
 TEST(ServingLoopTest, FixedKvCachePreemptsAndFinishesEverything) {
-  auto run = [](int64_t kv_tokens, std::vector<std::string>* texts) {
+  auto run = [](int64_t kv_tokens, std::vector<std::string>* texts, bool sampled) {
     runtime::EngineOptions eo;
     eo.kv_block_size = 16;
     eo.kv_cache_tokens = kv_tokens;
@@ -200,12 +200,17 @@ TEST(ServingLoopTest, FixedKvCachePreemptsAndFinishesEverything) {
     ServerMetrics metrics((*engine)->config().num_layers, (*engine)->config().num_experts);
     ServingLoopOptions lo;
     lo.max_batch = 8;
+    // Sampled, prompts are prefilled in chunks of 4: a request can be preempted in the step of its
+    // last chunk, before its first token (its draw is then the old sampler's: not used again).
+    if (sampled) lo.max_prefill_tokens = 4;
     ServingLoop loop(engine->get(), std::move(tok).value(), &metrics, lo);
     std::vector<ServeRequest> rs(5);
     for (size_t i = 0; i < rs.size(); ++i) {
       rs[i].prompt = {100, static_cast<int32_t>(17 + i), 40, 41, 42, 43};
       rs[i].max_new_tokens = 20;  // 26 tokens: 2 blocks of 16
       rs[i].ignore_eos = true;
+      // Sampled: a failed step keeps each request's draw, so the tokens are the seed's.
+      if (sampled) rs[i].sampling = {.temperature = 0.9f, .top_k = 0, .top_p = 0.95f, .seed = 100 + i};
     }
     auto streams = loop.SubmitAll(rs);
     ASSERT_TRUE(streams.ok()) << streams.status().ToString();
@@ -218,6 +223,8 @@ TEST(ServingLoopTest, FixedKvCachePreemptsAndFinishesEverything) {
     }
     if (kv_tokens > 0) {
       EXPECT_GT(metrics.preemptions(), 0) << "the cache never ran out: the test tests nothing";
+    }
+    if (kv_tokens > 0 && !sampled) {
       EXPECT_NE(metrics.Render().find("expertflow_preemptions_total"), std::string::npos);
       EXPECT_NE(metrics.Render().find("expertflow_cuda_graph_replays_total 0"), std::string::npos)
           << "the cpu backend records no graphs";
@@ -248,10 +255,12 @@ TEST(ServingLoopTest, FixedKvCachePreemptsAndFinishesEverything) {
     }
     loop.Stop();
   };
-  std::vector<std::string> bounded, unbounded;
-  run(64, &bounded);  // 4 blocks
-  run(0, &unbounded);
-  EXPECT_EQ(bounded, unbounded);
+  for (bool sampled : {false, true}) {
+    std::vector<std::string> bounded, unbounded;
+    run(64, &bounded, sampled);  // 4 blocks
+    run(0, &unbounded, sampled);
+    EXPECT_EQ(bounded, unbounded) << (sampled ? "sampled" : "greedy");
+  }
 }
 
 // Chunked prefill: with at most 16 (or 7) prompt tokens prefilled per step, a 40-token prompt

@@ -11,7 +11,7 @@
 //      down to the rank where the mass from the top first reaches the target;
 //   4. the draw: each thread sums the kept mass of its own contiguous range of ids, a block scan
 //      places the ranges in id order, and the thread whose range holds the drawn point walks it.
-// A select stops as soon as its bucket holds one token. Histograms have 8 copies (a quarter of the
+// A select stops as soon as its bucket holds one token. Histograms have 8 copies (an eighth of the
 // warps each) to spread the shared-memory atomics of flat rows, whose top bits are nearly equal.
 // Test: tests/gpu/cuda_ops_test.cc (SampleRows against runtime::SampleRow).
 #include <climits>
@@ -20,6 +20,7 @@
 #include "runtime/backend/cuda/cuda_kernels.h"
 #include "runtime/backend/cuda/kernel_util.cuh"
 #include "runtime/core/sample_row.h"
+#include "runtime/core/sample_row_math.h"
 
 namespace ef::runtime::cuda {
 namespace {
@@ -102,7 +103,7 @@ __device__ u64 RadixSelect(const float* row, int cols, u64 floor, bool by_mass, 
       if (r < floor || (r & mask) != prefix) continue;
       const int d = static_cast<int>((r >> shift) & 0xff);
       atomicAdd(&sh.count[copy][d], 1u);
-      if (by_mass) atomicAdd(&sh.mass[copy][d], static_cast<u64>(SampleMass(v, mx, inv_t)));
+      if (by_mass) atomicAdd(&sh.mass[copy][d], static_cast<u64>(sample_math::SampleMass(v, mx, inv_t)));
     }
     __syncthreads();
     if (threadIdx.x < kBuckets) {
@@ -212,7 +213,7 @@ __global__ void __launch_bounds__(kThreads)
     u64 mass = 0;
     for (int j = threadIdx.x; j < cols; j += kThreads) {
       const float v = row[j];
-      if (v == v && SampleRank(v, j) >= floor) mass += SampleMass(v, mx, inv_t);
+      if (v == v && SampleRank(v, j) >= floor) mass += sample_math::SampleMass(v, mx, inv_t);
     }
     const u64 total = BlockSum(mass, sh);
     floor = RadixSelect(row, cols, floor, true, TopPTarget(s.top_p, total), mx, inv_t, sh);
@@ -224,7 +225,7 @@ __global__ void __launch_bounds__(kThreads)
   u64 own = 0;
   for (int j = begin; j < end; ++j) {
     const float v = row[j];
-    if (v == v && SampleRank(v, j) >= floor) own += SampleMass(v, mx, inv_t);
+    if (v == v && SampleRank(v, j) >= floor) own += sample_math::SampleMass(v, mx, inv_t);
   }
   u64 total = 0;
   const u64 before = BlockExclusiveScan(own, sh, &total);
@@ -234,7 +235,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int j = begin; j < end; ++j) {
       const float v = row[j];
       if (v == v && SampleRank(v, j) >= floor) {
-        acc += SampleMass(v, mx, inv_t);
+        acc += sample_math::SampleMass(v, mx, inv_t);
         if (r < acc) {
           out[blockIdx.x] = j;
           return;
@@ -249,7 +250,7 @@ __global__ void __launch_bounds__(kThreads)
 cudaError_t launch_sample_rows(const float* x, int64_t rows, int64_t cols, const RowSampling* params, int32_t* out,
                                cudaStream_t stream) {
   if (rows <= 0) return cudaSuccess;
-  if (cols <= 0 || cols >= INT_MAX / 2 || rows > 0x7fffffff) return cudaErrorInvalidValue;
+  if (cols <= 0 || cols > (1 << 23) || rows > 0x7fffffff) return cudaErrorInvalidValue;  // masses sum < 2^63
   return LaunchPdl(SampleRowsKernel, dim3(static_cast<unsigned>(rows)), dim3(kThreads), 0, stream, x,
                    static_cast<int>(cols), params, out);
 }
