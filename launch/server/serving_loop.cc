@@ -543,10 +543,11 @@ void ServingLoop::Step() {
       injected
           ? Internal("EF_DEBUG_FAIL_AT_STEP=" + std::to_string(params::DebugFailAtStep()) + ": injected engine failure")
           : engine_->Forward(batch, &fr);
-  if (!s.ok() && !injected && engine_->last_forward_kv_full()) {
-    // The KV cache could not hold this step (nothing ran). The youngest request holding blocks
-    // gives them back and waits at the head of the queue to be prefilled again with what it has
-    // generated; alone, a request that still does not fit fails on its own and the loop goes on.
+  if (!s.ok() && !injected && engine_->last_forward_out_of_memory()) {
+    // The KV cache or the activation buffers could not hold this step (nothing ran). The youngest
+    // request holding blocks gives them back and waits at the head of the queue to be prefilled
+    // again with what it has generated; alone, a request that still does not fit fails on its
+    // own and the loop goes on.
     size_t v = running_.size() - 1;
     while (v > 0 && !running_[v]->prefilled && running_[v]->prefill_done == 0) --v;
     std::unique_ptr<Active> victim = std::move(running_[v]);
@@ -556,8 +557,9 @@ void ServingLoop::Step() {
       Finish(*victim, FinishReason::kCancelled, s);
       return;
     }
-    EF_LOG(INFO, SERVE, "kv cache full: the request of sequence %lld is preempted (%zu tokens to prefill again)",
-           static_cast<long long>(victim->seq), victim->request.prompt.size() + victim->generated.size());
+    EF_LOG(INFO, SERVE, "out of memory (%s): the request of sequence %lld is preempted (%zu tokens to prefill again)",
+           s.message().c_str(), static_cast<long long>(victim->seq),
+           victim->request.prompt.size() + victim->generated.size());
     engine_->RemoveSequence(victim->seq);
     victim->seq = -1;
     victim->prefill_done = 0;

@@ -282,7 +282,15 @@ Status Engine::ReserveScratch(int64_t T, int64_t R) {
       {kPicked, static_cast<size_t>(R)},
       {kSampling, static_cast<size_t>(R) * sizeof(RowSampling) / sizeof(float)},
       {kDeviceRouting, DeviceRouting(T) ? c.num_moe_layers() * 2 * t * c.top_k : 0}};
-  for (const auto& [slot, floats] : sizes) EF_RETURN_IF_ERROR(GrowScratch(slot, floats));
+  for (const auto& [slot, floats] : sizes) {
+    Status s = GrowScratch(slot, floats);
+    if (!s.ok()) {
+      // Slots grown for this batch would keep memory a smaller retry needs: free them all.
+      for (Buffer& b : scratch_) b = Buffer();
+      ++scratch_generation_;
+      return s;
+    }
+  }
   return Status::Ok();
 }
 
@@ -671,7 +679,7 @@ Status Engine::MoeBlock(int layer, int64_t T, const float* h, float* out, const 
 }
 
 Status Engine::Forward(std::span<const SeqChunk> batch, ForwardResult* result) {
-  last_forward_kv_full_ = false;
+  last_forward_out_of_memory_ = false;
   const ModelConfig& c = config();
   int64_t T = 0;
   std::vector<int64_t> row_seq;
@@ -703,10 +711,14 @@ Status Engine::Forward(std::span<const SeqChunk> batch, ForwardResult* result) {
         "(SetExpertSource, e.g. an expert cache) nor UploadExperts() called");
   int64_t R = 0;  // rows whose logits are wanted
   for (const SeqChunk& chunk : batch) R += chunk.all_logits ? static_cast<int64_t>(chunk.tokens.size()) : 1;
-  EF_RETURN_IF_ERROR(ReserveScratch(T, R));
+  // Buffers that could not grow are all freed (ReserveScratch) and grow again on the next pass, so
+  // a smaller batch after this failure gets what it needs.
+  Status scratch = ReserveScratch(T, R);
+  last_forward_out_of_memory_ = scratch.code() == StatusCode::kResourceExhausted;
+  EF_RETURN_IF_ERROR(scratch);
   if (kv_) {
     Status kv = ReserveKvBlocks(batch);
-    last_forward_kv_full_ = kv.code() == StatusCode::kResourceExhausted;
+    last_forward_out_of_memory_ = kv.code() == StatusCode::kResourceExhausted;
     EF_RETURN_IF_ERROR(kv);
   }
 

@@ -6,6 +6,8 @@
 #
 #   scripts/accel/cpu-compute-run.sh [LAYERS] [GEN]      (default 4 layers, 32 tokens; CASES overrides
 #                                                        the budget:concurrency:precision:cpu list)
+# Past 16 layers (or with IN_MEMORY=1) the checkpoint is generated in host memory instead of on
+# disk (--synthetic-in-memory, DISTINCT=2 distinct layers): 32 layers are 93 GB.
 # Needs .deps/debs carried (bash ../shared/tools/accel-deps.sh .deps/debs here first).
 set -uo pipefail
 LAYERS=${1:-4}
@@ -33,8 +35,13 @@ SLICED=$PWD/.deps/mixtral_first${LAYERS}.jsonl
 python3 scripts/bench/slice_trace.py "$TRACE" "$SLICED" "$LAYERS" >/dev/null || exit 1
 SYN=$PWD/.deps/synthetic
 BIN=$BUILD/expertflow
-$BIN bench --backend cuda --synthetic mixtral-8x7b --synthetic-layers "$LAYERS" --synthetic-dir "$SYN" \
-  -n 1 -c 1 --prompt-len 4 --gen-len 2 >"$R/warm.log" 2>&1 || { tail -20 "$R/warm.log"; exit 1; }
+SYNFLAGS=(--synthetic-dir "$SYN")
+if [[ ${IN_MEMORY:-0} == 1 || $LAYERS -gt 16 ]]; then
+  SYNFLAGS+=(--synthetic-in-memory --synthetic-distinct-layers "${DISTINCT:-2}")
+else  # written once, before the timed runs
+  $BIN bench --backend cuda --synthetic mixtral-8x7b --synthetic-layers "$LAYERS" "${SYNFLAGS[@]}" \
+    -n 1 -c 1 --prompt-len 4 --gen-len 2 >"$R/warm.log" 2>&1 || { tail -20 "$R/warm.log"; exit 1; }
+fi
 
 printf "%-7s %-5s %-9s %-14s %10s %9s %9s %11s %9s %8s %s\n" budget conc precision cpu "out_tok/s" itl_ms ttft_ms \
   "moved_MiB" hit_rate stall_ms "host experts/token (split, copied share)" | tee "$R/offload.txt"
@@ -58,7 +65,7 @@ for case in $CASES; do
   done
   j=$R/$tag.json
   log=$R/$tag.log
-  env "${envs[@]}" timeout 240 $BIN bench --backend cuda --synthetic mixtral-8x7b --synthetic-layers "$LAYERS" --synthetic-dir "$SYN" \
+  env "${envs[@]}" timeout 240 $BIN bench --backend cuda --synthetic mixtral-8x7b --synthetic-layers "$LAYERS" "${SYNFLAGS[@]}" \
     --routing-trace "$SLICED" -n $((2 * c)) -c "$c" --prompt-len 16 --gen-len "$GEN" \
     --cache-device-budget "$slots slots per layer" --cache-policy $policy --prefetch-layers 0 --miss-precision "$p" \
     --cpu-experts "$cpu" "${extra[@]}" --json "$j" >"$log" 2>&1 || { tail -5 "$log"; continue; }

@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "runtime/backend/cpu/cpu_backend.h"
+
 namespace ef::launch {
 namespace {
 
@@ -261,6 +263,62 @@ TEST(ServingLoopTest, FixedKvCachePreemptsAndFinishesEverything) {
     run(0, &unbounded, sampled);
     EXPECT_EQ(bounded, unbounded) << (sampled ? "sampled" : "greedy");
   }
+}
+
+// Activation buffers that do not fit (a CPU backend whose memory budget holds one 40-token
+// prefill's buffers, not four's): the step is retried with fewer requests (the youngest preempted)
+// instead of failing the loop, and every request gets the text an unlimited backend gives it.
+TEST(ServingLoopTest, ActivationBuffersThatDoNotFitPreemptInsteadOfFailing) {
+  auto run = [](bool limited, std::vector<std::string>* texts) {
+    runtime::EngineOptions eo;
+    eo.kv_block_size = 16;
+    eo.kv_cache_tokens = 1024;  // allocated now: the budget below leaves it alone
+    auto engine = runtime::Engine::Create(kModelDir, eo);
+    ASSERT_TRUE(engine.ok()) << engine.status().ToString();
+    std::vector<int32_t> prompt(40);
+    for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<int32_t>(100 + 7 * i);
+    if (limited) {
+      // What one 40-token prefill's buffers take, plus a little: two prompts' do not fit.
+      runtime::Engine& e = **engine;
+      ASSERT_TRUE(e.AddSequence(99).ok());
+      runtime::ForwardResult r;
+      ASSERT_TRUE(e.Forward(std::vector<runtime::SeqChunk>{{99, prompt, false}}, &r).ok());
+      e.RemoveSequence(99);
+      auto& cpu = dynamic_cast<runtime::CpuBackend&>(e.backend());
+      cpu.set_memory_budget(cpu.bytes_in_use() + 4096);
+    }
+    auto tok = runtime::Tokenizer::FromModelDir(kModelDir);
+    ASSERT_TRUE(tok.ok());
+    ServerMetrics metrics((*engine)->config().num_layers, (*engine)->config().num_experts);
+    ServingLoopOptions lo;
+    lo.max_batch = 8;
+    ServingLoop loop(engine->get(), std::move(tok).value(), &metrics, lo);
+    std::vector<ServeRequest> rs(4);
+    for (size_t i = 0; i < rs.size(); ++i) {
+      rs[i].prompt = prompt;
+      rs[i].prompt[1] = static_cast<int32_t>(17 + i);
+      rs[i].max_new_tokens = 12;
+      rs[i].ignore_eos = true;
+    }
+    auto streams = loop.SubmitAll(rs);
+    ASSERT_TRUE(streams.ok()) << streams.status().ToString();
+    for (auto& st : *streams) {
+      std::string text;
+      const StreamUpdate u = Drain(*st, &text);
+      EXPECT_TRUE(u.error.ok()) << u.error.ToString();
+      EXPECT_EQ(u.num_tokens, 12);
+      texts->push_back(text);
+    }
+    EXPECT_TRUE(loop.fatal_error().ok()) << loop.fatal_error().ToString();
+    if (limited) {
+      EXPECT_GT(metrics.preemptions(), 0) << "the buffers always fit: the test tests nothing";
+    }
+    loop.Stop();
+  };
+  std::vector<std::string> limited, unlimited;
+  run(true, &limited);
+  run(false, &unlimited);
+  EXPECT_EQ(limited, unlimited);
 }
 
 // Chunked prefill: with at most 16 (or 7) prompt tokens prefilled per step, a 40-token prompt

@@ -9,8 +9,12 @@
 #include <vector>
 
 #include "runtime/core/block_scaled.h"
+#include "runtime/core/params.h"
 #include "runtime/core/quant.h"
 #include "runtime/core/sample_row.h"
+
+EF_PARAM(CpuMemoryBudgetMiB, int64_t, "EF_CPU_MEMORY_BUDGET_MIB", 0,
+         "cpu backend: memory its buffers (activations, KV cache, expert slots) may hold, MiB (0: no limit)");
 
 namespace ef::runtime {
 namespace {
@@ -52,10 +56,19 @@ inline float VectorElement(const Weight& w, int64_t i) {
 
 }  // namespace
 
+CpuBackend::CpuBackend(ThreadPool* pool, size_t memory_budget)
+    : pool_(pool),
+      budget_(memory_budget > 0 ? memory_budget
+                                : static_cast<size_t>(std::max<int64_t>(0, params::CpuMemoryBudgetMiB())) << 20) {}
+
 std::string CpuBackend::name() const { return "cpu (" + std::to_string(pool_->num_threads()) + " threads)"; }
 
 StatusOr<Buffer> CpuBackend::Allocate(size_t bytes) {
   size_t padded = (std::max<size_t>(bytes, 1) + 63) / 64 * 64;
+  if (budget_ > 0 && bytes_in_use_.load() + padded > budget_)
+    return ResourceExhausted("cpu backend: cannot allocate " + std::to_string(bytes) +
+                             " bytes: " + std::to_string(bytes_in_use_.load()) + " of the budget of " +
+                             std::to_string(budget_) + " bytes are in use (EF_CPU_MEMORY_BUDGET_MIB)");
   void* p = std::aligned_alloc(64, padded);
   if (!p) return ResourceExhausted("cpu backend: cannot allocate " + std::to_string(bytes) + " bytes of host memory");
   std::memset(p, 0, padded);

@@ -12,7 +12,11 @@ namespace ef::runtime {
 
 class CpuBackend final : public Backend {
  public:
-  explicit CpuBackend(ThreadPool* pool = &ThreadPool::Default()) : pool_(pool) {}
+  // memory_budget: bytes Allocate may hold at once (0: the EF_CPU_MEMORY_BUDGET_MIB knob; 0 there
+  // too: no limit but the host's).
+  explicit CpuBackend(ThreadPool* pool = &ThreadPool::Default(), size_t memory_budget = 0);
+  size_t memory_budget() const { return budget_; }
+  void set_memory_budget(size_t bytes) { budget_ = bytes; }
 
   BackendKind kind() const override { return BackendKind::kCpu; }
   std::string name() const override;
@@ -71,6 +75,7 @@ class CpuBackend final : public Backend {
  private:
   ThreadPool* pool_;
   std::atomic<size_t> bytes_in_use_{0};
+  size_t budget_ = 0;  // 0: none
   void GatherKvRow(const AttentionSeq& a, int64_t t, int64_t kw, int64_t vw, float* k, float* v) const;
 
   bool kv_bf16_ = false;
