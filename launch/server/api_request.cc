@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 
 #include "runtime/core/limits.h"
 
@@ -213,6 +214,23 @@ Error ParseSampling(const json& body, uint64_t default_seed, ApiRequest* out) {
     sp.top_k = *top_k < 0 ? 0 : static_cast<int>(*top_k);
   }
   sp.seed = seed ? static_cast<uint64_t>(*seed) : default_seed;
+  // Parameters clients send that this server does not implement: their neutral value is accepted,
+  // any other is refused by name rather than silently ignored.
+  struct Neutral {
+    const char* key;
+    double value;
+  };
+  for (const Neutral& n : {Neutral{"presence_penalty", 0}, Neutral{"frequency_penalty", 0},
+                           Neutral{"repetition_penalty", 1}, Neutral{"min_p", 0}}) {
+    std::optional<double> v;
+    if (auto e = GetNumber(body, n.key, &v)) return e;
+    if (v && *v != n.value) {
+      char neutral[32];
+      std::snprintf(neutral, sizeof(neutral), "%g", n.value);
+      return Bad(n.key,
+                 Quoted(n.key) + " is not supported by this server; only " + neutral + " (no effect) is accepted");
+    }
+  }
   return GetBool(body, "ignore_eos", &out->base.ignore_eos);
 }
 

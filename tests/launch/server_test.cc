@@ -627,6 +627,11 @@ TEST_F(ServerTest, BadInputsGetJsonErrorsAndTheServerKeepsServing) {
       {c, R"({"model": "tiny-code-moe", "prompt": "x", "temperature": "hot"})", 400, "temperature"},
       {c, R"({"model": "tiny-code-moe", "prompt": "x", "temperature": -1})", 400, "temperature"},
       {c, R"({"model": "tiny-code-moe", "prompt": "x", "top_p": 0})", 400, "top_p"},
+      {c, R"({"model": "tiny-code-moe", "prompt": "x", "presence_penalty": 0.5})", 400, "presence_penalty"},
+      {c, R"({"model": "tiny-code-moe", "prompt": "x", "frequency_penalty": "a"})", 400, "frequency_penalty"},
+      {c, R"({"model": "tiny-code-moe", "prompt": "x", "repetition_penalty": 1.1})", 400, "repetition_penalty"},
+      {ch, R"({"model": "tiny-code-moe", "messages": [{"role": "user", "content": "x"}], "min_p": 0.05})", 400,
+       "min_p"},
       {c, R"({"model": "tiny-code-moe", "prompt": "x", "n": 0})", 400, "n"},
       {c, R"({"model": "tiny-code-moe", "prompt": ["x", "y"], "n": 100})", 400, "n"},
       {c, R"({"model": "tiny-code-moe", "prompt": "x", "logprobs": 21})", 400, "logprobs"},
@@ -653,6 +658,17 @@ TEST_F(ServerTest, BadInputsGetJsonErrorsAndTheServerKeepsServing) {
     ExpectJsonError(Post(*server_, k.path, k.body), k.status, k.path + " " + k.body.substr(0, 80), k.param);
   EXPECT_EQ(Get(*server_, "/health").status, 200);
   Reply ok = Post(*server_, "/v1/completions", json{{"model", kModel}, {"prompt", "x = "}, {"max_tokens", 2}}.dump());
+  // Their neutral values are accepted.
+  Reply neutral = Post(*server_, "/v1/completions",
+                       json{{"model", kModel},
+                            {"prompt", "x = "},
+                            {"max_tokens", 2},
+                            {"presence_penalty", 0},
+                            {"frequency_penalty", 0.0},
+                            {"repetition_penalty", 1},
+                            {"min_p", 0}}
+                           .dump());
+  EXPECT_EQ(neutral.status, 200) << neutral.raw;
   EXPECT_EQ(ok.status, 200) << ok.raw;
   Reply metrics = Get(*server_, "/metrics");
   EXPECT_NE(metrics.raw.find("expertflow_requests_total{endpoint=\"/v1/completions\",status=\"400\"}"),
