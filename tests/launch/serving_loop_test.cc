@@ -185,6 +185,21 @@ TEST(ServingLoopTest, SubmitAllQueuesAllOrNone) {
       << metrics.Render();
 }
 
+// Submits `rs` at once and appends each one's text to *texts; every one must finish with
+// `num_tokens` tokens and no error.
+void SubmitAndDrain(ServingLoop& loop, const std::vector<ServeRequest>& rs, int num_tokens,
+                    std::vector<std::string>* texts) {
+  auto streams = loop.SubmitAll(rs);
+  ASSERT_TRUE(streams.ok()) << streams.status().ToString();
+  for (auto& st : *streams) {
+    std::string text;
+    const StreamUpdate u = Drain(*st, &text);
+    EXPECT_TRUE(u.error.ok()) << u.error.ToString();
+    EXPECT_EQ(u.num_tokens, num_tokens);
+    texts->push_back(text);
+  }
+}
+
 // A paged KV cache of fixed size (4 blocks of 16 tokens): five requests of 6 + 20 tokens are
 // admitted while their prompts fit, run out of blocks as they grow, preempt the youngest (which
 // is prefilled again with what it generated and goes on), and every one finishes with exactly
@@ -214,15 +229,7 @@ TEST(ServingLoopTest, FixedKvCachePreemptsAndFinishesEverything) {
       // Sampled: a failed step keeps each request's draw, so the tokens are the seed's.
       if (sampled) rs[i].sampling = {.temperature = 0.9f, .top_k = 0, .top_p = 0.95f, .seed = 100 + i};
     }
-    auto streams = loop.SubmitAll(rs);
-    ASSERT_TRUE(streams.ok()) << streams.status().ToString();
-    for (auto& st : *streams) {
-      std::string text;
-      const StreamUpdate u = Drain(*st, &text);
-      EXPECT_TRUE(u.error.ok()) << u.error.ToString();
-      EXPECT_EQ(u.num_tokens, 20);
-      texts->push_back(text);
-    }
+    SubmitAndDrain(loop, rs, 20, texts);
     if (kv_tokens > 0) {
       EXPECT_GT(metrics.preemptions(), 0) << "the cache never ran out: the test tests nothing";
     }
@@ -300,15 +307,7 @@ TEST(ServingLoopTest, ActivationBuffersThatDoNotFitPreemptInsteadOfFailing) {
       rs[i].max_new_tokens = 12;
       rs[i].ignore_eos = true;
     }
-    auto streams = loop.SubmitAll(rs);
-    ASSERT_TRUE(streams.ok()) << streams.status().ToString();
-    for (auto& st : *streams) {
-      std::string text;
-      const StreamUpdate u = Drain(*st, &text);
-      EXPECT_TRUE(u.error.ok()) << u.error.ToString();
-      EXPECT_EQ(u.num_tokens, 12);
-      texts->push_back(text);
-    }
+    SubmitAndDrain(loop, rs, 12, texts);
     EXPECT_TRUE(loop.fatal_error().ok()) << loop.fatal_error().ToString();
     if (limited) {
       EXPECT_GT(metrics.preemptions(), 0) << "the buffers always fit: the test tests nothing";
