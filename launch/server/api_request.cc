@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdio>
 
 #include "runtime/core/limits.h"
 
@@ -214,23 +213,29 @@ Error ParseSampling(const json& body, uint64_t default_seed, ApiRequest* out) {
     sp.top_k = *top_k < 0 ? 0 : static_cast<int>(*top_k);
   }
   sp.seed = seed ? static_cast<uint64_t>(*seed) : default_seed;
-  // Parameters clients send that this server does not implement: their neutral value is accepted,
-  // any other is refused by name rather than silently ignored.
-  struct Neutral {
-    const char* key;
-    double value;
-  };
-  for (const Neutral& n : {Neutral{"presence_penalty", 0}, Neutral{"frequency_penalty", 0},
-                           Neutral{"repetition_penalty", 1}, Neutral{"min_p", 0}}) {
-    std::optional<double> v;
-    if (auto e = GetNumber(body, n.key, &v)) return e;
-    if (v && *v != n.value) {
-      char neutral[32];
-      std::snprintf(neutral, sizeof(neutral), "%g", n.value);
-      return Bad(n.key,
-                 Quoted(n.key) + " is not supported by this server; only " + neutral + " (no effect) is accepted");
-    }
+  std::optional<double> presence, frequency, repetition, min_p;
+  if (auto e = GetNumber(body, "presence_penalty", &presence)) return e;
+  if (auto e = GetNumber(body, "frequency_penalty", &frequency)) return e;
+  if (auto e = GetNumber(body, "repetition_penalty", &repetition)) return e;
+  if (presence) {
+    if (!(*presence >= -2 && *presence <= 2)) return Bad("presence_penalty", "'presence_penalty' must be in [-2, 2]");
+    sp.presence_penalty = static_cast<float>(*presence);
   }
+  if (frequency) {
+    if (!(*frequency >= -2 && *frequency <= 2))
+      return Bad("frequency_penalty", "'frequency_penalty' must be in [-2, 2]");
+    sp.frequency_penalty = static_cast<float>(*frequency);
+  }
+  if (repetition) {
+    if (!(*repetition > 0 && *repetition <= 10))
+      return Bad("repetition_penalty", "'repetition_penalty' must be in (0, 10]");
+    sp.repetition_penalty = static_cast<float>(*repetition);
+  }
+  // min_p is not implemented: 0 (no effect) is accepted, any other value refused by name rather
+  // than silently ignored.
+  if (auto e = GetNumber(body, "min_p", &min_p)) return e;
+  if (min_p && *min_p != 0)
+    return Bad("min_p", "'min_p' is not supported by this server; only 0 (no effect) is accepted");
   return GetBool(body, "ignore_eos", &out->base.ignore_eos);
 }
 

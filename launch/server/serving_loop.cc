@@ -166,9 +166,11 @@ struct ServingLoop::Active {
   std::vector<int32_t> resume;
   // Tokens its next prefill feeds.
   const std::vector<int32_t>& to_prefill() const { return resume.empty() ? request.prompt : resume; }
-  // No logprobs: the token the backend picks from its row is all it needs (SeqChunk::token_only):
-  // the arg max, or a draw with the request's sampling (runtime::SampleRow, as the host draws).
-  bool TokenOnly() const { return request.logprobs < 0; }
+  // No logprobs and no penalties: the token the backend picks from its row is all it needs
+  // (SeqChunk::token_only): the arg max, or a draw with the request's sampling (runtime::SampleRow,
+  // as the host draws).
+  bool TokenOnly() const { return request.logprobs < 0 && !request.sampling.has_penalties(); }
+  std::optional<runtime::Penalties> penalties;  // over the prompt and the tokens generated so far
   // The parameters and random draw of its next token: drawn once, kept until a token is taken
   // (a failed or retried step draws nothing new), so the tokens are the seed's wherever rows are
   // sampled.
@@ -484,6 +486,7 @@ void ServingLoop::StartAndPrune() {
       }
       if (a->resume.empty()) {  // a preempted request's sampler and decoder go on
         a->sampler = std::make_unique<runtime::Sampler>(a->request.sampling);
+        a->penalties.emplace(a->request.sampling, a->request.prompt);
         a->draw.reset();  // a draw kept from a step that failed before its first token is the old sampler's
         a->decoder = std::make_unique<runtime::StreamDecoder>(tokenizer_, /*skip_special=*/true);
         // Nothing to run, unless the prompt itself is being scored.
@@ -605,7 +608,14 @@ void ServingLoop::Step() {
       const size_t b = to_draw[i];
       // The sampling row: the chunk's last (a scored prefill has a row per token).
       const size_t row = static_cast<size_t>(fr.row_offset[b]) + (batch[b].all_logits ? batch[b].tokens.size() - 1 : 0);
-      next[b] = runtime::SampleRow(fr.logits.data() + row * vocab, static_cast<int64_t>(vocab), members[b]->NextDraw());
+      const float* logits = fr.logits.data() + row * vocab;
+      if (members[b]->penalties->active()) {  // on a copy: logprobs report the model's own
+        thread_local std::vector<float> penalized;
+        penalized.assign(logits, logits + vocab);
+        members[b]->penalties->Apply(penalized.data(), static_cast<int64_t>(vocab));
+        logits = penalized.data();
+      }
+      next[b] = runtime::SampleRow(logits, static_cast<int64_t>(vocab), members[b]->NextDraw());
     }
   };
   if (to_draw.size() > 1) {
@@ -673,6 +683,7 @@ bool ServingLoop::Advance(Active& a, const float* rows, int32_t token) {
   a.last_token = now;
   a.last = tok;
   a.generated.push_back(tok);
+  a.penalties->Add(tok);
   metrics_->AddGeneratedTokens(1);
   const bool eos = !a.request.ignore_eos && std::find(config_.eos_token_ids.begin(), config_.eos_token_ids.end(),
                                                       tok) != config_.eos_token_ids.end();

@@ -28,6 +28,7 @@ StatusOr<std::vector<GenerateResult>> Generate(Engine& engine, const std::vector
   const size_t n = requests.size();
   std::vector<GenerateResult> results(n);
   std::vector<Sampler> samplers;
+  std::vector<Penalties> penalties;
   std::vector<int64_t> seq_ids(n);
   std::vector<bool> done(n, false);
   for (size_t i = 0; i < n; ++i) {
@@ -39,6 +40,7 @@ StatusOr<std::vector<GenerateResult>> Generate(Engine& engine, const std::vector
       return OutOfRange("prompt of " + std::to_string(r.prompt.size()) + " tokens does not fit the context of " +
                         std::to_string(engine.max_seq_len()) + " tokens");
     samplers.emplace_back(r.sampling);
+    penalties.emplace_back(r.sampling, r.prompt);
     seq_ids[i] = g_next_seq++;
     done[i] = r.max_new_tokens == 0;
   }
@@ -63,13 +65,15 @@ StatusOr<std::vector<GenerateResult>> Generate(Engine& engine, const std::vector
     index.clear();
     for (size_t i = 0; i < n; ++i) {
       if (done[i]) continue;
-      // The backend picks every token (arg max or SampleRow's draw): no logits to the host.
+      // The backend picks every token (arg max or SampleRow's draw): no logits to the host, unless
+      // penalties change the row first.
+      const bool token_only = !penalties[i].active();
       if (first) {
-        batch.push_back(SeqChunk{seq_ids[i], requests[i].prompt, false, true});
+        batch.push_back(SeqChunk{seq_ids[i], requests[i].prompt, false, token_only});
       } else {
-        batch.push_back(SeqChunk{seq_ids[i], {&last[i], 1}, false, true});
+        batch.push_back(SeqChunk{seq_ids[i], {&last[i], 1}, false, token_only});
       }
-      batch.back().sampling = samplers[i].Next();
+      if (token_only) batch.back().sampling = samplers[i].Next();
       index.push_back(i);
     }
     if (batch.empty()) break;
@@ -78,7 +82,16 @@ StatusOr<std::vector<GenerateResult>> Generate(Engine& engine, const std::vector
     EF_RETURN_IF_ERROR(engine.Forward(batch, &fr));
     for (size_t b = 0; b < batch.size(); ++b) {
       const size_t i = index[b];
-      const int32_t tok = fr.tokens[fr.row_offset[b]];
+      int32_t tok;
+      if (batch[b].token_only) {
+        tok = fr.tokens[fr.row_offset[b]];
+      } else {
+        const float* row = fr.logits.data() + static_cast<size_t>(fr.row_offset[b]) * c.vocab_size;
+        std::vector<float> penalized(row, row + c.vocab_size);
+        penalties[i].Apply(penalized.data(), c.vocab_size);
+        tok = samplers[i].Sample(penalized);
+      }
+      penalties[i].Add(tok);
       results[i].tokens.push_back(tok);
       last[i] = tok;
       bool keep = on_token ? on_token(i, tok) : true;

@@ -1,5 +1,6 @@
 #include "runtime/engine/sampler.h"
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 
@@ -10,7 +11,54 @@ Status SamplingParams::Validate() const {
     return InvalidArgument("temperature must be >= 0, got " + std::to_string(temperature));
   if (top_k < 0) return InvalidArgument("top_k must be >= 0, got " + std::to_string(top_k));
   if (!(top_p > 0.f && top_p <= 1.f)) return InvalidArgument("top_p must be in (0, 1], got " + std::to_string(top_p));
+  if (!(presence_penalty >= -2.f && presence_penalty <= 2.f))
+    return InvalidArgument("presence_penalty must be in [-2, 2], got " + std::to_string(presence_penalty));
+  if (!(frequency_penalty >= -2.f && frequency_penalty <= 2.f))
+    return InvalidArgument("frequency_penalty must be in [-2, 2], got " + std::to_string(frequency_penalty));
+  if (!(repetition_penalty > 0.f && repetition_penalty <= 10.f))
+    return InvalidArgument("repetition_penalty must be in (0, 10], got " + std::to_string(repetition_penalty));
   return Status::Ok();
+}
+
+Penalties::Penalties(const SamplingParams& params, std::span<const int32_t> prompt)
+    : params_(params), active_(params.has_penalties()) {
+  if (params.repetition_penalty != 1.f) {
+    seen_.assign(prompt.begin(), prompt.end());
+    std::sort(seen_.begin(), seen_.end());
+    seen_.erase(std::unique(seen_.begin(), seen_.end()), seen_.end());
+  }
+}
+
+void Penalties::Add(int32_t token) {
+  if (!active_) return;
+  if (params_.repetition_penalty != 1.f) {
+    auto it = std::lower_bound(seen_.begin(), seen_.end(), token);
+    if (it == seen_.end() || *it != token) seen_.insert(it, token);
+  }
+  for (auto& [t, n] : generated_)
+    if (t == token) {
+      ++n;
+      return;
+    }
+  generated_.emplace_back(token, 1);
+}
+
+int Penalties::count(int32_t token) const {
+  for (const auto& [t, n] : generated_)
+    if (t == token) return n;
+  return 0;
+}
+
+void Penalties::Apply(float* logits, int64_t vocab) const {
+  if (!active_) return;
+  const float rp = params_.repetition_penalty;
+  if (rp != 1.f)
+    for (int32_t t : seen_)
+      if (t >= 0 && t < vocab) logits[t] = logits[t] > 0.f ? logits[t] / rp : logits[t] * rp;
+  if (params_.presence_penalty != 0.f || params_.frequency_penalty != 0.f)
+    for (const auto& [t, n] : generated_)
+      if (t >= 0 && t < vocab)
+        logits[t] -= params_.frequency_penalty * static_cast<float>(n) + params_.presence_penalty;
 }
 
 Sampler::Sampler(const SamplingParams& params) : rng_(params.seed) {

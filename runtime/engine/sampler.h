@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <random>
 #include <span>
+#include <utility>
+#include <vector>
 
 #include "runtime/core/sample_row.h"
 #include "runtime/core/status.h"
@@ -20,8 +22,36 @@ struct SamplingParams {
   int top_k = 0;            // 0: no limit
   float top_p = 1.f;        // 1: no limit
   uint64_t seed = 0;
+  // Penalties on the logits before the temperature (Penalties): OpenAI's presence and frequency
+  // penalties over the generated tokens, in [-2, 2], and the repetition penalty over the prompt's
+  // and the generated tokens, in (0, 10] (1: none).
+  float presence_penalty = 0.f;
+  float frequency_penalty = 0.f;
+  float repetition_penalty = 1.f;
 
   Status Validate() const;
+  bool has_penalties() const {
+    return presence_penalty != 0.f || frequency_penalty != 0.f || repetition_penalty != 1.f;
+  }
+};
+
+// The penalties of one request over the tokens it has seen, applied to a row of its logits:
+// first the repetition penalty (every token of the prompt or generated: a positive logit divided by
+// it, a negative one multiplied), then logit -= frequency_penalty x count + presence_penalty for
+// every generated token (count: how often it was generated), as vLLM orders them.
+class Penalties {
+ public:
+  Penalties(const SamplingParams& params, std::span<const int32_t> prompt);
+  bool active() const { return active_; }
+  void Add(int32_t token);                         // a generated token
+  void Apply(float* logits, int64_t vocab) const;  // in place; tokens outside the row are ignored
+  int count(int32_t token) const;                  // times generated
+
+ private:
+  SamplingParams params_;
+  bool active_ = false;
+  std::vector<int32_t> seen_;                       // prompt and generated tokens (repetition), distinct
+  std::vector<std::pair<int32_t, int>> generated_;  // (token, count), in first-generated order
 };
 
 class Sampler {

@@ -426,6 +426,23 @@ TEST_F(ServerTest, SampledTokensAreTheSameOnTheBackendAndTheHost) {
   }
 }
 
+// Penalties reach the sampler: a greedy request with them gets other tokens than without, the same
+// on every call, and streams the same text.
+TEST_F(ServerTest, PenaltiesChangeGreedyTokens) {
+  json req = {{"model", kModel}, {"prompt", "def fib"}, {"max_tokens", 24}, {"temperature", 0}, {"ignore_eos", true}};
+  Reply plain = Post(*server_, "/v1/completions", req.dump());
+  req["presence_penalty"] = 1.5;
+  req["repetition_penalty"] = 1.5;
+  Reply a = Post(*server_, "/v1/completions", req.dump());
+  Reply b = Post(*server_, "/v1/completions", req.dump());
+  ASSERT_EQ(plain.status, 200) << plain.raw;
+  ASSERT_EQ(a.status, 200) << a.raw;
+  ASSERT_EQ(b.status, 200) << b.raw;
+  EXPECT_NE(a.body["choices"][0]["text"], plain.body["choices"][0]["text"]);
+  EXPECT_EQ(a.body["choices"][0]["text"], b.body["choices"][0]["text"]);
+  EXPECT_EQ(a.body["usage"]["completion_tokens"], 24);
+}
+
 namespace fs = std::filesystem;
 
 // `expertflow score` over `ids`: the log-softmax (in double) of the logits at every position.
@@ -627,9 +644,9 @@ TEST_F(ServerTest, BadInputsGetJsonErrorsAndTheServerKeepsServing) {
       {c, R"({"model": "tiny-code-moe", "prompt": "x", "temperature": "hot"})", 400, "temperature"},
       {c, R"({"model": "tiny-code-moe", "prompt": "x", "temperature": -1})", 400, "temperature"},
       {c, R"({"model": "tiny-code-moe", "prompt": "x", "top_p": 0})", 400, "top_p"},
-      {c, R"({"model": "tiny-code-moe", "prompt": "x", "presence_penalty": 0.5})", 400, "presence_penalty"},
+      {c, R"({"model": "tiny-code-moe", "prompt": "x", "presence_penalty": 2.5})", 400, "presence_penalty"},
       {c, R"({"model": "tiny-code-moe", "prompt": "x", "frequency_penalty": "a"})", 400, "frequency_penalty"},
-      {c, R"({"model": "tiny-code-moe", "prompt": "x", "repetition_penalty": 1.1})", 400, "repetition_penalty"},
+      {c, R"({"model": "tiny-code-moe", "prompt": "x", "repetition_penalty": 0})", 400, "repetition_penalty"},
       {ch, R"({"model": "tiny-code-moe", "messages": [{"role": "user", "content": "x"}], "min_p": 0.05})", 400,
        "min_p"},
       {c, R"({"model": "tiny-code-moe", "prompt": "x", "n": 0})", 400, "n"},
@@ -658,7 +675,7 @@ TEST_F(ServerTest, BadInputsGetJsonErrorsAndTheServerKeepsServing) {
     ExpectJsonError(Post(*server_, k.path, k.body), k.status, k.path + " " + k.body.substr(0, 80), k.param);
   EXPECT_EQ(Get(*server_, "/health").status, 200);
   Reply ok = Post(*server_, "/v1/completions", json{{"model", kModel}, {"prompt", "x = "}, {"max_tokens", 2}}.dump());
-  // Their neutral values are accepted.
+  // min_p's neutral value is accepted, and so are penalties.
   Reply neutral = Post(*server_, "/v1/completions",
                        json{{"model", kModel},
                             {"prompt", "x = "},

@@ -6,8 +6,10 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <numeric>
+#include <set>
 
 #include "runtime/engine/engine.h"
 #include "runtime/engine/generator.h"
@@ -163,6 +165,49 @@ TEST(TinyCodeMoe, GreedyContinuationMatchesTransformers) {
   const std::string want =
       "def main(args):\n    \"\"\"Return a breakpoint object, in which steps up in a directory.\"\"\"";
   EXPECT_EQ(text.substr(0, want.size()), want) << text;
+}
+
+// Generate with penalties: the tokens a step-by-step reference picks from the raw logits after
+// applying vLLM's penalties itself (greedy, so the draw is the arg max), and not the unpenalized
+// tokens.
+TEST(Generate, PenaltiesAreAppliedToEveryStep) {
+  EngineOptions o;
+  o.backend = "cpu";
+  const std::string dir = std::string(EF_MODELS_DIR) + "/tiny-code-moe";
+  auto engine = Engine::Create(dir, o);
+  ASSERT_TRUE(engine.ok()) << engine.status().ToString();
+  GenerateRequest r;
+  r.prompt = {1, 822, 1667, 2989, 40};
+  r.max_new_tokens = 24;
+  r.ignore_eos = true;
+  auto plain = Generate(**engine, {r});
+  ASSERT_TRUE(plain.ok()) << plain.status().ToString();
+  r.sampling.presence_penalty = 0.6f;
+  r.sampling.frequency_penalty = 0.3f;
+  r.sampling.repetition_penalty = 1.4f;
+  auto got = Generate(**engine, {r});
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+
+  const int V = (*engine)->config().vocab_size;
+  ASSERT_TRUE((*engine)->AddSequence(7).ok());
+  std::vector<int32_t> feed = r.prompt, want;
+  std::map<int32_t, int> counts;
+  for (int step = 0; step < r.max_new_tokens; ++step) {
+    ForwardResult fr;
+    ASSERT_TRUE((*engine)->Forward(std::vector<SeqChunk>{{7, feed, false}}, &fr).ok());
+    std::vector<float> row(fr.logits.begin(), fr.logits.begin() + V);
+    std::set<int32_t> seen(r.prompt.begin(), r.prompt.end());
+    for (int32_t t : want) seen.insert(t);
+    for (int32_t t : seen) row[t] = row[t] > 0 ? row[t] / 1.4f : row[t] * 1.4f;
+    for (const auto& [t, n] : counts) row[t] -= 0.3f * static_cast<float>(n) + 0.6f;
+    const int32_t next = static_cast<int32_t>(std::max_element(row.begin(), row.end()) - row.begin());
+    want.push_back(next);
+    ++counts[next];
+    feed = {next};
+  }
+  (*engine)->RemoveSequence(7);
+  EXPECT_EQ((*got)[0].tokens, want);
+  EXPECT_NE((*got)[0].tokens, (*plain)[0].tokens) << "the penalties changed nothing: the test tests nothing";
 }
 
 TEST(Generate, BatchedEqualsOneAtATimeAndRaggedLengthsWork) {

@@ -224,6 +224,38 @@ TEST(SamplerTest, NextThenSampleRowIsSample) {
   EXPECT_TRUE(Sampler(SamplingParams{.temperature = 1e-45f}).greedy());  // 1 / T overflows
 }
 
+// Penalties as vLLM applies them: the repetition penalty over prompt and generated tokens (a
+// positive logit divided, a negative one multiplied), then the frequency (per occurrence) and
+// presence (once) penalties over the generated tokens; other tokens untouched.
+TEST(SamplerTest, PenaltiesAdjustTheTokensSeen) {
+  SamplingParams p;
+  p.presence_penalty = 0.5f;
+  p.frequency_penalty = 0.25f;
+  p.repetition_penalty = 2.f;
+  const std::vector<int32_t> prompt = {1, 3, 3};
+  Penalties pen(p, prompt);
+  ASSERT_TRUE(pen.active());
+  for (int32_t t : {4, 5, 4, 99}) pen.Add(t);  // 99: outside the row, ignored
+  EXPECT_EQ(pen.count(4), 2);
+  EXPECT_EQ(pen.count(3), 0);
+  std::vector<float> row = {1.f, 2.f, -1.f, -3.f, 4.f, 6.f, 7.f};
+  pen.Apply(row.data(), static_cast<int64_t>(row.size()));
+  EXPECT_EQ(row[0], 1.f);
+  EXPECT_EQ(row[1], 1.f);  // prompt: 2 / 2
+  EXPECT_EQ(row[2], -1.f);
+  EXPECT_EQ(row[3], -6.f);                        // prompt: -3 x 2
+  EXPECT_EQ(row[4], 4.f / 2 - 0.25f * 2 - 0.5f);  // generated twice
+  EXPECT_EQ(row[5], 6.f / 2 - 0.25f - 0.5f);      // generated once
+  EXPECT_EQ(row[6], 7.f);
+  EXPECT_FALSE(Penalties(SamplingParams{}, prompt).active());
+  SamplingParams bad;
+  bad.repetition_penalty = 0.f;
+  EXPECT_NE(bad.Validate().message().find("repetition_penalty"), std::string::npos);
+  bad = SamplingParams{};
+  bad.presence_penalty = 3.f;
+  EXPECT_NE(bad.Validate().message().find("presence_penalty"), std::string::npos);
+}
+
 TEST(SamplerTest, InvalidParametersNameTheField) {
   SamplingParams p;
   p.temperature = -1.f;
