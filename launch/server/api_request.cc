@@ -213,7 +213,7 @@ Error ParseSampling(const json& body, uint64_t default_seed, ApiRequest* out) {
     sp.top_k = *top_k < 0 ? 0 : static_cast<int>(*top_k);
   }
   sp.seed = seed ? static_cast<uint64_t>(*seed) : default_seed;
-  std::optional<double> presence, frequency, repetition, min_p;
+  std::optional<double> presence, frequency, repetition;
   if (auto e = GetNumber(body, "presence_penalty", &presence)) return e;
   if (auto e = GetNumber(body, "frequency_penalty", &frequency)) return e;
   if (auto e = GetNumber(body, "repetition_penalty", &repetition)) return e;
@@ -227,15 +227,29 @@ Error ParseSampling(const json& body, uint64_t default_seed, ApiRequest* out) {
     sp.frequency_penalty = static_cast<float>(*frequency);
   }
   if (repetition) {
-    if (!(*repetition > 0 && *repetition <= 10))
-      return Bad("repetition_penalty", "'repetition_penalty' must be in (0, 10]");
+    if (!(*repetition >= 1e-3 && *repetition <= 10))
+      return Bad("repetition_penalty", "'repetition_penalty' must be in [0.001, 10]");
     sp.repetition_penalty = static_cast<float>(*repetition);
   }
-  // min_p is not implemented: 0 (no effect) is accepted, any other value refused by name rather
-  // than silently ignored.
-  if (auto e = GetNumber(body, "min_p", &min_p)) return e;
-  if (min_p && *min_p != 0)
-    return Bad("min_p", "'min_p' is not supported by this server; only 0 (no effect) is accepted");
+  // Parameters other servers take that this one does not implement: their neutral value (or null)
+  // is accepted, anything else refused by name rather than silently ignored.
+  struct Neutral {
+    const char* key;
+    double value;
+  };
+  for (const Neutral& n :
+       {Neutral{"min_p", 0}, Neutral{"typical_p", 1}, Neutral{"min_tokens", 0}, Neutral{"best_of", 1}}) {
+    std::optional<double> v;
+    if (auto e = GetNumber(body, n.key, &v)) return e;
+    if (v && *v != n.value)
+      return Bad(n.key, Quoted(n.key) + " is not supported by this server; only " +
+                            std::to_string(static_cast<int>(n.value)) + " (no effect) is accepted");
+  }
+  for (const char* key : {"logit_bias", "stop_token_ids", "bad_words", "allowed_token_ids"}) {
+    auto it = body.find(key);
+    if (it != body.end() && !it->is_null() && !it->empty())
+      return Bad(key, Quoted(key) + " is not supported by this server (only an empty or null value is accepted)");
+  }
   return GetBool(body, "ignore_eos", &out->base.ignore_eos);
 }
 

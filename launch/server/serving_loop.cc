@@ -519,6 +519,7 @@ void ServingLoop::Step() {
   // Chunked prefill: at most max_prefill_tokens prompt tokens per step (decodes always run), so a
   // long prompt does not stall the running requests' next tokens for a whole prefill.
   int64_t budget = options_.max_prefill_tokens > 0 ? options_.max_prefill_tokens : INT64_MAX;
+  if (prefill_cap_.load() > 0) budget = std::min(budget, prefill_cap_.load());
   for (auto& a : running_) {
     if (!a->prefilled) {
       const std::vector<int32_t>& all = a->to_prefill();
@@ -546,11 +547,28 @@ void ServingLoop::Step() {
       injected
           ? Internal("EF_DEBUG_FAIL_AT_STEP=" + std::to_string(params::DebugFailAtStep()) + ": injected engine failure")
           : engine_->Forward(batch, &fr);
-  if (!s.ok() && !injected && engine_->last_forward_out_of_memory()) {
-    // The KV cache or the activation buffers could not hold this step (nothing ran). The youngest
-    // request holding blocks gives them back and waits at the head of the queue to be prefilled
-    // again with what it has generated; alone, a request that still does not fit fails on its
-    // own and the loop goes on.
+  using OutOfMemory = runtime::Engine::OutOfMemory;
+  const OutOfMemory oom = s.ok() || injected ? OutOfMemory::kNone : engine_->last_forward_out_of_memory();
+  if (oom == OutOfMemory::kActivations) {
+    // The step's activation buffers did not fit (nothing ran): its prompts are prefilled in
+    // smaller pieces from now on, and the same requests go again.
+    int64_t prefill = 0;
+    for (const Active* a : members)
+      if (!a->prefilled) prefill += static_cast<int64_t>(a->prefill_now);
+    if (prefill > 1) {
+      prefill_cap_.store(prefill / 2);
+      EF_LOG(WARN, SERVE,
+             "the activation buffers of a step of %lld tokens do not fit (%s): prompts are prefilled at most %lld "
+             "tokens a step from now on",
+             static_cast<long long>(tokens), s.message().c_str(), static_cast<long long>(prefill / 2));
+      return;
+    }
+  }
+  if (oom != OutOfMemory::kNone) {
+    // The KV cache could not hold this step, or its decode rows alone need more activation memory
+    // (nothing ran). The youngest request holding blocks gives them back and waits at the head of
+    // the queue to be prefilled again with what it has generated; alone, a request that still
+    // does not fit fails on its own and the loop goes on.
     size_t v = running_.size() - 1;
     while (v > 0 && !running_[v]->prefilled && running_[v]->prefill_done == 0) --v;
     std::unique_ptr<Active> victim = std::move(running_[v]);

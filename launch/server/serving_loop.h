@@ -34,6 +34,7 @@
 // Thread safety: Submit/Stop and every RequestStream method may be called from any thread.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -186,6 +187,9 @@ class ServingLoop {
   AdmissionStats admission_stats() const;
   // The error that stopped the loop (idle_tick or device binding), OK otherwise.
   Status fatal_error() const;
+  // Prompt tokens a step may prefill since a step's activation buffers did not fit the backend
+  // (halved at each such failure; 0: no cap beyond max_prefill_tokens).
+  int64_t prefill_token_cap() const { return prefill_cap_.load(); }
   const runtime::ModelConfig& config() const { return config_; }
 
  private:
@@ -224,6 +228,7 @@ class ServingLoop {
   std::condition_variable cv_;
   std::deque<std::unique_ptr<Active>> waiting_;   // guarded by mu_
   bool kv_pressure_ = false;                      // a request was preempted and none has finished since (engine thread)
+  std::atomic<int64_t> prefill_cap_{0};           // prefill_token_cap() (written by the engine thread)
   bool stopping_ = false;                         // guarded by mu_
   std::vector<std::unique_ptr<Active>> running_;  // engine thread only
   AdmissionStats admission_;                      // guarded by mu_

@@ -679,7 +679,7 @@ Status Engine::MoeBlock(int layer, int64_t T, const float* h, float* out, const 
 }
 
 Status Engine::Forward(std::span<const SeqChunk> batch, ForwardResult* result) {
-  last_forward_out_of_memory_ = false;
+  last_forward_out_of_memory_ = OutOfMemory::kNone;
   const ModelConfig& c = config();
   int64_t T = 0;
   std::vector<int64_t> row_seq;
@@ -714,11 +714,11 @@ Status Engine::Forward(std::span<const SeqChunk> batch, ForwardResult* result) {
   // Buffers that could not grow are all freed (ReserveScratch) and grow again on the next pass, so
   // a smaller batch after this failure gets what it needs.
   Status scratch = ReserveScratch(T, R);
-  last_forward_out_of_memory_ = scratch.code() == StatusCode::kResourceExhausted;
+  if (scratch.code() == StatusCode::kResourceExhausted) last_forward_out_of_memory_ = OutOfMemory::kActivations;
   EF_RETURN_IF_ERROR(scratch);
   if (kv_) {
     Status kv = ReserveKvBlocks(batch);
-    last_forward_out_of_memory_ = kv.code() == StatusCode::kResourceExhausted;
+    if (kv.code() == StatusCode::kResourceExhausted) last_forward_out_of_memory_ = OutOfMemory::kKvBlocks;
     EF_RETURN_IF_ERROR(kv);
   }
 
@@ -804,6 +804,10 @@ Status Engine::Forward(std::span<const SeqChunk> batch, ForwardResult* result) {
   Status run = step_pass_ && pass.device_routing && cuda_graphs_ && backend_->Graphs() ? RunGraphed(pass, plan)
                                                                                        : RunLayers(pass);
   step_pass_ = false;
+  // The MoE executor's buffers grow during the pass; a pass that failed there committed nothing
+  // either (sequence lengths are committed last).
+  if (run.code() == StatusCode::kResourceExhausted && backend_->status().ok())
+    last_forward_out_of_memory_ = OutOfMemory::kActivations;
   EF_RETURN_IF_ERROR(run);
   result->tokens.clear();
   if (any_token) {

@@ -141,10 +141,13 @@ class Engine {
     int64_t allocated_tokens = 0;
   };
   KvUsage kv_usage() const;
-  // The last Forward failed for memory: the paged KV cache could not give its sequences the blocks
-  // they needed (full, or its growth did not fit), or the batch's activation buffers did not fit
-  // on the backend. It changed nothing and can be retried with fewer sequences or tokens.
-  bool last_forward_out_of_memory() const { return last_forward_out_of_memory_; }
+  // Why the last Forward failed for memory, if it did: the paged KV cache could not give its
+  // sequences the blocks they needed (full, or its growth did not fit), or the batch's activation
+  // buffers (the engine's, the MoE executor's) did not fit on the backend. Either way it changed
+  // nothing and can be retried: with fewer sequences (blocks) or fewer tokens (activations).
+  // (Workspaces a backend grows inside an op fail the backend instead: not retryable.)
+  enum class OutOfMemory { kNone, kKvBlocks, kActivations };
+  OutOfMemory last_forward_out_of_memory() const { return last_forward_out_of_memory_; }
 
   // Replaces where expert weights come from (default: all resident). The engine keeps a pointer;
   // the caller keeps it alive. nullptr restores the resident experts (none when the engine was
@@ -303,7 +306,7 @@ class Engine {
   std::vector<RoutedExpertTable> routed_;  // per decoder layer; num_experts 0: none
   std::vector<Buffer> routed_tables_;      // their pointer arrays
   bool last_device_routed_ = false;
-  bool last_forward_out_of_memory_ = false;
+  OutOfMemory last_forward_out_of_memory_ = OutOfMemory::kNone;
   int next_hook_id_ = 0;
   std::map<int64_t, Sequence> seqs_;
   int max_seq_len_ = 0;

@@ -649,6 +649,12 @@ TEST_F(ServerTest, BadInputsGetJsonErrorsAndTheServerKeepsServing) {
       {c, R"({"model": "tiny-code-moe", "prompt": "x", "repetition_penalty": 0})", 400, "repetition_penalty"},
       {ch, R"({"model": "tiny-code-moe", "messages": [{"role": "user", "content": "x"}], "min_p": 0.05})", 400,
        "min_p"},
+      {c, R"({"model": "tiny-code-moe", "prompt": "x", "repetition_penalty": 1e-50})", 400, "repetition_penalty"},
+      {c, R"({"model": "tiny-code-moe", "prompt": "x", "logit_bias": {"17": 5}})", 400, "logit_bias"},
+      {c, R"({"model": "tiny-code-moe", "prompt": "x", "best_of": 3})", 400, "best_of"},
+      {c, R"({"model": "tiny-code-moe", "prompt": "x", "min_tokens": 4})", 400, "min_tokens"},
+      {c, R"({"model": "tiny-code-moe", "prompt": "x", "stop_token_ids": [2]})", 400, "stop_token_ids"},
+      {c, R"({"model": "tiny-code-moe", "prompt": "x", "typical_p": 0.5})", 400, "typical_p"},
       {c, R"({"model": "tiny-code-moe", "prompt": "x", "n": 0})", 400, "n"},
       {c, R"({"model": "tiny-code-moe", "prompt": ["x", "y"], "n": 100})", 400, "n"},
       {c, R"({"model": "tiny-code-moe", "prompt": "x", "logprobs": 21})", 400, "logprobs"},
@@ -683,7 +689,10 @@ TEST_F(ServerTest, BadInputsGetJsonErrorsAndTheServerKeepsServing) {
                             {"presence_penalty", 0},
                             {"frequency_penalty", 0.0},
                             {"repetition_penalty", 1},
-                            {"min_p", 0}}
+                            {"min_p", 0},
+                            {"best_of", 1},
+                            {"logit_bias", json::object()},
+                            {"stop_token_ids", nullptr}}
                            .dump());
   EXPECT_EQ(neutral.status, 200) << neutral.raw;
   EXPECT_EQ(ok.status, 200) << ok.raw;

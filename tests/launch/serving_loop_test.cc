@@ -273,10 +273,12 @@ TEST(ServingLoopTest, FixedKvCachePreemptsAndFinishesEverything) {
 }
 
 // Activation buffers that do not fit (a CPU backend whose memory budget holds one 40-token
-// prefill's buffers, not four's): the step is retried with fewer requests (the youngest preempted)
-// instead of failing the loop, and every request gets the text an unlimited backend gives it.
-TEST(ServingLoopTest, ActivationBuffersThatDoNotFitPreemptInsteadOfFailing) {
-  auto run = [](bool limited, std::vector<std::string>* texts) {
+// prefill's buffers): the step is retried with its prompts prefilled in smaller pieces instead of
+// failing the loop, and every request gets the text an unlimited backend gives it. Two arrivals:
+// four 40-token prompts at once, and a 150-token prompt arriving while a request decodes (which
+// must not be preempted for it).
+TEST(ServingLoopTest, ActivationBuffersThatDoNotFitArePrefilledInPieces) {
+  auto run = [](bool limited, bool late_long_prompt, std::vector<std::string>* texts) {
     runtime::EngineOptions eo;
     eo.kv_block_size = 16;
     eo.kv_cache_tokens = 1024;  // allocated now: the budget below leaves it alone
@@ -285,7 +287,7 @@ TEST(ServingLoopTest, ActivationBuffersThatDoNotFitPreemptInsteadOfFailing) {
     std::vector<int32_t> prompt(40);
     for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<int32_t>(100 + 7 * i);
     if (limited) {
-      // What one 40-token prefill's buffers take, plus a little: two prompts' do not fit.
+      // What one 40-token prefill's buffers take, plus a little.
       runtime::Engine& e = **engine;
       ASSERT_TRUE(e.AddSequence(99).ok());
       runtime::ForwardResult r;
@@ -300,24 +302,59 @@ TEST(ServingLoopTest, ActivationBuffersThatDoNotFitPreemptInsteadOfFailing) {
     ServingLoopOptions lo;
     lo.max_batch = 8;
     ServingLoop loop(engine->get(), std::move(tok).value(), &metrics, lo);
-    std::vector<ServeRequest> rs(4);
-    for (size_t i = 0; i < rs.size(); ++i) {
-      rs[i].prompt = prompt;
-      rs[i].prompt[1] = static_cast<int32_t>(17 + i);
-      rs[i].max_new_tokens = 12;
-      rs[i].ignore_eos = true;
+    if (!late_long_prompt) {
+      std::vector<ServeRequest> rs(4);
+      for (size_t i = 0; i < rs.size(); ++i) {
+        rs[i].prompt = prompt;
+        rs[i].prompt[1] = static_cast<int32_t>(17 + i);
+        rs[i].max_new_tokens = 12;
+        rs[i].ignore_eos = true;
+      }
+      SubmitAndDrain(loop, rs, 12, texts);
+    } else {
+      ServeRequest a;
+      a.prompt.assign(prompt.begin(), prompt.begin() + 30);
+      a.max_new_tokens = 24;
+      a.ignore_eos = true;
+      auto sa = loop.Submit(a);
+      ASSERT_TRUE(sa.ok()) << sa.status().ToString();
+      std::string text_a;
+      StreamUpdate u;
+      while (u.num_tokens < 4 && !u.done) {  // A is decoding
+        u = (*sa)->Take(std::chrono::milliseconds(200));
+        text_a += u.text;
+      }
+      ServeRequest b;
+      for (int i = 0; i < 150; ++i) b.prompt.push_back(static_cast<int32_t>(200 + (13 * i) % 3000));
+      b.max_new_tokens = 8;
+      b.ignore_eos = true;
+      auto sb = loop.Submit(b);
+      ASSERT_TRUE(sb.ok()) << sb.status().ToString();
+      u = Drain(**sa, &text_a, nullptr, u);
+      EXPECT_TRUE(u.error.ok()) << u.error.ToString();
+      EXPECT_EQ(u.num_tokens, 24);
+      std::string text_b;
+      const StreamUpdate ub = Drain(**sb, &text_b);
+      EXPECT_TRUE(ub.error.ok()) << ub.error.ToString();
+      EXPECT_EQ(ub.num_tokens, 8);
+      texts->push_back(text_a);
+      texts->push_back(text_b);
+      if (limited) {
+        EXPECT_EQ(metrics.preemptions(), 0) << "the decoding request was preempted for the prompt";
+      }
     }
-    SubmitAndDrain(loop, rs, 12, texts);
     EXPECT_TRUE(loop.fatal_error().ok()) << loop.fatal_error().ToString();
     if (limited) {
-      EXPECT_GT(metrics.preemptions(), 0) << "the buffers always fit: the test tests nothing";
+      EXPECT_GT(loop.prefill_token_cap(), 0) << "the buffers always fit: the test tests nothing";
     }
     loop.Stop();
   };
-  std::vector<std::string> limited, unlimited;
-  run(true, &limited);
-  run(false, &unlimited);
-  EXPECT_EQ(limited, unlimited);
+  for (bool late : {false, true}) {
+    std::vector<std::string> limited, unlimited;
+    run(true, late, &limited);
+    run(false, late, &unlimited);
+    EXPECT_EQ(limited, unlimited) << (late ? "a long prompt while decoding" : "four prompts at once");
+  }
 }
 
 // Chunked prefill: with at most 16 (or 7) prompt tokens prefilled per step, a 40-token prompt

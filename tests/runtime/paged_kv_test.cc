@@ -194,13 +194,13 @@ TEST(PagedKvEngineTest, FullPoolFailsThePassAndChangesNothing) {
   const Status s = e->Forward({&second, 1}, &r);
   ASSERT_EQ(s.code(), StatusCode::kResourceExhausted) << s.ToString();
   EXPECT_NE(s.message().find("kv cache full"), std::string::npos) << s.ToString();
-  EXPECT_TRUE(e->last_forward_out_of_memory());
+  EXPECT_EQ(e->last_forward_out_of_memory(), Engine::OutOfMemory::kKvBlocks);
   EXPECT_EQ(e->SequenceLength(2), 0);
   // Another failure is not the cache's.
   const int32_t bad = e->config().vocab_size;
   SeqChunk wrong{1, {&bad, 1}, false};
   EXPECT_EQ(e->Forward({&wrong, 1}, &r).code(), StatusCode::kInvalidArgument);
-  EXPECT_FALSE(e->last_forward_out_of_memory());
+  EXPECT_EQ(e->last_forward_out_of_memory(), Engine::OutOfMemory::kNone);
   EXPECT_EQ(e->SequenceLength(1), 20);
   // Once sequence 1 leaves, sequence 2 runs and gets what a fresh engine gives.
   e->RemoveSequence(1);
