@@ -237,20 +237,62 @@ Error ParseSampling(const json& body, uint64_t default_seed, ApiRequest* out) {
     const char* key;
     double value;
   };
-  for (const Neutral& n :
-       {Neutral{"min_p", 0}, Neutral{"typical_p", 1}, Neutral{"min_tokens", 0}, Neutral{"best_of", 1}}) {
+  for (const Neutral& n : {Neutral{"min_p", 0}, Neutral{"typical_p", 1}, Neutral{"best_of", 1}}) {
     std::optional<double> v;
     if (auto e = GetNumber(body, n.key, &v)) return e;
     if (v && *v != n.value)
       return Bad(n.key, Quoted(n.key) + " is not supported by this server; only " +
                             std::to_string(static_cast<int>(n.value)) + " (no effect) is accepted");
   }
-  for (const char* key : {"logit_bias", "stop_token_ids", "bad_words", "allowed_token_ids"}) {
+  for (const char* key : {"bad_words", "allowed_token_ids"}) {
     auto it = body.find(key);
     if (it != body.end() && !it->is_null() && !it->empty())
       return Bad(key, Quoted(key) + " is not supported by this server (only an empty or null value is accepted)");
   }
   return GetBool(body, "ignore_eos", &out->base.ignore_eos);
+}
+
+// logit_bias ({"token id": bias in [-100, 100]}), min_tokens and stop_token_ids.
+Error ParseTokenControls(const json& body, const ApiLimits& limits, ApiRequest* out) {
+  auto token_id = [&](const char* key, const json& v, const std::string& text) -> Error {
+    if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() >= limits.vocab_size)
+      return Bad(key,
+                 Quoted(key) + ": " + text + " is not a token id in [0, " + std::to_string(limits.vocab_size) + ")");
+    return std::nullopt;
+  };
+  runtime::SamplingParams& sp = out->base.sampling;
+  auto bias = body.find("logit_bias");
+  if (bias != body.end() && !bias->is_null()) {
+    if (!bias->is_object())
+      return Bad("logit_bias", "'logit_bias' must be an object of token id: bias", "invalid_type");
+    if (bias->size() > 1024) return Bad("logit_bias", "'logit_bias' holds at most 1024 tokens");
+    for (auto it = bias->begin(); it != bias->end(); ++it) {
+      const json id = json::parse(it.key(), nullptr, /*allow_exceptions=*/false);
+      if (auto e = token_id("logit_bias", id, "key \"" + it.key() + "\"")) return e;
+      if (!it.value().is_number() || !(it.value().get<double>() >= -100 && it.value().get<double>() <= 100))
+        return Bad("logit_bias", "'logit_bias' values must be numbers in [-100, 100]");
+      sp.logit_bias.emplace_back(id.get<int32_t>(), static_cast<float>(it.value().get<double>()));
+    }
+  }
+  std::optional<int64_t> min_tokens;
+  if (auto e = GetInt(body, "min_tokens", &min_tokens)) return e;
+  if (min_tokens) {
+    if (*min_tokens < 0 || *min_tokens > out->base.max_new_tokens)
+      return Bad("min_tokens",
+                 "'min_tokens' must be in [0, max_tokens (" + std::to_string(out->base.max_new_tokens) + ")]");
+    sp.min_tokens = static_cast<int>(*min_tokens);
+  }
+  auto ids = body.find("stop_token_ids");
+  if (ids != body.end() && !ids->is_null()) {
+    if (!ids->is_array())
+      return Bad("stop_token_ids", "'stop_token_ids' must be an array of token ids", "invalid_type");
+    if (ids->size() > 64) return Bad("stop_token_ids", "'stop_token_ids' holds at most 64 tokens");
+    for (const json& v : *ids) {
+      if (auto e = token_id("stop_token_ids", v, v.dump())) return e;
+      out->base.stop_token_ids.push_back(v.get<int32_t>());
+    }
+  }
+  return std::nullopt;
 }
 
 Error ParseStop(const json& body, ApiRequest* out) {
@@ -354,6 +396,7 @@ std::optional<ApiError> ParseApiRequest(const json& body, bool chat, const ApiLi
   if (auto e = ParseChoicesAndStream(body, out)) return e;
   if (auto e = ParseMaxTokens(body, limits, out)) return e;
   if (auto e = ParseSampling(body, default_seed, out)) return e;
+  if (auto e = ParseTokenControls(body, limits, out)) return e;
   if (auto e = ParseStop(body, out)) return e;
   return ParseLogprobs(body, out);
 }

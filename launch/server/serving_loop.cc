@@ -169,7 +169,7 @@ struct ServingLoop::Active {
   // No logprobs and no penalties: the token the backend picks from its row is all it needs
   // (SeqChunk::token_only): the arg max, or a draw with the request's sampling (runtime::SampleRow,
   // as the host draws).
-  bool TokenOnly() const { return request.logprobs < 0 && !request.sampling.has_penalties(); }
+  bool TokenOnly() const { return request.logprobs < 0 && !request.sampling.adjusts_logits(); }
   std::optional<runtime::Penalties> penalties;  // over the prompt and the tokens generated so far
   // The parameters and random draw of its next token: drawn once, kept until a token is taken
   // (a failed or retried step draws nothing new), so the tokens are the seed's wherever rows are
@@ -486,7 +486,9 @@ void ServingLoop::StartAndPrune() {
       }
       if (a->resume.empty()) {  // a preempted request's sampler and decoder go on
         a->sampler = std::make_unique<runtime::Sampler>(a->request.sampling);
-        a->penalties.emplace(a->request.sampling, a->request.prompt);
+        std::vector<int32_t> end = a->request.stop_token_ids;  // barred before min_tokens
+        if (!a->request.ignore_eos) end.insert(end.end(), config_.eos_token_ids.begin(), config_.eos_token_ids.end());
+        a->penalties.emplace(a->request.sampling, a->request.prompt, end);
         a->draw.reset();  // a draw kept from a step that failed before its first token is the old sampler's
         a->decoder = std::make_unique<runtime::StreamDecoder>(tokenizer_, /*skip_special=*/true);
         // Nothing to run, unless the prompt itself is being scored.
@@ -703,8 +705,9 @@ bool ServingLoop::Advance(Active& a, const float* rows, int32_t token) {
   a.generated.push_back(tok);
   a.penalties->Add(tok);
   metrics_->AddGeneratedTokens(1);
-  const bool eos = !a.request.ignore_eos && std::find(config_.eos_token_ids.begin(), config_.eos_token_ids.end(),
-                                                      tok) != config_.eos_token_ids.end();
+  auto in = [tok](const std::vector<int32_t>& ids) { return std::find(ids.begin(), ids.end(), tok) != ids.end(); };
+  // An end token (EOS unless ignored, or one of stop_token_ids) ends the request without its text.
+  const bool eos = (!a.request.ignore_eos && in(config_.eos_token_ids)) || in(a.request.stop_token_ids);
   if (!eos) {
     a.text += a.decoder->Push(tok);
     if (a.request.logprobs >= 0) a.stream->PushLogprobs({}, {LogprobOf(row, tok, top)});
@@ -712,7 +715,7 @@ bool ServingLoop::Advance(Active& a, const float* rows, int32_t token) {
   std::optional<FinishReason> done;
   if (eos) {
     done = FinishReason::kStop;
-  } else {
+  } else if (static_cast<int>(a.generated.size()) >= a.request.sampling.min_tokens) {
     // A stop string can only begin at or after `emitted` (everything that could start one is held back).
     for (const std::string& st : a.request.stop) {
       const size_t at = a.text.find(st, a.emitted);

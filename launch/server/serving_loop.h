@@ -70,7 +70,8 @@ struct ServeRequest {
   std::vector<int32_t> prompt;  // >= 1 token, < the engine's context
   int max_new_tokens = 16;      // >= 0, prompt + max_new_tokens <= context
   runtime::SamplingParams sampling;
-  std::vector<std::string> stop;  // the text ends before the first occurrence of any of them
+  std::vector<std::string> stop;        // the text ends before the first occurrence of any of them
+  std::vector<int32_t> stop_token_ids;  // end the request like EOS (even with ignore_eos)
   bool ignore_eos = false;
   // -1: no log-probabilities; N in [0, kMaxTopLogprobs]: each generated token's logprob with the
   // N most likely alternatives.

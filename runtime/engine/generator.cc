@@ -40,7 +40,9 @@ StatusOr<std::vector<GenerateResult>> Generate(Engine& engine, const std::vector
       return OutOfRange("prompt of " + std::to_string(r.prompt.size()) + " tokens does not fit the context of " +
                         std::to_string(engine.max_seq_len()) + " tokens");
     samplers.emplace_back(r.sampling);
-    penalties.emplace_back(r.sampling, r.prompt);
+    const std::vector<int32_t> none;
+    penalties.emplace_back(r.sampling, r.prompt,
+                           r.ignore_eos ? none : c.eos_token_ids);  // EOS barred before min_tokens
     seq_ids[i] = g_next_seq++;
     done[i] = r.max_new_tokens == 0;
   }

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <random>
 
 namespace ef::runtime {
@@ -17,11 +18,16 @@ Status SamplingParams::Validate() const {
     return InvalidArgument("frequency_penalty must be in [-2, 2], got " + std::to_string(frequency_penalty));
   if (!(repetition_penalty > 0.f && repetition_penalty <= 10.f))
     return InvalidArgument("repetition_penalty must be in (0, 10], got " + std::to_string(repetition_penalty));
+  for (const auto& [token, bias] : logit_bias)
+    if (token < 0 || !(bias >= -100.f && bias <= 100.f))
+      return InvalidArgument("logit_bias of token " + std::to_string(token) +
+                             " must be in [-100, 100] for a token >= 0");
+  if (min_tokens < 0) return InvalidArgument("min_tokens must be >= 0, got " + std::to_string(min_tokens));
   return Status::Ok();
 }
 
-Penalties::Penalties(const SamplingParams& params, std::span<const int32_t> prompt)
-    : params_(params), active_(params.has_penalties()) {
+Penalties::Penalties(const SamplingParams& params, std::span<const int32_t> prompt, std::span<const int32_t> end_tokens)
+    : params_(params), active_(params.adjusts_logits()), end_tokens_(end_tokens.begin(), end_tokens.end()) {
   if (params.repetition_penalty != 1.f) {
     seen_.assign(prompt.begin(), prompt.end());
     std::sort(seen_.begin(), seen_.end());
@@ -31,6 +37,7 @@ Penalties::Penalties(const SamplingParams& params, std::span<const int32_t> prom
 
 void Penalties::Add(int32_t token) {
   if (!active_) return;
+  ++num_generated_;
   if (params_.repetition_penalty != 1.f) {
     auto it = std::lower_bound(seen_.begin(), seen_.end(), token);
     if (it == seen_.end() || *it != token) seen_.insert(it, token);
@@ -51,6 +58,11 @@ int Penalties::count(int32_t token) const {
 
 void Penalties::Apply(float* logits, int64_t vocab) const {
   if (!active_) return;
+  if (num_generated_ < params_.min_tokens)
+    for (int32_t t : end_tokens_)
+      if (t >= 0 && t < vocab) logits[t] = -std::numeric_limits<float>::infinity();
+  for (const auto& [t, bias] : params_.logit_bias)
+    if (t >= 0 && t < vocab) logits[t] += bias;
   const float rp = params_.repetition_penalty;
   if (rp != 1.f)
     for (int32_t t : seen_)

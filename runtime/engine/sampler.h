@@ -28,20 +28,28 @@ struct SamplingParams {
   float presence_penalty = 0.f;
   float frequency_penalty = 0.f;
   float repetition_penalty = 1.f;
+  // Added to the logits of these tokens (OpenAI's logit_bias, each in [-100, 100]).
+  std::vector<std::pair<int32_t, float>> logit_bias = {};
+  // Until this many tokens are generated, the end tokens (Penalties' `end_tokens`) cannot be drawn.
+  int min_tokens = 0;
 
   Status Validate() const;
-  bool has_penalties() const {
-    return presence_penalty != 0.f || frequency_penalty != 0.f || repetition_penalty != 1.f;
+  // Whether a row must be adjusted on the host before the draw (Penalties).
+  bool adjusts_logits() const {
+    return presence_penalty != 0.f || frequency_penalty != 0.f || repetition_penalty != 1.f || !logit_bias.empty() ||
+           min_tokens > 0;
   }
 };
 
-// The penalties of one request over the tokens it has seen, applied to a row of its logits:
-// first the repetition penalty (every token of the prompt or generated: a positive logit divided by
-// it, a negative one multiplied), then logit -= frequency_penalty x count + presence_penalty for
-// every generated token (count: how often it was generated), as vLLM orders them.
+// What SamplingParams does to one request's rows before the draw, given the tokens it has seen, in
+// vLLM's order: while fewer than min_tokens are generated the end tokens get -inf; logit_bias is
+// added; the repetition penalty divides a positive logit (multiplies a negative one) of every token
+// of the prompt or generated; logit -= frequency_penalty x count + presence_penalty for every
+// generated token (count: how often it was generated).
 class Penalties {
  public:
-  Penalties(const SamplingParams& params, std::span<const int32_t> prompt);
+  // end_tokens: the tokens that end a request (EOS, stop token ids), barred before min_tokens.
+  Penalties(const SamplingParams& params, std::span<const int32_t> prompt, std::span<const int32_t> end_tokens = {});
   bool active() const { return active_; }
   void Add(int32_t token);                         // a generated token
   void Apply(float* logits, int64_t vocab) const;  // in place; tokens outside the row are ignored
@@ -50,6 +58,8 @@ class Penalties {
  private:
   SamplingParams params_;
   bool active_ = false;
+  std::vector<int32_t> end_tokens_;
+  int num_generated_ = 0;
   std::vector<int32_t> seen_;                       // prompt and generated tokens (repetition), distinct
   std::vector<std::pair<int32_t, int>> generated_;  // (token, count), in first-generated order
 };

@@ -254,8 +254,12 @@ class ServerTest : public ::testing::Test {
     if (!server_ || server_->port() == 0) GTEST_FAIL() << "server did not start";
   }
   static ServerProcess* server_;
+
+ public:
+  static ServerProcess* server() { return server_; }
 };
 ServerProcess* ServerTest::server_ = nullptr;
+ServerProcess* ServerTestServer() { return ServerTest::server(); }
 
 TEST_F(ServerTest, HealthModelsAndMetrics) {
   Reply h = Get(*server_, "/health");
@@ -474,6 +478,45 @@ int32_t TokenId(const json& token) {
   return std::stoi(s.substr(std::strlen("token_id:")));
 }
 
+// The generated token ids of a completion (greedy unless `extra` says otherwise).
+std::vector<int32_t> CompletionTokens(const json& extra, std::string* finish = nullptr) {
+  json req = {{"model", kModel},
+              {"prompt", "def fib"},
+              {"max_tokens", 12},
+              {"temperature", 0},
+              {"ignore_eos", true},
+              {"logprobs", 0},
+              {"return_tokens_as_token_ids", true}};
+  req.update(extra);
+  Reply r = Post(*ServerTestServer(), "/v1/completions", req.dump());
+  EXPECT_EQ(r.status, 200) << r.raw;
+  std::vector<int32_t> ids;
+  if (r.status != 200) return ids;
+  for (const json& t : r.body["choices"][0]["logprobs"]["tokens"]) ids.push_back(TokenId(t));
+  if (finish) *finish = r.body["choices"][0]["finish_reason"].get<std::string>();
+  return ids;
+}
+
+// logit_bias makes a token win every step; stop_token_ids ends the request at a token (without
+// its text); min_tokens bars the end tokens until that many are generated.
+TEST_F(ServerTest, LogitBiasStopTokenIdsAndMinTokens) {
+  const std::vector<int32_t> plain = CompletionTokens(json::object());
+  ASSERT_EQ(plain.size(), 12u);
+  const int32_t forced = 77;
+  const std::vector<int32_t> biased = CompletionTokens({{"logit_bias", {{std::to_string(forced), 100}}}});
+  EXPECT_EQ(biased, std::vector<int32_t>(12, forced));
+  const int32_t stop = plain[3];
+  const size_t first = std::find(plain.begin(), plain.end(), stop) - plain.begin();
+  std::string finish;
+  const std::vector<int32_t> stopped = CompletionTokens({{"stop_token_ids", {stop}}}, &finish);
+  EXPECT_EQ(finish, "stop");
+  EXPECT_EQ(stopped, std::vector<int32_t>(plain.begin(), plain.begin() + static_cast<std::ptrdiff_t>(first)));
+  const std::vector<int32_t> held =
+      CompletionTokens({{"stop_token_ids", {stop}}, {"min_tokens", static_cast<int>(first) + 3}}, &finish);
+  ASSERT_GE(held.size(), first + 3);
+  for (size_t i = 0; i < first + 3; ++i) EXPECT_NE(held[i], stop) << "token " << i << " is barred by min_tokens";
+}
+
 // Completions logprobs (echoed prompt and sampled tokens, at temperature 0.9) are the model's
 // log-softmax before the temperature: `score`'s logits of the same ids, within 1e-5, and the
 // alternatives are that row's most likely tokens.
@@ -650,10 +693,14 @@ TEST_F(ServerTest, BadInputsGetJsonErrorsAndTheServerKeepsServing) {
       {ch, R"({"model": "tiny-code-moe", "messages": [{"role": "user", "content": "x"}], "min_p": 0.05})", 400,
        "min_p"},
       {c, R"({"model": "tiny-code-moe", "prompt": "x", "repetition_penalty": 1e-50})", 400, "repetition_penalty"},
-      {c, R"({"model": "tiny-code-moe", "prompt": "x", "logit_bias": {"17": 5}})", 400, "logit_bias"},
+      {c, R"({"model": "tiny-code-moe", "prompt": "x", "logit_bias": {"17": 500}})", 400, "logit_bias"},
+      {c, R"({"model": "tiny-code-moe", "prompt": "x", "logit_bias": {"abc": 5}})", 400, "logit_bias"},
+      {c, R"({"model": "tiny-code-moe", "prompt": "x", "logit_bias": {"99999": 5}})", 400, "logit_bias"},
+      {c, R"({"model": "tiny-code-moe", "prompt": "x", "logit_bias": [1]})", 400, "logit_bias"},
       {c, R"({"model": "tiny-code-moe", "prompt": "x", "best_of": 3})", 400, "best_of"},
-      {c, R"({"model": "tiny-code-moe", "prompt": "x", "min_tokens": 4})", 400, "min_tokens"},
-      {c, R"({"model": "tiny-code-moe", "prompt": "x", "stop_token_ids": [2]})", 400, "stop_token_ids"},
+      {c, R"({"model": "tiny-code-moe", "prompt": "x", "max_tokens": 3, "min_tokens": 4})", 400, "min_tokens"},
+      {c, R"({"model": "tiny-code-moe", "prompt": "x", "stop_token_ids": [-2]})", 400, "stop_token_ids"},
+      {c, R"({"model": "tiny-code-moe", "prompt": "x", "stop_token_ids": 2})", 400, "stop_token_ids"},
       {c, R"({"model": "tiny-code-moe", "prompt": "x", "typical_p": 0.5})", 400, "typical_p"},
       {c, R"({"model": "tiny-code-moe", "prompt": "x", "n": 0})", 400, "n"},
       {c, R"({"model": "tiny-code-moe", "prompt": ["x", "y"], "n": 100})", 400, "n"},

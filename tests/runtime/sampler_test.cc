@@ -256,6 +256,31 @@ TEST(SamplerTest, PenaltiesAdjustTheTokensSeen) {
   EXPECT_NE(bad.Validate().message().find("presence_penalty"), std::string::npos);
 }
 
+// logit_bias adds to its tokens; min_tokens bars the end tokens until that many are generated.
+TEST(SamplerTest, LogitBiasAndMinTokens) {
+  SamplingParams p;
+  p.logit_bias = {{2, 10.f}, {5, -3.f}};
+  p.min_tokens = 2;
+  const std::vector<int32_t> prompt = {1}, end = {0, 4};
+  Penalties pen(p, prompt, end);
+  ASSERT_TRUE(pen.active());
+  const std::vector<float> row0 = {1.f, 1.f, 1.f, 1.f, 1.f, 1.f};
+  for (int generated = 0; generated < 3; ++generated) {
+    std::vector<float> row = row0;
+    pen.Apply(row.data(), static_cast<int64_t>(row.size()));
+    EXPECT_EQ(row[2], 11.f);
+    EXPECT_EQ(row[5], -2.f);
+    EXPECT_EQ(row[1], 1.f);
+    const bool barred = generated < 2;
+    EXPECT_EQ(std::isinf(row[0]) && row[0] < 0, barred) << generated;
+    EXPECT_EQ(std::isinf(row[4]) && row[4] < 0, barred) << generated;
+    pen.Add(3);
+  }
+  SamplingParams bad;
+  bad.logit_bias = {{3, 101.f}};
+  EXPECT_NE(bad.Validate().message().find("logit_bias"), std::string::npos);
+}
+
 TEST(SamplerTest, InvalidParametersNameTheField) {
   SamplingParams p;
   p.temperature = -1.f;
