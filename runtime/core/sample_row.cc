@@ -41,6 +41,15 @@ int32_t FirstEqual(const float* v, size_t n, float m) {
   return 0;
 }
 
+// The masses of a whole row as floats (NaN: 0), in a thread_local buffer: one branch-free pass the
+// compiler vectorises.
+const float* RowMasses(const float* l, size_t n, float mx, float inv_t) {
+  thread_local std::vector<float> w;
+  w.resize(n);
+  for (size_t i = 0; i < n; ++i) w[i] = sample_math::SampleMassFloat(l[i], mx, inv_t);
+  return w.data();
+}
+
 }  // namespace
 
 float SampleExp(float x) { return x >= -28.f ? sample_math::SampleExpCore(x) : 0.f; }
@@ -63,10 +72,8 @@ int32_t SampleRow(const float* l, int64_t n_signed, const RowSampling& s) {
   thread_local std::vector<uint64_t> q;
   if ((s.top_k <= 0 || static_cast<size_t>(s.top_k) >= n) && !(s.top_p < 1.f)) {
     // No cut: every number is kept (a NaN weighs 0, so it is never drawn); walk the row by id.
-    thread_local std::vector<float> w;
-    w.resize(n);
+    const float* w = RowMasses(l, n, mx, inv_t);
     q.resize(n);
-    for (size_t i = 0; i < n; ++i) w[i] = sample_math::SampleMassFloat(l[i], mx, inv_t);  // vectorised (no branch)
     uint64_t total = 0;
     for (size_t i = 0; i < n; ++i) total += (q[i] = static_cast<uint64_t>(static_cast<int64_t>(w[i])));
     const uint64_t r = DrawTarget(s.uniform, total);
@@ -99,9 +106,7 @@ int32_t SampleRow(const float* l, int64_t n_signed, const RowSampling& s) {
   q.resize(keep);
   uint64_t total = 0;
   if (!cut_k) {  // the row's masses in one vectorised pass, then gathered
-    thread_local std::vector<float> w;
-    w.resize(n);
-    for (size_t i = 0; i < n; ++i) w[i] = sample_math::SampleMassFloat(l[i], mx, inv_t);
+    const float* w = RowMasses(l, n, mx, inv_t);
     for (size_t i = 0; i < keep; ++i) total += (q[i] = static_cast<uint64_t>(static_cast<int64_t>(w[idx[i]])));
   } else {
     for (size_t i = 0; i < keep; ++i) total += (q[i] = sample_math::SampleMass(l[idx[i]], mx, inv_t));

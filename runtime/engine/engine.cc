@@ -777,22 +777,21 @@ Status Engine::Forward(std::span<const SeqChunk> batch, ForwardResult* result) {
   const bool any_token = std::any_of(batch.begin(), batch.end(), [](const SeqChunk& ch) { return ch.token_only; });
   const bool all_token = std::all_of(batch.begin(), batch.end(), [](const SeqChunk& ch) { return ch.token_only; });
   if (any_token) pass.tokens_out_dev = reinterpret_cast<int32_t*>(Scratch(kPicked, R));
-  const bool any_sampled = std::any_of(batch.begin(), batch.end(), [](const SeqChunk& ch) {
-    return ch.token_only && ch.sampling && SamplesRandomly(*ch.sampling);
-  });
+  // The rows drawn with a temperature: (row, its chunk's sampling).
+  std::vector<std::pair<int64_t, const RowSampling*>> sampled;
+  for (size_t b = 0; b < batch.size(); ++b) {
+    if (!batch[b].token_only || !batch[b].sampling || !SamplesRandomly(*batch[b].sampling)) continue;
+    const int64_t end = b + 1 < batch.size() ? result->row_offset[b + 1] : R;
+    for (int64_t row = result->row_offset[b]; row < end; ++row) sampled.emplace_back(row, &*batch[b].sampling);
+  }
   // A backend that does not sample: the pass picks arg maxes, and the sampled rows are drawn here
   // from their logits.
-  const bool host_draws = any_sampled && !(backend_sampling_ && backend_->SamplesRows());
-  if (any_sampled && !host_draws) {
-    // Every row's parameters (greedy for the rows of the other chunks), uploaded before the pass
-    // so a recorded step reads them where it did.
+  const bool host_draws = !sampled.empty() && !(backend_sampling_ && backend_->SamplesRows());
+  if (!sampled.empty() && !host_draws) {
+    // Every row's parameters (greedy for the other rows), uploaded before the pass so a recorded
+    // step reads them where it did.
     std::vector<RowSampling> params(static_cast<size_t>(R));
-    for (size_t b = 0; b < batch.size(); ++b) {
-      const size_t end = b + 1 < batch.size() ? static_cast<size_t>(result->row_offset[b + 1]) : params.size();
-      if (batch[b].token_only && batch[b].sampling)
-        std::fill(params.begin() + result->row_offset[b], params.begin() + static_cast<std::ptrdiff_t>(end),
-                  *batch[b].sampling);
-    }
+    for (const auto& [row, sp] : sampled) params[static_cast<size_t>(row)] = *sp;
     float* dev = Scratch(kSampling, params.size() * sizeof(RowSampling) / sizeof(float));
     backend_->CopyToDevice(dev, params.data(), params.size() * sizeof(RowSampling));
     pass.sampling_dev = reinterpret_cast<const RowSampling*>(dev);
@@ -827,25 +826,14 @@ Status Engine::Forward(std::span<const SeqChunk> batch, ForwardResult* result) {
     s.Prepend("forward pass on " + backend_->name());
     return s;
   }
-  if (any_sampled && !host_draws) {
-    for (const SeqChunk& ch : batch)
-      if (ch.token_only && ch.sampling && SamplesRandomly(*ch.sampling))
-        sampling_stats_.on_backend += ch.all_logits ? static_cast<int64_t>(ch.tokens.size()) : 1;
-  }
+  (host_draws ? sampling_stats_.on_host : sampling_stats_.on_backend) += static_cast<int64_t>(sampled.size());
   if (host_draws) {
-    std::vector<std::pair<int64_t, const RowSampling*>> draws;  // (row, its chunk's sampling)
-    for (size_t b = 0; b < batch.size(); ++b) {
-      if (!batch[b].token_only || !batch[b].sampling) continue;
-      const int64_t end = b + 1 < batch.size() ? result->row_offset[b + 1] : R;
-      for (int64_t row = result->row_offset[b]; row < end; ++row) draws.emplace_back(row, &*batch[b].sampling);
-    }
-    sampling_stats_.on_host += static_cast<int64_t>(draws.size());
     const size_t V = static_cast<size_t>(c.vocab_size);
     ThreadPool::Default().ParallelFor(
-        static_cast<int64_t>(draws.size()),
+        static_cast<int64_t>(sampled.size()),
         [&](int64_t begin, int64_t end) {
           for (int64_t i = begin; i < end; ++i) {
-            const auto [row, s] = draws[static_cast<size_t>(i)];
+            const auto [row, s] = sampled[static_cast<size_t>(i)];
             result->tokens[static_cast<size_t>(row)] =
                 SampleRow(result->logits.data() + static_cast<size_t>(row) * V, static_cast<int64_t>(V), *s);
           }

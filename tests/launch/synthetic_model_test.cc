@@ -96,10 +96,13 @@ class SyntheticModelTest : public ::testing::Test {
     EXPECT_TRUE(dir.ok()) << dir.status().ToString();
     return dir.ok() ? *dir : "";
   }
-  static std::unique_ptr<runtime::Engine> Open(const std::string& dir) {
+  // With `weights`, the checkpoint built in memory (dir then holds only the config and tokenizer).
+  static std::unique_ptr<runtime::Engine> Open(const std::string& dir,
+                                               std::shared_ptr<const runtime::Checkpoint> weights = nullptr) {
     runtime::EngineOptions o;
     o.backend = "cpu";
     o.max_seq_len = 64;
+    o.checkpoint = std::move(weights);
     auto e = runtime::Engine::Create(dir, o);
     EXPECT_TRUE(e.ok()) << e.status().ToString();
     return e.ok() ? std::move(e).value() : nullptr;
@@ -500,16 +503,12 @@ TEST_F(SyntheticModelTest, InMemoryCheckpointHoldsTheWrittenBytes) {
   EXPECT_GE(mem->host_bytes, bytes);
   // An engine over either computes the same logits.
   auto from_disk = Open(dir);
-  runtime::EngineOptions o;
-  o.backend = "cpu";
-  o.max_seq_len = 64;
-  o.checkpoint = mem->checkpoint;
-  auto from_memory = runtime::Engine::Create(mem->dir, o);
-  ASSERT_TRUE(from_memory.ok()) << from_memory.status().ToString();
+  auto from_memory = Open(mem->dir, mem->checkpoint);
+  ASSERT_NE(from_memory, nullptr);
   ASSERT_NE(from_disk, nullptr);
   const std::vector<float> want = PromptLogits(*from_disk);
   ASSERT_EQ(want.size(), static_cast<size_t>(s.vocab_size));
-  EXPECT_EQ(PromptLogits(**from_memory), want);
+  EXPECT_EQ(PromptLogits(*from_memory), want);
 }
 
 TEST_F(SyntheticModelTest, RepeatedLayersTakeTheBytesOfGeneratedLayersOfTheirKind) {
@@ -543,13 +542,9 @@ TEST_F(SyntheticModelTest, RepeatedLayersTakeTheBytesOfGeneratedLayersOfTheirKin
   }
   EXPECT_EQ(ck.Find(c.ExpertName(7, 0, 0)), nullptr);
   // The engine loads every layer (the packed experts of repeated layers too) and computes.
-  runtime::EngineOptions o;
-  o.backend = "cpu";
-  o.max_seq_len = 64;
-  o.checkpoint = mem->checkpoint;
-  auto engine = runtime::Engine::Create(mem->dir, o);
-  ASSERT_TRUE(engine.ok()) << engine.status().ToString();
-  ExpectFiniteLogits(**engine);
+  auto engine = Open(mem->dir, mem->checkpoint);
+  ASSERT_NE(engine, nullptr);
+  ExpectFiniteLogits(*engine);
 }
 
 TEST(CheckpointFromFilesTest, RefusesDuplicateNamesAndDanglingAliases) {
