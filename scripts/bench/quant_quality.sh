@@ -29,7 +29,10 @@ json.dump({"input_ids": [s[:256] for s in ids]}, open(sys.argv[2], "w"))
 PY
 echo "# reference: every expert resident, $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" >&2
 "$BIN" score --backend cpu --model "$MODEL" --ids-file "$WORK/ids.json" --chunk 1 --out "$WORK/ref.json"
-# name | cache flags (precision and its knobs)
+# name | cache flags (precision and its knobs) | environment of the run
+# The "x in int8" rows multiply every low-precision expert with x rounded to int8 per group of 64
+# (EF_CPU_INT8_X), as the host kernel of cache.cpu_compute does: an upper bound, since on a GPU
+# only the experts the host computes see it.
 configs=(
   "native|--miss-precision native"
   "int8|--miss-precision int8"
@@ -38,14 +41,18 @@ configs=(
   "auto, no upgrade|--miss-precision auto --upgrade-uses 0"
   "auto, every miss int8, upgrade after 16 uses|--miss-precision auto --low-precision-gate 1"
   "auto int4, gate 0.3, upgrade after 2 uses|--miss-precision auto --low-precision int4 --low-precision-gate 0.3 --upgrade-uses 2"
+  "int4, x in int8|--miss-precision int4|EF_CPU_INT8_X=int4"
+  "auto int4, gate 0.3, upgrade after 2 uses, x in int8|--miss-precision auto --low-precision int4 --low-precision-gate 0.3 --upgrade-uses 2|EF_CPU_INT8_X=int4"
+  "int8, x in int8 (EF_HOST_GEMV_INT8_X=all)|--miss-precision int8|EF_CPU_INT8_X=all"
+  "auto, x in int8 (EF_HOST_GEMV_INT8_X=all)|--miss-precision auto|EF_CPU_INT8_X=all"
 )
 rows=()
 for budget in 2 4; do
   for i in "${!configs[@]}"; do
-    flags=${configs[$i]#*|}
+    IFS='|' read -r _ flags run_env <<<"${configs[$i]}"
     name="b${budget}_$i"
     # shellcheck disable=SC2086
-    "$BIN" score --backend cpu --model "$MODEL" --ids-file "$WORK/ids.json" --chunk 1 \
+    env $run_env "$BIN" score --backend cpu --model "$MODEL" --ids-file "$WORK/ids.json" --chunk 1 \
       --cache-device-budget "$budget slots per layer" --cache-policy lru $flags \
       --out "$WORK/$name.json" 2>"$WORK/$name.err"
     loaded=$(grep -o '[0-9.]* [KMG]iB loaded' "$WORK/$name.err" | head -1)

@@ -1,5 +1,6 @@
 // One expert's three matrices on the host, as cache.cpu_compute runs a missed expert: HostGemv
-// (vector path) against the CPU backend's exact Gemm, per weight type, for 1..4 rows of x.
+// (vector path) against the CPU backend's exact Gemm, per weight type, for 1..4 rows of x; int8
+// and int4 weights twice, with x in fp32 and (the default where the CPU has VNNI) in int8.
 // Prints ms per expert and the weight bytes streamed per second (a program, not a test).
 //
 //   ef_host_expert_bench [hidden inter reps]     (default 4096 14336 20: one Mixtral-8x7B expert)
@@ -59,8 +60,9 @@ int main(int argc, char** argv) {
   std::printf("expert %lld x %lld, %d threads, vector path %s\n", static_cast<long long>(hidden),
               static_cast<long long>(inter), pool.num_threads(),
               ef::runtime::HostGemvVectorized(Weight{DType::kBF16, nullptr, 1, 64}) ? "avx512" : "none");
-  std::printf("%-6s %4s %12s %10s %12s %10s %8s\n", "dtype", "rows", "exact_ms", "exact_GB/s", "vector_ms",
+  std::printf("%-6s %4s %4s %12s %10s %12s %10s %8s\n", "dtype", "x", "rows", "exact_ms", "exact_GB/s", "vector_ms",
               "vector_GB/s", "speedup");
+  using ef::runtime::HostActivations;
   for (DType t : {DType::kBF16, DType::kQ8, DType::kQ4}) {
     std::vector<std::byte> sg, su, sd;
     const Weight g = Make(t, inter, hidden, sg), u = Make(t, inter, hidden, su), d = Make(t, hidden, inter, sd);
@@ -74,17 +76,21 @@ int main(int argc, char** argv) {
         cpu.SiluMul(gy.data(), uy.data(), gy.data(), m * inter);
         cpu.Gemm(gy.data(), m, d, nullptr, y.data(), false);
       };
-      auto vec = [&] {
-        ef::runtime::HostGemv(pool, x.data(), m, g, gy.data());
-        ef::runtime::HostGemv(pool, x.data(), m, u, uy.data());
-        cpu.SiluMul(gy.data(), uy.data(), gy.data(), m * inter);
-        ef::runtime::HostGemv(pool, gy.data(), m, d, y.data());
-      };
       exact();
-      vec();
-      const double e = MedianMs(std::max(3, reps / 4), exact), v = MedianMs(reps, vec);
-      std::printf("%-6s %4d %12.3f %10.1f %12.3f %10.1f %7.2fx\n", ef::DTypeName(t), m, e, gb / e * 1e3, v,
-                  gb / v * 1e3, e / v);
+      const double e = MedianMs(std::max(3, reps / 4), exact);
+      for (HostActivations a : {HostActivations::kFloat, HostActivations::kInt8}) {
+        if (a == HostActivations::kInt8 && !ef::runtime::HostGemvInt8Activations(g, a)) continue;
+        auto vec = [&] {
+          ef::runtime::HostGemv(pool, x.data(), m, g, gy.data(), {}, a);
+          ef::runtime::HostGemv(pool, x.data(), m, u, uy.data(), {}, a);
+          cpu.SiluMul(gy.data(), uy.data(), gy.data(), m * inter);
+          ef::runtime::HostGemv(pool, gy.data(), m, d, y.data(), {}, a);
+        };
+        vec();
+        const double v = MedianMs(reps, vec);
+        std::printf("%-6s %4s %4d %12.3f %10.1f %12.3f %10.1f %7.2fx\n", ef::DTypeName(t),
+                    a == HostActivations::kInt8 ? "int8" : "fp32", m, e, gb / e * 1e3, v, gb / v * 1e3, e / v);
+      }
     }
   }
   return 0;

@@ -1,11 +1,13 @@
 // HostGemv (the host kernel for experts computed on the CPU) against the CPU backend's Gemm, the
 // exact reference: every weight type, 1..9 rows of x (blocks of kHostGemvMaxRows and a ragged
-// last block), widths the vector path takes (multiples of 64) and one it does not.
+// last block), widths the vector path takes (multiples of 64) and one it does not; quantized
+// weights with x in fp32 and in int8 (against the Gemm of x rounded as RoundToInt8Groups says).
 #include "runtime/backend/cpu/host_gemv.h"
 
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -40,30 +42,116 @@ Weight MakeWeight(DType dtype, int64_t rows, int64_t cols, std::mt19937& rng, st
   return w;
 }
 
+// x as HostGemv multiplies w with it: rounded to int8 groups where it takes x in int8.
+std::vector<float> AsMultiplied(const std::vector<float>& x, int64_t m, int64_t k, const Weight& w, HostActivations a) {
+  if (!HostGemvInt8Activations(w, a)) return x;
+  std::vector<float> r(x.size());
+  RoundToInt8Groups(x.data(), m, k, r.data());
+  return r;
+}
+
+constexpr HostActivations kBothSides[] = {HostActivations::kFloat, HostActivations::kInt8};
+
 TEST(HostGemv, MatchesTheCpuBackendForEveryTypeAndRowCount) {
   std::mt19937 rng(7);
   ThreadPool pool(3);
   CpuBackend cpu(&pool);
-  const Case cases[] = {{DType::kF32, 37, 128}, {DType::kBF16, 70, 192}, {DType::kQ8, 33, 256},
-                        {DType::kQ4, 65, 128},  {DType::kBF16, 9, 40},   {DType::kQ8, 5, 64}};
+  const Case cases[] = {{DType::kF32, 37, 128}, {DType::kBF16, 70, 192}, {DType::kQ8, 33, 256}, {DType::kQ4, 65, 128},
+                        {DType::kBF16, 9, 40},  {DType::kQ8, 5, 64},     {DType::kQ4, 21, 1280}};
   for (const Case& c : cases) {
     std::vector<std::byte> store;
     const Weight w = MakeWeight(c.dtype, c.rows, c.cols, rng, store);
     EXPECT_EQ(HostGemvVectorized(w), HostGemvVectorized(Weight{DType::kF32, store.data(), 1, 64}) && c.cols % 64 == 0)
         << DTypeName(c.dtype) << " " << c.cols;
-    for (int64_t m : {1, 2, 3, 4, 5, 9}) {
-      std::normal_distribution<float> nd(0.f, 1.f);
-      std::vector<float> x(static_cast<size_t>(m * c.cols));
-      for (float& v : x) v = nd(rng);
-      std::vector<float> want(static_cast<size_t>(m * c.rows)), got(want.size(), -1.f);
-      cpu.Gemm(x.data(), m, w, nullptr, want.data(), false);
-      HostGemv(pool, x.data(), m, w, got.data());
-      // Summation order differs: bound by the row's magnitude, sum |x| |w| ~ cols * 0.8 * 0.4.
-      const double tol = 1e-5 * static_cast<double>(c.cols);
-      for (size_t i = 0; i < want.size(); ++i)
-        ASSERT_NEAR(got[i], want[i], tol) << DTypeName(c.dtype) << " m " << m << " at " << i;
+    for (HostActivations a : kBothSides) {
+      // Only quantized weights on the vector path take x in int8; the lossless types never do.
+      const bool quantized = c.dtype == DType::kQ8 || c.dtype == DType::kQ4;
+      if (!quantized || a == HostActivations::kFloat) {
+        EXPECT_FALSE(HostGemvInt8Activations(w, a)) << DTypeName(c.dtype);
+      }
+      for (int64_t m : {1, 2, 3, 4, 5, 9}) {
+        std::normal_distribution<float> nd(0.f, 1.f);
+        std::vector<float> x(static_cast<size_t>(m * c.cols));
+        for (float& v : x) v = nd(rng);
+        const std::vector<float> xm = AsMultiplied(x, m, c.cols, w, a);
+        std::vector<float> want(static_cast<size_t>(m * c.rows)), got(want.size(), -1.f);
+        cpu.Gemm(xm.data(), m, w, nullptr, want.data(), false);
+        HostGemv(pool, x.data(), m, w, got.data(), {}, a);
+        // Summation order differs: bound by the row's magnitude, sum |x| |w| ~ cols * 0.8 * 0.4.
+        const double tol = 1e-5 * static_cast<double>(c.cols);
+        for (size_t i = 0; i < want.size(); ++i)
+          ASSERT_NEAR(got[i], want[i], tol)
+              << DTypeName(c.dtype) << " int8 x " << HostGemvInt8Activations(w, a) << " m " << m << " at " << i;
+      }
     }
   }
+}
+
+// x in int8 against x in fp32: each value moves by at most its group's max / 254, about 0.6%
+// relative error per output for normal x (a group with a 20x outlier: ~1.5%).
+TEST(HostGemv, Int8ActivationsStayCloseToTheFloatProduct) {
+  std::mt19937 rng(3);
+  ThreadPool pool(2);
+  CpuBackend cpu(&pool);
+  for (DType t : {DType::kQ8, DType::kQ4}) {
+    std::vector<std::byte> store;
+    const Weight w = MakeWeight(t, 96, 1024, rng, store);
+    std::normal_distribution<float> nd(0.f, 1.f);
+    const int64_t m = 3;
+    std::vector<float> x(static_cast<size_t>(m * w.cols));
+    for (float& v : x) v = nd(rng);
+    std::vector<float> exact(static_cast<size_t>(m * w.rows)), got(exact.size());
+    cpu.Gemm(x.data(), m, w, nullptr, exact.data(), false);
+    HostGemv(pool, x.data(), m, w, got.data(), {}, HostActivations::kInt8);
+    double err = 0, norm = 0;
+    for (size_t i = 0; i < exact.size(); ++i) {
+      err += (got[i] - exact[i]) * (got[i] - exact[i]);
+      norm += exact[i] * exact[i];
+    }
+    const double rel = std::sqrt(err / norm);
+    EXPECT_LT(rel, 1e-2) << DTypeName(t);
+    if (HostGemvInt8Activations(w, HostActivations::kInt8))
+      EXPECT_GT(rel, 0) << DTypeName(t) << ": x was not rounded";
+    else
+      EXPECT_LT(rel, 1e-5) << DTypeName(t);
+  }
+}
+
+// A group of zeros stays zero; a NaN reaches the outputs of its row only, as in the fp32 product.
+TEST(HostGemv, Int8ActivationsKeepZerosAndNaNs) {
+  std::mt19937 rng(5);
+  ThreadPool pool(2);
+  for (DType t : {DType::kQ8, DType::kQ4}) {
+    std::vector<std::byte> store;
+    const Weight w = MakeWeight(t, 8, 128, rng, store);
+    std::vector<float> x(3 * 128, 0.f), y(3 * 8, -1.f);
+    for (int c = 64; c < 128; ++c) x[c] = 0.5f;            // row 0: a zero group, then a constant one
+    x[128 + 7] = std::numeric_limits<float>::quiet_NaN();  // row 1: NaN
+    HostGemv(pool, x.data(), 3, w, y.data(), {}, HostActivations::kInt8);
+    for (int j = 0; j < 8; ++j) {
+      EXPECT_TRUE(std::isfinite(y[j])) << DTypeName(t);
+      EXPECT_TRUE(std::isnan(y[8 + j])) << DTypeName(t) << " output " << j;
+      EXPECT_EQ(y[16 + j], 0.f) << DTypeName(t);  // row 2: all zeros
+    }
+  }
+}
+
+TEST(HostGemv, RoundToInt8GroupsRoundsEachGroupToItsOwnScale) {
+  std::vector<float> x(128), out(128);
+  for (int c = 0; c < 64; ++c) x[c] = static_cast<float>(c - 32) / 32.f;   // max 1: steps of 1/127
+  for (int c = 64; c < 128; ++c) x[c] = 10.f * static_cast<float>(c % 3);  // multiples of the step, 10
+  x[127] = 1270.f;
+  RoundToInt8Groups(x.data(), 1, 128, out.data());
+  for (int c = 0; c < 64; ++c) {
+    EXPECT_NEAR(out[c], x[c], 0.5f / 127.f + 1e-6f) << c;
+    EXPECT_FLOAT_EQ(out[c], std::nearbyint(x[c] * 127.f) / 127.f) << c;
+  }
+  for (int c = 64; c < 128; ++c) EXPECT_FLOAT_EQ(out[c], x[c]) << c;
+  // A non-finite value makes its whole group NaN (the kernels scale the group by NaN).
+  x[3] = std::numeric_limits<float>::infinity();
+  RoundToInt8Groups(x.data(), 1, 128, out.data());
+  for (int c = 0; c < 64; ++c) EXPECT_TRUE(std::isnan(out[c])) << c;
+  EXPECT_FLOAT_EQ(out[64], x[64]);
 }
 
 // A block of rows and columns is the whole product restricted to those rows, with x zero outside
@@ -89,14 +177,24 @@ TEST(HostGemv, BlocksAreTheWholeProductRestricted) {
     const Weight w = MakeWeight(c.dtype, c.rows, c.cols, rng, store);
     const int64_t r0 = c.block.row_begin, r1 = c.block.row_end < 0 ? c.rows : c.block.row_end;
     const int64_t c0 = c.block.col_begin, c1 = c.block.col_end < 0 ? c.cols : c.block.col_end;
-    for (int64_t m : {1, 3, 6}) {
+    for (auto [m, a] : {std::pair{1, HostActivations::kFloat},
+                        {3, HostActivations::kFloat},
+                        {6, HostActivations::kFloat},
+                        {1, HostActivations::kInt8},
+                        {5, HostActivations::kInt8}}) {
       std::normal_distribution<float> nd(0.f, 1.f);
-      std::vector<float> x(static_cast<size_t>(m * (c1 - c0))), padded(static_cast<size_t>(m * c.cols), 0.f);
+      const int64_t k = c1 - c0;
+      std::vector<float> x(static_cast<size_t>(m * k)), padded(static_cast<size_t>(m * c.cols), 0.f);
+      for (float& v : x) v = nd(rng);
+      // The block's x as multiplied (its columns start at a group boundary when it goes int8).
+      const bool int8 = HostGemvInt8Activations(w, a) && c0 % 64 == 0 && k % 64 == 0;
+      std::vector<float> xm = x;
+      if (int8) RoundToInt8Groups(x.data(), m, k, xm.data());
       for (int64_t i = 0; i < m; ++i)
-        for (int64_t j = c0; j < c1; ++j) padded[i * c.cols + j] = x[i * (c1 - c0) + j - c0] = nd(rng);
+        for (int64_t j = c0; j < c1; ++j) padded[i * c.cols + j] = xm[i * k + j - c0];
       std::vector<float> full(static_cast<size_t>(m * c.rows)), got(static_cast<size_t>(m * (r1 - r0)), -1.f);
       cpu.Gemm(padded.data(), m, w, nullptr, full.data(), false);
-      HostGemv(pool, x.data(), m, w, got.data(), c.block);
+      HostGemv(pool, x.data(), m, w, got.data(), c.block, a);
       const double tol = 1e-5 * static_cast<double>(c.cols);
       for (int64_t i = 0; i < m; ++i)
         for (int64_t j = r0; j < r1; ++j)

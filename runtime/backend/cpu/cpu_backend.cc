@@ -6,13 +6,18 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <string>
 #include <vector>
 
+#include "runtime/backend/cpu/host_gemv.h"
 #include "runtime/core/block_scaled.h"
 #include "runtime/core/params.h"
 #include "runtime/core/quant.h"
 #include "runtime/core/sample_row.h"
 
+EF_PARAM(CpuInt8X, std::string, "EF_CPU_INT8_X", "none",
+         "CPU backend: multiply int4 (int4) or int8 and int4 (all) weights with x rounded to int8 per group of 64, "
+         "as cache.cpu_compute's host kernel does (to measure what that costs in quality)");
 EF_PARAM(CpuMemoryBudgetMiB, int64_t, "EF_CPU_MEMORY_BUDGET_MIB", 0,
          "cpu backend: memory its buffers (activations, KV cache, expert slots) may hold, MiB (0: no limit)");
 
@@ -162,6 +167,14 @@ void CpuBackend::RmsNorm(const float* x, int64_t rows, int dim, const Weight& w,
 
 void CpuBackend::Gemm(const float* x, int64_t m, const Weight& w, const Weight* bias, float* y, bool accumulate) {
   const int64_t n = w.rows, k = w.cols;
+  // EF_CPU_INT8_X: x as the host kernel's int8 path multiplies it (HostGemv, RoundToInt8Groups).
+  std::vector<float> rounded;
+  if (const std::string& int8_x = params::CpuInt8X();
+      k % 64 == 0 && ((w.dtype == DType::kQ4 && int8_x != "none") || (w.dtype == DType::kQ8 && int8_x == "all"))) {
+    rounded.resize(static_cast<size_t>(m * k));
+    RoundToInt8Groups(x, m, k, rounded.data());
+    x = rounded.data();
+  }
   // Each worker owns a block of output columns (weight rows): every weight byte is read once
   // per call, which is what bounds decode; x rows stay in cache.
   pool_->ParallelFor(

@@ -1,12 +1,17 @@
 #include "runtime/backend/cpu/host_gemv.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
+#include <string>
 #include <vector>
 
 #include "runtime/backend/cpu/cpu_backend.h"
 #include "runtime/core/block_scaled.h"
 #include "runtime/core/dtype.h"
+#include "runtime/core/logging.h"
+#include "runtime/core/params.h"
 #include "runtime/core/quant.h"
 #include "runtime/core/quant_format.h"
 
@@ -19,6 +24,10 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 #endif
+
+EF_PARAM(HostGemvInt8X, std::string, "EF_HOST_GEMV_INT8_X", "int4",
+         "experts computed on the host, which quantized weights take x rounded to int8 per group of 64 "
+         "(AVX-512 VNNI): int4, all (int8 too) or none");
 
 namespace ef::runtime {
 namespace {
@@ -179,6 +188,193 @@ bool HaveAvx512() {
                            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
   return have;
 }
+
+// ---- x in int8: W8A8 / W4A8 with vpdpbusd (see host_gemv.h) ----
+
+#define EF_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")))
+
+// x[m, k] rounded per group of 64 as RoundToInt8Groups defines it, laid out for the kernels.
+// q: kQ4 takes each group's 32 even elements, then its 32 odd ones (the order the nibbles unpack
+// in); kQ8 stores q + 128 (vpdpbusd multiplies unsigned by signed bytes, and the weight is the
+// signed side). scale[i, g] = a / 127; sum[i, g] = scale * sum q (kQ4's min term).
+struct Int8Rows {
+  std::vector<uint8_t> q;
+  std::vector<float> scale, sum;
+};
+
+EF_VNNI void PrepareInt8Rows(const float* x, int64_t m, int64_t k, bool q4, Int8Rows* out) {
+  const int64_t groups = k / 64;
+  out->q.resize(static_cast<size_t>(m * k));
+  out->scale.resize(static_cast<size_t>(m * groups));
+  out->sum.resize(out->scale.size());
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* xg = x + i * k + g * 64;
+      uint8_t* qg = out->q.data() + i * k + g * 64;
+      __m512 v[4];
+      for (int s = 0; s < 4; ++s) v[s] = _mm512_loadu_ps(xg + 16 * s);
+      const float a = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])),
+                                                         _mm512_max_ps(_mm512_abs_ps(v[2]), _mm512_abs_ps(v[3]))));
+      const size_t at = static_cast<size_t>(i * groups + g);
+      // max() drops NaN, the sum keeps it (and infinities): such a group scales its products by
+      // NaN, so its row's outputs are NaN, as the fp32 product's would be.
+      const float total = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(v[0], v[1]), _mm512_add_ps(v[2], v[3])));
+      if (a == 0.f || !std::isfinite(total)) {
+        std::memset(qg, q4 ? 0 : 128, 64);
+        out->scale[at] = out->sum[at] =
+            a == 0.f && std::isfinite(total) ? 0.f : std::numeric_limits<float>::quiet_NaN();
+        continue;
+      }
+      const __m512 inv = _mm512_set1_ps(127.f / a);
+      __m512i q[4];
+      for (int s = 0; s < 4; ++s) q[s] = _mm512_cvtps_epi32(_mm512_mul_ps(v[s], inv));
+      const int qsum =
+          _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_add_epi32(q[0], q[1]), _mm512_add_epi32(q[2], q[3])));
+      __m128i b[4];
+      if (q4) {
+        b[0] = _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(q[0], even, q[1]));
+        b[1] = _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(q[2], even, q[3]));
+        b[2] = _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(q[0], odd, q[1]));
+        b[3] = _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(q[2], odd, q[3]));
+      } else {
+        const __m128i bias = _mm_set1_epi8(static_cast<char>(0x80));
+        for (int s = 0; s < 4; ++s) b[s] = _mm_xor_si128(_mm512_cvtsepi32_epi8(q[s]), bias);
+      }
+      for (int s = 0; s < 4; ++s) _mm_storeu_si128(reinterpret_cast<__m128i*>(qg + 16 * s), b[s]);
+      out->scale[at] = a / 127.f;
+      out->sum[at] = out->scale[at] * static_cast<float>(qsum);
+    }
+}
+
+// The operands of an int8-x call: the weight block, and x's rows prepared for it (Int8Rows from
+// its row r0: q at r0 * k, scale and sum at r0 * groups).
+struct Int8Operands {
+  const Operands* o;
+  const uint8_t* q;
+  const float *scale, *sum;
+};
+
+// Per chunk of up to 16 groups, the product of the weight's and x's scales of every (weight row,
+// x row, group), so the inner loop broadcasts each from memory (a load, no shuffle).
+template <int M, int R>
+struct GroupScales {
+  alignas(64) float s[R][M][16];
+};
+
+// Q4G with x in int8: a group's 32 bytes unpack (mask, shift) into its 32 even then 32 odd
+// nibbles, one vpdpbusd multiplies them with x's 64 int8 values into 16 int32 partial sums, and
+// the group adds scale_w * scale_x * those; the asymmetric min adds min * sum(x') per group.
+template <int M, int R>
+EF_VNNI void RowsQ4x8(const Int8Operands& io, int64_t j) {
+  const Operands& o = *io.o;
+  const Weight& w = *o.w;
+  const int64_t k = o.k, ld = w.cols, groups = k / 64, ldg = ld / 64, row = o.row_begin + j;
+  const uint8_t* q = static_cast<const uint8_t*>(w.data) + row * (ld / 2) + o.col_begin / 2;
+  // Each group's {scale, min} fp16 pair read as one 32-bit word (scale in the low half).
+  const auto* p =
+      reinterpret_cast<const uint32_t*>(static_cast<const std::byte*>(w.data) + kQ4Format.params_offset(w.rows, ld)) +
+      row * ldg + o.col_begin / 64;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  __m512 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < M; ++i) acc[r][i] = _mm512_setzero_ps();
+  GroupScales<M, R> gs;
+  for (int64_t g0 = 0; g0 < groups; g0 += 16) {
+    const int n = static_cast<int>(std::min<int64_t>(16, groups - g0));
+    const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1u);
+    for (int r = 0; r < R; ++r) {
+      const __m512i pr = _mm512_maskz_loadu_epi32(mask, p + r * ldg + g0);
+      const __m512 scale = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(pr));
+      const __m512 min = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(pr, 16)));
+      for (int i = 0; i < M; ++i) {
+        const __m512 xs = _mm512_maskz_loadu_ps(mask, io.scale + i * groups + g0);
+        const __m512 xsum = _mm512_maskz_loadu_ps(mask, io.sum + i * groups + g0);
+        _mm512_store_ps(gs.s[r][i], _mm512_mul_ps(scale, xs));
+        acc[r][i] = _mm512_fmadd_ps(min, xsum, acc[r][i]);
+      }
+    }
+    for (int gg = 0; gg < n; ++gg) {
+      const int64_t g = g0 + gg;
+      __m512i xv[M];
+      for (int i = 0; i < M; ++i) xv[i] = _mm512_loadu_si512(io.q + i * k + g * 64);
+      for (int r = 0; r < R; ++r) {
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * (ld / 2) + g * 32));
+        const __m512i wq = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, low4)),
+                                              _mm256_and_si256(_mm256_srli_epi16(b, 4), low4), 1);
+        for (int i = 0; i < M; ++i) {
+          const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, xv[i]);
+          acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(gs.s[r][i][gg]), acc[r][i]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < M; ++i) o.y[i * o.n + j + r] = _mm512_reduce_add_ps(acc[r][i]);
+}
+
+// Q8G with x in int8: x is stored as q + 128, so one vpdpbusd gives sum (q + 128) w; the weight's
+// 128 * sum w (a vpdpbusd of 128s, once per weight row and group for all rows of x) starts the
+// accumulator negated, leaving the exact sum q w.
+template <int M, int R>
+EF_VNNI void RowsQ8x8(const Int8Operands& io, int64_t j) {
+  const Operands& o = *io.o;
+  const Weight& w = *o.w;
+  const int64_t k = o.k, ld = w.cols, groups = k / 64, ldg = ld / 64, row = o.row_begin + j;
+  const int8_t* q = static_cast<const int8_t*>(w.data) + row * ld + o.col_begin;
+  const auto* p =
+      reinterpret_cast<const uint16_t*>(static_cast<const std::byte*>(w.data) + kQ8Format.params_offset(w.rows, ld)) +
+      row * ldg + o.col_begin / 64;
+  const __m512i c128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < M; ++i) acc[r][i] = _mm512_setzero_ps();
+  GroupScales<M, R> gs;
+  for (int64_t g0 = 0; g0 < groups; g0 += 16) {
+    const int n = static_cast<int>(std::min<int64_t>(16, groups - g0));
+    const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1u);
+    for (int r = 0; r < R; ++r) {
+      const __m512 scale = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p + r * ldg + g0));
+      for (int i = 0; i < M; ++i)
+        _mm512_store_ps(gs.s[r][i], _mm512_mul_ps(scale, _mm512_maskz_loadu_ps(mask, io.scale + i * groups + g0)));
+    }
+    for (int gg = 0; gg < n; ++gg) {
+      const int64_t g = g0 + gg;
+      __m512i xv[M];
+      for (int i = 0; i < M; ++i) xv[i] = _mm512_loadu_si512(io.q + i * k + g * 64);
+      for (int r = 0; r < R; ++r) {
+        const __m512i wv = _mm512_loadu_si512(q + r * ld + g * 64);
+        const __m512i bias =
+            _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, wv));
+        for (int i = 0; i < M; ++i) {
+          const __m512i d = _mm512_dpbusd_epi32(bias, xv[i], wv);
+          acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(gs.s[r][i][gg]), acc[r][i]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < M; ++i) o.y[i * o.n + j + r] = _mm512_reduce_add_ps(acc[r][i]);
+}
+
+// Weight rows at once for M rows of int8 x: the unpacked weight is shared by the M rows, so few
+// rows take more weight rows per pass.
+constexpr int Int8RowsAtOnce(int m) { return m <= 2 ? 4 : 2; }
+
+template <int M>
+void RowsInt8(const Int8Operands& io, int64_t begin, int64_t end) {
+  constexpr int R = Int8RowsAtOnce(M);
+  const bool q4 = io.o->w->dtype == DType::kQ4;
+  int64_t j = begin;
+  for (; j + R <= end; j += R) q4 ? RowsQ4x8<M, R>(io, j) : RowsQ8x8<M, R>(io, j);
+  for (; j < end; ++j) q4 ? RowsQ4x8<M, 1>(io, j) : RowsQ8x8<M, 1>(io, j);
+}
+
+bool HaveVnni() {
+  static const bool have = __builtin_cpu_supports("avx512vnni");
+  return have;
+}
 #endif
 
 // Row j of w as fp32 (the dtypes the CPU backend multiplies).
@@ -208,6 +404,47 @@ void WidenRow(const Weight& w, int64_t j, float* dst) {
 
 }  // namespace
 
+void RoundToInt8Groups(const float* x, int64_t m, int64_t k, float* out) {
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t c0 = 0; c0 < k; c0 += 64) {
+      const float* xg = x + i * k + c0;
+      float* og = out + i * k + c0;
+      float a = 0.f;
+      bool finite = true;
+      for (int c = 0; c < 64; ++c) {
+        a = std::max(a, std::fabs(xg[c]));
+        finite = finite && std::isfinite(xg[c]);
+      }
+      if (a == 0.f || !finite) {
+        std::fill(og, og + 64, finite ? 0.f : std::numeric_limits<float>::quiet_NaN());
+        continue;
+      }
+      const float inv = 127.f / a, scale = a / 127.f;
+      for (int c = 0; c < 64; ++c) og[c] = std::nearbyint(xg[c] * inv) * scale;
+    }
+}
+
+bool HostGemvInt8Activations(const Weight& w, HostActivations activations) {
+#ifdef EF_HOST_GEMV_X86
+  if (w.dtype != DType::kQ8 && w.dtype != DType::kQ4) return false;
+  if (!HostGemvVectorized(w) || !HaveVnni()) return false;
+  if (activations != HostActivations::kDefault) return activations == HostActivations::kInt8;
+  static const std::string which = [] {
+    std::string v = params::HostGemvInt8X();
+    if (v != "int4" && v != "all" && v != "none") {
+      EF_LOG(WARN, CORE, "EF_HOST_GEMV_INT8_X=%s is not int4, all or none; using int4", v.c_str());
+      v = "int4";
+    }
+    return v;
+  }();
+  return which == "all" || (which == "int4" && w.dtype == DType::kQ4);
+#else
+  (void)w;
+  (void)activations;
+  return false;
+#endif
+}
+
 bool HostGemvVectorized(const Weight& w) {
 #ifdef EF_HOST_GEMV_X86
   const bool dtype_ok =
@@ -219,7 +456,8 @@ bool HostGemvVectorized(const Weight& w) {
 #endif
 }
 
-void HostGemv(ThreadPool& pool, const float* x, int64_t m, const Weight& w, float* y, GemvBlock block) {
+void HostGemv(ThreadPool& pool, const float* x, int64_t m, const Weight& w, float* y, GemvBlock block,
+              HostActivations activations) {
   const int64_t row_end = block.row_end < 0 ? w.rows : block.row_end;
   const int64_t col_end = block.col_end < 0 ? w.cols : block.col_end;
   const int64_t n = row_end - block.row_begin, k = col_end - block.col_begin;
@@ -249,6 +487,31 @@ void HostGemv(ThreadPool& pool, const float* x, int64_t m, const Weight& w, floa
     return;
   }
 #ifdef EF_HOST_GEMV_X86
+  if (HostGemvInt8Activations(w, activations)) {
+    thread_local Int8Rows xq;  // reused: no allocation per call once grown
+    PrepareInt8Rows(x, m, k, w.dtype == DType::kQ4, &xq);
+    for (int64_t r0 = 0; r0 < m; r0 += kHostGemvMaxRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kHostGemvMaxRows, m - r0));
+      const Operands o{x + r0 * k, k, &w, block.col_begin, block.row_begin, y + r0 * n, n};
+      const Int8Operands io{&o, xq.q.data() + r0 * k, xq.scale.data() + r0 * (k / 64), xq.sum.data() + r0 * (k / 64)};
+      pool.ParallelFor(
+          n,
+          [&](int64_t begin, int64_t end) {
+            switch (rows) {
+              case 1:
+                return RowsInt8<1>(io, begin, end);
+              case 2:
+                return RowsInt8<2>(io, begin, end);
+              case 3:
+                return RowsInt8<3>(io, begin, end);
+              default:
+                return RowsInt8<4>(io, begin, end);
+            }
+          },
+          /*min_chunk=*/64);
+    }
+    return;
+  }
   // Q4G reads x de-interleaved per group of 64: its 32 even elements, then its 32 odd ones.
   std::vector<float> xs;
   if (w.dtype == DType::kQ4) {

@@ -11,6 +11,18 @@
 // through the CPU backend's exact path (WeightRow + Dot). Both accumulate in fp32; the vector
 // path's summation order differs from the exact one, so results agree to rounding (~1e-6
 // relative), not bitwise.
+//
+// int4 weights on a CPU with AVX-512 VNNI take x in int8 by default (W4A8, the scheme of
+// llama.cpp's Q4_0 x Q8_0 dot products): each row of x is rounded per group of 64 columns, the
+// weight's groups (RoundToInt8Groups below), the products of a group are summed exactly in int32
+// by vpdpbusd, 64 per instruction, and the group's sum is scaled once. The float path looks every
+// nibble up in a table: 2-3x the instructions, so at batch 1 it is bound by the cores, not by the
+// memory (docs/results/cpu_compute). Rounding x moves each value by at most its group's max / 254
+// (about 0.6% relative error per output for normal values, more in a group with an outlier),
+// small against int4's own 9% per weight. int8 weights can take x in int8 too (EF_HOST_GEMV_INT8_X
+// =all): there it would double the weights' 0.6% error for no gain at batch 1, where the float
+// path already streams at the memory's rate, so they keep x in fp32 by default. bf16 and fp32
+// weights, the lossless path, always take x in fp32.
 #pragma once
 
 #include <cstdint>
@@ -31,13 +43,29 @@ struct GemvBlock {
   int64_t col_begin = 0, col_end = -1;
 };
 
+// How quantized weights (Q8G, Q4G) see x: kDefault follows EF_HOST_GEMV_INT8_X (int4: Q4G
+// weights take x in int8, Q8G in fp32; all; none); kFloat and kInt8 force a side for both (kInt8
+// still needs the CPU's VNNI, else it is kFloat).
+enum class HostActivations { kDefault, kFloat, kInt8 };
+
 // y[m, n] = x[m, k] W[block]^T (overwritten; n and k the block's rows and columns), split over
 // `pool` by output columns. A quantized weight's columns must be cut at multiples of its group
 // (64); the vector path takes blocks whose columns start and end at multiples of 64, others go
 // through fp32-widened rows.
-void HostGemv(ThreadPool& pool, const float* x, int64_t m, const Weight& w, float* y, GemvBlock block = {});
+void HostGemv(ThreadPool& pool, const float* x, int64_t m, const Weight& w, float* y, GemvBlock block = {},
+              HostActivations activations = HostActivations::kDefault);
 
 // True when HostGemv takes its vector path for w on this CPU.
 bool HostGemvVectorized(const Weight& w);
+
+// True when HostGemv multiplies w with x rounded to int8 (a quantized weight, AVX-512 VNNI).
+bool HostGemvInt8Activations(const Weight& w, HostActivations activations = HostActivations::kDefault);
+
+// x[m, k] (k a multiple of 64) as the int8 kernels use it, into out[m, k]: per row and group of 64
+// columns, with a = max |x| of the group, q = x * (127 / a) rounded to nearest even (fp32
+// arithmetic) and x' = q * (a / 127); a group of zeros stays zero, a group holding a non-finite
+// value turns NaN (so do the outputs of its row in the kernels). The kernels compute
+// y = x' W^T with exact int32 sums of q times the weight's integers.
+void RoundToInt8Groups(const float* x, int64_t m, int64_t k, float* out);
 
 }  // namespace ef::runtime
