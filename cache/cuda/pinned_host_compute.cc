@@ -42,9 +42,17 @@ void AppendBlockCopies(const runtime::Weight& w, int64_t r, int64_t c, size_t ds
   add(dst, src, static_cast<size_t>(w.cols) * e, static_cast<size_t>(c) * e);
 }
 
-// The kernel reads the weights once per block of 4 rows; each row adds its multiply-adds.
-double RowFactor(int64_t r) {
-  return std::ceil(static_cast<double>(r) / 4.0) * (1.0 + 0.15 * static_cast<double>(std::min<int64_t>(r, 4) - 1));
+// The host kernel a weight takes, for the log.
+const char* KernelName(const runtime::Weight& w) {
+  if (!runtime::HostGemvVectorized(w)) return "scalar";
+  switch (runtime::HostGemvPath(w)) {
+    case runtime::HostPath::kAmx:
+      return "amx";
+    case runtime::HostPath::kInt8X:
+      return "avx512 vnni, x in int8";
+    default:
+      return "avx512";
+  }
 }
 
 }  // namespace
@@ -67,6 +75,20 @@ runtime::ExpertWeights PinnedHostCompute::PartShape(const runtime::ExpertWeights
   return p;
 }
 
+double PinnedHostCompute::RowFactor(int64_t r) const {
+  // Piecewise linear through the calibrated points (rows ascending, the first 1 -> 1.0); past the
+  // last, proportional to the rows.
+  const auto& pts = row_factor_;
+  if (pts.empty() || r <= pts.front().first) return 1.0;
+  for (size_t i = 1; i < pts.size(); ++i)
+    if (r <= pts[i].first) {
+      const auto [r0, f0] = pts[i - 1];
+      const auto [r1, f1] = pts[i];
+      return f0 + (f1 - f0) * static_cast<double>(r - r0) / static_cast<double>(r1 - r0);
+    }
+  return pts.back().second * static_cast<double>(r) / static_cast<double>(pts.back().first);
+}
+
 double PinnedHostCompute::HostMs(int64_t r, double share) const {
   return stats_.host_ms_running * RowFactor(r) * share;
 }
@@ -87,11 +109,27 @@ Status PinnedHostCompute::Calibrate(SlotArena& arena) {
     copy = std::min(copy, ms(t));
   }
   const runtime::ExpertWeights shape = layout_.Shape(layer, expert);
-  std::vector<float> x(static_cast<size_t>(shape.gate.cols), 0.01f), y(static_cast<size_t>(shape.down.rows));
-  for (int rep = 0; rep < 3; ++rep) {
-    auto t = Clock::now();
-    EF_RETURN_IF_ERROR(Compute(layer, expert, 1, x.data(), y.data(), 0));
-    host = std::min(host, ms(t));
+  // The host time at 1 row, and relative to it at 4 and at max_rows rows: what more rows cost
+  // depends on the kernel (AVX-512 FMAs read the weights once per 4 rows and pay per row; AMX tiles
+  // serve 16 rows at once; int8 x pays per row and group), so it is measured, not assumed.
+  auto time_rows = [&](int64_t r) -> StatusOr<double> {
+    std::vector<float> x(static_cast<size_t>(r * shape.gate.cols), 0.01f), y(static_cast<size_t>(r * shape.down.rows));
+    double best = 1e30;
+    for (int rep = 0; rep < 3; ++rep) {
+      auto t = Clock::now();
+      EF_RETURN_IF_ERROR(Compute(layer, expert, r, x.data(), y.data(), 0));
+      best = std::min(best, ms(t));
+    }
+    return best;
+  };
+  EF_ASSIGN_OR_RETURN(host, time_rows(1));
+  row_factor_ = {{1, 1.0}};
+  std::string rows_note;
+  for (int64_t r : {int64_t{4}, static_cast<int64_t>(max_rows_)}) {
+    if (r <= row_factor_.back().first) continue;
+    EF_ASSIGN_OR_RETURN(const double t, time_rows(r));
+    row_factor_.push_back({r, std::max(row_factor_.back().second, t / host)});
+    rows_note += ", " + std::to_string(r) + " rows " + std::to_string(row_factor_.back().second).substr(0, 4) + "x";
   }
   // The split: the staging area holds max_fraction_ of an expert's intermediate rows; a partial copy
   // of that much is timed (its down columns are a pitched copy).
@@ -137,10 +175,10 @@ Status PinnedHostCompute::Calibrate(SlotArena& arena) {
   stats_.host_ms_running = host;
   part_started_ = false;
   EF_LOG(INFO, CACHE,
-         "cpu compute of missed experts (%s, at most %d rows): one expert takes %.2f ms on the host (%d threads, %s), "
-         "%.2f ms to copy; %s",
-         mode_.c_str(), max_rows_, host, ThreadPool::Default().num_threads(),
-         runtime::HostGemvVectorized(shape.gate) ? "avx512" : "scalar", copy, split_note.c_str());
+         "cpu compute of missed experts (%s, at most %d rows): one expert takes %.2f ms on the host for one row%s "
+         "(%d threads, %s), %.2f ms to copy; %s",
+         mode_.c_str(), max_rows_, host, rows_note.c_str(), ThreadPool::Default().num_threads(), KernelName(shape.gate),
+         copy, split_note.c_str());
   return Status::Ok();
 }
 
@@ -207,10 +245,15 @@ Status PinnedHostCompute::Compute(int layer, int expert, int64_t rows, const flo
   up_.resize(gate_.size());
   runtime::HostGemv(pool, x, rows, w.gate, gate_.data(), {inter_begin, inter, 0, -1});
   runtime::HostGemv(pool, x, rows, w.up, up_.data(), {inter_begin, inter, 0, -1});
-  for (size_t i = 0; i < gate_.size(); ++i) {
-    const float g = gate_[i];
-    gate_[i] = g / (1.0f + std::exp(-g)) * up_[i];
-  }
+  pool.ParallelFor(
+      static_cast<int64_t>(gate_.size()),
+      [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const float g = gate_[i];
+          gate_[i] = g / (1.0f + std::exp(-g)) * up_[i];
+        }
+      },
+      /*min_chunk=*/4096);
   runtime::HostGemv(pool, gate_.data(), rows, w.down, y, {0, -1, inter_begin, inter});
   const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t).count();
   ++stats_.experts;

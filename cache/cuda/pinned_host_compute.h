@@ -17,6 +17,7 @@
 
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cache/cuda/pinned_host_tier.h"
@@ -27,14 +28,13 @@ namespace ef::cache {
 
 class PinnedHostCompute final : public HostExpertCompute {
  public:
-  // mode: "auto", "whole", "on" or "split"; misses of at most max_rows rows are candidates (the
-  // host kernel streams the weights once per 4 rows). `layout` says where the parts sit in a pinned
-  // copy.
+  // mode: "auto", "whole", "on" or "split"; misses of at most max_rows rows are candidates (what
+  // more rows cost is measured by Calibrate). `layout` says where the parts sit in a pinned copy.
   static StatusOr<std::unique_ptr<PinnedHostCompute>> Create(std::shared_ptr<const PinnedHostTier> tier,
                                                              SlotLayout layout, const std::string& mode, int max_rows);
 
   // Copies the first pinned expert into slot 0 (and half of it into the staging area, which it
-  // reserves for auto and split) and computes it for one row, best of 3 each.
+  // reserves for auto and split) and computes it for 1, 4 and max_rows rows, best of 3 each.
   Status Calibrate(SlotArena& arena) override;
   void Take(int layer, std::vector<int32_t>& experts, std::span<const int64_t> rows, const ExpertStore& store,
             runtime::ExpertSource::HostShare& host) override;
@@ -52,6 +52,8 @@ class PinnedHostCompute final : public HostExpertCompute {
   static runtime::ExpertWeights PartShape(const runtime::ExpertWeights& shape, int64_t split);
   // Host time of an expert (one row, whole) for r rows and a share of its intermediate rows.
   double HostMs(int64_t r, double share) const;
+  // Host time for r rows over that for one row, from the calibrated points.
+  double RowFactor(int64_t r) const;
 
   std::shared_ptr<const PinnedHostTier> tier_;
   SlotLayout layout_;
@@ -59,6 +61,7 @@ class PinnedHostCompute final : public HostExpertCompute {
   int max_rows_;
   double max_fraction_ = 0.5;  // of an expert's intermediate rows the staging area holds
   double part_copy_ms_ = 0;    // copy time of a whole expert as partial copies run (calibrated)
+  std::vector<std::pair<int64_t, double>> row_factor_;  // (rows, host time over one row's), calibrated
   HostComputeStats stats_;
   std::vector<float> gate_, up_;  // Compute's scratch
   runtime::ExpertWeights part_;   // the staged part (device pointers), after StartPart

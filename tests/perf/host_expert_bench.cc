@@ -1,6 +1,7 @@
 // One expert's three matrices on the host, as cache.cpu_compute runs a missed expert: HostGemv
 // (vector path) against the CPU backend's exact Gemm, per weight type, for 1..4 rows of x; int8
-// and int4 weights twice, with x in fp32 and (the default where the CPU has VNNI) in int8.
+// and int4 weights twice, with x in fp32 and in int8 (VNNI), bf16 weights with AVX-512 FMAs and on
+// AMX tiles, where the CPU has them.
 // Prints ms per expert and the weight bytes streamed per second (a program, not a test).
 //
 //   ef_host_expert_bench [hidden inter reps]     (default 4096 14336 20: one Mixtral-8x7B expert)
@@ -62,12 +63,12 @@ int main(int argc, char** argv) {
               ef::runtime::HostGemvVectorized(Weight{DType::kBF16, nullptr, 1, 64}) ? "avx512" : "none");
   std::printf("%-6s %4s %4s %12s %10s %12s %10s %8s\n", "dtype", "x", "rows", "exact_ms", "exact_GB/s", "vector_ms",
               "vector_GB/s", "speedup");
-  using ef::runtime::HostActivations;
+  using ef::runtime::HostPath;
   for (DType t : {DType::kBF16, DType::kQ8, DType::kQ4}) {
     std::vector<std::byte> sg, su, sd;
     const Weight g = Make(t, inter, hidden, sg), u = Make(t, inter, hidden, su), d = Make(t, hidden, inter, sd);
     const double gb = static_cast<double>(g.nbytes() + u.nbytes() + d.nbytes()) / 1e9;
-    for (int m : {1, 4}) {
+    for (int m : {1, 4, 16}) {
       std::vector<float> x(static_cast<size_t>(m * hidden), 0.1f), gy(static_cast<size_t>(m * inter)), uy(gy.size()),
           y(x.size());
       auto exact = [&] {
@@ -78,8 +79,8 @@ int main(int argc, char** argv) {
       };
       exact();
       const double e = MedianMs(std::max(3, reps / 4), exact);
-      for (HostActivations a : {HostActivations::kFloat, HostActivations::kInt8}) {
-        if (a == HostActivations::kInt8 && !ef::runtime::HostGemvInt8Activations(g, a)) continue;
+      for (HostPath a : {HostPath::kFloat, HostPath::kInt8X, HostPath::kAmx}) {
+        if (a != HostPath::kFloat && ef::runtime::HostGemvPath(g, a) != a) continue;
         auto vec = [&] {
           ef::runtime::HostGemv(pool, x.data(), m, g, gy.data(), {}, a);
           ef::runtime::HostGemv(pool, x.data(), m, u, uy.data(), {}, a);
@@ -89,7 +90,10 @@ int main(int argc, char** argv) {
         vec();
         const double v = MedianMs(reps, vec);
         std::printf("%-6s %4s %4d %12.3f %10.1f %12.3f %10.1f %7.2fx\n", ef::DTypeName(t),
-                    a == HostActivations::kInt8 ? "int8" : "fp32", m, e, gb / e * 1e3, v, gb / v * 1e3, e / v);
+                    a == HostPath::kInt8X ? "int8"
+                    : a == HostPath::kAmx ? "amx"
+                                          : "fp32",
+                    m, e, gb / e * 1e3, v, gb / v * 1e3, e / v);
       }
     }
   }

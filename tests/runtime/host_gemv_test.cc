@@ -43,33 +43,41 @@ Weight MakeWeight(DType dtype, int64_t rows, int64_t cols, std::mt19937& rng, st
 }
 
 // x as HostGemv multiplies w with it: rounded to int8 groups where it takes x in int8.
-std::vector<float> AsMultiplied(const std::vector<float>& x, int64_t m, int64_t k, const Weight& w, HostActivations a) {
-  if (!HostGemvInt8Activations(w, a)) return x;
+std::vector<float> AsMultiplied(const std::vector<float>& x, int64_t m, int64_t k, const Weight& w, HostPath a) {
+  if (HostGemvPath(w, a) != HostPath::kInt8X) return x;
   std::vector<float> r(x.size());
   RoundToInt8Groups(x.data(), m, k, r.data());
   return r;
 }
 
-constexpr HostActivations kBothSides[] = {HostActivations::kFloat, HostActivations::kInt8};
+constexpr HostPath kPaths[] = {HostPath::kDefault, HostPath::kFloat, HostPath::kInt8X, HostPath::kAmx};
 
 TEST(HostGemv, MatchesTheCpuBackendForEveryTypeAndRowCount) {
   std::mt19937 rng(7);
   ThreadPool pool(3);
   CpuBackend cpu(&pool);
-  const Case cases[] = {{DType::kF32, 37, 128}, {DType::kBF16, 70, 192}, {DType::kQ8, 33, 256}, {DType::kQ4, 65, 128},
-                        {DType::kBF16, 9, 40},  {DType::kQ8, 5, 64},     {DType::kQ4, 21, 1280}};
+  const Case cases[] = {{DType::kF32, 37, 128}, {DType::kBF16, 70, 192}, {DType::kQ8, 33, 256},
+                        {DType::kQ4, 65, 128},  {DType::kBF16, 9, 40},   {DType::kQ8, 5, 64},
+                        {DType::kQ4, 21, 1280}, {DType::kQ8, 21, 1280},  {DType::kBF16, 403, 256}};
   for (const Case& c : cases) {
     std::vector<std::byte> store;
     const Weight w = MakeWeight(c.dtype, c.rows, c.cols, rng, store);
     EXPECT_EQ(HostGemvVectorized(w), HostGemvVectorized(Weight{DType::kF32, store.data(), 1, 64}) && c.cols % 64 == 0)
         << DTypeName(c.dtype) << " " << c.cols;
-    for (HostActivations a : kBothSides) {
-      // Only quantized weights on the vector path take x in int8; the lossless types never do.
+    for (HostPath a : kPaths) {
+      // Only quantized weights take x in int8, only bf16 ones go to AMX; the rest is kFloat.
+      const HostPath use = HostGemvPath(w, a);
       const bool quantized = c.dtype == DType::kQ8 || c.dtype == DType::kQ4;
-      if (!quantized || a == HostActivations::kFloat) {
-        EXPECT_FALSE(HostGemvInt8Activations(w, a)) << DTypeName(c.dtype);
+      if (use == HostPath::kInt8X) {
+        EXPECT_TRUE(quantized && a != HostPath::kFloat && a != HostPath::kAmx);
       }
-      for (int64_t m : {1, 2, 3, 4, 5, 9}) {
+      if (use == HostPath::kAmx) {
+        EXPECT_TRUE(c.dtype == DType::kBF16 && a != HostPath::kFloat && a != HostPath::kInt8X);
+      }
+      if (a == HostPath::kFloat) {
+        EXPECT_EQ(use, HostPath::kFloat);
+      }
+      for (int64_t m : {1, 2, 3, 4, 5, 9, 16, 19}) {
         std::normal_distribution<float> nd(0.f, 1.f);
         std::vector<float> x(static_cast<size_t>(m * c.cols));
         for (float& v : x) v = nd(rng);
@@ -81,7 +89,7 @@ TEST(HostGemv, MatchesTheCpuBackendForEveryTypeAndRowCount) {
         const double tol = 1e-5 * static_cast<double>(c.cols);
         for (size_t i = 0; i < want.size(); ++i)
           ASSERT_NEAR(got[i], want[i], tol)
-              << DTypeName(c.dtype) << " int8 x " << HostGemvInt8Activations(w, a) << " m " << m << " at " << i;
+              << DTypeName(c.dtype) << " path " << static_cast<int>(use) << " m " << m << " at " << i;
       }
     }
   }
@@ -102,7 +110,7 @@ TEST(HostGemv, Int8ActivationsStayCloseToTheFloatProduct) {
     for (float& v : x) v = nd(rng);
     std::vector<float> exact(static_cast<size_t>(m * w.rows)), got(exact.size());
     cpu.Gemm(x.data(), m, w, nullptr, exact.data(), false);
-    HostGemv(pool, x.data(), m, w, got.data(), {}, HostActivations::kInt8);
+    HostGemv(pool, x.data(), m, w, got.data(), {}, HostPath::kInt8X);
     double err = 0, norm = 0;
     for (size_t i = 0; i < exact.size(); ++i) {
       err += (got[i] - exact[i]) * (got[i] - exact[i]);
@@ -110,7 +118,7 @@ TEST(HostGemv, Int8ActivationsStayCloseToTheFloatProduct) {
     }
     const double rel = std::sqrt(err / norm);
     EXPECT_LT(rel, 1e-2) << DTypeName(t);
-    if (HostGemvInt8Activations(w, HostActivations::kInt8))
+    if (HostGemvPath(w, HostPath::kInt8X) == HostPath::kInt8X)
       EXPECT_GT(rel, 0) << DTypeName(t) << ": x was not rounded";
     else
       EXPECT_LT(rel, 1e-5) << DTypeName(t);
@@ -127,11 +135,58 @@ TEST(HostGemv, Int8ActivationsKeepZerosAndNaNs) {
     std::vector<float> x(3 * 128, 0.f), y(3 * 8, -1.f);
     for (int c = 64; c < 128; ++c) x[c] = 0.5f;            // row 0: a zero group, then a constant one
     x[128 + 7] = std::numeric_limits<float>::quiet_NaN();  // row 1: NaN
-    HostGemv(pool, x.data(), 3, w, y.data(), {}, HostActivations::kInt8);
+    HostGemv(pool, x.data(), 3, w, y.data(), {}, HostPath::kInt8X);
     for (int j = 0; j < 8; ++j) {
       EXPECT_TRUE(std::isfinite(y[j])) << DTypeName(t);
       EXPECT_TRUE(std::isnan(y[8 + j])) << DTypeName(t) << " output " << j;
       EXPECT_EQ(y[16 + j], 0.f) << DTypeName(t);  // row 2: all zeros
+    }
+  }
+}
+
+// Without knobs: int4 weights take x in int8 where the CPU has VNNI, int8 weights keep it in fp32
+// (their quality would suffer), bf16 weights go to AMX where the CPU has it.
+TEST(HostGemv, DefaultPathsPerWeightType) {
+  std::vector<std::byte> store(1 << 16);
+  auto path = [&](DType t) { return HostGemvPath(Weight{t, store.data(), 4, 128}); };
+  EXPECT_EQ(path(DType::kQ8), HostPath::kFloat);
+  EXPECT_EQ(path(DType::kF32), HostPath::kFloat);
+  EXPECT_EQ(path(DType::kQ4), HostGemvPath(Weight{DType::kQ4, store.data(), 4, 128}, HostPath::kInt8X));
+  EXPECT_EQ(path(DType::kBF16), HostGemvPath(Weight{DType::kBF16, store.data(), 4, 128}, HostPath::kAmx));
+  // A width off the vector path takes the exact path whatever is asked.
+  EXPECT_EQ(HostGemvPath(Weight{DType::kQ4, store.data(), 4, 96}, HostPath::kInt8X), HostPath::kFloat);
+}
+
+// Groups at the edges of fp32: values near FLT_MAX stay finite, tiny values count as zeros, an
+// infinity turns its row NaN; the kernels agree with RoundToInt8Groups on each.
+TEST(HostGemv, Int8ActivationsAtTheEdgesOfFloat) {
+  std::mt19937 rng(17);
+  ThreadPool pool(2);
+  CpuBackend cpu(&pool);
+  for (DType t : {DType::kQ8, DType::kQ4}) {
+    std::vector<std::byte> store;
+    const Weight w = MakeWeight(t, 8, 192, rng, store);
+    std::vector<float> x(4 * 192, 0.f);
+    for (int c = 0; c < 64; ++c) x[c] = 1e37f * static_cast<float>(c % 5 - 2);  // row 0: sum overflows
+    for (int c = 64; c < 192; ++c) x[c] = 1e-3f * static_cast<float>(c % 7 - 3);
+    for (int c = 0; c < 64; ++c) x[192 + c] = 1e-38f * static_cast<float>(c % 3);  // row 1: tiny group
+    for (int c = 64; c < 192; ++c) x[192 + c] = static_cast<float>(c % 11) - 5.f;
+    x[2 * 192 + 100] = -std::numeric_limits<float>::infinity();  // row 2
+    // Row 3: exact ties of the rounding (each group's max is 127, so q = x): to even, 0.5 -> 0.
+    for (int c = 0; c < 192; ++c) x[3 * 192 + c] = c % 64 == 0 ? 127.f : static_cast<float>(c % 4) + 0.5f;
+    std::vector<float> rounded(x.size()), want(4 * 8), got(4 * 8);
+    RoundToInt8Groups(x.data(), 4, 192, rounded.data());
+    for (int c = 0; c < 64; ++c) EXPECT_EQ(rounded[192 + c], 0.f);
+    for (int c = 1; c < 8; ++c) EXPECT_EQ(rounded[3 * 192 + c], static_cast<float>((c % 4 + 1) / 2 * 2)) << c;
+    cpu.Gemm(rounded.data(), 4, w, nullptr, want.data(), false);
+    HostGemv(pool, x.data(), 4, w, got.data(), {}, HostPath::kInt8X);
+    for (int j = 0; j < 8; ++j) {
+      EXPECT_TRUE(std::isnan(got[16 + j])) << DTypeName(t) << " " << j;
+      for (int i : {0, 1, 3}) {
+        ASSERT_TRUE(std::isfinite(got[i * 8 + j])) << DTypeName(t) << " row " << i;
+        EXPECT_NEAR(got[i * 8 + j], want[i * 8 + j], 1e-5 * std::fabs(want[i * 8 + j]) + 1e-4)
+            << DTypeName(t) << " row " << i << " output " << j;
+      }
     }
   }
 }
@@ -166,28 +221,32 @@ TEST(HostGemv, BlocksAreTheWholeProductRestricted) {
     GemvBlock block;
   };
   const BlockCase cases[] = {
-      {DType::kBF16, 40, 256, {8, 40, 64, 256}}, {DType::kBF16, 40, 256, {0, 13, 0, 128}},
-      {DType::kQ8, 33, 256, {5, 33, 128, 256}},  {DType::kQ4, 65, 384, {0, 65, 192, 384}},
-      {DType::kQ4, 20, 128, {3, 19, 64, -1}},    {DType::kF32, 17, 128, {0, -1, 64, -1}},
-      {DType::kBF16, 9, 100, {2, 7, 10, 90}},    {DType::kF32, 12, 192, {0, 12, 17, 150}},
-      {DType::kQ8, 10, 128, {0, -1, 0, -1}},
+      {DType::kBF16, 40, 256, {8, 40, 64, 256}},   {DType::kBF16, 40, 256, {0, 13, 0, 128}},
+      {DType::kQ8, 33, 256, {5, 33, 128, 256}},    {DType::kQ4, 65, 384, {0, 65, 192, 384}},
+      {DType::kQ4, 20, 128, {3, 19, 64, -1}},      {DType::kF32, 17, 128, {0, -1, 64, -1}},
+      {DType::kBF16, 9, 100, {2, 7, 10, 90}},      {DType::kF32, 12, 192, {0, 12, 17, 150}},
+      {DType::kQ8, 10, 128, {0, -1, 0, -1}},       {DType::kQ8, 12, 2112, {2, 11, 960, 2112}},
+      {DType::kQ4, 12, 2112, {0, 12, 1088, 2048}},
   };
   for (const BlockCase& c : cases) {
     std::vector<std::byte> store;
     const Weight w = MakeWeight(c.dtype, c.rows, c.cols, rng, store);
     const int64_t r0 = c.block.row_begin, r1 = c.block.row_end < 0 ? c.rows : c.block.row_end;
     const int64_t c0 = c.block.col_begin, c1 = c.block.col_end < 0 ? c.cols : c.block.col_end;
-    for (auto [m, a] : {std::pair{1, HostActivations::kFloat},
-                        {3, HostActivations::kFloat},
-                        {6, HostActivations::kFloat},
-                        {1, HostActivations::kInt8},
-                        {5, HostActivations::kInt8}}) {
+    for (auto [m, a] : {std::pair{1, HostPath::kFloat},
+                        {3, HostPath::kFloat},
+                        {6, HostPath::kFloat},
+                        {1, HostPath::kInt8X},
+                        {5, HostPath::kInt8X},
+                        {1, HostPath::kAmx},
+                        {6, HostPath::kAmx},
+                        {17, HostPath::kAmx}}) {
       std::normal_distribution<float> nd(0.f, 1.f);
       const int64_t k = c1 - c0;
       std::vector<float> x(static_cast<size_t>(m * k)), padded(static_cast<size_t>(m * c.cols), 0.f);
       for (float& v : x) v = nd(rng);
       // The block's x as multiplied (its columns start at a group boundary when it goes int8).
-      const bool int8 = HostGemvInt8Activations(w, a) && c0 % 64 == 0 && k % 64 == 0;
+      const bool int8 = HostGemvPath(w, a) == HostPath::kInt8X && c0 % 64 == 0 && k % 64 == 0;
       std::vector<float> xm = x;
       if (int8) RoundToInt8Groups(x.data(), m, k, xm.data());
       for (int64_t i = 0; i < m; ++i)
@@ -201,6 +260,33 @@ TEST(HostGemv, BlocksAreTheWholeProductRestricted) {
           ASSERT_NEAR(got[i * (r1 - r0) + j - r0], full[i * c.rows + j], tol)
               << DTypeName(c.dtype) << " block rows [" << r0 << "," << r1 << ") cols [" << c0 << "," << c1 << ") m "
               << m << " row " << i << " col " << j;
+    }
+  }
+}
+
+// Every path gives the same bits whatever the thread count and the rows of x beside a row: a
+// token's outputs depend neither on the machine's cores nor on its batch.
+TEST(HostGemv, OutputsDependOnNeitherThreadsNorBatch) {
+  std::mt19937 rng(13);
+  ThreadPool one(1), three(3);
+  for (DType t : {DType::kF32, DType::kBF16, DType::kQ8, DType::kQ4}) {
+    std::vector<std::byte> store;
+    const Weight w = MakeWeight(t, 403, 256, rng, store);  // 25 blocks of 16 rows and a tail of 3
+    const int64_t m = 19;
+    std::normal_distribution<float> nd(0.f, 1.f);
+    std::vector<float> x(static_cast<size_t>(m * w.cols));
+    for (float& v : x) v = nd(rng);
+    for (HostPath a : kPaths) {
+      std::vector<float> batch(static_cast<size_t>(m * w.rows)), threads(batch.size()), alone(w.rows);
+      HostGemv(one, x.data(), m, w, batch.data(), {}, a);
+      HostGemv(three, x.data(), m, w, threads.data(), {}, a);
+      EXPECT_EQ(batch, threads) << DTypeName(t) << " path " << static_cast<int>(HostGemvPath(w, a));
+      for (int64_t i : {0, 5, 18}) {
+        HostGemv(three, x.data() + i * w.cols, 1, w, alone.data(), {}, a);
+        for (int64_t j = 0; j < w.rows; ++j)
+          ASSERT_EQ(alone[j], batch[i * w.rows + j])
+              << DTypeName(t) << " path " << static_cast<int>(HostGemvPath(w, a)) << " row " << i << " output " << j;
+      }
     }
   }
 }

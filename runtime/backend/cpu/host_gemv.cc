@@ -1,5 +1,8 @@
 #include "runtime/backend/cpu/host_gemv.h"
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -25,6 +28,8 @@
 #endif
 #endif
 
+EF_PARAM(HostGemvAmx, bool, "EF_HOST_GEMV_AMX", true,
+         "experts computed on the host: bf16 weights on AMX tiles where the CPU has them (0: AVX-512 FMAs)");
 EF_PARAM(HostGemvInt8X, std::string, "EF_HOST_GEMV_INT8_X", "int4",
          "experts computed on the host, which quantized weights take x rounded to int8 per group of 64 "
          "(AVX-512 VNNI): int4, all (int8 too) or none");
@@ -197,6 +202,9 @@ bool HaveAvx512() {
 // q: kQ4 takes each group's 32 even elements, then its 32 odd ones (the order the nibbles unpack
 // in); kQ8 stores q + 128 (vpdpbusd multiplies unsigned by signed bytes, and the weight is the
 // signed side). scale[i, g] = a / 127; sum[i, g] = scale * sum q (kQ4's min term).
+// Below this a group of x is rounded to zeros (see RoundToInt8Groups).
+constexpr float kTinyGroup = 1e-30f;
+
 struct Int8Rows {
   std::vector<uint8_t> q;
   std::vector<float> scale, sum;
@@ -218,13 +226,15 @@ EF_VNNI void PrepareInt8Rows(const float* x, int64_t m, int64_t k, bool q4, Int8
       const float a = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])),
                                                          _mm512_max_ps(_mm512_abs_ps(v[2]), _mm512_abs_ps(v[3]))));
       const size_t at = static_cast<size_t>(i * groups + g);
-      // max() drops NaN, the sum keeps it (and infinities): such a group scales its products by
-      // NaN, so its row's outputs are NaN, as the fp32 product's would be.
-      const float total = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(v[0], v[1]), _mm512_add_ps(v[2], v[3])));
-      if (a == 0.f || !std::isfinite(total)) {
+      // A non-finite value (|v| > FLT_MAX, or unordered: NaN) makes the group scale its products by
+      // NaN, so its row's outputs are NaN, as the fp32 product's would be. A group whose largest
+      // value is below kTinyGroup counts as zeros (127 / a would overflow).
+      __mmask16 bad = 0;
+      for (int s = 0; s < 4; ++s)
+        bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(v[s]), _mm512_set1_ps(std::numeric_limits<float>::max()), _CMP_NLE_UQ);
+      if (bad || a < kTinyGroup) {
         std::memset(qg, q4 ? 0 : 128, 64);
-        out->scale[at] = out->sum[at] =
-            a == 0.f && std::isfinite(total) ? 0.f : std::numeric_limits<float>::quiet_NaN();
+        out->scale[at] = out->sum[at] = bad ? std::numeric_limits<float>::quiet_NaN() : 0.f;
         continue;
       }
       const __m512 inv = _mm512_set1_ps(127.f / a);
@@ -375,6 +385,156 @@ bool HaveVnni() {
   static const bool have = __builtin_cpu_supports("avx512vnni");
   return have;
 }
+
+// ---- bf16 weights on AMX tiles, x in three bf16 parts (exact) ----
+//
+// A tile product C[16, N] += A[16, 32] B[16, N x 2] multiplies 16 weight rows (A: 16 rows of 32
+// bf16 values, loaded straight from the weight with its row stride) by 32 columns of up to 16
+// rows of x (B: the columns in pairs, each pair of a row one 32-bit word). x is fp32: it is split
+// into x1 + x2 + x3, each bf16 (x1 = bf16(x), x2 = bf16(x - x1), x3 = x - x1 - x2), which holds
+// every bit of an fp32 value in the normal range, so the three tile products sum w * x with each
+// product exact in fp32, accumulated in fp32 as the AVX-512 path does (in another order: the
+// results agree to rounding, ~1e-6 relative). A block of 16 weight rows is computed the same way
+// whatever the rows of x (1-16) and whatever thread takes it, so a token's outputs do not depend on
+// its batch or the thread count.
+
+#define EF_AMX __attribute__((target("avx512f,avx512bw,avx512vl,amx-tile,amx-bf16")))
+
+constexpr int kAmxRows = 16;  // weight rows per tile, and the most rows of x per pass
+
+// The tile layout: palette 1; tiles 0 (C), 1 (A), 2-4 (B, one per part of x).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+TileConfig MakeTileConfig(int weight_rows, int x_rows) {
+  TileConfig c;
+  c.rows[0] = static_cast<uint8_t>(weight_rows);  // C: weight rows x (x rows fp32)
+  c.colsb[0] = static_cast<uint16_t>(x_rows * 4);
+  c.rows[1] = static_cast<uint8_t>(weight_rows);  // A: weight rows x 32 bf16
+  c.colsb[1] = 64;
+  for (int t = 2; t < 5; ++t) {  // B: 16 column pairs x (x rows x 2 bf16)
+    c.rows[t] = 16;
+    c.colsb[t] = static_cast<uint16_t>(x_rows * 4);
+  }
+  return c;
+}
+
+// x[m, k] as the tiles read it: for each step of 32 columns, each part, each column pair p, each
+// row i, the pair's two bf16 values: word ((step * 3 + part) * 16 + p) * m + i.
+struct AmxRows {
+  std::vector<uint32_t> words;
+  std::vector<uint16_t> parts;  // scratch: each row's three parts in column order
+};
+
+// 16 fp32 values to bf16, rounded to nearest even; infinities and NaNs truncated (a NaN stays NaN).
+EF_AMX inline __m256i Bf16Nearest16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i rounded = _mm512_add_epi32(
+      u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+  const __m512i exp_mask = _mm512_set1_epi32(0x7F800000);
+  const __mmask16 finite = _mm512_cmpneq_epi32_mask(_mm512_and_si512(u, exp_mask), exp_mask);
+  const __mmask16 nan = _mm512_test_epi32_mask(u, _mm512_set1_epi32(0x007FFFFF)) & ~finite;
+  __m512i h = _mm512_mask_blend_epi32(finite, _mm512_srli_epi32(u, 16), _mm512_srli_epi32(rounded, 16));
+  h = _mm512_mask_or_epi32(h, nan, h, _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(h);
+}
+
+EF_AMX inline __m512 Bf16Value16(__m256i h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// Row i of x split into its three bf16 parts, each in column order, into parts[3][k].
+EF_AMX void SplitRow(const float* x, int64_t k, uint16_t* parts) {
+  for (int64_t c = 0; c < k; c += 16) {
+    const __m512 v = _mm512_loadu_ps(x + c);
+    const __mmask16 finite = _mm512_cmpneq_epi32_mask(
+        _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7F800000)), _mm512_set1_epi32(0x7F800000));
+    const __m256i h1 = Bf16Nearest16(v);
+    const __m512 r1 = _mm512_maskz_sub_ps(finite, v, Bf16Value16(h1));  // exact; 0 beside inf / NaN
+    const __m256i h2 = Bf16Nearest16(r1);
+    const __m256i h3 = Bf16Nearest16(_mm512_sub_ps(r1, Bf16Value16(h2)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(parts + c), h1);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(parts + k + c), h2);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(parts + 2 * k + c), h3);
+  }
+}
+
+EF_AMX void PrepareAmxRows(const float* x, int64_t m, int64_t k, AmxRows* out) {
+  const int64_t steps = k / 32;
+  out->words.resize(static_cast<size_t>(steps * 3 * 16 * m));
+  uint32_t* w = out->words.data();
+  if (m == 1) {  // one row: each part of a step is its 32 values in column order
+    std::vector<uint16_t>& parts = out->parts;
+    parts.resize(static_cast<size_t>(3 * k));
+    SplitRow(x, k, parts.data());
+    for (int64_t s = 0; s < steps; ++s)
+      for (int t = 0; t < 3; ++t) std::memcpy(w + (s * 3 + t) * 16, parts.data() + t * k + s * 32, 64);
+    return;
+  }
+  std::vector<uint16_t>& parts = out->parts;
+  parts.resize(static_cast<size_t>(3 * k * m));
+  for (int64_t i = 0; i < m; ++i) SplitRow(x + i * k, k, parts.data() + i * 3 * k);
+  for (int64_t s = 0; s < steps; ++s)
+    for (int t = 0; t < 3; ++t)
+      for (int p = 0; p < 16; ++p)
+        for (int64_t i = 0; i < m; ++i) {
+          uint32_t pair;
+          std::memcpy(&pair, parts.data() + (i * 3 + t) * k + s * 32 + 2 * p, 4);
+          w[((s * 3 + t) * 16 + p) * m + i] = pair;
+        }
+}
+
+// Weight rows [16 b, 16 b + rows) of the block against the m rows of x prepared in `xa`.
+EF_AMX void AmxBlock(const Operands& o, const AmxRows& xa, int64_t m, int64_t b, int rows, float* cbuf) {
+  const int64_t ld = o.w->cols, first = (o.row_begin + b * kAmxRows) * ld + o.col_begin;
+  const auto* wb = static_cast<const uint16_t*>(o.w->data) + first;
+  const uint32_t* xw = xa.words.data();
+  const int64_t steps = o.k / 32, bstride = m * 4;
+  _tile_zero(0);
+  for (int64_t s = 0; s < steps; ++s) {
+    _tile_loadd(1, wb + s * 32, ld * 2);
+    _tile_loadd(2, xw + (s * 3 + 0) * 16 * m, bstride);
+    _tile_loadd(3, xw + (s * 3 + 1) * 16 * m, bstride);
+    _tile_loadd(4, xw + (s * 3 + 2) * 16 * m, bstride);
+    // x1 + x2 + x3 in that order: the small parts first would round less, but this order matches
+    // how the weights' products are largest first in every block alike.
+    _tile_dpbf16ps(0, 1, 2);
+    _tile_dpbf16ps(0, 1, 3);
+    _tile_dpbf16ps(0, 1, 4);
+  }
+  _tile_stored(0, cbuf, m * 4);
+  for (int r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < m; ++i) o.y[i * o.n + b * kAmxRows + r] = cbuf[r * m + i];
+}
+
+// Blocks [begin, end) of 16 weight rows; the last block of the call may be shorter.
+EF_AMX void AmxBlocks(const Operands& o, const AmxRows& xa, int64_t m, int64_t begin, int64_t end) {
+  alignas(64) float cbuf[kAmxRows * kAmxRows];
+  const int64_t full = o.n / kAmxRows;
+  int configured = 0;  // weight rows of the loaded configuration
+  for (int64_t b = begin; b < end; ++b) {
+    const int rows = b < full ? kAmxRows : static_cast<int>(o.n - full * kAmxRows);
+    if (rows != configured) {
+      const TileConfig c = MakeTileConfig(rows, static_cast<int>(m));
+      _tile_loadconfig(&c);
+      configured = rows;
+    }
+    AmxBlock(o, xa, m, b, rows, cbuf);
+  }
+  _tile_release();
+}
+
+bool HaveAmx() {
+  // Linux hands out the tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for
+  // XFEATURE_XTILEDATA), once per process.
+  static const bool have = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") && HaveAvx512() &&
+                           syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return have;
+}
 #endif
 
 // Row j of w as fp32 (the dtypes the CPU backend multiplies).
@@ -415,7 +575,7 @@ void RoundToInt8Groups(const float* x, int64_t m, int64_t k, float* out) {
         a = std::max(a, std::fabs(xg[c]));
         finite = finite && std::isfinite(xg[c]);
       }
-      if (a == 0.f || !finite) {
+      if (a < kTinyGroup || !finite) {
         std::fill(og, og + 64, finite ? 0.f : std::numeric_limits<float>::quiet_NaN());
         continue;
       }
@@ -424,24 +584,29 @@ void RoundToInt8Groups(const float* x, int64_t m, int64_t k, float* out) {
     }
 }
 
-bool HostGemvInt8Activations(const Weight& w, HostActivations activations) {
+HostPath HostGemvPath(const Weight& w, HostPath path) {
 #ifdef EF_HOST_GEMV_X86
-  if (w.dtype != DType::kQ8 && w.dtype != DType::kQ4) return false;
-  if (!HostGemvVectorized(w) || !HaveVnni()) return false;
-  if (activations != HostActivations::kDefault) return activations == HostActivations::kInt8;
-  static const std::string which = [] {
-    std::string v = params::HostGemvInt8X();
-    if (v != "int4" && v != "all" && v != "none") {
-      EF_LOG(WARN, CORE, "EF_HOST_GEMV_INT8_X=%s is not int4, all or none; using int4", v.c_str());
-      v = "int4";
-    }
-    return v;
-  }();
-  return which == "all" || (which == "int4" && w.dtype == DType::kQ4);
+  if (!HostGemvVectorized(w)) return HostPath::kFloat;
+  const bool quantized = w.dtype == DType::kQ8 || w.dtype == DType::kQ4;
+  if (path == HostPath::kDefault) {
+    static const std::string which = [] {
+      std::string v = params::HostGemvInt8X();
+      if (v != "int4" && v != "all" && v != "none") {
+        EF_LOG(WARN, CORE, "EF_HOST_GEMV_INT8_X=%s is not int4, all or none; using int4", v.c_str());
+        v = "int4";
+      }
+      return v;
+    }();
+    if (w.dtype == DType::kBF16 && params::HostGemvAmx()) path = HostPath::kAmx;
+    if (quantized && (which == "all" || (which == "int4" && w.dtype == DType::kQ4))) path = HostPath::kInt8X;
+  }
+  if (path == HostPath::kInt8X && quantized && HaveVnni()) return HostPath::kInt8X;
+  if (path == HostPath::kAmx && w.dtype == DType::kBF16 && HaveAmx()) return HostPath::kAmx;
+  return HostPath::kFloat;
 #else
   (void)w;
-  (void)activations;
-  return false;
+  (void)path;
+  return HostPath::kFloat;
 #endif
 }
 
@@ -456,8 +621,7 @@ bool HostGemvVectorized(const Weight& w) {
 #endif
 }
 
-void HostGemv(ThreadPool& pool, const float* x, int64_t m, const Weight& w, float* y, GemvBlock block,
-              HostActivations activations) {
+void HostGemv(ThreadPool& pool, const float* x, int64_t m, const Weight& w, float* y, GemvBlock block, HostPath path) {
   const int64_t row_end = block.row_end < 0 ? w.rows : block.row_end;
   const int64_t col_end = block.col_end < 0 ? w.cols : block.col_end;
   const int64_t n = row_end - block.row_begin, k = col_end - block.col_begin;
@@ -487,8 +651,24 @@ void HostGemv(ThreadPool& pool, const float* x, int64_t m, const Weight& w, floa
     return;
   }
 #ifdef EF_HOST_GEMV_X86
-  if (HostGemvInt8Activations(w, activations)) {
-    thread_local Int8Rows xq;  // reused: no allocation per call once grown
+  const HostPath use = HostGemvPath(w, path);
+  if (use == HostPath::kAmx) {
+    // Reused across calls (no allocation once grown). The workers must see this thread's
+    // buffer: a lambda naming a thread_local would read each worker's own.
+    thread_local AmxRows buffer;
+    const AmxRows& xa = buffer;
+    for (int64_t r0 = 0; r0 < m; r0 += kAmxRows) {
+      const int64_t rows = std::min<int64_t>(kAmxRows, m - r0);
+      PrepareAmxRows(x + r0 * k, rows, k, &buffer);
+      const Operands o{x + r0 * k, k, &w, block.col_begin, block.row_begin, y + r0 * n, n};
+      pool.ParallelFor((n + kAmxRows - 1) / kAmxRows,
+                       [&](int64_t begin, int64_t end) { AmxBlocks(o, xa, rows, begin, end); },
+                       /*min_chunk=*/4);
+    }
+    return;
+  }
+  if (use == HostPath::kInt8X) {
+    thread_local Int8Rows xq;  // reused: no allocation once grown; the workers get pointers into it
     PrepareInt8Rows(x, m, k, w.dtype == DType::kQ4, &xq);
     for (int64_t r0 = 0; r0 < m; r0 += kHostGemvMaxRows) {
       const int rows = static_cast<int>(std::min<int64_t>(kHostGemvMaxRows, m - r0));
