@@ -8,6 +8,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "runtime/backend/cpu/cpu_backend.h"
@@ -185,6 +186,21 @@ void RowsVector(const Operands& o, int64_t begin, int64_t end) {
   int64_t j = begin;
   for (; j + R <= end; j += R) RowBlock<M, R>(o, j);
   for (; j < end; ++j) RowBlock<M, 1>(o, j);
+}
+
+// f(std::integral_constant<int, M>{}) for M = rows, 1 to kHostGemvMaxRows.
+template <typename F>
+void WithRows(int rows, F&& f) {
+  switch (rows) {
+    case 1:
+      return f(std::integral_constant<int, 1>{});
+    case 2:
+      return f(std::integral_constant<int, 2>{});
+    case 3:
+      return f(std::integral_constant<int, 3>{});
+    default:
+      return f(std::integral_constant<int, 4>{});
+  }
 }
 
 bool HaveAvx512() {
@@ -675,19 +691,7 @@ void HostGemv(ThreadPool& pool, const float* x, int64_t m, const Weight& w, floa
       const Operands o{x + r0 * k, k, &w, block.col_begin, block.row_begin, y + r0 * n, n};
       const Int8Operands io{&o, xq.q.data() + r0 * k, xq.scale.data() + r0 * (k / 64), xq.sum.data() + r0 * (k / 64)};
       pool.ParallelFor(
-          n,
-          [&](int64_t begin, int64_t end) {
-            switch (rows) {
-              case 1:
-                return RowsInt8<1>(io, begin, end);
-              case 2:
-                return RowsInt8<2>(io, begin, end);
-              case 3:
-                return RowsInt8<3>(io, begin, end);
-              default:
-                return RowsInt8<4>(io, begin, end);
-            }
-          },
+          n, [&](int64_t begin, int64_t end) { WithRows(rows, [&](auto M) { RowsInt8<M()>(io, begin, end); }); },
           /*min_chunk=*/64);
     }
     return;
@@ -708,19 +712,7 @@ void HostGemv(ThreadPool& pool, const float* x, int64_t m, const Weight& w, floa
     const int rows = static_cast<int>(std::min<int64_t>(kHostGemvMaxRows, m - r0));
     const Operands o{x + r0 * k, k, &w, block.col_begin, block.row_begin, y + r0 * n, n};
     pool.ParallelFor(
-        n,
-        [&](int64_t begin, int64_t end) {
-          switch (rows) {
-            case 1:
-              return RowsVector<1>(o, begin, end);
-            case 2:
-              return RowsVector<2>(o, begin, end);
-            case 3:
-              return RowsVector<3>(o, begin, end);
-            default:
-              return RowsVector<4>(o, begin, end);
-          }
-        },
+        n, [&](int64_t begin, int64_t end) { WithRows(rows, [&](auto M) { RowsVector<M()>(o, begin, end); }); },
         /*min_chunk=*/64);
   }
 #endif
