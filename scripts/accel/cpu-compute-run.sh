@@ -47,7 +47,9 @@ printf "%-7s %-5s %-9s %-14s %10s %9s %9s %11s %9s %8s %s\n" budget conc precisi
   "moved_MiB" hit_rate stall_ms "host experts/token (split, copied share)" | tee "$R/offload.txt"
 # budget:concurrency:precision:cpu_compute[:modifiers], run in this order (baselines first in each
 # group). Modifiers, comma-separated: w0 (no cache warm-up), lfu (--cache-policy lfu instead of
-# lru), tN (EF_NUM_THREADS=N: the host's threads).
+# lru), tN (EF_NUM_THREADS=N: the host's threads), rN (cache.cpu_compute_max_rows N: misses of up
+# to N rows may go to the host; the default 4), f32x (EF_HOST_GEMV_INT8_X=none: int4 weights with
+# x in fp32, the kernel before W4A8), noamx (EF_HOST_GEMV_AMX=0: bf16 on AVX-512 FMAs).
 CASES=${CASES:-"25:1:native:off 25:1:native:auto 25:1:int8:auto 25:1:int4:off 25:1:int4:auto
   50:1:native:off 50:1:native:auto 50:1:int8:auto 50:1:int4:auto
   25:4:native:off 25:4:native:auto 25:4:int8:auto 25:4:int4:auto 25:16:native:off 25:16:native:auto"}
@@ -61,6 +63,12 @@ for case in $CASES; do
       w0) extra+=(--warmup-tokens 0) ;;
       t[0-9]*) envs+=(EF_NUM_THREADS=${m#t}) ;;
       lfu) policy=lfu ;;
+      r[0-9]*)
+        printf 'cache:\n  cpu_compute_max_rows: %s\n' "${m#r}" >"$R/rows${m#r}.yaml"
+        extra+=(--config "$R/rows${m#r}.yaml")
+        ;;
+      f32x) envs+=(EF_HOST_GEMV_INT8_X=none) ;;
+      noamx) envs+=(EF_HOST_GEMV_AMX=0) ;;
     esac
   done
   j=$R/$tag.json
