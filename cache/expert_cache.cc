@@ -95,10 +95,15 @@ StatusOr<CacheBudget> ExpertCache::PlanBudget(const runtime::Engine& engine, con
   const runtime::ModelConfig& c = engine.config();
   const runtime::Backend& backend = engine.backend();
   const bool cuda = backend.kind() == runtime::BackendKind::kCuda;
-  const int given = (o.device_budget_bytes > 0) + (o.device_budget_slots > 0) + (o.slots_per_layer > 0);
+  const int given =
+      (o.device_budget_bytes > 0) + (o.device_budget_slots > 0) + (o.slots_per_layer > 0) + (o.experts_percent > 0);
   if (given != 1)
     return InvalidArgument(given == 0 ? "expert cache: no cache.device_budget given"
-                                      : "expert cache: give the budget once (bytes, slots, or slots per layer)");
+                                      : "expert cache: give the budget once (bytes, slots, slots per layer or a "
+                                        "percentage of the experts)");
+  if (o.experts_percent > 100)
+    return InvalidArgument("cache.device_budget of " + std::to_string(o.experts_percent) +
+                           "% of the experts: at most 100%");
   CacheBudget b;
   b.num_moe_layers = c.num_moe_layers();
   b.moe_layers = c.MoeLayers();
@@ -137,9 +142,16 @@ StatusOr<CacheBudget> ExpertCache::PlanBudget(const runtime::Engine& engine, con
     asked = static_cast<uint64_t>(std::min(o.device_budget_slots, M * E)) * b.slot_bytes + staging;
     per_layer = o.device_budget_slots / M;
   } else {
-    b.requested = std::to_string(o.slots_per_layer) + " slots per layer";
-    asked = static_cast<uint64_t>(std::min(o.slots_per_layer, E)) * M * b.slot_bytes + staging;
     per_layer = o.slots_per_layer;
+    b.requested = std::to_string(o.slots_per_layer) + " slots per layer";
+    if (o.experts_percent > 0) {
+      per_layer = static_cast<int>(std::lround(o.experts_percent * E / 100.0));
+      char pct[32];
+      std::snprintf(pct, sizeof pct, "%g%%", o.experts_percent);
+      b.requested = std::string(pct) + " of the experts (" + std::to_string(per_layer) + " of " + std::to_string(E) +
+                    " slots per layer)";
+    }
+    asked = static_cast<uint64_t>(std::min(per_layer, E)) * M * b.slot_bytes + staging;
   }
   if (asked > b.device_bytes)
     return InvalidArgument("cache.device_budget of " + b.requested + " (" + Bytes(asked) + " of expert slots" +

@@ -14,8 +14,8 @@
 //   cache.reset();                                               // before the engine goes
 //
 // Budget: exactly one of device_budget_bytes (bytes of expert slots), device_budget_slots (expert
-// slots in total) or slots_per_layer. Slots are per MoE layer (every MoE layer gets the same
-// number: total slots / MoE layers, rounded down). Errors name both numbers: a budget whose
+// slots in total), slots_per_layer or experts_percent (of each MoE layer's experts). Slots are per MoE layer (every MoE
+// layer gets the same number: total slots / MoE layers, rounded down). Errors name both numbers: a budget whose
 // per-layer share is below the model's top-k, a budget larger than the device can give experts.
 // A budget that holds every expert runs no cache: the experts are uploaded (Engine::UploadExperts)
 // and active() is false.
@@ -47,6 +47,7 @@ struct ExpertCacheOptions {
   uint64_t device_budget_bytes = 0;
   int device_budget_slots = 0;
   int slots_per_layer = 0;
+  double experts_percent = 0;  // (0, 100]: that share of each MoE layer's experts, rounded to nearest
   // CUDA: bytes of pinned host memory for experts; 0: every expert pinned. Experts past it are
   // copied from the checkpoint mapping when needed (pageable, synchronous: slower).
   uint64_t host_budget_bytes = 0;

@@ -10,7 +10,7 @@
 // instead of writing them (shapes larger than the disk), --synthetic-distinct-layers N with it
 // generates N layers and repeats their bytes in the others. --routing-trace makes every MoE layer take its experts
 // from a recorded trace (its layers, experts and top-k must match the model: an error otherwise).
-// --cache-device-budget (a size, 'N slots' or 'N slots per layer'; with --cache-policy,
+// --cache-device-budget (a size, 'N slots', 'N slots per layer' or 'P%'; with --cache-policy,
 // --prefetch-layers, --predictor, or the config's cache:/predictor: sections) serves experts from
 // the expert cache (launch/expert_cache_setup.h: device slots on CUDA, an arena on the CPU), built
 // with the engine and cluster by launch/deployment.h as for every command; the

@@ -216,7 +216,7 @@ const std::map<std::string, Section>& Schema() {
            {"device_budget",
             [](const Ctx& c, Config* o) {
               if (!c.node.IsScalar() || !ParseDeviceBudget(c.node.Scalar(), &o->cache).ok())
-                return c.Error("expected a size (bytes, e.g. 24GiB), 'N slots', 'N slots per layer' or auto");
+                return c.Error("expected a size (bytes, e.g. 24GiB), 'N slots', 'N slots per layer', 'P%' or auto");
               return Status::Ok();
             }},
            {"host_budget", [](const Ctx& c, Config* o) { return GetBytes(c, &o->cache.host_budget); }},
@@ -324,6 +324,23 @@ std::string Known(const Section& m) {
 }  // namespace
 
 Status ParseDeviceBudget(const std::string& text, CacheSection* cache) {
+  // "P%": a share of each MoE layer's experts.
+  if (!text.empty() && text.back() == '%') {
+    double p = 0;
+    size_t used = 0;
+    try {
+      p = std::stod(text.substr(0, text.size() - 1), &used);
+    } catch (...) {
+      used = 0;
+    }
+    if (used != text.size() - 1 || !(p > 0 && p <= 100))
+      return InvalidArgument("bad device budget '" + text + "' (a percentage of the experts in (0, 100])");
+    cache->device_budget = 0;
+    cache->device_slots = 0;
+    cache->device_slots_per_layer = 0;
+    cache->device_experts_percent = p;
+    return Status::Ok();
+  }
   // "N slots" / "N slots per layer" (also "1 slot", "N slots/layer").
   size_t i = 0;
   while (i < text.size() && std::isdigit(static_cast<unsigned char>(text[i]))) ++i;
@@ -345,18 +362,25 @@ Status ParseDeviceBudget(const std::string& text, CacheSection* cache) {
     cache->device_budget = 0;
     cache->device_slots = per_layer ? 0 : static_cast<int>(n);
     cache->device_slots_per_layer = per_layer ? static_cast<int>(n) : 0;
+    cache->device_experts_percent = 0;
     return Status::Ok();
   }
   EF_ASSIGN_OR_RETURN(uint64_t bytes, ParseByteSize(text));
   cache->device_budget = bytes;
   cache->device_slots = 0;
   cache->device_slots_per_layer = 0;
+  cache->device_experts_percent = 0;
   return Status::Ok();
 }
 
 std::string CacheSection::DeviceBudgetText() const {
   if (device_slots > 0) return std::to_string(device_slots) + " slots";
   if (device_slots_per_layer > 0) return std::to_string(device_slots_per_layer) + " slots per layer";
+  if (device_experts_percent > 0) {
+    char pct[32];
+    std::snprintf(pct, sizeof pct, "%g%%", device_experts_percent);
+    return pct;
+  }
   return device_budget == 0 ? "auto" : std::to_string(device_budget);
 }
 
@@ -547,7 +571,8 @@ void ApplyConfig(const Config& c, const CLI::App& app, ModelFlags* f) {
 
 void CacheFlags::Register(CLI::App* app) {
   app->add_option("--cache-device-budget", device_budget,
-                  "backend memory for expert slots: a size (24GiB), 'N slots', 'N slots per layer' or auto (no "
+                  "backend memory for expert slots: a size (24GiB), 'N slots', 'N slots per layer', a share of each "
+                  "layer's experts (25%) or auto (no "
                   "cache: every expert resident) (cache.device_budget)");
   app->add_option("--cache-host-budget", host_budget,
                   "host memory for experts per rank, a size or auto (all): pinned on cuda, the rank's home shard "

@@ -72,12 +72,15 @@ struct CacheSection {
   //   "N slots"                    -> device_slots: expert slots in total, split evenly over the
   //                                   MoE layers (rounded down);
   //   "N slots per layer"          -> device_slots_per_layer: expert slots of every MoE layer;
+  //   "P%" (0 < P <= 100)          -> device_experts_percent: that share of every MoE layer's
+  //                                   experts, rounded to the nearest slot (25% of Mixtral's 8: 2);
   //   auto or 0 (the default)      -> no cache: every expert resident.
   // Each MoE layer must get at least the model's top-k slots; a budget larger than the backend's
   // memory is an error; one that holds every expert runs no cache.
   uint64_t device_budget = 0;
   int device_slots = 0;
   int device_slots_per_layer = 0;
+  double device_experts_percent = 0;
   // Bytes of host expert memory per rank; 0 (auto): every expert. One process on CUDA: the pinned
   // host tier. Under mpirun: this rank's host shard of the experts it is home for (what peers
   // fetch over UCX). Experts past it are read from the checkpoint mapping.
@@ -106,7 +109,9 @@ struct CacheSection {
   std::string cpu_compute = "off";
   int cpu_compute_max_rows = 4;
 
-  bool has_device_budget() const { return device_budget > 0 || device_slots > 0 || device_slots_per_layer > 0; }
+  bool has_device_budget() const {
+    return device_budget > 0 || device_slots > 0 || device_slots_per_layer > 0 || device_experts_percent > 0;
+  }
   // The budget as written in a file: "25769803776", "24 slots", "3 slots per layer" or "auto".
   std::string DeviceBudgetText() const;
 };

@@ -12,6 +12,7 @@ cache::ExpertCacheOptions ToExpertCacheOptions(const CacheSection& cache, const 
   o.device_budget_bytes = cache.device_budget;
   o.device_budget_slots = cache.device_slots;
   o.slots_per_layer = cache.device_slots_per_layer;
+  o.experts_percent = cache.device_experts_percent;
   o.host_budget_bytes = cache.host_budget;
   o.policy = cache.policy;
   o.prefetch_layers = cache.prefetch_layers;

@@ -50,6 +50,23 @@ class BenchTest : public ::testing::Test {
   fs::path dir_;
 };
 
+// A budget as a share of the experts: 25% of tiny's 8 experts per layer is 2 slots; 10% (one
+// slot) is below its top-k of 2, refused naming both numbers.
+TEST_F(BenchTest, DeviceBudgetAsAShareOfTheExperts) {
+  const fs::path out = dir_ / "out.json";
+  ASSERT_EQ(
+      Bench("--synthetic tiny -n 1 -c 1 --prompt-len 4 --gen-len 4 --cache-device-budget 25% --json " + out.string()),
+      0)
+      << Err();
+  json j = json::parse(Read(out), nullptr, false);
+  ASSERT_FALSE(j.is_discarded()) << Read(out);
+  EXPECT_EQ(j["cache"]["slots_per_layer"], 2);
+  EXPECT_NE(Out().find("2 of 8 slots per MoE layer (25% of the experts"), std::string::npos) << Out();
+  EXPECT_NE(Bench("--synthetic tiny -n 1 -c 1 --prompt-len 4 --gen-len 4 --cache-device-budget 10%"), 0);
+  EXPECT_NE(Err().find("1 per MoE layer"), std::string::npos) << Err();
+  EXPECT_NE(Err().find("top-k (2)"), std::string::npos) << Err();
+}
+
 TEST_F(BenchTest, SyntheticTinyWritesTheJsonRecord) {
   const fs::path out = dir_ / "out.json";
   ASSERT_EQ(

@@ -103,8 +103,8 @@ TEST(ConfigTest, WrongTypesNameKeyAndLine) {
   EXPECT_EQ(Error("cluster: 3\n"), "t.yaml:1: cluster: expected a map of keys");
   EXPECT_EQ(Error("generate:\n  temperature: hot\n"), "t.yaml:2: generate.temperature: expected a number, got 'hot'");
   EXPECT_EQ(Error("cache:\n  device_budget: lots\n"),
-            "t.yaml:2: cache.device_budget: expected a size (bytes, e.g. 24GiB), 'N slots', 'N slots per layer' or "
-            "auto, got 'lots'");
+            "t.yaml:2: cache.device_budget: expected a size (bytes, e.g. 24GiB), 'N slots', 'N slots per layer', "
+            "'P%' or auto, got 'lots'");
   EXPECT_EQ(Error("- a\n- b\n"), "t.yaml:1: the top level must be a map of sections");
 }
 
@@ -189,11 +189,19 @@ TEST(ConfigTest, DeviceBudgetInBytesOrSlots) {
   EXPECT_TRUE(c.has_device_budget());
   c = budget("1 slot");
   EXPECT_EQ(c.device_slots, 1);
+  c = budget("25%");
+  EXPECT_EQ(c.device_experts_percent, 25.0);
+  EXPECT_EQ(c.device_slots + c.device_slots_per_layer, 0);
+  EXPECT_EQ(c.DeviceBudgetText(), "25%");
+  EXPECT_TRUE(c.has_device_budget());
+  c = budget("12.5%");
+  EXPECT_EQ(c.device_experts_percent, 12.5);
   c = budget("auto");
   EXPECT_FALSE(c.has_device_budget());
   EXPECT_EQ(c.DeviceBudgetText(), "auto");
   // Typos and impossible counts are rejected with the key and line.
-  for (const char* bad : {"3 slots per layr", "3 slotz", "slots", "0 slots", "-2 slots", "3 slots per layer x"})
+  for (const char* bad : {"3 slots per layr", "3 slotz", "slots", "0 slots", "-2 slots", "3 slots per layer x", "0%",
+                          "101%", "\"%\"", "25 %", "x%", "-5%", "nan%"})
     EXPECT_NE(
         Error(std::string("cache:\n  device_budget: ") + bad + "\n").find("t.yaml:2: cache.device_budget: expected"),
         std::string::npos)
@@ -204,6 +212,11 @@ TEST(ConfigTest, DeviceBudgetInBytesOrSlots) {
   auto again = ParseConfig(ConfigToYaml(*with_slots), "again.yaml");
   ASSERT_TRUE(again.ok()) << again.status().ToString();
   EXPECT_EQ(again->cache.device_slots_per_layer, 3);
+  auto with_percent = ParseConfig("cache: {device_budget: 50%}\n", "t.yaml");
+  ASSERT_TRUE(with_percent.ok()) << with_percent.status().ToString();
+  again = ParseConfig(ConfigToYaml(*with_percent), "again.yaml");
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  EXPECT_EQ(again->cache.device_experts_percent, 50.0);
   // Cache and predictor key typos are still unknown keys.
   EXPECT_NE(Error("cache:\n  device_budgt: 2GiB\n").find("t.yaml:2: unknown key 'cache.device_budgt'"),
             std::string::npos);
