@@ -125,7 +125,7 @@ Status PinnedHostCompute::Calibrate(SlotArena& arena) {
   EF_ASSIGN_OR_RETURN(host, time_rows(1));
   row_factor_ = {{1, 1.0}};
   std::string rows_note;
-  for (int64_t r : {int64_t{4}, static_cast<int64_t>(max_rows_)}) {
+  for (int64_t r : {std::min<int64_t>(4, max_rows_), static_cast<int64_t>(max_rows_)}) {
     if (r <= row_factor_.back().first) continue;
     EF_ASSIGN_OR_RETURN(const double t, time_rows(r));
     row_factor_.push_back({r, std::max(row_factor_.back().second, t / host)});

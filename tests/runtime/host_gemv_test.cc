@@ -281,13 +281,39 @@ TEST(HostGemv, OutputsDependOnNeitherThreadsNorBatch) {
       HostGemv(one, x.data(), m, w, batch.data(), {}, a);
       HostGemv(three, x.data(), m, w, threads.data(), {}, a);
       EXPECT_EQ(batch, threads) << DTypeName(t) << " path " << static_cast<int>(HostGemvPath(w, a));
-      for (int64_t i : {0, 5, 18}) {
+      for (int64_t i = 0; i < m; ++i) {
         HostGemv(three, x.data() + i * w.cols, 1, w, alone.data(), {}, a);
         for (int64_t j = 0; j < w.rows; ++j)
           ASSERT_EQ(alone[j], batch[i * w.rows + j])
               << DTypeName(t) << " path " << static_cast<int>(HostGemvPath(w, a)) << " row " << i << " output " << j;
       }
     }
+  }
+}
+
+// Against an identity weight every path returns x itself, bit for bit: the AMX path's three bf16
+// parts hold all of x's bits, including values next to FLT_MAX (rounding the first part up would
+// give inf there) and ones that need all 24 bits.
+TEST(HostGemv, IdentityWeightsReturnEveryBitOfX) {
+  ThreadPool pool(2);
+  const int64_t n = 24, k = 64;
+  std::vector<uint16_t> w(static_cast<size_t>(n * k), 0);
+  for (int64_t j = 0; j < n; ++j) w[j * k + j] = 0x3F80;  // 1.0
+  const Weight weight{DType::kBF16, w.data(), n, k};
+  std::vector<float> x(static_cast<size_t>(2 * k), 0.f);
+  const float special[] = {1.f + 0x1p-9f,  1.f + 0x1p-17f, 1.f + 0x1p-23f, -0.f,         3.3962e38f,
+                           -3.4028235e38f, 1e-20f,         -7.25e-3f,      0x1.fffffep0f};
+  for (size_t i = 0; i < std::size(special); ++i) x[i] = special[i];
+  std::mt19937 rng(19);
+  std::uniform_real_distribution<float> ud(-1e6f, 1e6f);
+  for (int64_t c = std::size(special); c < 2 * k; ++c) x[c] = ud(rng);
+  for (HostPath a : kPaths) {
+    std::vector<float> y(static_cast<size_t>(2 * n), -1.f);
+    HostGemv(pool, x.data(), 2, weight, y.data(), {}, a);
+    for (int64_t i = 0; i < 2; ++i)
+      for (int64_t j = 0; j < n; ++j)
+        ASSERT_EQ(y[i * n + j], x[i * k + j])
+            << "path " << static_cast<int>(HostGemvPath(weight, a)) << " row " << i << " column " << j;
   }
 }
 

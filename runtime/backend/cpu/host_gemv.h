@@ -25,10 +25,10 @@
 // path already streams at the memory's rate, so they keep x in fp32 by default. bf16 and fp32
 // weights, the lossless path, always take x in fp32 at full precision: on a CPU with AMX (Intel
 // Sapphire Rapids and later) bf16 weights go through tile products with x split into three bf16
-// parts that together hold all of its fp32 bits, so each product is exact and the sums are fp32
-// as on the AVX-512 path (in another order). One tile product serves up to 16 rows of x, so a
-// batch of rows costs about what one row costs, where the AVX-512 path is bound by its FMAs from
-// two rows on.
+// parts that together hold all of its fp32 bits (above 1e-30), so each product is exact and the
+// sums are fp32, in the tile unit's order (agreeing with the AVX-512 path to rounding). One tile product serves up to
+// 16 rows of x, so a batch of rows costs about what one row costs, where the AVX-512 path is bound by its FMAs from two
+// rows on.
 #pragma once
 
 #include <cstdint>
@@ -56,7 +56,7 @@ enum class HostPath {
   kDefault,
   kFloat,  // AVX-512 FMAs with x in fp32 (every type)
   kInt8X,  // int8 and int4 weights: x rounded to int8 per group, vpdpbusd (AVX-512 VNNI)
-  kAmx,    // bf16 weights: AMX tiles, x in three bf16 parts, every product exact
+  kAmx,    // bf16 weights: AMX tiles, x in three bf16 parts (every product exact for |x| > 1e-30)
 };
 
 // y[m, n] = x[m, k] W[block]^T (overwritten; n and k the block's rows and columns), split over
