@@ -10,35 +10,48 @@ namespace ef {
 
 ThreadPool::ThreadPool(int num_threads) {
   num_threads = std::max(1, num_threads);
+  chunks_.assign(static_cast<size_t>(num_threads), {0, 0});
   for (int i = 0; i < num_threads - 1; ++i) workers_.emplace_back([this, i] { WorkerLoop(i + 1); });
 }
 
 ThreadPool::~ThreadPool() {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    stop_ = true;
+    stop_.store(true);
   }
   start_cv_.notify_all();
   for (auto& t : workers_) t.join();
 }
 
+template <typename Ready>
+bool ThreadPool::Spin(Ready ready) {
+  const auto until = std::chrono::steady_clock::now() + kSpin;
+  for (int i = 0;; ++i) {
+    if (ready()) return true;
+    if ((i & 15) == 15 && std::chrono::steady_clock::now() >= until) return false;
+    std::this_thread::yield();  // an oversubscribed machine runs the threads that have work
+  }
+}
+
 void ThreadPool::WorkerLoop(int index) {
   uint64_t seen = 0;
   for (;;) {
-    std::pair<int64_t, int64_t> chunk;
-    const std::function<void(int64_t, int64_t)>* body;
-    {
+    // seq_cst throughout the sleep hand-off (see the header): the registration and the change it
+    // waits for must be seen in one order by both sides.
+    auto published = [&] { return generation_.load() != seen || stop_.load(); };
+    if (!Spin(published)) {
       std::unique_lock<std::mutex> lock(mu_);
-      start_cv_.wait(lock, [&] { return stop_ || generation_ != seen; });
-      if (stop_) return;
-      seen = generation_;
-      chunk = chunks_[index];
-      body = body_;
+      sleeping_workers_.fetch_add(1);
+      start_cv_.wait(lock, published);
+      sleeping_workers_.fetch_sub(1);
     }
-    if (chunk.first < chunk.second) (*body)(chunk.first, chunk.second);
-    {
+    if (stop_.load()) return;
+    seen = generation_.load();
+    const auto [begin, end] = chunks_[static_cast<size_t>(index)];
+    if (begin < end) (*body_)(begin, end);
+    if (pending_.fetch_sub(1) == 1 && caller_sleeping_.load()) {
       std::lock_guard<std::mutex> lock(mu_);
-      if (--pending_ == 0) done_cv_.notify_one();
+      done_cv_.notify_one();
     }
   }
 }
@@ -51,19 +64,24 @@ void ThreadPool::ParallelFor(int64_t n, const std::function<void(int64_t, int64_
     return;
   }
   std::lock_guard<std::mutex> call_lock(call_mu_);
-  std::vector<std::pair<int64_t, int64_t>> chunks(num_threads(), {0, 0});
-  for (int64_t p = 0; p < parts; ++p) chunks[p] = {n * p / parts, n * (p + 1) / parts};
-  {
+  // The previous call's workers have all finished (it returned only then): the chunks are free.
+  for (int64_t p = 0; p < num_threads(); ++p)
+    chunks_[static_cast<size_t>(p)] = p < parts ? std::pair{n * p / parts, n * (p + 1) / parts} : std::pair{n, n};
+  body_ = &body;
+  pending_.store(static_cast<int>(workers_.size()));
+  generation_.fetch_add(1);
+  if (sleeping_workers_.load() > 0) {
     std::lock_guard<std::mutex> lock(mu_);
-    chunks_ = std::move(chunks);
-    body_ = &body;
-    pending_ = static_cast<int>(workers_.size());
-    ++generation_;
+    start_cv_.notify_all();
   }
-  start_cv_.notify_all();
   body(chunks_[0].first, chunks_[0].second);
-  std::unique_lock<std::mutex> lock(mu_);
-  done_cv_.wait(lock, [&] { return pending_ == 0; });
+  auto done = [&] { return pending_.load() == 0; };
+  if (!Spin(done)) {
+    std::unique_lock<std::mutex> lock(mu_);
+    caller_sleeping_.store(true);
+    done_cv_.wait(lock, done);
+    caller_sleeping_.store(false);
+  }
 }
 
 ThreadPool& ThreadPool::Default() {

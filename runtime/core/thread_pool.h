@@ -1,8 +1,17 @@
 // A small fixed thread pool for the CPU backend: ParallelFor splits [0, n) into contiguous
 // chunks, one per worker, and returns when all are done. The calling thread takes a chunk too.
 // Not re-entrant: a ParallelFor body must not call ParallelFor on the same pool.
+//
+// Hand-off: a call publishes its chunks under a new generation number; workers that finished
+// the previous call poll for it for a short while (kSpin, yielding the core between polls) before
+// they sleep on a condition variable, and the caller polls for their completion the same way. A
+// decode step runs many short calls back to back (an expert computed on the host is four), where
+// waking sleeping threads cost more than the work: 12 us a call on 2 cores with sleeping
+// workers. Sleepers are woken only when there are any.
 #pragma once
 
+#include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -26,17 +35,29 @@ class ThreadPool {
   // The process-wide pool sized by EF_NUM_THREADS (0: hardware concurrency).
   static ThreadPool& Default();
 
+  // How long a worker (or the caller) polls before it sleeps.
+  static constexpr std::chrono::microseconds kSpin{50};
+
  private:
   void WorkerLoop(int index);
+  // Polls `ready` for up to kSpin; true when it held.
+  template <typename Ready>
+  static bool Spin(Ready ready);
 
   std::vector<std::thread> workers_;
+  // One call's work, written by the caller before it publishes `generation_` and read by the
+  // workers after they see it.
+  const std::function<void(int64_t, int64_t)>* body_ = nullptr;
+  std::vector<std::pair<int64_t, int64_t>> chunks_;  // [thread]; the caller's is [0]
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> pending_{0};  // workers yet to finish the current call
+  std::atomic<bool> stop_{false};
+  // Sleeping: a worker or the caller registers under mu_, then waits; the other side changes the
+  // atomic it waits on, then (seq_cst) sees the registration and notifies under mu_.
   std::mutex mu_;
   std::condition_variable start_cv_, done_cv_;
-  const std::function<void(int64_t, int64_t)>* body_ = nullptr;
-  std::vector<std::pair<int64_t, int64_t>> chunks_;
-  uint64_t generation_ = 0;
-  int pending_ = 0;
-  bool stop_ = false;
+  std::atomic<int> sleeping_workers_{0};
+  std::atomic<bool> caller_sleeping_{false};
   std::mutex call_mu_;  // serialises concurrent ParallelFor callers
 };
 

@@ -1,0 +1,85 @@
+// ThreadPool: every index of [0, n) is visited exactly once per call, whether the workers are
+// still polling from the previous call or asleep, whether the caller finishes first or last, with
+// more threads than cores, and when the pool is destroyed with its workers in either state.
+#include "runtime/core/thread_pool.h"
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <thread>
+#include <vector>
+
+namespace ef {
+namespace {
+
+// Runs one call over n indices and checks each was visited once.
+void ExpectEachIndexOnce(ThreadPool& pool, int64_t n, int64_t min_chunk, std::chrono::microseconds work = {}) {
+  std::vector<std::atomic<int>> seen(static_cast<size_t>(n));
+  pool.ParallelFor(
+      n,
+      [&](int64_t begin, int64_t end) {
+        ASSERT_LE(0, begin);
+        ASSERT_LE(end, n);
+        for (int64_t i = begin; i < end; ++i) seen[static_cast<size_t>(i)].fetch_add(1);
+        if (work.count() > 0 && begin > 0) std::this_thread::sleep_for(work);  // a worker ends last
+      },
+      min_chunk);
+  for (int64_t i = 0; i < n; ++i) ASSERT_EQ(seen[static_cast<size_t>(i)].load(), 1) << "index " << i << " of " << n;
+}
+
+TEST(ThreadPool, BackToBackCallsVisitEveryIndexOnce) {
+  for (int threads : {1, 2, 3, 8}) {
+    ThreadPool pool(threads);
+    for (int call = 0; call < 2000; ++call) ExpectEachIndexOnce(pool, 1 + call % 97, 1 + call % 5);
+  }
+}
+
+TEST(ThreadPool, CallsAfterTheWorkersSleptVisitEveryIndexOnce) {
+  ThreadPool pool(4);
+  for (int call = 0; call < 20; ++call) {
+    // Longer than the polling window: every worker has gone to sleep before the next call.
+    std::this_thread::sleep_for(ThreadPool::kSpin * 4);
+    ExpectEachIndexOnce(pool, 1000, 1);
+  }
+}
+
+TEST(ThreadPool, TheCallerWaitsForWorkersThatEndLast) {
+  ThreadPool pool(3);
+  // The workers' chunks take longer than the caller's polling window: the caller sleeps.
+  for (int call = 0; call < 5; ++call) ExpectEachIndexOnce(pool, 300, 1, ThreadPool::kSpin * 6);
+}
+
+TEST(ThreadPool, ResultsOfEveryChunkAreVisibleToTheCaller) {
+  ThreadPool pool(4);
+  std::vector<int64_t> out(4096);
+  for (int call = 0; call < 500; ++call) {
+    pool.ParallelFor(static_cast<int64_t>(out.size()), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) out[static_cast<size_t>(i)] = i * call;
+    });
+    for (size_t i = 0; i < out.size(); ++i) ASSERT_EQ(out[i], static_cast<int64_t>(i) * call) << "call " << call;
+  }
+}
+
+TEST(ThreadPool, DestroyedWithWorkersPollingOrAsleep) {
+  for (int i = 0; i < 50; ++i) {
+    ThreadPool polling(3);
+    ExpectEachIndexOnce(polling, 100, 1);  // destroyed right after: the workers are still polling
+  }
+  ThreadPool asleep(3);
+  ExpectEachIndexOnce(asleep, 100, 1);
+  std::this_thread::sleep_for(ThreadPool::kSpin * 4);
+}
+
+TEST(ThreadPool, ConcurrentCallersAreSerialised) {
+  ThreadPool pool(3);
+  std::vector<std::thread> callers;
+  for (int c = 0; c < 4; ++c)
+    callers.emplace_back([&] {
+      for (int call = 0; call < 200; ++call) ExpectEachIndexOnce(pool, 257, 3);
+    });
+  for (auto& t : callers) t.join();
+}
+
+}  // namespace
+}  // namespace ef
