@@ -1,15 +1,36 @@
 #include "runtime/core/thread_pool.h"
 
+#include <sched.h>
+
 #include <algorithm>
 
 #include "runtime/core/params.h"
 
 EF_PARAM(NumThreads, int64_t, "EF_NUM_THREADS", 0, "CPU backend worker threads (0: all hardware threads)");
+EF_PARAM(ThreadPoolSpinUs, int64_t, "EF_THREAD_POOL_SPIN_US", 50,
+         "CPU thread pool: microseconds a worker polls for the next call before it sleeps (0: sleep at once)");
 
 namespace ef {
 
+namespace {
+
+// CPUs this process may run on (its affinity mask: fewer than the machine's under mpirun's
+// binding or taskset); 0 when unknown.
+int AffinityCpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  return sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : 0;
+}
+
+}  // namespace
+
 ThreadPool::ThreadPool(int num_threads) {
   num_threads = std::max(1, num_threads);
+  // Polling pays only where every thread has a CPU of its own; with more threads than the CPUs
+  // this process may use, a polling thread would take the CPU of one with work.
+  const int cpus = AffinityCpus();
+  spin_ =
+      std::chrono::microseconds(cpus > 0 && num_threads > cpus ? 0 : std::max<int64_t>(0, params::ThreadPoolSpinUs()));
   chunks_.assign(static_cast<size_t>(num_threads), {0, 0});
   for (int i = 0; i < num_threads - 1; ++i) workers_.emplace_back([this, i] { WorkerLoop(i + 1); });
 }
@@ -24,8 +45,9 @@ ThreadPool::~ThreadPool() {
 }
 
 template <typename Ready>
-bool ThreadPool::Spin(Ready ready) {
-  const auto until = std::chrono::steady_clock::now() + kSpin;
+bool ThreadPool::Spin(Ready ready) const {
+  if (spin_.count() == 0) return ready();
+  const auto until = std::chrono::steady_clock::now() + spin_;
   for (int i = 0;; ++i) {
     if (ready()) return true;
     if ((i & 15) == 15 && std::chrono::steady_clock::now() >= until) return false;

@@ -35,16 +35,19 @@ class ThreadPool {
   // The process-wide pool sized by EF_NUM_THREADS (0: hardware concurrency).
   static ThreadPool& Default();
 
-  // How long a worker (or the caller) polls before it sleeps.
+  // How long a worker (or the caller) polls before it sleeps, unless EF_THREAD_POOL_SPIN_US says
+  // otherwise (0: sleep at once, as on a machine shared with other work). A pool with more
+  // threads than the CPUs of the process's affinity mask never polls.
   static constexpr std::chrono::microseconds kSpin{50};
 
  private:
   void WorkerLoop(int index);
   // Polls `ready` for up to kSpin; true when it held.
   template <typename Ready>
-  static bool Spin(Ready ready);
+  bool Spin(Ready ready) const;
 
   std::vector<std::thread> workers_;
+  std::chrono::microseconds spin_ = kSpin;
   // One call's work, written by the caller before it publishes `generation_` and read by the
   // workers after they see it.
   const std::function<void(int64_t, int64_t)>* body_ = nullptr;

@@ -1,6 +1,7 @@
 // ThreadPool: every index of [0, n) is visited exactly once per call, whether the workers are
 // still polling from the previous call or asleep, whether the caller finishes first or last, with
-// more threads than cores, and when the pool is destroyed with its workers in either state.
+// more threads than cores (such a pool never polls), and when the pool is destroyed with its
+// workers in either state. Pools of 2 threads poll on any machine of 2 or more cores.
 #include "runtime/core/thread_pool.h"
 
 #include <gtest/gtest.h>
@@ -36,7 +37,7 @@ TEST(ThreadPool, BackToBackCallsVisitEveryIndexOnce) {
 }
 
 TEST(ThreadPool, CallsAfterTheWorkersSleptVisitEveryIndexOnce) {
-  ThreadPool pool(4);
+  ThreadPool pool(2);
   for (int call = 0; call < 20; ++call) {
     // Longer than the polling window: every worker has gone to sleep before the next call.
     std::this_thread::sleep_for(ThreadPool::kSpin * 4);
@@ -45,7 +46,7 @@ TEST(ThreadPool, CallsAfterTheWorkersSleptVisitEveryIndexOnce) {
 }
 
 TEST(ThreadPool, TheCallerWaitsForWorkersThatEndLast) {
-  ThreadPool pool(3);
+  ThreadPool pool(2);
   // The workers' chunks take longer than the caller's polling window: the caller sleeps.
   for (int call = 0; call < 5; ++call) ExpectEachIndexOnce(pool, 300, 1, ThreadPool::kSpin * 6);
 }
@@ -63,16 +64,16 @@ TEST(ThreadPool, ResultsOfEveryChunkAreVisibleToTheCaller) {
 
 TEST(ThreadPool, DestroyedWithWorkersPollingOrAsleep) {
   for (int i = 0; i < 50; ++i) {
-    ThreadPool polling(3);
+    ThreadPool polling(2);
     ExpectEachIndexOnce(polling, 100, 1);  // destroyed right after: the workers are still polling
   }
-  ThreadPool asleep(3);
+  ThreadPool asleep(2);
   ExpectEachIndexOnce(asleep, 100, 1);
   std::this_thread::sleep_for(ThreadPool::kSpin * 4);
 }
 
 TEST(ThreadPool, ConcurrentCallersAreSerialised) {
-  ThreadPool pool(3);
+  ThreadPool pool(2);
   std::vector<std::thread> callers;
   for (int c = 0; c < 4; ++c)
     callers.emplace_back([&] {
