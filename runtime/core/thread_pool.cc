@@ -3,6 +3,7 @@
 #include <sched.h>
 
 #include <algorithm>
+#include <exception>
 
 #include "runtime/core/params.h"
 
@@ -70,7 +71,14 @@ void ThreadPool::WorkerLoop(int index) {
     if (stop_.load()) return;
     seen = generation_.load();
     const auto [begin, end] = chunks_[static_cast<size_t>(index)];
-    if (begin < end) (*body_)(begin, end);
+    if (begin < end) {
+      try {
+        (*body_)(begin, end);
+      } catch (...) {  // handed to the caller, which rethrows it once every chunk has ended
+        std::lock_guard<std::mutex> lock(error_mu_);
+        if (!error_) error_ = std::current_exception();
+      }
+    }
     if (pending_.fetch_sub(1) == 1 && caller_sleeping_.load()) {
       std::lock_guard<std::mutex> lock(mu_);
       done_cv_.notify_one();
@@ -96,7 +104,14 @@ void ThreadPool::ParallelFor(int64_t n, const std::function<void(int64_t, int64_
     std::lock_guard<std::mutex> lock(mu_);
     start_cv_.notify_all();
   }
-  body(chunks_[0].first, chunks_[0].second);
+  // The caller waits for every worker even when its own chunk throws: the body and the chunks
+  // must outlive their readers.
+  std::exception_ptr error;
+  try {
+    body(chunks_[0].first, chunks_[0].second);
+  } catch (...) {
+    error = std::current_exception();
+  }
   auto done = [&] { return pending_.load() == 0; };
   if (!Spin(done)) {
     std::unique_lock<std::mutex> lock(mu_);
@@ -104,6 +119,12 @@ void ThreadPool::ParallelFor(int64_t n, const std::function<void(int64_t, int64_
     done_cv_.wait(lock, done);
     caller_sleeping_.store(false);
   }
+  {
+    std::lock_guard<std::mutex> lock(error_mu_);
+    if (!error) error = error_;
+    error_ = nullptr;
+  }
+  if (error) std::rethrow_exception(error);
 }
 
 ThreadPool& ThreadPool::Default() {

@@ -14,6 +14,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <mutex>
 #include <thread>
@@ -30,6 +31,7 @@ class ThreadPool {
 
   int num_threads() const { return static_cast<int>(workers_.size()) + 1; }
   // Calls body(begin, end) on disjoint chunks covering [0, n); chunks are at least min_chunk long.
+  // If chunks throw, the first exception is rethrown here after every chunk has ended.
   void ParallelFor(int64_t n, const std::function<void(int64_t, int64_t)>& body, int64_t min_chunk = 1);
 
   // The process-wide pool sized by EF_NUM_THREADS (0: hardware concurrency).
@@ -39,6 +41,7 @@ class ThreadPool {
   // otherwise (0: sleep at once, as on a machine shared with other work). A pool with more
   // threads than the CPUs of the process's affinity mask never polls.
   static constexpr std::chrono::microseconds kSpin{50};
+  std::chrono::microseconds spin() const { return spin_; }
 
  private:
   void WorkerLoop(int index);
@@ -62,6 +65,8 @@ class ThreadPool {
   std::atomic<int> sleeping_workers_{0};
   std::atomic<bool> caller_sleeping_{false};
   std::mutex call_mu_;  // serialises concurrent ParallelFor callers
+  std::mutex error_mu_;
+  std::exception_ptr error_;  // the first exception a worker's chunk threw in the current call
 };
 
 }  // namespace ef

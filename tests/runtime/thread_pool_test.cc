@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <stdexcept>
 #include <thread>
 #include <vector>
 
@@ -40,7 +41,7 @@ TEST(ThreadPool, CallsAfterTheWorkersSleptVisitEveryIndexOnce) {
   ThreadPool pool(2);
   for (int call = 0; call < 20; ++call) {
     // Longer than the polling window: every worker has gone to sleep before the next call.
-    std::this_thread::sleep_for(ThreadPool::kSpin * 4);
+    std::this_thread::sleep_for(pool.spin() * 4 + std::chrono::microseconds(100));
     ExpectEachIndexOnce(pool, 1000, 1);
   }
 }
@@ -48,7 +49,8 @@ TEST(ThreadPool, CallsAfterTheWorkersSleptVisitEveryIndexOnce) {
 TEST(ThreadPool, TheCallerWaitsForWorkersThatEndLast) {
   ThreadPool pool(2);
   // The workers' chunks take longer than the caller's polling window: the caller sleeps.
-  for (int call = 0; call < 5; ++call) ExpectEachIndexOnce(pool, 300, 1, ThreadPool::kSpin * 6);
+  for (int call = 0; call < 5; ++call)
+    ExpectEachIndexOnce(pool, 300, 1, pool.spin() * 6 + std::chrono::microseconds(300));
 }
 
 TEST(ThreadPool, ResultsOfEveryChunkAreVisibleToTheCaller) {
@@ -69,7 +71,27 @@ TEST(ThreadPool, DestroyedWithWorkersPollingOrAsleep) {
   }
   ThreadPool asleep(2);
   ExpectEachIndexOnce(asleep, 100, 1);
-  std::this_thread::sleep_for(ThreadPool::kSpin * 4);
+  std::this_thread::sleep_for(asleep.spin() * 4 + std::chrono::microseconds(100));
+}
+
+// A chunk that throws, on the caller or on a worker: the call still waits for every chunk, then
+// rethrows; the pool keeps working.
+TEST(ThreadPool, ExceptionsReachTheCallerAfterEveryChunkEnded) {
+  ThreadPool pool(2);
+  for (int64_t thrower : {int64_t{0}, int64_t{150}}) {  // the caller's chunk, a worker's chunk
+    std::atomic<int> ended{0};
+    EXPECT_THROW(pool.ParallelFor(
+                     300,
+                     [&](int64_t begin, int64_t end) {
+                       if (begin <= thrower && thrower < end) throw std::runtime_error("chunk failed");
+                       std::this_thread::sleep_for(std::chrono::milliseconds(2));
+                       ended.fetch_add(1);
+                     },
+                     1),
+                 std::runtime_error);
+    EXPECT_EQ(ended.load(), 1) << "thrower at " << thrower;  // the other chunk ended before the rethrow
+    ExpectEachIndexOnce(pool, 1000, 1);
+  }
 }
 
 TEST(ThreadPool, ConcurrentCallersAreSerialised) {
