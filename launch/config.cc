@@ -596,6 +596,9 @@ void CacheFlags::Register(CLI::App* app) {
                   "cuda: compute missed experts of few rows on the host CPU instead of copying them: off, auto "
                   "(each miss to whichever of copy and host finishes first, and one split between them so both end "
                   "together), whole (no split) or on (every one on the host) (cache.cpu_compute)");
+  app->add_option("--cpu-experts-max-rows", cpu_compute_max_rows,
+                  "cuda: misses of at most this many rows (tokens) may be computed on the host, 1..64; the host's "
+                  "cost per row count is measured at start (cache.cpu_compute_max_rows)");
   app->add_option("--predictor", predictor,
                   "prefetch forecast: none, lookahead, frequency, path, affinity or hybrid (predictor.kind)");
   app->add_option("--predictor-path", predictor_path, "trained predictor file (predictor.path)");
@@ -613,6 +616,7 @@ Status CacheFlags::Apply(const CLI::App& app, Config* config) const {
       {"--low-precision-gate", {"cache.low_precision_gate", &low_precision_gate}},
       {"--upgrade-uses", {"cache.upgrade_uses", &upgrade_uses}},
       {"--cpu-experts", {"cache.cpu_compute", &cpu_compute}},
+      {"--cpu-experts-max-rows", {"cache.cpu_compute_max_rows", &cpu_compute_max_rows}},
       {"--predictor", {"predictor.kind", &predictor}},
       {"--predictor-path", {"predictor.path", &predictor_path}},
   };

@@ -202,11 +202,11 @@ comm::ClusterOptions ToClusterOptions(const Config& config);
 //   --prefetch-min-prob   -> cache.prefetch_min_prob
 //   --miss-precision      -> cache.miss_precision
 //   --low-precision, --low-precision-gate, --upgrade-uses -> cache.low_precision, ...
-//   --cpu-experts         -> cache.cpu_compute
+//   --cpu-experts         -> cache.cpu_compute     --cpu-experts-max-rows -> cache.cpu_compute_max_rows
 //   --predictor           -> predictor.kind        --predictor-path    -> predictor.path
 struct CacheFlags {
   std::string device_budget, host_budget, policy, prefetch_layers, prefetch_min_prob, miss_precision, low_precision,
-      low_precision_gate, upgrade_uses, cpu_compute, predictor, predictor_path;
+      low_precision_gate, upgrade_uses, cpu_compute, cpu_compute_max_rows, predictor, predictor_path;
 
   void Register(CLI::App* app);
   // Writes the flags given on the command line into `config` (validated like the file's keys).

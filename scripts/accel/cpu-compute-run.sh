@@ -63,10 +63,7 @@ for case in $CASES; do
       w0) extra+=(--warmup-tokens 0) ;;
       t[0-9]*) envs+=(EF_NUM_THREADS=${m#t}) ;;
       lfu) policy=lfu ;;
-      r[0-9]*)
-        printf 'cache:\n  cpu_compute_max_rows: %s\n' "${m#r}" >"$R/rows${m#r}.yaml"
-        extra+=(--config "$R/rows${m#r}.yaml")
-        ;;
+      r[0-9]*) extra+=(--cpu-experts-max-rows "${m#r}") ;;
       f32x) envs+=(EF_HOST_GEMV_INT8_X=none) ;;
       noamx) envs+=(EF_HOST_GEMV_AMX=0) ;;
     esac

@@ -255,6 +255,13 @@ TEST(ConfigTest, CacheFlagsOverrideTheFileAndAreValidatedLikeIt) {
   EXPECT_NE(s.message().find("--prefetch-layers: cache.prefetch_layers: expected an integer in [0, 1024]"),
             std::string::npos)
       << s.ToString();
+  ASSERT_TRUE(parse({"--cpu-experts-max-rows", "16"}, &d).ok());
+  EXPECT_EQ(d.cache.cpu_compute_max_rows, 16);
+  s = parse({"--cpu-experts-max-rows", "65"}, &d);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("--cpu-experts-max-rows: cache.cpu_compute_max_rows: expected an integer in [1, 64]"),
+            std::string::npos)
+      << s.ToString();
   ASSERT_TRUE(parse({"--prefetch-min-prob", "0.6"}, &d).ok());
   EXPECT_DOUBLE_EQ(d.cache.prefetch_min_prob, 0.6);
   s = parse({"--prefetch-min-prob", "1.2"}, &d);
