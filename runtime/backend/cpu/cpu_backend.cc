@@ -11,7 +11,6 @@
 
 #include "runtime/backend/cpu/host_gemv.h"
 #include "runtime/core/block_scaled.h"
-#include "runtime/core/logging.h"
 #include "runtime/core/params.h"
 #include "runtime/core/quant.h"
 #include "runtime/core/sample_row.h"
@@ -170,15 +169,8 @@ void CpuBackend::Gemm(const float* x, int64_t m, const Weight& w, const Weight* 
   const int64_t n = w.rows, k = w.cols;
   // EF_CPU_INT8_X: x as the host kernel's int8 path multiplies it (HostGemv, RoundToInt8Groups).
   std::vector<float> rounded;
-  static const std::string int8_x = [] {
-    std::string v = params::CpuInt8X();
-    if (v != "int4" && v != "all" && v != "none") {
-      EF_LOG(WARN, CORE, "EF_CPU_INT8_X=%s is not int4, all or none; using none", v.c_str());
-      v = "none";
-    }
-    return v;
-  }();
-  if (k % 64 == 0 && ((w.dtype == DType::kQ4 && int8_x != "none") || (w.dtype == DType::kQ8 && int8_x == "all"))) {
+  static const std::string int8_x = Int8XChoice("EF_CPU_INT8_X", params::CpuInt8X(), "none");
+  if (k % 64 == 0 && Int8XCovers(int8_x, w.dtype)) {
     rounded.resize(static_cast<size_t>(m * k));
     RoundToInt8Groups(x, m, k, rounded.data());
     x = rounded.data();

@@ -614,21 +614,24 @@ void RoundToInt8Groups(const float* x, int64_t m, int64_t k, float* out) {
     }
 }
 
+std::string Int8XChoice(const char* key, const std::string& value, const char* fallback) {
+  if (value == "int4" || value == "all" || value == "none") return value;
+  EF_LOG(WARN, CORE, "%s=%s is not int4, all or none; using %s", key, value.c_str(), fallback);
+  return fallback;
+}
+
+bool Int8XCovers(const std::string& choice, DType t) {
+  return (t == DType::kQ4 && choice != "none") || (t == DType::kQ8 && choice == "all");
+}
+
 HostPath HostGemvPath(const Weight& w, HostPath path) {
 #ifdef EF_HOST_GEMV_X86
   if (!HostGemvVectorized(w)) return HostPath::kFloat;
   const bool quantized = w.dtype == DType::kQ8 || w.dtype == DType::kQ4;
   if (path == HostPath::kDefault) {
-    static const std::string which = [] {
-      std::string v = params::HostGemvInt8X();
-      if (v != "int4" && v != "all" && v != "none") {
-        EF_LOG(WARN, CORE, "EF_HOST_GEMV_INT8_X=%s is not int4, all or none; using int4", v.c_str());
-        v = "int4";
-      }
-      return v;
-    }();
+    static const std::string which = Int8XChoice("EF_HOST_GEMV_INT8_X", params::HostGemvInt8X(), "int4");
     if (w.dtype == DType::kBF16 && params::HostGemvAmx()) path = HostPath::kAmx;
-    if (quantized && (which == "all" || (which == "int4" && w.dtype == DType::kQ4))) path = HostPath::kInt8X;
+    if (Int8XCovers(which, w.dtype)) path = HostPath::kInt8X;
   }
   if (path == HostPath::kInt8X && quantized && HaveVnni()) return HostPath::kInt8X;
   if (path == HostPath::kAmx && w.dtype == DType::kBF16 && HaveAmx()) return HostPath::kAmx;

@@ -32,6 +32,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "runtime/backend/backend.h"
 #include "runtime/core/thread_pool.h"
@@ -73,6 +74,12 @@ bool HostGemvVectorized(const Weight& w);
 // apply to w's type, or that this CPU lacks, is kFloat (which also stands for the exact scalar
 // path when HostGemvVectorized(w) is false).
 HostPath HostGemvPath(const Weight& w, HostPath path = HostPath::kDefault);
+
+// A knob naming which quantized weights take x in int8 (EF_HOST_GEMV_INT8_X, EF_CPU_INT8_X):
+// int4, all or none; anything else warns, naming `key`, and counts as `fallback`.
+std::string Int8XChoice(const char* key, const std::string& value, const char* fallback);
+// Whether such a choice covers weights of type t.
+bool Int8XCovers(const std::string& choice, DType t);
 
 // x[m, k] (k a multiple of 64) as the int8 kernels use it, into out[m, k]: per row and group of 64
 // columns, with a = max |x| of the group, q = x * (127 / a) rounded to nearest even (fp32
