@@ -320,7 +320,7 @@ class Backend {
   // memory.
   virtual void SampleRows(const float* x, int64_t rows, int64_t cols, const RowSampling* params, int32_t* out) = 0;
   // Whether the engine should call SampleRows; when not, it brings sampled rows' logits to the host
-  // and draws there (the same tokens). The CUDA kernel is behind EF_CUDA_SAMPLE_ROWS.
+  // and draws there (the same tokens). EF_CUDA_SAMPLE_ROWS=0 turns the CUDA kernel off.
   virtual bool SamplesRows() const { return true; }
   // dst[i, :] = src[idx[i], :]
   virtual void GatherRows(const float* src, const int32_t* idx, int64_t n, int dim, float* dst) = 0;

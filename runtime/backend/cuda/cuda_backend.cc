@@ -19,7 +19,7 @@ EF_PARAM(CudaExpertStreams, int64_t, "EF_CUDA_EXPERT_STREAMS", 4,
          "products)");
 EF_PARAM(CudaPdl, bool, "EF_CUDA_PDL", true,
          "cuda backend: launch the decode path's kernels with programmatic dependent launch (Hopper and later)");
-EF_PARAM(CudaSampleRows, bool, "EF_CUDA_SAMPLE_ROWS", false,
+EF_PARAM(CudaSampleRows, bool, "EF_CUDA_SAMPLE_ROWS", true,
          "cuda backend: draw sampled tokens on the GPU (Backend::SampleRows: the host's draws, only ids come back); "
          "off: the logits of sampled rows come to the host, which draws the same tokens");
 
