@@ -167,6 +167,8 @@ StatusOr<CacheBudget> ExpertCache::PlanBudget(const runtime::Engine& engine, con
                            " slots (" + Bytes(static_cast<uint64_t>(c.top_k) * M * b.slot_bytes) + ")");
   }
   b.slots_per_layer = std::min(per_layer, E);
+  if (precision != LoadPrecision::kNative && precision != LoadPrecision::kAuto)
+    b.native_fits = static_cast<uint64_t>(SlotBytes(engine.weights(), cuda, LoadPrecision::kNative)) * E * M <= asked;
   return b;
 }
 

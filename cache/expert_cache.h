@@ -92,7 +92,11 @@ struct CacheBudget {
   size_t device_bytes = 0;  // what the backend can give expert slots
   std::string device_name;  // "cpu", "cuda:0 (NVIDIA H200)"
   std::string requested;    // the budget as given: "2.00 GiB", "24 slots", "3 slots per layer"
-  bool holds_all() const { return slots_per_layer >= num_experts; }
+  // Whether the experts in the checkpoint's precision fit what the budget asks for. A budget that
+  // holds every expert only in int8/int4 keeps the cache on (every expert in a low-precision slot):
+  // turning it off would upload them all in the checkpoint's precision, over the budget.
+  bool native_fits = true;
+  bool holds_all() const { return slots_per_layer >= num_experts && native_fits; }
 };
 
 class ExpertCache {

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "cache/cuda/pinned_host_compute.h"
+#include "cache/slot_fill.h"
 #include "runtime/backend/cuda/cuda_backend.h"
 #include "runtime/core/check.h"
 #include "runtime/core/logging.h"
@@ -108,25 +109,18 @@ StatusOr<std::unique_ptr<CachedExpertSource>> CreateCudaCacheSource(const runtim
   EF_ASSIGN_OR_RETURN(
       std::shared_ptr<PinnedHostTier> tier,
       PinnedHostTier::Create(c.num_layers, c.num_experts, bytes, present, cuda.host_budget_bytes, keep));
-  // The checkpoint's expert (quantized on the way when the tiers load low), at the slot offsets.
-  auto pin = [&](int l, int e, std::span<std::byte> dst) -> Status {
-    if (!tiers) return layout.Write(model.host_expert(l, e), dst);
-    const runtime::ExpertWeights shape = layout.Shape(l, e);
-    std::vector<std::byte> packed(shape.nbytes());
-    EF_RETURN_IF_ERROR(tiers->PackFromCheckpoint(l, e, packed));
-    return layout.Write(shape.Rebased(packed.data()), dst);
-  };
+  // The checkpoint's experts (quantized on the way when the tiers load low), at the slot offsets,
+  // written on all cores.
   {
+    std::vector<SlotFill> fills;
+    for (int l : moe)
+      for (int e = 0; e < c.num_experts; ++e)
+        if (std::byte* dst = tier->data(l, e)) fills.push_back({l, e, {dst, bytes}});
     Progress bar(tiers && tiers->precision() != LoadPrecision::kNative
                      ? std::string("pinning experts in host memory (") + LoadPrecisionName(tiers->precision()) + ")"
                      : std::string("pinning experts in host memory"),
                  static_cast<int64_t>(tier->total_bytes()));
-    for (int l : moe)
-      for (int e = 0; e < c.num_experts; ++e)
-        if (std::byte* dst = tier->data(l, e)) {
-          EF_RETURN_IF_ERROR(pin(l, e, {dst, bytes}));
-          bar.Advance(static_cast<int64_t>(bytes));
-        }
+    EF_RETURN_IF_ERROR(WriteExpertSlots(model, layout, fills, &bar));
   }
   const int total = c.num_experts * static_cast<int>(moe.size());
   if (tier->num_pinned() < total && !(tiers && tiers->hooks().host))

@@ -2,7 +2,10 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <string>
+
+#include "runtime/core/progress.h"
 
 namespace ef::cache {
 
@@ -17,6 +20,14 @@ StatusOr<std::unique_ptr<PinnedHostTier>> PinnedHostTier::Create(int num_layers,
   t->num_experts_ = num_experts;
   t->bytes_ = bytes_per_expert;
   t->buffers_.assign(static_cast<size_t>(num_layers) * num_experts, nullptr);
+  // Pinning takes the driver a while per GB (it locks every page): shown like the fill that follows.
+  int64_t planned = 0;
+  for (int l = 0; l < num_layers; ++l)
+    for (int e = 0; present[l] && e < num_experts; ++e)
+      if (!keep || keep(l, e)) planned += static_cast<int64_t>(bytes_per_expert);
+  if (max_bytes > 0)
+    planned = std::min<int64_t>(planned, static_cast<int64_t>(max_bytes / bytes_per_expert * bytes_per_expert));
+  Progress bar("allocating pinned host memory", planned);
   for (int l = 0; l < num_layers; ++l) {
     if (!present[l]) continue;
     for (int e = 0; e < num_experts; ++e) {
@@ -33,6 +44,7 @@ StatusOr<std::unique_ptr<PinnedHostTier>> PinnedHostTier::Create(int num_layers,
       t->buffers_[static_cast<size_t>(l) * num_experts + e] = static_cast<std::byte*>(p);
       t->total_ += bytes_per_expert;
       ++t->num_pinned_;
+      bar.Advance(static_cast<int64_t>(bytes_per_expert));
     }
   }
   return t;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <thread>
 #include <vector>
@@ -36,19 +37,28 @@ uint16_t F16RoundDown(float v) {
   return h;
 }
 
-float LoadF32(DType t, const std::byte* p, int64_t i) {
-  switch (t) {
-    case DType::kF32: {
-      float f;
-      std::memcpy(&f, p + i * 4, 4);
-      return f;
-    }
-    default: {
-      uint16_t h;
-      std::memcpy(&h, p + i * 2, 2);
-      return t == DType::kBF16 ? Bf16ToF32(h) : F16ToF32(h);
-    }
+// Element i of a row of Src (float, or the 16-bit pattern of a bf16/fp16 value) as fp32.
+template <DType Src>
+float LoadF32(const std::byte* p, int64_t i) {
+  if constexpr (Src == DType::kF32) {
+    float f;
+    std::memcpy(&f, p + i * 4, 4);
+    return f;
+  } else {
+    uint16_t h;
+    std::memcpy(&h, p + i * 2, 2);
+    return Src == DType::kBF16 ? Bf16ToF32(h) : F16ToF32(h);
   }
+}
+
+// std::nearbyint (round half to even in the default rounding mode) of v, |v| <= 2^22, without the
+// library call that saves and restores the floating-point environment: the sum with 1.5 * 2^23 has
+// no fraction bits, so it is v rounded to an integer, and the difference is exact. (The build never
+// lets the compiler reassociate floats, which would fold this into v; the quantization tests would
+// see it.)
+inline float RoundHalfEven(float v) {
+  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
+  return (v + kMagic) - kMagic;
 }
 
 void StoreParam(std::byte* p, int64_t i, uint16_t h) { std::memcpy(p + i * 2, &h, 2); }
@@ -58,59 +68,71 @@ float LoadParam(const std::byte* p, int64_t i) {
   return F16ToF32(h);
 }
 
-// Quantizes rows [begin, end); the first error names the row and group.
-Status QuantizeRows(const QuantFormat& f, DType src_dtype, const std::byte* src, int64_t rows, int64_t cols,
-                    std::byte* dst, int64_t begin, int64_t end) {
-  const int64_t groups = cols / f.group;
-  const size_t esz = DTypeSize(src_dtype);
-  std::byte* params = dst + f.params_offset(rows, cols);
-  std::vector<float> x(static_cast<size_t>(f.group));
+// Quantizes rows [begin, end); the first error names the row and group. The format and the source
+// type are compile-time constants so the group's loops unroll; the scan keeps kLanes independent
+// minima and maxima (one chain each, not one through the whole group).
+template <DType Src, const QuantFormat& F>
+Status QuantizeRowsOf(const std::byte* src, int64_t rows, int64_t cols, std::byte* dst, int64_t begin, int64_t end) {
+  constexpr int kGroup = F.group;
+  constexpr int kLanes = 8;
+  static_assert(kGroup % kLanes == 0);
+  const int64_t groups = cols / kGroup;
+  const size_t esz = DTypeSize(Src);
+  std::byte* params = dst + F.params_offset(rows, cols);
+  float x[kGroup];
   for (int64_t r = begin; r < end; ++r) {
     const std::byte* row = src + static_cast<size_t>(r * cols) * esz;
-    std::byte* vals = dst + r * f.row_value_bytes(cols);
+    std::byte* vals = dst + r * F.row_value_bytes(cols);
     for (int64_t g = 0; g < groups; ++g) {
-      float lo = INFINITY, hi = -INFINITY;
-      bool finite = true;  // min/max alone would skip a NaN
-      for (int j = 0; j < f.group; ++j) {
-        const float v = x[j] = LoadF32(src_dtype, row, g * f.group + j);
-        finite &= std::isfinite(v);
-        lo = std::min(lo, v);
-        hi = std::max(hi, v);
-      }
-      if (!finite)
+      float lo_lane[kLanes], hi_lane[kLanes];
+      std::fill(lo_lane, lo_lane + kLanes, INFINITY);
+      std::fill(hi_lane, hi_lane + kLanes, -INFINITY);
+      uint32_t not_finite = 0;  // min/max alone would skip a NaN
+      for (int j = 0; j < kGroup; j += kLanes)
+        for (int k = 0; k < kLanes; ++k) {
+          const float v = x[j + k] = LoadF32<Src>(row, g * kGroup + j + k);
+          uint32_t bits;
+          std::memcpy(&bits, &v, 4);
+          not_finite |= (bits & 0x7f800000u) == 0x7f800000u;  // exponent all ones: inf or NaN
+          lo_lane[k] = v < lo_lane[k] ? v : lo_lane[k];
+          hi_lane[k] = v > hi_lane[k] ? v : hi_lane[k];
+        }
+      if (not_finite)
         return InvalidArgument("row " + std::to_string(r) + " group " + std::to_string(g) +
                                " holds a value that is not finite");
+      const float lo = *std::min_element(lo_lane, lo_lane + kLanes);
+      const float hi = *std::max_element(hi_lane, hi_lane + kLanes);
       const auto too_large = [&] {
         return InvalidArgument("row " + std::to_string(r) + " group " + std::to_string(g) + " spans [" +
                                std::to_string(lo) + ", " + std::to_string(hi) + "], too wide for fp16 parameters");
       };
-      const int64_t p = (r * groups + g) * f.params_per_group();
-      if (f.asymmetric) {
+      const int64_t p = (r * groups + g) * F.params_per_group();
+      constexpr float qmax = static_cast<float>(F.qmax());
+      if constexpr (F.asymmetric) {
         const uint16_t min_h = F16RoundDown(lo);
         const float mn = F16ToF32(min_h);
-        const uint16_t scale_h = F16RoundUp((hi - mn) / static_cast<float>(f.qmax()));
+        const uint16_t scale_h = F16RoundUp((hi - mn) / qmax);
         const float s = F16ToF32(scale_h);
         if (!std::isfinite(mn) || !std::isfinite(s)) return too_large();
         StoreParam(params, p, scale_h);
         StoreParam(params, p + 1, min_h);
         const float inv = s > 0 ? 1.0f / s : 0.0f;
-        for (int j = 0; j < f.group; j += 2) {
-          const auto q = [&](float v) {
-            return static_cast<unsigned>(std::clamp(std::nearbyint((v - mn) * inv), 0.0f, float(f.qmax())));
-          };
-          vals[(g * f.group + j) / 2] = static_cast<std::byte>(q(x[j]) | (q(x[j + 1]) << 4));
-        }
+        // Clamped, then rounded: the same integer as rounding first (the bounds are integers).
+        const auto q = [&](float v) {
+          return static_cast<unsigned>(RoundHalfEven(std::clamp((v - mn) * inv, 0.0f, qmax)));
+        };
+        for (int j = 0; j < kGroup; j += 2)
+          vals[(g * kGroup + j) / 2] = static_cast<std::byte>(q(x[j]) | (q(x[j + 1]) << 4));
       } else {
         const float amax = std::max(-lo, hi);
-        const uint16_t scale_h = F16RoundUp(amax / static_cast<float>(f.qmax()));
+        const uint16_t scale_h = F16RoundUp(amax / qmax);
         const float s = F16ToF32(scale_h);
         if (!std::isfinite(s)) return too_large();
         StoreParam(params, p, scale_h);
         const float inv = s > 0 ? 1.0f / s : 0.0f;
-        const float qm = static_cast<float>(f.qmax());
-        for (int j = 0; j < f.group; ++j) {
-          const auto q = static_cast<int8_t>(std::clamp(std::nearbyint(x[j] * inv), -qm, qm));
-          vals[g * f.group + j] = static_cast<std::byte>(q);
+        for (int j = 0; j < kGroup; ++j) {
+          const auto q = static_cast<int8_t>(RoundHalfEven(std::clamp(x[j] * inv, -qmax, qmax)));
+          vals[g * kGroup + j] = static_cast<std::byte>(q);
         }
       }
     }
@@ -118,10 +140,29 @@ Status QuantizeRows(const QuantFormat& f, DType src_dtype, const std::byte* src,
   return Status::Ok();
 }
 
+template <const QuantFormat& F>
+Status QuantizeRowsIn(DType src_dtype, const std::byte* src, int64_t rows, int64_t cols, std::byte* dst, int64_t begin,
+                      int64_t end) {
+  switch (src_dtype) {
+    case DType::kF32:
+      return QuantizeRowsOf<DType::kF32, F>(src, rows, cols, dst, begin, end);
+    case DType::kBF16:
+      return QuantizeRowsOf<DType::kBF16, F>(src, rows, cols, dst, begin, end);
+    default:
+      return QuantizeRowsOf<DType::kF16, F>(src, rows, cols, dst, begin, end);
+  }
+}
+
+Status QuantizeRows(const QuantFormat& f, DType src_dtype, const std::byte* src, int64_t rows, int64_t cols,
+                    std::byte* dst, int64_t begin, int64_t end) {
+  return f.asymmetric ? QuantizeRowsIn<kQ4Format>(src_dtype, src, rows, cols, dst, begin, end)
+                      : QuantizeRowsIn<kQ8Format>(src_dtype, src, rows, cols, dst, begin, end);
+}
+
 }  // namespace
 
 StatusOr<size_t> Quantize(DType target, DType src_dtype, const void* src, int64_t rows, int64_t cols, void* dst,
-                          size_t dst_bytes) {
+                          size_t dst_bytes, int max_threads) {
   if (!IsQuantized(target))
     return InvalidArgument(std::string("quantize: target dtype ") + DTypeName(target) + " is not Q8G or Q4G");
   if (!IsFloatWeight(src_dtype))
@@ -141,7 +182,7 @@ StatusOr<size_t> Quantize(DType target, DType src_dtype, const void* src, int64_
   std::fill(out + params_begin + rows * f.row_param_bytes(cols), out + bytes, std::byte{0});
 
   const auto* in = static_cast<const std::byte*>(src);
-  const int64_t hw = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  const int64_t hw = max_threads > 0 ? max_threads : std::max<int64_t>(1, std::thread::hardware_concurrency());
   const int64_t num_threads =
       std::clamp<int64_t>(rows * cols / kValuesPerThread, 1, std::min<int64_t>({hw, kMaxThreads, rows}));
   std::vector<Status> results(static_cast<size_t>(num_threads));

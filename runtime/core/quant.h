@@ -21,10 +21,11 @@ namespace ef {
 // type, src_dtype is not a float type, cols is not a multiple of the format's group (the caller
 // keeps such a weight unquantized), a value is not finite or is too large for fp16 parameters
 // (|x| > 65504 * qmax), or dst_bytes is smaller than needed. On error dst's contents are
-// unspecified. Matrices of millions of values are split over threads (std::thread, one chunk of
-// rows each); the result does not depend on the split.
+// unspecified. Matrices of millions of values are split over up to max_threads threads (0: the
+// hardware's, at most 16; std::thread, one chunk of rows each); the result does not depend on the
+// split. A caller that quantizes many matrices at once passes 1.
 [[nodiscard]] StatusOr<size_t> Quantize(DType target, DType src_dtype, const void* src, int64_t rows, int64_t cols,
-                                        void* dst, size_t dst_bytes);
+                                        void* dst, size_t dst_bytes, int max_threads = 0);
 
 // dst[rows, cols] (fp32) = the values a quantized block `src` of type t (kQ8 or kQ4) stands for.
 // InvalidArgument when t is not quantized or cols is not a multiple of its group.

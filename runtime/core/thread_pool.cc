@@ -25,6 +25,11 @@ int AffinityCpus() {
 
 }  // namespace
 
+int AvailableCpus() {
+  const int cpus = AffinityCpus();
+  return cpus > 0 ? cpus : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+}
+
 ThreadPool::ThreadPool(int num_threads) {
   num_threads = std::max(1, num_threads);
   // Polling pays only where every thread has a CPU of its own; with more threads than the CPUs

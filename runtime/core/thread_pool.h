@@ -22,6 +22,10 @@
 
 namespace ef {
 
+// CPUs this process may run on: its affinity mask's (fewer than the machine's under mpirun's
+// binding or taskset), else the hardware's.
+int AvailableCpus();
+
 class ThreadPool {
  public:
   explicit ThreadPool(int num_threads);

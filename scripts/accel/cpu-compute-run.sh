@@ -49,7 +49,9 @@ printf "%-7s %-5s %-9s %-14s %10s %9s %9s %11s %9s %8s %s\n" budget conc precisi
 # group). Modifiers, comma-separated: w0 (no cache warm-up), lfu (--cache-policy lfu instead of
 # lru), tN (EF_NUM_THREADS=N: the host's threads), rN (cache.cpu_compute_max_rows N: misses of up
 # to N rows may go to the host; the default 4), f32x (EF_HOST_GEMV_INT8_X=none: int4 weights with
-# x in fp32, the kernel before W4A8), noamx (EF_HOST_GEMV_AMX=0: bf16 on AVX-512 FMAs).
+# x in fp32, the kernel before W4A8), noamx (EF_HOST_GEMV_AMX=0: bf16 on AVX-512 FMAs), mem (the
+# budget in bytes: budget% of the bf16 experts' bytes, so int8/int4 slots hold more experts in the
+# same memory; staging for split misses comes out of it).
 CASES=${CASES:-"25:1:native:off 25:1:native:auto 25:1:int8:auto 25:1:int4:off 25:1:int4:auto
   50:1:native:off 50:1:native:auto 50:1:int8:auto 50:1:int4:auto
   25:4:native:off 25:4:native:auto 25:4:int8:auto 25:4:int4:auto 25:16:native:off 25:16:native:auto"}
@@ -58,6 +60,7 @@ for case in $CASES; do
   slots=$((8 * b / 100))
   tag=b${b}_c${c}_${p}_${cpu}${mods:+_${mods//,/_}}
   extra=() envs=() policy=lru
+  budget_arg="$slots slots per layer"
   for m in ${mods//,/ }; do
     case $m in
       w0) extra+=(--warmup-tokens 0) ;;
@@ -66,13 +69,14 @@ for case in $CASES; do
       r[0-9]*) extra+=(--cpu-experts-max-rows "${m#r}") ;;
       f32x) envs+=(EF_HOST_GEMV_INT8_X=none) ;;
       noamx) envs+=(EF_HOST_GEMV_AMX=0) ;;
+      mem) budget_arg=$((LAYERS * 8 * 3 * 4096 * 14336 * 2 * b / 100)) ;;  # bytes of b% of the bf16 experts
     esac
   done
   j=$R/$tag.json
   log=$R/$tag.log
   env "${envs[@]}" timeout 240 $BIN bench --backend cuda --synthetic mixtral-8x7b --synthetic-layers "$LAYERS" "${SYNFLAGS[@]}" \
     --routing-trace "$SLICED" -n $((2 * c)) -c "$c" --prompt-len 16 --gen-len "$GEN" \
-    --cache-device-budget "$slots slots per layer" --cache-policy $policy --prefetch-layers 0 --miss-precision "$p" \
+    --cache-device-budget "$budget_arg" --cache-policy $policy --prefetch-layers 0 --miss-precision "$p" \
     --cpu-experts "$cpu" "${extra[@]}" --json "$j" >"$log" 2>&1 || { tail -5 "$log"; continue; }
   python3 - "$j" "$b" "$c" "$p" "$cpu${mods:+/$mods}" <<'PY' | tee -a "$R/offload.txt"
 import json, sys
@@ -87,3 +91,5 @@ print(f"{sys.argv[2] + '%':<7} {sys.argv[3]:<5} {sys.argv[4]:<9} {sys.argv[5]:<1
 PY
 done
 grep -h "cpu compute of missed experts" "$R"/*.log | sed 's/^.*cpu compute/cpu compute/' | sort | uniq -c | head -8
+# At most 8 files come back from a device run: the logs and JSON travel as one archive.
+(cd "$OUT" && tar czf cpu_compute.tgz cpu_compute && rm -rf cpu_compute)

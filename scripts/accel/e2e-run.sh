@@ -59,3 +59,5 @@ r = json.load(open(sys.argv[1]))["results"]
 print("%s: out_tok/s %.1f ttft_p50_ms %.1f itl_p50_ms %.2f" % (sys.argv[2], r["output_tokens_per_s"], r["ttft_ms_p50"], r["itl_ms_p50"]))
 PY
 done
+# At most 8 files come back from a device run: the logs and JSON travel as one archive.
+(cd "$OUT" && shopt -s nullglob && f=(expertflow_* hf_*) && [ ${#f[@]} -gt 0 ] && tar czf e2e.tgz "${f[@]}" && rm -f "${f[@]}")

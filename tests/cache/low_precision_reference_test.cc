@@ -95,6 +95,41 @@ TEST_P(LowPrecisionReferenceTest, CacheLoadsComputeTheFakeQuantizedModel) {
   }
 }
 
+// A budget of every expert, in int4 slots: the cache stays on and every expert is int4 (turning it
+// off would upload every expert in the checkpoint's precision, four times the memory asked for). In
+// the checkpoint's precision the same budget turns the cache off.
+TEST(LowPrecisionBudget, EveryExpertInLowPrecisionSlotsKeepsTheCacheOn) {
+  runtime::EngineOptions eo;
+  eo.backend = "cpu";
+  auto engine = Engine::Create(std::string(EF_MODELS_DIR) + "/tiny-code-moe", eo);
+  ASSERT_TRUE(engine.ok()) << engine.status().ToString();
+  const std::vector<int32_t> prompt = {11, 42, 7, 99, 3, 150, 2, 77, 5};
+  auto fake = FakeQuantSource::Create((*engine)->weights(), DType::kQ4);
+  (*engine)->SetExpertSource(fake.get());
+  const ef::testing::PromptRun want = ef::testing::RunPrompt(**engine, prompt, 4);
+  (*engine)->SetExpertSource(nullptr);
+  for (const char* precision : {"int4", "native"}) {
+    ExpertCacheOptions o;
+    o.policy = "lru";
+    o.predictor = "none";
+    o.prefetch_layers = 0;
+    o.slots_per_layer = (*engine)->config().num_experts;
+    o.miss_precision = precision;
+    auto cache = ExpertCache::Create(engine->get(), o);
+    ASSERT_TRUE(cache.ok()) << cache.status().ToString();
+    if (std::string(precision) == "native") {
+      EXPECT_FALSE((*cache)->active()) << (*cache)->Describe();
+      continue;
+    }
+    ASSERT_TRUE((*cache)->active()) << (*cache)->Describe();
+    EXPECT_NE((*cache)->Describe().find("8 of 8 slots per MoE layer"), std::string::npos) << (*cache)->Describe();
+    const ef::testing::PromptRun got = ef::testing::RunPrompt(**engine, prompt, 4);
+    cache->reset();
+    EXPECT_LE(Distance(got.logits, want.logits), 1e-6);
+    EXPECT_EQ(got.tokens, want.tokens);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Models, LowPrecisionReferenceTest, ::testing::Values("tiny-code-moe", "mixtral"));
 
 }  // namespace

@@ -226,6 +226,38 @@ TEST(QuantTest, ThreadedQuantizationEqualsRowByRow) {
   }
 }
 
+// Values that fall exactly between two steps round to the even one (std::nearbyint's rule), in
+// both formats; and the thread count given to Quantize changes no byte.
+TEST(QuantTest, TiesRoundToEvenAndThreadsChangeNothing) {
+  const float s = 1.f / 128;  // exact in fp16: the scale of groups spanning 127 s (Q8) or [0, 15 s] (Q4)
+  const std::vector<float> halves = {0.5f, 1.5f, 2.5f, 3.5f, 6.5f, 13.5f, 14.5f};
+  for (DType t : {DType::kQ8, DType::kQ4}) {
+    SCOPED_TRACE(DTypeName(t));
+    const bool q4 = t == DType::kQ4;
+    std::vector<float> w(64, 0.f);
+    w[63] = (q4 ? 15 : 127) * s;  // the group's maximum fixes the scale at s
+    for (size_t i = 0; i < halves.size(); ++i) w[i] = halves[i] * s;
+    if (!q4) w[halves.size()] = -2.5f * s;
+    const std::vector<std::byte> q = QuantizeOrDie(t, w, 1, 64);
+    ASSERT_EQ(Param(t, q, 1, 64, 0, 0, 0), s);
+    for (size_t i = 0; i <= halves.size(); ++i) {
+      const int want = static_cast<int>(std::nearbyint(w[i] / s));
+      const int got = q4 ? (std::to_integer<int>(q[i / 2]) >> (4 * (i % 2))) & 0xf : static_cast<int8_t>(q[i]);
+      EXPECT_EQ(got, want) << "value " << w[i] / s << " steps";
+    }
+  }
+  const int64_t rows = 512, cols = 4096;  // two million values: split over threads by default
+  const std::vector<float> w = Gaussian(rows * cols, 11);
+  for (DType t : {DType::kQ8, DType::kQ4}) {
+    std::vector<std::byte> one(WeightBytes(t, rows, cols)), three(one.size()), any(one.size());
+    ASSERT_TRUE(Quantize(t, DType::kF32, w.data(), rows, cols, one.data(), one.size(), 1).ok());
+    ASSERT_TRUE(Quantize(t, DType::kF32, w.data(), rows, cols, three.data(), three.size(), 3).ok());
+    ASSERT_TRUE(Quantize(t, DType::kF32, w.data(), rows, cols, any.data(), any.size()).ok());
+    EXPECT_EQ(one, three) << DTypeName(t);
+    EXPECT_EQ(one, any) << DTypeName(t);
+  }
+}
+
 TEST(QuantCpuGemmTest, EqualsGemmOnTheDequantizedWeights) {
   runtime::CpuBackend cpu;
   const int64_t n = 96, k = 320;

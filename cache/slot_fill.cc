@@ -1,0 +1,73 @@
+#include "cache/slot_fill.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "runtime/core/quant.h"
+#include "runtime/core/thread_pool.h"
+
+namespace ef::cache {
+
+Status WriteExpertSlot(const runtime::ModelWeights& model, const SlotLayout& layout, int layer, int expert,
+                       std::span<std::byte> dst, int quant_threads) {
+  const runtime::ExpertWeights& from = model.host_expert(layer, expert);
+  const runtime::ExpertWeights shape = layout.Shape(layer, expert);
+  const auto name = [&] { return "expert " + std::to_string(expert) + " of layer " + std::to_string(layer); };
+  if (dst.size() < layout.Bytes(shape))
+    return InvalidArgument(name() + ": a slot of " + std::to_string(dst.size()) + " bytes for a layout of " +
+                           std::to_string(layout.Bytes(shape)));
+  const std::vector<const runtime::Weight*> src = from.parts(), to = shape.parts();
+  const std::vector<size_t> off = layout.Offsets(shape);
+  if (src.size() != to.size()) return Internal(name() + ": the slot layout has other parts than the checkpoint");
+  for (size_t i = 0; i < src.size(); ++i) {
+    const runtime::Weight& s = *src[i];
+    const runtime::Weight& t = *to[i];
+    if (s.rows != t.rows || s.cols != t.cols)
+      return Internal(name() + ": part " + std::to_string(i) + " has another shape in the slot layout");
+    std::byte* out = dst.data() + off[i];
+    if (IsQuantized(t.dtype)) {
+      StatusOr<size_t> n = Quantize(t.dtype, s.dtype, s.data, s.rows, s.cols, out, t.nbytes(), quant_threads);
+      if (!n.ok()) return std::move(n).status().Prepend(name());
+    } else {
+      if (s.dtype != t.dtype) return Internal(name() + ": part " + std::to_string(i) + " changes dtype unquantized");
+      std::memcpy(out, s.data, s.nbytes());
+    }
+  }
+  return Status::Ok();
+}
+
+Status WriteExpertSlots(const runtime::ModelWeights& model, const SlotLayout& layout, std::span<const SlotFill> fills,
+                        Progress* progress, int threads) {
+  if (fills.empty()) return Status::Ok();
+  if (threads <= 0) threads = std::min(AvailableCpus(), 16);
+  threads = std::min<int>(threads, static_cast<int>(fills.size()));
+  std::atomic<size_t> next{0};
+  std::atomic<bool> failed{false};
+  std::mutex mu;  // guards first_error and progress
+  Status first_error = Status::Ok();
+  const int quant_threads = threads > 1 ? 1 : 0;
+  auto work = [&] {
+    for (size_t i = next.fetch_add(1); i < fills.size() && !failed.load(); i = next.fetch_add(1)) {
+      const SlotFill& f = fills[i];
+      Status st = WriteExpertSlot(model, layout, f.layer, f.expert, f.dst, quant_threads);
+      std::lock_guard<std::mutex> lock(mu);
+      if (!st.ok()) {
+        if (!failed.exchange(true)) first_error = std::move(st);
+        return;
+      }
+      if (progress) progress->Advance(static_cast<int64_t>(f.dst.size()));
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) pool.emplace_back(work);
+  work();
+  for (std::thread& t : pool) t.join();
+  return first_error;
+}
+
+}  // namespace ef::cache
