@@ -17,8 +17,9 @@
 // slots in total), slots_per_layer or experts_percent (of each MoE layer's experts). Slots are per MoE layer (every MoE
 // layer gets the same number: total slots / MoE layers, rounded down). Errors name both numbers: a budget whose
 // per-layer share is below the model's top-k, a budget larger than the device can give experts.
-// A budget that holds every expert runs no cache: the experts are uploaded (Engine::UploadExperts)
-// and active() is false.
+// A budget that holds every expert in the checkpoint's precision runs no cache: the experts are
+// uploaded (Engine::UploadExperts) and active() is false. One that holds them all only in the int8 or
+// int4 slots miss_precision asks for keeps the cache on, every expert in a low-precision slot.
 //
 // Ownership and lifetime: the engine keeps pointers to the source and the hook; the ExpertCache
 // detaches both on destruction and must be destroyed before the engine (its slots are backend

@@ -50,7 +50,8 @@ Status WriteExpertSlots(const runtime::ModelWeights& model, const SlotLayout& la
   std::atomic<bool> failed{false};
   std::mutex mu;  // guards first_error and progress
   Status first_error = Status::Ok();
-  const int quant_threads = threads > 1 ? 1 : 0;
+  // Fewer experts than CPUs: each expert's quantization takes the CPUs left over.
+  const int quant_threads = std::max(1, AvailableCpus() / threads);
   auto work = [&] {
     for (size_t i = next.fetch_add(1); i < fills.size() && !failed.load(); i = next.fetch_add(1)) {
       const SlotFill& f = fills[i];

@@ -33,7 +33,7 @@ struct SlotFill {
 
 // WriteExpertSlot for every fill, on up to `threads` threads (0: the process's CPUs, at most 16), each
 // taking the next expert when it finishes one. progress (may be null) advances by each dst's size.
-// Returns the first error (the remaining experts are not written).
+// Returns the first error to happen (experts no thread has started are not written).
 [[nodiscard]] Status WriteExpertSlots(const runtime::ModelWeights& model, const SlotLayout& layout,
                                       std::span<const SlotFill> fills, Progress* progress, int threads = 0);
 

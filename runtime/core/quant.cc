@@ -7,6 +7,8 @@
 #include <thread>
 #include <vector>
 
+#include "runtime/core/thread_pool.h"
+
 namespace ef {
 namespace {
 
@@ -100,8 +102,12 @@ Status QuantizeRowsOf(const std::byte* src, int64_t rows, int64_t cols, std::byt
       if (not_finite)
         return InvalidArgument("row " + std::to_string(r) + " group " + std::to_string(g) +
                                " holds a value that is not finite");
-      const float lo = *std::min_element(lo_lane, lo_lane + kLanes);
-      const float hi = *std::max_element(hi_lane, hi_lane + kLanes);
+      float lo = *std::min_element(lo_lane, lo_lane + kLanes);
+      float hi = *std::max_element(hi_lane, hi_lane + kLanes);
+      // Between +0 and -0 the lanes choose by lane; one scan in order keeps the group's first zero
+      // (its sign reaches the stored minimum): so do these.
+      if (lo == 0.0f) lo = *std::find(x, x + kGroup, 0.0f);
+      if (hi == 0.0f) hi = *std::find(x, x + kGroup, 0.0f);
       const auto too_large = [&] {
         return InvalidArgument("row " + std::to_string(r) + " group " + std::to_string(g) + " spans [" +
                                std::to_string(lo) + ", " + std::to_string(hi) + "], too wide for fp16 parameters");
@@ -155,8 +161,8 @@ Status QuantizeRowsIn(DType src_dtype, const std::byte* src, int64_t rows, int64
 
 Status QuantizeRows(const QuantFormat& f, DType src_dtype, const std::byte* src, int64_t rows, int64_t cols,
                     std::byte* dst, int64_t begin, int64_t end) {
-  return f.asymmetric ? QuantizeRowsIn<kQ4Format>(src_dtype, src, rows, cols, dst, begin, end)
-                      : QuantizeRowsIn<kQ8Format>(src_dtype, src, rows, cols, dst, begin, end);
+  return f.dtype == DType::kQ4 ? QuantizeRowsIn<kQ4Format>(src_dtype, src, rows, cols, dst, begin, end)
+                               : QuantizeRowsIn<kQ8Format>(src_dtype, src, rows, cols, dst, begin, end);
 }
 
 }  // namespace
@@ -182,7 +188,7 @@ StatusOr<size_t> Quantize(DType target, DType src_dtype, const void* src, int64_
   std::fill(out + params_begin + rows * f.row_param_bytes(cols), out + bytes, std::byte{0});
 
   const auto* in = static_cast<const std::byte*>(src);
-  const int64_t hw = max_threads > 0 ? max_threads : std::max<int64_t>(1, std::thread::hardware_concurrency());
+  const int64_t hw = max_threads > 0 ? max_threads : AvailableCpus();
   const int64_t num_threads =
       std::clamp<int64_t>(rows * cols / kValuesPerThread, 1, std::min<int64_t>({hw, kMaxThreads, rows}));
   std::vector<Status> results(static_cast<size_t>(num_threads));

@@ -22,7 +22,7 @@ namespace ef {
 // keeps such a weight unquantized), a value is not finite or is too large for fp16 parameters
 // (|x| > 65504 * qmax), or dst_bytes is smaller than needed. On error dst's contents are
 // unspecified. Matrices of millions of values are split over up to max_threads threads (0: the
-// hardware's, at most 16; std::thread, one chunk of rows each); the result does not depend on the
+// process's CPUs, at most 16; std::thread, one chunk of rows each); the result does not depend on the
 // split. A caller that quantizes many matrices at once passes 1.
 [[nodiscard]] StatusOr<size_t> Quantize(DType target, DType src_dtype, const void* src, int64_t rows, int64_t cols,
                                         void* dst, size_t dst_bytes, int max_threads = 0);

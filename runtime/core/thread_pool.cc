@@ -7,7 +7,8 @@
 
 #include "runtime/core/params.h"
 
-EF_PARAM(NumThreads, int64_t, "EF_NUM_THREADS", 0, "CPU backend worker threads (0: all hardware threads)");
+EF_PARAM(NumThreads, int64_t, "EF_NUM_THREADS", 0,
+         "CPU backend worker threads (0: the CPUs of the process's affinity mask, all hardware threads without one)");
 EF_PARAM(ThreadPoolSpinUs, int64_t, "EF_THREAD_POOL_SPIN_US", 50,
          "CPU thread pool: microseconds a worker polls for the next call before it sleeps (0: sleep at once)");
 
@@ -135,7 +136,7 @@ void ThreadPool::ParallelFor(int64_t n, const std::function<void(int64_t, int64_
 ThreadPool& ThreadPool::Default() {
   static ThreadPool pool([] {
     int64_t n = params::NumThreads();
-    if (n <= 0) n = std::max(1u, std::thread::hardware_concurrency());
+    if (n <= 0) n = AvailableCpus();  // the affinity mask's: one pool per rank under mpirun's binding
     return static_cast<int>(n);
   }());
   return pool;

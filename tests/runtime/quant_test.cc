@@ -258,6 +258,23 @@ TEST(QuantTest, TiesRoundToEvenAndThreadsChangeNothing) {
   }
 }
 
+// A group whose minimum is zero of both signs stores the sign of its first zero, whatever lane of
+// the scan holds it (the stored bytes do not depend on how the scan is split).
+TEST(QuantTest, TheFirstZeroOfAGroupGivesItsMinimumItsSign) {
+  const QuantFormat f = QuantFormat::Of(DType::kQ4);
+  for (auto [a, b] : {std::pair{0, 63}, {1, 8}, {7, 9}, {8, 15}, {62, 63}}) {
+    for (float zero : {-0.0f, 0.0f}) {
+      std::vector<float> w(64, 0.01f);
+      w[a] = zero;   // the first zero
+      w[b] = -zero;  // a later one of the other sign
+      const std::vector<std::byte> q = QuantizeOrDie(DType::kQ4, w, 1, 64);
+      uint16_t min_h;
+      std::memcpy(&min_h, q.data() + f.params_offset(1, 64) + QuantFormat::kParamBytes, 2);
+      EXPECT_EQ(min_h, std::signbit(zero) ? 0x8000 : 0x0000) << "zeros at " << a << " and " << b;
+    }
+  }
+}
+
 TEST(QuantCpuGemmTest, EqualsGemmOnTheDequantizedWeights) {
   runtime::CpuBackend cpu;
   const int64_t n = 96, k = 320;
