@@ -5,6 +5,7 @@
 #include <cstring>
 #include <mutex>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -65,7 +66,12 @@ Status WriteExpertSlots(const runtime::ModelWeights& model, const SlotLayout& la
     }
   };
   std::vector<std::thread> pool;
-  for (int t = 1; t < threads; ++t) pool.emplace_back(work);
+  pool.reserve(static_cast<size_t>(threads));
+  try {
+    for (int t = 1; t < threads; ++t) pool.emplace_back(work);
+  } catch (const std::system_error&) {
+    // No more threads to be had: the ones started and this one share the experts.
+  }
   work();
   for (std::thread& t : pool) t.join();
   return first_error;
