@@ -12,7 +12,7 @@
 set -uo pipefail
 LAYERS=${1:-4}
 GEN=${2:-32}
-EF_BUILD_TESTS=ON source "$(dirname "$0")/build-full.sh" gpu_tests ef_host_expert_bench || exit 1
+EF_BUILD_TESTS=ON source "$(dirname "$0")/build-full.sh" gpu_tests ef_host_expert_bench ef_quant_bench || exit 1
 R=$OUT/cpu_compute
 mkdir -p "$R"
 if [[ -n ${TEST_FILTER:-} ]]; then
@@ -29,6 +29,7 @@ elif [[ -z ${SKIP_TESTS:-} ]]; then
   "$BUILD"/tests/gpu_tests --gtest_filter='*CpuCompute*' 2>&1 | grep -F "[ cpu compute ]"
 fi
 "$BUILD"/tests/ef_host_expert_bench 4096 14336 20
+"$BUILD"/tests/ef_quant_bench 14336 4096 5 "$(nproc)"  # the quantizer the host tier's int8/int4 load runs
 
 TRACE=tests/data/traces/mixtral8x7b_gsm8k_decode.jsonl
 SLICED=$PWD/.deps/mixtral_first${LAYERS}.jsonl
