@@ -92,5 +92,5 @@ print(f"{sys.argv[2] + '%':<7} {sys.argv[3]:<5} {sys.argv[4]:<9} {sys.argv[5]:<1
 PY
 done
 grep -h "cpu compute of missed experts" "$R"/*.log | sed 's/^.*cpu compute/cpu compute/' | sort | uniq -c | head -8
-# At most 8 files come back from a device run: the logs and JSON travel as one archive.
+# The logs and JSON as one archive under $OUT.
 (cd "$OUT" && tar czf cpu_compute.tgz cpu_compute && rm -rf cpu_compute)

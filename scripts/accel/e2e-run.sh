@@ -52,12 +52,12 @@ for w in "${WORKLOADS[@]}"; do
     --json "$OUT/expertflow_$name.json" >"$OUT/expertflow_$name.txt" 2>&1
   echo "rc=$? in $(($(date +%s) - t0)) s"
   grep -vE "^\[|^#  " "$OUT/expertflow_$name.txt" | tail -3
-  # One line per workload that no filter of '#' lines drops.
+  # One summary line per workload (the lines above all start with '#').
   python3 - "$OUT/expertflow_$name.json" "$name" <<'PY' 2>/dev/null
 import json, sys
 r = json.load(open(sys.argv[1]))["results"]
 print("%s: out_tok/s %.1f ttft_p50_ms %.1f itl_p50_ms %.2f" % (sys.argv[2], r["output_tokens_per_s"], r["ttft_ms_p50"], r["itl_ms_p50"]))
 PY
 done
-# At most 8 files come back from a device run: the logs and JSON travel as one archive.
+# The logs and JSON as one archive under $OUT.
 (cd "$OUT" && shopt -s nullglob && f=(expertflow_* hf_*) && [ ${#f[@]} -gt 0 ] && tar czf e2e.tgz "${f[@]}" && rm -f "${f[@]}")

@@ -37,5 +37,5 @@ for round in 1 2; do
     done
   done
 done
-# At most 8 files come back from a device run: the logs and JSON travel as one archive.
+# The logs and JSON as one archive under $OUT.
 (cd "$OUT" && shopt -s nullglob && f=(r[12]_*) && [ ${#f[@]} -gt 0 ] && tar czf sampling.tgz "${f[@]}" && rm -f "${f[@]}")
