@@ -5,6 +5,7 @@
 #include "runtime/core/thread_pool.h"
 
 #include <gtest/gtest.h>
+#include <sched.h>
 
 #include <atomic>
 #include <chrono>
@@ -102,6 +103,24 @@ TEST(ThreadPool, ConcurrentCallersAreSerialised) {
       for (int call = 0; call < 200; ++call) ExpectEachIndexOnce(pool, 257, 3);
     });
   for (auto& t : callers) t.join();
+}
+
+// The CPUs a pool is sized by are the affinity mask's: a thread confined to one CPU sees one.
+TEST(AvailableCpus, FollowsTheAffinityMask) {
+  cpu_set_t all;
+  CPU_ZERO(&all);
+  ASSERT_EQ(sched_getaffinity(0, sizeof all, &all), 0);
+  EXPECT_EQ(AvailableCpus(), CPU_COUNT(&all));
+  int first = 0;
+  while (!CPU_ISSET(first, &all)) ++first;
+  std::thread([first] {
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(first, &one);
+    ASSERT_EQ(sched_setaffinity(0, sizeof one, &one), 0);
+    EXPECT_EQ(AvailableCpus(), 1);
+  }).join();
+  EXPECT_EQ(AvailableCpus(), CPU_COUNT(&all));  // only that thread was confined
 }
 
 }  // namespace
