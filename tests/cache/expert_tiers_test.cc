@@ -10,18 +10,13 @@
 
 #include "cache/cached_expert_source.h"
 #include "runtime/engine/engine.h"
+#include "tests/cache/tiny_engine.h"
 #include "tests/runtime/prompt_run.h"
 
 namespace ef::cache {
 namespace {
 
-std::unique_ptr<runtime::Engine> TinyEngine() {
-  runtime::EngineOptions o;
-  o.backend = "cpu";
-  auto e = runtime::Engine::Create(std::string(EF_MODELS_DIR) + "/tiny-code-moe", o);
-  EXPECT_TRUE(e.ok()) << e.status().ToString();
-  return std::move(e).value();
-}
+using testing::TinyEngine;
 
 std::vector<std::byte> Packed(const runtime::ModelWeights& m, int l, int e) {
   const runtime::ExpertWeights& w = m.host_expert(l, e);

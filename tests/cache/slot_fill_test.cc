@@ -8,17 +8,12 @@
 #include <vector>
 
 #include "runtime/engine/engine.h"
+#include "tests/cache/tiny_engine.h"
 
 namespace ef::cache {
 namespace {
 
-std::unique_ptr<runtime::Engine> TinyEngine() {
-  runtime::EngineOptions o;
-  o.backend = "cpu";
-  auto e = runtime::Engine::Create(std::string(EF_MODELS_DIR) + "/tiny-code-moe", o);
-  EXPECT_TRUE(e.ok()) << e.status().ToString();
-  return std::move(e).value();
-}
+using testing::TinyEngine;
 
 TEST(WriteExpertSlots, SameBytesAsTheStagedPathInEveryPrecision) {
   auto engine = TinyEngine();
