@@ -94,7 +94,10 @@ cudaEvent_t CudaSlotArena::TakeEvent(bool timing) {
     event_pool_.pop_back();
     return e;
   }
-  if (cudaEventCreateWithFlags(&e, timing ? cudaEventDefault : cudaEventDisableTiming) != cudaSuccess) {
+  // Untimed events mark copy pieces, which the copy thread (max_queued_chunks > 0) waits for:
+  // blocking, since a polling wait would take a CPU from the experts the host computes meanwhile.
+  const unsigned flags = timing ? cudaEventDefault : cudaEventDisableTiming | cudaEventBlockingSync;
+  if (cudaEventCreateWithFlags(&e, flags) != cudaSuccess) {
     cudaGetLastError();
     return nullptr;
   }

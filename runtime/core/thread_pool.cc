@@ -62,6 +62,25 @@ bool ThreadPool::Spin(Ready ready) const {
   }
 }
 
+void ThreadPool::RunChunks(int index) {
+  auto run = [&](int64_t begin, int64_t end) {
+    try {
+      (*body_)(begin, end);
+    } catch (...) {  // handed to the caller, which rethrows it once every chunk has ended
+      std::lock_guard<std::mutex> lock(error_mu_);
+      if (!error_) error_ = std::current_exception();
+    }
+  };
+  if (pieces_ == 0) {
+    const auto [begin, end] = chunks_[static_cast<size_t>(index)];
+    if (begin < end) run(begin, end);
+    return;
+  }
+  for (int64_t p = next_piece_.fetch_add(1, std::memory_order_relaxed); p < pieces_;
+       p = next_piece_.fetch_add(1, std::memory_order_relaxed))
+    run(n_ * p / pieces_, n_ * (p + 1) / pieces_);
+}
+
 void ThreadPool::WorkerLoop(int index) {
   uint64_t seen = 0;
   for (;;) {
@@ -76,15 +95,7 @@ void ThreadPool::WorkerLoop(int index) {
     }
     if (stop_.load()) return;
     seen = generation_.load();
-    const auto [begin, end] = chunks_[static_cast<size_t>(index)];
-    if (begin < end) {
-      try {
-        (*body_)(begin, end);
-      } catch (...) {  // handed to the caller, which rethrows it once every chunk has ended
-        std::lock_guard<std::mutex> lock(error_mu_);
-        if (!error_) error_ = std::current_exception();
-      }
-    }
+    RunChunks(index);
     if (pending_.fetch_sub(1) == 1 && caller_sleeping_.load()) {
       std::lock_guard<std::mutex> lock(mu_);
       done_cv_.notify_one();
@@ -92,32 +103,33 @@ void ThreadPool::WorkerLoop(int index) {
   }
 }
 
-void ThreadPool::ParallelFor(int64_t n, const std::function<void(int64_t, int64_t)>& body, int64_t min_chunk) {
+void ThreadPool::ParallelFor(int64_t n, const std::function<void(int64_t, int64_t)>& body, int64_t min_chunk,
+                             int pieces_per_thread) {
   if (n <= 0) return;
-  int64_t parts = std::min<int64_t>(num_threads(), std::max<int64_t>(1, n / std::max<int64_t>(1, min_chunk)));
+  const int64_t most = std::max<int64_t>(1, n / std::max<int64_t>(1, min_chunk));  // chunks of min_chunk
+  const int64_t parts = std::min<int64_t>(num_threads(), most);
   if (parts <= 1 || workers_.empty()) {
     body(0, n);
     return;
   }
   std::lock_guard<std::mutex> call_lock(call_mu_);
   // The previous call's workers have all finished (it returned only then): the chunks are free.
+  const int64_t pieces = std::min<int64_t>(most, parts * std::max(1, pieces_per_thread));
+  pieces_ = pieces > parts ? pieces : 0;
+  n_ = n;
+  next_piece_.store(0, std::memory_order_relaxed);
   for (int64_t p = 0; p < num_threads(); ++p)
     chunks_[static_cast<size_t>(p)] = p < parts ? std::pair{n * p / parts, n * (p + 1) / parts} : std::pair{n, n};
   body_ = &body;
   pending_.store(static_cast<int>(workers_.size()));
-  generation_.fetch_add(1);
+  generation_.fetch_add(1);  // publishes the writes above to the workers that see it
   if (sleeping_workers_.load() > 0) {
     std::lock_guard<std::mutex> lock(mu_);
     start_cv_.notify_all();
   }
-  // The caller waits for every worker even when its own chunk throws: the body and the chunks
-  // must outlive their readers.
-  std::exception_ptr error;
-  try {
-    body(chunks_[0].first, chunks_[0].second);
-  } catch (...) {
-    error = std::current_exception();
-  }
+  // The caller waits for every worker even when a chunk throws: the body and the chunks must
+  // outlive their readers.
+  RunChunks(0);
   auto done = [&] { return pending_.load() == 0; };
   if (!Spin(done)) {
     std::unique_lock<std::mutex> lock(mu_);
@@ -125,10 +137,10 @@ void ThreadPool::ParallelFor(int64_t n, const std::function<void(int64_t, int64_
     done_cv_.wait(lock, done);
     caller_sleeping_.store(false);
   }
+  std::exception_ptr error;
   {
     std::lock_guard<std::mutex> lock(error_mu_);
-    if (!error) error = error_;
-    error_ = nullptr;
+    std::swap(error, error_);
   }
   if (error) std::rethrow_exception(error);
 }

@@ -1,5 +1,8 @@
 // A small fixed thread pool for the CPU backend: ParallelFor splits [0, n) into contiguous
 // chunks, one per worker, and returns when all are done. The calling thread takes a chunk too.
+// With pieces_per_thread > 1 the chunks are smaller and go to whichever thread is free: a thread
+// that shares its CPU with other work (a CUDA copy thread polling, the engine thread) then holds
+// the call up by one small chunk instead of its whole share.
 // Not re-entrant: a ParallelFor body must not call ParallelFor on the same pool.
 //
 // Hand-off: a call publishes its chunks under a new generation number; workers that finished
@@ -34,9 +37,12 @@ class ThreadPool {
   ThreadPool& operator=(const ThreadPool&) = delete;
 
   int num_threads() const { return static_cast<int>(workers_.size()) + 1; }
-  // Calls body(begin, end) on disjoint chunks covering [0, n); chunks are at least min_chunk long.
-  // If chunks throw, the first exception is rethrown here after every chunk has ended.
-  void ParallelFor(int64_t n, const std::function<void(int64_t, int64_t)>& body, int64_t min_chunk = 1);
+  // Calls body(begin, end) on disjoint chunks covering [0, n); chunks are at least min_chunk long,
+  // and there are up to pieces_per_thread of them per thread, handed out in order to the threads
+  // as they get free (1: one chunk per thread, fixed). If chunks throw, the first exception is
+  // rethrown here after every chunk has ended.
+  void ParallelFor(int64_t n, const std::function<void(int64_t, int64_t)>& body, int64_t min_chunk = 1,
+                   int pieces_per_thread = 1);
 
   // The process-wide pool sized by EF_NUM_THREADS (0: hardware concurrency).
   static ThreadPool& Default();
@@ -49,6 +55,9 @@ class ThreadPool {
 
  private:
   void WorkerLoop(int index);
+  // Runs the current call's chunks for thread `index` (the caller is 0): its own chunk, or pieces
+  // taken from next_piece_ until none are left.
+  void RunChunks(int index);
   // Polls `ready` for up to kSpin; true when it held.
   template <typename Ready>
   bool Spin(Ready ready) const;
@@ -59,6 +68,9 @@ class ThreadPool {
   // workers after they see it.
   const std::function<void(int64_t, int64_t)>* body_ = nullptr;
   std::vector<std::pair<int64_t, int64_t>> chunks_;  // [thread]; the caller's is [0]
+  int64_t n_ = 0;                                    // the current call's range, when pieces_ > 0
+  int64_t pieces_ = 0;                               // 0: each thread runs chunks_[its index]
+  std::atomic<int64_t> next_piece_{0};
   std::atomic<uint64_t> generation_{0};
   std::atomic<int> pending_{0};  // workers yet to finish the current call
   std::atomic<bool> stop_{false};

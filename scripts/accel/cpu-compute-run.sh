@@ -28,7 +28,9 @@ elif [[ -z ${SKIP_TESTS:-} ]]; then
   echo "gpu tests in $(($(date +%s) - t0)) s"
   "$BUILD"/tests/gpu_tests --gtest_filter='*CpuCompute*' 2>&1 | grep -F "[ cpu compute ]"
 fi
-"$BUILD"/tests/ef_host_expert_bench 4096 14336 20
+"$BUILD"/tests/ef_host_expert_bench 4096 14336 20     # one expert, over and over (int4/int8 fit the L3)
+"$BUILD"/tests/ef_host_expert_bench 4096 14336 20 8   # eight in turn: weights from memory, as a miss's
+lscpu | grep -E "^(Model name|NUMA node|L3 cache|Thread)" ; numactl -H 2>/dev/null | head -3
 "$BUILD"/tests/ef_quant_bench 14336 4096 5 "$(nproc)"  # the quantizer the host tier's int8/int4 load runs
 
 TRACE=tests/data/traces/mixtral8x7b_gsm8k_decode.jsonl
@@ -44,15 +46,18 @@ else  # written once, before the timed runs
     -n 1 -c 1 --prompt-len 4 --gen-len 2 >"$R/warm.log" 2>&1 || { tail -20 "$R/warm.log"; exit 1; }
 fi
 
-printf "%-7s %-5s %-9s %-14s %10s %9s %9s %11s %9s %8s %s\n" budget conc precision cpu "out_tok/s" itl_ms ttft_ms \
-  "moved_MiB" hit_rate stall_ms "host experts/token (split, copied share)" | tee "$R/offload.txt"
+printf "%-7s %-5s %-9s %-14s %10s %9s %9s %11s %9s %8s %8s %s\n" budget conc precision cpu "out_tok/s" itl_ms ttft_ms \
+  "moved_MiB" hit_rate stall_ms host_ms "host experts/token (split, copied share)" | tee "$R/offload.txt"
 # budget:concurrency:precision:cpu_compute[:modifiers], run in this order (baselines first in each
 # group). Modifiers, comma-separated: w0 (no cache warm-up), lfu (--cache-policy lfu instead of
 # lru), tN (EF_NUM_THREADS=N: the host's threads), rN (cache.cpu_compute_max_rows N: misses of up
 # to N rows may go to the host; the default 4), f32x (EF_HOST_GEMV_INT8_X=none: int4 weights with
 # x in fp32, the kernel before W4A8), noamx (EF_HOST_GEMV_AMX=0: bf16 on AVX-512 FMAs), mem (the
 # budget in bytes: budget% of the bf16 experts' bytes, so int8/int4 slots hold more experts in the
-# same memory; staging for split misses comes out of it).
+# same memory; staging for split misses comes out of it), pN (EF_HOST_GEMV_PIECES=N: pieces per
+# thread of the host's matrices; 1 is one fixed share per thread).
+# host_ms: the host's mean time per expert inside the run, scaled to a whole expert (a split
+# expert's host part is a share of one).
 CASES=${CASES:-"25:1:native:off 25:1:native:auto 25:1:int8:auto 25:1:int4:off 25:1:int4:auto
   50:1:native:off 50:1:native:auto 50:1:int8:auto 50:1:int4:auto
   25:4:native:off 25:4:native:auto 25:4:int8:auto 25:4:int4:auto 25:16:native:off 25:16:native:auto"}
@@ -66,6 +71,7 @@ for case in $CASES; do
     case $m in
       w0) extra+=(--warmup-tokens 0) ;;
       t[0-9]*) envs+=(EF_NUM_THREADS=${m#t}) ;;
+      p[0-9]*) envs+=(EF_HOST_GEMV_PIECES=${m#p}) ;;
       lfu) policy=lfu ;;
       r[0-9]*) extra+=(--cpu-experts-max-rows "${m#r}") ;;
       f32x) envs+=(EF_HOST_GEMV_INT8_X=none) ;;
@@ -86,10 +92,15 @@ r, c = j["results"], j["cache"]
 n = max(1, r["generated_tokens"])
 per_tok = c.get("cpu_computed_experts", 0) / n
 split = c.get("split_experts", 0) / n
+done = c.get("cpu_computed_experts", 0)
+# A split expert's host part is (1 - copied share) of a whole one.
+whole = done - c.get("split_experts", 0) * c.get("split_copied_fraction", 0)
+host_ms = c.get("cpu_compute_ms", 0) / whole if whole > 0 else 0
 print(f"{sys.argv[2] + '%':<7} {sys.argv[3]:<5} {sys.argv[4]:<9} {sys.argv[5]:<14} {r['output_tokens_per_s']:10.2f} "
       f"{r['itl_ms_p50']:9.2f} {r['ttft_ms_p50']:9.1f} {r['bytes_moved'] / 2**20:11.1f} {r['hit_rate']:9.3f} "
-      f"{c['stall_ms']:8.1f} {per_tok:.2f} ({split:.2f}, {c.get('split_copied_fraction', 0):.2f})")
+      f"{c['stall_ms']:8.1f} {host_ms:8.2f} {per_tok:.2f} ({split:.2f}, {c.get('split_copied_fraction', 0):.2f})")
 PY
+  tr '\r' '\n' <"$log" | grep -E "(pinning|allocating pinned).* GB in " | sed 's/^.*\] */    load: /'
 done
 grep -h "cpu compute of missed experts" "$R"/*.log | sed 's/^.*cpu compute/cpu compute/' | sort | uniq -c | head -8
 # The logs and JSON as one archive under $OUT.

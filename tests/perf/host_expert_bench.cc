@@ -4,7 +4,11 @@
 // AMX tiles, where the CPU has them.
 // Prints ms per expert and the weight bytes streamed per second (a program, not a test).
 //
-//   ef_host_expert_bench [hidden inter reps]     (default 4096 14336 20: one Mixtral-8x7B expert)
+//   ef_host_expert_bench [hidden inter reps copies]   (default 4096 14336 20 1: one Mixtral-8x7B expert)
+//
+// copies > 1 keeps that many copies of the expert and computes them in turn: weights that come
+// from memory, as a missed expert's do, not from a last-level cache that holds a whole int4 or
+// int8 expert (tens of MB) when one is computed over and over.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -56,36 +60,53 @@ double MedianMs(int reps, F&& f) {
 int main(int argc, char** argv) {
   const int64_t hidden = argc > 1 ? std::atoll(argv[1]) : 4096, inter = argc > 2 ? std::atoll(argv[2]) : 14336;
   const int reps = argc > 3 ? std::atoi(argv[3]) : 20;
+  const int copies = std::max(1, argc > 4 ? std::atoi(argv[4]) : 1);
   ef::ThreadPool& pool = ef::ThreadPool::Default();
   ef::runtime::CpuBackend cpu(&pool);
-  std::printf("expert %lld x %lld, %d threads, vector path %s\n", static_cast<long long>(hidden),
-              static_cast<long long>(inter), pool.num_threads(),
+  std::printf("expert %lld x %lld, %d copies, %d threads, vector path %s\n", static_cast<long long>(hidden),
+              static_cast<long long>(inter), copies, pool.num_threads(),
               ef::runtime::HostGemvVectorized(Weight{DType::kBF16, nullptr, 1, 64}) ? "avx512" : "none");
   std::printf("%-6s %4s %4s %12s %10s %12s %10s %8s\n", "dtype", "x", "rows", "exact_ms", "exact_GB/s", "vector_ms",
               "vector_GB/s", "speedup");
   using ef::runtime::HostPath;
   for (DType t : {DType::kBF16, DType::kQ8, DType::kQ4}) {
-    std::vector<std::byte> sg, su, sd;
-    const Weight g = Make(t, inter, hidden, sg), u = Make(t, inter, hidden, su), d = Make(t, hidden, inter, sd);
-    const double gb = static_cast<double>(g.nbytes() + u.nbytes() + d.nbytes()) / 1e9;
+    struct Expert {
+      std::vector<std::byte> sg, su, sd;
+      Weight g, u, d;
+    };
+    std::vector<Expert> ex(static_cast<size_t>(copies));
+    ex[0].g = Make(t, inter, hidden, ex[0].sg);
+    ex[0].u = Make(t, inter, hidden, ex[0].su);
+    ex[0].d = Make(t, hidden, inter, ex[0].sd);
+    for (size_t c = 1; c < ex.size(); ++c) {
+      Expert& e = ex[c];
+      e.sg = ex[0].sg, e.su = ex[0].su, e.sd = ex[0].sd;
+      e.g = ex[0].g, e.u = ex[0].u, e.d = ex[0].d;
+      e.g.data = e.sg.data(), e.u.data = e.su.data(), e.d.data = e.sd.data();
+    }
+    const Weight& g = ex[0].g;
+    const double gb = static_cast<double>(ex[0].g.nbytes() + ex[0].u.nbytes() + ex[0].d.nbytes()) / 1e9;
+    size_t turn = 0;
     for (int m : {1, 4, 16}) {
       std::vector<float> x(static_cast<size_t>(m * hidden), 0.1f), gy(static_cast<size_t>(m * inter)), uy(gy.size()),
           y(x.size());
       auto exact = [&] {
-        cpu.Gemm(x.data(), m, g, nullptr, gy.data(), false);
-        cpu.Gemm(x.data(), m, u, nullptr, uy.data(), false);
+        const Expert& e = ex[turn++ % ex.size()];
+        cpu.Gemm(x.data(), m, e.g, nullptr, gy.data(), false);
+        cpu.Gemm(x.data(), m, e.u, nullptr, uy.data(), false);
         cpu.SiluMul(gy.data(), uy.data(), gy.data(), m * inter);
-        cpu.Gemm(gy.data(), m, d, nullptr, y.data(), false);
+        cpu.Gemm(gy.data(), m, e.d, nullptr, y.data(), false);
       };
       exact();
       const double e = MedianMs(std::max(3, reps / 4), exact);
       for (HostPath a : {HostPath::kFloat, HostPath::kInt8X, HostPath::kAmx}) {
         if (a != HostPath::kFloat && ef::runtime::HostGemvPath(g, a) != a) continue;
         auto vec = [&] {
-          ef::runtime::HostGemv(pool, x.data(), m, g, gy.data(), {}, a);
-          ef::runtime::HostGemv(pool, x.data(), m, u, uy.data(), {}, a);
+          const Expert& e = ex[turn++ % ex.size()];
+          ef::runtime::HostGemv(pool, x.data(), m, e.g, gy.data(), {}, a);
+          ef::runtime::HostGemv(pool, x.data(), m, e.u, uy.data(), {}, a);
           cpu.SiluMul(gy.data(), uy.data(), gy.data(), m * inter);
-          ef::runtime::HostGemv(pool, gy.data(), m, d, y.data(), {}, a);
+          ef::runtime::HostGemv(pool, gy.data(), m, e.d, y.data(), {}, a);
         };
         vec();
         const double v = MedianMs(reps, vec);

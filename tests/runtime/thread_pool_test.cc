@@ -17,7 +17,8 @@ namespace ef {
 namespace {
 
 // Runs one call over n indices and checks each was visited once.
-void ExpectEachIndexOnce(ThreadPool& pool, int64_t n, int64_t min_chunk, std::chrono::microseconds work = {}) {
+void ExpectEachIndexOnce(ThreadPool& pool, int64_t n, int64_t min_chunk, std::chrono::microseconds work = {},
+                         int pieces_per_thread = 1) {
   std::vector<std::atomic<int>> seen(static_cast<size_t>(n));
   pool.ParallelFor(
       n,
@@ -27,7 +28,7 @@ void ExpectEachIndexOnce(ThreadPool& pool, int64_t n, int64_t min_chunk, std::ch
         for (int64_t i = begin; i < end; ++i) seen[static_cast<size_t>(i)].fetch_add(1);
         if (work.count() > 0 && begin > 0) std::this_thread::sleep_for(work);  // a worker ends last
       },
-      min_chunk);
+      min_chunk, pieces_per_thread);
   for (int64_t i = 0; i < n; ++i) ASSERT_EQ(seen[static_cast<size_t>(i)].load(), 1) << "index " << i << " of " << n;
 }
 
@@ -36,6 +37,43 @@ TEST(ThreadPool, BackToBackCallsVisitEveryIndexOnce) {
     ThreadPool pool(threads);
     for (int call = 0; call < 2000; ++call) ExpectEachIndexOnce(pool, 1 + call % 97, 1 + call % 5);
   }
+}
+
+TEST(ThreadPool, PiecesHandedOutVisitEveryIndexOnce) {
+  for (int threads : {2, 3, 8})
+    for (int pieces : {2, 4, 7}) {
+      ThreadPool pool(threads);
+      for (int call = 0; call < 500; ++call) ExpectEachIndexOnce(pool, 1 + call % 211, 1 + call % 5, {}, pieces);
+    }
+}
+
+// The thread that takes the first piece waits until every other piece is done: with pieces handed
+// out, the other thread runs them all (with one fixed chunk per thread it could not).
+TEST(ThreadPool, WithPiecesAHeldUpThreadLeavesTheRestToTheOthers) {
+  ThreadPool pool(2);
+  constexpr int64_t kN = 64;
+  constexpr int kPieces = 8;  // per thread: 16 pieces of 4
+  std::atomic<int64_t> others_done{0};
+  std::atomic<bool> timed_out{false};
+  pool.ParallelFor(
+      kN,
+      [&](int64_t begin, int64_t end) {
+        if (begin > 0) {
+          others_done.fetch_add(end - begin);
+          return;
+        }
+        const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+        while (others_done.load() < kN - end) {
+          if (std::chrono::steady_clock::now() > until) {
+            timed_out.store(true);
+            return;
+          }
+          std::this_thread::yield();
+        }
+      },
+      /*min_chunk=*/1, kPieces);
+  EXPECT_FALSE(timed_out.load()) << "the other pieces waited for the held-up one";
+  EXPECT_EQ(others_done.load(), kN - kN / (2 * kPieces));
 }
 
 TEST(ThreadPool, CallsAfterTheWorkersSleptVisitEveryIndexOnce) {

@@ -32,12 +32,23 @@
 
 EF_PARAM(HostGemvAmx, bool, "EF_HOST_GEMV_AMX", true,
          "experts computed on the host: bf16 weights on AMX tiles where the CPU has them (0: AVX-512 FMAs)");
+EF_PARAM(HostGemvPieces, int64_t, "EF_HOST_GEMV_PIECES", 4,
+         "experts computed on the host: pieces per pool thread of each matrix's rows, handed to the "
+         "threads as they get free (1: one fixed share per thread)");
 EF_PARAM(HostGemvInt8X, std::string, "EF_HOST_GEMV_INT8_X", "int4",
          "experts computed on the host, which quantized weights take x rounded to int8 per group of 64 "
          "(AVX-512 VNNI): int4, all (int8 too) or none");
 
 namespace ef::runtime {
 namespace {
+
+// Each call's rows go out in several pieces per pool thread, to whichever thread is free: an
+// expert computed beside a running engine shares the CPUs with other threads (the engine's, the
+// CUDA driver's), and with one fixed chunk per thread a call waits for the one that shared.
+int PiecesPerThread() {
+  static const int pieces = static_cast<int>(std::clamp<int64_t>(params::HostGemvPieces(), 1, 64));
+  return pieces;
+}
 
 #ifdef EF_HOST_GEMV_X86
 #define EF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,f16c,fma")))
@@ -696,7 +707,7 @@ void HostGemv(ThreadPool& pool, const float* x, int64_t m, const Weight& w, floa
       const Operands o{x + r0 * k, k, &w, block.col_begin, block.row_begin, y + r0 * n, n};
       pool.ParallelFor((n + kAmxRows - 1) / kAmxRows,
                        [&](int64_t begin, int64_t end) { AmxBlocks(o, xa, rows, begin, end); },
-                       /*min_chunk=*/4);
+                       /*min_chunk=*/4, PiecesPerThread());
     }
     return;
   }
@@ -709,7 +720,7 @@ void HostGemv(ThreadPool& pool, const float* x, int64_t m, const Weight& w, floa
       const Int8Operands io{&o, xq.q.data() + r0 * k, xq.scale.data() + r0 * (k / 64), xq.sum.data() + r0 * (k / 64)};
       pool.ParallelFor(
           n, [&](int64_t begin, int64_t end) { WithRows(rows, [&](auto M) { RowsInt8<M()>(io, begin, end); }); },
-          /*min_chunk=*/64);
+          /*min_chunk=*/64, PiecesPerThread());
     }
     return;
   }
@@ -730,7 +741,7 @@ void HostGemv(ThreadPool& pool, const float* x, int64_t m, const Weight& w, floa
     const Operands o{x + r0 * k, k, &w, block.col_begin, block.row_begin, y + r0 * n, n};
     pool.ParallelFor(
         n, [&](int64_t begin, int64_t end) { WithRows(rows, [&](auto M) { RowsVector<M()>(o, begin, end); }); },
-        /*min_chunk=*/64);
+        /*min_chunk=*/64, PiecesPerThread());
   }
 #endif
 }
