@@ -5,7 +5,10 @@
 # files the model did not train on) with models/tiny-code-moe, against the same run with every
 # expert resident in the checkpoint's precision: top-1 agreement of the next-token prediction and
 # mean KL(reference || quantized) per token, for each precision and budget, plus the bytes loaded.
+# Each comes with a 95% interval from resampling whole sequences (2,000 draws, fixed seed): the mean
+# KL of a configuration is carried by a few tokens, and sequences differ several-fold.
 #   scripts/bench/quant_quality.sh [BIN] [OUT_DIR]      (defaults: build/expertflow, docs/results/quant)
+# SEQS: how many held-out sequences of 256 tokens (default 27, all of them: 6,912 tokens).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${1:-build/expertflow}
@@ -15,8 +18,8 @@ TRACE=tests/data/traces/tiny_code_moe_prefill.jsonl
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/ef_quant_quality.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$OUT"
-# 8 held-out sequences of 256 tokens: 2048 scored tokens.
-python3 - "$TRACE" "$WORK/ids.json" <<'PY'
+SEQS=${SEQS:-27}
+python3 - "$TRACE" "$WORK/ids.json" "$SEQS" <<'PY'
 import json, sys, collections
 seqs = collections.defaultdict(list)
 with open(sys.argv[1]) as f:
@@ -24,7 +27,7 @@ with open(sys.argv[1]) as f:
     for line in f:
         t = json.loads(line)
         seqs[t["seq"]].append((t["pos"], t["token"]))
-ids = [[tok for _, tok in sorted(v)] for _, v in sorted(seqs.items()) if len(v) >= 256][:8]
+ids = [[tok for _, tok in sorted(v)] for _, v in sorted(seqs.items()) if len(v) >= 256][:int(sys.argv[3])]
 json.dump({"input_ids": [s[:256] for s in ids]}, open(sys.argv[2], "w"))
 PY
 echo "# reference: every expert resident, $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" >&2
@@ -64,28 +67,47 @@ for budget in 2 4; do
   done
 done
 python3 - "$WORK" "$OUT/quality.json" "${rows[@]}" <<'PY' | tee "$OUT/quality.md"
-import json, math, sys
+import json, math, random, sys
 work, out, rows = sys.argv[1], sys.argv[2], sys.argv[3:]
-ref = [t for s in json.load(open(f"{work}/ref.json"))["logits"] for t in s]
 def logsoftmax(v):
     m = max(v)
     z = m + math.log(sum(math.exp(x - m) for x in v))
     return [x - z for x in v]
-ref_lp = [logsoftmax(v) for v in ref]
+ref = [[logsoftmax(v) for v in s] for s in json.load(open(f"{work}/ref.json"))["logits"]]
+def interval(per_seq, draws=2000):
+    # 95% interval of the token-weighted mean, resampling whole sequences (their tokens are not
+    # independent: one routing flip moves every later token of its sequence).
+    rng = random.Random(1)
+    means = []
+    for _ in range(draws):
+        pick = [per_seq[rng.randrange(len(per_seq))] for _ in per_seq]
+        means.append(sum(p[0] for p in pick) / sum(p[1] for p in pick))
+    means.sort()
+    return means[int(0.025 * draws)], means[int(0.975 * draws) - 1]
 records = []
+n = sum(len(s) for s in ref)
+print(f"{len(ref)} held-out sequences, {n} tokens; [95% interval, resampling sequences]")
+print()
 print("| slots per layer (of 8) | precision | top-1 agreement | mean KL per token | bytes loaded |")
 print("|---|---|---|---|---|")
 for r in rows:
     budget, index, precision, loaded = r.split("|")
-    got = [t for s in json.load(open(f"{work}/b{budget}_{index}.json"))["logits"] for t in s]
-    agree, kl = 0, 0.0
-    for a, b in zip(ref_lp, got):
-        lb = logsoftmax(b)
-        agree += max(range(len(a)), key=a.__getitem__) == max(range(len(lb)), key=lb.__getitem__)
-        kl += sum(math.exp(x) * (x - y) for x, y in zip(a, lb))
-    n = len(ref_lp)
-    records.append({"slots_per_layer": int(budget), "precision": precision, "tokens": n,
-                    "top1_agreement": agree / n, "mean_kl": kl / n, "bytes_loaded": loaded})
-    print(f"| {budget} | {precision} | {100 * agree / n:.2f}% | {kl / n:.5f} | {loaded} |")
-json.dump({"model": "tiny-code-moe", "tokens": len(ref_lp), "records": records}, open(out, "w"), indent=1)
+    got = json.load(open(f"{work}/b{budget}_{index}.json"))["logits"]
+    agree_seq, kl_seq = [], []
+    for rs, gs in zip(ref, got):
+        agree, kl = 0, 0.0
+        for a, b in zip(rs, gs):
+            lb = logsoftmax(b)
+            agree += max(range(len(a)), key=a.__getitem__) == max(range(len(lb)), key=lb.__getitem__)
+            kl += sum(math.exp(x) * (x - y) for x, y in zip(a, lb))
+        agree_seq.append((agree, len(rs)))
+        kl_seq.append((kl, len(rs)))
+    agree, kl = sum(a for a, _ in agree_seq) / n, sum(k for k, _ in kl_seq) / n
+    (a_lo, a_hi), (k_lo, k_hi) = interval(agree_seq), interval(kl_seq)
+    records.append({"slots_per_layer": int(budget), "precision": precision, "tokens": n, "sequences": len(ref),
+                    "top1_agreement": agree, "top1_interval95": [a_lo, a_hi], "mean_kl": kl,
+                    "mean_kl_interval95": [k_lo, k_hi], "bytes_loaded": loaded})
+    print(f"| {budget} | {precision} | {100 * agree:.2f}% [{100 * a_lo:.2f}, {100 * a_hi:.2f}] | "
+          f"{kl:.5f} [{k_lo:.5f}, {k_hi:.5f}] | {loaded} |")
+json.dump({"model": "tiny-code-moe", "tokens": n, "sequences": len(ref), "records": records}, open(out, "w"), indent=1)
 PY
