@@ -94,16 +94,20 @@ double PinnedHostCompute::HostMs(int64_t r, double share) const {
 }
 
 Status PinnedHostCompute::Calibrate(SlotArena& arena) {
-  // Timed on a few distinct experts in turn: one expert computed over and over comes from the CPU's
-  // last-level cache when it fits there (a whole int4 Mixtral expert nearly does), where a missed
-  // expert comes from memory.
+  // Timed on up to 8 distinct experts in turn, the median: one expert computed over and over comes
+  // from the CPU's last-level cache when it fits there (a whole int4 Mixtral expert nearly does),
+  // where a missed expert comes from memory.
+  constexpr size_t kTimedExperts = 8;
   std::vector<std::pair<int, int>> pinned;
   auto same_shape = [&](int l, int e) {
     const runtime::ExpertWeights a = layout_.Shape(l, e), b = layout_.Shape(pinned[0].first, pinned[0].second);
-    return a.gate.rows == b.gate.rows && a.gate.cols == b.gate.cols && a.down.rows == b.down.rows;
+    auto same = [](const runtime::Weight& u, const runtime::Weight& v) {
+      return u.dtype == v.dtype && u.rows == v.rows && u.cols == v.cols;
+    };
+    return same(a.gate, b.gate) && same(a.up, b.up) && same(a.down, b.down);
   };
-  for (int l = tier_->num_layers() - 1; l >= 0 && pinned.size() < 4; --l)
-    for (int e = 0; e < tier_->num_experts() && pinned.size() < 4; ++e)
+  for (int l = tier_->num_layers() - 1; l >= 0 && pinned.size() < kTimedExperts; --l)
+    for (int e = 0; e < tier_->num_experts() && pinned.size() < kTimedExperts; ++e)
       if (tier_->data(l, e) && (pinned.empty() || same_shape(l, e))) pinned.push_back({l, e});
   if (pinned.empty())
     return FailedPrecondition("cache.cpu_compute needs experts pinned in host memory; the host budget holds none");
@@ -122,14 +126,15 @@ Status PinnedHostCompute::Calibrate(SlotArena& arena) {
   // serve 16 rows at once; int8 x pays per row and group), so it is measured, not assumed.
   auto time_rows = [&](int64_t r) -> StatusOr<double> {
     std::vector<float> x(static_cast<size_t>(r * shape.gate.cols), 0.01f), y(static_cast<size_t>(r * shape.down.rows));
-    double best = 1e30;
-    for (int rep = 0; rep < 3; ++rep) {
-      const auto [l, e] = pinned[static_cast<size_t>(rep) % pinned.size()];
+    std::vector<double> times;
+    for (size_t rep = 0; rep < std::max<size_t>(3, pinned.size()); ++rep) {
+      const auto [l, e] = pinned[rep % pinned.size()];
       auto t = Clock::now();
       EF_RETURN_IF_ERROR(Compute(l, e, r, x.data(), y.data(), 0));
-      best = std::min(best, ms(t));
+      times.push_back(ms(t));
     }
-    return best;
+    std::nth_element(times.begin(), times.begin() + static_cast<std::ptrdiff_t>(times.size() / 2), times.end());
+    return times[times.size() / 2];
   };
   EF_ASSIGN_OR_RETURN(host, time_rows(1));
   row_factor_ = {{1, 1.0}};

@@ -76,9 +76,12 @@ void ThreadPool::RunChunks(int index) {
     if (begin < end) run(begin, end);
     return;
   }
-  for (int64_t p = next_piece_.fetch_add(1, std::memory_order_relaxed); p < pieces_;
+  // Piece p is units [U p / P, U (p + 1) / P) of `unit_` indices each (the last unit shorter), so
+  // pieces start on multiples of the call's min_chunk.
+  const int64_t n = n_, pieces = pieces_, unit = unit_, units = (n + unit - 1) / unit;
+  for (int64_t p = next_piece_.fetch_add(1, std::memory_order_relaxed); p < pieces;
        p = next_piece_.fetch_add(1, std::memory_order_relaxed))
-    run(n_ * p / pieces_, n_ * (p + 1) / pieces_);
+    run(units * p / pieces * unit, std::min(n, units * (p + 1) / pieces * unit));
 }
 
 void ThreadPool::WorkerLoop(int index) {
@@ -117,6 +120,7 @@ void ThreadPool::ParallelFor(int64_t n, const std::function<void(int64_t, int64_
   const int64_t pieces = std::min<int64_t>(most, parts * std::max(1, pieces_per_thread));
   pieces_ = pieces > parts ? pieces : 0;
   n_ = n;
+  unit_ = std::max<int64_t>(1, min_chunk);
   next_piece_.store(0, std::memory_order_relaxed);
   for (int64_t p = 0; p < num_threads(); ++p)
     chunks_[static_cast<size_t>(p)] = p < parts ? std::pair{n * p / parts, n * (p + 1) / parts} : std::pair{n, n};

@@ -1,8 +1,9 @@
 // A small fixed thread pool for the CPU backend: ParallelFor splits [0, n) into contiguous
 // chunks, one per worker, and returns when all are done. The calling thread takes a chunk too.
 // With pieces_per_thread > 1 the chunks are smaller and go to whichever thread is free: a thread
-// that shares its CPU with other work (a CUDA copy thread polling, the engine thread) then holds
-// the call up by one small chunk instead of its whole share.
+// that shares its CPU with other work then holds the call up by the piece it is running (and, if
+// it was off its CPU when the call began, until it runs again and finds none left) instead of by a
+// whole share.
 // Not re-entrant: a ParallelFor body must not call ParallelFor on the same pool.
 //
 // Hand-off: a call publishes its chunks under a new generation number; workers that finished
@@ -69,8 +70,10 @@ class ThreadPool {
   const std::function<void(int64_t, int64_t)>* body_ = nullptr;
   std::vector<std::pair<int64_t, int64_t>> chunks_;  // [thread]; the caller's is [0]
   int64_t n_ = 0;                                    // the current call's range, when pieces_ > 0
+  int64_t unit_ = 1;                                 // its min_chunk: pieces start on multiples of it
   int64_t pieces_ = 0;                               // 0: each thread runs chunks_[its index]
-  std::atomic<int64_t> next_piece_{0};
+  // Taken by every thread of a call: on a cache line of its own, away from what waiting workers poll.
+  alignas(64) std::atomic<int64_t> next_piece_{0};
   std::atomic<uint64_t> generation_{0};
   std::atomic<int> pending_{0};  // workers yet to finish the current call
   std::atomic<bool> stop_{false};

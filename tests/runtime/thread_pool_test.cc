@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <mutex>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -43,8 +44,44 @@ TEST(ThreadPool, PiecesHandedOutVisitEveryIndexOnce) {
   for (int threads : {2, 3, 8})
     for (int pieces : {2, 4, 7}) {
       ThreadPool pool(threads);
-      for (int call = 0; call < 500; ++call) ExpectEachIndexOnce(pool, 1 + call % 211, 1 + call % 5, {}, pieces);
+      for (int call = 0; call < 300; ++call) ExpectEachIndexOnce(pool, 1 + call % 211, 1 + call % 5, {}, pieces);
     }
+}
+
+// Pieces start on multiples of min_chunk and are at least that long; a throwing piece reaches the
+// caller after every piece ended, and the next call works.
+TEST(ThreadPool, PiecesStartOnMultiplesOfTheMinimumChunk) {
+  ThreadPool pool(3);
+  for (int64_t n : {64, 100, 129, 1000, 4096}) {
+    std::mutex mu;
+    std::vector<std::pair<int64_t, int64_t>> seen;
+    pool.ParallelFor(
+        n,
+        [&](int64_t begin, int64_t end) {
+          std::lock_guard<std::mutex> lock(mu);
+          seen.push_back({begin, end});
+        },
+        /*min_chunk=*/16, /*pieces_per_thread=*/4);
+    int64_t covered = 0;
+    for (const auto& [begin, end] : seen) {
+      EXPECT_EQ(begin % 16, 0) << "n " << n;
+      EXPECT_GE(end - begin, 16) << "n " << n;
+      covered += end - begin;
+    }
+    EXPECT_EQ(covered, n);
+    EXPECT_LE(seen.size(), static_cast<size_t>(std::min<int64_t>(n / 16, 12)));
+  }
+  std::atomic<int> ended{0};
+  EXPECT_THROW(pool.ParallelFor(
+                   1200,
+                   [&](int64_t begin, int64_t) {
+                     if (begin == 0) throw std::runtime_error("piece failed");
+                     ended.fetch_add(1);
+                   },
+                   1, 4),
+               std::runtime_error);
+  EXPECT_EQ(ended.load(), 11);  // the other 11 of 12 pieces ran
+  ExpectEachIndexOnce(pool, 1000, 1, {}, 4);
 }
 
 // The thread that takes the first piece waits until every other piece is done: with pieces handed
