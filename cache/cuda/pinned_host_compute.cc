@@ -96,19 +96,13 @@ double PinnedHostCompute::HostMs(int64_t r, double share) const {
 Status PinnedHostCompute::Calibrate(SlotArena& arena) {
   // Timed on up to 8 distinct experts in turn, the median: one expert computed over and over comes
   // from the CPU's last-level cache when it fits there (a whole int4 Mixtral expert nearly does),
-  // where a missed expert comes from memory.
+  // where a missed expert comes from memory. The CUDA cache's slot layout gives every expert one
+  // shape and dtype (CudaSlotLayout), so any pinned ones will do.
   constexpr size_t kTimedExperts = 8;
   std::vector<std::pair<int, int>> pinned;
-  auto same_shape = [&](int l, int e) {
-    const runtime::ExpertWeights a = layout_.Shape(l, e), b = layout_.Shape(pinned[0].first, pinned[0].second);
-    auto same = [](const runtime::Weight& u, const runtime::Weight& v) {
-      return u.dtype == v.dtype && u.rows == v.rows && u.cols == v.cols;
-    };
-    return same(a.gate, b.gate) && same(a.up, b.up) && same(a.down, b.down);
-  };
   for (int l = tier_->num_layers() - 1; l >= 0 && pinned.size() < kTimedExperts; --l)
     for (int e = 0; e < tier_->num_experts() && pinned.size() < kTimedExperts; ++e)
-      if (tier_->data(l, e) && (pinned.empty() || same_shape(l, e))) pinned.push_back({l, e});
+      if (tier_->data(l, e)) pinned.push_back({l, e});
   if (pinned.empty())
     return FailedPrecondition("cache.cpu_compute needs experts pinned in host memory; the host budget holds none");
   const int layer = pinned.front().first, expert = pinned.front().second;
