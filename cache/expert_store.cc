@@ -142,12 +142,21 @@ StatusOr<SlotRef> ExpertStore::Acquire(int layer, int expert) {
   std::unique_lock<std::mutex> lock(mu_);
   const int64_t t0 = NowNs();
   bool waited = false;
-  while (cache_->IsResident(key) && loading_[i]) {  // a prefetch is loading it: wait, then hit
+  StatusOr<SlotCache::Result> placed = Internal("unplaced");
+  while (true) {
+    while (cache_->IsResident(key) && loading_[i]) {  // a prefetch is loading it: wait, then hit
+      waited = true;
+      cv_.wait(lock);
+    }
+    placed = cache_->Access(key, time_++);
+    // A prefetch filling a slot holds it pinned until its copy ends: with every slot of the layer
+    // pinned, wait for the loads in flight before calling the layer's slots exhausted.
+    if (placed.ok() || placed.status().code() != StatusCode::kResourceExhausted || in_flight_ == 0) break;
     waited = true;
     cv_.wait(lock);
   }
   if (waited) counters_[i].stall_ns += NowNs() - t0;
-  EF_ASSIGN_OR_RETURN(SlotCache::Result r, cache_->Access(key, time_++));
+  EF_ASSIGN_OR_RETURN(SlotCache::Result r, std::move(placed));
   cache_->Pin(key);
   if (r.hit) {
     ++counters_[i].hits;

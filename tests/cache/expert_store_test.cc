@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <numeric>
 #include <random>
@@ -205,6 +206,43 @@ TEST(ExpertStore, AsyncPrefetchAndConcurrentAcquire) {
   auto s = store->stats();
   EXPECT_EQ(s.total.hits + s.total.misses, 400 + 0);
   EXPECT_EQ(s.total.bytes_from_host, static_cast<int64_t>(loads.load()) * static_cast<int64_t>(kBytes));
+}
+
+// Every slot of a layer pinned, one of them by a prefetch still copying: a miss waits for the copy
+// to end (the prefetched expert, unpinned, is then evicted) instead of calling the slots exhausted.
+TEST(ExpertStore, MissWaitsForAPrefetchHoldingTheLastSlot) {
+  auto o = Options(2);
+  o.async_prefetch = true;
+  std::atomic<bool> copying{false}, release{false};
+  auto store = std::move(*ExpertStore::Create(o, [&](int l, int e, std::span<std::byte> dst) {
+    if (l == 0 && e == 5) {  // the prefetch: holds its slot until released
+      copying = true;
+      while (!release) std::this_thread::sleep_for(std::chrono::microseconds(100));
+    }
+    return FillExpert(l, e, dst);
+  }));
+  auto held = store->Acquire(0, 0);
+  ASSERT_TRUE(held.ok()) << held.status().ToString();
+  ASSERT_TRUE(store->Prefetch(0, 5, Priority::kPrefetch).ok());
+  while (!copying) std::this_thread::sleep_for(std::chrono::microseconds(100));
+  std::thread releaser([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    release = true;
+  });
+  auto miss = store->Acquire(0, 1);  // slot 1 pinned by expert 0, slot 2 by the prefetch's copy
+  releaser.join();
+  ASSERT_TRUE(miss.ok()) << miss.status().ToString();
+  EXPECT_TRUE(Matches(*miss));
+  EXPECT_FALSE(store->IsResident(0, 5));
+  store->Release(*miss);
+  store->Release(*held);
+  // With every slot held by this thread and nothing in flight, a miss still fails at once.
+  auto a = store->Acquire(0, 2), b = store->Acquire(0, 3);
+  ASSERT_TRUE(a.ok() && b.ok());
+  auto c = store->Acquire(0, 4);
+  EXPECT_EQ(c.status().code(), StatusCode::kResourceExhausted);
+  store->Release(*a);
+  store->Release(*b);
 }
 
 // A non-host-addressable arena (as a device arena would be): the store stages and copies in.
