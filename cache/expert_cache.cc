@@ -203,6 +203,31 @@ StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(runtime::Engine* engi
   cache->engine_ = engine;
   cache->options_ = o;
   cache->budget_ = budget;
+  // The precision options first: a mistake in them (a quantized-experts file that does not fit) is
+  // reported even when the budget holds every expert and no low-precision copy is ever made.
+  PrecisionOptions po;
+  EF_ASSIGN_OR_RETURN(po.precision, ParseLoadPrecision(o.miss_precision));
+  EF_ASSIGN_OR_RETURN(po.low, ParseLoadPrecision(o.low_precision));
+  if (po.low != LoadPrecision::kInt8 && po.low != LoadPrecision::kInt4)
+    return InvalidArgument("cache.low_precision must be int8 or int4, got '" + o.low_precision + "'");
+  if (!(o.low_precision_gate >= 0 && o.low_precision_gate <= 1))
+    return InvalidArgument("cache.low_precision_gate must be in [0, 1], got " + std::to_string(o.low_precision_gate));
+  if (o.upgrade_uses < 0) return InvalidArgument("cache.upgrade_uses must be >= 0");
+  po.low_gate = o.low_precision_gate;
+  po.upgrade_uses = o.upgrade_uses;
+  if (!o.quantized_experts.empty()) {
+    const LoadPrecision low = po.precision == LoadPrecision::kAuto ? po.low : po.precision;
+    if (low == LoadPrecision::kNative)
+      return InvalidArgument("cache.quantized_experts applies to low-precision loads; cache.miss_precision is native");
+    EF_ASSIGN_OR_RETURN(po.calibrated, QuantizedExperts::Open(o.quantized_experts, engine->weights()));
+    const DType want = low == LoadPrecision::kInt4 ? DType::kQ4 : DType::kQ8;
+    if (po.calibrated->dtype() != want)
+      return InvalidArgument("cache.quantized_experts " + o.quantized_experts + " holds " +
+                             (po.calibrated->dtype() == DType::kQ4 ? "int4" : "int8") + " experts; the cache loads " +
+                             LoadPrecisionName(low));
+    EF_LOG(INFO, CACHE, "low-precision copies of %d experts from %s (%s)", po.calibrated->num_experts_held(),
+           o.quantized_experts.c_str(), po.calibrated->method().c_str());
+  }
   if (budget.holds_all()) {
     // Every expert fits: a cache would only add copies.
     EF_RETURN_IF_ERROR(engine->UploadExperts());
@@ -218,16 +243,6 @@ StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(runtime::Engine* engi
     EF_ASSIGN_OR_RETURN(counts, StaticCounts(c, o));
   }
 
-  PrecisionOptions po;
-  EF_ASSIGN_OR_RETURN(po.precision, ParseLoadPrecision(o.miss_precision));
-  EF_ASSIGN_OR_RETURN(po.low, ParseLoadPrecision(o.low_precision));
-  if (po.low != LoadPrecision::kInt8 && po.low != LoadPrecision::kInt4)
-    return InvalidArgument("cache.low_precision must be int8 or int4, got '" + o.low_precision + "'");
-  if (!(o.low_precision_gate >= 0 && o.low_precision_gate <= 1))
-    return InvalidArgument("cache.low_precision_gate must be in [0, 1], got " + std::to_string(o.low_precision_gate));
-  if (o.upgrade_uses < 0) return InvalidArgument("cache.upgrade_uses must be >= 0");
-  po.low_gate = o.low_precision_gate;
-  po.upgrade_uses = o.upgrade_uses;
   const bool cuda = engine->backend().kind() == runtime::BackendKind::kCuda;
   if (o.cpu_compute != "off" && o.cpu_compute != "auto" && o.cpu_compute != "whole" && o.cpu_compute != "on" &&
       o.cpu_compute != "split")

@@ -71,6 +71,9 @@ struct ExpertCacheOptions {
   std::string low_precision = "int8";     // auto: the low precision (int8 | int4)
   double low_precision_gate = 0.5;        // auto: gate weight below which a miss loads low
   int upgrade_uses = 16;                  // auto: uses before a low-precision copy is upgraded; 0: never
+  // A file of experts quantized ahead of time (`expertflow quantize`: GPTQ over calibration text,
+  // cache/quantized_experts.h) in the low precision; its blocks replace rounding to nearest.
+  std::string quantized_experts;
   // CUDA: compute missed experts of few rows on the host CPU from their pinned copies instead of
   // copying them: off | auto (each miss to whichever of copy or host finishes it first, one split
   // between them) | whole (no split) | on (every eligible miss on the host) | split (tests).

@@ -51,13 +51,7 @@ namespace {
 DType QuantDType(LoadPrecision p) { return p == LoadPrecision::kInt4 ? DType::kQ4 : DType::kQ8; }
 
 bool Quantizable(const runtime::ExpertWeights& w, LoadPrecision p) {
-  // Biased experts (GPT-OSS) stay in the checkpoint's precision: their packed layout appends the
-  // biases, which the quantized block does not carry. So do experts a checkpoint ships packed
-  // (MXFP4, block FP8): requantizing them would only add error.
-  if (p == LoadPrecision::kNative || p == LoadPrecision::kAuto || !IsFloatWeight(w.gate.dtype) || w.has_bias())
-    return false;
-  const QuantFormat f = QuantFormat::Of(QuantDType(p));
-  return f.divides(w.gate.cols) && f.divides(w.up.cols) && f.divides(w.down.cols);
+  return p != LoadPrecision::kNative && p != LoadPrecision::kAuto && CacheQuantizes(w, QuantDType(p));
 }
 
 }  // namespace
@@ -155,8 +149,8 @@ Status ExpertTiers::Quantize(int layer, int expert, std::span<const std::byte> n
   const runtime::Weight* from[] = {&w.gate, &w.up, &w.down};
   const runtime::Weight* to[] = {&p.gate, &p.up, &p.down};
   for (int i = 0; i < 3; ++i) {
-    EF_ASSIGN_OR_RETURN(size_t n, ::ef::Quantize(to[i]->dtype, from[i]->dtype, native.data() + src_off, from[i]->rows,
-                                                 from[i]->cols, dst.data() + dst_off, to[i]->nbytes()));
+    EF_ASSIGN_OR_RETURN(size_t n, QuantizeExpertPart(popts_.calibrated.get(), layer, expert, i, to[i]->dtype, *from[i],
+                                                     native.data() + src_off, dst.data() + dst_off, to[i]->nbytes()));
     src_off += from[i]->nbytes();
     dst_off += n;
   }

@@ -37,6 +37,7 @@
 #include <string>
 #include <vector>
 
+#include "cache/quantized_experts.h"
 #include "runtime/core/status.h"
 #include "runtime/engine/model_weights.h"
 
@@ -71,6 +72,9 @@ struct PrecisionOptions {
   LoadPrecision low = LoadPrecision::kInt8;  // auto's low precision: int8 or int4
   double low_gate = 0.5;                     // auto: gate weight below which a miss loads low
   int upgrade_uses = 16;                     // auto: uses of a low-precision copy before its upgrade; 0: never
+  // Experts quantized ahead of time (GPTQ, cache.quantized_experts), in the low precision: their
+  // blocks replace the round to nearest of the checkpoint. Null: every copy is rounded at load.
+  std::shared_ptr<const QuantizedExperts> calibrated;
 };
 // "native" (alias "bf16": the checkpoint's own dtype, outputs unchanged), "int8", "int4", "auto".
 StatusOr<LoadPrecision> ParseLoadPrecision(const std::string& name);

@@ -15,7 +15,7 @@
 namespace ef::cache {
 
 Status WriteExpertSlot(const runtime::ModelWeights& model, const SlotLayout& layout, int layer, int expert,
-                       std::span<std::byte> dst, int quant_threads) {
+                       std::span<std::byte> dst, int quant_threads, const QuantizedExperts* calibrated) {
   const runtime::ExpertWeights& from = model.host_expert(layer, expert);
   const runtime::ExpertWeights shape = layout.Shape(layer, expert);
   const auto name = [&] { return "expert " + std::to_string(expert) + " of layer " + std::to_string(layer); };
@@ -32,7 +32,9 @@ Status WriteExpertSlot(const runtime::ModelWeights& model, const SlotLayout& lay
       return Internal(name() + ": part " + std::to_string(i) + " has another shape in the slot layout");
     std::byte* out = dst.data() + off[i];
     if (IsQuantized(t.dtype)) {
-      StatusOr<size_t> n = Quantize(t.dtype, s.dtype, s.data, s.rows, s.cols, out, t.nbytes(), quant_threads);
+      StatusOr<size_t> n = i < 3 ? QuantizeExpertPart(calibrated, layer, expert, static_cast<int>(i), t.dtype, s,
+                                                      s.data, out, t.nbytes(), quant_threads)
+                                 : Quantize(t.dtype, s.dtype, s.data, s.rows, s.cols, out, t.nbytes(), quant_threads);
       if (!n.ok()) return std::move(n).status().Prepend(name());
     } else {
       if (s.dtype != t.dtype) return Internal(name() + ": part " + std::to_string(i) + " changes dtype unquantized");
@@ -43,7 +45,7 @@ Status WriteExpertSlot(const runtime::ModelWeights& model, const SlotLayout& lay
 }
 
 Status WriteExpertSlots(const runtime::ModelWeights& model, const SlotLayout& layout, std::span<const SlotFill> fills,
-                        Progress* progress, int threads) {
+                        Progress* progress, int threads, const QuantizedExperts* calibrated) {
   if (fills.empty()) return Status::Ok();
   if (threads <= 0) threads = std::min(AvailableCpus(), 16);
   threads = std::min<int>(threads, static_cast<int>(fills.size()));
@@ -56,7 +58,7 @@ Status WriteExpertSlots(const runtime::ModelWeights& model, const SlotLayout& la
   auto work = [&] {
     for (size_t i = next.fetch_add(1); i < fills.size() && !failed.load(); i = next.fetch_add(1)) {
       const SlotFill& f = fills[i];
-      Status st = WriteExpertSlot(model, layout, f.layer, f.expert, f.dst, quant_threads);
+      Status st = WriteExpertSlot(model, layout, f.layer, f.expert, f.dst, quant_threads, calibrated);
       std::lock_guard<std::mutex> lock(mu);
       if (!st.ok()) {
         if (!failed.exchange(true)) first_error = std::move(st);

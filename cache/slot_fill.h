@@ -22,8 +22,11 @@ namespace ef::cache {
 // quantized when layout.Shape names a quantized dtype (the tiers' load precision). Bytes between the
 // parts are left as they are. The same bytes as tiers->PackFromCheckpoint then layout.Write.
 // quant_threads: Quantize's max_threads (0: its own choice). Errors name the expert.
+// calibrated (may be null): blocks quantized ahead of time, taken instead of rounding
+// (QuantizeExpertPart).
 [[nodiscard]] Status WriteExpertSlot(const runtime::ModelWeights& model, const SlotLayout& layout, int layer,
-                                     int expert, std::span<std::byte> dst, int quant_threads = 0);
+                                     int expert, std::span<std::byte> dst, int quant_threads = 0,
+                                     const QuantizedExperts* calibrated = nullptr);
 
 struct SlotFill {
   int layer = 0;
@@ -35,6 +38,7 @@ struct SlotFill {
 // taking the next expert when it finishes one. progress (may be null) advances by each dst's size.
 // Returns the first error to happen (experts no thread has started are not written).
 [[nodiscard]] Status WriteExpertSlots(const runtime::ModelWeights& model, const SlotLayout& layout,
-                                      std::span<const SlotFill> fills, Progress* progress, int threads = 0);
+                                      std::span<const SlotFill> fills, Progress* progress, int threads = 0,
+                                      const QuantizedExperts* calibrated = nullptr);
 
 }  // namespace ef::cache

@@ -27,6 +27,7 @@ Command AddScheduleEvalCommand(CLI::App& root);
 Command AddServeCommand(CLI::App& root);
 Command AddBenchCommand(CLI::App& root);
 Command AddPlaceCommand(CLI::App& root);
+Command AddQuantizeCommand(CLI::App& root);
 
 // Prints "error: <message>" to stderr and returns 1.
 int ReportError(const Status& status);

@@ -238,6 +238,7 @@ const std::map<std::string, Section>& Schema() {
            {"low_precision_gate",
             [](const Ctx& c, Config* o) { return GetDouble(c, 0, 1, false, &o->cache.low_precision_gate); }},
            {"upgrade_uses", [](const Ctx& c, Config* o) { return GetInt(c, 0, 1 << 20, &o->cache.upgrade_uses); }},
+           {"quantized_experts", [](const Ctx& c, Config* o) { return GetString(c, &o->cache.quantized_experts); }},
            {"cpu_compute",
             [](const Ctx& c, Config* o) {
               return GetOneOf(c, {"off", "auto", "whole", "on", "split"}, &o->cache.cpu_compute);
@@ -516,6 +517,7 @@ std::string ConfigToYaml(const Config& c) {
   e << YAML::Key << "low_precision" << YAML::Value << c.cache.low_precision;
   e << YAML::Key << "low_precision_gate" << YAML::Value << c.cache.low_precision_gate;
   e << YAML::Key << "upgrade_uses" << YAML::Value << c.cache.upgrade_uses;
+  e << YAML::Key << "quantized_experts" << YAML::Value << c.cache.quantized_experts;
   e << YAML::Key << "cpu_compute" << YAML::Value << c.cache.cpu_compute;
   e << YAML::Key << "cpu_compute_max_rows" << YAML::Value << c.cache.cpu_compute_max_rows << YAML::EndMap;
   e << YAML::Key << "predictor" << YAML::Value << YAML::Flow << YAML::BeginMap;
@@ -592,6 +594,9 @@ void CacheFlags::Register(CLI::App* app) {
   app->add_option("--upgrade-uses", upgrade_uses,
                   "auto: uses of a low-precision copy before it is reloaded in full precision; 0: never "
                   "(cache.upgrade_uses)");
+  app->add_option("--quantized-experts", quantized_experts,
+                  "low-precision expert copies quantized ahead of time by `expertflow quantize` (GPTQ), used instead "
+                  "of rounding the checkpoint at load (cache.quantized_experts)");
   app->add_option("--cpu-experts", cpu_compute,
                   "cuda: compute missed experts of few rows on the host CPU instead of copying them: off, auto "
                   "(each miss to whichever of copy and host finishes first, and one split between them so both end "
@@ -615,6 +620,7 @@ Status CacheFlags::Apply(const CLI::App& app, Config* config) const {
       {"--low-precision", {"cache.low_precision", &low_precision}},
       {"--low-precision-gate", {"cache.low_precision_gate", &low_precision_gate}},
       {"--upgrade-uses", {"cache.upgrade_uses", &upgrade_uses}},
+      {"--quantized-experts", {"cache.quantized_experts", &quantized_experts}},
       {"--cpu-experts", {"cache.cpu_compute", &cpu_compute}},
       {"--cpu-experts-max-rows", {"cache.cpu_compute_max_rows", &cpu_compute_max_rows}},
       {"--predictor", {"predictor.kind", &predictor}},

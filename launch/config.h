@@ -101,6 +101,9 @@ struct CacheSection {
   std::string low_precision = "int8";
   double low_precision_gate = 0.5;
   int upgrade_uses = 16;
+  // A file of experts quantized ahead of time in the low precision (`expertflow quantize`, GPTQ
+  // over calibration text; cache/quantized_experts.h); empty: rounded to nearest at load.
+  std::string quantized_experts;
   // cuda: compute missed experts of at most cpu_compute_max_rows rows on the host CPU from their
   // pinned copies instead of copying them: off | auto (each miss to whichever of the copy engine
   // and the host finishes it first, then one expert split between them so both end together) |
@@ -202,11 +205,12 @@ comm::ClusterOptions ToClusterOptions(const Config& config);
 //   --prefetch-min-prob   -> cache.prefetch_min_prob
 //   --miss-precision      -> cache.miss_precision
 //   --low-precision, --low-precision-gate, --upgrade-uses -> cache.low_precision, ...
+//   --quantized-experts   -> cache.quantized_experts
 //   --cpu-experts         -> cache.cpu_compute     --cpu-experts-max-rows -> cache.cpu_compute_max_rows
 //   --predictor           -> predictor.kind        --predictor-path    -> predictor.path
 struct CacheFlags {
   std::string device_budget, host_budget, policy, prefetch_layers, prefetch_min_prob, miss_precision, low_precision,
-      low_precision_gate, upgrade_uses, cpu_compute, cpu_compute_max_rows, predictor, predictor_path;
+      low_precision_gate, upgrade_uses, quantized_experts, cpu_compute, cpu_compute_max_rows, predictor, predictor_path;
 
   void Register(CLI::App* app);
   // Writes the flags given on the command line into `config` (validated like the file's keys).

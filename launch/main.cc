@@ -19,7 +19,7 @@ int main(int argc, char** argv) {
       ef::launch::AddTraceCommand(app),          ef::launch::AddReplayCommand(app),
       ef::launch::AddTrainPredictorCommand(app), ef::launch::AddEvalPredictorCommand(app),
       ef::launch::AddScheduleEvalCommand(app),   ef::launch::AddPlaceCommand(app),
-      ef::launch::AddInfoCommand(app),
+      ef::launch::AddQuantizeCommand(app),       ef::launch::AddInfoCommand(app),
   };
   try {
     app.parse(argc, argv);

@@ -120,7 +120,8 @@ StatusOr<std::unique_ptr<CachedExpertSource>> CreateCudaCacheSource(const runtim
                      ? std::string("pinning experts in host memory (") + LoadPrecisionName(tiers->precision()) + ")"
                      : std::string("pinning experts in host memory"),
                  static_cast<int64_t>(tier->total_bytes()));
-    EF_RETURN_IF_ERROR(WriteExpertSlots(model, layout, fills, &bar));
+    EF_RETURN_IF_ERROR(
+        WriteExpertSlots(model, layout, fills, &bar, 0, tiers ? tiers->precision_options().calibrated.get() : nullptr));
   }
   const int total = c.num_experts * static_cast<int>(moe.size());
   if (tier->num_pinned() < total && !(tiers && tiers->hooks().host))

@@ -18,7 +18,8 @@ namespace ef {
 
 class Progress {
  public:
-  Progress(std::string what, int64_t total_bytes, double interval_s = 2.0);
+  // unit: empty for bytes (printed in GB), else what is counted ("tokens"), printed as counted.
+  Progress(std::string what, int64_t total_bytes, double interval_s = 2.0, std::string unit = "");
   ~Progress() { Done(); }
   void Advance(int64_t bytes);
   // Prints the final line if any line was printed (idempotent).
@@ -28,6 +29,7 @@ class Progress {
   void Print(bool final_line);
 
   std::string what_;
+  std::string unit_;  // empty: bytes
   int64_t total_ = 0, done_ = 0;
   double interval_s_;
   bool tty_ = false, printed_ = false, finished_ = false;

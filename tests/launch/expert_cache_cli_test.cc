@@ -6,6 +6,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -99,6 +101,55 @@ TEST_F(ExpertCacheCliTest, BadFlagsAreReported) {
   EXPECT_NE(Read("stderr").find("is larger than cpu"), std::string::npos) << Read("stderr");
   EXPECT_EQ(Run(base + " --cache-device-budget '2 slots per layer' --cache-policy belady"), 1);
   EXPECT_NE(Read("stderr").find("offline analysis"), std::string::npos) << Read("stderr");
+}
+
+// `expertflow quantize` writes GPTQ experts that score loads with --quantized-experts (other
+// logits than rounding to nearest, within int8's reach of the model's); mismatches are refused.
+TEST_F(ExpertCacheCliTest, QuantizeWritesExpertsTheCacheLoads) {
+  {
+    std::ofstream text(dir_ / "calib.py");
+    for (int i = 0; i < 40; ++i)
+      text << "def f" << i << "(x, y=" << i << "):\n    \"\"\"Return x plus y.\"\"\"\n    return x + y * " << i
+           << "\n\n";
+  }
+  const std::string q8 = (dir_ / "q8.safetensors").string();
+  const std::string quantize = "quantize --backend cpu --model " + kModelDir + " --calibration " +
+                               (dir_ / "calib.py").string() + " --min-tokens 1";
+  ASSERT_EQ(Run(quantize + " --seq-len 64 --out " + q8), 0) << Read("stderr");
+  EXPECT_NE(Read("stderr").find("output error vs rounding to nearest"), std::string::npos) << Read("stderr");
+  const std::string score = "score --backend cpu --model " + kModelDir + " --ids-file " + (dir_ / "ids.json").string() +
+                            " --cache-device-budget '4 slots per layer' --cache-policy lru";
+  ASSERT_EQ(Run(score + " --miss-precision int8"), 0) << Read("stderr");
+  const json rounded = json::parse(Read("stdout"));
+  ASSERT_EQ(Run(score + " --miss-precision int8 --quantized-experts " + q8), 0) << Read("stderr");
+  const json gptq = json::parse(Read("stdout"));
+  ASSERT_EQ(Run(score), 0) << Read("stderr");
+  const json native = json::parse(Read("stdout"));
+  double diff_rounded = 0, diff_native = 0;
+  for (size_t b = 0; b < native["logits"].size(); ++b)
+    for (size_t t = 0; t < native["logits"][b].size(); ++t)
+      for (size_t v = 0; v < native["logits"][b][t].size(); ++v) {
+        const double g = gptq["logits"][b][t][v].get<double>();
+        diff_rounded = std::max(diff_rounded, std::abs(g - rounded["logits"][b][t][v].get<double>()));
+        diff_native = std::max(diff_native, std::abs(g - native["logits"][b][t][v].get<double>()));
+      }
+  EXPECT_GT(diff_rounded, 0.0) << "the file's experts were not used";
+  EXPECT_LT(diff_native, 1.0);
+  // The wrong precision, no low precision at all, a file that is not one.
+  ASSERT_NE(Run(score + " --miss-precision int4 --quantized-experts " + q8), 0);
+  EXPECT_NE(Read("stderr").find("holds int8 experts; the cache loads int4"), std::string::npos) << Read("stderr");
+  ASSERT_NE(Run(score + " --quantized-experts " + q8), 0);
+  EXPECT_NE(Read("stderr").find("cache.miss_precision is native"), std::string::npos) << Read("stderr");
+  ASSERT_NE(Run(score + " --miss-precision int8 --quantized-experts " + kModelDir + "/model.safetensors"), 0);
+  EXPECT_NE(Read("stderr").find("not a quantized-experts file"), std::string::npos) << Read("stderr");
+  // Also when the budget holds every expert (no low-precision copy is ever made).
+  ASSERT_NE(Run("score --backend cpu --model " + kModelDir + " --ids-file " + (dir_ / "ids.json").string() +
+                " --cache-device-budget '8 slots per layer' --miss-precision int4 --quantized-experts " + q8),
+            0);
+  EXPECT_NE(Read("stderr").find("holds int8 experts"), std::string::npos) << Read("stderr");
+  // Too little calibration text for one sequence.
+  ASSERT_NE(Run(quantize + " --seq-len 60000 --out " + q8), 0);
+  EXPECT_NE(Read("stderr").find("fewer than one sequence"), std::string::npos) << Read("stderr");
 }
 
 TEST_F(ExpertCacheCliTest, MpirunRunsAPerRankCache) {
