@@ -30,6 +30,29 @@ elif [[ -z ${SKIP_TESTS:-} ]]; then
 fi
 "$BUILD"/tests/ef_host_expert_bench 4096 14336 20     # one expert, over and over (int4/int8 fit the L3)
 "$BUILD"/tests/ef_host_expert_bench 4096 14336 20 8   # eight in turn: weights from memory, as a miss's
+# The same while pinned host memory streams to the GPU at full PCIe rate, as the cache's copies do
+# in a run: does the DMA's share of host memory bandwidth slow the host's expert?
+python3 - "$BUILD"/tests/ef_host_expert_bench <<'PY' 2>&1 | grep -vi warn
+import subprocess, sys, threading, time
+import torch
+src = torch.empty(1 << 30, dtype=torch.uint8).pin_memory()
+dst = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+stop, moved = threading.Event(), [0]
+def copy():
+    while not stop.is_set():
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        moved[0] += 1
+t = threading.Thread(target=copy)
+t0 = time.time()
+t.start()
+time.sleep(1)
+print("# under a host-to-device copy load:")
+subprocess.run([sys.argv[1], "4096", "14336", "20", "8"])
+stop.set()
+t.join()
+print("# copy load: %.1f GB/s over the bench" % (moved[0] * (1 << 30) / 1e9 / (time.time() - t0)))
+PY
 lscpu | grep -E "^(Model name|NUMA node|L3 cache|Thread)" ; numactl -H 2>/dev/null | head -3
 "$BUILD"/tests/ef_quant_bench 14336 4096 5 "$(nproc)"  # the quantizer the host tier's int8/int4 load runs
 
