@@ -59,6 +59,10 @@ Status RunQuantize(const QuantizeOptions& o) {
   if (eo.max_seq_len == 0 || eo.max_seq_len < o.seq_len) eo.max_seq_len = o.seq_len;
   EF_ASSIGN_OR_RETURN(auto engine, runtime::Engine::Create(o.model.dir, eo));
   const runtime::ModelConfig& c = engine->config();
+  if (c.max_position_embeddings > 0 && o.seq_len > c.max_position_embeddings)
+    return InvalidArgument("--seq-len " + std::to_string(o.seq_len) + " is past the model's max_position_embeddings (" +
+                           std::to_string(c.max_position_embeddings) +
+                           "): calibration inputs must be positions the model was made for");
   const int64_t seqs = static_cast<int64_t>(ids.size()) / o.seq_len;
   // Every Nth sequence is held out (when there are N or more): the output error on inputs GPTQ did
   // not see is the number that says what it buys.

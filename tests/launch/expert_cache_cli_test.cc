@@ -150,6 +150,10 @@ TEST_F(ExpertCacheCliTest, QuantizeWritesExpertsTheCacheLoads) {
   // Too little calibration text for one sequence.
   ASSERT_NE(Run(quantize + " --seq-len 60000 --out " + q8), 0);
   EXPECT_NE(Read("stderr").find("fewer than one sequence"), std::string::npos) << Read("stderr");
+  // Sequences longer than the model's positions.
+  ASSERT_NE(Run(quantize + " --seq-len 1025 --out " + q8), 0);
+  EXPECT_NE(Read("stderr").find("past the model's max_position_embeddings (1024)"), std::string::npos)
+      << Read("stderr");
 }
 
 TEST_F(ExpertCacheCliTest, MpirunRunsAPerRankCache) {
