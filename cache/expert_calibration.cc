@@ -186,7 +186,7 @@ StatusOr<ExpertCalibration::Result> ExpertCalibration::Quantize(const Options& o
         auto n = QuantizeGptq(o.dtype, wf.data(), x.rows, x.cols, p == 2 ? h_mid.data() : h_in.data(), b.bytes.data(),
                               b.bytes.size(), o.gptq);
         if (!n.ok()) {
-          if (n.status().message().find("not positive definite") != std::string::npos) {
+          if (n.status().code() == StatusCode::kFailedPrecondition) {
             singular = true;
             break;
           }

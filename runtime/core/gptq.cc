@@ -121,7 +121,7 @@ StatusOr<size_t> QuantizeGptq(DType target, const float* w, int64_t rows, int64_
     for (int64_t b = 0; b < n; ++b) hp[a * n + b] = h[order[a] * n + order[b]];
   std::vector<double> u;
   if (!CholeskyLower(hp, n) || !InverseUpperFactor(hp, n, u))
-    return InvalidArgument("GPTQ: the Hessian is not positive definite (raise the damping)");
+    return FailedPrecondition("GPTQ: the Hessian is not positive definite (raise the damping)");
 
   // Every group's parameters are Quantize's, from the weights as given (static groups: the order
   // of the columns does not change them); Quantize also checks the values.

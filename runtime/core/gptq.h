@@ -39,7 +39,8 @@ struct GptqOptions {
 // result). Returns the bytes written (WeightBytes(target, rows, cols)). InvalidArgument, naming the
 // problem, for what Quantize refuses (target, cols not a multiple of the group, values not finite or
 // too large, dst too small) and for a Hessian that is not finite or has a negative diagonal entry.
-// A column no input ever reached (zero diagonal) is quantized to nearest.
+// FailedPrecondition when H is not positive definite even after damping (the caller may round that
+// matrix to nearest instead). A column no input ever reached (zero diagonal) is quantized to nearest.
 [[nodiscard]] StatusOr<size_t> QuantizeGptq(DType target, const float* w, int64_t rows, int64_t cols,
                                             const double* hessian, void* dst, size_t dst_bytes,
                                             const GptqOptions& options = {});
