@@ -1,7 +1,5 @@
 #include "cache/cuda/pinned_host_tier.h"
 
-#include <cuda_runtime_api.h>
-
 #include <algorithm>
 #include <string>
 
@@ -20,6 +18,7 @@ StatusOr<std::unique_ptr<PinnedHostTier>> PinnedHostTier::Create(int num_layers,
   t->num_experts_ = num_experts;
   t->bytes_ = bytes_per_expert;
   t->buffers_.assign(static_cast<size_t>(num_layers) * num_experts, nullptr);
+  t->kind_ = runtime::cuda::DefaultPinnedKind();
   // Pinning takes the driver a while per GB (it locks every page): shown like the fill that follows.
   int64_t planned = 0;
   for (int l = 0; l < num_layers; ++l)
@@ -27,21 +26,17 @@ StatusOr<std::unique_ptr<PinnedHostTier>> PinnedHostTier::Create(int num_layers,
       if (!keep || keep(l, e)) planned += static_cast<int64_t>(bytes_per_expert);
   if (max_bytes > 0)
     planned = std::min<int64_t>(planned, static_cast<int64_t>(max_bytes / bytes_per_expert * bytes_per_expert));
-  Progress bar("allocating pinned host memory", planned);
+  Progress bar(std::string("allocating pinned host memory (") + runtime::cuda::PinnedKindName(t->kind_) + ")", planned);
   for (int l = 0; l < num_layers; ++l) {
     if (!present[l]) continue;
     for (int e = 0; e < num_experts; ++e) {
       if (keep && !keep(l, e)) continue;
       if (max_bytes > 0 && t->total_ + bytes_per_expert > max_bytes) return t;
-      void* p = nullptr;
-      const cudaError_t err = cudaHostAlloc(&p, bytes_per_expert, cudaHostAllocDefault);
-      if (err != cudaSuccess) {
-        cudaGetLastError();  // clear the sticky-free error state of the runtime
-        return ResourceExhausted("pinned host tier: cudaHostAlloc of " + std::to_string(bytes_per_expert) +
-                                 " bytes failed after " + std::to_string(t->total_) +
-                                 " bytes pinned: " + cudaGetErrorString(err));
-      }
-      t->buffers_[static_cast<size_t>(l) * num_experts + e] = static_cast<std::byte*>(p);
+      StatusOr<void*> p = runtime::cuda::AllocatePinned(bytes_per_expert, t->kind_);
+      if (!p.ok())
+        return ResourceExhausted("pinned host tier: " + p.status().message() + ", after " + std::to_string(t->total_) +
+                                 " bytes pinned");
+      t->buffers_[static_cast<size_t>(l) * num_experts + e] = static_cast<std::byte*>(*p);
       t->total_ += bytes_per_expert;
       ++t->num_pinned_;
       bar.Advance(static_cast<int64_t>(bytes_per_expert));
@@ -51,8 +46,7 @@ StatusOr<std::unique_ptr<PinnedHostTier>> PinnedHostTier::Create(int num_layers,
 }
 
 PinnedHostTier::~PinnedHostTier() {
-  for (auto it = buffers_.rbegin(); it != buffers_.rend(); ++it)
-    if (*it) cudaFreeHost(*it);
+  for (auto it = buffers_.rbegin(); it != buffers_.rend(); ++it) runtime::cuda::FreePinned(*it, bytes_, kind_);
 }
 
 }  // namespace ef::cache

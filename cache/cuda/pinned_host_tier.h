@@ -1,8 +1,9 @@
 // PinnedHostTier: the host tier of the expert cache on a CUDA device — one page-locked buffer
-// (cudaHostAlloc) per (layer, expert), so host->device copies run asynchronously at full PCIe
-// speed (55 GB/s pinned vs 20 GB/s pageable on the H200 machine, ACCELERATOR.md).
+// per (layer, expert), so host->device copies run asynchronously at full PCIe speed (55 GB/s
+// pinned vs 20 GB/s pageable on the H200 machine, ACCELERATOR.md). The pages are cudaHostAlloc's
+// or, with EF_PINNED_HUGE_PAGES, transparent huge pages (runtime/backend/cuda/pinned_memory.h).
 //
-// Ownership: owns every buffer; frees them (cudaFreeHost) on destruction, in reverse order.
+// Ownership: owns every buffer; frees them on destruction, in reverse order.
 // Thread safety: immutable after Create/fill; data() may be read from any thread.
 #pragma once
 
@@ -11,6 +12,7 @@
 #include <memory>
 #include <vector>
 
+#include "runtime/backend/cuda/pinned_memory.h"
 #include "runtime/core/status.h"
 
 namespace ef::cache {
@@ -44,6 +46,7 @@ class PinnedHostTier {
   size_t bytes_ = 0;
   size_t total_ = 0;
   int num_pinned_ = 0;
+  runtime::cuda::PinnedKind kind_ = runtime::cuda::PinnedKind::kDriver;
   std::vector<std::byte*> buffers_;  // nullptr for dense layers and past max_bytes
 };
 

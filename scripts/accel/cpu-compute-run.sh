@@ -28,31 +28,44 @@ elif [[ -z ${SKIP_TESTS:-} ]]; then
   echo "gpu tests in $(($(date +%s) - t0)) s"
   "$BUILD"/tests/gpu_tests --gtest_filter='*CpuCompute*' 2>&1 | grep -F "[ cpu compute ]"
 fi
-"$BUILD"/tests/ef_host_expert_bench 4096 14336 20     # one expert, over and over (int4/int8 fit the L3)
-"$BUILD"/tests/ef_host_expert_bench 4096 14336 20 8   # eight in turn: weights from memory, as a miss's
+# HOST_BENCH=none skips the host kernel's benchmarks (the offload cases alone).
+if [[ ${HOST_BENCH:-full} != none ]]; then
+# One Mixtral expert's three matrices, eight copies in turn (weights from memory, as a miss's, not
+# from the last-level cache), 1 and 4 rows. What differs between the benchmark and a run: the host tier's memory (cudaHostAlloc's 4 KiB pages,
+# or EF_PINNED_HUGE_PAGES' 2 MiB ones, against ordinary memory), the idle time between a decode
+# step's host computations (threads asleep, cores idle), and the copy engine reading host memory
+# at the same time (below).
+grep -E "AnonHugePages|HugePages_Total" /proc/meminfo
+HB=("$BUILD"/tests/ef_host_expert_bench 4096 14336 10 8 --rows=1,4 --no-exact)
+for mem in vector pinned huge; do "${HB[@]}" --memory=$mem; done
+for mem in pinned huge; do "${HB[@]}" --memory=$mem --gap-ms=3; done
 # The same while pinned host memory streams to the GPU at full PCIe rate, as the cache's copies do
-# in a run: does the DMA's share of host memory bandwidth slow the host's expert?
-python3 - "$BUILD"/tests/ef_host_expert_bench <<'PY' 2>&1 | grep -vi warn
+# in a run: does the DMA's share of host memory bandwidth slow the host's expert? (The copying
+# thread waits on a blocking event, so that it does not spin on a core the host's threads use.)
+python3 - "${HB[@]}" --memory=pinned <<'PY' 2>&1 | grep -vi warn
 import subprocess, sys, threading, time
 import torch
 src = torch.empty(1 << 30, dtype=torch.uint8).pin_memory()
 dst = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
 stop, moved = threading.Event(), [0]
+done = torch.cuda.Event(blocking=True)
 def copy():
     while not stop.is_set():
         dst.copy_(src, non_blocking=True)
-        torch.cuda.synchronize()
+        done.record()
+        done.synchronize()
         moved[0] += 1
 t = threading.Thread(target=copy)
 t0 = time.time()
 t.start()
 time.sleep(1)
 print("# under a host-to-device copy load:")
-subprocess.run([sys.argv[1], "4096", "14336", "20", "8"])
+subprocess.run(sys.argv[1:])
 stop.set()
 t.join()
 print("# copy load: %.1f GB/s over the bench" % (moved[0] * (1 << 30) / 1e9 / (time.time() - t0)))
 PY
+fi
 lscpu | grep -E "^(Model name|NUMA node|L3 cache|Thread)" ; numactl -H 2>/dev/null | head -3
 "$BUILD"/tests/ef_quant_bench 14336 4096 5 "$(nproc)"  # the quantizer the host tier's int8/int4 load runs
 
@@ -78,7 +91,9 @@ printf "%-7s %-5s %-9s %-14s %10s %9s %9s %11s %9s %8s %8s %s\n" budget conc pre
 # x in fp32, the kernel before W4A8), noamx (EF_HOST_GEMV_AMX=0: bf16 on AVX-512 FMAs), mem (the
 # budget in bytes: budget% of the bf16 experts' bytes, so int8/int4 slots hold more experts in the
 # same memory; staging for split misses comes out of it), pN (EF_HOST_GEMV_PIECES=N: pieces per
-# thread of the host's matrices; 1 is one fixed share per thread).
+# thread of the host's matrices; 1 is one fixed share per thread), huge (EF_PINNED_HUGE_PAGES=1: the
+# host tier on 2 MiB pages), sN (EF_THREAD_POOL_SPIN_US=N: the host's threads poll N us for work
+# before they sleep; the default 50).
 # host_ms: the host's mean time per expert inside the run, scaled to a whole expert (a split
 # expert's host part is a share of one).
 # The default list: the LRU baselines, then the configurations whose quality meets a bar
@@ -102,6 +117,8 @@ for case in $CASES; do
       r[0-9]*) extra+=(--cpu-experts-max-rows "${m#r}") ;;
       f32x) envs+=(EF_HOST_GEMV_INT8_X=none) ;;
       noamx) envs+=(EF_HOST_GEMV_AMX=0) ;;
+      huge) envs+=(EF_PINNED_HUGE_PAGES=1) ;;
+      s[0-9]*) envs+=(EF_THREAD_POOL_SPIN_US=${m#s}) ;;
       mem) budget_arg=$((LAYERS * 8 * 3 * 4096 * 14336 * 2 * b / 100)) ;;  # bytes of b% of the bf16 experts
     esac
   done
