@@ -1,5 +1,6 @@
 #include "runtime/core/thread_pool.h"
 
+#include <pthread.h>
 #include <sched.h>
 
 #include <algorithm>
@@ -9,6 +10,8 @@
 
 EF_PARAM(NumThreads, int64_t, "EF_NUM_THREADS", 0,
          "CPU backend worker threads (0: the CPUs of the process's affinity mask, all hardware threads without one)");
+EF_PARAM(ThreadPoolPin, bool, "EF_THREAD_POOL_PIN", false,
+         "CPU thread pool: bind worker i to the i-th CPU of the process's affinity mask (where it has one per thread)");
 EF_PARAM(ThreadPoolSpinUs, int64_t, "EF_THREAD_POOL_SPIN_US", 50,
          "CPU thread pool: microseconds a worker polls for the next call before it sleeps (0: sleep at once)");
 
@@ -31,7 +34,9 @@ int AvailableCpus() {
   return cpus > 0 ? cpus : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
 }
 
-ThreadPool::ThreadPool(int num_threads) {
+ThreadPool::ThreadPool(int num_threads) : ThreadPool(num_threads, params::ThreadPoolPin()) {}
+
+ThreadPool::ThreadPool(int num_threads, bool pin_workers) {
   num_threads = std::max(1, num_threads);
   // Polling pays only where every thread has a CPU of its own; with more threads than the CPUs
   // this process may use, a polling thread would take the CPU of one with work.
@@ -40,6 +45,22 @@ ThreadPool::ThreadPool(int num_threads) {
       std::chrono::microseconds(cpus > 0 && num_threads > cpus ? 0 : std::max<int64_t>(0, params::ThreadPoolSpinUs()));
   chunks_.assign(static_cast<size_t>(num_threads), {0, 0});
   for (int i = 0; i < num_threads - 1; ++i) workers_.emplace_back([this, i] { WorkerLoop(i + 1); });
+  if (pin_workers && !workers_.empty() && cpus >= num_threads) {
+    cpu_set_t mask;
+    CPU_ZERO(&mask);
+    sched_getaffinity(0, sizeof mask, &mask);
+    std::vector<int> mine;
+    for (int c = 0; c < CPU_SETSIZE; ++c)
+      if (CPU_ISSET(c, &mask)) mine.push_back(c);
+    pinned_ = true;
+    for (size_t i = 0; i < workers_.size(); ++i) {
+      cpu_set_t one;
+      CPU_ZERO(&one);
+      CPU_SET(mine[i + 1], &one);
+      // A refusal (a container's cgroup narrowed since) leaves that worker free: only slower.
+      if (pthread_setaffinity_np(workers_[i].native_handle(), sizeof one, &one) != 0) pinned_ = false;
+    }
+  }
 }
 
 ThreadPool::~ThreadPool() {

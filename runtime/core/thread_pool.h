@@ -32,7 +32,12 @@ int AvailableCpus();
 
 class ThreadPool {
  public:
+  // pin_workers: bind worker i (1..num_threads-1) to the i-th CPU of the affinity mask (the caller
+  // stays free, and CPU 0 of the mask is left to it), where the mask has a CPU for every thread.
+  // Woken together, unbound workers can start stacked on a few CPUs until the scheduler spreads
+  // them. The one-argument form takes EF_THREAD_POOL_PIN (default off).
   explicit ThreadPool(int num_threads);
+  ThreadPool(int num_threads, bool pin_workers);
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
@@ -53,6 +58,8 @@ class ThreadPool {
   // threads than the CPUs of the process's affinity mask never polls.
   static constexpr std::chrono::microseconds kSpin{50};
   std::chrono::microseconds spin() const { return spin_; }
+  // Whether the workers are bound to CPUs (pin_workers, and the mask had the CPUs).
+  bool pinned() const { return pinned_; }
 
  private:
   void WorkerLoop(int index);
@@ -65,6 +72,7 @@ class ThreadPool {
 
   std::vector<std::thread> workers_;
   std::chrono::microseconds spin_ = kSpin;
+  bool pinned_ = false;
   // One call's work, written by the caller before it publishes `generation_` and read by the
   // workers after they see it.
   const std::function<void(int64_t, int64_t)>* body_ = nullptr;

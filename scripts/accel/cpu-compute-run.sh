@@ -93,7 +93,8 @@ printf "%-7s %-5s %-9s %-14s %10s %9s %9s %11s %9s %8s %8s %s\n" budget conc pre
 # same memory; staging for split misses comes out of it), pN (EF_HOST_GEMV_PIECES=N: pieces per
 # thread of the host's matrices; 1 is one fixed share per thread), huge (EF_PINNED_HUGE_PAGES=1: the
 # host tier on 2 MiB pages), sN (EF_THREAD_POOL_SPIN_US=N: the host's threads poll N us for work
-# before they sleep; the default 50).
+# before they sleep; the default 50), pin (EF_THREAD_POOL_PIN=1: each of the host's worker threads
+# bound to a CPU of its own).
 # host_ms: the host's mean time per expert inside the run, scaled to a whole expert (a split
 # expert's host part is a share of one).
 # The default list: the LRU baselines, then the configurations whose quality meets a bar
@@ -118,6 +119,7 @@ for case in $CASES; do
       f32x) envs+=(EF_HOST_GEMV_INT8_X=none) ;;
       noamx) envs+=(EF_HOST_GEMV_AMX=0) ;;
       huge) envs+=(EF_PINNED_HUGE_PAGES=1) ;;
+      pin) envs+=(EF_THREAD_POOL_PIN=1) ;;
       s[0-9]*) envs+=(EF_THREAD_POOL_SPIN_US=${m#s}) ;;
       mem) budget_arg=$((LAYERS * 8 * 3 * 4096 * 14336 * 2 * b / 100)) ;;  # bytes of b% of the bf16 experts
     esac

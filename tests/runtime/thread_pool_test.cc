@@ -1,7 +1,8 @@
 // ThreadPool: every index of [0, n) is visited exactly once per call, whether the workers are
 // still polling from the previous call or asleep, whether the caller finishes first or last, with
 // more threads than cores (such a pool never polls), and when the pool is destroyed with its
-// workers in either state. Pools of 2 threads poll on any machine of 2 or more cores.
+// workers in either state. Pools of 2 threads poll on any machine of 2 or more cores. Pinned
+// workers run on their CPU of the affinity mask.
 #include "runtime/core/thread_pool.h"
 
 #include <gtest/gtest.h>
@@ -196,6 +197,37 @@ TEST(AvailableCpus, FollowsTheAffinityMask) {
     EXPECT_EQ(AvailableCpus(), 1);
   }).join();
   EXPECT_EQ(AvailableCpus(), CPU_COUNT(&all));  // only that thread was confined
+}
+
+TEST(ThreadPool, PinnedWorkersRunOnTheirCpuOfTheMask) {
+  cpu_set_t all;
+  CPU_ZERO(&all);
+  ASSERT_EQ(sched_getaffinity(0, sizeof all, &all), 0);
+  std::vector<int> cpus;
+  for (int c = 0; c < CPU_SETSIZE; ++c)
+    if (CPU_ISSET(c, &all)) cpus.push_back(c);
+  // Every CPU of the mask gets a thread; worker i's chunk (fixed chunks: one per thread, in order)
+  // runs on the i-th CPU, several calls over.
+  const int n = static_cast<int>(cpus.size());
+  ThreadPool pool(n, /*pin_workers=*/true);
+  if (n < 2) {
+    EXPECT_FALSE(pool.pinned()) << "a pool of one thread has no worker to pin";
+    return;
+  }
+  ASSERT_TRUE(pool.pinned());
+  for (int call = 0; call < 20; ++call) {
+    std::vector<int> where(static_cast<size_t>(n), -1);
+    pool.ParallelFor(n, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) where[static_cast<size_t>(i)] = sched_getcpu();
+    });
+    for (int i = 1; i < n; ++i)
+      EXPECT_EQ(where[static_cast<size_t>(i)], cpus[static_cast<size_t>(i)]) << "worker " << i;
+    if (call == 10) std::this_thread::sleep_for(std::chrono::milliseconds(5));  // workers asleep, then woken
+  }
+  // More threads than CPUs: nothing to pin to, the pool runs unpinned.
+  ThreadPool wide(n + 1, /*pin_workers=*/true);
+  EXPECT_FALSE(wide.pinned());
+  ExpectEachIndexOnce(wide, 1000, 1);
 }
 
 }  // namespace
