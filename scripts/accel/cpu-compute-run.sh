@@ -39,6 +39,9 @@ grep -E "AnonHugePages|HugePages_Total" /proc/meminfo
 HB=("$BUILD"/tests/ef_host_expert_bench 4096 14336 10 8 --rows=1,4 --no-exact)
 for mem in vector pinned huge; do "${HB[@]}" --memory=$mem; done
 for mem in pinned huge; do "${HB[@]}" --memory=$mem --gap-ms=3; done
+# After an idle gap, with the workers bound to CPUs, and with them polling through the gap.
+EF_THREAD_POOL_PIN=1 "${HB[@]}" --memory=pinned --gap-ms=3
+EF_THREAD_POOL_SPIN_US=5000 "${HB[@]}" --memory=pinned --gap-ms=3
 # The same while pinned host memory streams to the GPU at full PCIe rate, as the cache's copies do
 # in a run: does the DMA's share of host memory bandwidth slow the host's expert? (The copying
 # thread waits on a blocking event, so that it does not spin on a core the host's threads use.)
