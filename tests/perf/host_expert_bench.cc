@@ -156,10 +156,12 @@ int main(int argc, char** argv) {
   const int copies = std::max(1, pos.size() > 3 ? std::atoi(pos[3].c_str()) : 1);
   ef::ThreadPool& pool = ef::ThreadPool::Default();
   ef::runtime::CpuBackend cpu(&pool);
-  std::printf("expert %lld x %lld, %d copies in %s memory, %.1f ms idle before each, %d threads, vector path %s\n",
-              static_cast<long long>(hidden), static_cast<long long>(inter), copies, memory.c_str(), gap_ms,
-              pool.num_threads(),
-              ef::runtime::HostGemvVectorized(Weight{DType::kBF16, nullptr, 1, 64}) ? "avx512" : "none");
+  std::printf(
+      "expert %lld x %lld, %d copies in %s memory, %.1f ms idle before each, %d threads (%s, polling %lld us), "
+      "vector path %s\n",
+      static_cast<long long>(hidden), static_cast<long long>(inter), copies, memory.c_str(), gap_ms, pool.num_threads(),
+      pool.pinned() ? "bound to CPUs" : "unbound", static_cast<long long>(pool.spin().count()),
+      ef::runtime::HostGemvVectorized(Weight{DType::kBF16, nullptr, 1, 64}) ? "avx512" : "none");
 #if defined(EF_HAVE_CUDA_BACKEND)
   std::printf("transparent huge pages: %s\n", ef::runtime::cuda::TransparentHugePages().c_str());
 #endif
