@@ -119,7 +119,7 @@ StatusOr<std::unique_ptr<CachedExpertSource>> CreateCudaCacheSource(const runtim
     Progress bar(tiers && tiers->precision() != LoadPrecision::kNative
                      ? std::string("pinning experts in host memory (") + LoadPrecisionName(tiers->precision()) + ")"
                      : std::string("pinning experts in host memory"),
-                 static_cast<int64_t>(tier->total_bytes()));
+                 static_cast<int64_t>(fills.size() * bytes));
     EF_RETURN_IF_ERROR(
         WriteExpertSlots(model, layout, fills, &bar, 0, tiers ? tiers->precision_options().calibrated.get() : nullptr));
   }

@@ -19,27 +19,28 @@ StatusOr<std::unique_ptr<PinnedHostTier>> PinnedHostTier::Create(int num_layers,
   t->bytes_ = bytes_per_expert;
   t->buffers_.assign(static_cast<size_t>(num_layers) * num_experts, nullptr);
   t->kind_ = runtime::cuda::DefaultPinnedKind();
+  // What one expert's buffer pins (huge pages round it up to 2 MiB): the budget counts that.
+  const size_t pinned = runtime::cuda::PinnedBytes(bytes_per_expert, t->kind_);
   // Pinning takes the driver a while per GB (it locks every page): shown like the fill that follows.
   int64_t planned = 0;
   for (int l = 0; l < num_layers; ++l)
     for (int e = 0; present[l] && e < num_experts; ++e)
-      if (!keep || keep(l, e)) planned += static_cast<int64_t>(bytes_per_expert);
-  if (max_bytes > 0)
-    planned = std::min<int64_t>(planned, static_cast<int64_t>(max_bytes / bytes_per_expert * bytes_per_expert));
+      if (!keep || keep(l, e)) planned += static_cast<int64_t>(pinned);
+  if (max_bytes > 0) planned = std::min<int64_t>(planned, static_cast<int64_t>(max_bytes / pinned * pinned));
   Progress bar(std::string("allocating pinned host memory (") + runtime::cuda::PinnedKindName(t->kind_) + ")", planned);
   for (int l = 0; l < num_layers; ++l) {
     if (!present[l]) continue;
     for (int e = 0; e < num_experts; ++e) {
       if (keep && !keep(l, e)) continue;
-      if (max_bytes > 0 && t->total_ + bytes_per_expert > max_bytes) return t;
+      if (max_bytes > 0 && t->total_ + pinned > max_bytes) return t;
       StatusOr<void*> p = runtime::cuda::AllocatePinned(bytes_per_expert, t->kind_);
       if (!p.ok())
         return ResourceExhausted("pinned host tier: " + p.status().message() + ", after " + std::to_string(t->total_) +
                                  " bytes pinned");
       t->buffers_[static_cast<size_t>(l) * num_experts + e] = static_cast<std::byte*>(*p);
-      t->total_ += bytes_per_expert;
+      t->total_ += pinned;
       ++t->num_pinned_;
-      bar.Advance(static_cast<int64_t>(bytes_per_expert));
+      bar.Advance(static_cast<int64_t>(pinned));
     }
   }
   return t;

@@ -35,7 +35,7 @@ class PinnedHostTier {
   std::byte* data(int layer, int expert) const { return buffers_[static_cast<size_t>(layer) * num_experts_ + expert]; }
   size_t bytes_per_expert() const { return bytes_; }
   int num_pinned() const { return num_pinned_; }
-  size_t total_bytes() const { return total_; }
+  size_t total_bytes() const { return total_; }  // pinned (huge pages: each buffer rounded up to 2 MiB)
   int num_layers() const { return num_layers_; }
   int num_experts() const { return num_experts_; }
 

@@ -45,20 +45,22 @@ ThreadPool::ThreadPool(int num_threads, bool pin_workers) {
       std::chrono::microseconds(cpus > 0 && num_threads > cpus ? 0 : std::max<int64_t>(0, params::ThreadPoolSpinUs()));
   chunks_.assign(static_cast<size_t>(num_threads), {0, 0});
   for (int i = 0; i < num_threads - 1; ++i) workers_.emplace_back([this, i] { WorkerLoop(i + 1); });
-  if (pin_workers && !workers_.empty() && cpus >= num_threads) {
+  if (pin_workers && !workers_.empty()) {
     cpu_set_t mask;
     CPU_ZERO(&mask);
-    sched_getaffinity(0, sizeof mask, &mask);
     std::vector<int> mine;
-    for (int c = 0; c < CPU_SETSIZE; ++c)
-      if (CPU_ISSET(c, &mask)) mine.push_back(c);
-    pinned_ = true;
-    for (size_t i = 0; i < workers_.size(); ++i) {
-      cpu_set_t one;
-      CPU_ZERO(&one);
-      CPU_SET(mine[i + 1], &one);
-      // A refusal (a container's cgroup narrowed since) leaves that worker free: only slower.
-      if (pthread_setaffinity_np(workers_[i].native_handle(), sizeof one, &one) != 0) pinned_ = false;
+    if (sched_getaffinity(0, sizeof mask, &mask) == 0)
+      for (int c = 0; c < CPU_SETSIZE; ++c)
+        if (CPU_ISSET(c, &mask)) mine.push_back(c);
+    if (mine.size() >= static_cast<size_t>(num_threads)) {
+      pinned_ = true;
+      for (size_t i = 0; i < workers_.size(); ++i) {
+        cpu_set_t one;
+        CPU_ZERO(&one);
+        CPU_SET(mine[i + 1], &one);
+        // A refusal (seccomp, a cpuset narrowed since) leaves that worker free: only slower.
+        if (pthread_setaffinity_np(workers_[i].native_handle(), sizeof one, &one) != 0) pinned_ = false;
+      }
     }
   }
 }

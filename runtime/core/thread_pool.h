@@ -32,10 +32,12 @@ int AvailableCpus();
 
 class ThreadPool {
  public:
-  // pin_workers: bind worker i (1..num_threads-1) to the i-th CPU of the affinity mask (the caller
-  // stays free, and CPU 0 of the mask is left to it), where the mask has a CPU for every thread.
-  // Woken together, unbound workers can start stacked on a few CPUs until the scheduler spreads
-  // them. The one-argument form takes EF_THREAD_POOL_PIN (default off).
+  // pin_workers: bind worker i (1..num_threads-1) to the i-th CPU of the affinity mask, where the
+  // mask has a CPU for every thread. The caller is not bound; no worker is bound to the mask's
+  // first CPU. Woken together, unbound workers can start stacked on a few CPUs until the scheduler
+  // spreads them; bound ones cannot move away from other threads busy on their CPU. Every pool
+  // binds from the start of the mask: processes sharing one mask would share those CPUs. The
+  // one-argument form takes EF_THREAD_POOL_PIN (default off).
   explicit ThreadPool(int num_threads);
   ThreadPool(int num_threads, bool pin_workers);
   ~ThreadPool();
@@ -58,7 +60,8 @@ class ThreadPool {
   // threads than the CPUs of the process's affinity mask never polls.
   static constexpr std::chrono::microseconds kSpin{50};
   std::chrono::microseconds spin() const { return spin_; }
-  // Whether the workers are bound to CPUs (pin_workers, and the mask had the CPUs).
+  // Whether every worker is bound to its CPU (pin_workers, the mask had the CPUs, and the system
+  // allowed it; where it refused some, the others stay bound).
   bool pinned() const { return pinned_; }
 
  private:

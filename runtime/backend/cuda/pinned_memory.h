@@ -29,6 +29,8 @@ const char* PinnedKindName(PinnedKind kind);
 // `bytes` of page-locked host memory (kHugePages: rounded up to whole huge pages). The error
 // names the bytes and the driver's or the kernel's reason.
 StatusOr<void*> AllocatePinned(size_t bytes, PinnedKind kind);
+// What AllocatePinned(bytes, kind) pins: bytes, or (kHugePages) bytes rounded up to 2 MiB.
+size_t PinnedBytes(size_t bytes, PinnedKind kind);
 // Frees what AllocatePinned returned for the same bytes and kind.
 void FreePinned(void* p, size_t bytes, PinnedKind kind);
 
