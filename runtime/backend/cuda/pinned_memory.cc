@@ -86,18 +86,4 @@ std::string TransparentHugePages() {
   return a != std::string::npos && b != std::string::npos && b > a ? line.substr(a + 1, b - a - 1) : line;
 }
 
-size_t AnonHugePagesBytes() {
-  std::ifstream f("/proc/meminfo");
-  std::string key;
-  size_t kb = 0;
-  while (f >> key) {
-    if (key == "AnonHugePages:") {
-      f >> kb;
-      return kb * 1024;
-    }
-    f.ignore(1 << 10, '\n');
-  }
-  return 0;
-}
-
 }  // namespace ef::runtime::cuda

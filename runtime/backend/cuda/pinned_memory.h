@@ -34,9 +34,8 @@ size_t PinnedBytes(size_t bytes, PinnedKind kind);
 // Frees what AllocatePinned returned for the same bytes and kind.
 void FreePinned(void* p, size_t bytes, PinnedKind kind);
 
-// The kernel's transparent huge page setting ("always", "madvise", "never"; "" when unknown) and
-// the anonymous memory on huge pages now, for a benchmark's header.
+// The kernel's transparent huge page setting ("always", "madvise", "never"; "" when unknown), for
+// a benchmark's header.
 std::string TransparentHugePages();
-size_t AnonHugePagesBytes();
 
 }  // namespace ef::runtime::cuda
