@@ -390,9 +390,11 @@ std::string ExpertCache::StatsSummary() const {
   if (const HostExpertCompute* hc = source_->host_compute()) {
     const HostComputeStats& h = hc->stats();
     std::snprintf(buf, sizeof buf,
-                  "; %lld experts computed on the host (%lld rows, %.1f ms; %lld split with the GPU, %s staged)",
+                  "; %lld experts computed on the host, not accesses of the slots (%lld rows, %.1f ms; %lld split "
+                  "with the GPU, %s staged; %lld misses admitted to the slots)",
                   static_cast<long long>(h.experts), static_cast<long long>(h.rows), h.ms,
-                  static_cast<long long>(h.split_experts), Bytes(static_cast<uint64_t>(h.staged_bytes)).c_str());
+                  static_cast<long long>(h.split_experts), Bytes(static_cast<uint64_t>(h.staged_bytes)).c_str(),
+                  static_cast<long long>(h.admitted));
     s += buf;
   }
   if (tiers_ && (tiers_->hooks().host || tiers_->hooks().peer)) {
@@ -470,6 +472,7 @@ nlohmann::json ExpertCache::StatsJson() const {
     j["split_experts"] = h.split_experts;
     j["split_copied_fraction"] = h.split_experts ? h.split_copied / static_cast<double>(h.split_experts) : 0.0;
     j["split_staged_bytes"] = h.staged_bytes;
+    j["cpu_compute_admitted"] = h.admitted;
   }
   return j;
 }

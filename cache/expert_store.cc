@@ -291,6 +291,21 @@ void ExpertStore::WaitForPrefetches() {
   cv_.wait(lock, [this] { return stop_ || (queues_[0].empty() && queues_[1].empty() && in_flight_ == 0); });
 }
 
+bool ExpertStore::Evict(int layer, int expert) {
+  if (!CheckKey(layer, expert).ok()) return false;
+  std::lock_guard<std::mutex> lock(mu_);
+  const ExpertKey key{layer, expert};
+  if (!cache_->IsResident(key) || loading_[Index(key)] || cache_->pin_count(key) > 0) return false;
+  cache_->Remove(key);
+  NoteEviction(key);
+  return true;
+}
+
+int ExpertStore::LayerCapacity(int layer) const {
+  if (layer < 0 || layer >= options_.num_layers) return 0;
+  return cache_->partition_capacity(layer);
+}
+
 bool ExpertStore::IsResident(int layer, int expert) const {
   if (!CheckKey(layer, expert).ok()) return false;
   std::lock_guard<std::mutex> lock(mu_);

@@ -29,6 +29,7 @@ struct HostComputeStats {
   double split_copied = 0;     // sum of their copied fractions
   int64_t staged_bytes = 0;    // bytes of their partial copies
   double host_ms_running = 0;  // the host time per expert at one row the plans use (running mean)
+  int64_t admitted = 0;        // misses loaded whole by the admission rule (EF_CPU_COMPUTE_ADMIT)
 };
 
 class HostExpertCompute {
@@ -38,8 +39,9 @@ class HostExpertCompute {
   // any slot).
   virtual Status Calibrate(SlotArena& arena) = 0;
   // Moves from `experts` (compute order; rows[i]: experts[i]'s rows this step) into `host` the
-  // experts it computes whole or in part; `store` says which are resident (hits are never taken).
-  virtual void Take(int layer, std::vector<int32_t>& experts, std::span<const int64_t> rows, const ExpertStore& store,
+  // experts it computes whole or in part; `store` says which are resident (hits are never taken),
+  // and an admission rule may evict from it to make room for a miss it leaves to the copy path.
+  virtual void Take(int layer, std::vector<int32_t>& experts, std::span<const int64_t> rows, ExpertStore& store,
                     runtime::ExpertSource::HostShare& host) = 0;
   // y[rows, hidden] = the expert over intermediate rows [inter_begin, inter) of x[rows, hidden] (not
   // scaled by the gate), x and y in host memory.

@@ -65,4 +65,33 @@ HostSharePlan PlanHostShare(std::span<const MissCost> misses, const HostShareOpt
   return p;
 }
 
+MissAdmission::MissAdmission(int num_layers, int num_experts, int margin)
+    : num_layers_(num_layers),
+      num_experts_(num_experts),
+      margin_(margin),
+      uses_(static_cast<size_t>(std::max(num_layers, 0)) * std::max(num_experts, 0), 0),
+      seen_(static_cast<size_t>(std::max(num_experts, 0)), 0) {}
+
+void MissAdmission::Note(int layer, std::span<const int32_t> used) {
+  if (layer < 0 || layer >= num_layers_) return;
+  std::fill(seen_.begin(), seen_.end(), 0);
+  for (int32_t e : used) {
+    if (e < 0 || e >= num_experts_ || seen_[e]) continue;
+    seen_[e] = 1;
+    ++uses_[static_cast<size_t>(layer) * num_experts_ + e];
+  }
+}
+
+int32_t MissAdmission::Victim(int layer, int32_t expert, std::span<const int32_t> evictable, bool free_slot) const {
+  if (layer < 0 || layer >= num_layers_ || expert < 0 || expert >= num_experts_) return -1;
+  if (free_slot) return expert;
+  int32_t victim = -1;
+  for (int32_t e : evictable) {
+    if (e < 0 || e >= num_experts_) continue;
+    if (victim < 0 || uses(layer, e) < uses(layer, victim)) victim = e;  // ties: the first listed
+  }
+  if (victim < 0) return -1;
+  return uses(layer, expert) >= uses(layer, victim) + margin_ ? victim : -1;
+}
+
 }  // namespace ef::cache

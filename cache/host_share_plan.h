@@ -45,4 +45,32 @@ struct HostShareOptions {
 
 HostSharePlan PlanHostShare(std::span<const MissCost> misses, const HostShareOptions& options);
 
+// Admission of misses into the slots while the host takes misses (EF_CPU_COMPUTE_ADMIT=M). Host-
+// computed and split experts never enter the slots, so without it the slots keep what they held
+// when the host started taking misses: whatever the warm-up and the prompts loaded. With it each
+// layer counts its steps' expert uses (every use, one per expert and step, never decayed: Mixtral's
+// routing is close to stationary), and a miss used at least M times more than the least used
+// resident expert the step does not need is loaded whole into that expert's slot instead (the
+// layer pays a whole copy once; later steps hit). Replaying the Mixtral GSM8K trace through the
+// split's cost model (scripts/bench/host_admission_sim.py) put 32 layers at 50% at 69 ms per token
+// with M = 3 against 83-87 ms without (33 -> 26 misses per token); a decayed count against the
+// policy's own victim was slower on an H200 at 4 layers (docs/results/cpu_compute).
+class MissAdmission {
+ public:
+  MissAdmission(int num_layers, int num_experts, int margin);
+  // One step of `layer`: each distinct expert of `used` (ids out of range ignored) gains one use.
+  void Note(int layer, std::span<const int32_t> used);
+  // The expert of `evictable` (resident, unheld, not used by this step) whose slot a miss of
+  // `expert` takes, or -1 when the miss stays out of the slots. `free_slot`: the layer has an unused
+  // slot, which any miss takes (the caller evicts nothing then; the result is `expert` itself).
+  int32_t Victim(int layer, int32_t expert, std::span<const int32_t> evictable, bool free_slot) const;
+  int64_t uses(int layer, int expert) const { return uses_[static_cast<size_t>(layer) * num_experts_ + expert]; }
+  int margin() const { return margin_; }
+
+ private:
+  int num_layers_, num_experts_, margin_;
+  std::vector<int64_t> uses_;  // per (layer, expert)
+  std::vector<uint8_t> seen_;  // Note's scratch
+};
+
 }  // namespace ef::cache

@@ -17,8 +17,9 @@
 // experts are then not uploaded at load, so a model larger than the GPU runs. --oracle-prefetch
 // replaces the predictor by the trace's true routing: the next layers' experts to prefetch, and this
 // step's and the next step's experts as the expertflow policy's forecast (an upper bound for a
-// predictor, labelled as such). The table and JSON carry the hit rate, bytes moved into slots and
-// the stall time waiting for them.
+// predictor, labelled as such). The table and JSON carry the hit rate (expert uses a resident slot
+// served; experts computed on the host under cache.cpu_compute count as uses not served), bytes
+// moved into slots and the stall time waiting for them.
 //
 // Under mpirun (`mpirun -np R expertflow bench ...`) every rank runs its own requests through its
 // own serving loop (data-parallel attention) while the MoE layers are expert-parallel across the
@@ -719,7 +720,11 @@ BenchSummary Summarize(const BenchRun& b, const runtime::ModelConfig& cfg, const
   s.rss_mib = static_cast<double>(PeakRssBytes()) / (1 << 20);
   s.cached = c.cs.total.hits + c.cs.total.misses > 0;
   s.slots_per_layer = s.cached ? c.cache_budget.slots_per_layer : cfg.num_experts;
-  s.hit_rate = s.cached ? c.cs.hit_rate() : 1.0;
+  // Experts computed on the host (cache.cpu_compute; this rank's) never reach the slots: they count
+  // as expert uses the slots did not serve, so the rate compares with a run without host compute.
+  const int64_t host_uses = c.cache_json.value("cpu_computed_experts", int64_t{0});
+  const int64_t uses = c.cs.total.hits + c.cs.total.misses + host_uses;
+  s.hit_rate = s.cached && uses > 0 ? static_cast<double>(c.cs.total.hits) / static_cast<double>(uses) : 1.0;
   s.moved_mib = static_cast<double>(c.cs.total.bytes_from_host) / (1 << 20);
   s.stall_ms = static_cast<double>(c.cs.total.stall_ns) * 1e-6;
   return s;
@@ -805,7 +810,8 @@ json CacheJson(const BenchRun& b, const BenchSummary& s, const RunCounters& c, i
           {"cpu_compute_ms", c.cache_json.value("cpu_compute_ms", 0.0)},
           {"split_experts", c.cache_json.value("split_experts", int64_t{0})},
           {"split_copied_fraction", c.cache_json.value("split_copied_fraction", 0.0)},
-          {"split_staged_bytes", c.cache_json.value("split_staged_bytes", int64_t{0})}};
+          {"split_staged_bytes", c.cache_json.value("split_staged_bytes", int64_t{0})},
+          {"cpu_compute_admitted", c.cache_json.value("cpu_compute_admitted", int64_t{0})}};
 }
 
 // The largest per-rank value of a GatherStats key (e.g. the all-to-all wall time of the slowest rank).

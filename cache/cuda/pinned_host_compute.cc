@@ -8,8 +8,14 @@
 #include "cache/host_share_plan.h"
 #include "runtime/backend/cpu/host_gemv.h"
 #include "runtime/core/logging.h"
+#include "runtime/core/params.h"
 #include "runtime/core/quant_format.h"
 #include "runtime/core/thread_pool.h"
+
+EF_PARAM(CpuComputeAdmit, int64_t, "EF_CPU_COMPUTE_ADMIT", 0,
+         "cache.cpu_compute: a miss used this many times more than the least used resident expert of its "
+         "layer is loaded whole into that expert's slot instead of computed on the host (0: misses the host "
+         "takes never enter the slots)");
 
 namespace ef::cache {
 namespace {
@@ -64,7 +70,15 @@ StatusOr<std::unique_ptr<PinnedHostCompute>> PinnedHostCompute::Create(std::shar
     return InvalidArgument("unknown cache.cpu_compute '" + mode + "' (off, auto, whole, on or split)");
   if (max_rows < 1) return InvalidArgument("cache.cpu_compute: cpu_compute_max_rows must be at least 1");
   if (!tier) return InvalidArgument("cache.cpu_compute needs the pinned host tier");
-  return std::unique_ptr<PinnedHostCompute>(new PinnedHostCompute(std::move(tier), std::move(layout), mode, max_rows));
+  auto c =
+      std::unique_ptr<PinnedHostCompute>(new PinnedHostCompute(std::move(tier), std::move(layout), mode, max_rows));
+  const int64_t margin = params::CpuComputeAdmit();
+  if (margin < 0) return InvalidArgument("EF_CPU_COMPUTE_ADMIT must be at least 0, got " + std::to_string(margin));
+  // `on` and `split` are for tests: every eligible miss goes to the host.
+  if (margin > 0 && (c->mode_ == "auto" || c->mode_ == "whole"))
+    c->admission_ =
+        std::make_unique<MissAdmission>(c->tier_->num_layers(), c->tier_->num_experts(), static_cast<int>(margin));
+  return c;
 }
 
 runtime::ExpertWeights PinnedHostCompute::PartShape(const runtime::ExpertWeights& shape, int64_t split) {
@@ -191,12 +205,12 @@ Status PinnedHostCompute::Calibrate(SlotArena& arena) {
 }
 
 void PinnedHostCompute::Take(int layer, std::vector<int32_t>& experts, std::span<const int64_t> rows,
-                             const ExpertStore& store, runtime::ExpertSource::HostShare& host) {
+                             ExpertStore& store, runtime::ExpertSource::HostShare& host) {
   if (layer < 0 || layer >= tier_->num_layers()) return;
   // Host-computed and split experts never enter the cache: the slots keep what whole loads (the
-  // misses the host cannot take, e.g. a prompt's experts of many rows) put there. Loading misses
-  // whole when they turn popular (a decayed use count above the least used resident expert's)
-  // was slower on the H200: 65.4 against 72.9 tokens/s at a 50% budget (docs/results/cpu_compute).
+  // misses the host cannot take, e.g. a prompt's experts of many rows) put there, unless the
+  // admission rule (EF_CPU_COMPUTE_ADMIT, host_share_plan.h) sends a popular miss to its slot.
+  const int32_t admitted = Admit(layer, experts, store);
   std::vector<MissCost> misses;
   for (size_t i = 0; i < experts.size(); ++i) {
     const int32_t e = experts[i];
@@ -207,7 +221,7 @@ void PinnedHostCompute::Take(int layer, std::vector<int32_t>& experts, std::span
     m.copy_ms = stats_.calibrated_copy_ms;
     m.part_copy_ms = part_copy_ms_;
     m.host_ms = HostMs(std::max<int64_t>(r, 1), 1.0);
-    m.eligible = r > 0 && r <= max_rows_ && tier_->data(layer, e) != nullptr;
+    m.eligible = r > 0 && r <= max_rows_ && tier_->data(layer, e) != nullptr && e != admitted;
     misses.push_back(m);
   }
   if (misses.empty()) return;
@@ -234,6 +248,26 @@ void PinnedHostCompute::Take(int layer, std::vector<int32_t>& experts, std::span
   std::erase_if(experts, [&](int32_t e) {
     return e == host.split_expert || std::find(host.whole.begin(), host.whole.end(), e) != host.whole.end();
   });
+}
+
+int32_t PinnedHostCompute::Admit(int layer, std::span<const int32_t> experts, ExpertStore& store) {
+  if (!admission_) return -1;
+  admission_->Note(layer, experts);
+  std::vector<int32_t> resident;
+  for (int e = 0; e < tier_->num_experts(); ++e)
+    if (store.IsResident(layer, e)) resident.push_back(e);
+  const bool free_slot = static_cast<int>(resident.size()) < store.LayerCapacity(layer);
+  std::erase_if(resident, [&](int32_t e) { return std::find(experts.begin(), experts.end(), e) != experts.end(); });
+  // At most one admission per layer and step: each costs a whole copy in this layer.
+  for (int32_t e : experts) {
+    if (store.IsResident(layer, e) || tier_->data(layer, e) == nullptr) continue;
+    const int32_t victim = admission_->Victim(layer, e, resident, free_slot);
+    if (victim < 0) continue;
+    if (victim != e && !store.Evict(layer, victim)) continue;
+    ++stats_.admitted;
+    return e;
+  }
+  return -1;
 }
 
 Status PinnedHostCompute::Compute(int layer, int expert, int64_t rows, const float* x, float* y, int64_t inter_begin) {

@@ -22,6 +22,7 @@
 
 #include "cache/cuda/pinned_host_tier.h"
 #include "cache/host_expert_compute.h"
+#include "cache/host_share_plan.h"
 #include "cache/slot_layout.h"
 
 namespace ef::cache {
@@ -36,7 +37,7 @@ class PinnedHostCompute final : public HostExpertCompute {
   // Copies the first pinned expert into slot 0 (and half of it into the staging area, which it
   // reserves for auto and split) and computes it for 1, 4 and max_rows rows, best of 3 each.
   Status Calibrate(SlotArena& arena) override;
-  void Take(int layer, std::vector<int32_t>& experts, std::span<const int64_t> rows, const ExpertStore& store,
+  void Take(int layer, std::vector<int32_t>& experts, std::span<const int64_t> rows, ExpertStore& store,
             runtime::ExpertSource::HostShare& host) override;
   Status Compute(int layer, int expert, int64_t rows, const float* x, float* y, int64_t inter_begin) override;
   Status StartPart(SlotArena& arena, int layer, int expert, int64_t split) override;
@@ -54,6 +55,9 @@ class PinnedHostCompute final : public HostExpertCompute {
   double HostMs(int64_t r, double share) const;
   // Host time for r rows over that for one row, from the calibrated points.
   double RowFactor(int64_t r) const;
+  // The admission rule's step of `layer` (experts: the step's, in compute order): the miss it
+  // loads whole into the slot it freed, or -1.
+  int32_t Admit(int layer, std::span<const int32_t> experts, ExpertStore& store);
 
   std::shared_ptr<const PinnedHostTier> tier_;
   SlotLayout layout_;
@@ -63,8 +67,9 @@ class PinnedHostCompute final : public HostExpertCompute {
   double part_copy_ms_ = 0;    // copy time of a whole expert as partial copies run (calibrated)
   std::vector<std::pair<int64_t, double>> row_factor_;  // (rows, host time over one row's), calibrated
   HostComputeStats stats_;
-  std::vector<float> gate_, up_;  // Compute's scratch
-  runtime::ExpertWeights part_;   // the staged part (device pointers), after StartPart
+  std::unique_ptr<MissAdmission> admission_;  // EF_CPU_COMPUTE_ADMIT > 0
+  std::vector<float> gate_, up_;              // Compute's scratch
+  runtime::ExpertWeights part_;               // the staged part (device pointers), after StartPart
   bool part_started_ = false;
 };
 

@@ -97,7 +97,8 @@ printf "%-7s %-5s %-9s %-14s %10s %9s %9s %11s %9s %8s %8s %s\n" budget conc pre
 # thread of the host's matrices; 1 is one fixed share per thread), huge (EF_PINNED_HUGE_PAGES=1: the
 # host tier on 2 MiB pages), sN (EF_THREAD_POOL_SPIN_US=N: the host's threads poll N us for work
 # before they sleep; the default 50), pin (EF_THREAD_POOL_PIN=1: each of the host's worker threads
-# bound to a CPU of its own).
+# bound to a CPU of its own), aN (EF_CPU_COMPUTE_ADMIT=N: a miss used N times more than the least
+# used resident expert of its layer is loaded into that expert's slot; scripts/bench/host_admission_sim.py).
 # host_ms: the host's mean time per expert inside the run, scaled to a whole expert (a split
 # expert's host part is a share of one).
 # The default list: the LRU baselines, then the configurations whose quality meets a bar
@@ -124,6 +125,7 @@ for case in $CASES; do
       huge) envs+=(EF_PINNED_HUGE_PAGES=1) ;;
       pin) envs+=(EF_THREAD_POOL_PIN=1) ;;
       s[0-9]*) envs+=(EF_THREAD_POOL_SPIN_US=${m#s}) ;;
+      a[0-9]*) envs+=(EF_CPU_COMPUTE_ADMIT=${m#a}) ;;
       mem) budget_arg=$((LAYERS * 8 * 3 * 4096 * 14336 * 2 * b / 100)) ;;  # bytes of b% of the bf16 experts
     esac
   done
@@ -146,7 +148,8 @@ whole = done - c.get("split_experts", 0) * c.get("split_copied_fraction", 0)
 host_ms = c.get("cpu_compute_ms", 0) / whole if whole > 0 else 0
 print(f"{sys.argv[2] + '%':<7} {sys.argv[3]:<5} {sys.argv[4]:<9} {sys.argv[5]:<14} {r['output_tokens_per_s']:10.2f} "
       f"{r['itl_ms_p50']:9.2f} {r['ttft_ms_p50']:9.1f} {r['bytes_moved'] / 2**20:11.1f} {r['hit_rate']:9.3f} "
-      f"{c['stall_ms']:8.1f} {host_ms:8.2f} {per_tok:.2f} ({split:.2f}, {c.get('split_copied_fraction', 0):.2f})")
+      f"{c['stall_ms']:8.1f} {host_ms:8.2f} {per_tok:.2f} ({split:.2f}, {c.get('split_copied_fraction', 0):.2f})"
+      + (f" admitted {c['cpu_compute_admitted']}" if c.get('cpu_compute_admitted') else ""))
 PY
   tr '\r' '\n' <"$log" | grep -E "(pinning|allocating pinned).* GB in " | sed 's/^.*\] */    load: /'
 done

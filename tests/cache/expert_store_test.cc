@@ -114,6 +114,32 @@ TEST(ExpertStore, PinnedSlotsAreNotEvicted) {
   store->Release(*d);
 }
 
+// Evict frees the slot of the expert it is asked to drop, so the layer's next miss takes that
+// slot rather than the policy's victim; held experts and other layers stay.
+TEST(ExpertStore, EvictChoosesTheSlotTheNextMissTakes) {
+  auto store = std::move(*ExpertStore::Create(Options(2), FillExpert));
+  EXPECT_EQ(store->LayerCapacity(0), 2);
+  EXPECT_EQ(store->LayerCapacity(kLayers), 0);
+  for (int e : {1, 2}) store->Release(*store->Acquire(0, e));  // LRU's next victim: 1
+  auto other = store->Acquire(1, 1);
+  ASSERT_TRUE(other.ok());
+  EXPECT_FALSE(store->Evict(0, 3));   // not resident
+  EXPECT_FALSE(store->Evict(1, 1));   // held
+  EXPECT_FALSE(store->Evict(-1, 0));  // out of range
+  EXPECT_TRUE(store->Evict(0, 2));    // the most recent one, which LRU would keep
+  EXPECT_FALSE(store->IsResident(0, 2));
+  auto c = store->Acquire(0, 3);
+  ASSERT_TRUE(c.ok());
+  EXPECT_TRUE(Matches(*c));
+  EXPECT_TRUE(store->IsResident(0, 1));  // LRU's victim stayed
+  EXPECT_TRUE(store->IsResident(1, 1));
+  EXPECT_TRUE(Matches(*other));
+  store->Release(*c);
+  store->Release(*other);
+  const auto st = store->stats();
+  EXPECT_EQ(st.total.misses, 4);  // 0/1, 0/2, 1/1, 0/3: the eviction itself loads nothing
+}
+
 TEST(ExpertStore, BudgetSmallerThanTopKIsAnError) {
   auto s = ExpertStore::Create(Options(1, "lru", 2), FillExpert);
   ASSERT_FALSE(s.ok());

@@ -125,5 +125,44 @@ TEST(HostSharePlan, NoMissesNoWork) {
   EXPECT_EQ(p.copy_done_ms, 0);
 }
 
+// MissAdmission: a miss enters the slots when its layer used it at least `margin` times more than
+// the least used expert it may replace; one use per expert and step, layers apart.
+TEST(MissAdmission, AMissUsedMarginMoreThanTheLeastUsedResidentReplacesIt) {
+  MissAdmission a(2, 8, 2);
+  const std::vector<int32_t> resident = {0, 1, 2};
+  for (int step = 0; step < 3; ++step) a.Note(0, std::vector<int32_t>{0, 5});
+  a.Note(0, std::vector<int32_t>{1, 1, 5});  // a repeated id counts once
+  EXPECT_EQ(a.uses(0, 5), 4);
+  EXPECT_EQ(a.uses(0, 1), 1);
+  EXPECT_EQ(a.uses(0, 2), 0);
+  EXPECT_EQ(a.uses(1, 5), 0);
+  // 5 (4 uses) against 2 (0): admitted in 2's place; 6 (0 uses) never.
+  EXPECT_EQ(a.Victim(0, 5, resident, false), 2);
+  EXPECT_EQ(a.Victim(0, 6, resident, false), -1);
+  // Without 2 among the evictable, the least used is 1 (1 use): 4 >= 1 + 2.
+  EXPECT_EQ(a.Victim(0, 5, std::vector<int32_t>{0, 1}, false), 1);
+  // Against 0 (3 uses) the margin is not met.
+  EXPECT_EQ(a.Victim(0, 5, std::vector<int32_t>{0}, false), -1);
+  EXPECT_EQ(a.Victim(0, 5, std::vector<int32_t>{}, false), -1);
+  // A free slot takes any miss, evicting nothing.
+  EXPECT_EQ(a.Victim(0, 6, resident, true), 6);
+  // Layer 1 saw none of it.
+  EXPECT_EQ(a.Victim(1, 5, resident, false), -1);
+  // Out of range.
+  EXPECT_EQ(a.Victim(2, 5, resident, false), -1);
+  EXPECT_EQ(a.Victim(0, 8, resident, false), -1);
+  a.Note(5, std::vector<int32_t>{1});
+  a.Note(0, std::vector<int32_t>{-1, 9});
+  EXPECT_EQ(a.uses(0, 1), 1);
+}
+
+TEST(MissAdmission, MarginOneAdmitsOnAnyLead) {
+  MissAdmission a(1, 4, 1);
+  a.Note(0, std::vector<int32_t>{3});
+  EXPECT_EQ(a.Victim(0, 3, std::vector<int32_t>{0, 1}, false), 0);  // ties: the first listed
+  a.Note(0, std::vector<int32_t>{0});
+  EXPECT_EQ(a.Victim(0, 3, std::vector<int32_t>{0}, false), -1);  // 1 against 1
+}
+
 }  // namespace
 }  // namespace ef::cache

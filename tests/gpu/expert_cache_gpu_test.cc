@@ -29,7 +29,8 @@
 
 namespace ef::params {
 bool CudaBf16Weights();
-}
+int64_t CpuComputeAdmit();
+}  // namespace ef::params
 
 namespace ef::cache {
 namespace {
@@ -446,6 +447,46 @@ TEST_P(ExpertCacheGpuTest, CpuComputeOfMissesMatchesTheCpuEngine) {
       EXPECT_EQ(h.split_experts, 0) << mode;
     }
     EXPECT_NE((*cache)->StatsSummary().find("computed on the host"), std::string::npos) << (*cache)->StatsSummary();
+    Status bs = engine->backend().status();
+    EXPECT_TRUE(bs.ok()) << bs.ToString();
+  }
+}
+
+// The admission rule of cache.cpu_compute (EF_CPU_COMPUTE_ADMIT > 0; ctest gpu_cache_admission):
+// popular misses are loaded whole into the slot of the least used resident expert, the others
+// shared with the host as before. Slots change under the host's misses and outputs stay with the
+// CPU engine (on the fp32 mixtral fixture, with the all-resident CUDA engine).
+TEST_P(ExpertCacheGpuTest, CpuComputeAdmissionLoadsPopularMisses) {
+  if (params::CpuComputeAdmit() <= 0) GTEST_SKIP() << "run with EF_CPU_COMPUTE_ADMIT=1 (ctest: gpu_cache_admission)";
+  const auto [want, native] = CpuReference(GetParam());
+  const double bound = std::max(1e-2, 3 * native);
+  Output resident;
+  {
+    auto gpu = MakeCudaEngine(GetParam(), true);
+    ASSERT_NE(gpu, nullptr);
+    resident = RunModel(*gpu);
+  }
+  for (const char* mode : {"auto", "whole"}) {
+    auto engine = MakeCudaEngine(GetParam(), false);
+    ASSERT_NE(engine, nullptr);
+    ExpertCacheOptions o = OnDemandLru(*engine);
+    o.slots_per_layer = std::min(engine->config().top_k + 1, engine->config().num_experts);
+    o.cpu_compute = mode;
+    auto cache = ExpertCache::Create(engine.get(), o);
+    ASSERT_TRUE(cache.ok()) << cache.status().ToString();
+    const Output got = RunModel(*engine);
+    EXPECT_LE(LogitDistance(got, want), bound) << GetParam() << " " << mode;
+    if (GetParam() == "mixtral") {
+      EXPECT_LE(LogitDistance(got, resident), 1e-5) << mode;
+    }
+    const HostComputeStats& h = (*cache)->source()->host_compute()->stats();
+    EXPECT_GT(h.admitted, 0) << mode;
+    EXPECT_GT(h.experts, 0) << mode << ": every miss admitted";
+    EXPECT_EQ((*cache)->StatsJson().value("cpu_compute_admitted", int64_t{-1}), h.admitted);
+    std::printf("[ cpu compute ] %s %s, admission %lld: %lld admitted, %lld on the host, %lld misses\n",
+                GetParam().c_str(), mode, static_cast<long long>(params::CpuComputeAdmit()),
+                static_cast<long long>(h.admitted), static_cast<long long>(h.experts),
+                static_cast<long long>((*cache)->stats().total.misses));
     Status bs = engine->backend().status();
     EXPECT_TRUE(bs.ok()) << bs.ToString();
   }
