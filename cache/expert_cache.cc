@@ -369,13 +369,19 @@ std::string ExpertCache::StatsSummary() const {
   const ExpertStoreStats st = stats();
   const ExpertCounters& t = st.total;
   char buf[512];
-  std::snprintf(
-      buf, sizeof buf,
-      "expert cache: %lld accesses, %lld hits, %lld misses (hit rate %.3f), %s loaded, prefetch %lld issued / "
-      "%lld used / %lld wasted",
-      static_cast<long long>(t.hits + t.misses), static_cast<long long>(t.hits), static_cast<long long>(t.misses),
-      st.hit_rate(), Bytes(static_cast<uint64_t>(t.bytes_from_host)).c_str(), static_cast<long long>(t.prefetch_issued),
-      static_cast<long long>(t.prefetch_used), static_cast<long long>(t.prefetch_wasted));
+  // Experts computed on the host never reach the slots: the hit rate counts them as uses the slots
+  // did not serve, as it counts the misses they replace ("misses" stay the slots' own).
+  const HostExpertCompute* hc = source_->host_compute();
+  const int64_t host_uses = hc ? hc->stats().experts : 0;
+  const int64_t uses = t.hits + t.misses + host_uses;
+  const std::string on_host = hc ? ", " + std::to_string(host_uses) + " computed on the host" : "";
+  std::snprintf(buf, sizeof buf,
+                "expert cache: %lld uses, %lld hits, %lld misses%s (hit rate %.3f), %s loaded, prefetch %lld issued / "
+                "%lld used / %lld wasted",
+                static_cast<long long>(uses), static_cast<long long>(t.hits), static_cast<long long>(t.misses),
+                on_host.c_str(), uses ? static_cast<double>(t.hits) / static_cast<double>(uses) : 0.0,
+                Bytes(static_cast<uint64_t>(t.bytes_from_host)).c_str(), static_cast<long long>(t.prefetch_issued),
+                static_cast<long long>(t.prefetch_used), static_cast<long long>(t.prefetch_wasted));
   std::string s = buf;
   if (!pinned_tier_ && tiers_->precision() != LoadPrecision::kNative) {
     const auto loads = tiers_->loads_by_precision();
@@ -387,11 +393,11 @@ std::string ExpertCache::StatsSummary() const {
                   static_cast<long long>(loads[0]), static_cast<long long>(t.refills));
     s += buf;
   }
-  if (const HostExpertCompute* hc = source_->host_compute()) {
+  if (hc) {
     const HostComputeStats& h = hc->stats();
     std::snprintf(buf, sizeof buf,
-                  "; %lld experts computed on the host, not accesses of the slots (%lld rows, %.1f ms; %lld split "
-                  "with the GPU, %s staged; %lld misses admitted to the slots)",
+                  "; on the host: %lld experts (%lld rows, %.1f ms; %lld split with the GPU, %s staged); %lld "
+                  "popular misses admitted to the slots",
                   static_cast<long long>(h.experts), static_cast<long long>(h.rows), h.ms,
                   static_cast<long long>(h.split_experts), Bytes(static_cast<uint64_t>(h.staged_bytes)).c_str(),
                   static_cast<long long>(h.admitted));

@@ -301,9 +301,10 @@ bool ExpertStore::Evict(int layer, int expert) {
   return true;
 }
 
-int ExpertStore::LayerCapacity(int layer) const {
+int ExpertStore::FreeSlots(int layer) const {
   if (layer < 0 || layer >= options_.num_layers) return 0;
-  return cache_->partition_capacity(layer);
+  std::lock_guard<std::mutex> lock(mu_);
+  return cache_->free_slots(layer);
 }
 
 bool ExpertStore::IsResident(int layer, int expert) const {

@@ -153,13 +153,14 @@ class ExpertStore {
   Status Refill(int layer, int expert);
   // Blocks until the async prefetch queue is empty and no load is in flight (no-op when sync).
   void WaitForPrefetches();
-  // Drops a resident, loaded expert that no one holds, so that the next miss of its layer takes
-  // its slot instead of the policy's victim (e.g. an admission rule that chose the victim itself).
-  // Returns whether it did; an expert that is not resident, is loading or is held stays.
+  // Drops a resident, loaded expert that no one holds, so that the next miss of its partition (its
+  // layer's, under per-layer budgets) takes its slot instead of the policy's victim (e.g. an
+  // admission rule that chose the victim itself). Returns whether it did; an expert that is not
+  // resident, is loading or is held stays.
   bool Evict(int layer, int expert);
 
   bool IsResident(int layer, int expert) const;  // resident and loaded
-  int LayerCapacity(int layer) const;            // slots the layer's experts may use
+  int FreeSlots(int layer) const;                // unused slots the layer's experts may take
   ExpertStoreStats stats() const;
   // Zeroes the counters (after a warm-up); residency and the policy's state stay.
   void ResetCounters();

@@ -48,10 +48,11 @@ HostSharePlan PlanHostShare(std::span<const MissCost> misses, const HostShareOpt
 // Admission of misses into the slots while the host takes misses (EF_CPU_COMPUTE_ADMIT=M). Host-
 // computed and split experts never enter the slots, so without it the slots keep what they held
 // when the host started taking misses: whatever the warm-up and the prompts loaded. With it each
-// layer counts its steps' expert uses (every use, one per expert and step, never decayed: Mixtral's
-// routing is close to stationary), and a miss used at least M times more than the least used
-// resident expert the step does not need is loaded whole into that expert's slot instead (the
-// layer pays a whole copy once; later steps hit). Replaying the Mixtral GSM8K trace through the
+// layer counts its steps' expert uses (one per expert and step, never decayed: Mixtral's routing is
+// close to stationary), and a miss the host could take, with at least M more uses than the least
+// used resident expert the step does not need, is loaded whole into that expert's slot instead (one
+// per layer and step: the layer pays a whole copy once; later steps hit). A free slot takes a miss
+// as it would without the rule. Replaying the Mixtral GSM8K trace through the
 // split's cost model (scripts/bench/host_admission_sim.py) put 32 layers at 50% at 69 ms per token
 // with M = 3 against 83-87 ms without (33 -> 26 misses per token); a decayed count against the
 // policy's own victim was slower on an H200 at 4 layers (docs/results/cpu_compute).

@@ -64,6 +64,10 @@ class SlotCache {
   int num_slots() const { return num_slots_; }
   int num_partitions() const { return static_cast<int>(partitions_.size()); }
   int partition_capacity(int layer) const { return partitions_[partition_of_layer_[layer]].capacity; }
+  // Unused slots of the partition of `layer` (an expert loading holds its slot).
+  int free_slots(int layer) const {
+    return static_cast<int>(partitions_[partition_of_layer_[layer]].free_slots.size());
+  }
   CachePolicy& policy() { return *policy_; }
   const SlotCacheOptions& options() const { return options_; }
 

@@ -592,6 +592,8 @@ struct RunCounters {
   cache::CacheBudget cache_budget;
   std::string cache_summary;
   nlohmann::json cache_json = nlohmann::json::object();  // ExpertCache::StatsJson of this rank
+  // Experts computed on the host (cache.cpu_compute): this rank's; rank 0 under mpirun: all ranks'.
+  int64_t host_uses = 0;
 };
 
 // Ends the run's parts: this rank keeps joining the other ranks' expert-parallel steps until all
@@ -609,10 +611,12 @@ StatusOr<RunCounters> FinishRun(const BenchRun& b, BenchParts* p) {
     c.cs = p->expert_cache->stats();
     c.cache_summary = p->expert_cache->StatsSummary();
     c.cache_json = p->expert_cache->StatsJson();
+    c.host_uses = c.cache_json.value("cpu_computed_experts", int64_t{0});
   }
   if (b.root && b.distributed && c.cs.total.hits + c.cs.total.misses > 0) {
     // Every rank's cache: the table's hit rate and bytes are over all ranks.
     c.cs.total = {};
+    c.host_uses = 0;
     for (const json& r : c.comm_stats["ranks"]) {
       const json& rank_cache = r["expert_cache"];
       if (!rank_cache.value("active", false)) continue;
@@ -621,6 +625,7 @@ StatusOr<RunCounters> FinishRun(const BenchRun& b, BenchParts* p) {
       c.cs.total.prefetch_issued += rank_cache["prefetch_issued"].get<int64_t>();
       c.cs.total.prefetch_used += rank_cache["prefetch_used"].get<int64_t>();
       c.cs.total.bytes_from_host += rank_cache["bytes_loaded"].get<int64_t>();
+      c.host_uses += rank_cache.value("cpu_computed_experts", int64_t{0});
     }
     c.cache_summary = "rank 0: " + c.cache_summary + " (the table: all ranks)";
   }
@@ -720,10 +725,9 @@ BenchSummary Summarize(const BenchRun& b, const runtime::ModelConfig& cfg, const
   s.rss_mib = static_cast<double>(PeakRssBytes()) / (1 << 20);
   s.cached = c.cs.total.hits + c.cs.total.misses > 0;
   s.slots_per_layer = s.cached ? c.cache_budget.slots_per_layer : cfg.num_experts;
-  // Experts computed on the host (cache.cpu_compute; this rank's) never reach the slots: they count
-  // as expert uses the slots did not serve, so the rate compares with a run without host compute.
-  const int64_t host_uses = c.cache_json.value("cpu_computed_experts", int64_t{0});
-  const int64_t uses = c.cs.total.hits + c.cs.total.misses + host_uses;
+  // Experts computed on the host (cache.cpu_compute) never reach the slots: they count as expert
+  // uses the slots did not serve, so the rate compares with a run without host compute.
+  const int64_t uses = c.cs.total.hits + c.cs.total.misses + c.host_uses;
   s.hit_rate = s.cached && uses > 0 ? static_cast<double>(c.cs.total.hits) / static_cast<double>(uses) : 1.0;
   s.moved_mib = static_cast<double>(c.cs.total.bytes_from_host) / (1 << 20);
   s.stall_ms = static_cast<double>(c.cs.total.stall_ns) * 1e-6;
@@ -797,6 +801,8 @@ json CacheJson(const BenchRun& b, const BenchSummary& s, const RunCounters& c, i
           {"policy", s.cached ? config.cache.policy : "none"},
           {"prefetch_layers", s.cached ? config.cache.prefetch_layers : 0},
           {"predictor", s.cached ? (b.o.oracle_prefetch ? "oracle" : config.predictor.kind) : "none"},
+          // hits + misses (slot accesses) + cpu_computed_experts: results.hit_rate is hits over these.
+          {"expert_uses", t.hits + t.misses + c.host_uses},
           {"hits", t.hits},
           {"misses", t.misses},
           {"prefetch_issued", t.prefetch_issued},
@@ -805,7 +811,7 @@ json CacheJson(const BenchRun& b, const BenchSummary& s, const RunCounters& c, i
           {"bytes_from_host", t.bytes_from_host},
           {"stall_ms", s.stall_ms},
           {"cpu_compute", s.cached ? config.cache.cpu_compute : "off"},
-          {"cpu_computed_experts", c.cache_json.value("cpu_computed_experts", int64_t{0})},
+          {"cpu_computed_experts", c.host_uses},
           {"cpu_computed_rows", c.cache_json.value("cpu_computed_rows", int64_t{0})},
           {"cpu_compute_ms", c.cache_json.value("cpu_compute_ms", 0.0)},
           {"split_experts", c.cache_json.value("split_experts", int64_t{0})},

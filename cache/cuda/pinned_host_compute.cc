@@ -13,9 +13,9 @@
 #include "runtime/core/thread_pool.h"
 
 EF_PARAM(CpuComputeAdmit, int64_t, "EF_CPU_COMPUTE_ADMIT", 0,
-         "cache.cpu_compute: a miss used this many times more than the least used resident expert of its "
-         "layer is loaded whole into that expert's slot instead of computed on the host (0: misses the host "
-         "takes never enter the slots)");
+         "cache.cpu_compute auto/whole: a miss the host could take, used at least this many steps more than "
+         "the least used resident expert its step does not need, is loaded whole into that expert's slot "
+         "(one per layer and step; 0: misses the host takes never enter the slots)");
 
 namespace ef::cache {
 namespace {
@@ -73,11 +73,19 @@ StatusOr<std::unique_ptr<PinnedHostCompute>> PinnedHostCompute::Create(std::shar
   auto c =
       std::unique_ptr<PinnedHostCompute>(new PinnedHostCompute(std::move(tier), std::move(layout), mode, max_rows));
   const int64_t margin = params::CpuComputeAdmit();
-  if (margin < 0) return InvalidArgument("EF_CPU_COMPUTE_ADMIT must be at least 0, got " + std::to_string(margin));
-  // `on` and `split` are for tests: every eligible miss goes to the host.
-  if (margin > 0 && (c->mode_ == "auto" || c->mode_ == "whole"))
-    c->admission_ =
-        std::make_unique<MissAdmission>(c->tier_->num_layers(), c->tier_->num_experts(), static_cast<int>(margin));
+  if (margin < 0 || margin > (int64_t{1} << 20))
+    return InvalidArgument("EF_CPU_COMPUTE_ADMIT must be between 0 and 1048576, got " + std::to_string(margin));
+  if (margin > 0) {
+    // `on` and `split` are for tests: every eligible miss goes to the host.
+    if (c->mode_ == "auto" || c->mode_ == "whole") {
+      c->admission_ =
+          std::make_unique<MissAdmission>(c->tier_->num_layers(), c->tier_->num_experts(), static_cast<int>(margin));
+      EF_LOG(INFO, CACHE, "cpu compute: misses used %lld steps more than a resident expert enter the slots",
+             static_cast<long long>(margin));
+    } else {
+      EF_LOG(WARN, CACHE, "EF_CPU_COMPUTE_ADMIT is ignored under cache.cpu_compute %s", mode.c_str());
+    }
+  }
   return c;
 }
 
@@ -210,7 +218,7 @@ void PinnedHostCompute::Take(int layer, std::vector<int32_t>& experts, std::span
   // Host-computed and split experts never enter the cache: the slots keep what whole loads (the
   // misses the host cannot take, e.g. a prompt's experts of many rows) put there, unless the
   // admission rule (EF_CPU_COMPUTE_ADMIT, host_share_plan.h) sends a popular miss to its slot.
-  const int32_t admitted = Admit(layer, experts, store);
+  const int32_t admitted = Admit(layer, experts, rows, store);
   std::vector<MissCost> misses;
   for (size_t i = 0; i < experts.size(); ++i) {
     const int32_t e = experts[i];
@@ -250,22 +258,32 @@ void PinnedHostCompute::Take(int layer, std::vector<int32_t>& experts, std::span
   });
 }
 
-int32_t PinnedHostCompute::Admit(int layer, std::span<const int32_t> experts, ExpertStore& store) {
+int32_t PinnedHostCompute::Admit(int layer, std::span<const int32_t> experts, std::span<const int64_t> rows,
+                                 ExpertStore& store) {
   if (!admission_) return -1;
   admission_->Note(layer, experts);
-  std::vector<int32_t> resident;
+  // The resident experts this step does not use: the candidates for a victim.
+  std::vector<int32_t> evictable;
   for (int e = 0; e < tier_->num_experts(); ++e)
-    if (store.IsResident(layer, e)) resident.push_back(e);
-  const bool free_slot = static_cast<int>(resident.size()) < store.LayerCapacity(layer);
-  std::erase_if(resident, [&](int32_t e) { return std::find(experts.begin(), experts.end(), e) != experts.end(); });
-  // At most one admission per layer and step: each costs a whole copy in this layer.
-  for (int32_t e : experts) {
-    if (store.IsResident(layer, e) || tier_->data(layer, e) == nullptr) continue;
-    const int32_t victim = admission_->Victim(layer, e, resident, free_slot);
-    if (victim < 0) continue;
-    if (victim != e && !store.Evict(layer, victim)) continue;
-    ++stats_.admitted;
-    return e;
+    if (store.IsResident(layer, e) && std::find(experts.begin(), experts.end(), e) == experts.end())
+      evictable.push_back(e);
+  const bool free_slot = store.FreeSlots(layer) > 0;
+  // At most one admission per layer and step: each costs a whole copy in this layer. Only misses
+  // the host could take are candidates (the others are copied anyway, evicting the policy's victim).
+  for (size_t i = 0; i < experts.size(); ++i) {
+    const int32_t e = experts[i];
+    const int64_t r = i < rows.size() ? rows[i] : 1;
+    if (store.IsResident(layer, e) || r <= 0 || r > max_rows_ || tier_->data(layer, e) == nullptr) continue;
+    for (;;) {
+      const int32_t victim = admission_->Victim(layer, e, evictable, free_slot);
+      if (victim < 0) break;
+      if (victim == e) return e;  // a free slot: filled as any miss would, not counted
+      if (store.Evict(layer, victim)) {
+        ++stats_.admitted;
+        return e;
+      }
+      std::erase(evictable, victim);  // held or loading after all: the next least used
+    }
   }
   return -1;
 }

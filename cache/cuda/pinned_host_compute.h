@@ -55,9 +55,9 @@ class PinnedHostCompute final : public HostExpertCompute {
   double HostMs(int64_t r, double share) const;
   // Host time for r rows over that for one row, from the calibrated points.
   double RowFactor(int64_t r) const;
-  // The admission rule's step of `layer` (experts: the step's, in compute order): the miss it
-  // loads whole into the slot it freed, or -1.
-  int32_t Admit(int layer, std::span<const int32_t> experts, ExpertStore& store);
+  // The admission rule's step of `layer` (experts: the step's, in compute order, with their rows):
+  // the miss it sends whole to the copy path, into the slot it freed (or a free one), or -1.
+  int32_t Admit(int layer, std::span<const int32_t> experts, std::span<const int64_t> rows, ExpertStore& store);
 
   std::shared_ptr<const PinnedHostTier> tier_;
   SlotLayout layout_;

@@ -7,8 +7,8 @@ Per layer and token: the misses go, in order, to whichever path finishes them fi
 engine at COPY ms per expert, the host at HOST ms), then one expert of the host's path is split
 so both end together (host_share_plan.h); an admitted miss is copied whole. Without admission the
 slots keep their first content (the run's warm-up; here a random set, SEEDS of them); with it a
-miss used at least MARGIN times more than the least used resident expert the step does not need
-replaces it (use counts never decay, one per expert and step).
+miss with at least MARGIN more uses than the least used resident expert the step does not need
+replaces it (use counts never decay, one per expert and step; ties: the lowest id).
 
   scripts/bench/host_admission_sim.py tests/data/traces/mixtral8x7b_gsm8k_decode.jsonl \\
       [--slots 4] [--copy-ms 6.35] [--host-ms 3.5] [--margins 1,2,3] [--tokens N] [--seeds 3]
@@ -51,7 +51,7 @@ def run(tokens, experts, slots, copy, host, margin, seed):
                 for e in miss:
                     if not evictable:
                         break
-                    v = min(evictable, key=lambda v: uses[l][v])
+                    v = min(evictable, key=lambda v: (uses[l][v], v))
                     if uses[l][e] >= uses[l][v] + margin:
                         cache[l].remove(v)
                         cache[l].add(e)

@@ -118,9 +118,10 @@ TEST(ExpertStore, PinnedSlotsAreNotEvicted) {
 // slot rather than the policy's victim; held experts and other layers stay.
 TEST(ExpertStore, EvictChoosesTheSlotTheNextMissTakes) {
   auto store = std::move(*ExpertStore::Create(Options(2), FillExpert));
-  EXPECT_EQ(store->LayerCapacity(0), 2);
-  EXPECT_EQ(store->LayerCapacity(kLayers), 0);
+  EXPECT_EQ(store->FreeSlots(0), 2);
+  EXPECT_EQ(store->FreeSlots(kLayers), 0);
   for (int e : {1, 2}) store->Release(*store->Acquire(0, e));  // LRU's next victim: 1
+  EXPECT_EQ(store->FreeSlots(0), 0);
   auto other = store->Acquire(1, 1);
   ASSERT_TRUE(other.ok());
   EXPECT_FALSE(store->Evict(0, 3));   // not resident
@@ -128,6 +129,7 @@ TEST(ExpertStore, EvictChoosesTheSlotTheNextMissTakes) {
   EXPECT_FALSE(store->Evict(-1, 0));  // out of range
   EXPECT_TRUE(store->Evict(0, 2));    // the most recent one, which LRU would keep
   EXPECT_FALSE(store->IsResident(0, 2));
+  EXPECT_EQ(store->FreeSlots(0), 1);
   auto c = store->Acquire(0, 3);
   ASSERT_TRUE(c.ok());
   EXPECT_TRUE(Matches(*c));

@@ -454,7 +454,8 @@ TEST_P(ExpertCacheGpuTest, CpuComputeOfMissesMatchesTheCpuEngine) {
 
 // The admission rule of cache.cpu_compute (EF_CPU_COMPUTE_ADMIT > 0; ctest gpu_cache_admission):
 // popular misses are loaded whole into the slot of the least used resident expert, the others
-// shared with the host as before. Slots change under the host's misses and outputs stay with the
+// shared with the host as before. The prompt runs twice, so the second run starts with full slots
+// and its popular misses can only enter by evicting (admitted counts those); outputs stay with the
 // CPU engine (on the fp32 mixtral fixture, with the all-resident CUDA engine).
 TEST_P(ExpertCacheGpuTest, CpuComputeAdmissionLoadsPopularMisses) {
   if (params::CpuComputeAdmit() <= 0) GTEST_SKIP() << "run with EF_CPU_COMPUTE_ADMIT=1 (ctest: gpu_cache_admission)";
@@ -474,10 +475,12 @@ TEST_P(ExpertCacheGpuTest, CpuComputeAdmissionLoadsPopularMisses) {
     o.cpu_compute = mode;
     auto cache = ExpertCache::Create(engine.get(), o);
     ASSERT_TRUE(cache.ok()) << cache.status().ToString();
-    const Output got = RunModel(*engine);
-    EXPECT_LE(LogitDistance(got, want), bound) << GetParam() << " " << mode;
-    if (GetParam() == "mixtral") {
-      EXPECT_LE(LogitDistance(got, resident), 1e-5) << mode;
+    for (int run = 0; run < 2; ++run) {
+      const Output got = RunModel(*engine);
+      EXPECT_LE(LogitDistance(got, want), bound) << GetParam() << " " << mode << " run " << run;
+      if (GetParam() == "mixtral") {
+        EXPECT_LE(LogitDistance(got, resident), 1e-5) << mode << " run " << run;
+      }
     }
     const HostComputeStats& h = (*cache)->source()->host_compute()->stats();
     EXPECT_GT(h.admitted, 0) << mode;

@@ -243,6 +243,12 @@ TEST_F(BenchTest, MixtralShapeTakesTheMixtralTrace) {
   const int64_t accesses = j["cache"]["hits"].get<int64_t>() + j["cache"]["misses"].get<int64_t>();
   EXPECT_GE(accesses, 32 * 2);
   EXPECT_LE(accesses, 2 * (4 + 3) * 32 * 2);
+  // No expert is computed on the host on the CPU backend: every use is a slot access, and the hit
+  // rate is hits over them.
+  EXPECT_EQ(j["cache"]["expert_uses"].get<int64_t>(), accesses);
+  EXPECT_EQ(j["cache"]["cpu_computed_experts"].get<int64_t>(), 0);
+  EXPECT_NEAR(j["results"]["hit_rate"].get<double>(),
+              static_cast<double>(j["cache"]["hits"].get<int64_t>()) / static_cast<double>(accesses), 1e-12);
 }
 
 TEST_F(BenchTest, OraclePrefetchWithoutACacheIsAnError) {
