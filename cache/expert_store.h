@@ -165,6 +165,8 @@ class ExpertStore {
   // Zeroes the counters (after a warm-up); residency and the policy's state stay.
   void ResetCounters();
   int num_slots() const { return num_slots_; }
+  int num_layers() const { return options_.num_layers; }
+  int num_experts() const { return options_.num_experts; }
   size_t slot_bytes() const { return options_.slot_bytes; }
 
   // Forwarded to the policy (expertflow uses them; others ignore them).

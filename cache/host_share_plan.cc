@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "cache/expert_store.h"
+
 namespace ef::cache {
 
 HostSharePlan PlanHostShare(std::span<const MissCost> misses, const HostShareOptions& options) {
@@ -92,6 +94,32 @@ int32_t MissAdmission::Victim(int layer, int32_t expert, std::span<const int32_t
   }
   if (victim < 0) return -1;
   return uses(layer, expert) >= uses(layer, victim) + margin_ ? victim : -1;
+}
+
+AdmittedMiss AdmitMiss(MissAdmission& admission, int layer, std::span<const int32_t> experts,
+                       std::span<const int64_t> rows, int64_t max_rows, const std::function<bool(int, int)>& host_copy,
+                       ExpertStore& store) {
+  admission.Note(layer, experts);
+  // The resident experts this step does not use: the candidates for a victim.
+  std::vector<int32_t> evictable;
+  for (int e = 0; e < store.num_experts(); ++e)
+    if (store.IsResident(layer, e) && std::find(experts.begin(), experts.end(), e) == experts.end())
+      evictable.push_back(e);
+  const bool free_slot = store.FreeSlots(layer) > 0;
+  for (size_t i = 0; i < experts.size(); ++i) {
+    const int32_t e = experts[i];
+    const int64_t r = i < rows.size() ? rows[i] : 1;
+    // Misses the host cannot take are copied anyway (evicting the policy's victim).
+    if (store.IsResident(layer, e) || r <= 0 || r > max_rows || !host_copy(layer, e)) continue;
+    for (;;) {
+      const int32_t victim = admission.Victim(layer, e, evictable, free_slot);
+      if (victim < 0) break;
+      if (victim == e) return {e, false};  // a free slot
+      if (store.Evict(layer, victim)) return {e, true};
+      std::erase(evictable, victim);  // held or loading after all: the next least used
+    }
+  }
+  return {};
 }
 
 }  // namespace ef::cache

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <vector>
 
@@ -73,5 +74,22 @@ class MissAdmission {
   std::vector<int64_t> uses_;  // per (layer, expert)
   std::vector<uint8_t> seen_;  // Note's scratch
 };
+
+class ExpertStore;
+
+// What one step of the rule did.
+struct AdmittedMiss {
+  int32_t expert = -1;   // the miss sent whole to the copy path, or -1
+  bool evicted = false;  // it takes the slot of an expert the rule evicted (else a free slot)
+};
+
+// One step of `layer` under the rule, over `store`: notes the step's uses (experts, in compute
+// order, with their rows), then finds the first miss the host could take (1..max_rows rows, and
+// host_copy(layer, expert)) that the rule admits, and evicts its victim from `store` (trying the
+// next least used when that one is held), so the miss's Acquire takes the freed slot. At most one
+// per step.
+AdmittedMiss AdmitMiss(MissAdmission& admission, int layer, std::span<const int32_t> experts,
+                       std::span<const int64_t> rows, int64_t max_rows, const std::function<bool(int, int)>& host_copy,
+                       ExpertStore& store);
 
 }  // namespace ef::cache

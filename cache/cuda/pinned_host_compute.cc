@@ -261,31 +261,12 @@ void PinnedHostCompute::Take(int layer, std::vector<int32_t>& experts, std::span
 int32_t PinnedHostCompute::Admit(int layer, std::span<const int32_t> experts, std::span<const int64_t> rows,
                                  ExpertStore& store) {
   if (!admission_) return -1;
-  admission_->Note(layer, experts);
-  // The resident experts this step does not use: the candidates for a victim.
-  std::vector<int32_t> evictable;
-  for (int e = 0; e < tier_->num_experts(); ++e)
-    if (store.IsResident(layer, e) && std::find(experts.begin(), experts.end(), e) == experts.end())
-      evictable.push_back(e);
-  const bool free_slot = store.FreeSlots(layer) > 0;
-  // At most one admission per layer and step: each costs a whole copy in this layer. Only misses
-  // the host could take are candidates (the others are copied anyway, evicting the policy's victim).
-  for (size_t i = 0; i < experts.size(); ++i) {
-    const int32_t e = experts[i];
-    const int64_t r = i < rows.size() ? rows[i] : 1;
-    if (store.IsResident(layer, e) || r <= 0 || r > max_rows_ || tier_->data(layer, e) == nullptr) continue;
-    for (;;) {
-      const int32_t victim = admission_->Victim(layer, e, evictable, free_slot);
-      if (victim < 0) break;
-      if (victim == e) return e;  // a free slot: filled as any miss would, not counted
-      if (store.Evict(layer, victim)) {
-        ++stats_.admitted;
-        return e;
-      }
-      std::erase(evictable, victim);  // held or loading after all: the next least used
-    }
-  }
-  return -1;
+  // At most one admission per layer and step: each costs a whole copy in this layer.
+  const AdmittedMiss a = AdmitMiss(
+      *admission_, layer, experts, rows, max_rows_, [this](int l, int e) { return tier_->data(l, e) != nullptr; },
+      store);
+  if (a.evicted) ++stats_.admitted;  // a free slot is filled as any miss would be: not counted
+  return a.expert;
 }
 
 Status PinnedHostCompute::Compute(int layer, int expert, int64_t rows, const float* x, float* y, int64_t inter_begin) {

@@ -7,6 +7,8 @@
 
 #include <vector>
 
+#include "cache/expert_store.h"
+
 namespace ef::cache {
 namespace {
 
@@ -162,6 +164,65 @@ TEST(MissAdmission, MarginOneAdmitsOnAnyLead) {
   EXPECT_EQ(a.Victim(0, 3, std::vector<int32_t>{0, 1}, false), 0);  // ties: the first listed
   a.Note(0, std::vector<int32_t>{0});
   EXPECT_EQ(a.Victim(0, 3, std::vector<int32_t>{0}, false), -1);  // 1 against 1
+}
+
+// AdmitMiss over a real store (host slots): the admitted miss's Acquire takes the slot of the
+// victim the rule chose (not the LRU policy's), misses the host could not take are no candidates,
+// a held victim gives way to the next least used, and a layer with a free slot evicts nothing.
+TEST(MissAdmission, AdmitMissEvictsTheRulesVictimFromAStore) {
+  ExpertStoreOptions o;
+  o.num_layers = 2;
+  o.num_experts = 6;
+  o.top_k = 1;
+  o.slot_bytes = 64;
+  o.slots_per_layer = 2;
+  o.policy = "lru";
+  auto fill = [](int, int, std::span<std::byte> dst) -> Status {
+    for (auto& b : dst) b = std::byte{1};
+    return Status::Ok();
+  };
+  auto store = std::move(*ExpertStore::Create(o, fill));
+  auto use = [&](int l, int e) { store->Release(*store->Acquire(l, e)); };
+  MissAdmission a(2, 6, 2);
+  const auto all = [](int, int) { return true; };
+  const std::vector<int64_t> one = {1};
+  // Layer 0 holds 0 (used twice, the older) and 1 (once, the most recent): LRU would evict 0.
+  for (int e : {0, 0, 1}) {
+    const std::vector<int32_t> step = {e};
+    EXPECT_EQ(AdmitMiss(a, 0, step, one, 4, all, *store).evicted, false);
+    use(0, e);
+  }
+  const std::vector<int32_t> four = {4};
+  EXPECT_EQ(AdmitMiss(a, 0, four, one, 4, all, *store).expert, -1);   // 4: 1 use against 1's 1
+  EXPECT_EQ(AdmitMiss(a, 0, four, one, 4, all, *store).expert, -1);   // 2 against 1
+  const AdmittedMiss m = AdmitMiss(a, 0, four, one, 4, all, *store);  // 3 against 1: 1 goes
+  EXPECT_EQ(m.expert, 4);
+  EXPECT_TRUE(m.evicted);
+  EXPECT_FALSE(store->IsResident(0, 1));
+  use(0, 4);
+  EXPECT_TRUE(store->IsResident(0, 0));  // the policy's victim stayed
+  EXPECT_TRUE(store->IsResident(0, 4));
+  // 5, as popular, but of more rows than the host takes, or without a host copy: no candidate.
+  const std::vector<int32_t> five = {5};
+  for (int i = 0; i < 5; ++i) AdmitMiss(a, 0, five, std::vector<int64_t>{8}, 4, all, *store);
+  EXPECT_EQ(AdmitMiss(a, 0, five, std::vector<int64_t>{8}, 4, all, *store).expert, -1);
+  EXPECT_EQ(AdmitMiss(
+                a, 0, five, one, 4, [](int, int) { return false; }, *store)
+                .expert,
+            -1);
+  // With 0 (the least used resident: 2 uses against 4's 3) held, the victim is 4.
+  auto held = store->Acquire(0, 0);
+  ASSERT_TRUE(held.ok());
+  const AdmittedMiss n = AdmitMiss(a, 0, five, one, 4, all, *store);
+  EXPECT_EQ(n.expert, 5);
+  EXPECT_TRUE(n.evicted);
+  EXPECT_FALSE(store->IsResident(0, 4));
+  EXPECT_TRUE(store->IsResident(0, 0));
+  store->Release(*held);
+  // Layer 1 has free slots: any miss takes one, nothing evicted.
+  const AdmittedMiss f = AdmitMiss(a, 1, four, one, 4, all, *store);
+  EXPECT_EQ(f.expert, 4);
+  EXPECT_FALSE(f.evicted);
 }
 
 }  // namespace
