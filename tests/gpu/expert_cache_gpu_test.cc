@@ -394,6 +394,13 @@ ExpertCacheOptions OnDemandLru(const Engine& engine) {
   return o;
 }
 
+// The prompt through the CUDA engine with every expert resident (what the cache runs compare to).
+void RunAllResident(const std::string& model, Output* out) {
+  auto gpu = MakeCudaEngine(model, true);
+  ASSERT_NE(gpu, nullptr);
+  *out = RunModel(*gpu);
+}
+
 // cache.cpu_compute: misses of decode steps computed on the host from their pinned copies (on:
 // every one; whole: those the host finishes before the copy engine would; auto: that, plus one
 // expert split between a partial copy the GPU computes and the host; split: the first miss of each
@@ -404,11 +411,7 @@ TEST_P(ExpertCacheGpuTest, CpuComputeOfMissesMatchesTheCpuEngine) {
   const auto [want, native] = CpuReference(GetParam());
   const double bound = std::max(1e-2, 3 * native);
   Output resident;
-  {
-    auto gpu = MakeCudaEngine(GetParam(), true);
-    ASSERT_NE(gpu, nullptr);
-    resident = RunModel(*gpu);
-  }
+  ASSERT_NO_FATAL_FAILURE(RunAllResident(GetParam(), &resident));
   for (const char* mode : {"on", "whole", "auto", "split"}) {
     auto engine = MakeCudaEngine(GetParam(), false);
     ASSERT_NE(engine, nullptr);
@@ -462,11 +465,7 @@ TEST_P(ExpertCacheGpuTest, CpuComputeAdmissionLoadsPopularMisses) {
   const auto [want, native] = CpuReference(GetParam());
   const double bound = std::max(1e-2, 3 * native);
   Output resident;
-  {
-    auto gpu = MakeCudaEngine(GetParam(), true);
-    ASSERT_NE(gpu, nullptr);
-    resident = RunModel(*gpu);
-  }
+  ASSERT_NO_FATAL_FAILURE(RunAllResident(GetParam(), &resident));
   for (const char* mode : {"auto", "whole"}) {
     auto engine = MakeCudaEngine(GetParam(), false);
     ASSERT_NE(engine, nullptr);
