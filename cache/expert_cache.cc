@@ -264,6 +264,7 @@ StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(runtime::Engine* engi
     co.host_budget_bytes = o.host_budget_bytes;
     co.cpu_compute = o.cpu_compute;
     co.cpu_compute_max_rows = o.cpu_compute_max_rows;
+    co.cpu_compute_admit = o.cpu_compute_admit;
     EF_ASSIGN_OR_RETURN(cache->source_, CreateCudaCacheSource(engine->weights(), &engine->backend(), so, co));
     cache->pinned_tier_ = true;
 #else

@@ -80,6 +80,10 @@ struct ExpertCacheOptions {
   // cache/cuda/pinned_host_compute.h.
   std::string cpu_compute = "off";
   int cpu_compute_max_rows = 4;
+  // auto and whole: a miss the host could take, used in at least this many more steps than the
+  // least used resident expert its step does not need, is loaded into that expert's slot (one per
+  // layer and step; 0: misses the host takes never enter the slots). host_share_plan.h.
+  int cpu_compute_admit = 3;
   // Under expert parallelism, the tiers behind the device slots (this rank's host shard, peers,
   // the checkpoint) and the experts this rank computes; unset hooks: one process (expert_tiers.h).
   TierHooks tiers;

@@ -29,7 +29,7 @@ struct HostComputeStats {
   double split_copied = 0;     // sum of their copied fractions
   int64_t staged_bytes = 0;    // bytes of their partial copies
   double host_ms_running = 0;  // the host time per expert at one row the plans use (running mean)
-  int64_t admitted = 0;        // misses the admission rule (EF_CPU_COMPUTE_ADMIT) loaded in a victim's place
+  int64_t admitted = 0;        // misses the admission rule (cache.cpu_compute_admit) loaded in a victim's place
 };
 
 class HostExpertCompute {

@@ -46,7 +46,7 @@ struct HostShareOptions {
 
 HostSharePlan PlanHostShare(std::span<const MissCost> misses, const HostShareOptions& options);
 
-// Admission of misses into the slots while the host takes misses (EF_CPU_COMPUTE_ADMIT=M). Host-
+// Admission of misses into the slots while the host takes misses (cache.cpu_compute_admit = M). Host-
 // computed and split experts never enter the slots, so without it the slots keep what they held
 // when the host started taking misses: whatever the warm-up and the prompts loaded. With it each
 // layer counts its steps' expert uses (one per expert and step, never decayed: Mixtral's routing is

@@ -245,6 +245,8 @@ const std::map<std::string, Section>& Schema() {
             }},
            {"cpu_compute_max_rows",
             [](const Ctx& c, Config* o) { return GetInt(c, 1, 64, &o->cache.cpu_compute_max_rows); }},
+           {"cpu_compute_admit",
+            [](const Ctx& c, Config* o) { return GetInt(c, 0, 1 << 20, &o->cache.cpu_compute_admit); }},
        }},
       {"predictor",
        {
@@ -519,7 +521,8 @@ std::string ConfigToYaml(const Config& c) {
   e << YAML::Key << "upgrade_uses" << YAML::Value << c.cache.upgrade_uses;
   e << YAML::Key << "quantized_experts" << YAML::Value << c.cache.quantized_experts;
   e << YAML::Key << "cpu_compute" << YAML::Value << c.cache.cpu_compute;
-  e << YAML::Key << "cpu_compute_max_rows" << YAML::Value << c.cache.cpu_compute_max_rows << YAML::EndMap;
+  e << YAML::Key << "cpu_compute_max_rows" << YAML::Value << c.cache.cpu_compute_max_rows;
+  e << YAML::Key << "cpu_compute_admit" << YAML::Value << c.cache.cpu_compute_admit << YAML::EndMap;
   e << YAML::Key << "predictor" << YAML::Value << YAML::Flow << YAML::BeginMap;
   e << YAML::Key << "kind" << YAML::Value << c.predictor.kind << YAML::Key << "path" << YAML::Value << c.predictor.path
     << YAML::EndMap;
@@ -604,6 +607,10 @@ void CacheFlags::Register(CLI::App* app) {
   app->add_option("--cpu-experts-max-rows", cpu_compute_max_rows,
                   "cuda: misses of at most this many rows (tokens) may be computed on the host, 1..64; the host's "
                   "cost per row count is measured at start (cache.cpu_compute_max_rows)");
+  app->add_option("--cpu-experts-admit", cpu_compute_admit,
+                  "cuda, --cpu-experts auto/whole: load a miss into the slots, in place of the least used resident "
+                  "expert of its layer, once the layer used it in at least this many more decode steps; 0: misses "
+                  "the host takes never enter the slots (cache.cpu_compute_admit, default 3)");
   app->add_option("--predictor", predictor,
                   "prefetch forecast: none, lookahead, frequency, path, affinity or hybrid (predictor.kind)");
   app->add_option("--predictor-path", predictor_path, "trained predictor file (predictor.path)");
@@ -623,6 +630,7 @@ Status CacheFlags::Apply(const CLI::App& app, Config* config) const {
       {"--quantized-experts", {"cache.quantized_experts", &quantized_experts}},
       {"--cpu-experts", {"cache.cpu_compute", &cpu_compute}},
       {"--cpu-experts-max-rows", {"cache.cpu_compute_max_rows", &cpu_compute_max_rows}},
+      {"--cpu-experts-admit", {"cache.cpu_compute_admit", &cpu_compute_admit}},
       {"--predictor", {"predictor.kind", &predictor}},
       {"--predictor-path", {"predictor.path", &predictor_path}},
   };

@@ -111,6 +111,11 @@ struct CacheSection {
   // miss of each layer split in half, the others on the host).
   std::string cpu_compute = "off";
   int cpu_compute_max_rows = 4;
+  // auto/whole: a miss the host could take whose expert its layer used in at least this many more
+  // decode steps than the least used resident expert the step does not need is loaded into that
+  // expert's slot, one per layer and step (0: the slots keep what they hold while the host takes
+  // misses). Default from docs/results/cpu_compute.
+  int cpu_compute_admit = 3;
 
   bool has_device_budget() const {
     return device_budget > 0 || device_slots > 0 || device_slots_per_layer > 0 || device_experts_percent > 0;
@@ -207,10 +212,12 @@ comm::ClusterOptions ToClusterOptions(const Config& config);
 //   --low-precision, --low-precision-gate, --upgrade-uses -> cache.low_precision, ...
 //   --quantized-experts   -> cache.quantized_experts
 //   --cpu-experts         -> cache.cpu_compute     --cpu-experts-max-rows -> cache.cpu_compute_max_rows
+//   --cpu-experts-admit   -> cache.cpu_compute_admit
 //   --predictor           -> predictor.kind        --predictor-path    -> predictor.path
 struct CacheFlags {
   std::string device_budget, host_budget, policy, prefetch_layers, prefetch_min_prob, miss_precision, low_precision,
-      low_precision_gate, upgrade_uses, quantized_experts, cpu_compute, cpu_compute_max_rows, predictor, predictor_path;
+      low_precision_gate, upgrade_uses, quantized_experts, cpu_compute, cpu_compute_max_rows, cpu_compute_admit,
+      predictor, predictor_path;
 
   void Register(CLI::App* app);
   // Writes the flags given on the command line into `config` (validated like the file's keys).

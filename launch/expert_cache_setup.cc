@@ -24,6 +24,7 @@ cache::ExpertCacheOptions ToExpertCacheOptions(const CacheSection& cache, const 
   o.quantized_experts = cache.quantized_experts;
   o.cpu_compute = cache.cpu_compute;
   o.cpu_compute_max_rows = cache.cpu_compute_max_rows;
+  o.cpu_compute_admit = cache.cpu_compute_admit;
   o.predictor = predictor.kind;
   o.predictor_path = predictor.path;
   o.trace = trace;

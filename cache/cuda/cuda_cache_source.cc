@@ -41,7 +41,7 @@ StatusOr<std::unique_ptr<CachedExpertSource>> Build(const runtime::ModelConfig& 
   };
   if (cuda.cpu_compute != "off") {
     EF_ASSIGN_OR_RETURN(b.host_compute, PinnedHostCompute::Create(tier, std::move(layout), cuda.cpu_compute,
-                                                                  cuda.cpu_compute_max_rows));
+                                                                  cuda.cpu_compute_max_rows, cuda.cpu_compute_admit));
   }
   return CachedExpertSource::Create(config, std::move(b), options);
 }

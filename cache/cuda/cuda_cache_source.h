@@ -28,9 +28,11 @@ struct CudaCacheOptions {
   // the checkpoint mapping when loaded (staged, synchronous).
   size_t host_budget_bytes = 0;
   // cache.cpu_compute: "off", "auto", "whole", "on" or "split" (pinned_host_compute.h); misses of at most
-  // cpu_compute_max_rows rows are candidates.
+  // cpu_compute_max_rows rows are candidates; cpu_compute_admit: the admission margin
+  // (host_share_plan.h; 0 off).
   std::string cpu_compute = "off";
   int cpu_compute_max_rows = 4;
+  int cpu_compute_admit = 3;
 };
 
 // From a loaded model: copies every routed expert (up to cuda.host_budget_bytes; under expert

@@ -8,14 +8,8 @@
 #include "cache/host_share_plan.h"
 #include "runtime/backend/cpu/host_gemv.h"
 #include "runtime/core/logging.h"
-#include "runtime/core/params.h"
 #include "runtime/core/quant_format.h"
 #include "runtime/core/thread_pool.h"
-
-EF_PARAM(CpuComputeAdmit, int64_t, "EF_CPU_COMPUTE_ADMIT", 0,
-         "cache.cpu_compute auto/whole: a miss the host could take, used at least this many steps more than "
-         "the least used resident expert its step does not need, is loaded whole into that expert's slot "
-         "(one per layer and step; 0: misses the host takes never enter the slots)");
 
 namespace ef::cache {
 namespace {
@@ -65,26 +59,20 @@ const char* KernelName(const runtime::Weight& w) {
 
 StatusOr<std::unique_ptr<PinnedHostCompute>> PinnedHostCompute::Create(std::shared_ptr<const PinnedHostTier> tier,
                                                                        SlotLayout layout, const std::string& mode,
-                                                                       int max_rows) {
+                                                                       int max_rows, int admit) {
   if (mode != "auto" && mode != "whole" && mode != "on" && mode != "split")
     return InvalidArgument("unknown cache.cpu_compute '" + mode + "' (off, auto, whole, on or split)");
   if (max_rows < 1) return InvalidArgument("cache.cpu_compute: cpu_compute_max_rows must be at least 1");
   if (!tier) return InvalidArgument("cache.cpu_compute needs the pinned host tier");
   auto c =
       std::unique_ptr<PinnedHostCompute>(new PinnedHostCompute(std::move(tier), std::move(layout), mode, max_rows));
-  const int64_t margin = params::CpuComputeAdmit();
-  if (margin < 0 || margin > (int64_t{1} << 20))
-    return InvalidArgument("EF_CPU_COMPUTE_ADMIT must be between 0 and 1048576, got " + std::to_string(margin));
-  if (margin > 0) {
-    // `on` and `split` are for tests: every eligible miss goes to the host.
-    if (c->mode_ == "auto" || c->mode_ == "whole") {
-      c->admission_ =
-          std::make_unique<MissAdmission>(c->tier_->num_layers(), c->tier_->num_experts(), static_cast<int>(margin));
-      EF_LOG(INFO, CACHE, "cpu compute: misses used %lld steps more than a resident expert enter the slots",
-             static_cast<long long>(margin));
-    } else {
-      EF_LOG(WARN, CACHE, "EF_CPU_COMPUTE_ADMIT is ignored under cache.cpu_compute %s", mode.c_str());
-    }
+  if (admit < 0 || admit > (1 << 20))
+    return InvalidArgument("cache.cpu_compute_admit must be between 0 and 1048576, got " + std::to_string(admit));
+  // `on` and `split` (tests) send every eligible miss to the host: no admission.
+  if (admit > 0 && (c->mode_ == "auto" || c->mode_ == "whole")) {
+    c->admission_ = std::make_unique<MissAdmission>(c->tier_->num_layers(), c->tier_->num_experts(), admit);
+    EF_LOG(INFO, CACHE, "cpu compute: a miss used %d steps more than a resident expert of its layer enters the slots",
+           admit);
   }
   return c;
 }

@@ -31,8 +31,10 @@ class PinnedHostCompute final : public HostExpertCompute {
  public:
   // mode: "auto", "whole", "on" or "split"; misses of at most max_rows rows are candidates (what
   // more rows cost is measured by Calibrate). `layout` says where the parts sit in a pinned copy.
+  // admit > 0 (auto and whole): the admission rule of host_share_plan.h with that margin.
   static StatusOr<std::unique_ptr<PinnedHostCompute>> Create(std::shared_ptr<const PinnedHostTier> tier,
-                                                             SlotLayout layout, const std::string& mode, int max_rows);
+                                                             SlotLayout layout, const std::string& mode, int max_rows,
+                                                             int admit);
 
   // Copies the first pinned expert into slot 0 (and half of it into the staging area, which it
   // reserves for auto and split) and computes it for 1, 4 and max_rows rows, best of 3 each.
@@ -67,7 +69,7 @@ class PinnedHostCompute final : public HostExpertCompute {
   double part_copy_ms_ = 0;    // copy time of a whole expert as partial copies run (calibrated)
   std::vector<std::pair<int64_t, double>> row_factor_;  // (rows, host time over one row's), calibrated
   HostComputeStats stats_;
-  std::unique_ptr<MissAdmission> admission_;  // EF_CPU_COMPUTE_ADMIT > 0
+  std::unique_ptr<MissAdmission> admission_;  // cache.cpu_compute_admit > 0, auto and whole
   std::vector<float> gate_, up_;              // Compute's scratch
   runtime::ExpertWeights part_;               // the staged part (device pointers), after StartPart
   bool part_started_ = false;

@@ -97,8 +97,9 @@ printf "%-7s %-5s %-9s %-14s %10s %9s %9s %11s %9s %8s %8s %s\n" budget conc pre
 # thread of the host's matrices; 1 is one fixed share per thread), huge (EF_PINNED_HUGE_PAGES=1: the
 # host tier on 2 MiB pages), sN (EF_THREAD_POOL_SPIN_US=N: the host's threads poll N us for work
 # before they sleep; the default 50), pin (EF_THREAD_POOL_PIN=1: each of the host's worker threads
-# bound to a CPU of its own), aN (EF_CPU_COMPUTE_ADMIT=N: a miss with at least N more uses than the
-# least used resident expert of its layer is loaded into that expert's slot; scripts/bench/host_admission_sim.py).
+# bound to a CPU of its own), aN (--cpu-experts-admit N: a miss with at least N more uses than the
+# least used resident expert of its layer is loaded into that expert's slot; a0 turns it off;
+# scripts/bench/host_admission_sim.py).
 # host_ms: the host's mean time per expert inside the run, scaled to a whole expert (a split
 # expert's host part is a share of one).
 # The default list: the LRU baselines, then the configurations whose quality meets a bar
@@ -125,7 +126,7 @@ for case in $CASES; do
       huge) envs+=(EF_PINNED_HUGE_PAGES=1) ;;
       pin) envs+=(EF_THREAD_POOL_PIN=1) ;;
       s[0-9]*) envs+=(EF_THREAD_POOL_SPIN_US=${m#s}) ;;
-      a[0-9]*) envs+=(EF_CPU_COMPUTE_ADMIT=${m#a}) ;;
+      a[0-9]*) extra+=(--cpu-experts-admit "${m#a}") ;;
       mem) budget_arg=$((LAYERS * 8 * 3 * 4096 * 14336 * 2 * b / 100)) ;;  # bytes of b% of the bf16 experts
     esac
   done

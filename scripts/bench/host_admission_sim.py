@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Replays a moe-routing-trace through the cost model of cache.cpu_compute auto at batch 1, with and
-without the admission rule (EF_CPU_COMPUTE_ADMIT, cache/host_share_plan.h), and prints the model's
+without the admission rule (cache.cpu_compute_admit, cache/host_share_plan.h), and prints the model's
 time per token and misses per token. An estimate to choose what to measure, not a measurement.
 
 Per layer and token: the misses go, in order, to whichever path finishes them first (the copy

@@ -262,6 +262,14 @@ TEST(ConfigTest, CacheFlagsOverrideTheFileAndAreValidatedLikeIt) {
   EXPECT_NE(s.message().find("--cpu-experts-max-rows: cache.cpu_compute_max_rows: expected an integer in [1, 64]"),
             std::string::npos)
       << s.ToString();
+  EXPECT_EQ(d.cache.cpu_compute_admit, 3);
+  ASSERT_TRUE(parse({"--cpu-experts-admit", "0"}, &d).ok());
+  EXPECT_EQ(d.cache.cpu_compute_admit, 0);
+  s = parse({"--cpu-experts-admit", "-1"}, &d);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("--cpu-experts-admit: cache.cpu_compute_admit: expected an integer in [0, 1048576]"),
+            std::string::npos)
+      << s.ToString();
   ASSERT_TRUE(parse({"--prefetch-min-prob", "0.6"}, &d).ok());
   EXPECT_DOUBLE_EQ(d.cache.prefetch_min_prob, 0.6);
   s = parse({"--prefetch-min-prob", "1.2"}, &d);
