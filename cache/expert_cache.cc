@@ -362,6 +362,15 @@ std::string ExpertCache::Describe() const {
   }
   s += prefetcher_ ? ", predictor " + prefetcher_->description()
                    : (options_.predictor == "none" ? ", no predictor" : std::string());
+  if (options_.cpu_compute != "off") {
+    s += ", misses of up to " + std::to_string(options_.cpu_compute_max_rows) + " rows shared with the host CPU (" +
+         options_.cpu_compute;
+    if (options_.cpu_compute == "auto" || options_.cpu_compute == "whole")
+      s += options_.cpu_compute_admit > 0
+               ? ", popular misses enter the slots at " + std::to_string(options_.cpu_compute_admit) + " uses ahead"
+               : ", misses the host takes never enter the slots";
+    s += ")";
+  }
   return s;
 }
 

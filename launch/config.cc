@@ -241,7 +241,7 @@ const std::map<std::string, Section>& Schema() {
            {"quantized_experts", [](const Ctx& c, Config* o) { return GetString(c, &o->cache.quantized_experts); }},
            {"cpu_compute",
             [](const Ctx& c, Config* o) {
-              return GetOneOf(c, {"off", "auto", "whole", "on", "split"}, &o->cache.cpu_compute);
+              return GetOneOf(c, {"default", "off", "auto", "whole", "on", "split"}, &o->cache.cpu_compute);
             }},
            {"cpu_compute_max_rows",
             [](const Ctx& c, Config* o) { return GetInt(c, 1, 64, &o->cache.cpu_compute_max_rows); }},
@@ -603,7 +603,8 @@ void CacheFlags::Register(CLI::App* app) {
   app->add_option("--cpu-experts", cpu_compute,
                   "cuda: compute missed experts of few rows on the host CPU instead of copying them: off, auto "
                   "(each miss to whichever of copy and host finishes first, and one split between them so both end "
-                  "together), whole (no split) or on (every one on the host) (cache.cpu_compute)");
+                  "together), whole (no split), on (every one on the host) or default: auto on one process on the "
+                  "cuda backend where the model allows it, off elsewhere (cache.cpu_compute)");
   app->add_option("--cpu-experts-max-rows", cpu_compute_max_rows,
                   "cuda: misses of at most this many rows (tokens) may be computed on the host, 1..64; the host's "
                   "cost per row count is measured at start (cache.cpu_compute_max_rows)");

@@ -108,8 +108,11 @@ struct CacheSection {
   // pinned copies instead of copying them: off | auto (each miss to whichever of the copy engine
   // and the host finishes it first, then one expert split between them so both end together) |
   // whole (auto without the split) | on (every such miss on the host) | split (tests: the first
-  // miss of each layer split in half, the others on the host).
-  std::string cpu_compute = "off";
+  // miss of each layer split in half, the others on the host) | default (auto where it applies and
+  // off elsewhere: one process on the cuda backend, experts without biases; EffectiveCpuCompute in
+  // launch/expert_cache_setup.h). Given explicitly, auto/whole/on are checked: the cpu backend or
+  // a model they cannot run is an error.
+  std::string cpu_compute = "default";
   int cpu_compute_max_rows = 4;
   // auto/whole: a miss the host could take whose expert its layer used in at least this many more
   // decode steps than the least used resident expert the step does not need is loaded into that

@@ -37,7 +37,7 @@ for b in $BUDGETS; do
     j=$R/offload_b${b}_${p}.json
     timeout 240 $BIN bench --backend cuda --synthetic mixtral-8x7b --synthetic-layers "$LAYERS" --synthetic-dir "$SYN" \
       --routing-trace "$SLICED" -n 2 -c 1 --prompt-len 16 --gen-len "$GEN" \
-      --cache-device-budget "$slots slots per layer" --cache-policy lru --prefetch-layers 0 --miss-precision "$p" \
+      --cache-device-budget "$slots slots per layer" --cache-policy lru --prefetch-layers 0 --miss-precision "$p" --cpu-experts off \
       --json "$j" >"$R/offload_b${b}_${p}.log" 2>&1 || { tail -5 "$R/offload_b${b}_${p}.log"; continue; }
     python3 - "$j" "$b" "$p" <<'PY' | tee -a "$R/offload.txt"
 import json, sys

@@ -432,6 +432,19 @@ TEST_F(ExpertCacheSetupTest, CpuComputeIsACudaOptionAndAKnownOne) {
       << cache.status().ToString();
   cs.cpu_compute = "off";
   EXPECT_TRUE(SetUpExpertCache(engine.get(), cs, PredictorSection{"none", ""}).ok());
+  // The default is auto where it applies (one CUDA process): off on the cpu backend, and given
+  // values pass through to the cache's own checks.
+  cs.cpu_compute = "default";
+  EXPECT_EQ(CacheSection{}.cpu_compute, "default");
+  const cache::ExpertCacheOptions o = ToExpertCacheOptions(cs, PredictorSection{"none", ""});
+  EXPECT_EQ(EffectiveCpuCompute(*engine, o, /*clustered=*/false), "off");
+  cache::ExpertCacheOptions given = o;
+  given.cpu_compute = "whole";
+  EXPECT_EQ(EffectiveCpuCompute(*engine, given, false), "whole");
+  cache = SetUpExpertCache(engine.get(), cs, PredictorSection{"none", ""});
+  ASSERT_TRUE(cache.ok()) << cache.status().ToString();
+  EXPECT_EQ((*cache)->StatsJson().value("cpu_compute", std::string()), "off");
+  EXPECT_EQ((*cache)->Describe().find("host CPU"), std::string::npos) << (*cache)->Describe();
 }
 
 TEST_F(ExpertCacheSetupTest, MetricsCarryTheCacheCountersPerLayerAndExpert) {
