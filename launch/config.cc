@@ -604,7 +604,8 @@ void CacheFlags::Register(CLI::App* app) {
                   "cuda: compute missed experts of few rows on the host CPU instead of copying them: off, auto "
                   "(each miss to whichever of copy and host finishes first, and one split between them so both end "
                   "together), whole (no split), on (every one on the host) or default: auto on one process on the "
-                  "cuda backend where the model allows it, off elsewhere (cache.cpu_compute)");
+                  "cuda backend where the model allows it (whole where the split's staging area does not fit), off "
+                  "elsewhere and when the budget holds every expert (cache.cpu_compute)");
   app->add_option("--cpu-experts-max-rows", cpu_compute_max_rows,
                   "cuda: misses of at most this many rows (tokens) may be computed on the host, 1..64; the host's "
                   "cost per row count is measured at start (cache.cpu_compute_max_rows)");

@@ -65,7 +65,8 @@ struct ClusterSection {
 // The expert cache (cache/expert_cache.h). With no device budget every routed expert is uploaded
 // to the backend (all resident, no cache). With one, the engine holds at most that many expert
 // slots; the other experts stay in host memory (pinned on CUDA) and stream in on demand and ahead
-// of use, from the predictor's forecast. Outputs do not depend on the budget.
+// of use, from the predictor's forecast. Outputs do not depend on the budget (up to fp32 rounding
+// where cpu_compute computes misses on the host CPU).
 struct CacheSection {
   // cache.device_budget, one of (at most one field is non-zero):
   //   a size, e.g. 24GiB           -> device_budget: bytes of expert slots on the backend;

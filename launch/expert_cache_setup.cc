@@ -43,7 +43,10 @@ std::string EffectiveCpuCompute(const runtime::Engine& engine, const cache::Expe
   cache::ExpertCacheOptions o = options;
   o.cpu_compute = "off";
   auto plain = cache::ExpertCache::PlanBudget(engine, o);
-  if (!plain.ok() || plain->holds_all()) return "off";
+  // Every expert in a slot (in int8/int4 when not natively) leaves no miss once warm; a host budget
+  // below one expert pins none for the host to compute from.
+  if (!plain.ok() || plain->slots_per_layer >= plain->num_experts) return "off";
+  if (o.host_budget_bytes > 0 && o.host_budget_bytes < plain->slot_bytes) return "off";
   o.cpu_compute = "auto";
   auto split = cache::ExpertCache::PlanBudget(engine, o);
   return split.ok() && split->slots_per_layer == plain->slots_per_layer ? "auto" : "whole";

@@ -32,7 +32,7 @@ cache::ExpertCacheOptions ToExpertCacheOptions(const CacheSection& cache, const 
 // it); `default` is auto where it applies and pays, and off elsewhere: auto on one process on the
 // CUDA backend (under expert parallelism no deployment has measured it yet) for experts without
 // biases, with loads not chosen per miss (miss_precision auto runs on the cpu backend), when the
-// budget leaves misses; whole (no split) where auto's staging area would not fit beside the slots
+// budget leaves misses and the host budget pins at least one expert; whole (no split) where auto's staging area would not fit beside the slots
 // or would cost slots; off where the budget itself fails, so its error names the budget alone.
 std::string EffectiveCpuCompute(const runtime::Engine& engine, const cache::ExpertCacheOptions& options,
                                 bool clustered);

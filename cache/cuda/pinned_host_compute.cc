@@ -205,7 +205,7 @@ void PinnedHostCompute::Take(int layer, std::vector<int32_t>& experts, std::span
   if (layer < 0 || layer >= tier_->num_layers()) return;
   // Host-computed and split experts never enter the cache: the slots keep what whole loads (the
   // misses the host cannot take, e.g. a prompt's experts of many rows) put there, unless the
-  // admission rule (EF_CPU_COMPUTE_ADMIT, host_share_plan.h) sends a popular miss to its slot.
+  // admission rule (cache.cpu_compute_admit, host_share_plan.h) sends a popular miss to its slot.
   const int32_t admitted = Admit(layer, experts, rows, store);
   std::vector<MissCost> misses;
   for (size_t i = 0; i < experts.size(); ++i) {

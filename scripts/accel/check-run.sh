@@ -22,7 +22,7 @@ $BIN bench --backend cuda --synthetic mixtral-8x7b --synthetic-layers "$LAYERS" 
   -n 1 -c 1 --prompt-len 4 --gen-len 2 >"$R/warm.log" 2>&1 || { tail -20 "$R/warm.log"; exit 1; }
 CKPT=$(ls -d "$SYN"/mixtral-8x7b-L"$LAYERS"-* | head -1)
 python3 -c 'import json; json.dump({"input_ids": [[1, 415, 2936, 9060, 285, 1142, 28705, 28740], [1, 22557, 28725, 910]]}, open("'"$R"'/ids.json", "w"))'
-CACHE=(--cache-device-budget "2 slots per layer" --cache-policy lru --prefetch-layers 0)
+CACHE=(--cache-device-budget "2 slots per layer" --cache-policy lru --prefetch-layers 0 --cpu-experts off)
 MPI=(mpirun --allow-run-as-root --oversubscribe --bind-to none -x LD_LIBRARY_PATH -np 2)
 run() {  # name, command...
   local n=$1; shift

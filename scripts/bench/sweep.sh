@@ -85,9 +85,10 @@ run() {  # launcher-prefix name args...: the prefix is "" or an mpirun command
 }
 mode_args() {  # mode -> bench flags
   case "$1" in
-    lru) echo "--cache-policy lru --prefetch-layers 0 --predictor none" ;;
-    expertflow+oracle) echo "--cache-policy expertflow --prefetch-layers $prefetch --predictor none --oracle-prefetch" ;;
-    expertflow+*) echo "--cache-policy expertflow --prefetch-layers $prefetch --predictor ${1#expertflow+}" ;;
+    # The policies alone: cache.cpu_compute off (its own runs: scripts/accel/cpu-compute-run.sh).
+    lru) echo "--cache-policy lru --prefetch-layers 0 --predictor none --cpu-experts off" ;;
+    expertflow+oracle) echo "--cache-policy expertflow --prefetch-layers $prefetch --predictor none --oracle-prefetch --cpu-experts off" ;;
+    expertflow+*) echo "--cache-policy expertflow --prefetch-layers $prefetch --predictor ${1#expertflow+} --cpu-experts off" ;;
     *) echo "sweep.sh: unknown mode $1" >&2; return 2 ;;
   esac
 }
