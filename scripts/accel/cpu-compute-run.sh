@@ -99,7 +99,9 @@ printf "%-7s %-5s %-9s %-14s %10s %9s %9s %11s %9s %8s %8s %s\n" budget conc pre
 # before they sleep; the default 50), pin (EF_THREAD_POOL_PIN=1: each of the host's worker threads
 # bound to a CPU of its own), aN (--cpu-experts-admit N: a miss with at least N more uses than the
 # least used resident expert of its layer is loaded into that expert's slot; a0 turns it off;
-# scripts/bench/host_admission_sim.py).
+# scripts/bench/host_admission_sim.py), dflt (the cache's defaults for what the case does not name:
+# no --cache-policy, --prefetch-layers or --predictor, so policy expertflow with prefetch from the
+# frequency forecast; cpu "default" then also leaves --cpu-experts to its default).
 # host_ms: the host's mean time per expert inside the run, scaled to a whole expert (a split
 # expert's host part is a share of one).
 # The default list: the LRU baselines, then the configurations whose quality meets a bar
@@ -112,14 +114,15 @@ for case in $CASES; do
   IFS=: read -r b c p cpu mods <<<"$case"
   slots=$((8 * b / 100))
   tag=b${b}_c${c}_${p}_${cpu}${mods:+_${mods//,/_}}
-  extra=() envs=() policy=lru
+  extra=() envs=() policy_args=(--cache-policy lru --prefetch-layers 0)
   budget_arg="$slots slots per layer"
   for m in ${mods//,/ }; do
     case $m in
       w0) extra+=(--warmup-tokens 0) ;;
       t[0-9]*) envs+=(EF_NUM_THREADS=${m#t}) ;;
       p[0-9]*) envs+=(EF_HOST_GEMV_PIECES=${m#p}) ;;
-      lfu) policy=lfu ;;
+      lfu) policy_args=(--cache-policy lfu --prefetch-layers 0) ;;
+      dflt) policy_args=() ;;
       r[0-9]*) extra+=(--cpu-experts-max-rows "${m#r}") ;;
       f32x) envs+=(EF_HOST_GEMV_INT8_X=none) ;;
       noamx) envs+=(EF_HOST_GEMV_AMX=0) ;;
@@ -134,7 +137,7 @@ for case in $CASES; do
   log=$R/$tag.log
   env "${envs[@]}" timeout 240 $BIN bench --backend cuda --synthetic mixtral-8x7b --synthetic-layers "$LAYERS" "${SYNFLAGS[@]}" \
     --routing-trace "$SLICED" -n $((2 * c)) -c "$c" --prompt-len 16 --gen-len "$GEN" \
-    --cache-device-budget "$budget_arg" --cache-policy $policy --prefetch-layers 0 --miss-precision "$p" \
+    --cache-device-budget "$budget_arg" "${policy_args[@]}" --miss-precision "$p" \
     --cpu-experts "$cpu" "${extra[@]}" --json "$j" >"$log" 2>&1 || { tail -5 "$log"; continue; }
   python3 - "$j" "$b" "$c" "$p" "$cpu${mods:+/$mods}" <<'PY' | tee -a "$R/offload.txt"
 import json, sys
