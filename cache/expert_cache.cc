@@ -91,7 +91,31 @@ StatusOr<std::vector<int64_t>> StaticCounts(const runtime::ModelConfig& c, const
 
 }  // namespace
 
-StatusOr<CacheBudget> ExpertCache::PlanBudget(const runtime::Engine& engine, const ExpertCacheOptions& o) {
+std::string ExpertCache::DefaultCpuCompute(const runtime::Engine& engine, const ExpertCacheOptions& options) {
+  if (options.cpu_compute != "default") return options.cpu_compute;
+  const bool hooks = options.tiers.host || options.tiers.peer || options.tiers.computes;
+  if (engine.backend().kind() != runtime::BackendKind::kCuda || hooks || options.miss_precision == "auto") return "off";
+  const std::vector<int> moe = engine.config().MoeLayers();
+  if (moe.empty() || engine.weights().host_expert(moe[0], 0).has_bias()) return "off";
+  ExpertCacheOptions o = options;
+  o.cpu_compute = "off";
+  auto plain = PlanBudget(engine, o);
+  // Every expert in a slot (in int8/int4 where not natively) leaves no miss once warm; a host
+  // budget below one expert pins none for the host to compute from.
+  if (!plain.ok() || plain->slots_per_layer >= plain->num_experts) return "off";
+  if (o.host_budget_bytes > 0 && o.host_budget_bytes < plain->slot_bytes) return "off";
+  o.cpu_compute = "auto";
+  auto split = PlanBudget(engine, o);
+  return split.ok() && split->slots_per_layer == plain->slots_per_layer ? "auto" : "whole";
+}
+
+StatusOr<CacheBudget> ExpertCache::PlanBudget(const runtime::Engine& engine, const ExpertCacheOptions& options) {
+  if (options.cpu_compute == "default") {
+    ExpertCacheOptions resolved = options;
+    resolved.cpu_compute = DefaultCpuCompute(engine, options);
+    return PlanBudget(engine, resolved);
+  }
+  const ExpertCacheOptions& o = options;
   const runtime::ModelConfig& c = engine.config();
   const runtime::Backend& backend = engine.backend();
   const bool cuda = backend.kind() == runtime::BackendKind::kCuda;
@@ -172,7 +196,14 @@ StatusOr<CacheBudget> ExpertCache::PlanBudget(const runtime::Engine& engine, con
   return b;
 }
 
-StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(runtime::Engine* engine, const ExpertCacheOptions& o) {
+StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(runtime::Engine* engine, const ExpertCacheOptions& options) {
+  ExpertCacheOptions o = options;
+  if (o.cpu_compute == "default") {
+    o.cpu_compute = DefaultCpuCompute(*engine, options);
+    if (o.cpu_compute != "off")
+      EF_LOG(INFO, CACHE, "cache.cpu_compute %s (the default on one CUDA process; off turns it off)",
+             o.cpu_compute.c_str());
+  }
   const runtime::ModelConfig& c = engine->config();
   if (o.policy == "belady")
     return InvalidArgument(
@@ -246,7 +277,7 @@ StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(runtime::Engine* engi
   const bool cuda = engine->backend().kind() == runtime::BackendKind::kCuda;
   if (o.cpu_compute != "off" && o.cpu_compute != "auto" && o.cpu_compute != "whole" && o.cpu_compute != "on" &&
       o.cpu_compute != "split")
-    return InvalidArgument("cache.cpu_compute must be off, auto, whole or on, got '" + o.cpu_compute + "'");
+    return InvalidArgument("cache.cpu_compute must be default, off, auto, whole or on, got '" + o.cpu_compute + "'");
   if (!cuda && o.cpu_compute != "off")
     return InvalidArgument("cache.cpu_compute " + o.cpu_compute + " applies to the cuda backend; the " +
                            engine->backend().name() + " backend computes every expert on the host already");

@@ -77,7 +77,8 @@ struct ExpertCacheOptions {
   // CUDA: compute missed experts of few rows on the host CPU from their pinned copies instead of
   // copying them: off | auto (each miss to whichever of copy or host finishes it first, one split
   // between them) | whole (no split) | on (every eligible miss on the host) | split (tests).
-  // cache/cuda/pinned_host_compute.h.
+  // cache/cuda/pinned_host_compute.h. default: what DefaultCpuCompute says for the engine (the
+  // config's default); a value given explicitly is checked (auto on the cpu backend is an error).
   std::string cpu_compute = "off";
   int cpu_compute_max_rows = 4;
   // auto and whole: a miss the host could take, used in at least this many more steps than the
@@ -112,6 +113,14 @@ class ExpertCache {
   static StatusOr<std::unique_ptr<ExpertCache>> Create(runtime::Engine* engine, const ExpertCacheOptions& options);
   // The budget checks alone (no allocation).
   static StatusOr<CacheBudget> PlanBudget(const runtime::Engine& engine, const ExpertCacheOptions& options);
+  // What cpu_compute "default" comes to (any other value: itself): auto where it applies and pays,
+  // off elsewhere. auto on one process (no tier hooks: under expert parallelism no deployment has
+  // measured it yet) on the CUDA backend, for experts without biases, with loads not chosen per
+  // miss (miss_precision auto runs on the cpu backend), when the budget leaves misses and the host
+  // budget pins at least one expert; whole (no split) where auto's staging area would not fit
+  // beside the slots or would cost slots; off where the budget itself fails, so that its error
+  // names the budget alone.
+  static std::string DefaultCpuCompute(const runtime::Engine& engine, const ExpertCacheOptions& options);
   ~ExpertCache();
   ExpertCache(const ExpertCache&) = delete;
   ExpertCache& operator=(const ExpertCache&) = delete;

@@ -110,8 +110,8 @@ struct CacheSection {
   // and the host finishes it first, then one expert split between them so both end together) |
   // whole (auto without the split) | on (every such miss on the host) | split (tests: the first
   // miss of each layer split in half, the others on the host) | default (auto where it applies and
-  // off elsewhere: one process on the cuda backend, experts without biases; EffectiveCpuCompute in
-  // launch/expert_cache_setup.h). Given explicitly, auto/whole/on are checked: the cpu backend or
+  // off elsewhere: one process on the cuda backend, experts without biases; ExpertCache::DefaultCpuCompute
+  // in cache/expert_cache.h). Given explicitly, auto/whole/on are checked: the cpu backend or
   // a model they cannot run is an error.
   std::string cpu_compute = "default";
   int cpu_compute_max_rows = 4;

@@ -2,8 +2,6 @@
 
 #include <cstdio>
 
-#include "runtime/core/logging.h"
-
 namespace ef::launch {
 
 bool WantsExpertCache(const CacheSection& cache) { return cache.has_device_budget(); }
@@ -33,25 +31,6 @@ cache::ExpertCacheOptions ToExpertCacheOptions(const CacheSection& cache, const 
   return o;
 }
 
-std::string EffectiveCpuCompute(const runtime::Engine& engine, const cache::ExpertCacheOptions& options,
-                                bool clustered) {
-  if (options.cpu_compute != "default") return options.cpu_compute;
-  if (engine.backend().kind() != runtime::BackendKind::kCuda || clustered || options.miss_precision == "auto")
-    return "off";
-  const std::vector<int> moe = engine.config().MoeLayers();
-  if (moe.empty() || engine.weights().host_expert(moe[0], 0).has_bias()) return "off";
-  cache::ExpertCacheOptions o = options;
-  o.cpu_compute = "off";
-  auto plain = cache::ExpertCache::PlanBudget(engine, o);
-  // Every expert in a slot (in int8/int4 when not natively) leaves no miss once warm; a host budget
-  // below one expert pins none for the host to compute from.
-  if (!plain.ok() || plain->slots_per_layer >= plain->num_experts) return "off";
-  if (o.host_budget_bytes > 0 && o.host_budget_bytes < plain->slot_bytes) return "off";
-  o.cpu_compute = "auto";
-  auto split = cache::ExpertCache::PlanBudget(engine, o);
-  return split.ok() && split->slots_per_layer == plain->slots_per_layer ? "auto" : "whole";
-}
-
 cache::TierHooks ClusterTierHooks(comm::Cluster* cluster, int rank) {
   cache::TierHooks h;
   if (!cluster) return h;
@@ -67,7 +46,8 @@ cache::TierHooks ClusterTierHooks(comm::Cluster* cluster, int rank) {
 Status CheckExpertCacheBudget(const runtime::Engine& engine, const CacheSection& cache, bool per_rank, int rank) {
   if (!WantsExpertCache(cache)) return Status::Ok();
   cache::ExpertCacheOptions o = ToExpertCacheOptions(cache, PredictorSection{});
-  o.cpu_compute = EffectiveCpuCompute(engine, o, per_rank);
+  // Under expert parallelism (the ranks' tier hooks, not set here) the default is off.
+  if (per_rank && o.cpu_compute == "default") o.cpu_compute = "off";
   auto budget = cache::ExpertCache::PlanBudget(engine, o);
   if (budget.ok()) return Status::Ok();
   Status s = budget.status();
@@ -87,10 +67,6 @@ StatusOr<std::unique_ptr<cache::ExpertCache>> SetUpExpertCache(runtime::Engine* 
     return InvalidArgument(
         "cache.miss_precision auto runs on one process for now (a rank does not see the gate weights of the other "
         "ranks' tokens it computes); under mpirun use native, int8 or int4");
-  o.cpu_compute = EffectiveCpuCompute(*engine, o, cluster != nullptr);
-  if (cache.cpu_compute == "default" && o.cpu_compute != "off")
-    EF_LOG(INFO, CACHE, "cache.cpu_compute %s (the default on one CUDA process; off turns it off)",
-           o.cpu_compute.c_str());
   o.tiers = ClusterTierHooks(cluster, rank);
   auto c = cache::ExpertCache::Create(engine, o);
   if (!c.ok() && cluster) {

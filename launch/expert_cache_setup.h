@@ -28,15 +28,6 @@ bool WantsExpertCache(const CacheSection& cache);
 cache::ExpertCacheOptions ToExpertCacheOptions(const CacheSection& cache, const PredictorSection& predictor,
                                                const placement::RoutingTrace* trace = nullptr);
 
-// cache.cpu_compute as the cache gets it: a value other than `default` as given (the cache checks
-// it); `default` is auto where it applies and pays, and off elsewhere: auto on one process on the
-// CUDA backend (under expert parallelism no deployment has measured it yet) for experts without
-// biases, with loads not chosen per miss (miss_precision auto runs on the cpu backend), when the
-// budget leaves misses and the host budget pins at least one expert; whole (no split) where auto's staging area would not fit beside the slots
-// or would cost slots; off where the budget itself fails, so its error names the budget alone.
-std::string EffectiveCpuCompute(const runtime::Engine& engine, const cache::ExpertCacheOptions& options,
-                                bool clustered);
-
 // The tiers behind a rank's expert cache under expert parallelism: the experts this rank computes
 // (its placement), its host shard and the peers' shards over UCX (when the cluster keeps shards:
 // ClusterOptions::expert_cache). `cluster` null: one process, no hooks. The cluster must outlive

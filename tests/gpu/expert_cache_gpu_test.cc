@@ -455,6 +455,52 @@ TEST_P(ExpertCacheGpuTest, CpuComputeOfMissesMatchesTheCpuEngine) {
   }
 }
 
+// cache.cpu_compute "default" (the config's default): auto on one CUDA process whose budget leaves
+// misses; whole where a budget in bytes has no room for auto's staging area beside its slots; off
+// under expert parallelism (tier hooks), with miss_precision auto, with a host budget that pins no
+// expert and with a budget that holds every expert. The cache it resolves to runs like auto.
+TEST_P(ExpertCacheGpuTest, CpuComputeDefaultIsAutoOnOneCudaProcess) {
+  const auto [want, native] = CpuReference(GetParam());
+  const double bound = std::max(1e-2, 3 * native);
+  auto engine = MakeCudaEngine(GetParam(), false);
+  ASSERT_NE(engine, nullptr);
+  ExpertCacheOptions o = OnDemandLru(*engine);
+  o.cpu_compute = "default";
+  EXPECT_EQ(ExpertCache::DefaultCpuCompute(*engine, o), "auto");
+  ExpertCacheOptions ep = o;
+  ep.tiers.computes = [](int, int) { return true; };
+  EXPECT_EQ(ExpertCache::DefaultCpuCompute(*engine, ep), "off");
+  ExpertCacheOptions mixed = o;
+  mixed.miss_precision = "auto";
+  EXPECT_EQ(ExpertCache::DefaultCpuCompute(*engine, mixed), "off");
+  ExpertCacheOptions no_host = o;
+  no_host.host_budget_bytes = 1;
+  EXPECT_EQ(ExpertCache::DefaultCpuCompute(*engine, no_host), "off");
+  ExpertCacheOptions all = o;
+  all.slots_per_layer = engine->config().num_experts;
+  EXPECT_EQ(ExpertCache::DefaultCpuCompute(*engine, all), "off");
+  ExpertCacheOptions plain = o;
+  plain.cpu_compute = "off";
+  auto plan = ExpertCache::PlanBudget(*engine, plain);
+  ASSERT_TRUE(plan.ok()) << plan.status().ToString();
+  ExpertCacheOptions tight = o;  // exactly top-k slots per layer in bytes: no room for staging
+  tight.slots_per_layer = 0;
+  tight.device_budget_bytes = plan->slot_bytes * static_cast<size_t>(plan->top_k * plan->num_moe_layers);
+  EXPECT_EQ(ExpertCache::DefaultCpuCompute(*engine, tight), "whole");
+
+  auto cache = ExpertCache::Create(engine.get(), o);
+  ASSERT_TRUE(cache.ok()) << cache.status().ToString();
+  EXPECT_EQ((*cache)->StatsJson().value("cpu_compute", std::string()), "auto");
+  EXPECT_NE((*cache)->Describe().find("shared with the host CPU (auto"), std::string::npos) << (*cache)->Describe();
+  const Output got = RunModel(*engine);
+  EXPECT_LE(LogitDistance(got, want), bound) << GetParam();
+  const HostExpertCompute* hc = (*cache)->source()->host_compute();
+  ASSERT_NE(hc, nullptr);
+  EXPECT_GT(hc->stats().calibrated_host_ms, 0);
+  Status bs = engine->backend().status();
+  EXPECT_TRUE(bs.ok()) << bs.ToString();
+}
+
 // The admission rule of cache.cpu_compute (cache.cpu_compute_admit, here 1): popular misses are
 // loaded whole into the slot of the least used resident expert, the others shared with the host as
 // before. The prompt runs twice, so the second run starts with full slots and its popular misses

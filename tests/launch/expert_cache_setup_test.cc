@@ -427,7 +427,7 @@ TEST_F(ExpertCacheSetupTest, CpuComputeIsACudaOptionAndAKnownOne) {
   cs.cpu_compute = "sometimes";
   cache = SetUpExpertCache(engine.get(), cs, PredictorSection{"none", ""});
   ASSERT_FALSE(cache.ok());
-  EXPECT_NE(cache.status().message().find("cache.cpu_compute must be off, auto, whole or on, got 'sometimes'"),
+  EXPECT_NE(cache.status().message().find("cache.cpu_compute must be default, off, auto, whole or on, got 'sometimes'"),
             std::string::npos)
       << cache.status().ToString();
   cs.cpu_compute = "off";
@@ -437,10 +437,10 @@ TEST_F(ExpertCacheSetupTest, CpuComputeIsACudaOptionAndAKnownOne) {
   cs.cpu_compute = "default";
   EXPECT_EQ(CacheSection{}.cpu_compute, "default");
   const cache::ExpertCacheOptions o = ToExpertCacheOptions(cs, PredictorSection{"none", ""});
-  EXPECT_EQ(EffectiveCpuCompute(*engine, o, /*clustered=*/false), "off");
+  EXPECT_EQ(cache::ExpertCache::DefaultCpuCompute(*engine, o), "off");
   cache::ExpertCacheOptions given = o;
   given.cpu_compute = "whole";
-  EXPECT_EQ(EffectiveCpuCompute(*engine, given, false), "whole");
+  EXPECT_EQ(cache::ExpertCache::DefaultCpuCompute(*engine, given), "whole");
   cache = SetUpExpertCache(engine.get(), cs, PredictorSection{"none", ""});
   ASSERT_TRUE(cache.ok()) << cache.status().ToString();
   EXPECT_EQ((*cache)->StatsJson().value("cpu_compute", std::string()), "off");
