@@ -39,16 +39,21 @@ std::string Bytes(uint64_t b) {
 // Device bytes of one cache slot on the engine's backend, as the source lays experts out
 // (SlotLayout: gate, up, down and a biased family's biases at 256-byte-aligned offsets on CUDA,
 // back to back on the CPU) in a slot of the largest expert's size; both arenas align slots to 256 bytes.
-size_t SlotBytes(const runtime::ModelWeights& w, bool cuda, LoadPrecision precision) {
+size_t SlotBytes(const runtime::ModelWeights& w, bool cuda, LoadPrecision precision,
+                 const std::vector<uint8_t>& low_layers = {}) {
   if (precision == LoadPrecision::kAuto) precision = LoadPrecision::kNative;  // mixed: room for native
   const runtime::ModelConfig& c = w.config();
   const SlotLayout layout(cuda ? kDeviceSlotAlignment : 1, [&](int l, int e) -> runtime::ExpertWeights {
-    return PackedExpertLayout(w.host_expert(l, e), precision);
+    const bool low = low_layers.empty() || (l < static_cast<int>(low_layers.size()) && low_layers[l]);
+    return PackedExpertLayout(w.host_expert(l, e), low ? precision : LoadPrecision::kNative);
   });
   size_t most = 0;
   for (int l : c.MoeLayers()) {
-    for (int e = 0; e < c.num_experts; ++e) most = std::max(most, Align256(layout.Bytes(l, e)));
-    if (cuda) break;  // the CUDA cache's experts all share one shape
+    for (int e = 0; e < c.num_experts; ++e) {
+      most = std::max(most, Align256(layout.Bytes(l, e)));
+      if (cuda) break;  // the CUDA cache's experts of a layer share one shape (layers may differ in precision)
+    }
+    if (cuda && low_layers.empty()) break;
   }
   return most;
 }
@@ -95,6 +100,9 @@ std::string ExpertCache::DefaultCpuCompute(const runtime::Engine& engine, const 
   if (options.cpu_compute != "default") return options.cpu_compute;
   const bool hooks = options.tiers.host || options.tiers.peer || options.tiers.computes;
   if (engine.backend().kind() != runtime::BackendKind::kCuda || hooks || options.miss_precision == "auto") return "off";
+  // Precision per layer: the host's measured rates are of one precision (cuda/pinned_host_compute.h).
+  if (options.miss_precision != "native" && options.miss_precision != "bf16" && options.low_precision_layers != "all")
+    return "off";
   const std::vector<int> moe = engine.config().MoeLayers();
   if (moe.empty() || engine.weights().host_expert(moe[0], 0).has_bias()) return "off";
   ExpertCacheOptions o = options;
@@ -135,7 +143,8 @@ StatusOr<CacheBudget> ExpertCache::PlanBudget(const runtime::Engine& engine, con
   b.top_k = c.top_k;
   if (b.num_moe_layers < 1) return InvalidArgument("expert cache: the model has no MoE layer");
   EF_ASSIGN_OR_RETURN(const LoadPrecision precision, ParseLoadPrecision(o.miss_precision));
-  b.slot_bytes = SlotBytes(engine.weights(), cuda, precision);
+  EF_ASSIGN_OR_RETURN(const std::vector<uint8_t> low_layers, ResolveLowPrecisionLayers(o.low_precision_layers, c));
+  b.slot_bytes = SlotBytes(engine.weights(), cuda, precision, low_layers);
   b.device_name = backend.name();
   if (cuda) {
 #if EF_HAVE_CUDA_CACHE
@@ -246,6 +255,10 @@ StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(runtime::Engine* engi
   if (o.upgrade_uses < 0) return InvalidArgument("cache.upgrade_uses must be >= 0");
   po.low_gate = o.low_precision_gate;
   po.upgrade_uses = o.upgrade_uses;
+  EF_ASSIGN_OR_RETURN(po.low_layers, ResolveLowPrecisionLayers(o.low_precision_layers, c));
+  if (po.precision == LoadPrecision::kNative && !po.low_layers.empty())
+    EF_LOG(WARN, CACHE, "cache.low_precision_layers '%s' has no effect: cache.miss_precision is native",
+           o.low_precision_layers.c_str());
   if (!o.quantized_experts.empty()) {
     const LoadPrecision low = po.precision == LoadPrecision::kAuto ? po.low : po.precision;
     if (low == LoadPrecision::kNative)
@@ -381,6 +394,9 @@ std::string ExpertCache::Describe() const {
   } else if (tiers_ && tiers_->precision() != LoadPrecision::kNative) {
     s += std::string("loads in ") + LoadPrecisionName(tiers_->precision()) + ", ";
   }
+  if (tiers_ && tiers_->num_native_layers() > 0)
+    s += "low precision in MoE " + DescribeLayers(tiers_->precision_options().low_layers) + " only (" +
+         std::to_string(tiers_->num_native_layers()) + " MoE layers in the checkpoint's dtype), ";
   if (options_.prefetch_layers == 0) {
     s += "no prefetch";
   } else {
@@ -474,11 +490,18 @@ TierCounters ExpertCache::tier_counters() const {
   if (pinned_tier_) {
     // The pinned host tier loads through the arena, not the tiers: the loads the tiers did not
     // serve are host loads.
+    // Layers may load different sizes (cache.low_precision_layers): loads counted layer by layer.
     const ExpertStoreStats st = store_->stats();
-    const int64_t loads = st.total.bytes_from_host / static_cast<int64_t>(store_->slot_bytes());
+    const SlotLayout layout = SlotLayout::OfModel(kDeviceSlotAlignment, engine_->weights(), tiers_.get());
+    int64_t loads = 0, packed = 0;
+    for (int l : engine_->config().MoeLayers()) {
+      const int64_t n = st.Layer(l).bytes_from_host / static_cast<int64_t>(layout.Bytes(l, 0));
+      loads += n;
+      packed += n * static_cast<int64_t>(tiers_->Layout(l, 0).bytes());
+    }
     const int64_t host = std::max<int64_t>(0, loads - t.loads[1] - t.loads[2]);
     t.loads[0] = host;
-    t.bytes[0] = host * static_cast<int64_t>(tiers_->max_packed_bytes());
+    t.bytes[0] = loads > 0 ? static_cast<int64_t>(static_cast<double>(packed) * host / loads) : 0;
   }
   return t;
 }

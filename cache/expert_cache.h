@@ -71,6 +71,10 @@ struct ExpertCacheOptions {
   std::string low_precision = "int8";     // auto: the low precision (int8 | int4)
   double low_precision_gate = 0.5;        // auto: gate weight below which a miss loads low
   int upgrade_uses = 16;                  // auto: uses before a low-precision copy is upgraded; 0: never
+  // The MoE layers whose loads may be low precision (int8, int4, auto's low): all, "last P%", or
+  // decoder layer ranges "A-B,C" (ParseLowPrecisionLayers); the others load in the checkpoint's
+  // dtype, and every slot is sized for the largest. Early layers are the sensitive ones.
+  std::string low_precision_layers = "all";
   // A file of experts quantized ahead of time (`expertflow quantize`: GPTQ over calibration text,
   // cache/quantized_experts.h) in the low precision; its blocks replace rounding to nearest.
   std::string quantized_experts;
@@ -128,6 +132,8 @@ class ExpertCache {
   // False when the budget holds every expert (they are resident, no cache runs).
   bool active() const { return store_ != nullptr; }
   const CacheBudget& budget() const { return budget_; }
+  // The tiers behind the slots (precision, loads by precision); null when no cache runs.
+  const ExpertTiers* tiers() const { return tiers_.get(); }
   const ExpertCacheOptions& options() const { return options_; }
   // One line for logs: slots per layer, share of the experts, policy, predictor, device.
   std::string Describe() const;

@@ -1,6 +1,9 @@
 #include "cache/expert_tiers.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <utility>
@@ -56,6 +59,96 @@ bool Quantizable(const runtime::ExpertWeights& w, LoadPrecision p) {
 
 }  // namespace
 
+StatusOr<LowPrecisionLayers> ParseLowPrecisionLayers(const std::string& spec) {
+  auto bad = [](const std::string& why) {
+    return InvalidArgument(why +
+                           " (all, last P% such as 'last 50%', or decoder layer indices and ranges such as "
+                           "'16-31')");
+  };
+  LowPrecisionLayers out;
+  if (spec == "all") return out;
+  out.all = false;
+  auto number = [](const std::string& t, double* v) {
+    if (t.empty() || t.find_first_not_of("0123456789.") != std::string::npos) return false;
+    char* end = nullptr;
+    *v = std::strtod(t.c_str(), &end);
+    return end && *end == '\0';
+  };
+  if (spec.rfind("last ", 0) == 0) {
+    std::string t = spec.substr(5);
+    while (!t.empty() && t.front() == ' ') t.erase(t.begin());
+    double p = 0;
+    if (t.size() < 2 || t.back() != '%' || !number(t.substr(0, t.size() - 1), &p)) return bad("not a percentage");
+    if (!(p > 0 && p <= 100)) return bad("the percentage must be in (0, 100]");
+    out.last_percent = p;
+    return out;
+  }
+  if (spec.empty()) return bad("empty");
+  size_t at = 0;
+  while (at <= spec.size()) {
+    const size_t comma = std::min(spec.find(',', at), spec.size());
+    std::string item = spec.substr(at, comma - at);
+    item.erase(0, item.find_first_not_of(' '));
+    item.erase(item.find_last_not_of(' ') + 1);
+    const size_t dash = item.find('-');
+    double a = 0, b = 0;
+    const std::string first = item.substr(0, dash), second = dash == std::string::npos ? first : item.substr(dash + 1);
+    if (!number(first, &a) || !number(second, &b) || a != static_cast<int>(a) || b != static_cast<int>(b) ||
+        a > (1 << 20) || b > (1 << 20))
+      return bad("'" + item + "' is not a layer index or a range A-B");
+    if (b < a) return bad("the range '" + item + "' runs backwards");
+    out.ranges.push_back({static_cast<int>(a), static_cast<int>(b)});
+    at = comma + 1;
+  }
+  return out;
+}
+
+StatusOr<std::vector<uint8_t>> ResolveLowPrecisionLayers(const std::string& spec, const runtime::ModelConfig& config) {
+  StatusOr<LowPrecisionLayers> parsed = ParseLowPrecisionLayers(spec);
+  if (!parsed.ok()) return InvalidArgument("cache.low_precision_layers '" + spec + "': " + parsed.status().message());
+  const LowPrecisionLayers& sel = *parsed;
+  if (sel.all) return std::vector<uint8_t>{};
+  const std::vector<int> moe = config.MoeLayers();
+  std::vector<uint8_t> low(static_cast<size_t>(config.num_layers), 0);
+  if (sel.last_percent > 0) {
+    const int n = static_cast<int>(std::lround(sel.last_percent * static_cast<double>(moe.size()) / 100.0));
+    if (n == 0)
+      return InvalidArgument("cache.low_precision_layers '" + spec + "' selects none of the model's " +
+                             std::to_string(moe.size()) + " MoE layers; use cache.miss_precision native");
+    for (size_t i = moe.size() - static_cast<size_t>(n); i < moe.size(); ++i) low[moe[i]] = 1;
+    return low;
+  }
+  for (const auto& [a, b] : sel.ranges)
+    for (int l = a; l <= b; ++l) {
+      if (l >= config.num_layers)
+        return InvalidArgument("cache.low_precision_layers '" + spec + "': layer " + std::to_string(l) +
+                               " past the model's " + std::to_string(config.num_layers) + " layers");
+      if (!config.IsMoeLayer(l))
+        return InvalidArgument("cache.low_precision_layers '" + spec + "': layer " + std::to_string(l) +
+                               " is a dense layer (no experts)");
+      low[l] = 1;
+    }
+  return low;
+}
+
+std::string DescribeLayers(const std::vector<uint8_t>& layers) {
+  if (layers.empty()) return "every MoE layer";
+  std::string s;
+  for (size_t l = 0; l < layers.size();) {
+    if (!layers[l]) {
+      ++l;
+      continue;
+    }
+    size_t end = l;
+    while (end + 1 < layers.size() && layers[end + 1]) ++end;
+    if (!s.empty()) s += ",";
+    s += std::to_string(l);
+    if (end > l) s.append(1, '-').append(std::to_string(end));
+    l = end + 1;
+  }
+  return (s.find_first_of(",-") == std::string::npos ? "layer " : "layers ") + s;
+}
+
 PackedLayout PackedExpertLayout(const runtime::ExpertWeights& w, LoadPrecision p) {
   PackedLayout l;
   static_cast<runtime::ExpertWeights&>(l) = w;
@@ -77,10 +170,13 @@ ExpertTiers::ExpertTiers(const runtime::ModelWeights* model, TierHooks hooks, Pr
   want_native_ = std::make_unique<std::atomic<uint8_t>[]>(n);
   resident_quantized_ = std::make_unique<std::atomic<uint8_t>[]>(n);
   uses_ = std::make_unique<std::atomic<int32_t>[]>(n);
+  const std::vector<uint8_t>& low_layers = popts_.low_layers;
   for (int l : c.MoeLayers()) {
+    const bool layer_low = low_layers.empty() || (l < static_cast<int>(low_layers.size()) && low_layers[l]);
+    if (quantized_precision_ != LoadPrecision::kNative && !layer_low) ++num_native_layers_;
     for (int e = 0; e < c.num_experts; ++e) {
       const runtime::ExpertWeights& w = model_->host_expert(l, e);
-      if (quantized_precision_ != LoadPrecision::kNative) {
+      if (quantized_precision_ != LoadPrecision::kNative && layer_low) {
         const bool ok = Quantizable(w, quantized_precision_);
         quantizable_[Index(l, e)] = ok;
         if (!ok) ++num_unquantizable_;
@@ -103,7 +199,8 @@ size_t ExpertTiers::Index(int layer, int expert) const {
 }
 
 PackedLayout ExpertTiers::Layout(int layer, int expert) const {
-  return PackedExpertLayout(model_->host_expert(layer, expert), quantized_precision_);
+  const LoadPrecision p = LoadsLow(layer, expert) ? quantized_precision_ : LoadPrecision::kNative;
+  return PackedExpertLayout(model_->host_expert(layer, expert), p);
 }
 
 PackedLayout ExpertTiers::ResidentLayout(int layer, int expert) const {

@@ -75,7 +75,32 @@ struct PrecisionOptions {
   // Experts quantized ahead of time (GPTQ, cache.quantized_experts), in the low precision: their
   // blocks replace the round to nearest of the checkpoint. Null: every copy is rounded at load.
   std::shared_ptr<const QuantizedExperts> calibrated;
+  // cache.low_precision_layers resolved (ResolveLowPrecisionLayers): per decoder layer, whether its
+  // experts may load in low precision; the others always load in the checkpoint's dtype. Empty:
+  // every layer.
+  std::vector<uint8_t> low_layers;
 };
+
+// cache.low_precision_layers: the MoE layers whose experts may load in low precision (int8, int4,
+// or auto's low precision); the other layers' loads stay in the checkpoint's dtype.
+//   "all"        every MoE layer (the default);
+//   "last P%"    the last round(P% of the MoE layers), e.g. "last 50%" (0 < P <= 100);
+//   "A-B,C,..."  decoder layer indices and inclusive ranges, each an MoE layer of the model.
+// Quantization noise in an early layer's experts reaches every later router, so early layers are
+// the sensitive ones: on tiny-code-moe the first MoE layer in int8 alone costs most of what every
+// layer in int8 costs (docs/results/quant/README.md, "Which layers").
+struct LowPrecisionLayers {
+  bool all = true;
+  double last_percent = 0;                  // > 0: "last P%"
+  std::vector<std::pair<int, int>> ranges;  // inclusive decoder layer ranges
+};
+// Syntax alone (the config's check): InvalidArgument naming the key and the text.
+StatusOr<LowPrecisionLayers> ParseLowPrecisionLayers(const std::string& spec);
+// Against a model: per decoder layer, 1 where loads may be low precision; empty for "all". An index
+// past the model's layers, a dense (non-MoE) layer, or a selection of no MoE layer is an error.
+StatusOr<std::vector<uint8_t>> ResolveLowPrecisionLayers(const std::string& spec, const runtime::ModelConfig& config);
+// "MoE layers 4-7" style text of a resolved selection ("every MoE layer" when empty).
+std::string DescribeLayers(const std::vector<uint8_t>& layers);
 // "native" (alias "bf16": the checkpoint's own dtype, outputs unchanged), "int8", "int4", "auto".
 StatusOr<LoadPrecision> ParseLoadPrecision(const std::string& name);
 const char* LoadPrecisionName(LoadPrecision p);
@@ -125,7 +150,12 @@ class ExpertTiers {
   std::array<int64_t, 2> loads_by_precision() const;
   std::array<int64_t, 2> bytes_by_precision() const;
   size_t max_packed_bytes() const { return max_packed_bytes_; }
+  // Experts left in the checkpoint's dtype by their shape (biases, widths the group does not
+  // divide), and the MoE layers cache.low_precision_layers keeps there.
   int num_unquantizable() const { return num_unquantizable_; }
+  int num_native_layers() const { return num_native_layers_; }
+  // Whether (layer, expert) ever loads in low precision.
+  bool LoadsLow(int layer, int expert) const { return !quantizable_.empty() && quantizable_[Index(layer, expert)]; }
   // Writes the packed expert at the load precision from the checkpoint mapping, counting nothing
   // (a host tier's initial fill).
   Status PackFromCheckpoint(int layer, int expert, std::span<std::byte> dst) const;
@@ -166,7 +196,9 @@ class ExpertTiers {
   std::unique_ptr<std::atomic<int32_t>[]> uses_;
   std::array<std::atomic<int64_t>, 2> prec_loads_{}, prec_bytes_{};
   int num_unquantizable_ = 0;
-  std::vector<uint8_t> quantizable_;  // [layer * E + expert]
+  int num_native_layers_ = 0;
+  // [layer * E + expert]: loads may be low precision (shape allows it, layer selected).
+  std::vector<uint8_t> quantizable_;
   // Quantized host copies [layer * E + expert]; guarded by quant_mu_ (filled lazily off Prepare).
   std::mutex quant_mu_;
   std::vector<std::vector<std::byte>> quantized_;

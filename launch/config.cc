@@ -10,6 +10,7 @@
 #include <sstream>
 #include <vector>
 
+#include "cache/expert_tiers.h"
 #include "comm/mpi_context.h"
 #include "launch/command.h"
 #include "launch/engine_options.h"
@@ -238,6 +239,15 @@ const std::map<std::string, Section>& Schema() {
            {"low_precision_gate",
             [](const Ctx& c, Config* o) { return GetDouble(c, 0, 1, false, &o->cache.low_precision_gate); }},
            {"upgrade_uses", [](const Ctx& c, Config* o) { return GetInt(c, 0, 1 << 20, &o->cache.upgrade_uses); }},
+           {"low_precision_layers",
+            [](const Ctx& c, Config* o) {
+              std::string v;
+              EF_RETURN_IF_ERROR(GetString(c, &v));
+              auto parsed = cache::ParseLowPrecisionLayers(v);
+              if (!parsed.ok()) return c.Error(parsed.status().message());
+              o->cache.low_precision_layers = v;
+              return Status::Ok();
+            }},
            {"quantized_experts", [](const Ctx& c, Config* o) { return GetString(c, &o->cache.quantized_experts); }},
            {"cpu_compute",
             [](const Ctx& c, Config* o) {
@@ -519,6 +529,7 @@ std::string ConfigToYaml(const Config& c) {
   e << YAML::Key << "low_precision" << YAML::Value << c.cache.low_precision;
   e << YAML::Key << "low_precision_gate" << YAML::Value << c.cache.low_precision_gate;
   e << YAML::Key << "upgrade_uses" << YAML::Value << c.cache.upgrade_uses;
+  e << YAML::Key << "low_precision_layers" << YAML::Value << c.cache.low_precision_layers;
   e << YAML::Key << "quantized_experts" << YAML::Value << c.cache.quantized_experts;
   e << YAML::Key << "cpu_compute" << YAML::Value << c.cache.cpu_compute;
   e << YAML::Key << "cpu_compute_max_rows" << YAML::Value << c.cache.cpu_compute_max_rows;
@@ -597,6 +608,10 @@ void CacheFlags::Register(CLI::App* app) {
   app->add_option("--upgrade-uses", upgrade_uses,
                   "auto: uses of a low-precision copy before it is reloaded in full precision; 0: never "
                   "(cache.upgrade_uses)");
+  app->add_option("--low-precision-layers", low_precision_layers,
+                  "MoE layers whose expert loads may be low precision (int8, int4, auto): all, 'last P%' (e.g. "
+                  "'last 50%') or decoder layer ranges ('16-31'); the others load in the checkpoint's dtype. Early "
+                  "layers are the sensitive ones (cache.low_precision_layers, default all)");
   app->add_option("--quantized-experts", quantized_experts,
                   "low-precision expert copies quantized ahead of time by `expertflow quantize` (GPTQ), used instead "
                   "of rounding the checkpoint at load (cache.quantized_experts)");
@@ -629,6 +644,7 @@ Status CacheFlags::Apply(const CLI::App& app, Config* config) const {
       {"--low-precision", {"cache.low_precision", &low_precision}},
       {"--low-precision-gate", {"cache.low_precision_gate", &low_precision_gate}},
       {"--upgrade-uses", {"cache.upgrade_uses", &upgrade_uses}},
+      {"--low-precision-layers", {"cache.low_precision_layers", &low_precision_layers}},
       {"--quantized-experts", {"cache.quantized_experts", &quantized_experts}},
       {"--cpu-experts", {"cache.cpu_compute", &cpu_compute}},
       {"--cpu-experts-max-rows", {"cache.cpu_compute_max_rows", &cpu_compute_max_rows}},

@@ -102,6 +102,11 @@ struct CacheSection {
   std::string low_precision = "int8";
   double low_precision_gate = 0.5;
   int upgrade_uses = 16;
+  // The MoE layers whose loads may be low precision: all, "last P%" or decoder layer ranges
+  // "A-B,C" (cache/expert_tiers.h ParseLowPrecisionLayers); the others load in the checkpoint's
+  // dtype. Quantization noise early reaches every later router: "last 50%" keeps the int8 quality
+  // bar on tiny-code-moe where every layer in int8 misses it (docs/results/quant).
+  std::string low_precision_layers = "all";
   // A file of experts quantized ahead of time in the low precision (`expertflow quantize`, GPTQ
   // over calibration text; cache/quantized_experts.h); empty: rounded to nearest at load.
   std::string quantized_experts;
@@ -214,14 +219,15 @@ comm::ClusterOptions ToClusterOptions(const Config& config);
 //   --prefetch-min-prob   -> cache.prefetch_min_prob
 //   --miss-precision      -> cache.miss_precision
 //   --low-precision, --low-precision-gate, --upgrade-uses -> cache.low_precision, ...
+//   --low-precision-layers -> cache.low_precision_layers
 //   --quantized-experts   -> cache.quantized_experts
 //   --cpu-experts         -> cache.cpu_compute     --cpu-experts-max-rows -> cache.cpu_compute_max_rows
 //   --cpu-experts-admit   -> cache.cpu_compute_admit
 //   --predictor           -> predictor.kind        --predictor-path    -> predictor.path
 struct CacheFlags {
   std::string device_budget, host_budget, policy, prefetch_layers, prefetch_min_prob, miss_precision, low_precision,
-      low_precision_gate, upgrade_uses, quantized_experts, cpu_compute, cpu_compute_max_rows, cpu_compute_admit,
-      predictor, predictor_path;
+      low_precision_gate, upgrade_uses, low_precision_layers, quantized_experts, cpu_compute, cpu_compute_max_rows,
+      cpu_compute_admit, predictor, predictor_path;
 
   void Register(CLI::App* app);
   // Writes the flags given on the command line into `config` (validated like the file's keys).

@@ -21,6 +21,7 @@ cache::ExpertCacheOptions ToExpertCacheOptions(const CacheSection& cache, const 
   o.low_precision = cache.low_precision;
   o.low_precision_gate = cache.low_precision_gate;
   o.upgrade_uses = cache.upgrade_uses;
+  o.low_precision_layers = cache.low_precision_layers;
   o.quantized_experts = cache.quantized_experts;
   o.cpu_compute = cache.cpu_compute;
   o.cpu_compute_max_rows = cache.cpu_compute_max_rows;

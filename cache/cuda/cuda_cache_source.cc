@@ -55,6 +55,10 @@ Status CheckDeviceExperts(const runtime::ModelWeights& model, const ExpertTiers*
   if (tiers && tiers->precision() == LoadPrecision::kAuto)
     return Unimplemented(
         "cache.miss_precision auto (mixed precisions per slot) runs on the cpu backend; on cuda use int8 or int4");
+  if (tiers && tiers->num_native_layers() > 0 && cpu_compute != "off")
+    return Unimplemented("cache.cpu_compute " + cpu_compute +
+                         " with cache.low_precision_layers (precision per layer): the host path plans from rates "
+                         "measured in one precision; use cpu_compute off, or low_precision_layers all");
   if (tiers && tiers->num_unquantizable() > 0)
     return Unimplemented("cuda expert cache: cache.miss_precision " +
                          std::string(LoadPrecisionName(tiers->precision())) +
@@ -101,25 +105,35 @@ StatusOr<std::unique_ptr<CachedExpertSource>> CreateCudaCacheSource(const runtim
   const runtime::ModelConfig& c = model.config();
   const std::vector<int> moe = c.MoeLayers();
   SlotLayout layout = SlotLayout::OfModel(kDeviceSlotAlignment, model, tiers);
-  const size_t bytes = layout.Bytes(moe[0], 0);
+  // One shape per layer; under cache.low_precision_layers layers differ in precision, and a slot
+  // holds the largest.
+  std::vector<size_t> layer_bytes(c.num_layers, 0);
   std::vector<bool> present(c.num_layers, false);
-  for (int l : moe) present[l] = true;
+  for (int l : moe) {
+    present[l] = true;
+    layer_bytes[l] = layout.Bytes(l, 0);
+  }
+  const size_t bytes = *std::max_element(layer_bytes.begin(), layer_bytes.end());
   std::function<bool(int, int)> keep;
   if (tiers && tiers->hooks().host) keep = [tiers](int l, int e) { return tiers->HasHostCopy(l, e); };
   EF_ASSIGN_OR_RETURN(
       std::shared_ptr<PinnedHostTier> tier,
-      PinnedHostTier::Create(c.num_layers, c.num_experts, bytes, present, cuda.host_budget_bytes, keep));
+      PinnedHostTier::Create(c.num_layers, c.num_experts, bytes, present, cuda.host_budget_bytes, keep, layer_bytes));
   // The checkpoint's experts (quantized on the way when the tiers load low), at the slot offsets,
   // written on all cores.
   {
     std::vector<SlotFill> fills;
+    int64_t fill_bytes = 0;
     for (int l : moe)
       for (int e = 0; e < c.num_experts; ++e)
-        if (std::byte* dst = tier->data(l, e)) fills.push_back({l, e, {dst, bytes}});
+        if (std::byte* dst = tier->data(l, e)) {
+          fills.push_back({l, e, {dst, layer_bytes[l]}});
+          fill_bytes += static_cast<int64_t>(layer_bytes[l]);
+        }
     Progress bar(tiers && tiers->precision() != LoadPrecision::kNative
                      ? std::string("pinning experts in host memory (") + LoadPrecisionName(tiers->precision()) + ")"
                      : std::string("pinning experts in host memory"),
-                 static_cast<int64_t>(fills.size() * bytes));
+                 fill_bytes);
     EF_RETURN_IF_ERROR(
         WriteExpertSlots(model, layout, fills, &bar, 0, tiers ? tiers->precision_options().calibrated.get() : nullptr));
   }

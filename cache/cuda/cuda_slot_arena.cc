@@ -238,7 +238,7 @@ Status CudaSlotArena::Load(int slot, int layer, int expert, Priority priority) {
   if (!src)
     return Unimplemented("no pinned host copy of expert " + std::to_string(expert) + " of layer " +
                          std::to_string(layer));
-  return Enqueue(slot, src, tier_->bytes_per_expert(), priority == Priority::kCorrection);
+  return Enqueue(slot, src, tier_->bytes(layer), priority == Priority::kCorrection);
 }
 
 void CudaSlotArena::WaitReady(int slot) {

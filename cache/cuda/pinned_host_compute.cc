@@ -121,7 +121,7 @@ Status PinnedHostCompute::Calibrate(SlotArena& arena) {
   double copy = 1e30, host = 1e30;
   for (int rep = 0; rep < 3; ++rep) {
     auto t = Clock::now();
-    EF_RETURN_IF_ERROR(arena.CopyIn(0, {tier_->data(layer, expert), tier_->bytes_per_expert()}));
+    EF_RETURN_IF_ERROR(arena.CopyIn(0, {tier_->data(layer, expert), tier_->bytes(layer)}));
     copy = std::min(copy, ms(t));
   }
   const runtime::ExpertWeights shape = layout_.Shape(layer, expert);

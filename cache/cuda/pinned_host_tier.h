@@ -24,16 +24,20 @@ class PinnedHostTier {
   // no buffer (data() is null: the owner reads them from elsewhere). ResourceExhausted naming the
   // bytes when the host cannot pin that much.
   // `keep` (optional) narrows it further to the experts it returns true for (e.g. those homed on
-  // this rank).
+  // this rank). `layer_bytes` (optional, [num_layers], each at most bytes_per_expert): the bytes of
+  // one expert of each layer where layers differ (cache.low_precision_layers: int8 in some layers,
+  // the checkpoint's dtype in others); its buffers and every load of it are that long.
   static StatusOr<std::unique_ptr<PinnedHostTier>> Create(int num_layers, int num_experts, size_t bytes_per_expert,
                                                           const std::vector<bool>& present, size_t max_bytes = 0,
-                                                          const std::function<bool(int, int)>& keep = {});
+                                                          const std::function<bool(int, int)>& keep = {},
+                                                          const std::vector<size_t>& layer_bytes = {});
   ~PinnedHostTier();
   PinnedHostTier(const PinnedHostTier&) = delete;
   PinnedHostTier& operator=(const PinnedHostTier&) = delete;
 
   std::byte* data(int layer, int expert) const { return buffers_[static_cast<size_t>(layer) * num_experts_ + expert]; }
-  size_t bytes_per_expert() const { return bytes_; }
+  size_t bytes_per_expert() const { return bytes_; }                                  // the largest expert
+  size_t bytes(int layer) const { return layer_bytes_[static_cast<size_t>(layer)]; }  // an expert of `layer`
   int num_pinned() const { return num_pinned_; }
   size_t total_bytes() const { return total_; }  // pinned (huge pages: each buffer rounded up to 2 MiB)
   int num_layers() const { return num_layers_; }
@@ -44,6 +48,7 @@ class PinnedHostTier {
   int num_layers_ = 0;
   int num_experts_ = 0;
   size_t bytes_ = 0;
+  std::vector<size_t> layer_bytes_;  // [num_layers]
   size_t total_ = 0;
   int num_pinned_ = 0;
   runtime::cuda::PinnedKind kind_ = runtime::cuda::PinnedKind::kDriver;

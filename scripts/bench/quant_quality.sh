@@ -62,7 +62,16 @@ configs=(
   "auto int4, gate 0.3, upgrade after 2 uses, x in int8|--miss-precision auto --low-precision int4 --low-precision-gate 0.3 --upgrade-uses 2|EF_CPU_INT8_X=int4"
   "int8, x in int8 (EF_HOST_GEMV_INT8_X=all)|--miss-precision int8|EF_CPU_INT8_X=all"
   "auto, x in int8 (EF_HOST_GEMV_INT8_X=all)|--miss-precision auto|EF_CPU_INT8_X=all"
+  "int8 in the last 75% of MoE layers (2-7)|--miss-precision int8 --low-precision-layers 2-7"
+  "int8 in the last 50% of MoE layers (4-7)|--miss-precision int8 --low-precision-layers 4-7"
+  "int8 in the last 25% of MoE layers (6-7)|--miss-precision int8 --low-precision-layers 6-7"
+  "int8, GPTQ, in the last 50% of MoE layers (4-7)|--miss-precision int8 --low-precision-layers 4-7 --quantized-experts $WORK/gptq_int8.safetensors"
+  "auto int4, gate 0.15, upgrade after 2 uses, last 50% of MoE layers|--miss-precision auto --low-precision int4 --low-precision-gate 0.15 --upgrade-uses 2 --low-precision-layers 4-7"
 )
+# Which layers carry the loss: int8 in one MoE layer at a time (LAYER_ROWS=0 skips them).
+if [[ ${LAYER_ROWS:-1} != 0 ]]; then
+  for l in 0 1 2 3 4 5 6 7; do configs+=("int8 in MoE layer $l only|--miss-precision int8 --low-precision-layers $l"); done
+fi
 rows=()
 for budget in 2 4; do
   for i in "${!configs[@]}"; do

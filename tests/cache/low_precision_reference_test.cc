@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "cache/expert_cache.h"
+#include "cache/expert_tiers.h"
 #include "runtime/core/quant.h"
 #include "runtime/engine/engine.h"
 #include "runtime/engine/expert_source.h"
@@ -27,13 +28,19 @@ using runtime::Engine;
 // allow the format's group, as the tiers keep those in the checkpoint's precision).
 class FakeQuantSource final : public runtime::ExpertSource {
  public:
-  static std::unique_ptr<FakeQuantSource> Create(const runtime::ModelWeights& m, DType t) {
+  // `layers` (optional, per decoder layer): only those layers' experts fake-quantized.
+  static std::unique_ptr<FakeQuantSource> Create(const runtime::ModelWeights& m, DType t,
+                                                 const std::vector<uint8_t>& layers = {}) {
     auto s = std::make_unique<FakeQuantSource>();
     const runtime::ModelConfig& c = m.config();
     for (int l : c.MoeLayers())
       for (int e = 0; e < c.num_experts; ++e) {
         const runtime::ExpertWeights& w = m.host_expert(l, e);
         runtime::ExpertWeights f = w;
+        if (!layers.empty() && !layers[l]) {
+          s->experts_[{l, e}] = f;
+          continue;
+        }
         runtime::Weight* to[] = {&f.gate, &f.up, &f.down};
         for (runtime::Weight* p : to) {
           const std::vector<float>& dst = s->store_.emplace_back(ef::testing::FakeQuantized(*p, t));
@@ -128,6 +135,135 @@ TEST(LowPrecisionBudget, EveryExpertInLowPrecisionSlotsKeepsTheCacheOn) {
     EXPECT_LE(Distance(got.logits, want.logits), 1e-6);
     EXPECT_EQ(got.tokens, want.tokens);
   }
+}
+
+// cache.low_precision_layers: the selected layers' experts compute the fake-quantized model, the
+// others the checkpoint's, and the loads say so (low-precision loads only in selected layers).
+TEST_P(LowPrecisionReferenceTest, LowPrecisionLayersQuantizeOnlyThoseLayers) {
+  const std::string dir = GetParam() == "tiny-code-moe" ? std::string(EF_MODELS_DIR) + "/tiny-code-moe"
+                                                        : std::string(EF_TEST_DATA) + "/" + GetParam();
+  runtime::EngineOptions eo;
+  eo.backend = "cpu";
+  auto engine = Engine::Create(dir, eo);
+  ASSERT_TRUE(engine.ok()) << engine.status().ToString();
+  const runtime::ModelConfig& c = (*engine)->config();
+  const std::vector<int> moe = c.MoeLayers();
+  ASSERT_GE(moe.size(), 2u);
+  const std::vector<int32_t> prompt = {11, 42, 7, 99, 3, 150, 2, 77, 5};
+  auto layers = ResolveLowPrecisionLayers("last 50%", c);
+  ASSERT_TRUE(layers.ok()) << layers.status().ToString();
+  const size_t half = moe.size() / 2;
+  for (size_t i = 0; i < moe.size(); ++i) EXPECT_EQ((*layers)[moe[i]], i >= moe.size() - half ? 1 : 0) << i;
+
+  auto all_fake = FakeQuantSource::Create((*engine)->weights(), DType::kQ8);
+  (*engine)->SetExpertSource(all_fake.get());
+  const ef::testing::PromptRun every = ef::testing::RunPrompt(**engine, prompt, 4);
+  auto fake = FakeQuantSource::Create((*engine)->weights(), DType::kQ8, *layers);
+  (*engine)->SetExpertSource(fake.get());
+  const ef::testing::PromptRun want = ef::testing::RunPrompt(**engine, prompt, 4);
+  (*engine)->SetExpertSource(nullptr);
+
+  ExpertCacheOptions o;
+  o.policy = "lru";
+  o.predictor = "none";
+  o.prefetch_layers = 0;
+  o.slots_per_layer = c.top_k;
+  o.miss_precision = "int8";
+  o.low_precision_layers = "last 50%";
+  auto cache = ExpertCache::Create(engine->get(), o);
+  ASSERT_TRUE(cache.ok()) << cache.status().ToString();
+  EXPECT_NE((*cache)->Describe().find("low precision in MoE layer"), std::string::npos) << (*cache)->Describe();
+  const ef::testing::PromptRun got = ef::testing::RunPrompt(**engine, prompt, 4);
+  ASSERT_EQ(got.logits.size(), want.logits.size());
+  EXPECT_LE(Distance(got.logits, want.logits), 1e-6)
+      << GetParam() << ": the half-quantized model is " << Distance(want.logits, every.logits)
+      << " from the all-quantized one";
+  EXPECT_EQ(got.tokens, want.tokens);
+  // The selection changes the numbers (so the comparison above could fail either way).
+  EXPECT_GT(Distance(want.logits, every.logits), 1e-5) << GetParam();
+  // Loads by precision: the slot holds the checkpoint's bytes in unselected layers, int8 in the others.
+  const ExpertTiers* tiers = (*cache)->tiers();
+  ASSERT_NE(tiers, nullptr);
+  EXPECT_EQ(tiers->num_native_layers(), static_cast<int>(moe.size() - half));
+  for (int l : moe) {
+    const bool low = (*layers)[l];
+    EXPECT_EQ(tiers->LoadsLow(l, 0), low) << "layer " << l;
+    EXPECT_EQ(IsQuantized(tiers->Layout(l, 0).gate.dtype), low) << "layer " << l;
+  }
+  const auto loads = tiers->loads_by_precision();
+  EXPECT_GT(loads[0], 0);
+  EXPECT_GT(loads[1], 0);
+  cache->reset();
+}
+
+// The budget's slot is sized for the largest expert: with some layers in the checkpoint's dtype, the
+// checkpoint's size; the same number of slots per layer as native.
+TEST(LowPrecisionBudget, SlotsOfPartialLayersHoldTheCheckpointsExperts) {
+  runtime::EngineOptions eo;
+  eo.backend = "cpu";
+  auto engine = Engine::Create(std::string(EF_MODELS_DIR) + "/tiny-code-moe", eo);
+  ASSERT_TRUE(engine.ok()) << engine.status().ToString();
+  ExpertCacheOptions o;
+  o.slots_per_layer = 4;
+  o.miss_precision = "native";
+  auto native = ExpertCache::PlanBudget(**engine, o);
+  o.miss_precision = "int8";
+  auto every = ExpertCache::PlanBudget(**engine, o);
+  o.low_precision_layers = "4-7";
+  auto half = ExpertCache::PlanBudget(**engine, o);
+  ASSERT_TRUE(native.ok() && every.ok() && half.ok());
+  EXPECT_LT(every->slot_bytes, native->slot_bytes);
+  EXPECT_EQ(half->slot_bytes, native->slot_bytes);
+  for (const char* bad : {"8", "0-9", "last 0%", "last 101%", "3-1", "seven", "", "1,,2"}) {
+    o.low_precision_layers = bad;
+    auto b = ExpertCache::PlanBudget(**engine, o);
+    ASSERT_FALSE(b.ok()) << "'" << bad << "'";
+    EXPECT_NE(b.status().message().find("cache.low_precision_layers"), std::string::npos) << b.status().ToString();
+  }
+}
+
+TEST(LowPrecisionLayers, ParsesTheThreeForms) {
+  auto all = ParseLowPrecisionLayers("all");
+  ASSERT_TRUE(all.ok());
+  EXPECT_TRUE(all->all);
+  auto last = ParseLowPrecisionLayers("last 37.5%");
+  ASSERT_TRUE(last.ok());
+  EXPECT_FALSE(last->all);
+  EXPECT_DOUBLE_EQ(last->last_percent, 37.5);
+  auto ranges = ParseLowPrecisionLayers("16-31, 3,5-5");
+  ASSERT_TRUE(ranges.ok()) << ranges.status().ToString();
+  ASSERT_EQ(ranges->ranges.size(), 3u);
+  EXPECT_EQ(ranges->ranges[0], std::make_pair(16, 31));
+  EXPECT_EQ(ranges->ranges[1], std::make_pair(3, 3));
+  EXPECT_EQ(ranges->ranges[2], std::make_pair(5, 5));
+  for (const char* bad :
+       {"", "last", "last %", "last 50", "last -5%", "last 0%", "1-", "-3", "a-b", "2.5", "4-2", "1,,2", "9999999999"})
+    EXPECT_FALSE(ParseLowPrecisionLayers(bad).ok()) << "'" << bad << "'";
+}
+
+TEST(LowPrecisionLayers, ResolvesAgainstTheModel) {
+  runtime::ModelConfig c;
+  c.num_layers = 6;
+  c.num_experts = 4;
+  c.top_k = 2;
+  c.mlp_only_layers = {0, 1};  // layers 0-1 dense: MoE layers 2-5
+  ASSERT_EQ(c.MoeLayers(), (std::vector<int>{2, 3, 4, 5}));
+  EXPECT_TRUE(ResolveLowPrecisionLayers("all", c)->empty());
+  EXPECT_EQ(*ResolveLowPrecisionLayers("last 50%", c), (std::vector<uint8_t>{0, 0, 0, 0, 1, 1}));
+  EXPECT_EQ(*ResolveLowPrecisionLayers("last 100%", c), (std::vector<uint8_t>{0, 0, 1, 1, 1, 1}));
+  EXPECT_EQ(*ResolveLowPrecisionLayers("last 30%", c), (std::vector<uint8_t>{0, 0, 0, 0, 0, 1}));
+  EXPECT_EQ(*ResolveLowPrecisionLayers("2,4-5", c), (std::vector<uint8_t>{0, 0, 1, 0, 1, 1}));
+  EXPECT_EQ(DescribeLayers(*ResolveLowPrecisionLayers("2,4-5", c)), "layers 2,4-5");
+  EXPECT_EQ(DescribeLayers(*ResolveLowPrecisionLayers("3", c)), "layer 3");
+  auto dense = ResolveLowPrecisionLayers("1-3", c);
+  ASSERT_FALSE(dense.ok());
+  EXPECT_NE(dense.status().message().find("layer 1 is a dense layer"), std::string::npos) << dense.status().ToString();
+  auto past = ResolveLowPrecisionLayers("6", c);
+  ASSERT_FALSE(past.ok());
+  EXPECT_NE(past.status().message().find("past the model's 6 layers"), std::string::npos) << past.status().ToString();
+  auto none = ResolveLowPrecisionLayers("last 10%", c);
+  ASSERT_FALSE(none.ok());
+  EXPECT_NE(none.status().message().find("selects none"), std::string::npos) << none.status().ToString();
 }
 
 INSTANTIATE_TEST_SUITE_P(Models, LowPrecisionReferenceTest, ::testing::Values("tiny-code-moe", "mixtral"));

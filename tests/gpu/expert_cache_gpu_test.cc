@@ -383,6 +383,70 @@ TEST_P(ExpertCacheGpuTest, LowPrecisionLoadsMatchTheCpuCache) {
   }
 }
 
+// cache.low_precision_layers on the CUDA cache: int8 copies in the last half of the MoE layers,
+// the checkpoint's in the first; each layer's pinned copies and loads are that layer's size, the
+// outputs those of the CPU cache with the same selection (routing forced, as above), and cpu
+// compute (whose planner measures one precision) is refused with the key named, off by default.
+TEST_P(ExpertCacheGpuTest, LowPrecisionLayersMatchTheCpuCache) {
+  const auto [cpu_native, native] = CpuReference(GetParam());
+  const double bound = std::max(1e-2, 3 * native);
+  ExpertCacheOptions o;
+  o.policy = "lru";
+  o.predictor = "none";
+  o.prefetch_layers = 0;
+  o.miss_precision = "int8";
+  o.low_precision_layers = "last 50%";
+  runtime::EngineOptions co;
+  co.backend = "cpu";
+  auto cpu = Engine::Create(ModelDir(GetParam()), co);
+  ASSERT_TRUE(cpu.ok()) << cpu.status().ToString();
+  o.slots_per_layer = (*cpu)->config().top_k;
+  auto cpu_cache = ExpertCache::Create(cpu->get(), o);
+  ASSERT_TRUE(cpu_cache.ok()) << cpu_cache.status().ToString();
+  PromptRouting routing;
+  int hook = routing.Attach(**cpu, PromptRouting::Mode::kRecord);
+  const Output want = RunModel(**cpu);
+  (*cpu)->RemoveRoutingHook(hook);
+  cpu_cache->reset();
+
+  auto engine = MakeCudaEngine(GetParam(), false);
+  ASSERT_NE(engine, nullptr);
+  {
+    ExpertCacheOptions d = o;
+    d.cpu_compute = "default";
+    EXPECT_EQ(ExpertCache::DefaultCpuCompute(*engine, d), "off");
+    d.cpu_compute = "auto";
+    auto refused = ExpertCache::Create(engine.get(), d);
+    ASSERT_FALSE(refused.ok());
+    EXPECT_NE(refused.status().message().find("cache.low_precision_layers"), std::string::npos)
+        << refused.status().ToString();
+  }
+  auto cache = ExpertCache::Create(engine.get(), o);
+  ASSERT_TRUE(cache.ok()) << cache.status().ToString();
+  hook = routing.Attach(*engine, PromptRouting::Mode::kForce);
+  const Output got = RunModel(*engine);
+  engine->RemoveRoutingHook(hook);
+  ASSERT_EQ(got.logits.size(), want.logits.size());
+  std::printf("[ low precision layers ] %s: cuda cache vs cpu cache %.4g (bound %.4g)\n", GetParam().c_str(),
+              LogitDistance(got, want), bound);
+  EXPECT_LE(LogitDistance(got, want), bound) << GetParam();
+  const runtime::ModelConfig& mc = engine->config();
+  const std::vector<int> moe = mc.MoeLayers();
+  CachedExpertSource& src = *(*cache)->source();
+  const size_t first = src.layout().Bytes(moe.front(), 0), last = src.layout().Bytes(moe.back(), 0);
+  EXPECT_LT(last, first) << "the last MoE layer loads int8, the first the checkpoint's dtype";
+  EXPECT_GT((*cache)->stats().total.misses, 0);
+  for (int l : {moe.front(), moe.back()}) {
+    auto dw = src.Acquire(l, 0);
+    ASSERT_TRUE(dw.ok()) << dw.status().ToString();
+    EXPECT_EQ(IsQuantized(dw->gate.dtype), l == moe.back()) << "layer " << l;
+    EXPECT_EQ(dw->gate.dtype, l == moe.back() ? DType::kQ8 : engine->weights().host_expert(l, 0).gate.dtype);
+    src.Release(l, 0);
+  }
+  Status as = CudaArenaOf(src).status();
+  EXPECT_TRUE(as.ok()) << as.ToString();
+}
+
 // The smallest cache: LRU over top-k slots per layer, loads on demand (no predictor, no prefetch).
 ExpertCacheOptions OnDemandLru(const Engine& engine) {
   ExpertCacheOptions o;

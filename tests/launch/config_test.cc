@@ -270,6 +270,29 @@ TEST(ConfigTest, CacheFlagsOverrideTheFileAndAreValidatedLikeIt) {
   EXPECT_NE(s.message().find("--cpu-experts-admit: cache.cpu_compute_admit: expected an integer in [0, 1048576]"),
             std::string::npos)
       << s.ToString();
+  EXPECT_EQ(d.cache.low_precision_layers, "all");
+  ASSERT_TRUE(parse({"--low-precision-layers", "last 50%"}, &d).ok());
+  EXPECT_EQ(d.cache.low_precision_layers, "last 50%");
+  s = parse({"--low-precision-layers", "5-3"}, &d);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("--low-precision-layers: cache.low_precision_layers: the range '5-3' runs backwards"),
+            std::string::npos)
+      << s.ToString();
+  {
+    auto yaml = ParseConfig("cache: {low_precision_layers: \"16-31\"}\n", "t.yaml");
+    ASSERT_TRUE(yaml.ok()) << yaml.status().ToString();
+    EXPECT_EQ(yaml->cache.low_precision_layers, "16-31");
+    auto again = ParseConfig(ConfigToYaml(*yaml), "again.yaml");
+    ASSERT_TRUE(again.ok()) << again.status().ToString();
+    EXPECT_EQ(again->cache.low_precision_layers, "16-31");
+    auto typo = ParseConfig("cache: {low_precision_layers: [1, 2]}\n", "t.yaml");
+    ASSERT_FALSE(typo.ok());
+    EXPECT_NE(typo.status().message().find("cache.low_precision_layers: expected a string"), std::string::npos)
+        << typo.status().ToString();
+    auto last = ParseConfig("cache: {low_precision_layers: last half}\n", "t.yaml");
+    ASSERT_FALSE(last.ok());
+    EXPECT_NE(last.status().message().find("not a percentage"), std::string::npos) << last.status().ToString();
+  }
   ASSERT_TRUE(parse({"--prefetch-min-prob", "0.6"}, &d).ok());
   EXPECT_DOUBLE_EQ(d.cache.prefetch_min_prob, 0.6);
   s = parse({"--prefetch-min-prob", "1.2"}, &d);
