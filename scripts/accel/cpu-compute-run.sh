@@ -101,7 +101,9 @@ printf "%-7s %-5s %-9s %-14s %10s %9s %9s %11s %9s %8s %8s %s\n" budget conc pre
 # least used resident expert of its layer is loaded into that expert's slot; a0 turns it off;
 # scripts/bench/host_admission_sim.py), dflt (the cache's defaults for what the case does not name:
 # no --cache-policy, --prefetch-layers or --predictor, so policy expertflow with prefetch from the
-# frequency forecast; cpu "default" then also leaves --cpu-experts to its default).
+# frequency forecast; cpu "default" then also leaves --cpu-experts to its default), lN
+# (--low-precision-layers "last N%": int8/int4 loads in the last N% of the MoE layers only, the
+# others bf16; needs cpu off).
 # host_ms: the host's mean time per expert inside the run, scaled to a whole expert (a split
 # expert's host part is a share of one).
 # The default list: the LRU baselines, then the configurations whose quality meets a bar
@@ -130,6 +132,7 @@ for case in $CASES; do
       pin) envs+=(EF_THREAD_POOL_PIN=1) ;;
       s[0-9]*) envs+=(EF_THREAD_POOL_SPIN_US=${m#s}) ;;
       a[0-9]*) extra+=(--cpu-experts-admit "${m#a}") ;;
+      l[0-9]*) extra+=(--low-precision-layers "last ${m#l}%") ;;
       mem) budget_arg=$((LAYERS * 8 * 3 * 4096 * 14336 * 2 * b / 100)) ;;  # bytes of b% of the bf16 experts
     esac
   done
