@@ -101,8 +101,12 @@ std::string ExpertCache::DefaultCpuCompute(const runtime::Engine& engine, const 
   const bool hooks = options.tiers.host || options.tiers.peer || options.tiers.computes;
   if (engine.backend().kind() != runtime::BackendKind::kCuda || hooks || options.miss_precision == "auto") return "off";
   // Precision per layer: the host's measured rates are of one precision (cuda/pinned_host_compute.h).
-  if (options.miss_precision != "native" && options.miss_precision != "bf16" && options.low_precision_layers != "all")
-    return "off";
+  if (options.miss_precision != "native" && options.miss_precision != "bf16") {
+    auto low = ResolveLowPrecisionLayers(options.low_precision_layers, engine.config());
+    if (!low.ok()) return "off";  // the budget's error names it
+    for (int l : engine.config().MoeLayers())
+      if (!low->empty() && !(*low)[l]) return "off";
+  }
   const std::vector<int> moe = engine.config().MoeLayers();
   if (moe.empty() || engine.weights().host_expert(moe[0], 0).has_bias()) return "off";
   ExpertCacheOptions o = options;
@@ -396,7 +400,8 @@ std::string ExpertCache::Describe() const {
   }
   if (tiers_ && tiers_->num_native_layers() > 0)
     s += "low precision in MoE " + DescribeLayers(tiers_->precision_options().low_layers) + " only (" +
-         std::to_string(tiers_->num_native_layers()) + " MoE layers in the checkpoint's dtype), ";
+         std::to_string(tiers_->num_native_layers()) +
+         (tiers_->num_native_layers() == 1 ? " MoE layer" : " MoE layers") + " in the checkpoint's dtype), ";
   if (options_.prefetch_layers == 0) {
     s += "no prefetch";
   } else {
@@ -490,7 +495,9 @@ TierCounters ExpertCache::tier_counters() const {
   if (pinned_tier_) {
     // The pinned host tier loads through the arena, not the tiers: the loads the tiers did not
     // serve are host loads.
-    // Layers may load different sizes (cache.low_precision_layers): loads counted layer by layer.
+    // Layers may load different sizes (cache.low_precision_layers): loads counted layer by layer;
+    // the host's share of the packed bytes is the layers' mix (exact when every load is a host
+    // load, as on one process).
     const ExpertStoreStats st = store_->stats();
     const SlotLayout layout = SlotLayout::OfModel(kDeviceSlotAlignment, engine_->weights(), tiers_.get());
     int64_t loads = 0, packed = 0;

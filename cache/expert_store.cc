@@ -160,7 +160,8 @@ StatusOr<SlotRef> ExpertStore::Acquire(int layer, int expert) {
   cache_->Pin(key);
   if (r.hit) {
     ++counters_[i].hits;
-    counters_[i].bytes_from_device += static_cast<int64_t>(options_.slot_bytes);
+    counters_[i].bytes_from_device += static_cast<int64_t>(
+        options_.loaded_bytes ? options_.loaded_bytes(key.layer, key.expert) : options_.slot_bytes);
     if (prefetched_unused_[i]) {
       ++counters_[i].prefetch_used;
       prefetched_unused_[i] = 0;

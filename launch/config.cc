@@ -10,7 +10,7 @@
 #include <sstream>
 #include <vector>
 
-#include "cache/expert_tiers.h"
+#include "cache/low_precision_layers.h"
 #include "comm/mpi_context.h"
 #include "launch/command.h"
 #include "launch/engine_options.h"

@@ -41,7 +41,8 @@ StatusOr<std::unique_ptr<PinnedHostTier>> PinnedHostTier::Create(int num_layers,
     if (!present[l]) continue;
     for (int e = 0; e < num_experts; ++e) {
       if (keep && !keep(l, e)) continue;
-      if (max_bytes > 0 && t->total_ + pinned(l) > max_bytes) return t;
+      // Layers may differ in size: a smaller expert of a later layer may still fit.
+      if (max_bytes > 0 && t->total_ + pinned(l) > max_bytes) continue;
       StatusOr<void*> p = runtime::cuda::AllocatePinned(t->layer_bytes_[l], t->kind_);
       if (!p.ok())
         return ResourceExhausted("pinned host tier: " + p.status().message() + ", after " + std::to_string(t->total_) +

@@ -152,7 +152,7 @@ TEST_P(LowPrecisionReferenceTest, LowPrecisionLayersQuantizeOnlyThoseLayers) {
   const std::vector<int32_t> prompt = {11, 42, 7, 99, 3, 150, 2, 77, 5};
   auto layers = ResolveLowPrecisionLayers("last 50%", c);
   ASSERT_TRUE(layers.ok()) << layers.status().ToString();
-  const size_t half = moe.size() / 2;
+  const size_t half = moe.size() / 2;  // "last 50%" rounds the low-precision layers down
   for (size_t i = 0; i < moe.size(); ++i) EXPECT_EQ((*layers)[moe[i]], i >= moe.size() - half ? 1 : 0) << i;
 
   auto all_fake = FakeQuantSource::Create((*engine)->weights(), DType::kQ8);
@@ -252,18 +252,25 @@ TEST(LowPrecisionLayers, ResolvesAgainstTheModel) {
   EXPECT_EQ(*ResolveLowPrecisionLayers("last 50%", c), (std::vector<uint8_t>{0, 0, 0, 0, 1, 1}));
   EXPECT_EQ(*ResolveLowPrecisionLayers("last 100%", c), (std::vector<uint8_t>{0, 0, 1, 1, 1, 1}));
   EXPECT_EQ(*ResolveLowPrecisionLayers("last 30%", c), (std::vector<uint8_t>{0, 0, 0, 0, 0, 1}));
+  // Rounded down: 62.5% of 4 layers is 2.5, so 2.
+  EXPECT_EQ(*ResolveLowPrecisionLayers("last 62.5%", c), (std::vector<uint8_t>{0, 0, 0, 0, 1, 1}));
+  EXPECT_EQ(*ResolveLowPrecisionLayers("last 75%", c), (std::vector<uint8_t>{0, 0, 0, 1, 1, 1}));
+  // A range may span the dense layers; a single dense index may not.
+  EXPECT_EQ(*ResolveLowPrecisionLayers("0-3", c), (std::vector<uint8_t>{0, 0, 1, 1, 0, 0}));
   EXPECT_EQ(*ResolveLowPrecisionLayers("2,4-5", c), (std::vector<uint8_t>{0, 0, 1, 0, 1, 1}));
   EXPECT_EQ(DescribeLayers(*ResolveLowPrecisionLayers("2,4-5", c)), "layers 2,4-5");
   EXPECT_EQ(DescribeLayers(*ResolveLowPrecisionLayers("3", c)), "layer 3");
-  auto dense = ResolveLowPrecisionLayers("1-3", c);
+  auto dense = ResolveLowPrecisionLayers("1", c);
   ASSERT_FALSE(dense.ok());
   EXPECT_NE(dense.status().message().find("layer 1 is a dense layer"), std::string::npos) << dense.status().ToString();
   auto past = ResolveLowPrecisionLayers("6", c);
   ASSERT_FALSE(past.ok());
   EXPECT_NE(past.status().message().find("past the model's 6 layers"), std::string::npos) << past.status().ToString();
-  auto none = ResolveLowPrecisionLayers("last 10%", c);
-  ASSERT_FALSE(none.ok());
-  EXPECT_NE(none.status().message().find("selects none"), std::string::npos) << none.status().ToString();
+  for (const char* none_of_them : {"last 10%", "0-1"}) {
+    auto none = ResolveLowPrecisionLayers(none_of_them, c);
+    ASSERT_FALSE(none.ok()) << none_of_them;
+    EXPECT_NE(none.status().message().find("selects none"), std::string::npos) << none.status().ToString();
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Models, LowPrecisionReferenceTest, ::testing::Values("tiny-code-moe", "mixtral"));

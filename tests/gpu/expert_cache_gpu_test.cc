@@ -436,6 +436,12 @@ TEST_P(ExpertCacheGpuTest, LowPrecisionLayersMatchTheCpuCache) {
   const size_t first = src.layout().Bytes(moe.front(), 0), last = src.layout().Bytes(moe.back(), 0);
   EXPECT_LT(last, first) << "the last MoE layer loads int8, the first the checkpoint's dtype";
   EXPECT_GT((*cache)->stats().total.misses, 0);
+  // Every load copied its own layer's size: what the copy engine moved is what the store counted
+  // (each load at layout.Bytes(layer)), and int8 layers moved int8 bytes.
+  const ExpertStoreStats st = (*cache)->stats();
+  EXPECT_EQ(CudaArenaOf(src).copy_stats().bytes_h2d, st.total.bytes_from_host);
+  for (int l : moe)
+    EXPECT_EQ(st.Layer(l).bytes_from_host % static_cast<int64_t>(src.layout().Bytes(l, 0)), 0) << "layer " << l;
   for (int l : {moe.front(), moe.back()}) {
     auto dw = src.Acquire(l, 0);
     ASSERT_TRUE(dw.ok()) << dw.status().ToString();

@@ -291,7 +291,7 @@ TEST(ConfigTest, CacheFlagsOverrideTheFileAndAreValidatedLikeIt) {
         << typo.status().ToString();
     auto last = ParseConfig("cache: {low_precision_layers: last half}\n", "t.yaml");
     ASSERT_FALSE(last.ok());
-    EXPECT_NE(last.status().message().find("not a percentage"), std::string::npos) << last.status().ToString();
+    EXPECT_NE(last.status().message().find("'last' takes a percentage"), std::string::npos) << last.status().ToString();
   }
   ASSERT_TRUE(parse({"--prefetch-min-prob", "0.6"}, &d).ok());
   EXPECT_DOUBLE_EQ(d.cache.prefetch_min_prob, 0.6);
