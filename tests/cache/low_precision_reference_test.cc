@@ -63,29 +63,43 @@ double Distance(const std::vector<float>& a, const std::vector<float>& b) {
   return std::sqrt(num / den);
 }
 
+// The smallest cache: LRU over top-k slots per layer, loads on demand, in `precision`.
+ExpertCacheOptions OnDemandLru(const runtime::ModelConfig& c, const std::string& precision) {
+  ExpertCacheOptions o;
+  o.policy = "lru";
+  o.predictor = "none";
+  o.prefetch_layers = 0;
+  o.slots_per_layer = c.top_k;
+  o.miss_precision = precision;
+  return o;
+}
+
+// The prompt through `engine` with its experts from `source`.
+ef::testing::PromptRun RunFrom(Engine& engine, runtime::ExpertSource* source, const std::vector<int32_t>& prompt) {
+  engine.SetExpertSource(source);
+  ef::testing::PromptRun run = ef::testing::RunPrompt(engine, prompt, 4);
+  engine.SetExpertSource(nullptr);
+  return run;
+}
+
+std::string ModelPath(const std::string& name) {
+  return name == "tiny-code-moe" ? std::string(EF_MODELS_DIR) + "/tiny-code-moe"
+                                 : std::string(EF_TEST_DATA) + "/" + name;
+}
+
 class LowPrecisionReferenceTest : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(LowPrecisionReferenceTest, CacheLoadsComputeTheFakeQuantizedModel) {
-  const std::string dir = GetParam() == "tiny-code-moe" ? std::string(EF_MODELS_DIR) + "/tiny-code-moe"
-                                                        : std::string(EF_TEST_DATA) + "/" + GetParam();
   runtime::EngineOptions eo;
   eo.backend = "cpu";
-  auto engine = Engine::Create(dir, eo);
+  auto engine = Engine::Create(ModelPath(GetParam()), eo);
   ASSERT_TRUE(engine.ok()) << engine.status().ToString();
   const std::vector<int32_t> prompt = {11, 42, 7, 99, 3, 150, 2, 77, 5};
   const ef::testing::PromptRun native = ef::testing::RunPrompt(**engine, prompt, 4);
   for (DType t : {DType::kQ8, DType::kQ4}) {
     auto fake = FakeQuantSource::Create((*engine)->weights(), t);
-    (*engine)->SetExpertSource(fake.get());
-    const ef::testing::PromptRun want = ef::testing::RunPrompt(**engine, prompt, 4);
-    (*engine)->SetExpertSource(nullptr);
-
-    ExpertCacheOptions o;
-    o.policy = "lru";
-    o.predictor = "none";
-    o.prefetch_layers = 0;
-    o.slots_per_layer = (*engine)->config().top_k;
-    o.miss_precision = t == DType::kQ8 ? "int8" : "int4";
+    const ef::testing::PromptRun want = RunFrom(**engine, fake.get(), prompt);
+    const ExpertCacheOptions o = OnDemandLru((*engine)->config(), t == DType::kQ8 ? "int8" : "int4");
     auto cache = ExpertCache::Create(engine->get(), o);
     ASSERT_TRUE(cache.ok()) << cache.status().ToString();
     const ef::testing::PromptRun got = ef::testing::RunPrompt(**engine, prompt, 4);
@@ -140,11 +154,9 @@ TEST(LowPrecisionBudget, EveryExpertInLowPrecisionSlotsKeepsTheCacheOn) {
 // cache.low_precision_layers: the selected layers' experts compute the fake-quantized model, the
 // others the checkpoint's, and the loads say so (low-precision loads only in selected layers).
 TEST_P(LowPrecisionReferenceTest, LowPrecisionLayersQuantizeOnlyThoseLayers) {
-  const std::string dir = GetParam() == "tiny-code-moe" ? std::string(EF_MODELS_DIR) + "/tiny-code-moe"
-                                                        : std::string(EF_TEST_DATA) + "/" + GetParam();
   runtime::EngineOptions eo;
   eo.backend = "cpu";
-  auto engine = Engine::Create(dir, eo);
+  auto engine = Engine::Create(ModelPath(GetParam()), eo);
   ASSERT_TRUE(engine.ok()) << engine.status().ToString();
   const runtime::ModelConfig& c = (*engine)->config();
   const std::vector<int> moe = c.MoeLayers();
@@ -156,19 +168,11 @@ TEST_P(LowPrecisionReferenceTest, LowPrecisionLayersQuantizeOnlyThoseLayers) {
   for (size_t i = 0; i < moe.size(); ++i) EXPECT_EQ((*layers)[moe[i]], i >= moe.size() - half ? 1 : 0) << i;
 
   auto all_fake = FakeQuantSource::Create((*engine)->weights(), DType::kQ8);
-  (*engine)->SetExpertSource(all_fake.get());
-  const ef::testing::PromptRun every = ef::testing::RunPrompt(**engine, prompt, 4);
+  const ef::testing::PromptRun every = RunFrom(**engine, all_fake.get(), prompt);
   auto fake = FakeQuantSource::Create((*engine)->weights(), DType::kQ8, *layers);
-  (*engine)->SetExpertSource(fake.get());
-  const ef::testing::PromptRun want = ef::testing::RunPrompt(**engine, prompt, 4);
-  (*engine)->SetExpertSource(nullptr);
+  const ef::testing::PromptRun want = RunFrom(**engine, fake.get(), prompt);
 
-  ExpertCacheOptions o;
-  o.policy = "lru";
-  o.predictor = "none";
-  o.prefetch_layers = 0;
-  o.slots_per_layer = c.top_k;
-  o.miss_precision = "int8";
+  ExpertCacheOptions o = OnDemandLru(c, "int8");
   o.low_precision_layers = "last 50%";
   auto cache = ExpertCache::Create(engine->get(), o);
   ASSERT_TRUE(cache.ok()) << cache.status().ToString();
