@@ -3,18 +3,17 @@
 namespace ef::cache {
 
 StatusOr<std::unique_ptr<BackendSlotArena>> BackendSlotArena::Create(runtime::Backend* backend, int num_slots,
-                                                                     size_t slot_bytes) {
-  if (num_slots < 1 || slot_bytes == 0) return InvalidArgument("expert arena needs at least one non-empty slot");
+                                                                     size_t slot_bytes,
+                                                                     std::span<const size_t> slot_sizes) {
   auto a = std::unique_ptr<BackendSlotArena>(new BackendSlotArena());
+  EF_ASSIGN_OR_RETURN(a->spans_, SlotSpans::Make(num_slots, slot_bytes, slot_sizes));
   a->backend_ = backend;
-  a->num_slots_ = num_slots;
-  a->slot_bytes_ = slot_bytes;
-  a->stride_ = (slot_bytes + 255) / 256 * 256;
   a->host_addressable_ = backend->kind() == runtime::BackendKind::kCpu;
-  auto buf = backend->Allocate(a->stride_ * num_slots);
+  auto buf = backend->Allocate(a->spans_.total());
   if (!buf.ok()) {
-    return ResourceExhausted("expert cache: " + std::to_string(num_slots) + " slots of " + std::to_string(slot_bytes) +
-                             " bytes do not fit on " + backend->name() + ": " + buf.status().message());
+    return ResourceExhausted("expert cache: " + std::to_string(num_slots) + " slots (" +
+                             std::to_string(a->spans_.total()) + " bytes) do not fit on " + backend->name() + ": " +
+                             buf.status().message());
   }
   a->buffer_ = std::move(buf).value();
   return a;
@@ -22,11 +21,11 @@ StatusOr<std::unique_ptr<BackendSlotArena>> BackendSlotArena::Create(runtime::Ba
 
 std::span<std::byte> BackendSlotArena::host_view(int slot) {
   if (!host_addressable_) return {};
-  return {static_cast<std::byte*>(data(slot)), slot_bytes_};
+  return {static_cast<std::byte*>(data(slot)), spans_.size(slot)};
 }
 
 Status BackendSlotArena::CopyIn(int slot, std::span<const std::byte> src) {
-  if (src.size() > slot_bytes_) return InvalidArgument("expert larger than a cache slot");
+  if (src.size() > spans_.size(slot)) return InvalidArgument("expert larger than a cache slot");
   backend_->CopyToDevice(data(slot), src.data(), src.size());
   return Status::Ok();
 }

@@ -38,8 +38,9 @@ StatusOr<std::unique_ptr<CachedExpertSource>> CachedExpertSource::Create(const r
   Backing b{SlotLayout::OfModel(1, model, options.tiers)};
   b.slot_bytes = options.tiers ? options.tiers->max_packed_bytes() : model.max_expert_bytes();
   b.fill = PackedExpertFill(model, options.tiers);
-  b.make_arena = [backend](int num_slots, size_t slot_bytes) -> StatusOr<std::unique_ptr<SlotArena>> {
-    EF_ASSIGN_OR_RETURN(auto arena, BackendSlotArena::Create(backend, num_slots, slot_bytes));
+  b.make_arena = [backend](int num_slots, size_t slot_bytes,
+                           std::span<const size_t> slot_sizes) -> StatusOr<std::unique_ptr<SlotArena>> {
+    EF_ASSIGN_OR_RETURN(auto arena, BackendSlotArena::Create(backend, num_slots, slot_bytes, slot_sizes));
     return std::unique_ptr<SlotArena>(std::move(arena));
   };
   return Create(model.config(), std::move(b), options);
@@ -81,12 +82,39 @@ StatusOr<std::unique_ptr<CachedExpertSource>> CachedExpertSource::Create(const r
                              " expert slots per layer is smaller than the model's top-k (" + std::to_string(c.top_k) +
                              ")");
     // Dense layers (mlp_only) get no slots: quotas per layer.
+    if (!options.layer_slots.empty() && options.layer_slots.size() != static_cast<size_t>(c.num_layers))
+      return InvalidArgument("expert cache: " + std::to_string(options.layer_slots.size()) +
+                             " per-layer slot counts for " + std::to_string(c.num_layers) + " layers");
     so.layer_quotas.assign(c.num_layers, 0);
-    for (int l = 0; l < c.num_layers; ++l)
-      if (c.IsMoeLayer(l)) so.layer_quotas[l] = std::min(options.slots_per_layer, c.num_experts);
+    for (int l = 0; l < c.num_layers; ++l) {
+      if (!c.IsMoeLayer(l)) continue;
+      const int want = options.layer_slots.empty() ? options.slots_per_layer : options.layer_slots[l];
+      if (want < c.top_k)
+        return InvalidArgument("cache budget of " + std::to_string(want) + " expert slots in layer " +
+                               std::to_string(l) + " is smaller than the model's top-k (" + std::to_string(c.top_k) +
+                               ")");
+      so.layer_quotas[l] = std::min(want, c.num_experts);
+    }
     for (int q : so.layer_quotas) num_slots += q;
   }
-  EF_ASSIGN_OR_RETURN(std::unique_ptr<SlotArena> arena, backing.make_arena(num_slots, so.slot_bytes));
+  // Slots sized per layer: the store's partitions lie in layer order (SlotCache), so do the sizes.
+  std::vector<size_t> slot_sizes;
+  if (!options.layer_slot_bytes.empty()) {
+    if (options.layer_slot_bytes.size() != static_cast<size_t>(c.num_layers) || so.layer_quotas.empty())
+      return InvalidArgument("expert cache: slot sizes per layer need one size per layer and per-layer caches");
+    for (int l = 0; l < c.num_layers; ++l) {
+      if (so.layer_quotas[l] == 0) continue;
+      // (the budget rounds slots up to 256 bytes; the arena does that itself)
+      const size_t n = std::min(options.layer_slot_bytes[l], so.slot_bytes);
+      for (int e = 0; e < c.num_experts; ++e)
+        if (src->layout_.Bytes(l, e) > n)
+          return InvalidArgument("expert cache: slots of " + std::to_string(n) + " bytes in layer " +
+                                 std::to_string(l) + " do not hold its expert " + std::to_string(e) + " (" +
+                                 std::to_string(src->layout_.Bytes(l, e)) + " bytes)");
+      slot_sizes.insert(slot_sizes.end(), static_cast<size_t>(so.layer_quotas[l]), n);
+    }
+  }
+  EF_ASSIGN_OR_RETURN(std::unique_ptr<SlotArena> arena, backing.make_arena(num_slots, so.slot_bytes, slot_sizes));
   if (backing.host_compute) EF_RETURN_IF_ERROR(backing.host_compute->Calibrate(*arena));
   src->host_compute_ = std::move(backing.host_compute);
   src->arena_ = arena.get();
@@ -94,9 +122,9 @@ StatusOr<std::unique_ptr<CachedExpertSource>> CachedExpertSource::Create(const r
                       ExpertStore::Create(so, PlacedFill(src->layout_, std::move(backing.fill)), std::move(arena)));
   src->upcoming_.resize(c.num_layers);
   src->held_.resize(static_cast<size_t>(c.num_layers) * c.num_experts);
-  EF_LOG(INFO, CACHE, "expert cache: %d slots of %zu bytes on %s, policy %s, prefetch %d layer(s)%s", num_slots,
-         so.slot_bytes, src->arena_->tier(), options.policy.c_str(), options.prefetch_layers,
-         options.async ? ", async" : "");
+  EF_LOG(INFO, CACHE, "expert cache: %d slots of %s%zu bytes on %s, policy %s, prefetch %d layer(s)%s", num_slots,
+         slot_sizes.empty() ? "" : "up to ", so.slot_bytes, src->arena_->tier(), options.policy.c_str(),
+         options.prefetch_layers, options.async ? ", async" : "");
   return src;
 }
 

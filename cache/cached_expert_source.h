@@ -44,6 +44,13 @@ namespace ef::cache {
 struct CachedExpertSourceOptions {
   int slots_per_layer = 0;  // per-layer caches of this many slots, or
   int global_slots = 0;     // one budget shared by all MoE layers (exactly one of the two)
+  // Optional, per decoder layer (0 for dense layers), with slots_per_layer: layer l's cache holds
+  // layer_slots[l] slots instead (a byte budget buys more slots of smaller experts).
+  std::vector<int> layer_slots;
+  // Optional, per decoder layer: the bytes of layer l's slots, each at least the layout's size of
+  // that layer's experts (cache.low_precision_layers: int8 layers get int8-sized slots). Empty:
+  // every slot holds the largest expert.
+  std::vector<size_t> layer_slot_bytes;
   std::string policy = "lru";
   int prefetch_layers = 0;  // 0: on demand only
   // Load corrections/prefetches on the store's worker thread (for arenas whose loads complete
@@ -70,7 +77,11 @@ class CachedExpertSource final : public runtime::ExpertSource {
     // perform itself; the source places them at the layout's offsets.
     cache::ExpertSource fill;
     // The arena of the budget's slots.
-    std::function<StatusOr<std::unique_ptr<SlotArena>>(int num_slots, size_t slot_bytes)> make_arena;
+    // The arena of the budget's slots: num_slots slots of slot_bytes, or of slot_sizes[i] (one per
+    // slot, each at most slot_bytes) when not empty.
+    std::function<StatusOr<std::unique_ptr<SlotArena>>(int num_slots, size_t slot_bytes,
+                                                       std::span<const size_t> slot_sizes)>
+        make_arena;
     // Optional (cache.cpu_compute): computes some misses on the host; calibrated at Create.
     std::unique_ptr<HostExpertCompute> host_compute;
   };

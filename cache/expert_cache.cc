@@ -6,6 +6,7 @@
 #include <cstdio>
 
 #include "cache/cache_policy.h"
+#include "cache/low_precision_layers.h"
 #include "cache/slot_layout.h"
 #include "placement/frequency_predictor.h"
 #include "placement/predictor_file.h"
@@ -39,23 +40,35 @@ std::string Bytes(uint64_t b) {
 // Device bytes of one cache slot on the engine's backend, as the source lays experts out
 // (SlotLayout: gate, up, down and a biased family's biases at 256-byte-aligned offsets on CUDA,
 // back to back on the CPU) in a slot of the largest expert's size; both arenas align slots to 256 bytes.
-size_t SlotBytes(const runtime::ModelWeights& w, bool cuda, LoadPrecision precision,
-                 const std::vector<uint8_t>& low_layers = {}) {
+// Per decoder layer (0 for dense layers): the bytes of a slot that holds any expert of that layer.
+std::vector<size_t> LayerSlotBytes(const runtime::ModelWeights& w, bool cuda, LoadPrecision precision,
+                                   const std::vector<uint8_t>& low_layers = {}) {
   if (precision == LoadPrecision::kAuto) precision = LoadPrecision::kNative;  // mixed: room for native
   const runtime::ModelConfig& c = w.config();
   const SlotLayout layout(cuda ? kDeviceSlotAlignment : 1, [&](int l, int e) -> runtime::ExpertWeights {
     const bool low = low_layers.empty() || (l < static_cast<int>(low_layers.size()) && low_layers[l]);
     return PackedExpertLayout(w.host_expert(l, e), low ? precision : LoadPrecision::kNative);
   });
-  size_t most = 0;
+  std::vector<size_t> bytes(static_cast<size_t>(c.num_layers), 0);
+  size_t first = 0;
   for (int l : c.MoeLayers()) {
-    for (int e = 0; e < c.num_experts; ++e) {
-      most = std::max(most, Align256(layout.Bytes(l, e)));
-      if (cuda) break;  // the CUDA cache's experts of a layer share one shape (layers may differ in precision)
+    if (cuda && low_layers.empty() && first > 0) {
+      bytes[l] = first;  // the CUDA cache's experts share one shape when every layer loads alike
+      continue;
     }
-    if (cuda && low_layers.empty()) break;
+    for (int e = 0; e < c.num_experts; ++e) {
+      bytes[l] = std::max(bytes[l], Align256(layout.Bytes(l, e)));
+      if (cuda) break;  // the CUDA cache's experts of a layer share one shape
+    }
+    if (first == 0) first = bytes[l];
   }
-  return most;
+  return bytes;
+}
+
+size_t SlotBytes(const runtime::ModelWeights& w, bool cuda, LoadPrecision precision,
+                 const std::vector<uint8_t>& low_layers = {}) {
+  const std::vector<size_t> bytes = LayerSlotBytes(w, cuda, precision, low_layers);
+  return *std::max_element(bytes.begin(), bytes.end());
 }
 
 // Routing counts per (decoder layer, expert) for the static policy: from the trace, else from a
@@ -100,13 +113,6 @@ std::string ExpertCache::DefaultCpuCompute(const runtime::Engine& engine, const 
   if (options.cpu_compute != "default") return options.cpu_compute;
   const bool hooks = options.tiers.host || options.tiers.peer || options.tiers.computes;
   if (engine.backend().kind() != runtime::BackendKind::kCuda || hooks || options.miss_precision == "auto") return "off";
-  // Precision per layer: the host's measured rates are of one precision (cuda/pinned_host_compute.h).
-  if (options.miss_precision != "native" && options.miss_precision != "bf16") {
-    auto low = ResolveLowPrecisionLayers(options.low_precision_layers, engine.config());
-    if (!low.ok()) return "off";  // the budget's error names it
-    for (int l : engine.config().MoeLayers())
-      if (!low->empty() && !(*low)[l]) return "off";
-  }
   const std::vector<int> moe = engine.config().MoeLayers();
   if (moe.empty() || engine.weights().host_expert(moe[0], 0).has_bias()) return "off";
   ExpertCacheOptions o = options;
@@ -118,7 +124,23 @@ std::string ExpertCache::DefaultCpuCompute(const runtime::Engine& engine, const 
   if (o.host_budget_bytes > 0 && o.host_budget_bytes < plain->slot_bytes) return "off";
   o.cpu_compute = "auto";
   auto split = PlanBudget(engine, o);
-  return split.ok() && split->slots_per_layer == plain->slots_per_layer ? "auto" : "whole";
+  if (!split.ok()) return "whole";
+  // Slots sized per layer: the staging area comes out of the layers with the most slots, where one
+  // slot fewer costs least; auto while it costs at most one slot of the whole cache.
+  if (!plain->layer_slots.empty()) return split->total_slots() + 1 >= plain->total_slots() ? "auto" : "whole";
+  return split->slots_per_layer == plain->slots_per_layer ? "auto" : "whole";
+}
+
+int64_t CacheBudget::total_slots() const {
+  int64_t n = 0;
+  for (int l : moe_layers) n += std::min(slots(l), num_experts);
+  return n;
+}
+
+uint64_t CacheBudget::total_bytes() const {
+  uint64_t n = 0;
+  for (int l : moe_layers) n += static_cast<uint64_t>(std::min(slots(l), num_experts)) * slot_bytes_of(l);
+  return n;
 }
 
 StatusOr<CacheBudget> ExpertCache::PlanBudget(const runtime::Engine& engine, const ExpertCacheOptions& options) {
@@ -148,7 +170,15 @@ StatusOr<CacheBudget> ExpertCache::PlanBudget(const runtime::Engine& engine, con
   if (b.num_moe_layers < 1) return InvalidArgument("expert cache: the model has no MoE layer");
   EF_ASSIGN_OR_RETURN(const LoadPrecision precision, ParseLoadPrecision(o.miss_precision));
   EF_ASSIGN_OR_RETURN(const std::vector<uint8_t> low_layers, ResolveLowPrecisionLayers(o.low_precision_layers, c));
-  b.slot_bytes = SlotBytes(engine.weights(), cuda, precision, low_layers);
+  // Slots sized per layer where layers load in different precisions (not under auto, whose slots
+  // hold either precision).
+  const bool per_layer_sizes =
+      !low_layers.empty() && precision != LoadPrecision::kNative && precision != LoadPrecision::kAuto;
+  {
+    std::vector<size_t> bytes = LayerSlotBytes(engine.weights(), cuda, precision, low_layers);
+    b.slot_bytes = *std::max_element(bytes.begin(), bytes.end());
+    if (per_layer_sizes) b.layer_slot_bytes = std::move(bytes);
+  }
   b.device_name = backend.name();
   if (cuda) {
 #if EF_HAVE_CUDA_CACHE
@@ -167,6 +197,9 @@ StatusOr<CacheBudget> ExpertCache::PlanBudget(const runtime::Engine& engine, con
   // cache.cpu_compute auto (and split) splits misses through a staging area of half a slot: a budget
   // in bytes pays for it, a budget in slots gets it on top (cuda/pinned_host_compute.h).
   const uint64_t staging = cuda && (o.cpu_compute == "auto" || o.cpu_compute == "split") ? b.slot_bytes / 2 + 1024 : 0;
+  // One slot in every MoE layer.
+  uint64_t one_each = 0;
+  for (int l : b.moe_layers) one_each += b.slot_bytes_of(l);
   uint64_t asked = 0;  // device bytes the budget asks for
   int per_layer = 0;
   if (o.device_budget_bytes > 0) {
@@ -174,10 +207,42 @@ StatusOr<CacheBudget> ExpertCache::PlanBudget(const runtime::Engine& engine, con
     asked = o.device_budget_bytes;
     const uint64_t slots_bytes = o.device_budget_bytes > staging ? o.device_budget_bytes - staging : 0;
     per_layer = static_cast<int>(std::min<uint64_t>(slots_bytes / b.slot_bytes / M, 1 << 20));
+    if (per_layer_sizes) {
+      // Every MoE layer gets the same bytes; a layer of smaller experts buys more slots with them.
+      // Then what is left buys slots for the layers with the fewest, and the staging area comes
+      // out of the layers with the most.
+      std::vector<int>& q = b.layer_slots;
+      q.assign(static_cast<size_t>(c.num_layers), 0);
+      uint64_t used = 0;
+      for (int l : b.moe_layers) {
+        q[l] = static_cast<int>(std::min<uint64_t>(o.device_budget_bytes / M / b.slot_bytes_of(l), E));
+        used += static_cast<uint64_t>(q[l]) * b.slot_bytes_of(l);
+      }
+      while (true) {
+        int to = -1;
+        for (int l : b.moe_layers)
+          if (q[l] < E && used + staging + b.slot_bytes_of(l) <= o.device_budget_bytes && (to < 0 || q[l] < q[to]))
+            to = l;
+        if (to < 0) break;
+        ++q[to];
+        used += b.slot_bytes_of(to);
+      }
+      while (used + staging > o.device_budget_bytes) {
+        int from = -1;
+        for (int l : b.moe_layers)
+          if (q[l] > 0 && (from < 0 || q[l] >= q[from])) from = l;
+        if (from < 0) break;
+        --q[from];
+        used -= b.slot_bytes_of(from);
+      }
+      per_layer = E;
+      for (int l : b.moe_layers) per_layer = std::min(per_layer, q[l]);
+    }
   } else if (o.device_budget_slots > 0) {
     b.requested = std::to_string(o.device_budget_slots) + " slots";
-    asked = static_cast<uint64_t>(std::min(o.device_budget_slots, M * E)) * b.slot_bytes + staging;
     per_layer = o.device_budget_slots / M;
+    asked = per_layer_sizes ? static_cast<uint64_t>(std::min(per_layer, E)) * one_each + staging
+                            : static_cast<uint64_t>(std::min(o.device_budget_slots, M * E)) * b.slot_bytes + staging;
   } else {
     per_layer = o.slots_per_layer;
     b.requested = std::to_string(o.slots_per_layer) + " slots per layer";
@@ -188,12 +253,22 @@ StatusOr<CacheBudget> ExpertCache::PlanBudget(const runtime::Engine& engine, con
       b.requested = std::string(pct) + " of the experts (" + std::to_string(per_layer) + " of " + std::to_string(E) +
                     " slots per layer)";
     }
-    asked = static_cast<uint64_t>(std::min(per_layer, E)) * M * b.slot_bytes + staging;
+    asked = static_cast<uint64_t>(std::min(per_layer, E)) * one_each + staging;
   }
   if (asked > b.device_bytes)
     return InvalidArgument("cache.device_budget of " + b.requested + " (" + Bytes(asked) + " of expert slots" +
                            (staging ? " and staging for split misses" : "") + ") is larger than " + b.device_name +
                            " can give them: " + Bytes(b.device_bytes));
+  if (per_layer < c.top_k && !b.layer_slots.empty()) {
+    int fewest = b.moe_layers.front();
+    for (int l : b.moe_layers)
+      if (b.layer_slots[l] < b.layer_slots[fewest]) fewest = l;
+    return InvalidArgument("cache.device_budget of " + b.requested + " gives each of " + std::to_string(M) +
+                           " MoE layers " + Bytes((asked - staging) / M) + ": " + std::to_string(per_layer) +
+                           " slots of " + Bytes(b.slot_bytes_of(fewest)) + " in layer " + std::to_string(fewest) +
+                           ", fewer than the model's top-k (" + std::to_string(c.top_k) + "); the smallest budget is " +
+                           Bytes(static_cast<uint64_t>(c.top_k) * M * b.slot_bytes + staging));
+  }
   if (per_layer < c.top_k) {
     const int64_t total =
         o.device_budget_slots > 0 ? o.device_budget_slots : static_cast<int64_t>(asked / b.slot_bytes);
@@ -204,6 +279,10 @@ StatusOr<CacheBudget> ExpertCache::PlanBudget(const runtime::Engine& engine, con
                            " slots (" + Bytes(static_cast<uint64_t>(c.top_k) * M * b.slot_bytes) + ")");
   }
   b.slots_per_layer = std::min(per_layer, E);
+  if (per_layer_sizes && b.layer_slots.empty()) {
+    b.layer_slots.assign(static_cast<size_t>(c.num_layers), 0);
+    for (int l : b.moe_layers) b.layer_slots[l] = b.slots_per_layer;
+  }
   if (precision != LoadPrecision::kNative && precision != LoadPrecision::kAuto)
     b.native_fits = static_cast<uint64_t>(SlotBytes(engine.weights(), cuda, LoadPrecision::kNative)) * E * M <= asked;
   return b;
@@ -301,6 +380,8 @@ StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(runtime::Engine* engi
   cache->tiers_ = std::make_unique<ExpertTiers>(&engine->weights(), o.tiers, po);
   CachedExpertSourceOptions so;
   so.slots_per_layer = budget.slots_per_layer;
+  so.layer_slots = budget.layer_slots;
+  so.layer_slot_bytes = budget.layer_slot_bytes;
   so.policy = o.policy;
   so.prefetch_layers = o.prefetch_layers;
   so.static_counts = counts;
@@ -333,7 +414,7 @@ StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(runtime::Engine* engi
     po.min_prob = o.prefetch_min_prob;
     po.capacity.assign(c.num_layers, 0);
     for (int l = 0; l < c.num_layers; ++l)
-      if (c.IsMoeLayer(l)) po.capacity[l] = budget.slots_per_layer;
+      if (c.IsMoeLayer(l)) po.capacity[l] = budget.slots(l);
     po.trace = o.trace;
     ExpertCache* self = cache.get();
     PredictorPrefetcher::ForecastSink forecast;
@@ -383,12 +464,33 @@ std::string ExpertCache::Describe() const {
     return "expert cache off: the budget (" + b.requested + ") holds every expert (" + std::to_string(b.num_experts) +
            " per MoE layer), all resident on " + engine_->backend().name();
   char pct[32];
-  std::snprintf(pct, sizeof pct, "%.0f%%", 100.0 * b.slots_per_layer / b.num_experts);
-  const int64_t slots = static_cast<int64_t>(b.slots_per_layer) * b.num_moe_layers;
-  std::string s = "expert cache: " + std::to_string(b.slots_per_layer) + " of " + std::to_string(b.num_experts) +
-                  " slots per MoE layer (" + pct + " of the experts; " + std::to_string(slots) + " slots x " +
-                  Bytes(b.slot_bytes) + " = " + Bytes(static_cast<uint64_t>(slots) * b.slot_bytes) + " on " +
-                  engine_->backend().name() + "), policy " + options_.policy + ", ";
+  std::snprintf(pct, sizeof pct, "%.0f%%",
+                100.0 * static_cast<double>(b.total_slots()) / (static_cast<double>(b.num_experts) * b.num_moe_layers));
+  std::string s;
+  if (b.layer_slot_bytes.empty()) {
+    s = "expert cache: " + std::to_string(b.slots_per_layer) + " of " + std::to_string(b.num_experts) +
+        " slots per MoE layer (" + pct + " of the experts; " + std::to_string(b.total_slots()) + " slots x " +
+        Bytes(b.slot_bytes) + " = " + Bytes(b.total_bytes()) + " on " + engine_->backend().name() + "), ";
+  } else {
+    // Slots of each layer's size: list the layers by (slots, slot size).
+    std::vector<std::pair<std::pair<int, size_t>, std::vector<uint8_t>>> groups;
+    for (int l : b.moe_layers) {
+      const std::pair<int, size_t> key{b.slots(l), b.slot_bytes_of(l)};
+      auto it = std::find_if(groups.begin(), groups.end(), [&](const auto& g) { return g.first == key; });
+      if (it == groups.end()) {
+        groups.push_back({key, std::vector<uint8_t>(static_cast<size_t>(engine_->config().num_layers), 0)});
+        it = groups.end() - 1;
+      }
+      it->second[static_cast<size_t>(l)] = 1;
+    }
+    s = "expert cache: ";
+    for (size_t i = 0; i < groups.size(); ++i)
+      s += (i ? ", " : "") + std::to_string(groups[i].first.first) + " of " + std::to_string(b.num_experts) +
+           " slots of " + Bytes(groups[i].first.second) + " in MoE " + DescribeLayers(groups[i].second);
+    s += " (" + std::string(pct) + " of the experts; " + std::to_string(b.total_slots()) + " slots, " +
+         Bytes(b.total_bytes()) + " on " + engine_->backend().name() + "), ";
+  }
+  s += "policy " + options_.policy + ", ";
   if (tiers_ && tiers_->precision() == LoadPrecision::kAuto) {
     const PrecisionOptions& p = tiers_->precision_options();
     char a[160];
@@ -520,6 +622,11 @@ nlohmann::json ExpertCache::StatsJson() const {
   const ExpertCounters& c = st.total;
   const TierCounters t = tier_counters();
   j["slots_per_layer"] = budget_.slots_per_layer;
+  if (!budget_.layer_slots.empty()) {
+    nlohmann::json per = nlohmann::json::array();
+    for (int l : budget_.moe_layers) per.push_back(budget_.slots(l));
+    j["slots_per_moe_layer"] = per;  // slots sized per layer: the slots of each MoE layer in order
+  }
   j["precision"] = tiers_ ? LoadPrecisionName(tiers_->precision()) : "native";
   j["refills"] = c.refills;
   if (!pinned_tier_) {

@@ -17,6 +17,9 @@
 // slots in total), slots_per_layer or experts_percent (of each MoE layer's experts). Slots are per MoE layer (every MoE
 // layer gets the same number: total slots / MoE layers, rounded down). Errors name both numbers: a budget whose
 // per-layer share is below the model's top-k, a budget larger than the device can give experts.
+// Under cache.low_precision_layers (int8/int4 loads in some MoE layers only) each layer's slots are
+// its experts' size, and a budget in bytes gives every MoE layer the same bytes: a layer of int8
+// experts holds about twice as many slots as one in the checkpoint's dtype (CacheBudget::layer_slots).
 // A budget that holds every expert in the checkpoint's precision runs no cache: the experts are
 // uploaded (Engine::UploadExperts) and active() is false. One that holds them all only in the int8 or
 // int4 slots miss_precision asks for keeps the cache on, every expert in a low-precision slot.
@@ -101,10 +104,19 @@ struct CacheBudget {
   std::vector<int> moe_layers;  // their decoder layer indices
   int num_experts = 0;
   int top_k = 0;
-  int slots_per_layer = 0;  // min(share, num_experts)
-  size_t device_bytes = 0;  // what the backend can give expert slots
-  std::string device_name;  // "cpu", "cuda:0 (NVIDIA H200)"
-  std::string requested;    // the budget as given: "2.00 GiB", "24 slots", "3 slots per layer"
+  int slots_per_layer = 0;  // min(share, num_experts); the fewest of any MoE layer when they differ
+  // Slots sized per layer (cache.low_precision_layers with int8/int4 loads), per decoder layer (0
+  // for dense layers): the bytes of one slot and the slots of each layer. Empty: every slot is
+  // slot_bytes and every MoE layer holds slots_per_layer.
+  std::vector<size_t> layer_slot_bytes;
+  std::vector<int> layer_slots;
+  int slots(int layer) const { return layer_slots.empty() ? slots_per_layer : layer_slots[layer]; }
+  size_t slot_bytes_of(int layer) const { return layer_slot_bytes.empty() ? slot_bytes : layer_slot_bytes[layer]; }
+  int64_t total_slots() const;
+  uint64_t total_bytes() const;  // of the slots
+  size_t device_bytes = 0;       // what the backend can give expert slots
+  std::string device_name;       // "cpu", "cuda:0 (NVIDIA H200)"
+  std::string requested;         // the budget as given: "2.00 GiB", "24 slots", "3 slots per layer"
   // Whether the experts in the checkpoint's precision fit what the budget asks for. A budget that
   // holds every expert only in int8/int4 keeps the cache on (every expert in a low-precision slot):
   // turning it off would upload them all in the checkpoint's precision, over the budget.
@@ -122,7 +134,8 @@ class ExpertCache {
   // measured it yet) on the CUDA backend, for experts without biases, with loads not chosen per
   // miss (miss_precision auto runs on the cpu backend), when the budget leaves misses and the host
   // budget pins at least one expert; whole (no split) where auto's staging area would not fit
-  // beside the slots or would cost slots; off where the budget itself fails, so that its error
+  // beside the slots or would cost slots (slots sized per layer: more than one of the whole
+  // cache, taken from the layers with the most); off where the budget itself fails, so that its error
   // names the budget alone.
   static std::string DefaultCpuCompute(const runtime::Engine& engine, const ExpertCacheOptions& options);
   ~ExpertCache();

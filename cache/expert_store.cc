@@ -115,10 +115,11 @@ Status ExpertStore::Fill(std::unique_lock<std::mutex>& lock, const ExpertKey& ke
   if (s.code() != StatusCode::kUnimplemented) {
     // The arena loaded (or enqueued the load of) the slot from its own host tier.
   } else if (!view.empty()) {
-    s = source_(key.layer, key.expert, view.first(options_.slot_bytes));
+    s = source_(key.layer, key.expert, view.first(std::min(view.size(), options_.slot_bytes)));
   } else {
-    // Not host-addressable (device arena): stage on the host, then copy in.
-    std::vector<std::byte> staging(options_.slot_bytes);
+    // Not host-addressable (device arena): stage on the host, then copy in (the slot's size: slots
+    // may be smaller than the largest, SlotSpans).
+    std::vector<std::byte> staging(std::min(arena_->slot_size(slot), options_.slot_bytes));
     s = source_(key.layer, key.expert, staging);
     if (s.ok()) s = arena_->CopyIn(slot, staging);
   }
@@ -185,7 +186,7 @@ StatusOr<SlotRef> ExpertStore::Acquire(int layer, int expert) {
   ref.slot = r.slot;
   ref.data = arena_->data(r.slot);
   std::span<std::byte> view = arena_->host_view(r.slot);
-  if (!view.empty()) ref.bytes = view.first(options_.slot_bytes);
+  if (!view.empty()) ref.bytes = view.first(std::min(view.size(), options_.slot_bytes));
   return ref;
 }
 

@@ -35,8 +35,9 @@ StatusOr<std::unique_ptr<CachedExpertSource>> Build(const runtime::ModelConfig& 
   CudaSlotArenaOptions ao;
   ao.copy_chunk_bytes = cuda.copy_chunk_bytes;
   ao.max_queued_chunks = cuda.max_queued_chunks;
-  b.make_arena = [cb, tier, ao](int num_slots, size_t slot_bytes) -> StatusOr<std::unique_ptr<SlotArena>> {
-    EF_ASSIGN_OR_RETURN(auto arena, CudaSlotArena::Create(cb, tier, num_slots, slot_bytes, ao));
+  b.make_arena = [cb, tier, ao](int num_slots, size_t slot_bytes,
+                                std::span<const size_t> slot_sizes) -> StatusOr<std::unique_ptr<SlotArena>> {
+    EF_ASSIGN_OR_RETURN(auto arena, CudaSlotArena::Create(cb, tier, num_slots, slot_bytes, ao, slot_sizes));
     return std::unique_ptr<SlotArena>(std::move(arena));
   };
   if (cuda.cpu_compute != "off") {
@@ -55,10 +56,6 @@ Status CheckDeviceExperts(const runtime::ModelWeights& model, const ExpertTiers*
   if (tiers && tiers->precision() == LoadPrecision::kAuto)
     return Unimplemented(
         "cache.miss_precision auto (mixed precisions per slot) runs on the cpu backend; on cuda use int8 or int4");
-  if (tiers && tiers->num_native_layers() > 0 && cpu_compute != "off")
-    return Unimplemented("cache.cpu_compute " + cpu_compute +
-                         " with cache.low_precision_layers (precision per layer): the host path plans from rates "
-                         "measured in one precision; use cpu_compute off, or low_precision_layers all");
   if (tiers && tiers->num_unquantizable() > 0)
     return Unimplemented("cuda expert cache: cache.miss_precision " +
                          std::string(LoadPrecisionName(tiers->precision())) +
@@ -105,8 +102,9 @@ StatusOr<std::unique_ptr<CachedExpertSource>> CreateCudaCacheSource(const runtim
   const runtime::ModelConfig& c = model.config();
   const std::vector<int> moe = c.MoeLayers();
   SlotLayout layout = SlotLayout::OfModel(kDeviceSlotAlignment, model, tiers);
-  // One shape per layer; under cache.low_precision_layers layers differ in precision, and a slot
-  // holds the largest.
+  // One shape per layer; under cache.low_precision_layers layers differ in precision: the pinned
+  // copies are each layer's size, and so are the device slots when the budget sized them per layer
+  // (options.layer_slot_bytes); otherwise a slot holds the largest.
   std::vector<size_t> layer_bytes(c.num_layers, 0);
   std::vector<bool> present(c.num_layers, false);
   for (int l : moe) {

@@ -15,27 +15,26 @@ Status CudaSlotArena::Check(cudaError_t e, const char* what) {
 StatusOr<std::unique_ptr<CudaSlotArena>> CudaSlotArena::Create(runtime::CudaBackend* backend,
                                                                std::shared_ptr<const PinnedHostTier> tier,
                                                                int num_slots, size_t slot_bytes,
-                                                               const CudaSlotArenaOptions& options) {
+                                                               const CudaSlotArenaOptions& options,
+                                                               std::span<const size_t> slot_sizes) {
   if (!backend) return InvalidArgument("cuda slot arena: no CUDA backend");
-  if (num_slots < 1 || slot_bytes == 0) return InvalidArgument("cuda slot arena needs at least one non-empty slot");
   if (options.max_queued_chunks < 0) return InvalidArgument("cuda slot arena: max_queued_chunks must be >= 0");
   if (tier && tier->bytes_per_expert() > slot_bytes)
     return InvalidArgument("cuda slot arena: host tier experts (" + std::to_string(tier->bytes_per_expert()) +
                            " bytes) are larger than a slot (" + std::to_string(slot_bytes) + ")");
   auto a = std::unique_ptr<CudaSlotArena>(new CudaSlotArena());
+  EF_ASSIGN_OR_RETURN(a->spans_, SlotSpans::Make(num_slots, slot_bytes, slot_sizes));
   a->backend_ = backend;
   a->tier_ = std::move(tier);
   a->options_ = options;
-  a->num_slots_ = num_slots;
-  a->slot_bytes_ = slot_bytes;
-  a->stride_ = (slot_bytes + 255) / 256 * 256;
   a->chunk_ = std::max<size_t>(options.copy_chunk_bytes, 64 << 10);
   a->tier_name_ = "cuda:" + std::to_string(backend->device());
   a->compute_ = backend->stream();
-  auto buf = backend->Allocate(a->stride_ * num_slots);
+  auto buf = backend->Allocate(a->spans_.total());
   if (!buf.ok())
-    return ResourceExhausted("expert cache: " + std::to_string(num_slots) + " slots of " + std::to_string(slot_bytes) +
-                             " bytes do not fit on " + backend->name() + ": " + buf.status().message());
+    return ResourceExhausted("expert cache: " + std::to_string(num_slots) + " slots (" +
+                             std::to_string(a->spans_.total()) + " bytes) do not fit on " + backend->name() + ": " +
+                             buf.status().message());
   a->buffer_ = std::move(buf).value();
   // The allocation (and its zero fill) is ordered on the compute stream; copies on the other
   // streams must not start before it.
@@ -51,8 +50,9 @@ StatusOr<std::unique_ptr<CudaSlotArena>> CudaSlotArena::Create(runtime::CudaBack
     EF_RETURN_IF_ERROR(a->Check(cudaEventCreateWithFlags(&a->ready_[s], cudaEventDisableTiming), "event"));
   a->pending_.assign(num_slots, nullptr);
   if (options.max_queued_chunks > 0) a->copier_ = std::thread([p = a.get()] { p->CopyLoop(); });
-  EF_LOG(INFO, CACHE, "cuda slot arena: %d slots of %zu bytes on %s, copies in pieces of %zu bytes, %s", num_slots,
-         slot_bytes, backend->name().c_str(), a->chunk_,
+  EF_LOG(INFO, CACHE,
+         "cuda slot arena: %d slots of up to %zu bytes (%zu in all) on %s, copies in pieces of %zu bytes, %s",
+         num_slots, slot_bytes, a->spans_.total(), backend->name().c_str(), a->chunk_,
          options.max_queued_chunks > 0
              ? ("at most " + std::to_string(options.max_queued_chunks) + " queued on the copy engine").c_str()
              : "each load queued whole");
@@ -125,7 +125,9 @@ StatusOr<size_t> CudaSlotArena::IssuePiece(Job& job, size_t max_bytes) {
 }
 
 Status CudaSlotArena::Enqueue(int slot, const std::byte* src, size_t bytes, bool urgent) {
-  if (bytes > slot_bytes_) return InvalidArgument("expert larger than a cache slot");
+  if (bytes > spans_.size(slot))
+    return InvalidArgument("expert of " + std::to_string(bytes) + " bytes larger than cache slot " +
+                           std::to_string(slot) + " (" + std::to_string(spans_.size(slot)) + " bytes)");
   cudaEvent_t gate;
   {
     std::lock_guard<std::mutex> lock(mu_);

@@ -33,7 +33,7 @@
 //     thread to enqueue the load's last piece); their elapsed time is the time the compute stream
 //     sat blocked on expert copies (HarvestStall, after a sync).
 //
-// Memory: one allocation of num_slots x stride through the CUDA backend's allocator, so the slots
+// Memory: one allocation of every slot (SlotSpans) through the CUDA backend's allocator, so the slots
 // count against its memory budget.
 //
 // Priority: Load()'s (from the ExpertStore: corrections and Acquire misses kCorrection, prefetches
@@ -80,15 +80,19 @@ class CudaSlotArena final : public SlotArena {
   // `tier` (shared: its copies must outlive the copies queued from them; may be null: Load is then
   // Unimplemented and the store stages every load through CopyIn); its bytes_per_expert must fit
   // in slot_bytes.
+  // slot_sizes: empty (every slot slot_bytes) or one size per slot, each at most slot_bytes (a
+  // layer's slots sized for its experts, cache.low_precision_layers).
   static StatusOr<std::unique_ptr<CudaSlotArena>> Create(runtime::CudaBackend* backend,
                                                          std::shared_ptr<const PinnedHostTier> tier, int num_slots,
-                                                         size_t slot_bytes, const CudaSlotArenaOptions& options = {});
+                                                         size_t slot_bytes, const CudaSlotArenaOptions& options = {},
+                                                         std::span<const size_t> slot_sizes = {});
   ~CudaSlotArena() override;  // stops the copy thread, waits for its copy streams, frees events
 
-  int num_slots() const override { return num_slots_; }
-  size_t slot_bytes() const override { return slot_bytes_; }
+  int num_slots() const override { return spans_.num_slots(); }
+  size_t slot_bytes() const override { return spans_.largest(); }
+  size_t slot_size(int slot) const override { return spans_.size(slot); }
   const char* tier() const override { return tier_name_.c_str(); }
-  void* data(int slot) override { return static_cast<std::byte*>(buffer_.data()) + stride_ * slot; }
+  void* data(int slot) override { return static_cast<std::byte*>(buffer_.data()) + spans_.offset(slot); }
   std::span<std::byte> host_view(int slot) override { return {}; }
   // Synchronous generic path (src may be pageable and is free on return).
   Status CopyIn(int slot, std::span<const std::byte> src) override;
@@ -153,9 +157,7 @@ class CudaSlotArena final : public SlotArena {
   CudaSlotArenaOptions options_;
   std::string tier_name_;
   runtime::Buffer buffer_;
-  int num_slots_ = 0;
-  size_t slot_bytes_ = 0;
-  size_t stride_ = 0;
+  SlotSpans spans_;
   size_t chunk_ = 0;
   cudaStream_t compute_ = nullptr;     // the backend's
   cudaStream_t correction_ = nullptr;  // owned

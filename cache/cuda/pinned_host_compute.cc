@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <functional>
 
 #include "cache/cuda/cuda_slot_arena.h"
 #include "cache/host_share_plan.h"
@@ -66,6 +67,20 @@ StatusOr<std::unique_ptr<PinnedHostCompute>> PinnedHostCompute::Create(std::shar
   if (!tier) return InvalidArgument("cache.cpu_compute needs the pinned host tier");
   auto c =
       std::unique_ptr<PinnedHostCompute>(new PinnedHostCompute(std::move(tier), std::move(layout), mode, max_rows));
+  // One set of rates per expert size, the largest first.
+  const int num_layers = c->tier_->num_layers();
+  std::vector<size_t> sizes;
+  for (int l = 0; l < num_layers; ++l)
+    if (c->tier_->bytes(l) > 0) sizes.push_back(c->tier_->bytes(l));
+  std::sort(sizes.begin(), sizes.end(), std::greater<>());
+  sizes.erase(std::unique(sizes.begin(), sizes.end()), sizes.end());
+  if (sizes.empty()) return InvalidArgument("cache.cpu_compute: the pinned host tier holds no layer of experts");
+  for (size_t n : sizes) c->rates_.push_back(Rates{.bytes = n});
+  c->class_of_.assign(static_cast<size_t>(num_layers), -1);
+  for (int l = 0; l < num_layers; ++l)
+    if (c->tier_->bytes(l) > 0)
+      c->class_of_[static_cast<size_t>(l)] =
+          static_cast<int>(std::find(sizes.begin(), sizes.end(), c->tier_->bytes(l)) - sizes.begin());
   if (admit < 0 || admit > (1 << 20))
     return InvalidArgument("cache.cpu_compute_admit must be between 0 and 1048576, got " + std::to_string(admit));
   // `on` and `split` (tests) send every eligible miss to the host: no admission.
@@ -85,10 +100,10 @@ runtime::ExpertWeights PinnedHostCompute::PartShape(const runtime::ExpertWeights
   return p;
 }
 
-double PinnedHostCompute::RowFactor(int64_t r) const {
+double PinnedHostCompute::RowFactor(const Rates& rates, int64_t r) {
   // Piecewise linear through the calibrated points (rows ascending, the first 1 -> 1.0); past the
   // last, proportional to the rows.
-  const auto& pts = row_factor_;
+  const auto& pts = rates.row_factor;
   if (pts.empty() || r <= pts.front().first) return 1.0;
   for (size_t i = 1; i < pts.size(); ++i)
     if (r <= pts[i].first) {
@@ -99,35 +114,29 @@ double PinnedHostCompute::RowFactor(int64_t r) const {
   return pts.back().second * static_cast<double>(r) / static_cast<double>(pts.back().first);
 }
 
-double PinnedHostCompute::HostMs(int64_t r, double share) const {
-  return stats_.host_ms_running * RowFactor(r) * share;
+double PinnedHostCompute::HostMs(const Rates& rates, int64_t r, double share) {
+  return rates.host_ms * RowFactor(rates, r) * share;
 }
 
-Status PinnedHostCompute::Calibrate(SlotArena& arena) {
-  // Timed on up to 8 distinct experts in turn, the median: one expert computed over and over comes
-  // from the CPU's last-level cache when it fits there (a whole int4 Mixtral expert nearly does),
-  // where a missed expert comes from memory. The CUDA cache's slot layout gives every expert one
-  // shape and dtype (CudaSlotLayout), so any pinned ones will do.
-  constexpr size_t kTimedExperts = 8;
-  std::vector<std::pair<int, int>> pinned;
-  for (int l = tier_->num_layers() - 1; l >= 0 && pinned.size() < kTimedExperts; --l)
-    for (int e = 0; e < tier_->num_experts() && pinned.size() < kTimedExperts; ++e)
-      if (tier_->data(l, e)) pinned.push_back({l, e});
-  if (pinned.empty())
-    return FailedPrecondition("cache.cpu_compute needs experts pinned in host memory; the host budget holds none");
+Status PinnedHostCompute::CalibrateRates(SlotArena& arena, Rates& rates, const std::vector<std::pair<int, int>>& pinned,
+                                         int64_t part_rows, std::string& note) {
   const int layer = pinned.front().first, expert = pinned.front().second;
   using Clock = std::chrono::steady_clock;
   auto ms = [](Clock::time_point a) { return std::chrono::duration<double, std::milli>(Clock::now() - a).count(); };
-  double copy = 1e30, host = 1e30;
+  // Into a slot that holds this layer's experts (slots may be sized per layer).
+  int slot = 0;
+  while (slot + 1 < arena.num_slots() && arena.slot_size(slot) < tier_->bytes(layer)) ++slot;
+  double copy = 1e30;
   for (int rep = 0; rep < 3; ++rep) {
     auto t = Clock::now();
-    EF_RETURN_IF_ERROR(arena.CopyIn(0, {tier_->data(layer, expert), tier_->bytes(layer)}));
+    EF_RETURN_IF_ERROR(arena.CopyIn(slot, {tier_->data(layer, expert), tier_->bytes(layer)}));
     copy = std::min(copy, ms(t));
   }
   const runtime::ExpertWeights shape = layout_.Shape(layer, expert);
   // The host time at 1 row, and relative to it at 4 and at max_rows rows: what more rows cost
   // depends on the kernel (AVX-512 FMAs read the weights once per 4 rows and pay per row; AMX tiles
   // serve 16 rows at once; int8 x pays per row and group), so it is measured, not assumed.
+  rates.host_ms = 0;  // Compute leaves the running mean alone while it is 0
   auto time_rows = [&](int64_t r) -> StatusOr<double> {
     std::vector<float> x(static_cast<size_t>(r * shape.gate.cols), 0.01f), y(static_cast<size_t>(r * shape.down.rows));
     std::vector<double> times;
@@ -140,69 +149,126 @@ Status PinnedHostCompute::Calibrate(SlotArena& arena) {
     std::nth_element(times.begin(), times.begin() + static_cast<std::ptrdiff_t>(times.size() / 2), times.end());
     return times[times.size() / 2];
   };
-  EF_ASSIGN_OR_RETURN(host, time_rows(1));
-  row_factor_ = {{1, 1.0}};
+  EF_ASSIGN_OR_RETURN(const double host, time_rows(1));
+  rates.row_factor = {{1, 1.0}};
   std::string rows_note;
   for (int64_t r : {std::min<int64_t>(4, max_rows_), static_cast<int64_t>(max_rows_)}) {
-    if (r <= row_factor_.back().first) continue;
+    if (r <= rates.row_factor.back().first) continue;
     EF_ASSIGN_OR_RETURN(const double t, time_rows(r));
-    row_factor_.push_back({r, std::max(row_factor_.back().second, t / host)});
-    rows_note += ", " + std::to_string(r) + " rows " + std::to_string(row_factor_.back().second).substr(0, 4) + "x";
+    rates.row_factor.push_back({r, std::max(rates.row_factor.back().second, t / host)});
+    rows_note +=
+        ", " + std::to_string(r) + " rows " + std::to_string(rates.row_factor.back().second).substr(0, 4) + "x";
   }
-  // The split: the staging area holds max_fraction_ of an expert's intermediate rows; a partial copy
-  // of that much is timed (its down columns are a pitched copy).
-  const int64_t inter = shape.gate.rows;
-  const int64_t most = static_cast<int64_t>(static_cast<double>(inter) * max_fraction_) / kSplitStep * kSplitStep;
+  rates.part_copy_ms = 0;
+  std::string split_note;
+  if (part_rows > 0) {
+    auto* cuda = dynamic_cast<CudaSlotArena*>(&arena);
+    double part = 1e30;
+    for (int rep = 0; rep < 3; ++rep) {
+      auto t = Clock::now();
+      EF_RETURN_IF_ERROR(StartPart(arena, layer, expert, part_rows));
+      cuda->SynchronizeCopies();
+      part = std::min(part, ms(t));
+    }
+    EF_RETURN_IF_ERROR(cuda->status());
+    rates.part_copy_ms = part * static_cast<double>(shape.gate.rows) / static_cast<double>(part_rows);
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "; split misses: %.2f ms to copy %lld of %lld intermediate rows", part,
+                  static_cast<long long>(part_rows), static_cast<long long>(shape.gate.rows));
+    split_note = buf;
+  }
+  rates.copy_ms = copy;
+  rates.host_ms = host;
+  rates.calibrated_host_ms = host;
+  rates.layer = layer;
+  rates.expert = expert;
+  char buf[320];
+  std::snprintf(buf, sizeof buf, "one %s expert takes %.2f ms on the host for one row%s (%s), %.2f ms to copy%s",
+                DTypeName(shape.gate.dtype), host, rows_note.c_str(), KernelName(shape.gate), copy, split_note.c_str());
+  note = buf;
+  return Status::Ok();
+}
+
+Status PinnedHostCompute::Calibrate(SlotArena& arena) {
+  // Each expert size is timed on up to 8 distinct experts in turn, the median: one expert computed
+  // over and over comes from the CPU's last-level cache when it fits there (a whole int4 Mixtral
+  // expert nearly does), where a missed expert comes from memory. The CUDA cache's slot layout
+  // gives the experts of a layer one shape and dtype (CudaSlotLayout), so any pinned ones will do.
+  constexpr size_t kTimedExperts = 8;
+  std::vector<std::vector<std::pair<int, int>>> pinned(rates_.size());
+  for (int l = tier_->num_layers() - 1; l >= 0; --l) {
+    const int c = class_of_[static_cast<size_t>(l)];
+    for (int e = 0; c >= 0 && e < tier_->num_experts() && pinned[c].size() < kTimedExperts; ++e)
+      if (tier_->data(l, e)) pinned[c].push_back({l, e});
+  }
+  if (std::all_of(pinned.begin(), pinned.end(), [](const auto& p) { return p.empty(); }))
+    return FailedPrecondition("cache.cpu_compute needs experts pinned in host memory; the host budget holds none");
+  // The split: the staging area holds max_fraction_ of an expert's intermediate rows (of the
+  // largest part any size needs); a partial copy of that much is timed per size.
   auto* cuda = dynamic_cast<CudaSlotArena*>(&arena);
-  std::string split_note = "no split";
-  part_copy_ms_ = 0;
   // Split parts are copied as row and column slices: dtypes whose rows cut at 64 values (block
   // FP8's 128 x 128 blocks and MXFP4 do not).
   auto sliceable = [](DType t) {
     return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16 || t == DType::kQ8 || t == DType::kQ4;
   };
-  const bool cuttable = most >= kSplitStep && inter % kSplitStep == 0 && sliceable(shape.gate.dtype) &&
-                        sliceable(shape.up.dtype) && sliceable(shape.down.dtype);
-  const Status staging =
-      splits() && cuda && cuttable ? cuda->ReserveStaging(layout_.Bytes(PartShape(shape, most))) : Status::Ok();
-  if (!staging.ok()) {
-    // The slots took the memory (e.g. a budget of `auto`): misses go whole to one path or the other.
-    split_note = "no split (" + staging.message() + ")";
-  } else if (splits() && cuda && cuttable) {
-    double part = 1e30;
-    for (int rep = 0; rep < 3; ++rep) {
-      auto t = Clock::now();
-      EF_RETURN_IF_ERROR(StartPart(arena, layer, expert, most));
-      cuda->SynchronizeCopies();
-      part = std::min(part, ms(t));
+  std::vector<int64_t> part_rows(rates_.size(), 0);
+  size_t staging = 0;
+  std::string split_note = splits() && cuda ? "" : "no split";
+  for (size_t c = 0; c < rates_.size(); ++c) {
+    if (pinned[c].empty() || !splits() || !cuda) continue;
+    const runtime::ExpertWeights shape = layout_.Shape(pinned[c][0].first, pinned[c][0].second);
+    const int64_t inter = shape.gate.rows;
+    const int64_t most = static_cast<int64_t>(static_cast<double>(inter) * max_fraction_) / kSplitStep * kSplitStep;
+    if (most >= kSplitStep && inter % kSplitStep == 0 && sliceable(shape.gate.dtype) && sliceable(shape.up.dtype) &&
+        sliceable(shape.down.dtype)) {
+      part_rows[c] = most;
+      staging = std::max(staging, layout_.Bytes(PartShape(shape, most)));
+    } else {
+      split_note = "no split for experts of intermediate size " + std::to_string(inter) + " in " +
+                   DTypeName(shape.gate.dtype) + " (they do not cut at multiples of 64 rows)";
     }
-    EF_RETURN_IF_ERROR(cuda->status());
-    part_copy_ms_ = part * static_cast<double>(inter) / static_cast<double>(most);
-    char buf[160];
-    std::snprintf(buf, sizeof buf,
-                  "split misses: %.2f ms to copy %lld of %lld intermediate rows (%zu bytes of staging)", part,
-                  static_cast<long long>(most), static_cast<long long>(inter), cuda->staging_bytes());
-    split_note = buf;
-  } else if (splits() && cuda) {
-    split_note = "no split (experts of intermediate size " + std::to_string(inter) + " in " +
-                 DTypeName(shape.gate.dtype) + " do not cut at multiples of 64 rows)";
+  }
+  if (staging > 0) {
+    const Status st = cuda->ReserveStaging(staging);
+    if (!st.ok()) {
+      // The slots took the memory (e.g. a budget of `auto`): misses go whole to one path or the other.
+      split_note = "no split (" + st.message() + ")";
+      std::fill(part_rows.begin(), part_rows.end(), 0);
+    } else {
+      split_note += (split_note.empty() ? "" : "; ") + std::to_string(cuda->staging_bytes()) + " bytes of staging";
+    }
+  }
+  // Timed first, the sizes with pinned experts; a size with none is never computed on the host
+  // (nothing to compute from), and its copy time is the timed one scaled by bytes.
+  const Rates* timed = nullptr;
+  for (size_t c = 0; c < rates_.size(); ++c) {
+    if (pinned[c].empty()) continue;
+    std::string note;
+    EF_RETURN_IF_ERROR(CalibrateRates(arena, rates_[c], pinned[c], part_rows[c], note));
+    EF_LOG(INFO, CACHE, "cpu compute of missed experts (%s, at most %d rows, %d threads): %s%s%s", mode_.c_str(),
+           max_rows_, ThreadPool::Default().num_threads(), note.c_str(), c + 1 == rates_.size() ? "; " : "",
+           c + 1 == rates_.size() ? split_note.c_str() : "");
+    if (!timed) timed = &rates_[c];
+  }
+  for (Rates& r : rates_) {
+    if (r.layer >= 0) continue;
+    const double scale = static_cast<double>(r.bytes) / static_cast<double>(timed->bytes);
+    r.copy_ms = timed->copy_ms * scale;
+    r.host_ms = r.calibrated_host_ms = timed->host_ms * scale;
+    r.row_factor = timed->row_factor;
   }
   stats_ = HostComputeStats{};
-  stats_.calibrated_copy_ms = copy;
-  stats_.calibrated_host_ms = host;
-  stats_.host_ms_running = host;
+  stats_.calibrated_copy_ms = timed->copy_ms;
+  stats_.calibrated_host_ms = timed->calibrated_host_ms;
+  stats_.host_ms_running = timed->host_ms;
   part_started_ = false;
-  EF_LOG(INFO, CACHE,
-         "cpu compute of missed experts (%s, at most %d rows): one expert takes %.2f ms on the host for one row%s "
-         "(%d threads, %s), %.2f ms to copy; %s",
-         mode_.c_str(), max_rows_, host, rows_note.c_str(), ThreadPool::Default().num_threads(), KernelName(shape.gate),
-         copy, split_note.c_str());
   return Status::Ok();
 }
 
 void PinnedHostCompute::Take(int layer, std::vector<int32_t>& experts, std::span<const int64_t> rows,
                              ExpertStore& store, runtime::ExpertSource::HostShare& host) {
-  if (layer < 0 || layer >= tier_->num_layers()) return;
+  if (layer < 0 || layer >= tier_->num_layers() || class_of_[static_cast<size_t>(layer)] < 0) return;
+  const Rates& rates = rates_[static_cast<size_t>(class_of_[static_cast<size_t>(layer)])];
   // Host-computed and split experts never enter the cache: the slots keep what whole loads (the
   // misses the host cannot take, e.g. a prompt's experts of many rows) put there, unless the
   // admission rule (cache.cpu_compute_admit, host_share_plan.h) sends a popular miss to its slot.
@@ -214,18 +280,18 @@ void PinnedHostCompute::Take(int layer, std::vector<int32_t>& experts, std::span
     const int64_t r = i < rows.size() ? rows[i] : 1;
     MissCost m;
     m.expert = e;
-    m.copy_ms = stats_.calibrated_copy_ms;
-    m.part_copy_ms = part_copy_ms_;
-    m.host_ms = HostMs(std::max<int64_t>(r, 1), 1.0);
+    m.copy_ms = rates.copy_ms;
+    m.part_copy_ms = rates.part_copy_ms;
+    m.host_ms = HostMs(rates, std::max<int64_t>(r, 1), 1.0);
     m.eligible = r > 0 && r <= max_rows_ && tier_->data(layer, e) != nullptr && e != admitted;
     misses.push_back(m);
   }
   if (misses.empty()) return;
   HostShareOptions o;
   o.all_on_host = mode_ == "on";
-  o.split = part_copy_ms_ > 0;
+  o.split = rates.part_copy_ms > 0;
   o.max_fraction = max_fraction_;
-  o.force_fraction = mode_ == "split" && part_copy_ms_ > 0 ? 0.5 : 0;
+  o.force_fraction = mode_ == "split" && rates.part_copy_ms > 0 ? 0.5 : 0;
   HostSharePlan plan = PlanHostShare(misses, o);
   host.whole = std::move(plan.host);
   host.split_expert = -1;
@@ -288,10 +354,13 @@ Status PinnedHostCompute::Compute(int layer, int expert, int64_t rows, const flo
   ++stats_.experts;
   stats_.rows += rows;
   stats_.ms += ms;
-  // The running host time per whole expert at one row, for the next plans.
+  // The running host time per whole expert at one row of this expert's size, for the next plans.
+  Rates& rates = rates_[static_cast<size_t>(std::max(0, class_of_[static_cast<size_t>(layer)]))];
   const double share = static_cast<double>(n) / static_cast<double>(inter);
-  if (stats_.host_ms_running > 0)
-    stats_.host_ms_running += 0.1 * (ms / (RowFactor(rows) * share) - stats_.host_ms_running);
+  if (rates.host_ms > 0) {
+    rates.host_ms += 0.1 * (ms / (RowFactor(rates, rows) * share) - rates.host_ms);
+    if (&rates == &rates_.front()) stats_.host_ms_running = rates.host_ms;
+  }
   return Status::Ok();
 }
 

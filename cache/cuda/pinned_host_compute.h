@@ -7,7 +7,9 @@
 // rows are copied into the arena's staging area (half a slot) and computed by the GPU, the rest
 // on the host, so both paths end together. Copy times are calibrated at the cache's creation on
 // this machine (a whole expert, and half of one as a partial copy); the host time is a running
-// mean of the host computations. `on` computes every eligible miss on the host; `split`
+// mean of the host computations. Layers whose experts differ in size (cache.low_precision_layers:
+// int8 in some layers, the checkpoint's dtype in others) are timed and planned apart, one set of
+// rates per expert size. `on` computes every eligible miss on the host; `split`
 // (tests) splits the first eligible miss of each layer in half and computes the others on the host.
 // Where a miss is computed (and where a split cuts it) follows measured times, so outputs agree
 // with the all-GPU run to fp32 rounding, not bit for bit from run to run.
@@ -53,10 +55,24 @@ class PinnedHostCompute final : public HostExpertCompute {
   bool splits() const { return mode_ == "auto" || mode_ == "split"; }
   // The expert of `shape` cut to intermediate rows [0, split) (gate, up rows; down columns).
   static runtime::ExpertWeights PartShape(const runtime::ExpertWeights& shape, int64_t split);
-  // Host time of an expert (one row, whole) for r rows and a share of its intermediate rows.
-  double HostMs(int64_t r, double share) const;
+  // The measured rates of the layers whose experts have one size.
+  struct Rates {
+    size_t bytes = 0;         // of one expert (the pinned copy)
+    double copy_ms = 0;       // a whole expert into a slot (calibrated)
+    double part_copy_ms = 0;  // a whole expert as partial copies run (calibrated; 0: no split)
+    double host_ms = 0;       // on the host at one row, whole (running mean)
+    double calibrated_host_ms = 0;
+    std::vector<std::pair<int64_t, double>> row_factor;  // (rows, host time over one row's)
+    int layer = -1, expert = -1;                         // the timed expert's key; -1: none pinned
+  };
+  // Host time of an expert of `rates` (one row, whole) for r rows and a share of its intermediate rows.
+  static double HostMs(const Rates& rates, int64_t r, double share);
   // Host time for r rows over that for one row, from the calibrated points.
-  double RowFactor(int64_t r) const;
+  static double RowFactor(const Rates& rates, int64_t r);
+  // Times one class of layers (its pinned experts); part_rows > 0: also a partial copy of that many
+  // intermediate rows into the staging area.
+  Status CalibrateRates(SlotArena& arena, Rates& rates, const std::vector<std::pair<int, int>>& pinned,
+                        int64_t part_rows, std::string& note);
   // The admission rule's step of `layer` (experts: the step's, in compute order, with their rows):
   // the miss it sends whole to the copy path, into the slot it freed (or a free one), or -1.
   int32_t Admit(int layer, std::span<const int32_t> experts, std::span<const int64_t> rows, ExpertStore& store);
@@ -65,10 +81,10 @@ class PinnedHostCompute final : public HostExpertCompute {
   SlotLayout layout_;
   std::string mode_;
   int max_rows_;
-  double max_fraction_ = 0.5;  // of an expert's intermediate rows the staging area holds
-  double part_copy_ms_ = 0;    // copy time of a whole expert as partial copies run (calibrated)
-  std::vector<std::pair<int64_t, double>> row_factor_;  // (rows, host time over one row's), calibrated
-  HostComputeStats stats_;
+  double max_fraction_ = 0.5;                 // of an expert's intermediate rows the staging area holds
+  std::vector<Rates> rates_;                  // one per expert size, the largest first
+  std::vector<int> class_of_;                 // per layer: its rates_ index, -1 for a layer of no experts
+  HostComputeStats stats_;                    // calibrated and running times: the largest experts' rates
   std::unique_ptr<MissAdmission> admission_;  // cache.cpu_compute_admit > 0, auto and whole
   std::vector<float> gate_, up_;              // Compute's scratch
   runtime::ExpertWeights part_;               // the staged part (device pointers), after StartPart

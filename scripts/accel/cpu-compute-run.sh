@@ -103,7 +103,8 @@ printf "%-7s %-5s %-9s %-14s %10s %9s %9s %11s %9s %8s %8s %s\n" budget conc pre
 # no --cache-policy, --prefetch-layers or --predictor, so policy expertflow with prefetch from the
 # frequency forecast; cpu "default" then also leaves --cpu-experts to its default), lN
 # (--low-precision-layers "last N%": int8/int4 loads in the last N% of the MoE layers only, the
-# others bf16; needs cpu off).
+# others bf16; each layer's slots are its experts' size, so with mem the int8 layers hold about
+# twice as many).
 # host_ms: the host's mean time per expert inside the run, scaled to a whole expert (a split
 # expert's host part is a share of one).
 # The default list: the LRU baselines, then the configurations whose quality meets a bar

@@ -9,6 +9,9 @@
 #include <random>
 #include <thread>
 
+#include "cache/backend_slot_arena.h"
+#include "runtime/backend/backend.h"
+
 namespace ef::cache {
 namespace {
 
@@ -294,6 +297,55 @@ class OpaqueArena final : public SlotArena {
   size_t bytes_;
   std::vector<std::byte> mem_;
 };
+
+TEST(SlotSpans, SlotsOfTheirOwnSizesOn256ByteBoundaries) {
+  auto uniform = SlotSpans::Make(3, 1000);
+  ASSERT_TRUE(uniform.ok());
+  EXPECT_EQ(uniform->offset(2), 2048u);
+  EXPECT_EQ(uniform->size(1), 1000u);
+  EXPECT_EQ(uniform->total(), 3072u);
+  const std::vector<size_t> sizes = {1000, 1000, 300, 300, 300};
+  auto sized = SlotSpans::Make(5, 1000, sizes);
+  ASSERT_TRUE(sized.ok());
+  EXPECT_EQ(sized->offset(2), 2048u);
+  EXPECT_EQ(sized->offset(3), 2048u + 512);
+  EXPECT_EQ(sized->size(4), 300u);
+  EXPECT_EQ(sized->total(), 2048u + 3 * 512);
+  EXPECT_EQ(sized->largest(), 1000u);
+  EXPECT_FALSE(SlotSpans::Make(4, 1000, sizes).ok());                            // one size per slot
+  EXPECT_FALSE(SlotSpans::Make(2, 1000, std::vector<size_t>{1000, 1001}).ok());  // above the largest
+  EXPECT_FALSE(SlotSpans::Make(2, 1000, std::vector<size_t>{0, 1000}).ok());
+}
+
+// A store over an arena whose layers' slots differ in size: each layer's experts fill their own
+// slots, and a load larger than its slot is refused.
+TEST(ExpertStore, SlotsSizedPerLayer) {
+  auto backend = runtime::MakeBackend("cpu", 0);
+  ASSERT_TRUE(backend.ok());
+  const size_t layer_bytes[kLayers] = {1000, 400, 700};
+  const int quotas[kLayers] = {2, 4, 3};
+  std::vector<size_t> sizes;
+  for (int l = 0; l < kLayers; ++l) sizes.insert(sizes.end(), quotas[l], layer_bytes[l]);
+  auto arena = BackendSlotArena::Create(backend->get(), static_cast<int>(sizes.size()), kBytes, sizes);
+  ASSERT_TRUE(arena.ok()) << arena.status().ToString();
+  EXPECT_EQ((*arena)->slot_size(2), 400u);
+  EXPECT_FALSE((*arena)->CopyIn(2, std::vector<std::byte>(401)).ok());
+  EXPECT_TRUE((*arena)->CopyIn(2, std::vector<std::byte>(400)).ok());
+  ExpertStoreOptions o = Options(0);
+  o.slots_per_layer = 0;
+  o.layer_quotas.assign(quotas, quotas + kLayers);
+  auto store = ExpertStore::Create(o, FillExpert, std::move(arena).value());
+  ASSERT_TRUE(store.ok()) << store.status().ToString();
+  for (int round = 0; round < 3; ++round)
+    for (int l = 0; l < kLayers; ++l)
+      for (int e = 0; e < kExperts; ++e) {
+        auto r = (*store)->Acquire(l, e);
+        ASSERT_TRUE(r.ok()) << r.status().ToString();
+        ASSERT_EQ(r->bytes.size(), layer_bytes[l]) << l;
+        for (size_t i = 0; i < layer_bytes[l]; ++i) ASSERT_EQ(r->bytes[i], Pattern(l, e, i)) << l << " " << e;
+        (*store)->Release(*r);
+      }
+}
 
 TEST(ExpertStore, PluggableArena) {
   auto arena = std::make_unique<OpaqueArena>(kLayers * 2, kBytes);

@@ -198,11 +198,32 @@ TEST_P(LowPrecisionReferenceTest, LowPrecisionLayersQuantizeOnlyThoseLayers) {
   EXPECT_GT(loads[0], 0);
   EXPECT_GT(loads[1], 0);
   cache->reset();
+
+  // A budget in bytes: slots of each layer's size, more of them in the int8 layers; the same numbers.
+  o.slots_per_layer = 0;
+  auto native_slot = ExpertCache::PlanBudget(**engine, OnDemandLru(c, "native"));
+  ASSERT_TRUE(native_slot.ok());
+  o.device_budget_bytes = static_cast<uint64_t>(c.top_k) * moe.size() * native_slot->slot_bytes;
+  cache = ExpertCache::Create(engine->get(), o);
+  ASSERT_TRUE(cache.ok()) << cache.status().ToString();
+  const CacheBudget& b = (*cache)->budget();
+  ASSERT_FALSE(b.layer_slots.empty());
+  int native_slots = 0, low_slots = 0;
+  for (int l : moe) ((*layers)[l] ? low_slots : native_slots) += b.slots(l);
+  EXPECT_GT(low_slots * (moe.size() - half), native_slots * half) << (*cache)->Describe();
+  EXPECT_LE(b.total_bytes(), o.device_budget_bytes);
+  EXPECT_NE((*cache)->Describe().find("slots of"), std::string::npos) << (*cache)->Describe();
+  const ef::testing::PromptRun sized = ef::testing::RunPrompt(**engine, prompt, 4);
+  EXPECT_LE(Distance(sized.logits, want.logits), 1e-6) << GetParam();
+  EXPECT_EQ(sized.tokens, want.tokens);
+  EXPECT_EQ((*cache)->StatsJson()["slots_per_moe_layer"].size(), moe.size());
+  cache->reset();
 }
 
-// The budget's slot is sized for the largest expert: with some layers in the checkpoint's dtype, the
-// checkpoint's size; the same number of slots per layer as native.
-TEST(LowPrecisionBudget, SlotsOfPartialLayersHoldTheCheckpointsExperts) {
+// Slots are sized per layer: with some layers in the checkpoint's dtype, their slots are the
+// checkpoint's size and the others int8's; a budget in slots gives every layer as many, one in
+// bytes gives every layer the same bytes, so the int8 layers hold more.
+TEST(LowPrecisionBudget, SlotsAreSizedPerLayerAndBytesBuyMoreSmallOnes) {
   runtime::EngineOptions eo;
   eo.backend = "cpu";
   auto engine = Engine::Create(std::string(EF_MODELS_DIR) + "/tiny-code-moe", eo);
@@ -218,6 +239,40 @@ TEST(LowPrecisionBudget, SlotsOfPartialLayersHoldTheCheckpointsExperts) {
   ASSERT_TRUE(native.ok() && every.ok() && half.ok());
   EXPECT_LT(every->slot_bytes, native->slot_bytes);
   EXPECT_EQ(half->slot_bytes, native->slot_bytes);
+  EXPECT_TRUE(native->layer_slot_bytes.empty());
+  EXPECT_TRUE(every->layer_slot_bytes.empty());
+  ASSERT_EQ(half->layer_slot_bytes.size(), 8u);
+  for (int l = 0; l < 8; ++l) {
+    EXPECT_EQ(half->slot_bytes_of(l), l >= 4 ? every->slot_bytes : native->slot_bytes) << l;
+    EXPECT_EQ(half->slots(l), 4) << l;
+  }
+  EXPECT_LT(half->total_bytes(), native->total_bytes());
+  EXPECT_EQ(native->total_bytes(), 8u * 4 * native->slot_bytes);
+
+  // In bytes: half of the checkpoint's experts.
+  o.slots_per_layer = 0;
+  o.device_budget_bytes = 8u * 4 * native->slot_bytes;
+  auto bytes = ExpertCache::PlanBudget(**engine, o);
+  ASSERT_TRUE(bytes.ok()) << bytes.status().ToString();
+  int native_slots = 0, low_slots = 0;
+  for (int l = 0; l < 8; ++l) (l >= 4 ? low_slots : native_slots) += bytes->slots(l);
+  EXPECT_GE(native_slots, 4 * 4);
+  EXPECT_GT(low_slots, native_slots);
+  int fewest = bytes->num_experts;
+  for (int l = 0; l < 8; ++l) fewest = std::min(fewest, bytes->slots(l));
+  EXPECT_EQ(bytes->slots_per_layer, fewest);
+  EXPECT_LE(bytes->total_bytes(), o.device_budget_bytes);
+  // What one more slot costs would not fit in any layer that has room.
+  for (int l = 0; l < 8; ++l)
+    if (bytes->slots(l) < bytes->num_experts)
+      EXPECT_GT(bytes->total_bytes() + bytes->slot_bytes_of(l), o.device_budget_bytes) << l;
+  // Too little for top-k slots in the checkpoint's layers: an error naming top-k.
+  o.device_budget_bytes = 8u * 2 * every->slot_bytes;
+  auto small = ExpertCache::PlanBudget(**engine, o);
+  ASSERT_FALSE(small.ok());
+  EXPECT_NE(small.status().message().find("top-k"), std::string::npos) << small.status().ToString();
+  o.device_budget_bytes = 0;
+  o.slots_per_layer = 4;
   for (const char* bad : {"8", "0-9", "last 0%", "last 101%", "3-1", "seven", "", "1,,2"}) {
     o.low_precision_layers = bad;
     auto b = ExpertCache::PlanBudget(**engine, o);
