@@ -71,6 +71,8 @@ StatusOr<std::unique_ptr<CachedExpertSource>> CachedExpertSource::Create(const r
   so.policy_config.counts = options.static_counts;
   int num_slots = 0;
   if (options.global_slots > 0) {
+    if (!options.layer_slots.empty())
+      return InvalidArgument("expert cache: per-layer slot counts with one budget shared by all layers");
     if (options.global_slots < c.top_k)
       return InvalidArgument("cache budget of " + std::to_string(options.global_slots) +
                              " expert slots is smaller than one layer's top-k (" + std::to_string(c.top_k) + ")");

@@ -37,10 +37,10 @@ std::string Bytes(uint64_t b) {
   return buf;
 }
 
-// Device bytes of one cache slot on the engine's backend, as the source lays experts out
-// (SlotLayout: gate, up, down and a biased family's biases at 256-byte-aligned offsets on CUDA,
-// back to back on the CPU) in a slot of the largest expert's size; both arenas align slots to 256 bytes.
-// Per decoder layer (0 for dense layers): the bytes of a slot that holds any expert of that layer.
+// Per decoder layer (0 for dense layers): the device bytes of a slot that holds any expert of that
+// layer on the engine's backend, as the source lays experts out (SlotLayout: gate, up, down and a
+// biased family's biases at 256-byte-aligned offsets on CUDA, back to back on the CPU); both arenas
+// align slots to 256 bytes.
 std::vector<size_t> LayerSlotBytes(const runtime::ModelWeights& w, bool cuda, LoadPrecision precision,
                                    const std::vector<uint8_t>& low_layers = {}) {
   if (precision == LoadPrecision::kAuto) precision = LoadPrecision::kNative;  // mixed: room for native
@@ -65,6 +65,7 @@ std::vector<size_t> LayerSlotBytes(const runtime::ModelWeights& w, bool cuda, Lo
   return bytes;
 }
 
+// The largest of them: the slot of every layer where layers load alike.
 size_t SlotBytes(const runtime::ModelWeights& w, bool cuda, LoadPrecision precision,
                  const std::vector<uint8_t>& low_layers = {}) {
   const std::vector<size_t> bytes = LayerSlotBytes(w, cuda, precision, low_layers);
@@ -264,10 +265,10 @@ StatusOr<CacheBudget> ExpertCache::PlanBudget(const runtime::Engine& engine, con
     for (int l : b.moe_layers)
       if (b.layer_slots[l] < b.layer_slots[fewest]) fewest = l;
     return InvalidArgument("cache.device_budget of " + b.requested + " gives each of " + std::to_string(M) +
-                           " MoE layers " + Bytes((asked - staging) / M) + ": " + std::to_string(per_layer) +
-                           " slots of " + Bytes(b.slot_bytes_of(fewest)) + " in layer " + std::to_string(fewest) +
-                           ", fewer than the model's top-k (" + std::to_string(c.top_k) + "); the smallest budget is " +
-                           Bytes(static_cast<uint64_t>(c.top_k) * M * b.slot_bytes + staging));
+                           " MoE layers " + Bytes((asked > staging ? asked - staging : 0) / M) + ": " +
+                           std::to_string(per_layer) + " slots of " + Bytes(b.slot_bytes_of(fewest)) + " in layer " +
+                           std::to_string(fewest) + ", fewer than the model's top-k (" + std::to_string(c.top_k) +
+                           "); the smallest budget is " + Bytes(static_cast<uint64_t>(c.top_k) * one_each + staging));
   }
   if (per_layer < c.top_k) {
     const int64_t total =

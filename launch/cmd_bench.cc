@@ -328,9 +328,9 @@ Status InstallOraclePrefetch(const BenchRun& b, BenchParts* p) {
   const placement::RoutingTrace* tr = &p->trace_override->trace();
   cache::ExpertCache* cache = p->expert_cache;
   const int depth = std::max(1, b.config().cache.prefetch_layers);
-  const size_t slots = static_cast<size_t>(cache->budget().slots_per_layer);
+  const cache::CacheBudget budget = cache->budget();
   const int decoder_layers = cfg.num_layers, num_experts = cfg.num_experts;
-  p->trace_override->set_on_override([tr, cache, moe_layers, depth, slots, decoder_layers, num_experts](
+  p->trace_override->set_on_override([tr, cache, moe_layers, depth, budget, decoder_layers, num_experts](
                                          int moe_layer, size_t first, int num_tokens) {
     const size_t n = tr->tokens.size();
     if (moe_layer == 0 && cache->store() != nullptr) {
@@ -350,7 +350,7 @@ Status InstallOraclePrefetch(const BenchRun& b, BenchParts* p) {
       experts.erase(std::unique(experts.begin(), experts.end()), experts.end());
       // A set larger than the layer's slots (a prefill batch) would only evict its own
       // members: the layer loads on demand instead.
-      if (experts.size() > slots) experts.clear();
+      if (experts.size() > static_cast<size_t>(budget.slots(moe_layers[moe_layer + d]))) experts.clear();
       cache->SetUpcoming(moe_layers[moe_layer + d], std::move(experts));
     }
   });
@@ -670,7 +670,8 @@ struct BenchSummary {
   double rss_mib = 0;
   // The expert cache over all ranks (without one: every expert resident).
   bool cached = false;
-  int slots_per_layer = 0;
+  int slots_per_layer = 0;     // the fewest of any MoE layer
+  double budget_fraction = 1;  // of the experts, all layers together
   double hit_rate = 1;
   double moved_mib = 0;
   double stall_ms = 0;
@@ -725,6 +726,11 @@ BenchSummary Summarize(const BenchRun& b, const runtime::ModelConfig& cfg, const
   s.rss_mib = static_cast<double>(PeakRssBytes()) / (1 << 20);
   s.cached = c.cs.total.hits + c.cs.total.misses > 0;
   s.slots_per_layer = s.cached ? c.cache_budget.slots_per_layer : cfg.num_experts;
+  // The share of the experts the slots hold (layers may hold different counts: slots sized per layer).
+  s.budget_fraction = s.cached && c.cache_budget.num_moe_layers > 0
+                          ? static_cast<double>(c.cache_budget.total_slots()) /
+                                (static_cast<double>(cfg.num_experts) * c.cache_budget.num_moe_layers)
+                          : 1.0;
   // Experts computed on the host (cache.cpu_compute) never reach the slots: they count as expert
   // uses the slots did not serve, so the rate compares with a run without host compute.
   const int64_t uses = c.cs.total.hits + c.cs.total.misses + c.host_uses;
@@ -792,12 +798,12 @@ void PrintTable(const BenchRun& b, const BenchSummary& s, const RunCounters& c) 
 }
 
 // The record's "cache" object.
-json CacheJson(const BenchRun& b, const BenchSummary& s, const RunCounters& c, int num_experts) {
+json CacheJson(const BenchRun& b, const BenchSummary& s, const RunCounters& c) {
   const Config& config = b.config();
   const cache::ExpertCounters& t = c.cs.total;
   return {{"enabled", s.cached},
           {"slots_per_layer", s.slots_per_layer},
-          {"budget_fraction", static_cast<double>(s.slots_per_layer) / num_experts},
+          {"budget_fraction", s.budget_fraction},
           {"policy", s.cached ? config.cache.policy : "none"},
           {"prefetch_layers", s.cached ? config.cache.prefetch_layers : 0},
           {"predictor", s.cached ? (b.o.oracle_prefetch ? "oracle" : config.predictor.kind) : "none"},
@@ -895,7 +901,7 @@ Status WriteJson(const BenchRun& b, const BenchParts& p, const BenchSummary& s, 
                         {"distinct_layers", p.in_memory.checkpoint ? p.in_memory.distinct_layers : p.shape.num_layers},
                         {"note", p.shape.note}}},
             {"routing_trace", o.routing_trace},
-            {"cache", CacheJson(b, s, c, cfg.num_experts)},
+            {"cache", CacheJson(b, s, c)},
             {"ranks", b.ranks},
             {"assignment", o.assign},
             {"assign_max_imbalance", o.assign == "locality" ? json(o.assign_max_imbalance) : json()},

@@ -240,16 +240,17 @@ Status PinnedHostCompute::Calibrate(SlotArena& arena) {
   }
   // Timed first, the sizes with pinned experts; a size with none is never computed on the host
   // (nothing to compute from), and its copy time is the timed one scaled by bytes.
-  const Rates* timed = nullptr;
+  reported_ = -1;
   for (size_t c = 0; c < rates_.size(); ++c) {
     if (pinned[c].empty()) continue;
     std::string note;
     EF_RETURN_IF_ERROR(CalibrateRates(arena, rates_[c], pinned[c], part_rows[c], note));
-    EF_LOG(INFO, CACHE, "cpu compute of missed experts (%s, at most %d rows, %d threads): %s%s%s", mode_.c_str(),
-           max_rows_, ThreadPool::Default().num_threads(), note.c_str(), c + 1 == rates_.size() ? "; " : "",
-           c + 1 == rates_.size() ? split_note.c_str() : "");
-    if (!timed) timed = &rates_[c];
+    EF_LOG(INFO, CACHE, "cpu compute of missed experts (%s, at most %d rows, %d threads): %s", mode_.c_str(), max_rows_,
+           ThreadPool::Default().num_threads(), note.c_str());
+    if (reported_ < 0) reported_ = static_cast<int>(c);
   }
+  if (!split_note.empty()) EF_LOG(INFO, CACHE, "cpu compute of missed experts: %s", split_note.c_str());
+  const Rates* timed = &rates_[static_cast<size_t>(reported_)];
   for (Rates& r : rates_) {
     if (r.layer >= 0) continue;
     const double scale = static_cast<double>(r.bytes) / static_cast<double>(timed->bytes);
@@ -359,7 +360,7 @@ Status PinnedHostCompute::Compute(int layer, int expert, int64_t rows, const flo
   const double share = static_cast<double>(n) / static_cast<double>(inter);
   if (rates.host_ms > 0) {
     rates.host_ms += 0.1 * (ms / (RowFactor(rates, rows) * share) - rates.host_ms);
-    if (&rates == &rates_.front()) stats_.host_ms_running = rates.host_ms;
+    if (&rates == &rates_[static_cast<size_t>(std::max(0, reported_))]) stats_.host_ms_running = rates.host_ms;
   }
   return Status::Ok();
 }

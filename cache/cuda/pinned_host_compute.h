@@ -38,8 +38,9 @@ class PinnedHostCompute final : public HostExpertCompute {
                                                              SlotLayout layout, const std::string& mode, int max_rows,
                                                              int admit);
 
-  // Copies the first pinned expert into slot 0 (and half of it into the staging area, which it
-  // reserves for auto and split) and computes it for 1, 4 and max_rows rows, best of 3 each.
+  // For each expert size: copies a pinned expert into a slot of its size (and half of it into the
+  // staging area, which it reserves for auto and split) and computes it for 1, 4 and max_rows rows,
+  // best of 3 each.
   Status Calibrate(SlotArena& arena) override;
   void Take(int layer, std::vector<int32_t>& experts, std::span<const int64_t> rows, ExpertStore& store,
             runtime::ExpertSource::HostShare& host) override;
@@ -84,7 +85,8 @@ class PinnedHostCompute final : public HostExpertCompute {
   double max_fraction_ = 0.5;                 // of an expert's intermediate rows the staging area holds
   std::vector<Rates> rates_;                  // one per expert size, the largest first
   std::vector<int> class_of_;                 // per layer: its rates_ index, -1 for a layer of no experts
-  HostComputeStats stats_;                    // calibrated and running times: the largest experts' rates
+  int reported_ = -1;                         // the rates stats_ reports: the largest size with a pinned expert
+  HostComputeStats stats_;                    // calibrated and running times: rates_[reported_]
   std::unique_ptr<MissAdmission> admission_;  // cache.cpu_compute_admit > 0, auto and whole
   std::vector<float> gate_, up_;              // Compute's scratch
   runtime::ExpertWeights part_;               // the staged part (device pointers), after StartPart

@@ -384,9 +384,10 @@ TEST_P(ExpertCacheGpuTest, LowPrecisionLoadsMatchTheCpuCache) {
 }
 
 // cache.low_precision_layers on the CUDA cache: int8 copies in the last half of the MoE layers,
-// the checkpoint's in the first; each layer's pinned copies and loads are that layer's size, the
-// outputs those of the CPU cache with the same selection (routing forced, as above), and cpu
-// compute (whose planner measures one precision) is refused with the key named, off by default.
+// the checkpoint's in the first; each layer's pinned copies, loads and (in a budget in bytes) slots
+// are that layer's size, the outputs those of the CPU cache with the same selection (routing
+// forced, as above), also with cpu compute, which times and plans each expert size apart (on by
+// default).
 TEST_P(ExpertCacheGpuTest, LowPrecisionLayersMatchTheCpuCache) {
   const auto [cpu_native, native] = CpuReference(GetParam());
   const double bound = std::max(1e-2, 3 * native);
@@ -478,7 +479,10 @@ TEST_P(ExpertCacheGpuTest, LowPrecisionLayersMatchTheCpuCache) {
   std::printf("[ low precision layers ] %s: slots per layer, cpu split vs cpu cache %.4g (bound %.4g)\n",
               GetParam().c_str(), LogitDistance(split, want), bound);
   EXPECT_LE(LogitDistance(split, want), bound) << GetParam();
-  EXPECT_GT((*sized)->source()->host_compute()->stats().experts, 0);
+  EXPECT_LE(b.total_bytes(), d.device_budget_bytes);
+  const HostComputeStats& hs = (*sized)->source()->host_compute()->stats();
+  EXPECT_GT(hs.experts, 0);
+  EXPECT_GT(hs.split_experts, 0);
   as = arena.status();
   EXPECT_TRUE(as.ok()) << as.ToString();
 }
