@@ -9,11 +9,22 @@
 // routing and router inputs gather each expert's input statistics (cache/expert_calibration.h).
 // Then each expert's matrices are quantized to minimise the error of their outputs on those inputs.
 // Calibrate on text like what the model will serve, and not on text it will be evaluated on.
+//
+// --rank-layers measures, on the held-out sequences, what low precision costs in each MoE layer
+// alone (the KL of the next-token distribution from the checkpoint's experts, and top-1 agreement),
+// and recommends the cache.low_precision_layers whose summed KL stays within --max-kl: noise in an
+// early layer reaches every later router, so the layers differ by far more than their weights do
+// (docs/results/quant, "Which layers"). With --out the ranking loads the GPTQ experts just written.
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <numeric>
 #include <sstream>
 
+#include "cache/expert_cache.h"
 #include "cache/expert_calibration.h"
+#include "cache/low_precision_layers.h"
 #include "launch/command.h"
 #include "launch/engine_options.h"
 #include "runtime/core/progress.h"
@@ -34,7 +45,113 @@ struct QuantizeOptions {
   int hold_out_every = 8;
   double damp = 0.01;
   double max_hessian_gib = 16;
+  bool rank_layers = false;
+  int64_t rank_tokens = 4096;
+  double max_kl = 0.005;
 };
+
+// --rank-layers: each MoE layer alone in `precision` against the checkpoint's experts, over the
+// sequences `eval` of `ids`, through an expert cache (LRU over top-k slots: every use of the layer
+// loads through the cache, so every one is in that precision). Prints the table and the
+// recommendation on stdout.
+Status RankLayers(const QuantizeOptions& o, const std::vector<int32_t>& ids, const std::vector<int64_t>& eval,
+                  const std::string& quantized_experts) {
+  runtime::EngineOptions eo = o.model.ToEngineOptions();
+  eo.upload_experts = false;  // each pass's experts come through its expert cache
+  if (eo.max_seq_len == 0 || eo.max_seq_len < o.seq_len) eo.max_seq_len = o.seq_len;
+  EF_ASSIGN_OR_RETURN(auto engine, runtime::Engine::Create(o.model.dir, eo));
+  const runtime::ModelConfig& c = engine->config();
+  const std::vector<int> moe = c.MoeLayers();
+  if (moe.empty()) return InvalidArgument("--rank-layers: the model has no MoE layer");
+  const size_t V = static_cast<size_t>(c.vocab_size);
+  // One pass over `eval`; per_token(token index, log-softmax of its logits).
+  std::vector<float> row(V);
+  auto pass = [&](const std::string& precision, const std::string& layers, Progress& bar,
+                  const std::function<void(size_t, const std::vector<float>&)>& per_token) -> Status {
+    cache::ExpertCacheOptions co;
+    co.slots_per_layer = c.top_k;
+    co.policy = "lru";
+    co.predictor = "none";
+    co.prefetch_layers = 0;
+    co.cpu_compute = "off";
+    co.miss_precision = precision;
+    co.low_precision_layers = layers;
+    if (precision != "native") co.quantized_experts = quantized_experts;
+    EF_ASSIGN_OR_RETURN(auto cache, cache::ExpertCache::Create(engine.get(), co));
+    size_t token = 0;
+    for (int64_t s : eval) {
+      EF_RETURN_IF_ERROR(engine->AddSequence(s));
+      runtime::SeqChunk chunk{
+          s, std::span<const int32_t>(ids).subspan(static_cast<size_t>(s * o.seq_len), static_cast<size_t>(o.seq_len)),
+          /*all_logits=*/true};
+      runtime::ForwardResult res;
+      Status st = engine->Forward({&chunk, 1}, &res);
+      engine->RemoveSequence(s);
+      EF_RETURN_IF_ERROR(st);
+      for (int t = 0; t < o.seq_len; ++t, ++token) {
+        const float* p = res.logits.data() + static_cast<size_t>(t) * V;
+        const float m = *std::max_element(p, p + V);
+        double z = 0;
+        for (size_t v = 0; v < V; ++v) z += std::exp(static_cast<double>(p[v] - m));
+        const double lz = m + std::log(z);
+        for (size_t v = 0; v < V; ++v) row[v] = static_cast<float>(p[v] - lz);
+        per_token(token, row);
+      }
+      bar.Advance(o.seq_len);
+    }
+    return Status::Ok();
+  };
+  const size_t tokens = eval.size() * static_cast<size_t>(o.seq_len);
+  std::vector<float> ref(tokens * V);  // the checkpoint's log-probabilities
+  std::vector<int32_t> ref_top(tokens);
+  std::vector<double> kl(moe.size(), 0), agree(moe.size(), 0);
+  {
+    Progress bar("ranking layers (" + std::to_string(moe.size() + 1) + " passes)",
+                 static_cast<int64_t>(tokens * (moe.size() + 1)), 2.0, "tokens");
+    EF_RETURN_IF_ERROR(pass("native", "all", bar, [&](size_t t, const std::vector<float>& lp) {
+      std::copy(lp.begin(), lp.end(), ref.begin() + static_cast<std::ptrdiff_t>(t * V));
+      ref_top[t] = static_cast<int32_t>(std::max_element(lp.begin(), lp.end()) - lp.begin());
+    }));
+    for (size_t i = 0; i < moe.size(); ++i)
+      EF_RETURN_IF_ERROR(pass(o.precision, std::to_string(moe[i]), bar, [&](size_t t, const std::vector<float>& lp) {
+        const float* r = ref.data() + t * V;
+        double k = 0;
+        for (size_t v = 0; v < V; ++v) k += std::exp(static_cast<double>(r[v])) * (r[v] - lp[v]);
+        kl[i] += k;
+        agree[i] += std::max_element(lp.begin(), lp.end()) - lp.begin() == ref_top[t];
+      }));
+  }
+  // Greedy: the cheapest layers first while their summed KL stays within --max-kl (single-layer
+  // costs add up to about the combined one: 0.0020 against 0.0017 for tiny-code-moe's last half).
+  std::vector<size_t> order(moe.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return kl[a] < kl[b]; });
+  std::vector<uint8_t> pick(static_cast<size_t>(c.num_layers), 0);
+  double sum = 0;
+  int picked = 0;
+  for (size_t i : order) {
+    const double k = kl[i] / static_cast<double>(tokens);
+    if (sum + k > o.max_kl) break;
+    sum += k;
+    pick[static_cast<size_t>(moe[i])] = 1;
+    ++picked;
+  }
+  std::printf("# %s in one MoE layer at a time against the checkpoint's experts, %zu held-out tokens%s\n",
+              o.precision.c_str(), tokens, quantized_experts.empty() ? "" : " (GPTQ experts)");
+  std::printf("%-10s %12s %10s\n", "moe_layer", "mean_kl", "top1");
+  for (size_t i : order)
+    std::printf("%-10d %12.6f %9.2f%%\n", moe[i], kl[i] / static_cast<double>(tokens),
+                100.0 * agree[i] / static_cast<double>(tokens));
+  if (picked == 0) {
+    std::printf("# no MoE layer alone stays within --max-kl %g: keep miss_precision native\n", o.max_kl);
+    return Status::Ok();
+  }
+  std::string spec = cache::DescribeLayers(pick);
+  spec = spec.substr(spec.find(' ') + 1);  // "layers 4-7" -> "4-7"
+  std::printf("# recommended: --low-precision-layers %s (%d of %zu MoE layers, summed KL %.6f within --max-kl %g)\n",
+              spec.c_str(), picked, moe.size(), sum, o.max_kl);
+  return Status::Ok();
+}
 
 constexpr double kGiB = 1024.0 * 1024 * 1024;
 
@@ -68,6 +185,17 @@ Status RunQuantize(const QuantizeOptions& o) {
   // not see is the number that says what it buys.
   const int every = o.hold_out_every;
   const bool hold_out = every > 0 && seqs >= every;
+  // The sequences --rank-layers measures on: the held-out ones (all, without a hold-out), up to
+  // --rank-tokens.
+  std::vector<int64_t> eval;
+  for (int64_t s = 0; s < seqs && static_cast<int64_t>(eval.size()) * o.seq_len < o.rank_tokens; ++s)
+    if (!hold_out || s % every == every - 1) eval.push_back(s);
+  if (o.out.empty()) {
+    engine.reset();
+    std::fprintf(stderr, "ranking: %zu sequences of %d tokens%s\n", eval.size(), o.seq_len,
+                 hold_out ? (" (every " + std::to_string(every) + "th)").c_str() : "");
+    return RankLayers(o, ids, eval, "");
+  }
   const size_t hessian_bytes = cache::ExpertCalibration::HessianBytes(c) * (hold_out ? 2 : 1);
   if (static_cast<double>(hessian_bytes) > o.max_hessian_gib * kGiB)
     return InvalidArgument("calibrating this model's " + std::to_string(c.MoeLayers().size() * c.num_experts) +
@@ -126,7 +254,10 @@ Status RunQuantize(const QuantizeOptions& o) {
                  r.too_few_tokens + r.singular, r.too_few_tokens, r.singular);
   if (r.not_quantized > 0) std::fprintf(stderr, "; %d the cache keeps in the checkpoint's precision", r.not_quantized);
   std::fprintf(stderr, "\n");
-  return Status::Ok();
+  if (!o.rank_layers) return Status::Ok();
+  engine.reset();
+  std::fprintf(stderr, "ranking: %zu %ssequences of %d tokens\n", eval.size(), hold_out ? "held-out " : "", o.seq_len);
+  return RankLayers(o, ids, eval, o.out);
 }
 
 }  // namespace
@@ -145,7 +276,16 @@ Command AddQuantizeCommand(CLI::App& root) {
   c.app->add_option("--precision", o->precision, "int8 or int4 (the cache's cache.miss_precision)")
       ->check(CLI::IsMember({"int8", "int4"}))
       ->capture_default_str();
-  c.app->add_option("--out,-o", o->out, "output file (safetensors)")->required();
+  c.app->add_option("--out,-o", o->out, "output file (safetensors); without it, --rank-layers alone runs");
+  c.app->add_flag("--rank-layers", o->rank_layers,
+                  "measure what --precision costs in each MoE layer alone (KL and top-1 against the checkpoint's "
+                  "experts, on the held-out sequences) and recommend --low-precision-layers");
+  c.app->add_option("--rank-tokens", o->rank_tokens, "tokens --rank-layers measures on, at most")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 24))
+      ->capture_default_str();
+  c.app->add_option("--max-kl", o->max_kl, "--rank-layers recommends layers whose summed KL stays within this")
+      ->check(CLI::Range(0.0, 100.0))
+      ->capture_default_str();
   c.app->add_option("--seq-len", o->seq_len, "tokens per calibration sequence")
       ->check(CLI::Range(2, 1 << 16))
       ->capture_default_str();
@@ -172,6 +312,7 @@ Command AddQuantizeCommand(CLI::App& root) {
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   c.run = [o] {
+    if (o->out.empty() && !o->rank_layers) return ReportError(InvalidArgument("give --out, --rank-layers or both"));
     Status s = RunQuantize(*o);
     return s.ok() ? 0 : ReportError(s);
   };

@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <sstream>
 #include <string>
 
@@ -154,6 +155,65 @@ TEST_F(ExpertCacheCliTest, QuantizeWritesExpertsTheCacheLoads) {
   ASSERT_NE(Run(quantize + " --seq-len 1025 --out " + q8), 0);
   EXPECT_NE(Read("stderr").find("past the model's max_position_embeddings (1024)"), std::string::npos)
       << Read("stderr");
+}
+
+// `expertflow quantize --rank-layers`: a row per MoE layer, cheapest first, and a recommended
+// selection whose summed KL is within --max-kl and which the next row would exceed; score takes it.
+TEST_F(ExpertCacheCliTest, QuantizeRanksTheLayers) {
+  {
+    std::ofstream text(dir_ / "calib.py");
+    for (int i = 0; i < 60; ++i)
+      text << "def g" << i << "(items, k=" << i << "):\n    total = 0\n    for x in items:\n        total += x * k\n"
+           << "    return total\n\n";
+  }
+  const std::string rank = "quantize --backend cpu --model " + kModelDir + " --calibration " +
+                           (dir_ / "calib.py").string() +
+                           " --seq-len 64 --hold-out-every 2 --rank-layers --max-kl 0.01";
+  ASSERT_EQ(Run(rank), 0) << Read("stderr");
+  std::istringstream out(Read("stdout"));
+  std::string line, spec;
+  std::vector<std::pair<int, double>> rows;
+  while (std::getline(out, line)) {
+    const std::string rec = "# recommended: --low-precision-layers ";
+    if (line.rfind(rec, 0) == 0) spec = line.substr(rec.size(), line.find(' ', rec.size()) - rec.size());
+    if (line.empty() || line[0] == '#' || line.rfind("moe_layer", 0) == 0) continue;
+    std::istringstream row(line);
+    int layer = -1;
+    double kl = -1;
+    row >> layer >> kl;
+    rows.push_back({layer, kl});
+  }
+  ASSERT_EQ(rows.size(), 8u) << Read("stdout");
+  double sum = 0;
+  size_t within = 0;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    EXPECT_GE(rows[i].second, 0.0);
+    if (i > 0) EXPECT_GE(rows[i].second, rows[i - 1].second) << "cheapest first";
+    if (sum + rows[i].second <= 0.01 && within == i) {
+      sum += rows[i].second;
+      ++within;
+    }
+  }
+  ASSERT_GT(within, 0u) << Read("stdout");
+  ASSERT_FALSE(spec.empty()) << Read("stdout");
+  // The spec ("5-7", "1,3-7") names exactly the first `within` rows' layers.
+  std::set<int> named, want;
+  std::istringstream items(spec);
+  for (std::string item; std::getline(items, item, ',');) {
+    const size_t dash = item.find('-');
+    const int lo = std::stoi(item.substr(0, dash)),
+              hi = dash == std::string::npos ? lo : std::stoi(item.substr(dash + 1));
+    for (int l = lo; l <= hi; ++l) named.insert(l);
+  }
+  for (size_t i = 0; i < within; ++i) want.insert(rows[i].first);
+  EXPECT_EQ(named, want) << Read("stdout");
+  ASSERT_EQ(Run("score --backend cpu --model " + kModelDir + " --ids-file " + (dir_ / "ids.json").string() +
+                " --cache-device-budget '4 slots per layer' --miss-precision int8 --low-precision-layers " + spec),
+            0)
+      << Read("stderr");
+  // Neither an output nor a ranking asked for.
+  ASSERT_NE(Run("quantize --backend cpu --model " + kModelDir + " --calibration " + (dir_ / "calib.py").string()), 0);
+  EXPECT_NE(Read("stderr").find("--rank-layers"), std::string::npos) << Read("stderr");
 }
 
 TEST_F(ExpertCacheCliTest, MpirunRunsAPerRankCache) {
