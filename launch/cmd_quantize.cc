@@ -50,6 +50,21 @@ struct QuantizeOptions {
   double max_kl = 0.005;
 };
 
+// Sequence s of `ids` (tokens [s * seq_len, (s + 1) * seq_len)) through `engine` as one prefill,
+// with the logits of every token or none.
+StatusOr<runtime::ForwardResult> ForwardSequence(runtime::Engine& engine, const std::vector<int32_t>& ids, int64_t s,
+                                                 int seq_len, bool all_logits) {
+  EF_RETURN_IF_ERROR(engine.AddSequence(s));
+  runtime::SeqChunk chunk{
+      s, std::span<const int32_t>(ids).subspan(static_cast<size_t>(s * seq_len), static_cast<size_t>(seq_len)),
+      all_logits};
+  runtime::ForwardResult res;
+  Status st = engine.Forward({&chunk, 1}, &res);
+  engine.RemoveSequence(s);
+  EF_RETURN_IF_ERROR(st);
+  return res;
+}
+
 // --rank-layers: each MoE layer alone in `precision` against the checkpoint's experts, over the
 // sequences `eval` of `ids`, through an expert cache (LRU over top-k slots: every use of the layer
 // loads through the cache, so every one is in that precision). Prints the table and the
@@ -80,14 +95,7 @@ Status RankLayers(const QuantizeOptions& o, const std::vector<int32_t>& ids, con
     EF_ASSIGN_OR_RETURN(auto cache, cache::ExpertCache::Create(engine.get(), co));
     size_t token = 0;
     for (int64_t s : eval) {
-      EF_RETURN_IF_ERROR(engine->AddSequence(s));
-      runtime::SeqChunk chunk{
-          s, std::span<const int32_t>(ids).subspan(static_cast<size_t>(s * o.seq_len), static_cast<size_t>(o.seq_len)),
-          /*all_logits=*/true};
-      runtime::ForwardResult res;
-      Status st = engine->Forward({&chunk, 1}, &res);
-      engine->RemoveSequence(s);
-      EF_RETURN_IF_ERROR(st);
+      EF_ASSIGN_OR_RETURN(const runtime::ForwardResult res, ForwardSequence(*engine, ids, s, o.seq_len, true));
       for (int t = 0; t < o.seq_len; ++t, ++token) {
         const float* p = res.logits.data() + static_cast<size_t>(t) * V;
         const float m = *std::max_element(p, p + V);
@@ -215,14 +223,7 @@ Status RunQuantize(const QuantizeOptions& o) {
     Progress bar("calibration forward", seqs * o.seq_len, 2.0, "tokens");
     for (int64_t s = 0; s < seqs; ++s) {
       into = hold_out && s % every == every - 1 ? &held_out : &calib;
-      EF_RETURN_IF_ERROR(engine->AddSequence(s));
-      runtime::SeqChunk chunk{
-          s, std::span<const int32_t>(ids).subspan(static_cast<size_t>(s * o.seq_len), static_cast<size_t>(o.seq_len)),
-          /*all_logits=*/false};
-      runtime::ForwardResult res;
-      Status st = engine->Forward({&chunk, 1}, &res);
-      engine->RemoveSequence(s);
-      EF_RETURN_IF_ERROR(st);
+      EF_RETURN_IF_ERROR(ForwardSequence(*engine, ids, s, o.seq_len, false).status());
       bar.Advance(o.seq_len);
     }
   }
