@@ -44,6 +44,18 @@ cache::TierHooks ClusterTierHooks(comm::Cluster* cluster, int rank) {
   return h;
 }
 
+namespace {
+
+// A rank's cache error, prefixed with the rank; one about the budget also says that the budget is
+// each rank's own (other errors, e.g. a bad low_precision_layers, do not depend on the rank count).
+Status OnRank(Status s, int rank) {
+  const bool budget = s.message().find("cache.device_budget") != std::string::npos;
+  s.Prepend("rank " + std::to_string(rank) + (budget ? " (cache.device_budget is per rank)" : ""));
+  return s;
+}
+
+}  // namespace
+
 Status CheckExpertCacheBudget(const runtime::Engine& engine, const CacheSection& cache, bool per_rank, int rank) {
   if (!WantsExpertCache(cache)) return Status::Ok();
   cache::ExpertCacheOptions o = ToExpertCacheOptions(cache, PredictorSection{});
@@ -51,9 +63,7 @@ Status CheckExpertCacheBudget(const runtime::Engine& engine, const CacheSection&
   if (per_rank && o.cpu_compute == "default") o.cpu_compute = "off";
   auto budget = cache::ExpertCache::PlanBudget(engine, o);
   if (budget.ok()) return Status::Ok();
-  Status s = budget.status();
-  if (per_rank) s.Prepend("rank " + std::to_string(rank) + " (cache.device_budget is per rank)");
-  return s;
+  return per_rank ? OnRank(budget.status(), rank) : budget.status();
 }
 
 StatusOr<std::unique_ptr<cache::ExpertCache>> SetUpExpertCache(runtime::Engine* engine, const CacheSection& cache,
@@ -70,10 +80,7 @@ StatusOr<std::unique_ptr<cache::ExpertCache>> SetUpExpertCache(runtime::Engine* 
         "ranks' tokens it computes); under mpirun use native, int8 or int4");
   o.tiers = ClusterTierHooks(cluster, rank);
   auto c = cache::ExpertCache::Create(engine, o);
-  if (!c.ok() && cluster) {
-    Status s = c.status();
-    return s.Prepend("rank " + std::to_string(rank) + " (cache.device_budget is per rank)");
-  }
+  if (!c.ok() && cluster) return OnRank(c.status(), rank);
   return c;
 }
 

@@ -358,6 +358,12 @@ TEST_F(ExpertCacheSetupTest, BudgetCheckBeforeTheCacheGivesTheSameError) {
   EXPECT_NE(s.message().find("fewer than the model's top-k (2)"), std::string::npos) << s.ToString();
   ASSERT_TRUE(ParseDeviceBudget("2 slots per layer", &cs).ok());
   EXPECT_TRUE(CheckExpertCacheBudget(*engine, cs, /*per_rank=*/true, 1).ok());
+  // An error that is not the budget's names the rank alone.
+  cs.miss_precision = "int8";
+  cs.low_precision_layers = "9";
+  s = CheckExpertCacheBudget(*engine, cs, /*per_rank=*/true, 1);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.message().rfind("rank 1: cache.low_precision_layers", 0), 0u) << s.ToString();
 }
 
 TEST_F(ExpertCacheSetupTest, BudgetAboveTheDeviceNamesBothNumbers) {
