@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <new>
 #include <numeric>
 #include <sstream>
 
@@ -110,7 +111,13 @@ Status RankLayers(const QuantizeOptions& o, const std::vector<int32_t>& ids, con
     return Status::Ok();
   };
   const size_t tokens = eval.size() * static_cast<size_t>(o.seq_len);
-  std::vector<float> ref(tokens * V);  // the checkpoint's log-probabilities
+  std::vector<float> ref;  // the checkpoint's log-probabilities
+  try {
+    ref.resize(tokens * V);
+  } catch (const std::bad_alloc&) {
+    return ResourceExhausted("--rank-layers: " + std::to_string(tokens) + " tokens' log-probabilities over " +
+                             std::to_string(V) + " tokens of vocabulary do not fit in memory; lower --rank-tokens");
+  }
   std::vector<int32_t> ref_top(tokens);
   std::vector<double> kl(moe.size(), 0), agree(moe.size(), 0);
   {
@@ -281,7 +288,10 @@ Command AddQuantizeCommand(CLI::App& root) {
   c.app->add_flag("--rank-layers", o->rank_layers,
                   "measure what --precision costs in each MoE layer alone (KL and top-1 against the checkpoint's "
                   "experts, on the held-out sequences) and recommend --low-precision-layers");
-  c.app->add_option("--rank-tokens", o->rank_tokens, "tokens --rank-layers measures on, at most")
+  c.app
+      ->add_option("--rank-tokens", o->rank_tokens,
+                   "tokens --rank-layers measures on, at most (their reference log-probabilities stay in "
+                   "memory: tokens x vocabulary x 4 bytes)")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 24))
       ->capture_default_str();
   c.app->add_option("--max-kl", o->max_kl, "--rank-layers recommends layers whose summed KL stays within this")
