@@ -109,10 +109,11 @@ printf "%-7s %-5s %-9s %-14s %10s %9s %9s %11s %9s %8s %8s %s\n" budget conc pre
 # expert's host part is a share of one).
 # The default list: the LRU baselines, then the configurations whose quality meets a bar
 # (docs/results/cpu_compute/README.md, "Speed and quality together"): bf16 with host compute, int8
-# slots in a byte budget; then int4 (below every bar) with and without the host's rows in pieces.
+# in the last half of the layers (the int8 bar) alone and with host compute, int8 slots in a byte
+# budget (the auto bar); then int4 (below every bar) with and without the host's rows in pieces.
 # (miss_precision auto runs on the cpu backend only.)
-CASES=${CASES:-"50:1:native:off 50:1:native:auto 50:1:int8:off:mem 50:1:int8:auto:mem
-  25:1:native:off 25:1:int8:auto:mem 50:1:int4:auto 50:1:int4:auto:p1"}
+CASES=${CASES:-"50:1:native:off 50:1:native:auto 50:1:int8:off:l50,mem 50:1:int8:auto:l50,mem 50:1:int8:off:mem
+  50:1:int8:auto:mem 25:1:native:off 25:1:int8:auto:l50,mem 25:1:int8:auto:mem 50:1:int4:auto 50:1:int4:auto:p1"}
 for case in $CASES; do
   IFS=: read -r b c p cpu mods <<<"$case"
   slots=$((8 * b / 100))
