@@ -801,30 +801,33 @@ void PrintTable(const BenchRun& b, const BenchSummary& s, const RunCounters& c) 
 json CacheJson(const BenchRun& b, const BenchSummary& s, const RunCounters& c) {
   const Config& config = b.config();
   const cache::ExpertCounters& t = c.cs.total;
-  return {{"enabled", s.cached},
-          {"slots_per_layer", s.slots_per_layer},
-          {"budget_fraction", s.budget_fraction},
-          {"policy", s.cached ? config.cache.policy : "none"},
-          {"prefetch_layers", s.cached ? config.cache.prefetch_layers : 0},
-          {"predictor", s.cached ? (b.o.oracle_prefetch ? "oracle" : config.predictor.kind) : "none"},
-          // hits + misses (slot accesses) + cpu_computed_experts: results.hit_rate is hits over these.
-          {"expert_uses", t.hits + t.misses + c.host_uses},
-          {"hits", t.hits},
-          {"misses", t.misses},
-          {"prefetch_issued", t.prefetch_issued},
-          {"prefetch_used", t.prefetch_used},
-          {"prefetch_wasted", t.prefetch_wasted},
-          {"bytes_from_host", t.bytes_from_host},
-          {"stall_ms", s.stall_ms},
-          {"cpu_compute", s.cached ? c.cache_json.value("cpu_compute", std::string("off")) : "off"},
-          {"cpu_compute_admit", s.cached ? config.cache.cpu_compute_admit : 0},
-          {"cpu_computed_experts", c.host_uses},
-          {"cpu_computed_rows", c.cache_json.value("cpu_computed_rows", int64_t{0})},
-          {"cpu_compute_ms", c.cache_json.value("cpu_compute_ms", 0.0)},
-          {"split_experts", c.cache_json.value("split_experts", int64_t{0})},
-          {"split_copied_fraction", c.cache_json.value("split_copied_fraction", 0.0)},
-          {"split_staged_bytes", c.cache_json.value("split_staged_bytes", int64_t{0})},
-          {"cpu_compute_admitted", c.cache_json.value("cpu_compute_admitted", int64_t{0})}};
+  json j = {{"enabled", s.cached},
+            {"slots_per_layer", s.slots_per_layer},
+            {"budget_fraction", s.budget_fraction},
+            {"policy", s.cached ? config.cache.policy : "none"},
+            {"prefetch_layers", s.cached ? config.cache.prefetch_layers : 0},
+            {"predictor", s.cached ? (b.o.oracle_prefetch ? "oracle" : config.predictor.kind) : "none"},
+            // hits + misses (slot accesses) + cpu_computed_experts: results.hit_rate is hits over these.
+            {"expert_uses", t.hits + t.misses + c.host_uses},
+            {"hits", t.hits},
+            {"misses", t.misses},
+            {"prefetch_issued", t.prefetch_issued},
+            {"prefetch_used", t.prefetch_used},
+            {"prefetch_wasted", t.prefetch_wasted},
+            {"bytes_from_host", t.bytes_from_host},
+            {"stall_ms", s.stall_ms},
+            {"cpu_compute", s.cached ? c.cache_json.value("cpu_compute", std::string("off")) : "off"},
+            {"cpu_compute_admit", s.cached ? config.cache.cpu_compute_admit : 0},
+            {"cpu_computed_experts", c.host_uses},
+            {"cpu_computed_rows", c.cache_json.value("cpu_computed_rows", int64_t{0})},
+            {"cpu_compute_ms", c.cache_json.value("cpu_compute_ms", 0.0)},
+            {"split_experts", c.cache_json.value("split_experts", int64_t{0})},
+            {"split_copied_fraction", c.cache_json.value("split_copied_fraction", 0.0)},
+            {"split_staged_bytes", c.cache_json.value("split_staged_bytes", int64_t{0})},
+            {"cpu_compute_admitted", c.cache_json.value("cpu_compute_admitted", int64_t{0})}};
+  // Slots sized per layer (cache.low_precision_layers): each MoE layer's slots.
+  if (c.cache_json.contains("slots_per_moe_layer")) j["slots_per_moe_layer"] = c.cache_json["slots_per_moe_layer"];
+  return j;
 }
 
 // The largest per-rank value of a GatherStats key (e.g. the all-to-all wall time of the slowest rank).

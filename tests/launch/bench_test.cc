@@ -67,6 +67,36 @@ TEST_F(BenchTest, DeviceBudgetAsAShareOfTheExperts) {
   EXPECT_NE(Err().find("top-k (2)"), std::string::npos) << Err();
 }
 
+// int8 in the last half of the layers: each layer's slots are its experts' size. A budget in slots
+// gives every layer as many; the same bytes as a budget of 2 checkpoint-dtype slots per layer buy
+// the int8 layers more slots, which serve more hits and move fewer bytes for the same tokens (the
+// precision is fixed per layer, so the tokens and their routing are the same).
+TEST_F(BenchTest, ByteBudgetBuysTheInt8LayersMoreSlots) {
+  const std::string run =
+      "--synthetic tiny -n 1 -c 1 --prompt-len 4 --gen-len 16 --cache-policy lru --prefetch-layers 0 "
+      "--miss-precision int8 --low-precision-layers 'last 50%' --json ";
+  const fs::path slots = dir_ / "slots.json", bytes = dir_ / "bytes.json";
+  ASSERT_EQ(Bench(run + slots.string() + " --cache-device-budget '2 slots per layer'"), 0) << Err();
+  const json a = json::parse(Read(slots), nullptr, false);
+  ASSERT_FALSE(a.is_discarded()) << Read(slots);
+  EXPECT_EQ(a["cache"]["slots_per_moe_layer"], json::array({2, 2, 2, 2}));
+  // tiny: 4 MoE layers; a checkpoint-dtype slot of its experts is 48 KiB.
+  ASSERT_NE(Out().find("2 of 8 slots of 48.0 KiB in MoE layers 0-1"), std::string::npos) << Out();
+  ASSERT_EQ(Bench(run + bytes.string() + " --cache-device-budget " + std::to_string(4 * 2 * 48 * 1024)), 0) << Err();
+  const json b = json::parse(Read(bytes), nullptr, false);
+  ASSERT_FALSE(b.is_discarded()) << Read(bytes);
+  const json& per = b["cache"]["slots_per_moe_layer"];
+  ASSERT_EQ(per.size(), 4u) << b["cache"];
+  EXPECT_EQ(per[0], 2);
+  EXPECT_EQ(per[1], 2);
+  EXPECT_GE(per[2].get<int>(), 3);
+  EXPECT_GE(per[3].get<int>(), 3);
+  EXPECT_GT(b["cache"]["budget_fraction"].get<double>(), 0.25);
+  EXPECT_EQ(b["results"]["generated_tokens"], a["results"]["generated_tokens"]);
+  EXPECT_GT(b["cache"]["hits"].get<int64_t>(), a["cache"]["hits"].get<int64_t>());
+  EXPECT_LT(b["results"]["bytes_moved"].get<int64_t>(), a["results"]["bytes_moved"].get<int64_t>());
+}
+
 TEST_F(BenchTest, SyntheticTinyWritesTheJsonRecord) {
   const fs::path out = dir_ / "out.json";
   ASSERT_EQ(
