@@ -16,9 +16,10 @@
 // own all-to-all and UCX peer-fetch counters live; every rank's totals are printed at shutdown.
 //
 // Threads: main (HTTP accept loop), HTTP handlers (parse, enqueue, wait), one engine thread
-// (ServingLoop), one signal watcher. SIGTERM/SIGINT: stop accepting, let in-flight requests
-// finish, exit 0. `--port 0` picks a free port; the chosen address is always printed on stdout
-// as "listening on HOST:PORT" (tests and scripts read it).
+// (ServingLoop), one signal watcher. SIGTERM/SIGINT: refuse new requests (503), let in-flight
+// ones finish (streams too), exit 0; a second signal stops at once. `--port 0` picks a free
+// port; the chosen address is always printed on stdout as "listening on HOST:PORT" (tests and
+// scripts read it).
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
@@ -191,23 +192,29 @@ Status RunServe(ServeOptions o, const CLI::App& app, comm::MpiContext* ctx) {
   HttpServer server(o.http, &loop, &tok, &chat, &metrics);
   EF_ASSIGN_OR_RETURN(const int port, server.Bind());
   std::atomic<bool> done{false};
+  // The first SIGTERM/SIGINT drains: new requests get 503, the server stops once every request in
+  // flight (streams included) is answered. A second one, or a dead engine, stops at once.
   std::thread watcher([&] {
-    const timespec tick{0, 100'000'000};
+    const timespec tick{0, 50'000'000};
+    bool draining = false, now = false;
     while (!done.load()) {
       const int sig = sigtimedwait(&signals, nullptr, &tick);
-      if (sig == SIGTERM || sig == SIGINT || fatal.load()) {
-        if (fatal.load()) {
-          std::fprintf(stderr, "expertflow serve: the engine stopped; shutting down\n");
-        } else {
-          EF_LOG(WARN, SERVE, "signal %d: draining in-flight requests", sig);
-          std::fprintf(stderr, "expertflow serve: shutting down (finishing in-flight requests)\n");
-        }
-        // Retry: a stop that lands before the accept loop starts would be lost.
-        while (!done.load()) {
-          server.Stop();
-          std::this_thread::sleep_for(std::chrono::milliseconds(50));
-        }
+      const bool signalled = sig == SIGTERM || sig == SIGINT;
+      if (fatal.load() && !now) {
+        std::fprintf(stderr, "expertflow serve: the engine stopped; shutting down\n");
+        now = true;
+      } else if (signalled && draining && !now) {
+        std::fprintf(stderr, "expertflow serve: second signal; stopping now\n");
+        now = true;
+      } else if (signalled && !draining) {
+        EF_LOG(WARN, SERVE, "signal %d: draining in-flight requests", sig);
+        std::fprintf(stderr,
+                     "expertflow serve: shutting down (finishing in-flight requests; signal again to stop now)\n");
       }
+      draining = draining || signalled || now;
+      // Again every tick: the server stops once drained, and a stop that lands before the accept
+      // loop starts would be lost.
+      if (draining) server.Stop(now);
     }
   });
 

@@ -331,9 +331,11 @@ Status HttpServer::Listen() {
   return Status::Ok();
 }
 
-void HttpServer::Stop() {
+void HttpServer::Stop(bool now) {
+  // Generate counts itself in before it reads stopping_, and Stop sets stopping_ before it reads
+  // the count: a request either sees the stop and is refused, or is counted and waited for.
   stopping_.store(true);
-  svr_->stop();
+  if (now || in_flight_->load() == 0) svr_->stop();
 }
 
 void HttpServer::InstallHooks() {
@@ -411,15 +413,32 @@ void HttpServer::InstallRoutes() {
     json body = {{"object", "list"}, {"data", json::array({model})}};
     res.set_content(body.dump(), "application/json");
   });
-  svr.Post("/v1/completions",
-           [this](const httplib::Request& req, httplib::Response& res) { Generate(req, res, /*chat=*/false); });
-  svr.Post("/v1/chat/completions",
-           [this](const httplib::Request& req, httplib::Response& res) { Generate(req, res, /*chat=*/true); });
+  // The body is read here, not by httplib: httplib caps a body it reads itself at 8 KiB when it is
+  // sent as form data (curl -d's default Content-Type), whatever server.max_body_bytes allows.
+  // Through a content reader it checks max_body_bytes alone (413) and leaves the bytes as they are.
+  auto generate = [this](bool chat) {
+    return [this, chat](const httplib::Request&, httplib::Response& res, const httplib::ContentReader& read) {
+      std::string body;
+      if (!read([&body](const char* data, size_t n) {
+            body.append(data, n);
+            return true;
+          }))
+        return;  // httplib set the status (413 past max_body_bytes, 400 for a broken body)
+      Generate(body, res, chat);
+    };
+  };
+  svr.Post("/v1/completions", generate(/*chat=*/false));
+  svr.Post("/v1/chat/completions", generate(/*chat=*/true));
 }
 
-void HttpServer::Generate(const httplib::Request& req, httplib::Response& res, bool chat) {
+void HttpServer::Generate(const std::string& request_body, httplib::Response& res, bool chat) {
   const auto arrival = std::chrono::system_clock::now();
-  json body = json::parse(req.body, nullptr, /*allow_exceptions=*/false);
+  // Counted in until the answer is out: for a stream, until httplib releases its provider.
+  in_flight_->fetch_add(1);
+  std::shared_ptr<void> counted(nullptr, [n = in_flight_](void*) { n->fetch_sub(1); });
+  if (stopping_.load())
+    return SendError(res, ApiError{503, "the server is shutting down", "server_error", "shutting_down"});
+  json body = json::parse(request_body, nullptr, /*allow_exceptions=*/false);
   if (body.is_discarded())
     return SendError(res, ApiError{400, "the request body is not valid JSON", "invalid_request_error", "invalid_json"});
   const ApiLimits limits{options_.model_name, loop_->max_seq_len(), loop_->config().vocab_size,
@@ -447,7 +466,7 @@ void HttpServer::Generate(const httplib::Request& req, httplib::Response& res, b
   res.set_header("Cache-Control", "no-cache");
   res.set_chunked_content_provider(
       "text/event-stream", [sse](size_t, httplib::DataSink& sink) { return sse->Pump(sink); },
-      [sse](bool) { sse->Cancel(); });
+      [sse, counted](bool) { sse->Cancel(); });
 }
 
 }  // namespace ef::launch

@@ -55,15 +55,19 @@ class HttpServer {
   StatusOr<int> Bind();
   // Serves until Stop(); returns once every in-flight request has been answered.
   Status Listen();
-  // Stops accepting connections (in-flight requests still complete). Idempotent, any thread.
-  void Stop();
+  // Stops serving: from the first call new requests get 503, and once every request in flight has
+  // been answered (streams included) the server stops accepting connections and Listen returns.
+  // `now` stops at once, cutting open streams (a second signal, a dead engine). Call it again until
+  // Listen returns: a call that finds requests in flight only marks the server stopping.
+  // Idempotent, any thread.
+  void Stop(bool now = false);
 
  private:
   // Handler threads, limits, the access log, error bodies for httplib's own errors, authentication.
   void InstallHooks();
   void InstallRoutes();
   // POST /v1/completions and /v1/chat/completions: parse, submit every choice, answer.
-  void Generate(const httplib::Request& req, httplib::Response& res, bool chat);
+  void Generate(const std::string& request_body, httplib::Response& res, bool chat);
 
   HttpServerOptions options_;
   ServingLoop* loop_;
@@ -72,6 +76,8 @@ class HttpServer {
   ServerMetrics* metrics_;
   std::unique_ptr<httplib::Server> svr_;
   std::atomic<bool> stopping_{false};
+  // Generation requests being answered: handlers running, and streams until their last event.
+  std::shared_ptr<std::atomic<int>> in_flight_ = std::make_shared<std::atomic<int>>(0);
   std::atomic<int64_t> next_id_{1};
 };
 

@@ -83,6 +83,9 @@ class ServerProcess {
     FAIL() << "the server did not report its port; stdout so far: " << out;
   }
 
+  // Sends `sig` to the server; false when it has exited.
+  bool Signal(int sig) { return pid_ > 0 && kill(pid_, sig) == 0; }
+
   // SIGTERM, then the exit status (bounded wait; -1 if it had to be killed).
   int Terminate(std::chrono::seconds timeout = std::chrono::seconds(60)) {
     if (pid_ <= 0) return -1;
@@ -877,6 +880,26 @@ TEST(ServerLimitsTest, OversizedBodyAndMaxTokensAreRefused) {
   EXPECT_EQ(s.Terminate(), 0);
 }
 
+// A JSON body sent as form data (curl -d's default Content-Type) is read as JSON up to
+// --max-body-bytes whatever its size: httplib alone caps form bodies at 8 KiB.
+TEST(ServerLimitsTest, JsonSentAsFormDataIsReadUpToTheBodyLimit) {
+  ServerProcess s;
+  s.Start({"--max-body-bytes", "64KiB"});
+  ASSERT_GT(s.port(), 0);
+  const json req = {{"model", kModel}, {"prompt", "x"}, {"max_tokens", 2}, {"user", std::string(20000, 'u')}};
+  httplib::Client c = s.Client();
+  auto r = c.Post("/v1/completions", req.dump(), "application/x-www-form-urlencoded");
+  ASSERT_TRUE(r) << httplib::to_string(r.error());
+  EXPECT_EQ(r->status, 200) << r->body;
+  json too_big = req;
+  too_big["user"] = std::string(70000, 'u');
+  auto big = c.Post("/v1/completions", too_big.dump(), "application/x-www-form-urlencoded");
+  ASSERT_TRUE(big) << httplib::to_string(big.error());
+  EXPECT_EQ(big->status, 413) << big->body;
+  EXPECT_NE(big->body.find("server.max_body_bytes"), std::string::npos) << big->body;
+  EXPECT_EQ(s.Terminate(), 0);
+}
+
 // An engine failure (injected at the third forward pass) while a request runs: it gets a 5xx
 // OpenAI error body, or when streaming an error event and then [DONE], and the server exits with
 // an error instead of serving on a broken engine.
@@ -905,6 +928,9 @@ TEST(ServerFailureTest, RequestInFlightGetsAnErrorThenTheServerExits) {
   }
 }
 
+// SIGTERM while 8 requests run or wait, every other one streaming: each is answered in full (a
+// stream to its finish_reason and [DONE]), a request that arrives while they drain gets 503, and
+// the server exits 0.
 TEST(ServerShutdownTest, SigtermFinishesInFlightRequestsAndExitsZero) {
   ServerProcess s;
   s.Start({"--max-batch", "4"});
@@ -912,18 +938,34 @@ TEST(ServerShutdownTest, SigtermFinishesInFlightRequestsAndExitsZero) {
   constexpr int kRequests = 8;
   constexpr int kTokens = 96;
   std::vector<int> status(kRequests, 0), tokens(kRequests, -1);
+  std::vector<std::string> finish(kRequests);
   std::atomic<int> started{0};
   std::vector<std::thread> threads;
   for (int i = 0; i < kRequests; ++i) {
     threads.emplace_back([&, i] {
+      const bool stream = i % 2 == 1;
       json req = {{"model", kModel},
                   {"prompt", "class A" + std::to_string(i) + ":"},
                   {"max_tokens", kTokens},
-                  {"ignore_eos", true}};
+                  {"ignore_eos", true},
+                  {"stream", stream}};
+      if (stream) req["stream_options"] = {{"include_usage", true}};
       ++started;
       Reply r = Post(s, "/v1/completions", req.dump());
       status[i] = r.status;
-      if (r.status == 200) tokens[i] = r.body["usage"]["completion_tokens"];
+      if (r.status != 200) return;
+      if (!stream) {
+        tokens[i] = r.body["usage"]["completion_tokens"];
+        finish[i] = r.body["choices"][0]["finish_reason"];
+        return;
+      }
+      // The usage event, then [DONE], end a stream that ran to its end.
+      std::map<int, std::string> reasons;
+      SseChoices(r.raw, false, &reasons);
+      if (reasons.count(0)) finish[i] = reasons[0];
+      const size_t usage = r.raw.rfind("\"completion_tokens\":");
+      if (usage != std::string::npos && r.raw.rfind("data: [DONE]") != std::string::npos)
+        tokens[i] = std::stoi(r.raw.substr(usage + std::strlen("\"completion_tokens\":")));
     });
   }
   // Wait (bounded) until all of them are in the server: running or queued.
@@ -939,12 +981,61 @@ TEST(ServerShutdownTest, SigtermFinishesInFlightRequestsAndExitsZero) {
     if (!all_in) std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
   EXPECT_TRUE(all_in) << "the requests never all reached the server";
-  EXPECT_EQ(s.Terminate(), 0);
+  const int exit_status = s.Terminate();
   for (auto& t : threads) t.join();
+  EXPECT_EQ(exit_status, 0);
   for (int i = 0; i < kRequests; ++i) {
     EXPECT_EQ(status[i], 200) << "request " << i;
-    EXPECT_EQ(tokens[i], kTokens) << "request " << i;
+    EXPECT_EQ(tokens[i], kTokens) << "request " << i << (i % 2 ? " (streaming)" : "");
+    EXPECT_EQ(finish[i], "length") << "request " << i;
   }
+}
+
+// Between the first signal and the last answer the server refuses new work with 503 (and /health
+// says stopping); a second signal stops it at once, cutting the streams still open.
+TEST(ServerShutdownTest, NewRequestsWhileDrainingGet503AndASecondSignalStopsAtOnce) {
+  ServerProcess s;
+  s.Start({"--max-batch", "1"});
+  ASSERT_GT(s.port(), 0);
+  // Four streams of 1000 tokens, one at a time: draining them all takes a while.
+  constexpr int kStreams = 4;
+  std::vector<std::string> raw(kStreams);
+  std::vector<std::thread> streams;
+  for (int i = 0; i < kStreams; ++i)
+    streams.emplace_back([&, i] {
+      json req = {{"model", kModel},
+                  {"prompt", "def f" + std::to_string(i) + "("},
+                  {"max_tokens", 1000},
+                  {"ignore_eos", true},
+                  {"stream", true}};
+      raw[i] = Post(s, "/v1/completions", req.dump()).raw;
+    });
+  auto gauge = [](const std::string& text, const std::string& name) {
+    const size_t at = text.find("\n" + name + " ");
+    return at == std::string::npos ? -1 : std::stoi(text.substr(at + name.size() + 2));
+  };
+  const auto deadline = Clock::now() + std::chrono::seconds(30);
+  bool all_in = false;
+  while (Clock::now() < deadline && !all_in) {
+    const std::string m = Get(s, "/metrics").raw;
+    all_in = gauge(m, "expertflow_running_requests") + gauge(m, "expertflow_queue_depth") == kStreams;
+    if (!all_in) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  EXPECT_TRUE(all_in) << "the streams never all reached the server";
+  ASSERT_TRUE(s.Signal(SIGTERM));
+  Reply refused;
+  for (int i = 0; i < 200 && refused.status != 503; ++i) {
+    refused = Post(s, "/v1/completions", json{{"model", kModel}, {"prompt", "x"}, {"max_tokens", 1}}.dump());
+    if (refused.status != 503) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ExpectJsonError(refused, 503, "a request while draining");
+  EXPECT_EQ(refused.body["error"]["code"], "shutting_down");
+  EXPECT_NE(Get(s, "/health").raw.find("stopping"), std::string::npos);
+  EXPECT_EQ(s.Terminate(std::chrono::seconds(20)), 0) << "the second signal did not stop the server";
+  for (auto& t : streams) t.join();
+  int finished = 0;
+  for (const std::string& r : raw) finished += r.find("data: [DONE]") != std::string::npos;
+  EXPECT_LT(finished, kStreams) << "every stream ran to its end: the second signal stopped nothing";
 }
 
 // --- chat templates ---
