@@ -827,6 +827,13 @@ json CacheJson(const BenchRun& b, const BenchSummary& s, const RunCounters& c) {
             {"cpu_compute_admitted", c.cache_json.value("cpu_compute_admitted", int64_t{0})}};
   // Slots sized per layer (cache.low_precision_layers): each MoE layer's slots.
   if (c.cache_json.contains("slots_per_moe_layer")) j["slots_per_moe_layer"] = c.cache_json["slots_per_moe_layer"];
+  // What the loads moved: the precision asked for, where, and the loads and bytes in each.
+  j["miss_precision"] = s.cached ? config.cache.miss_precision : "native";
+  j["low_precision_layers"] = s.cached ? config.cache.low_precision_layers : "all";
+  if (s.cached && config.cache.miss_precision == "auto") j["low_precision"] = config.cache.low_precision;
+  if (s.cached && !config.cache.quantized_experts.empty()) j["quantized_experts"] = config.cache.quantized_experts;
+  for (const char* k : {"native_loads", "native_bytes", "low_precision_loads", "low_precision_bytes"})
+    if (c.cache_json.contains(k)) j[k] = c.cache_json[k];
   return j;
 }
 
@@ -1026,7 +1033,9 @@ Command AddBenchCommand(CLI::App& root) {
       ->capture_default_str();
   c.app->add_option("--prompt-len", o->prompt_len, "prompt tokens per request")->capture_default_str();
   c.app->add_option("--gen-len", o->gen_len, "generated tokens per request")->capture_default_str();
-  c.app->add_option("--max-batch", o->max_batch, "sequences in the running batch")->capture_default_str();
+  c.app->add_option("--max-batch", o->max_batch, "sequences in the running batch")
+      ->check(CLI::Range(1, 1 << 20))
+      ->capture_default_str();
   c.app
       ->add_option("--max-prefill-tokens", o->max_prefill_tokens,
                    "chunked prefill: prompt tokens prefilled per step; 0: no limit")

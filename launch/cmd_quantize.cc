@@ -71,7 +71,7 @@ StatusOr<runtime::ForwardResult> ForwardSequence(runtime::Engine& engine, const 
 // loads through the cache, so every one is in that precision). Prints the table and the
 // recommendation on stdout.
 Status RankLayers(const QuantizeOptions& o, const std::vector<int32_t>& ids, const std::vector<int64_t>& eval,
-                  const std::string& quantized_experts) {
+                  bool held_out, const std::string& quantized_experts) {
   runtime::EngineOptions eo = o.model.ToEngineOptions();
   eo.upload_experts = false;  // each pass's experts come through its expert cache
   if (eo.max_seq_len == 0 || eo.max_seq_len < o.seq_len) eo.max_seq_len = o.seq_len;
@@ -151,8 +151,13 @@ Status RankLayers(const QuantizeOptions& o, const std::vector<int32_t>& ids, con
     pick[static_cast<size_t>(moe[i])] = 1;
     ++picked;
   }
-  std::printf("# %s in one MoE layer at a time against the checkpoint's experts, %zu held-out tokens%s\n",
-              o.precision.c_str(), tokens, quantized_experts.empty() ? "" : " (GPTQ experts)");
+  // Without a hold-out, GPTQ experts are measured on the text they were fitted to (which flatters
+  // them); rounding to nearest fits nothing, so any text is unseen to it.
+  const char* which = held_out                    ? "held-out "
+                      : quantized_experts.empty() ? "calibration "
+                                                  : "calibration (also the GPTQ experts' fitting text) ";
+  std::printf("# %s in one MoE layer at a time against the checkpoint's experts, %zu %stokens%s\n", o.precision.c_str(),
+              tokens, which, quantized_experts.empty() ? "" : " (GPTQ experts)");
   std::printf("%-10s %12s %10s\n", "moe_layer", "mean_kl", "top1");
   for (size_t i : order)
     std::printf("%-10d %12.6f %9.2f%%\n", moe[i], kl[i] / static_cast<double>(tokens),
@@ -184,9 +189,13 @@ Status RunQuantize(const QuantizeOptions& o) {
     if (static_cast<int64_t>(ids.size()) >= o.max_tokens) break;
   }
   if (static_cast<int64_t>(ids.size()) > o.max_tokens) ids.resize(static_cast<size_t>(o.max_tokens));
-  if (ids.size() < static_cast<size_t>(o.seq_len))
+  if (ids.size() < static_cast<size_t>(o.seq_len)) {
+    if (static_cast<int64_t>(ids.size()) == o.max_tokens)
+      return InvalidArgument("--max-tokens " + std::to_string(o.max_tokens) +
+                             " is fewer than one sequence of --seq-len " + std::to_string(o.seq_len));
     return InvalidArgument("the calibration files hold " + std::to_string(ids.size()) +
                            " tokens, fewer than one sequence of --seq-len " + std::to_string(o.seq_len));
+  }
   runtime::EngineOptions eo = o.model.ToEngineOptions();
   if (eo.max_seq_len == 0 || eo.max_seq_len < o.seq_len) eo.max_seq_len = o.seq_len;
   EF_ASSIGN_OR_RETURN(auto engine, runtime::Engine::Create(o.model.dir, eo));
@@ -209,7 +218,7 @@ Status RunQuantize(const QuantizeOptions& o) {
     engine.reset();
     std::fprintf(stderr, "ranking: %zu sequences of %d tokens%s\n", eval.size(), o.seq_len,
                  hold_out ? (" (every " + std::to_string(every) + "th)").c_str() : "");
-    return RankLayers(o, ids, eval, "");
+    return RankLayers(o, ids, eval, hold_out, "");
   }
   const size_t hessian_bytes = cache::ExpertCalibration::HessianBytes(c) * (hold_out ? 2 : 1);
   if (static_cast<double>(hessian_bytes) > o.max_hessian_gib * kGiB)
@@ -265,10 +274,18 @@ Status RunQuantize(const QuantizeOptions& o) {
   if (!o.rank_layers) return Status::Ok();
   engine.reset();
   std::fprintf(stderr, "ranking: %zu %ssequences of %d tokens\n", eval.size(), hold_out ? "held-out " : "", o.seq_len);
-  return RankLayers(o, ids, eval, o.out);
+  return RankLayers(o, ids, eval, hold_out, o.out);
 }
 
 }  // namespace
+
+// CLI::Range lets NaN through (every comparison with it is false).
+const CLI::Validator kFinite(
+    [](std::string& v) -> std::string {
+      double d = 0;
+      return CLI::detail::lexical_cast(v, d) && std::isfinite(d) ? std::string() : "not a finite number: " + v;
+    },
+    "FINITE");
 
 Command AddQuantizeCommand(CLI::App& root) {
   auto o = std::make_shared<QuantizeOptions>();
@@ -290,12 +307,12 @@ Command AddQuantizeCommand(CLI::App& root) {
                   "experts, on the held-out sequences) and recommend --low-precision-layers");
   c.app
       ->add_option("--rank-tokens", o->rank_tokens,
-                   "tokens --rank-layers measures on, at most (their reference log-probabilities stay in "
-                   "memory: tokens x vocabulary x 4 bytes)")
+                   "tokens --rank-layers measures on, rounded up to whole --seq-len sequences (their reference "
+                   "log-probabilities stay in memory: tokens x vocabulary x 4 bytes)")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 24))
       ->capture_default_str();
   c.app->add_option("--max-kl", o->max_kl, "--rank-layers recommends layers whose summed KL stays within this")
-      ->check(CLI::Range(0.0, 100.0))
+      ->check(kFinite & CLI::Range(0.0, 100.0))
       ->capture_default_str();
   c.app->add_option("--seq-len", o->seq_len, "tokens per calibration sequence")
       ->check(CLI::Range(2, 1 << 16))
@@ -305,24 +322,31 @@ Command AddQuantizeCommand(CLI::App& root) {
       ->capture_default_str();
   c.app
       ->add_option("--min-tokens", o->min_tokens,
-                   "an expert reached by fewer calibration tokens is left to round to nearest at load")
+                   "an expert reached by fewer calibration tokens is left to round to nearest at load (0: as many "
+                   "as its widest input, the intermediate size)")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
   c.app
       ->add_option("--hold-out-every", o->hold_out_every,
                    "every Nth calibration sequence is kept out of the statistics and measures the output error on "
-                   "unseen inputs (0: every sequence calibrates)")
+                   "unseen inputs (0: every sequence calibrates; 1 would leave none to calibrate on)")
       ->check(CLI::NonNegativeNumber)
+      ->check(CLI::Validator(
+          [](std::string& v) -> std::string {
+            return v == "1" ? "1 would hold every sequence out and calibrate on none: 0, or 2 and up" : "";
+          },
+          "0 OR >= 2"))
       ->capture_default_str();
   c.app->add_option("--damp", o->damp, "added to the Hessian's diagonal, times its mean")
-      ->check(CLI::Range(0.0, 10.0))
+      ->check(kFinite & CLI::Range(0.0, 10.0))
       ->capture_default_str();
   c.app
       ->add_option("--max-hessian-gib", o->max_hessian_gib,
                    "refuse a model whose per-expert input statistics exceed this much memory")
-      ->check(CLI::PositiveNumber)
+      ->check(kFinite & CLI::PositiveNumber)
       ->capture_default_str();
-  c.run = [o] {
+  c.run = [o, app = c.app] {
+    if (app->count("--out") > 0 && o->out.empty()) return ReportError(InvalidArgument("--out needs a file name"));
     if (o->out.empty() && !o->rank_layers) return ReportError(InvalidArgument("give --out, --rank-layers or both"));
     Status s = RunQuantize(*o);
     return s.ok() ? 0 : ReportError(s);

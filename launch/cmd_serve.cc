@@ -250,7 +250,9 @@ Command AddServeCommand(CLI::App& root) {
       ->capture_default_str();
   c.app->add_option("--api-key", o->http.api_key, "require 'Authorization: Bearer KEY' on /v1/*");
   c.app->add_option("--served-model-name", o->served_name, "model id for /v1/models (default: the model folder)");
-  c.app->add_option("--max-batch", o->loop.max_batch, "sequences in the running batch")->capture_default_str();
+  c.app->add_option("--max-batch", o->loop.max_batch, "sequences in the running batch")
+      ->check(CLI::Range(1, 1 << 20))
+      ->capture_default_str();
   c.app
       ->add_option("--max-prefill-tokens", o->loop.max_prefill_tokens,
                    "chunked prefill: prompt tokens prefilled per step (longer prompts take several steps while "

@@ -39,6 +39,10 @@ struct Ctx {
   Status Error(const std::string& what) const {
     return InvalidArgument(Where(name, node) + ": " + key + ": " + what + ", got '" + Scalar(node) + "'");
   }
+  // A key that is read and checked but that no command acts on yet: said once where it is set.
+  void NoEffect(const char* why) const {
+    EF_LOG(WARN, CONFIG, "%s: %s has no effect: %s", Where(name, node).c_str(), key.c_str(), why);
+  }
 };
 
 Status GetString(const Ctx& c, std::string* out) {
@@ -158,7 +162,7 @@ const std::map<std::string, Section>& Schema() {
               EF_RETURN_IF_ERROR(GetInt(c, 0, 1024, &o->runtime.kv_block_size));
               const int b = o->runtime.kv_block_size;
               if ((b & (b - 1)) != 0)
-                return c.Error(std::to_string(b) + " is not a power of two (a paged block's size in tokens; 0: contiguous)");
+                return c.Error("expected a power of two (a paged block's size in tokens) or 0 (contiguous)");
               return Status::Ok();
             }},
            {"kv_cache_tokens",
@@ -216,9 +220,13 @@ const std::map<std::string, Section>& Schema() {
        {
            {"device_budget",
             [](const Ctx& c, Config* o) {
-              if (!c.node.IsScalar() || !ParseDeviceBudget(c.node.Scalar(), &o->cache).ok())
-                return c.Error("expected a size (bytes, e.g. 24GiB), 'N slots', 'N slots per layer', 'P%' or auto");
-              return Status::Ok();
+              if (c.node.IsScalar() && ParseDeviceBudget(c.node.Scalar(), &o->cache).ok()) return Status::Ok();
+              // A value in one of the forms gets that form's rule; anything else the list of forms.
+              const std::string t = c.node.IsScalar() ? c.node.Scalar() : "";
+              if (!t.empty() && t.back() == '%') return c.Error("expected a percentage of the experts in (0, 100]");
+              if (t.find("slot") != std::string::npos)
+                return c.Error("expected 'N slots' or 'N slots per layer' with N from 1 to 16777216");
+              return c.Error("expected a size (bytes, e.g. 24GiB), 'N slots', 'N slots per layer', 'P%' or auto");
             }},
            {"host_budget", [](const Ctx& c, Config* o) { return GetBytes(c, &o->cache.host_budget); }},
            {"policy",
@@ -269,7 +277,12 @@ const std::map<std::string, Section>& Schema() {
       {"scheduler",
        {
            {"max_batch_tokens",
-            [](const Ctx& c, Config* o) { return GetInt(c, 1, 1 << 24, &o->scheduler.max_batch_tokens); }},
+            [](const Ctx& c, Config* o) {
+              EF_RETURN_IF_ERROR(GetInt(c, 1, 1 << 24, &o->scheduler.max_batch_tokens));
+              c.NoEffect("the running batch is bounded by scheduler.max_batch_requests, a prefill step by "
+                         "scheduler.max_prefill_tokens");
+              return Status::Ok();
+            }},
            {"max_batch_requests",
             [](const Ctx& c, Config* o) { return GetInt(c, 1, 1 << 20, &o->scheduler.max_batch_requests); }},
            {"regroup_window", [](const Ctx& c, Config* o) { return GetInt(c, 1, 1024, &o->scheduler.regroup_window); }},
@@ -277,7 +290,11 @@ const std::map<std::string, Section>& Schema() {
             [](const Ctx& c, Config* o) { return GetInt(c, 0, 1 << 24, &o->scheduler.max_prefill_tokens); }},
            {"rank_assignment",
             [](const Ctx& c, Config* o) {
-              return GetOneOf(c, {"locality", "round_robin", "least_loaded"}, &o->scheduler.rank_assignment);
+              EF_RETURN_IF_ERROR(
+                  GetOneOf(c, {"locality", "round_robin", "least_loaded"}, &o->scheduler.rank_assignment));
+              c.NoEffect("rank 0 admits every request; the assignment policies are compared offline by "
+                         "`expertflow schedule-eval`");
+              return Status::Ok();
             }},
        }},
       {"routing",

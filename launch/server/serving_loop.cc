@@ -15,6 +15,10 @@ EF_PARAM(DebugFailAtStep, int64_t, "EF_DEBUG_FAIL_AT_STEP", -1,
          "testing: the serving loop's forward pass with this 0-based number fails as an engine error would "
          "(every request in flight gets an error, then the server exits)");
 
+EF_PARAM(DebugStepDelayUs, int64_t, "EF_DEBUG_STEP_DELAY_US", 0,
+         "testing: the serving loop sleeps this long before each forward pass (a slow engine, so that "
+         "requests are still in flight when a test acts on them)");
+
 namespace ef::launch {
 
 using Clock = std::chrono::steady_clock;
@@ -544,6 +548,8 @@ void ServingLoop::Step() {
   }
   runtime::ForwardResult& fr = forward_;  // reused: its logits buffer stays allocated between steps
   const Clock::time_point t0 = Clock::now();
+  if (params::DebugStepDelayUs() > 0)
+    std::this_thread::sleep_for(std::chrono::microseconds(params::DebugStepDelayUs()));
   const bool injected = num_steps_++ == params::DebugFailAtStep();
   Status s =
       injected

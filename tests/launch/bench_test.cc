@@ -65,6 +65,9 @@ TEST_F(BenchTest, DeviceBudgetAsAShareOfTheExperts) {
   EXPECT_NE(Bench("--synthetic tiny -n 1 -c 1 --prompt-len 4 --gen-len 4 --cache-device-budget 10%"), 0);
   EXPECT_NE(Err().find("1 per MoE layer"), std::string::npos) << Err();
   EXPECT_NE(Err().find("top-k (2)"), std::string::npos) << Err();
+  // A running batch of no sequence would never admit a request: refused up front, not a hang.
+  EXPECT_NE(Bench("--synthetic tiny -n 1 -c 1 --prompt-len 4 --gen-len 4 --max-batch 0"), 0);
+  EXPECT_NE(Err().find("--max-batch"), std::string::npos) << Err();
 }
 
 // int8 in the last half of the layers: each layer's slots are its experts' size. A budget in slots
@@ -95,6 +98,14 @@ TEST_F(BenchTest, ByteBudgetBuysTheInt8LayersMoreSlots) {
   EXPECT_EQ(b["results"]["generated_tokens"], a["results"]["generated_tokens"]);
   EXPECT_GT(b["cache"]["hits"].get<int64_t>(), a["cache"]["hits"].get<int64_t>());
   EXPECT_LT(b["results"]["bytes_moved"].get<int64_t>(), a["results"]["bytes_moved"].get<int64_t>());
+  // The record says what the loads were: the precision, where, and the loads and bytes in each.
+  EXPECT_EQ(b["cache"]["miss_precision"], "int8");
+  EXPECT_EQ(b["cache"]["low_precision_layers"], "last 50%");
+  EXPECT_GT(b["cache"]["low_precision_loads"].get<int64_t>(), 0) << b["cache"];
+  EXPECT_GT(b["cache"]["native_loads"].get<int64_t>(), 0) << b["cache"];
+  EXPECT_EQ(b["cache"]["low_precision_bytes"].get<int64_t>() + b["cache"]["native_bytes"].get<int64_t>(),
+            b["cache"]["bytes_from_host"].get<int64_t>())
+      << b["cache"];
 }
 
 TEST_F(BenchTest, SyntheticTinyWritesTheJsonRecord) {

@@ -105,6 +105,12 @@ TEST(ConfigTest, WrongTypesNameKeyAndLine) {
   EXPECT_EQ(Error("cache:\n  device_budget: lots\n"),
             "t.yaml:2: cache.device_budget: expected a size (bytes, e.g. 24GiB), 'N slots', 'N slots per layer', "
             "'P%' or auto, got 'lots'");
+  // A value in one of the forms names that form's rule.
+  EXPECT_EQ(Error("cache:\n  device_budget: 101%\n"),
+            "t.yaml:2: cache.device_budget: expected a percentage of the experts in (0, 100], got '101%'");
+  EXPECT_EQ(Error("cache:\n  device_budget: 0 slots per layer\n"),
+            "t.yaml:2: cache.device_budget: expected 'N slots' or 'N slots per layer' with N from 1 to 16777216, got "
+            "'0 slots per layer'");
   EXPECT_EQ(Error("- a\n- b\n"), "t.yaml:1: the top level must be a map of sections");
 }
 
@@ -114,8 +120,8 @@ TEST(ConfigTest, ImpossibleValuesNameKeyAndLine) {
   EXPECT_EQ(Error("runtime:\n  kv_cache_dtype: fp16\n"),
             "t.yaml:2: runtime.kv_cache_dtype: expected one of fp32|bf16, got 'fp16'");
   EXPECT_EQ(Error("runtime:\n  kv_block_size: 12\n"),
-            "t.yaml:2: runtime.kv_block_size: 12 is not a power of two (a paged block's size in tokens; 0: "
-            "contiguous), got '12'");
+            "t.yaml:2: runtime.kv_block_size: expected a power of two (a paged block's size in tokens) or 0 "
+            "(contiguous), got '12'");
   EXPECT_EQ(Error("runtime:\n  kv_block_size: 2048\n"),
             "t.yaml:2: runtime.kv_block_size: expected an integer in [0, 1024], got '2048'");
   EXPECT_EQ(Error("runtime:\n  cuda_graphs: maybe\n"),

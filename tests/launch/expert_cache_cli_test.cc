@@ -170,6 +170,8 @@ TEST_F(ExpertCacheCliTest, QuantizeRanksTheLayers) {
                            (dir_ / "calib.py").string() +
                            " --seq-len 64 --hold-out-every 2 --rank-layers --max-kl 0.01";
   ASSERT_EQ(Run(rank), 0) << Read("stderr");
+  // The rows were measured on held-out sequences, and say so.
+  EXPECT_NE(Read("stdout").find("held-out tokens"), std::string::npos) << Read("stdout");
   std::istringstream out(Read("stdout"));
   std::string line, spec;
   std::vector<std::pair<int, double>> rows;
@@ -214,6 +216,13 @@ TEST_F(ExpertCacheCliTest, QuantizeRanksTheLayers) {
   // Neither an output nor a ranking asked for.
   ASSERT_NE(Run("quantize --backend cpu --model " + kModelDir + " --calibration " + (dir_ / "calib.py").string()), 0);
   EXPECT_NE(Read("stderr").find("--rank-layers"), std::string::npos) << Read("stderr");
+  // A limit that is not a number, and a hold-out that leaves nothing to calibrate on, are refused
+  // before any work, naming the flag.
+  ASSERT_NE(Run(rank + " --max-kl nan"), 0);
+  EXPECT_NE(Read("stderr").find("--max-kl: not a finite number"), std::string::npos) << Read("stderr");
+  ASSERT_NE(Run(rank + " --hold-out-every 1 --out " + (dir_ / "q.safetensors").string()), 0);
+  EXPECT_NE(Read("stderr").find("--hold-out-every"), std::string::npos) << Read("stderr");
+  EXPECT_FALSE(fs::exists(dir_ / "q.safetensors"));
 }
 
 TEST_F(ExpertCacheCliTest, MpirunRunsAPerRankCache) {

@@ -71,7 +71,12 @@ StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(const CudaBackendOpti
 
 Status CudaBackend::Init() {
   int count = 0;
-  CUDA_CHECK(cudaGetDeviceCount(&count));
+  if (const cudaError_t e = cudaGetDeviceCount(&count); e != cudaSuccess) {
+    (void)cudaGetLastError();
+    // No driver, or none that this CUDA runtime can use: no GPU to run on, which is what to say.
+    return Unavailable(std::string("cuda backend: no usable NVIDIA GPU (") + cudaGetErrorString(e) +
+                       "); run with --backend cpu (runtime.backend: cpu) on a machine without one");
+  }
   if (options_.device < 0 || options_.device >= count)
     return InvalidArgument("cuda backend: device " + std::to_string(options_.device) + " requested, " +
                            std::to_string(count) + " visible");
