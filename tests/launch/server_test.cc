@@ -928,6 +928,21 @@ TEST(ServerFailureTest, RequestInFlightGetsAnErrorThenTheServerExits) {
   }
 }
 
+// Waits (bounded, 30 s) until `n` requests are in the server, running or queued (/metrics).
+bool WaitUntilInServer(const ServerProcess& s, int n) {
+  auto gauge = [](const std::string& text, const std::string& name) {
+    const size_t at = text.find("\n" + name + " ");
+    return at == std::string::npos ? -1 : std::stoi(text.substr(at + name.size() + 2));
+  };
+  const auto deadline = Clock::now() + std::chrono::seconds(30);
+  while (Clock::now() < deadline) {
+    const std::string m = Get(s, "/metrics").raw;
+    if (gauge(m, "expertflow_running_requests") + gauge(m, "expertflow_queue_depth") == n) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return false;
+}
+
 // SIGTERM while 8 requests run or wait, every other one streaming: each is answered in full (a
 // stream to its finish_reason and [DONE]), a request that arrives while they drain gets 503, and
 // the server exits 0.
@@ -968,19 +983,7 @@ TEST(ServerShutdownTest, SigtermFinishesInFlightRequestsAndExitsZero) {
         tokens[i] = std::stoi(r.raw.substr(usage + std::strlen("\"completion_tokens\":")));
     });
   }
-  // Wait (bounded) until all of them are in the server: running or queued.
-  auto gauge = [](const std::string& text, const std::string& name) {
-    const size_t at = text.find("\n" + name + " ");
-    return at == std::string::npos ? -1 : std::stoi(text.substr(at + name.size() + 2));
-  };
-  const auto deadline = Clock::now() + std::chrono::seconds(30);
-  bool all_in = false;
-  while (Clock::now() < deadline && !all_in) {
-    Reply m = Get(s, "/metrics");
-    all_in = gauge(m.raw, "expertflow_running_requests") + gauge(m.raw, "expertflow_queue_depth") == kRequests;
-    if (!all_in) std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  EXPECT_TRUE(all_in) << "the requests never all reached the server";
+  EXPECT_TRUE(WaitUntilInServer(s, kRequests)) << "the requests never all reached the server";
   const int exit_status = s.Terminate();
   for (auto& t : threads) t.join();
   EXPECT_EQ(exit_status, 0);
@@ -1010,18 +1013,7 @@ TEST(ServerShutdownTest, NewRequestsWhileDrainingGet503AndQueuedStreamsFinish) {
                   {"stream", true}};
       raw[i] = Post(s, "/v1/completions", req.dump()).raw;
     });
-  auto gauge = [](const std::string& text, const std::string& name) {
-    const size_t at = text.find("\n" + name + " ");
-    return at == std::string::npos ? -1 : std::stoi(text.substr(at + name.size() + 2));
-  };
-  const auto deadline = Clock::now() + std::chrono::seconds(30);
-  bool all_in = false;
-  while (Clock::now() < deadline && !all_in) {
-    const std::string m = Get(s, "/metrics").raw;
-    all_in = gauge(m, "expertflow_running_requests") + gauge(m, "expertflow_queue_depth") == kStreams;
-    if (!all_in) std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  EXPECT_TRUE(all_in) << "the streams never all reached the server";
+  EXPECT_TRUE(WaitUntilInServer(s, kStreams)) << "the streams never all reached the server";
   ASSERT_TRUE(s.Signal(SIGTERM));
   Reply refused;
   for (int i = 0; i < 200 && refused.status != 503; ++i) {
