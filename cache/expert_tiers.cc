@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "runtime/core/logging.h"
+#include "runtime/core/packed_bf16_format.h"
 #include "runtime/core/progress.h"
 #include "runtime/core/quant.h"
 
@@ -31,8 +32,9 @@ StatusOr<LoadPrecision> ParseLoadPrecision(const std::string& name) {
   if (name == "int8") return LoadPrecision::kInt8;
   if (name == "int4") return LoadPrecision::kInt4;
   if (name == "auto") return LoadPrecision::kAuto;
+  if (name == "lossless") return LoadPrecision::kLossless;
   return InvalidArgument("unknown cache.miss_precision '" + name +
-                         "' (native or bf16: the checkpoint's dtype, int8, int4, auto)");
+                         "' (native or bf16: the checkpoint's dtype, lossless, int8, int4, auto)");
 }
 
 const char* LoadPrecisionName(LoadPrecision p) {
@@ -45,13 +47,18 @@ const char* LoadPrecisionName(LoadPrecision p) {
       return "int4";
     case LoadPrecision::kAuto:
       return "auto";
+    case LoadPrecision::kLossless:
+      return "lossless";
   }
   return "?";
 }
 
 namespace {
 
-DType QuantDType(LoadPrecision p) { return p == LoadPrecision::kInt4 ? DType::kQ4 : DType::kQ8; }
+DType QuantDType(LoadPrecision p) {
+  if (p == LoadPrecision::kLossless) return DType::kPbf16;
+  return p == LoadPrecision::kInt4 ? DType::kQ4 : DType::kQ8;
+}
 
 bool Quantizable(const runtime::ExpertWeights& w, LoadPrecision p) {
   return p != LoadPrecision::kNative && p != LoadPrecision::kAuto && CacheQuantizes(w, QuantDType(p));
@@ -96,7 +103,12 @@ ExpertTiers::ExpertTiers(const runtime::ModelWeights* model, TierHooks hooks, Pr
       if (precision_ == LoadPrecision::kAuto) max_packed_bytes_ = std::max(max_packed_bytes_, w.nbytes());
     }
   }
-  if (num_unquantizable_ > 0)
+  if (num_unquantizable_ > 0 && quantized_precision_ == LoadPrecision::kLossless)
+    EF_LOG(WARN, CACHE,
+           "cache.miss_precision lossless: %d experts load in the checkpoint's dtype (%s; only bf16 experts without "
+           "biases whose widths are multiples of %d pack)",
+           num_unquantizable_, DTypeName(model_->expert_dtype()), PackedBf16Format::kGroup);
+  else if (num_unquantizable_ > 0)
     EF_LOG(WARN, CACHE,
            "cache.miss_precision %s: %d experts load in the checkpoint's dtype (%s, biased, or widths the group of "
            "%d does not divide)",
@@ -156,17 +168,20 @@ Status ExpertTiers::Quantize(int layer, int expert, std::span<const std::byte> n
   const runtime::Weight* from[] = {&w.gate, &w.up, &w.down};
   const runtime::Weight* to[] = {&p.gate, &p.up, &p.down};
   for (int i = 0; i < 3; ++i) {
-    EF_ASSIGN_OR_RETURN(size_t n, QuantizeExpertPart(popts_.calibrated.get(), layer, expert, i, to[i]->dtype, *from[i],
-                                                     native.data() + src_off, dst.data() + dst_off, to[i]->nbytes()));
+    StatusOr<size_t> n = QuantizeExpertPart(popts_.calibrated.get(), layer, expert, i, to[i]->dtype, *from[i],
+                                            native.data() + src_off, dst.data() + dst_off, to[i]->nbytes());
+    if (!n.ok())
+      return std::move(n).status().Prepend("cache.miss_precision " + std::string(LoadPrecisionName(precision_)) +
+                                           ": expert " + std::to_string(expert) + " of layer " + std::to_string(layer));
     src_off += from[i]->nbytes();
-    dst_off += n;
+    dst_off += *n;
   }
   return Status::Ok();
 }
 
 Status ExpertTiers::PackFromCheckpoint(int layer, int expert, std::span<std::byte> dst) const {
   const PackedLayout p = Layout(layer, expert);
-  if (!IsQuantized(p.gate.dtype)) return CopyFromCheckpoint(layer, expert, dst);
+  if (!CacheConverts(p.gate.dtype)) return CopyFromCheckpoint(layer, expert, dst);
   const runtime::ExpertWeights& w = model_->host_expert(layer, expert);
   std::vector<std::byte> native(w.nbytes());
   EF_RETURN_IF_ERROR(CopyFromCheckpoint(layer, expert, native));

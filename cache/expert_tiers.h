@@ -10,10 +10,13 @@
 // Bytes are "packed": gate | up | down back to back, as the CPU slots and the host shards lay them
 // out, in the load precision: the checkpoint's dtype, or (cache.miss_precision int8 | int4) the
 // runtime's group-quantized kQ8 / kQ4 (runtime/core/quant_format.h), so a load moves 1.9x / 3.6x
-// fewer bytes than bf16 and the backend's Gemm computes on the quantized block. The quantized host
+// fewer bytes than bf16 and the backend's Gemm computes on the quantized block, or (lossless) bf16
+// packed bit-exactly into kPbf16 (1.32x fewer bytes). "Low precision" and "quantized" below name
+// all three; lossless loses nothing. The quantized host
 // copies are made once: at Prepare() for the experts this rank computes, on first use for others
 // (from the native bytes of the nearest tier). An expert whose shape the group does not divide
-// stays in the checkpoint's dtype (a warning says how many).
+// stays in the checkpoint's dtype (a warning says how many; under lossless every expert that is
+// not bf16).
 //
 // Host memory: under expert parallelism the rank's shard holds its home experts up to
 // cache.host_budget; on CUDA the pinned tier pins those same experts (in the load precision), so
@@ -67,7 +70,10 @@ struct TierHooks {
 //         token of this rank's batch that routes to it loads in `low` precision, the others in the
 //         checkpoint's; a low-precision resident expert used `upgrade_uses` times is reloaded in
 //         the checkpoint's precision (it turned hot). Slots are then sized for native experts.
-enum class LoadPrecision { kNative, kInt8, kInt4, kAuto };
+//   lossless: bf16 experts packed without losing a bit (kPbf16, runtime/core/packed_bf16_format.h):
+//         0.756x the bytes of bf16 per load and 1.32x the experts per slot budget, outputs unchanged
+//         up to the summation order of the backend's packed GEMV (bitwise on the CPU backend).
+enum class LoadPrecision { kNative, kInt8, kInt4, kAuto, kLossless };
 struct PrecisionOptions {
   LoadPrecision precision = LoadPrecision::kNative;
   LoadPrecision low = LoadPrecision::kInt8;  // auto's low precision: int8 or int4
@@ -82,7 +88,8 @@ struct PrecisionOptions {
   std::vector<uint8_t> low_layers;
 };
 
-// "native" (alias "bf16": the checkpoint's own dtype, outputs unchanged), "int8", "int4", "auto".
+// "native" (alias "bf16": the checkpoint's own dtype, outputs unchanged), "lossless", "int8", "int4",
+// "auto".
 StatusOr<LoadPrecision> ParseLoadPrecision(const std::string& name);
 const char* LoadPrecisionName(LoadPrecision p);
 

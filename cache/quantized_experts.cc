@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <cstring>
 
+#include "runtime/core/packed_bf16.h"
 #include "runtime/core/quant.h"
 #include "runtime/core/quant_format.h"
 
@@ -55,6 +56,9 @@ std::string ExpertFingerprint(const runtime::ModelWeights& model) {
 bool CacheQuantizes(const runtime::ExpertWeights& w, DType t) {
   if (!IsFloatWeight(w.gate.dtype) || w.up.dtype != w.gate.dtype || w.down.dtype != w.gate.dtype || w.has_bias())
     return false;
+  if (t == DType::kPbf16)
+    return w.gate.dtype == DType::kBF16 && PackedBf16Format::divides(w.gate.cols) &&
+           PackedBf16Format::divides(w.up.cols) && PackedBf16Format::divides(w.down.cols);
   const QuantFormat& f = QuantFormat::Of(t);
   return f.divides(w.gate.cols) && f.divides(w.up.cols) && f.divides(w.down.cols) && w.up.rows == w.gate.rows &&
          w.up.cols == w.gate.cols && w.down.cols == w.gate.rows && w.down.rows == w.gate.cols;
@@ -157,6 +161,11 @@ StatusOr<size_t> QuantizeExpertPart(const QuantizedExperts* calibrated, int laye
       std::memcpy(dst, block, n);
       return n;
     }
+  }
+  if (target == DType::kPbf16) {
+    if (from.dtype != DType::kBF16)
+      return InvalidArgument(std::string("packing a ") + DTypeName(from.dtype) + " weight as PBF16: only bf16 packs");
+    return PackBf16(static_cast<const uint16_t*>(src), from.rows, from.cols, dst, dst_bytes, max_threads);
   }
   return Quantize(target, from.dtype, src, from.rows, from.cols, dst, dst_bytes, max_threads);
 }

@@ -40,7 +40,12 @@ std::string ExpertFingerprint(const runtime::ModelWeights& model);
 // without biases whose widths the group divides. Biased experts (GPT-OSS) stay in the checkpoint's
 // precision (their packed layout appends the biases, which a quantized block does not carry), and so
 // do experts a checkpoint ships packed (MXFP4, block FP8): requantizing them would only add error.
+// t == kPbf16 (cache.miss_precision lossless): bf16 experts without biases whose widths
+// PackedBf16Format divides.
 bool CacheQuantizes(const runtime::ExpertWeights& w, DType t);
+// Whether the cache writes a part of dtype t by converting the checkpoint's bytes (quantizing or
+// packing them) rather than copying them.
+constexpr bool CacheConverts(DType t) { return IsQuantized(t) || t == DType::kPbf16; }
 
 // The tensor name of part (0 gate, 1 up, 2 down) of (layer, expert).
 std::string QuantizedExpertName(int layer, int expert, int part);
@@ -78,8 +83,9 @@ class QuantizedExperts {
 
 // Part `part` (0 gate, 1 up, 2 down) of (layer, expert), whose checkpoint bytes are `src` (the
 // shape and dtype of `from`), in the quantized dtype `target` into dst: the calibrated block when
-// `calibrated` (may be null) holds one in that dtype, else Quantize's round to nearest. Returns the
-// bytes written.
+// `calibrated` (may be null) holds one in that dtype, else Quantize's round to nearest; target kPbf16
+// packs the bf16 part losslessly (PackBf16: OutOfRange for a part with too many exceptions). Returns
+// the bytes written.
 [[nodiscard]] StatusOr<size_t> QuantizeExpertPart(const QuantizedExperts* calibrated, int layer, int expert, int part,
                                                   DType target, const runtime::Weight& from, const void* src, void* dst,
                                                   size_t dst_bytes, int max_threads = 0);

@@ -31,10 +31,9 @@ Status WriteExpertSlot(const runtime::ModelWeights& model, const SlotLayout& lay
     if (s.rows != t.rows || s.cols != t.cols)
       return Internal(name() + ": part " + std::to_string(i) + " has another shape in the slot layout");
     std::byte* out = dst.data() + off[i];
-    if (IsQuantized(t.dtype)) {
-      StatusOr<size_t> n = i < 3 ? QuantizeExpertPart(calibrated, layer, expert, static_cast<int>(i), t.dtype, s,
-                                                      s.data, out, t.nbytes(), quant_threads)
-                                 : Quantize(t.dtype, s.dtype, s.data, s.rows, s.cols, out, t.nbytes(), quant_threads);
+    if (CacheConverts(t.dtype)) {
+      StatusOr<size_t> n = QuantizeExpertPart(i < 3 ? calibrated : nullptr, layer, expert, static_cast<int>(i),
+                                              t.dtype, s, s.data, out, t.nbytes(), quant_threads);
       if (!n.ok()) return std::move(n).status().Prepend(name());
     } else {
       if (s.dtype != t.dtype) return Internal(name() + ": part " + std::to_string(i) + " changes dtype unquantized");

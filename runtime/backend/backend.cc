@@ -1,6 +1,7 @@
 #include "runtime/backend/backend.h"
 
 #include "runtime/core/block_scaled_format.h"
+#include "runtime/core/packed_bf16_format.h"
 #include "runtime/core/quant_format.h"
 
 namespace ef::runtime {
@@ -27,6 +28,10 @@ Status CheckWeightType(const char* backend, DType dtype, int64_t cols) {
   if (IsQuantized(dtype) && !QuantFormat::Of(dtype).divides(cols)) block = QuantFormat::Of(dtype).group;
   if (IsBlockScaled(dtype) && !BlockScaledFormat::Of(dtype).divides(cols))
     block = BlockScaledFormat::Of(dtype).block_cols;
+  if (dtype == DType::kPbf16 && !PackedBf16Format::divides(cols))
+    return InvalidArgument(std::string(backend) + ": a PBF16 weight's cols (" + std::to_string(cols) +
+                           ") must be a multiple of " + std::to_string(PackedBf16Format::kGroup) + " up to " +
+                           std::to_string(PackedBf16Format::kMaxCols));
   if (block > 0)
     return InvalidArgument(std::string(backend) + ": a " + DTypeName(dtype) + " weight's cols (" +
                            std::to_string(cols) + ") must be a multiple of its group (" + std::to_string(block) + ")");

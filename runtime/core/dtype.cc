@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "runtime/core/block_scaled_format.h"
+#include "runtime/core/packed_bf16_format.h"
 #include "runtime/core/quant_format.h"
 
 namespace ef {
@@ -39,6 +40,8 @@ const char* DTypeName(DType t) {
       return "MXFP4";
     case DType::kFp8Block:
       return "FP8B128";
+    case DType::kPbf16:
+      return "PBF16";
   }
   return "?";
 }
@@ -60,6 +63,7 @@ bool ParseDType(std::string_view s, DType* out) {
 size_t WeightBytes(DType t, int64_t rows, int64_t cols) {
   if (IsQuantized(t)) return QuantFormat::Of(t).bytes(rows, cols);
   if (IsBlockScaled(t)) return BlockScaledFormat::Of(t).bytes(rows, cols);
+  if (t == DType::kPbf16) return PackedBf16Format::bytes(rows, cols);
   return static_cast<size_t>(rows * cols) * DTypeSize(t);
 }
 

@@ -9,10 +9,12 @@
 namespace ef {
 
 // kQ8 and kQ4 are this runtime's own group-quantized weight formats (layout in
-// runtime/core/quant_format.h, produced by Quantize in runtime/core/quant.h). kMxfp4 and kFp8Block
+// runtime/core/quant_format.h, produced by Quantize in runtime/core/quant.h); kPbf16 is its
+// lossless packing of bf16 weights (runtime/core/packed_bf16_format.h, PackBf16 in
+// runtime/core/packed_bf16.h). kMxfp4 and kFp8Block
 // are the block-scaled formats published checkpoints ship (GPT-OSS's MXFP4 experts, DeepSeek-V3's
 // 128 x 128 block FP8), held as one block of values and scales (runtime/core/block_scaled_format.h).
-// No checkpoint tensor has any of these four types: ParseDType refuses their names. kF8E4M3 is OCP
+// No checkpoint tensor has any of these five types: ParseDType refuses their names. kF8E4M3 is OCP
 // FP8 E4M3 ("F8_E4M3", torch.float8_e4m3fn: no infinities, 0x7f/0xff NaN), the element type of a
 // block FP8 checkpoint tensor, whose scales are a separate tensor; a weight is never kF8E4M3 (the
 // loader packs it with its scales as kFp8Block, or dequantizes it).
@@ -31,10 +33,11 @@ enum class DType : uint8_t {
   kQ4,
   kF8E4M3,
   kMxfp4,
-  kFp8Block
+  kFp8Block,
+  kPbf16
 };
 
-// Bytes per element; 0 for the packed weight formats (kQ8, kQ4, kMxfp4, kFp8Block), whose elements
+// Bytes per element; 0 for the packed weight formats (kQ8, kQ4, kMxfp4, kFp8Block, kPbf16), whose elements
 // take a fraction of a byte or a byte plus a share of their block's scales: size those with
 // WeightBytes.
 constexpr size_t DTypeSize(DType t) {
@@ -58,6 +61,7 @@ constexpr size_t DTypeSize(DType t) {
     case DType::kQ4:
     case DType::kMxfp4:
     case DType::kFp8Block:
+    case DType::kPbf16:
       return 0;
   }
   return 0;
@@ -69,13 +73,13 @@ constexpr bool IsQuantized(DType t) { return t == DType::kQ8 || t == DType::kQ4;
 constexpr bool IsBlockScaled(DType t) { return t == DType::kMxfp4 || t == DType::kFp8Block; }
 // A weight of one of these types is one block of WeightBytes (values, then scales) that only Gemm
 // takes; it is dequantized on use.
-constexpr bool IsPackedWeight(DType t) { return IsQuantized(t) || IsBlockScaled(t); }
+constexpr bool IsPackedWeight(DType t) { return IsQuantized(t) || IsBlockScaled(t) || t == DType::kPbf16; }
 
 // Bytes of a [rows, cols] weight stored as t: rows * cols * DTypeSize(t), or for the packed formats
 // the values and scales of their layout (a multiple of 16 bytes).
 size_t WeightBytes(DType t, int64_t rows, int64_t cols);
 
-// The safetensors spelling ("F32", "BF16", ...); "Q8G" / "Q4G" / "MXFP4" / "FP8B128" for the
+// The safetensors spelling ("F32", "BF16", ...); "Q8G" / "Q4G" / "MXFP4" / "FP8B128" / "PBF16" for the
 // packed weight formats.
 const char* DTypeName(DType t);
 // Parses a safetensors dtype string; false when unknown (and for the packed formats' names, which

@@ -11,6 +11,7 @@
 
 #include "runtime/backend/cpu/host_gemv.h"
 #include "runtime/core/block_scaled.h"
+#include "runtime/core/packed_bf16.h"
 #include "runtime/core/params.h"
 #include "runtime/core/quant.h"
 #include "runtime/core/sample_row.h"
@@ -44,6 +45,10 @@ inline const float* WeightRow(const Weight& w, int64_t r, float* scratch) {
   }
   if (IsBlockScaled(w.dtype)) {
     DequantizeBlockScaledRow(w.dtype, w.data, w.rows, w.cols, r, scratch);
+    return scratch;
+  }
+  if (w.dtype == DType::kPbf16) {  // the bf16 row's exact values: outputs as with the bf16 weight
+    UnpackBf16RowF32(w.data, w.rows, w.cols, r, scratch);
     return scratch;
   }
   const size_t esz = DTypeSize(w.dtype);

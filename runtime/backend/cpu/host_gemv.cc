@@ -15,6 +15,7 @@
 #include "runtime/core/block_scaled.h"
 #include "runtime/core/dtype.h"
 #include "runtime/core/logging.h"
+#include "runtime/core/packed_bf16.h"
 #include "runtime/core/params.h"
 #include "runtime/core/quant.h"
 #include "runtime/core/quant_format.h"
@@ -598,6 +599,8 @@ void WidenRow(const Weight& w, int64_t j, float* dst) {
     case DType::kF32:
       std::memcpy(dst, static_cast<const float*>(w.data) + j * k, static_cast<size_t>(k) * sizeof(float));
       return;
+    case DType::kPbf16:
+      return UnpackBf16RowF32(w.data, w.rows, k, j, dst);
     default:  // block-scaled (MXFP4, block FP8)
       return DequantizeBlockScaledRow(w.dtype, w.data, w.rows, k, j, dst);
   }
