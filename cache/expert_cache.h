@@ -68,9 +68,10 @@ struct ExpertCacheOptions {
   // model; `frequency` without a file is fitted on it and `static` counts its routing.
   const placement::RoutingTrace* trace = nullptr;
   // The precision experts are loaded into slots in: native (the checkpoint's; outputs unchanged),
-  // int8 or int4 (group-quantized copies made at load: 1.9x / 3.6x fewer bytes per load than bf16;
-  // cache/expert_tiers.h). A budget in bytes then holds more slots.
-  std::string miss_precision = "native";  // native | int8 | int4 | auto (PrecisionOptions)
+  // lossless (bf16 packed bit-exactly: 1.32x fewer bytes per load), int8 or int4 (group-quantized
+  // copies made at load: 1.9x / 3.6x fewer bytes per load than bf16; cache/expert_tiers.h). A budget
+  // in bytes then holds more slots.
+  std::string miss_precision = "native";  // native | lossless | int8 | int4 | auto (PrecisionOptions)
   std::string low_precision = "int8";     // auto: the low precision (int8 | int4)
   double low_precision_gate = 0.5;        // auto: gate weight below which a miss loads low
   int upgrade_uses = 16;                  // auto: uses before a low-precision copy is upgraded; 0: never

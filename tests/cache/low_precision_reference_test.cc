@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <vector>
@@ -279,6 +280,53 @@ TEST(LowPrecisionBudget, SlotsAreSizedPerLayerAndBytesBuyMoreSmallOnes) {
     ASSERT_FALSE(b.ok()) << "'" << bad << "'";
     EXPECT_NE(b.status().message().find("cache.low_precision_layers"), std::string::npos) << b.status().ToString();
   }
+}
+
+// cache.miss_precision lossless: the packed bf16 copies compute the checkpoint's model bit for bit
+// on the CPU backend (same logits, same tokens) at the smallest budget, moving 0.77x the bytes of
+// native loads (tiny-code-moe's rows of 128: 0.756x on Mixtral's shapes); a budget in bytes holds
+// 1.3x the slots.
+TEST(LowPrecisionBudget, LosslessLoadsAreBitwiseTheCheckpointsAtFewerBytes) {
+  runtime::EngineOptions eo;
+  eo.backend = "cpu";
+  auto engine = Engine::Create(std::string(EF_MODELS_DIR) + "/tiny-code-moe", eo);
+  ASSERT_TRUE(engine.ok()) << engine.status().ToString();
+  const std::vector<int32_t> prompt = {11, 42, 7, 99, 3, 150, 2, 77, 5};
+  std::map<std::string, int64_t> bytes;
+  ef::testing::PromptRun native;
+  for (const char* precision : {"native", "lossless"}) {
+    const ExpertCacheOptions o = OnDemandLru((*engine)->config(), precision);
+    auto cache = ExpertCache::Create(engine->get(), o);
+    ASSERT_TRUE(cache.ok()) << cache.status().ToString();
+    ASSERT_TRUE((*cache)->active());
+    const ef::testing::PromptRun got = ef::testing::RunPrompt(**engine, prompt, 4);
+    bytes[precision] = (*cache)->stats().total.bytes_from_host;
+    if (std::string(precision) == "native") {
+      native = got;
+    } else {
+      EXPECT_NE((*cache)->Describe().find("loads in lossless"), std::string::npos) << (*cache)->Describe();
+      ASSERT_EQ(got.logits.size(), native.logits.size());
+      EXPECT_EQ(0, std::memcmp(got.logits.data(), native.logits.data(), got.logits.size() * sizeof(float)));
+      EXPECT_EQ(got.tokens, native.tokens);
+    }
+    cache->reset();
+  }
+  ASSERT_GT(bytes["native"], 0);
+  const double ratio = static_cast<double>(bytes["lossless"]) / static_cast<double>(bytes["native"]);
+  EXPECT_NEAR(ratio, 0.769, 0.001);
+  std::printf("[ lossless ] tiny-code-moe: %.3fx the bytes of native loads, logits bitwise equal\n", ratio);
+
+  ExpertCacheOptions o;
+  o.slots_per_layer = 2;
+  auto two = ExpertCache::PlanBudget(**engine, o);
+  ASSERT_TRUE(two.ok()) << two.status().ToString();
+  o.slots_per_layer = 0;
+  o.device_budget_bytes = 8u * 4 * two->slot_bytes;  // 4 native slots a layer
+  o.miss_precision = "lossless";
+  auto packed = ExpertCache::PlanBudget(**engine, o);
+  ASSERT_TRUE(packed.ok()) << packed.status().ToString();
+  EXPECT_LT(packed->slot_bytes, two->slot_bytes * 78 / 100);
+  EXPECT_EQ(packed->slots_per_layer, 5);  // 4 / 0.771 = 5.2
 }
 
 TEST(LowPrecisionLayers, ParsesTheThreeForms) {

@@ -1,5 +1,5 @@
 // One expert's three matrices on the host, as cache.cpu_compute runs a missed expert: HostGemv
-// (vector path) against the CPU backend's exact Gemm, per weight type, for 1..4 rows of x; int8
+// (vector path) against the CPU backend's exact Gemm, per weight type (bf16, packed bf16, int8, int4), for 1..4 rows of x; int8
 // and int4 weights twice, with x in fp32 and in int8 (VNNI), bf16 weights with AVX-512 FMAs and on
 // AMX tiles, where the CPU has them.
 // Prints ms per expert and the weight bytes streamed per second (a program, not a test).
@@ -31,6 +31,7 @@
 
 #include "runtime/backend/cpu/cpu_backend.h"
 #include "runtime/backend/cpu/host_gemv.h"
+#include "runtime/core/packed_bf16.h"
 #include "runtime/core/quant.h"
 #if defined(EF_HAVE_CUDA_BACKEND)
 #include "runtime/backend/cuda/pinned_memory.h"
@@ -96,6 +97,13 @@ Weight Make(DType t, int64_t rows, int64_t cols, const std::string& memory, std:
   if (t == DType::kBF16) {
     auto* b = reinterpret_cast<uint16_t*>(store->data());
     for (size_t i = 0; i < f.size(); ++i) b[i] = ef::F32ToBf16(f[i]);
+  } else if (t == DType::kPbf16) {
+    std::vector<uint16_t> b(f.size());
+    for (size_t i = 0; i < f.size(); ++i) b[i] = ef::F32ToBf16(f[i]);
+    if (!ef::PackBf16(b.data(), rows, cols, store->data(), w.nbytes()).ok()) {
+      std::fprintf(stderr, "pack bf16 failed\n");
+      std::exit(1);
+    }
   } else if (!ef::Quantize(t, DType::kF32, f.data(), rows, cols, store->data(), w.nbytes()).ok()) {
     std::fprintf(stderr, "quantize failed\n");
     std::exit(1);
@@ -173,7 +181,7 @@ int main(int argc, char** argv) {
   std::printf("%-6s %4s %4s %12s %10s %12s %10s %8s\n", "dtype", "x", "rows", "exact_ms", "exact_GB/s", "vector_ms",
               "vector_GB/s", "speedup");
   using ef::runtime::HostPath;
-  for (DType t : {DType::kBF16, DType::kQ8, DType::kQ4}) {
+  for (DType t : {DType::kBF16, DType::kPbf16, DType::kQ8, DType::kQ4}) {
     struct Expert {
       std::unique_ptr<Store> sg, su, sd;
       Weight g, u, d;

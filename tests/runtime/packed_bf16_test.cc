@@ -219,15 +219,18 @@ TEST(PackedBf16Test, ShippedModelAndFixtureWeightsRoundTrip) {
 }
 
 // Gemm on the packed weight reads the bf16 values exactly: bitwise the bf16 weight's outputs, for
-// any m, with and without accumulation and bias; HostGemv (the host expert kernel) agrees on whole
-// weights and on blocks of rows and columns.
+// any m, with and without accumulation and bias; HostGemv (the host expert kernel: AVX-512 decoding
+// in registers where the CPU has it) agrees on whole weights and on blocks of rows and columns.
 TEST(PackedBf16Test, CpuGemmEqualsTheBf16WeightsBitwise) {
   runtime::CpuBackend cpu;
   const int64_t n = 96, k = 384;
   std::vector<uint16_t> w = GaussianBf16(n * k, 4);
   w[5] = 0x0000;
-  w[700] = 0x2000;  // an exception
-  w[701] = 0x0003;  // a subnormal
+  w[700] = 0x2000;           // an exception (row 1)
+  w[701] = 0x0003;           // a subnormal
+  w[20 * k + 5] = 0xa000;    // exceptions left of the block below and inside it
+  w[30 * k + 200] = 0x2100;
+  w[79 * k + 383] = 0x1f00;
   const std::vector<std::byte> p = PackOrDie(w, n, k);
   auto wp = cpu.UploadWeight(DType::kPbf16, p.data(), n, k);
   ASSERT_TRUE(wp.ok()) << wp.status().ToString();

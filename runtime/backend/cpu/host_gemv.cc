@@ -16,6 +16,7 @@
 #include "runtime/core/dtype.h"
 #include "runtime/core/logging.h"
 #include "runtime/core/packed_bf16.h"
+#include "runtime/core/packed_bf16_format.h"
 #include "runtime/core/params.h"
 #include "runtime/core/quant.h"
 #include "runtime/core/quant_format.h"
@@ -60,6 +61,10 @@ EF_AVX512 inline __m512 Bf16x16(const void* p) {
 }
 
 #endif
+
+// The columns a vector kernel steps by (a block's columns must start and end on them): 64, and a
+// PBF16 weight's group of 128.
+constexpr int64_t VectorColumns(DType t) { return t == DType::kPbf16 ? PackedBf16Format::kGroup : 64; }
 
 // One call's operands as the kernels read them: the block [row_begin, row_end) x [col_begin,
 // col_end) of w against x[m, k] (k = col_end - col_begin), into y[m, n] (n = row_end - row_begin).
@@ -180,6 +185,82 @@ EF_AVX512 void RowsQ4(const Operands& o, int64_t j) {
     for (int i = 0; i < M; ++i) o.y[i * o.n + j + r] = _mm512_reduce_add_ps(acc[r][i]);
 }
 
+// A PBF16 group's 16 exponents as fp32 exponent fields (bits 23..30), by code: base - c for
+// c < 15, 0 for code 15 (zeros, subnormals, exceptions). vpermd looks codes up in it (reading only
+// each index's low 4 bits, so a byte of two codes needs no mask for its low nibble).
+EF_AVX512 inline __m512i Pbf16ExponentTable(int base) {
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i e = _mm512_maskz_sub_epi32(0x7fff, _mm512_set1_epi32(base), iota);
+  return _mm512_slli_epi32(e, 23);
+}
+
+// 16 PBF16 values as fp32 from their low bytes (sign << 7 | mantissa, one per lane) and codes:
+// sign to bit 31, mantissa to bits 16..22, exponent from the table, or-ed in one vpternlogd.
+EF_AVX512 inline __m512 DecodePbf16(__m512i low, __m512i code, __m512i table) {
+  const __m512i sign = _mm512_slli_epi32(_mm512_srli_epi32(low, 7), 31);
+  const __m512i mant = _mm512_slli_epi32(_mm512_and_si512(low, _mm512_set1_epi32(0x7f)), 16);
+  return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(sign, mant, _mm512_permutexvar_epi32(code, table), 0xfe));
+}
+
+// PBF16 (runtime/core/packed_bf16_format.h): each value's bf16 bits rebuilt in registers from its
+// low byte, its nibble and its group's base: codes byte q of a group holds values q (low nibble)
+// and 64 + q (high), so a 16-byte load of codes serves 16 values of each half-group. An exception
+// decodes to +0 and is added after the row's sum (its row's entries, in the block's columns).
+template <int M, int R>
+EF_AVX512 void RowsPbf16(const Operands& o, int64_t j) {
+  using F = PackedBf16Format;
+  const float* x = o.x;
+  const Weight& w = *o.w;
+  const int64_t k = o.k, ld = w.cols, groups = k / F::kGroup, ldg = ld / F::kGroup, row = o.row_begin + j;
+  const auto* block = static_cast<const uint8_t*>(w.data);
+  const uint8_t* low = block + row * ld + o.col_begin;
+  const uint8_t* codes = block + F::codes_offset(w.rows, ld) + (row * ld + o.col_begin) / 2;
+  const uint8_t* base = block + F::base_offset(w.rows, ld) + row * ldg + o.col_begin / F::kGroup;
+  __m512 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < M; ++i) acc[r][i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i b[R];
+    for (int r = 0; r < R; ++r) b[r] = Pbf16ExponentTable(base[r * ldg + g]);
+    for (int q = 0; q < F::kGroup / 2; q += 16) {
+      const int64_t c = g * F::kGroup + q;
+      __m512 xa[M], xb[M];
+      for (int i = 0; i < M; ++i) {
+        xa[i] = _mm512_loadu_ps(x + i * k + c);
+        xb[i] = _mm512_loadu_ps(x + i * k + c + F::kGroup / 2);
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512i cc =
+            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + r * ld / 2 + g * F::kGroup / 2 + q)));
+        const uint8_t* lr = low + r * ld + c;
+        const __m512 wa = DecodePbf16(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lr))),
+                                 cc, b[r]);
+        const __m512 wb =
+            DecodePbf16(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lr + F::kGroup / 2))),
+                   _mm512_srli_epi32(cc, 4), b[r]);
+        for (int i = 0; i < M; ++i) acc[r][i] = _mm512_fmadd_ps(xb[i], wb, _mm512_fmadd_ps(xa[i], wa, acc[r][i]));
+      }
+    }
+  }
+  const uint8_t* row_end = block + F::row_end_offset(w.rows, ld);
+  const uint8_t* exceptions = block + F::exceptions_offset(w.rows, ld);
+  for (int r = 0; r < R; ++r) {
+    uint32_t first = 0, last;
+    if (row + r > 0) std::memcpy(&first, row_end + 4 * (row + r - 1), 4);
+    std::memcpy(&last, row_end + 4 * (row + r), 4);
+    for (int i = 0; i < M; ++i) {
+      float s = _mm512_reduce_add_ps(acc[r][i]);
+      for (uint32_t e = first; e < last; ++e) {
+        uint32_t entry;
+        std::memcpy(&entry, exceptions + 4 * e, 4);
+        const int64_t col = static_cast<int64_t>(entry & 0xffff) - o.col_begin;
+        if (col >= 0 && col < k) s += x[i * k + col] * Bf16ToF32(static_cast<uint16_t>(entry >> 16));
+      }
+      o.y[i * o.n + j + r] = s;
+    }
+  }
+}
+
 template <int M, int R>
 void RowBlock(const Operands& o, int64_t j) {
   switch (o.w->dtype) {
@@ -187,6 +268,8 @@ void RowBlock(const Operands& o, int64_t j) {
       return RowsQ8<M, R>(o, j);
     case DType::kQ4:
       return RowsQ4<M, R>(o, j);
+    case DType::kPbf16:
+      return RowsPbf16<M, R>(o, j);
     default:
       return RowsFloat<M, R>(o, j);
   }
@@ -659,9 +742,9 @@ HostPath HostGemvPath(const Weight& w, HostPath path) {
 
 bool HostGemvVectorized(const Weight& w) {
 #ifdef EF_HOST_GEMV_X86
-  const bool dtype_ok =
-      w.dtype == DType::kF32 || w.dtype == DType::kBF16 || w.dtype == DType::kQ8 || w.dtype == DType::kQ4;
-  return HaveAvx512() && dtype_ok && w.cols % 64 == 0 && w.cols > 0;
+  const bool dtype_ok = w.dtype == DType::kF32 || w.dtype == DType::kBF16 || w.dtype == DType::kQ8 ||
+                        w.dtype == DType::kQ4 || w.dtype == DType::kPbf16;
+  return HaveAvx512() && dtype_ok && w.cols % VectorColumns(w.dtype) == 0 && w.cols > 0;
 #else
   (void)w;
   return false;
@@ -674,7 +757,7 @@ void HostGemv(ThreadPool& pool, const float* x, int64_t m, const Weight& w, floa
   const int64_t n = row_end - block.row_begin, k = col_end - block.col_begin;
   if (m <= 0 || n <= 0 || k <= 0) return;
   const bool whole = n == w.rows && k == w.cols;
-  const bool aligned = block.col_begin % 64 == 0 && k % 64 == 0;
+  const bool aligned = block.col_begin % VectorColumns(w.dtype) == 0 && k % VectorColumns(w.dtype) == 0;
   if (!HostGemvVectorized(w) || !aligned) {
     if (whole) {
       CpuBackend(&pool).Gemm(x, m, w, nullptr, y, /*accumulate=*/false);  // the exact path

@@ -3,7 +3,9 @@
 // GPU (cache.cpu_compute): a missed expert's weights are read once from host memory, which at
 // batch 1 takes less time than copying them over PCIe.
 //
-// W is F32, BF16, Q8G or Q4G (runtime/core/quant_format.h). With AVX-512 (checked at run time;
+// W is F32, BF16, Q8G, Q4G (runtime/core/quant_format.h) or PBF16 (packed_bf16_format.h; its
+// values are decoded to their bf16 bits in registers, exceptions added after each row's sum; blocks
+// cut at its group of 128 columns). With AVX-512 (checked at run time;
 // the build targets baseline x86-64; HostPath below names the kernels) bf16 rows are widened in
 // registers, Q8G rows are reduced per group (sum q*x, then one scale multiply per group) and Q4G
 // nibbles index a per-group table of their 16 dequantized values (vpermps), so no row is ever
