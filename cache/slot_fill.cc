@@ -32,8 +32,8 @@ Status WriteExpertSlot(const runtime::ModelWeights& model, const SlotLayout& lay
       return Internal(name() + ": part " + std::to_string(i) + " has another shape in the slot layout");
     std::byte* out = dst.data() + off[i];
     if (CacheConverts(t.dtype)) {
-      StatusOr<size_t> n = QuantizeExpertPart(i < 3 ? calibrated : nullptr, layer, expert, static_cast<int>(i),
-                                              t.dtype, s, s.data, out, t.nbytes(), quant_threads);
+      StatusOr<size_t> n = QuantizeExpertPart(i < 3 ? calibrated : nullptr, layer, expert, static_cast<int>(i), t.dtype,
+                                              s, s.data, out, t.nbytes(), quant_threads);
       if (!n.ok()) return std::move(n).status().Prepend(name());
     } else {
       if (s.dtype != t.dtype) return Internal(name() + ": part " + std::to_string(i) + " changes dtype unquantized");

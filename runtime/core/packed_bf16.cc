@@ -65,8 +65,7 @@ void PackRows(const uint16_t* src, const Sections<uint8_t>& s, int64_t begin, in
         }
       }
       uint8_t* codes = s.codes() + first / 2;
-      for (int j = 0; j < F::kGroup / 2; ++j)
-        codes[j] = static_cast<uint8_t>(code[j] | code[j + F::kGroup / 2] << 4);
+      for (int j = 0; j < F::kGroup / 2; ++j) codes[j] = static_cast<uint8_t>(code[j] | code[j + F::kGroup / 2] << 4);
     }
     counts->push_back(static_cast<uint32_t>(exc->size() - before));
   }
@@ -108,10 +107,9 @@ StatusOr<size_t> PackBf16(const uint16_t* src, int64_t rows, int64_t cols, void*
   for (const auto& e : exc) total += static_cast<int64_t>(e.size());
   const int64_t capacity = F::exception_capacity(rows, cols);
   if (total > capacity)
-    return OutOfRange("pack bf16: " + ShapeName(rows, cols) + ": " + std::to_string(total) +
-                      " values lie more than " + std::to_string(F::kMaxOffset) +
-                      " binades below their group's largest, past the format's " + std::to_string(capacity) +
-                      " exceptions (keep this weight bf16)");
+    return OutOfRange("pack bf16: " + ShapeName(rows, cols) + ": " + std::to_string(total) + " values lie more than " +
+                      std::to_string(F::kMaxOffset) + " binades below their group's largest, past the format's " +
+                      std::to_string(capacity) + " exceptions (keep this weight bf16)");
   uint32_t end = 0;
   uint8_t* row_end = s.row_end();
   uint8_t* out = s.exceptions();

@@ -71,7 +71,7 @@ struct PackedBf16Format {
   }
 };
 
-static_assert(PackedBf16Format::Decode(0x3f, 0, 127) == 0x3fbf);  // 1.4921875
+static_assert(PackedBf16Format::Decode(0x3f, 0, 127) == 0x3fbf);                          // 1.4921875
 static_assert(PackedBf16Format::Decode(0x80, PackedBf16Format::kEscape, 200) == 0x8000);  // -0
 // Mixtral's w1: 0.756x the bytes of bf16.
 static_assert(PackedBf16Format::bytes(14336, 4096) * 1000 / (14336ull * 4096 * 2) == 756);

@@ -1,8 +1,7 @@
 // One expert's three matrices on the host, as cache.cpu_compute runs a missed expert: HostGemv
-// (vector path) against the CPU backend's exact Gemm, per weight type (bf16, packed bf16, int8, int4), for 1..4 rows of x; int8
-// and int4 weights twice, with x in fp32 and in int8 (VNNI), bf16 weights with AVX-512 FMAs and on
-// AMX tiles, where the CPU has them.
-// Prints ms per expert and the weight bytes streamed per second (a program, not a test).
+// (vector path) against the CPU backend's exact Gemm, per weight type (bf16, packed bf16, int8, int4), for 1..4 rows of
+// x; int8 and int4 weights twice, with x in fp32 and in int8 (VNNI), bf16 weights with AVX-512 FMAs and on AMX tiles,
+// where the CPU has them. Prints ms per expert and the weight bytes streamed per second (a program, not a test).
 //
 //   ef_host_expert_bench [hidden inter reps copies] [--memory=vector|pinned|huge] [--gap-ms=G]
 //                        [--rows=1,4,16] [--no-exact]

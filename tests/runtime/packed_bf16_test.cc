@@ -11,8 +11,8 @@
 #include <cstring>
 #include <limits>
 #include <random>
-#include <tuple>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "runtime/backend/cpu/cpu_backend.h"
@@ -56,9 +56,9 @@ std::vector<std::byte> PackOrDie(const std::vector<uint16_t>& w, int64_t rows, i
       uint32_t bits;
       std::memcpy(&bits, &row[c], 4);
       if (back[i] != w[i] || bits != static_cast<uint32_t>(w[i]) << 16)
-        return ::testing::AssertionFailure() << "value (" << r << ", " << c << ") of [" << rows << ", " << cols
-                                             << "]: 0x" << std::hex << w[i] << " came back as 0x" << back[i]
-                                             << " / 0x" << bits;
+        return ::testing::AssertionFailure()
+               << "value (" << r << ", " << c << ") of [" << rows << ", " << cols << "]: 0x" << std::hex << w[i]
+               << " came back as 0x" << back[i] << " / 0x" << bits;
     }
   }
   return ::testing::AssertionSuccess();
@@ -72,8 +72,8 @@ TEST(PackedBf16FormatTest, SizesAndNames) {
   EXPECT_EQ(WeightBytes(DType::kPbf16, 256, 128), F::bytes(256, 128));
   // 0.756x of bf16 on Mixtral's expert shapes (0.771x on tiny-code-moe's, whose rows of 128 pay more
   // for their row ends), each section 16-byte aligned.
-  for (auto [r, c, most] : {std::tuple<int64_t, int64_t, double>{14336, 4096, 0.757}, {4096, 14336, 0.757},
-                            {256, 128, 0.772}}) {
+  for (auto [r, c, most] :
+       {std::tuple<int64_t, int64_t, double>{14336, 4096, 0.757}, {4096, 14336, 0.757}, {256, 128, 0.772}}) {
     const double ratio = static_cast<double>(F::bytes(r, c)) / (2.0 * r * c);
     EXPECT_LT(ratio, most) << r << "x" << c;
     EXPECT_GT(ratio, 0.755) << r << "x" << c;
@@ -120,10 +120,10 @@ TEST(PackedBf16Test, SpecialValuesComeBackBitForBit) {
   for (int c = 128; c < 256; ++c)
     if (c >= 128 + high) w[cols + c] = static_cast<uint16_t>(c % 3 ? 0x7880 | (c & 0x7f) : c % 128);
   // Row 2: a group at 2^4 with values 14 binades below it (inside the window) and 15 below (exceptions).
-  w[2 * cols] = 0x4180;       // 16
-  w[2 * cols + 1] = 0x3a80;   // 2^-10
-  w[2 * cols + 2] = 0xba00;   // -2^-11
-  w[2 * cols + 3] = 0x3a7f;   // just under 2^-10
+  w[2 * cols] = 0x4180;         // 16
+  w[2 * cols + 1] = 0x3a80;     // 2^-10
+  w[2 * cols + 2] = 0xba00;     // -2^-11
+  w[2 * cols + 3] = 0x3a7f;     // just under 2^-10
   w[63 * cols + 255] = 0x2000;  // the last value of the last row
   ASSERT_LE(CountBf16Exceptions(w.data(), rows, cols), F::exception_capacity(rows, cols));
   EXPECT_GE(CountBf16Exceptions(w.data(), rows, cols), 8);
@@ -179,11 +179,14 @@ TEST(PackedBf16Test, BadShapesAndCorruptBlocksAreClearErrors) {
 // many values needed an exception (the format's capacity is one in 1024).
 TEST(PackedBf16Test, ShippedModelAndFixtureWeightsRoundTrip) {
   const std::string data = EF_TEST_DATA;
-  const std::vector<std::string> files = {
-      std::string(EF_MODELS_DIR) + "/tiny-code-moe/model.safetensors", data + "/mixtral/model.safetensors",
-      data + "/deepseek_v2/model.safetensors",  data + "/deepseek_v3/model.safetensors",
-      data + "/qwen2_moe/model.safetensors",    data + "/qwen3_moe/model.safetensors",
-      data + "/olmoe/model.safetensors",        data + "/gpt_oss/model.safetensors"};
+  const std::vector<std::string> files = {std::string(EF_MODELS_DIR) + "/tiny-code-moe/model.safetensors",
+                                          data + "/mixtral/model.safetensors",
+                                          data + "/deepseek_v2/model.safetensors",
+                                          data + "/deepseek_v3/model.safetensors",
+                                          data + "/qwen2_moe/model.safetensors",
+                                          data + "/qwen3_moe/model.safetensors",
+                                          data + "/olmoe/model.safetensors",
+                                          data + "/gpt_oss/model.safetensors"};
   for (const std::string& path : files) {
     auto f = runtime::SafetensorsFile::Open(path);
     ASSERT_TRUE(f.ok()) << f.status().ToString();
@@ -226,9 +229,9 @@ TEST(PackedBf16Test, CpuGemmEqualsTheBf16WeightsBitwise) {
   const int64_t n = 96, k = 384;
   std::vector<uint16_t> w = GaussianBf16(n * k, 4);
   w[5] = 0x0000;
-  w[700] = 0x2000;           // an exception (row 1)
-  w[701] = 0x0003;           // a subnormal
-  w[20 * k + 5] = 0xa000;    // exceptions left of the block below and inside it
+  w[700] = 0x2000;         // an exception (row 1)
+  w[701] = 0x0003;         // a subnormal
+  w[20 * k + 5] = 0xa000;  // exceptions left of the block below and inside it
   w[30 * k + 200] = 0x2100;
   w[79 * k + 383] = 0x1f00;
   const std::vector<std::byte> p = PackOrDie(w, n, k);
@@ -254,8 +257,7 @@ TEST(PackedBf16Test, CpuGemmEqualsTheBf16WeightsBitwise) {
       const int64_t rows = (block.row_end < 0 ? n : block.row_end) - block.row_begin;
       const int64_t cols = (block.col_end < 0 ? k : block.col_end) - block.col_begin;
       std::vector<float> xb(static_cast<size_t>(m * cols));
-      for (int64_t i = 0; i < m; ++i)
-        std::memcpy(&xb[i * cols], &x[i * k + block.col_begin], cols * sizeof(float));
+      for (int64_t i = 0; i < m; ++i) std::memcpy(&xb[i * cols], &x[i * k + block.col_begin], cols * sizeof(float));
       std::vector<float> hp(static_cast<size_t>(m * rows)), want(hp.size());
       runtime::HostGemv(pool, xb.data(), m, *wp, hp.data(), block);
       // The reference: the fp32 values of the bf16 weight's block, summed in double.

@@ -230,14 +230,14 @@ EF_AVX512 void RowsPbf16(const Operands& o, int64_t j) {
         xb[i] = _mm512_loadu_ps(x + i * k + c + F::kGroup / 2);
       }
       for (int r = 0; r < R; ++r) {
-        const __m512i cc =
-            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + r * ld / 2 + g * F::kGroup / 2 + q)));
+        const __m512i cc = _mm512_cvtepu8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + r * ld / 2 + g * F::kGroup / 2 + q)));
         const uint8_t* lr = low + r * ld + c;
-        const __m512 wa = DecodePbf16(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lr))),
-                                 cc, b[r]);
+        const __m512 wa =
+            DecodePbf16(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lr))), cc, b[r]);
         const __m512 wb =
             DecodePbf16(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lr + F::kGroup / 2))),
-                   _mm512_srli_epi32(cc, 4), b[r]);
+                        _mm512_srli_epi32(cc, 4), b[r]);
         for (int i = 0; i < M; ++i) acc[r][i] = _mm512_fmadd_ps(xb[i], wb, _mm512_fmadd_ps(xa[i], wa, acc[r][i]));
       }
     }

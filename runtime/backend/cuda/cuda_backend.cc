@@ -695,6 +695,12 @@ void CudaBackend::GemmQuantized(const float* x, int64_t m, const Weight& w, floa
                    &error_);
     return;
   }
+  if (cuda::gemv_pbf16_supported(m, k, w.dtype, x, w.data)) {
+    CUDA_CHECK_LOG(cuda::launch_gemv_pbf16(x, m, w.data, n, k, y, accumulate,
+                                           cuda::gemv_pbf16_warps_per_row(n, k, num_sms_), stream_),
+                   &error_);
+    return;
+  }
   if (cuda::gemv_block_scaled_supported(m, k, w.dtype, x, w.data)) {
     CUDA_CHECK_LOG(
         cuda::launch_gemv_block_scaled(x, m, w.data, w.dtype, n, k, y, accumulate,
@@ -702,9 +708,10 @@ void CudaBackend::GemmQuantized(const float* x, int64_t m, const Weight& w, floa
         &error_);
     return;
   }
-  // Past the GEMV's rows: dequantize to bf16 and use the bf16 cuBLAS GEMM, a tile of weight rows
-  // (output columns) at a time so that the scratch stays at kDequantTileBytes rather than a bf16
-  // copy of the whole weight (the device memory the quantized copy exists to save).
+  // Past the GEMV's rows: dequantize to bf16 (PBF16: decode, exactly) and use the bf16 cuBLAS
+  // GEMM, a tile of weight rows (output columns) at a time so that the scratch stays at
+  // kDequantTileBytes rather than a bf16 copy of the whole weight (the device memory the quantized
+  // copy exists to save).
   auto* xc = static_cast<uint16_t*>(EnsureScratch(&act_, &act_cap_, static_cast<size_t>(m * k) * sizeof(uint16_t)));
   if (!xc) return;
   CUDA_CHECK_LOG(cuda::launch_convert_f32(x, xc, DType::kBF16, m * k, stream_), &error_);
@@ -714,7 +721,8 @@ void CudaBackend::GemmQuantized(const float* x, int64_t m, const Weight& w, floa
   for (int64_t r0 = 0; r0 < n; r0 += tile_rows) {
     const int64_t rows = std::min(tile_rows, n - r0);
     // The previous tile's GEMM reads wt; both are in stream order, so rewriting it is safe.
-    CUDA_CHECK_LOG(IsBlockScaled(w.dtype)
+    CUDA_CHECK_LOG(w.dtype == DType::kPbf16 ? cuda::launch_unpack_pbf16(w.data, n, k, r0, rows, wt, stream_)
+                   : IsBlockScaled(w.dtype)
                        ? cuda::launch_dequantize_block_scaled_bf16(w.data, w.dtype, n, k, r0, rows, wt, stream_)
                        : cuda::launch_dequantize_bf16(w.data, w.dtype, n, k, r0, rows, wt, stream_),
                    &error_);

@@ -294,6 +294,18 @@ cudaError_t launch_gemv_block_scaled(const float* x, int64_t m, const void* w, D
 cudaError_t launch_dequantize_block_scaled_bf16(const void* w, DType wdt, int64_t rows, int64_t cols, int64_t row_begin,
                                                 int64_t num_rows, void* dst, cudaStream_t stream);
 
+// The same two ops on lossless packed bf16 weights (kPbf16; runtime/core/packed_bf16_format.h): a
+// GEMV decoding each value's bf16 bits in registers for m <= kGemvMaxRows, as the bf16 GEMV's rows
+// (gemv_pbf16_supported: k a multiple of 128 up to 65536, x and w 16-byte aligned; warps_per_row
+// from gemv_pbf16_warps_per_row, never from m), and the decoding of a tile of rows to bf16, bit for
+// bit the weight that was packed.
+bool gemv_pbf16_supported(int64_t m, int64_t k, DType wdt, const void* x, const void* w);
+int gemv_pbf16_warps_per_row(int64_t n, int64_t k, int num_sms);
+cudaError_t launch_gemv_pbf16(const float* x, int64_t m, const void* w, int64_t n, int64_t k, float* y, bool accumulate,
+                              int warps_per_row, cudaStream_t stream);
+cudaError_t launch_unpack_pbf16(const void* w, int64_t rows, int64_t cols, int64_t row_begin, int64_t num_rows,
+                                void* dst, cudaStream_t stream);
+
 // dst[0, bytes) = host_src[0, bytes) for bytes <= kParamCopyMaxBytes, by a kernel whose launch
 // parameters carry the bytes (cheaper than a copy-engine operation between kernels); host_src may
 // be reused as soon as the call returns. 4032: the payload and the other arguments stay within
