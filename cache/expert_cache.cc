@@ -208,10 +208,11 @@ StatusOr<CacheBudget> ExpertCache::PlanBudget(const runtime::Engine& engine, con
     asked = o.device_budget_bytes;
     const uint64_t slots_bytes = o.device_budget_bytes > staging ? o.device_budget_bytes - staging : 0;
     per_layer = static_cast<int>(std::min<uint64_t>(slots_bytes / b.slot_bytes / M, 1 << 20));
-    if (per_layer_sizes) {
+    {
       // Every MoE layer gets the same bytes; a layer of smaller experts buys more slots with them.
-      // Then what is left buys slots for the layers with the fewest, and the staging area comes
-      // out of the layers with the most.
+      // Then what is left buys slots for the layers with the fewest (with one slot size, the bytes
+      // short of a slot in every layer add up to slots for some), and the staging area comes out
+      // of the layers with the most.
       std::vector<int>& q = b.layer_slots;
       q.assign(static_cast<size_t>(c.num_layers), 0);
       uint64_t used = 0;
@@ -238,6 +239,8 @@ StatusOr<CacheBudget> ExpertCache::PlanBudget(const runtime::Engine& engine, con
       }
       per_layer = E;
       for (int l : b.moe_layers) per_layer = std::min(per_layer, q[l]);
+      // As many slots in every layer: one count says it.
+      if (std::all_of(b.moe_layers.begin(), b.moe_layers.end(), [&](int l) { return q[l] == per_layer; })) q.clear();
     }
   } else if (o.device_budget_slots > 0) {
     b.requested = std::to_string(o.device_budget_slots) + " slots";
