@@ -263,7 +263,7 @@ StatusOr<CacheBudget> ExpertCache::PlanBudget(const runtime::Engine& engine, con
     return InvalidArgument("cache.device_budget of " + b.requested + " (" + Bytes(asked) + " of expert slots" +
                            (staging ? " and staging for split misses" : "") + ") is larger than " + b.device_name +
                            " can give them: " + Bytes(b.device_bytes));
-  if (per_layer < c.top_k && !b.layer_slots.empty()) {
+  if (per_layer < c.top_k && per_layer_sizes) {
     int fewest = b.moe_layers.front();
     for (int l : b.moe_layers)
       if (b.layer_slots[l] < b.layer_slots[fewest]) fewest = l;
@@ -471,12 +471,12 @@ std::string ExpertCache::Describe() const {
   std::snprintf(pct, sizeof pct, "%.0f%%",
                 100.0 * static_cast<double>(b.total_slots()) / (static_cast<double>(b.num_experts) * b.num_moe_layers));
   std::string s;
-  if (b.layer_slot_bytes.empty()) {
+  if (b.layer_slots.empty()) {
     s = "expert cache: " + std::to_string(b.slots_per_layer) + " of " + std::to_string(b.num_experts) +
         " slots per MoE layer (" + pct + " of the experts; " + std::to_string(b.total_slots()) + " slots x " +
         Bytes(b.slot_bytes) + " = " + Bytes(b.total_bytes()) + " on " + engine_->backend().name() + "), ";
   } else {
-    // Slots of each layer's size: list the layers by (slots, slot size).
+    // Slots per layer (and of each layer's size): list the layers by (slots, slot size).
     std::vector<std::pair<std::pair<int, size_t>, std::vector<uint8_t>>> groups;
     for (int l : b.moe_layers) {
       const std::pair<int, size_t> key{b.slots(l), b.slot_bytes_of(l)};

@@ -429,10 +429,11 @@ TEST_P(ExpertCacheGpuTest, LosslessLoadsMatchTheNativeCache) {
     cache->reset();
   }
   const double native = LogitDistance(out["native"], want), lossless = LogitDistance(out["lossless"], want);
-  std::printf("[ lossless ] %s, cpu routing forced: from the cpu engine: native cache %.3g, lossless cache %.3g; "
-              "bytes %.3fx\n",
-              GetParam().c_str(), native, lossless,
-              static_cast<double>(bytes["lossless"]) / static_cast<double>(bytes["native"]));
+  std::printf(
+      "[ lossless ] %s, cpu routing forced: from the cpu engine: native cache %.3g, lossless cache %.3g; "
+      "bytes %.3fx\n",
+      GetParam().c_str(), native, lossless,
+      static_cast<double>(bytes["lossless"]) / static_cast<double>(bytes["native"]));
   EXPECT_LE(lossless, native + 1e-5);
   EXPECT_EQ(out["lossless"].tokens, out["native"].tokens);
   EXPECT_LT(bytes["lossless"], bytes["native"] * 78 / 100);
