@@ -93,8 +93,9 @@ struct CacheSection {
   // prefetch costs a whole expert copy (docs/results/offload_h200).
   double prefetch_min_prob = 0.9;
   // Precision of the expert copies loaded into slots: native (alias bf16; the checkpoint's dtype,
-  // outputs unchanged), int8 or int4 (quantized at load, groups of 64: a load moves 1.9x / 3.6x
-  // fewer bytes than bf16; docs/results/quant).
+  // outputs unchanged), lossless (bf16 packed bit-exactly: 1.32x fewer bytes a load, 1.32x the
+  // experts in a budget in bytes; runtime/core/packed_bf16_format.h), int8 or int4 (quantized at
+  // load, groups of 64: a load moves 1.9x / 3.6x fewer bytes than bf16; docs/results/quant).
   std::string miss_precision = "native";
   // auto (cpu backend): HOBBIT's rule. A miss whose gate weight is below low_precision_gate for
   // every token routed to it loads in low_precision; a low-precision copy used upgrade_uses times

@@ -23,6 +23,7 @@ StatusOr<std::unique_ptr<Deployment>> Deployment::Create(comm::MpiContext* ctx, 
   auto d = std::unique_ptr<Deployment>(new Deployment());
   d->ctx_ = ctx;
   const bool want_cache = WantsExpertCache(o.cache);
+  if (!ctx || ctx->rank() == 0) WarnIfCacheSettingsWithoutEffect(o.cache);
   runtime::EngineOptions eo = o.engine;
   eo.upload_experts = !want_cache;  // the cache uploads what its budget holds
   EF_ASSIGN_OR_RETURN(d->engine_, runtime::Engine::Create(o.model_dir, eo));

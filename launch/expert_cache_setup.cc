@@ -1,10 +1,45 @@
 #include "launch/expert_cache_setup.h"
 
 #include <cstdio>
+#include <string>
+
+#include "runtime/core/logging.h"
 
 namespace ef::launch {
 
 bool WantsExpertCache(const CacheSection& cache) { return cache.has_device_budget(); }
+
+void WarnIfCacheSettingsWithoutEffect(const CacheSection& cache) {
+  if (WantsExpertCache(cache)) return;
+  // Every expert resident: say so rather than run as if the settings had been applied (e.g.
+  // --miss-precision int8 expecting fewer bytes).
+  const std::string set = CacheSettingsWithoutEffect(cache);
+  if (!set.empty())
+    EF_LOG(WARN, CACHE, "%s %s no effect without cache.device_budget (--cache-device-budget): every expert is resident",
+           set.c_str(), set.find(',') == std::string::npos ? "has" : "have");
+}
+
+std::string CacheSettingsWithoutEffect(const CacheSection& cache) {
+  const CacheSection d;
+  std::string s;
+  const auto add = [&s](bool differs, const char* key) {
+    if (differs) s += (s.empty() ? "" : ", ") + std::string(key);
+  };
+  add(cache.host_budget != d.host_budget, "cache.host_budget");
+  add(cache.policy != d.policy, "cache.policy");
+  add(cache.prefetch_layers != d.prefetch_layers, "cache.prefetch_layers");
+  add(cache.prefetch_min_prob != d.prefetch_min_prob, "cache.prefetch_min_prob");
+  add(cache.miss_precision != d.miss_precision, "cache.miss_precision");
+  add(cache.low_precision != d.low_precision, "cache.low_precision");
+  add(cache.low_precision_gate != d.low_precision_gate, "cache.low_precision_gate");
+  add(cache.upgrade_uses != d.upgrade_uses, "cache.upgrade_uses");
+  add(cache.low_precision_layers != d.low_precision_layers, "cache.low_precision_layers");
+  add(!cache.quantized_experts.empty(), "cache.quantized_experts");
+  add(cache.cpu_compute != d.cpu_compute, "cache.cpu_compute");
+  add(cache.cpu_compute_max_rows != d.cpu_compute_max_rows, "cache.cpu_compute_max_rows");
+  add(cache.cpu_compute_admit != d.cpu_compute_admit, "cache.cpu_compute_admit");
+  return s;
+}
 
 cache::ExpertCacheOptions ToExpertCacheOptions(const CacheSection& cache, const PredictorSection& predictor,
                                                const placement::RoutingTrace* trace) {

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <memory>
+#include <string>
 
 #include "cache/expert_cache.h"
 #include "comm/cluster.h"
@@ -23,6 +24,12 @@ namespace ef::launch {
 // True when cache.device_budget is set: create the engine with EngineOptions::upload_experts =
 // false, so experts are uploaded only if the budget turns out to hold them all.
 bool WantsExpertCache(const CacheSection& cache);
+
+// The cache settings given (differing from their defaults) that do nothing without a device
+// budget, comma-separated ("cache.miss_precision, cache.policy"); empty when none.
+std::string CacheSettingsWithoutEffect(const CacheSection& cache);
+// Without a device budget, a warning naming those settings (the commands call it once).
+void WarnIfCacheSettingsWithoutEffect(const CacheSection& cache);
 
 // The sections as cache options (the trace, optional, is not owned and must outlive the cache).
 cache::ExpertCacheOptions ToExpertCacheOptions(const CacheSection& cache, const PredictorSection& predictor,

@@ -137,6 +137,13 @@ TEST_F(ExpertCacheCliTest, BadFlagsAreReported) {
   EXPECT_NE(Read("stderr").find("is larger than cpu"), std::string::npos) << Read("stderr");
   EXPECT_EQ(Run(base + " --cache-device-budget '2 slots per layer' --cache-policy belady"), 1);
   EXPECT_NE(Read("stderr").find("offline analysis"), std::string::npos) << Read("stderr");
+  // Cache settings without a budget run every expert resident, and say that they did nothing.
+  EXPECT_EQ(Run(base + " --miss-precision int8 --cache-policy lru"), 0) << Read("stderr");
+  EXPECT_NE(Read("stderr").find("cache.policy, cache.miss_precision have no effect without cache.device_budget"),
+            std::string::npos)
+      << Read("stderr");
+  EXPECT_EQ(Run(base), 0) << Read("stderr");
+  EXPECT_EQ(Read("stderr").find("no effect"), std::string::npos) << Read("stderr");
 }
 
 // `expertflow quantize` writes GPTQ experts that score loads with --quantized-experts (other
