@@ -240,7 +240,9 @@ StatusOr<CacheBudget> ExpertCache::PlanBudget(const runtime::Engine& engine, con
       per_layer = E;
       for (int l : b.moe_layers) per_layer = std::min(per_layer, q[l]);
       // As many slots in every layer: one count says it.
-      if (std::all_of(b.moe_layers.begin(), b.moe_layers.end(), [&](int l) { return q[l] == per_layer; })) q.clear();
+      if (!per_layer_sizes &&
+          std::all_of(b.moe_layers.begin(), b.moe_layers.end(), [&](int l) { return q[l] == per_layer; }))
+        q.clear();
     }
   } else if (o.device_budget_slots > 0) {
     b.requested = std::to_string(o.device_budget_slots) + " slots";
@@ -348,8 +350,10 @@ StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(runtime::Engine* engi
            o.low_precision_layers.c_str());
   if (!o.quantized_experts.empty()) {
     const LoadPrecision low = po.precision == LoadPrecision::kAuto ? po.low : po.precision;
-    if (low == LoadPrecision::kNative)
-      return InvalidArgument("cache.quantized_experts applies to low-precision loads; cache.miss_precision is native");
+    if (low == LoadPrecision::kNative || low == LoadPrecision::kLossless)
+      return InvalidArgument(
+          std::string("cache.quantized_experts applies to int8/int4 loads; cache.miss_precision is ") +
+          LoadPrecisionName(low));
     EF_ASSIGN_OR_RETURN(po.calibrated, QuantizedExperts::Open(o.quantized_experts, engine->weights()));
     const DType want = low == LoadPrecision::kInt4 ? DType::kQ4 : DType::kQ8;
     if (po.calibrated->dtype() != want)

@@ -170,9 +170,14 @@ Status ExpertTiers::Quantize(int layer, int expert, std::span<const std::byte> n
   for (int i = 0; i < 3; ++i) {
     StatusOr<size_t> n = QuantizeExpertPart(popts_.calibrated.get(), layer, expert, i, to[i]->dtype, *from[i],
                                             native.data() + src_off, dst.data() + dst_off, to[i]->nbytes());
-    if (!n.ok())
-      return std::move(n).status().Prepend("cache.miss_precision " + std::string(LoadPrecisionName(precision_)) +
-                                           ": expert " + std::to_string(expert) + " of layer " + std::to_string(layer));
+    if (!n.ok()) {
+      Status st = std::move(n).status();
+      st.Prepend("cache.miss_precision " + std::string(LoadPrecisionName(precision_)) + ": expert " +
+                 std::to_string(expert) + " of layer " + std::to_string(layer));
+      if (st.code() == StatusCode::kOutOfRange && quantized_precision_ == LoadPrecision::kLossless)
+        st = OutOfRange(st.message() + " (use cache.miss_precision native for this model)");
+      return st;
+    }
     src_off += from[i]->nbytes();
     dst_off += *n;
   }

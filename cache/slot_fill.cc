@@ -34,7 +34,13 @@ Status WriteExpertSlot(const runtime::ModelWeights& model, const SlotLayout& lay
     if (CacheConverts(t.dtype)) {
       StatusOr<size_t> n = QuantizeExpertPart(i < 3 ? calibrated : nullptr, layer, expert, static_cast<int>(i), t.dtype,
                                               s, s.data, out, t.nbytes(), quant_threads);
-      if (!n.ok()) return std::move(n).status().Prepend(name());
+      if (!n.ok()) {
+        Status st = std::move(n).status();
+        st.Prepend(name());
+        if (st.code() == StatusCode::kOutOfRange && t.dtype == DType::kPbf16)
+          st = OutOfRange(st.message() + " (use cache.miss_precision native for this model)");
+        return st;
+      }
     } else {
       if (s.dtype != t.dtype) return Internal(name() + ": part " + std::to_string(i) + " changes dtype unquantized");
       std::memcpy(out, s.data, s.nbytes());

@@ -225,7 +225,9 @@ Status PinnedHostCompute::Calibrate(SlotArena& arena) {
       staging = std::max(staging, layout_.Bytes(PartShape(shape, most)));
     } else {
       split_note = "no split for experts of intermediate size " + std::to_string(inter) + " in " +
-                   DTypeName(shape.gate.dtype) + " (they do not cut at multiples of 64 rows)";
+                   DTypeName(shape.gate.dtype) +
+                   (shape.gate.dtype == DType::kPbf16 ? " (a slice of a packed block is not a packed block)"
+                                                      : " (they do not cut at multiples of 64 rows)");
     }
   }
   if (staging > 0) {

@@ -109,7 +109,7 @@ StatusOr<size_t> PackBf16(const uint16_t* src, int64_t rows, int64_t cols, void*
   if (total > capacity)
     return OutOfRange("pack bf16: " + ShapeName(rows, cols) + ": " + std::to_string(total) + " values lie more than " +
                       std::to_string(F::kMaxOffset) + " binades below their group's largest, past the format's " +
-                      std::to_string(capacity) + " exceptions (keep this weight bf16)");
+                      std::to_string(capacity) + " exceptions: it cannot be packed losslessly");
   uint32_t end = 0;
   uint8_t* row_end = s.row_end();
   uint8_t* out = s.exceptions();

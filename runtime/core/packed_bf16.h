@@ -19,7 +19,8 @@ namespace ef {
 // WeightBytes(kPbf16, rows, cols) (unused exception entries and padding zeroed). InvalidArgument
 // when cols is not a multiple of 128 or past 65536, or dst_bytes is too small; OutOfRange, naming
 // the count, when more values than the format's capacity (one per 1024) fall more than 14 binades
-// below their group's largest: such a weight stays bf16. On error dst's contents are unspecified.
+// below their group's largest: such a weight cannot be packed. On error dst's contents are
+// unspecified.
 // Rows are split over up to max_threads threads (0: the process's CPUs, at most 16); the result
 // does not depend on the split.
 [[nodiscard]] StatusOr<size_t> PackBf16(const uint16_t* src, int64_t rows, int64_t cols, void* dst, size_t dst_bytes,
@@ -32,7 +33,8 @@ void UnpackBf16Row(const void* src, int64_t rows, int64_t cols, int64_t row, uin
 void UnpackBf16RowF32(const void* src, int64_t rows, int64_t cols, int64_t row, float* dst);
 
 // The whole block back to bf16 (dst[rows * cols]). InvalidArgument when cols does not divide the
-// format, or an exception entry is out of order or names a column past cols (a corrupt block).
+// format, or the row ends go backwards or past the capacity, or an entry names a column past cols
+// (a corrupt block; nothing is read outside the block).
 [[nodiscard]] Status UnpackBf16(const void* src, int64_t rows, int64_t cols, uint16_t* dst);
 
 // Values of the [rows, cols] bf16 weight that PackBf16 would list as exceptions (for reports).

@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <map>
 #include <memory>
 #include <vector>
@@ -17,6 +18,7 @@
 #include "runtime/core/quant.h"
 #include "runtime/engine/engine.h"
 #include "runtime/engine/expert_source.h"
+#include "runtime/model/safetensors_file.h"
 #include "tests/runtime/fake_quant.h"
 #include "tests/runtime/prompt_run.h"
 
@@ -272,6 +274,13 @@ TEST(LowPrecisionBudget, SlotsAreSizedPerLayerAndBytesBuyMoreSmallOnes) {
   auto small = ExpertCache::PlanBudget(**engine, o);
   ASSERT_FALSE(small.ok());
   EXPECT_NE(small.status().message().find("top-k"), std::string::npos) << small.status().ToString();
+  // Every MoE layer int8 (slots sized per layer, all alike) and a budget of less than a slot.
+  o.low_precision_layers = "0-7";
+  o.device_budget_bytes = 1000;
+  auto tiny = ExpertCache::PlanBudget(**engine, o);
+  ASSERT_FALSE(tiny.ok());
+  EXPECT_NE(tiny.status().message().find("0 slots of"), std::string::npos) << tiny.status().ToString();
+  EXPECT_NE(tiny.status().message().find("top-k"), std::string::npos) << tiny.status().ToString();
   o.device_budget_bytes = 0;
   o.slots_per_layer = 4;
   for (const char* bad : {"8", "0-9", "last 0%", "last 101%", "3-1", "seven", "", "1,,2"}) {
@@ -327,6 +336,51 @@ TEST(LowPrecisionBudget, LosslessLoadsAreBitwiseTheCheckpointsAtFewerBytes) {
   ASSERT_TRUE(packed.ok()) << packed.status().ToString();
   EXPECT_LT(packed->slot_bytes, two->slot_bytes * 78 / 100);
   EXPECT_EQ(packed->slots_per_layer, 5);  // 4 / 0.771 = 5.2
+}
+
+// A bf16 expert that the packed format cannot hold (more values far below their group's largest
+// than its exceptions): lossless loads refuse the model at the cache's creation, naming the expert
+// and what to do; native loads run it. (tiny-code-moe with one matrix of expert 3 of layer 5 made
+// of values 2^0 and 2^-20 alternating.)
+TEST(LowPrecisionBudget, LosslessNamesAnExpertThatCannotBePacked) {
+  namespace fs = std::filesystem;
+  const fs::path src = fs::path(EF_MODELS_DIR) / "tiny-code-moe";
+  const fs::path dir = fs::temp_directory_path() / ("ef_unpackable_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  for (const char* f : {"config.json", "generation_config.json", "tokenizer.json"}) fs::copy_file(src / f, dir / f);
+  {
+    auto file = runtime::SafetensorsFile::Open((src / "model.safetensors").string());
+    ASSERT_TRUE(file.ok()) << file.status().ToString();
+    std::vector<runtime::TensorToWrite> ts;
+    std::vector<uint16_t> odd;
+    for (const auto& [name, t] : (*file)->tensors()) {
+      if (name == "model.layers.5.block_sparse_moe.experts.3.w1.weight") {
+        odd.resize(static_cast<size_t>(t.numel()));
+        for (size_t i = 0; i < odd.size(); ++i) odd[i] = i % 2 ? 0x3f80 : 0x35c0;  // 1 and 2^-20 * 1.5
+        ts.push_back({name, t.dtype, t.shape, odd.data()});
+      } else {
+        ts.push_back({name, t.dtype, t.shape, t.data});
+      }
+    }
+    ASSERT_FALSE(odd.empty());
+    ASSERT_TRUE(runtime::WriteSafetensors((dir / "model.safetensors").string(), ts).ok());
+  }
+  runtime::EngineOptions eo;
+  eo.backend = "cpu";
+  auto engine = Engine::Create(dir.string(), eo);
+  ASSERT_TRUE(engine.ok()) << engine.status().ToString();
+  auto lossless = ExpertCache::Create(engine->get(), OnDemandLru((*engine)->config(), "lossless"));
+  ASSERT_FALSE(lossless.ok());
+  const std::string& m = lossless.status().message();
+  EXPECT_NE(m.find("expert 3 of layer 5"), std::string::npos) << m;
+  EXPECT_NE(m.find("cannot be packed losslessly"), std::string::npos) << m;
+  EXPECT_NE(m.find("use cache.miss_precision native"), std::string::npos) << m;
+  auto native = ExpertCache::Create(engine->get(), OnDemandLru((*engine)->config(), "native"));
+  EXPECT_TRUE(native.ok()) << native.status().ToString();
+  if (native.ok()) native->reset();  // gone before the engine
+  engine->reset();
+  fs::remove_all(dir);
 }
 
 TEST(LowPrecisionLayers, ParsesTheThreeForms) {

@@ -181,6 +181,10 @@ TEST_F(ExpertCacheCliTest, QuantizeWritesExpertsTheCacheLoads) {
   // The wrong precision, no low precision at all, a file that is not one.
   ASSERT_NE(Run(score + " --miss-precision int4 --quantized-experts " + q8), 0);
   EXPECT_NE(Read("stderr").find("holds int8 experts; the cache loads int4"), std::string::npos) << Read("stderr");
+  // Lossless loads pack the checkpoint's bf16 and would use none of the file's blocks.
+  ASSERT_NE(Run(score + " --miss-precision lossless --quantized-experts " + q8), 0);
+  EXPECT_NE(Read("stderr").find("applies to int8/int4 loads; cache.miss_precision is lossless"), std::string::npos)
+      << Read("stderr");
   ASSERT_NE(Run(score + " --quantized-experts " + q8), 0);
   EXPECT_NE(Read("stderr").find("cache.miss_precision is native"), std::string::npos) << Read("stderr");
   ASSERT_NE(Run(score + " --miss-precision int8 --quantized-experts " + kModelDir + "/model.safetensors"), 0);

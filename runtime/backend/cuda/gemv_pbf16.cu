@@ -10,7 +10,9 @@
 // Organisation as gemv_quant.cu: a row belongs to `warps_per_row` warps of one block (split K), warp
 // p of the row takes units p * 32 + lane, stepping 32 * warps_per_row; StoreGemvRow adds the row's
 // partials in warp order. An exception decodes to +0; lane 0 of the row's first warp adds the row's
-// exceptions (usually none) to its partial before the reduction, so the order is fixed.
+// exceptions (usually none) to its partial before the reduction, so the order is fixed. (An
+// infinite activation at an exception's column therefore gives NaN where the bf16 GEMV gives an
+// infinity: either way the row is lost.)
 //
 // Requires k a multiple of 128 (at most 65536) and 16-byte aligned x and w (gemv_pbf16_supported).
 // Launch: ceil(n / (8 / warps_per_row)) blocks of 8 warps.
