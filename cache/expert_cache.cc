@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <tuple>
 
 #include "cache/cache_policy.h"
 #include "cache/low_precision_layers.h"
@@ -42,12 +43,17 @@ std::string Bytes(uint64_t b) {
 // biased family's biases at 256-byte-aligned offsets on CUDA, back to back on the CPU); both arenas
 // align slots to 256 bytes.
 std::vector<size_t> LayerSlotBytes(const runtime::ModelWeights& w, bool cuda, LoadPrecision precision,
-                                   const std::vector<uint8_t>& low_layers = {}) {
+                                   const std::vector<uint8_t>& low_layers = {},
+                                   LoadPrecision high = LoadPrecision::kNative) {
   if (precision == LoadPrecision::kAuto) precision = LoadPrecision::kNative;  // mixed: room for native
   const runtime::ModelConfig& c = w.config();
   const SlotLayout layout(cuda ? kDeviceSlotAlignment : 1, [&](int l, int e) -> runtime::ExpertWeights {
     const bool low = low_layers.empty() || (l < static_cast<int>(low_layers.size()) && low_layers[l]);
-    return PackedExpertLayout(w.host_expert(l, e), low ? precision : LoadPrecision::kNative);
+    PackedLayout p = PackedExpertLayout(w.host_expert(l, e), low ? precision : LoadPrecision::kNative);
+    // What the low precision leaves in the checkpoint's precision, packed (ExpertTiers does the same).
+    if (high == LoadPrecision::kLossless && !CacheConverts(p.gate.dtype))
+      p = PackedExpertLayout(w.host_expert(l, e), LoadPrecision::kLossless);
+    return p;
   });
   std::vector<size_t> bytes(static_cast<size_t>(c.num_layers), 0);
   size_t first = 0;
@@ -70,6 +76,28 @@ size_t SlotBytes(const runtime::ModelWeights& w, bool cuda, LoadPrecision precis
                  const std::vector<uint8_t>& low_layers = {}) {
   const std::vector<size_t> bytes = LayerSlotBytes(w, cuda, precision, low_layers);
   return *std::max_element(bytes.begin(), bytes.end());
+}
+
+// cache.miss_precision and cache.high_precision, checked together: (the load precision, how
+// full-precision loads move). native with high lossless is lossless.
+StatusOr<std::pair<LoadPrecision, LoadPrecision>> ResolvePrecisions(const ExpertCacheOptions& o) {
+  EF_ASSIGN_OR_RETURN(LoadPrecision precision, ParseLoadPrecision(o.miss_precision));
+  LoadPrecision high;
+  if (o.high_precision == "native" || o.high_precision == "bf16") {
+    high = LoadPrecision::kNative;
+  } else if (o.high_precision == "lossless") {
+    high = LoadPrecision::kLossless;
+  } else {
+    return InvalidArgument("unknown cache.high_precision '" + o.high_precision +
+                           "' (native or bf16: the checkpoint's bytes; lossless: packed bit-exactly)");
+  }
+  if (high == LoadPrecision::kLossless && precision == LoadPrecision::kAuto)
+    return InvalidArgument(
+        "cache.high_precision lossless does not combine with cache.miss_precision auto (whose slots hold either "
+        "precision); use int8 or int4 with cache.low_precision_layers");
+  if (high == LoadPrecision::kLossless && precision == LoadPrecision::kNative) precision = LoadPrecision::kLossless;
+  if (precision == LoadPrecision::kLossless) high = LoadPrecision::kNative;
+  return std::pair{precision, high};
 }
 
 // Routing counts per (decoder layer, expert) for the static policy: from the trace, else from a
@@ -169,14 +197,15 @@ StatusOr<CacheBudget> ExpertCache::PlanBudget(const runtime::Engine& engine, con
   b.num_experts = c.num_experts;
   b.top_k = c.top_k;
   if (b.num_moe_layers < 1) return InvalidArgument("expert cache: the model has no MoE layer");
-  EF_ASSIGN_OR_RETURN(const LoadPrecision precision, ParseLoadPrecision(o.miss_precision));
+  EF_ASSIGN_OR_RETURN(const auto precisions, ResolvePrecisions(o));
+  const auto [precision, high] = precisions;
   EF_ASSIGN_OR_RETURN(const std::vector<uint8_t> low_layers, ResolveLowPrecisionLayers(o.low_precision_layers, c));
   // Slots sized per layer where layers load in different precisions (not under auto, whose slots
   // hold either precision).
   const bool per_layer_sizes =
       !low_layers.empty() && precision != LoadPrecision::kNative && precision != LoadPrecision::kAuto;
   {
-    std::vector<size_t> bytes = LayerSlotBytes(engine.weights(), cuda, precision, low_layers);
+    std::vector<size_t> bytes = LayerSlotBytes(engine.weights(), cuda, precision, low_layers, high);
     b.slot_bytes = *std::max_element(bytes.begin(), bytes.end());
     if (per_layer_sizes) b.layer_slot_bytes = std::move(bytes);
   }
@@ -335,7 +364,7 @@ StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(runtime::Engine* engi
   // The precision options first: a mistake in them (a quantized-experts file that does not fit) is
   // reported even when the budget holds every expert and no low-precision copy is ever made.
   PrecisionOptions po;
-  EF_ASSIGN_OR_RETURN(po.precision, ParseLoadPrecision(o.miss_precision));
+  EF_ASSIGN_OR_RETURN(std::tie(po.precision, po.high), ResolvePrecisions(o));
   EF_ASSIGN_OR_RETURN(po.low, ParseLoadPrecision(o.low_precision));
   if (po.low != LoadPrecision::kInt8 && po.low != LoadPrecision::kInt4)
     return InvalidArgument("cache.low_precision must be int8 or int4, got '" + o.low_precision + "'");
@@ -508,10 +537,14 @@ std::string ExpertCache::Describe() const {
   } else if (tiers_ && tiers_->precision() != LoadPrecision::kNative) {
     s += std::string("loads in ") + LoadPrecisionName(tiers_->precision()) + ", ";
   }
+  const bool packed_high = tiers_ && tiers_->high_precision() == LoadPrecision::kLossless;
   if (tiers_ && tiers_->num_native_layers() > 0)
     s += "low precision in MoE " + DescribeLayers(tiers_->precision_options().low_layers) + " only (" +
          std::to_string(tiers_->num_native_layers()) +
-         (tiers_->num_native_layers() == 1 ? " MoE layer" : " MoE layers") + " in the checkpoint's dtype), ";
+         (tiers_->num_native_layers() == 1 ? " MoE layer" : " MoE layers") +
+         (packed_high ? " lossless), " : " in the checkpoint's dtype), ");
+  else if (packed_high)
+    s += "full-precision loads lossless, ";
   if (options_.prefetch_layers == 0) {
     s += "no prefetch";
   } else {
@@ -557,12 +590,14 @@ std::string ExpertCache::StatsSummary() const {
   std::string s = buf;
   if (!pinned_tier_ && tiers_->precision() != LoadPrecision::kNative) {
     const auto loads = tiers_->loads_by_precision();
-    std::snprintf(buf, sizeof buf, "; %lld loads in %s, %lld in the checkpoint's precision, %lld upgraded",
+    std::snprintf(buf, sizeof buf, "; %lld loads in %s, %lld in the checkpoint's precision%s, %lld upgraded",
                   static_cast<long long>(loads[1]),
                   LoadPrecisionName(tiers_->precision_options().precision == LoadPrecision::kAuto
                                         ? tiers_->precision_options().low
                                         : tiers_->precision()),
-                  static_cast<long long>(loads[0]), static_cast<long long>(t.refills));
+                  static_cast<long long>(loads[0]),
+                  tiers_->high_precision() == LoadPrecision::kLossless ? " (lossless)" : "",
+                  static_cast<long long>(t.refills));
     s += buf;
   }
   if (hc) {

@@ -79,6 +79,10 @@ struct ExpertCacheOptions {
   // decoder layer ranges "A-B,C" (ParseLowPrecisionLayers); the others load in the checkpoint's
   // dtype, and every slot is sized for the largest. Early layers are the sensitive ones.
   std::string low_precision_layers = "all";
+  // How loads in the checkpoint's precision move (the layers outside low_precision_layers, experts
+  // the low precision cannot take): native (its bytes) or lossless (bf16 packed bit-exactly, 0.756x
+  // the bytes). With miss_precision native, lossless makes every load lossless; not with auto.
+  std::string high_precision = "native";
   // A file of experts quantized ahead of time (`expertflow quantize`: GPTQ over calibration text,
   // cache/quantized_experts.h) in the low precision; its blocks replace rounding to nearest.
   std::string quantized_experts;

@@ -79,11 +79,16 @@ ExpertTiers::ExpertTiers(const runtime::ModelWeights* model, TierHooks hooks, Pr
       hooks_(std::move(hooks)),
       popts_(precision),
       precision_(precision.precision),
-      quantized_precision_(precision.precision == LoadPrecision::kAuto ? precision.low : precision.precision) {
+      quantized_precision_(precision.precision == LoadPrecision::kAuto ? precision.low : precision.precision),
+      high_(precision.precision == LoadPrecision::kAuto ? LoadPrecision::kNative : precision.high) {
+  // Full-precision loads packed and no low precision: every load is lossless.
+  if (quantized_precision_ == LoadPrecision::kNative && high_ == LoadPrecision::kLossless)
+    precision_ = quantized_precision_ = LoadPrecision::kLossless;
+  if (quantized_precision_ == LoadPrecision::kLossless) high_ = LoadPrecision::kNative;
   const runtime::ModelConfig& c = model_->config();
   const size_t n = static_cast<size_t>(c.num_layers) * c.num_experts;
-  quantizable_.assign(n, 0);
-  quantized_.resize(quantized_precision_ == LoadPrecision::kNative ? 0 : n);
+  convert_.assign(n, kNone);
+  quantized_.resize(quantized_precision_ == LoadPrecision::kNative && high_ == LoadPrecision::kNative ? 0 : n);
   want_native_ = std::make_unique<std::atomic<uint8_t>[]>(n);
   resident_quantized_ = std::make_unique<std::atomic<uint8_t>[]>(n);
   uses_ = std::make_unique<std::atomic<int32_t>[]>(n);
@@ -95,14 +100,26 @@ ExpertTiers::ExpertTiers(const runtime::ModelWeights* model, TierHooks hooks, Pr
       const runtime::ExpertWeights& w = model_->host_expert(l, e);
       if (quantized_precision_ != LoadPrecision::kNative && layer_low) {
         const bool ok = Quantizable(w, quantized_precision_);
-        quantizable_[Index(l, e)] = ok;
+        if (ok) convert_[Index(l, e)] = kLow;
         if (!ok) ++num_unquantizable_;
+      }
+      if (convert_[Index(l, e)] == kNone && high_ == LoadPrecision::kLossless) {
+        if (Quantizable(w, LoadPrecision::kLossless)) {
+          convert_[Index(l, e)] = kHigh;
+        } else {
+          ++num_unpacked_high_;
+        }
       }
       max_packed_bytes_ = std::max(max_packed_bytes_, Layout(l, e).bytes());
       // auto mixes precisions in one slot: room for the checkpoint's.
       if (precision_ == LoadPrecision::kAuto) max_packed_bytes_ = std::max(max_packed_bytes_, w.nbytes());
     }
   }
+  if (num_unpacked_high_ > 0)
+    EF_LOG(WARN, CACHE,
+           "cache.high_precision lossless: %d experts load in the checkpoint's bytes (%s; only bf16 experts without "
+           "biases whose widths are multiples of %d pack)",
+           num_unpacked_high_, DTypeName(model_->expert_dtype()), PackedBf16Format::kGroup);
   if (num_unquantizable_ > 0 && quantized_precision_ == LoadPrecision::kLossless)
     EF_LOG(WARN, CACHE,
            "cache.miss_precision lossless: %d experts load in the checkpoint's dtype (%s; only bf16 experts without "
@@ -121,7 +138,10 @@ size_t ExpertTiers::Index(int layer, int expert) const {
 }
 
 PackedLayout ExpertTiers::Layout(int layer, int expert) const {
-  const LoadPrecision p = LoadsLow(layer, expert) ? quantized_precision_ : LoadPrecision::kNative;
+  const uint8_t c = convert_[Index(layer, expert)];
+  const LoadPrecision p = c == kLow    ? quantized_precision_
+                          : c == kHigh ? LoadPrecision::kLossless
+                                       : LoadPrecision::kNative;
   return PackedExpertLayout(model_->host_expert(layer, expert), p);
 }
 
@@ -174,7 +194,7 @@ Status ExpertTiers::Quantize(int layer, int expert, std::span<const std::byte> n
       Status st = std::move(n).status();
       st.Prepend("cache.miss_precision " + std::string(LoadPrecisionName(precision_)) + ": expert " +
                  std::to_string(expert) + " of layer " + std::to_string(layer));
-      if (st.code() == StatusCode::kOutOfRange && quantized_precision_ == LoadPrecision::kLossless)
+      if (st.code() == StatusCode::kOutOfRange && to[i]->dtype == DType::kPbf16)
         st = OutOfRange(st.message() + " (use cache.miss_precision native for this model)");
       return st;
     }
@@ -194,19 +214,22 @@ Status ExpertTiers::PackFromCheckpoint(int layer, int expert, std::span<std::byt
 }
 
 Status ExpertTiers::Prepare(bool progress) {
-  if (quantized_precision_ == LoadPrecision::kNative) return Status::Ok();
+  if (quantized_.empty()) return Status::Ok();
   const runtime::ModelConfig& c = model_->config();
   int64_t total = 0;
   for (int l = 0; l < c.num_layers; ++l)
     if (c.IsMoeLayer(l))
       for (int e = 0; e < c.num_experts; ++e)
-        if (Computes(l, e) && quantizable_[Index(l, e)])
+        if (Computes(l, e) && convert_[Index(l, e)] != kNone)
           total += static_cast<int64_t>(model_->host_expert(l, e).nbytes());
-  Progress bar(std::string("quantizing experts to ") + LoadPrecisionName(quantized_precision_), progress ? total : 0,
-               progress ? 2.0 : 1e30);
+  std::string what = std::string("quantizing experts to ") + LoadPrecisionName(quantized_precision_);
+  if (quantized_precision_ == LoadPrecision::kNative) what = "packing experts losslessly";
+  if (high_ == LoadPrecision::kLossless && quantized_precision_ != LoadPrecision::kNative)
+    what += ", packing the others";
+  Progress bar(what, progress ? total : 0, progress ? 2.0 : 1e30);
   for (int l : c.MoeLayers()) {
     for (int e = 0; e < c.num_experts; ++e) {
-      if (!Computes(l, e) || !quantizable_[Index(l, e)]) continue;
+      if (!Computes(l, e) || convert_[Index(l, e)] == kNone) continue;
       // The native bytes from the nearest tier, not counted as a load: this is the host tier's fill.
       const runtime::ExpertWeights& w = model_->host_expert(l, e);
       std::vector<std::byte> native(w.nbytes());
@@ -263,10 +286,12 @@ Status ExpertTiers::CopyFromCheckpoint(int layer, int expert, std::span<std::byt
 
 Status ExpertTiers::FillPacked(int layer, int expert, std::span<std::byte> dst) {
   const size_t i = Index(layer, expert);
-  const bool low = quantized_precision_ != LoadPrecision::kNative && quantizable_[i] &&
-                   (precision_ != LoadPrecision::kAuto || !want_native_[i].load(std::memory_order_relaxed));
+  const bool low =
+      convert_[i] == kLow && (precision_ != LoadPrecision::kAuto || !want_native_[i].load(std::memory_order_relaxed));
+  // Full precision, packed losslessly (cache.high_precision lossless): counted as full precision.
+  const bool packed_high = convert_[i] == kHigh;
   uses_[i].store(0, std::memory_order_relaxed);
-  if (!low) {
+  if (!low && !packed_high) {
     EF_RETURN_IF_ERROR(FillNative(layer, expert, dst));
     resident_quantized_[i].store(0, std::memory_order_release);
     prec_loads_[0].fetch_add(1, std::memory_order_relaxed);
@@ -275,7 +300,7 @@ Status ExpertTiers::FillPacked(int layer, int expert, std::span<std::byte> dst) 
     return Status::Ok();
   }
   const size_t n = Layout(layer, expert).bytes();
-  if (dst.size() < n) return Internal("expert tiers: a slot smaller than the quantized expert");
+  if (dst.size() < n) return Internal("expert tiers: a slot smaller than the converted expert");
   {
     std::lock_guard<std::mutex> lock(quant_mu_);
     std::vector<std::byte>& q = quantized_[i];
@@ -293,9 +318,9 @@ Status ExpertTiers::FillPacked(int layer, int expert, std::span<std::byte> dst) 
       if (keep_quantized_) q = std::move(made);
     }
   }
-  resident_quantized_[i].store(1, std::memory_order_release);
-  prec_loads_[1].fetch_add(1, std::memory_order_relaxed);
-  prec_bytes_[1].fetch_add(static_cast<int64_t>(n), std::memory_order_relaxed);
+  resident_quantized_[i].store(low ? 1 : 0, std::memory_order_release);
+  prec_loads_[low ? 1 : 0].fetch_add(1, std::memory_order_relaxed);
+  prec_bytes_[low ? 1 : 0].fetch_add(static_cast<int64_t>(n), std::memory_order_relaxed);
   return Status::Ok();
 }
 

@@ -86,6 +86,10 @@ struct PrecisionOptions {
   // experts may load in low precision; the others always load in the checkpoint's dtype. Empty:
   // every layer.
   std::vector<uint8_t> low_layers;
+  // cache.high_precision: how loads in the checkpoint's precision move, kNative (its bytes) or
+  // kLossless (bf16 experts packed, PBF16): the layers outside low_layers and the experts the low
+  // precision cannot take. Not with auto, whose slots hold either precision.
+  LoadPrecision high = LoadPrecision::kNative;
 };
 
 // "native" (alias "bf16": the checkpoint's own dtype, outputs unchanged), "lossless", "int8", "int4",
@@ -141,9 +145,15 @@ class ExpertTiers {
   // Experts left in the checkpoint's dtype by their shape (biases, widths the group does not
   // divide), and the MoE layers cache.low_precision_layers keeps there.
   int num_unquantizable() const { return num_unquantizable_; }
+  int num_unpacked_high() const { return num_unpacked_high_; }
+  LoadPrecision high_precision() const { return high_; }
   int num_native_layers() const { return num_native_layers_; }
   // Whether (layer, expert) ever loads in low precision.
-  bool LoadsLow(int layer, int expert) const { return !quantizable_.empty() && quantizable_[Index(layer, expert)]; }
+  bool LoadsLow(int layer, int expert) const { return !convert_.empty() && convert_[Index(layer, expert)] == kLow; }
+  // Whether its full-precision loads are packed losslessly (cache.high_precision lossless).
+  bool LoadsPackedHigh(int layer, int expert) const {
+    return !convert_.empty() && convert_[Index(layer, expert)] == kHigh;
+  }
   // Writes the packed expert at the load precision from the checkpoint mapping, counting nothing
   // (a host tier's initial fill).
   Status PackFromCheckpoint(int layer, int expert, std::span<std::byte> dst) const;
@@ -176,7 +186,8 @@ class ExpertTiers {
   TierHooks hooks_;
   PrecisionOptions popts_;
   LoadPrecision precision_;
-  LoadPrecision quantized_precision_;  // int8 or int4: what a low-precision load writes
+  LoadPrecision quantized_precision_;  // int8, int4 or lossless: what a low-precision load writes
+  LoadPrecision high_;                 // native or lossless: what a full-precision load writes
   size_t max_packed_bytes_ = 0;
   // Per (layer, expert), relaxed atomics (the engine thread and the store's loader touch them):
   // auto's choice for the next fill, what the last fill wrote, uses since that fill.
@@ -184,9 +195,12 @@ class ExpertTiers {
   std::unique_ptr<std::atomic<int32_t>[]> uses_;
   std::array<std::atomic<int64_t>, 2> prec_loads_{}, prec_bytes_{};
   int num_unquantizable_ = 0;
+  int num_unpacked_high_ = 0;  // experts cache.high_precision lossless leaves in the checkpoint's bytes
   int num_native_layers_ = 0;
-  // [layer * E + expert]: loads may be low precision (shape allows it, layer selected).
-  std::vector<uint8_t> quantizable_;
+  // [layer * E + expert]: how its loads are converted: not (the checkpoint's bytes), to the low
+  // precision (shape allows it, layer selected) or packed losslessly (cache.high_precision).
+  enum Convert : uint8_t { kNone = 0, kLow = 1, kHigh = 2 };
+  std::vector<uint8_t> convert_;
   // Quantized host copies [layer * E + expert]; guarded by quant_mu_ (filled lazily off Prepare).
   std::mutex quant_mu_;
   std::vector<std::vector<std::byte>> quantized_;

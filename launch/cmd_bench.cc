@@ -830,6 +830,7 @@ json CacheJson(const BenchRun& b, const BenchSummary& s, const RunCounters& c) {
   // What the loads moved: the precision asked for, where, and the loads and bytes in each.
   j["miss_precision"] = s.cached ? config.cache.miss_precision : "native";
   j["low_precision_layers"] = s.cached ? config.cache.low_precision_layers : "all";
+  j["high_precision"] = s.cached ? config.cache.high_precision : "native";
   if (s.cached && config.cache.miss_precision == "auto") j["low_precision"] = config.cache.low_precision;
   if (s.cached && !config.cache.quantized_experts.empty()) j["quantized_experts"] = config.cache.quantized_experts;
   for (const char* k : {"native_loads", "native_bytes", "low_precision_loads", "low_precision_bytes"})

@@ -256,6 +256,10 @@ const std::map<std::string, Section>& Schema() {
               o->cache.low_precision_layers = v;
               return Status::Ok();
             }},
+           {"high_precision",
+            [](const Ctx& c, Config* o) {
+              return GetOneOf(c, {"native", "bf16", "lossless"}, &o->cache.high_precision);
+            }},
            {"quantized_experts", [](const Ctx& c, Config* o) { return GetString(c, &o->cache.quantized_experts); }},
            {"cpu_compute",
             [](const Ctx& c, Config* o) {
@@ -547,6 +551,7 @@ std::string ConfigToYaml(const Config& c) {
   e << YAML::Key << "low_precision_gate" << YAML::Value << c.cache.low_precision_gate;
   e << YAML::Key << "upgrade_uses" << YAML::Value << c.cache.upgrade_uses;
   e << YAML::Key << "low_precision_layers" << YAML::Value << c.cache.low_precision_layers;
+  e << YAML::Key << "high_precision" << YAML::Value << c.cache.high_precision;
   e << YAML::Key << "quantized_experts" << YAML::Value << c.cache.quantized_experts;
   e << YAML::Key << "cpu_compute" << YAML::Value << c.cache.cpu_compute;
   e << YAML::Key << "cpu_compute_max_rows" << YAML::Value << c.cache.cpu_compute_max_rows;
@@ -631,6 +636,10 @@ void CacheFlags::Register(CLI::App* app) {
                   "MoE layers whose expert loads may be low precision (int8, int4, auto): all, 'last P%' (e.g. "
                   "'last 50%') or decoder layer ranges ('16-31'); the others load in the checkpoint's dtype. Early "
                   "layers are the sensitive ones (cache.low_precision_layers, default all)");
+  app->add_option("--high-precision", high_precision,
+                  "how loads in the checkpoint's precision move: native (its bytes) or lossless (bf16 packed "
+                  "bit-exactly, 0.76x the bytes): with --low-precision-layers the other layers' loads, and with "
+                  "--miss-precision native every load (cache.high_precision, default native)");
   app->add_option("--quantized-experts", quantized_experts,
                   "low-precision expert copies quantized ahead of time by `expertflow quantize` (GPTQ), used instead "
                   "of rounding the checkpoint at load (cache.quantized_experts)");
@@ -664,6 +673,7 @@ Status CacheFlags::Apply(const CLI::App& app, Config* config) const {
       {"--low-precision-gate", {"cache.low_precision_gate", &low_precision_gate}},
       {"--upgrade-uses", {"cache.upgrade_uses", &upgrade_uses}},
       {"--low-precision-layers", {"cache.low_precision_layers", &low_precision_layers}},
+      {"--high-precision", {"cache.high_precision", &high_precision}},
       {"--quantized-experts", {"cache.quantized_experts", &quantized_experts}},
       {"--cpu-experts", {"cache.cpu_compute", &cpu_compute}},
       {"--cpu-experts-max-rows", {"cache.cpu_compute_max_rows", &cpu_compute_max_rows}},

@@ -108,6 +108,10 @@ struct CacheSection {
   // dtype. Quantization noise early reaches every later router: "last 50%" keeps the int8 quality
   // bar on tiny-code-moe where every layer in int8 misses it (docs/results/quant).
   std::string low_precision_layers = "all";
+  // How loads in the checkpoint's precision move: native (its bytes) or lossless (bf16 packed
+  // bit-exactly, 0.756x the bytes): the layers outside low_precision_layers and experts the low
+  // precision cannot take; with miss_precision native, every load (= miss_precision lossless).
+  std::string high_precision = "native";
   // A file of experts quantized ahead of time in the low precision (`expertflow quantize`, GPTQ
   // over calibration text; cache/quantized_experts.h); empty: rounded to nearest at load.
   std::string quantized_experts;
@@ -221,14 +225,15 @@ comm::ClusterOptions ToClusterOptions(const Config& config);
 //   --miss-precision      -> cache.miss_precision
 //   --low-precision, --low-precision-gate, --upgrade-uses -> cache.low_precision, ...
 //   --low-precision-layers -> cache.low_precision_layers
+//   --high-precision       -> cache.high_precision
 //   --quantized-experts   -> cache.quantized_experts
 //   --cpu-experts         -> cache.cpu_compute     --cpu-experts-max-rows -> cache.cpu_compute_max_rows
 //   --cpu-experts-admit   -> cache.cpu_compute_admit
 //   --predictor           -> predictor.kind        --predictor-path    -> predictor.path
 struct CacheFlags {
   std::string device_budget, host_budget, policy, prefetch_layers, prefetch_min_prob, miss_precision, low_precision,
-      low_precision_gate, upgrade_uses, low_precision_layers, quantized_experts, cpu_compute, cpu_compute_max_rows,
-      cpu_compute_admit, predictor, predictor_path;
+      low_precision_gate, upgrade_uses, low_precision_layers, high_precision, quantized_experts, cpu_compute,
+      cpu_compute_max_rows, cpu_compute_admit, predictor, predictor_path;
 
   void Register(CLI::App* app);
   // Writes the flags given on the command line into `config` (validated like the file's keys).

@@ -34,6 +34,7 @@ std::string CacheSettingsWithoutEffect(const CacheSection& cache) {
   add(cache.low_precision_gate != d.low_precision_gate, "cache.low_precision_gate");
   add(cache.upgrade_uses != d.upgrade_uses, "cache.upgrade_uses");
   add(cache.low_precision_layers != d.low_precision_layers, "cache.low_precision_layers");
+  add(cache.high_precision != d.high_precision, "cache.high_precision");
   add(!cache.quantized_experts.empty(), "cache.quantized_experts");
   add(cache.cpu_compute != d.cpu_compute, "cache.cpu_compute");
   add(cache.cpu_compute_max_rows != d.cpu_compute_max_rows, "cache.cpu_compute_max_rows");
@@ -57,6 +58,7 @@ cache::ExpertCacheOptions ToExpertCacheOptions(const CacheSection& cache, const 
   o.low_precision_gate = cache.low_precision_gate;
   o.upgrade_uses = cache.upgrade_uses;
   o.low_precision_layers = cache.low_precision_layers;
+  o.high_precision = cache.high_precision;
   o.quantized_experts = cache.quantized_experts;
   o.cpu_compute = cache.cpu_compute;
   o.cpu_compute_max_rows = cache.cpu_compute_max_rows;

@@ -338,6 +338,75 @@ TEST(LowPrecisionBudget, LosslessLoadsAreBitwiseTheCheckpointsAtFewerBytes) {
   EXPECT_EQ(packed->slots_per_layer, 5);  // 4 / 0.771 = 5.2
 }
 
+// int8 in the last half of the MoE layers, and the other half's loads packed losslessly
+// (cache.high_precision lossless): the numbers of int8 in the last half alone (the packed layers
+// compute the checkpoint's values exactly), fewer bytes for the same loads, and in a budget in
+// bytes more slots in the packed layers than in bf16 ones.
+TEST(LowPrecisionBudget, LosslessHighLayersBesideInt8Layers) {
+  runtime::EngineOptions eo;
+  eo.backend = "cpu";
+  auto engine = Engine::Create(std::string(EF_MODELS_DIR) + "/tiny-code-moe", eo);
+  ASSERT_TRUE(engine.ok()) << engine.status().ToString();
+  const runtime::ModelConfig& c = (*engine)->config();
+  const std::vector<int32_t> prompt = {11, 42, 7, 99, 3, 150, 2, 77, 5};
+  auto layers = ResolveLowPrecisionLayers("last 50%", c);
+  ASSERT_TRUE(layers.ok());
+  auto fake = FakeQuantSource::Create((*engine)->weights(), DType::kQ8, *layers);
+  const ef::testing::PromptRun want = RunFrom(**engine, fake.get(), prompt);
+  std::map<std::string, int64_t> bytes;
+  for (const char* high : {"native", "lossless"}) {
+    ExpertCacheOptions o = OnDemandLru(c, "int8");
+    o.low_precision_layers = "last 50%";
+    o.high_precision = high;
+    auto cache = ExpertCache::Create(engine->get(), o);
+    ASSERT_TRUE(cache.ok()) << cache.status().ToString();
+    const ef::testing::PromptRun got = ef::testing::RunPrompt(**engine, prompt, 4);
+    EXPECT_LE(Distance(got.logits, want.logits), 1e-6) << high;
+    EXPECT_EQ(got.tokens, want.tokens) << high;
+    const ExpertTiers* tiers = (*cache)->tiers();
+    ASSERT_NE(tiers, nullptr);
+    for (int l : c.MoeLayers()) {
+      const DType t = tiers->Layout(l, 0).gate.dtype;
+      EXPECT_EQ(t, (*layers)[l] ? DType::kQ8 : std::string(high) == "lossless" ? DType::kPbf16 : DType::kBF16) << l;
+    }
+    if (std::string(high) == "lossless")
+      EXPECT_NE((*cache)->Describe().find("MoE layers lossless"), std::string::npos) << (*cache)->Describe();
+    EXPECT_GT(tiers->loads_by_precision()[0], 0) << high;
+    EXPECT_GT(tiers->loads_by_precision()[1], 0) << high;
+    bytes[high] = (*cache)->stats().total.bytes_from_host;
+    cache->reset();
+  }
+  EXPECT_LT(bytes["lossless"], bytes["native"]);
+
+  // A budget in bytes: the packed layers hold more slots than bf16 ones in the same bytes.
+  ExpertCacheOptions o = OnDemandLru(c, "int8");
+  o.low_precision_layers = "last 50%";
+  o.slots_per_layer = 0;
+  auto native_slot = ExpertCache::PlanBudget(**engine, OnDemandLru(c, "native"));
+  ASSERT_TRUE(native_slot.ok());
+  o.device_budget_bytes = 4ull * c.num_moe_layers() * native_slot->slot_bytes;
+  auto plain = ExpertCache::PlanBudget(**engine, o);
+  o.high_precision = "lossless";
+  auto packed = ExpertCache::PlanBudget(**engine, o);
+  ASSERT_TRUE(plain.ok() && packed.ok());
+  for (int l : c.MoeLayers()) {
+    if ((*layers)[l]) continue;
+    EXPECT_LT(packed->slot_bytes_of(l), plain->slot_bytes_of(l)) << l;
+    EXPECT_GE(packed->slots(l), plain->slots(l)) << l;
+  }
+  EXPECT_GT(packed->total_slots(), plain->total_slots());
+  // Not with auto, whose slots hold either precision; an unknown value names the key.
+  o.miss_precision = "auto";
+  auto bad = ExpertCache::PlanBudget(**engine, o);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("cache.high_precision lossless does not combine"), std::string::npos);
+  o.miss_precision = "int8";
+  o.high_precision = "fp8";
+  bad = ExpertCache::PlanBudget(**engine, o);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("unknown cache.high_precision 'fp8'"), std::string::npos);
+}
+
 // A bf16 expert that the packed format cannot hold (more values far below their group's largest
 // than its exceptions): lossless loads refuse the model at the cache's creation, naming the expert
 // and what to do; native loads run it. (tiny-code-moe with one matrix of expert 3 of layer 5 made

@@ -388,6 +388,14 @@ TEST_P(ExpertCacheGpuTest, LowPrecisionLoadsMatchTheCpuCache) {
 // are that layer's size, the outputs those of the CPU cache with the same selection (routing
 // forced, as above), also with cpu compute, which times and plans each expert size apart (on by
 // default).
+// `o` with the checkpoint's precision everywhere (its budget's slot size is a bf16 expert's).
+ExpertCacheOptions OnDemandNative(ExpertCacheOptions o) {
+  o.miss_precision = "native";
+  o.high_precision = "native";
+  o.low_precision_layers = "all";
+  return o;
+}
+
 // cache.miss_precision lossless on the CUDA engine: the packed copies hold the bf16 experts bit for
 // bit. Under the CPU engine's routing (forced: a near router tie must not decide the comparison),
 // the lossless cache is at least as close to the CPU engine as the native cache is (it is closer:
@@ -437,6 +445,69 @@ TEST_P(ExpertCacheGpuTest, LosslessLoadsMatchTheNativeCache) {
   EXPECT_LE(lossless, native + 1e-5);
   EXPECT_EQ(out["lossless"].tokens, out["native"].tokens);
   EXPECT_LT(bytes["lossless"], bytes["native"] * 78 / 100);
+}
+
+// int8 in the last half of the MoE layers and the first half's loads packed losslessly
+// (cache.high_precision lossless): the CUDA cache computes what the CPU cache computes (under its
+// routing, within the bound of the int8 test below), each layer's loads at its own size, the packed
+// layers' slots PBF16 (bf16 experts; the fp32 fixtures keep theirs), with slots in a budget in bytes
+// and misses computed on the host in both kinds of layer.
+TEST_P(ExpertCacheGpuTest, LosslessHighLayersMatchTheCpuCache) {
+  const auto [cpu_native, native] = CpuReference(GetParam());
+  const double bound = std::max(1e-2, 3 * native);
+  ExpertCacheOptions o;
+  o.policy = "lru";
+  o.predictor = "none";
+  o.prefetch_layers = 0;
+  o.miss_precision = "int8";
+  o.low_precision_layers = "last 50%";
+  o.high_precision = "lossless";
+  runtime::EngineOptions co;
+  co.backend = "cpu";
+  auto cpu = Engine::Create(ModelDir(GetParam()), co);
+  ASSERT_TRUE(cpu.ok()) << cpu.status().ToString();
+  o.slots_per_layer = (*cpu)->config().top_k;
+  auto cpu_cache = ExpertCache::Create(cpu->get(), o);
+  ASSERT_TRUE(cpu_cache.ok()) << cpu_cache.status().ToString();
+  PromptRouting routing;
+  int hook = routing.Attach(**cpu, PromptRouting::Mode::kRecord);
+  const Output want = RunModel(**cpu);
+  (*cpu)->RemoveRoutingHook(hook);
+  cpu_cache->reset();
+
+  auto engine = MakeCudaEngine(GetParam(), false);
+  ASSERT_NE(engine, nullptr);
+  const std::vector<int> moe = engine->config().MoeLayers();
+  for (const char* cpu_compute : {"off", "auto"}) {
+    ExpertCacheOptions d = o;
+    d.cpu_compute = cpu_compute;
+    if (std::string(cpu_compute) == "auto") {
+      auto native_budget = ExpertCache::PlanBudget(*engine, OnDemandNative(o));
+      ASSERT_TRUE(native_budget.ok()) << native_budget.status().ToString();
+      d.slots_per_layer = 0;
+      d.device_budget_bytes =
+          (static_cast<uint64_t>(engine->config().top_k) * moe.size() + 1) * native_budget->slot_bytes;
+    }
+    auto cache = ExpertCache::Create(engine.get(), d);
+    ASSERT_TRUE(cache.ok()) << cache.status().ToString();
+    hook = routing.Attach(*engine, PromptRouting::Mode::kForce);
+    const Output got = RunModel(*engine);
+    engine->RemoveRoutingHook(hook);
+    std::printf("[ lossless high layers ] %s cpu %s: cuda cache vs cpu cache %.4g (bound %.4g)\n", GetParam().c_str(),
+                cpu_compute, LogitDistance(got, want), bound);
+    EXPECT_LE(LogitDistance(got, want), bound) << GetParam() << " " << cpu_compute;
+    EXPECT_EQ(got.tokens.size(), want.tokens.size());
+    CachedExpertSource& src = *(*cache)->source();
+    const ExpertStoreStats st = (*cache)->stats();
+    EXPECT_EQ(CudaArenaOf(src).copy_stats().bytes_h2d, st.total.bytes_from_host) << cpu_compute;
+    const DType first = (*cache)->tiers()->Layout(moe.front(), 0).gate.dtype;
+    EXPECT_EQ(first,
+              engine->weights().expert_dtype() == DType::kBF16 ? DType::kPbf16 : engine->weights().expert_dtype());
+    EXPECT_EQ((*cache)->tiers()->Layout(moe.back(), 0).gate.dtype, DType::kQ8);
+    Status as = CudaArenaOf(src).status();
+    EXPECT_TRUE(as.ok()) << as.ToString();
+    cache->reset();
+  }
 }
 
 TEST_P(ExpertCacheGpuTest, LowPrecisionLayersMatchTheCpuCache) {

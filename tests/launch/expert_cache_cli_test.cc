@@ -119,6 +119,24 @@ TEST_F(ExpertCacheCliTest, LosslessLoadsScoreTheSameLogitsAtFewerBytes) {
     rec[p] = json::parse(Read(std::string(p) + ".json"), nullptr, false);
     ASSERT_FALSE(rec[p].is_discarded()) << Read(std::string(p) + ".json");
   }
+  // int8 in the last half and the other half packed (--high-precision lossless): fewer bytes than
+  // int8 in the last half alone, for the same tokens.
+  for (const char* high : {"native", "lossless"}) {
+    const fs::path out = dir_ / (std::string("half_") + high + ".json");
+    ASSERT_EQ(Run("bench --backend cpu --model " + kModelDir +
+                  " -n 1 -c 1 --prompt-len 8 --gen-len 16 --cache-policy lru --prefetch-layers 0 "
+                  "--cache-device-budget 6MiB --miss-precision int8 --low-precision-layers 'last 50%' "
+                  "--high-precision " +
+                  high + " --json " + out.string()),
+              0)
+        << Read("stderr");
+    rec[std::string("half_") + high] = json::parse(Read(out.filename().string()), nullptr, false);
+  }
+  EXPECT_EQ(rec["half_lossless"]["cache"]["high_precision"], "lossless");
+  EXPECT_NE(Read("stdout").find("(4 MoE layers lossless)"), std::string::npos) << Read("stdout");
+  EXPECT_EQ(rec["half_lossless"]["results"]["generated_tokens"], rec["half_native"]["results"]["generated_tokens"]);
+  EXPECT_LT(rec["half_lossless"]["results"]["bytes_moved"].get<double>(),
+            0.8 * rec["half_native"]["results"]["bytes_moved"].get<double>());
   const json &n = rec["native"], &l = rec["lossless"];
   EXPECT_EQ(l["results"]["generated_tokens"], n["results"]["generated_tokens"]);
   EXPECT_EQ(l["cache"]["hits"], n["cache"]["hits"]);
