@@ -104,7 +104,8 @@ printf "%-7s %-5s %-9s %-14s %10s %9s %9s %11s %9s %8s %8s %s\n" budget conc pre
 # frequency forecast; cpu "default" then also leaves --cpu-experts to its default), lN
 # (--low-precision-layers "last N%": int8/int4 loads in the last N% of the MoE layers only, the
 # others bf16; each layer's slots are its experts' size, so with mem the int8 layers hold about
-# twice as many).
+# twice as many), hl (--high-precision lossless: the loads left in bf16, e.g. the layers outside lN,
+# packed losslessly).
 # host_ms: the host's mean time per expert inside the run, scaled to a whole expert (a split
 # expert's host part is a share of one).
 # The default list: the LRU baselines, then the configurations whose quality meets a bar
@@ -135,6 +136,7 @@ for case in $CASES; do
       s[0-9]*) envs+=(EF_THREAD_POOL_SPIN_US=${m#s}) ;;
       a[0-9]*) extra+=(--cpu-experts-admit "${m#a}") ;;
       l[0-9]*) extra+=(--low-precision-layers "last ${m#l}%") ;;
+      hl) extra+=(--high-precision lossless) ;;
       mem) budget_arg=$((LAYERS * 8 * 3 * 4096 * 14336 * 2 * b / 100)) ;;  # bytes of b% of the bf16 experts
     esac
   done
