@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <cstdio>
-#include <tuple>
 
 #include "cache/cache_policy.h"
 #include "cache/low_precision_layers.h"
@@ -78,26 +77,36 @@ size_t SlotBytes(const runtime::ModelWeights& w, bool cuda, LoadPrecision precis
   return *std::max_element(bytes.begin(), bytes.end());
 }
 
-// cache.miss_precision and cache.high_precision, checked together: (the load precision, how
-// full-precision loads move). native with high lossless is lossless.
-StatusOr<std::pair<LoadPrecision, LoadPrecision>> ResolvePrecisions(const ExpertCacheOptions& o) {
-  EF_ASSIGN_OR_RETURN(LoadPrecision precision, ParseLoadPrecision(o.miss_precision));
-  LoadPrecision high;
+// cache.miss_precision and cache.high_precision, checked together: the load precision and how
+// full-precision loads move. native or lossless with high lossless is lossless in every layer
+// (cache.low_precision_layers then selects nothing: no load is lossy).
+struct Precisions {
+  LoadPrecision precision = LoadPrecision::kNative;
+  LoadPrecision high = LoadPrecision::kNative;
+  bool every_layer = false;  // low_precision_layers does not apply
+};
+StatusOr<Precisions> ResolvePrecisions(const ExpertCacheOptions& o) {
+  Precisions p;
+  EF_ASSIGN_OR_RETURN(p.precision, ParseLoadPrecision(o.miss_precision));
   if (o.high_precision == "native" || o.high_precision == "bf16") {
-    high = LoadPrecision::kNative;
+    p.high = LoadPrecision::kNative;
   } else if (o.high_precision == "lossless") {
-    high = LoadPrecision::kLossless;
+    p.high = LoadPrecision::kLossless;
   } else {
     return InvalidArgument("unknown cache.high_precision '" + o.high_precision +
                            "' (native or bf16: the checkpoint's bytes; lossless: packed bit-exactly)");
   }
-  if (high == LoadPrecision::kLossless && precision == LoadPrecision::kAuto)
+  if (p.high == LoadPrecision::kLossless && p.precision == LoadPrecision::kAuto)
     return InvalidArgument(
         "cache.high_precision lossless does not combine with cache.miss_precision auto (whose slots hold either "
         "precision); use int8 or int4 with cache.low_precision_layers");
-  if (high == LoadPrecision::kLossless && precision == LoadPrecision::kNative) precision = LoadPrecision::kLossless;
-  if (precision == LoadPrecision::kLossless) high = LoadPrecision::kNative;
-  return std::pair{precision, high};
+  if (p.high == LoadPrecision::kLossless &&
+      (p.precision == LoadPrecision::kNative || p.precision == LoadPrecision::kLossless)) {
+    p.precision = LoadPrecision::kLossless;
+    p.every_layer = true;
+  }
+  if (p.precision == LoadPrecision::kLossless) p.high = LoadPrecision::kNative;
+  return p;
 }
 
 // Routing counts per (decoder layer, expert) for the static policy: from the trace, else from a
@@ -197,9 +206,10 @@ StatusOr<CacheBudget> ExpertCache::PlanBudget(const runtime::Engine& engine, con
   b.num_experts = c.num_experts;
   b.top_k = c.top_k;
   if (b.num_moe_layers < 1) return InvalidArgument("expert cache: the model has no MoE layer");
-  EF_ASSIGN_OR_RETURN(const auto precisions, ResolvePrecisions(o));
-  const auto [precision, high] = precisions;
-  EF_ASSIGN_OR_RETURN(const std::vector<uint8_t> low_layers, ResolveLowPrecisionLayers(o.low_precision_layers, c));
+  EF_ASSIGN_OR_RETURN(const Precisions precisions, ResolvePrecisions(o));
+  const LoadPrecision precision = precisions.precision, high = precisions.high;
+  EF_ASSIGN_OR_RETURN(std::vector<uint8_t> low_layers, ResolveLowPrecisionLayers(o.low_precision_layers, c));
+  if (precisions.every_layer) low_layers.clear();
   // Slots sized per layer where layers load in different precisions (not under auto, whose slots
   // hold either precision).
   const bool per_layer_sizes =
@@ -364,7 +374,9 @@ StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(runtime::Engine* engi
   // The precision options first: a mistake in them (a quantized-experts file that does not fit) is
   // reported even when the budget holds every expert and no low-precision copy is ever made.
   PrecisionOptions po;
-  EF_ASSIGN_OR_RETURN(std::tie(po.precision, po.high), ResolvePrecisions(o));
+  EF_ASSIGN_OR_RETURN(const Precisions precisions, ResolvePrecisions(o));
+  po.precision = precisions.precision;
+  po.high = precisions.high;
   EF_ASSIGN_OR_RETURN(po.low, ParseLoadPrecision(o.low_precision));
   if (po.low != LoadPrecision::kInt8 && po.low != LoadPrecision::kInt4)
     return InvalidArgument("cache.low_precision must be int8 or int4, got '" + o.low_precision + "'");
@@ -377,6 +389,13 @@ StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(runtime::Engine* engi
   if (po.precision == LoadPrecision::kNative && !po.low_layers.empty())
     EF_LOG(WARN, CACHE, "cache.low_precision_layers '%s' has no effect: cache.miss_precision is native",
            o.low_precision_layers.c_str());
+  if (precisions.every_layer && !po.low_layers.empty()) {
+    EF_LOG(WARN, CACHE,
+           "cache.low_precision_layers '%s' has no effect: with cache.high_precision lossless and "
+           "cache.miss_precision %s every load is lossless",
+           o.low_precision_layers.c_str(), o.miss_precision.c_str());
+    po.low_layers.clear();
+  }
   if (!o.quantized_experts.empty()) {
     const LoadPrecision low = po.precision == LoadPrecision::kAuto ? po.low : po.precision;
     if (low == LoadPrecision::kNative || low == LoadPrecision::kLossless)
@@ -537,7 +556,7 @@ std::string ExpertCache::Describe() const {
   } else if (tiers_ && tiers_->precision() != LoadPrecision::kNative) {
     s += std::string("loads in ") + LoadPrecisionName(tiers_->precision()) + ", ";
   }
-  const bool packed_high = tiers_ && tiers_->high_precision() == LoadPrecision::kLossless;
+  const bool packed_high = tiers_ && tiers_->num_packed_high() > 0;
   if (tiers_ && tiers_->num_native_layers() > 0)
     s += "low precision in MoE " + DescribeLayers(tiers_->precision_options().low_layers) + " only (" +
          std::to_string(tiers_->num_native_layers()) +
@@ -595,8 +614,7 @@ std::string ExpertCache::StatsSummary() const {
                   LoadPrecisionName(tiers_->precision_options().precision == LoadPrecision::kAuto
                                         ? tiers_->precision_options().low
                                         : tiers_->precision()),
-                  static_cast<long long>(loads[0]),
-                  tiers_->high_precision() == LoadPrecision::kLossless ? " (lossless)" : "",
+                  static_cast<long long>(loads[0]), tiers_->num_packed_high() > 0 ? " (lossless)" : "",
                   static_cast<long long>(t.refills));
     s += buf;
   }

@@ -106,6 +106,7 @@ ExpertTiers::ExpertTiers(const runtime::ModelWeights* model, TierHooks hooks, Pr
       if (convert_[Index(l, e)] == kNone && high_ == LoadPrecision::kLossless) {
         if (Quantizable(w, LoadPrecision::kLossless)) {
           convert_[Index(l, e)] = kHigh;
+          ++num_packed_high_;
         } else {
           ++num_unpacked_high_;
         }
@@ -195,7 +196,8 @@ Status ExpertTiers::Quantize(int layer, int expert, std::span<const std::byte> n
       st.Prepend("cache.miss_precision " + std::string(LoadPrecisionName(precision_)) + ": expert " +
                  std::to_string(expert) + " of layer " + std::to_string(layer));
       if (st.code() == StatusCode::kOutOfRange && to[i]->dtype == DType::kPbf16)
-        st = OutOfRange(st.message() + " (use cache.miss_precision native for this model)");
+        st = OutOfRange(st.message() + " (load this model's experts in the checkpoint's bytes: cache.miss_precision " +
+                        "and cache.high_precision native)");
       return st;
     }
     src_off += from[i]->nbytes();
@@ -224,8 +226,7 @@ Status ExpertTiers::Prepare(bool progress) {
           total += static_cast<int64_t>(model_->host_expert(l, e).nbytes());
   std::string what = std::string("quantizing experts to ") + LoadPrecisionName(quantized_precision_);
   if (quantized_precision_ == LoadPrecision::kNative) what = "packing experts losslessly";
-  if (high_ == LoadPrecision::kLossless && quantized_precision_ != LoadPrecision::kNative)
-    what += ", packing the others";
+  if (num_packed_high_ > 0 && quantized_precision_ != LoadPrecision::kNative) what += ", packing the others";
   Progress bar(what, progress ? total : 0, progress ? 2.0 : 1e30);
   for (int l : c.MoeLayers()) {
     for (int e = 0; e < c.num_experts; ++e) {

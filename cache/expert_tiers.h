@@ -146,6 +146,8 @@ class ExpertTiers {
   // divide), and the MoE layers cache.low_precision_layers keeps there.
   int num_unquantizable() const { return num_unquantizable_; }
   int num_unpacked_high() const { return num_unpacked_high_; }
+  // Experts whose full-precision loads are packed (cache.high_precision lossless).
+  int num_packed_high() const { return num_packed_high_; }
   LoadPrecision high_precision() const { return high_; }
   int num_native_layers() const { return num_native_layers_; }
   // Whether (layer, expert) ever loads in low precision.
@@ -196,6 +198,7 @@ class ExpertTiers {
   std::array<std::atomic<int64_t>, 2> prec_loads_{}, prec_bytes_{};
   int num_unquantizable_ = 0;
   int num_unpacked_high_ = 0;  // experts cache.high_precision lossless leaves in the checkpoint's bytes
+  int num_packed_high_ = 0;    // experts whose full-precision loads it packs
   int num_native_layers_ = 0;
   // [layer * E + expert]: how its loads are converted: not (the checkpoint's bytes), to the low
   // precision (shape allows it, layer selected) or packed losslessly (cache.high_precision).

@@ -38,7 +38,8 @@ Status WriteExpertSlot(const runtime::ModelWeights& model, const SlotLayout& lay
         Status st = std::move(n).status();
         st.Prepend(name());
         if (st.code() == StatusCode::kOutOfRange && t.dtype == DType::kPbf16)
-          st = OutOfRange(st.message() + " (use cache.miss_precision native for this model)");
+          st = OutOfRange(st.message() + " (load this model's experts in the checkpoint's bytes: " +
+                          "cache.miss_precision and cache.high_precision native)");
         return st;
       }
     } else {

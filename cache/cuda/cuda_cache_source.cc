@@ -56,6 +56,13 @@ Status CheckDeviceExperts(const runtime::ModelWeights& model, const ExpertTiers*
   if (tiers && tiers->precision() == LoadPrecision::kAuto)
     return Unimplemented(
         "cache.miss_precision auto (mixed precisions per slot) runs on the cpu backend; on cuda use int8 or int4");
+  if (tiers && tiers->num_unquantizable() > 0 && tiers->precision() == LoadPrecision::kLossless)
+    return Unimplemented(
+        "cuda expert cache: lossless loads (cache.miss_precision or cache.high_precision lossless) "
+        "pack bf16 experts only; this model's are " +
+        std::string(DTypeName(model.expert_dtype())) +
+        " (or biased, or of widths not a multiple of 128): use cache.miss_precision and "
+        "cache.high_precision native");
   if (tiers && tiers->num_unquantizable() > 0)
     return Unimplemented("cuda expert cache: cache.miss_precision " +
                          std::string(LoadPrecisionName(tiers->precision())) +

@@ -395,6 +395,17 @@ TEST(LowPrecisionBudget, LosslessHighLayersBesideInt8Layers) {
     EXPECT_GE(packed->slots(l), plain->slots(l)) << l;
   }
   EXPECT_GT(packed->total_slots(), plain->total_slots());
+  // With native (or lossless) loads no load is lossy: every layer packed, whatever layers are selected.
+  for (const char* miss : {"native", "lossless"}) {
+    ExpertCacheOptions e = OnDemandLru(c, miss);
+    e.low_precision_layers = "last 50%";
+    e.high_precision = "lossless";
+    auto every = ExpertCache::Create(engine->get(), e);
+    ASSERT_TRUE(every.ok()) << every.status().ToString();
+    for (int l : c.MoeLayers())
+      EXPECT_EQ((*every)->tiers()->Layout(l, 0).gate.dtype, DType::kPbf16) << miss << " " << l;
+    every->reset();
+  }
   // Not with auto, whose slots hold either precision; an unknown value names the key.
   o.miss_precision = "auto";
   auto bad = ExpertCache::PlanBudget(**engine, o);
@@ -444,7 +455,7 @@ TEST(LowPrecisionBudget, LosslessNamesAnExpertThatCannotBePacked) {
   const std::string& m = lossless.status().message();
   EXPECT_NE(m.find("expert 3 of layer 5"), std::string::npos) << m;
   EXPECT_NE(m.find("cannot be packed losslessly"), std::string::npos) << m;
-  EXPECT_NE(m.find("use cache.miss_precision native"), std::string::npos) << m;
+  EXPECT_NE(m.find("cache.miss_precision and cache.high_precision native"), std::string::npos) << m;
   auto native = ExpertCache::Create(engine->get(), OnDemandLru((*engine)->config(), "native"));
   EXPECT_TRUE(native.ok()) << native.status().ToString();
   if (native.ok()) native->reset();  // gone before the engine
