@@ -253,23 +253,29 @@ TEST(PackedBf16Test, CpuGemmEqualsTheBf16WeightsBitwise) {
       ASSERT_EQ(0, std::memcmp(yp.data(), yb.data(), yp.size() * sizeof(float))) << "m=" << m;
     }
     ThreadPool pool(3);
-    for (runtime::GemvBlock block : {runtime::GemvBlock{}, runtime::GemvBlock{16, 80, 128, 384}}) {
-      const int64_t rows = (block.row_end < 0 ? n : block.row_end) - block.row_begin;
-      const int64_t cols = (block.col_end < 0 ? k : block.col_end) - block.col_begin;
-      std::vector<float> xb(static_cast<size_t>(m * cols));
-      for (int64_t i = 0; i < m; ++i) std::memcpy(&xb[i * cols], &x[i * k + block.col_begin], cols * sizeof(float));
-      std::vector<float> hp(static_cast<size_t>(m * rows)), want(hp.size());
-      runtime::HostGemv(pool, xb.data(), m, *wp, hp.data(), block);
-      // The reference: the fp32 values of the bf16 weight's block, summed in double.
-      for (int64_t i = 0; i < m; ++i)
-        for (int64_t j = 0; j < rows; ++j) {
-          double s = 0;
-          for (int64_t c = 0; c < cols; ++c)
-            s += static_cast<double>(xb[i * cols + c]) * Bf16ToF32(w[(block.row_begin + j) * k + block.col_begin + c]);
-          want[i * rows + j] = static_cast<float>(s);
-        }
-      for (size_t i = 0; i < hp.size(); ++i)
-        ASSERT_NEAR(hp[i], want[i], 1e-5 * std::max(1.f, std::abs(want[i]))) << "m=" << m << " element " << i;
+    // Both vector kernels (AVX-512 decoding in registers; AMX tiles of decoded rows) where the CPU
+    // has them; the exact path otherwise.
+    for (runtime::HostPath path : {runtime::HostPath::kFloat, runtime::HostPath::kAmx}) {
+      for (runtime::GemvBlock block : {runtime::GemvBlock{}, runtime::GemvBlock{16, 80, 128, 384}}) {
+        const int64_t rows = (block.row_end < 0 ? n : block.row_end) - block.row_begin;
+        const int64_t cols = (block.col_end < 0 ? k : block.col_end) - block.col_begin;
+        std::vector<float> xb(static_cast<size_t>(m * cols));
+        for (int64_t i = 0; i < m; ++i) std::memcpy(&xb[i * cols], &x[i * k + block.col_begin], cols * sizeof(float));
+        std::vector<float> hp(static_cast<size_t>(m * rows)), want(hp.size());
+        runtime::HostGemv(pool, xb.data(), m, *wp, hp.data(), block, path);
+        // The reference: the fp32 values of the bf16 weight's block, summed in double.
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t j = 0; j < rows; ++j) {
+            double s = 0;
+            for (int64_t c = 0; c < cols; ++c)
+              s +=
+                  static_cast<double>(xb[i * cols + c]) * Bf16ToF32(w[(block.row_begin + j) * k + block.col_begin + c]);
+            want[i * rows + j] = static_cast<float>(s);
+          }
+        for (size_t i = 0; i < hp.size(); ++i)
+          ASSERT_NEAR(hp[i], want[i], 1e-5 * std::max(1.f, std::abs(want[i])))
+              << "m=" << m << " path " << static_cast<int>(path) << " element " << i;
+      }
     }
   }
 }

@@ -59,7 +59,8 @@ enum class HostPath {
   kDefault,
   kFloat,  // AVX-512 FMAs with x in fp32 (every type)
   kInt8X,  // int8 and int4 weights: x rounded to int8 per group, vpdpbusd (AVX-512 VNNI)
-  kAmx,    // bf16 weights: AMX tiles, x in three bf16 parts (every product exact for |x| > 1e-30)
+  kAmx,    // bf16 weights (PBF16 when asked: decoded a tile at a time): AMX tiles, x in three bf16 parts
+           // (every product exact for |x| > 1e-30)
 };
 
 // y[m, n] = x[m, k] W[block]^T (overwritten; n and k the block's rows and columns), split over
