@@ -831,6 +831,8 @@ json CacheJson(const BenchRun& b, const BenchSummary& s, const RunCounters& c) {
   j["miss_precision"] = s.cached ? config.cache.miss_precision : "native";
   j["low_precision_layers"] = s.cached ? config.cache.low_precision_layers : "all";
   j["high_precision"] = s.cached ? config.cache.high_precision : "native";
+  // The precision the loads took after both keys were resolved (native + high lossless: lossless).
+  if (c.cache_json.contains("precision")) j["load_precision"] = c.cache_json["precision"];
   if (s.cached && config.cache.miss_precision == "auto") j["low_precision"] = config.cache.low_precision;
   if (s.cached && !config.cache.quantized_experts.empty()) j["quantized_experts"] = config.cache.quantized_experts;
   for (const char* k : {"native_loads", "native_bytes", "low_precision_loads", "low_precision_bytes"})

@@ -133,6 +133,8 @@ TEST_F(ExpertCacheCliTest, LosslessLoadsScoreTheSameLogitsAtFewerBytes) {
     rec[std::string("half_") + high] = json::parse(Read(out.filename().string()), nullptr, false);
   }
   EXPECT_EQ(rec["half_lossless"]["cache"]["high_precision"], "lossless");
+  EXPECT_EQ(rec["half_lossless"]["cache"]["load_precision"], "int8");
+  EXPECT_EQ(rec["lossless"]["cache"]["load_precision"], "lossless");
   EXPECT_NE(Read("stdout").find("(4 MoE layers lossless)"), std::string::npos) << Read("stdout");
   EXPECT_EQ(rec["half_lossless"]["results"]["generated_tokens"], rec["half_native"]["results"]["generated_tokens"]);
   EXPECT_LT(rec["half_lossless"]["results"]["bytes_moved"].get<double>(),
