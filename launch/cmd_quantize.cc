@@ -15,9 +15,14 @@
 // and recommends the cache.low_precision_layers whose summed KL stays within --max-kl: noise in an
 // early layer reaches every later router, so the layers differ by far more than their weights do
 // (docs/results/quant, "Which layers"). With --out the ranking loads the GPTQ experts just written.
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <new>
 #include <numeric>
@@ -348,6 +353,16 @@ Command AddQuantizeCommand(CLI::App& root) {
   c.run = [o, app = c.app] {
     if (app->count("--out") > 0 && o->out.empty()) return ReportError(InvalidArgument("--out needs a file name"));
     if (o->out.empty() && !o->rank_layers) return ReportError(InvalidArgument("give --out, --rank-layers or both"));
+    // Where the file goes is checked before the calibration runs (hours on a large model).
+    if (!o->out.empty()) {
+      const std::filesystem::path dir = std::filesystem::absolute(o->out).parent_path();
+      std::error_code ec;
+      if (!std::filesystem::is_directory(dir, ec))
+        return ReportError(InvalidArgument("--out " + o->out + ": the directory " + dir.string() + " does not exist"));
+      if (::access(dir.c_str(), W_OK) != 0)
+        return ReportError(
+            InvalidArgument("--out " + o->out + ": cannot write in " + dir.string() + ": " + std::strerror(errno)));
+    }
     Status s = RunQuantize(*o);
     return s.ok() ? 0 : ReportError(s);
   };

@@ -189,7 +189,7 @@ Status WriteSafetensors(const std::string& path, const std::vector<TensorToWrite
   std::vector<uint64_t> sizes;
   const std::string head = SafetensorsHeader(tensors, metadata, &sizes);
   std::ofstream out(path, std::ios::binary);
-  if (!out) return InvalidArgument("cannot write " + path);
+  if (!out) return InvalidArgument("cannot write " + path + ": " + std::strerror(errno));
   out.write(head.data(), static_cast<std::streamsize>(head.size()));
   for (size_t i = 0; i < tensors.size(); ++i)
     out.write(static_cast<const char*>(tensors[i].data), static_cast<std::streamsize>(sizes[i]));

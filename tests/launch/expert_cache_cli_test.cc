@@ -178,6 +178,10 @@ TEST_F(ExpertCacheCliTest, QuantizeWritesExpertsTheCacheLoads) {
   const std::string q8 = (dir_ / "q8.safetensors").string();
   const std::string quantize = "quantize --backend cpu --model " + kModelDir + " --calibration " +
                                (dir_ / "calib.py").string() + " --min-tokens 1";
+  // An output directory that does not exist is refused before the calibration runs.
+  ASSERT_NE(Run(quantize + " --seq-len 64 --out " + (dir_ / "missing" / "q8.safetensors").string()), 0);
+  EXPECT_NE(Read("stderr").find("missing does not exist"), std::string::npos) << Read("stderr");
+  EXPECT_EQ(Read("stderr").find("calibration:"), std::string::npos) << Read("stderr");
   ASSERT_EQ(Run(quantize + " --seq-len 64 --out " + q8), 0) << Read("stderr");
   EXPECT_NE(Read("stderr").find("output error vs rounding to nearest"), std::string::npos) << Read("stderr");
   const std::string score = "score --backend cpu --model " + kModelDir + " --ids-file " + (dir_ / "ids.json").string() +
