@@ -42,6 +42,8 @@ void ApplyGenerateConfig(const Config& c, const CLI::App& app, GenerateOptions* 
 // layer's expert-parallel exchange until rank 0 is done. With cache.device_budget every rank's
 // experts are served from an expert cache of that size (per rank).
 Status RunGenerate(const GenerateOptions& o, comm::MpiContext* ctx) {
+  // Bad sampling settings are refused before the model loads (minutes for a large one).
+  EF_RETURN_IF_ERROR(o.sampling.Validate());
   EF_ASSIGN_OR_RETURN(auto deployment, Deployment::Create(ctx, MakeDeploymentOptions(o.model, o.cluster)));
   if (ctx->rank() == 0) EF_RETURN_IF_ERROR(GenerateOnThisRank(o, deployment->engine()));
   if (!deployment->cluster()) {

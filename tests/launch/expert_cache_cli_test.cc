@@ -164,6 +164,10 @@ TEST_F(ExpertCacheCliTest, BadFlagsAreReported) {
       << Read("stderr");
   EXPECT_EQ(Run(base), 0) << Read("stderr");
   EXPECT_EQ(Read("stderr").find("no effect"), std::string::npos) << Read("stderr");
+  // Sampling settings are checked before the model loads: nothing is generated.
+  EXPECT_EQ(Run(base + " -p 'def f' --top-p 2"), 1);
+  EXPECT_NE(Read("stderr").find("top_p must be in (0, 1]"), std::string::npos) << Read("stderr");
+  EXPECT_EQ(Read("stdout"), "");
 }
 
 // `expertflow quantize` writes GPTQ experts that score loads with --quantized-experts (other
