@@ -119,6 +119,7 @@ StatusOr<size_t> PackBf16(const uint16_t* src, int64_t rows, int64_t cols, void*
       end += c;
       std::memcpy(row_end + 4 * r++, &end, 4);
     }
+    if (exc[t].empty()) continue;  // (memcpy from an empty vector's null data is undefined)
     std::memcpy(out, exc[t].data(), exc[t].size() * 4);
     out += exc[t].size() * 4;
   }
