@@ -447,6 +447,25 @@ TEST_P(ExpertCacheGpuTest, LosslessLoadsMatchTheNativeCache) {
   EXPECT_LT(bytes["lossless"], bytes["native"] * 78 / 100);
 }
 
+// The CPU engine with an expert cache of `o` (its slots_per_layer set to the model's top-k) on
+// `name`: its output, its prompt's routing recorded into `routing`. Empty output on an error.
+Output CpuCacheRun(const std::string& name, ExpertCacheOptions* o, PromptRouting* routing) {
+  runtime::EngineOptions co;
+  co.backend = "cpu";
+  auto cpu = Engine::Create(ModelDir(name), co);
+  EXPECT_TRUE(cpu.ok()) << cpu.status().ToString();
+  if (!cpu.ok()) return {};
+  o->slots_per_layer = (*cpu)->config().top_k;
+  auto cache = ExpertCache::Create(cpu->get(), *o);
+  EXPECT_TRUE(cache.ok()) << cache.status().ToString();
+  if (!cache.ok()) return {};
+  const int hook = routing->Attach(**cpu, PromptRouting::Mode::kRecord);
+  Output out = RunModel(**cpu);
+  (*cpu)->RemoveRoutingHook(hook);
+  cache->reset();
+  return out;
+}
+
 // int8 in the last half of the MoE layers and the first half's loads packed losslessly
 // (cache.high_precision lossless): the CUDA cache computes what the CPU cache computes (under its
 // routing, within the bound of the int8 test below), each layer's loads at its own size, the packed
@@ -462,18 +481,9 @@ TEST_P(ExpertCacheGpuTest, LosslessHighLayersMatchTheCpuCache) {
   o.miss_precision = "int8";
   o.low_precision_layers = "last 50%";
   o.high_precision = "lossless";
-  runtime::EngineOptions co;
-  co.backend = "cpu";
-  auto cpu = Engine::Create(ModelDir(GetParam()), co);
-  ASSERT_TRUE(cpu.ok()) << cpu.status().ToString();
-  o.slots_per_layer = (*cpu)->config().top_k;
-  auto cpu_cache = ExpertCache::Create(cpu->get(), o);
-  ASSERT_TRUE(cpu_cache.ok()) << cpu_cache.status().ToString();
   PromptRouting routing;
-  int hook = routing.Attach(**cpu, PromptRouting::Mode::kRecord);
-  const Output want = RunModel(**cpu);
-  (*cpu)->RemoveRoutingHook(hook);
-  cpu_cache->reset();
+  const Output want = CpuCacheRun(GetParam(), &o, &routing);
+  ASSERT_FALSE(want.logits.empty());
 
   auto engine = MakeCudaEngine(GetParam(), false);
   ASSERT_NE(engine, nullptr);
@@ -490,7 +500,7 @@ TEST_P(ExpertCacheGpuTest, LosslessHighLayersMatchTheCpuCache) {
     }
     auto cache = ExpertCache::Create(engine.get(), d);
     ASSERT_TRUE(cache.ok()) << cache.status().ToString();
-    hook = routing.Attach(*engine, PromptRouting::Mode::kForce);
+    const int hook = routing.Attach(*engine, PromptRouting::Mode::kForce);
     const Output got = RunModel(*engine);
     engine->RemoveRoutingHook(hook);
     std::printf("[ lossless high layers ] %s cpu %s: cuda cache vs cpu cache %.4g (bound %.4g)\n", GetParam().c_str(),
@@ -519,18 +529,9 @@ TEST_P(ExpertCacheGpuTest, LowPrecisionLayersMatchTheCpuCache) {
   o.prefetch_layers = 0;
   o.miss_precision = "int8";
   o.low_precision_layers = "last 50%";
-  runtime::EngineOptions co;
-  co.backend = "cpu";
-  auto cpu = Engine::Create(ModelDir(GetParam()), co);
-  ASSERT_TRUE(cpu.ok()) << cpu.status().ToString();
-  o.slots_per_layer = (*cpu)->config().top_k;
-  auto cpu_cache = ExpertCache::Create(cpu->get(), o);
-  ASSERT_TRUE(cpu_cache.ok()) << cpu_cache.status().ToString();
   PromptRouting routing;
-  int hook = routing.Attach(**cpu, PromptRouting::Mode::kRecord);
-  const Output want = RunModel(**cpu);
-  (*cpu)->RemoveRoutingHook(hook);
-  cpu_cache->reset();
+  const Output want = CpuCacheRun(GetParam(), &o, &routing);
+  ASSERT_FALSE(want.logits.empty());
 
   auto engine = MakeCudaEngine(GetParam(), false);
   ASSERT_NE(engine, nullptr);
@@ -541,7 +542,7 @@ TEST_P(ExpertCacheGpuTest, LowPrecisionLayersMatchTheCpuCache) {
   }
   auto cache = ExpertCache::Create(engine.get(), o);
   ASSERT_TRUE(cache.ok()) << cache.status().ToString();
-  hook = routing.Attach(*engine, PromptRouting::Mode::kForce);
+  int hook = routing.Attach(*engine, PromptRouting::Mode::kForce);
   const Output got = RunModel(*engine);
   engine->RemoveRoutingHook(hook);
   ASSERT_EQ(got.logits.size(), want.logits.size());

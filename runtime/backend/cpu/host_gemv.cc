@@ -9,6 +9,7 @@
 #include <limits>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "runtime/backend/cpu/cpu_backend.h"
@@ -602,15 +603,18 @@ EF_AMX void PrepareAmxRows(const float* x, int64_t m, int64_t k, AmxRows* out) {
         }
 }
 
-// Weight rows [16 b, 16 b + rows) of the block against the m rows of x prepared in `xa`.
-EF_AMX void AmxBlock(const Operands& o, const AmxRows& xa, int64_t m, int64_t b, int rows, float* cbuf) {
-  const int64_t ld = o.w->cols, first = (o.row_begin + b * kAmxRows) * ld + o.col_begin;
-  const auto* wb = static_cast<const uint16_t*>(o.w->data) + first;
+// Weight rows [16 b, 16 b + rows) of the block against the m rows of x prepared in `xa`. `a`
+// gives step s's weight tile (16 rows of 32 bf16 values): a.Tile(s) returns its address and row
+// stride in bytes.
+template <typename WeightTiles>
+EF_AMX void AmxProducts(const Operands& o, const AmxRows& xa, int64_t m, int64_t b, int rows, float* cbuf,
+                        WeightTiles& a) {
   const uint32_t* xw = xa.words.data();
   const int64_t steps = o.k / 32, bstride = m * 4;
   _tile_zero(0);
   for (int64_t s = 0; s < steps; ++s) {
-    _tile_loadd(1, wb + s * 32, ld * 2);
+    const auto [tile, stride] = a.Tile(s);
+    _tile_loadd(1, tile, stride);
     _tile_loadd(2, xw + (s * 3 + 0) * 16 * m, bstride);
     _tile_loadd(3, xw + (s * 3 + 1) * 16 * m, bstride);
     _tile_loadd(4, xw + (s * 3 + 2) * 16 * m, bstride);
@@ -624,6 +628,13 @@ EF_AMX void AmxBlock(const Operands& o, const AmxRows& xa, int64_t m, int64_t b,
   for (int r = 0; r < rows; ++r)
     for (int64_t i = 0; i < m; ++i) o.y[i * o.n + b * kAmxRows + r] = cbuf[r * m + i];
 }
+
+// A bf16 weight's tiles: read in place.
+struct Bf16Tiles {
+  const uint16_t* rows;  // the block's first row at its first column
+  int64_t ld;
+  EF_AMX std::pair<const void*, int64_t> Tile(int64_t s) const { return {rows + s * 32, ld * 2}; }
+};
 
 // 32 PBF16 values of a row as their bf16 bits, into dst[32]: columns [c, c + 32) of the weight,
 // c a multiple of 32 (a quarter of a group: the low or the high nibbles of 32 code bytes). 16-bit
@@ -649,35 +660,32 @@ EF_AMX inline void DecodePbf16Row32(const uint8_t* block, int64_t rows, int64_t 
   _mm512_storeu_si512(dst, _mm512_ternarylogic_epi32(sign, mant, exponent, 0xfe));
 }
 
-// AmxBlock for a PBF16 weight: each step's 16 x 32 weight values decoded into a bf16 tile in L1
-// (exceptions patched from each row's list, walked in column order), then the same tile products.
-EF_AMX void AmxBlockPbf16(const Operands& o, const AmxRows& xa, int64_t m, int64_t b, int rows, float* cbuf) {
-  using F = PackedBf16Format;
-  const Weight& w = *o.w;
-  const int64_t ld = w.cols, row0 = o.row_begin + b * kAmxRows;
-  const auto* block = static_cast<const uint8_t*>(w.data);
-  const uint8_t* row_end = block + F::row_end_offset(w.rows, ld);
-  const uint8_t* exceptions = block + F::exceptions_offset(w.rows, ld);
-  // Each row's next exception at or past the block's first column, and its end.
-  uint32_t next[kAmxRows], end[kAmxRows];
-  for (int r = 0; r < rows; ++r) {
-    uint32_t first = 0;
-    if (row0 + r > 0) std::memcpy(&first, row_end + 4 * (row0 + r - 1), 4);
-    std::memcpy(&end[r], row_end + 4 * (row0 + r), 4);
-    next[r] = first;
-    for (uint32_t entry; next[r] < end[r]; ++next[r]) {
-      std::memcpy(&entry, exceptions + 4 * next[r], 4);
-      if (static_cast<int64_t>(entry & 0xffff) >= o.col_begin) break;
+// A PBF16 weight's tiles: each step's 16 x 32 values decoded into a bf16 tile in L1 (exceptions
+// patched from each row's list, walked in column order).
+struct Pbf16Tiles {
+  EF_AMX Pbf16Tiles(const Operands& o, int64_t b, int rows) : o(o), rows(rows) {
+    using F = PackedBf16Format;
+    const Weight& w = *o.w;
+    row0 = o.row_begin + b * kAmxRows;
+    block = static_cast<const uint8_t*>(w.data);
+    const uint8_t* row_end = block + F::row_end_offset(w.rows, w.cols);
+    exceptions = block + F::exceptions_offset(w.rows, w.cols);
+    // Each row's next exception at or past the block's first column, and its end.
+    for (int r = 0; r < rows; ++r) {
+      uint32_t first = 0;
+      if (row0 + r > 0) std::memcpy(&first, row_end + 4 * (row0 + r - 1), 4);
+      std::memcpy(&end[r], row_end + 4 * (row0 + r), 4);
+      next[r] = first;
+      for (uint32_t entry; next[r] < end[r]; ++next[r]) {
+        std::memcpy(&entry, exceptions + 4 * next[r], 4);
+        if (static_cast<int64_t>(entry & 0xffff) >= o.col_begin) break;
+      }
     }
   }
-  alignas(64) uint16_t tile[kAmxRows * 32] = {};
-  const uint32_t* xw = xa.words.data();
-  const int64_t steps = o.k / 32, bstride = m * 4;
-  _tile_zero(0);
-  for (int64_t s = 0; s < steps; ++s) {
+  EF_AMX std::pair<const void*, int64_t> Tile(int64_t s) {
     const int64_t c = o.col_begin + s * 32;
     for (int r = 0; r < rows; ++r) {
-      DecodePbf16Row32(block, w.rows, ld, row0 + r, c, tile + r * 32);
+      DecodePbf16Row32(block, o.w->rows, o.w->cols, row0 + r, c, tile + r * 32);
       for (uint32_t entry; next[r] < end[r]; ++next[r]) {
         std::memcpy(&entry, exceptions + 4 * next[r], 4);
         const int64_t col = entry & 0xffff;
@@ -685,18 +693,17 @@ EF_AMX void AmxBlockPbf16(const Operands& o, const AmxRows& xa, int64_t m, int64
         tile[r * 32 + (col - c)] = static_cast<uint16_t>(entry >> 16);
       }
     }
-    _tile_loadd(1, tile, 64);
-    _tile_loadd(2, xw + (s * 3 + 0) * 16 * m, bstride);
-    _tile_loadd(3, xw + (s * 3 + 1) * 16 * m, bstride);
-    _tile_loadd(4, xw + (s * 3 + 2) * 16 * m, bstride);
-    _tile_dpbf16ps(0, 1, 2);
-    _tile_dpbf16ps(0, 1, 3);
-    _tile_dpbf16ps(0, 1, 4);
+    return {tile, 64};
   }
-  _tile_stored(0, cbuf, m * 4);
-  for (int r = 0; r < rows; ++r)
-    for (int64_t i = 0; i < m; ++i) o.y[i * o.n + b * kAmxRows + r] = cbuf[r * m + i];
-}
+
+  const Operands& o;
+  int rows;
+  int64_t row0 = 0;
+  const uint8_t* block = nullptr;
+  const uint8_t* exceptions = nullptr;
+  uint32_t next[kAmxRows] = {}, end[kAmxRows] = {};
+  alignas(64) uint16_t tile[kAmxRows * 32] = {};
+};
 
 // Blocks [begin, end) of 16 weight rows; the last block of the call may be shorter.
 EF_AMX void AmxBlocks(const Operands& o, const AmxRows& xa, int64_t m, int64_t begin, int64_t end) {
@@ -713,9 +720,12 @@ EF_AMX void AmxBlocks(const Operands& o, const AmxRows& xa, int64_t m, int64_t b
       configured = rows;
     }
     if (o.w->dtype == DType::kPbf16) {
-      AmxBlockPbf16(o, xa, m, b, rows, cbuf);
+      Pbf16Tiles tiles(o, b, rows);
+      AmxProducts(o, xa, m, b, rows, cbuf, tiles);
     } else {
-      AmxBlock(o, xa, m, b, rows, cbuf);
+      Bf16Tiles tiles{static_cast<const uint16_t*>(o.w->data) + (o.row_begin + b * kAmxRows) * o.w->cols + o.col_begin,
+                      o.w->cols};
+      AmxProducts(o, xa, m, b, rows, cbuf, tiles);
     }
   }
   _tile_release();
