@@ -356,6 +356,13 @@ StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(runtime::Engine* engi
   }
   if (o.prefetch_layers < 0)
     return InvalidArgument("cache.prefetch_layers must be >= 0, got " + std::to_string(o.prefetch_layers));
+  // A layer prefetches the MoE layers after it (wrapping into the next step), never itself.
+  const int moe_layers = c.num_moe_layers();
+  if (o.prefetch_layers >= moe_layers && moe_layers > 0) {
+    EF_LOG(WARN, CACHE, "cache.prefetch_layers %d: the model has %d MoE layers, so at most %d ahead; using %d",
+           o.prefetch_layers, moe_layers, moe_layers - 1, moe_layers - 1);
+    o.prefetch_layers = moe_layers - 1;
+  }
   if (!(o.prefetch_min_prob >= 0 && o.prefetch_min_prob <= 1))
     return InvalidArgument("cache.prefetch_min_prob must be in [0, 1], got " + std::to_string(o.prefetch_min_prob));
   static const char* kPredictors[] = {"none", "lookahead", "frequency", "path", "affinity", "hybrid"};

@@ -57,7 +57,12 @@ struct ServeOptions {
 // Admission regrouping needs each prompt's experts before it runs: the forecast of a trained
 // predictor file (path, affinity, frequency or hybrid) over the prompt's tokens, top-k per layer.
 Status SetUpAdmissionForecast(const Config& cfg, const runtime::ModelConfig& model, ServingLoopOptions* loop) {
-  EF_ASSIGN_OR_RETURN(placement::LoadedPredictor loaded, placement::LoadPredictor(cfg.predictor.path));
+  auto read = placement::LoadPredictor(cfg.predictor.path);
+  if (!read.ok()) {
+    Status s = read.status();
+    return s.Prepend("predictor.path (--predictor-path, for admission regrouping)");
+  }
+  placement::LoadedPredictor loaded = std::move(read).value();
   const int layers = model.num_moe_layers(), experts = model.num_experts, k = model.top_k;
   if (loaded.info.num_layers != layers || loaded.info.num_experts != experts)
     return InvalidArgument("predictor " + cfg.predictor.path + " forecasts " + std::to_string(loaded.info.num_layers) +
@@ -169,7 +174,9 @@ Status RunServe(ServeOptions o, const CLI::App& app, comm::MpiContext* ctx) {
   if (cluster && ctx->rank() != 0) {
     // A follower: compute this rank's experts for rank 0's steps until it stops.
     EF_RETURN_IF_ERROR(cluster->executor().Follow());
-    return deployment->GatherAndShutdown().status();
+    EF_RETURN_IF_ERROR(deployment->GatherAndShutdown().status());
+    deployment->PrintCacheSummary();  // its own experts' counters, as rank 0 prints its own
+    return Status::Ok();
   }
   if (cluster) {
     comm::ExpertParallelExecutor* executor = &cluster->executor();

@@ -610,8 +610,7 @@ void ApplyConfig(const Config& c, const CLI::App& app, ModelFlags* f) {
 void CacheFlags::Register(CLI::App* app) {
   app->add_option("--cache-device-budget", device_budget,
                   "backend memory for expert slots: a size (24GiB), 'N slots', 'N slots per layer', a share of each "
-                  "layer's experts (25%) or auto (no "
-                  "cache: every expert resident) (cache.device_budget)");
+                  "layer's experts (25%), or auto or 0 (no cache: every expert resident) (cache.device_budget)");
   app->add_option("--cache-host-budget", host_budget,
                   "host memory for experts per rank, a size or auto (all): pinned on cuda, the rank's home shard "
                   "under mpirun (cache.host_budget)");

@@ -81,4 +81,12 @@ wait "$job" || rc=$?
 [ "$rc" = 0 ] || { cat "$WORK/serve.out" >&2; fail "mpirun exited $rc after SIGTERM"; }
 grep -q "comm: 2 ranks, all-to-all [1-9][0-9]* bytes" "$WORK/serve.out" ||
   { cat "$WORK/serve.out" >&2; fail "no all-to-all bytes reported"; }
+# With a per-rank expert cache, every rank reports its own cache's counters on the way out.
+if [[ " $* " == *" --cache-device-budget "* ]]; then
+  for r in 0 1; do
+    grep -q "^rank $r: expert cache: " "$WORK/serve.out" ||
+      { cat "$WORK/serve.out" >&2; fail "rank $r printed no expert cache counters"; }
+  done
+  echo "both ranks printed their expert cache counters"
+fi
 echo "PASS ($BACKEND): 2-rank serve = generate, survives idle periods, live all-to-all bytes on /metrics, drains on SIGTERM"

@@ -164,6 +164,11 @@ TEST_F(ExpertCacheCliTest, BadFlagsAreReported) {
       << Read("stderr");
   EXPECT_EQ(Run(base), 0) << Read("stderr");
   EXPECT_EQ(Read("stderr").find("no effect"), std::string::npos) << Read("stderr");
+  // A prefetch deeper than the model is cut to its MoE layers, with a word.
+  EXPECT_EQ(Run(base + " --cache-device-budget '2 slots per layer' --prefetch-layers 100"), 0) << Read("stderr");
+  EXPECT_NE(Read("stderr").find("cache.prefetch_layers 100: the model has 8 MoE layers, so at most 7 ahead"),
+            std::string::npos)
+      << Read("stderr");
   // Sampling settings are checked before the model loads: nothing is generated.
   EXPECT_EQ(Run(base + " -p 'def f' --top-p 2"), 1);
   EXPECT_NE(Read("stderr").find("top_p must be in (0, 1]"), std::string::npos) << Read("stderr");

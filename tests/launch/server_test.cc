@@ -847,6 +847,16 @@ TEST(ServerRegroupTest, RegroupWindowWithoutPredictorIsAnError) {
   std::ifstream in(::testing::TempDir() + "/regroup.err");
   std::string err((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   EXPECT_NE(err.find("--predictor-path"), std::string::npos) << err;
+  // A predictor file that is not there is named with its key.
+  const std::string missing = std::string(EF_BINARY) + " serve --model " + kModelDir +
+                              " --port 0 --regroup-window 4 --predictor-path " + ::testing::TempDir() +
+                              "/no_such_predictor.bin > /dev/null 2> " + ::testing::TempDir() + "/regroup.err";
+  EXPECT_NE(std::system(missing.c_str()), 0);
+  std::ifstream in2(::testing::TempDir() + "/regroup.err");
+  err.assign(std::istreambuf_iterator<char>(in2), std::istreambuf_iterator<char>());
+  EXPECT_NE(err.find("predictor.path (--predictor-path, for admission regrouping): cannot open predictor file"),
+            std::string::npos)
+      << err;
 }
 
 TEST(ServerAuthTest, ApiKeyIsRequiredOnV1) {
