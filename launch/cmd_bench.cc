@@ -52,6 +52,7 @@
 #include "cache/expert_cache.h"
 #include "comm/cluster.h"
 #include "comm/mpi_context.h"
+#include "launch/cli_checks.h"
 #include "launch/command.h"
 #include "launch/config.h"
 #include "launch/deployment.h"
@@ -1042,7 +1043,7 @@ Command AddBenchCommand(CLI::App& root) {
   c.app
       ->add_option("--max-prefill-tokens", o->max_prefill_tokens,
                    "chunked prefill: prompt tokens prefilled per step; 0: no limit")
-      ->check(CLI::NonNegativeNumber)
+      ->check(kNonNegative)
       ->capture_default_str();
   c.app->add_option("--seed", o->seed, "seed of the synthetic prompts (and of request i's sampling: seed + i)")
       ->capture_default_str();
@@ -1055,7 +1056,7 @@ Command AddBenchCommand(CLI::App& root) {
       ->check(CLI::Range(0.0, 1.0))
       ->capture_default_str();
   c.app->add_option("--top-k", o->sampling.top_k, "sample among the k most likely tokens; 0: no limit")
-      ->check(CLI::NonNegativeNumber)
+      ->check(kNonNegative)
       ->capture_default_str();
   c.app
       ->add_option("--warmup-tokens", o->warmup_tokens,
@@ -1066,9 +1067,9 @@ Command AddBenchCommand(CLI::App& root) {
   c.app->add_option("--synthetic", o->synthetic, "random weights of a real model's shape instead of --model")
       ->check(CLI::IsMember(SyntheticShapeNames()));
   c.app->add_option("--synthetic-layers", o->synthetic_layers, "layers of the synthetic model (0: the shape's)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(kNonNegative);
   c.app->add_option("--synthetic-scale", o->synthetic_scale, "divide hidden/FFN/vocab sizes by this (CPU runs)")
-      ->check(CLI::PositiveNumber)
+      ->check(kPositive)
       ->capture_default_str();
   c.app->add_option("--synthetic-seed", o->synthetic_seed, "seed of the synthetic weights")->capture_default_str();
   c.app->add_option("--synthetic-dir", o->synthetic_dir, "where synthetic checkpoints are cached")
@@ -1080,7 +1081,7 @@ Command AddBenchCommand(CLI::App& root) {
       ->add_option("--synthetic-distinct-layers", o->synthetic_distinct_layers,
                    "with --synthetic-in-memory: generate this many layers, later layers repeat their bytes (host "
                    "memory for N layers; the GPU still holds every layer); 0: all")
-      ->check(CLI::NonNegativeNumber)
+      ->check(kNonNegative)
       ->capture_default_str();
   c.app->add_option("--routing-trace", o->routing_trace,
                     "take every MoE layer's experts from this routing trace (routing.replay)");
@@ -1088,13 +1089,13 @@ Command AddBenchCommand(CLI::App& root) {
       ->add_option("--regroup-window", o->regroup_window,
                    "admit waiting requests regrouped over this many batches so each prefill batch needs fewer "
                    "experts (0/1: FIFO; forecast = the trace's routing of each prompt)")
-      ->check(CLI::NonNegativeNumber)
+      ->check(kNonNegative)
       ->capture_default_str();
   c.app
       ->add_option(
           "--max-wait-steps", o->max_wait_steps,
           "starvation bound of admission regrouping: admission rounds a request may be overtaken by younger ones")
-      ->check(CLI::PositiveNumber)
+      ->check(kPositive)
       ->capture_default_str();
   c.app->add_flag("--oracle-prefetch", o->oracle_prefetch,
                   "the cache's forecast is the trace's true routing: the next layers' experts are prefetched, the next "

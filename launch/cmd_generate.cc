@@ -4,6 +4,7 @@
 
 #include "comm/cluster.h"
 #include "comm/mpi_context.h"
+#include "launch/cli_checks.h"
 #include "launch/command.h"
 #include "launch/config.h"
 #include "launch/deployment.h"
@@ -105,7 +106,7 @@ Command AddGenerateCommand(CLI::App& root) {
   o->model.Register(c.app);
   c.app->add_option("--prompt,-p", o->prompt, "prompt text")->capture_default_str();
   c.app->add_option("-n,--max-new-tokens", o->max_new_tokens, "tokens to generate")
-      ->check(CLI::NonNegativeNumber)
+      ->check(kNonNegative)
       ->capture_default_str();
   c.app->add_option("--temperature,-t", o->sampling.temperature, "sampling temperature (0: greedy)")
       ->capture_default_str();

@@ -20,6 +20,7 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "launch/cli_checks.h"
 #include "launch/command.h"
 #include "placement/expert_layout.h"
 #include "placement/placement_optimizer.h"
@@ -156,13 +157,13 @@ Command AddPlaceCommand(CLI::App& root) {
   c.app->add_option("--train-seqs", a->train_seqs, "sequence ids to fit on, e.g. 0-23 (default: the first 3/4)");
   c.app->add_option("--test-seqs", a->test_seqs, "sequence ids to score on (default: the others)");
   c.app->add_option("--replicate", a->optimizer.replicate, "per MoE layer, give the N hottest experts a second copy")
-      ->check(CLI::NonNegativeNumber)
+      ->check(kNonNegative)
       ->capture_default_str();
   c.app->add_option("--restarts", a->optimizer.restarts, "local-search starts per layer")
-      ->check(CLI::PositiveNumber)
+      ->check(kPositive)
       ->capture_default_str();
   c.app->add_option("--perturbations", a->optimizer.perturbations, "iterated-local-search kicks per start")
-      ->check(CLI::NonNegativeNumber)
+      ->check(kNonNegative)
       ->capture_default_str();
   c.app->add_option("--seed", a->optimizer.seed, "seed of the random starts and kicks")->capture_default_str();
   c.app->add_flag(

@@ -31,6 +31,7 @@
 #include "cache/expert_cache.h"
 #include "cache/expert_calibration.h"
 #include "cache/low_precision_layers.h"
+#include "launch/cli_checks.h"
 #include "launch/command.h"
 #include "launch/engine_options.h"
 #include "runtime/core/progress.h"
@@ -329,13 +330,13 @@ Command AddQuantizeCommand(CLI::App& root) {
       ->add_option("--min-tokens", o->min_tokens,
                    "an expert reached by fewer calibration tokens is left to round to nearest at load (0: as many "
                    "as its widest input, the intermediate size)")
-      ->check(CLI::NonNegativeNumber)
+      ->check(kNonNegative)
       ->capture_default_str();
   c.app
       ->add_option("--hold-out-every", o->hold_out_every,
                    "every Nth calibration sequence is kept out of the statistics and measures the output error on "
                    "unseen inputs (0: every sequence calibrates; 1 would leave none to calibrate on)")
-      ->check(CLI::NonNegativeNumber)
+      ->check(kNonNegative)
       ->check(CLI::Validator(
           [](std::string& v) -> std::string {
             return v == "1" ? "1 would hold every sequence out and calibrate on none: 0, or 2 and up" : "";
@@ -348,7 +349,7 @@ Command AddQuantizeCommand(CLI::App& root) {
   c.app
       ->add_option("--max-hessian-gib", o->max_hessian_gib,
                    "refuse a model whose per-expert input statistics exceed this much memory")
-      ->check(kFinite & CLI::PositiveNumber)
+      ->check(kFinite & kPositive)
       ->capture_default_str();
   c.run = [o, app = c.app] {
     if (app->count("--out") > 0 && o->out.empty()) return ReportError(InvalidArgument("--out needs a file name"));

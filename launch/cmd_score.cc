@@ -11,6 +11,7 @@
 
 #include "comm/cluster.h"
 #include "comm/mpi_context.h"
+#include "launch/cli_checks.h"
 #include "launch/command.h"
 #include "launch/config.h"
 #include "launch/deployment.h"
@@ -161,7 +162,7 @@ Command AddScoreCommand(CLI::App& root) {
   c.app
       ->add_option("--chunk", o->chunk,
                    "tokens per forward pass through the KV cache (1: teacher-forced decode); 0: whole sequences")
-      ->check(CLI::NonNegativeNumber);
+      ->check(kNonNegative);
   o->cluster.Register(c.app);
   CLI::App* app = c.app;
   c.run = [o, app] {

@@ -27,6 +27,7 @@
 
 #include "comm/cluster.h"
 #include "comm/mpi_context.h"
+#include "launch/cli_checks.h"
 #include "launch/command.h"
 #include "launch/config.h"
 #include "launch/deployment.h"
@@ -126,6 +127,12 @@ Status ApplyServeConfig(const CLI::App& app, ServeOptions* so) {
   }
   if (o.http.port < 0 || o.http.port > 65535) return InvalidArgument("--port must be in 0..65535");
   if (o.loop.max_batch < 1) return InvalidArgument("--max-batch must be >= 1");
+  if (o.loop.max_queue < 1)
+    return InvalidArgument("--max-queue must be >= 1 (waiting requests before 503), got " +
+                           std::to_string(o.loop.max_queue));
+  if ((FlagGiven(app, "--api-key") || cfg.has("server.api_key")) && o.http.api_key.empty())
+    return InvalidArgument(
+        "--api-key (server.api_key) is empty: every request would be let in (leave it out to serve without a key)");
   if (o.loop.max_prefill_tokens < 0) return InvalidArgument("--max-prefill-tokens must be >= 0 (0: no limit)");
   if (o.loop.regroup_window > 1 && cfg.predictor.path.empty()) {
     if (FlagGiven(app, "--regroup-window"))
@@ -133,7 +140,9 @@ Status ApplyServeConfig(const CLI::App& app, ServeOptions* so) {
           "--regroup-window needs a trained predictor (--predictor-path or predictor.path) to forecast each prompt's "
           "experts");
     // From the config file: without a forecast there is nothing to regroup on; admit in order.
-    EF_LOG(INFO, SERVE, "scheduler.regroup_window %d without predictor.path: admission stays FIFO",
+    EF_LOG(WARN, SERVE,
+           "scheduler.regroup_window %d has no effect without predictor.path (a trained predictor file): admission "
+           "stays FIFO",
            o.loop.regroup_window);
     o.loop.regroup_window = 0;
   }
@@ -203,7 +212,7 @@ Status RunServe(ServeOptions o, const CLI::App& app, comm::MpiContext* ctx) {
   // flight (streams included) is answered. A second one, or a dead engine, stops at once.
   std::thread watcher([&] {
     const timespec tick{0, 50'000'000};
-    bool draining = false, now = false;
+    bool draining = false, now = false, aborted = false;
     while (!done.load()) {
       const int sig = sigtimedwait(&signals, nullptr, &tick);
       const bool signalled = sig == SIGTERM || sig == SIGINT;
@@ -219,6 +228,11 @@ Status RunServe(ServeOptions o, const CLI::App& app, comm::MpiContext* ctx) {
                      "expertflow serve: shutting down (finishing in-flight requests; signal again to stop now)\n");
       }
       draining = draining || signalled || now;
+      // Stopping now ends the requests in flight (their clients get 503) rather than finishing them.
+      if (now && !aborted) {
+        loop.Abort(Unavailable("the server is stopping"));
+        aborted = true;
+      }
       // Again every tick: the server stops once drained, and a stop that lands before the accept
       // loop starts would be lost.
       if (draining) server.Stop(now);
@@ -264,28 +278,28 @@ Command AddServeCommand(CLI::App& root) {
       ->add_option("--max-prefill-tokens", o->loop.max_prefill_tokens,
                    "chunked prefill: prompt tokens prefilled per step (longer prompts take several steps while "
                    "the running requests keep decoding); 0: no limit (scheduler.max_prefill_tokens)")
-      ->check(CLI::NonNegativeNumber)
+      ->check(kNonNegative)
       ->capture_default_str();
   c.app->add_option("--max-queue", o->loop.max_queue, "waiting requests before 503")->capture_default_str();
   c.app
       ->add_option("--regroup-window", o->loop.regroup_window,
                    "admit queued requests regrouped over this many batches so each prefill batch needs fewer experts "
                    "(needs --predictor-path; 0/1: FIFO) (scheduler.regroup_window)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(kNonNegative);
   c.app
       ->add_option("--max-wait-steps", o->loop.max_wait_steps,
                    "admission rounds a request may be overtaken by younger ones when regrouping")
-      ->check(CLI::PositiveNumber)
+      ->check(kPositive)
       ->capture_default_str();
   c.app->add_option("--max-tokens-limit", o->max_tokens_limit,
                     "largest max_tokens a request may ask; 0: the context (server.max_tokens_limit)");
   c.app->add_option("--max-body-bytes", o->max_body_bytes,
                     "largest request body, e.g. 8MiB; larger ones get 413 (server.max_body_bytes, default 8MiB)");
   c.app->add_option("--default-max-tokens", o->http.default_max_tokens, "max_tokens when a request gives none")
-      ->check(CLI::NonNegativeNumber)
+      ->check(kNonNegative)
       ->capture_default_str();
   c.app->add_option("--http-threads", o->http.num_threads, "HTTP handler threads")
-      ->check(CLI::PositiveNumber)
+      ->check(kPositive)
       ->capture_default_str();
   o->cluster.Register(c.app);
   CLI::App* app = c.app;

@@ -22,6 +22,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 
+#include "launch/cli_checks.h"
 #include "launch/command.h"
 #include "launch/engine_options.h"
 #include "placement/routing_trace.h"
@@ -183,12 +184,12 @@ Command AddTraceCommand(CLI::App& root) {
       ->required();
   c.app->add_option("--out,-o", o->out, "output routing trace (moe-routing-trace v1 JSONL)")->required();
   c.app->add_option("-n,--max-new-tokens", o->max_new_tokens, "greedy decode steps traced after each prompt")
-      ->check(CLI::NonNegativeNumber)
+      ->check(kNonNegative)
       ->capture_default_str();
   c.app->add_option("--phase", o->phase, "tokens written: prefill, decode or both")
       ->check(CLI::IsMember({"prefill", "decode", "both"}))
       ->capture_default_str();
-  c.app->add_option("--batch", o->batch, "prompts run together")->check(CLI::PositiveNumber)->capture_default_str();
+  c.app->add_option("--batch", o->batch, "prompts run together")->check(kPositive)->capture_default_str();
   c.run = [o] {
     Status s = RunTrace(*o);
     return s.ok() ? 0 : ReportError(s);

@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <set>
 
+#include "launch/cli_checks.h"
 #include "launch/command.h"
 #include "placement/affinity_predictor.h"
 #include "placement/frequency_predictor.h"
@@ -139,7 +140,7 @@ Command AddTrainPredictorCommand(CLI::App& root) {
   app->add_option("--lr", args->path.learning_rate, "Adam learning rate (path, hybrid)")->capture_default_str();
   app->add_option("--patience", args->path.patience, "early-stopping patience in epochs")->capture_default_str();
   app->add_option("--weight-decay", args->path.weight_decay, "L2 weight on all parameters (path, hybrid)")
-      ->check(CLI::NonNegativeNumber)
+      ->check(kNonNegative)
       ->capture_default_str();
   app->add_option("--token-dropout", args->path.token_dropout,
                   "probability a training token id is replaced by 'unknown' (path, hybrid)")
@@ -147,14 +148,14 @@ Command AddTrainPredictorCommand(CLI::App& root) {
       ->capture_default_str();
   app->add_option("--path-samples", args->path.path_samples,
                   "observed path prefixes per token and epoch (path, hybrid; 0: a-priori training only)")
-      ->check(CLI::NonNegativeNumber)
+      ->check(kNonNegative)
       ->capture_default_str();
   app->add_option("--path-window", args->path.path_window,
                   "most recent observed layers a corrected forecast reads (path, hybrid; 0: all)")
-      ->check(CLI::NonNegativeNumber)
+      ->check(kNonNegative)
       ->capture_default_str();
   app->add_option("--batch-size", args->path.batch_size, "tokens per Adam step (path, hybrid)")
-      ->check(CLI::PositiveNumber)
+      ->check(kPositive)
       ->capture_default_str();
   app->add_option("--threads", args->path.num_threads, "training threads (results depend on it)")
       ->capture_default_str();

@@ -12,6 +12,7 @@
 
 #include "cache/low_precision_layers.h"
 #include "comm/mpi_context.h"
+#include "launch/cli_checks.h"
 #include "launch/command.h"
 #include "launch/engine_options.h"
 #include "runtime/core/logging.h"
@@ -289,7 +290,7 @@ const std::map<std::string, Section>& Schema() {
             }},
            {"max_batch_requests",
             [](const Ctx& c, Config* o) { return GetInt(c, 1, 1 << 20, &o->scheduler.max_batch_requests); }},
-           {"regroup_window", [](const Ctx& c, Config* o) { return GetInt(c, 1, 1024, &o->scheduler.regroup_window); }},
+           {"regroup_window", [](const Ctx& c, Config* o) { return GetInt(c, 0, 1024, &o->scheduler.regroup_window); }},
            {"max_prefill_tokens",
             [](const Ctx& c, Config* o) { return GetInt(c, 0, 1 << 24, &o->scheduler.max_prefill_tokens); }},
            {"rank_assignment",
@@ -698,7 +699,7 @@ void ClusterFlags::Register(CLI::App* app, bool short_config) {
                   "ranks that compute experts: home, contiguous or round_robin (cluster.compute_placement)")
       ->check(CLI::IsMember({"home", "contiguous", "round_robin"}));
   app->add_option("--replication", cluster.placement.replication, "home ranks per expert (cluster.replication)")
-      ->check(CLI::PositiveNumber);
+      ->check(kPositive);
   app->add_option("--placement-mode", cluster.placement.mode,
                   "static, or planned: per MoE layer, rows of overloaded ranks are computed on their tokens' ranks "
                   "(cluster.placement_mode)")
@@ -716,9 +717,9 @@ void ClusterFlags::Register(CLI::App* app, bool short_config) {
       ->check(CLI::IsMember({"ucx", "none"}));
   app->add_option("--ranks-per-node", cluster.ranks_per_node,
                   "ranks per node, 0: from the launcher; 1 forces UCX over TCP (cluster.ranks_per_node)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(kNonNegative);
   app->add_option("--timeout", cluster.timeout_s, "seconds any wait on a peer may take (cluster.timeout_s)")
-      ->check(CLI::PositiveNumber);
+      ->check(kPositive);
   app->add_option("--comm-stats", stats_out, "write communication counters of every rank as JSON (rank 0)");
   cache.Register(app);
 }

@@ -151,7 +151,7 @@ struct SchedulerSection {
   int max_batch_tokens = 256;                // >= 1
   int max_batch_requests = 32;               // >= 1
   int max_prefill_tokens = 0;                // serving: prompt tokens prefilled per step; 0: no limit
-  int regroup_window = 2;                    // batches considered together when regrouping, >= 1
+  int regroup_window = 2;                    // batches considered together when regrouping; 0 or 1: FIFO
   std::string rank_assignment = "locality";  // locality | round_robin | least_loaded
 };
 

@@ -4,6 +4,7 @@
 #include <CLI/CLI.hpp>
 #include <string>
 
+#include "launch/cli_checks.h"
 #include "runtime/engine/engine.h"
 
 namespace ef::launch {
@@ -29,7 +30,7 @@ struct ModelFlags {
         ->capture_default_str();
     app->add_option("--device", device, "GPU index for the cuda backend")->capture_default_str();
     app->add_option("--max-seq-len", max_seq_len, "KV-cache capacity per sequence (0: the model's maximum)")
-        ->check(CLI::NonNegativeNumber);
+        ->check(kNonNegative);
     app->add_option("--attention-precision", attention_precision,
                     "prefill attention on the cuda backend: bf16 (tensor cores, fp32 accumulation), fp32 (exact), or "
                     "auto (bf16 when the model's weights are 16-bit) (runtime.attention_precision)")

@@ -302,13 +302,23 @@ HttpServer::HttpServer(HttpServerOptions options, ServingLoop* loop, const runti
 
 HttpServer::~HttpServer() = default;
 
+namespace {
+void ReuseAddress(socket_t sock) {
+  int yes = 1;
+  setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+}
+}  // namespace
+
 StatusOr<int> HttpServer::Bind() {
   // libcpp-httplib listens with a backlog of 5 (compiled in), so a burst of connections
   // overflows the accept queue and clients see resets. Keep the socket httplib creates and
   // listen() on it again with a deep backlog (Linux updates the backlog of a listening socket).
+  // SO_REUSEADDR alone: a restart binds past the old socket's TIME_WAIT, but a second server on a
+  // port in use fails (httplib's default adds SO_REUSEPORT, which lets two servers share the port
+  // and the kernel split the connections between them).
   socket_t listen_fd = -1;
   svr_->set_socket_options([&listen_fd](socket_t sock) {
-    httplib::default_socket_options(sock);
+    ReuseAddress(sock);
     listen_fd = sock;
   });
   int port = options_.port;
@@ -319,7 +329,7 @@ StatusOr<int> HttpServer::Bind() {
     return Unavailable("cannot bind " + options_.host + ":" + std::to_string(port) +
                        " (in use, or not an address of this host)");
   }
-  svr_->set_socket_options(httplib::default_socket_options);  // the lambda's reference dies here
+  svr_->set_socket_options(ReuseAddress);  // the lambda's reference dies here
   if (listen_fd >= 0 && ::listen(listen_fd, SOMAXCONN) != 0)
     EF_LOG(WARN, SERVE, "cannot deepen the listen backlog; bursts of connections may be refused");
   return port;

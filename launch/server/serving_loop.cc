@@ -306,6 +306,17 @@ void ServingLoop::Stop() {
   if (thread_.joinable()) thread_.join();
 }
 
+void ServingLoop::Abort(const Status& why) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+    abort_ = why;
+    for (auto& a : waiting_) a->stream->Finish(FinishReason::kCancelled, why);
+    waiting_.clear();
+  }
+  cv_.notify_all();
+}
+
 void ServingLoop::Run() {
   // This thread drives the engine: bind it to the engine's device (the engine was built on another
   // thread; on a rank whose GPU is not device 0 every call would otherwise go to the wrong one).
@@ -478,7 +489,17 @@ void ServingLoop::Finish(Active& a, FinishReason finish, Status error) {
 }
 
 void ServingLoop::StartAndPrune() {
+  Status aborted;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    aborted = abort_;
+  }
   for (auto& a : running_) {
+    if (!aborted.ok()) {
+      Finish(*a, FinishReason::kCancelled, aborted);
+      a.reset();
+      continue;
+    }
     if (a->seq < 0 && !a->prefilled) {
       a->seq = a->request.seq_id > 0 ? a->request.seq_id : next_seq_++;
       Status s = engine_->AddSequence(a->seq);

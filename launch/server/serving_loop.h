@@ -183,6 +183,9 @@ class ServingLoop {
   StatusOr<std::vector<std::shared_ptr<RequestStream>>> SubmitAll(std::vector<ServeRequest> requests);
   // Refuses new requests, lets every queued and running request finish, joins the engine thread.
   void Stop();
+  // Refuses new requests and ends every queued and running one with `why` (running ones at the
+  // engine's next step); Stop() then returns once the step in flight ends.
+  void Abort(const Status& why);
 
   int max_seq_len() const { return max_seq_len_; }
   AdmissionStats admission_stats() const;
@@ -234,6 +237,7 @@ class ServingLoop {
   std::vector<std::unique_ptr<Active>> running_;  // engine thread only
   AdmissionStats admission_;                      // guarded by mu_
   Status fatal_;                                  // guarded by mu_
+  Status abort_;                                  // guarded by mu_: Abort's reason
   int forecast_words_ = 0;                        // > 0: admission regrouping is on
   scheduler::ExpertPathSet paths_;                // guarded by mu_ (scratch of Admit)
   scheduler::TokenRegrouper regrouper_;           // guarded by mu_

@@ -86,7 +86,12 @@ StatusOr<std::unique_ptr<Engine>> Engine::Create(const std::string& model_dir, c
   e->moe_executor_ = e->local_moe_.get();
   e->cuda_graphs_ = options.cuda_graphs;
   e->backend_sampling_ = options.backend_sampling;
-  e->max_seq_len_ = options.max_seq_len > 0 ? options.max_seq_len : e->config().max_position_embeddings;
+  const int trained = e->config().max_position_embeddings;
+  if (options.max_seq_len > trained && trained > 0)
+    return InvalidArgument("runtime.max_seq_len (--max-seq-len) " + std::to_string(options.max_seq_len) +
+                           " is past the model's max_position_embeddings (" + std::to_string(trained) +
+                           "): it was not trained for positions past that");
+  e->max_seq_len_ = options.max_seq_len > 0 ? options.max_seq_len : trained;
   e->scratch_.resize(kNumSlots);
   if (options.kv_block_size > 0) {
     const ModelConfig& c = e->config();

@@ -859,6 +859,39 @@ TEST(ServerRegroupTest, RegroupWindowWithoutPredictorIsAnError) {
       << err;
 }
 
+// Settings that would make a server refuse everything or let everything in are refused at start.
+TEST(ServerBindTest, UselessSettingsAreRefusedAtStart) {
+  const std::string err_file = ::testing::TempDir() + "/flags.err";
+  auto run = [&](const std::string& flags) {
+    const std::string cmd =
+        std::string(EF_BINARY) + " serve --model " + kModelDir + " --port 0 " + flags + " > /dev/null 2> " + err_file;
+    const int rc = std::system(cmd.c_str());
+    std::ifstream in(err_file);
+    return std::make_pair(rc, std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>()));
+  };
+  auto [rc, err] = run("--max-queue 0");
+  EXPECT_NE(rc, 0);
+  EXPECT_NE(err.find("--max-queue must be >= 1"), std::string::npos) << err;
+  std::tie(rc, err) = run("--api-key ''");
+  EXPECT_NE(rc, 0);
+  EXPECT_NE(err.find("--api-key (server.api_key) is empty"), std::string::npos) << err;
+}
+
+// A port in use is refused: a second server must not share it (and take half the connections).
+TEST(ServerBindTest, APortInUseIsAnError) {
+  ServerProcess first;
+  first.Start();
+  ASSERT_GT(first.port(), 0);
+  const std::string err_file = ::testing::TempDir() + "/bind.err";
+  const std::string cmd = std::string(EF_BINARY) + " serve --model " + kModelDir + " --port " +
+                          std::to_string(first.port()) + " > /dev/null 2> " + err_file;
+  EXPECT_NE(std::system(cmd.c_str()), 0);
+  std::ifstream in(err_file);
+  const std::string err((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_NE(err.find("cannot bind 127.0.0.1:" + std::to_string(first.port())), std::string::npos) << err;
+  EXPECT_EQ(first.Terminate(), 0);
+}
+
 TEST(ServerAuthTest, ApiKeyIsRequiredOnV1) {
   ServerProcess s;
   s.Start({"--api-key", "sekrit"});
@@ -1038,6 +1071,37 @@ TEST(ServerShutdownTest, NewRequestsWhileDrainingGet503AndQueuedStreamsFinish) {
   for (int i = 0; i < kStreams; ++i) {
     EXPECT_NE(raw[i].find("\"finish_reason\":\"length\""), std::string::npos) << "stream " << i << ": " << raw[i];
     EXPECT_NE(raw[i].find("data: [DONE]"), std::string::npos) << "stream " << i;
+  }
+}
+
+// A second signal stops now: the requests in flight (running and queued) get 503 at the engine's
+// next step instead of running to their end, and the server exits within seconds.
+TEST(ServerShutdownTest, SecondSignalEndsInFlightRequestsWith503) {
+  ServerProcess s;
+  // 2 ms a step: three requests of 900 tokens, one at a time, would take over 5 s to drain.
+  s.Start({"--max-batch", "1"}, {"EF_DEBUG_STEP_DELAY_US=2000"});
+  ASSERT_GT(s.port(), 0);
+  constexpr int kRequests = 3;
+  std::vector<Reply> replies(kRequests);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kRequests; ++i)
+    threads.emplace_back([&, i] {
+      json req = {{"model", kModel}, {"prompt", "def g" + std::to_string(i) + "("}, {"max_tokens", 900},
+                  {"ignore_eos", true}};
+      replies[i] = Post(s, "/v1/completions", req.dump());
+    });
+  EXPECT_TRUE(WaitUntilInServer(s, kRequests)) << "the requests never all reached the server";
+  ASSERT_TRUE(s.Signal(SIGTERM));
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  const auto t0 = Clock::now();
+  ASSERT_TRUE(s.Signal(SIGTERM));
+  EXPECT_EQ(s.WaitExit(std::chrono::seconds(60)), 0);
+  const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  for (auto& t : threads) t.join();
+  EXPECT_LT(seconds, 3.0) << "the second signal did not stop the requests in flight";
+  for (int i = 0; i < kRequests; ++i) {
+    ExpectJsonError(replies[i], 503, "request " + std::to_string(i));
+    EXPECT_NE(replies[i].raw.find("the server is stopping"), std::string::npos) << replies[i].raw;
   }
 }
 

@@ -302,6 +302,19 @@ TEST(EngineTest, ObserversSeeWhatHooksSeeAfterThemAndGoAway) {
   EXPECT_EQ(observed.size(), seen) << "a removed observer still ran";
 }
 
+// A context past the positions the model was trained for is refused, naming both numbers.
+TEST(EngineTest, ContextPastTheTrainedPositionsIsAnError) {
+  EngineOptions o;
+  o.backend = "cpu";
+  o.max_seq_len = 4000;
+  auto e = Engine::Create(kTiny, o);
+  ASSERT_FALSE(e.ok());
+  EXPECT_NE(e.status().message().find("4000 is past the model's max_position_embeddings (1024)"), std::string::npos)
+      << e.status().ToString();
+  o.max_seq_len = 1024;
+  EXPECT_TRUE(Engine::Create(kTiny, o).ok());
+}
+
 TEST(EngineTest, BadCallsAreErrors) {
   auto e = Make(/*max_seq_len=*/16);
   ASSERT_TRUE(e->AddSequence(1).ok());
