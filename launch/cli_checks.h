@@ -2,8 +2,13 @@
 // and NonNegativeNumber name a range that ends at the largest double, printed in full).
 #pragma once
 
+#include <unistd.h>
+
 #include <CLI/CLI.hpp>
+#include <cerrno>
 #include <cstdlib>
+#include <cstring>
+#include <filesystem>
 #include <string>
 
 namespace ef::launch {
@@ -22,5 +27,20 @@ inline CLI::Validator NumberAtLeast(bool zero_ok) {
 
 inline const CLI::Validator kPositive = NumberAtLeast(false);
 inline const CLI::Validator kNonNegative = NumberAtLeast(true);
+
+// An output file: checked when the command line is read, before the work that would write it
+// (a benchmark, a calibration) runs.
+inline const CLI::Validator kOutputFile(
+    [](std::string& path) -> std::string {
+      if (path.empty()) return "needs a file name";
+      std::error_code ec;
+      if (std::filesystem::is_directory(path, ec)) return path + " is a directory, not a file";
+      const std::filesystem::path dir = std::filesystem::absolute(path, ec).parent_path();
+      if (!std::filesystem::is_directory(dir, ec)) return path + ": the directory " + dir.string() + " does not exist";
+      if (::access(dir.c_str(), W_OK) != 0)
+        return path + ": cannot write in " + dir.string() + ": " + std::strerror(errno);
+      return std::string();
+    },
+    "FILE");
 
 }  // namespace ef::launch

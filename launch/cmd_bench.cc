@@ -1063,7 +1063,7 @@ Command AddBenchCommand(CLI::App& root) {
                    "cuda, one rank: prompt tokens of the warm-up step before the workload (through the expert cache: "
                    "at most 128, its counters zeroed after); 0: none")
       ->capture_default_str();
-  c.app->add_option("--json,-J", o->json_path, "also write the record as JSON to this file");
+  c.app->add_option("--json,-J", o->json_path, "also write the record as JSON to this file")->check(kOutputFile);
   c.app->add_option("--synthetic", o->synthetic, "random weights of a real model's shape instead of --model")
       ->check(CLI::IsMember(SyntheticShapeNames()));
   c.app->add_option("--synthetic-layers", o->synthetic_layers, "layers of the synthetic model (0: the shape's)")

@@ -9,6 +9,7 @@
 #include "launch/config.h"
 #include "launch/deployment.h"
 #include "launch/engine_options.h"
+#include "runtime/core/logging.h"
 #include "runtime/engine/generator.h"
 #include "runtime/tokenizer/tokenizer.h"
 
@@ -49,6 +50,9 @@ Status RunGenerate(const GenerateOptions& o, comm::MpiContext* ctx) {
   if (ctx->rank() == 0) EF_RETURN_IF_ERROR(GenerateOnThisRank(o, deployment->engine()));
   if (!deployment->cluster()) {
     deployment->PrintCacheSummary();
+    if (!o.cluster.stats_out.empty())
+      EF_LOG(WARN, COMM, "--comm-stats %s not written: one process, nothing communicated (run under mpirun)",
+             o.cluster.stats_out.c_str());
     return Status::Ok();
   }
   // Ranks other than 0 do their expert work while they drain: their counters are final after it.
@@ -77,6 +81,10 @@ Status GenerateOnThisRank(const GenerateOptions& o, runtime::Engine& eng) {
   req.max_new_tokens = o.max_new_tokens;
   req.sampling = o.sampling;
   req.ignore_eos = o.ignore_eos;
+  // Before the prompt is echoed: a refusal should not look like the start of an answer.
+  if (static_cast<int64_t>(req.prompt.size()) >= engine->max_seq_len())
+    return OutOfRange("the prompt's " + std::to_string(req.prompt.size()) + " tokens do not fit the context of " +
+                      std::to_string(engine->max_seq_len()) + " tokens (runtime.max_seq_len, --max-seq-len)");
   std::fputs(o.prompt.c_str(), stdout);
   std::fflush(stdout);
   runtime::StreamDecoder dec(tok, /*skip_special=*/true);
@@ -87,6 +95,11 @@ Status GenerateOnThisRank(const GenerateOptions& o, runtime::Engine& eng) {
                       }));
   std::fputs(dec.Flush().c_str(), stdout);
   std::fputs("\n", stdout);
+  std::fflush(stdout);  // before anything goes to stderr
+  if (results[0].finish == runtime::FinishReason::kContext)
+    std::fprintf(stderr,
+                 "generation stopped after %zu of %d tokens: the context of %d tokens is full (--max-seq-len)\n",
+                 results[0].tokens.size(), o.max_new_tokens, engine->max_seq_len());
   if (o.show_ids) {
     std::fprintf(stderr, "prompt ids:");
     for (int32_t t : req.prompt) std::fprintf(stderr, " %d", t);

@@ -153,7 +153,7 @@ Command AddPlaceCommand(CLI::App& root) {
   c.app = root.add_subcommand("place", "Fit an expert placement that cuts all-to-all traffic on a routing trace");
   c.app->add_option("--trace", a->trace, "routing trace (moe-routing-trace JSONL)")->required();
   c.app->add_option("--ranks", a->optimizer.num_ranks, "ranks of the placement (1..64)")->required();
-  c.app->add_option("--out", a->out, "placement file to write (cluster.placement)")->required();
+  c.app->add_option("--out", a->out, "placement file to write (cluster.placement)")->required()->check(kOutputFile);
   c.app->add_option("--train-seqs", a->train_seqs, "sequence ids to fit on, e.g. 0-23 (default: the first 3/4)");
   c.app->add_option("--test-seqs", a->test_seqs, "sequence ids to score on (default: the others)");
   c.app->add_option("--replicate", a->optimizer.replicate, "per MoE layer, give the N hottest experts a second copy")

@@ -307,7 +307,8 @@ Command AddQuantizeCommand(CLI::App& root) {
   c.app->add_option("--precision", o->precision, "int8 or int4 (the cache's cache.miss_precision)")
       ->check(CLI::IsMember({"int8", "int4"}))
       ->capture_default_str();
-  c.app->add_option("--out,-o", o->out, "output file (safetensors); without it, --rank-layers alone runs");
+  c.app->add_option("--out,-o", o->out, "output file (safetensors); without it, --rank-layers alone runs")
+      ->check(kOutputFile);
   c.app->add_flag("--rank-layers", o->rank_layers,
                   "measure what --precision costs in each MoE layer alone (KL and top-1 against the checkpoint's "
                   "experts, on the held-out sequences) and recommend --low-precision-layers");
@@ -351,19 +352,9 @@ Command AddQuantizeCommand(CLI::App& root) {
                    "refuse a model whose per-expert input statistics exceed this much memory")
       ->check(kFinite & kPositive)
       ->capture_default_str();
-  c.run = [o, app = c.app] {
-    if (app->count("--out") > 0 && o->out.empty()) return ReportError(InvalidArgument("--out needs a file name"));
+  c.run = [o] {
+    // Where the file goes is checked when the flags are read (kOutputFile), before the calibration.
     if (o->out.empty() && !o->rank_layers) return ReportError(InvalidArgument("give --out, --rank-layers or both"));
-    // Where the file goes is checked before the calibration runs (hours on a large model).
-    if (!o->out.empty()) {
-      const std::filesystem::path dir = std::filesystem::absolute(o->out).parent_path();
-      std::error_code ec;
-      if (!std::filesystem::is_directory(dir, ec))
-        return ReportError(InvalidArgument("--out " + o->out + ": the directory " + dir.string() + " does not exist"));
-      if (::access(dir.c_str(), W_OK) != 0)
-        return ReportError(
-            InvalidArgument("--out " + o->out + ": cannot write in " + dir.string() + ": " + std::strerror(errno)));
-    }
     Status s = RunQuantize(*o);
     return s.ok() ? 0 : ReportError(s);
   };

@@ -158,7 +158,7 @@ Command AddScoreCommand(CLI::App& root) {
   c.app = root.add_subcommand("score", "Full-sequence forward: fp32 logits and each MoE layer's router top-k as JSON");
   o->model.Register(c.app);
   c.app->add_option("--ids-file", o->ids_file, "JSON file {\"input_ids\": [[...], ...]}")->required();
-  c.app->add_option("--out", o->out, "output JSON file (default: stdout)");
+  c.app->add_option("--out", o->out, "output JSON file (default: stdout)")->check(kOutputFile);
   c.app
       ->add_option("--chunk", o->chunk,
                    "tokens per forward pass through the KV cache (1: teacher-forced decode); 0: whole sequences")

@@ -182,7 +182,9 @@ Command AddTraceCommand(CLI::App& root) {
   o->model.Register(c.app);
   c.app->add_option("--prompts", o->prompts, "prompts: one per line, or JSONL {\"prompt\": ...} when named *.jsonl")
       ->required();
-  c.app->add_option("--out,-o", o->out, "output routing trace (moe-routing-trace v1 JSONL)")->required();
+  c.app->add_option("--out,-o", o->out, "output routing trace (moe-routing-trace v1 JSONL)")
+      ->required()
+      ->check(kOutputFile);
   c.app->add_option("-n,--max-new-tokens", o->max_new_tokens, "greedy decode steps traced after each prompt")
       ->check(kNonNegative)
       ->capture_default_str();

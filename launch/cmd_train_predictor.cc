@@ -129,7 +129,7 @@ Command AddTrainPredictorCommand(CLI::App& root) {
   app->add_option("--kind", args->kind, "path | hybrid | affinity | frequency")
       ->capture_default_str()
       ->check(CLI::IsMember({"path", "hybrid", "affinity", "frequency"}));
-  app->add_option("--out", args->out, "output predictor file (.safetensors)")->required();
+  app->add_option("--out", args->out, "output predictor file (.safetensors)")->required()->check(kOutputFile);
   app->add_option("--train-seqs", args->train_seqs, "training sequence ids, e.g. 0-23 (default: first 75%)");
   app->add_option("--epochs", args->path.epochs, "maximum epochs (path, hybrid)")->capture_default_str();
   app->add_option("--seed", args->path.seed, "random seed (path, hybrid)")->capture_default_str();

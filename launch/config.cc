@@ -720,7 +720,8 @@ void ClusterFlags::Register(CLI::App* app, bool short_config) {
       ->check(kNonNegative);
   app->add_option("--timeout", cluster.timeout_s, "seconds any wait on a peer may take (cluster.timeout_s)")
       ->check(kPositive);
-  app->add_option("--comm-stats", stats_out, "write communication counters of every rank as JSON (rank 0)");
+  app->add_option("--comm-stats", stats_out, "write communication counters of every rank as JSON (rank 0)")
+      ->check(kOutputFile);
   cache.Register(app);
 }
 

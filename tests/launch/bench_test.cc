@@ -241,6 +241,19 @@ TEST_F(BenchTest, TraceOfTheWrongShapeExitsOne) {
   EXPECT_NE(Err().find("does not match the model"), std::string::npos) << Err();
 }
 
+// An output file that cannot be written is refused when the flags are read, before the run.
+TEST_F(BenchTest, UnwritableJsonIsRefusedBeforeTheRun) {
+  EXPECT_NE(Bench("--synthetic tiny -n 1 -c 1 --prompt-len 4 --gen-len 2 --json " + (dir_ / "no" / "r.json").string()),
+            0);
+  EXPECT_NE(Err().find("--json: " + (dir_ / "no" / "r.json").string() + ": the directory " + (dir_ / "no").string() +
+                       " does not exist"),
+            std::string::npos)
+      << Err();
+  EXPECT_FALSE(fs::exists(dir_ / "synth")) << "the run started before the check";
+  EXPECT_NE(Bench("--synthetic tiny -n 1 -c 1 --prompt-len 4 --gen-len 2 --json " + dir_.string()), 0);
+  EXPECT_NE(Err().find("is a directory, not a file"), std::string::npos) << Err();
+}
+
 TEST_F(BenchTest, ConfigRoutingReplayIsTheTraceUnlessTheFlagIsGiven) {
   ASSERT_TRUE(fs::exists(kMixtralTrace)) << kMixtralTrace << " is missing (tests/data/traces)";
   const fs::path yaml = dir_ / "routing.yaml";

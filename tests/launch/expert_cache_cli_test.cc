@@ -169,6 +169,13 @@ TEST_F(ExpertCacheCliTest, BadFlagsAreReported) {
   EXPECT_NE(Read("stderr").find("cache.prefetch_layers 100: the model has 8 MoE layers, so at most 7 ahead"),
             std::string::npos)
       << Read("stderr");
+  // A prompt past the context is refused before it is echoed; a context that fills up says so.
+  EXPECT_EQ(Run(base + " --max-seq-len 8 -p 'def f(a, b, c, d, e, f, g, h):'"), 1);
+  EXPECT_NE(Read("stderr").find("do not fit the context of 8 tokens"), std::string::npos) << Read("stderr");
+  EXPECT_EQ(Read("stdout"), "");
+  EXPECT_EQ(Run("generate --backend cpu --model " + kModelDir + " -n 40 --max-seq-len 10 -p 'def f'"), 0);
+  EXPECT_NE(Read("stderr").find("of 40 tokens: the context of 10 tokens is full (--max-seq-len)"), std::string::npos)
+      << Read("stderr");
   // Sampling settings are checked before the model loads: nothing is generated.
   EXPECT_EQ(Run(base + " -p 'def f' --top-p 2"), 1);
   EXPECT_NE(Read("stderr").find("top_p must be in (0, 1]"), std::string::npos) << Read("stderr");

@@ -1086,8 +1086,8 @@ TEST(ServerShutdownTest, SecondSignalEndsInFlightRequestsWith503) {
   std::vector<std::thread> threads;
   for (int i = 0; i < kRequests; ++i)
     threads.emplace_back([&, i] {
-      json req = {{"model", kModel}, {"prompt", "def g" + std::to_string(i) + "("}, {"max_tokens", 900},
-                  {"ignore_eos", true}};
+      json req = {
+          {"model", kModel}, {"prompt", "def g" + std::to_string(i) + "("}, {"max_tokens", 900}, {"ignore_eos", true}};
       replies[i] = Post(s, "/v1/completions", req.dump());
     });
   EXPECT_TRUE(WaitUntilInServer(s, kRequests)) << "the requests never all reached the server";
