@@ -27,6 +27,8 @@ struct ReplayArgs {
 
 Status Validate(const ReplayArgs& a, const placement::RoutingTrace& t) {
   const int K = t.top_k(), E = t.num_experts(), L = t.num_layers();
+  if (a.slots_per_layer < 0 || a.global_slots < 0)
+    return InvalidArgument("--slots-per-layer and --global-slots count slots: they must be >= 1");
   if ((a.slots_per_layer > 0) == (a.global_slots > 0))
     return InvalidArgument("give exactly one of --slots-per-layer N or --global-slots M");
   if (a.slots_per_layer > 0 && (a.slots_per_layer < K || a.slots_per_layer > E))

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <filesystem>
 
 #include "launch/expert_cache_setup.h"
 #include "runtime/core/logging.h"
@@ -20,6 +21,12 @@ DeploymentOptions MakeDeploymentOptions(const ModelFlags& model, const ClusterFl
 }
 
 StatusOr<std::unique_ptr<Deployment>> Deployment::Create(comm::MpiContext* ctx, const DeploymentOptions& o) {
+  // A placement file that is not there is an error in one process too (where it would only be
+  // found under mpirun), before the model loads.
+  const std::string& placement = o.cluster.placement.placement;
+  if (placement != "contiguous" && placement != "round_robin" && !std::filesystem::is_regular_file(placement))
+    return NotFound("cluster.placement (--placement) '" + placement +
+                    "': neither contiguous, round_robin nor an existing placement file");
   auto d = std::unique_ptr<Deployment>(new Deployment());
   d->ctx_ = ctx;
   const bool want_cache = WantsExpertCache(o.cache);

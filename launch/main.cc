@@ -1,5 +1,6 @@
 // expertflow: the command-line entry point.
 #include <cstdio>
+#include <string>
 #include <vector>
 
 #include "launch/command.h"
@@ -21,6 +22,20 @@ int main(int argc, char** argv) {
       ef::launch::AddScheduleEvalCommand(app),   ef::launch::AddPlaceCommand(app),
       ef::launch::AddQuantizeCommand(app),       ef::launch::AddInfoCommand(app),
   };
+  // A first word that is not a command (CLI11 would only say that a subcommand is required).
+  if (argc > 1 && argv[1][0] != '-') {
+    const std::string word = argv[1];
+    bool known = false;
+    std::string names;
+    for (const CLI::App* sub : app.get_subcommands({})) {
+      known = known || sub->check_name(word);
+      names += (names.empty() ? "" : ", ") + sub->get_name();
+    }
+    if (!known) {
+      std::fprintf(stderr, "error: unknown command '%s' (commands: %s; see --help)\n", word.c_str(), names.c_str());
+      return 2;
+    }
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

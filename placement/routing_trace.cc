@@ -1,6 +1,7 @@
 #include "placement/routing_trace.h"
 
 #include <algorithm>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -145,6 +146,7 @@ StatusOr<RoutingTrace> ReadRoutingTraceFrom(std::istream& in, const std::string&
 }  // namespace
 
 StatusOr<RoutingTrace> ReadRoutingTrace(const std::string& path) {
+  if (std::filesystem::is_directory(path)) return InvalidArgument("routing trace " + path + " is a directory");
   std::ifstream in(path);
   if (!in) return NotFound("cannot open routing trace " + path);
   return ReadRoutingTraceFrom(in, path);

@@ -433,7 +433,9 @@ StatusOr<ModelConfig> ModelConfig::FromJson(const std::string& text, const std::
 StatusOr<ModelConfig> ModelConfig::FromModelDir(const std::string& dir) {
   namespace fs = std::filesystem;
   fs::path p = fs::path(dir) / "config.json";
-  if (!fs::is_directory(dir)) return NotFound("model directory " + dir + " does not exist");
+  if (!fs::is_directory(dir))
+    return NotFound(fs::exists(dir) ? "model path " + dir + " is a file: give the checkpoint's directory"
+                                    : "model directory " + dir + " does not exist");
   std::ifstream in(p);
   if (!in) return NotFound("missing " + p.string() + " (a Hugging Face checkpoint directory needs config.json)");
   std::stringstream ss;

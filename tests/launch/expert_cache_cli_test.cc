@@ -169,6 +169,16 @@ TEST_F(ExpertCacheCliTest, BadFlagsAreReported) {
   EXPECT_NE(Read("stderr").find("cache.prefetch_layers 100: the model has 8 MoE layers, so at most 7 ahead"),
             std::string::npos)
       << Read("stderr");
+  // A word that is not a command, a model path that is a file: named as what they are.
+  EXPECT_EQ(Run("generat -n 2"), 2);
+  EXPECT_NE(Read("stderr").find("unknown command 'generat' (commands: generate,"), std::string::npos) << Read("stderr");
+  EXPECT_EQ(Run("generate --backend cpu -n 2 --model " + kModelDir + "/config.json"), 1);
+  EXPECT_NE(Read("stderr").find("config.json is a file: give the checkpoint's directory"), std::string::npos)
+      << Read("stderr");
+  // A placement file that is not there is refused in one process too.
+  EXPECT_EQ(Run(base + " --placement no_such_placement.json"), 1);
+  EXPECT_NE(Read("stderr").find("cluster.placement (--placement) 'no_such_placement.json': neither"), std::string::npos)
+      << Read("stderr");
   // A prompt past the context is refused before it is echoed; a context that fills up says so.
   EXPECT_EQ(Run(base + " --max-seq-len 8 -p 'def f(a, b, c, d, e, f, g, h):'"), 1);
   EXPECT_NE(Read("stderr").find("do not fit the context of 8 tokens"), std::string::npos) << Read("stderr");
