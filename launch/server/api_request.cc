@@ -73,14 +73,32 @@ Error ParseMessages(const json& body, const runtime::Tokenizer& tokenizer, const
   if (msgs == body.end() || msgs->is_null()) return Bad("messages", "'messages' is required", "missing_field");
   if (!msgs->is_array() || msgs->empty())
     return Bad("messages", "'messages' must be a non-empty array", "invalid_type");
+  // Tool calls and structured output are not implemented: refused by name, not ignored (a client
+  // that asked for JSON would otherwise parse free text).
+  for (const char* key : {"tools", "functions"}) {
+    auto it = body.find(key);
+    if (it != body.end() && !it->is_null() && !it->empty())
+      return Bad(key, Quoted(key) + " is not supported by this server (no tool calls)");
+  }
+  if (auto it = body.find("tool_choice"); it != body.end() && !it->is_null() && *it != "none")
+    return Bad("tool_choice", "'tool_choice' is not supported by this server; only \"none\" is accepted");
+  if (auto it = body.find("response_format"); it != body.end() && !it->is_null()) {
+    if (!it->is_object() || !it->contains("type") || (*it)["type"] != "text")
+      return Bad("response_format",
+                 "'response_format' is not supported by this server beyond {\"type\": \"text\"} (no JSON mode)");
+  }
+  static const char* const kRoles[] = {"system", "developer", "user", "assistant", "tool"};
   std::vector<ChatMessage> messages;
   for (const json& m : *msgs) {
     if (!m.is_object() || !m.contains("role") || !m["role"].is_string())
       return Bad("messages", "each message must be an object with a string 'role'", "invalid_type");
     ChatMessage cm;
     cm.role = m["role"].get<std::string>();
+    if (std::find(std::begin(kRoles), std::end(kRoles), cm.role) == std::end(kRoles))
+      return Bad("messages", "unknown message role '" + cm.role + "' (system, developer, user, assistant or tool)");
     auto content = m.find("content");
     if (content == m.end() || content->is_null()) {
+      if (cm.role != "assistant") return Bad("messages", "a " + cm.role + " message needs 'content'", "missing_field");
       cm.content.clear();
     } else if (content->is_string()) {
       cm.content = content->get<std::string>();
