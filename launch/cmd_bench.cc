@@ -1062,6 +1062,7 @@ Command AddBenchCommand(CLI::App& root) {
       ->add_option("--warmup-tokens", o->warmup_tokens,
                    "cuda, one rank: prompt tokens of the warm-up step before the workload (through the expert cache: "
                    "at most 128, its counters zeroed after); 0: none")
+      ->check(kNonNegative)
       ->capture_default_str();
   c.app->add_option("--json,-J", o->json_path, "also write the record as JSON to this file")->check(kOutputFile);
   c.app->add_option("--synthetic", o->synthetic, "random weights of a real model's shape instead of --model")

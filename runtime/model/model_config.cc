@@ -425,6 +425,10 @@ StatusOr<ModelConfig> ModelConfig::FromJson(const std::string& text, const std::
     } else {
       return r.WrongType("eos_token_id", "an integer or a list of integers");
     }
+    for (int id : c.eos_token_ids)
+      if (id < 0 || id >= c.vocab_size)
+        return InvalidArgument(origin + ": eos_token_id " + std::to_string(id) + " is not a token of the vocabulary of " +
+                               std::to_string(c.vocab_size));
     if (!c.eos_token_ids.empty()) c.eos_token_id = c.eos_token_ids[0];
   }
   return c;

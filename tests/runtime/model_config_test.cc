@@ -89,6 +89,9 @@ TEST(ModelConfigDeepseek, BadFieldsNameTheKey) {
   j = Fixture("deepseek_v3");
   j["rope_parameters"] = {{"rope_type", "yarn"}, {"rope_theta", 10000.0}};
   EXPECT_NE(Error(j).find("\"factor\" is missing"), std::string::npos) << Error(j);
+  j = Fixture("deepseek_v3");
+  j["eos_token_id"] = json::array({1, 99999});
+  EXPECT_NE(Error(j).find("eos_token_id 99999 is not a token of the vocabulary of"), std::string::npos) << Error(j);
 }
 
 TEST(ModelConfigGptOss, FixtureParsesAndBadFieldsNameTheKey) {
