@@ -360,7 +360,7 @@ StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(runtime::Engine* engi
   const int moe_layers = c.num_moe_layers();
   if (o.prefetch_layers >= moe_layers && moe_layers > 0) {
     // The default (2) on a model of one or two MoE layers is cut without a word.
-    if (o.prefetch_layers > std::max(moe_layers, 2))
+    if (o.prefetch_layers != ExpertCacheOptions{}.prefetch_layers)
       EF_LOG(WARN, CACHE, "cache.prefetch_layers %d: the model has %d MoE layers, so at most %d ahead; using %d",
              o.prefetch_layers, moe_layers, moe_layers - 1, moe_layers - 1);
     o.prefetch_layers = moe_layers - 1;

@@ -6,6 +6,7 @@
 
 #include <CLI/CLI.hpp>
 #include <cerrno>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -18,7 +19,7 @@ inline CLI::Validator NumberAtLeast(bool zero_ok) {
       [zero_ok](std::string& text) -> std::string {
         char* end = nullptr;
         const double v = std::strtod(text.c_str(), &end);
-        if (end == text.c_str() || *end != '\0' || v != v) return "expected a number, got '" + text + "'";
+        if (end == text.c_str() || *end != '\0' || !std::isfinite(v)) return "expected a number, got '" + text + "'";
         if (zero_ok ? v >= 0 : v > 0) return std::string();
         return std::string(zero_ok ? "must be >= 0" : "must be > 0") + ", got " + text;
       },
@@ -29,12 +30,19 @@ inline const CLI::Validator kPositive = NumberAtLeast(false);
 inline const CLI::Validator kNonNegative = NumberAtLeast(true);
 
 // An output file: checked when the command line is read, before the work that would write it
-// (a benchmark, a calibration) runs.
+// (a benchmark, a calibration) runs. "-" (standard output, where a command takes it) passes; an
+// existing file must be writable, a new one's directory must exist and be writable. Under mpirun
+// only rank 0 checks: it is the rank that writes these files.
 inline const CLI::Validator kOutputFile(
     [](std::string& path) -> std::string {
       if (path.empty()) return "needs a file name";
+      if (path == "-") return std::string();
+      for (const char* rank : {"OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"})
+        if (const char* r = std::getenv(rank); r && std::string(r) != "0") return std::string();
       std::error_code ec;
       if (std::filesystem::is_directory(path, ec)) return path + " is a directory, not a file";
+      if (std::filesystem::exists(path, ec))
+        return ::access(path.c_str(), W_OK) == 0 ? std::string() : path + ": cannot write it: " + std::strerror(errno);
       const std::filesystem::path dir = std::filesystem::absolute(path, ec).parent_path();
       if (!std::filesystem::is_directory(dir, ec)) return path + ": the directory " + dir.string() + " does not exist";
       if (::access(dir.c_str(), W_OK) != 0)

@@ -368,6 +368,7 @@ Status Deploy(const BenchRun& b, BenchParts* p) {
   d.engine.checkpoint = p->in_memory.checkpoint;  // null unless --synthetic-in-memory
   // Real shapes allow 32k+ positions; size a synthetic model's KV cache to the workload instead.
   if (!o.synthetic.empty() && d.engine.max_seq_len == 0) d.engine.max_seq_len = o.prompt_len + o.gen_len;
+  d.engine.allow_untrained_positions = !o.synthetic.empty();  // random weights: positions mean nothing
   d.cache = b.config().cache;
   d.predictor = b.config().predictor;
   if (o.oracle_prefetch) d.predictor.kind = "none";  // the oracle is the forecast

@@ -24,7 +24,8 @@ StatusOr<std::unique_ptr<Deployment>> Deployment::Create(comm::MpiContext* ctx, 
   // A placement file that is not there is an error in one process too (where it would only be
   // found under mpirun), before the model loads.
   const std::string& placement = o.cluster.placement.placement;
-  if (placement != "contiguous" && placement != "round_robin" && !std::filesystem::is_regular_file(placement))
+  std::error_code ec;
+  if (placement != "contiguous" && placement != "round_robin" && !std::filesystem::is_regular_file(placement, ec))
     return NotFound("cluster.placement (--placement) '" + placement +
                     "': neither contiguous, round_robin nor an existing placement file");
   auto d = std::unique_ptr<Deployment>(new Deployment());

@@ -146,7 +146,8 @@ StatusOr<RoutingTrace> ReadRoutingTraceFrom(std::istream& in, const std::string&
 }  // namespace
 
 StatusOr<RoutingTrace> ReadRoutingTrace(const std::string& path) {
-  if (std::filesystem::is_directory(path)) return InvalidArgument("routing trace " + path + " is a directory");
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) return InvalidArgument("routing trace " + path + " is a directory");
   std::ifstream in(path);
   if (!in) return NotFound("cannot open routing trace " + path);
   return ReadRoutingTraceFrom(in, path);

@@ -86,12 +86,22 @@ StatusOr<std::unique_ptr<Engine>> Engine::Create(const std::string& model_dir, c
   e->moe_executor_ = e->local_moe_.get();
   e->cuda_graphs_ = options.cuda_graphs;
   e->backend_sampling_ = options.backend_sampling;
-  const int trained = e->config().max_position_embeddings;
-  if (options.max_seq_len > trained && trained > 0)
+  const ModelConfig& mc = e->config();
+  int64_t trained = mc.max_position_embeddings;
+  std::string trained_what = "max_position_embeddings";
+  if (mc.rope.type == "yarn" && mc.rope.original_max_position_embeddings > 0) {
+    const auto scaled =
+        static_cast<int64_t>(mc.rope.factor * static_cast<float>(mc.rope.original_max_position_embeddings));
+    if (scaled > trained) {
+      trained = scaled;
+      trained_what = "yarn factor x original_max_position_embeddings";
+    }
+  }
+  if (options.max_seq_len > trained && trained > 0 && !options.allow_untrained_positions)
     return InvalidArgument("runtime.max_seq_len (--max-seq-len) " + std::to_string(options.max_seq_len) +
-                           " is past the model's max_position_embeddings (" + std::to_string(trained) +
+                           " is past the model's " + trained_what + " (" + std::to_string(trained) +
                            "): it was not trained for positions past that");
-  e->max_seq_len_ = options.max_seq_len > 0 ? options.max_seq_len : trained;
+  e->max_seq_len_ = options.max_seq_len > 0 ? options.max_seq_len : mc.max_position_embeddings;
   e->scratch_.resize(kNumSlots);
   if (options.kv_block_size > 0) {
     const ModelConfig& c = e->config();

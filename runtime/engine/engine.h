@@ -37,6 +37,10 @@ struct EngineOptions {
   std::string backend = "cpu";  // cpu | cuda | auto
   int device = 0;
   int max_seq_len = 0;  // KV capacity per sequence; 0: the model's max_position_embeddings
+  // A max_seq_len past the positions the model was trained for (max_position_embeddings, or yarn's
+  // factor x original_max_position_embeddings) is refused unless this is set (random-weight
+  // benchmarks, whose positions mean nothing).
+  bool allow_untrained_positions = false;
   // true: every routed expert is uploaded to the backend at Create (ResidentExpertSource).
   // false: none is, so a model whose experts exceed the device still loads; Forward then needs an
   // ExpertSource (SetExpertSource, e.g. the expert cache) or UploadExperts() first, and fails with

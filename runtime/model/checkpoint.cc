@@ -29,9 +29,10 @@ StatusOr<std::map<std::string, std::string>> ParseCheckpointIndex(const std::str
 }
 
 StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& dir) {
-  if (!fs::is_directory(dir))
-    return NotFound(fs::exists(dir) ? "model path " + dir + " is a file: give the checkpoint's directory"
-                                    : "model directory " + dir + " does not exist");
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec))
+    return NotFound(fs::exists(dir, ec) ? "model path " + dir + " is a file: give the checkpoint's directory"
+                                        : "model directory " + dir + " does not exist");
   auto ckpt = std::make_unique<Checkpoint>();
   ckpt->dir_ = dir;
   const fs::path index_path = fs::path(dir) / "model.safetensors.index.json";

@@ -427,8 +427,8 @@ StatusOr<ModelConfig> ModelConfig::FromJson(const std::string& text, const std::
     }
     for (int id : c.eos_token_ids)
       if (id < 0 || id >= c.vocab_size)
-        return InvalidArgument(origin + ": eos_token_id " + std::to_string(id) + " is not a token of the vocabulary of " +
-                               std::to_string(c.vocab_size));
+        return InvalidArgument(origin + ": eos_token_id " + std::to_string(id) +
+                               " is not a token of the vocabulary of " + std::to_string(c.vocab_size));
     if (!c.eos_token_ids.empty()) c.eos_token_id = c.eos_token_ids[0];
   }
   return c;
@@ -437,9 +437,10 @@ StatusOr<ModelConfig> ModelConfig::FromJson(const std::string& text, const std::
 StatusOr<ModelConfig> ModelConfig::FromModelDir(const std::string& dir) {
   namespace fs = std::filesystem;
   fs::path p = fs::path(dir) / "config.json";
-  if (!fs::is_directory(dir))
-    return NotFound(fs::exists(dir) ? "model path " + dir + " is a file: give the checkpoint's directory"
-                                    : "model directory " + dir + " does not exist");
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec))
+    return NotFound(fs::exists(dir, ec) ? "model path " + dir + " is a file: give the checkpoint's directory"
+                                        : "model directory " + dir + " does not exist");
   std::ifstream in(p);
   if (!in) return NotFound("missing " + p.string() + " (a Hugging Face checkpoint directory needs config.json)");
   std::stringstream ss;

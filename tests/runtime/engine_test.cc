@@ -11,7 +11,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
+#include <fstream>
 #include <limits>
+#include <nlohmann/json.hpp>
 #include <vector>
 
 #include "runtime/engine/sampler.h"
@@ -313,6 +316,32 @@ TEST(EngineTest, ContextPastTheTrainedPositionsIsAnError) {
       << e.status().ToString();
   o.max_seq_len = 1024;
   EXPECT_TRUE(Engine::Create(kTiny, o).ok());
+  o.max_seq_len = 4000;
+  o.allow_untrained_positions = true;  // random-weight benchmarks
+  EXPECT_TRUE(Engine::Create(kTiny, o).ok());
+  // YaRN extends the trained positions to factor x original_max_position_embeddings (Qwen3's
+  // documented long-context setup keeps max_position_embeddings as it was).
+  const std::filesystem::path dir = std::filesystem::path(::testing::TempDir()) / "qwen3_yarn";
+  std::filesystem::create_directories(dir);
+  const std::filesystem::path src = std::filesystem::path(EF_TEST_DATA) / "qwen3_moe";
+  std::filesystem::copy_file(src / "model.safetensors", dir / "model.safetensors",
+                             std::filesystem::copy_options::overwrite_existing);
+  std::ifstream in(src / "config.json");
+  nlohmann::json cfg = nlohmann::json::parse(in);
+  const int trained = cfg["max_position_embeddings"].get<int>();
+  cfg["rope_parameters"] = {
+      {"rope_type", "yarn"}, {"rope_theta", 10000.0}, {"factor", 4.0}, {"original_max_position_embeddings", trained}};
+  std::ofstream(dir / "config.json") << cfg.dump();
+  EngineOptions y;
+  y.backend = "cpu";
+  y.max_seq_len = 4 * trained;
+  auto ok = Engine::Create(dir.string(), y);
+  EXPECT_TRUE(ok.ok()) << ok.status().ToString();
+  y.max_seq_len = 4 * trained + 1;
+  auto past = Engine::Create(dir.string(), y);
+  ASSERT_FALSE(past.ok());
+  EXPECT_NE(past.status().message().find("yarn factor x original_max_position_embeddings"), std::string::npos)
+      << past.status().ToString();
 }
 
 TEST(EngineTest, BadCallsAreErrors) {
