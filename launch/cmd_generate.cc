@@ -1,4 +1,5 @@
 // `expertflow generate`: tokenizes a prompt, generates, streams the text as it comes.
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 
@@ -85,6 +86,13 @@ Status GenerateOnThisRank(const GenerateOptions& o, runtime::Engine& eng) {
   if (static_cast<int64_t>(req.prompt.size()) >= engine->max_seq_len())
     return OutOfRange("the prompt's " + std::to_string(req.prompt.size()) + " tokens do not fit the context of " +
                       std::to_string(engine->max_seq_len()) + " tokens (runtime.max_seq_len, --max-seq-len)");
+  // A fixed-size KV cache that cannot hold the prompt and its tokens would fail mid-answer.
+  const int64_t want =
+      std::min<int64_t>(static_cast<int64_t>(req.prompt.size()) + o.max_new_tokens, engine->max_seq_len());
+  if (engine->kv_capacity_blocks() > 0 && engine->KvBlocksFor(want) > engine->kv_capacity_blocks())
+    return ResourceExhausted("the prompt and its new tokens need " + std::to_string(want) +
+                             " tokens of KV cache, more than the " + std::to_string(engine->kv_capacity_blocks()) +
+                             " blocks of runtime.kv_cache_tokens (--kv-cache-tokens) hold");
   std::fputs(o.prompt.c_str(), stdout);
   std::fflush(stdout);
   runtime::StreamDecoder dec(tok, /*skip_special=*/true);

@@ -186,6 +186,10 @@ TEST_F(ExpertCacheCliTest, BadFlagsAreReported) {
   EXPECT_EQ(Run("generate --backend cpu --model " + kModelDir + " -n 40 --max-seq-len 10 -p 'def f'"), 0);
   EXPECT_NE(Read("stderr").find("of 40 tokens: the context of 10 tokens is full (--max-seq-len)"), std::string::npos)
       << Read("stderr");
+  // A fixed KV cache too small for the answer is refused before anything is printed.
+  EXPECT_EQ(Run("generate --backend cpu --model " + kModelDir + " -n 40 --kv-cache-tokens 17 -p 'def f'"), 1);
+  EXPECT_NE(Read("stderr").find("tokens of KV cache, more than the"), std::string::npos) << Read("stderr");
+  EXPECT_EQ(Read("stdout"), "");
   // Sampling settings are checked before the model loads: nothing is generated.
   EXPECT_EQ(Run(base + " -p 'def f' --top-p 2"), 1);
   EXPECT_NE(Read("stderr").find("top_p must be in (0, 1]"), std::string::npos) << Read("stderr");
