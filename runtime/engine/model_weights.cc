@@ -404,6 +404,28 @@ Status ModelWeightsLoader::FillMxfp4Expert(const TensorView* gu, const TensorVie
   return Status::Ok();
 }
 
+namespace {
+
+// A checkpoint with decoder layers past num_hidden_layers (and past the multi-token-prediction
+// layers it declares) most likely has a config.json that says too few: those layers never run.
+void WarnAboutLayersPastTheConfig(const Checkpoint& ckpt, const ModelConfig& c) {
+  const std::string prefix = "model.layers.";
+  int last = -1;
+  for (const std::string& name : ckpt.names()) {
+    if (name.compare(0, prefix.size(), prefix) != 0) continue;
+    const int layer = std::atoi(name.c_str() + prefix.size());
+    last = std::max(last, layer);
+  }
+  const int expected = c.num_layers + c.num_nextn_predict_layers;
+  if (last >= expected)
+    EF_LOG(WARN, MODEL,
+           "the checkpoint holds decoder layers %d..%d past config.json's num_hidden_layers (%d): they are not loaded "
+           "(is num_hidden_layers right?)",
+           expected, last, c.num_layers);
+}
+
+}  // namespace
+
 StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(const std::string& model_dir, Backend* backend,
                                                            const LoadOptions& options) {
   auto m = std::unique_ptr<ModelWeights>(new ModelWeights());
@@ -415,6 +437,7 @@ StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(const std::string& mo
   }
   EF_RETURN_IF_ERROR(ModelWeightsLoader(m.get(), backend, options).Run());
   const ModelConfig& c = m->config_;
+  WarnAboutLayersPastTheConfig(*m->checkpoint_, c);
   EF_LOG(INFO, MODEL, "loaded %s: %s, %d layers (%d MoE) x %d experts top-%d, hidden %d, %zu bytes per expert",
          model_dir.c_str(), c.model_type.c_str(), c.num_layers, c.num_moe_layers(), c.num_experts, c.top_k,
          c.hidden_size, m->max_expert_bytes_);

@@ -28,6 +28,13 @@ StatusOr<std::map<std::string, std::string>> ParseCheckpointIndex(const std::str
   return weight_map;
 }
 
+std::vector<std::string> Checkpoint::names() const {
+  std::vector<std::string> out;
+  out.reserve(index_.size());
+  for (const auto& [name, view] : index_) out.push_back(name);
+  return out;
+}
+
 StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& dir) {
   std::error_code ec;
   if (!fs::is_directory(dir, ec))

@@ -38,6 +38,8 @@ class Checkpoint {
   const TensorView* Find(const std::string& name) const;
   bool Has(const std::string& name) const { return Find(name) != nullptr; }
   size_t num_tensors() const { return index_.size(); }
+  // Every tensor's name, in order.
+  std::vector<std::string> names() const;
   const std::vector<std::unique_ptr<SafetensorsFile>>& files() const { return files_; }
 
  private:

@@ -413,6 +413,7 @@ StatusOr<ModelConfig> ModelConfig::FromJson(const std::string& text, const std::
   EF_RETURN_IF_ERROR(ParseQuantization(j, origin, &c));
   EF_RETURN_IF_ERROR(r.OptInt("bos_token_id", &c.bos_token_id, -1));
   EF_RETURN_IF_ERROR(r.OptInt("pad_token_id", &c.pad_token_id, -1));
+  EF_RETURN_IF_ERROR(r.OptInt("num_nextn_predict_layers", &c.num_nextn_predict_layers, 0));
   if (j.contains("eos_token_id") && !j["eos_token_id"].is_null()) {
     const json& e = j["eos_token_id"];
     if (e.is_number_integer()) {

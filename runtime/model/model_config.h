@@ -123,6 +123,9 @@ struct ModelConfig {
   int eos_token_id = -1;  // first one when config lists several
   std::vector<int> eos_token_ids;
   int pad_token_id = -1;
+  // Decoder layers after num_hidden_layers that a checkpoint may hold for multi-token prediction
+  // (DeepSeek-V3's num_nextn_predict_layers); not run.
+  int num_nextn_predict_layers = 0;
 
   // Parses config.json text; `origin` names the file in errors.
   static StatusOr<ModelConfig> FromJson(const std::string& text, const std::string& origin);

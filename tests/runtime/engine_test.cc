@@ -344,6 +344,33 @@ TEST(EngineTest, ContextPastTheTrainedPositionsIsAnError) {
       << past.status().ToString();
 }
 
+// A config.json that says fewer layers than the checkpoint holds loads (the first layers are a
+// model), with a warning naming the layers that will never run.
+TEST(EngineTest, LayersPastTheConfigAreNamedInAWarning) {
+  const std::filesystem::path dir = std::filesystem::path(::testing::TempDir()) / "tiny_4_layers";
+  std::filesystem::create_directories(dir);
+  std::filesystem::copy_file(std::filesystem::path(kTiny) / "model.safetensors", dir / "model.safetensors",
+                             std::filesystem::copy_options::overwrite_existing);
+  std::ifstream in(std::filesystem::path(kTiny) / "config.json");
+  nlohmann::json cfg = nlohmann::json::parse(in);
+  const int layers = cfg["num_hidden_layers"].get<int>();
+  cfg["num_hidden_layers"] = layers / 2;
+  std::ofstream(dir / "config.json") << cfg.dump();
+  EngineOptions o;
+  o.backend = "cpu";
+  ::testing::internal::CaptureStderr();
+  auto e = Engine::Create(dir.string(), o);
+  const std::string err = ::testing::internal::GetCapturedStderr();
+  ASSERT_TRUE(e.ok()) << e.status().ToString();
+  EXPECT_NE(err.find("holds decoder layers " + std::to_string(layers / 2) + ".." + std::to_string(layers - 1) +
+                     " past config.json's num_hidden_layers"),
+            std::string::npos)
+      << err;
+  ::testing::internal::CaptureStderr();
+  EXPECT_TRUE(Engine::Create(kTiny, o).ok());
+  EXPECT_EQ(::testing::internal::GetCapturedStderr().find("past config.json"), std::string::npos);
+}
+
 TEST(EngineTest, BadCallsAreErrors) {
   auto e = Make(/*max_seq_len=*/16);
   ASSERT_TRUE(e->AddSequence(1).ok());
