@@ -2,6 +2,7 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
+#include <filesystem>
 #include <string>
 
 #include "launch/cli_checks.h"
@@ -11,8 +12,22 @@ namespace ef::launch {
 
 inline constexpr const char* kDefaultModelDir = "models/tiny-code-moe";
 
+// --model's default: models/tiny-code-moe in the working directory, or else beside the build
+// folder the binary runs from (<checkout>/build/expertflow -> <checkout>/models/tiny-code-moe), so
+// the shipped model is found from any directory.
+inline std::string DefaultModelDir() {
+  std::error_code ec;
+  if (std::filesystem::is_directory(kDefaultModelDir, ec)) return kDefaultModelDir;
+  const std::filesystem::path exe = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    const std::filesystem::path beside = exe.parent_path().parent_path() / kDefaultModelDir;
+    if (std::filesystem::is_directory(beside, ec)) return beside.string();
+  }
+  return kDefaultModelDir;
+}
+
 struct ModelFlags {
-  std::string dir = kDefaultModelDir;
+  std::string dir = DefaultModelDir();
   std::string backend = "auto";
   int device = 0;
   int max_seq_len = 0;

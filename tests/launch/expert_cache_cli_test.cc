@@ -175,6 +175,9 @@ TEST_F(ExpertCacheCliTest, BadFlagsAreReported) {
   EXPECT_EQ(Run("generate --backend cpu -n 2 --model " + kModelDir + "/config.json"), 1);
   EXPECT_NE(Read("stderr").find("config.json is a file: give the checkpoint's directory"), std::string::npos)
       << Read("stderr");
+  // Without --model the shipped model is found from any working directory (beside the build folder).
+  EXPECT_EQ(Run("generate --backend cpu -n 2 -p 'def f'", "env -C / "), 0) << Read("stderr");
+  EXPECT_EQ(Read("stdout").rfind("def f", 0), 0u) << Read("stdout");
   // A placement file that is not there is refused in one process too.
   EXPECT_EQ(Run(base + " --placement no_such_placement.json"), 1);
   EXPECT_NE(Read("stderr").find("cluster.placement (--placement) 'no_such_placement.json': neither"), std::string::npos)
