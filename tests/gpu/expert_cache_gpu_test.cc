@@ -466,6 +466,18 @@ Output CpuCacheRun(const std::string& name, ExpertCacheOptions* o, PromptRouting
   return out;
 }
 
+// LRU on demand with int8 loads in the last half of the MoE layers (the int8 quality bar's
+// configuration); the CPU cache run sets the slots.
+ExpertCacheOptions Int8InTheLastHalf() {
+  ExpertCacheOptions o;
+  o.policy = "lru";
+  o.predictor = "none";
+  o.prefetch_layers = 0;
+  o.miss_precision = "int8";
+  o.low_precision_layers = "last 50%";
+  return o;
+}
+
 // int8 in the last half of the MoE layers and the first half's loads packed losslessly
 // (cache.high_precision lossless): the CUDA cache computes what the CPU cache computes (under its
 // routing, within the bound of the int8 test below), each layer's loads at its own size, the packed
@@ -474,12 +486,7 @@ Output CpuCacheRun(const std::string& name, ExpertCacheOptions* o, PromptRouting
 TEST_P(ExpertCacheGpuTest, LosslessHighLayersMatchTheCpuCache) {
   const auto [cpu_native, native] = CpuReference(GetParam());
   const double bound = std::max(1e-2, 3 * native);
-  ExpertCacheOptions o;
-  o.policy = "lru";
-  o.predictor = "none";
-  o.prefetch_layers = 0;
-  o.miss_precision = "int8";
-  o.low_precision_layers = "last 50%";
+  ExpertCacheOptions o = Int8InTheLastHalf();
   o.high_precision = "lossless";
   PromptRouting routing;
   const Output want = CpuCacheRun(GetParam(), &o, &routing);
@@ -530,12 +537,7 @@ TEST_P(ExpertCacheGpuTest, LosslessHighLayersMatchTheCpuCache) {
 TEST_P(ExpertCacheGpuTest, LowPrecisionLayersMatchTheCpuCache) {
   const auto [cpu_native, native] = CpuReference(GetParam());
   const double bound = std::max(1e-2, 3 * native);
-  ExpertCacheOptions o;
-  o.policy = "lru";
-  o.predictor = "none";
-  o.prefetch_layers = 0;
-  o.miss_precision = "int8";
-  o.low_precision_layers = "last 50%";
+  ExpertCacheOptions o = Int8InTheLastHalf();
   PromptRouting routing;
   const Output want = CpuCacheRun(GetParam(), &o, &routing);
   ASSERT_FALSE(want.logits.empty());
