@@ -1,7 +1,7 @@
 // Backend::AttentionBatch on CUDA (one launch for all sequences) against the CPU reference, which
 // loops over the per-sequence op: ragged mixes of prefill chunks and decode rows (general kernel),
 // decode batches (the flash-decoding kernel: long single-sequence contexts split over many
-// blocks, empty splits, GQA groups 1/4/8/16, head_dim 64/128/256), head_dim 18 (decode falls back
+// blocks, empty splits, GQA groups 1/4/8/16, head_dim 36/64/128/256), head_dim 18 (decode falls back
 // to the general kernel), few sequences (key splits) and many (one block per sequence and head).
 #include <gtest/gtest.h>
 
@@ -137,7 +137,9 @@ INSTANTIATE_TEST_SUITE_P(
                       BatchCase{"decode2_short_and_long_gqa16", {1, 1}, {1, 700}, 32, 2, 128},
                       BatchCase{"decode1_hd256_gqa8", {1}, {1000}, 16, 2, 256},
                       BatchCase{"decode4_mha_hd64", {1, 1, 1, 1}, {33, 1, 64, 129}, 8, 8, 64},
-                      BatchCase{"decode1_hd18_general_kernel", {1}, {300}, 4, 2, 18}),
+                      BatchCase{"decode1_hd18_general_kernel", {1}, {300}, 4, 2, 18},
+                      // rows of a bf16 cache that do not cut at 8 values: 8-byte copies
+                      BatchCase{"decode3_hd36_narrow_rows", {1, 1, 1}, {70, 1, 333}, 8, 2, 36}),
     [](const auto& info) { return info.param.name; });
 
 }  // namespace

@@ -944,6 +944,8 @@ int Main(int argc, char** argv) {
                           {"hbm_tbps", a.hbm_tbps},
                           {"host_routing", a.host_routing},
                           {"separate_qkv", a.separate_qkv},
+                          {"pdl", a.pdl},
+                          {"kv_bf16", a.kv_bf16},
                           {"shape",
                            {{"name", a.shape},
                             {"hidden", a.hidden},

@@ -8,10 +8,11 @@
 //
 // Decode (every sequence has one new row; flash-decoding): one block per (key split, KV head,
 // sequence) holds the group's query heads, streams its split of the context in tiles of up to 32
-// keys with 16-byte loads (K and V of a tile in flight together), scores every (head, key) pair,
-// keeps running softmax stats per head and accumulates P.V; it serves the whole group from one
-// read of K/V. Grid (num_splits, num_kv_heads, num_seqs), kDecodeThreads threads, dynamic shared
-// memory <= 48 KiB (the plan picks the tile to fit).
+// keys (cp.async into two shared buffers: the next tile's copies in flight while the current one is
+// computed), scores every (head, key) pair, keeps running softmax stats per head and accumulates
+// P.V; it serves the whole group from one read of K/V. Grid (num_splits, num_kv_heads, num_seqs),
+// kDecodeThreads threads, dynamic shared memory <= 48 KiB (the plan picks the tile to fit: 16 keys
+// of an fp32 cache with head_dim 128, 32 of a bf16 one).
 //
 // Splits: while the real blocks do not fill the SMs, the context is cut into num_splits equal
 // chunks (a split gets ceil(n_total / num_splits) keys, possibly none); each split writes
@@ -40,35 +41,56 @@ constexpr int kMaxGridZ = 65535;
 constexpr int kMaxSplits = 64;
 
 constexpr int kDecodeThreads = 128;
-constexpr int kDecodeMaxTile = 32;                 // one lane per key in the softmax step
+constexpr int kDecodeMaxTile = 32;  // one lane per key in the softmax step
+constexpr int kDecodeMinTile = 4;
 constexpr size_t kDecodeMaxSmemBytes = 48 * 1024;  // the default dynamic limit: no opt-in needed
-// Decode splits aim for this many blocks per SM: each block has one tile of loads in flight at a
-// time, so several per SM are needed to cover HBM latency.
+// Decode splits aim for this many blocks per SM: several blocks per SM keep loads in flight while
+// others compute.
 constexpr int kDecodeBlocksPerSm = 4;
 // Registers are capped so that many blocks fit an SM (left to itself the compiler took 252 per
-// thread, two blocks per SM: 12% occupancy and ~1 TB/s of K/V at batch 64).
-constexpr int kDecodeMinBlocksPerSm = 4;
+// thread, two blocks per SM: 12% occupancy and ~1 TB/s of K/V at batch 64). 5: 96 registers, as
+// many blocks as the shared memory of two 16-key fp32 tiles allows.
+constexpr int kDecodeMinBlocksPerSm = 5;
 static_assert(kDecodeMaxTile <= 32 && kDecodeThreads % 32 == 0, "decode softmax maps one lane to one key");
 
-// Shared floats of the decode kernel: q and acc [group][head_dim], K tile [tile][head_dim + 4]
-// (padded: the row-per-thread score reads are conflict-free), V tile [tile][head_dim], scores
-// [group][tile], and m, l, rescale per head.
-size_t DecodeSmemFloats(int group, int head_dim, int tile) {
-  return static_cast<size_t>(2 * group * head_dim + tile * (head_dim + 4) + tile * head_dim + group * tile + 3 * group);
+// The decode kernel's shared memory: q and acc [group][head_dim] (fp32), two K tiles
+// [tile][head_dim + pad] and two V tiles [tile][head_dim] in the cache's element type (pad: 16
+// bytes, so the row-per-thread score reads are conflict-free), scores [group][tile], and m, l,
+// rescale per head.
+int DecodeKStride(int head_dim, int elem_bytes) { return head_dim + 16 / elem_bytes; }
+size_t DecodeSmemBytes(int group, int head_dim, int tile, int elem_bytes) {
+  return sizeof(float) * static_cast<size_t>(2 * group * head_dim + group * tile + 3 * group) +
+         static_cast<size_t>(elem_bytes) * 2 * tile * (DecodeKStride(head_dim, elem_bytes) + head_dim);
 }
 
-// The decode kernel's own merge stages (m, l) of every split of the group's heads in the K tile.
-bool DecodeMergeFits(int group, int head_dim, int tile, int num_splits) {
-  return 2 * static_cast<int64_t>(group) * num_splits <= static_cast<int64_t>(tile) * (head_dim + 4);
+// The decode kernel's own merge stages (m, l) of every split of the group's heads in the K tiles.
+bool DecodeMergeFits(int group, int head_dim, int tile, int num_splits, int elem_bytes) {
+  return sizeof(float) * 2 * static_cast<int64_t>(group) * num_splits <=
+         static_cast<int64_t>(elem_bytes) * 2 * tile * DecodeKStride(head_dim, elem_bytes);
 }
 
+// Four values of a K/V tile row as fp32 (T: float for an fp32 cache, uint16_t bf16 bits), p
+// 4-value aligned.
+template <typename T>
+__device__ __forceinline__ float4 KvValue4(const T* p) {
+  if constexpr (sizeof(T) == 4)
+    return *reinterpret_cast<const float4*>(p);
+  else
+    return Bf16x4ToFloat4(*reinterpret_cast<const uint2*>(p));
+}
+
+// The decode kernel (see the top of the file). T is the cache's element type. Tiles are copied
+// global -> shared with cp.async, double-buffered: the next tile's copies are in flight while the
+// block scores and accumulates the current one, so HBM stays busy through the compute phases (the
+// previous version loaded a tile through registers, then computed it, and read ~1.5 TB/s of K/V at
+// batch 64). Per tile: scores, running softmax, P.V as before, so the sums are those of any
+// one-tile-at-a-time pass with the same tile size.
+template <typename T>
 __global__ void __launch_bounds__(kDecodeThreads, kDecodeMinBlocksPerSm)
     AttentionDecodeKernel(const float* __restrict__ q, const __grid_constant__ SeqTable seqs, int num_heads,
                           int num_kv_heads, int head_dim, int tile, float scale, float* __restrict__ out,
-                          float* __restrict__ ws, int64_t ws_rows, int num_splits, unsigned* __restrict__ counters,
-                          bool kv_bf16) {
+                          float* __restrict__ ws, int64_t ws_rows, int num_splits, unsigned* __restrict__ counters) {
   PdlEnter();
-  constexpr int kUnroll = 4;  // 16-byte loads of K and of V in flight per thread
   extern __shared__ float4 smem4[];
   const AttentionSeqDesc sd = seqs[blockIdx.z];
   if (sd.n_new != 1) return;  // block-uniform: a sequence with no new row has nothing to write
@@ -76,11 +98,12 @@ __global__ void __launch_bounds__(kDecodeThreads, kDecodeMinBlocksPerSm)
   const int group = num_heads / num_kv_heads, d4 = head_dim / 4;
   const int chunk = (sd.n_total + num_splits - 1) / num_splits;
   const int key_begin = split * chunk, key_end = min(sd.n_total, key_begin + chunk);
+  const int kstride = head_dim + 16 / static_cast<int>(sizeof(T));
   float* qs = reinterpret_cast<float*>(smem4);
   float* acc = qs + group * head_dim;
-  float* ks = acc + group * head_dim;
-  float* vs = ks + tile * (head_dim + 4);
-  float* ps = vs + tile * head_dim;
+  T* kb = reinterpret_cast<T*>(acc + group * head_dim);  // [2][tile][kstride]
+  T* vb = kb + 2 * tile * kstride;                       // [2][tile][head_dim]
+  float* ps = reinterpret_cast<float*>(vb + 2 * tile * head_dim);
   float* ms = ps + group * tile;
   float* ls = ms + group;
   float* cs = ls + group;
@@ -97,80 +120,58 @@ __global__ void __launch_bounds__(kDecodeThreads, kDecodeMinBlocksPerSm)
     ls[threadIdx.x] = 0.f;
   }
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, num_warps = blockDim.x >> 5;
-  // fp32 K/V, or bf16 (kv_bf16: 8-byte loads of 4 values, widened as they land).
-  const float* kbase = static_cast<const float*>(sd.k) + kvh * head_dim;
-  const float* vbase = static_cast<const float*>(sd.v) + kvh * head_dim;
-  const uint16_t* kbase16 = static_cast<const uint16_t*>(sd.k) + kvh * head_dim;
-  const uint16_t* vbase16 = static_cast<const uint16_t*>(sd.v) + kvh * head_dim;
-
-  // A bf16 cache whose rows cut at 8 values: 16-byte loads of 8 values (as many bytes in flight
-  // per load as the fp32 path, so half the loads per tile).
-  const bool wide16 = kv_bf16 && head_dim % 8 == 0;
-  const int d8 = head_dim / 8;
-
-  for (int t0 = key_begin; t0 < key_end; t0 += tile) {
-    const int nk = min(tile, key_end - t0), n4 = nk * d4;
-    __syncthreads();  // the previous tile is consumed (first pass: q, acc and stats are set)
-    for (int base = threadIdx.x; wide16 && base < nk * d8; base += kUnroll * blockDim.x) {
-      uint4 kr[kUnroll], vr[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int t = base + u * blockDim.x;
-        if (t < nk * d8) {
-          const int64_t off = KvRow(sd, t0 + t / d8) * kv_stride;
-          kr[u] = __ldg(reinterpret_cast<const uint4*>(kbase16 + off) + t % d8);
-          vr[u] = __ldg(reinterpret_cast<const uint4*>(vbase16 + off) + t % d8);
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int t = base + u * blockDim.x;
-        if (t < nk * d8) {
-          const int j = t / d8, c = t % d8;
-          float4* kd = reinterpret_cast<float4*>(ks + j * (head_dim + 4)) + 2 * c;
-          float4* vd = reinterpret_cast<float4*>(vs + j * head_dim) + 2 * c;
-          kd[0] = Bf16x4ToFloat4(make_uint2(kr[u].x, kr[u].y));
-          kd[1] = Bf16x4ToFloat4(make_uint2(kr[u].z, kr[u].w));
-          vd[0] = Bf16x4ToFloat4(make_uint2(vr[u].x, vr[u].y));
-          vd[1] = Bf16x4ToFloat4(make_uint2(vr[u].z, vr[u].w));
-        }
-      }
+  const T* kbase = static_cast<const T*>(sd.k) + kvh * head_dim;
+  const T* vbase = static_cast<const T*>(sd.v) + kvh * head_dim;
+  // Copies of 16 bytes, or 8 for a bf16 row that does not cut at 8 values. Where the block's
+  // threads cover whole rows (dc divides the block), a thread keeps one chunk column and steps over
+  // rows, so the copy loop has no division.
+  const bool wide = sizeof(T) == 4 || head_dim % 8 == 0;
+  const int cv = wide ? 16 / static_cast<int>(sizeof(T)) : 4, dc = head_dim / cv;
+  const bool rows_per_pass = blockDim.x % dc == 0;
+  const int my_c = (threadIdx.x % dc) * cv, my_j = threadIdx.x / dc, row_step = blockDim.x / dc;
+  const auto copy = [&](T* kd, T* vd, int j, int c, int64_t key) {
+    const int64_t off = KvRow(sd, key) * kv_stride + c;
+    if (wide) {
+      CpAsync16(kd + j * kstride + c, kbase + off);
+      CpAsync16(vd + j * head_dim + c, vbase + off);
+    } else {
+      CpAsync8(kd + j * kstride + c, kbase + off);
+      CpAsync8(vd + j * head_dim + c, vbase + off);
     }
-    for (int base = threadIdx.x; !wide16 && base < n4; base += kUnroll * blockDim.x) {
-      float4 kr[kUnroll], vr[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int t = base + u * blockDim.x;
-        if (t < n4) {
-          const int64_t off = KvRow(sd, t0 + t / d4) * kv_stride;
-          if (kv_bf16) {
-            kr[u] = Bf16x4ToFloat4(__ldg(reinterpret_cast<const uint2*>(kbase16 + off) + t % d4));
-            vr[u] = Bf16x4ToFloat4(__ldg(reinterpret_cast<const uint2*>(vbase16 + off) + t % d4));
-          } else {
-            kr[u] = __ldg(reinterpret_cast<const float4*>(kbase + off) + t % d4);
-            vr[u] = __ldg(reinterpret_cast<const float4*>(vbase + off) + t % d4);
-          }
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int t = base + u * blockDim.x;
-        if (t < n4) {
-          const int j = t / d4, c = t % d4;
-          reinterpret_cast<float4*>(ks + j * (head_dim + 4))[c] = kr[u];
-          reinterpret_cast<float4*>(vs + j * head_dim)[c] = vr[u];
-        }
-      }
+  };
+  // Starts the copies of keys [t0, t0 + tile) into buffer b, as one cp.async group.
+  const auto issue = [&](int t0, int b) {
+    const int nk = min(tile, key_end - t0);
+    T* kd = kb + b * tile * kstride;
+    T* vd = vb + b * tile * head_dim;
+    if (rows_per_pass) {
+      for (int j = my_j; j < nk; j += row_step) copy(kd, vd, j, my_c, t0 + j);
+    } else {
+      for (int t = threadIdx.x; t < nk * dc; t += blockDim.x) copy(kd, vd, t / dc, (t % dc) * cv, t0 + t / dc);
     }
+    CpAsyncCommit();
+  };
+
+  int buf = 0;
+  if (key_begin < key_end) issue(key_begin, 0);
+  for (int t0 = key_begin; t0 < key_end; t0 += tile, buf ^= 1) {
+    const int nk = min(tile, key_end - t0);
+    // Only this tile's copies are in flight (the next one is issued below).
+    CpAsyncWait<0>();
+    // The tile is visible to every thread, and every thread is done with the other buffer (the
+    // previous tile) and with the scores (first pass: q, acc and stats are set).
     __syncthreads();
+    if (t0 + tile < key_end) issue(t0 + tile, buf ^ 1);
+    const T* ks = kb + buf * tile * kstride;
+    const T* vs = vb + buf * tile * head_dim;
     // Scores: one (head, key) pair per thread.
     for (int o = threadIdx.x; o < group * nk; o += blockDim.x) {
       const int g = o / nk, j = o % nk;
       const float4* qa = reinterpret_cast<const float4*>(qs + g * head_dim);
-      const float4* ka = reinterpret_cast<const float4*>(ks + j * (head_dim + 4));
+      const T* ka = ks + j * kstride;
       float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;  // four chains: the loop is latency-bound
       for (int c = 0; c < d4; ++c) {
-        const float4 a = qa[c], b = ka[c];
+        const float4 a = qa[c], b = KvValue4(ka + 4 * c);
         d0 += a.x * b.x;
         d1 += a.y * b.y;
         d2 += a.z * b.z;
@@ -195,35 +196,31 @@ __global__ void __launch_bounds__(kDecodeThreads, kDecodeMinBlocksPerSm)
       }
     }
     __syncthreads();
-    // acc = acc * rescale + P.V: each thread owns the same (head, dim) pairs on every pass, kOut
-    // of them at a time as independent chains.
-    constexpr int kOut = 4;
-    const int num_out = group * head_dim;
-    for (int o0 = threadIdx.x; o0 < num_out; o0 += kOut * blockDim.x) {
-      float a[kOut];
-      const float* pg[kOut];
-      const float* vcol[kOut];
-#pragma unroll
-      for (int u = 0; u < kOut; ++u) {
-        const int o = o0 + u * blockDim.x;
-        const int oo = o < num_out ? o : o0;  // out-of-range chains compute a copy and are dropped
-        const int g = oo / head_dim;
-        a[u] = acc[oo] * cs[g];
-        pg[u] = ps + g * tile;
-        vcol[u] = vs + oo % head_dim;
-      }
+    // acc = acc * rescale + P.V: a thread owns 4 dimensions of one head (the same on every pass)
+    // and reads V 16 bytes at a time; a warp's lanes share the head, so its score is one broadcast.
+    for (int o4 = threadIdx.x; o4 < group * d4; o4 += blockDim.x) {
+      const int g = o4 / d4, c = o4 % d4;
+      const float corr = cs[g];
+      float4 a = reinterpret_cast<float4*>(acc)[o4];
+      a.x *= corr;
+      a.y *= corr;
+      a.z *= corr;
+      a.w *= corr;
+      const float* pg = ps + g * tile;
+      const T* vc = vs + 4 * c;
+#pragma unroll 4
       for (int j = 0; j < nk; ++j) {
-#pragma unroll
-        for (int u = 0; u < kOut; ++u) a[u] += pg[u][j] * vcol[u][j * head_dim];
+        const float p = pg[j];
+        const float4 v = KvValue4(vc + j * head_dim);
+        a.x += p * v.x;
+        a.y += p * v.y;
+        a.z += p * v.z;
+        a.w += p * v.w;
       }
-#pragma unroll
-      for (int u = 0; u < kOut; ++u) {
-        const int o = o0 + u * blockDim.x;
-        if (o < num_out) acc[o] = a[u];
-      }
+      reinterpret_cast<float4*>(acc)[o4] = a;
     }
   }
-  __syncthreads();  // final stats visible to every thread
+  __syncthreads();  // final stats visible to every thread; no copy is in flight
 
   if (num_splits == 1) {
     for (int o = threadIdx.x; o < group * head_dim; o += blockDim.x) {
@@ -259,10 +256,10 @@ __global__ void __launch_bounds__(kDecodeThreads, kDecodeMinBlocksPerSm)
   __threadfence();
   // The merge reads other blocks' partials from L2 (__ldcg) and keeps its loads independent: a
   // chain of dependent L2 reads per split would cost more than the attention itself. First the
-  // splits' (m, l) per head into the free K tile (the plan checks the room), then each head's
+  // splits' (m, l) per head into the free K tiles (the plan checks the room), then each head's
   // split weights exp(m_s - max) / sum_s l_s exp(m_s - max), then the weighted sum of partials.
-  float* mw = ks;                       // [group][num_splits]: m, then the split's weight
-  float* lw = ks + group * num_splits;  // [group][num_splits]: l
+  float* mw = reinterpret_cast<float*>(kb);  // [group][num_splits]: m, then the split's weight
+  float* lw = mw + group * num_splits;       // [group][num_splits]: l
   for (int i = threadIdx.x; i < group * num_splits; i += blockDim.x) {
     const int g = i / num_splits, s = i % num_splits, h = kvh * group + g;
     const float* w = ws + s * split_stride + (sd.q_row * num_heads + h) * (head_dim + 2);
@@ -463,8 +460,9 @@ constexpr int RowsFor(int head_dim) { return head_dim <= 128 ? 16 : 8; }
 }  // namespace
 
 AttentionBatchPlan plan_attention_batch(const AttentionSeqDesc* seqs_host, int num_seqs, int num_heads,
-                                        int num_kv_heads, int head_dim, int num_sms) {
+                                        int num_kv_heads, int head_dim, int num_sms, bool kv_bf16) {
   AttentionBatchPlan plan;
+  const int elem_bytes = kv_bf16 ? 2 : 4;
   if (num_seqs <= 0 || num_kv_heads <= 0) return plan;
   const int group = num_heads / num_kv_heads, rows = RowsFor(head_dim);
   int64_t blocks = 0, active = 0;
@@ -482,8 +480,8 @@ AttentionBatchPlan plan_attention_batch(const AttentionSeqDesc* seqs_host, int n
   }
   if (plan.max_n_new == 1 && head_dim % 4 == 0 && aligned && num_heads % num_kv_heads == 0) {
     int tile = kDecodeMaxTile;
-    while (tile > 8 && DecodeSmemFloats(group, head_dim, tile) * sizeof(float) > kDecodeMaxSmemBytes) tile /= 2;
-    if (DecodeSmemFloats(group, head_dim, tile) * sizeof(float) <= kDecodeMaxSmemBytes) {
+    while (tile > kDecodeMinTile && DecodeSmemBytes(group, head_dim, tile, elem_bytes) > kDecodeMaxSmemBytes) tile /= 2;
+    if (DecodeSmemBytes(group, head_dim, tile, elem_bytes) <= kDecodeMaxSmemBytes) {
       plan.decode = true;
       plan.decode_tile = tile;
     }
@@ -505,7 +503,7 @@ AttentionBatchPlan plan_attention_batch(const AttentionSeqDesc* seqs_host, int n
   }
   if (plan.num_splits > 1) {
     plan.workspace_floats = static_cast<size_t>(plan.num_splits) * plan.num_rows * num_heads * (head_dim + 2);
-    if (plan.decode && DecodeMergeFits(group, head_dim, plan.decode_tile, plan.num_splits))
+    if (plan.decode && DecodeMergeFits(group, head_dim, plan.decode_tile, plan.num_splits, elem_bytes))
       plan.num_counters = static_cast<int64_t>(num_seqs) * num_kv_heads;
   }
   return plan;
@@ -522,24 +520,28 @@ cudaError_t LaunchAttention(const float* q, const SeqTable& table, int num_seqs,
       num_heads * static_cast<int64_t>(plan.max_n_new) > 0x7fffffff)
     return cudaErrorInvalidValue;
   if (plan.num_splits > 1 && workspace == nullptr) return cudaErrorInvalidValue;
+  const int group = num_heads / num_kv_heads, elem_bytes = kv_bf16 ? 2 : 4;
+  const size_t decode_smem = DecodeSmemBytes(group, head_dim, plan.decode_tile, elem_bytes);
+  // A plan made for the other cache dtype may not fit the decode kernel: the general one serves.
   const bool decode = plan.decode && plan.max_n_new == 1 && plan.decode_tile >= 1 &&
-                      plan.decode_tile <= kDecodeMaxTile && reinterpret_cast<uintptr_t>(q) % 16 == 0 &&
-                      reinterpret_cast<uintptr_t>(out) % 16 == 0;
+                      plan.decode_tile <= kDecodeMaxTile && head_dim % 4 == 0 && decode_smem <= kDecodeMaxSmemBytes &&
+                      reinterpret_cast<uintptr_t>(q) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
   // The decode kernel merges its own splits when it has the counters and the room.
   const bool merged =
-      decode && (plan.num_splits == 1 || (counters != nullptr && DecodeMergeFits(num_heads / num_kv_heads, head_dim,
-                                                                                 plan.decode_tile, plan.num_splits)));
+      decode && (plan.num_splits == 1 || (counters != nullptr && DecodeMergeFits(group, head_dim, plan.decode_tile,
+                                                                                 plan.num_splits, elem_bytes)));
   if (decode) {
-    const int group = num_heads / num_kv_heads;
-    const size_t smem = DecodeSmemFloats(group, head_dim, plan.decode_tile) * sizeof(float);
-    if (smem > kDecodeMaxSmemBytes || head_dim % 4 != 0) return cudaErrorInvalidValue;
     dim3 grid(plan.num_splits, num_kv_heads, num_seqs);
-    if (cudaError_t e = LaunchPdl(AttentionDecodeKernel, grid, dim3(kDecodeThreads), smem, stream, q, table, num_heads,
-                                  num_kv_heads, head_dim, plan.decode_tile, 1.0f / sqrtf(static_cast<float>(head_dim)),
-                                  out, workspace, static_cast<int64_t>(plan.num_rows), plan.num_splits,
-                                  merged ? counters : static_cast<unsigned*>(nullptr), kv_bf16);
-        e != cudaSuccess)
-      return e;
+    unsigned* const merge_counters = merged ? counters : nullptr;
+    const float scale = 1.0f / sqrtf(static_cast<float>(head_dim));
+    const int64_t ws_rows = plan.num_rows;
+    const cudaError_t e = kv_bf16 ? LaunchPdl(AttentionDecodeKernel<uint16_t>, grid, dim3(kDecodeThreads), decode_smem,
+                                              stream, q, table, num_heads, num_kv_heads, head_dim, plan.decode_tile,
+                                              scale, out, workspace, ws_rows, plan.num_splits, merge_counters)
+                                  : LaunchPdl(AttentionDecodeKernel<float>, grid, dim3(kDecodeThreads), decode_smem,
+                                              stream, q, table, num_heads, num_kv_heads, head_dim, plan.decode_tile,
+                                              scale, out, workspace, ws_rows, plan.num_splits, merge_counters);
+    if (e != cudaSuccess) return e;
   } else if (head_dim <= 32) {
     Launch<32, 32, 16>(q, table, num_seqs, plan, num_heads, num_kv_heads, head_dim, out, workspace, stream, kv_bf16);
   } else if (head_dim <= 64) {

@@ -792,7 +792,8 @@ StatusOr<uint64_t> CudaBackend::UploadStepSeqs(const AttentionSeq* seqs_host, in
   step_heads_ = num_heads;
   step_kv_heads_ = num_kv_heads;
   step_head_dim_ = head_dim;
-  step_plan_ = cuda::plan_attention_batch(step_host_.data(), num_seqs, num_heads, num_kv_heads, head_dim, num_sms_);
+  step_plan_ =
+      cuda::plan_attention_batch(step_host_.data(), num_seqs, num_heads, num_kv_heads, head_dim, num_sms_, kv_bf16_);
   const size_t bytes = step_host_.size() * sizeof(cuda::AttentionSeqDesc);
   if (!EnsureScratch(&step_desc_, &step_desc_cap_, bytes)) return error_;
   CopyToDevice(step_desc_, step_host_.data(), bytes);
@@ -949,7 +950,7 @@ void CudaBackend::AttentionFp32(const float* q, const std::vector<cuda::Attentio
                                 int num_kv_heads, int head_dim, float* out, bool kv_bf16) {
   const int n = static_cast<int>(desc.size());
   const cuda::AttentionBatchPlan plan =
-      cuda::plan_attention_batch(desc.data(), n, num_heads, num_kv_heads, head_dim, num_sms_);
+      cuda::plan_attention_batch(desc.data(), n, num_heads, num_kv_heads, head_dim, num_sms_, kv_bf16);
   if (plan.max_n_new <= 0) return;
   const cuda::AttentionSeqDesc* desc_dev = DeviceDescriptors(desc);
   if (n > cuda::kAttentionInlineSeqs && !desc_dev) return;

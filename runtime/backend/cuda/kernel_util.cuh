@@ -98,6 +98,24 @@ __device__ __forceinline__ void PdlEnter() {
 #endif
 }
 
+// Asynchronous global -> shared copies (sm_80 and later): 16 bytes through L2 only, or 8 bytes
+// (both addresses aligned to the size); CpAsyncCommit closes a group of them, CpAsyncWait<N> waits
+// until at most N groups are in flight (the copies are then visible to this thread; a barrier
+// makes them visible to the block).
+__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void CpAsync8(void* smem, const void* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
 // kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream serialization allowed.
 // The kernel must begin with PdlEnter().
 template <typename... Params, typename... Args>
