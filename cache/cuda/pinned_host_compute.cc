@@ -75,7 +75,11 @@ StatusOr<std::unique_ptr<PinnedHostCompute>> PinnedHostCompute::Create(std::shar
   std::sort(sizes.begin(), sizes.end(), std::greater<>());
   sizes.erase(std::unique(sizes.begin(), sizes.end()), sizes.end());
   if (sizes.empty()) return InvalidArgument("cache.cpu_compute: the pinned host tier holds no layer of experts");
-  for (size_t n : sizes) c->rates_.push_back(Rates{.bytes = n});
+  for (size_t n : sizes) {
+    Rates r;
+    r.bytes = n;
+    c->rates_.push_back(std::move(r));
+  }
   c->class_of_.assign(static_cast<size_t>(num_layers), -1);
   for (int l = 0; l < num_layers; ++l)
     if (c->tier_->bytes(l) > 0)
