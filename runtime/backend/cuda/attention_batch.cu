@@ -11,8 +11,8 @@
 // keys (cp.async into two shared buffers: the next tile's copies in flight while the current one is
 // computed), scores every (head, key) pair, keeps running softmax stats per head and accumulates
 // P.V; it serves the whole group from one read of K/V. Grid (num_splits, num_kv_heads, num_seqs),
-// kDecodeThreads threads, dynamic shared memory <= 48 KiB (the plan picks the tile to fit: 16 keys
-// of an fp32 cache with head_dim 128, 32 of a bf16 one).
+// kDecodeThreads threads, dynamic shared memory <= 48 KiB where tiles of 8 keys fit it (the plan
+// picks the tile: 16 keys of an fp32 cache with head_dim 128, 32 of a bf16 one), else up to 96 KiB.
 //
 // Splits: while the real blocks do not fill the SMs, the context is cut into num_splits equal
 // chunks (a split gets ceil(n_total / num_splits) keys, possibly none); each split writes
@@ -42,8 +42,14 @@ constexpr int kMaxSplits = 64;
 
 constexpr int kDecodeThreads = 128;
 constexpr int kDecodeMaxTile = 32;  // one lane per key in the softmax step
+// Tiles shrink to fit the default 48 KiB of shared memory (less the kernel's static 16 bytes), down
+// to 8 keys; a shape whose 8-key tiles do not fit takes up to kDecodeOptInSmemBytes (the launch
+// raises the kernel's limit), then tiles down to 4 keys.
 constexpr int kDecodeMinTile = 4;
-constexpr size_t kDecodeMaxSmemBytes = 48 * 1024;  // the default dynamic limit: no opt-in needed
+constexpr int kDecodeOptInMinTile = 8;
+constexpr size_t kDecodeStaticSmemBytes = 16;
+constexpr size_t kDecodeMaxSmemBytes = 48 * 1024 - kDecodeStaticSmemBytes;
+constexpr size_t kDecodeOptInSmemBytes = 96 * 1024;
 // Decode splits aim for this many blocks per SM: several blocks per SM keep loads in flight while
 // others compute.
 constexpr int kDecodeBlocksPerSm = 4;
@@ -170,12 +176,22 @@ __global__ void __launch_bounds__(kDecodeThreads, kDecodeMinBlocksPerSm)
       const float4* qa = reinterpret_cast<const float4*>(qs + g * head_dim);
       const T* ka = ks + j * kstride;
       float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;  // four chains: the loop is latency-bound
-      for (int c = 0; c < d4; ++c) {
-        const float4 a = qa[c], b = KvValue4(ka + 4 * c);
+      const auto dot4 = [&](const float4& a, const float4& b) {
         d0 += a.x * b.x;
         d1 += a.y * b.y;
         d2 += a.z * b.z;
         d3 += a.w * b.w;
+      };
+      if (sizeof(T) == 2 && wide) {
+        // 16-byte reads of 8 bf16 values (8-byte reads of a row padded by 16 bytes would hit two
+        // lanes per bank); the same products in the same order as the 4-value steps.
+        for (int c = 0; c < d4; c += 2) {
+          const uint4 b = *reinterpret_cast<const uint4*>(ka + 4 * c);
+          dot4(qa[c], Bf16x4ToFloat4(make_uint2(b.x, b.y)));
+          dot4(qa[c + 1], Bf16x4ToFloat4(make_uint2(b.z, b.w)));
+        }
+      } else {
+        for (int c = 0; c < d4; ++c) dot4(qa[c], KvValue4(ka + 4 * c));
       }
       ps[g * tile + j] = ((d0 + d1) + (d2 + d3)) * scale;
     }
@@ -478,10 +494,13 @@ AttentionBatchPlan plan_attention_batch(const AttentionSeqDesc* seqs_host, int n
     blocks += static_cast<int64_t>(d.n_new * group + rows - 1) / rows * num_kv_heads;
     aligned = aligned && reinterpret_cast<uintptr_t>(d.k) % 16 == 0 && reinterpret_cast<uintptr_t>(d.v) % 16 == 0;
   }
-  if (plan.max_n_new == 1 && head_dim % 4 == 0 && aligned && num_heads % num_kv_heads == 0) {
+  if (plan.max_n_new == 1 && head_dim > 0 && head_dim % 4 == 0 && aligned && num_heads % num_kv_heads == 0) {
     int tile = kDecodeMaxTile;
-    while (tile > kDecodeMinTile && DecodeSmemBytes(group, head_dim, tile, elem_bytes) > kDecodeMaxSmemBytes) tile /= 2;
-    if (DecodeSmemBytes(group, head_dim, tile, elem_bytes) <= kDecodeMaxSmemBytes) {
+    while (tile > kDecodeOptInMinTile && DecodeSmemBytes(group, head_dim, tile, elem_bytes) > kDecodeMaxSmemBytes)
+      tile /= 2;
+    while (tile > kDecodeMinTile && DecodeSmemBytes(group, head_dim, tile, elem_bytes) > kDecodeOptInSmemBytes)
+      tile /= 2;
+    if (DecodeSmemBytes(group, head_dim, tile, elem_bytes) <= kDecodeOptInSmemBytes) {
       plan.decode = true;
       plan.decode_tile = tile;
     }
@@ -515,7 +534,7 @@ cudaError_t LaunchAttention(const float* q, const SeqTable& table, int num_seqs,
                             int num_heads, int num_kv_heads, int head_dim, float* out, float* workspace,
                             unsigned* counters, cudaStream_t stream, bool kv_bf16) {
   if (num_seqs <= 0 || plan.max_n_new <= 0) return cudaSuccess;
-  if (head_dim > 256 || num_kv_heads <= 0 || num_heads % num_kv_heads != 0 || plan.num_splits < 1 ||
+  if (head_dim <= 0 || head_dim > 256 || num_kv_heads <= 0 || num_heads % num_kv_heads != 0 || plan.num_splits < 1 ||
       static_cast<int64_t>(num_seqs) * plan.num_splits > kMaxGridZ ||
       num_heads * static_cast<int64_t>(plan.max_n_new) > 0x7fffffff)
     return cudaErrorInvalidValue;
@@ -524,13 +543,22 @@ cudaError_t LaunchAttention(const float* q, const SeqTable& table, int num_seqs,
   const size_t decode_smem = DecodeSmemBytes(group, head_dim, plan.decode_tile, elem_bytes);
   // A plan made for the other cache dtype may not fit the decode kernel: the general one serves.
   const bool decode = plan.decode && plan.max_n_new == 1 && plan.decode_tile >= 1 &&
-                      plan.decode_tile <= kDecodeMaxTile && head_dim % 4 == 0 && decode_smem <= kDecodeMaxSmemBytes &&
+                      plan.decode_tile <= kDecodeMaxTile && head_dim % 4 == 0 && decode_smem <= kDecodeOptInSmemBytes &&
                       reinterpret_cast<uintptr_t>(q) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
   // The decode kernel merges its own splits when it has the counters and the room.
   const bool merged =
       decode && (plan.num_splits == 1 || (counters != nullptr && DecodeMergeFits(group, head_dim, plan.decode_tile,
                                                                                  plan.num_splits, elem_bytes)));
   if (decode) {
+    // Past the default limit the kernel's own limit is raised (idempotent, not a stream operation).
+    if (decode_smem > kDecodeMaxSmemBytes) {
+      const cudaError_t e =
+          kv_bf16 ? cudaFuncSetAttribute(AttentionDecodeKernel<uint16_t>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(kDecodeOptInSmemBytes))
+                  : cudaFuncSetAttribute(AttentionDecodeKernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(kDecodeOptInSmemBytes));
+      if (e != cudaSuccess) return e;
+    }
     dim3 grid(plan.num_splits, num_kv_heads, num_seqs);
     unsigned* const merge_counters = merged ? counters : nullptr;
     const float scale = 1.0f / sqrtf(static_cast<float>(head_dim));
