@@ -1,12 +1,75 @@
 #include "runtime/core/dtype.h"
 
+#include <algorithm>
 #include <cmath>
+#include <thread>
+#include <vector>
 
 #include "runtime/core/block_scaled_format.h"
 #include "runtime/core/packed_bf16_format.h"
 #include "runtime/core/quant_format.h"
 
 namespace ef {
+namespace {
+
+// Values of [begin, end) whose exponent bits are all ones (NaN or infinity); a branchless count the
+// compiler vectorises, then a search for the first only where the count is not 0.
+template <typename U>
+int64_t CountExponentAllOnes(const U* x, int64_t begin, int64_t end, U mask, int64_t* first) {
+  int64_t count = 0;
+  for (int64_t i = begin; i < end; ++i) count += (x[i] & mask) == mask;
+  *first = -1;
+  if (count > 0)
+    for (int64_t i = begin; i < end; ++i)
+      if ((x[i] & mask) == mask) {
+        *first = i;
+        break;
+      }
+  return count;
+}
+
+template <typename U>
+int64_t CountNonFiniteBits(const U* x, int64_t n, U mask, int64_t* first) {
+  constexpr int64_t kMinChunkBytes = int64_t{64} << 20;
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(U));
+  const int threads = bytes <= kMinChunkBytes
+                          ? 1
+                          : static_cast<int>(std::clamp<int64_t>(
+                                std::min<int64_t>(std::thread::hardware_concurrency(), bytes / kMinChunkBytes), 1, 16));
+  if (threads == 1) return CountExponentAllOnes(x, 0, n, mask, first);
+  std::vector<int64_t> counts(static_cast<size_t>(threads)), firsts(static_cast<size_t>(threads));
+  std::vector<std::thread> pool;
+  const int64_t chunk = (n + threads - 1) / threads;
+  for (int t = 0; t < threads; ++t)
+    pool.emplace_back([&, t] {
+      const int64_t b = std::min(n, t * chunk), e = std::min(n, b + chunk);
+      counts[static_cast<size_t>(t)] = CountExponentAllOnes(x, b, e, mask, &firsts[static_cast<size_t>(t)]);
+    });
+  for (std::thread& th : pool) th.join();
+  int64_t count = 0;
+  *first = -1;
+  for (int t = 0; t < threads; ++t) {
+    count += counts[static_cast<size_t>(t)];
+    if (*first < 0) *first = firsts[static_cast<size_t>(t)];
+  }
+  return count;
+}
+
+}  // namespace
+
+int64_t CountNonFinite(DType t, const void* x, int64_t n, int64_t* first) {
+  switch (t) {
+    case DType::kF32:
+      return CountNonFiniteBits(static_cast<const uint32_t*>(x), n, uint32_t{0x7f800000u}, first);
+    case DType::kF16:
+      return CountNonFiniteBits(static_cast<const uint16_t*>(x), n, uint16_t{0x7c00u}, first);
+    case DType::kBF16:
+      return CountNonFiniteBits(static_cast<const uint16_t*>(x), n, uint16_t{0x7f80u}, first);
+    default:
+      *first = -1;
+      return 0;
+  }
+}
 
 const char* DTypeName(DType t) {
   switch (t) {

@@ -87,6 +87,9 @@ const char* DTypeName(DType t);
 bool ParseDType(std::string_view s, DType* out);
 // True for the types weights may have (F32, F16, BF16).
 constexpr bool IsFloatWeight(DType t) { return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16; }
+// How many of the n values at x (F32, F16 or BF16) are NaN or infinite, and in *first the index of
+// the first of them (-1: none). Arrays past 64 MiB are scanned on up to 16 threads.
+int64_t CountNonFinite(DType t, const void* x, int64_t n, int64_t* first);
 
 inline float Bf16ToF32(uint16_t h) {
   uint32_t bits = static_cast<uint32_t>(h) << 16;

@@ -2,6 +2,7 @@
 
 #include <cstring>
 #include <iterator>
+#include <unordered_set>
 
 #include "runtime/core/block_scaled.h"
 #include "runtime/core/logging.h"
@@ -52,6 +53,21 @@ class ModelWeightsLoader {
   Status Run();
 
  private:
+  // Tensor(), and every value a finite number. A NaN or an infinity in a weight fails nowhere
+  // later: the logits turn to NaN and greedy decoding emits token 0 on and on. Bytes that several
+  // tensors alias (repeated layers) are scanned once.
+  StatusOr<const TensorView*> FiniteTensor(const std::string& name, std::vector<int64_t> shape) {
+    EF_ASSIGN_OR_RETURN(const TensorView* t, Tensor(ck_, name, std::move(shape)));
+    if (!scanned_.insert(t->data).second) return t;
+    int64_t first = -1;
+    const int64_t bad = CountNonFinite(t->dtype, t->data, t->numel(), &first);
+    if (bad == 0) return t;
+    const int64_t cols = t->shape.empty() ? 1 : t->shape.back();
+    return InvalidArgument("tensor \"" + name + "\" holds " + std::to_string(bad) + " NaN or infinite value" +
+                           (bad == 1 ? "" : "s") + " (the first at row " + std::to_string(first / cols) + ", column " +
+                           std::to_string(first % cols) + "): the checkpoint's weights must be finite numbers");
+  }
+
   Status Upload(const std::string& name, std::vector<int64_t> shape, Weight* out) {
     EF_ASSIGN_OR_RETURN(Weight hw, HostTensor(name, shape));
     EF_ASSIGN_OR_RETURN(*out, backend_->UploadWeight(hw.dtype, hw.data, hw.rows, hw.cols));
@@ -63,7 +79,7 @@ class ModelWeightsLoader {
   StatusOr<Weight> HostTensor(const std::string& name, const std::vector<int64_t>& shape) {
     EF_ASSIGN_OR_RETURN(const TensorView* t, ck_.Get(name));
     if (t->dtype != DType::kF8E4M3 || c_.quant.method != WeightQuant::kFp8) {
-      EF_ASSIGN_OR_RETURN(t, Tensor(ck_, name, shape));
+      EF_ASSIGN_OR_RETURN(t, FiniteTensor(name, shape));
       return HostWeight(t);
     }
     EF_RETURN_IF_ERROR(CheckShape(t, shape));
@@ -121,7 +137,7 @@ class ModelWeightsLoader {
     return backend_->UploadWeight(DType::kF32, dst, 1, n);
   }
   StatusOr<std::vector<float>> ReadF32(const std::string& name, int64_t n) {
-    EF_ASSIGN_OR_RETURN(const TensorView* t, Tensor(ck_, name, {n}));
+    EF_ASSIGN_OR_RETURN(const TensorView* t, FiniteTensor(name, {n}));
     std::vector<float> v(static_cast<size_t>(n));
     ConvertToF32(t->dtype, t->data, v.data(), v.size());
     return v;
@@ -146,6 +162,7 @@ class ModelWeightsLoader {
   // Routed experts stay packed (kMxfp4, kFp8Block); kFp8Block has 128 x 128 blocks, so other
   // weight_block_size values are dequantized.
   const bool keep_mxfp4_, keep_fp8_;
+  std::unordered_set<const std::byte*> scanned_;  // FiniteTensor: bytes already scanned
   // Block FP8 weights that are not kept packed are dequantized into the dtype the checkpoint keeps
   // its unquantized weights in (that of the token embedding, which no published checkpoint
   // quantizes). In BF16 (the published DeepSeek-V3) each fp32 product fp8 x scale_inv is rounded
@@ -157,7 +174,7 @@ class ModelWeightsLoader {
 };
 
 Status ModelWeightsLoader::Run() {
-  EF_ASSIGN_OR_RETURN(const TensorView* embed, Tensor(ck_, "model.embed_tokens.weight", {c_.vocab_size, H_}));
+  EF_ASSIGN_OR_RETURN(const TensorView* embed, FiniteTensor("model.embed_tokens.weight", {c_.vocab_size, H_}));
   fp8_out_ = embed->dtype;
   EF_RETURN_IF_ERROR(Upload("model.embed_tokens.weight", {c_.vocab_size, H_}, &m_->embed_));
   EF_RETURN_IF_ERROR(Upload("model.norm.weight", {H_}, &m_->final_norm_));
@@ -309,11 +326,11 @@ Status ModelWeightsLoader::LoadFusedExperts(int l) {
       return InvalidArgument("layer " + std::to_string(l) + " holds MXFP4 experts (\"" + p +
                              "gate_up_proj_blocks\") but config.json has no quantization_config with quant_method "
                              "\"mxfp4\"");
-    EF_ASSIGN_OR_RETURN(gu, Tensor(ck_, p + "gate_up_proj", {E, H_, 2 * I}));
-    EF_ASSIGN_OR_RETURN(dp, Tensor(ck_, p + "down_proj", {E, I, H_}));
+    EF_ASSIGN_OR_RETURN(gu, FiniteTensor(p + "gate_up_proj", {E, H_, 2 * I}));
+    EF_ASSIGN_OR_RETURN(dp, FiniteTensor(p + "down_proj", {E, I, H_}));
   }
-  EF_ASSIGN_OR_RETURN(const TensorView* gub, Tensor(ck_, p + "gate_up_proj_bias", {E, 2 * I}));
-  EF_ASSIGN_OR_RETURN(const TensorView* dpb, Tensor(ck_, p + "down_proj_bias", {E, H_}));
+  EF_ASSIGN_OR_RETURN(const TensorView* gub, FiniteTensor(p + "gate_up_proj_bias", {E, 2 * I}));
+  EF_ASSIGN_OR_RETURN(const TensorView* dpb, FiniteTensor(p + "down_proj_bias", {E, H_}));
   const DType dt = mxfp4 ? gub->dtype : gu->dtype;
   for (const TensorView* t : {gu, gub, dp, dpb})
     if (IsFloatWeight(t->dtype) && t->dtype != dt)

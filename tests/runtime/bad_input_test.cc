@@ -3,17 +3,21 @@
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <nlohmann/json.hpp>
+#include <vector>
 
 #include "runtime/engine/engine.h"
 #include "runtime/model/checkpoint.h"
 #include "runtime/model/model_config.h"
 #include "runtime/model/safetensors_file.h"
 #include "runtime/tokenizer/tokenizer.h"
+#include "tests/runtime/quant_checkpoint_writer.h"
 
 namespace ef::runtime {
 namespace {
@@ -168,6 +172,69 @@ TEST_F(BadInputTest, ShardListedInIndexButMissingTensor) {
   auto c = Checkpoint::Open(d);
   ASSERT_FALSE(c.ok());
   EXPECT_NE(c.status().message().find("model.layers.9.imaginary.weight"), std::string::npos);
+}
+
+// A NaN or an infinity in a float weight is named at load: it would fail nowhere later (the logits
+// turn to NaN and greedy decoding emits token 0 on and on). F32 and BF16 checkpoints alike.
+TEST_F(BadInputTest, NonFiniteWeightsAreNamed) {
+  const std::string fixture = std::string(EF_TEST_DATA) + "/mixtral";
+  auto file = SafetensorsFile::Open(fixture + "/model.safetensors");
+  ASSERT_TRUE(file.ok()) << file.status().ToString();
+  const json config = testing::ReadConfig(fixture);
+  const std::string bad_name = "model.layers.1.block_sparse_moe.experts.3.w2.weight";  // [64, 128]
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  for (DType dt : {DType::kF32, DType::kBF16}) {
+    for (float bad : {std::numeric_limits<float>::quiet_NaN(), kInf, -kInf}) {
+      SCOPED_TRACE(std::string(DTypeName(dt)) + " " + std::to_string(bad));
+      testing::TensorMap tensors;
+      for (const auto& [name, v] : (*file)->tensors()) {
+        std::vector<float> values = testing::AsF32(testing::ReadTensor(v));
+        if (name == bad_name) values[2 * 128 + 5] = bad;  // row 2, column 5
+        tensors[name] = testing::FloatTensor(dt, v.shape, values);
+      }
+      const std::string dir = (dir_ / (std::string("bad_") + DTypeName(dt))).string();
+      ASSERT_TRUE(testing::WriteCheckpoint(dir, tensors, config).ok());
+      EngineOptions o;
+      o.backend = "cpu";
+      auto engine = Engine::Create(dir, o);
+      ASSERT_FALSE(engine.ok());
+      EXPECT_NE(engine.status().message().find("\"" + bad_name +
+                                               "\" holds 1 NaN or infinite value (the first at row 2, "
+                                               "column 5)"),
+                std::string::npos)
+          << engine.status().ToString();
+    }
+  }
+  // The same weights, every value finite, load.
+  testing::TensorMap tensors;
+  for (const auto& [name, v] : (*file)->tensors()) tensors[name] = testing::ReadTensor(v);
+  ASSERT_TRUE(testing::WriteCheckpoint((dir_ / "good").string(), tensors, config).ok());
+  EngineOptions o;
+  o.backend = "cpu";
+  EXPECT_TRUE(Engine::Create((dir_ / "good").string(), o).ok());
+}
+
+// CountNonFinite over an array past its threaded size: the count and the first index whatever the
+// thread that finds it.
+TEST(CountNonFiniteTest, LargeArraysCountEveryValueAndReportTheFirst) {
+  std::vector<uint16_t> x(size_t{40} << 20, F32ToBf16(1.5f));  // 80 MiB of BF16
+  int64_t first = 0;
+  EXPECT_EQ(CountNonFinite(DType::kBF16, x.data(), static_cast<int64_t>(x.size()), &first), 0);
+  EXPECT_EQ(first, -1);
+  const int64_t at[] = {static_cast<int64_t>(x.size()) - 1, 30'000'001, 7};
+  for (int64_t i : at) x[static_cast<size_t>(i)] = F32ToBf16(std::numeric_limits<float>::infinity());
+  EXPECT_EQ(CountNonFinite(DType::kBF16, x.data(), static_cast<int64_t>(x.size()), &first), 3);
+  EXPECT_EQ(first, 7);
+  x[7] = F32ToBf16(1.5f);
+  EXPECT_EQ(CountNonFinite(DType::kBF16, x.data(), static_cast<int64_t>(x.size()), &first), 2);
+  EXPECT_EQ(first, 30'000'001);
+  // F16 and F32: the largest finite values are not counted, NaN and infinities are.
+  const uint16_t h[] = {0x7bff, 0x7c00, 0xfe00, 0x0001};
+  EXPECT_EQ(CountNonFinite(DType::kF16, h, 4, &first), 2);
+  EXPECT_EQ(first, 1);
+  const float f[] = {3.4e38f, -3.4e38f, std::nanf(""), 0.f};
+  EXPECT_EQ(CountNonFinite(DType::kF32, f, 4, &first), 1);
+  EXPECT_EQ(first, 2);
 }
 
 TEST_F(BadInputTest, UnknownModelType) {
