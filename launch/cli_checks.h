@@ -6,7 +6,9 @@
 
 #include <CLI/CLI.hpp>
 #include <cerrno>
+#include <charconv>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -28,6 +30,18 @@ inline CLI::Validator NumberAtLeast(bool zero_ok) {
 
 inline const CLI::Validator kPositive = NumberAtLeast(false);
 inline const CLI::Validator kNonNegative = NumberAtLeast(true);
+
+// A seed: an integer from 0 to 2^64 - 1 (CLI11 reads "-5" or 2^64 into a uint64_t by wrapping).
+inline const CLI::Validator kSeed(
+    [](std::string& text) -> std::string {
+      uint64_t v = 0;
+      const char* end = text.data() + text.size();
+      const auto [ptr, ec] = std::from_chars(text.data(), end, v);
+      if (text.empty() || ec != std::errc() || ptr != end)
+        return "expected an integer from 0 to 18446744073709551615, got '" + text + "'";
+      return std::string();
+    },
+    "0..2^64-1");
 
 // An output file: checked when the command line is read, before the work that would write it
 // (a benchmark, a calibration) runs. "-" (standard output, where a command takes it) passes; an

@@ -1047,6 +1047,7 @@ Command AddBenchCommand(CLI::App& root) {
       ->check(kNonNegative)
       ->capture_default_str();
   c.app->add_option("--seed", o->seed, "seed of the synthetic prompts (and of request i's sampling: seed + i)")
+      ->check(kSeed)
       ->capture_default_str();
   c.app
       ->add_option("--temperature", o->sampling.temperature,
@@ -1073,7 +1074,9 @@ Command AddBenchCommand(CLI::App& root) {
   c.app->add_option("--synthetic-scale", o->synthetic_scale, "divide hidden/FFN/vocab sizes by this (CPU runs)")
       ->check(kPositive)
       ->capture_default_str();
-  c.app->add_option("--synthetic-seed", o->synthetic_seed, "seed of the synthetic weights")->capture_default_str();
+  c.app->add_option("--synthetic-seed", o->synthetic_seed, "seed of the synthetic weights")
+      ->check(kSeed)
+      ->capture_default_str();
   c.app->add_option("--synthetic-dir", o->synthetic_dir, "where synthetic checkpoints are cached")
       ->default_str(DefaultSyntheticRoot());
   c.app->add_flag("--synthetic-in-memory", o->synthetic_in_memory,

@@ -133,7 +133,7 @@ Command AddGenerateCommand(CLI::App& root) {
       ->capture_default_str();
   c.app->add_option("--top-k", o->sampling.top_k, "sample among the k most likely tokens (0: all)");
   c.app->add_option("--top-p", o->sampling.top_p, "nucleus sampling threshold in (0, 1]");
-  c.app->add_option("--seed", o->sampling.seed, "random seed for sampling")->capture_default_str();
+  c.app->add_option("--seed", o->sampling.seed, "random seed for sampling")->check(kSeed)->capture_default_str();
   c.app->add_flag("--ignore-eos", o->ignore_eos, "keep generating past end-of-sequence tokens");
   c.app->add_flag("--show-ids", o->show_ids, "print prompt and generated token ids to stderr");
   o->cluster.Register(c.app);

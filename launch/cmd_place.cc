@@ -165,7 +165,9 @@ Command AddPlaceCommand(CLI::App& root) {
   c.app->add_option("--perturbations", a->optimizer.perturbations, "iterated-local-search kicks per start")
       ->check(kNonNegative)
       ->capture_default_str();
-  c.app->add_option("--seed", a->optimizer.seed, "seed of the random starts and kicks")->capture_default_str();
+  c.app->add_option("--seed", a->optimizer.seed, "seed of the random starts and kicks")
+      ->check(kSeed)
+      ->capture_default_str();
   c.app->add_flag(
       "--no-align", [a](int64_t) { a->optimizer.align_layers = false; },
       "do not number each layer's groups for consecutive-layer affinity");

@@ -132,7 +132,7 @@ Command AddTrainPredictorCommand(CLI::App& root) {
   app->add_option("--out", args->out, "output predictor file (.safetensors)")->required()->check(kOutputFile);
   app->add_option("--train-seqs", args->train_seqs, "training sequence ids, e.g. 0-23 (default: first 75%)");
   app->add_option("--epochs", args->path.epochs, "maximum epochs (path, hybrid)")->capture_default_str();
-  app->add_option("--seed", args->path.seed, "random seed (path, hybrid)")->capture_default_str();
+  app->add_option("--seed", args->path.seed, "random seed (path, hybrid)")->check(kSeed)->capture_default_str();
   app->add_option("--hidden", args->path.hidden, "hidden units (path, hybrid)")->capture_default_str();
   app->add_option("--embed-dim", args->path.embed_dim, "token embedding width (path, hybrid)")->capture_default_str();
   app->add_option("--context", args->path.context_window, "context tokens averaged (path, hybrid)")

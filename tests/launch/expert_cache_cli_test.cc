@@ -193,6 +193,15 @@ TEST_F(ExpertCacheCliTest, BadFlagsAreReported) {
   EXPECT_EQ(Run("generate --backend cpu --model " + kModelDir + " -n 40 --kv-cache-tokens 17 -p 'def f'"), 1);
   EXPECT_NE(Read("stderr").find("tokens of KV cache, more than the"), std::string::npos) << Read("stderr");
   EXPECT_EQ(Read("stdout"), "");
+  // A seed outside uint64 is refused, not wrapped.
+  for (const char* seed : {"-5", "18446744073709551616", "1e3"}) {
+    EXPECT_NE(Run(base + " --seed " + seed), 0) << seed;
+    EXPECT_NE(Read("stderr").find(std::string("--seed: expected an integer from 0 to 18446744073709551615, got '") +
+                                  seed + "'"),
+              std::string::npos)
+        << Read("stderr");
+  }
+  EXPECT_EQ(Run(base + " --seed 18446744073709551615 --temperature 0.7"), 0) << Read("stderr");
   // Sampling settings are checked before the model loads: nothing is generated.
   EXPECT_EQ(Run(base + " -p 'def f' --top-p 2"), 1);
   EXPECT_NE(Read("stderr").find("top_p must be in (0, 1]"), std::string::npos) << Read("stderr");
