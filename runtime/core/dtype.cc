@@ -12,19 +12,21 @@
 namespace ef {
 namespace {
 
-// Values of [begin, end) whose exponent bits are all ones (NaN or infinity); a branchless count the
-// compiler vectorises, then a search for the first only where the count is not 0.
+// Values of [begin, end) whose exponent bits are all ones (NaN or infinity). First the largest
+// magnitude's bits (a max reduction the compiler vectorises: finite iff below the exponent mask),
+// then, only where that finds one, the count and the first.
 template <typename U>
 int64_t CountExponentAllOnes(const U* x, int64_t begin, int64_t end, U mask, int64_t* first) {
-  int64_t count = 0;
-  for (int64_t i = begin; i < end; ++i) count += (x[i] & mask) == mask;
+  const U magnitude = static_cast<U>(~(U{1} << (8 * sizeof(U) - 1)));
+  U largest = 0;
+  for (int64_t i = begin; i < end; ++i) largest = std::max<U>(largest, x[i] & magnitude);
   *first = -1;
-  if (count > 0)
-    for (int64_t i = begin; i < end; ++i)
-      if ((x[i] & mask) == mask) {
-        *first = i;
-        break;
-      }
+  if (largest < mask) return 0;
+  int64_t count = 0;
+  for (int64_t i = begin; i < end; ++i)
+    if ((x[i] & mask) == mask) {
+      if (count++ == 0) *first = i;
+    }
   return count;
 }
 
