@@ -63,6 +63,7 @@
 #include "launch/synthetic_model.h"
 #include "placement/trace_routing_override.h"
 #include "runtime/core/build_info.h"
+#include "runtime/core/logging.h"
 #include "runtime/tokenizer/tokenizer.h"
 #include "scheduler/expert_path_set.h"
 #include "scheduler/rank_assigner.h"
@@ -164,6 +165,8 @@ StatusOr<std::vector<int>> AssignRequests(const BenchOptions& o, int num_request
                                           const runtime::ModelConfig& cfg, const placement::TraceRoutingOverride* trace,
                                           const comm::ExpertPlacement* placement) {
   std::vector<int> rank(num_requests);
+  if (o.assign == "locality" && ranks == 1)
+    EF_LOG(WARN, SCHED, "--assign locality places requests on ranks under mpirun; in one process it does nothing");
   if (o.assign == "round_robin" || ranks == 1) {
     for (int i = 0; i < num_requests; ++i) rank[i] = i % ranks;
     return rank;
