@@ -1,5 +1,6 @@
 // cuda::plan_attention_batch is host code: the decode kernel's tile, its splits and its merge
-// scratch are checked here without a device (these tests run wherever the CUDA backend builds).
+// scratch are checked here without a device, wherever the CUDA backend is built (CI included).
+#if defined(EF_HAVE_CUDA_BACKEND)
 #include <gtest/gtest.h>
 
 #include <cstdint>
@@ -75,3 +76,4 @@ TEST(AttentionPlanTest, ShapesTheDecodeKernelCannotTakeGoToTheGeneralKernel) {
 
 }  // namespace
 }  // namespace ef::runtime
+#endif  // EF_HAVE_CUDA_BACKEND
