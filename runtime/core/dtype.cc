@@ -8,6 +8,7 @@
 #include "runtime/core/block_scaled_format.h"
 #include "runtime/core/packed_bf16_format.h"
 #include "runtime/core/quant_format.h"
+#include "runtime/core/thread_pool.h"
 
 namespace ef {
 namespace {
@@ -32,27 +33,25 @@ int64_t CountExponentAllOnes(const U* x, int64_t begin, int64_t end, U mask, int
 
 template <typename U>
 int64_t CountNonFiniteBits(const U* x, int64_t n, U mask, int64_t* first) {
-  constexpr int64_t kMinChunkBytes = int64_t{64} << 20;
+  constexpr int64_t kMinChunkBytes = int64_t{64} << 20, kMaxThreads = 16;
   const int64_t bytes = n * static_cast<int64_t>(sizeof(U));
-  const int threads = bytes <= kMinChunkBytes
-                          ? 1
-                          : static_cast<int>(std::clamp<int64_t>(
-                                std::min<int64_t>(std::thread::hardware_concurrency(), bytes / kMinChunkBytes), 1, 16));
-  if (threads == 1) return CountExponentAllOnes(x, 0, n, mask, first);
-  std::vector<int64_t> counts(static_cast<size_t>(threads)), firsts(static_cast<size_t>(threads));
-  std::vector<std::thread> pool;
+  const int64_t threads =
+      std::clamp<int64_t>(bytes / kMinChunkBytes, 1, std::min<int64_t>(AvailableCpus(), kMaxThreads));
   const int64_t chunk = (n + threads - 1) / threads;
-  for (int t = 0; t < threads; ++t)
-    pool.emplace_back([&, t] {
-      const int64_t b = std::min(n, t * chunk), e = std::min(n, b + chunk);
-      counts[static_cast<size_t>(t)] = CountExponentAllOnes(x, b, e, mask, &firsts[static_cast<size_t>(t)]);
-    });
+  std::vector<int64_t> counts(static_cast<size_t>(threads)), firsts(static_cast<size_t>(threads));
+  const auto run = [&](int64_t t) {
+    const int64_t b = std::min(n, t * chunk), e = std::min(n, b + chunk);
+    counts[static_cast<size_t>(t)] = CountExponentAllOnes(x, b, e, mask, &firsts[static_cast<size_t>(t)]);
+  };
+  std::vector<std::thread> pool;
+  for (int64_t t = 1; t < threads; ++t) pool.emplace_back(run, t);
+  run(0);
   for (std::thread& th : pool) th.join();
   int64_t count = 0;
   *first = -1;
-  for (int t = 0; t < threads; ++t) {
-    count += counts[static_cast<size_t>(t)];
-    if (*first < 0) *first = firsts[static_cast<size_t>(t)];
+  for (size_t t = 0; t < counts.size(); ++t) {
+    count += counts[t];
+    if (*first < 0) *first = firsts[t];
   }
   return count;
 }

@@ -63,7 +63,7 @@ static_assert(kDecodeMaxTile <= 32 && kDecodeThreads % 32 == 0, "decode softmax 
 // [tile][head_dim + pad] and two V tiles [tile][head_dim] in the cache's element type (pad: 16
 // bytes, so the row-per-thread score reads are conflict-free), scores [group][tile], and m, l,
 // rescale per head.
-int DecodeKStride(int head_dim, int elem_bytes) { return head_dim + 16 / elem_bytes; }
+__host__ __device__ constexpr int DecodeKStride(int head_dim, int elem_bytes) { return head_dim + 16 / elem_bytes; }
 size_t DecodeSmemBytes(int group, int head_dim, int tile, int elem_bytes) {
   return sizeof(float) * static_cast<size_t>(2 * group * head_dim + group * tile + 3 * group) +
          static_cast<size_t>(elem_bytes) * 2 * tile * (DecodeKStride(head_dim, elem_bytes) + head_dim);
@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(kDecodeThreads, kDecodeMinBlocksPerSm)
   const int group = num_heads / num_kv_heads, d4 = head_dim / 4;
   const int chunk = (sd.n_total + num_splits - 1) / num_splits;
   const int key_begin = split * chunk, key_end = min(sd.n_total, key_begin + chunk);
-  const int kstride = head_dim + 16 / static_cast<int>(sizeof(T));
+  const int kstride = DecodeKStride(head_dim, static_cast<int>(sizeof(T)));
   float* qs = reinterpret_cast<float*>(smem4);
   float* acc = qs + group * head_dim;
   T* kb = reinterpret_cast<T*>(acc + group * head_dim);  // [2][tile][kstride]
