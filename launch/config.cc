@@ -156,7 +156,7 @@ const std::map<std::string, Section>& Schema() {
             }},
            {"kv_cache_dtype",
             [](const Ctx& c, Config* o) {
-              return GetOneOf(c, {"fp32", "bf16"}, &o->runtime.kv_cache_dtype);
+              return GetOneOf(c, {"auto", "fp32", "bf16"}, &o->runtime.kv_cache_dtype);
             }},
            {"kv_block_size",
             [](const Ctx& c, Config* o) {

@@ -32,7 +32,7 @@ struct ModelFlags {
   int device = 0;
   int max_seq_len = 0;
   std::string attention_precision = "auto";
-  std::string kv_cache_dtype = "fp32";
+  std::string kv_cache_dtype = "auto";
   int kv_block_size = 16;
   int64_t kv_cache_tokens = 0;
   std::string cuda_graphs = "on";
@@ -52,9 +52,10 @@ struct ModelFlags {
         ->check(CLI::IsMember({"auto", "bf16", "fp32"}))
         ->capture_default_str();
     app->add_option("--kv-cache-dtype", kv_cache_dtype,
-                    "keys and values in the KV cache: fp32 (exact) or bf16 (half the memory and decode reads; plain "
-                    "attention only) (runtime.kv_cache_dtype)")
-        ->check(CLI::IsMember({"fp32", "bf16"}))
+                    "keys and values in the KV cache: fp32 (exact), bf16 (half the memory and decode reads; plain "
+                    "attention only), or auto (bf16 where prefill attention runs in bf16: the cuda backend and "
+                    "16-bit weights; fp32 otherwise) (runtime.kv_cache_dtype)")
+        ->check(CLI::IsMember({"auto", "fp32", "bf16"}))
         ->capture_default_str();
     app->add_option("--kv-block-size", kv_block_size,
                     "paged KV cache: tokens per block, a power of two up to 1024; every sequence takes blocks as it "

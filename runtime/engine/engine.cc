@@ -122,11 +122,12 @@ StatusOr<std::unique_ptr<Engine>> Engine::Create(const std::string& model_dir, c
     }
     const std::string cap = options.kv_cache_tokens > 0 ? std::to_string(options.kv_cache_tokens) + " tokens"
                                                         : std::string("growing on demand");
-    EF_LOG(INFO, ENGINE, "engine ready on %s, context limit %d tokens, paged kv cache (blocks of %d tokens, %s)",
-           e->backend_->name().c_str(), e->max_seq_len_, options.kv_block_size, cap.c_str());
+    EF_LOG(INFO, ENGINE, "engine ready on %s, context limit %d tokens, paged %s kv cache (blocks of %d tokens, %s)",
+           e->backend_->name().c_str(), e->max_seq_len_, e->kv_bf16_ ? "bf16" : "fp32", options.kv_block_size,
+           cap.c_str());
   } else {
-    EF_LOG(INFO, ENGINE, "engine ready on %s, kv capacity %d tokens per sequence", e->backend_->name().c_str(),
-           e->max_seq_len_);
+    EF_LOG(INFO, ENGINE, "engine ready on %s, %s kv capacity %d tokens per sequence", e->backend_->name().c_str(),
+           e->kv_bf16_ ? "bf16" : "fp32", e->max_seq_len_);
   }
   return e;
 }
@@ -147,9 +148,12 @@ Status Engine::ConfigureAttentionPrecision(const std::string& precision) {
 }
 
 Status Engine::ConfigureKvCache(const std::string& dtype) {
-  if (dtype != "fp32" && dtype != "bf16")
-    return InvalidArgument("kv cache dtype must be fp32 or bf16, got '" + dtype + "'");
-  kv_bf16_ = dtype == "bf16";
+  if (dtype != "auto" && dtype != "fp32" && dtype != "bf16")
+    return InvalidArgument("kv cache dtype must be auto, fp32 or bf16, got '" + dtype + "'");
+  // auto follows the prefill attention's precision (ConfigureAttentionPrecision runs first): its
+  // conditions (cuda, 16-bit attention weights, plain attention) are the bf16 cache's, and a model
+  // that asked for exact attention keeps an exact cache.
+  kv_bf16_ = dtype == "bf16" || (dtype == "auto" && reduced_precision_attention_);
   if (!kv_bf16_) return Status::Ok();
   const ModelConfig& c = config();
   if (c.mla || c.rope.type != "default" || c.attention_sinks || c.sliding_window != 0)

@@ -51,10 +51,12 @@ struct EngineOptions {
   // attention weights are 16-bit (its GEMMs then round activations to bf16 already). The cpu
   // backend always computes in fp32.
   std::string attention_precision = "auto";
-  // Keys and values in the KV cache: "fp32" (exact), or "bf16" (half the memory and half the bytes
-  // decode attention reads; scores and softmax stay fp32). bf16 needs plain attention (not MLA,
-  // rope scaling, sinks or a sliding window: their kernels read fp32).
-  std::string kv_cache_dtype = "fp32";
+  // Keys and values in the KV cache: "fp32" (exact), "bf16" (half the memory and half the bytes
+  // decode attention reads; scores and softmax stay fp32), or "auto": bf16 where prefill attention
+  // runs in bf16 (attention_precision above resolved to bf16: the cuda backend, 16-bit attention
+  // weights, plain attention), fp32 otherwise. bf16 needs plain attention (not MLA, rope scaling,
+  // sinks or a sliding window: their kernels read fp32).
+  std::string kv_cache_dtype = "auto";
   // Paged KV cache: token rows per block (a power of two up to 1024), all sequences sharing one
   // pool; 0 gives each sequence max_seq_len rows of its own at AddSequence (the contiguous layout).
   int kv_block_size = 16;
@@ -163,6 +165,8 @@ class Engine {
   bool experts_resident() const { return resident_ != nullptr; }
   // Whether prefill attention stages its operands in bf16 (EngineOptions::attention_precision).
   bool reduced_precision_attention() const { return reduced_precision_attention_; }
+  // The KV cache's element type as resolved from EngineOptions::kv_cache_dtype: kF32 or kBF16.
+  DType kv_cache_dtype() const { return kv_bf16_ ? DType::kBF16 : DType::kF32; }
   // Replaces how routed experts are computed (default: all on this process). nullptr restores
   // the local executor. The caller keeps it alive.
   void SetMoeExecutor(MoeExecutor* executor) { moe_executor_ = executor ? executor : local_moe_.get(); }

@@ -166,6 +166,37 @@ TEST_P(CudaReferenceTest, Bf16KvCacheCudaAndCpuEnginesAgree) {
   std::printf("[ %s ] bf16 kv cache: max |cuda - cpu| logit = %.3g\n", GetParam().c_str(), max_diff);
 }
 
+// kv_cache_dtype "auto" on CUDA: bf16 exactly where the prefill attention runs in bf16 (plain
+// attention), fp32 where it stays exact or the family reads fp32 keys (MLA, rope scaling, sinks:
+// auto never refuses a model); the resolved cache gives bitwise the logits of naming it.
+TEST_P(CudaReferenceTest, KvCacheAutoFollowsThePrefillAttentionPrecision) {
+  json ref = ReadRef(GetParam());
+  const auto ids = ref["input_ids"].get<std::vector<std::vector<int32_t>>>();
+  auto make = [&](const std::string& precision, const std::string& kv_dtype) {
+    EngineOptions o;
+    o.backend = "cuda";
+    o.attention_precision = precision;
+    o.kv_cache_dtype = kv_dtype;
+    auto e = Engine::Create(std::string(EF_TEST_DATA) + "/" + GetParam(), o);
+    EXPECT_TRUE(e.ok()) << GetParam() << ", attention " << precision << ", kv " << kv_dtype << ": "
+                        << e.status().ToString();
+    return e.ok() ? std::move(e).value() : nullptr;
+  };
+  for (const char* precision : {"fp32", "bf16"}) {
+    auto a = make(precision, "auto");
+    ASSERT_NE(a, nullptr);
+    const DType want = a->reduced_precision_attention() ? DType::kBF16 : DType::kF32;
+    EXPECT_EQ(a->kv_cache_dtype(), want) << GetParam() << ", attention " << precision;
+    if (std::string(precision) == "fp32") EXPECT_EQ(a->kv_cache_dtype(), DType::kF32) << GetParam();
+    auto named = make(precision, want == DType::kBF16 ? "bf16" : "fp32");
+    ASSERT_NE(named, nullptr);
+    const auto x = AllLogits(*a, ids), y = AllLogits(*named, ids);
+    ASSERT_EQ(x.size(), y.size());
+    for (size_t i = 0; i < x.size(); ++i)
+      testing::ExpectBitwiseEqual(x[i], y[i], (GetParam() + ", attention " + precision).c_str());
+  }
+}
+
 // The paged KV cache on CUDA: the same serving-like run (chunked prefills past the tensor-core
 // threshold, batched decode, a sequence replaced mid-run) gives bitwise the logits of the
 // contiguous cache, through the exact fp32 attention, the tensor-core prefill and a bf16 cache.

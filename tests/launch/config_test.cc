@@ -118,7 +118,7 @@ TEST(ConfigTest, ImpossibleValuesNameKeyAndLine) {
   EXPECT_EQ(Error("\ncluster:\n  exchange: carrier-pigeon\n"),
             "t.yaml:3: cluster.exchange: expected one of auto|mpi|nccl, got 'carrier-pigeon'");
   EXPECT_EQ(Error("runtime:\n  kv_cache_dtype: fp16\n"),
-            "t.yaml:2: runtime.kv_cache_dtype: expected one of fp32|bf16, got 'fp16'");
+            "t.yaml:2: runtime.kv_cache_dtype: expected one of auto|fp32|bf16, got 'fp16'");
   EXPECT_EQ(Error("runtime:\n  kv_block_size: 12\n"),
             "t.yaml:2: runtime.kv_block_size: expected a power of two (a paged block's size in tokens) or 0 "
             "(contiguous), got '12'");

@@ -223,13 +223,31 @@ TEST(EngineTest, KvCacheDTypeUnknownOrOnFp32OnlyAttentionIsRefused) {
   auto e = Engine::Create(kTiny, o);
   ASSERT_FALSE(e.ok());
   EXPECT_EQ(e.status().code(), StatusCode::kInvalidArgument);
-  EXPECT_NE(e.status().message().find("kv cache dtype must be fp32 or bf16, got 'fp16'"), std::string::npos)
+  EXPECT_NE(e.status().message().find("kv cache dtype must be auto, fp32 or bf16, got 'fp16'"), std::string::npos)
       << e.status().ToString();
   o.kv_cache_dtype = "bf16";
   e = Engine::Create(std::string(EF_TEST_DATA) + "/gpt_oss", o);  // sinks and a sliding window
   ASSERT_FALSE(e.ok());
   EXPECT_NE(e.status().message().find("a bf16 kv cache needs plain attention"), std::string::npos)
       << e.status().ToString();
+}
+
+// kv_cache_dtype "auto" (the default) follows the prefill attention's precision: the cpu backend
+// computes attention in fp32, so its cache stays fp32, also for models a bf16 cache refuses.
+TEST(EngineTest, KvCacheDTypeAutoIsFp32OnTheCpu) {
+  EngineOptions o;
+  o.backend = "cpu";
+  ASSERT_EQ(o.kv_cache_dtype, "auto");
+  for (const std::string& dir : {kTiny, std::string(EF_TEST_DATA) + "/gpt_oss"}) {
+    auto e = Engine::Create(dir, o);
+    ASSERT_TRUE(e.ok()) << dir << ": " << e.status().ToString();
+    EXPECT_EQ(e.value()->kv_cache_dtype(), DType::kF32) << dir;
+    EXPECT_FALSE(e.value()->reduced_precision_attention()) << dir;
+  }
+  o.kv_cache_dtype = "bf16";
+  auto e = Engine::Create(kTiny, o);
+  ASSERT_TRUE(e.ok()) << e.status().ToString();
+  EXPECT_EQ(e.value()->kv_cache_dtype(), DType::kBF16);
 }
 
 TEST(EngineTest, BatchedSequencesMatchEachAlone) {

@@ -1,0 +1,40 @@
+#!/bin/bash
+# On the accelerator machine (one GPU): the issue-15 target table in one run. Builds expertflow and
+# ef_decode_bench, runs the decode/prefill bench ROUNDS times alternating the fp32 and bf16 KV
+# cache, then `expertflow bench` end to end on LAYERS layers of the Mixtral-8x7B shape for the
+# workloads in WORKLOADS_ONLY (see e2e-run.sh). Everything lands in $OUT/targets.tgz.
+#
+#   scripts/accel/targets-run.sh [ROUNDS] [LAYERS]      (defaults 2, 32; LAYERS 0 skips end to end)
+#   E2E_AGAIN="c64" EXTRA_AGAIN="--kv-cache-dtype fp32" scripts/accel/targets-run.sh
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-$PWD/out}
+ROUNDS=${1:-2}
+LAYERS=${2:-32}
+export WORKLOADS_ONLY=${WORKLOADS_ONLY:-c64 ttft2k}
+LOGS=$OUT/targets
+mkdir -p "$LOGS"
+EF_BUILD_TESTS=ON source scripts/accel/build-full.sh ef_decode_bench || exit 1
+summary() {  # the table rows of one bench output
+  grep -E "^(decode|prefill) " "$1" | awk -v t="$2" '{printf "%-14s %s\n", t, $0}'
+}
+for r in $(seq "$ROUNDS"); do
+  for kv in fp32 bf16; do
+    flag=$([ $kv = bf16 ] && echo --kv-bf16)
+    # shellcheck disable=SC2086
+    timeout 240 "$BUILD"/tests/ef_decode_bench --batches 1,16,64 --iters 20 --prefill 2048 --prefill-iters 5 \
+      --no-breakdown $flag --json "$LOGS/decode_${kv}_$r.json" >"$LOGS/decode_${kv}_$r.txt" 2>&1
+    summary "$LOGS/decode_${kv}_$r.txt" "kv $kv r$r"
+  done
+done
+quiet() { grep -vE "^build ok|^# host|^NVIDIA|^Cuda|^mpirun|^[0-9]+$|Mem:|total|/dev"; }
+if [ "$LAYERS" -gt 0 ]; then
+  OUT=$LOGS bash scripts/accel/e2e-run.sh expertflow "$LAYERS" 2>&1 | quiet
+  # E2E_AGAIN: workloads run again with EXTRA_AGAIN's flags (e.g. the other KV cache dtype).
+  if [ -n "${E2E_AGAIN:-}" ]; then
+    mkdir -p "$LOGS/again"
+    echo "== again ($EXTRA_AGAIN)"
+    OUT=$LOGS/again WORKLOADS_ONLY=$E2E_AGAIN EXTRA=$EXTRA_AGAIN bash scripts/accel/e2e-run.sh expertflow "$LAYERS" 2>&1 | quiet
+  fi
+fi
+(cd "$OUT" && tar czf targets.tgz targets && rm -rf targets)
