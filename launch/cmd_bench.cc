@@ -450,6 +450,8 @@ StatusOr<ServingLoopOptions> MakeLoopOptions(const BenchRun& b, const BenchParts
   return lo;
 }
 
+const char* KvCacheDTypeName(const runtime::Engine& e) { return e.kv_cache_dtype() == DType::kBF16 ? "bf16" : "fp32"; }
+
 // The '#' header (rank 0): build, model, routing, cache, ranks, workload.
 void PrintHeader(const BenchRun& b, const BenchParts& p) {
   const BenchOptions& o = b.o;
@@ -457,7 +459,9 @@ void PrintHeader(const BenchRun& b, const BenchParts& p) {
   std::printf("# expertflow bench  git %s  build %s  compiler %s\n", EF_GIT_SHA, EF_BUILD_TYPE, EF_CXX_COMPILER);
   std::printf("# model %s (%s layers, %d experts, top-%d, hidden %d, expert FFN %d)  backend %s  device %d\n",
               p.model_dir.c_str(), std::to_string(cfg.num_layers).c_str(), cfg.num_experts, cfg.top_k, cfg.hidden_size,
-              cfg.moe_intermediate_size, o.model.backend.c_str(), o.model.device);
+              cfg.moe_intermediate_size, p.engine->backend().name().c_str(), o.model.device);
+  std::printf("# kv cache %s (kv_cache_dtype %s), prefill attention %s\n", KvCacheDTypeName(*p.engine),
+              o.model.kv_cache_dtype.c_str(), p.engine->reduced_precision_attention() ? "bf16" : "fp32");
   if (!o.synthetic.empty()) {
     std::printf("# synthetic %s: random %s weights (seed %llu), %d layers, scale 1/%d\n", p.shape.name.c_str(),
                 SyntheticWeightFormat(p.shape).c_str(), static_cast<unsigned long long>(o.synthetic_seed),
@@ -950,7 +954,9 @@ Status WriteJson(const BenchRun& b, const BenchParts& p, const BenchSummary& s, 
               {"top_k", o.sampling.top_k}}},
             {"results", ResultsJson(b, s, c)},
             {"engine",
-             {{"forward_passes", steps.steps},
+             {{"kv_cache_dtype", KvCacheDTypeName(*p.engine)},
+              {"prefill_attention", p.engine->reduced_precision_attention() ? "bf16" : "fp32"},
+              {"forward_passes", steps.steps},
               {"device_routed_passes", steps.device_routed},
               {"forward_seconds", steps.seconds},
               {"device_routed_seconds", steps.device_routed_seconds},

@@ -147,6 +147,11 @@ TEST_F(BenchTest, SyntheticTinyWritesTheJsonRecord) {
   const json& e = j["engine"];
   EXPECT_GE(e["forward_passes"].get<int64_t>(), 8);
   EXPECT_EQ(e["device_routed_passes"].get<int64_t>(), 0);
+  // kv_cache_dtype auto on the CPU backend: the exact cache (bf16 only beside bf16 attention).
+  EXPECT_EQ(e["kv_cache_dtype"], "fp32");
+  EXPECT_EQ(e["prefill_attention"], "fp32");
+  EXPECT_NE(stdout_text.find("# kv cache fp32 (kv_cache_dtype auto), prefill attention fp32"), std::string::npos)
+      << stdout_text;
   EXPECT_GT(e["forward_seconds"].get<double>(), 0.0);
   EXPECT_LE(e["forward_seconds"].get<double>(), r["wall_s"].get<double>());
   EXPECT_EQ(e["device_routed_seconds"].get<double>(), 0.0);
