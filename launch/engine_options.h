@@ -53,8 +53,9 @@ struct ModelFlags {
         ->capture_default_str();
     app->add_option("--kv-cache-dtype", kv_cache_dtype,
                     "keys and values in the KV cache: fp32 (exact), bf16 (half the memory and decode reads; plain "
-                    "attention only), or auto (bf16 where prefill attention runs in bf16: the cuda backend and "
-                    "16-bit weights; fp32 otherwise) (runtime.kv_cache_dtype)")
+                    "attention only), or auto (bf16 wherever prefill attention resolves to bf16: the cuda backend, "
+                    "plain attention, and --attention-precision bf16 or auto with 16-bit weights; fp32 otherwise) "
+                    "(runtime.kv_cache_dtype)")
         ->check(CLI::IsMember({"auto", "fp32", "bf16"}))
         ->capture_default_str();
     app->add_option("--kv-block-size", kv_block_size,

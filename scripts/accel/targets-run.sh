@@ -20,7 +20,7 @@ summary() {  # the table rows of one bench output
 }
 for r in $(seq "$ROUNDS"); do
   for kv in fp32 bf16; do
-    flag=$([ $kv = bf16 ] && echo --kv-bf16)
+    flag=--kv-$kv
     # shellcheck disable=SC2086
     timeout 240 "$BUILD"/tests/ef_decode_bench --batches 1,16,64 --iters 20 --prefill 2048 --prefill-iters 5 \
       --no-breakdown $flag --json "$LOGS/decode_${kv}_$r.json" >"$LOGS/decode_${kv}_$r.txt" 2>&1

@@ -27,6 +27,8 @@ TEST(ConfigTest, EmptyFileGivesDefaults) {
   ASSERT_TRUE(c.ok()) << c.status().ToString();
   EXPECT_EQ(c->model.path, "models/tiny-code-moe");
   EXPECT_EQ(c->cluster.exchange, "auto");
+  EXPECT_EQ(c->runtime.kv_cache_dtype, "auto");
+  EXPECT_EQ(c->runtime.attention_precision, "auto");
   EXPECT_EQ(c->cluster.replication, 1);
   EXPECT_DOUBLE_EQ(c->cluster.timeout_s, 30);
   EXPECT_EQ(c->cluster.peer_fetch, "ucx");

@@ -64,9 +64,12 @@ struct Args {
   bool pdl = true;            // --no-pdl
   bool host_routing = false;  // --host-routing: every MoE layer's routing to the host (the path past MoeRouted's rows)
   bool separate_qkv = false;  // --separate-qkv: q, k and v as three Gemm calls
-  bool kv_bf16 = false;       // --kv-bf16: the KV cache in bf16
-  int kv_block = 0;           // --kv-block-size: the steps' KV cache paged in blocks of this many tokens
-  bool breakdown = true;      // --no-breakdown: the step timings only (e.g. under a profiler)
+  // --kv-bf16 / --kv-fp32: the KV cache's dtype; default: the engine's kv_cache_dtype auto for these
+  // bf16 weights (bf16, fp32 beside --fp32-attention).
+  bool kv_bf16 = true;
+  bool kv_given = false;
+  int kv_block = 0;       // --kv-block-size: the steps' KV cache paged in blocks of this many tokens
+  bool breakdown = true;  // --no-breakdown: the step timings only (e.g. under a profiler)
   std::string json;
   // The layer shape (--shape): Mixtral-8x7B by default.
   std::string shape = "mixtral-8x7b";
@@ -125,9 +128,10 @@ Args ParseArgs(int argc, char** argv) {
       a.host_routing = true;
     else if (k == "--separate-qkv")
       a.separate_qkv = true;
-    else if (k == "--kv-bf16")
-      a.kv_bf16 = true;
-    else if (k == "--kv-block-size") {
+    else if (k == "--kv-bf16" || k == "--kv-fp32") {
+      a.kv_bf16 = k == "--kv-bf16";
+      a.kv_given = true;
+    } else if (k == "--kv-block-size") {
       a.kv_block = std::stoi(next());
       if (a.kv_block < 0 || a.kv_block > 1024 || (a.kv_block & (a.kv_block - 1)) != 0)
         Die("--kv-block-size must be 0 or a power of two up to 1024");
@@ -150,8 +154,9 @@ Args ParseArgs(int argc, char** argv) {
           "  --host-routing  every MoE layer copies its routing to the host and waits, at every batch size\n"
           "             (default: decode batches MoeRouted serves keep it on the device, as the engine does)\n"
           "  --separate-qkv  q, k and v as three Gemm calls instead of one GemmGroup\n"
-          "  --kv-bf16  keys and values cached in bf16 (EngineOptions::kv_cache_dtype), appended by\n"
-          "             CopyBatchToBf16\n"
+          "  --kv-bf16, --kv-fp32  keys and values cached in bf16 (appended by CopyBatchToBf16) or fp32;\n"
+          "             default: what EngineOptions::kv_cache_dtype auto picks for bf16 weights (bf16;\n"
+          "             fp32 with --fp32-attention)\n"
           "  --kv-block-size N  the steps' KV cache paged (EngineOptions::kv_block_size): one pool per\n"
           "             layer, each sequence's blocks strided over it (0: contiguous per sequence)\n"
           "  --expert-streams N  prefill experts through Backend::ExpertMlps on N streams with 16-bit products\n"
@@ -165,6 +170,7 @@ Args ParseArgs(int argc, char** argv) {
       Die("unknown argument " + k);
     }
   }
+  if (!a.kv_given) a.kv_bf16 = !a.fp32_attention;
   return a;
 }
 
