@@ -42,6 +42,22 @@ TEST(AttentionPlanTest, DecodeTilesFollowTheCacheDtype) {
   }
 }
 
+// EF_CUDA_DECODE_BLOCKS_PER_SM: the splits' target moves with it; 0 never splits.
+TEST(AttentionPlanTest, DecodeBlocksPerSmSetsTheSplits) {
+  auto splits = [](int seqs, int per_sm) {
+    const auto d = Decode(seqs, 513);
+    return cuda::plan_attention_batch(d.data(), seqs, 32, 8, 128, 132, false, per_sm).num_splits;
+  };
+  EXPECT_EQ(splits(64, cuda::kDecodeBlocksPerSmDefault), 2);
+  EXPECT_EQ(splits(64, 3), 1);  // 512 blocks already pass 3 per SM (396)
+  EXPECT_EQ(splits(64, 8), 3);  // 1056 blocks: ceil(1056 / 512)
+  EXPECT_EQ(splits(1, 1), 17);  // ceil(132 / 8)
+  EXPECT_EQ(splits(1, 0), 1);
+  EXPECT_EQ(splits(16, 0), 1);
+  const auto d = Decode(1, 513);
+  EXPECT_EQ(cuda::plan_attention_batch(d.data(), 1, 32, 8, 128, 132, false, 0).workspace_floats, size_t{0});
+}
+
 TEST(AttentionPlanTest, DecodeSplitsFillTheSmsAndTheKernelMergesThem) {
   // One sequence of 513 keys on 8 KV heads: enough splits for 4 blocks per SM (66), at most one
   // split per 16-key tile (33); the decode kernel merges them (a counter per sequence and KV head).

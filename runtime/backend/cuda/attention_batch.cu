@@ -50,9 +50,6 @@ constexpr int kDecodeOptInMinTile = 8;
 constexpr size_t kDecodeStaticSmemBytes = 16;
 constexpr size_t kDecodeMaxSmemBytes = 48 * 1024 - kDecodeStaticSmemBytes;
 constexpr size_t kDecodeOptInSmemBytes = 96 * 1024;
-// Decode splits aim for this many blocks per SM: several blocks per SM keep loads in flight while
-// others compute.
-constexpr int kDecodeBlocksPerSm = 4;
 // Registers are capped so that many blocks fit an SM (left to itself the compiler took 252 per
 // thread, two blocks per SM: 12% occupancy and ~1 TB/s of K/V at batch 64). 5: 96 registers, as
 // many blocks as the shared memory of two 16-key fp32 tiles allows.
@@ -476,7 +473,8 @@ constexpr int RowsFor(int head_dim) { return head_dim <= 128 ? 16 : 8; }
 }  // namespace
 
 AttentionBatchPlan plan_attention_batch(const AttentionSeqDesc* seqs_host, int num_seqs, int num_heads,
-                                        int num_kv_heads, int head_dim, int num_sms, bool kv_bf16) {
+                                        int num_kv_heads, int head_dim, int num_sms, bool kv_bf16,
+                                        int decode_blocks_per_sm) {
   AttentionBatchPlan plan;
   const int elem_bytes = kv_bf16 ? 2 : 4;
   if (num_seqs <= 0 || num_kv_heads <= 0) return plan;
@@ -507,8 +505,10 @@ AttentionBatchPlan plan_attention_batch(const AttentionSeqDesc* seqs_host, int n
   }
   const int max_splits = std::min(kMaxSplits, kMaxGridZ / num_seqs);
   if (plan.decode) {
-    // Enough splits for kDecodeBlocksPerSm blocks per SM, each split at least one tile of keys.
-    const int64_t decode_blocks = active * num_kv_heads, target = static_cast<int64_t>(kDecodeBlocksPerSm) * num_sms;
+    // Enough splits for decode_blocks_per_sm blocks per SM (several blocks per SM keep loads in
+    // flight while others compute), each split at least one tile of keys.
+    const int64_t decode_blocks = active * num_kv_heads,
+                  target = static_cast<int64_t>(std::max(0, decode_blocks_per_sm)) * num_sms;
     if (decode_blocks < target) {
       int64_t splits = (target + decode_blocks - 1) / decode_blocks;
       splits = std::min<int64_t>(splits, (max_total + plan.decode_tile - 1) / plan.decode_tile);

@@ -19,6 +19,9 @@ EF_PARAM(CudaExpertStreams, int64_t, "EF_CUDA_EXPERT_STREAMS", 4,
          "products)");
 EF_PARAM(CudaPdl, bool, "EF_CUDA_PDL", true,
          "cuda backend: launch the decode path's kernels with programmatic dependent launch (Hopper and later)");
+EF_PARAM(CudaDecodeBlocksPerSm, int64_t, "EF_CUDA_DECODE_BLOCKS_PER_SM", ef::runtime::cuda::kDecodeBlocksPerSmDefault,
+         "cuda backend: decode attention splits each sequence's keys until this many blocks per SM run (0: no "
+         "split; each split keeps at least one tile of keys)");
 EF_PARAM(CudaSampleRows, bool, "EF_CUDA_SAMPLE_ROWS", true,
          "cuda backend: draw sampled tokens on the GPU (Backend::SampleRows: the host's draws, only ids come back); "
          "off: the logits of sampled rows come to the host, which draws the same tokens");
@@ -60,6 +63,7 @@ CudaBackendOptions CudaBackendOptions::FromParams(int device) {
   o.memory_budget = static_cast<size_t>(std::max<int64_t>(0, params::CudaMemoryBudgetMiB())) << 20;
   o.expert_streams = static_cast<int>(std::clamp<int64_t>(params::CudaExpertStreams(), 0, 16));
   o.pdl = params::CudaPdl();
+  o.decode_blocks_per_sm = static_cast<int>(std::clamp<int64_t>(params::CudaDecodeBlocksPerSm(), 0, 64));
   return o;
 }
 
@@ -792,8 +796,8 @@ StatusOr<uint64_t> CudaBackend::UploadStepSeqs(const AttentionSeq* seqs_host, in
   step_heads_ = num_heads;
   step_kv_heads_ = num_kv_heads;
   step_head_dim_ = head_dim;
-  step_plan_ =
-      cuda::plan_attention_batch(step_host_.data(), num_seqs, num_heads, num_kv_heads, head_dim, num_sms_, kv_bf16_);
+  step_plan_ = cuda::plan_attention_batch(step_host_.data(), num_seqs, num_heads, num_kv_heads, head_dim, num_sms_,
+                                          kv_bf16_, options_.decode_blocks_per_sm);
   const size_t bytes = step_host_.size() * sizeof(cuda::AttentionSeqDesc);
   if (!EnsureScratch(&step_desc_, &step_desc_cap_, bytes)) return error_;
   CopyToDevice(step_desc_, step_host_.data(), bytes);
@@ -949,8 +953,8 @@ bool CudaBackend::AttentionScratch(const cuda::AttentionBatchPlan& plan, float**
 void CudaBackend::AttentionFp32(const float* q, const std::vector<cuda::AttentionSeqDesc>& desc, int num_heads,
                                 int num_kv_heads, int head_dim, float* out, bool kv_bf16) {
   const int n = static_cast<int>(desc.size());
-  const cuda::AttentionBatchPlan plan =
-      cuda::plan_attention_batch(desc.data(), n, num_heads, num_kv_heads, head_dim, num_sms_, kv_bf16);
+  const cuda::AttentionBatchPlan plan = cuda::plan_attention_batch(desc.data(), n, num_heads, num_kv_heads, head_dim,
+                                                                   num_sms_, kv_bf16, options_.decode_blocks_per_sm);
   if (plan.max_n_new <= 0) return;
   const cuda::AttentionSeqDesc* desc_dev = DeviceDescriptors(desc);
   if (n > cuda::kAttentionInlineSeqs && !desc_dev) return;

@@ -60,6 +60,9 @@ struct CudaBackendOptions {
   // Programmatic dependent launch of the decode path's kernels (cuda::LaunchPdl; process-wide, the
   // last backend created sets it). Default: EF_CUDA_PDL.
   bool pdl = true;
+  // Decode attention splits each sequence's keys for this many blocks per SM (0: no split).
+  // Default: EF_CUDA_DECODE_BLOCKS_PER_SM.
+  int decode_blocks_per_sm = cuda::kDecodeBlocksPerSmDefault;
   size_t expert_mlp_scratch_bytes = size_t{256} << 20;
   // Initial Backend::SetReducedPrecisionAttention: prefill attention (chunks of at least
   // cuda::kAttentionPrefillTcMinRows rows, head_dim 64/128) on tensor cores with bf16 operands.

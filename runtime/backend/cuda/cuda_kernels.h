@@ -74,8 +74,11 @@ struct AttentionBatchPlan {
 inline constexpr int kAttentionInlineSeqs = 16;
 // kv_bf16: the plan is for a bf16 cache (the decode kernel's tiles hold twice the keys). A plan
 // made for one cache dtype launches with the other too (at worst on the general kernel).
+// decode_blocks_per_sm: the decode kernel's splits aim for this many blocks per SM (0: no split).
+inline constexpr int kDecodeBlocksPerSmDefault = 4;
 AttentionBatchPlan plan_attention_batch(const AttentionSeqDesc* seqs_host, int num_seqs, int num_heads,
-                                        int num_kv_heads, int head_dim, int num_sms, bool kv_bf16 = false);
+                                        int num_kv_heads, int head_dim, int num_sms, bool kv_bf16 = false,
+                                        int decode_blocks_per_sm = kDecodeBlocksPerSmDefault);
 cudaError_t launch_attention_batch(const float* q, const AttentionSeqDesc* seqs_host, const AttentionSeqDesc* seqs_dev,
                                    int num_seqs, const AttentionBatchPlan& plan, int num_heads, int num_kv_heads,
                                    int head_dim, float* out, float* workspace, unsigned* counters, cudaStream_t stream,
