@@ -5,7 +5,7 @@
 # workloads in WORKLOADS_ONLY (see e2e-run.sh). Everything lands in $OUT/targets.tgz.
 #
 #   scripts/accel/targets-run.sh [ROUNDS] [LAYERS]      (defaults 2, 32; LAYERS 0 skips end to end)
-#   E2E_AGAIN="c64" EXTRA_AGAIN="--kv-cache-dtype fp32" scripts/accel/targets-run.sh
+#   E2E_AGAIN="c64" EXTRA_AGAIN="--kv-cache-dtype fp32" SPLITS="4 3 0" scripts/accel/targets-run.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/out}
@@ -26,6 +26,13 @@ for r in $(seq "$ROUNDS"); do
       --no-breakdown $flag --json "$LOGS/decode_${kv}_$r.json" >"$LOGS/decode_${kv}_$r.txt" 2>&1
     summary "$LOGS/decode_${kv}_$r.txt" "kv $kv r$r"
   done
+done
+# SPLITS: decode attention's EF_CUDA_DECODE_BLOCKS_PER_SM values to compare (e.g. "4 3 0"), with
+# the per-op breakdown (its AttentionBatch rows time the kernel alone).
+for v in ${SPLITS:-}; do
+  EF_CUDA_DECODE_BLOCKS_PER_SM=$v timeout 120 "$BUILD"/tests/ef_decode_bench --batches 1,16,64 --iters 10 --prefill 0 \
+    >"$LOGS/splits_$v.txt" 2>&1
+  grep -E "^decode |AttentionBatch x" "$LOGS/splits_$v.txt" | awk -v t="blocks/SM $v" '{printf "%-12s %s\n", t, $0}'
 done
 quiet() { grep -vE "^build ok|^# host|^NVIDIA|^Cuda|^mpirun|^[0-9]+$|Mem:|total|/dev"; }
 if [ "$LAYERS" -gt 0 ]; then
