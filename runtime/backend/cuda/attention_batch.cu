@@ -202,6 +202,9 @@ __global__ void __launch_bounds__(kDecodeThreads, kDecodeMinBlocksPerSm)
       const float corr = (m_old == -INFINITY) ? 0.f : expf(m_old - m_new);
       const float sum = WarpSum(p);
       if (lane < nk) ps[g * tile + lane] = p;
+      // Every lane has read ms[g] before lane 0 overwrites it: __syncwarp orders the warp's shared
+      // memory accesses, the shuffles are not documented to (racecheck flagged the read, then write).
+      __syncwarp();
       if (lane == 0) {
         ms[g] = m_new;
         ls[g] = ls[g] * corr + sum;
