@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <thread>
 #include <vector>
 
 #include "runtime/core/block_scaled_format.h"
@@ -43,10 +42,7 @@ int64_t CountNonFiniteBits(const U* x, int64_t n, U mask, int64_t* first) {
     const int64_t b = std::min(n, t * chunk), e = std::min(n, b + chunk);
     counts[static_cast<size_t>(t)] = CountExponentAllOnes(x, b, e, mask, &firsts[static_cast<size_t>(t)]);
   };
-  std::vector<std::thread> pool;
-  for (int64_t t = 1; t < threads; ++t) pool.emplace_back(run, t);
-  run(0);
-  for (std::thread& th : pool) th.join();
+  RunOnThreads(threads, run);
   int64_t count = 0;
   *first = -1;
   for (size_t t = 0; t < counts.size(); ++t) {

@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cstring>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "runtime/core/dtype.h"
@@ -98,10 +97,7 @@ StatusOr<size_t> PackBf16(const uint16_t* src, int64_t rows, int64_t cols, void*
     const int64_t begin = std::min(rows, t * chunk), end = std::min(rows, begin + chunk);
     PackRows(src, s, begin, end, &exc[t], &counts[t]);
   };
-  std::vector<std::thread> threads;
-  for (int64_t t = 1; t < num_threads; ++t) threads.emplace_back(run, t);
-  run(0);
-  for (std::thread& th : threads) th.join();
+  RunOnThreads(num_threads, run);
 
   int64_t total = 0;
   for (const auto& e : exc) total += static_cast<int64_t>(e.size());

@@ -4,7 +4,6 @@
 #include <cmath>
 #include <cstring>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "runtime/core/thread_pool.h"
@@ -197,10 +196,7 @@ StatusOr<size_t> Quantize(DType target, DType src_dtype, const void* src, int64_
     const int64_t begin = std::min(rows, t * chunk), end = std::min(rows, begin + chunk);
     results[t] = QuantizeRows(f, src_dtype, in, rows, cols, out, begin, end);
   };
-  std::vector<std::thread> threads;
-  for (int64_t t = 1; t < num_threads; ++t) threads.emplace_back(run, t);
-  run(0);
-  for (std::thread& th : threads) th.join();
+  RunOnThreads(num_threads, run);
   for (Status& s : results)
     if (!s.ok()) return s.Prepend("quantize: " + ShapeName(target, rows, cols));
   return bytes;

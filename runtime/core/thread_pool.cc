@@ -34,6 +34,13 @@ int AvailableCpus() {
   return cpus > 0 ? cpus : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
 }
 
+void RunOnThreads(int64_t num_threads, const std::function<void(int64_t)>& run) {
+  std::vector<std::thread> threads;
+  for (int64_t t = 1; t < num_threads; ++t) threads.emplace_back(run, t);
+  run(0);
+  for (std::thread& th : threads) th.join();
+}
+
 ThreadPool::ThreadPool(int num_threads) : ThreadPool(num_threads, params::ThreadPoolPin()) {}
 
 ThreadPool::ThreadPool(int num_threads, bool pin_workers) {

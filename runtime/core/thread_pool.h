@@ -30,6 +30,11 @@ namespace ef {
 // binding or taskset), else the hardware's.
 int AvailableCpus();
 
+// One-off parallel work outside a pool (loading, quantizing, packing): run(t) for every t in
+// [0, num_threads), t >= 1 each on a thread of its own, t = 0 on the caller; returns when all are
+// done.
+void RunOnThreads(int64_t num_threads, const std::function<void(int64_t)>& run);
+
 class ThreadPool {
  public:
   // pin_workers: bind worker i (1..num_threads-1) to the i-th CPU of the affinity mask, where the
