@@ -211,7 +211,8 @@ class SyntheticExperts final : public ExpertSource {
 class Bench {
  public:
   explicit Bench(const Args& a) : a_(a) {
-    CudaBackendOptions o;
+    // The EF_CUDA_* parameters first (as the engine reads them), then this bench's flags.
+    CudaBackendOptions o = CudaBackendOptions::FromParams(0);
     o.lt_gemm = a.lt_gemm;
     o.fused_gate_up = a.fused_gate_up;
     o.expert_streams = a.expert_streams;
