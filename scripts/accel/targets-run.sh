@@ -18,6 +18,10 @@ EF_BUILD_TESTS=ON source scripts/accel/build-full.sh ef_decode_bench || exit 1
 summary() {  # the table rows of one bench output
   grep -E "^(decode|prefill) " "$1" | awk -v t="$2" '{printf "%-14s %s\n", t, $0}'
 }
+# Prefill alone in its own process first (the rows below prefill after the decode phases).
+timeout 120 "$BUILD"/tests/ef_decode_bench --batches "" --prefill 2048 --prefill-iters 7 --no-breakdown \
+  --json "$LOGS/prefill_alone.json" >"$LOGS/prefill_alone.txt" 2>&1
+summary "$LOGS/prefill_alone.txt" "prefill alone"
 for r in $(seq "$ROUNDS"); do
   for kv in fp32 bf16; do
     flag=--kv-$kv

@@ -143,7 +143,7 @@ Args ParseArgs(int argc, char** argv) {
       for (std::string t; std::getline(ss, t, ',');) a.batches.push_back(std::stoi(t));
     } else if (k == "-h" || k == "--help") {
       std::printf(
-          "ef_decode_bench [--layers N] [--batches 1,16,64] [--context N] [--prefill N] [--iters N] "
+          "ef_decode_bench [--layers N] [--batches 1,16,64 (\"\": none)] [--context N] [--prefill N] [--iters N] "
           "[--hbm-tbps X] [--sweep] [--profile] [--no-lt] [--shape NAME] [--json FILE]\n"
           "  --shape    mixtral-8x7b (default) or qwen3-30b-a3b (hidden 2048, 128 experts x ffn 768, top-8,\n"
           "             32 / 4 heads x 128)\n"
@@ -853,7 +853,7 @@ int Main(int argc, char** argv) {
   nlohmann::json records = nlohmann::json::array();
   std::printf("\n%-8s %6s %8s %12s %12s %12s %10s %12s %10s\n", "phase", "batch", "tokens", "step_ms", "layer_us",
               "bound_us", "ratio", "act_experts", "tok/s");
-  const int max_batch = *std::max_element(a.batches.begin(), a.batches.end());
+  const int max_batch = a.batches.empty() ? 0 : *std::max_element(a.batches.begin(), a.batches.end());
   bench.MakeSequences(std::max(max_batch, 1), std::max(a.context + 1, a.prefill));
   for (int B : a.batches) {
     std::vector<int> n_new(B, 1), len(B, a.context);
