@@ -5,7 +5,7 @@
 # workloads in WORKLOADS_ONLY (see e2e-run.sh). Everything lands in $OUT/targets.tgz.
 #
 #   scripts/accel/targets-run.sh [ROUNDS] [LAYERS]      (defaults 2, 32; LAYERS 0 skips end to end)
-#   E2E_AGAIN="c64" EXTRA_AGAIN="--kv-cache-dtype fp32" SPLITS="4 3 0" scripts/accel/targets-run.sh
+#   E2E_AGAIN="c64" EXTRA_AGAIN="--kv-cache-dtype fp32" SPLITS="4 3 0" QWEN=1 scripts/accel/targets-run.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/out}
@@ -38,6 +38,12 @@ for v in ${SPLITS:-}; do
     >"$LOGS/splits_$v.txt" 2>&1
   grep -E "^decode |AttentionBatch x" "$LOGS/splits_$v.txt" | awk -v t="blocks/SM $v" '{printf "%-12s %s\n", t, $0}'
 done
+# QWEN=1: the Qwen3-30B-A3B-shaped row (decode batches 1 and 64, prefill 2048), the default KV cache.
+if [ -n "${QWEN:-}" ]; then
+  timeout 200 "$BUILD"/tests/ef_decode_bench --shape qwen3-30b-a3b --batches 1,64 --iters 20 --prefill 2048 \
+    --prefill-iters 5 --no-breakdown --json "$LOGS/qwen3.json" >"$LOGS/qwen3.txt" 2>&1
+  summary "$LOGS/qwen3.txt" "qwen3"
+fi
 quiet() { grep -vE "^build ok|^# host|^NVIDIA|^Cuda|^mpirun|^[0-9]+$|Mem:|total|/dev"; }
 if [ "$LAYERS" -gt 0 ]; then
   OUT=$LOGS bash scripts/accel/e2e-run.sh expertflow "$LAYERS" 2>&1 | quiet
