@@ -552,11 +552,13 @@ TEST_F(CudaOpsTest, MoeGroupedMatchesTheCpuLayer) {
 
 TEST_F(CudaOpsTest, ExpertMlpsMatchTheCpuExperts) {
   // Several experts' SwiGLU MLPs in one call, each on its own rows (0, 1 and 2 rows: the GEMV
-  // path; 5 to 130: 16-bit GEMMs on side streams). Reference: the CPU backend on the operands
-  // rounded where the GPU rounds them (x, gate and up products, the activation: <= 1e-5 NMSE, fp32
-  // sums in another order) and on the exact ones (<= 1e-4). An expert's bits do not depend on the
-  // call: all at once, one per call, and on a backend whose scratch holds one expert at a time (the
-  // experts in groups, one after another) give the same bits; the GEMV experts give GateUpSilu's.
+  // path; 5 to 130: 16-bit GEMMs, small enough here for the grouped calls by default, and one
+  // cuBLASLt GEMM each on side streams with grouped_experts 0). Reference: the CPU backend on the
+  // operands rounded where the GPU rounds them (x, gate and up products, the activation, and on
+  // the grouped path the down products: <= 1e-5 NMSE, fp32 sums in another order) and on the exact
+  // ones (<= 1e-4). An expert's bits do not depend on the call: all at once, one per call, and on
+  // a backend whose scratch holds one expert at a time (the experts in groups, one after another)
+  // give the same bits; the GEMV experts give GateUpSilu's on either path.
   const int H = 256, F = 512;
   for (DType dt : {DType::kBF16, DType::kF16}) {
     SCOPED_TRACE(DTypeName(dt));
@@ -585,7 +587,8 @@ TEST_F(CudaOpsTest, ExpertMlpsMatchTheCpuExperts) {
       n += rows[e];
     }
     const auto x = RandomFloats(n * H, 4100, -2.f, 2.f);
-    std::vector<float> want(n * H), want_rounded(n * H);
+    // want_rounded: the side streams' rounding; want_grouped: that and the down products in 16 bits.
+    std::vector<float> want(n * H), want_rounded(n * H), want_grouped(n * H);
     for (int e = 0; e < E; ++e) {
       const bool gemv = rows[e] <= cuda::kGemvMaxRows;
       for (int64_t r = ex[e].begin; r < ex[e].begin + rows[e]; ++r)
@@ -609,45 +612,61 @@ TEST_F(CudaOpsTest, ExpertMlpsMatchTheCpuExperts) {
             double acc = 0;
             for (int i = 0; i < F; ++i) acc += double(host[3 * e + 2][d * F + i]) * g[i];
             dst[d] = static_cast<float>(acc);
+            if (rounded) want_grouped[r * H + d] = gemv ? dst[d] : round(dst[d]);
           }
         }
     }
     float* xd = dev_->Put(x);
+    gpu_->Synchronize();  // x and the weights, before another backend's stream reads them
+    std::vector<float> got;
+    for (int mode : {-1, 0}) {  // the default (grouped here), one cuBLASLt GEMM each
+      SCOPED_TRACE(mode == 0 ? "one GEMM per expert" : "grouped");
+      CudaBackendOptions mo;
+      mo.grouped_experts = mode;
+      std::unique_ptr<CudaBackend> own = mode == -1 ? nullptr : testing::MakeTestCudaBackend(mo);
+      CudaBackend* b = mode == -1 ? gpu_.get() : own.get();
+      ASSERT_NE(b, nullptr);
+      DeviceArrays d(b);
+      float* all = d.Zeros<float>(n * H);
+      float* one = d.Zeros<float>(n * H);
+      ASSERT_TRUE(b->ExpertMlps(xd, ex.data(), E, all));
+      for (int e = 0; e < E; ++e) ASSERT_TRUE(b->ExpertMlps(xd, &ex[e], 1, one));
+      const auto y = d.Get(all, n * H);
+      EXPECT_LE(Nmse(y, mode == 0 ? want_rounded : want_grouped), 1e-5);
+      EXPECT_LE(Nmse(y, want), 1e-4);
+      EXPECT_EQ(y, d.Get(one, n * H)) << "an expert's result depends on the call";
+      // The GEMV experts: GateUpSilu and Gemm's bits.
+      for (int e = 0; e < E; ++e) {
+        if (rows[e] == 0 || rows[e] > cuda::kGemvMaxRows) continue;
+        float* act = d.Zeros<float>(rows[e] * F);
+        float* ye = d.Zeros<float>(rows[e] * H);
+        ASSERT_TRUE(b->GateUpSilu(xd + ex[e].begin * H, rows[e], gw[3 * e], gw[3 * e + 1], act));
+        b->Gemm(act, rows[e], gw[3 * e + 2], nullptr, ye, false);
+        EXPECT_EQ(d.Get(ye, rows[e] * H),
+                  std::vector<float>(y.begin() + ex[e].begin * H, y.begin() + (ex[e].begin + rows[e]) * H))
+            << "expert " << e;
+      }
+      // A backend whose scratch holds one expert's products: the experts run in groups.
+      b->Synchronize();
+      ASSERT_TRUE(b->status().ok()) << b->status().ToString();
+      CudaBackendOptions o = mo;
+      o.expert_streams = 2;
+      o.expert_mlp_scratch_bytes = 1;
+      auto small = testing::MakeTestCudaBackend(o);
+      ASSERT_NE(small, nullptr);
+      {
+        DeviceArrays d2(small.get());
+        float* x2 = d2.Put(x);
+        float* y2 = d2.Zeros<float>(n * H);
+        ASSERT_TRUE(small->ExpertMlps(x2, ex.data(), E, y2));
+        EXPECT_EQ(d2.Get(y2, n * H), y) << "grouped by the scratch";
+        small->Synchronize();
+        ASSERT_TRUE(small->status().ok()) << small->status().ToString();
+      }
+      if (mode == -1) got = y;
+    }
     float* all = dev_->Zeros<float>(n * H);
-    float* one = dev_->Zeros<float>(n * H);
     ASSERT_TRUE(gpu_->ExpertMlps(xd, ex.data(), E, all));
-    for (int e = 0; e < E; ++e) ASSERT_TRUE(gpu_->ExpertMlps(xd, &ex[e], 1, one));
-    const auto got = dev_->Get(all, n * H);
-    EXPECT_LE(Nmse(got, want_rounded), 1e-5);
-    EXPECT_LE(Nmse(got, want), 1e-4);
-    EXPECT_EQ(got, dev_->Get(one, n * H)) << "an expert's result depends on the call";
-    // The GEMV experts: GateUpSilu and Gemm's bits.
-    for (int e = 0; e < E; ++e) {
-      if (rows[e] == 0 || rows[e] > cuda::kGemvMaxRows) continue;
-      float* act = dev_->Zeros<float>(rows[e] * F);
-      float* y = dev_->Zeros<float>(rows[e] * H);
-      ASSERT_TRUE(gpu_->GateUpSilu(xd + ex[e].begin * H, rows[e], gw[3 * e], gw[3 * e + 1], act));
-      gpu_->Gemm(act, rows[e], gw[3 * e + 2], nullptr, y, false);
-      EXPECT_EQ(dev_->Get(y, rows[e] * H),
-                std::vector<float>(got.begin() + ex[e].begin * H, got.begin() + (ex[e].begin + rows[e]) * H))
-          << "expert " << e;
-    }
-    // A backend whose scratch holds one expert's products: the experts run in groups.
-    gpu_->Synchronize();
-    CudaBackendOptions o;
-    o.expert_streams = 2;
-    o.expert_mlp_scratch_bytes = 1;
-    auto small = testing::MakeTestCudaBackend(o);
-    ASSERT_NE(small, nullptr);
-    {
-      DeviceArrays d2(small.get());
-      float* x2 = d2.Put(x);
-      float* y2 = d2.Zeros<float>(n * H);
-      ASSERT_TRUE(small->ExpertMlps(x2, ex.data(), E, y2));
-      EXPECT_EQ(d2.Get(y2, n * H), got) << "grouped by the scratch";
-      small->Synchronize();
-      ASSERT_TRUE(small->status().ok()) << small->status().ToString();
-    }
     // Declined (nothing enqueued): fp32 weights, mismatched shapes, no streams.
     auto [wc32, wg32] = Weights(RandomFloats(F * H, 4200), F, H, DType::kF32);
     Backend::ExpertMlpRows bad = ex[0];

@@ -48,8 +48,9 @@ TEST(AttentionPlanTest, DecodeBlocksPerSmSetsTheSplits) {
     const auto d = Decode(seqs, 513);
     return cuda::plan_attention_batch(d.data(), seqs, 32, 8, 128, 132, false, per_sm).num_splits;
   };
-  EXPECT_EQ(splits(64, cuda::kDecodeBlocksPerSmDefault), 2);
+  EXPECT_EQ(splits(64, cuda::kDecodeBlocksPerSmDefault), 1);
   EXPECT_EQ(splits(64, 3), 1);  // 512 blocks already pass 3 per SM (396)
+  EXPECT_EQ(splits(64, 4), 2);  // ... not 4 (528)
   EXPECT_EQ(splits(64, 8), 3);  // 1056 blocks: ceil(1056 / 512)
   EXPECT_EQ(splits(1, 1), 17);  // ceil(132 / 8)
   EXPECT_EQ(splits(1, 0), 1);
@@ -59,20 +60,20 @@ TEST(AttentionPlanTest, DecodeBlocksPerSmSetsTheSplits) {
 }
 
 TEST(AttentionPlanTest, DecodeSplitsFillTheSmsAndTheKernelMergesThem) {
-  // One sequence of 513 keys on 8 KV heads: enough splits for 4 blocks per SM (66), at most one
+  // One sequence of 513 keys on 8 KV heads: enough splits for 3 blocks per SM (50), at most one
   // split per 16-key tile (33); the decode kernel merges them (a counter per sequence and KV head).
   const cuda::AttentionBatchPlan one = Plan(Decode(1, 513), 32, 8, 128, false);
   EXPECT_TRUE(one.decode);
   EXPECT_EQ(one.num_splits, 33);
   EXPECT_EQ(one.num_counters, 8);
   EXPECT_EQ(one.workspace_floats, size_t{33} * 1 * 32 * (128 + 2));
-  // 64 sequences: 512 blocks are just short of 4 per SM, so 2 splits.
-  const cuda::AttentionBatchPlan many = Plan(Decode(64, 513), 32, 8, 128, false);
-  EXPECT_EQ(many.num_splits, 2);
-  EXPECT_EQ(many.num_rows, 64);
-  EXPECT_EQ(many.num_counters, 64 * 8);
-  // 200 sequences fill the SMs without splits: no workspace, no counters.
-  const cuda::AttentionBatchPlan full = Plan(Decode(200, 513), 32, 8, 128, false);
+  // 16 sequences: 128 blocks, 4 splits for 3 per SM.
+  const cuda::AttentionBatchPlan some = Plan(Decode(16, 513), 32, 8, 128, false);
+  EXPECT_EQ(some.num_splits, 4);
+  EXPECT_EQ(some.num_rows, 16);
+  EXPECT_EQ(some.num_counters, 16 * 8);
+  // 64 sequences (512 blocks) fill the SMs without splits: no workspace, no counters.
+  const cuda::AttentionBatchPlan full = Plan(Decode(64, 513), 32, 8, 128, false);
   EXPECT_EQ(full.num_splits, 1);
   EXPECT_EQ(full.workspace_floats, 0u);
   EXPECT_EQ(full.num_counters, 0);

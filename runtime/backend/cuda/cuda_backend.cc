@@ -17,6 +17,9 @@ EF_PARAM(CudaMemoryBudgetMiB, int64_t, "EF_CUDA_MEMORY_BUDGET_MIB", 0,
 EF_PARAM(CudaExpertStreams, int64_t, "EF_CUDA_EXPERT_STREAMS", 4,
          "cuda backend: streams the experts of a prefill-sized MoE layer run on (0: one expert at a time, fp32 "
          "products)");
+EF_PARAM(CudaGroupedExperts, int64_t, "EF_CUDA_GROUPED_EXPERTS", -1,
+         "cuda backend: prefill experts' GEMMs as one grouped cuBLAS call per projection: -1 for small experts "
+         "(fine-grained MoE), 1 for all past the GEMV's rows, 0 never (one cuBLASLt GEMM each)");
 EF_PARAM(CudaPdl, bool, "EF_CUDA_PDL", true,
          "cuda backend: launch the decode path's kernels with programmatic dependent launch (Hopper and later)");
 EF_PARAM(CudaDecodeBlocksPerSm, int64_t, "EF_CUDA_DECODE_BLOCKS_PER_SM", ef::runtime::cuda::kDecodeBlocksPerSmDefault,
@@ -63,6 +66,7 @@ CudaBackendOptions CudaBackendOptions::FromParams(int device) {
   o.memory_budget = static_cast<size_t>(std::max<int64_t>(0, params::CudaMemoryBudgetMiB())) << 20;
   o.expert_streams = static_cast<int>(std::clamp<int64_t>(params::CudaExpertStreams(), 0, 16));
   o.pdl = params::CudaPdl();
+  o.grouped_experts = static_cast<int>(std::clamp<int64_t>(params::CudaGroupedExperts(), -1, 1));
   o.decode_blocks_per_sm = static_cast<int>(std::clamp<int64_t>(params::CudaDecodeBlocksPerSm(), 0, 64));
   return o;
 }
@@ -153,6 +157,8 @@ CudaBackend::~CudaBackend() {
   if (mlp_x16_) DeviceFree(mlp_x16_, mlp_x16_cap_);
   if (mlp_gu_) DeviceFree(mlp_gu_, mlp_gu_cap_);
   if (mlp_small_) DeviceFree(mlp_small_, mlp_small_cap_);
+  if (mlp_down16_) DeviceFree(mlp_down16_, mlp_down16_cap_);
+  if (mlp_table_) DeviceFree(mlp_table_, mlp_table_cap_);
   for (SideStream& s : side_) {
     if (s.stream) CUDA_CHECK_LOG(cudaStreamSynchronize(s.stream), &ignored);
     if (s.workspace) DeviceFree(s.workspace, lt_ ? lt_->workspace_bytes() : 0);
@@ -348,6 +354,24 @@ bool CudaBackend::EnsureSideStreams(int count) {
   return true;
 }
 
+cublasStatus_t CudaBackend::GroupedGemm16(DType t, int count, int64_t n, int64_t k, const int* rows,
+                                          const void* const* w, const void* const* x, void* const* y) {
+#if CUBLAS_VERSION >= 120500
+  if (count < 1) return CUBLAS_STATUS_SUCCESS;
+  const cudaDataType dt = t == DType::kBF16 ? CUDA_R_16BF : CUDA_R_16F;
+  // Row-major y = x . w^T is column-major y^T = w^T(as stored: k x n, transposed) . x^T.
+  const std::vector<cublasOperation_t> ta(count, CUBLAS_OP_T), tb(count, CUBLAS_OP_N);
+  const std::vector<int> ns(count, static_cast<int>(n)), ks(count, static_cast<int>(k)), ones(count, 1);
+  const std::vector<float> alpha(count, 1.f), beta(count, 0.f);
+  return cublasGemmGroupedBatchedEx(cublas_, ta.data(), tb.data(), ns.data(), rows, ks.data(), alpha.data(), w, dt,
+                                    ks.data(), x, dt, ks.data(), beta.data(), y, dt, ns.data(), count, ones.data(),
+                                    CUBLAS_COMPUTE_32F);
+#else
+  (void)t, (void)count, (void)n, (void)k, (void)rows, (void)w, (void)x, (void)y;
+  return CUBLAS_STATUS_NOT_SUPPORTED;
+#endif
+}
+
 bool CudaBackend::ExpertMlps(const float* x, const ExpertMlpRows* ex, int count, float* y) {
   if (count < 1 || options_.expert_streams < 1 || !lt_) return false;
   const DType t = ex[0].gate->dtype;
@@ -363,9 +387,16 @@ bool CudaBackend::ExpertMlps(const float* x, const ExpertMlpRows* ex, int count,
     n = std::max(n, e.begin + e.rows);
   }
   // Decode-sized experts take the path GateUpSilu and Gemm take (the GEMV's bits, fp32 x); the
-  // rest one GEMM per projection on 16-bit operands. Which path an expert takes depends on its
-  // rows only.
-  std::vector<int> small, big;
+  // rest run on 16-bit operands, small ones in one grouped call per projection (16-bit down
+  // products, widened into y), the others one cuBLASLt GEMM per projection on the side streams.
+  // Which path an expert takes depends on its rows only.
+#if CUBLAS_VERSION >= 120500
+  const bool can_group = options_.grouped_experts != 0 && !grouped_failed_ && !capturing_ && F <= INT32_MAX &&
+                         H <= INT32_MAX;
+#else
+  const bool can_group = false;
+#endif
+  std::vector<int> small, big, grouped;
   int64_t small_rows = 0, big_max = 0;
   for (int i = 0; i < count; ++i) {
     if (ex[i].rows == 0) continue;
@@ -373,33 +404,59 @@ bool CudaBackend::ExpertMlps(const float* x, const ExpertMlpRows* ex, int count,
         cuda::gemv_supported(ex[i].rows, H, t, x + ex[i].begin * H, ex[i].up->data)) {
       small.push_back(i);
       small_rows = std::max(small_rows, ex[i].rows);
-    } else {
-      big.push_back(i);
-      big_max = std::max(big_max, ex[i].rows);
+      continue;
     }
+    if (ex[i].rows > INT32_MAX) return false;
+    big_max = std::max(big_max, ex[i].rows);
+    if (can_group && (options_.grouped_experts == 1 ||
+                      ex[i].rows * F * H <= CudaBackendOptions::kGroupedExpertMaxMacs))
+      grouped.push_back(i);
+    else
+      big.push_back(i);
   }
   // Groups of experts whose products fit the scratch together (one expert alone always does).
   const int64_t cap_rows = std::max<int64_t>(
       big_max, static_cast<int64_t>(options_.expert_mlp_scratch_bytes / (2 * static_cast<size_t>(F) * 2)));
-  std::vector<std::pair<size_t, size_t>> groups;  // [first, last) of big
-  int64_t group_rows = 0, scratch_rows = 0;
-  for (size_t j = 0; j < big.size(); ++j) {
-    if (groups.empty() || group_rows + ex[big[j]].rows > cap_rows) {
-      groups.push_back({j, j});
-      group_rows = 0;
+  int64_t scratch_rows = 0, grouped_rows = 0;
+  size_t grouped_most = 0;  // experts in the largest group of grouped ones
+  auto split = [&](const std::vector<int>& list) {
+    std::vector<std::pair<size_t, size_t>> groups;  // [first, last) of list
+    int64_t rows = 0;
+    for (size_t j = 0; j < list.size(); ++j) {
+      if (groups.empty() || rows + ex[list[j]].rows > cap_rows) {
+        groups.push_back({j, j});
+        rows = 0;
+      }
+      groups.back().second = j + 1;
+      rows += ex[list[j]].rows;
+      scratch_rows = std::max(scratch_rows, rows);
     }
-    groups.back().second = j + 1;
-    group_rows += ex[big[j]].rows;
-    scratch_rows = std::max(scratch_rows, group_rows);
+    return groups;
+  };
+  const auto big_groups = split(big);
+  const auto grouped_groups = split(grouped);
+  for (const auto& [first, last] : grouped_groups) {
+    int64_t rows = 0;
+    for (size_t j = first; j < last; ++j) rows += ex[grouped[j]].rows;
+    grouped_rows = std::max(grouped_rows, rows);
+    grouped_most = std::max(grouped_most, last - first);
   }
   const int streams = std::min<int>(options_.expert_streams, std::max<size_t>(1, big.size()));
   void* x16 = nullptr;
   std::byte* gu = nullptr;
-  if (!big.empty()) {
+  void* down16 = nullptr;
+  uint64_t* table = nullptr;
+  if (!big.empty() || !grouped.empty()) {
     x16 = EnsureScratch(&mlp_x16_, &mlp_x16_cap_, static_cast<size_t>(n * H) * 2, false);
     gu = static_cast<std::byte*>(
         EnsureScratch(&mlp_gu_, &mlp_gu_cap_, static_cast<size_t>(2 * scratch_rows * F) * 2, false));
-    if (!x16 || !gu || !EnsureSideStreams(streams)) return false;
+    if (!x16 || !gu || (!big.empty() && !EnsureSideStreams(streams))) return false;
+  }
+  if (!grouped.empty()) {
+    down16 = EnsureScratch(&mlp_down16_, &mlp_down16_cap_, static_cast<size_t>(grouped_rows * H) * 2, false);
+    table = static_cast<uint64_t*>(
+        EnsureScratch(&mlp_table_, &mlp_table_cap_, grouped_most * 12 * sizeof(uint64_t), false));
+    if (!down16 || !table) return false;
   }
   float* act = nullptr;
   if (!small.empty()) {
@@ -407,49 +464,131 @@ bool CudaBackend::ExpertMlps(const float* x, const ExpertMlpRows* ex, int count,
         EnsureScratch(&mlp_small_, &mlp_small_cap_, static_cast<size_t>(small_rows * F) * sizeof(float), false));
     if (!act) return false;
   }
-  // Every GEMM's algorithm is known before anything is enqueued (the offsets set the alignment).
+  // Every cuBLASLt GEMM's algorithm is known before anything is enqueued (the offsets set the
+  // alignment); the grouped experts' too, for the case that cuBLAS refuses the grouped call.
   auto gate_out = [&](int64_t off) { return gu + static_cast<size_t>(off * F) * 2; };
   auto up_out = [&](int64_t off) { return gu + static_cast<size_t>((scratch_rows + off) * F) * 2; };
-  for (const auto& [first, last] : groups) {
+  auto x16_of = [&](const ExpertMlpRows& e) {
+    return static_cast<const std::byte*>(x16) + static_cast<size_t>(e.begin * H) * 2;
+  };
+  for (const auto* list : {&big, &grouped})
+    for (const auto& [first, last] : (list == &big ? big_groups : grouped_groups)) {
+      int64_t off = 0;
+      for (size_t j = first; j < last; ++j) {
+        const ExpertMlpRows& e = ex[(*list)[j]];
+        if (!lt_->Supports(t, e.gate->data, x16_of(e), gate_out(off), t, e.rows, F, H, F) ||
+            !lt_->Supports(t, e.up->data, x16_of(e), up_out(off), t, e.rows, F, H, F) ||
+            !lt_->Supports(t, e.down->data, gate_out(off), y + e.begin * H, DType::kF32, e.rows, H, F, H))
+          return false;
+        off += e.rows;
+      }
+    }
+
+  if (!big.empty() || !grouped.empty()) CUDA_CHECK_LOG(cuda::launch_convert_f32(x, x16, t, n * H, stream_), &error_);
+  for (const auto& [first, last] : big_groups) {
+    // The side streams start after what the compute stream holds (x16, the previous group's use
+    // of the scratch) ...
+    CUDA_CHECK_LOG(cudaEventRecord(fork_, stream_), &error_);
+    for (int s = 0; s < streams; ++s) CUDA_CHECK_LOG(cudaStreamWaitEvent(side_[s].stream, fork_, 0), &error_);
     int64_t off = 0;
     for (size_t j = first; j < last; ++j) {
       const ExpertMlpRows& e = ex[big[j]];
-      const void* xe = static_cast<const std::byte*>(x16) + static_cast<size_t>(e.begin * H) * 2;
-      if (!lt_->Supports(t, e.gate->data, xe, gate_out(off), t, e.rows, F, H, F) ||
-          !lt_->Supports(t, e.up->data, xe, up_out(off), t, e.rows, F, H, F) ||
-          !lt_->Supports(t, e.down->data, gate_out(off), y + e.begin * H, DType::kF32, e.rows, H, F, H))
-        return false;
+      const SideStream& ss = side_[(j - first) % streams];
+      void* g = gate_out(off);
+      void* u = up_out(off);
+      CUBLAS_CHECK_LOG(lt_->Run(t, e.gate->data, x16_of(e), g, t, e.rows, F, H, F, false, ss.stream, ss.workspace),
+                       &error_);
+      CUBLAS_CHECK_LOG(lt_->Run(t, e.up->data, x16_of(e), u, t, e.rows, F, H, F, false, ss.stream, ss.workspace),
+                       &error_);
+      CUDA_CHECK_LOG(cuda::launch_silu_mul_16(g, u, t, e.rows * F, ss.stream), &error_);
+      CUBLAS_CHECK_LOG(
+          lt_->Run(t, e.down->data, g, y + e.begin * H, DType::kF32, e.rows, H, F, H, false, ss.stream, ss.workspace),
+          &error_);
       off += e.rows;
     }
+    // ... and the compute stream goes on after all of them.
+    for (int s = 0; s < streams; ++s) {
+      CUDA_CHECK_LOG(cudaEventRecord(side_[s].done, side_[s].stream), &error_);
+      CUDA_CHECK_LOG(cudaStreamWaitEvent(stream_, side_[s].done, 0), &error_);
+    }
   }
-
-  if (!big.empty()) {
-    CUDA_CHECK_LOG(cuda::launch_convert_f32(x, x16, t, n * H, stream_), &error_);
-    for (const auto& [first, last] : groups) {
-      // The side streams start after what the compute stream holds (x16, the previous group's use
-      // of the scratch) ...
-      CUDA_CHECK_LOG(cudaEventRecord(fork_, stream_), &error_);
-      for (int s = 0; s < streams; ++s) CUDA_CHECK_LOG(cudaStreamWaitEvent(side_[s].stream, fork_, 0), &error_);
-      int64_t off = 0;
-      for (size_t j = first; j < last; ++j) {
-        const ExpertMlpRows& e = ex[big[j]];
-        const SideStream& ss = side_[(j - first) % streams];
-        const void* xe = static_cast<const std::byte*>(x16) + static_cast<size_t>(e.begin * H) * 2;
-        void* g = gate_out(off);
-        void* u = up_out(off);
-        CUBLAS_CHECK_LOG(lt_->Run(t, e.gate->data, xe, g, t, e.rows, F, H, F, false, ss.stream, ss.workspace), &error_);
-        CUBLAS_CHECK_LOG(lt_->Run(t, e.up->data, xe, u, t, e.rows, F, H, F, false, ss.stream, ss.workspace), &error_);
-        CUDA_CHECK_LOG(cuda::launch_silu_mul_16(g, u, t, e.rows * F, ss.stream), &error_);
-        CUBLAS_CHECK_LOG(
-            lt_->Run(t, e.down->data, g, y + e.begin * H, DType::kF32, e.rows, H, F, H, false, ss.stream, ss.workspace),
-            &error_);
-        off += e.rows;
-      }
-      // ... and the compute stream goes on after all of them.
-      for (int s = 0; s < streams; ++s) {
-        CUDA_CHECK_LOG(cudaEventRecord(side_[s].done, side_[s].stream), &error_);
-        CUDA_CHECK_LOG(cudaStreamWaitEvent(stream_, side_[s].done, 0), &error_);
-      }
+  // The grouped experts, a group at a time on the compute stream (after the side streams' use of
+  // the scratch): gate and up of every expert in one call, SiLU(gate) * up in one pass, down in
+  // one call, its 16-bit products widened into each expert's rows of y.
+  for (const auto& [first, last] : grouped_groups) {
+    const int cnt = static_cast<int>(last - first);
+    // The device table: gate/up [2 cnt] w, x, y pointers, down [cnt] w, x, y, the segments [cnt].
+    std::vector<uint64_t> host(static_cast<size_t>(cnt) * 12);
+    std::vector<int> rows2(2 * cnt);
+    uint64_t* gu_w = host.data();
+    uint64_t* gu_x = gu_w + 2 * cnt;
+    uint64_t* gu_y = gu_x + 2 * cnt;
+    uint64_t* dn_w = gu_y + 2 * cnt;
+    uint64_t* dn_x = dn_w + cnt;
+    uint64_t* dn_y = dn_x + cnt;
+    auto* seg = reinterpret_cast<cuda::RowSegment*>(dn_y + cnt);
+    static_assert(sizeof(cuda::RowSegment) == 3 * sizeof(uint64_t));
+    auto addr = [](const void* p) { return static_cast<uint64_t>(reinterpret_cast<uintptr_t>(p)); };
+    int64_t off = 0, max_rows = 0;
+    for (int j = 0; j < cnt; ++j) {
+      const ExpertMlpRows& e = ex[grouped[first + j]];
+      rows2[j] = rows2[cnt + j] = static_cast<int>(e.rows);
+      gu_w[j] = addr(e.gate->data);
+      gu_w[cnt + j] = addr(e.up->data);
+      gu_x[j] = gu_x[cnt + j] = addr(x16_of(e));
+      gu_y[j] = addr(gate_out(off));
+      gu_y[cnt + j] = addr(up_out(off));
+      dn_w[j] = addr(e.down->data);
+      dn_x[j] = addr(gate_out(off));
+      dn_y[j] = addr(static_cast<std::byte*>(down16) + static_cast<size_t>(off * H) * 2);
+      seg[j] = {off, e.begin, e.rows};
+      off += e.rows;
+      max_rows = std::max(max_rows, e.rows);
+    }
+    CopyToDevice(table, host.data(), host.size() * sizeof(uint64_t));
+    auto dev = [&](const uint64_t* p) { return table + (p - host.data()); };
+    const cublasStatus_t gs = GroupedGemm16(t, 2 * cnt, F, H, rows2.data(), reinterpret_cast<const void* const*>(dev(gu_w)),
+                                            reinterpret_cast<const void* const*>(dev(gu_x)),
+                                            reinterpret_cast<void* const*>(dev(gu_y)));
+    if (gs != CUBLAS_STATUS_SUCCESS) {
+      EF_LOG(WARN, CUDA, "grouped expert GEMMs refused (cuBLAS status %d): one GEMM per expert from now on",
+             static_cast<int>(gs));
+      grouped_failed_ = true;
+    }
+    int64_t o = 0;
+    for (int j = 0; gs != CUBLAS_STATUS_SUCCESS && j < cnt; ++j) {
+      const ExpertMlpRows& e = ex[grouped[first + j]];
+      CUBLAS_CHECK_LOG(lt_->Run(t, e.gate->data, x16_of(e), gate_out(o), t, e.rows, F, H, F, false, stream_, nullptr),
+                       &error_);
+      CUBLAS_CHECK_LOG(lt_->Run(t, e.up->data, x16_of(e), up_out(o), t, e.rows, F, H, F, false, stream_, nullptr),
+                       &error_);
+      o += e.rows;
+    }
+    // The gate and up products of the group lie in two contiguous runs: one pass.
+    CUDA_CHECK_LOG(cuda::launch_silu_mul_16(gate_out(0), up_out(0), t, off * F, stream_), &error_);
+    const cublasStatus_t ds =
+        gs != CUBLAS_STATUS_SUCCESS
+            ? gs
+            : GroupedGemm16(t, cnt, H, F, rows2.data(), reinterpret_cast<const void* const*>(dev(dn_w)),
+                            reinterpret_cast<const void* const*>(dev(dn_x)), reinterpret_cast<void* const*>(dev(dn_y)));
+    if (ds == CUBLAS_STATUS_SUCCESS) {
+      CUDA_CHECK_LOG(cuda::launch_rows_16_to_f32(down16, t, y, reinterpret_cast<const cuda::RowSegment*>(dev(dn_y + cnt)),
+                                                 cnt, max_rows, static_cast<int>(H), stream_),
+                     &error_);
+      continue;
+    }
+    if (!grouped_failed_) {
+      EF_LOG(WARN, CUDA, "grouped expert GEMMs refused (cuBLAS status %d): one GEMM per expert from now on",
+             static_cast<int>(ds));
+      grouped_failed_ = true;
+    }
+    o = 0;
+    for (int j = 0; j < cnt; ++j) {
+      const ExpertMlpRows& e = ex[grouped[first + j]];
+      CUBLAS_CHECK_LOG(lt_->Run(t, e.down->data, gate_out(o), y + e.begin * H, DType::kF32, e.rows, H, F, H, false,
+                                stream_, nullptr),
+                       &error_);
+      o += e.rows;
     }
   }
   for (int i : small) {  // on the compute stream, after the groups were enqueued

@@ -35,6 +35,12 @@
 namespace ef::runtime {
 
 struct CudaBackendOptions {
+  // grouped_experts -1: the largest expert GEMM (rows * inter * hidden multiply-adds) that runs
+  // grouped, ~2 GFLOP. One cuBLASLt GEMM costs ~8 us of host time to enqueue, more than such a
+  // GEMM takes to run: on an H100, 128 experts of Qwen3-30B-A3B's shape (~128 rows x 768 x 2048)
+  // ran at 54 TFLOP/s one call each and at 218 TFLOP/s as one grouped call; 8 of Mixtral's
+  // (~512 rows x 14336 x 4096) at 585 TFLOP/s one call each and at 250 grouped.
+  static constexpr int64_t kGroupedExpertMaxMacs = int64_t{1} << 30;
   int device = 0;
   // Store F32 matrices (rows > 1) as BF16 at upload; GEMMs then run bf16 x bf16 with fp32
   // accumulation. 1-D vectors (norms, biases) stay F32. Default: EF_CUDA_BF16_WEIGHTS.
@@ -64,6 +70,12 @@ struct CudaBackendOptions {
   // Default: EF_CUDA_DECODE_BLOCKS_PER_SM.
   int decode_blocks_per_sm = cuda::kDecodeBlocksPerSmDefault;
   size_t expert_mlp_scratch_bytes = size_t{256} << 20;
+  // ExpertMlps' experts past the GEMV's rows through one grouped cuBLAS call per projection
+  // (cublasGemmGroupedBatchedEx, 16-bit outputs) instead of a cuBLASLt GEMM each: -1 for an expert
+  // whose GEMM is small (rows * inter * hidden <= kGroupedExpertMaxMacs: a fine-grained MoE's,
+  // where a GEMM's enqueue outlasts its run), 1 for every one, 0 never. Which path an expert takes
+  // depends on its own rows and shape only. Default: EF_CUDA_GROUPED_EXPERTS.
+  int grouped_experts = -1;
   // Initial Backend::SetReducedPrecisionAttention: prefill attention (chunks of at least
   // cuda::kAttentionPrefillTcMinRows rows, head_dim 64/128) on tensor cores with bf16 operands.
   // Its scratch holds a bf16 copy of the batch's keys and values (half their fp32 bytes).
@@ -245,6 +257,13 @@ class CudaBackend final : public Backend {
   size_t mlp_gu_cap_ = 0;
   void* mlp_small_ = nullptr;
   size_t mlp_small_cap_ = 0;
+  // ... and for the grouped experts: their down products (16 bits) and the device table of the
+  // grouped calls' pointers and the rows' segments.
+  void* mlp_down16_ = nullptr;
+  size_t mlp_down16_cap_ = 0;
+  void* mlp_table_ = nullptr;
+  size_t mlp_table_cap_ = 0;
+  bool grouped_failed_ = false;  // a grouped call was refused once: the per-expert GEMMs serve
   struct SideStream {
     cudaStream_t stream = nullptr;
     void* workspace = nullptr;
@@ -254,6 +273,11 @@ class CudaBackend final : public Backend {
   cudaEvent_t fork_ = nullptr;
   // Creates the side streams on first use; false (logged) when they cannot be made.
   bool EnsureSideStreams(int count);
+  // y_i [rows_i, n] = x_i [rows_i, k] . w_i [n, k]^T for `count` problems of one 16-bit type, in
+  // one cublasGemmGroupedBatchedEx call on the compute stream (products in t, fp32 sums); the
+  // pointer arrays are on the device. CUBLAS_STATUS_NOT_SUPPORTED where cuBLAS predates it.
+  cublasStatus_t GroupedGemm16(DType t, int count, int64_t n, int64_t k, const int* rows, const void* const* w,
+                               const void* const* x, void* const* y);
   // MoeRouted past the GEMV's rows: x in 16 bits and the grouping (moe_grouped.cu).
   void* moe_xb_ = nullptr;
   size_t moe_xb_cap_ = 0;
