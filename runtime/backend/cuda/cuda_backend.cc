@@ -391,8 +391,9 @@ bool CudaBackend::ExpertMlps(const float* x, const ExpertMlpRows* ex, int count,
   // products, widened into y), the others one cuBLASLt GEMM per projection on the side streams.
   // Which path an expert takes depends on its rows only.
 #if CUBLAS_VERSION >= 120500
-  const bool can_group = options_.grouped_experts != 0 && !grouped_failed_ && !capturing_ && F <= INT32_MAX &&
-                         H <= INT32_MAX;
+  // bf16 only: fp16 down products could overflow where the per-expert path writes fp32.
+  const bool can_group = options_.grouped_experts != 0 && !grouped_failed_ && !capturing_ && t == DType::kBF16 &&
+                         F <= INT32_MAX && H <= INT32_MAX && reinterpret_cast<uintptr_t>(y) % 16 == 0;
 #else
   const bool can_group = false;
 #endif
@@ -408,8 +409,7 @@ bool CudaBackend::ExpertMlps(const float* x, const ExpertMlpRows* ex, int count,
     }
     if (ex[i].rows > INT32_MAX) return false;
     big_max = std::max(big_max, ex[i].rows);
-    if (can_group && (options_.grouped_experts == 1 ||
-                      ex[i].rows * F * H <= CudaBackendOptions::kGroupedExpertMaxMacs))
+    if (can_group && (options_.grouped_experts == 1 || ex[i].rows * F * H <= CudaBackendOptions::kGroupedExpertMaxMacs))
       grouped.push_back(i);
     else
       big.push_back(i);
@@ -423,7 +423,8 @@ bool CudaBackend::ExpertMlps(const float* x, const ExpertMlpRows* ex, int count,
     std::vector<std::pair<size_t, size_t>> groups;  // [first, last) of list
     int64_t rows = 0;
     for (size_t j = 0; j < list.size(); ++j) {
-      if (groups.empty() || rows + ex[list[j]].rows > cap_rows) {
+      // A group's experts are at most a grid's y (the widening kernel's segments).
+      if (groups.empty() || rows + ex[list[j]].rows > cap_rows || j - groups.back().first >= 65535) {
         groups.push_back({j, j});
         rows = 0;
       }
@@ -545,12 +546,16 @@ bool CudaBackend::ExpertMlps(const float* x, const ExpertMlpRows* ex, int count,
       off += e.rows;
       max_rows = std::max(max_rows, e.rows);
     }
-    CopyToDevice(table, host.data(), host.size() * sizeof(uint64_t));
     auto dev = [&](const uint64_t* p) { return table + (p - host.data()); };
-    const cublasStatus_t gs = GroupedGemm16(t, 2 * cnt, F, H, rows2.data(), reinterpret_cast<const void* const*>(dev(gu_w)),
-                                            reinterpret_cast<const void* const*>(dev(gu_x)),
-                                            reinterpret_cast<void* const*>(dev(gu_y)));
-    if (gs != CUBLAS_STATUS_SUCCESS) {
+    // After a refusal (earlier, or by a previous group of this call) the per-expert GEMMs serve.
+    const bool try_grouped = !grouped_failed_;
+    if (try_grouped) CopyToDevice(table, host.data(), host.size() * sizeof(uint64_t));
+    const cublasStatus_t gs =
+        !try_grouped
+            ? CUBLAS_STATUS_NOT_SUPPORTED
+            : GroupedGemm16(t, 2 * cnt, F, H, rows2.data(), reinterpret_cast<const void* const*>(dev(gu_w)),
+                            reinterpret_cast<const void* const*>(dev(gu_x)), reinterpret_cast<void* const*>(dev(gu_y)));
+    if (gs != CUBLAS_STATUS_SUCCESS && try_grouped) {
       EF_LOG(WARN, CUDA, "grouped expert GEMMs refused (cuBLAS status %d): one GEMM per expert from now on",
              static_cast<int>(gs));
       grouped_failed_ = true;
@@ -572,9 +577,10 @@ bool CudaBackend::ExpertMlps(const float* x, const ExpertMlpRows* ex, int count,
             : GroupedGemm16(t, cnt, H, F, rows2.data(), reinterpret_cast<const void* const*>(dev(dn_w)),
                             reinterpret_cast<const void* const*>(dev(dn_x)), reinterpret_cast<void* const*>(dev(dn_y)));
     if (ds == CUBLAS_STATUS_SUCCESS) {
-      CUDA_CHECK_LOG(cuda::launch_rows_16_to_f32(down16, t, y, reinterpret_cast<const cuda::RowSegment*>(dev(dn_y + cnt)),
-                                                 cnt, max_rows, static_cast<int>(H), stream_),
-                     &error_);
+      CUDA_CHECK_LOG(
+          cuda::launch_rows_16_to_f32(down16, t, y, reinterpret_cast<const cuda::RowSegment*>(dev(dn_y + cnt)), cnt,
+                                      max_rows, static_cast<int>(H), stream_),
+          &error_);
       continue;
     }
     if (!grouped_failed_) {

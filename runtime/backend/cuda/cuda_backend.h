@@ -70,11 +70,11 @@ struct CudaBackendOptions {
   // Default: EF_CUDA_DECODE_BLOCKS_PER_SM.
   int decode_blocks_per_sm = cuda::kDecodeBlocksPerSmDefault;
   size_t expert_mlp_scratch_bytes = size_t{256} << 20;
-  // ExpertMlps' experts past the GEMV's rows through one grouped cuBLAS call per projection
-  // (cublasGemmGroupedBatchedEx, 16-bit outputs) instead of a cuBLASLt GEMM each: -1 for an expert
-  // whose GEMM is small (rows * inter * hidden <= kGroupedExpertMaxMacs: a fine-grained MoE's,
-  // where a GEMM's enqueue outlasts its run), 1 for every one, 0 never. Which path an expert takes
-  // depends on its own rows and shape only. Default: EF_CUDA_GROUPED_EXPERTS.
+  // ExpertMlps' bf16 experts past the GEMV's rows through one grouped cuBLAS call per projection
+  // (cublasGemmGroupedBatchedEx, bf16 outputs: fp16 ones could overflow) instead of a cuBLASLt GEMM each: -1 for an
+  // expert whose GEMM is small (rows * inter * hidden <= kGroupedExpertMaxMacs: a fine-grained MoE's, where a GEMM's
+  // enqueue outlasts its run), 1 for every one, 0 never. Which path an expert takes depends on its own rows and shape
+  // only. Default: EF_CUDA_GROUPED_EXPERTS.
   int grouped_experts = -1;
   // Initial Backend::SetReducedPrecisionAttention: prefill attention (chunks of at least
   // cuda::kAttentionPrefillTcMinRows rows, head_dim 64/128) on tensor cores with bf16 operands.
