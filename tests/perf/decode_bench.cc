@@ -208,6 +208,18 @@ class SyntheticExperts final : public ExpertSource {
   const std::vector<Layer>* layers_;
 };
 
+// Untimed steps first: at least 3 and 0.3 s of them. A GPU that sat idle runs its first tens of
+// milliseconds at a low clock (an H100 read 345 MHz before the bench, 1980 MHz under load), which
+// a handful of 17 ms prefill steps would time.
+template <typename Step, typename Sync>
+void WarmUp(Step step, Sync sync) {
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < 3 || Seconds(t0, std::chrono::steady_clock::now()) < 0.3; ++i) {
+    step();
+    sync();
+  }
+}
+
 class Bench {
  public:
   explicit Bench(const Args& a) : a_(a) {
@@ -858,8 +870,7 @@ int Main(int argc, char** argv) {
   for (int B : a.batches) {
     std::vector<int> n_new(B, 1), len(B, a.context);
     bench.RandomInput(B);
-    for (int w = 0; w < 3; ++w) bench.Forward(n_new, len);
-    bench.Synchronize();
+    WarmUp([&] { bench.Forward(n_new, len); }, [&] { bench.Synchronize(); });
     double experts_sum = 0;
     auto t0 = std::chrono::steady_clock::now();
     for (int it = 0; it < a.iters; ++it) {
@@ -887,8 +898,7 @@ int Main(int argc, char** argv) {
   if (a.prefill > 0) {  // --prefill 0: decode only
     std::vector<int> n_new(1, a.prefill), len(1, 0);
     bench.RandomInput(a.prefill);
-    bench.Forward(n_new, len);
-    bench.Synchronize();
+    WarmUp([&] { bench.Forward(n_new, len); }, [&] { bench.Synchronize(); });
     // The median of synchronised steps (a prefill step waits for the host at every layer anyway).
     const int reps = a.prefill_iters;
     double experts_sum = 0;
