@@ -327,6 +327,12 @@ class Backend {
   // dst[idx[i], :] += scale[i] * src[i, :]   (idx distinct within one call)
   virtual void ScatterAddRows(const float* src, const int32_t* idx, const float* scale, int64_t n, int dim,
                               float* dst) = 0;
+  // The MoE combine in one call: for each token t < tokens and j = 0 .. k - 1 in turn,
+  //   dst[t, :] += scale[r] * src[r, :]   with r = pos[t * k + j].
+  // Where pos lists each token's rows by ascending expert, this adds what ScatterAddRows once per
+  // expert (ascending) adds, in the same order: the same bits.
+  virtual void CombineRows(const float* src, const int32_t* pos, const float* scale, int64_t tokens, int k, int dim,
+                           float* dst) = 0;
   // dst[i, :] += sigmoid(gate_logit[i]) * src[i, :]   (Qwen2-MoE shared expert)
   virtual void AddSigmoidGated(const float* src, const float* gate_logit, int64_t rows, int dim, float* dst) = 0;
 };

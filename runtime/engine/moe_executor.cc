@@ -4,7 +4,7 @@
 
 namespace ef::runtime {
 namespace {
-enum Slot { kPerm, kScale, kGathered, kExpertOut, kGate, kUp, kZero, kHostPart };
+enum Slot { kPerm, kScale, kGathered, kExpertOut, kGate, kUp, kPos, kHostPart };
 }
 
 StatusOr<float*> LocalMoeExecutor::Scratch(int slot, size_t floats) {
@@ -146,6 +146,25 @@ StatusOr<float*> LocalMoeExecutor::ComputeActive(int layer, std::vector<int32_t>
   return ye;
 }
 
+Status LocalMoeExecutor::Combine(const std::vector<int32_t>& perm, int64_t tokens, int k, const float* ye,
+                                 const float* scale_dev, float* out) {
+  // pos[t * k + j]: the j-th row of ye (ascending) that belongs to token t; rows are expert-major,
+  // so that is token t's j-th expert in increasing id.
+  std::vector<int32_t> pos(perm.size()), filled(static_cast<size_t>(tokens), 0);
+  for (size_t r = 0; r < perm.size(); ++r) {
+    const int32_t t = perm[r];
+    if (t < 0 || t >= tokens || filled[t] >= k)
+      return Internal("moe combine: row " + std::to_string(r) + " names token " + std::to_string(t) + " of " +
+                      std::to_string(tokens) + " (" + std::to_string(k) + " rows each)");
+    pos[static_cast<size_t>(t) * k + filled[t]++] = static_cast<int32_t>(r);
+  }
+  EF_ASSIGN_OR_RETURN(float* pos_dev_f, Scratch(kPos, pos.size()));
+  int32_t* pos_dev = reinterpret_cast<int32_t*>(pos_dev_f);
+  backend_->CopyToDevice(pos_dev, pos.data(), pos.size() * sizeof(int32_t));
+  backend_->CombineRows(ye, pos_dev, scale_dev, tokens, k, hidden_, out);
+  return Status::Ok();
+}
+
 Status LocalMoeExecutor::Run(int layer, int64_t T, int top_k, const float* h, std::span<const int32_t> ids,
                              std::span<const float> weights, float* out) {
   const int E = num_experts_, H = hidden_;
@@ -180,12 +199,9 @@ Status LocalMoeExecutor::Run(int layer, int64_t T, int top_k, const float* h, st
     if (!seen[e]) seen[e] = true, active.push_back(e);
   EF_ASSIGN_OR_RETURN(float* ye, ComputeActive(layer, active, offset, h, perm_dev, n));
   // Accumulate in increasing expert id whatever the compute order was, so the result is bitwise
-  // independent of cache state, policy and prefetch timing (and matches transformers' order).
-  for (int e = 0; e < E; ++e) {
-    const int64_t begin = offset[e], cnt = offset[e + 1] - offset[e];
-    // Tokens are distinct within one expert, so the scatter has no conflicts.
-    if (cnt > 0) backend_->ScatterAddRows(ye + begin * H, perm_dev + begin, scale_dev + begin, cnt, H, out);
-  }
+  // independent of cache state, policy and prefetch timing (and matches transformers' order): each
+  // token's rows of ye listed by ascending expert (perm is expert-major), one combine for all.
+  EF_RETURN_IF_ERROR(Combine(perm, T, top_k, ye, scale_dev, out));
   return Status::Ok();
 }
 
@@ -215,10 +231,7 @@ Status LocalMoeExecutor::ComputeRows(int layer, int64_t n, const float* x, std::
   EF_ASSIGN_OR_RETURN(float* ye, ComputeActive(layer, active, offset, x, perm_dev, n));
   // y starts at zero; each row receives exactly one scaled expert output.
   backend_->SetZero(y, static_cast<size_t>(n) * H * sizeof(float));
-  for (int e = 0; e < E; ++e) {
-    const int64_t begin = offset[e], cnt = offset[e + 1] - offset[e];
-    if (cnt > 0) backend_->ScatterAddRows(ye + begin * H, perm_dev + begin, scale_dev + begin, cnt, H, y);
-  }
+  EF_RETURN_IF_ERROR(Combine(perm, n, 1, ye, scale_dev, y));
   return Status::Ok();
 }
 

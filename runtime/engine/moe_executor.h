@@ -60,6 +60,10 @@ class LocalMoeExecutor final : public MoeExecutor {
   // time as the source lets the executor hold.
   Status ComputeExperts(int layer, std::span<const int32_t> order, const std::vector<int32_t>& offset, const float* xe,
                         float* ye);
+  // out[t] += scale[r] * ye[r] over the k rows r of each token t (perm[r] == t, host; scale_dev
+  // per row, backend), added by ascending r, which is ascending expert: one Backend::CombineRows.
+  Status Combine(const std::vector<int32_t>& perm, int64_t tokens, int k, const float* ye, const float* scale_dev,
+                 float* out);
   // A reusable activation buffer; ResourceExhausted (naming the size) when the backend is full.
   StatusOr<float*> Scratch(int slot, size_t floats);
   Status Mlp(const ExpertWeights& w, int64_t rows, const float* x, float* out);

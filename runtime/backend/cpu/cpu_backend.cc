@@ -462,6 +462,20 @@ void CpuBackend::ScatterAddRows(const float* src, const int32_t* idx, const floa
   }
 }
 
+void CpuBackend::CombineRows(const float* src, const int32_t* pos, const float* scale, int64_t tokens, int k, int dim,
+                             float* dst) {
+  // The statement ScatterAddRows runs, term by term (so the same rounding under any contraction).
+  for (int64_t t = 0; t < tokens; ++t) {
+    float* d = dst + t * dim;
+    for (int j = 0; j < k; ++j) {
+      const int64_t r = pos[t * k + j];
+      const float* s = src + r * dim;
+      const float c = scale[r];
+      for (int i = 0; i < dim; ++i) d[i] += c * s[i];
+    }
+  }
+}
+
 void CpuBackend::AddSigmoidGated(const float* src, const float* gate_logit, int64_t rows, int dim, float* dst) {
   for (int64_t r = 0; r < rows; ++r) {
     const float g = 1.0f / (1.0f + std::exp(-gate_logit[r]));

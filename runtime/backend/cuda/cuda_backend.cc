@@ -1184,6 +1184,11 @@ void CudaBackend::ScatterAddRows(const float* src, const int32_t* idx, const flo
   CUDA_CHECK_LOG(cuda::launch_scatter_add_rows(src, idx, scale, n, dim, dst, stream_), &error_);
 }
 
+void CudaBackend::CombineRows(const float* src, const int32_t* pos, const float* scale, int64_t tokens, int k, int dim,
+                              float* dst) {
+  CUDA_CHECK_LOG(cuda::launch_combine_rows(src, pos, scale, tokens, k, dim, dst, stream_), &error_);
+}
+
 void CudaBackend::AddSigmoidGated(const float* src, const float* gate_logit, int64_t rows, int dim, float* dst) {
   CUDA_CHECK_LOG(cuda::launch_add_sigmoid_gated(src, gate_logit, rows, dim, dst, stream_), &error_);
 }

@@ -140,6 +140,8 @@ class CudaBackend final : public Backend {
   void ArgMaxRows(const float* x, int64_t rows, int64_t cols, int32_t* out) override;
   void SampleRows(const float* x, int64_t rows, int64_t cols, const RowSampling* params, int32_t* out) override;
   bool SamplesRows() const override;
+  void CombineRows(const float* src, const int32_t* pos, const float* scale, int64_t tokens, int k, int dim,
+                   float* dst) override;
   void ScatterAddRows(const float* src, const int32_t* idx, const float* scale, int64_t n, int dim,
                       float* dst) override;
   void AddSigmoidGated(const float* src, const float* gate_logit, int64_t rows, int dim, float* dst) override;
