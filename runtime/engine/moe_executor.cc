@@ -150,6 +150,9 @@ Status LocalMoeExecutor::Combine(const std::vector<int32_t>& perm, int64_t token
                                  const float* scale_dev, float* out) {
   // pos[t * k + j]: the j-th row of ye (ascending) that belongs to token t; rows are expert-major,
   // so that is token t's j-th expert in increasing id.
+  if (static_cast<int64_t>(perm.size()) != tokens * k)
+    return Internal("moe combine: " + std::to_string(perm.size()) + " rows for " + std::to_string(tokens) +
+                    " tokens of " + std::to_string(k));
   std::vector<int32_t> pos(perm.size()), filled(static_cast<size_t>(tokens), 0);
   for (size_t r = 0; r < perm.size(); ++r) {
     const int32_t t = perm[r];

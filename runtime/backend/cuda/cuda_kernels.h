@@ -176,10 +176,10 @@ cudaError_t launch_sample_rows(const float* x, int64_t rows, int64_t cols, const
 // dst[i, :] = src[idx[i], :]
 cudaError_t launch_gather_rows(const float* src, const int32_t* idx, int64_t n, int dim, float* dst,
                                cudaStream_t stream);
-// dst[idx[i], :] += scale[i] * src[i, :]   (idx distinct within one call)
 // dst[t, :] += scale[r] * src[r, :] for r = pos[t * k + j], j = 0 .. k - 1 in turn (Backend::CombineRows).
 cudaError_t launch_combine_rows(const float* src, const int32_t* pos, const float* scale, int64_t tokens, int k,
                                 int dim, float* dst, cudaStream_t stream);
+// dst[idx[i], :] += scale[i] * src[i, :]   (idx distinct within one call)
 cudaError_t launch_scatter_add_rows(const float* src, const int32_t* idx, const float* scale, int64_t n, int dim,
                                     float* dst, cudaStream_t stream);
 
