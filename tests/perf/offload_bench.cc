@@ -247,7 +247,8 @@ class Bench {
  public:
   Bench(const Args& a, const placement::RoutingTrace& trace, const placement::ConditionalPredictor* path)
       : a_(a), trace_(trace), path_(path) {
-    backend_ = OrDie(CudaBackend::Create(runtime::CudaBackendOptions{}), "cuda backend");
+    // The EF_CUDA_* parameters apply, as in the engine.
+    backend_ = OrDie(CudaBackend::Create(runtime::CudaBackendOptions::FromParams(0)), "cuda backend");
     b_ = backend_.get();
   }
   ~Bench() {
