@@ -6,6 +6,7 @@
 #
 #   scripts/accel/targets-run.sh [ROUNDS] [LAYERS]      (defaults 2, 32; LAYERS 0 skips end to end)
 #   E2E_AGAIN="c64" EXTRA_AGAIN="--kv-cache-dtype fp32" SPLITS="4 3 0" QWEN=1 scripts/accel/targets-run.sh
+#   CTEST=1 QWEN=1 scripts/accel/targets-run.sh 2 0     # the GPU tests, then the decode/prefill table
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/out}
@@ -14,7 +15,14 @@ LAYERS=${2:-32}
 export WORKLOADS_ONLY=${WORKLOADS_ONLY:-c64 ttft2k}
 LOGS=$OUT/targets
 mkdir -p "$LOGS"
-EF_BUILD_TESTS=ON source scripts/accel/build-full.sh ef_decode_bench || exit 1
+EF_BUILD_TESTS=ON source scripts/accel/build-full.sh ef_decode_bench ${CTEST:+gpu_tests} || exit 1
+# CTEST=1: the whole GPU suite first (~130 s on an H100), its log in the archive.
+if [ -n "${CTEST:-}" ]; then
+  t0=$(date +%s)
+  (cd "$BUILD" && timeout 300 ctest -L gpu --timeout 240 --output-on-failure >"$LOGS/ctest_gpu.log" 2>&1)
+  echo "ctest -L gpu rc=$? in $(($(date +%s) - t0)) s"
+  grep -E "tests passed|tests failed|\(Failed\)|Timeout" "$LOGS/ctest_gpu.log" | tail -12
+fi
 summary() {  # the table rows of one bench output
   grep -E "^(decode|prefill) " "$1" | awk -v t="$2" '{printf "%-14s %s\n", t, $0}'
 }
@@ -38,11 +46,17 @@ for v in ${SPLITS:-}; do
     >"$LOGS/splits_$v.txt" 2>&1
   grep -E "^decode |AttentionBatch x" "$LOGS/splits_$v.txt" | awk -v t="blocks/SM $v" '{printf "%-12s %s\n", t, $0}'
 done
-# QWEN=1: the Qwen3-30B-A3B-shaped row (decode batches 1 and 64, prefill 2048), the default KV cache.
+# QWEN=1: the Qwen3-30B-A3B-shaped row (decode batches 1 and 64, prefill 2048), the default KV cache,
+# then its prefill with the grouped expert GEMMs off (EF_CUDA_GROUPED_EXPERTS=0) and on again.
 if [ -n "${QWEN:-}" ]; then
   timeout 200 "$BUILD"/tests/ef_decode_bench --shape qwen3-30b-a3b --batches 1,64 --iters 20 --prefill 2048 \
     --prefill-iters 5 --no-breakdown --json "$LOGS/qwen3.json" >"$LOGS/qwen3.txt" 2>&1
   summary "$LOGS/qwen3.txt" "qwen3"
+  for g in 0 -1; do
+    EF_CUDA_GROUPED_EXPERTS=$g timeout 60 "$BUILD"/tests/ef_decode_bench --shape qwen3-30b-a3b --batches "" \
+      --prefill 2048 --prefill-iters 7 --no-breakdown >"$LOGS/qwen3_grouped$g.txt" 2>&1
+    summary "$LOGS/qwen3_grouped$g.txt" "qwen3 g$g"
+  done
 fi
 quiet() { grep -vE "^build ok|^# host|^NVIDIA|^Cuda|^mpirun|^[0-9]+$|Mem:|total|/dev"; }
 if [ "$LAYERS" -gt 0 ]; then
