@@ -1,10 +1,11 @@
 #include "runtime/engine/moe_executor.h"
 
 #include <algorithm>
+#include <cstring>
 
 namespace ef::runtime {
 namespace {
-enum Slot { kPerm, kScale, kGathered, kExpertOut, kGate, kUp, kPos, kHostPart };
+enum Slot { kPerm, kGathered, kExpertOut, kGate, kUp, kHostPart };
 }
 
 StatusOr<float*> LocalMoeExecutor::Scratch(int slot, size_t floats) {
@@ -146,26 +147,31 @@ StatusOr<float*> LocalMoeExecutor::ComputeActive(int layer, std::vector<int32_t>
   return ye;
 }
 
-Status LocalMoeExecutor::Combine(const std::vector<int32_t>& perm, int64_t tokens, int k, const float* ye,
-                                 const float* scale_dev, float* out) {
-  // pos[t * k + j]: the j-th row of ye (ascending) that belongs to token t; rows are expert-major,
-  // so that is token t's j-th expert in increasing id.
-  if (static_cast<int64_t>(perm.size()) != tokens * k)
-    return Internal("moe combine: " + std::to_string(perm.size()) + " rows for " + std::to_string(tokens) +
-                    " tokens of " + std::to_string(k));
-  std::vector<int32_t> pos(perm.size()), filled(static_cast<size_t>(tokens), 0);
-  for (size_t r = 0; r < perm.size(); ++r) {
+StatusOr<LocalMoeExecutor::DeviceRouting> LocalMoeExecutor::Upload(const std::vector<int32_t>& perm,
+                                                                   const std::vector<float>& scale, int64_t tokens,
+                                                                   int k) {
+  const size_t n = perm.size();
+  if (scale.size() != n || static_cast<int64_t>(n) != tokens * k)
+    return Internal("moe routing: " + std::to_string(n) + " rows for " + std::to_string(tokens) + " tokens of " +
+                    std::to_string(k));
+  // pos[t * k + j]: the j-th row (ascending) that belongs to token t; rows are expert-major, so
+  // that is token t's j-th expert in increasing id.
+  upload_.resize(3 * n);
+  std::memcpy(upload_.data(), perm.data(), n * sizeof(int32_t));
+  std::memcpy(upload_.data() + n, scale.data(), n * sizeof(float));
+  int32_t* pos = reinterpret_cast<int32_t*>(upload_.data() + 2 * n);
+  std::vector<int32_t> filled(static_cast<size_t>(tokens), 0);
+  for (size_t r = 0; r < n; ++r) {
     const int32_t t = perm[r];
     if (t < 0 || t >= tokens || filled[t] >= k)
-      return Internal("moe combine: row " + std::to_string(r) + " names token " + std::to_string(t) + " of " +
+      return Internal("moe routing: row " + std::to_string(r) + " names token " + std::to_string(t) + " of " +
                       std::to_string(tokens) + " (" + std::to_string(k) + " rows each)");
     pos[static_cast<size_t>(t) * k + filled[t]++] = static_cast<int32_t>(r);
   }
-  EF_ASSIGN_OR_RETURN(float* pos_dev_f, Scratch(kPos, pos.size()));
-  int32_t* pos_dev = reinterpret_cast<int32_t*>(pos_dev_f);
-  backend_->CopyToDevice(pos_dev, pos.data(), pos.size() * sizeof(int32_t));
-  backend_->CombineRows(ye, pos_dev, scale_dev, tokens, k, hidden_, out);
-  return Status::Ok();
+  // perm, scale and pos in one buffer and one copy.
+  EF_ASSIGN_OR_RETURN(float* dev, Scratch(kPerm, 3 * n));
+  backend_->CopyToDevice(dev, upload_.data(), upload_.size() * sizeof(uint32_t));
+  return DeviceRouting{reinterpret_cast<int32_t*>(dev), dev + n, reinterpret_cast<int32_t*>(dev + 2 * n)};
 }
 
 Status LocalMoeExecutor::Run(int layer, int64_t T, int top_k, const float* h, std::span<const int32_t> ids,
@@ -188,11 +194,7 @@ Status LocalMoeExecutor::Run(int layer, int64_t T, int top_k, const float* h, st
     }
   }
   const int64_t n = static_cast<int64_t>(perm.size());
-  EF_ASSIGN_OR_RETURN(float* perm_dev_f, Scratch(kPerm, perm.size()));
-  int32_t* perm_dev = reinterpret_cast<int32_t*>(perm_dev_f);
-  EF_ASSIGN_OR_RETURN(float* scale_dev, Scratch(kScale, scale.size()));
-  backend_->CopyToDevice(perm_dev, perm.data(), perm.size() * sizeof(int32_t));
-  backend_->CopyToDevice(scale_dev, scale.data(), scale.size() * sizeof(float));
+  EF_ASSIGN_OR_RETURN(const DeviceRouting dr, Upload(perm, scale, T, top_k));
 
   // Acquire order: first appearance in the routing (token-major, the router's order), which the
   // source may change (e.g. resident experts first while misses load).
@@ -200,11 +202,11 @@ Status LocalMoeExecutor::Run(int layer, int64_t T, int top_k, const float* h, st
   std::vector<bool> seen(E, false);
   for (int32_t e : ids)
     if (!seen[e]) seen[e] = true, active.push_back(e);
-  EF_ASSIGN_OR_RETURN(float* ye, ComputeActive(layer, active, offset, h, perm_dev, n));
+  EF_ASSIGN_OR_RETURN(float* ye, ComputeActive(layer, active, offset, h, dr.perm, n));
   // Accumulate in increasing expert id whatever the compute order was, so the result is bitwise
   // independent of cache state, policy and prefetch timing (and matches transformers' order): each
   // token's rows of ye listed by ascending expert (perm is expert-major), one combine for all.
-  EF_RETURN_IF_ERROR(Combine(perm, T, top_k, ye, scale_dev, out));
+  backend_->CombineRows(ye, dr.pos, dr.scale, T, top_k, H, out);
   return Status::Ok();
 }
 
@@ -223,18 +225,14 @@ Status LocalMoeExecutor::ComputeRows(int layer, int64_t n, const float* x, std::
     perm[cursor[expert[i]]] = static_cast<int32_t>(i);
     sc[cursor[expert[i]]++] = scale[i];
   }
-  EF_ASSIGN_OR_RETURN(float* perm_dev_f, Scratch(kPerm, perm.size()));
-  int32_t* perm_dev = reinterpret_cast<int32_t*>(perm_dev_f);
-  EF_ASSIGN_OR_RETURN(float* scale_dev, Scratch(kScale, sc.size()));
-  backend_->CopyToDevice(perm_dev, perm.data(), perm.size() * sizeof(int32_t));
-  backend_->CopyToDevice(scale_dev, sc.data(), sc.size() * sizeof(float));
+  EF_ASSIGN_OR_RETURN(const DeviceRouting dr, Upload(perm, sc, n, 1));
   std::vector<int32_t> active;
   for (int e = 0; e < E; ++e)
     if (offset[e + 1] > offset[e]) active.push_back(e);
-  EF_ASSIGN_OR_RETURN(float* ye, ComputeActive(layer, active, offset, x, perm_dev, n));
+  EF_ASSIGN_OR_RETURN(float* ye, ComputeActive(layer, active, offset, x, dr.perm, n));
   // y starts at zero; each row receives exactly one scaled expert output.
   backend_->SetZero(y, static_cast<size_t>(n) * H * sizeof(float));
-  EF_RETURN_IF_ERROR(Combine(perm, n, 1, ye, scale_dev, y));
+  backend_->CombineRows(ye, dr.pos, dr.scale, n, 1, H, y);
   return Status::Ok();
 }
 

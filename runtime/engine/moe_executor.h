@@ -60,10 +60,17 @@ class LocalMoeExecutor final : public MoeExecutor {
   // time as the source lets the executor hold.
   Status ComputeExperts(int layer, std::span<const int32_t> order, const std::vector<int32_t>& offset, const float* xe,
                         float* ye);
-  // out[t] += scale[r] * ye[r] over the k rows r of each token t (perm[r] == t, host; scale_dev
-  // per row, backend), added by ascending r, which is ascending expert: one Backend::CombineRows.
-  Status Combine(const std::vector<int32_t>& perm, int64_t tokens, int k, const float* ye, const float* scale_dev,
-                 float* out);
+  // The routing of one call on the backend: perm (row -> token, expert-major), scale (per row) and
+  // pos (each token's k rows, ascending: its experts by increasing id, the order
+  // Backend::CombineRows adds them in), uploaded in one copy. Internal unless every token has
+  // exactly k rows.
+  struct DeviceRouting {
+    int32_t* perm;
+    float* scale;
+    int32_t* pos;
+  };
+  StatusOr<DeviceRouting> Upload(const std::vector<int32_t>& perm, const std::vector<float>& scale, int64_t tokens,
+                                 int k);
   // A reusable activation buffer; ResourceExhausted (naming the size) when the backend is full.
   StatusOr<float*> Scratch(int slot, size_t floats);
   Status Mlp(const ExpertWeights& w, int64_t rows, const float* x, float* out);
@@ -77,7 +84,8 @@ class LocalMoeExecutor final : public MoeExecutor {
   int num_experts_;
   ExpertActivationParams activation_;
   ExpertSource* source_ = nullptr;
-  std::vector<Buffer> scratch_ = std::vector<Buffer>(8);
+  std::vector<Buffer> scratch_ = std::vector<Buffer>(6);
+  std::vector<uint32_t> upload_;        // Upload's host staging
   std::vector<float> host_x_, host_y_;  // rows of host-computed experts
 };
 
