@@ -547,19 +547,22 @@ bool CudaBackend::ExpertMlps(const float* x, const ExpertMlpRows* ex, int count,
       max_rows = std::max(max_rows, e.rows);
     }
     auto dev = [&](const uint64_t* p) { return table + (p - host.data()); };
-    // After a refusal (earlier, or by a previous group of this call) the per-expert GEMMs serve.
-    const bool try_grouped = !grouped_failed_;
-    if (try_grouped) CopyToDevice(table, host.data(), host.size() * sizeof(uint64_t));
+    // A refusal (logged once) sends this group's remaining GEMMs and every later one per expert.
+    auto refused = [&](cublasStatus_t st) {
+      if (st == CUBLAS_STATUS_SUCCESS) return false;
+      if (!grouped_failed_)
+        EF_LOG(WARN, CUDA, "grouped expert GEMMs refused (cuBLAS status %d): one GEMM per expert from now on",
+               static_cast<int>(st));
+      grouped_failed_ = true;
+      return true;
+    };
+    if (!grouped_failed_) CopyToDevice(table, host.data(), host.size() * sizeof(uint64_t));
     const cublasStatus_t gs =
-        !try_grouped
+        grouped_failed_
             ? CUBLAS_STATUS_NOT_SUPPORTED
             : GroupedGemm16(t, 2 * cnt, F, H, rows2.data(), reinterpret_cast<const void* const*>(dev(gu_w)),
                             reinterpret_cast<const void* const*>(dev(gu_x)), reinterpret_cast<void* const*>(dev(gu_y)));
-    if (gs != CUBLAS_STATUS_SUCCESS && try_grouped) {
-      EF_LOG(WARN, CUDA, "grouped expert GEMMs refused (cuBLAS status %d): one GEMM per expert from now on",
-             static_cast<int>(gs));
-      grouped_failed_ = true;
-    }
+    refused(gs);
     int64_t o = 0;
     for (int j = 0; gs != CUBLAS_STATUS_SUCCESS && j < cnt; ++j) {
       const ExpertMlpRows& e = ex[grouped[first + j]];
@@ -583,11 +586,7 @@ bool CudaBackend::ExpertMlps(const float* x, const ExpertMlpRows* ex, int count,
           &error_);
       continue;
     }
-    if (!grouped_failed_) {
-      EF_LOG(WARN, CUDA, "grouped expert GEMMs refused (cuBLAS status %d): one GEMM per expert from now on",
-             static_cast<int>(ds));
-      grouped_failed_ = true;
-    }
+    refused(ds);
     o = 0;
     for (int j = 0; j < cnt; ++j) {
       const ExpertMlpRows& e = ex[grouped[first + j]];
