@@ -357,8 +357,9 @@ TEST_F(CudaOpsTest, MoeRoutedIsBitwiseTheHostRoutedLayer) {
   // A MoE layer of decode with the routing left on the device equals, bit for bit, the host-routed
   // sequence on the same backend (per expert in increasing id: gather its rows, GateUpSilu, Gemm
   // down, ScatterAddRows; then Add into the residual), and the CPU backend's within fp32 rounding.
-  // The down projection (512 rows of 4096) runs split over several warps, the gate/up not.
-  const int E = 8, K = 2, H = 512, I = 4096;
+  // The down projection (1032 rows of 4096) runs split over several warps, the gate/up not; the
+  // combine covers the 1032 columns in three chunks of 512, the last one partly filled.
+  const int E = 8, K = 2, H = 1032, I = 4096;
   std::vector<Weight> cpu_w, gpu_w;  // [e * 3 + {gate, up, down}]
   std::vector<const void*> table(3 * E);
   for (int e = 0; e < E; ++e) {
