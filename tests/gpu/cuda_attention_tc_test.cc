@@ -6,17 +6,25 @@
 // a sentinel, that with the switch off the backend gives exactly what the fp32 kernel gives, and
 // that chunks the tensor-core kernel does not take (shorter than kAttentionPrefillTcMinRows, also
 // when batched with longer ones) stay on the fp32 kernel with the switch on.
+//
+// Decode on tensor cores (DecodeMatchesCpu): decode batches over a bf16 cache with the switch on,
+// against the CPU backend's bf16-cache attention, within the same bound; GQA groups 1/4/6/8/16,
+// head_dim 64/128, contexts of 1 to 20000 keys (split over many blocks or not), paged caches
+// (bitwise the contiguous layout), more sequences than travel inline; decode rows batched with a
+// short chunk are bitwise the decode-only batch's.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <numeric>
 #include <ostream>
 #include <string>
 #include <vector>
 
 #include "runtime/backend/cpu/cpu_backend.h"
 #include "runtime/backend/cuda/cuda_kernels.h"
+#include "runtime/core/dtype.h"
 #include "tests/gpu/gpu_test_util.h"
 
 namespace ef::runtime {
@@ -217,6 +225,142 @@ INSTANTIATE_TEST_SUITE_P(
         // Large scores: the running max moves often and the weights concentrate.
         TcCase{"prefill500_q_x4", {500}, {500}, 32, 8, 128, 4.f},
         TcCase{"ragged3_continuing_q_x4_hd64", {90, 300, 16}, {400, 300, 1000}, 16, 4, 64, 4.f}),
+    [](const auto& info) { return info.param.name; });
+
+struct DecodeCase {
+  std::string name;
+  std::vector<int> n_total;  // per sequence, one new row each
+  int heads, kv_heads, hd;
+  int block_size = 0;  // > 0: the cache paged in blocks of this many keys, the blocks shuffled
+  float q_scale = 1.f;
+};
+void PrintTo(const DecodeCase& c, std::ostream* os) { *os << c.name; }
+
+class CudaAttentionDecodeTcTest : public testing::CpuVsCudaTest<::testing::TestWithParam<DecodeCase>> {
+ protected:
+  void TearDown() override {
+    if (gpu_) {
+      gpu_->SetReducedPrecisionAttention(false);
+      gpu_->SetKvCacheDType(DType::kF32);
+    }
+    testing::CpuVsCudaTest<::testing::TestWithParam<DecodeCase>>::TearDown();
+  }
+  // The backend's AttentionBatch into a sentinel-filled [rows, width] output.
+  std::vector<float> Run(const float* q, const std::vector<AttentionSeq>& seqs, const DecodeCase& c, int64_t rows,
+                         bool reduced) {
+    const int64_t width = static_cast<int64_t>(c.heads) * c.hd;
+    float* out = dev_->Put(std::vector<float>(rows * width, kSentinel));
+    gpu_->SetReducedPrecisionAttention(reduced);
+    gpu_->AttentionBatch(q, seqs.data(), static_cast<int>(seqs.size()), c.heads, c.kv_heads, c.hd, out);
+    gpu_->SetReducedPrecisionAttention(false);
+    return dev_->Get(out, rows * width);
+  }
+};
+
+TEST_P(CudaAttentionDecodeTcTest, DecodeMatchesCpu) {
+  const DecodeCase& c = GetParam();
+  const int S = static_cast<int>(c.n_total.size());
+  const int64_t width = static_cast<int64_t>(c.heads) * c.hd, kvd = static_cast<int64_t>(c.kv_heads) * c.hd;
+  ASSERT_TRUE(cpu_.SetKvCacheDType(DType::kBF16));
+  ASSERT_TRUE(gpu_->SetKvCacheDType(DType::kBF16));
+  // Rows 0..S-1: the decode rows; rows S..S+4: a 5-row chunk over a 40-key context (sequence S).
+  const int64_t rows = S + 5;
+  const auto q = RandomFloats(rows * width, 11, -c.q_scale, c.q_scale);
+  const float* q_dev = dev_->Put(q);
+  std::vector<int> totals = c.n_total;
+  totals.push_back(40);
+  // Contiguous: one bf16 array per sequence. Paged: one pool, each sequence's blocks in a shuffled
+  // order (block i of sequence s at pool block perm[next++]).
+  std::vector<std::vector<uint16_t>> kb(S + 1), vb(S + 1);
+  std::vector<AttentionSeq> host(S + 1), dev(S + 1), paged_host(S + 1), paged_dev(S + 1);
+  double max_k_norm = 0, max_v = 0, max_q_norm = 0;
+  for (int s = 0; s <= S; ++s) {
+    const auto k = RandomFloats(totals[s] * kvd, 500 + s, -2, 2), v = RandomFloats(totals[s] * kvd, 600 + s);
+    kb[s].resize(k.size());
+    vb[s].resize(v.size());
+    for (size_t i = 0; i < k.size(); ++i) kb[s][i] = F32ToBf16(k[i]), vb[s][i] = F32ToBf16(v[i]);
+    std::vector<float> kr(k.size());
+    for (size_t i = 0; i < k.size(); ++i) kr[i] = Bf16ToF32(kb[s][i]), max_v = std::max(max_v, double(std::abs(v[i])));
+    max_k_norm = std::max(max_k_norm, MaxSliceNorm(kr, c.hd));
+    const int64_t q_row = s < S ? s : S, n_new = s < S ? 1 : 5;
+    host[s] = AttentionSeq{kb[s].data(), vb[s].data(), q_row, static_cast<int>(n_new), totals[s]};
+    dev[s] = AttentionSeq{dev_->Put(kb[s]), dev_->Put(vb[s]), q_row, static_cast<int>(n_new), totals[s]};
+  }
+  for (int64_t r = 0; r < S; ++r)
+    max_q_norm = std::max(max_q_norm,
+                          MaxSliceNorm(std::vector<float>(q.begin() + r * width, q.begin() + (r + 1) * width), c.hd));
+  std::vector<std::vector<int32_t>> tables(S + 1);
+  std::vector<uint16_t> kpool, vpool;
+  uint16_t *kpool_dev = nullptr, *vpool_dev = nullptr;
+  if (c.block_size > 0) {
+    int num_blocks = 0;
+    for (int s = 0; s <= S; ++s) num_blocks += (totals[s] + c.block_size - 1) / c.block_size;
+    std::vector<int32_t> perm(num_blocks);
+    for (int i = 0; i < num_blocks; ++i) perm[i] = static_cast<int32_t>((i * 7919LL) % num_blocks);
+    if (num_blocks % 7919 == 0) std::iota(perm.begin(), perm.end(), 0);
+    kpool.assign(static_cast<size_t>(num_blocks) * c.block_size * kvd, 0);
+    vpool.assign(kpool.size(), 0);
+    int next = 0;
+    for (int s = 0; s <= S; ++s) {
+      for (int i = 0; i < (totals[s] + c.block_size - 1) / c.block_size; ++i) tables[s].push_back(perm[next++]);
+      for (int t = 0; t < totals[s]; ++t) {
+        const int64_t row = static_cast<int64_t>(tables[s][t / c.block_size]) * c.block_size + t % c.block_size;
+        std::copy_n(kb[s].begin() + t * kvd, kvd, kpool.begin() + row * kvd);
+        std::copy_n(vb[s].begin() + t * kvd, kvd, vpool.begin() + row * kvd);
+      }
+    }
+    kpool_dev = dev_->Put(kpool);
+    vpool_dev = dev_->Put(vpool);
+    for (int s = 0; s <= S; ++s) {
+      paged_host[s] = AttentionSeq{kpool.data(), vpool.data(),     host[s].q_row, host[s].n_new,
+                                   totals[s],    tables[s].data(), c.block_size};
+      paged_dev[s] = AttentionSeq{kpool_dev,   vpool_dev, host[s].q_row, host[s].n_new, totals[s], dev_->Put(tables[s]),
+                                  c.block_size};
+    }
+  }
+  const std::vector<AttentionSeq> decode_dev(dev.begin(), dev.begin() + S);
+  std::vector<float> want(rows * width, kSentinel);
+  cpu_.AttentionBatch(q.data(), host.data(), S, c.heads, c.kv_heads, c.hd, want.data());
+  const std::vector<float> on = Run(q_dev, decode_dev, c, rows, true);
+  const std::vector<float> off = Run(q_dev, decode_dev, c, rows, false);
+  ASSERT_TRUE(gpu_->status().ok()) << gpu_->status().ToString();
+  const std::vector<bool> owned = [&] {
+    std::vector<bool> o(rows, false);
+    std::fill(o.begin(), o.begin() + S, true);
+    return o;
+  }();
+  for (int64_t i = S * width; i < rows * width; ++i) ASSERT_EQ(on[i], kSentinel) << "a row outside the batch";
+  for (int64_t i = 0; i < S * width; ++i) ASSERT_TRUE(std::isfinite(on[i])) << "element " << i;
+  // The fp32 decode kernel still matches the CPU to fp32 rounding; the tensor cores differ from it.
+  EXPECT_LE(testing::MaxRelError(off, want), 1e-5);
+  if (*std::max_element(c.n_total.begin(), c.n_total.end()) >= 16) EXPECT_NE(on, off) << "the tensor cores did not run";
+  const double rel = NormwiseRelError(on, want, owned, width);
+  const double abs_err = MaxAbsError(std::vector<float>(on.begin(), on.begin() + S * width),
+                                     std::vector<float>(want.begin(), want.begin() + S * width));
+  const double bound = BoundFromBf16(max_q_norm, max_k_norm, max_v, c.hd);
+  std::printf("[ %s ] normwise rel %.2e, max abs %.2e (bound %.2e)\n", c.name.c_str(), rel, abs_err, bound);
+  EXPECT_LE(rel, 1e-2);
+  EXPECT_LE(abs_err, bound);
+  // Batched with a 5-row chunk (fp32 kernels), the decode rows are bitwise the same.
+  const std::vector<float> mixed = Run(q_dev, dev, c, rows, true);
+  EXPECT_TRUE(std::equal(on.begin(), on.begin() + S * width, mixed.begin())) << "decode rows depend on the batch";
+  if (c.block_size > 0) {
+    const std::vector<AttentionSeq> decode_paged(paged_dev.begin(), paged_dev.begin() + S);
+    EXPECT_EQ(Run(q_dev, decode_paged, c, rows, true), on) << "paged is not bitwise the contiguous layout";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, CudaAttentionDecodeTcTest,
+    ::testing::Values(DecodeCase{"mixtral_b1_ctx513", {513}, 32, 8, 128}, DecodeCase{"b1_ctx1", {1}, 32, 8, 128},
+                      DecodeCase{"qwen3_b64_ragged_gqa8", Ramp(64, 1, 37), 32, 4, 128},
+                      DecodeCase{"gqa16_hd64", {1, 700, 17}, 32, 2, 64},
+                      DecodeCase{"gqa6_ctx257", {257, 3}, 48, 8, 128},
+                      DecodeCase{"mha_hd64_short", {1, 15, 16, 17, 64, 65}, 8, 8, 64},
+                      DecodeCase{"ctx20000_split", {20000}, 64, 8, 128},
+                      DecodeCase{"paged16_b16", std::vector<int>(16, 300), 32, 8, 128, 16},
+                      DecodeCase{"paged32_b20_device_descriptors", Ramp(20, 1, 53), 32, 4, 128, 32},
+                      DecodeCase{"q_x4", {900, 33}, 32, 8, 128, 0, 4.f}),
     [](const auto& info) { return info.param.name; });
 
 }  // namespace

@@ -237,73 +237,9 @@ __global__ void __launch_bounds__(kDecodeThreads, kDecodeMinBlocksPerSm)
     }
   }
   __syncthreads();  // final stats visible to every thread; no copy is in flight
-
-  if (num_splits == 1) {
-    for (int o = threadIdx.x; o < group * head_dim; o += blockDim.x) {
-      const int g = o / head_dim, d = o % head_dim, h = kvh * group + g;
-      out[sd.q_row * q_stride + h * head_dim + d] = acc[o] / ls[g];
-    }
-    return;
-  }
-  const int64_t split_stride = ws_rows * num_heads * (head_dim + 2);
-  for (int o = threadIdx.x; o < group * head_dim; o += blockDim.x) {
-    const int g = o / head_dim, d = o % head_dim, h = kvh * group + g;
-    float* w = ws + split * split_stride + (sd.q_row * num_heads + h) * (head_dim + 2);
-    w[d] = acc[o];
-    if (d == 0) {
-      w[head_dim] = ms[g];
-      w[head_dim + 1] = ls[g];
-    }
-  }
-  if (counters == nullptr) return;  // the combine kernel merges
-
-  // The last split block of this (sequence, KV head) to get here merges all splits: each thread's
-  // partials are made visible device-wide before the block is counted (threadFenceReduction).
-  __shared__ bool merge;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    unsigned* c = counters + static_cast<int64_t>(blockIdx.z) * num_kv_heads + kvh;
-    merge = atomicAdd(c, 1u) == static_cast<unsigned>(num_splits - 1);
-    if (merge) *c = 0u;  // every block of this launch has counted: ready for the next launch
-  }
-  __syncthreads();
-  if (!merge) return;
-  __threadfence();
-  // The merge reads other blocks' partials from L2 (__ldcg) and keeps its loads independent: a
-  // chain of dependent L2 reads per split would cost more than the attention itself. First the
-  // splits' (m, l) per head into the free K tiles (the plan checks the room), then each head's
-  // split weights exp(m_s - max) / sum_s l_s exp(m_s - max), then the weighted sum of partials.
-  float* mw = reinterpret_cast<float*>(kb);  // [group][num_splits]: m, then the split's weight
-  float* lw = mw + group * num_splits;       // [group][num_splits]: l
-  for (int i = threadIdx.x; i < group * num_splits; i += blockDim.x) {
-    const int g = i / num_splits, s = i % num_splits, h = kvh * group + g;
-    const float* w = ws + s * split_stride + (sd.q_row * num_heads + h) * (head_dim + 2);
-    mw[i] = __ldcg(w + head_dim);
-    lw[i] = __ldcg(w + head_dim + 1);
-  }
-  __syncthreads();
-  for (int g = threadIdx.x; g < group; g += blockDim.x) {
-    float* m = mw + g * num_splits;
-    const float* l = lw + g * num_splits;
-    float mx = -INFINITY;
-    for (int s = 0; s < num_splits; ++s) mx = fmaxf(mx, m[s]);
-    float den = 0.f;
-    for (int s = 0; s < num_splits; ++s)
-      if (m[s] != -INFINITY) den += l[s] * expf(m[s] - mx);  // empty splits add nothing
-    const float inv = 1.0f / den;
-    for (int s = 0; s < num_splits; ++s) m[s] = (m[s] == -INFINITY) ? 0.f : expf(m[s] - mx) * inv;
-  }
-  __syncthreads();
-  for (int o = threadIdx.x; o < group * head_dim; o += blockDim.x) {
-    const int g = o / head_dim, d = o % head_dim, h = kvh * group + g;
-    const float* w0 = ws + (sd.q_row * num_heads + h) * (head_dim + 2) + d;
-    const float* e = mw + g * num_splits;
-    float num = 0.f;
-#pragma unroll 8
-    for (int s = 0; s < num_splits; ++s) num += __ldcg(w0 + s * split_stride) * e[s];
-    out[sd.q_row * q_stride + h * head_dim + d] = num;
-  }
+  // The merge stages (m, l) of every split in the free K tiles (the plan checks the room).
+  DecodeSplitEpilogue(acc, ms, ls, reinterpret_cast<float*>(kb), sd, kvh, group, num_heads, head_dim, split, num_splits,
+                      ws, ws_rows, counters, num_kv_heads, out);
 }
 
 template <int kMaxD, int kTile, int kRows>
@@ -477,7 +413,7 @@ constexpr int RowsFor(int head_dim) { return head_dim <= 128 ? 16 : 8; }
 
 AttentionBatchPlan plan_attention_batch(const AttentionSeqDesc* seqs_host, int num_seqs, int num_heads,
                                         int num_kv_heads, int head_dim, int num_sms, bool kv_bf16,
-                                        int decode_blocks_per_sm) {
+                                        int decode_blocks_per_sm, bool decode_tensor_cores) {
   AttentionBatchPlan plan;
   const int elem_bytes = kv_bf16 ? 2 : 4;
   if (num_seqs <= 0 || num_kv_heads <= 0) return plan;
@@ -505,6 +441,8 @@ AttentionBatchPlan plan_attention_batch(const AttentionSeqDesc* seqs_host, int n
       plan.decode = true;
       plan.decode_tile = tile;
     }
+    plan.decode_tc = plan.decode && decode_tensor_cores && kv_bf16 &&
+                     attention_decode_tc_supported(num_heads, num_kv_heads, head_dim, 1);
   }
   const int max_splits = std::min(kMaxSplits, kMaxGridZ / num_seqs);
   if (plan.decode) {
@@ -513,9 +451,13 @@ AttentionBatchPlan plan_attention_batch(const AttentionSeqDesc* seqs_host, int n
     const int64_t decode_blocks = active * num_kv_heads,
                   target = static_cast<int64_t>(std::max(0, decode_blocks_per_sm)) * num_sms;
     if (decode_blocks < target) {
+      // The tensor-core kernel's blocks take at least one step of each of their warps.
+      const int keys = plan.decode_tc ? attention_decode_tc_keys_per_block() : plan.decode_tile;
       int64_t splits = (target + decode_blocks - 1) / decode_blocks;
-      splits = std::min<int64_t>(splits, (max_total + plan.decode_tile - 1) / plan.decode_tile);
+      splits = std::min<int64_t>(splits, (max_total + keys - 1) / keys);
       plan.num_splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(splits, max_splits)));
+      if (plan.decode_tc && !attention_decode_tc_supported(num_heads, num_kv_heads, head_dim, plan.num_splits))
+        plan.decode_tc = false;
     }
   } else if (blocks > 0 && blocks < num_sms) {
     // Enough splits to fill the SMs about twice, each split at least 64 keys.
@@ -525,7 +467,8 @@ AttentionBatchPlan plan_attention_batch(const AttentionSeqDesc* seqs_host, int n
   }
   if (plan.num_splits > 1) {
     plan.workspace_floats = static_cast<size_t>(plan.num_splits) * plan.num_rows * num_heads * (head_dim + 2);
-    if (plan.decode && DecodeMergeFits(group, head_dim, plan.decode_tile, plan.num_splits, elem_bytes))
+    if (plan.decode_tc ||
+        (plan.decode && DecodeMergeFits(group, head_dim, plan.decode_tile, plan.num_splits, elem_bytes)))
       plan.num_counters = static_cast<int64_t>(num_seqs) * num_kv_heads;
   }
   return plan;
@@ -552,6 +495,19 @@ cudaError_t LaunchAttention(const float* q, const SeqTable& table, int num_seqs,
   const bool merged =
       decode && (plan.num_splits == 1 || (counters != nullptr && DecodeMergeFits(group, head_dim, plan.decode_tile,
                                                                                  plan.num_splits, elem_bytes)));
+  if (decode && kv_bf16 && plan.decode_tc) {
+    // The tensor-core decode kernel always merges its own splits when it has the counters.
+    const bool tc_merged = plan.num_splits == 1 || counters != nullptr;
+    const cudaError_t e = launch_attention_decode_tc(q, table, num_seqs, plan, num_heads, num_kv_heads, head_dim, out,
+                                                     workspace, tc_merged ? counters : nullptr, stream);
+    if (e != cudaSuccess) return e;
+    if (plan.num_splits > 1 && !tc_merged) {
+      dim3 grid(plan.max_n_new * num_heads, num_seqs);
+      AttentionBatchCombineKernel<<<grid, head_dim <= 128 ? 128 : 256, 0, stream>>>(
+          workspace, table, plan.num_rows, num_heads, head_dim, plan.num_splits, out);
+    }
+    return cudaGetLastError();
+  }
   if (decode) {
     // Past the default limit the kernel's own limit is raised (idempotent, not a stream operation).
     if (decode_smem > kDecodeMaxSmemBytes) {

@@ -79,28 +79,6 @@ __device__ int64_t FirstKeyBlock(const SeqTable& seqs, int z, int64_t* red) {
   return total;
 }
 
-// Two floats as one bf16x2 word (lo in the low half), round to nearest even.
-__device__ __forceinline__ uint32_t PackBf16x2(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-// As PackBf16x2, adding the rounded values to `sum`.
-__device__ __forceinline__ uint32_t PackBf16x2Sum(float lo, float hi, float& sum) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  const float2 r = __bfloat1622float2(v);
-  sum += r.x + r.y;
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-// d += a * b for one m16n8k16 tile: bf16 a (4 words) and b (2 words), fp32 d (fragments above).
-__device__ __forceinline__ void MmaBf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // One key block (kKeys keys of one KV head) of the workspace: K [kKeys][kD] then V^T [kD][kKeys],
 // bf16, in 16-byte chunks (8 bf16 each).
 template <int kD>
@@ -137,7 +115,7 @@ __global__ void __launch_bounds__(kStageThreads)
       kx = __ldg(reinterpret_cast<const float4*>(kh + row) + c);
       vx = __ldg(reinterpret_cast<const float4*>(vh + row) + c);
     }
-    *reinterpret_cast<uint2*>(dst + j * (kD / 2) + 2 * c) = make_uint2(PackBf16x2(kx.x, kx.y), PackBf16x2(kx.z, kx.w));
+    *reinterpret_cast<uint2*>(dst + j * (kD / 2) + 2 * c) = make_uint2(PackBf16(kx.x, kx.y), PackBf16(kx.z, kx.w));
     vs[j][4 * c] = vx.x;
     vs[j][4 * c + 1] = vx.y;
     vs[j][4 * c + 2] = vx.z;
@@ -147,7 +125,7 @@ __global__ void __launch_bounds__(kStageThreads)
   uint32_t* vt = dst + kKeys * kD / 2;  // word (d, key pair p) at d * kKeys / 2 + p
   for (int w = threadIdx.x; w < kD * kKeys / 2; w += kStageThreads) {
     const int d = w / (kKeys / 2), p = w % (kKeys / 2);
-    vt[w] = PackBf16x2(vs[2 * p][d], vs[2 * p + 1][d]);
+    vt[w] = PackBf16(vs[2 * p][d], vs[2 * p + 1][d]);
   }
 }
 
@@ -231,7 +209,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
         const int row = wrow0 + g + 8 * (i & 1), col = 16 * k + 2 * t + 8 * (i >> 1);
         float2 v = make_float2(0.f, 0.f);
         if (row < sd.n_new) v = *reinterpret_cast<const float2*>(qh + row * q_stride + col);
-        qf[k][i] = PackBf16x2(v.x * scale_log2, v.y * scale_log2);
+        qf[k][i] = PackBf16(v.x * scale_log2, v.y * scale_log2);
       }
     }
   }
@@ -304,10 +282,10 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     }
 #pragma unroll
     for (int k = 0; k < kKeys / 16; ++k) {
-      const uint32_t pa[4] = {PackBf16x2Sum(s[2 * k][0], s[2 * k][1], l_run[0]),
-                              PackBf16x2Sum(s[2 * k][2], s[2 * k][3], l_run[1]),
-                              PackBf16x2Sum(s[2 * k + 1][0], s[2 * k + 1][1], l_run[0]),
-                              PackBf16x2Sum(s[2 * k + 1][2], s[2 * k + 1][3], l_run[1])};
+      const uint32_t pa[4] = {PackBf16Sum(s[2 * k][0], s[2 * k][1], l_run[0]),
+                              PackBf16Sum(s[2 * k][2], s[2 * k][3], l_run[1]),
+                              PackBf16Sum(s[2 * k + 1][0], s[2 * k + 1][1], l_run[0]),
+                              PackBf16Sum(s[2 * k + 1][2], s[2 * k + 1][3], l_run[1])};
 #pragma unroll
       for (int n = 0; n < kD / 8; ++n) {
         const uint32_t* b = vt + (8 * n + g) * kVS + 8 * k + t;  // V[key 16k+2t (+8), +1][d 8n+g]

@@ -910,18 +910,21 @@ void CudaBackend::AttentionSeqs(const float* q, const AttentionSeq* seqs_host, i
     desc[s] = cuda::AttentionSeqDesc{a.k, a.v, a.q_row, a.n_new, a.n_total, a.blocks, BlockShift(a)};
   }
   if (reduced_precision_attention_) {
-    // Per sequence: prefill chunks of at least kAttentionPrefillTcMinRows rows on tensor cores,
-    // decode rows and short chunks on the fp32 kernels, so a sequence's numbers do not depend on
-    // what it is batched with (their output rows are disjoint). Should the tensor-core path not
-    // apply (shapes, alignment, workspace memory), those chunks take the fp32 path as well.
-    std::vector<cuda::AttentionSeqDesc> tc, rest;
-    for (const cuda::AttentionSeqDesc& d : desc) (d.n_new >= cuda::kAttentionPrefillTcMinRows ? tc : rest).push_back(d);
-    if (!tc.empty() && AttentionPrefillTc(q, tc, num_heads, num_kv_heads, head_dim, out, kv_bf16)) {
-      if (!rest.empty()) AttentionFp32(q, rest, num_heads, num_kv_heads, head_dim, out, kv_bf16);
-      return;
-    }
+    // Per sequence, so that a sequence's numbers do not depend on what it is batched with (their
+    // output rows are disjoint): prefill chunks of at least kAttentionPrefillTcMinRows rows on the
+    // tensor-core prefill kernel, decode rows over a bf16 cache on the tensor-core decode kernel
+    // (where it serves the shapes), short chunks on the fp32 kernels. Should the tensor-core
+    // prefill not apply (shapes, alignment, workspace memory), its chunks join the short ones.
+    std::vector<cuda::AttentionSeqDesc> tc, decode, rest;
+    for (const cuda::AttentionSeqDesc& d : desc)
+      (d.n_new >= cuda::kAttentionPrefillTcMinRows ? tc : kv_bf16 && d.n_new == 1 ? decode : rest).push_back(d);
+    if (!tc.empty() && !AttentionPrefillTc(q, tc, num_heads, num_kv_heads, head_dim, out, kv_bf16))
+      rest.insert(rest.end(), tc.begin(), tc.end());
+    if (!decode.empty()) AttentionSplit(q, decode, num_heads, num_kv_heads, head_dim, out, kv_bf16, /*decode_tc=*/true);
+    if (!rest.empty()) AttentionSplit(q, rest, num_heads, num_kv_heads, head_dim, out, kv_bf16, /*decode_tc=*/false);
+    return;
   }
-  AttentionFp32(q, desc, num_heads, num_kv_heads, head_dim, out, kv_bf16);
+  AttentionSplit(q, desc, num_heads, num_kv_heads, head_dim, out, kv_bf16, /*decode_tc=*/false);
 }
 
 StatusOr<uint64_t> CudaBackend::UploadStepSeqs(const AttentionSeq* seqs_host, int num_seqs, int num_heads,
@@ -941,7 +944,7 @@ StatusOr<uint64_t> CudaBackend::UploadStepSeqs(const AttentionSeq* seqs_host, in
   step_kv_heads_ = num_kv_heads;
   step_head_dim_ = head_dim;
   step_plan_ = cuda::plan_attention_batch(step_host_.data(), num_seqs, num_heads, num_kv_heads, head_dim, num_sms_,
-                                          kv_bf16_, options_.decode_blocks_per_sm);
+                                          kv_bf16_, options_.decode_blocks_per_sm, reduced_precision_attention_);
   const size_t bytes = step_host_.size() * sizeof(cuda::AttentionSeqDesc);
   if (!EnsureScratch(&step_desc_, &step_desc_cap_, bytes)) return error_;
   CopyToDevice(step_desc_, step_host_.data(), bytes);
@@ -949,9 +952,10 @@ StatusOr<uint64_t> CudaBackend::UploadStepSeqs(const AttentionSeq* seqs_host, in
   uint64_t h = 1469598103934665603ull;
   auto mix = [&h](uint64_t v) { h = (h ^ v) * 1099511628211ull; };
   const cuda::AttentionBatchPlan& p = step_plan_;
-  for (uint64_t v : {uint64_t(p.num_splits), uint64_t(p.max_n_new), uint64_t(p.num_rows), uint64_t(p.workspace_floats),
-                     uint64_t(p.decode), uint64_t(p.decode_tile), uint64_t(p.num_counters), uint64_t(step_max_new_),
-                     uint64_t(num_heads), uint64_t(num_kv_heads), uint64_t(head_dim), uint64_t(num_seqs)})
+  for (uint64_t v :
+       {uint64_t(p.num_splits), uint64_t(p.max_n_new), uint64_t(p.num_rows), uint64_t(p.workspace_floats),
+        uint64_t(p.decode), uint64_t(p.decode_tile), uint64_t(p.decode_tc), uint64_t(p.num_counters),
+        uint64_t(step_max_new_), uint64_t(num_heads), uint64_t(num_kv_heads), uint64_t(head_dim), uint64_t(num_seqs)})
     mix(v);
   return h;
 }
@@ -1094,11 +1098,11 @@ bool CudaBackend::AttentionScratch(const cuda::AttentionBatchPlan& plan, float**
   return true;
 }
 
-void CudaBackend::AttentionFp32(const float* q, const std::vector<cuda::AttentionSeqDesc>& desc, int num_heads,
-                                int num_kv_heads, int head_dim, float* out, bool kv_bf16) {
+void CudaBackend::AttentionSplit(const float* q, const std::vector<cuda::AttentionSeqDesc>& desc, int num_heads,
+                                 int num_kv_heads, int head_dim, float* out, bool kv_bf16, bool decode_tc) {
   const int n = static_cast<int>(desc.size());
-  const cuda::AttentionBatchPlan plan = cuda::plan_attention_batch(desc.data(), n, num_heads, num_kv_heads, head_dim,
-                                                                   num_sms_, kv_bf16, options_.decode_blocks_per_sm);
+  const cuda::AttentionBatchPlan plan = cuda::plan_attention_batch(
+      desc.data(), n, num_heads, num_kv_heads, head_dim, num_sms_, kv_bf16, options_.decode_blocks_per_sm, decode_tc);
   if (plan.max_n_new <= 0) return;
   const cuda::AttentionSeqDesc* desc_dev = DeviceDescriptors(desc);
   if (n > cuda::kAttentionInlineSeqs && !desc_dev) return;

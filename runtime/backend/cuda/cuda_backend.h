@@ -196,11 +196,12 @@ class CudaBackend final : public Backend {
   // AttentionBatch with K/V of fp32 or bf16 (Attention: always fp32).
   void AttentionSeqs(const float* q, const AttentionSeq* seqs_host, int num_seqs, int num_heads, int num_kv_heads,
                      int head_dim, float* out, bool kv_bf16);
-  // Its two paths: tensor cores (false: not applicable, nothing enqueued) and fp32.
+  // Its paths: the tensor-core prefill (false: not applicable, nothing enqueued), and the split
+  // kernels of attention_batch.cu (decode_tc: decode batches over a bf16 cache on tensor cores).
   bool AttentionPrefillTc(const float* q, const std::vector<cuda::AttentionSeqDesc>& desc, int num_heads,
                           int num_kv_heads, int head_dim, float* out, bool kv_bf16);
-  void AttentionFp32(const float* q, const std::vector<cuda::AttentionSeqDesc>& desc, int num_heads, int num_kv_heads,
-                     int head_dim, float* out, bool kv_bf16);
+  void AttentionSplit(const float* q, const std::vector<cuda::AttentionSeqDesc>& desc, int num_heads, int num_kv_heads,
+                      int head_dim, float* out, bool kv_bf16, bool decode_tc);
   // The split workspace and merge counters a plan needs (false: not available, nothing launched).
   bool AttentionScratch(const cuda::AttentionBatchPlan& plan, float** ws, unsigned** counters);
   // A device copy of the descriptors when more than fit in a launch's parameters, else nullptr.

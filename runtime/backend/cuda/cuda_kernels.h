@@ -69,19 +69,25 @@ struct AttentionBatchPlan {
   // launcher still falls back to the general kernel if q or out are not 16-byte aligned.
   bool decode = false;
   int decode_tile = 0;
+  // A decode plan for the tensor-core decode kernel (plan_attention_batch's decode_tensor_cores, a
+  // bf16 cache and shapes it serves); a launch over an fp32 cache takes the fp32 decode kernel.
+  bool decode_tc = false;
   int64_t num_counters = 0;
 };
 inline constexpr int kAttentionInlineSeqs = 16;
 // kv_bf16: the plan is for a bf16 cache (the decode kernel's tiles hold twice the keys). A plan
 // made for one cache dtype launches with the other too (at worst on the general kernel).
 // decode_blocks_per_sm: the decode kernel's splits aim for this many blocks per SM (0: no split).
+// decode_tensor_cores: decode batches over a bf16 cache may take the tensor-core decode kernel
+// (bf16 Q and P, as the tensor-core prefill: the backend's reduced-precision attention).
 // 3: on an H100 (132 SMs, 5 decode blocks fit an SM), batch 64 of Mixtral's 8 KV heads (512
 // blocks) ran its attention in 70.6 us unsplit against 80.1 us split in two under 4; batches 1
 // and 16 the same either way (16.1 / 16.5 us, 31.6 / 31.3 us).
 inline constexpr int kDecodeBlocksPerSmDefault = 3;
 AttentionBatchPlan plan_attention_batch(const AttentionSeqDesc* seqs_host, int num_seqs, int num_heads,
                                         int num_kv_heads, int head_dim, int num_sms, bool kv_bf16 = false,
-                                        int decode_blocks_per_sm = kDecodeBlocksPerSmDefault);
+                                        int decode_blocks_per_sm = kDecodeBlocksPerSmDefault,
+                                        bool decode_tensor_cores = false);
 cudaError_t launch_attention_batch(const float* q, const AttentionSeqDesc* seqs_host, const AttentionSeqDesc* seqs_dev,
                                    int num_seqs, const AttentionBatchPlan& plan, int num_heads, int num_kv_heads,
                                    int head_dim, float* out, float* workspace, unsigned* counters, cudaStream_t stream,

@@ -31,6 +31,44 @@ __device__ __forceinline__ unsigned PackBf16(float lo, float hi) {
   return *reinterpret_cast<const unsigned*>(&v);
 }
 
+// As PackBf16, adding the rounded values to `sum`.
+__device__ __forceinline__ unsigned PackBf16Sum(float lo, float hi, float& sum) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  const float2 r = __bfloat1622float2(v);
+  sum += r.x + r.y;
+  return *reinterpret_cast<const unsigned*>(&v);
+}
+
+// d += a * b for one mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 tile: bf16 a (4 words)
+// and b (2 words), fp32 d. Fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating
+// point type"), g = lane / 4, t = lane % 4, a word holding two bf16 with the lower index low:
+//   A (16 x 16, row-major):  a0 = A[g][2t, 2t+1]   a1 = A[g+8][2t, 2t+1]
+//                            a2 = A[g][2t+8, +9]   a3 = A[g+8][2t+8, +9]
+//   B (16 x 8, k-major per column n):  b0 = B[2t, 2t+1][g]   b1 = B[2t+8, 2t+9][g]
+//   C/D (16 x 8, fp32):      c0, c1 = C[g][2t, 2t+1]   c2, c3 = C[g+8][2t, 2t+1]
+__device__ __forceinline__ void MmaBf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16: lane i gives the address of row i % 8 of 8x8
+// matrix i / 8 (16 contiguous bytes, 16-byte aligned); r[j] receives matrix j's elements (g, 2t)
+// and (g, 2t + 1), or with kTrans those of its transpose: (2t, g) and (2t + 1, g).
+template <bool kTrans>
+__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const void* smem_row) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
+  if constexpr (kTrans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+}
+
 // Four bf16 values (8 bytes, the first in the low half of x) as a float4.
 __device__ __forceinline__ float4 Bf16x4ToFloat4(uint2 u) {
   return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u), __uint_as_float(u.y << 16),
