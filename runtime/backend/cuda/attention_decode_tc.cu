@@ -240,12 +240,18 @@ __global__ void __launch_bounds__(kTcWarps * 32)
 template <int kD>
 cudaError_t Launch(const float* q, const SeqTable& table, int num_seqs, const AttentionBatchPlan& plan, int num_heads,
                    int num_kv_heads, float* out, float* workspace, unsigned* counters, cudaStream_t stream) {
+  // Idempotent, not stream operations (allowed while a graph is recorded): the limit past 48 KiB,
+  // and the largest shared-memory carveout, so that blocks fit an SM as their shared memory
+  // allows (3 of head_dim 128) rather than as the driver's default split with L1 would.
   if (SmemBytes<kD>() > 48 * 1024) {
-    // Idempotent, not a stream operation (allowed while a graph is recorded).
     const cudaError_t e = cudaFuncSetAttribute(AttentionDecodeTcKernel<kD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                static_cast<int>(SmemBytes<kD>()));
     if (e != cudaSuccess) return e;
   }
+  if (const cudaError_t e = cudaFuncSetAttribute(
+          AttentionDecodeTcKernel<kD>, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+      e != cudaSuccess)
+    return e;
   const dim3 grid(plan.num_splits, num_kv_heads, num_seqs);
   const float scale = 1.0f / sqrtf(static_cast<float>(kD));
   return LaunchPdl(AttentionDecodeTcKernel<kD>, grid, dim3(kTcWarps * 32), SmemBytes<kD>(), stream, q, table, num_heads,

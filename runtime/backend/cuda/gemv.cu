@@ -240,67 +240,12 @@ cudaError_t DispatchDtype(DType wdt, const Ops& ops, int m, int groups, int max_
 
 bool RowsFit(int64_t n, int64_t k) { return n >= 1 && n <= 0x7fffffff && k <= 0x7fffffff; }
 
-// Combine of a routed MoE layer. resid[t] += o with o = 0 + w * y over the token's pairs in
-// increasing expert id, each term as ScatterAddRows adds it (dst += c * src) and the sum as Add adds
-// it, so the result is bitwise the host-routed path's SetZero, ScatterAddRows per expert
-// (ascending) and Add. Grid (tokens, column chunks of 4 * kCombineThreads): the first warp sorts
-// the token's valid pairs into shared memory once, then every thread adds 4 adjacent columns with
-// 16-byte loads. (One block per token that looked the pairs up again for every column took 15-22
-// us at batch 1 on an H100: a chain of dependent loads per column.)
-constexpr int kCombineThreads = 128;
+// Combine of a routed MoE layer (CombinePairs, kernel_util.cuh): y's row of pair p is p.
 __global__ void __launch_bounds__(kCombineThreads)
     MoeCombineKernel(const float* __restrict__ y, const int32_t* __restrict__ ids, const float* __restrict__ weights,
                      int top_k, int num_experts, int dim, bool vec4, float* __restrict__ resid) {
   PdlEnter();
-  __shared__ int pair_of[kMoeRoutedMaxTopK];
-  __shared__ float weight_of[kMoeRoutedMaxTopK];
-  __shared__ int num_pairs;
-  const int t = blockIdx.x;
-  if (threadIdx.x == 0) {
-    // Insertion sort of the token's pairs by expert id (top_k <= kMoeRoutedMaxTopK); ids outside
-    // the table computed nothing (RoutedOperands) and are left out.
-    int n = 0;
-    for (int j = 0; j < top_k; ++j) {
-      const int p = t * top_k + j, e = ids[p];
-      if (e < 0 || e >= num_experts) continue;
-      int b = n++;
-      for (; b > 0 && ids[pair_of[b - 1]] > e; --b) {
-        pair_of[b] = pair_of[b - 1];
-        weight_of[b] = weight_of[b - 1];
-      }
-      pair_of[b] = p;
-      weight_of[b] = weights[p];
-    }
-    num_pairs = n;
-  }
-  __syncthreads();
-  const int n = num_pairs;
-  const int c = 4 * (blockIdx.y * kCombineThreads + threadIdx.x);
-  if (c >= dim) return;
-  float* dst = resid + static_cast<int64_t>(t) * dim + c;
-  if (vec4) {  // dim % 4 == 0 and y, resid 16-byte aligned: every row is float4s
-    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int j = 0; j < n; ++j) {
-      const float w = weight_of[j];
-      const float4 v = *reinterpret_cast<const float4*>(y + static_cast<int64_t>(pair_of[j]) * dim + c);
-      o.x += w * v.x;
-      o.y += w * v.y;
-      o.z += w * v.z;
-      o.w += w * v.w;
-    }
-    float4 r = *reinterpret_cast<float4*>(dst);
-    r.x += o.x;
-    r.y += o.y;
-    r.z += o.z;
-    r.w += o.w;
-    *reinterpret_cast<float4*>(dst) = r;
-    return;
-  }
-  for (int i = 0; i < 4 && c + i < dim; ++i) {
-    float o = 0.f;
-    for (int j = 0; j < n; ++j) o += weight_of[j] * y[static_cast<int64_t>(pair_of[j]) * dim + c + i];
-    dst[i] += o;
-  }
+  CombinePairs(y, ids, weights, nullptr, top_k, num_experts, dim, vec4, resid);
 }
 }  // namespace
 

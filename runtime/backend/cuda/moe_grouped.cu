@@ -311,30 +311,14 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
   }
 }
 
-// resid[t] += sum over t's pairs in increasing expert id of weights[p] * y[pos[p]].
-__global__ void CombineKernel(const float* __restrict__ y, const int32_t* __restrict__ ids,
-                              const float* __restrict__ weights, const int32_t* __restrict__ pos, int top_k, int dim,
-                              float* __restrict__ resid) {
+// resid[t] += sum over t's pairs in increasing expert id of weights[p] * y[pos[p]] (CombinePairs,
+// kernel_util.cuh; pos < 0: not grouped, an id outside the table).
+__global__ void __launch_bounds__(kCombineThreads)
+    CombineKernel(const float* __restrict__ y, const int32_t* __restrict__ ids, const float* __restrict__ weights,
+                  const int32_t* __restrict__ pos, int top_k, int num_experts, int dim, bool vec4,
+                  float* __restrict__ resid) {
   PdlEnter();
-  const int tok = blockIdx.x;
-  int order[kMoeRoutedMaxTopK];
-  for (int j = 0; j < top_k; ++j) order[j] = j;
-  for (int a = 1; a < top_k; ++a)  // insertion sort by expert id
-    for (int b = a; b > 0 && ids[tok * top_k + order[b]] < ids[tok * top_k + order[b - 1]]; --b) {
-      const int tmp = order[b];
-      order[b] = order[b - 1];
-      order[b - 1] = tmp;
-    }
-  float* dst = resid + static_cast<int64_t>(tok) * dim;
-  for (int c = threadIdx.x; c < dim; c += blockDim.x) {
-    float o = 0.f;
-    for (int j = 0; j < top_k; ++j) {
-      const int p = tok * top_k + order[j];
-      if (pos[p] < 0) continue;  // not grouped: an id outside the table
-      o += weights[p] * y[static_cast<int64_t>(pos[p]) * dim + c];
-    }
-    dst[c] += o;
-  }
+  CombinePairs(y, ids, weights, pos, top_k, num_experts, dim, vec4, resid);
 }
 
 // Warps per row tile: enough loads in flight for the expected active experts (the slots, an upper
@@ -384,8 +368,9 @@ cudaError_t Run(const MoeGroupedArgs& a, int pairs, int slots, cudaStream_t s) {
                                          static_cast<const uint16_t*>(a.act), a.y, a.meta, pairs, slots, H, I, s);
   if (err != cudaSuccess) return err;
   const Meta meta(a.meta, pairs, slots);
-  return LaunchPdl(CombineKernel, dim3(static_cast<unsigned>(a.tokens)), dim3(256), 0, s, a.y, a.ids, a.weights,
-                   static_cast<const int32_t*>(meta.pos), a.top_k, H, a.resid);
+  return LaunchPdl(CombineKernel, CombineGrid(a.tokens, H), dim3(kCombineThreads), 0, s, a.y, a.ids, a.weights,
+                   static_cast<const int32_t*>(meta.pos), a.top_k, a.num_experts, H, CombineVec4(a.y, a.resid, H),
+                   a.resid);
 }
 
 template <bool kBf16>
