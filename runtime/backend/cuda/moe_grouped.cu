@@ -35,6 +35,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "runtime/backend/cuda/cuda_kernels.h"
 #include "runtime/backend/cuda/kernel_util.cuh"
@@ -331,23 +332,65 @@ int SplitFor(int64_t n, int64_t k, int slots, int num_sms) {
   return split;
 }
 
+template <bool kBf16, int kSplit, int kNT, bool kGateUp>
+cudaError_t LaunchSplit(dim3 grid, const void* const* w, const void* const* w2, const uint16_t* in, void* out,
+                        const int32_t* meta, int pairs, int slots, int n, int k, cudaStream_t s) {
+  grid.x = static_cast<unsigned>((n / 16 + kWarps / kSplit - 1) / (kWarps / kSplit));
+  return LaunchPdl(GroupedKernel<kBf16, kSplit, kNT, kGateUp>, grid, dim3(kWarps * 32), 0, s, w, w2, in, out, meta,
+                   pairs, slots, n, k);
+}
+
+// Blocks of an instance that an SM holds at once (registers bound it: 2 at 128 per thread).
+template <bool kBf16, int kSplit, int kNT, bool kGateUp>
+int BlocksPerSm() {
+  static const int n = [] {
+    int b = 0;
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, GroupedKernel<kBf16, kSplit, kNT, kGateUp>, kWarps * 32,
+                                                         0) == cudaSuccess &&
+                   b > 0
+               ? b
+               : 1;
+  }();
+  return n;
+}
+
+// The split of a launch: SplitFor's, or up to 4x it (k permitting) where that fills the launch's
+// last wave of blocks better. Mixtral's gate/up at batches 16-64 (8 experts of 14336 rows: 896
+// blocks, 2 per SM on 132 SMs) ran 3.4 waves, the last 40% of a wave on 103 SMs; split 2 makes
+// it 6.8 waves. The choice depends on the shapes only, so a layer's sums are the same every step.
+template <bool kBf16, int kNT, bool kGateUp>
+int WaveSplit(int64_t n, int64_t k, int slots, int num_sms) {
+  const int base = SplitFor(n, k, slots, num_sms);
+  const auto fill = [&](int split) {
+    const int per_sm = split == 1   ? BlocksPerSm<kBf16, 1, kNT, kGateUp>()
+                       : split == 2 ? BlocksPerSm<kBf16, 2, kNT, kGateUp>()
+                       : split == 4 ? BlocksPerSm<kBf16, 4, kNT, kGateUp>()
+                                    : BlocksPerSm<kBf16, 8, kNT, kGateUp>();
+    const double blocks = static_cast<double>((n / 16 + kWarps / split - 1) / (kWarps / split)) * slots;
+    const double waves = blocks / (static_cast<double>(per_sm) * std::max(num_sms, 1));
+    return waves / std::ceil(waves);
+  };
+  int best = base;
+  double best_fill = fill(base);
+  for (int split = 2 * base; split <= std::min(kWarps, 4 * base) && k / 32 >= int64_t{8} * split; split *= 2) {
+    const double f = fill(split);
+    if (f > best_fill + 0.05) best = split, best_fill = f;
+  }
+  return best;
+}
+
 template <bool kBf16, int kNT, bool kGateUp>
 cudaError_t LaunchGrouped(int split, dim3 grid, const void* const* w, const void* const* w2, const uint16_t* in,
                           void* out, const int32_t* meta, int pairs, int slots, int n, int k, cudaStream_t s) {
-  grid.x = static_cast<unsigned>((n / 16 + kWarps / split - 1) / (kWarps / split));
   switch (split) {
     case 1:
-      return LaunchPdl(GroupedKernel<kBf16, 1, kNT, kGateUp>, grid, dim3(kWarps * 32), 0, s, w, w2, in, out, meta,
-                       pairs, slots, n, k);
+      return LaunchSplit<kBf16, 1, kNT, kGateUp>(grid, w, w2, in, out, meta, pairs, slots, n, k, s);
     case 2:
-      return LaunchPdl(GroupedKernel<kBf16, 2, kNT, kGateUp>, grid, dim3(kWarps * 32), 0, s, w, w2, in, out, meta,
-                       pairs, slots, n, k);
+      return LaunchSplit<kBf16, 2, kNT, kGateUp>(grid, w, w2, in, out, meta, pairs, slots, n, k, s);
     case 4:
-      return LaunchPdl(GroupedKernel<kBf16, 4, kNT, kGateUp>, grid, dim3(kWarps * 32), 0, s, w, w2, in, out, meta,
-                       pairs, slots, n, k);
+      return LaunchSplit<kBf16, 4, kNT, kGateUp>(grid, w, w2, in, out, meta, pairs, slots, n, k, s);
     default:
-      return LaunchPdl(GroupedKernel<kBf16, 8, kNT, kGateUp>, grid, dim3(kWarps * 32), 0, s, w, w2, in, out, meta,
-                       pairs, slots, n, k);
+      return LaunchSplit<kBf16, 8, kNT, kGateUp>(grid, w, w2, in, out, meta, pairs, slots, n, k, s);
   }
 }
 
@@ -361,10 +404,10 @@ cudaError_t Run(const MoeGroupedArgs& a, int pairs, int slots, cudaStream_t s) {
   if (err != cudaSuccess) return err;
   // A chunk per 8 * kNT tokens an expert may have (at most every token).
   const dim3 grid(1, static_cast<unsigned>(slots), static_cast<unsigned>((a.tokens + 8 * kNT - 1) / (8 * kNT)));
-  err = LaunchGrouped<kBf16, kNT, true>(SplitFor(I, H, slots, a.num_sms), grid, a.gate, a.up,
+  err = LaunchGrouped<kBf16, kNT, true>(WaveSplit<kBf16, kNT, true>(I, H, slots, a.num_sms), grid, a.gate, a.up,
                                         static_cast<const uint16_t*>(a.xb), a.act, a.meta, pairs, slots, I, H, s);
   if (err != cudaSuccess) return err;
-  err = LaunchGrouped<kBf16, kNT, false>(SplitFor(H, I, slots, a.num_sms), grid, a.down, nullptr,
+  err = LaunchGrouped<kBf16, kNT, false>(WaveSplit<kBf16, kNT, false>(H, I, slots, a.num_sms), grid, a.down, nullptr,
                                          static_cast<const uint16_t*>(a.act), a.y, a.meta, pairs, slots, H, I, s);
   if (err != cudaSuccess) return err;
   const Meta meta(a.meta, pairs, slots);
