@@ -10,8 +10,8 @@
 // Decode on tensor cores (DecodeMatchesCpu): decode batches over a bf16 cache with the switch on,
 // against the CPU backend's bf16-cache attention, within the same bound; GQA groups 1/4/6/8/16,
 // head_dim 64/128, contexts of 1 to 20000 keys (split over many blocks or not), paged caches
-// (bitwise the contiguous layout), more sequences than travel inline; decode rows batched with a
-// short chunk are bitwise the decode-only batch's.
+// (bitwise the contiguous layout, and through the step path of CUDA graphs), more sequences than
+// travel inline; decode rows batched with a short chunk are bitwise the decode-only batch's.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -347,6 +347,18 @@ TEST_P(CudaAttentionDecodeTcTest, DecodeMatchesCpu) {
   if (c.block_size > 0) {
     const std::vector<AttentionSeq> decode_paged(paged_dev.begin(), paged_dev.begin() + S);
     EXPECT_EQ(Run(q_dev, decode_paged, c, rows, true), on) << "paged is not bitwise the contiguous layout";
+    // The step path the engine records in CUDA graphs (UploadStepSeqs once, AttentionStep on the
+    // layer's pools): the same bits.
+    std::vector<AttentionSeq> step(S);
+    for (int s = 0; s < S; ++s)
+      step[s] = AttentionSeq{nullptr, nullptr, s, 1, totals[s], paged_dev[s].blocks, c.block_size};
+    gpu_->SetReducedPrecisionAttention(true);
+    const auto plan = gpu_->UploadStepSeqs(step.data(), S, c.heads, c.kv_heads, c.hd);
+    ASSERT_TRUE(plan.ok()) << plan.status().ToString();
+    float* out = dev_->Put(std::vector<float>(rows * width, kSentinel));
+    gpu_->AttentionStep(q_dev, kpool_dev, vpool_dev, out);
+    gpu_->SetReducedPrecisionAttention(false);
+    EXPECT_EQ(dev_->Get(out, rows * width), on) << "the step path is not bitwise the batch op";
   }
 }
 
