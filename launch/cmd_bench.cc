@@ -460,7 +460,7 @@ void PrintHeader(const BenchRun& b, const BenchParts& p) {
   std::printf("# model %s (%s layers, %d experts, top-%d, hidden %d, expert FFN %d)  backend %s  device %d\n",
               p.model_dir.c_str(), std::to_string(cfg.num_layers).c_str(), cfg.num_experts, cfg.top_k, cfg.hidden_size,
               cfg.moe_intermediate_size, p.engine->backend().name().c_str(), o.model.device);
-  std::printf("# kv cache %s (kv_cache_dtype %s), prefill attention %s\n", KvCacheDTypeName(*p.engine),
+  std::printf("# kv cache %s (kv_cache_dtype %s), attention %s\n", KvCacheDTypeName(*p.engine),
               o.model.kv_cache_dtype.c_str(), p.engine->reduced_precision_attention() ? "bf16" : "fp32");
   if (!o.synthetic.empty()) {
     std::printf("# synthetic %s: random %s weights (seed %llu), %d layers, scale 1/%d\n", p.shape.name.c_str(),

@@ -36,7 +36,7 @@ struct RuntimeSection {
   std::string backend = "auto";              // auto | cuda | cpu
   int device = -1;                           // GPU index; -1: the local rank (one rank per GPU)
   int max_seq_len = 0;                       // KV capacity per sequence; 0: the model's maximum
-  std::string attention_precision = "auto";  // auto | bf16 | fp32 (cuda prefill attention)
+  std::string attention_precision = "auto";  // auto | bf16 | fp32 (cuda attention)
   std::string kv_cache_dtype = "auto";       // auto | fp32 | bf16
   int kv_block_size = 16;                    // paged KV: tokens per block (power of two); 0: contiguous
   int64_t kv_cache_tokens = 0;               // paged KV capacity over all sequences; 0: grows on demand

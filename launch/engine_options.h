@@ -47,8 +47,9 @@ struct ModelFlags {
     app->add_option("--max-seq-len", max_seq_len, "KV-cache capacity per sequence (0: the model's maximum)")
         ->check(kNonNegative);
     app->add_option("--attention-precision", attention_precision,
-                    "prefill attention on the cuda backend: bf16 (tensor cores, fp32 accumulation), fp32 (exact), or "
-                    "auto (bf16 when the model's weights are 16-bit) (runtime.attention_precision)")
+                    "attention on the cuda backend: bf16 (tensor cores, fp32 accumulation: prefill, and decode over "
+                    "a bf16 KV cache), fp32 (exact), or auto (bf16 when the model's weights are 16-bit) "
+                    "(runtime.attention_precision)")
         ->check(CLI::IsMember({"auto", "bf16", "fp32"}))
         ->capture_default_str();
     app->add_option("--kv-cache-dtype", kv_cache_dtype,

@@ -168,8 +168,8 @@ class Backend {
   // --- numerics ---
   // The model's GEMMs already round activations to 16 bits (bf16/f16 weights); attention may then
   // stage Q, K, V and the softmax weights P in bf16 with fp32 accumulation (CUDA: tensor-core
-  // prefill attention; other backends ignore it). Off by default: the fp32 path is the exact
-  // reference. Applies to the ops enqueued after the call.
+  // prefill attention, and decode attention over a bf16 KV cache; other backends ignore it). Off by default: the fp32
+  // path is the exact reference. Applies to the ops enqueued after the call.
   virtual void SetReducedPrecisionAttention(bool on) {}
   // The dtype of the keys and values AttentionBatch reads (AttentionSeq::k, v): kF32 (default) or
   // kBF16 (half the bytes per cached token; scores and softmax still in fp32). AttentionEx reads

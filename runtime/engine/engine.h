@@ -46,8 +46,9 @@ struct EngineOptions {
   // ExpertSource (SetExpertSource, e.g. the expert cache) or UploadExperts() first, and fails with
   // FailedPrecondition otherwise.
   bool upload_experts = true;
-  // Prefill attention on the cuda backend: "bf16" stages Q, K, V and P in bf16 for tensor cores
-  // (fp32 accumulation), "fp32" keeps the exact fp32 kernel, "auto" picks bf16 when the model's
+  // Attention on the cuda backend: "bf16" stages Q, K, V and P in bf16 for tensor cores (fp32
+  // accumulation; prefill chunks, and decode rows over a bf16 KV cache), "fp32" keeps the exact
+  // fp32 kernels, "auto" picks bf16 when the model's
   // attention weights are 16-bit (its GEMMs then round activations to bf16 already). The cpu
   // backend always computes in fp32.
   std::string attention_precision = "auto";
@@ -163,7 +164,7 @@ class Engine {
   // and makes it the expert source. A no-op when they are resident already.
   Status UploadExperts();
   bool experts_resident() const { return resident_ != nullptr; }
-  // Whether prefill attention stages its operands in bf16 (EngineOptions::attention_precision).
+  // Whether attention stages its operands in bf16 (EngineOptions::attention_precision).
   bool reduced_precision_attention() const { return reduced_precision_attention_; }
   // The KV cache's element type as resolved from EngineOptions::kv_cache_dtype: kF32 or kBF16.
   DType kv_cache_dtype() const { return kv_bf16_ ? DType::kBF16 : DType::kF32; }

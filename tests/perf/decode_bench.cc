@@ -148,7 +148,7 @@ Args ParseArgs(int argc, char** argv) {
           "  --shape    mixtral-8x7b (default) or qwen3-30b-a3b (hidden 2048, 128 experts x ffn 768, top-8,\n"
           "             32 / 4 heads x 128)\n"
           "  --no-lt    16-bit GEMMs through cublasGemmEx instead of the planned cuBLASLt path\n"
-          "  --fp32-attention  the steps' prefill attention on the exact fp32 kernel (default: tensor cores with\n"
+          "  --fp32-attention  the steps' attention on the exact fp32 kernels (default: tensor cores with\n"
           "             bf16 operands, what the engine picks for a bf16 model)\n"
           "  --unfused-gate-up  decode experts as Gemm, Gemm, SiluMul instead of the fused gate/up GEMV\n"
           "  --host-routing  every MoE layer copies its routing to the host and waits, at every batch size\n"
@@ -841,8 +841,8 @@ int Main(int argc, char** argv) {
       "# layers %d, decode context %d tokens per sequence, %d timed steps, prefill %d tokens, bound = active "
       "weight bytes / %.2f TB/s\n",
       a.layers, a.context, a.iters, a.prefill, a.hbm_tbps);
-  std::printf("# prefill attention: %s; 16-bit GEMMs past the GEMV: %s\n",
-              a.fp32_attention ? "fp32 kernel" : "tensor cores, bf16 operands",
+  std::printf("# attention: %s; 16-bit GEMMs past the GEMV: %s\n",
+              a.fp32_attention ? "fp32 kernels" : "tensor cores, bf16 operands (prefill; decode over a bf16 cache)",
               a.lt_gemm ? "cuBLASLt, planned" : "cublasGemmEx");
   std::printf("# programmatic dependent launch: %s; kv cache: %s\n", a.pdl ? "on" : "off",
               (std::string(a.kv_bf16 ? "bf16" : "fp32") +

@@ -77,8 +77,9 @@ struct CudaBackendOptions {
   // only. Default: EF_CUDA_GROUPED_EXPERTS.
   int grouped_experts = -1;
   // Initial Backend::SetReducedPrecisionAttention: prefill attention (chunks of at least
-  // cuda::kAttentionPrefillTcMinRows rows, head_dim 64/128) on tensor cores with bf16 operands.
-  // Its scratch holds a bf16 copy of the batch's keys and values (half their fp32 bytes).
+  // cuda::kAttentionPrefillTcMinRows rows, head_dim 64/128) on tensor cores with bf16 operands,
+  // its scratch a bf16 copy of the batch's keys and values (half their fp32 bytes); and decode
+  // rows over a bf16 KV cache (head_dim 64/128, GQA groups up to 16) on tensor cores.
   bool reduced_precision_attention = false;
 
   // The defaults with the EF_CUDA_* knobs applied.
