@@ -91,6 +91,40 @@ TEST(AttentionPlanTest, ShapesTheDecodeKernelCannotTakeGoToTheGeneralKernel) {
   EXPECT_FALSE(Plan(unaligned, 32, 8, 128, false).decode);
 }
 
+// Tensor-core decode (reduced-precision attention over a bf16 cache): head_dim 64/128, GQA groups
+// up to 16; its splits hold at least 64 keys (a 16-key step for each of the block's 4 warps) and
+// always merge in the kernel.
+TEST(AttentionPlanTest, TensorCoreDecodeNeedsABf16CacheAndItsShapes) {
+  const auto tc = [](const std::vector<cuda::AttentionSeqDesc>& d, int heads, int kv_heads, int head_dim, bool kv_bf16,
+                     bool tensor_cores) {
+    return cuda::plan_attention_batch(d.data(), static_cast<int>(d.size()), heads, kv_heads, head_dim, 132, kv_bf16,
+                                      cuda::kDecodeBlocksPerSmDefault, tensor_cores);
+  };
+  const cuda::AttentionBatchPlan b64 = tc(Decode(64, 513), 32, 8, 128, true, true);
+  EXPECT_TRUE(b64.decode && b64.decode_tc);
+  EXPECT_EQ(b64.num_splits, 1);  // 512 blocks pass 3 per SM
+  EXPECT_EQ(b64.num_counters, 0);
+  // One sequence of 513 keys on 8 KV heads: 50 splits would give 3 blocks per SM, 64-key splits
+  // cap them at 9; merged in the kernel (a counter per KV head).
+  const cuda::AttentionBatchPlan b1 = tc(Decode(1, 513), 32, 8, 128, true, true);
+  EXPECT_TRUE(b1.decode_tc);
+  EXPECT_EQ(b1.num_splits, 9);
+  EXPECT_EQ(b1.num_counters, 8);
+  EXPECT_EQ(b1.workspace_floats, size_t{9} * 1 * 32 * (128 + 2));
+  // The fp32 kernel's plan for the same batch splits by its 32-key bf16 tiles.
+  EXPECT_EQ(tc(Decode(1, 513), 32, 8, 128, true, false).num_splits, 17);
+  EXPECT_FALSE(tc(Decode(1, 513), 32, 8, 128, true, false).decode_tc);               // tensor cores not asked for
+  EXPECT_FALSE(tc(Decode(1, 513), 32, 8, 128, false, true).decode_tc);               // an fp32 cache
+  EXPECT_TRUE(tc(Decode(2, 700), 32, 2, 64, true, true).decode_tc);                  // group 16, head_dim 64
+  EXPECT_TRUE(tc(Decode(2, 257), 48, 8, 128, true, true).decode_tc);                 // group 6
+  const cuda::AttentionBatchPlan wide = tc(Decode(1, 300), 64, 2, 128, true, true);  // group 32
+  EXPECT_TRUE(wide.decode);
+  EXPECT_FALSE(wide.decode_tc);
+  const cuda::AttentionBatchPlan narrow = tc(Decode(3, 300), 8, 2, 36, true, true);  // head_dim 36
+  EXPECT_TRUE(narrow.decode);
+  EXPECT_FALSE(narrow.decode_tc);
+}
+
 }  // namespace
 }  // namespace ef::runtime
 #endif  // EF_HAVE_CUDA_BACKEND

@@ -451,7 +451,8 @@ AttentionBatchPlan plan_attention_batch(const AttentionSeqDesc* seqs_host, int n
     const int64_t decode_blocks = active * num_kv_heads,
                   target = static_cast<int64_t>(std::max(0, decode_blocks_per_sm)) * num_sms;
     if (decode_blocks < target) {
-      // The tensor-core kernel's blocks take at least one step of each of their warps.
+      // No more splits than the longest context has keys per tensor-core block (a 16-key step per
+      // warp) or per fp32 tile.
       const int keys = plan.decode_tc ? attention_decode_tc_keys_per_block() : plan.decode_tile;
       int64_t splits = (target + decode_blocks - 1) / decode_blocks;
       splits = std::min<int64_t>(splits, (max_total + keys - 1) / keys);

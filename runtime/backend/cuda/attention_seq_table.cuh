@@ -132,9 +132,10 @@ inline bool MakeSeqTable(const AttentionSeqDesc* seqs_host, const AttentionSeqDe
 }
 
 // Decode on tensor cores (attention_decode_tc.cu), for plans with decode_tc: a bf16 cache, head_dim
-// 64 or 128, GQA groups up to 16. Each split holds whole blocks of
-// attention_decode_tc_keys_per_block() keys or fewer (the plan cuts no finer). The launch has the
-// contract of the decode kernel of attention_batch.cu (workspace, counters, output rows).
+// 64 or 128, GQA groups up to 16. The kernel cuts splits at 16-key steps; the plan makes no more
+// splits than a sequence has attention_decode_tc_keys_per_block() keys (a step per warp on
+// average: some warps, or a short sequence's splits, may get none, which the merges skip). The
+// launch has the contract of the decode kernel of attention_batch.cu (workspace, counters, rows).
 bool attention_decode_tc_supported(int num_heads, int num_kv_heads, int head_dim, int num_splits);
 int attention_decode_tc_keys_per_block();
 cudaError_t launch_attention_decode_tc(const float* q, const SeqTable& table, int num_seqs,

@@ -340,16 +340,18 @@ cudaError_t LaunchSplit(dim3 grid, const void* const* w, const void* const* w2, 
                    pairs, slots, n, k);
 }
 
-// Blocks of an instance that an SM holds at once (registers bound it: 2 at 128 per thread).
+// Blocks of an instance that an SM holds at once (registers bound it: 2 at 128 per thread), asked
+// once per process (a process drives GPUs of one kind).
 template <bool kBf16, int kSplit, int kNT, bool kGateUp>
 int BlocksPerSm() {
   static const int n = [] {
     int b = 0;
-    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, GroupedKernel<kBf16, kSplit, kNT, kGateUp>, kWarps * 32,
-                                                         0) == cudaSuccess &&
-                   b > 0
-               ? b
-               : 1;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, GroupedKernel<kBf16, kSplit, kNT, kGateUp>, kWarps * 32, 0) !=
+        cudaSuccess) {
+      (void)cudaGetLastError();  // not sticky: leave no error for a later launch check to report
+      return 1;
+    }
+    return b > 0 ? b : 1;
   }();
   return n;
 }
