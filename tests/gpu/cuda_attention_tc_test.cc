@@ -11,8 +11,8 @@
 // against the CPU backend's bf16-cache attention, within the same bound; GQA groups 1/4/6/8/16,
 // head_dim 64/128, contexts of 1 to 20000 keys (split over many blocks or not), paged caches
 // (bitwise the contiguous layout, also through the step path the engine records in CUDA graphs:
-// UploadStepSeqs, AttentionStep on the pools, not recorded here), more sequences than travel
-// inline; decode rows batched with a short chunk are bitwise the decode-only batch's.
+// UploadStepSeqs, AttentionStep on the pools, eager and recorded then replayed), more sequences
+// than travel inline; decode rows batched with a short chunk are bitwise the decode-only batch's.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -366,8 +366,17 @@ TEST_P(CudaAttentionDecodeTcTest, DecodeMatchesCpu) {
     ASSERT_TRUE(plan.ok()) << plan.status().ToString();
     float* out = dev_->Put(std::vector<float>(rows * width, kSentinel));
     gpu_->AttentionStep(q_dev, kpool_dev, vpool_dev, out);
-    gpu_->SetReducedPrecisionAttention(false);
     EXPECT_EQ(dev_->Get(out, rows * width), on) << "the step path is not bitwise the batch op";
+    // Recorded as a graph (its scratch is sized by the eager step above) and replayed: the same.
+    float* replayed = dev_->Put(std::vector<float>(rows * width, kSentinel));
+    ASSERT_TRUE(gpu_->BeginGraph().ok());
+    gpu_->AttentionStep(q_dev, kpool_dev, vpool_dev, replayed);
+    const auto graph = gpu_->EndGraph();
+    ASSERT_TRUE(graph.ok()) << graph.status().ToString();
+    ASSERT_TRUE(gpu_->LaunchGraph(*graph).ok());
+    gpu_->SetReducedPrecisionAttention(false);
+    EXPECT_EQ(dev_->Get(replayed, rows * width), on) << "the replayed step is not bitwise the batch op";
+    gpu_->DropGraphs();
   }
 }
 
