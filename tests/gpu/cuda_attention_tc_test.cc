@@ -89,6 +89,19 @@ double BoundFromBf16(double max_q_norm, double max_k_norm, double max_v, int hd)
   return max_v * (rho - 1 + u) + 1e-5;
 }
 
+// out[rows, width] = kSentinel, then the backend's AttentionBatch with reduced-precision attention
+// on or off (off again after the call).
+std::vector<float> RunAttentionBatch(CudaBackend* gpu, testing::DeviceArrays* dev, const float* q,
+                                     const std::vector<AttentionSeq>& seqs, int heads, int kv_heads, int hd,
+                                     int64_t rows, bool reduced) {
+  const int64_t width = static_cast<int64_t>(heads) * hd;
+  float* out = dev->Put(std::vector<float>(rows * width, kSentinel));
+  gpu->SetReducedPrecisionAttention(reduced);
+  gpu->AttentionBatch(q, seqs.data(), static_cast<int>(seqs.size()), heads, kv_heads, hd, out);
+  gpu->SetReducedPrecisionAttention(false);
+  return dev->Get(out, rows * width);
+}
+
 class CudaAttentionTcTest : public testing::CpuVsCudaTest<::testing::TestWithParam<TcCase>> {
  protected:
   // out[rows, width] = kSentinel, then the fp32 kernel called directly (plan + launch), bypassing
@@ -113,14 +126,9 @@ class CudaAttentionTcTest : public testing::CpuVsCudaTest<::testing::TestWithPar
     return dev_->Get(out, rows * width);
   }
 
-  // out[rows, width] = kSentinel, then the backend's AttentionBatch with the switch as given.
   std::vector<float> RunBackend(const float* q, const std::vector<AttentionSeq>& seqs, const TcCase& c, int64_t rows,
-                                int64_t width, bool reduced) {
-    float* out = dev_->Put(std::vector<float>(rows * width, kSentinel));
-    gpu_->SetReducedPrecisionAttention(reduced);
-    gpu_->AttentionBatch(q, seqs.data(), static_cast<int>(seqs.size()), c.heads, c.kv_heads, c.hd, out);
-    gpu_->SetReducedPrecisionAttention(false);
-    return dev_->Get(out, rows * width);
+                                bool reduced) {
+    return RunAttentionBatch(gpu_.get(), dev_.get(), q, seqs, c.heads, c.kv_heads, c.hd, rows, reduced);
   }
 };
 
@@ -161,8 +169,8 @@ TEST_P(CudaAttentionTcTest, MatchesCpu) {
   cpu_.AttentionBatch(q.data(), host.data(), S, c.heads, c.kv_heads, c.hd, want.data());
 
   const std::vector<float> fp32 = Fp32Kernel(q_dev, dev, c, rows, width);
-  const std::vector<float> off = RunBackend(q_dev, dev, c, rows, width, /*reduced=*/false);
-  const std::vector<float> on = RunBackend(q_dev, dev, c, rows, width, /*reduced=*/true);
+  const std::vector<float> off = RunBackend(q_dev, dev, c, rows, /*reduced=*/false);
+  const std::vector<float> on = RunBackend(q_dev, dev, c, rows, /*reduced=*/true);
 
   // Off: the fp32 kernel, bit for bit (and it matches the CPU as its own test requires; over the
   // owned rows, as the sentinels elsewhere would set MaxRelError's scale).
@@ -253,15 +261,9 @@ class CudaAttentionDecodeTcTest : public testing::CpuVsCudaTest<::testing::TestW
     }
     testing::CpuVsCudaTest<::testing::TestWithParam<DecodeCase>>::TearDown();
   }
-  // The backend's AttentionBatch into a sentinel-filled [rows, width] output.
   std::vector<float> Run(const float* q, const std::vector<AttentionSeq>& seqs, const DecodeCase& c, int64_t rows,
                          bool reduced) {
-    const int64_t width = static_cast<int64_t>(c.heads) * c.hd;
-    float* out = dev_->Put(std::vector<float>(rows * width, kSentinel));
-    gpu_->SetReducedPrecisionAttention(reduced);
-    gpu_->AttentionBatch(q, seqs.data(), static_cast<int>(seqs.size()), c.heads, c.kv_heads, c.hd, out);
-    gpu_->SetReducedPrecisionAttention(false);
-    return dev_->Get(out, rows * width);
+    return RunAttentionBatch(gpu_.get(), dev_.get(), q, seqs, c.heads, c.kv_heads, c.hd, rows, reduced);
   }
 };
 
