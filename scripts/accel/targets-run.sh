@@ -23,16 +23,25 @@ if [ -n "${CTEST:-}" ]; then
   echo "ctest -L gpu rc=$? in $(($(date +%s) - t0)) s"
   grep -E "tests passed|tests failed|\(Failed\)|Timeout" "$LOGS/ctest_gpu.log" | tail -12
 fi
+# The GPU's clocks, power, temperature and throttle reasons every 0.5 s for the whole run, to tell
+# a slower phase's clocks from its code (prefill after a long decode phase, issue 15).
+nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,temperature.memory,clocks_throttle_reasons.active \
+  --format=csv -lms 500 >"$LOGS/smi.csv" 2>&1 &
+SMI=$!
+trap 'kill $SMI 2>/dev/null' EXIT
+stamp() { echo "# $(date +%H:%M:%S.%N | cut -c1-12) $*" >>"$LOGS/phases.txt"; }
 summary() {  # the table rows of one bench output
   grep -E "^(decode|prefill) " "$1" | awk -v t="$2" '{printf "%-14s %s\n", t, $0}'
 }
 # Prefill alone in its own process first (the rows below prefill after the decode phases).
+stamp prefill alone
 timeout 120 "$BUILD"/tests/ef_decode_bench --batches "" --prefill 2048 --prefill-iters 7 --no-breakdown \
   --json "$LOGS/prefill_alone.json" >"$LOGS/prefill_alone.txt" 2>&1
 summary "$LOGS/prefill_alone.txt" "prefill alone"
 for r in $(seq "$ROUNDS"); do
   for kv in fp32 bf16; do
     flag=--kv-$kv
+    stamp "decode kv $kv round $r"
     # shellcheck disable=SC2086
     timeout 240 "$BUILD"/tests/ef_decode_bench --batches 1,16,64 --iters 20 --prefill 2048 --prefill-iters 5 \
       --no-breakdown $flag --json "$LOGS/decode_${kv}_$r.json" >"$LOGS/decode_${kv}_$r.txt" 2>&1
@@ -68,4 +77,5 @@ if [ "$LAYERS" -gt 0 ]; then
     OUT=$LOGS/again WORKLOADS_ONLY=$E2E_AGAIN EXTRA=$EXTRA_AGAIN bash scripts/accel/e2e-run.sh expertflow "$LAYERS" 2>&1 | quiet
   fi
 fi
+kill $SMI 2>/dev/null
 (cd "$OUT" && tar czf targets.tgz targets && rm -rf targets)
