@@ -181,6 +181,17 @@ class Backend {
   virtual void Embed(const int32_t* ids, int n, const Weight& table, float* out) = 0;
   // out = x / rms(x) * w over rows of length dim (w has dim elements). out may alias x.
   virtual void RmsNorm(const float* x, int64_t rows, int dim, const Weight& w, float eps, float* out) = 0;
+
+  // bf16 twins. The residual stream and every op's output stay fp32 (the sums that accuracy needs,
+  // and the exact path of fp32 models); where a backend's GEMMs read 16-bit operands it rounds x to
+  // bf16 first. A twin is that rounding (nearest even) written by the op that produces x, beside x,
+  // so that the GEMMs reading x (q, k and v; the router; the experts) need no conversion pass each:
+  // the same bits, fewer bytes moved. Whether a twin pays for `rows` rows of activations read by
+  // weights of type `weights` (CUDA: rows past its GEMV's, bf16 weights). Asked before making one.
+  virtual bool Bf16Twins(int64_t rows, DType weights) const { return false; }
+  // RmsNorm, and out rounded to bf16 into out16 (rows * dim values).
+  virtual void RmsNormTwin(const float* x, int64_t rows, int dim, const Weight& w, float eps, float* out,
+                           uint16_t* out16) = 0;
   // y[m, n] = x[m, k] . w[n, k]^T (+ bias[n]) (+ y if accumulate).
   virtual void Gemm(const float* x, int64_t m, const Weight& w, const Weight* bias, float* y, bool accumulate) = 0;
   // Rotary embedding (rotate-half convention) in place on x[rows, num_heads * head_dim] at positions[rows].
@@ -239,13 +250,16 @@ class Backend {
   // weights; x rounded to 16 bits once, the two products kept in 16 bits, the experts on several
   // streams so that small GEMMs fill the device together). An expert's result does not depend on
   // the others or on `count`. Returns false, having enqueued nothing, otherwise (the caller runs
-  // GateUpSilu / Gemm per expert).
-  virtual bool ExpertMlps(const float* x, const ExpertMlpRows* experts, int count, float* y) { return false; }
+  // GateUpSilu / Gemm per expert). x16: x's bf16 twin (Bf16Twins) or null.
+  virtual bool ExpertMlps(const float* x, const uint16_t* x16, const ExpertMlpRows* experts, int count, float* y) {
+    return false;
+  }
   // ys[i][m, n_i] = x . ws[i]^T (+ biases[i] when not null) for `count` weights of one input (q, k
-  // and v of attention), as Gemm computes each; a backend may run them in one launch, summing each
-  // row as Gemm would for some split of it. Default: one Gemm each.
-  virtual void GemmGroup(const float* x, int64_t m, int count, const Weight* const* ws, const Weight* const* biases,
-                         float* const* ys) {
+  // and v of attention; the router), as Gemm computes each; a backend may run them in one launch,
+  // summing each row as Gemm would for some split of it, and rounds x to 16 bits once for all
+  // (x16: x's bf16 twin, see Bf16Twins, or null). Default: one Gemm each.
+  virtual void GemmGroup(const float* x, const uint16_t* x16, int64_t m, int count, const Weight* const* ws,
+                         const Weight* const* biases, float* const* ys) {
     for (int i = 0; i < count; ++i) Gemm(x, m, *ws[i], biases[i], ys[i], false);
   }
   // The routed experts of a MoE layer with the routing kept in backend memory (RouterTopK's ids
@@ -324,6 +338,9 @@ class Backend {
   virtual bool SamplesRows() const { return true; }
   // dst[i, :] = src[idx[i], :]
   virtual void GatherRows(const float* src, const int32_t* idx, int64_t n, int dim, float* dst) = 0;
+  // GatherRows, and dst rounded to bf16 into dst16 (a twin, see Bf16Twins).
+  virtual void GatherRowsTwin(const float* src, const int32_t* idx, int64_t n, int dim, float* dst,
+                              uint16_t* dst16) = 0;
   // dst[idx[i], :] += scale[i] * src[i, :]   (idx distinct within one call)
   virtual void ScatterAddRows(const float* src, const int32_t* idx, const float* scale, int64_t n, int dim,
                               float* dst) = 0;

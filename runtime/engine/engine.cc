@@ -16,6 +16,7 @@ namespace {
 enum ScratchSlot {
   kResid,
   kNormed,
+  kNormed16,  // kNormed's bf16 twin, uint16 (Backend::Bf16Twins)
   kQ,
   kK,
   kV,
@@ -276,6 +277,7 @@ Status Engine::ReserveScratch(int64_t T, int64_t R) {
   const std::pair<int, size_t> sizes[] = {
       {kResid, t * H},
       {kNormed, t * H},
+      {kNormed16, backend_->Bf16Twins(T, DType::kBF16) ? (t * H + 1) / 2 : 0},
       {kQ, t * c.q_dim()},
       {kK, t * c.kv_dim()},
       {kV, t * c.kv_dim()},
@@ -493,7 +495,30 @@ std::vector<AttentionSeq> Engine::AppendKv(int layer, std::span<const SeqChunk> 
   return seqs;
 }
 
-Status Engine::Attention(int layer, std::span<const SeqChunk> batch, const int32_t* positions_dev, int64_t T) {
+uint16_t* Engine::NormTwin(int64_t T, const Weight& reader) {
+  if (!backend_->Bf16Twins(T, reader.dtype)) return nullptr;
+  return reinterpret_cast<uint16_t*>(Scratch(kNormed16, (static_cast<size_t>(T) * config().hidden_size + 1) / 2));
+}
+
+void Engine::Norm(const float* x, int64_t T, const Weight& norm, float* h, uint16_t* h16) {
+  const ModelConfig& c = config();
+  if (h16) {
+    backend_->RmsNormTwin(x, T, c.hidden_size, norm, c.rms_norm_eps, h, h16);
+  } else {
+    backend_->RmsNorm(x, T, c.hidden_size, norm, c.rms_norm_eps, h);
+  }
+}
+
+void Engine::GemmTwin(const float* x, const uint16_t* x16, int64_t T, const Weight& w, const Weight* bias, float* y) {
+  if (!x16) return backend_->Gemm(x, T, w, bias, y, false);
+  const Weight* ws[] = {&w};
+  const Weight* bs[] = {bias};
+  float* ys[] = {y};
+  backend_->GemmGroup(x, x16, T, 1, ws, bs, ys);
+}
+
+Status Engine::Attention(int layer, std::span<const SeqChunk> batch, const int32_t* positions_dev, int64_t T,
+                         const uint16_t* h16) {
   const ModelConfig& c = config();
   if (c.mla) return MlaAttention(layer, batch, positions_dev, T);
   const LayerWeights& L = weights_->layer(layer);
@@ -507,7 +532,7 @@ Status Engine::Attention(int layer, std::span<const SeqChunk> batch, const int32
     const Weight* bs[] = {c.qkv_bias ? &L.q_bias : nullptr, c.qkv_bias ? &L.k_bias : nullptr,
                           c.qkv_bias ? &L.v_bias : nullptr};
     float* ys[] = {q, k, v};
-    backend_->GemmGroup(h, T, 3, ws, bs, ys);
+    backend_->GemmGroup(h, h16, T, 3, ws, bs, ys);
   }
   if (c.clip_qkv > 0) {
     backend_->Clamp(q, T * qd, c.clip_qkv);
@@ -662,13 +687,14 @@ void Engine::Route(const LayerWeights& L, int64_t T, const float* logits, std::v
   std::memcpy(wts->data(), routing_host_.data() + T * K, wts->size() * sizeof(float));
 }
 
-Status Engine::MoeBlock(int layer, int64_t T, const float* h, float* out, const std::vector<int64_t>& row_seq,
-                        const std::vector<int32_t>& row_pos, const std::vector<int32_t>& row_tok) {
+Status Engine::MoeBlock(int layer, int64_t T, const float* h, const uint16_t* h16, float* out,
+                        const std::vector<int64_t>& row_seq, const std::vector<int32_t>& row_pos,
+                        const std::vector<int32_t>& row_tok) {
   const ModelConfig& c = config();
   const LayerWeights& L = weights_->layer(layer);
   const int E = c.num_experts, K = c.top_k, H = c.hidden_size;
   float* logits = Scratch(kRouterLogits, T * E);
-  backend_->Gemm(h, T, L.router, c.router_bias ? &L.router_bias : nullptr, logits, false);
+  GemmTwin(h, h16, T, L.router, c.router_bias ? &L.router_bias : nullptr, logits);
   std::vector<int32_t> ids;
   std::vector<float> wts;
   Route(L, T, logits, &ids, &wts);
@@ -925,15 +951,18 @@ Status Engine::RunLayers(const Pass& p) {
   for (int l = 0; l < c.num_layers; ++l) {
     const LayerWeights& L = weights_->layer(l);
     float* h = Scratch(kNormed, T * H);
-    backend_->RmsNorm(x, T, H, L.input_norm, c.rms_norm_eps, h);
-    EF_RETURN_IF_ERROR(Attention(l, p.batch, p.pos_dev, T));
+    // Twins of the normalised rows for the GEMMs that read them (q, k and v; the router).
+    uint16_t* h16 = c.mla ? nullptr : NormTwin(T, L.q);
+    Norm(x, T, L.input_norm, h, h16);
+    EF_RETURN_IF_ERROR(Attention(l, p.batch, p.pos_dev, T, h16));
     x = Scratch(kResid, T * H);
     h = Scratch(kNormed, T * H);
-    backend_->RmsNorm(x, T, H, L.post_attention_norm, c.rms_norm_eps, h);
+    h16 = c.IsMoeLayer(l) ? NormTwin(T, L.router) : nullptr;
+    Norm(x, T, L.post_attention_norm, h, h16);
     float* out = Scratch(kMoeOut, T * H);
     if (p.device_routing && c.IsMoeLayer(l)) {
       float* logits = Scratch(kRouterLogits, T * c.num_experts);
-      backend_->Gemm(h, T, L.router, c.router_bias ? &L.router_bias : nullptr, logits, false);
+      GemmTwin(h, h16, T, L.router, c.router_bias ? &L.router_bias : nullptr, logits);
       auto [ids_dev, w_dev] = DeviceRoutingSlot(*c.MoeLayerOf(l), T);
       backend_->RouterTopK(logits, T, c.num_experts, c.top_k, c.norm_topk_prob, ids_dev, w_dev);
       // x += the layer's expert output, summed as SetZero, MoeBlock and Add below sum it.
@@ -950,7 +979,7 @@ Status Engine::RunLayers(const Pass& p) {
       EF_RETURN_IF_ERROR(moe_executor_->Run(l, T, c.top_k, h, ids, wts, out));
     } else if (c.IsMoeLayer(l)) {
       backend_->SetZero(out, sizeof(float) * T * H);
-      EF_RETURN_IF_ERROR(MoeBlock(l, T, h, out, *p.row_seq, *p.row_pos, *p.row_tok));
+      EF_RETURN_IF_ERROR(MoeBlock(l, T, h, h16, out, *p.row_seq, *p.row_pos, *p.row_tok));
     } else {
       EF_RETURN_IF_ERROR(Mlp(L.dense_mlp, T, h, out));
     }

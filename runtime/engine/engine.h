@@ -275,7 +275,16 @@ class Engine {
   Status GrowScratch(int slot, size_t floats);
   Status ReserveScratch(int64_t T, int64_t R);
   float* Scratch(int slot, size_t floats);
-  Status Attention(int layer, std::span<const SeqChunk> batch, const int32_t* positions_dev, int64_t T);
+  // The normalised hidden rows' bf16 twin (Backend::Bf16Twins) where a GEMM over weights like
+  // `reader` would round them to bf16 itself; else null.
+  uint16_t* NormTwin(int64_t T, const Weight& reader);
+  // h = RmsNorm(x), and its twin into h16 unless null.
+  void Norm(const float* x, int64_t T, const Weight& norm, float* h, uint16_t* h16);
+  // y = x . w^T (+ bias) as Backend::Gemm computes it, from x's twin x16 unless null.
+  void GemmTwin(const float* x, const uint16_t* x16, int64_t T, const Weight& w, const Weight* bias, float* y);
+  // h16: the twin of the normalised rows (kNormed) or null.
+  Status Attention(int layer, std::span<const SeqChunk> batch, const int32_t* positions_dev, int64_t T,
+                   const uint16_t* h16);
   Status MlaAttention(int layer, std::span<const SeqChunk> batch, const int32_t* positions_dev, int64_t T);
   // resid += attn . o^T (+ o_bias): the attention block's output projection and residual.
   void AddOutputProjection(const LayerWeights& L, const float* attn, int64_t T);
@@ -287,8 +296,9 @@ class Engine {
   Status ReserveKvBlocks(std::span<const SeqChunk> batch);
   // The router's expert ids and weights of T rows, on the host.
   void Route(const LayerWeights& L, int64_t T, const float* logits, std::vector<int32_t>* ids, std::vector<float>* wts);
-  Status MoeBlock(int layer, int64_t T, const float* h, float* out, const std::vector<int64_t>& row_seq,
-                  const std::vector<int32_t>& row_pos, const std::vector<int32_t>& row_tok);
+  Status MoeBlock(int layer, int64_t T, const float* h, const uint16_t* h16, float* out,
+                  const std::vector<int64_t>& row_seq, const std::vector<int32_t>& row_pos,
+                  const std::vector<int32_t>& row_tok);
   Status Mlp(const ExpertWeights& w, int64_t rows, const float* x, float* out);
   // Device pointer tables of the resident experts per MoE layer (Backend::MoeRouted); a layer
   // whose experts the routed path cannot take (biases, clamped SwiGLU, shared experts, quantized

@@ -5,7 +5,7 @@
 
 namespace ef::runtime {
 namespace {
-enum Slot { kPerm, kGathered, kExpertOut, kGate, kUp, kHostPart };
+enum Slot { kPerm, kGathered, kExpertOut, kGate, kUp, kHostPart, kGathered16 };
 }
 
 StatusOr<float*> LocalMoeExecutor::Scratch(int slot, size_t floats) {
@@ -44,15 +44,17 @@ Status LocalMoeExecutor::Mlp(const ExpertWeights& w, int64_t rows, const float* 
 }
 
 Status LocalMoeExecutor::MlpGroup(std::span<const int32_t> experts, std::span<const ExpertWeights> w,
-                                  const std::vector<int32_t>& offset, const float* xe, float* ye) {
+                                  const std::vector<int32_t>& offset, const float* xe, const uint16_t* xe16,
+                                  float* ye) {
   const int H = hidden_;
+  if (!w.empty()) expert_dtype_ = w[0].gate.dtype;
   bool fused = activation_.kind == ExpertActivation::kSiluMul;
   std::vector<Backend::ExpertMlpRows> rows;
   for (size_t i = 0; fused && i < experts.size(); ++i) {
     fused = !w[i].has_bias();
     rows.push_back({&w[i].gate, &w[i].up, &w[i].down, offset[experts[i]], offset[experts[i] + 1] - offset[experts[i]]});
   }
-  if (fused && backend_->ExpertMlps(xe, rows.data(), static_cast<int>(rows.size()), ye)) return Status::Ok();
+  if (fused && backend_->ExpertMlps(xe, xe16, rows.data(), static_cast<int>(rows.size()), ye)) return Status::Ok();
   for (size_t i = 0; i < experts.size(); ++i) {
     const int64_t begin = offset[experts[i]], cnt = offset[experts[i] + 1] - begin;
     EF_RETURN_IF_ERROR(Mlp(w[i], cnt, xe + begin * H, ye + begin * H));
@@ -61,7 +63,7 @@ Status LocalMoeExecutor::MlpGroup(std::span<const int32_t> experts, std::span<co
 }
 
 Status LocalMoeExecutor::ComputeExperts(int layer, std::span<const int32_t> order, const std::vector<int32_t>& offset,
-                                        const float* xe, float* ye) {
+                                        const float* xe, const uint16_t* xe16, float* ye) {
   std::vector<int32_t> todo;
   for (int32_t e : order)
     if (offset[e + 1] > offset[e]) todo.push_back(e);
@@ -79,7 +81,7 @@ Status LocalMoeExecutor::ComputeExperts(int layer, std::span<const int32_t> orde
       }
       w.push_back(std::move(a).value());
     }
-    if (st.ok()) st = MlpGroup(g, w, offset, xe, ye);
+    if (st.ok()) st = MlpGroup(g, w, offset, xe, xe16, ye);
     for (size_t i = 0; i < w.size(); ++i) source_->Release(layer, g[i]);
     EF_RETURN_IF_ERROR(st);
   }
@@ -102,9 +104,16 @@ StatusOr<float*> LocalMoeExecutor::ComputeActive(int layer, std::vector<int32_t>
   if (split >= 0) EF_RETURN_IF_ERROR(source_->StartPart(layer, split, host.split));
   EF_ASSIGN_OR_RETURN(float* xe, Scratch(kGathered, static_cast<size_t>(n) * H));
   EF_ASSIGN_OR_RETURN(float* ye, Scratch(kExpertOut, static_cast<size_t>(n) * H));
-  backend_->GatherRows(src, perm_dev, n, H, xe);
+  uint16_t* xe16 = nullptr;
+  if (backend_->Bf16Twins(n, expert_dtype_)) {
+    EF_ASSIGN_OR_RETURN(float* twin, Scratch(kGathered16, (static_cast<size_t>(n) * H + 1) / 2));
+    xe16 = reinterpret_cast<uint16_t*>(twin);
+    backend_->GatherRowsTwin(src, perm_dev, n, H, xe, xe16);
+  } else {
+    backend_->GatherRows(src, perm_dev, n, H, xe);
+  }
   if (host.whole.empty() && split < 0) {
-    EF_RETURN_IF_ERROR(ComputeExperts(layer, active, offset, xe, ye));
+    EF_RETURN_IF_ERROR(ComputeExperts(layer, active, offset, xe, xe16, ye));
     return ye;
   }
   // The host's experts' rows come to the host first (this waits for the gather), the backend's
@@ -119,7 +128,7 @@ StatusOr<float*> LocalMoeExecutor::ComputeActive(int layer, std::vector<int32_t>
     const int64_t begin = offset[e], cnt = offset[e + 1] - offset[e];
     backend_->CopyToHost(host_x_.data() + begin * H, xe + begin * H, static_cast<size_t>(cnt * H) * sizeof(float));
   }
-  EF_RETURN_IF_ERROR(ComputeExperts(layer, active, offset, xe, ye));
+  EF_RETURN_IF_ERROR(ComputeExperts(layer, active, offset, xe, xe16, ye));
   if (split >= 0) {
     EF_ASSIGN_OR_RETURN(ExpertWeights part, source_->AcquirePart());
     const int64_t begin = offset[split];

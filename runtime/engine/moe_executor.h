@@ -59,7 +59,7 @@ class LocalMoeExecutor final : public MoeExecutor {
   // Runs each expert of `order` on its rows [offset[e], offset[e+1]) of xe into ye, as many at a
   // time as the source lets the executor hold.
   Status ComputeExperts(int layer, std::span<const int32_t> order, const std::vector<int32_t>& offset, const float* xe,
-                        float* ye);
+                        const uint16_t* xe16, float* ye);
   // The routing of one call on the backend: perm (row -> token, expert-major), scale (per row) and
   // pos (each token's k rows, ascending: its experts by increasing id, the order
   // Backend::CombineRows adds them in), uploaded in one copy. Internal unless every token has
@@ -75,16 +75,19 @@ class LocalMoeExecutor final : public MoeExecutor {
   StatusOr<float*> Scratch(int slot, size_t floats);
   Status Mlp(const ExpertWeights& w, int64_t rows, const float* x, float* out);
   // The acquired experts `experts` (w[i] for experts[i]) on their rows: one Backend::ExpertMlps
-  // call where the backend has it, else Mlp each.
+  // call where the backend has it (xe16: xe's bf16 twin or null), else Mlp each.
   Status MlpGroup(std::span<const int32_t> experts, std::span<const ExpertWeights> w,
-                  const std::vector<int32_t>& offset, const float* xe, float* ye);
+                  const std::vector<int32_t>& offset, const float* xe, const uint16_t* xe16, float* ye);
 
   Backend* backend_;
   int hidden_;
   int num_experts_;
   ExpertActivationParams activation_;
   ExpertSource* source_ = nullptr;
-  std::vector<Buffer> scratch_ = std::vector<Buffer>(6);
+  std::vector<Buffer> scratch_ = std::vector<Buffer>(7);
+  // The experts' weight type on the backend, as last acquired: whether the gathered rows get a
+  // bf16 twin (Backend::Bf16Twins) from the next call on.
+  DType expert_dtype_ = DType::kF32;
   std::vector<uint32_t> upload_;        // Upload's host staging
   std::vector<float> host_x_, host_y_;  // rows of host-computed experts
 };

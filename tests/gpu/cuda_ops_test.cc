@@ -630,8 +630,8 @@ TEST_F(CudaOpsTest, ExpertMlpsMatchTheCpuExperts) {
       DeviceArrays d(b);
       float* all = d.Zeros<float>(n * H);
       float* one = d.Zeros<float>(n * H);
-      ASSERT_TRUE(b->ExpertMlps(xd, ex.data(), E, all));
-      for (int e = 0; e < E; ++e) ASSERT_TRUE(b->ExpertMlps(xd, &ex[e], 1, one));
+      ASSERT_TRUE(b->ExpertMlps(xd, nullptr, ex.data(), E, all));
+      for (int e = 0; e < E; ++e) ASSERT_TRUE(b->ExpertMlps(xd, nullptr, &ex[e], 1, one));
       const auto y = d.Get(all, n * H);
       // bf16 only: the grouped path's down products are bf16 values (it ran, no fallback served).
       const bool grouped = mode != 0 && dt == DType::kBF16;
@@ -642,6 +642,16 @@ TEST_F(CudaOpsTest, ExpertMlpsMatchTheCpuExperts) {
             ASSERT_EQ(y[i], Bf16ToF32(F32ToBf16(y[i]))) << "expert " << e << " value " << i;
       EXPECT_LE(Nmse(y, want), 1e-4);
       EXPECT_EQ(y, d.Get(one, n * H)) << "an expert's result depends on the call";
+      {
+        // x's bf16 twin in place of the rounding pass: the same bits (fp16 experts round x
+        // themselves whatever they are given).
+        std::vector<uint16_t> twin(x.size());
+        for (size_t i = 0; i < x.size(); ++i) twin[i] = F32ToBf16(x[i]);
+        const uint16_t* x16 = d.Put(twin);
+        float* from_twin = d.Zeros<float>(n * H);
+        ASSERT_TRUE(b->ExpertMlps(xd, x16, ex.data(), E, from_twin));
+        EXPECT_EQ(d.Get(from_twin, n * H), y) << "the twin changed the result";
+      }
       // The GEMV experts: GateUpSilu and Gemm's bits.
       for (int e = 0; e < E; ++e) {
         if (rows[e] == 0 || rows[e] > cuda::kGemvMaxRows) continue;
@@ -665,7 +675,7 @@ TEST_F(CudaOpsTest, ExpertMlpsMatchTheCpuExperts) {
         DeviceArrays d2(small.get());
         float* x2 = d2.Put(x);
         float* y2 = d2.Zeros<float>(n * H);
-        ASSERT_TRUE(small->ExpertMlps(x2, ex.data(), E, y2));
+        ASSERT_TRUE(small->ExpertMlps(x2, nullptr, ex.data(), E, y2));
         EXPECT_EQ(d2.Get(y2, n * H), y) << "grouped by the scratch";
         small->Synchronize();
         ASSERT_TRUE(small->status().ok()) << small->status().ToString();
@@ -673,15 +683,15 @@ TEST_F(CudaOpsTest, ExpertMlpsMatchTheCpuExperts) {
       if (mode == -1) got = y;
     }
     float* all = dev_->Zeros<float>(n * H);
-    ASSERT_TRUE(gpu_->ExpertMlps(xd, ex.data(), E, all));
+    ASSERT_TRUE(gpu_->ExpertMlps(xd, nullptr, ex.data(), E, all));
     // Declined (nothing enqueued): fp32 weights, mismatched shapes, no streams.
     auto [wc32, wg32] = Weights(RandomFloats(F * H, 4200), F, H, DType::kF32);
     Backend::ExpertMlpRows bad = ex[0];
     bad.gate = &wg32;
-    EXPECT_FALSE(gpu_->ExpertMlps(xd, &bad, 1, all));
+    EXPECT_FALSE(gpu_->ExpertMlps(xd, nullptr, &bad, 1, all));
     bad = ex[0];
     bad.down = &gw[0];  // [F, H] where [H, F] is wanted
-    EXPECT_FALSE(gpu_->ExpertMlps(xd, &bad, 1, all));
+    EXPECT_FALSE(gpu_->ExpertMlps(xd, nullptr, &bad, 1, all));
     EXPECT_EQ(dev_->Get(all, n * H), got);
   }
 }
@@ -763,7 +773,7 @@ TEST_F(CudaOpsTest, GemmGroupMatchesTheCpuGemms) {
     }
     const Weight* ws[] = {&gw[0], &gw[1], &gw[2]};
     const Weight* bs[] = {&gb[0], nullptr, &gb[2]};
-    gpu_->GemmGroup(xd, m, 3, ws, bs, ys);
+    gpu_->GemmGroup(xd, nullptr, m, 3, ws, bs, ys);
     // Past the GEMV's rows the GEMMs meet the activations in bf16 (the bounds of GemmBf16 above).
     for (int i = 0; i < 3; ++i) {
       const auto got = dev_->Get(ys[i], m * n[i]);
@@ -776,6 +786,87 @@ TEST_F(CudaOpsTest, GemmGroupMatchesTheCpuGemms) {
         EXPECT_LE(Nmse(got, want[i]), 1e-4) << at;
     }
   }
+}
+
+TEST_F(CudaOpsTest, Bf16TwinsAreTheRoundedRowsAndChangeNoBits) {
+  // RmsNormTwin and GatherRowsTwin write RmsNorm's and GatherRows' bits and beside them the CPU's
+  // bf16 rounding of each value (the register kernel, the generic one, a bf16 norm weight; float4
+  // and scalar gathers); GEMMs given the twin give bitwise what they give rounding x themselves:
+  // GemmGroup past the GEMV's rows (q, k, v and a router-like weight of 8 rows alone) and the
+  // per-weight Gemm. Twins are asked for past the GEMV's rows over bf16 weights only.
+  EXPECT_FALSE(gpu_->Bf16Twins(cuda::kGemvMaxRows, DType::kBF16));
+  EXPECT_TRUE(gpu_->Bf16Twins(cuda::kGemvMaxRows + 1, DType::kBF16));
+  EXPECT_FALSE(gpu_->Bf16Twins(2048, DType::kF16));
+  struct NormCase {
+    int rows, dim;
+    DType dt;
+  };
+  for (NormCase c : {NormCase{64, 4096, DType::kF32}, NormCase{5, 2048, DType::kBF16}, NormCase{3, 100, DType::kF32},
+                     NormCase{2, 10000, DType::kF32}}) {
+    SCOPED_TRACE(std::to_string(c.rows) + "x" + std::to_string(c.dim));
+    const auto x = RandomFloats(c.rows * c.dim, 21, -3, 3);
+    auto [wc, wg] = Weights(RandomFloats(c.dim, 22, 0.5f, 1.5f), 1, c.dim, c.dt);
+    float* xd = dev_->Put(x);
+    float* plain = dev_->Zeros<float>(x.size());
+    float* out = dev_->Zeros<float>(x.size());
+    uint16_t* out16 = dev_->Zeros<uint16_t>(x.size());
+    gpu_->RmsNorm(xd, c.rows, c.dim, wg, 1e-5f, plain);
+    gpu_->RmsNormTwin(xd, c.rows, c.dim, wg, 1e-5f, out, out16);
+    const auto want = dev_->Get(plain, x.size());
+    EXPECT_EQ(dev_->Get(out, x.size()), want);
+    EXPECT_EQ(dev_->Get(out16, x.size()), ToBf16(want));
+  }
+  for (int dim : {4096 + 24, 6}) {
+    SCOPED_TRACE("gather dim " + std::to_string(dim));
+    const int n_src = 50;
+    const auto src = RandomFloats(n_src * dim, 23, -4, 4);
+    std::vector<int32_t> idx;
+    for (int i = 0; i < 300; ++i) idx.push_back((i * 37 + i / 7) % n_src);
+    float* sd = dev_->Put(src);
+    int32_t* id = dev_->Put(idx);
+    const size_t n = idx.size() * dim;
+    float* plain = dev_->Zeros<float>(n);
+    float* out = dev_->Zeros<float>(n);
+    uint16_t* out16 = dev_->Zeros<uint16_t>(n);
+    gpu_->GatherRows(sd, id, static_cast<int64_t>(idx.size()), dim, plain);
+    gpu_->GatherRowsTwin(sd, id, static_cast<int64_t>(idx.size()), dim, out, out16);
+    const auto want = dev_->Get(plain, n);
+    EXPECT_EQ(dev_->Get(out, n), want);
+    EXPECT_EQ(dev_->Get(out16, n), ToBf16(want));
+  }
+  const int64_t k = 2048, n[4] = {2048, 512, 512, 8};
+  std::vector<Weight> gw;
+  for (int i = 0; i < 4; ++i)
+    gw.push_back(Weights(RandomFloats(n[i] * k, 630 + i, -0.05f, 0.05f), n[i], k, DType::kBF16).second);
+  auto [bc, bias] = Weights(RandomFloats(n[0], 640), 1, n[0], DType::kF32);
+  for (int m : {cuda::kGemvMaxRows + 1, 64, 300}) {
+    SCOPED_TRACE("m=" + std::to_string(m));
+    const auto x = RandomFloats(m * k, 650 + m);
+    float* xd = dev_->Put(x);
+    const uint16_t* x16 = dev_->Put(ToBf16(x));
+    float *own[4], *twin[4], *each[4];
+    for (int i = 0; i < 4; ++i) {
+      own[i] = dev_->Zeros<float>(m * n[i]);
+      twin[i] = dev_->Zeros<float>(m * n[i]);
+      each[i] = dev_->Zeros<float>(m * n[i]);
+      gpu_->Gemm(xd, m, gw[i], i == 0 ? &bias : nullptr, each[i], false);
+    }
+    const Weight* ws[] = {&gw[0], &gw[1], &gw[2]};
+    const Weight* bs[] = {&bias, nullptr, nullptr};
+    gpu_->GemmGroup(xd, nullptr, m, 3, ws, bs, own);
+    gpu_->GemmGroup(xd, x16, m, 3, ws, bs, twin);
+    const Weight* router[] = {&gw[3]};
+    const Weight* no_bias[] = {nullptr};
+    gpu_->GemmGroup(xd, nullptr, m, 1, router, no_bias, own + 3);
+    gpu_->GemmGroup(xd, x16, m, 1, router, no_bias, twin + 3);
+    for (int i = 0; i < 4; ++i) {
+      const auto want = dev_->Get(each[i], m * n[i]);
+      EXPECT_EQ(dev_->Get(own[i], m * n[i]), want) << "weight " << i << ": GemmGroup is not Gemm";
+      EXPECT_EQ(dev_->Get(twin[i], m * n[i]), want) << "weight " << i << ": the twin changed the result";
+    }
+  }
+  gpu_->Synchronize();
+  ASSERT_TRUE(gpu_->status().ok()) << gpu_->status().ToString();
 }
 
 TEST_F(CudaOpsTest, CopyBatchCopiesEveryItem) {

@@ -64,6 +64,7 @@ struct Args {
   bool pdl = true;            // --no-pdl
   bool host_routing = false;  // --host-routing: every MoE layer's routing to the host (the path past MoeRouted's rows)
   bool separate_qkv = false;  // --separate-qkv: q, k and v as three Gemm calls
+  bool twins = true;          // --no-twins: no bf16 twins of the normalised rows (each GEMM rounds x)
   // --kv-bf16 / --kv-fp32: the KV cache's dtype; default: the engine's kv_cache_dtype auto for these
   // bf16 weights (bf16, fp32 beside --fp32-attention).
   bool kv_bf16 = true;
@@ -128,6 +129,8 @@ Args ParseArgs(int argc, char** argv) {
       a.host_routing = true;
     else if (k == "--separate-qkv")
       a.separate_qkv = true;
+    else if (k == "--no-twins")
+      a.twins = false;
     else if (k == "--kv-bf16" || k == "--kv-fp32") {
       a.kv_bf16 = k == "--kv-bf16";
       a.kv_given = true;
@@ -154,6 +157,8 @@ Args ParseArgs(int argc, char** argv) {
           "  --host-routing  every MoE layer copies its routing to the host and waits, at every batch size\n"
           "             (default: decode batches MoeRouted serves keep it on the device, as the engine does)\n"
           "  --separate-qkv  q, k and v as three Gemm calls instead of one GemmGroup\n"
+          "  --no-twins      no bf16 twins (CudaBackendOptions::bf16_twins): each GEMM past the GEMV rounds\n"
+          "                  its rows to bf16 itself\n"
           "  --kv-bf16, --kv-fp32  keys and values cached in bf16 (appended by CopyBatchToBf16) or fp32;\n"
           "             default: what EngineOptions::kv_cache_dtype auto picks for bf16 weights (bf16;\n"
           "             fp32 with --fp32-attention)\n"
@@ -228,6 +233,7 @@ class Bench {
     o.lt_gemm = a.lt_gemm;
     o.fused_gate_up = a.fused_gate_up;
     o.expert_streams = a.expert_streams;
+    o.bf16_twins = o.bf16_twins && a.twins;
     o.pdl = a.pdl;
     o.reduced_precision_attention = !a.fp32_attention;  // as the engine's "auto" for bf16 weights
     backend_ = OrDie(CudaBackend::Create(o), "cuda backend");
@@ -337,6 +343,9 @@ class Bench {
     const int64_t per_layer = 2 * T * a_.top_k;
     float* routing_all = Scratch(9, (device_routing ? a_.layers : 1) * per_layer);
     auto* pos_dev = reinterpret_cast<int32_t*>(Scratch(11, T));
+    // The normalised rows' bf16 twin for the GEMMs that read them, as the engine makes it.
+    const bool twins = b_->Bf16Twins(T, DType::kBF16);
+    auto* h16 = twins ? reinterpret_cast<uint16_t*>(Scratch(18, (T * H + 1) / 2)) : nullptr;
     b_->CopyToDevice(pos_dev, pos.data(), pos.size() * sizeof(int32_t));
     std::vector<int32_t> ids(T * a_.top_k);
     std::vector<float> wts(T * a_.top_k);
@@ -344,7 +353,10 @@ class Bench {
     std::vector<int> distinct;
     for (int l = 0; l < a_.layers; ++l) {
       const Layer& L = layers_[l];
-      b_->RmsNorm(x, T, H, L.input_norm, 1e-5f, h);
+      if (h16)
+        b_->RmsNormTwin(x, T, H, L.input_norm, 1e-5f, h, h16);
+      else
+        b_->RmsNorm(x, T, H, L.input_norm, 1e-5f, h);
       Mark("rms norm");
       if (a_.separate_qkv) {
         b_->Gemm(h, T, L.q, nullptr, q, false);
@@ -354,7 +366,7 @@ class Bench {
         const Weight* ws[] = {&L.q, &L.k, &L.v};
         const Weight* bs[] = {nullptr, nullptr, nullptr};
         float* ys[] = {q, k, v};
-        b_->GemmGroup(h, T, 3, ws, bs, ys);
+        b_->GemmGroup(h, h16, T, 3, ws, bs, ys);
       }
       Mark("q, k, v gemms");
       b_->RopeQK(q, k, pos_dev, T, a_.heads, a_.kv_heads, a_.head_dim, 1e6f);
@@ -395,12 +407,21 @@ class Bench {
       Mark("kv append + attention");
       b_->Gemm(attn, T, L.o, nullptr, x, /*accumulate=*/true);  // the residual, as the engine adds it
       Mark("o gemm");
-      b_->RmsNorm(x, T, H, L.post_norm, 1e-5f, h);
+      if (h16)
+        b_->RmsNormTwin(x, T, H, L.post_norm, 1e-5f, h, h16);
+      else
+        b_->RmsNorm(x, T, H, L.post_norm, 1e-5f, h);
       Mark("rms norm");
       float* routing_dev = routing_all + (device_routing ? l * per_layer : 0);
       auto* ids_dev = reinterpret_cast<int32_t*>(routing_dev);
       float* w_dev = routing_dev + T * a_.top_k;
-      b_->Gemm(h, T, L.router, nullptr, logits, false);
+      if (h16) {
+        const Weight* ws[] = {&L.router};
+        const Weight* bs[] = {nullptr};
+        b_->GemmGroup(h, h16, T, 1, ws, bs, &logits);
+      } else {
+        b_->Gemm(h, T, L.router, nullptr, logits, false);
+      }
       b_->RouterTopK(logits, T, a_.experts, a_.top_k, true, ids_dev, w_dev);
       Mark("router gemm + top-k");
       if (device_routing) {
@@ -851,10 +872,10 @@ int Main(int argc, char** argv) {
   std::printf("# experts past the GEMV's rows: %s\n",
               a.expert_streams > 0 ? ("ExpertMlps on " + std::to_string(a.expert_streams) + " streams").c_str()
                                    : "one expert at a time, fp32 products");
-  std::printf("# decode routing: %s; q, k, v: %s\n",
+  std::printf("# decode routing: %s; q, k, v: %s; bf16 twins: %s\n",
               a.host_routing ? "to the host at every MoE layer"
                              : "on the device up to the rows MoeRouted serves (to the host past them)",
-              a.separate_qkv ? "three Gemm calls" : "one GemmGroup");
+              a.separate_qkv ? "three Gemm calls" : "one GemmGroup", a.twins ? "on" : "off");
   if (std::string(EF_BUILD_TYPE) == "Debug") std::printf("# WARNING: debug build, timings are not representative\n");
 
   Bench bench(a);
@@ -961,6 +982,7 @@ int Main(int argc, char** argv) {
                           {"hbm_tbps", a.hbm_tbps},
                           {"host_routing", a.host_routing},
                           {"separate_qkv", a.separate_qkv},
+                          {"bf16_twins", a.twins},
                           {"pdl", a.pdl},
                           {"kv_bf16", a.kv_bf16},
                           {"shape",

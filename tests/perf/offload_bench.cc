@@ -533,11 +533,12 @@ class Bench {
       b_->Rope(q, pos_dev, T, a_.heads, a_.head_dim, 1e6f);
       b_->Rope(k, pos_dev, T, a_.kv_heads, a_.head_dim, 1e6f);
       if (a_.compute_ops == "kernels" || a_.compute_ops == "kv-kernel") {
-        Check(runtime::cuda::launch_gather_rows(k, row0_dev, 1, kvd,
-                                                kv_[2 * l].f32() + static_cast<size_t>(a_.context) * kvd, b_->stream()),
-              "kv append");
         Check(runtime::cuda::launch_gather_rows(
-                  v, row0_dev, 1, kvd, kv_[2 * l + 1].f32() + static_cast<size_t>(a_.context) * kvd, b_->stream()),
+                  k, row0_dev, 1, kvd, kv_[2 * l].f32() + static_cast<size_t>(a_.context) * kvd, nullptr, b_->stream()),
+              "kv append");
+        Check(runtime::cuda::launch_gather_rows(v, row0_dev, 1, kvd,
+                                                kv_[2 * l + 1].f32() + static_cast<size_t>(a_.context) * kvd, nullptr,
+                                                b_->stream()),
               "kv append");
       } else {
         b_->CopyOnDevice(kv_[2 * l].f32() + static_cast<size_t>(a_.context) * kvd, k, sizeof(float) * kvd);

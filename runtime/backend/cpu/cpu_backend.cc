@@ -170,6 +170,12 @@ void CpuBackend::RmsNorm(const float* x, int64_t rows, int dim, const Weight& w,
   }
 }
 
+void CpuBackend::RmsNormTwin(const float* x, int64_t rows, int dim, const Weight& w, float eps, float* out,
+                             uint16_t* out16) {
+  RmsNorm(x, rows, dim, w, eps, out);
+  for (int64_t i = 0; i < rows * dim; ++i) out16[i] = F32ToBf16(out[i]);
+}
+
 void CpuBackend::Gemm(const float* x, int64_t m, const Weight& w, const Weight* bias, float* y, bool accumulate) {
   const int64_t n = w.rows, k = w.cols;
   // EF_CPU_INT8_X: x as the host kernel's int8 path multiplies it (HostGemv, RoundToInt8Groups).
@@ -435,6 +441,11 @@ void CpuBackend::RouterTopK(const float* logits, int64_t rows, int num_experts, 
 void CpuBackend::GatherRows(const float* src, const int32_t* idx, int64_t n, int dim, float* dst) {
   for (int64_t i = 0; i < n; ++i)
     std::memcpy(dst + i * dim, src + static_cast<int64_t>(idx[i]) * dim, sizeof(float) * dim);
+}
+
+void CpuBackend::GatherRowsTwin(const float* src, const int32_t* idx, int64_t n, int dim, float* dst, uint16_t* dst16) {
+  GatherRows(src, idx, n, dim, dst);
+  for (int64_t i = 0; i < n * dim; ++i) dst16[i] = F32ToBf16(dst[i]);
 }
 
 void CpuBackend::ArgMaxRows(const float* x, int64_t rows, int64_t cols, int32_t* out) {

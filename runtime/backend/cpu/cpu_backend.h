@@ -47,6 +47,8 @@ class CpuBackend final : public Backend {
 
   void Embed(const int32_t* ids, int n, const Weight& table, float* out) override;
   void RmsNorm(const float* x, int64_t rows, int dim, const Weight& w, float eps, float* out) override;
+  void RmsNormTwin(const float* x, int64_t rows, int dim, const Weight& w, float eps, float* out,
+                   uint16_t* out16) override;
   void Gemm(const float* x, int64_t m, const Weight& w, const Weight* bias, float* y, bool accumulate) override;
   void Rope(float* x, const int32_t* positions, int64_t rows, int num_heads, int head_dim, float theta) override;
   void Attention(const float* q, int n_new, const float* k, const float* v, int n_total, int num_heads,
@@ -66,6 +68,7 @@ class CpuBackend final : public Backend {
   void RouterTopK(const float* logits, int64_t rows, int num_experts, int k, bool renormalize, int32_t* ids,
                   float* weights) override;
   void GatherRows(const float* src, const int32_t* idx, int64_t n, int dim, float* dst) override;
+  void GatherRowsTwin(const float* src, const int32_t* idx, int64_t n, int dim, float* dst, uint16_t* dst16) override;
   void ArgMaxRows(const float* x, int64_t rows, int64_t cols, int32_t* out) override;
   void SampleRows(const float* x, int64_t rows, int64_t cols, const RowSampling* params, int32_t* out) override;
   void CombineRows(const float* src, const int32_t* pos, const float* scale, int64_t tokens, int k, int dim,

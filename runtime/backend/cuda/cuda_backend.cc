@@ -25,6 +25,10 @@ EF_PARAM(CudaPdl, bool, "EF_CUDA_PDL", true,
 EF_PARAM(CudaDecodeBlocksPerSm, int64_t, "EF_CUDA_DECODE_BLOCKS_PER_SM", ef::runtime::cuda::kDecodeBlocksPerSmDefault,
          "cuda backend: decode attention splits each sequence's keys until this many blocks per SM run (0: no "
          "split; each split keeps at least one tile of keys)");
+EF_PARAM(CudaBf16Twins, bool, "EF_CUDA_BF16_TWINS", true,
+         "cuda backend: RMSNorm and the experts' row gather also write their rows rounded to bf16 for the bf16 "
+         "GEMMs that read them (batches past the GEMV's rows), which then skip their own rounding pass; same "
+         "results");
 EF_PARAM(CudaSampleRows, bool, "EF_CUDA_SAMPLE_ROWS", true,
          "cuda backend: draw sampled tokens on the GPU (Backend::SampleRows: the host's draws, only ids come back); "
          "off: the logits of sampled rows come to the host, which draws the same tokens");
@@ -68,6 +72,7 @@ CudaBackendOptions CudaBackendOptions::FromParams(int device) {
   o.pdl = params::CudaPdl();
   o.grouped_experts = static_cast<int>(std::clamp<int64_t>(params::CudaGroupedExperts(), -1, 1));
   o.decode_blocks_per_sm = static_cast<int>(std::clamp<int64_t>(params::CudaDecodeBlocksPerSm(), 0, 64));
+  o.bf16_twins = params::CudaBf16Twins();
   return o;
 }
 
@@ -372,7 +377,7 @@ cublasStatus_t CudaBackend::GroupedGemm16(DType t, int count, int64_t n, int64_t
 #endif
 }
 
-bool CudaBackend::ExpertMlps(const float* x, const ExpertMlpRows* ex, int count, float* y) {
+bool CudaBackend::ExpertMlps(const float* x, const uint16_t* twin, const ExpertMlpRows* ex, int count, float* y) {
   if (count < 1 || options_.expert_streams < 1 || !lt_) return false;
   const DType t = ex[0].gate->dtype;
   const int64_t H = ex[0].gate->cols, F = ex[0].gate->rows;
@@ -443,12 +448,15 @@ bool CudaBackend::ExpertMlps(const float* x, const ExpertMlpRows* ex, int count,
     grouped_most = std::max(grouped_most, last - first);
   }
   const int streams = std::min<int>(options_.expert_streams, std::max<size_t>(1, big.size()));
-  void* x16 = nullptr;
+  // x in 16 bits: the caller's bf16 twin, or rounded here once for all experts.
+  const bool use_twin = twin && t == DType::kBF16;
+  const void* x16 = use_twin ? twin : nullptr;
+  void* rounded = nullptr;  // x16 when it is rounded here
   std::byte* gu = nullptr;
   void* down16 = nullptr;
   uint64_t* table = nullptr;
   if (!big.empty() || !grouped.empty()) {
-    x16 = EnsureScratch(&mlp_x16_, &mlp_x16_cap_, static_cast<size_t>(n * H) * 2, false);
+    if (!use_twin) x16 = rounded = EnsureScratch(&mlp_x16_, &mlp_x16_cap_, static_cast<size_t>(n * H) * 2, false);
     gu = static_cast<std::byte*>(
         EnsureScratch(&mlp_gu_, &mlp_gu_cap_, static_cast<size_t>(2 * scratch_rows * F) * 2, false));
     if (!x16 || !gu || (!big.empty() && !EnsureSideStreams(streams))) return false;
@@ -485,7 +493,7 @@ bool CudaBackend::ExpertMlps(const float* x, const ExpertMlpRows* ex, int count,
       }
     }
 
-  if (!big.empty() || !grouped.empty()) CUDA_CHECK_LOG(cuda::launch_convert_f32(x, x16, t, n * H, stream_), &error_);
+  if (rounded) CUDA_CHECK_LOG(cuda::launch_convert_f32(x, rounded, t, n * H, stream_), &error_);
   for (const auto& [first, last] : big_groups) {
     // The side streams start after what the compute stream holds (x16, the previous group's use
     // of the scratch) ...
@@ -604,8 +612,8 @@ bool CudaBackend::ExpertMlps(const float* x, const ExpertMlpRows* ex, int count,
   return true;
 }
 
-void CudaBackend::GemmGroup(const float* x, int64_t m, int count, const Weight* const* ws, const Weight* const* biases,
-                            float* const* ys) {
+void CudaBackend::GemmGroup(const float* x, const uint16_t* twin, int64_t m, int count, const Weight* const* ws,
+                            const Weight* const* biases, float* const* ys) {
   // Decode rows of one dtype and width: one launch for all (what three launches of a few
   // microseconds each cost at batch 1 is most of what q, k and v take to stream).
   bool one_launch = m > 0 && count >= 1 && count <= cuda::kGemvMaxGroups;
@@ -615,7 +623,7 @@ void CudaBackend::GemmGroup(const float* x, int64_t m, int count, const Weight* 
                  cuda::gemv_supported(m, ws[i]->cols, ws[i]->dtype, x, ws[i]->data);
     rows += ws[i]->rows;
   }
-  if (!one_launch) return Backend::GemmGroup(x, m, count, ws, biases, ys);
+  if (!one_launch) return GemmGroup16(x, twin, m, count, ws, biases, ys);
   cuda::GemvGroupItem items[cuda::kGemvMaxGroups];
   for (int i = 0; i < count; ++i) items[i] = {ws[i]->data, ws[i]->rows, ys[i]};
   // The split for the launch's rows together (they share the SMs).
@@ -624,6 +632,37 @@ void CudaBackend::GemmGroup(const float* x, int64_t m, int count, const Weight* 
   for (int i = 0; i < count; ++i)
     if (biases[i] && !biases[i]->empty())
       CUDA_CHECK_LOG(cuda::launch_add_bias(ys[i], m, ws[i]->rows, biases[i]->data, biases[i]->dtype, stream_), &error_);
+}
+
+void CudaBackend::GemmGroup16(const float* x, const uint16_t* twin, int64_t m, int count, const Weight* const* ws,
+                              const Weight* const* biases, float* const* ys) {
+  // Each weight as Gemm computes it, the 16-bit ones from one rounding of x (the caller's bf16
+  // twin where it has one) instead of one per weight: the same operands, so the same bits.
+  const void* x16 = nullptr;
+  DType x16_type = DType::kF32;
+  for (int i = 0; i < count; ++i) {
+    const Weight& w = *ws[i];
+    const int64_t n = w.rows, k = w.cols;
+    if (IsPackedWeight(w.dtype) || w.dtype == DType::kF32 || GemvTakes(x, m, w)) {
+      Gemm(x, m, w, biases[i], ys[i], false);
+      if (x16 != twin) x16 = nullptr;  // Gemm may have reused (or moved) the scratch x16 was rounded into
+      continue;
+    }
+    if (!x16 || x16_type != w.dtype) {
+      x16_type = w.dtype;
+      if (twin && w.dtype == DType::kBF16) {
+        x16 = twin;
+      } else {
+        void* xc = EnsureScratch(&act_, &act_cap_, static_cast<size_t>(m * k) * DTypeSize(w.dtype));
+        if (!xc) return;
+        CUDA_CHECK_LOG(cuda::launch_convert_f32(x, xc, w.dtype, m * k, stream_), &error_);
+        x16 = xc;
+      }
+    }
+    Gemm16(w.dtype, w.data, x16, ys[i], m, n, k, n, false);
+    if (biases[i] && !biases[i]->empty())
+      CUDA_CHECK_LOG(cuda::launch_add_bias(ys[i], m, n, biases[i]->data, biases[i]->dtype, stream_), &error_);
+  }
 }
 
 bool CudaBackend::MoeRouted(const float* x, int64_t tokens, int top_k, const int32_t* ids, const float* weights,
@@ -780,7 +819,12 @@ void CudaBackend::Embed(const int32_t* ids, int n, const Weight& table, float* o
 }
 
 void CudaBackend::RmsNorm(const float* x, int64_t rows, int dim, const Weight& w, float eps, float* out) {
-  CUDA_CHECK_LOG(cuda::launch_rms_norm(x, rows, dim, w.data, w.dtype, eps, out, stream_), &error_);
+  CUDA_CHECK_LOG(cuda::launch_rms_norm(x, rows, dim, w.data, w.dtype, eps, out, nullptr, stream_), &error_);
+}
+
+void CudaBackend::RmsNormTwin(const float* x, int64_t rows, int dim, const Weight& w, float eps, float* out,
+                              uint16_t* out16) {
+  CUDA_CHECK_LOG(cuda::launch_rms_norm(x, rows, dim, w.data, w.dtype, eps, out, out16, stream_), &error_);
 }
 
 void CudaBackend::Gemm(const float* x, int64_t m, const Weight& w, const Weight* bias, float* y, bool accumulate) {
@@ -793,7 +837,7 @@ void CudaBackend::Gemm(const float* x, int64_t m, const Weight& w, const Weight*
   }
   const int64_t n = w.rows, k = w.cols;
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
-  if (cuda::gemv_supported(m, k, w.dtype, x, w.data) && (k * static_cast<int64_t>(sizeof(float))) % 16 == 0) {
+  if (GemvTakes(x, m, w)) {
     // Decode-sized m: stream the weights once with fp32 activations (no bf16 rounding of x).
     CUDA_CHECK_LOG(cuda::launch_gemv(x, m, w.data, w.dtype, n, k, y, accumulate,
                                      cuda::gemv_warps_per_row(n, k, num_sms_), stream_),
@@ -822,6 +866,11 @@ void CudaBackend::Gemm(const float* x, int64_t m, const Weight& w, const Weight*
         &error_);
   }
   if (bias && !bias->empty()) CUDA_CHECK_LOG(cuda::launch_add_bias(y, m, n, bias->data, bias->dtype, stream_), &error_);
+}
+
+bool CudaBackend::GemvTakes(const float* x, int64_t m, const Weight& w) const {
+  return cuda::gemv_supported(m, w.cols, w.dtype, x, w.data) &&
+         (w.cols * static_cast<int64_t>(sizeof(float))) % 16 == 0;
 }
 
 void CudaBackend::Gemm16(DType t, const void* w, const void* x, float* y, int64_t m, int64_t n, int64_t k, int64_t ldy,
@@ -1169,7 +1218,12 @@ void CudaBackend::RouterTopK(const float* logits, int64_t rows, int num_experts,
 }
 
 void CudaBackend::GatherRows(const float* src, const int32_t* idx, int64_t n, int dim, float* dst) {
-  CUDA_CHECK_LOG(cuda::launch_gather_rows(src, idx, n, dim, dst, stream_), &error_);
+  CUDA_CHECK_LOG(cuda::launch_gather_rows(src, idx, n, dim, dst, nullptr, stream_), &error_);
+}
+
+void CudaBackend::GatherRowsTwin(const float* src, const int32_t* idx, int64_t n, int dim, float* dst,
+                                 uint16_t* dst16) {
+  CUDA_CHECK_LOG(cuda::launch_gather_rows(src, idx, n, dim, dst, dst16, stream_), &error_);
 }
 
 void CudaBackend::ArgMaxRows(const float* x, int64_t rows, int64_t cols, int32_t* out) {

@@ -76,6 +76,10 @@ struct CudaBackendOptions {
   // enqueue outlasts its run), 1 for every one, 0 never. Which path an expert takes depends on its own rows and shape
   // only. Default: EF_CUDA_GROUPED_EXPERTS.
   int grouped_experts = -1;
+  // Backend::Bf16Twins: the producers of rows that bf16 GEMMs past the GEMV's rows read (RMSNorm,
+  // the experts' gather) write them rounded to bf16 as well, so that the GEMMs skip their own
+  // rounding pass (same bits). Default: EF_CUDA_BF16_TWINS.
+  bool bf16_twins = true;
   // Initial Backend::SetReducedPrecisionAttention: prefill attention (chunks of at least
   // cuda::kAttentionPrefillTcMinRows rows, head_dim 64/128) on tensor cores with bf16 operands,
   // its scratch a bf16 copy of the batch's keys and values (half their fp32 bytes); and decode
@@ -102,9 +106,9 @@ class CudaBackend final : public Backend {
   void CopyBatch(const CopyItem* items, int num_items) override;
   void CopyBatchToBf16(const CopyItem* items, int num_items) override;
   bool GateUpSilu(const float* x, int64_t m, const Weight& gate, const Weight& up, float* out) override;
-  bool ExpertMlps(const float* x, const ExpertMlpRows* experts, int count, float* y) override;
-  void GemmGroup(const float* x, int64_t m, int count, const Weight* const* ws, const Weight* const* biases,
-                 float* const* ys) override;
+  bool ExpertMlps(const float* x, const uint16_t* x16, const ExpertMlpRows* experts, int count, float* y) override;
+  void GemmGroup(const float* x, const uint16_t* x16, int64_t m, int count, const Weight* const* ws,
+                 const Weight* const* biases, float* const* ys) override;
   bool MoeRouted(const float* x, int64_t tokens, int top_k, const int32_t* ids, const float* weights,
                  const RoutedExpertTable& experts, float* resid) override;
   // Pairs sharing an expert each stream it: worth it for the batches the GEMV serves.
@@ -117,6 +121,12 @@ class CudaBackend final : public Backend {
 
   void Embed(const int32_t* ids, int n, const Weight& table, float* out) override;
   void RmsNorm(const float* x, int64_t rows, int dim, const Weight& w, float eps, float* out) override;
+  // Past the GEMV's rows the GEMMs read x in the weights' 16-bit type.
+  bool Bf16Twins(int64_t rows, DType weights) const override {
+    return options_.bf16_twins && rows > cuda::kGemvMaxRows && weights == DType::kBF16;
+  }
+  void RmsNormTwin(const float* x, int64_t rows, int dim, const Weight& w, float eps, float* out,
+                   uint16_t* out16) override;
   void Gemm(const float* x, int64_t m, const Weight& w, const Weight* bias, float* y, bool accumulate) override;
   void Rope(float* x, const int32_t* positions, int64_t rows, int num_heads, int head_dim, float theta) override;
   void RopeQK(float* q, float* k, const int32_t* positions, int64_t rows, int num_heads, int num_kv_heads, int head_dim,
@@ -138,6 +148,7 @@ class CudaBackend final : public Backend {
   void RouterTopK(const float* logits, int64_t rows, int num_experts, int k, bool renormalize, int32_t* ids,
                   float* weights) override;
   void GatherRows(const float* src, const int32_t* idx, int64_t n, int dim, float* dst) override;
+  void GatherRowsTwin(const float* src, const int32_t* idx, int64_t n, int dim, float* dst, uint16_t* dst16) override;
   void ArgMaxRows(const float* x, int64_t rows, int64_t cols, int32_t* out) override;
   void SampleRows(const float* x, int64_t rows, int64_t cols, const RowSampling* params, int32_t* out) override;
   bool SamplesRows() const override;
@@ -213,6 +224,11 @@ class CudaBackend final : public Backend {
   // apart: LtGemm, else cublasGemmEx.
   void Gemm16(DType t, const void* w, const void* x, float* y, int64_t m, int64_t n, int64_t k, int64_t ldy,
               bool accumulate);
+  // Whether Gemm takes x . w^T on the GEMV (decode rows; fp32 x, no rounding).
+  bool GemvTakes(const float* x, int64_t m, const Weight& w) const;
+  // GemmGroup past the GEMV's rows.
+  void GemmGroup16(const float* x, const uint16_t* twin, int64_t m, int count, const Weight* const* ws,
+                   const Weight* const* biases, float* const* ys);
   // Gemm's body for packed weights (kQ8, kQ4, kMxfp4, kFp8Block; bias added by Gemm).
   void GemmQuantized(const float* x, int64_t m, const Weight& w, float* y, bool accumulate);
 

@@ -24,9 +24,9 @@ namespace ef::runtime::cuda {
 cudaError_t launch_embed(const int32_t* ids, int n, const void* table, DType dt, int64_t cols, float* out,
                          cudaStream_t stream);
 
-// out = x / rms(x) * w over rows of length dim; out may alias x.
+// out = x / rms(x) * w over rows of length dim; out may alias x. out16 (or null): out rounded to bf16.
 cudaError_t launch_rms_norm(const float* x, int64_t rows, int dim, const void* w, DType wdt, float eps, float* out,
-                            cudaStream_t stream);
+                            uint16_t* out16, cudaStream_t stream);
 
 // Whether kernels launched through LaunchPdl (kernel_util.cuh) allow programmatic dependent
 // launch (default on); off, they launch as usual.
@@ -179,8 +179,8 @@ cudaError_t launch_argmax_rows(const float* x, int64_t rows, int64_t cols, int32
 // out[r] = runtime::SampleRow(row r of x[rows, cols], params[r]) (params on the device).
 cudaError_t launch_sample_rows(const float* x, int64_t rows, int64_t cols, const RowSampling* params, int32_t* out,
                                cudaStream_t stream);
-// dst[i, :] = src[idx[i], :]
-cudaError_t launch_gather_rows(const float* src, const int32_t* idx, int64_t n, int dim, float* dst,
+// dst[i, :] = src[idx[i], :]; dst16 (or null, 8-byte aligned): dst rounded to bf16.
+cudaError_t launch_gather_rows(const float* src, const int32_t* idx, int64_t n, int dim, float* dst, uint16_t* dst16,
                                cudaStream_t stream);
 // dst[t, :] += scale[r] * src[r, :] for r = pos[t * k + j], j = 0 .. k - 1 in turn (Backend::CombineRows).
 cudaError_t launch_combine_rows(const float* src, const int32_t* pos, const float* scale, int64_t tokens, int k,

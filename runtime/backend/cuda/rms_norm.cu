@@ -6,7 +6,9 @@
 // registers: every load of a thread is issued before its first store. (Reading x a second time
 // after the reduction, with stores that may alias the next loads, chained 16 memory round trips
 // per thread at dim 4096: 12 us for one decode row.)
-// Test: tests/gpu/cuda_ops_test.cc (RmsNorm vs CPU, hidden-sized and head-sized rows).
+// out16, when not null, gets out rounded to bf16 (nearest even, the bits launch_convert_f32 writes):
+// the twin the GEMMs after the norm read (Backend::Bf16Twins).
+// Test: tests/gpu/cuda_ops_test.cc (RmsNorm vs CPU, hidden-sized and head-sized rows; the twin).
 #include "runtime/backend/cuda/cuda_kernels.h"
 #include "runtime/backend/cuda/kernel_util.cuh"
 
@@ -31,19 +33,25 @@ __device__ float BlockInvRms(double ss, int dim, float eps) {
 }
 
 template <int kBlock>
-__global__ void RmsNormKernel(const float* x, int dim, const void* w, DType wdt, float eps, float* out) {
+__global__ void RmsNormKernel(const float* x, int dim, const void* w, DType wdt, float eps, float* out,
+                              uint16_t* out16) {
   PdlEnter();
   const float* xr = x + static_cast<int64_t>(blockIdx.x) * dim;
   float* yr = out + static_cast<int64_t>(blockIdx.x) * dim;
   double ss = 0;
   for (int i = threadIdx.x; i < dim; i += kBlock) ss += static_cast<double>(xr[i]) * xr[i];
   const float inv = BlockInvRms<kBlock>(ss, dim, eps);
-  for (int i = threadIdx.x; i < dim; i += kBlock) yr[i] = (xr[i] * inv) * LoadAsF32(w, wdt, i);
+  uint16_t* y16 = out16 ? out16 + static_cast<int64_t>(blockIdx.x) * dim : nullptr;
+  for (int i = threadIdx.x; i < dim; i += kBlock) {
+    const float y = (xr[i] * inv) * LoadAsF32(w, wdt, i);
+    yr[i] = y;
+    if (y16) y16[i] = __bfloat16_as_ushort(__float2bfloat16_rn(y));
+  }
 }
 
 template <int kBlock>
 __global__ void __launch_bounds__(kBlock)
-    RmsNormRegsKernel(const float* x, int dim, const void* w, DType wdt, float eps, float* out) {
+    RmsNormRegsKernel(const float* x, int dim, const void* w, DType wdt, float eps, float* out, uint16_t* out16) {
   PdlEnter();
   constexpr int kMaxVec = 8;
   const int d4 = dim / 4;
@@ -72,31 +80,36 @@ __global__ void __launch_bounds__(kBlock)
                          LoadAsF32(w, wdt, e + 3));
   }
   const float inv = BlockInvRms<kBlock>(ss, dim, eps);
+  uint2* y16 = out16 ? reinterpret_cast<uint2*>(out16 + static_cast<int64_t>(blockIdx.x) * dim) : nullptr;
 #pragma unroll
   for (int j = 0; j < kMaxVec; ++j)
-    if (threadIdx.x + j * kBlock < d4)
-      yr[threadIdx.x + j * kBlock] = make_float4((v[j].x * inv) * g[j].x, (v[j].y * inv) * g[j].y,
-                                                 (v[j].z * inv) * g[j].z, (v[j].w * inv) * g[j].w);
+    if (threadIdx.x + j * kBlock < d4) {
+      const float4 y = make_float4((v[j].x * inv) * g[j].x, (v[j].y * inv) * g[j].y, (v[j].z * inv) * g[j].z,
+                                   (v[j].w * inv) * g[j].w);
+      yr[threadIdx.x + j * kBlock] = y;
+      if (y16) y16[threadIdx.x + j * kBlock] = make_uint2(PackBf16(y.x, y.y), PackBf16(y.z, y.w));
+    }
 }
 }  // namespace
 
 cudaError_t launch_rms_norm(const float* x, int64_t rows, int dim, const void* w, DType wdt, float eps, float* out,
-                            cudaStream_t stream) {
+                            uint16_t* out16, cudaStream_t stream) {
   if (rows <= 0) return cudaSuccess;
   // Rows beyond the 2^31-1 grid limit do not occur: rows are tokens or tokens x heads.
-  const bool regs = dim % 4 == 0 && (reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(out)) % 16 == 0;
+  const bool regs = dim % 4 == 0 && (reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(out)) % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(out16) % 8 == 0;
   if (regs && dim <= 1024) {
     return LaunchPdl(RmsNormRegsKernel<128>, dim3(static_cast<unsigned>(rows)), dim3(128), 0, stream, x, dim, w, wdt,
-                     eps, out);
+                     eps, out, out16);
   } else if (regs && dim <= 256 * 4 * 8) {
     return LaunchPdl(RmsNormRegsKernel<256>, dim3(static_cast<unsigned>(rows)), dim3(256), 0, stream, x, dim, w, wdt,
-                     eps, out);
+                     eps, out, out16);
   } else if (dim <= 256)
     return LaunchPdl(RmsNormKernel<128>, dim3(static_cast<unsigned>(rows)), dim3(128), 0, stream, x, dim, w, wdt, eps,
-                     out);
+                     out, out16);
   else
     return LaunchPdl(RmsNormKernel<256>, dim3(static_cast<unsigned>(rows)), dim3(256), 0, stream, x, dim, w, wdt, eps,
-                     out);
+                     out, out16);
 }
 
 }  // namespace ef::runtime::cuda
