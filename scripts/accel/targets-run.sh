@@ -7,6 +7,7 @@
 #   scripts/accel/targets-run.sh [ROUNDS] [LAYERS]      (defaults 2, 32; LAYERS 0 skips end to end)
 #   E2E_AGAIN="c64" EXTRA_AGAIN="--kv-cache-dtype fp32" SPLITS="4 3 0" QWEN=1 scripts/accel/targets-run.sh
 #   CTEST=1 QWEN=1 scripts/accel/targets-run.sh 2 0     # the GPU tests, then the decode/prefill table
+#   TWINS_AB=1 scripts/accel/targets-run.sh 1 0           # and the bf16 twins on/off side by side
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/out}
@@ -48,6 +49,18 @@ for r in $(seq "$ROUNDS"); do
     summary "$LOGS/decode_${kv}_$r.txt" "kv $kv r$r"
   done
 done
+# TWINS_AB=1: the bf16 twins on and off (--no-twins), alternating, twice: decode batches 16 and 64
+# (the rows past the GEMV) and prefill 2048.
+if [ -n "${TWINS_AB:-}" ]; then
+  for r in 1 2; do
+    for t in on off; do
+      stamp "twins $t round $r"
+      timeout 120 "$BUILD"/tests/ef_decode_bench --batches 16,64 --iters 20 --prefill 2048 --prefill-iters 7 \
+        --no-breakdown $([ $t = off ] && echo --no-twins) >"$LOGS/twins_${t}_$r.txt" 2>&1
+      summary "$LOGS/twins_${t}_$r.txt" "twins $t r$r"
+    done
+  done
+fi
 # SPLITS: decode attention's EF_CUDA_DECODE_BLOCKS_PER_SM values to compare (e.g. "4 3 0"), with
 # the per-op breakdown (its AttentionBatch rows time the kernel alone).
 for v in ${SPLITS:-}; do
