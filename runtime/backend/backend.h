@@ -301,6 +301,13 @@ class Backend {
   // the KV cache's dtype: what CopyBatch / CopyBatchToBf16 of each row to its KvRow does.
   virtual void AppendKvStep(void* k_pool, void* v_pool, const float* k, const float* v, int64_t k_width,
                             int64_t v_width) {}
+  // RopeQK of the uploaded sequences' rows of q and k (positions[row]) and AppendKvStep of the
+  // rotated k and of v (widths num_kv_heads * head_dim) as one op, where the backend has it: the
+  // same bits as the two. Returns false, having enqueued nothing, otherwise.
+  virtual bool RopeQKAppendStep(float* q, float* k, const float* v, const int32_t* positions, int num_heads,
+                                int num_kv_heads, int head_dim, float theta, void* k_pool, void* v_pool) {
+    return false;
+  }
   // AttentionBatch over the uploaded sequences with the layer's pools as their k and v: the same
   // numbers as AttentionBatch given those descriptors.
   virtual void AttentionStep(const float* q, const void* k_pool, const void* v_pool, float* out) {}

@@ -549,9 +549,13 @@ Status Engine::Attention(int layer, std::span<const SeqChunk> batch, const int32
   // Default rope, no window, no sinks: the original ops (kept bitwise for the families that
   // need nothing more); otherwise the table-driven rope and AttentionEx.
   const bool plain = c.rope.type == "default" && !c.attention_sinks && c.sliding_window == 0;
-  if (plain) {
+  // A step on the device rotates q and k and appends k and v to the cache in one op.
+  const bool appended = plain && step_pass_ &&
+                        backend_->RopeQKAppendStep(q, k, v, positions_dev, c.num_heads, c.num_kv_heads, c.head_dim,
+                                                   c.rope_theta, kv_->key(layer), kv_->value(layer));
+  if (plain && !appended) {
     backend_->RopeQK(q, k, positions_dev, T, c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta);
-  } else {
+  } else if (!plain) {
     RopeSpec rs{c.head_dim,
                 qd,
                 c.head_dim,
@@ -565,7 +569,7 @@ Status Engine::Attention(int layer, std::span<const SeqChunk> batch, const int32
   }
   float* attn = Scratch(kAttn, T * qd);
   // Append each sequence's new keys/values to its cache, then one attention call for the batch.
-  std::vector<AttentionSeq> attn_seqs = AppendKv(layer, batch, k, v);
+  std::vector<AttentionSeq> attn_seqs = appended ? std::vector<AttentionSeq>() : AppendKv(layer, batch, k, v);
   if (step_pass_) {
     backend_->AttentionStep(q, kv_->key(layer), kv_->value(layer), attn);
   } else if (plain) {

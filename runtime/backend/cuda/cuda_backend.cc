@@ -1017,6 +1017,17 @@ void CudaBackend::AppendKvStep(void* k_pool, void* v_pool, const float* k, const
                  &error_);
 }
 
+bool CudaBackend::RopeQKAppendStep(float* q, float* k, const float* v, const int32_t* positions, int num_heads,
+                                   int num_kv_heads, int head_dim, float theta, void* k_pool, void* v_pool) {
+  if (step_host_.empty() || !v || !v_pool || head_dim % 2 != 0 || head_dim > cuda::kRopeAppendMaxHeadDim) return false;
+  CUDA_CHECK_LOG(
+      cuda::launch_rope_append_step(static_cast<const cuda::AttentionSeqDesc*>(step_desc_),
+                                    static_cast<int>(step_host_.size()), step_max_new_, q, k, v, positions, num_heads,
+                                    num_kv_heads, head_dim, theta, k_pool, v_pool, kv_bf16_, stream_),
+      &error_);
+  return true;
+}
+
 void CudaBackend::AttentionStep(const float* q, const void* k_pool, const void* v_pool, float* out) {
   const cuda::AttentionBatchPlan& plan = step_plan_;
   if (plan.max_n_new <= 0) return;

@@ -162,6 +162,8 @@ class CudaBackend final : public Backend {
                                     int head_dim) override;
   void AppendKvStep(void* k_pool, void* v_pool, const float* k, const float* v, int64_t k_width,
                     int64_t v_width) override;
+  bool RopeQKAppendStep(float* q, float* k, const float* v, const int32_t* positions, int num_heads, int num_kv_heads,
+                        int head_dim, float theta, void* k_pool, void* v_pool) override;
   void AttentionStep(const float* q, const void* k_pool, const void* v_pool, float* out) override;
   // CUDA graphs by stream capture (relaxed mode) of the compute stream.
   bool Graphs() const override { return true; }

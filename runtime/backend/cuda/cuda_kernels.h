@@ -106,6 +106,15 @@ cudaError_t launch_attention_step(const float* q, const AttentionSeqDesc* seqs_d
 cudaError_t launch_kv_append_step(const AttentionSeqDesc* seqs_dev, int num_seqs, int max_n_new, void* k_pool,
                                   void* v_pool, const float* k, const float* v, int64_t k_width, int64_t v_width,
                                   bool kv_bf16, cudaStream_t stream);
+inline constexpr int kRopeAppendMaxHeadDim = 512;
+// RoPE of the step's rows of q ([rows, num_heads * head_dim]) and k ([rows, num_kv_heads *
+// head_dim]) at positions[row], in place, and the appends of launch_kv_append_step of the rotated
+// k and of v (widths num_kv_heads * head_dim) in one launch: the bits of launch_rope_qk and then
+// launch_kv_append_step. head_dim even, at most kRopeAppendMaxHeadDim.
+cudaError_t launch_rope_append_step(const AttentionSeqDesc* seqs_dev, int num_seqs, int max_n_new, float* q, float* k,
+                                    const float* v, const int32_t* positions, int num_heads, int num_kv_heads,
+                                    int head_dim, float theta, void* k_pool, void* v_pool, bool kv_bf16,
+                                    cudaStream_t stream);
 
 // Causal GQA attention of prefill chunks on tensor cores (flash attention; see
 // attention_prefill_tc.cu): the contract of launch_attention_batch (descriptors inline up to

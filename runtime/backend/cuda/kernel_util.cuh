@@ -253,4 +253,25 @@ inline unsigned GridFor(int64_t n, int block) {
   return static_cast<unsigned>(g < 1 ? 1 : (g > 65535 * 16 ? 65535 * 16 : g));
 }
 
+// One rotary pair (a, b) = (x[i], x[i + half]) by the angle of (c, s) = (cos, sin), with the
+// rounding spelled out (one fused multiply-add each) so that every kernel that rotates gives the
+// same bits whatever the compiler would contract.
+__device__ __forceinline__ float2 RopeRotate(float a, float b, float c, float s) {
+  return make_float2(__fmaf_rn(a, c, -__fmul_rn(b, s)), __fmaf_rn(b, c, __fmul_rn(a, s)));
+}
+
+// The rotary angles of one position: cs[i] = cos(pos * theta^(-2i / head_dim)), sn[i] the sine,
+// i < head_dim / 2, computed by the block's threads in turn (the caller synchronises). One
+// definition, so that every kernel that rotates (rope.cu, the step's rotate-and-append) gets the
+// same bits.
+__device__ __forceinline__ void RopeAngles(float pos, int head_dim, float theta, float* cs, float* sn) {
+  const int half = head_dim / 2;
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
+    const float inv_freq = 1.0f / powf(theta, static_cast<float>(2 * i) / static_cast<float>(head_dim));
+    const float ang = pos * inv_freq;
+    cs[i] = cosf(ang);
+    sn[i] = sinf(ang);
+  }
+}
+
 }  // namespace ef::runtime::cuda

@@ -26,13 +26,7 @@ __global__ void __launch_bounds__(kThreads)
   PdlEnter();
   __shared__ float cs[kMaxHalf], sn[kMaxHalf];
   const int half = head_dim / 2;
-  const float pos = static_cast<float>(positions[blockIdx.x]);
-  for (int i = threadIdx.x; i < half; i += blockDim.x) {
-    const float inv_freq = 1.0f / powf(theta, static_cast<float>(2 * i) / static_cast<float>(head_dim));
-    const float ang = pos * inv_freq;
-    cs[i] = cosf(ang);
-    sn[i] = sinf(ang);
-  }
+  RopeAngles(static_cast<float>(positions[blockIdx.x]), head_dim, theta, cs, sn);
   __syncthreads();
   const int first = blockIdx.y * heads_per_block;
   const int last = min(first + heads_per_block, q_heads + k_heads);
@@ -41,9 +35,9 @@ __global__ void __launch_bounds__(kThreads)
     float* v = h < q_heads ? q + (static_cast<int64_t>(blockIdx.x) * q_heads + h) * head_dim
                            : k + (static_cast<int64_t>(blockIdx.x) * k_heads + (h - q_heads)) * head_dim;
     const float c = cs[i], s = sn[i];
-    const float a = v[i], b = v[i + half];
-    v[i] = a * c - b * s;
-    v[i + half] = b * c + a * s;
+    const float2 r = RopeRotate(v[i], v[i + half], c, s);
+    v[i] = r.x;
+    v[i + half] = r.y;
   }
 }
 
