@@ -186,8 +186,10 @@ class Backend {
   // and the exact path of fp32 models); where a backend's GEMMs read 16-bit operands it rounds x to
   // bf16 first. A twin is that rounding (nearest even) written by the op that produces x, beside x,
   // so that the GEMMs reading x (q, k and v; the router; the experts) need no conversion pass each:
-  // the same bits, fewer bytes moved. Whether a twin pays for `rows` rows of activations read by
-  // weights of type `weights` (CUDA: rows past its GEMV's, bf16 weights). Asked before making one.
+  // the same bits, fewer bytes moved. A twin starts an allocation of its own (its alignment can
+  // choose a GEMM's algorithm; a backend rounds x itself for one that does not). Whether a twin
+  // pays for `rows` rows of activations read by bf16 weights (CUDA: rows past its GEMV's); asked
+  // before making one.
   virtual bool Bf16Twins(int64_t rows, DType weights) const { return false; }
   // RmsNorm, and out rounded to bf16 into out16 (rows * dim values).
   virtual void RmsNormTwin(const float* x, int64_t rows, int dim, const Weight& w, float eps, float* out,

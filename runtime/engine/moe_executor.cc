@@ -104,8 +104,13 @@ StatusOr<float*> LocalMoeExecutor::ComputeActive(int layer, std::vector<int32_t>
   if (split >= 0) EF_RETURN_IF_ERROR(source_->StartPart(layer, split, host.split));
   EF_ASSIGN_OR_RETURN(float* xe, Scratch(kGathered, static_cast<size_t>(n) * H));
   EF_ASSIGN_OR_RETURN(float* ye, Scratch(kExpertOut, static_cast<size_t>(n) * H));
+  // A bf16 twin of the gathered rows where the backend's experts will read them in bf16: an expert
+  // of this call past the GEMV's rows (Bf16Twins), the fused SwiGLU, experts of the type last
+  // acquired (the first call makes none).
+  int64_t most_rows = 0;
+  for (int32_t e : active) most_rows = std::max<int64_t>(most_rows, offset[e + 1] - offset[e]);
   uint16_t* xe16 = nullptr;
-  if (backend_->Bf16Twins(n, expert_dtype_)) {
+  if (activation_.kind == ExpertActivation::kSiluMul && backend_->Bf16Twins(most_rows, expert_dtype_)) {
     EF_ASSIGN_OR_RETURN(float* twin, Scratch(kGathered16, (static_cast<size_t>(n) * H + 1) / 2));
     xe16 = reinterpret_cast<uint16_t*>(twin);
     backend_->GatherRowsTwin(src, perm_dev, n, H, xe, xe16);

@@ -138,8 +138,9 @@ TEST(CudaGraphBackendTest, RefusedRecordingLeavesTheBackendHealthy) {
 
 // The step's rotate-and-append against RoPE then the appends, both on the step's descriptors:
 // q and k rotated in place and the cache rows written, bitwise the same, for fp32 and bf16 caches,
-// GQA 4 at head_dim 128, MHA at 64 and GQA 3 at 32, five sequences of a paged cache (one empty
-// before this step, one at a block boundary); rows that no sequence owns stay untouched.
+// GQA 4 at head_dim 128, MHA at 64 (theta 1e4) and GQA 3 at 32, five sequences of a paged cache
+// (one empty before this step, one at a block boundary) at positions up to 1e6; rows that no
+// sequence owns stay untouched.
 TEST(CudaStepOpsTest, RotateAndAppendIsRopeThenAppend) {
   if (!testing::HaveDevice()) GTEST_SKIP() << "no CUDA device visible";
   struct Shape {
@@ -167,7 +168,7 @@ TEST(CudaStepOpsTest, RotateAndAppendIsRopeThenAppend) {
       std::vector<int32_t> pos(S);
       for (int s = 0; s < S; ++s) {
         step[s] = AttentionSeq{nullptr, nullptr, s, 1, lens[s] + 1, d.Put(tables[s]), bs};
-        pos[s] = lens[s];
+        pos[s] = lens[s] + 250000 * s;  // angles well past the first turns (the cache rows follow lens)
       }
       ASSERT_TRUE(b->UploadStepSeqs(step.data(), S, sh.heads, sh.kv_heads, sh.hd).ok());
       const size_t pool_bytes = static_cast<size_t>(num_blocks) * bs * kvd * (bf16 ? 2 : 4);
@@ -180,9 +181,10 @@ TEST(CudaStepOpsTest, RotateAndAppendIsRopeThenAppend) {
       const float* v_dev = d.Put(v);
       float *q1 = d.Put(q), *k1 = d.Put(k), *q2 = d.Put(q), *k2 = d.Put(k);
       uint32_t *kp1 = d.Put(pool_init), *vp1 = d.Put(pool_init), *kp2 = d.Put(pool_init), *vp2 = d.Put(pool_init);
-      b->RopeQK(q1, k1, pos_dev, S, sh.heads, sh.kv_heads, sh.hd, 1e6f);
+      const float theta = sh.hd == 64 ? 1e4f : 1e6f;
+      b->RopeQK(q1, k1, pos_dev, S, sh.heads, sh.kv_heads, sh.hd, theta);
       b->AppendKvStep(kp1, vp1, k1, v_dev, kvd, kvd);
-      ASSERT_TRUE(b->RopeQKAppendStep(q2, k2, v_dev, pos_dev, sh.heads, sh.kv_heads, sh.hd, 1e6f, kp2, vp2));
+      ASSERT_TRUE(b->RopeQKAppendStep(q2, k2, v_dev, pos_dev, sh.heads, sh.kv_heads, sh.hd, theta, kp2, vp2));
       const size_t pool_words = pool_init.size();
       const auto want_k = d.Get(kp1, pool_words), want_v = d.Get(vp1, pool_words);
       EXPECT_EQ(d.Get(q2, S * qd), d.Get(q1, S * qd));

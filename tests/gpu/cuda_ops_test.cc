@@ -651,6 +651,14 @@ TEST_F(CudaOpsTest, ExpertMlpsMatchTheCpuExperts) {
         float* from_twin = d.Zeros<float>(n * H);
         ASSERT_TRUE(b->ExpertMlps(xd, x16, ex.data(), E, from_twin));
         EXPECT_EQ(d.Get(from_twin, n * H), y) << "the twin changed the result";
+        // A twin of other rows: bf16 experts read it (their results change), fp16 ones do not.
+        const uint16_t* other = d.Put(ToBf16(RandomFloats(x.size(), 4101, -2.f, 2.f)));
+        float* from_other = d.Zeros<float>(n * H);
+        ASSERT_TRUE(b->ExpertMlps(xd, other, ex.data(), E, from_other));
+        if (dt == DType::kBF16)
+          EXPECT_NE(d.Get(from_other, n * H), y) << "the twin was not read";
+        else
+          EXPECT_EQ(d.Get(from_other, n * H), y) << "an fp16 expert read a bf16 twin";
       }
       // The GEMV experts: GateUpSilu and Gemm's bits.
       for (int e = 0; e < E; ++e) {
@@ -791,9 +799,10 @@ TEST_F(CudaOpsTest, GemmGroupMatchesTheCpuGemms) {
 TEST_F(CudaOpsTest, Bf16TwinsAreTheRoundedRowsAndChangeNoBits) {
   // RmsNormTwin and GatherRowsTwin write RmsNorm's and GatherRows' bits and beside them the CPU's
   // bf16 rounding of each value (the register kernel, the generic one, a bf16 norm weight; float4
-  // and scalar gathers); GEMMs given the twin give bitwise what they give rounding x themselves:
-  // GemmGroup past the GEMV's rows (q, k, v and a router-like weight of 8 rows alone) and the
-  // per-weight Gemm. Twins are asked for past the GEMV's rows over bf16 weights only.
+  // and scalar gathers; twins on and off 8-byte alignment); GEMMs given the twin give bitwise what
+  // they give rounding x themselves: GemmGroup past the GEMV's rows (q, k, v and a router-like
+  // weight of 8 rows alone) and the per-weight Gemm; they do read it, unless it is off 256 bytes.
+  // Twins are asked for past the GEMV's rows over bf16 weights only.
   EXPECT_FALSE(gpu_->Bf16Twins(cuda::kGemvMaxRows, DType::kBF16));
   EXPECT_TRUE(gpu_->Bf16Twins(cuda::kGemvMaxRows + 1, DType::kBF16));
   EXPECT_FALSE(gpu_->Bf16Twins(2048, DType::kF16));
@@ -810,11 +819,17 @@ TEST_F(CudaOpsTest, Bf16TwinsAreTheRoundedRowsAndChangeNoBits) {
     float* plain = dev_->Zeros<float>(x.size());
     float* out = dev_->Zeros<float>(x.size());
     uint16_t* out16 = dev_->Zeros<uint16_t>(x.size());
+    // A twin off its 8-byte alignment too (element stores instead of 8-byte ones; out unchanged).
+    float* out_odd = dev_->Zeros<float>(x.size());
+    uint16_t* odd16 = dev_->Zeros<uint16_t>(x.size() + 1) + 1;
     gpu_->RmsNorm(xd, c.rows, c.dim, wg, 1e-5f, plain);
     gpu_->RmsNormTwin(xd, c.rows, c.dim, wg, 1e-5f, out, out16);
+    gpu_->RmsNormTwin(xd, c.rows, c.dim, wg, 1e-5f, out_odd, odd16);
     const auto want = dev_->Get(plain, x.size());
     EXPECT_EQ(dev_->Get(out, x.size()), want);
     EXPECT_EQ(dev_->Get(out16, x.size()), ToBf16(want));
+    EXPECT_EQ(dev_->Get(out_odd, x.size()), want);
+    EXPECT_EQ(dev_->Get(odd16, x.size()), ToBf16(want));
   }
   for (int dim : {4096 + 24, 6}) {
     SCOPED_TRACE("gather dim " + std::to_string(dim));
@@ -828,11 +843,14 @@ TEST_F(CudaOpsTest, Bf16TwinsAreTheRoundedRowsAndChangeNoBits) {
     float* plain = dev_->Zeros<float>(n);
     float* out = dev_->Zeros<float>(n);
     uint16_t* out16 = dev_->Zeros<uint16_t>(n);
+    uint16_t* odd16 = dev_->Zeros<uint16_t>(n + 1) + 1;
     gpu_->GatherRows(sd, id, static_cast<int64_t>(idx.size()), dim, plain);
     gpu_->GatherRowsTwin(sd, id, static_cast<int64_t>(idx.size()), dim, out, out16);
     const auto want = dev_->Get(plain, n);
     EXPECT_EQ(dev_->Get(out, n), want);
     EXPECT_EQ(dev_->Get(out16, n), ToBf16(want));
+    gpu_->GatherRowsTwin(sd, id, static_cast<int64_t>(idx.size()), dim, out, odd16);
+    EXPECT_EQ(dev_->Get(odd16, n), ToBf16(want));
   }
   const int64_t k = 2048, n[4] = {2048, 512, 512, 8};
   std::vector<Weight> gw;
@@ -864,6 +882,19 @@ TEST_F(CudaOpsTest, Bf16TwinsAreTheRoundedRowsAndChangeNoBits) {
       EXPECT_EQ(dev_->Get(own[i], m * n[i]), want) << "weight " << i << ": GemmGroup is not Gemm";
       EXPECT_EQ(dev_->Get(twin[i], m * n[i]), want) << "weight " << i << ": the twin changed the result";
     }
+    // A twin of other rows is read (the results change); one that does not start on 256 bytes
+    // (cuBLASLt could plan another algorithm for it) is not: x is rounded as without a twin.
+    std::vector<uint16_t> other = ToBf16(RandomFloats(m * k, 660 + m));
+    const uint16_t* other16 = dev_->Put(other);
+    other.insert(other.begin(), 8, uint16_t{0});
+    const uint16_t* shifted16 = dev_->Put(other) + 8;
+    float* read = dev_->Zeros<float>(m * n[0]);
+    float* ignored = dev_->Zeros<float>(m * n[0]);
+    gpu_->GemmGroup(xd, other16, m, 1, ws, bs, &read);
+    gpu_->GemmGroup(xd, shifted16, m, 1, ws, bs, &ignored);
+    const auto want0 = dev_->Get(each[0], m * n[0]);
+    EXPECT_NE(dev_->Get(read, m * n[0]), want0) << "the twin was not read";
+    EXPECT_EQ(dev_->Get(ignored, m * n[0]), want0) << "a twin off 256 bytes was read";
   }
   gpu_->Synchronize();
   ASSERT_TRUE(gpu_->status().ok()) << gpu_->status().ToString();

@@ -1,7 +1,9 @@
 // bf16 twins on the CPU backend (Backend::Bf16Twins): RmsNormTwin and GatherRowsTwin write what
-// RmsNorm and GatherRows write, and beside it every value rounded to bf16 to nearest even, ties
-// and NaN included; the CPU asks for no twins (its GEMMs read fp32), and GemmGroup ignores one.
-// The CUDA kernels are checked against these bits in tests/gpu/cuda_ops_test.cc.
+// RmsNorm and GatherRows write, and beside it every value rounded to the nearest bf16 (ties to the
+// even one; infinities and signed zeros kept, NaN stays NaN), checked against a rounding computed
+// here from the two bf16 neighbours of each value; the CPU asks for no twins (its GEMMs read fp32),
+// and its GemmGroup ignores one. The CUDA kernels are checked against these bits in
+// tests/gpu/cuda_ops_test.cc.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -35,6 +37,34 @@ float FromBits(uint32_t b) {
   return f;
 }
 
+// The nearest bf16 of a finite or infinite f, found among its two bf16 neighbours by distance
+// (in double), a tie to the one with an even last mantissa bit: independent of F32ToBf16's
+// carry trick.
+uint16_t NearestBf16(float f) {
+  const uint32_t b = Bits(f);
+  const auto down = static_cast<uint16_t>(b >> 16);  // toward zero
+  if ((b & 0xffffu) == 0 || std::isinf(f)) return down;
+  const auto up = static_cast<uint16_t>(down + 1);  // away from zero (0x7f80 past the largest: inf)
+  const double d_down = std::abs(double(f) - double(FromBits(uint32_t{down} << 16)));
+  // Past the largest bf16 the next step up is 2^128 (overflowing to inf), as rounding sees it.
+  const double up_value =
+      (up & 0x7fffu) == 0x7f80u ? std::copysign(std::ldexp(1.0, 128), double(f)) : double(FromBits(uint32_t{up} << 16));
+  const double d_up = std::abs(double(f) - up_value);
+  if (d_down != d_up) return d_down < d_up ? down : up;
+  return (down & 1u) == 0 ? down : up;
+}
+
+void ExpectTwin(const std::vector<float>& values, const std::vector<uint16_t>& twin) {
+  ASSERT_EQ(values.size(), twin.size());
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (std::isnan(values[i])) {
+      ASSERT_TRUE(std::isnan(Bf16ToF32(twin[i]))) << i;
+      continue;
+    }
+    ASSERT_EQ(twin[i], NearestBf16(values[i])) << i << ": " << values[i];
+  }
+}
+
 Weight F32Weight(const std::vector<float>& v, int64_t rows, int64_t cols) {
   Weight w;
   w.data = v.data();
@@ -44,21 +74,18 @@ Weight F32Weight(const std::vector<float>& v, int64_t rows, int64_t cols) {
   return w;
 }
 
-TEST(Bf16TwinTest, RoundingIsToNearestEven) {
-  // Halfway between two bf16 values: to the even one; just past halfway: up; NaN stays NaN.
-  EXPECT_EQ(F32ToBf16(FromBits(0x3f808000u)), 0x3f80);  // 1 + 2^-8: tie, 0x3f80 is even
-  EXPECT_EQ(F32ToBf16(FromBits(0x3f818000u)), 0x3f82);  // tie, rounds up to the even 0x3f82
-  EXPECT_EQ(F32ToBf16(FromBits(0x3f808001u)), 0x3f81);
-  EXPECT_TRUE(std::isnan(Bf16ToF32(F32ToBf16(std::numeric_limits<float>::quiet_NaN()))));
+TEST(Bf16TwinTest, TheReferenceRoundingIsToNearestEven) {
+  EXPECT_EQ(NearestBf16(FromBits(0x3f808000u)), 0x3f80);  // 1 + 2^-8: a tie, 0x3f80 is even
+  EXPECT_EQ(NearestBf16(FromBits(0x3f818000u)), 0x3f82);  // a tie, up to the even 0x3f82
+  EXPECT_EQ(NearestBf16(FromBits(0x3f808001u)), 0x3f81);  // past the tie
+  EXPECT_EQ(NearestBf16(FromBits(0xbf818000u)), 0xbf82);  // negative: the same by magnitude
+  EXPECT_EQ(NearestBf16(FromBits(0x7f7fffffu)), 0x7f80);  // the largest float rounds to inf
 }
 
 TEST(Bf16TwinTest, RmsNormTwinIsRmsNormRounded) {
   CpuBackend cpu;
   const int rows = 5, dim = 96;
-  auto x = Random(rows * dim, 1);
-  // Values on exact ties between two bf16 neighbours, so the rounding rule shows.
-  x[7] = FromBits(0x40018000u);
-  x[8] = FromBits(0x40008000u);
+  const auto x = Random(rows * dim, 1);
   const auto g = Random(dim, 2);
   const Weight w = F32Weight(g, 1, dim);
   std::vector<float> want(x.size()), got(x.size());
@@ -66,33 +93,44 @@ TEST(Bf16TwinTest, RmsNormTwinIsRmsNormRounded) {
   cpu.RmsNorm(x.data(), rows, dim, w, 1e-5f, want.data());
   cpu.RmsNormTwin(x.data(), rows, dim, w, 1e-5f, got.data(), twin.data());
   EXPECT_EQ(got, want);
-  for (size_t i = 0; i < got.size(); ++i) {
-    ASSERT_EQ(twin[i], F32ToBf16(got[i])) << i;
-    // Within half a bf16 ulp of the fp32 value (8 mantissa bits).
-    ASSERT_LE(std::abs(Bf16ToF32(twin[i]) - got[i]), std::ldexp(std::abs(got[i]), -8)) << i;
-  }
-  // In place, as QK-norm runs it.
+  ExpectTwin(want, twin);
+  // In place (out aliasing x): the same.
   std::vector<float> inplace = x;
-  cpu.RmsNormTwin(inplace.data(), rows, dim, w, 1e-5f, inplace.data(), twin.data());
+  std::vector<uint16_t> twin2(x.size(), 0xffff);
+  cpu.RmsNormTwin(inplace.data(), rows, dim, w, 1e-5f, inplace.data(), twin2.data());
   EXPECT_EQ(inplace, want);
+  EXPECT_EQ(twin2, twin);
 }
 
 TEST(Bf16TwinTest, GatherRowsTwinIsGatherRowsRounded) {
+  // Copied values keep their bits, so ties, infinities, signed zeros and NaN reach the rounding.
   CpuBackend cpu;
   const int n_src = 9, dim = 40;
   auto src = Random(n_src * dim, 3);
+  src[0] = FromBits(0x3f808000u);  // ties
+  src[1] = FromBits(0x3f818000u);
+  src[2] = FromBits(0xc0018000u);
   src[3] = std::numeric_limits<float>::infinity();
   src[4] = -0.0f;
+  src[5] = std::numeric_limits<float>::quiet_NaN();
+  src[6] = FromBits(0x7f7fffffu);
+  src[7] = std::numeric_limits<float>::denorm_min();
   const std::vector<int32_t> idx = {4, 0, 8, 4, 2, 7, 7};
   const int64_t n = static_cast<int64_t>(idx.size());
   std::vector<float> want(n * dim), got(n * dim);
   std::vector<uint16_t> twin(n * dim);
   cpu.GatherRows(src.data(), idx.data(), n, dim, want.data());
   cpu.GatherRowsTwin(src.data(), idx.data(), n, dim, got.data(), twin.data());
-  EXPECT_EQ(got, want);
-  for (size_t i = 0; i < got.size(); ++i) ASSERT_EQ(twin[i], F32ToBf16(got[i])) << i;
-  EXPECT_EQ(twin[1 * dim + 3], F32ToBf16(std::numeric_limits<float>::infinity()));
-  EXPECT_EQ(Bits(Bf16ToF32(twin[1 * dim + 4])), Bits(-0.0f));  // dst row 1 is src row 0
+  EXPECT_EQ(std::memcmp(got.data(), want.data(), got.size() * sizeof(float)), 0);
+  ExpectTwin(want, twin);
+  // dst row 1 is src row 0.
+  EXPECT_EQ(twin[1 * dim + 0], 0x3f80);
+  EXPECT_EQ(twin[1 * dim + 1], 0x3f82);
+  EXPECT_EQ(twin[1 * dim + 2], 0xc002);
+  EXPECT_EQ(twin[1 * dim + 3], 0x7f80);
+  EXPECT_EQ(twin[1 * dim + 4], 0x8000);
+  EXPECT_EQ(twin[1 * dim + 6], 0x7f80);
+  EXPECT_EQ(twin[1 * dim + 7], 0x0000);
 }
 
 TEST(Bf16TwinTest, TheCpuWantsNoTwinAndGemmGroupReadsFp32) {

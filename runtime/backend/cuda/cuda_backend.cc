@@ -449,7 +449,7 @@ bool CudaBackend::ExpertMlps(const float* x, const uint16_t* twin, const ExpertM
   }
   const int streams = std::min<int>(options_.expert_streams, std::max<size_t>(1, big.size()));
   // x in 16 bits: the caller's bf16 twin, or rounded here once for all experts.
-  const bool use_twin = twin && t == DType::kBF16;
+  const bool use_twin = TwinServes(twin, t);
   const void* x16 = use_twin ? twin : nullptr;
   void* rounded = nullptr;  // x16 when it is rounded here
   std::byte* gu = nullptr;
@@ -650,7 +650,7 @@ void CudaBackend::GemmGroup16(const float* x, const uint16_t* twin, int64_t m, i
     }
     if (!x16 || x16_type != w.dtype) {
       x16_type = w.dtype;
-      if (twin && w.dtype == DType::kBF16) {
+      if (TwinServes(twin, w.dtype)) {
         x16 = twin;
       } else {
         void* xc = EnsureScratch(&act_, &act_cap_, static_cast<size_t>(m * k) * DTypeSize(w.dtype));
@@ -866,6 +866,13 @@ void CudaBackend::Gemm(const float* x, int64_t m, const Weight& w, const Weight*
         &error_);
   }
   if (bias && !bias->empty()) CUDA_CHECK_LOG(cuda::launch_add_bias(y, m, n, bias->data, bias->dtype, stream_), &error_);
+}
+
+bool CudaBackend::TwinServes(const uint16_t* twin, DType weights) {
+  // cuBLASLt's algorithm depends on the operands' alignment (LtGemm plans per alignment class, up
+  // to 256 bytes): the twin stands in for a scratch buffer that starts an allocation, so it must
+  // start on 256 bytes too for the same algorithm, hence the same bits. Else x is rounded here.
+  return twin && weights == DType::kBF16 && reinterpret_cast<uintptr_t>(twin) % 256 == 0;
 }
 
 bool CudaBackend::GemvTakes(const float* x, int64_t m, const Weight& w) const {

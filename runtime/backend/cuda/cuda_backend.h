@@ -226,6 +226,8 @@ class CudaBackend final : public Backend {
   // apart: LtGemm, else cublasGemmEx.
   void Gemm16(DType t, const void* w, const void* x, float* y, int64_t m, int64_t n, int64_t k, int64_t ldy,
               bool accumulate);
+  // Whether a caller's twin replaces the rounding of x for weights of this type.
+  static bool TwinServes(const uint16_t* twin, DType weights);
   // Whether Gemm takes x . w^T on the GEMV (decode rows; fp32 x, no rounding).
   bool GemvTakes(const float* x, int64_t m, const Weight& w) const;
   // GemmGroup past the GEMV's rows.

@@ -17,7 +17,7 @@ __global__ void GatherRowsKernel(const float* src, const int32_t* idx, int dim, 
     for (int j = threadIdx.x; j < dim / 4; j += blockDim.x) {
       const float4 v = s4[j];
       d4[j] = v;
-      if (d16) reinterpret_cast<uint2*>(d16)[j] = make_uint2(PackBf16(v.x, v.y), PackBf16(v.z, v.w));
+      if (d16) StoreBf16x4(d16 + 4 * j, v);
     }
   } else {
     for (int j = threadIdx.x; j < dim; j += blockDim.x) {
@@ -31,7 +31,6 @@ __global__ void GatherRowsKernel(const float* src, const int32_t* idx, int dim, 
 cudaError_t launch_gather_rows(const float* src, const int32_t* idx, int64_t n, int dim, float* dst, uint16_t* dst16,
                                cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
-  if (dst16 && (dim & 3) == 0 && reinterpret_cast<uintptr_t>(dst16) % 8 != 0) return cudaErrorInvalidValue;
   GatherRowsKernel<<<static_cast<unsigned>(n), 256, 0, stream>>>(src, idx, dim, dst, dst16);
   return cudaGetLastError();
 }

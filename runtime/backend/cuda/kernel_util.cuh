@@ -31,6 +31,18 @@ __device__ __forceinline__ unsigned PackBf16(float lo, float hi) {
   return *reinterpret_cast<const unsigned*>(&v);
 }
 
+// Four values rounded to bf16 (nearest even) at p: one 8-byte store where p allows it, else four.
+__device__ __forceinline__ void StoreBf16x4(uint16_t* p, float4 v) {
+  if (reinterpret_cast<uintptr_t>(p) % 8 == 0) {
+    *reinterpret_cast<uint2*>(p) = make_uint2(PackBf16(v.x, v.y), PackBf16(v.z, v.w));
+  } else {
+    p[0] = __bfloat16_as_ushort(__float2bfloat16_rn(v.x));
+    p[1] = __bfloat16_as_ushort(__float2bfloat16_rn(v.y));
+    p[2] = __bfloat16_as_ushort(__float2bfloat16_rn(v.z));
+    p[3] = __bfloat16_as_ushort(__float2bfloat16_rn(v.w));
+  }
+}
+
 // As PackBf16, adding the rounded values to `sum`.
 __device__ __forceinline__ unsigned PackBf16Sum(float lo, float hi, float& sum) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
