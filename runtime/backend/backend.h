@@ -194,6 +194,16 @@ class Backend {
   // RmsNorm, and out rounded to bf16 into out16 (rows * dim values).
   virtual void RmsNormTwin(const float* x, int64_t rows, int dim, const Weight& w, float eps, float* out,
                            uint16_t* out16) = 0;
+  // The residual add and the next norm as one op: x += add (Add's bits), then RmsNorm of the sums
+  // into out, and its twin into out16 unless null. add must not alias x or out.
+  virtual void AddRmsNorm(float* x, const float* add, int64_t rows, int dim, const Weight& w, float eps, float* out,
+                          uint16_t* out16) {
+    Add(x, add, rows * dim);
+    if (out16)
+      RmsNormTwin(x, rows, dim, w, eps, out, out16);
+    else
+      RmsNorm(x, rows, dim, w, eps, out);
+  }
   // y[m, n] = x[m, k] . w[n, k]^T (+ bias[n]) (+ y if accumulate).
   virtual void Gemm(const float* x, int64_t m, const Weight& w, const Weight* bias, float* y, bool accumulate) = 0;
   // Rotary embedding (rotate-half convention) in place on x[rows, num_heads * head_dim] at positions[rows].

@@ -952,12 +952,15 @@ Status Engine::RunLayers(const Pass& p) {
   float* x = Scratch(kResid, T * H);
   backend_->Embed(p.tokens_dev, static_cast<int>(T), weights_->embed(), x);
   last_device_routed_ = false;
+  // Twins of the normalised rows for the GEMMs that read them (q, k and v; the router).
+  auto input_twin = [&](const LayerWeights& L) { return c.mla ? nullptr : NormTwin(T, L.q); };
+  bool normed = false;  // the layer's input norm ran already (with the previous layer's residual add)
   for (int l = 0; l < c.num_layers; ++l) {
     const LayerWeights& L = weights_->layer(l);
     float* h = Scratch(kNormed, T * H);
-    // Twins of the normalised rows for the GEMMs that read them (q, k and v; the router).
-    uint16_t* h16 = c.mla ? nullptr : NormTwin(T, L.q);
-    Norm(x, T, L.input_norm, h, h16);
+    uint16_t* h16 = input_twin(L);
+    if (!normed) Norm(x, T, L.input_norm, h, h16);
+    normed = false;
     EF_RETURN_IF_ERROR(Attention(l, p.batch, p.pos_dev, T, h16));
     x = Scratch(kResid, T * H);
     h = Scratch(kNormed, T * H);
@@ -987,7 +990,14 @@ Status Engine::RunLayers(const Pass& p) {
     } else {
       EF_RETURN_IF_ERROR(Mlp(L.dense_mlp, T, h, out));
     }
-    backend_->Add(x, out, T * H);
+    if (l + 1 < c.num_layers) {
+      // The residual add and the next layer's input norm in one op.
+      const LayerWeights& next = weights_->layer(l + 1);
+      backend_->AddRmsNorm(x, out, T, H, next.input_norm, c.rms_norm_eps, Scratch(kNormed, T * H), input_twin(next));
+      normed = true;
+    } else {
+      backend_->Add(x, out, T * H);
+    }
   }
   // Final norm and LM head on the rows whose logits are wanted.
   float* fin = Scratch(kFinal, R * H);

@@ -822,6 +822,11 @@ void CudaBackend::RmsNorm(const float* x, int64_t rows, int dim, const Weight& w
   CUDA_CHECK_LOG(cuda::launch_rms_norm(x, rows, dim, w.data, w.dtype, eps, out, nullptr, stream_), &error_);
 }
 
+void CudaBackend::AddRmsNorm(float* x, const float* add, int64_t rows, int dim, const Weight& w, float eps, float* out,
+                             uint16_t* out16) {
+  CUDA_CHECK_LOG(cuda::launch_add_rms_norm(x, add, rows, dim, w.data, w.dtype, eps, out, out16, stream_), &error_);
+}
+
 void CudaBackend::RmsNormTwin(const float* x, int64_t rows, int dim, const Weight& w, float eps, float* out,
                               uint16_t* out16) {
   CUDA_CHECK_LOG(cuda::launch_rms_norm(x, rows, dim, w.data, w.dtype, eps, out, out16, stream_), &error_);

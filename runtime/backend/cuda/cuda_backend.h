@@ -127,6 +127,8 @@ class CudaBackend final : public Backend {
   }
   void RmsNormTwin(const float* x, int64_t rows, int dim, const Weight& w, float eps, float* out,
                    uint16_t* out16) override;
+  void AddRmsNorm(float* x, const float* add, int64_t rows, int dim, const Weight& w, float eps, float* out,
+                  uint16_t* out16) override;
   void Gemm(const float* x, int64_t m, const Weight& w, const Weight* bias, float* y, bool accumulate) override;
   void Rope(float* x, const int32_t* positions, int64_t rows, int num_heads, int head_dim, float theta) override;
   void RopeQK(float* q, float* k, const int32_t* positions, int64_t rows, int num_heads, int num_kv_heads, int head_dim,

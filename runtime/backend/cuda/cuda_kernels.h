@@ -27,6 +27,9 @@ cudaError_t launch_embed(const int32_t* ids, int n, const void* table, DType dt,
 // out = x / rms(x) * w over rows of length dim; out may alias x. out16 (or null): out rounded to bf16.
 cudaError_t launch_rms_norm(const float* x, int64_t rows, int dim, const void* w, DType wdt, float eps, float* out,
                             uint16_t* out16, cudaStream_t stream);
+// x += add, then launch_rms_norm of the sums (out must not alias add).
+cudaError_t launch_add_rms_norm(float* x, const float* add, int64_t rows, int dim, const void* w, DType wdt, float eps,
+                                float* out, uint16_t* out16, cudaStream_t stream);
 
 // Whether kernels launched through LaunchPdl (kernel_util.cuh) allow programmatic dependent
 // launch (default on); off, they launch as usual.

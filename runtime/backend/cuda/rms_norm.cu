@@ -6,6 +6,8 @@
 // registers: every load of a thread is issued before its first store. (Reading x a second time
 // after the reduction, with stores that may alias the next loads, chained 16 memory round trips
 // per thread at dim 4096: 12 us for one decode row.)
+// launch_add_rms_norm first adds a residual branch into x (x += add, stored, the bits the Add op
+// writes) and normalises the sums: the residual add and the next layer's norm in one pass.
 // out16, when not null, gets out rounded to bf16 (nearest even, the bits launch_convert_f32 writes):
 // the twin the GEMMs after the norm read (Backend::Bf16Twins).
 // Test: tests/gpu/cuda_ops_test.cc (RmsNorm vs CPU, hidden-sized and head-sized rows; the twin).
@@ -32,16 +34,22 @@ __device__ float BlockInvRms(double ss, int dim, float eps) {
   return inv_s;
 }
 
+// add != null: x += add first (stored back into x, the bits Add writes), then the norm of the sum.
 template <int kBlock>
-__global__ void RmsNormKernel(const float* x, int dim, const void* w, DType wdt, float eps, float* out,
-                              uint16_t* out16) {
+__global__ void RmsNormKernel(const float* x, const float* add, float* x_out, int dim, const void* w, DType wdt,
+                              float eps, float* out, uint16_t* out16) {
   PdlEnter();
-  const float* xr = x + static_cast<int64_t>(blockIdx.x) * dim;
-  float* yr = out + static_cast<int64_t>(blockIdx.x) * dim;
+  const int64_t at = static_cast<int64_t>(blockIdx.x) * dim;
+  const float* xr = add ? x_out + at : x + at;  // with an add, the sums this thread stored below
+  float* yr = out + at;
   double ss = 0;
-  for (int i = threadIdx.x; i < dim; i += kBlock) ss += static_cast<double>(xr[i]) * xr[i];
+  for (int i = threadIdx.x; i < dim; i += kBlock) {
+    float v = x[at + i];
+    if (add) x_out[at + i] = v = v + add[at + i];
+    ss += static_cast<double>(v) * v;
+  }
   const float inv = BlockInvRms<kBlock>(ss, dim, eps);
-  uint16_t* y16 = out16 ? out16 + static_cast<int64_t>(blockIdx.x) * dim : nullptr;
+  uint16_t* y16 = out16 ? out16 + at : nullptr;
   for (int i = threadIdx.x; i < dim; i += kBlock) {
     const float y = (xr[i] * inv) * LoadAsF32(w, wdt, i);
     yr[i] = y;
@@ -51,16 +59,31 @@ __global__ void RmsNormKernel(const float* x, int dim, const void* w, DType wdt,
 
 template <int kBlock>
 __global__ void __launch_bounds__(kBlock)
-    RmsNormRegsKernel(const float* x, int dim, const void* w, DType wdt, float eps, float* out, uint16_t* out16) {
+    RmsNormRegsKernel(const float* x, const float* add, float* x_out, int dim, const void* w, DType wdt, float eps,
+                      float* out, uint16_t* out16) {
   PdlEnter();
   constexpr int kMaxVec = 8;
   const int d4 = dim / 4;
-  const float4* xr = reinterpret_cast<const float4*>(x + static_cast<int64_t>(blockIdx.x) * dim);
-  float4* yr = reinterpret_cast<float4*>(out + static_cast<int64_t>(blockIdx.x) * dim);
+  const int64_t at = static_cast<int64_t>(blockIdx.x) * dim;
+  const float4* xr = reinterpret_cast<const float4*>(x + at);
+  float4* yr = reinterpret_cast<float4*>(out + at);
   float4 v[kMaxVec];
 #pragma unroll
   for (int j = 0; j < kMaxVec; ++j)
     if (threadIdx.x + j * kBlock < d4) v[j] = xr[threadIdx.x + j * kBlock];
+  if (add) {  // x += add, stored back before the norm of the sums
+    float4 a[kMaxVec];
+    const float4* ar = reinterpret_cast<const float4*>(add + at);
+#pragma unroll
+    for (int j = 0; j < kMaxVec; ++j)
+      if (threadIdx.x + j * kBlock < d4) a[j] = ar[threadIdx.x + j * kBlock];
+#pragma unroll
+    for (int j = 0; j < kMaxVec; ++j)
+      if (threadIdx.x + j * kBlock < d4) {
+        v[j] = make_float4(v[j].x + a[j].x, v[j].y + a[j].y, v[j].z + a[j].z, v[j].w + a[j].w);
+        reinterpret_cast<float4*>(x_out + at)[threadIdx.x + j * kBlock] = v[j];
+      }
+  }
   double ss = 0;
 #pragma unroll
   for (int j = 0; j < kMaxVec; ++j)
@@ -92,24 +115,34 @@ __global__ void __launch_bounds__(kBlock)
 }
 }  // namespace
 
-cudaError_t launch_rms_norm(const float* x, int64_t rows, int dim, const void* w, DType wdt, float eps, float* out,
-                            uint16_t* out16, cudaStream_t stream) {
+namespace {
+cudaError_t LaunchRmsNorm(const float* x, const float* add, float* x_out, int64_t rows, int dim, const void* w,
+                          DType wdt, float eps, float* out, uint16_t* out16, cudaStream_t stream) {
   if (rows <= 0) return cudaSuccess;
   // Rows beyond the 2^31-1 grid limit do not occur: rows are tokens or tokens x heads.
   // (The twin's alignment does not choose the kernel: out's bits do not depend on whether there is one.)
-  const bool regs = dim % 4 == 0 && (reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(out)) % 16 == 0;
-  if (regs && dim <= 1024) {
-    return LaunchPdl(RmsNormRegsKernel<128>, dim3(static_cast<unsigned>(rows)), dim3(128), 0, stream, x, dim, w, wdt,
-                     eps, out, out16);
-  } else if (regs && dim <= 256 * 4 * 8) {
-    return LaunchPdl(RmsNormRegsKernel<256>, dim3(static_cast<unsigned>(rows)), dim3(256), 0, stream, x, dim, w, wdt,
-                     eps, out, out16);
-  } else if (dim <= 256)
-    return LaunchPdl(RmsNormKernel<128>, dim3(static_cast<unsigned>(rows)), dim3(128), 0, stream, x, dim, w, wdt, eps,
-                     out, out16);
-  else
-    return LaunchPdl(RmsNormKernel<256>, dim3(static_cast<unsigned>(rows)), dim3(256), 0, stream, x, dim, w, wdt, eps,
-                     out, out16);
+  const auto a = reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(out) | reinterpret_cast<uintptr_t>(add);
+  const bool regs = dim % 4 == 0 && a % 16 == 0;
+  const dim3 grid(static_cast<unsigned>(rows));
+  if (regs && dim <= 1024)
+    return LaunchPdl(RmsNormRegsKernel<128>, grid, dim3(128), 0, stream, x, add, x_out, dim, w, wdt, eps, out, out16);
+  if (regs && dim <= 256 * 4 * 8)
+    return LaunchPdl(RmsNormRegsKernel<256>, grid, dim3(256), 0, stream, x, add, x_out, dim, w, wdt, eps, out, out16);
+  if (dim <= 256)
+    return LaunchPdl(RmsNormKernel<128>, grid, dim3(128), 0, stream, x, add, x_out, dim, w, wdt, eps, out, out16);
+  return LaunchPdl(RmsNormKernel<256>, grid, dim3(256), 0, stream, x, add, x_out, dim, w, wdt, eps, out, out16);
+}
+}  // namespace
+
+cudaError_t launch_rms_norm(const float* x, int64_t rows, int dim, const void* w, DType wdt, float eps, float* out,
+                            uint16_t* out16, cudaStream_t stream) {
+  return LaunchRmsNorm(x, nullptr, nullptr, rows, dim, w, wdt, eps, out, out16, stream);
+}
+
+cudaError_t launch_add_rms_norm(float* x, const float* add, int64_t rows, int dim, const void* w, DType wdt, float eps,
+                                float* out, uint16_t* out16, cudaStream_t stream) {
+  if (add == nullptr) return cudaErrorInvalidValue;
+  return LaunchRmsNorm(x, add, x, rows, dim, w, wdt, eps, out, out16, stream);
 }
 
 }  // namespace ef::runtime::cuda
