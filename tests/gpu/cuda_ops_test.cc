@@ -798,21 +798,23 @@ TEST_F(CudaOpsTest, GemmGroupMatchesTheCpuGemms) {
 
 TEST_F(CudaOpsTest, AddRmsNormIsAddThenRmsNorm) {
   // The residual add fused into the next norm: x and out (and the twin) bitwise what Add then
-  // RmsNorm / RmsNormTwin write, on the register kernel (4096, 1024 wide) and the generic one
-  // (100 wide; 4096 off 16-byte alignment).
+  // RmsNorm / RmsNormTwin write, on the register kernel (4096, 1024 and 100 wide) and the generic
+  // one (102 wide; 4096 with x, or only the added rows, off 16-byte alignment).
   struct Case {
-    int rows, dim, offset;
+    int rows, dim, x_offset, add_offset;
     bool twin;
   };
-  for (Case c : {Case{64, 4096, 0, true}, Case{5, 1024, 0, false}, Case{3, 100, 0, true}, Case{7, 4096, 1, true}}) {
-    SCOPED_TRACE(std::to_string(c.rows) + "x" + std::to_string(c.dim) + (c.offset ? " unaligned" : ""));
+  for (Case c : {Case{64, 4096, 0, 0, true}, Case{5, 1024, 0, 0, false}, Case{3, 100, 0, 0, true},
+                 Case{3, 102, 0, 0, true}, Case{7, 4096, 1, 0, true}, Case{7, 4096, 0, 1, false}}) {
+    SCOPED_TRACE(std::to_string(c.rows) + "x" + std::to_string(c.dim) + " offsets " + std::to_string(c.x_offset) + "/" +
+                 std::to_string(c.add_offset));
     const size_t n = static_cast<size_t>(c.rows) * c.dim;
-    auto x = RandomFloats(n + c.offset, 31, -3, 3);
-    const auto add = RandomFloats(n, 32, -3, 3);
+    auto x = RandomFloats(n + c.x_offset, 31, -3, 3);
+    const auto add = RandomFloats(n + c.add_offset, 32, -3, 3);
     auto [wc, wg] = Weights(RandomFloats(c.dim, 33, 0.5f, 1.5f), 1, c.dim, DType::kBF16);
-    float* x1 = dev_->Put(x) + c.offset;
-    float* x2 = dev_->Put(x) + c.offset;
-    const float* ad = dev_->Put(add);
+    float* x1 = dev_->Put(x) + c.x_offset;
+    float* x2 = dev_->Put(x) + c.x_offset;
+    const float* ad = dev_->Put(add) + c.add_offset;
     float *out1 = dev_->Zeros<float>(n), *out2 = dev_->Zeros<float>(n);
     uint16_t* t1 = c.twin ? dev_->Zeros<uint16_t>(n) : nullptr;
     uint16_t* t2 = c.twin ? dev_->Zeros<uint16_t>(n) : nullptr;
@@ -826,7 +828,7 @@ TEST_F(CudaOpsTest, AddRmsNormIsAddThenRmsNorm) {
     EXPECT_EQ(dev_->Get(x2, n), sums);
     EXPECT_EQ(dev_->Get(out2, n), dev_->Get(out1, n));
     if (c.twin) EXPECT_EQ(dev_->Get(t2, n), dev_->Get(t1, n));
-    for (size_t i = 0; i < n; ++i) ASSERT_EQ(sums[i], x[c.offset + i] + add[i]) << i;
+    for (size_t i = 0; i < n; ++i) ASSERT_EQ(sums[i], x[c.x_offset + i] + add[c.add_offset + i]) << i;
   }
 }
 

@@ -354,13 +354,14 @@ class Bench {
     bool normed = false;  // this layer's input norm ran with the previous layer's residual add
     for (int l = 0; l < a_.layers; ++l) {
       const Layer& L = layers_[l];
-      if (normed)
-        normed = false;
-      else if (h16)
-        b_->RmsNormTwin(x, T, H, L.input_norm, 1e-5f, h, h16);
-      else
-        b_->RmsNorm(x, T, H, L.input_norm, 1e-5f, h);
-      Mark("rms norm");
+      if (!normed) {
+        if (h16)
+          b_->RmsNormTwin(x, T, H, L.input_norm, 1e-5f, h, h16);
+        else
+          b_->RmsNorm(x, T, H, L.input_norm, 1e-5f, h);
+        Mark("rms norm");
+      }
+      normed = false;
       if (a_.separate_qkv) {
         b_->Gemm(h, T, L.q, nullptr, q, false);
         b_->Gemm(h, T, L.k, nullptr, k, false);

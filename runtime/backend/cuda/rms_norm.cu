@@ -10,7 +10,8 @@
 // writes) and normalises the sums: the residual add and the next layer's norm in one pass.
 // out16, when not null, gets out rounded to bf16 (nearest even, the bits launch_convert_f32 writes):
 // the twin the GEMMs after the norm read (Backend::Bf16Twins).
-// Test: tests/gpu/cuda_ops_test.cc (RmsNorm vs CPU, hidden-sized and head-sized rows; the twin).
+// Test: tests/gpu/cuda_ops_test.cc (RmsNorm vs CPU, hidden-sized and head-sized rows; the twin;
+// AddRmsNormIsAddThenRmsNorm).
 #include "runtime/backend/cuda/cuda_kernels.h"
 #include "runtime/backend/cuda/kernel_util.cuh"
 
