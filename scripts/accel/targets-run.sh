@@ -9,7 +9,6 @@
 #   CTEST=1 QWEN=1 scripts/accel/targets-run.sh 2 0     # the GPU tests, then the decode/prefill table
 #   TWINS_AB=1 scripts/accel/targets-run.sh 1 0           # and the bf16 twins on/off side by side
 #   GEMV_AB=1 scripts/accel/targets-run.sh 1 0            # and the GEMV at 1 and 2 rows per warp
-#   GROUPED_AB=1 scripts/accel/targets-run.sh 1 0         # and the grouped MoE kernel's two weight loaders
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/out}
@@ -73,20 +72,6 @@ if [ -n "${GEMV_AB:-}" ]; then
         EF_CUDA_GEMV_ROWS_PER_WARP=$w timeout 120 "$BUILD"/tests/ef_decode_bench --shape $shape --batches 1,4 \
           --iters 30 --prefill 0 --no-breakdown >"$LOGS/gemv${w}_${shape}_$r.txt" 2>&1
         summary "$LOGS/gemv${w}_${shape}_$r.txt" "rows/warp $w ${shape%%-*} r$r"
-      done
-    done
-  done
-fi
-# GROUPED_AB=1: the grouped MoE kernel's weights through the cp.async pipeline and through
-# registers (EF_CUDA_GROUPED_PIPELINE), alternating, twice: decode batches 16 and 64 of both shapes.
-if [ -n "${GROUPED_AB:-}" ]; then
-  for r in 1 2; do
-    for p in 1 0; do
-      stamp "grouped pipeline $p round $r"
-      for shape in mixtral-8x7b qwen3-30b-a3b; do
-        EF_CUDA_GROUPED_PIPELINE=$p timeout 120 "$BUILD"/tests/ef_decode_bench --shape $shape --batches 16,64 \
-          --iters 20 --prefill 0 --no-breakdown >"$LOGS/grouped${p}_${shape}_$r.txt" 2>&1
-        summary "$LOGS/grouped${p}_${shape}_$r.txt" "pipeline $p ${shape%%-*} r$r"
       done
     done
   done

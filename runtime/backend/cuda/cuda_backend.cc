@@ -25,9 +25,6 @@ EF_PARAM(CudaPdl, bool, "EF_CUDA_PDL", true,
 EF_PARAM(CudaGemvRowsPerWarp, int64_t, "EF_CUDA_GEMV_ROWS_PER_WARP", ef::runtime::cuda::kGemvRowsPerWarpDefault,
          "cuda backend: rows of one weight each warp of the decode GEMV streams side by side, sharing its loads of "
          "the activations (1 or 2; same results)");
-EF_PARAM(CudaGroupedPipeline, bool, "EF_CUDA_GROUPED_PIPELINE", ef::runtime::cuda::kMoeGroupedPipelinedDefault,
-         "cuda backend: the grouped MoE kernel of decode batches past the GEMV's rows streams its weights through a "
-         "cp.async pipeline in shared memory (off: loads into registers in batches)");
 EF_PARAM(CudaDecodeBlocksPerSm, int64_t, "EF_CUDA_DECODE_BLOCKS_PER_SM", ef::runtime::cuda::kDecodeBlocksPerSmDefault,
          "cuda backend: decode attention splits each sequence's keys until this many blocks per SM run (0: no "
          "split; each split keeps at least one tile of keys)");
@@ -77,7 +74,6 @@ CudaBackendOptions CudaBackendOptions::FromParams(int device) {
   o.expert_streams = static_cast<int>(std::clamp<int64_t>(params::CudaExpertStreams(), 0, 16));
   o.pdl = params::CudaPdl();
   o.gemv_rows_per_warp = static_cast<int>(std::clamp<int64_t>(params::CudaGemvRowsPerWarp(), 1, 2));
-  o.moe_grouped_pipelined = params::CudaGroupedPipeline();
   o.grouped_experts = static_cast<int>(std::clamp<int64_t>(params::CudaGroupedExperts(), -1, 1));
   o.decode_blocks_per_sm = static_cast<int>(std::clamp<int64_t>(params::CudaDecodeBlocksPerSm(), 0, 64));
   o.bf16_twins = params::CudaBf16Twins();
@@ -107,7 +103,6 @@ Status CudaBackend::Init() {
   num_sms_ = prop.multiProcessorCount;
   cuda::SetPdlEnabled(options_.pdl);
   cuda::SetGemvRowsPerWarp(options_.gemv_rows_per_warp);
-  cuda::SetMoeGroupedPipelined(options_.moe_grouped_pipelined);
   name_ = "cuda:" + std::to_string(options_.device) + " (" + prop.name + ")";
   size_t free_b = 0, total_b = 0;
   CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));

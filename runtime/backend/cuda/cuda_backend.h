@@ -69,9 +69,6 @@ struct CudaBackendOptions {
   // Rows of one weight each warp of the decode GEMV streams (1 or 2; process-wide like pdl; the
   // results do not depend on it). Default: EF_CUDA_GEMV_ROWS_PER_WARP.
   int gemv_rows_per_warp = cuda::kGemvRowsPerWarpDefault;
-  // The grouped MoE kernel of decode batches past the GEMV's rows streams its weights through a
-  // cp.async pipeline (process-wide like pdl). Default: EF_CUDA_GROUPED_PIPELINE.
-  bool moe_grouped_pipelined = cuda::kMoeGroupedPipelinedDefault;
   // Decode attention splits each sequence's keys for this many blocks per SM (0: no split).
   // Default: EF_CUDA_DECODE_BLOCKS_PER_SM.
   int decode_blocks_per_sm = cuda::kDecodeBlocksPerSmDefault;

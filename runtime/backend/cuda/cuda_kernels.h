@@ -40,13 +40,6 @@ bool PdlEnabled();
 constexpr int kGemvRowsPerWarpDefault = 2;
 void SetGemvRowsPerWarp(int rows);
 int GemvRowsPerWarp();
-// Whether the grouped MoE kernel (launch_moe_grouped) streams its weights through a cp.async
-// pipeline in shared memory (on) or loads them into registers in batches (off); process-wide like
-// PDL. The products are the same; the K split a launch picks may differ (it follows the kernel's
-// occupancy), so the bits may.
-constexpr bool kMoeGroupedPipelinedDefault = true;
-void SetMoeGroupedPipelined(bool on);
-bool MoeGroupedPipelined();
 
 // Rotate-half rotary embedding in place on x[rows, num_heads * head_dim].
 cudaError_t launch_rope(float* x, const int32_t* positions, int64_t rows, int num_heads, int head_dim, float theta,

@@ -205,72 +205,10 @@ __device__ __forceinline__ void KLoop(const uint4* const (&a_row)[kW], const uin
   }
 }
 
-// Stages of the cp.async pipeline of a warp's weight loads (KLoopPipelined): 64 KB of shared
-// memory per block for either launch (2 weights x 2 rows x 4 stages, or 1 x 2 x 8, of 512 bytes
-// per warp).
-template <int kW>
-constexpr int kStages = kW == 2 ? 4 : 8;
-template <int kW>
-constexpr int kPipeBytes = kWarps* kStages<kW>* kW * 2 * 32 * 16;
-
-// KLoop with the weight loads as a per-lane cp.async pipeline: each lane copies its own 16-byte
-// vectors of rows g and g + 8 (of each weight) into its own slots of shared memory, kStages - 1
-// steps ahead of the step it multiplies, and reads them back when their group has landed. The
-// weights do not wait in registers, so the pipeline keeps (kStages - 1) steps of loads in flight
-// through the whole loop, where KLoop's batches of kU steps drain before each batch's products.
-// No lane reads another's slots: no barrier. The products are KLoop's in KLoop's order (the same
-// bits). pipe: this warp's kStages * kW * 2 * 32 vectors, slot (stage, q) of lane l at
-// (stage * kW * 2 + q) * 32 + l (consecutive lanes on consecutive 16 bytes: no bank conflicts).
-template <bool kBf16, int kSplit, int kW, int kNT, int kTiles>
-__device__ __forceinline__ void KLoopPipelined(const uint4* const (&a_row)[kW], const uint4* __restrict__ b,
-                                               const int (&b_off)[kNT], int i0, int k8, float (&acc)[kW][kNT][4],
-                                               uint4* pipe, int lane) {
-  constexpr int S = kStages<kW>;
-  constexpr int kStride = 4 * kSplit;
-  const int steps = i0 < k8 ? (k8 - i0 + kStride - 1) / kStride : 0;
-  uint4* mine = pipe + lane;
-  const auto issue = [&](int step) {
-    if (step < steps) {
-      const int i = i0 + step * kStride;
-      uint4* slot = mine + (step % S) * kW * 2 * 32;
-#pragma unroll
-      for (int v = 0; v < kW; ++v) {
-        CpAsync16(slot + (2 * v) * 32, a_row[v] + i);
-        CpAsync16(slot + (2 * v + 1) * 32, a_row[v] + 8 * k8 + i);
-      }
-    }
-    CpAsyncCommit();  // empty groups past the end keep the count of groups per step uniform
-  };
-#pragma unroll
-  for (int st = 0; st < S - 1; ++st) issue(st);
-  for (int step = 0; step < steps; ++step) {
-    CpAsyncWait<S - 2>();  // step's group has landed
-    uint4 wa[kW][2];
-    const uint4* slot = mine + (step % S) * kW * 2 * 32;
-#pragma unroll
-    for (int v = 0; v < kW; ++v) {
-      wa[v][0] = slot[(2 * v) * 32];
-      wa[v][1] = slot[(2 * v + 1) * 32];
-    }
-    issue(step + S - 1);  // into the slot read last step
-    const int i = i0 + step * kStride;
-#pragma unroll
-    for (int j = 0; j < kTiles; ++j) {
-      const uint4 bv = __ldg(b + b_off[j] + i);
-#pragma unroll
-      for (int v = 0; v < kW; ++v) {
-        Mma<kBf16>(acc[v][j], wa[v][0].x, wa[v][1].x, wa[v][0].y, wa[v][1].y, bv.x, bv.y);
-        Mma<kBf16>(acc[v][j], wa[v][0].z, wa[v][1].z, wa[v][0].w, wa[v][1].w, bv.z, bv.w);
-      }
-    }
-  }
-  CpAsyncWait<0>();
-}
-
 // One weight (or the gate/up pair) of the grouped layer for the active experts' token chunks.
 // kGateUp: w = gate, w2 = up, in = xb (rows by token), out = act (16-bit, silu(g) * u).
 // Otherwise: w = down, in = act (rows by position), out = y (fp32).
-template <bool kBf16, int kSplit, int kNT, bool kGateUp, bool kPipe>
+template <bool kBf16, int kSplit, int kNT, bool kGateUp>
 __global__ void __launch_bounds__(kWarps * 32, 2)
     GroupedKernel(const void* const* __restrict__ w_table, const void* const* __restrict__ w2_table,
                   const uint16_t* __restrict__ in, void* __restrict__ out, const int32_t* meta_base, int pairs,
@@ -315,45 +253,28 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[v][j][i] = 0.f;
 
-  extern __shared__ uint4 dyn_smem[];  // kPipe: the warps' pipelines, then the split's partials
   if (valid) {
     const int i0 = part * 4 + t, k8 = k / 8;
-    const uint4* bq = reinterpret_cast<const uint4*>(in);
-    uint4* pipe = dyn_smem + warp * (kPipeBytes<kW> / kWarps / 16);
     // The n8 tiles the chunk fills (<= kNT) as a constant of the loop: no branch inside it.
-#define EF_GROUPED_KLOOP(T)                                                                                 \
-  if constexpr (kPipe)                                                                                      \
-    KLoopPipelined<kBf16, kSplit, kW, kNT, (kNT < T ? kNT : T)>(a_row, bq, b_off, i0, k8, acc, pipe, lane); \
-  else                                                                                                      \
-    KLoop<kBf16, kSplit, kW, kNT, (kNT < T ? kNT : T)>(a_row, bq, b_off, i0, k8, acc);
     switch (tiles) {
       case 1:
-        EF_GROUPED_KLOOP(1)
+        KLoop<kBf16, kSplit, kW, kNT, 1>(a_row, reinterpret_cast<const uint4*>(in), b_off, i0, k8, acc);
         break;
       case 2:
-        EF_GROUPED_KLOOP(2)
+        KLoop<kBf16, kSplit, kW, kNT, (kNT < 2 ? kNT : 2)>(a_row, reinterpret_cast<const uint4*>(in), b_off, i0, k8,
+                                                           acc);
         break;
       case 3:
-        EF_GROUPED_KLOOP(3)
+        KLoop<kBf16, kSplit, kW, kNT, (kNT < 3 ? kNT : 3)>(a_row, reinterpret_cast<const uint4*>(in), b_off, i0, k8,
+                                                           acc);
         break;
       default:
-        EF_GROUPED_KLOOP(kNT)
+        KLoop<kBf16, kSplit, kW, kNT, kNT>(a_row, reinterpret_cast<const uint4*>(in), b_off, i0, k8, acc);
         break;
     }
-#undef EF_GROUPED_KLOOP
   }
   if constexpr (kSplit > 1) {
-    using Partials = float[kWarps][kW][kNT][4][32];
-    Partials* partial_p;
-    if constexpr (kPipe) {
-      static_assert(sizeof(Partials) <= kPipeBytes<kW>, "the partials reuse the pipelines' memory");
-      __syncthreads();  // every warp is done with its pipeline
-      partial_p = reinterpret_cast<Partials*>(dyn_smem);
-    } else {
-      __shared__ Partials static_partial;
-      partial_p = &static_partial;
-    }
-    Partials& partial = *partial_p;
+    __shared__ float partial[kWarps][kW][kNT][4][32];
 #pragma unroll
     for (int v = 0; v < kW; ++v)
 #pragma unroll
@@ -411,40 +332,21 @@ int SplitFor(int64_t n, int64_t k, int slots, int num_sms) {
   return split;
 }
 
-template <bool kBf16, int kSplit, int kNT, bool kGateUp, bool kPipe>
-constexpr int DynamicSmem() {
-  return kPipe ? kPipeBytes<(kGateUp ? 2 : 1)> : 0;
-}
-
-// The launch's kernel instance, its shared memory allowed past 48 KB once per process.
-template <bool kBf16, int kSplit, int kNT, bool kGateUp, bool kPipe>
-auto* Kernel() {
-  auto* f = GroupedKernel<kBf16, kSplit, kNT, kGateUp, kPipe>;
-  if constexpr (kPipe) {
-    static const cudaError_t once = cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                         DynamicSmem<kBf16, kSplit, kNT, kGateUp, kPipe>());
-    (void)once;  // a failure shows as the launch's error
-  }
-  return f;
-}
-
-template <bool kBf16, int kSplit, int kNT, bool kGateUp, bool kPipe>
+template <bool kBf16, int kSplit, int kNT, bool kGateUp>
 cudaError_t LaunchSplit(dim3 grid, const void* const* w, const void* const* w2, const uint16_t* in, void* out,
                         const int32_t* meta, int pairs, int slots, int n, int k, cudaStream_t s) {
   grid.x = static_cast<unsigned>((n / 16 + kWarps / kSplit - 1) / (kWarps / kSplit));
-  return LaunchPdl(Kernel<kBf16, kSplit, kNT, kGateUp, kPipe>(), grid, dim3(kWarps * 32),
-                   DynamicSmem<kBf16, kSplit, kNT, kGateUp, kPipe>(), s, w, w2, in, out, meta, pairs, slots, n, k);
+  return LaunchPdl(GroupedKernel<kBf16, kSplit, kNT, kGateUp>, grid, dim3(kWarps * 32), 0, s, w, w2, in, out, meta,
+                   pairs, slots, n, k);
 }
 
-// Blocks of an instance that an SM holds at once (registers bound the register-loaded kernel: 2 at
-// 128 per thread; shared memory and registers the pipelined one), asked once per process (a
-// process drives GPUs of one kind).
-template <bool kBf16, int kSplit, int kNT, bool kGateUp, bool kPipe>
+// Blocks of an instance that an SM holds at once (registers bound it: 2 at 128 per thread), asked
+// once per process (a process drives GPUs of one kind).
+template <bool kBf16, int kSplit, int kNT, bool kGateUp>
 int BlocksPerSm() {
   static const int n = [] {
     int b = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, Kernel<kBf16, kSplit, kNT, kGateUp, kPipe>(), kWarps * 32,
-                                                      DynamicSmem<kBf16, kSplit, kNT, kGateUp, kPipe>()) !=
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, GroupedKernel<kBf16, kSplit, kNT, kGateUp>, kWarps * 32, 0) !=
         cudaSuccess) {
       (void)cudaGetLastError();  // not sticky: leave no error for a later launch check to report
       return 1;
@@ -457,16 +359,15 @@ int BlocksPerSm() {
 // The split of a launch: SplitFor's, or up to 4x it (k permitting) where that fills the launch's
 // last wave of blocks better. Mixtral's gate/up at batches 16-64 (8 experts of 14336 rows: 896
 // blocks, 2 per SM on 132 SMs) ran 3.4 waves, the last 40% of a wave on 103 SMs; split 2 makes
-// it 6.8 waves. The choice depends on the shapes (and the kernel) only, so a layer's sums are the
-// same every step.
-template <bool kBf16, int kNT, bool kGateUp, bool kPipe>
+// it 6.8 waves. The choice depends on the shapes only, so a layer's sums are the same every step.
+template <bool kBf16, int kNT, bool kGateUp>
 int WaveSplit(int64_t n, int64_t k, int slots, int num_sms) {
   const int base = SplitFor(n, k, slots, num_sms);
   const auto fill = [&](int split) {
-    const int per_sm = split == 1   ? BlocksPerSm<kBf16, 1, kNT, kGateUp, kPipe>()
-                       : split == 2 ? BlocksPerSm<kBf16, 2, kNT, kGateUp, kPipe>()
-                       : split == 4 ? BlocksPerSm<kBf16, 4, kNT, kGateUp, kPipe>()
-                                    : BlocksPerSm<kBf16, 8, kNT, kGateUp, kPipe>();
+    const int per_sm = split == 1   ? BlocksPerSm<kBf16, 1, kNT, kGateUp>()
+                       : split == 2 ? BlocksPerSm<kBf16, 2, kNT, kGateUp>()
+                       : split == 4 ? BlocksPerSm<kBf16, 4, kNT, kGateUp>()
+                                    : BlocksPerSm<kBf16, 8, kNT, kGateUp>();
     const double blocks = static_cast<double>((n / 16 + kWarps / split - 1) / (kWarps / split)) * slots;
     const double waves = blocks / (static_cast<double>(per_sm) * std::max(num_sms, 1));
     return waves / std::ceil(waves);
@@ -480,24 +381,24 @@ int WaveSplit(int64_t n, int64_t k, int slots, int num_sms) {
   return best;
 }
 
-template <bool kBf16, int kNT, bool kGateUp, bool kPipe>
-cudaError_t LaunchGrouped(int64_t n, int64_t k, int num_sms, dim3 grid, const void* const* w, const void* const* w2,
-                          const uint16_t* in, void* out, const int32_t* meta, int pairs, int slots, cudaStream_t s) {
-  const int N = static_cast<int>(n), K = static_cast<int>(k);
-  switch (WaveSplit<kBf16, kNT, kGateUp, kPipe>(n, k, slots, num_sms)) {
+template <bool kBf16, int kNT, bool kGateUp>
+cudaError_t LaunchGrouped(int split, dim3 grid, const void* const* w, const void* const* w2, const uint16_t* in,
+                          void* out, const int32_t* meta, int pairs, int slots, int n, int k, cudaStream_t s) {
+  switch (split) {
     case 1:
-      return LaunchSplit<kBf16, 1, kNT, kGateUp, kPipe>(grid, w, w2, in, out, meta, pairs, slots, N, K, s);
+      return LaunchSplit<kBf16, 1, kNT, kGateUp>(grid, w, w2, in, out, meta, pairs, slots, n, k, s);
     case 2:
-      return LaunchSplit<kBf16, 2, kNT, kGateUp, kPipe>(grid, w, w2, in, out, meta, pairs, slots, N, K, s);
+      return LaunchSplit<kBf16, 2, kNT, kGateUp>(grid, w, w2, in, out, meta, pairs, slots, n, k, s);
     case 4:
-      return LaunchSplit<kBf16, 4, kNT, kGateUp, kPipe>(grid, w, w2, in, out, meta, pairs, slots, N, K, s);
+      return LaunchSplit<kBf16, 4, kNT, kGateUp>(grid, w, w2, in, out, meta, pairs, slots, n, k, s);
     default:
-      return LaunchSplit<kBf16, 8, kNT, kGateUp, kPipe>(grid, w, w2, in, out, meta, pairs, slots, N, K, s);
+      return LaunchSplit<kBf16, 8, kNT, kGateUp>(grid, w, w2, in, out, meta, pairs, slots, n, k, s);
   }
 }
 
-template <bool kBf16, int kNT, bool kPipe>
+template <bool kBf16, int kNT>
 cudaError_t Run(const MoeGroupedArgs& a, int pairs, int slots, cudaStream_t s) {
+  const int H = static_cast<int>(a.hidden), I = static_cast<int>(a.inter);
   const int64_t x_elems = a.tokens * a.hidden;
   const unsigned convert_blocks = static_cast<unsigned>((x_elems / 8 + kConvertThreads - 1) / kConvertThreads);
   cudaError_t err = LaunchPdl(GroupKernel<kBf16>, dim3(1 + convert_blocks), dim3(kGroupThreads), 0, s, a.ids, pairs,
@@ -505,31 +406,25 @@ cudaError_t Run(const MoeGroupedArgs& a, int pairs, int slots, cudaStream_t s) {
   if (err != cudaSuccess) return err;
   // A chunk per 8 * kNT tokens an expert may have (at most every token).
   const dim3 grid(1, static_cast<unsigned>(slots), static_cast<unsigned>((a.tokens + 8 * kNT - 1) / (8 * kNT)));
-  err = LaunchGrouped<kBf16, kNT, true, kPipe>(a.inter, a.hidden, a.num_sms, grid, a.gate, a.up,
-                                               static_cast<const uint16_t*>(a.xb), a.act, a.meta, pairs, slots, s);
+  err = LaunchGrouped<kBf16, kNT, true>(WaveSplit<kBf16, kNT, true>(I, H, slots, a.num_sms), grid, a.gate, a.up,
+                                        static_cast<const uint16_t*>(a.xb), a.act, a.meta, pairs, slots, I, H, s);
   if (err != cudaSuccess) return err;
-  err = LaunchGrouped<kBf16, kNT, false, kPipe>(a.hidden, a.inter, a.num_sms, grid, a.down, nullptr,
-                                                static_cast<const uint16_t*>(a.act), a.y, a.meta, pairs, slots, s);
+  err = LaunchGrouped<kBf16, kNT, false>(WaveSplit<kBf16, kNT, false>(H, I, slots, a.num_sms), grid, a.down, nullptr,
+                                         static_cast<const uint16_t*>(a.act), a.y, a.meta, pairs, slots, H, I, s);
   if (err != cudaSuccess) return err;
   const Meta meta(a.meta, pairs, slots);
-  const int H = static_cast<int>(a.hidden);
   return LaunchPdl(CombineKernel, CombineGrid(a.tokens, H), dim3(kCombineThreads), 0, s, a.y, a.ids, a.weights,
                    static_cast<const int32_t*>(meta.pos), a.top_k, a.num_experts, H, CombineVec4(a.y, a.resid, H),
                    a.resid);
-}
-
-template <bool kBf16, int kNT>
-cudaError_t RunPipe(const MoeGroupedArgs& a, int pairs, int slots, cudaStream_t s) {
-  return MoeGroupedPipelined() ? Run<kBf16, kNT, true>(a, pairs, slots, s) : Run<kBf16, kNT, false>(a, pairs, slots, s);
 }
 
 template <bool kBf16>
 cudaError_t RunTiles(const MoeGroupedArgs& a, int pairs, int slots, cudaStream_t s) {
   // n8 tiles per chunk: as many as the tokens can fill, up to 4 (32 tokens of an expert per read
   // of its weights; more tokens read them again per chunk).
-  if (a.tokens <= 8) return RunPipe<kBf16, 1>(a, pairs, slots, s);
-  if (a.tokens <= 16) return RunPipe<kBf16, 2>(a, pairs, slots, s);
-  return RunPipe<kBf16, 4>(a, pairs, slots, s);
+  if (a.tokens <= 8) return Run<kBf16, 1>(a, pairs, slots, s);
+  if (a.tokens <= 16) return Run<kBf16, 2>(a, pairs, slots, s);
+  return Run<kBf16, 4>(a, pairs, slots, s);
 }
 }  // namespace
 
