@@ -8,7 +8,6 @@
 #   E2E_AGAIN="c64" EXTRA_AGAIN="--kv-cache-dtype fp32" SPLITS="4 3 0" QWEN=1 scripts/accel/targets-run.sh
 #   CTEST=1 QWEN=1 scripts/accel/targets-run.sh 2 0     # the GPU tests, then the decode/prefill table
 #   TWINS_AB=1 scripts/accel/targets-run.sh 1 0           # and the bf16 twins on/off side by side
-#   GEMV_AB=1 scripts/accel/targets-run.sh 1 0            # and the GEMV at 1 and 2 rows per warp
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/out}
@@ -59,20 +58,6 @@ if [ -n "${TWINS_AB:-}" ]; then
       timeout 120 "$BUILD"/tests/ef_decode_bench --batches 16,64 --iters 20 --prefill 2048 --prefill-iters 7 \
         --no-breakdown $([ $t = off ] && echo --no-twins) >"$LOGS/twins_${t}_$r.txt" 2>&1
       summary "$LOGS/twins_${t}_$r.txt" "twins $t r$r"
-    done
-  done
-fi
-# GEMV_AB=1: the decode GEMV with one and two rows per warp (EF_CUDA_GEMV_ROWS_PER_WARP),
-# alternating, twice: Mixtral and Qwen3 decode batches 1 and 4 (the rows the GEMV serves).
-if [ -n "${GEMV_AB:-}" ]; then
-  for r in 1 2; do
-    for w in 1 2; do
-      stamp "gemv rows per warp $w round $r"
-      for shape in mixtral-8x7b qwen3-30b-a3b; do
-        EF_CUDA_GEMV_ROWS_PER_WARP=$w timeout 120 "$BUILD"/tests/ef_decode_bench --shape $shape --batches 1,4 \
-          --iters 30 --prefill 0 --no-breakdown >"$LOGS/gemv${w}_${shape}_$r.txt" 2>&1
-        summary "$LOGS/gemv${w}_${shape}_$r.txt" "rows/warp $w ${shape%%-*} r$r"
-      done
     done
   done
 fi

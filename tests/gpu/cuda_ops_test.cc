@@ -187,47 +187,6 @@ TEST_F(CudaOpsTest, GemvEverySplitMatchesCpuAndRowsAreIndependentOfM) {
   EXPECT_EQ(cuda::gemv_warps_per_row(1024, 64, 132), 1);  // too short a row to share
 }
 
-TEST_F(CudaOpsTest, GemvTwoRowsPerWarpChangeNoBits) {
-  // A warp streaming two adjacent rows (sharing its loads of x) sums each exactly as a warp with
-  // one row: bitwise the same y at every split and m, for an odd n (the last warp's second row
-  // lies past n and must not be stored) and a ragged k; accumulate onto y as well.
-  const int k = 1048, M = cuda::kGemvMaxRows;
-  auto x = RandomFloats(M * k, 33);
-  float* xd = dev_->Put(x);
-  const int saved = cuda::GemvRowsPerWarp();
-  for (int n : {999, 17, 1}) {
-    auto w = RandomFloats(n * k, 34, -0.05f, 0.05f);
-    auto y0 = RandomFloats(M * n, 35);
-    auto [wc, wg] = Weights(w, n, k, DType::kBF16);
-    std::vector<float> want = y0;
-    cpu_.Gemm(x.data(), M, wc, nullptr, want.data(), true);
-    for (int m : {1, 3, M})
-      for (int split = 1; split <= cuda::kGemvMaxWarpsPerRow; split *= 2) {
-        std::vector<float> got[2];
-        for (int rows : {1, 2}) {
-          SCOPED_TRACE("n " + std::to_string(n) + " m " + std::to_string(m) + " split " + std::to_string(split) +
-                       " rows per warp " + std::to_string(rows));
-          cuda::SetGemvRowsPerWarp(rows);
-          ASSERT_EQ(cuda::GemvRowsPerWarp(), rows);
-          float* yd = dev_->Put(y0);
-          const cudaError_t e = cuda::launch_gemv(xd, m, wg.data, DType::kBF16, n, k, yd, true, split, gpu_->stream());
-          ASSERT_EQ(e, cudaSuccess) << cudaGetErrorString(e) << " x " << xd << " w " << wg.data;
-          got[rows - 1] = dev_->Get(yd, static_cast<size_t>(m) * n);
-        }
-        EXPECT_EQ(got[1], got[0]) << "n " << n << " m " << m << " split " << split;
-        const std::vector<float> want_m(want.begin(), want.begin() + static_cast<size_t>(m) * n);
-        EXPECT_LE(MaxRelError(got[1], want_m), 1e-5) << "n " << n << " m " << m << " split " << split;
-        // Rows past m are untouched.
-        float* yd = dev_->Put(y0);
-        ASSERT_EQ(cuda::launch_gemv(xd, m, wg.data, DType::kBF16, n, k, yd, true, split, gpu_->stream()), cudaSuccess);
-        const auto all = dev_->Get(yd, static_cast<size_t>(M) * n);
-        EXPECT_TRUE(
-            std::equal(all.begin() + static_cast<size_t>(m) * n, all.end(), y0.begin() + static_cast<size_t>(m) * n));
-      }
-  }
-  cuda::SetGemvRowsPerWarp(saved);
-}
-
 TEST_F(CudaOpsTest, RopeRotateHalf) {
   const int rows = 33, heads = 8, hd = 128;
   auto x = RandomFloats(rows * heads * hd, 10);

@@ -22,9 +22,6 @@ EF_PARAM(CudaGroupedExperts, int64_t, "EF_CUDA_GROUPED_EXPERTS", -1,
          "(fine-grained MoE), 1 for all past the GEMV's rows, 0 never (one cuBLASLt GEMM each)");
 EF_PARAM(CudaPdl, bool, "EF_CUDA_PDL", true,
          "cuda backend: launch the decode path's kernels with programmatic dependent launch (Hopper and later)");
-EF_PARAM(CudaGemvRowsPerWarp, int64_t, "EF_CUDA_GEMV_ROWS_PER_WARP", ef::runtime::cuda::kGemvRowsPerWarpDefault,
-         "cuda backend: rows of one weight each warp of the decode GEMV streams side by side, sharing its loads of "
-         "the activations (1 or 2; same results)");
 EF_PARAM(CudaDecodeBlocksPerSm, int64_t, "EF_CUDA_DECODE_BLOCKS_PER_SM", ef::runtime::cuda::kDecodeBlocksPerSmDefault,
          "cuda backend: decode attention splits each sequence's keys until this many blocks per SM run (0: no "
          "split; each split keeps at least one tile of keys)");
@@ -73,7 +70,6 @@ CudaBackendOptions CudaBackendOptions::FromParams(int device) {
   o.memory_budget = static_cast<size_t>(std::max<int64_t>(0, params::CudaMemoryBudgetMiB())) << 20;
   o.expert_streams = static_cast<int>(std::clamp<int64_t>(params::CudaExpertStreams(), 0, 16));
   o.pdl = params::CudaPdl();
-  o.gemv_rows_per_warp = static_cast<int>(std::clamp<int64_t>(params::CudaGemvRowsPerWarp(), 1, 2));
   o.grouped_experts = static_cast<int>(std::clamp<int64_t>(params::CudaGroupedExperts(), -1, 1));
   o.decode_blocks_per_sm = static_cast<int>(std::clamp<int64_t>(params::CudaDecodeBlocksPerSm(), 0, 64));
   o.bf16_twins = params::CudaBf16Twins();
@@ -102,7 +98,6 @@ Status CudaBackend::Init() {
   CUDA_CHECK(cudaGetDeviceProperties(&prop, options_.device));
   num_sms_ = prop.multiProcessorCount;
   cuda::SetPdlEnabled(options_.pdl);
-  cuda::SetGemvRowsPerWarp(options_.gemv_rows_per_warp);
   name_ = "cuda:" + std::to_string(options_.device) + " (" + prop.name + ")";
   size_t free_b = 0, total_b = 0;
   CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));

@@ -66,9 +66,6 @@ struct CudaBackendOptions {
   // Programmatic dependent launch of the decode path's kernels (cuda::LaunchPdl; process-wide, the
   // last backend created sets it). Default: EF_CUDA_PDL.
   bool pdl = true;
-  // Rows of one weight each warp of the decode GEMV streams (1 or 2; process-wide like pdl; the
-  // results do not depend on it). Default: EF_CUDA_GEMV_ROWS_PER_WARP.
-  int gemv_rows_per_warp = cuda::kGemvRowsPerWarpDefault;
   // Decode attention splits each sequence's keys for this many blocks per SM (0: no split).
   // Default: EF_CUDA_DECODE_BLOCKS_PER_SM.
   int decode_blocks_per_sm = cuda::kDecodeBlocksPerSmDefault;

@@ -35,11 +35,6 @@ cudaError_t launch_add_rms_norm(float* x, const float* add, int64_t rows, int di
 // launch (default on); off, they launch as usual.
 void SetPdlEnabled(bool on);
 bool PdlEnabled();
-// Rows of one weight a warp of the 16-bit GEMV streams side by side (1 or 2; the gate/up pair
-// always one), process-wide like PDL. The results do not depend on it.
-constexpr int kGemvRowsPerWarpDefault = 2;
-void SetGemvRowsPerWarp(int rows);
-int GemvRowsPerWarp();
 
 // Rotate-half rotary embedding in place on x[rows, num_heads * head_dim].
 cudaError_t launch_rope(float* x, const int32_t* positions, int64_t rows, int num_heads, int head_dim, float theta,

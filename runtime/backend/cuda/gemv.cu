@@ -101,26 +101,21 @@ struct RoutedOperands {
   }
 };
 
-// kPair: w2 (the up projection) is read beside w and y receives silu(x.w) * (x.w2). kRows (one
-// weight only): a warp takes kRows adjacent rows side by side, so each load of x serves kRows
-// weight loads (one x row of fp32 is two 16-byte loads per 16 bytes of bf16 weights: with one row
-// a warp issued twice as many loads for x as for the weights). Each row is summed exactly as with
-// one row per warp (same lanes, same order), so kRows changes no bits.
-template <int kM, bool kBf16, int kSplit, bool kPair, int kRows, class Ops>
+// kPair: w2 (the up projection) is read beside w and y receives silu(x.w) * (x.w2).
+template <int kM, bool kBf16, int kSplit, bool kPair, class Ops>
 __global__ void __launch_bounds__(kWarps * 32) GemvKernel(Ops ops, int k, bool accumulate) {
-  static_assert(kRows == 1 || (!kPair && kRows == 2), "two rows per warp for one weight only");
   PdlEnter();
-  constexpr int kRowsPerBlock = kWarps / kSplit * kRows;
+  constexpr int kRowsPerBlock = kWarps / kSplit;
   const GemvOperands g = ops.Get(blockIdx.y);
   const float* __restrict__ x = g.x;
   float* __restrict__ y = g.y;
   const int n = g.n;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int part = warp % kSplit;
-  const int row = blockIdx.x * kRowsPerBlock + warp / kSplit * kRows;  // the warp's first row
+  const int row = blockIdx.x * kRowsPerBlock + warp / kSplit;
   const bool valid = row < n;  // no early return: the split's barrier below needs every warp
   const int k8 = k / 8;
-  constexpr int kW = kPair ? 2 : kRows;  // weight rows read side by side
+  constexpr int kW = kPair ? 2 : 1;  // weights read side by side
   float acc[kW][kM];
 #pragma unroll
   for (int v = 0; v < kW; ++v)
@@ -131,29 +126,25 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(Ops ops, int k, bool a
     wr[0] = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(g.w) + static_cast<int64_t>(row) * k);
     if constexpr (kPair)
       wr[kW - 1] = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(g.w2) + static_cast<int64_t>(row) * k);
-    // A second row past n (n odd) reads the first again; its sums are not stored.
-    if constexpr (kRows == 2) wr[1] = row + 1 < n ? wr[0] + k8 : wr[0];
 #pragma unroll 4  // 8 or 16 measured slower on H200 (decode bench, gate/down/q/o GEMVs)
     for (int i = part * 32 + lane; i < k8; i += 32 * kSplit) {
       uint4 pk[kW];
 #pragma unroll
       for (int v = 0; v < kW; ++v) pk[v] = __ldg(wr[v] + i);
-      float wf[kW][8];
 #pragma unroll
       for (int v = 0; v < kW; ++v) {
-        Unpack<kBf16>(pk[v].x, wf[v][0], wf[v][1]);
-        Unpack<kBf16>(pk[v].y, wf[v][2], wf[v][3]);
-        Unpack<kBf16>(pk[v].z, wf[v][4], wf[v][5]);
-        Unpack<kBf16>(pk[v].w, wf[v][6], wf[v][7]);
-      }
+        float wf[8];
+        Unpack<kBf16>(pk[v].x, wf[0], wf[1]);
+        Unpack<kBf16>(pk[v].y, wf[2], wf[3]);
+        Unpack<kBf16>(pk[v].z, wf[4], wf[5]);
+        Unpack<kBf16>(pk[v].w, wf[6], wf[7]);
 #pragma unroll
-      for (int m = 0; m < kM; ++m) {
-        const float4* xr = reinterpret_cast<const float4*>(x + static_cast<int64_t>(m) * k) + 2 * i;
-        const float4 a = __ldg(xr), b = __ldg(xr + 1);
-#pragma unroll
-        for (int v = 0; v < kW; ++v)
-          acc[v][m] += a.x * wf[v][0] + a.y * wf[v][1] + a.z * wf[v][2] + a.w * wf[v][3] + b.x * wf[v][4] +
-                       b.y * wf[v][5] + b.z * wf[v][6] + b.w * wf[v][7];
+        for (int m = 0; m < kM; ++m) {
+          const float4* xr = reinterpret_cast<const float4*>(x + static_cast<int64_t>(m) * k) + 2 * i;
+          const float4 a = __ldg(xr), b = __ldg(xr + 1);
+          acc[v][m] += a.x * wf[0] + a.y * wf[1] + a.z * wf[2] + a.w * wf[3] + b.x * wf[4] + b.y * wf[5] + b.z * wf[6] +
+                       b.w * wf[7];
+        }
       }
     }
   }
@@ -161,29 +152,20 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(Ops ops, int k, bool a
   for (int v = 0; v < kW; ++v)
 #pragma unroll
     for (int m = 0; m < kM; ++m) acc[v][m] = WarpSum(acc[v][m]);
-  // The value of output row `row + r` for activation row m: the sum, or SiluMul's silu(g) * u of
-  // the pair.
-  constexpr int kOut = kPair ? 1 : kRows;
-  const auto out = [](const float(&s)[kW], int r) {
+  // The row's value for activation row m: the sum, or SiluMul's silu(g) * u of the pair.
+  const auto out = [](float g, float u) {
     if constexpr (kPair)
-      return s[0] / (1.0f + expf(-s[0])) * s[1];
+      return g / (1.0f + expf(-g)) * u;
     else
-      return s[r];
+      return g;
   };
   if constexpr (kSplit == 1) {
     if (valid && lane == 0) {
 #pragma unroll
       for (int m = 0; m < kM; ++m) {
-        float s[kW];
-#pragma unroll
-        for (int v = 0; v < kW; ++v) s[v] = acc[v][m];
-#pragma unroll
-        for (int r = 0; r < kOut; ++r) {
-          if (row + r >= n) break;
-          float* dst = y + static_cast<int64_t>(m) * n + row + r;
-          const float o = out(s, r);
-          *dst = accumulate ? *dst + o : o;
-        }
+        float* dst = y + static_cast<int64_t>(m) * n + row;
+        const float r = out(acc[0][m], acc[kW - 1][m]);
+        *dst = accumulate ? *dst + r : r;
       }
     }
   } else {
@@ -204,43 +186,28 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(Ops ops, int k, bool a
 #pragma unroll
         for (int p = 1; p < kSplit; ++p) s[v] += partial[v][warp + p][lane];
       }
-#pragma unroll
-      for (int r = 0; r < kOut; ++r) {
-        if (row + r >= n) break;
-        float* dst = y + static_cast<int64_t>(lane) * n + row + r;
-        const float o = out(s, r);
-        *dst = accumulate ? *dst + o : o;
-      }
+      float* dst = y + static_cast<int64_t>(lane) * n + row;
+      const float r = out(s[0], s[kW - 1]);
+      *dst = accumulate ? *dst + r : r;
     }
   }
 }
 
-// groups GEMVs of at most max_n rows each (blockIdx.y: the GEMV), kRows rows per warp.
-template <int kM, bool kBf16, bool kPair, int kRows, class Ops>
-cudaError_t LaunchRows(const Ops& ops, int groups, int max_n, int k, bool acc, int split, cudaStream_t s) {
-  const int rows_per_block = kWarps / split * kRows;
-  const dim3 grid(static_cast<unsigned>((max_n + rows_per_block - 1) / rows_per_block), static_cast<unsigned>(groups));
-  switch (split) {
-    case 1:
-      return LaunchPdl(GemvKernel<kM, kBf16, 1, kPair, kRows, Ops>, grid, dim3(kWarps * 32), 0, s, ops, k, acc);
-    case 2:
-      return LaunchPdl(GemvKernel<kM, kBf16, 2, kPair, kRows, Ops>, grid, dim3(kWarps * 32), 0, s, ops, k, acc);
-    case 4:
-      return LaunchPdl(GemvKernel<kM, kBf16, 4, kPair, kRows, Ops>, grid, dim3(kWarps * 32), 0, s, ops, k, acc);
-    default:
-      return LaunchPdl(GemvKernel<kM, kBf16, 8, kPair, kRows, Ops>, grid, dim3(kWarps * 32), 0, s, ops, k, acc);
-  }
-}
-
+// groups GEMVs of at most max_n rows each (blockIdx.y: the GEMV).
 template <int kM, bool kBf16, bool kPair, class Ops>
 cudaError_t LaunchM(const Ops& ops, int groups, int max_n, int k, bool acc, int split, cudaStream_t s) {
-  // Two rows per warp from two activation rows on (an H100, decode of 4 rows of the Qwen3-30B-A3B
-  // shape: -4% per layer); one activation row keeps one row per warp (two were no faster there:
-  // its two loads of x per weight load do not bind).
-  if constexpr (!kPair && kM >= 2) {
-    if (GemvRowsPerWarp() == 2) return LaunchRows<kM, kBf16, false, 2>(ops, groups, max_n, k, acc, split, s);
+  const dim3 grid(static_cast<unsigned>((max_n + kWarps / split - 1) / (kWarps / split)),
+                  static_cast<unsigned>(groups));
+  switch (split) {
+    case 1:
+      return LaunchPdl(GemvKernel<kM, kBf16, 1, kPair, Ops>, grid, dim3(kWarps * 32), 0, s, ops, k, acc);
+    case 2:
+      return LaunchPdl(GemvKernel<kM, kBf16, 2, kPair, Ops>, grid, dim3(kWarps * 32), 0, s, ops, k, acc);
+    case 4:
+      return LaunchPdl(GemvKernel<kM, kBf16, 4, kPair, Ops>, grid, dim3(kWarps * 32), 0, s, ops, k, acc);
+    default:
+      return LaunchPdl(GemvKernel<kM, kBf16, 8, kPair, Ops>, grid, dim3(kWarps * 32), 0, s, ops, k, acc);
   }
-  return LaunchRows<kM, kBf16, kPair, 1>(ops, groups, max_n, k, acc, split, s);
 }
 
 template <bool kBf16, bool kPair, class Ops>
