@@ -22,7 +22,7 @@ __global__ void GatherRowsKernel(const float* src, const int32_t* idx, int dim, 
   } else {
     for (int j = threadIdx.x; j < dim; j += blockDim.x) {
       d[j] = s[j];
-      if (d16) d16[j] = __bfloat16_as_ushort(__float2bfloat16_rn(s[j]));
+      if (d16) d16[j] = Bf16Bits(s[j]);
     }
   }
 }

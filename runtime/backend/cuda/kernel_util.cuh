@@ -31,15 +31,18 @@ __device__ __forceinline__ unsigned PackBf16(float lo, float hi) {
   return *reinterpret_cast<const unsigned*>(&v);
 }
 
+// One float rounded to bf16 (nearest even), as the 16 bits a bf16 array stores.
+__device__ __forceinline__ uint16_t Bf16Bits(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
+
 // Four values rounded to bf16 (nearest even) at p: one 8-byte store where p allows it, else four.
 __device__ __forceinline__ void StoreBf16x4(uint16_t* p, float4 v) {
   if (reinterpret_cast<uintptr_t>(p) % 8 == 0) {
     *reinterpret_cast<uint2*>(p) = make_uint2(PackBf16(v.x, v.y), PackBf16(v.z, v.w));
   } else {
-    p[0] = __bfloat16_as_ushort(__float2bfloat16_rn(v.x));
-    p[1] = __bfloat16_as_ushort(__float2bfloat16_rn(v.y));
-    p[2] = __bfloat16_as_ushort(__float2bfloat16_rn(v.z));
-    p[3] = __bfloat16_as_ushort(__float2bfloat16_rn(v.w));
+    p[0] = Bf16Bits(v.x);
+    p[1] = Bf16Bits(v.y);
+    p[2] = Bf16Bits(v.z);
+    p[3] = Bf16Bits(v.w);
   }
 }
 

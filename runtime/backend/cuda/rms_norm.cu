@@ -54,7 +54,7 @@ __global__ void RmsNormKernel(const float* x, const float* add, float* x_out, in
   for (int i = threadIdx.x; i < dim; i += kBlock) {
     const float y = (xr[i] * inv) * LoadAsF32(w, wdt, i);
     yr[i] = y;
-    if (y16) y16[i] = __bfloat16_as_ushort(__float2bfloat16_rn(y));
+    if (y16) y16[i] = Bf16Bits(y);
   }
 }
 
