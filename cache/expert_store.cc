@@ -252,7 +252,10 @@ void ExpertStore::PrefetchSet(int layer, std::span<const int32_t> experts, Prior
     std::lock_guard<std::mutex> lock(mu_);
     for (int32_t e : experts) {
       const ExpertKey key{layer, e};
-      if (CheckKey(layer, e).ok() && cache_->IsResident(key) && cache_->Pin(key)) held.push_back(key);
+      // Not one still loading: its loader's pin holds it already, and a pin of ours would keep a
+      // slot whose load fails from being removed (a later Acquire would hit bytes never written).
+      if (CheckKey(layer, e).ok() && cache_->IsResident(key) && !loading_[Index(key)] && cache_->Pin(key))
+        held.push_back(key);
     }
   }
   for (int32_t e : experts) {
@@ -260,7 +263,8 @@ void ExpertStore::PrefetchSet(int layer, std::span<const int32_t> experts, Prior
     // Loaded (sync mode): hold it too, so the set's later members cannot evict it.
     std::lock_guard<std::mutex> lock(mu_);
     const ExpertKey key{layer, e};
-    if (cache_->IsResident(key) && std::find(held.begin(), held.end(), key) == held.end() && cache_->Pin(key))
+    if (cache_->IsResident(key) && !loading_[Index(key)] && std::find(held.begin(), held.end(), key) == held.end() &&
+        cache_->Pin(key))
       held.push_back(key);
   }
   std::lock_guard<std::mutex> lock(mu_);

@@ -4,7 +4,9 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstring>
+#include <mutex>
 #include <numeric>
 #include <random>
 #include <thread>
@@ -173,6 +175,48 @@ TEST(ExpertStore, SourceErrorIsReturnedAndSlotFreed) {
   EXPECT_FALSE(store->IsResident(0, 5));
   EXPECT_TRUE(store->Acquire(0, 1).ok());
   EXPECT_TRUE(store->Acquire(0, 2).ok());  // both slots still usable
+}
+
+// A load that fails while PrefetchSet runs over its expert: the slot must not stay resident, or
+// the next Acquire would be a hit on bytes never written. Expert 1's first load blocks until
+// PrefetchSet has passed it and is loading expert 2, then fails.
+TEST(ExpertStore, FailedLoadDuringPrefetchSetLeavesNothingResident) {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool set_loading = false, acquire_failed = false;
+  std::atomic<int> loads_of_1{0};
+  auto store = ExpertStore::Create(Options(2), [&](int l, int e, std::span<std::byte> dst) -> Status {
+    if (e == 1 && ++loads_of_1 == 1) {
+      std::unique_lock<std::mutex> lock(mu);
+      cv.wait(lock, [&] { return set_loading; });
+      return DataLoss("truncated shard");
+    }
+    if (e == 2) {
+      std::unique_lock<std::mutex> lock(mu);
+      set_loading = true;
+      cv.notify_all();
+      cv.wait(lock, [&] { return acquire_failed; });
+    }
+    return FillExpert(l, e, dst);
+  });
+  ASSERT_TRUE(store.ok()) << store.status().ToString();
+  ExpertStore& s = **store;
+  std::thread miss([&] {
+    EXPECT_FALSE(s.Acquire(0, 1).ok());
+    std::lock_guard<std::mutex> lock(mu);
+    acquire_failed = true;
+    cv.notify_all();
+  });
+  while (loads_of_1.load() == 0) std::this_thread::yield();  // expert 1 resident and loading
+  const std::vector<int32_t> set = {1, 2};
+  s.PrefetchSet(0, set, Priority::kPrefetch);
+  miss.join();
+  EXPECT_FALSE(s.IsResident(0, 1));
+  auto r = s.Acquire(0, 1);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(loads_of_1.load(), 2) << "a hit on the slot whose load failed";
+  EXPECT_TRUE(Matches(*r));
+  s.Release(*r);
 }
 
 TEST(ExpertStore, PrefetchCounters) {
