@@ -139,6 +139,18 @@ CachedExpertSource::~CachedExpertSource() {
 
 void CachedExpertSource::OnRouting(int layer, std::vector<int32_t>& experts) {
   store_->SetCurrentLayer(layer);
+  // A pass that failed part way through this layer (a failed load, copy or allocation) released
+  // none of the experts it had not computed yet: those pins are released here, or they would hold
+  // the layer's slots for good (every later routing to other experts: slots exhausted).
+  int stale = 0;
+  for (int e = 0; e < num_experts_; ++e) {
+    SlotRef& ref = Held(layer, e);
+    if (ref.slot < 0 || std::find(experts.begin(), experts.end(), e) != experts.end()) continue;
+    store_->Release(ref);
+    ref = SlotRef{};
+    ++stale;
+  }
+  if (stale > 0) EF_LOG(DEBUG, CACHE, "layer %d: released %d expert(s) held by an unfinished pass", layer, stale);
   std::stable_partition(experts.begin(), experts.end(), [&](int32_t e) { return store_->IsResident(layer, e); });
   AcquireInOrder(layer, experts);
   PrefetchAhead(layer);

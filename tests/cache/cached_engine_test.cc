@@ -4,6 +4,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <numeric>
 #include <random>
 
 #include "cache/cached_expert_source.h"
@@ -135,6 +136,35 @@ TEST(CachedEngine, RoutingAcquiresTheLayerAndPrefetchWrapsIntoTheNextStep) {
   }
   t = s.stats().total;
   EXPECT_EQ(t.hits + t.misses, 4);
+}
+
+// A pass that fails after its layer's routing leaves the experts it had not computed acquired; the
+// layer's next routing releases them, so a budget of top-k slots is not held by them for good.
+TEST(CachedEngine, RoutingReleasesWhatAFailedPassStillHeld) {
+  auto engine = MakeEngine(std::string(EF_MODELS_DIR) + "/tiny-code-moe");
+  const auto& c = engine->config();
+  ASSERT_GE(c.num_experts, 2 * c.top_k);
+  CachedExpertSourceOptions o;
+  o.slots_per_layer = c.top_k;
+  o.policy = "lru";
+  o.prefetch_layers = 0;
+  auto src = CachedExpertSource::Create(engine->weights(), &engine->backend(), o);
+  ASSERT_TRUE(src.ok()) << src.status().ToString();
+  CachedExpertSource& s = **src;
+  const int layer = c.MoeLayers().front();
+  std::vector<int32_t> first(c.top_k), second(c.top_k);
+  std::iota(first.begin(), first.end(), 0);
+  std::iota(second.begin(), second.end(), c.top_k);
+  s.OnRouting(layer, first);  // acquires every slot of the layer; the pass then fails: no Release
+  std::vector<int32_t> next = second;
+  s.OnRouting(layer, next);
+  for (int32_t e : next) {
+    auto w = s.Acquire(layer, e);
+    ASSERT_TRUE(w.ok()) << "expert " << e << ": " << w.status().ToString();
+    s.Release(layer, e);
+  }
+  for (int32_t e : second) EXPECT_TRUE(s.store().IsResident(layer, e));
+  for (int32_t e : first) EXPECT_FALSE(s.store().IsResident(layer, e));
 }
 
 // A tiny synthetic checkpoint with the Mixtral-8x7B routing shape (32 layers x 8 experts, top-2),
