@@ -17,9 +17,10 @@
 // experts are then not uploaded at load, so a model larger than the GPU runs. --oracle-prefetch
 // replaces the predictor by the trace's true routing: the next layers' experts to prefetch, and this
 // step's and the next step's experts as the expertflow policy's forecast (an upper bound for a
-// predictor, labelled as such). The table and JSON carry the hit rate (expert uses a resident slot
-// served; experts computed on the host under cache.cpu_compute count as uses not served), bytes
-// moved into slots and the stall time waiting for them.
+// predictor, labelled as such). The config file's scheduler section (max_batch_requests,
+// max_prefill_tokens, regroup_window) fills what the command line leaves out. The table and JSON carry the hit rate
+// (expert uses a resident slot served; experts computed on the host under cache.cpu_compute count as uses not served),
+// bytes moved into slots and the stall time waiting for them.
 //
 // Under mpirun (`mpirun -np R expertflow bench ...`) every rank runs its own requests through its
 // own serving loop (data-parallel attention) while the MoE layers are expert-parallel across the
@@ -102,8 +103,22 @@ struct BenchOptions {
   bool oracle_prefetch = false;                           // the trace's future routing as the cache's forecast
   int warmup_tokens = DeploymentOptions{}.warmup_tokens;  // Deployment's warm-up (0: none)
   int regroup_window = 0;                                 // admission regrouping over this many batches (0: FIFO)
+  bool regroup_window_from_file = false;                  // scheduler.regroup_window, not the flag
   int max_wait_steps = 16;
 };
+
+// The config file's scheduler section where the command line left an option out (as `serve`).
+void ApplySchedulerSection(const CLI::App& app, BenchOptions* o) {
+  const Config& f = o->cluster.config;
+  if (!FlagGiven(app, "--max-batch") && f.has("scheduler.max_batch_requests"))
+    o->max_batch = f.scheduler.max_batch_requests;
+  if (!FlagGiven(app, "--max-prefill-tokens") && f.has("scheduler.max_prefill_tokens"))
+    o->max_prefill_tokens = f.scheduler.max_prefill_tokens;
+  if (!FlagGiven(app, "--regroup-window") && f.has("scheduler.regroup_window")) {
+    o->regroup_window = f.scheduler.regroup_window;
+    o->regroup_window_from_file = true;
+  }
+}
 
 double Percentile(std::vector<double> v, double p) {
   if (v.empty()) return 0;
@@ -249,6 +264,16 @@ StatusOr<BenchRun> ResolveRun(const BenchOptions& given, comm::MpiContext* ctx) 
     return InvalidArgument("--oracle-prefetch needs --cache-device-budget and --routing-trace");
   if (o.routing_key == "sequence" || (o.routing_key == "auto" && (b.distributed || o.assign == "locality")))
     b.keying = placement::TraceKeying::kSequence;
+  if (o.regroup_window > 1 && o.regroup_window_from_file &&
+      (o.routing_trace.empty() || b.keying != placement::TraceKeying::kSequence)) {
+    // From the config file: without a forecast there is nothing to regroup on; admit in order.
+    if (b.root)
+      EF_LOG(WARN, SCHED,
+             "scheduler.regroup_window %d has no effect without a routing trace keyed by sequence (--routing-trace, "
+             "--routing-key sequence: each prompt's trace routing is the forecast): admission stays FIFO",
+             o.regroup_window);
+    o.regroup_window = 0;
+  }
   return b;
 }
 
@@ -1047,12 +1072,12 @@ Command AddBenchCommand(CLI::App& root) {
       ->capture_default_str();
   c.app->add_option("--prompt-len", o->prompt_len, "prompt tokens per request")->capture_default_str();
   c.app->add_option("--gen-len", o->gen_len, "generated tokens per request")->capture_default_str();
-  c.app->add_option("--max-batch", o->max_batch, "sequences in the running batch")
+  c.app->add_option("--max-batch", o->max_batch, "sequences in the running batch (scheduler.max_batch_requests)")
       ->check(CLI::Range(1, 1 << 20))
       ->capture_default_str();
   c.app
       ->add_option("--max-prefill-tokens", o->max_prefill_tokens,
-                   "chunked prefill: prompt tokens prefilled per step; 0: no limit")
+                   "chunked prefill: prompt tokens prefilled per step; 0: no limit (scheduler.max_prefill_tokens)")
       ->check(kNonNegative)
       ->capture_default_str();
   c.app->add_option("--seed", o->seed, "seed of the synthetic prompts (and of request i's sampling: seed + i)")
@@ -1102,7 +1127,7 @@ Command AddBenchCommand(CLI::App& root) {
   c.app
       ->add_option("--regroup-window", o->regroup_window,
                    "admit waiting requests regrouped over this many batches so each prefill batch needs fewer "
-                   "experts (0/1: FIFO; forecast = the trace's routing of each prompt)")
+                   "experts (0/1: FIFO; forecast = the trace's routing of each prompt) (scheduler.regroup_window)")
       ->check(kNonNegative)
       ->capture_default_str();
   c.app
@@ -1135,7 +1160,10 @@ Command AddBenchCommand(CLI::App& root) {
   o->cluster.Register(c.app, /*short_config=*/false);
   CLI::App* app = c.app;
   c.run = [o, app] {
-    return RunDistributed(*app, &o->model, &o->cluster, [o](comm::MpiContext* ctx) { return RunBench(*o, ctx); });
+    return RunDistributed(*app, &o->model, &o->cluster, [o, app](comm::MpiContext* ctx) {
+      ApplySchedulerSection(*app, o.get());
+      return RunBench(*o, ctx);
+    });
   };
   return c;
 }

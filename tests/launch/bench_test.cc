@@ -285,6 +285,30 @@ TEST_F(BenchTest, ConfigRoutingReplayIsTheTraceUnlessTheFlagIsGiven) {
   EXPECT_NE(Err().find("absent.jsonl"), std::string::npos) << Err();
 }
 
+// The config's scheduler section sets what the flags leave out (as for `serve`); a flag wins.
+TEST_F(BenchTest, ConfigSchedulerSectionUnlessTheFlagIsGiven) {
+  const fs::path yaml = dir_ / "scheduler.yaml";
+  std::ofstream(yaml) << "scheduler:\n  max_batch_requests: 1\n  max_prefill_tokens: 4\n  regroup_window: 4\n";
+  const fs::path out = dir_ / "out.json";
+  const std::string run = "--config " + yaml.string() + " --synthetic tiny -n 2 -c 2 --prompt-len 8 --gen-len 2";
+  ASSERT_EQ(Bench(run + " --json " + out.string()), 0) << Err();
+  json j = json::parse(Read(out), nullptr, false);
+  ASSERT_FALSE(j.is_discarded());
+  EXPECT_EQ(j["workload"]["max_batch"], 1);
+  EXPECT_EQ(j["workload"]["max_prefill_tokens"], 4);
+  // One request at a time, each prompt in two chunks of 4, then its second token: 3 passes each.
+  EXPECT_EQ(j["engine"]["forward_passes"].get<int64_t>(), 6);
+  // No trace to forecast from: the window is dropped with a warning, admission stays FIFO.
+  EXPECT_EQ(j["admission"]["regroup_window"], 0);
+  EXPECT_NE(Err().find("scheduler.regroup_window 4 has no effect"), std::string::npos) << Err();
+  ASSERT_EQ(Bench(run + " --max-batch 2 --max-prefill-tokens 0 --json " + out.string()), 0) << Err();
+  j = json::parse(Read(out), nullptr, false);
+  ASSERT_FALSE(j.is_discarded());
+  EXPECT_EQ(j["workload"]["max_batch"], 2);
+  EXPECT_EQ(j["workload"]["max_prefill_tokens"], 0);
+  EXPECT_LT(j["engine"]["forward_passes"].get<int64_t>(), 6);  // batched, whole prompts: fewer passes
+}
+
 TEST_F(BenchTest, MixtralShapeTakesTheMixtralTrace) {
   ASSERT_TRUE(fs::exists(kMixtralTrace)) << kMixtralTrace << " is missing (tests/data/traces)";
   const fs::path out = dir_ / "out.json";
