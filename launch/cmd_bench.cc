@@ -392,6 +392,7 @@ Status Deploy(const BenchRun& b, BenchParts* p) {
   const BenchOptions& o = b.o;
   DeploymentOptions d;
   d.model_dir = p->model_dir;
+  d.model_dtype = b.config().model.dtype;
   d.engine = o.model.ToEngineOptions();
   d.engine.checkpoint = p->in_memory.checkpoint;  // null unless --synthetic-in-memory
   // Real shapes allow 32k+ positions; size a synthetic model's KV cache to the workload instead.

@@ -29,7 +29,7 @@ struct ModelFlags;
 
 struct ModelSection {
   std::string path = "models/tiny-code-moe";  // Hugging Face checkpoint directory
-  std::string dtype = "auto";                 // auto (the checkpoint's) | bf16 | f16 | f32
+  std::string dtype = "auto";                 // auto (the checkpoint's) | bf16 | f16 | f32: must be the checkpoint's
 };
 
 struct RuntimeSection {

@@ -12,6 +12,7 @@ namespace ef::launch {
 DeploymentOptions MakeDeploymentOptions(const ModelFlags& model, const ClusterFlags& cluster) {
   DeploymentOptions o;
   o.model_dir = model.dir;
+  o.model_dtype = cluster.config.model.dtype;
   o.engine = model.ToEngineOptions();
   o.cache = cluster.config.cache;
   o.predictor = cluster.config.predictor;
@@ -19,6 +20,24 @@ DeploymentOptions MakeDeploymentOptions(const ModelFlags& model, const ClusterFl
   o.cluster_on_one_rank = true;
   return o;
 }
+
+namespace {
+// model.dtype against the checkpoint's (its embedding's: the dense weights' dtype, also for
+// checkpoints whose experts are quantized).
+Status CheckModelDtype(const std::string& want, const runtime::ModelWeights& w) {
+  if (want.empty() || want == "auto") return Status::Ok();
+  const DType have = w.embed().dtype;
+  const char* name = have == DType::kBF16  ? "bf16"
+                     : have == DType::kF16 ? "f16"
+                     : have == DType::kF32 ? "f32"
+                                           : DTypeName(have);
+  if (want == name) return Status::Ok();
+  return InvalidArgument("model.dtype " + want + ": the checkpoint's weights are " + name +
+                         ", and weights are computed in the checkpoint's dtype (no cast at load); set model.dtype to "
+                         "auto or " +
+                         name);
+}
+}  // namespace
 
 StatusOr<std::unique_ptr<Deployment>> Deployment::Create(comm::MpiContext* ctx, const DeploymentOptions& o) {
   // A placement file that is not there is an error in one process too (where it would only be
@@ -35,6 +54,7 @@ StatusOr<std::unique_ptr<Deployment>> Deployment::Create(comm::MpiContext* ctx, 
   runtime::EngineOptions eo = o.engine;
   eo.upload_experts = !want_cache;  // the cache uploads what its budget holds
   EF_ASSIGN_OR_RETURN(d->engine_, runtime::Engine::Create(o.model_dir, eo));
+  EF_RETURN_IF_ERROR(CheckModelDtype(o.model_dtype, d->engine_->weights()));
   const bool clustered = ctx && ctx->mpi() && (ctx->size() > 1 || o.cluster_on_one_rank);
   if (o.warmup_tokens > 0 && !want_cache && !clustered && d->engine_->backend().kind() == runtime::BackendKind::kCuda) {
     EF_ASSIGN_OR_RETURN(const double s, d->engine_->WarmUp(o.warmup_tokens));

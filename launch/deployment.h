@@ -68,6 +68,9 @@ namespace ef::launch {
 
 struct DeploymentOptions {
   std::string model_dir;
+  // model.dtype: auto, or the dtype the checkpoint's weights must have (bf16, f16, f32); weights
+  // are computed in the checkpoint's dtype, so another one is refused once the model is open.
+  std::string model_dtype = "auto";
   runtime::EngineOptions engine;  // upload_experts is decided from the cache section
   CacheSection cache;
   PredictorSection predictor;

@@ -309,6 +309,18 @@ TEST_F(BenchTest, ConfigSchedulerSectionUnlessTheFlagIsGiven) {
   EXPECT_LT(j["engine"]["forward_passes"].get<int64_t>(), 6);  // batched, whole prompts: fewer passes
 }
 
+// model.dtype is the checkpoint's dtype or auto: the weights are not cast at load, so another one
+// is refused naming both (the synthetic tiny checkpoint is bf16).
+TEST_F(BenchTest, ModelDtypeOtherThanTheCheckpointsIsRefused) {
+  const fs::path yaml = dir_ / "dtype.yaml";
+  const std::string run = " --synthetic tiny -n 1 -c 1 --prompt-len 4 --gen-len 2";
+  std::ofstream(yaml) << "model:\n  dtype: f16\n";
+  EXPECT_EQ(Bench("--config " + yaml.string() + run), 1);
+  EXPECT_NE(Err().find("model.dtype f16: the checkpoint's weights are bf16"), std::string::npos) << Err();
+  std::ofstream(yaml) << "model:\n  dtype: bf16\n";
+  EXPECT_EQ(Bench("--config " + yaml.string() + run), 0) << Err();
+}
+
 TEST_F(BenchTest, MixtralShapeTakesTheMixtralTrace) {
   ASSERT_TRUE(fs::exists(kMixtralTrace)) << kMixtralTrace << " is missing (tests/data/traces)";
   const fs::path out = dir_ / "out.json";
