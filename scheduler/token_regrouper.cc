@@ -150,7 +150,8 @@ void TokenRegrouper::Seed(const ExpertPathSet& paths, std::span<const int> capac
   int earliest = 0;  // first unassigned index
   std::vector<int> cand;
   cand.reserve(n_);
-  std::vector<int> add_now(n_, 0), total_bits(n_, 0);
+  std::vector<int> add_now(n_, 0), total_bits(n_, 0), due(num_batches_, 0);
+  std::vector<long> slack(num_batches_, 0);
   for (int i = 0; i < n_; ++i)
     for (int w = 0; w < words_; ++w) total_bits[i] += std::popcount(paths.row(i)[w]);
   IndexBits(paths);
@@ -177,6 +178,32 @@ void TokenRegrouper::Seed(const ExpertPathSet& paths, std::span<const int> capac
       add_now[i] = a;
     }
     const bool take_all = static_cast<int>(cand.size()) == capacities[b] - filled;
+    // Room to spare for the deadlines: slack[c] = room in batches b..c - unassigned tokens due by
+    // c. A token due at d taken here uses one place of every batch range b..c with c < d (for c >= d
+    // it was counted as due), so it may be taken only while slack[c] >= 1 for all c in [b, d): d <=
+    // tight, the first batch with no slack. Otherwise a token due later could take the place a token
+    // due at c needs, and c's tokens would be placed after their deadline.
+    std::fill(due.begin(), due.end(), 0);
+    for (int i : cand) ++due[deadline_[i]];
+    int tight = num_batches_;
+    {
+      long room = 0, need = 0;
+      for (int c = 0; c < b; ++c) need += due[c];  // past due (did not fit): first in line
+      for (int c = b; c < num_batches_; ++c) {
+        room += c == b ? capacities[b] - filled : capacities[c];
+        need += due[c];
+        slack[c] = room - need;
+      }
+    }
+    auto find_tight = [&] {
+      tight = num_batches_;
+      for (int c = b; c < num_batches_; ++c)
+        if (slack[c] <= 0) {
+          tight = c;
+          break;
+        }
+    };
+    find_tight();
     for (; filled < capacities[b]; ++filled) {
       int pick = -1;
       if (take_all) {
@@ -186,22 +213,28 @@ void TokenRegrouper::Seed(const ExpertPathSet& paths, std::span<const int> capac
             pick = i;
             break;
           }
-      } else if (filled == 0 && options_.seed_with_earliest) {
-        while (earliest < n_ && batch_of_[earliest] >= 0) ++earliest;
-        pick = earliest;  // its predecessor has a smaller index, so it is assigned: ready
       } else {
-        // add_now[i] = |row_i \ u|, kept current as u grows; ties: most bits shared, then earliest.
-        int best_add = 1 << 30, best_share = -1;
-        for (int i : cand) {
-          if (!ready[i] || batch_of_[i] >= 0) continue;
-          const int add = add_now[i], share = total_bits[i] - add;
-          if (add < best_add || (add == best_add && share > best_share)) {
-            best_add = add;
-            best_share = share;
-            pick = i;
+        if (filled == 0 && options_.seed_with_earliest) {
+          while (earliest < n_ && batch_of_[earliest] >= 0) ++earliest;
+          // Its predecessor has a smaller index, so it is assigned: ready.
+          if (deadline_[earliest] <= tight) pick = earliest;
+        }
+        if (pick < 0) {
+          // add_now[i] = |row_i \ u|, kept current as u grows; ties: most bits shared, then earliest.
+          int best_add = 1 << 30, best_share = -1;
+          for (int i : cand) {
+            if (!ready[i] || batch_of_[i] >= 0 || deadline_[i] > tight) continue;
+            const int add = add_now[i], share = total_bits[i] - add;
+            if (add < best_add || (add == best_add && share > best_share)) {
+              best_add = add;
+              best_share = share;
+              pick = i;
+            }
           }
         }
       }
+      for (int c = b; c < deadline_[pick]; ++c) --slack[c];
+      if (deadline_[pick] > b) find_tight();
       batch_of_[pick] = b;
       members_[b].push_back(pick);
       ready[pick] = 0;

@@ -11,7 +11,9 @@
 //      adds the fewest new (layer, expert) bits to the batch's union, ties to the one that shares
 //      the most bits with it, then to the earliest. Each token's count of new bits is kept current
 //      through an index from each bit to the tokens holding it (work per pick: the tokens sharing
-//      one of its new bits, not every candidate).
+//      one of its new bits, not every candidate). With deadlines, tokens due at the batch go first,
+//      and a pick due later is taken only while every batch up to its deadline keeps room for the
+//      tokens due by then (so any feasible set of deadlines is met, in any index order).
 //   2. Local search: pairwise swaps between batches, accepted when they lower the objective
 //      (first improvement; `max_swap_passes` passes over all pairs, 2 get nearly all of the gain).
 //      Per-batch per-(layer, expert) counts give each batch's union U and its "held by exactly one
