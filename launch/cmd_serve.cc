@@ -126,6 +126,8 @@ Status ApplyServeConfig(const CLI::App& app, ServeOptions* so) {
       o.loop.max_prefill_tokens = cfg.scheduler.max_prefill_tokens;
   }
   if (o.http.port < 0 || o.http.port > 65535) return InvalidArgument("--port must be in 0..65535");
+  if (o.http.host.empty())
+    return InvalidArgument("--host is empty: give the address to listen on (127.0.0.1, 0.0.0.0 for every interface)");
   if (o.loop.max_batch < 1) return InvalidArgument("--max-batch must be >= 1");
   if (o.loop.max_queue < 1)
     return InvalidArgument("--max-queue must be >= 1 (waiting requests before 503), got " +

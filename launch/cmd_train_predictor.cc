@@ -157,7 +157,8 @@ Command AddTrainPredictorCommand(CLI::App& root) {
   app->add_option("--batch-size", args->path.batch_size, "tokens per Adam step (path, hybrid)")
       ->check(kPositive)
       ->capture_default_str();
-  app->add_option("--threads", args->path.num_threads, "training threads (results depend on it)")
+  app->add_option("--threads", args->path.num_threads, "training threads, 1..64 (results depend on it)")
+      ->check(CLI::Range(1, 64))
       ->capture_default_str();
   app->add_option("--model", args->model,
                   "served model directory; accepted for the future use of its input embeddings (not used yet)");

@@ -444,6 +444,27 @@ thread_local std::vector<float> PathPredictor::Trainer::x_, PathPredictor::Train
     PathPredictor::Trainer::dz_, PathPredictor::Trainer::dh_, PathPredictor::Trainer::dx_, PathPredictor::Trainer::y_;
 thread_local std::vector<int> PathPredictor::Trainer::active_;
 
+namespace {
+// The training options' ranges, each named as its train-predictor flag.
+Status CheckOptions(const PathPredictorOptions& o) {
+  auto bad = [](const char* flag, const std::string& want, const std::string& got) {
+    return InvalidArgument("path predictor: " + std::string(flag) + " must be " + want + ", got " + got);
+  };
+  if (o.embed_dim < 1) return bad("--embed-dim", ">= 1", std::to_string(o.embed_dim));
+  if (o.hidden < 1) return bad("--hidden", ">= 1", std::to_string(o.hidden));
+  if (o.context_window < 0) return bad("--context", ">= 0", std::to_string(o.context_window));
+  if (o.epochs < 1) return bad("--epochs", ">= 1", std::to_string(o.epochs));
+  if (o.batch_size < 1) return bad("--batch-size", ">= 1", std::to_string(o.batch_size));
+  if (!(o.learning_rate > 0)) return bad("--lr", "> 0", std::to_string(o.learning_rate));
+  if (o.token_dropout < 0 || o.token_dropout >= 1)
+    return bad("--token-dropout", "in [0, 1)", std::to_string(o.token_dropout));
+  if (o.num_threads < 1 || o.num_threads > 64) return bad("--threads", "in 1..64", std::to_string(o.num_threads));
+  if (o.path_samples < 0) return bad("--path-samples", ">= 0", std::to_string(o.path_samples));
+  if (o.path_window < 0) return bad("--path-window", ">= 0", std::to_string(o.path_window));
+  return Status::Ok();
+}
+}  // namespace
+
 StatusOr<std::unique_ptr<PathPredictor>> PathPredictor::Train(
     const RoutingTrace& train, const RoutingTrace& val, const PathPredictorOptions& requested,
     const std::function<void(const PathEpochReport&)>& on_epoch) {
@@ -452,11 +473,7 @@ StatusOr<std::unique_ptr<PathPredictor>> PathPredictor::Train(
   if (train.tokens.empty()) return InvalidArgument("cannot train a path predictor on an empty trace");
   if (!val.tokens.empty())
     EF_RETURN_IF_ERROR(CheckTraceShape(val, train.num_layers(), train.num_experts(), train.top_k()));
-  if (options.embed_dim < 1 || options.hidden < 1 || options.context_window < 0 || options.epochs < 1 ||
-      options.batch_size < 1 || !(options.learning_rate > 0) || options.token_dropout < 0 ||
-      options.token_dropout >= 1 || options.num_threads < 1 || options.num_threads > 64 || options.path_samples < 0 ||
-      options.path_window < 0)
-    return InvalidArgument("path predictor options out of range");
+  EF_RETURN_IF_ERROR(CheckOptions(options));
   const int L = train.num_layers(), E = train.num_experts(), K = train.top_k();
 
   // Vocabulary: the token ids of the training split, in increasing order.

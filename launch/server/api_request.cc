@@ -181,11 +181,15 @@ Error CheckPromptLengths(const ApiRequest& r, const ApiLimits& limits) {
 }
 
 Error ParseMaxTokens(const json& body, const ApiLimits& limits, ApiRequest* out) {
+  // Chat: max_completion_tokens (OpenAI's name since max_tokens was deprecated there) before max_tokens.
   std::optional<int64_t> max_tokens;
   const char* key = "max_tokens";
-  if (auto e = GetInt(body, key, &max_tokens)) return e;
-  if (out->chat && !max_tokens) {
+  if (out->chat) {
     key = "max_completion_tokens";
+    if (auto e = GetInt(body, key, &max_tokens)) return e;
+  }
+  if (!max_tokens) {
+    key = "max_tokens";
     if (auto e = GetInt(body, key, &max_tokens)) return e;
   }
   size_t longest = 0;

@@ -105,6 +105,8 @@ Status ParseRope(const json& j, const std::string& origin, ModelConfig* c) {
   if (!v5) {
     Reader r(j, origin);
     EF_RETURN_IF_ERROR(r.OptFloat("rope_theta", &c->rope.theta));
+    if (!(c->rope.theta > 0))
+      return InvalidArgument(origin + ": \"rope_theta\" must be positive, got " + Num(c->rope.theta));
     if (!scaled) return Status::Ok();
     if (!j["rope_scaling"].is_object()) return r.WrongType("rope_scaling", "an object");
   }
@@ -119,6 +121,8 @@ Status ParseRope(const json& j, const std::string& origin, ModelConfig* c) {
     return Unimplemented(origin + ": " + where + ".rope_type \"" + type + "\" is not supported (default, yarn)");
   c->rope.type = type;
   EF_RETURN_IF_ERROR(r.OptFloat("rope_theta", &c->rope.theta));
+  if (!(c->rope.theta > 0))
+    return InvalidArgument(sub + ": \"rope_theta\" must be positive, got " + Num(c->rope.theta));
   if (type == "yarn") {
     EF_RETURN_IF_ERROR(r.Float("factor", &c->rope.factor));
     if (c->rope.factor <= 0) return InvalidArgument(sub + ": \"factor\" must be positive, got " + Num(c->rope.factor));

@@ -330,6 +330,13 @@ TEST_F(ServerTest, ChatAnswers) {
   EXPECT_EQ(r.body["choices"][0]["message"]["role"], "assistant");
   EXPECT_TRUE(r.body["choices"][0]["message"]["content"].is_string());
   EXPECT_GT(r.body["usage"]["completion_tokens"].get<int>(), 0);
+  // max_completion_tokens, OpenAI's name for chat, wins over max_tokens (as in vLLM); EOS is ignored
+  // so the limit is what ends the answer.
+  req["max_completion_tokens"] = 3;
+  req["ignore_eos"] = true;
+  r = Post(*server_, "/v1/chat/completions", req.dump());
+  ASSERT_EQ(r.status, 200) << r.raw;
+  EXPECT_EQ(r.body["usage"]["completion_tokens"], 3) << r.raw;
 }
 
 TEST_F(ServerTest, StreamingMatchesNonStreaming) {
@@ -886,6 +893,9 @@ TEST(ServerBindTest, UselessSettingsAreRefusedAtStart) {
   std::tie(rc, err) = run("--api-key ''");
   EXPECT_NE(rc, 0);
   EXPECT_NE(err.find("--api-key (server.api_key) is empty"), std::string::npos) << err;
+  std::tie(rc, err) = run("--host ''");
+  EXPECT_NE(rc, 0);
+  EXPECT_NE(err.find("--host is empty"), std::string::npos) << err;
 }
 
 // A port in use is refused: a second server must not share it (and take half the connections).

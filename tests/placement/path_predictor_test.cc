@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <functional>
 #include <set>
 
 #include "placement/affinity_predictor.h"
@@ -129,6 +130,24 @@ TEST(PathPredictorTest, TrainingIsDeterministic) {
   ASSERT_TRUE(a.ok() && b.ok());
   TraceInputs in(all);
   EXPECT_EQ((*a)->Predict(in.inputs())->prob, (*b)->Predict(in.inputs())->prob);
+}
+
+// An option out of range is refused naming its train-predictor flag and value.
+TEST(PathPredictorTest, OptionOutOfRangeNamesItsFlag) {
+  RoutingTrace all = testing::PlantedTrace(4, 16, 3, 8, 10, 2);
+  const std::pair<std::function<void(PathPredictorOptions&)>, std::string> cases[] = {
+      {[](PathPredictorOptions& o) { o.epochs = 0; }, "--epochs must be >= 1, got 0"},
+      {[](PathPredictorOptions& o) { o.num_threads = 100000; }, "--threads must be in 1..64, got 100000"},
+      {[](PathPredictorOptions& o) { o.hidden = 0; }, "--hidden must be >= 1, got 0"},
+      {[](PathPredictorOptions& o) { o.token_dropout = 1; }, "--token-dropout must be in [0, 1)"},
+  };
+  for (const auto& [set, want] : cases) {
+    PathPredictorOptions o = SmallOptions();
+    set(o);
+    auto p = PathPredictor::Train(Seqs(all, 0, 2), Seqs(all, 3, 3), o, nullptr);
+    ASSERT_FALSE(p.ok()) << want;
+    EXPECT_NE(p.status().message().find(want), std::string::npos) << p.status().message();
+  }
 }
 
 TEST(PredictorFileTest, RoundTripGivesIdenticalForecasts) {

@@ -275,6 +275,22 @@ TEST_F(BadInputTest, NonStringRopeTypeIsAnError) {
   EXPECT_NE(c.status().message().find("\"rope_type\" must be a string"), std::string::npos) << c.status().message();
 }
 
+// rope_theta 0 (or negative) gave NaN rotations and pad tokens out; refused, in both spellings.
+TEST_F(BadInputTest, NonPositiveRopeThetaIsAnError) {
+  std::ifstream in(std::string(EF_TEST_DATA) + "/qwen3_moe/config.json");
+  const json good = json::parse(in);
+  json v5 = good;
+  v5["rope_parameters"] = {{"rope_type", "default"}, {"rope_theta", 0.0}};
+  json old = good;
+  old.erase("rope_parameters");
+  old["rope_theta"] = -1.0;
+  for (const json& config : {v5, old}) {
+    auto c = ModelConfig::FromJson(config.dump(), "config.json");
+    ASSERT_FALSE(c.ok()) << config.dump();
+    EXPECT_NE(c.status().message().find("\"rope_theta\" must be positive"), std::string::npos) << c.status().message();
+  }
+}
+
 TEST_F(BadInputTest, MissingTokenizer) {
   auto t = Tokenizer::FromModelDir(CopyFixture());  // fixtures ship no tokenizer.json
   ASSERT_FALSE(t.ok());
