@@ -512,7 +512,7 @@ StatusOr<Config> LoadConfig(const std::string& path) {
   return ParseConfig(ss.str(), path);
 }
 
-std::string ConfigToYaml(const Config& c) {
+std::string ConfigToYaml(const Config& c, bool command_sections) {
   YAML::Emitter e;
   auto size = [](uint64_t b) { return b == 0 ? std::string("auto") : std::to_string(b); };
   e << YAML::BeginMap;
@@ -560,6 +560,13 @@ std::string ConfigToYaml(const Config& c) {
   e << YAML::Key << "predictor" << YAML::Value << YAML::Flow << YAML::BeginMap;
   e << YAML::Key << "kind" << YAML::Value << c.predictor.kind << YAML::Key << "path" << YAML::Value << c.predictor.path
     << YAML::EndMap;
+  e << YAML::Key << "routing" << YAML::Value << YAML::Flow << YAML::BeginMap;
+  e << YAML::Key << "replay" << YAML::Value << YAML::DoubleQuoted << c.routing.replay;
+  e << YAML::Key << "key" << YAML::Value << c.routing.key << YAML::EndMap;
+  if (!command_sections) {
+    e << YAML::EndMap;
+    return e.c_str();
+  }
   e << YAML::Key << "scheduler" << YAML::Value << YAML::Flow << YAML::BeginMap;
   e << YAML::Key << "max_batch_tokens" << YAML::Value << c.scheduler.max_batch_tokens;
   e << YAML::Key << "max_batch_requests" << YAML::Value << c.scheduler.max_batch_requests;
@@ -571,9 +578,6 @@ std::string ConfigToYaml(const Config& c) {
   e << YAML::Key << "api_key" << YAML::Value << (c.server.api_key.empty() ? "" : "<set>");
   e << YAML::Key << "max_body_bytes" << YAML::Value << size(c.server.max_body_bytes);
   e << YAML::Key << "max_tokens_limit" << YAML::Value << c.server.max_tokens_limit << YAML::EndMap;
-  e << YAML::Key << "routing" << YAML::Value << YAML::Flow << YAML::BeginMap;
-  e << YAML::Key << "replay" << YAML::Value << YAML::DoubleQuoted << c.routing.replay;
-  e << YAML::Key << "key" << YAML::Value << c.routing.key << YAML::EndMap;
   e << YAML::Key << "generate" << YAML::Value << YAML::Flow << YAML::BeginMap;
   e << YAML::Key << "prompt" << YAML::Value << YAML::DoubleQuoted << c.generate.prompt;
   e << YAML::Key << "max_new_tokens" << YAML::Value << c.generate.max_new_tokens;
@@ -769,6 +773,50 @@ Status ClusterFlags::Load(const CLI::App& app, ModelFlags* model) {
   return Status::Ok();
 }
 
+namespace {
+// Ranks started with different settings (flags or config files that drifted apart) would compute
+// different things, or wait on each other for good: every rank compares the sections that shape the
+// deployment with every other rank's, and all refuse to start on a difference, naming the first
+// key that differs. Left out: model.path (one checkpoint may sit at another path on each node) and
+// runtime.device (one per rank).
+Status CheckSameConfigOnEveryRank(comm::MpiContext* ctx, const Config& config) {
+  if (!ctx->mpi() || ctx->size() < 2) return Status::Ok();
+  Config c = config;
+  c.model.path.clear();
+  c.runtime.device = -1;
+  const std::string mine = ConfigToYaml(c, /*command_sections=*/false);
+  EF_ASSIGN_OR_RETURN(
+      auto all, ctx->AllGatherBytes(std::span<const char>(mine.data(), mine.size()), "comparing the ranks' configs"));
+  const std::string first(all[0].begin(), all[0].end());
+  for (size_t r = 1; r < all.size(); ++r) {
+    const std::string other(all[r].begin(), all[r].end());
+    if (other == first) continue;
+    std::string where = "a setting", a, b;
+    try {
+      const YAML::Node y0 = YAML::Load(first), yr = YAML::Load(other);
+      for (auto sec = y0.begin(); sec != y0.end() && a == b; ++sec) {
+        const std::string name = sec->first.as<std::string>();
+        for (auto kv = sec->second.begin(); kv != sec->second.end(); ++kv) {
+          const std::string key = kv->first.as<std::string>();
+          const YAML::Node there = yr[name][key];
+          a = YAML::Dump(kv->second);
+          b = there ? YAML::Dump(there) : std::string("(none)");
+          if (a != b) {
+            where = name + "." + key;
+            break;
+          }
+        }
+      }
+    } catch (const YAML::Exception&) {
+    }
+    return InvalidArgument("rank " + std::to_string(r) + " was started with other settings than rank 0: " + where +
+                           (a != b ? " is " + b + " there and " + a + " on rank 0" : std::string()) +
+                           " (start every rank with the same flags and config file)");
+  }
+  return Status::Ok();
+}
+}  // namespace
+
 int RunDistributed(const CLI::App& app, ModelFlags* model, ClusterFlags* cluster,
                    const std::function<Status(comm::MpiContext*)>& body) {
   // Config errors come first and identically on every rank: each reports, each exits 1.
@@ -783,6 +831,11 @@ int RunDistributed(const CLI::App& app, ModelFlags* model, ClusterFlags* cluster
     ctx->Finalize();
     return code;
   }
+  if (Status s = CheckSameConfigOnEveryRank(ctx, cluster->config); !s.ok()) {
+    const int code = ReportError(s);
+    ctx->Finalize();
+    return code;
+  }
   if (ctx->mpi() && !FlagGiven(app, "--device") &&
       !(cluster->config.has("runtime.device") && cluster->config.runtime.device >= 0)) {
     model->device = ctx->local_rank();  // one rank per GPU
@@ -790,9 +843,10 @@ int RunDistributed(const CLI::App& app, ModelFlags* model, ClusterFlags* cluster
   }
   cluster->config.runtime.device = model->device;
   if (ctx->rank() == 0)
-    EF_LOG(INFO, CONFIG, "effective config (%s):\n%s",
+    EF_LOG(INFO, CONFIG,
+           "effective config (%s; the scheduler, server and generate sections as the command applies them):\n%s",
            cluster->config_path.empty() ? "defaults" : cluster->config_path.c_str(),
-           ConfigToYaml(cluster->config).c_str());
+           ConfigToYaml(cluster->config, /*command_sections=*/false).c_str());
   Status s = body(ctx);
   if (!s.ok()) {
     const int code = ReportError(s);

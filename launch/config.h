@@ -200,8 +200,10 @@ struct Config {
 StatusOr<Config> LoadConfig(const std::string& path);
 // Parses YAML text; `name` is used in error messages in place of a path.
 StatusOr<Config> ParseConfig(const std::string& text, const std::string& name);
-// The effective configuration as YAML (every key, defaults included).
-std::string ConfigToYaml(const Config& config);
+// The effective configuration as YAML (every key, defaults included). Without command_sections:
+// only the sections every command applies alike (model, runtime, cluster, cache, predictor,
+// routing), not scheduler, server and generate, whose effective values each command sets itself.
+std::string ConfigToYaml(const Config& config, bool command_sections = true);
 
 // Sets one key from text as if the file had it (same validation; errors name `origin`, e.g. the
 // command-line flag, and the key) and marks it present.

@@ -86,4 +86,10 @@ end=$(date +%s)
 [ $((end - start)) -le 30 ] || fail "kill -9: took $((end - start)) s"
 grep -Eq "process rank 1 .*signal 9" "$WORK/out" || { cat "$WORK/out" >&2; fail "kill -9: no message naming rank 1"; }
 echo "kill -9: exit $rc after $((end - start)) s: $(grep -Em1 "process rank 1" "$WORK/out")"
+# Ranks started with different settings (here rank 1's --placement): every rank refuses to start,
+# naming the key and both values, instead of computing on two placements.
+expect_failure "ranks with different settings" \
+  "rank 1 was started with other settings than rank 0: cluster.placement is round_robin there and contiguous" \
+  "${MPIRUN[@]}" -np 1 "$BIN" generate --backend cpu --model "$m" -n 2 : \
+  -np 1 "$BIN" generate --backend cpu --model "$m" -n 2 --placement round_robin
 echo "PASS"
