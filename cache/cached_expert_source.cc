@@ -188,7 +188,8 @@ StatusOr<runtime::ExpertWeights> CachedExpertSource::Acquire(int layer, int expe
   if (ref.slot < 0) {
     EF_ASSIGN_OR_RETURN(ref, store_->Acquire(layer, expert));
   }
-  arena_->WaitReady(ref.slot);
+  if (Status s = arena_->WaitReady(ref.slot); !s.ok())
+    return s.Prepend("expert " + std::to_string(expert) + " of layer " + std::to_string(layer) + ": ");
   return layout_.At(layer, expert, ref.data);
 }
 

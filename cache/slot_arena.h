@@ -92,8 +92,9 @@ class SlotArena {
 
   // The hooks below are no-ops for an arena whose loads are complete when Load/CopyIn return.
   // Orders the computation that reads `slot` next after the slot's latest load (called before
-  // each read; the CUDA arena makes the compute stream wait for the copy, with no host wait).
-  virtual void WaitReady(int slot) {}
+  // each read; the CUDA arena makes the compute stream wait for the copy, with no host wait). An
+  // error: a load failed after Load returned (the slot's bytes must not be read).
+  virtual Status WaitReady(int slot) { return Status::Ok(); }
   // Blocks until every load started so far is complete (before the slots' owner goes away).
   virtual void SynchronizeCopies() {}
 };

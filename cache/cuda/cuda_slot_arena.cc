@@ -243,15 +243,17 @@ Status CudaSlotArena::Load(int slot, int layer, int expert, Priority priority) {
   return Enqueue(slot, src, tier_->bytes(layer), priority == Priority::kCorrection);
 }
 
-void CudaSlotArena::WaitReady(int slot) {
+Status CudaSlotArena::WaitReady(int slot) {
   bool pending = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
+    // The copy thread failed (its loads of this slot, or of one ahead of it, may be missing).
+    if (!error_.ok()) return error_;
     pending = pending_[slot] != nullptr;
   }
   if (!pending && cudaEventQuery(ready_[slot]) != cudaErrorNotReady) {
     cudaGetLastError();
-    return;  // the load is done (or the slot was never loaded through the copy streams)
+    return Status::Ok();  // the load is done (or the slot was never loaded through the copy streams)
   }
   std::pair<cudaEvent_t, cudaEvent_t> ev{nullptr, nullptr};
   if (!stall_pool_.empty()) {
@@ -265,19 +267,22 @@ void CudaSlotArena::WaitReady(int slot) {
   // Recorded before the host waits for the copy thread, so compute-stream idle time during that
   // wait counts as stall (the compute stream reaches it after the work enqueued before it).
   if (timed) cudaEventRecord(ev.first, compute_);
+  Status failed;
   if (pending) {
     std::unique_lock<std::mutex> lock(mu_);
     cv_.wait(lock, [&] { return !pending_[slot] || stop_ || !error_.ok(); });
+    failed = error_;
   }
   cudaStreamWaitEvent(compute_, ready_[slot], 0);
   if (!timed) {
     if (ev.first) cudaEventDestroy(ev.first);
     if (ev.second) cudaEventDestroy(ev.second);
-    return;  // still correct, just not timed
+    return failed;  // still correct, just not timed
   }
   ++stats_.stalled_waits;
   cudaEventRecord(ev.second, compute_);
   stall_pending_.push_back(ev);
+  return failed;
 }
 
 void CudaSlotArena::HarvestStall() {

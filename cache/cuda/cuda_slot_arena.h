@@ -102,7 +102,7 @@ class CudaSlotArena final : public SlotArena {
 
   // Makes the compute stream wait for the slot's latest load (GPU side; the host waits only until
   // the copy thread has enqueued the load's last piece).
-  void WaitReady(int slot) override;
+  Status WaitReady(int slot) override;
   // Sums the stall intervals whose events completed (call after a sync of the compute stream).
   void HarvestStall();
   const CudaCopyStats& copy_stats() const { return stats_; }
