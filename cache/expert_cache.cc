@@ -559,8 +559,12 @@ std::string ExpertCache::Describe() const {
   if (tiers_ && tiers_->precision() == LoadPrecision::kAuto) {
     const PrecisionOptions& p = tiers_->precision_options();
     char a[160];
-    std::snprintf(a, sizeof a, "misses of gate weight < %.2f load in %s (upgraded after %d uses), ", p.low_gate,
-                  LoadPrecisionName(p.low), p.upgrade_uses);
+    if (p.upgrade_uses > 0)
+      std::snprintf(a, sizeof a, "misses of gate weight < %.2f load in %s (upgraded after %d uses), ", p.low_gate,
+                    LoadPrecisionName(p.low), p.upgrade_uses);
+    else
+      std::snprintf(a, sizeof a, "misses of gate weight < %.2f load in %s (never upgraded), ", p.low_gate,
+                    LoadPrecisionName(p.low));
     s += a;
   } else if (tiers_ && tiers_->precision() != LoadPrecision::kNative) {
     s += std::string("loads in ") + LoadPrecisionName(tiers_->precision()) + ", ";

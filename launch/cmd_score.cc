@@ -3,6 +3,7 @@
 //   {"logits": [batch][tokens][vocab], "router_topk": [moe_layer][batch*tokens][k]}
 #include <algorithm>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -33,6 +34,8 @@ struct ScoreOptions {
 };
 
 StatusOr<std::vector<std::vector<int32_t>>> ReadIds(const std::string& path) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) return InvalidArgument("ids file " + path + " is a directory");
   std::ifstream in(path);
   if (!in) return NotFound("cannot open ids file " + path);
   std::stringstream ss;

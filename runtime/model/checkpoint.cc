@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "runtime/core/logging.h"
+#include "runtime/model/model_config.h"
 
 namespace ef::runtime {
 
@@ -36,10 +37,7 @@ std::vector<std::string> Checkpoint::names() const {
 }
 
 StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& dir) {
-  std::error_code ec;
-  if (!fs::is_directory(dir, ec))
-    return NotFound(fs::exists(dir, ec) ? "model path " + dir + " is a file: give the checkpoint's directory"
-                                        : "model directory " + dir + " does not exist");
+  EF_RETURN_IF_ERROR(ModelConfig::CheckModelDir(dir));
   auto ckpt = std::make_unique<Checkpoint>();
   ckpt->dir_ = dir;
   const fs::path index_path = fs::path(dir) / "model.safetensors.index.json";

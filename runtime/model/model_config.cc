@@ -439,13 +439,21 @@ StatusOr<ModelConfig> ModelConfig::FromJson(const std::string& text, const std::
   return c;
 }
 
+Status ModelConfig::CheckModelDir(const std::string& dir) {
+  namespace fs = std::filesystem;
+  if (dir.empty()) return NotFound("no model directory given (--model or model.path is empty)");
+  std::error_code ec;
+  if (fs::is_directory(dir, ec)) return Status::Ok();
+  if (fs::exists(dir, ec)) return NotFound("model path " + dir + " is a file: give the checkpoint's directory");
+  std::string where;
+  if (fs::path(dir).is_relative()) where = " (looked for at " + fs::absolute(dir, ec).string() + ")";
+  return NotFound("model directory " + dir + " does not exist" + where);
+}
+
 StatusOr<ModelConfig> ModelConfig::FromModelDir(const std::string& dir) {
   namespace fs = std::filesystem;
   fs::path p = fs::path(dir) / "config.json";
-  std::error_code ec;
-  if (!fs::is_directory(dir, ec))
-    return NotFound(fs::exists(dir, ec) ? "model path " + dir + " is a file: give the checkpoint's directory"
-                                        : "model directory " + dir + " does not exist");
+  EF_RETURN_IF_ERROR(CheckModelDir(dir));
   std::ifstream in(p);
   if (!in) return NotFound("missing " + p.string() + " (a Hugging Face checkpoint directory needs config.json)");
   std::stringstream ss;

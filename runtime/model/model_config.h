@@ -130,6 +130,9 @@ struct ModelConfig {
   // Parses config.json text; `origin` names the file in errors.
   static StatusOr<ModelConfig> FromJson(const std::string& text, const std::string& origin);
   static StatusOr<ModelConfig> FromModelDir(const std::string& dir);
+  // NotFound unless `dir` is a directory, saying what it is instead (nothing given, missing: with
+  // the absolute path a relative one was looked up as, a file).
+  static Status CheckModelDir(const std::string& dir);
 
   bool IsMoeLayer(int layer) const;
   int num_moe_layers() const;

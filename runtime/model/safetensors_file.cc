@@ -141,6 +141,10 @@ StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::stri
     ::close(fd);
     return Internal("cannot stat " + path + ": " + std::strerror(errno));
   }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    return Bad(path, S_ISDIR(st.st_mode) ? "is a directory, not a safetensors file" : "is not a regular file");
+  }
   std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
   file->path_ = path;
   file->size_ = static_cast<size_t>(st.st_size);

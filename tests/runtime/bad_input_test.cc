@@ -68,6 +68,34 @@ TEST_F(BadInputTest, TruncatedFileShorterThanHeaderLength) {
   EXPECT_NE(Message(f.status()).find("shorter than the 8-byte header"), std::string::npos) << Message(f.status());
 }
 
+// A directory where the weights should be (mmap said "No such device").
+TEST_F(BadInputTest, DirectoryNamedLikeASafetensorsFile) {
+  const fs::path d = dir_ / "model.safetensors";
+  fs::create_directories(d);
+  auto f = SafetensorsFile::Open(d.string());
+  ASSERT_FALSE(f.ok());
+  EXPECT_NE(Message(f.status()).find("is a directory, not a safetensors file"), std::string::npos)
+      << Message(f.status());
+}
+
+// The model directory's errors say what was given instead: nothing, a relative path (with where it
+// was looked for), a file.
+TEST_F(BadInputTest, ModelDirectoryErrorsSayWhatWasGiven) {
+  auto empty = ModelConfig::FromModelDir("");
+  ASSERT_FALSE(empty.ok());
+  EXPECT_NE(Message(empty.status()).find("no model directory given"), std::string::npos) << Message(empty.status());
+  auto relative = ModelConfig::FromModelDir("no/such/model");
+  ASSERT_FALSE(relative.ok());
+  EXPECT_NE(Message(relative.status()).find("looked for at " + (fs::current_path() / "no/such/model").string()),
+            std::string::npos)
+      << Message(relative.status());
+  const fs::path file = dir_ / "weights.bin";
+  std::ofstream(file) << "x";
+  auto not_dir = Checkpoint::Open(file.string());
+  ASSERT_FALSE(not_dir.ok());
+  EXPECT_NE(Message(not_dir.status()).find("is a file: give the checkpoint's directory"), std::string::npos);
+}
+
 TEST_F(BadInputTest, HeaderLengthPastEndOfFile) {
   auto path = WriteRaw("h.safetensors", "{}", 0, /*header_len_override=*/4096);
   auto f = SafetensorsFile::Open(path);
