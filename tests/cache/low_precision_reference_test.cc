@@ -267,8 +267,9 @@ TEST(LowPrecisionBudget, SlotsAreSizedPerLayerAndBytesBuyMoreSmallOnes) {
   EXPECT_LE(bytes->total_bytes(), o.device_budget_bytes);
   // What one more slot costs would not fit in any layer that has room.
   for (int l = 0; l < 8; ++l)
-    if (bytes->slots(l) < bytes->num_experts)
+    if (bytes->slots(l) < bytes->num_experts) {
       EXPECT_GT(bytes->total_bytes() + bytes->slot_bytes_of(l), o.device_budget_bytes) << l;
+    }
   // Too little for top-k slots in the checkpoint's layers: an error naming top-k.
   o.device_budget_bytes = 8u * 2 * every->slot_bytes;
   auto small = ExpertCache::PlanBudget(**engine, o);
@@ -369,8 +370,9 @@ TEST(LowPrecisionBudget, LosslessHighLayersBesideInt8Layers) {
       const DType t = tiers->Layout(l, 0).gate.dtype;
       EXPECT_EQ(t, (*layers)[l] ? DType::kQ8 : std::string(high) == "lossless" ? DType::kPbf16 : DType::kBF16) << l;
     }
-    if (std::string(high) == "lossless")
+    if (std::string(high) == "lossless") {
       EXPECT_NE((*cache)->Describe().find("MoE layers lossless"), std::string::npos) << (*cache)->Describe();
+    }
     EXPECT_GT(tiers->loads_by_precision()[0], 0) << high;
     EXPECT_GT(tiers->loads_by_precision()[1], 0) << high;
     bytes[high] = (*cache)->stats().total.bytes_from_host;

@@ -52,7 +52,9 @@ TEST(WriteExpertSlots, SameBytesAsTheStagedPathInEveryPrecision) {
       for (size_t k = 0; k < staged.size(); ++k)
         EXPECT_EQ(direct[k], staged[k]) << "expert " << fills[k].expert << " of layer " << fills[k].layer
                                         << (with_tiers ? "" : ", no tiers");
-      if (p != LoadPrecision::kNative) EXPECT_LT(bytes, m.host_expert(c.MoeLayers()[0], 0).nbytes());
+      if (p != LoadPrecision::kNative) {
+        EXPECT_LT(bytes, m.host_expert(c.MoeLayers()[0], 0).nbytes());
+      }
     }
   }
 }

@@ -344,7 +344,9 @@ TEST_P(CudaAttentionDecodeTcTest, DecodeMatchesCpu) {
   EXPECT_LE(testing::MaxRelError(std::vector<float>(off.begin(), off.begin() + S * width),
                                  std::vector<float>(want.begin(), want.begin() + S * width)),
             1e-5);
-  if (*std::max_element(c.n_total.begin(), c.n_total.end()) >= 16) EXPECT_NE(on, off) << "the tensor cores did not run";
+  if (*std::max_element(c.n_total.begin(), c.n_total.end()) >= 16) {
+    EXPECT_NE(on, off) << "the tensor cores did not run";
+  }
   const double rel = NormwiseRelError(on, want, owned, width);
   const double abs_err = MaxAbsError(std::vector<float>(on.begin(), on.begin() + S * width),
                                      std::vector<float>(want.begin(), want.begin() + S * width));

@@ -187,7 +187,9 @@ TEST_P(CudaReferenceTest, KvCacheAutoFollowsThePrefillAttentionPrecision) {
     ASSERT_NE(a, nullptr);
     const DType want = a->reduced_precision_attention() ? DType::kBF16 : DType::kF32;
     EXPECT_EQ(a->kv_cache_dtype(), want) << GetParam() << ", attention " << precision;
-    if (std::string(precision) == "fp32") EXPECT_EQ(a->kv_cache_dtype(), DType::kF32) << GetParam();
+    if (std::string(precision) == "fp32") {
+      EXPECT_EQ(a->kv_cache_dtype(), DType::kF32) << GetParam();
+    }
     auto named = make(precision, want == DType::kBF16 ? "bf16" : "fp32");
     ASSERT_NE(named, nullptr);
     const auto x = AllLogits(*a, ids), y = AllLogits(*named, ids);
@@ -269,7 +271,9 @@ TEST(CudaReferenceBf16, Top1AgreementAtLeast99Percent) {
       auto created = Engine::Create(std::string(EF_TEST_DATA) + "/" + fam, o);
       ASSERT_TRUE(created.ok()) << fam << ": " << created.status().ToString();
       auto engine = std::move(created).value();
-      if (std::string(precision) == "fp32") ASSERT_EQ(engine->kv_cache_dtype(), DType::kF32) << fam;
+      if (std::string(precision) == "fp32") {
+        ASSERT_EQ(engine->kv_cache_dtype(), DType::kF32) << fam;
+      }
       const auto ids = ref["input_ids"].get<std::vector<std::vector<int32_t>>>();
       auto rows = AllLogits(*engine, ids);
       std::vector<float> got_all, want_all;

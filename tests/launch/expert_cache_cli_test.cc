@@ -302,7 +302,9 @@ TEST_F(ExpertCacheCliTest, QuantizeRanksTheLayers) {
   size_t within = 0;
   for (size_t i = 0; i < rows.size(); ++i) {
     EXPECT_GE(rows[i].second, 0.0);
-    if (i > 0) EXPECT_GE(rows[i].second, rows[i - 1].second) << "cheapest first";
+    if (i > 0) {
+      EXPECT_GE(rows[i].second, rows[i - 1].second) << "cheapest first";
+    }
     if (sum + rows[i].second <= 0.01 && within == i) {
       sum += rows[i].second;
       ++within;

@@ -38,7 +38,9 @@ std::vector<std::byte> PackOrDie(const std::vector<uint16_t>& w, int64_t rows, i
   std::vector<std::byte> p(WeightBytes(DType::kPbf16, rows, cols), std::byte{0xa5});
   StatusOr<size_t> n = PackBf16(w.data(), rows, cols, p.data(), p.size(), threads);
   EXPECT_TRUE(n.ok()) << n.status().ToString();
-  if (n.ok()) EXPECT_EQ(*n, p.size());
+  if (n.ok()) {
+    EXPECT_EQ(*n, p.size());
+  }
   return p;
 }
 

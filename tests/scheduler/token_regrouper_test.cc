@@ -156,7 +156,9 @@ TEST(TokenRegrouperTest, FeasibleDeadlinesOutOfIndexOrderAreRespected) {
     bool fcfs_meets = true;
     for (int b = 0, i = 0; b < w; ++b)
       for (int c = 0; c < caps[b]; ++c, ++i) fcfs_meets = fcfs_meets && b <= deadline[i];
-    if (fcfs_meets) EXPECT_LE(r->objective, r->fcfs_objective);
+    if (fcfs_meets) {
+      EXPECT_LE(r->objective, r->fcfs_objective);
+    }
   }
 }
 
