@@ -17,6 +17,7 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "launch/cli_checks.h"
 #include "launch/command.h"
 #include "placement/predictor_io.h"
 #include "placement/routing_trace.h"
@@ -222,10 +223,13 @@ Command AddScheduleEvalCommand(CLI::App& root) {
   c.app->add_option("--seqs", args->seqs,
                     "sequence ids to schedule, e.g. 24-31 (default: all; with --predictor, those it was not "
                     "trained on)");
-  c.app->add_option("--hidden-size", args->hidden_size, "hidden size (default: from the trace's model, else 4096)");
+  c.app->add_option("--hidden-size", args->hidden_size, "hidden size (default: from the trace's model, else 4096)")
+      ->check(kPositive);
   c.app->add_flag("--keep-sequence-order", args->keep_sequence_order,
                   "never emit a token before an earlier token of its sequence");
-  c.app->add_option("--swap-passes", args->swap_passes, "regrouper local-search passes (0: greedy only)");
+  c.app->add_option("--swap-passes", args->swap_passes, "regrouper local-search passes (0: greedy only)")
+      ->check(kNonNegative)
+      ->capture_default_str();
   c.app->add_flag("--json", args->json, "print one JSON object instead of the table");
   c.run = [args] { return Run(*args); };
   return c;

@@ -81,7 +81,12 @@ Status ParseToken(const json& j, const TraceHeader& h, const std::string& path, 
         return LineError(path, line_no,
                          "expert id " + std::to_string(e) + " at layer " + std::to_string(l) + " out of range [0, " +
                              std::to_string(h.num_experts) + ")");
-      out->experts[static_cast<size_t>(l) * h.top_k + k] = static_cast<int16_t>(e);
+      int16_t* chosen = &out->experts[static_cast<size_t>(l) * h.top_k];
+      if (std::find(chosen, chosen + k, static_cast<int16_t>(e)) != chosen + k)
+        return LineError(path, line_no,
+                         "expert id " + std::to_string(e) + " listed twice at layer " + std::to_string(l) +
+                             " (a router's top-k experts are distinct)");
+      chosen[k] = static_cast<int16_t>(e);
     }
   }
   out->weights.clear();

@@ -47,14 +47,17 @@ RoutingTrace SyntheticTrace(int num_seqs, int seq_len, int num_layers, int num_e
 }
 
 // A trace with a planted rule: token t at layer l routes to experts (3t + l) % E and
-// (5t + 2l + 1) % E (distinct since E is even and the two differ mod 2). Token ids are random
-// in [0, vocab).
+// (5t + 2l + 1) % E, the second moved on by one where the two coincide (a router's experts are
+// distinct). Token ids are random in [0, vocab).
 inline RoutingTrace PlantedTrace(int num_seqs, int seq_len, int num_layers, int num_experts, int vocab, uint32_t seed) {
   return SyntheticTrace(num_seqs, seq_len, num_layers, num_experts, seed, [&](std::mt19937& rng, TraceToken& t) {
     t.token = static_cast<int64_t>(rng() % vocab);
     for (int l = 0; l < num_layers; ++l) {
-      t.experts.push_back(static_cast<int16_t>((3 * t.token + l) % num_experts));
-      t.experts.push_back(static_cast<int16_t>((5 * t.token + 2 * l + 1) % num_experts));
+      const int a = static_cast<int>((3 * t.token + l) % num_experts);
+      int b = static_cast<int>((5 * t.token + 2 * l + 1) % num_experts);
+      if (b == a) b = (b + 1) % num_experts;  // a router's two experts are distinct
+      t.experts.push_back(static_cast<int16_t>(a));
+      t.experts.push_back(static_cast<int16_t>(b));
     }
   });
 }

@@ -53,6 +53,13 @@ TEST(RoutingTraceTest, RejectsExpertOutOfRange) {
   EXPECT_NE(s.message().find("out of range"), std::string::npos) << s.message();
 }
 
+TEST(RoutingTraceTest, RejectsAnExpertListedTwiceInALayer) {
+  Status s = ReadText("twice.jsonl",
+                      std::string(kHeader) + "\n" + R"({"seq":0,"pos":0,"token":5,"experts":[[0,1],[3,3]]})" + "\n");
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("line 2: expert id 3 listed twice at layer 1"), std::string::npos) << s.message();
+}
+
 // Found by tests/fuzz/routing_trace_fuzzer: a non-string "format" used to throw out of the
 // reader (nlohmann's value()) and end the process.
 TEST(RoutingTraceTest, RejectsNonStringFormat) {
