@@ -239,7 +239,14 @@ Status ExpertStore::Prefetch(int layer, int expert, Priority priority) {
   std::unique_lock<std::mutex> lock(mu_);
   if (!options_.async_prefetch) return PrefetchLocked(lock, key, priority);
   const size_t i = Index(key);
-  if (cache_->IsResident(key) || queued_[i]) return Status::Ok();
+  if (cache_->IsResident(key)) return Status::Ok();
+  if (queued_[i]) {
+    // Already queued; a correction of an expert waiting as a prefetch moves it ahead of them.
+    auto& prefetches = queues_[static_cast<int>(Priority::kPrefetch)];
+    auto it = std::find(prefetches.begin(), prefetches.end(), key);
+    if (priority != Priority::kCorrection || it == prefetches.end()) return Status::Ok();
+    prefetches.erase(it);
+  }
   queued_[i] = 1;
   queues_[static_cast<int>(priority)].push_back(key);
   cv_.notify_all();

@@ -241,6 +241,41 @@ TEST(ExpertStore, PrefetchCounters) {
   EXPECT_EQ(s.per_expert[1].prefetch_used, 1);
 }
 
+// Async: a correction of an expert already queued as a prefetch goes ahead of the other prefetches
+// (it waited behind them). The worker is held in the first load while the queue is built.
+TEST(ExpertStore, CorrectionOfAQueuedPrefetchIsLoadedFirst) {
+  auto o = Options(4);
+  o.async_prefetch = true;
+  std::mutex mu;
+  std::condition_variable cv;
+  bool go = false;
+  std::vector<int> order;
+  auto store = ExpertStore::Create(o, [&](int l, int e, std::span<std::byte> dst) -> Status {
+    std::unique_lock<std::mutex> lock(mu);
+    order.push_back(e);
+    if (e == 0) cv.wait(lock, [&] { return go; });
+    lock.unlock();
+    return FillExpert(l, e, dst);
+  });
+  ASSERT_TRUE(store.ok()) << store.status().ToString();
+  ExpertStore& s = **store;
+  ASSERT_TRUE(s.Prefetch(0, 0, Priority::kPrefetch).ok());
+  for (;;) {  // the worker holds expert 0's load
+    std::lock_guard<std::mutex> lock(mu);
+    if (!order.empty()) break;
+  }
+  for (int e : {1, 2, 3}) ASSERT_TRUE(s.Prefetch(0, e, Priority::kPrefetch).ok());
+  ASSERT_TRUE(s.Prefetch(0, 3, Priority::kCorrection).ok());
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    go = true;
+  }
+  cv.notify_all();
+  s.WaitForPrefetches();
+  EXPECT_EQ(order, (std::vector<int>{0, 3, 1, 2}));
+  EXPECT_EQ(s.stats().total.prefetch_issued, 4);  // 3 loaded once
+}
+
 TEST(ExpertStore, AsyncPrefetchAndConcurrentAcquire) {
   auto o = Options(3);
   o.async_prefetch = true;
