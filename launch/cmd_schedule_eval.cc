@@ -137,7 +137,6 @@ int Run(const ScheduleEvalArgs& args) {
   if (args.batch_size < 1) return ReportError(InvalidArgument("--batch-size must be >= 1"));
   if (args.window < 1) return ReportError(InvalidArgument("--window must be >= 1"));
   if (args.ranks < 1) return ReportError(InvalidArgument("--ranks must be >= 1"));
-  if (args.hidden_size < 0) return ReportError(InvalidArgument("--hidden-size must be >= 1"));
   if (args.oracle && !args.predictor.empty())
     return ReportError(InvalidArgument("--oracle and --predictor are exclusive"));
   auto trace = placement::ReadRoutingTrace(args.trace);

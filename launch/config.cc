@@ -777,13 +777,27 @@ namespace {
 // Ranks started with different settings (flags or config files that drifted apart) would compute
 // different things, or wait on each other for good: every rank compares the sections that shape the
 // deployment with every other rank's, and all refuse to start on a difference, naming the first
-// key that differs. Left out: model.path (one checkpoint may sit at another path on each node) and
-// runtime.device (one per rank).
+// key that differs. Left out: paths (the same file may sit at another path on each node: the
+// model, predictor, trace, quantized experts and a placement file) and what a rank may size to its
+// own node (its device, device budget, KV capacity and host compute).
 Status CheckSameConfigOnEveryRank(comm::MpiContext* ctx, const Config& config) {
   if (!ctx->mpi() || ctx->size() < 2) return Status::Ok();
   Config c = config;
+  const CacheSection defaults;
   c.model.path.clear();
+  c.predictor.path.clear();
+  c.routing.replay.clear();
+  c.cache.quantized_experts.clear();
+  if (c.cluster.placement != "contiguous" && c.cluster.placement != "round_robin") c.cluster.placement = "(a file)";
   c.runtime.device = -1;
+  c.runtime.kv_cache_tokens = 0;
+  c.cache.device_budget = defaults.device_budget;
+  c.cache.device_slots = defaults.device_slots;
+  c.cache.device_slots_per_layer = defaults.device_slots_per_layer;
+  c.cache.device_experts_percent = defaults.device_experts_percent;
+  c.cache.cpu_compute = defaults.cpu_compute;
+  c.cache.cpu_compute_max_rows = defaults.cpu_compute_max_rows;
+  c.cache.cpu_compute_admit = defaults.cpu_compute_admit;
   const std::string mine = ConfigToYaml(c, /*command_sections=*/false);
   EF_ASSIGN_OR_RETURN(
       auto all, ctx->AllGatherBytes(std::span<const char>(mine.data(), mine.size()), "comparing the ranks' configs"));

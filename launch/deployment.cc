@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
 
 #include "launch/expert_cache_setup.h"
 #include "runtime/core/logging.h"
@@ -22,20 +24,39 @@ DeploymentOptions MakeDeploymentOptions(const ModelFlags& model, const ClusterFl
 }
 
 namespace {
-// model.dtype against the checkpoint's (its embedding's: the dense weights' dtype, also for
-// checkpoints whose experts are quantized).
-Status CheckModelDtype(const std::string& want, const runtime::ModelWeights& w) {
-  if (want.empty() || want == "auto") return Status::Ok();
-  const DType have = w.embed().dtype;
-  const char* name = have == DType::kBF16  ? "bf16"
-                     : have == DType::kF16 ? "f16"
-                     : have == DType::kF32 ? "f32"
-                                           : DTypeName(have);
-  if (want == name) return Status::Ok();
-  return InvalidArgument("model.dtype " + want + ": the checkpoint's weights are " + name +
-                         ", and weights are computed in the checkpoint's dtype (no cast at load); set model.dtype to "
+Status DtypeMismatch(const std::string& want, const std::string& have, const std::string& from) {
+  return InvalidArgument("model.dtype " + want + ": the checkpoint's weights are " + have + " (" + from +
+                         "), and weights are computed in the checkpoint's dtype (no cast at load); set model.dtype to "
                          "auto or " +
-                         name);
+                         have);
+}
+
+// model.dtype against config.json's torch_dtype (or dtype), before anything loads. Returns whether
+// config.json named one; where it does not, CheckLoadedDtype checks the loaded weights.
+StatusOr<bool> CheckConfigDtype(const std::string& want, const std::string& model_dir) {
+  if (want.empty() || want == "auto") return true;
+  std::ifstream in(std::filesystem::path(model_dir) / "config.json");
+  const nlohmann::json j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  if (!j.is_object()) return false;  // the engine's own load reports a bad config.json
+  for (const char* key : {"torch_dtype", "dtype"}) {
+    if (!j.contains(key) || !j[key].is_string()) continue;
+    const std::string v = j[key].get<std::string>();
+    const std::string have = v == "bfloat16" ? "bf16" : v == "float16" ? "f16" : v == "float32" ? "f32" : v;
+    if (have != want) return DtypeMismatch(want, have, std::string("config.json ") + key + " " + v);
+    return true;
+  }
+  return false;
+}
+
+// model.dtype against the loaded dense weights (the embedding's dtype, also for checkpoints whose
+// experts are quantized).
+Status CheckLoadedDtype(const std::string& want, const runtime::ModelWeights& w) {
+  const DType dt = w.embed().dtype;
+  const std::string have = dt == DType::kBF16  ? "bf16"
+                           : dt == DType::kF16 ? "f16"
+                           : dt == DType::kF32 ? "f32"
+                                               : DTypeName(dt);
+  return have == want ? Status::Ok() : DtypeMismatch(want, have, "its embedding");
 }
 }  // namespace
 
@@ -51,10 +72,11 @@ StatusOr<std::unique_ptr<Deployment>> Deployment::Create(comm::MpiContext* ctx, 
   d->ctx_ = ctx;
   const bool want_cache = WantsExpertCache(o.cache);
   if (!ctx || ctx->rank() == 0) WarnIfCacheSettingsWithoutEffect(o.cache);
+  EF_ASSIGN_OR_RETURN(const bool dtype_checked, CheckConfigDtype(o.model_dtype, o.model_dir));
   runtime::EngineOptions eo = o.engine;
   eo.upload_experts = !want_cache;  // the cache uploads what its budget holds
   EF_ASSIGN_OR_RETURN(d->engine_, runtime::Engine::Create(o.model_dir, eo));
-  EF_RETURN_IF_ERROR(CheckModelDtype(o.model_dtype, d->engine_->weights()));
+  if (!dtype_checked) EF_RETURN_IF_ERROR(CheckLoadedDtype(o.model_dtype, d->engine_->weights()));
   const bool clustered = ctx && ctx->mpi() && (ctx->size() > 1 || o.cluster_on_one_rank);
   if (o.warmup_tokens > 0 && !want_cache && !clustered && d->engine_->backend().kind() == runtime::BackendKind::kCuda) {
     EF_ASSIGN_OR_RETURN(const double s, d->engine_->WarmUp(o.warmup_tokens));

@@ -13,7 +13,8 @@
 //      through an index from each bit to the tokens holding it (work per pick: the tokens sharing
 //      one of its new bits, not every candidate). With deadlines, tokens due at the batch go first,
 //      and a pick due later is taken only while every batch up to its deadline keeps room for the
-//      tokens due by then (so any feasible set of deadlines is met, in any index order).
+//      tokens due by then (so any feasible set of deadlines is met, in any index order); the
+//      earliest unassigned token opens a batch only where its own deadline allows that.
 //   2. Local search: pairwise swaps between batches, accepted when they lower the objective
 //      (first improvement; `max_swap_passes` passes over all pairs, 2 get nearly all of the gain).
 //      Per-batch per-(layer, expert) counts give each batch's union U and its "held by exactly one

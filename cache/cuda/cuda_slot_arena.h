@@ -101,7 +101,8 @@ class CudaSlotArena final : public SlotArena {
   Status Load(int slot, int layer, int expert, Priority priority) override;
 
   // Makes the compute stream wait for the slot's latest load (GPU side; the host waits only until
-  // the copy thread has enqueued the load's last piece).
+  // the copy thread has enqueued the load's last piece). The copy thread's error, once it failed
+  // (sticky: every later wait returns it).
   Status WaitReady(int slot) override;
   // Sums the stall intervals whose events completed (call after a sync of the compute stream).
   void HarvestStall();

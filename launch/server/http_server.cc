@@ -3,7 +3,6 @@
 #include <httplib.h>
 #include <sys/socket.h>
 
-#include <charconv>
 #include <chrono>
 #include <ctime>
 #include <nlohmann/json.hpp>
@@ -396,23 +395,8 @@ void HttpServer::InstallHooks() {
     SendError(res, ApiError{500, "internal error: " + what, "server_error", "internal_error"});
   });
 
-  // Before any body is read: a Content-Length over the limit gets 413 at once (rather than once the
-  // body has arrived, or the read timed out), and the connection closes with the body unread.
-  // Then authentication for /v1/*, checked before any routing so a bad key never learns more.
+  // Authentication for /v1/*: checked before any routing so a bad key never learns more.
   svr.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
-    if (req.has_header("Content-Length")) {
-      const std::string v = req.get_header_value("Content-Length");
-      uint64_t n = 0;
-      const auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), n);
-      if (ec == std::errc::result_out_of_range || (ec == std::errc() && n > options_.max_body_bytes)) {
-        SendError(res, ApiError{413,
-                                "the request body (Content-Length " + v + ") is larger than this server's limit of " +
-                                    std::to_string(options_.max_body_bytes) + " bytes (server.max_body_bytes)",
-                                "invalid_request_error", "payload_too_large"});
-        res.set_header("Connection", "close");
-        return httplib::Server::HandlerResponse::Handled;
-      }
-    }
     if (options_.api_key.empty() || req.path.rfind("/v1/", 0) != 0) return httplib::Server::HandlerResponse::Unhandled;
     const std::string want = "Bearer " + options_.api_key;
     if (req.get_header_value("Authorization") != want) {

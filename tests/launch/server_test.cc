@@ -1,14 +1,11 @@
 // `expertflow serve` end to end: the real binary on a free loopback port, real HTTP requests.
 // Every wait is bounded and every child is killed in teardown, so a broken server fails the test
 // instead of hanging it.
-#include <arpa/inet.h>
 #include <gtest/gtest.h>
 #include <httplib.h>
-#include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
-#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -940,42 +937,6 @@ TEST(ServerLimitsTest, OversizedBodyAndMaxTokensAreRefused) {
   ExpectJsonError(Post(s, "/v1/completions", json{{"model", kModel}, {"prompt", "x"}, {"max_tokens", 9}}.dump()), 400,
                   "max_tokens over the limit", "max_tokens");
   Reply ok = Post(s, "/v1/completions", json{{"model", kModel}, {"prompt", "x"}, {"max_tokens", 8}}.dump());
-  EXPECT_EQ(ok.status, 200) << ok.raw;
-  EXPECT_EQ(s.Terminate(), 0);
-}
-
-// A Content-Length over the limit is answered 413 from the headers alone: the client that
-// announces a huge body and sends none of it waits for no read timeout.
-TEST(ServerLimitsTest, AnnouncedOversizedBodyIsRefusedBeforeItIsRead) {
-  ServerProcess s;
-  s.Start({"--max-body-bytes", "4KiB"});
-  ASSERT_GT(s.port(), 0);
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  ASSERT_GE(fd, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(s.port()));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0) << std::strerror(errno);
-  const std::string head =
-      "POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-      "Content-Length: 999999999\r\n\r\n{";
-  ASSERT_EQ(::send(fd, head.data(), head.size(), 0), static_cast<ssize_t>(head.size()));
-  const auto t0 = std::chrono::steady_clock::now();
-  std::string reply;
-  char buf[4096];
-  pollfd p{fd, POLLIN, 0};
-  while (reply.find("\r\n\r\n") == std::string::npos && ::poll(&p, 1, 5000) > 0) {
-    const ssize_t n = ::recv(fd, buf, sizeof(buf), 0);
-    if (n <= 0) break;
-    reply.append(buf, static_cast<size_t>(n));
-  }
-  const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  ::close(fd);
-  EXPECT_EQ(reply.rfind("HTTP/1.1 413", 0), 0u) << reply;
-  EXPECT_LT(waited, 5.0) << "the reply waited for the body";
-  // The server goes on answering.
-  Reply ok = Post(s, "/v1/completions", json{{"model", kModel}, {"prompt", "x"}, {"max_tokens", 2}}.dump());
   EXPECT_EQ(ok.status, 200) << ok.raw;
   EXPECT_EQ(s.Terminate(), 0);
 }
