@@ -187,7 +187,7 @@ Status QuantizedExperts::Write(const std::string& path, const runtime::ModelWeig
                        b.bytes.data()});
   std::map<std::string, std::string> meta = extra_metadata;
   meta["format"] = kQuantizedExpertsFormat;
-  meta["version"] = kVersion;
+  meta["version"] = std::string(kVersion);  // not from the char*: GCC 12 sees a false -Wrestrict there
   meta["precision"] = dtype == DType::kQ8 ? "int8" : "int4";
   meta["method"] = method;
   meta["fingerprint"] = ExpertFingerprint(model);
