@@ -2,6 +2,7 @@
 
 #include <bit>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <string>
 #include <unordered_map>
@@ -37,6 +38,9 @@ StatusOr<RegroupResult> TokenRegrouper::Regroup(const ExpertPathSet& paths, std:
   long total = 0;
   for (int c : capacities) {
     if (c < 0) return InvalidArgument("batch capacity must be >= 0");
+    // A batch's tokens per expert are counted in 16 bits (counts_).
+    if (c > std::numeric_limits<uint16_t>::max())
+      return InvalidArgument("batch capacity " + std::to_string(c) + " is over the 65535 tokens a batch can hold");
     total += c;
   }
   if (total != n_)

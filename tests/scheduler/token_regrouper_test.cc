@@ -169,6 +169,12 @@ TEST(TokenRegrouperTest, RejectsBadInput) {
   EXPECT_FALSE(rg.Regroup(p, std::vector<int>{2, 2}, std::vector<int64_t>{0, 0}).ok());
   EXPECT_FALSE(rg.Regroup(p, std::vector<int>{2, 2}, {}, std::vector<int>{0, 0, 0, 1}).ok());  // 3 due in batch 0
   EXPECT_FALSE(ExpertPathSet::FromForecast(placement::RoutingForecast(1, 1, 300), 2).ok());
+  // A batch's per-expert counts are 16-bit: a larger batch is refused, not counted modulo 65536.
+  ExpertPathSet big(65536, 1, 8);
+  auto r = rg.Regroup(big, std::vector<int>{65536});
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("65535"), std::string::npos) << r.status().ToString();
+  EXPECT_TRUE(rg.Regroup(big, std::vector<int>{32768, 32768}).ok());
 }
 
 TEST(TokenRegrouperTest, ClustersObviousGroups) {
