@@ -73,7 +73,7 @@ ExpertStore::ExpertStore(const ExpertStoreOptions& options, ExpertSource source,
       cache_(std::move(cache)) {
   const size_t n = static_cast<size_t>(options_.num_layers) * options_.num_experts;
   loading_.assign(n, 0);
-  prefetched_unused_.assign(n, 0);
+  loaded_ahead_.assign(n, LoadedAhead::kNo);
   queued_.assign(n, 0);
   counters_.assign(n, {});
   if (options_.async_prefetch) worker_ = std::thread([this] { WorkerLoop(); });
@@ -99,10 +99,8 @@ Status ExpertStore::CheckKey(int layer, int expert) const {
 void ExpertStore::NoteEviction(const std::optional<ExpertKey>& evicted) {
   if (!evicted) return;
   const size_t i = Index(*evicted);
-  if (prefetched_unused_[i]) {
-    ++counters_[i].prefetch_wasted;
-    prefetched_unused_[i] = 0;
-  }
+  if (loaded_ahead_[i] == LoadedAhead::kPrefetch) ++counters_[i].prefetch_wasted;
+  loaded_ahead_[i] = LoadedAhead::kNo;
   EF_LOG(TRACE, CACHE, "evicted expert %d of layer %d", evicted->expert, evicted->layer);
 }
 
@@ -159,14 +157,16 @@ StatusOr<SlotRef> ExpertStore::Acquire(int layer, int expert) {
   if (waited) counters_[i].stall_ns += NowNs() - t0;
   EF_ASSIGN_OR_RETURN(SlotCache::Result r, std::move(placed));
   cache_->Pin(key);
-  if (r.hit) {
+  const LoadedAhead ahead = std::exchange(loaded_ahead_[i], LoadedAhead::kNo);
+  if (r.hit && ahead == LoadedAhead::kCorrection) {
+    // Resident only because a correction loaded it ahead of this access (on the worker, or a
+    // Prefetch at kCorrection): the miss it is.
+    ++counters_[i].misses;
+  } else if (r.hit) {
     ++counters_[i].hits;
     counters_[i].bytes_from_device += static_cast<int64_t>(
         options_.loaded_bytes ? options_.loaded_bytes(key.layer, key.expert) : options_.slot_bytes);
-    if (prefetched_unused_[i]) {
-      ++counters_[i].prefetch_used;
-      prefetched_unused_[i] = 0;
-    }
+    if (ahead == LoadedAhead::kPrefetch) ++counters_[i].prefetch_used;
   } else {
     ++counters_[i].misses;
     NoteEviction(r.evicted);
@@ -222,14 +222,15 @@ Status ExpertStore::PrefetchLocked(std::unique_lock<std::mutex>& lock, const Exp
   NoteEviction(r.evicted);
   cache_->Pin(key);  // the loader's pin: the slot cannot be evicted while it fills
   loading_[i] = 1;
-  ++counters_[i].prefetch_issued;
+  const bool correction = priority == Priority::kCorrection;
+  if (!correction) ++counters_[i].prefetch_issued;  // a correction counts as a miss, at its Acquire
   Status s = Fill(lock, key, r.slot, priority);
   cache_->Unpin(key);
   if (!s.ok()) {
     cache_->Remove(key);
     return s;
   }
-  prefetched_unused_[i] = 1;
+  loaded_ahead_[i] = correction ? LoadedAhead::kCorrection : LoadedAhead::kPrefetch;
   return Status::Ok();
 }
 
@@ -292,8 +293,10 @@ void ExpertStore::WorkerLoop() {
     Status s = PrefetchLocked(lock, key, priority);
     --in_flight_;
     if (!s.ok()) {
-      ++counters_[Index(key)].prefetch_dropped;
-      EF_LOG(DEBUG, CACHE, "prefetch of expert %d of layer %d dropped: %s", key.expert, key.layer, s.message().c_str());
+      // A dropped correction is no prefetch: its Acquire loads it (a miss, as it would have been).
+      if (priority == Priority::kPrefetch) ++counters_[Index(key)].prefetch_dropped;
+      EF_LOG(DEBUG, CACHE, "%s of expert %d of layer %d dropped: %s",
+             priority == Priority::kPrefetch ? "prefetch" : "correction", key.expert, key.layer, s.message().c_str());
     }
     cv_.notify_all();
   }
@@ -340,7 +343,10 @@ ExpertStoreStats ExpertStore::stats() const {
 void ExpertStore::ResetCounters() {
   std::lock_guard<std::mutex> lock(mu_);
   for (ExpertCounters& c : counters_) c = ExpertCounters{};
-  std::fill(prefetched_unused_.begin(), prefetched_unused_.end(), 0);
+  // Prefetches loaded before the reset are not counted as used after it (used <= issued). A
+  // correction loaded but not yet acquired stays one: its Acquire is a miss either way.
+  for (LoadedAhead& a : loaded_ahead_)
+    if (a == LoadedAhead::kPrefetch) a = LoadedAhead::kNo;
 }
 
 void ExpertStore::SetForecast(const placement::RoutingForecast& forecast) {

@@ -29,13 +29,20 @@
 //     worker thread loads queued requests, correction requests before prefetch requests, in FIFO
 //     order within a class; Prefetch then only enqueues, and an Acquire of an expert being loaded
 //     waits for that load (the wait counts as stall time). Prefetch is advisory: with every slot
-//     pinned it returns ResourceExhausted (sync) or drops the request and counts it (async).
+//     pinned it returns ResourceExhausted (sync) or drops the request (async; a dropped prefetch is
+//     counted).
 //   - Loads reach the arena with their priority (Acquire and Prefetch kCorrection: correction;
 //     Prefetch kPrefetch and Refill: prefetch), so a device arena copies corrections first.
 //   - Counters per (layer, expert): hits, misses, prefetches issued / used (first Acquire after a
 //     prefetch load) / wasted (evicted before any Acquire), bytes loaded from the host tier, bytes
 //     served from the device tier (hits x slot_bytes), stall time (Acquire time spent waiting for
 //     a load).
+//   - A correction (Prefetch kCorrection: the router picked an expert the forecast did not load)
+//     is a miss however it loads: its load counts as bytes loaded, never as a prefetch, and its
+//     first Acquire as the miss, not a hit (an Acquire that loads the expert itself counts the
+//     same), so the counters of one access sequence do not depend on async_prefetch. A correction
+//     of an expert queued as a prefetch is such a correction; one whose prefetch is already
+//     loading adds nothing (the prefetch was issued: its Acquire waits, and is a hit).
 //   - The policy's `time` is the store's own operation counter (one per Acquire / Prefetch load),
 //     so `belady` (PolicyConfig::future) is only meaningful when that sequence is known up front.
 //
@@ -104,7 +111,7 @@ struct ExpertCounters {
   int64_t prefetch_issued = 0;    // prefetch loads started
   int64_t prefetch_used = 0;      // prefetched, then acquired before eviction
   int64_t prefetch_wasted = 0;    // prefetched, evicted without an Acquire
-  int64_t prefetch_dropped = 0;   // async requests dropped (no evictable slot, or load failed)
+  int64_t prefetch_dropped = 0;   // async prefetch requests dropped (no evictable slot, or load failed)
   int64_t bytes_from_host = 0;    // loaded into a slot through the source
   int64_t bytes_from_device = 0;  // served by hits
   int64_t stall_ns = 0;           // Acquire time spent waiting for loads
@@ -182,7 +189,8 @@ class ExpertStore {
   // resident, pinned and marked loading.
   Status Fill(std::unique_lock<std::mutex>& lock, const ExpertKey& key, int slot, Priority priority);
   void NoteEviction(const std::optional<ExpertKey>& evicted);
-  // Loads `key` as a prefetch (lock held). Already resident or loading -> OK, nothing counted.
+  // Loads `key` ahead of its Acquire (lock held): a prefetch, or a correction at kCorrection.
+  // Already resident or loading -> OK, nothing counted.
   Status PrefetchLocked(std::unique_lock<std::mutex>& lock, const ExpertKey& key, Priority priority);
   void WorkerLoop();
 
@@ -194,9 +202,12 @@ class ExpertStore {
   mutable std::mutex mu_;
   std::condition_variable cv_;  // a load finished, or the queue changed
   std::unique_ptr<SlotCache> cache_;
-  std::vector<uint8_t> loading_;            // per (layer, expert): a load into its slot is in flight
-  std::vector<uint8_t> prefetched_unused_;  // per (layer, expert): prefetched, not yet acquired
-  std::vector<uint8_t> queued_;             // per (layer, expert): in an async queue
+  std::vector<uint8_t> loading_;  // per (layer, expert): a load into its slot is in flight
+  // What loaded an expert ahead of its Acquire, until that first Acquire or its eviction: a
+  // prefetch (then used or wasted) or a correction (that Acquire is the miss).
+  enum class LoadedAhead : uint8_t { kNo, kPrefetch, kCorrection };
+  std::vector<LoadedAhead> loaded_ahead_;  // per (layer, expert)
+  std::vector<uint8_t> queued_;            // per (layer, expert): in an async queue
   std::vector<ExpertCounters> counters_;
   int64_t time_ = 0;
   int in_flight_ = 0;

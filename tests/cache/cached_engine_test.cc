@@ -6,6 +6,8 @@
 #include <fstream>
 #include <numeric>
 #include <random>
+#include <utility>
+#include <vector>
 
 #include "cache/cached_expert_source.h"
 #include "cache/replay.h"
@@ -136,6 +138,58 @@ TEST(CachedEngine, RoutingAcquiresTheLayerAndPrefetchWrapsIntoTheNextStep) {
   }
   t = s.stats().total;
   EXPECT_EQ(t.hits + t.misses, 4);
+}
+
+// One access sequence driven by hand on tiny-code-moe, with and without the store's load worker:
+// the first MoE layer routes to 0 and 1 (neither forecast: corrections) while 3 of the second is
+// forecast and prefetched; the second routes to 3 (in time: a hit, a prefetch used) and 0 (a
+// correction). A correction is a miss and a load, never a prefetch or a hit, whichever thread loads
+// it; both paths count the same. The loads end before the compute (WaitForPrefetches), as they may.
+TEST(CachedEngine, CorrectionsCountAsMissesWithAndWithoutTheLoadWorker) {
+  auto engine = MakeEngine(std::string(EF_MODELS_DIR) + "/tiny-code-moe");
+  const auto& c = engine->config();
+  const std::vector<int> moe = c.MoeLayers();
+  ASSERT_GE(moe.size(), 2u);
+  ASSERT_GE(c.num_experts, 4);
+  std::vector<ExpertCounters> got;
+  for (bool async : {false, true}) {
+    SCOPED_TRACE(async ? "async" : "sync");
+    CachedExpertSourceOptions o;
+    o.slots_per_layer = c.top_k + 1;
+    o.policy = "lru";
+    o.prefetch_layers = 1;
+    o.async = async;
+    auto src = CachedExpertSource::Create(engine->weights(), &engine->backend(), o);
+    ASSERT_TRUE(src.ok()) << src.status().ToString();
+    CachedExpertSource& s = **src;
+    s.SetUpcoming(moe[1], {3});
+    using Step = std::pair<int, std::vector<int32_t>>;  // a MoE layer, the experts its router picked
+    for (Step step : std::vector<Step>{{moe[0], {0, 1}}, {moe[1], {3, 0}}}) {
+      auto& [layer, routed] = step;
+      s.OnRouting(layer, routed);
+      s.store().WaitForPrefetches();
+      for (int32_t e : routed) {
+        ASSERT_TRUE(s.Acquire(layer, e).ok());
+        s.Release(layer, e);
+      }
+    }
+    const ExpertCounters t = s.stats().total;
+    EXPECT_EQ(t.misses, 3);  // 0 and 1 of the first layer, 0 of the second
+    EXPECT_EQ(t.hits, 1);    // 3 of the second
+    EXPECT_EQ(t.prefetch_issued, 1);
+    EXPECT_EQ(t.prefetch_used, 1);
+    EXPECT_EQ(t.prefetch_wasted, 0);
+    EXPECT_EQ(t.bytes_from_host, static_cast<int64_t>(s.layout().Bytes(moe[0], 0) + s.layout().Bytes(moe[0], 1) +
+                                                      s.layout().Bytes(moe[1], 3) + s.layout().Bytes(moe[1], 0)));
+    EXPECT_EQ(t.bytes_from_device, static_cast<int64_t>(s.layout().Bytes(moe[1], 3)));
+    got.push_back(t);
+  }
+  ASSERT_EQ(got.size(), 2u);
+  EXPECT_EQ(got[0].hits, got[1].hits);
+  EXPECT_EQ(got[0].misses, got[1].misses);
+  EXPECT_EQ(got[0].prefetch_issued, got[1].prefetch_issued);
+  EXPECT_EQ(got[0].prefetch_used, got[1].prefetch_used);
+  EXPECT_EQ(got[0].bytes_from_host, got[1].bytes_from_host);
 }
 
 // A pass that fails after its layer's routing leaves the experts it had not computed acquired; the

@@ -222,7 +222,7 @@ TEST(ExpertStore, FailedLoadDuringPrefetchSetLeavesNothingResident) {
 TEST(ExpertStore, PrefetchCounters) {
   auto store = std::move(*ExpertStore::Create(Options(2), FillExpert));
   ASSERT_TRUE(store->Prefetch(0, 1, Priority::kPrefetch).ok());
-  ASSERT_TRUE(store->Prefetch(0, 2, Priority::kCorrection).ok());
+  ASSERT_TRUE(store->Prefetch(0, 2, Priority::kPrefetch).ok());
   EXPECT_TRUE(store->IsResident(0, 1));
   auto r = store->Acquire(0, 1);  // used
   ASSERT_TRUE(r.ok());
@@ -241,9 +241,84 @@ TEST(ExpertStore, PrefetchCounters) {
   EXPECT_EQ(s.per_expert[1].prefetch_used, 1);
 }
 
+// One layer's step, with and without the worker: expert 1 was forecast and prefetched in time (a
+// prefetch used, a hit); the router also picks 2, which the forecast missed. That correction is a
+// miss and a load, never a prefetch or a hit, whichever thread loads it: without the worker the
+// Acquire loads it (as CachedExpertSource does), with it the worker loads it at correction priority
+// before the Acquire. Both paths count the same.
+TEST(ExpertStore, CorrectionCountsAsAMissWithAndWithoutTheWorker) {
+  std::vector<ExpertCounters> got;
+  for (bool async : {false, true}) {
+    SCOPED_TRACE(async ? "async" : "sync");
+    auto o = Options(3);
+    o.async_prefetch = async;
+    auto store = ExpertStore::Create(o, FillExpert);
+    ASSERT_TRUE(store.ok()) << store.status().ToString();
+    ExpertStore& s = **store;
+    ASSERT_TRUE(s.Prefetch(0, 1, Priority::kPrefetch).ok());
+    s.WaitForPrefetches();
+    if (async) {
+      ASSERT_TRUE(s.Prefetch(0, 2, Priority::kCorrection).ok());
+      s.WaitForPrefetches();  // loaded before the Acquire: resident when it comes
+    }
+    for (int e : {1, 2, 2}) {  // the corrected expert's second use is a hit
+      auto r = s.Acquire(0, e);
+      ASSERT_TRUE(r.ok()) << r.status().ToString();
+      EXPECT_TRUE(Matches(*r));
+      s.Release(*r);
+    }
+    const ExpertCounters t = s.stats().total;
+    EXPECT_EQ(t.hits, 2);
+    EXPECT_EQ(t.misses, 1);
+    EXPECT_EQ(t.prefetch_issued, 1);
+    EXPECT_EQ(t.prefetch_used, 1);
+    EXPECT_EQ(t.prefetch_wasted, 0);
+    EXPECT_EQ(t.prefetch_dropped, 0);
+    EXPECT_EQ(t.bytes_from_host, 2 * static_cast<int64_t>(kBytes));
+    EXPECT_EQ(t.bytes_from_device, 2 * static_cast<int64_t>(kBytes));
+    EXPECT_DOUBLE_EQ(s.stats().hit_rate(), 2.0 / 3.0);
+    got.push_back(t);
+  }
+  ASSERT_EQ(got.size(), 2u);
+  EXPECT_EQ(got[0].hits, got[1].hits);
+  EXPECT_EQ(got[0].misses, got[1].misses);
+  EXPECT_EQ(got[0].prefetch_issued, got[1].prefetch_issued);
+  EXPECT_EQ(got[0].prefetch_used, got[1].prefetch_used);
+  EXPECT_EQ(got[0].bytes_from_host, got[1].bytes_from_host);
+  EXPECT_EQ(got[0].bytes_from_device, got[1].bytes_from_device);
+}
+
+// A correction loaded and then evicted before any Acquire was no prefetch: nothing is wasted; the
+// load's bytes count, and the expert's next Acquire is a miss again.
+TEST(ExpertStore, CorrectionEvictedUnusedIsNoWastedPrefetch) {
+  for (bool async : {false, true}) {
+    SCOPED_TRACE(async ? "async" : "sync");
+    auto o = Options(2);
+    o.async_prefetch = async;
+    auto store = ExpertStore::Create(o, FillExpert);
+    ASSERT_TRUE(store.ok()) << store.status().ToString();
+    ExpertStore& s = **store;
+    ASSERT_TRUE(s.Prefetch(0, 2, Priority::kCorrection).ok());
+    s.WaitForPrefetches();
+    ASSERT_TRUE(s.Evict(0, 2));
+    auto r = s.Acquire(0, 2);
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    s.Release(*r);
+    const ExpertCounters t = s.stats().total;
+    EXPECT_EQ(t.prefetch_issued, 0);
+    EXPECT_EQ(t.prefetch_wasted, 0);
+    EXPECT_EQ(t.hits, 0);
+    EXPECT_EQ(t.misses, 1);
+    EXPECT_EQ(t.bytes_from_host, 2 * static_cast<int64_t>(kBytes));
+  }
+}
+
 // Async: a correction of an expert already queued as a prefetch goes ahead of the other prefetches
-// (it waited behind them). The worker is held in the first load while the queue is built.
-TEST(ExpertStore, CorrectionOfAQueuedPrefetchIsLoadedFirst) {
+// (it waited behind them), and counts as what it is: a miss, not a prefetch used. A correction of
+// an expert whose prefetch is already loading leaves that load alone: the prefetch came late, not
+// never, and its Acquire (which waits for it) is a hit. The worker is held in the first load while
+// the queue is built.
+TEST(ExpertStore, CorrectionOfAQueuedPrefetchIsLoadedFirstAndCountedAsAMiss) {
   auto o = Options(4);
   o.async_prefetch = true;
   std::mutex mu;
@@ -266,14 +341,30 @@ TEST(ExpertStore, CorrectionOfAQueuedPrefetchIsLoadedFirst) {
   }
   for (int e : {1, 2, 3}) ASSERT_TRUE(s.Prefetch(0, e, Priority::kPrefetch).ok());
   ASSERT_TRUE(s.Prefetch(0, 3, Priority::kCorrection).ok());
+  ASSERT_TRUE(s.Prefetch(0, 0, Priority::kCorrection).ok());  // loading as a prefetch: no new load
   {
     std::lock_guard<std::mutex> lock(mu);
     go = true;
   }
   cv.notify_all();
   s.WaitForPrefetches();
-  EXPECT_EQ(order, (std::vector<int>{0, 3, 1, 2}));
-  EXPECT_EQ(s.stats().total.prefetch_issued, 4);  // 3 loaded once
+  EXPECT_EQ(order, (std::vector<int>{0, 3, 1, 2}));  // 3 loaded once, as a correction
+  for (int e : {3, 0, 1}) {
+    auto r = s.Acquire(0, e);
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    EXPECT_TRUE(Matches(*r));
+    s.Release(*r);
+  }
+  const ExpertStoreStats st = s.stats();
+  EXPECT_EQ(st.total.prefetch_issued, 3);  // 0, 1, 2
+  EXPECT_EQ(st.total.prefetch_used, 2);    // 0, 1
+  EXPECT_EQ(st.total.hits, 2);
+  EXPECT_EQ(st.total.misses, 1);  // 3
+  EXPECT_EQ(st.per_expert[3].misses, 1);
+  EXPECT_EQ(st.per_expert[3].prefetch_issued, 0);
+  EXPECT_EQ(st.per_expert[3].prefetch_used, 0);
+  EXPECT_EQ(st.per_expert[3].hits, 0);
+  EXPECT_EQ(st.total.bytes_from_host, 4 * static_cast<int64_t>(kBytes));
 }
 
 TEST(ExpertStore, AsyncPrefetchAndConcurrentAcquire) {
@@ -290,7 +381,7 @@ TEST(ExpertStore, AsyncPrefetchAndConcurrentAcquire) {
   store->WaitForPrefetches();
   for (int e = 0; e < 3; ++e) EXPECT_TRUE(store->IsResident(1, e));
   EXPECT_TRUE(store->IsResident(2, 4));
-  EXPECT_EQ(store->stats().total.prefetch_issued, 4);
+  EXPECT_EQ(store->stats().total.prefetch_issued, 3);  // the correction is none
   // Two threads acquiring and checking while the worker prefetches.
   std::atomic<int> bad{0};
   auto work = [&](unsigned seed) {
