@@ -75,6 +75,7 @@ struct Args {
   // The layer shape (--shape): Mixtral-8x7B by default.
   std::string shape = "mixtral-8x7b";
   int hidden = 4096, inter = 14336, experts = 8, top_k = 2, heads = 32, kv_heads = 8, head_dim = 128;
+  bool qk_norm = false;  // RMSNorm of each q and k head before RoPE (Qwen3's q_norm / k_norm)
 };
 
 [[noreturn]] void Die(const std::string& msg) {
@@ -96,6 +97,7 @@ Args ParseArgs(int argc, char** argv) {
       a.shape = next();
       if (a.shape == "qwen3-30b-a3b") {  // 128 fine-grained experts, top-8
         a.hidden = 2048, a.inter = 768, a.experts = 128, a.top_k = 8, a.heads = 32, a.kv_heads = 4, a.head_dim = 128;
+        a.qk_norm = true;
       } else if (a.shape != "mixtral-8x7b") {
         Die("unknown --shape " + a.shape + " (mixtral-8x7b, qwen3-30b-a3b)");
       }
@@ -149,7 +151,7 @@ Args ParseArgs(int argc, char** argv) {
           "ef_decode_bench [--layers N] [--batches 1,16,64 (\"\": none)] [--context N] [--prefill N] [--iters N] "
           "[--hbm-tbps X] [--sweep] [--profile] [--no-lt] [--shape NAME] [--json FILE]\n"
           "  --shape    mixtral-8x7b (default) or qwen3-30b-a3b (hidden 2048, 128 experts x ffn 768, top-8,\n"
-          "             32 / 4 heads x 128)\n"
+          "             32 / 4 heads x 128, q and k normed per head)\n"
           "  --no-lt    16-bit GEMMs through cublasGemmEx instead of the planned cuBLASLt path\n"
           "  --fp32-attention  the steps' attention on the exact fp32 kernels (default: tensor cores with\n"
           "             bf16 operands, what the engine picks for a bf16 model)\n"
@@ -191,6 +193,7 @@ double Seconds(std::chrono::steady_clock::time_point a, std::chrono::steady_cloc
 
 struct Layer {
   Weight input_norm, post_norm, q, k, v, o, router;
+  Weight q_norm, k_norm;  // per head, with Args::qk_norm
   std::vector<ExpertWeights> experts;
   RoutedExpertTable table;  // the experts' device pointer tables (MoeRouted)
 };
@@ -259,6 +262,10 @@ class Bench {
       Layer L;
       L.input_norm = OrDie(b_->UploadWeight(DType::kF32, ones.data(), 1, a_.hidden), "norm");
       L.post_norm = OrDie(b_->UploadWeight(DType::kF32, ones.data(), 1, a_.hidden), "norm");
+      if (a_.qk_norm) {
+        L.q_norm = OrDie(b_->UploadWeight(DType::kF32, ones.data(), 1, a_.head_dim), "q norm");
+        L.k_norm = OrDie(b_->UploadWeight(DType::kF32, ones.data(), 1, a_.head_dim), "k norm");
+      }
       L.q = rand_weight(qd, a_.hidden, sh);
       L.k = rand_weight(kvd, a_.hidden, sh);
       L.v = rand_weight(kvd, a_.hidden, sh);
@@ -373,6 +380,11 @@ class Bench {
         b_->GemmGroup(h, h16, T, 3, ws, bs, ys);
       }
       Mark("q, k, v gemms");
+      if (a_.qk_norm) {  // as Engine::Attention runs QkNorm::kPerHead
+        b_->RmsNorm(q, T * a_.heads, a_.head_dim, L.q_norm, 1e-6f, q);
+        b_->RmsNorm(k, T * a_.kv_heads, a_.head_dim, L.k_norm, 1e-6f, k);
+        Mark("q, k norms");
+      }
       b_->RopeQK(q, k, pos_dev, T, a_.heads, a_.kv_heads, a_.head_dim, 1e6f);
       Mark("rope q, k");
       int64_t row = 0;
@@ -1003,7 +1015,8 @@ int Main(int argc, char** argv) {
                             {"top_k", a.top_k},
                             {"heads", a.heads},
                             {"kv_heads", a.kv_heads},
-                            {"head_dim", a.head_dim}}},
+                            {"head_dim", a.head_dim},
+                            {"qk_norm", a.qk_norm}}},
                           {"records", records},
                           {"breakdown", breakdown}};
     if (a.sweep) doc["gemv_sweep"] = sweep;
