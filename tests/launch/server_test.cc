@@ -1004,6 +1004,19 @@ bool WaitUntilInServer(const ServerProcess& s, int n) {
   return false;
 }
 
+// Waits (bounded, 30 s) until /health says "stopping": the server has taken a signal in and
+// refuses new requests from then on. A signal is handled on the server's own thread some time
+// after kill() returns; a request sent before that is accepted and answered like any other (after
+// the requests queued ahead of it), and a second signal sent before that merges with the first.
+bool WaitUntilStopping(const ServerProcess& s) {
+  const auto deadline = Clock::now() + std::chrono::seconds(30);
+  while (Clock::now() < deadline) {
+    if (Get(s, "/health").raw.find("stopping") != std::string::npos) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return false;
+}
+
 // SIGTERM while 8 requests run or wait, every other one streaming: each is answered in full (a
 // stream to its finish_reason and [DONE]), a request that arrives while they drain gets 503, and
 // the server exits 0.
@@ -1076,11 +1089,10 @@ TEST(ServerShutdownTest, NewRequestsWhileDrainingGet503AndQueuedStreamsFinish) {
     });
   EXPECT_TRUE(WaitUntilInServer(s, kStreams)) << "the streams never all reached the server";
   ASSERT_TRUE(s.Signal(SIGTERM));
-  Reply refused;
-  for (int i = 0; i < 200 && refused.status != 503; ++i) {
-    refused = Post(s, "/v1/completions", json{{"model", kModel}, {"prompt", "x"}, {"max_tokens", 1}}.dump());
-    if (refused.status != 503) std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
+  // Probe only once the server says it is stopping: a request that beats the signal's handling is
+  // queued behind the four streams and answered after the drain, when the server is gone.
+  EXPECT_TRUE(WaitUntilStopping(s)) << "/health never said stopping after SIGTERM";
+  Reply refused = Post(s, "/v1/completions", json{{"model", kModel}, {"prompt", "x"}, {"max_tokens", 1}}.dump());
   ExpectJsonError(refused, 503, "a request while draining");
   EXPECT_EQ(refused.body["error"]["code"], "shutting_down");
   EXPECT_NE(Get(s, "/health").raw.find("stopping"), std::string::npos);
@@ -1110,7 +1122,8 @@ TEST(ServerShutdownTest, SecondSignalEndsInFlightRequestsWith503) {
     });
   EXPECT_TRUE(WaitUntilInServer(s, kRequests)) << "the requests never all reached the server";
   ASSERT_TRUE(s.Signal(SIGTERM));
-  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  // The second signal must come after the server took the first in, or the two merge into one.
+  EXPECT_TRUE(WaitUntilStopping(s)) << "/health never said stopping after SIGTERM";
   const auto t0 = Clock::now();
   ASSERT_TRUE(s.Signal(SIGTERM));
   EXPECT_EQ(s.WaitExit(std::chrono::seconds(60)), 0);
