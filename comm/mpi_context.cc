@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "comm/comm_check.h"
+#include "runtime/core/cpu_relax.h"
 #include "runtime/core/logging.h"
 #include "runtime/core/params.h"
 
@@ -222,13 +223,13 @@ Status MpiContext::WaitAll(std::span<MPI_Request> reqs, std::span<const int> pee
     const auto now = Clock::now();
     if (now > deadline) break;
     // Spin for latency (a peer a few microseconds late is the common case; a fixed sleep would
-    // add its whole length, timer slack included, to every exchange), then yield the core to
-    // ranks that share it, and only a peer that is milliseconds late is waited for with sleeps.
-    const auto waited = now - start;
-    if (waited > std::chrono::milliseconds(5))
+    // add its whole length, timer slack included, to every exchange), pausing between polls (not
+    // yielding: see cpu_relax.h), and only a peer that is milliseconds late is waited for with
+    // sleeps.
+    if (now - start > std::chrono::milliseconds(5))
       std::this_thread::sleep_for(std::chrono::microseconds(100));
-    else if (waited > std::chrono::microseconds(50))
-      std::this_thread::yield();
+    else
+      CpuRelax();
   }
   // Name the peers whose requests are still pending; receives first (a dead peer never sends).
   std::vector<int> lost;

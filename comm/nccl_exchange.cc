@@ -11,6 +11,7 @@
 
 #include "comm/mpi_exchange.h"
 #include "runtime/backend/cuda/cuda_backend.h"
+#include "runtime/core/cpu_relax.h"
 #include "runtime/core/logging.h"
 #endif
 
@@ -54,13 +55,14 @@ using Clock = std::chrono::steady_clock;
 
 // How a polled wait paces itself. A transfer completes in tens of microseconds and any sleep costs
 // more than that (Linux adds its 50 us timer slack to a short sleep), so a wait first only spins;
-// after kSpinFor it yields its core between polls, and after kYieldFor it sleeps kSleep per poll,
+// after kSpinFor it pauses between polls (runtime/core/cpu_relax.h: a yield would cost a
+// scheduler slice on a busy CPU), and after kPauseFor it sleeps kSleep per poll,
 // which bounds the CPU that a long wait burns (a peer still computing its experts, or a dead one)
 // at a cost small next to the wait itself.
 constexpr auto kSpinFor = std::chrono::milliseconds(2);
-constexpr auto kYieldFor = std::chrono::milliseconds(20);
+constexpr auto kPauseFor = std::chrono::milliseconds(20);
 constexpr auto kSleep = std::chrono::microseconds(200);
-static_assert(kSpinFor < kYieldFor && kSleep < kYieldFor / 10);
+static_assert(kSpinFor < kPauseFor && kSleep < kPauseFor / 10);
 
 class Pacer {
  public:
@@ -71,10 +73,10 @@ class Pacer {
   bool Pause() const {
     const auto now = Clock::now();
     if (now > deadline_) return false;
-    if (now - start_ >= kYieldFor) {
+    if (now - start_ >= kPauseFor) {
       std::this_thread::sleep_for(kSleep);
     } else if (now - start_ >= kSpinFor) {
-      std::this_thread::yield();
+      CpuRelax();
     }
     return true;
   }

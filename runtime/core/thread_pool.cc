@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <exception>
 
+#include "runtime/core/cpu_relax.h"
+#include "runtime/core/cpu_relax.h"
 #include "runtime/core/params.h"
 
 EF_PARAM(NumThreads, int64_t, "EF_NUM_THREADS", 0,
@@ -80,24 +82,6 @@ ThreadPool::~ThreadPool() {
   start_cv_.notify_all();
   for (auto& t : workers_) t.join();
 }
-
-namespace {
-
-// One poll's pause: the CPU's spin-wait hint, never sched_yield. Under EEVDF (Linux 6.6 and
-// later) a yield puts the thread's deadline a slice later whenever another task is runnable on its
-// CPU: a yielding poller then waits milliseconds for its CPU at every hand-off, and with two busy
-// processes beside it a tiny-code-moe decode step on 2 cores took 50 ms instead of under 1. A
-// pausing poller keeps its CPU for the spin window at most, then sleeps, and a woken sleeper runs
-// ahead of the busy processes.
-inline void CpuRelax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield" ::: "memory");
-#endif
-}
-
-}  // namespace
 
 template <typename Ready>
 bool ThreadPool::Spin(Ready ready) const {
