@@ -8,7 +8,7 @@
 //
 // Hand-off: a call publishes its chunks under a new generation number; workers that finished
 // the previous call poll for it for a short while (kSpin, the CPU's pause hint between polls, never
-// sched_yield: see Spin in thread_pool.cc) before they sleep on a condition variable, and the
+// sched_yield: see runtime/core/cpu_relax.h) before they sleep on a condition variable, and the
 // caller polls for their completion the same way. A decode step runs many short calls back to back
 // (an expert computed on the host is four), where waking sleeping threads cost more than the work:
 // 12 us a call on 2 cores with sleeping workers. Sleepers are woken only when there are any.
