@@ -213,9 +213,13 @@ Command AddScheduleEvalCommand(CLI::App& root) {
   auto args = std::make_shared<ScheduleEvalArgs>();
   c.app = root.add_subcommand("schedule-eval", "Trace-driven evaluation of token regrouping and placement");
   c.app->add_option("--trace", args->trace, "routing trace (moe-routing-trace JSON Lines)")->required();
-  c.app->add_option("--batch-size,-b", args->batch_size, "tokens per batch");
-  c.app->add_option("--window,-w", args->window, "batches regrouped together (1: FCFS)");
-  c.app->add_option("--ranks,-r", args->ranks, "ranks (expert-parallel MoE, data-parallel attention)");
+  c.app->add_option("--batch-size,-b", args->batch_size, "tokens per batch")->check(kPositive)->capture_default_str();
+  c.app->add_option("--window,-w", args->window, "batches regrouped together (1: FCFS)")
+      ->check(kPositive)
+      ->capture_default_str();
+  c.app->add_option("--ranks,-r", args->ranks, "ranks (expert-parallel MoE, data-parallel attention)")
+      ->check(kPositive)
+      ->capture_default_str();
   auto* pred = c.app->add_option("--predictor", args->predictor, "predictor file to forecast routing with");
   auto* orc = c.app->add_flag("--oracle", args->oracle, "forecast with the trace's true routing (default)");
   pred->excludes(orc);
