@@ -151,6 +151,7 @@ StatusOr<ExpertPlacement> ExpertPlacement::Create(const PlacementOptions& o, int
   p.replication_ = o.replication;
   p.policy_ = o.placement;
   p.compute_policy_ = o.compute_placement;
+  p.first_moe_layer_ = moe_layers_in.empty() ? 0 : std::clamp(moe_layers_in.front(), 0, std::max(num_layers - 1, 0));
   const size_t n = static_cast<size_t>(num_layers) * num_experts;
   if (o.placement == "contiguous" || o.placement == "round_robin") {
     p.home_.resize(n);
@@ -215,16 +216,19 @@ bool ExpertPlacement::NeedsPeerFetch() const {
 }
 
 std::string ExpertPlacement::Describe() const {
+  // The first MoE layer's (a dense layer's row is all zeros).
+  const int l = first_moe_layer_;
   std::string s = std::string(planned_ ? "planned per layer from " : "") + "home " + policy_ + ", compute " +
-                  compute_policy_ + ", replication " + std::to_string(replication_) + ", layer 0 homes [";
+                  compute_policy_ + ", replication " + std::to_string(replication_) + ", layer " + std::to_string(l) +
+                  " homes [";
   for (int e = 0; e < num_experts_; ++e) {
     if (e) s.push_back(' ');
-    s.append(std::to_string(home_[Index(0, e)]));
+    s.append(std::to_string(home_[Index(l, e)]));
   }
   s.append("] computes [");
   for (int e = 0; e < num_experts_; ++e) {
     if (e) s.push_back(' ');
-    s.append(std::to_string(compute_[Index(0, e)]));
+    s.append(std::to_string(compute_[Index(l, e)]));
   }
   s.push_back(']');
   return s;

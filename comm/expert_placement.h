@@ -68,6 +68,7 @@ class ExpertPlacement {
   bool planned_ = false;
   double max_imbalance_ = 1.15;
   std::string policy_, compute_policy_;
+  int first_moe_layer_ = 0;                 // the layer Describe shows
   std::vector<int> home_;                   // primary home per (layer, expert)
   std::vector<int> compute_;                // primary compute rank per (layer, expert)
   std::vector<std::vector<int>> replicas_;  // a file's extra homes per (layer, expert); empty: none

@@ -86,6 +86,8 @@ TEST(ExpertPlacementTest, FileRowsAreMoeLayers) {
   EXPECT_EQ(p->PrimaryHome(1, 1), 1);
   EXPECT_EQ(p->PrimaryHome(2, 0), 1);
   EXPECT_EQ(p->PrimaryHome(2, 3), 0);
+  // The run's banner shows the first MoE layer's homes, not the dense layer's zeros.
+  EXPECT_NE(p->Describe().find("layer 1 homes [0 1 0 1] computes [0 1 0 1]"), std::string::npos) << p->Describe();
   // One row per decoder layer is the wrong shape.
   ExpectError(ExpertPlacement::Create({path, "home", 1}, 2, 3, 4, {0, 1, 2}), path, "\"home\" has 2 rows");
   std::filesystem::remove(path);
