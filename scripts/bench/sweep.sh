@@ -57,6 +57,25 @@ while [ $# -gt 0 ]; do
     *) echo "sweep.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
+mode_args() {  # mode -> bench flags; an unknown mode -> nonzero status, nothing printed
+  case "$1" in
+    # The policies alone: cache.cpu_compute off (its own runs: scripts/accel/cpu-compute-run.sh).
+    lru) echo "--cache-policy lru --prefetch-layers 0 --predictor none --cpu-experts off" ;;
+    expertflow+oracle) echo "--cache-policy expertflow --prefetch-layers $prefetch --predictor none --oracle-prefetch --cpu-experts off" ;;
+    expertflow+lookahead|expertflow+frequency|expertflow+path|expertflow+affinity|expertflow+hybrid)
+      echo "--cache-policy expertflow --prefetch-layers $prefetch --predictor ${1#expertflow+} --cpu-experts off" ;;
+    *) return 2 ;;
+  esac
+}
+# Every mode is checked before anything runs: a mode that maps to no flags would otherwise run as
+# the defaults under its own (wrong) label.
+for m in $modes; do
+  mode_args "$m" >/dev/null || {
+    echo "sweep.sh: unknown mode '$m' in --modes (lru, expertflow+oracle, expertflow+P with P one of" \
+      "lookahead frequency path affinity hybrid); nothing was run" >&2
+    exit 2
+  }
+done
 bin="$build/expertflow"
 [ -x "$bin" ] || { echo "sweep.sh: $bin not found (build first)" >&2; exit 1; }
 mkdir -p "$out"
@@ -83,15 +102,6 @@ run() {  # launcher-prefix name args...: the prefix is "" or an mpirun command
     { if [ $first = 1 ]; then cat; else grep -v '^#' | tail -n 1; fi; }
   first=0
 }
-mode_args() {  # mode -> bench flags
-  case "$1" in
-    # The policies alone: cache.cpu_compute off (its own runs: scripts/accel/cpu-compute-run.sh).
-    lru) echo "--cache-policy lru --prefetch-layers 0 --predictor none --cpu-experts off" ;;
-    expertflow+oracle) echo "--cache-policy expertflow --prefetch-layers $prefetch --predictor none --oracle-prefetch --cpu-experts off" ;;
-    expertflow+*) echo "--cache-policy expertflow --prefetch-layers $prefetch --predictor ${1#expertflow+} --cpu-experts off" ;;
-    *) echo "sweep.sh: unknown mode $1" >&2; return 2 ;;
-  esac
-}
 for r in $ranks; do
   for c in $batches; do
     n=$((c * 4))
@@ -110,9 +120,10 @@ for r in $ranks; do
         continue
       fi
       for m in $modes; do
-        # shellcheck disable=SC2046
+        flags=$(mode_args "$m")  # checked above; an assignment stops the sweep under set -e if not
+        # shellcheck disable=SC2086
         run "" "${shape}_r${r}_c${c}_b${b}_${m/+/-}" -n "$n" -c "$c" --cache-device-budget "$slots slots per layer" \
-          $(mode_args "$m")
+          $flags
       done
     done
   done
