@@ -123,6 +123,7 @@ StatusOr<std::unique_ptr<CachedExpertSource>> CachedExpertSource::Create(const r
   EF_ASSIGN_OR_RETURN(src->store_,
                       ExpertStore::Create(so, PlacedFill(src->layout_, std::move(backing.fill)), std::move(arena)));
   src->upcoming_.resize(c.num_layers);
+  src->need_.resize(c.num_layers);
   src->held_.resize(static_cast<size_t>(c.num_layers) * c.num_experts);
   EF_LOG(INFO, CACHE, "expert cache: %d slots of %s%zu bytes on %s, policy %s, prefetch %d layer(s)%s", num_slots,
          slot_sizes.empty() ? "" : "up to ", so.slot_bytes, src->arena_->tier(), options.policy.c_str(),
@@ -179,7 +180,7 @@ void CachedExpertSource::PrefetchAhead(int layer) {
     if (!moe_layer_[l]) continue;
     ++ahead;
     // Advisory: a failure (every slot pinned) only means the expert loads on demand later.
-    store_->PrefetchSet(l, upcoming_[l], Priority::kPrefetch);
+    store_->PrefetchSet(l, upcoming_[l], Priority::kPrefetch, need_[l], options_.prefetch_min_prob);
   }
 }
 
@@ -226,12 +227,20 @@ StatusOr<runtime::ExpertWeights> CachedExpertSource::AcquirePart() {
   return host_compute_->AcquirePart(*arena_);
 }
 
-void CachedExpertSource::SetUpcoming(int layer, std::vector<int32_t> experts) {
-  if (layer >= 0 && layer < static_cast<int>(upcoming_.size())) upcoming_[layer] = std::move(experts);
+void CachedExpertSource::SetUpcoming(int layer, std::vector<int32_t> experts, std::vector<float> need) {
+  if (layer < 0 || layer >= static_cast<int>(upcoming_.size())) return;
+  if (need.size() != static_cast<size_t>(num_experts_)) {
+    need.assign(static_cast<size_t>(num_experts_), 0.f);
+    for (int32_t e : experts)
+      if (e >= 0 && e < num_experts_) need[e] = 1.f;
+  }
+  upcoming_[layer] = std::move(experts);
+  need_[layer] = std::move(need);
 }
 
 void CachedExpertSource::ClearUpcoming() {
   for (auto& u : upcoming_) u.clear();
+  for (auto& n : need_) n.clear();
 }
 
 }  // namespace ef::cache

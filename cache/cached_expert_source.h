@@ -53,6 +53,9 @@ struct CachedExpertSourceOptions {
   std::vector<size_t> layer_slot_bytes;
   std::string policy = "lru";
   int prefetch_layers = 0;  // 0: on demand only
+  // A forecast expert loads ahead only when it is at least this much more probable than the
+  // resident it would evict (ExpertStore::PrefetchSet's `need` rule; cache.prefetch_min_prob).
+  double prefetch_min_prob = 0;
   // Load corrections/prefetches on the store's worker thread (for arenas whose loads complete
   // before returning; the CUDA arena's are asynchronous already).
   bool async = false;
@@ -108,8 +111,10 @@ class CachedExpertSource final : public runtime::ExpertSource {
   Status StartPart(int layer, int expert, int64_t split) override;
   StatusOr<runtime::ExpertWeights> AcquirePart() override;
 
-  // Forecast experts of `layer` for its next run (replaces the previous list).
-  void SetUpcoming(int layer, std::vector<int32_t> experts);
+  // Forecast experts of `layer` for its next run (replaces the previous list), most expected first,
+  // and optionally `need`: per expert of the layer, the probability that its next run uses it.
+  // Empty `need`: the listed experts are certain and the others not needed (an oracle).
+  void SetUpcoming(int layer, std::vector<int32_t> experts, std::vector<float> need = {});
   void ClearUpcoming();
 
   ExpertStore& store() { return *store_; }
@@ -137,6 +142,7 @@ class CachedExpertSource final : public runtime::ExpertSource {
   SlotArena* arena_ = nullptr;  // owned by store_
   std::unique_ptr<ExpertStore> store_;
   std::vector<std::vector<int32_t>> upcoming_;  // per layer
+  std::vector<std::vector<float>> need_;        // per layer: [num_experts_], see SetUpcoming
   std::vector<SlotRef> held_;                   // [layer * E + expert]: acquired, not yet released
 };
 

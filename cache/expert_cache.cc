@@ -449,6 +449,7 @@ StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(runtime::Engine* engi
   so.layer_slot_bytes = budget.layer_slot_bytes;
   so.policy = o.policy;
   so.prefetch_layers = o.prefetch_layers;
+  so.prefetch_min_prob = o.prefetch_min_prob;
   so.static_counts = counts;
   so.tiers = cache->tiers_.get();
   if (cuda) {
@@ -485,11 +486,12 @@ StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(runtime::Engine* engi
     PredictorPrefetcher::ForecastSink forecast;
     if (o.policy == "expertflow")
       forecast = [self](const placement::RoutingForecast& f) { self->store_->SetForecast(f); };
-    EF_ASSIGN_OR_RETURN(cache->prefetcher_,
-                        PredictorPrefetcher::Create(
-                            engine->weights(), po,
-                            [self](int layer, std::vector<int32_t> e) { self->SetUpcoming(layer, std::move(e)); },
-                            std::move(forecast)));
+    EF_ASSIGN_OR_RETURN(cache->prefetcher_, PredictorPrefetcher::Create(
+                                                engine->weights(), po,
+                                                [self](int layer, std::vector<int32_t> e, std::vector<float> need) {
+                                                  self->SetUpcoming(layer, std::move(e), std::move(need));
+                                                },
+                                                std::move(forecast)));
   }
   engine->SetExpertSource(cache->source_.get());
   if (po.precision == LoadPrecision::kAuto) {
@@ -614,11 +616,12 @@ std::string ExpertCache::StatsSummary() const {
   const std::string on_host = hc ? ", " + std::to_string(host_uses) + " computed on the host" : "";
   std::snprintf(buf, sizeof buf,
                 "expert cache: %lld uses, %lld hits, %lld misses%s (hit rate %.3f), %s loaded, prefetch %lld issued / "
-                "%lld used / %lld wasted",
+                "%lld used / %lld wasted / %lld declined",
                 static_cast<long long>(uses), static_cast<long long>(t.hits), static_cast<long long>(t.misses),
                 on_host.c_str(), uses ? static_cast<double>(t.hits) / static_cast<double>(uses) : 0.0,
                 Bytes(static_cast<uint64_t>(t.bytes_from_host)).c_str(), static_cast<long long>(t.prefetch_issued),
-                static_cast<long long>(t.prefetch_used), static_cast<long long>(t.prefetch_wasted));
+                static_cast<long long>(t.prefetch_used), static_cast<long long>(t.prefetch_wasted),
+                static_cast<long long>(t.prefetch_declined));
   std::string s = buf;
   if (!pinned_tier_ && tiers_->precision() != LoadPrecision::kNative) {
     const auto loads = tiers_->loads_by_precision();
@@ -743,11 +746,11 @@ void ExpertCache::ResetStats() {
   if (prefetcher_) prefetcher_->ResetStats();
 }
 
-void ExpertCache::SetUpcoming(int layer, std::vector<int32_t> experts) {
+void ExpertCache::SetUpcoming(int layer, std::vector<int32_t> experts, std::vector<float> need) {
   // Under expert parallelism this rank loads only the experts it computes.
   if (tiers_ && tiers_->hooks().computes)
     std::erase_if(experts, [&](int32_t e) { return !tiers_->Computes(layer, e); });
-  if (source_) source_->SetUpcoming(layer, std::move(experts));
+  if (source_) source_->SetUpcoming(layer, std::move(experts), std::move(need));
 }
 
 }  // namespace ef::cache

@@ -174,7 +174,8 @@ class ExpertCache {
 
   // The experts `layer` will use next (replaces the predictor's list until it runs again): for
   // callers with a forecast of their own, e.g. a benchmark's trace oracle with predictor none.
-  void SetUpcoming(int layer, std::vector<int32_t> experts);
+  // `need`: see CachedExpertSource::SetUpcoming.
+  void SetUpcoming(int layer, std::vector<int32_t> experts, std::vector<float> need = {});
   ExpertStore* store() { return store_; }
   // The source behind the cache (null when inactive).
   CachedExpertSource* source() { return source_.get(); }

@@ -1,6 +1,8 @@
 #include "cache/expert_store.h"
 
+#include <algorithm>
 #include <chrono>
+#include <optional>
 #include <utility>
 
 #include "cache/host_slot_arena.h"
@@ -23,6 +25,7 @@ ExpertCounters& ExpertCounters::operator+=(const ExpertCounters& o) {
   prefetch_used += o.prefetch_used;
   prefetch_wasted += o.prefetch_wasted;
   prefetch_dropped += o.prefetch_dropped;
+  prefetch_declined += o.prefetch_declined;
   bytes_from_host += o.bytes_from_host;
   bytes_from_device += o.bytes_from_device;
   stall_ns += o.stall_ns;
@@ -254,8 +257,48 @@ Status ExpertStore::Prefetch(int layer, int expert, Priority priority) {
   return Status::Ok();
 }
 
-void ExpertStore::PrefetchSet(int layer, std::span<const int32_t> experts, Priority priority) {
+std::vector<int32_t> ExpertStore::AdmitLocked(int layer, std::span<const int32_t> experts, std::span<const float> need,
+                                              double min_gain) {
+  if (need.size() != static_cast<size_t>(options_.num_experts) || layer < 0 || layer >= options_.num_layers)
+    return {experts.begin(), experts.end()};
+  // Replays the loads ahead: the first members take the free slots, each later one the victim the
+  // policy picks among the residents not yet taken (the set's resident members are held already,
+  // so none of them is a candidate).
+  std::vector<ExpertKey> candidates = cache_->Evictable(layer);
+  int free = cache_->free_slots(layer);
+  std::vector<int32_t> admitted;
+  for (int32_t e : experts) {
+    const ExpertKey key{layer, e};
+    if (!CheckKey(layer, e).ok() || cache_->IsResident(key)) {  // Prefetch rejects it, or has nothing to do
+      admitted.push_back(e);
+      continue;
+    }
+    if (free > 0) {  // evicts nothing
+      --free;
+      admitted.push_back(e);
+      continue;
+    }
+    const std::optional<ExpertKey> victim =
+        candidates.empty() ? std::nullopt : cache_->policy().ChooseVictim(candidates, time_);
+    if (!victim) {  // nothing evictable: Prefetch fails (or drops it) as it would have
+      admitted.push_back(e);
+      continue;
+    }
+    const double victim_need = victim->layer == layer ? need[victim->expert] : 0.0;
+    if (need[e] - victim_need < min_gain) {
+      ++counters_[Index(key)].prefetch_declined;
+      continue;
+    }
+    admitted.push_back(e);
+    candidates.erase(std::find(candidates.begin(), candidates.end(), *victim));
+  }
+  return admitted;
+}
+
+void ExpertStore::PrefetchSet(int layer, std::span<const int32_t> experts, Priority priority,
+                              std::span<const float> need, double min_gain) {
   std::vector<ExpertKey> held;
+  std::vector<int32_t> admitted;
   {
     std::lock_guard<std::mutex> lock(mu_);
     for (int32_t e : experts) {
@@ -265,8 +308,9 @@ void ExpertStore::PrefetchSet(int layer, std::span<const int32_t> experts, Prior
       if (CheckKey(layer, e).ok() && cache_->IsResident(key) && !loading_[Index(key)] && cache_->Pin(key))
         held.push_back(key);
     }
+    admitted = AdmitLocked(layer, experts, need, min_gain);
   }
-  for (int32_t e : experts) {
+  for (int32_t e : admitted) {
     if (!Prefetch(layer, e, priority).ok()) continue;  // every slot held: the rest load on demand
     // Loaded (sync mode): hold it too, so the set's later members cannot evict it.
     std::lock_guard<std::mutex> lock(mu_);

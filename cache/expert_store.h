@@ -112,6 +112,7 @@ struct ExpertCounters {
   int64_t prefetch_used = 0;      // prefetched, then acquired before eviction
   int64_t prefetch_wasted = 0;    // prefetched, evicted without an Acquire
   int64_t prefetch_dropped = 0;   // async prefetch requests dropped (no evictable slot, or load failed)
+  int64_t prefetch_declined = 0;  // PrefetchSet members not loaded: the resident they would evict was as needed
   int64_t bytes_from_host = 0;    // loaded into a slot through the source
   int64_t bytes_from_device = 0;  // served by hits
   int64_t stall_ns = 0;           // Acquire time spent waiting for loads
@@ -152,7 +153,17 @@ class ExpertStore {
   // miss it); members it loads are held too, so a set larger than the layer's slots loads what
   // fits and skips the rest (advisory, like Prefetch). In async mode the loads run later on the
   // worker, after the hold: there it is per expert.
-  void PrefetchSet(int layer, std::span<const int32_t> experts, Priority priority);
+  //
+  // `need` (optional, num_experts values): the probability that the layer's next run uses each of
+  // its experts. Once the layer's free slots are taken, loading a member evicts a resident, which
+  // costs a load of its own if that resident is needed after all. In expected loads a prefetch of
+  // e over victim v costs (1 - need[e]) + need[v] more than loading on demand, so a member loads
+  // only when need[e] - need[v] >= min_gain, v being the resident the policy would evict (with a
+  // free slot need[v] = 0: the plain min_prob gate; a victim of another layer, under a shared
+  // budget, counts as 0). Members are tried in order; a declined one is counted and skipped.
+  // Empty `need`: every member loads.
+  void PrefetchSet(int layer, std::span<const int32_t> experts, Priority priority, std::span<const float> need = {},
+                   double min_gain = 0);
   // Reloads the slot of a resident, loaded expert that no one holds through the source, in the
   // calling thread (e.g. to replace a low-precision copy by the checkpoint's): counted as a refill
   // and its bytes, not as a miss. Nothing happens when the expert is not resident, is loading or is
@@ -192,6 +203,9 @@ class ExpertStore {
   // Loads `key` ahead of its Acquire (lock held): a prefetch, or a correction at kCorrection.
   // Already resident or loading -> OK, nothing counted.
   Status PrefetchLocked(std::unique_lock<std::mutex>& lock, const ExpertKey& key, Priority priority);
+  // The members of PrefetchSet that pass its `need` rule, in order (lock held; counts the others).
+  std::vector<int32_t> AdmitLocked(int layer, std::span<const int32_t> experts, std::span<const float> need,
+                                   double min_gain);
   void WorkerLoop();
 
   const ExpertStoreOptions options_;

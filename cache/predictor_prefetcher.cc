@@ -241,7 +241,11 @@ Status PredictorPrefetcher::OnRouting(const runtime::LayerRouting& r) {
     for (int32_t e : list) row[e] = 1.f;
     std::erase_if(list, [&](int32_t e) { return 1.0 - idle[e] < options_.min_prob; });
     predicted_[target] = list;
-    upcoming_(layer, std::move(list));
+    // The batch's need of every expert of the layer, listed or not: the cache weighs a prefetch
+    // against the need of the resident it would evict.
+    std::vector<float> need(E);
+    for (int e = 0; e < E; ++e) need[e] = static_cast<float>(1.0 - idle[e]);
+    upcoming_(layer, std::move(list), std::move(need));
   }
   if (forecast_) forecast_(step_);
   return Status::Ok();

@@ -18,7 +18,8 @@
 // A token's forecast for a layer is its predictor top-k; a layer's list is the union over the
 // batch's tokens, most expected first (sum of the tokens' probabilities), cut at `capacity` (the
 // layer's slots: prefetching more would evict what was just prefetched); of it, the experts some
-// token needs with probability >= min_prob are prefetched.
+// token needs with probability >= min_prob are prefetched, and the cache loads one only when it is
+// min_prob more probable than the resident it would evict (ExpertStore::PrefetchSet).
 //
 // Counters: for each MoE layer after the first, how many of the experts the router chose had been
 // prefetched, that is forecast and let through min_prob (forecast_recall() = hits / chosen): the
@@ -62,8 +63,9 @@ struct PredictorPrefetcherOptions {
 
 class PredictorPrefetcher {
  public:
-  // (decoder layer, experts of its next run, most expected first).
-  using UpcomingSink = std::function<void(int layer, std::vector<int32_t> experts)>;
+  // (decoder layer, experts of its next run, most expected first, and per expert of the layer the
+  // probability that some token of the batch uses it: 1 - prod_t (1 - p_t(e))).
+  using UpcomingSink = std::function<void(int layer, std::vector<int32_t> experts, std::vector<float> need)>;
   // A forecast of the running step: [1 token, decoder layers, experts].
   using ForecastSink = std::function<void(const placement::RoutingForecast& forecast)>;
 

@@ -113,6 +113,13 @@ StatusOr<SlotCache::Result> SlotCache::Place(const ExpertKey& key, int64_t time,
 StatusOr<SlotCache::Result> SlotCache::Access(const ExpertKey& key, int64_t time) { return Place(key, time, true); }
 StatusOr<SlotCache::Result> SlotCache::Insert(const ExpertKey& key, int64_t time) { return Place(key, time, false); }
 
+std::vector<ExpertKey> SlotCache::Evictable(int layer) const {
+  std::vector<ExpertKey> candidates;
+  for (const ExpertKey& k : partitions_[partition_of_layer_[layer]].residents)
+    if (pins_[Index(k)] == 0) candidates.push_back(k);
+  return candidates;
+}
+
 void SlotCache::Remove(const ExpertKey& key) {
   const int slot = slot_of_[Index(key)];
   if (slot < 0 || pins_[Index(key)] > 0) return;

@@ -68,6 +68,9 @@ class SlotCache {
   int free_slots(int layer) const {
     return static_cast<int>(partitions_[partition_of_layer_[layer]].free_slots.size());
   }
+  // The unpinned residents of the partition of `layer`: the candidates a miss there would offer
+  // the policy (to ask it which one a load would evict, without evicting).
+  std::vector<ExpertKey> Evictable(int layer) const;
   CachePolicy& policy() { return *policy_; }
   const SlotCacheOptions& options() const { return options_; }
 

@@ -849,6 +849,7 @@ json CacheJson(const BenchRun& b, const BenchSummary& s, const RunCounters& c) {
             {"prefetch_issued", t.prefetch_issued},
             {"prefetch_used", t.prefetch_used},
             {"prefetch_wasted", t.prefetch_wasted},
+            {"prefetch_declined", t.prefetch_declined},
             {"bytes_from_host", t.bytes_from_host},
             {"stall_ms", s.stall_ms},
             {"cpu_compute", s.cached ? c.cache_json.value("cpu_compute", std::string("off")) : "off"},

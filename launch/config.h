@@ -89,8 +89,10 @@ struct CacheSection {
   std::string policy = "expertflow";  // lru | lfu | expertflow | static (belady: offline replay only)
   int prefetch_layers = 2;            // MoE layers ahead the cache prefetches, >= 0; 0: on demand only
   // Prefetch only experts some token of the batch needs with at least this forecast probability
-  // (0: every forecast top-k expert). 0.9: on a copy-bound cache (batch-1 decode over PCIe) a wrong
-  // prefetch costs a whole expert copy (docs/results/offload_h200).
+  // (0: every forecast top-k expert), and, once the layer's slots are full, at least this much more
+  // probable than the resident the load would evict (else the prefetch trades a hit for a miss and
+  // adds a copy). 0.9: on a copy-bound cache (batch-1 decode over PCIe) a wrong prefetch costs a
+  // whole expert copy (docs/results/offload_h200).
   double prefetch_min_prob = 0.9;
   // Precision of the expert copies loaded into slots: native (alias bf16; the checkpoint's dtype,
   // outputs unchanged), lossless (bf16 packed bit-exactly: 1.32x fewer bytes a load, 1.32x the

@@ -572,5 +572,53 @@ TEST(ExpertStore, PrefetchSetNeverEvictsItsOwnMembers) {
   EXPECT_EQ((*store)->stats().total.prefetch_issued, 2);  // 5 was skipped, nothing loaded twice
 }
 
+// The forecast of a batch of 8 under a frequency predictor: every token gives expert 2 p = 0.25,
+// so the batch needs it with 1 - 0.75^8 = 0.90 and it passes a 0.9 gate; but the two residents are
+// needed about as surely (0.9). Loading 2 over one of them would only trade a hit for a miss and
+// add a copy: the set declines it. A resident that the forecast does not need is displaced.
+TEST(ExpertStore, PrefetchSetKeepsAResidentAsLikelyNeededAsTheMember) {
+  for (const std::string policy : {"lru", "expertflow"}) {
+    auto store = ExpertStore::Create(Options(2, policy), FillExpert);
+    ASSERT_TRUE(store.ok()) << store.status().ToString();
+    ExpertStore& s = **store;
+    for (int e : {0, 1}) {
+      auto ref = s.Acquire(0, e);
+      ASSERT_TRUE(ref.ok());
+      s.Release(*ref);
+    }
+    const std::vector<int32_t> set = {2};
+    std::vector<float> need = {0.9f, 0.9f, 0.9f, 0.f, 0.f, 0.f};
+    s.PrefetchSet(0, set, Priority::kPrefetch, need, 0.9);
+    EXPECT_FALSE(s.IsResident(0, 2)) << policy;
+    EXPECT_TRUE(s.IsResident(0, 0)) << policy;
+    EXPECT_TRUE(s.IsResident(0, 1)) << policy;
+    EXPECT_EQ(s.stats().total.prefetch_issued, 0) << policy;
+    EXPECT_EQ(s.stats().total.prefetch_declined, 1) << policy;
+    // The next run uses 0 and 1, as forecast: both hit, nothing was loaded for nothing.
+    for (int e : {0, 1}) {
+      auto ref = s.Acquire(0, e);
+      ASSERT_TRUE(ref.ok());
+      s.Release(*ref);
+    }
+    EXPECT_EQ(s.stats().total.misses, 2) << policy;  // the two first loads only
+
+    // Expert 0 is not needed any more: 2 takes its slot (the policy's victim, whatever its order).
+    need = {0.f, 0.9f, 1.f, 0.f, 0.f, 0.f};
+    s.PrefetchSet(0, set, Priority::kPrefetch, need, 0.9);
+    EXPECT_TRUE(s.IsResident(0, 2)) << policy;
+    EXPECT_TRUE(s.IsResident(0, 1)) << policy;
+    EXPECT_EQ(s.stats().total.prefetch_issued, 1) << policy;
+    // A free slot evicts nothing: the member's own probability decides (the min_prob gate).
+    need = {0.f, 0.f, 0.f, 0.95f, 0.f, 0.f};
+    const std::vector<int32_t> other = {3};
+    s.PrefetchSet(1, other, Priority::kPrefetch, need, 0.9);
+    EXPECT_TRUE(s.IsResident(1, 3)) << policy;
+    // Without `need`, every member loads (an oracle's list).
+    const std::vector<int32_t> fourth = {4};
+    s.PrefetchSet(0, fourth, Priority::kPrefetch);
+    EXPECT_TRUE(s.IsResident(0, 4)) << policy;
+  }
+}
+
 }  // namespace
 }  // namespace ef::cache
