@@ -718,6 +718,8 @@ nlohmann::json ExpertCache::StatsJson() const {
   j["misses"] = c.misses;
   j["prefetch_issued"] = c.prefetch_issued;
   j["prefetch_used"] = c.prefetch_used;
+  j["prefetch_wasted"] = c.prefetch_wasted;
+  j["prefetch_declined"] = c.prefetch_declined;
   j["bytes_loaded"] = c.bytes_from_host;
   for (int i = 0; i < kNumTiers; ++i) {
     const std::string name = TierName(static_cast<Tier>(i));

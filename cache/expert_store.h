@@ -108,11 +108,14 @@ struct SlotRef {
 struct ExpertCounters {
   int64_t hits = 0;
   int64_t misses = 0;
-  int64_t prefetch_issued = 0;    // prefetch loads started
-  int64_t prefetch_used = 0;      // prefetched, then acquired before eviction
-  int64_t prefetch_wasted = 0;    // prefetched, evicted without an Acquire
-  int64_t prefetch_dropped = 0;   // async prefetch requests dropped (no evictable slot, or load failed)
-  int64_t prefetch_declined = 0;  // PrefetchSet members not loaded: the resident they would evict was as needed
+  int64_t prefetch_issued = 0;   // prefetch loads started
+  int64_t prefetch_used = 0;     // prefetched, then acquired before eviction
+  int64_t prefetch_wasted = 0;   // prefetched, evicted without an Acquire
+  int64_t prefetch_dropped = 0;  // async prefetch requests dropped (no evictable slot, or load failed)
+  // PrefetchSet members not loaded: the resident they would evict was as needed. A layer is
+  // forecast from each of the prefetch_layers layers before it, so one expert of one step may be
+  // declined (and then issued) more than once.
+  int64_t prefetch_declined = 0;
   int64_t bytes_from_host = 0;    // loaded into a slot through the source
   int64_t bytes_from_device = 0;  // served by hits
   int64_t stall_ns = 0;           // Acquire time spent waiting for loads

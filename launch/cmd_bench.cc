@@ -659,6 +659,8 @@ StatusOr<RunCounters> FinishRun(const BenchRun& b, BenchParts* p) {
       c.cs.total.misses += rank_cache["misses"].get<int64_t>();
       c.cs.total.prefetch_issued += rank_cache["prefetch_issued"].get<int64_t>();
       c.cs.total.prefetch_used += rank_cache["prefetch_used"].get<int64_t>();
+      c.cs.total.prefetch_wasted += rank_cache.value("prefetch_wasted", int64_t{0});
+      c.cs.total.prefetch_declined += rank_cache.value("prefetch_declined", int64_t{0});
       c.cs.total.bytes_from_host += rank_cache["bytes_loaded"].get<int64_t>();
       c.host_uses += rank_cache.value("cpu_computed_experts", int64_t{0});
     }

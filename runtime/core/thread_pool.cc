@@ -7,7 +7,6 @@
 #include <exception>
 
 #include "runtime/core/cpu_relax.h"
-#include "runtime/core/cpu_relax.h"
 #include "runtime/core/params.h"
 
 EF_PARAM(NumThreads, int64_t, "EF_NUM_THREADS", 0,

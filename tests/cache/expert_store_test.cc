@@ -602,7 +602,7 @@ TEST(ExpertStore, PrefetchSetKeepsAResidentAsLikelyNeededAsTheMember) {
     }
     EXPECT_EQ(s.stats().total.misses, 2) << policy;  // the two first loads only
 
-    // Expert 0 is not needed any more: 2 takes its slot (the policy's victim, whatever its order).
+    // Expert 0 is not needed any more: 2 takes its slot (0 is the victim of both policies here).
     need = {0.f, 0.9f, 1.f, 0.f, 0.f, 0.f};
     s.PrefetchSet(0, set, Priority::kPrefetch, need, 0.9);
     EXPECT_TRUE(s.IsResident(0, 2)) << policy;
