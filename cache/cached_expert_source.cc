@@ -172,6 +172,12 @@ void CachedExpertSource::AcquireInOrder(int layer, const std::vector<int32_t>& e
   }
 }
 
+void CachedExpertSource::PrefetchAfter(int layer) {
+  if (layer < 0 || layer >= num_layers_) return;
+  store_->SetCurrentLayer(layer);
+  PrefetchAhead(layer);
+}
+
 void CachedExpertSource::PrefetchAhead(int layer) {
   int ahead = 0;
   for (int step = 1; step < num_layers_ && ahead < options_.prefetch_layers; ++step) {

@@ -116,6 +116,9 @@ class CachedExpertSource final : public runtime::ExpertSource {
   // Empty `need`: the listed experts are certain and the others not needed (an oracle).
   void SetUpcoming(int layer, std::vector<int32_t> experts, std::vector<float> need = {});
   void ClearUpcoming();
+  // The prefetches OnRouting(layer) issues after the layer's experts, for a layer this process
+  // computes nothing of (under expert parallelism: no row of any rank's tokens came here).
+  void PrefetchAfter(int layer);
 
   ExpertStore& store() { return *store_; }
   ExpertStoreStats stats() const { return store_->stats(); }

@@ -483,12 +483,14 @@ StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(runtime::Engine* engi
       if (c.IsMoeLayer(l)) po.capacity[l] = budget.slots(l);
     po.trace = o.trace;
     ExpertCache* self = cache.get();
+    cache->own_.resize(c.num_layers);
     PredictorPrefetcher::ForecastSink forecast;
     if (o.policy == "expertflow")
       forecast = [self](const placement::RoutingForecast& f) { self->store_->SetForecast(f); };
     EF_ASSIGN_OR_RETURN(cache->prefetcher_, PredictorPrefetcher::Create(
                                                 engine->weights(), po,
                                                 [self](int layer, std::vector<int32_t> e, std::vector<float> need) {
+                                                  self->own_[layer] = {need, e};
                                                   self->SetUpcoming(layer, std::move(e), std::move(need));
                                                 },
                                                 std::move(forecast)));
@@ -753,6 +755,31 @@ void ExpertCache::SetUpcoming(int layer, std::vector<int32_t> experts, std::vect
   if (tiers_ && tiers_->hooks().computes)
     std::erase_if(experts, [&](int32_t e) { return !tiers_->Computes(layer, e); });
   if (source_) source_->SetUpcoming(layer, std::move(experts), std::move(need));
+}
+
+bool ExpertCache::OwnForecast(int layer, std::span<float> need, std::vector<int32_t>* listed) const {
+  if (layer < 0 || static_cast<size_t>(layer) >= own_.size()) return false;
+  const Forecast& f = own_[layer];
+  if (f.need.size() != need.size()) return false;  // none made yet
+  std::copy(f.need.begin(), f.need.end(), need.begin());
+  *listed = f.listed;
+  return true;
+}
+
+void ExpertCache::SharedForecast(int layer, std::span<const float> need, std::span<const int32_t> listed) {
+  if (!source_ || layer < 0 || layer >= engine_->config().num_layers) return;
+  std::vector<int32_t> experts;
+  for (int32_t e : listed)
+    if (e >= 0 && static_cast<size_t>(e) < need.size() && need[e] >= options_.prefetch_min_prob &&
+        (!tiers_ || tiers_->Computes(layer, e)))
+      experts.push_back(e);
+  if (static_cast<int>(experts.size()) > budget_.slots(layer))
+    experts.resize(static_cast<size_t>(budget_.slots(layer)));
+  SetUpcoming(layer, std::move(experts), std::vector<float>(need.begin(), need.end()));
+}
+
+void ExpertCache::ComputesNothing(int layer) {
+  if (source_) source_->PrefetchAfter(layer);
 }
 
 }  // namespace ef::cache

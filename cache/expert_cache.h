@@ -43,6 +43,7 @@
 #include "cache/predictor_prefetcher.h"
 #include "placement/routing_trace.h"
 #include "runtime/engine/engine.h"
+#include "runtime/engine/forecast_share.h"
 
 namespace ef::cache {
 
@@ -129,7 +130,7 @@ struct CacheBudget {
   bool holds_all() const { return slots_per_layer >= num_experts && native_fits; }
 };
 
-class ExpertCache {
+class ExpertCache final : public runtime::ForecastShare {
  public:
   static StatusOr<std::unique_ptr<ExpertCache>> Create(runtime::Engine* engine, const ExpertCacheOptions& options);
   // The budget checks alone (no allocation).
@@ -176,6 +177,17 @@ class ExpertCache {
   // callers with a forecast of their own, e.g. a benchmark's trace oracle with predictor none.
   // `need`: see CachedExpertSource::SetUpcoming.
   void SetUpcoming(int layer, std::vector<int32_t> experts, std::vector<float> need = {});
+
+  // Under expert parallelism (runtime/engine/forecast_share.h): the MoE layers ahead whose
+  // forecasts the ranks share, from the options alone (the same on every rank): prefetch_layers
+  // with a predictor, else 0.
+  static int SharedForecastDepth(const ExpertCacheOptions& o) { return o.predictor != "none" ? o.prefetch_layers : 0; }
+  // The predictor's last forecast of `layer` from this rank's tokens.
+  bool OwnForecast(int layer, std::span<float> need, std::vector<int32_t>* listed) const override;
+  // Other ranks' forecasts with this one's: replaces the layer's prefetch list (the listed experts
+  // this rank computes, at least prefetch_min_prob needed, as many as the layer's slots).
+  void SharedForecast(int layer, std::span<const float> need, std::span<const int32_t> listed) override;
+  void ComputesNothing(int layer) override;
   ExpertStore* store() { return store_; }
   // The source behind the cache (null when inactive).
   CachedExpertSource* source() { return source_.get(); }
@@ -192,6 +204,11 @@ class ExpertCache {
   // CUDA: loads from the pinned host tier go through the arena, not the tiers' counters.
   bool pinned_tier_ = false;
   std::unique_ptr<PredictorPrefetcher> prefetcher_;
+  struct Forecast {
+    std::vector<float> need;
+    std::vector<int32_t> listed;
+  };
+  std::vector<Forecast> own_;  // [decoder layer]: the predictor's last forecast (OwnForecast)
   int hook_id_ = -1;
   int precision_hook_id_ = -1;          // auto precision: the routing's gate weights
   bool exposed_router_inputs_ = false;  // set by this cache (restored on destruction)

@@ -72,6 +72,7 @@ nlohmann::json Cluster::Stats() const {
       {"a2a_seconds", static_cast<double>(exchange_->a2a_ns()) * 1e-9},
       {"rows_dispatched", executor_->rows_dispatched()},
       {"rows_computed", executor_->rows_computed()},
+      {"forecasts_received", executor_->forecasts_received()},
       {"steps", executor_->steps()},
       {"planned_layers", executor_->planned_layers()},
       {"rows_moved", executor_->rows_moved()},

@@ -6,7 +6,9 @@
 #include <algorithm>
 #include <bit>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
+#include <numeric>
 #include <thread>
 
 #include "runtime/core/logging.h"
@@ -30,7 +32,46 @@ Status Reserve(runtime::Backend* backend, runtime::Buffer* b, size_t bytes) {
   return Status::Ok();
 }
 
+constexpr double kNeedOne = static_cast<double>(int64_t{1} << 30);  // a need of 1 in fixed point
+constexpr int64_t kListed = int64_t{1} << 32;
+
 }  // namespace
+
+int64_t PackForecast(float need, bool listed) {
+  return std::llround(std::clamp(static_cast<double>(need), 0.0, 1.0) * kNeedOne) | (listed ? kListed : 0);
+}
+
+StatusOr<CombinedForecast> CombineForecasts(std::span<const int64_t> entries, int num_ranks, int me) {
+  if (num_ranks <= 0 || entries.size() % static_cast<size_t>(num_ranks) != 0)
+    return Internal("shared forecast: " + std::to_string(entries.size()) + " entries for " + std::to_string(num_ranks) +
+                    " ranks");
+  const size_t E = entries.size() / static_cast<size_t>(num_ranks);
+  CombinedForecast f;
+  std::vector<double> idle(E, 1.0);  // the probability that no rank's batch routes to e
+  std::vector<char> listed(E, 0);
+  for (int r = 0; r < num_ranks; ++r) {
+    const std::span<const int64_t> v = entries.subspan(static_cast<size_t>(r) * E, E);
+    if (E == 0 || v[0] == kNoForecast) continue;
+    for (size_t e = 0; e < E; ++e) {
+      const int64_t need = v[e] & (kListed - 1);
+      if (v[e] < 0 || (v[e] & ~(kListed | (kListed - 1))) != 0 || need > static_cast<int64_t>(kNeedOne))
+        return Internal("rank " + std::to_string(r) + " sent a malformed forecast entry for expert " +
+                        std::to_string(e) + " (" + std::to_string(v[e]) + ")");
+      idle[e] *= 1.0 - static_cast<double>(need) / kNeedOne;
+      listed[e] |= (v[e] & kListed) != 0;
+    }
+    ++f.senders;
+    f.mine |= r == me;
+  }
+  if (f.senders == 0) return f;
+  f.need.resize(E);
+  for (size_t e = 0; e < E; ++e) {
+    f.need[e] = static_cast<float>(1.0 - idle[e]);
+    if (listed[e]) f.listed.push_back(static_cast<int32_t>(e));
+  }
+  std::stable_sort(f.listed.begin(), f.listed.end(), [&](int32_t a, int32_t b) { return f.need[a] > f.need[b]; });
+  return f;
+}
 
 ExpertParallelExecutor::ExpertParallelExecutor(MpiContext* ctx, TokenExchange* exchange,
                                                const ExpertPlacement* placement, runtime::Engine* engine,
@@ -225,6 +266,54 @@ Status ExpertParallelExecutor::PlanLayer(int layer, std::span<const int32_t> ids
   return Status::Ok();
 }
 
+void ExpertParallelExecutor::SetForecastShare(runtime::ForecastShare* share, int depth) {
+  share_ = share;
+  forecast_depth_ = std::max(0, depth);
+  const std::vector<int> moe = engine_->config().MoeLayers();
+  forecast_targets_.assign(num_layers_, {});
+  for (size_t i = 0; i < moe.size(); ++i)
+    for (size_t j = i + 1; j < moe.size() && j <= i + static_cast<size_t>(forecast_depth_); ++j)
+      forecast_targets_[moe[i]].push_back(moe[j]);
+}
+
+void ExpertParallelExecutor::PackForecasts(int layer, int64_t T, size_t K) {
+  const int N = ctx_->size(), E = num_experts_;
+  own_need_.resize(E);
+  for (int j = 0; j < forecast_depth_; ++j) {
+    const std::vector<int>& targets = forecast_targets_[layer];
+    // Only a rank with tokens of this step ran its predictor for them (a rank without tokens still
+    // holds the forecasts of its last step).
+    const bool own = T > 0 && share_ && j < static_cast<int>(targets.size()) &&
+                     share_->OwnForecast(targets[j], own_need_, &own_listed_);
+    const size_t at = static_cast<size_t>(E) + 1 + static_cast<size_t>(j) * E;
+    for (int e = 0; e < E; ++e) {
+      int64_t v = kNoForecast;
+      if (own)
+        v = PackForecast(own_need_[e], std::find(own_listed_.begin(), own_listed_.end(), e) != own_listed_.end());
+      for (int d = 0; d < N; ++d) send_counts_[d * K + at + e] = v;
+    }
+  }
+}
+
+Status ExpertParallelExecutor::ShareForecasts(int layer, size_t K) {
+  const int N = ctx_->size(), E = num_experts_;
+  const std::vector<int>& targets = forecast_targets_[layer];
+  for (int j = 0; j < forecast_depth_ && j < static_cast<int>(targets.size()); ++j) {
+    const size_t at = static_cast<size_t>(E) + 1 + static_cast<size_t>(j) * E;
+    forecast_entries_.resize(static_cast<size_t>(N) * E);
+    for (int r = 0; r < N; ++r)
+      std::copy_n(recv_counts_.begin() + static_cast<ptrdiff_t>(r * K + at), E,
+                  forecast_entries_.begin() + static_cast<ptrdiff_t>(r) * E);
+    auto f = CombineForecasts(forecast_entries_, N, ctx_->rank());
+    if (!f.ok()) return Status(f.status()).Prepend("layer " + std::to_string(targets[j]) + ": ");
+    // Nobody forecast the layer, or only this rank did (its cache has its own forecast already).
+    if (f->senders == 0 || (f->senders == 1 && f->mine)) continue;
+    if (share_) share_->SharedForecast(targets[j], f->need, f->listed);
+    ++forecasts_received_;
+  }
+  return Status::Ok();
+}
+
 Status ExpertParallelExecutor::Run(int layer, int64_t T, int top_k, const float* h, std::span<const int32_t> ids,
                                    std::span<const float> weights, float* out) {
   if (layer == first_moe_layer_) {
@@ -261,7 +350,8 @@ Status ExpertParallelExecutor::Run(int layer, int64_t T, int top_k, const float*
   if (planned) EF_RETURN_IF_ERROR(PlanLayer(layer, ids.first(P), where));
   for (int e = 0; e < E; ++e)
     dest_[e] = planned ? plan_.compute[static_cast<size_t>(me) * E + e] : placement_->ComputeRank(layer, e, me);
-  const size_t K = static_cast<size_t>(E) + 1;  // count entries per rank
+  // Count entries per rank: pairs per expert, distinct rows, then the shared forecast's.
+  const size_t K = static_cast<size_t>(E) + 1 + static_cast<size_t>(forecast_depth_) * E;
   key_offset_.assign(static_cast<size_t>(N) * E + 1, 0);
   for (int64_t p = 0; p < P; ++p) {
     const int32_t e = ids[p];
@@ -272,6 +362,7 @@ Status ExpertParallelExecutor::Run(int layer, int64_t T, int top_k, const float*
   for (int d = 0; d < N; ++d)
     for (int e = 0; e < E; ++e) send_counts_[d * K + e] = key_offset_[static_cast<size_t>(d) * E + e + 1];
   for (size_t k = 0; k + 1 < key_offset_.size(); ++k) key_offset_[k + 1] += key_offset_[k];
+  PackForecasts(layer, T, K);
   // Distinct tokens per destination, in token order: local_[d * T + t] is token t's row within
   // the block sent to d, or -1.
   local_.assign(static_cast<size_t>(N) * T, -1);
@@ -336,6 +427,7 @@ Status ExpertParallelExecutor::Run(int layer, int64_t T, int top_k, const float*
   // within its block. Pairs from one rank arrive ordered by expert.
   recv_counts_.assign(static_cast<size_t>(N) * K, 0);
   EF_RETURN_IF_ERROR(exchange_->ExchangeCounts(send_counts_, recv_counts_, "the " + where + " token counts"));
+  EF_RETURN_IF_ERROR(ShareForecasts(layer, K));
   recv_rows_.assign(N, 0);
   recv_uniq_.assign(N, 0);
   recv_uniq_offset_.assign(N + 1, 0);
@@ -385,6 +477,8 @@ Status ExpertParallelExecutor::Run(int layer, int64_t T, int top_k, const float*
     ones_.assign(R, 1.f);
     EF_RETURN_IF_ERROR(engine_->local_moe().ComputeRows(layer, R, recv_dev_.f32(), recv_expert_, ones_, y_dev_.f32()));
     rows_computed_ += R;
+  } else if (share_ && forecast_depth_ > 0) {
+    share_->ComputesNothing(layer);
   }
 
   // 5. Results return to the tokens' ranks: one row per pair, in the order the pairs were sent, or

@@ -28,6 +28,12 @@
 // Hidden rows stay in backend memory throughout; only when a host exchange (mpi) serves a device
 // backend (cuda) are they staged through host memory around each AllToAllV.
 //
+// Shared forecast (SetForecastShare, runtime/engine/forecast_share.h): the counts of step 1 also
+// carry, per rank, its expert cache's forecast of the next `depth` MoE layers (per expert: the
+// need, fixed point, and whether it is listed for prefetch; -1: no forecast), so a rank computing
+// other ranks' tokens prefetches for them as the owning rank does. Every rank combines them the same
+// way and hands its cache the result before computing the layer.
+//
 // Lockstep: every rank must join every MoE layer's exchange of every step. A step starts with a
 // small all-gather of "has work" flags at the first MoE layer. A rank with no tokens calls
 // SyncIdle(); if any rank has work it runs RunIdleStep() (each MoE layer with zero rows). When a
@@ -46,8 +52,23 @@
 #include "comm/stat_counter.h"
 #include "comm/token_exchange.h"
 #include "runtime/engine/engine.h"
+#include "runtime/engine/forecast_share.h"
 
 namespace ef::comm {
+
+// Shared forecast entries (one rank's forecast of one expert of one MoE layer): the need in fixed
+// point with a flag when the rank prefetches the expert; kNoForecast from a rank that made none.
+constexpr int64_t kNoForecast = -1;
+int64_t PackForecast(float need, bool listed);
+struct CombinedForecast {
+  int senders = 0;              // ranks that forecast the layer
+  bool mine = false;            // this rank among them
+  std::vector<float> need;      // [E] 1 - prod over senders (1 - need), when senders > 0
+  std::vector<int32_t> listed;  // listed by any sender, most needed first (ties: lower id)
+};
+// entries: num_ranks blocks of E packed entries, rank r's at [r * E, r * E + E). An entry that no
+// PackForecast gives is an error naming its rank.
+StatusOr<CombinedForecast> CombineForecasts(std::span<const int64_t> entries, int num_ranks, int me);
 
 class ExpertParallelExecutor final : public runtime::MoeExecutor {
  public:
@@ -79,6 +100,15 @@ class ExpertParallelExecutor final : public runtime::MoeExecutor {
   Status Stop();
   // A follower: joins every step the serving rank starts, until it calls Stop().
   Status Follow();
+
+  // Shares the forecasts of the next `depth` MoE layers (0: none) between the ranks' expert caches.
+  // Every rank must call it with the same depth before the first step (the count exchange's size
+  // depends on it); `share` may be null on a rank (it then sends no forecast and takes none) and
+  // must outlive the executor or be detached with set_forecast_share(nullptr) first.
+  void SetForecastShare(runtime::ForecastShare* share, int depth);
+  void set_forecast_share(runtime::ForecastShare* share) { share_ = share; }
+  // MoE layers for which this rank was handed a forecast combined from other ranks'.
+  int64_t forecasts_received() const { return forecasts_received_; }
 
   int64_t rows_dispatched() const { return rows_dispatched_; }  // distinct hidden rows sent to other ranks
   int64_t rows_computed() const { return rows_computed_; }      // rows this rank computed
@@ -116,6 +146,10 @@ class ExpertParallelExecutor final : public runtime::MoeExecutor {
   // Planned mode: gathers every rank's rows per expert of this layer (`ids`) and plans them into
   // plan_ (and all_rows_).
   Status PlanLayer(int layer, std::span<const int32_t> ids, const std::string& where);
+  // Shared forecast: this rank's own forecasts of the MoE layers after `layer` into send_counts_
+  // (entries [E + 1, K) of every destination), then, after the exchange, every rank's combined.
+  void PackForecasts(int layer, int64_t T, size_t K);
+  Status ShareForecasts(int layer, size_t K);
 
   MpiContext* ctx_;
   TokenExchange* exchange_;
@@ -134,6 +168,13 @@ class ExpertParallelExecutor final : public runtime::MoeExecutor {
   int64_t rows_dispatched_ = 0, rows_computed_ = 0, steps_ = 0;
   int64_t planned_layers_ = 0, planned_max_rows_sum_ = 0, static_max_rows_sum_ = 0, total_rows_sum_ = 0,
           rows_moved_ = 0;
+  runtime::ForecastShare* share_ = nullptr;
+  int forecast_depth_ = 0;
+  std::vector<std::vector<int>> forecast_targets_;  // [decoder layer]: the next MoE layers, up to depth
+  std::vector<float> own_need_;
+  std::vector<int32_t> own_listed_;
+  std::vector<int64_t> forecast_entries_;
+  int64_t forecasts_received_ = 0;
   std::vector<int64_t> my_rows_, all_rows_;  // planned: rows per expert, mine and [rank * E + e]
   std::vector<int> static_compute_;          // planned: [rank * E + e] -> static compute rank
   RowPlan plan_;

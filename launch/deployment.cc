@@ -126,6 +126,11 @@ Status Deployment::BuildCache(const DeploymentOptions& o) {
   EF_ASSIGN_OR_RETURN(
       auto c, SetUpExpertCache(engine_.get(), o.cache, o.predictor, o.trace, cluster_.get(), ctx_ ? ctx_->rank() : 0));
   cache_ = std::move(c);
+  // Every rank shares its cache's forecast with the ranks that compute its tokens' experts (the
+  // depth from the configuration, the same on every rank).
+  if (cluster_)
+    cluster_->executor().SetForecastShare(
+        cache_.get(), cache::ExpertCache::SharedForecastDepth(ToExpertCacheOptions(o.cache, o.predictor)));
   if (o.announce && (!ctx_ || ctx_->rank() == 0)) {
     std::string line = cache_->Describe();
     if (cluster_) line += ", on each of " + std::to_string(ctx_->size()) + " ranks";
@@ -135,6 +140,7 @@ Status Deployment::BuildCache(const DeploymentOptions& o) {
 }
 
 Deployment::~Deployment() {
+  if (cluster_) cluster_->executor().set_forecast_share(nullptr);
   cache_.reset();    // detaches its source and hook from the engine; its tiers read the cluster's shard
   cluster_.reset();  // detaches the executor
   engine_.reset();

@@ -5,7 +5,7 @@
 # their homes (--compute-placement round_robin) and bounds each rank's host shard to half of its
 # home experts, so every tier serves loads: device hits, the rank's own host shard, peers' shards
 # over UCX, the checkpoint mapping. With prefetch off each rank's accesses are exactly its hits
-# plus its loads from the three tiers.
+# plus its loads from the three tiers. With prefetch on, every rank prefetches from rank 0's forecast.
 #   mpi_cache.sh BIN NP DATA_DIR MODELS_DIR
 BIN=$1 NP=$2 DATA=$3 MODELS=$4
 source "$(dirname "$0")/common.sh"
@@ -98,4 +98,28 @@ grep "^new ids:" "$WORK/g1.ids" >"$WORK/a" && grep "^new ids:" "$WORK/gn.ids" >"
 cmp -s "$WORK/a" "$WORK/b" || { diff "$WORK/a" "$WORK/b" >&2; fail "generate -np $NP with caches: tokens differ"; }
 check_counters "$WORK/gen.stats.json" generate 1
 echo "generate: -np $NP with per-rank caches gives the same tokens"
+# With prefetch (the default policy and predictor, forecasts >= 0.2 prefetched): every token is
+# rank 0's, yet every rank prefetches for the experts it computes, from rank 0's forecast carried
+# with the token counts; the tokens do not change.
+"${MPIRUN[@]}" -np "$NP" "$BIN" generate --backend cpu --model "$m" -p "def add(a, b):" -n 24 --temperature 0 \
+  --cache-device-budget "2 slots per layer" --prefetch-min-prob 0.2 \
+  --comm-stats "$WORK/pf.stats.json" --show-ids 2>"$WORK/pf.ids" >/dev/null ||
+  { cat "$WORK/pf.ids" >&2; fail "generate with prefetching per-rank caches failed"; }
+"$BIN" generate --backend cpu --model "$m" -p "def add(a, b):" -n 24 --temperature 0 --show-ids 2>"$WORK/p1.ids" >/dev/null
+grep "^new ids:" "$WORK/p1.ids" >"$WORK/a" && grep "^new ids:" "$WORK/pf.ids" >"$WORK/b" || fail "generate printed no ids"
+cmp -s "$WORK/a" "$WORK/b" || { diff "$WORK/a" "$WORK/b" >&2; fail "generate -np $NP with prefetch: tokens differ"; }
+python3 - "$WORK/pf.stats.json" "$m/config.json" <<'PY' || fail "generate with prefetch: a rank did not prefetch"
+import json, sys
+s, cfg = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
+for r in s["ranks"]:
+    c = r["expert_cache"]
+    # A rank whose 2 slots hold every expert it computes has nothing to prefetch once warm.
+    if cfg["num_local_experts"] > 2 * s["world_size"]:
+        assert c["prefetch_issued"] > 0, f"rank {r['rank']} prefetched nothing: {c}"
+    assert c["prefetch_used"] <= c["prefetch_issued"], c
+    # Rank 0's own forecast stands on rank 0; the others are handed it.
+    got = r["forecasts_received"]
+    assert (got == 0) if r["rank"] == 0 else (got > 0), f"rank {r['rank']}: {got} forecasts received"
+print("prefetch issued/used per rank:", [(r["expert_cache"]["prefetch_issued"], r["expert_cache"]["prefetch_used"]) for r in s["ranks"]])
+PY
 echo "PASS"
