@@ -64,6 +64,7 @@
 #include "launch/synthetic_model.h"
 #include "placement/trace_routing_override.h"
 #include "runtime/core/build_info.h"
+#include "runtime/core/limits.h"
 #include "runtime/core/logging.h"
 #include "runtime/tokenizer/tokenizer.h"
 #include "scheduler/expert_path_set.h"
@@ -1090,7 +1091,7 @@ Command AddBenchCommand(CLI::App& root) {
   c.app
       ->add_option("--temperature", o->sampling.temperature,
                    "sampling temperature of every request; 0: greedy (the arg max, chosen on the GPU)")
-      ->check(CLI::Range(0.0, 2.0))
+      ->check(CLI::Range(0.f, limits::kMaxTemperature))
       ->capture_default_str();
   c.app->add_option("--top-p", o->sampling.top_p, "nucleus sampling: the smallest set reaching this probability")
       ->check(CLI::Range(0.0, 1.0))

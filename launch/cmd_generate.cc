@@ -10,6 +10,7 @@
 #include "launch/config.h"
 #include "launch/deployment.h"
 #include "launch/engine_options.h"
+#include "runtime/core/limits.h"
 #include "runtime/core/logging.h"
 #include "runtime/engine/generator.h"
 #include "runtime/tokenizer/tokenizer.h"
@@ -129,7 +130,8 @@ Command AddGenerateCommand(CLI::App& root) {
   c.app->add_option("-n,--max-new-tokens", o->max_new_tokens, "tokens to generate")
       ->check(kNonNegative)
       ->capture_default_str();
-  c.app->add_option("--temperature,-t", o->sampling.temperature, "sampling temperature (0: greedy)")
+  c.app->add_option("--temperature,-t", o->sampling.temperature, "sampling temperature in [0, 2] (0: greedy)")
+      ->check(CLI::Range(0.f, limits::kMaxTemperature))
       ->capture_default_str();
   c.app->add_option("--top-k", o->sampling.top_k, "sample among the k most likely tokens (0: all)");
   c.app->add_option("--top-p", o->sampling.top_p, "nucleus sampling threshold in (0, 1]");

@@ -15,6 +15,7 @@
 #include "launch/cli_checks.h"
 #include "launch/command.h"
 #include "launch/engine_options.h"
+#include "runtime/core/limits.h"
 #include "runtime/core/logging.h"
 
 namespace ef::launch {
@@ -336,7 +337,7 @@ const std::map<std::string, Section>& Schema() {
            {"max_new_tokens",
             [](const Ctx& c, Config* o) { return GetInt(c, 0, 1 << 24, &o->generate.max_new_tokens); }},
            {"temperature",
-            [](const Ctx& c, Config* o) { return GetFloat(c, 0, 100, false, &o->generate.temperature); }},
+            [](const Ctx& c, Config* o) { return GetFloat(c, 0, limits::kMaxTemperature, false, &o->generate.temperature); }},
            {"top_p", [](const Ctx& c, Config* o) { return GetFloat(c, 0, 1, true, &o->generate.top_p); }},
            {"top_k", [](const Ctx& c, Config* o) { return GetInt(c, 0, 1 << 24, &o->generate.top_k); }},
            {"seed", [](const Ctx& c, Config* o) { return GetU64(c, &o->generate.seed); }},

@@ -223,7 +223,8 @@ Error ParseSampling(const json& body, uint64_t default_seed, ApiRequest* out) {
   if (auto e = GetInt(body, "seed", &seed)) return e;
   runtime::SamplingParams& sp = out->base.sampling;
   if (temperature) {
-    if (!(*temperature >= 0 && *temperature <= 2)) return Bad("temperature", "'temperature' must be in [0, 2]");
+    if (!(*temperature >= 0 && *temperature <= limits::kMaxTemperature))
+      return Bad("temperature", "'temperature' must be in [0, 2]");
     sp.temperature = static_cast<float>(*temperature);
   }
   if (top_p) {

@@ -17,6 +17,8 @@ inline constexpr int kMaxVocab = 1 << 22;
 // choices per request (prompts x n).
 inline constexpr int kMaxTopLogprobs = 20;
 inline constexpr int kMaxChoices = 128;
+// Sampling temperature, the same bound for the API (OpenAI's), the config, generate and bench.
+inline constexpr float kMaxTemperature = 2.f;
 
 static_assert(kMaxTopK <= kMaxExperts);
 static_assert(kMaxTopLogprobs >= 1 && kMaxChoices >= 1);

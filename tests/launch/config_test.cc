@@ -138,6 +138,9 @@ TEST(ConfigTest, ImpossibleValuesNameKeyAndLine) {
             "t.yaml:2: cluster.planned_max_imbalance: expected a number in [1, 1e+06], got '0.9'");
   EXPECT_EQ(Error("cluster:\n  timeout_s: 0\n"),
             "t.yaml:2: cluster.timeout_s: expected a number in (0, 86400], got '0'");
+  // The API's bound (OpenAI's), as generate's and bench's --temperature.
+  EXPECT_EQ(Error("generate:\n  temperature: 3\n"),
+            "t.yaml:2: generate.temperature: expected a number in [0, 2], got '3'");
   EXPECT_EQ(Error("server:\n  port: 70000\n"), "t.yaml:2: server.port: expected an integer in [1, 65535], got '70000'");
   EXPECT_EQ(Error("server:\n  max_body_bytes: 10\n"),
             "t.yaml:2: server.max_body_bytes: expected a size in [1KiB, 1GiB], got '10'");
