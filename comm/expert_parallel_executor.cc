@@ -22,6 +22,10 @@ EF_PARAM(
     DebugStallAtLayer, int64_t, "EF_DEBUG_STALL_AT_LAYER", -1,
     "testing: the fault rank stops responding (sleeps) on reaching this decoder layer's token exchange (-1: never)");
 
+EF_PARAM(ShareForecasts, int64_t, "EF_SHARE_FORECASTS", 1,
+         "testing: 0 keeps each rank's expert-cache forecast to itself (A/B of the shared forecast; every rank "
+         "must see the same value)");
+
 namespace ef::comm {
 namespace {
 
@@ -268,7 +272,7 @@ Status ExpertParallelExecutor::PlanLayer(int layer, std::span<const int32_t> ids
 
 void ExpertParallelExecutor::SetForecastShare(runtime::ForecastShare* share, int depth) {
   share_ = share;
-  forecast_depth_ = std::max(0, depth);
+  forecast_depth_ = params::ShareForecasts() ? std::max(0, depth) : 0;
   const std::vector<int> moe = engine_->config().MoeLayers();
   forecast_targets_.assign(num_layers_, {});
   for (size_t i = 0; i < moe.size(); ++i)
