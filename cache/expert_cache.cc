@@ -768,14 +768,15 @@ bool ExpertCache::OwnForecast(int layer, std::span<float> need, std::vector<int3
 
 void ExpertCache::SharedForecast(int layer, std::span<const float> need, std::span<const int32_t> listed) {
   if (!source_ || layer < 0 || layer >= engine_->config().num_layers) return;
+  // `listed` holds only experts whose rows come here (the executor filtered it by the placement,
+  // per sending rank); SetUpcoming's filter (what this rank computes for its own tokens) would
+  // drop experts it computes for others as a replica.
   std::vector<int32_t> experts;
   for (int32_t e : listed)
-    if (e >= 0 && static_cast<size_t>(e) < need.size() && need[e] >= options_.prefetch_min_prob &&
-        (!tiers_ || tiers_->Computes(layer, e)))
-      experts.push_back(e);
+    if (e >= 0 && static_cast<size_t>(e) < need.size() && need[e] >= options_.prefetch_min_prob) experts.push_back(e);
   if (static_cast<int>(experts.size()) > budget_.slots(layer))
     experts.resize(static_cast<size_t>(budget_.slots(layer)));
-  SetUpcoming(layer, std::move(experts), std::vector<float>(need.begin(), need.end()));
+  source_->SetUpcoming(layer, std::move(experts), std::vector<float>(need.begin(), need.end()));
 }
 
 void ExpertCache::ComputesNothing(int layer) {

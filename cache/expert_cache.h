@@ -184,8 +184,8 @@ class ExpertCache final : public runtime::ForecastShare {
   static int SharedForecastDepth(const ExpertCacheOptions& o) { return o.predictor != "none" ? o.prefetch_layers : 0; }
   // The predictor's last forecast of `layer` from this rank's tokens.
   bool OwnForecast(int layer, std::span<float> need, std::vector<int32_t>* listed) const override;
-  // Other ranks' forecasts with this one's: replaces the layer's prefetch list (the listed experts
-  // this rank computes, at least prefetch_min_prob needed, as many as the layer's slots).
+  // Other ranks' forecasts with this one's, of the experts whose rows come to this rank: replaces
+  // the layer's prefetch list (those at least prefetch_min_prob needed, as many as the layer's slots).
   void SharedForecast(int layer, std::span<const float> need, std::span<const int32_t> listed) override;
   void ComputesNothing(int layer) override;
   ExpertStore* store() { return store_; }

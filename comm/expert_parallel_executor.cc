@@ -42,10 +42,12 @@ constexpr int64_t kListed = int64_t{1} << 32;
 }  // namespace
 
 int64_t PackForecast(float need, bool listed) {
-  return std::llround(std::clamp(static_cast<double>(need), 0.0, 1.0) * kNeedOne) | (listed ? kListed : 0);
+  const double p = need >= 0.f ? std::min(static_cast<double>(need), 1.0) : 0.0;  // NaN: 0
+  return std::llround(p * kNeedOne) | (listed ? kListed : 0);
 }
 
-StatusOr<CombinedForecast> CombineForecasts(std::span<const int64_t> entries, int num_ranks, int me) {
+StatusOr<CombinedForecast> CombineForecasts(std::span<const int64_t> entries, int num_ranks, int me,
+                                            const std::function<bool(int rank, int expert)>& routes_here) {
   if (num_ranks <= 0 || entries.size() % static_cast<size_t>(num_ranks) != 0)
     return Internal("shared forecast: " + std::to_string(entries.size()) + " entries for " + std::to_string(num_ranks) +
                     " ranks");
@@ -61,6 +63,7 @@ StatusOr<CombinedForecast> CombineForecasts(std::span<const int64_t> entries, in
       if (v[e] < 0 || (v[e] & ~(kListed | (kListed - 1))) != 0 || need > static_cast<int64_t>(kNeedOne))
         return Internal("rank " + std::to_string(r) + " sent a malformed forecast entry for expert " +
                         std::to_string(e) + " (" + std::to_string(v[e]) + ")");
+      if (routes_here && !routes_here(r, static_cast<int>(e))) continue;
       idle[e] *= 1.0 - static_cast<double>(need) / kNeedOne;
       listed[e] |= (v[e] & kListed) != 0;
     }
@@ -91,6 +94,7 @@ ExpertParallelExecutor::ExpertParallelExecutor(MpiContext* ctx, TokenExchange* e
   num_experts_ = c.num_experts;
   top_k_ = c.top_k;
   num_layers_ = c.num_layers;
+  forecast_targets_.assign(num_layers_, {});
   layer_sent_ = std::make_unique<StatCounter[]>(num_layers_);
   layer_received_ = std::make_unique<StatCounter[]>(num_layers_);
   for (int l = 0; l < c.num_layers; ++l) {
@@ -272,12 +276,25 @@ Status ExpertParallelExecutor::PlanLayer(int layer, std::span<const int32_t> ids
 
 void ExpertParallelExecutor::SetForecastShare(runtime::ForecastShare* share, int depth) {
   share_ = share;
-  forecast_depth_ = params::ShareForecasts() ? std::max(0, depth) : 0;
   const std::vector<int> moe = engine_->config().MoeLayers();
+  forecast_depth_ = params::ShareForecasts() ? std::clamp(depth, 0, std::max(0, static_cast<int>(moe.size()) - 1)) : 0;
   forecast_targets_.assign(num_layers_, {});
   for (size_t i = 0; i < moe.size(); ++i)
     for (size_t j = i + 1; j < moe.size() && j <= i + static_cast<size_t>(forecast_depth_); ++j)
       forecast_targets_[moe[i]].push_back(moe[j]);
+}
+
+Status ExpertParallelExecutor::ForecastDepthsAgree() {
+  EF_ASSIGN_OR_RETURN(const std::vector<int64_t> depths,
+                      ctx_->AllGatherInt(forecast_depth_, kTagGather, "the shared forecast depths"));
+  for (size_t r = 0; r < depths.size(); ++r)
+    if (depths[r] != forecast_depth_)
+      return FailedPrecondition("rank " + std::to_string(r) + " shares forecasts of " + std::to_string(depths[r]) +
+                                " MoE layers ahead, rank " + std::to_string(ctx_->rank()) + " of " +
+                                std::to_string(forecast_depth_) +
+                                " (cache.prefetch_layers, predictor.kind and EF_SHARE_FORECASTS must be the same "
+                                "on every rank)");
+  return Status::Ok();
 }
 
 void ExpertParallelExecutor::PackForecasts(int layer, int64_t T, size_t K) {
@@ -308,7 +325,10 @@ Status ExpertParallelExecutor::ShareForecasts(int layer, size_t K) {
     for (int r = 0; r < N; ++r)
       std::copy_n(recv_counts_.begin() + static_cast<ptrdiff_t>(r * K + at), E,
                   forecast_entries_.begin() + static_cast<ptrdiff_t>(r) * E);
-    auto f = CombineForecasts(forecast_entries_, N, ctx_->rank());
+    // Only the experts whose rows from the sender come here (replicas serve some ranks only).
+    const int target = targets[j], me = ctx_->rank();
+    auto f = CombineForecasts(forecast_entries_, N, me,
+                              [&](int r, int e) { return placement_->ComputeRank(target, e, r) == me; });
     if (!f.ok()) return Status(f.status()).Prepend("layer " + std::to_string(targets[j]) + ": ");
     // Nobody forecast the layer, or only this rank did (its cache has its own forecast already).
     if (f->senders == 0 || (f->senders == 1 && f->mine)) continue;

@@ -43,6 +43,7 @@
 // Host and backend buffers are reused across layers and steps. Not thread-safe: one thread drives it.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -66,9 +67,12 @@ struct CombinedForecast {
   std::vector<float> need;      // [E] 1 - prod over senders (1 - need), when senders > 0
   std::vector<int32_t> listed;  // listed by any sender, most needed first (ties: lower id)
 };
-// entries: num_ranks blocks of E packed entries, rank r's at [r * E, r * E + E). An entry that no
+// entries: num_ranks blocks of E packed entries, rank r's at [r * E, r * E + E). routes_here(r, e):
+// whether rank r's rows for expert e come to this rank (unset: all do); a sender's forecast of an
+// expert whose rows go elsewhere (replicas, another rank's experts) is left out. An entry that no
 // PackForecast gives is an error naming its rank.
-StatusOr<CombinedForecast> CombineForecasts(std::span<const int64_t> entries, int num_ranks, int me);
+StatusOr<CombinedForecast> CombineForecasts(std::span<const int64_t> entries, int num_ranks, int me,
+                                            const std::function<bool(int rank, int expert)>& routes_here = {});
 
 class ExpertParallelExecutor final : public runtime::MoeExecutor {
  public:
@@ -101,12 +105,15 @@ class ExpertParallelExecutor final : public runtime::MoeExecutor {
   // A follower: joins every step the serving rank starts, until it calls Stop().
   Status Follow();
 
-  // Shares the forecasts of the next `depth` MoE layers (0: none) between the ranks' expert caches.
-  // Every rank must call it with the same depth before the first step (the count exchange's size
-  // depends on it); `share` may be null on a rank (it then sends no forecast and takes none) and
-  // must outlive the executor or be detached with set_forecast_share(nullptr) first.
+  // Shares the forecasts of the next `depth` MoE layers (0: none; at most the MoE layers after the
+  // first) between the ranks' expert caches. Every rank must call it with the same depth before the
+  // first step (the count exchange's size depends on it; ForecastDepthsAgree checks); `share` may be null on a rank (it
+  // then sends no forecast and takes none) and must outlive the executor or be detached with
+  // set_forecast_share(nullptr) first.
   void SetForecastShare(runtime::ForecastShare* share, int depth);
   void set_forecast_share(runtime::ForecastShare* share) { share_ = share; }
+  // Collective: OK when every rank set the same forecast depth, else an error naming both.
+  Status ForecastDepthsAgree();
   // MoE layers for which this rank was handed a forecast combined from other ranks'.
   int64_t forecasts_received() const { return forecasts_received_; }
 

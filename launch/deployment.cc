@@ -128,9 +128,11 @@ Status Deployment::BuildCache(const DeploymentOptions& o) {
   cache_ = std::move(c);
   // Every rank shares its cache's forecast with the ranks that compute its tokens' experts (the
   // depth from the configuration, the same on every rank).
-  if (cluster_)
+  if (cluster_) {
     cluster_->executor().SetForecastShare(
         cache_.get(), cache::ExpertCache::SharedForecastDepth(ToExpertCacheOptions(o.cache, o.predictor)));
+    EF_RETURN_IF_ERROR(cluster_->executor().ForecastDepthsAgree());
+  }
   if (o.announce && (!ctx_ || ctx_->rank() == 0)) {
     std::string line = cache_->Describe();
     if (cluster_) line += ", on each of " + std::to_string(ctx_->size()) + " ranks";

@@ -20,10 +20,12 @@ class ForecastShare {
   virtual ~ForecastShare() = default;
   // This rank's own forecast of decoder layer `layer` for the running step, made from its own
   // tokens: need[e] the probability that some token of its batch routes to expert e, `listed` the
-  // experts it prefetches for them. False when it made none (no predictor, no tokens this step).
+  // experts it prefetches for them. False when it has none. The executor asks only a rank with
+  // tokens in the step (whose predictor ran for them).
   virtual bool OwnForecast(int layer, std::span<float> need, std::vector<int32_t>* listed) const = 0;
-  // The forecasts of every rank that made one, combined: need[e] = 1 - prod over ranks (1 - need_r[e]),
-  // `listed` the union of the ranks' lists, most needed first. Not called when only this rank
+  // The forecasts of every rank that made one, combined over the experts whose rows from that rank
+  // come here: need[e] = 1 - prod over those ranks (1 - need_r[e]), `listed` the union of their
+  // lists, most needed first. Not called when only this rank
   // forecast the layer (its own forecast stands) or none did.
   virtual void SharedForecast(int layer, std::span<const float> need, std::span<const int32_t> listed) = 0;
   // This rank computes no row of MoE layer `layer` in this step: the prefetches that would have

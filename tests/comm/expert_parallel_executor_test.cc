@@ -6,6 +6,8 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
+
 #include "comm/expert_placement.h"
 #include "comm/mpi_context.h"
 #include "comm/mpi_exchange.h"
@@ -84,6 +86,33 @@ TEST(CombineForecastsTest, NeedIsTheChanceSomeRanksBatchRoutesThereAndListsMerge
   auto g = CombineForecasts(ThreeRanks(), 3, 2);
   ASSERT_TRUE(g.ok());
   EXPECT_TRUE(g->mine);
+}
+
+// Replicas: a sender's forecast counts only for the experts whose rows it sends here.
+TEST(CombineForecastsTest, LeavesOutExpertsWhoseRowsGoElsewhere) {
+  // Rank 0's rows for expert 1 and rank 2's for expert 0 go to another rank.
+  auto f =
+      CombineForecasts(ThreeRanks(), 3, 1, [](int r, int e) { return !(r == 0 && e == 1) && !(r == 2 && e == 0); });
+  ASSERT_TRUE(f.ok()) << f.status().ToString();
+  EXPECT_EQ(f->senders, 2);
+  EXPECT_NEAR(f->need[0], 0.5, 1e-6);   // rank 0's only
+  EXPECT_NEAR(f->need[1], 0.75, 1e-6);  // rank 2's only
+  EXPECT_NEAR(f->need[2], 1.0, 1e-6);
+  EXPECT_EQ(f->listed, (std::vector<int32_t>{2, 1, 0}));
+  // No sender's rows come here: nothing is needed or listed.
+  auto none = CombineForecasts(ThreeRanks(), 3, 1, [](int, int) { return false; });
+  ASSERT_TRUE(none.ok());
+  EXPECT_EQ(none->need, (std::vector<float>{0.f, 0.f, 0.f}));
+  EXPECT_TRUE(none->listed.empty());
+}
+
+TEST(CombineForecastsTest, PacksOutOfRangeNeedsAsValidEntries) {
+  // A predictor's NaN or overflow must not abort the step on every rank: it packs as 0 or 1.
+  const std::vector<int64_t> v = {PackForecast(std::nanf(""), true), PackForecast(7.f, false),
+                                  PackForecast(-1.f, false)};
+  auto f = CombineForecasts(v, 1, 0);
+  ASSERT_TRUE(f.ok()) << f.status().ToString();
+  EXPECT_EQ(f->need, (std::vector<float>{0.f, 1.f, 0.f}));
 }
 
 TEST(CombineForecastsTest, NoSenderAndMalformedEntries) {

@@ -100,26 +100,34 @@ check_counters "$WORK/gen.stats.json" generate 1
 echo "generate: -np $NP with per-rank caches gives the same tokens"
 # With prefetch (the default policy and predictor, forecasts >= 0.2 prefetched): every token is
 # rank 0's, yet every rank prefetches for the experts it computes, from rank 0's forecast carried
-# with the token counts; the tokens do not change.
-"${MPIRUN[@]}" -np "$NP" "$BIN" generate --backend cpu --model "$m" -p "def add(a, b):" -n 24 --temperature 0 \
-  --cache-device-budget "2 slots per layer" --prefetch-min-prob 0.2 \
-  --comm-stats "$WORK/pf.stats.json" --show-ids 2>"$WORK/pf.ids" >/dev/null ||
-  { cat "$WORK/pf.ids" >&2; fail "generate with prefetching per-rank caches failed"; }
+# with the token counts, and uses some of those prefetches; the tokens do not change. With two
+# replicas of every expert a rank prefetches only experts whose rows come to it: a forecast filtered
+# by what it computes for its own tokens would load replicas rank 0 computes itself (none used).
 "$BIN" generate --backend cpu --model "$m" -p "def add(a, b):" -n 24 --temperature 0 --show-ids 2>"$WORK/p1.ids" >/dev/null
-grep "^new ids:" "$WORK/p1.ids" >"$WORK/a" && grep "^new ids:" "$WORK/pf.ids" >"$WORK/b" || fail "generate printed no ids"
-cmp -s "$WORK/a" "$WORK/b" || { diff "$WORK/a" "$WORK/b" >&2; fail "generate -np $NP with prefetch: tokens differ"; }
-python3 - "$WORK/pf.stats.json" "$m/config.json" <<'PY' || fail "generate with prefetch: a rank did not prefetch"
+grep "^new ids:" "$WORK/p1.ids" >"$WORK/a" || fail "generate printed no ids"
+for rep in 1 2; do
+  "${MPIRUN[@]}" -np "$NP" "$BIN" generate --backend cpu --model "$m" -p "def add(a, b):" -n 24 --temperature 0 \
+    --cache-device-budget "2 slots per layer" --prefetch-min-prob 0.2 --replication "$rep" \
+    --comm-stats "$WORK/pf.stats.json" --show-ids 2>"$WORK/pf.ids" >/dev/null ||
+    { cat "$WORK/pf.ids" >&2; fail "generate with prefetching per-rank caches (replication $rep) failed"; }
+  grep "^new ids:" "$WORK/pf.ids" >"$WORK/b" || fail "generate printed no ids"
+  cmp -s "$WORK/a" "$WORK/b" || { diff "$WORK/a" "$WORK/b" >&2; fail "generate -np $NP with prefetch: tokens differ"; }
+  python3 - "$WORK/pf.stats.json" "$m/config.json" "$rep" <<'PY' || fail "generate with prefetch, replication $rep"
 import json, sys
-s, cfg = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
+s, cfg, rep = json.load(open(sys.argv[1])), json.load(open(sys.argv[2])), int(sys.argv[3])
 for r in s["ranks"]:
     c = r["expert_cache"]
-    # A rank whose 2 slots hold every expert it computes has nothing to prefetch once warm.
-    if cfg["num_local_experts"] > 2 * s["world_size"]:
-        assert c["prefetch_issued"] > 0, f"rank {r['rank']} prefetched nothing: {c}"
-    assert c["prefetch_used"] <= c["prefetch_issued"], c
+    # A rank whose 2 slots hold every expert it computes for rank 0's tokens (its primary homes,
+    # replicas or not) has nothing to prefetch once warm.
+    if cfg["num_local_experts"] > 2 * s["world_size"] and r["rank"] == 1:
+        assert c["prefetch_issued"] > 0 and c["prefetch_used"] > 0, f"rank 1 prefetched nothing useful: {c}"
+        assert c["prefetch_used"] >= c["prefetch_wasted"], f"rank 1 wasted most prefetches: {c}"
     # Rank 0's own forecast stands on rank 0; the others are handed it.
     got = r["forecasts_received"]
     assert (got == 0) if r["rank"] == 0 else (got > 0), f"rank {r['rank']}: {got} forecasts received"
-print("prefetch issued/used per rank:", [(r["expert_cache"]["prefetch_issued"], r["expert_cache"]["prefetch_used"]) for r in s["ranks"]])
+print(f"replication {rep}, prefetch issued/used/wasted per rank:",
+      [(r["expert_cache"]["prefetch_issued"], r["expert_cache"]["prefetch_used"], r["expert_cache"]["prefetch_wasted"])
+       for r in s["ranks"]])
 PY
+done
 echo "PASS"
