@@ -332,7 +332,8 @@ Status ExpertParallelExecutor::ShareForecasts(int layer, size_t K) {
     if (!f.ok()) return Status(f.status()).Prepend("layer " + std::to_string(targets[j]) + ": ");
     // Nobody forecast the layer, or only this rank did (its cache has its own forecast already).
     if (f->senders == 0 || (f->senders == 1 && f->mine)) continue;
-    if (share_) share_->SharedForecast(targets[j], f->need, f->listed);
+    if (!share_) continue;
+    share_->SharedForecast(targets[j], f->need, f->listed);
     ++forecasts_received_;
   }
   return Status::Ok();
