@@ -8,7 +8,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <numeric>
 #include <thread>
 
 #include "runtime/core/logging.h"
@@ -299,9 +298,9 @@ Status ExpertParallelExecutor::ForecastDepthsAgree() {
 
 void ExpertParallelExecutor::PackForecasts(int layer, int64_t T, size_t K) {
   const int N = ctx_->size(), E = num_experts_;
+  const std::vector<int>& targets = forecast_targets_[layer];
   own_need_.resize(E);
   for (int j = 0; j < forecast_depth_; ++j) {
-    const std::vector<int>& targets = forecast_targets_[layer];
     // Only a rank with tokens of this step ran its predictor for them (a rank without tokens still
     // holds the forecasts of its last step).
     const bool own = T > 0 && share_ && j < static_cast<int>(targets.size()) &&
