@@ -31,6 +31,7 @@
 #include <cstring>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
@@ -69,7 +70,14 @@ struct Args {
   // bf16 weights (bf16, fp32 beside --fp32-attention).
   bool kv_bf16 = true;
   bool kv_given = false;
-  int kv_block = 0;       // --kv-block-size: the steps' KV cache paged in blocks of this many tokens
+  int kv_block = 0;  // --kv-block-size: the steps' KV cache paged in blocks of this many tokens
+  // --step: decode steps as the engine's step pass runs them (Engine::StepPass): the step's
+  // sequences uploaded once (UploadStepSeqs), RoPE and the KV appends in one op
+  // (RopeQKAppendStep), attention over the uploaded sequences (AttentionStep). --graphs: and each
+  // decode batch recorded once as a CUDA graph and replayed (EngineOptions::cuda_graphs). Both
+  // need a paged KV cache (the engine's default block of 16 tokens unless --kv-block-size says).
+  bool step = false;
+  bool graphs = false;
   bool breakdown = true;  // --no-breakdown: the step timings only (e.g. under a profiler)
   std::string json;
   // The layer shape (--shape): Mixtral-8x7B by default.
@@ -140,7 +148,11 @@ Args ParseArgs(int argc, char** argv) {
       a.kv_block = std::stoi(next());
       if (a.kv_block < 0 || a.kv_block > 1024 || (a.kv_block & (a.kv_block - 1)) != 0)
         Die("--kv-block-size must be 0 or a power of two up to 1024");
-    } else if (k == "--no-breakdown")
+    } else if (k == "--step")
+      a.step = true;
+    else if (k == "--graphs")
+      a.step = a.graphs = true;
+    else if (k == "--no-breakdown")
       a.breakdown = false;
     else if (k == "--batches") {
       a.batches.clear();
@@ -166,6 +178,11 @@ Args ParseArgs(int argc, char** argv) {
           "             fp32 with --fp32-attention)\n"
           "  --kv-block-size N  the steps' KV cache paged (EngineOptions::kv_block_size): one pool per\n"
           "             layer, each sequence's blocks strided over it (0: contiguous per sequence)\n"
+          "  --step     decode steps as the engine's step pass: sequences uploaded once per step, RoPE and\n"
+          "             the KV appends in one op, attention over the uploaded sequences (paged KV cache,\n"
+          "             blocks of 16 tokens unless --kv-block-size says)\n"
+          "  --graphs   --step, and each decode batch recorded once as a CUDA graph and replayed, as the\n"
+          "             engine runs decode steps by default (EngineOptions::cuda_graphs)\n"
           "  --expert-streams N  prefill experts through Backend::ExpertMlps on N streams with 16-bit products\n"
           "             (default 4; 0: each expert as GateUpSilu or Gemm, Gemm, SiluMul, Gemm in fp32 products)\n"
           "  --no-pdl   launch the decode path's kernels without programmatic dependent launch\n"
@@ -178,6 +195,7 @@ Args ParseArgs(int argc, char** argv) {
     }
   }
   if (!a.kv_given) a.kv_bf16 = !a.fp32_attention;
+  if (a.step && a.kv_block == 0) a.kv_block = 16;  // EngineOptions::kv_block_size
   return a;
 }
 
@@ -317,6 +335,7 @@ class Bench {
     nblk_ = (cap + bs - 1) / bs;
     const size_t pool_bytes = static_cast<size_t>(num) * nblk_ * bs * a_.kv_heads * a_.head_dim * KvElem();
     pool_.clear();
+    ++layout_generation_;
     for (int l = 0; l < 2 * a_.layers; ++l) pool_.push_back(OrDie(b_->Allocate(pool_bytes), "kv pool"));
     tables_host_.assign(static_cast<size_t>(num) * nblk_, 0);
     for (int sq = 0; sq < num; ++sq)
@@ -354,119 +373,117 @@ class Bench {
     const bool twins = b_->Bf16Twins(T, DType::kBF16);
     auto* h16 = twins ? reinterpret_cast<uint16_t*>(Scratch(18, (T * H + 1) / 2)) : nullptr;
     b_->CopyToDevice(pos_dev, pos.data(), pos.size() * sizeof(int32_t));
+    // --step: a decode step's sequences go to the device once, for every layer (Engine::Forward).
+    const bool step =
+        a_.step && a_.kv_block > 0 && std::all_of(n_new.begin(), n_new.end(), [](int n) { return n == 1; });
+    uint64_t plan = 0;
+    if (step) {
+      std::vector<AttentionSeq> seqs;
+      for (size_t s = 0; s < n_new.size(); ++s)
+        seqs.push_back(AttentionSeq{nullptr, nullptr, static_cast<int64_t>(s), 1, len[s] + 1,
+                                    tables_dev_.i32() + s * nblk_, a_.kv_block});
+      plan = OrDie(b_->UploadStepSeqs(seqs.data(), static_cast<int>(seqs.size()), a_.heads, a_.kv_heads, a_.head_dim),
+                   "step sequences");
+    }
     std::vector<int32_t> ids(T * a_.top_k);
     std::vector<float> wts(T * a_.top_k);
     std::vector<float> routing(2 * T * a_.top_k);
     std::vector<int> distinct;
-    bool normed = false;  // this layer's input norm ran with the previous layer's residual add
-    for (int l = 0; l < a_.layers; ++l) {
-      const Layer& L = layers_[l];
-      if (!normed) {
-        if (h16)
-          b_->RmsNormTwin(x, T, H, L.input_norm, 1e-5f, h, h16);
-        else
-          b_->RmsNorm(x, T, H, L.input_norm, 1e-5f, h);
-        Mark("rms norm");
-      }
-      normed = false;
-      if (a_.separate_qkv) {
-        b_->Gemm(h, T, L.q, nullptr, q, false);
-        b_->Gemm(h, T, L.k, nullptr, k, false);
-        b_->Gemm(h, T, L.v, nullptr, v, false);
-      } else {
-        const Weight* ws[] = {&L.q, &L.k, &L.v};
-        const Weight* bs[] = {nullptr, nullptr, nullptr};
-        float* ys[] = {q, k, v};
-        b_->GemmGroup(h, h16, T, 3, ws, bs, ys);
-      }
-      Mark("q, k, v gemms");
-      if (a_.qk_norm) {  // as Engine::Attention runs QkNorm::kPerHead
-        b_->RmsNorm(q, T * a_.heads, a_.head_dim, L.q_norm, 1e-6f, q);
-        b_->RmsNorm(k, T * a_.kv_heads, a_.head_dim, L.k_norm, 1e-6f, k);
-        Mark("q, k norms");
-      }
-      b_->RopeQK(q, k, pos_dev, T, a_.heads, a_.kv_heads, a_.head_dim, 1e6f);
-      Mark("rope q, k");
-      int64_t row = 0;
-      std::vector<AttentionSeq> attn_seqs;
-      std::vector<Backend::CopyItem> appends;
-      for (size_t s = 0; s < n_new.size() && a_.kv_block > 0; ++s) {
-        const int bs = a_.kv_block;
-        const int32_t* table = tables_host_.data() + s * nblk_;
-        for (int t = 0; t < n_new[s];) {
-          const int p = len[s] + t, piece = std::min(n_new[s] - t, bs - p % bs);
-          const int64_t r = static_cast<int64_t>(table[p / bs]) * bs + p % bs;
-          appends.push_back({KvAt(pool_[2 * l], r * kvd), k + (row + t) * kvd, sizeof(float) * piece * kvd});
-          appends.push_back({KvAt(pool_[2 * l + 1], r * kvd), v + (row + t) * kvd, sizeof(float) * piece * kvd});
-          t += piece;
+    auto layers = [&] {
+      bool normed = false;  // this layer's input norm ran with the previous layer's residual add
+      for (int l = 0; l < a_.layers; ++l) {
+        const Layer& L = layers_[l];
+        if (!normed) {
+          if (h16)
+            b_->RmsNormTwin(x, T, H, L.input_norm, 1e-5f, h, h16);
+          else
+            b_->RmsNorm(x, T, H, L.input_norm, 1e-5f, h);
+          Mark("rms norm");
         }
-        attn_seqs.push_back(AttentionSeq{pool_[2 * l].data(), pool_[2 * l + 1].data(), row, n_new[s], len[s] + n_new[s],
-                                         tables_dev_.i32() + s * nblk_, bs});
-        row += n_new[s];
+        normed = false;
+        if (a_.separate_qkv) {
+          b_->Gemm(h, T, L.q, nullptr, q, false);
+          b_->Gemm(h, T, L.k, nullptr, k, false);
+          b_->Gemm(h, T, L.v, nullptr, v, false);
+        } else {
+          const Weight* ws[] = {&L.q, &L.k, &L.v};
+          const Weight* bs[] = {nullptr, nullptr, nullptr};
+          float* ys[] = {q, k, v};
+          b_->GemmGroup(h, h16, T, 3, ws, bs, ys);
+        }
+        Mark("q, k, v gemms");
+        if (a_.qk_norm) {  // as Engine::Attention runs QkNorm::kPerHead
+          b_->RmsNorm(q, T * a_.heads, a_.head_dim, L.q_norm, 1e-6f, q);
+          b_->RmsNorm(k, T * a_.kv_heads, a_.head_dim, L.k_norm, 1e-6f, k);
+          Mark("q, k norms");
+        }
+        if (step) {  // as Engine::Attention runs a step pass
+          const void* kp = pool_[2 * l].data();
+          const void* vp = pool_[2 * l + 1].data();
+          if (!b_->RopeQKAppendStep(q, k, v, pos_dev, a_.heads, a_.kv_heads, a_.head_dim, 1e6f, const_cast<void*>(kp),
+                                    const_cast<void*>(vp))) {
+            b_->RopeQK(q, k, pos_dev, T, a_.heads, a_.kv_heads, a_.head_dim, 1e6f);
+            b_->AppendKvStep(const_cast<void*>(kp), const_cast<void*>(vp), k, v, kvd, kvd);
+          }
+          b_->AttentionStep(q, kp, vp, attn);
+          Mark("rope + kv append + attention (step ops)");
+        } else {
+          b_->RopeQK(q, k, pos_dev, T, a_.heads, a_.kv_heads, a_.head_dim, 1e6f);
+          Mark("rope q, k");
+          AttentionOps(l, n_new, len, T, q, k, v, attn);
+        }
+        b_->Gemm(attn, T, L.o, nullptr, x, /*accumulate=*/true);  // the residual, as the engine adds it
+        Mark("o gemm");
+        if (h16)
+          b_->RmsNormTwin(x, T, H, L.post_norm, 1e-5f, h, h16);
+        else
+          b_->RmsNorm(x, T, H, L.post_norm, 1e-5f, h);
+        Mark("rms norm");
+        float* routing_dev = routing_all + (device_routing ? l * per_layer : 0);
+        auto* ids_dev = reinterpret_cast<int32_t*>(routing_dev);
+        float* w_dev = routing_dev + T * a_.top_k;
+        if (h16) {
+          const Weight* ws[] = {&L.router};
+          const Weight* bs[] = {nullptr};
+          b_->GemmGroup(h, h16, T, 1, ws, bs, &logits);
+        } else {
+          b_->Gemm(h, T, L.router, nullptr, logits, false);
+        }
+        b_->RouterTopK(logits, T, a_.experts, a_.top_k, true, ids_dev, w_dev);
+        Mark("router gemm + top-k");
+        if (device_routing) {
+          if (!b_->MoeRouted(h, T, a_.top_k, ids_dev, w_dev, L.table, x)) Die("MoeRouted declined a decode batch");
+          Mark("moe: routed experts on the device");
+          continue;
+        }
+        b_->SetZero(out, sizeof(float) * T * H);
+        b_->CopyToHost(routing.data(), routing_dev, routing.size() * sizeof(float));
+        std::memcpy(ids.data(), routing.data(), ids.size() * sizeof(int32_t));
+        std::memcpy(wts.data(), routing.data() + T * a_.top_k, wts.size() * sizeof(float));
+        Mark("routing to host (sync)");
+        if (profiling_) {
+          expert_rows_.assign(a_.experts, 0);
+          for (int32_t e : ids) ++expert_rows_[e];
+        }
+        Status st = moe_->Run(l, T, a_.top_k, h, ids, wts, out);
+        if (!st.ok()) Die("moe: " + st.ToString());
+        Mark("moe: scatter-add");
+        if (l + 1 < a_.layers) {  // the residual add and the next layer's input norm, as the engine runs them
+          b_->AddRmsNorm(x, out, T, H, layers_[l + 1].input_norm, 1e-5f, h, h16);
+          normed = true;
+          Mark("add + rms norm");
+        } else {
+          b_->Add(x, out, T * H);
+          Mark("add");
+        }
+        distinct.push_back(static_cast<int>(std::set<int32_t>(ids.begin(), ids.end()).size()));
       }
-      for (size_t s = 0; s < n_new.size() && a_.kv_block <= 0; ++s) {
-        void* kc = KvAt(kv_[s][2 * l], static_cast<int64_t>(len[s]) * kvd);
-        void* vc = KvAt(kv_[s][2 * l + 1], static_cast<int64_t>(len[s]) * kvd);
-        appends.push_back({kc, k + row * kvd, sizeof(float) * n_new[s] * kvd});
-        appends.push_back({vc, v + row * kvd, sizeof(float) * n_new[s] * kvd});
-        attn_seqs.push_back(
-            AttentionSeq{kv_[s][2 * l].data(), kv_[s][2 * l + 1].data(), row, n_new[s], len[s] + n_new[s]});
-        row += n_new[s];
-      }
-      if (a_.kv_bf16) {
-        b_->CopyBatchToBf16(appends.data(), static_cast<int>(appends.size()));
-      } else {
-        b_->CopyBatch(appends.data(), static_cast<int>(appends.size()));
-      }
-      b_->AttentionBatch(q, attn_seqs.data(), static_cast<int>(attn_seqs.size()), a_.heads, a_.kv_heads, a_.head_dim,
-                         attn);
-      Mark("kv append + attention");
-      b_->Gemm(attn, T, L.o, nullptr, x, /*accumulate=*/true);  // the residual, as the engine adds it
-      Mark("o gemm");
-      if (h16)
-        b_->RmsNormTwin(x, T, H, L.post_norm, 1e-5f, h, h16);
-      else
-        b_->RmsNorm(x, T, H, L.post_norm, 1e-5f, h);
-      Mark("rms norm");
-      float* routing_dev = routing_all + (device_routing ? l * per_layer : 0);
-      auto* ids_dev = reinterpret_cast<int32_t*>(routing_dev);
-      float* w_dev = routing_dev + T * a_.top_k;
-      if (h16) {
-        const Weight* ws[] = {&L.router};
-        const Weight* bs[] = {nullptr};
-        b_->GemmGroup(h, h16, T, 1, ws, bs, &logits);
-      } else {
-        b_->Gemm(h, T, L.router, nullptr, logits, false);
-      }
-      b_->RouterTopK(logits, T, a_.experts, a_.top_k, true, ids_dev, w_dev);
-      Mark("router gemm + top-k");
-      if (device_routing) {
-        if (!b_->MoeRouted(h, T, a_.top_k, ids_dev, w_dev, L.table, x)) Die("MoeRouted declined a decode batch");
-        Mark("moe: routed experts on the device");
-        continue;
-      }
-      b_->SetZero(out, sizeof(float) * T * H);
-      b_->CopyToHost(routing.data(), routing_dev, routing.size() * sizeof(float));
-      std::memcpy(ids.data(), routing.data(), ids.size() * sizeof(int32_t));
-      std::memcpy(wts.data(), routing.data() + T * a_.top_k, wts.size() * sizeof(float));
-      Mark("routing to host (sync)");
-      if (profiling_) {
-        expert_rows_.assign(a_.experts, 0);
-        for (int32_t e : ids) ++expert_rows_[e];
-      }
-      Status st = moe_->Run(l, T, a_.top_k, h, ids, wts, out);
-      if (!st.ok()) Die("moe: " + st.ToString());
-      Mark("moe: scatter-add");
-      if (l + 1 < a_.layers) {  // the residual add and the next layer's input norm, as the engine runs them
-        b_->AddRmsNorm(x, out, T, H, layers_[l + 1].input_norm, 1e-5f, h, h16);
-        normed = true;
-        Mark("add + rms norm");
-      } else {
-        b_->Add(x, out, T * H);
-        Mark("add");
-      }
-      distinct.push_back(static_cast<int>(std::set<int32_t>(ids.begin(), ids.end()).size()));
-    }
+    };
+    // --graphs: decode steps on the device recorded and replayed, as Engine::RunGraphed does.
+    if (step && a_.graphs && device_routing && !profiling_)
+      RunGraphed(T, plan, layers);
+    else
+      layers();
     if (device_routing) {  // the step's routing, once
       std::vector<float> all(a_.layers * per_layer);
       b_->CopyToHost(all.data(), routing_all, all.size() * sizeof(float));
@@ -476,6 +493,47 @@ class Bench {
       }
     }
     return distinct;
+  }
+
+  // The KV appends and attention of a layer the usual way: each sequence's new rows copied to its
+  // cache rows, then one AttentionBatch call for the batch.
+  void AttentionOps(int l, const std::vector<int>& n_new, const std::vector<int>& len, int64_t T, const float* q,
+                    const float* k, const float* v, float* attn) {
+    const int kvd = a_.kv_heads * a_.head_dim;
+    int64_t row = 0;
+    std::vector<AttentionSeq> attn_seqs;
+    std::vector<Backend::CopyItem> appends;
+    for (size_t s = 0; s < n_new.size() && a_.kv_block > 0; ++s) {
+      const int bs = a_.kv_block;
+      const int32_t* table = tables_host_.data() + s * nblk_;
+      for (int t = 0; t < n_new[s];) {
+        const int p = len[s] + t, piece = std::min(n_new[s] - t, bs - p % bs);
+        const int64_t r = static_cast<int64_t>(table[p / bs]) * bs + p % bs;
+        appends.push_back({KvAt(pool_[2 * l], r * kvd), k + (row + t) * kvd, sizeof(float) * piece * kvd});
+        appends.push_back({KvAt(pool_[2 * l + 1], r * kvd), v + (row + t) * kvd, sizeof(float) * piece * kvd});
+        t += piece;
+      }
+      attn_seqs.push_back(AttentionSeq{pool_[2 * l].data(), pool_[2 * l + 1].data(), row, n_new[s], len[s] + n_new[s],
+                                       tables_dev_.i32() + s * nblk_, bs});
+      row += n_new[s];
+    }
+    for (size_t s = 0; s < n_new.size() && a_.kv_block <= 0; ++s) {
+      void* kc = KvAt(kv_[s][2 * l], static_cast<int64_t>(len[s]) * kvd);
+      void* vc = KvAt(kv_[s][2 * l + 1], static_cast<int64_t>(len[s]) * kvd);
+      appends.push_back({kc, k + row * kvd, sizeof(float) * n_new[s] * kvd});
+      appends.push_back({vc, v + row * kvd, sizeof(float) * n_new[s] * kvd});
+      attn_seqs.push_back(
+          AttentionSeq{kv_[s][2 * l].data(), kv_[s][2 * l + 1].data(), row, n_new[s], len[s] + n_new[s]});
+      row += n_new[s];
+    }
+    if (a_.kv_bf16) {
+      b_->CopyBatchToBf16(appends.data(), static_cast<int>(appends.size()));
+    } else {
+      b_->CopyBatch(appends.data(), static_cast<int>(appends.size()));
+    }
+    b_->AttentionBatch(q, attn_seqs.data(), static_cast<int>(attn_seqs.size()), a_.heads, a_.kv_heads, a_.head_dim,
+                       attn);
+    Mark("kv append + attention");
   }
 
   // --profile: an event after each op of Forward (Mark), summed per op kind by Profile.
@@ -527,6 +585,34 @@ class Bench {
     marks_.clear();
     return out;
   }
+
+  // A decode step from a graph (Engine::RunGraphed): the first step of a shape runs op by op (the
+  // buffers reach their sizes), the second is recorded and every later one replayed. A step that
+  // cannot be recorded ends the bench: its rows would not time what --graphs says.
+  void RunGraphed(int64_t T, uint64_t plan, const std::function<void()>& layers) {
+    // Graphs hold the addresses of the buffers they were recorded with: a buffer moved drops them.
+    const std::pair<uint64_t, uint64_t> layout = {layout_generation_, b_->layout_generation()};
+    if (layout != graph_layout_) {
+      b_->DropGraphs();
+      graphs_.clear();
+      graph_layout_ = layout;
+    }
+    GraphEntry& g = graphs_[{T, plan}];
+    if (g.id < 0 && g.steps++ == 0) {
+      layers();
+      return;
+    }
+    if (g.id < 0) {
+      if (Status s = b_->BeginGraph(); !s.ok()) Die("--graphs: " + s.ToString());
+      layers();
+      g.id = OrDie(b_->EndGraph(), "--graphs: a decode step");
+      ++graphs_recorded_;
+    }
+    if (Status s = b_->LaunchGraph(g.id); !s.ok()) Die("--graphs: " + s.ToString());
+    ++graphs_replayed_;
+  }
+  int64_t graphs_recorded() const { return graphs_recorded_; }
+  int64_t graphs_replayed() const { return graphs_replayed_; }
 
   // Sets the residual stream to random activations of unit scale (as after an embedding).
   void RandomInput(int64_t T) {
@@ -828,7 +914,10 @@ class Bench {
   float* Scratch(int slot, int64_t floats) {
     if (scratch_.size() <= static_cast<size_t>(slot)) scratch_.resize(slot + 1);
     const size_t bytes = static_cast<size_t>(std::max<int64_t>(floats, 1)) * sizeof(float);
-    if (scratch_[slot].bytes() < bytes) scratch_[slot] = OrDie(b_->Allocate(bytes), "scratch");
+    if (scratch_[slot].bytes() < bytes) {
+      scratch_[slot] = OrDie(b_->Allocate(bytes), "scratch");
+      ++layout_generation_;  // recorded graphs read the old address
+    }
     return scratch_[slot].f32();
   }
 
@@ -844,6 +933,14 @@ class Bench {
   std::unique_ptr<LocalMoeExecutor> moe_;
   std::vector<std::vector<Buffer>> kv_;
   int kv_cap_ = 0;
+  struct GraphEntry {
+    int id = -1;
+    int steps = 0;
+  };
+  std::map<std::pair<int64_t, uint64_t>, GraphEntry> graphs_;  // (rows, step plan): --graphs
+  int64_t graphs_recorded_ = 0, graphs_replayed_ = 0;
+  uint64_t layout_generation_ = 0;  // bumped when this bench's scratch or KV pools move
+  std::pair<uint64_t, uint64_t> graph_layout_ = {~0ull, ~0ull};
   std::vector<Buffer> pool_;  // --kv-block-size: per layer keys, values
   std::vector<int32_t> tables_host_;
   Buffer tables_dev_;
@@ -898,6 +995,10 @@ int Main(int argc, char** argv) {
               a.host_routing ? "to the host at every MoE layer"
                              : "on the device up to the rows MoeRouted serves (to the host past them)",
               a.separate_qkv ? "three Gemm calls" : "one GemmGroup", a.twins ? "on" : "off");
+  std::printf("# decode steps: %s\n",
+              a.graphs ? "the engine's step ops, recorded once per batch as a CUDA graph and replayed"
+              : a.step ? "the engine's step ops (sequences uploaded once), op by op"
+                       : "op by op, KV appends by copy, AttentionBatch");
   if (std::string(EF_BUILD_TYPE) == "Debug") std::printf("# WARNING: debug build, timings are not representative\n");
 
   Bench bench(a);
@@ -994,31 +1095,35 @@ int Main(int argc, char** argv) {
   if (a.breakdown) bench.Breakdown(a.context, max_batch, a.prefill, a.sweep, &breakdown, &sweep);
   std::printf("# bytes in use at the end: %.2f GiB\n", bench.backend()->bytes_in_use() / double(1 << 30));
   if (!a.json.empty()) {
-    nlohmann::json doc = {{"bench", "ef_decode_bench"},
-                          {"git", EF_GIT_SHA},
-                          {"build_type", EF_BUILD_TYPE},
-                          {"device", prop.name},
-                          {"cuda_runtime", cuda_v},
-                          {"driver", drv_v},
-                          {"cublas", cublas_v},
-                          {"hbm_tbps", a.hbm_tbps},
-                          {"host_routing", a.host_routing},
-                          {"separate_qkv", a.separate_qkv},
-                          {"bf16_twins", a.twins},
-                          {"pdl", a.pdl},
-                          {"kv_bf16", a.kv_bf16},
-                          {"shape",
-                           {{"name", a.shape},
-                            {"hidden", a.hidden},
-                            {"experts", a.experts},
-                            {"ffn", a.inter},
-                            {"top_k", a.top_k},
-                            {"heads", a.heads},
-                            {"kv_heads", a.kv_heads},
-                            {"head_dim", a.head_dim},
-                            {"qk_norm", a.qk_norm}}},
-                          {"records", records},
-                          {"breakdown", breakdown}};
+    nlohmann::json doc = {
+        {"bench", "ef_decode_bench"},
+        {"git", EF_GIT_SHA},
+        {"build_type", EF_BUILD_TYPE},
+        {"device", prop.name},
+        {"cuda_runtime", cuda_v},
+        {"driver", drv_v},
+        {"cublas", cublas_v},
+        {"hbm_tbps", a.hbm_tbps},
+        {"host_routing", a.host_routing},
+        {"separate_qkv", a.separate_qkv},
+        {"bf16_twins", a.twins},
+        {"pdl", a.pdl},
+        {"kv_bf16", a.kv_bf16},
+        {"kv_block_size", a.kv_block},
+        {"step_ops", a.step},
+        {"graphs", {{"on", a.graphs}, {"recorded", bench.graphs_recorded()}, {"replayed", bench.graphs_replayed()}}},
+        {"shape",
+         {{"name", a.shape},
+          {"hidden", a.hidden},
+          {"experts", a.experts},
+          {"ffn", a.inter},
+          {"top_k", a.top_k},
+          {"heads", a.heads},
+          {"kv_heads", a.kv_heads},
+          {"head_dim", a.head_dim},
+          {"qk_norm", a.qk_norm}}},
+        {"records", records},
+        {"breakdown", breakdown}};
     if (a.sweep) doc["gemv_sweep"] = sweep;
     std::ofstream(a.json) << doc.dump(2) << "\n";
   }
