@@ -130,7 +130,9 @@ Command AddGenerateCommand(CLI::App& root) {
   c.app->add_option("-n,--max-new-tokens", o->max_new_tokens, "tokens to generate")
       ->check(kNonNegative)
       ->capture_default_str();
-  c.app->add_option("--temperature,-t", o->sampling.temperature, "sampling temperature in [0, 2] (0: greedy)")
+  c.app
+      ->add_option("--temperature,-t", o->sampling.temperature,
+                   std::string("sampling temperature in ") + limits::kTemperatureRange + " (0: greedy)")
       ->check(CLI::Range(0.f, limits::kMaxTemperature))
       ->capture_default_str();
   c.app->add_option("--top-k", o->sampling.top_k, "sample among the k most likely tokens (0: all)");

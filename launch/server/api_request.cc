@@ -224,7 +224,7 @@ Error ParseSampling(const json& body, uint64_t default_seed, ApiRequest* out) {
   runtime::SamplingParams& sp = out->base.sampling;
   if (temperature) {
     if (!(*temperature >= 0 && *temperature <= limits::kMaxTemperature))
-      return Bad("temperature", "'temperature' must be in [0, 2]");
+      return Bad("temperature", std::string("'temperature' must be in ") + limits::kTemperatureRange);
     sp.temperature = static_cast<float>(*temperature);
   }
   if (top_p) {

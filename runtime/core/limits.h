@@ -19,6 +19,7 @@ inline constexpr int kMaxTopLogprobs = 20;
 inline constexpr int kMaxChoices = 128;
 // Sampling temperature, the same bound for the API (OpenAI's), the config, generate and bench.
 inline constexpr float kMaxTemperature = 2.f;
+inline constexpr char kTemperatureRange[] = "[0, 2]";  // as the messages state it
 
 static_assert(kMaxTopK <= kMaxExperts);
 static_assert(kMaxTopLogprobs >= 1 && kMaxChoices >= 1);

@@ -11,7 +11,8 @@ namespace ef::runtime {
 
 Status SamplingParams::Validate() const {
   if (!(temperature >= 0.f && temperature <= limits::kMaxTemperature))
-    return InvalidArgument("temperature must be in [0, 2], got " + std::to_string(temperature));
+    return InvalidArgument(std::string("temperature must be in ") + limits::kTemperatureRange + ", got " +
+                           std::to_string(temperature));
   if (top_k < 0) return InvalidArgument("top_k must be >= 0, got " + std::to_string(top_k));
   if (!(top_p > 0.f && top_p <= 1.f)) return InvalidArgument("top_p must be in (0, 1], got " + std::to_string(top_p));
   if (!(presence_penalty >= -2.f && presence_penalty <= 2.f))
