@@ -6,6 +6,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
+#include <initializer_list>
 #include <mutex>
 #include <numeric>
 #include <random>
@@ -46,6 +47,15 @@ ExpertStoreOptions Options(int slots, const std::string& policy = "lru", int top
   o.slots_per_layer = slots;
   o.policy = policy;
   return o;
+}
+
+// Acquires and releases each expert of `layer`, in order (a hit or a miss each).
+void Use(ExpertStore& s, int layer, std::initializer_list<int> experts) {
+  for (int e : experts) {
+    auto ref = s.Acquire(layer, e);
+    ASSERT_TRUE(ref.ok()) << ref.status().ToString();
+    s.Release(*ref);
+  }
 }
 
 TEST(ExpertStore, ContentMatchesSourceForRandomPatterns) {
@@ -533,12 +543,6 @@ TEST(ExpertStore, PluggableArena) {
   EXPECT_FALSE(wrong.ok());
 }
 
-}  // namespace
-}  // namespace ef::cache
-
-namespace ef::cache {
-namespace {
-
 TEST(ExpertStore, PrefetchSetNeverEvictsItsOwnMembers) {
   // Layer 0 holds 2 slots: expert 0 (older) and expert 1 (newer). The forecast is {0, 2}: loading
   // 2 must evict 1, not 0 — which a per-expert prefetch under LRU would do (0 is the older).
@@ -546,11 +550,7 @@ TEST(ExpertStore, PrefetchSetNeverEvictsItsOwnMembers) {
     auto store = ExpertStore::Create(Options(2), FillExpert);
     ASSERT_TRUE(store.ok()) << store.status().ToString();
     ExpertStore& s = **store;
-    for (int e : {0, 1}) {
-      auto ref = s.Acquire(0, e);
-      ASSERT_TRUE(ref.ok());
-      s.Release(*ref);
-    }
+    ASSERT_NO_FATAL_FAILURE(Use(s, 0, {0, 1}));
     const std::vector<int32_t> forecast = {0, 2};
     if (as_set) {
       s.PrefetchSet(0, forecast, Priority::kPrefetch);
@@ -581,11 +581,7 @@ TEST(ExpertStore, PrefetchSetKeepsAResidentAsLikelyNeededAsTheMember) {
     auto store = ExpertStore::Create(Options(2, policy), FillExpert);
     ASSERT_TRUE(store.ok()) << store.status().ToString();
     ExpertStore& s = **store;
-    for (int e : {0, 1}) {
-      auto ref = s.Acquire(0, e);
-      ASSERT_TRUE(ref.ok());
-      s.Release(*ref);
-    }
+    ASSERT_NO_FATAL_FAILURE(Use(s, 0, {0, 1}));
     const std::vector<int32_t> set = {2};
     std::vector<float> need = {0.9f, 0.9f, 0.9f, 0.f, 0.f, 0.f};
     s.PrefetchSet(0, set, Priority::kPrefetch, need, 0.9);
@@ -595,11 +591,7 @@ TEST(ExpertStore, PrefetchSetKeepsAResidentAsLikelyNeededAsTheMember) {
     EXPECT_EQ(s.stats().total.prefetch_issued, 0) << policy;
     EXPECT_EQ(s.stats().total.prefetch_declined, 1) << policy;
     // The next run uses 0 and 1, as forecast: both hit, nothing was loaded for nothing.
-    for (int e : {0, 1}) {
-      auto ref = s.Acquire(0, e);
-      ASSERT_TRUE(ref.ok());
-      s.Release(*ref);
-    }
+    ASSERT_NO_FATAL_FAILURE(Use(s, 0, {0, 1}));
     EXPECT_EQ(s.stats().total.misses, 2) << policy;  // the two first loads only
 
     // Expert 0 is not needed any more: 2 takes its slot (0 is the victim of both policies here).
