@@ -480,7 +480,8 @@ class Bench {
       }
     };
     // --graphs: decode steps on the device recorded and replayed, as Engine::RunGraphed does.
-    if (step && a_.graphs && device_routing && !profiling_)
+    last_graphed_ = step && a_.graphs && device_routing && !profiling_;
+    if (last_graphed_)
       RunGraphed(T, plan, layers);
     else
       layers();
@@ -612,6 +613,7 @@ class Bench {
     ++graphs_replayed_;
   }
   int64_t graphs_recorded() const { return graphs_recorded_; }
+  bool last_graphed() const { return last_graphed_; }  // the last Forward ran from a graph
   int64_t graphs_replayed() const { return graphs_replayed_; }
 
   // Sets the residual stream to random activations of unit scale (as after an embedding).
@@ -939,6 +941,7 @@ class Bench {
   };
   std::map<std::pair<int64_t, uint64_t>, GraphEntry> graphs_;  // (rows, step plan): --graphs
   int64_t graphs_recorded_ = 0, graphs_replayed_ = 0;
+  bool last_graphed_ = false;
   uint64_t layout_generation_ = 0;  // bumped when this bench's scratch or KV pools move
   std::pair<uint64_t, uint64_t> graph_layout_ = {~0ull, ~0ull};
   std::vector<Buffer> pool_;  // --kv-block-size: per layer keys, values
@@ -1037,7 +1040,10 @@ int Main(int argc, char** argv) {
                        {"bound_us", bound * 1e6},
                        {"ratio_to_bound", layer / bound},
                        {"active_experts_per_layer", act},
-                       {"tokens_per_s", B / step}});
+                       {"tokens_per_s", B / step},
+                       {"graphed", bench.last_graphed()}});
+    if (a.graphs && !bench.last_graphed())
+      std::printf("# decode batch %d ran op by op: its routing goes to the host (past MoeRouted's rows)\n", B);
   }
   if (a.prefill > 0) {  // --prefill 0: decode only
     std::vector<int> n_new(1, a.prefill), len(1, 0);
