@@ -1101,35 +1101,29 @@ int Main(int argc, char** argv) {
   if (a.breakdown) bench.Breakdown(a.context, max_batch, a.prefill, a.sweep, &breakdown, &sweep);
   std::printf("# bytes in use at the end: %.2f GiB\n", bench.backend()->bytes_in_use() / double(1 << 30));
   if (!a.json.empty()) {
-    nlohmann::json doc = {
-        {"bench", "ef_decode_bench"},
-        {"git", EF_GIT_SHA},
-        {"build_type", EF_BUILD_TYPE},
-        {"device", prop.name},
-        {"cuda_runtime", cuda_v},
-        {"driver", drv_v},
-        {"cublas", cublas_v},
-        {"hbm_tbps", a.hbm_tbps},
-        {"host_routing", a.host_routing},
-        {"separate_qkv", a.separate_qkv},
-        {"bf16_twins", a.twins},
-        {"pdl", a.pdl},
-        {"kv_bf16", a.kv_bf16},
-        {"kv_block_size", a.kv_block},
-        {"step_ops", a.step},
-        {"graphs", {{"on", a.graphs}, {"recorded", bench.graphs_recorded()}, {"replayed", bench.graphs_replayed()}}},
-        {"shape",
-         {{"name", a.shape},
-          {"hidden", a.hidden},
-          {"experts", a.experts},
-          {"ffn", a.inter},
-          {"top_k", a.top_k},
-          {"heads", a.heads},
-          {"kv_heads", a.kv_heads},
-          {"head_dim", a.head_dim},
-          {"qk_norm", a.qk_norm}}},
-        {"records", records},
-        {"breakdown", breakdown}};
+    nlohmann::json doc = perf::DeviceJson("ef_decode_bench", info);
+    doc.update(
+        {{"hbm_tbps", a.hbm_tbps},
+         {"host_routing", a.host_routing},
+         {"separate_qkv", a.separate_qkv},
+         {"bf16_twins", a.twins},
+         {"pdl", a.pdl},
+         {"kv_bf16", a.kv_bf16},
+         {"kv_block_size", a.kv_block},
+         {"step_ops", a.step},
+         {"graphs", {{"on", a.graphs}, {"recorded", bench.graphs_recorded()}, {"replayed", bench.graphs_replayed()}}},
+         {"shape",
+          {{"name", a.shape},
+           {"hidden", a.hidden},
+           {"experts", a.experts},
+           {"ffn", a.inter},
+           {"top_k", a.top_k},
+           {"heads", a.heads},
+           {"kv_heads", a.kv_heads},
+           {"head_dim", a.head_dim},
+           {"qk_norm", a.qk_norm}}},
+         {"records", records},
+         {"breakdown", breakdown}});
     if (a.sweep) doc["gemv_sweep"] = sweep;
     std::ofstream(a.json) << doc.dump(2) << "\n";
   }

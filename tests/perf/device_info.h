@@ -6,7 +6,10 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdio>
+#include <nlohmann/json.hpp>
 #include <string>
+
+#include "runtime/core/build_info.h"
 
 namespace ef::perf {
 
@@ -30,6 +33,18 @@ inline bool QueryDeviceInfo(DeviceInfo* info) {
   info->driver = version(drv);
   info->cublas = std::to_string(major) + "." + std::to_string(minor) + "." + std::to_string(patch);
   return true;
+}
+
+// The fields every benchmark's JSON document starts with: which bench, the build, the device and
+// its software.
+inline nlohmann::json DeviceJson(const char* bench, const DeviceInfo& info) {
+  return {{"bench", bench},
+          {"git", EF_GIT_SHA},
+          {"build_type", EF_BUILD_TYPE},
+          {"device", info.prop.name},
+          {"cuda_runtime", info.cuda_runtime},
+          {"driver", info.driver},
+          {"cublas", info.cublas}};
 }
 
 }  // namespace ef::perf

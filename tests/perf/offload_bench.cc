@@ -753,37 +753,27 @@ nlohmann::json Report(const Args& a, size_t expert_bytes, const RunConfig& c, co
 // The same records as JSON, to --json.
 void WriteJson(const Args& a, const perf::DeviceInfo& info, const std::string& layers_note,
                const std::string& predictor_note, size_t expert_bytes, const nlohmann::json& records) {
-  const cudaDeviceProp& prop = info.prop;
-  const char* cuda_v = info.cuda_runtime.c_str();
-  const char* drv_v = info.driver.c_str();
-  const char* cublas_v = info.cublas.c_str();
-  nlohmann::json doc = {{"bench", "ef_offload_bench"},
-                        {"git", EF_GIT_SHA},
-                        {"build_type", EF_BUILD_TYPE},
-                        {"device", prop.name},
-                        {"cuda_runtime", cuda_v},
-                        {"driver", drv_v},
-                        {"cublas", cublas_v},
-                        {"layers", a.layers},
-                        {"layers_note", layers_note},
-                        {"trace", a.trace},
-                        {"warmup_tokens", a.warmup},
-                        {"timed_tokens", a.steps},
-                        {"context", a.context},
-                        {"prefetch_layers", a.prefetch_layers},
-                        {"predictor", predictor_note},
-                        {"chunk_mb", a.chunk_mb},
-                        {"expert_bytes", expert_bytes},
-                        {"pcie_gbps", a.pcie_gbps},
-                        {"shape",
-                         {{"hidden", a.hidden},
-                          {"experts", a.experts},
-                          {"ffn", a.inter},
-                          {"top_k", a.top_k},
-                          {"heads", a.heads},
-                          {"kv_heads", a.kv_heads},
-                          {"head_dim", a.head_dim}}},
-                        {"records", records}};
+  nlohmann::json doc = perf::DeviceJson("ef_offload_bench", info);
+  doc.update({{"layers", a.layers},
+              {"layers_note", layers_note},
+              {"trace", a.trace},
+              {"warmup_tokens", a.warmup},
+              {"timed_tokens", a.steps},
+              {"context", a.context},
+              {"prefetch_layers", a.prefetch_layers},
+              {"predictor", predictor_note},
+              {"chunk_mb", a.chunk_mb},
+              {"expert_bytes", expert_bytes},
+              {"pcie_gbps", a.pcie_gbps},
+              {"shape",
+               {{"hidden", a.hidden},
+                {"experts", a.experts},
+                {"ffn", a.inter},
+                {"top_k", a.top_k},
+                {"heads", a.heads},
+                {"kv_heads", a.kv_heads},
+                {"head_dim", a.head_dim}}},
+              {"records", records}});
   std::ofstream(a.json) << doc.dump(2) << "\n";
 }
 
