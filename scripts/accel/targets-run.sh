@@ -8,7 +8,7 @@
 #   E2E_AGAIN="c64" EXTRA_AGAIN="--kv-cache-dtype fp32" SPLITS="4 3 0" QWEN=1 scripts/accel/targets-run.sh
 #   CTEST=1 QWEN=1 scripts/accel/targets-run.sh 2 0     # the GPU tests, then the decode/prefill table
 #   TWINS_AB=1 scripts/accel/targets-run.sh 1 0           # and the bf16 twins on/off side by side
-# Each round also times decode as the engine runs it by default (--graphs: step ops, CUDA graphs).
+# Each round also times decode as the engine runs it by default (--step: step ops; --graphs: and CUDA graphs).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/out}
@@ -49,12 +49,15 @@ for r in $(seq "$ROUNDS"); do
       --no-breakdown $flag --json "$LOGS/decode_${kv}_$r.json" >"$LOGS/decode_${kv}_$r.txt" 2>&1
     summary "$LOGS/decode_${kv}_$r.txt" "kv $kv r$r"
   done
-  # The engine's default decode path: the step ops on a paged bf16 cache, each batch a CUDA graph.
-  stamp "decode graphs round $r"
-  timeout 240 "$BUILD"/tests/ef_decode_bench --batches 1,16,64 --iters 20 --prefill 0 --no-breakdown --graphs \
-    --json "$LOGS/decode_graphs_$r.json" >"$LOGS/decode_graphs_$r.txt" 2>&1
-  summary "$LOGS/decode_graphs_$r.txt" "graphs r$r"
-  grep -E "^ef_decode_bench:" "$LOGS/decode_graphs_$r.txt"
+  # The engine's default decode path: the step ops on a paged bf16 cache (--step), and each batch a
+  # CUDA graph as well (--graphs).
+  for m in step graphs; do
+    stamp "decode $m round $r"
+    timeout 240 "$BUILD"/tests/ef_decode_bench --batches 1,16,64 --iters 20 --prefill 0 --no-breakdown --$m \
+      --json "$LOGS/decode_${m}_$r.json" >"$LOGS/decode_${m}_$r.txt" 2>&1
+    summary "$LOGS/decode_${m}_$r.txt" "$m r$r"
+    grep -E "^ef_decode_bench:|^# decode batch" "$LOGS/decode_${m}_$r.txt"
+  done
 done
 # TWINS_AB=1: the bf16 twins on and off (--no-twins), alternating, twice: decode batches 16 and 64
 # (the rows past the GEMV) and prefill 2048.
@@ -84,7 +87,7 @@ if [ -n "${QWEN:-}" ]; then
   timeout 120 "$BUILD"/tests/ef_decode_bench --shape qwen3-30b-a3b --batches 1,64 --iters 20 --prefill 0 \
     --no-breakdown --graphs --json "$LOGS/qwen3_graphs.json" >"$LOGS/qwen3_graphs.txt" 2>&1
   summary "$LOGS/qwen3_graphs.txt" "qwen3 graphs"
-  grep -E "^ef_decode_bench:" "$LOGS/qwen3_graphs.txt"
+  grep -E "^ef_decode_bench:|^# decode batch" "$LOGS/qwen3_graphs.txt"
   for g in 0 -1; do
     EF_CUDA_GROUPED_EXPERTS=$g timeout 60 "$BUILD"/tests/ef_decode_bench --shape qwen3-30b-a3b --batches "" \
       --prefill 2048 --prefill-iters 7 --no-breakdown >"$LOGS/qwen3_grouped$g.txt" 2>&1

@@ -21,6 +21,7 @@
 //
 //   ef_decode_bench [--shape mixtral-8x7b] [--layers 4] [--batches 1,16,64] [--context 512]
 //                   [--prefill 2048] [--iters 20] [--hbm-tbps 3.6] [--sweep] [--profile] [--json FILE]
+//                   [--step | --graphs]   decode steps as the engine runs them (step ops; CUDA graphs)
 #include <cublas_api.h>
 #include <cuda_runtime_api.h>
 
@@ -72,6 +73,7 @@ struct Args {
   bool kv_bf16 = true;
   bool kv_given = false;
   int kv_block = 0;  // --kv-block-size: the steps' KV cache paged in blocks of this many tokens
+  bool kv_block_given = false;
   // --step: decode steps as the engine's step pass runs them (Engine::StepPass): the step's
   // sequences uploaded once (UploadStepSeqs), RoPE and the KV appends in one op
   // (RopeQKAppendStep), attention over the uploaded sequences (AttentionStep). --graphs: and each
@@ -150,6 +152,7 @@ Args ParseArgs(int argc, char** argv) {
       a.kv_block = std::stoi(next());
       if (a.kv_block < 0 || a.kv_block > 1024 || (a.kv_block & (a.kv_block - 1)) != 0)
         Die("--kv-block-size must be 0 or a power of two up to 1024");
+      a.kv_block_given = true;
     } else if (k == "--step")
       a.step = true;
     else if (k == "--graphs")
@@ -163,7 +166,7 @@ Args ParseArgs(int argc, char** argv) {
     } else if (k == "-h" || k == "--help") {
       std::printf(
           "ef_decode_bench [--layers N] [--batches 1,16,64 (\"\": none)] [--context N] [--prefill N] [--iters N] "
-          "[--hbm-tbps X] [--sweep] [--profile] [--no-lt] [--shape NAME] [--json FILE]\n"
+          "[--hbm-tbps X] [--sweep] [--profile] [--no-lt] [--shape NAME] [--step | --graphs] [--json FILE]\n"
           "  --shape    mixtral-8x7b (default) or qwen3-30b-a3b (hidden 2048, 128 experts x ffn 768, top-8,\n"
           "             32 / 4 heads x 128, q and k normed per head)\n"
           "  --no-lt    16-bit GEMMs through cublasGemmEx instead of the planned cuBLASLt path\n"
@@ -182,7 +185,7 @@ Args ParseArgs(int argc, char** argv) {
           "             layer, each sequence's blocks strided over it (0: contiguous per sequence)\n"
           "  --step     decode steps as the engine's step pass: sequences uploaded once per step, RoPE and\n"
           "             the KV appends in one op, attention over the uploaded sequences (paged KV cache,\n"
-          "             blocks of 16 tokens unless --kv-block-size says)\n"
+          "             blocks of 16 tokens unless --kv-block-size says; prefill then runs on it too)\n"
           "  --graphs   --step, and each decode batch recorded once as a CUDA graph and replayed, as the\n"
           "             engine runs decode steps by default (EngineOptions::cuda_graphs)\n"
           "  --expert-streams N  prefill experts through Backend::ExpertMlps on N streams with 16-bit products\n"
@@ -197,7 +200,10 @@ Args ParseArgs(int argc, char** argv) {
     }
   }
   if (!a.kv_given) a.kv_bf16 = !a.fp32_attention;
-  if (a.step && a.kv_block == 0) a.kv_block = 16;  // EngineOptions::kv_block_size
+  if (a.step && a.kv_block == 0) {
+    if (a.kv_block_given) Die("--step and --graphs run on a paged KV cache: --kv-block-size must be > 0");
+    a.kv_block = 16;  // EngineOptions::kv_block_size
+  }
   return a;
 }
 
@@ -482,8 +488,8 @@ class Bench {
       }
     };
     // --graphs: decode steps on the device recorded and replayed, as Engine::RunGraphed does.
-    last_graphed_ = step && a_.graphs && device_routing && !profiling_;
-    if (last_graphed_)
+    last_graphed_ = false;
+    if (step && a_.graphs && device_routing && !profiling_)
       RunGraphed(T, plan, layers);
     else
       layers();
@@ -613,15 +619,17 @@ class Bench {
     }
     if (Status s = b_->LaunchGraph(g.id); !s.ok()) Die("--graphs: " + s.ToString());
     ++graphs_replayed_;
+    last_graphed_ = true;
   }
   int64_t graphs_recorded() const { return graphs_recorded_; }
-  bool last_graphed() const { return last_graphed_; }  // the last Forward ran from a graph
+  bool last_graphed() const { return last_graphed_; }  // the last Forward replayed a graph
   int64_t graphs_replayed() const { return graphs_replayed_; }
 
-  // Sets the residual stream to random activations of unit scale (as after an embedding).
+  // Sets the residual stream to random activations of unit scale (as after an embedding), new ones
+  // at each call (so the routing varies from step to step).
   void RandomInput(int64_t T) {
     float* x = Scratch(0, T * a_.hidden);
-    Check(cuda::launch_fill_random(x, DType::kF32, T * a_.hidden, 777, 1.0f, b_->stream()));
+    Check(cuda::launch_fill_random(x, DType::kF32, T * a_.hidden, 777 + inputs_++, 1.0f, b_->stream()));
   }
 
   void Synchronize() {
@@ -944,6 +952,7 @@ class Bench {
   std::map<std::pair<int64_t, uint64_t>, GraphEntry> graphs_;  // (rows, step plan): --graphs
   int64_t graphs_recorded_ = 0, graphs_replayed_ = 0;
   bool last_graphed_ = false;
+  uint64_t inputs_ = 0;             // RandomInput's calls (its seeds)
   uint64_t layout_generation_ = 0;  // bumped when this bench's scratch or KV pools move
   std::pair<uint64_t, uint64_t> graph_layout_ = {~0ull, ~0ull};
   std::vector<Buffer> pool_;  // --kv-block-size: per layer keys, values
@@ -987,8 +996,10 @@ int Main(int argc, char** argv) {
       "weight bytes / %.2f TB/s\n",
       a.layers, a.context, a.iters, a.prefill, a.hbm_tbps);
   if (!a.hbm_given && std::strstr(prop.name, "H200") == nullptr)
-    std::printf("# note: %.2f TB/s is what an H200 streams; on this %s the ratio column reads high (--hbm-tbps)\n",
-                a.hbm_tbps, prop.name);
+    std::printf(
+        "# note: %.2f TB/s is what an H200 streams, not this %s: the ratio column is not against its own "
+        "memory (--hbm-tbps)\n",
+        a.hbm_tbps, prop.name);
   std::printf("# attention: %s; 16-bit GEMMs past the GEMV: %s\n",
               a.fp32_attention ? "fp32 kernels" : "tensor cores, bf16 operands (prefill; decode over a bf16 cache)",
               a.lt_gemm ? "cuBLASLt, planned" : "cublasGemmEx");
@@ -1048,7 +1059,8 @@ int Main(int argc, char** argv) {
                        {"tokens_per_s", B / step},
                        {"graphed", bench.last_graphed()}});
     if (a.graphs && !bench.last_graphed())
-      std::printf("# decode batch %d ran op by op: its routing goes to the host (past MoeRouted's rows)\n", B);
+      std::printf("# decode batch %d ran op by op: its routing goes to the host (%s)\n", B,
+                  a.host_routing ? "--host-routing" : "more rows than MoeRouted serves");
   }
   if (a.prefill > 0) {  // --prefill 0: decode only
     std::vector<int> n_new(1, a.prefill), len(1, 0);
