@@ -107,9 +107,9 @@ class ExpertParallelExecutor final : public runtime::MoeExecutor {
 
   // Shares the forecasts of the next `depth` MoE layers (0: none; at most the MoE layers after the
   // first) between the ranks' expert caches. Every rank must call it with the same depth before the
-  // first step (the count exchange's size depends on it; ForecastDepthsAgree checks); `share` may be null on a rank (it
-  // then sends no forecast and takes none) and must outlive the executor or be detached with
-  // set_forecast_share(nullptr) first.
+  // first step (the count exchange's size depends on it; ForecastDepthsAgree checks); `share` may
+  // be null on a rank (it then sends no forecast and takes none) and must outlive the executor or be
+  // detached with set_forecast_share(nullptr) first.
   void SetForecastShare(runtime::ForecastShare* share, int depth);
   void set_forecast_share(runtime::ForecastShare* share) { share_ = share; }
   // Collective: OK when every rank set the same forecast depth, else an error naming both.

@@ -25,8 +25,8 @@ class ForecastShare {
   virtual bool OwnForecast(int layer, std::span<float> need, std::vector<int32_t>* listed) const = 0;
   // The forecasts of every rank that made one, combined over the experts whose rows from that rank
   // come here: need[e] = 1 - prod over those ranks (1 - need_r[e]), `listed` the union of their
-  // lists, most needed first. Not called when only this rank
-  // forecast the layer (its own forecast stands) or none did.
+  // lists, most needed first. Not called when only this rank forecast the layer (its own forecast
+  // stands) or none did.
   virtual void SharedForecast(int layer, std::span<const float> need, std::span<const int32_t> listed) = 0;
   // This rank computes no row of MoE layer `layer` in this step: the prefetches that would have
   // followed that layer's experts start now.

@@ -426,12 +426,11 @@ class Bench {
           Mark("q, k norms");
         }
         if (step) {  // as Engine::Attention runs a step pass
-          const void* kp = pool_[2 * l].data();
-          const void* vp = pool_[2 * l + 1].data();
-          if (!b_->RopeQKAppendStep(q, k, v, pos_dev, a_.heads, a_.kv_heads, a_.head_dim, 1e6f, const_cast<void*>(kp),
-                                    const_cast<void*>(vp))) {
+          void* kp = pool_[2 * l].data();
+          void* vp = pool_[2 * l + 1].data();
+          if (!b_->RopeQKAppendStep(q, k, v, pos_dev, a_.heads, a_.kv_heads, a_.head_dim, 1e6f, kp, vp)) {
             b_->RopeQK(q, k, pos_dev, T, a_.heads, a_.kv_heads, a_.head_dim, 1e6f);
-            b_->AppendKvStep(const_cast<void*>(kp), const_cast<void*>(vp), k, v, kvd, kvd);
+            b_->AppendKvStep(kp, vp, k, v, kvd, kvd);
           }
           b_->AttentionStep(q, kp, vp, attn);
           Mark("rope + kv append + attention (step ops)");
