@@ -313,6 +313,22 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
 template <int kD, int kWarps, int kMinBlocks, int kStages>
 constexpr size_t kPrefillSmemBytes = static_cast<size_t>(kStages) * StageWords(kD) * sizeof(uint32_t);
 
+// Opts the attention kernel in to its dynamic shared memory, once per device.
+template <int kD, int kWarps, int kMinBlocks, int kStages>
+cudaError_t AllowPrefillSmem() {
+  static std::atomic<uint64_t> done{0};  // bit d: set on device d
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  const uint64_t bit = dev < 64 ? uint64_t{1} << dev : 0;
+  if (bit != 0 && (done.load(std::memory_order_relaxed) & bit)) return cudaSuccess;
+  e = cudaFuncSetAttribute(AttentionPrefillTcKernel<kD, kWarps, kMinBlocks, kStages>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(kPrefillSmemBytes<kD, kWarps, kMinBlocks, kStages>));
+  if (e == cudaSuccess) done.fetch_or(bit, std::memory_order_relaxed);
+  return e;
+}
+
 template <int kD, int kWarps, int kMinBlocks, int kStages>
 cudaError_t LaunchPrefillTc(const float* q, const SeqTable& table, int num_seqs, int max_n_new, int max_blocks,
                             int num_heads, int num_kv_heads, float* out, void* workspace, cudaStream_t stream,
@@ -320,8 +336,7 @@ cudaError_t LaunchPrefillTc(const float* q, const SeqTable& table, int num_seqs,
   constexpr int kRows = kWarps * 16;
   const int row_tiles = (max_n_new + kRows - 1) / kRows;
   if (row_tiles > kMaxGridYZ) return cudaErrorInvalidValue;
-  cudaError_t e = AllowDynamicSmem<AttentionPrefillTcKernel<kD, kWarps, kMinBlocks, kStages>>(
-      static_cast<int>(kPrefillSmemBytes<kD, kWarps, kMinBlocks, kStages>));
+  cudaError_t e = AllowPrefillSmem<kD, kWarps, kMinBlocks, kStages>();
   if (e != cudaSuccess) return e;
   uint4* kv = static_cast<uint4*>(workspace);
   AttentionStageKvKernel<kD>

@@ -77,8 +77,7 @@ CudaBackendOptions CudaBackendOptions::FromParams(int device) {
   o.grouped_experts = static_cast<int>(std::clamp<int64_t>(params::CudaGroupedExperts(), -1, 1));
   o.decode_blocks_per_sm = static_cast<int>(std::clamp<int64_t>(params::CudaDecodeBlocksPerSm(), 0, 64));
   o.bf16_twins = params::CudaBf16Twins();
-  o.moe_grouped_stages =
-      static_cast<int>(std::clamp<int64_t>(params::CudaGroupedStages(), -1, 64));  // Init refuses all but 0, 4, 6
+  o.moe_grouped_stages = static_cast<int>(params::CudaGroupedStages());
   return o;
 }
 
@@ -89,8 +88,8 @@ StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(const CudaBackendOpti
 }
 
 Status CudaBackend::Init() {
-  if (std::find(std::begin(cuda::kMoeGroupedStages), std::end(cuda::kMoeGroupedStages), options_.moe_grouped_stages) ==
-      std::end(cuda::kMoeGroupedStages))
+  if (std::find(std::begin(cuda::kMoeGroupedStages), std::end(cuda::kMoeGroupedStages),
+                options_.moe_grouped_stages) == std::end(cuda::kMoeGroupedStages))
     return InvalidArgument("cuda backend: grouped expert stages " + std::to_string(options_.moe_grouped_stages) +
                            " (EF_CUDA_GROUPED_STAGES) must be 0, 4 or 6");
   int count = 0;

@@ -5,7 +5,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cstdint>
 #include <utility>
 
@@ -244,25 +243,6 @@ __device__ __forceinline__ void CombinePairs(const float* __restrict__ y, const 
     for (int j = 0; j < n; ++j) o += weight_of[j] * y[row_of[j] * dim + c + i];
     dst[i] += o;
   }
-}
-
-// Opts kKernel in to `bytes` of dynamic shared memory (past the default 48 KiB) on the current
-// device, once per device and process (the attribute is per device). An error is returned and
-// cleared, not left sticky for a later check.
-template <auto kKernel>
-cudaError_t AllowDynamicSmem(int bytes) {
-  static std::atomic<uint64_t> done{0};  // bit d: set on device d
-  int dev = 0;
-  cudaError_t e = cudaGetDevice(&dev);
-  if (e != cudaSuccess) return e;
-  const uint64_t bit = dev < 64 ? uint64_t{1} << dev : 0;
-  if (bit != 0 && (done.load(std::memory_order_relaxed) & bit)) return cudaSuccess;
-  e = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (e == cudaSuccess)
-    done.fetch_or(bit, std::memory_order_relaxed);
-  else
-    (void)cudaGetLastError();
-  return e;
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream serialization allowed.

@@ -244,7 +244,6 @@ __device__ __forceinline__ void KLoopStaged(const uint4* const (&a_row)[kW], con
   // The warp's steps: i0 + s * kStride < k8 for s < steps, the same count for every lane (k8 is a
   // multiple of 4 and i0 = part * 4 + t with t < 4).
   const int steps = (k8 - (i0 & ~3) + kStride - 1) / kStride;
-  if (steps <= 0) return;
   const auto copy = [&](int s, uint4* stage) {
     const int i = i0 + s * kStride;
 #pragma unroll
@@ -434,26 +433,38 @@ int SplitFor(int64_t n, int64_t k, int slots, int num_sms) {
 // (>= the split's partial sums, which reuse it, for kStages >= 2).
 constexpr int StagedSmemBytes(int stages, int w) { return kWarps * stages * w * 2 * 32 * 16; }
 
+// An instance's dynamic shared memory, its limit raised once where past the default 48 KiB.
+template <bool kBf16, int kSplit, int kNT, bool kGateUp, int kStages>
+int SmemBytes() {
+  if constexpr (kStages == 0) {
+    return 0;
+  } else {
+    constexpr int kBytes = StagedSmemBytes(kStages, kGateUp ? 2 : 1);
+    static const bool raised = cudaFuncSetAttribute(GroupedKernel<kBf16, kSplit, kNT, kGateUp, kStages>,
+                                                    cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes) == cudaSuccess;
+    (void)raised;  // a launch past the limit then fails and reports it
+    return kBytes;
+  }
+}
+
 template <bool kBf16, int kSplit, int kNT, bool kGateUp, int kStages>
 cudaError_t LaunchSplit(dim3 grid, const void* const* w, const void* const* w2, const uint16_t* in, void* out,
                         const int32_t* meta, int pairs, int slots, int n, int k, cudaStream_t s) {
   grid.x = static_cast<unsigned>((n / 16 + kWarps / kSplit - 1) / (kWarps / kSplit));
-  constexpr auto kKernel = GroupedKernel<kBf16, kSplit, kNT, kGateUp, kStages>;
-  constexpr int kSmem = kStages > 0 ? StagedSmemBytes(kStages, kGateUp ? 2 : 1) : 0;
-  if constexpr (kSmem > 0) {
-    if (const cudaError_t e = AllowDynamicSmem<kKernel>(kSmem); e != cudaSuccess) return e;
-  }
-  return LaunchPdl(kKernel, grid, dim3(kWarps * 32), kSmem, s, w, w2, in, out, meta, pairs, slots, n, k);
+  return LaunchPdl(GroupedKernel<kBf16, kSplit, kNT, kGateUp, kStages>, grid, dim3(kWarps * 32),
+                   SmemBytes<kBf16, kSplit, kNT, kGateUp, kStages>(), s, w, w2, in, out, meta, pairs, slots, n, k);
 }
 
-// Blocks of a register-path instance that an SM holds at once (registers bound it: 2 at 128 per
-// thread), asked once per process (a process drives GPUs of one kind).
-template <bool kBf16, int kSplit, int kNT, bool kGateUp>
+// Blocks of an instance that an SM holds at once (registers bound the register path: 2 at 128 per
+// thread; shared memory may bound a staged one), asked once per process (a process drives GPUs of
+// one kind).
+template <bool kBf16, int kSplit, int kNT, bool kGateUp, int kStages>
 int BlocksPerSm() {
   static const int n = [] {
     int b = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, GroupedKernel<kBf16, kSplit, kNT, kGateUp, 0>, kWarps * 32,
-                                                      0) != cudaSuccess) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, GroupedKernel<kBf16, kSplit, kNT, kGateUp, kStages>,
+                                                      kWarps * 32, SmemBytes<kBf16, kSplit, kNT, kGateUp, kStages>()) !=
+        cudaSuccess) {
       (void)cudaGetLastError();  // not sticky: leave no error for a later launch check to report
       return 1;
     }
@@ -472,10 +483,10 @@ template <bool kBf16, int kNT, bool kGateUp>
 int WaveSplit(int64_t n, int64_t k, int slots, int num_sms) {
   const int base = SplitFor(n, k, slots, num_sms);
   const auto fill = [&](int split) {
-    const int per_sm = split == 1   ? BlocksPerSm<kBf16, 1, kNT, kGateUp>()
-                       : split == 2 ? BlocksPerSm<kBf16, 2, kNT, kGateUp>()
-                       : split == 4 ? BlocksPerSm<kBf16, 4, kNT, kGateUp>()
-                                    : BlocksPerSm<kBf16, 8, kNT, kGateUp>();
+    const int per_sm = split == 1   ? BlocksPerSm<kBf16, 1, kNT, kGateUp, 0>()
+                       : split == 2 ? BlocksPerSm<kBf16, 2, kNT, kGateUp, 0>()
+                       : split == 4 ? BlocksPerSm<kBf16, 4, kNT, kGateUp, 0>()
+                                    : BlocksPerSm<kBf16, 8, kNT, kGateUp, 0>();
     const double blocks = static_cast<double>((n / 16 + kWarps / split - 1) / (kWarps / split)) * slots;
     const double waves = blocks / (static_cast<double>(per_sm) * std::max(num_sms, 1));
     return waves / std::ceil(waves);
