@@ -32,15 +32,6 @@ TEST_F(CudaBackendTest, AllocationsAreZeroedAndAccounted) {
   EXPECT_TRUE(b->status().ok());
 }
 
-TEST_F(CudaBackendTest, GroupedStagesOutsideTheBuiltOnesAreRefusedByName) {
-  CudaBackendOptions o;
-  o.moe_grouped_stages = 5;
-  auto b = CudaBackend::Create(o);
-  ASSERT_FALSE(b.ok());
-  EXPECT_EQ(b.status().code(), StatusCode::kInvalidArgument);
-  EXPECT_NE(b.status().message().find("EF_CUDA_GROUPED_STAGES"), std::string::npos) << b.status().message();
-}
-
 TEST_F(CudaBackendTest, OverBudgetIsResourceExhaustedNamingBytesAndBudget) {
   CudaBackendOptions o;
   o.memory_budget = size_t{64} << 20;

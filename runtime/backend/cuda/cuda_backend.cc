@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <iterator>
 
 #include "runtime/backend/cuda/cuda_check.h"
 #include "runtime/backend/cuda/cuda_kernels.h"
@@ -26,9 +25,6 @@ EF_PARAM(CudaPdl, bool, "EF_CUDA_PDL", true,
 EF_PARAM(CudaDecodeBlocksPerSm, int64_t, "EF_CUDA_DECODE_BLOCKS_PER_SM", ef::runtime::cuda::kDecodeBlocksPerSmDefault,
          "cuda backend: decode attention splits each sequence's keys until this many blocks per SM run (0: no "
          "split; each split keeps at least one tile of keys)");
-EF_PARAM(CudaGroupedStages, int64_t, "EF_CUDA_GROUPED_STAGES", 0,
-         "cuda backend: decode batches past the GEMV's rows stream each expert's weights through 0 (registers) or "
-         "4 or 6 steps of shared memory per warp filled ahead by cp.async (same results)");
 EF_PARAM(CudaBf16Twins, bool, "EF_CUDA_BF16_TWINS", true,
          "cuda backend: RMSNorm and the experts' row gather also write their rows rounded to bf16 for the bf16 "
          "GEMMs that read them (batches past the GEMV's rows), which then skip their own rounding pass; same "
@@ -77,7 +73,6 @@ CudaBackendOptions CudaBackendOptions::FromParams(int device) {
   o.grouped_experts = static_cast<int>(std::clamp<int64_t>(params::CudaGroupedExperts(), -1, 1));
   o.decode_blocks_per_sm = static_cast<int>(std::clamp<int64_t>(params::CudaDecodeBlocksPerSm(), 0, 64));
   o.bf16_twins = params::CudaBf16Twins();
-  o.moe_grouped_stages = static_cast<int>(params::CudaGroupedStages());
   return o;
 }
 
@@ -88,10 +83,6 @@ StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(const CudaBackendOpti
 }
 
 Status CudaBackend::Init() {
-  if (std::find(std::begin(cuda::kMoeGroupedStages), std::end(cuda::kMoeGroupedStages),
-                options_.moe_grouped_stages) == std::end(cuda::kMoeGroupedStages))
-    return InvalidArgument("cuda backend: grouped expert stages " + std::to_string(options_.moe_grouped_stages) +
-                           " (EF_CUDA_GROUPED_STAGES) must be 0, 4 or 6");
   int count = 0;
   if (const cudaError_t e = cudaGetDeviceCount(&count); e != cudaSuccess) {
     (void)cudaGetLastError();
@@ -743,7 +734,6 @@ bool CudaBackend::MoeGrouped(const float* x, int64_t tokens, int top_k, const in
   a.y = y;
   a.meta = meta;
   a.resid = resid;
-  a.stages = options_.moe_grouped_stages;
   CUDA_CHECK_LOG(cuda::launch_moe_grouped(a, stream_), &error_);
   return true;
 }

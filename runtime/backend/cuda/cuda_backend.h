@@ -69,9 +69,6 @@ struct CudaBackendOptions {
   // Decode attention splits each sequence's keys for this many blocks per SM (0: no split).
   // Default: EF_CUDA_DECODE_BLOCKS_PER_SM.
   int decode_blocks_per_sm = cuda::kDecodeBlocksPerSmDefault;
-  // The grouped decode experts' k loop (cuda::MoeGroupedArgs::stages): 0 through registers, 4 or 6
-  // steps of shared memory per warp. Default: EF_CUDA_GROUPED_STAGES.
-  int moe_grouped_stages = 0;
   size_t expert_mlp_scratch_bytes = size_t{256} << 20;
   // ExpertMlps' bf16 experts past the GEMV's rows through one grouped cuBLAS call per projection
   // (cublasGemmGroupedBatchedEx, bf16 outputs: fp16 ones could overflow) instead of a cuBLASLt GEMM each: -1 for an

@@ -284,12 +284,7 @@ struct MoeGroupedArgs {
   float* y;
   int32_t* meta;
   float* resid;  // [tokens, hidden]
-  // The k loop of the two projections: 0 through registers (each warp loads a few steps' weights,
-  // then multiplies them), or kMoeGroupedStages' values: through that many steps of shared memory
-  // per warp filled by cp.async ahead of the products (down twice as many). Same bits either way.
-  int stages = 0;
 };
-inline constexpr int kMoeGroupedStages[] = {0, 4, 6};
 bool moe_grouped_supported(int64_t tokens, int top_k, int num_experts, DType dtype, int64_t hidden, int64_t inter);
 size_t moe_grouped_meta_ints(int64_t tokens, int top_k, int num_experts);
 cudaError_t launch_moe_grouped(const MoeGroupedArgs& args, cudaStream_t stream);

@@ -36,7 +36,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 
 #include "runtime/backend/cuda/cuda_kernels.h"
 #include "runtime/backend/cuda/kernel_util.cuh"
@@ -161,49 +160,27 @@ __global__ void __launch_bounds__(kGroupThreads)
   }
 }
 
-// One step of 32 k of a warp: the weight vectors wa (rows g and g + 8 of each of kW weights at
-// vector i) against kTiles n8 tiles of B, whose vectors bv this lane loaded (LoadB).
-template <bool kBf16, int kW, int kNT, int kTiles>
-__device__ __forceinline__ void MmaStep(const uint4 (&wa)[kW][2], const uint4 (&bv)[kNT], float (&acc)[kW][kNT][4]) {
-#pragma unroll
-  for (int j = 0; j < kTiles; ++j)
-#pragma unroll
-    for (int v = 0; v < kW; ++v) {
-      Mma<kBf16>(acc[v][j], wa[v][0].x, wa[v][1].x, wa[v][0].y, wa[v][1].y, bv[j].x, bv[j].y);
-      Mma<kBf16>(acc[v][j], wa[v][0].z, wa[v][1].z, wa[v][0].w, wa[v][1].w, bv[j].z, bv[j].w);
-    }
-}
-// This lane's B vectors of a step at vector i: b_off[j] the vector offset in `b` of tile j's column g.
-template <int kNT, int kTiles>
-__device__ __forceinline__ void LoadB(const uint4* __restrict__ b, const int (&b_off)[kNT], int i, uint4 (&bv)[kNT]) {
-#pragma unroll
-  for (int j = 0; j < kTiles; ++j) bv[j] = __ldg(b + b_off[j] + i);
-}
-
-// MmaStep with each tile's B vector loaded just before its products (the register path).
-template <bool kBf16, int kW, int kNT, int kTiles>
-__device__ __forceinline__ void LoadMmaStep(const uint4 (&wa)[kW][2], const uint4* __restrict__ b,
-                                            const int (&b_off)[kNT], int i, float (&acc)[kW][kNT][4]) {
-#pragma unroll
-  for (int j = 0; j < kTiles; ++j) {
-    const uint4 bv = __ldg(b + b_off[j] + i);
-#pragma unroll
-    for (int v = 0; v < kW; ++v) {
-      Mma<kBf16>(acc[v][j], wa[v][0].x, wa[v][1].x, wa[v][0].y, wa[v][1].y, bv.x, bv.y);
-      Mma<kBf16>(acc[v][j], wa[v][0].z, wa[v][1].z, wa[v][0].w, wa[v][1].w, bv.z, bv.w);
-    }
-  }
-}
-
 // The k loop of a warp: its 16 rows of each of kW weights against kTiles n8 tiles of B, steps of
 // 32 k from vector i0 (= part * 4 + t) in strides of kSplit steps. kU steps' weight vectors are
-// loaded into registers before any of their products, so that many 16-byte loads per lane are in
-// flight. a_row[v]: row g of the warp's tile of weight v (row g + 8 is 8 * k8 vectors on).
+// loaded before any of their products, so that many 16-byte loads per lane are in flight.
+// a_row[v]: row g of the warp's tile of weight v (row g + 8 is 8 * k8 vectors on); b_off[j]: the
+// vector offset in `b` of tile j's column g.
 template <bool kBf16, int kSplit, int kW, int kNT, int kTiles>
 __device__ __forceinline__ void KLoop(const uint4* const (&a_row)[kW], const uint4* __restrict__ b,
                                       const int (&b_off)[kNT], int i0, int k8, float (&acc)[kW][kNT][4]) {
   constexpr int kU = kW == 2 ? 2 : 4;
   constexpr int kStride = 4 * kSplit;
+  const auto step = [&](const uint4(&wa)[kW][2], int i) {
+#pragma unroll
+    for (int j = 0; j < kTiles; ++j) {
+      const uint4 bv = __ldg(b + b_off[j] + i);
+#pragma unroll
+      for (int v = 0; v < kW; ++v) {
+        Mma<kBf16>(acc[v][j], wa[v][0].x, wa[v][1].x, wa[v][0].y, wa[v][1].y, bv.x, bv.y);
+        Mma<kBf16>(acc[v][j], wa[v][0].z, wa[v][1].z, wa[v][0].w, wa[v][1].w, bv.z, bv.w);
+      }
+    }
+  };
   int i = i0;
   for (; i + (kU - 1) * kStride < k8; i += kU * kStride) {
     uint4 wa[kU][kW][2];
@@ -215,7 +192,7 @@ __device__ __forceinline__ void KLoop(const uint4* const (&a_row)[kW], const uin
         wa[u][v][1] = __ldg(a_row[v] + 8 * k8 + i + u * kStride);
       }
 #pragma unroll
-    for (int u = 0; u < kU; ++u) LoadMmaStep<kBf16, kW, kNT, kTiles>(wa[u], b, b_off, i + u * kStride, acc);
+    for (int u = 0; u < kU; ++u) step(wa[u], i + u * kStride);
   }
   for (; i < k8; i += kStride) {
     uint4 wa[kW][2];
@@ -224,76 +201,14 @@ __device__ __forceinline__ void KLoop(const uint4* const (&a_row)[kW], const uin
       wa[v][0] = __ldg(a_row[v] + i);
       wa[v][1] = __ldg(a_row[v] + 8 * k8 + i);
     }
-    LoadMmaStep<kBf16, kW, kNT, kTiles>(wa, b, b_off, i, acc);
+    step(wa, i);
   }
-}
-
-// The same k loop through shared memory (MoeGroupedArgs::stages): each step's weight vectors are
-// copied with cp.async into one of kStages stages of the warp's own ring, kStages - 1 steps ahead
-// of their products, so that many steps' loads stay in flight continuously and hold no registers
-// (KLoop's loads arrive in bursts of kU steps, the next burst issued only after their products).
-// A lane reads back only what it copied (no barrier). The same products in the same order as
-// KLoop: the same bits. ring: the warp's kStages * kW * 2 * 32 vectors ([stage][vector][lane]),
-// offset by this lane.
-template <bool kBf16, int kSplit, int kW, int kNT, int kTiles, int kStages>
-__device__ __forceinline__ void KLoopStaged(const uint4* const (&a_row)[kW], const uint4* __restrict__ b,
-                                            const int (&b_off)[kNT], int i0, int k8, float (&acc)[kW][kNT][4],
-                                            uint4* ring) {
-  constexpr int kStride = 4 * kSplit;
-  constexpr int kStageVecs = kW * 2 * 32;
-  // The warp's steps: i0 + s * kStride < k8 for s < steps, the same count for every lane (k8 is a
-  // multiple of 4 and i0 = part * 4 + t with t < 4).
-  const int steps = (k8 - (i0 & ~3) + kStride - 1) / kStride;
-  const auto copy = [&](int s, uint4* stage) {
-    const int i = i0 + s * kStride;
-#pragma unroll
-    for (int v = 0; v < kW; ++v) {
-      CpAsync16(stage + (2 * v) * 32, a_row[v] + i);
-      CpAsync16(stage + (2 * v + 1) * 32, a_row[v] + 8 * k8 + i);
-    }
-  };
-  // One commit group per step, empty past the last, so that CpAsyncWait<kStages - 1> below always
-  // means "step s has landed".
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < steps) copy(s, ring + s * kStageVecs);
-    CpAsyncCommit();
-  }
-  int read = 0, write = kStages - 1;  // stages of step s and of step s + kStages - 1
-  // B comes from L2 (the batch's rows): a step's vectors are loaded one step ahead, in registers,
-  // so that their latency overlaps the step before instead of following the wait for the weights.
-  uint4 bv[kNT];
-  LoadB<kNT, kTiles>(b, b_off, i0, bv);
-  for (int s = 0; s < steps; ++s) {
-    // The stage written now was read in step s - 1, whose products (which consumed those reads)
-    // were issued before this copy.
-    if (s + kStages - 1 < steps) copy(s + kStages - 1, ring + write * kStageVecs);
-    CpAsyncCommit();
-    uint4 bn[kNT];
-    LoadB<kNT, kTiles>(b, b_off, i0 + min(s + 1, steps - 1) * kStride, bn);
-    CpAsyncWait<kStages - 1>();
-    const uint4* stage = ring + read * kStageVecs;
-    uint4 wa[kW][2];
-#pragma unroll
-    for (int v = 0; v < kW; ++v) {
-      wa[v][0] = stage[(2 * v) * 32];
-      wa[v][1] = stage[(2 * v + 1) * 32];
-    }
-    MmaStep<kBf16, kW, kNT, kTiles>(wa, bv, acc);
-#pragma unroll
-    for (int j = 0; j < kTiles; ++j) bv[j] = bn[j];
-    read = read + 1 == kStages ? 0 : read + 1;
-    write = write + 1 == kStages ? 0 : write + 1;
-  }
-  CpAsyncWait<0>();
 }
 
 // One weight (or the gate/up pair) of the grouped layer for the active experts' token chunks.
 // kGateUp: w = gate, w2 = up, in = xb (rows by token), out = act (16-bit, silu(g) * u).
 // Otherwise: w = down, in = act (rows by position), out = y (fp32).
-// kStages > 0: the k loop through shared memory (KLoopStaged), kStages steps per warp's ring in
-// the dynamic shared memory (StagedSmemBytes), which also holds the split's partial sums after it.
-template <bool kBf16, int kSplit, int kNT, bool kGateUp, int kStages>
+template <bool kBf16, int kSplit, int kNT, bool kGateUp>
 __global__ void __launch_bounds__(kWarps * 32, 2)
     GroupedKernel(const void* const* __restrict__ w_table, const void* const* __restrict__ w2_table,
                   const uint16_t* __restrict__ in, void* __restrict__ out, const int32_t* meta_base, int pairs,
@@ -338,40 +253,28 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[v][j][i] = 0.f;
 
-  extern __shared__ uint4 staged_smem[];  // kStages > 0 only
   if (valid) {
     const int i0 = part * 4 + t, k8 = k / 8;
-    const auto* b = reinterpret_cast<const uint4*>(in);
     // The n8 tiles the chunk fills (<= kNT) as a constant of the loop: no branch inside it.
-    const auto loop = [&](auto tiles_c) {
-      constexpr int kTiles = decltype(tiles_c)::value;
-      if constexpr (kStages > 0)
-        KLoopStaged<kBf16, kSplit, kW, kNT, kTiles, kStages>(a_row, b, b_off, i0, k8, acc,
-                                                             staged_smem + warp * (kStages * kW * 2 * 32) + lane);
-      else
-        KLoop<kBf16, kSplit, kW, kNT, kTiles>(a_row, b, b_off, i0, k8, acc);
-    };
     switch (tiles) {
       case 1:
-        loop(std::integral_constant<int, 1>{});
+        KLoop<kBf16, kSplit, kW, kNT, 1>(a_row, reinterpret_cast<const uint4*>(in), b_off, i0, k8, acc);
         break;
       case 2:
-        loop(std::integral_constant<int, (kNT < 2 ? kNT : 2)>{});
+        KLoop<kBf16, kSplit, kW, kNT, (kNT < 2 ? kNT : 2)>(a_row, reinterpret_cast<const uint4*>(in), b_off, i0, k8,
+                                                           acc);
         break;
       case 3:
-        loop(std::integral_constant<int, (kNT < 3 ? kNT : 3)>{});
+        KLoop<kBf16, kSplit, kW, kNT, (kNT < 3 ? kNT : 3)>(a_row, reinterpret_cast<const uint4*>(in), b_off, i0, k8,
+                                                           acc);
         break;
       default:
-        loop(std::integral_constant<int, kNT>{});
+        KLoop<kBf16, kSplit, kW, kNT, kNT>(a_row, reinterpret_cast<const uint4*>(in), b_off, i0, k8, acc);
         break;
     }
   }
   if constexpr (kSplit > 1) {
-    using Partial = float[kWarps][kW][kNT][4][32];
-    __shared__ std::conditional_t<kStages == 0, Partial, float> static_partial;
-    if constexpr (kStages > 0) __syncthreads();  // every warp is done with its ring, which the sums reuse
-    Partial& partial = *reinterpret_cast<Partial*>(kStages > 0 ? static_cast<void*>(staged_smem)
-                                                               : static_cast<void*>(&static_partial));
+    __shared__ float partial[kWarps][kW][kNT][4][32];
 #pragma unroll
     for (int v = 0; v < kW; ++v)
 #pragma unroll
@@ -429,41 +332,21 @@ int SplitFor(int64_t n, int64_t k, int slots, int num_sms) {
   return split;
 }
 
-// Dynamic shared memory of a staged instance: kStages steps of kW * 2 vectors per lane and warp
-// (>= the split's partial sums, which reuse it, for kStages >= 2).
-constexpr int StagedSmemBytes(int stages, int w) { return kWarps * stages * w * 2 * 32 * 16; }
-
-// An instance's dynamic shared memory, its limit raised once where past the default 48 KiB.
-template <bool kBf16, int kSplit, int kNT, bool kGateUp, int kStages>
-int SmemBytes() {
-  if constexpr (kStages == 0) {
-    return 0;
-  } else {
-    constexpr int kBytes = StagedSmemBytes(kStages, kGateUp ? 2 : 1);
-    static const bool raised = cudaFuncSetAttribute(GroupedKernel<kBf16, kSplit, kNT, kGateUp, kStages>,
-                                                    cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes) == cudaSuccess;
-    (void)raised;  // a launch past the limit then fails and reports it
-    return kBytes;
-  }
-}
-
-template <bool kBf16, int kSplit, int kNT, bool kGateUp, int kStages>
+template <bool kBf16, int kSplit, int kNT, bool kGateUp>
 cudaError_t LaunchSplit(dim3 grid, const void* const* w, const void* const* w2, const uint16_t* in, void* out,
                         const int32_t* meta, int pairs, int slots, int n, int k, cudaStream_t s) {
   grid.x = static_cast<unsigned>((n / 16 + kWarps / kSplit - 1) / (kWarps / kSplit));
-  return LaunchPdl(GroupedKernel<kBf16, kSplit, kNT, kGateUp, kStages>, grid, dim3(kWarps * 32),
-                   SmemBytes<kBf16, kSplit, kNT, kGateUp, kStages>(), s, w, w2, in, out, meta, pairs, slots, n, k);
+  return LaunchPdl(GroupedKernel<kBf16, kSplit, kNT, kGateUp>, grid, dim3(kWarps * 32), 0, s, w, w2, in, out, meta,
+                   pairs, slots, n, k);
 }
 
-// Blocks of an instance that an SM holds at once (registers bound the register path: 2 at 128 per
-// thread; shared memory may bound a staged one), asked once per process (a process drives GPUs of
-// one kind).
-template <bool kBf16, int kSplit, int kNT, bool kGateUp, int kStages>
+// Blocks of an instance that an SM holds at once (registers bound it: 2 at 128 per thread), asked
+// once per process (a process drives GPUs of one kind).
+template <bool kBf16, int kSplit, int kNT, bool kGateUp>
 int BlocksPerSm() {
   static const int n = [] {
     int b = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, GroupedKernel<kBf16, kSplit, kNT, kGateUp, kStages>,
-                                                      kWarps * 32, SmemBytes<kBf16, kSplit, kNT, kGateUp, kStages>()) !=
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, GroupedKernel<kBf16, kSplit, kNT, kGateUp>, kWarps * 32, 0) !=
         cudaSuccess) {
       (void)cudaGetLastError();  // not sticky: leave no error for a later launch check to report
       return 1;
@@ -476,17 +359,15 @@ int BlocksPerSm() {
 // The split of a launch: SplitFor's, or up to 4x it (k permitting) where that fills the launch's
 // last wave of blocks better. Mixtral's gate/up at batches 16-64 (8 experts of 14336 rows: 896
 // blocks, 2 per SM on 132 SMs) ran 3.4 waves, the last 40% of a wave on 103 SMs; split 2 makes
-// it 6.8 waves. The choice depends on the shapes only, so a layer's sums are the same every step;
-// it is made from the register path's occupancy whatever the stages, so the staged path sums
-// exactly as it does.
+// it 6.8 waves. The choice depends on the shapes only, so a layer's sums are the same every step.
 template <bool kBf16, int kNT, bool kGateUp>
 int WaveSplit(int64_t n, int64_t k, int slots, int num_sms) {
   const int base = SplitFor(n, k, slots, num_sms);
   const auto fill = [&](int split) {
-    const int per_sm = split == 1   ? BlocksPerSm<kBf16, 1, kNT, kGateUp, 0>()
-                       : split == 2 ? BlocksPerSm<kBf16, 2, kNT, kGateUp, 0>()
-                       : split == 4 ? BlocksPerSm<kBf16, 4, kNT, kGateUp, 0>()
-                                    : BlocksPerSm<kBf16, 8, kNT, kGateUp, 0>();
+    const int per_sm = split == 1   ? BlocksPerSm<kBf16, 1, kNT, kGateUp>()
+                       : split == 2 ? BlocksPerSm<kBf16, 2, kNT, kGateUp>()
+                       : split == 4 ? BlocksPerSm<kBf16, 4, kNT, kGateUp>()
+                                    : BlocksPerSm<kBf16, 8, kNT, kGateUp>();
     const double blocks = static_cast<double>((n / 16 + kWarps / split - 1) / (kWarps / split)) * slots;
     const double waves = blocks / (static_cast<double>(per_sm) * std::max(num_sms, 1));
     return waves / std::ceil(waves);
@@ -500,38 +381,24 @@ int WaveSplit(int64_t n, int64_t k, int slots, int num_sms) {
   return best;
 }
 
-template <bool kBf16, int kNT, bool kGateUp, int kStages>
+template <bool kBf16, int kNT, bool kGateUp>
 cudaError_t LaunchGrouped(int split, dim3 grid, const void* const* w, const void* const* w2, const uint16_t* in,
                           void* out, const int32_t* meta, int pairs, int slots, int n, int k, cudaStream_t s) {
   switch (split) {
     case 1:
-      return LaunchSplit<kBf16, 1, kNT, kGateUp, kStages>(grid, w, w2, in, out, meta, pairs, slots, n, k, s);
+      return LaunchSplit<kBf16, 1, kNT, kGateUp>(grid, w, w2, in, out, meta, pairs, slots, n, k, s);
     case 2:
-      return LaunchSplit<kBf16, 2, kNT, kGateUp, kStages>(grid, w, w2, in, out, meta, pairs, slots, n, k, s);
+      return LaunchSplit<kBf16, 2, kNT, kGateUp>(grid, w, w2, in, out, meta, pairs, slots, n, k, s);
     case 4:
-      return LaunchSplit<kBf16, 4, kNT, kGateUp, kStages>(grid, w, w2, in, out, meta, pairs, slots, n, k, s);
+      return LaunchSplit<kBf16, 4, kNT, kGateUp>(grid, w, w2, in, out, meta, pairs, slots, n, k, s);
     default:
-      return LaunchSplit<kBf16, 8, kNT, kGateUp, kStages>(grid, w, w2, in, out, meta, pairs, slots, n, k, s);
+      return LaunchSplit<kBf16, 8, kNT, kGateUp>(grid, w, w2, in, out, meta, pairs, slots, n, k, s);
   }
-}
-
-// The two projections of the layer; kStages: of gate/up (down, one weight, runs twice as many
-// steps in the same shared memory: the same bytes in flight per lane).
-template <bool kBf16, int kNT, int kStages>
-cudaError_t Projections(const MoeGroupedArgs& a, dim3 grid, int pairs, int slots, cudaStream_t s) {
-  const int H = static_cast<int>(a.hidden), I = static_cast<int>(a.inter);
-  const cudaError_t err = LaunchGrouped<kBf16, kNT, true, kStages>(
-      WaveSplit<kBf16, kNT, true>(I, H, slots, a.num_sms), grid, a.gate, a.up, static_cast<const uint16_t*>(a.xb),
-      a.act, a.meta, pairs, slots, I, H, s);
-  if (err != cudaSuccess) return err;
-  return LaunchGrouped<kBf16, kNT, false, 2 * kStages>(WaveSplit<kBf16, kNT, false>(H, I, slots, a.num_sms), grid,
-                                                       a.down, nullptr, static_cast<const uint16_t*>(a.act), a.y,
-                                                       a.meta, pairs, slots, H, I, s);
 }
 
 template <bool kBf16, int kNT>
 cudaError_t Run(const MoeGroupedArgs& a, int pairs, int slots, cudaStream_t s) {
-  const int H = static_cast<int>(a.hidden);
+  const int H = static_cast<int>(a.hidden), I = static_cast<int>(a.inter);
   const int64_t x_elems = a.tokens * a.hidden;
   const unsigned convert_blocks = static_cast<unsigned>((x_elems / 8 + kConvertThreads - 1) / kConvertThreads);
   cudaError_t err = LaunchPdl(GroupKernel<kBf16>, dim3(1 + convert_blocks), dim3(kGroupThreads), 0, s, a.ids, pairs,
@@ -539,19 +406,11 @@ cudaError_t Run(const MoeGroupedArgs& a, int pairs, int slots, cudaStream_t s) {
   if (err != cudaSuccess) return err;
   // A chunk per 8 * kNT tokens an expert may have (at most every token).
   const dim3 grid(1, static_cast<unsigned>(slots), static_cast<unsigned>((a.tokens + 8 * kNT - 1) / (8 * kNT)));
-  switch (a.stages) {
-    case 0:
-      err = Projections<kBf16, kNT, 0>(a, grid, pairs, slots, s);
-      break;
-    case 4:
-      err = Projections<kBf16, kNT, 4>(a, grid, pairs, slots, s);
-      break;
-    case 6:
-      err = Projections<kBf16, kNT, 6>(a, grid, pairs, slots, s);
-      break;
-    default:
-      return cudaErrorInvalidValue;
-  }
+  err = LaunchGrouped<kBf16, kNT, true>(WaveSplit<kBf16, kNT, true>(I, H, slots, a.num_sms), grid, a.gate, a.up,
+                                        static_cast<const uint16_t*>(a.xb), a.act, a.meta, pairs, slots, I, H, s);
+  if (err != cudaSuccess) return err;
+  err = LaunchGrouped<kBf16, kNT, false>(WaveSplit<kBf16, kNT, false>(H, I, slots, a.num_sms), grid, a.down, nullptr,
+                                         static_cast<const uint16_t*>(a.act), a.y, a.meta, pairs, slots, H, I, s);
   if (err != cudaSuccess) return err;
   const Meta meta(a.meta, pairs, slots);
   return LaunchPdl(CombineKernel, CombineGrid(a.tokens, H), dim3(kCombineThreads), 0, s, a.y, a.ids, a.weights,
